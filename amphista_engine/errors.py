@@ -1,0 +1,21 @@
+"""Errors the user can act on. Every one names the bad input; none is a deep torch trace."""
+
+
+class AmphistaError(Exception):
+    """Base class: catch this to handle any user-facing engine error."""
+
+
+class ModelLoadError(AmphistaError, FileNotFoundError):
+    """A model path, file or tensor cannot be loaded as a supported Llama checkpoint."""
+
+
+class ConfigError(AmphistaError, ValueError):
+    """A config or its weights disagree (shapes, sizes, unsupported options)."""
+
+
+class InputError(AmphistaError, ValueError):
+    """Bad generation input: empty prompt, prompt longer than the cache, bad sampling parameters."""
+
+
+class HeadsMismatchError(AmphistaError, ValueError):
+    """Drafting heads were built for another target model."""
