@@ -1,0 +1,159 @@
+"""The public entry point: `Engine.from_pretrained(...)`, `engine.generate(...)`, `engine.stream(...)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import InputError
+from .generation import GenerationStats, PlainDecoder, run
+from .kv_cache import KVCache
+from .loading import LoadedModel, load_model, parse_dtype
+from .sampling import SamplingParams
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str            # "eos" | "length" | "stop"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
+                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int = 2048, max_batch_size: int = 1):
+        self.loaded = loaded
+        self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
+        self.device = self.model.tok_embeddings.weight.device
+        self.dtype = self.model.tok_embeddings.weight.dtype
+        if max_seq_len < 2:
+            raise InputError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        self.heads = heads
+        self._cache: KVCache | None = None
+        self._cache_batch = max_batch_size
+        self.last_result: GenerationResult | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
+                        dtype: str | torch.dtype | None = None, max_seq_len: int = 2048,
+                        max_batch_size: int = 1) -> "Engine":
+        """model: checkpoint directory, .gguf file or alias; heads: drafting-heads directory (optional)."""
+        device = torch.device(device or default_device())
+        dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
+        engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if heads is not None:
+            engine.load_heads(heads)
+        return engine
+
+    def load_heads(self, heads):
+        from .heads import load_heads
+        self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
+            if not isinstance(heads, torch.nn.Module) else heads
+        return self.heads
+
+    # ---- prompts ---------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:
+        """A string (chat-formatted when the model has a template, unless chat=False) or a message list."""
+        from .chat import render_chat
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InputError("prompt is empty")
+            use_chat = chat if chat is not None else self.tokenizer.chat_template is not None
+            text = render_chat(self.tokenizer, prompt, template=template) if use_chat else prompt
+        elif isinstance(prompt, Sequence) and prompt:
+            if chat is False:
+                raise InputError("a message list needs chat formatting; pass a string with chat=False")
+            text = render_chat(self.tokenizer, list(prompt), template=template)
+        else:
+            raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise InputError("prompt encodes to zero tokens")
+        return ids
+
+    def _cache_for(self, batch: int) -> KVCache:
+        if self._cache is None or self._cache.batch < batch:
+            self._cache = None   # free the old buffers before allocating the larger ones
+            self._cache = KVCache.for_model(self.config, max(batch, self._cache_batch), self.max_seq_len,
+                                            self.dtype, self.device)
+        return self._cache
+
+    def _check_room(self, prompt_ids: list[int], max_new_tokens: int, extra: int):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        n = len(prompt_ids)
+        if n >= self.max_seq_len:
+            raise InputError(f"prompt is {n} tokens, longer than the cache (max_seq_len={self.max_seq_len})")
+        if n + max_new_tokens + extra > self.max_seq_len:
+            raise InputError(
+                f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens})"
+                + (f" + tree room ({extra})" if extra else "")
+                + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")
+
+    def _decoder(self, batch: int, params: SamplingParams, speculative, tree):
+        if speculative is None:
+            return PlainDecoder(self.model, self._cache_for(batch), params), 0
+        from .speculative import make_speculative_decoder
+        return make_speculative_decoder(self, batch, params, speculative, tree)
+
+    # ---- generation ------------------------------------------------------------------------------------
+    def stream_batch(self, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
+                     seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
+                     tree=None) -> Iterator[tuple[int, str]]:
+        """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after."""
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        if not prompts:
+            raise InputError("no prompts given")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stop):
+            raise InputError("stop strings must be non-empty")
+        ids = [self.encode_prompt(p, chat) for p in prompts]
+        decoder, extra = self._decoder(len(ids), params, speculative, tree)
+        for p in ids:
+            self._check_room(p, max_new_tokens, extra)
+        return self._drive(decoder, ids, max_new_tokens, stop)
+
+    def _drive(self, decoder, ids, max_new_tokens, stop):
+        stats = [GenerationStats() for _ in ids]
+        with torch.inference_mode():
+            yield from run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
+        self.last_results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s)
+                             for r, p, s in zip(decoder.rows, ids, stats)]
+        for s in stats:
+            s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
+        self.last_result = self.last_results[0]
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards.
+
+        Bad arguments raise here, before the first chunk is asked for."""
+        return (delta for _, delta in self.stream_batch([prompt], **kwargs))
+
+    def generate(self, prompt, **kwargs) -> GenerationResult:
+        for _ in self.stream(prompt, **kwargs):
+            pass
+        return self.last_result
+
+    def generate_batch(self, prompts: list, **kwargs) -> list[GenerationResult]:
+        for _ in self.stream_batch(prompts, **kwargs):
+            pass
+        return self.last_results
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []))

@@ -1,0 +1,198 @@
+"""Decoders (plain now, speculative beside it) and the host loop that turns their steps into text.
+
+A decoder has two calls: `prefill(prompts)` returns the first sampled token per row, and `step()` returns
+a fixed-width block of new tokens per row plus how many of them are real. Both stay on the device; the host
+loop reads one small tensor per step, because it must stream text and test stop conditions anyway.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .kv_cache import KVCache
+from .model import AttentionSpec, Transformer, causal_mask
+from .sampling import SamplingParams, apply_repetition_penalty, sample
+
+KV_BUCKET = 128   # attention reads cache slots in multiples of this; bounds work to the real length
+
+
+def kv_window(upper: int, max_seq_len: int) -> int:
+    return min(max_seq_len, -(-upper // KV_BUCKET) * KV_BUCKET)
+
+
+class PlainDecoder:
+    """Autoregressive decoding over a static cache, any batch size, rows of different prompt lengths."""
+
+    tokens_per_step = 1
+
+    def __init__(self, model: Transformer, cache: KVCache, params: SamplingParams):
+        self.model, self.cache, self.params = model, cache, params
+        self.device = model.tok_embeddings.weight.device
+        self.generator = params.generator(self.device)
+        self.host_len = 0        # host-side upper bound of every row's length: sizes the attention window only
+        self.forwards = 0
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Right-padded batch prefill; each row's cache length becomes its own prompt length."""
+        B, T = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.tensor(p)
+        tokens = tokens.to(self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.cache.reset()
+        spec = AttentionSpec(self.cache.length[:B], causal_mask(T, self.device), kv_window(T, self.cache.max_seq_len))
+        positions = torch.arange(T, device=self.device)[None].expand(B, T)
+        logits, hidden = self.model(tokens, positions, self.cache, spec, return_hidden=True,
+                                    logits_at=(lengths - 1)[:, None])
+        self.cache.length[:B] = lengths      # padded slots past a row's length are overwritten later
+        self.host_len = T
+        self.forwards += 1
+        self.seen = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            self.seen.scatter_(1, tokens, True)
+        self.last_hidden = torch.gather(hidden, 1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))
+        self.next = self._sample(logits[:, -1])
+        return self.next
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
+        tok = sample(logits, self.params, self.generator)
+        if self.seen is not None:
+            self.seen.scatter_(1, tok[:, None], True)
+        return tok
+
+    @torch.inference_mode()
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the last token, sample the next. Returns ([B, 1] tokens, [B] count of real tokens)."""
+        B = self.next.shape[0]
+        length = self.cache.length[:B]
+        spec = AttentionSpec(length, causal_mask(1, self.device), kv_window(self.host_len + 1, self.cache.max_seq_len))
+        logits = self.model(self.next[:, None], length[:, None], self.cache, spec)
+        self.cache.length[:B] += 1
+        self.host_len += 1
+        self.forwards += 1
+        self.next = self._sample(logits[:, -1])
+        return self.next[:, None], torch.ones_like(self.next)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_steps: int = 0             # target forwards after prefill
+    step_tokens: int = 0              # tokens those forwards produced that were used (an ending EOS included)
+    accept_hist: list[int] = field(default_factory=list)   # accept_hist[n]: steps that emitted n tokens
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # Tokens after the first (the first comes from prefill) over decode time.
+        return (self.new_tokens - 1) / (self.decode_ms / 1e3) if self.decode_ms > 0 and self.new_tokens > 1 else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per target forward during decoding (plain decoding: 1.00)."""
+        return self.step_tokens / self.decode_steps if self.decode_steps else 0.0
+
+    def record_step(self, used: int):
+        self.decode_steps += 1
+        self.step_tokens += used
+        self.accept_hist.extend([0] * (used + 1 - len(self.accept_hist)))
+        self.accept_hist[used] += 1
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "prefill_ms": round(self.prefill_ms, 3), "decode_ms": round(self.decode_ms, 3),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 3), "decode_steps": self.decode_steps,
+                "tau": round(self.tau, 4), "accept_hist": self.accept_hist, **self.extra}
+
+    def summary(self) -> str:
+        return (f"prompt {self.prompt_tokens} tok | prefill {self.prefill_ms:.0f} ms | {self.new_tokens} new tok "
+                f"at {self.decode_tokens_per_s:.1f} tok/s | tau {self.tau:.2f}")
+
+
+@dataclass
+class RowState:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    shown: int = 0                 # chars of text already streamed
+    finish_reason: str | None = None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[str], hold: int,
+             max_new_tokens: int) -> tuple[int, str]:
+    """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream)."""
+    used = 0
+    for tok in toks:
+        if row.finish_reason:
+            break
+        used += 1
+        if tok in eos:
+            row.finish_reason = "eos"
+            break
+        row.ids.append(tok)
+        before = len(row.text)
+        row.text += stream.push(tok)
+        if stop:
+            start = max(0, before - hold)
+            hits = [i for i in (row.text.find(s, start) for s in stop) if i >= 0]
+            if hits:
+                row.text, row.finish_reason = row.text[:min(hits)], "stop"
+        if len(row.ids) >= max_new_tokens and not row.finish_reason:
+            row.finish_reason = "length"
+    # Hold back a possible stop-string prefix until it is decided, so the stream never shows one.
+    end = len(row.text) if row.finish_reason else max(row.shown, len(row.text) - hold)
+    delta, row.shown = row.text[row.shown:end], max(row.shown, end)
+    return used, delta
+
+
+def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_ids, stop: list[str],
+        stats: list[GenerationStats]) -> Iterator[tuple[int, str]]:
+    """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
+
+    Tokens past EOS, a stop string or max_new_tokens inside one step are dropped here, never emitted.
+    """
+    B = len(prompts)
+    rows = decoder.rows = [RowState() for _ in range(B)]
+    streams = [tokenizer.stream_decoder() for _ in range(B)]
+    eos, hold = set(eos_ids), max((len(s) for s in stop), default=1) - 1
+    t0 = time.perf_counter()
+    pending = [[t] for t in decoder.prefill(prompts).tolist()]
+    t1 = time.perf_counter()
+    for b in range(B):
+        stats[b].prompt_tokens, stats[b].prefill_ms = len(prompts[b]), (t1 - t0) * 1e3
+    from_prefill = True
+    while True:
+        for b in range(B):
+            was_done = rows[b].finish_reason is not None
+            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens)
+            if not (from_prefill or was_done):
+                stats[b].record_step(used)
+            if delta:
+                yield b, delta
+        from_prefill = False
+        if all(r.finish_reason for r in rows):
+            break
+        out, count = decoder.step()
+        n, toks = count.tolist(), out.tolist()          # the one host sync per step
+        for b in range(B):
+            pending[b] = [] if rows[b].finish_reason else toks[b][:n[b]]
+    _sync(decoder.device)
+    t2 = time.perf_counter()
+    for b in range(B):
+        stats[b].new_tokens = len(rows[b].ids)
+        stats[b].decode_ms = (t2 - t1) * 1e3

@@ -1,0 +1,54 @@
+"""The static KV cache: allocated once, lengths kept on the device, writes and compaction by slot index."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """K and V for every layer in one buffer each, [L, B, H_kv, S, D].
+
+    One buffer for all layers lets compaction move an accepted path for every layer in one indexed copy.
+    `length` [B] lives on the device so a decode step (or a CUDA graph replay) never asks the host.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (n_layers, batch, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_seq_len = max_seq_len
+        self.batch = batch
+
+    @classmethod
+    def for_model(cls, cfg, batch: int, max_seq_len: int, dtype, device) -> "KVCache":
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
+
+    def reset(self):
+        self.length.zero_()
+
+    def write(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v: [B, H, T, D] go to slots start[b] .. start[b] + T - 1 of each row."""
+        B, H, T, D = k.shape
+        slots = (start[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, D)
+        self.k[layer, :B].scatter_(2, slots, k)
+        self.v[layer, :B].scatter_(2, slots, v)
+
+    def read(self, layer: int, kv_len: int):
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+
+    def compact(self, src: torch.Tensor, dst_start: torch.Tensor):
+        """Copy slots src[b, m] to dst_start[b] + m for every layer at once (accepted tree path -> contiguous).
+
+        src: [B, M] slot indices; entries past a row's accepted count may hold any valid slot: they land
+        beyond the new length, where nothing reads them. Gathering first makes overlapping moves safe.
+        """
+        L, B, H, S, D = self.k.shape
+        M = src.shape[1]
+        dst = (dst_start[:, None] + torch.arange(M, device=src.device)).clamp_(max=S - 1)
+        src = src.clamp(0, S - 1)
+        for buf in (self.k, self.v):
+            view = buf.view(L, B, H, S, D)
+            gidx = src[None, :, None, :, None].expand(L, B, H, M, D)
+            moved = torch.gather(view, 3, gidx)
+            view.scatter_(3, dst[None, :, None, :, None].expand(L, B, H, M, D), moved)

@@ -1,0 +1,197 @@
+"""A compact Llama-family transformer (RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU).
+
+Every forward names its tokens' positions and, when a KV cache is given, writes their K/V to the slots
+right after each row's current cache length. Which earlier tokens a new token may see is given by
+`AttentionSpec`: the whole cached prefix plus a [T, T] mask over the new tokens themselves. A causal
+mask gives ordinary prefill/decoding, an ancestor mask gives tree verification; the same code serves both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+@dataclass
+class AttentionSpec:
+    """Where the new tokens go and what they attend to.
+
+    prefix_len: [B] long, device. Cached tokens every new token sees; new K/V go to slots prefix_len + i.
+    new_mask:   [B or 1, T, T] bool. new_mask[b, i, j]: new token i sees new token j.
+    kv_len:     host int >= max(prefix_len) + T. Only cache slots [0, kv_len) are read; a bucketed upper
+                bound so attention cost tracks the real length without a device->host sync.
+    """
+    prefix_len: torch.Tensor
+    new_mask: torch.Tensor
+    kv_len: int
+
+    def dense_mask(self) -> torch.Tensor:
+        """[B, T, kv_len] bool over cache slots."""
+        T = self.new_mask.shape[-1]
+        slots = torch.arange(self.kv_len, device=self.prefix_len.device)
+        rel = slots[None, :] - self.prefix_len[:, None]                       # [B, S]
+        in_prefix = rel < 0
+        in_new = (rel >= 0) & (rel < T)
+        idx = rel.clamp(0, T - 1)[:, None, :].expand(-1, T, -1)
+        new = torch.gather(self.new_mask.expand(rel.shape[0], -1, -1), 2, idx)
+        return in_prefix[:, None, :] | (in_new[:, None, :] & new)
+
+
+def causal_mask(T: int, device) -> torch.Tensor:
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril_()[None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the input dtype, as Llama's reference does, so fp16/bf16 match it.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if freq_factors is not None:          # GGUF stores Llama-3 scaling precomputed as divisors
+        inv_freq = inv_freq / freq_factors.double()
+    elif kind == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_len = rs.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tensor:
+    """[max_len, head_dim] as (cos | sin) halves, fp32: looked up by position, so any position order works."""
+    inv_freq = rope_inv_freq(cfg, freq_factors)
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) == "dynamic":
+        # Dynamic NTK: a static cache fixes the longest length, so scale the base once for it.
+        factor, base_len = rs["factor"], cfg.max_position_embeddings
+        if max_len > base_len:
+            d = cfg.head_dim
+            base = cfg.rope_theta * ((factor * max_len / base_len) - (factor - 1)) ** (d / (d - 2))
+            inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; rope: [B, T, D] rows of rope_table. Rotate-half (Hugging Face) convention."""
+    half = x.shape[-1] // 2
+    cos, sin = rope[..., None, :half], rope[..., None, half:]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, q + 2 * kv, bias=False)   # one matmul instead of three
+        self.wo = nn.Linear(q, cfg.dim, bias=False)
+        self.split = (q, kv, kv)
+
+    def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask: torch.Tensor):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache.write(self.layer_idx, spec.prefix_len, k, v)
+            k, v = cache.read(self.layer_idx, spec.kv_len)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)   # gate | up, fused
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, rope, cache, spec, mask):
+        x = x + self.attention(self.attention_norm(x), rope, cache, spec, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope_len = max_seq_len or cfg.max_position_embeddings
+        self.register_buffer("rope_freq_factors", None, persistent=False)
+        self.register_buffer("rope", rope_table(cfg, self.rope_len), persistent=False)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_rope(self, max_len: int, freq_factors: torch.Tensor | None = None):
+        """Rebuild the RoPE table on the model's device (after loading, or for a longer cache)."""
+        device = self.tok_embeddings.weight.device
+        self.rope_len = max_len
+        if freq_factors is not None:
+            self.rope_freq_factors = freq_factors.to(device)
+        self.rope = rope_table(self.config, max_len, self.rope_freq_factors).to(device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                spec: AttentionSpec | None = None, return_hidden: bool = False, logits_at=None):
+        """tokens, positions: [B, T]. Without a cache, attends causally within `tokens` (or spec.new_mask).
+
+        logits_at: optional [B, M] indices into T; computes the LM head only there (prefill needs one row).
+        Returns logits [B, T or M, V] (and the final-norm hidden states [B, T, d] if return_hidden).
+        """
+        B, T = tokens.shape
+        if cache is None:
+            mask = spec.new_mask if spec is not None else causal_mask(T, tokens.device)
+            mask = mask.expand(B, T, T)
+        else:
+            mask = spec.dense_mask()
+        rope = self.rope[positions]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, rope, cache, spec, mask)
+        h = self.norm(x)
+        hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        logits = self.output(hl)
+        return (logits, h) if return_hidden else logits
