@@ -45,6 +45,9 @@ class Engine:
         self._cache: KVCache | None = None
         self._cache_batch = max_batch_size
         self.last_result: GenerationResult | None = None
+        self.loaded_name = loaded.source
+        self.profile = False        # sync between speculative phases so their time split is exact on GPUs
+        self._trees = {}
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
@@ -55,6 +58,7 @@ class Engine:
         dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
         engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        engine.loaded_name = str(model)
         if heads is not None:
             engine.load_heads(heads)
         return engine
@@ -104,17 +108,25 @@ class Engine:
                 + (f" + tree room ({extra})" if extra else "")
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")
 
-    def _decoder(self, batch: int, params: SamplingParams, speculative, tree):
+    def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
         if speculative is None:
             return PlainDecoder(self.model, self._cache_for(batch), params), 0
         from .speculative import make_speculative_decoder
-        return make_speculative_decoder(self, batch, params, speculative, tree)
+        return make_speculative_decoder(self, batch, params, speculative, tree, acceptance)
+
+    def _tree_spec(self, tree):
+        """Static trees are built once per engine and kept on the device."""
+        from .speculative import TreeSpec
+        key = (tree if isinstance(tree, (str, type(None))) else tuple(map(tuple, tree)), self.heads.num_heads)
+        if key not in self._trees:
+            self._trees[key] = TreeSpec(tree, self.heads.num_heads, self.device)
+        return self._trees[key]
 
     # ---- generation ------------------------------------------------------------------------------------
     def stream_batch(self, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
                      seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
-                     tree=None) -> Iterator[tuple[int, str]]:
+                     tree=None, acceptance: str = "auto") -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if not prompts:
@@ -123,7 +135,7 @@ class Engine:
         if any(not s for s in stop):
             raise InputError("stop strings must be non-empty")
         ids = [self.encode_prompt(p, chat) for p in prompts]
-        decoder, extra = self._decoder(len(ids), params, speculative, tree)
+        decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance)
         for p in ids:
             self._check_room(p, max_new_tokens, extra)
         return self._drive(decoder, ids, max_new_tokens, stop)

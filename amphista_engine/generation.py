@@ -56,9 +56,12 @@ class PlainDecoder:
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             self.seen.scatter_(1, tokens, True)
-        self.last_hidden = torch.gather(hidden, 1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))
+        self._on_prefill(tokens, hidden)
         self.next = self._sample(logits[:, -1])
         return self.next
+
+    def _on_prefill(self, tokens: torch.Tensor, hidden: torch.Tensor):
+        """Hook for decoders that also need the prompt's hidden states (the drafting heads do)."""
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         if self.seen is not None:

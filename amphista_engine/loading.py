@@ -50,10 +50,9 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device="cpu",
                max_seq_len: int | None = None) -> LoadedModel:
-    from .tokenizer import load_tokenizer
-
     dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
+    from .tokenizer import load_tokenizer
     if path.is_file() and path.suffix == ".gguf":
         from gguf import GGUFReader
         try:

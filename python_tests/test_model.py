@@ -1,0 +1,268 @@
+"""Our Llama equals transformers' on the same weights; the static cache equals recomputation; loaders fail clearly."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from amphista_engine.config import ModelConfig
+from amphista_engine.errors import ConfigError, ModelLoadError
+from amphista_engine.kv_cache import KVCache
+from amphista_engine.loading import load_model
+from amphista_engine.model import AttentionSpec, causal_mask
+
+from conftest import TINY_HF, needs_smollm2, random_tiny_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def hf_logits(path, ids):
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+def ours_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+
+
+IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 280, 64]
+
+
+def test_tiny_gqa_untied_matches_transformers(tiny_hf_dir):
+    m = load_model(tiny_hf_dir).model
+    assert not m.config.tie_word_embeddings and m.config.n_kv_heads == 2
+    assert rel_err(ours_logits(m, IDS), hf_logits(tiny_hf_dir, IDS)) < 1e-5
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "factor": 4.0},
+])
+def test_rope_scaling_matches_transformers(tiny_hf_dir, tmp_path, scaling):
+    d = tmp_path / "scaled"
+    shutil.copytree(tiny_hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = dict(scaling, rope_theta=10000.0)
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = (IDS * 12)[:130]   # long enough for scaled and unscaled frequencies to differ
+    m = load_model(d, max_seq_len=256).model
+    assert rel_err(ours_logits(m, ids), hf_logits(d, ids)) < 1e-5
+
+
+def test_sharded_safetensors_and_bin(tiny_hf_dir, tmp_path):
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_dir)
+    ref = ours_logits(load_model(tiny_hf_dir).model, IDS)
+    for name, kw in [("sharded", dict(max_shard_size="60KB")), ("bin", dict(safe_serialization=False))]:
+        d = tmp_path / name
+        hf.save_pretrained(d, **kw)
+        shutil.copy(tiny_hf_dir / "tokenizer.json", d)
+        shutil.copy(tiny_hf_dir / "tokenizer_config.json", d)
+        files = {p.name for p in d.iterdir()}
+        if name == "sharded":
+            assert "model.safetensors.index.json" in files
+        elif not any(f.startswith("pytorch_model") for f in files):
+            pytest.skip("this transformers version no longer writes pytorch_model.bin")
+        assert rel_err(ours_logits(load_model(d).model, IDS), ref) < 1e-6
+
+
+def test_static_cache_equals_recomputation():
+    """Decode token by token through the cache; every step's logits equal a full forward without one."""
+    model = random_tiny_model(seed=3)
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+    cache = KVCache.for_model(model.config, 1, 256, torch.float32, "cpu")
+    prompt = 7
+    with torch.no_grad():
+        full = model(ids, torch.arange(40)[None])
+        spec = AttentionSpec(cache.length, causal_mask(prompt, "cpu"), 128)
+        out = model(ids[:, :prompt], torch.arange(prompt)[None], cache, spec)
+        cache.length += prompt
+        assert rel_err(out[0], full[0, :prompt]) < 1e-5
+        for t in range(prompt, 40):
+            spec = AttentionSpec(cache.length, causal_mask(1, "cpu"), 128)
+            out = model(ids[:, t:t + 1], cache.length[:, None], cache, spec)
+            cache.length += 1
+            assert rel_err(out[0, 0], full[0, t]) < 1e-5, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_close_to_fp32(tiny_hf_dir, dtype):
+    ref = ours_logits(load_model(tiny_hf_dir).model, IDS)
+    got = ours_logits(load_model(tiny_hf_dir, dtype=dtype).model, IDS)
+    assert got.dtype == dtype
+    assert rel_err(got, ref) < 3e-2
+
+
+@needs_smollm2
+def test_smollm2_matches_transformers_gguf(smollm2, tmp_path):
+    pytest.importorskip("accelerate")
+    (tmp_path / "m.gguf").symlink_to(smollm2.source)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    tok = smollm2.tokenizer
+    prompts = ["The capital of France is", "def fibonacci(n):", "Speculative decoding is a technique that"]
+    for text in prompts:
+        ids = tok.encode(text)
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        got = ours_logits(smollm2.model, ids)
+        assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+        with torch.no_grad():
+            hf_out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        ours = greedy_continuation(smollm2.model, ids, 32)
+        assert ours == hf_out, text
+
+
+def greedy_continuation(model, ids, n):
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.sampling import SamplingParams
+    cache = KVCache.for_model(model.config, 1, 512, torch.float32, "cpu")
+    dec = PlainDecoder(model, cache, SamplingParams())
+    out = [dec.prefill([ids]).item()]
+    while len(out) < n:
+        out.append(dec.step()[0].item())
+    return out
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+def test_missing_path_is_clear():
+    with pytest.raises(ModelLoadError, match="not found.*nope"):
+        load_model("/tmp/definitely/nope")
+
+
+def test_unsupported_architecture(tiny_hf_dir, tmp_path):
+    d = tmp_path / "gpt2"
+    shutil.copytree(tiny_hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
+        load_model(d)
+
+
+def test_config_weights_shape_mismatch(tiny_hf_dir, tmp_path):
+    d = tmp_path / "bad"
+    shutil.copytree(tiny_hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="feed_forward.*shape"):
+        load_model(d)
+
+
+def test_missing_weights_file(tiny_hf_dir, tmp_path):
+    d = tmp_path / "noweights"
+    d.mkdir()
+    shutil.copy(tiny_hf_dir / "config.json", d)
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(d)
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        ModelConfig(vocab_size=10, dim=8, n_layers=1, n_heads=4, n_kv_heads=3, intermediate_size=8)
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        ModelConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, intermediate_size=8,
+                    rope_scaling={"rope_type": "yarn"})
+
+
+# ---- GGUF written from the tiny HF model ---------------------------------------------------------------
+
+def _permute(w, n_heads):
+    """What llama.cpp's converter does to q/k rows; our loader must undo it."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(hf_dir, out, arch="llama", qtype="Q8_0", bad_type=None):
+    import gguf
+    from safetensors.numpy import load_file
+    w = load_file(str(hf_dir / "model.safetensors"))
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    c = TINY_HF
+    wr = gguf.GGUFWriter(str(out), arch)
+    wr.add_block_count(c["num_hidden_layers"])
+    wr.add_context_length(c["max_position_embeddings"])
+    wr.add_embedding_length(c["hidden_size"])
+    wr.add_feed_forward_length(c["intermediate_size"])
+    wr.add_head_count(c["num_attention_heads"])
+    wr.add_head_count_kv(c["num_key_value_heads"])
+    wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    wr.add_rope_freq_base(c["rope_theta"])
+    wr.add_vocab_size(c["vocab_size"])
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(c["vocab_size"] - len(vocab))]
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
+    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(c["num_hidden_layers"]):
+        for hf_name, g in per_layer.items():
+            names[f"model.layers.{i}.{hf_name}.weight"] = f"blk.{i}.{g}.weight"
+    for hf_name, g in names.items():
+        t = w[hf_name].astype(np.float32)
+        if g.endswith("attn_q.weight"):
+            t = _permute(t, c["num_attention_heads"])
+        if g.endswith("attn_k.weight"):
+            t = _permute(t, c["num_key_value_heads"])
+        if t.ndim == 2 and g == "blk.0.ffn_up.weight" and bad_type:
+            qt = gguf.GGMLQuantizationType[bad_type]
+            raw = gguf.quant_shape_to_byte_shape(t.shape, qt)
+            wr.add_tensor(g, np.zeros(raw, dtype=np.uint8), raw_dtype=qt)
+        elif t.ndim == 2 and qtype != "F32":
+            qt = gguf.GGMLQuantizationType[qtype]
+            wr.add_tensor(g, gguf.quants.quantize(t, qt), raw_dtype=qt)
+        else:
+            wr.add_tensor(g, t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return out
+
+
+@pytest.mark.parametrize("qtype,tol", [("F32", 1e-5), ("F16", 2e-3), ("Q8_0", 3e-2)])
+def test_gguf_loader_undoes_rope_permutation(tiny_hf_dir, tmp_path, qtype, tol):
+    path = write_tiny_gguf(tiny_hf_dir, tmp_path / "tiny.gguf", qtype=qtype)
+    loaded = load_model(path)
+    assert rel_err(ours_logits(loaded.model, IDS), hf_logits(tiny_hf_dir, IDS)) < tol
+    text = "The quick brown fox"
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_hf_dir / "tokenizer.json"))
+    assert loaded.tokenizer.encode(text, add_bos=False) == hf_tok.encode(text, add_special_tokens=False)
+
+
+def test_gguf_unsupported_architecture(tiny_hf_dir, tmp_path):
+    path = write_tiny_gguf(tiny_hf_dir, tmp_path / "gpt2.gguf", arch="gpt2", qtype="F32")
+    with pytest.raises(ConfigError, match="architecture 'gpt2'"):
+        load_model(path)
+
+
+def test_gguf_unsupported_tensor_type(tiny_hf_dir, tmp_path):
+    path = write_tiny_gguf(tiny_hf_dir, tmp_path / "iq.gguf", qtype="F32", bad_type="IQ4_NL")
+    with pytest.raises(ConfigError, match="blk.0.ffn_up.weight.*IQ4_NL"):
+        load_model(path)
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "junk.gguf"
+    p.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ModelLoadError, match="junk.gguf"):
+        load_model(p)
