@@ -1,0 +1,144 @@
+"""Amphista drafting heads: fusion -> Staged Adaptation Layers (causal, own KV cache) -> per-head ResBlocks
+-> Auto-embedding Block (bi-directional attention across the K heads) -> RMSNorm -> LM head.
+
+One pass drafts all K tokens (non-autoregressive). The SAL are `model.Block`s, so they share the target's
+attention, RoPE and cache code; `forward_train` runs them causally over whole sequences, `step` incrementally.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kv_cache import KVCache
+from ..model import AttentionSpec, Block, FeedForward, RMSNorm, causal_mask, rope_table
+from .config import HeadsConfig
+from .medusa import DraftHeads, HeadResBlocks
+
+
+class AEBLayer(nn.Module):
+    """Pre-norm encoder layer over the K head slots: unmasked multi-head self-attention + SwiGLU MLP."""
+
+    def __init__(self, cfg: HeadsConfig):
+        super().__init__()
+        d = cfg.dim
+        self.n_heads = cfg.aeb_heads
+        self.attention_norm = RMSNorm(d, cfg.norm_eps)
+        self.wqkv = nn.Linear(d, 3 * d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.feed_forward = FeedForward(SimpleNamespace(dim=d, intermediate_size=cfg.aeb_intermediate_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, K, d]."""
+        N, K, d = x.shape
+        q, k, v = self.wqkv(self.attention_norm(x)).view(N, K, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)           # no mask: every head sees every head
+        x = x + self.wo(out.transpose(1, 2).reshape(N, K, d))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class AmphistaHeads(DraftHeads):
+    def __init__(self, config: HeadsConfig):
+        super().__init__(config)
+        c, d = config, config.dim
+        self.sal_config = c.sal_model_config()
+        self.fuse = nn.Linear(2 * d, d, bias=False) if c.fusion == "concat" else None
+        # Layer i belongs to stage i // layers_per_stage; its index is its slot in the SAL KV cache.
+        self.sal = nn.ModuleList(Block(self.sal_config, i) for i in range(self.sal_config.n_layers))
+        self.res = HeadResBlocks(c.num_heads, d, 1, c.resblock_bias)
+        self.pos_emb = nn.Parameter(torch.zeros(c.num_heads, d))
+        self.aeb = nn.ModuleList(AEBLayer(c) for _ in range(c.aeb_layers))
+        self.norm = RMSNorm(d, c.norm_eps)
+        # Plain attributes, not buffers: .to(bf16) must not round the RoPE table, and both are rebuilt lazily
+        # on the heads' device (construction may happen on the meta device).
+        self.sal_cache: KVCache | None = None
+        self._rope = None
+        self._stage_index = None
+
+    def bind(self, target) -> "AmphistaHeads":
+        super().bind(target)
+        self._rope = None   # rebuilt with the target's RoPE frequency factors (GGUF Llama-3)
+        return self
+
+    # ---- pieces ------------------------------------------------------------------------------------------
+    def _rope_rows(self, n: int, device) -> torch.Tensor:
+        """The SAL's RoPE table with >= n rows, fp32, built from the config (+ the target's GGUF freq factors)."""
+        if self._rope is None or self._rope.shape[0] < n or self._rope.device != device:
+            ff = self._bound[2] if self._bound is not None else None
+            n = max(n, self._rope.shape[0] if self._rope is not None else 0)
+            self._rope = rope_table(self.sal_config, n, ff).to(device)
+        return self._rope
+
+    def _fuse(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        dtype = self.norm.weight.dtype
+        if self.fuse is None:
+            return hidden.to(dtype)
+        emb = self._target()[0](next_tokens)
+        return self.fuse(torch.cat([hidden.to(dtype), emb.to(dtype)], dim=-1))
+
+    def _sal(self, x, rope, cache, spec, mask) -> list[torch.Tensor]:
+        """Runs the SAL; returns each stage's output (the residual stream after its last layer)."""
+        outs, lps = [], self.config.layers_per_stage
+        for i, layer in enumerate(self.sal):
+            x = layer(x, rope, cache, spec, mask)
+            if (i + 1) % lps == 0:
+                outs.append(x)
+        return outs
+
+    def mix(self, z: torch.Tensor) -> torch.Tensor:
+        """Auto-embedding Block + final norm. z: [..., K, d] head projections -> [..., K, d] features."""
+        lead, (K, d) = z.shape[:-2], z.shape[-2:]
+        z = (z + self.pos_emb).reshape(-1, K, d)
+        for layer in self.aeb:
+            z = layer(z)
+        return self.norm(z).view(*lead, K, d)
+
+    def draft(self, stages: torch.Tensor) -> torch.Tensor:
+        """stages: [..., S, d] stage outputs at the drafting position(s) -> logits [..., K, V]."""
+        if self._stage_index is None or self._stage_index.device != stages.device:
+            self._stage_index = torch.tensor(self.config.stage_of_head, device=stages.device)
+        x = stages.index_select(-2, self._stage_index)              # [..., K, d]: head k's input
+        return self.logits(self.mix(self.res(x)))
+
+    # ---- the interface -----------------------------------------------------------------------------------
+    def reset_cache(self, batch: int, max_seq_len: int):
+        p, c = self.norm.weight, self.sal_config
+        cache = self.sal_cache
+        if (cache is None or cache.batch != batch or cache.max_seq_len != max_seq_len
+                or cache.k.dtype != p.dtype or cache.k.device != p.device):
+            self.sal_cache = None   # free the old buffers first
+            self.sal_cache = KVCache(c.n_layers, batch, c.n_kv_heads, max_seq_len, c.head_dim, p.dtype, p.device)
+        else:
+            self.sal_cache.reset()   # same buffers: captured CUDA graphs stay valid
+        self._rope_rows(max_seq_len, p.device)
+
+    def step(self, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
+        """hidden [B, M, d] at target positions L_b + m (L_b = SAL cache length), next_tokens [B, M], count [B].
+
+        Writes all M entries to the SAL cache (padding lands past the new length, where it is overwritten
+        before anything reads it), advances the length by count and drafts from entry count - 1 -> [B, K, V].
+        """
+        cache = self.sal_cache
+        if cache is None:
+            raise RuntimeError("AmphistaHeads.step before reset_cache(batch, max_seq_len)")
+        B, M, _ = hidden.shape
+        dev = hidden.device
+        start = cache.length[:B].clone()   # the length advances below; the spec keeps the old one
+        positions = start[:, None] + torch.arange(M, device=dev)
+        rope = self._rope_rows(cache.max_seq_len, dev)[positions]
+        spec = AttentionSpec(prefix_len=start, new_mask=causal_mask(M, dev), kv_len=min(kv_len, cache.max_seq_len))
+        outs = self._sal(self._fuse(hidden, next_tokens), rope, cache, spec, spec.dense_mask())
+        cache.length[:B] += count
+        rows, last = torch.arange(B, device=dev), count - 1
+        return self.draft(torch.stack([o[rows, last] for o in outs], dim=1))   # [B, S, d] -> [B, K, V]
+
+    def forward_train(self, hidden, next_tokens) -> torch.Tensor:
+        """hidden [B, T, d] at positions 0..T-1, causal over the whole sequence, no cache -> [B, T, K, V]."""
+        B, T, _ = hidden.shape
+        rope = self._rope_rows(T, hidden.device)[:T][None]
+        outs = self._sal(self._fuse(hidden, next_tokens), rope, None, None,
+                         causal_mask(T, hidden.device).expand(B, T, T))
+        return self.draft(torch.stack(outs, dim=2))

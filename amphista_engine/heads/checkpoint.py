@@ -1,0 +1,226 @@
+"""Heads checkpoints: a directory of config.json + model.safetensors, tied to the target by an LM-head fingerprint.
+
+Also: the public Medusa `medusa_lm_head.pt` layout, and fresh (trainable) or random (test/benchmark) heads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, HeadsMismatchError, ModelLoadError
+from .amphista import AmphistaHeads
+from .config import HeadsConfig
+from .medusa import DraftHeads, MedusaHeads
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FINGERPRINT_ROWS = 256
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+
+
+def lm_head_fingerprint(target) -> str:
+    """'V{V}-d{d}-{hash}' of the target's LM head (a Transformer, an nn.Linear or the [V, d] weight).
+
+    Hashes 256 evenly spaced rows rounded to bf16, so fp32/fp16/bf16 loads of one bf16 or fp16 checkpoint agree:
+    such values survive every one of those dtypes, and rounding an fp16 value to bf16 is the same single
+    rounding whichever dtype held it. Values below 2^-14 are flushed to zero because fp16 stores them as
+    subnormals with fewer bits. (fp32-born weights loaded as fp16 round twice and may hash differently.)
+    """
+    w = getattr(target, "output", target)
+    w = getattr(w, "weight", w).detach()
+    V, d = w.shape
+    rows = torch.linspace(0, V - 1, min(V, FINGERPRINT_ROWS)).round().long()
+    s = w[rows.to(w.device)].float().cpu().to(torch.bfloat16).float()
+    s = torch.where(s.abs() < 2.0 ** -14, torch.zeros_like(s), s)    # also turns -0.0 into +0.0
+    return f"V{V}-d{d}-{hashlib.sha256(s.numpy().tobytes()).hexdigest()[:16]}"
+
+
+def build_heads(config: HeadsConfig) -> DraftHeads:
+    return (AmphistaHeads if config.kind == "amphista" else MedusaHeads)(config)
+
+
+def _init_from_target(heads: DraftHeads, target):
+    """Start near the target: the final norm as the target's, per-head LM heads as copies of its LM head."""
+    with torch.no_grad():
+        if isinstance(heads, AmphistaHeads):
+            heads.norm.weight.copy_(target.norm.weight)
+        if heads.config.per_head_lm_head:
+            heads.lm_heads.copy_(target.output.weight[None].expand_as(heads.lm_heads))
+
+
+def new_heads(kind: str, target, num_heads: int = 4, dtype=None, **overrides) -> DraftHeads:
+    """Fresh heads for training: default init, identity ResBlocks (W = 0), bound to `target`."""
+    cfg = HeadsConfig.for_target(target.config, kind=kind, num_heads=num_heads,
+                                 target_fingerprint=lm_head_fingerprint(target), **overrides)
+    heads = build_heads(cfg)
+    if isinstance(heads, AmphistaHeads):
+        torch.nn.init.normal_(heads.pos_emb, std=0.02)
+    _init_from_target(heads, target)
+    w = target.output.weight
+    return heads.to(device=w.device, dtype=dtype or w.dtype).bind(target)
+
+
+def random_heads(kind: str, target, num_heads: int = 4, seed: int = 0, std: float = 0.02, dtype=None,
+                 **overrides) -> DraftHeads:
+    """Random heads for tests and benchmarks; ResBlocks get N(0, 1/d) weights so the K drafts differ."""
+    heads = new_heads(kind, target, num_heads=num_heads, dtype=torch.float32, **overrides).cpu()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            if name.endswith("norm.weight") or name == "lm_heads":
+                continue
+            scale = p.shape[-1] ** -0.5 if name.startswith("res.") else std
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    w = target.output.weight
+    return heads.to(device=w.device, dtype=dtype or w.dtype).eval().requires_grad_(False).bind(target)
+
+
+def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
+    """Writes config.json + model.safetensors (the config's dtype, bf16 by default); the target's embedding
+    and LM head are not stored."""
+    from safetensors.torch import save_file
+
+    cfg = HeadsConfig.from_dict(heads.config.to_dict())
+    if not cfg.target_fingerprint:
+        if heads._bound is None:
+            raise ConfigError("heads have no target fingerprint: bind them to their target before saving")
+        cfg.target_fingerprint = lm_head_fingerprint(heads._bound[1])
+    dt = _dtype(dtype or cfg.dtype)
+    cfg.dtype = _dtype_name(dt)
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(device="cpu", dtype=dt).contiguous() for k, v in heads.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "kind": cfg.kind})
+    (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return path
+
+
+def _assign(heads: DraftHeads, state: dict[str, torch.Tensor], source, device, dtype) -> DraftHeads:
+    """Loads `state` into heads built on the meta device (no double allocation); mismatches -> ConfigError."""
+    expected = {k: v.shape for k, v in heads.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"{source}: tensors do not match the config (missing: {missing or 'none'}; "
+                          f"unexpected: {unexpected or 'none'})")
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            c = heads.config
+            raise ConfigError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config (kind={c.kind}, "
+                              f"num_heads={c.num_heads}, dim={c.dim}) expects {tuple(shape)}")
+    heads.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    return heads.eval().requires_grad_(False)   # for inference; a trainer resuming calls requires_grad_()
+
+
+def load_heads(path, target, device=None, dtype=None, num_heads: int | None = None) -> DraftHeads:
+    """Loads a heads directory (or its config.json / model.safetensors) for `target`, bound to it.
+
+    Defaults to the target's device and dtype. Heads built for another target raise HeadsMismatchError.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"heads path not found: {path}")
+    directory = path if path.is_dir() else path.parent
+    cfg_file, weights = directory / "config.json", directory / "model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise ModelLoadError(f"heads directory {directory} lacks {f.name} (expected config.json + "
+                                 f"model.safetensors, as save_heads writes)")
+    try:
+        cfg = HeadsConfig.from_dict(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    fp, tc = lm_head_fingerprint(target), target.config
+    same_shape = (cfg.dim, cfg.vocab_size) == (tc.dim, tc.vocab_size)
+    if not same_shape or (cfg.target_fingerprint and cfg.target_fingerprint != fp):
+        raise HeadsMismatchError(
+            f"heads in {directory} were built for another target: theirs has LM-head fingerprint "
+            f"{cfg.target_fingerprint or '(none)'} (d={cfg.dim}, V={cfg.vocab_size}), the loaded model has "
+            f"{fp} (d={tc.dim}, V={tc.vocab_size})")
+    if num_heads is not None and num_heads != cfg.num_heads:
+        raise ConfigError(f"heads in {directory} have {cfg.num_heads} heads, {num_heads} were requested")
+    w = target.output.weight
+    device, dtype = torch.device(device) if device is not None else w.device, _dtype(dtype or w.dtype)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
+        raise ModelLoadError(f"cannot read {weights}: {e}") from None
+    with torch.device("meta"):
+        heads = build_heads(cfg)
+    return _assign(heads, state, weights, device, dtype).bind(target)
+
+
+_MEDUSA_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def load_medusa_checkpoint(path, target, device=None, dtype=None, num_heads: int | None = None) -> MedusaHeads:
+    """Public Medusa heads (FasterDecoding/Medusa `medusa_lm_head.pt`, or its directory) as MedusaHeads.
+
+    Layout: medusa_head[k] = Sequential(ResBlock * layers, Linear(d, V, bias=False)), so keys are
+    `{k}.{j}.linear.weight|bias` (j < layers) and `{k}.{layers}.weight`. num_heads keeps the first heads.
+    """
+    path = Path(path).expanduser()
+    file = path / "medusa_lm_head.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise ModelLoadError(f"Medusa heads file not found: {file}")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {file} as a Medusa heads checkpoint: {e}") from None
+    sd = {k.removeprefix("medusa_head."): v for k, v in sd.items()} if isinstance(sd, dict) else {}
+    parsed = {k: _MEDUSA_KEY.match(k) for k in sd}
+    if not sd or not all(parsed.values()):
+        bad = [k for k, m in parsed.items() if not m][:5]
+        raise ConfigError(f"{file} is not in the Medusa medusa_lm_head.pt layout (unexpected keys: {bad})")
+    K_all = 1 + max(int(m.group(1)) for m in parsed.values())
+    layers = sum(1 for k in sd if k.startswith("0.") and k.endswith(".linear.weight"))
+    K = num_heads or K_all
+    if not 1 <= K <= K_all:
+        raise ConfigError(f"{file} has {K_all} Medusa heads, {num_heads} were requested")
+    per_head_lm = all(f"{k}.{layers}.weight" in sd for k in range(K))
+    if not layers and not per_head_lm:
+        raise ConfigError(f"{file} holds neither ResBlocks nor LM heads")
+    bias = "0.0.linear.bias" in sd
+    ref = sd[f"0.{layers}.weight"] if per_head_lm else sd["0.0.linear.weight"]
+    d, V = ref.shape[1], (ref.shape[0] if per_head_lm else target.config.vocab_size)
+    fp, tc = lm_head_fingerprint(target), target.config
+    if (d, V) != (tc.dim, tc.vocab_size):
+        raise HeadsMismatchError(f"Medusa heads in {file} are for d={d}, V={V} (public checkpoint, no "
+                                 f"fingerprint), the loaded model has {fp} (d={tc.dim}, V={tc.vocab_size})")
+    cfg = HeadsConfig.for_target(tc, kind="medusa", num_heads=K, medusa_layers=layers, resblock_bias=bias,
+                                 per_head_lm_head=per_head_lm, target_fingerprint=fp)
+
+    def stacked(name, shape):   # [layers, K, ...] from {k}.{j}.{name}
+        if not layers:
+            return torch.zeros(0, K, *shape)
+        return torch.stack([torch.stack([sd[f"{k}.{j}.{name}"] for k in range(K)]) for j in range(layers)])
+
+    try:
+        state = {"res.weight": stacked("linear.weight", (d, d))}
+        if bias:
+            state["res.bias"] = stacked("linear.bias", (d,))
+        if per_head_lm:
+            state["lm_heads"] = torch.stack([sd[f"{k}.{layers}.weight"] for k in range(K)])
+    except (KeyError, RuntimeError) as e:
+        raise ConfigError(f"{file}: Medusa heads are inconsistent ({e})") from None
+    with torch.device("meta"):
+        heads = MedusaHeads(cfg)
+    w = target.output.weight
+    return _assign(heads, state, file, torch.device(device) if device is not None else w.device,
+                   _dtype(dtype or w.dtype)).bind(target)

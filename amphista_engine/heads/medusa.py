@@ -1,0 +1,90 @@
+"""The common drafting-heads base (target binding, LM head, batched ResBlocks) and the Medusa baseline."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HeadsMismatchError
+from .config import HeadsConfig
+
+
+class HeadResBlocks(nn.Module):
+    """K independent stacks of ResBlocks x + SiLU(W x + b), one batched matmul per layer for all heads.
+
+    weight [layers, K, d, d] (nn.Linear's out x in layout), zero: every head starts as the identity.
+    """
+
+    def __init__(self, num_heads: int, dim: int, layers: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(layers, num_heads, dim, dim))
+        self.bias = nn.Parameter(torch.zeros(layers, num_heads, dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K, d] (slot k feeds head k) -> [..., K, d]."""
+        for j in range(self.weight.shape[0]):
+            y = torch.einsum("...ki,koi->...ko", x, self.weight[j])   # bmm with K as the batch
+            x = x + F.silu(y if self.bias is None else y + self.bias[j])
+        return x
+
+
+class DraftHeads(nn.Module):
+    """What the speculative decoder and the trainer call: bind, reset_cache, step, forward_train."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        # The target's embedding and LM head, held in a tuple so nn.Module does not register them: they stay
+        # out of parameters(), state_dict() and .to(), frozen and shared by reference.
+        self._bound: tuple[nn.Embedding, nn.Linear, torch.Tensor | None] | None = None
+        if config.per_head_lm_head:
+            self.lm_heads = nn.Parameter(torch.zeros(config.num_heads, config.vocab_size, config.dim))
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def bind(self, target) -> "DraftHeads":
+        c, tc = self.config, target.config
+        if (tc.dim, tc.vocab_size) != (c.dim, c.vocab_size):
+            raise HeadsMismatchError(f"heads are for d={c.dim}, V={c.vocab_size}; the target has d={tc.dim}, "
+                                     f"V={tc.vocab_size}")
+        self._bound = (target.tok_embeddings, target.output, getattr(target, "rope_freq_factors", None))
+        return self
+
+    def _target(self):
+        if self._bound is None:
+            raise RuntimeError("drafting heads are not bound to a target model: call heads.bind(model) first")
+        return self._bound
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K, d] final features -> [..., K, V]."""
+        if self.config.per_head_lm_head:
+            return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
+        w = self._target()[1].weight
+        return F.linear(x.to(w.dtype), w)
+
+    def reset_cache(self, batch: int, max_seq_len: int):
+        pass
+
+
+class MedusaHeads(DraftHeads):
+    """K ResBlock stacks on the target's last hidden state h_t, then the (target's or own) LM head."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__(config)
+        self.res = HeadResBlocks(config.num_heads, config.dim, config.medusa_layers, config.resblock_bias)
+
+    def _heads(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [..., d] -> logits [..., K, V]."""
+        x = h.unsqueeze(-2).expand(*h.shape[:-1], self.num_heads, h.shape[-1])
+        return self.logits(self.res(x.to(self.res.weight.dtype)))
+
+    def step(self, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
+        """hidden [B, M, d]; drafts from row b's entry count[b] - 1 -> [B, K, V]. Medusa ignores the tokens."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self._heads(hidden[rows, count - 1])
+
+    def forward_train(self, hidden, next_tokens) -> torch.Tensor:
+        """hidden [B, T, d] -> [B, T, K, V]."""
+        return self._heads(hidden)
