@@ -157,6 +157,8 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
                 row.text, row.finish_reason = row.text[:min(hits)], "stop"
         if len(row.ids) >= max_new_tokens and not row.finish_reason:
             row.finish_reason = "length"
+    if row.finish_reason in ("eos", "length"):
+        row.text += stream.flush()     # bytes of a character the model never finished
     # Hold back a possible stop-string prefix until it is decided, so the stream never shows one.
     end = len(row.text) if row.finish_reason else max(row.shown, len(row.text) - hold)
     delta, row.shown = row.text[row.shown:end], max(row.shown, end)

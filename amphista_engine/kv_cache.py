@@ -34,8 +34,8 @@ class KVCache:
         self.k[layer, :B].scatter_(2, slots, k)
         self.v[layer, :B].scatter_(2, slots, v)
 
-    def read(self, layer: int, kv_len: int):
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+    def read(self, layer: int, kv_len: int, batch: int):
+        return self.k[layer, :batch, :, :kv_len], self.v[layer, :batch, :, :kv_len]
 
     def compact(self, src: torch.Tensor, dst_start: torch.Tensor):
         """Copy slots src[b, m] to dst_start[b] + m for every layer at once (accepted tree path -> contiguous).
@@ -43,12 +43,12 @@ class KVCache:
         src: [B, M] slot indices; entries past a row's accepted count may hold any valid slot: they land
         beyond the new length, where nothing reads them. Gathering first makes overlapping moves safe.
         """
-        L, B, H, S, D = self.k.shape
-        M = src.shape[1]
+        L, _, H, S, D = self.k.shape
+        B, M = src.shape
         dst = (dst_start[:, None] + torch.arange(M, device=src.device)).clamp_(max=S - 1)
         src = src.clamp(0, S - 1)
         for buf in (self.k, self.v):
-            view = buf.view(L, B, H, S, D)
+            view = buf[:, :B]
             gidx = src[None, :, None, :, None].expand(L, B, H, M, D)
             moved = torch.gather(view, 3, gidx)
             view.scatter_(3, dst[None, :, None, :, None].expand(L, B, H, M, D), moved)

@@ -121,7 +121,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             cache.write(self.layer_idx, spec.prefix_len, k, v)
-            k, v = cache.read(self.layer_idx, spec.kv_len)
+            k, v = cache.read(self.layer_idx, spec.kv_len, B)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
