@@ -1,0 +1,170 @@
+"""Chat messages -> prompt text, with the model's own Jinja chat template or a built-in one.
+
+Rendering follows transformers' `apply_chat_template`: a sandboxed Jinja environment with
+trim_blocks/lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`, and the `bos_token`/`eos_token`
+variables, so a template from a model repo or GGUF file renders exactly as it does there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from typing import NamedTuple
+
+import jinja2
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import ConfigError, InputError
+
+__all__ = ["BUILTIN_TEMPLATES", "VICUNA_SYSTEM_PROMPT", "ChatStops", "chat_stops", "render_chat", "resolve_template"]
+
+# FastChat's "vicuna_v1.1" conversation template.
+VICUNA_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# Built-ins are Jinja too, so every template goes through one renderer. FastChat joins turns as
+# `SYSTEM USER: q ASSISTANT: a</s>USER: ...` and prompts the reply with a bare `ASSISTANT:`.
+_VICUNA = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = default_system_prompt %}{% set turns = messages %}{% endif %}"
+    "{{ system }} "
+    "{% for m in turns %}"
+    "{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + m['content'] + '</s>' }}"
+    "{% else %}{{ raise_exception('vicuna_v1.1 supports the roles system (first), user and assistant, not '"
+    " + m['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {"vicuna_v1.1": _VICUNA, "chatml": _CHATML}
+# Text that ends an assistant turn in each built-in format.
+_BUILTIN_STOPS = {"vicuna_v1.1": ["</s>"], "chatml": ["<|im_end|>"]}
+
+
+class ChatStops(NamedTuple):
+    """What ends a reply: token ids (the model's EOS set plus single-token stop strings) and strings
+    to cut the text at, for formats whose end marker is several tokens in this vocabulary."""
+
+    token_ids: list[int]
+    strings: list[str]
+
+
+def resolve_template(tokenizer, template: str | None = None) -> tuple[str, str]:
+    """`(name, jinja source)` of the template to use.
+
+    `template` is a built-in name ("vicuna_v1.1", "chatml"), a Jinja string, or None for the model's
+    own template; a model without one gets "chatml" when its vocabulary has `<|im_start|>`, else
+    "vicuna_v1.1" (the Llama/Vicuna default).
+    """
+    if template is None:
+        own = getattr(tokenizer, "chat_template", None)
+        if own:
+            return "model", own
+        has_chatml = tokenizer is not None and tokenizer.token_to_id("<|im_start|>") is not None
+        template = "chatml" if has_chatml else "vicuna_v1.1"
+    if not isinstance(template, str):
+        raise InputError(f"chat template must be a built-in name or a Jinja string, got {type(template).__name__}")
+    if template in BUILTIN_TEMPLATES:
+        return template, BUILTIN_TEMPLATES[template]
+    if "{{" in template or "{%" in template:
+        return "custom", template
+    raise InputError(f"unknown chat template {template!r}; built-ins: {', '.join(BUILTIN_TEMPLATES)}, "
+                     "or pass a Jinja template string")
+
+
+def render_chat(tokenizer, messages, template: str | None = None, add_generation_prompt: bool = True) -> str:
+    """Prompt text for `messages` (a list of {"role", "content"} dicts, or a str = one user message).
+
+    `tokenizer` supplies the model's template and `bos_token`/`eos_token`; it may be None when
+    `template` is given. Encode the result with `tokenizer.encode(text)`: a BOS the template wrote
+    itself is not doubled.
+    """
+    messages = _check_messages(messages)
+    name, source = resolve_template(tokenizer, template)
+    compiled = _compile(source, name)
+
+    try:
+        return compiled.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "",
+            default_system_prompt=VICUNA_SYSTEM_PROMPT,
+        )
+    except jinja2.TemplateError as e:
+        raise InputError(f"chat template ({name}) raised an error for these messages: {e}") from e
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise InputError(f"chat template ({name}) failed on these messages: {type(e).__name__}: {e}") from e
+
+
+def chat_stops(tokenizer, template: str | None = None) -> ChatStops:
+    """Stop ids and stop strings for replies rendered with `template` (see `resolve_template`)."""
+    name, source = resolve_template(tokenizer, template)
+    ids = list(getattr(tokenizer, "eos_ids", None) or [])
+    strings = list(_BUILTIN_STOPS.get(name, []))
+    if name not in _BUILTIN_STOPS and tokenizer is not None:
+        strings = [tokenizer.id_to_piece(i) for i in ids if tokenizer.id_to_piece(i) in source]
+    for text in strings:
+        if tokenizer is not None and (token_id := tokenizer.token_to_id(text)) is not None and token_id not in ids:
+            ids.append(token_id)
+    return ChatStops(ids, strings)
+
+
+def _check_messages(messages) -> list[dict]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts, or a str")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InputError(f"message {i} is a {type(m).__name__}, expected a dict with 'role' and 'content'")
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise InputError(f"message {i} has no 'role' (expected e.g. 'system', 'user' or 'assistant')")
+        if not isinstance(m.get("content"), str):
+            what = "no 'content'" if m.get("content") is None else f"a {type(m['content']).__name__} 'content'"
+            raise InputError(f"message {i} ({role}) has {what}; expected a str")
+        checked.append(dict(m))
+    return checked
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; render it as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str, name: str):
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson HTML-escapes; templates expect plain JSON (as in transformers).
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        where = "the model's chat template" if name == "model" else f"chat template {name!r}"
+        error = ConfigError if name == "model" else InputError
+        raise error(f"{where} is not valid Jinja: {e.message} (line {e.lineno})") from e

@@ -1,0 +1,579 @@
+"""Text <-> token ids for Llama-family models.
+
+One `Tokenizer` class over three sources: a Hugging Face `tokenizer.json` (run by the `tokenizers`
+package), a sentencepiece `tokenizer.model` (run by `sentencepiece`), and the vocabulary embedded in a
+GGUF file (rebuilt as a `tokenizers.Tokenizer` the way llama.cpp tokenizes it). `load_tokenizer` picks
+the source; `StreamDecoder` turns generated ids into printable text deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import InputError, ModelLoadError
+
+__all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer"]
+
+# Markers that close a turn in common chat formats. A model that declares another EOS still emits
+# these when its chat template uses them, so generation must stop on them too.
+_TURN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+# End-of-document markers: stopping on them is always right, whatever the template says.
+_DOCUMENT_END_MARKERS = ("<|endoftext|>", "<|end_of_text|>")
+
+# GGUF token_type values (llama.cpp's llama_token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+_SPIECE_SPACE = "\u2581"
+
+
+class Tokenizer:
+    """Encode/decode text for one model, plus the special ids generation needs.
+
+    Build it with `load_tokenizer`. `encode` never adds EOS; it adds BOS when asked (or when the model
+    wants it, for `add_bos=None`) but never doubles a BOS the text already starts with, so a chat
+    template that writes `{{ bos_token }}` itself is safe to encode with the default.
+    """
+
+    def __init__(self, backend, *, bos_id=None, eos_ids=(), pad_id=None, unk_id=None,
+                 add_bos=False, chat_template=None, source=""):
+        self._backend = backend
+        self.vocab_size: int = backend.vocab_size
+        self.special_ids: frozenset[int] = backend.special_ids
+        self.bos_id: int | None = self._valid(bos_id)
+        self.pad_id: int | None = self._valid(pad_id)
+        self.unk_id: int | None = self._valid(unk_id)
+        self.add_bos: bool = bool(add_bos) and self.bos_id is not None
+        self.chat_template: str | None = chat_template or None
+        self.source = str(source)
+        self.eos_ids: list[int] = self._collect_eos(eos_ids)
+
+    def _valid(self, token_id) -> int | None:
+        return int(token_id) if token_id is not None and 0 <= int(token_id) < self.vocab_size else None
+
+    def _collect_eos(self, declared) -> list[int]:
+        ids = [self._valid(i) for i in declared]
+        template = self.chat_template or ""
+        for marker in _TURN_END_MARKERS + _DOCUMENT_END_MARKERS:
+            token_id = self.token_to_id(marker)
+            if token_id in self.special_ids and (marker in template or marker in _DOCUMENT_END_MARKERS):
+                ids.append(token_id)
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`. Special-token strings in it (`<|im_start|>`, `<s>`) become their single id."""
+        if not isinstance(text, str):
+            raise InputError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
+        ids = list(self._backend.encode(text))
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. Ids outside the vocabulary (padded embedding rows) decode to nothing."""
+        ids = [int(i) for i in ids]
+        return self._backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+    # -- vocabulary -----------------------------------------------------------------------------
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary entry for `token_id`, as stored (byte-level or `▁`-spelled)."""
+        if not 0 <= int(token_id) < self.vocab_size:
+            raise InputError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return self._backend.id_to_piece(int(token_id)) or ""
+
+    def token_to_id(self, piece: str) -> int | None:
+        """The id of vocabulary entry `piece`, or None if there is none."""
+        return self._backend.token_to_id(piece)
+
+    @property
+    def bos_token(self) -> str:
+        return self.id_to_piece(self.bos_id) if self.bos_id is not None else ""
+
+    @property
+    def eos_token(self) -> str:
+        return self.id_to_piece(self.eos_ids[0]) if self.eos_ids else ""
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.source!r}, backend={type(self._backend).__name__}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_ids={self.eos_ids})")
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push` ids as they are generated, print what it returns.
+
+    Concatenating every `push` result and the final `flush()` gives exactly `decode(all ids)`. Text is
+    held back while it ends in an incomplete UTF-8 character (U+FFFD), and each delta is computed
+    by decoding a short window that starts at the previously emitted token(s), so sentencepiece's
+    leading-space pieces (`▁word`, whose space the decoder drops at the start of a text) and
+    byte-level pieces come out with the right spacing.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: the decoder sees this token's context again
+        self._read = 0  # everything before this has been emitted
+
+    def push(self, token_ids: int | Iterable[int]) -> str:
+        """Add one id or several (e.g. all tokens a speculative step accepted); return the new text."""
+        try:
+            self._ids.extend([int(i) for i in token_ids])
+        except TypeError:  # a single id (int, numpy scalar, 0-d tensor)
+            self._ids.append(int(token_ids))
+        prefix_text, new_text = self._window()
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Emit whatever was held back (an incomplete character at the very end decodes as U+FFFD)."""
+        prefix_text, new_text = self._window()
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text):]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def _window(self) -> tuple[str, str]:
+        decode = self._tokenizer.decode
+        return (decode(self._ids[self._prefix:self._read], self._skip),
+                decode(self._ids[self._prefix:], self._skip))
+
+
+# -- backends -------------------------------------------------------------------------------------
+
+
+class _ControlSplitter:
+    """Cuts text at control-token strings (`<s>`, `</s>`) for sentencepiece vocabularies.
+
+    sentencepiece never matches control pieces in text, and puts its dummy prefix space in front of
+    whatever it encodes; so each stretch of text between control tokens is encoded on its own and
+    gets that space, as in llama.cpp, Meta's reference Llama code and transformers' legacy Llama
+    tokenizer. (User-defined pieces stay inside a stretch, as in sentencepiece.)
+    """
+
+    def __init__(self, pieces: dict[str, int], encode_stretch):
+        ordered = sorted((p for p in pieces if p), key=len, reverse=True)
+        self.pattern = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
+        self.pieces = pieces
+        self.encode_stretch = encode_stretch
+
+    def __call__(self, text: str) -> list[int]:
+        if self.pattern is None:
+            return list(self.encode_stretch(text)) if text else []
+        ids = []
+        for k, part in enumerate(self.pattern.split(text)):
+            if k % 2:  # re.split puts the captured separators at odd positions
+                ids.append(self.pieces[part])
+            elif part:
+                ids.extend(self.encode_stretch(part))
+        return ids
+
+
+class _TokenizersBackend:
+    """A `tokenizers.Tokenizer`: tokenizer.json files and GGUF vocabularies."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        # Added tokens may reuse or extend model ids; the embedding needs the largest id + 1.
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+    def encode(self, text):
+        # add_special_tokens=False: BOS is added by Tokenizer.encode, EOS never.
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special):
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def id_to_piece(self, token_id):
+        return self.tok.id_to_token(token_id)
+
+    def token_to_id(self, piece):
+        return self.tok.token_to_id(piece)
+
+
+class _SentencePieceBackend:
+    """A sentencepiece `tokenizer.model`, run by the `sentencepiece` library itself.
+
+    Decoding is done here from the pieces, because `sp.decode` silently drops control tokens, which
+    hides them when the caller asked to keep special tokens.
+    """
+
+    def __init__(self, sp):
+        self.sp = sp
+        n = sp.get_piece_size()
+        self.vocab_size = n
+        self.pieces = [sp.id_to_piece(i) for i in range(n)]
+        self.special_ids = frozenset(i for i in range(n) if sp.is_control(i) or sp.is_unknown(i))
+        self.bytes = {i: int(self.pieces[i][3:-1], 16) for i in range(n) if sp.is_byte(i)}
+        self.ids = {}
+        for i, p in enumerate(self.pieces):
+            self.ids.setdefault(p, i)
+        self.encode = _ControlSplitter({self.pieces[i]: i for i in self.special_ids}, sp.encode)
+        probe = sp.encode("a", out_type=str)
+        self.dummy_prefix = bool(probe) and probe[0].startswith(_SPIECE_SPACE)
+
+    def decode(self, ids, skip_special):
+        out, buf = [], bytearray()
+        for i in ids:
+            if i in self.special_ids:
+                if not skip_special:
+                    out += [buf.decode("utf-8", "replace"), self.pieces[i]]
+                    buf.clear()
+            elif i in self.bytes:
+                buf.append(self.bytes[i])
+            else:
+                buf += self.pieces[i].replace(_SPIECE_SPACE, " ").encode()
+        text = "".join(out) + buf.decode("utf-8", "replace")
+        # sentencepiece drops the space it put in front of the text when encoding.
+        return text[1:] if self.dummy_prefix and text.startswith(" ") else text
+
+    def id_to_piece(self, token_id):
+        return self.pieces[token_id]
+
+    def token_to_id(self, piece):
+        return self.ids.get(piece)
+
+
+# -- GGUF vocabularies ----------------------------------------------------------------------------
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# tokenizer.ggml.pre -> (regexes applied in turn, isolating each match). Names and regexes follow
+# llama.cpp's llama-vocab.cpp; "default" (no `pre` key, old conversions) uses the GPT-2 regex, as
+# transformers' GGUF converter does, since those vocabularies were learned with it.
+_PRE_SPLITS = {
+    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais"), (_GPT2_SPLIT,)),
+    # StarCoder-style: every digit on its own, then GPT-2.
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+                    (r"\p{N}", _GPT2_SPLIT)),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"),
+                    (_LLAMA3_SPLIT,)),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2_SPLIT,)),
+}
+# llama.cpp matches a whole pre-token against the vocabulary before merging for Llama 3 (as its
+# tokenizer.json's `ignore_merges` does).
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
+# Vocabularies whose tokenizer adds BOS when the GGUF does not say (llama.cpp's defaults).
+_BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used to spell byte-level BPE tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _added_tokens(tokens, types, user_defined_normalized=False):
+    """CONTROL/UNKNOWN tokens become special added tokens and USER_DEFINED plain added ones: both
+    are matched whole in the text, never cut into pieces."""
+    from tokenizers import AddedToken
+
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN) and t]
+    plain = [AddedToken(t, special=False, normalized=user_defined_normalized)
+             for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t]
+    return special, plain
+
+
+def _gguf_byte_level(tokens, types, merges, pre, where):
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    if pre not in _PRE_SPLITS:
+        raise ModelLoadError(f"{where}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
+                             f"supported: {', '.join(sorted(_PRE_SPLITS))}")
+    if not merges:
+        raise ModelLoadError(f"{where}: GGUF byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        # Normal tokens must be byte-level spelled; a few converters stored some as raw text.
+        if ty == _NORMAL and not set(t) <= alphabet:
+            t = "".join(spelling[b] for b in t.encode("utf-8"))
+        vocab.setdefault(t, i)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_SPLITS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special, plain = _added_tokens(tokens, types)
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
+    return _TokenizersBackend(tok)
+
+
+def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix):
+    """A sentencepiece BPE vocabulary as a `tokenizers` BPE: sentencepiece merges the adjacent pair
+    whose joined piece scores highest, so ranking every split of every piece by that score gives
+    the same merges (the same construction transformers uses)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    normal = {t for t, ty in zip(tokens, types) if ty == _NORMAL}
+    ranked = sorted(
+        (-score, i, t[:k], t[k:])
+        for i, (t, ty, score) in enumerate(zip(tokens, types, scores)) if ty == _NORMAL
+        for k in range(1, len(t)) if t[:k] in normal and t[k:] in normal)
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    tok = HFTokenizer(models.BPE(vocab, [(a, b) for _, _, a, b in ranked], unk_token=unk, fuse_unk=True,
+                                 byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", _SPIECE_SPACE)
+    steps = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    # User-defined pieces are matched in normalized text, like sentencepiece does (llama.cpp's
+    # converter stored their `▁` as real spaces, which the normalizer turns back).
+    special, plain = _added_tokens(tokens, types, user_defined_normalized=True)
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
+    backend = _TokenizersBackend(tok)
+    prefix = _SPIECE_SPACE if add_space_prefix else ""
+    backend.encode = _ControlSplitter({t.content: vocab[t.content] for t in special},
+                                      lambda text: tok.encode(prefix + text, add_special_tokens=False).ids)
+    return backend
+
+
+# GGUF metadata value types -> struct format (8 = string, 9 = array are handled apart).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _read_gguf_metadata(path: str) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (not its tensors). gguf.GGUFReader takes seconds on a
+    big vocabulary because it maps every string as a numpy view; this reads just the header."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ModelLoadError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
+        # Files written on big-endian hosts store the version byte-swapped.
+        endian = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"
+        version = struct.unpack_from(endian + "I", buf, 4)[0]
+        if version < 2:
+            raise ModelLoadError(f"{path}: GGUF version {version} is too old (need 2 or later)")
+        n_kv = struct.unpack_from(endian + "Q", buf, 16)[0]
+        pos = 24
+
+        def read(fmt, count=1):
+            nonlocal pos
+            values = struct.unpack_from(f"{endian}{count}{fmt}", buf, pos)
+            pos += struct.calcsize(f"{endian}{count}{fmt}")
+            return values
+
+        def read_str():
+            nonlocal pos
+            (n,) = read("Q")
+            pos += n
+            return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+
+        def read_value(vtype):
+            if vtype == 8:
+                return read_str()
+            if vtype == 9:
+                itype, n = read("I")[0], read("Q")[0]
+                if itype == 8:
+                    return [read_str() for _ in range(n)]
+                if itype == 9:  # each element is itself (type, count, items)
+                    return [read_value(9) for _ in range(n)]
+                return list(read(_GGUF_SCALARS[itype], n))
+            return read(_GGUF_SCALARS[vtype])[0]
+
+        try:
+            meta = {}
+            for _ in range(n_kv):
+                key = read_str()
+                meta[key] = read_value(read("I")[0])
+        except (struct.error, KeyError) as e:
+            raise ModelLoadError(f"{path}: corrupt GGUF metadata ({e!r})") from e
+        return meta
+
+
+def _load_gguf(source) -> Tokenizer:
+    if hasattr(source, "fields"):  # an open gguf.GGUFReader
+        where = str(getattr(getattr(source, "data", None), "filename", None) or "GGUF reader")
+        meta = {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
+    else:
+        where = str(source)
+        try:
+            meta = _read_gguf_metadata(where)
+        except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
+            raise ModelLoadError(f"{where}: cannot read GGUF file ({e})") from e
+    get = meta.get
+
+    kind = get("tokenizer.ggml.model")
+    if kind is None:
+        raise ModelLoadError(f"{where}: GGUF file has no embedded tokenizer (no tokenizer.ggml.model)")
+    tokens = get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelLoadError(f"{where}: GGUF file has no vocabulary (tokenizer.ggml.tokens)")
+    types = get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    unk_id = get("tokenizer.ggml.unknown_token_id")
+    pre = get("tokenizer.ggml.pre") or "default"
+    if kind == "gpt2":
+        backend = _gguf_byte_level(tokens, types, get("tokenizer.ggml.merges"), pre, where)
+        add_bos_default = pre in _BOS_BY_DEFAULT
+    elif kind == "llama":
+        if unk_id is None:
+            unk_id = next((i for i, ty in enumerate(types) if ty == _UNKNOWN), None)
+        # Without scores, file order is merge order (sentencepiece writes pieces best-first).
+        scores = get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+        backend = _gguf_sentencepiece(tokens, types, scores, unk_id, get("tokenizer.ggml.add_space_prefix", True))
+        add_bos_default = True
+    else:
+        raise ModelLoadError(f"{where}: GGUF tokenizer model {kind!r} (tokenizer.ggml.model) is not supported; "
+                             "supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece)")
+    eos = [get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    return Tokenizer(backend, bos_id=get("tokenizer.ggml.bos_token_id"), eos_ids=[i for i in eos if i is not None],
+                     pad_id=get("tokenizer.ggml.padding_token_id"), unk_id=unk_id,
+                     add_bos=get("tokenizer.ggml.add_bos_token", add_bos_default),
+                     chat_template=get("tokenizer.chat_template"), source=where)
+
+
+# -- tokenizer.json / tokenizer.model directories -------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _dir_config(folder: Path) -> dict[str, Any]:
+    """Special tokens, BOS policy and chat template from the JSON files beside a tokenizer."""
+    cfg = _read_json(folder / "tokenizer_config.json")
+    special_map = _read_json(folder / "special_tokens_map.json")
+    generation = _read_json(folder / "generation_config.json")
+
+    def token(name):
+        value = cfg[name] if name in cfg else special_map.get(name)
+        return value.get("content") if isinstance(value, dict) else value
+
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not template:
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+    gen_eos = generation.get("eos_token_id")
+    return {
+        "bos": token("bos_token"), "eos": token("eos_token"), "pad": token("pad_token"), "unk": token("unk_token"),
+        "add_bos": cfg.get("add_bos_token"), "template": template if isinstance(template, str) else None,
+        "gen_eos": gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [],
+        "gen_bos": generation.get("bos_token_id"), "gen_pad": generation.get("pad_token_id"),
+    }
+
+
+def _token_id(backend, text, *fallbacks):
+    """Id of a configured token string, else the first known fallback id."""
+    found = backend.token_to_id(text) if isinstance(text, str) else None
+    return next((i for i in (found, *fallbacks) if i is not None), None)
+
+
+def _from_dir_config(backend, cfg, source, *, bos=None, eos=None, pad=None, unk=None, add_bos=None) -> Tokenizer:
+    add = cfg["add_bos"] if cfg["add_bos"] is not None else add_bos
+    eos_ids = [_token_id(backend, cfg["eos"], eos), *cfg["gen_eos"]]
+    return Tokenizer(backend, bos_id=_token_id(backend, cfg["bos"], cfg["gen_bos"], bos),
+                     eos_ids=[i for i in eos_ids if i is not None],
+                     pad_id=_token_id(backend, cfg["pad"], cfg["gen_pad"], pad),
+                     unk_id=_token_id(backend, cfg["unk"], unk),
+                     add_bos=add, chat_template=cfg["template"], source=source)
+
+
+def _load_tokenizer_json(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises bare Exception on malformed files
+        raise ModelLoadError(f"{path}: cannot load as a Hugging Face tokenizer.json ({e})") from e
+    backend = _TokenizersBackend(tok)
+    cfg = _dir_config(path.parent)
+    bos_id = _token_id(backend, cfg["bos"], cfg["gen_bos"])
+    # No add_bos_token in the config: the tokenizer.json post-processor decides (Llama 3 adds BOS there).
+    with_specials, plain = (tok.encode("a", add_special_tokens=flag).ids[:1] for flag in (True, False))
+    adds_bos = bos_id is not None and with_specials == [bos_id] != plain
+    model_unk = getattr(tok.model, "unk_token", None)
+    return _from_dir_config(backend, cfg, path, add_bos=adds_bos,
+                            unk=backend.token_to_id(model_unk) if isinstance(model_unk, str) else None)
+
+
+def _load_sentencepiece(path: Path) -> Tokenizer:
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: cannot load as a sentencepiece model ({e})") from e
+    backend = _SentencePieceBackend(sp)
+
+    def known(i):
+        return i if i >= 0 else None
+
+    return _from_dir_config(backend, _dir_config(path.parent), path, bos=known(sp.bos_id()), eos=known(sp.eos_id()),
+                            pad=known(sp.pad_id()), unk=known(sp.unk_id()), add_bos=True)
+
+
+def load_tokenizer(source) -> Tokenizer:
+    """Load a tokenizer from a model directory (tokenizer.json preferred, else tokenizer.model, else
+    its only .gguf), a tokenizer.json / tokenizer.model / .gguf file, or an open `gguf.GGUFReader`."""
+    if hasattr(source, "fields") and hasattr(source, "tensors"):
+        return _load_gguf(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelLoadError(f"cannot load a tokenizer from a {type(source).__name__}; pass a path or a GGUFReader")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"tokenizer source not found: {path}")
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return _load_tokenizer_json(path / "tokenizer.json")
+        if (path / "tokenizer.model").is_file():
+            return _load_sentencepiece(path / "tokenizer.model")
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0])
+        hint = f"; it has {len(ggufs)} .gguf files, pass one of them" if ggufs else ""
+        raise ModelLoadError(f"{path}: no tokenizer.json or tokenizer.model in this directory{hint}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _load_gguf(path)
+    if path.suffix == ".json":
+        return _load_tokenizer_json(path)
+    if path.suffix == ".model":
+        return _load_sentencepiece(path)
+    raise ModelLoadError(f"{path}: not a tokenizer file (expected tokenizer.json, tokenizer.model or .gguf)")
