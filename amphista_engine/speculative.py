@@ -47,7 +47,9 @@ class TreeSpec:
         """Node tokens and layout for this step. draft_logits: [B, K, V]."""
         if self.static is None:
             return dynamic_tree(root, torch.log_softmax(draft_logits.float(), -1), self.num_nodes, TOPK)
-        top = draft_logits[:, :self.max_depth].topk(TOPK, dim=-1).indices
+        top = draft_logits[:, :self.max_depth].topk(min(TOPK, draft_logits.shape[-1]), dim=-1).indices
+        if top.shape[-1] < TOPK:     # vocabularies smaller than top-k: repeat (acceptance skips duplicates)
+            top = torch.cat([top, top[..., -1:].expand(*top.shape[:-1], TOPK - top.shape[-1])], -1)
         tree = self.static
         tree.tokens = static_tree_tokens(tree, root, top)
         return tree

@@ -1,0 +1,240 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy, sampling keeps the distribution."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from amphista_engine.errors import ConfigError, HeadsMismatchError, InputError
+from amphista_engine.generation import GenerationStats, PlainDecoder, run
+from amphista_engine.heads import random_heads, save_heads, load_heads
+from amphista_engine.kv_cache import KVCache
+from amphista_engine.model import AttentionSpec, causal_mask
+from amphista_engine.sampling import SamplingParams
+from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+from amphista_engine.tree import build_tree
+
+from conftest import needs_smollm2, random_tiny_model
+
+
+class _NoText:
+    """The decoding loop only needs a stream decoder; these tests compare token ids."""
+    def stream_decoder(self):
+        class S:
+            def push(self, tok): return ""
+            def flush(self): return ""
+        return S()
+
+
+class OracleHeads:
+    """Test drafter that knows the true greedy continuation and guesses it with probability `hit`.
+
+    Random heads almost never guess right, so on their own they would leave multi-token acceptance,
+    compaction and stops inside an accepted run untested. A miss puts the right token at a lower rank
+    (still in the tree sometimes) or drops it, so every branch of a tree gets exercised.
+    """
+    class config:
+        kind = "oracle"
+
+    def __init__(self, reference: list[int], vocab: int, num_heads: int, hit=0.7, seed=0):
+        self.ref, self.V, self.num_heads, self.hit = reference, vocab, num_heads, hit
+        self.g = torch.Generator().manual_seed(seed)
+
+    def reset_cache(self, batch, max_seq_len):
+        self.length = torch.zeros(batch, dtype=torch.long)
+
+    def step(self, hidden, next_tokens, count, kv_len):
+        self.length += count
+        B = count.shape[0]
+        logits = torch.randn(B, self.num_heads, self.V, generator=self.g)
+        for b in range(B):
+            root_pos = int(self.length[b])               # sequence index of the root token
+            for k in range(self.num_heads):
+                pos = root_pos + 1 + k
+                if pos >= len(self.ref):
+                    continue
+                u = torch.rand(1, generator=self.g).item()
+                if u < self.hit:
+                    logits[b, k, self.ref[pos]] = 100.0             # rank 0
+                elif u < self.hit + 0.15:
+                    logits[b, k, self.ref[pos]] = 100.0             # rank 1: something else ranks above
+                    logits[b, k, (self.ref[pos] + 1) % self.V] = 200.0
+        return logits
+
+
+def plain_ids(model, prompt, max_new, eos, max_seq_len=256):
+    cache = KVCache.for_model(model.config, 1, max_seq_len, model.tok_embeddings.weight.dtype, "cpu")
+    dec = PlainDecoder(model, cache, SamplingParams())
+    stats = [GenerationStats()]
+    list(run(dec, [prompt], _NoText(), max_new, eos, [], stats))
+    return dec.rows[0].ids, dec.rows[0].finish_reason
+
+
+def spec_ids(model, heads, tree, prompt, max_new, eos, max_seq_len=256, params=SamplingParams()):
+    cache = KVCache.for_model(model.config, 1, max_seq_len, model.tok_embeddings.weight.dtype, "cpu")
+    dec = SpeculativeDecoder(model, cache, heads, TreeSpec(tree, heads.num_heads, "cpu"), params)
+    stats = [GenerationStats()]
+    list(run(dec, [prompt], _NoText(), max_new, eos, [], stats))
+    return dec.rows[0].ids, dec.rows[0].finish_reason, stats[0]
+
+
+PROMPTS = [[5, 9, 2, 33, 17], [1], [60, 61, 62, 63, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+@pytest.mark.parametrize("kind", ["amphista", "medusa"])
+@pytest.mark.parametrize("K,tree", [(1, "chain-1"), (3, "tree-16"), (3, "dynamic-16"), (5, "mc_sim_7b_63"),
+                                    (5, "dynamic-64")])
+def test_greedy_lossless_random_heads(kind, K, tree):
+    model = random_tiny_model(seed=K)
+    heads = random_heads(kind, model, num_heads=K, seed=1)
+    for prompt in PROMPTS:
+        ref, why = plain_ids(model, prompt, 40, eos=[])
+        got, why2, _ = spec_ids(model, heads, tree, prompt, 40, eos=[])
+        assert got == ref and why == why2 == "length"
+
+
+@pytest.mark.parametrize("K,tree", [(1, "chain-1"), (3, "tree-16"), (4, "mc_sim_7b_63"), (5, "chain-5"),
+                                    (5, "dynamic-64"), (3, "dynamic-8")])
+def test_greedy_lossless_with_accepted_runs_and_stops(K, tree):
+    """An oracle drafter makes long accepted runs; EOS and max_new_tokens then fall inside them."""
+    model = random_tiny_model(seed=11)
+    taus = []
+    for i, prompt in enumerate(PROMPTS):
+        full, _ = plain_ids(model, prompt, 80, eos=[])
+        reference = prompt + full
+        heads = OracleHeads(reference, 64, K, seed=i)
+        got, why, stats = spec_ids(model, heads, tree, prompt, 80, eos=[])
+        assert got == full and why == "length"
+        taus.append(stats.tau)
+        for max_new in (1, 2, 7, 13):                     # lengths that end inside an accepted run
+            got, why, _ = spec_ids(model, OracleHeads(reference, 64, K, seed=max_new), tree, prompt, max_new, [])
+            assert got == full[:max_new] and why == "length"
+        # Pick an EOS id that first appears mid-continuation; output must stop right before it.
+        cut = next((j for j in range(3, len(full)) if full[j] not in full[:j]), None)
+        if cut is not None:
+            got, why, _ = spec_ids(model, OracleHeads(reference, 64, K, seed=5), tree, prompt, 80, [full[cut]])
+            assert got == full[:cut] and why == "eos"
+    if K > 1:
+        assert max(taus) > 1.5, taus    # the oracle really produced multi-token steps
+
+
+def test_tree_verification_logits_equal_paths_alone():
+    model = random_tiny_model(seed=4, vocab=64)
+    tree = build_tree("tree-32")
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 64, (1, 9), generator=g)
+    tokens = torch.randint(0, 64, (1, tree.num_nodes), generator=g)
+    cache = KVCache.for_model(model.config, 1, 128, torch.float32, "cpu")
+    with torch.no_grad():
+        model(prefix, torch.arange(9)[None], cache, AttentionSpec(cache.length, causal_mask(9, "cpu"), 128))
+        cache.length += 9
+        spec = AttentionSpec(cache.length, tree.mask[None], 128)
+        tree_logits = model(tokens, cache.length[:, None] + tree.depth[None], cache, spec)[0]
+        for i in range(tree.num_nodes):
+            path = tree.mask[i].nonzero().flatten()                  # ancestors-or-self, in depth order
+            seq = torch.cat([prefix[0], tokens[0, path]])[None]
+            alone = model(seq, torch.arange(seq.shape[1])[None])[0, -1]
+            err = (tree_logits[i] - alone).norm() / alone.norm()
+            assert err < 1e-5, (i, err)
+
+
+@pytest.mark.parametrize("tree", ["tree-16", "dynamic-16"])
+def test_rejection_sampling_is_lossless_end_to_end(tree):
+    """Joint law of the first 3 tokens under speculative sampling equals the target's exact law."""
+    V, B, T = 5, 12000, 1.0
+    model = random_tiny_model(seed=7, vocab=V, dim=16, heads=2, kv_heads=1, inter=32)
+    heads = random_heads("amphista", model, num_heads=3, seed=3)
+    prompt = [1, 3, 0]
+    # Exact probabilities of every 3-token continuation from the target itself.
+    exact = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(V), repeat=2):
+            ids = torch.tensor([prompt + list(seq)])
+            p = torch.softmax(model(ids, torch.arange(ids.shape[1])[None])[0].float() / T, -1)
+            p1 = p[len(prompt) - 1, seq[0]] * p[len(prompt), seq[1]]
+            for x3 in range(V):
+                exact[seq + (x3,)] = (p1 * p[len(prompt) + 1, x3]).item()
+    cache = KVCache.for_model(model.config, B, 32, torch.float32, "cpu")
+    params = SamplingParams(temperature=T, seed=1234)
+    dec = SpeculativeDecoder(model, cache, heads, TreeSpec(tree, 3, "cpu"), params)
+    first = dec.prefill([prompt] * B)
+    got = [first[:, None]]
+    n = torch.ones(B, dtype=torch.long)
+    multi = 0
+    while int(n.min()) < 3:
+        out, count = dec.step()
+        got.append(torch.where(torch.arange(out.shape[1])[None] < count[:, None], out, -1))
+        n += count
+        multi += int((count > 1).sum())
+    seqs = torch.cat(got, 1)
+    seqs = torch.stack([row[row >= 0][:3] for row in seqs])
+    counts = torch.zeros(V ** 3)
+    counts.index_add_(0, seqs[:, 0] * V * V + seqs[:, 1] * V + seqs[:, 2], torch.ones(B))
+    expected = torch.tensor([exact[s] for s in itertools.product(range(V), repeat=3)]) * B
+    keep = expected >= 5                                  # pool sparse cells, as chi-square requires
+    chi2 = (((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum().item()
+    pooled_o, pooled_e = counts[~keep].sum().item(), expected[~keep].sum().item()
+    if pooled_e > 0:
+        chi2 += (pooled_o - pooled_e) ** 2 / pooled_e
+    dof = int(keep.sum()) + (pooled_e > 0) - 1
+    # 99.9% quantile of chi-square via Wilson-Hilferty: the test fails only for a real bias.
+    z = 3.09
+    crit = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+    assert chi2 < crit, (chi2, crit, dof)
+    assert multi > B // 10       # the drafts were accepted often enough for the test to mean something
+
+
+def test_bad_speculative_inputs(tmp_path):
+    model = random_tiny_model()
+    heads = random_heads("amphista", model, num_heads=3)
+    with pytest.raises(ConfigError, match="unknown tree"):
+        TreeSpec("no-such-tree", 3, "cpu")
+    with pytest.raises(ConfigError, match="4 deep.*3 tokens"):
+        TreeSpec("mc_sim_7b_63", 3, "cpu")
+    with pytest.raises(ConfigError, match="dynamic"):
+        TreeSpec("dynamic-x", 3, "cpu")
+    cache = KVCache.for_model(model.config, 1, 64, torch.float32, "cpu")
+    with pytest.raises(InputError, match="repetition_penalty"):
+        SpeculativeDecoder(model, cache, heads, TreeSpec("chain-3", 3, "cpu"), SamplingParams(repetition_penalty=1.2))
+    save_heads(heads, tmp_path / "h")
+    other = random_tiny_model(seed=99)
+    with pytest.raises(HeadsMismatchError, match="fingerprint"):
+        load_heads(tmp_path / "h", other)
+
+
+def test_engine_speculative_api(tiny_hf_dir, tmp_path):
+    from amphista_engine import Engine
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256)
+    with pytest.raises(InputError, match="needs drafting heads"):
+        engine.generate("The quick brown fox", chat=False, speculative="amphista")
+    heads = random_heads("medusa", engine.model, num_heads=4, seed=2)
+    save_heads(heads, tmp_path / "medusa")
+    engine.load_heads(str(tmp_path / "medusa"))
+    with pytest.raises(InputError, match="medusa heads"):
+        engine.generate("The quick brown fox", chat=False, speculative="amphista")
+    plain = engine.generate("The quick brown fox", chat=False, max_new_tokens=30)
+    for tree in ["mc_sim_7b_63", "dynamic-32", [[0], [1], [0, 0], [0, 0, 0]]]:
+        res = engine.generate("The quick brown fox", chat=False, max_new_tokens=30, speculative="medusa", tree=tree)
+        assert res.token_ids == plain.token_ids and res.text == plain.text
+        st = res.stats.to_dict()
+        assert st["tau"] >= 1.0 and sum(st["accept_hist"]) == st["decode_steps"] and "time_ms" in st
+
+
+@needs_smollm2
+@pytest.mark.parametrize("kind,tree", [("amphista", "mc_sim_7b_63"), ("medusa", "dynamic-32")])
+def test_smollm2_greedy_lossless(smollm2, kind, tree):
+    model, tok = smollm2.model, smollm2.tokenizer
+    heads = random_heads(kind, model, num_heads=4, seed=0)
+    from amphista_engine.chat import render_chat
+    prompt = tok.encode(render_chat(tok, "Write a haiku about the sea."))
+    full, _ = plain_ids(model, prompt, 24, eos=[], max_seq_len=512)
+    got, _, _ = spec_ids(model, heads, tree, prompt, 24, eos=[], max_seq_len=512)
+    assert got == full
+    # Oracle drafts on the real model: long accepted runs, EOS inside one.
+    oracle = OracleHeads(prompt + full, model.config.vocab_size, 4, hit=0.8)
+    got, _, stats = spec_ids(model, oracle, tree, prompt, 24, eos=[], max_seq_len=512)
+    assert got == full and stats.tau > 1.5
+    got, why, _ = spec_ids(model, OracleHeads(prompt + full, model.config.vocab_size, 4), tree, prompt, 24,
+                           eos=[full[10]], max_seq_len=512)
+    assert got == full[:full.index(full[10])] and why == "eos"
