@@ -1,0 +1,138 @@
+"""The one backend switch for every hot op: `torch` (reference), `triton`, `cuda`.
+
+Which backend runs, first match wins:
+  1. `use_backend(name)` (a context manager: per engine, per thread / task, nestable),
+  2. `set_backend(name)` (process-wide; `set_backend(None)` clears it),
+  3. the environment variable AMPHISTA_BACKEND (read on every call, so tests may change it),
+  4. the default for the tensors' device: the fastest available there. On CUDA that is `cuda` when the
+     CUDA extension loads, else `triton` when triton imports, else `torch`. On the CPU it is `torch`:
+     Triton runs on the CPU only through its interpreter (TRITON_INTERPRET=1), which tests pick explicitly.
+
+A backend implements any subset of the ops; an op it lacks, or declines for an input it does not handle
+(for instance a tree wider than 64 nodes), runs on the next backend of its chain: cuda -> triton -> torch.
+So a chosen backend never raises for lack of a kernel, and `torch` is always the last resort.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from types import ModuleType
+from typing import Iterator, Optional
+
+from ..errors import ConfigError
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "AMPHISTA_BACKEND"
+
+_global: Optional[str] = None
+_scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("amphista_backend", default=None)
+
+
+def _check(name, where: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ConfigError(f"unknown kernel backend {name!r} ({where}); choose one of {', '.join(BACKENDS)}")
+    return name.strip().lower()
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Pick the backend for the whole process; None goes back to the environment variable / default."""
+    global _global
+    _global = None if name is None else _check(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """`with use_backend("triton"): ...` picks the backend inside the block only (None = no override)."""
+    token = _scoped.set(None if name is None else _check(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def _device_type(device) -> str:
+    if device is None:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
+def default_backend(device=None) -> str:
+    """The fastest backend available for tensors on `device` (None: CUDA if present, else CPU)."""
+    if _device_type(device) == "cuda":
+        if cuda_available():
+            return "cuda"
+        if triton_available():
+            return "triton"
+    return "torch"
+
+
+def get_backend(device=None) -> str:
+    """The backend hot ops on `device` run on now (see the module docstring for the order of choice)."""
+    name = _scoped.get() or _global
+    if name:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return _check(env, f"environment variable {ENV_VAR}")
+    return default_backend(device)
+
+
+# ---- availability --------------------------------------------------------------------------------------
+def triton_available() -> bool:
+    """triton imports (it does not say whether it can run on a given device: see triton_runs_on)."""
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:       # ImportError, or a broken install raising anything at import
+        return False
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 before import)."""
+    try:
+        import triton
+        return bool(triton.knobs.runtime.interpret)
+    except Exception:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(device_type: str) -> bool:
+    if not triton_available():
+        return False
+    # Compiled kernels need a GPU; the interpreter runs on host memory (and only there: it copies CPU
+    # tensors, so interpreting kernels on CUDA tensors would be slow, though correct).
+    return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
+
+
+def cuda_available() -> bool:
+    """The CUDA extension `amphista_engine._C` loads (it is built only where nvcc exists)."""
+    from .._ext import load_extension
+    try:
+        return load_extension() is not None
+    except Exception:
+        return False
+
+
+def chain(device=None) -> list[ModuleType]:
+    """Implementation modules to try, in order, for tensors on `device` under the current backend."""
+    from . import reference
+    name, dev = get_backend(device), _device_type(device)
+    mods: list[ModuleType] = []
+    if name == "cuda" and dev == "cuda" and cuda_available():
+        from . import cuda_ops
+        mods.append(cuda_ops)
+    if name in ("cuda", "triton") and triton_runs_on(dev):
+        from . import triton_ops
+        mods.append(triton_ops)
+    mods.append(reference)
+    return mods
+
+
+def resolve(op: str, device=None) -> str:
+    """Which backend module would serve `op` on `device` (ignoring per-input declines): for logs and tests."""
+    for mod in chain(device):
+        if hasattr(mod, op):
+            return mod.BACKEND
+    return "torch"

@@ -1,0 +1,144 @@
+"""The hot ops of a speculative decoding step, each with one signature on every backend.
+
+Call these, not a backend module: each call picks the backend for its tensors' device (`backend.chain`)
+and falls through to the next backend when one lacks the op or declines the input. Results are the same
+tensors as the torch reference's, up to floating-point rounding (see python_tests/test_kernels_triton.py
+for the tolerances). Shapes use B batch rows, N tree nodes / new tokens, H query heads, H_kv KV heads,
+D head dim, S cache capacity, L layers, d model width, V vocabulary, K drafting heads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backend, reference
+
+
+def _run(op: str, device, *args, **kwargs):
+    for mod in backend.chain(device):
+        fn = getattr(mod, op, None)
+        if fn is None:
+            continue
+        out = fn(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    raise AssertionError(f"no backend ran {op}")   # unreachable: the reference implements every op
+
+
+# ---- attention -----------------------------------------------------------------------------------------
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
+                   new_mask: torch.Tensor, kv_len: int, scale: Optional[float] = None,
+                   dense_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of N new tokens over a static KV cache whose slots [prefix_len, prefix_len + N) already
+    hold the new tokens' own K/V (write them with kv_write first).
+
+    q:          [B, H, N, D] (any strides), query heads; H a multiple of H_kv (GQA).
+    k_cache/v_cache: [B, H_kv, S, D] one layer of the cache (KVCache.k[layer, :B]), S >= kv_len.
+    prefix_len: [B] long, device: new token i of row b sees every slot < prefix_len[b] ...
+    new_mask:   ... and new token j (slot prefix_len[b] + j) iff new_mask says so: either bool
+                [B or 1, N, N] (AttentionSpec.new_mask) or int64 ancestor bits [B or 1, N] / [N] (bit j of
+                row i, read as uint64; TreeBuffers.ancestor_bits, or mask_bits(new_mask)). N <= 64 for bits.
+    kv_len:     host int >= max(prefix_len) + N: the reference reads slots [0, kv_len); kernels use it to
+                size their split-K grid only (their per-row bound is prefix_len[b] + N).
+    scale:      softmax scale, default 1 / sqrt(D).
+    dense_mask: optional AttentionSpec.dense_mask() [B, N, kv_len] already built for this forward; only the
+                reference reads it (saves rebuilding it per layer). Kernels use prefix_len + bits.
+    Returns [B, H, N, D] in q's dtype (kernels return a transposed view of a [B, N, H, D] buffer, so
+    `out.transpose(1, 2).reshape(B, N, H * D)` is free).
+    """
+    return _run("tree_attention", q.device, q, k_cache, v_cache, prefix_len, new_mask, kv_len, scale,
+                dense_mask)
+
+
+def tree_mask_args(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int):
+    """(new_mask, dense_mask) to pass to every layer's tree_attention in one forward, built once.
+
+    The torch backend wants the dense [B, N, kv_len] mask; kernels want ancestor bits (N <= 64)."""
+    dev = prefix_len.device
+    n = new_mask.shape[-1]
+    if backend.resolve("tree_attention", dev) != "torch" and new_mask.dtype == torch.bool and n <= 64:
+        return reference.mask_bits(new_mask), None
+    from ..model import AttentionSpec
+    return new_mask, AttentionSpec(prefix_len, reference._new_mask_bool(new_mask, n), kv_len).dense_mask()
+
+
+def head_attention(z: torch.Tensor, pos_emb: Optional[torch.Tensor], norm_w: torch.Tensor, eps: float,
+                   wqkv: torch.Tensor, n_heads: int, scale: Optional[float] = None):
+    """The Auto-embedding Block's attention half for one layer: position-embedding add, RMSNorm, the QKV
+    projection and bi-directional (unmasked) multi-head attention across the K head slots.
+
+    z: [N, K, d]; pos_emb: [K, d] or None (layers after the first); norm_w: [d] (attention_norm.weight);
+    wqkv: [3d, d] (nn.Linear weight, q | k | v rows, each n_heads x d / n_heads).
+    Returns (x, attn), both [N, K, d]: x = z + pos_emb is the residual stream, attn the attention output
+    before the output projection (heads concatenated, ready for wo).
+    """
+    return _run("head_attention", z.device, z, pos_emb, norm_w, eps, wqkv, n_heads, scale)
+
+
+# ---- staged adaptation input ---------------------------------------------------------------------------
+def fused_sal_input(hidden: torch.Tensor, tokens: torch.Tensor, emb_weight: torch.Tensor,
+                    w_fuse: torch.Tensor) -> torch.Tensor:
+    """Amphista's fusion u = W_fuse [h ; E(x)] without materialising E(x) or the concatenation.
+
+    hidden [..., d] (any float dtype), tokens [...] long, emb_weight [V, d] the target's embedding table,
+    w_fuse [d, 2d] (nn.Linear weight). Returns u [..., d] in w_fuse's dtype. The SAL then runs its own
+    RMSNorm (rmsnorm) and attention (tree_attention with a causal new_mask) over its cache."""
+    return _run("fused_sal_input", hidden.device, hidden, tokens, emb_weight, w_fuse)
+
+
+# ---- norms and RoPE ------------------------------------------------------------------------------------
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., d] * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times w [d] (RMSNorm.forward)."""
+    return _run("rmsnorm", x.device, x, w, eps)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float):
+    """(s, rmsnorm(s, w, eps)) with s = x + residual; residual [..., d] broadcasts over x's leading dims."""
+    return _run("add_rmsnorm", x.device, x, residual, w, eps)
+
+
+def rope(x: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE at explicit positions: x [B, T, H, D] (any strides, e.g. a view of the fused QKV
+    output), rope_rows [B or 1, T, D] fp32 rows of model.rope_table (cos | sin) gathered at each token's
+    position. Returns a new [B, T, H, D] tensor in x's dtype."""
+    return _run("rope", x.device, x, rope_rows)
+
+
+# ---- KV cache ------------------------------------------------------------------------------------------
+def kv_write(k_buf: torch.Tensor, v_buf: torch.Tensor, layer: int, start: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """In place: k, v [B, H_kv, T, D] (any strides) to slots start[b] + t of layer `layer` of the cache
+    buffers k_buf, v_buf [L, B_max, H_kv, S, D]. start [B] long, device."""
+    _run("kv_write", k.device, k_buf, v_buf, layer, start, k, v)
+
+
+def kv_compact(k_buf: torch.Tensor, v_buf: torch.Tensor, src: torch.Tensor, dst_start: torch.Tensor) -> None:
+    """In place, all layers, K and V, one launch: slot src[b, m] -> slot dst_start[b] + m (clamped to S-1).
+
+    src [B, M] long slot ids (entries past a row's accepted count may be any slot: they land beyond the
+    new length); dst_start [B] long. Overlapping moves are safe (every source is read before any write)."""
+    _run("kv_compact", k_buf.device, k_buf, v_buf, src, dst_start)
+
+
+# ---- acceptance ----------------------------------------------------------------------------------------
+def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.Tensor):
+    """acceptance.greedy_accept: tokens [B, N], logits [B, N, V], retrieve [P, D+1] or [B, P, D+1]
+    -> AcceptResult (accept_len, best_path, accepted_nodes, next_token, emitted)."""
+    return _run("greedy_accept", tokens.device, tokens, logits, retrieve)
+
+
+def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.Tensor, temperature: float,
+                   posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+                   generator: Optional[torch.Generator] = None):
+    """acceptance.typical_accept (Medusa's typical acceptance); draws the same random numbers from
+    `generator` as the reference, so for a seeded generator the bonus token matches it too."""
+    return _run("typical_accept", tokens.device, tokens, logits, retrieve, temperature, posterior_threshold,
+                posterior_alpha, generator)
+
+
+mask_bits = reference.mask_bits
+bits_to_mask = reference.bits_to_mask
+
+__all__ = ["tree_attention", "tree_mask_args", "head_attention", "fused_sal_input", "rmsnorm", "add_rmsnorm",
+           "rope", "kv_write", "kv_compact", "greedy_accept", "typical_accept", "mask_bits", "bits_to_mask"]

@@ -1,0 +1,132 @@
+"""The `torch` backend: the reference for every hot op, exactly the math the engine computes without kernels.
+
+Every other backend is tested against these functions. Where the engine already has the function
+(`model.apply_rope`, `model.AttentionSpec.dense_mask`, `acceptance.greedy_accept`...), the reference calls
+it, imported lazily because the model itself dispatches through `kernels.ops`. Where the engine's code is a
+method that will dispatch here (RMSNorm.forward, KVCache.write/compact), the math lives here, verbatim.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKEND = "torch"
+
+
+# ---- masks ---------------------------------------------------------------------------------------------
+def mask_bits(new_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """[..., N, N] bool -> [..., N] int64 rows read as uint64 (bit j of row i = mask[i, j]); None if N > 64."""
+    n = new_mask.shape[-1]
+    if n > 64:
+        return None
+    # distinct powers of two never carry, so the int64 sum is the uint64 bit pattern (bit 63 -> negative)
+    return (new_mask.long() << torch.arange(n, device=new_mask.device)).sum(-1)
+
+
+def bits_to_mask(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., N] int64 ancestor bits -> [..., N, N] bool."""
+    j = torch.arange(n, device=bits.device)
+    return ((bits[..., :, None] >> j) & 1).bool()
+
+
+def _new_mask_bool(new_mask: torch.Tensor, n: int) -> torch.Tensor:
+    if new_mask.dtype == torch.bool:
+        return new_mask if new_mask.dim() == 3 else new_mask.reshape(-1, n, n)
+    return bits_to_mask(new_mask.reshape(-1, n), n)
+
+
+# ---- attention -----------------------------------------------------------------------------------------
+def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
+                   dense_mask: Optional[torch.Tensor] = None):
+    """The model's cached attention: SDPA over cache slots [0, kv_len) with AttentionSpec.dense_mask()."""
+    from ..model import AttentionSpec
+    if dense_mask is None:
+        n = q.shape[2]
+        dense_mask = AttentionSpec(prefix_len, _new_mask_bool(new_mask, n), kv_len).dense_mask()
+    k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask[:, None], scale=scale, enable_gqa=True)
+
+
+def head_attention(z, pos_emb, norm_w, eps: float, wqkv, n_heads: int, scale: Optional[float] = None):
+    """AEBLayer's attention half: x = z (+ pos_emb); h = RMSNorm(x); bi-directional MHA over the K slots.
+
+    Returns (x, attn): x [N, K, d] is the residual stream (the caller adds wo(attn) to it),
+    attn [N, K, d] is the attention output before the output projection, heads concatenated.
+    """
+    x = z if pos_emb is None else z + pos_emb
+    N, K, d = x.shape
+    q, k, v = F.linear(rmsnorm(x, norm_w, eps), wqkv).view(N, K, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)         # no mask: every head sees every head
+    return x, out.transpose(1, 2).reshape(N, K, d)
+
+
+# ---- staged adaptation input ---------------------------------------------------------------------------
+def fused_sal_input(hidden, tokens, emb_weight, w_fuse):
+    """u = W_fuse [h ; E(tokens)] in W_fuse's dtype (AmphistaHeads._fuse with fusion = "concat").
+
+    hidden [..., d], tokens [...] long, emb_weight [V, d] (the target's embedding table), w_fuse [d, 2d].
+    """
+    dtype = w_fuse.dtype
+    emb = F.embedding(tokens, emb_weight)
+    return F.linear(torch.cat([hidden.to(dtype), emb.to(dtype)], dim=-1), w_fuse)
+
+
+# ---- norms and RoPE ------------------------------------------------------------------------------------
+def rmsnorm(x, w, eps: float):
+    """RMSNorm.forward: normalise in fp32, round to x's dtype, scale by w (Llama's reference order)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def add_rmsnorm(x, residual, w, eps: float):
+    """(s, rmsnorm(s)) with s = x + residual (residual broadcasts over x's leading dims)."""
+    s = x + residual
+    return s, rmsnorm(s, w, eps)
+
+
+def rope(x, rope_rows):
+    """model.apply_rope: x [B, T, H, D] rotated by rope_rows [B or 1, T, D] (cos | sin halves, fp32)."""
+    from ..model import apply_rope
+    return apply_rope(x, rope_rows)
+
+
+# ---- KV cache ------------------------------------------------------------------------------------------
+def kv_write(k_buf, v_buf, layer: int, start, k, v):
+    """KVCache.write: k, v [B, H, T, D] go to slots start[b] .. start[b] + T - 1 of layer `layer`.
+
+    k_buf, v_buf: the cache buffers [L, B_max, H, S, D]; start: [B] long (device)."""
+    B, H, T, D = k.shape
+    slots = (start[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, D)
+    k_buf[layer, :B].scatter_(2, slots, k)
+    v_buf[layer, :B].scatter_(2, slots, v)
+
+
+def kv_compact(k_buf, v_buf, src, dst_start):
+    """KVCache.compact: copy slots src[b, m] to dst_start[b] + m for every layer at once.
+
+    Entries past a row's accepted count may hold any valid slot (they land beyond the new length).
+    Gathering first makes overlapping moves safe."""
+    L, _, H, S, D = k_buf.shape
+    B, M = src.shape
+    dst = (dst_start[:, None] + torch.arange(M, device=src.device)).clamp_(max=S - 1)
+    src = src.clamp(0, S - 1)
+    for buf in (k_buf, v_buf):
+        view = buf[:, :B]
+        gidx = src[None, :, None, :, None].expand(L, B, H, M, D)
+        moved = torch.gather(view, 3, gidx)
+        view.scatter_(3, dst[None, :, None, :, None].expand(L, B, H, M, D), moved)
+
+
+# ---- acceptance ----------------------------------------------------------------------------------------
+def greedy_accept(tokens, logits, retrieve):
+    from ..acceptance import greedy_accept as ref
+    return ref(tokens, logits, retrieve)
+
+
+def typical_accept(tokens, logits, retrieve, temperature: float, posterior_threshold: float = 0.09,
+                   posterior_alpha: float = 0.3, generator: Optional[torch.Generator] = None):
+    from ..acceptance import typical_accept as ref
+    return ref(tokens, logits, retrieve, temperature, posterior_threshold, posterior_alpha, generator)

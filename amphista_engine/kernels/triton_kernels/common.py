@@ -1,0 +1,49 @@
+"""Helpers shared by the Triton launchers (host side only)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+next_pow2 = triton.next_power_of_2
+cdiv = triton.cdiv
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; a small stand-in on the CPU (interpreter) so grids stay small."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a program that streams `block` elements per step: enough lanes to cover it in ~16 B loads."""
+    return max(1, min(16, block // 256))
+
+
+def interpreting() -> bool:
+    """Kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def exact_dot(dtype: torch.dtype) -> bool:
+    """The EXACT flag for `dot`: fp32 inputs must not silently drop to TF32, and the interpreter (Triton
+    3.x) computes bf16 dots on the raw 16-bit patterns, so there the operands go through fp32 too (the
+    product of two bf16/fp16 numbers is exact in fp32: same result as the tensor-core MMA)."""
+    return dtype == torch.float32 or interpreting()
+
+
+@triton.jit
+def dot(a, b, EXACT: tl.constexpr):
+    """a @ b with fp32 accumulation; EXACT: in fp32 with IEEE precision (see exact_dot)."""
+    if EXACT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)

@@ -1,0 +1,217 @@
+"""Tree-masked verification attention over a static KV cache, flash-decoding style.
+
+Queries: the N new tokens of a row (tree nodes, N <= 64; N = 1 is plain decoding) for all H query heads.
+Keys/values: cache slots [0, prefix_len[b]) (the accepted prefix, always visible) and the N new slots
+[prefix_len[b], prefix_len[b] + N), visible to node i only where bit j of its uint64 ancestor row is set.
+
+Layout of the work (why):
+  * One program owns one KV head and a block of BLOCK_M query rows, a row being a (node, query head of
+    this KV group) pair. Every K/V tile it loads serves all G = H / H_kv heads that share it and all
+    nodes, so GQA costs no extra KV traffic and tl.dot gets M = N * G rows even at N = 1.
+  * The key range is cut into SPLITS chunks along the sequence (split-K, "flash decoding"): with one
+    request a decode step has only H_kv programs per layer, far fewer than the GPU's SMs; splitting the
+    prefix gives every SM a share of the cache. Each split writes its softmax-normalised partial output
+    and log-sum-exp; a second small kernel merges the splits. With one split the first kernel writes the
+    output directly and the merge is skipped.
+  * Inside a split, tiles that lie entirely in the prefix need no mask (the common case, cheapest loop);
+    only the tail tiles that touch the tree slots evaluate the ancestor bits.
+  * Softmax runs in base 2 (exp2 with log2(e) folded into the scale) in fp32; P is rounded to V's dtype
+    for the second matmul, as flash attention does; accumulation is fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv, dot, exact_dot, next_pow2, sm_count
+
+BLOCK_N = 64          # keys per tile: a [64, 128] bf16 K tile is 16 KiB, two stages fit every SM
+MIN_CHUNK = 128       # keys per split at least: below this the merge costs more than the parallelism gains
+MERGE_ROWS = 16       # output rows per merge program
+PARTIAL_BUDGET = 8    # keep partial-output traffic (G*N*splits*fp32*2) under ~1/8 of the K/V bytes per split
+
+
+@triton.jit
+def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+               stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr):
+    """One K/V tile [start, start + BLOCK_N) of the online softmax; returns the updated (acc, m_i, l_i)."""
+    j = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k_ok = j < hi
+        ld_mask = k_ok[:, None] & d_ok[None, :]
+    else:
+        ld_mask = d_ok[None, :]
+    k = tl.load(k_base + j[:, None] * stride_ks + d[None, :] * stride_kd, mask=ld_mask, other=0.0)
+    v = tl.load(v_base + j[:, None] * stride_vs + d[None, :] * stride_vd, mask=ld_mask, other=0.0)
+    s = dot(q, tl.trans(k), EXACT) * qk_scale
+    if MASKED:
+        rel = j - P                                    # tree slot index of key j (negative: prefix)
+        in_tree = (rel >= 0) & k_ok
+        shift = tl.where(in_tree, rel, 0).to(tl.int64)
+        anc = ((bits[:, None] >> shift[None, :]) & 1) != 0
+        allowed = k_ok[None, :] & ((j < P)[None, :] | (in_tree[None, :] & anc))
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row may see no key of this tile (or split) at all: keep exp2 arguments finite then.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, EXACT)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _tree_attn_fwd(
+    Q, K, V, Bits, PrefixLen, Out, OPart, LsePart,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_bb, stride_bn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H_KV, N, kv_len, chunk, splits, qk_scale,
+    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // H_KV
+    kvh = pid_bh % H_KV
+    H = H_KV * G
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N * G
+    node = rows // G
+    head = kvh * G + rows % G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + node[:, None] * stride_qn
+                + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    bits = tl.load(Bits + b64 * stride_bb + node * stride_bn, mask=row_ok, other=0)
+    P = tl.load(PrefixLen + b).to(tl.int32)
+    total = tl.minimum(P + N, kv_len)                  # the reference never reads slots >= kv_len
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, total)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Tiles wholly inside the prefix: every key visible, no mask to compute.
+    end_full = lo + tl.maximum(tl.minimum(hi, P) - lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, end_full, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                   BLOCK_N, False, EXACT)
+    # The rest: the prefix's ragged end and the tree slots, under the ancestor mask.
+    for start in range(end_full, hi, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                   BLOCK_N, True, EXACT)
+
+    if SINGLE:
+        out = acc / l_i[:, None]
+        tl.store(Out + b64 * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_on
+                 + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        prow = ((b64 * H + head) * N + node) * splits + split          # [B, H, N, splits] row-major
+        tl.store(LsePart + prow, lse, mask=row_ok)
+        tl.store(OPart + prow[:, None] * HEAD_D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _tree_attn_merge(OPart, LsePart, Out, stride_ob, stride_oh, stride_on, stride_od, n_rows, H, N, splits,
+                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse): the exact softmax over all splits.
+
+    BLOCK_R output rows (one (b, h, node) each) per program; the splits are summed in a loop so the
+    registers hold one [BLOCK_R, D] partial at a time."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = row < n_rows
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    od_mask = r_ok[:, None] & (d < HEAD_D)[None, :]
+    lse = tl.load(LsePart + row[:, None] * splits + s[None, :], mask=r_ok[:, None] & (s < splits)[None, :],
+                  other=float("-inf"))
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)          # a row no key reached: 0 / 0 below, like SDPA
+    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    denom = tl.where(r_ok, denom, 1.0)                # padding rows of the last block
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for i in range(0, splits):
+        w = tl.exp2(tl.load(LsePart + row * splits + i, mask=r_ok, other=float("-inf")) - m)
+        o = tl.load(OPart + (row * splits + i)[:, None] * HEAD_D + d[None, :], mask=od_mask, other=0.0)
+        acc += w[:, None] * o
+    b = row // (H * N)
+    h = (row // N) % H
+    n = row % N
+    tl.store(Out + b[:, None] * stride_ob + h[:, None] * stride_oh + n[:, None] * stride_on + d[None, :] * stride_od,
+             (acc / denom[:, None]).to(Out.dtype.element_ty), mask=od_mask)
+
+
+def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: torch.device) -> int:
+    """Splits along the sequence: about two waves of programs over the SMs, but no split shorter than
+    MIN_CHUNK keys, and the partial outputs (rows_per_kv_head fp32 rows per split) small next to K/V."""
+    want = cdiv(2 * sm_count(device), max(rows_programs, 1))
+    by_len = max(1, kv_len // MIN_CHUNK)
+    by_traffic = max(1, kv_len // (PARTIAL_BUDGET * rows_per_kv_head))
+    return max(1, min(want, by_len, by_traffic))
+
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
+                   bits: torch.Tensor, kv_len: int, scale: float | None = None, num_splits: int | None = None,
+                   block_n: int = BLOCK_N) -> torch.Tensor:
+    """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
+    Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic."""
+    B, H, N, D = q.shape
+    H_kv = k_cache.shape[1]
+    G = H // H_kv
+    out_buf = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
+    out = out_buf.transpose(1, 2)
+    if B == 0 or N == 0:
+        return out
+    rows = N * G
+    block_m = min(64, max(16, next_pow2(rows)))
+    m_blocks = cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = pick_splits(B * H_kv * m_blocks, kv_len, rows, q.device)
+    chunk = cdiv(cdiv(kv_len, max(num_splits, 1)), block_n) * block_n
+    splits = max(1, cdiv(kv_len, chunk))
+    single = splits == 1
+    if single:
+        o_part = lse_part = out_buf           # unused
+    else:
+        o_part = torch.empty(B, H, N, splits, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, H, N, splits, dtype=torch.float32, device=q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    bits = bits.reshape(-1, N)
+    prefix_len = prefix_len.contiguous()
+    block_d = next_pow2(D)
+    _tree_attn_fwd[(B * H_kv, m_blocks, splits)](
+        q, k_cache, v_cache, bits, prefix_len, out, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        bits.stride(0) if bits.shape[0] > 1 else 0, bits.stride(1),
+        *out.stride(),
+        H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
+        G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
+        EXACT=exact_dot(q.dtype), num_warps=4, num_stages=2,
+    )
+    if not single:
+        n_rows = B * H * N
+        block_r = min(MERGE_ROWS, next_pow2(n_rows))
+        _tree_attn_merge[(cdiv(n_rows, block_r),)](
+            o_part, lse_part, out, *out.stride(), n_rows, H, N, splits,
+            HEAD_D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=next_pow2(splits), num_warps=4,
+        )
+    return out
