@@ -65,13 +65,13 @@ def compile_call(fn, bound, opts, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def _launchers():
-    """Every launcher at shapes that reach each kernel variant (bf16 and fp32, split and single, ...)."""
+def _launchers(dtypes):
+    """Every launcher at shapes that reach each kernel variant (per dtype, split and single, ...)."""
     import torch
     from .triton_kernels import acceptance, fused_input, head_attention, kv_cache, norm_rope, tree_attention
 
     def run():
-        for dt in (torch.bfloat16, torch.float32):
+        for dt in dtypes:
             B, H, Hkv, N, D, S = 1, 8, 2, 8, 128, 256
             q = torch.zeros(B, H, N, D, dtype=dt)
             kc = torch.zeros(B, Hkv, S, D, dtype=dt)
@@ -102,11 +102,13 @@ def _launchers():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="SM architecture, e.g. 80 (A100), 90 (H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="bf16 variants only (fp32 ones compile slowly)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    calls = capture(_launchers())
+    import torch
+    calls = capture(_launchers((torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)))
     seen, failures = set(), 0
     for fn, bound, opts in calls:
         key = (fn.__name__, tuple((p.name, _sig(bound[p.name]) if not p.is_constexpr else repr(bound[p.name]))

@@ -19,6 +19,7 @@ BACKEND = "triton"
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TREE = 64          # ancestor rows are one uint64
 MAX_HEAD_DIM = 256     # one [BLOCK_M, D] query tile in registers
+MIN_HEAD_DIM = 16      # tl.dot needs K >= 16 on the GPU
 MAX_ROW = 32768        # row ops keep a whole row in one program
 
 
@@ -34,7 +35,7 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
         return NotImplemented
     B, H, N, D = q.shape
     if (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or k_cache.shape[0] < B or k_cache.shape[3] != D
-            or H % k_cache.shape[1] or D > MAX_HEAD_DIM or N > MAX_TREE or not _same_device(q, k_cache, v_cache,
+            or H % k_cache.shape[1] or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM or N > MAX_TREE or not _same_device(q, k_cache, v_cache,
                                                                                           prefix_len, new_mask)):
         return NotImplemented
     if new_mask.dtype == torch.bool:

@@ -118,7 +118,7 @@ def _tree_attn_fwd(
                                    BLOCK_N, True, EXACT)
 
     if SINGLE:
-        out = acc / l_i[:, None]
+        out = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # padding rows may see no key: no 0 / 0 there
         tl.store(Out + b64 * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_on
                  + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
