@@ -1,0 +1,239 @@
+"""Shared pieces of the kernel microbenchmarks: model shapes, timing, device ceilings, the command line.
+
+Timing on CUDA: `iters` calls are captured into one CUDA graph and the graph is replayed `reps` times
+between CUDA events; the median replay / iters is the kernel time without Python launch overhead (what a
+graph-captured decode step pays). `eager_us` is the median of single eager calls timed by events, Python
+dispatch and launch included (what an uncaptured step pays). On the CPU only wall clock is available.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from amphista_engine.kernels import backend, use_backend  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d: int           # model width
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    n_layers: int
+
+
+SHAPES = {
+    "llama-7b": Shape("llama-7b", 4096, 32, 32, 128, 32000, 32),
+    "llama-13b": Shape("llama-13b", 5120, 40, 40, 128, 32000, 40),
+    "smollm2-135m": Shape("smollm2-135m", 576, 9, 3, 64, 49152, 30),
+}
+TINY = Shape("tiny", 256, 4, 2, 64, 512, 2)          # --quick: checks that the scripts run, nothing more
+PREFIXES = (128, 512, 1024, 2048, 4096)
+QUICK_PREFIXES = (128,)
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (CPU smoke run)")
+    ap.add_argument("--json", type=Path, help="write the result rows here")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--prefixes", default=",".join(map(str, PREFIXES)), help="prefix lengths")
+    ap.add_argument("--backends", default="", help="comma-separated subset of torch,triton,cuda (default: all "
+                                                   "that run here; --quick on CPU: torch)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 50 on GPU, 3 with --quick)")
+    return ap.parse_args(argv)
+
+
+class Bench:
+    """Run context: device, dtype, shapes, backends and timing settings from the command line."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.dtype = getattr(torch, args.dtype)
+        self.quick = args.quick
+        self.shapes = [TINY] if self.quick else [SHAPES[s] for s in args.shapes.split(",") if s]
+        self.prefixes = QUICK_PREFIXES if self.quick else tuple(int(p) for p in args.prefixes.split(",") if p)
+        self.reps = args.reps or (3 if self.quick else 50)
+        self.iters = 1 if self.quick else 20
+        self.backends = self._backends(args.backends)
+        self._ceiling = None
+        if not self.cuda:
+            torch.set_num_threads(1)          # tiny CPU ops: thread wake-ups would dominate the timings
+
+    def _backends(self, wanted: str) -> list[str]:
+        if wanted:
+            return [b for b in wanted.split(",") if b]
+        if not self.cuda:
+            return ["torch"]       # compiled Triton needs a GPU; the interpreter would time Python
+        names = ["torch"]
+        if backend.triton_available():
+            names.append("triton")
+        if backend.cuda_available():
+            names.append("cuda")
+        return names
+
+    # ---- timing ------------------------------------------------------------------------------------
+    def time_us(self, fn, name: str) -> tuple[float, float]:
+        """(graph_us, eager_us) per call of fn() under backend `name`; graph_us = eager_us on the CPU."""
+        with use_backend(name):
+            if not self.cuda:
+                fn()
+                times = []
+                for _ in range(self.reps):
+                    t = time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - t) * 1e6)
+                us = statistics.median(times)
+                return us, us
+            return self._graph_us(fn), self._eager_us(fn)
+
+    def _eager_us(self, fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(self.reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+    def _graph_us(self, fn) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):       # warm up (compiles Triton kernels) off the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(self.iters):
+                    fn()
+        except Exception:                      # an op that syncs or allocates oddly: time eager loops
+            torch.cuda.synchronize()
+            return self._loop_us(fn)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        times = []
+        for _ in range(self.reps):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / self.iters)
+        return statistics.median(times)
+
+    def _loop_us(self, fn) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(self.reps):
+            start.record()
+            for _ in range(self.iters):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / self.iters)
+        return statistics.median(times)
+
+    # ---- ceilings ----------------------------------------------------------------------------------
+    def copy_bandwidth_gbs(self) -> float:
+        """Measured device memory bandwidth: a large device-to-device copy (read + write bytes / time)."""
+        if self._ceiling is None:
+            n = (16 if self.quick or not self.cuda else 1024) * 2**20
+            src = torch.empty(n, dtype=torch.uint8, device=self.device)
+            dst = torch.empty_like(src)
+            fn = lambda: dst.copy_(src)
+            us = self._loop_us(fn) if self.cuda else self.time_us(fn, "torch")[0]
+            self._ceiling = 2 * n / (us * 1e-6) / 1e9
+            del src, dst
+        return self._ceiling
+
+    def row(self, kernel: str, shape: str, case: str, name: str, fn, bytes_moved: float, flops: float = 0.0,
+            baseline_us: float | None = None) -> dict:
+        us, eager = self.time_us(fn, name) if name in ("torch", "triton", "cuda") else self._other(fn)
+        gbs = bytes_moved / (us * 1e-6) / 1e9
+        r = {"kernel": kernel, "shape": shape, "case": case, "backend": name, "ms": us / 1e3, "us": round(us, 2),
+             "eager_us": round(eager, 2), "GB/s": round(gbs, 1),
+             "%bw": round(100 * gbs / self.copy_bandwidth_gbs(), 1)}
+        if flops:
+            r["TFLOP/s"] = round(flops / (us * 1e-6) / 1e12, 2)
+        if baseline_us:
+            r["speedup_vs_torch"] = round(baseline_us / us, 2)
+        return r
+
+    def _other(self, fn):
+        """A non-backend baseline (e.g. SDPA): timed like the torch backend."""
+        return self.time_us(fn, "torch")
+
+    def compare(self, kernel: str, shape: str, case: str, fns: dict, bytes_moved: float, flops: float = 0.0):
+        """Rows for each backend (+ extra baselines in fns), with speedups against the torch reference."""
+        rows, base = [], None
+        for name, fn in fns.items():
+            if name in ("torch", "triton", "cuda") and name not in self.backends:
+                continue                               # baselines (e.g. "sdpa") always run
+            r = self.row(kernel, shape, case, name, fn, bytes_moved, flops, base)
+            if name == "torch":
+                base = r["us"]
+            rows.append(r)
+        return rows
+
+
+def emit(rows: list[dict], args: argparse.Namespace, title: str, bench: "Bench | None" = None) -> None:
+    """Print a table; write the rows as JSON (with the device and its measured ceiling) if --json."""
+    cols = ["kernel", "shape", "case", "backend", "us", "eager_us", "GB/s", "%bw", "TFLOP/s", "speedup_vs_torch"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    print(f"## {title}")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta(bench), "rows": rows}, indent=1))
+
+
+def meta(bench: "Bench | None") -> dict:
+    from datetime import date
+    m = {"date": str(date.today()), "torch": torch.__version__}
+    try:
+        import triton
+        m["triton"] = triton.__version__
+    except Exception:
+        pass
+    if bench is not None:
+        m["device"] = torch.cuda.get_device_name() if bench.cuda else "cpu"
+        m["dtype"] = str(bench.dtype).removeprefix("torch.")
+        m["copy_bandwidth_GBs"] = round(bench.copy_bandwidth_gbs(), 1)
+        m["quick"] = bench.quick
+        m["timing"] = ("CUDA graph of %d calls, median of %d replays" % (bench.iters, bench.reps)) if bench.cuda \
+            else "wall clock, median of %d" % bench.reps
+    return m
+
+
+def main_for(module_run, description: str, argv=None) -> list[dict]:
+    args = parse_args(description, argv)
+    bench = Bench(args)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        rows = module_run(bench)
+    emit(rows, args, description, bench)
+    return rows

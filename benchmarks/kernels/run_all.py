@@ -1,0 +1,65 @@
+"""Runs every kernel microbenchmark in this folder and collects one table.
+
+    python benchmarks/kernels/run_all.py                 # GPU: all shapes, writes benchmarks/results/kernels.*
+    python benchmarks/kernels/run_all.py --quick --json /tmp/k.json    # CPU smoke run (< 60 s)
+
+Every option of the single benchmarks applies (see _bench.parse_args). On a GPU without --quick the table
+is also recorded in benchmarks/results/ as kernels_<card>.{json,md} with card and date.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _bench import Bench, emit, meta, parse_args  # noqa: E402
+
+KERNELS = ["tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "kv_write", "kv_compact",
+           "greedy_accept", "typical_accept"]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"kernel_bench_{name}", HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    import torch
+    args = parse_args("all kernel microbenchmarks", argv)
+    bench = Bench(args)
+    torch.manual_seed(0)
+    rows = []
+    for name in KERNELS:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            rows += load(name).run(bench)
+        print(f"# {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        if bench.cuda:
+            torch.cuda.empty_cache()
+    emit(rows, args, "kernel microbenchmarks", bench)
+    if bench.cuda and not bench.quick:
+        results = HERE.parent / "results"
+        results.mkdir(exist_ok=True)
+        card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+        m = meta(bench)
+        (results / f"kernels_{card}.json").write_text(json.dumps({"meta": m, "rows": rows}, indent=1))
+        cols = [c for c in ["kernel", "shape", "case", "backend", "us", "eager_us", "GB/s", "%bw", "TFLOP/s",
+                            "speedup_vs_torch"] if any(c in r for r in rows)]
+        lines = [f"# Kernel microbenchmarks, {m['device']}, {m['date']}", "",
+                 *(f"- {k}: {v}" for k, v in m.items()), "",
+                 "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+        (results / f"kernels_{card}.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Tree-masked verification attention: the kernel backends vs the torch reference (which builds the dense
+mask per call) vs F.scaled_dot_product_attention with a prebuilt dense mask (the engine's per-layer cost).
+
+Bytes: K/V of the prefix + tree slots, Q and the output. FLOPs: 4 * H * N * (prefix + N) * D (QK^T and PV,
+masked entries included). Target on an H100: >= 70% of copy bandwidth for prefix >= 1024, >= 2x SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from _bench import main_for
+from amphista_engine.kernels import ops
+from amphista_engine.model import AttentionSpec
+from amphista_engine.tree import build_tree
+
+NODES = (1, 16, 64)            # plain decoding, tree-16, mc_sim_7b_63
+TREES = {1: "chain-1", 16: "tree-16", 64: "mc_sim_7b_63"}
+
+
+def run(bench):
+    rows, dev, dt = [], bench.device, bench.dtype
+    esize = torch.tensor([], dtype=dt).element_size()
+    for sh in bench.shapes:
+        H, Hkv, D = sh.n_heads, sh.n_kv_heads, sh.head_dim
+        for P in bench.prefixes:
+            for N in (NODES[:2] if bench.quick else NODES):
+                tree = build_tree(TREES[N]).to(dev) if N > 1 else None
+                mask = tree.mask[None] if tree is not None else torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
+                bits = tree.ancestor_bits[None] if tree is not None else torch.ones(1, 1, dtype=torch.long, device=dev)
+                kv_len = -(-(P + N) // 128) * 128                       # the engine's bucketed window
+                q = torch.randn(1, N, H, D, device=dev, dtype=dt).transpose(1, 2)
+                k = torch.randn(1, Hkv, kv_len, D, device=dev, dtype=dt)
+                v = torch.randn(1, Hkv, kv_len, D, device=dev, dtype=dt)
+                prefix = torch.full((1,), P, device=dev)
+                dense = AttentionSpec(prefix, mask, kv_len).dense_mask()
+                kernel = lambda: ops.tree_attention(q, k, v, prefix, bits, kv_len)
+                fns = {
+                    "torch": lambda: ops.tree_attention(q, k, v, prefix, mask, kv_len),
+                    "triton": kernel,
+                    "cuda": kernel,
+                    "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None],
+                                                                         enable_gqa=True),
+                }
+                nbytes = esize * (2 * Hkv * (P + N) * D + 2 * H * N * D)
+                flops = 4 * H * N * (P + N) * D
+                rows += bench.compare("tree_attention", sh.name, f"P={P} N={N}", fns, nbytes, flops)
+    return rows
+
+
+if __name__ == "__main__":
+    main_for(run, "tree_attention")
