@@ -58,7 +58,7 @@ class PlainDecoder:
             self.seen.scatter_(1, tokens, True)
         self._on_prefill(tokens, hidden)
         self.next = self._sample(logits[:, -1])
-        return self.next
+        return self.next.clone()          # the state tensor itself changes in place at every step
 
     def _on_prefill(self, tokens: torch.Tensor, hidden: torch.Tensor):
         """Hook for decoders that also need the prompt's hidden states (the drafting heads do)."""
@@ -74,14 +74,19 @@ class PlainDecoder:
     @torch.inference_mode()
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed the last token, sample the next. Returns ([B, 1] tokens, [B] count of real tokens)."""
-        B = self.next.shape[0]
-        length = self.cache.length[:B]
-        spec = AttentionSpec(length, causal_mask(1, self.device), kv_window(self.host_len + 1, self.cache.max_seq_len))
-        logits = self.model(self.next[:, None], length[:, None], self.cache, spec)
-        self.cache.length[:B] += 1
         self.host_len += 1
         self.forwards += 1
-        self.next = self._sample(logits[:, -1])
+        return self.step_device(kv_window(self.host_len, self.cache.max_seq_len))
+
+    def step_device(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device work of a step. It updates the decoder's state tensors in place (never rebinds them),
+        so a CUDA graph that captured one call can replay it."""
+        B = self.next.shape[0]
+        length = self.cache.length[:B]
+        spec = AttentionSpec(length, causal_mask(1, self.device), kv_len)
+        logits = self.model(self.next[:, None], length[:, None], self.cache, spec)
+        length += 1
+        self.next.copy_(self._sample(logits[:, -1]))
         return self.next[:, None], torch.ones_like(self.next)
 
 

@@ -99,19 +99,24 @@ class SpeculativeDecoder(PlainDecoder):
 
     @torch.inference_mode()
     def step(self):
-        t0 = time.perf_counter()
         if self.last_count is not None:            # already synced by the host loop: no extra wait
             self.host_len += int(self.last_count.max())
+        self.forwards += 1
+        # One window serves the verify forward (N new slots) and the SAL update (at most D + 1 slots).
+        return self.step_device(kv_window(self.host_len + self.tree.num_nodes, self.cache.max_seq_len))
+
+    def step_device(self, kv_len: int):
+        """Draft tree -> verify -> accept -> commit, on the device. State tensors (next token, drafts, cache
+        lengths) are updated in place so a CUDA graph can capture and replay the whole step."""
+        t0 = time.perf_counter()
         B, root, length = self.next.shape[0], self.next, self.cache.length[:self.next.shape[0]]
         tree = self.tree.build(root, self.draft)
         t0 = self._tick("draft", t0)
 
-        N = tree.num_nodes
-        positions = length[:, None] + tree.depth.expand(B, -1) if not tree.batched else length[:, None] + tree.depth
+        positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))
         mask = tree.mask if tree.batched else tree.mask[None]
-        spec = AttentionSpec(length, mask, kv_window(self.host_len + N, self.cache.max_seq_len))
-        logits, hidden = self.model(tree.tokens, positions, self.cache, spec, return_hidden=True)
-        self.forwards += 1
+        logits, hidden = self.model(tree.tokens, positions, self.cache, AttentionSpec(length, mask, kv_len),
+                                    return_hidden=True)
         t0 = self._tick("verify", t0)
 
         p = self.params
@@ -130,14 +135,12 @@ class SpeculativeDecoder(PlainDecoder):
         self.cache.compact(length[:, None] + nodes, length)
         acc_tokens = tree.tokens.gather(1, nodes)
         # Emitted tokens = the token after each accepted node: the next accepted node, then the bonus.
-        D1 = nodes.shape[1]
         out = torch.cat([acc_tokens[:, 1:], acc_tokens[:, :1]], 1)
-        out.scatter_(1, res.accept_len[:, None].clamp(max=D1 - 1), res.next_token[:, None])
+        out.scatter_(1, res.accept_len[:, None].clamp(max=nodes.shape[1] - 1), res.next_token[:, None])
         acc_hidden = hidden.gather(1, nodes[..., None].expand(-1, -1, hidden.shape[-1]))
-        self.cache.length[:B] += count
-        self.draft = self.heads.step(acc_hidden, out, count,
-                                     kv_window(self.host_len + D1, self.cache.max_seq_len))
-        self.next = res.next_token
+        length += count
+        self.draft.copy_(self.heads.step(acc_hidden, out, count, kv_len))
+        self.next.copy_(res.next_token)
         self.last_count = count
         self._tick("commit", t0)
         return out, count
