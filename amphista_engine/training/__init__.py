@@ -1,0 +1,1 @@
+"""Self-distillation data (`distill`), head training (`train`) and tau evaluation (`eval-tau`)."""

@@ -1,0 +1,121 @@
+"""`amphista distill | train | eval-tau`: argparse subcommands. cli.py adds them with `register(sub)`;
+`python -m amphista_engine.training.commands ...` runs them standalone."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import AmphistaError
+
+
+def cmd_distill(args) -> int:
+    from .distill import distill
+    distill(args.prompts, args.out, model=args.model, limit=args.limit, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, balance_by_source=args.balance_by_source, seed=args.seed,
+            device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .trainer import TrainConfig, train_heads
+    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
+    result = train_heads(cfg)
+    print(json.dumps(result.get("final_eval", {})))
+    return 0
+
+
+def cmd_eval_tau(args) -> int:
+    from .evaltau import eval_tau
+    eval_tau(args.questions, args.heads, model=args.model, tree=args.tree, max_new_tokens=args.max_new_tokens,
+             limit=args.limit, out=args.out, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+             speculative=args.speculative)
+    return 0
+
+
+def _model_args(p):
+    p.add_argument("--model", default="smollm2-135m", help="target: checkpoint directory, .gguf file or alias")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="target weights dtype (default: fp32 on cpu, bf16 on cuda)")
+
+
+def register(sub) -> None:
+    """Adds the distill, train and eval-tau subcommands to an argparse subparsers object."""
+    d = sub.add_parser("distill", help="generate self-distillation data (the target answers training prompts)")
+    d.add_argument("--prompts", required=True, help="train_prompts.jsonl-style JSONL or ShareGPT JSON")
+    d.add_argument("--out", required=True, help="JSONL shard to append to (resumable)")
+    _model_args(d)
+    d.add_argument("--limit", type=int, default=None, help="use the first N prompts (after balancing)")
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length; longer prompts are skipped")
+    d.add_argument("--balance-by-source", action="store_true", help="round-robin over sources (seeded shuffle)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_distill)
+
+    t = sub.add_parser("train", help="train Amphista or Medusa heads on distilled data (target frozen)")
+    t.add_argument("--data", required=True, nargs="+", help="JSONL shard(s) from `amphista distill`")
+    t.add_argument("--out", required=True, help="heads directory (config.json + model.safetensors)")
+    _model_args(t)
+    t.add_argument("--kind", default="amphista", choices=["amphista", "medusa"])
+    t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--loss", default="kl", choices=["kl", "ce"], help="KL to the target's distribution or CE "
+                   "on the data token")
+    t.add_argument("--lambda", dest="lam", type=float, default=0.8, help="head k (1-based) weight lambda^(k-1)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (whole sequences)")
+    t.add_argument("--loss-positions", type=int, default=0,
+                   help="score at most this many random answer positions per step (0 = all); bounds the "
+                        "LM-head cost, the SAL still runs over whole sequences")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
+    t.add_argument("--clip", type=float, default=1.0)
+    t.add_argument("--train-dtype", dest="train_dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16 = autocast matmuls (fp32 master weights)")
+    t.add_argument("--save-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cache-hidden", default=None, help="directory for cached target hidden states")
+    t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evals (0 = at the end)")
+    t.add_argument("--eval-frac", type=float, default=0.05)
+    t.add_argument("--eval-max-seqs", type=int, default=64)
+    t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = at evals/end)")
+    t.add_argument("--max-seq-len", type=int, default=1024, help="longer sequences are skipped (counted)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
+    t.add_argument("--chunk", type=int, default=256, help="positions per loss chunk (bounds [N, K, V] memory)")
+    t.add_argument("--log", default=None, help="also append JSON lines (train/eval metrics) to this file")
+    t.add_argument("--stage-of-head", default=None, help="Amphista: comma list, head k's SAL stage")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval-tau", help="mean tau per category on a Spec-Bench question file (first turns)")
+    e.add_argument("--questions", required=True)
+    e.add_argument("--heads", required=True, help="heads directory, or 'default' for the shipped heads")
+    e.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa"])
+    _model_args(e)
+    e.add_argument("--tree", default=None, help="static tree name, dynamic-N, or a JSON path list")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--max-seq-len", type=int, default=2048)
+    e.add_argument("--limit", type=int, default=None, help="first N questions")
+    e.add_argument("--out", default=None, help="JSON results file")
+    e.set_defaults(func=cmd_eval_tau)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="amphista")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AmphistaError as e:
+        print(f"amphista: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Distillation data I/O: prompt files in, an append-only JSONL shard out, and the shard read back for training.
+
+Shard records (one JSON object per line): {"id", "source", "prompt", "prompt_ids", "answer_ids", "answer",
+"finish_reason"}. `prompt_ids` is the chat-formatted prompt as the target saw it; `answer_ids` the target's
+greedy answer without the EOS token (`finish_reason` says whether it ended on EOS or on the length limit).
+
+Crash safety: every record is written with ONE os.write of the whole line (newline included), then flushed and
+fsynced. A run killed mid-write can leave at most a partial last line, with no newline; `ShardWriter` trims it on
+start (the record is regenerated), so a shard never holds a duplicated or truncated record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+EVAL_NAMES = ("mt_bench", "mt-bench", "spec_bench", "spec-bench", "question.jsonl")
+
+
+@dataclass
+class Prompt:
+    id: str
+    source: str
+    prompt: str
+
+
+def _refuse_eval_file(path: Path, first: object):
+    name = path.name.lower()
+    if any(n in name for n in EVAL_NAMES):
+        raise InputError(f"{path} looks like an evaluation file ({path.name}): never train on evaluation data; "
+                         f"use ../shared/data/train_prompts.jsonl or a ShareGPT JSON file")
+    if isinstance(first, dict) and "turns" in first and "category" in first:
+        raise InputError(f"{path} is a Spec-Bench/MT-Bench question file (records have 'turns' and 'category'): "
+                         f"evaluation questions must not be used as training prompts")
+
+
+def _sharegpt(items: list, path: Path) -> list[Prompt]:
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+            raise InputError(f"{path}: item {i} is not a ShareGPT record with a 'conversations' list")
+        base = str(item.get("id", f"sharegpt-{i}"))
+        for j, turn in enumerate(item["conversations"]):
+            if isinstance(turn, dict) and turn.get("from") in ("human", "user") and str(turn.get("value", "")).strip():
+                out.append(Prompt(f"{base}-t{j}", str(item.get("source", "sharegpt")), str(turn["value"])))
+    return out
+
+
+def read_prompts(path, limit: int | None = None, balance_by_source: bool = False, seed: int = 0) -> list[Prompt]:
+    """Prompts from a train_prompts.jsonl-style file ({"id","source","prompt"} per line) or ShareGPT JSON
+    (a list of {"conversations": [{"from": "human"|"gpt", "value"}]}: every human turn becomes a prompt).
+
+    balance_by_source: shuffle each source (seeded) and take prompts round-robin across sources, so the first N
+    prompts are as balanced as the sources allow. Evaluation files (MT-Bench / Spec-Bench) are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompts file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InputError(f"prompts file {path} is empty")
+    prompts: list[Prompt] = []
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+        _refuse_eval_file(path, items[0] if items else None)
+        prompts = _sharegpt(items, path)
+    else:
+        for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): \x1c, \u2028 may sit in strings
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: malformed JSON line ({e})") from None
+            if n == 1 or not prompts:
+                _refuse_eval_file(path, rec)
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise InputError(f"{path}:{n}: expected an object with a string 'prompt' "
+                                 f"(and 'id', 'source'), got {str(rec)[:80]!r}")
+            if "turns" in rec and "category" in rec:
+                _refuse_eval_file(path, rec)
+            if rec["prompt"].strip():
+                prompts.append(Prompt(str(rec.get("id", f"{path.stem}-{n}")), str(rec.get("source", "unknown")),
+                                      rec["prompt"]))
+    if not prompts:
+        raise InputError(f"no prompts found in {path}")
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{path}: prompt ids are not unique (the shard resumes by id)")
+    if balance_by_source:
+        rng = random.Random(seed)
+        by: dict[str, list[Prompt]] = defaultdict(list)
+        for p in prompts:
+            by[p.source].append(p)
+        queues = [by[s] for s in sorted(by)]
+        for q in queues:
+            rng.shuffle(q)
+        prompts = []
+        while any(queues):
+            for q in queues:
+                if q:
+                    prompts.append(q.pop())
+    return prompts[:limit] if limit else prompts
+
+
+class ShardWriter:
+    """Append-only JSONL shard: trims a partial last line on open, knows the ids already written."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ids: set[str] = set()
+        self.trimmed = 0          # bytes of a partial last record removed on open
+        self.bad_lines = 0
+        if self.path.exists():
+            self._recover()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _recover(self):
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1          # everything after the last newline is a partial record
+        if end < len(data):
+            self.trimmed = len(data) - end
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+            print(f"distill: removed a truncated last record ({self.trimmed} bytes) from {self.path}",
+                  file=sys.stderr)
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                self.ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                self.bad_lines += 1
+
+    def write(self, record: dict):
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        n = os.write(self.fd, line)           # O_APPEND: one write lands the whole line at the end
+        while n < len(line):                  # a short write (rare; e.g. a full disk) finishes the same line
+            n += os.write(self.fd, line[n:])
+        os.fsync(self.fd)
+        self.ids.add(str(record["id"]))
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class Sequence:
+    id: str
+    ids: list[int]          # prompt_ids + answer_ids
+    prompt_len: int
+
+
+@dataclass
+class ShardData:
+    sequences: list[Sequence] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.ids) for s in self.sequences)
+
+
+def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2) -> ShardData:
+    """Reads one or more shards for training. Bad records are skipped and counted by reason (never a crash
+    mid-training); a file with no usable record is an InputError."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    out, seen = ShardData(), set()
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise InputError(f"training data not found: {path}")
+        with open(path, "rb") as f:
+            for raw in f:
+                if not raw.strip():
+                    continue
+                if not raw.endswith(b"\n"):
+                    out.skipped["truncated last line"] += 1
+                    continue
+                try:
+                    rec = json.loads(raw)
+                    rid, p, a = str(rec["id"]), rec["prompt_ids"], rec["answer_ids"]
+                    if not (isinstance(p, list) and isinstance(a, list)
+                            and all(isinstance(t, int) for t in p) and all(isinstance(t, int) for t in a)):
+                        raise TypeError
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                    out.skipped["malformed record"] += 1
+                    continue
+                if rid in seen:
+                    out.skipped["duplicate id"] += 1
+                    continue
+                ids = p + a
+                if not p or len(a) < min_answer:
+                    out.skipped["empty prompt or answer"] += 1
+                elif any(t < 0 or t >= vocab_size for t in ids):
+                    out.skipped["token id out of the target's vocabulary"] += 1
+                elif len(ids) > max_len:
+                    out.skipped[f"longer than max_seq_len={max_len}"] += 1
+                else:
+                    seen.add(rid)
+                    out.sequences.append(Sequence(rid, ids, len(p)))
+    if not out.sequences:
+        why = ", ".join(f"{k}: {v}" for k, v in out.skipped.items()) or "no records"
+        raise InputError(f"no usable training records in {', '.join(map(str, paths))} ({why})")
+    return out

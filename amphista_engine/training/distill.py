@@ -1,0 +1,60 @@
+"""`amphista distill`: the target answers training prompts (greedy, chat template, batched); answers go to a shard."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from .data import ShardWriter, read_prompts
+
+
+def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = None, batch_size: int = 8,
+            max_new_tokens: int = 256, balance_by_source: bool = False, seed: int = 0, device=None, dtype=None,
+            max_seq_len: int = 1024, engine=None, progress: bool = True) -> dict:
+    """Generates the missing records of `out` (resumable: ids already there are skipped). Returns counts."""
+    from tqdm import tqdm
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise InputError("--batch-size and --max-new-tokens must be positive")
+    prompts = read_prompts(prompts_file, limit=limit, balance_by_source=balance_by_source, seed=seed)
+    if engine is None:
+        from ..engine import Engine
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                        max_batch_size=batch_size)
+    counts = {"prompts": len(prompts), "done_before": 0, "written": 0, "skipped_too_long": 0,
+              "answer_tokens": 0, "seconds": 0.0}
+    with ShardWriter(out) as shard:
+        todo = [p for p in prompts if p.id not in shard.ids]
+        counts["done_before"] = len(prompts) - len(todo)
+        if shard.bad_lines:
+            print(f"distill: warning: {shard.bad_lines} unreadable line(s) in {out} are kept as they are",
+                  file=sys.stderr)
+        bar = tqdm(total=len(prompts), initial=counts["done_before"], unit="prompt", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True, desc="distill")
+        t0, room = time.perf_counter(), engine.max_seq_len - max_new_tokens
+        queue = []
+        for p in todo:       # encode once to drop prompts that cannot fit, with a counted skip
+            ids = engine.encode_prompt(p.prompt)
+            if len(ids) > room:
+                counts["skipped_too_long"] += 1
+                bar.update(1)
+                continue
+            queue.append((p, ids))
+        for i in range(0, len(queue), batch_size):
+            batch = queue[i:i + batch_size]
+            results = engine.generate_batch([p.prompt for p, _ in batch], max_new_tokens=max_new_tokens)
+            for (p, ids), r in zip(batch, results):
+                shard.write({"id": p.id, "source": p.source, "prompt": p.prompt, "prompt_ids": r.prompt_token_ids,
+                             "answer_ids": r.token_ids, "answer": r.text, "finish_reason": r.finish_reason})
+                counts["written"] += 1
+                counts["answer_tokens"] += len(r.token_ids)
+            dt = time.perf_counter() - t0
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{counts['answer_tokens'] / dt:.1f}", tokens=counts["answer_tokens"])
+        bar.close()
+        counts["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"distill: {counts['written']} new records ({counts['answer_tokens']} answer tokens, "
+          f"{counts['seconds']} s), {counts['done_before']} already in {out}, "
+          f"{counts['skipped_too_long']} prompts skipped as too long", file=sys.stderr)
+    return counts

@@ -1,0 +1,480 @@
+"""`amphista train`: Amphista or Medusa heads trained on self-distillation data, the target frozen.
+
+Per sequence x_0..x_{L-1} (prompt_ids + answer_ids, P prompt tokens), teacher forcing: the target's final-norm
+hidden h_t and the next token x_{t+1} feed the heads at every position t at once (the SAL is causal over the
+whole sequence). Head k (0-based) at position t drafts x_{t+k+2}: its target is the target model's distribution
+at position t+k+1 (`--loss kl`, the default; logits recomputed from the frozen LM head on the fly) or the data
+token x_{t+k+2} (`--loss ce`), weighted lambda^k.
+
+Which positions count: t >= P-1 (the last prompt position onward: where the decoder drafts, since it drafts
+from the prompt's last hidden state after prefill) with t+k+2 <= L-1 (the drafted token is an answer token of the
+sequence). Prompt positions before that are seen by the SAL as context but carry no loss. The loss is the mean
+over valid positions per head, summed over heads with weights lambda^k.
+
+Memory: features [N, K, d] are computed once per step; logits [chunk, K, V] only per chunk of positions, each
+chunk back-propagated into the features' gradient before the next, then one backward through the heads.
+
+Determinism: the batch plan depends only on (seed, epoch), position sampling only on (seed, step), so
+`--resume` from OUT/trainer_state.pt (fp32 master weights, AdamW, schedule, step) continues exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, InputError
+from .data import Sequence, load_shard
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    data: list = field(default_factory=list)
+    out: str = ""
+    model: str = "smollm2-135m"
+    device: str | None = None
+    dtype: str | None = None            # target weights dtype
+    kind: str = "amphista"
+    num_heads: int = 4
+    loss: str = "kl"
+    lam: float = 0.8
+    steps: int | None = None
+    epochs: float | None = None
+    batch_tokens: int = 4096
+    loss_positions: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int | None = None
+    clip: float = 1.0
+    train_dtype: str = "fp32"
+    save_dtype: str = "bf16"
+    seed: int = 0
+    cache_hidden: str | None = None
+    eval_every: int = 0
+    eval_frac: float = 0.05
+    eval_max_seqs: int = 64
+    save_every: int = 0
+    max_seq_len: int = 1024
+    resume: bool = False
+    stop_after: int | None = None
+    chunk: int = 256
+    log: str | None = None
+    stage_of_head: str | list | None = None
+    progress: bool = True
+
+    def check(self):
+        if not self.data:
+            raise InputError("no training data given (--data)")
+        if not self.out:
+            raise InputError("no output directory given (--out)")
+        if self.kind not in ("amphista", "medusa"):
+            raise ConfigError(f"--kind must be amphista or medusa, got {self.kind!r}")
+        if self.loss not in ("kl", "ce"):
+            raise ConfigError(f"--loss must be kl or ce, got {self.loss!r}")
+        if self.train_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"--train-dtype must be fp32 or bf16, got {self.train_dtype!r}")
+        for name in ("num_heads", "batch_tokens", "chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
+            raise ConfigError("--steps / --epochs must be positive")
+        if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
+            raise ConfigError("need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1")
+
+
+# ---- data plan -------------------------------------------------------------------------------------------
+def split_heldout(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], list[Sequence]]:
+    """Deterministic by id hash (independent of the seed and of the file order)."""
+    if frac <= 0 or len(seqs) < 2:
+        return seqs, []
+    key = lambda s: int(hashlib.sha1(s.id.encode()).hexdigest()[:8], 16) / 16 ** 8
+    held = [s for s in seqs if key(s) < frac] or [min(seqs, key=key)]
+    train = [s for s in seqs if key(s) >= frac] if len(held) < len(seqs) else seqs
+    return (train or seqs), held
+
+
+def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of sequence indices; padded size B * T_max stays within batch_tokens."""
+    order = list(range(len(seqs)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    batches, cur, tmax = [], [], 0
+    for i in order:
+        t = max(tmax, len(seqs[i].ids))
+        if cur and t * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, t = [], len(seqs[i].ids)
+        cur.append(i)
+        tmax = t
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pad_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(s.ids) for s in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        x[b, :len(s.ids)] = torch.tensor(s.ids)
+    lengths = torch.tensor([len(s.ids) for s in seqs])
+    plen = torch.tensor([s.prompt_len for s in seqs])
+    return x.to(device), lengths.to(device), plen.to(device)
+
+
+# ---- hidden states -----------------------------------------------------------------------------------------
+class HiddenSource:
+    """Final-norm target hidden states per sequence: computed by the frozen target or read from a disk cache.
+
+    With a cache the states are stored as bf16 and always used as stored (also on the first use), so a run's
+    numbers do not depend on whether an entry was already cached."""
+
+    def __init__(self, target, cache_dir: str | None, fingerprint: str):
+        self.target, self.dir = target, Path(cache_dir) if cache_dir else None
+        self.hits = self.misses = 0
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            info = {"fingerprint": fingerprint, "dtype": "bfloat16", "format": 1}
+            if meta.exists():
+                old = json.loads(meta.read_text())
+                if old != info:
+                    raise ConfigError(f"hidden-state cache {self.dir} was built for another target or format "
+                                      f"({old}); use another --cache-hidden directory")
+            else:
+                meta.write_text(json.dumps(info))
+
+    def _file(self, s: Sequence) -> Path:
+        return self.dir / f"{hashlib.sha1((s.id + '|' + ','.join(map(str, s.ids))).encode()).hexdigest()[:24]}.pt"
+
+    @torch.no_grad()
+    def get(self, seqs: list[Sequence], x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] fp32 (zeros past each sequence's end)."""
+        B, T = x.shape
+        d = self.target.config.dim
+        dev = x.device
+        out = torch.zeros(B, T, d, device=dev)
+        missing = list(range(B))
+        if self.dir:
+            missing = []
+            for b, s in enumerate(seqs):
+                f = self._file(s)
+                try:
+                    h = torch.load(f, map_location=dev, weights_only=True)
+                    out[b, :len(s.ids)] = h.float()
+                    self.hits += 1
+                except (FileNotFoundError, RuntimeError, EOFError):
+                    missing.append(b)
+        if missing:
+            self.misses += len(missing)
+            xm = x[missing]
+            Tm = max(len(seqs[b].ids) for b in missing)
+            xm = xm[:, :Tm]
+            pos = torch.arange(Tm, device=dev)[None].expand(len(missing), -1)
+            _, h = self.target(xm, pos, return_hidden=True, logits_at=torch.zeros(len(missing), 1, dtype=torch.long,
+                                                                                  device=dev))
+            for j, b in enumerate(missing):
+                n = len(seqs[b].ids)
+                hb = h[j, :n]
+                if self.dir:
+                    hb = hb.to(torch.bfloat16)
+                    tmp = self._file(seqs[b]).with_suffix(f".tmp{os.getpid()}")
+                    torch.save(hb.cpu().clone(), tmp)
+                    os.replace(tmp, self._file(seqs[b]))
+                out[b, :n] = hb.float()
+        return out
+
+
+# ---- heads pieces --------------------------------------------------------------------------------------------
+def head_features(heads, hidden: torch.Tensor, next_tokens: torch.Tensor, rows: torch.Tensor | None = None):
+    """The heads' LM-head inputs: heads.logits(features) == heads.forward_train(...) -> [B, T, K, d], or
+    [N, K, d] at rows [N, 2] = (b, t) only. The SAL runs over whole sequences; the per-position parts (ResBlocks,
+    auto-embedding block, norm) only where the loss is taken."""
+    from ..heads import AmphistaHeads
+    from ..model import causal_mask
+    K = heads.num_heads
+    if isinstance(heads, AmphistaHeads):
+        B, T, _ = hidden.shape
+        rope = heads._rope_rows(T, hidden.device)[:T][None]
+        outs = heads._sal(heads._fuse(hidden, next_tokens), rope, None, None,
+                          causal_mask(T, hidden.device).expand(B, T, T))
+        stages = torch.stack(outs, dim=2)                               # [B, T, S, d]
+        if rows is not None:
+            stages = stages[rows[:, 0], rows[:, 1]]
+        idx = torch.tensor(heads.config.stage_of_head, device=hidden.device)
+        return heads.mix(heads.res(stages.index_select(-2, idx)))
+    h = hidden if rows is None else hidden[rows[:, 0], rows[:, 1]]
+    x = h.unsqueeze(-2).expand(*h.shape[:-1], K, h.shape[-1])
+    return heads.res(x.to(heads.res.weight.dtype))
+
+
+def loss_rows(lengths: torch.Tensor, plen: torch.Tensor, T: int, K: int):
+    """(b, t) rows that carry loss for head 0, and valid[b, t, k] for every head."""
+    dev = lengths.device
+    t = torch.arange(T, device=dev)[None, :, None]
+    k = torch.arange(K, device=dev)[None, None, :]
+    valid = (t >= (plen - 1)[:, None, None]) & (t + k + 2 <= (lengths - 1)[:, None, None])
+    return valid
+
+
+class LossComputer:
+    def __init__(self, target, kind: str, lam: float, K: int, chunk: int, autocast):
+        self.target, self.kind, self.chunk, self.autocast = target, kind, chunk, autocast
+        self.w = torch.tensor([lam ** k for k in range(K)])
+        self.K = K
+
+    def __call__(self, heads, feats, hidden, x, rows, valid, backward: bool, topk: int = 5):
+        """feats [N, K, d] (graph to the heads) at rows [N, 2] = (b, t); valid [N, K]. Returns (loss, stats)."""
+        K, dev = self.K, feats.device
+        w = self.w.to(dev)
+        cnt = valid.sum(0).clamp_min(1).float()                    # [K]
+        scale = w / cnt                                            # per-head mean, weighted
+        leaf = feats.detach().requires_grad_(backward)
+        total = torch.zeros((), device=dev)
+        nll = torch.zeros(K, device=dev)
+        top1 = torch.zeros(K, device=dev)
+        top5 = torch.zeros(K, device=dev)
+        b, t = rows[:, 0], rows[:, 1]
+        ks = torch.arange(K, device=dev)
+        T = x.shape[1]
+        for s in range(0, rows.shape[0], self.chunk):
+            sl = slice(s, s + self.chunk)
+            bb, tt, vv = b[sl], t[sl], valid[sl]
+            tgt_pos = (tt[:, None] + ks[None] + 2).clamp(max=T - 1)               # drafted token index
+            data_tok = x[bb[:, None], tgt_pos]                                      # [n, K]
+            with self.autocast():
+                logits = heads.logits(leaf[sl]).float()
+            logq = torch.log_softmax(logits, -1)
+            if self.kind == "kl":
+                with torch.no_grad(), self.autocast():
+                    h_u = hidden[bb[:, None], (tt[:, None] + ks[None] + 1).clamp(max=T - 1)]   # [n, K, d]
+                    tl = self.target.output(h_u.to(self.target.output.weight.dtype)).float()
+                logp = torch.log_softmax(tl, -1)
+                per = (logp.exp() * (logp - logq)).sum(-1)                          # [n, K]
+            else:
+                per = -logq.gather(-1, data_tok[..., None]).squeeze(-1)
+            per = per * vv
+            loss = (per.sum(0) * scale).sum()
+            if backward:
+                loss.backward()
+            with torch.no_grad():
+                total += loss.detach()
+                nll += (-logq.gather(-1, data_tok[..., None]).squeeze(-1) * vv).sum(0).detach()
+                top = logits.topk(topk, -1).indices
+                hit = top == data_tok[..., None]
+                top1 += (hit[..., 0] & vv).sum(0)
+                top5 += (hit.any(-1) & vv).sum(0)
+        stats = {"count": cnt, "nll": nll, "top1": top1, "top5": top5}
+        return total, leaf.grad if backward else None, stats
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+def _lr_lambda(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return f
+
+
+def _log(cfg: TrainConfig, rec: dict):
+    if cfg.log:
+        with open(cfg.log, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _fmt_eval(ev: dict) -> str:
+    return (f"loss {ev['loss']:.4f} | top1 " + " ".join(f"{a:.3f}" for a in ev["top1"]) +
+            " | top5 " + " ".join(f"{a:.3f}" for a in ev["top5"]))
+
+
+def train_heads(cfg: TrainConfig, target=None) -> dict:
+    """Trains heads per `cfg`; `target` (a Transformer) overrides cfg.model (tests). Returns a summary."""
+    from tqdm import tqdm
+
+    from ..heads import lm_head_fingerprint, new_heads, save_heads
+    from ..heads.checkpoint import _dtype
+
+    cfg.check()
+    if isinstance(cfg.data, (str, Path)):
+        cfg.data = [str(cfg.data)]
+    out = Path(cfg.out)
+    if target is None:
+        from ..engine import default_device
+        from ..loading import load_model, parse_dtype
+        device = torch.device(cfg.device or default_device())
+        dtype = parse_dtype(cfg.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        target = load_model(cfg.model, dtype=dtype, device=device, max_seq_len=cfg.max_seq_len).model
+    target.eval().requires_grad_(False)
+    dev = target.output.weight.device
+    V = target.config.vocab_size
+    max_len = min(cfg.max_seq_len, target.rope_len)
+
+    data = load_shard(cfg.data, V, max_len)
+    for why, n in data.skipped.items():
+        print(f"train: skipped {n} record(s): {why}", file=sys.stderr)
+    train_seqs, held = split_heldout(data.sequences, cfg.eval_frac)
+    held = held[:cfg.eval_max_seqs]
+    per_epoch = len(epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, 0))
+    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
+    fp = lm_head_fingerprint(target)
+
+    overrides = {}
+    if cfg.stage_of_head:
+        soh = cfg.stage_of_head
+        overrides["stage_of_head"] = [int(s) for s in (soh.split(",") if isinstance(soh, str) else soh)]
+    torch.manual_seed(cfg.seed)
+    heads = new_heads(cfg.kind, target, num_heads=cfg.num_heads, dtype=torch.float32, **overrides)
+    heads.train().requires_grad_(True)
+    params = [p for p in heads.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
+    step, history = 0, []
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "stop_after", "progress", "log")}
+    if cfg.resume:
+        sf = out / STATE_FILE
+        if not sf.is_file():
+            raise InputError(f"--resume: no trainer state in {out} ({STATE_FILE} missing)")
+        st = torch.load(sf, map_location="cpu", weights_only=False)
+        mine = {k: recipe[k] for k in ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr")}
+        theirs = {k: st["recipe"].get(k) for k in mine}
+        if mine != theirs or st["fingerprint"] != fp:
+            raise ConfigError(f"--resume: {sf} was written by another recipe or target ({theirs} vs {mine})")
+        heads.load_state_dict({k: v.to(dev) for k, v in st["heads"].items()})
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, history = st["step"], st.get("history", [])
+        torch.set_rng_state(st["torch_rng"])
+        print(f"train: resumed from {sf} at step {step}/{total}", file=sys.stderr)
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train_dtype == "bf16")
+
+    hs = HiddenSource(target, cfg.cache_hidden, fp)
+    lossf = LossComputer(target, cfg.loss, cfg.lam, cfg.num_heads, cfg.chunk, autocast)
+
+    def run_batch(seqs, sample_gen, backward):
+        x, lengths, plen = pad_batch(seqs, dev)
+        B, T = x.shape
+        hidden = hs.get(seqs, x)
+        nxt = torch.zeros_like(x)
+        nxt[:, :-1] = x[:, 1:]
+        valid = loss_rows(lengths, plen, T, cfg.num_heads)            # [B, T, K]
+        rows = valid[..., 0].nonzero()                                 # [N, 2]
+        if rows.shape[0] == 0:
+            return None
+        if sample_gen is not None and cfg.loss_positions and rows.shape[0] > cfg.loss_positions:
+            pick = torch.randperm(rows.shape[0], generator=sample_gen)[:cfg.loss_positions].sort().values
+            rows = rows[pick.to(rows.device)]
+        with autocast():
+            sel = head_features(heads, hidden, nxt, rows)              # [N, K, d]
+        loss, g, stats = lossf(heads, sel, hidden, x, rows, valid[rows[:, 0], rows[:, 1]], backward)
+        if backward:
+            sel.backward(g)
+        stats["tokens"] = int(lengths.sum())
+        stats["positions"] = int(rows.shape[0])
+        return loss, stats
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        heads.eval()
+        agg, n_loss, tot = None, 0, 0.0
+        bs = epoch_batches(held, cfg.batch_tokens, 0, 0)
+        for bi in bs:
+            r = run_batch([held[i] for i in bi], None, False)
+            if r is None:
+                continue
+            loss, st = r
+            tot += float(loss)
+            n_loss += 1
+            agg = st if agg is None else {k: (agg[k] + st[k]) for k in ("count", "nll", "top1", "top5")}
+        heads.train()
+        if agg is None:
+            return {}
+        c = agg["count"]
+        return {"loss": tot / max(1, n_loss), "nll": (agg["nll"] / c).tolist(), "top1": (agg["top1"] / c).tolist(),
+                "top5": (agg["top5"] / c).tolist(), "positions": int(c[0])}
+
+    def checkpoint(reason: str):
+        out.mkdir(parents=True, exist_ok=True)
+        heads.config.extra = {"training": {**recipe, "step": step, "total_steps": total,
+                                           "train_sequences": len(train_seqs), "heldout_sequences": len(held),
+                                           "train_tokens": sum(len(s.ids) for s in train_seqs),
+                                           "last_eval": history[-1] if history else None}}
+        save_heads(heads, out, dtype=_dtype(cfg.save_dtype))
+        state = {"step": step, "heads": {k: v.detach().cpu().clone() for k, v in heads.state_dict().items()},
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "recipe": recipe, "fingerprint": fp, "history": history}
+        tmp = out / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, out / STATE_FILE)
+
+    print(f"train: {cfg.kind} heads K={cfg.num_heads}, {len(train_seqs)} train / {len(held)} held-out sequences "
+          f"({sum(len(s.ids) for s in train_seqs)} train tokens), {per_epoch} steps/epoch, {total} steps, "
+          f"device {dev}", file=sys.stderr)
+    if held and step == 0 and cfg.eval_every:
+        ev = evaluate()
+        history.append({"step": 0, **ev})
+        _log(cfg, {"eval": True, "step": 0, **ev})
+        print(f"train: eval step 0: {_fmt_eval(ev)}", file=sys.stderr)
+    bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True, desc=f"train {cfg.kind}")
+    t0, toks, last_ev, stop = time.perf_counter(), 0, None, cfg.stop_after
+    epoch_cache = {}
+    while step < total:
+        epoch, idx = divmod(step, per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, epoch)}
+        batch = [train_seqs[i] for i in epoch_cache[epoch][idx]]
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        opt.zero_grad(set_to_none=True)
+        r = run_batch(batch, gen, True)
+        if r is None:
+            loss, gnorm = float("nan"), 0.0
+        else:
+            loss = float(r[0])
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+            if math.isfinite(gnorm):
+                opt.step()
+            else:
+                print(f"train: step {step}: non-finite gradient norm, update skipped", file=sys.stderr)
+            toks += r[1]["tokens"]
+        sched.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{toks / dt:.0f}")
+        _log(cfg, {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+                   "elapsed_s": round(dt, 2)})
+        do_eval = held and (step == total or (cfg.eval_every and step % cfg.eval_every == 0))
+        if do_eval:
+            ev = evaluate()
+            last_ev = ev
+            history.append({"step": step, **ev})
+            _log(cfg, {"eval": True, "step": step, **ev})
+            bar.write(f"train: eval step {step}: {_fmt_eval(ev)}", file=sys.stderr)
+        if do_eval or step == total or (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+            checkpoint("step")
+        if stop is not None and step >= stop:
+            break
+    bar.close()
+    wall = time.perf_counter() - t0
+    print(f"train: {step}/{total} steps in {wall:.0f} s; heads in {out} (hidden cache hits {hs.hits}, "
+          f"misses {hs.misses})", file=sys.stderr)
+    return {"steps": step, "total_steps": total, "wall_s": wall, "final_eval": last_ev or {}, "history": history,
+            "heads": heads, "train_sequences": len(train_seqs), "heldout_sequences": len(held),
+            "skipped": dict(data.skipped)}

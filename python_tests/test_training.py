@@ -1,0 +1,244 @@
+"""Training: distillation shard I/O, head training on a tiny random target, checkpoints, resume, bad data."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from amphista_engine.errors import ConfigError, InputError
+from amphista_engine.heads import load_heads, new_heads
+from amphista_engine.training.data import ShardWriter, load_shard, read_prompts
+from amphista_engine.training.trainer import TrainConfig, head_features, train_heads
+
+from conftest import random_tiny_model
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def target():
+    return random_tiny_model(seed=0, vocab=64, dim=32, max_len=256)
+
+
+def greedy_records(model, n=36, prompt_len=6, answer_len=28, seed=1):
+    """Self-distillation records of the tiny target: random prompts, greedy answers."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    x = torch.randint(0, V - 1, (n, prompt_len), generator=g)
+    with torch.no_grad():
+        for _ in range(answer_len):
+            logits = model(x, torch.arange(x.shape[1])[None].expand(n, -1))
+            x = torch.cat([x, logits[:, -1, :V - 1].argmax(-1, keepdim=True)], 1)
+    return [{"id": f"r{i}", "source": "tiny", "prompt_ids": x[i, :prompt_len].tolist(),
+             "answer_ids": x[i, prompt_len:].tolist()} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory, target):
+    path = tmp_path_factory.mktemp("shard") / "tiny.jsonl"
+    with ShardWriter(path) as w:
+        for r in greedy_records(target):
+            w.write(r)
+    return path
+
+
+def cfg(shard, out, **kw):
+    base = dict(data=[str(shard)], out=str(out), kind="amphista", num_heads=K, steps=12, batch_tokens=340,
+                lr=3e-3, eval_frac=0.2, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("kind", ["amphista", "medusa"])
+def test_features_match_forward_train(target, kind):
+    heads = new_heads(kind, target, num_heads=K, dtype=torch.float32)
+    torch.nn.init.normal_(heads.res.weight, std=0.1)
+    hidden, nxt = torch.randn(2, 9, 32), torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(heads.logits(head_features(heads, hidden, nxt)), heads.forward_train(hidden, nxt),
+                               rtol=0, atol=0)
+    rows = torch.tensor([[0, 3], [1, 8], [1, 0]])
+    torch.testing.assert_close(heads.logits(head_features(heads, hidden, nxt, rows)),
+                               heads.forward_train(hidden, nxt)[rows[:, 0], rows[:, 1]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,loss", [("amphista", "kl"), ("medusa", "ce")])
+def test_training_lowers_loss_and_raises_accuracy(shard, target, tmp_path, kind, loss):
+    res = train_heads(cfg(shard, tmp_path / kind, kind=kind, loss=loss, steps=16, eval_every=16,
+                          lr=1e-2 if kind == "medusa" else 4e-3), target=target)
+    first, last = res["history"][0], res["history"][-1]
+    assert first["step"] == 0 and last["step"] == 16
+    assert last["loss"] < 0.8 * first["loss"]
+    assert last["top1"][0] > first["top1"][0] + 0.05
+    assert sum(last["top1"]) > sum(first["top1"])
+
+
+def test_save_load_round_trip_identical_logits(shard, target, tmp_path):
+    res = train_heads(cfg(shard, tmp_path / "h", steps=3, save_dtype="fp32"), target=target)
+    trained = res["heads"].eval()
+    loaded = load_heads(tmp_path / "h", target, dtype=torch.float32)
+    assert loaded.config.extra["training"]["step"] == 3
+    hidden, nxt = torch.randn(1, 11, 32), torch.randint(0, 64, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_train(hidden, nxt), trained.forward_train(hidden, nxt),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["amphista", "medusa"])
+def test_resume_after_kill_is_exact(shard, target, tmp_path, kind):
+    full = train_heads(cfg(shard, tmp_path / "full", kind=kind, steps=8, loss_positions=40), target=target)
+    train_heads(cfg(shard, tmp_path / "cut", kind=kind, steps=8, loss_positions=40, stop_after=3), target=target)
+    resumed = train_heads(cfg(shard, tmp_path / "cut", kind=kind, steps=8, loss_positions=40, resume=True),
+                          target=target)
+    assert resumed["steps"] == 8
+    a, b = full["heads"].state_dict(), resumed["heads"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = torch.load(tmp_path / "full" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 8
+    assert sa["scheduler"] == sb["scheduler"]
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(ga["exp_avg"], gb["exp_avg"]) and torch.equal(ga["exp_avg_sq"], gb["exp_avg_sq"])
+
+
+def test_resume_refuses_other_recipe(shard, target, tmp_path):
+    train_heads(cfg(shard, tmp_path / "o", steps=2), target=target)
+    with pytest.raises(ConfigError, match="another recipe"):
+        train_heads(cfg(shard, tmp_path / "o", steps=4, kind="medusa", resume=True), target=target)
+    with pytest.raises(InputError, match="no trainer state"):
+        train_heads(cfg(shard, tmp_path / "none", steps=2, resume=True), target=target)
+
+
+def test_hidden_cache_reused_across_epochs(shard, target, tmp_path):
+    first = train_heads(cfg(shard, tmp_path / "c", steps=6, cache_hidden=str(tmp_path / "cache"), eval_frac=0.0),
+                        target=target)
+    assert first["steps"] == 6
+    files = list((tmp_path / "cache").glob("*.pt"))
+    assert len(files) == 36
+    cold = torch.load(tmp_path / "c" / "trainer_state.pt", weights_only=False)["heads"]
+    warm = train_heads(cfg(shard, tmp_path / "c2", steps=6, cache_hidden=str(tmp_path / "cache"), eval_frac=0.0),
+                       target=target)
+    for k, v in warm["heads"].state_dict().items():     # a warm cache gives the same run as a cold one
+        assert torch.equal(v, cold[k]), k
+
+
+# ---- the distillation shard --------------------------------------------------------------------------------
+def test_shard_writer_trims_truncated_record_and_resumes(tmp_path):
+    path = tmp_path / "s.jsonl"
+    with ShardWriter(path) as w:
+        w.write({"id": "a", "prompt_ids": [1], "answer_ids": [2, 3]})
+        w.write({"id": "b", "prompt_ids": [1], "answer_ids": [2, 3]})
+    with open(path, "ab") as f:                # a crash in the middle of writing record c
+        f.write(b'{"id": "c", "prompt_ids": [1], "answ')
+    w = ShardWriter(path)
+    assert w.ids == {"a", "b"} and w.trimmed > 0
+    w.write({"id": "c", "prompt_ids": [1], "answer_ids": [4, 5]})
+    w.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    recs = [json.loads(line) for line in lines[:-1]]
+    assert [r["id"] for r in recs] == ["a", "b", "c"] and recs[2]["answer_ids"] == [4, 5]
+
+
+def test_distill_resumes_without_duplicates(tmp_path, tiny_hf_dir):
+    from amphista_engine.engine import Engine
+    from amphista_engine.training.distill import distill
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "source": "s" + str(i % 2), "prompt": f"Hello {i} world"})
+                               + "\n" for i in range(5)))
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128, max_batch_size=2)
+    out = tmp_path / "d.jsonl"
+    c1 = distill(prompts, out, limit=3, batch_size=2, max_new_tokens=6, engine=engine, progress=False)
+    assert c1["written"] == 3
+    with open(out, "ab") as f:
+        f.write(b'{"id": "p3", "pro')          # killed mid-record
+    c2 = distill(prompts, out, batch_size=2, max_new_tokens=6, engine=engine, progress=False)
+    assert c2["done_before"] == 3 and c2["written"] == 2
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == [f"p{i}" for i in range(5)]
+    r = recs[0]
+    assert r["prompt_ids"] == engine.encode_prompt(r["prompt"]) and 1 <= len(r["answer_ids"]) <= 6
+    assert r["answer"] == engine.tokenizer.decode(r["answer_ids"])
+    # greedy and batched: the same as one-by-one generation
+    assert r["answer_ids"] == engine.generate(r["prompt"], max_new_tokens=6).token_ids
+
+
+def test_read_prompts_formats_and_refusals(tmp_path):
+    sg = tmp_path / "sharegpt.json"
+    sg.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "Q1"},
+                                                            {"from": "gpt", "value": "A1"},
+                                                            {"from": "human", "value": "Q2"}]}]))
+    assert [p.prompt for p in read_prompts(sg)] == ["Q1", "Q2"]
+    jl = tmp_path / "train.jsonl"
+    jl.write_text("".join(json.dumps({"id": f"{s}{i}", "source": s, "prompt": "p\u2028q"}) + "\n"
+                          for s in "ab" for i in range(4 if s == "a" else 1)))
+    assert [p.source for p in read_prompts(jl, limit=2)] == ["a", "a"]
+    bal = read_prompts(jl, limit=2, balance_by_source=True)
+    assert sorted(p.source for p in bal) == ["a", "b"] and bal[0].prompt == "p\u2028q"
+    mt = tmp_path / "questions.jsonl"
+    mt.write_text(json.dumps({"question_id": 1, "category": "writing", "turns": ["hi"]}) + "\n")
+    with pytest.raises(InputError, match="evaluation"):
+        read_prompts(mt)
+    named = tmp_path / "mt_bench_train.jsonl"
+    named.write_text(json.dumps({"id": "1", "source": "s", "prompt": "hi"}) + "\n")
+    with pytest.raises(InputError, match="evaluation"):
+        read_prompts(named)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "prompt": "ok"}\n{"id": 2, "prompt": \n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: malformed JSON"):
+        read_prompts(bad)
+
+
+# ---- bad training data -------------------------------------------------------------------------------------
+def test_bad_data_clear_errors_or_counted_skips(tmp_path, target, shard):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="no usable training records"):
+        train_heads(cfg(empty, tmp_path / "e"), target=target)
+    with pytest.raises(InputError, match="not found"):
+        train_heads(cfg(tmp_path / "missing.jsonl", tmp_path / "e"), target=target)
+    mixed = tmp_path / "mixed.jsonl"
+    good = shard.read_text()
+    mixed.write_text(good
+                     + "{not json\n"
+                     + json.dumps({"id": "long", "prompt_ids": [3] * 300, "answer_ids": [4, 5]}) + "\n"
+                     + json.dumps({"id": "oov", "prompt_ids": [3], "answer_ids": [999, 5]}) + "\n"
+                     + json.dumps({"id": "noans", "prompt_ids": [3], "answer_ids": []}) + "\n"
+                     + json.dumps({"id": "r0", "prompt_ids": [3], "answer_ids": [4, 5]}) + "\n"
+                     + '{"id": "cut", "prompt_ids": [1, 2')
+    data = load_shard(mixed, 64, 256)
+    assert len(data.sequences) == 36
+    assert dict(data.skipped) == {"malformed record": 1, "longer than max_seq_len=256": 1,
+                                  "token id out of the target's vocabulary": 1, "empty prompt or answer": 1,
+                                  "duplicate id": 1, "truncated last line": 1}
+    res = train_heads(cfg(mixed, tmp_path / "m", steps=3), target=target)   # trains on the good records
+    assert res["steps"] == 3 and sum(res["skipped"].values()) == 6
+
+
+def test_trained_heads_keep_greedy_output(shard, target, tmp_path):
+    """Greedy speculative decoding with trained heads equals plain greedy decoding."""
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    res = train_heads(cfg(shard, tmp_path / "g", steps=10), target=target)
+    heads = load_heads(tmp_path / "g", target, dtype=torch.float32)
+    prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
+
+    def decode(dec, n=24):
+        out = [int(dec.prefill([prompt])[0])]
+        while len(out) < n:
+            toks, cnt = dec.step()
+            out += toks[0, :int(cnt[0])].tolist()
+        return out[:n]
+
+    cache = KVCache.for_model(target.config, 1, 256, torch.float32, "cpu")
+    plain = decode(PlainDecoder(target, cache, SamplingParams()))
+    heads.reset_cache(1, 256)
+    spec = SpeculativeDecoder(target, KVCache.for_model(target.config, 1, 256, torch.float32, "cpu"), heads,
+                              TreeSpec(f"chain-{K}", K, "cpu"), SamplingParams())
+    assert decode(spec) == plain
+    assert res["steps"] == 10
