@@ -7,13 +7,12 @@ the device with fixed shapes; the only Python loop is over depth (rejection samp
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .errors import InputError
+from .sampling import SamplingParams, probs_from_logits
 from .tree import TreeBuffers
 
 
@@ -27,30 +26,10 @@ class AcceptResult:
 
 
 def _check_sampling(temperature, top_k=0, top_p=1.0):
-    if not isinstance(temperature, (int, float)) or not temperature >= 0 or math.isinf(temperature):
-        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise InputError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    SamplingParams(temperature, top_k, top_p)     # raises InputError naming the bad parameter
 
 
-def _probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Target distribution [..., V] in fp32: softmax(logits / T) restricted to top-k, then to the nucleus
-    (keep a token while the mass strictly before it is < top_p), renormalised. T = 0: one-hot argmax."""
-    if temperature == 0:
-        # scatter, not F.one_hot: one_hot validates class ids on the host on some backends
-        return torch.zeros_like(logits, dtype=torch.float).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    x = logits.float() / temperature
-    if 0 < top_k < x.shape[-1]:
-        x = x.masked_fill(x < x.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
-    p = torch.softmax(x, dim=-1)
-    if top_p < 1.0:
-        sp, order = p.sort(dim=-1, descending=True)
-        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) >= top_p)
-        p = p.masked_fill(drop, 0.0)
-        p = p / p.sum(-1, keepdim=True)
-    return p
+_probs = probs_from_logits
 
 
 def _sample(p: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -17,7 +17,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
@@ -39,20 +39,22 @@ class SamplingParams:
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0):
-    """Softmax(logits / T) restricted to the top-k / nucleus set, renormalised, in fp32. logits: [..., V]."""
-    logits = logits.float() / max(temperature, 1e-6)
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    """Target distribution [..., V] in fp32: softmax(logits / T) restricted to top-k, then to the nucleus
+    (keep a token while the mass strictly before it is < top_p), renormalised. T = 0: one-hot argmax.
+    Plain sampling and tree rejection sampling both use this, so they sample the same distribution."""
+    if temperature == 0:
+        # scatter, not F.one_hot: one_hot validates class ids on the host on some backends
+        return torch.zeros_like(logits, dtype=torch.float).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    x = logits.float() / temperature
+    if 0 < top_k < x.shape[-1]:
+        x = x.masked_fill(x < x.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    p = torch.softmax(x, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep a token if the mass strictly before it is below top_p (so the top token always stays).
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        sp, order = p.sort(dim=-1, descending=True)
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) >= top_p)
+        p = p.masked_fill(drop, 0.0)
+        p = p / p.sum(-1, keepdim=True)
+    return p
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -133,10 +133,9 @@ class SpeculativeDecoder(PlainDecoder):
         nodes = res.accepted_nodes.clamp(min=0)                              # [B, D+1]
         count = res.accept_len + 1
         self.cache.compact(length[:, None] + nodes, length)
-        acc_tokens = tree.tokens.gather(1, nodes)
-        # Emitted tokens = the token after each accepted node: the next accepted node, then the bonus.
-        out = torch.cat([acc_tokens[:, 1:], acc_tokens[:, :1]], 1)
-        out.scatter_(1, res.accept_len[:, None].clamp(max=nodes.shape[1] - 1), res.next_token[:, None])
+        # Emitted = the token after each accepted node (the next accepted node's, then the bonus): exactly
+        # the "next token" the SAL pairs with each accepted hidden state. Padding (-1) only needs a valid id.
+        out = res.emitted.clamp(min=0)
         acc_hidden = hidden.gather(1, nodes[..., None].expand(-1, -1, hidden.shape[-1]))
         length += count
         self.draft.copy_(self.heads.step(acc_hidden, out, count, kv_len))
