@@ -1,0 +1,207 @@
+"""`amphista bench`: prefill and per-step latency of plain decoding and of one speculative step per tree size.
+
+A speculative step (draft + tree + verify + accept + commit) costs more than a plain step; the ratio is the
+break-even tau: the tree pays off only when the heads emit more tokens per step than that. Given a measured
+tau (`--tau`, or an `amphista eval` summary.json), the step time turns into the tokens/s it would give.
+
+Random heads are enough for timing: a step costs the same whatever is accepted (up to the commit copy of
+the few accepted K/V entries). Timing is honest: warm-up calls first, device-synchronised host clocks around
+every timed call, the median of repeats, and each timed step includes the host read of its tokens, which the
+real decoding loop does every step.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .env import environment, sync
+
+DEFAULT_TREES = ("chain-4", "dynamic-8", "tree-16", "dynamic-16", "tree-32", "dynamic-32", "mc_sim_7b_63",
+                 "dynamic-64")
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median_ms(fn, device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def parse_tau(tau) -> dict[str, float] | None:
+    """None | 2.5 | "2.5" (both methods) | "medusa=2.1,amphista=2.6" | path to an eval summary.json."""
+    if tau is None or tau == "":
+        return None
+    if isinstance(tau, (int, float)):
+        value = float(tau)
+        out = {"medusa": value, "amphista": value}
+    elif Path(str(tau)).suffix == ".json" or Path(str(tau)).is_file():
+        path = Path(str(tau))
+        if not path.is_file():
+            raise InputError(f"--tau: summary file not found: {path}")
+        try:
+            overall = json.loads(path.read_text())["overall"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"--tau: {path} is not an `amphista eval` summary.json (no 'overall' section)") from None
+        out = {m: s["tau"] for m, s in overall.items() if m in ("medusa", "amphista")}
+        if not out:
+            raise InputError(f"--tau: {path} has no medusa or amphista results")
+    elif re.fullmatch(r"[0-9.]+", str(tau).strip()):
+        out = {"medusa": float(tau), "amphista": float(tau)}
+    else:
+        out = {}
+        for part in str(tau).split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in ("medusa", "amphista") or not value:
+                raise InputError(f"--tau: expected X, medusa=X,amphista=Y or a summary.json, got {tau!r}")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise InputError(f"--tau: {value!r} is not a number") from None
+    bad = {m: v for m, v in out.items() if v < 1.0}
+    if bad:
+        raise InputError(f"--tau must be >= 1 (plain decoding emits 1 token per forward), got {bad}")
+    return out
+
+
+def load_target(model=None, random_weights: bool = False, shape: str | None = None, device="cpu",
+                dtype=torch.float32, max_seq_len: int = 2048, allow_large: bool = False):
+    """(Transformer, display name): a checkpoint, or random weights of a named shape (no tokenizer needed)."""
+    if random_weights:
+        from .shapes import random_model
+        if not shape:
+            raise InputError("--random-weights needs --shape (one of the shapes listed in --help)")
+        return random_model(shape, device, dtype, max_seq_len, allow_large=allow_large), f"random {shape}"
+    if shape:
+        raise InputError("--shape only applies with --random-weights")
+    from ..loading import load_model
+    return load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len).model, str(model)
+
+
+def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, shape: str | None = None,
+              device=None, dtype=None, trees=DEFAULT_TREES, prompt_tokens: int = 256, repeats: int = 10,
+              warmup: int = 2, tau=None, num_heads: int = 4, methods=("medusa", "amphista"), plot: bool = False,
+              out="bench_results", allow_large: bool = False, target=None, log=_log) -> dict:
+    from ..generation import PlainDecoder
+    from ..heads import random_heads
+    from ..kv_cache import KVCache
+    from ..loading import parse_dtype
+    from ..sampling import SamplingParams
+    from ..speculative import SpeculativeDecoder, TreeSpec
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    trees = [t.strip() for t in (trees.split(",") if isinstance(trees, str) else trees) if t.strip()]
+    if not trees:
+        raise InputError("--trees is empty")
+    for name, value in (("prompt-tokens", prompt_tokens), ("repeats", repeats)):
+        if value < 1:
+            raise InputError(f"--{name} must be a positive integer, got {value}")
+    methods = list(methods)
+    unknown = [m for m in methods if m not in ("medusa", "amphista")]
+    if unknown:
+        raise InputError(f"unknown method(s) {unknown}; bench times medusa and amphista steps")
+    taus = parse_tau(tau)
+    specs = {t: TreeSpec(t, num_heads, "cpu") for t in trees}   # unknown or too-deep trees fail before loading
+    # The cache must hold the prompt, every timed step's tokens and the largest tree's scratch slots.
+    steps = warmup + 2 * repeats + 2
+    max_seq_len = prompt_tokens + steps * (num_heads + 1) + max(s.num_nodes for s in specs.values()) + 256
+
+    if target is None:
+        log(f"loading {'random ' + str(shape) if random_weights else model} on {device} ({dtype}) ...")
+        target, name = load_target(model, random_weights, shape, device, dtype, max_seq_len, allow_large)
+    else:
+        name = str(model or "model")
+        target.setup_rope(max(max_seq_len, target.rope_len))
+    cfg = target.config
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    cache = KVCache.for_model(cfg, 1, max_seq_len, dtype, device)
+    greedy = SamplingParams()
+
+    def read(out, count):       # the host loop reads both every step; count it in every timing
+        count.tolist()
+        out.tolist()
+
+    with torch.inference_mode():
+        plain = PlainDecoder(target, cache, greedy)
+        prefill_ms = median_ms(lambda: plain.prefill([prompt]).tolist(), device, repeats, warmup)
+        plain.prefill([prompt])
+        plain_ms = median_ms(lambda: read(*plain.step()), device, repeats, warmup)
+        log(f"prefill {prompt_tokens} tok: {prefill_ms:.2f} ms | plain step: {plain_ms:.3f} ms")
+        rows = [{"method": "plain", "tree": "-", "nodes": 1, "depth": 0, "step_ms": round(plain_ms, 4),
+                 "break_even_tau": 1.0, "tokens_per_s": round(1e3 / plain_ms, 2)}]
+        for method in methods:
+            heads = random_heads(method, target, num_heads=num_heads).to(device, dtype)
+            for tree in trees:
+                spec = TreeSpec(tree, num_heads, device)
+                dec = SpeculativeDecoder(target, cache, heads, spec, greedy)
+                dec.prefill([prompt])
+                ms = median_ms(lambda: read(*dec.step()), device, repeats, warmup)
+                # A second pass with a sync between phases gives the split (the sync itself costs a little,
+                # so the headline step time comes from the pass above).
+                dec.profile = True
+                dec.times = dict.fromkeys(dec.times, 0.0)
+                for _ in range(repeats):
+                    read(*dec.step())
+                row = {"method": method, "tree": tree, "nodes": spec.num_nodes, "depth": spec.max_depth,
+                       "step_ms": round(ms, 4), "break_even_tau": round(ms / plain_ms, 4),
+                       **{f"{k}_ms": round(v / repeats, 4) for k, v in dec.times.items()}}
+                if taus and method in taus:
+                    row["tau"] = taus[method]
+                    row["tokens_per_s_at_tau"] = round(taus[method] * 1e3 / ms, 2)
+                    row["speedup_at_tau"] = round(taus[method] * plain_ms / ms, 3)
+                rows.append(row)
+                log(f"{method:8s} {tree:13s} {spec.num_nodes:4d} nodes: {ms:.3f} ms/step, "
+                    f"break-even tau {ms / plain_ms:.2f}")
+            del heads
+
+    result = {"meta": {**environment(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
+                       "prompt_tokens": prompt_tokens, "repeats": repeats, "warmup": warmup, "num_heads": num_heads,
+                       "note": "step times are medians with device sync and the host read of the step's tokens; "
+                               "break_even_tau = spec step / plain step; tokens_per_s_at_tau = tau / spec step"},
+              "prefill_ms": round(prefill_ms, 4), "plain_step_ms": round(plain_ms, 4),
+              "plain_tokens_per_s": round(1e3 / plain_ms, 2), "tau": taus, "rows": rows}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"bench_{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(name).name)}_{device.type}_{result['meta']['dtype']}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(bench_markdown(result) + "\n")
+        result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
+        if plot:
+            from .plots import plot_bench
+            result["files"] += [str(p) for p in plot_bench(result, out)]
+    elif plot:
+        raise InputError("--plot needs --out DIR")
+    return result
+
+
+def bench_markdown(result: dict) -> str:
+    m = result["meta"]
+    head = (f"model {m['model']} | {m['dtype']} | {m['hardware']} | prompt {m['prompt_tokens']} tok | "
+            f"prefill {result['prefill_ms']:.2f} ms | plain step {result['plain_step_ms']:.3f} ms "
+            f"({result['plain_tokens_per_s']:.1f} tok/s)\n")
+    cols = ["method", "tree", "nodes", "step_ms", "break_even_tau", "draft_ms", "verify_ms", "accept_ms", "commit_ms"]
+    if result.get("tau"):
+        cols += ["tau", "tokens_per_s_at_tau", "speedup_at_tau"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    return head + "\n" + "\n".join(lines)

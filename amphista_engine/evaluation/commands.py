@@ -1,0 +1,109 @@
+"""`amphista eval | bench`: argparse subcommands. cli.py adds them with `register(sub)`;
+`python -m amphista_engine.evaluation.commands eval|bench ...` runs them standalone."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import AmphistaError
+
+
+def cmd_eval(args) -> int:
+    from .runner import run_eval, summary_markdown
+    heads = {"amphista": args.heads_amphista, "medusa": args.heads_medusa}
+    summary = run_eval(args.questions, methods=args.methods, model=args.model, heads=heads, tree=args.tree,
+                       max_new_tokens=args.max_new_tokens, categories=args.categories, limit=args.limit,
+                       warmup=args.warmup, out=args.out, plot=args.plot, device=args.device, dtype=args.dtype,
+                       max_seq_len=args.max_seq_len, temperature=args.temperature, seed=args.seed,
+                       progress=not args.no_progress)
+    print(summary_markdown(summary))
+    print(f"answers and summary in {args.out}", file=sys.stderr)
+    eq = summary.get("equality") or {}
+    # A lossless decoder that disagrees with plain decoding is a bug: make scripts notice.
+    return 1 if any(e["mismatches"] for e in eq.values()) else 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_markdown, run_bench
+    result = run_bench(model=args.model, random_weights=args.random_weights, shape=args.shape, device=args.device,
+                       dtype=args.dtype, trees=args.trees, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                       warmup=args.warmup, tau=args.tau, num_heads=args.num_heads, plot=args.plot, out=args.out,
+                       allow_large=args.allow_large)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(bench_markdown(result))
+    return 0
+
+
+def _device_args(p):
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
+
+
+def register(sub) -> None:
+    """Adds the eval and bench subcommands to an argparse subparsers object."""
+    from .bench import DEFAULT_TREES
+    from .shapes import SHAPES
+
+    e = sub.add_parser("eval", help="tau, tokens/s and speedup per category on a Spec-Bench-format question file",
+                       description="Runs every question with plain decoding (ar) and each speculative method; "
+                                   "writes answers.jsonl, summary.json and summary.md to --out (resumable).")
+    e.add_argument("--questions", required=True, help="Spec-Bench-format JSONL: question_id, category, turns")
+    e.add_argument("--methods", default="ar,medusa,amphista", help="comma list of ar, medusa, amphista")
+    e.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")
+    e.add_argument("--heads-amphista", default=None, help="Amphista heads directory (default: shipped heads)")
+    e.add_argument("--heads-medusa", default=None, help="Medusa heads directory (default: shipped heads)")
+    e.add_argument("--tree", default=None, help="tree for both methods (default: mc_sim_7b_63, or chain-K)")
+    e.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (Spec-Bench: 1024; less on CPU)")
+    e.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
+    e.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")
+    e.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; equality is checked)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    e.add_argument("--out", default="eval_results", help="output folder (answers.jsonl, summary.json, plots)")
+    e.add_argument("--plot", action="store_true", help="write tau and speedup per category PNGs")
+    e.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length (whole conversation)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _device_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="prefill, plain step and speculative step latency per tree; break-even tau",
+                       description="Times one plain decoding step and one speculative step (random heads) per "
+                                   "tree size; reports the break-even tau and the tokens/s a measured tau gives.")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")
+    src.add_argument("--random-weights", action="store_true", help="random weights of --shape (no download)")
+    b.add_argument("--shape", default=None, choices=list(SHAPES), help="model shape for --random-weights")
+    b.add_argument("--allow-large", action="store_true", help="allow >4 GiB of random weights on the CPU")
+    _device_args(b)
+    b.add_argument("--trees", default=",".join(DEFAULT_TREES), help="comma list of trees (static names, dynamic-N)")
+    b.add_argument("--num-heads", type=int, default=4, help="drafting heads of the random heads")
+    b.add_argument("--prompt-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    b.add_argument("--tau", default=None,
+                   help="measured tau: X, medusa=X,amphista=Y, or an `amphista eval` summary.json")
+    b.add_argument("--plot", action="store_true", help="write step_cost.png")
+    b.add_argument("--out", default="bench_results", help="output folder for the .json/.md (and the plot)")
+    b.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    b.set_defaults(func=cmd_bench)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="amphista")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AmphistaError as e:
+        print(f"amphista: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

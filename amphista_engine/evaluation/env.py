@@ -1,0 +1,52 @@
+"""Where a measurement came from: hardware, library versions and the commit, stored with every result."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+
+def sync(device):
+    """Wait for queued device work, so a host clock reads the time the work really took."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def hardware(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device) -> dict:
+    return {"date": str(date.today()), "commit": commit(), "torch": torch.__version__,
+            "device": str(device), "hardware": hardware(device)}

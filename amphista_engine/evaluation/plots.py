@@ -1,0 +1,95 @@
+"""PNG plots of an eval summary (tau and speedup per category) and a bench result (step cost vs tree size).
+
+matplotlib runs on the Agg backend: these are written on headless machines and never shown.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+COLORS = {"ar": "#7f7f7f", "medusa": "#1f77b4", "amphista": "#d62728"}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _grouped_bars(ax, summary: dict, methods: list[str], key: str):
+    cats = list(summary["categories"]) + ["overall"]
+    groups = [summary["categories"][c] for c in summary["categories"]] + [summary["overall"]]
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(cats))]
+        ys = [(g.get(m) or {}).get(key) or 0.0 for g in groups]
+        bars = ax.bar(xs, ys, width, label=m, color=COLORS.get(m))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")   # plain decoding: tau 1, speedup 1
+    ax.legend()
+
+
+def plot_eval(summary: dict, out_dir) -> list[Path]:
+    """tau_per_category.png and speedup_per_category.png; returns their paths."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = summary.get("meta", {})
+    subtitle = f"{Path(str(meta.get('model', ''))).name} | {meta.get('hardware', '')} | tree {meta.get('tree') or 'default'}"
+    spec = [m for m in summary["methods"] if m != "ar"]
+    paths = []
+    for key, methods, ylabel, name in (
+            ("tau", spec, "tau (tokens per target forward)", "tau_per_category.png"),
+            ("speedup", spec, "speedup over plain decoding (x)", "speedup_per_category.png")):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        _grouped_bars(ax, summary, methods, key)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel.split(' (')[0]} per category\n{subtitle}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+def plot_bench(result: dict, out_dir) -> list[Path]:
+    """step_cost.png: left, step time vs tree nodes with the plain step as a line; right, the same as a ratio
+    to the plain step, which is the break-even tau (a measured tau above a point means that tree pays off)."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = result["plain_step_ms"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method in ("medusa", "amphista"):
+        rows = [r for r in result["rows"] if r["method"] == method]
+        for dynamic, marker in ((False, "o"), (True, "s")):
+            sel = sorted((r for r in rows if r["tree"].startswith("dynamic-") == dynamic), key=lambda r: r["nodes"])
+            if not sel:
+                continue
+            label = f"{method} {'dynamic' if dynamic else 'static'} trees"
+            style = dict(marker=marker, color=COLORS[method], ls="--" if dynamic else "-", label=label)
+            a1.plot([r["nodes"] for r in sel], [r["step_ms"] for r in sel], **style)
+            a2.plot([r["nodes"] for r in sel], [r["break_even_tau"] for r in sel], **style)
+    a1.axhline(plain, color=COLORS["ar"], lw=1.2, label=f"plain step {plain:.2f} ms")
+    a2.axhline(1.0, color=COLORS["ar"], lw=1.2, label="plain decoding (tau 1)")
+    for method, tau in (result.get("tau") or {}).items():
+        a2.axhline(tau, color=COLORS.get(method, "black"), lw=1, ls=":", label=f"measured tau {method} {tau:.2f}")
+    nodes = sorted({r["nodes"] for r in result["rows"] if r["method"] != "plain"})
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(nodes, [str(n) for n in nodes])
+        ax.minorticks_off()
+        ax.set_xlabel("tree nodes (tokens verified per step)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    a1.set_ylabel("step time (ms, median)")
+    a2.set_ylabel("break-even tau = spec step / plain step")
+    meta = result.get("meta", {})
+    fig.suptitle(f"step cost vs tree size: {meta.get('model', '')} | {meta.get('dtype', '')} | "
+                 f"{meta.get('hardware', '')} | prompt {meta.get('prompt_tokens', '')} tok", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "step_cost.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,60 @@
+"""Spec-Bench-format question files: one JSON object per line with question_id, category and turns."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def read_questions(path, categories=None, limit: int | None = None) -> list[dict]:
+    """Questions in file order, filtered to `categories` (names from the file), then the first `limit`.
+
+    Every problem names the file and line, so a hand-edited benchmark file is quick to fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"questions file not found: {path}")
+    questions, seen = [], {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not a valid JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(q, dict):
+            raise InputError(f"{path}:{n}: expected a JSON object, got {type(q).__name__}")
+        missing = [k for k in ("question_id", "category", "turns") if k not in q]
+        if missing:
+            raise InputError(f"{path}:{n}: question lacks {', '.join(missing)} "
+                             "(Spec-Bench format: question_id, category, turns)")
+        turns = q["turns"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise InputError(f"{path}:{n}: 'turns' must be a non-empty list of non-empty strings")
+        if not isinstance(q["category"], str) or not q["category"]:
+            raise InputError(f"{path}:{n}: 'category' must be a non-empty string")
+        qid = q["question_id"]
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+            raise InputError(f"{path}:{n}: 'question_id' must be an integer or a string, got {qid!r}")
+        if qid in seen:    # answers are keyed by question id, so a duplicate would be silently skipped
+            raise InputError(f"{path}:{n}: duplicate question_id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = n
+        questions.append({"question_id": qid, "category": q["category"], "turns": turns})
+    if not questions:
+        raise InputError(f"no questions in {path}")
+
+    if categories:
+        wanted = [c.strip() for c in (categories.split(",") if isinstance(categories, str) else categories)]
+        wanted = [c for c in wanted if c]
+        known = sorted({q["category"] for q in questions})
+        unknown = [c for c in wanted if c not in known]
+        if unknown:
+            raise InputError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}; "
+                             f"{path.name} has: {', '.join(known)}")
+        questions = [q for q in questions if q["category"] in wanted]
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit must be a positive integer, got {limit}")
+        questions = questions[:limit]
+    return questions

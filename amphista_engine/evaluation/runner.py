@@ -1,0 +1,342 @@
+"""`amphista eval`: a Spec-Bench-format question file through plain decoding and each speculative method.
+
+Reports, per category and overall, tau (tokens per target forward), tokens/s and the speedup over plain
+decoding measured in the same run, plus a check that every greedy speculative answer is token-for-token
+the plain answer. Multi-turn questions carry the conversation forward as Spec-Bench does: each method sees
+its own earlier answers. Answers are appended to `answers.jsonl` one (question, method) at a time, so an
+interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import InputError
+from .env import environment, now
+from .questions import read_questions
+
+METHODS = ("ar", "medusa", "amphista")
+SPECULATIVE = ("medusa", "amphista")
+_ALIASES = {"plain": "ar", "none": "ar"}
+WARMUP_TOKENS = 64          # enough to warm kernels and allocators without a full answer per warm-up
+ANSWERS, SUMMARY, SUMMARY_MD, RUN_CONFIG = "answers.jsonl", "summary.json", "summary.md", "run_config.json"
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_methods(methods, log=_log) -> list[str]:
+    """'ar,medusa,amphista' -> ['ar', 'medusa', 'amphista']; plain decoding always runs first, because the
+    speedup and the equality check are measured against it."""
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    out = []
+    for name in (n.strip().lower() for n in names):
+        if not name:
+            continue
+        name = _ALIASES.get(name, name)
+        if name not in METHODS:
+            raise InputError(f"unknown method {name!r}; known methods: ar (plain decoding), medusa, amphista")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise InputError("no methods given; use e.g. --methods ar,medusa,amphista")
+    if "ar" not in out:
+        log("note: adding plain decoding (ar): speedups and the equality check are measured against it")
+    return ["ar"] + [m for m in out if m != "ar"]
+
+
+def resolve_heads_paths(methods, model, heads: dict | None) -> dict[str, str]:
+    """The heads directory for each speculative method: given explicitly, else the heads shipped for `model`."""
+    from ..shipped_heads import shipped_heads
+    heads = heads or {}
+    paths = {}
+    for m in methods:
+        if m == "ar":
+            continue
+        path = heads.get(m) or shipped_heads(str(model), m)
+        if path is None:
+            raise InputError(f"no {m} heads are shipped for model {str(model)!r}; pass --heads-{m} DIR")
+        if not Path(path).expanduser().exists():
+            raise InputError(f"--heads-{m}: heads directory not found: {path}")
+        paths[m] = str(Path(path).expanduser())
+    return paths
+
+
+# ---- answers file ------------------------------------------------------------------------------------------
+
+def load_answers(path: Path, log=_log) -> dict[tuple, dict]:
+    """(question_id, method) -> record. A torn last line (a run killed mid-write) is dropped, not fatal."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    done = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = (rec["question_id"], rec["method"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if n == len(lines):
+                log(f"note: {path}:{n} is incomplete (interrupted run?); that answer will be recomputed")
+                path.write_text("".join(f"{x}\n" for x in lines[:n - 1]), encoding="utf-8")
+                break
+            raise InputError(f"{path}:{n}: not a valid answer record ({e}); fix or delete the file") from None
+        done[key] = rec
+    return done
+
+
+def _check_run_config(out: Path, config: dict):
+    """Answers from another configuration must not mix into this summary (e.g. another max_new_tokens)."""
+    f = out / RUN_CONFIG
+    if f.is_file():
+        old = json.loads(f.read_text())
+        keys = ("model", "questions", "max_new_tokens", "tree", "temperature", "seed", "dtype", "device")
+        diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys if old.get(k) != config[k]]
+        diff += [f"{m} heads: {p!r} there, {config['heads'][m]!r} now"
+                 for m, p in old.get("heads", {}).items() if m in config["heads"] and config["heads"][m] != p]
+        if diff:
+            raise InputError(f"{out} holds answers from a different configuration ({'; '.join(diff)}); "
+                             "use another --out or delete it")
+        config = {**config, "heads": {**old.get("heads", {}), **config["heads"]}}
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(config, indent=1) + "\n")
+
+
+# ---- running -----------------------------------------------------------------------------------------------
+
+def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int) -> dict:
+    """All turns of one question with one method; the conversation carries this method's own answers."""
+    messages, ch = [], defaultdict(list)
+    for k, turn in enumerate(question["turns"]):
+        messages.append({"role": "user", "content": turn})
+        n_prompt = len(engine.encode_prompt(messages))
+        # Keep prompt + answer + tree room inside the cache. `room` is the largest over all methods, so
+        # every method gets the same budget and greedy answers stay comparable.
+        budget = min(gen_kwargs["max_new_tokens"], engine.max_seq_len - n_prompt - room)
+        if budget < 1:
+            raise InputError(f"question {question['question_id']} turn {k + 1}: the conversation is {n_prompt} "
+                             f"tokens, no room left in the cache (max_seq_len={engine.max_seq_len}); "
+                             "raise --max-seq-len")
+        t0 = now(engine.device)
+        res = engine.generate(messages, **{**gen_kwargs, "max_new_tokens": budget},
+                              speculative=None if method == "ar" else method)
+        wall = now(engine.device) - t0
+        messages.append({"role": "assistant", "content": res.text})
+        s = res.stats
+        for key, value in (("turns", res.text), ("token_ids", list(res.token_ids)),
+                           ("new_tokens", s.new_tokens), ("wall_time", round(wall, 6)),
+                           ("prompt_tokens", s.prompt_tokens), ("prefill_ms", round(s.prefill_ms, 3)),
+                           ("decode_ms", round(s.decode_ms, 3)), ("decoding_steps", s.decode_steps),
+                           ("step_tokens", s.step_tokens), ("accept_hist", list(s.accept_hist)),
+                           ("finish_reason", res.finish_reason), ("max_new_tokens", budget)):
+            ch[key].append(value)
+    return {"question_id": question["question_id"], "category": question["category"], "method": method,
+            "model_id": str(engine.loaded_name), "choices": [{"index": 0, **ch}], "tstamp": time.time()}
+
+
+def _warmup(engine, question: dict, methods, gen_kwargs: dict, runs: int):
+    """Untimed runs per method first: lazy allocations, kernel selection and caches settle outside the clock."""
+    kwargs = {**gen_kwargs, "max_new_tokens": min(gen_kwargs["max_new_tokens"], WARMUP_TOKENS)}
+    prompt = [{"role": "user", "content": question["turns"][0]}]
+    for method, heads in methods.items():
+        if heads is not None:
+            engine.load_heads(heads)
+        for _ in range(runs):
+            engine.generate(prompt, **kwargs, speculative=None if method == "ar" else method)
+
+
+def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m", heads: dict | None = None,
+             tree=None, max_new_tokens: int = 1024, categories=None, limit: int | None = None, warmup: int = 1,
+             out="eval_results", plot: bool = False, device=None, dtype=None, max_seq_len: int = 4096,
+             temperature: float = 0.0, seed: int = 0, engine=None, progress: bool = True, log=_log) -> dict:
+    """Runs (or resumes) the evaluation and writes answers.jsonl, summary.json, summary.md (and plots).
+
+    heads: {"medusa": DIR, "amphista": DIR}; a method without one uses the heads shipped for `model`.
+    engine: an already loaded Engine (tests, notebooks); `model`, `device`, `dtype`, `max_seq_len` are then
+    ignored except `model` naming the shipped heads.
+    """
+    from tqdm import tqdm
+
+    # Everything that can be wrong with the input is checked before the (slow) model load.
+    methods = parse_methods(methods, log)
+    qs = read_questions(questions, categories, limit)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
+    if warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {warmup}")
+    if temperature < 0:
+        raise InputError(f"--temperature must be >= 0, got {temperature}")
+    heads_paths = resolve_heads_paths(methods, model, heads)
+    out = Path(out)
+
+    if engine is None:
+        from ..engine import Engine
+        log(f"loading {model} ...")
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    greedy = temperature == 0
+    config = {"model": str(engine.loaded_name), "questions": Path(questions).name, "max_new_tokens": max_new_tokens,
+              "tree": tree, "temperature": temperature, "seed": None if greedy else seed,
+              "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device), "heads": heads_paths}
+    _check_run_config(out, config)
+
+    # Load every method's heads once; switching methods then just swaps the module on the engine.
+    loaded: dict[str, object] = {"ar": None}
+    room = 0
+    for m, path in heads_paths.items():
+        h = engine.load_heads(path)
+        if h.config.kind != m:
+            raise InputError(f"--heads-{m} {path} holds {h.config.kind} heads, not {m} heads")
+        spec = engine._tree_spec(tree)           # also rejects an unknown tree or one deeper than the heads
+        room = max(room, spec.num_nodes + spec.max_depth)
+        loaded[m] = h
+
+    answers_file = out / ANSWERS
+    done = load_answers(answers_file, log)
+    todo = [(q, m) for q in qs for m in methods if (q["question_id"], m) not in done]
+    gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "tree": tree,
+                  "seed": None if greedy else seed}
+    if todo:
+        if done:
+            log(f"resuming: {len(done)} answers in {answers_file}, {len(todo)} to go")
+        if warmup:
+            _warmup(engine, todo[0][0], {m: loaded[m] for m in methods}, gen_kwargs, warmup)
+        # Question-major order (every method answers a question before the next one starts): load from other
+        # jobs on the machine then spreads over all methods instead of skewing whichever ran during it.
+        with open(answers_file, "a", encoding="utf-8") as f, \
+                tqdm(total=len(todo), desc="eval", unit="answer", file=sys.stderr, disable=not progress) as bar:
+            for q, m in todo:
+                bar.set_postfix_str(f"q {q['question_id']} {m}")
+                if loaded[m] is not None:
+                    engine.load_heads(loaded[m])
+                rec = _answer(engine, q, m, gen_kwargs, room)
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done[(q["question_id"], m)] = rec
+                bar.update(1)
+
+    records = [done[(q["question_id"], m)] for q in qs for m in methods]
+    summary = summarize(records, methods, check_equality=greedy)
+    summary["meta"] = {**environment(engine.device), **config, "questions_path": str(questions),
+                       "n_questions": len(qs), "categories_filter": categories, "limit": limit, "warmup": warmup,
+                       "max_seq_len": engine.max_seq_len, "methods": methods,
+                       "note": "tokens_per_s = new tokens / wall time of the whole generate call (prefill "
+                               "included), as Spec-Bench; speedup = tokens_per_s / ar tokens_per_s"}
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    (out / SUMMARY_MD).write_text(summary_markdown(summary) + "\n")
+    if plot:
+        from .plots import plot_eval
+        summary["plots"] = [str(p) for p in plot_eval(summary, out)]
+        (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+# ---- summary -----------------------------------------------------------------------------------------------
+
+def _aggregate(recs: list[dict]) -> dict:
+    c = [r["choices"][0] for r in recs]
+    new = sum(sum(x["new_tokens"]) for x in c)
+    wall = sum(sum(x["wall_time"]) for x in c)
+    decode_s = sum(sum(x["decode_ms"]) for x in c) / 1e3
+    steps = sum(sum(x["decoding_steps"]) for x in c)
+    used = sum(sum(x["step_tokens"]) for x in c)
+    hist: list[int] = []
+    for x in c:
+        for h in x["accept_hist"]:
+            hist.extend([0] * (len(h) - len(hist)))
+            for i, v in enumerate(h):
+                hist[i] += v
+    # decode tokens exclude each turn's first token, which prefill produces
+    decode_tokens = sum(sum(max(n - 1, 0) for n in x["new_tokens"]) for x in c)
+    return {"questions": len(recs), "turns": sum(len(x["new_tokens"]) for x in c), "new_tokens": new,
+            "wall_s": round(wall, 4), "tokens_per_s": round(new / wall, 3) if wall else 0.0,
+            "decode_tokens_per_s": round(decode_tokens / decode_s, 3) if decode_s else 0.0,
+            "decoding_steps": steps, "tau": round(used / steps, 4) if steps else 0.0, "accept_hist": hist}
+
+
+def _first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:
+    """(turn, token position) where two answers first differ, 1-based turn; None when identical."""
+    for t, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            pos = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+            return t + 1, pos
+    return None if len(a) == len(b) else (min(len(a), len(b)) + 1, 0)
+
+
+def summarize(records: list[dict], methods: list[str], check_equality: bool = True) -> dict:
+    by = defaultdict(list)                       # (method, category) -> records; category "overall" too
+    for r in records:
+        by[(r["method"], r["category"])].append(r)
+        by[(r["method"], "overall")].append(r)
+    cats = sorted({r["category"] for r in records})
+
+    def group(cat):
+        g = {m: _aggregate(by[(m, cat)]) for m in methods if by[(m, cat)]}
+        base = g.get("ar", {}).get("tokens_per_s")
+        for m, s in g.items():
+            s["speedup"] = round(s["tokens_per_s"] / base, 4) if base else None
+        return g
+
+    summary = {"methods": methods, "overall": group("overall"), "categories": {c: group(c) for c in cats}}
+    if check_equality:
+        plain = {r["question_id"]: r for r in records if r["method"] == "ar"}
+        eq = {}
+        for m in methods:
+            if m == "ar":
+                continue
+            checked, mismatches, first = 0, 0, None
+            for r in records:
+                if r["method"] != m or r["question_id"] not in plain:
+                    continue
+                checked += 1
+                p = plain[r["question_id"]]
+                diff = _first_difference(p["choices"][0]["token_ids"], r["choices"][0]["token_ids"])
+                if diff is not None:
+                    mismatches += 1
+                    if first is None:
+                        turn, pos = diff
+                        first = {"question_id": r["question_id"], "category": r["category"], "turn": turn,
+                                 "token_position": pos,
+                                 "ar": p["choices"][0]["turns"][turn - 1][:200] if turn <= len(p["choices"][0]["turns"]) else "",
+                                 m: r["choices"][0]["turns"][turn - 1][:200] if turn <= len(r["choices"][0]["turns"]) else ""}
+            eq[m] = {"checked": checked, "mismatches": mismatches, "first_mismatch": first}
+        summary["equality"] = eq
+    else:
+        summary["equality"] = None          # sampling: answers legitimately differ
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    methods = summary["methods"]
+    spec = [m for m in methods if m != "ar"]
+    cols = ["category", "questions", "turns"] + (["ar tok/s"] if "ar" in methods else [])
+    for m in spec:
+        cols += [f"{m} tau", f"{m} tok/s", f"{m} speedup"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = [(c, summary["categories"][c]) for c in summary["categories"]] + [("**overall**", summary["overall"])]
+    for name, g in rows:
+        first = next(iter(g.values()), {"questions": 0, "turns": 0})
+        cells = [name, str(first["questions"]), str(first["turns"])]
+        if "ar" in methods:
+            cells.append(f"{g['ar']['tokens_per_s']:.1f}" if "ar" in g else "-")
+        for m in spec:
+            s = g.get(m)
+            cells += ([f"{s['tau']:.2f}", f"{s['tokens_per_s']:.1f}",
+                       f"{s['speedup']:.2f}x" if s.get("speedup") else "-"] if s else ["-", "-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    eq = summary.get("equality")
+    if eq is None:
+        lines.append("\nEquality with plain decoding: not checked (sampling).")
+    else:
+        for m, e in eq.items():
+            line = f"\nEquality with plain decoding ({m}): {e['mismatches']} mismatches in {e['checked']} questions"
+            if e["first_mismatch"]:
+                f = e["first_mismatch"]
+                line += (f"; first: question {f['question_id']} ({f['category']}), turn {f['turn']}, "
+                         f"token {f['token_position']}")
+            lines.append(line)
+    return "\n".join(lines)

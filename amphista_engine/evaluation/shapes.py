@@ -1,0 +1,77 @@
+"""Model shapes for `amphista bench --random-weights`: the architecture of a real target without its weights.
+
+Step latency depends on the shapes, not the values, so random weights of the right shape time a 7B/13B/33B
+target without downloading it. Shapes follow the checkpoints the Medusa and Amphista papers evaluate
+(Vicuna v1.3 = LLaMA-1 7B/13B/33B) and the model we ship (SmolLM2-135M-Instruct).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import InputError
+from ..model import Transformer
+
+SHAPES: dict[str, dict] = {
+    "llama-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
+                     norm_eps=1e-6, max_position_embeddings=2048),
+    "llama-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, intermediate_size=13824,
+                      norm_eps=1e-6, max_position_embeddings=2048),
+    "vicuna-33b": dict(vocab_size=32000, dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, intermediate_size=17920,
+                       norm_eps=1e-6, max_position_embeddings=2048),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                         norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    # Not a real model: a few-MB shape so smoke tests and CI can exercise the random-weights path.
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                 max_position_embeddings=4096),
+}
+
+# Refuse on CPU above this many bytes of weights unless --allow-large: a 7B model in fp32 is 27 GB and
+# would push a shared machine into swap before a single step was timed.
+CPU_LIMIT_BYTES = 4 << 30
+
+
+def shape_config(shape: str) -> ModelConfig:
+    if shape not in SHAPES:
+        raise InputError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
+    return ModelConfig(**SHAPES[shape], name=f"random-{shape}", eos_token_id=[])
+
+
+def param_count(cfg: ModelConfig) -> int:
+    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size + 2 * d
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+    return cfg.n_layers * per_layer + cfg.vocab_size * d + head + d
+
+
+def check_fits(cfg: ModelConfig, device, dtype: torch.dtype, allow_large: bool, what: str):
+    """Raise before allocating a model too large for a CPU run (GPUs report their own OOM quickly)."""
+    nbytes = param_count(cfg) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type == "cpu" and nbytes > CPU_LIMIT_BYTES and not allow_large:
+        raise InputError(f"{what} needs {nbytes / 2**30:.1f} GiB of weights in {str(dtype).removeprefix('torch.')}; "
+                         f"that is too large for a CPU benchmark (limit {CPU_LIMIT_BYTES / 2**30:.0f} GiB). "
+                         f"Use --device cuda, a smaller --shape, or pass --allow-large if the machine has the memory")
+
+
+def random_model(shape: str, device="cpu", dtype: torch.dtype = torch.float32, max_seq_len: int = 2048,
+                 seed: int = 0, allow_large: bool = False) -> Transformer:
+    """A Transformer of `shape` with N(0, 0.02) weights, allocated directly on `device` in `dtype`.
+
+    Built on the meta device and materialised in place: a default nn.Linear init (kaiming, fp32, on the host)
+    would take minutes and twice the memory for 33B parameters.
+    """
+    cfg = shape_config(shape)
+    check_fits(cfg, device, dtype, allow_large, f"--shape {shape}")
+    with torch.device("meta"):
+        model = Transformer(cfg, max_seq_len)
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.tie_weights()
+    model.setup_rope(max_seq_len)          # to_empty left the RoPE buffer uninitialised
+    return model.eval().requires_grad_(False)
