@@ -123,7 +123,7 @@ def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int) ->
                              f"tokens, no room left in the cache (max_seq_len={engine.max_seq_len}); "
                              "raise --max-seq-len")
         t0 = now(engine.device)
-        res = engine.generate(messages, **{**gen_kwargs, "max_new_tokens": budget},
+        res = engine.generate(list(messages), **{**gen_kwargs, "max_new_tokens": budget},
                               speculative=None if method == "ar" else method)
         wall = now(engine.device) - t0
         messages.append({"role": "assistant", "content": res.text})
@@ -329,11 +329,12 @@ def summary_markdown(summary: dict) -> str:
                        f"{s['speedup']:.2f}x" if s.get("speedup") else "-"] if s else ["-", "-", "-"])
         lines.append("| " + " | ".join(cells) + " |")
     eq = summary.get("equality")
+    lines.append("")
     if eq is None:
-        lines.append("\nEquality with plain decoding: not checked (sampling).")
+        lines.append("Equality with plain decoding: not checked (sampling).")
     else:
         for m, e in eq.items():
-            line = f"\nEquality with plain decoding ({m}): {e['mismatches']} mismatches in {e['checked']} questions"
+            line = f"- equality with plain decoding ({m}): {e['mismatches']} mismatches in {e['checked']} questions"
             if e["first_mismatch"]:
                 f = e["first_mismatch"]
                 line += (f"; first: question {f['question_id']} ({f['category']}), turn {f['turn']}, "

@@ -1,0 +1,194 @@
+"""`amphista eval` (Spec-Bench-format runner) and `amphista bench` on tiny random models, on the CPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amphista_engine.errors import AmphistaError, InputError
+from amphista_engine.evaluation import commands
+from amphista_engine.evaluation.bench import parse_tau, run_bench
+from amphista_engine.evaluation.runner import run_eval
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Hello, world!", "Now say it again, shorter."]},
+    {"question_id": 2, "category": "coding", "turns": ["def f(x):\n    return x * 2"]},
+    {"question_id": 3, "category": "coding", "turns": ["The quick brown fox"]},
+]
+KW = dict(max_new_tokens=6, warmup=1, progress=False, log=lambda msg: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf_dir, tmp_path_factory):
+    """One engine on the tiny model, random Medusa and Amphista heads saved as checkpoints, 3 questions."""
+    from amphista_engine import Engine
+    from amphista_engine.heads import random_heads, save_heads
+    root = tmp_path_factory.mktemp("eval")
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
+    heads = {k: str(save_heads(random_heads(k, engine.model, num_heads=4, seed=1), root / k))
+             for k in ("medusa", "amphista")}
+    q = root / "questions.jsonl"
+    q.write_text("".join(json.dumps(x) + "\n" for x in QUESTIONS))
+    return engine, heads, q
+
+
+def _count_calls(monkeypatch, engine, alter=None):
+    calls = []
+    real = engine.generate
+
+    def generate(prompt, **kw):
+        calls.append(kw.get("speculative"))
+        res = real(prompt, **kw)
+        if alter:
+            alter(prompt, kw, res)
+        return res
+
+    monkeypatch.setattr(engine, "generate", generate)
+    return calls
+
+
+def test_summary_keys_counts_and_files(setup, tmp_path):
+    engine, heads, q = setup
+    s = run_eval(q, engine=engine, heads=heads, out=tmp_path, plot=True, **KW)
+    assert s["methods"] == ["ar", "medusa", "amphista"]
+    assert set(s["categories"]) == {"writing", "coding"}
+    for m in s["methods"]:
+        o = s["overall"][m]
+        assert {"questions", "turns", "new_tokens", "wall_s", "tokens_per_s", "tau", "speedup",
+                "decoding_steps", "accept_hist"} <= set(o)
+        assert o["questions"] == 3 and o["turns"] == 4          # question 1 has two turns
+        assert o["tokens_per_s"] > 0 and o["tau"] >= 1.0
+        assert s["categories"]["writing"][m]["turns"] == 2 and s["categories"]["coding"][m]["questions"] == 2
+    assert s["overall"]["ar"]["speedup"] == 1.0 and s["overall"]["ar"]["tau"] == 1.0
+    assert s["equality"] == {m: {"checked": 3, "mismatches": 0, "first_mismatch": None} for m in ("medusa", "amphista")}
+    lines = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(lines) == 9 and {(r["question_id"], r["method"]) for r in lines} == \
+        {(x["question_id"], m) for x in QUESTIONS for m in s["methods"]}
+    first = next(r for r in lines if r["question_id"] == 1 and r["method"] == "amphista")["choices"][0]
+    assert len(first["turns"]) == len(first["token_ids"]) == len(first["wall_time"]) == 2
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["meta"]["n_questions"] == 3 and on_disk["overall"]["medusa"]["turns"] == 4
+    assert "| **overall** |" in (tmp_path / "summary.md").read_text()
+    for png in ("tau_per_category.png", "speedup_per_category.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_multi_turn_carries_each_methods_own_answers(setup, tmp_path, monkeypatch):
+    engine, heads, q = setup
+    prompts = []
+    real = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda p, **kw: (prompts.append((kw.get("speculative"), p)), real(p, **kw))[1])
+    run_eval(q, methods="ar", engine=engine, out=tmp_path, limit=1, **{**KW, "warmup": 0})
+    turn1, turn2 = [p for _, p in prompts]
+    answer = json.loads((tmp_path / "answers.jsonl").read_text())["choices"][0]["turns"][0]
+    assert turn2 == turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[0]["turns"][1]}]
+
+
+def test_detects_injected_mismatch(setup, tmp_path, monkeypatch):
+    engine, heads, q = setup
+
+    def alter(prompt, kw, res):     # medusa "gets question 2 wrong" in its first token
+        if kw.get("speculative") == "medusa" and prompt[0]["content"].startswith("def f"):
+            res.token_ids[0] = (res.token_ids[0] + 1) % 300
+
+    _count_calls(monkeypatch, engine, alter)
+    s = run_eval(q, engine=engine, heads=heads, out=tmp_path, **KW)
+    assert s["equality"]["amphista"]["mismatches"] == 0
+    eq = s["equality"]["medusa"]
+    assert eq["checked"] == 3 and eq["mismatches"] == 1
+    assert eq["first_mismatch"]["question_id"] == 2 and eq["first_mismatch"]["turn"] == 1
+    assert eq["first_mismatch"]["token_position"] == 0
+    assert "first: question 2" in (tmp_path / "summary.md").read_text()
+
+
+def test_resumes_without_recomputing(setup, tmp_path, monkeypatch):
+    engine, heads, q = setup
+    calls = _count_calls(monkeypatch, engine)
+    run_eval(q, engine=engine, heads=heads, out=tmp_path, limit=2, **KW)
+    assert len(calls) == 3 + 3 * 3                 # warm-up per method + (2 + 1 turns) x 3 methods
+    calls.clear()
+    s = run_eval(q, engine=engine, heads=heads, out=tmp_path, **KW)
+    assert len(calls) == 3 + 3                     # warm-up + question 3 only
+    assert s["overall"]["amphista"]["questions"] == 3
+    calls.clear()
+    # A run killed mid-write leaves a torn last line: that answer alone is recomputed.
+    f = tmp_path / "answers.jsonl"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
+    s = run_eval(q, engine=engine, heads=heads, out=tmp_path, **KW)
+    assert calls == [None, "medusa", "amphista", "amphista"]     # warm-ups, then the torn answer
+    assert len(f.read_text().splitlines()) == 9 and s["overall"]["ar"]["turns"] == 4
+    with pytest.raises(InputError, match="different configuration.*max_new_tokens"):
+        run_eval(q, engine=engine, heads=heads, out=tmp_path, **{**KW, "max_new_tokens": 7})
+
+
+def test_bad_input_errors(setup, tmp_path):
+    _, heads, q = setup
+    with pytest.raises(InputError, match="questions file not found: .*nope.jsonl"):
+        run_eval(tmp_path / "nope.jsonl", heads=heads, out=tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(QUESTIONS[0]) + "\n\n{\"question_id\": 2, \"category\": \n")
+    with pytest.raises(InputError, match=r"bad.jsonl:3: not a valid JSON line"):
+        run_eval(bad, heads=heads, out=tmp_path)
+    with pytest.raises(InputError, match=r"unknown category 'math'.*has: coding, writing"):
+        run_eval(q, heads=heads, categories="coding,math", out=tmp_path)
+    with pytest.raises(InputError, match=r"unknown method 'eagle'.*ar .*medusa, amphista"):
+        run_eval(q, methods="ar,eagle", heads=heads, out=tmp_path)
+    with pytest.raises(InputError, match=r"no medusa heads are shipped for model 'x'.*--heads-medusa"):
+        run_eval(q, methods="medusa", model="x", out=tmp_path)
+    swapped = {"medusa": heads["amphista"], "amphista": heads["medusa"]}
+    with pytest.raises(InputError, match="holds amphista heads, not medusa heads"):
+        run_eval(q, engine=setup[0], heads=swapped, out=tmp_path / "swap", **KW)
+
+
+def test_eval_cli(setup, tiny_hf_dir, tmp_path, capsys):
+    _, heads, q = setup
+    argv = ["eval", "--questions", str(q), "--model", str(tiny_hf_dir), "--device", "cpu", "--max-seq-len", "512",
+            "--heads-medusa", heads["medusa"], "--heads-amphista", heads["amphista"], "--max-new-tokens", "4",
+            "--categories", "coding", "--limit", "1", "--out", str(tmp_path), "--no-progress"]
+    assert commands.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| coding | 1 | 1 |" in out and "0 mismatches in 1 questions" in out
+    assert commands.main(["eval", "--questions", str(tmp_path / "missing.jsonl")]) == 2
+    assert "questions file not found" in capsys.readouterr().err
+
+
+def test_bench_tiny_random_cpu(tmp_path, capsys):
+    argv = ["bench", "--random-weights", "--shape", "tiny", "--device", "cpu", "--trees", "chain-4,tree-16,dynamic-8",
+            "--prompt-tokens", "32", "--repeats", "2", "--warmup", "1", "--tau", "medusa=1.5,amphista=2",
+            "--plot", "--out", str(tmp_path), "--json"]
+    assert commands.main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["prefill_ms"] > 0 and r["plain_step_ms"] > 0
+    assert [(x["method"], x["tree"]) for x in r["rows"]] == [("plain", "-")] + [
+        (m, t) for m in ("medusa", "amphista") for t in ("chain-4", "tree-16", "dynamic-8")]
+    for row in r["rows"][1:]:
+        assert row["break_even_tau"] == pytest.approx(row["step_ms"] / r["plain_step_ms"], rel=1e-3)
+        assert row["tokens_per_s_at_tau"] == pytest.approx(row["tau"] * 1e3 / row["step_ms"], rel=1e-3)
+        assert row["verify_ms"] > 0
+    assert r["rows"][1]["nodes"] == 5 and r["rows"][-1]["tau"] == 2.0
+    assert (tmp_path / "step_cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert list(tmp_path.glob("bench_random-tiny_cpu_float32.*"))
+
+
+def test_bench_refuses_large_on_cpu_and_bad_tau(tmp_path):
+    with pytest.raises(InputError, match=r"llama-7b needs 25\.1 GiB .*--allow-large"):
+        run_bench(random_weights=True, shape="llama-7b", device="cpu", out=None, log=lambda m: None)
+    with pytest.raises(AmphistaError, match="unknown tree 'nope-3'"):
+        run_bench(random_weights=True, shape="tiny", device="cpu", trees="nope-3", out=None, log=lambda m: None)
+    assert parse_tau("2.5") == {"medusa": 2.5, "amphista": 2.5}
+    with pytest.raises(InputError, match=">= 1"):
+        parse_tau("medusa=0.5")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"overall": {"ar": {"tau": 1.0}, "amphista": {"tau": 2.4}}}))
+    assert parse_tau(str(summary)) == {"amphista": 2.4}
