@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The committed CPU evaluation (issue 7): SmolLM2-135M-Instruct with its shipped Medusa and Amphista heads
+# (amphista_engine/data/heads/) on MT-Bench, greedy, at most 256 new tokens per turn, plain decoding (ar) as the
+# baseline measured in the same run. Writes answers.jsonl, summary.json/.md and the plots to
+# benchmarks/results/mt_bench_cpu. Resumable: rerun the same command to continue an interrupted run.
+#
+# Extra arguments are appended, and a later flag wins, so a smoke run with other heads is e.g.
+#   scripts/eval_mt_bench_cpu.sh --limit 2 --max-new-tokens 16 --heads-medusa DIR --heads-amphista DIR --out /tmp/x
+# QUESTIONS=path overrides the question file (default: ../shared/data/mt_bench.jsonl from the repo root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUESTIONS="${QUESTIONS:-../shared/data/mt_bench.jsonl}"
+exec python -m amphista_engine.evaluation.commands eval \
+    --questions "$QUESTIONS" --model smollm2-135m --methods ar,medusa,amphista \
+    --max-new-tokens 256 --device cpu --dtype fp32 --warmup 1 --plot \
+    --out benchmarks/results/mt_bench_cpu "$@"
