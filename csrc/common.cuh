@@ -10,6 +10,13 @@
 #include <stdexcept>
 #include <string>
 
+// Helpers callable from host and device code (bindings.cpp is compiled by the host compiler only).
+#ifdef __CUDACC__
+#define AMPHISTA_HD __host__ __device__
+#else
+#define AMPHISTA_HD
+#endif
+
 namespace amphista {
 
 // Element type codes. Must match DTYPE_CODES in amphista_engine/_ext.py.
@@ -18,6 +25,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 inline bool dtype_known(int64_t code) { return code >= 0 && code <= 2; }
 
 inline int64_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+AMPHISTA_HD inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline const char* dtype_name(DType t) {
   switch (t) {
@@ -108,6 +117,12 @@ __device__ __forceinline__ void store16(T* p, const float (&f)[Vec16<T>::kN]) {
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 

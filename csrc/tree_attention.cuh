@@ -1,0 +1,317 @@
+// Tree-verification attention over a static KV cache (ops.tree_attention).
+//
+// Queries: N new tokens (tree nodes, 1..64) per request, H query heads sharing H_kv KV heads (GQA).
+// Keys:    cache slots [0, prefix_len[b]) (the accepted prefix, seen by every node) and the N new slots
+//          [prefix_len[b], prefix_len[b] + N), where node n sees new slot j iff bit j of bits[b][n] is set
+//          (ancestor-or-self bitmask, one uint64 per node). Slots past prefix + N are never read.
+// Output:  [B, N, H, D] contiguous (ops returns its [B, H, N, D] transposed view).
+//
+// Layout of the work (FlashAttention-2 style, tensor cores through mma.sync m16n8k16, fp32 accumulate):
+//  * one block = 4 warps = 64 query rows of ONE (request, KV head); row r packs (node n, query head g of the
+//    group) as n = r / G, g = r % G, so the G query heads of a KV head share every K/V byte loaded (GQA
+//    packing: the 64-node tree on an MHA model fills one tile; decoding with G = 8 fills half a warp);
+//  * the keys of a request are cut into 64-slot chunks and the chunks into `num_splits` contiguous ranges
+//    (split-K, blockIdx.z): short trees over long prefixes would otherwise leave most SMs idle. Each split
+//    writes an unnormalised partial output plus its row max and sum; a second kernel merges the splits.
+//    With one split the kernel normalises and writes the output itself;
+//  * per chunk, the block stages K and V (64 x D) in shared memory with 16-byte loads (zeros past the row's
+//    last key, so stale or NaN cache slots cannot leak into 0 * NaN), each warp computes its 16 x 64 score
+//    tile, masks it, runs the online softmax in registers (log2 domain) and accumulates P V.
+//
+// Templates: element type (fp16, bf16) x head dim (64, 128) only.
+#pragma once
+
+#include "common.cuh"
+
+namespace amphista {
+
+struct TreeAttentionParams {
+  const void* q;             // [B, H, N, D], element strides below, last dim contiguous
+  const void* k;             // cache [>=B, H_kv, S, D], element strides below
+  const void* v;
+  const int64_t* prefix_len; // [B]
+  const int64_t* bits;       // [B or 1, N] uint64 ancestor rows (row stride bits_sb, 0 = shared)
+  void* out;                 // [B, N, H, D] contiguous
+  float* work_o;             // [num_splits, B*N*H, D]  (num_splits > 1 only)
+  float* work_ml;            // [2, num_splits, B*N*H]  row max (log2 domain) then row sum
+  int64_t B, H, H_kv, N, D, kv_len;
+  int64_t q_sb, q_sh, q_sn;
+  int64_t k_sb, k_sh, k_ss;
+  int64_t v_sb, v_sh, v_ss;
+  int64_t bits_sb;
+  int64_t num_splits;
+  float scale;               // softmax scale (natural-log domain)
+};
+
+// Host entry point (tree_attention.cu). Arguments are validated by the binding; returns the launch status.
+cudaError_t tree_attention(const TreeAttentionParams& p, DType dtype, cudaStream_t stream);
+
+#ifdef __CUDACC__
+namespace tree_attn {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowsPerBlock = 16 * kWarps;
+constexpr int kChunk = 64;  // keys per iteration = 8 n-tiles of the m16n8k16 MMA
+constexpr int kPad = 8;     // extra elements per shared row: 16 bytes, so fragment loads hit distinct banks
+constexpr float kLog2e = 1.4426950408889634f;
+
+// D = A B + D for one 16x8x16 tile. Fragment ownership (PTX ISA, "mma.m16n8k16"), with g = lane / 4 and
+// t = lane % 4: A a0 = (row g, cols 2t, 2t+1), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..), a3 = (g + 8, 2t + 8..);
+// B b0 = (k rows 2t, 2t+1; col g), b1 = (k rows 2t + 8, 2t + 9; col g); C c0, c1 = (row g; cols 2t, 2t+1),
+// c2, c3 = (row g + 8; cols 2t, 2t+1). Two 16-bit values per 32-bit register, lower index in the low half.
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <> __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two 16-bit elements (lo at the lower index) -> one MMA operand register.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_raw(T lo, T hi) {
+  return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&lo)) |
+         (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 3) tree_attention_kernel(const TreeAttentionParams p) {
+  constexpr int kStride = D + kPad;   // shared row stride in elements (a multiple of 8: rows stay 16-byte aligned)
+  constexpr int kVecs = D / 8;        // 16-byte vectors per row
+  constexpr int kKSteps = D / 16;     // MMA k-steps over the head dim for S = Q K^T
+  constexpr int kDTiles = D / 8;      // MMA n-tiles over the head dim for O = P V
+  __shared__ __align__(16) T k_s[kChunk * kStride];
+  __shared__ __align__(16) T v_s[kChunk * kStride];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.y / p.H_kv, hk = blockIdx.y % p.H_kv;
+  const int64_t G = p.H / p.H_kv;
+  const int64_t rows = G * p.N;
+  const int64_t split = blockIdx.z;
+
+  // The keys this request has: the prefix and its N tree slots, never past the host's window.
+  const int64_t prefix = max(p.prefix_len[b], int64_t(0));
+  const int64_t end = min(prefix + p.N, p.kv_len);
+  const int64_t chunks = ceil_div(max(end, int64_t(0)), kChunk);
+  const int64_t per_split = ceil_div(chunks, p.num_splits);
+  const int64_t c_begin = split * per_split, c_end = min(c_begin + per_split, chunks);
+
+  // This thread's two query rows: r0 = warp row g, r1 = g + 8.
+  const int64_t warp_row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * 16;
+  const bool warp_active = warp_row0 < rows;
+  int64_t row[2], node[2], head[2];
+  bool valid[2];
+  uint64_t bits[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row[i] = warp_row0 + g + 8 * i;
+    valid[i] = row[i] < rows;
+    node[i] = valid[i] ? row[i] / G : 0;
+    head[i] = hk * G + (valid[i] ? row[i] % G : 0);
+    bits[i] = valid[i] ? static_cast<uint64_t>(p.bits[b * p.bits_sb + node[i]]) : 0ull;
+  }
+
+  // Q as A fragments for all k-steps, straight from global memory (read once; 32-bit loads, the binding
+  // checks 4-byte alignment). Rows past the tile's end are zeros.
+  uint32_t qa[kKSteps][4];
+  {
+    const T* q = static_cast<const T*>(p.q);
+    const T* qr[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) qr[i] = q + b * p.q_sb + head[i] * p.q_sh + node[i] * p.q_sn;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {       // cols 2t (a0, a1) and 2t + 8 (a2, a3)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {              // rows g (a0, a2) and g + 8 (a1, a3)
+          const int col = ks * 16 + half * 8 + 2 * t;
+          qa[ks][half * 2 + i] = (warp_active && valid[i]) ? *reinterpret_cast<const uint32_t*>(qr[i] + col) : 0u;
+        }
+      }
+    }
+  }
+
+  const float scale_log2 = p.scale * kLog2e;
+  float o[kDTiles][4];
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain), the same in the row's 4 lanes
+  float l[2] = {0.f, 0.f};              // running row sum, partial: this lane's columns only
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    const int64_t key0 = c * kChunk;
+    __syncthreads();  // every warp is done reading the previous chunk
+    // Two vectors of K and two of V in flight per thread: full unrolling would keep 16 uint4 live on top of
+    // the Q fragments and the output accumulators and push the kernel past 255 registers.
+#pragma unroll 2
+    for (int it = 0; it < kChunk * kVecs / kThreads; ++it) {
+      const int i = it * kThreads + threadIdx.x;
+      const int key = i / kVecs, vec = i % kVecs;
+      const int64_t slot = key0 + key;
+      uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
+      if (slot < end) {
+        kv = *reinterpret_cast<const uint4*>(kb + slot * p.k_ss + vec * 8);
+        vv = *reinterpret_cast<const uint4*>(vb + slot * p.v_ss + vec * 8);
+      }
+      *reinterpret_cast<uint4*>(k_s + key * kStride + vec * 8) = kv;
+      *reinterpret_cast<uint4*>(v_s + key * kStride + vec * 8) = vv;
+    }
+    __syncthreads();
+    if (!warp_active) continue;  // warp-uniform; such warps only help with the loads
+
+    // S = Q K^T for 16 rows x 64 keys: s[nt] is the n-tile of keys key0 + 8 nt .. + 7.
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        // B = K^T: b0 = K[key 8nt + g][d = 16ks + 2t, +1], b1 = the same at d + 8: 32-bit shared loads.
+        const T* kp = k_s + (nt * 8 + g) * kStride + ks * 16 + 2 * t;
+        mma16816<T>(s[nt], qa[ks], *reinterpret_cast<const uint32_t*>(kp), *reinterpret_cast<const uint32_t*>(kp + 8));
+      }
+    }
+
+    // Mask and scale, then the online softmax per row (i = 0: row g, i = 1: row g + 8).
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int64_t key = key0 + nt * 8 + 2 * t + j;
+          const int64_t rel = key - prefix;
+          const bool visible = rel < 0 || (key < end && ((bits[i] >> rel) & 1ull));
+          float& x = s[nt][2 * i + j];
+          x = visible ? x * scale_log2 : -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      }
+      // The row's 64 columns live in the 4 lanes of its quad (t = 0..3).
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[i], mx);
+      // Nothing visible yet (m_new = -inf): keep everything at zero instead of computing inf - inf.
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[i] - base);  // m = -inf -> 0: there was nothing to rescale
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float& x = s[nt][2 * i + j];
+          x = exp2f(x - base);  // masked: exp2(-inf) = 0
+          sum += x;
+        }
+      }
+      l[i] = l[i] * alpha + sum;
+      m[i] = m_new;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o[dt][2 * i] *= alpha;
+        o[dt][2 * i + 1] *= alpha;
+      }
+    }
+
+    // O += P V. The C layout of two adjacent score n-tiles is exactly the A layout of one 16-key k-step.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2(s[2 * kk][0], s[2 * kk][1], T{});
+      pa[1] = pack2(s[2 * kk][2], s[2 * kk][3], T{});
+      pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], T{});
+      pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], T{});
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        // B = V: b0 = V[key 16kk + 2t, +1][d = 8dt + g], b1 = keys + 8. Two 16-bit shared loads each.
+        const T* vp = v_s + (kk * 16 + 2 * t) * kStride + dt * 8 + g;
+        mma16816<T>(o[dt], pa, pack_raw(vp[0], vp[kStride]), pack_raw(vp[8 * kStride], vp[9 * kStride]));
+      }
+    }
+  }
+
+  if (!warp_active) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  const int64_t out_rows = p.B * p.N * p.H;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (!valid[i]) continue;
+    const int64_t orow = (b * p.N + node[i]) * p.H + head[i];  // [B, N, H] row of the output
+    if (p.num_splits == 1) {
+      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+      T* out = static_cast<T*>(p.out) + orow * D + 2 * t;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<uint32_t*>(out + dt * 8) = pack2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv, T{});
+    } else {
+      float* wo = p.work_o + (split * out_rows + orow) * D + 2 * t;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<float2*>(wo + dt * 8) = make_float2(o[dt][2 * i], o[dt][2 * i + 1]);
+      if (t == 0) {
+        p.work_ml[split * out_rows + orow] = m[i];
+        p.work_ml[(p.num_splits + split) * out_rows + orow] = l[i];
+      }
+    }
+  }
+}
+
+// Merge the splits of one output row: out = sum_s 2^(m_s - m) O_s / sum_s 2^(m_s - m) l_s. One block per row,
+// one thread per head-dim element; splits whose range was empty carry m = -inf and weigh nothing.
+template <typename T, int D>
+__global__ void __launch_bounds__(D) tree_attention_merge_kernel(const TreeAttentionParams p) {
+  const int64_t rows = p.B * p.N * p.H;
+  const int64_t row = blockIdx.x;
+  const int d = threadIdx.x;
+  const float* ms = p.work_ml;
+  const float* ls = p.work_ml + p.num_splits * rows;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, ms[s * rows + row]);
+  float num = 0.f, den = 0.f;
+  if (mx != -INFINITY) {
+    for (int64_t s = 0; s < p.num_splits; ++s) {
+      const float w = exp2f(ms[s * rows + row] - mx);
+      num += w * p.work_o[(s * rows + row) * D + d];
+      den += w * ls[s * rows + row];
+    }
+  }
+  static_cast<T*>(p.out)[row * D + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+}
+
+template <typename T, int D>
+cudaError_t launch(const TreeAttentionParams& p, cudaStream_t stream) {
+  const int64_t rows = (p.H / p.H_kv) * p.N;
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, kRowsPerBlock)), static_cast<unsigned>(p.B * p.H_kv),
+                  static_cast<unsigned>(p.num_splits));
+  tree_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  tree_attention_merge_kernel<T, D><<<static_cast<unsigned>(p.B * p.N * p.H), D, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace tree_attn
+#endif  // __CUDACC__
+
+}  // namespace amphista
