@@ -85,13 +85,20 @@ def test_summary_keys_counts_and_files(setup, tmp_path):
 
 def test_multi_turn_carries_each_methods_own_answers(setup, tmp_path, monkeypatch):
     engine, heads, q = setup
-    prompts = []
-    real = engine.generate
-    monkeypatch.setattr(engine, "generate", lambda p, **kw: (prompts.append((kw.get("speculative"), p)), real(p, **kw))[1])
-    run_eval(q, methods="ar", engine=engine, out=tmp_path, limit=1, **{**KW, "warmup": 0})
-    turn1, turn2 = [p for _, p in prompts]
-    answer = json.loads((tmp_path / "answers.jsonl").read_text())["choices"][0]["turns"][0]
-    assert turn2 == turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[0]["turns"][1]}]
+    prompts = {}
+
+    def alter(prompt, kw, res):
+        prompts.setdefault(kw.get("speculative"), []).append(prompt)
+        if kw.get("speculative") == "medusa":
+            res.text = "medusa's own answer"     # what the next turn must carry, for medusa only
+
+    _count_calls(monkeypatch, engine, alter)
+    run_eval(q, methods="ar,medusa", heads=heads, engine=engine, out=tmp_path, limit=1, **{**KW, "warmup": 0})
+    ar_answer = json.loads((tmp_path / "answers.jsonl").read_text().splitlines()[0])["choices"][0]["turns"][0]
+    follow_up = {"role": "user", "content": QUESTIONS[0]["turns"][1]}
+    for method, answer in ((None, ar_answer), ("medusa", "medusa's own answer")):
+        turn1, turn2 = prompts[method]
+        assert turn2 == turn1 + [{"role": "assistant", "content": answer}, follow_up]
 
 
 def test_detects_injected_mismatch(setup, tmp_path, monkeypatch):

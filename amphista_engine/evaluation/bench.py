@@ -118,6 +118,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     unknown = [m for m in methods if m not in ("medusa", "amphista")]
     if unknown:
         raise InputError(f"unknown method(s) {unknown}; bench times medusa and amphista steps")
+    if plot and out is None:
+        raise InputError("--plot needs --out DIR")
     taus = parse_tau(tau)
     specs = {t: TreeSpec(t, num_heads, "cpu") for t in trees}   # unknown or too-deep trees fail before loading
     # The cache must hold the prompt, every timed step's tokens and the largest tree's scratch slots.
@@ -188,8 +190,6 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         if plot:
             from .plots import plot_bench
             result["files"] += [str(p) for p in plot_bench(result, out)]
-    elif plot:
-        raise InputError("--plot needs --out DIR")
     return result
 
 

@@ -36,7 +36,8 @@ def plot_eval(summary: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = summary.get("meta", {})
-    subtitle = f"{Path(str(meta.get('model', ''))).name} | {meta.get('hardware', '')} | tree {meta.get('tree') or 'default'}"
+    subtitle = (f"{Path(str(meta.get('model', ''))).name} | {meta.get('hardware', '')} | "
+                f"tree {meta.get('tree') or 'default'} | max {meta.get('max_new_tokens', '?')} new tokens")
     spec = [m for m in summary["methods"] if m != "ar"]
     paths = []
     for key, methods, ylabel, name in (

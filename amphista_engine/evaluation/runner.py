@@ -267,6 +267,11 @@ def _first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]
     return None if len(a) == len(b) else (min(len(a), len(b)) + 1, 0)
 
 
+def _turn_text(record: dict, turn: int, chars: int = 200) -> str:
+    texts = record["choices"][0]["turns"]
+    return texts[turn - 1][:chars] if turn <= len(texts) else ""
+
+
 def summarize(records: list[dict], methods: list[str], check_equality: bool = True) -> dict:
     by = defaultdict(list)                       # (method, category) -> records; category "overall" too
     for r in records:
@@ -300,9 +305,7 @@ def summarize(records: list[dict], methods: list[str], check_equality: bool = Tr
                     if first is None:
                         turn, pos = diff
                         first = {"question_id": r["question_id"], "category": r["category"], "turn": turn,
-                                 "token_position": pos,
-                                 "ar": p["choices"][0]["turns"][turn - 1][:200] if turn <= len(p["choices"][0]["turns"]) else "",
-                                 m: r["choices"][0]["turns"][turn - 1][:200] if turn <= len(r["choices"][0]["turns"]) else ""}
+                                 "token_position": pos, "ar": _turn_text(p, turn), m: _turn_text(r, turn)}
             eq[m] = {"checked": checked, "mismatches": mismatches, "first_mismatch": first}
         summary["equality"] = eq
     else:
