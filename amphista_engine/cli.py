@@ -54,6 +54,10 @@ def cmd_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amphista", description="Amphista speculative decoding engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .evaluation.commands import register as register_evaluation
+    from .training.commands import register as register_training
+    register_training(sub)
+    register_evaluation(sub)
 
     g = sub.add_parser("generate", help="answer one prompt (streams text to stdout)")
     g.add_argument("prompt")
