@@ -54,10 +54,6 @@ def cmd_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amphista", description="Amphista speculative decoding engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .evaluation.commands import register as register_evaluation
-    from .training.commands import register as register_training
-    register_training(sub)
-    register_evaluation(sub)
 
     g = sub.add_parser("generate", help="answer one prompt (streams text to stdout)")
     g.add_argument("prompt")
@@ -74,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the model's chat template (default: when the model has one)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
+
+    from .evaluation.commands import register as register_evaluation
+    from .training.commands import register as register_training
+    register_training(sub)
+    register_evaluation(sub)
     return parser
 
 
