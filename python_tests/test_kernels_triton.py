@@ -45,8 +45,10 @@ TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 @pytest.fixture(autouse=True)
 def _clean_backend():
     set_backend(None)
+    backend.clear_cache()
     yield
     set_backend(None)
+    backend.clear_cache()
 
 
 def gen(*key) -> torch.Generator:
@@ -304,19 +306,20 @@ def test_typical_accept(kind, B, V, temp, poisoned):
 # ---- the backend switch --------------------------------------------------------------------------------
 def test_backend_switch(monkeypatch):
     monkeypatch.delenv("AMPHISTA_BACKEND", raising=False)
+    backend.clear_cache()
     assert get_backend("cpu") == "torch"                    # CPU default: the reference
     assert backend.resolve("tree_attention", "cpu") == "torch"
     # CUDA default: the fastest available there
-    monkeypatch.setattr(backend, "cuda_available", lambda: True)
-    assert backend.default_backend("cuda") == "cuda"
-    monkeypatch.setattr(backend, "cuda_available", lambda: False)
-    assert backend.default_backend("cuda") == "triton"
-    monkeypatch.setattr(backend, "triton_available", lambda: False)
-    assert backend.default_backend("cuda") == "torch"
+    for ext, tri, expect in ((True, True, "cuda"), (False, True, "triton"), (False, False, "torch")):
+        monkeypatch.setattr(backend, "cuda_available", lambda: ext)
+        monkeypatch.setattr(backend, "triton_available", lambda: tri)
+        backend.clear_cache()
+        assert backend.default_backend("cuda") == expect
+        assert backend.default_backend("cpu") == "torch"
     monkeypatch.undo()
-    monkeypatch.delenv("AMPHISTA_BACKEND", raising=False)
 
     monkeypatch.setenv("AMPHISTA_BACKEND", "Triton")        # the environment variable, any case
+    backend.clear_cache()                                   # (it is read once per process otherwise)
     assert get_backend("cpu") == "triton"
     with use_backend("torch"):                              # a scope beats the environment
         assert get_backend("cpu") == "torch"
@@ -335,9 +338,23 @@ def test_backend_switch(monkeypatch):
             with use_backend(bad):
                 pass
     monkeypatch.setenv("AMPHISTA_BACKEND", "fast")
+    backend.clear_cache()
     with pytest.raises(ConfigError, match="AMPHISTA_BACKEND") as e:
-        get_backend("cpu")
+        ops.rmsnorm(torch.ones(2, 4), torch.ones(4), 1e-6)  # the first hot op reports it, by name
     assert isinstance(e.value, AmphistaError) and "torch, triton, cuda" in str(e.value)
+
+
+def test_backend_env_var_in_a_fresh_process():
+    code = ("import torch; from amphista_engine.kernels import get_backend, backend; "
+            "print(get_backend('cpu'), backend.resolve('rope', 'cpu'))")
+    for env, expect in (({}, "torch torch"), ({"AMPHISTA_BACKEND": "triton", "TRITON_INTERPRET": "1"}, "triton triton"),
+                        ({"AMPHISTA_BACKEND": "triton"}, "triton torch")):   # no interpreter: reference on CPU
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           env=_subprocess_env(**env), timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        if torch.cuda.is_available() and not env:
+            continue                                        # default on a GPU machine depends on what is built
+        assert r.stdout.split()[-2:] == expect.split(), (env, r.stdout)
 
 
 def test_backend_chain_and_fallback(monkeypatch):
@@ -347,10 +364,17 @@ def test_backend_chain_and_fallback(monkeypatch):
         assert backend.resolve("no_such_op", DEV) == "torch"
         if DEV.type == "cpu":                               # compiled Triton cannot run on host memory
             monkeypatch.setattr(backend, "triton_interpreting", lambda: False)
+            backend.clear_cache()
             assert backend.resolve("tree_attention", "cpu") == "torch"
             x, w = torch.randn(3, 8), torch.ones(8)
             torch.testing.assert_close(ops.rmsnorm(x, w, 1e-6), reference.rmsnorm(x, w, 1e-6))
             monkeypatch.undo()
+            backend.clear_cache()
+    with use_backend("triton"):                             # autograd: the reference, gradients flow
+        x = torch.randn(2, 3, 16, device=DEV)
+        w = torch.ones(16, device=DEV, requires_grad=True)
+        ops.rmsnorm(x, w, 1e-6).sum().backward()
+        assert w.grad is not None and torch.isfinite(w.grad).all()
     with use_backend("cuda"):                               # cuda lacks most ops: they run on triton
         expect = "triton" if DEV.type == "cpu" or not backend.cuda_available() else "cuda"
         assert backend.resolve("rmsnorm", DEV) == expect

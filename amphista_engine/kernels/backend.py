@@ -3,7 +3,8 @@
 Which backend runs, first match wins:
   1. `use_backend(name)` (a context manager: per engine, per thread / task, nestable),
   2. `set_backend(name)` (process-wide; `set_backend(None)` clears it),
-  3. the environment variable AMPHISTA_BACKEND (read on every call, so tests may change it),
+  3. the environment variable AMPHISTA_BACKEND (read once, at the first hot op; after changing it inside a
+     running process call clear_cache()),
   4. the default for the tensors' device: the fastest available there. On CUDA that is `cuda` when the
      CUDA extension loads, else `triton` when triton imports, else `torch`. On the CPU it is `torch`:
      Triton runs on the CPU only through its interpreter (TRITON_INTERPRET=1), which tests pick explicitly.
@@ -58,25 +59,37 @@ def _device_type(device) -> str:
     return getattr(device, "type", None) or str(device).split(":")[0]
 
 
+# Every hot op asks for its backend, hundreds of times per decoding step: what cannot change while the
+# process runs (availability, the environment variable) is looked up once and cached here.
+_defaults: dict[str, str] = {}
+_env: list = []                   # [] = not read yet, else [name or None]
+
+
 def default_backend(device=None) -> str:
     """The fastest backend available for tensors on `device` (None: CUDA if present, else CPU)."""
-    if _device_type(device) == "cuda":
-        if cuda_available():
-            return "cuda"
-        if triton_available():
-            return "triton"
-    return "torch"
+    dev = _device_type(device)
+    name = _defaults.get(dev)
+    if name is None:
+        name = "torch"
+        if dev == "cuda":
+            if cuda_available():
+                name = "cuda"
+            elif triton_available():
+                name = "triton"
+        _defaults[dev] = name
+    return name
+
+
+def _env_backend() -> Optional[str]:
+    if not _env:
+        env = os.environ.get(ENV_VAR, "").strip()
+        _env.append(_check(env, f"environment variable {ENV_VAR}") if env else None)
+    return _env[0]
 
 
 def get_backend(device=None) -> str:
     """The backend hot ops on `device` run on now (see the module docstring for the order of choice)."""
-    name = _scoped.get() or _global
-    if name:
-        return name
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env:
-        return _check(env, f"environment variable {ENV_VAR}")
-    return default_backend(device)
+    return _scoped.get() or _global or _env_backend() or default_backend(device)
 
 
 # ---- availability --------------------------------------------------------------------------------------
@@ -115,10 +128,29 @@ def cuda_available() -> bool:
         return False
 
 
+_chains: dict[tuple[str, str], list[ModuleType]] = {}
+
+
+def clear_cache() -> None:
+    """Forget cached choices: re-read AMPHISTA_BACKEND and re-detect what is available (e.g. in tests)."""
+    _chains.clear()
+    _defaults.clear()
+    _env.clear()
+
+
 def chain(device=None) -> list[ModuleType]:
-    """Implementation modules to try, in order, for tensors on `device` under the current backend."""
+    """Implementation modules to try, in order, for tensors on `device` under the current backend.
+
+    Cached per (backend, device type): every hot op asks, hundreds of times per decoding step."""
+    key = (get_backend(device), _device_type(device))
+    mods = _chains.get(key)
+    if mods is None:
+        mods = _chains[key] = _build_chain(*key)
+    return mods
+
+
+def _build_chain(name: str, dev: str) -> list[ModuleType]:
     from . import reference
-    name, dev = get_backend(device), _device_type(device)
     mods: list[ModuleType] = []
     if name == "cuda" and dev == "cuda" and cuda_available():
         from . import cuda_ops

@@ -1,7 +1,8 @@
 """The hot ops of a speculative decoding step, each with one signature on every backend.
 
 Call these, not a backend module: each call picks the backend for its tensors' device (`backend.chain`)
-and falls through to the next backend when one lacks the op or declines the input. Results are the same
+and falls through to the next backend when one lacks the op or declines the input. Inputs that require
+grad (with grad mode on) always take the reference, which autograd can differentiate. Results are the same
 tensors as the torch reference's, up to floating-point rounding (see python_tests/test_kernels_triton.py
 for the tolerances). Shapes use B batch rows, N tree nodes / new tokens, H query heads, H_kv KV heads,
 D head dim, S cache capacity, L layers, d model width, V vocabulary, K drafting heads.
@@ -16,6 +17,10 @@ from . import backend, reference
 
 
 def _run(op: str, device, *args, **kwargs):
+    # Kernels have no backward: under autograd (training, or any input that requires grad) the reference
+    # runs, so one model class serves training and inference. Inference mode skips this check cheaply.
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return getattr(reference, op)(*args, **kwargs)
     for mod in backend.chain(device):
         fn = getattr(mod, op, None)
         if fn is None:
