@@ -48,7 +48,8 @@ def _ext_or_fail():
 # --- (a) build: one arch keeps it to ~30 s on 2 cores -------------------------------------------
 
 @pytest.fixture(scope="module")
-def built_so(tmp_path_factory):
+def cmake_build(tmp_path_factory):
+    """(build dir, built _C*.so): the whole extension (every csrc/*.cu) for sm_90 only."""
     if NVCC is None or shutil.which("cmake") is None:
         pytest.skip("nvcc or cmake not found")
     build, out = tmp_path_factory.mktemp("cmake-build"), tmp_path_factory.mktemp("lib")
@@ -61,7 +62,22 @@ def built_so(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     sos = list(out.glob("_C*.so"))
     assert len(sos) == 1, f"expected one _C*.so in {out}, got {sos}"
-    return sos[0]
+    return build, sos[0]
+
+
+@pytest.fixture(scope="module")
+def built_so(cmake_build):
+    return cmake_build[1]
+
+
+def test_build_compiles_every_cuda_source(cmake_build):
+    """Every csrc/*.cu is part of the module (the CMake glob), so none of them can rot uncompiled."""
+    build, _ = cmake_build
+    sources = sorted(p.name for p in (ROOT / "csrc").glob("*.cu"))
+    objects = {p.name.removesuffix(".o") for p in build.rglob("*.cu.o")}
+    assert {"tree_attention.cu", "head_attention.cu", "staged_adaptation.cu", "norm_rope_kv.cu", "acceptance.cu",
+            "rmsnorm.cu"} <= set(sources)
+    assert set(sources) <= objects, f"not compiled: {sorted(set(sources) - objects)}"
 
 
 def test_build_produces_module_exporting_only_pyinit(built_so):
@@ -82,6 +98,53 @@ def test_build_links_no_libtorch_or_shared_cudart(built_so):
     assert not [n for n in needed if "torch" in n or "c10" in n or "cudart" in n or n.startswith("libcuda")], needed
 
 
+# Per binding: arguments that pass every check (fake but aligned addresses), then single bad overrides. Each
+# bad call must raise ValueError naming its first key, before any CUDA call (so no device is needed).
+_Q = dict(q_ptr=256, k_ptr=512, v_ptr=1024, prefix_len_ptr=2048, bits_ptr=4096, out_ptr=8192, work_o_ptr=0,
+          work_ml_ptr=0, B=1, H=4, H_kv=2, N=3, D=64, kv_len=10, S=16, q_strides=[768, 64, 256],
+          k_strides=[2048, 1024, 64], v_strides=[2048, 1024, 64], bits_sb=0, num_splits=1, scale=0.125, dtype=2,
+          stream=0)
+BINDING_CASES = {
+    "rmsnorm": (dict(x_ptr=256, w_ptr=512, out_ptr=1024, rows=2, d=8, eps=1e-6, dtype=1, stream=0),
+                [dict(x_ptr=0), dict(w_ptr=3), dict(out_ptr=-4), dict(rows=0), dict(d=-1), dict(eps=float("nan")),
+                 dict(dtype=7), dict(stream="s"), dict(rows=2**31)]),
+    "add_rmsnorm": (dict(x_ptr=256, residual_ptr=512, w_ptr=768, s_ptr=1024, y_ptr=2048, rows=6, res_rows=3, d=8,
+                         eps=1e-6, dtype=2, stream=0),
+                    [dict(residual_ptr=0), dict(s_ptr=1), dict(res_rows=4), dict(res_rows=0), dict(d=0),
+                     dict(eps=-1.0), dict(dtype=3), dict(rows=2**31)]),
+    "rope": (dict(x_ptr=256, rope_ptr=512, out_ptr=1024, B=2, T=3, H=4, D=64, x_strides=[2304, 768, 64],
+                  rope_sb=192, dtype=2, stream=0),
+             [dict(x_ptr=0), dict(rope_ptr=2), dict(D=63), dict(T=0), dict(rope_sb=5), dict(x_strides=[1, 2]),
+              dict(x_strides=[-1, 2, 3]), dict(dtype=-1), dict(stream=None)]),
+    "kv_write": (dict(k_buf_ptr=256, v_buf_ptr=512, start_ptr=1024, k_ptr=2048, v_ptr=4096, layer=1, L=2, B_max=2,
+                      B=1, H=2, T=5, S=64, D=64, k_strides=[640, 64, 128], v_strides=[640, 64, 128], dtype=1,
+                      stream=0),
+                 [dict(layer=2), dict(layer=-1), dict(B=3), dict(start_ptr=4), dict(k_ptr=0), dict(T=0),
+                  dict(v_strides="x"), dict(S=0)]),
+    "kv_compact": (dict(k_buf_ptr=256, v_buf_ptr=512, src_ptr=1024, dst_start_ptr=2048, L=2, B_max=2, B=2, H=2,
+                        S=64, D=128, M=5, dtype=2, stream=0),
+                   [dict(B=3), dict(M=0), dict(M=1000), dict(src_ptr=12), dict(dst_start_ptr=0), dict(D=-2),
+                    dict(dtype=9)]),
+    "tree_attention": (_Q, [dict(q_ptr=0), dict(q_ptr=258), dict(k_ptr=520), dict(H_kv=3), dict(N=65), dict(N=0),
+                            dict(D=96), dict(kv_len=17), dict(kv_len=0), dict(q_strides=[3, 64, 256]),
+                            dict(k_strides=[4, 8, 8]), dict(v_strides=[8, 8]), dict(work_o_ptr=0, num_splits=2),
+                            dict(num_splits=0), dict(dtype=0), dict(bits_sb=2), dict(scale=float("inf")),
+                            dict(B=40000), dict(stream=-1)]),
+    "head_attention": (dict(qkv_ptr=256, out_ptr=512, rows=2, slots=4, n_heads=8, head_dim=64, scale=0.125,
+                            dtype=2, stream=0),
+                       [dict(qkv_ptr=0), dict(slots=65), dict(slots=0), dict(head_dim=257), dict(n_heads=0),
+                        dict(scale=-1.0), dict(rows=2**31), dict(out_ptr=3)]),
+    "sal_concat": (dict(hidden_ptr=256, hidden_dtype=0, tokens_ptr=512, emb_ptr=1024, out_ptr=2048, dtype=2, rows=3,
+                        d=64, vocab=100, stream=0),
+                   [dict(hidden_ptr=2), dict(hidden_dtype=5), dict(tokens_ptr=516), dict(emb_ptr=0), dict(vocab=0),
+                    dict(d=0)]),
+    "greedy_accept": (dict(tokens_ptr=256, logits_ptr=512, retrieve_ptr=1024, pred_ptr=2048, accept_len_ptr=4096,
+                           best_path_ptr=4104, accepted_nodes_ptr=4112, next_token_ptr=4160, emitted_ptr=4168, B=1,
+                           N=5, V=50, P=2, D1=3, logits_sr=50, retrieve_sb=0, dtype=0, stream=0),
+                      [dict(tokens_ptr=0), dict(emitted_ptr=4), dict(N=0), dict(P=0), dict(D1=0), dict(D1=5000),
+                       dict(logits_sr=49), dict(retrieve_sb=3), dict(dtype=4)]),
+}
+
 _PROBE = textwrap.dedent("""
     import importlib.util, json, sys
     spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
@@ -89,14 +152,20 @@ _PROBE = textwrap.dedent("""
         m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
     except ImportError as e:
         print(json.dumps({"import_error": str(e)})); sys.exit()
-    good = dict(x_ptr=256, w_ptr=512, out_ptr=1024, rows=2, d=8, eps=1e-6, dtype=1, stream=0)
     errs = {}
-    for bad in [dict(x_ptr=0), dict(w_ptr=3), dict(out_ptr=-4), dict(rows=0), dict(d=-1),
-                dict(eps=float("nan")), dict(dtype=7), dict(stream="s"), dict(rows=2**31)]:
-        try:
-            m.rmsnorm(**{**good, **bad}); errs[next(iter(bad))] = None
+    for fn, (good, bads) in json.loads(sys.argv[2]).items():
+        for bad in bads:
+            key = fn + ":" + json.dumps(bad)
+            try:
+                getattr(m, fn)(**{**good, **bad}); errs[key] = None
+            except Exception as e:
+                errs[key] = [type(e).__name__, str(e)]
+        try:   # the good arguments pass every check; only the launch itself may fail (no driver, fake pointers)
+            if "driver_version" in dir(m) and m.driver_version() is None:
+                getattr(m, fn)(**good)
+            errs[fn + ":good"] = None
         except Exception as e:
-            errs[next(iter(bad))] = [type(e).__name__, str(e)]
+            errs[fn + ":good"] = [type(e).__name__, str(e)]
     print(json.dumps({"cuda": m.cuda_version(), "archs": m.built_archs(), "errs": errs}))
 """)
 
@@ -104,7 +173,8 @@ _PROBE = textwrap.dedent("""
 def test_built_module_imports_and_checks_arguments(built_so):
     # Static cudart needs no driver to load; if this system's loader still refuses, it must be
     # about the driver, not a missing symbol.
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(built_so)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(built_so), json.dumps(BINDING_CASES)],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     if "import_error" in res:
@@ -112,8 +182,13 @@ def test_built_module_imports_and_checks_arguments(built_so):
         pytest.skip(f"module built but not importable without a driver: {res['import_error']}")
     assert res["archs"] == ["90"]
     assert res["cuda"].split(".")[0].isdigit()
-    for arg, err in res["errs"].items():  # checked before any CUDA call, so no device needed
-        assert err is not None and err[0] == "ValueError" and f"'{arg}'" in err[1], (arg, err)
+    for key, err in res["errs"].items():
+        if key.endswith(":good"):
+            # Without a driver the launch fails with a RuntimeError naming CUDA, never a ValueError.
+            assert err is None or (err[0] == "RuntimeError" and "CUDA error" in err[1]), (key, err)
+            continue
+        arg = next(iter(json.loads(key.split(":", 1)[1])))
+        assert err is not None and err[0] == "ValueError" and f"'{arg}'" in err[1], (key, err)
 
 
 # --- (b) numerics against a float64 reference on fresh random inputs -------------------------------

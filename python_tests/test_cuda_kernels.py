@@ -1,0 +1,405 @@
+"""Every op of the `cuda` backend (kernels/cuda_ops.py -> csrc/*.cuh) against the torch reference.
+
+Numeric tests need a CUDA device and the built extension (they skip without a GPU, and fail if a GPU is
+present but the extension is missing). Inputs are fresh per case (seeded from the case), outputs are
+poisoned first (every torch.empty / empty_like inside the op is NaN- or sentinel-filled, and cache slots the
+kernel must not read hold large values or NaN), float results are compared by relative error
+||out - ref|| / ||ref|| under a per-dtype tolerance, integer and copy kernels exactly.
+The last section runs everywhere: the wrappers decline (NotImplemented) what their kernels do not take.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from amphista_engine._ext import extension_error, load_extension
+from amphista_engine.config import ModelConfig
+from amphista_engine.kernels import backend, cuda_ops, ops, reference, use_backend
+from amphista_engine.model import rope_table
+from amphista_engine.tree import build_tree, dynamic_tree
+
+HAS_GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if HAS_GPU else "cpu")
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+
+
+@pytest.fixture
+def ext():
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA device")
+    mod = load_extension()
+    if mod is None:
+        if os.environ.get("AMPHISTA_NO_CUDA") == "1":
+            pytest.skip("AMPHISTA_NO_CUDA=1")
+        pytest.fail(f"CUDA device present but extension missing: {extension_error()}")
+    return mod
+
+
+def gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def randn(g, *shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEV)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Inside the test every fresh torch.empty / empty_like is NaN (float) or a sentinel (int), so an output
+    element or workspace entry a kernel forgets to write cannot pass by luck."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-777777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_like(*a, **k)))
+    yield
+
+
+def run(fn, *args):
+    """A cuda_ops call that must not decline its input."""
+    out = fn(*args)
+    assert out is not NotImplemented, f"{fn.__name__} declined its input"
+    torch.cuda.synchronize()
+    return out
+
+
+# ---- tree attention ------------------------------------------------------------------------------------
+def _bits(kind: str, B: int, N: int, g):
+    if kind == "causal":
+        return reference.mask_bits(torch.ones(N, N, dtype=torch.bool).tril()[None]).to(DEV)
+    if kind == "static":
+        tree = build_tree("mc_sim_7b_63") if N == 64 else build_tree([(0,) * d for d in range(1, N)])
+        return tree.ancestor_bits[None].to(DEV)
+    dt = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, 12, generator=g), N, topk=4)
+    return dt.ancestor_bits.to(DEV)
+
+
+# B, H, H_kv, N, D, dtype, mask kind, prefix lengths (per row), splits (None: heuristic)
+ATTN_CASES = [
+    (1, 32, 32, 1, 128, torch.bfloat16, "causal", [1000], None),      # Llama-7B decoding: MHA, split-K
+    (3, 9, 3, 1, 64, torch.bfloat16, "causal", [77, 0, 131], None),   # SmolLM2 decoding: GQA 3, empty prefix
+    (2, 8, 2, 5, 128, torch.bfloat16, "dynamic", [101, 0], 3),        # GQA 4, odd N, per-row trees
+    (1, 8, 1, 64, 64, torch.float16, "static", [333], 4),             # GQA 8, N = 64 (bit 63: negative int64)
+    (2, 4, 4, 17, 128, torch.float16, "dynamic", [64, 63], 1),        # odd N, chunk edges, one split
+    (1, 32, 32, 64, 128, torch.bfloat16, "static", [1500], None),     # the 64-node tree on the 7B shape
+    (2, 32, 8, 7, 128, torch.float16, "causal", [5, 250], None),      # Llama-3 GQA 4, prefill-like block
+    (1, 16, 2, 64, 64, torch.bfloat16, "static", [0], 2),             # tree with nothing cached yet
+]
+
+
+def _attn_inputs(case, spare_rows=1):
+    B, H, Hkv, N, D, dtype, kind, prefixes, _ = case
+    g = gen("tree_attention", case)
+    prefix = torch.tensor(prefixes, device=DEV)
+    kv_len = -(-(int(prefix.max()) + N) // 128) * 128                 # the engine's bucketed window
+    S = kv_len + 64
+    # A cache with more batch rows than the call uses (KVCache.k[layer, :B] of a bigger cache).
+    k = randn(g, B + spare_rows, Hkv, S, D, dtype=dtype)
+    v = randn(g, B + spare_rows, Hkv, S, D, dtype=dtype)
+    for b in range(B):
+        end = int(prefix[b]) + N
+        k[b, :, end:kv_len], v[b, :, end:kv_len] = 60.0, 60.0          # past the row's tokens: never attended
+    k[:, :, kv_len:], v[:, :, kv_len:] = float("nan"), float("nan")   # past kv_len: never read
+    q = randn(g, B, N, H, D, dtype=dtype).transpose(1, 2)              # the model's layout: a transposed view
+    return q, k, v, prefix, _bits(kind, B, N, g), kv_len
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}-"
+                                                             f"{str(c[5])[6:]}-{c[6]}-s{c[8]}")
+def test_tree_attention(case, ext, poisoned, monkeypatch):
+    q, k, v, prefix, bits, kv_len = _attn_inputs(case)
+    B, H, N, D = q.shape
+    if case[8] is not None:
+        monkeypatch.setattr(cuda_ops, "num_splits", lambda *a: case[8])
+    ref = reference.tree_attention(q, k[:B], v[:B], prefix, bits, kv_len)
+    out = run(cuda_ops.tree_attention, q, k, v, prefix, bits, kv_len)     # the kernel takes the bigger cache
+    assert out.shape == (B, H, N, D) and out.dtype == q.dtype
+    assert out.transpose(1, 2).is_contiguous()                         # [B, N, H, D] buffer underneath
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[q.dtype], rel_err(out, ref)
+    # The bool-mask form gives the same result.
+    mask = reference.bits_to_mask(bits, N)
+    out2 = run(cuda_ops.tree_attention, q, k, v, prefix, mask, kv_len)
+    assert torch.equal(out2, out)
+
+
+@needs_gpu
+def test_tree_attention_splits_agree(ext, monkeypatch):
+    """1, 3 and 16 splits of a long prefix give the same result up to rounding (the merge is exact in fp32)."""
+    q, k, v, prefix, bits, kv_len = _attn_inputs((1, 8, 2, 9, 128, torch.bfloat16, "dynamic", [2000], None))
+    outs = []
+    for s in (1, 3, 16):
+        monkeypatch.setattr(cuda_ops, "num_splits", lambda *a, s=s: s)
+        outs.append(run(cuda_ops.tree_attention, q, k, v, prefix, bits, kv_len).float())
+    assert rel_err(outs[1], outs[0]) < 1e-2 and rel_err(outs[2], outs[0]) < 1e-2
+
+
+@needs_gpu
+def test_tree_attention_scale_and_dispatch(ext):
+    q, k, v, prefix, bits, kv_len = _attn_inputs((2, 4, 2, 3, 64, torch.float16, "causal", [10, 20], None),
+                                                  spare_rows=0)
+    ref = reference.tree_attention(q, k, v, prefix, bits, kv_len, scale=0.05)
+    assert rel_err(run(cuda_ops.tree_attention, q, k, v, prefix, bits, kv_len, 0.05), ref) < TOL[torch.float16]
+    with use_backend("cuda"):
+        assert backend.resolve("tree_attention", DEV) == "cuda"
+        assert rel_err(ops.tree_attention(q, k, v, prefix, bits, kv_len, 0.05), ref) < TOL[torch.float16]
+        # Unsupported inputs fall through to another backend without an error: fp32, D = 96, N = 65.
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        assert cuda_ops.tree_attention(q32, k32, v32, prefix, bits, kv_len) is NotImplemented
+        torch.testing.assert_close(ops.tree_attention(q32, k32, v32, prefix, bits, kv_len),
+                                   reference.tree_attention(q32, k32, v32, prefix, bits, kv_len), atol=2e-4, rtol=2e-4)
+        big = torch.ones(65, 65, dtype=torch.bool, device=DEV).tril()[None]
+        q65 = torch.randn(1, 4, 65, 64, device=DEV, dtype=torch.float16)
+        kc = torch.randn(1, 2, 128, 64, device=DEV, dtype=torch.float16)
+        p0 = torch.zeros(1, dtype=torch.long, device=DEV)
+        assert cuda_ops.tree_attention(q65, kc, kc, p0, big, 65) is NotImplemented
+        assert torch.isfinite(ops.tree_attention(q65, kc, kc, p0, big, 65)).all()
+
+
+# ---- AEB head attention --------------------------------------------------------------------------------
+@pytest.mark.parametrize("N,K,d,heads,dtype,pos", [(3, 4, 512, 8, torch.bfloat16, True),
+                                                   (1, 5, 576, 9, torch.float32, False),
+                                                   (2, 4, 4096, 32, torch.float16, True),
+                                                   (4, 64, 256, 1, torch.bfloat16, True),
+                                                   (7, 1, 96, 3, torch.float32, True)])
+def test_head_attention(N, K, d, heads, dtype, pos, ext, poisoned):
+    g = gen("head_attention", N, K, d, heads, dtype)
+    z = randn(g, N, K, d, dtype=dtype)
+    pe = randn(g, K, d, dtype=dtype) if pos else None
+    w = randn(g, d, dtype=dtype, scale=0.5) + 1
+    wqkv = randn(g, 3 * d, d, dtype=dtype, scale=d ** -0.5)
+    rx, ra = reference.head_attention(z, pe, w, 1e-5, wqkv, heads)
+    x, a = run(cuda_ops.head_attention, z, pe, w, 1e-5, wqkv, heads)
+    assert a.shape == (N, K, d) and a.dtype == dtype
+    assert rel_err(x, rx) < TOL[dtype] and rel_err(a, ra) < TOL[dtype], (rel_err(x, rx), rel_err(a, ra))
+
+
+# ---- staged adaptation input ---------------------------------------------------------------------------
+@pytest.mark.parametrize("B,M,d,h_dtype,w_dtype", [(2, 3, 576, torch.float32, torch.bfloat16),
+                                                   (1, 5, 4096, torch.bfloat16, torch.bfloat16),
+                                                   (1, 1, 100, torch.float32, torch.float32),
+                                                   (3, 2, 64, torch.float16, torch.float16),
+                                                   (2, 7, 36, torch.bfloat16, torch.float32)])
+def test_fused_sal_input(B, M, d, h_dtype, w_dtype, ext, poisoned):
+    g = gen("fused_sal_input", B, M, d, h_dtype, w_dtype)
+    hidden = randn(g, B, M, d, dtype=h_dtype)
+    tokens = torch.randint(0, 97, (B, M), generator=g).to(DEV)
+    emb = randn(g, 97, d, dtype=w_dtype)
+    w = randn(g, d, 2 * d, dtype=w_dtype, scale=(2 * d) ** -0.5)
+    ref = reference.fused_sal_input(hidden, tokens, emb, w)
+    out = run(cuda_ops.fused_sal_input, hidden, tokens, emb, w)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < TOL[w_dtype]
+
+
+# ---- RMSNorm and RoPE ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 96), torch.float32), ((7, 576), torch.bfloat16),
+                                         ((64, 4096), torch.float16), ((2, 33), torch.bfloat16)])
+def test_rmsnorm_and_add(shape, dtype, ext, poisoned):
+    g = gen("rmsnorm", shape, dtype)
+    x = randn(g, *shape, dtype=dtype, scale=3)
+    w = randn(g, shape[-1], dtype=dtype) + 1
+    assert rel_err(run(cuda_ops.rmsnorm, x, w, 1e-5), reference.rmsnorm(x, w, 1e-5)) < TOL[dtype]
+    for res in (randn(g, *shape, dtype=dtype), randn(g, *shape[-2:], dtype=dtype)):   # full, per-position
+        s, y = run(cuda_ops.add_rmsnorm, x, res, w, 1e-5)
+        rs, ry = reference.add_rmsnorm(x, res, w, 1e-5)
+        assert rel_err(s, rs) < TOL[dtype] and rel_err(y, ry) < TOL[dtype]
+
+
+@pytest.mark.parametrize("B,T,H,D,dtype,shared", [(2, 3, 5, 64, torch.float32, False),
+                                                  (1, 7, 4, 128, torch.bfloat16, True),
+                                                  (3, 64, 8, 128, torch.float16, False),
+                                                  (2, 5, 3, 34, torch.bfloat16, False)])
+def test_rope(B, T, H, D, dtype, shared, ext, poisoned):
+    g = gen("rope", B, T, H, D, dtype)
+    cfg = ModelConfig(vocab_size=8, dim=H * D, n_layers=1, n_heads=H, n_kv_heads=H, intermediate_size=8,
+                      rope_theta=500000.0)
+    table = rope_table(cfg, 300).to(DEV)
+    positions = torch.randint(0, 300, (1 if shared else B, T), generator=g).to(DEV)   # explicit, unordered
+    qkv = randn(g, B, T, 3 * H * D, dtype=dtype)
+    x = qkv[..., H * D:2 * H * D].view(B, T, H, D)          # the K part of a fused QKV output: strided
+    ref = reference.rope(x, table[positions])
+    out = run(cuda_ops.rope, x, table[positions])
+    assert out.shape == (B, T, H, D) and rel_err(out, ref) < TOL[dtype]
+
+
+# ---- KV cache ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,T,D", [(torch.float32, 5, 64), (torch.bfloat16, 64, 128), (torch.float16, 1, 34)])
+def test_kv_write(dtype, T, D, ext):
+    g = gen("kv_write", dtype, T, D)
+    L, Bmax, H, S, B = 3, 3, 2, 160, 2
+    kb, vb = randn(g, L, Bmax, H, S, D, dtype=dtype), randn(g, L, Bmax, H, S, D, dtype=dtype)
+    k = randn(g, B, T, H, D, dtype=dtype).transpose(1, 2)   # [B, H, T, D] view, as the model passes it
+    v = randn(g, B, T, H, D, dtype=dtype).transpose(1, 2)
+    start = torch.tensor([3, S - T], device=DEV)
+    rk, rv = kb.clone(), vb.clone()
+    reference.kv_write(rk, rv, 1, start, k, v)
+    assert run(cuda_ops.kv_write, kb, vb, 1, start, k, v) is None
+    assert torch.equal(kb, rk) and torch.equal(vb, rv)      # written slots right, every other slot untouched
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float32, 64), (torch.float16, 6)])
+def test_kv_compact(dtype, D, ext):
+    g = gen("kv_compact", dtype, D)
+    L, Bmax, H, S = 4, 3, 2, 48
+    kb, vb = randn(g, L, Bmax, H, S, D, dtype=dtype), randn(g, L, Bmax, H, S, D, dtype=dtype)
+    # Row 0: accepted nodes 0, 2, 5 at prefix 10 -> slots 10, 12, 15 move to 10, 11, 12 (12 is a source too).
+    # Row 1: a source out of range is clamped to S - 1 = 47, which is also a destination (overlap).
+    src = torch.tensor([[10, 12, 15, 10, 10], [44, 47, 60, -3, 45]], device=DEV)
+    dst_start = torch.tensor([10, 45], device=DEV)
+    rk, rv = kb.clone(), vb.clone()
+    reference.kv_compact(rk, rv, src[:, :3], dst_start)     # no duplicate clamped destinations here
+    run(cuda_ops.kv_compact, kb, vb, src[:, :3], dst_start)
+    assert torch.equal(kb, rk) and torch.equal(vb, rv)
+    rk, rv = kb.clone(), vb.clone()                         # with padding entries (row 0 only, B < B_max)
+    reference.kv_compact(rk, rv, src[:1], dst_start[:1])
+    run(cuda_ops.kv_compact, kb, vb, src[:1], dst_start[:1])
+    assert torch.equal(kb, rk) and torch.equal(vb, rv)
+
+
+# ---- acceptance ----------------------------------------------------------------------------------------
+def _accept_inputs(kind: str, B: int, V: int, g, hit=0.6):
+    if kind in ("static", "chain"):
+        tree = build_tree("mc_sim_7b_63" if kind == "static" else "chain-5")
+        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent.expand(B, -1)
+    else:
+        tree = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, V, generator=g), 21, topk=5)
+        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent
+    logits = torch.randn(B, N, V, generator=g) * 3
+    tokens = torch.randint(0, V, (B, N), generator=g)
+    pred = logits.argmax(-1)
+    for i in range(1, N):                                   # make many children what their parent predicts
+        take = torch.rand(B, generator=g) < hit
+        tokens[:, i] = torch.where(take, pred.gather(1, parent[:, i:i + 1]).squeeze(1), tokens[:, i])
+    return tokens.to(DEV), logits.to(DEV), retrieve.to(DEV)
+
+
+def _same_result(a, b):
+    for f in ("accept_len", "best_path", "accepted_nodes", "next_token", "emitted"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), (f, getattr(a, f), getattr(b, f))
+
+
+@pytest.mark.parametrize("kind,B,V,dtype", [("static", 2, 300, torch.float32), ("dynamic", 3, 77, torch.bfloat16),
+                                            ("chain", 2, 2000, torch.float32), ("static", 1, 32000, torch.bfloat16),
+                                            ("dynamic", 2, 49152, torch.float16)])
+def test_greedy_accept(kind, B, V, dtype, ext, poisoned):
+    tokens, logits, retrieve = _accept_inputs(kind, B, V, gen("greedy", kind, B, V))
+    logits = logits.to(dtype)
+    res = run(cuda_ops.greedy_accept, tokens, logits, retrieve)
+    _same_result(res, reference.greedy_accept(tokens, logits, retrieve))
+
+
+@needs_gpu
+def test_greedy_accept_ties_and_strided_logits(ext):
+    """Many exact ties (integer-valued logits): the first maximum wins, as in torch.argmax. Logits that are
+    the first V columns of a wider buffer (row stride > V) and a last-position slice (N = 1) work too."""
+    g = gen("ties")
+    tree = build_tree("tree-16")
+    B, N, V = 2, tree.num_nodes, 50
+    wide = torch.randint(0, 3, (B, N, V + 14), generator=g).float().to(DEV)
+    logits = wide[..., :V]
+    tokens = torch.randint(0, 3, (B, N), generator=g).to(DEV)
+    retrieve = tree.retrieve.to(DEV)
+    _same_result(run(cuda_ops.greedy_accept, tokens, logits, retrieve),
+                 reference.greedy_accept(tokens, logits, retrieve))
+    one = build_tree("chain-1")
+    last = wide[:, -1:, :V]
+    _same_result(run(cuda_ops.greedy_accept, tokens[:, :1], last, one.retrieve[:, :1].to(DEV)),
+                 reference.greedy_accept(tokens[:, :1], last, one.retrieve[:, :1].to(DEV)))
+
+
+# ---- one verification step from the ops, cuda vs torch --------------------------------------------------
+@needs_gpu
+def test_op_chain_verify_step_matches_torch(ext):
+    g = gen("verify_step")
+    B, H, Hkv, D, L, S, V = 2, 8, 2, 64, 2, 256, 50
+    tree = build_tree("mc_sim_7b_63")
+    N = tree.num_nodes
+    cfg = ModelConfig(vocab_size=V, dim=H * D, n_layers=L, n_heads=H, n_kv_heads=Hkv, intermediate_size=8)
+    table = rope_table(cfg, S).to(DEV)
+    dt = torch.bfloat16
+    qkv = randn(g, B, N, (H + 2 * Hkv) * D, dtype=dt)
+    w_out = randn(g, V, H * D, scale=0.3, dtype=dt)
+    tokens = torch.randint(0, V, (B, N), generator=g).to(DEV)
+    kb0, vb0 = randn(g, L, B, Hkv, S, D, dtype=dt), randn(g, L, B, Hkv, S, D, dtype=dt)
+    prefix = torch.tensor([21, 150], device=DEV)
+
+    def step(name):
+        kb, vb = kb0.clone(), vb0.clone()
+        with use_backend(name):
+            rows = table[prefix[:, None] + tree.depth.to(DEV)]
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
+            q = ops.rope(q.view(B, N, H, D), rows).transpose(1, 2)
+            k = ops.rope(k.view(B, N, Hkv, D), rows).transpose(1, 2)
+            ops.kv_write(kb, vb, 0, prefix, k, v.view(B, N, Hkv, D).transpose(1, 2))
+            mask, dense = ops.tree_mask_args(prefix, tree.mask[None].to(DEV), 256)
+            att = ops.tree_attention(q, kb[0], vb[0], prefix, mask, 256, dense_mask=dense)
+            logits = att.transpose(1, 2).reshape(B, N, H * D) @ w_out.T
+            res = ops.greedy_accept(tokens, logits, tree.retrieve.to(DEV))
+            ops.kv_compact(kb, vb, prefix[:, None] + res.accepted_nodes.clamp(min=0), prefix)
+        return res, kb, vb, logits
+
+    r1, k1, v1, l1 = step("torch")
+    r2, k2, v2, l2 = step("cuda")
+    assert rel_err(l2, l1) < TOL[dt]
+    if torch.equal(l1.argmax(-1), l2.argmax(-1)):           # near-ties aside, the decisions are the same
+        _same_result(r1, r2)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+# ---- runs everywhere: what the wrappers decline ---------------------------------------------------------
+def test_wrappers_decline_cpu_tensors():
+    """On CPU tensors (or without the extension) every cuda op declines, so the dispatcher falls through."""
+    x = torch.randn(2, 3, 64)
+    w = torch.ones(64)
+    assert cuda_ops.rmsnorm(x, w, 1e-6) is NotImplemented
+    assert cuda_ops.add_rmsnorm(x, x, w, 1e-6) is NotImplemented
+    assert cuda_ops.rope(x.view(2, 3, 1, 64), torch.zeros(1, 3, 64)) is NotImplemented
+    q = torch.randn(1, 4, 3, 64, dtype=torch.bfloat16)
+    kc = torch.randn(1, 2, 16, 64, dtype=torch.bfloat16)
+    bits = reference.mask_bits(torch.ones(3, 3, dtype=torch.bool).tril()[None])
+    assert cuda_ops.tree_attention(q, kc, kc, torch.zeros(1, dtype=torch.long), bits, 16) is NotImplemented
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    assert cuda_ops.greedy_accept(tokens, torch.randn(1, 3, 10), build_tree("chain-2").retrieve) is NotImplemented
+    kb = torch.zeros(2, 1, 2, 16, 64)
+    assert cuda_ops.kv_compact(kb, kb.clone(), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long)) \
+        is NotImplemented
+    assert cuda_ops.fused_sal_input(x, torch.zeros(2, 3, dtype=torch.long), torch.randn(9, 64), torch.randn(64, 128)) \
+        is NotImplemented
+    # And the dispatcher still answers with the reference.
+    with use_backend("cuda"):
+        torch.testing.assert_close(ops.rmsnorm(x, w, 1e-6), reference.rmsnorm(x, w, 1e-6))
+
+
+@needs_gpu
+def test_wrappers_decline_unsupported_gpu_inputs(ext):
+    dev = DEV
+    q = torch.randn(1, 4, 3, 96, device=dev, dtype=torch.bfloat16)          # head dim 96: not compiled
+    kc = torch.randn(1, 2, 16, 96, device=dev, dtype=torch.bfloat16)
+    bits = reference.mask_bits(torch.ones(3, 3, dtype=torch.bool, device=dev).tril()[None])
+    p0 = torch.zeros(1, dtype=torch.long, device=dev)
+    assert cuda_ops.tree_attention(q, kc, kc, p0, bits, 16) is NotImplemented
+    q = torch.randn(1, 4, 3, 64, device=dev, dtype=torch.bfloat16)
+    kc = torch.randn(1, 2, 16, 64, device=dev, dtype=torch.bfloat16)
+    assert cuda_ops.tree_attention(q, kc, kc, p0, bits, 17) is NotImplemented               # kv_len > S
+    assert cuda_ops.tree_attention(q, kc, kc, p0, bits.cpu(), 16) is NotImplemented         # mixed devices
+    big = torch.randn(1, 2, 3, 2000, 128, device=dev, dtype=torch.bfloat16)                 # M * D too large
+    assert cuda_ops.kv_compact(big, big.clone(), torch.zeros(1, 200, dtype=torch.long, device=dev), p0) is NotImplemented
+    z = torch.randn(2, 65, 64, device=dev)                                                    # K = 65 slots
+    assert cuda_ops.head_attention(z, None, torch.ones(64, device=dev), 1e-5, torch.randn(192, 64, device=dev), 1) \
+        is NotImplemented
