@@ -63,13 +63,13 @@ def test_features_match_forward_train(target, kind):
                                heads.forward_train(hidden, nxt)[rows[:, 0], rows[:, 1]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,loss", [("amphista", "kl"), ("medusa", "ce")])
-def test_training_lowers_loss_and_raises_accuracy(shard, target, tmp_path, kind, loss):
-    res = train_heads(cfg(shard, tmp_path / kind, kind=kind, loss=loss, steps=16, eval_every=16,
-                          lr=1e-2 if kind == "medusa" else 4e-3), target=target)
+@pytest.mark.parametrize("kind,loss,mse", [("amphista", "kl", 1.0), ("medusa", "ce", 0.0)])
+def test_training_lowers_loss_and_raises_accuracy(shard, target, tmp_path, kind, loss, mse):
+    res = train_heads(cfg(shard, tmp_path / kind, kind=kind, loss=loss, steps=16, eval_every=16, mse_weight=mse,
+                          loss_positions=64, lr=1e-2 if kind == "medusa" else 4e-3), target=target)
     first, last = res["history"][0], res["history"][-1]
     assert first["step"] == 0 and last["step"] == 16
-    assert last["loss"] < 0.8 * first["loss"]
+    assert last["loss"] < 0.9 * first["loss"]
     assert last["top1"][0] > first["top1"][0] + 0.05
     assert sum(last["top1"]) > sum(first["top1"])
 
@@ -224,11 +224,11 @@ def test_trained_heads_keep_greedy_output(shard, target, tmp_path):
     from amphista_engine.generation import PlainDecoder
     from amphista_engine.sampling import SamplingParams
     from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
-    res = train_heads(cfg(shard, tmp_path / "g", steps=10), target=target)
+    res = train_heads(cfg(shard, tmp_path / "g", steps=6, eval_frac=0.0), target=target)
     heads = load_heads(tmp_path / "g", target, dtype=torch.float32)
     prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
 
-    def decode(dec, n=24):
+    def decode(dec, n=16):
         out = [int(dec.prefill([prompt])[0])]
         while len(out) < n:
             toks, cnt = dec.step()
@@ -241,4 +241,4 @@ def test_trained_heads_keep_greedy_output(shard, target, tmp_path):
     spec = SpeculativeDecoder(target, KVCache.for_model(target.config, 1, 256, torch.float32, "cpu"), heads,
                               TreeSpec(f"chain-{K}", K, "cpu"), SamplingParams())
     assert decode(spec) == plain
-    assert res["steps"] == 10
+    assert res["steps"] == 6

@@ -29,7 +29,7 @@ def cmd_eval_tau(args) -> int:
     from .evaltau import eval_tau
     eval_tau(args.questions, args.heads, model=args.model, tree=args.tree, max_new_tokens=args.max_new_tokens,
              limit=args.limit, out=args.out, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-             speculative=args.speculative)
+             speculative=args.speculative, per_category=args.per_category)
     return 0
 
 
@@ -89,6 +89,11 @@ def register(sub) -> None:
     t.add_argument("--chunk", type=int, default=256, help="positions per loss chunk (bounds [N, K, V] memory)")
     t.add_argument("--log", default=None, help="also append JSON lines (train/eval metrics) to this file")
     t.add_argument("--stage-of-head", default=None, help="Amphista: comma list, head k's SAL stage")
+    t.add_argument("--mse-weight", type=float, default=0.0,
+                   help="add this weight x the full-vocabulary logit MSE to the teacher at every answer position "
+                        "(exact and ~V/d times cheaper than KL: computed through the LM head's Gram matrix)")
+    t.add_argument("--init", default="identity", choices=["identity", "default"],
+                   help="identity: heads start as the target's own next-token head (default)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval-tau", help="mean tau per category on a Spec-Bench question file (first turns)")
@@ -100,6 +105,7 @@ def register(sub) -> None:
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--max-seq-len", type=int, default=2048)
     e.add_argument("--limit", type=int, default=None, help="first N questions")
+    e.add_argument("--per-category", type=int, default=None, help="first N questions of every category")
     e.add_argument("--out", default=None, help="JSON results file")
     e.set_defaults(func=cmd_eval_tau)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 
 
-def read_questions(path, limit: int | None = None) -> list[dict]:
+def read_questions(path, limit: int | None = None, per_category: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"questions file not found: {path}")
@@ -27,16 +27,25 @@ def read_questions(path, limit: int | None = None) -> list[dict]:
         qs.append(q)
     if not qs:
         raise InputError(f"no questions in {path}")
+    if per_category:
+        seen: dict = defaultdict(int)
+        picked = []
+        for q in qs:
+            c = q.get("category", "all")
+            if seen[c] < per_category:
+                picked.append(q)
+                seen[c] += 1
+        qs = picked
     return qs[:limit] if limit else qs
 
 
 def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_tokens: int = 256,
              limit: int | None = None, out=None, device=None, dtype=None, max_seq_len: int = 2048,
-             speculative: str = "auto", engine=None, quiet: bool = False) -> dict:
+             speculative: str = "auto", engine=None, quiet: bool = False, per_category: int | None = None) -> dict:
     from tqdm import tqdm
 
     from ..shipped_heads import resolve_heads
-    qs = read_questions(questions, limit)
+    qs = read_questions(questions, limit, per_category)
     if engine is None:
         from ..engine import Engine
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len)

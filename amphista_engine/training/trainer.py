@@ -71,6 +71,8 @@ class TrainConfig:
     chunk: int = 256
     log: str | None = None
     stage_of_head: str | list | None = None
+    mse_weight: float = 0.0             # + weight * full-vocabulary logit MSE to the teacher (all positions)
+    init: str = "identity"              # identity: every head starts as the target's own next-token head
     progress: bool = True
 
     def check(self):
@@ -89,6 +91,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
             raise ConfigError("--steps / --epochs must be positive")
+        if self.init not in ("identity", "default"):
+            raise ConfigError(f"--init must be identity or default, got {self.init!r}")
+        if self.mse_weight < 0:
+            raise ConfigError("--mse-weight must be >= 0")
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
             raise ConfigError("need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1")
 
@@ -217,6 +223,33 @@ def head_features(heads, hidden: torch.Tensor, next_tokens: torch.Tensor, rows: 
     return heads.res(x.to(heads.res.weight.dtype))
 
 
+@torch.no_grad()
+def identity_init(heads, target):
+    """Amphista starts as a pass-through of h_t: fusion = [I | 0], every residual branch's output projection
+    (SAL and auto-embedding layers) zero, final norm scaled to h's RMS. Each head then drafts what the target
+    predicts at t (a sane, calibrated start) instead of a random distribution. Medusa's ResBlocks already start
+    as the identity."""
+    from ..heads import AmphistaHeads
+    if not isinstance(heads, AmphistaHeads):
+        return
+    d = heads.config.dim
+    if heads.fuse is not None:
+        heads.fuse.weight.zero_()
+        heads.fuse.weight[:, :d].copy_(torch.eye(d))
+    for layer in list(heads.sal) + list(heads.aeb):
+        wo = layer.attention.wo if hasattr(layer, "attention") else layer.wo
+        wo.weight.zero_()
+        layer.feed_forward.w2.weight.zero_()
+    heads.norm.weight.fill_(float(target.norm.weight.float().pow(2).mean().sqrt()))
+
+
+def centered_gram(w: torch.Tensor) -> torch.Tensor:
+    """G with e^T G e / V = the mean squared error of the softmax-relevant (centered) logits W e: [d, d]."""
+    w = w.detach().double()
+    s = w.sum(0)
+    return ((w.T @ w - torch.outer(s, s) / w.shape[0]) / w.shape[0]).float()
+
+
 def loss_rows(lengths: torch.Tensor, plen: torch.Tensor, T: int, K: int):
     """(b, t) rows that carry loss for head 0, and valid[b, t, k] for every head."""
     dev = lengths.device
@@ -336,6 +369,8 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         overrides["stage_of_head"] = [int(s) for s in (soh.split(",") if isinstance(soh, str) else soh)]
     torch.manual_seed(cfg.seed)
     heads = new_heads(cfg.kind, target, num_heads=cfg.num_heads, dtype=torch.float32, **overrides)
+    if cfg.init == "identity":
+        identity_init(heads, target)
     heads.train().requires_grad_(True)
     params = [p for p in heads.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -367,6 +402,11 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     hs = HiddenSource(target, cfg.cache_hidden, fp)
     lossf = LossComputer(target, cfg.loss, cfg.lam, cfg.num_heads, cfg.chunk, autocast)
 
+    gram = centered_gram(target.output.weight).to(dev) if cfg.mse_weight > 0 else None
+    if gram is not None and heads.config.per_head_lm_head:
+        raise ConfigError("--mse-weight needs heads that share the target's LM head (per_head_lm_head=False)")
+    lam_w = torch.tensor([cfg.lam ** k for k in range(cfg.num_heads)], device=dev)
+
     def run_batch(seqs, sample_gen, backward):
         x, lengths, plen = pad_batch(seqs, dev)
         B, T = x.shape
@@ -377,17 +417,33 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         rows = valid[..., 0].nonzero()                                 # [N, 2]
         if rows.shape[0] == 0:
             return None
+        pick = None
         if sample_gen is not None and cfg.loss_positions and rows.shape[0] > cfg.loss_positions:
-            pick = torch.randperm(rows.shape[0], generator=sample_gen)[:cfg.loss_positions].sort().values
-            rows = rows[pick.to(rows.device)]
+            pick = torch.randperm(rows.shape[0], generator=sample_gen)[:cfg.loss_positions].sort().values.to(dev)
         with autocast():
-            sel = head_features(heads, hidden, nxt, rows)              # [N, K, d]
-        loss, g, stats = lossf(heads, sel, hidden, x, rows, valid[rows[:, 0], rows[:, 1]], backward)
+            if gram is None:
+                if pick is not None:
+                    rows = rows[pick]
+                sel = head_features(heads, hidden, nxt, rows)              # [N, K, d]
+                kl_rows, kl_sel = rows, sel
+            else:
+                sel = head_features(heads, hidden, nxt, rows)
+                kl_rows, kl_sel = (rows, sel) if pick is None else (rows[pick], sel[pick])
+        v_all = valid[rows[:, 0], rows[:, 1]]
+        loss, g, stats = lossf(heads, kl_sel, hidden, x, kl_rows, valid[kl_rows[:, 0], kl_rows[:, 1]], backward)
+        extra = torch.zeros((), device=dev)
+        if gram is not None:
+            ks = torch.arange(cfg.num_heads, device=dev)
+            u = (rows[:, 1:2] + ks[None] + 1).clamp(max=T - 1)
+            e = sel.float() - hidden[rows[:, :1], u]                      # [N, K, d]
+            mse = ((e @ gram) * e).sum(-1) * v_all                       # [N, K]
+            extra = cfg.mse_weight * (mse.sum(0) * lam_w / v_all.sum(0).clamp_min(1)).sum()
+            stats["mse"] = (mse.sum(0) / v_all.sum(0).clamp_min(1)).detach()
         if backward:
-            sel.backward(g)
+            (extra + (kl_sel * g).sum()).backward() if gram is not None else kl_sel.backward(g)
         stats["tokens"] = int(lengths.sum())
         stats["positions"] = int(rows.shape[0])
-        return loss, stats
+        return loss + extra.detach(), stats
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -458,8 +514,10 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         dt = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{toks / dt:.0f}")
-        _log(cfg, {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
-                   "elapsed_s": round(dt, 2)})
+        rec = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm, "elapsed_s": round(dt, 2)}
+        if r is not None and "mse" in r[1]:
+            rec["mse"] = [round(v, 4) for v in r[1]["mse"].tolist()]
+        _log(cfg, rec)
         do_eval = held and (step == total or (cfg.eval_every and step % cfg.eval_every == 0))
         if do_eval:
             ev = evaluate()
