@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The one-shot GPU suite (issue 6), for a bare CUDA machine with torch and triton installed and no internet:
+#   1. builds the CUDA extension for the local GPU only (its compute capability; pip editable install,
+#      falling back to CMake straight into amphista_engine/ if pip cannot build),
+#   2. runs the GPU tests: python_tests/test_cuda_*.py and python_tests/test_kernels_triton.py,
+#   3. runs every kernel microbenchmark (benchmarks/kernels/run_all.py, when present),
+#   4. times end-to-end decode steps, plain vs Medusa vs Amphista, CUDA graphs on and off, on random-weight
+#      Llama-7B and SmolLM2-135M shapes in bf16 (benchmarks/latency_gpu.py),
+# in under 8 minutes, writing JSON + markdown to --out DIR (default ./gpu_results) with the card, driver, date,
+# commit and torch/CUDA versions: summary.md / summary.json, latency.{json,md}, kernels.json, tests.xml and
+# the whole log (suite.log). Commit the results under benchmarks/results/ when they are worth keeping.
+#
+#   bash benchmarks/gpu_suite.sh [--out DIR] [--skip-build] [--budget SECONDS]
+#
+# Nothing here needs gguf, tokenizers or a checkpoint. On a machine without a CUDA device it stops at once
+# with one line ("gpu_suite: no CUDA device ...") and exit status 2. Exit status 1: some stage failed (every
+# stage still runs, and the summary says which).
+set -uo pipefail
+
+OUT=./gpu_results
+SKIP_BUILD=0
+BUDGET=470                      # seconds for all stages; the 8-minute promise leaves ~10 s of slack
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --out=*) OUT="${1#--out=}"; shift ;;
+    --skip-build) SKIP_BUILD=1; shift ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "gpu_suite: unknown argument $1 (see --help)" >&2; exit 64 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+
+# ---- 0. a CUDA device, checked before anything slow ----------------------------------------------------
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_suite: no CUDA device (nvidia-smi is missing or lists no GPU); nothing to run on this machine" >&2
+  exit 2
+fi
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  echo "gpu_suite: no CUDA device usable by torch ($PY: torch.cuda.is_available() is False or torch is missing)" >&2
+  exit 2
+fi
+
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+exec > >(tee "$OUT/suite.log") 2>&1
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's package, whatever pip managed
+START=$(date +%s)
+STAGES="$OUT/stages.tsv"
+: > "$STAGES"
+
+# run_stage NAME MAX_SECONDS RESERVE_FOR_LATER_STAGES CMD...: runs CMD under a timeout that fits the budget.
+run_stage() {
+  local name="$1" max="$2" reserve="$3"; shift 3
+  local left=$(( BUDGET - ($(date +%s) - START) - reserve ))
+  local limit=$(( left < max ? left : max ))
+  if [ "$limit" -lt 10 ]; then
+    echo "== $name: skipped (time budget spent)"; printf '%s\tskipped\t0\n' "$name" >> "$STAGES"; return 0
+  fi
+  echo "== $name (at most ${limit}s): $*"
+  local t0=$(date +%s) rc
+  timeout --signal=INT --kill-after=15 "$limit" "$@"
+  rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  local status=ok
+  [ $rc -eq 0 ] || status="failed(rc=$rc)"
+  [ $rc -eq 124 ] && status="timeout(${limit}s)"
+  echo "== $name: $status in ${dt}s"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >> "$STAGES"
+  return $rc
+}
+
+ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}')")"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+echo "python: $PY ($("$PY" -V 2>&1)); compute capability: sm_$ARCH; budget ${BUDGET}s; out: $OUT"
+
+# ---- 1. build for this GPU only --------------------------------------------------------------------------
+build_pip() {
+  AMPHISTA_CUDA_ARCH="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index -q
+}
+build_cmake() {   # the fallback: no pip metadata needed, the .so lands where `import amphista_engine._C` looks
+  cmake -S . -B build/gpu-suite -G Ninja -DAMPHISTA_CUDA_ARCH="$ARCH" -DPython_EXECUTABLE="$PY" \
+        -DCMAKE_BUILD_TYPE=Release -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/amphista_engine" >/dev/null &&
+    cmake --build build/gpu-suite -j "$(nproc)"
+}
+check_ext() {
+  "$PY" - <<'EOF'
+import sys
+from amphista_engine._ext import extension_error, load_extension
+m = load_extension()
+if m is None:
+    sys.exit(f"extension not importable: {extension_error()}")
+print(f"amphista_engine._C: built for sm_{','.join(m.built_archs())}, CUDA runtime {m.cuda_version()}, "
+      f"driver supports {m.driver_version()}")
+import amphista_engine, amphista_engine.kernels, amphista_engine.cuda_graphs, amphista_engine.speculative  # no gguf
+print("imports without gguf/tokenizers: ok")
+EOF
+}
+if [ "$SKIP_BUILD" = 0 ]; then
+  if ! run_stage build-pip 200 250 build_pip; then
+    echo "pip build failed; building with CMake directly"
+    run_stage build-cmake 150 250 build_cmake
+  fi
+fi
+run_stage extension 30 240 check_ext
+
+# ---- 2. GPU tests -------------------------------------------------------------------------------------------
+TESTS=(python_tests/test_cuda_*.py)
+[ -f python_tests/test_kernels_triton.py ] && TESTS+=(python_tests/test_kernels_triton.py)
+run_stage tests 150 190 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml "$OUT/tests.xml" "${TESTS[@]}"
+
+# ---- 3. kernel microbenchmarks --------------------------------------------------------------------------
+if [ -f benchmarks/kernels/run_all.py ]; then
+  run_stage kernels 90 100 "$PY" benchmarks/kernels/run_all.py --shapes llama-7b,smollm2-135m \
+      --prefixes 512,2048 --reps 20 --json "$OUT/kernels.json"
+else
+  echo "== kernels: benchmarks/kernels/run_all.py not present, skipped"
+  printf 'kernels\tabsent\t0\n' >> "$STAGES"
+fi
+
+# ---- 4. end-to-end decode steps -------------------------------------------------------------------------
+LEFT=$(( BUDGET - ($(date +%s) - START) ))
+run_stage latency 180 0 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
+
+# ---- 5. summary -----------------------------------------------------------------------------------------
+"$PY" - "$OUT" "$START" <<'EOF'
+import json, platform, subprocess, sys, time
+from datetime import datetime, timezone
+from pathlib import Path
+import torch
+out, start = Path(sys.argv[1]), int(sys.argv[2])
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        return ""
+stages = [dict(zip(("stage", "status", "seconds"), l.split("\t"))) for l in (out / "stages.tsv").read_text().splitlines() if l]
+meta = {"card": torch.cuda.get_device_name(), "driver": sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": sh(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+        "dirty": bool(sh(["git", "status", "--porcelain", "--untracked-files=no"])),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "total_seconds": int(time.time()) - start}
+lat = json.loads((out / "latency.json").read_text()) if (out / "latency.json").exists() else None
+summary = {"meta": meta, "stages": stages, "targets": lat["targets"] if lat else None}
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+lines = [f"# GPU suite: {meta['card']}, {meta['date']}", ""] + [f"- {k}: {v}" for k, v in meta.items()]
+lines += ["", "| stage | status | seconds |", "|---|---|---|"] + [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
+if lat:
+    lines += ["", (out / "latency.md").read_text()]
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+
+if grep -qv -P '\t(ok|absent)\t' "$STAGES"; then
+  echo "gpu_suite: some stages failed (see $OUT/summary.md)"
+  exit 1
+fi
+echo "gpu_suite: all stages passed in $(( $(date +%s) - START ))s; results in $OUT"

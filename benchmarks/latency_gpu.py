@@ -1,0 +1,331 @@
+"""End-to-end decode-step latency on random-weight models: plain vs Medusa vs Amphista, CUDA graphs on/off.
+
+    python benchmarks/latency_gpu.py --out gpu_results            # Llama-7B and SmolLM2-135M shapes, bf16
+    python benchmarks/latency_gpu.py --smoke --device cpu --out /tmp/x   # tiny shapes, seconds (CI)
+
+No checkpoint, tokenizer or network: the models are `Transformer(ModelConfig(...))` built on the meta device
+and materialised on the GPU with random weights (a step costs the same whatever the weights are; random
+heads accept almost nothing, so a speculative step here is its full cost for about one token). Each row is
+the median wall time of `decoder.step()` plus the host sync the generation loop does after it.
+
+Targets recorded (issue 6, on an H100): plain decode of the Llama-7B shape at >= 85% of the memory-bandwidth
+floor (weight bytes / measured device copy bandwidth); a 64-node speculative step <= 1.35x a plain step on
+the 7B shape; SmolLM2-135M plain decode >= 3x transformers' eager `generate` (when transformers is
+installed); and the effect of CUDA graphs on every configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from amphista_engine.config import ModelConfig  # noqa: E402
+from amphista_engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from amphista_engine.generation import PlainDecoder  # noqa: E402
+from amphista_engine.heads import HeadsConfig, build_heads  # noqa: E402
+from amphista_engine.kv_cache import KVCache  # noqa: E402
+from amphista_engine.model import Transformer  # noqa: E402
+from amphista_engine.sampling import SamplingParams  # noqa: E402
+from amphista_engine.speculative import SpeculativeDecoder, TreeSpec  # noqa: E402
+
+SHAPES = {
+    # Llama-2-7B (and Vicuna-7B, Medusa's target): MHA, head dim 128.
+    "llama-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                            intermediate_size=11008, max_position_embeddings=4096, norm_eps=1e-5, name="llama-7b"),
+    # SmolLM2-135M: GQA 3, head dim 64, tied embeddings.
+    "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0,
+                                tie_word_embeddings=True, norm_eps=1e-5, name="smollm2-135m"),
+}
+SMOKE = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256,
+                    max_position_embeddings=1024, name="smoke")
+TREES = ("mc_sim_7b_63", "dynamic-64", "tree-16")
+
+
+def random_model(cfg: ModelConfig, device, dtype, max_seq_len: int, seed: int = 0) -> Transformer:
+    """The model with N(0, 0.02) weights (norms 1), allocated once on the device (meta first: a 7B model
+    never touches host memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, max_seq_len)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.tie_weights()
+    model.setup_rope(max_seq_len)          # fp32 table, rebuilt after the dtype cast
+    return model.eval().requires_grad_(False)
+
+
+def random_heads_on_device(kind: str, model: Transformer, num_heads: int = 4, seed: int = 1):
+    """Random drafting heads built directly on the model's device (heads.random_heads builds them on the
+    host in fp32 first, which for a 7B target is several GB and tens of seconds)."""
+    cfg = HeadsConfig.for_target(model.config, kind=kind, num_heads=num_heads)
+    w = model.output.weight
+    with torch.device("meta"):
+        heads = build_heads(cfg)
+    heads = heads.to_empty(device=w.device).to(w.dtype)
+    g = torch.Generator(device=w.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:   # ResBlocks N(0, 1/d) so the K drafts differ; the rest small
+                p.normal_(0.0, p.shape[-1] ** -0.5 if name.startswith("res.") else 0.02, generator=g)
+    return heads.eval().requires_grad_(False).bind(model)
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes a decode step must read: every weight once; the embedding table only when it is also the LM
+    head (tied), otherwise a decode step reads one of its rows."""
+    tied = model.output.weight is model.tok_embeddings.weight
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (name.startswith("tok_embeddings") and not tied):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth_gbs(device, mib: int) -> float:
+    """Device memory bandwidth as a large device-to-device copy moves it: (read + write bytes) / time."""
+    n = mib * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(decoder, prompt, steps: int, warmup: int) -> float:
+    """Median ms of decoder.step() plus the sync the generation loop pays after it."""
+    with torch.inference_mode():
+        decoder.prefill([prompt])
+        for _ in range(warmup):              # graphs: eager warm-up, then capture + replay
+            decoder.step()
+        sync(decoder.device)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            out, count = decoder.step()
+            count.tolist()                   # what generation.run does every step
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def transformers_ms_per_token(cfg: ModelConfig, device, dtype, prompt_len: int, new_tokens: int):
+    """transformers' eager `generate` (greedy, no cache tricks) on the same shape, random weights."""
+    try:
+        import transformers
+    except Exception as err:                 # not installed on this machine: recorded, not fatal
+        return None, f"transformers unavailable ({type(err).__name__})"
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings, rms_norm_eps=cfg.norm_eps)
+    model = transformers.LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, **kw)
+        sync(device)
+        t = time.perf_counter()
+        model.generate(ids, **kw)
+        sync(device)
+    ms = (time.perf_counter() - t) * 1e3 / new_tokens
+    del model
+    return ms, f"transformers {transformers.__version__}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device) -> dict:
+    from amphista_engine._ext import extension_error, load_extension
+    from amphista_engine.kernels import get_backend
+    ext = load_extension()
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "torch": torch.__version__, "cuda_runtime_torch": torch.version.cuda, "python": platform.python_version(),
+            "device": (torch.cuda.get_device_name() if torch.device(device).type == "cuda"
+                       else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"),
+            "kernel_backend": get_backend(torch.device(device)),
+            "extension": (f"built for sm_{','.join(ext.built_archs())}, CUDA {ext.cuda_version()}" if ext else
+                          f"missing: {extension_error()}")}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except Exception:
+        meta["triton"] = None
+    return meta
+
+
+def run(args, save=None) -> dict:
+    """All configurations; `save(result)` is called after each model shape, so a run stopped by a timeout
+    still leaves what it measured."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(1)           # tiny CPU matmuls: thread wake-ups on a shared machine dominate
+    shapes = {"smoke": SMOKE} if args.smoke else {k: SHAPES[k] for k in args.models.split(",") if k}
+    trees = args.trees.split(",") if args.trees else (["tree-16", "dynamic-16"] if args.smoke else list(TREES))
+    graph_modes = [False] if device.type != "cuda" else [False, True]
+    deadline = time.monotonic() + args.time_budget
+    bw = copy_bandwidth_gbs(device, 16 if args.smoke else 1024)
+    rows, targets, notes = [], {}, []
+    prompt_len = args.prompt_tokens
+    max_seq = prompt_len + args.steps * 8 + 256
+    meta = {**environment(device), "dtype": args.dtype, "prompt_tokens": prompt_len, "steps": args.steps,
+            "copy_bandwidth_GBps": round(bw, 1)}
+    res = {"meta": meta, "targets": targets, "rows": rows, "notes": notes}
+    for shape_name, cfg in shapes.items():
+        if time.monotonic() > deadline:
+            notes.append(f"{shape_name}: skipped (time budget {args.time_budget}s)")
+            continue
+        t0 = time.perf_counter()
+        model = random_model(cfg, device, dtype, max_seq)
+        wbytes = weight_bytes(model)
+        floor_ms = wbytes / (bw * 1e9) * 1e3
+        cache = KVCache.for_model(cfg, 1, max_seq, dtype, device)
+        prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        print(f"# {shape_name}: {wbytes / 1e9:.2f} GB of weights, floor {floor_ms:.3f} ms/step at {bw:.0f} GB/s "
+              f"(built in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        plain = {}
+        graphs = DecodeGraphs()
+        for use_graphs in graph_modes:
+            dec = PlainDecoder(model, cache, SamplingParams())
+            if use_graphs:
+                graphs.attach(dec)
+            ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
+            plain[use_graphs] = ms
+            rows.append({"model": shape_name, "method": "plain", "tree": "-", "nodes": 1, "graphs": use_graphs,
+                         "step_ms": round(ms, 3), "ratio_vs_plain": 1.0,
+                         "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
+            print(rows[-1], file=sys.stderr)
+        for kind in ("medusa", "amphista"):
+            if time.monotonic() > deadline:
+                notes.append(f"{shape_name} {kind}: skipped (time budget {args.time_budget}s)")
+                continue
+            heads = random_heads_on_device(kind, model)
+            for tree in trees:
+                for use_graphs in graph_modes:
+                    if time.monotonic() > deadline:
+                        notes.append(f"{shape_name} {kind} {tree} graphs={use_graphs}: skipped (time budget)")
+                        continue
+                    spec = TreeSpec(tree, heads.num_heads, device)
+                    dec = SpeculativeDecoder(model, cache, heads, spec, SamplingParams())
+                    if use_graphs:
+                        graphs.attach(dec)
+                    ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
+                    rows.append({"model": shape_name, "method": kind, "tree": tree, "nodes": spec.num_nodes,
+                                 "graphs": use_graphs, "step_ms": round(ms, 3),
+                                 "ratio_vs_plain": round(ms / plain[use_graphs], 3), "pct_of_bw_floor": None})
+                    print(rows[-1], file=sys.stderr)
+            del heads
+        best = plain[True] if True in plain else plain[False]
+        targets[shape_name] = {"weight_GB": round(wbytes / 1e9, 3), "copy_bandwidth_GBps": round(bw, 1),
+                               "bw_floor_ms": round(floor_ms, 3), "plain_step_ms": round(best, 3),
+                               "plain_pct_of_floor": round(100 * floor_ms / best, 1),
+                               "graphs_speedup_plain": round(plain[False] / plain[True], 3) if True in plain else None}
+        for r in rows:
+            if r["model"] == shape_name and r["nodes"] == 64 and r["graphs"] == (True in plain):
+                targets[shape_name][f"{r['method']}_{r['tree']}_ratio"] = r["ratio_vs_plain"]
+        if shape_name == "smollm2-135m" and device.type == "cuda" and not args.no_transformers:
+            ms, what = transformers_ms_per_token(cfg, device, dtype, prompt_len, 64)
+            targets[shape_name]["transformers_generate_ms_per_token"] = None if ms is None else round(ms, 3)
+            targets[shape_name]["speedup_vs_transformers"] = None if ms is None else round(ms / best, 2)
+            notes.append(f"smollm2-135m baseline: {what}")
+        targets[shape_name]["graph_stats"] = graphs.stats.to_dict()
+        graphs.clear()
+        del model, cache, graphs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if save is not None:
+            save(res)
+    return res
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"# Decode-step latency, {m['device']}, {m['date']}", "",
+             *(f"- {k}: {v}" for k, v in m.items()), "",
+             "| model | method | tree | nodes | graphs | step ms | x plain | % of bw floor |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        pct = "" if r["pct_of_bw_floor"] is None else r["pct_of_bw_floor"]
+        lines.append(f"| {r['model']} | {r['method']} | {r['tree']} | {r['nodes']} | {'on' if r['graphs'] else 'off'} | "
+                     f"{r['step_ms']:.3f} | {r['ratio_vs_plain']:.3f} | {pct} |")
+    lines += ["", "## Targets (issue 6, H100)", "",
+              "- plain 7B decode >= 85% of the bandwidth floor; 64-node speculative step <= 1.35x plain (7B); "
+              "SmolLM2 plain >= 3x transformers generate", ""]
+    for name, t in res["targets"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} = {v}" for k, v in t.items()))
+    lines += [f"- note: {n}" for n in res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("gpu_results"))
+    ap.add_argument("--models", default="llama-7b,smollm2-135m")
+    ap.add_argument("--trees", default="", help=f"comma-separated (default {','.join(TREES)})")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--prompt-tokens", type=int, default=200)   # stays inside one 128-slot KV bucket below
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--time-budget", type=float, default=150.0, help="seconds; later configurations are skipped")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny model and trees (checks the script runs)")
+    args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print("latency_gpu: no CUDA device (torch.cuda.is_available() is False); use --device cpu --smoke",
+              file=sys.stderr)
+        return 2
+    if args.smoke:
+        args.prompt_tokens = min(args.prompt_tokens, 40)
+        args.steps = min(args.steps, 5)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(res):
+        (args.out / "latency.json").write_text(json.dumps(res, indent=1))
+        (args.out / "latency.md").write_text(markdown(res))
+
+    res = run(args, save)
+    save(res)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
