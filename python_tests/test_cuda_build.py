@@ -284,3 +284,29 @@ def test_installed_binding_rejects_bad_arguments():
         name = next(iter(bad))
         with pytest.raises(ValueError, match=f"argument '{name}'"):
             ext.rmsnorm(**{**good, **bad})
+
+
+# --- (d) the one-shot GPU suite script ---------------------------------------------------------------------
+
+def test_gpu_suite_fails_fast_without_a_gpu(tmp_path):
+    """On a machine without a CUDA device the suite stops at once, with one clear line and a non-zero status
+    (before building anything or creating its output folder)."""
+    if HAS_GPU:
+        pytest.skip("this machine has a CUDA device: the suite would run for real")
+    import time
+    out = tmp_path / "gpu_results"
+    t = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    elapsed = time.monotonic() - t
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gpu_suite: no CUDA device"), lines
+    assert elapsed < 20, f"took {elapsed:.1f}s"
+    assert not out.exists()
+
+
+def test_gpu_suite_rejects_unknown_arguments(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--frobnicate"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 64 and "unknown argument --frobnicate" in proc.stderr

@@ -1,0 +1,198 @@
+"""CUDA-graph decoding (amphista_engine/cuda_graphs.py): graph replay emits exactly what eager steps emit.
+
+The GPU tests decode 200 tokens with a plain decoder and with speculative decoders (Amphista on the static
+64-node tree, Medusa on a dynamic tree), eagerly and through DecodeGraphs, and compare every token and
+every step's count; a second generation with a new decoder reuses the graphs. They skip without a GPU.
+The rest runs everywhere: graphs stay off on the CPU and behind their flag, and the end-to-end latency
+benchmark runs its smoke configuration.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amphista_engine import cuda_graphs
+from amphista_engine.cuda_graphs import DecodeGraphs
+from amphista_engine.generation import PlainDecoder
+from amphista_engine.heads import random_heads
+from amphista_engine.kv_cache import KVCache
+from amphista_engine.sampling import SamplingParams
+from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+from conftest import random_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+N_TOKENS = 200
+
+
+def decode(decoder, prompts, n_tokens=N_TOKENS, graphs=None):
+    """(tokens per row, per-step counts): what generation.run would stream, without a tokenizer."""
+    if graphs is not None:
+        graphs.attach(decoder)
+    with torch.inference_mode():
+        rows = [[t] for t in decoder.prefill(prompts).tolist()]
+        counts = []
+        while min(len(r) for r in rows) < n_tokens:
+            out, count = decoder.step()
+            n, toks = count.tolist(), out.tolist()
+            counts.append(n)
+            for b, r in enumerate(rows):
+                r += toks[b][:n[b]]
+    return [r[:n_tokens] for r in rows], counts
+
+
+def _setup(device, dtype=torch.bfloat16, batch=2):
+    # head_dim 64 (dim 256 / 4 heads), GQA 2: the shapes the CUDA kernels take.
+    model = random_tiny_model(seed=3, vocab=512, dim=256, layers=2, heads=4, kv_heads=2, inter=512, max_len=1024)
+    model = model.to(device=device, dtype=dtype)
+    cache = KVCache.for_model(model.config, batch, 1024, dtype, device)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (37, 90)[:batch]]
+    return model, cache, prompts
+
+
+def _first_difference(a, b):
+    for r, (x, y) in enumerate(zip(a, b)):
+        for i, (p, q) in enumerate(zip(x, y)):
+            if p != q:
+                return f"row {r}, token {i}: eager {p} vs graph {q}"
+    return None
+
+
+# ---- GPU: replay == eager --------------------------------------------------------------------------------
+@needs_gpu
+def test_plain_graph_replay_equals_eager():
+    model, cache, prompts = _setup("cuda")
+    eager, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts)
+    graphs = DecodeGraphs()
+    got, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, graphs=graphs)
+    assert got == eager, _first_difference(eager, got)
+    st = graphs.stats
+    # 200 tokens from prompts of 37 / 90 cross the 128 / 256 KV buckets: several graphs, mostly replays.
+    assert st.captures >= 2 and st.replays > N_TOKENS * 0.8 and st.failed_captures == 0, st.to_dict()
+    # A second generation (a new decoder, new state tensors) reuses the graphs: no new capture.
+    captures = st.captures
+    again, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, graphs=graphs)
+    assert again == eager, _first_difference(eager, again)
+    assert graphs.stats.captures == captures
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind,tree", [("amphista", "mc_sim_7b_63"), ("medusa", "dynamic-16")])
+def test_speculative_graph_replay_equals_eager(kind, tree):
+    model, cache, prompts = _setup("cuda")
+    heads = random_heads(kind, model, num_heads=4, seed=2)
+    spec = TreeSpec(tree, 4, torch.device("cuda"))
+
+    def make():
+        return SpeculativeDecoder(model, cache, heads, spec, SamplingParams())
+
+    eager, eager_counts = decode(make(), prompts)
+    graphs = DecodeGraphs()
+    got, counts = decode(make(), prompts, graphs=graphs)
+    assert got == eager, _first_difference(eager, got)
+    assert counts == eager_counts
+    assert graphs.stats.captures >= 1 and graphs.stats.replays > 0 and graphs.stats.failed_captures == 0, \
+        graphs.stats.to_dict()
+    captures = graphs.stats.captures
+    again, _ = decode(make(), prompts, graphs=graphs)
+    assert again == eager, _first_difference(eager, again)
+    assert graphs.stats.captures == captures
+
+
+@needs_gpu
+def test_speculative_greedy_equals_plain_under_graphs():
+    """Lossless: greedy speculative decoding through graphs emits plain greedy decoding's tokens (fp32, so
+    the batched tree forward and single-token steps cannot flip a near-tie)."""
+    model, cache, prompts = _setup("cuda", dtype=torch.float32, batch=1)
+    graphs = DecodeGraphs()
+    plain, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 120, graphs=graphs)
+    heads = random_heads("amphista", model, num_heads=4, seed=2)
+    spec, _ = decode(SpeculativeDecoder(model, cache, heads, TreeSpec("tree-32", 4, torch.device("cuda")),
+                                        SamplingParams()), prompts, 120, graphs=graphs)
+    assert spec == plain, _first_difference(plain, spec)
+
+
+@needs_gpu
+def test_sampling_through_graphs_runs():
+    """Seeded sampling is captured with its generator registered (or runs eagerly without that API); the
+    tokens are valid and the default (unseeded) generator works too."""
+    model, cache, prompts = _setup("cuda")
+    for seed in (7, None):
+        graphs = DecodeGraphs()
+        params = SamplingParams(temperature=0.8, top_p=0.9, seed=seed)
+        toks, _ = decode(PlainDecoder(model, cache, params), prompts, 60, graphs=graphs)
+        assert all(0 <= t < 512 for r in toks for t in r)
+        assert graphs.stats.captures + graphs.stats.failed_captures >= 1
+        heads = random_heads("amphista", model, num_heads=4, seed=2)
+        dec = SpeculativeDecoder(model, cache, heads, TreeSpec("tree-16", 4, torch.device("cuda")), params)
+        toks, _ = decode(dec, prompts, 60, graphs=graphs)
+        assert all(0 <= t < 512 for r in toks for t in r)
+
+
+@needs_gpu
+def test_graphs_recapture_when_the_cache_moves():
+    model, cache, prompts = _setup("cuda")
+    graphs = DecodeGraphs()
+    ref, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 40, graphs=graphs)
+    cache2 = KVCache.for_model(model.config, 2, 1024, torch.bfloat16, "cuda")   # what Engine does on growth
+    got, _ = decode(PlainDecoder(model, cache2, SamplingParams()), prompts, 40, graphs=graphs)
+    assert got == ref and graphs.stats.dropped >= 1
+
+
+# ---- everywhere: the flag and the CPU ----------------------------------------------------------------------
+def test_graphs_off_on_cpu_and_behind_the_flag(monkeypatch):
+    model, cache, prompts = _setup("cpu", dtype=torch.float32, batch=1)
+    eager, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 12)
+    graphs = DecodeGraphs()
+    dec = graphs.attach(PlainDecoder(model, cache, SamplingParams()))
+    assert "step_device" not in vars(dec)                   # CPU decoder: untouched
+    got, _ = decode(dec, prompts, 12)
+    assert got == eager and graphs.stats.captures == graphs.stats.replays == 0
+    monkeypatch.setenv(cuda_graphs.ENV_VAR, "0")
+    assert not DecodeGraphs().enabled and not DecodeGraphs(enabled=True).enabled
+    monkeypatch.setenv(cuda_graphs.ENV_VAR, "1")
+    assert DecodeGraphs().enabled and not DecodeGraphs(enabled=False).enabled
+
+
+def test_graph_keys_separate_what_changes_the_kernels():
+    model, cache, prompts = _setup("cpu", dtype=torch.float32, batch=1)
+    greedy = PlainDecoder(model, cache, SamplingParams(seed=3))
+    sampled = PlainDecoder(model, cache, SamplingParams(temperature=0.7, seed=3))
+    for d in (greedy, sampled):
+        with torch.inference_mode():
+            d.prefill(prompts)
+    k = DecodeGraphs.key
+    assert k(greedy, 128) != k(greedy, 256)                 # KV bucket
+    assert k(greedy, 128) != k(sampled, 128)                # sampling mode
+    other = PlainDecoder(model, cache, SamplingParams(seed=9))
+    with torch.inference_mode():
+        other.prefill(prompts)
+    assert k(greedy, 128) == k(other, 128)                  # greedy graphs are shared whatever the seed
+    fp = DecodeGraphs.fingerprint(greedy)
+    assert fp == DecodeGraphs.fingerprint(other)            # same cache buffers
+    cache2 = KVCache.for_model(model.config, 1, 1024, torch.float32, "cpu")
+    moved = PlainDecoder(model, cache2, SamplingParams())
+    assert DecodeGraphs.fingerprint(moved) != fp
+
+
+def test_latency_benchmark_smoke_on_cpu(tmp_path):
+    """The end-to-end benchmark's code path (random models built on the meta device, heads built on the
+    device, plain / Medusa / Amphista steps, the report) runs in seconds on the CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("AMPHISTA_BACKEND",)}
+    r = subprocess.run([sys.executable, "benchmarks/latency_gpu.py", "--smoke", "--device", "cpu", "--dtype", "float32",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "latency.json").read_text())
+    methods = {(row["method"], row["tree"]) for row in res["rows"]}
+    assert {("plain", "-"), ("medusa", "tree-16"), ("amphista", "tree-16"), ("amphista", "dynamic-16")} <= methods
+    assert all(row["step_ms"] > 0 for row in res["rows"])
+    assert {"commit", "date", "torch", "device"} <= set(res["meta"])
+    assert (tmp_path / "latency.md").read_text().startswith("# Decode-step latency")
