@@ -52,6 +52,9 @@ class _Captured:
     rebound: dict[str, Any]               # decoder attributes the step assigns: re-pointed after each replay
     fingerprint: tuple
     generator: Any = None                 # the seeded generator registered with this graph, if any
+    # The model and heads the graph reads: held so that their ids (part of the key) cannot be reused by new
+    # objects while the graph lives. Engine.load_heads should call DecodeGraphs.clear() to release old heads.
+    owners: tuple = ()
 
 
 @dataclass
@@ -217,7 +220,8 @@ class DecodeGraphs:
             if n in rebound:
                 raise RuntimeError(f"step_device rebinds decoder.{n}; it must update it in place to be captured")
         self.stats.captures += 1
-        return _Captured(graph, outputs, state, rebound, self.fingerprint(decoder), gen)
+        return _Captured(graph, outputs, state, rebound, self.fingerprint(decoder), gen,
+                         (decoder.model, getattr(decoder, "heads", None)))
 
     def _replay(self, g: _Captured, decoder):
         for n, t in g.state.items():           # a decoder the graph was not captured with: move its state in

@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 3) tree_attention_kernel(const TreeA
         for (int j = 0; j < 2; ++j) {
           const int64_t key = key0 + nt * 8 + 2 * t + j;
           const int64_t rel = key - prefix;
-          const bool visible = rel < 0 || (key < end && ((bits[i] >> rel) & 1ull));
+          const bool visible = key < end && (rel < 0 || ((bits[i] >> rel) & 1ull));
           float& x = s[nt][2 * i + j];
           x = visible ? x * scale_log2 : -INFINITY;
           mx = fmaxf(mx, x);
