@@ -117,7 +117,7 @@ class DecodeGraphs:
     def attach(self, decoder):
         """Route decoder.step_device through the graphs; returns the decoder. A no-op when graphs are off
         or the decoder runs on the CPU (or on a machine without CUDA)."""
-        if not self.enabled or decoder.device.type != "cuda" or not torch.cuda.is_available():
+        if not self.enabled or not self._supported(decoder):
             return decoder
         if getattr(decoder, "_decode_graphs", None) is self:
             return decoder
@@ -158,7 +158,7 @@ class DecodeGraphs:
 
     # ---- the step --------------------------------------------------------------------------------------
     def step(self, decoder, eager: Callable, kv_len: int):
-        if getattr(decoder, "profile", False) or torch.cuda.is_current_stream_capturing():
+        if getattr(decoder, "profile", False) or self._capturing():
             return eager(kv_len)               # profiling syncs between phases; nested capture is not ours
         key = self.key(decoder, kv_len)
         g = self.graphs.get(key)
@@ -185,6 +185,15 @@ class DecodeGraphs:
         self.graphs[key] = g
         return self._replay(g, decoder)
 
+    # ---- the CUDA-specific part (python_tests/test_cuda_graphs.py replaces it with a CPU double) -----------
+    @staticmethod
+    def _supported(decoder) -> bool:
+        return decoder.device.type == "cuda" and torch.cuda.is_available()
+
+    @staticmethod
+    def _capturing() -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
@@ -200,7 +209,8 @@ class DecodeGraphs:
         cur.wait_stream(side)
         return out
 
-    def _capture(self, decoder, eager, kv_len) -> _Captured:
+    def _record(self, decoder, eager, kv_len):
+        """(graph, outputs): eager(kv_len) captured into a new CUDA graph (nothing runs until replay)."""
         gen = getattr(decoder, "generator", None)
         graph = torch.cuda.CUDAGraph()
         if gen is not None and not decoder.params.greedy:
@@ -209,10 +219,22 @@ class DecodeGraphs:
             graph.register_generator_state(gen)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()   # one pool: graphs replay one at a time
-        before = dict(vars(decoder))
-        state = {n: getattr(decoder, n) for n in STATE_ATTRS if isinstance(getattr(decoder, n, None), torch.Tensor)}
         with torch.cuda.graph(graph, pool=self._pool, stream=self._side_stream()):
             outputs = eager(kv_len)
+        return graph, outputs
+
+    @staticmethod
+    def _sync():
+        try:
+            torch.cuda.synchronize()
+        except Exception:                      # a capture error can surface once more here; it is not sticky
+            pass
+
+    # ---- capture and replay ----------------------------------------------------------------------------
+    def _capture(self, decoder, eager, kv_len) -> _Captured:
+        before = dict(vars(decoder))
+        state = {n: getattr(decoder, n) for n in STATE_ATTRS if isinstance(getattr(decoder, n, None), torch.Tensor)}
+        graph, outputs = self._record(decoder, eager, kv_len)
         after = vars(decoder)
         rebound = {n: v for n, v in after.items()
                    if n not in ("step_device",) and (n not in before or before[n] is not v)}
@@ -220,7 +242,7 @@ class DecodeGraphs:
             if n in rebound:
                 raise RuntimeError(f"step_device rebinds decoder.{n}; it must update it in place to be captured")
         self.stats.captures += 1
-        return _Captured(graph, outputs, state, rebound, self.fingerprint(decoder), gen,
+        return _Captured(graph, outputs, state, rebound, self.fingerprint(decoder), getattr(decoder, "generator", None),
                          (decoder.model, getattr(decoder, "heads", None)))
 
     def _replay(self, g: _Captured, decoder):
@@ -240,10 +262,7 @@ class DecodeGraphs:
         self.uncapturable[key] = msg
         self.stats.failed_captures += 1
         self.stats.errors.append(msg)
-        try:
-            torch.cuda.synchronize()
-        except Exception:                      # a capture error can surface once more here; it is not sticky
-            pass
+        self._sync()
         if not self._warned:
             self._warned = True
             warnings.warn(f"CUDA graph capture failed, running this step configuration eagerly: {msg}",
