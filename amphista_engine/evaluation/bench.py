@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
-from .env import environment, sync
+from .env import environment, median_ms
 
 DEFAULT_TREES = ("chain-4", "dynamic-8", "tree-16", "dynamic-16", "tree-32", "dynamic-32", "mc_sim_7b_63",
                  "dynamic-64")
@@ -29,19 +27,6 @@ DEFAULT_TREES = ("chain-4", "dynamic-8", "tree-16", "dynamic-16", "tree-32", "dy
 
 def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
-
-
-def median_ms(fn, device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def parse_tau(tau) -> dict[str, float] | None:

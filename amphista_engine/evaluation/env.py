@@ -1,7 +1,8 @@
-"""Where a measurement came from: hardware, library versions and the commit, stored with every result."""
+"""Honest clocks (synchronised, warmed up, median of repeats) and where a measurement came from."""
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 import time
 from datetime import date
@@ -20,6 +21,19 @@ def sync(device):
 def now(device) -> float:
     sync(device)
     return time.perf_counter()
+
+
+def median_ms(fn, device, repeats: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
 
 
 def hardware(device) -> str:
