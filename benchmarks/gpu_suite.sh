@@ -10,8 +10,9 @@
 # commit and torch/CUDA versions: summary.md / summary.json, latency.{json,md}, kernels.json, tests.xml and
 # the whole log (suite.log). Commit the results under benchmarks/results/ when they are worth keeping.
 #
-#   bash benchmarks/gpu_suite.sh [--out DIR] [--skip-build] [--budget SECONDS]
+#   bash benchmarks/gpu_suite.sh [--out DIR] [--skip-build] [--budget SECONDS] [--dry-run]
 #
+# --dry-run prints every stage's command and time limit without running anything (and without a GPU).
 # Nothing here needs gguf, tokenizers or a checkpoint. On a machine without a CUDA device it stops at once
 # with one line ("gpu_suite: no CUDA device ...") and exit status 2. Exit status 1: some stage failed (every
 # stage still runs, and the summary says which).
@@ -19,6 +20,7 @@ set -uo pipefail
 
 OUT=./gpu_results
 SKIP_BUILD=0
+DRY_RUN=0
 BUDGET=470                      # seconds for all stages; the 8-minute promise leaves ~10 s of slack
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,7 +28,8 @@ while [ $# -gt 0 ]; do
     --out=*) OUT="${1#--out=}"; shift ;;
     --skip-build) SKIP_BUILD=1; shift ;;
     --budget) BUDGET="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu_suite: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
 done
@@ -36,25 +39,28 @@ cd "$ROOT"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 
 # ---- 0. a CUDA device, checked before anything slow ----------------------------------------------------
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+if [ "$DRY_RUN" = 1 ]; then
+  :
+elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "gpu_suite: no CUDA device (nvidia-smi is missing or lists no GPU); nothing to run on this machine" >&2
   exit 2
 fi
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+if [ "$DRY_RUN" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
   echo "gpu_suite: no CUDA device usable by torch ($PY: torch.cuda.is_available() is False or torch is missing)" >&2
   exit 2
 fi
 
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-exec > >(tee "$OUT/suite.log") 2>&1
+[ "$DRY_RUN" = 1 ] || exec > >(tee "$OUT/suite.log") 2>&1
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's package, whatever pip managed
 START=$(date +%s)
 STAGES="$OUT/stages.tsv"
 : > "$STAGES"
 
-# run_stage NAME MAX_SECONDS RESERVE_FOR_LATER_STAGES CMD...: runs CMD under a timeout that fits the budget.
+# run_stage NAME MAX_SECONDS RESERVE_FOR_LATER_STAGES CMD...: runs CMD (a program, not a shell function:
+# `timeout` execs it) under a time limit that fits the budget, and records its status in $STAGES.
 run_stage() {
   local name="$1" max="$2" reserve="$3"; shift 3
   local left=$(( BUDGET - ($(date +%s) - START) - reserve ))
@@ -63,6 +69,7 @@ run_stage() {
     echo "== $name: skipped (time budget spent)"; printf '%s\tskipped\t0\n' "$name" >> "$STAGES"; return 0
   fi
   echo "== $name (at most ${limit}s): $*"
+  if [ "$DRY_RUN" = 1 ]; then printf '%s\tok\t0\n' "$name" >> "$STAGES"; return 0; fi
   local t0=$(date +%s) rc
   timeout --signal=INT --kill-after=15 "$limit" "$@"
   rc=$?
@@ -75,40 +82,40 @@ run_stage() {
   return $rc
 }
 
-ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}')")"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+if [ "$DRY_RUN" = 1 ]; then
+  ARCH=90
+else
+  ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}')")"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+fi
 echo "python: $PY ($("$PY" -V 2>&1)); compute capability: sm_$ARCH; budget ${BUDGET}s; out: $OUT"
 
 # ---- 1. build for this GPU only --------------------------------------------------------------------------
-build_pip() {
-  AMPHISTA_CUDA_ARCH="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-    "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index -q
-}
-build_cmake() {   # the fallback: no pip metadata needed, the .so lands where `import amphista_engine._C` looks
-  cmake -S . -B build/gpu-suite -G Ninja -DAMPHISTA_CUDA_ARCH="$ARCH" -DPython_EXECUTABLE="$PY" \
-        -DCMAKE_BUILD_TYPE=Release -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/amphista_engine" >/dev/null &&
-    cmake --build build/gpu-suite -j "$(nproc)"
-}
-check_ext() {
-  "$PY" - <<'EOF'
+# pip builds through setup.py -> CMake for AMPHISTA_CUDA_ARCH only; --no-index: nothing may be fetched.
+BUILD_PIP=(env AMPHISTA_CUDA_ARCH="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+           "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index -q)
+# The fallback: plain CMake, the .so lands where `import amphista_engine._C` looks.
+BUILD_CMAKE=(bash -c "cmake -S . -B build/gpu-suite -G Ninja -DAMPHISTA_CUDA_ARCH=$ARCH -DPython_EXECUTABLE='$PY' \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_LIBRARY_OUTPUT_DIRECTORY='$ROOT/amphista_engine' >/dev/null \
+  && cmake --build build/gpu-suite -j $(nproc)")
+CHECK_EXT='
 import sys
 from amphista_engine._ext import extension_error, load_extension
 m = load_extension()
 if m is None:
     sys.exit(f"extension not importable: {extension_error()}")
-print(f"amphista_engine._C: built for sm_{','.join(m.built_archs())}, CUDA runtime {m.cuda_version()}, "
-      f"driver supports {m.driver_version()}")
-import amphista_engine, amphista_engine.kernels, amphista_engine.cuda_graphs, amphista_engine.speculative  # no gguf
-print("imports without gguf/tokenizers: ok")
-EOF
-}
+archs = ",".join(m.built_archs())
+print(f"amphista_engine._C: built for sm_{archs}, CUDA runtime {m.cuda_version()}, driver supports {m.driver_version()}")
+import amphista_engine, amphista_engine.kernels, amphista_engine.cuda_graphs, amphista_engine.speculative
+print("package imports without gguf/tokenizers: ok")
+'
 if [ "$SKIP_BUILD" = 0 ]; then
-  if ! run_stage build-pip 200 250 build_pip; then
+  if ! run_stage build-pip 200 250 "${BUILD_PIP[@]}"; then
     echo "pip build failed; building with CMake directly"
-    run_stage build-cmake 150 250 build_cmake
+    run_stage build-cmake 150 250 "${BUILD_CMAKE[@]}"
   fi
 fi
-run_stage extension 30 240 check_ext
+run_stage extension 30 240 "$PY" -c "$CHECK_EXT"
 
 # ---- 2. GPU tests -------------------------------------------------------------------------------------------
 TESTS=(python_tests/test_cuda_*.py)
@@ -129,6 +136,10 @@ LEFT=$(( BUDGET - ($(date +%s) - START) ))
 run_stage latency 180 0 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
 
 # ---- 5. summary -----------------------------------------------------------------------------------------
+if [ "$DRY_RUN" = 1 ]; then
+  echo "gpu_suite: dry run, nothing executed"
+  exit 0
+fi
 "$PY" - "$OUT" "$START" <<'EOF'
 import json, platform, subprocess, sys, time
 from datetime import datetime, timezone
@@ -141,7 +152,11 @@ def sh(cmd):
     except Exception:
         return ""
 stages = [dict(zip(("stage", "status", "seconds"), l.split("\t"))) for l in (out / "stages.tsv").read_text().splitlines() if l]
-meta = {"card": torch.cuda.get_device_name(), "driver": sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+try:
+    card = torch.cuda.get_device_name()
+except Exception:          # torch cannot see the card any more: what nvidia-smi says
+    card = sh(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]) or "unknown"
+meta = {"card": card, "driver": sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": sh(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
         "dirty": bool(sh(["git", "status", "--porcelain", "--untracked-files=no"])),

@@ -310,3 +310,25 @@ def test_gpu_suite_rejects_unknown_arguments(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--frobnicate"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 64 and "unknown argument --frobnicate" in proc.stderr
+
+
+def test_gpu_suite_dry_run_lists_every_stage(tmp_path):
+    """--dry-run (no GPU needed) shows the plan: a build for one arch with nothing fetched, the GPU tests,
+    every kernel microbenchmark and the end-to-end latency run, each under a time limit inside 8 minutes."""
+    out = tmp_path / "res"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = re.findall(r"^== (\S+) \(at most (\d+)s\): (.*)$", proc.stdout, re.M)
+    names = [s[0] for s in stages]
+    assert names[:2] == ["build-pip", "extension"] and "tests" in names and "latency" in names
+    cmds = {s[0]: s[2] for s in stages}
+    assert "AMPHISTA_CUDA_ARCH=" in cmds["build-pip"] and "--no-build-isolation" in cmds["build-pip"]
+    assert "--no-deps" in cmds["build-pip"] and "--no-index" in cmds["build-pip"]
+    assert "test_cuda_kernels.py" in cmds["tests"] and "test_cuda_graphs.py" in cmds["tests"]
+    assert "test_kernels_triton.py" in cmds["tests"]
+    if (ROOT / "benchmarks" / "kernels" / "run_all.py").exists():
+        assert "run_all.py" in cmds["kernels"]
+    assert "latency_gpu.py" in cmds["latency"] and str(out) in cmds["latency"]
+    limits = {s[0]: int(s[1]) for s in stages}
+    assert limits["build-pip"] + limits["tests"] + limits.get("kernels", 0) <= 480

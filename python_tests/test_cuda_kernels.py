@@ -9,6 +9,7 @@ The last section runs everywhere: the wrappers decline (NotImplemented) what the
 """
 from __future__ import annotations
 
+import math
 import os
 import zlib
 
@@ -403,3 +404,149 @@ def test_wrappers_decline_unsupported_gpu_inputs(ext):
     z = torch.randn(2, 65, 64, device=dev)                                                    # K = 65 slots
     assert cuda_ops.head_attention(z, None, torch.ones(64, device=dev), 1e-5, torch.randn(192, 64, device=dev), 1) \
         is NotImplemented
+
+
+# ---- runs everywhere: the tree-attention kernel's data flow, emulated lane by lane -----------------------
+# A line-by-line numpy transcription of tree_attention_kernel + merge (csrc/tree_attention.cuh) with the
+# m16n8k16 fragment layouts of the PTX ISA. It checks, without a GPU, the parts most likely to be wrong: which
+# lane holds which row / key / head-dim element, the score -> P -> A-fragment reuse, masking, the online
+# softmax, the split ranges and the merge. (It cannot check the CUDA transcription itself: the GPU tests do.)
+def _mma(c, a, b0, b1):
+    """c [32, 4] += A B for per-lane fragments a [32, 4, 2], b0 / b1 [32, 2]; g = lane / 4, t = lane % 4."""
+    import numpy as np
+    ln = np.arange(32)
+    g, t = ln >> 2, ln & 3
+    A, B, C = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
+    for j in range(2):
+        A[g, 2 * t + j], A[g + 8, 2 * t + j] = a[:, 0, j], a[:, 1, j]
+        A[g, 2 * t + 8 + j], A[g + 8, 2 * t + 8 + j] = a[:, 2, j], a[:, 3, j]
+        B[2 * t + j, g], B[2 * t + 8 + j, g] = b0[:, j], b1[:, j]
+        C[g, 2 * t + j], C[g + 8, 2 * t + j] = c[:, j], c[:, 2 + j]
+    D = A @ B + C
+    out = np.empty_like(c)
+    for j in range(2):
+        out[:, j], out[:, 2 + j] = D[g, 2 * t + j], D[g + 8, 2 * t + j]
+    return out
+
+
+def _emulate_tree_attention(q, k, v, prefix, bits, kv_len, splits, scale):
+    import numpy as np
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    G, rows, orows = H // Hkv, H // Hkv * N, B * N * H
+    ln = np.arange(32)
+    g, t = ln >> 2, ln & 3
+    bf16 = lambda x: torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).float().numpy()
+    out = np.full((orows, D), np.nan)
+    wo, wm, wl = np.full((splits, orows, D), np.nan), np.full((splits, orows), np.nan), np.full((splits, orows), np.nan)
+    bits_sb = 0 if bits.shape[0] == 1 else N
+    flat_bits = [int(x) & (2 ** 64 - 1) for x in bits.reshape(-1).tolist()]
+    for tile in range(-(-rows // 64)):
+        for b in range(B):
+            for hk in range(Hkv):
+                for split in range(splits):
+                    pre = max(int(prefix[b]), 0)
+                    end = min(pre + N, kv_len)
+                    chunks = -(-end // 64)
+                    per = -(-chunks // splits)
+                    c0, c1 = split * per, min(split * per + per, chunks)
+                    for warp in range(4):
+                        r0 = tile * 64 + warp * 16
+                        if r0 >= rows:
+                            continue
+                        row = np.stack([r0 + g, r0 + g + 8], 1)
+                        valid = row < rows
+                        node, head = np.where(valid, row // G, 0), hk * G + np.where(valid, row % G, 0)
+                        rb = [[flat_bits[b * bits_sb + node[x, i]] if valid[x, i] else 0 for i in range(2)] for x in ln]
+                        qa = np.zeros((D // 16, 32, 4, 2))
+                        for ks in range(D // 16):
+                            for half in range(2):
+                                for i in range(2):
+                                    for j in range(2):
+                                        col = ks * 16 + half * 8 + 2 * t + j
+                                        qa[ks, :, half * 2 + i, j] = np.where(valid[:, i], q[b, head[:, i], node[:, i], col], 0)
+                        o, m, l = np.zeros((D // 8, 32, 4)), np.full((32, 2), -np.inf), np.zeros((32, 2))
+                        for c in range(c0, c1):
+                            key0 = c * 64
+                            keys = key0 + np.arange(64)
+                            ks_ = np.where((keys < end)[:, None], k[b, hk, np.minimum(keys, k.shape[2] - 1)], 0)
+                            vs_ = np.where((keys < end)[:, None], v[b, hk, np.minimum(keys, v.shape[2] - 1)], 0)
+                            s = np.zeros((8, 32, 4))
+                            for ks in range(D // 16):
+                                for nt in range(8):
+                                    kr, kc = nt * 8 + g, ks * 16 + 2 * t
+                                    s[nt] = _mma(s[nt], qa[ks], np.stack([ks_[kr, kc], ks_[kr, kc + 1]], 1),
+                                                 np.stack([ks_[kr, kc + 8], ks_[kr, kc + 9]], 1))
+                            for i in range(2):
+                                for nt in range(8):
+                                    for j in range(2):
+                                        key = key0 + nt * 8 + 2 * t + j
+                                        vis = [key[x] < end and (key[x] < pre or (rb[x][i] >> int(key[x] - pre)) & 1)
+                                               for x in ln]
+                                        s[nt, :, 2 * i + j] = np.where(vis, s[nt, :, 2 * i + j] * scale * math.log2(math.e),
+                                                                       -np.inf)
+                                mx = s[:, :, 2 * i:2 * i + 2].max(axis=(0, 2))
+                                mx = np.maximum(mx, mx[ln ^ 1])
+                                mx = np.maximum(mx, mx[ln ^ 2])
+                                m_new = np.maximum(m[:, i], mx)
+                                base = np.where(m_new == -np.inf, 0, m_new)
+                                alpha = np.exp2(m[:, i] - base)
+                                s[:, :, 2 * i:2 * i + 2] = np.exp2(s[:, :, 2 * i:2 * i + 2] - base[None, :, None])
+                                l[:, i] = l[:, i] * alpha + s[:, :, 2 * i:2 * i + 2].sum(axis=(0, 2))
+                                m[:, i] = m_new
+                                o[:, :, 2 * i:2 * i + 2] *= alpha[None, :, None]
+                            for kk in range(4):
+                                pa = bf16(np.stack([s[2 * kk, :, 0:2], s[2 * kk, :, 2:4], s[2 * kk + 1, :, 0:2],
+                                                    s[2 * kk + 1, :, 2:4]], 1))
+                                for dt in range(D // 8):
+                                    kr, dc = kk * 16 + 2 * t, dt * 8 + g
+                                    o[dt] = _mma(o[dt], pa, np.stack([vs_[kr, dc], vs_[kr + 1, dc]], 1),
+                                                 np.stack([vs_[kr + 8, dc], vs_[kr + 9, dc]], 1))
+                        for i in range(2):
+                            l[:, i] += l[ln ^ 1, i]
+                            l[:, i] += l[ln ^ 2, i]
+                        for x in ln:
+                            for i in range(2):
+                                if not valid[x, i]:
+                                    continue
+                                orow = (b * N + node[x, i]) * H + head[x, i]
+                                cols = np.arange(D // 8)[:, None] * 8 + 2 * t[x] + np.arange(2)[None, :]
+                                vals = o[:, x, 2 * i:2 * i + 2]
+                                if splits == 1:
+                                    out[orow, cols] = vals / l[x, i] if l[x, i] > 0 else 0
+                                else:
+                                    wo[split, orow, cols] = vals
+                                    if t[x] == 0:
+                                        wm[split, orow], wl[split, orow] = m[x, i], l[x, i]
+    if splits > 1:
+        mx = wm.max(0)
+        w = np.where(mx == -np.inf, 0, np.exp2(wm - np.where(mx == -np.inf, 0, mx)))
+        den = (w * wl).sum(0)
+        out = np.where(den[:, None] > 0, (w[:, :, None] * wo).sum(0) / np.where(den > 0, den, 1)[:, None], 0)
+    return torch.tensor(out, dtype=torch.float32).view(B, N, H, D).transpose(1, 2)
+
+
+@pytest.mark.parametrize("case", [(1, 2, 2, 1, 64, [70], "causal", 1), (2, 4, 2, 5, 64, [101, 0], "dynamic", 3),
+                                  (1, 1, 1, 64, 64, [130], "static", 2), (1, 8, 1, 17, 128, [200], "dynamic", 2),
+                                  (2, 3, 3, 2, 128, [5, 64], "causal", 4)],
+                         ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}-{c[6]}-s{c[7]}")
+def test_tree_attention_data_flow_emulated(case):
+    B, H, Hkv, N, D, prefixes, kind, splits = case
+    g = gen("emulated", case)
+    prefix = torch.tensor(prefixes)
+    kv_len = -(-(int(prefix.max()) + N) // 128) * 128
+    k = torch.randn(B, Hkv, kv_len + 16, D, generator=g).bfloat16().float()
+    v = torch.randn(B, Hkv, kv_len + 16, D, generator=g).bfloat16().float()
+    for b in range(B):
+        e = int(prefix[b]) + N
+        k[b, :, e:kv_len], v[b, :, e:kv_len] = 60.0, 60.0
+    q = torch.randn(B, N, H, D, generator=g).bfloat16().float().transpose(1, 2)
+    if kind == "causal":
+        bits = reference.mask_bits(torch.ones(N, N, dtype=torch.bool).tril()[None])
+    elif kind == "static":
+        bits = build_tree("mc_sim_7b_63").ancestor_bits[None]
+    else:
+        bits = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, 12, generator=g), N, topk=4).ancestor_bits
+    ref = reference.tree_attention(q, k, v, prefix, bits, kv_len)
+    out = _emulate_tree_attention(q.numpy(), k.numpy(), v.numpy(), prefix.numpy(), bits, kv_len, splits, D ** -0.5)
+    assert rel_err(out, ref) < 5e-3          # P is rounded to bf16 before the P V product, as on the GPU
