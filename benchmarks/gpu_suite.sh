@@ -76,7 +76,7 @@ run_stage() {
   local dt=$(( $(date +%s) - t0 ))
   local status=ok
   [ $rc -eq 0 ] || status="failed(rc=$rc)"
-  [ $rc -eq 124 ] && status="timeout(${limit}s)"
+  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && status="timeout(${limit}s)"   # 137: killed after the grace period
   echo "== $name: $status in ${dt}s"
   printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >> "$STAGES"
   return $rc
@@ -120,11 +120,14 @@ run_stage extension 30 240 "$PY" -c "$CHECK_EXT"
 # ---- 2. GPU tests -------------------------------------------------------------------------------------------
 TESTS=(python_tests/test_cuda_*.py)
 [ -f python_tests/test_kernels_triton.py ] && TESTS+=(python_tests/test_kernels_triton.py)
-run_stage tests 150 190 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml "$OUT/tests.xml" "${TESTS[@]}"
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml "$OUT/tests.xml")
+# One worker per test file when pytest-xdist is there: the files are independent (one GPU is plenty).
+[ "$DRY_RUN" = 1 ] || ! "$PY" -c "import xdist" 2>/dev/null || PYTEST+=(-n 4 --dist loadfile)
+run_stage tests 170 170 "${PYTEST[@]}" "${TESTS[@]}"
 
 # ---- 3. kernel microbenchmarks --------------------------------------------------------------------------
 if [ -f benchmarks/kernels/run_all.py ]; then
-  run_stage kernels 90 100 "$PY" benchmarks/kernels/run_all.py --shapes llama-7b,smollm2-135m \
+  run_stage kernels 80 90 "$PY" benchmarks/kernels/run_all.py --shapes llama-7b,smollm2-135m \
       --prefixes 512,2048 --reps 20 --json "$OUT/kernels.json"
 else
   echo "== kernels: benchmarks/kernels/run_all.py not present, skipped"
