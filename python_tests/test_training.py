@@ -242,3 +242,21 @@ def test_trained_heads_keep_greedy_output(shard, target, tmp_path):
                               TreeSpec(f"chain-{K}", K, "cpu"), SamplingParams())
     assert decode(spec) == plain
     assert res["steps"] == 6
+
+
+def test_eval_tau_per_category(tmp_path, tiny_hf_dir):
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import save_heads
+    from amphista_engine.training.evaltau import eval_tau
+
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256)
+    save_heads(new_heads("medusa", engine.model, num_heads=2, dtype=torch.float32), tmp_path / "heads")
+    q = tmp_path / "questions.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [f"Hello {i}", "more"]}) + "\n"
+                         for i, c in enumerate(["writing", "writing", "math"])))
+    res = eval_tau(q, tmp_path / "heads", engine=engine, tree="chain-2", max_new_tokens=8, per_category=1,
+                   out=tmp_path / "tau.json", quiet=True)
+    assert res["kind"] == "medusa" and res["questions"] == 2
+    assert set(res["per_category"]) == {"writing", "math"}
+    assert all(v["tau"] >= 1.0 for v in res["per_category"].values())
+    assert json.loads((tmp_path / "tau.json").read_text())["overall"]["tau"] == res["overall"]["tau"]
