@@ -15,6 +15,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="static KV cache length")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay decode steps from CUDA graphs (GPU only)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser):
@@ -30,7 +32,8 @@ def cmd_generate(args) -> int:
     from .shipped_heads import resolve_heads
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                                    cuda_graphs=args.cuda_graphs)
     speculative = resolve_heads(engine, args.heads, args.speculative)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,

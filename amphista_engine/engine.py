@@ -33,7 +33,8 @@ def default_device() -> str:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int = 2048, max_batch_size: int = 1):
+    def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int = 2048, max_batch_size: int = 1,
+                 cuda_graphs: bool = False):
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.tok_embeddings.weight.device
@@ -48,16 +49,20 @@ class Engine:
         self.loaded_name = loaded.source
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
+        # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
+        # CPU. Off by default until the GPU suite has validated graph replay against eager on real hardware.
+        from .cuda_graphs import DecodeGraphs
+        self.graphs = DecodeGraphs(enabled=cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, max_seq_len: int = 2048,
-                        max_batch_size: int = 1) -> "Engine":
+                        max_batch_size: int = 1, cuda_graphs: bool = False) -> "Engine":
         """model: checkpoint directory, .gguf file or alias; heads: drafting-heads directory (optional)."""
         device = torch.device(device or default_device())
         dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
-        engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
         engine.loaded_name = str(model)
         if heads is not None:
             engine.load_heads(heads)
@@ -65,6 +70,7 @@ class Engine:
 
     def load_heads(self, heads):
         from .heads import load_heads
+        self.graphs.clear()      # graphs captured with the old heads must not outlive them
         self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
             if not isinstance(heads, torch.nn.Module) else heads
         return self.heads
@@ -110,9 +116,11 @@ class Engine:
 
     def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
         if speculative is None:
-            return PlainDecoder(self.model, self._cache_for(batch), params), 0
-        from .speculative import make_speculative_decoder
-        return make_speculative_decoder(self, batch, params, speculative, tree, acceptance)
+            dec, extra = PlainDecoder(self.model, self._cache_for(batch), params), 0
+        else:
+            from .speculative import make_speculative_decoder
+            dec, extra = make_speculative_decoder(self, batch, params, speculative, tree, acceptance)
+        return self.graphs.attach(dec), extra
 
     def _tree_spec(self, tree):
         """Static trees are built once per engine and kept on the device."""
