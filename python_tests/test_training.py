@@ -260,3 +260,21 @@ def test_eval_tau_per_category(tmp_path, tiny_hf_dir):
     assert set(res["per_category"]) == {"writing", "math"}
     assert all(v["tau"] >= 1.0 for v in res["per_category"].values())
     assert json.loads((tmp_path / "tau.json").read_text())["overall"]["tau"] == res["overall"]["tau"]
+
+
+@pytest.mark.parametrize("kind", ["amphista", "medusa"])
+def test_shipped_heads_keep_greedy_output(smollm2, kind):
+    """The heads shipped for smollm2-135m load for it, and greedy speculative output equals plain greedy."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.shipped_heads import shipped_heads
+
+    path = shipped_heads("smollm2-135m", kind)
+    if path is None:
+        pytest.skip(f"no {kind} heads shipped")
+    engine = Engine(smollm2, max_seq_len=1024)
+    engine.load_heads(path)
+    prompt = "Write a haiku about the sea."
+    plain = engine.generate(prompt, max_new_tokens=8)
+    spec = engine.generate(prompt, max_new_tokens=8, speculative=kind)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.tau >= 1.0
