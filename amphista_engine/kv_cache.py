@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import ops
+
 
 class KVCache:
     """K and V for every layer in one buffer each, [L, B, H_kv, S, D].
@@ -29,10 +31,7 @@ class KVCache:
 
     def write(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, H, T, D] go to slots start[b] .. start[b] + T - 1 of each row."""
-        B, H, T, D = k.shape
-        slots = (start[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, D)
-        self.k[layer, :B].scatter_(2, slots, k)
-        self.v[layer, :B].scatter_(2, slots, v)
+        ops.kv_write(self.k, self.v, layer, start, k, v)
 
     def read(self, layer: int, kv_len: int, batch: int):
         return self.k[layer, :batch, :, :kv_len], self.v[layer, :batch, :, :kv_len]
@@ -43,12 +42,4 @@ class KVCache:
         src: [B, M] slot indices; entries past a row's accepted count may hold any valid slot: they land
         beyond the new length, where nothing reads them. Gathering first makes overlapping moves safe.
         """
-        L, _, H, S, D = self.k.shape
-        B, M = src.shape
-        dst = (dst_start[:, None] + torch.arange(M, device=src.device)).clamp_(max=S - 1)
-        src = src.clamp(0, S - 1)
-        for buf in (self.k, self.v):
-            view = buf[:, :B]
-            gidx = src[None, :, None, :, None].expand(L, B, H, M, D)
-            moved = torch.gather(view, 3, gidx)
-            view.scatter_(3, dst[None, :, None, :, None].expand(L, B, H, M, D), moved)
+        ops.kv_compact(self.k, self.v, src, dst_start)   # all layers, K and V, one launch on the kernel backends

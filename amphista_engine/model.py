@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kernels import ops
 from .kv_cache import KVCache
 
 
@@ -54,10 +55,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and scale in the input dtype, as Llama's reference does, so fp16/bf16 match it.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32 and scale in the input dtype, as Llama's reference does, so fp16/bf16 match it
+        # (kernels.reference.rmsnorm; the kernel backends round the same way).
+        return ops.rmsnorm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,16 +113,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q, cfg.dim, bias=False)
         self.split = (q, kv, kv)
 
-    def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask: torch.Tensor):
+    def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
+        """mask: [B, T, T] bool without a cache; with one, ops.tree_mask_args(...) (built once per forward)."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+        q = ops.rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = ops.rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             cache.write(self.layer_idx, spec.prefix_len, k, v)
-            k, v = cache.read(self.layer_idx, spec.kv_len, B)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+            new_mask, dense = mask
+            out = ops.tree_attention(q, cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B], spec.prefix_len,
+                                     new_mask, spec.kv_len, dense_mask=dense)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -186,7 +190,7 @@ class Transformer(nn.Module):
             mask = spec.new_mask if spec is not None else causal_mask(T, tokens.device)
             mask = mask.expand(B, T, T)
         else:
-            mask = spec.dense_mask()
+            mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
         rope = self.rope[positions]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:

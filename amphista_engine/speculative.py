@@ -9,9 +9,10 @@ import time
 
 import torch
 
-from .acceptance import greedy_accept, rejection_sample_accept, typical_accept
+from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
 from .generation import PlainDecoder, _sync, kv_window
+from .kernels import ops
 from .model import AttentionSpec
 from .sampling import SamplingParams
 from .tree import TOPK, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
@@ -121,9 +122,9 @@ class SpeculativeDecoder(PlainDecoder):
 
         p = self.params
         if self.acceptance == "greedy":
-            res = greedy_accept(tree.tokens, logits, tree.retrieve)
+            res = ops.greedy_accept(tree.tokens, logits, tree.retrieve)
         elif self.acceptance == "typical":
-            res = typical_accept(tree.tokens, logits, tree.retrieve, p.temperature, generator=self.generator)
+            res = ops.typical_accept(tree.tokens, logits, tree.retrieve, p.temperature, generator=self.generator)
         else:
             res = rejection_sample_accept(tree.tokens, logits, tree, p.temperature, p.top_k, p.top_p,
                                           generator=self.generator)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import ops
 from ..kv_cache import KVCache
 from ..model import AttentionSpec, Block, FeedForward, RMSNorm, causal_mask, rope_table
 from .config import HeadsConfig
@@ -31,12 +32,12 @@ class AEBLayer(nn.Module):
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         self.feed_forward = FeedForward(SimpleNamespace(dim=d, intermediate_size=cfg.aeb_intermediate_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, K, d]."""
-        N, K, d = x.shape
-        q, k, v = self.wqkv(self.attention_norm(x)).view(N, K, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)           # no mask: every head sees every head
-        x = x + self.wo(out.transpose(1, 2).reshape(N, K, d))
+    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, K, d]; pos_emb [K, d] is added first (the first layer gets the block's position embedding)."""
+        # pos-emb add + RMSNorm + QKV + unmasked attention across the K slots (every head sees every head)
+        x, attn = ops.head_attention(x, pos_emb, self.attention_norm.weight, self.attention_norm.eps,
+                                     self.wqkv.weight, self.n_heads)
+        x = x + self.wo(attn)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -76,8 +77,8 @@ class AmphistaHeads(DraftHeads):
         dtype = self.norm.weight.dtype
         if self.fuse is None:
             return hidden.to(dtype)
-        emb = self._target()[0](next_tokens)
-        return self.fuse(torch.cat([hidden.to(dtype), emb.to(dtype)], dim=-1))
+        # W_fuse [h ; E(x)] without materialising E(x) or the concatenation
+        return ops.fused_sal_input(hidden, next_tokens, self._target()[0].weight, self.fuse.weight)
 
     def _sal(self, x, rope, cache, spec, mask) -> list[torch.Tensor]:
         """Runs the SAL; returns each stage's output (the residual stream after its last layer)."""
@@ -91,9 +92,9 @@ class AmphistaHeads(DraftHeads):
     def mix(self, z: torch.Tensor) -> torch.Tensor:
         """Auto-embedding Block + final norm. z: [..., K, d] head projections -> [..., K, d] features."""
         lead, (K, d) = z.shape[:-2], z.shape[-2:]
-        z = (z + self.pos_emb).reshape(-1, K, d)
-        for layer in self.aeb:
-            z = layer(z)
+        z = z.reshape(-1, K, d)
+        for i, layer in enumerate(self.aeb):
+            z = layer(z, self.pos_emb if i == 0 else None)
         return self.norm(z).view(*lead, K, d)
 
     def draft(self, stages: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,8 @@ class AmphistaHeads(DraftHeads):
         positions = start[:, None] + torch.arange(M, device=dev)
         rope = self._rope_rows(cache.max_seq_len, dev)[positions]
         spec = AttentionSpec(prefix_len=start, new_mask=causal_mask(M, dev), kv_len=min(kv_len, cache.max_seq_len))
-        outs = self._sal(self._fuse(hidden, next_tokens), rope, cache, spec, spec.dense_mask())
+        mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
+        outs = self._sal(self._fuse(hidden, next_tokens), rope, cache, spec, mask)
         cache.length[:B] += count
         rows, last = torch.arange(B, device=dev), count - 1
         return self.draft(torch.stack([o[rows, last] for o in outs], dim=1))   # [B, S, d] -> [B, K, V]
