@@ -375,10 +375,11 @@ def test_backend_chain_and_fallback(monkeypatch):
         w = torch.ones(16, device=DEV, requires_grad=True)
         ops.rmsnorm(x, w, 1e-6).sum().backward()
         assert w.grad is not None and torch.isfinite(w.grad).all()
-    with use_backend("cuda"):                               # cuda lacks most ops: they run on triton
+    with use_backend("cuda"):                               # ops the cuda backend lacks run on triton
         expect = "triton" if DEV.type == "cpu" or not backend.cuda_available() else "cuda"
         assert backend.resolve("rmsnorm", DEV) == expect
-        assert backend.resolve("tree_attention", DEV) == "triton"
+        assert backend.resolve("tree_attention", DEV) == expect
+        assert backend.resolve("typical_accept", DEV) == "triton"        # not in the cuda backend
 
 
 # ---- end to end ----------------------------------------------------------------------------------------
