@@ -18,6 +18,15 @@ from .sampling import SamplingParams
 from .tree import TOPK, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
 
 DEFAULT_TREE = "mc_sim_7b_63"
+CPU_TREE = "tree-16"    # a CPU verifies 64 nodes at ~7x the cost of a plain step (benchmarks/results), 16 at ~3x
+
+
+def default_tree(num_heads: int, device) -> str:
+    if num_heads >= 4 and torch.device(device).type != "cpu":
+        return DEFAULT_TREE                           # 4 deep
+    return CPU_TREE if num_heads >= 3 else f"chain-{num_heads}"     # tree-16 is 3 deep
+
+
 ACCEPTANCE = ("auto", "greedy", "typical", "rejection")
 
 
@@ -26,7 +35,7 @@ class TreeSpec:
 
     def __init__(self, tree, num_heads: int, device):
         if tree is None:
-            tree = DEFAULT_TREE if num_heads >= 4 else f"chain-{min(num_heads, 5)}"
+            tree = default_tree(num_heads, device)
         self.name = tree if isinstance(tree, str) else "custom"
         self.static: TreeBuffers | None = None
         if isinstance(tree, str) and tree.startswith("dynamic-"):
