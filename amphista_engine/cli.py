@@ -49,7 +49,7 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         result = engine.last_result
-        method = speculative or "plain"
+        method = f"{speculative} {result.stats.extra['tree']}" if speculative else "plain"
         print(f"[{method}] {result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
     return 0
 
