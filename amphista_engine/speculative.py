@@ -5,6 +5,7 @@ max_depth + 1 tokens per row and how many are real. Everything in a step stays o
 """
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -36,6 +37,11 @@ class TreeSpec:
     def __init__(self, tree, num_heads: int, device):
         if tree is None:
             tree = default_tree(num_heads, device)
+        if isinstance(tree, str) and tree.lstrip().startswith("["):     # a path list given on a command line
+            try:
+                tree = json.loads(tree)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"tree {tree!r} is neither a tree name nor a JSON list of paths: {e}") from None
         self.name = tree if isinstance(tree, str) else "custom"
         self.static: TreeBuffers | None = None
         if isinstance(tree, str) and tree.startswith("dynamic-"):

@@ -194,6 +194,9 @@ def test_bad_speculative_inputs(tmp_path):
         TreeSpec("mc_sim_7b_63", 3, "cpu")
     with pytest.raises(ConfigError, match="dynamic"):
         TreeSpec("dynamic-x", 3, "cpu")
+    with pytest.raises(ConfigError, match="JSON"):
+        TreeSpec("[[0], [0, 0]", 3, "cpu")
+    assert TreeSpec("[[0], [1], [0, 0]]", 3, "cpu").num_nodes == 4        # path lists from a command line
     cache = KVCache.for_model(model.config, 1, 64, torch.float32, "cpu")
     with pytest.raises(InputError, match="repetition_penalty"):
         SpeculativeDecoder(model, cache, heads, TreeSpec("chain-3", 3, "cpu"), SamplingParams(repetition_penalty=1.2))
