@@ -13,7 +13,7 @@ def cmd_eval(args) -> int:
     from .runner import run_eval, summary_markdown
     heads = {"amphista": args.heads_amphista, "medusa": args.heads_medusa}
     summary = run_eval(args.questions, methods=args.methods, model=args.model, heads=heads, tree=args.tree,
-                       max_new_tokens=args.max_new_tokens, categories=args.categories, limit=args.limit,
+                       max_new_tokens=args.max_new_tokens, categories=args.categories, limit=args.limit, per_category=args.per_category,
                        warmup=args.warmup, out=args.out, plot=args.plot, device=args.device, dtype=args.dtype,
                        max_seq_len=args.max_seq_len, temperature=args.temperature, seed=args.seed,
                        progress=not args.no_progress)
@@ -60,6 +60,8 @@ def register(sub) -> None:
     e.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (Spec-Bench: 1024; less on CPU)")
     e.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
     e.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")
+    e.add_argument("--per-category", type=int, default=None,
+                   help="first N questions of each category (a balanced subset)")
     e.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method")
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; equality is checked)")
     e.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")

@@ -7,8 +7,9 @@ from pathlib import Path
 from ..errors import InputError
 
 
-def read_questions(path, categories=None, limit: int | None = None) -> list[dict]:
-    """Questions in file order, filtered to `categories` (names from the file), then the first `limit`.
+def read_questions(path, categories=None, limit: int | None = None, per_category: int | None = None) -> list[dict]:
+    """Questions in file order, filtered to `categories` (names from the file), then the first `per_category`
+    of each category (a balanced subset: MT-Bench files are sorted by category), then the first `limit`.
 
     Every problem names the file and line, so a hand-edited benchmark file is quick to fix.
     """
@@ -53,6 +54,16 @@ def read_questions(path, categories=None, limit: int | None = None) -> list[dict
             raise InputError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}; "
                              f"{path.name} has: {', '.join(known)}")
         questions = [q for q in questions if q["category"] in wanted]
+    if per_category is not None:
+        if per_category < 1:
+            raise InputError(f"--per-category must be a positive integer, got {per_category}")
+        taken: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            if taken.get(q["category"], 0) < per_category:
+                taken[q["category"]] = taken.get(q["category"], 0) + 1
+                kept.append(q)
+        questions = kept
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit must be a positive integer, got {limit}")

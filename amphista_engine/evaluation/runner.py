@@ -151,7 +151,8 @@ def _warmup(engine, question: dict, methods, gen_kwargs: dict, runs: int):
 
 
 def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m", heads: dict | None = None,
-             tree=None, max_new_tokens: int = 1024, categories=None, limit: int | None = None, warmup: int = 1,
+             tree=None, max_new_tokens: int = 1024, categories=None, limit: int | None = None,
+             per_category: int | None = None, warmup: int = 1,
              out="eval_results", plot: bool = False, device=None, dtype=None, max_seq_len: int = 4096,
              temperature: float = 0.0, seed: int = 0, engine=None, progress: bool = True, log=_log) -> dict:
     """Runs (or resumes) the evaluation and writes answers.jsonl, summary.json, summary.md (and plots).
@@ -164,7 +165,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
 
     # Everything that can be wrong with the input is checked before the (slow) model load.
     methods = parse_methods(methods, log)
-    qs = read_questions(questions, categories, limit)
+    qs = read_questions(questions, categories, limit, per_category)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
     if warmup < 0:
@@ -222,7 +223,8 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     records = [done[(q["question_id"], m)] for q in qs for m in methods]
     summary = summarize(records, methods, check_equality=greedy)
     summary["meta"] = {**environment(engine.device), **config, "questions_path": str(questions),
-                       "n_questions": len(qs), "categories_filter": categories, "limit": limit, "warmup": warmup,
+                       "n_questions": len(qs), "categories_filter": categories, "limit": limit,
+                       "per_category": per_category, "warmup": warmup,
                        "max_seq_len": engine.max_seq_len, "methods": methods,
                        "note": "tokens_per_s = new tokens / wall time of the whole generate call (prefill "
                                "included), as Spec-Bench; speedup = tokens_per_s / ar tokens_per_s"}
