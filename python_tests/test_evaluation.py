@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from amphista_engine.errors import AmphistaError, InputError
-from amphista_engine.evaluation import commands
+from amphista_engine.cli import main as cli_main
 from amphista_engine.evaluation.bench import parse_tau, run_bench
 from amphista_engine.evaluation.runner import run_eval
 
@@ -163,10 +163,10 @@ def test_eval_cli(setup, tiny_hf_dir, tmp_path, capsys):
     argv = ["eval", "--questions", str(q), "--model", str(tiny_hf_dir), "--device", "cpu", "--max-seq-len", "512",
             "--heads-medusa", heads["medusa"], "--heads-amphista", heads["amphista"], "--max-new-tokens", "4",
             "--categories", "coding", "--limit", "1", "--out", str(tmp_path), "--no-progress"]
-    assert commands.main(argv) == 0
+    assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert "| coding | 1 | 1 |" in out and "0 mismatches in 1 questions" in out
-    assert commands.main(["eval", "--questions", str(tmp_path / "missing.jsonl")]) == 2
+    assert cli_main(["eval", "--questions", str(tmp_path / "missing.jsonl")]) == 2
     assert "questions file not found" in capsys.readouterr().err
 
 
@@ -174,7 +174,7 @@ def test_bench_tiny_random_cpu(tmp_path, capsys):
     argv = ["bench", "--random-weights", "--shape", "tiny", "--device", "cpu", "--trees", "chain-4,tree-16,dynamic-8",
             "--prompt-tokens", "32", "--repeats", "2", "--warmup", "1", "--tau", "medusa=1.5,amphista=2",
             "--plot", "--out", str(tmp_path), "--json"]
-    assert commands.main(argv) == 0
+    assert cli_main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["prefill_ms"] > 0 and r["plain_step_ms"] > 0
     assert [(x["method"], x["tree"]) for x in r["rows"]] == [("plain", "-")] + [

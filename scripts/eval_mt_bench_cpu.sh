@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUESTIONS="${QUESTIONS:-../shared/data/mt_bench.jsonl}"
-exec python -m amphista_engine.evaluation.commands eval \
+exec python -m amphista_engine.cli eval \
     --questions "$QUESTIONS" --model smollm2-135m --methods ar,medusa,amphista \
     --max-new-tokens 256 --device cpu --dtype fp32 --warmup 1 --plot \
     --out benchmarks/results/mt_bench_cpu "$@"

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-AMPHISTA=${AMPHISTA:-"python -m amphista_engine.training.commands"}   # or: amphista (same subcommands)
+AMPHISTA=${AMPHISTA:-"python -m amphista_engine.cli"}   # or: amphista (same subcommands)
 PROMPTS=${PROMPTS:-../shared/data/train_prompts.jsonl}
 QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
 RUN=${RUN:-runs/smollm2}

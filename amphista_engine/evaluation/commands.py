@@ -1,12 +1,9 @@
-"""`amphista eval | bench`: argparse subcommands. cli.py adds them with `register(sub)`;
-`python -m amphista_engine.evaluation.commands eval|bench ...` runs them standalone."""
+"""`amphista eval | bench`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from ..errors import AmphistaError
 
 
 def cmd_eval(args) -> int:
@@ -92,20 +89,3 @@ def register(sub) -> None:
     b.add_argument("--out", default="bench_results", help="output folder for the .json/.md (and the plot)")
     b.add_argument("--json", action="store_true", help="print the result as one JSON object")
     b.set_defaults(func=cmd_bench)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="amphista")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except AmphistaError as e:
-        print(f"amphista: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,8 @@
-"""`amphista distill | train | eval-tau`: argparse subcommands. cli.py adds them with `register(sub)`;
-`python -m amphista_engine.training.commands ...` runs them standalone."""
+"""`amphista distill | train | eval-tau`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
-from ..errors import AmphistaError
 
 
 def cmd_distill(args) -> int:
@@ -108,20 +104,3 @@ def register(sub) -> None:
     e.add_argument("--per-category", type=int, default=None, help="first N questions of every category")
     e.add_argument("--out", default=None, help="JSON results file")
     e.set_defaults(func=cmd_eval_tau)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="amphista")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except AmphistaError as e:
-        print(f"amphista: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
