@@ -17,7 +17,8 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
     if not path.is_file():
         raise InputError(f"questions file not found: {path}")
     questions, seen = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split on "\n" only: splitlines() would also break at control characters inside JSON strings
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

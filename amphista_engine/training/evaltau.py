@@ -8,35 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
-
-
-def read_questions(path, limit: int | None = None, per_category: int | None = None) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"questions file not found: {path}")
-    qs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: malformed JSON line ({e})") from None
-        if not isinstance(q, dict) or not isinstance(q.get("turns"), list) or not q["turns"]:
-            raise InputError(f"{path}:{n}: a Spec-Bench question needs a non-empty 'turns' list")
-        qs.append(q)
-    if not qs:
-        raise InputError(f"no questions in {path}")
-    if per_category:
-        seen: dict = defaultdict(int)
-        picked = []
-        for q in qs:
-            c = q.get("category", "all")
-            if seen[c] < per_category:
-                picked.append(q)
-                seen[c] += 1
-        qs = picked
-    return qs[:limit] if limit else qs
+from ..evaluation.questions import read_questions
 
 
 def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_tokens: int = 256,
@@ -45,7 +17,7 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     from tqdm import tqdm
 
     from ..shipped_heads import resolve_heads
-    qs = read_questions(questions, limit, per_category)
+    qs = read_questions(questions, None, limit, per_category)
     if engine is None:
         from ..engine import Engine
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len)
