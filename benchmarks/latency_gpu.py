@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,6 +32,9 @@ import torch  # noqa: E402
 
 from amphista_engine.config import ModelConfig  # noqa: E402
 from amphista_engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from amphista_engine.evaluation import shapes  # noqa: E402
+from amphista_engine.evaluation.env import commit, sync  # noqa: E402
+from amphista_engine.evaluation.shapes import shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.heads import HeadsConfig, build_heads  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
@@ -40,36 +42,13 @@ from amphista_engine.model import Transformer  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
 from amphista_engine.speculative import SpeculativeDecoder, TreeSpec  # noqa: E402
 
-SHAPES = {
-    # Llama-2-7B (and Vicuna-7B, Medusa's target): MHA, head dim 128.
-    "llama-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                            intermediate_size=11008, max_position_embeddings=4096, norm_eps=1e-5, name="llama-7b"),
-    # SmolLM2-135M: GQA 3, head dim 64, tied embeddings.
-    "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                                intermediate_size=1536, max_position_embeddings=8192, rope_theta=100000.0,
-                                tie_word_embeddings=True, norm_eps=1e-5, name="smollm2-135m"),
-}
-SMOKE = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256,
-                    max_position_embeddings=1024, name="smoke")
+SHAPES = {name: shape_config(name) for name in ("llama-7b", "smollm2-135m")}
+SMOKE = shape_config("tiny")
 TREES = ("mc_sim_7b_63", "dynamic-64", "tree-16")
 
 
 def random_model(cfg: ModelConfig, device, dtype, max_seq_len: int, seed: int = 0) -> Transformer:
-    """The model with N(0, 0.02) weights (norms 1), allocated once on the device (meta first: a 7B model
-    never touches host memory)."""
-    with torch.device("meta"):
-        model = Transformer(cfg, max_seq_len)
-    model = model.to_empty(device=device).to(dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    model.tie_weights()
-    model.setup_rope(max_seq_len)          # fp32 table, rebuilt after the dtype cast
-    return model.eval().requires_grad_(False)
+    return shapes.random_model(cfg, device, dtype, max_seq_len, seed, allow_large=True)
 
 
 def random_heads_on_device(kind: str, model: Transformer, num_heads: int = 4, seed: int = 1):
@@ -119,11 +98,6 @@ def copy_bandwidth_gbs(device, mib: int) -> float:
     return 2 * n / statistics.median(times) / 1e9
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(decoder, prompt, steps: int, warmup: int) -> float:
     """Median ms of decoder.step() plus the sync the generation loop pays after it."""
     with torch.inference_mode():
@@ -165,19 +139,11 @@ def transformers_ms_per_token(cfg: ModelConfig, device, dtype, prompt_len: int, 
     return ms, f"transformers {transformers.__version__}"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def environment(device) -> dict:
     from amphista_engine._ext import extension_error, load_extension
     from amphista_engine.kernels import get_backend
     ext = load_extension()
-    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
             "torch": torch.__version__, "cuda_runtime_torch": torch.version.cuda, "python": platform.python_version(),
             "device": (torch.cuda.get_device_name() if torch.device(device).type == "cuda"
                        else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"),

@@ -53,15 +53,15 @@ def check_fits(cfg: ModelConfig, device, dtype: torch.dtype, allow_large: bool, 
                          f"Use --device cuda, a smaller --shape, or pass --allow-large if the machine has the memory")
 
 
-def random_model(shape: str, device="cpu", dtype: torch.dtype = torch.float32, max_seq_len: int = 2048,
+def random_model(shape: str | ModelConfig, device="cpu", dtype: torch.dtype = torch.float32, max_seq_len: int = 2048,
                  seed: int = 0, allow_large: bool = False) -> Transformer:
-    """A Transformer of `shape` with N(0, 0.02) weights, allocated directly on `device` in `dtype`.
+    """A Transformer of `shape` (a name or a config) with N(0, 0.02) weights, allocated directly on `device`.
 
     Built on the meta device and materialised in place: a default nn.Linear init (kaiming, fp32, on the host)
     would take minutes and twice the memory for 33B parameters.
     """
-    cfg = shape_config(shape)
-    check_fits(cfg, device, dtype, allow_large, f"--shape {shape}")
+    cfg = shape if isinstance(shape, ModelConfig) else shape_config(shape)
+    check_fits(cfg, device, dtype, allow_large, f"--shape {cfg.name}")
     with torch.device("meta"):
         model = Transformer(cfg, max_seq_len)
     model = model.to(dtype).to_empty(device=device)
