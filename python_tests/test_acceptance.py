@@ -193,7 +193,6 @@ def chi2_pvalue(observed, expected, min_expected=5.0):
 
 def emitted_joint(res, root, L, probs, n_tok, g):
     """First n_tok tokens of the step's output, completed by sampling the model where the step stopped."""
-    b = root.shape[0]
     m = res.accept_len + 1
     out, prev = [], root
     for k in range(n_tok):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 
 import pytest
 import torch
@@ -22,9 +21,9 @@ from amphista_engine.kernels import backend, cuda_ops, ops, reference, use_backe
 from amphista_engine.model import rope_table
 from amphista_engine.tree import build_tree, dynamic_tree
 
+from kernel_checks import DEV, TOL, gen, randn, rel_err
+
 HAS_GPU = torch.cuda.is_available()
-DEV = torch.device("cuda" if HAS_GPU else "cpu")
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 
 
@@ -38,37 +37,6 @@ def ext():
             pytest.skip("AMPHISTA_NO_CUDA=1")
         pytest.fail(f"CUDA device present but extension missing: {extension_error()}")
     return mod
-
-
-def gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def randn(g, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEV)
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.float(), ref.float()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Inside the test every fresh torch.empty / empty_like is NaN (float) or a sentinel (int), so an output
-    element or workspace entry a kernel forgets to write cannot pass by luck."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-777777)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_like(*a, **k)))
-    yield
 
 
 def run(fn, *args):

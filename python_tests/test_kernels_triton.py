@@ -23,7 +23,6 @@ import json
 import math
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,12 @@ from amphista_engine.model import rope_table
 from amphista_engine.config import ModelConfig
 from amphista_engine.tree import build_tree, dynamic_tree
 
+from kernel_checks import DEV, TOL, gen, randn, rel_err
+
 triton = pytest.importorskip("triton")
 from amphista_engine.kernels import triton_ops  # noqa: E402  (imports triton)
 
 ROOT = Path(__file__).resolve().parents[1]
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -49,38 +48,6 @@ def _clean_backend():
     yield
     set_backend(None)
     backend.clear_cache()
-
-
-def gen(*key) -> torch.Generator:
-    """A generator seeded from the case, so every shape gets its own fresh inputs."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def randn(g, *shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEV)
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.float(), ref.float()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Within the test, every fresh tensor from torch.empty / empty_like is NaN (float) or a sentinel (int),
-    so an output element a kernel forgets to write cannot pass by luck."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-777777)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_like(*a, **k)))
-    yield
 
 
 # ---- tree attention ------------------------------------------------------------------------------------
