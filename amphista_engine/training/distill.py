@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from ..errors import InputError
 from .data import ShardWriter, read_prompts

@@ -20,7 +20,8 @@ def run(bench):
             vb = torch.zeros_like(kb)
             src = P + torch.tensor([[0, 1, 4, 13, 40]], device=dev).expand(B, M)
             dst = torch.full((B,), P, device=dev)
-            fn = lambda: ops.kv_compact(kb, vb, src, dst)
+            def fn(kb=kb, vb=vb, src=src, dst=dst):    # bind now: the buffers are deleted after the row
+                ops.kv_compact(kb, vb, src, dst)
             rows += bench.compare("kv_compact", sh.name, f"B={B} L={L} M={M}", {"torch": fn, "triton": fn, "cuda": fn},
                                   esize * 2 * 2 * L * B * Hkv * M * D)
             del kb, vb

@@ -7,7 +7,6 @@ contiguous elements directly.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
