@@ -132,7 +132,11 @@ def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         else:
-            yield from torch.load(shard, map_location="cpu", weights_only=True, mmap=True).items()
+            try:
+                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:       # legacy (pre-zipfile) .bin files cannot be memory-mapped
+                state = torch.load(shard, map_location="cpu", weights_only=True)
+            yield from state.items()
 
 
 def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
