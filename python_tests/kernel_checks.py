@@ -21,3 +21,53 @@ def randn(g, *shape, dtype=torch.float32, scale=1.0):
 def rel_err(out, ref) -> float:
     out, ref = out.float(), ref.float()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def same_result(a, b):
+    """Two AcceptResults agree exactly, field by field."""
+    for f in ("accept_len", "best_path", "accepted_nodes", "next_token", "emitted"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), (f, getattr(a, f), getattr(b, f))
+
+
+def check_verify_step(backend_name: str, tree_name: str, H: int, S: int, prefix: list[int], dtype, tol: float):
+    """One layer's verification step built from the ops (RoPE, KV write, tree attention, greedy accept, KV
+    compaction) on `backend_name` against the torch backend: close logits, and where the argmaxes agree
+    (near-ties aside) identical accept results and caches."""
+    from amphista_engine.config import ModelConfig
+    from amphista_engine.kernels import ops, use_backend
+    from amphista_engine.model import rope_table
+    from amphista_engine.tree import build_tree
+
+    g = gen("verify_step")
+    B, Hkv, D, L, V = len(prefix), 2, 64, 2, 50
+    tree = build_tree(tree_name)
+    N = tree.num_nodes
+    cfg = ModelConfig(vocab_size=V, dim=H * D, n_layers=L, n_heads=H, n_kv_heads=Hkv, intermediate_size=8)
+    table = rope_table(cfg, S).to(DEV)
+    qkv = randn(g, B, N, (H + 2 * Hkv) * D, dtype=dtype)
+    w_out = randn(g, V, H * D, scale=0.3, dtype=dtype)
+    tokens = torch.randint(0, V, (B, N), generator=g).to(DEV)
+    kb0, vb0 = randn(g, L, B, Hkv, S, D, dtype=dtype), randn(g, L, B, Hkv, S, D, dtype=dtype)
+    start = torch.tensor(prefix, device=DEV)
+
+    def step(name):
+        kb, vb = kb0.clone(), vb0.clone()
+        with use_backend(name):
+            rows = table[start[:, None] + tree.depth.to(DEV)]
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
+            q = ops.rope(q.view(B, N, H, D), rows).transpose(1, 2)
+            k = ops.rope(k.view(B, N, Hkv, D), rows).transpose(1, 2)
+            ops.kv_write(kb, vb, 0, start, k, v.view(B, N, Hkv, D).transpose(1, 2))
+            mask, dense = ops.tree_mask_args(start, tree.mask[None].to(DEV), S)
+            att = ops.tree_attention(q, kb[0], vb[0], start, mask, S, dense_mask=dense)
+            logits = att.transpose(1, 2).reshape(B, N, H * D) @ w_out.T
+            res = ops.greedy_accept(tokens, logits, tree.retrieve.to(DEV))
+            ops.kv_compact(kb, vb, start[:, None] + res.accepted_nodes.clamp(min=0), start)
+        return res, kb, vb, logits
+
+    r1, k1, v1, l1 = step("torch")
+    r2, k2, v2, l2 = step(backend_name)
+    assert rel_err(l2, l1) < tol
+    if torch.equal(l1.argmax(-1), l2.argmax(-1)):
+        same_result(r1, r2)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)

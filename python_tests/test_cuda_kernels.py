@@ -21,7 +21,7 @@ from amphista_engine.kernels import backend, cuda_ops, ops, reference, use_backe
 from amphista_engine.model import rope_table
 from amphista_engine.tree import build_tree, dynamic_tree
 
-from kernel_checks import DEV, TOL, gen, randn, rel_err
+from kernel_checks import DEV, TOL, check_verify_step, gen, randn, rel_err, same_result
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
@@ -258,11 +258,6 @@ def _accept_inputs(kind: str, B: int, V: int, g, hit=0.6):
     return tokens.to(DEV), logits.to(DEV), retrieve.to(DEV)
 
 
-def _same_result(a, b):
-    for f in ("accept_len", "best_path", "accepted_nodes", "next_token", "emitted"):
-        assert torch.equal(getattr(a, f), getattr(b, f)), (f, getattr(a, f), getattr(b, f))
-
-
 @pytest.mark.parametrize("kind,B,V,dtype", [("static", 2, 300, torch.float32), ("dynamic", 3, 77, torch.bfloat16),
                                             ("chain", 2, 2000, torch.float32), ("static", 1, 32000, torch.bfloat16),
                                             ("dynamic", 2, 49152, torch.float16)])
@@ -270,7 +265,7 @@ def test_greedy_accept(kind, B, V, dtype, ext, poisoned):
     tokens, logits, retrieve = _accept_inputs(kind, B, V, gen("greedy", kind, B, V))
     logits = logits.to(dtype)
     res = run(cuda_ops.greedy_accept, tokens, logits, retrieve)
-    _same_result(res, reference.greedy_accept(tokens, logits, retrieve))
+    same_result(res, reference.greedy_accept(tokens, logits, retrieve))
 
 
 @needs_gpu
@@ -284,51 +279,19 @@ def test_greedy_accept_ties_and_strided_logits(ext):
     logits = wide[..., :V]
     tokens = torch.randint(0, 3, (B, N), generator=g).to(DEV)
     retrieve = tree.retrieve.to(DEV)
-    _same_result(run(cuda_ops.greedy_accept, tokens, logits, retrieve),
+    same_result(run(cuda_ops.greedy_accept, tokens, logits, retrieve),
                  reference.greedy_accept(tokens, logits, retrieve))
     one = build_tree("chain-1")
     last = wide[:, -1:, :V]
-    _same_result(run(cuda_ops.greedy_accept, tokens[:, :1], last, one.retrieve[:, :1].to(DEV)),
+    same_result(run(cuda_ops.greedy_accept, tokens[:, :1], last, one.retrieve[:, :1].to(DEV)),
                  reference.greedy_accept(tokens[:, :1], last, one.retrieve[:, :1].to(DEV)))
 
 
 # ---- one verification step from the ops, cuda vs torch --------------------------------------------------
 @needs_gpu
 def test_op_chain_verify_step_matches_torch(ext):
-    g = gen("verify_step")
-    B, H, Hkv, D, L, S, V = 2, 8, 2, 64, 2, 256, 50
-    tree = build_tree("mc_sim_7b_63")
-    N = tree.num_nodes
-    cfg = ModelConfig(vocab_size=V, dim=H * D, n_layers=L, n_heads=H, n_kv_heads=Hkv, intermediate_size=8)
-    table = rope_table(cfg, S).to(DEV)
-    dt = torch.bfloat16
-    qkv = randn(g, B, N, (H + 2 * Hkv) * D, dtype=dt)
-    w_out = randn(g, V, H * D, scale=0.3, dtype=dt)
-    tokens = torch.randint(0, V, (B, N), generator=g).to(DEV)
-    kb0, vb0 = randn(g, L, B, Hkv, S, D, dtype=dt), randn(g, L, B, Hkv, S, D, dtype=dt)
-    prefix = torch.tensor([21, 150], device=DEV)
-
-    def step(name):
-        kb, vb = kb0.clone(), vb0.clone()
-        with use_backend(name):
-            rows = table[prefix[:, None] + tree.depth.to(DEV)]
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
-            q = ops.rope(q.view(B, N, H, D), rows).transpose(1, 2)
-            k = ops.rope(k.view(B, N, Hkv, D), rows).transpose(1, 2)
-            ops.kv_write(kb, vb, 0, prefix, k, v.view(B, N, Hkv, D).transpose(1, 2))
-            mask, dense = ops.tree_mask_args(prefix, tree.mask[None].to(DEV), 256)
-            att = ops.tree_attention(q, kb[0], vb[0], prefix, mask, 256, dense_mask=dense)
-            logits = att.transpose(1, 2).reshape(B, N, H * D) @ w_out.T
-            res = ops.greedy_accept(tokens, logits, tree.retrieve.to(DEV))
-            ops.kv_compact(kb, vb, prefix[:, None] + res.accepted_nodes.clamp(min=0), prefix)
-        return res, kb, vb, logits
-
-    r1, k1, v1, l1 = step("torch")
-    r2, k2, v2, l2 = step("cuda")
-    assert rel_err(l2, l1) < TOL[dt]
-    if torch.equal(l1.argmax(-1), l2.argmax(-1)):           # near-ties aside, the decisions are the same
-        _same_result(r1, r2)
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    check_verify_step("cuda", "mc_sim_7b_63", H=8, S=256, prefix=[21, 150], dtype=torch.bfloat16,
+                      tol=TOL[torch.bfloat16])
 
 
 # ---- runs everywhere: what the wrappers decline ---------------------------------------------------------

@@ -33,7 +33,7 @@ from amphista_engine.model import rope_table
 from amphista_engine.config import ModelConfig
 from amphista_engine.tree import build_tree, dynamic_tree
 
-from kernel_checks import DEV, TOL, gen, randn, rel_err
+from kernel_checks import DEV, TOL, check_verify_step, gen, randn, rel_err, same_result
 
 triton = pytest.importorskip("triton")
 from amphista_engine.kernels import triton_ops  # noqa: E402  (imports triton)
@@ -244,11 +244,6 @@ def _accept_inputs(kind: str, B: int, V: int, g, dtype=torch.float32, hit=0.6):
     return tokens.to(DEV), logits.to(dtype=dtype, device=DEV), retrieve.to(DEV)
 
 
-def _same_result(a, b):
-    for f in ("accept_len", "best_path", "accepted_nodes", "next_token", "emitted"):
-        assert torch.equal(getattr(a, f), getattr(b, f)), f
-
-
 @pytest.mark.parametrize("kind,B,V,dtype", [("static", 2, 300, torch.float32), ("dynamic", 3, 77, torch.bfloat16),
                                             ("chain", 2, 2000, torch.float32)])
 def test_greedy_accept(kind, B, V, dtype, poisoned):
@@ -256,7 +251,7 @@ def test_greedy_accept(kind, B, V, dtype, poisoned):
     logits = logits.to(dtype)
     res = triton_ops.greedy_accept(tokens, logits, retrieve)
     ref = reference.greedy_accept(tokens, logits, retrieve)
-    _same_result(res, ref)
+    same_result(res, ref)
 
 
 @pytest.mark.parametrize("kind,B,V,temp", [("static", 2, 300, 0.7), ("dynamic", 2, 1500, 1.3)])
@@ -265,9 +260,9 @@ def test_typical_accept(kind, B, V, temp, poisoned):
     logits = logits * 2                                     # peaked rows: some nodes clear the threshold
     res = triton_ops.typical_accept(tokens, logits, retrieve, temp, generator=torch.Generator(DEV).manual_seed(5))
     ref = reference.typical_accept(tokens, logits, retrieve, temp, generator=torch.Generator(DEV).manual_seed(5))
-    _same_result(res, ref)
+    same_result(res, ref)
     assert int(ref.accept_len.max()) > 0                    # the case exercises acceptance, not only bonus
-    _same_result(triton_ops.typical_accept(tokens, logits, retrieve, 0.0), reference.greedy_accept(tokens, logits, retrieve))
+    same_result(triton_ops.typical_accept(tokens, logits, retrieve, 0.0), reference.greedy_accept(tokens, logits, retrieve))
 
 
 # ---- the backend switch --------------------------------------------------------------------------------
@@ -351,41 +346,9 @@ def test_backend_chain_and_fallback(monkeypatch):
 
 # ---- end to end ----------------------------------------------------------------------------------------
 def test_op_chain_verify_step_matches_torch():
-    """One layer's verification step built from the ops (RoPE, KV write, tree attention, greedy accept,
-    KV compaction) gives identical accept results and caches on both backends."""
-    g = gen("verify_step")
-    B, H, Hkv, D, L, S, V = 2, 4, 2, 64, 2, 96, 50
-    tree = build_tree("tree-16")
-    N = tree.num_nodes
-    cfg = ModelConfig(vocab_size=V, dim=H * D, n_layers=L, n_heads=H, n_kv_heads=Hkv, intermediate_size=8)
-    table = rope_table(cfg, S).to(DEV)
-    qkv = randn(g, B, N, (H + 2 * Hkv) * D)
-    w_out = randn(g, V, H * D, scale=0.3)
-    tokens = torch.randint(0, V, (B, N), generator=g).to(DEV)
-    kb0, vb0 = randn(g, L, B, Hkv, S, D), randn(g, L, B, Hkv, S, D)
-    prefix = torch.tensor([21, 50], device=DEV)
-
-    def step(name):
-        kb, vb = kb0.clone(), vb0.clone()
-        with use_backend(name):
-            rows = table[prefix[:, None] + tree.depth.to(DEV)]
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], -1)
-            q = ops.rope(q.view(B, N, H, D), rows).transpose(1, 2)
-            k = ops.rope(k.view(B, N, Hkv, D), rows).transpose(1, 2)
-            ops.kv_write(kb, vb, 0, prefix, k, v.view(B, N, Hkv, D).transpose(1, 2))
-            mask, dense = ops.tree_mask_args(prefix, tree.mask[None].to(DEV), 96)
-            att = ops.tree_attention(q, kb[0], vb[0], prefix, mask, 96, dense_mask=dense)
-            logits = att.transpose(1, 2).reshape(B, N, H * D) @ w_out.T
-            res = ops.greedy_accept(tokens, logits, tree.retrieve.to(DEV))
-            ops.kv_compact(kb, vb, prefix[:, None] + res.accepted_nodes.clamp(min=0), prefix)
-        return res, kb, vb, logits
-
-    r1, k1, v1, l1 = step("torch")
-    r2, k2, v2, l2 = step("triton")
-    assert rel_err(l2, l1) < 1e-5
-    if torch.equal(l1.argmax(-1), l2.argmax(-1)):           # near-ties aside, the decisions are the same
-        _same_result(r1, r2)
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    """One layer's verification step built from the ops gives identical accept results and caches on the
+    triton and torch backends."""
+    check_verify_step("triton", "tree-16", H=4, S=96, prefix=[21, 50], dtype=torch.float32, tol=1e-5)
 
 
 def test_speculative_greedy_same_on_both_backends():
