@@ -165,6 +165,27 @@ def test_distill_resumes_without_duplicates(tmp_path, tiny_hf_dir):
     assert r["answer_ids"] == engine.generate(r["prompt"], max_new_tokens=6).token_ids
 
 
+def test_distill_offset_worker_takes_the_tail(tmp_path, tiny_hf_dir):
+    """Two workers (the second with --offset, its own shard) together cover the prompts exactly once."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.training.distill import distill
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "source": "s" + str(i % 2), "prompt": f"Hi {i}"})
+                               + "\n" for i in range(5)))
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=64, max_batch_size=2)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    distill(prompts, a, limit=3, balance_by_source=True, batch_size=2, max_new_tokens=2, engine=engine,
+            progress=False)
+    c = distill(prompts, b, offset=3, balance_by_source=True, batch_size=2, max_new_tokens=2, engine=engine,
+                progress=False)
+    assert c["prompts"] == 2 and c["written"] == 2
+    ids = [json.loads(line)["id"] for f in (a, b) for line in f.read_text().splitlines()]
+    assert sorted(ids) == [f"p{i}" for i in range(5)]
+    with pytest.raises(InputError, match="--offset"):
+        distill(prompts, b, offset=-1, engine=engine, progress=False)
+
+
 def test_read_prompts_formats_and_refusals(tmp_path):
     sg = tmp_path / "sharegpt.json"
     sg.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "Q1"},

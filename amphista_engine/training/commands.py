@@ -7,7 +7,8 @@ import json
 
 def cmd_distill(args) -> int:
     from .distill import distill
-    distill(args.prompts, args.out, model=args.model, limit=args.limit, batch_size=args.batch_size,
+    distill(args.prompts, args.out, model=args.model, limit=args.limit, offset=args.offset,
+            batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, balance_by_source=args.balance_by_source, seed=args.seed,
             device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
     return 0
@@ -43,6 +44,8 @@ def register(sub) -> None:
     d.add_argument("--out", required=True, help="JSONL shard to append to (resumable)")
     _model_args(d)
     d.add_argument("--limit", type=int, default=None, help="use the first N prompts (after balancing)")
+    d.add_argument("--offset", type=int, default=0, help="skip the first N of those (a parallel worker writing "
+                   "its own --out shard)")
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length; longer prompts are skipped")

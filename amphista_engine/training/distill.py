@@ -8,15 +8,21 @@ from ..errors import InputError
 from .data import ShardWriter, read_prompts
 
 
-def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = None, batch_size: int = 8,
+def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = None, offset: int = 0,
+            batch_size: int = 8,
             max_new_tokens: int = 256, balance_by_source: bool = False, seed: int = 0, device=None, dtype=None,
             max_seq_len: int = 1024, engine=None, progress: bool = True) -> dict:
-    """Generates the missing records of `out` (resumable: ids already there are skipped). Returns counts."""
+    """Generates the missing records of `out` (resumable: ids already there are skipped) for prompts
+    [offset, limit) of the (balanced) prompt order. Returns counts."""
     from tqdm import tqdm
 
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be positive")
+    if offset < 0:
+        raise InputError("--offset must be >= 0")
     prompts = read_prompts(prompts_file, limit=limit, balance_by_source=balance_by_source, seed=seed)
+    # A second worker (its own shard) starts deep in the same balanced order; the two shards train together.
+    prompts = prompts[offset:]
     if engine is None:
         from ..engine import Engine
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
