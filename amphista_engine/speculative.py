@@ -59,11 +59,16 @@ class TreeSpec:
                 raise ConfigError(f"tree {self.name!r} is {self.max_depth} deep but the heads draft only "
                                   f"{num_heads} tokens; pick a tree at most {num_heads} deep")
 
-    def build(self, root: torch.Tensor, draft_logits: torch.Tensor) -> TreeBuffers:
-        """Node tokens and layout for this step. draft_logits: [B, K, V]."""
+    def build(self, root: torch.Tensor, draft_logits: torch.Tensor, token_ids=None) -> TreeBuffers:
+        """Node tokens and layout for this step. draft_logits: [B, K, V']; token_ids maps a logit index to its
+        token (heads with a draft vocabulary), None = identity."""
         if self.static is None:
-            return dynamic_tree(root, torch.log_softmax(draft_logits.float(), -1), self.num_nodes, TOPK)
+            k = min(TOPK, draft_logits.shape[-1])
+            values, slots = torch.log_softmax(draft_logits.float(), -1).topk(k, dim=-1)
+            return dynamic_tree(root, (values, slots if token_ids is None else token_ids(slots)), self.num_nodes, k)
         top = draft_logits[:, :self.max_depth].topk(min(TOPK, draft_logits.shape[-1]), dim=-1).indices
+        if token_ids is not None:
+            top = token_ids(top)
         if top.shape[-1] < TOPK:     # vocabularies smaller than top-k: repeat (acceptance skips duplicates)
             top = torch.cat([top, top[..., -1:].expand(*top.shape[:-1], TOPK - top.shape[-1])], -1)
         tree = self.static
@@ -85,6 +90,8 @@ class SpeculativeDecoder(PlainDecoder):
         if acceptance == "rejection" and params.greedy:
             acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
+        # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
+        self._token_ids = getattr(heads, "token_ids", None)
         self.tokens_per_step = tree.max_depth + 1
         self.times = {"draft": 0.0, "verify": 0.0, "accept": 0.0, "commit": 0.0}
 
@@ -126,7 +133,7 @@ class SpeculativeDecoder(PlainDecoder):
         lengths) are updated in place so a CUDA graph can capture and replay the whole step."""
         t0 = time.perf_counter()
         B, root, length = self.next.shape[0], self.next, self.cache.length[:self.next.shape[0]]
-        tree = self.tree.build(root, self.draft)
+        tree = self.tree.build(root, self.draft, self._token_ids)
         t0 = self._tick("draft", t0)
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))

@@ -318,3 +318,38 @@ def test_public_medusa_checkpoint(target, tmp_path, layers, shared):
         load_medusa_checkpoint(tmp_path / "medusa_lm_head.pt", tiny_target(dim=48))
     with pytest.raises(ModelLoadError):
         load_medusa_checkpoint(tmp_path / "missing.pt", target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_draft_vocabulary_heads(kind, tmp_path):
+    """Heads with a draft vocabulary score exactly the full-vocabulary heads' logits at those token ids, and
+    the ids survive a bf16 checkpoint (ids above 256 would not survive a cast to bf16)."""
+    t = tiny_target(vocab=1000)
+    ids = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:300]
+    full = random_heads(kind, t, seed=4)
+    sub = random_heads(kind, t, seed=4, draft_vocab_size=300).set_draft_vocab(ids)
+    assert sub.token_ids(torch.tensor([0, 299])).tolist() == [int(ids[0]), int(ids[299])]
+    hidden, nxt = target_states(t, 2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(sub.forward_train(hidden, nxt), full.forward_train(hidden, nxt)[..., ids],
+                                   rtol=1e-6, atol=1e-6)
+    save_heads(sub, tmp_path / "h")
+    state = load_file(str(tmp_path / "h" / "model.safetensors"))
+    assert state["draft_vocab"].dtype == torch.int64 and torch.equal(state["draft_vocab"], ids)
+    loaded = load_heads(tmp_path / "h", t, dtype=torch.float32)
+    assert loaded.config.draft_vocab_size == 300 and torch.equal(loaded.draft_vocab, ids)
+    with torch.no_grad():
+        assert rel_err(loaded.forward_train(hidden, nxt), sub.forward_train(hidden, nxt)) < 2e-2
+    # clear errors: bad sets, a size beyond V, a corrupted vocabulary tensor on disk
+    with pytest.raises(ConfigError, match="300 distinct"):
+        sub.set_draft_vocab(torch.zeros(300, dtype=torch.long))
+    with pytest.raises(ConfigError, match="300 distinct"):
+        sub.set_draft_vocab(ids[:10])
+    with pytest.raises(ConfigError, match="draft_vocab_size"):
+        HeadsConfig.for_target(t.config, kind=kind, draft_vocab_size=1001)
+    with pytest.raises(ConfigError, match="full vocabulary"):
+        full.set_draft_vocab(ids)
+    from safetensors.torch import save_file
+    save_file({**state, "draft_vocab": torch.full((300,), 5000)}, str(tmp_path / "h" / "model.safetensors"))
+    with pytest.raises(ConfigError, match="bad draft_vocab"):
+        load_heads(tmp_path / "h", t)

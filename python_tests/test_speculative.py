@@ -82,6 +82,41 @@ def spec_ids(model, heads, tree, prompt, max_new, eos, max_seq_len=256, params=S
 PROMPTS = [[5, 9, 2, 33, 17], [1], [60, 61, 62, 63, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
 
 
+class OracleVocabHeads(OracleHeads):
+    """The oracle drafting over a draft vocabulary: logits over slots, slot i = token vocab[i]. The vocabulary
+    is a permutation (some tokens dropped), so a decoder that took slots for token ids would draft garbage."""
+
+    def __init__(self, reference, vocab: int, num_heads: int, keep: int, seed=0):
+        super().__init__(reference, vocab, num_heads, seed=seed)
+        self.vocab = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed + 100))[:keep]
+
+    def step(self, hidden, next_tokens, count, kv_len):
+        return super().step(hidden, next_tokens, count, kv_len)[..., self.vocab]
+
+    def token_ids(self, slots):
+        return self.vocab[slots]
+
+
+@pytest.mark.parametrize("tree", ["tree-16", "dynamic-16", "mc_sim_7b_63"])
+def test_draft_vocabulary_maps_slots_to_tokens(tree):
+    model = random_tiny_model(seed=11)
+    prompt = PROMPTS[0]
+    full, _ = plain_ids(model, prompt, 60, eos=[])
+    reference = prompt + full
+    for keep in (64, 40):                 # every token (permuted), and a vocabulary missing some tokens
+        heads = OracleVocabHeads(reference, 64, 5 if tree == "mc_sim_7b_63" else 3, keep)
+        got, why, stats = spec_ids(model, heads, tree, prompt, 60, eos=[])
+        assert got == full and why == "length"
+        if keep == 64:
+            assert stats.tau > 1.5, stats.tau
+    # the tree holds only draftable tokens below the root
+    spec = TreeSpec(tree, 5 if tree == "mc_sim_7b_63" else 3, "cpu")
+    vocab = torch.tensor([3, 17, 29, 41, 55, 60])
+    logits = torch.randn(2, spec.max_depth, 6)
+    built = spec.build(torch.tensor([1, 2]), logits, lambda slots: vocab[slots])
+    assert torch.isin(built.tokens[:, 1:], vocab).all()
+
+
 @pytest.mark.parametrize("kind", ["amphista", "medusa"])
 @pytest.mark.parametrize("K,tree", [(1, "chain-1"), (3, "tree-16"), (3, "dynamic-16"), (5, "mc_sim_7b_63"),
                                     (5, "dynamic-64")])

@@ -298,3 +298,55 @@ def test_shipped_heads_keep_greedy_output(smollm2, kind):
     spec = engine.generate(prompt, max_new_tokens=8, speculative=kind)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.tau >= 1.0
+
+
+def test_frequent_tokens_ranks_answer_tokens_only():
+    from amphista_engine.training.data import Sequence
+    from amphista_engine.training.trainer import frequent_tokens
+    seqs = [Sequence("a", [9, 9, 9, 1, 1, 2], 3), Sequence("b", [9, 3, 2, 2, 7], 2)]   # prompts: 9 9 9 | 9 3
+    ids, coverage = frequent_tokens(seqs, 2, 10)
+    assert ids.tolist() == [2, 1] and coverage == pytest.approx(5 / 6)   # 9 appears only in prompts
+
+
+def test_training_with_draft_vocabulary(shard, target, tmp_path):
+    """--draft-vocab: heads score the N most frequent answer tokens; training still learns, the checkpoint
+    loads with the vocabulary, resume is exact and greedy speculative output is unchanged."""
+    from amphista_engine.training.data import load_shard
+    from amphista_engine.training.trainer import frequent_tokens, split_heldout
+    kw = dict(steps=16, eval_every=16, loss_positions=64, lr=4e-3, mse_weight=1.0, draft_vocab=40)
+    res = train_heads(cfg(shard, tmp_path / "dv", **kw), target=target)
+    first, last = res["history"][0], res["history"][-1]
+    assert last["loss"] < 0.9 * first["loss"] and last["top1"][0] > first["top1"][0] + 0.05
+    train_seqs, _ = split_heldout(load_shard([str(shard)], 64, 256).sequences, 0.2)
+    expect, _ = frequent_tokens(train_seqs, 40, 64)
+    heads = load_heads(tmp_path / "dv", target, dtype=torch.float32)
+    assert heads.config.draft_vocab_size == 40 and torch.equal(heads.draft_vocab, expect)
+    cut = dict(kw, steps=8, eval_every=0)
+    full = train_heads(cfg(shard, tmp_path / "full", **cut), target=target)
+    train_heads(cfg(shard, tmp_path / "cut", stop_after=3, **cut), target=target)
+    resumed = train_heads(cfg(shard, tmp_path / "cut", resume=True, **cut), target=target)
+    for k, v in full["heads"].state_dict().items():
+        assert torch.equal(v, resumed["heads"].state_dict()[k]), k
+    with pytest.raises(ConfigError, match="exceeds"):
+        train_heads(cfg(shard, tmp_path / "big", draft_vocab=65), target=target)
+
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
+
+    def decode(dec, n=24):
+        out = [int(dec.prefill([prompt])[0])]
+        while len(out) < n:
+            toks, cnt = dec.step()
+            out += toks[0, :int(cnt[0])].tolist()
+        return out[:n]
+
+    plain = decode(PlainDecoder(target, KVCache.for_model(target.config, 1, 256, torch.float32, "cpu"),
+                                SamplingParams()))
+    for tree in ("tree-16", "dynamic-16"):
+        heads.reset_cache(1, 256)
+        spec = SpeculativeDecoder(target, KVCache.for_model(target.config, 1, 256, torch.float32, "cpu"), heads,
+                                  TreeSpec(tree, K, "cpu"), SamplingParams())
+        assert decode(spec) == plain

@@ -104,7 +104,9 @@ def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
     cfg.dtype = _dtype_name(dt)
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(device="cpu", dtype=dt).contiguous() for k, v in heads.state_dict().items()}
+    # Only floating tensors take the save dtype: the draft vocabulary's token ids stay integers.
+    state = {k: v.detach().to(device="cpu", dtype=dt if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in heads.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "kind": cfg.kind})
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return path
@@ -122,7 +124,13 @@ def _assign(heads: DraftHeads, state: dict[str, torch.Tensor], source, device, d
             c = heads.config
             raise ConfigError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config (kind={c.kind}, "
                               f"num_heads={c.num_heads}, dim={c.dim}) expects {tuple(shape)}")
-    heads.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    heads.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                           for k, v in state.items()}, assign=True)
+    if heads.config.draft_vocab_size:
+        try:
+            heads.set_draft_vocab(heads.draft_vocab.clone())
+        except ConfigError as e:
+            raise ConfigError(f"{source}: bad draft_vocab tensor: {e}") from None
     return heads.eval().requires_grad_(False)   # for inference; a trainer resuming calls requires_grad_()
 
 

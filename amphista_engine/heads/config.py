@@ -48,6 +48,10 @@ class HeadsConfig:
     aeb_heads: int = 0                         # 0 -> dim // head_dim (the target's head width)
     aeb_intermediate_size: int = 0             # 0 -> llama_ffn_size(dim)
     per_head_lm_head: bool = False             # True: each head owns a trainable [V, d] copy (Medusa-style)
+    # (ours) draft vocabulary: heads score only these many token ids (the most frequent in the training data,
+    # stored as the `draft_vocab` tensor), FR-Spec style; 0 = the full vocabulary. Verification still uses
+    # the target's full LM head, so output is unchanged; a token outside the set just cannot be drafted.
+    draft_vocab_size: int = 0
     medusa_layers: int = 1                     # ResBlocks per Medusa head
     resblock_bias: bool = True                 # nn.Linear(d, d) with bias, as public Medusa heads
     target_fingerprint: str = ""               # checkpoint.lm_head_fingerprint of the target
@@ -64,6 +68,8 @@ class HeadsConfig:
         for key in ("dim", "vocab_size", "num_heads", "n_stages", "layers_per_stage", "aeb_layers"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 bad(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= self.vocab_size:
+            bad(f"draft_vocab_size must be in [0, vocab_size={self.vocab_size}], got {self.draft_vocab_size!r}")
         if self.medusa_layers < 0:
             bad(f"medusa_layers must be >= 0, got {self.medusa_layers}")
         if self.fusion not in FUSIONS:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import HeadsMismatchError
+from ..errors import ConfigError, HeadsMismatchError
 from .config import HeadsConfig
 
 
@@ -37,8 +37,13 @@ class DraftHeads(nn.Module):
         # The target's embedding and LM head, held in a tuple so nn.Module does not register them: they stay
         # out of parameters(), state_dict() and .to(), frozen and shared by reference.
         self._bound: tuple[nn.Embedding, nn.Linear, torch.Tensor | None] | None = None
+        n_out = config.draft_vocab_size or config.vocab_size
+        if config.draft_vocab_size:
+            # Draft slot i scores token draft_vocab[i]; a buffer so it travels with the checkpoint.
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))
+        self._w_sub = None    # the target LM head's draft-vocabulary rows, gathered once (see output_weight)
         if config.per_head_lm_head:
-            self.lm_heads = nn.Parameter(torch.zeros(config.num_heads, config.vocab_size, config.dim))
+            self.lm_heads = nn.Parameter(torch.zeros(config.num_heads, n_out, config.dim))
 
     @property
     def num_heads(self) -> int:
@@ -50,7 +55,38 @@ class DraftHeads(nn.Module):
             raise HeadsMismatchError(f"heads are for d={c.dim}, V={c.vocab_size}; the target has d={tc.dim}, "
                                      f"V={tc.vocab_size}")
         self._bound = (target.tok_embeddings, target.output, getattr(target, "rope_freq_factors", None))
+        self._w_sub = None
         return self
+
+    def set_draft_vocab(self, token_ids) -> "DraftHeads":
+        """Sets the draft vocabulary (config.draft_vocab_size distinct ids in [0, V)), e.g. the most frequent
+        tokens of the training data."""
+        c = self.config
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if not c.draft_vocab_size:
+            raise ConfigError("these heads draft over the full vocabulary (draft_vocab_size = 0)")
+        if ids.numel() != c.draft_vocab_size or ids.unique().numel() != ids.numel() \
+                or int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size:
+            raise ConfigError(f"draft vocabulary must be {c.draft_vocab_size} distinct token ids in "
+                              f"[0, {c.vocab_size})")
+        self.draft_vocab.copy_(ids.to(self.draft_vocab.device))
+        self._w_sub = None
+        return self
+
+    def token_ids(self, slots: torch.Tensor) -> torch.Tensor:
+        """Draft slots (indices into the logits' last dim) -> token ids."""
+        return self.draft_vocab[slots] if self.config.draft_vocab_size else slots
+
+    def output_weight(self) -> torch.Tensor:
+        """The shared LM head the drafts are scored with: the target's [V, d], or its draft-vocabulary rows."""
+        w = self._target()[1].weight
+        if not self.config.draft_vocab_size:
+            return w
+        sub = self._w_sub
+        if sub is None or sub.device != w.device or sub.dtype != w.dtype:
+            # Frozen target: gathered once per bind / vocabulary, not per step (a static tensor for CUDA graphs).
+            sub = self._w_sub = w.detach().index_select(0, self.draft_vocab.to(w.device))
+        return sub
 
     def _target(self):
         if self._bound is None:
@@ -58,10 +94,10 @@ class DraftHeads(nn.Module):
         return self._bound
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., K, d] final features -> [..., K, V]."""
+        """x: [..., K, d] final features -> [..., K, V] (V = draft_vocab_size when set: map with token_ids)."""
         if self.config.per_head_lm_head:
             return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
-        w = self._target()[1].weight
+        w = self.output_weight()
         return F.linear(x.to(w.dtype), w)
 
     def reset_cache(self, batch: int, max_seq_len: int):

@@ -91,6 +91,9 @@ def register(sub) -> None:
     t.add_argument("--mse-weight", type=float, default=0.0,
                    help="add this weight x the full-vocabulary logit MSE to the teacher at every answer position "
                         "(exact and ~V/d times cheaper than KL: computed through the LM head's Gram matrix)")
+    t.add_argument("--draft-vocab", type=int, default=0,
+                   help="heads score only the N most frequent answer tokens (0 = full vocabulary): cheaper "
+                        "drafting and training; verification still uses the full vocabulary")
     t.add_argument("--init", default="identity", choices=["identity", "default"],
                    help="identity: heads start as the target's own next-token head (default)")
     t.set_defaults(func=cmd_train)

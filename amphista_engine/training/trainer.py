@@ -72,6 +72,7 @@ class TrainConfig:
     stage_of_head: str | list | None = None
     mse_weight: float = 0.0             # + weight * full-vocabulary logit MSE to the teacher (all positions)
     init: str = "identity"              # identity: every head starts as the target's own next-token head
+    draft_vocab: int = 0                # > 0: heads score only the N most frequent answer tokens (FR-Spec style)
     progress: bool = True
 
     def check(self):
@@ -94,6 +95,8 @@ class TrainConfig:
             raise ConfigError(f"--init must be identity or default, got {self.init!r}")
         if self.mse_weight < 0:
             raise ConfigError("--mse-weight must be >= 0")
+        if self.draft_vocab < 0:
+            raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
             raise ConfigError("need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1")
 
@@ -242,6 +245,16 @@ def identity_init(heads, target):
     heads.norm.weight.fill_(float(target.norm.weight.float().pow(2).mean().sqrt()))
 
 
+def frequent_tokens(seqs, n: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The n most frequent answer tokens of seqs (ties by id) and the share of answer tokens they cover."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in seqs:
+        counts += torch.bincount(torch.tensor(s.ids[s.prompt_len:], dtype=torch.long), minlength=vocab_size)
+    # stable sort on -count keeps ids ascending among equal counts: deterministic for a given data set
+    order = torch.sort(-counts, stable=True).indices[:n]
+    return order, float(counts[order].sum()) / max(1, int(counts.sum()))
+
+
 def centered_gram(w: torch.Tensor) -> torch.Tensor:
     """G with e^T G e / V = the mean squared error of the softmax-relevant (centered) logits W e: [d, d]."""
     w = w.detach().double()
@@ -278,18 +291,30 @@ class LossComputer:
         b, t = rows[:, 0], rows[:, 1]
         ks = torch.arange(K, device=dev)
         T = x.shape[1]
+        # With a draft vocabulary the heads score V' tokens: the teacher is its distribution renormalised over
+        # those V' tokens (what drafting can use), and data tokens map to their slot (-1 = not draftable).
+        w_teacher = heads.output_weight()          # the target's LM head (rows of the draft vocabulary)
+        slot_of = None
+        if heads.config.draft_vocab_size:
+            slot_of = torch.full((heads.config.vocab_size,), -1, dtype=torch.long, device=dev)
+            slot_of[heads.draft_vocab.to(dev)] = torch.arange(heads.config.draft_vocab_size, device=dev)
         for s in range(0, rows.shape[0], self.chunk):
             sl = slice(s, s + self.chunk)
             bb, tt, vv = b[sl], t[sl], valid[sl]
             tgt_pos = (tt[:, None] + ks[None] + 2).clamp(max=T - 1)               # drafted token index
             data_tok = x[bb[:, None], tgt_pos]                                      # [n, K]
+            if slot_of is not None:
+                data_tok = slot_of[data_tok]
+                vv = vv & (data_tok >= 0) if self.kind == "ce" else vv
+            in_vocab = data_tok >= 0
+            data_tok = data_tok.clamp_min(0)
             with self.autocast():
                 logits = heads.logits(leaf[sl]).float()
             logq = torch.log_softmax(logits, -1)
             if self.kind == "kl":
                 with torch.no_grad(), self.autocast():
                     h_u = hidden[bb[:, None], (tt[:, None] + ks[None] + 1).clamp(max=T - 1)]   # [n, K, d]
-                    tl = self.target.output(h_u.to(self.target.output.weight.dtype)).float()
+                    tl = torch.nn.functional.linear(h_u.to(w_teacher.dtype), w_teacher).float()
                 logp = torch.log_softmax(tl, -1)
                 per = (logp.exp() * (logp - logq)).sum(-1)                          # [n, K]
             else:
@@ -300,9 +325,9 @@ class LossComputer:
                 loss.backward()
             with torch.no_grad():
                 total += loss.detach()
-                nll += (-logq.gather(-1, data_tok[..., None]).squeeze(-1) * vv).sum(0).detach()
-                top = logits.topk(topk, -1).indices
-                hit = top == data_tok[..., None]
+                nll += (-logq.gather(-1, data_tok[..., None]).squeeze(-1) * (vv & in_vocab)).sum(0).detach()
+                top = logits.topk(min(topk, logits.shape[-1]), -1).indices
+                hit = (top == data_tok[..., None]) & in_vocab[..., None]    # a token outside V' is a miss
                 top1 += (hit[..., 0] & vv).sum(0)
                 top5 += (hit.any(-1) & vv).sum(0)
         stats = {"count": cnt, "nll": nll, "top1": top1, "top5": top5}
@@ -366,8 +391,17 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     if cfg.stage_of_head:
         soh = cfg.stage_of_head
         overrides["stage_of_head"] = [int(s) for s in (soh.split(",") if isinstance(soh, str) else soh)]
+    if cfg.draft_vocab:
+        if cfg.draft_vocab > V:
+            raise ConfigError(f"--draft-vocab {cfg.draft_vocab} exceeds the target's vocabulary ({V})")
+        overrides["draft_vocab_size"] = cfg.draft_vocab
     torch.manual_seed(cfg.seed)
     heads = new_heads(cfg.kind, target, num_heads=cfg.num_heads, dtype=torch.float32, **overrides)
+    if cfg.draft_vocab:
+        vocab, coverage = frequent_tokens(train_seqs, cfg.draft_vocab, V)
+        heads.set_draft_vocab(vocab)
+        print(f"train: draft vocabulary = the {cfg.draft_vocab} most frequent answer tokens, covering "
+              f"{100 * coverage:.2f}% of the training answers' tokens", file=sys.stderr)
     if cfg.init == "identity":
         identity_init(heads, target)
     heads.train().requires_grad_(True)
@@ -384,11 +418,14 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         if not sf.is_file():
             raise InputError(f"--resume: no trainer state in {out} ({STATE_FILE} missing)")
         st = torch.load(sf, map_location="cpu", weights_only=False)
-        mine = {k: recipe[k] for k in ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr")}
-        theirs = {k: st["recipe"].get(k) for k in mine}
+        mine = {k: recipe[k] for k in ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr",
+                                       "draft_vocab")}
+        theirs = {k: st["recipe"].get(k, 0 if k == "draft_vocab" else None) for k in mine}
         if mine != theirs or st["fingerprint"] != fp:
             raise ConfigError(f"--resume: {sf} was written by another recipe or target ({theirs} vs {mine})")
         heads.load_state_dict({k: v.to(dev) for k, v in st["heads"].items()})
+        if cfg.draft_vocab:
+            heads.set_draft_vocab(heads.draft_vocab.clone())    # drops the gathered LM-head rows of the old set
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, history = st["step"], st.get("history", [])
@@ -401,9 +438,9 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     hs = HiddenSource(target, cfg.cache_hidden, fp)
     lossf = LossComputer(target, cfg.loss, cfg.lam, cfg.num_heads, cfg.chunk, autocast)
 
-    gram = centered_gram(target.output.weight).to(dev) if cfg.mse_weight > 0 else None
-    if gram is not None and heads.config.per_head_lm_head:
+    if cfg.mse_weight > 0 and heads.config.per_head_lm_head:
         raise ConfigError("--mse-weight needs heads that share the target's LM head (per_head_lm_head=False)")
+    gram = centered_gram(heads.output_weight()).to(dev) if cfg.mse_weight > 0 else None
     lam_w = torch.tensor([cfg.lam ** k for k in range(cfg.num_heads)], device=dev)
 
     def run_batch(seqs, sample_gen, backward):
