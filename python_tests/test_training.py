@@ -123,6 +123,26 @@ def test_hidden_cache_reused_across_epochs(shard, target, tmp_path):
         assert torch.equal(v, cold[k]), k
 
 
+def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, monkeypatch):
+    from amphista_engine.training import trainer
+    cache = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match="--cache-hidden"):
+        train_heads(cfg(shard, tmp_path / "x", fill_cache=True), target=target)
+    got = train_heads(cfg(shard, tmp_path / "x", fill_cache=True, cache_hidden=cache), target=target)
+    assert got == {"sequences": 36, "cached_before": 0, "computed": 36}
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 36
+    seen = []
+    orig = trainer.HiddenSource.get
+
+    def spy(self, seqs, x):
+        out = orig(self, seqs, x)
+        seen.append(self.misses)
+        return out
+    monkeypatch.setattr(trainer.HiddenSource, "get", spy)
+    train_heads(cfg(shard, tmp_path / "t", steps=3, cache_hidden=cache), target=target)
+    assert seen and max(seen) == 0          # training never ran the target
+
+
 # ---- the distillation shard --------------------------------------------------------------------------------
 def test_shard_writer_trims_truncated_record_and_resumes(tmp_path):
     path = tmp_path / "s.jsonl"

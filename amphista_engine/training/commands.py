@@ -18,7 +18,7 @@ def cmd_train(args) -> int:
     from .trainer import TrainConfig, train_heads
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
     result = train_heads(cfg)
-    print(json.dumps(result.get("final_eval", {})))
+    print(json.dumps(result if cfg.fill_cache else result.get("final_eval", {})))
     return 0
 
 
@@ -91,6 +91,9 @@ def register(sub) -> None:
     t.add_argument("--mse-weight", type=float, default=0.0,
                    help="add this weight x the full-vocabulary logit MSE to the teacher at every answer position "
                         "(exact and ~V/d times cheaper than KL: computed through the LM head's Gram matrix)")
+    t.add_argument("--fill-cache", action="store_true",
+                   help="only compute the target hidden states of every sequence into --cache-hidden, then exit "
+                        "(runs of both kinds can then train in parallel on one target forward)")
     t.add_argument("--draft-vocab", type=int, default=0,
                    help="heads score only the N most frequent answer tokens (0 = full vocabulary): cheaper "
                         "drafting and training; verification still uses the full vocabulary")

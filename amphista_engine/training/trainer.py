@@ -73,6 +73,7 @@ class TrainConfig:
     mse_weight: float = 0.0             # + weight * full-vocabulary logit MSE to the teacher (all positions)
     init: str = "identity"              # identity: every head starts as the target's own next-token head
     draft_vocab: int = 0                # > 0: heads score only the N most frequent answer tokens (FR-Spec style)
+    fill_cache: bool = False            # only compute every sequence's hidden states into cache_hidden, then stop
     progress: bool = True
 
     def check(self):
@@ -95,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"--init must be identity or default, got {self.init!r}")
         if self.mse_weight < 0:
             raise ConfigError("--mse-weight must be >= 0")
+        if self.fill_cache and not self.cache_hidden:
+            raise ConfigError("--fill-cache needs --cache-hidden DIR")
         if self.draft_vocab < 0:
             raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
@@ -127,6 +130,28 @@ def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int
     if cur:
         batches.append(cur)
     return batches
+
+
+def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: int, device, progress=True) -> dict:
+    """One target forward over every sequence (train and held-out) into the disk cache, batched by length so
+    little is padding; runs of both kinds (even in parallel) then read the states instead of recomputing them."""
+    from tqdm import tqdm
+    seqs = sorted(seqs, key=lambda s: len(s.ids))
+    batches, cur = [], []
+    for s in seqs:
+        if cur and len(s.ids) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(s)
+    batches += [cur] if cur else []
+    with tqdm(total=sum(len(s.ids) for s in seqs), unit="tok", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True, desc="hidden cache") as bar:
+        for batch in batches:
+            hs.get(batch, pad_batch(batch, device)[0])
+            bar.update(sum(len(s.ids) for s in batch))
+    print(f"train: hidden cache {hs.dir}: {hs.hits} sequence(s) already there, {hs.misses} computed",
+          file=sys.stderr)
+    return {"sequences": len(seqs), "cached_before": hs.hits, "computed": hs.misses}
 
 
 def pad_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -386,6 +411,9 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
     warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
     fp = lm_head_fingerprint(target)
+    if cfg.fill_cache:
+        return fill_hidden_cache(HiddenSource(target, cfg.cache_hidden, fp), data.sequences, cfg.batch_tokens, dev,
+                                 cfg.progress)
 
     overrides = {}
     if cfg.stage_of_head:
