@@ -300,6 +300,20 @@ def test_eval_tau_per_category(tmp_path, tiny_hf_dir):
     assert set(res["per_category"]) == {"writing", "math"}
     assert all(v["tau"] >= 1.0 for v in res["per_category"].values())
     assert json.loads((tmp_path / "tau.json").read_text())["overall"]["tau"] == res["overall"]["tau"]
+    # resumable: a run cut after its first question reuses it and answers only the rest
+    saved = json.loads((tmp_path / "tau.json").read_text())
+    saved["per_question"] = saved["per_question"][:1]
+    (tmp_path / "tau.json").write_text(json.dumps({**saved, "partial": True}))
+    calls = []
+    real = engine.generate
+    engine.generate = lambda *a, **k: calls.append(a) or real(*a, **k)
+    again = eval_tau(q, tmp_path / "heads", engine=engine, tree="chain-2", max_new_tokens=8, per_category=1,
+                     out=tmp_path / "tau.json", quiet=True)
+    assert len(calls) == 1 and again["per_question"] == res["per_question"]
+    assert again["overall"] == res["overall"] and "partial" not in json.loads((tmp_path / "tau.json").read_text())
+    with pytest.raises(InputError, match="other settings"):     # another token budget: refuse to mix
+        eval_tau(q, tmp_path / "heads", engine=engine, tree="chain-2", max_new_tokens=9, out=tmp_path / "tau.json",
+                 quiet=True)
 
 
 @pytest.mark.parametrize("kind", ["amphista", "medusa"])

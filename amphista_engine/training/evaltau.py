@@ -1,11 +1,14 @@
 """`amphista eval-tau`: mean tau per category on a Spec-Bench-format question file (first turns, greedy)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import torch
 
 from ..errors import InputError
 from ..evaluation.questions import read_questions
@@ -25,25 +28,35 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     kind = resolve_heads(engine, str(heads), speculative)
     if kind is None:
         raise InputError("eval-tau needs drafting heads")
-    per_cat, rows = defaultdict(list), []
+    # the weights' digest, not just the path: heads retrained in place must not resume stale rows
+    setting = {"heads": str(heads), "heads_digest": _digest(engine.heads), "kind": kind, "tree": tree or "default",
+               "max_new_tokens": max_new_tokens}
+    rows = _resume_rows(out, setting)
+    done = {r["question_id"] for r in rows}
     t0 = time.perf_counter()
     for q in tqdm(qs, unit="q", file=sys.stderr, disable=quiet, desc=f"eval-tau {kind}"):
+        if q.get("question_id") in done:
+            continue
         r = engine.generate(q["turns"][0], max_new_tokens=max_new_tokens, speculative=kind, tree=tree)
-        cat = q.get("category", "all")
-        per_cat[cat].append(r.stats)
-        rows.append({"question_id": q.get("question_id"), "category": cat, "tau": round(r.stats.tau, 4),
-                     "new_tokens": r.stats.new_tokens, "decode_steps": r.stats.decode_steps})
+        rows.append({"question_id": q.get("question_id"), "category": q.get("category", "all"),
+                     "tau": round(r.stats.tau, 4), "new_tokens": r.stats.new_tokens,
+                     "decode_steps": r.stats.decode_steps, "step_tokens": r.stats.step_tokens})
+        if out:     # after every question: a killed run resumes from here
+            _write(out, {**setting, "partial": True, "per_question": rows})
+    wanted = {q.get("question_id") for q in qs}
+    rows = [r for r in rows if r["question_id"] in wanted]
+    per_cat = defaultdict(list)
+    for r in rows:
+        per_cat[r["category"]].append(r)
 
-    def tau_of(stats):   # token-weighted: all tokens over all target forwards
-        steps = sum(s.decode_steps for s in stats)
-        return sum(s.step_tokens for s in stats) / steps if steps else 0.0
+    def tau_of(rs):   # token-weighted: all tokens over all target forwards
+        steps = sum(r["decode_steps"] for r in rs)
+        return sum(r["step_tokens"] for r in rs) / steps if steps else 0.0
 
-    table = {c: {"tau": round(tau_of(v), 4), "mean_tau": round(sum(s.tau for s in v) / len(v), 4),
+    table = {c: {"tau": round(tau_of(v), 4), "mean_tau": round(sum(r["tau"] for r in v) / len(v), 4),
                  "questions": len(v)} for c, v in sorted(per_cat.items())}
-    allst = [s for v in per_cat.values() for s in v]
-    result = {"heads": str(heads), "kind": kind, "tree": tree or "default", "max_new_tokens": max_new_tokens,
-              "questions": len(qs), "overall": {"tau": round(tau_of(allst), 4),
-                                                 "mean_tau": round(sum(s.tau for s in allst) / len(allst), 4)},
+    result = {**setting, "questions": len(qs), "overall": {"tau": round(tau_of(rows), 4),
+                                                           "mean_tau": round(sum(r["tau"] for r in rows) / len(rows), 4)},
               "per_category": table, "per_question": rows, "wall_s": round(time.perf_counter() - t0, 1)}
     if not quiet:
         print(f"{'category':<14} {'n':>3} {'tau':>6} {'mean':>6}")
@@ -51,6 +64,35 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
             print(f"{c:<14} {v['questions']:>3} {v['tau']:>6.3f} {v['mean_tau']:>6.3f}")
         print(f"{'overall':<14} {len(qs):>3} {result['overall']['tau']:>6.3f} {result['overall']['mean_tau']:>6.3f}")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        _write(out, result)
     return result
+
+
+def _resume_rows(out, setting: dict) -> list[dict]:
+    """Per-question rows already in `out` from a run with the same heads, kind, tree and token budget."""
+    if not out or not Path(out).is_file():
+        return []
+    try:
+        prev = json.loads(Path(out).read_text())
+    except json.JSONDecodeError:
+        return []        # a file cut mid-write (the writes below are atomic, so not ours): start over
+    if any(prev.get(k) != v for k, v in setting.items()):
+        raise InputError(f"{out} holds a run with other settings "
+                         f"({ {k: prev.get(k) for k in setting} }); pick another --out")
+    return [r for r in prev.get("per_question", []) if "step_tokens" in r]
+
+
+def _digest(heads) -> str:
+    h = hashlib.sha1()
+    for name, t in sorted(heads.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write(out, obj):
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
