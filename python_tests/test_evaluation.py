@@ -173,12 +173,12 @@ def test_eval_cli(setup, tiny_hf_dir, tmp_path, capsys):
 def test_bench_tiny_random_cpu(tmp_path, capsys):
     argv = ["bench", "--random-weights", "--shape", "tiny", "--device", "cpu", "--trees", "chain-4,tree-16,dynamic-8",
             "--prompt-tokens", "32", "--repeats", "2", "--warmup", "1", "--tau", "medusa=1.5,amphista=2",
-            "--plot", "--out", str(tmp_path), "--json"]
+            "--plot", "--out", str(tmp_path), "--json", "--draft-vocab", "0,100"]
     assert cli_main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["prefill_ms"] > 0 and r["plain_step_ms"] > 0
-    assert [(x["method"], x["tree"]) for x in r["rows"]] == [("plain", "-")] + [
-        (m, t) for m in ("medusa", "amphista") for t in ("chain-4", "tree-16", "dynamic-8")]
+    assert [(x["method"], x.get("draft_vocab"), x["tree"]) for x in r["rows"]] == [("plain", None, "-")] + [
+        (m, v, t) for m in ("medusa", "amphista") for v in (512, 100) for t in ("chain-4", "tree-16", "dynamic-8")]
     for row in r["rows"][1:]:
         assert row["break_even_tau"] == pytest.approx(row["step_ms"] / r["plain_step_ms"], rel=1e-3)
         assert row["tokens_per_s_at_tau"] == pytest.approx(row["tau"] * 1e3 / row["step_ms"], rel=1e-3)
@@ -191,6 +191,10 @@ def test_bench_tiny_random_cpu(tmp_path, capsys):
 def test_bench_refuses_large_on_cpu_and_bad_tau(tmp_path):
     with pytest.raises(InputError, match=r"llama-7b needs 25\.1 GiB .*--allow-large"):
         run_bench(random_weights=True, shape="llama-7b", device="cpu", out=None, log=lambda m: None)
+    with pytest.raises(InputError, match="exceeds the vocabulary"):
+        run_bench(random_weights=True, shape="tiny", device="cpu", draft_vocab="0,513", out=None, log=lambda m: None)
+    with pytest.raises(InputError, match="comma list of integers"):
+        run_bench(random_weights=True, shape="tiny", device="cpu", draft_vocab="all", out=None, log=lambda m: None)
     with pytest.raises(AmphistaError, match="unknown tree 'nope-3'"):
         run_bench(random_weights=True, shape="tiny", device="cpu", trees="nope-3", out=None, log=lambda m: None)
     assert parse_tau("2.5") == {"medusa": 2.5, "amphista": 2.5}

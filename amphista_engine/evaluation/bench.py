@@ -11,6 +11,7 @@ real decoding loop does every step.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -83,7 +84,7 @@ def load_target(model=None, random_weights: bool = False, shape: str | None = No
 def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, shape: str | None = None,
               device=None, dtype=None, trees=DEFAULT_TREES, prompt_tokens: int = 256, repeats: int = 10,
               warmup: int = 2, tau=None, num_heads: int = 4, methods=("medusa", "amphista"), plot: bool = False,
-              out="bench_results", allow_large: bool = False, target=None, log=_log) -> dict:
+              out="bench_results", allow_large: bool = False, target=None, log=_log, draft_vocab=(0,)) -> dict:
     from ..generation import PlainDecoder
     from ..heads import random_heads
     from ..kv_cache import KVCache
@@ -106,6 +107,12 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     if plot and out is None:
         raise InputError("--plot needs --out DIR")
     taus = parse_tau(tau)
+    try:
+        draft_vocabs = [int(v) for v in (draft_vocab.split(",") if isinstance(draft_vocab, str) else draft_vocab)]
+    except ValueError:
+        raise InputError(f"--draft-vocab must be a comma list of integers, got {draft_vocab!r}") from None
+    if not draft_vocabs or any(v < 0 for v in draft_vocabs):
+        raise InputError(f"--draft-vocab sizes must be >= 0 (0 = full vocabulary), got {draft_vocab!r}")
     specs = {t: TreeSpec(t, num_heads, "cpu") for t in trees}   # unknown or too-deep trees fail before loading
     # The cache must hold the prompt, every timed step's tokens and the largest tree's scratch slots.
     steps = warmup + 2 * repeats + 2
@@ -118,6 +125,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         name = str(model or "model")
         target.setup_rope(max(max_seq_len, target.rope_len))
     cfg = target.config
+    if max(draft_vocabs) > cfg.vocab_size:
+        raise InputError(f"--draft-vocab {max(draft_vocabs)} exceeds the vocabulary ({cfg.vocab_size})")
     prompt = torch.randint(0, cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     cache = KVCache.for_model(cfg, 1, max_seq_len, dtype, device)
     greedy = SamplingParams()
@@ -134,8 +143,10 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         log(f"prefill {prompt_tokens} tok: {prefill_ms:.2f} ms | plain step: {plain_ms:.3f} ms")
         rows = [{"method": "plain", "tree": "-", "nodes": 1, "depth": 0, "step_ms": round(plain_ms, 4),
                  "break_even_tau": 1.0, "tokens_per_s": round(1e3 / plain_ms, 2)}]
-        for method in methods:
-            heads = random_heads(method, target, num_heads=num_heads).to(device, dtype)
+        for method, dv in itertools.product(methods, draft_vocabs):
+            heads = random_heads(method, target, num_heads=num_heads, draft_vocab_size=dv).to(device, dtype)
+            if dv:     # a random subset: the step cost depends on the size only
+                heads.set_draft_vocab(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(0))[:dv])
             for tree in trees:
                 spec = TreeSpec(tree, num_heads, device)
                 dec = SpeculativeDecoder(target, cache, heads, spec, greedy)
@@ -147,7 +158,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                 dec.times = dict.fromkeys(dec.times, 0.0)
                 for _ in range(repeats):
                     read(*dec.step())
-                row = {"method": method, "tree": tree, "nodes": spec.num_nodes, "depth": spec.max_depth,
+                row = {"method": method, "draft_vocab": dv or cfg.vocab_size, "tree": tree, "nodes": spec.num_nodes,
+                       "depth": spec.max_depth,
                        "step_ms": round(ms, 4), "break_even_tau": round(ms / plain_ms, 4),
                        **{f"{k}_ms": round(v / repeats, 4) for k, v in dec.times.items()}}
                 if taus and method in taus:
@@ -155,7 +167,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                     row["tokens_per_s_at_tau"] = round(taus[method] * 1e3 / ms, 2)
                     row["speedup_at_tau"] = round(taus[method] * plain_ms / ms, 3)
                 rows.append(row)
-                log(f"{method:8s} {tree:13s} {spec.num_nodes:4d} nodes: {ms:.3f} ms/step, "
+                log(f"{method:8s} V'={dv or cfg.vocab_size:<6d} {tree:13s} {spec.num_nodes:4d} nodes: {ms:.3f} ms/step, "
                     f"break-even tau {ms / plain_ms:.2f}")
             del heads
 
@@ -183,7 +195,7 @@ def bench_markdown(result: dict) -> str:
     head = (f"model {m['model']} | {m['dtype']} | {m['hardware']} | prompt {m['prompt_tokens']} tok | "
             f"prefill {result['prefill_ms']:.2f} ms | plain step {result['plain_step_ms']:.3f} ms "
             f"({result['plain_tokens_per_s']:.1f} tok/s)\n")
-    cols = ["method", "tree", "nodes", "step_ms", "break_even_tau", "draft_ms", "verify_ms", "accept_ms", "commit_ms"]
+    cols = ["method", "draft_vocab", "tree", "nodes", "step_ms", "break_even_tau", "draft_ms", "verify_ms", "accept_ms", "commit_ms"]
     if result.get("tau"):
         cols += ["tau", "tokens_per_s_at_tau", "speedup_at_tau"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -26,7 +26,7 @@ def cmd_bench(args) -> int:
     result = run_bench(model=args.model, random_weights=args.random_weights, shape=args.shape, device=args.device,
                        dtype=args.dtype, trees=args.trees, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        warmup=args.warmup, tau=args.tau, num_heads=args.num_heads, plot=args.plot, out=args.out,
-                       allow_large=args.allow_large)
+                       allow_large=args.allow_large, draft_vocab=args.draft_vocab)
     if args.json:
         print(json.dumps(result))
     else:
@@ -80,6 +80,8 @@ def register(sub) -> None:
     _device_args(b)
     b.add_argument("--trees", default=",".join(DEFAULT_TREES), help="comma list of trees (static names, dynamic-N)")
     b.add_argument("--num-heads", type=int, default=4, help="drafting heads of the random heads")
+    b.add_argument("--draft-vocab", default="0", help="comma list of draft-vocabulary sizes to time side by side "
+                   "(0 = the full vocabulary), e.g. 0,8192")
     b.add_argument("--prompt-tokens", type=int, default=256)
     b.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")

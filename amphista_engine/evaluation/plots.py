@@ -62,14 +62,16 @@ def plot_bench(result: dict, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = result["plain_step_ms"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for method in ("medusa", "amphista"):
-        rows = [r for r in result["rows"] if r["method"] == method]
+    vocabs = sorted({r.get("draft_vocab") for r in result["rows"] if r["method"] != "plain"}, reverse=True)
+    for method, dv in ((m, v) for m in ("medusa", "amphista") for v in vocabs):
+        rows = [r for r in result["rows"] if r["method"] == method and r.get("draft_vocab") == dv]
         for dynamic, marker in ((False, "o"), (True, "s")):
             sel = sorted((r for r in rows if r["tree"].startswith("dynamic-") == dynamic), key=lambda r: r["nodes"])
             if not sel:
                 continue
-            label = f"{method} {'dynamic' if dynamic else 'static'} trees"
-            style = dict(marker=marker, color=COLORS[method], ls="--" if dynamic else "-", label=label)
+            label = f"{method} {'dynamic' if dynamic else 'static'} trees" + (f", V'={dv}" if len(vocabs) > 1 else "")
+            style = dict(marker=marker, color=COLORS[method], ls="--" if dynamic else "-", label=label,
+                         alpha=1.0 if dv == vocabs[0] else 0.55)
             a1.plot([r["nodes"] for r in sel], [r["step_ms"] for r in sel], **style)
             a2.plot([r["nodes"] for r in sel], [r["break_even_tau"] for r in sel], **style)
     a1.axhline(plain, color=COLORS["ar"], lw=1.2, label=f"plain step {plain:.2f} ms")
