@@ -51,10 +51,10 @@ def random_model(cfg: ModelConfig, device, dtype, max_seq_len: int, seed: int = 
     return shapes.random_model(cfg, device, dtype, max_seq_len, seed, allow_large=True)
 
 
-def random_heads_on_device(kind: str, model: Transformer, num_heads: int = 4, seed: int = 1):
+def random_heads_on_device(kind: str, model: Transformer, num_heads: int = 4, seed: int = 1, draft_vocab: int = 0):
     """Random drafting heads built directly on the model's device (heads.random_heads builds them on the
     host in fp32 first, which for a 7B target is several GB and tens of seconds)."""
-    cfg = HeadsConfig.for_target(model.config, kind=kind, num_heads=num_heads)
+    cfg = HeadsConfig.for_target(model.config, kind=kind, num_heads=num_heads, draft_vocab_size=draft_vocab)
     w = model.output.weight
     with torch.device("meta"):
         heads = build_heads(cfg)
@@ -66,7 +66,11 @@ def random_heads_on_device(kind: str, model: Transformer, num_heads: int = 4, se
                 p.fill_(1.0)
             else:   # ResBlocks N(0, 1/d) so the K drafts differ; the rest small
                 p.normal_(0.0, p.shape[-1] ** -0.5 if name.startswith("res.") else 0.02, generator=g)
-    return heads.eval().requires_grad_(False).bind(model)
+    heads = heads.eval().requires_grad_(False).bind(model)
+    if draft_vocab:   # to_empty left the id buffer uninitialised; any distinct ids time the same
+        heads.set_draft_vocab(torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+                              [:draft_vocab])
+    return heads
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -200,12 +204,17 @@ def run(args, save=None) -> dict:
                          "step_ms": round(ms, 3), "ratio_vs_plain": 1.0,
                          "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
             print(rows[-1], file=sys.stderr)
-        for kind in ("medusa", "amphista"):
+        # Full-vocabulary heads on every tree; with --draft-vocab also Amphista over that many tokens on the
+        # largest trees (the drafting LM head shrinks by V / V').
+        variants = [("medusa", 0), ("amphista", 0)] + [("amphista", dv) for dv in args.draft_vocab if dv]
+        sizes = {t: TreeSpec(t, 4, "cpu").num_nodes for t in trees}
+        largest = [t for t in trees if sizes[t] == max(sizes.values())]
+        for kind, dv in variants:
             if time.monotonic() > deadline:
-                notes.append(f"{shape_name} {kind}: skipped (time budget {args.time_budget}s)")
+                notes.append(f"{shape_name} {kind} V'={dv or cfg.vocab_size}: skipped (time budget {args.time_budget}s)")
                 continue
-            heads = random_heads_on_device(kind, model)
-            for tree in trees:
+            heads = random_heads_on_device(kind, model, draft_vocab=min(dv, cfg.vocab_size))
+            for tree in (trees if not dv else largest):
                 for use_graphs in graph_modes:
                     if time.monotonic() > deadline:
                         notes.append(f"{shape_name} {kind} {tree} graphs={use_graphs}: skipped (time budget)")
@@ -215,7 +224,8 @@ def run(args, save=None) -> dict:
                     if use_graphs:
                         graphs.attach(dec)
                     ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
-                    rows.append({"model": shape_name, "method": kind, "tree": tree, "nodes": spec.num_nodes,
+                    rows.append({"model": shape_name, "method": kind if not dv else f"{kind} V'={heads.config.draft_vocab_size}",
+                                 "tree": tree, "nodes": spec.num_nodes,
                                  "graphs": use_graphs, "step_ms": round(ms, 3),
                                  "ratio_vs_plain": round(ms / plain[use_graphs], 3), "pct_of_bw_floor": None})
                     print(rows[-1], file=sys.stderr)
@@ -273,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=150.0, help="seconds; later configurations are skipped")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny model and trees (checks the script runs)")
+    ap.add_argument("--draft-vocab", default="8192", type=lambda v: [int(x) for x in v.split(",") if x],
+                    help="comma list of draft-vocabulary sizes also timed for Amphista on the largest trees ('' = none)")
     args = ap.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("latency_gpu: no CUDA device (torch.cuda.is_available() is False); use --device cpu --smoke",

@@ -284,11 +284,13 @@ def test_latency_benchmark_smoke_on_cpu(tmp_path):
     device, plain / Medusa / Amphista steps, the report) runs in seconds on the CPU."""
     env = {k: v for k, v in os.environ.items() if k not in ("AMPHISTA_BACKEND",)}
     r = subprocess.run([sys.executable, "benchmarks/latency_gpu.py", "--smoke", "--device", "cpu", "--dtype", "float32",
-                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+                        "--out", str(tmp_path), "--draft-vocab", "128"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "latency.json").read_text())
     methods = {(row["method"], row["tree"]) for row in res["rows"]}
-    assert {("plain", "-"), ("medusa", "tree-16"), ("amphista", "tree-16"), ("amphista", "dynamic-16")} <= methods
+    assert {("plain", "-"), ("medusa", "tree-16"), ("amphista", "tree-16"), ("amphista", "dynamic-16"),
+            ("amphista V'=128", "tree-16")} <= methods
     assert all(row["step_ms"] > 0 for row in res["rows"])
     assert {"commit", "date", "torch", "device"} <= set(res["meta"])
     assert (tmp_path / "latency.md").read_text().startswith("# Decode-step latency")
