@@ -21,12 +21,12 @@ QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
 RUN=${RUN:-runs/smollm2}
 DEVICE=${DEVICE:-cpu}
 # Prompt ranges [start:end) of the seeded, source-balanced prompt order, one distill worker (and shard) each.
-RANGES=${RANGES:-"0:720 3000:3688"}
+RANGES=${RANGES:-"0:1200 3000:3896"}
 MAX_NEW=${MAX_NEW:-256}; BATCH=${BATCH:-32}
 STEPS=${STEPS:-240}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}; WARMUP=${WARMUP:-20}
 LOSS_POSITIONS=${LOSS_POSITIONS:-512}; MSE=${MSE:-0.1}; DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
 PARALLEL=${PARALLEL:-1}          # 1: both kinds train at once (one thread each on a CPU)
-EVAL_TOKENS=${EVAL_TOKENS:-256}; PER_CATEGORY=${PER_CATEGORY:-5}
+EVAL_TOKENS=${EVAL_TOKENS:-256}; PER_CATEGORY=${PER_CATEGORY:-2}
 SHIP=${SHIP:-amphista_engine/data/heads}
 mkdir -p "$RUN"
 if [ "$DEVICE" = cpu ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
