@@ -50,6 +50,24 @@ def cfg(shard, out, **kw):
     return TrainConfig(**base)
 
 
+def greedy_tokens(target, prompt, n, heads=None, tree=None):
+    """n greedy tokens from plain decoding, or from speculative decoding with `heads` over `tree`."""
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    cache = KVCache.for_model(target.config, 1, 256, torch.float32, "cpu")
+    if heads is None:
+        dec = PlainDecoder(target, cache, SamplingParams())
+    else:
+        dec = SpeculativeDecoder(target, cache, heads, TreeSpec(tree, heads.num_heads, "cpu"), SamplingParams())
+    out = [int(dec.prefill([prompt])[0])]
+    while len(out) < n:
+        toks, cnt = dec.step()
+        out += toks[0, :int(cnt[0])].tolist()
+    return out[:n]
+
+
 @pytest.mark.parametrize("kind", ["amphista", "medusa"])
 def test_features_match_forward_train(target, kind):
     heads = new_heads(kind, target, num_heads=K, dtype=torch.float32)
@@ -260,27 +278,10 @@ def test_bad_data_clear_errors_or_counted_skips(tmp_path, target, shard):
 
 def test_trained_heads_keep_greedy_output(shard, target, tmp_path):
     """Greedy speculative decoding with trained heads equals plain greedy decoding."""
-    from amphista_engine.kv_cache import KVCache
-    from amphista_engine.generation import PlainDecoder
-    from amphista_engine.sampling import SamplingParams
-    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
     res = train_heads(cfg(shard, tmp_path / "g", steps=6, eval_frac=0.0), target=target)
     heads = load_heads(tmp_path / "g", target, dtype=torch.float32)
     prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
-
-    def decode(dec, n=16):
-        out = [int(dec.prefill([prompt])[0])]
-        while len(out) < n:
-            toks, cnt = dec.step()
-            out += toks[0, :int(cnt[0])].tolist()
-        return out[:n]
-
-    cache = KVCache.for_model(target.config, 1, 256, torch.float32, "cpu")
-    plain = decode(PlainDecoder(target, cache, SamplingParams()))
-    heads.reset_cache(1, 256)
-    spec = SpeculativeDecoder(target, KVCache.for_model(target.config, 1, 256, torch.float32, "cpu"), heads,
-                              TreeSpec(f"chain-{K}", K, "cpu"), SamplingParams())
-    assert decode(spec) == plain
+    assert greedy_tokens(target, prompt, 16, heads, f"chain-{K}") == greedy_tokens(target, prompt, 16)
     assert res["steps"] == 6
 
 
@@ -364,23 +365,7 @@ def test_training_with_draft_vocabulary(shard, target, tmp_path):
     with pytest.raises(ConfigError, match="exceeds"):
         train_heads(cfg(shard, tmp_path / "big", draft_vocab=65), target=target)
 
-    from amphista_engine.generation import PlainDecoder
-    from amphista_engine.kv_cache import KVCache
-    from amphista_engine.sampling import SamplingParams
-    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
     prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
-
-    def decode(dec, n=24):
-        out = [int(dec.prefill([prompt])[0])]
-        while len(out) < n:
-            toks, cnt = dec.step()
-            out += toks[0, :int(cnt[0])].tolist()
-        return out[:n]
-
-    plain = decode(PlainDecoder(target, KVCache.for_model(target.config, 1, 256, torch.float32, "cpu"),
-                                SamplingParams()))
+    plain = greedy_tokens(target, prompt, 24)
     for tree in ("tree-16", "dynamic-16"):
-        heads.reset_cache(1, 256)
-        spec = SpeculativeDecoder(target, KVCache.for_model(target.config, 1, 256, torch.float32, "cpu"), heads,
-                                  TreeSpec(tree, K, "cpu"), SamplingParams())
-        assert decode(spec) == plain
+        assert greedy_tokens(target, prompt, 24, heads, tree) == plain
