@@ -114,7 +114,8 @@ class Attention(nn.Module):
         self.split = (q, kv, kv)
 
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
-        """mask: [B, T, T] bool without a cache; with one, ops.tree_mask_args(...) (built once per forward)."""
+        """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
+        cache, ops.tree_mask_args(...) (built once per forward)."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
         q = ops.rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
@@ -125,6 +126,8 @@ class Attention(nn.Module):
             new_mask, dense = mask
             out = ops.tree_attention(q, cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B], spec.prefix_len,
                                      new_mask, spec.kv_len, dense_mask=dense)
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -187,8 +190,7 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         if cache is None:
-            mask = spec.new_mask if spec is not None else causal_mask(T, tokens.device)
-            mask = mask.expand(B, T, T)
+            mask = spec.new_mask.expand(B, T, T) if spec is not None else None   # None: causal
         else:
             mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
         rope = self.rope[positions]

@@ -140,6 +140,5 @@ class AmphistaHeads(DraftHeads):
         """hidden [B, T, d] at positions 0..T-1, causal over the whole sequence, no cache -> [B, T, K, V]."""
         B, T, _ = hidden.shape
         rope = self._rope_rows(T, hidden.device)[:T][None]
-        outs = self._sal(self._fuse(hidden, next_tokens), rope, None, None,
-                         causal_mask(T, hidden.device).expand(B, T, T))
+        outs = self._sal(self._fuse(hidden, next_tokens), rope, None, None, None)   # None: causal
         return self.draft(torch.stack(outs, dim=2))

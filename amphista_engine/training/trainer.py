@@ -233,13 +233,11 @@ def head_features(heads, hidden: torch.Tensor, next_tokens: torch.Tensor, rows: 
     [N, K, d] at rows [N, 2] = (b, t) only. The SAL runs over whole sequences; the per-position parts (ResBlocks,
     auto-embedding block, norm) only where the loss is taken."""
     from ..heads import AmphistaHeads
-    from ..model import causal_mask
     K = heads.num_heads
     if isinstance(heads, AmphistaHeads):
         B, T, _ = hidden.shape
         rope = heads._rope_rows(T, hidden.device)[:T][None]
-        outs = heads._sal(heads._fuse(hidden, next_tokens), rope, None, None,
-                          causal_mask(T, hidden.device).expand(B, T, T))
+        outs = heads._sal(heads._fuse(hidden, next_tokens), rope, None, None, None)   # None: causal
         stages = torch.stack(outs, dim=2)                               # [B, T, S, d]
         if rows is not None:
             stages = stages[rows[:, 0], rows[:, 1]]
