@@ -71,6 +71,7 @@ class Engine:
     def load_heads(self, heads):
         from .heads import load_heads
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
+        self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
         self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
             if not isinstance(heads, torch.nn.Module) else heads
         return self.heads
@@ -127,7 +128,8 @@ class Engine:
         from .speculative import TreeSpec
         key = (tree if isinstance(tree, (str, type(None))) else tuple(map(tuple, tree)), self.heads.num_heads)
         if key not in self._trees:
-            self._trees[key] = TreeSpec(tree, self.heads.num_heads, self.device)
+            self._trees[key] = TreeSpec(tree, self.heads.num_heads, self.device,
+                                        self.heads.config.extra.get("trees"))
         return self._trees[key]
 
     # ---- generation ------------------------------------------------------------------------------------

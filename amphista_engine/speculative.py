@@ -31,18 +31,44 @@ def default_tree(num_heads: int, device) -> str:
 ACCEPTANCE = ("auto", "greedy", "typical", "rejection")
 
 
+def _tree_file(path: str):
+    """A .json file with a path list, or a `tree-search` result (its `trees` dict with one tree)."""
+    from pathlib import Path
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"tree file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"tree file {path} is not valid JSON: {e}") from None
+    if isinstance(obj, dict) and len(obj.get("trees", {})) == 1:
+        obj = next(iter(obj["trees"].values()))
+    if not isinstance(obj, list):
+        raise ConfigError(f"tree file {path} must hold a JSON list of rank paths (or one tree-search tree)")
+    return obj
+
+
 class TreeSpec:
     """A static tree (built once, on the device) or a dynamic one of N nodes (built every step)."""
 
-    def __init__(self, tree, num_heads: int, device):
+    def __init__(self, tree, num_heads: int, device, heads_trees: dict | None = None):
+        """tree: a shipped name, dynamic-N, a name from heads_trees (trees fitted to the loaded heads by
+        `amphista tree-search --save`, e.g. tuned-63), a JSON path list, or a .json file holding one."""
         if tree is None:
             tree = default_tree(num_heads, device)
-        if isinstance(tree, str) and tree.lstrip().startswith("["):     # a path list given on a command line
+        self.name = tree if isinstance(tree, str) else "custom"
+        if isinstance(tree, str) and heads_trees and tree in heads_trees:
+            tree = heads_trees[tree]
+        elif isinstance(tree, str) and tree.endswith(".json"):
+            tree = _tree_file(tree)
+        elif isinstance(tree, str) and tree.lstrip().startswith("["):     # a path list given on a command line
             try:
                 tree = json.loads(tree)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"tree {tree!r} is neither a tree name nor a JSON list of paths: {e}") from None
-        self.name = tree if isinstance(tree, str) else "custom"
+        elif isinstance(tree, str) and tree.startswith("tuned-"):
+            raise ConfigError(f"tree {tree!r}: the loaded heads carry no such fitted tree "
+                              f"(theirs: {', '.join(sorted(heads_trees or {})) or 'none'}); "
+                              f"run `amphista tree-search --save` on them")
         self.static: TreeBuffers | None = None
         if isinstance(tree, str) and tree.startswith("dynamic-"):
             try:

@@ -1,4 +1,4 @@
-"""`amphista distill | train | eval-tau`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
+"""`amphista distill | train | tree-search | eval-tau`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,15 @@ def cmd_eval_tau(args) -> int:
     return 0
 
 
+def cmd_tree_search(args) -> int:
+    from .tree_search import tree_search
+    nodes = [int(n) for n in str(args.nodes).split(",") if n.strip()]
+    tree_search(args.data, args.heads, model=args.model, nodes=nodes, out=args.out, save=args.save,
+                eval_frac=args.eval_frac, cache_hidden=args.cache_hidden, device=args.device, dtype=args.dtype,
+                max_seq_len=args.max_seq_len)
+    return 0
+
+
 def _model_args(p):
     p.add_argument("--model", default="smollm2-135m", help="target: checkpoint directory, .gguf file or alias")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
@@ -38,7 +47,7 @@ def _model_args(p):
 
 
 def register(sub) -> None:
-    """Adds the distill, train and eval-tau subcommands to an argparse subparsers object."""
+    """Adds the distill, train, tree-search and eval-tau subcommands to an argparse subparsers object."""
     d = sub.add_parser("distill", help="generate self-distillation data (the target answers training prompts)")
     d.add_argument("--prompts", required=True, help="train_prompts.jsonl-style JSONL or ShareGPT JSON")
     d.add_argument("--out", required=True, help="JSONL shard to append to (resumable)")
@@ -100,6 +109,19 @@ def register(sub) -> None:
     t.add_argument("--init", default="identity", choices=["identity", "default"],
                    help="identity: heads start as the target's own next-token head (default)")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("tree-search", help="fit static trees to trained heads on the held-out split of their "
+                       "training data; --save stores them in the heads as tuned-N")
+    s.add_argument("--data", required=True, nargs="+", help="the JSONL shard(s) the heads were trained on")
+    s.add_argument("--heads", required=True, help="heads directory")
+    _model_args(s)
+    s.add_argument("--nodes", default="16,32,63", help="comma list of tree sizes (nodes incl. the root)")
+    s.add_argument("--eval-frac", type=float, default=0.05, help="the held-out share used by `train` (default)")
+    s.add_argument("--cache-hidden", default=None, help="the hidden-state cache of `train`, if any")
+    s.add_argument("--max-seq-len", type=int, default=1024)
+    s.add_argument("--out", default=None, help="JSON file with the trees and their expected tau")
+    s.add_argument("--save", action="store_true", help="add the trees to HEADS/config.json as tuned-N")
+    s.set_defaults(func=cmd_tree_search)
 
     e = sub.add_parser("eval-tau", help="mean tau per category on a Spec-Bench question file (first turns)")
     e.add_argument("--questions", required=True)

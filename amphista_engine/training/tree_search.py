@@ -1,0 +1,149 @@
+"""`amphista tree-search`: static trees fitted to a set of heads, from their ranks on held-out data.
+
+Medusa's shipped trees (mc_sim_7b_63) were fitted to Vicuna-7B heads with ~60% head-1 accuracy; heads that
+are right less often want a wider, shallower tree. Under greedy decoding a tree node with rank path
+(r_1..r_d) is accepted exactly when, for every depth j <= d, the true token x_{t+1+j} is head j's r_j-th
+guess. So on teacher-forced held-out sequences (the trainer's held-out split of the distilled data, never
+the evaluation questions) we record each position's rank tuple (rank of the true token under heads 1..K,
+TOPK = "not in the top-k"), and a node's acceptance rate is the share of positions whose tuple starts with
+its path: exact for these heads and this data, no independence assumption between heads (unlike Medusa's
+product of per-head accuracies). The expected tokens per step of a tree is 1 + the sum of its nodes' rates,
+and the best tree of N nodes is simply the N - 1 paths of highest rate: a path's rate never exceeds its
+prefix's, so that set is closed under prefixes (ties are broken toward shallower paths, which keeps it so).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..tree import TOPK, get_tree_choices
+
+
+def best_tree(ranks: torch.Tensor, num_nodes: int, topk: int = TOPK) -> list[tuple[int, ...]]:
+    """The num_nodes - 1 paths with the highest acceptance rate. ranks: [P, K] long, values in [0, topk]."""
+    if num_nodes < 2:
+        raise ConfigError(f"a tree needs at least 2 nodes (root + 1), got {num_nodes}")
+    counts = path_counts(ranks, topk)
+    order = sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))
+    paths = [p for p, _ in order[:num_nodes - 1]]
+    if len(paths) < num_nodes - 1:
+        # too little data to rank them all: pad with unseen paths, shallow and low-rank first (never a gap)
+        seen = set(paths)
+        frontier = [(r,) for r in range(topk)]
+        while len(paths) < num_nodes - 1 and frontier:
+            p = frontier.pop(0)
+            if p not in seen:
+                paths.append(p)
+                seen.add(p)
+            if len(p) < ranks.shape[1]:
+                frontier += [p + (r,) for r in range(topk)]
+    return get_tree_choices(paths)      # validates (prefix-closed) and sorts by (depth, path)
+
+
+def path_counts(ranks: torch.Tensor, topk: int = TOPK) -> Counter:
+    """How many positions accept each rank path (every prefix of every position's tuple, misses cut it)."""
+    counts: Counter = Counter()
+    for row in map(tuple, ranks.tolist()):
+        for d in range(1, len(row) + 1):
+            if row[d - 1] >= topk:
+                break
+            counts[row[:d]] += 1
+    return counts
+
+
+def expected_tau(ranks: torch.Tensor, paths, topk: int = TOPK) -> float:
+    """1 + the mean number of tree nodes accepted per position: the tree's tau on this data."""
+    counts = path_counts(ranks, topk)
+    return 1.0 + sum(counts.get(tuple(p), 0) for p in get_tree_choices(paths)) / max(1, ranks.shape[0])
+
+
+@torch.no_grad()
+def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096, topk: int = TOPK) -> torch.Tensor:
+    """Rank of the true token under each head at every answer position that has all K targets: [P, K]."""
+    from ..heads import lm_head_fingerprint
+    from .trainer import HiddenSource, epoch_batches, head_features, loss_rows, pad_batch
+    dev = target.output.weight.device
+    K = heads.num_heads
+    hs = HiddenSource(target, cache_dir, lm_head_fingerprint(target))
+    slot_of = None
+    if heads.config.draft_vocab_size:
+        slot_of = torch.full((heads.config.vocab_size,), -1, dtype=torch.long, device=dev)
+        slot_of[heads.draft_vocab.to(dev)] = torch.arange(heads.config.draft_vocab_size, device=dev)
+    out = []
+    for bi in epoch_batches(seqs, batch_tokens, 0, 0):
+        batch = [seqs[i] for i in bi]
+        x, lengths, plen = pad_batch(batch, dev)
+        hidden = hs.get(batch, x)
+        nxt = torch.zeros_like(x)
+        nxt[:, :-1] = x[:, 1:]
+        valid = loss_rows(lengths, plen, x.shape[1], K)
+        rows = valid.all(-1).nonzero()                                   # positions where every head has a target
+        if rows.shape[0] == 0:
+            continue
+        logits = heads.logits(head_features(heads, hidden, nxt, rows)).float()
+        top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices                   # [N, K, k] slots
+        tgt = x[rows[:, :1], rows[:, 1:2] + torch.arange(K, device=dev) + 2]            # [N, K] tokens
+        if slot_of is not None:
+            tgt = slot_of[tgt]                                           # -1: outside the draft vocabulary
+        hit = top == tgt[..., None]
+        rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(tgt, topk))
+        out.append(rank.cpu())
+    if not out:
+        raise InputError("no held-out position with targets for every head (sequences too short?)")
+    return torch.cat(out)
+
+
+def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63), out=None, save: bool = False,
+                eval_frac: float = 0.05, cache_hidden=None, device=None, dtype=None, max_seq_len: int = 1024,
+                compare=("mc_sim_7b_63", "tree-32", "tree-16"), target=None, heads=None) -> dict:
+    """Fits one tree per size in `nodes` to the heads on the held-out split of `data` (the same split the
+    trainer holds out). Prints expected tau of each fitted and each `compare` tree; `save` stores the trees
+    in the heads' config.json as `tuned-N` (then `--tree tuned-63` works wherever the heads are loaded)."""
+    from ..heads import load_heads
+    from .data import load_shard
+    from .trainer import split_heldout
+    if target is None:
+        from ..engine import default_device
+        from ..loading import load_model, parse_dtype
+        dev = torch.device(device or default_device())
+        dt = parse_dtype(dtype or ("float32" if dev.type == "cpu" else "bfloat16"))
+        target = load_model(model, dtype=dt, device=dev, max_seq_len=max_seq_len).model
+    target.eval().requires_grad_(False)
+    if heads is None:
+        heads = load_heads(heads_dir, target, dtype=torch.float32)
+    shard = load_shard([data] if isinstance(data, (str, Path)) else list(data), target.config.vocab_size,
+                       min(max_seq_len, target.rope_len))
+    _, held = split_heldout(shard.sequences, eval_frac)
+    if not held:
+        raise InputError(f"no held-out sequences in {data} (need at least 2 records and --eval-frac > 0)")
+    ranks = heldout_ranks(heads, target, held, cache_hidden)
+    result = {"heads": str(heads_dir), "heldout_sequences": len(held), "positions": int(ranks.shape[0]),
+              "head_top1": [round(float((ranks[:, k] == 0).float().mean()), 4) for k in range(heads.num_heads)],
+              "trees": {}, "expected_tau": {}}
+    for n in nodes:
+        paths = best_tree(ranks, n)
+        result["trees"][f"tuned-{n}"] = [list(p) for p in paths]
+        result["expected_tau"][f"tuned-{n}"] = round(expected_tau(ranks, paths), 4)
+    for name in compare:
+        paths = get_tree_choices(name)
+        if max(map(len, paths)) <= heads.num_heads:
+            result["expected_tau"][name] = round(expected_tau(ranks, paths), 4)
+    print(f"tree-search: {len(held)} held-out sequences, {ranks.shape[0]} positions; head top-1 "
+          f"{result['head_top1']}", file=sys.stderr)
+    for name, tau in result["expected_tau"].items():
+        print(f"  {name:<14} expected tau {tau:.3f}", file=sys.stderr)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    if save:
+        cfg_file = Path(heads_dir) / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg.setdefault("extra", {}).setdefault("trees", {}).update(result["trees"])
+        cfg["extra"]["tree_search"] = {k: result[k] for k in ("heldout_sequences", "positions", "expected_tau")}
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    return result

@@ -1,0 +1,120 @@
+"""`amphista tree-search`: trees fitted to heads from held-out rank tuples."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from amphista_engine.errors import ConfigError
+from amphista_engine.heads import load_heads
+from amphista_engine.training.data import Sequence
+from amphista_engine.training.tree_search import best_tree, expected_tau, heldout_ranks, tree_search
+from amphista_engine.training.trainer import train_heads
+from amphista_engine.tree import get_tree_choices
+
+from test_training import K, cfg, greedy_tokens, shard, target  # noqa: F401  (fixtures)
+
+
+def _closed_sets(paths, n):
+    for combo in itertools.combinations(paths, n):
+        s = set(combo)
+        if all(len(p) == 1 or p[:-1] in s for p in combo):
+            yield combo
+
+
+def test_best_tree_is_optimal_by_brute_force():
+    """On skewed random rank tuples, the fitted tree's expected tau beats every other prefix-closed tree."""
+    g = torch.Generator().manual_seed(0)
+    topk = 3
+    probs = torch.tensor([0.45, 0.25, 0.1, 0.2])          # ranks 0, 1, 2 and a miss (= topk)
+    ranks = torch.multinomial(probs, 400 * 2, replacement=True, generator=g).view(400, 2)
+    every = [(a,) for a in range(topk)] + [(a, b) for a in range(topk) for b in range(topk)]
+    for n in (2, 4, 6):
+        tree = best_tree(ranks, n, topk)
+        assert len(tree) == n - 1 and get_tree_choices(tree) == tree            # valid, prefix-closed
+        best = max(expected_tau(ranks, c, topk) for c in _closed_sets(every, n - 1))
+        assert expected_tau(ranks, tree, topk) == pytest.approx(best)
+    # by hand: tau = 1 + share of rows accepting each node
+    assert expected_tau(torch.tensor([[0, 1], [0, 3], [1, 0]]), [(0,), (0, 1)], topk) == pytest.approx(1 + 3 / 3)
+    with pytest.raises(ConfigError, match="at least 2 nodes"):
+        best_tree(ranks, 1, topk)
+
+
+def test_best_tree_pads_when_data_is_scarce():
+    tree = best_tree(torch.tensor([[0, 0, 0]]), 12, topk=4)      # one row: 3 seen paths, 8 more needed
+    assert len(tree) == 11 and get_tree_choices(tree) == tree
+
+
+def test_expected_tau_predicts_every_speculative_step(shard, target, tmp_path):  # noqa: F811
+    """For each decoding step, 1 + (tree nodes whose path prefixes the position's rank tuple) is exactly the
+    number of tokens the greedy speculative step emits: the model behind tree-search is the decoder's own."""
+    from amphista_engine.generation import PlainDecoder  # noqa: F401
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    train_heads(cfg(shard, tmp_path / "h", kind="medusa", steps=10, eval_frac=0.0), target=target)
+    heads = load_heads(tmp_path / "h", target, dtype=torch.float32)
+    prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
+    tree = best_tree(torch.zeros(1, K, dtype=torch.long), 12)              # a wide tree with depth K
+    cache = KVCache.for_model(target.config, 1, 256, torch.float32, "cpu")
+    dec = SpeculativeDecoder(target, cache, heads, TreeSpec(tree, K, "cpu"), SamplingParams())
+    seq = [int(dec.prefill([prompt])[0])]
+    counts = []
+    while len(seq) < 40:
+        toks, cnt = dec.step()
+        counts.append(int(cnt[0]))
+        seq += toks[0, :counts[-1]].tolist()
+    ranks = heldout_ranks(heads, target, [Sequence("s", prompt + seq, len(prompt))])   # positions P-1 ...
+    pos, checked = 0, 0
+    for c in counts:
+        if pos + K + 2 <= len(seq):                       # the position's rank tuple lies inside the sequence
+            r = tuple(ranks[pos].tolist())
+            assert c == 1 + sum(r[:len(p)] == p for p in tree)
+            checked += 1
+        pos += c
+    assert checked >= 5 and max(counts) > 1                # the heads do accept something
+
+
+def test_tree_search_saves_trees_the_engine_uses(shard, target, tmp_path):  # noqa: F811
+    train_heads(cfg(shard, tmp_path / "h", steps=8, eval_frac=0.2), target=target)
+    res = tree_search(shard, tmp_path / "h", nodes=(8, 12), out=tmp_path / "ts.json", save=True, eval_frac=0.2,
+                      target=target, compare=("chain-3",))
+    assert set(res["trees"]) == {"tuned-8", "tuned-12"} and len(res["trees"]["tuned-12"]) == 11
+    assert res["expected_tau"]["tuned-12"] >= res["expected_tau"]["tuned-8"] >= 1.0
+    assert json.loads((tmp_path / "ts.json").read_text())["trees"] == res["trees"]
+    heads = load_heads(tmp_path / "h", target, dtype=torch.float32)
+    assert heads.config.extra["trees"]["tuned-12"] == res["trees"]["tuned-12"]
+    assert "training" in heads.config.extra                                 # the recipe is kept
+    prompt = json.loads(shard.read_text().splitlines()[0])["prompt_ids"]
+    plain = greedy_tokens(target, prompt, 20)
+    from amphista_engine.speculative import TreeSpec
+    spec = TreeSpec("tuned-12", K, "cpu", heads.config.extra["trees"])
+    assert spec.name == "tuned-12" and spec.num_nodes == 12
+    assert greedy_tokens(target, prompt, 20, heads, res["trees"]["tuned-12"]) == plain
+    # a tree file works too, and a tuned name the heads lack is a clear error
+    (tmp_path / "t.json").write_text(json.dumps(res["trees"]["tuned-8"]))
+    assert TreeSpec(str(tmp_path / "t.json"), K, "cpu").num_nodes == 8
+    with pytest.raises(ConfigError, match="JSON list of rank paths"):     # two trees in it: which one?
+        TreeSpec(str(tmp_path / "ts.json"), K, "cpu")
+    with pytest.raises(ConfigError, match="no such fitted tree"):
+        TreeSpec("tuned-99", K, "cpu", heads.config.extra["trees"])
+    with pytest.raises(ConfigError, match="tree file not found"):
+        TreeSpec(str(tmp_path / "missing.json"), K, "cpu")
+
+
+def test_engine_resolves_the_heads_fitted_trees(tmp_path, tiny_hf_dir):
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import new_heads, save_heads
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
+    heads = new_heads("medusa", engine.model, num_heads=2, dtype=torch.float32)
+    heads.config.extra["trees"] = {"tuned-5": [[0], [1], [0, 0], [0, 1]]}
+    save_heads(heads, tmp_path / "h")
+    plain = engine.generate("Hello there", max_new_tokens=12).token_ids
+    engine.load_heads(tmp_path / "h")
+    res = engine.generate("Hello there", max_new_tokens=12, speculative="medusa", tree="tuned-5")
+    assert res.token_ids == plain and engine._tree_spec("tuned-5").num_nodes == 5
+    engine.load_heads(new_heads("medusa", engine.model, num_heads=2, dtype=torch.float32))   # no fitted trees
+    with pytest.raises(ConfigError, match="no such fitted tree"):
+        engine.generate("Hello there", max_new_tokens=4, speculative="medusa", tree="tuned-5")
