@@ -49,6 +49,13 @@ class Engine:
         self.loaded_name = loaded.source
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
+        # bf16 on a CPU: linear weights packed once for oneDNN (kernels/cpu_packed.py); fp32 and CUDA untouched
+        from .kernels import cpu_packed
+        self.cpu_packed = self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_packed.available()
+        if self.cpu_packed:
+            cpu_packed.pack_linears(self.model)
+            if isinstance(heads, torch.nn.Module):
+                cpu_packed.pack_linears(heads)
         # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
         # CPU. Off by default until the GPU suite has validated graph replay against eager on real hardware.
         from .cuda_graphs import DecodeGraphs
@@ -74,6 +81,9 @@ class Engine:
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
         self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
             if not isinstance(heads, torch.nn.Module) else heads
+        if self.cpu_packed:
+            from .kernels.cpu_packed import pack_linears
+            pack_linears(self.heads)
         return self.heads
 
     # ---- prompts ---------------------------------------------------------------------------------------

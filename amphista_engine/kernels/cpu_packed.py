@@ -1,0 +1,62 @@
+"""bf16 linear layers on CPUs with AMX / AVX512-BF16: the weight is laid out for oneDNN once, not per call.
+
+PyTorch's eager bf16 `F.linear` on the CPU reorders the weight into oneDNN's blocked layout on every call, so
+a one-token decoding step runs slower in bf16 than in fp32 even on a CPU with bf16 matrix units. Packing once
+(what Inductor's CPU "freezing" does) removes that, and leaves the bf16 matrix units' real advantage: a
+16..64-row tree verification costs little more than one token (benchmarks/results/cpu_bf16/).
+
+Used by the engine for inference only (`pack_linears` on the target and the heads when they are bf16 on the
+CPU); a layer whose weight changed, an input that needs a gradient, or anything but a bf16 CPU tensor falls
+back to `F.linear`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a oneDNN without bf16)
+
+
+def available() -> bool:
+    mk = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (os.environ.get(ENV_VAR, "1") != "0" and torch.backends.mkldnn.is_available()
+                and hasattr(mk, "_reorder_linear_weight") and hasattr(mk, "_linear_pointwise")
+                and bool(mk._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) that multiplies with a pre-packed copy of its weight."""
+
+    _packed = None
+    _packed_of = None     # (data_ptr, version) of the weight the copy was packed from
+
+    def _pack(self):
+        w = self.weight
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        self._packed_of = (w.data_ptr(), w._version)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return F.linear(x, w, self.bias)
+        if self._packed_of != (w.data_ptr(), w._version):     # weights loaded or edited since packing
+            self._pack()
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Turns every bf16 CPU nn.Linear inside `module` into a PackedLinear; returns how many."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.__class__ = PackedLinear
+            m._pack()
+            n += 1
+    return n
