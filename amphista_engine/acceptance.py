@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import SamplingParams, probs_from_logits
+from .sampling import SamplingParams, greedy_token, probs_from_logits
 from .tree import TreeBuffers
 
 
@@ -68,7 +68,7 @@ def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.Te
     """Accept child c of node i iff token(c) == argmax(logits[i]); the longest accepted path wins (first
     such retrieve row on ties); bonus = argmax at its last node. Emits exactly what greedy decoding would."""
     b = tokens.shape[0]
-    pred = logits.argmax(-1)                                           # [B, N]
+    pred = greedy_token(logits)                                        # [B, N]
     par, child, valid, r = _path_parts(tokens, retrieve)
     flat = lambda t, idx: t.gather(1, idx.reshape(b, -1)).view_as(idx)
     ok = valid & (flat(tokens, child) == flat(pred, par))

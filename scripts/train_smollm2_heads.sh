@@ -23,7 +23,9 @@ DEVICE=${DEVICE:-cpu}
 # Prompt ranges [start:end) of the seeded, source-balanced prompt order, one distill worker (and shard) each.
 RANGES=${RANGES:-"0:1200 3000:3896"}
 MAX_NEW=${MAX_NEW:-256}; BATCH=${BATCH:-32}
-STEPS=${STEPS:-240}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}; WARMUP=${WARMUP:-20}
+STEPS=${STEPS:-1000}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}; WARMUP=${WARMUP:-40}
+# bf16 autocast: fp32 master weights, bf16 matmuls (AMX / tensor cores): 1.8x faster steps on an AMX CPU
+TRAIN_DTYPE=${TRAIN_DTYPE:-bf16}
 LOSS_POSITIONS=${LOSS_POSITIONS:-512}; MSE=${MSE:-0.1}; DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
 PARALLEL=${PARALLEL:-1}          # 1: both kinds train at once (one thread each on a CPU)
 EVAL_TOKENS=${EVAL_TOKENS:-256}; PER_CATEGORY=${PER_CATEGORY:-4}
@@ -56,8 +58,11 @@ train_kind() {
     $AMPHISTA train --data "${shards[@]}" --out "$RUN/heads-$KIND" --model smollm2-135m --device "$DEVICE" \
         --kind "$KIND" --num-heads 4 --loss kl --lambda 0.8 --mse-weight "$MSE" --loss-positions "$LOSS_POSITIONS" \
         --draft-vocab "$DRAFT_VOCAB" --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" --lr "$LR" --warmup "$WARMUP" \
-        --clip 1.0 --seed 0 --save-dtype bf16 --cache-hidden "$RUN/hidden" --eval-every 40 --eval-max-seqs 32 \
-        --save-every 20 --log "$RUN/train-$KIND.jsonl" $RESUME
+        --clip 1.0 --seed 0 --train-dtype "$TRAIN_DTYPE" --save-dtype bf16 --cache-hidden "$RUN/hidden" \
+        --eval-every 100 --eval-max-seqs 32 --save-every 20 --log "$RUN/train-$KIND.jsonl" $RESUME
+    # static trees fitted to these heads on the held-out split of the same data (tuned-16/32/63)
+    $AMPHISTA tree-search --data "${shards[@]}" --heads "$RUN/heads-$KIND" --model smollm2-135m --device "$DEVICE" \
+        --cache-hidden "$RUN/hidden" --nodes 16,32,63 --save --out "$RUN/trees-$KIND.json"
     mkdir -p "$SHIP/smollm2-135m-$KIND"
     cp "$RUN/heads-$KIND/config.json" "$RUN/heads-$KIND/model.safetensors" "$SHIP/smollm2-135m-$KIND/"
 }
@@ -73,7 +78,7 @@ fi
 #    every category (empty = all 80); the two kinds side by side.
 per_cat=()
 [ -n "$PER_CATEGORY" ] && per_cat=(--per-category "$PER_CATEGORY")
-for TREE in mc_sim_7b_63 dynamic-63; do
+for TREE in mc_sim_7b_63 dynamic-63 tuned-63; do
     for KIND in amphista medusa; do
         $AMPHISTA eval-tau --questions "$QUESTIONS" --heads "$SHIP/smollm2-135m-$KIND" --speculative "$KIND" \
             --device "$DEVICE" --tree "$TREE" "${per_cat[@]}" --max-new-tokens "$EVAL_TOKENS" \
