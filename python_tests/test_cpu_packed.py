@@ -70,3 +70,17 @@ def test_bf16_cpu_engine_packs_target_and_heads(tmp_path, tiny_hf_dir):
         ref = engine.model.float()(ids, pos)          # fp32 weights: every PackedLinear falls back to F.linear
     assert rel_err(packed, ref) < 3e-2
     assert not Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128).cpu_packed    # fp32
+
+
+def test_linear_on_a_bare_weight_caches_and_follows_changes():
+    w = torch.randn(40, 24).to(torch.bfloat16)
+    x = torch.randn(2, 4, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        assert rel_err(cpu_packed.linear(x, w), F.linear(x.float(), w.float())) < 1e-2
+        first = cpu_packed._weights[id(w)][2]
+        cpu_packed.linear(x, w)
+        assert cpu_packed._weights[id(w)][2] is first                   # packed once
+        w.mul_(-2)                                                       # edited in place: repacked
+        assert rel_err(cpu_packed.linear(x, w), F.linear(x.float(), w.float())) < 1e-2
+    y = cpu_packed.linear(x.float(), w.float())                          # fp32: plain F.linear
+    assert y.dtype == torch.float32

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, HeadsMismatchError
+from ..kernels import cpu_packed
 from .config import HeadsConfig
 
 
@@ -98,7 +99,7 @@ class DraftHeads(nn.Module):
         if self.config.per_head_lm_head:
             return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
         w = self.output_weight()
-        return F.linear(x.to(w.dtype), w)
+        return cpu_packed.linear(x.to(w.dtype), w)
 
     def reset_cache(self, batch: int, max_seq_len: int):
         pass

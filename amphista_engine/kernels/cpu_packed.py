@@ -11,7 +11,9 @@ back to `F.linear`.
 """
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,9 @@ from torch import nn
 ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a oneDNN without bf16)
 
 
+@functools.cache
 def available() -> bool:
+    """oneDNN with bf16 support and AMPHISTA_CPU_PACK != 0 (read once per process)."""
     mk = getattr(torch.ops, "mkldnn", None)
     try:
         return (os.environ.get(ENV_VAR, "1") != "0" and torch.backends.mkldnn.is_available()
@@ -49,6 +53,23 @@ class PackedLinear(nn.Linear):
         if self._packed_of != (w.data_ptr(), w._version):     # weights loaded or edited since packing
             self._pack()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+_weights: dict[int, tuple] = {}    # id(weight) -> (weakref, version, packed copy)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for a weight that is not an nn.Linear's (the drafting heads' shared LM head rows): bf16
+    CPU inference uses a packed copy, made on first use and remade when w changes or is freed."""
+    if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or w.device.type != "cpu" or torch.is_grad_enabled() or not available()):
+        return F.linear(x, w)
+    entry = _weights.get(id(w))
+    if entry is None or entry[0]() is not w or entry[1] != w._version:
+        for k in [k for k, e in _weights.items() if e[0]() is None]:
+            del _weights[k]
+        entry = _weights[id(w)] = (weakref.ref(w), w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[2], None, "none", [], "")
 
 
 def pack_linears(module: nn.Module) -> int:
