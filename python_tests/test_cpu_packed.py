@@ -84,3 +84,13 @@ def test_linear_on_a_bare_weight_caches_and_follows_changes():
         assert rel_err(cpu_packed.linear(x, w), F.linear(x.float(), w.float())) < 1e-2
     y = cpu_packed.linear(x.float(), w.float())                          # fp32: plain F.linear
     assert y.dtype == torch.float32
+
+
+def test_inference_tensors_are_packed_too():
+    with torch.inference_mode():
+        w = torch.randn(40, 24).to(torch.bfloat16)          # an inference tensor: no version counter
+        lin = nn.Linear(24, 40, bias=False).to(torch.bfloat16)
+        cpu_packed.pack_linears(lin)
+        x = torch.randn(3, 24).to(torch.bfloat16)
+        assert rel_err(cpu_packed.linear(x, w), F.linear(x.float(), w.float())) < 1e-2
+        assert rel_err(lin(x), F.linear(x.float(), lin.weight.float())) < 1e-2

@@ -34,6 +34,12 @@ def available() -> bool:
         return False
 
 
+def _stamp(w: torch.Tensor):
+    """What identifies w's current values: storage and version (inference tensors have no version counter;
+    they cannot be edited outside inference mode, so their storage identifies them)."""
+    return w.data_ptr(), (None if w.is_inference() else w._version)
+
+
 class PackedLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) that multiplies with a pre-packed copy of its weight."""
 
@@ -43,19 +49,19 @@ class PackedLinear(nn.Linear):
     def _pack(self):
         w = self.weight
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-        self._packed_of = (w.data_ptr(), w._version)
+        self._packed_of = _stamp(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
                 or w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return F.linear(x, w, self.bias)
-        if self._packed_of != (w.data_ptr(), w._version):     # weights loaded or edited since packing
+        if self._packed_of != _stamp(w):                       # weights loaded or edited since packing
             self._pack()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
-_weights: dict[int, tuple] = {}    # id(weight) -> (weakref, version, packed copy)
+_weights: dict[int, tuple] = {}    # id(weight) -> (weakref, _stamp, packed copy)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -65,10 +71,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             or w.device.type != "cpu" or torch.is_grad_enabled() or not available()):
         return F.linear(x, w)
     entry = _weights.get(id(w))
-    if entry is None or entry[0]() is not w or entry[1] != w._version:
+    if entry is None or entry[0]() is not w or entry[1] != _stamp(w):
         for k in [k for k, e in _weights.items() if e[0]() is None]:
             del _weights[k]
-        entry = _weights[id(w)] = (weakref.ref(w), w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+        entry = _weights[id(w)] = (weakref.ref(w), _stamp(w), torch.ops.mkldnn._reorder_linear_weight(w.detach()))
     return torch.ops.mkldnn._linear_pointwise(x, entry[2], None, "none", [], "")
 
 
