@@ -34,6 +34,12 @@ def available() -> bool:
         return False
 
 
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    # The layout hint is the row count oneDNN should favour: 16 = a CPU tree verification; one-token steps
+    # measured the same as with the default layout (within this VM's noise), tree steps faster.
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
+
+
 def _stamp(w: torch.Tensor):
     """What identifies w's current values: storage and version (inference tensors have no version counter;
     they cannot be edited outside inference mode, so their storage identifies them)."""
@@ -48,7 +54,7 @@ class PackedLinear(nn.Linear):
 
     def _pack(self):
         w = self.weight
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        self._packed = _pack(w)
         self._packed_of = _stamp(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if entry is None or entry[0]() is not w or entry[1] != _stamp(w):
         for k in [k for k, e in _weights.items() if e[0]() is None]:
             del _weights[k]
-        entry = _weights[id(w)] = (weakref.ref(w), _stamp(w), torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+        entry = _weights[id(w)] = (weakref.ref(w), _stamp(w), _pack(w))
     return torch.ops.mkldnn._linear_pointwise(x, entry[2], None, "none", [], "")
 
 
