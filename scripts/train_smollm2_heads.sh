@@ -23,6 +23,8 @@ DEVICE=${DEVICE:-cpu}
 # Prompt ranges [start:end) of the seeded, source-balanced prompt order, one distill worker (and shard) each.
 RANGES=${RANGES:-"0:1200 3000:3896"}
 MAX_NEW=${MAX_NEW:-256}; BATCH=${BATCH:-32}
+# fp32 = the shipped heads' data; bf16 distills ~1.9x faster on an AMX CPU (answers differ only at near-ties)
+DISTILL_DTYPE=${DISTILL_DTYPE:-fp32}
 STEPS=${STEPS:-1000}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}; WARMUP=${WARMUP:-40}
 # bf16 autocast: fp32 master weights, bf16 matmuls (AMX / tensor cores): 1.8x faster steps on an AMX CPU
 TRAIN_DTYPE=${TRAIN_DTYPE:-bf16}
@@ -41,7 +43,7 @@ for r in $RANGES; do
     shard="$RUN/distill-$start.jsonl"
     shards+=("$shard")
     $AMPHISTA distill --prompts "$PROMPTS" --out "$shard" --model smollm2-135m --device "$DEVICE" \
-        --offset "$start" --limit "$end" --batch-size "$BATCH" --max-new-tokens "$MAX_NEW" \
+        --offset "$start" --limit "$end" --batch-size "$BATCH" --max-new-tokens "$MAX_NEW" --dtype "$DISTILL_DTYPE" \
         --balance-by-source --seed 0 &
     pids+=($!)
 done
