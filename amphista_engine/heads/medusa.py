@@ -43,6 +43,7 @@ class DraftHeads(nn.Module):
             # Draft slot i scores token draft_vocab[i]; a buffer so it travels with the checkpoint.
             self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))
         self._w_sub = None    # the target LM head's draft-vocabulary rows, gathered once (see output_weight)
+        self._slot_map = None  # token id -> draft slot (see slots_of), built once per device
         if config.per_head_lm_head:
             self.lm_heads = nn.Parameter(torch.zeros(config.num_heads, n_out, config.dim))
 
@@ -71,12 +72,23 @@ class DraftHeads(nn.Module):
             raise ConfigError(f"draft vocabulary must be {c.draft_vocab_size} distinct token ids in "
                               f"[0, {c.vocab_size})")
         self.draft_vocab.copy_(ids.to(self.draft_vocab.device))
-        self._w_sub = None
+        self._w_sub = self._slot_map = None
         return self
 
     def token_ids(self, slots: torch.Tensor) -> torch.Tensor:
         """Draft slots (indices into the logits' last dim) -> token ids."""
         return self.draft_vocab[slots] if self.config.draft_vocab_size else slots
+
+    def slots_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> draft slots (the inverse of token_ids); -1 for a token outside the draft vocabulary."""
+        if not self.config.draft_vocab_size:
+            return tokens
+        inv = self._slot_map
+        if inv is None or inv.device != tokens.device:
+            inv = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=tokens.device)
+            inv[self.draft_vocab.to(tokens.device)] = torch.arange(self.config.draft_vocab_size, device=tokens.device)
+            self._slot_map = inv
+        return inv[tokens]
 
     def output_weight(self) -> torch.Tensor:
         """The shared LM head the drafts are scored with: the target's [V, d], or its draft-vocabulary rows."""

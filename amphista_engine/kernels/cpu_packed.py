@@ -40,6 +40,12 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
 
 
+def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """bf16 CPU inference: both bf16 on the CPU and no gradient to track."""
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and w.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
+
+
 def _stamp(w: torch.Tensor):
     """What identifies w's current values: storage and version (inference tensors have no version counter;
     they cannot be edited outside inference mode, so their storage identifies them)."""
@@ -59,8 +65,7 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
-                or w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+        if not _applies(x, w):
             return F.linear(x, w, self.bias)
         if self._packed_of != _stamp(w):                       # weights loaded or edited since packing
             self._pack()
@@ -73,8 +78,7 @@ _weights: dict[int, tuple] = {}    # id(weight) -> (weakref, _stamp, packed copy
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) for a weight that is not an nn.Linear's (the drafting heads' shared LM head rows): bf16
     CPU inference uses a packed copy, made on first use and remade when w changes or is freed."""
-    if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or w.device.type != "cpu" or torch.is_grad_enabled() or not available()):
+    if not (available() and _applies(x, w)):
         return F.linear(x, w)
     entry = _weights.get(id(w))
     if entry is None or entry[0]() is not w or entry[1] != _stamp(w):

@@ -317,18 +317,14 @@ class LossComputer:
         # With a draft vocabulary the heads score V' tokens: the teacher is its distribution renormalised over
         # those V' tokens (what drafting can use), and data tokens map to their slot (-1 = not draftable).
         w_teacher = heads.output_weight()          # the target's LM head (rows of the draft vocabulary)
-        slot_of = None
-        if heads.config.draft_vocab_size:
-            slot_of = torch.full((heads.config.vocab_size,), -1, dtype=torch.long, device=dev)
-            slot_of[heads.draft_vocab.to(dev)] = torch.arange(heads.config.draft_vocab_size, device=dev)
         for s in range(0, rows.shape[0], self.chunk):
             sl = slice(s, s + self.chunk)
             bb, tt, vv = b[sl], t[sl], valid[sl]
             tgt_pos = (tt[:, None] + ks[None] + 2).clamp(max=T - 1)               # drafted token index
             data_tok = x[bb[:, None], tgt_pos]                                      # [n, K]
-            if slot_of is not None:
-                data_tok = slot_of[data_tok]
-                vv = vv & (data_tok >= 0) if self.kind == "ce" else vv
+            data_tok = heads.slots_of(data_tok)                                     # -1: not draftable
+            if self.kind == "ce":
+                vv = vv & (data_tok >= 0)
             in_vocab = data_tok >= 0
             data_tok = data_tok.clamp_min(0)
             with self.autocast():

@@ -70,10 +70,6 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
     dev = target.output.weight.device
     K = heads.num_heads
     hs = HiddenSource(target, cache_dir, lm_head_fingerprint(target))
-    slot_of = None
-    if heads.config.draft_vocab_size:
-        slot_of = torch.full((heads.config.vocab_size,), -1, dtype=torch.long, device=dev)
-        slot_of[heads.draft_vocab.to(dev)] = torch.arange(heads.config.draft_vocab_size, device=dev)
     out = []
     for bi in epoch_batches(seqs, batch_tokens, 0, 0):
         batch = [seqs[i] for i in bi]
@@ -88,8 +84,7 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
         logits = heads.logits(head_features(heads, hidden, nxt, rows)).float()
         top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices                   # [N, K, k] slots
         tgt = x[rows[:, :1], rows[:, 1:2] + torch.arange(K, device=dev) + 2]            # [N, K] tokens
-        if slot_of is not None:
-            tgt = slot_of[tgt]                                           # -1: outside the draft vocabulary
+        tgt = heads.slots_of(tgt)                                        # -1: outside the draft vocabulary
         hit = top == tgt[..., None]
         rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(tgt, topk))
         out.append(rank.cpu())
