@@ -10,7 +10,8 @@ import torch
 from amphista_engine.errors import ConfigError
 from amphista_engine.heads import load_heads
 from amphista_engine.training.data import Sequence
-from amphista_engine.training.tree_search import best_tree, expected_tau, heldout_ranks, tree_search
+from amphista_engine.training.tree_search import (accepted_depth, best_tree, decoding_tau, expected_tau,
+                                                  fit_decoding_tree, heldout_ranks, tree_search)
 from amphista_engine.training.trainer import train_heads
 from amphista_engine.tree import get_tree_choices
 
@@ -75,6 +76,44 @@ def test_expected_tau_predicts_every_speculative_step(shard, target, tmp_path): 
             checked += 1
         pos += c
     assert checked >= 5 and max(counts) > 1                # the heads do accept something
+    # decoding_tau's walk over the same ranks visits the same positions and accepts the same counts
+    paths, i, walked = {tuple(p) for p in tree}, 0, []
+    while len(walked) < checked:
+        walked.append(1 + accepted_depth(ranks[i].tolist(), paths))
+        i += walked[-1]
+    assert walked == counts[:checked]
+
+
+def test_decoding_tau_walks_each_sequence():
+    tree = [(0,), (0, 0)]
+    ranks = torch.tensor([[0, 0], [9, 9], [0, 9], [9, 9], [0, 9]])
+    seq = torch.tensor([0, 0, 0, 1, 1])
+    # seq 0: accept 2 at its first position, which jumps past its end (1 step, 3 tokens);
+    # seq 1: 0 accepted, then 1 (2 steps, 3 tokens). Every position alike would give 1 + 4 / 5.
+    assert decoding_tau(ranks, seq, tree) == pytest.approx(6 / 3)
+    assert expected_tau(ranks, tree, 9) == pytest.approx(1.8)
+    # one sequence: the walk from row 0 skips rows 1-2 and continues at row 3
+    assert decoding_tau(ranks, torch.zeros(5, dtype=torch.long), tree) == pytest.approx((3 + 1 + 2) / 3)
+
+
+def test_fit_decoding_tree_beats_the_per_position_fit_on_decoding_tau():
+    # easy stretches (the top guess right at every depth) between hard ones (only lower ranks, at depth 1):
+    # the per-position fit spends nodes on depth that decoding crosses in few steps
+    g = torch.Generator().manual_seed(0)
+    rows, seqs = [], []
+    for s in range(40):
+        for t in range(60):
+            easy = (t // 10) % 2 == 0
+            rows.append([0, 0, 0, 0] if easy and torch.rand(1, generator=g) < 0.9 else
+                        [int(torch.randint(1, 4, (1,), generator=g))] + [9, 9, 9])
+            seqs.append(s)
+    ranks, seq = torch.tensor(rows), torch.tensor(seqs)
+    for n, gain in ((4, 1.0), (5, 1.15), (6, 1.1)):
+        base, fit = best_tree(ranks, n, 9), fit_decoding_tree(ranks, seq, n, 9)
+        assert len(fit) == n - 1 and get_tree_choices(fit) == fit
+        # 5 nodes: the chain (0, 0, 0, 0) wins per position, the ranks 1..3 of the hard stretches when decoding
+        assert decoding_tau(ranks, seq, fit) >= gain * decoding_tau(ranks, seq, base)
+        assert expected_tau(ranks, fit, 9) <= expected_tau(ranks, base, 9) + 1e-9     # best_tree is optimal there
 
 
 def test_tree_search_saves_trees_the_engine_uses(shard, target, tmp_path):  # noqa: F811
@@ -83,6 +122,7 @@ def test_tree_search_saves_trees_the_engine_uses(shard, target, tmp_path):  # no
                       target=target, compare=("chain-3",))
     assert set(res["trees"]) == {"tuned-8", "tuned-12"} and len(res["trees"]["tuned-12"]) == 11
     assert res["expected_tau"]["tuned-12"] >= res["expected_tau"]["tuned-8"] >= 1.0
+    assert set(res["decoding_tau"]) == set(res["expected_tau"]) and min(res["decoding_tau"].values()) >= 1.0
     assert json.loads((tmp_path / "ts.json").read_text())["trees"] == res["trees"]
     heads = load_heads(tmp_path / "h", target, dtype=torch.float32)
     assert heads.config.extra["trees"]["tuned-12"] == res["trees"]["tuned-12"]
