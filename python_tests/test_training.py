@@ -9,7 +9,7 @@ import torch
 from amphista_engine.errors import ConfigError, InputError
 from amphista_engine.heads import load_heads, new_heads
 from amphista_engine.training.data import ShardWriter, load_shard, read_prompts
-from amphista_engine.training.trainer import TrainConfig, head_features, train_heads
+from amphista_engine.training.trainer import BatchPlan, TrainConfig, epoch_batches, head_features, train_heads
 
 from conftest import random_tiny_model
 
@@ -118,6 +118,24 @@ def test_resume_after_kill_is_exact(shard, target, tmp_path, kind):
     assert sa["scheduler"] == sb["scheduler"]
     for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert torch.equal(ga["exp_avg"], gb["exp_avg"]) and torch.equal(ga["exp_avg_sq"], gb["exp_avg_sq"])
+
+
+def test_batch_plan_runs_through_epochs_of_different_sizes():
+    """Each epoch packs its own shuffle into a different number of batches; steps must walk every batch of
+    every epoch once, in order (a fixed steps-per-epoch once indexed past a shorter epoch's end)."""
+    import random
+    from amphista_engine.training.data import Sequence
+    r = random.Random(1)
+    seqs = [Sequence(str(i), list(range(r.randint(20, 300))), 10) for i in range(500)]
+    sizes = [len(epoch_batches(seqs, 1024, 0, e)) for e in range(5)]
+    assert len(set(sizes)) > 1 and min(sizes[1:]) < sizes[0]          # the case that crashed
+    want = [(e, i) for e in range(5) for i in range(sizes[e])]
+    plan = BatchPlan(seqs, 1024, 0)
+    assert [plan.locate(s) for s in range(len(want))] == want
+    late = BatchPlan(seqs, 1024, 0)                                     # a resumed run starts mid-plan
+    step = sum(sizes[:3]) + 2
+    assert late.locate(step) == (3, 2)
+    assert late.batch(step) == [seqs[i] for i in epoch_batches(seqs, 1024, 0, 3)[2]]
 
 
 def test_resume_refuses_other_recipe(shard, target, tmp_path):

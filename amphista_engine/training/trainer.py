@@ -132,6 +132,37 @@ def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int
     return batches
 
 
+class BatchPlan:
+    """Step -> batch over successive epochs. Each epoch packs its own shuffle, so epochs hold different numbers
+    of batches: steps run through every batch of epoch 0, then of epoch 1, ... A pure function of (seed, step),
+    which is what makes --resume exact."""
+
+    def __init__(self, seqs: list[Sequence], batch_tokens: int, seed: int):
+        self.seqs, self.batch_tokens, self.seed = seqs, batch_tokens, seed
+        self.starts = [0]               # starts[e]: first step of epoch e
+        self._epoch, self._batches = None, None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.seqs, self.batch_tokens, self.seed, epoch)
+        return self._batches
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, index of the batch within it)."""
+        e = max(i for i, s in enumerate(self.starts) if s <= step)
+        while True:
+            n = len(self.batches(e))
+            if e + 1 == len(self.starts):
+                self.starts.append(self.starts[e] + n)
+            if step < self.starts[e + 1]:
+                return e, step - self.starts[e]
+            e += 1
+
+    def batch(self, step: int) -> list[Sequence]:
+        epoch, idx = self.locate(step)
+        return [self.seqs[i] for i in self.batches(epoch)[idx]]
+
+
 def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: int, device, progress=True) -> dict:
     """One target forward over every sequence (train and held-out) into the disk cache, batched by length so
     little is padding; runs of both kinds (even in parallel) then read the states instead of recomputing them."""
@@ -548,12 +579,9 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, desc=f"train {cfg.kind}")
     t0, toks, last_ev, stop = time.perf_counter(), 0, None, cfg.stop_after
-    epoch_cache = {}
+    plan = BatchPlan(train_seqs, cfg.batch_tokens, cfg.seed)
     while step < total:
-        epoch, idx = divmod(step, per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, epoch)}
-        batch = [train_seqs[i] for i in epoch_cache[epoch][idx]]
+        batch = plan.batch(step)
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
         opt.zero_grad(set_to_none=True)
         r = run_batch(batch, gen, True)
