@@ -76,31 +76,29 @@ def decoding_tau(ranks: torch.Tensor, seq_idx: torch.Tensor, paths) -> float:
     step stopped right before it, so stretches the heads find easy are crossed in few steps and weigh less:
     tokens / steps is roughly a harmonic mean of (1 + accepted), below expected_tau's arithmetic mean (by ~10%
     for the shipped heads; benchmarks/tau_consistency.py checks it against real decoding)."""
-    paths = {tuple(p) for p in get_tree_choices(paths)}
-    rows = ranks.tolist()
-    visits = walk_visits(rows, seq_idx.tolist(), paths)
-    return sum(1 + accepted_depth(rows[i], paths) for i in visits) / max(1, len(visits))
+    steps, tokens, _ = _walk(ranks.tolist(), seq_idx.tolist(), {tuple(p) for p in get_tree_choices(paths)})
+    return tokens / max(1, steps)
 
 
-def walk_visits(rows: list, seqs: list, paths: set) -> list[int]:
-    """Indices of the rows decoding steps from. rows: rank tuples, each sequence's consecutive answer
+def _walk(rows: list, seqs: list, paths: set) -> tuple[int, int, list[int]]:
+    """(steps, tokens, visited row indices) of decoding. rows: rank tuples, each sequence's consecutive answer
     positions together and in order (as heldout_ranks returns them); seqs[i]: row i's sequence."""
-    visits, start = [], 0
+    visits, tokens, start = [], 0, 0
     for end in range(1, len(rows) + 1):
         if end < len(rows) and seqs[end] == seqs[start]:
             continue
         i = start
         while i < end:
             visits.append(i)
-            i += 1 + accepted_depth(rows[i], paths)
+            n = 1 + accepted_depth(rows[i], paths)
+            tokens, i = tokens + n, i + n
         start = end
-    return visits
+    return len(visits), tokens, visits
 
 
 def walk(rows: list, paths: set) -> tuple[int, int]:
     """(steps, tokens) of decoding one sequence whose consecutive answer positions have these rank rows."""
-    visits = walk_visits(rows, [0] * len(rows), paths)
-    return len(visits), sum(1 + accepted_depth(rows[i], paths) for i in visits)
+    return _walk(rows, [0] * len(rows), paths)[:2]
 
 
 def fit_decoding_tree(ranks: torch.Tensor, seq_idx: torch.Tensor, num_nodes: int, topk: int = TOPK,
@@ -108,16 +106,15 @@ def fit_decoding_tree(ranks: torch.Tensor, seq_idx: torch.Tensor, num_nodes: int
     """best_tree maximises acceptance over every position alike, but decoding only steps from the positions
     where its previous step stopped. Refit the tree on the positions its own walk visits, while that raises
     decoding_tau; returns the best tree seen (best_tree's included, so never worse than it)."""
-    tree = best_tree(ranks, num_nodes, topk)
-    best, best_tau = tree, decoding_tau(ranks, seq_idx, tree)
     rows, seqs = ranks.tolist(), seq_idx.tolist()
-    for _ in range(rounds):
-        visits = walk_visits(rows, seqs, {tuple(p) for p in tree})
-        tree = best_tree(ranks[visits], num_nodes, topk)
-        tau = decoding_tau(ranks, seq_idx, tree)
-        if tau <= best_tau:
+    best, best_tau = None, -1.0
+    tree = best_tree(ranks, num_nodes, topk)
+    for _ in range(rounds + 1):
+        steps, tokens, visits = _walk(rows, seqs, set(tree))
+        if tokens / max(1, steps) <= best_tau:
             break
-        best, best_tau = tree, tau
+        best, best_tau = tree, tokens / max(1, steps)
+        tree = best_tree(ranks[visits], num_nodes, topk)
     return best
 
 
