@@ -83,7 +83,7 @@ class PlainDecoder:
         so a CUDA graph that captured one call can replay it."""
         B = self.next.shape[0]
         length = self.cache.length[:B]
-        spec = AttentionSpec(length, causal_mask(1, self.device), kv_len)
+        spec = AttentionSpec(length, causal_mask(1, self.device), kv_len, decode=True)
         logits = self.model(self.next[:, None], length[:, None], self.cache, spec)
         length += 1
         self.next.copy_(self._sample(logits[:, -1]))

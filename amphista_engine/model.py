@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import ops
+from .kernels import cpu_exact, ops
 from .kv_cache import KVCache
 
 
@@ -27,10 +27,14 @@ class AttentionSpec:
     new_mask:   [B or 1, T, T] bool. new_mask[b, i, j]: new token i sees new token j.
     kv_len:     host int >= max(prefix_len) + T. Only cache slots [0, kv_len) are read; a bucketed upper
                 bound so attention cost tracks the real length without a device->host sync.
+    decode:     a decoding step (plain or tree verification), whose tokens must come out the same whatever
+                the slot layout: bf16 on the CPU then sums keys in position order (kernels/cpu_exact.py).
+                Prefills, shared by every decoder, leave it False.
     """
     prefix_len: torch.Tensor
     new_mask: torch.Tensor
     kv_len: int
+    decode: bool = False
 
     def dense_mask(self) -> torch.Tensor:
         """[B, T, kv_len] bool over cache slots."""
@@ -123,9 +127,12 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             cache.write(self.layer_idx, spec.prefix_len, k, v)
-            new_mask, dense = mask
-            out = ops.tree_attention(q, cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B], spec.prefix_len,
-                                     new_mask, spec.kv_len, dense_mask=dense)
+            kc, vc = cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B]
+            if isinstance(mask, cpu_exact.OrderedLayout):
+                out = cpu_exact.attention(q, kc, vc, mask)
+            else:
+                new_mask, dense = mask
+                out = ops.tree_attention(q, kc, vc, spec.prefix_len, new_mask, spec.kv_len, dense_mask=dense)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -166,6 +173,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_len = max_seq_len or cfg.max_position_embeddings
+        # bf16 on the CPU: attention that sums each token's keys in position order whatever the step's slot
+        # layout, so speculative greedy output equals plain greedy output (kernels/cpu_exact.py)
+        self.ordered_attention = True
         self.register_buffer("rope_freq_factors", None, persistent=False)
         self.register_buffer("rope", rope_table(cfg, self.rope_len), persistent=False)
 
@@ -191,6 +201,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if cache is None:
             mask = spec.new_mask.expand(B, T, T) if spec is not None else None   # None: causal
+        elif spec.decode and self.ordered_attention and cpu_exact.applies(cache.k):
+            mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len, cache.k.dtype,
+                                    self.config.n_heads // self.config.n_kv_heads)
         else:
             mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
         rope = self.rope[positions]

@@ -13,7 +13,7 @@ import torch
 from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
 from .generation import PlainDecoder, _sync, kv_window
-from .kernels import ops
+from .kernels import cpu_exact, ops
 from .model import AttentionSpec
 from .sampling import SamplingParams
 from .tree import TOPK, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
@@ -116,6 +116,10 @@ class SpeculativeDecoder(PlainDecoder):
         if acceptance == "rejection" and params.greedy:
             acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
+        ordered = getattr(model, "ordered_attention", False) and cpu_exact.applies(cache.k)
+        if ordered and tree.max_depth > cpu_exact.MAX_DEPTH:
+            raise ConfigError(f"tree {tree.name!r} is {tree.max_depth} deep; bf16 CPU verification keeps greedy "
+                              f"output exact for trees at most {cpu_exact.MAX_DEPTH} deep")
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
         self.tokens_per_step = tree.max_depth + 1
@@ -164,8 +168,8 @@ class SpeculativeDecoder(PlainDecoder):
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))
         mask = tree.mask if tree.batched else tree.mask[None]
-        logits, hidden = self.model(tree.tokens, positions, self.cache, AttentionSpec(length, mask, kv_len),
-                                    return_hidden=True)
+        spec = AttentionSpec(length, mask, kv_len, decode=True)
+        logits, hidden = self.model(tree.tokens, positions, self.cache, spec, return_hidden=True)
         t0 = self._tick("verify", t0)
 
         p = self.params

@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a oneDNN without bf16)
+# oneDNN computes a row identically for every row count up to 32, but not beyond (measured on AMX with 1 and 2
+# threads: the MLP's up-projection and the LM head change kernels at 33 rows). Tree verifications of up to
+# CHUNKED_UP_TO rows therefore run in 32-row pieces, so each node's logits equal those plain decoding computes
+# for the same token (kernels/cpu_exact.py); longer inputs are prefills, which both decoders share.
+ROW_CHUNK = 32
+CHUNKED_UP_TO = 512
 
 
 @functools.cache
@@ -69,7 +75,17 @@ class PackedLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         if self._packed_of != _stamp(w):                       # weights loaded or edited since packing
             self._pack()
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return _packed_linear(x, self._packed, self.bias)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if not ROW_CHUNK < rows <= CHUNKED_UP_TO:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    flat = x.reshape(rows, x.shape[-1])
+    out = torch.cat([torch.ops.mkldnn._linear_pointwise(c, packed, bias, "none", [], "")
+                     for c in flat.split(ROW_CHUNK)])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 _weights: dict[int, tuple] = {}    # id(weight) -> (weakref, _stamp, packed copy)
@@ -85,7 +101,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         for k in [k for k, e in _weights.items() if e[0]() is None]:
             del _weights[k]
         entry = _weights[id(w)] = (weakref.ref(w), _stamp(w), _pack(w))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[2], None, "none", [], "")
+    return _packed_linear(x, entry[2], None)
 
 
 def pack_linears(module: nn.Module) -> int:

@@ -1,0 +1,103 @@
+"""Attention whose result for a token does not depend on how the step laid out its keys: bf16 greedy on the
+CPU stays token-for-token identical between plain decoding and tree verification.
+
+A token at position p attends to the keys of positions 0..p. Plain decoding finds them in cache slots 0..p;
+a tree node finds its ancestors in slots scattered among its siblings'. PyTorch's CPU flash attention sums
+over keys in blocks of up to 512 whose sizes follow the key count, so the same keys in another layout round
+differently, and in bf16 a near-tie between two tokens then flips (benchmarks/results/cpu_bf16/divergence.md).
+
+Here every query's keys are split at a point that depends on its position only, s(p) = the multiple of
+ALIGN at most p - MAX_DEPTH (at least 0), and one flash attention call reads, for all queries at once,
+- cache slots [0, kv) with kv rounded up to flash's 512-key block: keys [0, s(p)) sit in slots 0..s(p) - 1
+  in every layout (s(p) never passes the step's prefix), so they fall into the same blocks at the same
+  offsets whatever the key count; the rest of the prefix is masked for that query;
+- then N windows of WINDOW keys, one per query, holding positions s(p)..p gathered in position order (the
+  others' windows masked). A window starts a fresh block or sits at a multiple of WINDOW inside one, so
+  its keys keep their SIMD lanes, and masked keys only add exact zeros to each lane's running sum.
+Linear layers are made row-count invariant in `cpu_packed` (ROW_CHUNK); everything else in a forward is
+per-row elementwise or reduces within one row. Decode steps only (`AttentionSpec.decode`): prefills are
+shared by every decoder. Cost (benchmarks/results/cpu_bf16/ordered_attention.md): about one plain step's
+time for plain steps, ~1.2x a 16-32-node SDPA verification. `python_tests/test_cpu_exact.py` checks plain ==
+tree rows bit for bit on random trees and bf16 plain == speculative greedy decoding on the real model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 8           # split points are multiples of this
+MAX_DEPTH = 7       # deepest new token (tree depth) that keeps s(p) inside the prefix: heads draft <= 7
+WINDOW = 16         # >= ALIGN + MAX_DEPTH: keys [s(p), p] always fit; a multiple of the 16 fp32 SIMD lanes
+KV_BLOCK = 512      # PyTorch's CPU flash attention key block (FlashAttentionKernel.cpp, kv_split_size)
+
+
+def applies(kv: torch.Tensor) -> bool:
+    """For a bf16 KV cache on the CPU (fp32 keeps plain and tree results equal in practice: its rounding
+    is 65536x finer than bf16's, and the committed fp32 evaluations never saw a mismatch)."""
+    return kv.device.type == "cpu" and kv.dtype == torch.bfloat16
+
+
+@dataclass
+class OrderedLayout:
+    """Built once per forward, shared by every layer. Keys: cache slots [0, kv), then N windows of WINDOW."""
+    kv: int                    # a multiple of KV_BLOCK, >= the forward's kv_len
+    tail_slots: torch.Tensor   # [B, N * WINDOW] long: the cache slot of position s(p) + w, per token's window
+    bias: torch.Tensor         # [B, 1, G * N, kv + N * WINDOW] 0 / -inf, query rows ordered (g, n) like q
+
+
+def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capacity: int, dtype: torch.dtype,
+           groups: int) -> OrderedLayout:
+    """prefix_len [B]; new_mask [B or 1, N, N] bool, ancestor-or-self (causal for prefill and plain steps);
+    kv_len the forward's key window; capacity the cache's slot count; groups = query heads per KV head.
+    Requires every new token's depth (ancestors among the new tokens) <= MAX_DEPTH, or the new tokens to
+    form one causal chain (a prefill), so that keys before s(p) sit in slots 0..s(p) - 1."""
+    B, N = prefix_len.shape[0], new_mask.shape[-1]
+    dev = prefix_len.device
+    m = new_mask.expand(B, N, N)
+    depth = m.sum(-1) - 1                                                   # [B, N]
+    pos = prefix_len[:, None] + depth
+    split = (pos - MAX_DEPTH).clamp(min=0) // ALIGN * ALIGN                 # [B, N]
+    # anc[b, i, r]: node i's ancestor at depth r (entries past its depth point at node 0)
+    at = torch.where(m, depth[:, None, :].expand(B, N, N), N)
+    anc = torch.zeros(B, N, N + 1, dtype=torch.long, device=dev)
+    anc.scatter_(2, at, torch.arange(N, device=dev).expand(B, N, N))
+    w = split[..., None] + torch.arange(WINDOW, device=dev)                  # [B, N, W] positions
+    rel = w - prefix_len[:, None, None]                                     # >= 0: depth among the new tokens
+    new_slot = prefix_len[:, None, None] + anc.gather(2, rel.clamp(0, N - 1))
+    tail_slots = torch.where(rel < 0, w, new_slot).clamp_(0, capacity - 1).reshape(B, N * WINDOW)
+    kv = -(-kv_len // KV_BLOCK) * KV_BLOCK
+    key = torch.arange(kv + N * WINDOW, device=dev)
+    own = key - kv - torch.arange(N, device=dev)[:, None] * WINDOW          # [N, K]: offset in own window
+    seen = (key < split[..., None]) | ((own >= 0) & (own < WINDOW) & (split[..., None] + own <= pos[..., None]))
+    bias = torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill_(~seen, float("-inf"))
+    bias = bias[:, None, None].expand(B, 1, groups, N, -1).reshape(B, 1, groups * N, -1)
+    return OrderedLayout(kv, tail_slots, bias)
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _keys(cache: torch.Tensor, lay: OrderedLayout) -> torch.Tensor:
+    """[B, H_kv, kv + N * WINDOW, D]: cache slots [0, kv) (zeros past the cache's end), then the windows."""
+    B, Hkv, S, D = cache.shape
+    live = min(lay.kv, S)
+    out = cache.new_empty(B, Hkv, lay.kv + lay.tail_slots.shape[1], D)
+    out[:, :, :live] = cache[:, :, :live]
+    if live < lay.kv:
+        out[:, :, live:lay.kv] = 0          # masked keys must still be finite (0 * inf is NaN)
+    for b in range(B):
+        out[b, :, lay.kv:] = cache[b].index_select(1, lay.tail_slots[b])
+    return out
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lay: OrderedLayout,
+              scale: float | None = None) -> torch.Tensor:
+    """q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D] with the new tokens' K/V already written.
+    Returns [B, H, N, D] in q's dtype: ops.tree_attention's result up to bf16 rounding."""
+    B, H, N, D = q.shape
+    Hkv = k_cache.shape[1]
+    # The query heads sharing a KV head become G * N query rows of one flash call (rows never interact).
+    out, _ = _flash(q.reshape(B, Hkv, H // Hkv * N, D), _keys(k_cache, lay), _keys(v_cache, lay),
+                    attn_mask=lay.bias, scale=scale)
+    return out.reshape(B, H, N, D)

