@@ -13,7 +13,7 @@ import torch
 from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
 from .generation import PlainDecoder, _sync, kv_window
-from .kernels import cpu_exact, ops
+from .kernels import cpu_exact, cpu_packed, ops
 from .model import AttentionSpec
 from .sampling import SamplingParams
 from .tree import TOPK, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
@@ -117,9 +117,10 @@ class SpeculativeDecoder(PlainDecoder):
             acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
         ordered = getattr(model, "ordered_attention", False) and cpu_exact.applies(cache.k)
-        if ordered and tree.max_depth > cpu_exact.MAX_DEPTH:
-            raise ConfigError(f"tree {tree.name!r} is {tree.max_depth} deep; bf16 CPU verification keeps greedy "
-                              f"output exact for trees at most {cpu_exact.MAX_DEPTH} deep")
+        if ordered and (tree.max_depth > cpu_exact.MAX_DEPTH or tree.num_nodes > cpu_packed.CHUNKED_UP_TO):
+            raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; bf16 CPU "
+                              f"verification keeps greedy output exact for trees of at most "
+                              f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep (fp32 takes any tree)")
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
         self.tokens_per_step = tree.max_depth + 1

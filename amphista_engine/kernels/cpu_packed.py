@@ -23,9 +23,10 @@ ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a oneDNN
 # oneDNN computes a row identically for every row count up to 32, but not beyond (measured on AMX with 1 and 2
 # threads: the MLP's up-projection and the LM head change kernels at 33 rows). Tree verifications of up to
 # CHUNKED_UP_TO rows therefore run in 32-row pieces, so each node's logits equal those plain decoding computes
-# for the same token (kernels/cpu_exact.py); longer inputs are prefills, which both decoders share.
+# for the same token (kernels/cpu_exact.py). Longer inputs are left whole: they are prefills, which every
+# decoder shares, and 32-row pieces would re-read the weights for each.
 ROW_CHUNK = 32
-CHUNKED_UP_TO = 512
+CHUNKED_UP_TO = 64
 
 
 @functools.cache
