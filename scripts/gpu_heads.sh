@@ -23,7 +23,8 @@ A="python -m amphista_engine.cli"
 STASH=${STASH:-/root/gpu_heads}           # outside the repo: survives between calls on a warm machine
 DEVICE=${DEVICE:-cuda}
 BATCH_TOKENS=${BATCH_TOKENS:-16384}; LOSS_POSITIONS=${LOSS_POSITIONS:-0}; LR=${LR:-1e-3}; MSE=${MSE:-0.1}
-DRAFT_VOCAB=${DRAFT_VOCAB:-8192}; BUDGET_S=${BUDGET_S:-420}; KINDS=${KINDS:-"amphista medusa"}
+DRAFT_VOCAB=${DRAFT_VOCAB:-8192}; BUDGET_S=${BUDGET_S:-360}; KINDS=${KINDS:-"amphista medusa"}
+TARGET_DTYPE=${TARGET_DTYPE:-fp32}       # the teacher as the CPU runs saw it (135M parameters: cheap on a GPU)
 
 case "${1:-}" in
 prepare)
@@ -60,7 +61,7 @@ train)
     META=$STASH/meta; mkdir -p "$META"    # small files travel in one archive: at most 8 files come back
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$META/card.txt" || true
     run_kind() {   # kind steps out
-        $A train --data $DATA --out "$3" --model "$GGUF" --device "$DEVICE" --kind "$1" --num-heads 4 --loss kl \
+        $A train --data $DATA --out "$3" --model "$GGUF" --device "$DEVICE" --dtype "$TARGET_DTYPE" --kind "$1" --num-heads 4 --loss kl \
             --lambda 0.8 --mse-weight "$MSE" --loss-positions "$LOSS_POSITIONS" --draft-vocab "$DRAFT_VOCAB" \
             --steps "$2" --batch-tokens "$BATCH_TOKENS" --lr "$LR" --warmup $(( $2 / 25 + 1 )) --clip 1.0 --seed 0 \
             --train-dtype bf16 --save-dtype bf16 --eval-every $(( $2 / 8 + 1 )) --eval-max-seqs 64 \
@@ -78,7 +79,7 @@ train)
     fi
     for k in $KINDS; do run_kind "$k" "$STEPS" "$STASH/heads-$k" > "$META/train-$k.log" 2>&1 & done; wait
     for k in $KINDS; do
-        $A tree-search --data $DATA --heads "$STASH/heads-$k" --model "$GGUF" --device "$DEVICE" --nodes 16,32,63 \
+        $A tree-search --data $DATA --heads "$STASH/heads-$k" --model "$GGUF" --device "$DEVICE" --dtype "$TARGET_DTYPE" --nodes 16,32,63 \
             --save --out "$META/trees-$k.json" > "$META/trees-$k.log" 2>&1 &
     done; wait
     for k in $KINDS; do
