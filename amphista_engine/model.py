@@ -179,6 +179,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_freq_factors", None, persistent=False)
         self.register_buffer("rope", rope_table(cfg, self.rope_len), persistent=False)
 
+    def orders_decode(self, cache: KVCache) -> bool:
+        """Whether decode steps over `cache` take the position-ordered attention of kernels/cpu_exact.py."""
+        return self.ordered_attention and cpu_exact.applies(cache.k)
+
     def tie_weights(self):
         if self.config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -201,7 +205,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if cache is None:
             mask = spec.new_mask.expand(B, T, T) if spec is not None else None   # None: causal
-        elif spec.decode and self.ordered_attention and cpu_exact.applies(cache.k):
+        elif spec.decode and self.orders_decode(cache):
             mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len, cache.k.dtype,
                                     self.config.n_heads // self.config.n_kv_heads)
         else:

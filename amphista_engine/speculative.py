@@ -116,8 +116,8 @@ class SpeculativeDecoder(PlainDecoder):
         if acceptance == "rejection" and params.greedy:
             acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
-        ordered = getattr(model, "ordered_attention", False) and cpu_exact.applies(cache.k)
-        if ordered and (tree.max_depth > cpu_exact.MAX_DEPTH or tree.num_nodes > cpu_packed.CHUNKED_UP_TO):
+        too_big = tree.max_depth > cpu_exact.MAX_DEPTH or tree.num_nodes > cpu_packed.CHUNKED_UP_TO
+        if too_big and model.orders_decode(cache):
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; bf16 CPU "
                               f"verification keeps greedy output exact for trees of at most "
                               f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep (fp32 takes any tree)")

@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 
+from amphista_engine.generation import kv_window
 from amphista_engine.kernels import cpu_exact, cpu_packed, reference
 from conftest import needs_smollm2
+from kernel_checks import rel_err
 
 Hkv, G, D = 3, 3, 64
 H = Hkv * G
@@ -27,14 +29,6 @@ def rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
         while j >= 0:
             m[i, j], j = True, parent[j]
     return m
-
-
-def kv_window(n: int, cap: int) -> int:
-    return min(cap, -(-n // 128) * 128)
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.mark.parametrize("seed", range(6))
