@@ -6,7 +6,9 @@
 #   3. runs every kernel microbenchmark (benchmarks/kernels/run_all.py, when present),
 #   4. times end-to-end decode steps, plain vs Medusa vs Amphista, CUDA graphs on and off, on random-weight
 #      Llama-7B and SmolLM2-135M shapes in bf16 (benchmarks/latency_gpu.py),
-# in under 8 minutes, writing JSON + markdown to --out DIR (default ./gpu_results) with the card, driver, date,
+#   5. measures whether bf16 greedy speculative decoding keeps plain greedy's tokens, per backend
+#      (benchmarks/gpu_greedy_agreement.py),
+# in under 9 minutes, writing JSON + markdown to --out DIR (default ./gpu_results) with the card, driver, date,
 # commit and torch/CUDA versions: summary.md / summary.json, latency.{json,md}, kernels.json, tests.xml and
 # the whole log (suite.log). Commit the results under benchmarks/results/ when they are worth keeping.
 #
@@ -21,7 +23,7 @@ set -uo pipefail
 OUT=./gpu_results
 SKIP_BUILD=0
 DRY_RUN=0
-BUDGET=470                      # seconds for all stages; the 8-minute promise leaves ~10 s of slack
+BUDGET=510                      # seconds for all stages (build 200 at most, tests 170, kernels 80, latency, agreement 50)
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -135,10 +137,13 @@ else
 fi
 
 # ---- 4. end-to-end decode steps -------------------------------------------------------------------------
-LEFT=$(( BUDGET - ($(date +%s) - START) ))
-run_stage latency 180 0 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
+LEFT=$(( BUDGET - ($(date +%s) - START) - 50 ))
+run_stage latency 180 50 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
 
-# ---- 5. summary -----------------------------------------------------------------------------------------
+# ---- 5. bf16 greedy agreement, speculative vs plain, per backend (a measurement, not a test) ---------------
+run_stage agreement 50 0 "$PY" benchmarks/gpu_greedy_agreement.py --out "$OUT" --time-budget 30
+
+# ---- 6. summary -----------------------------------------------------------------------------------------
 if [ "$DRY_RUN" = 1 ]; then
   echo "gpu_suite: dry run, nothing executed"
   exit 0
@@ -172,6 +177,8 @@ lines = [f"# GPU suite: {meta['card']}, {meta['date']}", ""] + [f"- {k}: {v}" fo
 lines += ["", "| stage | status | seconds |", "|---|---|---|"] + [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
 if lat:
     lines += ["", (out / "latency.md").read_text()]
+if (out / "greedy_agreement.md").exists():
+    lines += ["", (out / "greedy_agreement.md").read_text()]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

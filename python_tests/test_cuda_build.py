@@ -314,7 +314,8 @@ def test_gpu_suite_rejects_unknown_arguments(tmp_path):
 
 def test_gpu_suite_dry_run_lists_every_stage(tmp_path):
     """--dry-run (no GPU needed) shows the plan: a build for one arch with nothing fetched, the GPU tests,
-    every kernel microbenchmark and the end-to-end latency run, each under a time limit inside 8 minutes."""
+    every kernel microbenchmark, the end-to-end latency run and the greedy-agreement measurement, each under a
+    time limit inside 9 minutes."""
     out = tmp_path / "res"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -330,5 +331,20 @@ def test_gpu_suite_dry_run_lists_every_stage(tmp_path):
     if (ROOT / "benchmarks" / "kernels" / "run_all.py").exists():
         assert "run_all.py" in cmds["kernels"]
     assert "latency_gpu.py" in cmds["latency"] and str(out) in cmds["latency"]
+    assert "gpu_greedy_agreement.py" in cmds["agreement"] and str(out) in cmds["agreement"]
     limits = {s[0]: int(s[1]) for s in stages}
-    assert limits["build-pip"] + limits["tests"] + limits.get("kernels", 0) <= 480
+    assert limits["build-pip"] + limits["tests"] + limits.get("kernels", 0) + limits["agreement"] <= 540
+
+
+def test_greedy_agreement_benchmark_smoke_on_cpu(tmp_path):
+    """The GPU suite's agreement stage, on the CPU's torch backend (bf16 there is exact: kernels/cpu_exact.py):
+    every row must report speculative == plain, and the unavailable backends are named, not silently dropped."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_greedy_agreement.py"), "--device", "cpu",
+                           "--shape", "tiny", "--tokens", "16", "--trees", "tree-16", "--backends", "torch,cuda", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads((tmp_path / "greedy_agreement.json").read_text())
+    assert [(r["backend"], r["dtype"]) for r in res["rows"]] == [("torch", "bf16"), ("torch", "fp32")]
+    assert all(r["identical"] and r["common"] == [16, 16] for r in res["rows"]), res["rows"]
+    if not HAS_GPU:
+        assert any("cuda bf16" in n for n in res["notes"]) and any("cuda fp32" in n for n in res["notes"])
