@@ -32,7 +32,9 @@ def same_result(a, b):
 def check_verify_step(backend_name: str, tree_name: str, H: int, S: int, prefix: list[int], dtype, tol: float):
     """One layer's verification step built from the ops (RoPE, KV write, tree attention, greedy accept, KV
     compaction) on `backend_name` against the torch backend: close logits, and where the argmaxes agree
-    (near-ties aside) identical accept results and caches."""
+    (near-ties aside) identical accept results and caches: V bit for bit (written and compacted by copies
+    only), K within `tol` (it passes through RoPE, where a GPU compiler may fuse multiply-adds: seen with
+    Triton on an H200, 2026-11-27)."""
     from amphista_engine.config import ModelConfig
     from amphista_engine.kernels import ops, use_backend
     from amphista_engine.model import rope_table
@@ -70,4 +72,5 @@ def check_verify_step(backend_name: str, tree_name: str, H: int, S: int, prefix:
     assert rel_err(l2, l1) < tol
     if torch.equal(l1.argmax(-1), l2.argmax(-1)):
         same_result(r1, r2)
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert torch.equal(v1, v2)
+        assert rel_err(k2, k1) < tol

@@ -119,7 +119,7 @@ def test_tree_attention_dispatch_and_mask_forms(poisoned):
         assert torch.equal(new_mask, dt.ancestor_bits.to(DEV))
         assert rel_err(ops.tree_attention(q, k, v, prefix, mask, 56), ref) < TOL[torch.float32]
         assert rel_err(ops.tree_attention(q, k, v, prefix, new_mask, 56), ref) < TOL[torch.float32]
-        big = torch.ones(65, 65, dtype=torch.bool).tril()[None]
+        big = torch.ones(65, 65, dtype=torch.bool, device=DEV).tril()[None]
         q65 = randn(g, 1, H, 65, D)
         kc, vc = randn(g, 1, Hkv, 80, D), randn(g, 1, Hkv, 80, D)
         p0 = torch.zeros(1, dtype=torch.long, device=DEV)
