@@ -102,7 +102,8 @@ def _tree_bits(new_mask: torch.Tensor, B: int, N: int):
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask=None):
+                   dense_mask=None, splits: Optional[int] = None):
+    """splits: the split-K factor (None = num_splits' heuristic; open for benchmarks/kernels/tune.py)."""
     dev = q.device
     if not _ready(dev) or q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         return NotImplemented
@@ -131,7 +132,8 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     if not math.isfinite(scale) or scale < 0:
         return NotImplemented
     G = H // Hkv
-    splits = num_splits(B * Hkv, -(-G * N // 64), kv_len, dev)
+    if splits is None:
+        splits = num_splits(B * Hkv, -(-G * N // 64), kv_len, dev)
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
     rows = B * N * H
     work_o = work_ml = None

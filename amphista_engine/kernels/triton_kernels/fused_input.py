@@ -44,8 +44,10 @@ def _fused_input_kernel(Hid, Tok, E, W, Out, M, D,
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def fused_sal_input(hidden, tokens, emb_weight, w_fuse):
-    """Launcher: hidden [..., d], tokens [...], emb_weight [V, d], w_fuse [d, 2d] -> [..., d] (W's dtype)."""
+def fused_sal_input(hidden, tokens, emb_weight, w_fuse, block_n: int | None = None, block_k: int = 64,
+                    num_warps: int = 4, num_stages: int = 3):
+    """Launcher: hidden [..., d], tokens [...], emb_weight [V, d], w_fuse [d, 2d] -> [..., d] (W's dtype).
+    block_n (None = heuristic), block_k, num_warps and num_stages are open for benchmarks/kernels/tune.py."""
     d = hidden.shape[-1]
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, d)
@@ -58,9 +60,11 @@ def fused_sal_input(hidden, tokens, emb_weight, w_fuse):
         return out.view(*lead, d)
     block_m = min(64, max(16, next_pow2(M)))
     # Narrow column tiles when few would exist: ~2 programs per SM keep the weight stream going.
-    block_n = 64 if cdiv(d, 64) * cdiv(M, block_m) >= 2 * sm_count(hidden.device) else 32
+    if block_n is None:
+        block_n = 64 if cdiv(d, 64) * cdiv(M, block_m) >= 2 * sm_count(hidden.device) else 32
     _fused_input_kernel[(cdiv(M, block_m), cdiv(d, block_n))](
         h2, tok, emb_weight, w_fuse, out, M, d, h2.stride(0), emb_weight.stride(0), w_fuse.stride(0), d,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, EXACT=exact_dot(w_fuse.dtype), num_warps=4, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXACT=exact_dot(w_fuse.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out.view(*lead, d)

@@ -171,9 +171,10 @@ def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
                    bits: torch.Tensor, kv_len: int, scale: float | None = None, num_splits: int | None = None,
-                   block_n: int = BLOCK_N) -> torch.Tensor:
+                   block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
-    Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic."""
+    Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic;
+    it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py."""
     B, H, N, D = q.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -205,7 +206,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         *out.stride(),
         H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
         G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
-        EXACT=exact_dot(q.dtype), num_warps=4, num_stages=2,
+        EXACT=exact_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         n_rows = B * H * N
