@@ -15,8 +15,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="static KV cache length")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                   help="replay decode steps from CUDA graphs (GPU only)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay decode steps from CUDA graphs (GPU only; on by default, --no-cuda-graphs for eager)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser):

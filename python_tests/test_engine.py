@@ -123,3 +123,21 @@ def test_smollm2_chat_generate_cli(capsys):
     assert rc == 0
     cap = capsys.readouterr()
     assert cap.out.strip() and "tok/s" in cap.err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_cuda_replays_graphs_by_default_and_matches_eager(tiny_hf_dir):
+    """On a GPU the Engine replays decode steps from CUDA graphs unless told not to, and its greedy answers,
+    plain and speculative, are the eager ones (fp32, so no bf16 near-tie can flip)."""
+    from amphista_engine.heads import random_heads
+    prompts = ["The quick brown fox", "Hello, world! def f(x):"]
+    answers = {}
+    for graphs in (True, False):
+        kw = {} if graphs else {"cuda_graphs": False}
+        eng = Engine.from_pretrained(str(tiny_hf_dir), device="cuda", dtype="float32", max_seq_len=256, **kw)
+        eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1).to("cuda"))
+        answers[graphs] = [eng.generate(p, max_new_tokens=40, chat=False, speculative=s).token_ids
+                           for p in prompts for s in (None, "amphista")]
+        assert eng.graphs.enabled == graphs
+        assert (eng.graphs.stats.replays > 0) == graphs
+    assert answers[True] == answers[False]

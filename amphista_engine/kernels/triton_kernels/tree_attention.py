@@ -31,7 +31,10 @@ from .common import cdiv, dot, exact_dot, next_pow2, sm_count
 BLOCK_N = 64          # keys per tile: a [64, 128] bf16 K tile is 16 KiB, two stages fit every SM
 MIN_CHUNK = 128       # keys per split at least: below this the merge costs more than the parallelism gains
 MERGE_ROWS = 16       # output rows per merge program
-PARTIAL_BUDGET = 8    # keep partial-output traffic (G*N*splits*fp32*2) under ~1/8 of the K/V bytes per split
+# Partial-output traffic (G*N*splits rows of fp32) may reach about half the K/V bytes of a split. Measured on
+# an H200 (benchmarks/results/gpu/h200_2026-11-27_tune): the former 1/8 left a 64-node tree with one split
+# (SmolLM2 shape, prefix 2048: 25.9 us; 4 splits: 10.7 us) and two on the 7B shape at prefix 1024 (14.7 us; 4: 12.4).
+PARTIAL_BUDGET = 2
 
 
 @triton.jit
@@ -171,7 +174,7 @@ def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
                    bits: torch.Tensor, kv_len: int, scale: float | None = None, num_splits: int | None = None,
-                   block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                   block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
     Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic;
     it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py."""
@@ -190,6 +193,10 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     chunk = cdiv(cdiv(kv_len, max(num_splits, 1)), block_n) * block_n
     splits = max(1, cdiv(kv_len, chunk))
     single = splits == 1
+    if num_stages is None:
+        # A third pipeline stage pays once a split streams 4+ tiles (H200: prefix 4096, 8 tiles: 26.8 vs
+        # 29.1 us) and costs a little on 2-tile splits (prefix 1024: 13.3 vs 12.8 us).
+        num_stages = 3 if chunk // block_n >= 4 else 2
     if single:
         o_part = lse_part = out_buf           # unused
     else:
