@@ -161,6 +161,41 @@ def test_fused_sal_input(B, M, d, h_dtype, w_dtype, poisoned):
     assert rel_err(out, ref) < TOL[w_dtype]
 
 
+def test_fused_sal_input_falls_back_when_a_pipeline_does_not_fit(monkeypatch):
+    """The launcher tries its configurations fastest first; one that a GPU cannot hold (Triton's
+    OutOfResources, as fp32 operands with 256-wide K tiles and 4 stages raised on an H200) is skipped, the
+    result is still right, and the choice is remembered so the next call goes straight to what fits."""
+    from triton.runtime.errors import OutOfResources
+    from amphista_engine.kernels.triton_kernels import common, fused_input as fi
+    real, tried = fi._fused_input_kernel, []
+
+    class Tight:          # stands in for a GPU with too little shared memory for 4 stages
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                tried.append((kw["BLOCK_K"], kw["num_stages"]))
+                if kw["num_stages"] >= 4:
+                    raise OutOfResources(294912, 232448, "shared memory")
+                return real[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(fi, "_fused_input_kernel", Tight())
+    monkeypatch.setattr(common, "_fitting", {})
+    g = gen("fused_fallback")
+    hidden, w = randn(g, 1, 3, 64), randn(g, 64, 128, scale=128 ** -0.5)
+    tokens, emb = torch.randint(0, 50, (1, 3), generator=g).to(DEV), randn(g, 50, 64)
+    ref = reference.fused_sal_input(hidden, tokens, emb, w)
+    assert rel_err(fi.fused_sal_input(hidden, tokens, emb, w), ref) < TOL[torch.float32]
+    assert [st for _, st in tried] == [4, 3]            # 256-wide tiles clamp to 64 at d = 64
+    tried.clear()
+    assert rel_err(fi.fused_sal_input(hidden, tokens, emb, w), ref) < TOL[torch.float32]
+    assert [st for _, st in tried] == [3]               # remembered
+
+    def never_fits(a):
+        raise OutOfResources(1, 0, "shared memory")
+    with pytest.raises(OutOfResources):                 # nothing fits: the error is not swallowed
+        common.launch_first_fitting(never_fits, [dict(a=1), dict(a=2)], "nothing fits")
+
+
 # ---- RMSNorm and RoPE ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,dtype", [((3, 5, 96), torch.float32), ((7, 576), torch.bfloat16)])
 def test_rmsnorm_and_add(shape, dtype, poisoned):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Callable, Hashable, Sequence
 
 import torch
 import triton
@@ -21,6 +22,30 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_fitting: dict[Hashable, int] = {}
+
+
+def launch_first_fitting(launch: Callable[..., None], options: Sequence[dict], key: Hashable) -> None:
+    """launch(**options[i]) for the first i whose kernel fits the GPU, remembered per `key`.
+
+    The options are ordered fastest first (as measured on an H200); a deep pipeline that fits there can need
+    more shared memory than a smaller GPU has (seen on the H200 itself with fp32 operands: 288 KiB asked,
+    227 KiB there). Triton raises OutOfResources before anything is launched, so falling back is safe, also
+    while a CUDA graph is captured (the decode loop warms every step up eagerly first)."""
+    from triton.runtime.errors import OutOfResources
+    i = _fitting.get(key, 0)
+    while True:
+        try:
+            launch(**options[i])
+        except OutOfResources:
+            if i + 1 >= len(options):
+                raise
+            i += 1
+            continue
+        _fitting[key] = i
+        return
 
 
 def num_warps_for(block: int) -> int:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, dot, exact_dot, next_pow2, sm_count
+from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, sm_count
 
 
 @triton.jit
@@ -44,8 +44,14 @@ def _fused_input_kernel(Hid, Tok, E, W, Out, M, D,
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+# (K tile, pipeline stages), fastest first on an H200; later ones for GPUs (or fp32 operands) with less
+# shared memory.
+FUSED_INPUT_CONFIGS = [dict(block_k=256, num_stages=4), dict(block_k=256, num_stages=3),
+                       dict(block_k=128, num_stages=3), dict(block_k=64, num_stages=2)]
+
+
 def fused_sal_input(hidden, tokens, emb_weight, w_fuse, block_n: int | None = None, block_k: int | None = None,
-                    num_warps: int = 4, num_stages: int = 4):
+                    num_warps: int = 4, num_stages: int | None = None):
     """Launcher: hidden [..., d], tokens [...], emb_weight [V, d], w_fuse [d, 2d] -> [..., d] (W's dtype).
     block_n (None = heuristic), block_k, num_warps and num_stages are open for benchmarks/kernels/tune.py."""
     d = hidden.shape[-1]
@@ -59,16 +65,21 @@ def fused_sal_input(hidden, tokens, emb_weight, w_fuse, block_n: int | None = No
     if M == 0:
         return out.view(*lead, d)
     block_m = min(64, max(16, next_pow2(M)))
-    # Narrow column tiles when few would exist: ~2 programs per SM keep the weight stream going.
-    if block_k is None:
-        # Long K tiles, four stages deep: the most weight bytes in flight per program. H200, 7B shape (M = 1):
-        # 20.5 us against 51.9 us with 64-wide tiles and three stages (cuBLAS through torch: 26 us).
-        block_k = min(256, max(64, next_pow2(d)))
     if block_n is None:
+        # Narrow column tiles when few would exist: ~2 programs per SM keep the weight stream going.
         block_n = 64 if cdiv(d, 64) * cdiv(M, block_m) >= 2 * sm_count(hidden.device) else 32
-    _fused_input_kernel[(cdiv(M, block_m), cdiv(d, block_n))](
-        h2, tok, emb_weight, w_fuse, out, M, d, h2.stride(0), emb_weight.stride(0), w_fuse.stride(0), d,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EXACT=exact_dot(w_fuse.dtype), num_warps=num_warps,
-        num_stages=num_stages,
-    )
+
+    def launch(block_k, num_stages):
+        _fused_input_kernel[(cdiv(M, block_m), cdiv(d, block_n))](
+            h2, tok, emb_weight, w_fuse, out, M, d, h2.stride(0), emb_weight.stride(0), w_fuse.stride(0), d,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, max(64, next_pow2(d))),
+            EXACT=exact_dot(w_fuse.dtype), num_warps=num_warps, num_stages=num_stages)
+
+    if block_k is not None or num_stages is not None:          # explicit (benchmarks/kernels/tune.py)
+        launch(block_k or 64, num_stages or 3)
+    else:
+        # Long K tiles, deep pipeline: the most weight bytes in flight per program. H200, 7B shape (M = 1):
+        # 20.5 us with (256, 4) against 51.9 us with (64, 3) (cuBLAS through torch: 26 us).
+        launch_first_fitting(launch, FUSED_INPUT_CONFIGS,
+                             (hidden.device, h2.dtype, w_fuse.dtype, block_m, block_n, num_warps, "fused_input"))
     return out.view(*lead, d)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, dot, exact_dot, next_pow2, sm_count
+from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, sm_count
 
 BLOCK_N = 64          # keys per tile: a [64, 128] bf16 K tile is 16 KiB, two stages fit every SM
 MIN_CHUNK = 128       # keys per split at least: below this the merge costs more than the parallelism gains
@@ -193,10 +193,6 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     chunk = cdiv(cdiv(kv_len, max(num_splits, 1)), block_n) * block_n
     splits = max(1, cdiv(kv_len, chunk))
     single = splits == 1
-    if num_stages is None:
-        # A third pipeline stage pays once a split streams 4+ tiles (H200: prefix 4096, 8 tiles: 26.8 vs
-        # 29.1 us) and costs a little on 2-tile splits (prefix 1024: 13.3 vs 12.8 us).
-        num_stages = 3 if chunk // block_n >= 4 else 2
     if single:
         o_part = lse_part = out_buf           # unused
     else:
@@ -206,15 +202,27 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     bits = bits.reshape(-1, N)
     prefix_len = prefix_len.contiguous()
     block_d = next_pow2(D)
-    _tree_attn_fwd[(B * H_kv, m_blocks, splits)](
-        q, k_cache, v_cache, bits, prefix_len, out, o_part, lse_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        bits.stride(0) if bits.shape[0] > 1 else 0, bits.stride(1),
-        *out.stride(),
-        H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
-        G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
-        EXACT=exact_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(num_stages):
+        _tree_attn_fwd[(B * H_kv, m_blocks, splits)](
+            q, k_cache, v_cache, bits, prefix_len, out, o_part, lse_part,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            bits.stride(0) if bits.shape[0] > 1 else 0, bits.stride(1),
+            *out.stride(),
+            H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
+            G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
+            EXACT=exact_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        )
+
+    if num_stages is not None:
+        launch(num_stages)
+    else:
+        # A third pipeline stage pays once a split streams 4+ tiles (H200: prefix 4096, 8 tiles: 26.8 vs
+        # 29.1 us) and costs a little on 2-tile splits (prefix 1024: 13.3 vs 12.8 us); two stages where
+        # three do not fit (fp32 K/V tiles on a GPU with less shared memory).
+        stages = [3, 2] if chunk // block_n >= 4 else [2]
+        launch_first_fitting(launch, [dict(num_stages=st) for st in stages],
+                             (q.device, q.dtype, G, D, block_m, block_n, single, num_warps, stages[0], "tree_attention"))
     if not single:
         n_rows = B * H * N
         block_r = min(MERGE_ROWS, next_pow2(n_rows))
