@@ -2,10 +2,12 @@
 # The one-shot GPU suite (issue 6), for a bare CUDA machine with torch and triton installed and no internet:
 #   1. builds the CUDA extension for the local GPU only (its compute capability; pip editable install,
 #      falling back to CMake straight into amphista_engine/ if pip cannot build),
-#   2. runs the GPU tests: python_tests/test_cuda_*.py and python_tests/test_kernels_triton.py,
+#   2. runs the GPU tests: python_tests/test_cuda_*.py, test_kernels_triton.py, and the Engine and bench GPU
+#      tests in test_engine.py / test_evaluation.py,
 #   3. runs every kernel microbenchmark (benchmarks/kernels/run_all.py, when present),
 #   4. times end-to-end decode steps, plain vs Medusa vs Amphista, CUDA graphs on and off, on random-weight
-#      Llama-7B and SmolLM2-135M shapes in bf16 (benchmarks/latency_gpu.py),
+#      Llama-7B and SmolLM2-135M shapes in bf16 (benchmarks/latency_gpu.py), and runs `amphista bench` on the
+#      7B shape,
 #   5. measures whether bf16 greedy speculative decoding keeps plain greedy's tokens, per backend
 #      (benchmarks/gpu_greedy_agreement.py),
 # in under 9 minutes, writing JSON + markdown to --out DIR (default ./gpu_results) with the card, driver, date,
@@ -14,6 +16,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [--out DIR] [--skip-build] [--budget SECONDS] [--dry-run]
 #
+# Through the workplace's device tool (at most 8 files come back), pack the folder:
+#   timeout 560 bash benchmarks/gpu_suite.sh --out /tmp/g; tar czf $OUT/gpu_results.tgz -C /tmp/g .
 # --dry-run prints every stage's command and time limit without running anything (and without a GPU).
 # Nothing here needs gguf, tokenizers or a checkpoint. On a machine without a CUDA device it stops at once
 # with one line ("gpu_suite: no CUDA device ...") and exit status 2. Exit status 1: some stage failed (every
@@ -31,7 +35,7 @@ while [ $# -gt 0 ]; do
     --skip-build) SKIP_BUILD=1; shift ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_suite: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
 done
@@ -120,7 +124,7 @@ fi
 run_stage extension 30 240 "$PY" -c "$CHECK_EXT"
 
 # ---- 2. GPU tests -------------------------------------------------------------------------------------------
-TESTS=(python_tests/test_cuda_*.py)
+TESTS=(python_tests/test_cuda_*.py python_tests/test_engine.py python_tests/test_evaluation.py)
 [ -f python_tests/test_kernels_triton.py ] && TESTS+=(python_tests/test_kernels_triton.py)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml "$OUT/tests.xml")
 # One worker per test file when pytest-xdist is there: the files are independent (one GPU is plenty).
@@ -137,8 +141,11 @@ else
 fi
 
 # ---- 4. end-to-end decode steps -------------------------------------------------------------------------
-LEFT=$(( BUDGET - ($(date +%s) - START) - 50 ))
-run_stage latency 180 50 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
+LEFT=$(( BUDGET - ($(date +%s) - START) - 110 ))
+run_stage latency 150 110 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
+# The user-facing latency CLI (issue 7) on the same 7B shape: graph-replayed steps, break-even tau per tree.
+run_stage bench 60 50 "$PY" -m amphista_engine.cli bench --random-weights --shape llama-7b --device cuda \
+    --trees tree-16,mc_sim_7b_63,dynamic-64 --repeats 10 --out "$OUT"
 
 # ---- 5. bf16 greedy agreement, speculative vs plain, per backend (a measurement, not a test) ---------------
 run_stage agreement 50 0 "$PY" benchmarks/gpu_greedy_agreement.py --out "$OUT" --time-budget 30

@@ -177,6 +177,7 @@ def test_bench_tiny_random_cpu(tmp_path, capsys):
     assert cli_main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["prefill_ms"] > 0 and r["plain_step_ms"] > 0
+    assert r["meta"]["cuda_graphs"] is False               # never on the CPU
     assert [(x["method"], x.get("draft_vocab"), x["tree"]) for x in r["rows"]] == [("plain", None, "-")] + [
         (m, v, t) for m in ("medusa", "amphista") for v in (512, 100) for t in ("chain-4", "tree-16", "dynamic-8")]
     for row in r["rows"][1:]:
@@ -186,6 +187,18 @@ def test_bench_tiny_random_cpu(tmp_path, capsys):
     assert r["rows"][1]["nodes"] == 5 and r["rows"][-1]["tau"] == 2.0
     assert (tmp_path / "step_cost.png").read_bytes()[:4] == b"\x89PNG"
     assert list(tmp_path.glob("bench_random-tiny_cpu_float32.*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_on_cuda_times_graph_replays(tmp_path):
+    """On a GPU, bench times steps as the Engine runs them (CUDA graphs), and --no-cuda-graphs times eager
+    steps; both give every row and the eager phase split."""
+    for graphs in (True, False):
+        r = run_bench(random_weights=True, shape="tiny", device="cuda", trees="tree-16", prompt_tokens=32, repeats=3,
+                      out=None, log=lambda m: None, cuda_graphs=graphs)
+        assert r["meta"]["cuda_graphs"] is graphs
+        assert [x["tree"] for x in r["rows"]] == ["-", "tree-16", "tree-16"]
+        assert all(x["step_ms"] > 0 for x in r["rows"]) and all(x["verify_ms"] > 0 for x in r["rows"][1:])
 
 
 def test_bench_refuses_large_on_cpu_and_bad_tau(tmp_path):

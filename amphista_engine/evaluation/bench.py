@@ -84,7 +84,9 @@ def load_target(model=None, random_weights: bool = False, shape: str | None = No
 def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, shape: str | None = None,
               device=None, dtype=None, trees=DEFAULT_TREES, prompt_tokens: int = 256, repeats: int = 10,
               warmup: int = 2, tau=None, num_heads: int = 4, methods=("medusa", "amphista"), plot: bool = False,
-              out="bench_results", allow_large: bool = False, target=None, log=_log, draft_vocab=(0,)) -> dict:
+              out="bench_results", allow_large: bool = False, target=None, log=_log, draft_vocab=(0,),
+              cuda_graphs: bool = True) -> dict:
+    from ..cuda_graphs import DecodeGraphs
     from ..generation import PlainDecoder
     from ..heads import random_heads
     from ..kv_cache import KVCache
@@ -135,8 +137,14 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         count.tolist()
         out.tolist()
 
+    # Steps timed as the Engine runs them: replayed from CUDA graphs on a GPU (off on the CPU). The first
+    # steps of each configuration warm up eagerly and capture, so they stay out of the timings.
+    graphs = DecodeGraphs(enabled=cuda_graphs)
+    if graphs.enabled and device.type == "cuda":
+        warmup = max(warmup, 3)
+
     with torch.inference_mode():
-        plain = PlainDecoder(target, cache, greedy)
+        plain = graphs.attach(PlainDecoder(target, cache, greedy))
         prefill_ms = median_ms(lambda: plain.prefill([prompt]).tolist(), device, repeats, warmup)
         plain.prefill([prompt])
         plain_ms = median_ms(lambda: read(*plain.step()), device, repeats, warmup)
@@ -149,11 +157,12 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                 heads.set_draft_vocab(torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(0))[:dv])
             for tree in trees:
                 spec = TreeSpec(tree, num_heads, device)
-                dec = SpeculativeDecoder(target, cache, heads, spec, greedy)
+                dec = graphs.attach(SpeculativeDecoder(target, cache, heads, spec, greedy))
                 dec.prefill([prompt])
                 ms = median_ms(lambda: read(*dec.step()), device, repeats, warmup)
-                # A second pass with a sync between phases gives the split (the sync itself costs a little,
-                # so the headline step time comes from the pass above).
+                # A second pass, eager, with a sync between phases gives the split (the sync itself costs a
+                # little, so the headline step time comes from the pass above).
+                DecodeGraphs.detach(dec)
                 dec.profile = True
                 dec.times = dict.fromkeys(dec.times, 0.0)
                 for _ in range(repeats):
@@ -172,9 +181,11 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
             del heads
 
     result = {"meta": {**environment(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
+                       "cuda_graphs": bool(graphs.enabled and device.type == "cuda"),
                        "prompt_tokens": prompt_tokens, "repeats": repeats, "warmup": warmup, "num_heads": num_heads,
                        "note": "step times are medians with device sync and the host read of the step's tokens; "
-                               "break_even_tau = spec step / plain step; tokens_per_s_at_tau = tau / spec step"},
+                               "break_even_tau = spec step / plain step; tokens_per_s_at_tau = tau / spec step; "
+                               "the phase split (*_ms columns) comes from eager steps"},
               "prefill_ms": round(prefill_ms, 4), "plain_step_ms": round(plain_ms, 4),
               "plain_tokens_per_s": round(1e3 / plain_ms, 2), "tau": taus, "rows": rows}
     if out is not None:

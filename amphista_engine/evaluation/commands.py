@@ -1,6 +1,7 @@
 """`amphista eval | bench`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -26,7 +27,7 @@ def cmd_bench(args) -> int:
     result = run_bench(model=args.model, random_weights=args.random_weights, shape=args.shape, device=args.device,
                        dtype=args.dtype, trees=args.trees, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        warmup=args.warmup, tau=args.tau, num_heads=args.num_heads, plot=args.plot, out=args.out,
-                       allow_large=args.allow_large, draft_vocab=args.draft_vocab)
+                       allow_large=args.allow_large, draft_vocab=args.draft_vocab, cuda_graphs=args.cuda_graphs)
     if args.json:
         print(json.dumps(result))
     else:
@@ -85,6 +86,8 @@ def register(sub) -> None:
     b.add_argument("--prompt-tokens", type=int, default=256)
     b.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
     b.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    b.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="time steps replayed from CUDA graphs, as the Engine runs them on a GPU (default on)")
     b.add_argument("--tau", default=None,
                    help="measured tau: X, medusa=X,amphista=Y, or an `amphista eval` summary.json")
     b.add_argument("--plot", action="store_true", help="write step_cost.png")
