@@ -34,9 +34,8 @@ from amphista_engine.config import ModelConfig  # noqa: E402
 from amphista_engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.evaluation.env import commit, sync  # noqa: E402
-from amphista_engine.evaluation.shapes import shape_config  # noqa: E402
+from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
-from amphista_engine.heads import HeadsConfig, build_heads  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.model import Transformer  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
@@ -49,28 +48,6 @@ TREES = ("mc_sim_7b_63", "dynamic-64", "tree-16")
 
 def random_model(cfg: ModelConfig, device, dtype, max_seq_len: int, seed: int = 0) -> Transformer:
     return shapes.random_model(cfg, device, dtype, max_seq_len, seed, allow_large=True)
-
-
-def random_heads_on_device(kind: str, model: Transformer, num_heads: int = 4, seed: int = 1, draft_vocab: int = 0):
-    """Random drafting heads built directly on the model's device (heads.random_heads builds them on the
-    host in fp32 first, which for a 7B target is several GB and tens of seconds)."""
-    cfg = HeadsConfig.for_target(model.config, kind=kind, num_heads=num_heads, draft_vocab_size=draft_vocab)
-    w = model.output.weight
-    with torch.device("meta"):
-        heads = build_heads(cfg)
-    heads = heads.to_empty(device=w.device).to(w.dtype)
-    g = torch.Generator(device=w.device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in heads.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:   # ResBlocks N(0, 1/d) so the K drafts differ; the rest small
-                p.normal_(0.0, p.shape[-1] ** -0.5 if name.startswith("res.") else 0.02, generator=g)
-    heads = heads.eval().requires_grad_(False).bind(model)
-    if draft_vocab:   # to_empty left the id buffer uninitialised; any distinct ids time the same
-        heads.set_draft_vocab(torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))
-                              [:draft_vocab])
-    return heads
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -213,7 +190,7 @@ def run(args, save=None) -> dict:
             if time.monotonic() > deadline:
                 notes.append(f"{shape_name} {kind} V'={dv or cfg.vocab_size}: skipped (time budget {args.time_budget}s)")
                 continue
-            heads = random_heads_on_device(kind, model, draft_vocab=min(dv, cfg.vocab_size))
+            heads = random_heads(kind, model, draft_vocab=min(dv, cfg.vocab_size))
             for tree in (trees if not dv else largest):
                 for use_graphs in graph_modes:
                     if time.monotonic() > deadline:

@@ -27,7 +27,6 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
-from amphista_engine.heads import HeadsConfig, build_heads  # noqa: E402
 from amphista_engine.kernels import get_backend  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
@@ -46,22 +45,6 @@ def group_of(name: str) -> str:
         if re.search(pat, low):
             return g
     return "other"
-
-
-def random_heads(kind, model):
-    cfg = HeadsConfig.for_target(model.config, kind=kind, num_heads=4)
-    w = model.output.weight
-    with torch.device("meta"):
-        heads = build_heads(cfg)
-    heads = heads.to_empty(device=w.device).to(w.dtype)
-    g = torch.Generator(device=w.device).manual_seed(1)
-    with torch.no_grad():
-        for name, p in heads.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5 if name.startswith("res.") else 0.02, generator=g)
-    return heads.eval().requires_grad_(False).bind(model)
 
 
 def profile_decoder(decoder, prompt, steps: int, device) -> dict:
@@ -125,11 +108,12 @@ def main(argv=None) -> int:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": args.steps}}
     lines = [f"# Decode-step GPU time by kernel group ({args.shape}, bf16, eager, backend {res['meta']['backend']}, "
              f"{res['meta']['device']}, {res['meta']['date']})", ""]
+    printed = 0
     for method in args.methods.split(","):
         if method == "plain":
             dec = PlainDecoder(model, cache, SamplingParams())
         else:
-            dec = SpeculativeDecoder(model, cache, random_heads(method, model), TreeSpec(args.tree, 4, device),
+            dec = SpeculativeDecoder(model, cache, shapes.random_heads(method, model), TreeSpec(args.tree, 4, device),
                                      SamplingParams())
         r = res[method] = profile_decoder(dec, prompt, args.steps, device)
         lines += [f"## {method}{'' if method == 'plain' else ' (' + args.tree + ')'}: eager wall {r['eager_wall_ms']} ms "
@@ -138,7 +122,8 @@ def main(argv=None) -> int:
         lines += [f"| {g} | {v['ms']} | {v['launches']} |" for g, v in r["groups"].items()]
         lines += ["", "| kernel | ms per step | launches |", "|---|---|---|"]
         lines += [f"| `{t['kernel'][:100]}` | {t['ms']} | {t['launches']} |" for t in r["top"]] + [""]
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines[printed:]), flush=True)
+        printed = len(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(res, indent=1))
     (args.out / "profile.md").write_text("\n".join(lines) + "\n")

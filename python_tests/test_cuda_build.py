@@ -348,3 +348,17 @@ def test_greedy_agreement_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["identical"] and r["common"] == [16, 16] for r in res["rows"]), res["rows"]
     if not HAS_GPU:
         assert any("cuda bf16" in n for n in res["notes"]) and any("cuda fp32" in n for n in res["notes"])
+
+
+def test_step_profile_smoke_on_cpu(tmp_path):
+    """benchmarks/profile_step_gpu.py on the CPU (top-level ops instead of kernels): both methods profiled,
+    their time split into groups that add up to the total."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step_gpu.py"), "--device", "cpu",
+                           "--shape", "tiny", "--steps", "2", "--tree", "tree-16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "profile.json").read_text())
+    for method in ("plain", "amphista"):
+        r = res[method]
+        assert r["kernel_ms"] > 0 and r["top"]
+        assert sum(g["ms"] for g in r["groups"].values()) == pytest.approx(r["kernel_ms"], rel=1e-2, abs=1e-2)

@@ -434,3 +434,19 @@ def test_benchmarks_run_quick(tmp_path):
     assert {"tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "kv_write", "kv_compact",
             "greedy_accept", "typical_accept"} <= kernels
     assert all(math.isfinite(row["ms"]) and row["ms"] > 0 for row in data["rows"])
+
+
+def test_tune_sweeps_run_quick(tmp_path):
+    """benchmarks/kernels/tune.py (the GPU launch-parameter sweeps) on tiny shapes in the interpreter: every
+    variant it times was first checked against the reference, and the heuristic's choice is among them."""
+    r = subprocess.run([sys.executable, "benchmarks/kernels/tune.py", "--quick", "--reps", "1", "--budget", "6",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       env=_subprocess_env(TRITON_INTERPRET="0" if torch.cuda.is_available() else "1"), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    timed = [x for x in rows if x["status"] == "ok"]
+    assert timed and all(x["rel_err"] < 2e-2 and x["us"] > 0 for x in timed)
+    assert not [x for x in rows if x["status"] not in ("ok", "skipped (budget)")]
+    assert {"triton tree_attention", "triton fused_sal_input"} <= {x["op"] for x in timed}
+    assert any(x["default"] for x in timed)
+    assert "## Best vs default per case" in (tmp_path / "tune.md").read_text()

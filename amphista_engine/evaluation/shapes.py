@@ -75,3 +75,26 @@ def random_model(shape: str | ModelConfig, device="cpu", dtype: torch.dtype = to
     model.tie_weights()
     model.setup_rope(max_seq_len)          # to_empty left the RoPE buffer uninitialised
     return model.eval().requires_grad_(False)
+
+
+def random_heads(kind: str, model: Transformer, num_heads: int = 4, seed: int = 1, draft_vocab: int = 0):
+    """Random drafting heads for `model`, built directly on its device and dtype (heads.random_heads builds
+    them on the host in fp32 first: for a 7B target several GB and tens of seconds)."""
+    from ..heads import HeadsConfig, build_heads
+    cfg = HeadsConfig.for_target(model.config, kind=kind, num_heads=num_heads, draft_vocab_size=draft_vocab)
+    w = model.output.weight
+    with torch.device("meta"):
+        heads = build_heads(cfg)
+    heads = heads.to_empty(device=w.device).to(w.dtype)
+    g = torch.Generator(device=w.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:   # ResBlocks N(0, 1/d) so the K drafts differ; the rest small
+                p.normal_(0.0, p.shape[-1] ** -0.5 if name.startswith("res.") else 0.02, generator=g)
+    heads = heads.eval().requires_grad_(False).bind(model)
+    if draft_vocab:   # to_empty left the id buffer uninitialised; any distinct ids time the same
+        heads.set_draft_vocab(torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+                              [:draft_vocab])
+    return heads
