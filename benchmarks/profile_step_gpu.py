@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from amphista_engine.evaluation import shapes  # noqa: E402
+from amphista_engine.evaluation.env import sync  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kernels import get_backend  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
@@ -48,22 +49,21 @@ def group_of(name: str) -> str:
 
 
 def profile_decoder(decoder, prompt, steps: int, device) -> dict:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         decoder.prefill([prompt])
         for _ in range(3):
             decoder.step()
-        sync()
+        sync(device)
         t = time.perf_counter()
         for _ in range(steps):
             decoder.step()[1].tolist()
-        sync()
+        sync(device)
         wall_ms = (time.perf_counter() - t) * 1e3 / steps
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             for _ in range(steps):
                 decoder.step()[1].tolist()
-            sync()
+            sync(device)
     kernels = defaultdict(lambda: [0.0, 0])
     for evt in prof.events():
         if device.type == "cuda" and evt.device_type != torch.autograd.DeviceType.CUDA:
