@@ -33,6 +33,12 @@ class KVCache:
         """k, v: [B, H, T, D] go to slots start[b] .. start[b] + T - 1 of each row."""
         ops.kv_write(self.k, self.v, layer, start, k, v)
 
+    def write_qkv(self, layer: int, start: torch.Tensor, qkv: torch.Tensor, rope: torch.Tensor,
+                  n_heads: int) -> torch.Tensor:
+        """qkv: the fused QKV projection [B, T, (n_heads + 2 H_kv) D]; rope: [B or 1, T, D] rows of the RoPE
+        table. Writes RoPE'd k and v like `write`; returns RoPE'd q [B, T, n_heads, D] (ops.qkv_rope_write)."""
+        return ops.qkv_rope_write(qkv, rope, self.k, self.v, layer, start, n_heads, self.k.shape[2])
+
     def read(self, layer: int, kv_len: int, batch: int):
         return self.k[layer, :batch, :, :kv_len], self.v[layer, :batch, :, :kv_len]
 

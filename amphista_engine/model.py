@@ -121,22 +121,25 @@ class Attention(nn.Module):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
         cache, ops.tree_mask_args(...) (built once per forward)."""
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = ops.rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = ops.rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            cache.write(self.layer_idx, spec.prefix_len, k, v)
+        qkv = self.wqkv(x)
+        if cache is not None and not isinstance(mask, cpu_exact.OrderedLayout):
+            # RoPE on q and k and the cache write in one launch on the kernel backends
+            q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             kc, vc = cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B]
-            if isinstance(mask, cpu_exact.OrderedLayout):
-                out = cpu_exact.attention(q, kc, vc, mask)
-            else:
-                new_mask, dense = mask
-                out = ops.tree_attention(q, kc, vc, spec.prefix_len, new_mask, spec.kv_len, dense_mask=dense)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            new_mask, dense = mask
+            out = ops.tree_attention(q, kc, vc, spec.prefix_len, new_mask, spec.kv_len, dense_mask=dense)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+            q, k, v = qkv.split(self.split, dim=-1)
+            q = ops.rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+            k = ops.rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if cache is not None:                          # bf16 on the CPU: the torch backend anyway
+                cache.write(self.layer_idx, spec.prefix_len, k, v)
+                out = cpu_exact.attention(q, cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B], mask)
+            elif mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -147,8 +150,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(ops.silu_mul(self.w13(x)))
 
 
 class Block(nn.Module):
@@ -159,9 +161,18 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rope, cache, spec, mask):
-        x = x + self.attention(self.attention_norm(x), rope, cache, spec, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, rope, cache, spec, mask, h=None, next_norm: RMSNorm | None = None):
+        """x: the residual stream; h: attention_norm(x) if the caller has it already. Returns the new residual
+        stream, or with next_norm (the next layer's attention_norm, or the final norm) the pair
+        (x, next_norm(x)): each residual add then runs fused with the norm after it (ops.add_rmsnorm)."""
+        if h is None:
+            h = self.attention_norm(x)
+        attn = self.attention(h, rope, cache, spec, mask)
+        x, h = ops.add_rmsnorm(attn, x, self.ffn_norm.weight, self.ffn_norm.eps)
+        ffn = self.feed_forward(h)
+        if next_norm is None:
+            return x + ffn
+        return ops.add_rmsnorm(ffn, x, next_norm.weight, next_norm.eps)
 
 
 class Transformer(nn.Module):
@@ -212,9 +223,10 @@ class Transformer(nn.Module):
             mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
         rope = self.rope[positions]
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, rope, cache, spec, mask)
-        h = self.norm(x)
+        h = self.layers[0].attention_norm(x)
+        next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            x, h = layer(x, rope, cache, spec, mask, h, next_norm)
         hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         logits = self.output(hl)
         return (logits, h) if return_hidden else logits

@@ -224,7 +224,92 @@ def test_rope(B, T, H, D, dtype, shared, poisoned):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+# ---- activation ----------------------------------------------------------------------------------------
+# rows, I, dtype, strided (gate | up a slice of a wider row, as a view)
+SILU_CASES = [((1,), 64, torch.float32, False),           # one row (decoding)
+              ((3, 5), 37, torch.bfloat16, False),        # odd rows, odd I, leading dims
+              ((7,), 1500, torch.float32, True),          # I over one block (1024), row stride != 2I
+              ((2, 1), 1100, torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("case", SILU_CASES, ids=lambda c: f"{c[0]}I{c[1]}-{str(c[2])[6:]}{'-view' * c[3]}")
+def test_silu_mul(case, poisoned):
+    lead, I, dtype, strided = case
+    g = gen("silu_mul", case)
+    x = randn(g, *lead, 2 * I + 6 * strided, dtype=dtype, scale=3)[..., :2 * I]
+    ref = reference.silu_mul(x)
+    out = triton_ops.silu_mul(x)
+    assert out.shape == (*lead, I) and out.dtype == dtype
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_silu_mul_declines_what_it_cannot_take():
+    x = randn(gen("silu_mul_declines"), 3, 8)
+    assert triton_ops.silu_mul(x[:, :7]) is NotImplemented              # odd width: no gate | up halves
+    assert triton_ops.silu_mul(x.T) is NotImplemented                   # last dim strided
+    with use_backend("triton"):
+        torch.testing.assert_close(ops.silu_mul(x.T), reference.silu_mul(x.T), rtol=0, atol=0)
+
+
 # ---- KV cache ------------------------------------------------------------------------------------------
+# B, T, H, H_kv, D, dtype, rope rows shared by the batch, start per row
+QKV_CASES = [
+    (1, 1, 4, 4, 64, torch.float32, False, [17]),           # plain decoding, MHA
+    (2, 5, 8, 2, 128, torch.bfloat16, False, [3, 11]),      # GQA 4, D = 128, rows at different lengths
+    (2, 1, 8, 1, 64, torch.bfloat16, True, [0, 20]),        # GQA 8, one rope row for the batch
+    (1, 5, 16, 2, 128, torch.float32, True, [9]),           # GQA 8, D = 128
+    (2, 5, 4, 1, 64, torch.float32, False, [5, 22]),        # row 1 runs past S = 24: slots 24..26 dropped
+]
+
+
+@pytest.mark.parametrize("case", QKV_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}kv{c[3]}D{c[4]}"
+                                                           f"-{str(c[5])[6:]}{'-shared' * c[6]}-s{c[7]}")
+def test_qkv_rope_write(case, poisoned):
+    B, T, H, Hkv, D, dtype, shared, start = case
+    g = gen("qkv_rope_write", case)
+    L, Bmax, S, layer = 2, 3, 24, 1
+    cfg = ModelConfig(vocab_size=8, dim=H * D, n_layers=1, n_heads=H, n_kv_heads=Hkv, intermediate_size=8,
+                      rope_theta=500000.0)
+    table = rope_table(cfg, 300).to(DEV)
+    rows = table[torch.randint(0, 300, (1 if shared else B, T), generator=g).to(DEV)]   # explicit positions
+    qkv = randn(g, B, T, (H + 2 * Hkv) * D, dtype=dtype)
+    start = torch.tensor(start, device=DEV)
+    # The reference writes into T spare slots past S, which it has and the kernel's cache does not: its
+    # first S slots are then what the kernel must leave (untouched slots stay NaN in both).
+    rk = torch.full((L, Bmax, Hkv, S + T, D), float("nan"), dtype=dtype, device=DEV)
+    rv = rk.clone()
+    kb, vb = rk[..., :S, :].clone(), rv[..., :S, :].clone()
+    ref_q = reference.qkv_rope_write(qkv, rows, rk, rv, layer, start, H, Hkv)
+    q = triton_ops.qkv_rope_write(qkv, rows, kb, vb, layer, start, H, Hkv)
+    rk, rv = rk[..., :S, :], rv[..., :S, :]
+    assert q.shape == (B, T, H, D) and q.dtype == dtype and q.is_contiguous()
+    assert rel_err(q, ref_q) < TOL[dtype]
+    assert torch.equal(kb.isnan(), rk.isnan()) and torch.equal(vb.isnan(), rv.isnan())
+    assert rel_err(kb.nan_to_num(), rk.nan_to_num()) < TOL[dtype]
+    assert torch.equal(vb.nan_to_num(), rv.nan_to_num())                # v is copied, bit for bit
+    if start[-1] + T > S:                                   # the case does drop: only S - start slots written
+        assert int((~kb[layer, B - 1, 0].isnan()).any(-1).sum()) == S - int(start[-1])
+
+
+def test_qkv_rope_write_declines_what_it_cannot_take():
+    g = gen("qkv_declines")
+    B, T, H, Hkv, D = 2, 3, 4, 2, 64
+    qkv = randn(g, B, T, (H + 2 * Hkv) * D)
+    rows = randn(g, B, T, D)
+    kb, vb = torch.zeros(1, 2, Hkv, 16, D, device=DEV), torch.zeros(1, 2, Hkv, 16, D, device=DEV)
+    start = torch.tensor([1, 4], device=DEV)
+    assert triton_ops.qkv_rope_write(qkv.bfloat16(), rows, kb, vb, 0, start, H, Hkv) is NotImplemented   # dtypes
+    assert triton_ops.qkv_rope_write(qkv, rows, kb, vb, 0, start, H + 1, Hkv) is NotImplemented         # widths
+    assert triton_ops.qkv_rope_write(qkv, rows, kb[:, :1], vb[:, :1], 0, start, H, Hkv) is NotImplemented  # B_max
+    assert triton_ops.qkv_rope_write(qkv, rows.bfloat16(), kb, vb, 0, start, H, Hkv) is NotImplemented
+    with use_backend("triton"):                             # declined: the reference runs instead
+        q = ops.qkv_rope_write(qkv, rows.bfloat16(), kb, vb, 0, start, H, Hkv)
+    ek, ev = torch.zeros_like(kb), torch.zeros_like(vb)
+    assert torch.equal(q, reference.qkv_rope_write(qkv, rows.bfloat16(), ek, ev, 0, start, H, Hkv))
+    assert torch.equal(kb, ek) and torch.equal(vb, ev)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_write(dtype):
     g = gen("kv_write", dtype)
@@ -387,6 +472,50 @@ def test_op_chain_verify_step_matches_torch():
     check_verify_step("triton", "tree-16", H=4, S=96, prefix=[21, 50], dtype=torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_model_logits_same_on_both_backends(dtype, monkeypatch):
+    """A tiny random Transformer's prefill, decode and tree-verification logits agree on the triton and
+    torch backends, and the per-layer fusions (qkv_rope_write, silu_mul, add_rmsnorm) ran on triton."""
+    from conftest import random_tiny_model
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import AttentionSpec, causal_mask
+
+    model = random_tiny_model(seed=11, vocab=64, dim=64, heads=4, kv_heads=1, inter=96, dtype=dtype).to(DEV)
+    with torch.no_grad():
+        for name, p in model.named_parameters():            # norms that are not the identity
+            if name.endswith("norm.weight"):
+                p.copy_(randn(gen("model_norms", name), *p.shape, scale=0.2) + 1)
+    tree = build_tree("tree-16")
+    tokens = torch.randint(0, 64, (2, 5 + 2 + tree.num_nodes), generator=gen("model_tokens")).to(DEV)
+    calls = []
+    for op in ("qkv_rope_write", "silu_mul", "add_rmsnorm"):
+        real = getattr(triton_ops, op)
+        monkeypatch.setattr(triton_ops, op, lambda *a, _op=op, _real=real: calls.append(_op) or _real(*a))
+
+    def run(name):
+        cache = KVCache.for_model(model.config, 2, 64, dtype, DEV)
+        length = torch.tensor([5, 3], device=DEV)           # row 1's prompt is shorter
+        out = []
+        with use_backend(name), torch.inference_mode():
+            spec = AttentionSpec(torch.zeros(2, dtype=torch.long, device=DEV), causal_mask(5, DEV), kv_len=40)
+            out.append(model(tokens[:, :5], torch.arange(5, device=DEV).expand(2, 5), cache, spec))
+            for i in range(2):
+                spec = AttentionSpec(length, causal_mask(1, DEV), kv_len=40)
+                out.append(model(tokens[:, 5 + i:6 + i], length[:, None], cache, spec))
+                length = length + 1
+            spec = AttentionSpec(length, tree.mask[None].to(DEV), kv_len=40)
+            out.append(model(tokens[:, 7:], length[:, None] + tree.depth.to(DEV), cache, spec))
+        return out
+
+    ref = run("torch")
+    assert not calls
+    got = run("triton")
+    L = model.config.n_layers
+    assert calls.count("qkv_rope_write") == calls.count("silu_mul") == 4 * L and calls.count("add_rmsnorm") == 8 * L
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < TOL[dtype]
+
+
 def test_speculative_greedy_same_on_both_backends():
     """Speculative greedy decoding with Amphista heads emits the same tokens on the triton and torch
     backends (the engine routes its hot ops through kernels.ops)."""
@@ -431,8 +560,8 @@ def test_benchmarks_run_quick(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
     kernels = {row["kernel"] for row in data["rows"]}
-    assert {"tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "kv_write", "kv_compact",
-            "greedy_accept", "typical_accept"} <= kernels
+    assert {"tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "silu_mul", "qkv_rope_write",
+            "kv_write", "kv_compact", "greedy_accept", "typical_accept"} <= kernels
     assert all(math.isfinite(row["ms"]) and row["ms"] > 0 for row in data["rows"])
 
 

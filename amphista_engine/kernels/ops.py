@@ -110,12 +110,28 @@ def rope(x: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
     return _run("rope", x.device, x, rope_rows)
 
 
+# ---- activation ----------------------------------------------------------------------------------------
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: x [..., 2I] (the fused gate | up projection, last dim contiguous) ->
+    silu(gate) * up [..., I] in x's dtype, silu rounded to x's dtype before the product (FeedForward)."""
+    return _run("silu_mul", x.device, x)
+
+
 # ---- KV cache ------------------------------------------------------------------------------------------
 def kv_write(k_buf: torch.Tensor, v_buf: torch.Tensor, layer: int, start: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
     """In place: k, v [B, H_kv, T, D] (any strides) to slots start[b] + t of layer `layer` of the cache
     buffers k_buf, v_buf [L, B_max, H_kv, S, D]. start [B] long, device."""
     _run("kv_write", k.device, k_buf, v_buf, layer, start, k, v)
+
+
+def qkv_rope_write(qkv: torch.Tensor, rope_rows: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                   layer: int, start: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """The cached attention's input in one op: qkv [B, T, (H + 2 H_kv) D] is the fused QKV projection
+    (q | k | v, heads of D). In place, k rotated by rope_rows (as `rope`) and v go to slots start[b] + t of
+    layer `layer` of k_buf, v_buf [L, B_max, H_kv, S, D] (as `kv_write`; start [B] long, device; kernels
+    drop slots outside [0, S)). Returns q rotated, a new [B, T, H, D] tensor in qkv's dtype."""
+    return _run("qkv_rope_write", qkv.device, qkv, rope_rows, k_buf, v_buf, layer, start, n_heads, n_kv_heads)
 
 
 def kv_compact(k_buf: torch.Tensor, v_buf: torch.Tensor, src: torch.Tensor, dst_start: torch.Tensor) -> None:
@@ -146,4 +162,5 @@ mask_bits = reference.mask_bits
 bits_to_mask = reference.bits_to_mask
 
 __all__ = ["tree_attention", "tree_mask_args", "head_attention", "fused_sal_input", "rmsnorm", "add_rmsnorm",
-           "rope", "kv_write", "kv_compact", "greedy_accept", "typical_accept", "mask_bits", "bits_to_mask"]
+           "rope", "silu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept", "typical_accept",
+           "mask_bits", "bits_to_mask"]

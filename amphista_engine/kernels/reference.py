@@ -93,6 +93,13 @@ def rope(x, rope_rows):
     return apply_rope(x, rope_rows)
 
 
+# ---- activation ----------------------------------------------------------------------------------------
+def silu_mul(x):
+    """FeedForward's SwiGLU activation: x [..., 2I] as gate | up halves -> silu(gate) * up [..., I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 # ---- KV cache ------------------------------------------------------------------------------------------
 def kv_write(k_buf, v_buf, layer: int, start, k, v):
     """KVCache.write: k, v [B, H, T, D] go to slots start[b] .. start[b] + T - 1 of layer `layer`.
@@ -104,6 +111,18 @@ def kv_write(k_buf, v_buf, layer: int, start, k, v):
     # advanced indexing (index_put), not scatter_: the CPU's bf16 scatter_ is ~10x slower than fp32's
     k_buf[layer][rows, :, slots] = k.transpose(1, 2)                            # [B, T, H, D]
     v_buf[layer][rows, :, slots] = v.transpose(1, 2)
+
+
+def qkv_rope_write(qkv, rope_rows, k_buf, v_buf, layer: int, start, n_heads: int, n_kv_heads: int):
+    """Attention.forward's cached path before attention: split the fused QKV output [B, T, (H + 2 H_kv) D],
+    RoPE on q and k, k and v to the cache (kv_write); returns q [B, T, H, D]."""
+    B, T, _ = qkv.shape
+    D = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.split((n_heads * D, n_kv_heads * D, n_kv_heads * D), dim=-1)
+    q = rope(q.view(B, T, n_heads, D), rope_rows)
+    k = rope(k.view(B, T, n_kv_heads, D), rope_rows)
+    kv_write(k_buf, v_buf, layer, start, k.transpose(1, 2), v.view(B, T, n_kv_heads, D).transpose(1, 2))
+    return q
 
 
 def kv_compact(k_buf, v_buf, src, dst_start):

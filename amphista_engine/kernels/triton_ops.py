@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .triton_kernels import acceptance as _acc
+from .triton_kernels import activation as _act
 from .triton_kernels import fused_input as _fi
 from .triton_kernels import head_attention as _ha
 from .triton_kernels import kv_cache as _kv
@@ -106,6 +107,13 @@ def rope(x, rope_rows):
     return _nr.rope(x, rope_rows)
 
 
+# ---- activation ----------------------------------------------------------------------------------------
+def silu_mul(x):
+    if x.dim() < 1 or x.dtype not in FLOATS or x.shape[-1] % 2 or x.stride(-1) != 1:
+        return NotImplemented
+    return _act.silu_mul(x)
+
+
 # ---- KV cache ------------------------------------------------------------------------------------------
 def kv_write(k_buf, v_buf, layer: int, start, k, v):
     if k_buf.dim() != 5 or k.dim() != 4 or v.shape != k.shape or k_buf.shape != v_buf.shape:
@@ -116,6 +124,21 @@ def kv_write(k_buf, v_buf, layer: int, start, k, v):
         return NotImplemented
     _kv.kv_write(k_buf, v_buf, int(layer), start.contiguous(), k, v)
     return None
+
+
+def qkv_rope_write(qkv, rope_rows, k_buf, v_buf, layer: int, start, n_heads: int, n_kv_heads: int):
+    if (qkv.dim() != 3 or k_buf.dim() != 5 or rope_rows.dim() != 3 or n_heads <= 0 or n_kv_heads <= 0
+            or k_buf.shape != v_buf.shape or k_buf.stride() != v_buf.stride()):
+        return NotImplemented
+    B, T, W = qkv.shape
+    D = k_buf.shape[4]
+    if (W != (n_heads + 2 * n_kv_heads) * D or D % 2 or k_buf.shape[2] != n_kv_heads or B > k_buf.shape[1]
+            or qkv.dtype not in FLOATS or k_buf.dtype != qkv.dtype or v_buf.dtype != qkv.dtype
+            or qkv.stride(2) != 1 or k_buf.stride(4) != 1 or rope_rows.dtype != torch.float32
+            or rope_rows.shape[1:] != (T, D) or rope_rows.shape[0] not in (1, B) or tuple(start.shape) != (B,)
+            or not _same_device(qkv, rope_rows, k_buf, v_buf, start)):
+        return NotImplemented
+    return _nr.qkv_rope_write(qkv, rope_rows, k_buf, v_buf, int(layer), start.contiguous(), n_heads, n_kv_heads)
 
 
 def kv_compact(k_buf, v_buf, src, dst_start):

@@ -33,14 +33,15 @@ class Shape:
     head_dim: int
     vocab: int
     n_layers: int
+    intermediate_size: int   # the MLP's width (SwiGLU gate and up are each this wide)
 
 
 SHAPES = {
-    "llama-7b": Shape("llama-7b", 4096, 32, 32, 128, 32000, 32),
-    "llama-13b": Shape("llama-13b", 5120, 40, 40, 128, 32000, 40),
-    "smollm2-135m": Shape("smollm2-135m", 576, 9, 3, 64, 49152, 30),
+    "llama-7b": Shape("llama-7b", 4096, 32, 32, 128, 32000, 32, 11008),
+    "llama-13b": Shape("llama-13b", 5120, 40, 40, 128, 32000, 40, 13824),
+    "smollm2-135m": Shape("smollm2-135m", 576, 9, 3, 64, 49152, 30, 1536),
 }
-TINY = Shape("tiny", 256, 4, 2, 64, 512, 2)          # --quick: checks that the scripts run, nothing more
+TINY = Shape("tiny", 256, 4, 2, 64, 512, 2, 512)          # --quick: checks that the scripts run, nothing more
 PREFIXES = (128, 512, 1024, 2048, 4096)
 QUICK_PREFIXES = (128,)
 

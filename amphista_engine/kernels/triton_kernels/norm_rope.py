@@ -1,6 +1,7 @@
-"""Fused RMSNorm (optionally with a residual / position-embedding add) and RoPE at explicit positions.
+"""Fused RMSNorm (optionally with a residual / position-embedding add) and RoPE at explicit positions, alone
+or fused with the KV-cache write of the attention's fused QKV projection.
 
-Both are memory-bound row ops: one program reads a row once and writes it once, where the torch reference
+All are memory-bound row ops: one program reads a row once and writes it once, where the torch reference
 makes 6-10 passes (casts, pow, mean, rsqrt, mul, cast, mul; or slice/cat for RoPE). Rounding follows the
 reference exactly: RMSNorm normalises in fp32, rounds to x's dtype, then multiplies by w (so bf16 results
 match Llama's reference bit for bit up to rsqrt's last ulp); RoPE rotates in fp32 and rounds once.
@@ -59,6 +60,13 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor
 
 
 @triton.jit
+def _rotate(x1, x2, cos, sin):
+    """A head's rotated halves (x1 cos - x2 sin, x2 cos + x1 sin), in fp32, each rounded once to x's dtype."""
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    return (x1f * cos - x2f * sin).to(x1.dtype), (x2f * cos + x1f * sin).to(x1.dtype)
+
+
+@triton.jit
 def _rope_kernel(X, R, Out, T, H, half,
                  stride_xb, stride_xt, stride_xh, stride_xd,
                  stride_rb, stride_rt, stride_rd,
@@ -77,10 +85,10 @@ def _rope_kernel(X, R, Out, T, H, half,
     xbase = X + b * stride_xb + t * stride_xt + h[:, None] * stride_xh
     x1 = tl.load(xbase + c[None, :] * stride_xd, mask=m, other=0.0)
     x2 = tl.load(xbase + (c[None, :] + half) * stride_xd, mask=m, other=0.0)
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    y1, y2 = _rotate(x1, x2, cos, sin)
     obase = Out + b * stride_ob + t * stride_ot + h[:, None] * stride_oh
-    tl.store(obase + c[None, :], (x1f * cos - x2f * sin).to(x1.dtype), mask=m)
-    tl.store(obase + half + c[None, :], (x2f * cos + x1f * sin).to(x1.dtype), mask=m)
+    tl.store(obase + c[None, :], y1, mask=m)
+    tl.store(obase + half + c[None, :], y2, mask=m)
 
 
 def rope(x: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
@@ -99,3 +107,69 @@ def rope(x: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
         BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _rotate_heads(src, dst, h, n, stride_dh, half, cos, sin, BLOCK_HALF: tl.constexpr):
+    """One token's heads h < n: head j at src + j * 2 * half (contiguous) rotated to dst + j * stride_dh."""
+    c = tl.arange(0, BLOCK_HALF)
+    m = (h < n)[:, None] & (c < half)[None, :]
+    x = src + h[:, None] * (2 * half) + c[None, :]
+    y1, y2 = _rotate(tl.load(x, mask=m), tl.load(x + half, mask=m), cos, sin)
+    y = dst + h[:, None] * stride_dh + c[None, :]
+    tl.store(y, y1, mask=m)
+    tl.store(y + half, y2, mask=m)
+
+
+@triton.jit
+def _qkv_rope_write_kernel(QKV, R, Q, Kc, Vc, Start, T, H, H_KV, S, half, n_q_blocks,
+                           stride_xb, stride_xt, stride_rb, stride_rt, stride_rd,
+                           stride_qb, stride_qt, stride_qh, stride_cb, stride_ch, stride_cs,
+                           BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    pid = tl.program_id(0)                             # one (row, token) per program ...
+    b = (pid // T).to(tl.int64)
+    t = pid % T
+    c = tl.arange(0, BLOCK_HALF)
+    rbase = R + b * stride_rb + t * stride_rt
+    cos = tl.load(rbase + c * stride_rd, mask=c < half, other=0.0)[None, :]
+    sin = tl.load(rbase + (c + half) * stride_rd, mask=c < half, other=0.0)[None, :]
+    x = QKV + b * stride_xb + t * stride_xt            # q | k | v heads, 2 * half apart
+    blk = tl.program_id(1)                             # ... and a block of q heads, or of k and v heads
+    if blk < n_q_blocks:
+        _rotate_heads(x, Q + b * stride_qb + t * stride_qt, blk * BLOCK_Q + tl.arange(0, BLOCK_Q), H, stride_qh,
+                      half, cos, sin, BLOCK_HALF)
+    else:
+        h = (blk - n_q_blocks) * BLOCK_KV + tl.arange(0, BLOCK_KV)
+        slot = tl.load(Start + b) + t
+        # An out-of-range slot is dropped, never written (as kv_write): none of its heads passes the masks.
+        n_ok = tl.where((slot >= 0) & (slot < S), H_KV, 0)
+        off = b * stride_cb + slot * stride_cs
+        _rotate_heads(x + H * 2 * half, Kc + off, h, n_ok, stride_ch, half, cos, sin, BLOCK_HALF)
+        d = tl.arange(0, 2 * BLOCK_HALF)
+        m = (h < n_ok)[:, None] & (d < 2 * half)[None, :]
+        v = tl.load(x + (H + H_KV + h[:, None]) * (2 * half) + d[None, :], mask=m)
+        tl.store(Vc + off + h[:, None] * stride_ch + d[None, :], v, mask=m)
+
+
+def qkv_rope_write(qkv, rope_rows, k_buf, v_buf, layer: int, start, n_heads: int, n_kv_heads: int):
+    """Launcher: qkv [B, T, (H + 2 H_kv) D] and the cache buffers [L, B_max, H_kv, S, D] with contiguous last
+    dims (the buffers with equal strides); rope_rows [B or 1, T, D] fp32; start [B] long, contiguous. Writes
+    rotated k and v to slots start[b] + t of layer `layer`; returns rotated q, contiguous [B, T, H, D]."""
+    B, T, _ = qkv.shape
+    D = k_buf.shape[-1]
+    q = torch.empty(B, T, n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    if B * T == 0:
+        return q
+    kc, vc = k_buf[layer], v_buf[layer]
+    half = D // 2
+    block_half = next_pow2(half)
+    block_q = max(1, min(next_pow2(n_heads), 4096 // block_half))       # ~4K elements per program, as rope
+    block_kv = max(1, min(next_pow2(n_kv_heads), 4096 // block_half))
+    n_q_blocks = cdiv(n_heads, block_q)
+    _qkv_rope_write_kernel[(B * T, n_q_blocks + cdiv(n_kv_heads, block_kv))](
+        qkv, rope_rows, q, kc, vc, start, T, n_heads, n_kv_heads, kc.shape[2], half, n_q_blocks,
+        qkv.stride(0), qkv.stride(1), rope_rows.stride(0) if rope_rows.shape[0] > 1 else 0, rope_rows.stride(1),
+        rope_rows.stride(2), q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_HALF=block_half, num_warps=4,
+    )
+    return q

@@ -1,0 +1,32 @@
+"""The cached attention's input: RoPE on q and k of the fused QKV output and the K/V cache write, one layer.
+The torch row is the unfused sequence the model ran before (rope, rope, kv_write)."""
+from __future__ import annotations
+
+import torch
+
+from _bench import main_for
+from amphista_engine.kernels import ops
+
+
+def run(bench):
+    rows, dev, dt = [], bench.device, bench.dtype
+    esize = torch.tensor([], dtype=dt).element_size()
+    for sh in bench.shapes:
+        H, Hkv, D = sh.n_heads, sh.n_kv_heads, sh.head_dim
+        S = max(bench.prefixes) + 256
+        kb = torch.zeros(2, 1, Hkv, S, D, device=dev, dtype=dt)
+        vb = torch.zeros_like(kb)
+        start = torch.full((1,), max(bench.prefixes), device=dev)
+        for T in ((64,) if bench.quick else (1, 64)):
+            qkv = torch.randn(1, T, (H + 2 * Hkv) * D, device=dev, dtype=dt)
+            rope_rows = torch.randn(1, T, D, device=dev)
+            fn = lambda: ops.qkv_rope_write(qkv, rope_rows, kb, vb, 1, start, H, Hkv)
+            # read q, k, v and the rope rows; write q and the two cache rows
+            nbytes = esize * 2 * T * (H + 2 * Hkv) * D + 4 * T * D
+            rows += bench.compare("qkv_rope_write", sh.name, f"T={T}", {"torch": fn, "triton": fn, "cuda": fn},
+                                  nbytes)
+    return rows
+
+
+if __name__ == "__main__":
+    main_for(run, "qkv_rope_write")
