@@ -59,6 +59,13 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _backend_of(name: str) -> str | None:
+    """The backend a row's name runs under: "triton", or "triton:unfused" (the same backend timing the op
+    sequence a fused kernel replaced, side by side with it); None for a non-backend baseline ("sdpa")."""
+    be = name.split(":", 1)[0]
+    return be if be in ("torch", "triton", "cuda") else None
+
+
 class Bench:
     """Run context: device, dtype, shapes, backends and timing settings from the command line."""
 
@@ -170,7 +177,8 @@ class Bench:
 
     def row(self, kernel: str, shape: str, case: str, name: str, fn, bytes_moved: float, flops: float = 0.0,
             baseline_us: float | None = None) -> dict:
-        us, eager = self.time_us(fn, name) if name in ("torch", "triton", "cuda") else self._other(fn)
+        be = _backend_of(name)
+        us, eager = self.time_us(fn, be) if be else self._other(fn)
         gbs = bytes_moved / (us * 1e-6) / 1e9
         r = {"kernel": kernel, "shape": shape, "case": case, "backend": name, "ms": us / 1e3, "us": round(us, 2),
              "eager_us": round(eager, 2), "GB/s": round(gbs, 1),
@@ -189,7 +197,7 @@ class Bench:
         """Rows for each backend (+ extra baselines in fns), with speedups against the torch reference."""
         rows, base = [], None
         for name, fn in fns.items():
-            if name in ("torch", "triton", "cuda") and name not in self.backends:
+            if _backend_of(name) and _backend_of(name) not in self.backends:
                 continue                               # baselines (e.g. "sdpa") always run
             r = self.row(kernel, shape, case, name, fn, bytes_moved, flops, base)
             if name == "torch":

@@ -1,5 +1,5 @@
 """The cached attention's input: RoPE on q and k of the fused QKV output and the K/V cache write, one layer.
-The torch row is the unfused sequence the model ran before (rope, rope, kv_write)."""
+The triton:unfused row times the three launches it replaced (rope, rope, kv_write) on the same backend."""
 from __future__ import annotations
 
 import torch
@@ -21,10 +21,17 @@ def run(bench):
             qkv = torch.randn(1, T, (H + 2 * Hkv) * D, device=dev, dtype=dt)
             rope_rows = torch.randn(1, T, D, device=dev)
             fn = lambda: ops.qkv_rope_write(qkv, rope_rows, kb, vb, 1, start, H, Hkv)
+            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+
+            def unfused():                       # what Attention.forward launched before the fusion
+                ops.rope(q.view(1, T, H, D), rope_rows)
+                kr = ops.rope(k.view(1, T, Hkv, D), rope_rows).transpose(1, 2)
+                ops.kv_write(kb, vb, 1, start, kr, v.view(1, T, Hkv, D).transpose(1, 2))
+
             # read q, k, v and the rope rows; write q and the two cache rows
             nbytes = esize * 2 * T * (H + 2 * Hkv) * D + 4 * T * D
-            rows += bench.compare("qkv_rope_write", sh.name, f"T={T}", {"torch": fn, "triton": fn, "cuda": fn},
-                                  nbytes)
+            fns = {"torch": fn, "triton": fn, "cuda": fn, "triton:unfused": unfused}
+            rows += bench.compare("qkv_rope_write", sh.name, f"T={T}", fns, nbytes)
     return rows
 
 

@@ -20,7 +20,9 @@ def run(bench):
             rows += bench.compare("rmsnorm", sh.name, f"rows={n}", {"torch": fn, "triton": fn, "cuda": fn},
                                   esize * (2 * n * d + d))
             fn2 = lambda: ops.add_rmsnorm(x, res, w, 1e-5)
-            rows += bench.compare("add_rmsnorm", sh.name, f"rows={n}", {"torch": fn2, "triton": fn2, "cuda": fn2},
+            unfused = lambda: ops.rmsnorm(x + res, w, 1e-5)        # the model's add, then its norm
+            rows += bench.compare("add_rmsnorm", sh.name, f"rows={n}",
+                                  {"torch": fn2, "triton": fn2, "cuda": fn2, "triton:unfused": unfused},
                                   esize * (4 * n * d + d))
     return rows
 
