@@ -133,7 +133,7 @@ run_stage tests 170 170 "${PYTEST[@]}" "${TESTS[@]}"
 
 # ---- 3. kernel microbenchmarks --------------------------------------------------------------------------
 if [ -f benchmarks/kernels/run_all.py ]; then
-  run_stage kernels 80 90 "$PY" benchmarks/kernels/run_all.py --shapes llama-7b,smollm2-135m \
+  run_stage kernels 80 90 "$PY" benchmarks/kernels/run_all.py --shapes llama-7b,llama-13b,smollm2-135m \
       --prefixes 512,2048 --reps 20 --json "$OUT/kernels.json"
 else
   echo "== kernels: benchmarks/kernels/run_all.py not present, skipped"
