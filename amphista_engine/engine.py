@@ -56,6 +56,13 @@ class Engine:
             cpu_packed.pack_linears(self.model)
             if isinstance(heads, torch.nn.Module):
                 cpu_packed.pack_linears(heads)
+        # CUDA with AMPHISTA_TRITON_LINEAR=1: decode GEMVs through ops.linear (kernels/routed_linear.py)
+        from .kernels import routed_linear
+        self.routed_linears = self.device.type == "cuda" and routed_linear.enabled()
+        if self.routed_linears:
+            routed_linear.route_linears(self.model)
+            if isinstance(heads, torch.nn.Module):
+                routed_linear.route_linears(heads)
         # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
         # CPU. On by default since the H200 run of the GPU suite (graph replay == eager over 200 tokens; plain
         # 7B-shape step 2.6x faster): cuda_graphs=False or AMPHISTA_CUDA_GRAPHS=0 turns them off.
@@ -85,6 +92,9 @@ class Engine:
         if self.cpu_packed:
             from .kernels.cpu_packed import pack_linears
             pack_linears(self.heads)
+        if self.routed_linears:
+            from .kernels.routed_linear import route_linears
+            route_linears(self.heads)
         return self.heads
 
     # ---- prompts ---------------------------------------------------------------------------------------

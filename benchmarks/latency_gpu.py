@@ -36,6 +36,7 @@ from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.evaluation.env import commit, sync  # noqa: E402
 from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
+from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.model import Transformer  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
@@ -181,6 +182,23 @@ def run(args, save=None) -> dict:
                          "step_ms": round(ms, 3), "ratio_vs_plain": 1.0,
                          "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
             print(rows[-1], file=sys.stderr)
+        # A/B: every linear layer through the few-row Triton GEMM (kernels/routed_linear.py, opt-in in the
+        # Engine) against cuBLAS in the rows above, same model, same cache, same run.
+        use_graphs = device.type == "cuda"
+        routed_graphs = DecodeGraphs()
+        route_linears(model)
+        try:
+            dec = PlainDecoder(model, cache, SamplingParams())
+            if use_graphs:
+                routed_graphs.attach(dec)
+            ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
+        finally:
+            routed_graphs.clear()
+            route_linears(model, on=False)
+        rows.append({"model": shape_name, "method": "plain, triton linear", "tree": "-", "nodes": 1,
+                     "graphs": use_graphs, "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain[use_graphs], 3),
+                     "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
+        print(rows[-1], file=sys.stderr)
         # Full-vocabulary heads on every tree; with --draft-vocab also Amphista over that many tokens on the
         # largest trees (the drafting LM head shrinks by V / V').
         variants = [("medusa", 0), ("amphista", 0)] + [("amphista", dv) for dv in args.draft_vocab if dv]
@@ -212,6 +230,10 @@ def run(args, save=None) -> dict:
                                "bw_floor_ms": round(floor_ms, 3), "plain_step_ms": round(best, 3),
                                "plain_pct_of_floor": round(100 * floor_ms / best, 1),
                                "graphs_speedup_plain": round(plain[False] / plain[True], 3) if True in plain else None}
+        routed = [r for r in rows if r["model"] == shape_name and r["method"] == "plain, triton linear"]
+        if routed:
+            targets[shape_name]["plain_triton_linear_step_ms"] = routed[0]["step_ms"]
+            targets[shape_name]["plain_triton_linear_pct_of_floor"] = routed[0]["pct_of_bw_floor"]
         for r in rows:
             if r["model"] == shape_name and r["nodes"] == 64 and r["graphs"] == (True in plain):
                 targets[shape_name][f"{r['method']}_{r['tree']}_ratio"] = r["ratio_vs_plain"]

@@ -224,6 +224,67 @@ def test_rope(B, T, H, D, dtype, shared, poisoned):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+# ---- linear layers (few rows) ----------------------------------------------------------------------------
+# leading dims (rows), K, N, dtype
+LINEAR_CASES = [((1,), 64, 40, torch.float32),              # one token, N below one column tile
+                ((1, 3), 200, 300, torch.bfloat16),         # K not a multiple of the K tile, several N tiles
+                ((16,), 96, 70, torch.bfloat16),            # the most rows the kernel takes
+                ((2, 5), 320, 130, torch.float32)]          # K over one K tile
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{c[0]}K{c[1]}N{c[2]}-{str(c[3])[6:]}")
+def test_linear(case, poisoned):
+    lead, K, N, dtype = case
+    g = gen("linear", case)
+    x = randn(g, *lead, K, dtype=dtype)
+    w = randn(g, N, K, dtype=dtype, scale=K ** -0.5)
+    out = triton_ops.linear(x, w)
+    assert out.shape == (*lead, N) and out.dtype == dtype and not out.isnan().any()
+    assert rel_err(out, reference.linear(x, w)) < TOL[dtype]
+
+
+def test_linear_declines_and_routed_model_matches(monkeypatch):
+    """What the few-row kernel declines falls back to torch; a tiny model with its linears routed through
+    ops.linear (kernels/routed_linear.py) gives the torch backend's logits, with the kernel serving the few-row
+    products, and routes back to plain nn.Linear layers."""
+    from conftest import random_tiny_model
+    from amphista_engine.kernels.routed_linear import RoutedLinear, route_linears
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import AttentionSpec, causal_mask
+
+    g = gen("linear_declines")
+    w = randn(g, 24, 32)
+    assert triton_ops.linear(randn(g, 17, 32), w) is NotImplemented               # more rows than one tile
+    assert triton_ops.linear(randn(g, 2, 32, dtype=torch.bfloat16), w) is NotImplemented   # dtypes differ
+    assert triton_ops.linear(randn(g, 2, 32), randn(g, 32, 24).T) is NotImplemented       # strided weight
+
+    model = random_tiny_model(seed=3, vocab=64, dim=64, heads=4, kv_heads=2, inter=96).to(DEV)
+    tokens = torch.randint(0, 64, (1, 6), generator=gen("linear_tokens")).to(DEV)
+
+    def run(name):
+        cache = KVCache.for_model(model.config, 1, 32, torch.float32, DEV)
+        with use_backend(name), torch.inference_mode():
+            spec = AttentionSpec(torch.zeros(1, dtype=torch.long, device=DEV), causal_mask(5, DEV), kv_len=16)
+            out = [model(tokens[:, :5], torch.arange(5, device=DEV)[None], cache, spec)]
+            spec = AttentionSpec(torch.tensor([5], device=DEV), causal_mask(1, DEV), kv_len=16)
+            out.append(model(tokens[:, 5:], torch.tensor([[5]], device=DEV), cache, spec))
+        return out
+
+    ref = run("torch")
+    keys = list(model.state_dict())
+    L = model.config.n_layers
+    assert route_linears(model) == 4 * L + 1 and isinstance(model.output, RoutedLinear)
+    calls = []
+    real = triton_ops.linear
+    monkeypatch.setattr(triton_ops, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    got = run("triton")
+    assert len(calls) == 2 * (4 * L + 1)                    # prefill (5 rows) and the decode step, every layer
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < TOL[torch.float32]
+    assert route_linears(model, on=False) == 4 * L + 1 and type(model.output) is torch.nn.Linear
+    assert list(model.state_dict()) == keys
+
+
 # ---- activation ----------------------------------------------------------------------------------------
 # rows, I, dtype, strided (gate | up a slice of a wider row, as a view)
 SILU_CASES = [((1,), 64, torch.float32, False),           # one row (decoding)
@@ -560,8 +621,8 @@ def test_benchmarks_run_quick(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
     kernels = {row["kernel"] for row in data["rows"]}
-    assert {"tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "silu_mul", "qkv_rope_write",
-            "kv_write", "kv_compact", "greedy_accept", "typical_accept"} <= kernels
+    assert {"tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "silu_mul", "linear",
+            "qkv_rope_write", "kv_write", "kv_compact", "greedy_accept", "typical_accept"} <= kernels
     assert all(math.isfinite(row["ms"]) and row["ms"] > 0 for row in data["rows"])
 
 

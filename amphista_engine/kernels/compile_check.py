@@ -68,8 +68,8 @@ def compile_call(fn, bound, opts, arch: int):
 def _launchers(dtypes):
     """Every launcher at shapes that reach each kernel variant (per dtype, split and single, ...)."""
     import torch
-    from .triton_kernels import (acceptance, activation, fused_input, head_attention, kv_cache, norm_rope,
-                                 tree_attention)
+    from .triton_kernels import (acceptance, activation, fused_input, head_attention, kv_cache, linear,
+                                 norm_rope, tree_attention)
 
     def run():
         for dt in dtypes:
@@ -95,6 +95,7 @@ def _launchers(dtypes):
             norm_rope.qkv_rope_write(torch.zeros(1, 3, 8 * 64, dtype=dt), torch.zeros(1, 3, 64), buf, buf, 0,
                                      torch.zeros(1, dtype=torch.long), 4, 2)
             activation.silu_mul(torch.zeros(3, 3000, dtype=dt))
+            linear.linear(torch.zeros(1, 3, 320, dtype=dt), torch.zeros(300, 320, dtype=dt))
         logits = torch.zeros(2, 8, 100, dtype=torch.bfloat16)
         tokens = torch.zeros(2, 8, dtype=torch.long)
         retrieve = torch.zeros(4, 4, dtype=torch.long)

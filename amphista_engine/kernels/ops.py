@@ -110,6 +110,14 @@ def rope(x: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
     return _run("rope", x.device, x, rope_rows)
 
 
+# ---- linear layers -------------------------------------------------------------------------------------
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w.T for w [N, K] (an nn.Linear weight, no bias) -> [..., N] in w's dtype. The kernel
+    backends take decoding's few-row products (weight-streaming GEMVs), cuBLAS through torch the rest. The
+    model's layers call it only when routed (kernels/routed_linear.py)."""
+    return _run("linear", x.device, x, w)
+
+
 # ---- activation ----------------------------------------------------------------------------------------
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation: x [..., 2I] (the fused gate | up projection, last dim contiguous) ->
@@ -162,5 +170,5 @@ mask_bits = reference.mask_bits
 bits_to_mask = reference.bits_to_mask
 
 __all__ = ["tree_attention", "tree_mask_args", "head_attention", "fused_sal_input", "rmsnorm", "add_rmsnorm",
-           "rope", "silu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept", "typical_accept",
-           "mask_bits", "bits_to_mask"]
+           "rope", "linear", "silu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept",
+           "typical_accept", "mask_bits", "bits_to_mask"]

@@ -93,6 +93,12 @@ def rope(x, rope_rows):
     return apply_rope(x, rope_rows)
 
 
+# ---- linear layers -------------------------------------------------------------------------------------
+def linear(x, w):
+    """nn.Linear without bias: x [..., K] @ w.T, w [N, K]."""
+    return F.linear(x, w)
+
+
 # ---- activation ----------------------------------------------------------------------------------------
 def silu_mul(x):
     """FeedForward's SwiGLU activation: x [..., 2I] as gate | up halves -> silu(gate) * up [..., I]."""

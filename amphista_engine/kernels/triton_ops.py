@@ -13,6 +13,7 @@ from .triton_kernels import activation as _act
 from .triton_kernels import fused_input as _fi
 from .triton_kernels import head_attention as _ha
 from .triton_kernels import kv_cache as _kv
+from .triton_kernels import linear as _lin
 from .triton_kernels import norm_rope as _nr
 from .triton_kernels import tree_attention as _ta
 
@@ -105,6 +106,14 @@ def rope(x, rope_rows):
     if rope_rows.shape[1:] != (T, D) or rope_rows.shape[0] not in (1, B) or not _same_device(x, rope_rows):
         return NotImplemented
     return _nr.rope(x, rope_rows)
+
+
+# ---- linear layers -------------------------------------------------------------------------------------
+def linear(x, w):
+    if (x.dim() < 1 or w.dim() != 2 or x.dtype not in FLOATS or w.dtype != x.dtype or x.shape[-1] != w.shape[1]
+            or not w.is_contiguous() or x.numel() > _lin.MAX_ROWS * x.shape[-1] or not _same_device(x, w)):
+        return NotImplemented
+    return _lin.linear(x, w)
 
 
 # ---- activation ----------------------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""Linear layers routed through `ops.linear`, so the backend switch reaches the decode step's weight GEMVs.
+
+The target's and the heads' nn.Linear layers call cuBLAS directly. Routing them through `ops.linear` lets the
+triton backend take the few-row products (triton_kernels/linear.py). It is off unless AMPHISTA_TRITON_LINEAR=1:
+the kernel has not yet been timed against cuBLAS on the model's own GEMVs, and a Python dispatch per layer
+would cost eager (graph-less) steps time for nothing. The Engine routes its model and heads on CUDA when it is
+on; benchmarks/latency_gpu.py times both ways side by side.
+"""
+from __future__ import annotations
+
+import os
+
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+ENV_VAR = "AMPHISTA_TRITON_LINEAR"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "0") == "1"
+
+
+class RoutedLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) whose product goes through ops.linear."""
+
+    def forward(self, x):
+        if self.bias is not None:
+            return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight)
+
+
+def route_linears(module: nn.Module, on: bool = True) -> int:
+    """Turns every plain nn.Linear inside `module` into a RoutedLinear (on=False: back); returns how many."""
+    src, dst = (nn.Linear, RoutedLinear) if on else (RoutedLinear, nn.Linear)
+    n = 0
+    for m in module.modules():
+        if type(m) is src:
+            m.__class__ = dst
+            n += 1
+    return n
