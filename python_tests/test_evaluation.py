@@ -181,7 +181,7 @@ def test_bench_tiny_random_cpu(tmp_path, capsys):
     assert [(x["method"], x.get("draft_vocab"), x["tree"]) for x in r["rows"]] == [("plain", None, "-")] + [
         (m, v, t) for m in ("medusa", "amphista") for v in (512, 100) for t in ("chain-4", "tree-16", "dynamic-8")]
     for row in r["rows"][1:]:
-        assert row["break_even_tau"] == pytest.approx(row["step_ms"] / r["plain_step_ms"], rel=1e-3)
+        assert row["break_even_tau"] == pytest.approx(row["step_ms"] / r["plain_step_ms"], rel=1e-3, abs=1e-4)
         assert row["tokens_per_s_at_tau"] == pytest.approx(row["tau"] * 1e3 / row["step_ms"], rel=1e-3)
         assert row["verify_ms"] > 0
     assert r["rows"][1]["nodes"] == 5 and r["rows"][-1]["tau"] == 2.0
