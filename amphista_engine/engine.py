@@ -49,20 +49,14 @@ class Engine:
         self.loaded_name = loaded.source
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
-        # bf16 on a CPU: linear weights packed once for oneDNN (kernels/cpu_packed.py); fp32 and CUDA untouched
-        from .kernels import cpu_packed
+        # How the linear layers run: bf16 on a CPU packed once for oneDNN (kernels/cpu_packed.py); CUDA with
+        # AMPHISTA_TRITON_LINEAR=1 routed through ops.linear (kernels/routed_linear.py); otherwise untouched.
+        from .kernels import cpu_packed, routed_linear
         self.cpu_packed = self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_packed.available()
-        if self.cpu_packed:
-            cpu_packed.pack_linears(self.model)
-            if isinstance(heads, torch.nn.Module):
-                cpu_packed.pack_linears(heads)
-        # CUDA with AMPHISTA_TRITON_LINEAR=1: decode GEMVs through ops.linear (kernels/routed_linear.py)
-        from .kernels import routed_linear
         self.routed_linears = self.device.type == "cuda" and routed_linear.enabled()
-        if self.routed_linears:
-            routed_linear.route_linears(self.model)
-            if isinstance(heads, torch.nn.Module):
-                routed_linear.route_linears(heads)
+        self._adapt_linears(self.model)
+        if isinstance(heads, torch.nn.Module):
+            self._adapt_linears(heads)
         # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
         # CPU. On by default since the H200 run of the GPU suite (graph replay == eager over 200 tokens; plain
         # 7B-shape step 2.6x faster): cuda_graphs=False or AMPHISTA_CUDA_GRAPHS=0 turns them off.
@@ -89,13 +83,15 @@ class Engine:
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
         self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
             if not isinstance(heads, torch.nn.Module) else heads
-        if self.cpu_packed:
-            from .kernels.cpu_packed import pack_linears
-            pack_linears(self.heads)
-        if self.routed_linears:
-            from .kernels.routed_linear import route_linears
-            route_linears(self.heads)
+        self._adapt_linears(self.heads)
         return self.heads
+
+    def _adapt_linears(self, module: torch.nn.Module):
+        from .kernels import cpu_packed, routed_linear
+        if self.cpu_packed:
+            cpu_packed.pack_linears(module)
+        if self.routed_linears:
+            routed_linear.route_linears(module)
 
     # ---- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:

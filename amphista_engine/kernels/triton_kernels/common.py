@@ -48,6 +48,12 @@ def launch_first_fitting(launch: Callable[..., None], options: Sequence[dict], k
         return
 
 
+def stream_block_n(n_cols: int, row_tiles: int, device: torch.device) -> int:
+    """Column tile of a few-row GEMM that streams its weight once: 64 when that still gives ~2 programs per
+    SM, else 32 (narrow tiles keep every SM reading a share of W)."""
+    return 64 if cdiv(n_cols, 64) * row_tiles >= 2 * sm_count(device) else 32
+
+
 def num_warps_for(block: int) -> int:
     """Warps for a program that streams `block` elements per step: enough lanes to cover it in ~16 B loads."""
     return max(1, min(16, block // 256))

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, sm_count
+from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, stream_block_n
 
 
 @triton.jit
@@ -66,8 +66,7 @@ def fused_sal_input(hidden, tokens, emb_weight, w_fuse, block_n: int | None = No
         return out.view(*lead, d)
     block_m = min(64, max(16, next_pow2(M)))
     if block_n is None:
-        # Narrow column tiles when few would exist: ~2 programs per SM keep the weight stream going.
-        block_n = 64 if cdiv(d, 64) * cdiv(M, block_m) >= 2 * sm_count(hidden.device) else 32
+        block_n = stream_block_n(d, cdiv(M, block_m), hidden.device)
 
     def launch(block_k, num_stages):
         _fused_input_kernel[(cdiv(M, block_m), cdiv(d, block_n))](

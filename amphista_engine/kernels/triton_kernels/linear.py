@@ -4,8 +4,8 @@ A decoding step is a chain of GEMVs whose cost is reading the weights once. The 
 input's GEMM (fused_input.py) without its embedding half: narrow column tiles so every SM streams a share of
 W, long K tiles and a deep pipeline so many weight bytes are in flight per program. On an H200 that tiling read
 the 7B-shaped fusion weight at 20.5 us against cuBLAS's 26 us through torch; whether it beats cuBLAS on the
-model's own GEMVs is what benchmarks/kernels/linear.py and the GPU suite's A/B measure, so it runs only when
-AMPHISTA_TRITON_LINEAR=1 (kernels/triton_ops.linear).
+model's own GEMVs is what benchmarks/kernels/linear.py and the GPU suite's A/B measure, so the model's layers
+reach it only when AMPHISTA_TRITON_LINEAR=1 routes them through ops.linear (kernels/routed_linear.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, sm_count
+from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, stream_block_n
 from .fused_input import FUSED_INPUT_CONFIGS
 
 MAX_ROWS = 16          # one row tile: more rows are a GEMM, cuBLAS's job
@@ -55,9 +55,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
         return out.view(*lead, N)
     block_m = max(16, next_pow2(M))
     if block_n is None:
-        # ~2 programs per SM keep the weight stream going (the 7B shape's 4096 outputs: 64 programs of 64
-        # columns would leave half an H100 idle)
-        block_n = 64 if cdiv(N, 64) >= 2 * sm_count(x.device) else 32
+        block_n = stream_block_n(N, 1, x.device)
 
     def launch(block_k, num_stages):
         _linear_kernel[(cdiv(N, block_n),)](
