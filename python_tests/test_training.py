@@ -387,3 +387,30 @@ def test_training_with_draft_vocabulary(shard, target, tmp_path):
     plain = greedy_tokens(target, prompt, 24)
     for tree in ("tree-16", "dynamic-16"):
         assert greedy_tokens(target, prompt, 24, heads, tree) == plain
+
+
+def test_init_from_grows_heads_and_keeps_their_drafts(shard, target, tmp_path):
+    """--init-from: a deeper copy of trained heads drafts exactly what they drafted (added layers are
+    pass-throughs), so training starts at the source's held-out loss; layouts that cannot map are refused."""
+    from amphista_engine.training.warm_start import warm_start
+    kw = dict(loss_positions=64, lr=4e-3, draft_vocab=40)
+    src = train_heads(cfg(shard, tmp_path / "src", steps=6, eval_every=6, save_dtype="fp32", **kw), target=target)
+    grown = new_heads("amphista", target, num_heads=K, dtype=torch.float32, draft_vocab_size=40,
+                      layers_per_stage=2, aeb_layers=2)
+    assert warm_start(grown, load_heads(tmp_path / "src", target, dtype=torch.float32)) == ["aeb.1", "sal.1", "sal.3"]
+    hidden, nxt = torch.randn(2, 13, 32), torch.randint(0, 64, (2, 13))
+    with torch.no_grad():
+        ref = load_heads(tmp_path / "src", target, dtype=torch.float32).forward_train(hidden, nxt)
+        torch.testing.assert_close(grown.forward_train(hidden, nxt), ref, rtol=0, atol=0)
+    assert ref.abs().max() > 0
+
+    res = train_heads(cfg(shard, tmp_path / "grown", steps=6, eval_every=6, init_from=str(tmp_path / "src"),
+                          layers_per_stage=2, aeb_layers=2, **kw), target=target)
+    first, last = res["history"][0], res["history"][-1]
+    assert first["step"] == 0 and first["loss"] == pytest.approx(src["history"][-1]["loss"], rel=1e-4)
+    assert last["loss"] < first["loss"]
+    assert load_heads(tmp_path / "grown", target).config.layers_per_stage == 2
+    with pytest.raises(ConfigError, match="differ.*kind"):
+        train_heads(cfg(shard, tmp_path / "m", kind="medusa", init_from=str(tmp_path / "src"), **kw), target=target)
+    with pytest.raises(ConfigError, match="only grow"):
+        train_heads(cfg(shard, tmp_path / "s", init_from=str(tmp_path / "grown"), **kw), target=target)

@@ -108,6 +108,11 @@ def register(sub) -> None:
                         "drafting and training; verification still uses the full vocabulary")
     t.add_argument("--init", default="identity", choices=["identity", "default"],
                    help="identity: heads start as the target's own next-token head (default)")
+    t.add_argument("--init-from", default=None,
+                   help="start from these trained heads (same target and layout, or a deeper one: added layers "
+                        "start as pass-throughs, so training starts from exactly the source's drafts)")
+    t.add_argument("--layers-per-stage", type=int, default=None, help="Amphista: SAL layers per stage (default 1)")
+    t.add_argument("--aeb-layers", type=int, default=None, help="Amphista: auto-embedding layers (default 1)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("tree-search", help="fit static trees to trained heads on the held-out split of their "

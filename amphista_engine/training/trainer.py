@@ -72,6 +72,9 @@ class TrainConfig:
     stage_of_head: str | list | None = None
     mse_weight: float = 0.0             # + weight * full-vocabulary logit MSE to the teacher (all positions)
     init: str = "identity"              # identity: every head starts as the target's own next-token head
+    init_from: str | None = None        # start from these trained heads instead (warm_start.py; may grow them)
+    layers_per_stage: int | None = None  # Amphista: SAL layers per stage (None = the default, 1)
+    aeb_layers: int | None = None       # Amphista: auto-embedding layers (None = the default, 1)
     draft_vocab: int = 0                # > 0: heads score only the N most frequent answer tokens (FR-Spec style)
     fill_cache: bool = False            # only compute every sequence's hidden states into cache_hidden, then stop
     progress: bool = True
@@ -94,6 +97,9 @@ class TrainConfig:
             raise ConfigError("--steps / --epochs must be positive")
         if self.init not in ("identity", "default"):
             raise ConfigError(f"--init must be identity or default, got {self.init!r}")
+        for name in ("layers_per_stage", "aeb_layers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.mse_weight < 0:
             raise ConfigError("--mse-weight must be >= 0")
         if self.fill_cache and not self.cache_hidden:
@@ -448,6 +454,9 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         if cfg.draft_vocab > V:
             raise ConfigError(f"--draft-vocab {cfg.draft_vocab} exceeds the target's vocabulary ({V})")
         overrides["draft_vocab_size"] = cfg.draft_vocab
+    for name in ("layers_per_stage", "aeb_layers"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
     torch.manual_seed(cfg.seed)
     heads = new_heads(cfg.kind, target, num_heads=cfg.num_heads, dtype=torch.float32, **overrides)
     if cfg.draft_vocab:
@@ -457,6 +466,12 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
               f"{100 * coverage:.2f}% of the training answers' tokens", file=sys.stderr)
     if cfg.init == "identity":
         identity_init(heads, target)
+    if cfg.init_from:
+        from ..heads import load_heads
+        from .warm_start import warm_start
+        added = warm_start(heads, load_heads(cfg.init_from, target, dtype=torch.float32))
+        print(f"train: started from the heads in {cfg.init_from}"
+              + (f"; added pass-through layers {', '.join(added)}" if added else ""), file=sys.stderr)
     heads.train().requires_grad_(True)
     params = [p for p in heads.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
