@@ -487,7 +487,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
             raise InputError(f"--resume: no trainer state in {out} ({STATE_FILE} missing)")
         st = torch.load(sf, map_location="cpu", weights_only=False)
         mine = {k: recipe[k] for k in ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr",
-                                       "draft_vocab")}
+                                       "draft_vocab", "layers_per_stage", "aeb_layers")}
         theirs = {k: st["recipe"].get(k, 0 if k == "draft_vocab" else None) for k in mine}
         if mine != theirs or st["fingerprint"] != fp:
             raise ConfigError(f"--resume: {sf} was written by another recipe or target ({theirs} vs {mine})")
