@@ -29,6 +29,7 @@ MAX_NEW=${MAX_NEW:-256}; BATCH=${BATCH:-32}
 DISTILL_DTYPE=${DISTILL_DTYPE:-bf16}
 STEPS=${STEPS:-3000}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}; WARMUP=${WARMUP:-40}
 AMPHISTA_STEPS=${AMPHISTA_STEPS:-4500}   # Amphista continues from STEPS to here (warm restart); <= STEPS: off
+KLALL_STEPS=${KLALL_STEPS:-6000}         # then on to here with KL at every answer position; <= AMPHISTA_STEPS: off
 # bf16 autocast: fp32 master weights, bf16 matmuls (AMX / tensor cores): 1.8x faster steps on an AMX CPU
 TRAIN_DTYPE=${TRAIN_DTYPE:-bf16}
 LOSS_POSITIONS=${LOSS_POSITIONS:-512}; MSE=${MSE:-0.1}; DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
@@ -58,17 +59,18 @@ $AMPHISTA train --data "${shards[@]}" --out "$RUN/hidden-fill" --model smollm2-1
     --fill-cache --cache-hidden "$RUN/hidden" --batch-tokens "$BATCH_TOKENS"
 
 # 3. Heads: same data, steps, seed and draft vocabulary for both kinds; then the Amphista heads continue to
-#    AMPHISTA_STEPS with a warm restart of the cosine schedule (the shipped heads: 3000, then on to 4500).
+#    AMPHISTA_STEPS with a warm restart of the cosine schedule (the shipped heads: 3000, then on to 4500), then
+#    to KLALL_STEPS with KL at every answer position (--loss-positions 0; on to 6000).
 steps_done() {   # the step the heads in $1 were saved at (0 if none)
     python -c "import json, sys; print(json.load(open(sys.argv[1]))['extra']['training']['step'])" \
         "$RUN/heads-$1/config.json" 2>/dev/null || echo 0
 }
-train_to() {     # KIND TOTAL_STEPS: train (or resume) until the heads reach TOTAL_STEPS
-    local KIND=$1 TOTAL=$2 RESUME=""
+train_to() {     # KIND TOTAL_STEPS [LOSS_POSITIONS]: train (or resume) until the heads reach TOTAL_STEPS
+    local KIND=$1 TOTAL=$2 POSITIONS=${3:-$LOSS_POSITIONS} RESUME=""
     [ "$(steps_done "$KIND")" -ge "$TOTAL" ] && return 0
     [ -f "$RUN/heads-$KIND/trainer_state.pt" ] && RESUME="--resume"
     $AMPHISTA train --data "${shards[@]}" --out "$RUN/heads-$KIND" --model smollm2-135m --device "$DEVICE" \
-        --kind "$KIND" --num-heads 4 --loss kl --lambda 0.8 --mse-weight "$MSE" --loss-positions "$LOSS_POSITIONS" \
+        --kind "$KIND" --num-heads 4 --loss kl --lambda 0.8 --mse-weight "$MSE" --loss-positions "$POSITIONS" \
         --draft-vocab "$DRAFT_VOCAB" --steps "$TOTAL" --batch-tokens "$BATCH_TOKENS" --lr "$LR" --warmup "$WARMUP" \
         --clip 1.0 --seed 0 --train-dtype "$TRAIN_DTYPE" --save-dtype bf16 --cache-hidden "$RUN/hidden" \
         --eval-every 100 --eval-max-seqs 32 --save-every 20 --log "$RUN/train-$KIND.jsonl" $RESUME
@@ -78,6 +80,9 @@ train_kind() {
     train_to "$KIND" "$STEPS"
     if [ "$KIND" = amphista ] && [ "$AMPHISTA_STEPS" -gt "$STEPS" ]; then
         train_to amphista "$AMPHISTA_STEPS"
+    fi
+    if [ "$KIND" = amphista ] && [ "$KLALL_STEPS" -gt "$AMPHISTA_STEPS" ]; then
+        train_to amphista "$KLALL_STEPS" 0
     fi
     # static trees fitted to these heads on the held-out split of the same data (tuned-16/32/63)
     $AMPHISTA tree-search --data "${shards[@]}" --heads "$RUN/heads-$KIND" --model smollm2-135m --device "$DEVICE" \
