@@ -44,24 +44,21 @@ def warm_start(heads, source) -> list[str]:
                           f"{a.aeb_layers} AEB layer(s); requested {b.layers_per_stage}, {b.aeb_layers})")
     mapping = layer_map(a, b) if b.kind == "amphista" else {}
     dst = heads.state_dict()
-    filled = set()
     with torch.no_grad():
         for name, t in source.state_dict().items():
             m = _LAYER.match(name)
             key = f"{m[1]}.{mapping[(m[1], int(m[2]))]}.{m[3]}" if m else name
             dst[key].copy_(t.to(dst[key].dtype))
-            filled.add(key)
-        added = sorted({f"{m[1]}.{m[2]}" for k in dst if k not in filled and (m := _LAYER.match(k))})
+        # every destination layer no source layer maps to starts as a pass-through
+        kept = {(g, j) for (g, _), j in mapping.items()}
+        added = sorted(f"{g}.{i}" for g in ("sal", "aeb") for i in range(len(getattr(heads, g, ())))
+                       if (g, i) not in kept)
         for name in added:
             group, i = name.split(".")
             layer = getattr(heads, group)[int(i)]
             wo = layer.attention.wo if hasattr(layer, "attention") else layer.wo
             wo.weight.zero_()
             layer.feed_forward.w2.weight.zero_()
-        missing = [k for k in dst if k not in filled and not (_LAYER.match(k) and
-                                                              ".".join(k.split(".")[:2]) in added)]
-    if missing:
-        raise ConfigError(f"--init-from: the source heads lack {', '.join(missing[:5])}")
     if b.draft_vocab_size:
         heads.set_draft_vocab(source.draft_vocab.clone())     # re-gathers the LM-head rows of the copied set
     return added
