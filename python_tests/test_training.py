@@ -294,6 +294,25 @@ def test_bad_data_clear_errors_or_counted_skips(tmp_path, target, shard):
     assert res["steps"] == 3 and sum(res["skipped"].values()) == 6
 
 
+def test_gzipped_shard_reads_like_the_plain_one(tmp_path, shard):
+    import gzip
+    gz = tmp_path / "tiny.jsonl.gz"
+    gz.write_bytes(gzip.compress(shard.read_bytes()))
+    plain, packed = load_shard(shard, 64, 256), load_shard(gz, 64, 256)
+    assert [(s.id, s.ids, s.prompt_len) for s in packed.sequences] == \
+           [(s.id, s.ids, s.prompt_len) for s in plain.sequences]
+    both = load_shard([gz, shard], 64, 256)      # the same records twice: counted as duplicates
+    assert len(both.sequences) == 36 and both.skipped["duplicate id"] == 36
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(shard.read_bytes())[:-40])
+    with pytest.raises(InputError, match="not a readable gzip file"):
+        load_shard(cut, 64, 256)
+    fake = tmp_path / "plain.jsonl.gz"
+    fake.write_bytes(shard.read_bytes())
+    with pytest.raises(InputError, match="not a readable gzip file"):
+        load_shard(fake, 64, 256)
+
+
 def test_trained_heads_keep_greedy_output(shard, target, tmp_path):
     """Greedy speculative decoding with trained heads equals plain greedy decoding."""
     res = train_heads(cfg(shard, tmp_path / "g", steps=6, eval_frac=0.0), target=target)

@@ -10,10 +10,12 @@ start (the record is regenerated), so a shard never holds a duplicated or trunca
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
 import sys
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,36 +193,44 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2) -> Sha
     for path in map(Path, paths):
         if not path.is_file():
             raise InputError(f"training data not found: {path}")
-        with open(path, "rb") as f:
-            for raw in f:
-                if not raw.strip():
-                    continue
-                if not raw.endswith(b"\n"):
-                    out.skipped["truncated last line"] += 1
-                    continue
-                try:
-                    rec = json.loads(raw)
-                    rid, p, a = str(rec["id"]), rec["prompt_ids"], rec["answer_ids"]
-                    if not (isinstance(p, list) and isinstance(a, list)
-                            and all(isinstance(t, int) for t in p) and all(isinstance(t, int) for t in a)):
-                        raise TypeError
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                    out.skipped["malformed record"] += 1
-                    continue
-                if rid in seen:
-                    out.skipped["duplicate id"] += 1
-                    continue
-                ids = p + a
-                if not p or len(a) < min_answer:
-                    out.skipped["empty prompt or answer"] += 1
-                elif any(t < 0 or t >= vocab_size for t in ids):
-                    out.skipped["token id out of the target's vocabulary"] += 1
-                elif len(ids) > max_len:
-                    out.skipped[f"longer than max_seq_len={max_len}"] += 1
-                else:
-                    seen.add(rid)
-                    out.sequences.append(Sequence(rid, ids, len(p)))
+        try:
+            _read_records(path, vocab_size, max_len, min_answer, out, seen)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise InputError(f"{path}: not a readable gzip file ({e}); shards are JSONL, optionally gzipped") from None
     if not out.sequences:
         why = ", ".join(f"{k}: {v}" for k, v in out.skipped.items()) or "no records"
         raise InputError(f"no usable training records in {', '.join(map(str, paths))} ({why})")
     return out
+
+
+def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, out: ShardData, seen: set):
+    # committed shards are gzipped (benchmarks/results/training_smollm2/distill/); distill writes plain JSONL
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            if not raw.endswith(b"\n"):
+                out.skipped["truncated last line"] += 1
+                continue
+            try:
+                rec = json.loads(raw)
+                rid, p, a = str(rec["id"]), rec["prompt_ids"], rec["answer_ids"]
+                if not (isinstance(p, list) and isinstance(a, list)
+                        and all(isinstance(t, int) for t in p) and all(isinstance(t, int) for t in a)):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                out.skipped["malformed record"] += 1
+                continue
+            if rid in seen:
+                out.skipped["duplicate id"] += 1
+                continue
+            ids = p + a
+            if not p or len(a) < min_answer:
+                out.skipped["empty prompt or answer"] += 1
+            elif any(t < 0 or t >= vocab_size for t in ids):
+                out.skipped["token id out of the target's vocabulary"] += 1
+            elif len(ids) > max_len:
+                out.skipped[f"longer than max_seq_len={max_len}"] += 1
+            else:
+                seen.add(rid)
+                out.sequences.append(Sequence(rid, ids, len(p)))
