@@ -21,10 +21,14 @@ QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
 RUN=${RUN:-runs/smollm2}
 DEVICE=${DEVICE:-cpu}
 # Prompt ranges start:end[:dtype] ([start, end) of the seeded, source-balanced prompt order), one distill
-# worker (and shard) each, run two at a time; dtype defaults to DISTILL_DTYPE. The shipped heads' data: the
-# first 2,096 prompts were distilled in fp32 (sessions 2-3), the rest of [0, 6000) in bf16 (session 4).
-RANGES=${RANGES:-"0:1200:fp32 3000:3896:fp32 1200:3000:bf16 3896:6000:bf16"}
-MAX_NEW=${MAX_NEW:-256}; BATCH=${BATCH:-32}
+# worker (and shard) each, run two at a time; dtype defaults to DISTILL_DTYPE. The shipped heads were trained
+# on [0, 6000) with the first 2,096 prompts distilled in fp32; that data was lost with its machine, and the
+# committed redistillation (tenth session, COMMITTED below) is all bf16: answers differ only at near-ties.
+RANGES=${RANGES:-"0:3000 3000:6000"}
+MAX_NEW=${MAX_NEW:-256}; BATCH=${BATCH:-64}
+# committed shards (gzipped): each seeds the shard of the same name under $RUN, and distill only adds what
+# it lacks; COMMITTED= (empty) distills from scratch
+COMMITTED=${COMMITTED-benchmarks/results/training_smollm2/distill}
 # bf16 distills ~1.9x faster than fp32 on an AMX CPU (its greedy answers differ only at near-ties)
 DISTILL_DTYPE=${DISTILL_DTYPE:-bf16}
 STEPS=${STEPS:-3000}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}; WARMUP=${WARMUP:-40}
@@ -46,6 +50,9 @@ for r in $RANGES; do
     IFS=: read -r start end dtype <<< "$r"
     shard="$RUN/distill-$start.jsonl"
     shards+=("$shard")
+    if [ -n "$COMMITTED" ] && [ ! -s "$shard" ] && [ -f "$COMMITTED/distill-$start.jsonl.gz" ]; then
+        gzip -dc "$COMMITTED/distill-$start.jsonl.gz" > "$shard"
+    fi
     $AMPHISTA distill --prompts "$PROMPTS" --out "$shard" --model smollm2-135m --device "$DEVICE" \
         --offset "$start" --limit "$end" --batch-size "$BATCH" --max-new-tokens "$MAX_NEW" \
         --dtype "${dtype:-$DISTILL_DTYPE}" --balance-by-source --seed 0 &

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Trains the shipped smollm2-135m Amphista heads further on the committed distillation data, then measures tau
+# on the MT-Bench bar's 32 first turns. Made for a session without a GPU whose checkout is fresh (runs/ empty):
+# the trainer state of earlier runs is gone, so training starts from the shipped bf16 weights with a fresh
+# optimiser (`train --init-from`, warmup then cosine to 0) instead of `--resume`. Every step is resumable:
+# rerun the script after an interruption.
+#
+#   scripts/continue_heads.sh                          # 1500 steps, lr 1.5e-4, then tau on both trees
+#   STEPS=3000 LR=2e-4 scripts/continue_heads.sh
+#   SHIP_TO=amphista_engine/data/heads/smollm2-135m-amphista scripts/continue_heads.sh   # also replaces them
+#
+# On 2 cores: filling the hidden cache takes ~30 min, a step ~2-4 s, each tau run 17-30 min (both at once).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+A=${AMPHISTA:-"python -m amphista_engine.cli"}
+KIND=${KIND:-amphista}
+FROM=${FROM:-amphista_engine/data/heads/smollm2-135m-$KIND}
+COMMITTED=${COMMITTED:-benchmarks/results/training_smollm2/distill}
+RUN=${RUN:-runs/continue}
+STEPS=${STEPS:-1500}; LR=${LR:-1.5e-4}; WARMUP=${WARMUP:-40}; LOSS_POSITIONS=${LOSS_POSITIONS:-512}
+BATCH_TOKENS=${BATCH_TOKENS:-4096}; EVAL_EVERY=${EVAL_EVERY:-300}
+TREES=${TREES:-"mc_sim_7b_63 dynamic-63"}; PER_CATEGORY=${PER_CATEGORY:-4}; EVAL_TOKENS=${EVAL_TOKENS:-256}
+QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
+SHIP_TO=${SHIP_TO:-}
+mkdir -p "$RUN"
+
+shards=()
+if [ -n "${DATA:-}" ]; then
+    read -r -a shards <<< "$DATA"
+else
+    for f in "$COMMITTED"/*.jsonl.gz; do [ -f "$f" ] && shards+=("$f"); done
+fi
+[ "${#shards[@]}" -gt 0 ] || { echo "no training data: no shards in $COMMITTED and DATA is empty"; exit 1; }
+
+# the target's hidden states, once (2 threads); training then skips the target forward
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN/hidden-fill" --model smollm2-135m \
+    --device cpu --fill-cache --cache-hidden "$RUN/hidden" --batch-tokens "$BATCH_TOKENS"
+
+# the shipped recipe (TRAINING.md) except the start and the schedule; the draft vocabulary is the source's
+RESUME=""
+[ -f "$RUN/heads/trainer_state.pt" ] && RESUME="--resume"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN/heads" --model smollm2-135m \
+    --device cpu --kind "$KIND" --num-heads 4 --init-from "$FROM" --loss kl --lambda 0.8 --mse-weight 0.1 \
+    --loss-positions "$LOSS_POSITIONS" --draft-vocab 8192 --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" \
+    --lr "$LR" --warmup "$WARMUP" --clip 1.0 --seed 0 --train-dtype bf16 --save-dtype bf16 \
+    --cache-hidden "$RUN/hidden" --eval-every "$EVAL_EVERY" --eval-max-seqs 32 --save-every 20 \
+    --log "$RUN/train.jsonl" $RESUME
+
+per_cat=()
+[ -n "$PER_CATEGORY" ] && per_cat=(--per-category "$PER_CATEGORY")
+for TREE in $TREES; do      # one thread each, side by side
+    OMP_NUM_THREADS=1 $A eval-tau --questions "$QUESTIONS" --heads "$RUN/heads" --speculative "$KIND" \
+        --device cpu --tree "$TREE" "${per_cat[@]}" --max-new-tokens "$EVAL_TOKENS" --out "$RUN/tau-$TREE.json" &
+done
+wait
+
+if [ -n "$SHIP_TO" ]; then
+    cp "$RUN/heads/config.json" "$RUN/heads/model.safetensors" "$SHIP_TO/"
+fi
