@@ -433,3 +433,37 @@ def test_init_from_grows_heads_and_keeps_their_drafts(shard, target, tmp_path):
         train_heads(cfg(shard, tmp_path / "m", kind="medusa", init_from=str(tmp_path / "src"), **kw), target=target)
     with pytest.raises(ConfigError, match="only grow"):
         train_heads(cfg(shard, tmp_path / "s", init_from=str(tmp_path / "grown"), **kw), target=target)
+
+
+def test_init_from_widens_mlps_and_keeps_their_drafts(shard, target, tmp_path):
+    """Wider SAL/AEB MLPs from trained heads: the old units keep their weights, the new ones start silent
+    (zero w2 columns) but trainable, so drafts are unchanged at step 0 and the new units move in training."""
+    from amphista_engine.training.warm_start import warm_start
+    kw = dict(loss_positions=64, lr=4e-3, draft_vocab=40)
+    src = train_heads(cfg(shard, tmp_path / "src", steps=6, eval_every=6, save_dtype="fp32", **kw), target=target)
+    source = load_heads(tmp_path / "src", target, dtype=torch.float32)
+    ws, wa = source.config.sal_intermediate_size, source.config.aeb_intermediate_size
+    wide = dict(sal_intermediate_size=ws + 24, aeb_intermediate_size=wa + 40)
+    grown = new_heads("amphista", target, num_heads=K, dtype=torch.float32, draft_vocab_size=40, **wide)
+    assert warm_start(grown, source) == []
+    hidden, nxt = torch.randn(2, 13, 32), torch.randint(0, 64, (2, 13))
+    with torch.no_grad():
+        # equal up to the summation order of a longer reduction (zero terms added)
+        torch.testing.assert_close(grown.forward_train(hidden, nxt), source.forward_train(hidden, nxt),
+                                   rtol=1e-5, atol=1e-5)
+    w13 = grown.sal[0].feed_forward.w13.weight
+    assert w13[ws:ws + 24].abs().max() > 0 and w13[-24:].abs().max() > 0   # trainable: the new units see their input
+
+    res = train_heads(cfg(shard, tmp_path / "wide", steps=6, eval_every=6, init_from=str(tmp_path / "src"),
+                          **wide, **kw), target=target)
+    first, last = res["history"][0], res["history"][-1]
+    assert first["loss"] == pytest.approx(src["history"][-1]["loss"], rel=1e-4) and last["loss"] < first["loss"]
+    trained = load_heads(tmp_path / "wide", target, dtype=torch.float32)
+    assert trained.config.sal_intermediate_size == ws + 24 and trained.config.aeb_intermediate_size == wa + 40
+    assert trained.sal[0].feed_forward.w2.weight[:, ws:].abs().max() > 0
+    assert trained.aeb[0].feed_forward.w2.weight[:, wa:].abs().max() > 0
+    with pytest.raises(ConfigError, match="only grow.*sal_intermediate_size"):
+        train_heads(cfg(shard, tmp_path / "n", init_from=str(tmp_path / "src"), sal_intermediate_size=ws - 8, **kw),
+                    target=target)
+    with pytest.raises(ConfigError, match="--aeb-intermediate-size must be >= 1"):
+        train_heads(cfg(shard, tmp_path / "z", aeb_intermediate_size=0), target=target)

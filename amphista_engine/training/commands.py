@@ -113,6 +113,9 @@ def register(sub) -> None:
                         "start as pass-throughs, so training starts from exactly the source's drafts)")
     t.add_argument("--layers-per-stage", type=int, default=None, help="Amphista: SAL layers per stage (default 1)")
     t.add_argument("--aeb-layers", type=int, default=None, help="Amphista: auto-embedding layers (default 1)")
+    t.add_argument("--sal-intermediate-size", type=int, default=None,
+                   help="Amphista: SAL MLP width (default: Llama's for the model width; 1536 for smollm2-135m)")
+    t.add_argument("--aeb-intermediate-size", type=int, default=None, help="Amphista: AEB MLP width (default: as SAL)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("tree-search", help="fit static trees to trained heads on the held-out split of their "

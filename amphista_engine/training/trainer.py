@@ -75,6 +75,8 @@ class TrainConfig:
     init_from: str | None = None        # start from these trained heads instead (warm_start.py; may grow them)
     layers_per_stage: int | None = None  # Amphista: SAL layers per stage (None = the default, 1)
     aeb_layers: int | None = None       # Amphista: auto-embedding layers (None = the default, 1)
+    sal_intermediate_size: int | None = None   # Amphista: SAL MLP width (None = the default, Llama's for dim)
+    aeb_intermediate_size: int | None = None   # Amphista: AEB MLP width (None = the default)
     draft_vocab: int = 0                # > 0: heads score only the N most frequent answer tokens (FR-Spec style)
     fill_cache: bool = False            # only compute every sequence's hidden states into cache_hidden, then stop
     progress: bool = True
@@ -97,7 +99,7 @@ class TrainConfig:
             raise ConfigError("--steps / --epochs must be positive")
         if self.init not in ("identity", "default"):
             raise ConfigError(f"--init must be identity or default, got {self.init!r}")
-        for name in ("layers_per_stage", "aeb_layers"):
+        for name in ("layers_per_stage", "aeb_layers", "sal_intermediate_size", "aeb_intermediate_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.mse_weight < 0:
@@ -454,7 +456,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         if cfg.draft_vocab > V:
             raise ConfigError(f"--draft-vocab {cfg.draft_vocab} exceeds the target's vocabulary ({V})")
         overrides["draft_vocab_size"] = cfg.draft_vocab
-    for name in ("layers_per_stage", "aeb_layers"):
+    for name in ("layers_per_stage", "aeb_layers", "sal_intermediate_size", "aeb_intermediate_size"):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
     torch.manual_seed(cfg.seed)
@@ -487,7 +489,8 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
             raise InputError(f"--resume: no trainer state in {out} ({STATE_FILE} missing)")
         st = torch.load(sf, map_location="cpu", weights_only=False)
         mine = {k: recipe[k] for k in ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr",
-                                       "draft_vocab", "layers_per_stage", "aeb_layers")}
+                                       "draft_vocab", "layers_per_stage", "aeb_layers", "sal_intermediate_size",
+                                       "aeb_intermediate_size")}
         theirs = {k: st["recipe"].get(k, 0 if k == "draft_vocab" else None) for k in mine}
         if mine != theirs or st["fingerprint"] != fp:
             raise ConfigError(f"--resume: {sf} was written by another recipe or target ({theirs} vs {mine})")

@@ -1,4 +1,4 @@
-"""`amphista train --init-from DIR`: start from trained heads instead of the identity init, optionally deeper.
+"""`amphista train --init-from DIR`: start from trained heads instead of the identity init, optionally larger.
 
 Training compute is what the shipped heads lack (benchmarks/results/TRAINING.md), so a new recipe should not
 have to pay for the steps the old heads already took. The new heads may have more Staged Adaptation Layers per
@@ -6,6 +6,10 @@ stage (`--layers-per-stage`) or more Auto-embedding layers (`--aeb-layers`) than
 layer keeps its place at the front of its stage (or of the AEB), and every added layer starts with zero
 output projections (attention `wo` and MLP `w2`), i.e. as an exact pass-through of the residual stream. The
 grown heads therefore draft exactly what the source heads drafted, and training only adds to them.
+
+Wider MLPs (`--sal-intermediate-size`, `--aeb-intermediate-size`) grow the same way: the source's SwiGLU units
+keep their rows, and the added units get the fresh init on their input side (gate and up rows of w13: nonzero,
+so they receive gradient) and zero output columns (w2), so they add nothing until trained.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ from ..errors import ConfigError
 
 # Config fields the two heads must share for the weights to mean the same thing.
 _SAME = ("kind", "dim", "vocab_size", "num_heads", "n_heads", "n_kv_heads", "head_dim", "n_stages", "stage_of_head",
-         "fusion", "sal_intermediate_size", "aeb_heads", "aeb_intermediate_size", "per_head_lm_head",
+         "fusion", "aeb_heads", "per_head_lm_head",
          "draft_vocab_size", "medusa_layers", "resblock_bias", "target_fingerprint")
 _LAYER = re.compile(r"^(sal|aeb)\.(\d+)\.(.+)$")
+_GROWS = ("layers_per_stage", "aeb_layers", "sal_intermediate_size", "aeb_intermediate_size")
 
 
 def layer_map(src_cfg, dst_cfg) -> dict[tuple[str, int], int]:
@@ -39,20 +44,31 @@ def warm_start(heads, source) -> list[str]:
     diff = [f"{k}: {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in _SAME if getattr(a, k) != getattr(b, k)]
     if diff:
         raise ConfigError("--init-from: the source heads differ from the requested ones in " + "; ".join(diff))
-    if b.kind == "amphista" and (b.layers_per_stage < a.layers_per_stage or b.aeb_layers < a.aeb_layers):
-        raise ConfigError(f"--init-from: heads can only grow (source: {a.layers_per_stage} SAL layer(s) per stage, "
-                          f"{a.aeb_layers} AEB layer(s); requested {b.layers_per_stage}, {b.aeb_layers})")
+    shrunk = [f"{k} {getattr(a, k)} -> {getattr(b, k)}" for k in _GROWS if getattr(b, k) < getattr(a, k)]
+    if b.kind == "amphista" and shrunk:
+        raise ConfigError("--init-from: heads can only grow, not shrink (" + "; ".join(shrunk) + ")")
     mapping = layer_map(a, b) if b.kind == "amphista" else {}
     dst = heads.state_dict()
     with torch.no_grad():
         for name, t in source.state_dict().items():
             m = _LAYER.match(name)
             key = f"{m[1]}.{mapping[(m[1], int(m[2]))]}.{m[3]}" if m else name
-            dst[key].copy_(t.to(dst[key].dtype))
+            d, t = dst[key], t.to(dst[key].dtype)
+            if key.endswith("feed_forward.w13.weight") and t.shape != d.shape:
+                # a wider MLP: w13 is gate | up fused, so the source's gate and up rows go to the front of each half
+                n, m = t.shape[0] // 2, d.shape[0] // 2
+                d[:n].copy_(t[:n])
+                d[m:m + n].copy_(t[n:])
+            else:   # w2 of a wider MLP: the source's units are its leading columns
+                d[tuple(slice(0, n) for n in t.shape)].copy_(t)
         # every destination layer no source layer maps to starts as a pass-through
         kept = {(g, j) for (g, _), j in mapping.items()}
         added = sorted(f"{g}.{i}" for g in ("sal", "aeb") for i in range(len(getattr(heads, g, ())))
                        if (g, i) not in kept)
+        if b.kind == "amphista":
+            for group, width in (("sal", a.sal_intermediate_size), ("aeb", a.aeb_intermediate_size)):
+                for layer in getattr(heads, group):
+                    layer.feed_forward.w2.weight[:, width:] = 0
         for name in added:
             group, i = name.split(".")
             layer = getattr(heads, group)[int(i)]
