@@ -7,6 +7,8 @@
 #
 #   scripts/continue_heads.sh                          # 1500 steps, lr 1.5e-4, then tau on both trees
 #   STEPS=3000 LR=2e-4 scripts/continue_heads.sh
+#   RUN=runs/wide EXTRA="--sal-intermediate-size 2048 --aeb-intermediate-size 2048" scripts/continue_heads.sh
+#                                                      # wider MLPs (31.5 MB in bf16, under the 32 MB cap)
 #   SHIP_TO=amphista_engine/data/heads/smollm2-135m-amphista scripts/continue_heads.sh   # also replaces them
 #
 # On 2 cores: filling the hidden cache takes ~30 min, a step ~2-4 s, each tau run 17-30 min (both at once).
@@ -23,6 +25,7 @@ BATCH_TOKENS=${BATCH_TOKENS:-4096}; EVAL_EVERY=${EVAL_EVERY:-300}
 TREES=${TREES:-"mc_sim_7b_63 dynamic-63"}; PER_CATEGORY=${PER_CATEGORY:-4}; EVAL_TOKENS=${EVAL_TOKENS:-256}
 QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
 SHIP_TO=${SHIP_TO:-}
+EXTRA=${EXTRA:-}                                   # more `train` flags, e.g. a wider layout
 mkdir -p "$RUN"
 
 shards=()
@@ -45,7 +48,7 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN
     --loss-positions "$LOSS_POSITIONS" --draft-vocab 8192 --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" \
     --lr "$LR" --warmup "$WARMUP" --clip 1.0 --seed 0 --train-dtype bf16 --save-dtype bf16 \
     --cache-hidden "$RUN/hidden" --eval-every "$EVAL_EVERY" --eval-max-seqs 32 --save-every 20 \
-    --log "$RUN/train.jsonl" $RESUME
+    --log "$RUN/train.jsonl" $RESUME $EXTRA
 
 per_cat=()
 [ -n "$PER_CATEGORY" ] && per_cat=(--per-category "$PER_CATEGORY")
