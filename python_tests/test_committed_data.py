@@ -1,0 +1,45 @@
+"""The committed self-distillation shards (benchmarks/results/training_smollm2/distill/): every record usable,
+ids unique across shards, and no MT-Bench question among the prompts (training on evaluation data is banned)."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from amphista_engine.training.data import load_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+DISTILL = ROOT / "benchmarks/results/training_smollm2/distill"
+SHARDS = sorted(DISTILL.glob("*.jsonl.gz"))
+MT_BENCH = ROOT.parent / "shared/data/mt_bench.jsonl"
+VOCAB = json.loads((ROOT / "amphista_engine/data/heads/smollm2-135m-amphista/config.json").read_text())["vocab_size"]
+
+
+def records():
+    for path in SHARDS:
+        with gzip.open(path, "rt") as f:
+            for line in f:
+                yield path.name, json.loads(line)
+
+
+def test_committed_shards_load_whole():
+    assert SHARDS, f"no committed shards in {DISTILL}"
+    data = load_shard(SHARDS, VOCAB, max_len=1 << 16)
+    assert not data.skipped, dict(data.skipped)           # no malformed, duplicated or out-of-vocabulary record
+    n = sum(1 for _ in records())
+    assert len(data.sequences) == n and data.num_tokens > 100 * n
+    ends = {r["finish_reason"] for _, r in records()}
+    assert ends <= {"eos", "length"} and "length" in ends
+
+
+def test_committed_prompts_are_not_mt_bench_questions():
+    if not MT_BENCH.is_file():
+        pytest.skip(f"{MT_BENCH} is not on this machine")
+    questions = {" ".join(t.split()) for line in MT_BENCH.read_text().splitlines() if line.strip()
+                 for t in json.loads(line)["turns"]}
+    assert len(questions) >= 80
+    leaked = [(name, r["id"]) for name, r in records()
+              if any(q in " ".join(r["prompt"].split()) for q in questions)]     # a question anywhere in a prompt
+    assert not leaked, leaked[:5]
