@@ -242,6 +242,25 @@ def test_distill_offset_worker_takes_the_tail(tmp_path, tiny_hf_dir):
         distill(prompts, b, offset=-1, engine=engine, progress=False)
 
 
+def test_distill_batches_alike_lengths(tmp_path, tiny_hf_dir, monkeypatch):
+    """Batches prefill right-padded, so distill groups prompts of alike length (within windows of 16 batches)."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.training.distill import distill
+
+    prompts = tmp_path / "p.jsonl"
+    lengths = [1, 9, 2, 8, 3, 7, 4, 6, 5, 9, 1, 8]
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "source": "s", "prompt": " ".join(["word"] * n)}) + "\n"
+                               for i, n in enumerate(lengths)))
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128, max_batch_size=2)
+    seen, real = [], engine.generate_batch
+    monkeypatch.setattr(engine, "generate_batch", lambda ps, **kw: seen.append(ps) or real(ps, **kw))
+    c = distill(prompts, tmp_path / "d.jsonl", batch_size=2, max_new_tokens=2, engine=engine, progress=False)
+    assert c["written"] == 12 and len(seen) == 6
+    widths = [[len(p.split()) for p in batch] for batch in seen]
+    assert sum(widths, []) == sorted(lengths)            # 12 prompts < one window of 16 batches: fully sorted
+    assert max(max(w) - min(w) for w in widths) <= 1
+
+
 def test_read_prompts_formats_and_refusals(tmp_path):
     sg = tmp_path / "sharegpt.json"
     sg.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "Q1"},

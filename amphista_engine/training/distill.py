@@ -46,6 +46,12 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
                 bar.update(1)
                 continue
             queue.append((p, ids))
+        # A batch prefills right-padded to its longest prompt (on a CPU, 64 mixed prompts cost ~9x their own
+        # tokens): sorting by length makes batches of alike lengths. Sorting only within windows of 16 batches
+        # keeps the records of a stopped run source-balanced at that grain.
+        window = 16 * batch_size
+        for w in range(0, len(queue), window):
+            queue[w:w + window] = sorted(queue[w:w + window], key=lambda e: len(e[1]))
         for i in range(0, len(queue), batch_size):
             batch = queue[i:i + batch_size]
             results = engine.generate_batch([p.prompt for p, _ in batch], max_new_tokens=max_new_tokens)
