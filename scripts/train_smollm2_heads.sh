@@ -8,6 +8,8 @@
 #   scripts/train_smollm2_heads.sh                      # the shipped recipe, on the CPU
 #   RANGES="0:8000" BATCH=64 DEVICE=cuda PARALLEL=0 STEPS=1000 BATCH_TOKENS=16384 LOSS_POSITIONS=0 \
 #       scripts/train_smollm2_heads.sh                  # a larger run on a GPU (see TRAINING.md)
+#   ONLY_DISTILL=1 scripts/train_smollm2_heads.sh       # complete the committed shards and commit-ready gzip
+#                                                       # them back (benchmarks/results/training_smollm2/distill/)
 #
 # On a CPU every job runs with one OpenMP thread and independent jobs run side by side (two distill workers
 # on disjoint prompt ranges, then both kinds at once): on 2 cores that is ~1.2x the throughput of one
@@ -60,6 +62,15 @@ for r in $RANGES; do
     if [ "${#pids[@]}" -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
 for p in "${pids[@]}"; do wait "$p"; done
+if [ "${ONLY_DISTILL:-0}" = 1 ]; then
+    [ -n "$COMMITTED" ] || { echo "ONLY_DISTILL=1 needs COMMITTED (where the gzipped shards go)"; exit 1; }
+    mkdir -p "$COMMITTED"
+    for shard in "${shards[@]}"; do
+        # complete lines only: a record is one line, and a killed worker may leave a partial last one
+        n=$(wc -l < "$shard"); head -n "$n" "$shard" | gzip -9 > "$COMMITTED/$(basename "$shard").gz"
+    done
+    ls -la "$COMMITTED"; exit 0
+fi
 
 # 2. One target forward over all sequences into the hidden-state cache (both kinds read it).
 $AMPHISTA train --data "${shards[@]}" --out "$RUN/hidden-fill" --model smollm2-135m --device "$DEVICE" \
