@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the smollm2-135m heads on a lent GPU machine (the `device` tool: no internet, at most 64 MiB of working
 # tree per call, files back at most 16 MiB each, ~15 device minutes per session, idle machines go back after
-# 30 s). The target ships as a 94 MiB GGUF and the tracked repo is ~36 MiB, so the GGUF travels in parts, as
+# 30 s). The target ships as a 94 MiB GGUF and the tracked repo is ~40 MiB, so the GGUF travels in parts, as
 # many as fit beside the repo (`prepare` prints the calls), kept on the warm machine between calls; the last
 # part carries data.tgz (the training prompts, the `gguf` package, checksums). Then one call trains. Issue the
 # device calls back to back, with `git status` clean (untracked files travel too).
