@@ -64,8 +64,8 @@ prepare)
     ;;
 stash)   # stash I N: part I of N
     mkdir -p "$STASH"
+    echo "${3:?stash I N: N is the number of parts prepare made (it prints the calls)}" > "$STASH/parts"
     cp "runs/gpu/gguf-$2/part" "$STASH/part-$2"
-    echo "${3:-4}" > "$STASH/parts"
     if [ -f runs/gpu/data.tgz ]; then tar -xzf runs/gpu/data.tgz -C "$STASH"; fi
     ls -la "$STASH"
     ;;
