@@ -167,6 +167,9 @@ def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, mon
     got = train_heads(cfg(shard, tmp_path / "x", fill_cache=True, cache_hidden=cache), target=target)
     assert got == {"sequences": 36, "cached_before": 0, "computed": 36}
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 36
+    next((tmp_path / "cache").glob("*.pt")).unlink()     # a refill computes only what is missing
+    again = train_heads(cfg(shard, tmp_path / "x", fill_cache=True, cache_hidden=cache), target=target)
+    assert again == {"sequences": 36, "cached_before": 35, "computed": 1}
     seen = []
     orig = trainer.HiddenSource.get
 

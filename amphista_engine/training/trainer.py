@@ -175,6 +175,11 @@ def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: in
     """One target forward over every sequence (train and held-out) into the disk cache, batched by length so
     little is padding; runs of both kinds (even in parallel) then read the states instead of recomputing them."""
     from tqdm import tqdm
+    total = len(seqs)
+    if hs.dir:       # entries already on disk are not read back: a refill after new data only computes the new
+        todo = [s for s in seqs if not hs._file(s).exists()]
+        hs.hits += len(seqs) - len(todo)
+        seqs = todo
     seqs = sorted(seqs, key=lambda s: len(s.ids))
     batches, cur = [], []
     for s in seqs:
@@ -190,7 +195,7 @@ def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: in
             bar.update(sum(len(s.ids) for s in batch))
     print(f"train: hidden cache {hs.dir}: {hs.hits} sequence(s) already there, {hs.misses} computed",
           file=sys.stderr)
-    return {"sequences": len(seqs), "cached_before": hs.hits, "computed": hs.misses}
+    return {"sequences": total, "cached_before": hs.hits, "computed": hs.misses}
 
 
 def pad_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

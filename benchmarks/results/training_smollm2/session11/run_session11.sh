@@ -7,4 +7,4 @@ set -euo pipefail
 cd /work/main
 D=benchmarks/results/training_smollm2/distill
 DATA="$D/distill-0.jsonl.gz $D/distill-3000.jsonl.gz $D/distill-6000.jsonl.gz $D/distill-7000.jsonl.gz"
-DATA="$DATA" RUN=runs/continue STEPS=${STEPS:-1200} LR=${LR:-2e-4} scripts/continue_heads.sh
+DATA="$DATA" RUN=runs/continue STEPS=${STEPS:-1100} LR=${LR:-2e-4} EVAL_EVERY=${EVAL_EVERY:-275} scripts/continue_heads.sh
