@@ -71,6 +71,24 @@ class PlainDecoder:
             self.seen.scatter_(1, tok[:, None], True)
         return tok
 
+    def can_drop_rows(self) -> bool:
+        """Eager plain decoding only: a captured CUDA graph holds the batch size and the state buffers (and on a
+        GPU a step costs about the same for fewer rows), and the speculative decoders keep more row state."""
+        return type(self) is PlainDecoder and getattr(self, "_decode_graphs", None) is None
+
+    @torch.inference_mode()
+    def keep_rows(self, keep: list[int]):
+        """Go on with only these rows, renumbered 0..n-1: rows that ended stop costing compute (a batch of
+        distillation answers runs until its longest answer ends; on a CPU a step costs ~linearly in rows)."""
+        idx = torch.tensor(keep, device=self.device)
+        n, T = len(keep), min(self.host_len, self.cache.max_seq_len)
+        for buf in (self.cache.k, self.cache.v):       # the gather copies first, so overlapping moves are safe
+            buf[:, :n, :, :T] = buf[:, idx, :, :T]
+        self.cache.length[:n] = self.cache.length[idx]
+        self.next = self.next[idx]
+        if self.seen is not None:
+            self.seen = self.seen[idx]
+
     @torch.inference_mode()
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed the last token, sample the next. Returns ([B, 1] tokens, [B] count of real tokens)."""
@@ -186,6 +204,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     for b in range(B):
         stats[b].prompt_tokens, stats[b].prefill_ms = len(prompts[b]), (t1 - t0) * 1e3
     from_prefill = True
+    live = list(range(B))              # decoder row i is prompt row live[i]
+    drop_rows = B > 1 and getattr(decoder, "can_drop_rows", lambda: False)()
     while True:
         for b in range(B):
             was_done = rows[b].finish_reason is not None
@@ -197,10 +217,17 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
         from_prefill = False
         if all(r.finish_reason for r in rows):
             break
+        if drop_rows:
+            going = [i for i, b in enumerate(live) if not rows[b].finish_reason]
+            if len(live) - len(going) >= max(1, len(live) // 8):   # each drop copies the live rows' cache
+                decoder.keep_rows(going)
+                live = [live[i] for i in going]
         out, count = decoder.step()
         n, toks = count.tolist(), out.tolist()          # the one host sync per step
-        for b in range(B):
-            pending[b] = [] if rows[b].finish_reason else toks[b][:n[b]]
+        pending = [[] for _ in range(B)]
+        for i, b in enumerate(live):
+            if not rows[b].finish_reason:
+                pending[b] = toks[i][:n[i]]
     _sync(decoder.device)
     t2 = time.perf_counter()
     for b in range(B):

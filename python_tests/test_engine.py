@@ -73,6 +73,25 @@ def test_batch_equals_single(engine):
         assert r.token_ids == engine.generate(p, max_new_tokens=16, chat=False).token_ids
 
 
+def test_batch_drops_ended_rows_and_still_equals_single(engine, monkeypatch):
+    from amphista_engine.generation import PlainDecoder
+    prompts = ["The quick brown fox", "Hello", "def f(x):\n    return x * 2 and more words here", "Once upon"]
+    singles = [engine.generate(p, max_new_tokens=24, chat=False).text for p in prompts]
+    if min(map(len, singles)) < 12:
+        pytest.skip("tiny model produced too little text")
+    # a stop string from the middle of one answer ends that row (and any row that says it) early
+    stop = singles[1][5:8]
+    kept = []
+    real = PlainDecoder.keep_rows
+    monkeypatch.setattr(PlainDecoder, "keep_rows", lambda self, keep: kept.append(list(keep)) or real(self, keep))
+    batch = engine.generate_batch(prompts, max_new_tokens=24, chat=False, stop=[stop])
+    assert kept and all(len(k) < 4 for k in kept)            # the decoder went on with fewer rows
+    for p, r in zip(prompts, batch):
+        one = engine.generate(p, max_new_tokens=24, chat=False, stop=[stop])
+        assert (r.token_ids, r.text, r.finish_reason) == (one.token_ids, one.text, one.finish_reason)
+        assert r.stats.decode_steps == one.stats.decode_steps
+
+
 def test_repetition_penalty_changes_output(engine):
     a = engine.generate("The quick brown fox", max_new_tokens=30, chat=False).token_ids
     b = engine.generate("The quick brown fox", max_new_tokens=30, chat=False, repetition_penalty=5.0).token_ids
