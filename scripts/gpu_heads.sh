@@ -30,7 +30,7 @@ BATCH_TOKENS=${BATCH_TOKENS:-16384}; LOSS_POSITIONS=${LOSS_POSITIONS:-0}; LR=${L
 DRAFT_VOCAB=${DRAFT_VOCAB:-8192}; BUDGET_S=${BUDGET_S:-360}; KINDS=${KINDS:-"amphista medusa"}
 TARGET_DTYPE=${TARGET_DTYPE:-fp32}       # the teacher as the CPU runs saw it (135M parameters: cheap on a GPU)
 SHARDS_DIR=benchmarks/results/training_smollm2/distill    # committed shards (gzipped JSONL)
-DISTILL_PROMPTS=${DISTILL_PROMPTS:-6000}; DISTILL_BATCH=${DISTILL_BATCH:-256}
+DISTILL_PROMPTS=${DISTILL_PROMPTS:-12000}; DISTILL_BATCH=${DISTILL_BATCH:-256}
 LIMIT_MIB=64                             # what one device call may carry: tracked tree + carried paths
 
 case "${1:-}" in
