@@ -177,7 +177,7 @@ def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: in
     from tqdm import tqdm
     total = len(seqs)
     if hs.dir:       # entries already on disk are not read back: a refill after new data only computes the new
-        todo = [s for s in seqs if not hs._file(s).exists()]
+        todo = [s for s in seqs if not hs.has(s)]
         hs.hits += len(seqs) - len(todo)
         seqs = todo
     seqs = sorted(seqs, key=lambda s: len(s.ids))
@@ -229,6 +229,9 @@ class HiddenSource:
                                       f"({old}); use another --cache-hidden directory")
             else:
                 meta.write_text(json.dumps(info))
+
+    def has(self, s: Sequence) -> bool:
+        return self._file(s).exists()
 
     def _file(self, s: Sequence) -> Path:
         return self.dir / f"{hashlib.sha1((s.id + '|' + ','.join(map(str, s.ids))).encode()).hexdigest()[:24]}.pt"
