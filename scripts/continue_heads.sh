@@ -21,6 +21,7 @@ KIND=${KIND:-amphista}
 FROM=${FROM:-amphista_engine/data/heads/smollm2-135m-$KIND}
 COMMITTED=${COMMITTED:-benchmarks/results/training_smollm2/distill}
 RUN=${RUN:-runs/continue}
+HIDDEN=${HIDDEN:-$RUN/hidden}                     # another run's cache: only new sequences are computed
 STEPS=${STEPS:-1500}; LR=${LR:-1.5e-4}; WARMUP=${WARMUP:-40}; LOSS_POSITIONS=${LOSS_POSITIONS:-512}
 BATCH_TOKENS=${BATCH_TOKENS:-4096}; EVAL_EVERY=${EVAL_EVERY:-300}
 TREES=${TREES:-"mc_sim_7b_63 dynamic-63"}; PER_CATEGORY=${PER_CATEGORY:-4}; EVAL_TOKENS=${EVAL_TOKENS:-256}
@@ -39,7 +40,7 @@ fi
 
 # the target's hidden states, once (2 threads); training then skips the target forward
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN/hidden-fill" --model smollm2-135m \
-    --device cpu --fill-cache --cache-hidden "$RUN/hidden" --batch-tokens "$BATCH_TOKENS"
+    --device cpu --fill-cache --cache-hidden "$HIDDEN" --batch-tokens "$BATCH_TOKENS"
 
 # the shipped recipe (TRAINING.md) except the start and the schedule; the draft vocabulary is the source's
 RESUME=""
@@ -48,7 +49,7 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN
     --device cpu --kind "$KIND" --num-heads 4 --init-from "$FROM" --loss kl --lambda 0.8 --mse-weight 0.1 \
     --loss-positions "$LOSS_POSITIONS" --draft-vocab 8192 --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" \
     --lr "$LR" --warmup "$WARMUP" --clip 1.0 --seed 0 --train-dtype bf16 --save-dtype bf16 \
-    --cache-hidden "$RUN/hidden" --eval-every "$EVAL_EVERY" --eval-max-seqs 32 --save-every 20 \
+    --cache-hidden "$HIDDEN" --eval-every "$EVAL_EVERY" --eval-max-seqs 32 --save-every 20 \
     --log "$RUN/train.jsonl" $RESUME $EXTRA
 
 per_cat=()

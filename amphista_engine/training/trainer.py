@@ -315,11 +315,17 @@ def identity_init(heads, target):
     heads.norm.weight.fill_(float(target.norm.weight.float().pow(2).mean().sqrt()))
 
 
-def frequent_tokens(seqs, n: int, vocab_size: int) -> tuple[torch.Tensor, float]:
-    """The n most frequent answer tokens of seqs (ties by id) and the share of answer tokens they cover."""
+def answer_token_counts(seqs, vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs in the answers of seqs: [vocab_size] int64."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for s in seqs:
         counts += torch.bincount(torch.tensor(s.ids[s.prompt_len:], dtype=torch.long), minlength=vocab_size)
+    return counts
+
+
+def frequent_tokens(seqs, n: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The n most frequent answer tokens of seqs (ties by id) and the share of answer tokens they cover."""
+    counts = answer_token_counts(seqs, vocab_size)
     # stable sort on -count keeps ids ascending among equal counts: deterministic for a given data set
     order = torch.sort(-counts, stable=True).indices[:n]
     return order, float(counts[order].sum()) / max(1, int(counts.sum()))

@@ -9,7 +9,7 @@ import glob, json, os, sys
 import torch
 from safetensors.torch import load_file, save_file
 from amphista_engine.training.data import load_shard
-from amphista_engine.training.trainer import split_heldout, frequent_tokens
+from amphista_engine.training.trainer import split_heldout, answer_token_counts
 
 src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sd = load_file(f"{src}/model.safetensors")
@@ -20,14 +20,12 @@ rerank = sys.argv[4:] == ["rerank"]
 assert rerank or n > old.numel(), "N must exceed the current draft vocabulary"
 shards = sorted(glob.glob("benchmarks/results/training_smollm2/distill/*.jsonl.gz"))
 train, _ = split_heldout(load_shard(shards, V, 1024).sequences, 0.05)
-ranked, _ = frequent_tokens(train, V, V)
+counts = answer_token_counts(train, V)
+ranked = torch.sort(-counts, stable=True).indices          # frequent_tokens' order: by count, ties by id
 seen = torch.zeros(V, dtype=torch.bool)
 seen[old] = True
 extra = ranked[~seen[ranked]][: n - old.numel()]
 vocab = ranked[:n] if rerank else torch.cat([old, extra])
-counts = torch.zeros(V, dtype=torch.long)
-for s in train:
-    counts += torch.bincount(torch.tensor(s.ids[s.prompt_len:], dtype=torch.long), minlength=V)
 print(f"{old.numel()} -> {n} tokens: training-answer coverage {counts[old].sum() / counts.sum():.4f} -> "
       f"{counts[vocab].sum() / counts.sum():.4f}")
 cfg["draft_vocab_size"] = n

@@ -8,6 +8,4 @@ cd /work/main
 D=benchmarks/results/training_smollm2/distill
 DATA="$D/distill-0.jsonl.gz $D/distill-3000.jsonl.gz $D/distill-6000.jsonl.gz $D/distill-7000.jsonl.gz"
 DATA="$DATA $D/distill-8000.jsonl.gz $D/distill-9000.jsonl.gz"
-mkdir -p runs/continue12
-[ -e runs/continue12/hidden ] || { [ -d runs/continue/hidden ] && ln -s ../continue/hidden runs/continue12/hidden; } || true
-DATA="$DATA" RUN=runs/continue12 STEPS=${STEPS:-1200} LR=${LR:-2e-4} EVAL_EVERY=${EVAL_EVERY:-300} scripts/continue_heads.sh
+DATA="$DATA" RUN=runs/continue12 HIDDEN=runs/continue/hidden STEPS=${STEPS:-1200} LR=${LR:-2e-4} EVAL_EVERY=${EVAL_EVERY:-300} scripts/continue_heads.sh
