@@ -27,6 +27,8 @@ BATCH_TOKENS=${BATCH_TOKENS:-4096}; EVAL_EVERY=${EVAL_EVERY:-300}
 TREES=${TREES:-"mc_sim_7b_63 dynamic-63"}; PER_CATEGORY=${PER_CATEGORY:-4}; EVAL_TOKENS=${EVAL_TOKENS:-256}
 QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
 SHIP_TO=${SHIP_TO:-}
+# the source's draft vocabulary (warm starts must keep it); 0 = the source drafts over the whole vocabulary
+DRAFT_VOCAB=${DRAFT_VOCAB:-$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['draft_vocab_size'])" "$FROM/config.json")}
 EXTRA=${EXTRA:-}                                   # more `train` flags, e.g. a wider layout
 mkdir -p "$RUN"
 
@@ -47,7 +49,7 @@ RESUME=""
 [ -f "$RUN/heads/trainer_state.pt" ] && RESUME="--resume"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN/heads" --model smollm2-135m \
     --device cpu --kind "$KIND" --num-heads 4 --init-from "$FROM" --loss kl --lambda 0.8 --mse-weight 0.1 \
-    --loss-positions "$LOSS_POSITIONS" --draft-vocab 8192 --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" \
+    --loss-positions "$LOSS_POSITIONS" --draft-vocab "$DRAFT_VOCAB" --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" \
     --lr "$LR" --warmup "$WARMUP" --clip 1.0 --seed 0 --train-dtype bf16 --save-dtype bf16 \
     --cache-hidden "$HIDDEN" --eval-every "$EVAL_EVERY" --eval-max-seqs 32 --save-every 20 \
     --log "$RUN/train.jsonl" $RESUME $EXTRA

@@ -359,7 +359,9 @@ class LossComputer:
         w = self.w.to(dev)
         cnt = valid.sum(0).clamp_min(1).float()                    # [K]
         scale = w / cnt                                            # per-head mean, weighted
-        leaf = feats.detach().requires_grad_(backward)
+        # contiguous: a strided [N, K, d] (Medusa's batched ResBlocks give one) makes F.linear fall back to a bmm
+        # against the LM head expanded per row, which cost ~25x the step with KL at every position
+        leaf = feats.detach().contiguous().requires_grad_(backward)
         total = torch.zeros((), device=dev)
         nll = torch.zeros(K, device=dev)
         top1 = torch.zeros(K, device=dev)
@@ -418,6 +420,7 @@ def _lr_lambda(warmup: int, total: int):
 
 def _log(cfg: TrainConfig, rec: dict):
     if cfg.log:
+        Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)
         with open(cfg.log, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
