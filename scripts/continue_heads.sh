@@ -24,10 +24,11 @@ RUN=${RUN:-runs/continue}
 HIDDEN=${HIDDEN:-$RUN/hidden}                     # another run's cache: only new sequences are computed
 STEPS=${STEPS:-1500}; LR=${LR:-1.5e-4}; WARMUP=${WARMUP:-40}; LOSS_POSITIONS=${LOSS_POSITIONS:-512}
 BATCH_TOKENS=${BATCH_TOKENS:-4096}; EVAL_EVERY=${EVAL_EVERY:-300}
-TREES=${TREES:-"mc_sim_7b_63 dynamic-63"}; PER_CATEGORY=${PER_CATEGORY:-4}; EVAL_TOKENS=${EVAL_TOKENS:-256}
+TREES=${TREES-"mc_sim_7b_63 dynamic-63"}; PER_CATEGORY=${PER_CATEGORY:-4}; EVAL_TOKENS=${EVAL_TOKENS:-256}
 QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
 SHIP_TO=${SHIP_TO:-}
-# the source's draft vocabulary (warm starts must keep it); 0 = the source drafts over the whole vocabulary
+# TREES="" skips the tau runs (one stage of a longer job).
+# The source's draft vocabulary (warm starts must keep it); 0 = the source drafts over the whole vocabulary.
 DRAFT_VOCAB=${DRAFT_VOCAB:-$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['draft_vocab_size'])" "$FROM/config.json")}
 EXTRA=${EXTRA:-}                                   # more `train` flags, e.g. a wider layout
 mkdir -p "$RUN"
