@@ -359,9 +359,7 @@ class LossComputer:
         w = self.w.to(dev)
         cnt = valid.sum(0).clamp_min(1).float()                    # [K]
         scale = w / cnt                                            # per-head mean, weighted
-        # contiguous: a strided [N, K, d] (Medusa's batched ResBlocks give one) makes F.linear fall back to a bmm
-        # against the LM head expanded per row, which cost ~25x the step with KL at every position
-        leaf = feats.detach().contiguous().requires_grad_(backward)
+        leaf = feats.detach().requires_grad_(backward)
         total = torch.zeros((), device=dev)
         nll = torch.zeros(K, device=dev)
         top1 = torch.zeros(K, device=dev)
