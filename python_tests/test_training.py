@@ -503,3 +503,9 @@ def test_init_from_widens_mlps_and_keeps_their_drafts(shard, target, tmp_path):
                     target=target)
     with pytest.raises(ConfigError, match="--aeb-intermediate-size must be >= 1"):
         train_heads(cfg(shard, tmp_path / "z", aeb_intermediate_size=0), target=target)
+
+
+def test_log_into_a_missing_folder(shard, target, tmp_path):
+    log = tmp_path / "not" / "yet" / "train.jsonl"
+    train_heads(cfg(shard, tmp_path / "h", steps=2, eval_every=2, log=str(log)), target=target)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()][-1] == 2

@@ -418,7 +418,6 @@ def _lr_lambda(warmup: int, total: int):
 
 def _log(cfg: TrainConfig, rec: dict):
     if cfg.log:
-        Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)
         with open(cfg.log, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -439,6 +438,8 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     if isinstance(cfg.data, (str, Path)):
         cfg.data = [str(cfg.data)]
     out = Path(cfg.out)
+    if cfg.log:
+        Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)     # once, not per logged step
     if target is None:
         from ..engine import default_device
         from ..loading import load_model, parse_dtype
