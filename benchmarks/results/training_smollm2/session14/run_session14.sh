@@ -15,5 +15,14 @@ stage() {  # kind run-dir threads
     KIND=$1 DATA="$P10" RUN=$R/$2 HIDDEN=runs/continue/hidden STEPS=1000 LR=1.5e-4 LOSS_POSITIONS=0 EVAL_EVERY=250 \
         OMP_NUM_THREADS=$3 scripts/continue_heads.sh >> "$R/$2.log" 2>&1
 }
-stage amphista a1 2       # 4.3 s per step on 2 threads (AMD EPYC), 72 min; then tau on both trees, ~30 min
-[ "${1:-}" = "--with-medusa" ] && stage medusa m1 2
+trees() {  # kind run-dir: refit the tuned-* trees to the new heads and save them in their config.json
+    [ -f "$R/trees-$1.json" ] || OMP_NUM_THREADS=2 python -m amphista_engine.cli tree-search --data $P10 \
+        --heads "$R/$2/heads" --model smollm2-135m --device cpu --cache-hidden runs/continue/hidden --nodes 16,32,63 \
+        --save --out "$R/trees-$1.json" > "$R/trees-$1.log" 2>&1
+}
+stage amphista a1 2       # 4.3 s per step on 2 threads (AMD EPYC), 72 min; then tau on both trees, 17 min
+trees amphista a1
+if [ "${1:-}" = "--with-medusa" ]; then
+    stage medusa m1 2     # ~3 s per step on 2 threads, ~50 min; then tau on both trees
+    trees medusa m1
+fi
