@@ -58,6 +58,33 @@ def test_tree_rows_equal_plain_rows_bit_for_bit(seed):
         assert torch.equal(alone[0, :, 0], out[0, :, i]), f"node {i} (depth {len(anc) - 1}, prefix {c})"
 
 
+@pytest.mark.parametrize("N", [2, 11, 64])
+def test_root_row_does_not_depend_on_tree_size(N):
+    """A token verified as the root of an N-node tree gets the bits plain decoding gives it, over many rows.
+    Without AMX, flash attention rounds a block of 1 or 2-3 query rows differently from >= 4 rows (rare
+    flips: this checks ~9,000 outputs, enough that unpadded rows fail on an AVX-512 bf16 CPU)."""
+    torch.manual_seed(N)
+    B, S = 16, 1100
+    K, V = torch.randn(B, Hkv, S, D).bfloat16(), torch.randn(B, Hkv, S, D).bfloat16()
+    q = torch.randn(B, H, N, D).bfloat16()
+    pl = torch.randint(1, 1000, (B,))
+    chain = torch.ones(N, N, dtype=torch.bool).tril()[None]
+    tree = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, chain, kv_window(int(pl.max()) + N, S), S,
+                                                         torch.bfloat16, G))
+    one = torch.ones(1, 1, 1, dtype=torch.bool)
+    alone = cpu_exact.attention(q[:, :, :1], K, V, cpu_exact.layout(pl, one, kv_window(int(pl.max()) + 1, S), S,
+                                                                     torch.bfloat16, G))
+    assert torch.equal(tree[:, :, 0], alone[:, :, 0])
+
+
+def test_flash_rows_pads_every_query_block():
+    for rows in range(1, 800):
+        r = cpu_exact.flash_rows(rows)
+        split = cpu_exact._q_split(r)
+        assert r >= rows and r >= cpu_exact.MIN_ROWS and (r % split == 0 or r % split >= cpu_exact.MIN_ROWS)
+        assert r - rows < cpu_exact.MIN_ROWS
+
+
 def test_batched_rows_and_causal_prefill_match_reference():
     """Rows of different lengths (one shorter than the split granularity) and a causal multi-token chain
     longer than MAX_DEPTH (a prefill) agree with the reference."""
@@ -83,6 +110,21 @@ def test_packed_linear_rows_do_not_depend_on_row_count():
         full = lin(x[None])[0]
         for M in (1, 31, 32, 33, 64, 70):
             assert torch.equal(lin(x[None, :M])[0], full[:M]), M
+
+
+@pytest.mark.skipif(not cpu_packed.available(), reason="oneDNN without bf16 support on this CPU")
+def test_packed_linear_single_row_equals_any_row_count():
+    """SmolLM2's down-projection shape (K = 1536): without AMX oneDNN rounds a lone row differently from the
+    same row among others (~1 output in 1,000), so a plain step's row is padded. 20 x 576 outputs per M."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 576, bias=False).to(torch.bfloat16)
+    cpu_packed.pack_linears(lin)
+    x = (3 * torch.randn(20, 33, 1536)).bfloat16()
+    with torch.no_grad():
+        alone = torch.cat([lin(x[i:i + 1, :1]) for i in range(20)])
+        for M in (2, 3, 17, 33):
+            assert torch.equal(lin(x[:, :M])[:, :1], alone), M
+    assert cpu_packed._row_pieces(33) == [31, 2] and cpu_packed._row_pieces(64) == [32, 32]
 
 
 @pytest.fixture(scope="module")

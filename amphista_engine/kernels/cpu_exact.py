@@ -14,6 +14,11 @@ ALIGN at most p - MAX_DEPTH (at least 0), and one flash attention call reads, fo
 - then N windows of WINDOW keys, one per query, holding positions s(p)..p gathered in position order (the
   others' windows masked). A window starts a fresh block or sits at a multiple of WINDOW inside one, so
   its keys keep their SIMD lanes, and masked keys only add exact zeros to each lane's running sum.
+The flash call itself is row-count invariant only for blocks of >= 4 query rows: without AMX, PyTorch's
+CPU flash attention multiplies through oneDNN's AVX-512 bf16 gemm, which takes other kernels for 1 and for
+2-3 rows, and each rounds the fp32 sums differently (on an AMD EPYC a plain step, 3 rows for SmolLM2, left
+the speculative answer in 70 of 80 MT-Bench questions). So the query rows are padded (`flash_rows`) until
+every block of flash's query split holds >= MIN_ROWS rows; the padded rows see every key and are dropped.
 Linear layers are made row-count invariant in `cpu_packed` (ROW_CHUNK); everything else in a forward is
 per-row elementwise or reduces within one row. Decode steps only (`AttentionSpec.decode`): prefills are
 shared by every decoder. Cost (benchmarks/results/cpu_bf16/ordered_attention.md): about one plain step's
@@ -30,6 +35,20 @@ ALIGN = 8           # split points are multiples of this
 MAX_DEPTH = 7       # deepest new token (tree depth) that keeps s(p) inside the prefix: heads draft <= 7
 WINDOW = 16         # >= ALIGN + MAX_DEPTH: keys [s(p), p] always fit; a multiple of the 16 fp32 SIMD lanes
 KV_BLOCK = 512      # PyTorch's CPU flash attention key block (FlashAttentionKernel.cpp, kv_split_size)
+MIN_ROWS = 4        # fewest query rows per flash block that take the same gemm kernel as any larger block
+
+
+def _q_split(rows: int) -> int:
+    """PyTorch's CPU flash attention query block for `rows` query rows (FlashAttentionKernel.cpp)."""
+    return 256 if rows >= 768 else 64 if rows >= 192 else 32
+
+
+def flash_rows(rows: int) -> int:
+    """The least row count >= rows whose every query block (the last one included) has >= MIN_ROWS rows."""
+    rows = max(rows, MIN_ROWS)
+    while 0 < rows % _q_split(rows) < MIN_ROWS:
+        rows += MIN_ROWS - rows % _q_split(rows)
+    return rows
 
 
 def applies(kv: torch.Tensor) -> bool:
@@ -43,7 +62,8 @@ class OrderedLayout:
     """Built once per forward, shared by every layer. Keys: cache slots [0, kv), then N windows of WINDOW."""
     kv: int                    # a multiple of KV_BLOCK, >= the forward's kv_len
     tail_slots: torch.Tensor   # [B, N * WINDOW] long: the cache slot of position s(p) + w, per token's window
-    bias: torch.Tensor         # [B, 1, G * N, kv + N * WINDOW] 0 / -inf, query rows ordered (g, n) like q
+    bias: torch.Tensor         # [B, 1, R, kv + N * WINDOW] 0 / -inf, query rows ordered (g, n) like q, then
+                               # R - G * N padding rows (flash_rows)
 
 
 def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capacity: int, dtype: torch.dtype,
@@ -72,6 +92,9 @@ def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capaci
     seen = (key < split[..., None]) | ((own >= 0) & (own < WINDOW) & (split[..., None] + own <= pos[..., None]))
     bias = torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill_(~seen, float("-inf"))
     bias = bias[:, None, None].expand(B, 1, groups, N, -1).reshape(B, 1, groups * N, -1)
+    pad = flash_rows(groups * N) - groups * N
+    if pad:
+        bias = torch.cat([bias, bias.new_zeros(B, 1, pad, bias.shape[-1])], dim=2)
     return OrderedLayout(kv, tail_slots, bias)
 
 
@@ -97,7 +120,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lay
     Returns [B, H, N, D] in q's dtype: ops.tree_attention's result up to bf16 rounding."""
     B, H, N, D = q.shape
     Hkv = k_cache.shape[1]
-    # The query heads sharing a KV head become G * N query rows of one flash call (rows never interact).
-    out, _ = _flash(q.reshape(B, Hkv, H // Hkv * N, D), _keys(k_cache, lay), _keys(v_cache, lay),
-                    attn_mask=lay.bias, scale=scale)
-    return out.reshape(B, H, N, D)
+    # The query heads sharing a KV head become G * N query rows of one flash call (rows never interact),
+    # padded to the layout's row count.
+    rows = H // Hkv * N
+    q = q.reshape(B, Hkv, rows, D)
+    pad = lay.bias.shape[2] - rows
+    if pad:
+        q = torch.cat([q, q.new_zeros(B, Hkv, pad, D)], dim=2)
+    out, _ = _flash(q, _keys(k_cache, lay), _keys(v_cache, lay), attn_mask=lay.bias, scale=scale)
+    return out[:, :, :rows].reshape(B, H, N, D)

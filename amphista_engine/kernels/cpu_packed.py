@@ -27,6 +27,11 @@ ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a oneDNN
 # decoder shares, and 32-row pieces would re-read the weights for each.
 ROW_CHUNK = 32
 CHUNKED_UP_TO = 64
+# Without AMX (AVX-512 bf16, e.g. AMD EPYC) oneDNN multiplies a single row with another kernel than two or more
+# rows (measured: the 1536 -> 576 down-projection rounds 1 row in ~1,000 outputs differently), so no call gets
+# fewer than MIN_ROWS rows: a plain step's one row is padded to two, and a last 32-row piece of one row is
+# avoided. Rows 2..32 agree bit for bit on both CPUs.
+MIN_ROWS = 2
 
 
 @functools.cache
@@ -79,13 +84,30 @@ class PackedLinear(nn.Linear):
         return _packed_linear(x, self._packed, self.bias)
 
 
+def _row_pieces(rows: int) -> list[int]:
+    """Row counts of the oneDNN calls for `rows` rows: each MIN_ROWS..ROW_CHUNK up to CHUNKED_UP_TO rows."""
+    if rows > CHUNKED_UP_TO or MIN_ROWS <= rows <= ROW_CHUNK:
+        return [rows]
+    if rows < MIN_ROWS:
+        return []                                   # padded to MIN_ROWS by the caller
+    pieces = [ROW_CHUNK] * (rows // ROW_CHUNK) + ([rows % ROW_CHUNK] if rows % ROW_CHUNK else [])
+    if pieces[-1] < MIN_ROWS:
+        pieces[-2:] = [pieces[-2] - (MIN_ROWS - pieces[-1]), MIN_ROWS]
+    return pieces
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if not ROW_CHUNK < rows <= CHUNKED_UP_TO:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     flat = x.reshape(rows, x.shape[-1])
-    out = torch.cat([torch.ops.mkldnn._linear_pointwise(c, packed, bias, "none", [], "")
-                     for c in flat.split(ROW_CHUNK)])
+    if rows < MIN_ROWS:
+        padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[-1])])
+        out = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")[:rows]
+    else:
+        pieces = _row_pieces(rows)
+        if len(pieces) == 1:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        out = torch.cat([torch.ops.mkldnn._linear_pointwise(c, packed, bias, "none", [], "")
+                         for c in flat.split(pieces)])
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
