@@ -85,11 +85,9 @@ class PackedLinear(nn.Linear):
 
 
 def _row_pieces(rows: int) -> list[int]:
-    """Row counts of the oneDNN calls for `rows` rows: each MIN_ROWS..ROW_CHUNK up to CHUNKED_UP_TO rows."""
-    if rows > CHUNKED_UP_TO or MIN_ROWS <= rows <= ROW_CHUNK:
+    """Row counts of the oneDNN calls for rows >= MIN_ROWS: each MIN_ROWS..ROW_CHUNK up to CHUNKED_UP_TO rows."""
+    if not ROW_CHUNK < rows <= CHUNKED_UP_TO:
         return [rows]
-    if rows < MIN_ROWS:
-        return []                                   # padded to MIN_ROWS by the caller
     pieces = [ROW_CHUNK] * (rows // ROW_CHUNK) + ([rows % ROW_CHUNK] if rows % ROW_CHUNK else [])
     if pieces[-1] < MIN_ROWS:
         pieces[-2:] = [pieces[-2] - (MIN_ROWS - pieces[-1]), MIN_ROWS]
