@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the shipped smollm2-135m Amphista heads further on the committed distillation data, then measures tau
-# on the MT-Bench bar's 32 first turns. Made for a session without a GPU whose checkout is fresh (runs/ empty):
+# on the MT-Bench bar's 80 first turns. Made for a session without a GPU whose checkout is fresh (runs/ empty):
 # the trainer state of earlier runs is gone, so training starts from the shipped bf16 weights with a fresh
 # optimiser (`train --init-from`, warmup then cosine to 0) instead of `--resume`. Every step is resumable:
 # rerun the script after an interruption.
@@ -12,7 +12,7 @@
 #   SHIP_TO=amphista_engine/data/heads/smollm2-135m-amphista scripts/continue_heads.sh   # also replaces them
 #
 # On 2 cores (AMD EPYC, measured): filling the hidden cache takes ~40 min, a cached step ~1.8 s (1500 steps
-# ~45 min); each tau run 17-30 min (both at once).
+# ~45 min); each tau run ~40 min on all 80 questions (both at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,8 @@ RUN=${RUN:-runs/continue}
 HIDDEN=${HIDDEN:-$RUN/hidden}                     # another run's cache: only new sequences are computed
 STEPS=${STEPS:-1500}; LR=${LR:-1.5e-4}; WARMUP=${WARMUP:-40}; LOSS_POSITIONS=${LOSS_POSITIONS:-512}
 BATCH_TOKENS=${BATCH_TOKENS:-4096}; EVAL_EVERY=${EVAL_EVERY:-300}
-TREES=${TREES-"mc_sim_7b_63 dynamic-63"}; PER_CATEGORY=${PER_CATEGORY:-4}; EVAL_TOKENS=${EVAL_TOKENS:-256}
+TREES=${TREES-"mc_sim_7b_63 dynamic-63"}; EVAL_TOKENS=${EVAL_TOKENS:-256}
+PER_CATEGORY=${PER_CATEGORY-}   # questions per category; empty (default) = all 80, 4 = the 32 of sessions 2-15
 QUESTIONS=${QUESTIONS:-../shared/data/mt_bench.jsonl}
 SHIP_TO=${SHIP_TO:-}
 # TREES="" skips the tau runs (one stage of a longer job).

@@ -40,7 +40,7 @@ KLALL_STEPS=${KLALL_STEPS:-6000}         # then on to here with KL at every answ
 TRAIN_DTYPE=${TRAIN_DTYPE:-bf16}
 LOSS_POSITIONS=${LOSS_POSITIONS:-512}; MSE=${MSE:-0.1}; DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
 PARALLEL=${PARALLEL:-1}          # 1: both kinds train at once (one thread each on a CPU)
-EVAL_TOKENS=${EVAL_TOKENS:-256}; PER_CATEGORY=${PER_CATEGORY:-4}
+EVAL_TOKENS=${EVAL_TOKENS:-256}; PER_CATEGORY=${PER_CATEGORY-}  # questions per category; empty (default) = all 80, 4 = the 32 of sessions 2-15
 SHIP=${SHIP:-amphista_engine/data/heads}
 mkdir -p "$RUN"
 if [ "$DEVICE" = cpu ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
