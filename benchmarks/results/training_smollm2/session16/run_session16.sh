@@ -6,6 +6,8 @@
 #   run_session16.sh amphista    cache fill for the new sequences, STEPS (1200) at 512 positions, lr 2e-4, then
 #                                tau on both trees, all 80 questions (one thread each, side by side)
 #   run_session16.sh medusa      the same stage for the shipped Medusa heads (keeps the pair like for like)
+# The sixteenth session stopped the amphista stage's own tau runs (2 x ~40 min did not fit its time) and measured
+# the static tree with tau_split.sh instead (two halves of the 80 questions side by side, ~20 min).
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 D=benchmarks/results/training_smollm2/distill
