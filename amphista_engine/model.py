@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import cpu_exact, ops
+from .kernels import cpu_exact, ops, routed_linear
 from .kv_cache import KVCache
 
 
@@ -120,8 +120,11 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
         cache, ops.tree_mask_args(...) (built once per forward)."""
-        B, T, _ = x.shape
-        qkv = self.wqkv(x)
+        return self.wo(self.core(self.wqkv(x), rope, cache, spec, mask))
+
+    def core(self, qkv, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
+        """Attention between the projections: qkv [B, T, (H + 2 H_kv) D] -> [B, T, H D], before wo."""
+        B, T, _ = qkv.shape
         if cache is not None and not isinstance(mask, cpu_exact.OrderedLayout):
             # RoPE on q and k and the cache write in one launch on the kernel backends
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
@@ -140,7 +143,7 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return out.transpose(1, 2).reshape(B, T, -1)
 
 
 class FeedForward(nn.Module):
@@ -175,6 +178,18 @@ class Block(nn.Module):
         return ops.add_rmsnorm(ffn, x, next_norm.weight, next_norm.eps)
 
 
+    def forward_fused(self, x, rope, cache, spec, mask):
+        """The same layer as four weight-streaming launches plus attention, for decode steps whose linears
+        are routed (kernels/routed_linear.py): each norm and the activation run in the prologue of the GEMV
+        after them, each residual add in the epilogue of the one before (ops.fused_linear). Returns the new
+        residual stream."""
+        attn, ffn = self.attention, self.feed_forward
+        qkv = ops.fused_linear(x, attn.wqkv.weight, self.attention_norm.weight, self.attention_norm.eps)
+        x = ops.fused_linear(attn.core(qkv, rope, cache, spec, mask), attn.wo.weight, residual=x)
+        up = ops.fused_linear(x, ffn.w13.weight, self.ffn_norm.weight, self.ffn_norm.eps)
+        return ops.fused_linear(up, ffn.w2.weight, silu=True, residual=x)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int | None = None):
         super().__init__()
@@ -193,6 +208,13 @@ class Transformer(nn.Module):
     def orders_decode(self, cache: KVCache) -> bool:
         """Whether decode steps over `cache` take the position-ordered attention of kernels/cpu_exact.py."""
         return self.ordered_attention and cpu_exact.applies(cache.k)
+
+    def fuses_layers(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes Block.forward_fused: the linears are routed through the kernel backends
+        (kernels/routed_linear.py) and the step has few rows, the weight-streaming kernel's case. Training
+        (tensors that need gradients) keeps the unfused layers, whose reference ops autograd knows."""
+        return (type(self.output) is routed_linear.RoutedLinear and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
+                and not (torch.is_grad_enabled() and self.output.weight.requires_grad))
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -223,6 +245,12 @@ class Transformer(nn.Module):
             mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
         rope = self.rope[positions]
         x = self.tok_embeddings(tokens)
+        if self.fuses_layers(x):
+            for layer in self.layers:
+                x = layer.forward_fused(x, rope, cache, spec, mask)
+            xl = x if logits_at is None else torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+            logits = ops.fused_linear(xl, self.output.weight, self.norm.weight, self.norm.eps)
+            return (logits, self.norm(x)) if return_hidden else logits
         h = self.layers[0].attention_norm(x)
         next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm in zip(self.layers, next_norms):

@@ -183,7 +183,8 @@ def run(args, save=None) -> dict:
                          "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
             print(rows[-1], file=sys.stderr)
         # A/B: every linear layer through the few-row Triton GEMM (kernels/routed_linear.py, opt-in in the
-        # Engine) against cuBLAS in the rows above, same model, same cache, same run.
+        # Engine), each layer then fused around it (norms, activation, residual adds inside the GEMVs:
+        # model.Block.forward_fused), against cuBLAS in the rows above, same model, same cache, same run.
         use_graphs = device.type == "cuda"
         routed_graphs = DecodeGraphs()
         route_linears(model)

@@ -243,10 +243,48 @@ def test_linear(case, poisoned):
     assert rel_err(out, reference.linear(x, w)) < TOL[dtype]
 
 
+# leading dims (rows), K, N, dtype, prologue (None / "norm" / "silu"), residual add
+FUSED_LINEAR_CASES = [((1,), 64, 40, torch.float32, "norm", False),       # wqkv / w13 / lm_head: norm first
+                      ((1, 3), 200, 300, torch.bfloat16, "silu", True),   # w2: activation in, residual out
+                      ((16,), 96, 70, torch.bfloat16, None, True),        # wo: residual out, the most rows
+                      ((2, 5), 320, 130, torch.bfloat16, "norm", True)]   # K over one K tile, both ends
+
+
+@pytest.mark.parametrize("case", FUSED_LINEAR_CASES,
+                         ids=lambda c: f"{c[0]}K{c[1]}N{c[2]}-{str(c[3])[6:]}-{c[4]}-{'res' if c[5] else 'nores'}")
+def test_fused_linear(case, poisoned):
+    lead, K, N, dtype, pro, res = case
+    g = gen("fused_linear", case)
+    x = randn(g, *lead, 2 * K if pro == "silu" else K, dtype=dtype, scale=3.0)    # rows far from unit RMS
+    w = randn(g, N, K, dtype=dtype, scale=K ** -0.5)
+    nw = (1 + 0.5 * randn(g, K)).to(dtype) if pro == "norm" else None
+    r = randn(g, *lead, N, dtype=dtype, scale=4.0) if res else None        # as large as the product
+    out = triton_ops.fused_linear(x, w, nw, 1e-5, pro == "silu", r)
+    ref = reference.fused_linear(x, w, nw, 1e-5, pro == "silu", r)
+    assert out.shape == (*lead, N) and out.dtype == dtype and not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+    if res:                                  # the residual really is added (not a no-op on a small term)
+        assert rel_err(out, ref - r) > 0.2
+
+
+def test_fused_linear_declines():
+    g = gen("fused_linear_declines")
+    w, x = randn(g, 24, 32), randn(g, 2, 32)
+    assert triton_ops.fused_linear(randn(g, 17, 32), w) is NotImplemented                   # too many rows
+    assert triton_ops.fused_linear(x, w, silu=True) is NotImplemented                       # silu wants 2K
+    assert triton_ops.fused_linear(x, w, randn(g, 31)) is NotImplemented                    # norm weight size
+    assert triton_ops.fused_linear(x, w, residual=randn(g, 2, 23)) is NotImplemented        # residual shape
+    assert triton_ops.fused_linear(x, w, residual=randn(g, 2, 24, dtype=torch.bfloat16)) is NotImplemented
+    with pytest.raises(ValueError, match="one"):
+        ops.fused_linear(randn(g, 2, 64), w, randn(g, 32), silu=True)
+
+
 def test_linear_declines_and_routed_model_matches(monkeypatch):
     """What the few-row kernel declines falls back to torch; a tiny model with its linears routed through
-    ops.linear (kernels/routed_linear.py) gives the torch backend's logits, with the kernel serving the few-row
-    products, and routes back to plain nn.Linear layers."""
+    the kernel backends (kernels/routed_linear.py) takes the fused layers (Block.forward_fused) for its
+    few-row forwards: on the torch backend they give the unfused model's logits bit for bit, on triton the
+    kernel serves every product, norms and activation inside it, within tolerance. Routing back restores
+    plain nn.Linear layers."""
     from conftest import random_tiny_model
     from amphista_engine.kernels.routed_linear import RoutedLinear, route_linears
     from amphista_engine.kv_cache import KVCache
@@ -274,11 +312,18 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     keys = list(model.state_dict())
     L = model.config.n_layers
     assert route_linears(model) == 4 * L + 1 and isinstance(model.output, RoutedLinear)
+    fused_ref = run("torch")
+    assert all(torch.equal(a, b) for a, b in zip(fused_ref, ref))
     calls = []
-    real = triton_ops.linear
-    monkeypatch.setattr(triton_ops, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = triton_ops._lin.linear
+    monkeypatch.setattr(triton_ops._lin, "linear",
+                        lambda x, w, **kw: calls.append(sorted(k for k, v in kw.items() if isinstance(v, torch.Tensor) or v is True))
+                        or real(x, w, **kw))
     got = run("triton")
-    assert len(calls) == 2 * (4 * L + 1)                    # prefill (5 rows) and the decode step, every layer
+    # prefill (5 rows) and the decode step: per layer wqkv (norm), wo (residual), w13 (norm), w2 (silu +
+    # residual), then the LM head (final norm)
+    per_forward = [["norm_weight"], ["residual"], ["norm_weight"], ["residual", "silu"]] * L + [["norm_weight"]]
+    assert calls == per_forward * 2
     for a, b in zip(got, ref):
         assert rel_err(a, b) < TOL[torch.float32]
     assert route_linears(model, on=False) == 4 * L + 1 and type(model.output) is torch.nn.Linear

@@ -118,6 +118,17 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _run("linear", x.device, x, w)
 
 
+def fused_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+                 silu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One layer of a decode step with its neighbours: residual + linear(a, w), where a is rmsnorm(x,
+    norm_weight, eps) when norm_weight is given, silu_mul(x) when silu (x then [..., 2K]), else x. The
+    kernel backends fuse it into one weight-streaming launch for few rows; the reference runs the ops in
+    turn, rounding where each writes its output, and the kernels round at the same points."""
+    if norm_weight is not None and silu:
+        raise ValueError("fused_linear: norm_weight and silu are separate prologues; pass one")
+    return _run("fused_linear", x.device, x, w, norm_weight, eps, silu, residual)
+
+
 # ---- activation ----------------------------------------------------------------------------------------
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation: x [..., 2I] (the fused gate | up projection, last dim contiguous) ->

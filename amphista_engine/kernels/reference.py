@@ -99,6 +99,18 @@ def linear(x, w):
     return F.linear(x, w)
 
 
+def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None):
+    """linear(a, w) (+ residual) with a = rmsnorm(x, norm_weight, eps) or silu_mul(x) or x: one decode-step
+    layer with the row op before it and the residual add after it (the model's unfused ops, in order)."""
+    a = x
+    if norm_weight is not None:
+        a = rmsnorm(a, norm_weight, eps)
+    if silu:
+        a = silu_mul(a)
+    out = linear(a, w)
+    return out if residual is None else residual + out
+
+
 # ---- activation ----------------------------------------------------------------------------------------
 def silu_mul(x):
     """FeedForward's SwiGLU activation: x [..., 2I] as gate | up halves -> silu(gate) * up [..., I]."""

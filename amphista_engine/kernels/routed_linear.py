@@ -16,6 +16,7 @@ from torch import nn
 from . import ops
 
 ENV_VAR = "AMPHISTA_TRITON_LINEAR"
+MAX_ROWS = 16      # the few-row kernel's one row tile (triton_kernels/linear.py); more rows go to cuBLAS
 
 
 def enabled() -> bool:

@@ -116,6 +116,20 @@ def linear(x, w):
     return _lin.linear(x, w)
 
 
+def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None):
+    if x.dim() < 1 or w.dim() != 2 or x.dtype not in FLOATS or w.dtype != x.dtype or not w.is_contiguous() \
+            or x.shape[-1] != w.shape[1] * (2 if silu else 1) or not _same_device(x, w) \
+            or x.numel() > _lin.MAX_ROWS * x.shape[-1]:
+        return NotImplemented
+    if norm_weight is not None and (norm_weight.shape != (w.shape[1],) or norm_weight.dtype != x.dtype
+                                    or not norm_weight.is_contiguous() or not _same_device(x, norm_weight)):
+        return NotImplemented
+    if residual is not None and (residual.shape != (*x.shape[:-1], w.shape[0]) or residual.dtype != x.dtype
+                                 or not _same_device(x, residual)):
+        return NotImplemented
+    return _lin.linear(x, w, norm_weight=norm_weight, eps=eps, silu=silu, residual=residual)
+
+
 # ---- activation ----------------------------------------------------------------------------------------
 def silu_mul(x):
     if x.dim() < 1 or x.dtype not in FLOATS or x.shape[-1] % 2 or x.stride(-1) != 1:

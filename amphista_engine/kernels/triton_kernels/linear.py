@@ -1,11 +1,13 @@
-"""Few-row linear layers (decoding: 1..16 rows) as a weight-streaming GEMM.
+"""Few-row linear layers (decoding: 1..16 rows) as a weight-streaming GEMM, optionally fused with the ops
+around them in a Llama block (the RMSNorm before, SwiGLU's activation before, the residual add after).
 
 A decoding step is a chain of GEMVs whose cost is reading the weights once. The kernel is the fused SAL
 input's GEMM (fused_input.py) without its embedding half: narrow column tiles so every SM streams a share of
-W, long K tiles and a deep pipeline so many weight bytes are in flight per program. On an H200 that tiling read
-the 7B-shaped fusion weight at 20.5 us against cuBLAS's 26 us through torch; whether it beats cuBLAS on the
-model's own GEMVs is what benchmarks/kernels/linear.py and the GPU suite's A/B measure, so the model's layers
-reach it only when AMPHISTA_TRITON_LINEAR=1 routes them through ops.linear (kernels/routed_linear.py).
+W, long K tiles and a deep pipeline so many weight bytes are in flight per program. On an H200 (2026-11-28,
+benchmarks/results/gpu/h200_2026-11-28_*) it read the 7B shape's weights 4% faster than cuBLAS in a graphed
+decode step, and the profile of that step put ~0.2 ms of its 4.3 ms in the norm and activation launches
+between the GEMVs, which the fused forms remove. The model's layers reach it only when AMPHISTA_TRITON_LINEAR=1
+routes them through ops.linear / ops.fused_linear (kernels/routed_linear.py).
 """
 from __future__ import annotations
 
@@ -14,57 +16,94 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, stream_block_n
+from ..routed_linear import MAX_ROWS  # noqa: F401  (one row tile: more rows are a GEMM, cuBLAS's job)
 from .fused_input import FUSED_INPUT_CONFIGS
-
-MAX_ROWS = 16          # one row tile: more rows are a GEMM, cuBLAS's job
 
 
 @triton.jit
-def _linear_kernel(X, W, Out, M, N, K, stride_xm, stride_wn, stride_om,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_om, stride_rm,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr,
+                   NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     rm64 = rm.to(tl.int64)
+    x_rows = X + rm64[:, None] * stride_xm
+    if NORM:
+        # Every program recomputes its rows' RMS: the row is a few KiB that L2 holds, and it saves the
+        # separate norm launch (and its gap in the graph) the unfused layer pays.
+        sq = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+            sq += tl.sum(a * a, 1)
+        inv = tl.rsqrt(sq / K + eps)
     w_cols = W + rn.to(tl.int64)[None, :] * stride_wn      # W [N, K]: output n reads row n, read as column n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        a = tl.load(X + rm64[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a_ok = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_rows + rk[None, :], mask=a_ok, other=0.0)
+        # Prologues round where the unfused ops write their outputs (ops.rmsnorm, ops.silu_mul), so the
+        # fused layer computes the same GEMM input as the two launches it replaces.
+        if NORM:
+            normed = (a.to(tl.float32) * inv[:, None]).to(a.dtype)
+            g = tl.load(G + rk, mask=k_ok, other=0.0)
+            a = (normed.to(tl.float32) * g.to(tl.float32)[None, :]).to(a.dtype)
+        if SILU:
+            up = tl.load(x_rows + K + rk[None, :], mask=a_ok, other=0.0)
+            gf = a.to(tl.float32)
+            act = (gf / (1.0 + tl.exp(-gf))).to(a.dtype)
+            a = (act.to(tl.float32) * up.to(tl.float32)).to(a.dtype)
         w = tl.load(w_cols + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += dot(a, w, EXACT)
-    tl.store(Out + rm64[:, None] * stride_om + rn[None, :], acc.to(Out.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    out = acc.to(Out.dtype.element_ty)
+    o_ok = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        # the residual add after the layer, in the output dtype as `x + layer(x)` rounds it
+        r = tl.load(R + rm64[:, None] * stride_rm + rn[None, :], mask=o_ok, other=0.0)
+        out = (out.to(tl.float32) + r.to(tl.float32)).to(Out.dtype.element_ty)
+    tl.store(Out + rm64[:, None] * stride_om + rn[None, :], out, mask=o_ok)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
-           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+           num_warps: int = 4, num_stages: int | None = None, norm_weight: torch.Tensor | None = None,
+           eps: float = 0.0, silu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher: x [..., K] with at most MAX_ROWS rows (last dim contiguous), w [N, K] contiguous, same dtype
-    -> x @ w.T [..., N], fp32 accumulation rounded once. Launch parameters open for benchmarks."""
-    K = x.shape[-1]
+    -> x @ w.T [..., N], fp32 accumulation rounded once. Launch parameters open for benchmarks.
+
+    Fused around the product (ops.fused_linear): norm_weight [K] applies RMSNorm to x's rows first; silu=True
+    takes x [..., 2K] as gate | up and uses silu(gate) * up; residual [..., N] is added to the result."""
+    K = w.shape[1]
     N = w.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=w.dtype, device=x.device)
     if M == 0 or N == 0:
         return out.view(*lead, N)
+    r2 = residual.reshape(M, N) if residual is not None else out
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
     block_m = max(16, next_pow2(M))
     if block_n is None:
         block_n = stream_block_n(N, 1, x.device)
+    flags = dict(NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None)
 
     def launch(block_k, num_stages):
         _linear_kernel[(cdiv(N, block_n),)](
-            x2, w, out, M, N, K, x2.stride(0), w.stride(0), N,
+            x2, w, out, norm_weight if norm_weight is not None else w, r2, M, N, K, float(eps),
+            x2.stride(0), w.stride(0), N, r2.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, max(64, next_pow2(K))),
-            EXACT=exact_dot(w.dtype), num_warps=num_warps, num_stages=num_stages)
+            EXACT=exact_dot(w.dtype), num_warps=num_warps, num_stages=num_stages, **flags)
 
     if block_k is not None or num_stages is not None:
         launch(block_k or 64, num_stages or 3)
     else:
-        launch_first_fitting(launch, FUSED_INPUT_CONFIGS, (x.device, w.dtype, block_m, block_n, num_warps, "linear"))
+        launch_first_fitting(launch, FUSED_INPUT_CONFIGS,
+                             (x.device, w.dtype, block_m, block_n, num_warps, "linear", *flags.values()))
     return out.view(*lead, N)
