@@ -332,6 +332,7 @@ def test_gpu_suite_dry_run_lists_every_stage(tmp_path):
         assert "run_all.py" in cmds["kernels"]
     assert "latency_gpu.py" in cmds["latency"] and str(out) in cmds["latency"]
     assert "gpu_greedy_agreement.py" in cmds["agreement"] and str(out) in cmds["agreement"]
+    assert "profile_step.py" in cmds["profile"] and str(out) in cmds["profile"]
     limits = {s[0]: int(s[1]) for s in stages}
     assert limits["build-pip"] + limits["tests"] + limits.get("kernels", 0) + limits["agreement"] <= 540
 
