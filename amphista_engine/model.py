@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import cpu_exact, ops, routed_linear
+from .kernels import cpu_exact, gpu_exact, ops, routed_linear
 from .kv_cache import KVCache
 
 
@@ -125,7 +125,11 @@ class Attention(nn.Module):
     def core(self, qkv, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """Attention between the projections: qkv [B, T, (H + 2 H_kv) D] -> [B, T, H D], before wo."""
         B, T, _ = qkv.shape
-        if cache is not None and not isinstance(mask, cpu_exact.OrderedLayout):
+        if cache is not None and isinstance(mask, gpu_exact.OrderedTree):
+            q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
+            kc, vc = cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B]
+            out = ops.tree_attention(q, kc, vc, spec.prefix_len, mask.bits, spec.kv_len, order=mask)
+        elif cache is not None and not isinstance(mask, cpu_exact.OrderedLayout):
             # RoPE on q and k and the cache write in one launch on the kernel backends
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             kc, vc = cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B]
@@ -178,16 +182,17 @@ class Block(nn.Module):
         return ops.add_rmsnorm(ffn, x, next_norm.weight, next_norm.eps)
 
 
-    def forward_fused(self, x, rope, cache, spec, mask):
+    def forward_fused(self, x, rope, cache, spec, mask, batch_invariant: bool = False):
         """The same layer as four weight-streaming launches plus attention, for decode steps whose linears
         are routed (kernels/routed_linear.py): each norm and the activation run in the prologue of the GEMV
         after them, each residual add in the epilogue of the one before (ops.fused_linear). Returns the new
-        residual stream."""
-        attn, ffn = self.attention, self.feed_forward
-        qkv = ops.fused_linear(x, attn.wqkv.weight, self.attention_norm.weight, self.attention_norm.eps)
-        x = ops.fused_linear(attn.core(qkv, rope, cache, spec, mask), attn.wo.weight, residual=x)
-        up = ops.fused_linear(x, ffn.w13.weight, self.ffn_norm.weight, self.ffn_norm.eps)
-        return ops.fused_linear(up, ffn.w2.weight, silu=True, residual=x)
+        residual stream. batch_invariant: any row count, each row rounded alike (kernels/gpu_exact.py)."""
+        attn, ffn, inv = self.attention, self.feed_forward, batch_invariant
+        qkv = ops.fused_linear(x, attn.wqkv.weight, self.attention_norm.weight, self.attention_norm.eps,
+                               batch_invariant=inv)
+        x = ops.fused_linear(attn.core(qkv, rope, cache, spec, mask), attn.wo.weight, residual=x, batch_invariant=inv)
+        up = ops.fused_linear(x, ffn.w13.weight, self.ffn_norm.weight, self.ffn_norm.eps, batch_invariant=inv)
+        return ops.fused_linear(up, ffn.w2.weight, silu=True, residual=x, batch_invariant=inv)
 
 
 class Transformer(nn.Module):
@@ -209,12 +214,21 @@ class Transformer(nn.Module):
         """Whether decode steps over `cache` take the position-ordered attention of kernels/cpu_exact.py."""
         return self.ordered_attention and cpu_exact.applies(cache.k)
 
-    def fuses_layers(self, x: torch.Tensor) -> bool:
-        """Whether this forward takes Block.forward_fused: the linears are routed through the kernel backends
-        (kernels/routed_linear.py) and the step has few rows, the weight-streaming kernel's case. Training
-        (tensors that need gradients) keeps the unfused layers, whose reference ops autograd knows."""
-        return (type(self.output) is routed_linear.RoutedLinear and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
+    def routed(self) -> bool:
+        """Linears routed through the kernel backends (kernels/routed_linear.py), usable without autograd."""
+        return (type(self.output) is routed_linear.RoutedLinear
                 and not (torch.is_grad_enabled() and self.output.weight.requires_grad))
+
+    def invariant_decode(self, cache: KVCache) -> bool:
+        """Whether decode steps over `cache` round each token alike whatever the step verifies (the GPU's
+        half-precision path of kernels/gpu_exact.py: routed linears, AMPHISTA_EXACT_GREEDY=1)."""
+        return self.ordered_attention and gpu_exact.applies(cache.k) and self.routed()
+
+    def fuses_layers(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes Block.forward_fused: the linears are routed and the step has few rows,
+        the weight-streaming kernel's case. Training (tensors that need gradients) keeps the unfused layers,
+        whose reference ops autograd knows."""
+        return self.routed() and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -236,8 +250,11 @@ class Transformer(nn.Module):
         Returns logits [B, T or M, V] (and the final-norm hidden states [B, T, d] if return_hidden).
         """
         B, T = tokens.shape
+        invariant = cache is not None and spec.decode and self.invariant_decode(cache)
         if cache is None:
             mask = spec.new_mask.expand(B, T, T) if spec is not None else None   # None: causal
+        elif invariant:
+            mask = gpu_exact.layout(spec.prefix_len, spec.new_mask)
         elif spec.decode and self.orders_decode(cache):
             mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len, cache.k.dtype,
                                     self.config.n_heads // self.config.n_kv_heads)
@@ -245,11 +262,11 @@ class Transformer(nn.Module):
             mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
         rope = self.rope[positions]
         x = self.tok_embeddings(tokens)
-        if self.fuses_layers(x):
+        if invariant or self.fuses_layers(x):
             for layer in self.layers:
-                x = layer.forward_fused(x, rope, cache, spec, mask)
+                x = layer.forward_fused(x, rope, cache, spec, mask, invariant)
             xl = x if logits_at is None else torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-            logits = ops.fused_linear(xl, self.output.weight, self.norm.weight, self.norm.eps)
+            logits = ops.fused_linear(xl, self.output.weight, self.norm.weight, self.norm.eps, batch_invariant=invariant)
             return (logits, self.norm(x)) if return_hidden else logits
         h = self.layers[0].attention_norm(x)
         next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]

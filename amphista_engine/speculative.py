@@ -13,7 +13,7 @@ import torch
 from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
 from .generation import PlainDecoder, _sync, kv_window
-from .kernels import cpu_exact, cpu_packed, ops
+from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .model import AttentionSpec
 from .sampling import SamplingParams
 from .tree import TOPK, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
@@ -117,6 +117,10 @@ class SpeculativeDecoder(PlainDecoder):
             acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
         too_big = tree.max_depth > cpu_exact.MAX_DEPTH or tree.num_nodes > cpu_packed.CHUNKED_UP_TO
+        if too_big and model.invariant_decode(cache):
+            raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; "
+                              f"{gpu_exact.ENV_VAR}=1 keeps greedy output exact for trees of at most 64 nodes, "
+                              f"{gpu_exact.MAX_DEPTH} deep")
         if too_big and model.orders_decode(cache):
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; bf16 CPU "
                               f"verification keeps greedy output exact for trees of at most "

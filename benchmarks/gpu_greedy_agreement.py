@@ -9,12 +9,16 @@ two answers part. On the CPU that was measured and fixed (kernels/cpu_exact.py);
 backends. It is a measurement, not a test: the table says, per backend, dtype and tree, how many tokens each
 prompt kept in common with plain decoding. The model is the SmolLM2-135M shape with random N(0, 0.02)
 weights (no checkpoint travels to the GPU machine); random heads accept little, so nearly every token comes
-from the tree's root row, which is the row that must equal the plain step.
+from the tree's root row, which is the row that must equal the plain step. The backend "triton-exact" is
+triton with the row-invariant decode path (AMPHISTA_EXACT_GREEDY=1, routed linears: kernels/gpu_exact.py),
+which should make every row identical.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +32,8 @@ import torch  # noqa: E402
 from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.heads import random_heads  # noqa: E402
-from amphista_engine.kernels import resolve, use_backend  # noqa: E402
+from amphista_engine.kernels import gpu_exact, resolve, use_backend  # noqa: E402
+from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
 from amphista_engine.speculative import SpeculativeDecoder, TreeSpec  # noqa: E402
@@ -54,11 +59,30 @@ def common_prefix(a, b) -> int:
     return min(len(a), len(b))
 
 
+@contextlib.contextmanager
+def exact_mode(model, on: bool):
+    """The row-invariant decode path for the model, as the Engine sets it up with AMPHISTA_EXACT_GREEDY=1."""
+    if not on:
+        yield
+        return
+    old = os.environ.get(gpu_exact.ENV_VAR)
+    os.environ[gpu_exact.ENV_VAR] = "1"
+    route_linears(model)
+    try:
+        yield
+    finally:
+        route_linears(model, on=False)
+        if old is None:
+            os.environ.pop(gpu_exact.ENV_VAR)
+        else:
+            os.environ[gpu_exact.ENV_VAR] = old
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="smollm2-135m")
-    ap.add_argument("--backends", default="torch,triton,cuda")
+    ap.add_argument("--backends", default="triton-exact,torch,triton,cuda")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--trees", default="tree-16,mc_sim_7b_63")
     ap.add_argument("--tokens", type=int, default=128)
@@ -89,22 +113,23 @@ def main(argv=None) -> int:
         model = shapes.random_model(cfg, device, dtype, 1024, seed=0, allow_large=True)
         heads = random_heads("amphista", model, num_heads=4, seed=2).to(device=device, dtype=dtype)
         cache = KVCache.for_model(model.config, len(prompts), 1024, dtype, device)
-        for backend in args.backends.split(","):
+        for name in args.backends.split(","):
+            backend = name.removesuffix("-exact")
             if time.monotonic() > deadline:
-                notes.append(f"{backend} {dname}: skipped (time budget)")
+                notes.append(f"{name} {dname}: skipped (time budget)")
                 continue
             with use_backend(backend):
                 got = resolve("tree_attention", device)
             if got != backend:
-                notes.append(f"{backend} {dname}: backend unavailable here (resolves to {got}), skipped")
+                notes.append(f"{name} {dname}: backend unavailable here (resolves to {got}), skipped")
                 continue
-            with use_backend(backend):
+            with use_backend(backend), exact_mode(model, name.endswith("-exact")):
                 plain = decode(PlainDecoder(model, cache, SamplingParams()), prompts, args.tokens)
                 for tree in args.trees.split(","):
                     spec = decode(SpeculativeDecoder(model, cache, heads, TreeSpec(tree, 4, device), SamplingParams()),
                                   prompts, args.tokens)
                     common = [common_prefix(p, s) for p, s in zip(plain, spec)]
-                    rows.append({"backend": backend, "dtype": dname, "tree": tree, "common": common,
+                    rows.append({"backend": name, "dtype": dname, "tree": tree, "common": common,
                                  "identical": spec == plain})
                     print(rows[-1], flush=True)
                     save()

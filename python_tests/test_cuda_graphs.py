@@ -132,6 +132,25 @@ def test_speculative_greedy_equals_plain_under_graphs():
 
 
 @needs_gpu
+@pytest.mark.parametrize("tree", ["tree-32", "mc_sim_7b_63"])
+def test_bf16_greedy_equals_plain_with_exact_greedy(tree, monkeypatch):
+    """AMPHISTA_EXACT_GREEDY=1 (kernels/gpu_exact.py): in bf16, where the default path lets a near-tie part
+    the decoders, greedy speculative decoding through graphs emits plain greedy decoding's tokens exactly."""
+    from amphista_engine.kernels import gpu_exact
+    from amphista_engine.kernels.routed_linear import route_linears
+    monkeypatch.setenv(gpu_exact.ENV_VAR, "1")
+    model, cache, prompts = _setup("cuda", dtype=torch.bfloat16)
+    route_linears(model)
+    assert model.invariant_decode(cache)
+    graphs = DecodeGraphs()
+    plain, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 160, graphs=graphs)
+    heads = random_heads("amphista", model, num_heads=4, seed=2)
+    spec, _ = decode(SpeculativeDecoder(model, cache, heads, TreeSpec(tree, 4, torch.device("cuda")),
+                                        SamplingParams()), prompts, 160, graphs=graphs)
+    assert spec == plain, _first_difference(plain, spec)
+
+
+@needs_gpu
 def test_sampling_through_graphs_runs():
     """Seeded sampling is captured with its generator registered (or runs eagerly without that API); the
     tokens are valid and the default (unseeded) generator works too."""

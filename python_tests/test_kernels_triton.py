@@ -102,6 +102,87 @@ def test_tree_attention(case, poisoned):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype,Hkv,D", [(torch.bfloat16, 2, 64), (torch.float16, 1, 128), (torch.float32, 2, 64)])
+def test_ordered_tree_attention_is_row_invariant(dtype, Hkv, D, poisoned):
+    """The row-invariant path (kernels/gpu_exact.py): each tree node's output equals, bit for bit, a plain
+    one-token step for the same token over a cache holding its ancestors in position order, with another
+    kv_len (other split count) and nothing else in the step. Prefixes cross CHUNK (two prefix splits) and
+    differ per row; the result also matches the reference. In the interpreter the fp32 case is the sharp one
+    (there the default kernel's rows differ from its plain steps in the last bits; bf16 outputs round that
+    away), on a GPU all three are."""
+    from amphista_engine.kernels import gpu_exact
+    g = gen("ordered", dtype, Hkv, D)
+    B, H = 2, 4
+    dt = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, 12, generator=g), 12, topk=3)
+    mask = dt.mask.to(DEV)                                              # per-row trees, depth <= 4
+    N = mask.shape[-1]
+    prefix = torch.tensor([gpu_exact.CHUNK + 37, 90], device=DEV)
+    S = gpu_exact.CHUNK + 200
+    kv_len = -(-(int(prefix.max()) + N) // 128) * 128
+    k, v = randn(g, B, Hkv, S, D, dtype=dtype), randn(g, B, Hkv, S, D, dtype=dtype)
+    q = randn(g, B, N, H, D, dtype=dtype).transpose(1, 2)
+    order = gpu_exact.layout(prefix, mask)
+    out = triton_ops.tree_attention(q, k, v, prefix, order.bits, kv_len, order=order)
+    assert rel_err(out, reference.tree_attention(q, k, v, prefix, mask, kv_len)) < TOL[dtype]
+    one = torch.ones(1, 1, 1, dtype=torch.bool, device=DEV)
+    for b in range(B):
+        for i in (0, N // 2, N - 1):
+            anc = mask[b, i].nonzero().flatten()                       # ancestors and itself, by depth
+            P = int(prefix[b])
+            kp, vp = k[b:b + 1].clone(), v[b:b + 1].clone()
+            kp[:, :, P:P + len(anc)], vp[:, :, P:P + len(anc)] = k[b:b + 1, :, P + anc], v[b:b + 1, :, P + anc]
+            pp = torch.tensor([P + len(anc) - 1], device=DEV)
+            o1 = gpu_exact.layout(pp, one)
+            plain = triton_ops.tree_attention(q[b:b + 1, :, i:i + 1], kp, vp, pp, o1.bits, int(pp) + 1, order=o1)
+            assert torch.equal(plain[0, :, 0], out[b, :, i]), (b, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_invariant_decode_tree_rows_equal_plain_steps(dtype, monkeypatch):
+    """The model's row-invariant decode path (kernels/gpu_exact.py, forced on for this CPU run): a tree
+    verification forward's logits for a node are bit for bit those of plain one-token steps along the node's
+    path, with the tree's other nodes, its size and kv_len all different. This is what keeps bf16 greedy
+    speculative decoding equal to plain greedy decoding; fp32 makes the check sharp in the interpreter."""
+    from conftest import random_tiny_model
+    from amphista_engine.kernels import gpu_exact
+    from amphista_engine.kernels.routed_linear import route_linears
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import AttentionSpec, causal_mask
+
+    monkeypatch.setattr(gpu_exact, "applies", lambda kv: kv.dtype == dtype)
+    model = random_tiny_model(seed=5, vocab=96, dim=64, heads=4, kv_heads=2, inter=96).to(DEV, dtype)
+    route_linears(model)
+    g = gen("invariant_model", dtype)
+    tree = build_tree("tree-16")
+    mask, N = tree.mask.to(DEV), tree.num_nodes
+    depth = mask.sum(-1) - 1
+    P = 37
+    prompt = torch.randint(0, 96, (1, P), generator=g).to(DEV)
+    toks = torch.randint(0, 96, (1, N), generator=g).to(DEV)
+    bucket = lambda n: -(-n // 32) * 32
+
+    def prefilled():
+        cache = KVCache.for_model(model.config, 1, 128, dtype, DEV)
+        spec = AttentionSpec(torch.zeros(1, dtype=torch.long, device=DEV), causal_mask(P, DEV), kv_len=bucket(P))
+        model(prompt, torch.arange(P, device=DEV)[None], cache, spec)
+        return cache
+
+    with use_backend("triton"), torch.inference_mode():
+        spec = AttentionSpec(torch.tensor([P], device=DEV), mask[None], kv_len=bucket(P + N), decode=True)
+        tree_logits = model(toks, (P + depth)[None], prefilled(), spec)[0]
+        checked = 0
+        for i in (N - 1, N // 2):
+            path = mask[i].nonzero().flatten()                          # root .. node i, by depth
+            cache = prefilled()
+            for j, node in enumerate(path.tolist()):
+                spec = AttentionSpec(torch.tensor([P + j], device=DEV), causal_mask(1, DEV),
+                                     kv_len=bucket(P + j + 1), decode=True)
+                plain = model(toks[:, node:node + 1], torch.tensor([[P + j]], device=DEV), cache, spec)[0, 0]
+                assert torch.equal(plain, tree_logits[node]), (i, j, node)
+                checked += 1
+        assert checked >= 4
+
+
 def test_tree_attention_dispatch_and_mask_forms(poisoned):
     """ops.tree_attention: dense bool masks and bits agree; tree_mask_args picks the form per backend;
     inputs the kernel cannot take (a 65-node tree) fall back to the reference without an error."""

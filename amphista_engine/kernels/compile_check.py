@@ -80,6 +80,8 @@ def _launchers(dtypes):
             pl = torch.zeros(B, dtype=torch.long)
             tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1)
             tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2)
+            tree_attention.tree_attention_ordered(q, kc, kc, torch.zeros(B, N, dtype=torch.int32),
+                                                  torch.zeros(B, N, 16, dtype=torch.int32), S, 128)
             x = torch.zeros(3, 4, 256, dtype=dt)
             w = torch.zeros(256, dtype=dt)
             norm_rope.rmsnorm(x, w, 1e-5)
@@ -96,6 +98,9 @@ def _launchers(dtypes):
                                      torch.zeros(1, dtype=torch.long), 4, 2)
             activation.silu_mul(torch.zeros(3, 3000, dtype=dt))
             linear.linear(torch.zeros(1, 3, 320, dtype=dt), torch.zeros(300, 320, dtype=dt))
+            lw = torch.zeros(300, 320, dtype=dt)                  # the fused layers' prologues and epilogue
+            linear.linear(torch.zeros(40, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
+            linear.linear(torch.zeros(2, 640, dtype=dt), lw, silu=True, residual=torch.zeros(2, 300, dtype=dt))
         logits = torch.zeros(2, 8, 100, dtype=torch.bfloat16)
         tokens = torch.zeros(2, 8, dtype=torch.long)
         retrieve = torch.zeros(4, 4, dtype=torch.long)

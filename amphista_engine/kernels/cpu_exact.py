@@ -66,12 +66,13 @@ class OrderedLayout:
                                # R - G * N padding rows (flash_rows)
 
 
-def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capacity: int, dtype: torch.dtype,
-           groups: int) -> OrderedLayout:
-    """prefix_len [B]; new_mask [B or 1, N, N] bool, ancestor-or-self (causal for prefill and plain steps);
-    kv_len the forward's key window; capacity the cache's slot count; groups = query heads per KV head.
-    Requires every new token's depth (ancestors among the new tokens) <= MAX_DEPTH, or the new tokens to
-    form one causal chain (a prefill), so that keys before s(p) sit in slots 0..s(p) - 1."""
+def position_windows(prefix_len: torch.Tensor, new_mask: torch.Tensor):
+    """Each new token's keys in position order, split where only its position decides (shared with the GPU's
+    kernels/gpu_exact.py). prefix_len [B]; new_mask [B or 1, N, N] ancestor-or-self.
+
+    Returns (pos, split, slots): pos [B, N] the token's position; split [B, N] = s(p), keys before it sit in
+    cache slots 0..s(p) - 1 in any layout; slots [B, N, WINDOW] long, the cache slot of position s(p) + w
+    (windows run past p into whatever slot: callers mask w > p - s(p))."""
     B, N = prefix_len.shape[0], new_mask.shape[-1]
     dev = prefix_len.device
     m = new_mask.expand(B, N, N)
@@ -85,7 +86,19 @@ def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capaci
     w = split[..., None] + torch.arange(WINDOW, device=dev)                  # [B, N, W] positions
     rel = w - prefix_len[:, None, None]                                     # >= 0: depth among the new tokens
     new_slot = prefix_len[:, None, None] + anc.gather(2, rel.clamp(0, N - 1))
-    tail_slots = torch.where(rel < 0, w, new_slot).clamp_(0, capacity - 1).reshape(B, N * WINDOW)
+    return pos, split, torch.where(rel < 0, w, new_slot)
+
+
+def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capacity: int, dtype: torch.dtype,
+           groups: int) -> OrderedLayout:
+    """prefix_len [B]; new_mask [B or 1, N, N] bool, ancestor-or-self (causal for prefill and plain steps);
+    kv_len the forward's key window; capacity the cache's slot count; groups = query heads per KV head.
+    Requires every new token's depth (ancestors among the new tokens) <= MAX_DEPTH, or the new tokens to
+    form one causal chain (a prefill), so that keys before s(p) sit in slots 0..s(p) - 1."""
+    B, N = prefix_len.shape[0], new_mask.shape[-1]
+    dev = prefix_len.device
+    pos, split, slots = position_windows(prefix_len, new_mask)
+    tail_slots = slots.clamp_(0, capacity - 1).reshape(B, N * WINDOW)
     kv = -(-kv_len // KV_BLOCK) * KV_BLOCK
     key = torch.arange(kv + N * WINDOW, device=dev)
     own = key - kv - torch.arange(N, device=dev)[:, None] * WINDOW          # [N, K]: offset in own window

@@ -102,10 +102,11 @@ def _tree_bits(new_mask: torch.Tensor, B: int, N: int):
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask=None, splits: Optional[int] = None):
-    """splits: the split-K factor (None = num_splits' heuristic; open for benchmarks/kernels/tune.py)."""
+                   dense_mask=None, splits: Optional[int] = None, order=None):
+    """splits: the split-K factor (None = num_splits' heuristic; open for benchmarks/kernels/tune.py).
+    order: the row-invariant path (kernels/gpu_exact.py) is Triton's only, so this declines it."""
     dev = q.device
-    if not _ready(dev) or q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+    if order is not None or not _ready(dev) or q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         return NotImplemented
     B, H, N, D = q.shape
     Bk, Hkv, S, Dk = k_cache.shape

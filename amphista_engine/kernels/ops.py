@@ -34,7 +34,7 @@ def _run(op: str, device, *args, **kwargs):
 # ---- attention -----------------------------------------------------------------------------------------
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
                    new_mask: torch.Tensor, kv_len: int, scale: Optional[float] = None,
-                   dense_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   dense_mask: Optional[torch.Tensor] = None, order=None) -> torch.Tensor:
     """Attention of N new tokens over a static KV cache whose slots [prefix_len, prefix_len + N) already
     hold the new tokens' own K/V (write them with kv_write first).
 
@@ -49,11 +49,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     scale:      softmax scale, default 1 / sqrt(D).
     dense_mask: optional AttentionSpec.dense_mask() [B, N, kv_len] already built for this forward; only the
                 reference reads it (saves rebuilding it per layer). Kernels use prefix_len + bits.
+    order:      optional gpu_exact.OrderedTree for this forward: the triton backend then takes its
+                row-invariant path (a token's result the same in a plain step and in any tree); the reference
+                computes the same attention unordered, the CUDA backend declines.
     Returns [B, H, N, D] in q's dtype (kernels return a transposed view of a [B, N, H, D] buffer, so
     `out.transpose(1, 2).reshape(B, N, H * D)` is free).
     """
     return _run("tree_attention", q.device, q, k_cache, v_cache, prefix_len, new_mask, kv_len, scale,
-                dense_mask)
+                dense_mask, order=order)
 
 
 def tree_mask_args(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int):
@@ -119,14 +122,17 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def fused_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-                 silu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 silu: bool = False, residual: Optional[torch.Tensor] = None,
+                 batch_invariant: bool = False) -> torch.Tensor:
     """One layer of a decode step with its neighbours: residual + linear(a, w), where a is rmsnorm(x,
     norm_weight, eps) when norm_weight is given, silu_mul(x) when silu (x then [..., 2K]), else x. The
     kernel backends fuse it into one weight-streaming launch for few rows; the reference runs the ops in
-    turn, rounding where each writes its output, and the kernels round at the same points."""
+    turn, rounding where each writes its output, and the kernels round at the same points.
+    batch_invariant: the kernels take any row count, in fixed row blocks, so a row's result is the same
+    bits whatever else is in the call (kernels/gpu_exact.py); otherwise more than a few rows go to cuBLAS."""
     if norm_weight is not None and silu:
         raise ValueError("fused_linear: norm_weight and silu are separate prologues; pass one")
-    return _run("fused_linear", x.device, x, w, norm_weight, eps, silu, residual)
+    return _run("fused_linear", x.device, x, w, norm_weight, eps, silu, residual, batch_invariant)
 
 
 # ---- activation ----------------------------------------------------------------------------------------

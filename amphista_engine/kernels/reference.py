@@ -39,8 +39,10 @@ def _new_mask_bool(new_mask: torch.Tensor, n: int) -> torch.Tensor:
 
 # ---- attention -----------------------------------------------------------------------------------------
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask: Optional[torch.Tensor] = None):
-    """The model's cached attention: SDPA over cache slots [0, kv_len) with AttentionSpec.dense_mask()."""
+                   dense_mask: Optional[torch.Tensor] = None, order=None):
+    """The model's cached attention: SDPA over cache slots [0, kv_len) with AttentionSpec.dense_mask().
+    `order` (gpu_exact.OrderedTree) asks the kernels for their row-invariant path; the reference result is
+    the same attention, so it has nothing to change."""
     from ..model import AttentionSpec
     if dense_mask is None:
         n = q.shape[2]
@@ -99,9 +101,11 @@ def linear(x, w):
     return F.linear(x, w)
 
 
-def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None):
+def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None,
+                 batch_invariant: bool = False):
     """linear(a, w) (+ residual) with a = rmsnorm(x, norm_weight, eps) or silu_mul(x) or x: one decode-step
-    layer with the row op before it and the residual add after it (the model's unfused ops, in order)."""
+    layer with the row op before it and the residual add after it (the model's unfused ops, in order).
+    batch_invariant asks the kernels for row-count-independent rounding; the reference has no say in it."""
     a = x
     if norm_weight is not None:
         a = rmsnorm(a, norm_weight, eps)

@@ -32,7 +32,7 @@ def _same_device(*ts) -> bool:
 
 # ---- attention -----------------------------------------------------------------------------------------
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask=None):
+                   dense_mask=None, order=None):
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or q.dtype not in FLOATS:
         return NotImplemented
     B, H, N, D = q.shape
@@ -51,6 +51,12 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
         return NotImplemented
     if bits.shape[0] not in (1, B):
         return NotImplemented
+    if order is not None:
+        from . import gpu_exact
+        if order.split.shape != (B, N) or order.window.shape[:2] != (B, N) or not _same_device(q, order.window):
+            return NotImplemented
+        return _ta.tree_attention_ordered(q, k_cache, v_cache, order.split, order.window, int(kv_len),
+                                          gpu_exact.CHUNK, scale)
     return _ta.tree_attention(q, k_cache, v_cache, prefix_len, bits, int(kv_len), scale)
 
 
@@ -116,10 +122,11 @@ def linear(x, w):
     return _lin.linear(x, w)
 
 
-def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None):
+def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None,
+                 batch_invariant: bool = False):
     if x.dim() < 1 or w.dim() != 2 or x.dtype not in FLOATS or w.dtype != x.dtype or not w.is_contiguous() \
             or x.shape[-1] != w.shape[1] * (2 if silu else 1) or not _same_device(x, w) \
-            or x.numel() > _lin.MAX_ROWS * x.shape[-1]:
+            or (x.numel() > _lin.MAX_ROWS * x.shape[-1] and not batch_invariant):
         return NotImplemented
     if norm_weight is not None and (norm_weight.shape != (w.shape[1],) or norm_weight.dtype != x.dtype
                                     or not norm_weight.is_contiguous() or not _same_device(x, norm_weight)):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, stream_block_n
-from ..routed_linear import MAX_ROWS  # noqa: F401  (one row tile: more rows are a GEMM, cuBLAS's job)
+from ..routed_linear import MAX_ROWS  # one row tile: more rows are a GEMM, cuBLAS's job
 from .fused_input import FUSED_INPUT_CONFIGS
 
 
@@ -24,8 +24,9 @@ from .fused_input import FUSED_INPUT_CONFIGS
 def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_om, stride_rm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr,
                    NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Row blocks vary fastest: the programs that read one column tile of W run side by side (L2 serves the rest).
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     rm64 = rm.to(tl.int64)
@@ -71,8 +72,11 @@ def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_o
 def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
            num_warps: int = 4, num_stages: int | None = None, norm_weight: torch.Tensor | None = None,
            eps: float = 0.0, silu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher: x [..., K] with at most MAX_ROWS rows (last dim contiguous), w [N, K] contiguous, same dtype
-    -> x @ w.T [..., N], fp32 accumulation rounded once. Launch parameters open for benchmarks.
+    """Launcher: x [..., K] (last dim contiguous), w [N, K] contiguous, same dtype -> x @ w.T [..., N], fp32
+    accumulation rounded once. Rows go in blocks of 16 (MAX_ROWS), so a row's result never depends on how
+    many others share the call (kernels/gpu_exact.py); more than a block re-reads W per block, so the routed
+    layers send bigger products to cuBLAS unless they ask for that invariance. Launch parameters open for
+    benchmarks.
 
     Fused around the product (ops.fused_linear): norm_weight [K] applies RMSNorm to x's rows first; silu=True
     takes x [..., 2K] as gate | up and uses silu(gate) * up; residual [..., N] is added to the result."""
@@ -89,13 +93,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
     r2 = residual.reshape(M, N) if residual is not None else out
     if r2.stride(-1) != 1:
         r2 = r2.contiguous()
-    block_m = max(16, next_pow2(M))
+    block_m = MAX_ROWS
     if block_n is None:
         block_n = stream_block_n(N, 1, x.device)
     flags = dict(NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None)
 
     def launch(block_k, num_stages):
-        _linear_kernel[(cdiv(N, block_n),)](
+        _linear_kernel[(cdiv(M, block_m), cdiv(N, block_n))](
             x2, w, out, norm_weight if norm_weight is not None else w, r2, M, N, K, float(eps),
             x2.stride(0), w.stride(0), N, r2.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, max(64, next_pow2(K))),

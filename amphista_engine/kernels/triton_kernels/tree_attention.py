@@ -135,11 +135,13 @@ def _tree_attn_fwd(
 
 @triton.jit
 def _tree_attn_merge(OPart, LsePart, Out, stride_ob, stride_oh, stride_on, stride_od, n_rows, H, N, splits,
-                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                     SEQUENTIAL: tl.constexpr):
     """out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse): the exact softmax over all splits.
 
     BLOCK_R output rows (one (b, h, node) each) per program; the splits are summed in a loop so the
-    registers hold one [BLOCK_R, D] partial at a time."""
+    registers hold one [BLOCK_R, D] partial at a time. SEQUENTIAL sums the denominator in that loop too, in
+    split order, so trailing empty splits (w = 0) leave the result bit-identical (the ordered path)."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = row < n_rows
     s = tl.arange(0, BLOCK_S)
@@ -149,18 +151,144 @@ def _tree_attn_merge(OPart, LsePart, Out, stride_ob, stride_oh, stride_on, strid
                   other=float("-inf"))
     m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)          # a row no key reached: 0 / 0 below, like SDPA
-    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
-    denom = tl.where(r_ok, denom, 1.0)                # padding rows of the last block
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    wsum = tl.zeros([BLOCK_R], tl.float32)
     for i in range(0, splits):
         w = tl.exp2(tl.load(LsePart + row * splits + i, mask=r_ok, other=float("-inf")) - m)
         o = tl.load(OPart + (row * splits + i)[:, None] * HEAD_D + d[None, :], mask=od_mask, other=0.0)
         acc += w[:, None] * o
+        wsum += w
+    if SEQUENTIAL:
+        denom = wsum
+    else:
+        denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    denom = tl.where(r_ok, denom, 1.0)                # padding rows of the last block
     b = row // (H * N)
     h = (row // N) % H
     n = row % N
     tl.store(Out + b[:, None] * stride_ob + h[:, None] * stride_oh + n[:, None] * stride_on + d[None, :] * stride_od,
              (acc / denom[:, None]).to(Out.dtype.element_ty), mask=od_mask)
+
+
+@triton.jit
+def _tree_attn_ordered_fwd(
+    Q, K, V, Split, Win, OPart, LsePart,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_sb, stride_wb, stride_wn,
+    H_KV, N, splits, qk_scale,
+    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, WINDOW: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Split 0: each row's window, positions s(p)..p one key at a time in position order. Split c >= 1:
+    prefix keys [(c - 1) CHUNK, c CHUNK) below each row's s(p), in BLOCK_N tiles at fixed offsets. Whatever
+    else shares the program (other nodes, more splits, a longer kv_len) only adds exact zeros to a row."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // H_KV
+    kvh = pid_bh % H_KV
+    H = H_KV * G
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N * G
+    node = rows // G
+    head = kvh * G + rows % G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + node[:, None] * stride_qn
+                + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    s_row = tl.load(Split + b64 * stride_sb + node, mask=row_ok, other=0)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if split == 0:
+        qf = q.to(tl.float32)
+        w_row = Win + b64 * stride_wb + node * stride_wn
+        for w in range(0, WINDOW):
+            slot = tl.load(w_row + w, mask=row_ok, other=-1)
+            ok = slot >= 0
+            kv_mask = ok[:, None] & d_ok[None, :]
+            slot64 = tl.where(ok, slot, 0).to(tl.int64)
+            k = tl.load(k_base + slot64[:, None] * stride_ks + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + slot64[:, None] * stride_vs + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            sc = tl.where(ok, tl.sum(qf * k.to(tl.float32), 1) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, sc)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe)
+            l_i = l_i * alpha + p
+            # P rounded to V's dtype, as the tiles' second matmul does
+            acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)
+            m_i = m_new
+    else:
+        lo = (split - 1) * CHUNK
+        hi = tl.minimum(lo + CHUNK, tl.max(s_row, 0))
+        for start in range(lo, hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            k_ok = j < hi
+            ld_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + j[:, None] * stride_ks + d[None, :] * stride_kd, mask=ld_mask, other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_vs + d[None, :] * stride_vd, mask=ld_mask, other=0.0)
+            sc = dot(q, tl.trans(k), EXACT) * qk_scale
+            sc = tl.where(j[None, :] < s_row[:, None], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, EXACT)
+            m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    prow = ((b64 * H + head) * N + node) * splits + split          # [B, H, N, splits] row-major
+    tl.store(LsePart + prow, lse, mask=row_ok)
+    tl.store(OPart + prow[:, None] * HEAD_D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+
+
+ORDERED_BLOCK_M = 64     # one row block for every tree up to 64 nodes x G heads: the same tl.dot for all steps
+ORDERED_STAGES = 2       # fixed too: one compiled kernel whatever the step
+
+
+def tree_attention_ordered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: torch.Tensor,
+                           window: torch.Tensor, kv_len: int, chunk: int, scale: float | None = None) -> torch.Tensor:
+    """Launcher of the row-invariant path (kernels/gpu_exact.py). q [B, H, N, D]; k_cache/v_cache
+    [B, H_kv, S, D] with the new tokens' K/V written; split [B, N] int32 s(p); window [B, N, W] int32 slots
+    (-1: none). Returns [B, H, N, D]."""
+    B, H, N, D = q.shape
+    H_kv = k_cache.shape[1]
+    G = H // H_kv
+    out_buf = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
+    out = out_buf.transpose(1, 2)
+    if B == 0 or N == 0:
+        return out
+    # Splits past a row's prefix are empty for it; their count follows kv_len (a host int), never the tree.
+    splits = 1 + cdiv(kv_len, chunk)
+    o_part = torch.empty(B, H, N, splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, H, N, splits, dtype=torch.float32, device=q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    block_d = next_pow2(D)
+    _tree_attn_ordered_fwd[(B * H_kv, cdiv(N * G, ORDERED_BLOCK_M), splits)](
+        q, k_cache, v_cache, split, window, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        split.stride(0), window.stride(0), window.stride(1),
+        H_kv, N, splits, scale * 1.4426950408889634,
+        G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=ORDERED_BLOCK_M, BLOCK_N=BLOCK_N, CHUNK=chunk,
+        WINDOW=window.shape[-1], EXACT=exact_dot(q.dtype), num_warps=4, num_stages=ORDERED_STAGES,
+    )
+    n_rows = B * H * N
+    _tree_attn_merge[(cdiv(n_rows, MERGE_ROWS),)](
+        o_part, lse_part, out, *out.stride(), n_rows, H, N, splits,
+        HEAD_D=D, BLOCK_D=block_d, BLOCK_R=MERGE_ROWS, BLOCK_S=next_pow2(splits), SEQUENTIAL=True, num_warps=4,
+    )
+    return out
 
 
 def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: torch.device) -> int:
@@ -228,6 +356,6 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         block_r = min(MERGE_ROWS, next_pow2(n_rows))
         _tree_attn_merge[(cdiv(n_rows, block_r),)](
             o_part, lse_part, out, *out.stride(), n_rows, H, N, splits,
-            HEAD_D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=next_pow2(splits), num_warps=4,
+            HEAD_D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=next_pow2(splits), SEQUENTIAL=False, num_warps=4,
         )
     return out
