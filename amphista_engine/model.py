@@ -119,7 +119,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
-        cache, ops.tree_mask_args(...) (built once per forward)."""
+        cache, ops.tree_mask_args(...), or the exact paths' cpu_exact.OrderedLayout / gpu_exact.OrderedTree
+        (each built once per forward)."""
         return self.wo(self.core(self.wqkv(x), rope, cache, spec, mask))
 
     def core(self, qkv, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
@@ -180,7 +181,6 @@ class Block(nn.Module):
         if next_norm is None:
             return x + ffn
         return ops.add_rmsnorm(ffn, x, next_norm.weight, next_norm.eps)
-
 
     def forward_fused(self, x, rope, cache, spec, mask, batch_invariant: bool = False):
         """The same layer as four weight-streaming launches plus attention, for decode steps whose linears
