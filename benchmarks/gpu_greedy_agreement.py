@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.heads import random_heads  # noqa: E402
 from amphista_engine.kernels import gpu_exact, resolve, use_backend  # noqa: E402
-from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
 from amphista_engine.speculative import SpeculativeDecoder, TreeSpec  # noqa: E402
@@ -59,23 +57,9 @@ def common_prefix(a, b) -> int:
     return min(len(a), len(b))
 
 
-@contextlib.contextmanager
 def exact_mode(model, on: bool):
     """The row-invariant decode path for the model, as the Engine sets it up with AMPHISTA_EXACT_GREEDY=1."""
-    if not on:
-        yield
-        return
-    old = os.environ.get(gpu_exact.ENV_VAR)
-    os.environ[gpu_exact.ENV_VAR] = "1"
-    route_linears(model)
-    try:
-        yield
-    finally:
-        route_linears(model, on=False)
-        if old is None:
-            os.environ.pop(gpu_exact.ENV_VAR)
-        else:
-            os.environ[gpu_exact.ENV_VAR] = old
+    return gpu_exact.enabled_for(model) if on else contextlib.nullcontext()
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,7 @@ from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.evaluation.env import commit, sync  # noqa: E402
 from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
+from amphista_engine.kernels import gpu_exact  # noqa: E402
 from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.model import Transformer  # noqa: E402
@@ -200,6 +201,29 @@ def run(args, save=None) -> dict:
                      "graphs": use_graphs, "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain[use_graphs], 3),
                      "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
         print(rows[-1], file=sys.stderr)
+        # The exact-greedy path (kernels/gpu_exact.py, AMPHISTA_EXACT_GREEDY=1): what bf16 greedy output equal
+        # to plain greedy output costs, plain and on the first 64-node tree, graphs on, against the rows above.
+        if device.type == "cuda" and dtype != torch.float32 and time.monotonic() < deadline:
+            tree64 = next((t for t in trees if TreeSpec(t, 4, "cpu").num_nodes == 64), trees[0])
+            exact_graphs = DecodeGraphs()
+            with gpu_exact.enabled_for(model):
+                try:
+                    heads = random_heads("amphista", model)
+                    spec64 = TreeSpec(tree64, heads.num_heads, device)
+                    for kind, tree, nodes, dec in (
+                            ("plain", "-", 1, PlainDecoder(model, cache, SamplingParams())),
+                            ("amphista", tree64, spec64.num_nodes,
+                             SpeculativeDecoder(model, cache, heads, spec64, SamplingParams()))):
+                        exact_graphs.attach(dec)
+                        ms = time_steps(dec, prompt, args.steps, 3)
+                        rows.append({"model": shape_name, "method": f"{kind}, exact greedy", "tree": tree,
+                                     "nodes": nodes, "graphs": True, "step_ms": round(ms, 3),
+                                     "ratio_vs_plain": round(ms / plain[True], 3),
+                                     "pct_of_bw_floor": round(100 * floor_ms / ms, 1) if nodes == 1 else None})
+                        print(rows[-1], file=sys.stderr)
+                    del heads
+                finally:
+                    exact_graphs.clear()
         # Full-vocabulary heads on every tree; with --draft-vocab also Amphista over that many tokens on the
         # largest trees (the drafting LM head shrinks by V / V').
         variants = [("medusa", 0), ("amphista", 0)] + [("amphista", dv) for dv in args.draft_vocab if dv]

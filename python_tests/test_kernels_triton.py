@@ -183,6 +183,33 @@ def test_invariant_decode_tree_rows_equal_plain_steps(dtype, monkeypatch):
         assert checked >= 4
 
 
+def test_exact_greedy_switch(monkeypatch):
+    """gpu_exact.enabled_for sets the model up as the Engine does with AMPHISTA_EXACT_GREEDY=1 (flag on,
+    linears routed) and restores both; the path applies to half-precision CUDA caches only; a tree deeper
+    than the windows allow is refused up front."""
+    from conftest import random_tiny_model
+    from amphista_engine.errors import ConfigError
+    from amphista_engine.heads import random_heads
+    from amphista_engine.kernels import gpu_exact
+    from amphista_engine.kernels.routed_linear import RoutedLinear
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+
+    monkeypatch.delenv(gpu_exact.ENV_VAR, raising=False)
+    model = random_tiny_model(seed=1)
+    with gpu_exact.enabled_for(model):
+        assert gpu_exact.enabled() and type(model.output) is RoutedLinear
+        assert not gpu_exact.applies(torch.zeros(2, dtype=torch.bfloat16))        # CPU: kernels/cpu_exact.py
+    assert not gpu_exact.enabled() and type(model.output) is torch.nn.Linear
+    cache = KVCache.for_model(model.config, 1, 64, torch.float32, "cpu")
+    monkeypatch.setattr(gpu_exact, "applies", lambda kv: True)
+    with gpu_exact.enabled_for(model), pytest.raises(ConfigError, match=gpu_exact.ENV_VAR):
+        chain = [(0,) * d for d in range(1, 9)]                             # 8 deep
+        SpeculativeDecoder(model, cache, random_heads("medusa", model, num_heads=8), TreeSpec(chain, 8, "cpu"),
+                           SamplingParams())
+
+
 def test_tree_attention_dispatch_and_mask_forms(poisoned):
     """ops.tree_attention: dense bool masks and bits agree; tree_mask_args picks the form per backend;
     inputs the kernel cannot take (a 65-node tree) fall back to the reference without an error."""
