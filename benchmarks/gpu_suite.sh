@@ -9,7 +9,7 @@
 #      Llama-7B and SmolLM2-135M shapes in bf16 (benchmarks/latency_gpu.py), and runs `amphista bench` on the
 #      7B shape,
 #   5. profiles a plain 7B-shaped step kernel by kernel, cuBLAS vs the fused Triton layers
-#      (benchmarks/profile_step.py: where the gap to the bandwidth floor goes),
+#      (benchmarks/profile_step_gpu.py: where the gap to the bandwidth floor goes),
 #   6. measures whether bf16 greedy speculative decoding keeps plain greedy's tokens, per backend
 #      (benchmarks/gpu_greedy_agreement.py),
 # in under 9 minutes, writing JSON + markdown to --out DIR (default ./gpu_results) with the card, driver, date,
@@ -143,12 +143,12 @@ else
 fi
 
 # ---- 4. end-to-end decode steps -------------------------------------------------------------------------
-LEFT=$(( BUDGET - ($(date +%s) - START) - 170 ))
-run_stage latency 150 170 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
+LEFT=$(( BUDGET - ($(date +%s) - START) - 185 ))
+run_stage latency 150 185 "$PY" benchmarks/latency_gpu.py --out "$OUT" --time-budget $(( LEFT > 60 ? LEFT - 40 : 20 ))
 # The user-facing latency CLI (issue 7) on the same 7B shape: graph-replayed steps, break-even tau per tree.
-run_stage bench 60 110 "$PY" -m amphista_engine.cli bench --random-weights --shape llama-7b --device cuda \
+run_stage bench 60 125 "$PY" -m amphista_engine.cli bench --random-weights --shape llama-7b --device cuda \
     --trees tree-16,mc_sim_7b_63,dynamic-64 --repeats 10 --out "$OUT"
-run_stage profile 60 50 "$PY" benchmarks/profile_step.py --shape llama-7b --steps 10 --out "$OUT"
+run_stage profile 75 50 "$PY" benchmarks/profile_step_gpu.py --shape llama-7b --steps 10 --out "$OUT"
 
 # ---- 6. bf16 greedy agreement, speculative vs plain, per backend (a measurement, not a test) ---------------
 run_stage agreement 50 0 "$PY" benchmarks/gpu_greedy_agreement.py --out "$OUT" --time-budget 30
@@ -187,8 +187,8 @@ lines = [f"# GPU suite: {meta['card']}, {meta['date']}", ""] + [f"- {k}: {v}" fo
 lines += ["", "| stage | status | seconds |", "|---|---|---|"] + [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
 if lat:
     lines += ["", (out / "latency.md").read_text()]
-if (out / "profile_step_llama-7b.md").exists():
-    lines += ["", (out / "profile_step_llama-7b.md").read_text().split("\n## Top kernels")[0]]
+if (out / "profile.md").exists():
+    lines += ["", (out / "profile.md").read_text().split("\n## ")[0]]
 if (out / "greedy_agreement.md").exists():
     lines += ["", (out / "greedy_agreement.md").read_text()]
 (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -332,7 +332,7 @@ def test_gpu_suite_dry_run_lists_every_stage(tmp_path):
         assert "run_all.py" in cmds["kernels"]
     assert "latency_gpu.py" in cmds["latency"] and str(out) in cmds["latency"]
     assert "gpu_greedy_agreement.py" in cmds["agreement"] and str(out) in cmds["agreement"]
-    assert "profile_step.py" in cmds["profile"] and str(out) in cmds["profile"]
+    assert "profile_step_gpu.py" in cmds["profile"] and str(out) in cmds["profile"]
     limits = {s[0]: int(s[1]) for s in stages}
     assert limits["build-pip"] + limits["tests"] + limits.get("kernels", 0) + limits["agreement"] <= 540
 
@@ -352,14 +352,16 @@ def test_greedy_agreement_benchmark_smoke_on_cpu(tmp_path):
 
 
 def test_step_profile_smoke_on_cpu(tmp_path):
-    """benchmarks/profile_step_gpu.py on the CPU (top-level ops instead of kernels): both methods profiled,
-    their time split into groups that add up to the total."""
+    """benchmarks/profile_step_gpu.py on the CPU (top-level ops instead of kernels): both methods profiled with
+    cuBLAS-style and routed (fused-layer) linears, their time split into groups that add up to the total."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step_gpu.py"), "--device", "cpu",
                            "--shape", "tiny", "--steps", "2", "--tree", "tree-16", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "profile.json").read_text())
-    for method in ("plain", "amphista"):
-        r = res[method]
-        assert r["kernel_ms"] > 0 and r["top"]
+    assert set(res["runs"]) == {f"{m}, {lin}, graphs off" for m in ("plain", "amphista (tree-16)")
+                                for lin in ("cublas", "triton")}
+    for r in res["runs"].values():
+        assert r["kernel_ms"] > 0 and r["top"] and r["wall_ms"] > 0
         assert sum(g["ms"] for g in r["groups"].values()) == pytest.approx(r["kernel_ms"], rel=1e-2, abs=1e-2)
+    assert res["meta"]["bw_floor_ms"] > 0 and "commit" in res["meta"]

@@ -320,16 +320,3 @@ def test_latency_benchmark_smoke_on_cpu(tmp_path):
     assert {"commit", "date", "torch", "device"} <= set(res["meta"])
     assert (tmp_path / "latency.md").read_text().startswith("# Decode-step latency")
 
-
-def test_step_profile_smoke_on_cpu(tmp_path):
-    """benchmarks/profile_step.py (where a plain step's time goes, cuBLAS vs the fused Triton layers) runs
-    on a tiny shape on the CPU, where the profiler sees no device kernels, and writes its report."""
-    env = {k: v for k, v in os.environ.items() if k not in ("AMPHISTA_BACKEND",)}
-    r = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--shape", "tiny", "--device", "cpu",
-                        "--dtype", "float32", "--steps", "2", "--out", str(tmp_path)], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads((tmp_path / "profile_step_tiny.json").read_text())
-    assert set(res["runs"]) == {"cublas, graphs off", "triton, graphs off"}
-    assert all(run["wall_ms"] > 0 for run in res["runs"].values())
-    assert {"commit", "date", "bw_floor_ms"} <= set(res["meta"])

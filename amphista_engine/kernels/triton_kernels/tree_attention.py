@@ -38,10 +38,39 @@ PARTIAL_BUDGET = 2
 
 
 @triton.jit
+def _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
+                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program's query rows, (node, query head of KV head kvh) pairs, and their q tile [BLOCK_M, BLOCK_D]."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N * G
+    node = rows // G
+    head = kvh * G + rows % G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + node[:, None] * stride_qn
+                + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return row_ok, node, head, d, d_ok, q
+
+
+@triton.jit
+def _store_partial(OPart, LsePart, acc, m_i, l_i, row_ok, node, head, d, d_ok, b64, H, N, splits, split,
+                   HEAD_D: tl.constexpr):
+    """A split's softmax-normalised output and log-sum-exp (-inf for rows it gave no key) for the merge."""
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    prow = ((b64 * H + head) * N + node) * splits + split          # [B, H, N, splits] row-major
+    tl.store(LsePart + prow, lse, mask=row_ok)
+    tl.store(OPart + prow[:, None] * HEAD_D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
                stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr):
-    """One K/V tile [start, start + BLOCK_N) of the online softmax; returns the updated (acc, m_i, l_i)."""
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr, ROW_BOUND: tl.constexpr = False):
+    """One K/V tile [start, start + BLOCK_N) of the online softmax; returns the updated (acc, m_i, l_i).
+    MASKED: keys past hi are out, and tree slots (from P on) need the row's ancestor bit; with ROW_BOUND
+    instead, `bits` holds each row's own key bound (the ordered path's s(p))."""
     j = start + tl.arange(0, BLOCK_N)
     if MASKED:
         k_ok = j < hi
@@ -52,11 +81,14 @@ def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
     v = tl.load(v_base + j[:, None] * stride_vs + d[None, :] * stride_vd, mask=ld_mask, other=0.0)
     s = dot(q, tl.trans(k), EXACT) * qk_scale
     if MASKED:
-        rel = j - P                                    # tree slot index of key j (negative: prefix)
-        in_tree = (rel >= 0) & k_ok
-        shift = tl.where(in_tree, rel, 0).to(tl.int64)
-        anc = ((bits[:, None] >> shift[None, :]) & 1) != 0
-        allowed = k_ok[None, :] & ((j < P)[None, :] | (in_tree[None, :] & anc))
+        if ROW_BOUND:
+            allowed = k_ok[None, :] & (j[None, :] < bits[:, None])
+        else:
+            rel = j - P                                    # tree slot index of key j (negative: prefix)
+            in_tree = (rel >= 0) & k_ok
+            shift = tl.where(in_tree, rel, 0).to(tl.int64)
+            anc = ((bits[:, None] >> shift[None, :]) & 1) != 0
+            allowed = k_ok[None, :] & ((j < P)[None, :] | (in_tree[None, :] & anc))
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row may see no key of this tile (or split) at all: keep exp2 arguments finite then.
@@ -87,16 +119,9 @@ def _tree_attn_fwd(
     kvh = pid_bh % H_KV
     H = H_KV * G
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N * G
-    node = rows // G
-    head = kvh * G + rows % G
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_D
-
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + node[:, None] * stride_qn
-                + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    row_ok, node, head, d, d_ok, q = _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
+                                                   G, HEAD_D, BLOCK_D, BLOCK_M)
     bits = tl.load(Bits + b64 * stride_bb + node * stride_bn, mask=row_ok, other=0)
     P = tl.load(PrefixLen + b).to(tl.int32)
     total = tl.minimum(P + N, kv_len)                  # the reference never reads slots >= kv_len
@@ -125,12 +150,7 @@ def _tree_attn_fwd(
         tl.store(Out + b64 * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_on
                  + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        has = l_i > 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        prow = ((b64 * H + head) * N + node) * splits + split          # [B, H, N, splits] row-major
-        tl.store(LsePart + prow, lse, mask=row_ok)
-        tl.store(OPart + prow[:, None] * HEAD_D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        _store_partial(OPart, LsePart, acc, m_i, l_i, row_ok, node, head, d, d_ok, b64, H, N, splits, split, HEAD_D)
 
 
 @triton.jit
@@ -191,15 +211,9 @@ def _tree_attn_ordered_fwd(
     kvh = pid_bh % H_KV
     H = H_KV * G
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N * G
-    node = rows // G
-    head = kvh * G + rows % G
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_D
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + node[:, None] * stride_qn
-                + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    row_ok, node, head, d, d_ok, q = _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
+                                                   G, HEAD_D, BLOCK_D, BLOCK_M)
     s_row = tl.load(Split + b64 * stride_sb + node, mask=row_ok, other=0)
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
@@ -230,27 +244,10 @@ def _tree_attn_ordered_fwd(
         lo = (split - 1) * CHUNK
         hi = tl.minimum(lo + CHUNK, tl.max(s_row, 0))
         for start in range(lo, hi, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            k_ok = j < hi
-            ld_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + j[:, None] * stride_ks + d[None, :] * stride_kd, mask=ld_mask, other=0.0)
-            v = tl.load(v_base + j[:, None] * stride_vs + d[None, :] * stride_vd, mask=ld_mask, other=0.0)
-            sc = dot(q, tl.trans(k), EXACT) * qk_scale
-            sc = tl.where(j[None, :] < s_row[:, None], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, EXACT)
-            m_i = m_new
-
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    prow = ((b64 * H + head) * N + node) * splits + split          # [B, H, N, splits] row-major
-    tl.store(LsePart + prow, lse, mask=row_ok)
-    tl.store(OPart + prow[:, None] * HEAD_D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+            acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, 0, s_row, d, d_ok,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                       BLOCK_N, True, EXACT, True)
+    _store_partial(OPart, LsePart, acc, m_i, l_i, row_ok, node, head, d, d_ok, b64, H, N, splits, split, HEAD_D)
 
 
 ORDERED_BLOCK_M = 64     # one row block for every tree up to 64 nodes x G heads: the same tl.dot for all steps
