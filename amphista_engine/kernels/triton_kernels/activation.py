@@ -13,15 +13,22 @@ from .common import cdiv, next_pow2, num_warps_for
 
 
 @triton.jit
+def silu_times(gate, up):
+    """silu(gate) * up in gate's dtype, rounded as torch does: silu in fp32 rounded to the dtype, then the
+    product in fp32 rounded once (shared with the GEMV's SwiGLU prologue, triton_kernels/linear.py)."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(X, Y, n, stride_x, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)                # one row per program ...
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)   # ... and a block of its n outputs
     ok = cols < n
     gate = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
     up = tl.load(X + row * stride_x + n + cols, mask=ok, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)      # torch rounds silu to x's dtype before the product
-    tl.store(Y + row * n + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=ok)
+    tl.store(Y + row * n + cols, silu_times(gate, up), mask=ok)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

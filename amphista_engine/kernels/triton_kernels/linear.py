@@ -15,9 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, stream_block_n
 from ..routed_linear import MAX_ROWS  # one row tile: more rows are a GEMM, cuBLAS's job
+from .activation import silu_times
+from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, stream_block_n
 from .fused_input import FUSED_INPUT_CONFIGS
+from .norm_rope import scale_normed
 
 
 @triton.jit
@@ -50,14 +52,10 @@ def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_o
         # Prologues round where the unfused ops write their outputs (ops.rmsnorm, ops.silu_mul), so the
         # fused layer computes the same GEMM input as the two launches it replaces.
         if NORM:
-            normed = (a.to(tl.float32) * inv[:, None]).to(a.dtype)
             g = tl.load(G + rk, mask=k_ok, other=0.0)
-            a = (normed.to(tl.float32) * g.to(tl.float32)[None, :]).to(a.dtype)
+            a = scale_normed(a, inv[:, None], g[None, :], a.dtype)
         if SILU:
-            up = tl.load(x_rows + K + rk[None, :], mask=a_ok, other=0.0)
-            gf = a.to(tl.float32)
-            act = (gf / (1.0 + tl.exp(-gf))).to(a.dtype)
-            a = (act.to(tl.float32) * up.to(tl.float32)).to(a.dtype)
+            a = silu_times(a, tl.load(x_rows + K + rk[None, :], mask=a_ok, other=0.0))
         w = tl.load(w_cols + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += dot(a, w, EXACT)
     out = acc.to(Out.dtype.element_ty)

@@ -16,6 +16,14 @@ from .common import cdiv, next_pow2, num_warps_for
 
 
 @triton.jit
+def scale_normed(x, inv, w, out_dtype: tl.constexpr):
+    """RMSNorm's output from x and its 1 / rms: normalised in fp32 and rounded to x's dtype first, as
+    RMSNorm.forward does, then scaled by w (shared with the GEMV's norm prologue, triton_kernels/linear.py)."""
+    normed = (x.to(tl.float32) * inv).to(x.dtype)
+    return (normed.to(tl.float32) * w.to(tl.float32)).to(out_dtype)
+
+
+@triton.jit
 def _rmsnorm_kernel(X, R, W, S, Y, n_cols, r_period, eps,
                     stride_x, stride_r, stride_s, stride_y,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
@@ -30,10 +38,8 @@ def _rmsnorm_kernel(X, R, W, S, Y, n_cols, r_period, eps,
         tl.store(S + row * stride_s + cols, x, mask=ok)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
-    normed = (xf * inv).to(x.dtype)                    # round to x's dtype first, as RMSNorm.forward does
     w = tl.load(W + cols, mask=ok, other=0.0)
-    tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(Y.dtype.element_ty),
-             mask=ok)
+    tl.store(Y + row * stride_y + cols, scale_normed(x, inv, w, Y.dtype.element_ty), mask=ok)
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

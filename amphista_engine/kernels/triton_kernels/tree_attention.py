@@ -38,6 +38,13 @@ PARTIAL_BUDGET = 2
 
 
 @triton.jit
+def _program_ids(H_KV, G: tl.constexpr):
+    """Grid (B * H_kv, row blocks, splits) -> (b, kv head, row block, split, H), b as int64 for addressing."""
+    pid_bh = tl.program_id(0)
+    return (pid_bh // H_KV).to(tl.int64), pid_bh % H_KV, tl.program_id(1), tl.program_id(2), H_KV * G
+
+
+@triton.jit
 def _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
                   G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """A program's query rows, (node, query head of KV head kvh) pairs, and their q tile [BLOCK_M, BLOCK_D]."""
@@ -112,18 +119,11 @@ def _tree_attn_fwd(
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bh // H_KV
-    kvh = pid_bh % H_KV
-    H = H_KV * G
-
-    b64 = b.to(tl.int64)
+    b64, kvh, pid_m, split, H = _program_ids(H_KV, G)
     row_ok, node, head, d, d_ok, q = _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
                                                    G, HEAD_D, BLOCK_D, BLOCK_M)
     bits = tl.load(Bits + b64 * stride_bb + node * stride_bn, mask=row_ok, other=0)
-    P = tl.load(PrefixLen + b).to(tl.int32)
+    P = tl.load(PrefixLen + b64).to(tl.int32)
     total = tl.minimum(P + N, kv_len)                  # the reference never reads slots >= kv_len
     lo = split * chunk
     hi = tl.minimum(lo + chunk, total)
@@ -204,14 +204,7 @@ def _tree_attn_ordered_fwd(
     """Split 0: each row's window, positions s(p)..p one key at a time in position order. Split c >= 1:
     prefix keys [(c - 1) CHUNK, c CHUNK) below each row's s(p), in BLOCK_N tiles at fixed offsets. Whatever
     else shares the program (other nodes, more splits, a longer kv_len) only adds exact zeros to a row."""
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bh // H_KV
-    kvh = pid_bh % H_KV
-    H = H_KV * G
-
-    b64 = b.to(tl.int64)
+    b64, kvh, pid_m, split, H = _program_ids(H_KV, G)
     row_ok, node, head, d, d_ok, q = _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
                                                    G, HEAD_D, BLOCK_D, BLOCK_M)
     s_row = tl.load(Split + b64 * stride_sb + node, mask=row_ok, other=0)
