@@ -196,6 +196,25 @@ def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, mon
     assert seen and max(seen) == 0          # training never ran the target
 
 
+def test_hidden_cache_keeps_one_compute_dtype(shard, target, tmp_path):
+    """A cache filled by a bf16 target serves an fp32 training run, but never takes fp32-computed entries."""
+    import copy
+    cache = tmp_path / "cache"
+    bf16 = copy.deepcopy(target).to(torch.bfloat16)
+    got = train_heads(cfg(shard, tmp_path / "x", fill_cache=True, cache_hidden=str(cache)), target=bf16)
+    assert got["computed"] == 36
+    assert json.loads((cache / "meta.json").read_text())["computed_in"] == "bfloat16"
+    done = train_heads(cfg(shard, tmp_path / "t", steps=2, cache_hidden=str(cache)), target=target)
+    assert done["steps"] == 2                # full cache: read as stored by the fp32 run
+    next(cache.glob("*.pt")).unlink()
+    with pytest.raises(ConfigError, match=r"filled by a bfloat16 target.*1 of 36.*--dtype bf16"):
+        train_heads(cfg(shard, tmp_path / "t2", steps=2, cache_hidden=str(cache)), target=target)
+    with pytest.raises(ConfigError, match="filled by a bfloat16 target"):
+        train_heads(cfg(shard, tmp_path / "x", fill_cache=True, cache_hidden=str(cache)), target=target)
+    again = train_heads(cfg(shard, tmp_path / "x", fill_cache=True, cache_hidden=str(cache)), target=bf16)
+    assert again == {"sequences": 36, "cached_before": 35, "computed": 1}
+
+
 # ---- the distillation shard --------------------------------------------------------------------------------
 def test_shard_writer_trims_truncated_record_and_resumes(tmp_path):
     path = tmp_path / "s.jsonl"

@@ -176,6 +176,7 @@ def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: in
     little is padding; runs of both kinds (even in parallel) then read the states instead of recomputing them."""
     from tqdm import tqdm
     total = len(seqs)
+    hs.check_can_compute(seqs)
     if hs.dir:       # entries already on disk are not read back: a refill after new data only computes the new
         todo = [s for s in seqs if not hs.has(s)]
         hs.hits += len(seqs) - len(todo)
@@ -209,6 +210,9 @@ def pad_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor,
 
 
 # ---- hidden states -----------------------------------------------------------------------------------------
+_DTYPE_FLAG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 class HiddenSource:
     """Final-norm target hidden states per sequence: computed by the frozen target or read from a disk cache.
 
@@ -224,11 +228,31 @@ class HiddenSource:
             info = {"fingerprint": fingerprint, "dtype": "bfloat16", "format": 1}
             if meta.exists():
                 old = json.loads(meta.read_text())
+                # caches written before the key existed were all computed by an fp32 target
+                self.computed_in = old.pop("computed_in", "float32")
                 if old != info:
                     raise ConfigError(f"hidden-state cache {self.dir} was built for another target or format "
                                       f"({old}); use another --cache-hidden directory")
             else:
-                meta.write_text(json.dumps(info))
+                meta.write_text(json.dumps({**info, "computed_in": self.own_dtype}))
+                self.computed_in = self.own_dtype
+
+    @property
+    def own_dtype(self) -> str:
+        return str(self.target.output.weight.dtype).removeprefix("torch.")
+
+    def check_can_compute(self, seqs: list[Sequence]) -> None:
+        """Refuses, before any work, to add entries computed in another dtype than the cache's: a bf16 target's
+        states differ from an fp32 target's by ~2% (argmax flips at ~1% of positions), and one cache must hold
+        one kind. A full cache is read by a target of any dtype: states are used as stored."""
+        if not self.dir or self.computed_in == self.own_dtype:
+            return
+        missing = sum(not self.has(s) for s in seqs)
+        if missing:
+            raise ConfigError(f"hidden-state cache {self.dir} was filled by a {self.computed_in} target, this run's "
+                              f"target is {self.own_dtype}, and {missing} of {len(seqs)} sequence(s) are not in it: "
+                              f"complete it with `train --fill-cache --dtype {_DTYPE_FLAG[self.computed_in]}` "
+                              f"first, or use another --cache-hidden directory")
 
     def has(self, s: Sequence) -> bool:
         return self._file(s).exists()
@@ -255,6 +279,8 @@ class HiddenSource:
                 except (FileNotFoundError, RuntimeError, EOFError):
                     missing.append(b)
         if missing:
+            if self.dir and self.computed_in != self.own_dtype:     # check_can_compute runs first where it matters
+                self.check_can_compute([seqs[b] for b in missing])
             self.misses += len(missing)
             xm = x[missing]
             Tm = max(len(seqs[b].ids) for b in missing)
@@ -523,6 +549,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train_dtype == "bf16")
 
     hs = HiddenSource(target, cfg.cache_hidden, fp)
+    hs.check_can_compute(train_seqs + held)
     lossf = LossComputer(target, cfg.loss, cfg.lam, cfg.num_heads, cfg.chunk, autocast)
 
     if cfg.mse_weight > 0 and heads.config.per_head_lm_head:
