@@ -102,7 +102,9 @@ def register(sub) -> None:
                         "(exact and ~V/d times cheaper than KL: computed through the LM head's Gram matrix)")
     t.add_argument("--fill-cache", action="store_true",
                    help="only compute the target hidden states of every sequence into --cache-hidden, then exit "
-                        "(runs of both kinds can then train in parallel on one target forward)")
+                        "(runs of both kinds can then train in parallel on one target forward); --dtype bf16 "
+                        "fills it ~1.8x faster on a CPU with AVX-512 BF16 (states within ~2%% of fp32's); the cache "
+                        "records that dtype and takes no entries computed in another")
     t.add_argument("--draft-vocab", type=int, default=0,
                    help="heads score only the N most frequent answer tokens (0 = full vocabulary): cheaper "
                         "drafting and training; verification still uses the full vocabulary")
