@@ -8,6 +8,7 @@
 #   run_session18.sh amphista    1200 steps from the shipped Amphista heads (~55 min on 2 threads)
 #   run_session18.sh medusa      the same stage for the shipped Medusa heads (~20 min)
 #   run_session18.sh tau KIND TREE   all 80 MT-Bench first turns (session16/tau_split.sh, ~20 min)
+# Result: held-out loss 8.803 -> 8.685, MT-Bench static tau 2.468 -> 2.461 (no gain, not shipped; TRAINING.md).
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 D=benchmarks/results/training_smollm2/distill
