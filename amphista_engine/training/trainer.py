@@ -279,8 +279,7 @@ class HiddenSource:
                 except (FileNotFoundError, RuntimeError, EOFError):
                     missing.append(b)
         if missing:
-            if self.dir and self.computed_in != self.own_dtype:     # check_can_compute runs first where it matters
-                self.check_can_compute([seqs[b] for b in missing])
+            self.check_can_compute([seqs[b] for b in missing])      # callers check up front; this is the backstop
             self.misses += len(missing)
             xm = x[missing]
             Tm = max(len(seqs[b].ids) for b in missing)
