@@ -528,3 +528,41 @@ def test_log_into_a_missing_folder(shard, target, tmp_path):
     log = tmp_path / "not" / "yet" / "train.jsonl"
     train_heads(cfg(shard, tmp_path / "h", steps=2, eval_every=2, log=str(log)), target=target)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()][-1] == 2
+
+
+def test_source_weights_shape_each_epoch():
+    """w copies per epoch (fractions drawn per epoch, seeded), 0 drops a source, no weights = the old plan."""
+    import random
+    from amphista_engine.training.data import Sequence
+    from amphista_engine.training.trainer import parse_source_weights
+    r = random.Random(2)
+    seqs = [Sequence(str(i), list(range(r.randint(5, 40))), 2, "abc"[i % 3]) for i in range(300)]
+    w = parse_source_weights("a=3, b=0.5,c=0")
+    assert w == {"a": 3.0, "b": 0.5, "c": 0.0}
+    counts = []
+    for e in range(4):
+        flat = [i for b in epoch_batches(seqs, 256, 7, e, w) for i in b]
+        n = {src: sum(seqs[i].source == src for i in flat) for src in "abc"}
+        assert n["a"] == 300 and n["c"] == 0 and 20 < n["b"] < 80          # 100 a's x 3; about half the b's
+        assert all(flat.count(i) == 3 for i in range(0, 300, 3))
+        counts.append(n["b"])
+    assert len(set(counts)) > 1                                             # drawn afresh each epoch
+    assert epoch_batches(seqs, 256, 7, 1, w) == epoch_batches(seqs, 256, 7, 1, dict(w))   # a pure function
+    assert epoch_batches(seqs, 256, 7, 1, {}) == epoch_batches(seqs, 256, 7, 1)
+    plan = BatchPlan(seqs, 256, 7, w)
+    assert plan.batch(5) == [seqs[i] for i in epoch_batches(seqs, 256, 7, 0, w)[5]]
+
+
+@pytest.mark.parametrize("spec, match", [("tiny=x", "bad entry"), ("tiny=-1", "bad entry"), ("=2", "bad entry"),
+                                         ("tiyn=2", "not in the training data: tiyn"), ("tiny=0", "weight 0")])
+def test_bad_source_weights_are_named(shard, target, tmp_path, spec, match):
+    with pytest.raises(ConfigError, match=match):
+        train_heads(cfg(shard, tmp_path / "o", steps=1, source_weights=spec), target=target)
+
+
+def test_source_weights_train_and_resume(shard, target, tmp_path):
+    """A weighted run trains (the source is read from the shard) and its recipe includes the weights."""
+    r = train_heads(cfg(shard, tmp_path / "o", steps=2, source_weights="tiny=2"), target=target)
+    assert r["steps"] == 2
+    with pytest.raises(ConfigError, match="another recipe"):
+        train_heads(cfg(shard, tmp_path / "o", steps=2, source_weights="tiny=3", resume=True), target=target)

@@ -108,6 +108,9 @@ def register(sub) -> None:
     t.add_argument("--draft-vocab", type=int, default=0,
                    help="heads score only the N most frequent answer tokens (0 = full vocabulary): cheaper "
                         "drafting and training; verification still uses the full vocabulary")
+    t.add_argument("--source-weights", default=None,
+                   help="'SOURCE=W,...': each epoch holds W copies of that source's sequences (fractions drawn per "
+                        "epoch; 0 drops it; unlisted sources weigh 1), e.g. 'alpaca_en_demo=3,gsm8k_train=0.5'")
     t.add_argument("--init", default="identity", choices=["identity", "default"],
                    help="identity: heads start as the target's own next-token head (default)")
     t.add_argument("--init-from", default=None,

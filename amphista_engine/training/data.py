@@ -172,6 +172,7 @@ class Sequence:
     id: str
     ids: list[int]          # prompt_ids + answer_ids
     prompt_len: int
+    source: str = ""        # the prompt's source (train_prompts.jsonl's `source`): what --source-weights weighs
 
 
 @dataclass
@@ -233,4 +234,4 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
                 out.skipped[f"longer than max_seq_len={max_len}"] += 1
             else:
                 seen.add(rid)
-                out.sequences.append(Sequence(rid, ids, len(p)))
+                out.sequences.append(Sequence(rid, ids, len(p), str(rec.get("source") or "")))

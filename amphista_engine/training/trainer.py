@@ -78,6 +78,7 @@ class TrainConfig:
     sal_intermediate_size: int | None = None   # Amphista: SAL MLP width (None = the default, Llama's for dim)
     aeb_intermediate_size: int | None = None   # Amphista: AEB MLP width (None = the default)
     draft_vocab: int = 0                # > 0: heads score only the N most frequent answer tokens (FR-Spec style)
+    source_weights: str | dict | None = None   # "src=w,src=w": each epoch holds w copies of a source's sequences
     fill_cache: bool = False            # only compute every sequence's hidden states into cache_hidden, then stop
     progress: bool = True
 
@@ -110,6 +111,38 @@ class TrainConfig:
             raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
             raise ConfigError("need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1")
+        self.source_weights = parse_source_weights(self.source_weights)
+
+
+def parse_source_weights(spec) -> dict[str, float]:
+    """'a=2,b=0.5' (or a dict) -> {source: weight}; unlisted sources weigh 1."""
+    if not spec:
+        return {}
+    items = spec.items() if isinstance(spec, dict) else (
+        part.rpartition("=")[::2] for part in str(spec).split(",") if part.strip())
+    out = {}
+    for name, w in items:
+        name = str(name).strip()
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            w = float("nan")
+        if not name or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"--source-weights: bad entry {name!r}={w!r}; expected SOURCE=WEIGHT with WEIGHT >= 0, "
+                              f"e.g. 'alpaca_en_demo=3,gsm8k_train=0.5'")
+        out[name] = w
+    return out
+
+
+def check_source_weights(weights: dict[str, float], seqs: list[Sequence]):
+    """Names must exist in the data (a typo would silently weigh 1), and something must be left to train on."""
+    sources = {s.source for s in seqs}
+    unknown = sorted(set(weights) - sources)
+    if unknown:
+        raise ConfigError(f"--source-weights names source(s) not in the training data: {', '.join(unknown)}; "
+                          f"the data's sources: {', '.join(sorted(sources))}")
+    if weights and not any(weights.get(s.source, 1.0) > 0 for s in seqs):
+        raise ConfigError("--source-weights gives every training sequence weight 0")
 
 
 # ---- data plan -------------------------------------------------------------------------------------------
@@ -123,10 +156,20 @@ def split_heldout(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], li
     return (train or seqs), held
 
 
-def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled batches of sequence indices; padded size B * T_max stays within batch_tokens."""
-    order = list(range(len(seqs)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int,
+                  weights: dict[str, float] | None = None) -> list[list[int]]:
+    """Shuffled batches of sequence indices; padded size B * T_max stays within batch_tokens. With source
+    weights an epoch holds floor(w) copies of each sequence of a source plus one more with probability frac(w)
+    (drawn per epoch from the same seed, so the plan stays a pure function of (seed, epoch))."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if weights:
+        order = []
+        for i, s in enumerate(seqs):
+            w = weights.get(s.source, 1.0)
+            order += [i] * (int(w) + (rng.random() < w - int(w)))
+    else:
+        order = list(range(len(seqs)))
+    rng.shuffle(order)
     batches, cur, tmax = [], [], 0
     for i in order:
         t = max(tmax, len(seqs[i].ids))
@@ -145,14 +188,14 @@ class BatchPlan:
     of batches: steps run through every batch of epoch 0, then of epoch 1, ... A pure function of (seed, step),
     which is what makes --resume exact."""
 
-    def __init__(self, seqs: list[Sequence], batch_tokens: int, seed: int):
-        self.seqs, self.batch_tokens, self.seed = seqs, batch_tokens, seed
+    def __init__(self, seqs: list[Sequence], batch_tokens: int, seed: int, weights: dict[str, float] | None = None):
+        self.seqs, self.batch_tokens, self.seed, self.weights = seqs, batch_tokens, seed, weights
         self.starts = [0]               # starts[e]: first step of epoch e
         self._epoch, self._batches = None, None
 
     def batches(self, epoch: int) -> list[list[int]]:
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.seqs, self.batch_tokens, self.seed, epoch)
+            self._epoch, self._batches = epoch, epoch_batches(self.seqs, self.batch_tokens, self.seed, epoch, self.weights)
         return self._batches
 
     def locate(self, step: int) -> tuple[int, int]:
@@ -169,6 +212,14 @@ class BatchPlan:
     def batch(self, step: int) -> list[Sequence]:
         epoch, idx = self.locate(step)
         return [self.seqs[i] for i in self.batches(epoch)[idx]]
+
+
+def _source_mix(seqs: list[Sequence], weights: dict[str, float]) -> str:
+    tok: dict[str, float] = {}
+    for s in seqs:
+        tok[s.source] = tok.get(s.source, 0.0) + (len(s.ids) - s.prompt_len) * weights.get(s.source, 1.0)
+    total = sum(tok.values()) or 1.0
+    return ", ".join(f"{k or '(none)'} {100 * v / total:.1f}%" for k, v in sorted(tok.items(), key=lambda kv: -kv[1]))
 
 
 def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: int, device, progress=True) -> dict:
@@ -481,7 +532,11 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         print(f"train: skipped {n} record(s): {why}", file=sys.stderr)
     train_seqs, held = split_heldout(data.sequences, cfg.eval_frac)
     held = held[:cfg.eval_max_seqs]
-    per_epoch = len(epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, 0))
+    check_source_weights(cfg.source_weights, train_seqs)
+    if cfg.source_weights:
+        print(f"train: source mix per epoch (answer tokens x weight): {_source_mix(train_seqs, cfg.source_weights)}",
+              file=sys.stderr)
+    per_epoch = len(epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, 0, cfg.source_weights))
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
     warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
     fp = lm_head_fingerprint(target)
@@ -531,8 +586,9 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         st = torch.load(sf, map_location="cpu", weights_only=False)
         mine = {k: recipe[k] for k in ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr",
                                        "draft_vocab", "layers_per_stage", "aeb_layers", "sal_intermediate_size",
-                                       "aeb_intermediate_size")}
-        theirs = {k: st["recipe"].get(k, 0 if k == "draft_vocab" else None) for k in mine}
+                                       "aeb_intermediate_size", "source_weights")}
+        absent = {"draft_vocab": 0, "source_weights": {}}     # states written before these options existed
+        theirs = {k: st["recipe"].get(k, absent.get(k)) for k in mine}
         if mine != theirs or st["fingerprint"] != fp:
             raise ConfigError(f"--resume: {sf} was written by another recipe or target ({theirs} vs {mine})")
         heads.load_state_dict({k: v.to(dev) for k, v in st["heads"].items()})
@@ -639,7 +695,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, desc=f"train {cfg.kind}")
     t0, toks, last_ev, stop = time.perf_counter(), 0, None, cfg.stop_after
-    plan = BatchPlan(train_seqs, cfg.batch_tokens, cfg.seed)
+    plan = BatchPlan(train_seqs, cfg.batch_tokens, cfg.seed, cfg.source_weights)
     while step < total:
         batch = plan.batch(step)
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
