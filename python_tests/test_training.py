@@ -566,3 +566,28 @@ def test_source_weights_train_and_resume(shard, target, tmp_path):
     assert r["steps"] == 2
     with pytest.raises(ConfigError, match="another recipe"):
         train_heads(cfg(shard, tmp_path / "o", steps=2, source_weights="tiny=3", resume=True), target=target)
+
+
+def test_mse_on_a_subset_of_rows(shard, target, tmp_path):
+    """--mse-positions N: N >= every row = the all-rows recipe exactly; fewer rows = another (still learning)
+    run whose per-step MSE is measured on those rows only."""
+    kw = dict(steps=10, eval_every=10, loss_positions=16, mse_weight=1.0, lr=4e-3)
+    logs = {n: tmp_path / f"{n}.jsonl" for n in ("all", "big", "sub")}
+    ref = train_heads(cfg(shard, tmp_path / "all", log=str(logs["all"]), **kw), target=target)
+    big = train_heads(cfg(shard, tmp_path / "big", log=str(logs["big"]), mse_positions=10_000, **kw), target=target)
+    sub = train_heads(cfg(shard, tmp_path / "sub", log=str(logs["sub"]), mse_positions=24, **kw), target=target)
+    for a, b in zip(ref["heads"].parameters(), big["heads"].parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(ref["heads"].parameters(), sub["heads"].parameters()))
+    steps = lambda p: [json.loads(l) for l in open(p) if '"eval"' not in l]
+    assert [r["loss"] for r in steps(logs["big"])] == [r["loss"] for r in steps(logs["all"])]
+    assert steps(logs["sub"])[0]["loss"] != steps(logs["all"])[0]["loss"]
+    first, last = sub["history"][0], sub["history"][-1]
+    assert last["loss"] < first["loss"] and sum(last["top1"]) > sum(first["top1"])
+
+
+@pytest.mark.parametrize("kw", [dict(mse_positions=8), dict(mse_positions=8, mse_weight=1.0),
+                                dict(mse_positions=8, mse_weight=1.0, loss_positions=16)])
+def test_mse_positions_needs_its_partners(shard, target, tmp_path, kw):
+    with pytest.raises(ConfigError, match="--mse-positions"):
+        train_heads(cfg(shard, tmp_path / "o", steps=1, **kw), target=target)

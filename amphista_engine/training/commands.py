@@ -100,6 +100,9 @@ def register(sub) -> None:
     t.add_argument("--mse-weight", type=float, default=0.0,
                    help="add this weight x the full-vocabulary logit MSE to the teacher at every answer position "
                         "(exact and ~V/d times cheaper than KL: computed through the LM head's Gram matrix)")
+    t.add_argument("--mse-positions", type=int, default=0,
+                   help="with --loss-positions L: take the logit-MSE on N >= L random rows (including the KL ones) "
+                        "instead of every answer row; the per-row head layers then run on N rows (0 = every row)")
     t.add_argument("--fill-cache", action="store_true",
                    help="only compute the target hidden states of every sequence into --cache-hidden, then exit "
                         "(runs of both kinds can then train in parallel on one target forward); --dtype bf16 "

@@ -71,6 +71,7 @@ class TrainConfig:
     log: str | None = None
     stage_of_head: str | list | None = None
     mse_weight: float = 0.0             # + weight * full-vocabulary logit MSE to the teacher (all positions)
+    mse_positions: int = 0              # > 0 (with loss_positions): the MSE on this many rows, a superset of KL's
     init: str = "identity"              # identity: every head starts as the target's own next-token head
     init_from: str | None = None        # start from these trained heads instead (warm_start.py; may grow them)
     layers_per_stage: int | None = None  # Amphista: SAL layers per stage (None = the default, 1)
@@ -105,6 +106,9 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.mse_weight < 0:
             raise ConfigError("--mse-weight must be >= 0")
+        if self.mse_positions and not (self.mse_weight > 0 and 0 < self.loss_positions <= self.mse_positions):
+            raise ConfigError("--mse-positions N needs --mse-weight > 0 and 0 < --loss-positions <= N (the MSE "
+                              "rows include the KL rows)")
         if self.fill_cache and not self.cache_hidden:
             raise ConfigError("--fill-cache needs --cache-hidden DIR")
         if self.draft_vocab < 0:
@@ -624,7 +628,15 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
             return None
         pick = None
         if sample_gen is not None and cfg.loss_positions and rows.shape[0] > cfg.loss_positions:
-            pick = torch.randperm(rows.shape[0], generator=sample_gen)[:cfg.loss_positions].sort().values.to(dev)
+            perm = torch.randperm(rows.shape[0], generator=sample_gen)
+            pick = perm[:cfg.loss_positions].sort().values.to(dev)
+            if gram is not None and cfg.mse_positions and rows.shape[0] > cfg.mse_positions:
+                # the MSE rows: a superset of the KL rows (the same permutation's first mse_positions), so the
+                # per-row head features (AEB, ResBlocks) run on mse_positions rows instead of all of them
+                keep = perm[:cfg.mse_positions].sort().values
+                is_kl = torch.zeros(rows.shape[0], dtype=torch.bool)
+                is_kl[pick.cpu()] = True
+                rows, pick = rows[keep.to(dev)], is_kl[keep].nonzero().squeeze(1).to(dev)
         with autocast():
             if gram is None:
                 if pick is not None:
