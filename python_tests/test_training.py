@@ -591,3 +591,37 @@ def test_mse_on_a_subset_of_rows(shard, target, tmp_path):
 def test_mse_positions_needs_its_partners(shard, target, tmp_path, kw):
     with pytest.raises(ConfigError, match="--mse-positions"):
         train_heads(cfg(shard, tmp_path / "o", steps=1, **kw), target=target)
+
+
+def test_distill_sampled_answers_of_chosen_sources(tmp_path, tiny_hf_dir):
+    """--sources keeps those prompts; --samples N with a temperature writes N sampled answers per prompt (ids
+    ID#sK), they differ, a rerun adds nothing, and the held-out split keeps one prompt's answers together."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.training.data import Sequence
+    from amphista_engine.training.distill import distill
+    from amphista_engine.training.trainer import split_heldout
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "source": "ab"[i % 2], "prompt": f"Tell me {i}"})
+                               + "\n" for i in range(6)))
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128, max_batch_size=4)
+    out = tmp_path / "d.jsonl"
+    kw = dict(batch_size=4, max_new_tokens=12, engine=engine, progress=False, sources="b", samples=3,
+              temperature=1.5)
+    c = distill(prompts, out, **kw)
+    assert c["written"] == 9
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == sorted(f"p{i}#s{k}" for i in (1, 3, 5) for k in range(3))
+    assert all(r["source"] == "b" and r["temperature"] == 1.5 for r in recs)
+    by_prompt = {}
+    for r in recs:
+        by_prompt.setdefault(r["id"].split("#")[0], set()).add(tuple(r["answer_ids"]))
+    assert any(len(answers) > 1 for answers in by_prompt.values())     # sampled, not three greedy copies
+    assert distill(prompts, out, **kw)["written"] == 0
+    seqs = [Sequence(f"q{i}#s{k}", [1, 2, 3], 1) for i in range(200) for k in range(3)]
+    train, held = split_heldout(seqs, 0.1)
+    assert held and {s.id.split("#")[0] for s in train}.isdisjoint({s.id.split("#")[0] for s in held})
+    with pytest.raises(InputError, match="--samples"):
+        distill(prompts, out, engine=engine, progress=False, samples=2)
+    with pytest.raises(InputError, match="--sources: no prompts of zz"):
+        distill(prompts, out, engine=engine, progress=False, sources="b,zz")

@@ -10,7 +10,8 @@ def cmd_distill(args) -> int:
     distill(args.prompts, args.out, model=args.model, limit=args.limit, offset=args.offset,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, balance_by_source=args.balance_by_source, seed=args.seed,
-            device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+            device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, sources=args.sources,
+            samples=args.samples, temperature=args.temperature, top_p=args.top_p)
     return 0
 
 
@@ -60,6 +61,11 @@ def register(sub) -> None:
     d.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length; longer prompts are skipped")
     d.add_argument("--balance-by-source", action="store_true", help="round-robin over sources (seeded shuffle)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--sources", default=None, help="comma list: only prompts of these sources (after balancing)")
+    d.add_argument("--samples", type=int, default=1,
+                   help="answers per prompt (> 1 needs --temperature; record ids ID#s0, ID#s1, ...)")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy answers (the default)")
+    d.add_argument("--top-p", type=float, default=1.0)
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("train", help="train Amphista or Medusa heads on distilled data (target frozen)")

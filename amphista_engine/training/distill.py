@@ -3,26 +3,45 @@ from __future__ import annotations
 
 import sys
 import time
+import zlib
 
 from ..errors import InputError
-from .data import ShardWriter, read_prompts
+from .data import Prompt, ShardWriter, read_prompts
 
 
 def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = None, offset: int = 0,
             batch_size: int = 8,
             max_new_tokens: int = 256, balance_by_source: bool = False, seed: int = 0, device=None, dtype=None,
-            max_seq_len: int = 1024, engine=None, progress: bool = True) -> dict:
+            max_seq_len: int = 1024, engine=None, progress: bool = True, sources: str | list | None = None,
+            samples: int = 1, temperature: float = 0.0, top_p: float = 1.0) -> dict:
     """Generates the missing records of `out` (resumable: ids already there are skipped) for prompts
-    [offset, limit) of the (balanced) prompt order. Returns counts."""
+    [offset, limit) of the (balanced) prompt order. Returns counts.
+
+    sources: keep only these prompt sources (after balancing and the offset/limit window). samples > 1 (needs a
+    temperature > 0) writes that many sampled answers per prompt, ids `ID#s0`, `ID#s1`, ...: more contexts for the
+    sources a prompt file has few of. The trainer's held-out split hashes the id before '#', so the answers of one
+    prompt never straddle it."""
     from tqdm import tqdm
 
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be positive")
     if offset < 0:
         raise InputError("--offset must be >= 0")
+    if samples < 1 or (samples > 1 and temperature <= 0):
+        raise InputError(f"--samples {samples}: need samples >= 1, and a --temperature > 0 for more than one "
+                         f"(greedy answers to one prompt are all the same)")
     prompts = read_prompts(prompts_file, limit=limit, balance_by_source=balance_by_source, seed=seed)
     # A second worker (its own shard) starts deep in the same balanced order; the two shards train together.
     prompts = prompts[offset:]
+    if sources:
+        keep = set(sources.split(",") if isinstance(sources, str) else sources) - {""}
+        unknown = sorted(keep - {p.source for p in prompts})
+        if unknown:
+            raise InputError(f"--sources: no prompts of {', '.join(unknown)} in that window of {prompts_file}; "
+                             f"its sources: {', '.join(sorted({p.source for p in prompts}))}")
+        prompts = [p for p in prompts if p.source in keep]
+    if samples > 1:
+        prompts = [Prompt(f"{p.id}#s{k}", p.source, p.prompt) for p in prompts for k in range(samples)]
     if engine is None:
         from ..engine import Engine
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
@@ -52,12 +71,18 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
         window = 16 * batch_size
         for w in range(0, len(queue), window):
             queue[w:w + window] = sorted(queue[w:w + window], key=lambda e: len(e[1]))
+        sampling = {} if temperature <= 0 else {"temperature": temperature, "top_p": top_p}
         for i in range(0, len(queue), batch_size):
             batch = queue[i:i + batch_size]
-            results = engine.generate_batch([p.prompt for p, _ in batch], max_new_tokens=max_new_tokens)
+            # sampled runs: one seed per batch, from the ids of its records, so batches of a resumed run (which
+            # start elsewhere) draw afresh instead of replaying the first batches' draws
+            rng_seed = {"seed": zlib.crc32(f"{seed}:{batch[0][0].id}:{batch[-1][0].id}".encode())} if sampling else {}
+            results = engine.generate_batch([p.prompt for p, _ in batch], max_new_tokens=max_new_tokens,
+                                            **sampling, **rng_seed)
             for (p, ids), r in zip(batch, results):
-                shard.write({"id": p.id, "source": p.source, "prompt": p.prompt, "prompt_ids": r.prompt_token_ids,
-                             "answer_ids": r.token_ids, "answer": r.text, "finish_reason": r.finish_reason})
+                rec = {"id": p.id, "source": p.source, "prompt": p.prompt, "prompt_ids": r.prompt_token_ids,
+                       "answer_ids": r.token_ids, "answer": r.text, "finish_reason": r.finish_reason}
+                shard.write({**rec, **sampling})
                 counts["written"] += 1
                 counts["answer_tokens"] += len(r.token_ids)
             dt = time.perf_counter() - t0

@@ -151,10 +151,11 @@ def check_source_weights(weights: dict[str, float], seqs: list[Sequence]):
 
 # ---- data plan -------------------------------------------------------------------------------------------
 def split_heldout(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], list[Sequence]]:
-    """Deterministic by id hash (independent of the seed and of the file order)."""
+    """Deterministic by id hash (independent of the seed and of the file order). Sampled answers of one prompt
+    (ids ID#s0, ID#s1, ... from `distill --samples`) hash as ID, so they land on the same side."""
     if frac <= 0 or len(seqs) < 2:
         return seqs, []
-    key = lambda s: int(hashlib.sha1(s.id.encode()).hexdigest()[:8], 16) / 16 ** 8
+    key = lambda s: int(hashlib.sha1(s.id.split("#")[0].encode()).hexdigest()[:8], 16) / 16 ** 8
     held = [s for s in seqs if key(s) < frac] or [min(seqs, key=key)]
     train = [s for s in seqs if key(s) >= frac] if len(held) < len(seqs) else seqs
     return (train or seqs), held
