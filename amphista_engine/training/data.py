@@ -25,6 +25,14 @@ from ..errors import InputError
 EVAL_NAMES = ("mt_bench", "mt-bench", "spec_bench", "spec-bench", "question.jsonl")
 
 
+SAMPLE_SEP = "#"     # `distill --samples`: answer k of prompt ID is record ID#s{k}
+
+
+def prompt_id(record_id: str) -> str:
+    """The prompt a record answers (sampled answers of one prompt share it)."""
+    return record_id.split(SAMPLE_SEP)[0]
+
+
 @dataclass
 class Prompt:
     id: str

@@ -6,7 +6,7 @@ import time
 import zlib
 
 from ..errors import InputError
-from .data import Prompt, ShardWriter, read_prompts
+from .data import SAMPLE_SEP, Prompt, ShardWriter, read_prompts
 
 
 def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = None, offset: int = 0,
@@ -41,7 +41,7 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
                              f"its sources: {', '.join(sorted({p.source for p in prompts}))}")
         prompts = [p for p in prompts if p.source in keep]
     if samples > 1:
-        prompts = [Prompt(f"{p.id}#s{k}", p.source, p.prompt) for p in prompts for k in range(samples)]
+        prompts = [Prompt(f"{p.id}{SAMPLE_SEP}s{k}", p.source, p.prompt) for p in prompts for k in range(samples)]
     if engine is None:
         from ..engine import Engine
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,

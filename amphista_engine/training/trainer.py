@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
-from .data import Sequence, load_shard
+from .data import Sequence, load_shard, prompt_id
 
 STATE_FILE = "trainer_state.pt"
 
@@ -155,7 +155,7 @@ def split_heldout(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], li
     (ids ID#s0, ID#s1, ... from `distill --samples`) hash as ID, so they land on the same side."""
     if frac <= 0 or len(seqs) < 2:
         return seqs, []
-    key = lambda s: int(hashlib.sha1(s.id.split("#")[0].encode()).hexdigest()[:8], 16) / 16 ** 8
+    key = lambda s: int(hashlib.sha1(prompt_id(s.id).encode()).hexdigest()[:8], 16) / 16 ** 8
     held = [s for s in seqs if key(s) < frac] or [min(seqs, key=key)]
     train = [s for s in seqs if key(s) >= frac] if len(held) < len(seqs) else seqs
     return (train or seqs), held
