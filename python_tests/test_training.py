@@ -490,6 +490,22 @@ def test_init_from_grows_heads_and_keeps_their_drafts(shard, target, tmp_path):
         train_heads(cfg(shard, tmp_path / "s", init_from=str(tmp_path / "grown"), **kw), target=target)
 
 
+def test_init_from_keeps_the_source_draft_vocabulary(shard, target, tmp_path, capsys):
+    """A warm start on other data keeps the source heads' draft vocabulary (not this data's most frequent
+    tokens), and the log says so with that vocabulary's coverage of this data."""
+    from amphista_engine.heads.checkpoint import save_heads
+    kw = dict(loss_positions=64, lr=4e-3, draft_vocab=40)
+    train_heads(cfg(shard, tmp_path / "src", steps=2, eval_every=0, save_dtype="fp32", **kw), target=target)
+    src = load_heads(tmp_path / "src", target, dtype=torch.float32)
+    other = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:40]
+    save_heads(src.set_draft_vocab(other), tmp_path / "other", dtype=torch.float32)
+    capsys.readouterr()
+    train_heads(cfg(shard, tmp_path / "warm", steps=2, eval_every=0, init_from=str(tmp_path / "other"), **kw),
+                target=target)
+    assert torch.equal(load_heads(tmp_path / "warm", target).draft_vocab, other)
+    assert "draft vocabulary = the source heads 40 tokens" in capsys.readouterr().err
+
+
 def test_init_from_widens_mlps_and_keeps_their_drafts(shard, target, tmp_path):
     """Wider SAL/AEB MLPs from trained heads: the old units keep their weights, the new ones start silent
     (zero w2 columns) but trainable, so drafts are unchanged at step 0 and the new units move in training."""

@@ -565,8 +565,6 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     if cfg.draft_vocab:
         vocab, coverage = frequent_tokens(train_seqs, cfg.draft_vocab, V)
         heads.set_draft_vocab(vocab)
-        print(f"train: draft vocabulary = the {cfg.draft_vocab} most frequent answer tokens, covering "
-              f"{100 * coverage:.2f}% of the training answers' tokens", file=sys.stderr)
     if cfg.init == "identity":
         identity_init(heads, target)
     if cfg.init_from:
@@ -575,6 +573,15 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         added = warm_start(heads, load_heads(cfg.init_from, target, dtype=torch.float32))
         print(f"train: started from the heads in {cfg.init_from}"
               + (f"; added pass-through layers {', '.join(added)}" if added else ""), file=sys.stderr)
+    if cfg.draft_vocab:
+        # a warm start keeps its source's draft vocabulary (its LM-head rows are what the heads learned against)
+        kept = not torch.equal(heads.draft_vocab.cpu(), vocab)
+        if kept:
+            counts = answer_token_counts(train_seqs, V)
+            coverage = float(counts[heads.draft_vocab.cpu()].sum()) / max(1, int(counts.sum()))
+        print(f"train: draft vocabulary = {'the source heads' if kept else 'the'} {cfg.draft_vocab} "
+              f"{'tokens' if kept else 'most frequent answer tokens'}, covering {100 * coverage:.2f}% of the "
+              f"training answers' tokens", file=sys.stderr)
     heads.train().requires_grad_(True)
     params = [p for p in heads.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]

@@ -5,7 +5,9 @@
 # This session adds two sampled answers per general prompt (temperature 0.7, ids ID#s0/ID#s1; the held-out split
 # hashes the prompt id, so a prompt's answers stay on one side), so the same weight buys new sequences, not repeats.
 # Run from the repo root; every stage resumes on a rerun.
-#   run_session20.sh distill     two 1-thread workers over the general prompts (~60 min on 2 cores)
+#   run_session20.sh distill     two 1-thread workers over the general prompts (~70 min on 2 cores). The committed
+#                                shards were stopped at 49 min for the session clock: 1,664 + 1,792 records, i.e. both
+#                                answers of 1,728 of the 2,308 prompts (all of vicuna_bench and fastchat_dummy).
 #   run_session20.sh amphista    cache fill of the new sequences (bf16), then 1200 steps from the shipped heads
 #   run_session20.sh medusa      the same stage for the shipped Medusa heads
 #   run_session20.sh tau KIND TREE   all 80 MT-Bench first turns (session16/tau_split.sh, ~20 min)
