@@ -409,7 +409,12 @@ def frequent_tokens(seqs, n: int, vocab_size: int) -> tuple[torch.Tensor, float]
     counts = answer_token_counts(seqs, vocab_size)
     # stable sort on -count keeps ids ascending among equal counts: deterministic for a given data set
     order = torch.sort(-counts, stable=True).indices[:n]
-    return order, float(counts[order].sum()) / max(1, int(counts.sum()))
+    return order, answer_share(counts, order)
+
+
+def answer_share(counts: torch.Tensor, ids: torch.Tensor) -> float:
+    """The share of answer tokens (counts from answer_token_counts) that the token ids cover."""
+    return float(counts[ids].sum()) / max(1, int(counts.sum()))
 
 
 def centered_gram(w: torch.Tensor) -> torch.Tensor:
@@ -575,13 +580,12 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
               + (f"; added pass-through layers {', '.join(added)}" if added else ""), file=sys.stderr)
     if cfg.draft_vocab:
         # a warm start keeps its source's draft vocabulary (its LM-head rows are what the heads learned against)
-        kept = not torch.equal(heads.draft_vocab.cpu(), vocab)
-        if kept:
-            counts = answer_token_counts(train_seqs, V)
-            coverage = float(counts[heads.draft_vocab.cpu()].sum()) / max(1, int(counts.sum()))
-        print(f"train: draft vocabulary = {'the source heads' if kept else 'the'} {cfg.draft_vocab} "
-              f"{'tokens' if kept else 'most frequent answer tokens'}, covering {100 * coverage:.2f}% of the "
-              f"training answers' tokens", file=sys.stderr)
+        what = f"the {cfg.draft_vocab} most frequent answer tokens"
+        if not torch.equal(heads.draft_vocab.cpu(), vocab):
+            what = f"the source heads {cfg.draft_vocab} tokens"
+            coverage = answer_share(answer_token_counts(train_seqs, V), heads.draft_vocab.cpu())
+        print(f"train: draft vocabulary = {what}, covering {100 * coverage:.2f}% of the training answers' tokens",
+              file=sys.stderr)
     heads.train().requires_grad_(True)
     params = [p for p in heads.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
