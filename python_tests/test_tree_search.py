@@ -158,3 +158,44 @@ def test_engine_resolves_the_heads_fitted_trees(tmp_path, tiny_hf_dir):
     engine.load_heads(new_heads("medusa", engine.model, num_heads=2, dtype=torch.float32))   # no fitted trees
     with pytest.raises(ConfigError, match="no such fitted tree"):
         engine.generate("Hello there", max_new_tokens=4, speculative="medusa", tree="tuned-5")
+
+
+def test_source_weights_act_as_repeats_and_drops():
+    """A row of weight 2 counts as that row twice, weight 0 as no row: in the fit and in both taus."""
+    g = torch.Generator().manual_seed(1)
+    ranks = torch.randint(0, 5, (120, 3), generator=g).clamp(max=4) * (torch.rand(120, 3, generator=g) < 0.6)
+    seq = torch.arange(120) // 12                                        # 10 sequences of 12 positions
+    w = (seq % 3).float()                                                # sequences weigh 0, 1, 2, 0, 1, ...
+    ones = torch.ones(120)
+    for n in (4, 9):
+        assert best_tree(ranks, n, 9, ones) == best_tree(ranks, n, 9)
+        assert fit_decoding_tree(ranks, seq, n, 9, weights=ones) == fit_decoding_tree(ranks, seq, n, 9)
+        tree = best_tree(ranks, n, 9, w)
+        rep = torch.cat([ranks[seq % 3 == 1]] + [ranks[seq % 3 == 2]] * 2)   # the weights as repeats and drops
+        assert tree == best_tree(rep, n, 9)
+        assert expected_tau(ranks, tree, 9, w) == pytest.approx(expected_tau(rep, tree, 9))
+        kept = seq % 3 > 0
+        rep_seq = torch.cat([seq[seq % 3 == 1]] + [seq[seq % 3 == 2] + 100 * k for k in (1, 2)])
+        rep_ranks = torch.cat([ranks[seq % 3 == 1]] + [ranks[seq % 3 == 2]] * 2)
+        assert decoding_tau(ranks, seq, tree, w) == pytest.approx(decoding_tau(rep_ranks, rep_seq, tree))
+        assert decoding_tau(ranks[kept], seq[kept], tree, w[kept]) == pytest.approx(decoding_tau(ranks, seq, tree, w))
+
+
+def test_tree_search_fits_to_a_source_mix(shard, target, tmp_path):  # noqa: F811
+    """--source-weights: a source of weight 0 leaves the held-out set, the mix is reported, and trees saved
+    under another prefix sit beside the tuned-N ones."""
+    train_heads(cfg(shard, tmp_path / "h", steps=4, eval_frac=0.5), target=target)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**json.loads(line), "id": "o" + json.loads(line)["id"], "source": "other"})
+                             + "\n" for line in shard.read_text().splitlines()))
+    both = tree_search([shard, other], tmp_path / "h", nodes=(6,), eval_frac=0.5, target=target, save=True)
+    assert set(both["position_mix"]) == {"tiny", "other"}
+    res = tree_search([shard, other], tmp_path / "h", nodes=(6,), eval_frac=0.5, target=target, save=True,
+                      source_weights="tiny=0", prefix="mix")
+    assert res["position_mix"] == {"other": 1.0} and set(res["trees"]) == {"mix-6"}
+    assert res["heldout_sequences"] < both["heldout_sequences"]
+    extra = load_heads(tmp_path / "h", target, dtype=torch.float32).config.extra
+    assert {"tuned-6", "mix-6"} <= set(extra["trees"]) and extra["tree_search_mix"]["source_weights"] == {"tiny": 0.0}
+    assert extra["tree_search"]["source_weights"] == {}
+    with pytest.raises(ConfigError, match="not in the training data: nosuch"):
+        tree_search([shard, other], tmp_path / "h", nodes=(6,), eval_frac=0.5, target=target, source_weights="nosuch=2")

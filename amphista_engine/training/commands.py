@@ -36,7 +36,7 @@ def cmd_tree_search(args) -> int:
     nodes = [int(n) for n in str(args.nodes).split(",") if n.strip()]
     tree_search(args.data, args.heads, model=args.model, nodes=nodes, out=args.out, save=args.save,
                 eval_frac=args.eval_frac, cache_hidden=args.cache_hidden, device=args.device, dtype=args.dtype,
-                max_seq_len=args.max_seq_len)
+                max_seq_len=args.max_seq_len, source_weights=args.source_weights, prefix=args.prefix)
     return 0
 
 
@@ -142,7 +142,11 @@ def register(sub) -> None:
     s.add_argument("--cache-hidden", default=None, help="the hidden-state cache of `train`, if any")
     s.add_argument("--max-seq-len", type=int, default=1024)
     s.add_argument("--out", default=None, help="JSON file with the trees and their expected tau")
-    s.add_argument("--save", action="store_true", help="add the trees to HEADS/config.json as tuned-N")
+    s.add_argument("--save", action="store_true", help="add the trees to HEADS/config.json as PREFIX-N")
+    s.add_argument("--prefix", default="tuned", help="name the fitted trees PREFIX-N (default tuned)")
+    s.add_argument("--source-weights", default=None,
+                   help="weigh each held-out position by its source, as `train` does ('src=w,...'; unlisted "
+                        "sources weigh 1, 0 drops one): fits the trees to the mix they will serve")
     s.set_defaults(func=cmd_tree_search)
 
     e = sub.add_parser("eval-tau", help="mean tau per category on a Spec-Bench question file (first turns)")

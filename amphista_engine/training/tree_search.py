@@ -10,6 +10,11 @@ its path: exact for these heads and this data, no independence assumption betwee
 product of per-head accuracies). The expected tokens per step of a tree is 1 + the sum of its nodes' rates,
 and the best tree of N nodes is simply the N - 1 paths of highest rate: a path's rate never exceeds its
 prefix's, so that set is closed under prefixes (ties are broken toward shallower paths, which keeps it so).
+
+Held-out data mixes its sources as the training prompts do (here: a third grade-school math, a quarter code),
+while the traffic a static tree serves may not (MT-Bench is three quarters general chat). Source weights
+(`--source-weights`, as `train` takes them) weigh each position by its sequence's source, so a tree can be
+fitted to the mix it will serve; every function below takes an optional per-row weight for that.
 """
 from __future__ import annotations
 
@@ -24,11 +29,13 @@ from ..errors import ConfigError, InputError
 from ..tree import TOPK, get_tree_choices
 
 
-def best_tree(ranks: torch.Tensor, num_nodes: int, topk: int = TOPK) -> list[tuple[int, ...]]:
-    """The num_nodes - 1 paths with the highest acceptance rate. ranks: [P, K] long, values in [0, topk]."""
+def best_tree(ranks: torch.Tensor, num_nodes: int, topk: int = TOPK, weights: torch.Tensor | None = None
+              ) -> list[tuple[int, ...]]:
+    """The num_nodes - 1 paths with the highest acceptance rate. ranks: [P, K] long, values in [0, topk];
+    weights: [P] per-row weight (None: all alike)."""
     if num_nodes < 2:
         raise ConfigError(f"a tree needs at least 2 nodes (root + 1), got {num_nodes}")
-    counts = path_counts(ranks, topk)
+    counts = path_counts(ranks, topk, weights)
     order = sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))
     paths = [p for p, _ in order[:num_nodes - 1]]
     if len(paths) < num_nodes - 1:
@@ -45,21 +52,24 @@ def best_tree(ranks: torch.Tensor, num_nodes: int, topk: int = TOPK) -> list[tup
     return get_tree_choices(paths)      # validates (prefix-closed) and sorts by (depth, path)
 
 
-def path_counts(ranks: torch.Tensor, topk: int = TOPK) -> Counter:
-    """How many positions accept each rank path (every prefix of every position's tuple, misses cut it)."""
+def path_counts(ranks: torch.Tensor, topk: int = TOPK, weights: torch.Tensor | None = None) -> Counter:
+    """How many positions (their total weight) accept each rank path (every prefix of every position's tuple,
+    misses cut it)."""
     counts: Counter = Counter()
-    for row in map(tuple, ranks.tolist()):
+    ws = [1] * ranks.shape[0] if weights is None else weights.tolist()
+    for row, w in zip(map(tuple, ranks.tolist()), ws):
         for d in range(1, len(row) + 1):
             if row[d - 1] >= topk:
                 break
-            counts[row[:d]] += 1
+            counts[row[:d]] += w
     return counts
 
 
-def expected_tau(ranks: torch.Tensor, paths, topk: int = TOPK) -> float:
-    """1 + the mean number of tree nodes accepted per position (every position weighted alike)."""
-    counts = path_counts(ranks, topk)
-    return 1.0 + sum(counts.get(tuple(p), 0) for p in get_tree_choices(paths)) / max(1, ranks.shape[0])
+def expected_tau(ranks: torch.Tensor, paths, topk: int = TOPK, weights: torch.Tensor | None = None) -> float:
+    """1 + the mean number of tree nodes accepted per position (weighted by `weights`, else all alike)."""
+    counts = path_counts(ranks, topk, weights)
+    total = ranks.shape[0] if weights is None else float(weights.sum())
+    return 1.0 + sum(counts.get(tuple(p), 0) for p in get_tree_choices(paths)) / max(1e-12, total)
 
 
 def accepted_depth(rank_row, paths: set) -> int:
@@ -70,30 +80,34 @@ def accepted_depth(rank_row, paths: set) -> int:
     return d
 
 
-def decoding_tau(ranks: torch.Tensor, seq_idx: torch.Tensor, paths) -> float:
+def decoding_tau(ranks: torch.Tensor, seq_idx: torch.Tensor, paths, weights: torch.Tensor | None = None) -> float:
     """The tau decoding would see: per sequence, start at the first answer position, accept the longest path
     the ranks allow, jump past the accepted tokens, repeat. Decoding visits a position only when the previous
     step stopped right before it, so stretches the heads find easy are crossed in few steps and weigh less:
     tokens / steps is roughly a harmonic mean of (1 + accepted), below expected_tau's arithmetic mean (by ~10%
-    for the shipped heads; benchmarks/tau_consistency.py checks it against real decoding)."""
-    steps, tokens, _ = _walk(ranks.tolist(), seq_idx.tolist(), {tuple(p) for p in get_tree_choices(paths)})
-    return tokens / max(1, steps)
+    for the shipped heads; benchmarks/tau_consistency.py checks it against real decoding). weights: per row;
+    each step and its tokens count with the weight of the row it starts from (a sequence's rows share one)."""
+    steps, tokens, _ = _walk(ranks.tolist(), seq_idx.tolist(), {tuple(p) for p in get_tree_choices(paths)},
+                             None if weights is None else weights.tolist())
+    return tokens / max(1e-12, steps)
 
 
-def _walk(rows: list, seqs: list, paths: set) -> tuple[int, int, list[int]]:
-    """(steps, tokens, visited row indices) of decoding. rows: rank tuples, each sequence's consecutive answer
-    positions together and in order (as heldout_ranks returns them); seqs[i]: row i's sequence."""
-    visits, tokens, start = [], 0, 0
+def _walk(rows: list, seqs: list, paths: set, weights: list | None = None) -> tuple[float, float, list[int]]:
+    """(steps, tokens, visited row indices) of decoding, steps and tokens weighted by their first row's weight.
+    rows: rank tuples, each sequence's consecutive answer positions together and in order (as heldout_ranks
+    returns them); seqs[i]: row i's sequence."""
+    visits, steps, tokens, start = [], 0, 0, 0
     for end in range(1, len(rows) + 1):
         if end < len(rows) and seqs[end] == seqs[start]:
             continue
         i = start
         while i < end:
             visits.append(i)
+            w = 1 if weights is None else weights[i]
             n = 1 + accepted_depth(rows[i], paths)
-            tokens, i = tokens + n, i + n
+            steps, tokens, i = steps + w, tokens + w * n, i + n
         start = end
-    return len(visits), tokens, visits
+    return steps, tokens, visits
 
 
 def walk(rows: list, paths: set) -> tuple[int, int]:
@@ -102,19 +116,20 @@ def walk(rows: list, paths: set) -> tuple[int, int]:
 
 
 def fit_decoding_tree(ranks: torch.Tensor, seq_idx: torch.Tensor, num_nodes: int, topk: int = TOPK,
-                      rounds: int = 8) -> list[tuple[int, ...]]:
+                      rounds: int = 8, weights: torch.Tensor | None = None) -> list[tuple[int, ...]]:
     """best_tree maximises acceptance over every position alike, but decoding only steps from the positions
     where its previous step stopped. Refit the tree on the positions its own walk visits, while that raises
     decoding_tau; returns the best tree seen (best_tree's included, so never worse than it)."""
     rows, seqs = ranks.tolist(), seq_idx.tolist()
+    ws = None if weights is None else weights.tolist()
     best, best_tau = None, -1.0
-    tree = best_tree(ranks, num_nodes, topk)
+    tree = best_tree(ranks, num_nodes, topk, weights)
     for _ in range(rounds + 1):
-        steps, tokens, visits = _walk(rows, seqs, set(tree))
-        if tokens / max(1, steps) <= best_tau:
+        steps, tokens, visits = _walk(rows, seqs, set(tree), ws)
+        if tokens / max(1e-12, steps) <= best_tau:
             break
-        best, best_tau = tree, tokens / max(1, steps)
-        tree = best_tree(ranks[visits], num_nodes, topk)
+        best, best_tau = tree, tokens / max(1e-12, steps)
+        tree = best_tree(ranks[visits], num_nodes, topk, None if weights is None else weights[visits])
     return best
 
 
@@ -154,13 +169,16 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
 
 def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63), out=None, save: bool = False,
                 eval_frac: float = 0.05, cache_hidden=None, device=None, dtype=None, max_seq_len: int = 1024,
-                compare=("mc_sim_7b_63", "tree-32", "tree-16"), target=None, heads=None) -> dict:
+                compare=("mc_sim_7b_63", "tree-32", "tree-16"), target=None, heads=None, source_weights=None,
+                prefix: str = "tuned") -> dict:
     """Fits one tree per size in `nodes` to the heads on the held-out split of `data` (the same split the
     trainer holds out). Prints expected tau of each fitted and each `compare` tree; `save` stores the trees
-    in the heads' config.json as `tuned-N` (then `--tree tuned-63` works wherever the heads are loaded)."""
+    in the heads' config.json as `PREFIX-N` (then `--tree tuned-63` works wherever the heads are loaded).
+    source_weights ("src=w,..." or a dict, unlisted sources weigh 1, 0 drops one): each held-out position
+    weighs its source's weight, in the fit and in every tau printed."""
     from ..heads import load_heads
     from .data import load_shard
-    from .trainer import split_heldout
+    from .trainer import check_source_weights, parse_source_weights, split_heldout
     if target is None:
         from ..engine import default_device
         from ..loading import load_model, parse_dtype
@@ -175,22 +193,32 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     _, held = split_heldout(shard.sequences, eval_frac)
     if not held:
         raise InputError(f"no held-out sequences in {data} (need at least 2 records and --eval-frac > 0)")
+    sw = parse_source_weights(source_weights)
+    if sw:
+        check_source_weights(sw, shard.sequences)
+        held = [s for s in held if sw.get(s.source, 1.0) > 0]      # a dropped source costs no target forward
     ranks, seq_idx = heldout_ranks(heads, target, held, cache_hidden, with_seq=True)
+    weights = torch.tensor([sw.get(held[i].source, 1.0) for i in seq_idx.tolist()]) if sw else None
+    mix: dict[str, float] = {}
+    for i in seq_idx.tolist():
+        mix[held[i].source] = mix.get(held[i].source, 0.0) + sw.get(held[i].source, 1.0)
     result = {"heads": str(heads_dir), "heldout_sequences": len(held), "positions": int(ranks.shape[0]),
+              "source_weights": sw, "position_mix": {k: round(v / sum(mix.values()), 4) for k, v in sorted(mix.items())},
               "head_top1": [round(float((ranks[:, k] == 0).float().mean()), 4) for k in range(heads.num_heads)],
               "trees": {}, "expected_tau": {}, "decoding_tau": {}}
     for n in nodes:
-        paths = fit_decoding_tree(ranks, seq_idx, n)
-        result["trees"][f"tuned-{n}"] = [list(p) for p in paths]
-        result["expected_tau"][f"tuned-{n}"] = round(expected_tau(ranks, paths), 4)
-        result["decoding_tau"][f"tuned-{n}"] = round(decoding_tau(ranks, seq_idx, paths), 4)
+        paths = fit_decoding_tree(ranks, seq_idx, n, weights=weights)
+        result["trees"][f"{prefix}-{n}"] = [list(p) for p in paths]
+        result["expected_tau"][f"{prefix}-{n}"] = round(expected_tau(ranks, paths, weights=weights), 4)
+        result["decoding_tau"][f"{prefix}-{n}"] = round(decoding_tau(ranks, seq_idx, paths, weights), 4)
     for name in compare:
         paths = get_tree_choices(name)
         if max(map(len, paths)) <= heads.num_heads:
-            result["expected_tau"][name] = round(expected_tau(ranks, paths), 4)
-            result["decoding_tau"][name] = round(decoding_tau(ranks, seq_idx, paths), 4)
+            result["expected_tau"][name] = round(expected_tau(ranks, paths, weights=weights), 4)
+            result["decoding_tau"][name] = round(decoding_tau(ranks, seq_idx, paths, weights), 4)
     print(f"tree-search: {len(held)} held-out sequences, {ranks.shape[0]} positions; head top-1 "
-          f"{result['head_top1']}", file=sys.stderr)
+          f"{result['head_top1']}" + (f"; position mix after source weights {result['position_mix']}" if sw else ""),
+          file=sys.stderr)
     for name, tau in result["expected_tau"].items():
         print(f"  {name:<14} expected tau {tau:.3f} (per position), {result['decoding_tau'][name]:.3f} "
               f"(decoding walk)", file=sys.stderr)
@@ -201,7 +229,10 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         cfg_file = Path(heads_dir) / "config.json"
         cfg = json.loads(cfg_file.read_text())
         cfg.setdefault("extra", {}).setdefault("trees", {}).update(result["trees"])
-        cfg["extra"]["tree_search"] = {k: result[k] for k in ("heldout_sequences", "positions", "expected_tau",
-                                                              "decoding_tau")}
+        keys = ("heldout_sequences", "positions", "source_weights", "expected_tau", "decoding_tau")
+        if prefix == "tuned":
+            cfg["extra"]["tree_search"] = {k: result[k] for k in keys}
+        else:       # a second family of trees (another mix) keeps the first family's record
+            cfg["extra"][f"tree_search_{prefix}"] = {k: result[k] for k in keys}
         cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
     return result
