@@ -23,6 +23,11 @@
 #   DEVICE=cpu STEPS=2 BATCH_TOKENS=512 DISTILL_PROMPTS=8 RECORDS=64 GGUF=<file> PROMPTS=<jsonl> OUT=/tmp/g scripts/gpu_heads.sh train
 # (RECORDS=N keeps the first N committed records: without it, the CPU spends ~40 min on the 10,000 committed
 # sequences' target forwards before the first step.)
+# A stage on top of the shipped heads instead of fresh ones (the CPU sessions' recipe, with a GPU's step count):
+#   INIT_FROM=shipped LR=2e-4 LOSS_POSITIONS=512 SOURCE_WEIGHTS=alpaca_en_demo=2,wizardlm_testset=2,... train
+# (INIT_FROM=shipped starts each kind from amphista_engine/data/heads/smollm2-135m-KIND with a fresh optimiser;
+# the draft vocabulary stays the shipped one. SOURCE_WEIGHTS is `train --source-weights`: the twentieth session's
+# is in benchmarks/results/training_smollm2/session20/run_session20.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A="python -m amphista_engine.cli"
@@ -32,6 +37,8 @@ BATCH_TOKENS=${BATCH_TOKENS:-16384}; LOSS_POSITIONS=${LOSS_POSITIONS:-0}; LR=${L
 # 16,384 draft tokens: the shipped Amphista heads draft over that many since the twelfth session (+0.8% tau over
 # 8,192), so both kinds train against the set they will draft with, like for like
 DRAFT_VOCAB=${DRAFT_VOCAB:-16384}; BUDGET_S=${BUDGET_S:-360}; KINDS=${KINDS:-"amphista medusa"}
+INIT_FROM=${INIT_FROM:-}; SOURCE_WEIGHTS=${SOURCE_WEIGHTS:-}
+case "$INIT_FROM" in ""|shipped) ;; *) echo "INIT_FROM must be empty (fresh heads) or 'shipped'"; exit 2 ;; esac
 TARGET_DTYPE=${TARGET_DTYPE:-fp32}       # the teacher as the CPU runs saw it (135M parameters: cheap on a GPU)
 SHARDS_DIR=benchmarks/results/training_smollm2/distill    # committed shards (gzipped JSONL)
 DISTILL_PROMPTS=${DISTILL_PROMPTS:-12000}; DISTILL_BATCH=${DISTILL_BATCH:-256}; RECORDS=${RECORDS:-}
@@ -107,11 +114,14 @@ train)
         BUDGET_S=$(( BUDGET_S - spent > 60 ? BUDGET_S - spent : 60 ))   # the call's time limit is fixed
     fi
     run_kind() {   # kind steps out
+        local warm=()
+        [ "$INIT_FROM" = shipped ] && warm+=(--init-from "amphista_engine/data/heads/smollm2-135m-$1")
+        [ -n "$SOURCE_WEIGHTS" ] && warm+=(--source-weights "$SOURCE_WEIGHTS")
         $A train --data $DATA --out "$3" --model "$GGUF" --device "$DEVICE" --dtype "$TARGET_DTYPE" --kind "$1" --num-heads 4 --loss kl \
             --lambda 0.8 --mse-weight "$MSE" --loss-positions "$LOSS_POSITIONS" --draft-vocab "$DRAFT_VOCAB" \
             --steps "$2" --batch-tokens "$BATCH_TOKENS" --lr "$LR" --warmup $(( $2 / 25 + 1 )) --clip 1.0 --seed 0 \
             --train-dtype bf16 --save-dtype bf16 --eval-every $(( $2 / 8 + 1 )) --eval-max-seqs 64 \
-            --log "$3.jsonl"
+            --log "$3.jsonl" "${warm[@]}"
     }
     export TQDM_MININTERVAL=15
     if [ -z "${STEPS:-}" ]; then     # time 10 and 30 steps of both kinds at once; the difference is 20 steps
