@@ -411,7 +411,8 @@ def test_eval_tau_per_category(tmp_path, tiny_hf_dir):
 
 @pytest.mark.parametrize("kind", ["amphista", "medusa"])
 def test_shipped_heads_keep_greedy_output(smollm2, kind):
-    """The heads shipped for smollm2-135m load for it, and greedy speculative output equals plain greedy."""
+    """The heads shipped for smollm2-135m load for it, and greedy speculative output equals plain greedy, with the
+    default tree and with every tree fitted to them (tuned-N, mix-N in their config.json)."""
     from amphista_engine.engine import Engine
     from amphista_engine.shipped_heads import shipped_heads
 
@@ -425,6 +426,10 @@ def test_shipped_heads_keep_greedy_output(smollm2, kind):
     spec = engine.generate(prompt, max_new_tokens=8, speculative=kind)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.tau >= 1.0
+    fitted = engine.heads.config.extra.get("trees", {})
+    assert {"tuned-63", "mix-64"} <= set(fitted)
+    for tree in fitted:
+        assert engine.generate(prompt, max_new_tokens=8, speculative=kind, tree=tree).token_ids == plain.token_ids, tree
 
 
 def test_frequent_tokens_ranks_answer_tokens_only():
