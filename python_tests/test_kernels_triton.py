@@ -45,6 +45,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def _clean_backend():
     set_backend(None)
     backend.clear_cache()
+
+
+@pytest.fixture
+def position_invariant_dot(monkeypatch):
+    """The interpreter runs tl.dot as numpy's matmul, i.e. BLAS. OpenBLAS's AVX2 (Haswell) sgemm kernels sum a
+    row's products in an order that depends on the row's place in the tile (tail rows take other kernels), which
+    a GPU's MMA does not; on AVX-512 machines the two happened to agree. The row-invariance tests compare a tree
+    node at row i with a plain step at row 0, so in the interpreter they emulate tl.dot with einsum's loops, whose
+    order over k is the same for every output element. The kernels' own layout and split choices stay under test:
+    a different split count or summation order between the two calls still shows."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:     # fp8: not used here
+            raise NotImplementedError("position_invariant_dot: fp8 operands")
+        acc = d.data.dtype
+        out = np.einsum("...mk,...kn->...mn", a.data.astype(acc), b.data.astype(acc), optimize=False)
+        return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
     yield
     set_backend(None)
     backend.clear_cache()
@@ -103,7 +126,7 @@ def test_tree_attention(case, poisoned):
 
 
 @pytest.mark.parametrize("dtype,Hkv,D", [(torch.bfloat16, 2, 64), (torch.float16, 1, 128), (torch.float32, 2, 64)])
-def test_ordered_tree_attention_is_row_invariant(dtype, Hkv, D, poisoned):
+def test_ordered_tree_attention_is_row_invariant(dtype, Hkv, D, poisoned, position_invariant_dot):
     """The row-invariant path (kernels/gpu_exact.py): each tree node's output equals, bit for bit, a plain
     one-token step for the same token over a cache holding its ancestors in position order, with another
     kv_len (other split count) and nothing else in the step. Prefixes cross CHUNK (two prefix splits) and
@@ -138,7 +161,7 @@ def test_ordered_tree_attention_is_row_invariant(dtype, Hkv, D, poisoned):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_invariant_decode_tree_rows_equal_plain_steps(dtype, monkeypatch):
+def test_invariant_decode_tree_rows_equal_plain_steps(dtype, monkeypatch, position_invariant_dot):
     """The model's row-invariant decode path (kernels/gpu_exact.py, forced on for this CPU run): a tree
     verification forward's logits for a node are bit for bit those of plain one-token steps along the node's
     path, with the tree's other nodes, its size and kv_len all different. This is what keeps bf16 greedy
