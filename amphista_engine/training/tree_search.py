@@ -198,12 +198,15 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         check_source_weights(sw, shard.sequences)
         held = [s for s in held if sw.get(s.source, 1.0) > 0]      # a dropped source costs no target forward
     ranks, seq_idx = heldout_ranks(heads, target, held, cache_hidden, with_seq=True)
-    weights = torch.tensor([sw.get(held[i].source, 1.0) for i in seq_idx.tolist()]) if sw else None
+    row_sources = [held[i].source for i in seq_idx.tolist()]
+    row_w = [sw.get(src, 1.0) for src in row_sources]
+    weights = torch.tensor(row_w) if sw else None
     mix: dict[str, float] = {}
-    for i in seq_idx.tolist():
-        mix[held[i].source] = mix.get(held[i].source, 0.0) + sw.get(held[i].source, 1.0)
+    for src, w in zip(row_sources, row_w):
+        mix[src] = mix.get(src, 0.0) + w
+    total = sum(mix.values())
     result = {"heads": str(heads_dir), "heldout_sequences": len(held), "positions": int(ranks.shape[0]),
-              "source_weights": sw, "position_mix": {k: round(v / sum(mix.values()), 4) for k, v in sorted(mix.items())},
+              "source_weights": sw, "position_mix": {k: round(v / total, 4) for k, v in sorted(mix.items())},
               "head_top1": [round(float((ranks[:, k] == 0).float().mean()), 4) for k in range(heads.num_heads)],
               "trees": {}, "expected_tau": {}, "decoding_tau": {}}
     for n in nodes:
