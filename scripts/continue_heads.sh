@@ -46,6 +46,8 @@ fi
 # the target's hidden states, once (2 threads); training then skips the target forward. FILL_DTYPE=bf16 computes
 # them with a bf16 target: 1.8x faster on an AVX-512-BF16 CPU (eighteenth session), states within ~2% of fp32's
 FILL_DTYPE=${FILL_DTYPE:-fp32}
+# bf16 autocast trains ~1.5x faster on AVX-512-BF16 CPUs; on AVX2-only ones a bf16 matmul is 8x slower than fp32
+TRAIN_DTYPE=${TRAIN_DTYPE:-bf16}
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN/hidden-fill" --model smollm2-135m \
     --device cpu --fill-cache --cache-hidden "$HIDDEN" --batch-tokens "$BATCH_TOKENS" --dtype "$FILL_DTYPE"
 
@@ -55,7 +57,7 @@ RESUME=""
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN/heads" --model smollm2-135m \
     --device cpu --kind "$KIND" --num-heads 4 --init-from "$FROM" --loss kl --lambda 0.8 --mse-weight 0.1 \
     --loss-positions "$LOSS_POSITIONS" --draft-vocab "$DRAFT_VOCAB" --steps "$STEPS" --batch-tokens "$BATCH_TOKENS" \
-    --lr "$LR" --warmup "$WARMUP" --clip 1.0 --seed 0 --train-dtype bf16 --save-dtype bf16 \
+    --lr "$LR" --warmup "$WARMUP" --clip 1.0 --seed 0 --train-dtype "$TRAIN_DTYPE" --save-dtype bf16 \
     --cache-hidden "$HIDDEN" --eval-every "$EVAL_EVERY" --eval-max-seqs 32 --save-every 20 \
     --log "$RUN/train.jsonl" $RESUME $EXTRA
 
