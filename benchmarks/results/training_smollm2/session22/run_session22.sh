@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 D=benchmarks/results/training_smollm2/distill
 R=${RUN:-runs/s22}
-WEIGHTS=${WEIGHTS:-alpaca_en_demo=2,wizardlm_testset=2,vicuna_bench=2,selfinstruct_seed=2,truthfulqa=1.5,t0_p3=1.5,gsm8k_train=0.5,gpteacher_codegen=0.5,code_alpaca_2k=0.5,mbpp=0.5}
+# session 20 weights, less mbpp (not in these shards; train refuses weights for absent sources)
+WEIGHTS=${WEIGHTS:-alpaca_en_demo=2,wizardlm_testset=2,vicuna_bench=2,selfinstruct_seed=2,truthfulqa=1.5,t0_p3=1.5,gsm8k_train=0.5,gpteacher_codegen=0.5,code_alpaca_2k=0.5}
 DATA="$D/distill-general-s2-0.jsonl.gz $D/distill-general-s2-3110.jsonl.gz $D/distill-10000.jsonl.gz"
 mkdir -p "$R"
 stage() {   # KIND STEPS
