@@ -8,6 +8,7 @@
 #   run_session22.sh amphista      fp32 cache fill (~40 min), then STEPS (default 500) from the shipped heads
 #   run_session22.sh medusa        the same stage for the shipped Medusa heads (reuses the cache)
 #   run_session22.sh tau KIND TREE all 80 MT-Bench first turns (session16/tau_split.sh, ~22 min)
+# Result (2026-12-03): Amphista 500 steps, mix-64 tau 2.475 vs the shipped 2.486: not shipped (TRAINING.md, "Twenty-second session").
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 D=benchmarks/results/training_smollm2/distill
@@ -23,6 +24,16 @@ stage() {   # KIND STEPS
 }
 case "${1:?amphista | medusa | tau KIND TREE}" in
 amphista|medusa) stage "$1" "${STEPS:-500}" ;;
-tau) benchmarks/results/training_smollm2/session16/tau_split.sh "$2" "$R/$2/heads" "$3" "$R/tau80-$2-$3.json" ;;
+tau)    # the new heads carry no fitted trees: give them the shipped heads' (mix-64 etc.) unchanged
+    python - "$R/$2/heads/config.json" "amphista_engine/data/heads/smollm2-135m-$2/config.json" <<'PY'
+import json, sys
+new, shipped = (json.load(open(p)) for p in sys.argv[1:3])
+if "trees" not in new["extra"]:
+    for k in ("trees", "tree_search", "tree_search_mix"):
+        new["extra"][k] = shipped["extra"][k]
+    new["extra"]["trees_note"] = "trees fitted to the shipped (session 21) heads, carried over unchanged"
+    json.dump(new, open(sys.argv[1], "w"), indent=2)
+PY
+    benchmarks/results/training_smollm2/session16/tau_split.sh "$2" "$R/$2/heads" "$3" "$R/tau80-$2-$3.json" ;;
 *) echo "unknown stage: $1"; exit 2 ;;
 esac
