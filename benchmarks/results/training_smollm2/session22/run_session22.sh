@@ -24,16 +24,8 @@ stage() {   # KIND STEPS
 }
 case "${1:?amphista | medusa | tau KIND TREE}" in
 amphista|medusa) stage "$1" "${STEPS:-500}" ;;
-tau)    # the new heads carry no fitted trees: give them the shipped heads' (mix-64 etc.) unchanged
-    python - "$R/$2/heads/config.json" "amphista_engine/data/heads/smollm2-135m-$2/config.json" <<'PY'
-import json, sys
-new, shipped = (json.load(open(p)) for p in sys.argv[1:3])
-if "trees" not in new["extra"]:
-    for k in ("trees", "tree_search", "tree_search_mix"):
-        new["extra"][k] = shipped["extra"][k]
-    new["extra"]["trees_note"] = "trees fitted to the shipped (session 21) heads, carried over unchanged"
-    json.dump(new, open(sys.argv[1], "w"), indent=2)
-PY
-    benchmarks/results/training_smollm2/session16/tau_split.sh "$2" "$R/$2/heads" "$3" "$R/tau80-$2-$3.json" ;;
+tau)    # new heads carry no fitted trees: mix-64 is the shipped heads' (session 21's tree-search file)
+    T=$3; [ "$T" = mix-64 ] && T=benchmarks/results/training_smollm2/session21/trees-$2.json
+    benchmarks/results/training_smollm2/session16/tau_split.sh "$2" "$R/$2/heads" "$T" "$R/tau80-$2-$3.json" ;;
 *) echo "unknown stage: $1"; exit 2 ;;
 esac
