@@ -196,6 +196,37 @@ def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, mon
     assert seen and max(seen) == 0          # training never ran the target
 
 
+def test_fill_planned_fills_what_the_steps_read(shard, target, tmp_path, monkeypatch):
+    """--fill-planned fills the sequences the first --steps steps read plus the held-out ones, no others, and a
+    run of those steps then never runs the target."""
+    from amphista_engine.training import trainer
+    from amphista_engine.training.trainer import planned_sequences, split_heldout
+    with pytest.raises(ConfigError, match="--fill-planned only applies"):
+        train_heads(cfg(shard, tmp_path / "x", fill_planned=True), target=target)
+    cache = tmp_path / "cache"
+    weights = {"tiny": 0.5}             # a weight < 1 leaves part of the data out of an epoch
+    seqs = load_shard([str(shard)], target.config.vocab_size, 1024).sequences
+    kw = dict(steps=1, cache_hidden=str(cache), source_weights=weights)
+    got = train_heads(cfg(shard, tmp_path / "x", fill_cache=True, fill_planned=True, **kw), target=target)
+    train, held = split_heldout(seqs, 0.2)
+    plan = BatchPlan(train, 340, 3, weights)
+    want = {s.id for s in plan.batch(0)} | {s.id for s in held[:64]}
+    assert got["computed"] == len(want) < len(seqs)
+    assert {s.id for s in planned_sequences(plan, 1)} | {s.id for s in held[:64]} == want
+    seen = []
+    orig = trainer.HiddenSource.get
+
+    def spy(self, batch, x):
+        out = orig(self, batch, x)
+        seen.append(self.misses)
+        return out
+    monkeypatch.setattr(trainer.HiddenSource, "get", spy)
+    train_heads(cfg(shard, tmp_path / "t", **kw), target=target)
+    assert seen and max(seen) == 0          # the planned steps and the evals read only the cache
+    whole = planned_sequences(plan, 10 * len(plan.batches(0)))     # several epochs: every training sequence
+    assert {s.id for s in whole} == {s.id for s in train}
+
+
 def test_hidden_cache_keeps_one_compute_dtype(shard, target, tmp_path):
     """A cache filled by a bf16 target serves an fp32 training run, but never takes fp32-computed entries."""
     import copy

@@ -48,8 +48,13 @@ fi
 FILL_DTYPE=${FILL_DTYPE:-fp32}
 # bf16 autocast trains ~1.5x faster on AVX-512-BF16 CPUs; on AVX2-only ones a bf16 matmul is 8x slower than fp32
 TRAIN_DTYPE=${TRAIN_DTYPE:-bf16}
+# FILL_PLANNED=1 fills only the sequences the STEPS steps read (and the held-out ones): a stage that walks part of
+# an epoch of a weighted mix needs a fraction of the data (twenty-fourth session: 51% of the tokens)
+planned=()
+[ -n "${FILL_PLANNED:-}" ] && planned=(--fill-planned --steps "$STEPS" --seed 0 --eval-max-seqs 32 $EXTRA)
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN/hidden-fill" --model smollm2-135m \
-    --device cpu --fill-cache --cache-hidden "$HIDDEN" --batch-tokens "$BATCH_TOKENS" --dtype "$FILL_DTYPE"
+    --device cpu --fill-cache --cache-hidden "$HIDDEN" --batch-tokens "$BATCH_TOKENS" --dtype "$FILL_DTYPE" \
+    "${planned[@]}"
 
 # the shipped recipe (TRAINING.md) except the start and the schedule; the draft vocabulary is the source's
 RESUME=""

@@ -114,6 +114,10 @@ def register(sub) -> None:
                         "(runs of both kinds can then train in parallel on one target forward); --dtype bf16 "
                         "fills it ~1.8x faster on a CPU with AVX-512 BF16 (states within ~2%% of fp32's); the cache "
                         "records that dtype and takes no entries computed in another")
+    t.add_argument("--fill-planned", action="store_true",
+                   help="with --fill-cache: only the sequences that the first --steps steps read (same --seed, "
+                        "--batch-tokens and --source-weights) and the held-out ones; a stage that walks part of an "
+                        "epoch then fills a fraction of the data (training computes any other sequence it meets)")
     t.add_argument("--draft-vocab", type=int, default=0,
                    help="heads score only the N most frequent answer tokens (0 = full vocabulary): cheaper "
                         "drafting and training; verification still uses the full vocabulary")

@@ -81,6 +81,7 @@ class TrainConfig:
     draft_vocab: int = 0                # > 0: heads score only the N most frequent answer tokens (FR-Spec style)
     source_weights: str | dict | None = None   # "src=w,src=w": each epoch holds w copies of a source's sequences
     fill_cache: bool = False            # only compute every sequence's hidden states into cache_hidden, then stop
+    fill_planned: bool = False          # with fill_cache: only the sequences steps [0, total) read + the held-out ones
     progress: bool = True
 
     def check(self):
@@ -111,6 +112,8 @@ class TrainConfig:
                               "rows include the KL rows)")
         if self.fill_cache and not self.cache_hidden:
             raise ConfigError("--fill-cache needs --cache-hidden DIR")
+        if self.fill_planned and not self.fill_cache:
+            raise ConfigError("--fill-planned only applies to --fill-cache")
         if self.draft_vocab < 0:
             raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
@@ -217,6 +220,16 @@ class BatchPlan:
     def batch(self, step: int) -> list[Sequence]:
         epoch, idx = self.locate(step)
         return [self.seqs[i] for i in self.batches(epoch)[idx]]
+
+
+def planned_sequences(plan: BatchPlan, steps: int) -> list[Sequence]:
+    """Every sequence that steps [0, steps) of the plan read, once each, in data order. A stage that walks only part
+    of an epoch (weights < 1 leave most of a source out of it) needs only these in the hidden cache."""
+    used = set()
+    for step in range(steps):
+        epoch, idx = plan.locate(step)
+        used.update(plan.batches(epoch)[idx])
+    return [plan.seqs[i] for i in sorted(used)]
 
 
 def _source_mix(seqs: list[Sequence], weights: dict[str, float]) -> str:
@@ -551,7 +564,13 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
     fp = lm_head_fingerprint(target)
     if cfg.fill_cache:
-        return fill_hidden_cache(HiddenSource(target, cfg.cache_hidden, fp), data.sequences, cfg.batch_tokens, dev,
+        seqs = data.sequences
+        if cfg.fill_planned:
+            seqs = planned_sequences(BatchPlan(train_seqs, cfg.batch_tokens, cfg.seed, cfg.source_weights), total)
+            seqs += held
+            print(f"train: --fill-planned: {len(seqs)} of {len(data.sequences)} sequence(s) are read by steps "
+                  f"[0, {total}) or held out", file=sys.stderr)
+        return fill_hidden_cache(HiddenSource(target, cfg.cache_hidden, fp), seqs, cfg.batch_tokens, dev,
                                  cfg.progress)
 
     overrides = {}

@@ -1,0 +1,34 @@
+#!/bin/bash
+# Session 24: session 20's stage (the one that gave static tau 2.497 before its heads were lost with their machine)
+# on all twelve committed shards, now with both sampled answers of every general prompt, sized for an AVX2-only
+# CPU: fp32 fill and training, and the hidden cache holds only what the 1200 steps read (`train --fill-planned`:
+# 9,619 of 22,022 sequences, 2.27M of 4.45M tokens; the weighted mix walks 0.64 of an epoch, and the math and code
+# sources at weight 0.5 contribute a third of theirs). Same start (the shipped heads), learning rate, positions,
+# loss, seed and source weights as session 20.
+# Run from the repo root; every stage resumes on a rerun.
+#   run_session24.sh amphista       fill (~45 min of new states on 2 threads), then 1200 steps (~80 min)
+#   run_session24.sh medusa         the same stage for the shipped Medusa heads (reads the same cache)
+#   run_session24.sh tau KIND TREE  all 80 MT-Bench first turns (session16/tau_split.sh, ~25 min); mix-64 = the
+#                                   shipped heads' fitted tree (session 21's tree-search file)
+set -euo pipefail
+cd "$(dirname "$0")/../../../.."
+D=benchmarks/results/training_smollm2/distill
+R=${RUN:-runs/s24}
+HIDDEN=${HIDDEN:-$R/hidden}     # session 24 ran with HIDDEN=runs/s22/hidden (session 22's fp32 fill, 5,612 sequences)
+WEIGHTS=${WEIGHTS:-alpaca_en_demo=2,wizardlm_testset=2,vicuna_bench=2,selfinstruct_seed=2,truthfulqa=1.5,t0_p3=1.5,gsm8k_train=0.5,gpteacher_codegen=0.5,code_alpaca_2k=0.5,mbpp=0.5}
+DATA=""
+for s in 0 3000 6000 7000 8000 9000 10000 11000 12000 13000; do DATA="$DATA $D/distill-$s.jsonl.gz"; done
+DATA="$DATA $D/distill-general-s2-0.jsonl.gz $D/distill-general-s2-3110.jsonl.gz"
+mkdir -p "$R"
+stage() {   # KIND STEPS
+    KIND=$1 DATA="${DATA# }" RUN=$R/$1 HIDDEN=$HIDDEN STEPS=$2 LR=2e-4 LOSS_POSITIONS=512 FILL_DTYPE=fp32 \
+        FILL_PLANNED=1 TRAIN_DTYPE=fp32 EVAL_EVERY=300 TREES="" OMP_NUM_THREADS=2 \
+        EXTRA="--source-weights $WEIGHTS" scripts/continue_heads.sh >> "$R/$1.log" 2>&1
+}
+case "${1:?amphista | medusa | tau KIND TREE}" in
+amphista|medusa) stage "$1" "${STEPS:-1200}" ;;
+tau)
+    T=$3; [ "$T" = mix-64 ] && T=benchmarks/results/training_smollm2/session21/trees-$2.json
+    benchmarks/results/training_smollm2/session16/tau_split.sh "$2" "$R/$2/heads" "$T" "$R/tau80-$2-$3.json" ;;
+*) echo "unknown stage: $1"; exit 2 ;;
+esac
