@@ -1,12 +1,13 @@
 #!/bin/bash
 # Session 24: session 20's stage (the one that gave static tau 2.497 before its heads were lost with their machine)
 # on all twelve committed shards, now with both sampled answers of every general prompt, sized for an AVX2-only
-# CPU: fp32 fill and training, and the hidden cache holds only what the 1200 steps read (`train --fill-planned`:
-# 9,619 of 22,022 sequences, 2.27M of 4.45M tokens; the weighted mix walks 0.64 of an epoch, and the math and code
-# sources at weight 0.5 contribute a third of theirs). Same start (the shipped heads), learning rate, positions,
-# loss, seed and source weights as session 20.
+# CPU: fp32 fill and training, 1000 steps instead of 1200 (to leave the session time for the tau run), and the
+# hidden cache holds only what the steps read (`train --fill-planned`). The fill was run for 1200 steps: 9,619 of
+# 22,022 sequences, 2.27M of 4.45M tokens (the weighted mix walks 0.64 of an epoch in 1200 steps, and the math
+# and code sources at weight 0.5 give a third of theirs); 1000 steps read a subset of those. Same start (the
+# shipped heads), learning rate, positions, loss, seed and source weights as session 20.
 # Run from the repo root; every stage resumes on a rerun.
-#   run_session24.sh amphista       fill (~45 min of new states on 2 threads), then 1200 steps (~80 min)
+#   run_session24.sh amphista       fill (46 min for the new states on 2 threads), then 1000 steps (~75 min)
 #   run_session24.sh medusa         the same stage for the shipped Medusa heads (reads the same cache)
 #   run_session24.sh trees KIND     mix-64 fitted to the new heads as session 21 fitted it to the shipped ones (the
 #                                   same held-out split and MT-Bench-mix weights; with HIDDEN_TREES=runs/mix/hidden,
@@ -34,7 +35,7 @@ stage() {   # KIND STEPS
         EXTRA="--source-weights $WEIGHTS" scripts/continue_heads.sh >> "$R/$1.log" 2>&1
 }
 case "${1:?amphista | medusa | trees KIND | tau KIND TREE}" in
-amphista|medusa) stage "$1" "${STEPS:-1200}" ;;
+amphista|medusa) stage "$1" "${STEPS:-1000}" ;;
 trees)      # session 21's tree search (greedy shards: the same held-out split), saved in the new heads as mix-64
     OMP_NUM_THREADS=2 python -m amphista_engine.cli tree-search --data $GREEDY --heads "$R/$2/heads" --device cpu \
         --nodes 64 --prefix mix --source-weights "$MIX" --cache-hidden "${HIDDEN_TREES:-$R/hidden-trees}" \
