@@ -173,8 +173,20 @@ def test_hidden_cache_reused_across_epochs(shard, target, tmp_path):
         assert torch.equal(v, cold[k]), k
 
 
-def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, monkeypatch):
+def target_misses(monkeypatch) -> list[int]:
+    """After each hidden-state read, how many sequences the target has had to compute so far."""
     from amphista_engine.training import trainer
+    seen, orig = [], trainer.HiddenSource.get
+
+    def spy(self, batch, x):
+        out = orig(self, batch, x)
+        seen.append(self.misses)
+        return out
+    monkeypatch.setattr(trainer.HiddenSource, "get", spy)
+    return seen
+
+
+def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     with pytest.raises(ConfigError, match="--cache-hidden"):
         train_heads(cfg(shard, tmp_path / "x", fill_cache=True), target=target)
@@ -184,14 +196,7 @@ def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, mon
     next((tmp_path / "cache").glob("*.pt")).unlink()     # a refill computes only what is missing
     again = train_heads(cfg(shard, tmp_path / "x", fill_cache=True, cache_hidden=cache), target=target)
     assert again == {"sequences": 36, "cached_before": 35, "computed": 1}
-    seen = []
-    orig = trainer.HiddenSource.get
-
-    def spy(self, seqs, x):
-        out = orig(self, seqs, x)
-        seen.append(self.misses)
-        return out
-    monkeypatch.setattr(trainer.HiddenSource, "get", spy)
+    seen = target_misses(monkeypatch)
     train_heads(cfg(shard, tmp_path / "t", steps=3, cache_hidden=cache), target=target)
     assert seen and max(seen) == 0          # training never ran the target
 
@@ -199,7 +204,6 @@ def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, mon
 def test_fill_planned_fills_what_the_steps_read(shard, target, tmp_path, monkeypatch):
     """--fill-planned fills the sequences the first --steps steps read plus the held-out ones, no others, and a
     run of those steps then never runs the target."""
-    from amphista_engine.training import trainer
     from amphista_engine.training.trainer import planned_sequences, split_heldout
     with pytest.raises(ConfigError, match="--fill-planned only applies"):
         train_heads(cfg(shard, tmp_path / "x", fill_planned=True), target=target)
@@ -213,14 +217,7 @@ def test_fill_planned_fills_what_the_steps_read(shard, target, tmp_path, monkeyp
     want = {s.id for s in plan.batch(0)} | {s.id for s in held[:64]}
     assert got["computed"] == len(want) < len(seqs)
     assert {s.id for s in planned_sequences(plan, 1)} | {s.id for s in held[:64]} == want
-    seen = []
-    orig = trainer.HiddenSource.get
-
-    def spy(self, batch, x):
-        out = orig(self, batch, x)
-        seen.append(self.misses)
-        return out
-    monkeypatch.setattr(trainer.HiddenSource, "get", spy)
+    seen = target_misses(monkeypatch)
     train_heads(cfg(shard, tmp_path / "t", **kw), target=target)
     assert seen and max(seen) == 0          # the planned steps and the evals read only the cache
     whole = planned_sequences(plan, 10 * len(plan.batches(0)))     # several epochs: every training sequence
