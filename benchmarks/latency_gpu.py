@@ -37,6 +37,7 @@ from amphista_engine.evaluation.env import commit, sync  # noqa: E402
 from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kernels import gpu_exact  # noqa: E402
+from amphista_engine.kernels.backend import triton_runs_on  # noqa: E402
 from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.model import Transformer  # noqa: E402
@@ -224,6 +225,30 @@ def run(args, save=None) -> dict:
                     del heads
                 finally:
                     exact_graphs.clear()
+        # Tree attention merging its splits in the same launch (merge="kernel", AMPHISTA_TREE_MERGE=kernel)
+        # against the two-launch merge of the rows above: plain and the first 64-node tree, graphs on.
+        if device.type == "cuda" and triton_runs_on("cuda") and time.monotonic() < deadline:
+            from amphista_engine.kernels.triton_kernels.tree_attention import merge_mode
+            tree64 = next((t for t in trees if TreeSpec(t, 4, "cpu").num_nodes == 64), trees[0])
+            merge_graphs = DecodeGraphs()
+            heads = random_heads("amphista", model)
+            spec64 = TreeSpec(tree64, heads.num_heads, device)
+            try:
+                with merge_mode("kernel"):
+                    for kind, tree, nodes, dec in (
+                            ("plain", "-", 1, PlainDecoder(model, cache, SamplingParams())),
+                            ("amphista", tree64, spec64.num_nodes,
+                             SpeculativeDecoder(model, cache, heads, spec64, SamplingParams()))):
+                        merge_graphs.attach(dec)
+                        ms = time_steps(dec, prompt, args.steps, 3)
+                        rows.append({"model": shape_name, "method": f"{kind}, merge in kernel", "tree": tree,
+                                     "nodes": nodes, "graphs": True, "step_ms": round(ms, 3),
+                                     "ratio_vs_plain": round(ms / plain[True], 3),
+                                     "pct_of_bw_floor": round(100 * floor_ms / ms, 1) if nodes == 1 else None})
+                        print(rows[-1], file=sys.stderr)
+            finally:
+                merge_graphs.clear()
+                del heads
         # Full-vocabulary heads on every tree; with --draft-vocab also Amphista over that many tokens on the
         # largest trees (the drafting LM head shrinks by V / V').
         variants = [("medusa", 0), ("amphista", 0)] + [("amphista", dv) for dv in args.draft_vocab if dv]
@@ -259,6 +284,10 @@ def run(args, save=None) -> dict:
         if routed:
             targets[shape_name]["plain_triton_linear_step_ms"] = routed[0]["step_ms"]
             targets[shape_name]["plain_triton_linear_pct_of_floor"] = routed[0]["pct_of_bw_floor"]
+        merged = [r for r in rows if r["model"] == shape_name and r["method"] == "plain, merge in kernel"]
+        if merged:
+            targets[shape_name]["plain_merge_in_kernel_step_ms"] = merged[0]["step_ms"]
+            targets[shape_name]["plain_merge_in_kernel_pct_of_floor"] = merged[0]["pct_of_bw_floor"]
         for r in rows:
             if r["model"] == shape_name and r["nodes"] == 64 and r["graphs"] == (True in plain):
                 targets[shape_name][f"{r['method']}_{r['tree']}_ratio"] = r["ratio_vs_plain"]

@@ -132,6 +132,32 @@ def test_speculative_greedy_equals_plain_under_graphs():
 
 
 @needs_gpu
+def test_merge_in_kernel_decodes_like_two_launch_merge():
+    """Tree attention's merge="kernel" (kernels/triton_kernels/tree_attention.py: the last split merges, with
+    arrival counters that every graph replay must find re-armed) emits the same tokens as the two-launch
+    merge, eager and replayed, plain and speculative (fp32: no near-tie can flip)."""
+    from amphista_engine.kernels import use_backend
+    from amphista_engine.kernels.triton_kernels.tree_attention import merge_mode
+    model, cache, prompts = _setup("cuda", dtype=torch.float32)
+    heads = random_heads("amphista", model, num_heads=4, seed=2)
+    spec = TreeSpec("mc_sim_7b_63", 4, torch.device("cuda"))
+    outs = {}
+    with use_backend("triton"):
+        for mode in ("launch", "kernel"):
+            with merge_mode(mode):
+                graphs = DecodeGraphs()
+                for kind in ("plain", "amphista"):
+                    make = (lambda: PlainDecoder(model, cache, SamplingParams())) if kind == "plain" else \
+                        (lambda: SpeculativeDecoder(model, cache, heads, spec, SamplingParams()))
+                    outs[mode, kind, "eager"] = decode(make(), prompts)[0]
+                    outs[mode, kind, "graphs"] = decode(make(), prompts, graphs=graphs)[0]
+                assert graphs.stats.failed_captures == 0, graphs.stats.to_dict()
+    for key, got in outs.items():
+        want = outs["launch", key[1], "eager"]
+        assert got == want, (key, _first_difference(want, got))
+
+
+@needs_gpu
 @pytest.mark.parametrize("tree", ["tree-32", "mc_sim_7b_63"])
 def test_bf16_greedy_equals_plain_with_exact_greedy(tree, monkeypatch):
     """AMPHISTA_EXACT_GREEDY=1 (kernels/gpu_exact.py): in bf16, where the default path lets a near-tie part

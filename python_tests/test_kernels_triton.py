@@ -125,6 +125,97 @@ def test_tree_attention(case, poisoned):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+# B, H, H_kv, N, D, dtype, splits, mask kind: split cases only (one split has nothing to merge)
+MERGE_CASES = [ATTN_CASES[1], ATTN_CASES[2], ATTN_CASES[6], (3, 4, 2, 1, 64, torch.float32, 5, "causal")]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}"
+                                                              f"-{str(c[5])[6:]}-s{c[6]}-{c[7]}")
+def test_tree_attention_merge_in_kernel(case, poisoned, monkeypatch):
+    """merge="kernel": the last split of each program group merges in the same launch (no merge kernel runs),
+    the result matches the reference and the two-launch merge, and every arrival counter is re-armed to 0,
+    so the next launch (or a CUDA-graph replay) starts clean, also with more groups than before."""
+    from amphista_engine.kernels.triton_kernels import tree_attention as ta
+    B, H, Hkv, N, D, dtype, splits, kind = case
+    g = gen("tree_attention_merge", case)
+    S = 176
+    prefix = torch.tensor([97, 0, 33][:B]).to(DEV)           # row 1: every split empty (lse -inf everywhere)
+    kv_len = int(prefix.max()) + N + 7
+    k, v = randn(g, B, Hkv, S, D, dtype=dtype), randn(g, B, Hkv, S, D, dtype=dtype)
+    q = randn(g, B, N, H, D, dtype=dtype).transpose(1, 2)
+    bits = _tree_bits(kind, B, N, g)
+    ref = reference.tree_attention(q, k, v, prefix, bits, kv_len)
+    # 16-key tiles, so the requested splits really happen (64-key tiles would leave 2 at these lengths)
+    two_launch = ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=splits, block_n=16, merge="launch")
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the merge kernel was launched")
+    monkeypatch.setattr(ta, "_tree_attn_merge", NoLaunch())
+    outs = [ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=splits, block_n=16, merge="kernel")
+            for _ in range(2)]
+    assert torch.isfinite(outs[0]).all()
+    assert rel_err(outs[0], ref) < TOL[dtype]
+    assert rel_err(outs[0], two_launch) < 1e-6               # the same sum, in the same order
+    assert torch.equal(outs[0], outs[1])                     # the second launch found its counters re-armed
+    counters = ta.arrival_counters(DEV, 1)
+    assert counters.dtype == torch.int32 and int(counters.count_nonzero()) == 0
+
+
+def test_tree_merge_mode_switch(monkeypatch):
+    from amphista_engine.kernels.triton_kernels import tree_attention as ta
+    monkeypatch.delenv(ta.MERGE_ENV, raising=False)
+    assert ta.default_merge() == "launch"
+    monkeypatch.setenv(ta.MERGE_ENV, "kernel")
+    assert ta.default_merge() == "kernel"
+    with ta.merge_mode("launch"):
+        assert ta.default_merge() == "launch"
+    assert ta.default_merge() == "kernel"
+    monkeypatch.setenv(ta.MERGE_ENV, "both")
+    with pytest.raises(ValueError, match="AMPHISTA_TREE_MERGE='both'"):
+        ta.default_merge()
+    with pytest.raises(ValueError, match="merge mode 'fast'"):
+        with ta.merge_mode("fast"):
+            pass
+    q = torch.zeros(1, 2, 1, 64, device=DEV)
+    kc = torch.zeros(1, 2, 8, 64, device=DEV)
+    with pytest.raises(ValueError, match="merge='twice'"):
+        ta.tree_attention(q, kc, kc, torch.zeros(1, dtype=torch.long, device=DEV), torch.ones(1, 1, dtype=torch.long,
+                          device=DEV), 8, merge="twice")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs and real concurrency")
+def test_tree_attention_merge_in_kernel_on_gpu_under_graphs():
+    """On a GPU the splits really race for the counters: many groups, many splits, repeated launches and CUDA
+    graph replays with new inputs must all match the reference (a missed release/acquire or a counter left
+    armed shows up as wrong or NaN rows)."""
+    from amphista_engine.kernels.triton_kernels import tree_attention as ta
+    g = gen("merge_gpu")
+    B, H, Hkv, N, D, S = 4, 32, 8, 16, 128, 2048
+    prefix = torch.tensor([2000, 1, 1500, 777], device=DEV)
+    kv_len = S
+    k, v = randn(g, B, Hkv, S, D, dtype=torch.bfloat16), randn(g, B, Hkv, S, D, dtype=torch.bfloat16)
+    q = randn(g, B, N, H, D, dtype=torch.bfloat16).transpose(1, 2)
+    bits = _tree_bits("dynamic", B, N, g)
+    for splits in (2, 16, 31):
+        ref = reference.tree_attention(q.float(), k.float(), v.float(), prefix, bits, kv_len)
+        for _ in range(20):
+            out = ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=splits, merge="kernel")
+            assert rel_err(out, ref) < TOL[torch.bfloat16]
+    q_static = q.clone()
+    ta.tree_attention(q_static, k, v, prefix, bits, kv_len, num_splits=16, merge="kernel")     # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = ta.tree_attention(q_static, k, v, prefix, bits, kv_len, num_splits=16, merge="kernel")
+    for i in range(5):
+        q_static.copy_(randn(g, B, N, H, D, dtype=torch.bfloat16).transpose(1, 2))
+        graph.replay()
+        ref = reference.tree_attention(q_static.float(), k.float(), v.float(), prefix, bits, kv_len)
+        assert rel_err(out_static, ref) < TOL[torch.bfloat16], i
+    torch.cuda.synchronize()
+    assert int(ta.arrival_counters(DEV, 1).count_nonzero()) == 0
+
+
 @pytest.mark.parametrize("dtype,Hkv,D", [(torch.bfloat16, 2, 64), (torch.float16, 1, 128), (torch.float32, 2, 64)])
 def test_ordered_tree_attention_is_row_invariant(dtype, Hkv, D, poisoned, position_invariant_dot):
     """The row-invariant path (kernels/gpu_exact.py): each tree node's output equals, bit for bit, a plain

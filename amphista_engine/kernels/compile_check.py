@@ -80,6 +80,7 @@ def _launchers(dtypes):
             pl = torch.zeros(B, dtype=torch.long)
             tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1)
             tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2)
+            tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2, merge="kernel")
             tree_attention.tree_attention_ordered(q, kc, kc, torch.zeros(B, N, dtype=torch.int32),
                                                   torch.zeros(B, N, 16, dtype=torch.int32), S, 128)
             x = torch.zeros(3, 4, 256, dtype=dt)

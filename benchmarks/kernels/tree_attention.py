@@ -1,5 +1,7 @@
 """Tree-masked verification attention: the kernel backends vs the torch reference (which builds the dense
 mask per call) vs F.scaled_dot_product_attention with a prebuilt dense mask (the engine's per-layer cost).
+"triton:merge-in-kernel" is the Triton kernel with merge="kernel" (the last split merges, no second launch),
+side by side with the default two-launch merge ("triton").
 
 Bytes: K/V of the prefix + tree slots, Q and the output. FLOPs: 4 * H * N * (prefix + N) * D (QK^T and PV,
 masked entries included). Target on an H100: >= 70% of copy bandwidth for prefix >= 1024, >= 2x SDPA.
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 from _bench import main_for
 from amphista_engine.kernels import ops
+from amphista_engine.kernels.backend import triton_runs_on
 from amphista_engine.model import AttentionSpec
 from amphista_engine.tree import build_tree
 
@@ -20,6 +23,8 @@ TREES = {1: "chain-1", 16: "tree-16", 64: "mc_sim_7b_63"}
 
 def run(bench):
     rows, dev, dt = [], bench.device, bench.dtype
+    if triton_runs_on(dev.type):
+        from amphista_engine.kernels.triton_kernels.tree_attention import tree_attention as merged
     esize = torch.tensor([], dtype=dt).element_size()
     for sh in bench.shapes:
         H, Hkv, D = sh.n_heads, sh.n_kv_heads, sh.head_dim
@@ -39,6 +44,7 @@ def run(bench):
                     "torch": lambda: ops.tree_attention(q, k, v, prefix, mask, kv_len),
                     "triton": kernel,
                     "cuda": kernel,
+                    "triton:merge-in-kernel": lambda: merged(q, k, v, prefix, bits, kv_len, merge="kernel"),
                     "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None],
                                                                          enable_gqa=True),
                 }

@@ -5,7 +5,8 @@
 
 Sweeps (each variant is checked against the torch reference on the same inputs before it is timed; a
 variant that is wrong or fails to compile is recorded as such, never as fast):
-  * triton tree attention: split count, keys per tile, warps, pipeline stages;
+  * triton tree attention: split count, keys per tile, warps, pipeline stages, and the split merge in the
+    same launch (merge="kernel") at 1-8x the heuristic's split count;
   * cuda tree attention: split count;
   * triton fused_sal_input: column tile, K tile, warps, stages.
 The current heuristic's choice is always one of the variants ("default"), so the table says directly how
@@ -103,6 +104,13 @@ def sweep_tree_attention(sw: Sweep, bench: Bench):
                     q, k, v, prefix, bits, kv_len, num_splits=s, block_n=bn, num_warps=w, num_stages=st)
                 sw.time_variant("triton tree_attention", case, f"splits={splits} ({mult}x) block_n={bn} warps={warps} "
                                 f"stages={stages}", fn, ref, nbytes, default=(mult, bn, warps, stages) == (1, 64, 4, 2))
+            # Merging in the same launch removes a fixed cost, so more (shorter) splits may pay off with it.
+            for mult, bn in itertools.product((1, 2, 4, 8), (64, 32)):
+                splits = heur * mult
+                fn = lambda s=splits, bn=bn: ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=s,
+                                                                block_n=bn, merge="kernel")
+                sw.time_variant("triton tree_attention", case, f"splits={splits} ({mult}x) block_n={bn} merge=kernel",
+                                fn, ref, nbytes)
         if dev.type == "cuda" and cuda_available():
             heur = cuda_ops.num_splits(Hkv, -(-(H // Hkv) * N // 64), kv_len, dev)
             for splits in sorted({heur, 1, 2, 4, 8, 16, 32, 64}):

@@ -11,8 +11,11 @@ Layout of the work (why):
   * The key range is cut into SPLITS chunks along the sequence (split-K, "flash decoding"): with one
     request a decode step has only H_kv programs per layer, far fewer than the GPU's SMs; splitting the
     prefix gives every SM a share of the cache. Each split writes its softmax-normalised partial output
-    and log-sum-exp; a second small kernel merges the splits. With one split the first kernel writes the
-    output directly and the merge is skipped.
+    and log-sum-exp; the splits are then merged in one of two ways (`merge`): a second small kernel
+    ("launch"), or, in the same launch, by whichever split of a program group finishes last ("kernel": an
+    arrival counter per group, as stream-K GEMMs do; it saves a launch and the merge kernel's start-up, a
+    fixed cost that dominates at short prefixes). With one split the first kernel writes the output
+    directly and neither runs.
   * Inside a split, tiles that lie entirely in the prefix need no mask (the common case, cheapest loop);
     only the tail tiles that touch the tree slots evaluate the ancestor bits.
   * Softmax runs in base 2 (exp2 with log2(e) folded into the scale) in fp32; P is rounded to V's dtype
@@ -20,7 +23,9 @@ Layout of the work (why):
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -35,6 +40,11 @@ MERGE_ROWS = 16       # output rows per merge program
 # an H200 (benchmarks/results/gpu/h200_2026-11-27_tune): the former 1/8 left a 64-node tree with one split
 # (SmolLM2 shape, prefix 2048: 25.9 us; 4 splits: 10.7 us) and two on the 7B shape at prefix 1024 (14.7 us; 4: 12.4).
 PARTIAL_BUDGET = 2
+# How split partials are merged by default ("launch" | "kernel", see the module docstring). "launch" is what the
+# H200 runs timed; "kernel" waits for a GPU session to time it (benchmarks/kernels/tree_attention.py and
+# latency_gpu.py carry the A/B rows).
+MERGE_ENV = "AMPHISTA_TREE_MERGE"
+MERGE_MODES = ("launch", "kernel")
 
 
 @triton.jit
@@ -69,6 +79,41 @@ def _store_partial(OPart, LsePart, acc, m_i, l_i, row_ok, node, head, d, d_ok, b
     prow = ((b64 * H + head) * N + node) * splits + split          # [B, H, N, splits] row-major
     tl.store(LsePart + prow, lse, mask=row_ok)
     tl.store(OPart + prow[:, None] * HEAD_D + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_if_last(OPart, LsePart, Counter, Out, stride_ob, stride_oh, stride_on, stride_od,
+                   row_ok, node, head, d, d_ok, b64, H, N, splits,
+                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Called by every split of a program group after its _store_partial: the last to arrive merges the
+    group's rows (the same sum as _tree_attn_merge) and re-arms the group's counter for the next launch.
+
+    Ordering (the cooperative-groups grid-barrier pattern): the CTA barrier puts every thread's partial stores
+    before thread 0's acq_rel atomic (Triton issues a scalar atomic from one thread and broadcasts the result
+    through shared memory, behind another barrier); the last arriver's acquire then orders its loads after
+    all the other splits' releases. The loads go to L2 (.cg): the partials were written by other SMs."""
+    tl.debug_barrier()
+    group = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    ticket = tl.atomic_add(Counter + group, 1, sem="acq_rel", scope="gpu")
+    if ticket == splits - 1:
+        tl.atomic_xchg(Counter + group, 0, sem="relaxed", scope="gpu")
+        prow = ((b64 * H + head) * N + node) * splits          # the row's split 0, [B, H, N, splits] row-major
+        s = tl.arange(0, BLOCK_S)
+        lse = tl.load(LsePart + prow[:, None] + s[None, :], mask=row_ok[:, None] & (s < splits)[None, :],
+                      other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(lse, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)               # a row no key reached: 0 / 0 below, like SDPA
+        w = tl.exp2(lse - m[:, None])
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        od_mask = row_ok[:, None] & d_ok[None, :]
+        for i in range(0, splits):
+            w_i = tl.sum(tl.where(s[None, :] == i, w, 0.0), 1)
+            o = tl.load(OPart + (prow + i)[:, None] * HEAD_D + d[None, :], mask=od_mask, other=0.0,
+                        cache_modifier=".cg")
+            acc += w_i[:, None] * o
+        denom = tl.where(row_ok, tl.sum(w, 1), 1.0)            # padding rows of the last block
+        tl.store(Out + b64 * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_on
+                 + d[None, :] * stride_od, (acc / denom[:, None]).to(Out.dtype.element_ty), mask=od_mask)
 
 
 @triton.jit
@@ -109,7 +154,7 @@ def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
 
 @triton.jit
 def _tree_attn_fwd(
-    Q, K, V, Bits, PrefixLen, Out, OPart, LsePart,
+    Q, K, V, Bits, PrefixLen, Out, OPart, LsePart, Counter,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -118,6 +163,7 @@ def _tree_attn_fwd(
     H_KV, N, kv_len, chunk, splits, qk_scale,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
+    MERGE_HERE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
 ):
     b64, kvh, pid_m, split, H = _program_ids(H_KV, G)
     row_ok, node, head, d, d_ok, q = _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
@@ -151,6 +197,9 @@ def _tree_attn_fwd(
                  + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
         _store_partial(OPart, LsePart, acc, m_i, l_i, row_ok, node, head, d, d_ok, b64, H, N, splits, split, HEAD_D)
+        if MERGE_HERE:
+            _merge_if_last(OPart, LsePart, Counter, Out, stride_ob, stride_oh, stride_on, stride_od,
+                           row_ok, node, head, d, d_ok, b64, H, N, splits, HEAD_D, BLOCK_M, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -281,6 +330,52 @@ def tree_attention_ordered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+_merge_default: str | None = None       # set by merge_mode(); None: the environment, else "launch"
+
+
+def default_merge() -> str:
+    mode = _merge_default or os.environ.get(MERGE_ENV, "").strip().lower() or "launch"
+    if mode not in MERGE_MODES:
+        raise ValueError(f"{MERGE_ENV}={mode!r}: expected one of {', '.join(MERGE_MODES)}")
+    return mode
+
+
+@contextlib.contextmanager
+def merge_mode(mode: str):
+    """Within the block, tree_attention merges splits this way by default (benchmarks' A/B rows). Graphs
+    captured inside keep the mode they were captured with."""
+    global _merge_default
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge mode {mode!r}: expected one of {', '.join(MERGE_MODES)}")
+    prev, _merge_default = _merge_default, mode
+    try:
+        yield
+    finally:
+        _merge_default = prev
+
+
+_counters: dict[tuple[str, int | None], torch.Tensor] = {}
+_retired: list[torch.Tensor] = []       # outgrown counter buffers: a captured graph may still point at one
+
+
+def arrival_counters(device: torch.device, groups: int) -> torch.Tensor | None:
+    """Zeroed int32 counters, one per program group, for merge="kernel"; each launch leaves them zero again
+    (the last split re-arms its group). One buffer per device, used by launches in stream order: the
+    engine's decode steps run on one stream. None while a CUDA graph is being captured and the buffer is too
+    small: a new buffer's zeroing memset would only run at replay, so that launch merges with a second kernel."""
+    key = (device.type, device.index if device.index is not None or device.type != "cuda"
+           else torch.cuda.current_device())
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < groups:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if buf is not None:
+            _retired.append(buf)
+        buf = torch.zeros(max(4096, next_pow2(groups)), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
+
+
 def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: torch.device) -> int:
     """Splits along the sequence: about two waves of programs over the SMs, but no split shorter than
     MIN_CHUNK keys, and the partial outputs (rows_per_kv_head fp32 rows per split) small next to K/V."""
@@ -292,10 +387,12 @@ def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
                    bits: torch.Tensor, kv_len: int, scale: float | None = None, num_splits: int | None = None,
-                   block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                   block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int | None = None,
+                   merge: str | None = None) -> torch.Tensor:
     """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
     Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic;
-    it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py."""
+    it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py. merge: "launch" or
+    "kernel" (see the module docstring); None = default_merge()."""
     B, H, N, D = q.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -311,11 +408,18 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     chunk = cdiv(cdiv(kv_len, max(num_splits, 1)), block_n) * block_n
     splits = max(1, cdiv(kv_len, chunk))
     single = splits == 1
+    merge = default_merge() if merge is None else merge
+    if merge not in MERGE_MODES:
+        raise ValueError(f"tree_attention: merge={merge!r}, expected one of {', '.join(MERGE_MODES)}")
+    counters = None if single or merge == "launch" else arrival_counters(q.device, B * H_kv * m_blocks)
+    merge_here = counters is not None
     if single:
         o_part = lse_part = out_buf           # unused
     else:
         o_part = torch.empty(B, H, N, splits, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, H, N, splits, dtype=torch.float32, device=q.device)
+    if counters is None:
+        counters = prefix_len                 # unused
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bits = bits.reshape(-1, N)
     prefix_len = prefix_len.contiguous()
@@ -323,13 +427,14 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
     def launch(num_stages):
         _tree_attn_fwd[(B * H_kv, m_blocks, splits)](
-            q, k_cache, v_cache, bits, prefix_len, out, o_part, lse_part,
+            q, k_cache, v_cache, bits, prefix_len, out, o_part, lse_part, counters,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             bits.stride(0) if bits.shape[0] > 1 else 0, bits.stride(1),
             *out.stride(),
             H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
             G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
-            EXACT=exact_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
+            EXACT=exact_dot(q.dtype), MERGE_HERE=merge_here, BLOCK_S=next_pow2(splits) if merge_here else 1,
+            num_warps=num_warps, num_stages=num_stages,
         )
 
     if num_stages is not None:
@@ -340,8 +445,9 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         # three do not fit (fp32 K/V tiles on a GPU with less shared memory).
         stages = [3, 2] if chunk // block_n >= 4 else [2]
         launch_first_fitting(launch, [dict(num_stages=st) for st in stages],
-                             (q.device, q.dtype, G, D, block_m, block_n, single, num_warps, stages[0], "tree_attention"))
-    if not single:
+                             (q.device, q.dtype, G, D, block_m, block_n, single, merge_here, num_warps, stages[0],
+                              "tree_attention"))
+    if not single and not merge_here:
         n_rows = B * H * N
         block_r = min(MERGE_ROWS, next_pow2(n_rows))
         _tree_attn_merge[(cdiv(n_rows, block_r),)](
