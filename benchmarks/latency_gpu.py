@@ -142,6 +142,32 @@ def environment(device) -> dict:
     return meta
 
 
+def mode_rows(label, context, model, cache, trees, prompt, steps, plain_ms, floor_ms, shape_name) -> list[dict]:
+    """Rows '<kind>, <label>' for the plain step and the first 64-node Amphista tree, graphs on, run inside
+    context() (a mode switch), against the plain graph-replayed step of the same run (plain_ms)."""
+    device = next(model.parameters()).device
+    tree64 = next((t for t in trees if TreeSpec(t, 4, "cpu").num_nodes == 64), trees[0])
+    graphs, rows = DecodeGraphs(), []
+    with context():
+        try:
+            heads = random_heads("amphista", model)
+            spec64 = TreeSpec(tree64, heads.num_heads, device)
+            for kind, tree, nodes, dec in (
+                    ("plain", "-", 1, PlainDecoder(model, cache, SamplingParams())),
+                    ("amphista", tree64, spec64.num_nodes,
+                     SpeculativeDecoder(model, cache, heads, spec64, SamplingParams()))):
+                graphs.attach(dec)
+                ms = time_steps(dec, prompt, steps, 3)
+                rows.append({"model": shape_name, "method": f"{kind}, {label}", "tree": tree, "nodes": nodes,
+                             "graphs": True, "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain_ms, 3),
+                             "pct_of_bw_floor": round(100 * floor_ms / ms, 1) if nodes == 1 else None})
+                print(rows[-1], file=sys.stderr)
+            del heads
+        finally:
+            graphs.clear()
+    return rows
+
+
 def run(args, save=None) -> dict:
     """All configurations; `save(result)` is called after each model shape, so a run stopped by a timeout
     still leaves what it measured."""
@@ -202,53 +228,20 @@ def run(args, save=None) -> dict:
                      "graphs": use_graphs, "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain[use_graphs], 3),
                      "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
         print(rows[-1], file=sys.stderr)
-        # The exact-greedy path (kernels/gpu_exact.py, AMPHISTA_EXACT_GREEDY=1): what bf16 greedy output equal
-        # to plain greedy output costs, plain and on the first 64-node tree, graphs on, against the rows above.
-        if device.type == "cuda" and dtype != torch.float32 and time.monotonic() < deadline:
-            tree64 = next((t for t in trees if TreeSpec(t, 4, "cpu").num_nodes == 64), trees[0])
-            exact_graphs = DecodeGraphs()
-            with gpu_exact.enabled_for(model):
-                try:
-                    heads = random_heads("amphista", model)
-                    spec64 = TreeSpec(tree64, heads.num_heads, device)
-                    for kind, tree, nodes, dec in (
-                            ("plain", "-", 1, PlainDecoder(model, cache, SamplingParams())),
-                            ("amphista", tree64, spec64.num_nodes,
-                             SpeculativeDecoder(model, cache, heads, spec64, SamplingParams()))):
-                        exact_graphs.attach(dec)
-                        ms = time_steps(dec, prompt, args.steps, 3)
-                        rows.append({"model": shape_name, "method": f"{kind}, exact greedy", "tree": tree,
-                                     "nodes": nodes, "graphs": True, "step_ms": round(ms, 3),
-                                     "ratio_vs_plain": round(ms / plain[True], 3),
-                                     "pct_of_bw_floor": round(100 * floor_ms / ms, 1) if nodes == 1 else None})
-                        print(rows[-1], file=sys.stderr)
-                    del heads
-                finally:
-                    exact_graphs.clear()
-        # Tree attention merging its splits in the same launch (merge="kernel", AMPHISTA_TREE_MERGE=kernel)
-        # against the two-launch merge of the rows above: plain and the first 64-node tree, graphs on.
-        if device.type == "cuda" and triton_runs_on("cuda") and time.monotonic() < deadline:
+        # Opt-in GPU modes against the rows above, plain and on the first 64-node tree, graphs on:
+        # the exact-greedy path (kernels/gpu_exact.py, AMPHISTA_EXACT_GREEDY=1): what bf16 greedy output equal
+        # to plain greedy output costs; tree attention merging its splits in the same launch
+        # (AMPHISTA_TREE_MERGE=kernel) against the two-launch merge.
+        modes = []
+        if device.type == "cuda" and dtype != torch.float32:
+            modes.append(("exact greedy", lambda m=model: gpu_exact.enabled_for(m)))
+        if device.type == "cuda" and triton_runs_on("cuda"):
             from amphista_engine.kernels.triton_kernels.tree_attention import merge_mode
-            tree64 = next((t for t in trees if TreeSpec(t, 4, "cpu").num_nodes == 64), trees[0])
-            merge_graphs = DecodeGraphs()
-            heads = random_heads("amphista", model)
-            spec64 = TreeSpec(tree64, heads.num_heads, device)
-            try:
-                with merge_mode("kernel"):
-                    for kind, tree, nodes, dec in (
-                            ("plain", "-", 1, PlainDecoder(model, cache, SamplingParams())),
-                            ("amphista", tree64, spec64.num_nodes,
-                             SpeculativeDecoder(model, cache, heads, spec64, SamplingParams()))):
-                        merge_graphs.attach(dec)
-                        ms = time_steps(dec, prompt, args.steps, 3)
-                        rows.append({"model": shape_name, "method": f"{kind}, merge in kernel", "tree": tree,
-                                     "nodes": nodes, "graphs": True, "step_ms": round(ms, 3),
-                                     "ratio_vs_plain": round(ms / plain[True], 3),
-                                     "pct_of_bw_floor": round(100 * floor_ms / ms, 1) if nodes == 1 else None})
-                        print(rows[-1], file=sys.stderr)
-            finally:
-                merge_graphs.clear()
-                del heads
+            modes.append(("merge in kernel", lambda: merge_mode("kernel")))
+        for label, context in modes:
+            if time.monotonic() < deadline:
+                rows += mode_rows(label, context, model, cache, trees, prompt, args.steps, plain[True], floor_ms,
+                                  shape_name)
         # Full-vocabulary heads on every tree; with --draft-vocab also Amphista over that many tokens on the
         # largest trees (the drafting LM head shrinks by V / V').
         variants = [("medusa", 0), ("amphista", 0)] + [("amphista", dv) for dv in args.draft_vocab if dv]

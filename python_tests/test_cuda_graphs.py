@@ -346,3 +346,29 @@ def test_latency_benchmark_smoke_on_cpu(tmp_path):
     assert {"commit", "date", "torch", "device"} <= set(res["meta"])
     assert (tmp_path / "latency.md").read_text().startswith("# Decode-step latency")
 
+
+
+def test_latency_mode_rows_on_cpu():
+    """latency_gpu.mode_rows, the A/B rows of the opt-in GPU modes (exact greedy, merge in kernel), runs its
+    plain and 64-node Amphista steps inside the mode's context on the CPU too (graphs are off there)."""
+    import contextlib
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("latency_gpu", ROOT / "benchmarks" / "latency_gpu.py")
+    lat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lat)
+    model = lat.random_model(lat.SMOKE, torch.device("cpu"), torch.float32, 512)
+    cache = KVCache.for_model(model.config, 1, 512, torch.float32, torch.device("cpu"))
+    entered = []
+
+    @contextlib.contextmanager
+    def mode():
+        entered.append(True)
+        yield
+
+    rows = lat.mode_rows("test mode", mode, model, cache, ["tree-16", "mc_sim_7b_63"], list(range(1, 20)), 2,
+                         plain_ms=1.0, floor_ms=0.5, shape_name="smoke")
+    assert entered == [True]
+    assert [(r["method"], r["tree"], r["nodes"]) for r in rows] == [("plain, test mode", "-", 1),
+                                                                     ("amphista, test mode", "mc_sim_7b_63", 64)]
+    assert all(r["step_ms"] > 0 and r["ratio_vs_plain"] == round(r["step_ms"], 3) for r in rows)
+    assert rows[0]["pct_of_bw_floor"] is not None and rows[1]["pct_of_bw_floor"] is None
