@@ -172,14 +172,14 @@ def test_tree_merge_mode_switch(monkeypatch):
         assert ta.default_merge() == "launch"
     assert ta.default_merge() == "kernel"
     monkeypatch.setenv(ta.MERGE_ENV, "both")
-    with pytest.raises(ValueError, match="AMPHISTA_TREE_MERGE='both'"):
+    with pytest.raises(ConfigError, match="AMPHISTA_TREE_MERGE='both'"):
         ta.default_merge()
-    with pytest.raises(ValueError, match="merge mode 'fast'"):
+    with pytest.raises(ConfigError, match="merge mode 'fast'"):
         with ta.merge_mode("fast"):
             pass
     q = torch.zeros(1, 2, 1, 64, device=DEV)
     kc = torch.zeros(1, 2, 8, 64, device=DEV)
-    with pytest.raises(ValueError, match="merge='twice'"):
+    with pytest.raises(ConfigError, match="merge='twice'"):
         ta.tree_attention(q, kc, kc, torch.zeros(1, dtype=torch.long, device=DEV), torch.ones(1, 1, dtype=torch.long,
                           device=DEV), 8, merge="twice")
 

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...errors import ConfigError
 from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, sm_count
 
 BLOCK_N = 64          # keys per tile: a [64, 128] bf16 K tile is 16 KiB, two stages fit every SM
@@ -336,7 +337,7 @@ _merge_default: str | None = None       # set by merge_mode(); None: the environ
 def default_merge() -> str:
     mode = _merge_default or os.environ.get(MERGE_ENV, "").strip().lower() or "launch"
     if mode not in MERGE_MODES:
-        raise ValueError(f"{MERGE_ENV}={mode!r}: expected one of {', '.join(MERGE_MODES)}")
+        raise ConfigError(f"environment variable {MERGE_ENV}={mode!r}: expected one of {', '.join(MERGE_MODES)}")
     return mode
 
 
@@ -346,7 +347,7 @@ def merge_mode(mode: str):
     captured inside keep the mode they were captured with."""
     global _merge_default
     if mode not in MERGE_MODES:
-        raise ValueError(f"merge mode {mode!r}: expected one of {', '.join(MERGE_MODES)}")
+        raise ConfigError(f"merge mode {mode!r}: expected one of {', '.join(MERGE_MODES)}")
     prev, _merge_default = _merge_default, mode
     try:
         yield
@@ -410,7 +411,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     single = splits == 1
     merge = default_merge() if merge is None else merge
     if merge not in MERGE_MODES:
-        raise ValueError(f"tree_attention: merge={merge!r}, expected one of {', '.join(MERGE_MODES)}")
+        raise ConfigError(f"tree_attention: merge={merge!r}, expected one of {', '.join(MERGE_MODES)}")
     counters = None if single or merge == "launch" else arrival_counters(q.device, B * H_kv * m_blocks)
     merge_here = counters is not None
     if single:
