@@ -18,6 +18,9 @@ def shipped_heads(model: str, method: str) -> Path | None:
 
 def resolve_heads(engine, heads: str, speculative: str) -> str | None:
     """Load the heads the CLI flags ask for; returns the speculative method to run, or None for plain."""
+    if heads == "none" and speculative not in ("auto", "none"):
+        raise InputError(f"--speculative {speculative} needs drafting heads, but --heads none loads none; "
+                         f"drop --heads none (shipped heads) or pass --heads DIR")
     if speculative == "none" or heads == "none":
         return None
     if heads == "default":

@@ -16,7 +16,7 @@ from .generation import PlainDecoder, _sync, kv_window
 from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .model import AttentionSpec
 from .sampling import SamplingParams
-from .tree import TOPK, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
+from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
 
 DEFAULT_TREE = "mc_sim_7b_63"
 CPU_TREE = "tree-16"    # a CPU verifies 64 nodes at ~7x the cost of a plain step (benchmarks/results), 16 at ~3x
@@ -79,6 +79,11 @@ class TreeSpec:
                 raise ConfigError(f"dynamic tree size must be in [2, 512], got {self.num_nodes}")
             self.max_depth = num_heads
         else:
+            if isinstance(tree, str) and tree not in TREES:
+                fitted = ", ".join(sorted(heads_trees or {})) or "none"
+                raise ConfigError(f"unknown tree {tree!r}; choose a shipped tree ({', '.join(sorted(TREES))}), "
+                                  f"dynamic-N with N in [2, 512], a tree fitted to the loaded heads ({fitted}), "
+                                  f"a JSON list of rank paths, or a .json file holding one")
             self.static = build_tree(tree, TOPK, device)
             self.num_nodes, self.max_depth = self.static.num_nodes, self.static.max_depth
             if self.max_depth > num_heads:

@@ -135,6 +135,16 @@ def test_cli_errors_are_one_line(capsys):
     assert main(["generate", "hi", "--model", "/no/such/model", "--temperature", "-1"]) == 2
 
 
+def test_cli_speculative_without_heads_is_an_error(tiny_hf_dir, capsys):
+    """Asking for a drafting method while turning heads off is a contradiction, not plain decoding."""
+    args = ["generate", "hi", "--model", str(tiny_hf_dir), "--max-new-tokens", "2", "--no-chat", "--device", "cpu",
+            "--max-seq-len", "64", "--heads", "none"]
+    assert main(args + ["--speculative", "medusa"]) == 2
+    err = capsys.readouterr().err
+    assert "--speculative medusa needs drafting heads, but --heads none" in err and "Traceback" not in err
+    assert main(args) == 0 and main(args + ["--speculative", "none"]) == 0      # auto / none: plain decoding
+
+
 @needs_smollm2
 def test_smollm2_chat_generate_cli(capsys):
     rc = main(["generate", "What is 2+2? Answer with one number.", "--max-new-tokens", "16", "--device", "cpu",

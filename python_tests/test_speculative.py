@@ -223,8 +223,9 @@ def test_rejection_sampling_is_lossless_end_to_end(tree):
 def test_bad_speculative_inputs(tmp_path):
     model = random_tiny_model()
     heads = random_heads("amphista", model, num_heads=3)
-    with pytest.raises(ConfigError, match="unknown tree"):
-        TreeSpec("no-such-tree", 3, "cpu")
+    with pytest.raises(ConfigError, match="unknown tree 'no-such-tree'; choose a shipped tree .*tree-16.*dynamic-N"
+                                          ".*fitted to the loaded heads \\(mix-8\\)"):
+        TreeSpec("no-such-tree", 3, "cpu", heads_trees={"mix-8": [[0], [0, 0]]})
     with pytest.raises(ConfigError, match="4 deep.*3 tokens"):
         TreeSpec("mc_sim_7b_63", 3, "cpu")
     with pytest.raises(ConfigError, match="dynamic"):
