@@ -23,7 +23,8 @@ def _add_decoding_args(p: argparse.ArgumentParser):
     p.add_argument("--heads", default="default",
                    help="drafting-heads directory; 'default' = the heads shipped for the model if any; 'none'")
     p.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa", "none"],
-                   help="drafting method (auto: whatever --heads holds; none: plain decoding)")
+                   help="drafting method (auto: whatever --heads holds, if a quick timing on the CPU says it is "
+                        "faster than plain decoding there; none: plain decoding)")
     p.add_argument("--tree", default=None, help="static tree name (e.g. mc_sim_7b_63), dynamic-N, or a JSON path list")
 
 
@@ -35,6 +36,15 @@ def cmd_generate(args) -> int:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs)
     speculative = resolve_heads(engine, args.heads, args.speculative)
+    check = None
+    if args.speculative == "auto" and speculative is not None and engine.device.type == "cpu":
+        # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save
+        from .speculation_check import check_speculation
+        check = check_speculation(engine, args.tree)
+        print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {speculative} uses the heads anyway)"),
+              file=sys.stderr)
+        if not check.pays:
+            speculative = None
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
                   seed=args.seed, chat=args.chat, speculative=speculative, tree=args.tree)
@@ -42,6 +52,8 @@ def cmd_generate(args) -> int:
         result = engine.generate(args.prompt, **kwargs)
         out = result.to_dict()
         out["speculative"] = speculative
+        if check is not None:
+            out["speculation_check"] = {"pays": check.pays, "tree": check.tree, "reason": check.reason}
         print(json.dumps(out))
     else:
         for chunk in engine.stream(args.prompt, **kwargs):

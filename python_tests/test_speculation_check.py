@@ -1,0 +1,65 @@
+"""`--speculative auto` on the CPU: speculation only where a timed step says it is faster than plain decoding."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from amphista_engine import Engine
+from amphista_engine.cli import main
+from amphista_engine.heads import random_heads
+from amphista_engine.heads.checkpoint import save_heads
+from amphista_engine.speculation_check import HELD_OUT_DISCOUNT, check_speculation, expected_tau
+
+pytest.importorskip("transformers")      # tiny_hf_dir
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_hf_dir):
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
+    return eng
+
+
+def _record_tau(engine, tree: str, tau: float | None):
+    engine.heads.config.extra = {} if tau is None else {"tree_search": {"decoding_tau": {tree: tau}}}
+
+
+def test_verdict_weighs_the_measured_step_cost_against_the_heads_tau(engine):
+    _record_tau(engine, "tree-16", 50.0)              # no tree step costs 45 plain steps: speculation pays
+    yes = check_speculation(engine, repeats=2, warmup=1)
+    assert yes.pays and yes.tree == "tree-16" and yes.expected_tau == 50.0
+    assert yes.plain_ms > 0 and yes.step_ms > 0 and yes.step_ratio == yes.step_ms / yes.plain_ms
+    assert "speculation is faster" in yes.reason
+    _record_tau(engine, "tree-16", 1.0)               # a tree step never costs less than 0.9 plain steps
+    no = check_speculation(engine, repeats=2, warmup=1)
+    assert not no.pays and "plain decoding is faster" in no.reason and f"{no.step_ratio:.2f} plain steps" in no.reason
+    _record_tau(engine, "tree-16", None)              # nothing to weigh against: do as asked, and say why
+    unknown = check_speculation(engine, repeats=2, warmup=1)
+    assert unknown.pays and unknown.plain_ms is None and "no measured tau" in unknown.reason
+
+
+def test_expected_tau_prefers_the_traffic_weighted_fit():
+    class Cfg:
+        extra = {"tree_search": {"decoding_tau": {"tree-16": 2.5}},
+                 "tree_search_mix": {"decoding_tau": {"tree-16": 2.3}}}
+    assert expected_tau(Cfg, "tree-16") == 2.3 and expected_tau(Cfg, "tree-32") is None
+    assert 0 < HELD_OUT_DISCOUNT < 1
+
+
+@pytest.mark.parametrize("tau,method", [(1.0, None), (50.0, "amphista")])
+def test_cli_auto_follows_the_check_and_an_explicit_method_does_not(tiny_hf_dir, tmp_path, capsys, tau, method):
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
+    heads = random_heads("amphista", eng.model, num_heads=4, seed=1)
+    heads.config.extra = {"tree_search": {"decoding_tau": {"tree-16": tau}}}
+    save_heads(heads, tmp_path / "heads")
+    args = ["generate", "hi", "--model", str(tiny_hf_dir), "--max-new-tokens", "3", "--no-chat", "--device", "cpu",
+            "--max-seq-len", "256", "--heads", str(tmp_path / "heads"), "--json"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert out["speculative"] == method and out["speculation_check"]["pays"] == (method is not None)
+    assert "note: a tree-16 step costs" in cap.err
+    assert main(args + ["--speculative", "amphista"]) == 0       # asked for by name: no check, heads used
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["speculative"] == "amphista" and "note:" not in cap.err
