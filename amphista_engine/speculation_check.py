@@ -64,6 +64,12 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     if tau is None:
         return SpeculationCheck(True, spec.name, f"the heads record no measured tau for tree {spec.name!r}, "
                                 "so there is nothing to weigh the step cost against: speculating as asked")
+    # The timed steps must fit the cache after the prompt: each adds up to depth + 1 tokens, plus the tree's slots.
+    room = (warmup + repeats + 1) * (spec.max_depth + 1) + spec.num_nodes
+    prompt_tokens = min(prompt_tokens, engine.max_seq_len - room)
+    if prompt_tokens < 16:
+        return SpeculationCheck(True, spec.name, f"the cache (max_seq_len={engine.max_seq_len}) is too small to "
+                                "time a tree step: speculating as asked")
     cache = engine._cache_for(1)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.config.vocab_size, (prompt_tokens,), generator=g).tolist()

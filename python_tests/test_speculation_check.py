@@ -63,3 +63,15 @@ def test_cli_auto_follows_the_check_and_an_explicit_method_does_not(tiny_hf_dir,
     assert main(args + ["--speculative", "amphista"]) == 0       # asked for by name: no check, heads used
     cap = capsys.readouterr()
     assert json.loads(cap.out)["speculative"] == "amphista" and "note:" not in cap.err
+
+
+def test_check_fits_a_small_cache(tiny_hf_dir):
+    """A short cache shortens the timing prompt rather than overflowing it; one too short to time anything
+    leaves the heads on, and says why."""
+    for max_seq_len, timed in ((96, True), (40, False)):
+        eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=max_seq_len)
+        eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
+        _record_tau(eng, "tree-16", 50.0)
+        res = check_speculation(eng, repeats=2, warmup=1)
+        assert res.pays and (res.plain_ms is not None) == timed
+        assert timed or "too small" in res.reason
