@@ -39,8 +39,7 @@ def cmd_generate(args) -> int:
     check = None
     if args.speculative == "auto" and speculative is not None and engine.device.type == "cpu":
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save
-        from .speculation_check import check_speculation
-        check = check_speculation(engine, args.tree)
+        check = engine.speculation_check(args.tree)
         print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {speculative} uses the heads anyway)"),
               file=sys.stderr)
         if not check.pays:

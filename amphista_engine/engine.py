@@ -49,6 +49,7 @@ class Engine:
         self.loaded_name = loaded.source
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
+        self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
         # How the linear layers run: bf16 on a CPU packed once for oneDNN (kernels/cpu_packed.py); CUDA with
         # AMPHISTA_TRITON_LINEAR=1 routed through ops.linear (kernels/routed_linear.py); otherwise untouched.
         from .kernels import cpu_packed, gpu_exact, routed_linear
@@ -82,6 +83,7 @@ class Engine:
         from .heads import load_heads
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
+        self._checks.clear()
         self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
             if not isinstance(heads, torch.nn.Module) else heads
         self._adapt_linears(self.heads)
@@ -133,7 +135,21 @@ class Engine:
                 + (f" + tree room ({extra})" if extra else "")
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")
 
+    def speculation_check(self, tree=None):
+        """Whether the loaded heads decode faster than plain steps here with `tree` (speculation_check.py:
+        timed on a CPU, ~2 s, once per tree and engine; always yes on a GPU)."""
+        from .speculation_check import check_speculation
+        if self.heads is None:
+            raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
+        key = tree if isinstance(tree, (str, type(None))) else tuple(map(tuple, tree))
+        if key not in self._checks:
+            self._checks[key] = check_speculation(self, tree)
+        return self._checks[key]
+
     def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
+        if speculative == "auto":   # the loaded heads where they are faster, else plain decoding
+            speculative = None if self.heads is None or not self.speculation_check(tree).pays \
+                else self.heads.config.kind
         if speculative is None:
             dec, extra = PlainDecoder(self.model, self._cache_for(batch), params), 0
         else:

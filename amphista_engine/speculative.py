@@ -216,7 +216,7 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
                              acceptance: str = "auto"):
     """Returns (decoder, extra cache room it needs beyond prompt + max_new_tokens)."""
     if method not in ("amphista", "medusa"):
-        raise InputError(f"speculative must be 'amphista', 'medusa' or None, got {method!r}")
+        raise InputError(f"speculative must be 'amphista', 'medusa', 'auto' or None, got {method!r}")
     if engine.heads is None:
         raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., heads=DIR)")
     if engine.heads.config.kind != method:

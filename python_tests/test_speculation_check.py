@@ -75,3 +75,29 @@ def test_check_fits_a_small_cache(tiny_hf_dir):
         res = check_speculation(eng, repeats=2, warmup=1)
         assert res.pays and (res.plain_ms is not None) == timed
         assert timed or "too small" in res.reason
+
+
+def test_engine_auto_uses_the_heads_only_where_they_pay(tiny_hf_dir, monkeypatch):
+    """Engine.generate(speculative="auto"): one timed check per tree and heads, then plain or speculative steps;
+    new heads are checked anew. Greedy output is the same either way."""
+    import amphista_engine.speculation_check as sc
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256)
+    calls = []
+    real = sc.check_speculation
+    monkeypatch.setattr(sc, "check_speculation", lambda *a, **k: calls.append(1) or real(*a, repeats=2, warmup=1))
+    plain = eng.generate("hello there", max_new_tokens=6, chat=False, speculative="auto")   # no heads: plain
+    assert calls == [] and plain.stats.tau == 1.0
+    results = {}
+    for tau in (1.0, 50.0):
+        heads = random_heads("amphista", eng.model, num_heads=4, seed=1)
+        heads.config.extra = {"tree_search": {"decoding_tau": {"tree-16": tau}}}
+        eng.load_heads(heads)
+        results[tau] = [eng.generate("hello there", max_new_tokens=6, chat=False, speculative="auto")
+                        for _ in range(2)]
+    assert len(calls) == 2                            # once per heads, not once per generate
+    assert all(r.stats.extra.get("tree") is None for r in results[1.0])
+    assert all(r.stats.extra.get("tree") == "tree-16" for r in results[50.0])
+    assert all(r.token_ids == plain.token_ids for rs in results.values() for r in rs)
+    eng.heads = None
+    with pytest.raises(Exception, match="needs drafting heads"):
+        eng.speculation_check()
