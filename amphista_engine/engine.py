@@ -15,6 +15,11 @@ from .sampling import SamplingParams
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def _tree_key(tree):
+    """A hashable key for a tree argument: a name, None (the default), or a path list."""
+    return tree if isinstance(tree, (str, type(None))) else tuple(map(tuple, tree))
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -139,9 +144,9 @@ class Engine:
         """Whether the loaded heads decode faster than plain steps here with `tree` (speculation_check.py:
         timed on a CPU, ~2 s, once per tree and engine; always yes on a GPU)."""
         from .speculation_check import check_speculation
-        if self.heads is None:
+        if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now
             raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
-        key = tree if isinstance(tree, (str, type(None))) else tuple(map(tuple, tree))
+        key = _tree_key(tree)
         if key not in self._checks:
             self._checks[key] = check_speculation(self, tree)
         return self._checks[key]
@@ -160,7 +165,7 @@ class Engine:
     def _tree_spec(self, tree):
         """Static trees are built once per engine and kept on the device."""
         from .speculative import TreeSpec
-        key = (tree if isinstance(tree, (str, type(None))) else tuple(map(tuple, tree)), self.heads.num_heads)
+        key = (_tree_key(tree), self.heads.num_heads)
         if key not in self._trees:
             self._trees[key] = TreeSpec(tree, self.heads.num_heads, self.device,
                                         self.heads.config.extra.get("trees"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
 from .evaluation.env import median_ms
 
 # MT-Bench tau / held-out decoding tau of the shipped heads (benchmarks/results/TRAINING.md, 25th session):
@@ -55,7 +56,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     from .speculative import SpeculativeDecoder
 
     if engine.heads is None:
-        raise ValueError("check_speculation needs loaded heads (Engine.load_heads)")
+        raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
     spec = engine._tree_spec(tree)
     if engine.device.type != "cpu":
         return SpeculationCheck(True, spec.name, "on a GPU a tree step costs ~1.2-1.3 plain steps (measured on "
