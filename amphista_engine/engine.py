@@ -55,10 +55,10 @@ class Engine:
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
         self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
-        # How the linear layers run: bf16 on a CPU packed once for oneDNN (kernels/cpu_packed.py); CUDA with
+        # How the linear layers run: bf16/fp32 on a CPU packed once for oneDNN (kernels/cpu_packed.py); CUDA with
         # AMPHISTA_TRITON_LINEAR=1 routed through ops.linear (kernels/routed_linear.py); otherwise untouched.
         from .kernels import cpu_packed, gpu_exact, routed_linear
-        self.cpu_packed = self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_packed.available()
+        self.cpu_packed = self.device.type == "cpu" and cpu_packed.available(self.dtype)
         # AMPHISTA_EXACT_GREEDY=1 needs them routed too: its row-invariant GEMMs are the kernel backends'.
         self.routed_linears = self.device.type == "cuda" and (routed_linear.enabled() or gpu_exact.enabled())
         self._adapt_linears(self.model)

@@ -100,26 +100,33 @@ def test_batched_rows_and_causal_prefill_match_reference():
         assert not out.isnan().any() and rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.skipif(not cpu_packed.available(), reason="oneDNN without bf16 support on this CPU")
-def test_packed_linear_rows_do_not_depend_on_row_count():
+PACKED_DTYPES = pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not cpu_packed.available(), reason="no oneDNN bf16")),
+    pytest.param(torch.float32, marks=pytest.mark.skipif(not cpu_packed.available(torch.float32),
+                                                         reason="no oneDNN packed linear"))])
+
+
+@PACKED_DTYPES
+def test_packed_linear_rows_do_not_depend_on_row_count(dtype):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(96, 3000, bias=False).to(torch.bfloat16)
+    lin = torch.nn.Linear(96, 3000, bias=False).to(dtype)
     cpu_packed.pack_linears(lin)
-    x = torch.randn(70, 96).bfloat16()
+    x = torch.randn(70, 96).to(dtype)
     with torch.no_grad():
         full = lin(x[None])[0]
         for M in (1, 31, 32, 33, 64, 70):
             assert torch.equal(lin(x[None, :M])[0], full[:M]), M
 
 
-@pytest.mark.skipif(not cpu_packed.available(), reason="oneDNN without bf16 support on this CPU")
-def test_packed_linear_single_row_equals_any_row_count():
-    """SmolLM2's down-projection shape (K = 1536): without AMX oneDNN rounds a lone row differently from the
-    same row among others (~1 output in 1,000), so a plain step's row is padded. 20 x 576 outputs per M."""
+@PACKED_DTYPES
+def test_packed_linear_single_row_equals_any_row_count(dtype):
+    """SmolLM2's down-projection shape (K = 1536): without AMX oneDNN rounds a lone bf16 row differently from
+    the same row among others (~1 output in 1,000), so a plain step's row is padded. 20 x 576 outputs per M.
+    (fp32 F.linear through MKL fails this on an AVX2 EPYC in most outputs; packed fp32 passes.)"""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(1536, 576, bias=False).to(torch.bfloat16)
+    lin = torch.nn.Linear(1536, 576, bias=False).to(dtype)
     cpu_packed.pack_linears(lin)
-    x = (3 * torch.randn(20, 33, 1536)).bfloat16()
+    x = (3 * torch.randn(20, 33, 1536)).to(dtype)
     with torch.no_grad():
         alone = torch.cat([lin(x[i:i + 1, :1]) for i in range(20)])
         for M in (2, 3, 17, 33):

@@ -1,13 +1,20 @@
-"""bf16 linear layers on CPUs with AMX / AVX512-BF16: the weight is laid out for oneDNN once, not per call.
+"""CPU linear layers with weights laid out for oneDNN once, not per call (bf16 and fp32 inference).
 
-PyTorch's eager bf16 `F.linear` on the CPU reorders the weight into oneDNN's blocked layout on every call, so
-a one-token decoding step runs slower in bf16 than in fp32 even on a CPU with bf16 matrix units. Packing once
+bf16: PyTorch's eager bf16 `F.linear` on the CPU reorders the weight into oneDNN's blocked layout on every call,
+so a one-token decoding step runs slower in bf16 than in fp32 even on a CPU with bf16 matrix units. Packing once
 (what Inductor's CPU "freezing" does) removes that, and leaves the bf16 matrix units' real advantage: a
 16..64-row tree verification costs little more than one token (benchmarks/results/cpu_bf16/).
 
-Used by the engine for inference only (`pack_linears` on the target and the heads when they are bf16 on the
-CPU); a layer whose weight changed, an input that needs a gradient, or anything but a bf16 CPU tensor falls
-back to `F.linear`.
+fp32: eager `F.linear` goes to MKL's sgemm, whose small-M paths are slow on AMD CPUs (MKL takes its generic
+code there): on an AVX2 AMD EPYC, oneDNN's packed fp32 weights made a 16-row target forward 1.4x faster
+(benchmarks/results/cpu_fp32_pack_ab.md), on an AMX Intel Xeon 1.02-1.24x. On the EPYC oneDNN also computes each
+row the same bits for any row count from 1 to 64, where MKL does not (a lone row differs from the same row among 16
+in most outputs), so a tree node's linear outputs equal plain decoding's for the same token; the row pieces
+below keep that where a CPU's kernels change with the row count.
+
+Used by the engine for inference only (`pack_linears` on the target and the heads on the CPU); a layer whose
+weight changed, an input that needs a gradient, or anything but a bf16/fp32 CPU tensor falls back to
+`F.linear`. Costs a second copy of every packed weight.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a oneDNN without bf16)
+ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a misbehaving oneDNN)
+DTYPES = (torch.bfloat16, torch.float32)
 # oneDNN computes a row identically for every row count up to 32, but not beyond (measured on AMX with 1 and 2
 # threads: the MLP's up-projection and the LM head change kernels at 33 rows). Tree verifications of up to
 # CHUNKED_UP_TO rows therefore run in 32-row pieces, so each node's logits equal those plain decoding computes
@@ -27,7 +35,7 @@ ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a oneDNN
 # decoder shares, and 32-row pieces would re-read the weights for each.
 ROW_CHUNK = 32
 CHUNKED_UP_TO = 64
-# Without AMX (AVX-512 bf16, e.g. AMD EPYC) oneDNN multiplies a single row with another kernel than two or more
+# Without AMX (AVX-512 bf16, e.g. a Zen 4 AMD EPYC) oneDNN multiplies a single row with another kernel than two or more
 # rows (measured: the 1536 -> 576 down-projection rounds 1 row in ~1,000 outputs differently), so no call gets
 # fewer than MIN_ROWS rows: a plain step's one row is padded to two, and a last 32-row piece of one row is
 # avoided. Rows 2..32 agree bit for bit on both CPUs.
@@ -35,13 +43,14 @@ MIN_ROWS = 2
 
 
 @functools.cache
-def available() -> bool:
-    """oneDNN with bf16 support and AMPHISTA_CPU_PACK != 0 (read once per process)."""
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """oneDNN's packed linear for `dtype` (bf16 needs a CPU with bf16 support), and AMPHISTA_CPU_PACK != 0
+    (read once per process)."""
     mk = getattr(torch.ops, "mkldnn", None)
     try:
-        return (os.environ.get(ENV_VAR, "1") != "0" and torch.backends.mkldnn.is_available()
+        return (dtype in DTYPES and os.environ.get(ENV_VAR, "1") != "0" and torch.backends.mkldnn.is_available()
                 and hasattr(mk, "_reorder_linear_weight") and hasattr(mk, "_linear_pointwise")
-                and bool(mk._is_mkldnn_bf16_supported()))
+                and (dtype != torch.bfloat16 or bool(mk._is_mkldnn_bf16_supported())))
     except (AttributeError, RuntimeError):
         return False
 
@@ -53,8 +62,8 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
 
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """bf16 CPU inference: both bf16 on the CPU and no gradient to track."""
-    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+    """CPU inference: both bf16 or both fp32 on the CPU, and no gradient to track."""
+    return (x.dtype == w.dtype and w.dtype in DTYPES and x.device.type == "cpu"
             and w.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
 
 
@@ -113,9 +122,9 @@ _weights: dict[int, tuple] = {}    # id(weight) -> (weakref, _stamp, packed copy
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) for a weight that is not an nn.Linear's (the drafting heads' shared LM head rows): bf16
-    CPU inference uses a packed copy, made on first use and remade when w changes or is freed."""
-    if not (available() and _applies(x, w)):
+    """F.linear(x, w) for a weight that is not an nn.Linear's (the drafting heads' shared LM head rows): CPU
+    inference uses a packed copy, made on first use and remade when w changes or is freed."""
+    if not (_applies(x, w) and available(w.dtype)):
         return F.linear(x, w)
     entry = _weights.get(id(w))
     if entry is None or entry[0]() is not w or entry[1] != _stamp(w):
@@ -126,10 +135,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Turns every bf16 CPU nn.Linear inside `module` into a PackedLinear; returns how many."""
+    """Turns every bf16/fp32 CPU nn.Linear inside `module` into a PackedLinear (where oneDNN packs that
+    dtype); returns how many."""
     n = 0
     for m in module.modules():
-        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+        if type(m) is nn.Linear and m.weight.device.type == "cpu" and available(m.weight.dtype):
             m.__class__ = PackedLinear
             m._pack()
             n += 1
