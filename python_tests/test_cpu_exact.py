@@ -132,6 +132,7 @@ def test_packed_linear_single_row_equals_any_row_count(dtype):
         for M in (2, 3, 17, 33):
             assert torch.equal(lin(x[:, :M])[:, :1], alone), M
     assert cpu_packed._row_pieces(33) == [31, 2] and cpu_packed._row_pieces(64) == [32, 32]
+    assert cpu_packed._row_pieces(33, cpu_packed.MIN_ROWS_FP32) == [32, 1]
 
 
 @pytest.fixture(scope="module")
