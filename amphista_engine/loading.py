@@ -54,11 +54,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
     path = resolve_model_path(name_or_path)
     from .tokenizer import load_tokenizer
     if path.is_file() and path.suffix == ".gguf":
-        from gguf import GGUFReader
-        try:
-            reader = GGUFReader(str(path))
-        except Exception as e:  # gguf raises bare ValueError/struct errors on non-GGUF bytes
-            raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
+        from .gguf_file import read_gguf
+        reader = read_gguf(path)
         cfg = gguf_config(reader, path)
         weights, extra = gguf_weights(reader, cfg), {}
         if "rope_freqs.weight" in weights:
@@ -170,11 +167,7 @@ def _cat(where: str, parts: list) -> torch.Tensor | None:
 # ---- GGUF ----------------------------------------------------------------------------------------------
 
 def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return reader.meta.get(key, default)
 
 
 def gguf_config(reader, path) -> ModelConfig:
@@ -182,8 +175,14 @@ def gguf_config(reader, path) -> ModelConfig:
     if arch != "llama":
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     a = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
+    missing = [f"llama.{k}" for k in ("embedding_length", "block_count", "attention.head_count",
+                                      "feed_forward_length") if a(k) is None]
+    if missing:
+        raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
     n_heads = a("attention.head_count")
-    vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = a("vocab_size") or len(reader.meta.get("tokenizer.ggml.tokens", ()))
+    if not vocab:
+        raise ConfigError(f"{path}: GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     scaling = None
     stype = a("rope.scaling.type")
@@ -208,15 +207,14 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    from gguf import dequantize
+    from .gguf_file import dequantize_all
 
-    raw = {}
     for t in reader.tensors:
-        tname = t.tensor_type.name
+        tname = t.qtype.name
         if tname not in GGUF_TYPES:
             raise ConfigError(f"GGUF tensor {t.name} has type {tname}, which amphista-engine cannot dequantize "
                               f"(supported: {', '.join(GGUF_TYPES)})")
-        raw[t.name] = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # copy: mmap is read-only
+    raw = dequantize_all(reader.tensors)
     if "blk.0.attn_q.weight" not in raw:
         raise ConfigError("GGUF file has no blk.0.attn_q.weight: not a llama-architecture checkpoint")
     out = {"tok_embeddings.weight": raw.pop("token_embd.weight", None), "norm.weight": raw.pop("output_norm.weight", None)}

@@ -199,7 +199,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int | None = None):
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # build_model constructs on the meta device; there torch runs normal_ and arange as Python references
+        # that import torch._dynamo, ~2 s of every start. So the embedding skips its random init there (its
+        # values are replaced) and the RoPE table is computed on the CPU, then moved to the default device.
+        default = torch.empty(0).device
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)
+                                           if default.type == "meta" else None)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -208,7 +213,9 @@ class Transformer(nn.Module):
         # layout, so speculative greedy output equals plain greedy output (kernels/cpu_exact.py)
         self.ordered_attention = True
         self.register_buffer("rope_freq_factors", None, persistent=False)
-        self.register_buffer("rope", rope_table(cfg, self.rope_len), persistent=False)
+        with torch.device("cpu"):
+            rope = rope_table(cfg, self.rope_len)
+        self.register_buffer("rope", rope.to(default), persistent=False)
 
     def orders_decode(self, cache: KVCache) -> bool:
         """Whether decode steps over `cache` take the position-ordered attention of kernels/cpu_exact.py."""

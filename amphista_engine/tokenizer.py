@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError, ModelLoadError
+from .gguf_file import GGUFFile, read_gguf_metadata
 
 __all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer"]
 
@@ -362,71 +363,15 @@ def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix):
     return backend
 
 
-# GGUF metadata value types -> struct format (8 = string, 9 = array are handled apart).
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _read_gguf_metadata(path: str) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (not its tensors). gguf.GGUFReader takes seconds on a
-    big vocabulary because it maps every string as a numpy view; this reads just the header."""
-    import mmap
-    import struct
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ModelLoadError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
-        # Files written on big-endian hosts store the version byte-swapped.
-        endian = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"
-        version = struct.unpack_from(endian + "I", buf, 4)[0]
-        if version < 2:
-            raise ModelLoadError(f"{path}: GGUF version {version} is too old (need 2 or later)")
-        n_kv = struct.unpack_from(endian + "Q", buf, 16)[0]
-        pos = 24
-
-        def read(fmt, count=1):
-            nonlocal pos
-            values = struct.unpack_from(f"{endian}{count}{fmt}", buf, pos)
-            pos += struct.calcsize(f"{endian}{count}{fmt}")
-            return values
-
-        def read_str():
-            nonlocal pos
-            (n,) = read("Q")
-            pos += n
-            return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
-
-        def read_value(vtype):
-            if vtype == 8:
-                return read_str()
-            if vtype == 9:
-                itype, n = read("I")[0], read("Q")[0]
-                if itype == 8:
-                    return [read_str() for _ in range(n)]
-                if itype == 9:  # each element is itself (type, count, items)
-                    return [read_value(9) for _ in range(n)]
-                return list(read(_GGUF_SCALARS[itype], n))
-            return read(_GGUF_SCALARS[vtype])[0]
-
-        try:
-            meta = {}
-            for _ in range(n_kv):
-                key = read_str()
-                meta[key] = read_value(read("I")[0])
-        except (struct.error, KeyError) as e:
-            raise ModelLoadError(f"{path}: corrupt GGUF metadata ({e!r})") from e
-        return meta
-
-
 def _load_gguf(source) -> Tokenizer:
-    if hasattr(source, "fields"):  # an open gguf.GGUFReader
+    if isinstance(source, GGUFFile):
+        where, meta = source.path, source.meta
+    elif hasattr(source, "fields"):  # an open gguf.GGUFReader
         where = str(getattr(getattr(source, "data", None), "filename", None) or "GGUF reader")
         meta = {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
     else:
         where = str(source)
-        try:
-            meta = _read_gguf_metadata(where)
-        except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
-            raise ModelLoadError(f"{where}: cannot read GGUF file ({e})") from e
+        meta = read_gguf_metadata(where)
     get = meta.get
 
     kind = get("tokenizer.ggml.model")
@@ -550,11 +495,13 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
 
 def load_tokenizer(source) -> Tokenizer:
     """Load a tokenizer from a model directory (tokenizer.json preferred, else tokenizer.model, else
-    its only .gguf), a tokenizer.json / tokenizer.model / .gguf file, or an open `gguf.GGUFReader`."""
-    if hasattr(source, "fields") and hasattr(source, "tensors"):
+    its only .gguf), a tokenizer.json / tokenizer.model / .gguf file, a read `gguf_file.GGUFFile` or an open
+    `gguf.GGUFReader`."""
+    if isinstance(source, GGUFFile) or (hasattr(source, "fields") and hasattr(source, "tensors")):
         return _load_gguf(source)
     if not isinstance(source, (str, os.PathLike)):
-        raise ModelLoadError(f"cannot load a tokenizer from a {type(source).__name__}; pass a path or a GGUFReader")
+        raise ModelLoadError(f"cannot load a tokenizer from a {type(source).__name__}; pass a path, a GGUFFile "
+                             "or a GGUFReader")
     path = Path(source).expanduser()
     if not path.exists():
         raise ModelLoadError(f"tokenizer source not found: {path}")

