@@ -52,7 +52,9 @@ def cmd_generate(args) -> int:
         out = result.to_dict()
         out["speculative"] = speculative
         if check is not None:
-            out["speculation_check"] = {"pays": check.pays, "tree": check.tree, "reason": check.reason}
+            out["speculation_check"] = {"pays": check.pays, "tree": check.tree, "reason": check.reason,
+                                        "plain_ms": check.plain_ms, "step_ms": check.step_ms,
+                                        "measured_on": check.measured_on}
         print(json.dumps(out))
     else:
         for chunk in engine.stream(args.prompt, **kwargs):

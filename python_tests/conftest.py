@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through its interpreter; it must be chosen before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests never read or write the user's cache of measured step costs (speculation_check.py); the tests of that
+# cache point it at their own folder.
+os.environ["AMPHISTA_CACHE_DIR"] = "off"
+
 from amphista_engine.config import ModelConfig
 from amphista_engine.model import Transformer
 

@@ -101,3 +101,42 @@ def test_engine_auto_uses_the_heads_only_where_they_pay(tiny_hf_dir, monkeypatch
     eng.heads = None
     with pytest.raises(Exception, match="needs drafting heads"):
         eng.speculation_check()
+
+
+def test_step_costs_persist_between_engines(tiny_hf_dir, tmp_path, monkeypatch):
+    """A second process (here: a fresh engine) reuses the step times measured by the first for the same setup
+    and weighs them against its heads' own tau; another tree or dtype is measured anew; a corrupt file or
+    entry is measured over; AMPHISTA_CACHE_DIR=off keeps nothing."""
+    import amphista_engine.speculation_check as sc
+    monkeypatch.setenv(sc.CACHE_ENV, str(tmp_path / "cache"))
+    timings = []
+    real = sc._time_steps
+    monkeypatch.setattr(sc, "_time_steps", lambda *a: timings.append(a[1].name) or real(*a))
+
+    def check(tau, tree="tree-16", dtype="fp32"):
+        eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype=dtype, max_seq_len=256)
+        eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
+        _record_tau(eng, tree, tau)
+        return check_speculation(eng, tree, repeats=2, warmup=1)
+
+    first = check(50.0)
+    assert timings == ["tree-16"] and first.pays and first.measured_on is None
+    again = check(1.0)                                  # same setup, other heads' tau: cached times, new verdict
+    assert timings == ["tree-16"] and not again.pays and again.measured_on is not None
+    assert (again.plain_ms, again.step_ms) == (first.plain_ms, first.step_ms) and "kept in" in again.reason
+    check(50.0, tree="chain-2")
+    check(50.0, dtype="bf16")
+    assert timings == ["tree-16", "chain-2", "tree-16"]
+    file = sc.costs_file()
+    assert file == tmp_path / "cache" / sc.COSTS_FILE and len(json.loads(file.read_text())) == 3
+    entries = json.loads(file.read_text())
+    file.write_text(json.dumps({k: {"plain_ms": "x"} for k in entries}))
+    check(50.0)
+    file.write_text("{not json")
+    check(50.0)
+    assert timings[3:] == ["tree-16", "tree-16"] and len(json.loads(file.read_text())) == 1
+    monkeypatch.setenv(sc.CACHE_ENV, "off")
+    assert sc.costs_file() is None
+    check(50.0)
+    check(50.0)
+    assert timings[5:] == ["tree-16", "tree-16"]
