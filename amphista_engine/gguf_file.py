@@ -111,8 +111,8 @@ def read_gguf_metadata(path) -> dict[str, Any]:
 
 
 def _read_header(buf, path: str, tensors: bool):
-    c = _Cursor(buf, path)
     try:
+        c = _Cursor(buf, path)
         n_tensors, n_kv = c.read("Q", 2)
         meta = {}
         for _ in range(n_kv):

@@ -8,7 +8,7 @@ in bf16 (no bf16 units), ~2.4 in fp32 through MKL and ~1.5-1.8 with oneDNN-packe
 benchmarks/results/cpu_fp32_pack_ab.md), against the shipped heads' tau of ~2.1. So on the CPU we time both steps
 on the loaded model and compare the ratio with the tau the heads were measured to reach on this tree
 (`tree-search` stores it in their config), discounted for the gap between held-out data and real prompts.
-The two step times persist between processes (`costs_file`), so each machine pays the ~2 s once per setup.
+The two step times persist between processes (`costs_file`), so each machine pays the ~3 s once per setup.
 Output is the same either way (greedy: identical tokens; sampling: the same distribution), only speed differs.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -106,9 +108,6 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
 def _time_steps(engine, spec, prompt_tokens: int, repeats: int, warmup: int) -> tuple[float, float]:
     """Median ms of a plain step and of a speculative step on `spec` after a random prompt, the two timed in
     turn (each on its own small cache), so a slow spell of the machine hits both alike."""
-    import statistics
-    import time
-
     from .evaluation.env import sync
     from .generation import PlainDecoder
     from .kv_cache import KVCache
@@ -117,10 +116,10 @@ def _time_steps(engine, spec, prompt_tokens: int, repeats: int, warmup: int) -> 
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.config.vocab_size, (prompt_tokens,), generator=g).tolist()
-    room = prompt_tokens + (warmup + repeats + 1) * (spec.max_depth + 1) + spec.num_nodes
+    longest = prompt_tokens + (warmup + repeats + 1) * (spec.max_depth + 1) + spec.num_nodes
 
     def cache():
-        return KVCache.for_model(engine.config, 1, min(room, engine.max_seq_len), engine.dtype, engine.device)
+        return KVCache.for_model(engine.config, 1, min(longest, engine.max_seq_len), engine.dtype, engine.device)
 
     greedy = SamplingParams()
     times = {}

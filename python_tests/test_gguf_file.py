@@ -84,6 +84,9 @@ def test_bad_files_raise_clear_errors(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"GGML" + data[4:])
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
         read_gguf(tmp_path / "junk.gguf")
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF\x03")
+    with pytest.raises(ModelLoadError, match="tiny.gguf: corrupt GGUF header"):
+        read_gguf(tmp_path / "tiny.gguf")
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="empty.gguf: cannot read"):
         read_gguf(tmp_path / "empty.gguf")
