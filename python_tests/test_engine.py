@@ -170,3 +170,23 @@ def test_engine_on_cuda_replays_graphs_by_default_and_matches_eager(tiny_hf_dir)
         assert eng.graphs.enabled == graphs
         assert (eng.graphs.stats.replays > 0) == graphs
     assert answers[True] == answers[False]
+
+
+def test_loading_and_decoding_do_not_import_torch_compilers(tiny_hf_dir, tmp_path):
+    """The model and the heads are built on the meta device, where torch runs some ops as Python references:
+    normal_ imports torch._dynamo, arange sympy (via torch._decomp's decompositions), ~2.5 s of every CLI start
+    until 2026-12-03."""
+    import subprocess
+    import sys
+
+    from amphista_engine.heads import random_heads, save_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
+    save_heads(random_heads("amphista", eng.model, num_heads=2, seed=0, draft_vocab_size=50), tmp_path / "h")
+    code = ("import sys\nfrom amphista_engine import Engine\n"
+            f"e = Engine.from_pretrained({str(tiny_hf_dir)!r}, device='cpu', max_seq_len=128)\n"
+            f"e.load_heads({str(tmp_path / 'h')!r})\n"
+            "e.generate('The quick brown fox', chat=False, max_new_tokens=4, speculative='amphista')\n"
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "AMPHISTA_CACHE_DIR": "off"})
+    assert out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

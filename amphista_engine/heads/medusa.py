@@ -43,7 +43,10 @@ class DraftHeads(nn.Module):
         n_out = config.draft_vocab_size or config.vocab_size
         if config.draft_vocab_size:
             # Draft slot i scores token draft_vocab[i]; a buffer so it travels with the checkpoint.
-            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))
+            # Made on the CPU: checkpoint loading builds heads on the meta device, where arange runs as a
+            # Python reference that imports torch._dynamo (~0.5-2 s).
+            ids = torch.arange(config.draft_vocab_size, device="cpu")
+            self.register_buffer("draft_vocab", ids.to(torch.empty(0).device))
         self._w_sub = None    # the target LM head's draft-vocabulary rows, gathered once (see output_weight)
         self._slot_map = None  # token id -> draft slot (see slots_of), built once per device
         if config.per_head_lm_head:
