@@ -45,7 +45,10 @@ def packing(on: bool):
     try:
         yield
     finally:
-        os.environ.pop(cpu_packed.ENV_VAR) if old is None else os.environ.__setitem__(cpu_packed.ENV_VAR, old)
+        if old is None:
+            del os.environ[cpu_packed.ENV_VAR]
+        else:
+            os.environ[cpu_packed.ENV_VAR] = old
         cpu_packed.available.cache_clear()
 
 
