@@ -126,10 +126,12 @@ class SpeculativeDecoder(PlainDecoder):
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; "
                               f"{gpu_exact.ENV_VAR}=1 keeps greedy output exact for trees of at most 64 nodes, "
                               f"{gpu_exact.MAX_DEPTH} deep")
-        if too_big and model.orders_decode(cache):
+        if too_big and model.orders_decode(cache) and cache.k.dtype == torch.bfloat16:
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; bf16 CPU "
                               f"verification keeps greedy output exact for trees of at most "
                               f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep (fp32 takes any tree)")
+        # fp32 verifies larger trees on the unordered path: exact in practice (fp32 rounding), not by construction.
+        self._decode_layout = not (too_big and model.orders_decode(cache))
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
         self.tokens_per_step = tree.max_depth + 1
@@ -178,7 +180,7 @@ class SpeculativeDecoder(PlainDecoder):
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))
         mask = tree.mask if tree.batched else tree.mask[None]
-        spec = AttentionSpec(length, mask, kv_len, decode=True)
+        spec = AttentionSpec(length, mask, kv_len, decode=self._decode_layout)
         logits, hidden = self.model(tree.tokens, positions, self.cache, spec, return_hidden=True)
         t0 = self._tick("verify", t0)
 

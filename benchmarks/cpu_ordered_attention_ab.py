@@ -1,16 +1,17 @@
-"""bf16 CPU decoding with position-ordered attention (kernels/cpu_exact.py) vs the plain SDPA path, A/B.
+"""CPU decoding (bf16 or fp32) with position-ordered attention (kernels/cpu_exact.py) vs the plain SDPA path, A/B.
 
 Interleaved in one process: each round runs one MT-Bench first turn with every configuration, ordered
 attention on and off (off also turns off the 32-row linear pieces), so slow phases of the machine hit all
 of them. Reports median ms/token, tau, and how many speculative answers differ from the plain answer of
 the same mode (greedy): with ordered attention there must be none.
 
-    OMP_NUM_THREADS=2 python benchmarks/cpu_ordered_attention_ab.py --rounds 8 --max-new-tokens 128
+    OMP_NUM_THREADS=2 python benchmarks/cpu_ordered_attention_ab.py --rounds 8 --max-new-tokens 128 [--dtype fp32]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 from amphista_engine import Engine
@@ -24,10 +25,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--trees", default="tree-16,tuned-16,dynamic-24,mc_sim_7b_63")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = ap.parse_args()
     qs = [json.loads(line) for line in open(args.questions)]
     prompts = [q["turns"][0] for q in qs[::max(1, len(qs) // args.rounds)]][:args.rounds]
-    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="bf16", max_seq_len=1024, heads=args.heads)
+    if args.dtype == "fp32":
+        os.environ["AMPHISTA_EXACT_GREEDY"] = "1"     # fp32 orders its steps only when asked (kernels/cpu_exact.py)
+    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype=args.dtype, max_seq_len=1024, heads=args.heads)
     chunked = cpu_packed.CHUNKED_UP_TO
 
     def mode(ordered: bool):

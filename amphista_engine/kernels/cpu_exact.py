@@ -52,9 +52,14 @@ def flash_rows(rows: int) -> int:
 
 
 def applies(kv: torch.Tensor) -> bool:
-    """For a bf16 KV cache on the CPU (fp32 keeps plain and tree results equal in practice: its rounding
-    is 65536x finer than bf16's, and the committed fp32 evaluations never saw a mismatch)."""
-    return kv.device.type == "cpu" and kv.dtype == torch.bfloat16
+    """For a bf16 KV cache on the CPU, and an fp32 one with AMPHISTA_EXACT_GREEDY=1. fp32 rounds 65536x finer
+    than bf16 and the committed fp32 evaluations never saw a mismatch, so there it is opt-in: with the linears
+    packed for oneDNN (row-count invariant, cpu_packed) it makes plain and tree rows equal bit for bit, at ~8%
+    of a plain or tree-16 step (fp32 A/B in benchmarks/results/cpu_ordered_attention_fp32.md)."""
+    if kv.device.type != "cpu":
+        return False
+    from .gpu_exact import enabled as exact_greedy_requested      # gpu_exact imports this module
+    return kv.dtype == torch.bfloat16 or (kv.dtype == torch.float32 and exact_greedy_requested())
 
 
 @dataclass
