@@ -161,6 +161,8 @@ def smollm2_engine(request):
 @pytest.mark.parametrize("tree", ["tree-16", "mc_sim_7b_63", "dynamic-24"])
 def test_speculative_greedy_equals_plain_greedy(smollm2_engine, tree, monkeypatch):
     engine = smollm2_engine
+    if engine.dtype == torch.float32 and tree != "mc_sim_7b_63":
+        pytest.skip("fp32 (opt-in): the 63-node tree alone, two 32-row pieces; all three cost CI ~70 s")
     monkeypatch.setenv("AMPHISTA_EXACT_GREEDY", "1")      # fp32: opt-in (bf16 orders its steps anyway)
     for prompt in ("Explain how a hash table handles collisions.", "Write a short poem about autumn rain."):
         plain = engine.generate(prompt, max_new_tokens=48)
