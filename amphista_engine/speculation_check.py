@@ -4,7 +4,7 @@ A speculative step verifies a whole tree, so it costs more than a plain step; it
 emit more tokens per step (tau) than that cost ratio. On a GPU the ratio is ~1.2-1.3 for 64 nodes
 (benchmarks/results/gpu), far below any useful tau. On a CPU it depends on the machine: with AMX a 16-node bf16
 verification costs about one plain step, while on an AVX2-only AMD EPYC a 16-node step measured ~5 plain steps
-in bf16 (no bf16 units), ~2.4 in fp32 through MKL and ~1.5-1.8 with oneDNN-packed fp32 weights (2026-12-03,
+in bf16 (no bf16 units), ~2.4-2.6 in fp32 through MKL and ~1.6-2.0 with oneDNN-packed fp32 weights (2026-12-03,
 benchmarks/results/cpu_fp32_pack_ab.md), against the shipped heads' tau of ~2.1. So on the CPU we time both steps
 on the loaded model and compare the ratio with the tau the heads were measured to reach on this tree
 (`tree-search` stores it in their config), discounted for the gap between held-out data and real prompts.
