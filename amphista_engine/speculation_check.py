@@ -92,7 +92,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     if cached:
         plain_ms, step_ms, measured_on = cached["plain_ms"], cached["step_ms"], str(cached.get("date", "earlier"))
     else:
-        plain_ms, step_ms = _time_steps(engine, spec, prompt_tokens, repeats, warmup)
+        plain_ms, step_ms = _time_steps(engine, spec, prompt_tokens, prompt_tokens + room, repeats, warmup)
         measured_on = None
         if file:
             _write_cost(file, key, {"plain_ms": plain_ms, "step_ms": step_ms, "date": str(date.today())})
@@ -105,9 +105,10 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     return SpeculationCheck(pays, spec.name, reason, plain_ms, step_ms, tau, measured_on)
 
 
-def _time_steps(engine, spec, prompt_tokens: int, repeats: int, warmup: int) -> tuple[float, float]:
+def _time_steps(engine, spec, prompt_tokens: int, cache_len: int, repeats: int,
+                warmup: int) -> tuple[float, float]:
     """Median ms of a plain step and of a speculative step on `spec` after a random prompt, the two timed in
-    turn (each on its own small cache), so a slow spell of the machine hits both alike."""
+    turn (each on its own cache of cache_len slots), so a slow spell of the machine hits both alike."""
     from .evaluation.env import sync
     from .generation import PlainDecoder
     from .kv_cache import KVCache
@@ -116,10 +117,8 @@ def _time_steps(engine, spec, prompt_tokens: int, repeats: int, warmup: int) -> 
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.config.vocab_size, (prompt_tokens,), generator=g).tolist()
-    longest = prompt_tokens + (warmup + repeats + 1) * (spec.max_depth + 1) + spec.num_nodes
-
     def cache():
-        return KVCache.for_model(engine.config, 1, min(longest, engine.max_seq_len), engine.dtype, engine.device)
+        return KVCache.for_model(engine.config, 1, cache_len, engine.dtype, engine.device)
 
     greedy = SamplingParams()
     times = {}

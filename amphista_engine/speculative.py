@@ -130,8 +130,9 @@ class SpeculativeDecoder(PlainDecoder):
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; bf16 CPU "
                               f"verification keeps greedy output exact for trees of at most "
                               f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep (fp32 takes any tree)")
-        # fp32 verifies larger trees on the unordered path: exact in practice (fp32 rounding), not by construction.
-        self._decode_layout = not (too_big and model.orders_decode(cache))
+        # Trees too big for the ordered layout (only fp32 gets here) are verified as a non-decode forward, i.e. on
+        # the SDPA path: exact in practice (fp32 rounding), not by construction.
+        self._ordered_verify = not (too_big and model.orders_decode(cache))
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
         self.tokens_per_step = tree.max_depth + 1
@@ -180,7 +181,7 @@ class SpeculativeDecoder(PlainDecoder):
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))
         mask = tree.mask if tree.batched else tree.mask[None]
-        spec = AttentionSpec(length, mask, kv_len, decode=self._decode_layout)
+        spec = AttentionSpec(length, mask, kv_len, decode=self._ordered_verify)
         logits, hidden = self.model(tree.tokens, positions, self.cache, spec, return_hidden=True)
         t0 = self._tick("verify", t0)
 
