@@ -55,15 +55,14 @@ class Engine:
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
         self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
-        # How the linear layers run: bf16/fp32 on a CPU packed once for oneDNN (kernels/cpu_packed.py); CUDA with
-        # AMPHISTA_TRITON_LINEAR=1 routed through ops.linear (kernels/routed_linear.py); otherwise untouched.
-        from .kernels import cpu_packed, gpu_exact, routed_linear
-        self.cpu_packed = self.device.type == "cpu" and cpu_packed.available(self.dtype)
-        # AMPHISTA_EXACT_GREEDY=1 needs them routed too: its row-invariant GEMMs are the kernel backends'.
-        self.routed_linears = self.device.type == "cuda" and (routed_linear.enabled() or gpu_exact.enabled())
-        self._adapt_linears(self.model)
+        # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU, routed through the
+        # backend switch on CUDA when AMPHISTA_TRITON_LINEAR=1 or AMPHISTA_EXACT_GREEDY=1.
+        from .kernels.linear_setup import LinearSetup
+        self.linears = LinearSetup.for_device(self.device, self.dtype)
+        self.cpu_packed = self.linears.packed
+        self.linears.apply(self.model)
         if isinstance(heads, torch.nn.Module):
-            self._adapt_linears(heads)
+            self.linears.apply(heads)
         # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
         # CPU. On by default since the H200 run of the GPU suite (graph replay == eager over 200 tokens; plain
         # 7B-shape step 2.6x faster): cuda_graphs=False or AMPHISTA_CUDA_GRAPHS=0 turns them off.
@@ -91,15 +90,8 @@ class Engine:
         self._checks.clear()
         self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
             if not isinstance(heads, torch.nn.Module) else heads
-        self._adapt_linears(self.heads)
+        self.linears.apply(self.heads)
         return self.heads
-
-    def _adapt_linears(self, module: torch.nn.Module):
-        from .kernels import cpu_packed, routed_linear
-        if self.cpu_packed:
-            cpu_packed.pack_linears(module)
-        if self.routed_linears:
-            routed_linear.route_linears(module)
 
     # ---- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import hardware, md_table, median_ms, write_results  # noqa: E402
 
 from amphista_engine.generation import PlainDecoder  # noqa: E402
+from amphista_engine.kernels.linear_setup import LinearSetup  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.loading import load_model, parse_dtype  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
@@ -79,6 +80,7 @@ def main(argv=None):
             dec.next.cpu()   # the host needs the token anyway: count that sync
 
     hf = to_transformers(loaded, dtype, args.device)
+    LinearSetup.for_device(args.device, dtype).apply(loaded.model)   # our linears as the Engine runs them
     x = torch.tensor([ids], device=args.device)
 
     def theirs(new):

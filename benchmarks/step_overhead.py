@@ -18,6 +18,7 @@ from common import hardware, md_table, median_ms, write_results  # noqa: E402
 
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.heads import random_heads  # noqa: E402
+from amphista_engine.kernels.linear_setup import LinearSetup  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.loading import load_model, parse_dtype  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
@@ -44,14 +45,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dtype = parse_dtype(args.dtype)
     loaded = load_model(args.model, dtype=dtype, device=args.device, max_seq_len=2048)
-    model = loaded.model
+    linears = LinearSetup.for_device(args.device, dtype)      # the linears as the Engine runs them
+    model = linears.apply(loaded.model)
     prompt = torch.randint(0, loaded.config.vocab_size, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     cache = KVCache.for_model(loaded.config, 1, 2048, dtype, args.device)
     plain = time_steps(PlainDecoder(model, cache, SamplingParams()), prompt, args.device, args.repeats)
     rows = [{"method": "plain", "tree": "-", "nodes": 1, "step_ms": plain, "ratio_vs_plain": 1.0}]
     for kind in ("medusa", "amphista"):
-        heads = random_heads(kind, model, num_heads=4).to(args.device, dtype)
+        heads = linears.apply(random_heads(kind, model, num_heads=4).to(args.device, dtype))
         for tree in args.trees.split(","):
             spec = TreeSpec(tree, 4, args.device)
             dec = SpeculativeDecoder(model, cache, heads, spec, SamplingParams())
@@ -62,6 +64,7 @@ def main(argv=None):
     table = md_table(rows, ["method", "tree", "nodes", "step_ms", "ratio_vs_plain"])
     write_results(f"step_overhead_{Path(str(args.model)).stem}_{args.device}_{args.dtype}", rows,
                   {"hardware": hardware(args.device), "model": args.model, "dtype": args.dtype,
+                   "linears": linears.describe(),
                    "prompt_tokens": args.prompt_tokens,
                    "note": "ratio_vs_plain = break-even tau for that tree"}, table, args.out)
 

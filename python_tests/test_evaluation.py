@@ -189,6 +189,20 @@ def test_bench_tiny_random_cpu(tmp_path, capsys):
     assert list(tmp_path.glob("bench_random-tiny_cpu_float32.*"))
 
 
+def test_bench_times_the_linears_the_engine_runs():
+    """bench lays out the linears as the Engine does on this device (packed for oneDNN on a CPU where it can):
+    timing MKL's linears instead once overstated an AMD CPU's fp32 steps by ~1.2x."""
+    from amphista_engine.evaluation.shapes import random_model
+    from amphista_engine.kernels.linear_setup import LinearSetup
+    setup = LinearSetup.for_device("cpu", torch.float32)
+    target = random_model("tiny", "cpu", torch.float32, 256)
+    r = run_bench(model=None, target=target, device="cpu", trees="chain-4", prompt_tokens=16, repeats=1, warmup=1,
+                  methods=("amphista",), out=None, log=lambda m: None)
+    assert r["meta"]["linears"] == setup.describe()
+    kinds = {type(m).__name__ for m in target.modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == ({"PackedLinear"} if setup.packed else {"Linear"})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_on_cuda_times_graph_replays(tmp_path):
     """On a GPU, bench times steps as the Engine runs them (CUDA graphs), and --no-cuda-graphs times eager

@@ -88,6 +88,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
               cuda_graphs: bool = True) -> dict:
     from ..cuda_graphs import DecodeGraphs
     from ..generation import PlainDecoder
+    from ..kernels.linear_setup import LinearSetup
     from ..kv_cache import KVCache
     from ..loading import parse_dtype
     from ..sampling import SamplingParams
@@ -126,6 +127,9 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     else:
         name = str(model or "model")
         target.setup_rope(max(max_seq_len, target.rope_len))
+    # The linears run as the Engine runs them on this device (packed for oneDNN on a CPU, ...).
+    linears = LinearSetup.for_device(device, dtype)
+    linears.apply(target)
     cfg = target.config
     if max(draft_vocabs) > cfg.vocab_size:
         raise InputError(f"--draft-vocab {max(draft_vocabs)} exceeds the vocabulary ({cfg.vocab_size})")
@@ -152,7 +156,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         rows = [{"method": "plain", "tree": "-", "nodes": 1, "depth": 0, "step_ms": round(plain_ms, 4),
                  "break_even_tau": 1.0, "tokens_per_s": round(1e3 / plain_ms, 2)}]
         for method, dv in itertools.product(methods, draft_vocabs):
-            heads = random_heads(method, target, num_heads=num_heads, draft_vocab=dv)   # dv: a random id subset
+            heads = linears.apply(random_heads(method, target, num_heads=num_heads, draft_vocab=dv))  # dv: random ids
             for tree in trees:
                 spec = TreeSpec(tree, num_heads, device)
                 dec = graphs.attach(SpeculativeDecoder(target, cache, heads, spec, greedy))
@@ -181,7 +185,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
             del heads
 
     result = {"meta": {**environment(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
-                       "cuda_graphs": bool(graphs.enabled and device.type == "cuda"),
+                       "cuda_graphs": bool(graphs.enabled and device.type == "cuda"), "linears": linears.describe(),
                        "prompt_tokens": prompt_tokens, "repeats": repeats, "warmup": warmup, "num_heads": num_heads,
                        "note": "step times are medians with device sync and the host read of the step's tokens; "
                                "break_even_tau = spec step / plain step; tokens_per_s_at_tau = tau / spec step; "
@@ -203,7 +207,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
 
 def bench_markdown(result: dict) -> str:
     m = result["meta"]
-    head = (f"model {m['model']} | {m['dtype']} | {m['hardware']} | prompt {m['prompt_tokens']} tok | "
+    head = (f"model {m['model']} | {m['dtype']} | {m['hardware']} | linears {m.get('linears', '?')} | prompt {m['prompt_tokens']} tok | "
             f"prefill {result['prefill_ms']:.2f} ms | plain step {result['plain_step_ms']:.3f} ms "
             f"({result['plain_tokens_per_s']:.1f} tok/s)\n")
     cols = ["method", "draft_vocab", "tree", "nodes", "step_ms", "break_even_tau", "draft_ms", "verify_ms", "accept_ms", "commit_ms"]
