@@ -39,22 +39,21 @@ def cmd_generate(args) -> int:
     check = None
     if args.speculative == "auto" and speculative is not None and engine.device.type == "cpu":
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save
-        check = engine.speculation_check(args.tree)
+        check = engine.speculation_check(args.tree)      # no --tree: also picks the fastest of the heads' trees
         print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {speculative} uses the heads anyway)"),
               file=sys.stderr)
         if not check.pays:
             speculative = None
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                  seed=args.seed, chat=args.chat, speculative=speculative, tree=args.tree)
+                  seed=args.seed, chat=args.chat, speculative=speculative,
+                  tree=args.tree if check is None else check.tree)
     if args.json:
         result = engine.generate(args.prompt, **kwargs)
         out = result.to_dict()
         out["speculative"] = speculative
         if check is not None:
-            out["speculation_check"] = {"pays": check.pays, "tree": check.tree, "reason": check.reason,
-                                        "plain_ms": check.plain_ms, "step_ms": check.step_ms,
-                                        "measured_on": check.measured_on}
+            out["speculation_check"] = check.to_dict()
         print(json.dumps(out))
     else:
         for chunk in engine.stream(args.prompt, **kwargs):

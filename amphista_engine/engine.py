@@ -144,9 +144,10 @@ class Engine:
         return self._checks[key]
 
     def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
-        if speculative == "auto":   # the loaded heads where they are faster, else plain decoding
-            speculative = None if self.heads is None or not self.speculation_check(tree).pays \
-                else self.heads.config.kind
+        if speculative == "auto":   # the loaded heads where they are faster (on the fastest tree), else plain
+            check = None if self.heads is None else self.speculation_check(tree)
+            speculative = self.heads.config.kind if check is not None and check.pays else None
+            tree = tree if check is None else check.tree
         if speculative is None:
             dec, extra = PlainDecoder(self.model, self._cache_for(batch), params), 0
         else:

@@ -9,6 +9,12 @@ benchmarks/results/cpu_fp32_pack_ab.md), against the shipped heads' tau of ~2.1.
 on the loaded model and compare the ratio with the tau the heads were measured to reach on this tree
 (`tree-search` stores it in their config), discounted for the gap between held-out data and real prompts.
 The two step times persist between processes (`costs_file`), so each machine pays the ~3 s once per setup.
+
+Which tree, when none is named: on a CPU, verification grows with the node count, so the best tree is
+machine-dependent (AVX2 fp32: 4-16 nodes within noise of each other; AMX bf16: 16 nodes cost ~1 plain step, so
+bigger trees pay). The heads' fitted trees of different sizes (`tree-search`, e.g. mix-4/8/16/32/64) are
+climbed by size: the smallest few are timed, and while the largest timed one wins, the next size up is timed too.
+The tree with the highest discounted tau per unit of step cost is used.
 Output is the same either way (greedy: identical tokens; sampling: the same distribution), only speed differs.
 """
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import AmphistaError, InputError
 from .evaluation.env import hardware
 
 # The two step times are kept between processes (the verdict is not: it is weighed afresh against the heads'
@@ -36,6 +42,8 @@ COSTS_FILE = "step_costs.json"
 # MT-Bench tau / held-out decoding tau of the shipped heads (benchmarks/results/TRAINING.md, 25th session):
 # 2.506 / 2.704 on mix-64. A verdict on held-out numbers alone would favour speculation ~8% too often.
 HELD_OUT_DISCOUNT = 0.9
+# How many of the heads' fitted trees (smallest first) are timed before climbing to bigger ones.
+FIRST_TIMED = 3
 
 
 @dataclass
@@ -47,6 +55,11 @@ class SpeculationCheck:
     step_ms: float | None = None
     expected_tau: float | None = None
     measured_on: str | None = None      # the date the step times were measured, when they came from the cache
+    compared: dict | None = None        # tree -> {"nodes", "step_ratio", "expected_tau", "speedup"}: the trees weighed
+
+    def to_dict(self) -> dict:
+        return {"pays": self.pays, "tree": self.tree, "reason": self.reason, "plain_ms": self.plain_ms,
+                "step_ms": self.step_ms, "measured_on": self.measured_on, "compared": self.compared}
 
     @property
     def step_ratio(self) -> float | None:
@@ -63,52 +76,104 @@ def expected_tau(heads_config, tree: str) -> float | None:
     return None
 
 
+def candidate_trees(engine) -> list:
+    """The trees to choose from on a CPU when none is named, as TreeSpecs sorted by node count: every tree the
+    heads record a decoding tau for (their preferred tree-search record, see expected_tau) that the heads can
+    draft, less those another tree beats on both counts (as many nodes or fewer, as high a tau or higher)."""
+    extra = getattr(engine.heads.config, "extra", None) or {}
+    record = next((extra[k] for k in ("tree_search_mix", "tree_search") if (extra.get(k) or {}).get("decoding_tau")),
+                  None)
+    from .kernels import cpu_exact, cpu_packed
+    specs = []
+    for name in (record or {}).get("decoding_tau", {}):
+        try:
+            spec = engine._tree_spec(name)
+        except AmphistaError:      # a recorded name this engine cannot build (deeper than the heads): skip it
+            continue
+        # and only trees the CPU's position-ordered verification takes (bf16 refuses bigger ones)
+        if spec.max_depth <= cpu_exact.MAX_DEPTH and spec.num_nodes <= cpu_packed.CHUNKED_UP_TO:
+            specs.append(spec)
+    tau = {s.name: expected_tau(engine.heads.config, s.name) for s in specs}
+    specs = [s for s in specs if tau[s.name]]
+    keep = [s for s in specs if not any(o is not s and o.num_nodes <= s.num_nodes and tau[o.name] >= tau[s.name]
+                                        and (o.num_nodes, -tau[o.name]) < (s.num_nodes, -tau[s.name]) for o in specs)]
+    return sorted(keep, key=lambda s: (s.num_nodes, s.name))
+
+
 def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int = 9,
                       warmup: int = 2) -> SpeculationCheck:
-    """Whether the loaded heads, on `tree` (None: the engine's default for the device), decode faster than
-    plain steps here. Times `repeats` steps of each after `warmup` on a random prompt (a few seconds on a CPU,
-    once per machine and setup: the times persist in `costs_file()`)."""
+    """Whether the loaded heads, on `tree`, decode faster than plain steps here. tree=None on a CPU: the heads'
+    fitted tree that decodes fastest here (`candidate_trees`, climbed by size), or the engine's default tree
+    where the heads record none. Times `repeats` steps of each after `warmup` on a random prompt (a few seconds
+    on a CPU, once per machine and setup: the times persist in `costs_file()`)."""
     if engine.heads is None:
         raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
     spec = engine._tree_spec(tree)
     if engine.device.type != "cpu":
         return SpeculationCheck(True, spec.name, "on a GPU a tree step costs ~1.2-1.3 plain steps (measured on "
                                 "an H200): speculation pays whenever the heads accept anything")
-    tau = expected_tau(engine.heads.config, spec.name)
-    if tau is None:
+    candidates = (candidate_trees(engine) if tree is None else []) or [spec]
+    taus = {c.name: expected_tau(engine.heads.config, c.name) for c in candidates}
+    if taus[candidates[0].name] is None:
         return SpeculationCheck(True, spec.name, f"the heads record no measured tau for tree {spec.name!r}, "
                                 "so there is nothing to weigh the step cost against: speculating as asked")
     # The timed steps must fit the cache after the prompt: each adds up to depth + 1 tokens, plus the tree's slots.
-    room = (warmup + repeats + 1) * (spec.max_depth + 1) + spec.num_nodes
+    room = max((warmup + repeats + 1) * (c.max_depth + 1) + c.num_nodes for c in candidates)
     prompt_tokens = min(prompt_tokens, engine.max_seq_len - room)
     if prompt_tokens < 16:
         return SpeculationCheck(True, spec.name, f"the cache (max_seq_len={engine.max_seq_len}) is too small to "
                                 "time a tree step: speculating as asked")
-    file, key = costs_file(), cost_key(engine, spec, prompt_tokens)
-    cached = _read_costs(file).get(key) if file else None
-    if not (isinstance(cached, dict) and all(isinstance(cached.get(k), (int, float)) and cached[k] > 0
-                                             for k in ("plain_ms", "step_ms"))):
-        cached = None                    # absent, or an entry edited into nonsense: measure again
-    if cached:
-        plain_ms, step_ms, measured_on = cached["plain_ms"], cached["step_ms"], str(cached.get("date", "earlier"))
-    else:
-        plain_ms, step_ms = _time_steps(engine, spec, prompt_tokens, prompt_tokens + room, repeats, warmup)
-        measured_on = None
-        if file:
-            _write_cost(file, key, {"plain_ms": plain_ms, "step_ms": step_ms, "date": str(date.today())})
+    file = costs_file()
+    costs = _read_costs(file) if file else {}
+    times = {}                       # tree -> (plain_ms, step_ms, date measured or None)
+
+    def measure(specs):
+        keys = {c.name: cost_key(engine, c, prompt_tokens) for c in specs}
+        for c in specs:
+            e = costs.get(keys[c.name])
+            if isinstance(e, dict) and all(isinstance(e.get(k), (int, float)) and e[k] > 0
+                                           for k in ("plain_ms", "step_ms")):
+                times[c.name] = (e["plain_ms"], e["step_ms"], str(e.get("date", "earlier")))
+        todo = [c for c in specs if c.name not in times]     # absent, or an entry edited into nonsense
+        if todo:
+            plain_ms, step_ms = _time_steps(engine, todo, prompt_tokens, prompt_tokens + room, repeats, warmup)
+            for c in todo:
+                times[c.name] = (plain_ms, step_ms[c.name], None)
+                if file:
+                    entry = {"plain_ms": plain_ms, "step_ms": step_ms[c.name], "date": str(date.today())}
+                    _write_cost(file, keys[c.name], entry)
+
+    def speedup(c):
+        plain_ms, step_ms, _ = times[c.name]
+        return taus[c.name] * HELD_OUT_DISCOUNT * plain_ms / step_ms
+
+    n = FIRST_TIMED if len(candidates) > 1 else 1
+    measure(candidates[:n])
+    best = max(candidates[:n], key=speedup)
+    while best is candidates[n - 1] and n < len(candidates):     # the biggest timed tree wins: try the next size
+        measure(candidates[n:n + 1])
+        n += 1
+        best = max(candidates[:n], key=speedup)
+    plain_ms, step_ms, measured_on = times[best.name]
+    tau = taus[best.name]
     ratio, tau_here = step_ms / plain_ms, tau * HELD_OUT_DISCOUNT
     pays = tau_here > ratio
-    reason = (f"a {spec.name} step costs {ratio:.2f} plain steps here ({step_ms:.0f} vs {plain_ms:.0f} ms"
-              + (f", measured {measured_on}, kept in {file}" if cached else "") + ") and "
+    reason = ((f"of the heads' fitted trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} is "
+               "fastest here: " if n > 1 else "")
+              + f"a {best.name} step costs {ratio:.2f} plain steps here ({step_ms:.0f} vs {plain_ms:.0f} ms"
+              + (f", measured {measured_on}, kept in {file}" if measured_on else "") + ") and "
               f"these heads emit ~{tau_here:.2f} tokens per step on it ({tau:.2f} on held-out data, "
               f"x{HELD_OUT_DISCOUNT}): " + ("speculation is faster" if pays else "plain decoding is faster"))
-    return SpeculationCheck(pays, spec.name, reason, plain_ms, step_ms, tau, measured_on)
+    compared = {c.name: {"nodes": c.num_nodes, "step_ratio": round(times[c.name][1] / times[c.name][0], 3),
+                         "expected_tau": taus[c.name], "speedup": round(speedup(c), 3)} for c in candidates[:n]}
+    return SpeculationCheck(pays, best.name, reason, plain_ms, step_ms, tau, measured_on, compared)
 
 
-def _time_steps(engine, spec, prompt_tokens: int, cache_len: int, repeats: int,
-                warmup: int) -> tuple[float, float]:
-    """Median ms of a plain step and of a speculative step on `spec` after a random prompt, the two timed in
-    turn (each on its own cache of cache_len slots), so a slow spell of the machine hits both alike."""
+def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats: int,
+                warmup: int) -> tuple[float, dict]:
+    """Median ms of a plain step and of a speculative step on each tree of `specs` after a random prompt, all
+    timed in turn (each on its own cache of cache_len slots), so a slow spell of the machine hits them alike.
+    Returns (plain_ms, {tree name: step_ms})."""
     from .evaluation.env import sync
     from .generation import PlainDecoder
     from .kv_cache import KVCache
@@ -123,8 +188,8 @@ def _time_steps(engine, spec, prompt_tokens: int, cache_len: int, repeats: int,
     greedy = SamplingParams()
     times = {}
     with torch.inference_mode():
-        decoders = {"plain": PlainDecoder(engine.model, cache(), greedy),
-                    "tree": SpeculativeDecoder(engine.model, cache(), engine.heads, spec, greedy)}
+        decoders = {None: PlainDecoder(engine.model, cache(), greedy)}
+        decoders.update({s.name: SpeculativeDecoder(engine.model, cache(), engine.heads, s, greedy) for s in specs})
         for dec in decoders.values():
             dec.prefill([prompt])
         for i in range(warmup + repeats):
@@ -136,7 +201,9 @@ def _time_steps(engine, spec, prompt_tokens: int, cache_len: int, repeats: int,
                 out.tolist()
                 if i >= warmup:
                     times.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times["plain"]), statistics.median(times["tree"])
+        del decoders
+    plain = times.pop(None)
+    return statistics.median(plain), {name: statistics.median(t) for name, t in times.items()}
 
 
 def costs_file() -> Path | None:

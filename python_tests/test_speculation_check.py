@@ -111,7 +111,7 @@ def test_step_costs_persist_between_engines(tiny_hf_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(sc.CACHE_ENV, str(tmp_path / "cache"))
     timings = []
     real = sc._time_steps
-    monkeypatch.setattr(sc, "_time_steps", lambda *a: timings.append(a[1].name) or real(*a))
+    monkeypatch.setattr(sc, "_time_steps", lambda *a: timings.append(",".join(t.name for t in a[1])) or real(*a))
 
     def check(tau, tree="tree-16", dtype="fp32"):
         eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype=dtype, max_seq_len=256)
@@ -140,3 +140,60 @@ def test_step_costs_persist_between_engines(tiny_hf_dir, tmp_path, monkeypatch):
     check(50.0)
     check(50.0)
     assert timings[5:] == ["tree-16", "tree-16"]
+
+
+def _synthetic_steps(calls):
+    """_time_steps stand-in: a plain step of 10 ms and a tree step of 10 (1 + nodes / 16) ms, so the choice
+    below depends on the taus only, not on this machine's timing noise."""
+    def fake(engine, specs, *rest):
+        calls.append([s.name for s in specs])
+        return 10.0, {s.name: 10.0 * (1 + s.num_nodes / 16) for s in specs}
+    return fake
+
+
+@pytest.mark.parametrize("taus,timed,chosen", [
+    # the best of the three smallest is not the biggest of them: nothing bigger is timed
+    ({"chain-1": 1.5, "chain-2": 2.0, "chain-3": 2.05, "tree-16": 2.2, "tree-32": 3.5},
+     [["chain-1", "chain-2", "chain-3"]], "chain-2"),
+    # the biggest timed tree keeps winning: climb to the next size until it stops
+    ({"chain-1": 1.5, "chain-2": 2.0, "chain-3": 2.6, "tree-16": 4.4, "tree-32": 6.0},
+     [["chain-1", "chain-2", "chain-3"], ["tree-16"], ["tree-32"]], "tree-16"),
+])
+def test_no_tree_named_picks_the_fastest_of_the_heads_trees(engine, monkeypatch, taus, timed, chosen):
+    import amphista_engine.speculation_check as sc
+    calls = []
+    monkeypatch.setattr(sc, "_time_steps", _synthetic_steps(calls))
+    # a tree another beats on size and tau, and one deeper than the 4 heads, are never candidates
+    engine.heads.config.extra = {"tree_search_mix": {"decoding_tau": {**taus, "mc_sim_7b_63": 1.0, "chain-5": 9.0}},
+                                 "tree_search": {"decoding_tau": {"tree-16": 99.0}}}    # the mix record comes first
+    engine._checks.clear()
+    res = check_speculation(engine, repeats=2, warmup=1)
+    assert calls == timed and res.tree == chosen and res.pays
+    assert list(res.compared) == [t for batch in timed for t in batch]
+    best = res.compared[chosen]
+    assert best["speedup"] == max(c["speedup"] for c in res.compared.values())
+    assert best["speedup"] == pytest.approx(taus[chosen] * HELD_OUT_DISCOUNT / best["step_ratio"], rel=1e-3)
+    assert f"{chosen} is fastest here" in res.reason
+    named = check_speculation(engine, "tree-32", repeats=2, warmup=1)     # a named tree is the only one weighed
+    assert named.tree == "tree-32" and list(named.compared) == ["tree-32"] and calls[-1] == ["tree-32"]
+    # and the Engine decodes on the tree the check chose (greedy output is the plain one either way)
+    out = engine.generate("hello there", max_new_tokens=5, chat=False, speculative="auto")
+    assert out.stats.extra["tree"] == chosen
+
+
+def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    import amphista_engine.speculation_check as sc
+    calls = []
+    monkeypatch.setattr(sc, "_time_steps", _synthetic_steps(calls))
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
+    heads = random_heads("amphista", eng.model, num_heads=4, seed=1)
+    heads.config.extra = {"tree_search_mix": {"decoding_tau": {"chain-1": 1.5, "chain-2": 2.0, "chain-3": 2.05}}}
+    save_heads(heads, tmp_path / "heads")
+    args = ["generate", "hi", "--model", str(tiny_hf_dir), "--max-new-tokens", "3", "--no-chat", "--device", "cpu",
+            "--max-seq-len", "256", "--heads", str(tmp_path / "heads"), "--json"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert out["speculation_check"]["tree"] == "chain-2" and out["stats"]["tree"] == "chain-2"
+    assert set(out["speculation_check"]["compared"]) == {"chain-1", "chain-2", "chain-3"}
+    assert "chain-2 is fastest here" in cap.err
