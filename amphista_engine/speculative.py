@@ -19,7 +19,9 @@ from .sampling import SamplingParams
 from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
 
 DEFAULT_TREE = "mc_sim_7b_63"
-CPU_TREE = "tree-16"    # a CPU verifies 64 nodes at ~7x the cost of a plain step (benchmarks/results), 16 at ~3x
+# A CPU verifies 64 nodes at ~3-4x the cost of a plain step, 16 at ~1.8 (AVX2 fp32, packed). This is the CPU tree
+# when one is needed without timing; `--speculative auto` times the heads' fitted trees instead (speculation_check).
+CPU_TREE = "tree-16"
 
 
 def default_tree(num_heads: int, device) -> str:

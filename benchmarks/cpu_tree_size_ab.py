@@ -9,6 +9,7 @@ Writes benchmarks/results/cpu_tree_size_ab.{json,md} (or --out DIR).
     OMP_NUM_THREADS=2 python benchmarks/cpu_tree_size_ab.py [--trees tree-16,mix-4,...] [--questions 16]
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from amphista_engine.speculation_check import check_speculation, expected_tau  # noqa: E402
+from amphista_engine.speculation_check import CACHE_ENV, check_speculation, expected_tau  # noqa: E402
 from benchmarks.common import hardware, md_table, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
@@ -36,7 +37,8 @@ def main():
     torch.set_grad_enabled(False)
     e = Engine.from_pretrained("smollm2-135m", device="cpu", dtype=args.dtype, max_seq_len=1024,
                                heads=shipped_heads("smollm2-135m", "amphista"))
-    check = check_speculation(e)              # what --speculative auto picks here (timed now, not from a cache)
+    os.environ[CACHE_ENV] = "off"             # what --speculative auto picks here, timed now (not from a cache)
+    check = check_speculation(e)
     trees = args.trees.split(",")
     configs = [None] + trees
     qs = read_questions(MT_BENCH, per_category=-(-args.questions // 8), limit=args.questions)
