@@ -158,8 +158,8 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     tau = taus[best.name]
     ratio, tau_here = step_ms / plain_ms, tau * HELD_OUT_DISCOUNT
     pays = tau_here > ratio
-    reason = ((f"of the heads' fitted trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} is "
-               "fastest here: " if n > 1 else "")
+    reason = ((f"of the heads' fitted trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} comes "
+               "out best here: " if n > 1 else "")
               + f"a {best.name} step costs {ratio:.2f} plain steps here ({step_ms:.0f} vs {plain_ms:.0f} ms"
               + (f", measured {measured_on}, kept in {file}" if measured_on else "") + ") and "
               f"these heads emit ~{tau_here:.2f} tokens per step on it ({tau:.2f} on held-out data, "

@@ -173,7 +173,7 @@ def test_no_tree_named_picks_the_fastest_of_the_heads_trees(engine, monkeypatch,
     best = res.compared[chosen]
     assert best["speedup"] == max(c["speedup"] for c in res.compared.values())
     assert best["speedup"] == pytest.approx(taus[chosen] * HELD_OUT_DISCOUNT / best["step_ratio"], rel=1e-3)
-    assert f"{chosen} is fastest here" in res.reason
+    assert f"{chosen} comes out best here" in res.reason
     named = check_speculation(engine, "tree-32", repeats=2, warmup=1)     # a named tree is the only one weighed
     assert named.tree == "tree-32" and list(named.compared) == ["tree-32"] and calls[-1] == ["tree-32"]
     # and the Engine decodes on the tree the check chose (greedy output is the plain one either way)
@@ -196,4 +196,4 @@ def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, mo
     out = json.loads(cap.out)
     assert out["speculation_check"]["tree"] == "chain-2" and out["stats"]["tree"] == "chain-2"
     assert set(out["speculation_check"]["compared"]) == {"chain-1", "chain-2", "chain-3"}
-    assert "chain-2 is fastest here" in cap.err
+    assert "chain-2 comes out best here" in cap.err
