@@ -266,7 +266,7 @@ class Transformer(nn.Module):
             mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len, cache.k.dtype,
                                     self.config.n_heads // self.config.n_kv_heads)
         else:
-            mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
+            mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len, cache.k.dtype)
         rope = self.rope[positions]
         x = self.tok_embeddings(tokens)
         if invariant or self.fuses_layers(x):

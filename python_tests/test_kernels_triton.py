@@ -352,6 +352,10 @@ def test_tree_attention_dispatch_and_mask_forms(poisoned):
         new_mask, dense = ops.tree_mask_args(prefix, mask, 56)
         assert new_mask is mask and dense.shape == (B, N, 56)
         torch.testing.assert_close(ops.tree_attention(q, k, v, prefix, new_mask, 56, dense_mask=dense), ref)
+        _, additive = ops.tree_mask_args(prefix, mask, 56, torch.float32)     # built once, in the queries' dtype
+        assert additive.dtype == torch.float32 and torch.equal(additive == 0, dense)
+        assert bool((additive[~dense] == float("-inf")).all())
+        torch.testing.assert_close(ops.tree_attention(q, k, v, prefix, new_mask, 56, dense_mask=additive), ref)
 
 
 # ---- AEB head attention --------------------------------------------------------------------------------

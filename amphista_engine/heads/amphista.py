@@ -130,7 +130,7 @@ class AmphistaHeads(DraftHeads):
         positions = start[:, None] + torch.arange(M, device=dev)
         rope = self._rope_rows(cache.max_seq_len, dev)[positions]
         spec = AttentionSpec(prefix_len=start, new_mask=causal_mask(M, dev), kv_len=min(kv_len, cache.max_seq_len))
-        mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len)
+        mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len, cache.k.dtype)
         outs = self._sal(self._fuse(hidden, next_tokens), rope, cache, spec, mask)
         cache.length[:B] += count
         rows, last = torch.arange(B, device=dev), count - 1

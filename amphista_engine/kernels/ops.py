@@ -47,8 +47,9 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     kv_len:     host int >= max(prefix_len) + N: the reference reads slots [0, kv_len); kernels use it to
                 size their split-K grid only (their per-row bound is prefix_len[b] + N).
     scale:      softmax scale, default 1 / sqrt(D).
-    dense_mask: optional AttentionSpec.dense_mask() [B, N, kv_len] already built for this forward; only the
-                reference reads it (saves rebuilding it per layer). Kernels use prefix_len + bits.
+    dense_mask: optional AttentionSpec.dense_mask() [B, N, kv_len] already built for this forward, bool or
+                additive in q's dtype (tree_mask_args); only the reference reads it (saves rebuilding it per
+                layer). Kernels use prefix_len + bits.
     order:      optional gpu_exact.OrderedTree for this forward: the triton backend then takes its
                 row-invariant path (a token's result the same in a plain step and in any tree); the reference
                 computes the same attention unordered, the CUDA backend declines.
@@ -59,16 +60,22 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                 dense_mask, order=order)
 
 
-def tree_mask_args(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int):
+def tree_mask_args(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int,
+                   dtype: Optional[torch.dtype] = None):
     """(new_mask, dense_mask) to pass to every layer's tree_attention in one forward, built once.
 
-    The torch backend wants the dense [B, N, kv_len] mask; kernels want ancestor bits (N <= 64)."""
+    The torch backend wants the dense [B, N, kv_len] mask; kernels want ancestor bits (N <= 64). With `dtype`
+    (the queries' dtype) the dense mask comes additive (0 / -inf) in it: SDPA would otherwise convert a bool mask
+    to that in every layer (the same values; ~35 us a layer on a 2-core CPU)."""
     dev = prefix_len.device
     n = new_mask.shape[-1]
     if backend.resolve("tree_attention", dev) != "torch" and new_mask.dtype == torch.bool and n <= 64:
         return reference.mask_bits(new_mask), None
     from ..model import AttentionSpec
-    return new_mask, AttentionSpec(prefix_len, reference._new_mask_bool(new_mask, n), kv_len).dense_mask()
+    dense = AttentionSpec(prefix_len, reference._new_mask_bool(new_mask, n), kv_len).dense_mask()
+    if dtype is not None:
+        dense = torch.zeros(dense.shape, dtype=dtype, device=dev).masked_fill_(~dense, float("-inf"))
+    return new_mask, dense
 
 
 def head_attention(z: torch.Tensor, pos_emb: Optional[torch.Tensor], norm_w: torch.Tensor, eps: float,

@@ -78,6 +78,8 @@ def fused_sal_input(hidden, tokens, emb_weight, w_fuse):
 # ---- norms and RoPE ------------------------------------------------------------------------------------
 def rmsnorm(x, w, eps: float):
     """RMSNorm.forward: normalise in fp32, round to x's dtype, scale by w (Llama's reference order)."""
+    if x.dtype == torch.float32 and w.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)    # the same math in one op (~20 us less per call on a CPU)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
@@ -140,9 +142,8 @@ def qkv_rope_write(qkv, rope_rows, k_buf, v_buf, layer: int, start, n_heads: int
     RoPE on q and k, k and v to the cache (kv_write); returns q [B, T, H, D]."""
     B, T, _ = qkv.shape
     D = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
-    q, k, v = qkv.split((n_heads * D, n_kv_heads * D, n_kv_heads * D), dim=-1)
-    q = rope(q.view(B, T, n_heads, D), rope_rows)
-    k = rope(k.view(B, T, n_kv_heads, D), rope_rows)
+    qk, v = qkv.split(((n_heads + n_kv_heads) * D, n_kv_heads * D), dim=-1)
+    q, k = rope(qk.view(B, T, n_heads + n_kv_heads, D), rope_rows).split((n_heads, n_kv_heads), dim=2)  # one pass
     kv_write(k_buf, v_buf, layer, start, k.transpose(1, 2), v.view(B, T, n_kv_heads, D).transpose(1, 2))
     return q
 
