@@ -25,7 +25,8 @@ def _add_decoding_args(p: argparse.ArgumentParser):
     p.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa", "none"],
                    help="drafting method (auto: whatever --heads holds, if a quick timing on the CPU says it is "
                         "faster than plain decoding there; none: plain decoding)")
-    p.add_argument("--tree", default=None, help="static tree name (e.g. mc_sim_7b_63), dynamic-N, or a JSON path list")
+    p.add_argument("--tree", default=None, help="static tree name (e.g. mc_sim_7b_63, mix-8), dynamic-N, a JSON path "
+                   "list, or auto: the fastest of the heads' fitted trees here (the default under --speculative auto)")
 
 
 def cmd_generate(args) -> int:
@@ -37,17 +38,19 @@ def cmd_generate(args) -> int:
                                     cuda_graphs=args.cuda_graphs)
     speculative = resolve_heads(engine, args.heads, args.speculative)
     check = None
-    if args.speculative == "auto" and speculative is not None and engine.device.type == "cpu":
-        # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save
-        check = engine.speculation_check(args.tree)      # no --tree: also picks the fastest of the heads' trees
+    auto_tree = args.tree == "auto" or (args.tree is None and args.speculative == "auto")
+    if (args.speculative == "auto" or auto_tree) and speculative is not None and engine.device.type == "cpu":
+        # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
+        # --tree (or --tree auto) the check also picks the fastest of the heads' fitted trees
+        check = engine.speculation_check(None if auto_tree else args.tree)
         print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {speculative} uses the heads anyway)"),
               file=sys.stderr)
-        if not check.pays:
+        if not check.pays and args.speculative == "auto":
             speculative = None
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
                   seed=args.seed, chat=args.chat, speculative=speculative,
-                  tree=args.tree if check is None else check.tree)
+                  tree=check.tree if check is not None else args.tree)
     if args.json:
         result = engine.generate(args.prompt, **kwargs)
         out = result.to_dict()

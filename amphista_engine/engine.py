@@ -133,21 +133,30 @@ class Engine:
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")
 
     def speculation_check(self, tree=None):
-        """Whether the loaded heads decode faster than plain steps here with `tree` (speculation_check.py:
-        timed on a CPU, ~2 s, once per tree and engine; always yes on a GPU)."""
+        """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
+        of the heads' fitted trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
+        setup; always yes on a GPU)."""
         from .speculation_check import check_speculation
         if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now
             raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
+        tree = None if tree == "auto" else tree
         key = _tree_key(tree)
         if key not in self._checks:
             self._checks[key] = check_speculation(self, tree)
         return self._checks[key]
 
     def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
-        if speculative == "auto":   # the loaded heads where they are faster (on the fastest tree), else plain
-            check = None if self.heads is None else self.speculation_check(tree)
-            speculative = self.heads.config.kind if check is not None and check.pays else None
-            tree = tree if check is None else check.tree
+        # speculative="auto": the loaded heads where they are faster, else plain decoding. tree="auto" (and no tree
+        # under speculative="auto"): the tree the check found fastest (on a CPU; the device default on a GPU).
+        auto_tree = tree == "auto" or (tree is None and speculative == "auto")
+        if (speculative == "auto" or (auto_tree and speculative is not None)) and self.heads is not None:
+            check = self.speculation_check(None if auto_tree else tree)
+            if speculative == "auto":
+                speculative = self.heads.config.kind if check.pays else None
+            if auto_tree:
+                tree = check.tree
+        elif speculative == "auto":
+            speculative = None
         if speculative is None:
             dec, extra = PlainDecoder(self.model, self._cache_for(batch), params), 0
         else:

@@ -108,6 +108,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     on a CPU, once per machine and setup: the times persist in `costs_file()`)."""
     if engine.heads is None:
         raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
+    tree = None if tree == "auto" else tree
     spec = engine._tree_spec(tree)
     if engine.device.type != "cpu":
         return SpeculationCheck(True, spec.name, "on a GPU a tree step costs ~1.2-1.3 plain steps (measured on "

@@ -179,6 +179,11 @@ def test_no_tree_named_picks_the_fastest_of_the_heads_trees(engine, monkeypatch,
     # and the Engine decodes on the tree the check chose (greedy output is the plain one either way)
     out = engine.generate("hello there", max_new_tokens=5, chat=False, speculative="auto")
     assert out.stats.extra["tree"] == chosen
+    # tree="auto" asks for the same pick with the heads forced on; a named tree is kept
+    forced = engine.generate("hello there", max_new_tokens=5, chat=False, speculative="amphista", tree="auto")
+    assert forced.stats.extra["tree"] == chosen and forced.token_ids == out.token_ids
+    named_run = engine.generate("hello there", max_new_tokens=5, chat=False, speculative="auto", tree="tree-32")
+    assert named_run.stats.extra["tree"] == "tree-32"
 
 
 def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, monkeypatch):
@@ -197,3 +202,13 @@ def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, mo
     assert out["speculation_check"]["tree"] == "chain-2" and out["stats"]["tree"] == "chain-2"
     assert set(out["speculation_check"]["compared"]) == {"chain-1", "chain-2", "chain-3"}
     assert "chain-2 comes out best here" in cap.err
+    heads.config.extra["tree_search_mix"]["decoding_tau"] = {"chain-1": 1.01, "chain-2": 1.02, "chain-3": 1.03}
+    save_heads(heads, tmp_path / "heads")          # no tree pays: auto decodes plainly, a named method keeps heads
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["speculative"] is None and out["speculation_check"]["tree"] == "chain-1"
+    assert main(args + ["--speculative", "amphista", "--tree", "auto"]) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert out["speculative"] == "amphista" and out["stats"]["tree"] == out["speculation_check"]["tree"]
+    assert "uses the heads anyway" in cap.err
