@@ -151,6 +151,8 @@ def test_bad_input_errors(setup, tmp_path):
         run_eval(q, heads=heads, categories="coding,math", out=tmp_path)
     with pytest.raises(InputError, match=r"unknown method 'eagle'.*ar .*medusa, amphista"):
         run_eval(q, methods="ar,eagle", heads=heads, out=tmp_path)
+    with pytest.raises(InputError, match=r"one tree: name it.*--tree auto is for generate"):
+        run_eval(q, heads=heads, tree="auto", out=tmp_path)
     with pytest.raises(InputError, match=r"no medusa heads are shipped for model 'x'.*--heads-medusa"):
         run_eval(q, methods="medusa", model="x", out=tmp_path)
     swapped = {"medusa": heads["amphista"], "amphista": heads["medusa"]}

@@ -172,6 +172,9 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         raise InputError(f"--warmup must be >= 0, got {warmup}")
     if temperature < 0:
         raise InputError(f"--temperature must be >= 0, got {temperature}")
+    if tree == "auto":      # each method would time its own pick: the comparison needs one tree for all
+        raise InputError("eval compares the methods on one tree: name it (--tree mix-8, ...); --tree auto is for "
+                         "generate")
     heads_paths = resolve_heads_paths(methods, model, heads)
     out = Path(out)
 
