@@ -11,8 +11,8 @@ on the loaded model and compare the ratio with the tau the heads were measured t
 The two step times persist between processes (`costs_file`), so each machine pays the ~3 s once per setup.
 
 Which tree, when none is named: on a CPU, verification grows with the node count, so the best tree is
-machine-dependent (AVX2 fp32: 4-16 nodes within noise of each other; AMX bf16: 16 nodes cost ~1 plain step, so
-bigger trees pay). The heads' fitted trees of different sizes (`tree-search`, e.g. mix-4/8/16/32/64) are
+machine-dependent (AVX2 fp32, end to end: 8 nodes 1.29x over plain decoding, 4 nodes 1.23x, 16 nodes 1.14x, 32
+nodes 0.98x, benchmarks/results/cpu_tree_size_ab.md; AMX bf16: 16 nodes cost ~1 plain step, so bigger trees pay). The heads' fitted trees of different sizes (`tree-search`, e.g. mix-4/8/16/32/64) are
 climbed by size: the smallest few are timed, and while the largest timed one wins, the next size up is timed too.
 The tree with the highest discounted tau per unit of step cost is used.
 Output is the same either way (greedy: identical tokens; sampling: the same distribution), only speed differs.
@@ -95,8 +95,10 @@ def candidate_trees(engine) -> list:
             specs.append(spec)
     tau = {s.name: expected_tau(engine.heads.config, s.name) for s in specs}
     specs = [s for s in specs if tau[s.name]]
-    keep = [s for s in specs if not any(o is not s and o.num_nodes <= s.num_nodes and tau[o.name] >= tau[s.name]
-                                        and (o.num_nodes, -tau[o.name]) < (s.num_nodes, -tau[s.name]) for o in specs)]
+    def beats(o, s):     # as few nodes or fewer, as high a tau or higher, and not the same on both
+        return (o.num_nodes <= s.num_nodes and tau[o.name] >= tau[s.name]
+                and (o.num_nodes, tau[o.name]) != (s.num_nodes, tau[s.name]))
+    keep = [s for s in specs if not any(beats(o, s) for o in specs)]
     return sorted(keep, key=lambda s: (s.num_nodes, s.name))
 
 

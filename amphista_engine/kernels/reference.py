@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import cpu_packed
+
 BACKEND = "torch"
 
 
@@ -40,8 +42,7 @@ def _new_mask_bool(new_mask: torch.Tensor, n: int) -> torch.Tensor:
 def _weight_product(x, w):
     """F.linear with a module's bare weight; CPU inference multiplies a oneDNN-packed copy, as the engine's
     nn.Linear layers do (kernels/cpu_packed.py: MKL's few-row products are ~3x slower on AMD CPUs)."""
-    from .cpu_packed import linear
-    return linear(x, w)
+    return cpu_packed.linear(x, w)
 
 
 # ---- attention -----------------------------------------------------------------------------------------
