@@ -47,14 +47,20 @@ def test_expected_tau_prefers_the_traffic_weighted_fit():
     assert 0 < HELD_OUT_DISCOUNT < 1
 
 
-@pytest.mark.parametrize("tau,method", [(1.0, None), (50.0, "amphista")])
-def test_cli_auto_follows_the_check_and_an_explicit_method_does_not(tiny_hf_dir, tmp_path, capsys, tau, method):
+def _cli_with_heads(tiny_hf_dir, tmp_path, extra: dict):
+    """Random Amphista heads recording `extra` (their tree-search taus), saved; and `amphista generate` args
+    that load them."""
     eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
     heads = random_heads("amphista", eng.model, num_heads=4, seed=1)
-    heads.config.extra = {"tree_search": {"decoding_tau": {"tree-16": tau}}}
+    heads.config.extra = extra
     save_heads(heads, tmp_path / "heads")
-    args = ["generate", "hi", "--model", str(tiny_hf_dir), "--max-new-tokens", "3", "--no-chat", "--device", "cpu",
-            "--max-seq-len", "256", "--heads", str(tmp_path / "heads"), "--json"]
+    return heads, ["generate", "hi", "--model", str(tiny_hf_dir), "--max-new-tokens", "3", "--no-chat", "--device",
+                   "cpu", "--max-seq-len", "256", "--heads", str(tmp_path / "heads"), "--json"]
+
+
+@pytest.mark.parametrize("tau,method", [(1.0, None), (50.0, "amphista")])
+def test_cli_auto_follows_the_check_and_an_explicit_method_does_not(tiny_hf_dir, tmp_path, capsys, tau, method):
+    _, args = _cli_with_heads(tiny_hf_dir, tmp_path, {"tree_search": {"decoding_tau": {"tree-16": tau}}})
     assert main(args) == 0
     cap = capsys.readouterr()
     out = json.loads(cap.out)
@@ -190,12 +196,8 @@ def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, mo
     import amphista_engine.speculation_check as sc
     calls = []
     monkeypatch.setattr(sc, "_time_steps", _synthetic_steps(calls))
-    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
-    heads = random_heads("amphista", eng.model, num_heads=4, seed=1)
-    heads.config.extra = {"tree_search_mix": {"decoding_tau": {"chain-1": 1.5, "chain-2": 2.0, "chain-3": 2.05}}}
-    save_heads(heads, tmp_path / "heads")
-    args = ["generate", "hi", "--model", str(tiny_hf_dir), "--max-new-tokens", "3", "--no-chat", "--device", "cpu",
-            "--max-seq-len", "256", "--heads", str(tmp_path / "heads"), "--json"]
+    heads, args = _cli_with_heads(tiny_hf_dir, tmp_path,
+                                  {"tree_search_mix": {"decoding_tau": {"chain-1": 1.5, "chain-2": 2.0, "chain-3": 2.05}}})
     assert main(args) == 0
     cap = capsys.readouterr()
     out = json.loads(cap.out)
