@@ -9,7 +9,9 @@ from amphista_engine import Engine
 from amphista_engine.cli import main
 from amphista_engine.heads import random_heads
 from amphista_engine.heads.checkpoint import save_heads
-from amphista_engine.speculation_check import HELD_OUT_DISCOUNT, check_speculation, expected_tau
+from amphista_engine.shipped_heads import shipped_heads
+from amphista_engine.speculation_check import HELD_OUT_DISCOUNT, candidate_trees, check_speculation, expected_tau
+from conftest import needs_smollm2
 
 pytest.importorskip("transformers")      # tiny_hf_dir
 
@@ -214,3 +216,17 @@ def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, mo
     out = json.loads(cap.out)
     assert out["speculative"] == "amphista" and out["stats"]["tree"] == out["speculation_check"]["tree"]
     assert "uses the heads anyway" in cap.err
+
+
+@needs_smollm2
+def test_shipped_heads_offer_a_ladder_of_fitted_trees():
+    """What a CPU climbs with the shipped heads: their fitted mix-N trees by size; the generic trees they record a
+    tau for (tree-16, tree-32, mc_sim_7b_63) are each beaten by a fitted tree of the same size."""
+    eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=512)
+    for kind in ("amphista", "medusa"):
+        eng.load_heads(shipped_heads("smollm2-135m", kind))
+        ladder = candidate_trees(eng)
+        assert [s.name for s in ladder] == ["mix-4", "mix-8", "mix-16", "mix-32", "mix-64"]
+        assert [s.num_nodes for s in ladder] == [4, 8, 16, 32, 64]
+        taus = [expected_tau(eng.heads.config, s.name) for s in ladder]
+        assert taus == sorted(taus) and expected_tau(eng.heads.config, "tree-16") < taus[2]
