@@ -37,20 +37,18 @@ def cmd_generate(args) -> int:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs)
     speculative = resolve_heads(engine, args.heads, args.speculative)
-    check = None
-    auto_tree = args.tree == "auto" or (args.tree is None and args.speculative == "auto")
-    if (args.speculative == "auto" or auto_tree) and speculative is not None and engine.device.type == "cpu":
+    check, tree = None, args.tree
+    if speculative is not None and engine.device.type == "cpu":
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
         # --tree (or --tree auto) the check also picks the fastest of the heads' fitted trees
-        check = engine.speculation_check(None if auto_tree else args.tree)
-        print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {speculative} uses the heads anyway)"),
-              file=sys.stderr)
-        if not check.pays and args.speculative == "auto":
-            speculative = None
+        kind = speculative
+        speculative, tree, check = engine.resolve_speculation("auto" if args.speculative == "auto" else kind, tree)
+        if check is not None:
+            print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {kind} uses the heads anyway)"),
+                  file=sys.stderr)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                  seed=args.seed, chat=args.chat, speculative=speculative,
-                  tree=check.tree if check is not None else args.tree)
+                  seed=args.seed, chat=args.chat, speculative=speculative, tree=tree)
     if args.json:
         result = engine.generate(args.prompt, **kwargs)
         out = result.to_dict()

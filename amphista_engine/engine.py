@@ -145,18 +145,20 @@ class Engine:
             self._checks[key] = check_speculation(self, tree)
         return self._checks[key]
 
-    def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
-        # speculative="auto": the loaded heads where they are faster, else plain decoding. tree="auto" (and no tree
-        # under speculative="auto"): the tree the check found fastest (on a CPU; the device default on a GPU).
+    def resolve_speculation(self, speculative, tree):
+        """(speculative, tree, check) with "auto" resolved. speculative="auto": the loaded heads where the check
+        finds them faster, else None (plain). tree="auto", or no tree under speculative="auto": the tree the check
+        found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed."""
         auto_tree = tree == "auto" or (tree is None and speculative == "auto")
-        if (speculative == "auto" or (auto_tree and speculative is not None)) and self.heads is not None:
-            check = self.speculation_check(None if auto_tree else tree)
-            if speculative == "auto":
-                speculative = self.heads.config.kind if check.pays else None
-            if auto_tree:
-                tree = check.tree
-        elif speculative == "auto":
-            speculative = None
+        if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)):
+            return (None if speculative == "auto" else speculative), tree, None
+        check = self.speculation_check(None if auto_tree else tree)
+        if speculative == "auto":
+            speculative = self.heads.config.kind if check.pays else None
+        return speculative, (check.tree if auto_tree else tree), check
+
+    def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
+        speculative, tree, _ = self.resolve_speculation(speculative, tree)
         if speculative is None:
             dec, extra = PlainDecoder(self.model, self._cache_for(batch), params), 0
         else:

@@ -39,12 +39,6 @@ def _new_mask_bool(new_mask: torch.Tensor, n: int) -> torch.Tensor:
     return bits_to_mask(new_mask.reshape(-1, n), n)
 
 
-def _weight_product(x, w):
-    """F.linear with a module's bare weight; CPU inference multiplies a oneDNN-packed copy, as the engine's
-    nn.Linear layers do (kernels/cpu_packed.py: MKL's few-row products are ~3x slower on AMD CPUs)."""
-    return cpu_packed.linear(x, w)
-
-
 # ---- attention -----------------------------------------------------------------------------------------
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
                    dense_mask: Optional[torch.Tensor] = None, order=None):
@@ -67,7 +61,9 @@ def head_attention(z, pos_emb, norm_w, eps: float, wqkv, n_heads: int, scale: Op
     """
     x = z if pos_emb is None else z + pos_emb
     N, K, d = x.shape
-    q, k, v = _weight_product(rmsnorm(x, norm_w, eps), wqkv).view(N, K, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
+    # bare weights (not nn.Linear): cpu_packed.linear multiplies a oneDNN-packed copy in CPU inference, as the
+    # engine's packed layers do (MKL's few-row products are ~3x slower on AMD CPUs), else F.linear
+    q, k, v = cpu_packed.linear(rmsnorm(x, norm_w, eps), wqkv).view(N, K, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)         # no mask: every head sees every head
     return x, out.transpose(1, 2).reshape(N, K, d)
 
@@ -80,7 +76,7 @@ def fused_sal_input(hidden, tokens, emb_weight, w_fuse):
     """
     dtype = w_fuse.dtype
     emb = F.embedding(tokens, emb_weight)
-    return _weight_product(torch.cat([hidden.to(dtype), emb.to(dtype)], dim=-1), w_fuse)
+    return cpu_packed.linear(torch.cat([hidden.to(dtype), emb.to(dtype)], dim=-1), w_fuse)   # as in head_attention
 
 
 # ---- norms and RoPE ------------------------------------------------------------------------------------
