@@ -39,7 +39,7 @@ def default_device() -> str:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int = 2048, max_batch_size: int = 1,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, quant: str = "none"):
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.tok_embeddings.weight.device
@@ -55,12 +55,14 @@ class Engine:
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
         self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
-        # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU, routed through the
-        # backend switch on CUDA when AMPHISTA_TRITON_LINEAR=1 or AMPHISTA_EXACT_GREEDY=1.
+        # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
+        # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA when
+        # AMPHISTA_TRITON_LINEAR=1 or AMPHISTA_EXACT_GREEDY=1.
         from .kernels.linear_setup import LinearSetup
-        self.linears = LinearSetup.for_device(self.device, self.dtype)
+        setup = LinearSetup.for_device(self.device, self.dtype, quant)
+        self.linears = setup.resolved(setup.apply(self.model))
+        self.quant = self.linears.quant
         self.cpu_packed = self.linears.packed
-        self.linears.apply(self.model)
         if isinstance(heads, torch.nn.Module):
             self.linears.apply(heads)
         # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
@@ -72,12 +74,16 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, max_seq_len: int = 2048,
-                        max_batch_size: int = 1, cuda_graphs: bool = True) -> "Engine":
-        """model: checkpoint directory, .gguf file or alias; heads: drafting-heads directory (optional)."""
+                        max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "none") -> "Engine":
+        """model: checkpoint directory, .gguf file or alias; heads: drafting-heads directory (optional);
+        quant (CPU): "q4" runs the target's layers on 4-bit codes and its LM head in int8, "auto" does so where the
+        file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the dequantized
+        weights in the model dtype (kernels/cpu_quant.py)."""
         device = torch.device(device or default_device())
         dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
-        engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
+        engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
+                     quant=quant)
         engine.loaded_name = str(model)
         if heads is not None:
             engine.load_heads(heads)

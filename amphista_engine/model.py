@@ -212,6 +212,10 @@ class Transformer(nn.Module):
         # bf16 on the CPU: attention that sums each token's keys in position order whatever the step's slot
         # layout, so speculative greedy output equals plain greedy output (kernels/cpu_exact.py)
         self.ordered_attention = True
+        # Set by cpu_quant.quantize_linears: the linears round their inputs to bf16, so a difference in the last
+        # fp32 bit of attention between a tree and a plain step can flip a rounding; fp32 decode steps then take
+        # the ordered attention too.
+        self.rounds_linear_inputs = False
         self.register_buffer("rope_freq_factors", None, persistent=False)
         with torch.device("cpu"):
             rope = rope_table(cfg, self.rope_len)
@@ -219,7 +223,7 @@ class Transformer(nn.Module):
 
     def orders_decode(self, cache: KVCache) -> bool:
         """Whether decode steps over `cache` take the position-ordered attention of kernels/cpu_exact.py."""
-        return self.ordered_attention and cpu_exact.applies(cache.k)
+        return self.ordered_attention and cpu_exact.applies(cache.k, self.rounds_linear_inputs)
 
     def routed(self) -> bool:
         """Linears routed through the kernel backends (kernels/routed_linear.py), usable without autograd."""

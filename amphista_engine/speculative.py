@@ -128,12 +128,14 @@ class SpeculativeDecoder(PlainDecoder):
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; "
                               f"{gpu_exact.ENV_VAR}=1 keeps greedy output exact for trees of at most 64 nodes, "
                               f"{gpu_exact.MAX_DEPTH} deep")
-        if too_big and model.orders_decode(cache) and cache.k.dtype == torch.bfloat16:
-            raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; bf16 CPU "
+        rounds_bf16 = cache.k.dtype == torch.bfloat16 or getattr(model, "rounds_linear_inputs", False)
+        if too_big and model.orders_decode(cache) and rounds_bf16:
+            what = "bf16" if cache.k.dtype == torch.bfloat16 else "4-bit (quant='q4')"
+            raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; {what} CPU "
                               f"verification keeps greedy output exact for trees of at most "
                               f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep (fp32 takes any tree)")
-        # Trees too big for the ordered layout (only fp32 gets here) are verified as a non-decode forward, i.e. on
-        # the SDPA path: exact in practice (fp32 rounding), not by construction.
+        # Trees too big for the ordered layout (only fp32 with unrounded linears gets here) are verified as a
+        # non-decode forward, i.e. on the SDPA path: exact in practice (fp32 rounding), not by construction.
         self._ordered_verify = not (too_big and model.orders_decode(cache))
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)

@@ -128,7 +128,8 @@ def test_packed_linear_rows_do_not_depend_on_row_count(dtype):
 def test_packed_linear_single_row_equals_any_row_count(dtype):
     """SmolLM2's down-projection shape (K = 1536): without AMX oneDNN rounds a lone bf16 row differently from
     the same row among others (~1 output in 1,000), so a plain step's row is padded. 20 x 576 outputs per M.
-    (fp32 F.linear through MKL fails this on an AVX2 EPYC in most outputs; packed fp32 passes.)"""
+    (fp32 F.linear through MKL fails this on an AVX2 EPYC in most outputs; packed fp32 passes there unpadded, and on
+    an AVX-512 EPYC with the padding cpu_packed.min_rows_fp32 finds it needs.)"""
     torch.manual_seed(0)
     lin = torch.nn.Linear(1536, 576, bias=False).to(dtype)
     cpu_packed.pack_linears(lin)
@@ -138,7 +139,7 @@ def test_packed_linear_single_row_equals_any_row_count(dtype):
         for M in (2, 3, 17, 33):
             assert torch.equal(lin(x[:, :M])[:, :1], alone), M
     assert cpu_packed._row_pieces(33) == [31, 2] and cpu_packed._row_pieces(64) == [32, 32]
-    assert cpu_packed._row_pieces(33, cpu_packed.MIN_ROWS_FP32) == [32, 1]
+    assert cpu_packed._row_pieces(33, 1) == [32, 1]
 
 
 @pytest.fixture(scope="module", params=["bf16", "fp32"])

@@ -38,10 +38,10 @@ CHUNKED_UP_TO = 64
 # Without AMX (AVX-512 bf16, e.g. a Zen 4 AMD EPYC) oneDNN multiplies a single row with another kernel than two or more
 # rows (measured: the 1536 -> 576 down-projection rounds 1 row in ~1,000 outputs differently), so no call gets
 # fewer than MIN_ROWS rows: a plain step's one row is padded to two, and a last 32-row piece of one row is
-# avoided. Rows 2..32 agree bit for bit on both CPUs. fp32 needs no padding: on the AVX2 EPYC a lone row
-# matched the same row among 2..64 bit for bit, and padding cost ~9% of a plain step there.
+# avoided. Rows 2..32 agree bit for bit on both CPUs. fp32 depends on the CPU: on an AVX2 EPYC a lone row matched
+# the same row among 2..64 bit for bit (and padding cost ~9% of a plain step there), on an AVX-512 EPYC (Zen 4,
+# 2026-12-03) it did not, so `min_rows_fp32` asks oneDNN once per process.
 MIN_ROWS = 2
-MIN_ROWS_FP32 = 1
 
 
 @functools.cache
@@ -55,6 +55,21 @@ def available(dtype: torch.dtype = torch.bfloat16) -> bool:
                 and (dtype != torch.bfloat16 or bool(mk._is_mkldnn_bf16_supported())))
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def min_rows_fp32() -> int:
+    """1 where oneDNN computes a lone fp32 row as it computes that row among others, else MIN_ROWS. Probed on
+    SmolLM2's down-projection shape (K = 1536, where the bf16 difference showed), 8 rows of random inputs."""
+    gen = torch.Generator().manual_seed(0)
+    packed = _pack(torch.randn(576, 1536, generator=gen))
+    x = 3 * torch.randn(8, 1536, generator=gen)
+
+    def mm(rows):
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
+    alone = torch.cat([mm(x[i:i + 1]) for i in range(len(x))])
+    return 1 if all(torch.equal(mm(x[:m]), alone[:m]) for m in (2, 3, 8)) else MIN_ROWS
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -108,7 +123,7 @@ def _row_pieces(rows: int, min_rows: int = MIN_ROWS) -> list[int]:
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, x.shape[-1])
-    min_rows = MIN_ROWS_FP32 if x.dtype == torch.float32 else MIN_ROWS
+    min_rows = min_rows_fp32() if x.dtype == torch.float32 else MIN_ROWS
     if rows < min_rows:
         padded = torch.cat([flat, flat.new_zeros(min_rows - rows, flat.shape[-1])])
         out = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")[:rows]

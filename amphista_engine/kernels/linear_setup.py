@@ -1,38 +1,65 @@
 """How a decoder's linear layers run on its device, decided in one place for the Engine and `amphista bench`.
 
-On the CPU, bf16/fp32 weights are packed once for oneDNN (cpu_packed.py; AMPHISTA_CPU_PACK=0 turns it off).
-On CUDA they stay with cuBLAS unless AMPHISTA_TRITON_LINEAR=1 or AMPHISTA_EXACT_GREEDY=1 routes them through
-ops.linear (routed_linear.py; the exact path's row-invariant GEMMs are the kernel backends'). A benchmark that
-skipped this would time other linears than the ones decoding runs (fp32 on an AMD CPU: ~1.2x slower steps).
+On the CPU, bf16/fp32 weights are packed once for oneDNN (cpu_packed.py; AMPHISTA_CPU_PACK=0 turns it off), and
+with quant="q4" (or "auto" for a model whose layers are stored 4-bit, as a GGUF Q4_0/Q4_1 file's are) the
+target's layers run as 4-bit codes and its LM head as int8 (cpu_quant.py). On CUDA they stay with cuBLAS unless
+AMPHISTA_TRITON_LINEAR=1 or AMPHISTA_EXACT_GREEDY=1 routes them through ops.linear (routed_linear.py; the exact
+path's row-invariant GEMMs are the kernel backends'). A benchmark that skipped this would time other linears
+than the ones decoding runs (fp32 on an AMD CPU: ~1.2x slower steps).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
 class LinearSetup:
     packed: bool = False      # CPU: weights laid out for oneDNN once
     routed: bool = False      # CUDA: products through the backend switch (ops.linear)
+    quant: str = "none"       # CPU, the target only: "q4" (4-bit layers, int8 LM head), "auto" until applied
 
     @classmethod
-    def for_device(cls, device, dtype: torch.dtype) -> "LinearSetup":
-        from . import cpu_packed, gpu_exact, routed_linear
+    def for_device(cls, device, dtype: torch.dtype, quant: str | None = "none") -> "LinearSetup":
+        from . import cpu_packed, cpu_quant, gpu_exact, routed_linear
         kind = torch.device(device).type
+        quant = quant or "none"
+        if quant not in cpu_quant.SCHEMES:
+            raise ConfigError(f"unknown quant {quant!r}; use one of {', '.join(cpu_quant.SCHEMES)}")
+        if quant == "q4" and kind != "cpu":
+            raise ConfigError(f"quant='q4' runs on the CPU only (device {kind}); use quant='none' there")
+        if quant == "q4" and not cpu_quant.available():
+            raise ConfigError(f"quant='q4' needs torch's int4 CPU kernels (torch >= 2.5); this is torch "
+                              f"{torch.__version__}")
+        if kind != "cpu" or not cpu_quant.available():
+            quant = "none"           # "auto" where 4-bit cannot run
         return cls(packed=kind == "cpu" and cpu_packed.available(dtype),
-                   routed=kind == "cuda" and (routed_linear.enabled() or gpu_exact.enabled()))
+                   routed=kind == "cuda" and (routed_linear.enabled() or gpu_exact.enabled()),
+                   quant=quant)
 
     def apply(self, module: nn.Module) -> nn.Module:
-        """Adapts the target's or the heads' nn.Linear layers in place (layers already adapted are left alone)."""
-        from . import cpu_packed, routed_linear
+        """Adapts the target's or the heads' nn.Linear layers in place (layers already adapted are left alone).
+        Only a target (a Transformer) is quantized; `resolved(target)` then says what "auto" became."""
+        from . import cpu_packed, cpu_quant, routed_linear
+        from ..model import Transformer
+        if self.quant != "none" and isinstance(module, Transformer):
+            cpu_quant.quantize_linears(module, only_stored_4bit=self.quant == "auto")
         if self.packed:
             cpu_packed.pack_linears(module)
         if self.routed:
             routed_linear.route_linears(module)
         return module
 
+    def resolved(self, target: nn.Module) -> "LinearSetup":
+        """This setup as `apply` left the target: quant "q4" where its linears run 4-bit, else "none"."""
+        return dataclasses.replace(self, quant="q4" if getattr(target, "rounds_linear_inputs", False) else "none")
+
     def describe(self) -> str:
+        if self.quant == "q4":
+            return "4-bit layers, int8 LM head (torch's int4/int8 CPU kernels)"
         return "oneDNN-packed" if self.packed else "routed through ops.linear" if self.routed else "torch default"

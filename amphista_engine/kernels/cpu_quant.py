@@ -1,0 +1,146 @@
+"""4-bit weights on the CPU: a GGUF file's Q4_0/Q4_1 linear weights run as the 4-bit codes the file stores.
+
+A CPU decoding step is bound by reading weights. Dequantized to fp32, SmolLM2's Q4_1 file becomes 8x the bytes
+it holds; torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 along the input with a scale and
+a zero point each, as gpt-fast uses it) reads the codes themselves. On a 2-core AVX2 EPYC it multiplies one
+row by SmolLM2's 576x1536 projections in ~30 us (fp32, packed for oneDNN: ~70-100 us) and a plain decoding step
+ran ~2.5x faster (benchmarks/results/cpu_q4_ab.md).
+
+Codes: the loader has already dequantized the file, so each group of 32 is requantized two ways, asymmetric from
+its min and max (Q4_1's own rule: min -> code 0, max -> code 15) and symmetric from its signed largest magnitude
+(Q4_0's: that value -> code 0), and keeps the one with the smaller error. For a group either GGUF quantizer wrote,
+that recovers the file's codes exactly (`requantization_error` is 0 for SmolLM2's Q4_1 file); for any other
+weights it is a round-to-nearest 4-bit quantizer, and `quantize_linears` reports its error.
+
+What changes numerically: the kernel takes bf16 scales, zero points and activations, and returns bf16, so each
+product sees its input rounded to bf16 (the rest of the step stays in the model dtype) and each group's scale
+rounded by up to 2^-9. The LM head (8 bits in such files: Q8_0 or Q6_K) runs as int8 with one scale per row
+(`_weight_int8pack_mm`): re-rounding 32-value blocks to one scale per row moves a weight by at most half a
+row step. Both kernels compute a row the same bits whatever the row count (checked for 1..64 rows in
+python_tests/test_cpu_quant.py), so a tree node's logits equal plain decoding's for the same token once attention
+is ordered too (the model's `orders_decode`).
+
+The nn.Linear's weight stays as it was (state dict, tied embeddings, the heads' LM-head rows read it); the codes
+are a second, 8x smaller copy.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+GROUP = 32
+SCHEMES = ("none", "q4", "auto")
+# A group counts as stored 4-bit when requantizing reproduces it to this fraction of its scale (fp32 rounding
+# of d * q + m, nothing more).
+EXACT_TOL = 1e-4
+
+
+@functools.cache
+def available() -> bool:
+    """This torch has both CPU kernels (torch >= 2.5)."""
+    ops = torch.ops.aten
+    try:
+        return all(hasattr(ops, name) for name in
+                   ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm"))
+    except RuntimeError:
+        return False
+
+
+def _requantize(w: torch.Tensor):
+    """w [N, K] float -> (codes [N, K] int32 in 0..15, scale [N, K/G], zero [N, K/G]) with
+    w ~ (codes - 8) * scale + zero, and the largest error of each group over its |scale|."""
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // GROUP, GROUP)
+
+    def codes_for(scale, zero):
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.round((g - zero[..., None]) / safe[..., None] + 8).clamp_(0, 15)
+        err = ((q - 8) * scale[..., None] + zero[..., None] - g).abs().amax(-1) / safe.abs()
+        return q, err
+
+    lo, hi = g.amin(-1), g.amax(-1)
+    s1 = (hi - lo) / 15                                             # Q4_1: lo = code 0, hi = code 15
+    q1, e1 = codes_for(s1, lo + 8 * s1)
+    ext = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True))[..., 0]
+    s0 = -ext / 8                                                   # Q4_0: the extreme = code 0, zero point 0
+    q0, e0 = codes_for(s0, torch.zeros_like(s0))
+    use0 = e0 < e1
+    q = torch.where(use0[..., None], q0, q1).to(torch.int32).reshape(N, K)
+    scale = torch.where(use0, s0, s1)
+    zero = torch.where(use0, torch.zeros_like(s0), lo + 8 * s1)
+    return q, scale, zero, torch.where(use0, e0, e1)
+
+
+def requantization_error(w: torch.Tensor) -> float:
+    """The largest error of 4-bit requantization in units of the group's scale (0: w is stored 4-bit)."""
+    if w.dim() != 2 or w.shape[1] % GROUP:
+        return float("inf")
+    return float(_requantize(w)[3].max())
+
+
+class Int4Linear(nn.Linear):
+    """An nn.Linear (same parameters) that multiplies with 4-bit codes in groups of 32 (bf16 scales and zeros)."""
+
+    def _quantize(self):
+        q, scale, zero, err = _requantize(self.weight)
+        self._codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # [K/G, N, 2]: the kernel's layout of (scale, zero) per group and output
+        self._scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return float(err.max())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._codes, GROUP, self._scale_zero)
+        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Linear):
+    """An nn.Linear (same parameters) that multiplies with int8 weights, one bf16 scale per output row."""
+
+    def _quantize(self):
+        w = self.weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        self._codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self._scale = scale.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self._codes, self._scale)
+        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
+    """The target's layer linears -> Int4Linear, its LM head -> Int8Linear (inference on the CPU only).
+
+    Returns the largest requantization error over the 4-bit layers, in units of a group's scale. With
+    `only_stored_4bit` ("auto") it changes nothing and returns None unless every layer linear holds 4-bit groups
+    already (a GGUF Q4_0/Q4_1 file's), so that the codes are the file's."""
+    from ..errors import ConfigError
+    linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) and type(m) is not Int4Linear]
+    for m in linears:
+        if m.weight.dim() != 2 or m.weight.shape[1] % GROUP:
+            if only_stored_4bit:
+                return None
+            raise ConfigError(f"4-bit weights need input sizes that are multiples of {GROUP}; a linear of "
+                              f"shape {tuple(m.weight.shape)} is not")
+    quantized, worst = [], 0.0
+    for m in linears:
+        old_class = m.__class__
+        m.__class__ = Int4Linear
+        err = m._quantize()
+        quantized.append((m, old_class))
+        if only_stored_4bit and err > EXACT_TOL:           # not stored 4-bit: undo, leave the model as it was
+            for q, cls in quantized:
+                q.__class__ = cls
+                del q._codes, q._scale_zero
+            return None
+        worst = max(worst, err)
+    if type(model.output) is not Int8Linear:
+        model.output.__class__ = Int8Linear
+        model.output._quantize()
+    model.rounds_linear_inputs = True
+    return worst
