@@ -8,6 +8,12 @@ import sys
 from .errors import AmphistaError
 
 
+def _add_quant_arg(p: argparse.ArgumentParser):
+    p.add_argument("--quant", default="auto", choices=["auto", "q4", "none"],
+                   help="CPU weights: auto (default) keeps a GGUF file's 4-bit layers 4-bit (int4 kernel, int8 LM "
+                        "head); q4 quantizes any model so; none multiplies dequantized weights in --dtype")
+
+
 def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="smollm2-135m",
                    help="checkpoint directory, .gguf file, or alias (default: smollm2-135m, the embedded model)")
@@ -15,6 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="static KV cache length")
+    _add_quant_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from CUDA graphs (GPU only; on by default, --no-cuda-graphs for eager)")
 
@@ -35,7 +42,10 @@ def cmd_generate(args) -> int:
 
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                                    cuda_graphs=args.cuda_graphs)
+                                    cuda_graphs=args.cuda_graphs, quant=args.quant)
+    if engine.quant == "q4":
+        print(f"weights: {engine.linears.describe()} (--quant none for {str(engine.dtype).removeprefix('torch.')})",
+              file=sys.stderr)
     speculative = resolve_heads(engine, args.heads, args.speculative)
     check, tree = None, args.tree
     if speculative is not None and engine.device.type == "cpu":

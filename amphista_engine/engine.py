@@ -74,11 +74,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, max_seq_len: int = 2048,
-                        max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "none") -> "Engine":
+                        max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto") -> "Engine":
         """model: checkpoint directory, .gguf file or alias; heads: drafting-heads directory (optional);
-        quant (CPU): "q4" runs the target's layers on 4-bit codes and its LM head in int8, "auto" does so where the
-        file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the dequantized
-        weights in the model dtype (kernels/cpu_quant.py)."""
+        quant (CPU): "q4" runs the target's layers on 4-bit codes and its LM head in int8, "auto" (the default)
+        does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
+        dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
+        it adapts a model loaded elsewhere, and quantizing changes that model in place."""
         device = torch.device(device or default_device())
         dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)

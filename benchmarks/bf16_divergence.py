@@ -10,8 +10,8 @@ import json, torch
 from amphista_engine import Engine
 H = "amphista_engine/data/heads/smollm2-135m-amphista"
 qs = [json.loads(l) for l in open("../shared/data/mt_bench.jsonl")]
-e = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="bf16", max_seq_len=1024, heads=H)
-f = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=1024)
+e = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="bf16", max_seq_len=1024, heads=H, quant="none")
+f = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=1024, quant="none")
 for q in qs[:8:1]:
     p = q["turns"][0]
     a = e.generate(p, max_new_tokens=128).token_ids

@@ -23,7 +23,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
-    engines = {dt: Engine.from_pretrained("smollm2-135m", device="cpu", dtype=dt, max_seq_len=1024, heads=args.heads)
+    engines = {dt: Engine.from_pretrained("smollm2-135m", device="cpu", dtype=dt, max_seq_len=1024, heads=args.heads,
+                                          quant="none")
                for dt in ("fp32", "bf16")}
     cfgs = [("fp32", None, None), ("fp32", "amphista", "tree-16"), ("fp32", "amphista", "tree-32"),
             ("bf16", None, None), ("bf16", "amphista", "tree-16"), ("bf16", "amphista", "tree-32"),

@@ -31,7 +31,8 @@ def main():
     prompts = [q["turns"][0] for q in qs[::max(1, len(qs) // args.rounds)]][:args.rounds]
     if args.dtype == "fp32":
         os.environ["AMPHISTA_EXACT_GREEDY"] = "1"     # fp32 orders its steps only when asked (kernels/cpu_exact.py)
-    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype=args.dtype, max_seq_len=1024, heads=args.heads)
+    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype=args.dtype, max_seq_len=1024, heads=args.heads,
+                                quant="none")
     chunked = cpu_packed.CHUNKED_UP_TO
 
     def mode(ordered: bool):

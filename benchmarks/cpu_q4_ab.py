@@ -1,8 +1,9 @@
 """4-bit weights on the CPU against the dequantized fp32 path, end to end on MT-Bench first turns, interleaved.
 
-Two engines on the same GGUF file in one process: quant="none" (the Q4_1 weights dequantized to fp32, packed for
-oneDNN) and quant="q4" (the file's 4-bit codes through torch's int4 CPU kernel, kernels/cpu_quant.py), each decoding
-plainly and with the shipped Amphista heads on the given trees; the runs of one question back to back in a
+Engines on the same GGUF file in one process: quant="none" (the Q4_1 weights dequantized to fp32, packed for
+oneDNN), the same in bf16 where oneDNN has bf16 (--engines), and quant="q4" (the file's 4-bit codes through torch's
+int4 CPU kernel, kernels/cpu_quant.py), each decoding plainly, with the shipped Amphista heads on the given trees and
+on the tree `--speculative auto` picks for it; the runs of one question back to back in a
 rotating order so drift hits them alike. Reports ms per token, tau, speedups over fp32 plain decoding and over the
 engine's own plain decoding, checks that every greedy speculative answer equals its engine's plain one, how many
 leading tokens q4's plain answer shares with fp32's, and what `--speculative auto` picks for each engine.
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from amphista_engine.engine import Engine  # noqa: E402
+from amphista_engine.kernels import cpu_packed  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
 from amphista_engine.speculation_check import CACHE_ENV, check_speculation  # noqa: E402
@@ -37,20 +39,25 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trees", default="mix-4,mix-8")
-    ap.add_argument("--fp32-trees", default="mix-8", help="trees for the fp32 engine ('' for plain only)")
+    ap.add_argument("--engines", default="fp32,bf16,q4",
+                    help="fp32 and bf16 (dequantized); q4 (the file's 4-bit codes, fp32 between linears)")
+    ap.add_argument("--trees", default="mix-4,mix-8", help="trees every engine decodes on, besides auto's pick")
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     heads = shipped_heads("smollm2-135m", "amphista")
-    engines = {q: Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=1024, heads=heads,
-                                         quant=q) for q in ("none", "q4")}
+    setups = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "q4": ("fp32", "q4")}
+    names = [n for n in args.engines.split(",") if n != "bf16" or cpu_packed.available(torch.bfloat16)]
+    engines = {n: Engine.from_pretrained("smollm2-135m", device="cpu", dtype=setups[n][0], max_seq_len=1024,
+                                         heads=heads, quant=setups[n][1]) for n in names}
     os.environ[CACHE_ENV] = "off"             # what --speculative auto picks here, timed now (not from a cache)
-    checks = {q: check_speculation(e) for q, e in engines.items()}
-    trees = {"none": [t for t in args.fp32_trees.split(",") if t], "q4": args.trees.split(",")}
-    configs = [(q, t) for q in ("none", "q4") for t in [None] + trees[q]]
+    checks = {n: check_speculation(e) for n, e in engines.items()}
+    configs = []
+    for n in names:
+        trees = args.trees.split(",") + [checks[n].tree] * (checks[n].tree is not None)
+        configs += [(n, None)] + [(n, t) for t in dict.fromkeys(trees)]
     qs = read_questions(MT_BENCH, per_category=-(-args.questions // 8), limit=args.questions)
     toks, secs, steps = {}, {}, {}
     same = {c: 0 for c in configs if c[1]}
@@ -68,23 +75,26 @@ def main():
             steps[c] = steps.get(c, 0) + r.stats.decode_steps
         for c in same:
             same[c] += outs[c] == outs[(c[0], None)]
-        shared.append(_shared_prefix(outs[("none", None)], outs[("q4", None)]))
+        if "q4" in names:
+            shared.append(_shared_prefix(outs[(names[0], None)], outs[("q4", None)]))
         print(f"{i + 1}/{len(qs)}", {f"{c[0]}/{c[1] or 'plain'}": round(secs[c] / toks[c] * 1e3, 1) for c in configs},
               file=sys.stderr)
     ms = {c: secs[c] / toks[c] * 1e3 for c in configs}
     rows = []
     for c in configs:
         quant, tree = c
-        rows.append({"weights": "fp32 (dequantized)" if quant == "none" else "q4 (file's codes)",
+        rows.append({"weights": {"fp32": "fp32 (dequantized)", "bf16": "bf16 (dequantized)",
+                                 "q4": "q4 (file's codes)"}[quant],
                      "decoding": "plain" if tree is None else f"amphista {tree}"
                      + (" (auto's pick)" if tree == checks[quant].tree else ""),
                      "tau": toks[c] / steps[c], "ms/token": ms[c], "tok/s": 1e3 / ms[c],
-                     "vs fp32 plain": ms[("none", None)] / ms[c], "vs own plain": ms[(quant, None)] / ms[c],
+                     "vs fp32 plain": ms[(names[0], None)] / ms[c], "vs own plain": ms[(quant, None)] / ms[c],
                      "greedy == own plain": f"{same[c]}/{len(qs)}" if tree else ""})
-    meta = {"hardware": hardware("cpu"), "threads": torch.get_num_threads(), "model": "smollm2-135m (GGUF Q4_1), fp32",
+    meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "model": "smollm2-135m (GGUF Q4_1)",
             "heads": "shipped amphista", "questions": f"{len(qs)} MT-Bench first turns, greedy, "
             f"{args.max_new_tokens} new tokens",
-            "q4 plain vs fp32 plain, shared leading tokens": {"per question": shared,
+            f"q4 plain vs {names[0]} plain, shared leading tokens": {"per question": shared,
                                                               "identical answers": sum(
                                                                   s == args.max_new_tokens for s in shared)},
             "auto's pick": {q: c.tree for q, c in checks.items()},

@@ -32,11 +32,12 @@ def main():
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--quant", default="none", help="none (the committed results) or q4 (kernels/cpu_quant.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     e = Engine.from_pretrained("smollm2-135m", device="cpu", dtype=args.dtype, max_seq_len=1024,
-                               heads=shipped_heads("smollm2-135m", "amphista"))
+                               heads=shipped_heads("smollm2-135m", "amphista"), quant=args.quant)
     os.environ[CACHE_ENV] = "off"             # what --speculative auto picks here, timed now (not from a cache)
     check = check_speculation(e)
     trees = args.trees.split(",")
@@ -67,7 +68,7 @@ def main():
                      "nodes": e._tree_spec(t).num_nodes, "held-out tau": expected_tau(e.heads.config, t) or "",
                      "tau": toks[t] / steps[t], "ms/token": ms, "speedup": plain_ms / ms,
                      "greedy == plain": f"{same[t]}/{len(qs)}"})
-    meta = {"hardware": hardware("cpu"), "threads": torch.get_num_threads(), "model": f"smollm2-135m {args.dtype}",
+    meta = {"hardware": hardware("cpu"), "threads": torch.get_num_threads(), "model": f"smollm2-135m {args.dtype}, quant {e.quant}",
             "heads": "shipped amphista", "questions": f"{len(qs)} MT-Bench first turns, greedy, "
             f"{args.max_new_tokens} new tokens", "auto's pick": check.tree, "auto's reason": check.reason,
             "auto's timings": check.compared}

@@ -63,7 +63,8 @@ def main(argv=None):
     else:
         print(f"note: {args.questions} not found; using {len(FALLBACK_PROMPTS)} built-in prompts", file=sys.stderr)
         prompts = FALLBACK_PROMPTS[:args.limit]
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=2048)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=2048,
+                                    quant="none")     # transformers multiplies the same dequantized weights
     device, eos = engine.device, set(engine.eos_ids)
 
     heads = {}

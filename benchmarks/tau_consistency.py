@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON with per-sequence numbers")
     args = ap.parse_args(argv)
 
-    eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=2048)
+    eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=2048, quant="none")
     eng.load_heads(args.heads)
     target, heads = eng.model, eng.heads
     shard = load_shard(args.data, target.config.vocab_size, 1024)

@@ -155,7 +155,8 @@ def smollm2_engine(request):
     path = shipped_heads("smollm2-135m", "amphista")
     if path is None:
         pytest.skip("no amphista heads shipped")
-    return Engine.from_pretrained("smollm2-135m", device="cpu", dtype=request.param, max_seq_len=1024, heads=path)
+    return Engine.from_pretrained("smollm2-135m", device="cpu", dtype=request.param, max_seq_len=1024, heads=path,
+                                  quant="none")   # the dequantized weights' exactness (4-bit: test_cpu_quant.py)
 
 
 @needs_smollm2

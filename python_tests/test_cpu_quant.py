@@ -113,6 +113,8 @@ def test_auto_runs_the_gguf_files_own_codes(q4_engine, smollm2):
     """SmolLM2's file stores its layers Q4_1: "auto" takes the 4-bit path, and the codes reproduce the
     dequantized fp32 weights exactly (only the bf16 scales round)."""
     assert q4_engine.quant == "q4" and q4_engine.model.rounds_linear_inputs
+    heads = q4_engine.heads                          # drafting heads stay as they were (packed where oneDNN can)
+    assert not any(type(m) in (cpu_quant.Int4Linear, cpu_quant.Int8Linear) for m in heads.modules())
     for name in ("layers.0.attention.wqkv.weight", "layers.29.feed_forward.w2.weight"):
         w = dict(smollm2.model.named_parameters())[name]
         assert cpu_quant.requantization_error(w) <= cpu_quant.EXACT_TOL, name

@@ -222,7 +222,7 @@ def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, mo
 def test_shipped_heads_offer_a_ladder_of_fitted_trees():
     """What a CPU climbs with the shipped heads: their fitted mix-N trees by size; the generic trees they record a
     tau for (tree-16, tree-32, mc_sim_7b_63) are each beaten by a fitted tree of the same size."""
-    eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=512)
+    eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=512, quant="none")
     for kind in ("amphista", "medusa"):
         eng.load_heads(shipped_heads("smollm2-135m", kind))
         ladder = candidate_trees(eng)

@@ -85,7 +85,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
               device=None, dtype=None, trees=DEFAULT_TREES, prompt_tokens: int = 256, repeats: int = 10,
               warmup: int = 2, tau=None, num_heads: int = 4, methods=("medusa", "amphista"), plot: bool = False,
               out="bench_results", allow_large: bool = False, target=None, log=_log, draft_vocab=(0,),
-              cuda_graphs: bool = True) -> dict:
+              cuda_graphs: bool = True, quant: str = "auto") -> dict:
     from ..cuda_graphs import DecodeGraphs
     from ..generation import PlainDecoder
     from ..kernels.linear_setup import LinearSetup
@@ -128,8 +128,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         name = str(model or "model")
         target.setup_rope(max(max_seq_len, target.rope_len))
     # The linears run as the Engine runs them on this device (packed for oneDNN on a CPU, ...).
-    linears = LinearSetup.for_device(device, dtype)
-    linears.apply(target)
+    linears = LinearSetup.for_device(device, dtype, quant)
+    linears = linears.resolved(linears.apply(target))
     cfg = target.config
     if max(draft_vocabs) > cfg.vocab_size:
         raise InputError(f"--draft-vocab {max(draft_vocabs)} exceeds the vocabulary ({cfg.vocab_size})")

@@ -14,7 +14,7 @@ def cmd_eval(args) -> int:
                        max_new_tokens=args.max_new_tokens, categories=args.categories, limit=args.limit, per_category=args.per_category,
                        warmup=args.warmup, out=args.out, plot=args.plot, device=args.device, dtype=args.dtype,
                        max_seq_len=args.max_seq_len, temperature=args.temperature, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, quant=args.quant)
     print(summary_markdown(summary))
     print(f"answers and summary in {args.out}", file=sys.stderr)
     eq = summary.get("equality") or {}
@@ -27,7 +27,8 @@ def cmd_bench(args) -> int:
     result = run_bench(model=args.model, random_weights=args.random_weights, shape=args.shape, device=args.device,
                        dtype=args.dtype, trees=args.trees, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        warmup=args.warmup, tau=args.tau, num_heads=args.num_heads, plot=args.plot, out=args.out,
-                       allow_large=args.allow_large, draft_vocab=args.draft_vocab, cuda_graphs=args.cuda_graphs)
+                       allow_large=args.allow_large, draft_vocab=args.draft_vocab, cuda_graphs=args.cuda_graphs,
+                       quant=args.quant)
     if args.json:
         print(json.dumps(result))
     else:
@@ -36,9 +37,11 @@ def cmd_bench(args) -> int:
 
 
 def _device_args(p):
+    from ..cli import _add_quant_arg
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
+    _add_quant_arg(p)
 
 
 def register(sub) -> None:

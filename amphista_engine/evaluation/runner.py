@@ -95,7 +95,8 @@ def _check_run_config(out: Path, config: dict):
     f = out / RUN_CONFIG
     if f.is_file():
         old = json.loads(f.read_text())
-        keys = ("model", "questions", "max_new_tokens", "tree", "temperature", "seed", "dtype", "device")
+        old.setdefault("quant", "none")          # runs from before 4-bit weights
+        keys = ("model", "questions", "max_new_tokens", "tree", "temperature", "seed", "dtype", "device", "quant")
         diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys if old.get(k) != config[k]]
         diff += [f"{m} heads: {p!r} there, {config['heads'][m]!r} now"
                  for m, p in old.get("heads", {}).items() if m in config["heads"] and config["heads"][m] != p]
@@ -154,7 +155,8 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
              tree=None, max_new_tokens: int = 1024, categories=None, limit: int | None = None,
              per_category: int | None = None, warmup: int = 1,
              out="eval_results", plot: bool = False, device=None, dtype=None, max_seq_len: int = 4096,
-             temperature: float = 0.0, seed: int = 0, engine=None, progress: bool = True, log=_log) -> dict:
+             temperature: float = 0.0, seed: int = 0, engine=None, progress: bool = True, log=_log,
+             quant: str = "auto") -> dict:
     """Runs (or resumes) the evaluation and writes answers.jsonl, summary.json, summary.md (and plots).
 
     heads: {"medusa": DIR, "amphista": DIR}; a method without one uses the heads shipped for `model`.
@@ -181,11 +183,12 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     if engine is None:
         from ..engine import Engine
         log(f"loading {model} ...")
-        engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len, quant=quant)
     greedy = temperature == 0
     config = {"model": str(engine.loaded_name), "questions": Path(questions).name, "max_new_tokens": max_new_tokens,
               "tree": tree, "temperature": temperature, "seed": None if greedy else seed,
-              "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device), "heads": heads_paths}
+              "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+              "quant": getattr(engine, "quant", "none"), "heads": heads_paths}
     _check_run_config(out, config)
 
     # Load every method's heads once; switching methods then just swaps the module on the engine.

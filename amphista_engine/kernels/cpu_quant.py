@@ -97,19 +97,26 @@ class Int4Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def _int8(w: torch.Tensor):
+    """w [N, K] -> (int8 codes, bf16 scale per row): symmetric, the row's largest magnitude -> 127."""
+    w = w.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale.to(torch.bfloat16)
+
+
+def _int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), codes, scale)
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+
+
 class Int8Linear(nn.Linear):
     """An nn.Linear (same parameters) that multiplies with int8 weights, one bf16 scale per output row."""
 
     def _quantize(self):
-        w = self.weight.detach().float()
-        scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-        self._codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        self._scale = scale.to(torch.bfloat16)
+        self._codes, self._scale = _int8(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self._codes, self._scale)
-        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        y = _int8_mm(x, self._codes, self._scale)
         return y if self.bias is None else y + self.bias
 
 

@@ -44,7 +44,9 @@ class LinearSetup:
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Adapts the target's or the heads' nn.Linear layers in place (layers already adapted are left alone).
-        Only a target (a Transformer) is quantized; `resolved(target)` then says what "auto" became."""
+        quant "q4"/"auto" quantizes a target (a Transformer) only; `resolved(target)` then says what "auto" became.
+        Drafting heads stay packed in the model dtype: int8 heads measured within noise of them next to a 4-bit
+        target (-3% to +3% per token on mix-4 / mix-8, benchmarks/results/cpu_q4_ab.md)."""
         from . import cpu_packed, cpu_quant, routed_linear
         from ..model import Transformer
         if self.quant != "none" and isinstance(module, Transformer):

@@ -44,8 +44,9 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
         prompts = [Prompt(f"{p.id}{SAMPLE_SEP}s{k}", p.source, p.prompt) for p in prompts for k in range(samples)]
     if engine is None:
         from ..engine import Engine
+        # quant none: the committed training data came from the dequantized weights, and rebuilding it must too
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                        max_batch_size=batch_size)
+                                        max_batch_size=batch_size, quant="none")
     counts = {"prompts": len(prompts), "done_before": 0, "written": 0, "skipped_too_long": 0,
               "answer_tokens": 0, "seconds": 0.0}
     with ShardWriter(out) as shard:

@@ -23,7 +23,8 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     qs = read_questions(questions, None, limit, per_category)
     if engine is None:
         from ..engine import Engine
-        engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                        quant="none")      # as the committed tau records were measured
         engine.loaded_name = model
     kind = resolve_heads(engine, str(heads), speculative)
     if kind is None:
