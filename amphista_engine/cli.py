@@ -63,6 +63,8 @@ def cmd_generate(args) -> int:
         result = engine.generate(args.prompt, **kwargs)
         out = result.to_dict()
         out["speculative"] = speculative
+        out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
+                          "linears": engine.linears.describe()}
         if check is not None:
             out["speculation_check"] = check.to_dict()
         print(json.dumps(out))

@@ -126,6 +126,10 @@ def test_cli_json(tiny_hf_dir, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"text", "token_ids", "finish_reason", "stats"} and len(out["token_ids"]) <= 8
+    assert out["weights"]["quant"] == "none"        # auto: float safetensors are not stored 4-bit
+    rc = main(["generate", "The quick brown fox", "--model", str(tiny_hf_dir), "--max-new-tokens", "8",
+               "--no-chat", "--json", "--device", "cpu", "--max-seq-len", "128", "--quant", "q4"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["weights"]["quant"] == "q4"
 
 
 def test_cli_errors_are_one_line(capsys):
