@@ -136,15 +136,15 @@ class Attention(nn.Module):
             kc, vc = cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B]
             new_mask, dense = mask
             out = ops.tree_attention(q, kc, vc, spec.prefix_len, new_mask, spec.kv_len, dense_mask=dense)
+        elif cache is not None:                            # the CPU's ordered decode steps (cpu_exact.OrderedLayout)
+            q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
+            out = cpu_exact.attention(q, cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B], mask)
         else:
             q, k, v = qkv.split(self.split, dim=-1)
             q = ops.rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
             k = ops.rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            if cache is not None:                          # bf16 on the CPU: the torch backend anyway
-                cache.write(self.layer_idx, spec.prefix_len, k, v)
-                out = cpu_exact.attention(q, cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B], mask)
-            elif mask is None:
+            if mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
