@@ -97,6 +97,12 @@ def test_bad_quant_requests_name_the_problem():
     assert LinearSetup.for_device("cuda", torch.bfloat16, "auto").quant == "none"
 
 
+def test_auto_stays_off_on_cpus_it_was_not_timed_on(monkeypatch):
+    monkeypatch.setattr(cpu_quant, "measured_here", lambda: False)      # e.g. an ARM CPU
+    assert LinearSetup.for_device("cpu", torch.float32, "auto").quant == "none"
+    assert LinearSetup.for_device("cpu", torch.float32, "q4").quant == "q4"     # asked for: it runs
+
+
 @pytest.fixture(scope="module")
 def q4_engine():
     if not SMOLLM2_AVAILABLE:

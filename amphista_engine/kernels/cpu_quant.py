@@ -38,6 +38,13 @@ EXACT_TOL = 1e-4
 
 
 @functools.cache
+def measured_here() -> bool:
+    """Whether this CPU has the vector units the int4 kernel was measured with (x86 AVX2 or AVX-512): "auto"
+    switches to 4-bit only there; elsewhere (e.g. ARM) quant="q4" still works, untimed."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@functools.cache
 def available() -> bool:
     """This torch has both CPU kernels (torch >= 2.5)."""
     ops = torch.ops.aten

@@ -36,8 +36,8 @@ class LinearSetup:
         if quant == "q4" and not cpu_quant.available():
             raise ConfigError(f"quant='q4' needs torch's int4 CPU kernels (torch >= 2.5); this is torch "
                               f"{torch.__version__}")
-        if kind != "cpu" or not cpu_quant.available():
-            quant = "none"           # "auto" where 4-bit cannot run
+        if quant == "auto" and not (kind == "cpu" and cpu_quant.available() and cpu_quant.measured_here()):
+            quant = "none"           # "auto" where 4-bit cannot run, or was never timed
         return cls(packed=kind == "cpu" and cpu_packed.available(dtype),
                    routed=kind == "cuda" and (routed_linear.enabled() or gpu_exact.enabled()),
                    quant=quant)
