@@ -34,7 +34,8 @@ from .errors import AmphistaError, InputError
 from .evaluation.env import hardware
 
 # The two step times are kept between processes (the verdict is not: it is weighed afresh against the heads'
-# tau), keyed by everything that sets them: CPU, threads, torch, dtype, packing, quant, model and heads shapes, tree.
+# tau), keyed by everything that sets them: CPU, threads, torch, dtype, packing, quant, model and heads shapes,
+# tree.
 # AMPHISTA_CACHE_DIR=DIR keeps them in DIR, =off measures in every process.
 CACHE_ENV = "AMPHISTA_CACHE_DIR"
 COSTS_FILE = "step_costs.json"
@@ -229,7 +230,8 @@ def cost_key(engine, spec, prompt_tokens: int) -> str:
     tree = [spec.name, spec.num_nodes, spec.max_depth, None if spec.static is None else spec.static.parent.tolist()]
     parts = {"cpu": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
              "engine": __version__, "dtype": str(engine.dtype), "packed": bool(getattr(engine, "cpu_packed", False)),
-             "quant": getattr(engine, "quant", "none"), "model": engine.config.to_dict(), "heads": heads, "tree": tree, "prompt": prompt_tokens}
+             "quant": getattr(engine, "quant", "none"), "model": engine.config.to_dict(), "heads": heads,
+             "tree": tree, "prompt": prompt_tokens}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -2,9 +2,9 @@
 
 A CPU decoding step is bound by reading weights. Dequantized to fp32, SmolLM2's Q4_1 file becomes 8x the bytes
 it holds; torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 along the input with a scale and
-a zero point each, as gpt-fast uses it) reads the codes themselves. On a 2-core AVX2 EPYC it multiplies one
-row by SmolLM2's 576x1536 projections in ~30 us (fp32, packed for oneDNN: ~70-100 us) and a plain decoding step
-ran ~2.5x faster (benchmarks/results/cpu_q4_ab.md).
+a zero point each, as gpt-fast uses it) reads the codes themselves. On a 2-core AVX-512 EPYC it multiplies one
+row by SmolLM2's 576x1536 projections in ~30 us (fp32 packed for oneDNN: ~70-100 us), and plain decoding ran 1.9x
+faster end to end (benchmarks/results/cpu_q4_ab.md).
 
 Codes: the loader has already dequantized the file, so each group of 32 is requantized two ways, asymmetric from
 its min and max (Q4_1's own rule: min -> code 0, max -> code 15) and symmetric from its signed largest magnitude
@@ -107,26 +107,19 @@ class Int4Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def _int8(w: torch.Tensor):
-    """w [N, K] -> (int8 codes, bf16 scale per row): symmetric, the row's largest magnitude -> 127."""
-    w = w.detach().float()
-    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale.to(torch.bfloat16)
-
-
-def _int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), codes, scale)
-    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
-
-
 class Int8Linear(nn.Linear):
     """An nn.Linear (same parameters) that multiplies with int8 weights, one bf16 scale per output row."""
 
     def _quantize(self):
-        self._codes, self._scale = _int8(self.weight)
+        w = self.weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)   # the row's largest -> 127
+        self._codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self._scale = scale.to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _int8_mm(x, self._codes, self._scale)
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self._codes, self._scale)
+        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
 
