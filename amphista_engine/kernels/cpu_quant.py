@@ -42,8 +42,9 @@ STORED_TOL = {torch.float32: EXACT_TOL, torch.float16: 0.02, torch.bfloat16: 0.1
 
 @functools.cache
 def measured_here() -> bool:
-    """Whether this CPU has the vector units the int4 kernel was measured with (x86 AVX2 or AVX-512): "auto"
-    switches to 4-bit only there; elsewhere (e.g. ARM) quant="q4" still works, untimed."""
+    """Whether this CPU has the vector units the int4 kernel was measured with (x86 AVX-512, and AVX2 as PyTorch's
+    and oneDNN's AVX2 kernels on that CPU: benchmarks/results/cpu_q4_ab_avx2_kernels/): "auto" switches to 4-bit
+    only there; elsewhere (e.g. ARM) quant="q4" still works, untimed."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
