@@ -179,7 +179,7 @@ class Engine:
         key = (_tree_key(tree), self.heads.num_heads)
         if key not in self._trees:
             self._trees[key] = TreeSpec(tree, self.heads.num_heads, self.device,
-                                        self.heads.config.extra.get("trees"))
+                                        self.heads.config.extra.get("trees"), four_bit=self.quant == "q4")
         return self._trees[key]
 
     # ---- generation ------------------------------------------------------------------------------------

@@ -22,11 +22,17 @@ DEFAULT_TREE = "mc_sim_7b_63"
 # A CPU verifies 64 nodes at ~3-4x the cost of a plain step, 16 at ~1.8 (AVX2 fp32, packed). This is the CPU tree
 # when one is needed without timing; `--speculative auto` times the heads' fitted trees instead (speculation_check).
 CPU_TREE = "tree-16"
+# With 4-bit weights (kernels/cpu_quant.py) the int4 kernel pays per block of 4 rows: a 4-node step cost 1.8 plain
+# steps, tree-16 ~3.5 (benchmarks/results/cpu_q4_ab.md), so the untimed CPU tree is one block: the heads' fitted
+# 4-node tree where they carry one, else a chain.
+CPU_4BIT_TREE = "mix-4"
 
 
-def default_tree(num_heads: int, device) -> str:
+def default_tree(num_heads: int, device, heads_trees: dict | None = None, four_bit: bool = False) -> str:
     if num_heads >= 4 and torch.device(device).type != "cpu":
         return DEFAULT_TREE                           # 4 deep
+    if four_bit:
+        return CPU_4BIT_TREE if CPU_4BIT_TREE in (heads_trees or {}) else f"chain-{min(3, num_heads)}"
     return CPU_TREE if num_heads >= 3 else f"chain-{num_heads}"     # tree-16 is 3 deep
 
 
@@ -52,11 +58,12 @@ def _tree_file(path: str):
 class TreeSpec:
     """A static tree (built once, on the device) or a dynamic one of N nodes (built every step)."""
 
-    def __init__(self, tree, num_heads: int, device, heads_trees: dict | None = None):
+    def __init__(self, tree, num_heads: int, device, heads_trees: dict | None = None, four_bit: bool = False):
         """tree: a shipped name, dynamic-N, a name from heads_trees (trees fitted to the loaded heads by
-        `amphista tree-search --save`, e.g. tuned-63), a JSON path list, or a .json file holding one."""
+        `amphista tree-search --save`, e.g. tuned-63), a JSON path list, or a .json file holding one; None: the
+        device's default (four_bit: a target with 4-bit CPU weights)."""
         if tree is None:
-            tree = default_tree(num_heads, device)
+            tree = default_tree(num_heads, device, heads_trees, four_bit)
         self.name = tree if isinstance(tree, str) else "custom"
         if isinstance(tree, str) and heads_trees and tree in heads_trees:
             tree = heads_trees[tree]

@@ -87,6 +87,11 @@ def test_auto_leaves_float_weights_alone(tiny_hf_dir):
     forced = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=64, quant="q4")
     assert forced.quant == "q4" and type(forced.model.output) is cpu_quant.Int8Linear
     assert forced.generate("hello world", max_new_tokens=4, chat=False).token_ids
+    from amphista_engine.heads import random_heads
+    forced.load_heads(random_heads("medusa", forced.model, num_heads=4))
+    assert forced._tree_spec(None).name == "chain-3"      # no fitted 4-node tree: one 4-row block anyway
+    assert engine.load_heads(random_heads("medusa", engine.model, num_heads=4)) is not None
+    assert engine._tree_spec(None).name == "tree-16"
 
 
 def test_bad_quant_requests_name_the_problem():
@@ -121,6 +126,7 @@ def test_auto_runs_the_gguf_files_own_codes(q4_engine, smollm2):
     assert q4_engine.quant == "q4" and q4_engine.model.rounds_linear_inputs
     heads = q4_engine.heads                          # drafting heads stay as they were (packed where oneDNN can)
     assert not any(type(m) in (cpu_quant.Int4Linear, cpu_quant.Int8Linear) for m in heads.modules())
+    assert q4_engine._tree_spec(None).name == "mix-4"     # the untimed CPU tree: one 4-row block of the int4 kernel
     for name in ("layers.0.attention.wqkv.weight", "layers.29.feed_forward.w2.weight"):
         w = dict(smollm2.model.named_parameters())[name]
         assert cpu_quant.requantization_error(w) <= cpu_quant.EXACT_TOL, name
