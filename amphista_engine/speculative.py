@@ -23,7 +23,7 @@ DEFAULT_TREE = "mc_sim_7b_63"
 # when one is needed without timing; `--speculative auto` times the heads' fitted trees instead (speculation_check).
 CPU_TREE = "tree-16"
 # With 4-bit weights (kernels/cpu_quant.py) the int4 kernel pays per block of 4 rows: a 4-node step cost 1.8 plain
-# steps, tree-16 ~3.5 (benchmarks/results/cpu_q4_ab.md), so the untimed CPU tree is one block: the heads' fitted
+# steps, 16 nodes ~3.5 (benchmarks/results/cpu_q4_ab.md), so the untimed CPU tree is one block: the heads' fitted
 # 4-node tree where they carry one, else a chain.
 CPU_4BIT_TREE = "mix-4"
 

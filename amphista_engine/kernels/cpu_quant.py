@@ -91,8 +91,20 @@ def requantization_error(w: torch.Tensor) -> float:
     return float(_requantize(w)[3].max())
 
 
-class Int4Linear(nn.Linear):
-    """An nn.Linear (same parameters) that multiplies with 4-bit codes in groups of 32 (bf16 scales and zeros)."""
+class _CodesLinear(nn.Linear):
+    """An nn.Linear (same parameters) whose product runs on quantized codes: bf16 in and out of the kernel."""
+
+    def _mm(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(_CodesLinear):
+    """4-bit codes in groups of 32 along the input (bf16 scales and zero points)."""
 
     def _quantize(self):
         q, scale, zero, err = _requantize(self.weight)
@@ -101,15 +113,12 @@ class Int4Linear(nn.Linear):
         self._scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return float(err.max())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._codes, GROUP, self._scale_zero)
-        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
-        return y if self.bias is None else y + self.bias
+    def _mm(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._codes, GROUP, self._scale_zero)
 
 
-class Int8Linear(nn.Linear):
-    """An nn.Linear (same parameters) that multiplies with int8 weights, one bf16 scale per output row."""
+class Int8Linear(_CodesLinear):
+    """int8 weights, one bf16 scale per output row."""
 
     def _quantize(self):
         w = self.weight.detach().float()
@@ -117,11 +126,8 @@ class Int8Linear(nn.Linear):
         self._codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         self._scale = scale.to(torch.bfloat16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self._codes, self._scale)
-        y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
-        return y if self.bias is None else y + self.bias
+    def _mm(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self._codes, self._scale)
 
 
 def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
