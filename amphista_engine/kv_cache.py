@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import ops
+from .kernels import cpu_exact, ops
 
 
 class KVCache:
@@ -14,8 +14,10 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        shape = (n_layers, batch, n_kv_heads, max_seq_len, head_dim)
+                 dtype: torch.dtype, device, scratch_slots: int = 0):
+        """scratch_slots: slots past max_seq_len that hold no token, only a step's working copies
+        (cpu_exact.scratch_slots)."""
+        shape = (n_layers, batch, n_kv_heads, max_seq_len + scratch_slots, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
@@ -24,7 +26,9 @@ class KVCache:
 
     @classmethod
     def for_model(cls, cfg, batch: int, max_seq_len: int, dtype, device) -> "KVCache":
-        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
+        """A target model's cache; on the CPU with room for the ordered attention's key windows."""
+        scratch = cpu_exact.scratch_slots(max_seq_len) if torch.device(device).type == "cpu" else 0
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device, scratch)
 
     def reset(self):
         self.length.zero_()

@@ -82,6 +82,27 @@ def test_root_row_does_not_depend_on_tree_size(N, dtype):
     assert torch.equal(tree[:, :, 0], alone[:, :, 0])
 
 
+@DTYPES
+@pytest.mark.parametrize("N", [1, 16, 64])
+def test_windows_in_scratch_slots_equal_copied_keys(N, dtype):
+    """A cache with scratch slots (KVCache.for_model on the CPU) is read in place, its windows written past the
+    prefix; a cache without them is copied out. Same bits, and no slot below the window start changes."""
+    torch.manual_seed(N)
+    S = 1024
+    scratch = cpu_exact.scratch_slots(S)
+    K, V = torch.randn(2, Hkv, S + scratch, D).to(dtype), torch.randn(2, Hkv, S + scratch, D).to(dtype)
+    q = torch.randn(2, H, N, D).to(dtype)
+    m = rand_tree(N, 6, random.Random(N))[None]
+    pl = torch.tensor([S - N - 1, 300])
+    lay = cpu_exact.layout(pl, m, kv_window(int(pl.max()) + N, S), S, dtype, G)
+    copied = cpu_exact.attention(q, K[:, :, :S].clone(), V[:, :, :S].clone(), lay)
+    K0 = K.clone()
+    in_place = cpu_exact.attention(q, K, V, lay)
+    assert torch.equal(in_place, copied)
+    assert torch.equal(K[:, :, :lay.kv], K0[:, :, :lay.kv])
+    assert not torch.equal(K[:, :, lay.kv:], K0[:, :, lay.kv:])       # the windows went to the scratch slots
+
+
 def test_flash_rows_pads_every_query_block():
     for rows in range(1, 800):
         r = cpu_exact.flash_rows(rows)

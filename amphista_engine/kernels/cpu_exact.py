@@ -7,7 +7,8 @@ over keys in blocks of up to 512 whose sizes follow the key count, so the same k
 differently, and in bf16 a near-tie between two tokens then flips (benchmarks/results/cpu_bf16/divergence.md).
 
 Here every query's keys are split at a point that depends on its position only, s(p) = the multiple of
-ALIGN at most p - MAX_DEPTH (at least 0), and one flash attention call reads, for all queries at once,
+ALIGN at most p - MAX_DEPTH (at least 0), and one flash attention call reads, for all queries at once and in
+place in the cache (the windows go to scratch slots past the prefix, `scratch_slots`),
 - cache slots [0, kv) with kv rounded up to flash's 512-key block: keys [0, s(p)) sit in slots 0..s(p) - 1
   in every layout (s(p) never passes the step's prefix), so they fall into the same blocks at the same
   offsets whatever the key count; the rest of the prefix is masked for that query;
@@ -30,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .cpu_packed import CHUNKED_UP_TO
 
 ALIGN = 8           # split points are multiples of this
 MAX_DEPTH = 7       # deepest new token (tree depth) that keeps s(p) inside the prefix: heads draft <= 7
@@ -121,11 +124,24 @@ def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capaci
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def scratch_slots(max_seq_len: int) -> int:
+    """Slots a CPU cache keeps past max_seq_len for a step's windows: they go right after slot `kv` (the prefix
+    rounded up to KV_BLOCK) for the biggest tree this path takes, so flash reads the cache in place. Copying
+    the prefix out instead cost ~4 ms of a ~28 ms 4-bit SmolLM2 step (two 0.4 MB copies per layer)."""
+    return -(-max_seq_len // KV_BLOCK) * KV_BLOCK - max_seq_len + CHUNKED_UP_TO * WINDOW
+
+
 def _keys(cache: torch.Tensor, lay: OrderedLayout) -> torch.Tensor:
-    """[B, H_kv, kv + N * WINDOW, D]: cache slots [0, kv) (zeros past the cache's end), then the windows."""
+    """[B, H_kv, kv + N * WINDOW, D]: cache slots [0, kv), then the windows. Slots [kv_len, kv) hold stale
+    (finite) keys, masked, so they add exact zeros."""
     B, Hkv, S, D = cache.shape
+    end = lay.kv + lay.tail_slots.shape[1]
+    if end <= S:        # the windows fit in the scratch slots (every cache from KVCache.for_model)
+        for b in range(B):
+            cache[b, :, lay.kv:end] = cache[b].index_select(1, lay.tail_slots[b])    # sources lie below kv
+        return cache[:, :, :end]
     live = min(lay.kv, S)
-    out = cache.new_empty(B, Hkv, lay.kv + lay.tail_slots.shape[1], D)
+    out = cache.new_empty(B, Hkv, end, D)
     out[:, :, :live] = cache[:, :, :live]
     if live < lay.kv:
         out[:, :, live:lay.kv] = 0          # masked keys must still be finite (0 * inf is NaN)
