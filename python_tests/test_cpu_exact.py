@@ -96,6 +96,7 @@ def test_windows_in_scratch_slots_equal_copied_keys(N, dtype):
     pl = torch.tensor([S - N - 1, 300])
     lay = cpu_exact.layout(pl, m, kv_window(int(pl.max()) + N, S), S, dtype, G)
     copied = cpu_exact.attention(q, K[:, :, :S].clone(), V[:, :, :S].clone(), lay)
+    assert torch.equal(cpu_exact.copied_keys(K, lay), cpu_exact.copied_keys(K[:, :, :S], lay))
     K0 = K.clone()
     in_place = cpu_exact.attention(q, K, V, lay)
     assert torch.equal(in_place, copied)

@@ -136,12 +136,19 @@ def _keys(cache: torch.Tensor, lay: OrderedLayout) -> torch.Tensor:
     (finite) keys, masked, so they add exact zeros."""
     B, Hkv, S, D = cache.shape
     end = lay.kv + lay.tail_slots.shape[1]
-    if end <= S:        # the windows fit in the scratch slots (every cache from KVCache.for_model)
-        for b in range(B):
-            cache[b, :, lay.kv:end] = cache[b].index_select(1, lay.tail_slots[b])    # sources lie below kv
-        return cache[:, :, :end]
+    if end > S:         # no scratch slots for these windows (a cache not from KVCache.for_model)
+        return copied_keys(cache, lay)
+    for b in range(B):
+        cache[b, :, lay.kv:end] = cache[b].index_select(1, lay.tail_slots[b])     # sources lie below kv
+    return cache[:, :, :end]
+
+
+def copied_keys(cache: torch.Tensor, lay: OrderedLayout) -> torch.Tensor:
+    """_keys's result in a new tensor, the cache untouched: the same keys in the same order, so flash gives
+    the same bits (benchmarks/cpu_inplace_keys_ab.py times both)."""
+    B, Hkv, S, D = cache.shape
     live = min(lay.kv, S)
-    out = cache.new_empty(B, Hkv, end, D)
+    out = cache.new_empty(B, Hkv, lay.kv + lay.tail_slots.shape[1], D)
     out[:, :, :live] = cache[:, :, :live]
     if live < lay.kv:
         out[:, :, live:lay.kv] = 0          # masked keys must still be finite (0 * inf is NaN)
