@@ -6,7 +6,8 @@
 """
 __version__ = "0.1.0"
 
-from .errors import AmphistaError, ConfigError, HeadsMismatchError, InputError, ModelLoadError  # noqa: F401
+from .errors import (AmphistaError, CacheFullError, ConfigError, HeadsMismatchError, InputError,  # noqa: F401
+                     ModelLoadError)
 
 
 def __getattr__(name):
@@ -21,4 +22,4 @@ def __getattr__(name):
 
 
 __all__ = ["Engine", "GenerationResult", "load_model", "AmphistaError", "ConfigError", "HeadsMismatchError",
-           "InputError", "ModelLoadError"]
+           "InputError", "ModelLoadError", "CacheFullError"]

@@ -36,7 +36,18 @@ def _add_decoding_args(p: argparse.ArgumentParser):
                    "list, or auto: the fastest of the heads' fitted trees here (the default under --speculative auto)")
 
 
-def cmd_generate(args) -> int:
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _load(args):
+    """The engine, and how it decodes: (engine, speculative method or None, tree, speculation check or None)."""
     from .engine import Engine
     from .shipped_heads import resolve_heads
 
@@ -56,9 +67,31 @@ def cmd_generate(args) -> int:
         if check is not None:
             print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {kind} uses the heads anyway)"),
                   file=sys.stderr)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                  seed=args.seed, chat=args.chat, speculative=speculative, tree=tree)
+    return engine, speculative, tree, check
+
+
+def _decoding_kwargs(args, speculative, tree) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                seed=args.seed, speculative=speculative, tree=tree)
+
+
+def _stream_answer(engine, prompt, **kwargs):
+    """Streams the answer to stdout and a stats line to stderr; returns the result."""
+    speculative = kwargs.get("speculative")
+    for chunk in engine.stream(prompt, **kwargs):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = engine.last_result
+    method = f"{speculative} {result.stats.extra['tree']}" if speculative else "plain"
+    print(f"[{method}] {result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
+    return result
+
+
+def cmd_generate(args) -> int:
+    engine, speculative, tree, check = _load(args)
+    kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
     if args.json:
         result = engine.generate(args.prompt, **kwargs)
         out = result.to_dict()
@@ -69,13 +102,53 @@ def cmd_generate(args) -> int:
             out["speculation_check"] = check.to_dict()
         print(json.dumps(out))
     else:
-        for chunk in engine.stream(args.prompt, **kwargs):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        result = engine.last_result
-        method = f"{speculative} {result.stats.extra['tree']}" if speculative else "plain"
-        print(f"[{method}] {result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
+        _stream_answer(engine, args.prompt, **kwargs)
+    return 0
+
+
+CHAT_HELP = "type a message; /reset starts a new conversation, /exit (or end of input) quits"
+
+
+def cmd_chat(args) -> int:
+    """A conversation on stdin: each turn re-reads the whole history through the chat template (no prefix
+    cache). When the history no longer fits the cache with room for an answer, the oldest exchanges go."""
+    from .errors import CacheFullError
+
+    engine, speculative, tree, _ = _load(args)
+    if engine.tokenizer.chat_template is None:
+        print("note: the model has no chat template of its own; using the engine's fallback", file=sys.stderr)
+    kwargs = _decoding_kwargs(args, speculative, tree)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history.clear()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        turn = [{"role": "user", "content": text}]
+        while True:
+            try:
+                result = _stream_answer(engine, system + history + turn, **kwargs)
+                break
+            except CacheFullError as e:
+                if not history:
+                    print(f"amphista: error: {e}", file=sys.stderr)
+                    result = None
+                    break
+                del history[:2]           # the oldest exchange
+                print("(the oldest exchange no longer fits the cache: dropped)", file=sys.stderr)
+        if result is not None:
+            history += turn + [{"role": "assistant", "content": result.text}]
     return 0
 
 
@@ -87,17 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     _add_model_args(g)
     _add_decoding_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(g)
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the model's chat template (default: when the model has one)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="a conversation on stdin, answers streamed to stdout (" + CHAT_HELP + ")")
+    _add_model_args(c)
+    _add_decoding_args(c)
+    _add_sampling_args(c, max_new_tokens=512)
+    c.add_argument("--system", default=None, help="system message at the start of every conversation")
+    c.set_defaults(func=cmd_chat)
 
     from .evaluation.commands import register as register_evaluation
     from .training.commands import register as register_training

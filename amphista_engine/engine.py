@@ -6,7 +6,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import InputError
+from .errors import CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_dtype
@@ -132,9 +132,9 @@ class Engine:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         n = len(prompt_ids)
         if n >= self.max_seq_len:
-            raise InputError(f"prompt is {n} tokens, longer than the cache (max_seq_len={self.max_seq_len})")
+            raise CacheFullError(f"prompt is {n} tokens, longer than the cache (max_seq_len={self.max_seq_len})")
         if n + max_new_tokens + extra > self.max_seq_len:
-            raise InputError(
+            raise CacheFullError(
                 f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens})"
                 + (f" + tree room ({extra})" if extra else "")
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")

@@ -17,5 +17,9 @@ class InputError(AmphistaError, ValueError):
     """Bad generation input: empty prompt, prompt longer than the cache, bad sampling parameters."""
 
 
+class CacheFullError(InputError):
+    """The prompt, or the prompt plus max_new_tokens (and a tree's room), does not fit the KV cache."""
+
+
 class HeadsMismatchError(AmphistaError, ValueError):
     """Drafting heads were built for another target model."""

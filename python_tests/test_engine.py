@@ -1,7 +1,9 @@
 """The public API and CLI on a tiny random checkpoint: greedy equals transformers, streaming, stops, errors."""
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import pytest
 import torch
@@ -147,6 +149,30 @@ def test_cli_speculative_without_heads_is_an_error(tiny_hf_dir, capsys):
     err = capsys.readouterr().err
     assert "--speculative medusa needs drafting heads, but --heads none" in err and "Traceback" not in err
     assert main(args) == 0 and main(args + ["--speculative", "none"]) == 0      # auto / none: plain decoding
+
+
+def _chat(tiny_hf_dir, monkeypatch, capsys, lines, *extra):
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    rc = main(["chat", "--model", str(tiny_hf_dir), "--device", "cpu", "--max-new-tokens", "4", *extra])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err, [int(n) for n in re.findall(r"prompt (\d+) tok", cap.err)]
+
+
+def test_cli_chat_keeps_history_resets_and_drops_what_no_longer_fits(tiny_hf_dir, monkeypatch, capsys):
+    rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["the quick brown fox", "", "jumps over",
+                                                                     "/reset", "the quick brown fox", "/exit", "x"],
+                                  "--max-seq-len", "256", "--system", "be brief")
+    assert rc == 0 and len(out.splitlines()) == 3 and len(prompts) == 3     # empty line skipped, /exit stops
+    assert prompts[1] > prompts[0] + 4 and prompts[2] == prompts[0]         # turn 2 carries turn 1; /reset clears
+    assert "Traceback" not in err
+    # a small cache: each turn keeps only the exchanges that still fit with room for the answer
+    rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox"] * 4, "--max-seq-len", "180")
+    assert rc == 0 and "oldest exchange no longer fits" in err
+    assert len(prompts) == 4 and prompts[1] > prompts[0] and prompts[3] == prompts[2] == prompts[1]
+    assert max(prompts) + 4 <= 180
+    # a message that cannot fit even alone is reported, and the conversation goes on
+    rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox " * 40, "hi"], "--max-seq-len", "180")
+    assert rc == 0 and "the cache (max_seq_len=180)" in err and len(prompts) == 1 and "Traceback" not in err
 
 
 @needs_smollm2
