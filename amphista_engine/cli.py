@@ -140,6 +140,10 @@ def cmd_chat(args) -> int:
             try:
                 result = _stream_answer(engine, system + history + turn, **kwargs)
                 break
+            except KeyboardInterrupt:     # Ctrl-C stops this answer, not the conversation (at the prompt: quits)
+                print("\n(interrupted: this exchange is not kept)", file=sys.stderr)
+                result = None
+                break
             except CacheFullError as e:
                 if not history:
                     print(f"amphista: error: {e}", file=sys.stderr)

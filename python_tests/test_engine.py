@@ -175,6 +175,26 @@ def test_cli_chat_keeps_history_resets_and_drops_what_no_longer_fits(tiny_hf_dir
     assert rc == 0 and "the cache (max_seq_len=180)" in err and len(prompts) == 1 and "Traceback" not in err
 
 
+def test_cli_chat_ctrl_c_stops_the_answer_not_the_conversation(tiny_hf_dir, monkeypatch, capsys):
+    stream = Engine.stream
+    calls = []
+
+    def interrupted_once(self, prompt, **kwargs):
+        calls.append(len(prompt))
+        if len(calls) > 1:
+            return stream(self, prompt, **kwargs)
+
+        def gen():
+            yield "partial"
+            raise KeyboardInterrupt
+        return gen()
+
+    monkeypatch.setattr(Engine, "stream", interrupted_once)
+    rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox", "fox"], "--max-seq-len", "256")
+    assert rc == 0 and "interrupted" in err and len(prompts) == 1
+    assert calls == [1, 1]                 # the interrupted exchange did not enter the history
+
+
 @needs_smollm2
 def test_smollm2_chat_generate_cli(capsys):
     rc = main(["generate", "What is 2+2? Answer with one number.", "--max-new-tokens", "16", "--device", "cpu",
