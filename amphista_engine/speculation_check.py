@@ -39,6 +39,9 @@ from .evaluation.env import hardware
 # AMPHISTA_CACHE_DIR=DIR keeps them in DIR, =off measures in every process.
 CACHE_ENV = "AMPHISTA_CACHE_DIR"
 COSTS_FILE = "step_costs.json"
+# Part of every cost key: bump it when a change moves plain or tree step times, so timings kept from older code
+# are not reused (2: the CPU's ordered attention reads the cache in place, 2026-12-03).
+COSTS_REVISION = 2
 
 # MT-Bench tau / held-out decoding tau of the shipped heads (benchmarks/results/TRAINING.md, 25th session):
 # 2.506 / 2.704 on mix-64. A verdict on held-out numbers alone would favour speculation ~8% too often.
@@ -229,7 +232,7 @@ def cost_key(engine, spec, prompt_tokens: int) -> str:
     heads = {k: v for k, v in engine.heads.config.to_dict().items() if k != "extra"}
     tree = [spec.name, spec.num_nodes, spec.max_depth, None if spec.static is None else spec.static.parent.tolist()]
     parts = {"cpu": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-             "engine": __version__, "dtype": str(engine.dtype), "packed": bool(getattr(engine, "cpu_packed", False)),
+             "engine": __version__, "revision": COSTS_REVISION, "dtype": str(engine.dtype), "packed": bool(getattr(engine, "cpu_packed", False)),
              "quant": getattr(engine, "quant", "none"), "model": engine.config.to_dict(), "heads": heads,
              "tree": tree, "prompt": prompt_tokens}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
