@@ -106,14 +106,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _chat_turn(engine, system, history, turn, kwargs):
+    """Answers `turn` after as much of `history` as fits in the cache, dropping (in place) the oldest exchanges
+    that do not. Returns the result, or None when there is none to keep (interrupted, or `turn` alone too long)."""
+    from .errors import CacheFullError
+
+    while True:
+        try:
+            return _stream_answer(engine, system + history + turn, **kwargs)
+        except KeyboardInterrupt:     # Ctrl-C stops this answer, not the conversation (at the prompt: quits)
+            print("\n(interrupted: this exchange is not kept)", file=sys.stderr)
+            return None
+        except CacheFullError as e:
+            if not history:
+                print(f"amphista: error: {e}", file=sys.stderr)
+                return None
+            del history[:2]           # the oldest exchange
+            print("(the oldest exchange no longer fits the cache: dropped)", file=sys.stderr)
+
+
 CHAT_HELP = "type a message; /reset starts a new conversation, /exit (or end of input) quits"
 
 
 def cmd_chat(args) -> int:
     """A conversation on stdin: each turn re-reads the whole history through the chat template (no prefix
     cache). When the history no longer fits the cache with room for an answer, the oldest exchanges go."""
-    from .errors import CacheFullError
-
     engine, speculative, tree, _ = _load(args)
     if engine.tokenizer.chat_template is None:
         print("note: the model has no chat template of its own; using the engine's fallback", file=sys.stderr)
@@ -136,21 +153,7 @@ def cmd_chat(args) -> int:
         if not text:
             continue
         turn = [{"role": "user", "content": text}]
-        while True:
-            try:
-                result = _stream_answer(engine, system + history + turn, **kwargs)
-                break
-            except KeyboardInterrupt:     # Ctrl-C stops this answer, not the conversation (at the prompt: quits)
-                print("\n(interrupted: this exchange is not kept)", file=sys.stderr)
-                result = None
-                break
-            except CacheFullError as e:
-                if not history:
-                    print(f"amphista: error: {e}", file=sys.stderr)
-                    result = None
-                    break
-                del history[:2]           # the oldest exchange
-                print("(the oldest exchange no longer fits the cache: dropped)", file=sys.stderr)
+        result = _chat_turn(engine, system, history, turn, kwargs)
         if result is not None:
             history += turn + [{"role": "assistant", "content": result.text}]
     return 0
