@@ -129,12 +129,13 @@ CHAT_HELP = "type a message; /reset starts a new conversation, /exit (or end of 
 
 
 def cmd_chat(args) -> int:
-    """A conversation on stdin: each turn re-reads the whole history through the chat template (no prefix
-    cache). When the history no longer fits the cache with room for an answer, the oldest exchanges go."""
+    """A conversation on stdin: each turn renders the whole history through the chat template and prefills what
+    the cache does not hold yet (reuse_prefix). When the history no longer fits the cache with room for an answer,
+    the oldest exchanges go (the prompt then changes at its start, so that turn is prefilled whole)."""
     engine, speculative, tree, _ = _load(args)
     if engine.tokenizer.chat_template is None:
         print("note: the model has no chat template of its own; using the engine's fallback", file=sys.stderr)
-    kwargs = _decoding_kwargs(args, speculative, tree)
+    kwargs = dict(_decoding_kwargs(args, speculative, tree), reuse_prefix=args.reuse_prefix)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print(CHAT_HELP, file=sys.stderr)
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(c)
     _add_sampling_args(c, max_new_tokens=512)
     c.add_argument("--system", default=None, help="system message at the start of every conversation")
+    c.add_argument("--reuse-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill only what the cache does not hold from the previous turn (default on; "
+                        "--no-reuse-prefix prefills the whole history every turn, as a fresh run would)")
     c.set_defaults(func=cmd_chat)
 
     from .evaluation.commands import register as register_evaluation

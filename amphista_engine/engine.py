@@ -37,6 +37,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass
+class _KeptPrefix:
+    """Cache row 0 holds the K/V of `ids` in slots 0..len(ids) - 1 (and, when `heads` drafted that run, their
+    own cache the matching entries, valid while their cache epoch stays `epoch`)."""
+    cache: KVCache
+    heads: object
+    epoch: int | None
+    ids: list[int]
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int = 2048, max_batch_size: int = 1,
                  cuda_graphs: bool = True, quant: str = "none"):
@@ -55,6 +65,7 @@ class Engine:
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
         self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
+        self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
         # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA when
         # AMPHISTA_TRITON_LINEAR=1 or AMPHISTA_EXACT_GREEDY=1.
@@ -186,8 +197,13 @@ class Engine:
     def stream_batch(self, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
                      seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
-                     tree=None, acceptance: str = "auto") -> Iterator[tuple[int, str]]:
-        """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after."""
+                     tree=None, acceptance: str = "auto", reuse_prefix: bool = False) -> Iterator[tuple[int, str]]:
+        """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after.
+
+        reuse_prefix (one prompt): start from the K/V the cache still holds for the longest common prefix of this
+        prompt and the previous reuse_prefix run's prompt + answer, and prefill only the rest (a chat's history).
+        The prefix's K/V then come from that run (its prefill and decode steps), so the logits can differ from a
+        fresh run's in the last bits: off by default, where repeated calls must give the same answer."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if not prompts:
             raise InputError("no prompts given")
@@ -198,9 +214,25 @@ class Engine:
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance)
         for p in ids:
             self._check_room(p, max_new_tokens, extra)
-        return self._drive(decoder, ids, max_new_tokens, stop)
+        kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
+        if reuse_prefix and len(ids) == 1:
+            decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
+        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix and len(ids) == 1)
 
-    def _drive(self, decoder, ids, max_new_tokens, stop):
+    def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
+        """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
+        One short of the common prefix: the token after the heads' last reused entry must not have changed, and
+        at least one token is prefilled to give the first logits."""
+        heads = getattr(decoder, "heads", None)
+        if kept is None or kept.cache is not decoder.cache or (
+                heads is not None and (kept.heads is not heads or kept.epoch != heads.cache_epoch())):
+            return 0
+        n = 0
+        while n < min(len(kept.ids), len(prompt)) and kept.ids[n] == prompt[n]:
+            n += 1
+        return max(n - 1, 0)
+
+    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False):
         stats = [GenerationStats() for _ in ids]
         with torch.inference_mode():
             yield from run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
@@ -208,7 +240,14 @@ class Engine:
                              for r, p, s in zip(decoder.rows, ids, stats)]
         for s in stats:
             s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
+        if decoder.prefix_reuse:
+            stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
         self.last_result = self.last_results[0]
+        if keep:        # the fed tokens' K/V: prompt + answer, up to the cache length (not the last sampled token)
+            seq = ids[0] + decoder.rows[0].ids
+            heads = getattr(decoder, "heads", None)
+            self._kept = _KeptPrefix(decoder.cache, heads, None if heads is None else heads.cache_epoch(),
+                                     seq[:min(int(decoder.cache.length[0]), len(seq))])
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards.

@@ -34,6 +34,9 @@ class PlainDecoder:
         self.generator = params.generator(self.device)
         self.host_len = 0        # host-side upper bound of every row's length: sizes the attention window only
         self.forwards = 0
+        # Set by the engine before prefill (batch 1): the cache already holds this many leading prompt tokens'
+        # K/V from the previous run (Engine.stream(..., reuse_prefix=True)), so only the rest is prefilled.
+        self.prefix_reuse = 0
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -44,11 +47,14 @@ class PlainDecoder:
             tokens[b, :len(p)] = torch.tensor(p)
         tokens = tokens.to(self.device)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        r = self.prefix_reuse if B == 1 else 0
         self.cache.reset()
-        spec = AttentionSpec(self.cache.length[:B], causal_mask(T, self.device), kv_window(T, self.cache.max_seq_len))
-        positions = torch.arange(T, device=self.device)[None].expand(B, T)
-        logits, hidden = self.model(tokens, positions, self.cache, spec, return_hidden=True,
-                                    logits_at=(lengths - 1)[:, None])
+        self.cache.length[:B] = r
+        spec = AttentionSpec(self.cache.length[:B], causal_mask(T - r, self.device),
+                             kv_window(T, self.cache.max_seq_len))
+        positions = torch.arange(r, T, device=self.device)[None].expand(B, T - r)
+        logits, hidden = self.model(tokens[:, r:], positions, self.cache, spec, return_hidden=True,
+                                    logits_at=(lengths - 1 - r)[:, None])
         self.cache.length[:B] = lengths      # padded slots past a row's length are overwritten later
         self.host_len = T
         self.forwards += 1
@@ -56,12 +62,13 @@ class PlainDecoder:
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             self.seen.scatter_(1, tokens, True)
-        self._on_prefill(tokens, hidden)
+        self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
         return self.next.clone()          # the state tensor itself changes in place at every step
 
     def _on_prefill(self, tokens: torch.Tensor, hidden: torch.Tensor):
-        """Hook for decoders that also need the prompt's hidden states (the drafting heads do)."""
+        """Hook for decoders that also need the prompt's hidden states (the drafting heads do): those of the
+        prefilled tokens, the ones after prefix_reuse."""
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         if self.seen is not None:
@@ -142,7 +149,9 @@ class GenerationStats:
                 "tau": round(self.tau, 4), "accept_hist": self.accept_hist, **self.extra}
 
     def summary(self) -> str:
-        return (f"prompt {self.prompt_tokens} tok | prefill {self.prefill_ms:.0f} ms | {self.new_tokens} new tok "
+        reused = self.extra.get("prompt_tokens_reused")
+        return (f"prompt {self.prompt_tokens} tok" + (f" ({reused} kept from the last turn)" if reused else "")
+                + f" | prefill {self.prefill_ms:.0f} ms | {self.new_tokens} new tok "
                 f"at {self.decode_tokens_per_s:.1f} tok/s | tau {self.tau:.2f}")
 
 

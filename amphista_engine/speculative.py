@@ -160,14 +160,19 @@ class SpeculativeDecoder(PlainDecoder):
     def prefill(self, prompts):
         root = super().prefill(prompts)
         B, T = len(prompts), max(len(p) for p in prompts)
-        lengths = self.cache.length[:B].clone()
-        # The SAL sees every prompt position: hidden state at t and the token the target put at t + 1.
+        r = self.prefix_reuse if B == 1 else 0
+        count = self.cache.length[:B] - r
+        # The SAL sees every prompt position: hidden state at t and the token the target put at t + 1 (after a
+        # kept prefix, only the prefilled positions: the heads' cache holds the others from the previous run).
         hidden = self._prefill_hidden
         tokens = self._prefill_tokens
         nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
-        nxt.scatter_(1, (lengths - 1)[:, None], root[:, None])
-        self.heads.reset_cache(B, self.cache.max_seq_len)
-        self.draft = self.heads.step(hidden, nxt, lengths, kv_window(T, self.cache.max_seq_len))
+        nxt.scatter_(1, (count - 1)[:, None], root[:, None])
+        if r:
+            self.heads.resume_cache(r)
+        else:
+            self.heads.reset_cache(B, self.cache.max_seq_len)
+        self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len))
         self.last_count = None
         return root
 

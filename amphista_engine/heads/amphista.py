@@ -55,6 +55,7 @@ class AmphistaHeads(DraftHeads):
         # Plain attributes, not buffers: .to(bf16) must not round the RoPE table, and both are rebuilt lazily
         # on the heads' device (construction may happen on the meta device).
         self.sal_cache: KVCache | None = None
+        self._epoch = 0
         self._rope = None
         self._stage_index = None
 
@@ -113,7 +114,14 @@ class AmphistaHeads(DraftHeads):
             self.sal_cache = KVCache(c.n_layers, batch, c.n_kv_heads, max_seq_len, c.head_dim, p.dtype, p.device)
         else:
             self.sal_cache.reset()   # same buffers: captured CUDA graphs stay valid
+        self._epoch += 1
         self._rope_rows(max_seq_len, p.device)
+
+    def cache_epoch(self) -> int:
+        return self._epoch
+
+    def resume_cache(self, length: int):
+        self.sal_cache.length[:1] = length
 
     def step(self, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
         """hidden [B, M, d] at target positions L_b + m (L_b = SAL cache length), next_tokens [B, M], count [B].

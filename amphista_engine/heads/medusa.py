@@ -121,6 +121,13 @@ class DraftHeads(nn.Module):
     def reset_cache(self, batch: int, max_seq_len: int):
         pass
 
+    def cache_epoch(self) -> int:
+        """Changes whenever the heads' own cache is reset: a kept prefix is only valid within one epoch."""
+        return 0
+
+    def resume_cache(self, length: int):
+        """Continue row 0 after its first `length` entries (a prefix kept from the previous run)."""
+
 
 class MedusaHeads(DraftHeads):
     """K ResBlock stacks on the target's last hidden state h_t, then the (target's or own) LM head."""
