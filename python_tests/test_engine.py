@@ -222,6 +222,43 @@ def test_engine_on_cuda_replays_graphs_by_default_and_matches_eager(tiny_hf_dir)
     assert answers[True] == answers[False]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("kind", ["plain", "amphista", "medusa"])
+def test_reuse_prefix_prefills_only_what_the_cache_lacks(tiny_hf_dir, kind, device):
+    """A second turn that extends the first (prompt + answer + more) prefills only the new tokens and decodes
+    what a fresh run decodes (fp32: greedy equal; on a GPU with CUDA graphs); anything in between that rewrites
+    the cache or the heads' cache (another run, heads reset by another decoder) turns the reuse off."""
+    from amphista_engine.heads import random_heads
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device=device, dtype="float32", max_seq_len=256)
+    spec = dict(speculative=kind, tree="tree-16") if kind != "plain" else {}
+    if kind != "plain":
+        engine.load_heads(random_heads(kind, engine.model, num_heads=4, seed=3).to(device))
+    first = "The quick brown fox"
+    r1 = engine.generate(first, chat=False, max_new_tokens=12, reuse_prefix=True, **spec)
+    second = first + r1.text + " and the lazy dog"
+    fresh = engine.generate(second, chat=False, max_new_tokens=20, **spec)        # no reuse: and it clears what was kept
+    assert "prompt_tokens_reused" not in fresh.stats.extra
+    engine.generate(first, chat=False, max_new_tokens=12, reuse_prefix=True, **spec)
+    again = engine.generate(second, chat=False, max_new_tokens=20, reuse_prefix=True, **spec)
+    ids = engine.encode_prompt(second, chat=False)
+    common = next(i for i, (a, b) in enumerate(zip(ids, engine.encode_prompt(first, chat=False) + r1.token_ids))
+                  if a != b)
+    assert again.stats.extra["prompt_tokens_reused"] == common - 1 > 0
+    assert again.token_ids == fresh.token_ids
+    # a run in between (here: without reuse) leaves nothing to reuse
+    engine.generate(first, chat=False, max_new_tokens=12, reuse_prefix=True, **spec)
+    engine.generate("Other words", chat=False, max_new_tokens=4, **spec)
+    assert "prompt_tokens_reused" not in engine.generate(second, chat=False, max_new_tokens=4, reuse_prefix=True,
+                                                         **spec).stats.extra
+    if kind == "amphista":            # the heads' own cache reset elsewhere (e.g. a speculation check's decoder)
+        engine.generate(first, chat=False, max_new_tokens=12, reuse_prefix=True, **spec)
+        with torch.inference_mode():
+            engine.heads.reset_cache(1, 256)
+        assert "prompt_tokens_reused" not in engine.generate(second, chat=False, max_new_tokens=4, reuse_prefix=True,
+                                                             **spec).stats.extra
+
+
 def test_loading_and_decoding_do_not_import_torch_compilers(tiny_hf_dir, tmp_path):
     """The model and the heads are built on the meta device, where torch runs some ops as Python references:
     normal_ imports torch._dynamo, arange sympy (via torch._decomp's decompositions), ~2.5 s of every CLI start
