@@ -49,7 +49,8 @@ class PlainDecoder:
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         r = self.prefix_reuse if B == 1 else 0
         self.cache.reset()
-        self.cache.length[:B] = r
+        if r:
+            self.cache.length[:B] = r
         spec = AttentionSpec(self.cache.length[:B], causal_mask(T - r, self.device),
                              kv_window(T, self.cache.max_seq_len))
         positions = torch.arange(r, T, device=self.device)[None].expand(B, T - r)

@@ -131,16 +131,21 @@ def scratch_slots(max_seq_len: int) -> int:
     return -(-max_seq_len // KV_BLOCK) * KV_BLOCK - max_seq_len + CHUNKED_UP_TO * WINDOW
 
 
+def _gather_windows(keys: torch.Tensor, cache: torch.Tensor, lay: OrderedLayout):
+    """keys[:, :, kv:] = each row's windows, gathered from the cache slots below kv."""
+    for b in range(keys.shape[0]):
+        keys[b, :, lay.kv:] = cache[b].index_select(1, lay.tail_slots[b])
+
+
 def _keys(cache: torch.Tensor, lay: OrderedLayout) -> torch.Tensor:
     """[B, H_kv, kv + N * WINDOW, D]: cache slots [0, kv), then the windows. Slots [kv_len, kv) hold stale
     (finite) keys, masked, so they add exact zeros."""
-    B, Hkv, S, D = cache.shape
     end = lay.kv + lay.tail_slots.shape[1]
-    if end > S:         # no scratch slots for these windows (a cache not from KVCache.for_model)
+    if end > cache.shape[2]:     # no scratch slots for these windows (a cache not from KVCache.for_model)
         return copied_keys(cache, lay)
-    for b in range(B):
-        cache[b, :, lay.kv:end] = cache[b].index_select(1, lay.tail_slots[b])     # sources lie below kv
-    return cache[:, :, :end]
+    keys = cache[:, :, :end]
+    _gather_windows(keys, cache, lay)
+    return keys
 
 
 def copied_keys(cache: torch.Tensor, lay: OrderedLayout) -> torch.Tensor:
@@ -152,8 +157,7 @@ def copied_keys(cache: torch.Tensor, lay: OrderedLayout) -> torch.Tensor:
     out[:, :, :live] = cache[:, :, :live]
     if live < lay.kv:
         out[:, :, live:lay.kv] = 0          # masked keys must still be finite (0 * inf is NaN)
-    for b in range(B):
-        out[b, :, lay.kv:] = cache[b].index_select(1, lay.tail_slots[b])
+    _gather_windows(out, cache, lay)
     return out
 
 
