@@ -1,13 +1,16 @@
-"""Builds the optional CUDA extension amphista_engine._C through CMake (metadata: pyproject.toml).
+"""Builds the optional extensions (metadata: pyproject.toml): amphista_engine._C (CUDA kernels, through CMake)
+and amphista_engine._cpu (CPU kernels, csrc/cpu, by the host C++ compiler).
 
 Environment:
-  AMPHISTA_NO_CUDA=1          skip the extension (pure-Python install).
+  AMPHISTA_NO_CUDA=1          skip the CUDA extension.
+  AMPHISTA_NO_CPU_EXT=1       skip the CPU extension (the CPU then runs the torch reference ops).
+  AMPHISTA_CPU_OPTIONAL=1     a failed CPU extension build warns and installs without it.
   AMPHISTA_CUDA_ARCH="80;90"  target architectures, CMake style ("8.0 9.0" and "80,90" work too).
   AMPHISTA_CUDA_OPTIONAL=1    a failed CUDA build warns and installs without it.
   CUDA_HOME / CUDA_PATH       toolkit to use; else nvcc on PATH; else /usr/local/cuda.
 
 Policy: no nvcc at all means the user has no CUDA toolchain, so we skip with one line and the
-package falls back to its pure-Python paths. A build that *fails* with nvcc present is a real bug
+package falls back to its pure-Python paths (the same for the CPU extension without a C++ compiler). A build that *fails* with nvcc present is a real bug
 (wrong arch, broken toolkit) that would otherwise surface much later as a silent slowdown, so it
 fails the install unless AMPHISTA_CUDA_OPTIONAL=1 says a fallback is acceptable.
 pip hides build output unless run with -v, so the skip/warning lines show with `pip install -v`.
@@ -22,6 +25,11 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+try:
+    from setuptools.errors import CompileError, LinkError
+except ImportError:                                   # setuptools < 59
+    from distutils.errors import CompileError, LinkError
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCH = "80;90"
@@ -55,6 +63,31 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])  # CMake owns the sources
 
 
+def cpu_extension():
+    """amphista_engine._cpu: one translation unit, no libtorch, no -march (the hot loops carry their own
+    AVX2 / AVX-512 clones). No -ffast-math and no FMA contraction: a sum's order is part of the result.
+    -fno-trapping-math lets loops with selects (clamps, NaN checks) vectorise; it changes no value."""
+    import pybind11
+
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h"))
+    return Extension("amphista_engine._cpu", sources=["csrc/cpu/bindings.cpp"], depends=headers,
+                     include_dirs=[pybind11.get_include()], language="c++",
+                     extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-fno-trapping-math",
+                                         "-fvisibility=hidden", "-pthread"],
+                     extra_link_args=["-pthread"])
+
+
+def cpu_skip_reason(compiler) -> str | None:
+    if os.environ.get("AMPHISTA_NO_CPU_EXT") == "1":
+        return "AMPHISTA_NO_CPU_EXT=1"
+    if os.name != "posix":
+        return "the CPU extension is built with GCC or Clang on Linux and macOS only"
+    cxx = getattr(compiler, "compiler_cxx", None) or getattr(compiler, "compiler_so", None) or []
+    if cxx and shutil.which(cxx[0]) is None:
+        return f"no C++ compiler ({cxx[0]} not found)"
+    return None
+
+
 class CMakeBuild(build_ext):
     def run(self):
         skip = None
@@ -64,18 +97,22 @@ class CMakeBuild(build_ext):
             skip = "nvcc not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)"
         if skip:
             print(f"amphista-engine: {skip}: skipping the CUDA extension amphista_engine._C", flush=True)
-            self.extensions = []  # nothing to build, copy in place, or list as an output
-            return
+            # nothing to build, copy in place, or list as an output for it
+            self.extensions = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
         self._failed = []
-        super().run()
+        if self.extensions:
+            super().run()
 
     def build_extensions(self):
         super().build_extensions()
-        # Drop the ones that failed under AMPHISTA_CUDA_OPTIONAL=1, so that neither the editable
+        # Drop the ones that failed under AMPHISTA_CUDA_OPTIONAL=1 / AMPHISTA_CPU_OPTIONAL=1 (or were skipped),
+        # so that neither the editable
         # copy-in-place nor the wheel looks for their missing .so.
         self.extensions = [e for e in self.extensions if e not in self._failed]
 
     def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):
+            return self._build_cpu(ext)
         try:
             self._cmake_build(ext)
         except (subprocess.CalledProcessError, OSError) as err:
@@ -85,6 +122,22 @@ class CMakeBuild(build_ext):
                     "AMPHISTA_NO_CUDA=1 (skip) or AMPHISTA_CUDA_OPTIONAL=1 (skip on failure)") from err
             print(f"amphista-engine: WARNING: CUDA extension build failed ({err}); installing without it",
                   flush=True)
+            self._failed.append(ext)
+
+    def _build_cpu(self, ext):
+        skip = cpu_skip_reason(self.compiler)
+        if skip:
+            print(f"amphista-engine: {skip}: skipping the CPU extension amphista_engine._cpu", flush=True)
+            self._failed.append(ext)
+            return
+        try:
+            super().build_extension(ext)
+        except (CompileError, LinkError, OSError) as err:
+            if os.environ.get("AMPHISTA_CPU_OPTIONAL") != "1":
+                raise RuntimeError(
+                    f"amphista-engine: CPU extension build failed ({err}); fix the compiler or set "
+                    "AMPHISTA_NO_CPU_EXT=1 (skip) or AMPHISTA_CPU_OPTIONAL=1 (skip on failure)") from err
+            print(f"amphista-engine: WARNING: CPU extension build failed ({err}); installing without it", flush=True)
             self._failed.append(ext)
 
     def _cmake_build(self, ext):
@@ -108,4 +161,4 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
 
 
-setup(ext_modules=[CMakeExtension("amphista_engine._C")], cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("amphista_engine._C"), cpu_extension()], cmdclass={"build_ext": CMakeBuild})

@@ -229,11 +229,13 @@ def costs_file() -> Path | None:
 def cost_key(engine, spec, prompt_tokens: int) -> str:
     """Everything a plain and a tree step's time depend on (not the heads' weights or tau: they set neither)."""
     from . import __version__
+    from .kernels import get_backend
     heads = {k: v for k, v in engine.heads.config.to_dict().items() if k != "extra"}
     tree = [spec.name, spec.num_nodes, spec.max_depth, None if spec.static is None else spec.static.parent.tolist()]
     parts = {"cpu": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
              "engine": __version__, "revision": COSTS_REVISION, "dtype": str(engine.dtype), "packed": bool(getattr(engine, "cpu_packed", False)),
-             "quant": getattr(engine, "quant", "none"), "model": engine.config.to_dict(), "heads": heads,
+             "quant": getattr(engine, "quant", "none"), "kernels": get_backend("cpu"),
+             "model": engine.config.to_dict(), "heads": heads,
              "tree": tree, "prompt": prompt_tokens}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

@@ -721,8 +721,9 @@ def test_typical_accept(kind, B, V, temp, poisoned):
 def test_backend_switch(monkeypatch):
     monkeypatch.delenv("AMPHISTA_BACKEND", raising=False)
     backend.clear_cache()
-    assert get_backend("cpu") == "torch"                    # CPU default: the reference
-    assert backend.resolve("tree_attention", "cpu") == "torch"
+    cpu_default = "cpu" if backend.cpu_available() else "torch"     # the C++ CPU kernels where built
+    assert get_backend("cpu") == cpu_default
+    assert backend.resolve("tree_attention", "cpu") == "torch"      # not a cpu-backend op: the reference
     # CUDA default: the fastest available there (triton, as measured on an H200; then cuda, then torch)
     for ext, tri, expect in ((True, True, "triton"), (False, True, "triton"), (True, False, "cuda"),
                              (False, False, "torch")):
@@ -730,7 +731,7 @@ def test_backend_switch(monkeypatch):
         monkeypatch.setattr(backend, "triton_available", lambda: tri)
         backend.clear_cache()
         assert backend.default_backend("cuda") == expect
-        assert backend.default_backend("cpu") == "torch"
+        assert backend.default_backend("cpu") == cpu_default
     monkeypatch.undo()
 
     monkeypatch.setenv("AMPHISTA_BACKEND", "Triton")        # the environment variable, any case
@@ -756,13 +757,14 @@ def test_backend_switch(monkeypatch):
     backend.clear_cache()
     with pytest.raises(ConfigError, match="AMPHISTA_BACKEND") as e:
         ops.rmsnorm(torch.ones(2, 4), torch.ones(4), 1e-6)  # the first hot op reports it, by name
-    assert isinstance(e.value, AmphistaError) and "torch, triton, cuda" in str(e.value)
+    assert isinstance(e.value, AmphistaError) and "torch, triton, cuda, cpu" in str(e.value)
 
 
 def test_backend_env_var_in_a_fresh_process():
     code = ("import torch; from amphista_engine.kernels import get_backend, backend; "
             "print(get_backend('cpu'), backend.resolve('rope', 'cpu'))")
-    for env, expect in (({}, "torch torch"), ({"AMPHISTA_BACKEND": "triton", "TRITON_INTERPRET": "1"}, "triton triton"),
+    cpu_default = "cpu torch" if backend.cpu_available() else "torch torch"     # rope: not a cpu-backend op
+    for env, expect in (({}, cpu_default), ({"AMPHISTA_BACKEND": "triton", "TRITON_INTERPRET": "1"}, "triton triton"),
                         ({"AMPHISTA_BACKEND": "triton"}, "triton torch")):   # no interpreter: reference on CPU
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                            env=_subprocess_env(**env), timeout=120)

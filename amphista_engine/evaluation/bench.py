@@ -207,7 +207,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
 
 def bench_markdown(result: dict) -> str:
     m = result["meta"]
-    head = (f"model {m['model']} | {m['dtype']} | {m['hardware']} | linears {m.get('linears', '?')} | prompt {m['prompt_tokens']} tok | "
+    head = (f"model {m['model']} | {m['dtype']} | {m['hardware']} | kernels {m.get('kernels', '?')} | "
+            f"linears {m.get('linears', '?')} | prompt {m['prompt_tokens']} tok | "
             f"prefill {result['prefill_ms']:.2f} ms | plain step {result['plain_step_ms']:.3f} ms "
             f"({result['plain_tokens_per_s']:.1f} tok/s)\n")
     cols = ["method", "draft_vocab", "tree", "nodes", "step_ms", "break_even_tau", "draft_ms", "verify_ms", "accept_ms", "commit_ms"]

@@ -62,5 +62,6 @@ def commit() -> str:
 
 
 def environment(device) -> dict:
+    from ..kernels import get_backend
     return {"date": str(date.today()), "commit": commit(), "torch": torch.__version__,
-            "device": str(device), "hardware": hardware(device)}
+            "device": str(device), "hardware": hardware(device), "kernels": get_backend(device)}

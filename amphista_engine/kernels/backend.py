@@ -1,4 +1,4 @@
-"""The one backend switch for every hot op: `torch` (reference), `triton`, `cuda`.
+"""The one backend switch for every hot op: `torch` (reference), `triton`, `cuda`, `cpu`.
 
 Which backend runs, first match wins:
   1. `use_backend(name)` (a context manager: per engine, per thread / task, nestable),
@@ -7,11 +7,13 @@ Which backend runs, first match wins:
      running process call clear_cache()),
   4. the default for the tensors' device: the fastest available there. On CUDA that is `triton` when
      triton imports (measured faster end to end than `cuda` on an H200), else `cuda` when the CUDA
-     extension loads, else `torch`. On the CPU it is `torch`:
+     extension loads, else `torch`. On the CPU it is `cpu` (the C++ kernels of csrc/cpu, which take the
+     decode step's small ops out of torch's dispatch overhead) when that extension loads, else `torch`.
      Triton runs on the CPU only through its interpreter (TRITON_INTERPRET=1), which tests pick explicitly.
 
 A backend implements any subset of the ops; an op it lacks, or declines for an input it does not handle
-(for instance a tree wider than 64 nodes), runs on the next backend of its chain: cuda -> triton -> torch.
+(for instance a tree wider than 64 nodes), runs on the next backend of its chain: cuda -> triton -> torch,
+cpu -> torch.
 So a chosen backend never raises for lack of a kernel, and `torch` is always the last resort.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Iterator, Optional
 
 from ..errors import ConfigError
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cpu")
 ENV_VAR = "AMPHISTA_BACKEND"
 
 _global: Optional[str] = None
@@ -80,6 +82,8 @@ def default_backend(device=None) -> str:
                 name = "triton"
             elif cuda_available():
                 name = "cuda"
+        elif dev == "cpu" and cpu_available():
+            name = "cpu"
         _defaults[dev] = name
     return name
 
@@ -132,6 +136,15 @@ def cuda_available() -> bool:
         return False
 
 
+def cpu_available() -> bool:
+    """The CPU extension `amphista_engine._cpu` loads (built by `pip install` where a C++ compiler exists)."""
+    from .cpu_ops import load_extension
+    try:
+        return load_extension() is not None
+    except Exception:
+        return False
+
+
 _chains: dict[tuple[str, str], list[ModuleType]] = {}
 
 
@@ -156,6 +169,9 @@ def chain(device=None) -> list[ModuleType]:
 def _build_chain(name: str, dev: str) -> list[ModuleType]:
     from . import reference
     mods: list[ModuleType] = []
+    if name == "cpu" and dev == "cpu" and cpu_available():
+        from . import cpu_ops
+        mods.append(cpu_ops)
     if name == "cuda" and dev == "cuda" and cuda_available():
         from . import cuda_ops
         mods.append(cuda_ops)

@@ -1,0 +1,82 @@
+"""The `cpu` kernel backend (csrc/cpu: RMSNorm with the residual add, RoPE with the cache write, KV compaction as
+single C++ calls) against the torch reference ops, end to end on the CPU.
+
+Both backends run in one process on the same engines, question by question in a rotating order. Their answers
+may differ from each other after a near-tie (the RMSNorm sums in another order, and the 4-bit path rounds every
+matmul input to bf16), so the table counts how many equal the other backend's; within a backend, speculative
+greedy answers must equal that backend's plain ones.
+
+    OMP_NUM_THREADS=2 python benchmarks/cpu_native_ops_ab.py [--engines q4,bf16] [--trees mix-4] [--questions 16]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from amphista_engine.engine import Engine  # noqa: E402
+from amphista_engine.evaluation.questions import read_questions  # noqa: E402
+from amphista_engine.kernels import backend, cpu_packed, use_backend  # noqa: E402
+from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
+from benchmarks.common import hardware, md_table, write_results  # noqa: E402
+
+MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
+OTHER = {"torch": "cpu", "cpu": "torch"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engines", default="q4,bf16", help="q4 (4-bit layers, fp32 between), bf16 (dequantized)")
+    ap.add_argument("--trees", default="mix-4")
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not backend.cpu_available():
+        from amphista_engine.kernels.cpu_ops import extension_error
+        sys.exit(f"the cpu backend is not available: {extension_error()}")
+    torch.set_grad_enabled(False)
+    setups = {"q4": ("fp32", "q4"), "bf16": ("bf16", "none")}
+    names = [n for n in args.engines.split(",") if n != "bf16" or cpu_packed.available(torch.bfloat16)]
+    heads = shipped_heads("smollm2-135m", "amphista")
+    engines = {n: Engine.from_pretrained("smollm2-135m", device="cpu", dtype=setups[n][0], max_seq_len=1024,
+                                         heads=heads, quant=setups[n][1]) for n in names}
+    configs = [(n, t, b) for n in names for t in [None] + args.trees.split(",") for b in ("torch", "cpu")]
+    qs = read_questions(MT_BENCH, per_category=-(-args.questions // 8), limit=args.questions)
+    toks, secs, steps, outs = {}, {}, {}, {}
+    for i, q in enumerate(qs):
+        for c in configs[i % len(configs):] + configs[:i % len(configs)]:      # rotate who goes first
+            name, tree, which = c
+            with use_backend(which):
+                r = engines[name].generate(q["turns"][0], max_new_tokens=args.max_new_tokens,
+                                           speculative=None if tree is None else "amphista", tree=tree)
+            outs[c + (i,)] = r.token_ids
+            toks[c] = toks.get(c, 0) + r.stats.step_tokens
+            secs[c] = secs.get(c, 0) + r.stats.decode_ms / 1e3
+            steps[c] = steps.get(c, 0) + r.stats.decode_steps
+        print(f"{i + 1}/{len(qs)}", {f"{c[0]}/{c[1] or 'plain'}/{c[2]}": round(secs[c] / toks[c] * 1e3, 1)
+                                     for c in configs}, file=sys.stderr)
+    rows = []
+    for name, tree, which in configs:
+        c = (name, tree, which)
+        ms = secs[c] / toks[c] * 1e3
+        torch_ms = secs[(name, tree, "torch")] / toks[(name, tree, "torch")] * 1e3
+        rows.append({"weights": {"q4": "4-bit layers, fp32", "bf16": "bf16 (dequantized)"}[name],
+                     "decoding": "plain" if tree is None else f"amphista {tree}", "backend": which,
+                     "tau": toks[c] / steps[c], "ms/token": ms, "tok/s": 1e3 / ms, "vs torch": torch_ms / ms,
+                     "answers equal the other backend's": sum(outs[c + (i,)] == outs[(name, tree, OTHER[which], i)]
+                                                              for i in range(len(qs))),
+                     "equal own plain": "" if tree is None else sum(
+                         outs[c + (i,)] == outs[(name, None, which, i)] for i in range(len(qs)))})
+    meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "model": "smollm2-135m (GGUF Q4_1)", "heads": "shipped amphista",
+            "questions": f"{len(qs)} MT-Bench first turns, greedy, {args.max_new_tokens} new tokens"}
+    write_results("cpu_native_ops_ab", rows, meta,
+                  md_table(rows, ["weights", "decoding", "backend", "tau", "ms/token", "tok/s", "vs torch",
+                                  "answers equal the other backend's", "equal own plain"]), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+// Thin pybind11 module amphista_engine._cpu: the CPU kernels of csrc/cpu/*.h. Like the CUDA module it never
+// links libtorch: tensors cross as addresses (tensor.data_ptr()), sizes, element strides and a dtype code, so
+// one build serves any torch. The typed wrappers that check tensors and decline what a kernel cannot take are
+// amphista_engine/kernels/cpu_ops.py; here every scalar is checked again, so a wrong call raises a ValueError
+// naming the argument instead of reading or writing out of bounds.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+#include "norm.h"
+#include "rope_kv.h"
+
+namespace py = pybind11;
+using namespace amphista_cpu;
+
+namespace {
+
+[[noreturn]] void bad_arg(const char* name, const std::string& why) {
+  throw py::value_error(std::string("amphista_engine._cpu: argument '") + name + "' " + why);
+}
+
+void* ptr(int64_t address, const char* name) {
+  if (address == 0) bad_arg(name, "is a null address");
+  return reinterpret_cast<void*>(static_cast<uintptr_t>(address));
+}
+
+int64_t size(int64_t v, const char* name) {
+  if (v <= 0) bad_arg(name, "must be positive, got " + std::to_string(v));
+  if (v > (int64_t(1) << 40)) bad_arg(name, "is implausibly large: " + std::to_string(v));
+  return v;
+}
+
+int64_t stride(int64_t v, const char* name) {
+  if (v < 0 || v > (int64_t(1) << 40)) bad_arg(name, "must be a non-negative element stride, got " + std::to_string(v));
+  return v;
+}
+
+// The kernels are instantiated for fp32 and bf16 (the CPU's decode dtypes); fp16 stays with torch.
+DType float_dtype(int64_t code, const char* name) {
+  if (code != int64_t(DType::kFloat32) && code != int64_t(DType::kBFloat16))
+    bad_arg(name, "must be 0 (float32) or 2 (bfloat16), got " + std::to_string(code));
+  return static_cast<DType>(code);
+}
+
+int64_t threads(int64_t n) { return size(n, "threads"); }
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "amphista-engine CPU kernels (csrc/cpu); call through amphista_engine.kernels.ops";
+
+  m.def("rmsnorm", [](int64_t x, int64_t residual, int64_t w, int64_t sum, int64_t out, int64_t rows, int64_t d,
+                      double eps, int64_t dtype, int64_t nthreads) {
+    const DType dt = float_dtype(dtype, "dtype");
+    if (!(eps >= 0.0)) bad_arg("eps", "must be >= 0");
+    NormArgs a{ptr(x, "x"), residual ? ptr(residual, "residual") : nullptr, ptr(w, "w"),
+               residual ? ptr(sum, "sum") : nullptr, ptr(out, "out"), size(rows, "rows"), size(d, "d"), float(eps)};
+    py::gil_scoped_release unlocked;
+    rmsnorm(a, dt, threads(nthreads));
+  }, py::arg("x"), py::arg("residual"), py::arg("w"), py::arg("sum"), py::arg("out"), py::arg("rows"), py::arg("d"),
+     py::arg("eps"), py::arg("dtype"), py::arg("threads"),
+     "out = RMSNorm(s) * w with s = x + residual written to sum (residual 0: s = x) over [rows, d] rows");
+
+  m.def("qkv_rope_write", [](int64_t qkv, int64_t qkv_sb, int64_t qkv_st, int64_t rope, int64_t rope_sb,
+                             int64_t rope_st, int64_t k_layer, int64_t v_layer, int64_t cache_sb, int64_t cache_sh,
+                             int64_t S, int64_t start, int64_t q, int64_t B, int64_t T, int64_t H, int64_t H_kv,
+                             int64_t D, int64_t dtype, int64_t nthreads) {
+    const DType dt = float_dtype(dtype, "dtype");
+    QkvRopeWriteArgs a{ptr(qkv, "qkv"), stride(qkv_sb, "qkv_sb"), stride(qkv_st, "qkv_st"),
+                       static_cast<const float*>(ptr(rope, "rope")), stride(rope_sb, "rope_sb"),
+                       stride(rope_st, "rope_st"), ptr(k_layer, "k_layer"), ptr(v_layer, "v_layer"),
+                       stride(cache_sb, "cache_sb"), stride(cache_sh, "cache_sh"), size(S, "S"),
+                       static_cast<const int64_t*>(ptr(start, "start")), ptr(q, "q"), size(B, "B"), size(T, "T"),
+                       size(H, "H"), size(H_kv, "H_kv"), size(D, "D")};
+    if (a.D % 2) bad_arg("D", "must be even (RoPE rotates halves)");
+    if (a.H % a.H_kv) bad_arg("H", "must be a multiple of H_kv");
+    if (a.qkv_st < (a.H + 2 * a.H_kv) * a.D) bad_arg("qkv_st", "is shorter than a (H + 2 H_kv) D row");
+    if (a.cache_sh < a.S * a.D) bad_arg("cache_sh", "is shorter than S * D");
+    py::gil_scoped_release unlocked;
+    qkv_rope_write(a, dt, threads(nthreads));
+  }, py::arg("qkv"), py::arg("qkv_sb"), py::arg("qkv_st"), py::arg("rope"), py::arg("rope_sb"), py::arg("rope_st"),
+     py::arg("k_layer"), py::arg("v_layer"), py::arg("cache_sb"), py::arg("cache_sh"), py::arg("S"), py::arg("start"),
+     py::arg("q"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("H_kv"), py::arg("D"), py::arg("dtype"),
+     py::arg("threads"), "RoPE on q and k, k and v to cache slots start[b] + t, q to `q`");
+
+  m.def("kv_compact", [](int64_t k, int64_t v, int64_t src, int64_t dst_start, int64_t L, int64_t B_max,
+                         int64_t H_kv, int64_t S, int64_t D, int64_t B, int64_t M, int64_t elem_size,
+                         int64_t nthreads) {
+    KvCompactArgs a{ptr(k, "k"), ptr(v, "v"), static_cast<const int64_t*>(ptr(src, "src")),
+                    static_cast<const int64_t*>(ptr(dst_start, "dst_start")), size(L, "L"), size(B_max, "B_max"),
+                    size(H_kv, "H_kv"), size(S, "S"), size(D, "D"), size(B, "B"), size(M, "M"),
+                    size(elem_size, "elem_size")};
+    if (a.B > a.B_max) bad_arg("B", "exceeds B_max");
+    if (a.elem_size != 2 && a.elem_size != 4) bad_arg("elem_size", "must be 2 or 4");
+    py::gil_scoped_release unlocked;
+    kv_compact(a, threads(nthreads));
+  }, py::arg("k"), py::arg("v"), py::arg("src"), py::arg("dst_start"), py::arg("L"), py::arg("B_max"),
+     py::arg("H_kv"), py::arg("S"), py::arg("D"), py::arg("B"), py::arg("M"), py::arg("elem_size"),
+     py::arg("threads"), "slot src[b, m] -> dst_start[b] + m, every layer, K and V");
+}

@@ -1,0 +1,232 @@
+"""The `cpu` backend (csrc/cpu, amphista_engine._cpu) against the torch reference, and its place in the switch.
+
+Inputs are fresh per case (seeded from the case), compared by relative error for the RMSNorm (its sum of squares
+runs in another order than torch's) and bit for bit for RoPE + the cache write and for compaction (the same ops
+in the same order). The property the CPU's exact speculative decoding rests on is tested directly: a row's
+result is the same bits alone, inside a batch of rows, and with the rows split across threads.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from amphista_engine.config import ModelConfig
+from amphista_engine.kernels import backend, cpu_ops, ops, reference, use_backend
+from amphista_engine.model import rope_table
+
+from kernel_checks import TOL, gen, rel_err
+
+
+def _compiler_here() -> bool:
+    return os.name == "posix" and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+ext = cpu_ops.load_extension()
+needs_ext = pytest.mark.skipif(ext is None, reason=f"CPU extension not built: {cpu_ops.extension_error()}")
+
+
+def test_cpu_extension_is_built_where_a_compiler_exists():
+    """`pip install -e .` builds _cpu wherever a C++ compiler exists; a silent skip would only show as a
+    slowdown, so a machine with a compiler and without the module fails here."""
+    if not _compiler_here() or os.environ.get("AMPHISTA_NO_CPU_EXT") == "1":
+        pytest.skip("no C++ compiler here (or AMPHISTA_NO_CPU_EXT=1): the torch reference serves the CPU")
+    assert ext is not None, cpu_ops.extension_error()
+
+
+@needs_ext
+def test_cpu_is_the_default_backend_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("AMPHISTA_BACKEND", raising=False)
+    backend.clear_cache()
+    try:
+        assert backend.get_backend("cpu") == "cpu"
+        assert backend.resolve("add_rmsnorm", "cpu") == "cpu"
+        assert backend.resolve("qkv_rope_write", "cpu") == "cpu"
+        assert backend.resolve("tree_attention", "cpu") == "torch"       # not in the cpu backend: the reference
+        with use_backend("torch"):
+            assert backend.resolve("add_rmsnorm", "cpu") == "torch"
+        monkeypatch.setattr(backend, "cpu_available", lambda: False)    # not built: the reference
+        backend.clear_cache()
+        assert backend.get_backend("cpu") == "torch"
+    finally:
+        backend.clear_cache()
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------------------
+NORM_CASES = [((1, 576), torch.float32), ((3, 5, 96), torch.float32), ((7, 577), torch.bfloat16),
+              ((2, 3, 64), torch.bfloat16), ((1, 1, 15), torch.float32)]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape,dtype", NORM_CASES, ids=lambda c: str(c))
+def test_rmsnorm_and_add_match_the_reference(shape, dtype):
+    g = gen("cpu_rmsnorm", shape, dtype)
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    res = torch.randn(*shape, generator=g).to(dtype)
+    w = (torch.randn(shape[-1], generator=g) + 1).to(dtype)
+    y = cpu_ops.rmsnorm(x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and not y.isnan().any()
+    assert rel_err(y, reference.rmsnorm(x, w, 1e-5)) < TOL[dtype]
+    s, y = cpu_ops.add_rmsnorm(x, res, w, 1e-5)
+    rs, ry = reference.add_rmsnorm(x, res, w, 1e-5)
+    assert torch.equal(s, rs)                               # the add rounds once to the dtype, as torch's
+    assert rel_err(y, ry) < TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_the_same_bits_alone_in_a_batch_and_across_threads(dtype):
+    g = gen("cpu_row_invariance", dtype)
+    d = 576
+    x, res = torch.randn(16, d, generator=g).to(dtype), torch.randn(16, d, generator=g).to(dtype)
+    w = (torch.randn(d, generator=g) + 1).to(dtype)
+    s, y = cpu_ops.add_rmsnorm(x, res, w, 1e-5)
+    for i in (0, 5, 15):
+        si, yi = cpu_ops.add_rmsnorm(x[i:i + 1], res[i:i + 1], w, 1e-5)
+        assert torch.equal(si[0], s[i]) and torch.equal(yi[0], y[i])
+    # big enough to be split across threads (csrc/cpu/common.h: parallel_rows): the same bits as one thread
+    big = torch.randn(4096, d, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ops.rmsnorm(big, w, 1e-5)
+        torch.set_num_threads(3)
+        assert torch.equal(cpu_ops.rmsnorm(big, w, 1e-5), one)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[7], cpu_ops.rmsnorm(big[7:8], w, 1e-5)[0])
+
+
+@needs_ext
+def test_norms_decline_what_they_cannot_take():
+    x, w = torch.randn(3, 8), torch.ones(8)
+    assert cpu_ops.rmsnorm(x.half(), w.half(), 1e-5) is NotImplemented          # fp16: the reference
+    assert cpu_ops.rmsnorm(x.T.contiguous().T, w, 1e-5) is NotImplemented        # not contiguous
+    assert cpu_ops.rmsnorm(x, w.double(), 1e-5) is NotImplemented
+    x3 = torch.randn(2, 3, 8)
+    assert cpu_ops.add_rmsnorm(x3, x, w, 1e-5) is NotImplemented                 # residual broadcast
+    with use_backend("cpu"):                                # declined: the reference runs instead
+        s, y = ops.add_rmsnorm(x3, x, w, 1e-5)
+    rs, ry = reference.add_rmsnorm(x3, x, w, 1e-5)
+    assert torch.equal(s, rs) and torch.equal(y, ry)
+
+
+# ---- RoPE + cache write --------------------------------------------------------------------------------
+# B, T, H, H_kv, D, dtype, rope rows shared by the batch, start per row, B_max
+QKV_CASES = [
+    (1, 1, 9, 3, 64, torch.float32, False, [17], 1),        # SmolLM2's plain decoding step
+    (2, 5, 8, 2, 128, torch.bfloat16, False, [3, 11], 3),   # GQA 4, D = 128, rows at different lengths
+    (2, 1, 8, 1, 64, torch.bfloat16, True, [0, 20], 2),     # GQA 8, one rope row for the batch
+    (1, 64, 4, 4, 32, torch.float32, True, [0], 1),         # a 64-node tree
+    (2, 5, 4, 1, 64, torch.float32, False, [5, 22], 2),     # row 1 runs past S = 24: slots 24..26 dropped
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", QKV_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}kv{c[3]}D{c[4]}"
+                                                           f"-{str(c[5])[6:]}{'-shared' * c[6]}")
+def test_qkv_rope_write_equals_the_reference_bit_for_bit(case):
+    B, T, H, Hkv, D, dtype, shared, start, B_max = case
+    g = gen("cpu_qkv_rope_write", case)
+    L, S, layer = 2, 24, 1
+    cfg = ModelConfig(vocab_size=8, dim=H * D, n_layers=1, n_heads=H, n_kv_heads=Hkv, intermediate_size=8,
+                      rope_theta=500000.0)
+    table = rope_table(cfg, 300)
+    rows = table[torch.randint(0, 300, (1 if shared else B, T), generator=g)]      # explicit positions
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D + 3, generator=g).to(dtype)[..., 3:]  # a view: strided rows
+    start = torch.tensor(start)
+    # the reference has T spare slots past S to write into; the kernel's cache has S (it drops the rest)
+    rk = torch.full((L, B_max, Hkv, S + T, D), float("nan"), dtype=dtype)
+    rv = rk.clone()
+    kb, vb = rk[..., :S, :].clone(), rv[..., :S, :].clone()
+    ref_q = reference.qkv_rope_write(qkv, rows, rk, rv, layer, start, H, Hkv)
+    q = cpu_ops.qkv_rope_write(qkv, rows, kb, vb, layer, start, H, Hkv)
+    assert q.shape == (B, T, H, D) and q.dtype == dtype and q.is_contiguous()
+    assert torch.equal(q, ref_q)
+    rk, rv = rk[..., :S, :], rv[..., :S, :]
+    assert torch.equal(kb.isnan(), rk.isnan()) and torch.equal(vb.isnan(), rv.isnan())   # nothing else written
+    assert torch.equal(kb.nan_to_num(), rk.nan_to_num()) and torch.equal(vb.nan_to_num(), rv.nan_to_num())
+    assert int((~kb[layer, :B].isnan()).any(-1).sum()) == sum(min(T, S - s) for s in start.tolist()) * Hkv
+
+
+@needs_ext
+def test_qkv_rope_write_declines_what_it_cannot_take():
+    g = gen("cpu_qkv_declines")
+    B, T, H, Hkv, D = 2, 3, 4, 2, 64
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g)
+    rows = torch.randn(B, T, D, generator=g)
+    kb, vb = torch.zeros(1, 2, Hkv, 16, D), torch.zeros(1, 2, Hkv, 16, D)
+    start = torch.tensor([1, 4])
+    assert cpu_ops.qkv_rope_write(qkv.bfloat16(), rows, kb, vb, 0, start, H, Hkv) is NotImplemented   # dtypes
+    assert cpu_ops.qkv_rope_write(qkv, rows, kb, vb, 0, start, H + 1, Hkv) is NotImplemented         # widths
+    assert cpu_ops.qkv_rope_write(qkv, rows, kb[:, :1], vb[:, :1], 0, start, H, Hkv) is NotImplemented  # B_max
+    assert cpu_ops.qkv_rope_write(qkv, rows, kb, vb, 1, start, H, Hkv) is NotImplemented             # layer
+    assert cpu_ops.qkv_rope_write(qkv, rows.bfloat16(), kb, vb, 0, start, H, Hkv) is NotImplemented
+    assert cpu_ops.qkv_rope_write(qkv, rows, kb, vb, 0, start.int(), H, Hkv) is NotImplemented
+    with use_backend("cpu"):                                # declined: the reference runs instead
+        q = ops.qkv_rope_write(qkv, rows.bfloat16(), kb, vb, 0, start, H, Hkv)
+    ek, ev = torch.zeros_like(kb), torch.zeros_like(vb)
+    assert torch.equal(q, reference.qkv_rope_write(qkv, rows.bfloat16(), ek, ev, 0, start, H, Hkv))
+    assert torch.equal(kb, ek) and torch.equal(vb, ev)
+
+
+# ---- compaction ----------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_compact_equals_the_reference(dtype):
+    g = gen("cpu_kv_compact", dtype)
+    L, B_max, H, S, D = 3, 3, 2, 40, 16
+    kb, vb = torch.randn(L, B_max, H, S, D, generator=g).to(dtype), torch.randn(L, B_max, H, S, D, generator=g).to(dtype)
+    # row 0: a path right after its destination (overlapping moves); row 1: sources out of range and a
+    # destination running past S (clamped, as the reference clamps)
+    src = torch.tensor([[11, 12, 14, 19], [-3, 7, 45, 39]])
+    dst = torch.tensor([10, 38])
+    rk, rv = kb.clone(), vb.clone()
+    reference.kv_compact(rk, rv, src, dst)
+    cpu_ops.kv_compact(kb, vb, src, dst)
+    assert torch.equal(kb, rk) and torch.equal(vb, rv)      # moved slots right, every other slot untouched
+
+
+# ---- the binding's own checks --------------------------------------------------------------------------
+@needs_ext
+def test_bindings_name_a_bad_argument():
+    x, w, out = torch.randn(2, 8), torch.ones(8), torch.empty(2, 8)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        ext.rmsnorm(0, 0, w.data_ptr(), 0, out.data_ptr(), 2, 8, 1e-5, 0, 1)
+    with pytest.raises(ValueError, match="argument 'dtype'"):
+        ext.rmsnorm(x.data_ptr(), 0, w.data_ptr(), 0, out.data_ptr(), 2, 8, 1e-5, 1, 1)
+    with pytest.raises(ValueError, match="argument 'rows'"):
+        ext.rmsnorm(x.data_ptr(), 0, w.data_ptr(), 0, out.data_ptr(), -2, 8, 1e-5, 0, 1)
+    with pytest.raises(ValueError, match="argument 'threads'"):
+        ext.rmsnorm(x.data_ptr(), 0, w.data_ptr(), 0, out.data_ptr(), 2, 8, 1e-5, 0, 0)
+    with pytest.raises(ValueError, match="argument 'elem_size'"):
+        ext.kv_compact(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 1, 1, 1, 1, 1, 1, 8, 1)
+
+
+# ---- end to end ----------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_logits_close_to_the_torch_backend(dtype):
+    """A tiny model's prefill and a tree-verification forward on both backends: the same logits up to the
+    RMSNorm's summation order."""
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import AttentionSpec, Transformer, causal_mask
+
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
+    torch.manual_seed(0)
+    model = Transformer(cfg, max_seq_len=64).to(dtype).eval()
+    tokens = torch.randint(0, 64, (1, 12))
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)[None]
+    out = {}
+    for name in ("torch", "cpu"):
+        cache = KVCache.for_model(cfg, 1, 64, dtype, "cpu")
+        with torch.no_grad(), use_backend(name):
+            spec = AttentionSpec(torch.zeros(1, dtype=torch.long), causal_mask(8, "cpu"), 8)
+            pre = model(tokens[:, :8], torch.arange(8)[None], cache, spec)
+            spec = AttentionSpec(torch.full((1,), 8), mask, 12, decode=True)
+            tree = model(tokens[:, 8:], torch.tensor([[8, 9, 9, 10]]), cache, spec)
+        out[name] = (pre, tree)
+    for a, b in zip(out["torch"], out["cpu"]):
+        assert rel_err(b, a) < 5 * TOL[dtype]
