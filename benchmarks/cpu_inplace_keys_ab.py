@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
-from amphista_engine.kernels import cpu_exact, cpu_packed, reference  # noqa: E402
+from amphista_engine.kernels import cpu_exact, cpu_packed, reference, set_backend  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
 from benchmarks.common import hardware, md_table, write_results  # noqa: E402
 
@@ -37,7 +37,11 @@ def _indexed_kv_write(k_buf, v_buf, layer, start, k, v):
     v_buf[layer][rows, :, slots] = v.transpose(1, 2)
 
 
-COPY = (cpu_exact.copied_keys, _indexed_kv_write)
+def _copied_keys(k_cache, v_cache, lay):
+    return cpu_exact.copied_keys(k_cache, lay), cpu_exact.copied_keys(v_cache, lay)
+
+
+COPY = (_copied_keys, _indexed_kv_write)
 
 
 def _use(mode):
@@ -53,6 +57,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    set_backend("torch")       # the ops this A/B timed on 2026-12-03 (the cpu backend's came after)
     setups = {"q4": ("fp32", "q4"), "bf16": ("bf16", "none")}
     names = [n for n in args.engines.split(",") if n != "bf16" or cpu_packed.available(torch.bfloat16)]
     heads = shipped_heads("smollm2-135m", "amphista")
