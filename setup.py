@@ -65,7 +65,7 @@ class CMakeExtension(Extension):
 
 def cpu_extension():
     """amphista_engine._cpu: one translation unit, no libtorch, no -march (the hot loops carry their own
-    AVX2 / AVX-512 clones). No -ffast-math and no FMA contraction: a sum's order is part of the result.
+    AVX2 / AVX-512 variants, csrc/cpu/common.h). No -ffast-math and no FMA contraction: a sum's order is part of the result.
     -fno-trapping-math lets loops with selects (clamps, NaN checks) vectorise; it changes no value."""
     import pybind11
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import cpu_exact, gpu_exact, ops, routed_linear
+from .kernels import cpu_exact, cpu_ops, gpu_exact, ops, routed_linear
 from .kv_cache import KVCache
 
 
@@ -222,7 +222,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope.to(default), persistent=False)
 
     def orders_decode(self, cache: KVCache) -> bool:
-        """Whether decode steps over `cache` take the position-ordered attention of kernels/cpu_exact.py."""
+        """Whether decode steps over `cache` must sum each token's keys in position order: through
+        kernels/cpu_exact.py's layout around flash, or the cpu backend's attention, which does so by itself."""
         return self.ordered_attention and cpu_exact.applies(cache.k, self.rounds_linear_inputs)
 
     def routed(self) -> bool:
@@ -266,7 +267,7 @@ class Transformer(nn.Module):
             mask = spec.new_mask.expand(B, T, T) if spec is not None else None   # None: causal
         elif invariant:
             mask = gpu_exact.layout(spec.prefix_len, spec.new_mask)
-        elif spec.decode and self.orders_decode(cache):
+        elif spec.decode and self.orders_decode(cache) and not cpu_ops.orders_keys(cache.k):
             mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len, cache.k.dtype,
                                     self.config.n_heads // self.config.n_kv_heads)
         else:

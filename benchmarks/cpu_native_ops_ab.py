@@ -1,5 +1,9 @@
-"""The `cpu` kernel backend (csrc/cpu: RMSNorm with the residual add, RoPE with the cache write, KV compaction as
-single C++ calls) against the torch reference ops, end to end on the CPU.
+"""The `cpu` kernel backend (csrc/cpu: RMSNorm with the residual add, RoPE with the cache write, KV compaction and
+tree attention as single C++ calls) against the torch reference ops, end to end on the CPU.
+
+`--backends` picks what runs side by side: `torch`, `cpu`, and `cpu-flash` (the cpu backend without its
+attention kernel: decode steps then take kernels/cpu_exact.py's layout around torch's flash attention, as the
+cpu backend did before it had one).
 
 Both backends run in one process on the same engines, question by question in a rotating order. Their answers
 may differ from each other after a near-tie (the RMSNorm sums in another order, and the 4-bit path rounds every
@@ -7,6 +11,7 @@ matmul input to bf16), so the table counts how many equal the other backend's; w
 greedy answers must equal that backend's plain ones.
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_native_ops_ab.py [--engines q4,bf16] [--trees mix-4] [--questions 16]
+        [--backends torch,cpu]
 """
 import argparse
 import sys
@@ -18,12 +23,23 @@ import torch  # noqa: E402
 
 from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
-from amphista_engine.kernels import backend, cpu_packed, use_backend  # noqa: E402
+from amphista_engine.kernels import backend, cpu_ops, cpu_packed, use_backend  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
 from benchmarks.common import hardware, md_table, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
-OTHER = {"torch": "cpu", "cpu": "torch"}
+NATIVE_ATTENTION = cpu_ops.tree_attention
+
+
+def _use(which: str):
+    """The backend name for use_backend; cpu-flash drops the cpu backend's attention (the chain then falls
+    through to the reference for it, and the model to cpu_exact's layout)."""
+    if which == "cpu-flash":
+        if hasattr(cpu_ops, "tree_attention"):
+            del cpu_ops.tree_attention
+        return "cpu"
+    cpu_ops.tree_attention = NATIVE_ATTENTION
+    return which
 
 
 def main():
@@ -32,8 +48,14 @@ def main():
     ap.add_argument("--trees", default="mix-4")
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--backends", default="torch,cpu", help="two of torch, cpu, cpu-flash; the first is the baseline")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default="cpu_native_ops_ab")
     args = ap.parse_args()
+    kinds = args.backends.split(",")
+    if len(kinds) != 2 or not set(kinds) <= {"torch", "cpu", "cpu-flash"}:
+        sys.exit(f"--backends: two of torch, cpu, cpu-flash, got {args.backends!r}")
+    base = kinds[0]
     if not backend.cpu_available():
         from amphista_engine.kernels.cpu_ops import extension_error
         sys.exit(f"the cpu backend is not available: {extension_error()}")
@@ -43,13 +65,13 @@ def main():
     heads = shipped_heads("smollm2-135m", "amphista")
     engines = {n: Engine.from_pretrained("smollm2-135m", device="cpu", dtype=setups[n][0], max_seq_len=1024,
                                          heads=heads, quant=setups[n][1]) for n in names}
-    configs = [(n, t, b) for n in names for t in [None] + args.trees.split(",") for b in ("torch", "cpu")]
+    configs = [(n, t, b) for n in names for t in [None] + args.trees.split(",") for b in kinds]
     qs = read_questions(MT_BENCH, per_category=-(-args.questions // 8), limit=args.questions)
     toks, secs, steps, outs = {}, {}, {}, {}
     for i, q in enumerate(qs):
         for c in configs[i % len(configs):] + configs[:i % len(configs)]:      # rotate who goes first
             name, tree, which = c
-            with use_backend(which):
+            with use_backend(_use(which)):
                 r = engines[name].generate(q["turns"][0], max_new_tokens=args.max_new_tokens,
                                            speculative=None if tree is None else "amphista", tree=tree)
             outs[c + (i,)] = r.token_ids
@@ -62,19 +84,20 @@ def main():
     for name, tree, which in configs:
         c = (name, tree, which)
         ms = secs[c] / toks[c] * 1e3
-        torch_ms = secs[(name, tree, "torch")] / toks[(name, tree, "torch")] * 1e3
+        base_ms = secs[(name, tree, base)] / toks[(name, tree, base)] * 1e3
         rows.append({"weights": {"q4": "4-bit layers, fp32", "bf16": "bf16 (dequantized)"}[name],
                      "decoding": "plain" if tree is None else f"amphista {tree}", "backend": which,
-                     "tau": toks[c] / steps[c], "ms/token": ms, "tok/s": 1e3 / ms, "vs torch": torch_ms / ms,
-                     "answers equal the other backend's": sum(outs[c + (i,)] == outs[(name, tree, OTHER[which], i)]
+                     "tau": toks[c] / steps[c], "ms/token": ms, "tok/s": 1e3 / ms, f"vs {base}": base_ms / ms,
+                     "answers equal the other backend's": sum(outs[c + (i,)] == outs[(name, tree, kinds[which == base], i)]
                                                               for i in range(len(qs))),
                      "equal own plain": "" if tree is None else sum(
                          outs[c + (i,)] == outs[(name, None, which, i)] for i in range(len(qs)))})
     meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "model": "smollm2-135m (GGUF Q4_1)", "heads": "shipped amphista",
             "questions": f"{len(qs)} MT-Bench first turns, greedy, {args.max_new_tokens} new tokens"}
-    write_results("cpu_native_ops_ab", rows, meta,
-                  md_table(rows, ["weights", "decoding", "backend", "tau", "ms/token", "tok/s", "vs torch",
+    _use("cpu")
+    write_results(args.name, rows, meta,
+                  md_table(rows, ["weights", "decoding", "backend", "tau", "ms/token", "tok/s", f"vs {base}",
                                   "answers equal the other backend's", "equal own plain"]), args.out)
 
 

@@ -1,5 +1,9 @@
 """Position-ordered attention on the CPU (kernels/cpu_exact.py), bf16 and fp32: a token's attention output is
-the same bits whether it is verified in a tree or decoded alone, and speculative greedy equals plain greedy."""
+the same bits whether it is verified in a tree or decoded alone, and speculative greedy equals plain greedy.
+
+cpu_exact's layout around flash serves the torch backend; the cpu backend's attention orders keys by itself
+(python_tests/test_cpu_kernels.py). The engine tests below pin the backend each path belongs to; the
+end-to-end equality runs on the default backend."""
 from __future__ import annotations
 
 import random
@@ -8,7 +12,7 @@ import pytest
 import torch
 
 from amphista_engine.generation import kv_window
-from amphista_engine.kernels import cpu_exact, cpu_packed, reference
+from amphista_engine.kernels import backend, cpu_exact, cpu_ops, cpu_packed, reference, set_backend
 from conftest import needs_smollm2
 from kernel_checks import rel_err
 
@@ -32,6 +36,14 @@ def rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
 
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+
+
+@pytest.fixture
+def torch_ops():
+    """The torch backend, whose decode steps take cpu_exact's layout around flash."""
+    set_backend("torch")
+    yield
+    set_backend(None)
 
 
 @DTYPES
@@ -195,7 +207,7 @@ def test_speculative_greedy_equals_plain_greedy(smollm2_engine, tree, monkeypatc
         assert spec.stats.tau > 1.0
 
 
-def test_bf16_engine_orders_decode_steps_only(tiny_hf_dir, monkeypatch):
+def test_bf16_engine_orders_decode_steps_only(tiny_hf_dir, monkeypatch, torch_ops):
     """Plain steps and tree verifications take the ordered path, prefills do not, and a tree deeper than
     MAX_DEPTH is refused up front instead of silently losing exactness."""
     from amphista_engine.engine import Engine
@@ -217,7 +229,7 @@ def test_bf16_engine_orders_decode_steps_only(tiny_hf_dir, monkeypatch):
                         tree=[[0] * d for d in range(1, cpu_exact.MAX_DEPTH + 2)])
 
 
-def test_fp32_engine_orders_trees_that_fit_and_verifies_larger_ones_unordered(tiny_hf_dir, monkeypatch):
+def test_fp32_engine_orders_trees_that_fit_and_verifies_larger_ones_unordered(tiny_hf_dir, monkeypatch, torch_ops):
     """fp32 with AMPHISTA_EXACT_GREEDY=1 takes the ordered path like bf16 (plain steps and trees of up to 64
     nodes, 7 deep); a larger tree is verified on the SDPA path instead of refused, and still gives plain
     greedy's tokens on this model. Without the flag fp32 stays on the SDPA path."""
@@ -240,3 +252,45 @@ def test_fp32_engine_orders_trees_that_fit_and_verifies_larger_ones_unordered(ti
     deep = [[0] * d for d in range(1, cpu_exact.MAX_DEPTH + 2)]
     out = engine.generate("hello world", max_new_tokens=6, chat=False, speculative="medusa", tree=deep)
     assert set(calls) <= {1} and out.token_ids == plain.token_ids     # tree steps unordered
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="CPU extension not built")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cpu_backend_orders_decode_steps_without_the_layout(tiny_hf_dir, monkeypatch, dtype):
+    """On the cpu backend the decode steps of an ordered engine (bf16; fp32 with AMPHISTA_EXACT_GREEDY=1) run its
+    attention kernel, never cpu_exact's layout, prefills of more than 64 tokens run SDPA, and speculative greedy
+    still equals plain greedy; the tree limits (MAX_DEPTH) stay as they are."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.errors import ConfigError
+    from amphista_engine.heads import random_heads
+    if dtype == "fp32":
+        monkeypatch.setenv("AMPHISTA_EXACT_GREEDY", "1")
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype=dtype, max_seq_len=256)
+    layout_calls, native = [], []
+    monkeypatch.setattr(cpu_exact, "attention", lambda *a, **k: layout_calls.append(1))
+    real = cpu_ops.tree_attention
+
+    def counted(q, *a, **k):
+        out = real(q, *a, **k)
+        if out is not NotImplemented:           # declined (a prefill of > 64 tokens): SDPA runs it
+            native.append(q.shape[2])
+        return out
+    monkeypatch.setattr(cpu_ops, "tree_attention", counted)
+    prompt = "hello world " * 7                                        # > 64 prompt tokens: SDPA prefill
+    plain = engine.generate(prompt, max_new_tokens=8, chat=False)
+    n_layers = engine.config.n_layers
+    assert layout_calls == [] and native == [1] * (7 * n_layers)
+    engine.load_heads(random_heads("medusa", engine.model, num_heads=4).to(engine.dtype))
+    native.clear()
+    spec = engine.generate(prompt, max_new_tokens=8, chat=False, speculative="medusa", tree="tree-16")
+    assert layout_calls == [] and native and set(native) == {16}
+    assert spec.token_ids == plain.token_ids
+    engine.load_heads(random_heads("medusa", engine.model, num_heads=cpu_exact.MAX_DEPTH + 1).to(engine.dtype))
+    deep = [[0] * d for d in range(1, cpu_exact.MAX_DEPTH + 2)]
+    if dtype == "bf16":                         # bf16 refuses such trees up front, as on the torch backend
+        with pytest.raises(ConfigError, match="deep"):
+            engine.generate(prompt, max_new_tokens=4, chat=False, speculative="medusa", tree=deep)
+    else:                                       # fp32 takes them: here still ordered, still plain's tokens
+        native.clear()
+        out = engine.generate(prompt, max_new_tokens=8, chat=False, speculative="medusa", tree=deep)
+        assert set(native) == {len(deep) + 1} and out.token_ids == plain.token_ids

@@ -8,6 +8,7 @@ result is the same bits alone, inside a batch of rows, and with the rows split a
 from __future__ import annotations
 
 import os
+import random
 import shutil
 
 import pytest
@@ -44,7 +45,8 @@ def test_cpu_is_the_default_backend_on_the_cpu(monkeypatch):
         assert backend.get_backend("cpu") == "cpu"
         assert backend.resolve("add_rmsnorm", "cpu") == "cpu"
         assert backend.resolve("qkv_rope_write", "cpu") == "cpu"
-        assert backend.resolve("tree_attention", "cpu") == "torch"       # not in the cpu backend: the reference
+        assert backend.resolve("tree_attention", "cpu") == "cpu"
+        assert backend.resolve("silu_mul", "cpu") == "torch"             # not in the cpu backend: the reference
         with use_backend("torch"):
             assert backend.resolve("add_rmsnorm", "cpu") == "torch"
         monkeypatch.setattr(backend, "cpu_available", lambda: False)    # not built: the reference
@@ -187,6 +189,96 @@ def test_kv_compact_equals_the_reference(dtype):
     reference.kv_compact(rk, rv, src, dst)
     cpu_ops.kv_compact(kb, vb, src, dst)
     assert torch.equal(kb, rk) and torch.equal(vb, rv)      # moved slots right, every other slot untouched
+
+
+# ---- attention -----------------------------------------------------------------------------------------
+def _rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
+    """Ancestor-or-self mask [N, N] of a random tree numbered parents first."""
+    parent, depth = [-1], [0]
+    for i in range(1, N):
+        p = rng.choice([j for j in range(i) if depth[j] < max_depth])
+        parent.append(p)
+        depth.append(depth[p] + 1)
+    m = torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        j = i
+        while j >= 0:
+            m[i, j], j = True, parent[j]
+    return m
+
+
+# B, H, H_kv, N, D, dtype, mask kind, prefix lengths
+ATTN_CASES = [
+    (1, 9, 3, 1, 64, torch.float32, "tree", [300]),         # SmolLM2's plain decoding step
+    (2, 8, 2, 5, 128, torch.bfloat16, "tree", [3, 40]),     # GQA 4, D = 128, odd N, rows at different lengths
+    (1, 4, 4, 64, 32, torch.float32, "tree", [17]),         # 64 nodes (bit 63: a negative int64), D = 32
+    (2, 8, 1, 7, 64, torch.bfloat16, "causal", [0, 9]),     # a prefill-like causal block, GQA 8, empty prefix
+    (1, 6, 3, 16, 48, torch.float32, "bool", [100]),        # a bool mask (turned into bits), D = 48
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}-{str(c[5])[6:]}-{c[6]}")
+def test_tree_attention_matches_the_reference(case):
+    B, H, Hkv, N, D, dtype, kind, prefix = case
+    g = gen("cpu_tree_attention", case)
+    rng = random.Random(str(case))
+    S = max(prefix) + N + 5
+    K, V = torch.randn(B, Hkv, S, D, generator=g).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    q = torch.randn(B, N, H, D, generator=g).to(dtype).transpose(1, 2)       # a transposed view, as the model's
+    if kind == "causal":
+        mask = torch.ones(N, N, dtype=torch.bool).tril()[None]
+    else:
+        mask = torch.stack([_rand_tree(N, 6, rng) for _ in range(B)])
+    pl = torch.tensor(prefix)
+    new_mask = mask if kind == "bool" else reference.mask_bits(mask)
+    out = cpu_ops.tree_attention(q, K, V, pl, new_mask, S)
+    ref = reference.tree_attention(q.float(), K.float(), V.float(), pl, mask, S)
+    assert out.shape == (B, H, N, D) and out.dtype == dtype and not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_attention_rows_equal_plain_rows_bit_for_bit(seed, dtype):
+    """Each node's output equals plain decoding of that node with its ancestors moved to contiguous slots after
+    the prefix (another key count and slot layout, one query row): the keys are summed in position order."""
+    rng = random.Random(seed)
+    g = gen("cpu_tree_rows", seed, dtype)
+    H, Hkv, D, S = 9, 3, 64, 1100
+    N = [5, 16, 33, 64][seed]
+    c = rng.choice([1, 40, 530, 1000 - N])
+    m = _rand_tree(N, rng.randint(1, 7), rng)
+    K, V = torch.randn(1, Hkv, S, D, generator=g).to(dtype), torch.randn(1, Hkv, S, D, generator=g).to(dtype)
+    q = torch.randn(1, H, N, D, generator=g).to(dtype)
+    pl = torch.tensor([c])
+    out = cpu_ops.tree_attention(q, K, V, pl, reference.mask_bits(m[None]), c + N)
+    for i in rng.sample(range(N), min(N, 8)):
+        anc = m[i].nonzero().flatten()
+        K1, V1 = K.clone(), V.clone()
+        K1[:, :, c:c + len(anc)], V1[:, :, c:c + len(anc)] = K[:, :, c + anc], V[:, :, c + anc]
+        p = c + len(anc) - 1
+        alone = cpu_ops.tree_attention(q[:, :, i:i + 1], K1, V1, torch.tensor([p]), torch.ones(1, 1, dtype=torch.long),
+                                       p + 1)
+        assert torch.equal(alone[0, :, 0], out[0, :, i]), f"node {i} (depth {len(anc) - 1}, prefix {c})"
+    # and the same rows in a batch of two, the other row elsewhere: unchanged
+    K2, V2 = torch.cat([K, K.flip(2)]), torch.cat([V, V.flip(2)])
+    both = cpu_ops.tree_attention(torch.cat([q, q]), K2, V2, torch.tensor([c, 7]), reference.mask_bits(m[None]), c + N)
+    assert torch.equal(both[0], out[0])
+
+
+@needs_ext
+def test_tree_attention_declines_what_it_cannot_take():
+    q, K = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 16, 64)
+    pl, bits = torch.tensor([5]), reference.mask_bits(torch.ones(3, 3, dtype=torch.bool).tril()[None])
+    assert cpu_ops.tree_attention(q.half(), K.half(), K.half(), pl, bits, 8) is NotImplemented       # fp16
+    assert cpu_ops.tree_attention(q, K, K.bfloat16(), pl, bits, 8) is NotImplemented                # mixed
+    assert cpu_ops.tree_attention(q, K.transpose(2, 3), K, pl, bits, 8) is NotImplemented           # layout
+    assert cpu_ops.tree_attention(q, K, K, pl.int(), bits, 8) is NotImplemented
+    big = torch.ones(1, 65, 65, dtype=torch.bool).tril()                # > 64 nodes: no bits, the reference
+    assert cpu_ops.tree_attention(torch.randn(1, 4, 65, 64), torch.randn(1, 2, 80, 64), torch.randn(1, 2, 80, 64),
+                                  pl, big, 80) is NotImplemented
 
 
 # ---- the binding's own checks --------------------------------------------------------------------------

@@ -723,7 +723,7 @@ def test_backend_switch(monkeypatch):
     backend.clear_cache()
     cpu_default = "cpu" if backend.cpu_available() else "torch"     # the C++ CPU kernels where built
     assert get_backend("cpu") == cpu_default
-    assert backend.resolve("tree_attention", "cpu") == "torch"      # not a cpu-backend op: the reference
+    assert backend.resolve("silu_mul", "cpu") == "torch"            # not a cpu-backend op: the reference
     # CUDA default: the fastest available there (triton, as measured on an H200; then cuda, then torch)
     for ext, tri, expect in ((True, True, "triton"), (False, True, "triton"), (True, False, "cuda"),
                              (False, False, "torch")):

@@ -25,6 +25,9 @@ per-row elementwise or reduces within one row. Decode steps only (`AttentionSpec
 shared by every decoder. Cost (benchmarks/results/cpu_bf16/ordered_attention.md): about one plain step's
 time for plain steps, ~1.2x a 16-32-node SDPA verification. `python_tests/test_cpu_exact.py` checks plain ==
 tree rows bit for bit on random trees and bf16 plain == speculative greedy decoding on the real model.
+
+This is the torch backend's way. The cpu backend's tree attention (csrc/cpu/tree_attention.h) takes each token's
+keys in position order by itself, so the model skips this layout there (cpu_ops.orders_keys).
 """
 from __future__ import annotations
 

@@ -3,16 +3,20 @@
 A CPU decode step of a small model is bound by dispatch overhead, not by its small ops' arithmetic: the torch
 reference spends ~3-6 us per op, and an RMSNorm with its residual add, or RoPE with the cache write, is 5-15 ops
 on a few kilobytes. Each op here is one C++ call over raw addresses (the extension never links libtorch, so it
-works with any torch), threaded over rows only for big calls such as a prefill. The kernels compute each row on
-its own in a fixed order, so a token comes out the same bits whatever else the call holds (the CPU's exact
-speculative == plain greedy rests on that); their results equal the reference's up to the order of the RMSNorm
-sum (bit for bit for RoPE, the cache writes and compaction).
+works with any torch), threaded only for big calls such as a prefill. The kernels compute each row on its own in
+a fixed order, so a token comes out the same bits whatever else the call holds; their results equal the
+reference's up to summation order (bit for bit for RoPE, the cache writes and compaction).
+
+Tree attention sums every token's keys in position order by construction (prefix, then its ancestors), so the
+model's decode steps need none of kernels/cpu_exact.py's layout around flash to keep the CPU's speculative ==
+plain greedy (`orders_keys`). It is also several times faster than that layout for a plain step (it reads the
+prefix, not 512-slot blocks, and needs no padded query rows); for trees of 16+ nodes flash's GEMMs are faster.
 
 Each function checks what its kernel takes (CPU tensors, fp32 or bf16, the layouts below) and returns
-NotImplemented otherwise, so the dispatcher falls through to the torch reference. Matmuls and attention stay
-with torch (oneDNN, the int4 kernel, flash attention), and so does SwiGLU's activation: a C++ silu with a
-vectorised exp measured slower than torch's two ops at decode sizes on a 2-core AVX-512 EPYC (7.8 vs 6.0 us for
-one row of 1536, 45 vs 28 us for 16 rows).
+NotImplemented otherwise, so the dispatcher falls through to the torch reference. Matmuls stay with torch
+(oneDNN, the int4 kernel), and so does SwiGLU's activation: a C++ silu with a vectorised exp measured slower than
+torch's two ops at decode sizes on a 2-core AVX-512 EPYC (7.8 vs 6.0 us for one row of 1536, 45 vs 28 us for 16
+rows).
 """
 from __future__ import annotations
 
@@ -116,3 +120,52 @@ def kv_compact(k_buf, v_buf, src, dst_start):
     B, M = src.shape
     ext.kv_compact(k_buf.data_ptr(), v_buf.data_ptr(), src.data_ptr(), dst_start.data_ptr(), L, B_max, H_kv, S, D, B,
                    M, k_buf.element_size(), torch.get_num_threads())
+
+
+# ---- attention -----------------------------------------------------------------------------------------
+def orders_keys(k_cache: torch.Tensor) -> bool:
+    """Whether ops.tree_attention over this cache runs this backend's kernel, which sums every token's keys in
+    position order by construction: the model's decode steps then need none of kernels/cpu_exact.py's layout
+    (aligned split, key windows, padded rows) to keep speculative == plain greedy."""
+    from . import backend
+    return (k_cache.device.type == "cpu" and k_cache.dtype in _CODES
+            and backend.resolve("tree_attention", k_cache.device) == BACKEND)
+
+
+def _bits(new_mask, B: int, N: int):
+    """new_mask as contiguous int64 ancestor bits [B or 1, N] (and the batch stride), or None."""
+    if new_mask.dtype == torch.bool:
+        if new_mask.dim() != 3 or new_mask.shape[-2:] != (N, N) or N > 64:
+            return None
+        from .reference import mask_bits
+        new_mask = mask_bits(new_mask)
+    if new_mask.dtype != torch.long or new_mask.shape[-1] != N or new_mask.dim() not in (1, 2):
+        return None
+    bits = new_mask.reshape(-1, N).contiguous()
+    if bits.shape[0] not in (1, B):
+        return None
+    return bits, (N if bits.shape[0] > 1 else 0)
+
+
+def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale=None, dense_mask=None, order=None):
+    ext, code = load_extension(), _CODES.get(q.dtype)
+    if ext is None or code is None or order is not None or q.dim() != 4 or k_cache.dim() != 4:
+        return NotImplemented
+    B, H, N, D = q.shape
+    _, H_kv, S, _ = k_cache.shape
+    if (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or v_cache.shape != k_cache.shape
+            or k_cache.shape[0] < B or k_cache.shape[3] != D or H % H_kv or N > 64 or S < N
+            or q.stride(-1) != 1 or k_cache.stride()[2:] != (D, 1) or v_cache.stride() != k_cache.stride()
+            or prefix_len.dtype != torch.long or prefix_len.shape != (B,) or not prefix_len.is_contiguous()
+            or not _cpu(q, k_cache, v_cache, prefix_len, new_mask) or q.numel() == 0):
+        return NotImplemented
+    mask = _bits(new_mask, B, N)
+    if mask is None:
+        return NotImplemented
+    bits, bits_sb = mask
+    out = torch.empty(B, N, H, D, dtype=q.dtype)
+    ext.tree_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_cache.data_ptr(), v_cache.data_ptr(),
+                       k_cache.stride(0), k_cache.stride(1), prefix_len.data_ptr(), bits.data_ptr(), bits_sb,
+                       out.data_ptr(), B, H, H_kv, N, D, S, scale if scale is not None else D ** -0.5, code,
+                       torch.get_num_threads())
+    return out.transpose(1, 2)

@@ -11,6 +11,7 @@
 #include "common.h"
 #include "norm.h"
 #include "rope_kv.h"
+#include "tree_attention.h"
 
 namespace py = pybind11;
 using namespace amphista_cpu;
@@ -84,6 +85,29 @@ PYBIND11_MODULE(_cpu, m) {
      py::arg("k_layer"), py::arg("v_layer"), py::arg("cache_sb"), py::arg("cache_sh"), py::arg("S"), py::arg("start"),
      py::arg("q"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("H_kv"), py::arg("D"), py::arg("dtype"),
      py::arg("threads"), "RoPE on q and k, k and v to cache slots start[b] + t, q to `q`");
+
+  m.def("tree_attention", [](int64_t q, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k, int64_t v,
+                             int64_t kv_sb, int64_t kv_sh, int64_t prefix_len, int64_t bits, int64_t bits_sb,
+                             int64_t out, int64_t B, int64_t H, int64_t H_kv, int64_t N, int64_t D, int64_t S,
+                             double scale, int64_t dtype, int64_t nthreads) {
+    const DType dt = float_dtype(dtype, "dtype");
+    TreeAttentionArgs a{ptr(q, "q"), stride(q_sb, "q_sb"), stride(q_sh, "q_sh"), stride(q_sn, "q_sn"), ptr(k, "k"),
+                        ptr(v, "v"), stride(kv_sb, "kv_sb"), stride(kv_sh, "kv_sh"),
+                        static_cast<const int64_t*>(ptr(prefix_len, "prefix_len")),
+                        static_cast<const int64_t*>(ptr(bits, "bits")), stride(bits_sb, "bits_sb"), ptr(out, "out"),
+                        size(B, "B"), size(H, "H"), size(H_kv, "H_kv"), size(N, "N"), size(D, "D"), size(S, "S"),
+                        float(scale)};
+    if (a.N > 64) bad_arg("N", "must be <= 64 (one uint64 of ancestor bits per token)");
+    if (a.H % a.H_kv) bad_arg("H", "must be a multiple of H_kv");
+    if (a.S < a.N) bad_arg("S", "is smaller than N");
+    if (a.kv_sh < a.S * a.D) bad_arg("kv_sh", "is shorter than S * D");
+    if (!(std::isfinite(scale) && scale > 0)) bad_arg("scale", "must be a finite number > 0");
+    py::gil_scoped_release unlocked;
+    tree_attention(a, dt, threads(nthreads));
+  }, py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("q_sn"), py::arg("k"), py::arg("v"), py::arg("kv_sb"),
+     py::arg("kv_sh"), py::arg("prefix_len"), py::arg("bits"), py::arg("bits_sb"), py::arg("out"), py::arg("B"),
+     py::arg("H"), py::arg("H_kv"), py::arg("N"), py::arg("D"), py::arg("S"), py::arg("scale"), py::arg("dtype"),
+     py::arg("threads"), "attention of N new tokens over the cache prefix and their ancestors, keys in position order");
 
   m.def("kv_compact", [](int64_t k, int64_t v, int64_t src, int64_t dst_start, int64_t L, int64_t B_max,
                          int64_t H_kv, int64_t S, int64_t D, int64_t B, int64_t M, int64_t elem_size,

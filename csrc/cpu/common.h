@@ -1,8 +1,8 @@
-// Shared pieces of the CPU kernels (amphista_engine._cpu): element types, vector-unit clones, row threading.
+// Shared pieces of the CPU kernels (amphista_engine._cpu): element types, vector-unit variants, row threading.
 //
 // Why these kernels exist: on a CPU a decode step's small ops (norms, RoPE, cache writes, compaction) are
 // each several torch ops of ~3-6 us dispatch overhead over a few kilobytes of data; one C++ call does the work
-// of each in about the overhead of one. Matmuls and attention stay with torch (oneDNN, the int4 kernel, flash).
+// of each in about the overhead of one. Matmuls stay with torch (oneDNN, the int4 kernel).
 //
 // Every kernel computes each row on its own, with a fixed summation order, so a token's result is the same
 // bits whatever else is in the call (a plain step or any tree): what speculative == plain greedy rests on.
@@ -16,16 +16,61 @@
 #include <thread>
 #include <vector>
 
-// One copy of a hot loop per vector unit, picked at load time (GCC function multiversioning): the module is
-// built once, without -march, and still uses AVX2 / AVX-512 where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define AMPHISTA_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define AMPHISTA_CPU_CLONES
-#endif
 #define AMPHISTA_INLINE inline __attribute__((always_inline))
 
+// One copy of each hot loop per vector unit, picked once at run time: the module is built without -march and
+// still uses AVX-512 or AVX2 where the CPU has them. (GCC's target_clones picks "arch=" clones by CPU
+// model, not by feature, so an AMD CPU would get the baseline; hence this small dispatch.)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMPHISTA_X86 1
+#define AMPHISTA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2")))
+#define AMPHISTA_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
+#else
+#define AMPHISTA_X86 0
+#define AMPHISTA_TARGET_AVX512
+#define AMPHISTA_TARGET_AVX2
+#endif
+
 namespace amphista_cpu {
+
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa detect_isa() {
+#if AMPHISTA_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+inline Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+inline const char* isa_name() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+// name(const Args&, r0, r1) running `call` (which sees a, r0, r1) in the variant for this CPU's vector unit.
+#define AMPHISTA_ISA_VARIANTS(name, Args, call)                                                          \
+  AMPHISTA_TARGET_AVX512 inline void name##_avx512(const Args& a, int64_t r0, int64_t r1) { call; }      \
+  AMPHISTA_TARGET_AVX2 inline void name##_avx2(const Args& a, int64_t r0, int64_t r1) { call; }          \
+  inline void name##_baseline(const Args& a, int64_t r0, int64_t r1) { call; }                           \
+  inline void name(const Args& a, int64_t r0, int64_t r1) {                                             \
+    switch (isa()) {                                                                                    \
+      case Isa::kAvx512: name##_avx512(a, r0, r1); break;                                               \
+      case Isa::kAvx2: name##_avx2(a, r0, r1); break;                                                   \
+      default: name##_baseline(a, r0, r1);                                                              \
+    }                                                                                                   \
+  }
 
 // Element type codes. Must match DTYPE_CODES in amphista_engine/_ext.py (the CUDA module's codes).
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -61,6 +106,47 @@ struct BF16 {
   static AMPHISTA_INLINE void store(T* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
   static AMPHISTA_INLINE float round(float v) { return bf16_to_float(float_to_bf16(v)); }
 };
+
+// exp(x) without a library call or a branch, so that the loops around it vectorise: Cody-Waite range reduction
+// and a degree-6 polynomial (Cephes expf's coefficients), ~1-2 ulp over the clamped range (callers never pass
+// a masked score: below -87.3 it returns ~1e-38, not 0). n = round(x / ln 2) by the 1.5 * 2^23 trick.
+AMPHISTA_INLINE float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// Sums in a fixed order that still vectorises: 16 running partial sums (element i into partial i % 16), then a
+// pairwise tree over the partials. The same inputs in the same order give the same bits in every variant.
+constexpr int64_t kLanes = 16;
+
+AMPHISTA_INLINE float reduce_lanes(float* part) {
+  for (int64_t k = 0; k < 8; ++k) part[k] += part[k + 8];
+  for (int64_t k = 0; k < 4; ++k) part[k] += part[k + 4];
+  for (int64_t k = 0; k < 2; ++k) part[k] += part[k + 2];
+  return part[0] + part[1];
+}
+
+// A multiply then an add, each rounded (no FMA: -ffp-contract=off, and explicit fmaf measured 2x slower here).
+AMPHISTA_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) part[k] += a[i + k] * b[i + k];
+  for (int64_t k = 0; i + k < n; ++k) part[k] += a[i + k] * b[i + k];
+  return reduce_lanes(part);
+}
 
 // fn(r0, r1) over row ranges: one thread for small work (thread start-up costs more than the rows), up to
 // `threads` for big calls such as a prefill. Rows are independent, so the split never changes a result.

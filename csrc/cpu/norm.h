@@ -25,7 +25,6 @@ template <class L>
 AMPHISTA_INLINE void norm_rows(const NormArgs& a, int64_t r0, int64_t r1) {
   using T = typename L::T;
   const T* w = static_cast<const T*>(a.w);
-  constexpr int64_t kLanes = 16;  // partial sums in a fixed order: vectorisable, the same for every row
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = static_cast<const T*>(a.x) + r * a.d;
     T* out = static_cast<T*>(a.out) + r * a.d;
@@ -54,8 +53,8 @@ AMPHISTA_INLINE void norm_rows(const NormArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-AMPHISTA_CPU_CLONES static void norm_rows_f32(const NormArgs& a, int64_t r0, int64_t r1) { norm_rows<F32>(a, r0, r1); }
-AMPHISTA_CPU_CLONES static void norm_rows_bf16(const NormArgs& a, int64_t r0, int64_t r1) { norm_rows<BF16>(a, r0, r1); }
+AMPHISTA_ISA_VARIANTS(norm_rows_f32, NormArgs, norm_rows<F32>(a, r0, r1))
+AMPHISTA_ISA_VARIANTS(norm_rows_bf16, NormArgs, norm_rows<BF16>(a, r0, r1))
 
 inline void rmsnorm(const NormArgs& a, DType dtype, int64_t threads) {
   parallel_rows(a.rows, 3 * a.d, threads, [&](int64_t r0, int64_t r1) {

@@ -55,12 +55,9 @@ AMPHISTA_INLINE void qkv_rope_write_rows(const QkvRopeWriteArgs& a, int64_t r0, 
   }
 }
 
-AMPHISTA_CPU_CLONES static void qkv_rope_write_f32(const QkvRopeWriteArgs& a, int64_t r0, int64_t r1) {
-  qkv_rope_write_rows<F32>(a, r0, r1);
-}
-AMPHISTA_CPU_CLONES static void qkv_rope_write_bf16(const QkvRopeWriteArgs& a, int64_t r0, int64_t r1) {
-  qkv_rope_write_rows<BF16>(a, r0, r1);
-}
+
+AMPHISTA_ISA_VARIANTS(qkv_rope_write_f32, QkvRopeWriteArgs, qkv_rope_write_rows<F32>(a, r0, r1))
+AMPHISTA_ISA_VARIANTS(qkv_rope_write_bf16, QkvRopeWriteArgs, qkv_rope_write_rows<BF16>(a, r0, r1))
 
 inline void qkv_rope_write(const QkvRopeWriteArgs& a, DType dtype, int64_t threads) {
   parallel_rows(a.B * a.T, 3 * (a.H + 2 * a.H_kv) * a.D, threads, [&](int64_t r0, int64_t r1) {

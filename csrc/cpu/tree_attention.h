@@ -1,0 +1,154 @@
+// Tree-masked attention over the static cache with every token's keys summed in position order
+// (ops.tree_attention on the cpu backend).
+//
+// A new token sees the cache prefix [0, prefix_len[b]) and the new tokens whose ancestor bit it has (itself
+// included). Its keys are taken in that order: prefix slots ascending, then its ancestors by node index, which
+// is their depth order (a parent precedes its children in every tree the engine builds). That is position order,
+// and the same sequence a plain decoding step reads for the same token, so each token's output is the same bits
+// in a plain step, in any tree, alone or in a batch: the CPU's exact speculative decoding needs nothing else
+// from attention (no aligned split, no windows, no padding rows, as kernels/cpu_exact.py needs around flash).
+//
+// Per (batch row, KV head), for the G * N query rows that share its keys: scores in fp32 (dot products in a fixed
+// lane order, common.h: dot), a softmax over the row's visible keys packed in position order (exp and sum in a
+// fixed order), the value sum in the same order, rounded once to the dtype.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace amphista_cpu {
+
+struct TreeAttentionArgs {
+  const void* q;               // [B, H, N, D], element strides below, last dim contiguous
+  int64_t q_sb, q_sh, q_sn;
+  const void* k;               // [B, H_kv, S, D], (slot, element) contiguous
+  const void* v;
+  int64_t kv_sb, kv_sh;
+  const int64_t* prefix_len;   // [B]
+  const int64_t* bits;         // [B or 1, N] ancestor-or-self bits (bit j: sees new token j)
+  int64_t bits_sb;             // 0: one mask for the whole batch
+  void* out;                   // [B, N, H, D] contiguous
+  int64_t B, H, H_kv, N, D, S;
+  float scale;
+};
+
+template <class L>
+AMPHISTA_INLINE void load_rows(const typename L::T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = L::load(src, i);
+}
+
+// One (batch row, KV head): the G * N query rows that read its keys (the query heads of the KV head, times the
+// new tokens). DC = D when it is a compile-time 64 or 128 (the dot products' and the value sums' loops then
+// unroll into registers), 0 for any other D.
+template <class L, int DC>
+AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, int64_t hk, std::vector<float>& buf) {
+  using T = typename L::T;
+  const int64_t D = DC ? DC : a.D;
+  const int64_t G = a.H / a.H_kv, R = G * a.N;
+  // A prefix that leaves no room for the new tokens is clamped (never read past the cache).
+  const int64_t P = std::min(std::max<int64_t>(a.prefix_len[b], 0), a.S - a.N);
+  const int64_t keys = P + a.N;
+  const T* K = static_cast<const T*>(a.k) + b * a.kv_sb + hk * a.kv_sh;
+  const T* V = static_cast<const T*>(a.v) + b * a.kv_sb + hk * a.kv_sh;
+  const int64_t* bits = a.bits + b * a.bits_sb;
+
+  // fp32 views of q, K and V (bf16 is widened once here; fp32 is read in place)
+  const bool widen = !std::is_same<T, float>::value;
+  buf.resize(size_t(R * D + R * keys + (widen ? 2 * keys * D : 0)));
+  float* qf = buf.data();
+  float* score = qf + R * D;                  // [R, keys]: each row's visible keys packed in position order
+  const float* kf = reinterpret_cast<const float*>(K);
+  const float* vf = reinterpret_cast<const float*>(V);
+  if (widen) {
+    float* w = score + R * keys;
+    load_rows<L>(K, w, keys * D);
+    load_rows<L>(V, w + keys * D, keys * D);
+    kf = w;
+    vf = w + keys * D;
+  }
+  for (int64_t r = 0; r < R; ++r)              // r = g * N + n: query head hk * G + g, new token n
+    load_rows<L>(static_cast<const T*>(a.q) + b * a.q_sb + (hk * G + r / a.N) * a.q_sh + (r % a.N) * a.q_sn,
+                 qf + r * D, D);
+
+  // scores: every row sees the whole prefix, then the new tokens whose bit it has, in node (= depth) order
+  for (int64_t j = 0; j < P; ++j)
+    for (int64_t r = 0; r < R; ++r) score[r * keys + j] = dot(qf + r * D, kf + j * D, D) * a.scale;
+  std::vector<int64_t> seen(size_t(R), P);
+  for (int64_t j = 0; j < a.N; ++j)
+    for (int64_t r = 0; r < R; ++r)
+      if ((uint64_t(bits[r % a.N]) >> j) & 1u)
+        score[r * keys + seen[size_t(r)]++] = dot(qf + r * D, kf + (P + j) * D, D) * a.scale;
+
+  for (int64_t r = 0; r < R; ++r) {
+    float* s = score + r * keys;
+    const int64_t n = seen[size_t(r)];
+    float top[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) top[k] = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) top[i % kLanes] = std::max(top[i % kLanes], s[i]);
+    float m = top[0];
+    for (int64_t k = 1; k < kLanes; ++k) m = std::max(m, top[k]);   // max is exact in any order
+    float part[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t k = 0; k < kLanes; ++k) {
+        s[i + k] = exp_approx(s[i + k] - m);
+        part[k] += s[i + k];
+      }
+    for (int64_t k = 0; i + k < n; ++k) {
+      s[i + k] = exp_approx(s[i + k] - m);
+      part[k] += s[i + k];
+    }
+    const float inv_sum = 1.f / reduce_lanes(part);
+
+    // values in the same order; the sum in registers (DC) across keys
+    float acc[DC ? DC : 1];
+    std::vector<float> dyn(DC ? 0 : size_t(D));
+    float* o = DC ? acc : dyn.data();
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+    for (int64_t i2 = 0; i2 < P; ++i2) {
+      const float w = s[i2];
+      const float* v = vf + i2 * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+    }
+    int64_t i3 = P;
+    for (int64_t j = 0; j < a.N; ++j)
+      if ((uint64_t(bits[r % a.N]) >> j) & 1u) {
+        const float w = s[i3++];
+        const float* v = vf + (P + j) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+      }
+    T* out = static_cast<T*>(a.out) + ((b * a.N + r % a.N) * a.H + hk * G + r / a.N) * D;
+    for (int64_t d = 0; d < D; ++d) L::store(out, d, o[d] * inv_sum);
+  }
+}
+
+template <class L>
+AMPHISTA_INLINE void tree_attention_units(const TreeAttentionArgs& a, int64_t u0, int64_t u1) {
+  std::vector<float> buf;
+  for (int64_t u = u0; u < u1; ++u) {
+    if (a.D == 64) tree_attention_unit<L, 64>(a, u / a.H_kv, u % a.H_kv, buf);
+    else if (a.D == 128) tree_attention_unit<L, 128>(a, u / a.H_kv, u % a.H_kv, buf);
+    else tree_attention_unit<L, 0>(a, u / a.H_kv, u % a.H_kv, buf);
+  }
+}
+
+
+AMPHISTA_ISA_VARIANTS(tree_attention_f32, TreeAttentionArgs, tree_attention_units<F32>(a, r0, r1))
+AMPHISTA_ISA_VARIANTS(tree_attention_bf16, TreeAttentionArgs, tree_attention_units<BF16>(a, r0, r1))
+
+inline void tree_attention(const TreeAttentionArgs& a, DType dtype, int64_t threads) {
+  const int64_t G = a.H / a.H_kv;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < a.B; ++b) longest = std::max(longest, a.prefix_len[b]);
+  // units (row, KV head) are independent: threads only change who computes one, never its result
+  parallel_rows(a.B * a.H_kv, 4 * G * a.N * (longest + a.N) * a.D, threads, [&](int64_t u0, int64_t u1) {
+    if (dtype == DType::kFloat32) tree_attention_f32(a, u0, u1);
+    else tree_attention_bf16(a, u0, u1);
+  });
+}
+
+}  // namespace amphista_cpu
