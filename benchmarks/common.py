@@ -27,3 +27,21 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def rotating_runs(questions: list, configs: list[tuple], run, label=lambda c: "/".join(str(x) for x in c)):
+    """Every config on every question, rotating which config goes first from one question to the next, so that a
+    noisy VM's drifts fall on all configs alike. run(config, question) -> a GenerationResult. Returns per-config
+    sums (step tokens, decode seconds, decode steps) and outs[config + (i,)], question i's token ids."""
+    import sys
+    toks, secs, steps, outs = {}, {}, {}, {}
+    for i, q in enumerate(questions):
+        for c in configs[i % len(configs):] + configs[:i % len(configs)]:
+            r = run(c, q)
+            outs[c + (i,)] = r.token_ids
+            toks[c] = toks.get(c, 0) + r.stats.step_tokens
+            secs[c] = secs.get(c, 0) + r.stats.decode_ms / 1e3
+            steps[c] = steps.get(c, 0) + r.stats.decode_steps
+        print(f"{i + 1}/{len(questions)}", {label(c): round(secs[c] / toks[c] * 1e3, 1) for c in configs},
+              file=sys.stderr)
+    return toks, secs, steps, outs

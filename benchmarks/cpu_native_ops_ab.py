@@ -25,7 +25,7 @@ from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
 from amphista_engine.kernels import backend, cpu_ops, cpu_packed, use_backend  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import hardware, md_table, write_results  # noqa: E402
+from benchmarks.common import hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 NATIVE_ATTENTION = cpu_ops.tree_attention
@@ -67,19 +67,14 @@ def main():
                                          heads=heads, quant=setups[n][1]) for n in names}
     configs = [(n, t, b) for n in names for t in [None] + args.trees.split(",") for b in kinds]
     qs = read_questions(MT_BENCH, per_category=-(-args.questions // 8), limit=args.questions)
-    toks, secs, steps, outs = {}, {}, {}, {}
-    for i, q in enumerate(qs):
-        for c in configs[i % len(configs):] + configs[:i % len(configs)]:      # rotate who goes first
-            name, tree, which = c
-            with use_backend(_use(which)):
-                r = engines[name].generate(q["turns"][0], max_new_tokens=args.max_new_tokens,
-                                           speculative=None if tree is None else "amphista", tree=tree)
-            outs[c + (i,)] = r.token_ids
-            toks[c] = toks.get(c, 0) + r.stats.step_tokens
-            secs[c] = secs.get(c, 0) + r.stats.decode_ms / 1e3
-            steps[c] = steps.get(c, 0) + r.stats.decode_steps
-        print(f"{i + 1}/{len(qs)}", {f"{c[0]}/{c[1] or 'plain'}/{c[2]}": round(secs[c] / toks[c] * 1e3, 1)
-                                     for c in configs}, file=sys.stderr)
+
+    def run(c, q):
+        name, tree, which = c
+        with use_backend(_use(which)):
+            return engines[name].generate(q["turns"][0], max_new_tokens=args.max_new_tokens,
+                                          speculative=None if tree is None else "amphista", tree=tree)
+
+    toks, secs, steps, outs = rotating_runs(qs, configs, run, lambda c: f"{c[0]}/{c[1] or 'plain'}/{c[2]}")
     rows = []
     for name, tree, which in configs:
         c = (name, tree, which)

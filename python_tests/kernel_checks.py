@@ -1,6 +1,7 @@
 """What every kernel test shares: fresh seeded inputs per case, relative error, per-dtype tolerances."""
 from __future__ import annotations
 
+import random
 import zlib
 
 import torch
@@ -74,3 +75,18 @@ def check_verify_step(backend_name: str, tree_name: str, H: int, S: int, prefix:
         same_result(r1, r2)
         assert torch.equal(v1, v2)
         assert rel_err(k2, k1) < tol
+
+
+def rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
+    """Ancestor-or-self mask of a random tree whose nodes are numbered parents first."""
+    parent, depth = [-1], [0]
+    for i in range(1, N):
+        p = rng.choice([j for j in range(i) if depth[j] < max_depth])
+        parent.append(p)
+        depth.append(depth[p] + 1)
+    m = torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        j = i
+        while j >= 0:
+            m[i, j], j = True, parent[j]
+    return m

@@ -14,25 +14,10 @@ import torch
 from amphista_engine.generation import kv_window
 from amphista_engine.kernels import backend, cpu_exact, cpu_ops, cpu_packed, reference, set_backend
 from conftest import needs_smollm2
-from kernel_checks import rel_err
+from kernel_checks import rand_tree, rel_err
 
 Hkv, G, D = 3, 3, 64
 H = Hkv * G
-
-
-def rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
-    """Ancestor-or-self mask of a random tree whose nodes are numbered parents first."""
-    parent, depth = [-1], [0]
-    for i in range(1, N):
-        p = rng.choice([j for j in range(i) if depth[j] < max_depth])
-        parent.append(p)
-        depth.append(depth[p] + 1)
-    m = torch.zeros(N, N, dtype=torch.bool)
-    for i in range(N):
-        j = i
-        while j >= 0:
-            m[i, j], j = True, parent[j]
-    return m
 
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

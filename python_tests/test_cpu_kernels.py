@@ -18,7 +18,7 @@ from amphista_engine.config import ModelConfig
 from amphista_engine.kernels import backend, cpu_ops, ops, reference, use_backend
 from amphista_engine.model import rope_table
 
-from kernel_checks import TOL, gen, rel_err
+from kernel_checks import TOL, gen, rand_tree, rel_err
 
 
 def _compiler_here() -> bool:
@@ -192,21 +192,6 @@ def test_kv_compact_equals_the_reference(dtype):
 
 
 # ---- attention -----------------------------------------------------------------------------------------
-def _rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
-    """Ancestor-or-self mask [N, N] of a random tree numbered parents first."""
-    parent, depth = [-1], [0]
-    for i in range(1, N):
-        p = rng.choice([j for j in range(i) if depth[j] < max_depth])
-        parent.append(p)
-        depth.append(depth[p] + 1)
-    m = torch.zeros(N, N, dtype=torch.bool)
-    for i in range(N):
-        j = i
-        while j >= 0:
-            m[i, j], j = True, parent[j]
-    return m
-
-
 # B, H, H_kv, N, D, dtype, mask kind, prefix lengths
 ATTN_CASES = [
     (1, 9, 3, 1, 64, torch.float32, "tree", [300]),         # SmolLM2's plain decoding step
@@ -229,7 +214,7 @@ def test_tree_attention_matches_the_reference(case):
     if kind == "causal":
         mask = torch.ones(N, N, dtype=torch.bool).tril()[None]
     else:
-        mask = torch.stack([_rand_tree(N, 6, rng) for _ in range(B)])
+        mask = torch.stack([rand_tree(N, 6, rng) for _ in range(B)])
     pl = torch.tensor(prefix)
     new_mask = mask if kind == "bool" else reference.mask_bits(mask)
     out = cpu_ops.tree_attention(q, K, V, pl, new_mask, S)
@@ -249,7 +234,7 @@ def test_tree_attention_rows_equal_plain_rows_bit_for_bit(seed, dtype):
     H, Hkv, D, S = 9, 3, 64, 1100
     N = [5, 16, 33, 64][seed]
     c = rng.choice([1, 40, 530, 1000 - N])
-    m = _rand_tree(N, rng.randint(1, 7), rng)
+    m = rand_tree(N, rng.randint(1, 7), rng)
     K, V = torch.randn(1, Hkv, S, D, generator=g).to(dtype), torch.randn(1, Hkv, S, D, generator=g).to(dtype)
     q = torch.randn(1, H, N, D, generator=g).to(dtype)
     pl = torch.tensor([c])
