@@ -94,6 +94,32 @@ def test_auto_leaves_float_weights_alone(tiny_hf_dir):
     assert engine._tree_spec(None).name == "tree-16"
 
 
+def test_heads_next_to_a_4bit_target_get_4bit_layers(tiny_hf_dir):
+    """quant q4: the heads' layer linears run as 4-bit codes too (their drafts close to the float heads'); a float
+    engine leaves them alone. The heads' state (what a save writes) is unchanged."""
+    import copy
+
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import random_heads
+    from amphista_engine.kernels.linear_setup import LinearSetup
+    from kernel_checks import rel_err
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=64, quant="q4")
+    heads = random_heads("amphista", engine.model, num_heads=3)
+    plain = copy.deepcopy(heads)
+    state = {k: v.clone() for k, v in heads.state_dict().items()}
+    engine.load_heads(heads)
+    linears = [m for m in heads.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is cpu_quant.Int4Linear for m in linears if m.in_features % cpu_quant.GROUP == 0)
+    assert all(torch.equal(v, state[k]) for k, v in heads.state_dict().items())
+    hidden = torch.randn(1, 5, engine.config.dim)
+    tokens = torch.randint(0, engine.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        err = rel_err(heads.forward_train(hidden, tokens), plain.forward_train(hidden, tokens))
+    assert 0 < err < 0.2                                    # quantized (not the same), and still the same drafts' shape
+    LinearSetup(quant="none").apply(fresh := random_heads("amphista", engine.model, num_heads=3))
+    assert not any(type(m) is cpu_quant.Int4Linear for m in fresh.modules())
+
+
 def test_bad_quant_requests_name_the_problem():
     with pytest.raises(ConfigError, match="unknown quant"):
         LinearSetup.for_device("cpu", torch.float32, "int3")
@@ -124,8 +150,8 @@ def test_auto_runs_the_gguf_files_own_codes(q4_engine, smollm2):
     """SmolLM2's file stores its layers Q4_1: "auto" takes the 4-bit path, and the codes reproduce the
     dequantized fp32 weights exactly (only the bf16 scales round)."""
     assert q4_engine.quant == "q4" and q4_engine.model.rounds_linear_inputs
-    heads = q4_engine.heads                          # drafting heads stay as they were (packed where oneDNN can)
-    assert not any(type(m) in (cpu_quant.Int4Linear, cpu_quant.Int8Linear) for m in heads.modules())
+    heads = q4_engine.heads                          # the drafting heads' layers run 4-bit next to it
+    assert any(type(m) is cpu_quant.Int4Linear for m in heads.modules())
     assert q4_engine._tree_spec(None).name == "mix-4"     # the untimed CPU tree: one 4-row block of the int4 kernel
     for name in ("layers.0.attention.wqkv.weight", "layers.29.feed_forward.w2.weight"):
         w = dict(smollm2.model.named_parameters())[name]

@@ -161,3 +161,19 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
         model.output._quantize()
     model.rounds_linear_inputs = True
     return worst
+
+
+def quantize_heads(heads: nn.Module) -> float:
+    """Drafting heads next to a 4-bit target: their layer linears (fusion, SAL, AEB, ResBlocks; inputs a multiple
+    of GROUP) -> Int4Linear, by round to nearest in groups of 32. A draft only proposes tokens the target then
+    verifies, so this moves tau, never the output. Measured on the shipped SmolLM2 heads (16 MT-Bench turns): the
+    same tau, mix-4 1.10x and mix-8 1.00x per token, within the VM's ±6% noise (benchmarks/results/
+    cpu_heads_4bit_ab.md); a quarter of the bytes. Returns the largest requantization error."""
+    worst = 0.0
+    for m in heads.modules():
+        if (isinstance(m, nn.Linear) and not isinstance(m, _CodesLinear) and m.weight.dim() == 2
+                and m.weight.shape[1] % GROUP == 0 and m.weight.device.type == "cpu"):
+            m.__dict__.pop("_packed", None)         # a PackedLinear's oneDNN copy: no longer read
+            m.__class__ = Int4Linear
+            worst = max(worst, m._quantize())
+    return worst

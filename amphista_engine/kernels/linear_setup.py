@@ -44,13 +44,15 @@ class LinearSetup:
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Adapts the target's or the heads' nn.Linear layers in place (layers already adapted are left alone).
-        quant "q4"/"auto" quantizes a target (a Transformer) only; `resolved(target)` then says what "auto" became.
-        Drafting heads stay packed in the model dtype: int8 heads measured within noise of them next to a 4-bit
-        target (-3% to +3% per token on mix-4 / mix-8, benchmarks/results/cpu_q4_ab.md)."""
+        quant "q4"/"auto" quantizes a target (a Transformer); `resolved(target)` then says what "auto" became, and
+        with "q4" drafting heads get 4-bit layers too (cpu_quant.quantize_heads: the same tau on the shipped heads,
+        where int8 heads had measured within noise of packed ones, benchmarks/results/cpu_q4_ab.md)."""
         from . import cpu_packed, cpu_quant, routed_linear
         from ..model import Transformer
         if self.quant != "none" and isinstance(module, Transformer):
             cpu_quant.quantize_linears(module, only_stored_4bit=self.quant == "auto")
+        elif self.quant == "q4":
+            cpu_quant.quantize_heads(module)
         if self.packed:
             cpu_packed.pack_linears(module)
         if self.routed:
