@@ -45,3 +45,14 @@ def rotating_runs(questions: list, configs: list[tuple], run, label=lambda c: "/
         print(f"{i + 1}/{len(questions)}", {label(c): round(secs[c] / toks[c] * 1e3, 1) for c in configs},
               file=sys.stderr)
     return toks, secs, steps, outs
+
+
+def ab_parser(doc: str, trees: str = "mix-4"):
+    """The argument parser every CPU A/B script starts from: --trees, --questions, --max-new-tokens, --out."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--trees", default=trees)
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    return ap

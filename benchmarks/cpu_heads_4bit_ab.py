@@ -8,7 +8,6 @@ engine's plain ones (verification is unchanged).
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_heads_4bit_ab.py [--trees mix-4,mix-8] [--questions 16]
 """
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -20,17 +19,13 @@ import torch  # noqa: E402
 from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import hardware, md_table, rotating_runs, write_results  # noqa: E402
+from benchmarks.common import ab_parser, hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trees", default="mix-4,mix-8")
-    ap.add_argument("--questions", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--out", default=None)
+    ap = ab_parser(__doc__, trees='mix-4,mix-8')
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     heads = shipped_heads("smollm2-135m", "amphista")

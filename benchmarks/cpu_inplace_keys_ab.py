@@ -10,7 +10,6 @@ greedy answers are compared too.
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_inplace_keys_ab.py [--engines q4,bf16] [--trees mix-4] [--questions 16]
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
 from amphista_engine.kernels import cpu_exact, cpu_packed, reference, set_backend  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import hardware, md_table, rotating_runs, write_results  # noqa: E402
+from benchmarks.common import ab_parser, hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 IN_PLACE = (cpu_exact._keys, reference.kv_write)
@@ -49,12 +48,8 @@ def _use(mode):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ab_parser(__doc__)
     ap.add_argument("--engines", default="q4,bf16", help="q4 (4-bit layers, fp32 between), bf16 (dequantized)")
-    ap.add_argument("--trees", default="mix-4")
-    ap.add_argument("--questions", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     set_backend("torch")       # the ops this A/B timed on 2026-12-03 (the cpu backend's came after)

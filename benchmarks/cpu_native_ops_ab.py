@@ -13,7 +13,6 @@ greedy answers must equal that backend's plain ones.
     OMP_NUM_THREADS=2 python benchmarks/cpu_native_ops_ab.py [--engines q4,bf16] [--trees mix-4] [--questions 16]
         [--backends torch,cpu]
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
 from amphista_engine.kernels import backend, cpu_ops, cpu_packed, use_backend  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import hardware, md_table, rotating_runs, write_results  # noqa: E402
+from benchmarks.common import ab_parser, hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 NATIVE_ATTENTION = cpu_ops.tree_attention
@@ -43,13 +42,9 @@ def _use(which: str):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ab_parser(__doc__)
     ap.add_argument("--engines", default="q4,bf16", help="q4 (4-bit layers, fp32 between), bf16 (dequantized)")
-    ap.add_argument("--trees", default="mix-4")
-    ap.add_argument("--questions", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--backends", default="torch,cpu", help="two of torch, cpu, cpu-flash; the first is the baseline")
-    ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="cpu_native_ops_ab")
     args = ap.parse_args()
     kinds = args.backends.split(",")
