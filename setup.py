@@ -10,9 +10,10 @@ Environment:
   CUDA_HOME / CUDA_PATH       toolkit to use; else nvcc on PATH; else /usr/local/cuda.
 
 Policy: no nvcc at all means the user has no CUDA toolchain, so we skip with one line and the
-package falls back to its pure-Python paths (the same for the CPU extension without a C++ compiler). A build that *fails* with nvcc present is a real bug
-(wrong arch, broken toolkit) that would otherwise surface much later as a silent slowdown, so it
-fails the install unless AMPHISTA_CUDA_OPTIONAL=1 says a fallback is acceptable.
+package falls back to its pure-Python paths (the same for the CPU extension without a C++ compiler).
+A build that *fails* with the compiler present is a real bug (wrong arch, broken toolkit) that would
+otherwise surface much later as a silent slowdown, so it fails the install unless
+AMPHISTA_CUDA_OPTIONAL=1 / AMPHISTA_CPU_OPTIONAL=1 says a fallback is acceptable.
 pip hides build output unless run with -v, so the skip/warning lines show with `pip install -v`.
 """
 
@@ -65,8 +66,9 @@ class CMakeExtension(Extension):
 
 def cpu_extension():
     """amphista_engine._cpu: one translation unit, no libtorch, no -march (the hot loops carry their own
-    AVX2 / AVX-512 variants, csrc/cpu/common.h). No -ffast-math and no FMA contraction: a sum's order is part of the result.
-    -fno-trapping-math lets loops with selects (clamps, NaN checks) vectorise; it changes no value."""
+    AVX2 / AVX-512 variants, csrc/cpu/common.h). No -ffast-math and no FMA contraction: a sum's order is part
+    of the result. -fno-trapping-math lets loops with selects (clamps, NaN checks) vectorise; it changes no
+    value."""
     import pybind11
 
     headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h"))

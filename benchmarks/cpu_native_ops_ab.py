@@ -78,8 +78,8 @@ def main():
         rows.append({"weights": {"q4": "4-bit layers, fp32", "bf16": "bf16 (dequantized)"}[name],
                      "decoding": "plain" if tree is None else f"amphista {tree}", "backend": which,
                      "tau": toks[c] / steps[c], "ms/token": ms, "tok/s": 1e3 / ms, f"vs {base}": base_ms / ms,
-                     "answers equal the other backend's": sum(outs[c + (i,)] == outs[(name, tree, kinds[which == base], i)]
-                                                              for i in range(len(qs))),
+                     "answers equal the other backend's": sum(
+                         outs[c + (i,)] == outs[(name, tree, kinds[which == base], i)] for i in range(len(qs))),
                      "equal own plain": "" if tree is None else sum(
                          outs[c + (i,)] == outs[(name, None, which, i)] for i in range(len(qs)))})
     meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),

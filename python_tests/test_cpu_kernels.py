@@ -180,7 +180,8 @@ def test_qkv_rope_write_declines_what_it_cannot_take():
 def test_kv_compact_equals_the_reference(dtype):
     g = gen("cpu_kv_compact", dtype)
     L, B_max, H, S, D = 3, 3, 2, 40, 16
-    kb, vb = torch.randn(L, B_max, H, S, D, generator=g).to(dtype), torch.randn(L, B_max, H, S, D, generator=g).to(dtype)
+    kb = torch.randn(L, B_max, H, S, D, generator=g).to(dtype)
+    vb = torch.randn(L, B_max, H, S, D, generator=g).to(dtype)
     # row 0: a path right after its destination (overlapping moves); row 1: sources out of range and a
     # destination running past S (clamped, as the reference clamps)
     src = torch.tensor([[11, 12, 14, 19], [-3, 7, 45, 39]])
@@ -203,7 +204,8 @@ ATTN_CASES = [
 
 
 @needs_ext
-@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}-{str(c[5])[6:]}-{c[6]}")
+@pytest.mark.parametrize("case", ATTN_CASES,
+                         ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}-{str(c[5])[6:]}-{c[6]}")
 def test_tree_attention_matches_the_reference(case):
     B, H, Hkv, N, D, dtype, kind, prefix = case
     g = gen("cpu_tree_attention", case)

@@ -83,7 +83,8 @@ inline void kv_compact(const KvCompactArgs& a, int64_t threads) {
   parallel_rows(planes, a.M * a.D, threads, [&](int64_t p0, int64_t p1) {
     std::vector<char> staged(size_t(a.M * row_bytes));
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t h = p % a.H_kv, b = (p / a.H_kv) % a.B, l = (p / (a.H_kv * a.B)) % a.L, kv = p / (a.H_kv * a.B * a.L);
+      const int64_t h = p % a.H_kv, b = (p / a.H_kv) % a.B, l = (p / (a.H_kv * a.B)) % a.L;
+      const int64_t kv = p / (a.H_kv * a.B * a.L);
       char* plane = static_cast<char*>(kv == 0 ? a.k : a.v) + (((l * a.B_max + b) * a.H_kv + h) * a.S) * row_bytes;
       for (int64_t m = 0; m < a.M; ++m) {
         const int64_t s = std::min(std::max<int64_t>(a.src[b * a.M + m], 0), a.S - 1);
