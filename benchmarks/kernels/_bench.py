@@ -52,8 +52,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, help="write the result rows here")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--prefixes", default=",".join(map(str, PREFIXES)), help="prefix lengths")
-    ap.add_argument("--backends", default="", help="comma-separated subset of torch,triton,cuda (default: all "
-                                                   "that run here; --quick on CPU: torch)")
+    ap.add_argument("--backends", default="", help="comma-separated subset of torch,triton,cuda,cpu (default: "
+                                                   "all that run here; on a CPU: torch and cpu)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 50 on GPU, 3 with --quick)")
     return ap.parse_args(argv)
@@ -63,7 +63,7 @@ def _backend_of(name: str) -> str | None:
     """The backend a row's name runs under: "triton", or "triton:unfused" (the same backend timing the op
     sequence a fused kernel replaced, side by side with it); None for a non-backend baseline ("sdpa")."""
     be = name.split(":", 1)[0]
-    return be if be in ("torch", "triton", "cuda") else None
+    return be if be in ("torch", "triton", "cuda", "cpu") else None
 
 
 class Bench:
@@ -87,8 +87,8 @@ class Bench:
     def _backends(self, wanted: str) -> list[str]:
         if wanted:
             return [b for b in wanted.split(",") if b]
-        if not self.cuda:
-            return ["torch"]       # compiled Triton needs a GPU; the interpreter would time Python
+        if not self.cuda:          # compiled Triton needs a GPU; the interpreter would time Python
+            return ["torch"] + (["cpu"] if backend.cpu_available() else [])
         names = ["torch"]
         if backend.triton_available():
             names.append("triton")
@@ -196,6 +196,8 @@ class Bench:
     def compare(self, kernel: str, shape: str, case: str, fns: dict, bytes_moved: float, flops: float = 0.0):
         """Rows for each backend (+ extra baselines in fns), with speedups against the torch reference."""
         rows, base = [], None
+        if "cpu" not in fns and "cuda" in fns:
+            fns = {**fns, "cpu": fns["cuda"]}          # the kernels' call (ops it lacks run the reference there)
         for name, fn in fns.items():
             if _backend_of(name) and _backend_of(name) not in self.backends:
                 continue                               # baselines (e.g. "sdpa") always run
