@@ -268,6 +268,47 @@ def test_tree_attention_declines_what_it_cannot_take():
                                   pl, big, 80) is NotImplemented
 
 
+# ---- vector-unit variants ------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_vector_unit_variant_gives_the_same_bits(dtype):
+    """The AVX-512, AVX2 and baseline variants run the same operations in the same order, only wider: every op
+    returns the same bits under each variant this CPU can run (so a machine's results do not depend on which
+    one it picked, and the variants a CI machine does not pick by itself still run here)."""
+    g = gen("cpu_isa", dtype)
+    variants = ["avx512", "avx2", "baseline"]
+    best = ext.isa()
+    runnable = variants[variants.index(best):]
+    x, res = torch.randn(7, 577, generator=g).to(dtype), torch.randn(7, 577, generator=g).to(dtype)
+    w = torch.randn(577, generator=g).to(dtype)
+    qkv = torch.randn(2, 3, (8 + 2 * 2) * 64, generator=g).to(dtype)
+    rope = torch.randn(2, 3, 64, generator=g)
+    m = rand_tree(9, 4, random.Random(0))
+    q = torch.randn(1, 8, 9, 64, generator=g).to(dtype)
+    K, V = torch.randn(1, 2, 300, 64, generator=g).to(dtype), torch.randn(1, 2, 300, 64, generator=g).to(dtype)
+
+    def run_all():
+        kb = torch.zeros(1, 2, 2, 16, 64, dtype=dtype)
+        vb = torch.zeros_like(kb)
+        qo = cpu_ops.qkv_rope_write(qkv, rope, kb, vb, 0, torch.tensor([1, 5]), 8, 2)
+        att = cpu_ops.tree_attention(q, K, V, torch.tensor([250]), reference.mask_bits(m[None]), 259)
+        return (cpu_ops.rmsnorm(x, w, 1e-5), *cpu_ops.add_rmsnorm(x, res, w, 1e-5), qo, kb, vb, att)
+
+    try:
+        outs = {}
+        for v in runnable:
+            ext.use_isa(v)
+            assert ext.isa() == v
+            outs[v] = run_all()
+        for v in runnable[1:]:
+            for a, b in zip(outs[runnable[0]], outs[v]):
+                assert torch.equal(a, b), (runnable[0], v)
+    finally:
+        ext.use_isa(best)
+    with pytest.raises(ValueError, match="argument 'name'"):
+        ext.use_isa("avx1024")
+
+
 # ---- the binding's own checks --------------------------------------------------------------------------
 @needs_ext
 def test_bindings_name_a_bad_argument():

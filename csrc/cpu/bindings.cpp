@@ -52,6 +52,14 @@ int64_t threads(int64_t n) { return size(n, "threads"); }
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "amphista-engine CPU kernels (csrc/cpu); call through amphista_engine.kernels.ops";
 
+  m.def("isa", []() { return std::string(isa_name()); }, "the vector-unit variant the kernels run: avx512, avx2, baseline");
+  m.def("use_isa", [](const std::string& name) {
+    const Isa wanted = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : name == "baseline" ? Isa::kBaseline
+                                                                                                       : Isa(-1);
+    if (int(wanted) < 0) bad_arg("name", "must be avx512, avx2 or baseline, got " + name);
+    if (!use_isa(wanted)) bad_arg("name", "asks for " + name + ", which this CPU does not have");
+  }, py::arg("name"), "run the kernels' variant for `name` (at most what this CPU has; for tests)");
+
   m.def("rmsnorm", [](int64_t x, int64_t residual, int64_t w, int64_t sum, int64_t out, int64_t rows, int64_t d,
                       double eps, int64_t dtype, int64_t nthreads) {
     const DType dt = float_dtype(dtype, "dtype");

@@ -46,9 +46,19 @@ inline Isa detect_isa() {
   return Isa::kBaseline;
 }
 
-inline Isa isa() {
-  static const Isa chosen = detect_isa();
+// The variant every kernel runs: the best this CPU has, or a lower one set by use_isa (tests check that every
+// variant gives the same bits: they run the same operations in the same order, only wider).
+inline Isa& chosen_isa() {
+  static Isa chosen = detect_isa();
   return chosen;
+}
+
+inline Isa isa() { return chosen_isa(); }
+
+inline bool use_isa(Isa wanted) {
+  if (int(wanted) > int(detect_isa())) return false;
+  chosen_isa() = wanted;
+  return true;
 }
 
 inline const char* isa_name() {
