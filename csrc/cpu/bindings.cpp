@@ -106,6 +106,7 @@ PYBIND11_MODULE(_cpu, m) {
                         size(B, "B"), size(H, "H"), size(H_kv, "H_kv"), size(N, "N"), size(D, "D"), size(S, "S"),
                         float(scale)};
     if (a.N > 64) bad_arg("N", "must be <= 64 (one uint64 of ancestor bits per token)");
+    if (a.D > kMaxDynamicD) bad_arg("D", "must be <= " + std::to_string(kMaxDynamicD));
     if (a.H % a.H_kv) bad_arg("H", "must be a multiple of H_kv");
     if (a.S < a.N) bad_arg("S", "is smaller than N");
     if (a.kv_sh < a.S * a.D) bad_arg("kv_sh", "is shorter than S * D");

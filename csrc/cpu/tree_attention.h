@@ -36,6 +36,8 @@ struct TreeAttentionArgs {
   float scale;
 };
 
+constexpr int64_t kMaxDynamicD = 512;  // head dims other than 64 / 128 (the binding refuses larger ones)
+
 template <class L>
 AMPHISTA_INLINE void load_rows(const typename L::T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = L::load(src, i);
@@ -88,7 +90,10 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
     const int64_t n = seen[size_t(r)];
     float top[kLanes];
     for (int64_t k = 0; k < kLanes; ++k) top[k] = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) top[i % kLanes] = std::max(top[i % kLanes], s[i]);
+    int64_t i0 = 0;
+    for (; i0 + kLanes <= n; i0 += kLanes)
+      for (int64_t k = 0; k < kLanes; ++k) top[k] = std::max(top[k], s[i0 + k]);
+    for (int64_t k = 0; i0 + k < n; ++k) top[k] = std::max(top[k], s[i0 + k]);
     float m = top[0];
     for (int64_t k = 1; k < kLanes; ++k) m = std::max(m, top[k]);   // max is exact in any order
     float part[kLanes] = {};
@@ -104,25 +109,23 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
     }
     const float inv_sum = 1.f / reduce_lanes(part);
 
-    // values in the same order; the sum in registers (DC) across keys
-    float acc[DC ? DC : 1];
-    std::vector<float> dyn(DC ? 0 : size_t(D));
-    float* o = DC ? acc : dyn.data();
-    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+    // values in the same order, summed in a local array the compiler keeps in registers (it aliases nothing)
+    float acc[DC ? DC : kMaxDynamicD];
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
     for (int64_t i2 = 0; i2 < P; ++i2) {
       const float w = s[i2];
       const float* v = vf + i2 * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
     }
     int64_t i3 = P;
     for (int64_t j = 0; j < a.N; ++j)
       if ((uint64_t(bits[r % a.N]) >> j) & 1u) {
         const float w = s[i3++];
         const float* v = vf + (P + j) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
       }
     T* out = static_cast<T*>(a.out) + ((b * a.N + r % a.N) * a.H + hk * G + r / a.N) * D;
-    for (int64_t d = 0; d < D; ++d) L::store(out, d, o[d] * inv_sum);
+    for (int64_t d = 0; d < D; ++d) L::store(out, d, acc[d] * inv_sum);
   }
 }
 
