@@ -14,33 +14,35 @@ from .errors import AmphistaError, InputError
 # dtype name -> code shared with csrc/common.cuh (enum class DType).
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
-_UNSET = object()
-_module = _UNSET
-_error: str | None = None
+_optional: dict[str, tuple] = {}
+_CUDA_HINT = ("build it on a machine with nvcc: `pip install -e . --no-build-isolation` "
+              "(AMPHISTA_CUDA_ARCH=\"80;90\" picks targets)")
 
 
 class ExtensionUnavailableError(AmphistaError, RuntimeError):
     """The CUDA extension is not built or cannot load here; extension_error() says why."""
 
 
+def optional_module(name: str, how_to_build: str):
+    """(module, None) for the compiled amphista_engine.<name>, or (None, why) when it is not built or cannot load
+    (no compiler at install time, AMPHISTA_NO_CUDA=1 / AMPHISTA_NO_CPU_EXT=1, or a broken build). Cached."""
+    if name not in _optional:
+        import importlib
+        try:
+            _optional[name] = (importlib.import_module(f"{__package__}.{name}"), None)
+        except ImportError as err:
+            _optional[name] = (None, f"{__package__}.{name} cannot be imported ({err}); {how_to_build}")
+    return _optional[name]
+
+
 def load_extension():
     """The `_C` module, or None when it is not built or cannot load (cached after the first call)."""
-    global _module, _error
-    if _module is _UNSET:
-        try:
-            from . import _C
-            _module, _error = _C, None
-        except ImportError as err:  # not built (no nvcc / AMPHISTA_NO_CUDA=1) or broken
-            _module = None
-            _error = (f"amphista_engine._C cannot be imported ({err}); build it on a machine with nvcc: "
-                      "`pip install -e . --no-build-isolation` (AMPHISTA_CUDA_ARCH=\"80;90\" picks targets)")
-    return _module
+    return optional_module("_C", _CUDA_HINT)[0]
 
 
 def extension_error() -> str | None:
     """Why load_extension() returns None; None when the extension loaded."""
-    load_extension()
-    return _error
+    return optional_module("_C", _CUDA_HINT)[1]
 
 
 def _dtype_name(t) -> str:

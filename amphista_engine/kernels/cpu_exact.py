@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
 from .cpu_packed import CHUNKED_UP_TO
 
 ALIGN = 8           # split points are multiples of this
@@ -143,7 +144,6 @@ def _keys(k_cache: torch.Tensor, v_cache: torch.Tensor, lay: OrderedLayout):
         return copied_keys(k_cache, lay), copied_keys(v_cache, lay)
     # The windows are the accepted-path move of compaction: slot tail_slots[b, m] -> kv + m, K and V of this
     # layer in one call (one C++ call on the cpu backend, where the torch ops took ~30 us a layer).
-    from . import ops
     ops.kv_compact(k_cache[None], v_cache[None], lay.tail_slots, lay.window_start)
     return k_cache[:, :, :end], v_cache[:, :, :end]
 

@@ -22,32 +22,22 @@ from __future__ import annotations
 
 import torch
 
+from .._ext import optional_module
+
 BACKEND = "cpu"
 
 _CODES = {torch.float32: 0, torch.bfloat16: 2}    # csrc/cpu/common.h DType (the CUDA module's codes)
-_UNSET = object()
-_module = _UNSET
-_error: str | None = None
+_HOW_TO_BUILD = "it is built by `pip install -e .` where a C++17 compiler exists"
 
 
 def load_extension():
     """The `_cpu` module, or None when it is not built or cannot load (cached after the first call)."""
-    global _module, _error
-    if _module is _UNSET:
-        try:
-            from .. import _cpu
-            _module, _error = _cpu, None
-        except ImportError as err:     # not built (no C++ compiler, AMPHISTA_NO_CPU_EXT=1) or broken
-            _module = None
-            _error = (f"amphista_engine._cpu cannot be imported ({err}); it is built by `pip install -e .` where "
-                      "a C++17 compiler exists")
-    return _module
+    return optional_module("_cpu", _HOW_TO_BUILD)[0]
 
 
 def extension_error() -> str | None:
     """Why load_extension() returns None; None when the extension loaded."""
-    load_extension()
-    return _error
+    return optional_module("_cpu", _HOW_TO_BUILD)[1]
 
 
 def _cpu(*ts) -> bool:
