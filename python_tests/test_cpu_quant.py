@@ -66,17 +66,21 @@ def test_int4_and_int8_linears_match_the_reference(N, K, M):
 
 
 @pytest.mark.parametrize("cls", ["Int4Linear", "Int8Linear"])
-def test_quantized_rows_do_not_depend_on_row_count(cls):
-    """A tree node's row must come out as plain decoding's lone row does: rows 1..64, bit for bit."""
+@pytest.mark.parametrize("kernels", ["cpu", "torch"])
+def test_quantized_rows_do_not_depend_on_row_count(cls, kernels):
+    """A tree node's row must come out as plain decoding's lone row does: rows 1..64, bit for bit, with the cpu
+    backend's kernel and with torch's."""
+    from amphista_engine.kernels import use_backend
     gen = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(192, 288, bias=False)
     lin.weight.data = stored_q4_1(288, 192, gen)
     lin.__class__ = getattr(cpu_quant, cls)
     lin._quantize()
     x = torch.randn(64, 192, generator=gen)
-    alone = torch.cat([lin(x[i:i + 1]) for i in range(64)])
-    for M in (2, 3, 4, 5, 8, 16, 17, 33, 64):
-        assert torch.equal(lin(x[:M]), alone[:M]), M
+    with use_backend(kernels), torch.no_grad():
+        alone = torch.cat([lin(x[i:i + 1]) for i in range(64)])
+        for M in (2, 3, 4, 5, 8, 16, 17, 33, 64):
+            assert torch.equal(lin(x[:M]), alone[:M]), M
 
 
 def test_auto_leaves_float_weights_alone(tiny_hf_dir):
@@ -183,3 +187,159 @@ def test_q4_speculative_greedy_equals_plain_greedy(q4_engine, tree):
         spec = q4_engine.generate(prompt, max_new_tokens=48, speculative="amphista", tree=tree)
         assert spec.token_ids == plain.token_ids, (prompt, tree)
         assert spec.stats.tau > 1.0
+
+
+# ---- the cpu backend's kernel (csrc/cpu/quant_matmul.h) -------------------------------------------------
+from amphista_engine.kernels import cpu_ops, use_backend  # noqa: E402
+
+ext = cpu_ops.load_extension()
+needs_ext = pytest.mark.skipif(ext is None, reason=f"CPU extension not built: {cpu_ops.extension_error()}")
+
+
+def q8_rule(x: torch.Tensor):
+    """The kernel's activation rounding, in torch: per group of 32, sx = max|x| / 127, xq = round(x * 127 / max|x|)
+    (half to even), isum = sum of xq."""
+    M, K = x.shape
+    g = x.float().view(M, K // G, G)
+    amax = g.abs().amax(-1)
+    inv = torch.where(amax > 0, 127 / amax.clamp_min(1e-38), torch.zeros_like(amax))
+    xq = torch.round(g * inv[..., None]).clamp_(-127, 127)
+    return xq.view(M, K).to(torch.int8), amax / 127, xq.sum(-1).to(torch.int32)
+
+
+def quant_reference(x: torch.Tensor, p) -> torch.Tensor:
+    """What the kernel computes, in float64 from the rounded activations and the unpacked weights."""
+    M, K = x.shape
+    xq, sx, isum = (t.double() for t in q8_rule(x))
+    if p.bits == 4:
+        codes, s, z = cpu_ops.unpack(p)
+        idot = torch.einsum("mgk,ngk->mng", xq.view(M, K // G, G), codes.double().view(-1, K // G, G))
+        return (sx[:, None] * (s.double()[None] * idot + z.double()[None] * isum[:, None])).sum(-1)
+    codes, scale = cpu_ops.unpack(p)
+    idot = torch.einsum("mgk,ngk->mng", xq.view(M, K // G, G), codes.double().view(-1, K // G, G))
+    return (sx[:, None] * idot).sum(-1) * scale.double()
+
+
+def quant_layer(bits: int, N: int, K: int, gen, bias: bool = False):
+    lin = torch.nn.Linear(K, N, bias=bias)
+    lin.weight.data = stored_q4_1(N, K, gen) if bits == 4 else torch.randn(N, K, generator=gen) * 0.05
+    if bias:
+        lin.bias.data = torch.randn(N, generator=gen)
+    lin.__class__ = cpu_quant.Int4Linear if bits == 4 else cpu_quant.Int8Linear
+    lin._quantize()
+    return lin
+
+
+@needs_ext
+@pytest.mark.parametrize("N,K", [(16, 32), (200, 96), (576, 1536)])
+def test_packing_round_trips(N, K):
+    gen = torch.Generator().manual_seed(N * K)
+    codes = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.int32)
+    s, z = torch.rand(N, K // G, generator=gen) * 0.01, torch.randn(N, K // G, generator=gen) * 0.1
+    p = cpu_ops.pack_int4(codes, s, z)
+    assert p.codes.shape[0] * cpu_ops.COL_BLOCK % cpu_ops.COL_PAD == 0
+    c2, s2, z2 = cpu_ops.unpack(p)
+    assert torch.equal(c2, codes)
+    assert torch.equal(s2, s.half().float()) and torch.equal(z2, z.half().float())   # scales stored fp16
+    w8 = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    scale = torch.rand(N, generator=gen)
+    c8, sc8 = cpu_ops.unpack(cpu_ops.pack_int8(w8, scale))
+    assert torch.equal(c8, w8) and torch.equal(sc8, scale)
+    assert cpu_ops.pack_int4(codes, s * 1e8, z) is None          # scales beyond fp16: torch's kernel instead
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_rounding_follows_the_rule_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(5, 96, generator=gen) * torch.logspace(-3, 2, 5)[:, None]).to(dtype)
+    x[2, 32:64] = 0                                                # an all-zero group: scale 0, codes 0
+    xq, sx, isum = torch.empty(5, 96, dtype=torch.int8), torch.empty(5, 3), torch.empty(5, 3, dtype=torch.int32)
+    ext.quantize_activations(x.data_ptr(), 96, 5, 96, 0 if dtype == torch.float32 else 2, xq.data_ptr(),
+                             sx.data_ptr(), isum.data_ptr())
+    ref = q8_rule(x)
+    assert torch.equal(xq, ref[0]) and torch.equal(sx, ref[1]) and torch.equal(isum, ref[2])
+    assert int(xq.abs().max()) == 127 and float(sx[2, 1]) == 0
+
+
+QUANT_CASES = [(4, 64, 32, 1), (4, 200, 96, 3), (4, 1536, 576, 4), (4, 576, 1536, 17), (4, 96, 64, 64),
+               (8, 200, 96, 1), (8, 1000, 576, 5), (8, 64, 64, 64)]
+
+
+@needs_ext
+@pytest.mark.parametrize("bits,N,K,M", QUANT_CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_matches_its_reference(bits, N, K, M, dtype):
+    """Fresh random inputs, output poisoned first: against the same arithmetic in float64 (fp32 rounding only),
+    and against the float product of the dequantized weights (the int8 activations' rounding)."""
+    gen = torch.Generator().manual_seed(bits * 7 + N + K + M)
+    lin = quant_layer(bits, N, K, gen, bias=bits == 8).to(dtype)      # the codes stay; the bias takes the dtype
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    with torch.no_grad():
+        y = cpu_ops.quant_linear(x, lin)
+    assert y is not NotImplemented and y.shape == (M, N) and y.dtype == dtype and torch.isfinite(y).all()
+    exact = quant_reference(x, lin._packed_native) + (lin.bias.double() if lin.bias is not None else 0)
+    exact = exact if dtype == torch.float32 else exact.to(dtype)     # the kernel rounds its output to x's dtype
+    assert rel_err(y, exact) < (1e-5 if dtype == torch.float32 else 8e-3)
+    if bits == 4:
+        codes, s, z = cpu_ops.unpack(lin._packed_native)
+        w = (codes.view(N, K // G, G) * s[..., None] + z[..., None]).view(N, K)
+    else:
+        codes, scale = cpu_ops.unpack(lin._packed_native)
+        w = codes.float() * scale[:, None]
+    dense = torch.nn.functional.linear(x.double(), w.double(), None if lin.bias is None else lin.bias.double())
+    assert rel_err(y, dense) < 2e-2
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_linear_rows_are_the_same_bits_alone_in_a_batch_across_threads_and_vector_units(bits):
+    gen = torch.Generator().manual_seed(bits)
+    lin = quant_layer(bits, 1000, 576, gen)
+    x = torch.randn(64, 576, generator=gen)
+    p = lin._packed_native
+
+    def run(rows, threads):
+        out = torch.full((rows.shape[0], 1000), float("nan"))
+        ext.quant_linear(bits, rows.data_ptr(), 576, rows.shape[0], 576, 0, p.codes.data_ptr(), p.scales.data_ptr(),
+                         1000, out.data_ptr(), 1000, threads)
+        return out
+
+    alone = torch.cat([run(x[i:i + 1].contiguous(), 1) for i in range(64)])
+    for M in (2, 3, 4, 5, 8, 17, 64):
+        assert torch.equal(run(x[:M], 1), alone[:M]) and torch.equal(run(x[:M], 2), alone[:M]), M
+    variants = ["avx512", "avx2", "baseline"]
+    best = ext.isa()
+    try:
+        for v in variants[variants.index(best) + 1:]:
+            ext.use_isa(v)
+            assert torch.equal(run(x[:5], 2), alone[:5]), v
+    finally:
+        ext.use_isa(best)
+
+
+@needs_ext
+def test_quant_layers_run_on_either_backend():
+    """The cpu backend's kernel and torch's (reference) agree within their activations' rounding; torch's copy of
+    the codes is made on first use, from the cpu kernel's."""
+    gen = torch.Generator().manual_seed(5)
+    lin = quant_layer(4, 192, 96, gen, bias=True)
+    x = torch.randn(2, 3, 96, generator=gen)
+    assert lin._torch_packed is None
+    with torch.no_grad():
+        ours = lin(x)
+        with use_backend("torch"):
+            theirs = lin(x)
+    assert lin._torch_packed is not None and ours.shape == theirs.shape == (2, 3, 192)
+    assert rel_err(ours, theirs) < 2e-2
+
+
+@needs_ext
+def test_quant_linear_bindings_name_a_bad_argument():
+    x, out = torch.randn(1, 64), torch.empty(1, 64)
+    with pytest.raises(ValueError, match="argument 'bits'"):
+        ext.quant_linear(5, x.data_ptr(), 64, 1, 64, 0, x.data_ptr(), x.data_ptr(), 64, out.data_ptr(), 64, 1)
+    with pytest.raises(ValueError, match="argument 'K'"):
+        ext.quant_linear(4, x.data_ptr(), 64, 1, 48, 0, x.data_ptr(), x.data_ptr(), 64, out.data_ptr(), 64, 1)
+    with pytest.raises(ValueError, match="argument 'out_stride'"):
+        ext.quant_linear(4, x.data_ptr(), 64, 1, 64, 0, x.data_ptr(), x.data_ptr(), 64, out.data_ptr(), 32, 1)

@@ -12,13 +12,16 @@ model's decode steps need none of kernels/cpu_exact.py's layout around flash to 
 plain greedy (`orders_keys`). It is also several times faster than that layout for a plain step (it reads the
 prefix, not 512-slot blocks, and needs no padded query rows); for trees of 16+ nodes flash's GEMMs are faster.
 
-Each function checks what its kernel takes (CPU tensors, fp32 or bf16, the layouts below) and returns
-NotImplemented otherwise, so the dispatcher falls through to the torch reference. Matmuls stay with torch
-(oneDNN, the int4 kernel), and so does SwiGLU's activation: a C++ silu with a vectorised exp measured slower than
+Products with 4-bit and 8-bit weights (kernels/cpu_quant.py's layers) run here too, on weights packed once by
+pack_int4 / pack_int8 (csrc/cpu/quant_matmul.h): torch's int4 kernel costs about as much per row as for one row,
+so a tree's verification cost what the tree saved. Float matmuls stay with torch (oneDNN), and so does SwiGLU's
+activation: a C++ silu with a vectorised exp measured slower than
 torch's two ops at decode sizes on a 2-core AVX-512 EPYC (7.8 vs 6.0 us for one row of 1536, 45 vs 28 us for 16
 rows).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -159,3 +162,89 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
                        out.data_ptr(), B, H, H_kv, N, D, S, scale if scale is not None else D ** -0.5, code,
                        torch.get_num_threads())
     return out.transpose(1, 2)
+
+
+# ---- products with quantized weights ------------------------------------------------------------------
+GROUP = 32            # input values per 4-bit group and per int8 activation scale (quant_matmul.h kQuantGroup)
+COL_BLOCK = 16        # output columns per vector of the kernel
+COL_PAD = 64          # packed columns are padded to a multiple of this (the widest column tile)
+
+
+@dataclass
+class PackedWeights:
+    """A layer's weights in the kernel's layout (csrc/cpu/quant_matmul.h). bits 4: codes [N_pad/16, K/32, 4, 64]
+    uint8 (two 4-bit codes a byte), scales [N_pad/16, K/32, 2, 16] fp16 (s, z: w = code * s + z); bits 8: codes
+    [N_pad/16, K/4, 64] uint8 (w + 128), scales [N_pad] fp32 (w = code * scale per column)."""
+    bits: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    n: int
+    k: int
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def pack_int4(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> PackedWeights | None:
+    """codes [N, K] in 0..15, s and z [N, K/32] (w = code * s + z per group of 32 along K) -> PackedWeights, or
+    None when the extension is absent or a scale does not fit fp16 (the layer then runs torch's kernel)."""
+    N, K = codes.shape
+    if load_extension() is None or K % GROUP or s.shape != (N, K // GROUP) or z.shape != s.shape:
+        return None
+    s16, z16 = s.to(torch.float16), z.to(torch.float16)
+    if not (torch.isfinite(s16).all() and torch.isfinite(z16).all()):
+        return None
+    n_pad = -(-N // COL_PAD) * COL_PAD
+    G = K // GROUP
+    q = _pad_rows(codes.to(torch.uint8), n_pad).view(n_pad // COL_BLOCK, COL_BLOCK, G, 4, 2, 4)
+    q = q.permute(0, 2, 3, 1, 5, 4)                       # [block, g, chunk, column, j, low/high]
+    packed = (q[..., 0] | (q[..., 1] << 4)).reshape(n_pad // COL_BLOCK, G, 4, 64).contiguous()
+    sz = torch.stack([_pad_rows(s16, n_pad), _pad_rows(z16, n_pad)], -1)   # [N_pad, G, 2]
+    sz = sz.view(n_pad // COL_BLOCK, COL_BLOCK, G, 2).permute(0, 2, 3, 1).contiguous()
+    return PackedWeights(4, packed, sz, N, K)
+
+
+def pack_int8(codes: torch.Tensor, scale: torch.Tensor) -> PackedWeights | None:
+    """codes [N, K] int8 in -127..127, scale [N] (w = code * scale per row) -> PackedWeights, or None without
+    the extension."""
+    N, K = codes.shape
+    if load_extension() is None or K % GROUP or scale.shape != (N,):
+        return None
+    n_pad = -(-N // COL_PAD) * COL_PAD
+    u = (_pad_rows(codes.to(torch.int16), n_pad) + 128).to(torch.uint8)
+    packed = u.view(n_pad // COL_BLOCK, COL_BLOCK, K // 4, 4).permute(0, 2, 1, 3).reshape(
+        n_pad // COL_BLOCK, K // 4, 64).contiguous()
+    return PackedWeights(8, packed, _pad_rows(scale.float(), n_pad).contiguous(), N, K)
+
+
+def unpack(p: PackedWeights):
+    """The inverse of pack_int4 (codes [N, K] int32, s, z [N, K/32] fp32) and pack_int8 (codes [N, K] int8,
+    scale [N] fp32)."""
+    nb = p.codes.shape[0]
+    if p.bits == 8:
+        u = p.codes.view(nb, p.k // 4, COL_BLOCK, 4).permute(0, 2, 1, 3).reshape(nb * COL_BLOCK, p.k)
+        return (u[:p.n].to(torch.int16) - 128).to(torch.int8), p.scales[:p.n].clone()
+    G = p.k // GROUP
+    b = p.codes.view(nb, G, 4, COL_BLOCK, 4)
+    q = torch.stack([b & 15, b >> 4], -1)                 # [block, g, chunk, column, j, low/high]
+    codes = q.permute(0, 3, 1, 2, 5, 4).reshape(nb * COL_BLOCK, p.k)[:p.n].to(torch.int32)
+    sz = p.scales.permute(0, 3, 1, 2).reshape(nb * COL_BLOCK, G, 2)[:p.n].float()
+    return codes, sz[..., 0].contiguous(), sz[..., 1].contiguous()
+
+
+def quant_linear(x, layer):
+    packed, ext, code = getattr(layer, "_packed_native", None), load_extension(), _CODES.get(x.dtype)
+    if packed is None or ext is None or code is None or x.device.type != "cpu" or x.shape[-1] != packed.k:
+        return NotImplemented
+    flat = x.reshape(-1, packed.k)
+    if flat.stride(-1) != 1 or (flat.shape[0] > 1 and flat.stride(0) < packed.k):
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    out = torch.empty(rows, packed.n, dtype=x.dtype)
+    if rows:
+        ext.quant_linear(packed.bits, flat.data_ptr(), flat.stride(0) if rows > 1 else packed.k, rows, packed.k,
+                         code, packed.codes.data_ptr(), packed.scales.data_ptr(), packed.n, out.data_ptr(),
+                         packed.n, torch.get_num_threads())
+    out = out.view(*x.shape[:-1], packed.n)
+    return out if layer.bias is None else out + layer.bias

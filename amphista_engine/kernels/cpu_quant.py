@@ -1,10 +1,13 @@
 """4-bit weights on the CPU: a GGUF file's Q4_0/Q4_1 linear weights run as the 4-bit codes the file stores.
 
 A CPU decoding step is bound by reading weights. Dequantized to fp32, SmolLM2's Q4_1 file becomes 8x the bytes
-it holds; torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, groups of 32 along the input with a scale and
-a zero point each, as gpt-fast uses it) reads the codes themselves. On a 2-core AVX-512 EPYC it multiplies one
-row by SmolLM2's 576x1536 projections in ~30 us (fp32 packed for oneDNN: ~70-100 us), and plain decoding ran 1.9x
-faster end to end (benchmarks/results/cpu_q4_ab.md).
+it holds; a 4-bit kernel reads the codes themselves. Two kernels serve these layers (ops.quant_linear):
+- the cpu backend's (csrc/cpu/quant_matmul.h, the default where the extension is built): weights decoded once per
+  tile for every row of the call, integer dot products (AVX-512 VNNI) on activations rounded to int8 in groups
+  of 32, as llama.cpp runs GGUF files. A 4- or 16-row tree step costs ~1.3x / ~2.8x a plain step's weight
+  products, against ~1.7x / ~6x with torch's kernel, whose cost grows with every row.
+- torch's (`_weight_int4pack_mm_for_cpu`, as gpt-fast uses it; `_weight_int8pack_mm` for the LM head): bf16
+  activations; the reference, and what runs without the extension (AMPHISTA_BACKEND=torch).
 
 Codes: the loader has already dequantized the file, so each group of 32 is requantized two ways, asymmetric from
 its min and max (Q4_1's own rule: min -> code 0, max -> code 15) and symmetric from its signed largest magnitude
@@ -13,16 +16,17 @@ that recovers the file's codes exactly (`requantization_error` is 0 for SmolLM2'
 same 4-bit levels within STORED_TOL of a step when loaded in bf16/fp16); for any other weights it is a round-to-nearest
 4-bit quantizer, and `quantize_linears` reports its error.
 
-What changes numerically: the kernel takes bf16 scales, zero points and activations, and returns bf16, so each
-product sees its input rounded to bf16 (the rest of the step stays in the model dtype) and each group's scale
-rounded by up to 2^-9. The LM head (8 bits in such files: Q8_0 or Q6_K) runs as int8 with one scale per row
-(`_weight_int8pack_mm`): re-rounding 32-value blocks to one scale per row moves a weight by at most half a
-row step. Both kernels compute a row the same bits whatever the row count (checked for 1..64 rows in
-python_tests/test_cpu_quant.py), so a tree node's logits equal plain decoding's for the same token once attention
-is ordered too (the model's `orders_decode`).
+What changes numerically: the cpu kernel stores each group's scale and zero point in fp16 (the file's own
+precision: a Q4_0/Q4_1 file's values come back exactly) and rounds each row's activations to int8 per group of 32
+(~5e-3 relative error of a product, against ~3e-3 for torch's kernel, which rounds activations, scales and
+outputs to bf16). The LM head (8 bits in such files: Q8_0 or Q6_K) runs as int8 with one scale per row:
+re-rounding 32-value blocks to one scale per row moves a weight by at most half a row step. Every kernel computes
+a row the same bits whatever the row count (checked for 1..64 rows in python_tests/test_cpu_quant.py), so a tree
+node's logits equal plain decoding's for the same token once attention is ordered too (the model's
+`orders_decode`).
 
 The nn.Linear's weight stays as it was (state dict, tied embeddings, the heads' LM-head rows read it); the codes
-are a second, 8x smaller copy.
+are a second, ~6x smaller copy (one kernel's layout; torch's is made from the cpu kernel's on first use).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import functools
 
 import torch
 from torch import nn
+
+from . import cpu_ops
 
 GROUP = 32
 SCHEMES = ("none", "q4", "auto")
@@ -92,42 +98,65 @@ def requantization_error(w: torch.Tensor) -> float:
 
 
 class _CodesLinear(nn.Linear):
-    """An nn.Linear (same parameters) whose product runs on quantized codes: bf16 in and out of the kernel."""
+    """An nn.Linear (same parameters) whose product runs on quantized codes, through ops.quant_linear: the cpu
+    backend's kernel on its packed copy (`_packed_native`, int8 activations), else torch's kernels on theirs
+    (bf16 activations; packed on first use when the cpu kernel's copy exists, so one copy is kept normally)."""
 
-    def _mm(self, flat: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    _packed_native = None       # cpu_ops.PackedWeights, or None without the extension
+    _torch_packed = None        # what torch's kernel takes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+        from . import ops
+        return ops.quant_linear(x, self)
+
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._torch_packed is None:
+            self._torch_packed = self._pack_for_torch(*cpu_ops.unpack(self._packed_native))
+        y = self._torch_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
         y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
 
 class Int4Linear(_CodesLinear):
-    """4-bit codes in groups of 32 along the input (bf16 scales and zero points)."""
+    """4-bit codes in groups of 32 along the input, a scale and a zero point each."""
 
     def _quantize(self):
         q, scale, zero, err = _requantize(self.weight)
-        self._codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        # [K/G, N, 2]: the kernel's layout of (scale, zero) per group and output
-        self._scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        # w = code * s + z (the cpu kernel's form; torch's is (code - 8) * scale + zero)
+        self._packed_native = cpu_ops.pack_int4(q, scale, zero - 8 * scale)
+        self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(q, scale,
+                                                                                            zero - 8 * scale)
         return float(err.max())
 
-    def _mm(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._codes, GROUP, self._scale_zero)
+    @staticmethod
+    def _pack_for_torch(q, s, z):
+        codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # [K/G, N, 2]: the kernel's layout of (scale, zero point) per group and output
+        scale_zero = torch.stack([s, z + 8 * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return codes, scale_zero
+
+    def _torch_mm(self, flat: torch.Tensor) -> torch.Tensor:
+        codes, scale_zero = self._torch_packed
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, codes, GROUP, scale_zero)
 
 
 class Int8Linear(_CodesLinear):
-    """int8 weights, one bf16 scale per output row."""
+    """int8 weights, one scale per output row."""
 
     def _quantize(self):
         w = self.weight.detach().float()
         scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)   # the row's largest -> 127
-        self._codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        self._scale = scale.to(torch.bfloat16)
+        codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self._packed_native = cpu_ops.pack_int8(codes, scale)
+        self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(codes, scale)
 
-    def _mm(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(flat, self._codes, self._scale)
+    @staticmethod
+    def _pack_for_torch(codes, scale):
+        return codes, scale.to(torch.bfloat16)
+
+    def _torch_mm(self, flat: torch.Tensor) -> torch.Tensor:
+        codes, scale = self._torch_packed
+        return torch.ops.aten._weight_int8pack_mm(flat, codes, scale)
 
 
 def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
@@ -153,7 +182,8 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
         if only_stored_4bit and err > STORED_TOL.get(m.weight.dtype, EXACT_TOL):   # not stored 4-bit: undo
             for q, cls in quantized:
                 q.__class__ = cls
-                del q._codes, q._scale_zero
+                q.__dict__.pop("_packed_native", None)
+                q.__dict__.pop("_torch_packed", None)
             return None
         worst = max(worst, err)
     if type(model.output) is not Int8Linear:

@@ -128,6 +128,14 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _run("linear", x.device, x, w)
 
 
+def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """layer(x) for a layer with quantized weights (kernels/cpu_quant.py: Int4Linear, Int8Linear), bias included:
+    x [..., K] -> [..., N] in x's dtype. The cpu backend multiplies with int8 activations (csrc/cpu/
+    quant_matmul.h), the reference with bf16 ones (torch's int4 / int8 kernels); each gives a row the same bits
+    whatever the row count."""
+    return _run("quant_linear", x.device, x, layer)
+
+
 def fused_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
                  silu: bool = False, residual: Optional[torch.Tensor] = None,
                  batch_invariant: bool = False) -> torch.Tensor:
@@ -194,5 +202,5 @@ mask_bits = reference.mask_bits
 bits_to_mask = reference.bits_to_mask
 
 __all__ = ["tree_attention", "tree_mask_args", "head_attention", "fused_sal_input", "rmsnorm", "add_rmsnorm",
-           "rope", "linear", "silu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept",
+           "rope", "linear", "quant_linear", "silu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept",
            "typical_accept", "mask_bits", "bits_to_mask"]

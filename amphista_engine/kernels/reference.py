@@ -107,6 +107,11 @@ def linear(x, w):
     return F.linear(x, w)
 
 
+def quant_linear(x, layer):
+    """A cpu_quant layer's product on torch's own kernels (bf16 activations, see cpu_quant.py), bias included."""
+    return layer.torch_forward(x)
+
+
 def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None,
                  batch_invariant: bool = False):
     """linear(a, w) (+ residual) with a = rmsnorm(x, norm_weight, eps) or silu_mul(x) or x: one decode-step

@@ -7,9 +7,11 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "norm.h"
+#include "quant_matmul.h"
 #include "rope_kv.h"
 #include "tree_attention.h"
 
@@ -46,6 +48,24 @@ DType float_dtype(int64_t code, const char* name) {
 }
 
 int64_t threads(int64_t n) { return size(n, "threads"); }
+
+// The activations' int8 form for one call: per-thread scratch, grown as needed (a step's calls reuse it).
+struct QuantScratch {
+  std::vector<int8_t> xq;
+  std::vector<float> sx;
+  std::vector<int32_t> isum;
+  QuantizeArgs prepare(const void* x, int64_t x_stride, int64_t rows, int64_t K) {
+    xq.resize(size_t(rows * K));
+    sx.resize(size_t(rows * (K / kQuantGroup)));
+    isum.resize(sx.size());
+    return QuantizeArgs{x, x_stride, xq.data(), sx.data(), isum.data(), rows, K};
+  }
+};
+
+QuantScratch& scratch() {
+  thread_local QuantScratch s;
+  return s;
+}
 
 }  // namespace
 
@@ -132,4 +152,42 @@ PYBIND11_MODULE(_cpu, m) {
   }, py::arg("k"), py::arg("v"), py::arg("src"), py::arg("dst_start"), py::arg("L"), py::arg("B_max"),
      py::arg("H_kv"), py::arg("S"), py::arg("D"), py::arg("B"), py::arg("M"), py::arg("elem_size"),
      py::arg("threads"), "slot src[b, m] -> dst_start[b] + m, every layer, K and V");
+
+  m.def("quantize_activations", [](int64_t x, int64_t x_stride, int64_t rows, int64_t K, int64_t dtype, int64_t xq,
+                                   int64_t sx, int64_t isum) {
+    const DType dt = float_dtype(dtype, "dtype");
+    if (size(K, "K") % kQuantGroup) bad_arg("K", "must be a multiple of 32");
+    if (stride(x_stride, "x_stride") < K) bad_arg("x_stride", "is shorter than K");
+    QuantizeArgs a{ptr(x, "x"), x_stride, static_cast<int8_t*>(ptr(xq, "xq")), static_cast<float*>(ptr(sx, "sx")),
+                   static_cast<int32_t*>(ptr(isum, "isum")), size(rows, "rows"), K};
+    py::gil_scoped_release unlocked;
+    quantize_activations(a, dt);
+  }, py::arg("x"), py::arg("x_stride"), py::arg("rows"), py::arg("K"), py::arg("dtype"), py::arg("xq"), py::arg("sx"),
+     py::arg("isum"), "x [rows, K] -> int8 xq, per-32 scales sx and sums isum (what quant_linear computes first)");
+
+  m.def("quant_linear", [](int64_t bits, int64_t x, int64_t x_stride, int64_t rows, int64_t K, int64_t dtype,
+                           int64_t codes, int64_t scales, int64_t N, int64_t out, int64_t out_stride,
+                           int64_t nthreads) {
+    const DType dt = float_dtype(dtype, "dtype");
+    if (bits != 4 && bits != 8) bad_arg("bits", "must be 4 or 8, got " + std::to_string(bits));
+    if (size(K, "K") % kQuantGroup) bad_arg("K", "must be a multiple of 32");
+    if (stride(x_stride, "x_stride") < K) bad_arg("x_stride", "is shorter than K");
+    if (stride(out_stride, "out_stride") < size(N, "N")) bad_arg("out_stride", "is shorter than N");
+    const void* xp = ptr(x, "x");
+    QuantMatmulArgs a{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(ptr(codes, "codes")),
+                      ptr(scales, "scales"), ptr(out, "out"), out_stride, size(rows, "rows"), K, N, dt};
+    const int64_t nt = threads(nthreads);
+    py::gil_scoped_release unlocked;
+    const QuantizeArgs q = scratch().prepare(xp, x_stride, a.M, K);
+    quantize_activations(q, dt);
+    a.xq = q.xq;
+    a.sx = q.sx;
+    a.isum = q.isum;
+    if (bits == 4)
+      quant_matmul<true>(a, nt);
+    else
+      quant_matmul<false>(a, nt);
+  }, py::arg("bits"), py::arg("x"), py::arg("x_stride"), py::arg("rows"), py::arg("K"), py::arg("dtype"),
+     py::arg("codes"), py::arg("scales"), py::arg("N"), py::arg("out"), py::arg("out_stride"), py::arg("threads"),
+     "out [rows, N] = x [rows, K] @ w.T for w packed by cpu_ops.pack_int4 (bits 4) or pack_int8 (bits 8)");
 }

@@ -1,0 +1,317 @@
+// Products with 4-bit and 8-bit weights for a few rows (cpu_ops.int4_linear / int8_linear): the CPU's 4-bit
+// decode path, where a step is all weight products.
+//
+// Why our own: torch's int4 CPU kernel costs about as much per row as for one row (a 16-row tree step: 6-7x a
+// plain step; the int8 LM head 5x), so verifying a tree on a CPU cost what it saves. Here the weights are
+// decoded once per tile and used by every row of the call, with integer dot products (AVX-512 VNNI's
+// vpdpbusd: 64 multiply-adds an instruction), as llama.cpp does for GGUF files: each row's activations are
+// rounded to int8 in groups of 32 with one fp32 scale each (Q8_0's rule, x ~ sx * xq, |xq| <= 127).
+//
+// Exactness: the integer sums are exact, so their order is free; the fp32 part runs per output element in one
+// fixed order over the groups (t = float(idot) * s; t = fma(z, isum, t); acc = fma(sx, t, acc)), the same
+// operations in every variant and every tiling. A row's result is the same bits whatever the row count, the
+// thread count or the vector unit: what speculative == plain greedy on 4-bit weights rests on.
+//
+// Layouts (packed by cpu_ops.pack_int4 / pack_int8, columns padded to a multiple of 64):
+//   int4 codes  [N/16][G][4][64] bytes, G = K/32: chunk c of group g holds k = 32g + 8c .. 32g + 8c + 7 of 16
+//               columns, byte 4n + j: low nibble k = 8c + j, high nibble k = 8c + 4 + j (code in 0..15)
+//   int4 scales [N/16][G][2][16] fp16: s, then z, with w = code * s + z
+//   int8 codes  [N/16][K/4][64] bytes, byte 4n + j = w[n, 4q + j] + 128; one fp32 scale per column
+// so that one 64-byte load holds 4 consecutive k of 16 columns: vpdpbusd's operand, with the row's 4 int8
+// activations broadcast.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+#if AMPHISTA_X86
+// GCC 12's own _mm512_undefined_ps (behind _mm512_cvtph_ps, _mm512_cvtepi32_ps) trips this warning.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
+#include "thread_pool.h"
+
+namespace amphista_cpu {
+
+constexpr int64_t kQuantGroup = 32;
+constexpr int64_t kColBlock = 16;
+constexpr int64_t kColPad = 64;  // packed columns are padded to this (the widest column tile)
+
+AMPHISTA_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    f = float(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24, exact
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  const uint32_t u = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- activations -> int8 --------------------------------------------------------------------------------
+struct QuantizeArgs {
+  const void* x;  // [rows, K] (row stride x_stride elements), fp32 or bf16
+  int64_t x_stride;
+  int8_t* xq;     // [rows, K]
+  float* sx;      // [rows, K / 32]
+  int32_t* isum;  // [rows, K / 32]: sum of the group's xq
+  int64_t rows, K;
+};
+
+template <class L>
+AMPHISTA_INLINE void quantize_rows(const QuantizeArgs& a, int64_t r0, int64_t r1) {
+  using T = typename L::T;
+  const int64_t G = a.K / kQuantGroup;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+    for (int64_t g = 0; g < G; ++g) {
+      float v[kQuantGroup];
+      float amax = 0.f;
+      for (int64_t i = 0; i < kQuantGroup; ++i) {
+        v[i] = L::load(x, g * kQuantGroup + i);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      // 127 / amax, then a product per element: IEEE-rounded the same everywhere; nearbyint rounds to even.
+      const float inv = amax > 0.f && std::isfinite(amax) ? 127.f / amax : 0.f;
+      int8_t* q = a.xq + r * a.K + g * kQuantGroup;
+      int32_t s = 0;
+      for (int64_t i = 0; i < kQuantGroup; ++i) {
+        const float t = std::min(std::max(std::nearbyint(v[i] * inv), -127.f), 127.f);
+        q[i] = int8_t(t);
+        s += int32_t(t);
+      }
+      a.sx[r * G + g] = std::isfinite(amax) ? amax / 127.f : amax;  // inf / NaN input: the output says so
+      a.isum[r * G + g] = s;
+    }
+  }
+}
+
+AMPHISTA_ISA_VARIANTS(quantize_rows_f32, QuantizeArgs, quantize_rows<F32>(a, r0, r1))
+AMPHISTA_ISA_VARIANTS(quantize_rows_bf16, QuantizeArgs, quantize_rows<BF16>(a, r0, r1))
+
+// ---- the products ----------------------------------------------------------------------------------------
+struct QuantMatmulArgs {
+  const int8_t* xq;      // [M, K]
+  const float* sx;       // [M, G]
+  const int32_t* isum;   // [M, G]
+  const uint8_t* codes;  // layouts above
+  const void* scales;    // int4: fp16 [N/16][G][2][16]; int8: fp32 [N_pad]
+  void* out;             // [M, N] (row stride out_stride elements), fp32 or bf16
+  int64_t out_stride;
+  int64_t M, K, N;
+  DType out_dtype;
+};
+
+AMPHISTA_INLINE void store_row(const QuantMatmulArgs& a, int64_t m, int64_t n0, const float* v) {
+  const int64_t n = std::min<int64_t>(kColBlock, a.N - n0);
+  if (a.out_dtype == DType::kFloat32) {
+    float* o = static_cast<float*>(a.out) + m * a.out_stride + n0;
+    for (int64_t i = 0; i < n; ++i) o[i] = v[i];
+  } else {
+    uint16_t* o = static_cast<uint16_t*>(a.out) + m * a.out_stride + n0;
+    for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(v[i]);
+  }
+}
+
+// Portable form (the AVX2 and baseline variants, and AVX-512 CPUs without VNNI): one 16-column block at a time.
+template <bool kInt4>
+AMPHISTA_INLINE void quant_matmul_generic(const QuantMatmulArgs& a, int64_t b0, int64_t b1) {
+  const int64_t G = a.K / kQuantGroup;
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    float s[kColBlock], z[kColBlock];
+    if (!kInt4)
+      for (int64_t n = 0; n < kColBlock; ++n) s[n] = static_cast<const float*>(a.scales)[nb * kColBlock + n];
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* x = a.xq + m * a.K;
+      float acc[kColBlock] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t idot[kColBlock] = {};
+        if (kInt4) {
+          const uint16_t* sz = static_cast<const uint16_t*>(a.scales) + (nb * G + g) * 2 * kColBlock;
+          for (int64_t n = 0; n < kColBlock; ++n) {
+            s[n] = half_to_float(sz[n]);
+            z[n] = half_to_float(sz[kColBlock + n]);
+          }
+          for (int64_t c = 0; c < 4; ++c) {
+            const uint8_t* ch = a.codes + ((nb * G + g) * 4 + c) * 64;
+            const int8_t* xc = x + g * kQuantGroup + 8 * c;
+            for (int64_t n = 0; n < kColBlock; ++n)
+              for (int64_t j = 0; j < 4; ++j)
+                idot[n] += int32_t(ch[4 * n + j] & 15) * xc[j] + int32_t(ch[4 * n + j] >> 4) * xc[4 + j];
+          }
+          const float is = float(a.isum[m * G + g]), sxg = a.sx[m * G + g];
+          for (int64_t n = 0; n < kColBlock; ++n) {
+            const float t = std::fma(z[n], is, float(idot[n]) * s[n]);
+            acc[n] = std::fma(sxg, t, acc[n]);
+          }
+        } else {
+          for (int64_t c = 0; c < 8; ++c) {
+            const uint8_t* ch = a.codes + ((nb * (a.K / 4)) + g * 8 + c) * 64;
+            const int8_t* xc = x + g * kQuantGroup + 4 * c;
+            for (int64_t n = 0; n < kColBlock; ++n)
+              for (int64_t j = 0; j < 4; ++j) idot[n] += int32_t(ch[4 * n + j]) * xc[j];
+          }
+          const int32_t off = 128 * a.isum[m * G + g];
+          const float sxg = a.sx[m * G + g];
+          for (int64_t n = 0; n < kColBlock; ++n) acc[n] = std::fma(sxg, float(idot[n] - off), acc[n]);
+        }
+      }
+      if (!kInt4)
+        for (int64_t n = 0; n < kColBlock; ++n) acc[n] *= s[n];
+      store_row(a, m, nb * kColBlock, acc);
+    }
+  }
+}
+
+#if AMPHISTA_X86
+#define AMPHISTA_TARGET_VNNI \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+
+// A tile of NB column blocks x MR rows with everything in registers. Without enough independent vpdpbusd
+// chains (NB * MR < 8) each block's chain is split in two (low and high nibbles / even and odd quads): integer
+// sums, so the split changes no bit.
+template <bool kInt4, int NB, int MR>
+AMPHISTA_TARGET_VNNI inline void vnni_tile(const QuantMatmulArgs& a, int64_t nb0, int64_t m0) {
+  constexpr bool kSplit = NB * MR < 8;
+  const int64_t G = a.K / kQuantGroup;
+  const int32_t* x32[MR];
+  for (int r = 0; r < MR; ++r) x32[r] = reinterpret_cast<const int32_t*>(a.xq + (m0 + r) * a.K);
+  __m512 acc[NB][MR];
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < MR; ++r) acc[b][r] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(15);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i d0[NB][MR], d1[NB][MR];
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < MR; ++r) {
+        d0[b][r] = _mm512_setzero_si512();
+        if (kSplit) d1[b][r] = _mm512_setzero_si512();
+      }
+    if (kInt4) {
+      for (int c = 0; c < 4; ++c)
+        for (int b = 0; b < NB; ++b) {
+          const __m512i v = _mm512_loadu_si512(a.codes + (((nb0 + b) * G + g) * 4 + c) * 64);
+          const __m512i lo = _mm512_and_si512(v, nib);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+          for (int r = 0; r < MR; ++r) {
+            const int64_t quad = g * 8 + 2 * c;
+            d0[b][r] = _mm512_dpbusd_epi32(d0[b][r], lo, _mm512_set1_epi32(x32[r][quad]));
+            if (kSplit)
+              d1[b][r] = _mm512_dpbusd_epi32(d1[b][r], hi, _mm512_set1_epi32(x32[r][quad + 1]));
+            else
+              d0[b][r] = _mm512_dpbusd_epi32(d0[b][r], hi, _mm512_set1_epi32(x32[r][quad + 1]));
+          }
+        }
+      for (int b = 0; b < NB; ++b) {
+        const uint16_t* sz = static_cast<const uint16_t*>(a.scales) + ((nb0 + b) * G + g) * 2 * kColBlock;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + kColBlock)));
+        for (int r = 0; r < MR; ++r) {
+          const __m512i d = kSplit ? _mm512_add_epi32(d0[b][r], d1[b][r]) : d0[b][r];
+          const int64_t i = (m0 + r) * G + g;
+          __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), s);
+          t = _mm512_fmadd_ps(z, _mm512_set1_ps(float(a.isum[i])), t);
+          acc[b][r] = _mm512_fmadd_ps(_mm512_set1_ps(a.sx[i]), t, acc[b][r]);
+        }
+      }
+    } else {
+      for (int c = 0; c < 8; ++c)
+        for (int b = 0; b < NB; ++b) {
+          const __m512i v = _mm512_loadu_si512(a.codes + ((nb0 + b) * (a.K / 4) + g * 8 + c) * 64);
+          for (int r = 0; r < MR; ++r) {
+            const __m512i xb = _mm512_set1_epi32(x32[r][g * 8 + c]);
+            if (kSplit && (c & 1))
+              d1[b][r] = _mm512_dpbusd_epi32(d1[b][r], v, xb);
+            else
+              d0[b][r] = _mm512_dpbusd_epi32(d0[b][r], v, xb);
+          }
+        }
+      for (int b = 0; b < NB; ++b)
+        for (int r = 0; r < MR; ++r) {
+          const int64_t i = (m0 + r) * G + g;
+          __m512i d = kSplit ? _mm512_add_epi32(d0[b][r], d1[b][r]) : d0[b][r];
+          d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * a.isum[i]));
+          acc[b][r] = _mm512_fmadd_ps(_mm512_set1_ps(a.sx[i]), _mm512_cvtepi32_ps(d), acc[b][r]);
+        }
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const int64_t n0 = (nb0 + b) * kColBlock;
+    if (n0 >= a.N) break;
+    __m512 s = _mm512_set1_ps(1.f);
+    if (!kInt4) s = _mm512_loadu_ps(static_cast<const float*>(a.scales) + n0);
+    for (int r = 0; r < MR; ++r) {
+      alignas(64) float v[kColBlock];
+      _mm512_store_ps(v, kInt4 ? acc[b][r] : _mm512_mul_ps(acc[b][r], s));
+      store_row(a, m0 + r, n0, v);
+    }
+  }
+}
+
+// Column blocks [b0, b1) of every row; b0 and b1 multiples of 4 (or b1 = all blocks, a multiple of 4 too).
+template <bool kInt4>
+AMPHISTA_TARGET_VNNI inline void quant_matmul_vnni(const QuantMatmulArgs& a, int64_t b0, int64_t b1) {
+  if (a.M == 1) {
+    for (int64_t nb = b0; nb < b1; nb += 4) vnni_tile<kInt4, 4, 1>(a, nb, 0);
+    return;
+  }
+  // Column tiles outer, rows inner: a tile's weights (2 x 16 columns) stay in L1 while every row uses them.
+  for (int64_t nb = b0; nb < b1; nb += 2) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) vnni_tile<kInt4, 2, 4>(a, nb, m);
+    switch (a.M - m) {
+      case 3: vnni_tile<kInt4, 2, 3>(a, nb, m); break;
+      case 2: vnni_tile<kInt4, 2, 2>(a, nb, m); break;
+      case 1: vnni_tile<kInt4, 2, 1>(a, nb, m); break;
+      default: break;
+    }
+  }
+}
+
+inline bool has_vnni() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+}
+#endif
+
+AMPHISTA_ISA_VARIANTS(int4_generic, QuantMatmulArgs, quant_matmul_generic<true>(a, r0, r1))
+AMPHISTA_ISA_VARIANTS(int8_generic, QuantMatmulArgs, quant_matmul_generic<false>(a, r0, r1))
+
+// out = x @ w.T for packed 4-bit (kInt4) or 8-bit weights. xq/sx/isum come from quantize_activations.
+template <bool kInt4>
+void quant_matmul(const QuantMatmulArgs& a, int64_t threads) {
+  const int64_t blocks = (a.N + kColPad - 1) / kColPad * (kColPad / kColBlock);
+  const int64_t tiles = blocks / 4;  // units of 4 blocks: every tiling above divides them
+  // Split when a thread gets ~256K multiply-adds or more (a few microseconds; a spinning worker starts in ~1).
+  const int64_t per_thread = std::max<int64_t>(1, (int64_t(1) << 18) / (4 * kColBlock * a.K * a.M));
+  ThreadPool::instance().run(tiles, per_thread, threads, [&](int64_t t0, int64_t t1) {
+#if AMPHISTA_X86
+    if (isa() == Isa::kAvx512 && has_vnni()) return quant_matmul_vnni<kInt4>(a, 4 * t0, 4 * t1);
+#endif
+    if (kInt4)
+      int4_generic(a, 4 * t0, 4 * t1);
+    else
+      int8_generic(a, 4 * t0, 4 * t1);
+  });
+}
+
+inline void quantize_activations(const QuantizeArgs& a, DType dtype) {
+  if (dtype == DType::kFloat32)
+    quantize_rows_f32(a, 0, a.rows);
+  else
+    quantize_rows_bf16(a, 0, a.rows);
+}
+
+}  // namespace amphista_cpu
