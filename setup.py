@@ -72,11 +72,13 @@ def cpu_extension():
     import pybind11
 
     headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h"))
+    # OpenMP (libgomp.so.1, the soname torch's CPU wheels load: one thread pool for both); macOS's clang has none
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     return Extension("amphista_engine._cpu", sources=["csrc/cpu/bindings.cpp"], depends=headers,
                      include_dirs=[pybind11.get_include()], language="c++",
                      extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-fno-trapping-math",
-                                         "-fvisibility=hidden", "-pthread"],
-                     extra_link_args=["-pthread"])
+                                         "-fvisibility=hidden", "-pthread"] + openmp,
+                     extra_link_args=["-pthread"] + openmp)
 
 
 def cpu_skip_reason(compiler) -> str | None:

@@ -274,6 +274,14 @@ class Transformer(nn.Module):
             mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len, cache.k.dtype)
         rope = self.rope[positions]
         x = self.tok_embeddings(tokens)
+        # A 4-bit model on the cpu backend: the whole layer stack in one C++ call (csrc/cpu/decoder.h)
+        native = (cpu_ops.decoder_layers(self, x, rope, cache, spec.prefix_len, mask[0])
+                  if cache is not None and isinstance(mask, tuple) and mask[1] is None else NotImplemented)
+        if native is not NotImplemented:
+            x, h = native
+            hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+            logits = self.output(hl)
+            return (logits, h) if return_hidden else logits
         if invariant or self.fuses_layers(x):
             for layer in self.layers:
                 x = layer.forward_fused(x, rope, cache, spec, mask, invariant)

@@ -343,3 +343,101 @@ def test_quant_linear_bindings_name_a_bad_argument():
         ext.quant_linear(4, x.data_ptr(), 64, 1, 48, 0, x.data_ptr(), x.data_ptr(), 64, out.data_ptr(), 64, 1)
     with pytest.raises(ValueError, match="argument 'out_stride'"):
         ext.quant_linear(4, x.data_ptr(), 64, 1, 64, 0, x.data_ptr(), x.data_ptr(), 64, out.data_ptr(), 32, 1)
+
+
+# ---- a 4-bit model's layer stack in one call (csrc/cpu/decoder.h) -----------------------------------------
+def q4_model(dtype, seed=0):
+    from amphista_engine.model import Transformer
+    from amphista_engine.config import ModelConfig
+    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=96)
+    torch.manual_seed(seed)
+    model = Transformer(cfg, max_seq_len=128)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    for m in model.modules():
+        if hasattr(m, "eps"):
+            m.weight.data.uniform_(0.5, 1.5)
+    model = model.to(dtype).eval()
+    cpu_quant.quantize_linears(model)
+    return model
+
+
+def run_forward(model, tokens, positions, cache, prefix, mask, native: bool, monkeypatch=None):
+    from amphista_engine.model import AttentionSpec
+    spec = AttentionSpec(torch.full((tokens.shape[0],), prefix), mask, prefix + tokens.shape[1], decode=prefix > 0)
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        if not native:
+            mp.setattr(cpu_ops, "decoder_layers", lambda *a, **k: NotImplemented)
+        return model(tokens, positions, cache, spec, return_hidden=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_layers_match_the_layer_loop(dtype):
+    """One C++ call for the whole stack against model.Block layer by layer (the same kernels but the SwiGLU
+    activation's exp): logits, final hidden states and the K/V it wrote, for a prefill and a tree step."""
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import causal_mask
+    model = q4_model(dtype)
+    assert cpu_ops._layer_table(model, dtype) is not None
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)[None]
+    got = {}
+    for native in (True, False):
+        cache = KVCache.for_model(model.config, 2, 64, dtype, "cpu")
+        pre = run_forward(model, tokens[:, :8], torch.arange(8).expand(2, 8), cache, 0, causal_mask(8, "cpu"), native)
+        step = run_forward(model, tokens[:, 8:], torch.tensor([[8, 9, 9, 10]]).expand(2, 4), cache, 8, tree, native)
+        got[native] = (*pre, *step, cache.k[:, :2, :, :12], cache.v[:, :2, :, :12])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got[True], got[False]):
+        assert a.shape == b.shape and rel_err(a, b) < tol
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_layers_tree_rows_equal_plain_rows_bit_for_bit(dtype):
+    """A tree step's row for a token equals the plain step's for the same token after the same path: what the
+    4-bit CPU path's speculative == plain greedy rests on."""
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import causal_mask
+    model = q4_model(dtype, seed=2)
+    tokens = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
+    cache = KVCache.for_model(model.config, 1, 64, dtype, "cpu")
+    run_forward(model, tokens, torch.arange(8)[None], cache, 0, causal_mask(8, "cpu"), True)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    # nodes 0 -> 1 -> 3 and 0 -> 2 (depths 0, 1, 1, 2)
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)[None]
+    nodes = torch.tensor([[5, 17, 33, 61]])
+    logits, hidden = run_forward(model, nodes, torch.tensor([[8, 9, 9, 10]]), cache, 8, tree, True)
+    for path in ([0, 1, 3], [0, 2]):
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        for depth, node in enumerate(path):
+            plain_logits, plain_hidden = run_forward(model, nodes[:, node:node + 1], torch.tensor([[8 + depth]]),
+                                                     cache, 8 + depth, causal_mask(1, "cpu"), True)
+            assert torch.equal(plain_hidden[0, 0], hidden[0, node]), (path, node)
+            assert torch.equal(plain_logits[0, 0], logits[0, node]), (path, node)
+
+
+@needs_ext
+def test_decoder_layers_decline_what_they_cannot_take():
+    from amphista_engine.kv_cache import KVCache
+    model = q4_model(torch.float32)
+    cache = KVCache.for_model(model.config, 1, 128, torch.float32, "cpu")
+    x = torch.randn(1, 4, 64)
+    rope, prefix = model.rope[torch.arange(4)][None], torch.zeros(1, dtype=torch.long)
+    bits = torch.tensor([[1, 3, 7, 15]])
+    assert cpu_ops.decoder_layers(model, x.clone(), rope, cache, prefix, bits) is not NotImplemented
+    with use_backend("torch"):
+        assert cpu_ops.decoder_layers(model, x.clone(), rope, cache, prefix, bits) is NotImplemented
+    long_x = torch.randn(1, 65, 64)
+    assert cpu_ops.decoder_layers(model, long_x, model.rope[torch.arange(65)][None], cache, prefix,
+                                  torch.ones(1, 65, dtype=torch.long)) is NotImplemented      # > 64 tokens
+    w2 = model.layers[1].feed_forward.w2                                          # a float layer
+    w2.__class__ = torch.nn.Linear
+    del w2._packed_native
+    model._cpu_decoder_table = None
+    assert cpu_ops.decoder_layers(model, x.clone(), rope, cache, prefix, bits) is NotImplemented
+    with pytest.raises(ValueError, match="argument 'T'"):
+        ext.decoder_layers(*([x.data_ptr()] * 5), 0, *([x.data_ptr()] * 4), 0, 1, 1, 65, 64, 4, 2, 16, 96, 1, 128,
+                           1e-5, 0, 1)

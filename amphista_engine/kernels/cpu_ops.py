@@ -14,10 +14,13 @@ prefix, not 512-slot blocks, and needs no padded query rows); for trees of 16+ n
 
 Products with 4-bit and 8-bit weights (kernels/cpu_quant.py's layers) run here too, on weights packed once by
 pack_int4 / pack_int8 (csrc/cpu/quant_matmul.h): torch's int4 kernel costs about as much per row as for one row,
-so a tree's verification cost what the tree saved. Float matmuls stay with torch (oneDNN), and so does SwiGLU's
-activation: a C++ silu with a vectorised exp measured slower than
-torch's two ops at decode sizes on a 2-core AVX-512 EPYC (7.8 vs 6.0 us for one row of 1536, 45 vs 28 us for 16
-rows).
+so a tree's verification cost what the tree saved. With those products fast, Python became most of a 4-bit decode
+step (ten ops a layer at ~10-20 us each), so `decoder_layers` runs a 4-bit model's whole layer stack in one call
+(csrc/cpu/decoder.h). Float matmuls stay with torch (oneDNN), and so does SwiGLU's activation as a separate op: a
+C++ silu with a vectorised exp measured slower than torch's two ops at decode sizes on a 2-core AVX-512 EPYC (7.8
+vs 6.0 us for one row of 1536, 45 vs 28 us for 16 rows); inside decoder_layers it costs no dispatch.
+
+Threads: OpenMP's, shared with torch (the module links libgomp.so.1, the soname torch's CPU wheels load).
 """
 from __future__ import annotations
 
@@ -248,3 +251,78 @@ def quant_linear(x, layer):
                          packed.n, torch.get_num_threads())
     out = out.view(*x.shape[:-1], packed.n)
     return out if layer.bias is None else out + layer.bias
+
+
+# ---- a 4-bit model's decoder layers in one call ---------------------------------------------------------
+_LAYER_FIELDS = 10      # csrc/cpu/decoder.h LayerField
+
+
+def _layer_table(model, dtype):
+    """[L, 10] int64 addresses of each layer's norms and packed weights (decoder.h LayerField order), cached on
+    the model; None when a layer is not all 4-bit codes of the cpu kernel (or shapes/dtypes do not fit)."""
+    key = (dtype, id(getattr(model.layers[0].attention.wqkv, "_packed_native", None)),
+           id(getattr(model.layers[-1].feed_forward.w2, "_packed_native", None)), model.norm.weight.data_ptr())
+    cached = getattr(model, "_cpu_decoder_table", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cfg = model.config
+    rows, table = [], None
+    eps = {model.norm.eps}
+    for layer in model.layers:
+        att, ffn = layer.attention, layer.feed_forward
+        linears = (att.wqkv, att.wo, ffn.w13, ffn.w2)
+        packed = [getattr(m, "_packed_native", None) for m in linears]
+        shapes = ((cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim), (cfg.n_heads * cfg.head_dim, cfg.dim),
+                  (cfg.dim, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.dim))
+        norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+        if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
+                or any(m.bias is not None for m in linears)
+                or any(w.dtype != dtype or not w.is_contiguous() for w in norms)):
+            break
+        eps |= {layer.attention_norm.eps, layer.ffn_norm.eps}
+        row = [norms[0].data_ptr()]
+        for p in packed[:2]:
+            row += [p.codes.data_ptr(), p.scales.data_ptr()]
+        row.append(norms[1].data_ptr())
+        for p in packed[2:]:
+            row += [p.codes.data_ptr(), p.scales.data_ptr()]
+        rows.append(row)
+    else:
+        if len(eps) == 1 and model.norm.weight.dtype == dtype and model.norm.weight.is_contiguous():
+            table = torch.tensor(rows, dtype=torch.long)
+    model._cpu_decoder_table = (key, table)
+    return table
+
+
+def decoder_layers(model, x, rope_rows, cache, prefix_len, bits):
+    """Every decoder layer of `model` (model.Block.forward, layer after layer) over x [B, T, d] in one call of
+    csrc/cpu/decoder.h, K/V to `cache`: returns (x, h) with h the final norm of x, as the layer loop does. For
+    4-bit models (cpu_quant with this extension) under the cpu backend; NotImplemented otherwise (the caller runs
+    its layer loop). bits: ancestor-or-self bits [B or 1, T] long (ops.tree_mask_args); T <= 64."""
+    from . import backend
+    ext, code = load_extension(), _CODES.get(x.dtype)
+    if ext is None or code is None or x.dim() != 3 or x.device.type != "cpu" or not x.is_contiguous():
+        return NotImplemented
+    B, T, d = x.shape
+    k, v = cache.k, cache.v
+    if (T > 64 or backend.resolve("quant_linear", x.device) != BACKEND or (torch.is_grad_enabled() and x.requires_grad)
+            or not isinstance(bits, torch.Tensor) or bits.dtype != torch.long or bits.shape[-1] != T
+            or bits.reshape(-1, T).shape[0] not in (1, B) or k.dtype != x.dtype or v.dtype != x.dtype
+            or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != len(model.layers) or B > k.shape[1]
+            or rope_rows.dtype != torch.float32 or rope_rows.shape[-2:] != (T, k.shape[-1])
+            or prefix_len.dtype != torch.long or prefix_len.shape != (B,)):
+        return NotImplemented
+    table = _layer_table(model, x.dtype)
+    if table is None:
+        return NotImplemented
+    cfg = model.config
+    L, B_max, H_kv, S, D = k.shape
+    bits = bits.reshape(-1, T).contiguous()
+    rope_rows = rope_rows.contiguous()
+    prefix_len = prefix_len.contiguous()
+    h = torch.empty_like(x)
+    ext.decoder_layers(x.data_ptr(), h.data_ptr(), table.data_ptr(), model.norm.weight.data_ptr(), rope_rows.data_ptr(),
+                       T * D if rope_rows.shape[0] > 1 else 0, k.data_ptr(), v.data_ptr(), prefix_len.data_ptr(),
+                       bits.data_ptr(), T if bits.shape[0] > 1 else 0, L, B, T, d, cfg.n_heads, H_kv, D,
+                       cfg.intermediate_size, B_max, S, model.norm.eps, code, torch.get_num_threads())
+    return x, h

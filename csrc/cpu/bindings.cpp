@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "decoder.h"
 #include "norm.h"
 #include "quant_matmul.h"
 #include "rope_kv.h"
@@ -48,24 +49,6 @@ DType float_dtype(int64_t code, const char* name) {
 }
 
 int64_t threads(int64_t n) { return size(n, "threads"); }
-
-// The activations' int8 form for one call: per-thread scratch, grown as needed (a step's calls reuse it).
-struct QuantScratch {
-  std::vector<int8_t> xq;
-  std::vector<float> sx;
-  std::vector<int32_t> isum;
-  QuantizeArgs prepare(const void* x, int64_t x_stride, int64_t rows, int64_t K) {
-    xq.resize(size_t(rows * K));
-    sx.resize(size_t(rows * (K / kQuantGroup)));
-    isum.resize(sx.size());
-    return QuantizeArgs{x, x_stride, xq.data(), sx.data(), isum.data(), rows, K};
-  }
-};
-
-QuantScratch& scratch() {
-  thread_local QuantScratch s;
-  return s;
-}
 
 }  // namespace
 
@@ -174,20 +157,39 @@ PYBIND11_MODULE(_cpu, m) {
     if (stride(x_stride, "x_stride") < K) bad_arg("x_stride", "is shorter than K");
     if (stride(out_stride, "out_stride") < size(N, "N")) bad_arg("out_stride", "is shorter than N");
     const void* xp = ptr(x, "x");
-    QuantMatmulArgs a{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(ptr(codes, "codes")),
-                      ptr(scales, "scales"), ptr(out, "out"), out_stride, size(rows, "rows"), K, N, dt};
+    const QuantMatmulArgs a{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(ptr(codes, "codes")),
+                            ptr(scales, "scales"), ptr(out, "out"), out_stride, size(rows, "rows"), K, N, dt};
     const int64_t nt = threads(nthreads);
     py::gil_scoped_release unlocked;
-    const QuantizeArgs q = scratch().prepare(xp, x_stride, a.M, K);
-    quantize_activations(q, dt);
-    a.xq = q.xq;
-    a.sx = q.sx;
-    a.isum = q.isum;
-    if (bits == 4)
-      quant_matmul<true>(a, nt);
-    else
-      quant_matmul<false>(a, nt);
+    quant_linear(int(bits), xp, x_stride, a, nt);
   }, py::arg("bits"), py::arg("x"), py::arg("x_stride"), py::arg("rows"), py::arg("K"), py::arg("dtype"),
      py::arg("codes"), py::arg("scales"), py::arg("N"), py::arg("out"), py::arg("out_stride"), py::arg("threads"),
      "out [rows, N] = x [rows, K] @ w.T for w packed by cpu_ops.pack_int4 (bits 4) or pack_int8 (bits 8)");
+
+  m.def("decoder_layers", [](int64_t x, int64_t h, int64_t table, int64_t final_norm, int64_t rope, int64_t rope_sb,
+                             int64_t k_cache, int64_t v_cache, int64_t start, int64_t bits, int64_t bits_sb,
+                             int64_t L, int64_t B, int64_t T, int64_t d, int64_t H, int64_t H_kv, int64_t D,
+                             int64_t I, int64_t B_max, int64_t S, double eps, int64_t dtype, int64_t nthreads) {
+    DecoderArgs a{ptr(x, "x"), ptr(h, "h"), static_cast<const int64_t*>(ptr(table, "table")),
+                  ptr(final_norm, "final_norm"), static_cast<const float*>(ptr(rope, "rope")), stride(rope_sb, "rope_sb"),
+                  ptr(k_cache, "k_cache"), ptr(v_cache, "v_cache"), static_cast<const int64_t*>(ptr(start, "start")),
+                  static_cast<const int64_t*>(ptr(bits, "bits")), stride(bits_sb, "bits_sb"), size(L, "L"),
+                  size(B, "B"), size(T, "T"), size(d, "d"), size(H, "H"), size(H_kv, "H_kv"), size(D, "D"),
+                  size(I, "I"), size(B_max, "B_max"), size(S, "S"), float(eps), float_dtype(dtype, "dtype")};
+    if (a.T > 64) bad_arg("T", "must be <= 64 (one uint64 of ancestor bits per token)");
+    if (a.B > a.B_max) bad_arg("B", "exceeds B_max");
+    if (a.H % a.H_kv) bad_arg("H", "must be a multiple of H_kv");
+    if (a.D % 2 || a.D > kMaxDynamicD) bad_arg("D", "must be even and <= " + std::to_string(kMaxDynamicD));
+    if (a.d % kQuantGroup || a.I % kQuantGroup || (a.H * a.D) % kQuantGroup)
+      bad_arg("d", "d, I and H * D must be multiples of 32 (the 4-bit groups)");
+    if (a.S < a.T) bad_arg("S", "is smaller than T");
+    if (!(eps >= 0.0)) bad_arg("eps", "must be >= 0");
+    const int64_t nt = threads(nthreads);
+    py::gil_scoped_release unlocked;
+    decoder_layers(a, nt);
+  }, py::arg("x"), py::arg("h"), py::arg("table"), py::arg("final_norm"), py::arg("rope"), py::arg("rope_sb"),
+     py::arg("k_cache"), py::arg("v_cache"), py::arg("start"), py::arg("bits"), py::arg("bits_sb"), py::arg("L"),
+     py::arg("B"), py::arg("T"), py::arg("d"), py::arg("H"), py::arg("H_kv"), py::arg("D"), py::arg("I"),
+     py::arg("B_max"), py::arg("S"), py::arg("eps"), py::arg("dtype"), py::arg("threads"),
+     "a 4-bit model's decoder layers over x [B * T, d] in place (h = the final norm of x), K/V to the cache");
 }

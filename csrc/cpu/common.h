@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define AMPHISTA_INLINE inline __attribute__((always_inline))
 
@@ -158,27 +160,36 @@ AMPHISTA_INLINE float dot(const float* a, const float* b, int64_t n) {
   return reduce_lanes(part);
 }
 
-// fn(r0, r1) over row ranges: one thread for small work (thread start-up costs more than the rows), up to
-// `threads` for big calls such as a prefill. Rows are independent, so the split never changes a result.
+// fn(u0, u1) over [0, units) in contiguous ranges, one per thread, each of at least min_units units (units are
+// independent: the split never changes a result). The threads are OpenMP's: the module links libgomp.so.1 by
+// soname, which is the copy torch's CPU wheels load first, so these kernels and torch's ops share one pool of
+// threads. (A pool of our own spun on the second core while torch's spun too: speculative steps took 1.6x as long
+// on a 2-core VM.) Without OpenMP everything runs on the calling thread.
 template <class Fn>
-void parallel_rows(int64_t rows, int64_t work_per_row, int64_t threads, Fn fn) {
-  // Starting a thread costs ~50-100 us on a small VM: only calls of about a millisecond or more are split.
-  constexpr int64_t kMinWork = int64_t(1) << 21;  // work units (about element-ops) per thread
-  const int64_t by_work = std::max<int64_t>(1, rows * work_per_row / kMinWork);
-  const int64_t n = std::min({threads, rows, by_work});
+void parallel_for(int64_t units, int64_t min_units, int64_t threads, Fn fn) {
+  const int64_t n = std::min({threads, units / std::max<int64_t>(min_units, 1), int64_t(256)});
   if (n <= 1) {
-    fn(int64_t(0), rows);
+    fn(int64_t(0), units);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(size_t(n - 1));
-  const int64_t chunk = (rows + n - 1) / n;
-  for (int64_t t = 1; t < n; ++t) {
-    const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
-    if (r0 < r1) pool.emplace_back(fn, r0, r1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(int(n))
+  {
+    const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();  // the team may be smaller than n
+    const int64_t chunk = (units + team - 1) / team;
+    const int64_t u0 = t * chunk, u1 = std::min(units, u0 + chunk);
+    if (u0 < u1) fn(u0, u1);
   }
-  fn(int64_t(0), std::min(rows, chunk));
-  for (auto& th : pool) th.join();
+#else
+  fn(int64_t(0), units);
+#endif
+}
+
+// parallel_for by rows of a given cost: threads only once each gets ~64K element-ops (a few microseconds).
+template <class Fn>
+void parallel_rows(int64_t rows, int64_t work_per_row, int64_t threads, Fn fn) {
+  constexpr int64_t kMinWork = int64_t(1) << 16;
+  parallel_for(rows, (kMinWork + work_per_row - 1) / std::max<int64_t>(work_per_row, 1), threads, fn);
 }
 
 }  // namespace amphista_cpu

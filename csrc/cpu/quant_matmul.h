@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 #if AMPHISTA_X86
@@ -31,7 +32,6 @@
 #include <immintrin.h>
 #endif
 
-#include "thread_pool.h"
 
 namespace amphista_cpu {
 
@@ -294,9 +294,9 @@ template <bool kInt4>
 void quant_matmul(const QuantMatmulArgs& a, int64_t threads) {
   const int64_t blocks = (a.N + kColPad - 1) / kColPad * (kColPad / kColBlock);
   const int64_t tiles = blocks / 4;  // units of 4 blocks: every tiling above divides them
-  // Split when a thread gets ~256K multiply-adds or more (a few microseconds; a spinning worker starts in ~1).
+  // Split when a thread gets ~256K multiply-adds or more (a few microseconds).
   const int64_t per_thread = std::max<int64_t>(1, (int64_t(1) << 18) / (4 * kColBlock * a.K * a.M));
-  ThreadPool::instance().run(tiles, per_thread, threads, [&](int64_t t0, int64_t t1) {
+  parallel_for(tiles, per_thread, threads, [&](int64_t t0, int64_t t1) {
 #if AMPHISTA_X86
     if (isa() == Isa::kAvx512 && has_vnni()) return quant_matmul_vnni<kInt4>(a, 4 * t0, 4 * t1);
 #endif
@@ -312,6 +312,25 @@ inline void quantize_activations(const QuantizeArgs& a, DType dtype) {
     quantize_rows_f32(a, 0, a.rows);
   else
     quantize_rows_bf16(a, 0, a.rows);
+}
+
+// out = x @ w.T, x [M, K] (row stride x_stride) in the output's dtype: the activations rounded to int8 into
+// per-thread scratch (grown as needed: a step's calls reuse it), then the product. a.xq/sx/isum are filled here.
+inline void quant_linear(int bits, const void* x, int64_t x_stride, QuantMatmulArgs a, int64_t threads) {
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> sx;
+  thread_local std::vector<int32_t> isum;
+  xq.resize(size_t(a.M * a.K));
+  sx.resize(size_t(a.M * (a.K / kQuantGroup)));
+  isum.resize(sx.size());
+  quantize_activations(QuantizeArgs{x, x_stride, xq.data(), sx.data(), isum.data(), a.M, a.K}, a.out_dtype);
+  a.xq = xq.data();
+  a.sx = sx.data();
+  a.isum = isum.data();
+  if (bits == 4)
+    quant_matmul<true>(a, threads);
+  else
+    quant_matmul<false>(a, threads);
 }
 
 }  // namespace amphista_cpu

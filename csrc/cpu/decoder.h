@@ -1,0 +1,128 @@
+// A 4-bit model's decoder layers in one call (cpu_ops.decoder_layers): the decode step's whole layer stack.
+//
+// Why: with the products this fast (quant_matmul.h), a CPU decode step of SmolLM2 spent more time in Python than
+// in arithmetic: ten ops a layer, each ~10-20 us of module calls, dispatch and tensor allocation, ~7 ms of a
+// ~13 ms step. Here the same kernels run back to back over scratch buffers, in the order and with the rounding
+// of Block.forward (kernels/reference.py):
+//   h = attention_norm(x)                      (first layer; later ones get h from the add + norm before)
+//   q = RoPE + cache write (wqkv(h))           qkv_rope_write
+//   a = tree_attention(q, cache)               keys in position order
+//   x, h = add_rmsnorm(wo(a), x, ffn_norm)
+//   x, h = add_rmsnorm(w2(silu(g) * u), x, next_norm)   with g | u = w13(h); next_norm: the next layer's
+//                                              attention_norm, or the final norm after the last layer
+// Each kernel computes a row on its own, so the stack does too: a token's hidden state is the same bits in a
+// plain step and in any tree.
+#pragma once
+
+#include <vector>
+
+#include "common.h"
+#include "norm.h"
+#include "quant_matmul.h"
+#include "rope_kv.h"
+#include "tree_attention.h"
+
+namespace amphista_cpu {
+
+// One row of the layer table (an int64 tensor [L, kLayerFields] of addresses): the packed weights of
+// cpu_ops.PackedWeights (codes, scales) and the norms' weights in the model dtype.
+enum LayerField : int {
+  kAttnNorm = 0, kWqkvCodes, kWqkvScales, kWoCodes, kWoScales, kFfnNorm, kW13Codes, kW13Scales, kW2Codes,
+  kW2Scales, kLayerFields
+};
+
+struct DecoderArgs {
+  void* x;                    // [R, d] the residual stream (R = B * T rows), updated in place
+  void* h;                    // [R, d] out: the final norm of x
+  const int64_t* table;       // [L, kLayerFields]
+  const void* final_norm;     // [d]
+  const float* rope;          // [B or 1, T, D] fp32 (cos | sin), contiguous
+  int64_t rope_sb;            // 0: one set of rows for the batch
+  void* k_cache;              // [L, B_max, H_kv, S, D] contiguous
+  void* v_cache;
+  const int64_t* start;       // [B] each row's cache length (prefix_len)
+  const int64_t* bits;        // [B or 1, T] ancestor-or-self bits
+  int64_t bits_sb;
+  int64_t L, B, T, d, H, H_kv, D, I, B_max, S;
+  float eps;
+  DType dtype;
+};
+
+// SwiGLU's activation, rounded as FeedForward: silu(g) to the dtype, then times u. exp_approx: ~1-2 ulp from expf.
+struct SiluArgs {
+  const void* gu;  // [rows, 2 I]: gate | up
+  void* out;       // [rows, I]
+  int64_t I;
+};
+
+template <class L>
+AMPHISTA_INLINE void silu_mul_rows(const SiluArgs& a, int64_t r0, int64_t r1) {
+  using T = typename L::T;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = static_cast<const T*>(a.gu) + r * 2 * a.I;
+    const T* u = g + a.I;
+    T* o = static_cast<T*>(a.out) + r * a.I;
+    for (int64_t j = 0; j < a.I; ++j) {
+      const float x = L::load(g, j);
+      L::store(o, j, L::round(x / (1.f + exp_approx(-x))) * L::load(u, j));
+    }
+  }
+}
+
+AMPHISTA_ISA_VARIANTS(silu_mul_f32, SiluArgs, silu_mul_rows<F32>(a, r0, r1))
+AMPHISTA_ISA_VARIANTS(silu_mul_bf16, SiluArgs, silu_mul_rows<BF16>(a, r0, r1))
+
+inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
+  const int64_t R = a.B * a.T, es = a.dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t qkv_w = (a.H + 2 * a.H_kv) * a.D, attn_w = a.H * a.D;
+  thread_local std::vector<char> scratch;
+  const int64_t widths[] = {qkv_w, attn_w, attn_w, a.d, 2 * a.I, a.I};
+  int64_t total = 0;
+  for (int64_t w : widths) total += R * w * es;
+  scratch.resize(size_t(total));
+  char* p = scratch.data();
+  char* bufs[6];
+  for (int i = 0; i < 6; ++i) {
+    bufs[i] = p;
+    p += R * widths[i] * es;
+  }
+  void *qkv = bufs[0], *q = bufs[1], *attn = bufs[2], *proj = bufs[3], *gu = bufs[4], *act = bufs[5];
+  auto matmul = [&](const void* in, int64_t K, const int64_t* row, int field, int64_t N, void* out) {
+    const QuantMatmulArgs m{nullptr, nullptr, nullptr, reinterpret_cast<const uint8_t*>(row[field]),
+                            reinterpret_cast<const void*>(row[field + 1]), out, N, R, K, N, a.dtype};
+    quant_linear(4, in, K, m, threads);
+  };
+  auto norm = [&](const void* x, const void* residual, const void* w, void* sum, void* out) {
+    rmsnorm(NormArgs{x, residual, w, sum, out, R, a.d, a.eps}, a.dtype, threads);
+  };
+
+  norm(a.x, nullptr, reinterpret_cast<const void*>(a.table[kAttnNorm]), nullptr, a.h);
+  const int64_t layer_elems = a.B_max * a.H_kv * a.S * a.D;
+  for (int64_t l = 0; l < a.L; ++l) {
+    const int64_t* row = a.table + l * kLayerFields;
+    matmul(a.h, a.d, row, kWqkvCodes, qkv_w, qkv);
+    char* k_layer = static_cast<char*>(a.k_cache) + l * layer_elems * es;
+    char* v_layer = static_cast<char*>(a.v_cache) + l * layer_elems * es;
+    qkv_rope_write(QkvRopeWriteArgs{qkv, a.T * qkv_w, qkv_w, a.rope, a.rope_sb, a.D, k_layer, v_layer,
+                                    a.H_kv * a.S * a.D, a.S * a.D, a.S, a.start, q, a.B, a.T, a.H, a.H_kv, a.D},
+                   a.dtype, threads);
+    tree_attention(TreeAttentionArgs{q, a.T * attn_w, a.D, attn_w, k_layer, v_layer, a.H_kv * a.S * a.D, a.S * a.D,
+                                     a.start, a.bits, a.bits_sb, attn, a.B, a.H, a.H_kv, a.T, a.D, a.S,
+                                     float(std::pow(double(a.D), -0.5))},   // Python's D ** -0.5
+                   a.dtype, threads);
+    matmul(attn, attn_w, row, kWoCodes, a.d, proj);
+    norm(proj, a.x, reinterpret_cast<const void*>(row[kFfnNorm]), a.x, a.h);
+    matmul(a.h, a.d, row, kW13Codes, 2 * a.I, gu);
+    const SiluArgs s{gu, act, a.I};
+    if (a.dtype == DType::kFloat32)
+      silu_mul_f32(s, 0, R);
+    else
+      silu_mul_bf16(s, 0, R);
+    matmul(act, a.I, row, kW2Codes, a.d, proj);
+    const void* next = l + 1 < a.L ? reinterpret_cast<const void*>(a.table[(l + 1) * kLayerFields + kAttnNorm])
+                                   : a.final_norm;
+    norm(proj, a.x, next, a.x, a.h);
+  }
+}
+
+}  // namespace amphista_cpu
