@@ -275,7 +275,8 @@ class Transformer(nn.Module):
         rope = self.rope[positions]
         x = self.tok_embeddings(tokens)
         # A 4-bit model on the cpu backend: the whole layer stack in one C++ call (csrc/cpu/decoder.h)
-        native = (cpu_ops.decoder_layers(self, x, rope, cache, spec.prefix_len, mask[0])
+        native = (cpu_ops.decoder_layers(self.layers, self.norm, self.config, x, rope, cache.k, cache.v,
+                                         spec.prefix_len, mask[0], self)
                   if cache is not None and isinstance(mask, tuple) and mask[1] is None else NotImplemented)
         if native is not NotImplemented:
             x, h = native

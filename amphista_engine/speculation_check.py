@@ -41,8 +41,9 @@ CACHE_ENV = "AMPHISTA_CACHE_DIR"
 COSTS_FILE = "step_costs.json"
 # Part of every cost key: bump it when a change moves plain or tree step times, so timings kept from older code
 # are not reused (2: the CPU's ordered attention reads the cache in place, 2026-12-03; 3: the cpu kernel
-# backend's attention, 2026-12-04, on top of the backend's name in the key).
-COSTS_REVISION = 3
+# backend's attention, 2026-12-04, on top of the backend's name in the key; 4: the cpu backend's 4-bit products
+# and decoder stack, 2026-12-04).
+COSTS_REVISION = 4
 
 # MT-Bench tau / held-out decoding tau of the shipped heads (benchmarks/results/TRAINING.md, 25th session):
 # 2.506 / 2.704 on mix-64. A verdict on held-out numbers alone would favour speculation ~8% too often.

@@ -379,7 +379,7 @@ def test_decoder_layers_match_the_layer_loop(dtype):
     from amphista_engine.kv_cache import KVCache
     from amphista_engine.model import causal_mask
     model = q4_model(dtype)
-    assert cpu_ops._layer_table(model, dtype) is not None
+    assert cpu_ops._layer_table(model.layers, model.norm, model.config, dtype, model) is not None
     tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)[None]
     got = {}
@@ -427,17 +427,60 @@ def test_decoder_layers_decline_what_they_cannot_take():
     x = torch.randn(1, 4, 64)
     rope, prefix = model.rope[torch.arange(4)][None], torch.zeros(1, dtype=torch.long)
     bits = torch.tensor([[1, 3, 7, 15]])
-    assert cpu_ops.decoder_layers(model, x.clone(), rope, cache, prefix, bits) is not NotImplemented
+    def run(x, rope, bits):
+        return cpu_ops.decoder_layers(model.layers, model.norm, model.config, x, rope, cache.k, cache.v, prefix, bits,
+                                      model)
+
+    assert run(x.clone(), rope, bits) is not NotImplemented
     with use_backend("torch"):
-        assert cpu_ops.decoder_layers(model, x.clone(), rope, cache, prefix, bits) is NotImplemented
-    long_x = torch.randn(1, 65, 64)
-    assert cpu_ops.decoder_layers(model, long_x, model.rope[torch.arange(65)][None], cache, prefix,
-                                  torch.ones(1, 65, dtype=torch.long)) is NotImplemented      # > 64 tokens
+        assert run(x.clone(), rope, bits) is NotImplemented
+    assert run(torch.randn(1, 65, 64), model.rope[torch.arange(65)][None],
+               torch.ones(1, 65, dtype=torch.long)) is NotImplemented                      # > 64 tokens
     w2 = model.layers[1].feed_forward.w2                                          # a float layer
     w2.__class__ = torch.nn.Linear
     del w2._packed_native
-    model._cpu_decoder_table = None
-    assert cpu_ops.decoder_layers(model, x.clone(), rope, cache, prefix, bits) is NotImplemented
+    model._cpu_decoder_tables = {}
+    assert run(x.clone(), rope, bits) is NotImplemented
     with pytest.raises(ValueError, match="argument 'T'"):
         ext.decoder_layers(*([x.data_ptr()] * 5), 0, *([x.data_ptr()] * 4), 0, 1, 1, 65, 64, 4, 2, 16, 96, 1, 128,
                            1e-5, 0, 1)
+
+
+@needs_ext
+@pytest.mark.parametrize("draft_vocab", [0, 128])
+def test_4bit_heads_run_their_stages_and_draft_scores_natively(tiny_hf_dir, monkeypatch, draft_vocab):
+    """Next to a 4-bit target on the cpu backend, the heads' SAL stages run as one C++ call each and their scores
+    use the target's int8 LM head rows: drafts close to the layer loop's and the float scores' (same top token
+    for nearly every row), the target's greedy output unchanged."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import random_heads
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=64, quant="q4")
+    heads = engine.load_heads(random_heads("amphista", engine.model, num_heads=3, draft_vocab_size=draft_vocab))
+    codes = heads._output_codes()
+    assert codes is not None and codes.bits == 8 and codes.n == (draft_vocab or engine.config.vocab_size)
+    calls = []
+    real = cpu_ops.decoder_layers
+
+    def counting(layers, *args):
+        out = real(layers, *args)
+        calls.append((layers is engine.model.layers, out is not NotImplemented))
+        return out
+
+    hidden = torch.randn(1, 3, engine.config.dim, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([[5, 9, 11]])
+
+    def draft(native: bool):
+        heads.reset_cache(1, 64)
+        with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_ops, "decoder_layers", counting if native else lambda *a, **k: NotImplemented)
+            if not native:
+                mp.setattr(heads, "_output_codes", lambda: None)
+            return heads.step(hidden, tokens, torch.tensor([3]), 64)
+
+    native, loop = draft(True), draft(False)
+    assert calls and all(ok for _, ok in calls) and not any(is_target for is_target, _ in calls)
+    assert native.shape == loop.shape and rel_err(native, loop) < 3e-2
+    assert (native.argmax(-1) == loop.argmax(-1)).float().mean() >= 0.6
+    plain = engine.generate("hello world", max_new_tokens=8, chat=False)
+    spec = engine.generate("hello world", max_new_tokens=8, chat=False, speculative="amphista", tree="tree-16")
+    assert spec.token_ids == plain.token_ids

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..kernels import ops
+from ..kernels import cpu_ops, ops
 from ..kv_cache import KVCache
 from ..model import AttentionSpec, Block, FeedForward, RMSNorm, causal_mask, rope_table
 from .config import HeadsConfig
@@ -58,6 +58,7 @@ class AmphistaHeads(DraftHeads):
         self._epoch = 0
         self._rope = None
         self._stage_index = None
+        self._stages = None                   # the SAL's layers by stage (lists), for the cpu backend's stack call
 
     def bind(self, target) -> "AmphistaHeads":
         super().bind(target)
@@ -83,8 +84,20 @@ class AmphistaHeads(DraftHeads):
     def _sal(self, x, rope, cache, spec, mask) -> list[torch.Tensor]:
         """Runs the SAL; returns each stage's output (the residual stream after its last layer)."""
         outs, lps = [], self.config.layers_per_stage
-        for i, layer in enumerate(self.sal):
-            x = layer(x, rope, cache, spec, mask)
+        if cache is not None and isinstance(mask, tuple) and mask[1] is None:
+            # 4-bit layers on the cpu backend: each stage in one C++ call (csrc/cpu/decoder.h), in place
+            if self._stages is None:
+                layers = list(self.sal)
+                self._stages = [layers[i:i + lps] for i in range(0, len(layers), lps)]
+            for i, stage in enumerate(self._stages):
+                done = cpu_ops.decoder_layers(stage, None, self.sal_config, x, rope, cache.k[i * lps:(i + 1) * lps],
+                                              cache.v[i * lps:(i + 1) * lps], spec.prefix_len, mask[0], self)
+                if done is NotImplemented:
+                    break
+                outs.append(done[0])
+                x = done[0].clone()           # the next stage updates its input in place
+        for i in range(len(outs) * lps, len(self.sal)):   # float layers (or what the call declined)
+            x = self.sal[i](x, rope, cache, spec, mask)
             if (i + 1) % lps == 0:
                 outs.append(x)
         return outs

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, HeadsMismatchError
-from ..kernels import cpu_packed
+from ..kernels import backend, cpu_ops, cpu_packed
 from .config import HeadsConfig
 
 
@@ -48,6 +48,7 @@ class DraftHeads(nn.Module):
             ids = torch.arange(config.draft_vocab_size, device="cpu")
             self.register_buffer("draft_vocab", ids.to(torch.empty(0).device))
         self._w_sub = None    # the target LM head's draft-vocabulary rows, gathered once (see output_weight)
+        self._codes_sub = None  # (the target's int8 LM head, its draft rows packed) (see _output_codes)
         self._slot_map = None  # token id -> draft slot (see slots_of), built once per device
         if config.per_head_lm_head:
             self.lm_heads = nn.Parameter(torch.zeros(config.num_heads, n_out, config.dim))
@@ -62,7 +63,7 @@ class DraftHeads(nn.Module):
             raise HeadsMismatchError(f"heads are for d={c.dim}, V={c.vocab_size}; the target has d={tc.dim}, "
                                      f"V={tc.vocab_size}")
         self._bound = (target.tok_embeddings, target.output, getattr(target, "rope_freq_factors", None))
-        self._w_sub = None
+        self._w_sub = self._codes_sub = None
         return self
 
     def set_draft_vocab(self, token_ids) -> "DraftHeads":
@@ -77,7 +78,7 @@ class DraftHeads(nn.Module):
             raise ConfigError(f"draft vocabulary must be {c.draft_vocab_size} distinct token ids in "
                               f"[0, {c.vocab_size})")
         self.draft_vocab.copy_(ids.to(self.draft_vocab.device))
-        self._w_sub = self._slot_map = None
+        self._w_sub = self._slot_map = self._codes_sub = None
         return self
 
     def token_ids(self, slots: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,27 @@ class DraftHeads(nn.Module):
         if self.config.per_head_lm_head:
             return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
         w = self.output_weight()
+        codes = self._output_codes()
+        if codes is not None:
+            out = cpu_ops.packed_linear(x, codes)
+            if out is not NotImplemented:
+                return out
         return cpu_packed.linear(x.to(w.dtype), w)
+
+    def _output_codes(self):
+        """A 4-bit target's LM head runs int8 on the cpu backend (kernels/cpu_quant.py): the draft scores its rows
+        the same way (int8 codes of the draft vocabulary's rows, a quarter of the bytes of fp32). None elsewhere."""
+        packed = getattr(self._target()[1], "_packed_native", None)
+        if packed is None or packed.bits != 8 or backend.resolve("quant_linear", "cpu") != cpu_ops.BACKEND:
+            return None
+        cached = self._codes_sub
+        if cached is None or cached[0] is not packed:
+            codes, scale = cpu_ops.unpack(packed)
+            if self.config.draft_vocab_size:
+                ids = self.draft_vocab.to(codes.device)
+                codes, scale = codes[ids], scale[ids]
+            cached = self._codes_sub = (packed, cpu_ops.pack_int8(codes, scale))
+        return cached[1]
 
     def reset_cache(self, batch: int, max_seq_len: int):
         pass

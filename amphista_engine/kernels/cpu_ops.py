@@ -236,8 +236,10 @@ def unpack(p: PackedWeights):
     return codes, sz[..., 0].contiguous(), sz[..., 1].contiguous()
 
 
-def quant_linear(x, layer):
-    packed, ext, code = getattr(layer, "_packed_native", None), load_extension(), _CODES.get(x.dtype)
+def packed_linear(x, packed: PackedWeights, bias=None):
+    """x [..., K] @ the packed weights' w.T (+ bias) -> [..., N] in x's dtype; NotImplemented where the kernel
+    cannot run."""
+    ext, code = load_extension(), _CODES.get(x.dtype)
     if packed is None or ext is None or code is None or x.device.type != "cpu" or x.shape[-1] != packed.k:
         return NotImplemented
     flat = x.reshape(-1, packed.k)
@@ -250,30 +252,34 @@ def quant_linear(x, layer):
                          code, packed.codes.data_ptr(), packed.scales.data_ptr(), packed.n, out.data_ptr(),
                          packed.n, torch.get_num_threads())
     out = out.view(*x.shape[:-1], packed.n)
-    return out if layer.bias is None else out + layer.bias
+    return out if bias is None else out + bias
+
+
+def quant_linear(x, layer):
+    return packed_linear(x, getattr(layer, "_packed_native", None), layer.bias)
 
 
 # ---- a 4-bit model's decoder layers in one call ---------------------------------------------------------
 _LAYER_FIELDS = 10      # csrc/cpu/decoder.h LayerField
 
 
-def _layer_table(model, dtype):
+def _layer_table(layers, final_norm, cfg, dtype, owner):
     """[L, 10] int64 addresses of each layer's norms and packed weights (decoder.h LayerField order), cached on
-    the model; None when a layer is not all 4-bit codes of the cpu kernel (or shapes/dtypes do not fit)."""
-    key = (dtype, id(getattr(model.layers[0].attention.wqkv, "_packed_native", None)),
-           id(getattr(model.layers[-1].feed_forward.w2, "_packed_native", None)), model.norm.weight.data_ptr())
-    cached = getattr(model, "_cpu_decoder_table", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    cfg = model.config
+    `owner`; None when a layer is not all 4-bit codes of the cpu kernel (or shapes, dtypes or eps do not fit)."""
+    first, last = layers[0], layers[-1]
+    key = (dtype, len(layers), id(first), id(getattr(first.attention.wqkv, "_packed_native", None)),
+           id(getattr(last.feed_forward.w2, "_packed_native", None)), final_norm.weight.data_ptr())
+    tables = owner.__dict__.setdefault("_cpu_decoder_tables", {})
+    if key in tables:
+        return tables[key]
     rows, table = [], None
-    eps = {model.norm.eps}
-    for layer in model.layers:
+    eps = {final_norm.eps}
+    shapes = ((cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim), (cfg.n_heads * cfg.head_dim, cfg.dim),
+              (cfg.dim, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.dim))
+    for layer in layers:
         att, ffn = layer.attention, layer.feed_forward
         linears = (att.wqkv, att.wo, ffn.w13, ffn.w2)
         packed = [getattr(m, "_packed_native", None) for m in linears]
-        shapes = ((cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim), (cfg.n_heads * cfg.head_dim, cfg.dim),
-                  (cfg.dim, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.dim))
         norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
         if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
                 or any(m.bias is not None for m in linears)
@@ -288,41 +294,42 @@ def _layer_table(model, dtype):
             row += [p.codes.data_ptr(), p.scales.data_ptr()]
         rows.append(row)
     else:
-        if len(eps) == 1 and model.norm.weight.dtype == dtype and model.norm.weight.is_contiguous():
+        if len(eps) == 1 and final_norm.weight.dtype == dtype and final_norm.weight.is_contiguous():
             table = torch.tensor(rows, dtype=torch.long)
-    model._cpu_decoder_table = (key, table)
+    tables[key] = table
     return table
 
 
-def decoder_layers(model, x, rope_rows, cache, prefix_len, bits):
-    """Every decoder layer of `model` (model.Block.forward, layer after layer) over x [B, T, d] in one call of
-    csrc/cpu/decoder.h, K/V to `cache`: returns (x, h) with h the final norm of x, as the layer loop does. For
-    4-bit models (cpu_quant with this extension) under the cpu backend; NotImplemented otherwise (the caller runs
-    its layer loop). bits: ancestor-or-self bits [B or 1, T] long (ops.tree_mask_args); T <= 64."""
+def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits, owner):
+    """model.Block layers one after another (Block.forward with each layer's add + norm fused with the next's, as
+    Transformer.forward runs them) over x [B, T, d], in one call of csrc/cpu/decoder.h, in place: returns (x, h)
+    with h = final_norm(x) (final_norm None: h is not wanted). k, v: these layers' cache buffers [L, B_max, H_kv,
+    S, D]; bits: ancestor-or-self bits [B or 1, T] long (ops.tree_mask_args), T <= 64; owner: where the weights'
+    address table is cached (the model). For 4-bit layers (cpu_quant with this extension) under the cpu backend;
+    NotImplemented otherwise (the caller runs its layer loop)."""
     from . import backend
     ext, code = load_extension(), _CODES.get(x.dtype)
     if ext is None or code is None or x.dim() != 3 or x.device.type != "cpu" or not x.is_contiguous():
         return NotImplemented
     B, T, d = x.shape
-    k, v = cache.k, cache.v
     if (T > 64 or backend.resolve("quant_linear", x.device) != BACKEND or (torch.is_grad_enabled() and x.requires_grad)
             or not isinstance(bits, torch.Tensor) or bits.dtype != torch.long or bits.shape[-1] != T
             or bits.reshape(-1, T).shape[0] not in (1, B) or k.dtype != x.dtype or v.dtype != x.dtype
-            or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != len(model.layers) or B > k.shape[1]
-            or rope_rows.dtype != torch.float32 or rope_rows.shape[-2:] != (T, k.shape[-1])
+            or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != len(layers) or B > k.shape[1]
+            or k.shape != v.shape or rope_rows.dtype != torch.float32 or rope_rows.shape[-2:] != (T, k.shape[-1])
             or prefix_len.dtype != torch.long or prefix_len.shape != (B,)):
         return NotImplemented
-    table = _layer_table(model, x.dtype)
+    norm = final_norm if final_norm is not None else layers[0].attention_norm
+    table = _layer_table(layers, norm, cfg, x.dtype, owner)
     if table is None:
         return NotImplemented
-    cfg = model.config
     L, B_max, H_kv, S, D = k.shape
     bits = bits.reshape(-1, T).contiguous()
     rope_rows = rope_rows.contiguous()
     prefix_len = prefix_len.contiguous()
     h = torch.empty_like(x)
-    ext.decoder_layers(x.data_ptr(), h.data_ptr(), table.data_ptr(), model.norm.weight.data_ptr(), rope_rows.data_ptr(),
+    ext.decoder_layers(x.data_ptr(), h.data_ptr(), table.data_ptr(), norm.weight.data_ptr(), rope_rows.data_ptr(),
                        T * D if rope_rows.shape[0] > 1 else 0, k.data_ptr(), v.data_ptr(), prefix_len.data_ptr(),
                        bits.data_ptr(), T if bits.shape[0] > 1 else 0, L, B, T, d, cfg.n_heads, H_kv, D,
-                       cfg.intermediate_size, B_max, S, model.norm.eps, code, torch.get_num_threads())
+                       cfg.intermediate_size, B_max, S, norm.eps, code, torch.get_num_threads())
     return x, h
