@@ -157,7 +157,7 @@ PYBIND11_MODULE(_cpu, m) {
     if (stride(x_stride, "x_stride") < K) bad_arg("x_stride", "is shorter than K");
     if (stride(out_stride, "out_stride") < size(N, "N")) bad_arg("out_stride", "is shorter than N");
     const void* xp = ptr(x, "x");
-    const QuantMatmulArgs a{nullptr, nullptr, nullptr, static_cast<const uint8_t*>(ptr(codes, "codes")),
+    const QuantMatmulArgs a{nullptr, nullptr, nullptr, nullptr, static_cast<const uint8_t*>(ptr(codes, "codes")),
                             ptr(scales, "scales"), ptr(out, "out"), out_stride, size(rows, "rows"), K, N, dt};
     const int64_t nt = threads(nthreads);
     py::gil_scoped_release unlocked;

@@ -88,7 +88,7 @@ inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
   }
   void *qkv = bufs[0], *q = bufs[1], *attn = bufs[2], *proj = bufs[3], *gu = bufs[4], *act = bufs[5];
   auto matmul = [&](const void* in, int64_t K, const int64_t* row, int field, int64_t N, void* out) {
-    const QuantMatmulArgs m{nullptr, nullptr, nullptr, reinterpret_cast<const uint8_t*>(row[field]),
+    const QuantMatmulArgs m{nullptr, nullptr, nullptr, nullptr, reinterpret_cast<const uint8_t*>(row[field]),
                             reinterpret_cast<const void*>(row[field + 1]), out, N, R, K, N, a.dtype};
     quant_linear(4, in, K, m, threads);
   };

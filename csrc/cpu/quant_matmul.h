@@ -102,6 +102,7 @@ struct QuantMatmulArgs {
   const int8_t* xq;      // [M, K]
   const float* sx;       // [M, G]
   const int32_t* isum;   // [M, G]
+  const float* isumf;    // [M, G]: the same sums as floats (exact), read by the 4-bit kernels
   const uint8_t* codes;  // layouts above
   const void* scales;    // int4: fp16 [N/16][G][2][16]; int8: fp32 [N_pad]
   void* out;             // [M, N] (row stride out_stride elements), fp32 or bf16
@@ -147,7 +148,7 @@ AMPHISTA_INLINE void quant_matmul_generic(const QuantMatmulArgs& a, int64_t b0, 
               for (int64_t j = 0; j < 4; ++j)
                 idot[n] += int32_t(ch[4 * n + j] & 15) * xc[j] + int32_t(ch[4 * n + j] >> 4) * xc[4 + j];
           }
-          const float is = float(a.isum[m * G + g]), sxg = a.sx[m * G + g];
+          const float is = a.isumf[m * G + g], sxg = a.sx[m * G + g];
           for (int64_t n = 0; n < kColBlock; ++n) {
             const float t = std::fma(z[n], is, float(idot[n]) * s[n]);
             acc[n] = std::fma(sxg, t, acc[n]);
@@ -218,7 +219,7 @@ AMPHISTA_TARGET_VNNI inline void vnni_tile(const QuantMatmulArgs& a, int64_t nb0
           const __m512i d = kSplit ? _mm512_add_epi32(d0[b][r], d1[b][r]) : d0[b][r];
           const int64_t i = (m0 + r) * G + g;
           __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), s);
-          t = _mm512_fmadd_ps(z, _mm512_set1_ps(float(a.isum[i])), t);
+          t = _mm512_fmadd_ps(z, _mm512_set1_ps(a.isumf[i]), t);
           acc[b][r] = _mm512_fmadd_ps(_mm512_set1_ps(a.sx[i]), t, acc[b][r]);
         }
       }
@@ -320,13 +321,17 @@ inline void quant_linear(int bits, const void* x, int64_t x_stride, QuantMatmulA
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> sx;
   thread_local std::vector<int32_t> isum;
+  thread_local std::vector<float> isumf;
   xq.resize(size_t(a.M * a.K));
   sx.resize(size_t(a.M * (a.K / kQuantGroup)));
   isum.resize(sx.size());
+  isumf.resize(sx.size());
   quantize_activations(QuantizeArgs{x, x_stride, xq.data(), sx.data(), isum.data(), a.M, a.K}, a.out_dtype);
+  for (size_t i = 0; i < isum.size(); ++i) isumf[i] = float(isum[i]);
   a.xq = xq.data();
   a.sx = sx.data();
   a.isum = isum.data();
+  a.isumf = isumf.data();
   if (bits == 4)
     quant_matmul<true>(a, threads);
   else
