@@ -1,9 +1,11 @@
 """The `cpu` kernel backend (csrc/cpu: RMSNorm with the residual add, RoPE with the cache write, KV compaction and
 tree attention as single C++ calls) against the torch reference ops, end to end on the CPU.
 
-`--backends` picks what runs side by side: `torch`, `cpu`, and `cpu-flash` (the cpu backend without its
+`--backends` picks what runs side by side: `torch`, `cpu`, `cpu-flash` (the cpu backend without its
 attention kernel: decode steps then take kernels/cpu_exact.py's layout around torch's flash attention, as the
-cpu backend did before it had one).
+cpu backend did before it had one), and `cpu-torchmm` (the cpu backend without its 4-bit / 8-bit products: torch's
+int4 and int8 kernels instead, the model's Python layer loop and the heads' float draft scores, as before
+csrc/cpu/quant_matmul.h and decoder.h).
 
 Both backends run in one process on the same engines, question by question in a rotating order. Their answers
 may differ from each other after a near-tie (the RMSNorm sums in another order, and the 4-bit path rounds every
@@ -27,29 +29,32 @@ from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
 from benchmarks.common import ab_parser, hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
-NATIVE_ATTENTION = cpu_ops.tree_attention
+# what each cpu-backend variant runs without (the dispatcher then falls through to the torch reference)
+DROPPED = {"cpu": (), "cpu-flash": ("tree_attention",), "cpu-torchmm": ("quant_linear",)}
+NATIVE = {op: getattr(cpu_ops, op) for ops in DROPPED.values() for op in ops}
 
 
 def _use(which: str):
-    """The backend name for use_backend; cpu-flash drops the cpu backend's attention (the chain then falls
-    through to the reference for it, and the model to cpu_exact's layout)."""
-    if which == "cpu-flash":
-        if hasattr(cpu_ops, "tree_attention"):
-            del cpu_ops.tree_attention
-        return "cpu"
-    cpu_ops.tree_attention = NATIVE_ATTENTION
-    return which
+    """The backend name for use_backend, with the cpu backend's ops set up for the variant `which`."""
+    for op, fn in NATIVE.items():
+        if op in DROPPED.get(which, ()):
+            if hasattr(cpu_ops, op):
+                delattr(cpu_ops, op)
+        else:
+            setattr(cpu_ops, op, fn)
+    return "cpu" if which in DROPPED else which
 
 
 def main():
     ap = ab_parser(__doc__)
     ap.add_argument("--engines", default="q4,bf16", help="q4 (4-bit layers, fp32 between), bf16 (dequantized)")
-    ap.add_argument("--backends", default="torch,cpu", help="two of torch, cpu, cpu-flash; the first is the baseline")
+    ap.add_argument("--backends", default="torch,cpu",
+                    help="two of torch, cpu, cpu-flash, cpu-torchmm; the first is the baseline")
     ap.add_argument("--name", default="cpu_native_ops_ab")
     args = ap.parse_args()
     kinds = args.backends.split(",")
-    if len(kinds) != 2 or not set(kinds) <= {"torch", "cpu", "cpu-flash"}:
-        sys.exit(f"--backends: two of torch, cpu, cpu-flash, got {args.backends!r}")
+    if len(kinds) != 2 or not set(kinds) <= {"torch", *DROPPED}:
+        sys.exit(f"--backends: two of torch, {', '.join(DROPPED)}, got {args.backends!r}")
     base = kinds[0]
     if not backend.cpu_available():
         from amphista_engine.kernels.cpu_ops import extension_error

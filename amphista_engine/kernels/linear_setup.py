@@ -65,5 +65,8 @@ class LinearSetup:
 
     def describe(self) -> str:
         if self.quant == "q4":
-            return "4-bit layers, int8 LM head (torch's int4/int8 CPU kernels)"
+            from . import backend, cpu_ops
+            which = ("the cpu backend's kernels, int8 activations" if backend.resolve("quant_linear", "cpu") ==
+                     cpu_ops.BACKEND and cpu_ops.load_extension() is not None else "torch's int4/int8 CPU kernels")
+            return f"4-bit layers, int8 LM head ({which})"
         return "oneDNN-packed" if self.packed else "routed through ops.linear" if self.routed else "torch default"
