@@ -111,8 +111,8 @@ struct QuantMatmulArgs {
   DType out_dtype;
 };
 
-AMPHISTA_INLINE void store_row(const QuantMatmulArgs& a, int64_t m, int64_t n0, const float* v) {
-  const int64_t n = std::min<int64_t>(kColBlock, a.N - n0);
+AMPHISTA_INLINE void store_cols(const QuantMatmulArgs& a, int64_t m, int64_t n0, const float* v, int64_t cols) {
+  const int64_t n = std::min<int64_t>(cols, a.N - n0);
   if (a.out_dtype == DType::kFloat32) {
     float* o = static_cast<float*>(a.out) + m * a.out_stride + n0;
     for (int64_t i = 0; i < n; ++i) o[i] = v[i];
@@ -167,7 +167,7 @@ AMPHISTA_INLINE void quant_matmul_generic(const QuantMatmulArgs& a, int64_t b0, 
       }
       if (!kInt4)
         for (int64_t n = 0; n < kColBlock; ++n) acc[n] *= s[n];
-      store_row(a, m, nb * kColBlock, acc);
+      store_cols(a, m, nb * kColBlock, acc, kColBlock);
     }
   }
 }
@@ -252,7 +252,7 @@ AMPHISTA_TARGET_VNNI inline void vnni_tile(const QuantMatmulArgs& a, int64_t nb0
     for (int r = 0; r < MR; ++r) {
       alignas(64) float v[kColBlock];
       _mm512_store_ps(v, kInt4 ? acc[b][r] : _mm512_mul_ps(acc[b][r], s));
-      store_row(a, m0 + r, n0, v);
+      store_cols(a, m0 + r, n0, v, kColBlock);
     }
   }
 }
@@ -275,6 +275,104 @@ AMPHISTA_TARGET_VNNI inline void quant_matmul_vnni(const QuantMatmulArgs& a, int
       default: break;
     }
   }
+}
+
+// The same tiles for AVX2 (and AVX-512 CPUs without VNNI): vpmaddubsw + vpmaddwd make vpdpbusd's sums of four
+// u8 x s8 products (pairs in int16: at most 2 * 15 * 127 for 4-bit codes, no saturation), on 8 columns a register
+// (half of a 64-byte chunk). The 8-bit codes (w + 128 up to 255) would saturate a pair, so there the signed weight's
+// magnitude multiplies the activation carrying its sign (|w| <= 127), which gives dot(w, x) directly: the VNNI
+// tiles' dot(w + 128, x) - 128 isum, the same integer. The fp32 part is the same operations per output.
+#define AMPHISTA_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c,bmi2")))
+
+// d + the sums of four products of u8 w and the 4 int8 activations in x, per int32 lane (vpdpbusd's)
+AMPHISTA_TARGET_AVX2_F16C AMPHISTA_INLINE __m256i dot4(__m256i d, __m256i w, int32_t x, __m256i ones) {
+  return _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x)), ones));
+}
+
+template <bool kInt4, int NH, int MR>
+AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_t h0, int64_t m0) {
+  const int64_t G = a.K / kQuantGroup;
+  const int32_t* x32[MR];
+  for (int r = 0; r < MR; ++r) x32[r] = reinterpret_cast<const int32_t*>(a.xq + (m0 + r) * a.K);
+  __m256 acc[NH][MR];
+  for (int h = 0; h < NH; ++h)
+    for (int r = 0; r < MR; ++r) acc[h][r] = _mm256_setzero_ps();
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i d[NH][MR];
+    for (int h = 0; h < NH; ++h)
+      for (int r = 0; r < MR; ++r) d[h][r] = _mm256_setzero_si256();
+    for (int h = 0; h < NH; ++h) {
+      const int64_t nb = (h0 + h) / 2, half = (h0 + h) % 2;  // 16-column block, and which 8 columns of it
+      if (kInt4) {
+        for (int c = 0; c < 4; ++c) {
+          const __m256i v = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(a.codes + ((nb * G + g) * 4 + c) * 64 + 32 * half));
+          const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          for (int r = 0; r < MR; ++r) {
+            d[h][r] = dot4(d[h][r], lo, x32[r][g * 8 + 2 * c], ones);
+            d[h][r] = dot4(d[h][r], hi, x32[r][g * 8 + 2 * c + 1], ones);
+          }
+        }
+        const uint16_t* sz = static_cast<const uint16_t*>(a.scales) + (nb * G + g) * 2 * kColBlock + 8 * half;
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sz)));
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + kColBlock)));
+        for (int r = 0; r < MR; ++r) {
+          const int64_t i = (m0 + r) * G + g;
+          __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(d[h][r]), s);
+          t = _mm256_fmadd_ps(z, _mm256_set1_ps(a.isumf[i]), t);
+          acc[h][r] = _mm256_fmadd_ps(_mm256_set1_ps(a.sx[i]), t, acc[h][r]);
+        }
+      } else {
+        for (int c = 0; c < 8; ++c) {
+          const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+              a.codes + (nb * (a.K / 4) + g * 8 + c) * 64 + 32 * half)), flip);   // w + 128 -> w
+          const __m256i aw = _mm256_abs_epi8(ws);
+          for (int r = 0; r < MR; ++r) {
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x32[r][g * 8 + c]), ws);
+            d[h][r] = _mm256_add_epi32(d[h][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones));
+          }
+        }
+        for (int r = 0; r < MR; ++r) {
+          const int64_t i = (m0 + r) * G + g;
+          acc[h][r] = _mm256_fmadd_ps(_mm256_set1_ps(a.sx[i]), _mm256_cvtepi32_ps(d[h][r]), acc[h][r]);
+        }
+      }
+    }
+  }
+  for (int h = 0; h < NH; ++h) {
+    const int64_t nb = (h0 + h) / 2, half = (h0 + h) % 2, n0 = nb * kColBlock + 8 * half;
+    if (n0 >= a.N) break;
+    __m256 s = _mm256_set1_ps(1.f);
+    if (!kInt4) s = _mm256_loadu_ps(static_cast<const float*>(a.scales) + n0);
+    for (int r = 0; r < MR; ++r) {
+      alignas(64) float v[kColBlock];
+      _mm256_store_ps(v, kInt4 ? acc[h][r] : _mm256_mul_ps(acc[h][r], s));
+      store_cols(a, m0 + r, n0, v, 8);
+    }
+  }
+}
+
+// Column blocks [b0, b1) of every row (multiples of 4 blocks, i.e. of 8 half-blocks).
+template <bool kInt4>
+AMPHISTA_TARGET_AVX2_F16C inline void quant_matmul_avx2(const QuantMatmulArgs& a, int64_t b0, int64_t b1) {
+  if (a.M == 1) {
+    for (int64_t h = 2 * b0; h < 2 * b1; h += 4) avx2_tile<kInt4, 4, 1>(a, h, 0);
+    return;
+  }
+  for (int64_t h = 2 * b0; h < 2 * b1; h += 2) {
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2) avx2_tile<kInt4, 2, 2>(a, h, m);
+    if (m < a.M) avx2_tile<kInt4, 2, 1>(a, h, m);
+  }
+}
+
+inline bool has_avx2_f16c() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
 }
 
 inline bool has_vnni() {
@@ -300,6 +398,7 @@ void quant_matmul(const QuantMatmulArgs& a, int64_t threads) {
   parallel_for(tiles, per_thread, threads, [&](int64_t t0, int64_t t1) {
 #if AMPHISTA_X86
     if (isa() == Isa::kAvx512 && has_vnni()) return quant_matmul_vnni<kInt4>(a, 4 * t0, 4 * t1);
+    if (isa() != Isa::kBaseline && has_avx2_f16c()) return quant_matmul_avx2<kInt4>(a, 4 * t0, 4 * t1);
 #endif
     if (kInt4)
       int4_generic(a, 4 * t0, 4 * t1);
