@@ -3,7 +3,7 @@
 A CPU decoding step is bound by reading weights. Dequantized to fp32, SmolLM2's Q4_1 file becomes 8x the bytes
 it holds; a 4-bit kernel reads the codes themselves. Two kernels serve these layers (ops.quant_linear):
 - the cpu backend's (csrc/cpu/quant_matmul.h, the default where the extension is built): weights decoded once per
-  tile for every row of the call, integer dot products (AVX-512 VNNI) on activations rounded to int8 in groups
+  tile for every row of the call, integer dot products (AVX-512 VNNI, or AVX2) on activations rounded to int8 in groups
   of 32, as llama.cpp runs GGUF files. A 4- or 16-row tree step costs ~1.3x / ~2.8x a plain step's weight
   products, against ~1.7x / ~6x with torch's kernel, whose cost grows with every row.
 - torch's (`_weight_int4pack_mm_for_cpu`, as gpt-fast uses it; `_weight_int8pack_mm` for the LM head): bf16
