@@ -125,6 +125,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       if ((uint64_t(bits[r % a.N]) >> j) & 1u)
         score[r * keys + seen[size_t(r)]++] = dot(qf + r * D, kf + (P + j) * D, D) * a.scale;
 
+  std::vector<float> inv_sum(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) {
     float* s = score + r * keys;
     const int64_t n = seen[size_t(r)];
@@ -147,25 +148,46 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       s[i + k] = exp_approx(s[i + k] - m);
       part[k] += s[i + k];
     }
-    const float inv_sum = 1.f / reduce_lanes(part);
+    inv_sum[size_t(r)] = 1.f / reduce_lanes(part);
+  }
 
-    // values in the same order, summed in a local array the compiler keeps in registers (it aliases nothing)
-    float acc[DC ? DC : kMaxDynamicD];
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-    for (int64_t i2 = 0; i2 < P; ++i2) {
-      const float w = s[i2];
-      const float* v = vf + i2 * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
-    }
-    int64_t i3 = P;
-    for (int64_t j = 0; j < a.N; ++j)
-      if ((uint64_t(bits[r % a.N]) >> j) & 1u) {
-        const float w = s[i3++];
-        const float* v = vf + (P + j) * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
+  // Values in the same order as the scores: the prefix for RB rows at a time (each V row read once for them),
+  // then each row's own ancestors; every row's sum runs in key order whatever it shares a block with.
+  constexpr int64_t RB = DC == 64 ? 4 : DC == 128 ? 2 : 1;
+  for (int64_t r0 = 0; r0 < R; r0 += RB) {
+    const int64_t rb_n = std::min(RB, R - r0);
+    float acc[RB][DC ? DC : kMaxDynamicD];  // local: the compiler keeps it in registers (it aliases nothing)
+    for (int64_t rb = 0; rb < RB; ++rb)
+      for (int64_t d = 0; d < D; ++d) acc[rb][d] = 0.f;
+    if (rb_n == RB) {
+      for (int64_t i2 = 0; i2 < P; ++i2) {
+        const float* v = vf + i2 * D;
+        for (int64_t rb = 0; rb < RB; ++rb) {
+          const float w = score[(r0 + rb) * keys + i2];
+          for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
+        }
       }
-    T* out = static_cast<T*>(a.out) + ((b * a.N + r % a.N) * a.H + hk * G + r / a.N) * D;
-    for (int64_t d = 0; d < D; ++d) L::store(out, d, acc[d] * inv_sum);
+    } else {
+      for (int64_t rb = 0; rb < rb_n; ++rb)
+        for (int64_t i2 = 0; i2 < P; ++i2) {
+          const float w = score[(r0 + rb) * keys + i2];
+          const float* v = vf + i2 * D;
+          for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
+        }
+    }
+    for (int64_t rb = 0; rb < rb_n; ++rb) {
+      const int64_t r = r0 + rb;
+      const float* s = score + r * keys;
+      int64_t i3 = P;
+      for (int64_t j = 0; j < a.N; ++j)
+        if ((uint64_t(bits[r % a.N]) >> j) & 1u) {
+          const float w = s[i3++];
+          const float* v = vf + (P + j) * D;
+          for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
+        }
+      T* out = static_cast<T*>(a.out) + ((b * a.N + r % a.N) * a.H + hk * G + r / a.N) * D;
+      for (int64_t d = 0; d < D; ++d) L::store(out, d, acc[rb][d] * inv_sum[size_t(r)]);
+    }
   }
 }
 
