@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 
 from _bench import Bench, emit, meta, parse_args  # noqa: E402
 
-KERNELS = ["tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "silu_mul", "linear",
+KERNELS = ["tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "silu_mul", "linear", "quant_linear",
            "qkv_rope_write", "kv_write", "kv_compact", "greedy_accept", "typical_accept"]
 
 
