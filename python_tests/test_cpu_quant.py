@@ -484,3 +484,34 @@ def test_4bit_heads_run_their_stages_and_draft_scores_natively(tiny_hf_dir, monk
     plain = engine.generate("hello world", max_new_tokens=8, chat=False)
     spec = engine.generate("hello world", max_new_tokens=8, chat=False, speculative="amphista", tree="tree-16")
     assert spec.token_ids == plain.token_ids
+
+
+@needs_ext
+def test_4bit_aeb_and_fusion_use_their_codes(tiny_hf_dir):
+    """The Auto-embedding Block's QKV and the fusion projection of 4-bit heads multiply their codes (not the float
+    weights through oneDNN): the same result as ops.head_attention / ops.fused_sal_input on the dequantized weights,
+    up to the int8 activations' rounding."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import random_heads
+    from amphista_engine.kernels import ops
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=64, quant="q4")
+    heads = engine.load_heads(random_heads("amphista", engine.model, num_heads=3))
+    aeb = heads.aeb[0]
+    assert cpu_quant.on_codes(aeb.wqkv) and cpu_quant.on_codes(heads.fuse)
+
+    def dequantized(layer):
+        codes, s, z = cpu_ops.unpack(layer._packed_native)
+        n, k = codes.shape
+        return (codes.view(n, k // G, G) * s[..., None] + z[..., None]).view(n, k)
+
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(5, 3, engine.config.dim, generator=gen)
+    hidden, tokens = torch.randn(2, 4, engine.config.dim, generator=gen), torch.randint(0, 300, (2, 4), generator=gen)
+    with torch.inference_mode():
+        x, attn = ops.head_attention(z, heads.pos_emb, aeb.attention_norm.weight, aeb.attention_norm.eps,
+                                     dequantized(aeb.wqkv), aeb.n_heads)
+        ref = x + aeb.wo(attn)
+        ref = ref + aeb.feed_forward(aeb.ffn_norm(ref))
+        assert rel_err(aeb(z, heads.pos_emb), ref) < 2e-2
+        fused = ops.fused_sal_input(hidden, tokens, engine.model.tok_embeddings.weight, dequantized(heads.fuse))
+        assert rel_err(heads._fuse(hidden, tokens), fused) < 2e-2

@@ -9,9 +9,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_ops, ops
+from ..kernels import cpu_ops, cpu_quant, ops
 from ..kv_cache import KVCache
 from ..model import AttentionSpec, Block, FeedForward, RMSNorm, causal_mask, rope_table
 from .config import HeadsConfig
@@ -34,8 +35,14 @@ class AEBLayer(nn.Module):
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None = None) -> torch.Tensor:
         """x: [N, K, d]; pos_emb [K, d] is added first (the first layer gets the block's position embedding)."""
         # pos-emb add + RMSNorm + QKV + unmasked attention across the K slots (every head sees every head)
-        x, attn = ops.head_attention(x, pos_emb, self.attention_norm.weight, self.attention_norm.eps,
-                                     self.wqkv.weight, self.n_heads)
+        if cpu_quant.on_codes(self.wqkv):      # 4-bit heads: the projection on the codes (ops.head_attention's math)
+            x = x if pos_emb is None else x + pos_emb
+            N, K, d = x.shape
+            q, k, v = self.wqkv(self.attention_norm(x)).view(N, K, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+            attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, K, d)
+        else:
+            x, attn = ops.head_attention(x, pos_emb, self.attention_norm.weight, self.attention_norm.eps,
+                                         self.wqkv.weight, self.n_heads)
         x = x + self.wo(attn)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -78,6 +85,9 @@ class AmphistaHeads(DraftHeads):
         dtype = self.norm.weight.dtype
         if self.fuse is None:
             return hidden.to(dtype)
+        if cpu_quant.on_codes(self.fuse):      # 4-bit heads: the product on the codes (ops.fused_sal_input's math)
+            emb = F.embedding(next_tokens, self._target()[0].weight)
+            return self.fuse(torch.cat([hidden.to(dtype), emb.to(dtype)], dim=-1))
         # W_fuse [h ; E(x)] without materialising E(x) or the concatenation
         return ops.fused_sal_input(hidden, next_tokens, self._target()[0].weight, self.fuse.weight)
 

@@ -117,6 +117,11 @@ class _CodesLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def on_codes(module: nn.Module) -> bool:
+    """Whether a linear layer multiplies quantized codes (so callers use the layer, not its float weight)."""
+    return isinstance(module, _CodesLinear)
+
+
 class Int4Linear(_CodesLinear):
     """4-bit codes in groups of 32 along the input, a scale and a zero point each."""
 
