@@ -117,7 +117,7 @@ class DraftHeads(nn.Module):
         if self.config.per_head_lm_head:
             return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
         w = self.output_weight()
-        codes = self._output_codes()
+        codes = None if torch.is_grad_enabled() and x.requires_grad else self._output_codes()   # no backward there
         if codes is not None:
             out = cpu_ops.packed_linear(x, codes)
             if out is not NotImplemented:

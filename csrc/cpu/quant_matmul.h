@@ -1,11 +1,13 @@
-// Products with 4-bit and 8-bit weights for a few rows (cpu_ops.int4_linear / int8_linear): the CPU's 4-bit
-// decode path, where a step is all weight products.
+// Products with 4-bit and 8-bit weights for a few rows (ops.quant_linear on the cpu backend, and decoder.h): the
+// CPU's 4-bit decode path, where a step is all weight products.
 //
 // Why our own: torch's int4 CPU kernel costs about as much per row as for one row (a 16-row tree step: 6-7x a
 // plain step; the int8 LM head 5x), so verifying a tree on a CPU cost what it saves. Here the weights are
 // decoded once per tile and used by every row of the call, with integer dot products (AVX-512 VNNI's
-// vpdpbusd: 64 multiply-adds an instruction), as llama.cpp does for GGUF files: each row's activations are
-// rounded to int8 in groups of 32 with one fp32 scale each (Q8_0's rule, x ~ sx * xq, |xq| <= 127).
+// vpdpbusd: 64 multiply-adds an instruction; vpmaddubsw + vpmaddwd on AVX2), as llama.cpp does for GGUF files:
+// each row's activations are rounded to int8 in groups of 32 with one fp32 scale each (Q8_0's rule,
+// x ~ sx * xq, |xq| <= 127). Measured: 2-4x torch's int4 kernel for 1-64 rows on one AVX-512 core, and a 4-row
+// call ~1.3-1.7x a 1-row call with the weights streaming from memory (benchmarks/kernels/quant_linear.py).
 //
 // Exactness: the integer sums are exact, so their order is free; the fp32 part runs per output element in one
 // fixed order over the groups (t = float(idot) * s; t = fma(z, isum, t); acc = fma(sx, t, acc)), the same
