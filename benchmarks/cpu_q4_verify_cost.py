@@ -81,7 +81,6 @@ def main():
             rows.append({"model": name, "kernels": {"cpu": "cpu backend", "torch": "torch int4/int8"}[b], "rows": T,
                          "ms": ms, "x plain step": ms / one})
         print(md_table(rows[-len(configs):], ["model", "kernels", "rows", "ms", "x plain step"]), file=sys.stderr)
-        del model, cache
     meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "prefix": PREFIX,
             "what": "one target forward of T chain tokens with all logits (4-bit layers, int8 LM head, fp32 between)"}
