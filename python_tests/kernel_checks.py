@@ -90,3 +90,26 @@ def rand_tree(N: int, max_depth: int, rng: random.Random) -> torch.Tensor:
         while j >= 0:
             m[i, j], j = True, parent[j]
     return m
+
+
+def accept_inputs(kind: str, B: int, V: int, g, dtype=torch.float32, hit=0.6):
+    """(tokens, logits, retrieve) of a static, chain or dynamic tree whose children mostly match their parent's
+    argmax (probability `hit`), so acceptance walks real paths."""
+    from amphista_engine.tree import build_tree, dynamic_tree
+    if kind == "static":
+        tree = build_tree("mc_sim_7b_63")
+        N, retrieve = tree.num_nodes, tree.retrieve
+        parent = tree.parent.expand(B, -1)
+    elif kind == "chain":
+        tree = build_tree("chain-5")
+        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent.expand(B, -1)
+    else:
+        tree = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, V, generator=g), 21, topk=5)
+        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent
+    logits = torch.randn(B, N, V, generator=g) * 3
+    tokens = torch.randint(0, V, (B, N), generator=g)
+    pred = logits.argmax(-1)
+    for i in range(1, N):                                   # make many children what their parent predicts
+        take = torch.rand(B, generator=g) < hit
+        tokens[:, i] = torch.where(take, pred.gather(1, parent[:, i:i + 1]).squeeze(1), tokens[:, i])
+    return tokens.to(DEV), logits.to(dtype=dtype, device=DEV), retrieve.to(DEV)

@@ -18,7 +18,7 @@ from amphista_engine.config import ModelConfig
 from amphista_engine.kernels import backend, cpu_ops, ops, reference, use_backend
 from amphista_engine.model import rope_table
 
-from kernel_checks import TOL, gen, rand_tree, rel_err
+from kernel_checks import TOL, accept_inputs, gen, rand_tree, rel_err, same_result
 
 
 def _compiler_here() -> bool:
@@ -350,3 +350,33 @@ def test_model_logits_close_to_the_torch_backend(dtype):
         out[name] = (pre, tree)
     for a, b in zip(out["torch"], out["cpu"]):
         assert rel_err(b, a) < 5 * TOL[dtype]
+
+
+# ---- acceptance ----------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("kind,B,V,dtype", [("static", 2, 300, torch.float32), ("dynamic", 3, 77, torch.bfloat16),
+                                            ("chain", 2, 2000, torch.float32), ("static", 1, 4099, torch.bfloat16)])
+def test_greedy_accept_equals_the_reference(kind, B, V, dtype, poisoned):
+    tokens, logits, retrieve = accept_inputs(kind, B, V, gen("cpu_greedy", kind, B, V))
+    logits = logits.to(dtype)
+    res = cpu_ops.greedy_accept(tokens, logits, retrieve)
+    assert res is not NotImplemented
+    same_result(res, reference.greedy_accept(tokens, logits, retrieve))
+
+
+@needs_ext
+def test_greedy_accept_breaks_ties_and_nans_as_torch_does():
+    """The first maximum on ties, a NaN over any number, every entry -inf: index 0 (torch's max(dim) on the CPU,
+    which plain decoding uses); and declines what the reference should reject."""
+    x = torch.randn(3, 4, 1000, generator=gen("cpu_ties"))
+    x[0, 1, 500] = float("nan")
+    x[1, 2] = float("-inf")
+    x[2, 0, 7] = x[2, 0, 900] = 1e9
+    tokens = torch.zeros(3, 4, dtype=torch.long)
+    tokens[2, 1] = 7
+    paths = torch.tensor([[0, 1, 2, 3], [0, 2, -1, -1]])
+    res = cpu_ops.greedy_accept(tokens, x, paths)
+    same_result(res, reference.greedy_accept(tokens, x, paths))
+    assert int(res.accept_len[2]) >= 1
+    assert cpu_ops.greedy_accept(tokens, x, torch.tensor([[0, 1, 9, -1]])) is NotImplemented      # node 9 of 4
+    assert cpu_ops.greedy_accept(tokens, x.half(), paths) is NotImplemented

@@ -33,7 +33,7 @@ from amphista_engine.model import rope_table
 from amphista_engine.config import ModelConfig
 from amphista_engine.tree import build_tree, dynamic_tree
 
-from kernel_checks import DEV, TOL, check_verify_step, gen, randn, rel_err, same_result
+from kernel_checks import DEV, TOL, accept_inputs, check_verify_step, gen, randn, rel_err, same_result
 
 triton = pytest.importorskip("triton")
 from amphista_engine.kernels import triton_ops  # noqa: E402  (imports triton)
@@ -676,30 +676,10 @@ def test_kv_compact():
 
 
 # ---- acceptance ----------------------------------------------------------------------------------------
-def _accept_inputs(kind: str, B: int, V: int, g, dtype=torch.float32, hit=0.6):
-    if kind == "static":
-        tree = build_tree("mc_sim_7b_63")
-        N, retrieve = tree.num_nodes, tree.retrieve
-        parent = tree.parent.expand(B, -1)
-    elif kind == "chain":
-        tree = build_tree("chain-5")
-        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent.expand(B, -1)
-    else:
-        tree = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, V, generator=g), 21, topk=5)
-        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent
-    logits = torch.randn(B, N, V, generator=g) * 3
-    tokens = torch.randint(0, V, (B, N), generator=g)
-    pred = logits.argmax(-1)
-    for i in range(1, N):                                   # make many children what their parent predicts
-        take = torch.rand(B, generator=g) < hit
-        tokens[:, i] = torch.where(take, pred.gather(1, parent[:, i:i + 1]).squeeze(1), tokens[:, i])
-    return tokens.to(DEV), logits.to(dtype=dtype, device=DEV), retrieve.to(DEV)
-
-
 @pytest.mark.parametrize("kind,B,V,dtype", [("static", 2, 300, torch.float32), ("dynamic", 3, 77, torch.bfloat16),
                                             ("chain", 2, 2000, torch.float32)])
 def test_greedy_accept(kind, B, V, dtype, poisoned):
-    tokens, logits, retrieve = _accept_inputs(kind, B, V, gen("greedy", kind, B, V))
+    tokens, logits, retrieve = accept_inputs(kind, B, V, gen("greedy", kind, B, V))
     logits = logits.to(dtype)
     res = triton_ops.greedy_accept(tokens, logits, retrieve)
     ref = reference.greedy_accept(tokens, logits, retrieve)
@@ -708,7 +688,7 @@ def test_greedy_accept(kind, B, V, dtype, poisoned):
 
 @pytest.mark.parametrize("kind,B,V,temp", [("static", 2, 300, 0.7), ("dynamic", 2, 1500, 1.3)])
 def test_typical_accept(kind, B, V, temp, poisoned):
-    tokens, logits, retrieve = _accept_inputs(kind, B, V, gen("typical", kind, B, V), hit=0.8)
+    tokens, logits, retrieve = accept_inputs(kind, B, V, gen("typical", kind, B, V), hit=0.8)
     logits = logits * 2                                     # peaked rows: some nodes clear the threshold
     res = triton_ops.typical_accept(tokens, logits, retrieve, temp, generator=torch.Generator(DEV).manual_seed(5))
     ref = reference.typical_accept(tokens, logits, retrieve, temp, generator=torch.Generator(DEV).manual_seed(5))

@@ -12,7 +12,8 @@ model's decode steps need none of kernels/cpu_exact.py's layout around flash to 
 plain greedy (`orders_keys`). It is also several times faster than that layout for a plain step (it reads the
 prefix, not 512-slot blocks, and needs no padded query rows); for trees of 16+ nodes flash's GEMMs are faster.
 
-Products with 4-bit and 8-bit weights (kernels/cpu_quant.py's layers) run here too, on weights packed once by
+Greedy acceptance (each node's argmax, the longest matching path, the bonus token) is one call here too, as on the
+GPU backends. Products with 4-bit and 8-bit weights (kernels/cpu_quant.py's layers) run here too, on weights packed once by
 pack_int4 / pack_int8 (csrc/cpu/quant_matmul.h): torch's int4 kernel costs about as much per row as for one row,
 so a tree's verification cost what the tree saved. With those products fast, Python became most of a 4-bit decode
 step (ten ops a layer at ~10-20 us each), so `decoder_layers` runs a 4-bit model's whole layer stack in one call
@@ -165,6 +166,31 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
                        out.data_ptr(), B, H, H_kv, N, D, S, scale if scale is not None else D ** -0.5, code,
                        torch.get_num_threads())
     return out.transpose(1, 2)
+
+
+# ---- acceptance ----------------------------------------------------------------------------------------
+def greedy_accept(tokens, logits, retrieve):
+    ext, code = load_extension(), _CODES.get(logits.dtype)
+    if (ext is None or code is None or tokens.dim() != 2 or logits.dim() != 3 or logits.shape[:2] != tokens.shape
+            or tokens.dtype != torch.long or retrieve.dtype != torch.long or retrieve.dim() not in (2, 3)
+            or (retrieve.dim() == 3 and retrieve.shape[0] not in (1, tokens.shape[0]))
+            or not _cpu(tokens, logits, retrieve) or tokens.numel() == 0 or logits.shape[-1] == 0
+            or retrieve.shape[-2] == 0 or retrieve.shape[-1] == 0):
+        return NotImplemented
+    B, N = tokens.shape
+    r = retrieve.contiguous()
+    if int(r.max()) >= N or int(r.min()) < -1 or bool((r[..., 0] < 0).any()):
+        return NotImplemented                  # node ids the reference would reject with its own error
+    P, D1 = r.shape[-2:]
+    tokens, logits = tokens.contiguous(), logits.contiguous()
+    pred = torch.empty(B, N, dtype=torch.long)
+    accept_len, best, nxt = (torch.empty(B, dtype=torch.long) for _ in range(3))
+    nodes, emitted = torch.empty(B, D1, dtype=torch.long), torch.empty(B, D1, dtype=torch.long)
+    ext.greedy_accept(tokens.data_ptr(), logits.data_ptr(), r.data_ptr(), P * D1 if r.dim() == 3 and r.shape[0] > 1 else 0,
+                      pred.data_ptr(), accept_len.data_ptr(), best.data_ptr(), nodes.data_ptr(), nxt.data_ptr(),
+                      emitted.data_ptr(), B, N, logits.shape[-1], P, D1, code, torch.get_num_threads())
+    from ..acceptance import AcceptResult
+    return AcceptResult(accept_len, best, nodes, nxt, emitted)
 
 
 # ---- products with quantized weights ------------------------------------------------------------------
