@@ -29,44 +29,46 @@ struct GreedyAcceptArgs {
   int64_t B, N, V, P, D1;
 };
 
-// One pass that vectorises: per lane the first maximum and its index (and the first NaN), then across lanes the
-// smallest index among those holding the maximum: the first maximum of the row.
+// Two passes that vectorise: the maximum (exact in any order) and whether a NaN is present, then the first index
+// holding it, scanned 16 at a time.
 template <class L>
 AMPHISTA_INLINE int64_t argmax_row(const typename L::T* x, int64_t V) {
-  const int32_t none = int32_t(V);
   float top[kLanes];
-  int32_t at[kLanes], nan_at[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) {
-    top[k] = -std::numeric_limits<float>::infinity();
-    at[k] = nan_at[k] = none;
-  }
+  int32_t nan[kLanes] = {};
+  for (int64_t k = 0; k < kLanes; ++k) top[k] = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + kLanes <= V; i += kLanes)
     for (int64_t k = 0; k < kLanes; ++k) {
       const float v = L::load(x, i + k);
-      const bool up = v > top[k];
-      top[k] = up ? v : top[k];
-      at[k] = up ? int32_t(i + k) : at[k];
-      nan_at[k] = (v != v && nan_at[k] == none) ? int32_t(i + k) : nan_at[k];
+      top[k] = std::max(top[k], v);
+      nan[k] |= int32_t(v != v);
     }
   for (int64_t k = 0; i + k < V; ++k) {
     const float v = L::load(x, i + k);
-    const bool up = v > top[k];
-    top[k] = up ? v : top[k];
-    at[k] = up ? int32_t(i + k) : at[k];
-    nan_at[k] = (v != v && nan_at[k] == none) ? int32_t(i + k) : nan_at[k];
+    top[k] = std::max(top[k], v);
+    nan[k] |= int32_t(v != v);
   }
   float m = top[0];
-  int32_t first_nan = nan_at[0];
+  int32_t any_nan = nan[0];
   for (int64_t k = 1; k < kLanes; ++k) {
     m = std::max(m, top[k]);
-    first_nan = std::min(first_nan, nan_at[k]);
+    any_nan |= nan[k];
   }
-  if (first_nan != none) return first_nan;   // torch's max(dim) returns a NaN when the row has one
-  int32_t best = none;
-  for (int64_t k = 0; k < kLanes; ++k)
-    if (top[k] == m && at[k] < best) best = at[k];
-  return best == none ? 0 : best;            // every entry -inf: the first
+  // the first NaN (torch's max(dim) returns one when the row has one), else the first entry equal to m
+  int64_t j = 0;
+  for (; j + kLanes <= V; j += kLanes) {
+    int32_t hit = 0;
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const float v = L::load(x, j + k);
+      hit |= int32_t(any_nan ? v != v : v == m);
+    }
+    if (hit) break;
+  }
+  for (; j < V; ++j) {
+    const float v = L::load(x, j);
+    if (any_nan ? v != v : v == m) return j;
+  }
+  return 0;  // every entry -inf: the first
 }
 
 template <class L>
