@@ -21,7 +21,7 @@ from amphista_engine.kernels import backend, cuda_ops, ops, reference, use_backe
 from amphista_engine.model import rope_table
 from amphista_engine.tree import build_tree, dynamic_tree
 
-from kernel_checks import DEV, TOL, check_verify_step, gen, randn, rel_err, same_result
+from kernel_checks import DEV, TOL, accept_inputs, check_verify_step, gen, randn, rel_err, same_result
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
@@ -242,27 +242,11 @@ def test_kv_compact(dtype, D, ext):
 
 
 # ---- acceptance ----------------------------------------------------------------------------------------
-def _accept_inputs(kind: str, B: int, V: int, g, hit=0.6):
-    if kind in ("static", "chain"):
-        tree = build_tree("mc_sim_7b_63" if kind == "static" else "chain-5")
-        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent.expand(B, -1)
-    else:
-        tree = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, V, generator=g), 21, topk=5)
-        N, retrieve, parent = tree.num_nodes, tree.retrieve, tree.parent
-    logits = torch.randn(B, N, V, generator=g) * 3
-    tokens = torch.randint(0, V, (B, N), generator=g)
-    pred = logits.argmax(-1)
-    for i in range(1, N):                                   # make many children what their parent predicts
-        take = torch.rand(B, generator=g) < hit
-        tokens[:, i] = torch.where(take, pred.gather(1, parent[:, i:i + 1]).squeeze(1), tokens[:, i])
-    return tokens.to(DEV), logits.to(DEV), retrieve.to(DEV)
-
-
 @pytest.mark.parametrize("kind,B,V,dtype", [("static", 2, 300, torch.float32), ("dynamic", 3, 77, torch.bfloat16),
                                             ("chain", 2, 2000, torch.float32), ("static", 1, 32000, torch.bfloat16),
                                             ("dynamic", 2, 49152, torch.float16)])
 def test_greedy_accept(kind, B, V, dtype, ext, poisoned):
-    tokens, logits, retrieve = _accept_inputs(kind, B, V, gen("greedy", kind, B, V))
+    tokens, logits, retrieve = accept_inputs(kind, B, V, gen("greedy", kind, B, V))
     logits = logits.to(dtype)
     res = run(cuda_ops.greedy_accept, tokens, logits, retrieve)
     same_result(res, reference.greedy_accept(tokens, logits, retrieve))
