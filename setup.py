@@ -137,6 +137,12 @@ class CMakeBuild(build_ext):
         try:
             super().build_extension(ext)
         except (CompileError, LinkError, OSError) as err:
+            if "-fopenmp" in ext.extra_compile_args:     # e.g. clang without libomp: the kernels then run on one thread
+                print(f"amphista-engine: WARNING: the CPU extension did not build with OpenMP ({err}); building it "
+                      "without (single-threaded kernels)", flush=True)
+                ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-fopenmp"]
+                ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
+                return self._build_cpu(ext)
             if os.environ.get("AMPHISTA_CPU_OPTIONAL") != "1":
                 raise RuntimeError(
                     f"amphista-engine: CPU extension build failed ({err}); fix the compiler or set "
