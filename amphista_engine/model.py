@@ -279,20 +279,18 @@ class Transformer(nn.Module):
                                          spec.prefix_len, mask[0], self)
                   if cache is not None and isinstance(mask, tuple) and mask[1] is None else NotImplemented)
         if native is not NotImplemented:
-            x, h = native
-            hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-            logits = self.output(hl)
-            return (logits, h) if return_hidden else logits
-        if invariant or self.fuses_layers(x):
+            h = native[1]
+        elif invariant or self.fuses_layers(x):
             for layer in self.layers:
                 x = layer.forward_fused(x, rope, cache, spec, mask, invariant)
             xl = x if logits_at is None else torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
             logits = ops.fused_linear(xl, self.output.weight, self.norm.weight, self.norm.eps, batch_invariant=invariant)
             return (logits, self.norm(x)) if return_hidden else logits
-        h = self.layers[0].attention_norm(x)
-        next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
-        for layer, next_norm in zip(self.layers, next_norms):
-            x, h = layer(x, rope, cache, spec, mask, h, next_norm)
+        else:
+            h = self.layers[0].attention_norm(x)
+            next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+            for layer, next_norm in zip(self.layers, next_norms):
+                x, h = layer(x, rope, cache, spec, mask, h, next_norm)
         hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         logits = self.output(hl)
         return (logits, h) if return_hidden else logits

@@ -9,8 +9,8 @@ reference's up to summation order (bit for bit for RoPE, the cache writes and co
 
 Tree attention sums every token's keys in position order by construction (prefix, then its ancestors), so the
 model's decode steps need none of kernels/cpu_exact.py's layout around flash to keep the CPU's speculative ==
-plain greedy (`orders_keys`). It is also several times faster than that layout for a plain step (it reads the
-prefix, not 512-slot blocks, and needs no padded query rows); for trees of 16+ nodes flash's GEMMs are faster.
+plain greedy (`orders_keys`). It is also faster than that layout: several times for a plain step (it reads the
+prefix, not 512-slot blocks, and needs no padded query rows), and it scores 16 keys at once for trees.
 
 Greedy acceptance (each node's argmax, the longest matching path, the bonus token) is one call here too, as on the
 GPU backends. Products with 4-bit and 8-bit weights (kernels/cpu_quant.py's layers) run here too, on weights packed once by
@@ -179,16 +179,18 @@ def greedy_accept(tokens, logits, retrieve):
         return NotImplemented
     B, N = tokens.shape
     r = retrieve.contiguous()
-    if int(r.max()) >= N or int(r.min()) < -1 or bool((r[..., 0] < 0).any()):
-        return NotImplemented                  # node ids the reference would reject with its own error
     P, D1 = r.shape[-2:]
     tokens, logits = tokens.contiguous(), logits.contiguous()
     pred = torch.empty(B, N, dtype=torch.long)
     accept_len, best, nxt = (torch.empty(B, dtype=torch.long) for _ in range(3))
     nodes, emitted = torch.empty(B, D1, dtype=torch.long), torch.empty(B, D1, dtype=torch.long)
-    ext.greedy_accept(tokens.data_ptr(), logits.data_ptr(), r.data_ptr(), P * D1 if r.dim() == 3 and r.shape[0] > 1 else 0,
-                      pred.data_ptr(), accept_len.data_ptr(), best.data_ptr(), nodes.data_ptr(), nxt.data_ptr(),
-                      emitted.data_ptr(), B, N, logits.shape[-1], P, D1, code, torch.get_num_threads())
+    paths_ok = ext.greedy_accept(tokens.data_ptr(), logits.data_ptr(), r.data_ptr(),
+                                 P * D1 if r.dim() == 3 and r.shape[0] > 1 else 0, r.shape[0] if r.dim() == 3 else 1,
+                                 pred.data_ptr(), accept_len.data_ptr(), best.data_ptr(), nodes.data_ptr(),
+                                 nxt.data_ptr(), emitted.data_ptr(), B, N, logits.shape[-1], P, D1, code,
+                                 torch.get_num_threads())
+    if not paths_ok:
+        return NotImplemented                  # node ids the reference rejects with its own error
     from ..acceptance import AcceptResult
     return AcceptResult(accept_len, best, nodes, nxt, emitted)
 
@@ -286,9 +288,6 @@ def quant_linear(x, layer):
 
 
 # ---- a 4-bit model's decoder layers in one call ---------------------------------------------------------
-_LAYER_FIELDS = 10      # csrc/cpu/decoder.h LayerField
-
-
 def _layer_table(layers, final_norm, cfg, dtype, owner):
     """[L, 10] int64 addresses of each layer's norms and packed weights (decoder.h LayerField order), cached on
     `owner`; None when a layer is not all 4-bit codes of the cpu kernel (or shapes, dtypes or eps do not fit)."""

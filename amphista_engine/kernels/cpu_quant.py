@@ -127,10 +127,9 @@ class Int4Linear(_CodesLinear):
 
     def _quantize(self):
         q, scale, zero, err = _requantize(self.weight)
-        # w = code * s + z (the cpu kernel's form; torch's is (code - 8) * scale + zero)
-        self._packed_native = cpu_ops.pack_int4(q, scale, zero - 8 * scale)
-        self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(q, scale,
-                                                                                            zero - 8 * scale)
+        z = zero - 8 * scale            # w = code * s + z (the cpu kernel's form; torch's is (code - 8) * s + zero)
+        self._packed_native = cpu_ops.pack_int4(q, scale, z)
+        self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(q, scale, z)
         return float(err.max())
 
     @staticmethod

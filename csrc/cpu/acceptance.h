@@ -108,7 +108,17 @@ inline void walk_paths(const GreedyAcceptArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
-inline void greedy_accept(const GreedyAcceptArgs& a, DType dtype, int64_t threads) {
+// Every id of the `rows` sets of paths in [-1, N), every path starting at a node: what walk_paths indexes with.
+inline bool paths_valid(const GreedyAcceptArgs& a, int64_t rows) {
+  for (int64_t i = 0; i < rows * a.P * a.D1; ++i) {
+    const int64_t id = a.retrieve[i];
+    if (id < -1 || id >= a.N || (i % a.D1 == 0 && id < 0)) return false;
+  }
+  return true;
+}
+
+inline bool greedy_accept(const GreedyAcceptArgs& a, int64_t retrieve_rows, DType dtype, int64_t threads) {
+  if (!paths_valid(a, retrieve_rows)) return false;
   parallel_rows(a.B * a.N, 2 * a.V, threads, [&](int64_t r0, int64_t r1) {
     if (dtype == DType::kFloat32)
       argmax_rows_f32(a, r0, r1);
@@ -116,6 +126,7 @@ inline void greedy_accept(const GreedyAcceptArgs& a, DType dtype, int64_t thread
       argmax_rows_bf16(a, r0, r1);
   });
   walk_paths(a, 0, a.B);
+  return true;
 }
 
 }  // namespace amphista_cpu

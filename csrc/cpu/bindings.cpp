@@ -194,7 +194,8 @@ PYBIND11_MODULE(_cpu, m) {
      py::arg("B_max"), py::arg("S"), py::arg("eps"), py::arg("dtype"), py::arg("threads"),
      "a 4-bit model's decoder layers over x [B * T, d] in place (h = the final norm of x), K/V to the cache");
 
-  m.def("greedy_accept", [](int64_t tokens, int64_t logits, int64_t retrieve, int64_t retrieve_sb, int64_t pred,
+  m.def("greedy_accept", [](int64_t tokens, int64_t logits, int64_t retrieve, int64_t retrieve_sb,
+                            int64_t retrieve_rows, int64_t pred,
                             int64_t accept_len, int64_t best_path, int64_t accepted_nodes, int64_t next_token,
                             int64_t emitted, int64_t B, int64_t N, int64_t V, int64_t P, int64_t D1, int64_t dtype,
                             int64_t nthreads) {
@@ -206,11 +207,13 @@ PYBIND11_MODULE(_cpu, m) {
                        static_cast<int64_t*>(ptr(accepted_nodes, "accepted_nodes")),
                        static_cast<int64_t*>(ptr(next_token, "next_token")), static_cast<int64_t*>(ptr(emitted, "emitted")),
                        size(B, "B"), size(N, "N"), size(V, "V"), size(P, "P"), size(D1, "D1")};
-    const int64_t nt = threads(nthreads);
+    const int64_t nt = threads(nthreads), rows = size(retrieve_rows, "retrieve_rows");
     py::gil_scoped_release unlocked;
-    greedy_accept(a, dt, nt);
-  }, py::arg("tokens"), py::arg("logits"), py::arg("retrieve"), py::arg("retrieve_sb"), py::arg("pred"),
+    return greedy_accept(a, rows, dt, nt);
+  }, py::arg("tokens"), py::arg("logits"), py::arg("retrieve"), py::arg("retrieve_sb"), py::arg("retrieve_rows"),
+     py::arg("pred"),
      py::arg("accept_len"), py::arg("best_path"), py::arg("accepted_nodes"), py::arg("next_token"), py::arg("emitted"),
      py::arg("B"), py::arg("N"), py::arg("V"), py::arg("P"), py::arg("D1"), py::arg("dtype"), py::arg("threads"),
-     "greedy tree acceptance: argmax per node, longest matching retrieve path (first on ties), bonus token");
+     "greedy tree acceptance: argmax per node, longest matching retrieve path (first on ties), bonus token; False "
+     "(nothing written) when retrieve holds a node id outside [-1, N) or a path without its root");
 }
