@@ -286,13 +286,16 @@ def test_every_vector_unit_variant_gives_the_same_bits(dtype):
     m = rand_tree(9, 4, random.Random(0))
     q = torch.randn(1, 8, 9, 64, generator=g).to(dtype)
     K, V = torch.randn(1, 2, 300, 64, generator=g).to(dtype), torch.randn(1, 2, 300, 64, generator=g).to(dtype)
+    q128 = torch.randn(1, 4, 9, 128, generator=g).to(dtype)
+    K128, V128 = (torch.randn(1, 1, 60, 128, generator=g).to(dtype) for _ in range(2))
 
     def run_all():
         kb = torch.zeros(1, 2, 2, 16, 64, dtype=dtype)
         vb = torch.zeros_like(kb)
         qo = cpu_ops.qkv_rope_write(qkv, rope, kb, vb, 0, torch.tensor([1, 5]), 8, 2)
         att = cpu_ops.tree_attention(q, K, V, torch.tensor([250]), reference.mask_bits(m[None]), 259)
-        return (cpu_ops.rmsnorm(x, w, 1e-5), *cpu_ops.add_rmsnorm(x, res, w, 1e-5), qo, kb, vb, att)
+        att128 = cpu_ops.tree_attention(q128, K128, V128, torch.tensor([37]), reference.mask_bits(m[None]), 46)
+        return (cpu_ops.rmsnorm(x, w, 1e-5), *cpu_ops.add_rmsnorm(x, res, w, 1e-5), qo, kb, vb, att, att128)
 
     try:
         outs = {}

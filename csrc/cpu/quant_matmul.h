@@ -286,11 +286,6 @@ AMPHISTA_TARGET_VNNI inline void quant_matmul_vnni(const QuantMatmulArgs& a, int
 // tiles' dot(w + 128, x) - 128 isum, the same integer. The fp32 part is the same operations per output.
 #define AMPHISTA_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c,bmi2")))
 
-// d + the sums of four products of u8 w and the 4 int8 activations in x, per int32 lane (vpdpbusd's)
-AMPHISTA_TARGET_AVX2_F16C AMPHISTA_INLINE __m256i dot4(__m256i d, __m256i w, int32_t x, __m256i ones) {
-  return _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x)), ones));
-}
-
 template <bool kInt4, int NH, int MR>
 AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_t h0, int64_t m0) {
   const int64_t G = a.K / kQuantGroup;
@@ -301,27 +296,42 @@ AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_
     for (int r = 0; r < MR; ++r) acc[h][r] = _mm256_setzero_ps();
   const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
   for (int64_t g = 0; g < G; ++g) {
-    __m256i d[NH][MR];
-    for (int h = 0; h < NH; ++h)
-      for (int r = 0; r < MR; ++r) d[h][r] = _mm256_setzero_si256();
+    __m256i d[NH][MR], d16[NH][MR];
+    if (kInt4) {
+      // A group's 8 vpmaddubsw results add up in int16 (at most 8 * 2 * 15 * 127 = 30480: no overflow), widened
+      // once per group: 9 multiplies per row and 32 inputs instead of 16.
+      for (int h = 0; h < NH; ++h)
+        for (int r = 0; r < MR; ++r) d16[h][r] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        __m256i lo[NH], hi[NH];
+        for (int h = 0; h < NH; ++h) {
+          const int64_t nb = (h0 + h) / 2, half = (h0 + h) % 2;
+          const __m256i v = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(a.codes + ((nb * G + g) * 4 + c) * 64 + 32 * half));
+          lo[h] = _mm256_and_si256(v, nib);
+          hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        }
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xl = _mm256_set1_epi32(x32[r][g * 8 + 2 * c]);
+          const __m256i xh = _mm256_set1_epi32(x32[r][g * 8 + 2 * c + 1]);
+          for (int h = 0; h < NH; ++h)
+            d16[h][r] = _mm256_add_epi16(d16[h][r], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl),
+                                                                       _mm256_maddubs_epi16(hi[h], xh)));
+        }
+      }
+    } else {
+      for (int h = 0; h < NH; ++h)
+        for (int r = 0; r < MR; ++r) d[h][r] = _mm256_setzero_si256();
+    }
     for (int h = 0; h < NH; ++h) {
       const int64_t nb = (h0 + h) / 2, half = (h0 + h) % 2;  // 16-column block, and which 8 columns of it
       if (kInt4) {
-        for (int c = 0; c < 4; ++c) {
-          const __m256i v = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(a.codes + ((nb * G + g) * 4 + c) * 64 + 32 * half));
-          const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-          for (int r = 0; r < MR; ++r) {
-            d[h][r] = dot4(d[h][r], lo, x32[r][g * 8 + 2 * c], ones);
-            d[h][r] = dot4(d[h][r], hi, x32[r][g * 8 + 2 * c + 1], ones);
-          }
-        }
         const uint16_t* sz = static_cast<const uint16_t*>(a.scales) + (nb * G + g) * 2 * kColBlock + 8 * half;
         const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sz)));
         const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + kColBlock)));
         for (int r = 0; r < MR; ++r) {
           const int64_t i = (m0 + r) * G + g;
-          __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(d[h][r]), s);
+          __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16[h][r], ones)), s);
           t = _mm256_fmadd_ps(z, _mm256_set1_ps(a.isumf[i]), t);
           acc[h][r] = _mm256_fmadd_ps(_mm256_set1_ps(a.sx[i]), t, acc[h][r]);
         }
@@ -362,10 +372,17 @@ AMPHISTA_TARGET_AVX2_F16C inline void quant_matmul_avx2(const QuantMatmulArgs& a
     for (int64_t h = 2 * b0; h < 2 * b1; h += 4) avx2_tile<kInt4, 4, 1>(a, h, 0);
     return;
   }
-  for (int64_t h = 2 * b0; h < 2 * b1; h += 2) {
+  // 8 columns x 4 rows: 16 registers hold no more. Measured against 16 x 2 and 16 x 3 (Zen 3): the same for
+  // 4-bit codes, 1.3x faster for the int8 LM head at 4-16 rows.
+  for (int64_t h = 2 * b0; h < 2 * b1; ++h) {
     int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) avx2_tile<kInt4, 2, 2>(a, h, m);
-    if (m < a.M) avx2_tile<kInt4, 2, 1>(a, h, m);
+    for (; m + 4 <= a.M; m += 4) avx2_tile<kInt4, 1, 4>(a, h, m);
+    switch (a.M - m) {
+      case 3: avx2_tile<kInt4, 1, 3>(a, h, m); break;
+      case 2: avx2_tile<kInt4, 1, 2>(a, h, m); break;
+      case 1: avx2_tile<kInt4, 1, 1>(a, h, m); break;
+      default: break;
+    }
   }
 }
 

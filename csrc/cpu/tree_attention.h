@@ -70,6 +70,32 @@ AMPHISTA_TARGET_AVX512 inline void dot16(const float* q, const float* k, int64_t
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutexvar_ps(order, sum), _mm512_set1_ps(scale)));
 }
+
+// dot16's AVX2 form for 8 keys: a key's 16 lane sums are two registers (lanes 0-7, 8-15), so the first fold
+// (k, k + 8) is their sum, and the rest folds 8 keys at once, the same additions as reduce_lanes.
+AMPHISTA_TARGET_AVX2 inline void dot8(const float* q, const float* k, int64_t D, float scale, float* out) {
+  __m256 s1[8];
+  for (int j = 0; j < 8; ++j) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + j * D + i)));
+      hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + j * D + i + 8)));
+    }
+    s1[j] = _mm256_add_ps(lo, hi);
+  }
+  __m256 c[4], d[2];
+  for (int m = 0; m < 4; ++m)  // 128-bit lane L: key 2m + L, lanes k + (k + 4)
+    c[m] = _mm256_add_ps(_mm256_permute2f128_ps(s1[2 * m], s1[2 * m + 1], 0x20),
+                         _mm256_permute2f128_ps(s1[2 * m], s1[2 * m + 1], 0x31));
+  for (int n = 0; n < 2; ++n)  // 128-bit lane L: [key 4n + L: k + (k + 2), k < 2; key 4n + 2 + L: the same]
+    d[n] = _mm256_add_ps(_mm256_shuffle_ps(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // 128-bit lane L, element i: key 2i + L, lanes 0 + 1
+  const __m256 sum = _mm256_add_ps(_mm256_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm256_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_permutevar8x32_ps(sum, order), _mm256_set1_ps(scale)));
+}
 #endif
 
 template <class L>
@@ -116,6 +142,9 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
   if (isa() == Isa::kAvx512 && D % 16 == 0)
     for (; j0 + 16 <= P; j0 += 16)  // a 16-key tile of K serves every row
       for (int64_t r = 0; r < R; ++r) dot16(qf + r * D, kf + j0 * D, D, a.scale, score + r * keys + j0);
+  if (isa() == Isa::kAvx2 && D % 16 == 0)
+    for (; j0 + 8 <= P; j0 += 8)
+      for (int64_t r = 0; r < R; ++r) dot8(qf + r * D, kf + j0 * D, D, a.scale, score + r * keys + j0);
 #endif
   for (int64_t j = j0; j < P; ++j)
     for (int64_t r = 0; r < R; ++r) score[r * keys + j] = dot(qf + r * D, kf + j * D, D) * a.scale;
