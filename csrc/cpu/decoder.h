@@ -55,14 +55,18 @@ struct SiluArgs {
   int64_t I;
 };
 
+constexpr int64_t kSiluChunk = 256;  // columns a unit of work: a row's activation is split across threads too
+
 template <class L>
-AMPHISTA_INLINE void silu_mul_rows(const SiluArgs& a, int64_t r0, int64_t r1) {
+AMPHISTA_INLINE void silu_mul_rows(const SiluArgs& a, int64_t c0, int64_t c1) {  // chunks [c0, c1)
   using T = typename L::T;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* g = static_cast<const T*>(a.gu) + r * 2 * a.I;
-    const T* u = g + a.I;
-    T* o = static_cast<T*>(a.out) + r * a.I;
-    for (int64_t j = 0; j < a.I; ++j) {
+  const int64_t per_row = (a.I + kSiluChunk - 1) / kSiluChunk;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t r = c / per_row, j0 = c % per_row * kSiluChunk, j1 = std::min(a.I, j0 + kSiluChunk);
+    const T* __restrict g = static_cast<const T*>(a.gu) + r * 2 * a.I;
+    const T* __restrict u = g + a.I;
+    T* __restrict o = static_cast<T*>(a.out) + r * a.I;
+    for (int64_t j = j0; j < j1; ++j) {
       const float x = L::load(g, j);
       L::store(o, j, L::round(x / (1.f + exp_approx(-x))) * L::load(u, j));
     }
@@ -114,10 +118,12 @@ inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
     norm(proj, a.x, reinterpret_cast<const void*>(row[kFfnNorm]), a.x, a.h);
     matmul(a.h, a.d, row, kW13Codes, 2 * a.I, gu);
     const SiluArgs s{gu, act, a.I};
-    if (a.dtype == DType::kFloat32)
-      silu_mul_f32(s, 0, R);
-    else
-      silu_mul_bf16(s, 0, R);
+    parallel_rows(R * ((a.I + kSiluChunk - 1) / kSiluChunk), 32 * kSiluChunk, threads, [&](int64_t c0, int64_t c1) {
+      if (a.dtype == DType::kFloat32)
+        silu_mul_f32(s, c0, c1);
+      else
+        silu_mul_bf16(s, c0, c1);
+    });
     matmul(act, a.I, row, kW2Codes, a.d, proj);
     const void* next = l + 1 < a.L ? reinterpret_cast<const void*>(a.table[(l + 1) * kLayerFields + kAttnNorm])
                                    : a.final_norm;

@@ -302,6 +302,7 @@ AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_
       // once per group: 9 multiplies per row and 32 inputs instead of 16.
       for (int h = 0; h < NH; ++h)
         for (int r = 0; r < MR; ++r) d16[h][r] = _mm256_setzero_si256();
+#pragma GCC unroll 1
       for (int c = 0; c < 4; ++c) {
         __m256i lo[NH], hi[NH];
         for (int h = 0; h < NH; ++h) {
@@ -314,9 +315,10 @@ AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_
         for (int r = 0; r < MR; ++r) {
           const __m256i xl = _mm256_set1_epi32(x32[r][g * 8 + 2 * c]);
           const __m256i xh = _mm256_set1_epi32(x32[r][g * 8 + 2 * c + 1]);
-          for (int h = 0; h < NH; ++h)
-            d16[h][r] = _mm256_add_epi16(d16[h][r], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl),
-                                                                       _mm256_maddubs_epi16(hi[h], xh)));
+          for (int h = 0; h < NH; ++h) {
+            d16[h][r] = _mm256_add_epi16(d16[h][r], _mm256_maddubs_epi16(lo[h], xl));
+            d16[h][r] = _mm256_add_epi16(d16[h][r], _mm256_maddubs_epi16(hi[h], xh));
+          }
         }
       }
     } else {
@@ -336,6 +338,7 @@ AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_
           acc[h][r] = _mm256_fmadd_ps(_mm256_set1_ps(a.sx[i]), t, acc[h][r]);
         }
       } else {
+#pragma GCC unroll 1
         for (int c = 0; c < 8; ++c) {
           const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
               a.codes + (nb * (a.K / 4) + g * 8 + c) * 64 + 32 * half)), flip);   // w + 128 -> w

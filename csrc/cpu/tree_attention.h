@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -37,6 +38,7 @@ struct TreeAttentionArgs {
   void* out;                   // [B, N, H, D] contiguous
   int64_t B, H, H_kv, N, D, S;
   float scale;
+  int64_t parts = 1;           // units per (batch row, KV head): its query rows in that many contiguous parts
 };
 
 constexpr int64_t kMaxDynamicD = 512;  // head dims other than 64 / 128 (the binding refuses larger ones)
@@ -103,14 +105,15 @@ AMPHISTA_INLINE void load_rows(const typename L::T* src, float* dst, int64_t n) 
   for (int64_t i = 0; i < n; ++i) dst[i] = L::load(src, i);
 }
 
-// One (batch row, KV head): the G * N query rows that read its keys (the query heads of the KV head, times the
-// new tokens). DC = D when it is a compile-time 64 or 128 (the dot products' and the value sums' loops then
+// One (batch row, KV head), rows [r_lo, r_hi) of the G * N query rows that read its keys (the query heads of the
+// KV head, times the new tokens). DC = D when it is a compile-time 64 or 128 (the dot products' and the value sums' loops then
 // unroll into registers), 0 for any other D.
 template <class L, int DC>
-AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, int64_t hk, std::vector<float>& buf) {
+AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, int64_t hk, int64_t r_lo, int64_t r_hi,
+                                         std::vector<float>& buf) {
   using T = typename L::T;
   const int64_t D = DC ? DC : a.D;
-  const int64_t G = a.H / a.H_kv, R = G * a.N;
+  const int64_t G = a.H / a.H_kv, R = r_hi - r_lo;  // rows r_lo + r of the G * N
   // A prefix that leaves no room for the new tokens is clamped (never read past the cache).
   const int64_t P = std::min(std::max<int64_t>(a.prefix_len[b], 0), a.S - a.N);
   const int64_t keys = P + a.N;
@@ -132,9 +135,11 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
     kf = w;
     vf = w + keys * D;
   }
-  for (int64_t r = 0; r < R; ++r)              // r = g * N + n: query head hk * G + g, new token n
-    load_rows<L>(static_cast<const T*>(a.q) + b * a.q_sb + (hk * G + r / a.N) * a.q_sh + (r % a.N) * a.q_sn,
+  for (int64_t r = 0; r < R; ++r) {            // row r_lo + r = g * N + n: query head hk * G + g, new token n
+    const int64_t gn = r_lo + r;
+    load_rows<L>(static_cast<const T*>(a.q) + b * a.q_sb + (hk * G + gn / a.N) * a.q_sh + (gn % a.N) * a.q_sn,
                  qf + r * D, D);
+  }
 
   // scores: every row sees the whole prefix, then the new tokens whose bit it has, in node (= depth) order
   int64_t j0 = 0;
@@ -151,7 +156,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
   std::vector<int64_t> seen(size_t(R), P);
   for (int64_t j = 0; j < a.N; ++j)
     for (int64_t r = 0; r < R; ++r)
-      if ((uint64_t(bits[r % a.N]) >> j) & 1u)
+      if ((uint64_t(bits[(r_lo + r) % a.N]) >> j) & 1u)
         score[r * keys + seen[size_t(r)]++] = dot(qf + r * D, kf + (P + j) * D, D) * a.scale;
 
   std::vector<float> inv_sum(static_cast<size_t>(R));
@@ -209,12 +214,12 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       const float* s = score + r * keys;
       int64_t i3 = P;
       for (int64_t j = 0; j < a.N; ++j)
-        if ((uint64_t(bits[r % a.N]) >> j) & 1u) {
+        if ((uint64_t(bits[(r_lo + r) % a.N]) >> j) & 1u) {
           const float w = s[i3++];
           const float* v = vf + (P + j) * D;
           for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
         }
-      T* out = static_cast<T*>(a.out) + ((b * a.N + r % a.N) * a.H + hk * G + r / a.N) * D;
+      T* out = static_cast<T*>(a.out) + ((b * a.N + (r_lo + r) % a.N) * a.H + hk * G + (r_lo + r) / a.N) * D;
       for (int64_t d = 0; d < D; ++d) L::store(out, d, acc[rb][d] * inv_sum[size_t(r)]);
     }
   }
@@ -223,10 +228,13 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
 template <class L>
 AMPHISTA_INLINE void tree_attention_units(const TreeAttentionArgs& a, int64_t u0, int64_t u1) {
   std::vector<float> buf;
+  const int64_t R = a.H / a.H_kv * a.N;
   for (int64_t u = u0; u < u1; ++u) {
-    if (a.D == 64) tree_attention_unit<L, 64>(a, u / a.H_kv, u % a.H_kv, buf);
-    else if (a.D == 128) tree_attention_unit<L, 128>(a, u / a.H_kv, u % a.H_kv, buf);
-    else tree_attention_unit<L, 0>(a, u / a.H_kv, u % a.H_kv, buf);
+    const int64_t bh = u / a.parts, part = u % a.parts, b = bh / a.H_kv, hk = bh % a.H_kv;
+    const int64_t lo = R * part / a.parts, hi = R * (part + 1) / a.parts;
+    if (a.D == 64) tree_attention_unit<L, 64>(a, b, hk, lo, hi, buf);
+    else if (a.D == 128) tree_attention_unit<L, 128>(a, b, hk, lo, hi, buf);
+    else tree_attention_unit<L, 0>(a, b, hk, lo, hi, buf);
   }
 }
 
@@ -239,9 +247,15 @@ inline void tree_attention(const TreeAttentionArgs& a, DType dtype, int64_t thre
   int64_t longest = 0;
   for (int64_t b = 0; b < a.B; ++b) longest = std::max(longest, a.prefix_len[b]);
   // units (row, KV head) are independent: threads only change who computes one, never its result
-  parallel_rows(a.B * a.H_kv, 4 * G * a.N * (longest + a.N) * a.D, threads, [&](int64_t u0, int64_t u1) {
-    if (dtype == DType::kFloat32) tree_attention_f32(a, u0, u1);
-    else tree_attention_bf16(a, u0, u1);
+  // Units (row, KV head) are independent: threads only change who computes one, never its result. Fewer of
+  // them than a multiple of the threads (SmolLM2: 3 KV heads on 2 threads) leaves a thread idle for up to a
+  // unit, so then each unit's query rows are split in parts (its keys are read once per part).
+  TreeAttentionArgs u = a;
+  const int64_t units = a.B * a.H_kv, team = std::max<int64_t>(threads, 1);
+  u.parts = units % team == 0 || units >= 4 * team ? 1 : std::min(G * a.N, team / std::gcd(units, team));
+  parallel_rows(units * u.parts, 4 * G * a.N * (longest + a.N) * a.D / u.parts, threads, [&](int64_t u0, int64_t u1) {
+    if (dtype == DType::kFloat32) tree_attention_f32(u, u0, u1);
+    else tree_attention_bf16(u, u0, u1);
   });
 }
 
