@@ -515,3 +515,45 @@ def test_4bit_aeb_and_fusion_use_their_codes(tiny_hf_dir):
         assert rel_err(aeb(z, heads.pos_emb), ref) < 2e-2
         fused = ops.fused_sal_input(hidden, tokens, engine.model.tok_embeddings.weight, dequantized(heads.fuse))
         assert rel_err(heads._fuse(hidden, tokens), fused) < 2e-2
+
+
+@needs_ext
+def test_4bit_aeb_runs_as_one_stack_call_and_resblocks_multiply_int8_codes(tiny_hf_dir):
+    """Next to a 4-bit target the Auto-embedding Block (with the final norm) runs as one decoder-stack call over the
+    K slots (no rotation, every slot seeing every slot): the layer loop's result up to summation order. The
+    ResBlocks multiply int8 codes of all heads' weights in one product: within ~1% of what the float weights add;
+    with autograd on, the float weights."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import random_heads
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=64, quant="q4")
+    heads = engine.load_heads(random_heads("amphista", engine.model, num_heads=3))
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(2, 3, engine.config.dim, generator=gen)
+    calls, real = [], cpu_ops.decoder_layers
+
+    def counting(layers, *args):
+        out = real(layers, *args)
+        calls.append(out is not NotImplemented)
+        return out
+
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_ops, "decoder_layers", counting)
+        native = heads.mix(z)
+        mp.setattr(heads, "_mix_native", lambda z: NotImplemented)
+        loop = heads.mix(z)
+    assert calls == [True] and native.shape == loop.shape and rel_err(native, loop) < 1e-4
+
+    res = heads.res
+    with torch.no_grad():
+        res.weight.normal_(0, 0.05)
+        res.bias.normal_(0, 0.05)
+    res.use_codes(cpu_quant.pack_int8_rows)
+    x = torch.randn(2, 3, engine.config.dim, generator=gen)
+    with torch.inference_mode():
+        coded = res(x)
+        codes, res._codes = res._codes, None
+        ref = res(x)
+        res._codes = codes
+    assert 0 < rel_err(coded - x, ref - x) < 3e-2
+    xg = x.clone().requires_grad_()
+    assert torch.equal(res(xg).detach(), ref)

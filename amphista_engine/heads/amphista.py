@@ -66,6 +66,7 @@ class AmphistaHeads(DraftHeads):
         self._rope = None
         self._stage_index = None
         self._stages = None                   # the SAL's layers by stage (lists), for the cpu backend's stack call
+        self._aeb_stack = None                # the AEB as decoder layers for that call (see _mix_native)
 
     def bind(self, target) -> "AmphistaHeads":
         super().bind(target)
@@ -112,10 +113,37 @@ class AmphistaHeads(DraftHeads):
                 outs.append(x)
         return outs
 
+    def _mix_native(self, z: torch.Tensor):
+        """4-bit AEB layers on the cpu backend: the block and the final norm in one decoder-stack call
+        (csrc/cpu/decoder.h), as decoder layers over the K slots with no rotation (cos 1, sin 0), an empty
+        prefix and every slot seeing every slot, in a scratch cache of K slots. NotImplemented elsewhere."""
+        if not cpu_quant.on_codes(self.aeb[0].wqkv) or torch.is_grad_enabled() and z.requires_grad:
+            return NotImplemented
+        N, K, d = z.shape
+        st = self._aeb_stack
+        if st is None or st.k.shape[1] != N or st.k.dtype != z.dtype or st.k.device != z.device:
+            c, H = self.config, self.config.aeb_heads
+            cfg = SimpleNamespace(dim=d, n_heads=H, n_kv_heads=H, head_dim=d // H,
+                                  intermediate_size=c.aeb_intermediate_size)
+            layers = [SimpleNamespace(attention=SimpleNamespace(wqkv=m.wqkv, wo=m.wo), feed_forward=m.feed_forward,
+                                      attention_norm=m.attention_norm, ffn_norm=m.ffn_norm) for m in self.aeb]
+            kv = torch.empty(len(layers), N, H, K, d // H, dtype=z.dtype, device=z.device)
+            half = torch.ones(K, d // H // 2, device=z.device)
+            st = self._aeb_stack = SimpleNamespace(
+                cfg=cfg, layers=layers, k=kv, v=torch.empty_like(kv), rope=torch.cat([half, half * 0], -1)[None],
+                prefix=torch.zeros(N, dtype=torch.long, device=z.device),
+                bits=torch.full((1, K), (1 << K) - 1 if K < 64 else -1, dtype=torch.long, device=z.device))
+        x = z + self.pos_emb                                       # a new tensor: the call updates it in place
+        out = cpu_ops.decoder_layers(st.layers, self.norm, st.cfg, x, st.rope, st.k, st.v, st.prefix, st.bits, self)
+        return out if out is NotImplemented else out[1]
+
     def mix(self, z: torch.Tensor) -> torch.Tensor:
         """Auto-embedding Block + final norm. z: [..., K, d] head projections -> [..., K, d] features."""
         lead, (K, d) = z.shape[:-2], z.shape[-2:]
         z = z.reshape(-1, K, d)
+        native = self._mix_native(z)
+        if native is not NotImplemented:
+            return native.view(*lead, K, d)
         for i, layer in enumerate(self.aeb):
             z = layer(z, self.pos_emb if i == 0 else None)
         return self.norm(z).view(*lead, K, d)

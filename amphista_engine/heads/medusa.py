@@ -20,14 +20,39 @@ class HeadResBlocks(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(layers, num_heads, dim, dim))
         self.bias = nn.Parameter(torch.zeros(layers, num_heads, dim)) if bias else None
+        self._codes = None   # per layer: the K heads' weights stacked [K d, d] as codes (cpu_quant.quantize_heads)
+
+    def use_codes(self, pack) -> float:
+        """Multiply codes from now on (inference; the float weights stay for training). pack(w [N, K]) ->
+        (cpu_ops.PackedWeights or None, error). Returns the largest error."""
+        L, K, d, _ = self.weight.shape
+        packed = [pack(self.weight[j].reshape(K * d, d)) for j in range(L)]
+        self._codes = None if any(p is None for p, _ in packed) else [p for p, _ in packed]
+        return max(err for _, err in packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., K, d] (slot k feeds head k) -> [..., K, d]."""
+        if self._codes is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            out = self._forward_codes(x)
+            if out is not NotImplemented:
+                return out
         for j in range(self.weight.shape[0]):
             y = torch.einsum("...ki,koi->...ko", x, self.weight[j])   # bmm with K as the batch
             x = x + F.silu(y if self.bias is None else y + self.bias[j])
         # The einsum leaves K outermost in memory: contiguous, the LM head that follows stays one matmul instead of a
         # bmm against a per-row copy of its weight (15x a training step with KL at every position)
+        return x.contiguous()
+
+    def _forward_codes(self, x: torch.Tensor):
+        # One product per layer against all K heads' rows at once, every slot times every head (K x the
+        # arithmetic, the same weight bytes, one call instead of K); slot k keeps head k's block.
+        K, d = x.shape[-2:]
+        for j, packed in enumerate(self._codes):
+            y = cpu_ops.packed_linear(x, packed)                            # [..., K, K d]
+            if y is NotImplemented:
+                return NotImplemented
+            y = y.view(*x.shape[:-1], K, d).diagonal(dim1=-3, dim2=-2).movedim(-1, -2)   # [..., K, d]
+            x = x + F.silu(y if self.bias is None else y + self.bias[j])
         return x.contiguous()
 
 

@@ -148,9 +148,7 @@ class Int8Linear(_CodesLinear):
     """int8 weights, one scale per output row."""
 
     def _quantize(self):
-        w = self.weight.detach().float()
-        scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)   # the row's largest -> 127
-        codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        codes, scale = _int8_rows(self.weight)
         self._packed_native = cpu_ops.pack_int8(codes, scale)
         self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(codes, scale)
 
@@ -197,12 +195,29 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
     return worst
 
 
+def _int8_rows(w: torch.Tensor):
+    """w [N, K] float -> (int8 codes, a scale per row): the row's largest magnitude -> 127."""
+    w = w.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def pack_int8_rows(w: torch.Tensor):
+    """w [N, K] float -> (the cpu kernel's int8 copy, one scale per row, None without the extension; the largest
+    rounding error in units of a row's scale, at most 0.5)."""
+    codes, scale = _int8_rows(w)
+    err = (codes.float() * scale[:, None] - w.detach().float()).abs().amax(1) / scale
+    return cpu_ops.pack_int8(codes, scale), float(err.max())
+
+
 def quantize_heads(heads: nn.Module) -> float:
-    """Drafting heads next to a 4-bit target: their layer linears (fusion, SAL, AEB, ResBlocks; inputs a multiple
-    of GROUP) -> Int4Linear, by round to nearest in groups of 32. A draft only proposes tokens the target then
-    verifies, so this moves tau, never the output. Measured on the shipped SmolLM2 heads (16 MT-Bench turns): the
-    same tau, mix-4 1.10x and mix-8 1.00x per token, within the VM's ±6% noise (benchmarks/results/
-    cpu_heads_4bit_ab.md); a quarter of the bytes. Returns the largest requantization error."""
+    """Drafting heads next to a 4-bit target: their layer linears (fusion, SAL, AEB; inputs a multiple of GROUP)
+    -> Int4Linear by round to nearest in groups of 32, and the ResBlocks' weights to int8 codes, one scale per row
+    (`use_codes`; 4 bits moved their output by ~8% of what they add). A draft only proposes tokens the target then
+    verifies, so this moves tau, never the output. Measured on the
+    shipped SmolLM2 heads (16 MT-Bench turns): the same tau, mix-4 1.10x and mix-8 1.00x per token, within the
+    VM's ±6% noise (benchmarks/results/cpu_heads_4bit_ab.md); a quarter of the bytes. Returns the largest
+    requantization error."""
     worst = 0.0
     for m in heads.modules():
         if (isinstance(m, nn.Linear) and not isinstance(m, _CodesLinear) and m.weight.dim() == 2
@@ -210,4 +225,6 @@ def quantize_heads(heads: nn.Module) -> float:
             m.__dict__.pop("_packed", None)         # a PackedLinear's oneDNN copy: no longer read
             m.__class__ = Int4Linear
             worst = max(worst, m._quantize())
+        elif hasattr(m, "use_codes"):
+            worst = max(worst, m.use_codes(pack_int8_rows))
     return worst
