@@ -302,6 +302,7 @@ AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_
       // once per group: 9 multiplies per row and 32 inputs instead of 16.
       for (int h = 0; h < NH; ++h)
         for (int r = 0; r < MR; ++r) d16[h][r] = _mm256_setzero_si256();
+      // Not unrolled: GCC 12 then hoists all the chunks' products ahead of their sums and spills ~20 registers.
 #pragma GCC unroll 1
       for (int c = 0; c < 4; ++c) {
         __m256i lo[NH], hi[NH];
