@@ -121,18 +121,20 @@ class AmphistaHeads(DraftHeads):
             return NotImplemented
         N, K, d = z.shape
         st = self._aeb_stack
-        if st is None or st.k.shape[1] != N or st.k.dtype != z.dtype or st.k.device != z.device:
-            c, H = self.config, self.config.aeb_heads
-            cfg = SimpleNamespace(dim=d, n_heads=H, n_kv_heads=H, head_dim=d // H,
-                                  intermediate_size=c.aeb_intermediate_size)
-            layers = [SimpleNamespace(attention=SimpleNamespace(wqkv=m.wqkv, wo=m.wo), feed_forward=m.feed_forward,
-                                      attention_norm=m.attention_norm, ffn_norm=m.ffn_norm) for m in self.aeb]
-            kv = torch.empty(len(layers), N, H, K, d // H, dtype=z.dtype, device=z.device)
+        if st is None or st.rope.device != z.device:
+            H = self.config.aeb_heads
             half = torch.ones(K, d // H // 2, device=z.device)
             st = self._aeb_stack = SimpleNamespace(
-                cfg=cfg, layers=layers, k=kv, v=torch.empty_like(kv), rope=torch.cat([half, half * 0], -1)[None],
-                prefix=torch.zeros(N, dtype=torch.long, device=z.device),
-                bits=torch.full((1, K), (1 << K) - 1 if K < 64 else -1, dtype=torch.long, device=z.device))
+                cfg=SimpleNamespace(dim=d, n_heads=H, n_kv_heads=H, head_dim=d // H,
+                                    intermediate_size=self.config.aeb_intermediate_size),
+                layers=[SimpleNamespace(attention=SimpleNamespace(wqkv=m.wqkv, wo=m.wo), feed_forward=m.feed_forward,
+                                        attention_norm=m.attention_norm, ffn_norm=m.ffn_norm) for m in self.aeb],
+                rope=torch.cat([half, torch.zeros_like(half)], -1)[None],
+                bits=torch.full((1, K), (1 << K) - 1 if K < 64 else -1, dtype=torch.long, device=z.device), k=None)
+        if st.k is None or st.k.shape[1] != N or st.k.dtype != z.dtype:     # the scratch cache: per batch size
+            st.k = torch.empty(len(st.layers), N, st.cfg.n_heads, K, st.cfg.head_dim, dtype=z.dtype, device=z.device)
+            st.v = torch.empty_like(st.k)
+            st.prefix = torch.zeros(N, dtype=torch.long, device=z.device)
         x = z + self.pos_emb                                       # a new tensor: the call updates it in place
         out = cpu_ops.decoder_layers(st.layers, self.norm, st.cfg, x, st.rope, st.k, st.v, st.prefix, st.bits, self)
         return out if out is NotImplemented else out[1]

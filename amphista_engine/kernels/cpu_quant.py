@@ -214,10 +214,10 @@ def quantize_heads(heads: nn.Module) -> float:
     """Drafting heads next to a 4-bit target: their layer linears (fusion, SAL, AEB; inputs a multiple of GROUP)
     -> Int4Linear by round to nearest in groups of 32, and the ResBlocks' weights to int8 codes, one scale per row
     (`use_codes`; 4 bits moved their output by ~8% of what they add). A draft only proposes tokens the target then
-    verifies, so this moves tau, never the output. Measured on the
-    shipped SmolLM2 heads (16 MT-Bench turns): the same tau, mix-4 1.10x and mix-8 1.00x per token, within the
-    VM's ±6% noise (benchmarks/results/cpu_heads_4bit_ab.md); a quarter of the bytes. Returns the largest
-    requantization error."""
+    verifies, so this moves tau, never the output. Measured on the shipped SmolLM2 heads (16 MT-Bench turns): the
+    4-bit layers kept tau, mix-4 1.10x and mix-8 1.00x per token, within the VM's ±6% noise (benchmarks/results/
+    cpu_heads_4bit_ab.md), a quarter of the bytes; the int8 ResBlocks moved tau by -0.4% (cpu_heads_native_ab).
+    Returns the largest requantization error."""
     worst = 0.0
     for m in heads.modules():
         if (isinstance(m, nn.Linear) and not isinstance(m, _CodesLinear) and m.weight.dim() == 2
