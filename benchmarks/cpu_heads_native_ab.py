@@ -52,8 +52,9 @@ def main():
         current[0], current[1] = config, True
         heads._mix_native = native_mix if side == "after" else (lambda z: NotImplemented)
         heads.res._codes = codes if side == "after" else None
+        spec = tree != "plain"
         return engine.generate(question, max_new_tokens=args.max_new_tokens,
-                               speculative=None if tree == "plain" else "amphista", tree=None if tree == "plain" else tree)
+                               speculative="amphista" if spec else None, tree=tree if spec else None)
 
     qs = [json.loads(line)["turns"][0] for line in open(ROOT.parent / "shared" / "data" / "mt_bench.jsonl")]
     qs = qs[:args.questions]

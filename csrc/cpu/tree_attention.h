@@ -106,8 +106,8 @@ AMPHISTA_INLINE void load_rows(const typename L::T* src, float* dst, int64_t n) 
 }
 
 // One (batch row, KV head), rows [r_lo, r_hi) of the G * N query rows that read its keys (the query heads of the
-// KV head, times the new tokens). DC = D when it is a compile-time 64 or 128 (the dot products' and the value sums' loops then
-// unroll into registers), 0 for any other D.
+// KV head, times the new tokens). DC = D when it is a compile-time 64 or 128 (the dot products' and the value
+// sums' loops then unroll into registers), 0 for any other D.
 template <class L, int DC>
 AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, int64_t hk, int64_t r_lo, int64_t r_hi,
                                          std::vector<float>& buf) {
