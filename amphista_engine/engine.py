@@ -9,7 +9,7 @@ import torch
 from .errors import CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
 from .kv_cache import KVCache
-from .loading import LoadedModel, load_model, parse_dtype
+from .loading import LoadedModel, load_model, parse_device, parse_dtype
 from .sampling import SamplingParams
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -31,10 +31,6 @@ class GenerationResult:
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
                 "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -91,7 +87,7 @@ class Engine:
         does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
         it adapts a model loaded elsewhere, and quantizing changes that model in place."""
-        device = torch.device(device or default_device())
+        device = parse_device(device)
         dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
         engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,

@@ -71,6 +71,27 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
     return LoadedModel(model, tokenizer, cfg, str(path))
 
 
+def parse_device(device=None) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" (None: cuda where torch sees a GPU, else cpu), checked here so that a bad one
+    fails with its name rather than deep inside torch (a CPU-only torch asserts on the first copy to cuda)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU here"
+        raise ConfigError(f"device {device!r} asked for, but {why}; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def parse_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

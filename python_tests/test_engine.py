@@ -138,7 +138,15 @@ def test_cli_errors_are_one_line(capsys):
     assert main(["generate", "hi", "--model", "/no/such/model"]) == 2
     err = capsys.readouterr().err
     assert "model path not found" in err and "Traceback" not in err
+    # decoding flags fail before anything loads (and before the CPU's speculation timing)
     assert main(["generate", "hi", "--model", "/no/such/model", "--temperature", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "temperature must be >= 0" in err and "loading" not in err
+    assert main(["chat", "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens must be a positive integer, got 0" in err and "loading" not in err
+    assert main(["generate", "hi", "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
 
 
 def test_cli_speculative_without_heads_is_an_error(tiny_hf_dir, capsys):

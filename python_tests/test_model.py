@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from amphista_engine.config import ModelConfig
+from amphista_engine.engine import Engine
 from amphista_engine.errors import ConfigError, ModelLoadError
 from amphista_engine.kv_cache import KVCache
-from amphista_engine.loading import load_model
+from amphista_engine.loading import load_model, parse_device
 from amphista_engine.model import AttentionSpec, causal_mask
 
 from conftest import TINY_HF, needs_smollm2, random_tiny_model
@@ -139,6 +140,21 @@ def greedy_continuation(model, ids, n):
 def test_missing_path_is_clear():
     with pytest.raises(ModelLoadError, match="not found.*nope"):
         load_model("/tmp/definitely/nope")
+
+
+def test_bad_devices_are_named(tiny_hf_dir, monkeypatch):
+    assert parse_device("cpu") == torch.device("cpu")
+    for bad, match in (("gpu", "unknown device 'gpu'"), ("meta", "device 'meta' is not supported")):
+        with pytest.raises(ConfigError, match=match):
+            parse_device(bad)
+    # A CPU-only torch asserts deep in its lazy CUDA init on the first copy; the engine says why first.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device 'cuda:1' asked for, but .*use --device cpu"):
+        Engine.from_pretrained(str(tiny_hf_dir), device="cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="device 'cuda:1' does not exist: torch sees 1 GPU"):
+        parse_device("cuda:1")
 
 
 def test_unsupported_architecture(tiny_hf_dir, tmp_path):

@@ -90,12 +90,12 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     from ..generation import PlainDecoder
     from ..kernels.linear_setup import LinearSetup
     from ..kv_cache import KVCache
-    from ..loading import parse_dtype
+    from ..loading import parse_device, parse_dtype
     from ..sampling import SamplingParams
     from ..speculative import SpeculativeDecoder, TreeSpec
     from .shapes import random_heads      # built on the device: 7B-shaped Amphista heads are ~0.7 B parameters
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     trees = [t.strip() for t in (trees.split(",") if isinstance(trees, str) else trees) if t.strip()]
     if not trees:

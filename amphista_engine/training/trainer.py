@@ -540,9 +540,8 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     if cfg.log:
         Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)     # once, not per logged step
     if target is None:
-        from ..engine import default_device
-        from ..loading import load_model, parse_dtype
-        device = torch.device(cfg.device or default_device())
+        from ..loading import load_model, parse_device, parse_dtype
+        device = parse_device(cfg.device)
         dtype = parse_dtype(cfg.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
         target = load_model(cfg.model, dtype=dtype, device=device, max_seq_len=cfg.max_seq_len).model
     target.eval().requires_grad_(False)

@@ -180,9 +180,8 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     from .data import load_shard
     from .trainer import check_source_weights, parse_source_weights, split_heldout
     if target is None:
-        from ..engine import default_device
-        from ..loading import load_model, parse_dtype
-        dev = torch.device(device or default_device())
+        from ..loading import load_model, parse_device, parse_dtype
+        dev = parse_device(device)
         dt = parse_dtype(dtype or ("float32" if dev.type == "cpu" else "bfloat16"))
         target = load_model(model, dtype=dt, device=dev, max_seq_len=max_seq_len).model
     target.eval().requires_grad_(False)
