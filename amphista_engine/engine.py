@@ -130,6 +130,7 @@ class Engine:
     def _cache_for(self, batch: int) -> KVCache:
         if self._cache is None or self._cache.batch < batch:
             self._cache = None   # free the old buffers before allocating the larger ones
+            KVCache.check_fits(self.config, max(batch, self._cache_batch), self.max_seq_len, self.dtype, self.device)
             self._cache = KVCache.for_model(self.config, max(batch, self._cache_batch), self.max_seq_len,
                                             self.dtype, self.device)
         return self._cache

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import CacheFullError
 from .kernels import cpu_exact, ops
 
 
@@ -30,6 +31,21 @@ class KVCache:
         scratch = cpu_exact.scratch_slots(max_seq_len) if torch.device(device).type == "cpu" else 0
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device, scratch)
 
+    @staticmethod
+    def check_fits(cfg, batch: int, max_seq_len: int, dtype, device):
+        """Refuses, by name, a cache (with the RoPE table, built in fp32 for every position) that the device has
+        no memory for: allocated, it would end in an out-of-memory kill on Linux with no message at all."""
+        device = torch.device(device)
+        scratch = cpu_exact.scratch_slots(max_seq_len) if device.type == "cpu" else 0
+        esize = torch.empty(0, dtype=dtype).element_size()
+        kv = 2 * cfg.n_layers * batch * cfg.n_kv_heads * (max_seq_len + scratch) * cfg.head_dim * esize
+        need = kv + 3 * max_seq_len * cfg.head_dim * 4       # the table's peak: angles, cos, sin, their concat
+        free = available_memory(device)
+        if free is not None and need > free:
+            raise CacheFullError(f"max_seq_len={max_seq_len} (batch {batch}) needs {need / 2**30:.1f} GiB for the KV "
+                                 f"cache and RoPE table, but {device.type} has {free / 2**30:.1f} GiB free; "
+                                 "lower max_seq_len")
+
     def reset(self):
         self.length.zero_()
 
@@ -53,3 +69,18 @@ class KVCache:
         beyond the new length, where nothing reads them. Gathering first makes overlapping moves safe.
         """
         ops.kv_compact(self.k, self.v, src, dst_start)   # all layers, K and V, one launch on the kernel backends
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate: free GPU memory, or the kernel's MemAvailable on Linux (None where
+    neither is known: no check then)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -105,6 +105,9 @@ def parse_dtype(dtype) -> torch.dtype:
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, device, max_seq_len=None,
                 freq_factors=None) -> Transformer:
     """Assign checkpoint tensors (our names) to a model built on the meta device: no double allocation."""
+    if max_seq_len:       # before the model builds its RoPE table for max_seq_len positions
+        from .kv_cache import KVCache
+        KVCache.check_fits(cfg, 1, max_seq_len, dtype, device)
     with torch.device("meta"):
         model = Transformer(cfg, max_seq_len)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -122,6 +122,21 @@ def test_bad_prompts(engine):
         engine.stream("")    # raises on the call, not on the first chunk
 
 
+def test_a_cache_larger_than_memory_is_refused_by_name(tiny_hf_dir, monkeypatch):
+    """An oversized max_seq_len (or batch) would be an out-of-memory kill with no message; it is an error instead,
+    raised before the model builds its RoPE table, and before a larger batch's cache is allocated."""
+    from amphista_engine import kv_cache
+    from amphista_engine.errors import CacheFullError
+    with pytest.raises(CacheFullError, match=r"max_seq_len=100000000 \(batch 1\) needs .* GiB .*lower max_seq_len"):
+        Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=100_000_000)
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256)
+    one_row = eng._cache_for(1).k.numel() * 4 * 2
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 4 * one_row)
+    assert eng.generate_batch(["a b", "c d"], chat=False, max_new_tokens=2)    # two rows fit
+    with pytest.raises(CacheFullError, match=r"\(batch 8\)"):
+        eng.generate_batch(["a b"] * 8, chat=False, max_new_tokens=2)
+
+
 def test_cli_json(tiny_hf_dir, capsys):
     rc = main(["generate", "The quick brown fox", "--model", str(tiny_hf_dir), "--max-new-tokens", "8",
                "--no-chat", "--json", "--device", "cpu", "--max-seq-len", "128"])
