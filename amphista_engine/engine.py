@@ -204,7 +204,12 @@ class Engine:
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         if not prompts:
             raise InputError("no prompts given")
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        from .speculative import ACCEPTANCE
+        if acceptance not in ACCEPTANCE:      # checked even where the run turns out plain (speculative="auto")
+            raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(not s for s in stop):
             raise InputError("stop strings must be non-empty")
         ids = [self.encode_prompt(p, chat) for p in prompts]

@@ -25,6 +25,9 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
             raise InputError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**64):
+            raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

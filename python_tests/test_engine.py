@@ -107,6 +107,11 @@ def test_repetition_penalty_changes_output(engine):
     (dict(top_k=-1), "top_k"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=10_000), "exceeds the cache"),
+    (dict(seed="x", temperature=0.7), "seed must be an integer"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(stop=5), "stop must be a string or a list of strings"),
+    (dict(stop=["ok", None]), "stop must be a string or a list of strings"),
+    (dict(acceptance="foo"), "acceptance must be one of"),      # a plain run too
 ])
 def test_bad_generation_parameters(engine, kwargs, match):
     with pytest.raises(InputError, match=match):
