@@ -246,7 +246,6 @@ inline void tree_attention(const TreeAttentionArgs& a, DType dtype, int64_t thre
   const int64_t G = a.H / a.H_kv;
   int64_t longest = 0;
   for (int64_t b = 0; b < a.B; ++b) longest = std::max(longest, a.prefix_len[b]);
-  // units (row, KV head) are independent: threads only change who computes one, never its result
   // Units (row, KV head) are independent: threads only change who computes one, never its result. Fewer of
   // them than a multiple of the threads (SmolLM2: 3 KV heads on 2 threads) leaves a thread idle for up to a
   // unit, so then each unit's query rows are split in parts (its keys are read once per part).
