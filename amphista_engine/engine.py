@@ -82,7 +82,7 @@ class Engine:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, max_seq_len: int = 2048,
                         max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto") -> "Engine":
-        """model: checkpoint directory, .gguf file or alias; heads: drafting-heads directory (optional);
+        """model: checkpoint directory, .gguf file or alias; heads: drafting heads (optional, see load_heads);
         quant (CPU): "q4" runs the target's layers on 4-bit codes and its LM head in int8, "auto" (the default)
         does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
@@ -98,7 +98,11 @@ class Engine:
         return engine
 
     def load_heads(self, heads):
+        """heads: a heads directory, "default" (the Amphista heads shipped for this model), a shipped directory's
+        name ("smollm2-135m-amphista", "smollm2-135m-medusa") or a heads module."""
         from .heads import load_heads
+        from .shipped_heads import heads_alias
+        heads = heads_alias(heads, self.loaded_name)
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
         self._checks.clear()

@@ -16,6 +16,20 @@ def shipped_heads(model: str, method: str) -> Path | None:
     return path if path is not None and (path / "config.json").is_file() else None
 
 
+def heads_alias(heads, model: str):
+    """"default" (the Amphista heads shipped for `model`) or a shipped directory's name (e.g.
+    "smollm2-135m-medusa") -> its path; anything else, or a name that is also an existing path, unchanged."""
+    if not isinstance(heads, str) or Path(heads).exists():
+        return heads
+    if heads == "default":
+        path = shipped_heads(model, "amphista")
+        if path is None:
+            raise InputError(f"no drafting heads are shipped for {model!r}; pass a heads directory")
+        return path
+    named = {p.name: p for methods in SHIPPED.values() for p in methods.values()}
+    return named.get(heads, heads)
+
+
 def resolve_heads(engine, heads: str, speculative: str) -> str | None:
     """Load the heads the CLI flags ask for; returns the speculative method to run, or None for plain."""
     if heads == "none" and speculative not in ("auto", "none"):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from amphista_engine import Engine
+from amphista_engine import Engine, InputError
 from amphista_engine.cli import main
 from amphista_engine.heads import random_heads
 from amphista_engine.heads.checkpoint import save_heads
@@ -223,10 +223,23 @@ def test_shipped_heads_offer_a_ladder_of_fitted_trees():
     """What a CPU climbs with the shipped heads: their fitted mix-N trees by size; the generic trees they record a
     tau for (tree-16, tree-32, mc_sim_7b_63) are each beaten by a fitted tree of the same size."""
     eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=512, quant="none")
-    for kind in ("amphista", "medusa"):
-        eng.load_heads(shipped_heads("smollm2-135m", kind))
+    for kind, alias in (("amphista", "default"), ("medusa", "smollm2-135m-medusa")):   # the Python API's names
+        eng.load_heads(alias)
+        assert eng.heads.config.kind == kind
         ladder = candidate_trees(eng)
         assert [s.name for s in ladder] == ["mix-4", "mix-8", "mix-16", "mix-32", "mix-64"]
         assert [s.num_nodes for s in ladder] == [4, 8, 16, 32, 64]
         taus = [expected_tau(eng.heads.config, s.name) for s in ladder]
         assert taus == sorted(taus) and expected_tau(eng.heads.config, "tree-16") < taus[2]
+
+
+def test_heads_aliases_resolve_to_shipped_directories(tmp_path, monkeypatch):
+    from amphista_engine.shipped_heads import heads_alias
+    assert heads_alias("default", "smollm2-135m") == shipped_heads("smollm2-135m", "amphista")
+    assert heads_alias("smollm2-135m-medusa", "whatever") == shipped_heads("smollm2-135m", "medusa")
+    with pytest.raises(InputError, match="no drafting heads are shipped for 'my.gguf'"):
+        heads_alias("default", "my.gguf")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()                      # a directory of that name wins over the alias
+    assert heads_alias("default", "smollm2-135m") == "default"
+    assert heads_alias("/no/such/heads", "smollm2-135m") == "/no/such/heads"   # left for load_heads to name
