@@ -154,6 +154,19 @@ def test_cli_json(tiny_hf_dir, capsys):
     assert rc == 0 and json.loads(capsys.readouterr().out)["weights"]["quant"] == "q4"
 
 
+def test_cli_stops_quietly_when_stdout_closes(tiny_hf_dir):
+    """`amphista generate ... | head`: the reader leaves early; the CLI ends with 141 (SIGPIPE's code), no trace."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "amphista_engine.cli", "generate", "The quick brown fox", "--model",
+                             str(tiny_hf_dir), "--max-new-tokens", "16", "--no-chat", "--device", "cpu",
+                             "--max-seq-len", "128", "--speculative", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                     # before the first chunk: its write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_cli_errors_are_one_line(capsys):
     assert main(["generate", "hi", "--model", "/no/such/model"]) == 2
     err = capsys.readouterr().err
