@@ -212,7 +212,12 @@ def main(argv=None) -> int:
         # stdout goes to devnull so that the interpreter's own flush at exit raises nothing either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # a path given that cannot be made, read or written (--out somewhere read-only, a full disk)
+        print(f"amphista: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -170,6 +170,10 @@ def test_eval_cli(setup, tiny_hf_dir, tmp_path, capsys):
     assert "| coding | 1 | 1 |" in out and "0 mismatches in 1 questions" in out
     assert cli_main(["eval", "--questions", str(tmp_path / "missing.jsonl")]) == 2
     assert "questions file not found" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")          # --out under a file: the OS's reason and the path, no trace
+    assert cli_main(argv[:-3] + ["--out", str(tmp_path / "file" / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"amphista: error: Not a directory: {tmp_path / 'file' / 'out'}" in err and "Traceback" not in err
 
 
 def test_bench_tiny_random_cpu(tmp_path, capsys):
