@@ -107,6 +107,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     unknown = [m for m in methods if m not in ("medusa", "amphista")]
     if unknown:
         raise InputError(f"unknown method(s) {unknown}; bench times medusa and amphista steps")
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)    # a bad --out fails now, not after the timing
     if plot and out is None:
         raise InputError("--plot needs --out DIR")
     taus = parse_tau(tau)

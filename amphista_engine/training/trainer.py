@@ -537,6 +537,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     if isinstance(cfg.data, (str, Path)):
         cfg.data = [str(cfg.data)]
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)      # now: a bad --out fails before hours of training, not at the save
     if cfg.log:
         Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)     # once, not per logged step
     if target is None:
