@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from .errors import AmphistaError
 
@@ -198,8 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"amphista: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.formatwarning = warnings.formatwarning, _warning_line   # one line, as errors are
     try:
         return args.func(args)
     except AmphistaError as e:
@@ -218,6 +224,9 @@ def main(argv=None) -> int:
         # a path given that cannot be made, read or written (--out somewhere read-only, a full disk)
         print(f"amphista: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
+
 
 if __name__ == "__main__":
     sys.exit(main())

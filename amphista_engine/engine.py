@@ -1,6 +1,7 @@
 """The public entry point: `Engine.from_pretrained(...)`, `engine.generate(...)`, `engine.stream(...)`."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -53,6 +54,10 @@ class Engine:
         if max_seq_len < 2:
             raise InputError(f"max_seq_len must be at least 2, got {max_seq_len}")
         self.max_seq_len = max_seq_len
+        trained = self.config.max_position_embeddings
+        if max_seq_len > trained and not self.config.rope_scaling:
+            warnings.warn(f"max_seq_len={max_seq_len} is past the {trained} positions the model was trained on: "
+                          "RoPE is extrapolated there, and text that long may degrade", stacklevel=2)
         self.heads = heads
         self._cache: KVCache | None = None
         self._cache_batch = max_batch_size

@@ -142,6 +142,25 @@ def test_a_cache_larger_than_memory_is_refused_by_name(tiny_hf_dir, monkeypatch)
         eng.generate_batch(["a b"] * 8, chat=False, max_new_tokens=2)
 
 
+def test_a_cache_past_the_trained_context_warns(tiny_hf_dir):
+    """The tiny model was trained on 512 positions: a longer cache works, with a warning (a one-line one in the
+    CLI); up to 512 there is none."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=512)
+    with pytest.warns(UserWarning, match="max_seq_len=600 is past the 512 positions the model was trained on"):
+        Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=600)
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "amphista_engine.cli", "generate", "a b", "--model", str(tiny_hf_dir),
+                          "--device", "cpu", "--max-seq-len", "600", "--max-new-tokens", "2", "--no-chat"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0
+    assert "\namphista: warning: max_seq_len=600 is past the 512 positions" in run.stderr
+    assert "UserWarning" not in run.stderr
+
+
 def test_cli_json(tiny_hf_dir, capsys):
     rc = main(["generate", "The quick brown fox", "--model", str(tiny_hf_dir), "--max-new-tokens", "8",
                "--no-chat", "--json", "--device", "cpu", "--max-seq-len", "128"])
