@@ -219,6 +219,7 @@ class Engine:
         stop = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
+        stop = list(stop)
         if any(not s for s in stop):
             raise InputError("stop strings must be non-empty")
         ids = [self.encode_prompt(p, chat) for p in prompts]
