@@ -97,11 +97,26 @@ def _stream_answer(engine, prompt, **kwargs):
     return result
 
 
+def _generate_prompt(args):
+    """The prompt text ('-': all of stdin), as messages after a system message when --system is given."""
+    from .errors import InputError
+
+    prompt = sys.stdin.read().rstrip() if args.prompt == "-" else args.prompt   # without echo's newline
+    if not prompt.strip():
+        raise InputError("prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else ""))
+    if args.system is None:
+        return prompt
+    if args.chat is False:
+        raise InputError("--system needs the chat template; drop --no-chat")
+    return [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
+
+
 def cmd_generate(args) -> int:
+    prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
     if args.json:
-        result = engine.generate(args.prompt, **kwargs)
+        result = engine.generate(prompt, **kwargs)
         out = result.to_dict()
         out["speculative"] = speculative
         out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
@@ -110,7 +125,7 @@ def cmd_generate(args) -> int:
             out["speculation_check"] = check.to_dict()
         print(json.dumps(out))
     else:
-        _stream_answer(engine, args.prompt, **kwargs)
+        _stream_answer(engine, prompt, **kwargs)
     return 0
 
 
@@ -173,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer one prompt (streams text to stdout)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the prompt; '-' reads it from stdin")
+    g.add_argument("--system", default=None, help="a system message before the prompt (chat template)")
     _add_model_args(g)
     _add_decoding_args(g)
     _add_sampling_args(g)

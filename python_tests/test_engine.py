@@ -186,6 +186,30 @@ def test_cli_stops_quietly_when_stdout_closes(tiny_hf_dir):
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err
 
 
+def test_cli_prompt_from_stdin_and_system_message(tiny_hf_dir, capsys, monkeypatch):
+    base = ["--model", str(tiny_hf_dir), "--max-new-tokens", "6", "--json", "--device", "cpu", "--max-seq-len", "128",
+            "--speculative", "none"]
+
+    def run(prompt, *extra, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        assert main(["generate", prompt, *base, *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return {k: out[k] for k in ("text", "token_ids", "prompt_tokens")}
+
+    direct = run("The quick brown fox", "--no-chat")
+    assert run("-", "--no-chat", stdin="The quick brown fox\n") == direct         # echo's newline dropped
+    system = run("The quick brown fox", "--system", "Answer briefly.")
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The quick brown fox"}]
+    assert system["prompt_tokens"] == len(engine.encode_prompt(messages)) != direct["prompt_tokens"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert main(["generate", "-", *base]) == 2
+    assert "prompt is empty (nothing on stdin)" in capsys.readouterr().err
+    assert main(["generate", "hi", *base, "--system", "x", "--no-chat"]) == 2
+    assert "--system needs the chat template" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(capsys):
     assert main(["generate", "hi", "--model", "/no/such/model"]) == 2
     err = capsys.readouterr().err
