@@ -181,6 +181,18 @@ def dynamic_tree(root: torch.Tensor, head_logprobs, num_nodes: int, topk: int = 
                           f"(need 2 <= N <= min({capacity + 1}, {MAX_TREE_NODES}))")
     if (d_max + 1) * k ** d_max >= 2 ** 62:
         raise ConfigError(f"dynamic tree with {k_heads} heads x top-{k} is too large to encode")
+    from .kernels import ops
+    tokens, depth, parent, rank, bits, mask, retrieve = ops.dynamic_tree(root.reshape(b), values, indices, num_nodes)
+    return TreeBuffers(num_nodes=num_nodes, max_depth=d_max, topk=k, depth=depth, parent=parent, rank=rank,
+                       ancestor_bits=bits, mask=mask, retrieve=retrieve, position_offsets=depth, tokens=tokens)
+
+
+def dynamic_tree_buffers(root: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, num_nodes: int):
+    """dynamic_tree's tensors in torch ops (the reference of ops.dynamic_tree): root [B], values / indices
+    [B, K, k] -> tokens, depth, parent, rank, ancestor bits (None past 64 nodes), mask, retrieve."""
+    b, k_heads, k = values.shape
+    m = num_nodes - 1
+    d_max = min(k_heads, m)
     dev = values.device
     # A path (r_1..r_d) is encoded as the integer sum r_j * k^(d_max - j); sort key depth * k^d_max + code
     # then orders nodes by (depth, path) exactly like the static trees.
@@ -235,6 +247,4 @@ def dynamic_tree(root: torch.Tensor, head_logprobs, num_nodes: int, topk: int = 
     root_only = torch.where(lv == 0, 0, -1)                            # padding row: just the root
     retrieve = torch.where(leaf.gather(1, row_order)[:, :, None],
                            paths[:, 1:].gather(1, row_order[:, :, None].expand(-1, -1, d_max + 1)), root_only)
-    return TreeBuffers(num_nodes=num_nodes, max_depth=d_max, topk=k, depth=depth, parent=parent, rank=rank,
-                       ancestor_bits=bits, mask=mask, retrieve=retrieve, position_offsets=depth,
-                       tokens=tokens)
+    return tokens, depth, parent, rank, bits, mask, retrieve

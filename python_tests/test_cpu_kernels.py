@@ -390,3 +390,26 @@ def test_greedy_accept_breaks_ties_and_nans_as_torch_does():
     assert int(res.accept_len[2]) >= 1
     assert cpu_ops.greedy_accept(tokens, x, torch.tensor([[0, 1, 9, -1]])) is NotImplemented      # node 9 of 4
     assert cpu_ops.greedy_accept(tokens, x.half(), paths) is NotImplemented
+
+
+@needs_ext
+@pytest.mark.parametrize("B,K,k,N,ties", [(1, 4, 10, 4, False), (2, 4, 10, 8, True), (3, 5, 10, 64, True),
+                                          (2, 3, 4, 40, True), (1, 4, 12, 80, False), (2, 1, 6, 5, True)])
+def test_dynamic_tree_equals_the_reference(B, K, k, N, ties):
+    """Every buffer the same integers as the torch ops build, ties included (scores rounded to a few values, so
+    sums collide and the stable sorts decide), with -inf ranks and past 64 nodes (no bits)."""
+    g = gen("cpu_dynamic_tree", B, K, k, N)
+    values = torch.randn(B, K, k, generator=g)
+    if ties:
+        values = (values * 2).round() / 2
+        values[0, -1, -2:] = float("-inf")
+    values = values.sort(dim=-1, descending=True).values
+    indices = torch.randint(0, 1000, (B, K, k), generator=g)
+    root = torch.randint(0, 1000, (B,), generator=g)
+    got = cpu_ops.dynamic_tree(root, values, indices, N)
+    want = reference.dynamic_tree(root, values, indices, N)
+    assert got is not NotImplemented
+    for name, a, b in zip(("tokens", "depth", "parent", "rank", "bits", "mask", "retrieve"), got, want):
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+    values[0, 0, 0] = float("nan")                 # the reference's sort orders NaN: declined
+    assert cpu_ops.dynamic_tree(root, values, indices, N) is NotImplemented

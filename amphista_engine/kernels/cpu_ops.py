@@ -195,6 +195,27 @@ def greedy_accept(tokens, logits, retrieve):
     return AcceptResult(accept_len, best, nodes, nxt, emitted)
 
 
+# ---- trees ---------------------------------------------------------------------------------------------
+def dynamic_tree(root, values, indices, num_nodes: int):
+    ext = load_extension()
+    if (ext is None or values.dim() != 3 or values.dtype != torch.float32 or indices.shape != values.shape
+            or indices.dtype != torch.long or root.shape != values.shape[:1] or root.dtype != torch.long
+            or not _cpu(root, values, indices) or values.numel() == 0 or num_nodes < 2):
+        return NotImplemented
+    B, K, k = values.shape
+    N, D = num_nodes, min(K, num_nodes - 1)
+    tokens, depth, parent, rank = (torch.empty(B, N, dtype=torch.long) for _ in range(4))
+    bits = torch.empty(B, N, dtype=torch.long) if N <= 64 else None
+    mask = torch.empty(B, N, N, dtype=torch.bool)
+    retrieve = torch.empty(B, N - 1, D + 1, dtype=torch.long)
+    values, indices, root = values.contiguous(), indices.contiguous(), root.contiguous()
+    if not ext.dynamic_tree(values.data_ptr(), indices.data_ptr(), root.data_ptr(), B, K, k, N, tokens.data_ptr(),
+                            depth.data_ptr(), parent.data_ptr(), rank.data_ptr(),
+                            bits.data_ptr() if bits is not None else 0, mask.data_ptr(), retrieve.data_ptr()):
+        return NotImplemented                  # a NaN score: the reference's sort orders it
+    return tokens, depth, parent, rank, bits, mask, retrieve
+
+
 # ---- products with quantized weights ------------------------------------------------------------------
 GROUP = 32            # input values per 4-bit group and per int8 activation scale (quant_matmul.h kQuantGroup)
 COL_BLOCK = 16        # output columns per vector of the kernel

@@ -198,9 +198,17 @@ def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.T
                 posterior_alpha, generator)
 
 
+# ---- trees ---------------------------------------------------------------------------------------------
+def dynamic_tree(root: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, num_nodes: int):
+    """tree.dynamic_tree's buffers: root [B] long, values [B, K, k] fp32 log-probs sorted descending per head,
+    indices [B, K, k] their tokens -> (tokens [B, N], depth, parent, rank [B, N], ancestor bits [B, N] or None
+    past 64 nodes, mask [B, N, N] bool, retrieve [B, N - 1, D + 1]); the same integers on every backend."""
+    return _run("dynamic_tree", values.device, root, values, indices, num_nodes)
+
+
 mask_bits = reference.mask_bits
 bits_to_mask = reference.bits_to_mask
 
 __all__ = ["tree_attention", "tree_mask_args", "head_attention", "fused_sal_input", "rmsnorm", "add_rmsnorm",
            "rope", "linear", "quant_linear", "silu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept",
-           "typical_accept", "mask_bits", "bits_to_mask"]
+           "typical_accept", "dynamic_tree", "mask_bits", "bits_to_mask"]

@@ -186,3 +186,9 @@ def typical_accept(tokens, logits, retrieve, temperature: float, posterior_thres
                    posterior_alpha: float = 0.3, generator: Optional[torch.Generator] = None):
     from ..acceptance import typical_accept as ref
     return ref(tokens, logits, retrieve, temperature, posterior_threshold, posterior_alpha, generator)
+
+
+# ---- trees ---------------------------------------------------------------------------------------------
+def dynamic_tree(root, values, indices, num_nodes: int):
+    from ..tree import dynamic_tree_buffers
+    return dynamic_tree_buffers(root, values, indices, num_nodes)

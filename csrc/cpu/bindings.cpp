@@ -16,6 +16,7 @@
 #include "quant_matmul.h"
 #include "rope_kv.h"
 #include "tree_attention.h"
+#include "tree_build.h"
 
 namespace py = pybind11;
 using namespace amphista_cpu;
@@ -216,4 +217,22 @@ PYBIND11_MODULE(_cpu, m) {
      py::arg("B"), py::arg("N"), py::arg("V"), py::arg("P"), py::arg("D1"), py::arg("dtype"), py::arg("threads"),
      "greedy tree acceptance: argmax per node, longest matching retrieve path (first on ties), bonus token; False "
      "(nothing written) when retrieve holds a node id outside [-1, N) or a path without its root");
+
+  m.def("dynamic_tree", [](int64_t values, int64_t indices, int64_t root, int64_t B, int64_t K, int64_t k, int64_t N,
+                           int64_t tokens, int64_t depth, int64_t parent, int64_t rank, int64_t bits, int64_t mask,
+                           int64_t retrieve) {
+    if (size(N, "N") < 2) bad_arg("N", "must be at least 2, got " + std::to_string(N));
+    DynamicTreeArgs a{static_cast<const float*>(ptr(values, "values")), static_cast<const int64_t*>(ptr(indices, "indices")),
+                      static_cast<const int64_t*>(ptr(root, "root")), size(B, "B"), size(K, "K"), size(k, "k"), N,
+                      static_cast<int64_t*>(ptr(tokens, "tokens")), static_cast<int64_t*>(ptr(depth, "depth")),
+                      static_cast<int64_t*>(ptr(parent, "parent")), static_cast<int64_t*>(ptr(rank, "rank")),
+                      bits == 0 ? nullptr : static_cast<int64_t*>(ptr(bits, "bits")),
+                      static_cast<bool*>(ptr(mask, "mask")), static_cast<int64_t*>(ptr(retrieve, "retrieve"))};
+    py::gil_scoped_release unlocked;
+    return dynamic_tree(a);
+  }, py::arg("values"), py::arg("indices"), py::arg("root"), py::arg("B"), py::arg("K"), py::arg("k"), py::arg("N"),
+     py::arg("tokens"), py::arg("depth"), py::arg("parent"), py::arg("rank"), py::arg("bits"), py::arg("mask"),
+     py::arg("retrieve"),
+     "dynamic token tree per row (tree.dynamic_tree's buffers); bits 0: none (N > 64); False (outputs not to be "
+     "trusted) on a NaN score");
 }
