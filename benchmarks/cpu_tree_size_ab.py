@@ -4,10 +4,13 @@ Plain decoding and the shipped Amphista heads on several trees (the old CPU defa
 fitted mix-N trees), the runs of one question back to back in a rotating order so drift hits them alike.
 Reports ms per token, tau and the speedup over plain decoding, checks that every greedy speculative answer
 equals the plain one, and says which tree `--speculative auto` picks here (speculation_check.py).
+A tree named `dynamic-N@torch` is dynamic-N built by the torch ops (tree.dynamic_tree_buffers) instead of the
+cpu backend's native builder: the same tree, so the same tokens, at the torch ops' cost.
 Writes benchmarks/results/cpu_tree_size_ab.{json,md} (or --out DIR).
 
-    OMP_NUM_THREADS=2 python benchmarks/cpu_tree_size_ab.py [--trees tree-16,mix-4,...] [--questions 16]
+    OMP_NUM_THREADS=2 python benchmarks/cpu_tree_size_ab.py [--trees tree-16,mix-4,dynamic-4@torch,...] [--questions 16]
 """
+import contextlib
 import argparse
 import os
 import sys
@@ -18,12 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from amphista_engine.engine import Engine  # noqa: E402
+from amphista_engine.kernels import cpu_ops  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
 from amphista_engine.speculation_check import CACHE_ENV, check_speculation, expected_tau  # noqa: E402
 from benchmarks.common import hardware, md_table, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
+
+
+@contextlib.contextmanager
+def tree_builder(tree):
+    """name@torch: the cpu backend declines the dynamic tree, so the torch reference builds it."""
+    native = cpu_ops.dynamic_tree
+    if tree is not None and tree.endswith("@torch"):
+        cpu_ops.dynamic_tree = lambda *a, **k: NotImplemented
+    try:
+        yield None if tree is None else tree.removesuffix("@torch")
+    finally:
+        cpu_ops.dynamic_tree = native
 
 
 def main():
@@ -49,8 +65,9 @@ def main():
         order = configs[i % len(configs):] + configs[:i % len(configs)]      # rotate who goes first
         outs = {}
         for tree in order:
-            r = e.generate(q["turns"][0], max_new_tokens=args.max_new_tokens,
-                           speculative=None if tree is None else "amphista", tree=tree)
+            with tree_builder(tree) as name:
+                r = e.generate(q["turns"][0], max_new_tokens=args.max_new_tokens,
+                               speculative=None if tree is None else "amphista", tree=name)
             outs[tree] = r.token_ids
             toks[tree] = toks.get(tree, 0) + r.stats.step_tokens
             secs[tree] = secs.get(tree, 0) + r.stats.decode_ms / 1e3
@@ -65,7 +82,8 @@ def main():
     for t in trees:
         ms = secs[t] / toks[t] * 1e3
         rows.append({"decoding": f"amphista {t}" + (" (auto's pick)" if t == check.tree else ""),
-                     "nodes": e._tree_spec(t).num_nodes, "held-out tau": expected_tau(e.heads.config, t) or "",
+                     "nodes": e._tree_spec(t.removesuffix("@torch")).num_nodes,
+                     "held-out tau": expected_tau(e.heads.config, t.removesuffix("@torch")) or "",
                      "tau": toks[t] / steps[t], "ms/token": ms, "speedup": plain_ms / ms,
                      "greedy == plain": f"{same[t]}/{len(qs)}"})
     meta = {"hardware": hardware("cpu"), "threads": torch.get_num_threads(), "model": f"smollm2-135m {args.dtype}, quant {e.quant}",
