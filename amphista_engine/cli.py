@@ -50,15 +50,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
 
 def _load(args):
     """The engine, and how it decodes: (engine, speculative method or None, tree, speculation check or None)."""
-    from .engine import Engine
-    from .errors import InputError
+    from .engine import Engine, check_max_new_tokens
     from .sampling import SamplingParams
     from .shipped_heads import resolve_heads
 
     # The decoding flags are checked before the load and the speculation timing (seconds), not after them.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-    if args.max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive integer, got {args.max_new_tokens}")
+    check_max_new_tokens(args.max_new_tokens)
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs, quant=args.quant)

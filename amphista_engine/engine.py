@@ -34,6 +34,11 @@ class GenerationResult:
                 "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
 
 
+def check_max_new_tokens(max_new_tokens):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
 @dataclass
 class _KeptPrefix:
     """Cache row 0 holds the K/V of `ids` in slots 0..len(ids) - 1 (and, when `heads` drafted that run, their
@@ -145,8 +150,7 @@ class Engine:
         return self._cache
 
     def _check_room(self, prompt_ids: list[int], max_new_tokens: int, extra: int):
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         n = len(prompt_ids)
         if n >= self.max_seq_len:
             raise CacheFullError(f"prompt is {n} tokens, longer than the cache (max_seq_len={self.max_seq_len})")
