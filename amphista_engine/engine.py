@@ -98,7 +98,7 @@ class Engine:
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
         it adapts a model loaded elsewhere, and quantizing changes that model in place."""
         device = parse_device(device)
-        dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        dtype = parse_dtype(dtype, device)
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
         engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
                      quant=quant)

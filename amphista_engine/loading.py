@@ -92,7 +92,10 @@ def parse_device(device=None) -> torch.device:
     return dev
 
 
-def parse_dtype(dtype) -> torch.dtype:
+def parse_dtype(dtype, device: torch.device | None = None) -> torch.dtype:
+    """A dtype or its name; None: the default for `device` (fp32 on the CPU, bf16 on a GPU)."""
+    if dtype is None and device is not None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

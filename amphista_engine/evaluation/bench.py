@@ -96,7 +96,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     from .shapes import random_heads      # built on the device: 7B-shaped Amphista heads are ~0.7 B parameters
 
     device = parse_device(device)
-    dtype = parse_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    dtype = parse_dtype(dtype, device)
     trees = [t.strip() for t in (trees.split(",") if isinstance(trees, str) else trees) if t.strip()]
     if not trees:
         raise InputError("--trees is empty")
@@ -195,8 +195,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
               "prefill_ms": round(prefill_ms, 4), "plain_step_ms": round(plain_ms, 4),
               "plain_tokens_per_s": round(1e3 / plain_ms, 2), "tau": taus, "rows": rows}
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(out)                                   # made at the start
         stem = f"bench_{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(name).name)}_{device.type}_{result['meta']['dtype']}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         (out / f"{stem}.md").write_text(bench_markdown(result) + "\n")

@@ -543,7 +543,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     if target is None:
         from ..loading import load_model, parse_device, parse_dtype
         device = parse_device(cfg.device)
-        dtype = parse_dtype(cfg.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        dtype = parse_dtype(cfg.dtype, device)
         target = load_model(cfg.model, dtype=dtype, device=device, max_seq_len=cfg.max_seq_len).model
     target.eval().requires_grad_(False)
     dev = target.output.weight.device

@@ -182,7 +182,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     if target is None:
         from ..loading import load_model, parse_device, parse_dtype
         dev = parse_device(device)
-        dt = parse_dtype(dtype or ("float32" if dev.type == "cpu" else "bfloat16"))
+        dt = parse_dtype(dtype, dev)
         target = load_model(model, dtype=dt, device=dev, max_seq_len=max_seq_len).model
     target.eval().requires_grad_(False)
     if heads is None:
