@@ -59,7 +59,7 @@ for be in triton cuda; do
 done
 stage profile 60 "$PY" benchmarks/profile_step_gpu.py --out "$OUT"
 stage agreement 50 "$PY" benchmarks/gpu_greedy_agreement.py --backends cuda --dtypes bf16,fp32 \
-  --time-budget 40 --out "$OUT"
+  --time-budget 30 --out "$OUT"
 for be in triton cuda; do
   [ -f "$OUT/latency_$be/latency.md" ] && { echo "--- latency, backend $be"; grep '^| llama' "$OUT/latency_$be/latency.md"; }
 done

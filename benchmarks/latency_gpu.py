@@ -230,14 +230,15 @@ def run(args, save=None) -> dict:
         print(rows[-1], file=sys.stderr)
         # Opt-in GPU modes against the rows above, plain and on the first 64-node tree, graphs on:
         # the exact-greedy path (kernels/gpu_exact.py, AMPHISTA_EXACT_GREEDY=1): what bf16 greedy output equal
-        # to plain greedy output costs; tree attention merging its splits in the same launch
-        # (AMPHISTA_TREE_MERGE=kernel) against the two-launch merge.
+        # to plain greedy output costs; tree attention merging its splits always in the same launch
+        # (AMPHISTA_TREE_MERGE=kernel) and always by a second launch (=launch), against the default "auto".
         modes = []
         if device.type == "cuda" and dtype != torch.float32:
             modes.append(("exact greedy", lambda m=model: gpu_exact.enabled_for(m)))
         if device.type == "cuda" and triton_runs_on("cuda"):
             from amphista_engine.kernels.triton_kernels.tree_attention import merge_mode
             modes.append(("merge in kernel", lambda: merge_mode("kernel")))
+            modes.append(("merge by launch", lambda: merge_mode("launch")))
         for label, context in modes:
             if time.monotonic() < deadline:
                 rows += mode_rows(label, context, model, cache, trees, prompt, args.steps, plain[True], floor_ms,
@@ -277,10 +278,12 @@ def run(args, save=None) -> dict:
         if routed:
             targets[shape_name]["plain_triton_linear_step_ms"] = routed[0]["step_ms"]
             targets[shape_name]["plain_triton_linear_pct_of_floor"] = routed[0]["pct_of_bw_floor"]
-        merged = [r for r in rows if r["model"] == shape_name and r["method"] == "plain, merge in kernel"]
-        if merged:
-            targets[shape_name]["plain_merge_in_kernel_step_ms"] = merged[0]["step_ms"]
-            targets[shape_name]["plain_merge_in_kernel_pct_of_floor"] = merged[0]["pct_of_bw_floor"]
+        for mode in ("kernel", "launch"):
+            label = "in kernel" if mode == "kernel" else "by launch"
+            merged = [r for r in rows if r["model"] == shape_name and r["method"] == f"plain, merge {label}"]
+            if merged:
+                targets[shape_name][f"plain_merge_{mode}_step_ms"] = merged[0]["step_ms"]
+                targets[shape_name][f"plain_merge_{mode}_pct_of_floor"] = merged[0]["pct_of_bw_floor"]
         for r in rows:
             if r["model"] == shape_name and r["nodes"] == 64 and r["graphs"] == (True in plain):
                 targets[shape_name][f"{r['method']}_{r['tree']}_ratio"] = r["ratio_vs_plain"]

@@ -132,8 +132,9 @@ def test_a_cache_larger_than_memory_is_refused_by_name(tiny_hf_dir, monkeypatch)
     raised before the model builds its RoPE table, and before a larger batch's cache is allocated."""
     from amphista_engine import kv_cache
     from amphista_engine.errors import CacheFullError
-    with pytest.raises(CacheFullError, match=r"max_seq_len=100000000 \(batch 1\) needs .* GiB .*lower max_seq_len"):
-        Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=100_000_000)
+    with pytest.raises(CacheFullError, match=r"max_seq_len=10000000000 \(batch 1\) needs .* GiB .*lower max_seq_len"):
+        # 10^10 positions: terabytes even for the tiny model, so no machine's memory holds it (10^8 fit on 128 GiB)
+        Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=10_000_000_000)
     eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256)
     one_row = eng._cache_for(1).k.numel() * 4 * 2
     monkeypatch.setattr(kv_cache, "available_memory", lambda device: 4 * one_row)

@@ -56,6 +56,7 @@ def position_invariant_dot(monkeypatch):
     order over k is the same for every output element. The kernels' own layout and split choices stay under test:
     a different split count or summation order between the two calls still shows."""
     if os.environ.get("TRITON_INTERPRET") != "1":
+        yield           # on a GPU, tl.dot is the MMA itself: nothing to emulate (a bare return fails the fixture)
         return
     import numpy as np
     from triton.runtime import interpreter
@@ -165,7 +166,7 @@ def test_tree_attention_merge_in_kernel(case, poisoned, monkeypatch):
 def test_tree_merge_mode_switch(monkeypatch):
     from amphista_engine.kernels.triton_kernels import tree_attention as ta
     monkeypatch.delenv(ta.MERGE_ENV, raising=False)
-    assert ta.default_merge() == "launch"
+    assert ta.default_merge() == "auto"
     monkeypatch.setenv(ta.MERGE_ENV, "kernel")
     assert ta.default_merge() == "kernel"
     with ta.merge_mode("launch"):
@@ -182,6 +183,32 @@ def test_tree_merge_mode_switch(monkeypatch):
     with pytest.raises(ConfigError, match="merge='twice'"):
         ta.tree_attention(q, kc, kc, torch.zeros(1, dtype=torch.long, device=DEV), torch.ones(1, 1, dtype=torch.long,
                           device=DEV), 8, merge="twice")
+
+
+@pytest.mark.parametrize("n_nodes, merges_in_kernel", [(1, True), (16, True), (17, False), (64, False)])
+def test_auto_merge_picks_the_kernel_for_small_row_blocks(n_nodes, merges_in_kernel, monkeypatch):
+    """merge="auto" (the default) merges in the kernel while a program holds at most 16 query rows (plain steps
+    and small trees: faster on the H200) and launches the merge kernel for larger trees (slower there); the
+    result is the reference's either way."""
+    from amphista_engine.kernels.triton_kernels import tree_attention as ta
+    g = gen("tree_attention_auto_merge", n_nodes)
+    B, H, Hkv, D = 1, 2, 2, 32
+    prefix = torch.tensor([150]).to(DEV)
+    kv_len = 150 + n_nodes
+    k, v = randn(g, B, Hkv, kv_len, D), randn(g, B, Hkv, kv_len, D)
+    q = randn(g, B, n_nodes, H, D).transpose(1, 2)
+    bits = _tree_bits("causal", B, n_nodes, g)
+    launched = []
+    merge_kernel = ta._tree_attn_merge
+
+    class Recording:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return merge_kernel[grid]
+    monkeypatch.setattr(ta, "_tree_attn_merge", Recording())
+    out = ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=3, block_n=16)
+    assert rel_err(out, reference.tree_attention(q, k, v, prefix, bits, kv_len)) < TOL[torch.float32]
+    assert bool(launched) != merges_in_kernel
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs and real concurrency")

@@ -14,8 +14,9 @@ Layout of the work (why):
     and log-sum-exp; the splits are then merged in one of two ways (`merge`): a second small kernel
     ("launch"), or, in the same launch, by whichever split of a program group finishes last ("kernel": an
     arrival counter per group, as stream-K GEMMs do; it saves a launch and the merge kernel's start-up, a
-    fixed cost that dominates at short prefixes). With one split the first kernel writes the output
-    directly and neither runs.
+    fixed cost that dominates at short prefixes). "auto", the default, merges in the kernel for programs of
+    few query rows (plain steps, small trees) and by launch for large trees. With one split the first
+    kernel writes the output directly and neither runs.
   * Inside a split, tiles that lie entirely in the prefix need no mask (the common case, cheapest loop);
     only the tail tiles that touch the tree slots evaluate the ancestor bits.
   * Softmax runs in base 2 (exp2 with log2(e) folded into the scale) in fp32; P is rounded to V's dtype
@@ -41,11 +42,14 @@ MERGE_ROWS = 16       # output rows per merge program
 # an H200 (benchmarks/results/gpu/h200_2026-11-27_tune): the former 1/8 left a 64-node tree with one split
 # (SmolLM2 shape, prefix 2048: 25.9 us; 4 splits: 10.7 us) and two on the 7B shape at prefix 1024 (14.7 us; 4: 12.4).
 PARTIAL_BUDGET = 2
-# How split partials are merged by default ("launch" | "kernel", see the module docstring). "launch" is what the
-# H200 runs timed; "kernel" waits for a GPU session to time it (benchmarks/kernels/tree_attention.py and
-# latency_gpu.py carry the A/B rows).
+# How split partials are merged ("auto" | "launch" | "kernel", see the module docstring). "auto" merges in the
+# kernel when a program holds at most AUTO_KERNEL_MERGE_ROWS query rows: the last split then merges a small
+# block, and the saved launch is worth more. Measured on an H200 (benchmarks/results/gpu/h200_2026-12-04_tune,
+# 7B shape): in-kernel merge 1.21x / 1.24x at N=1 (prefix 1024 / 4096), 1.14x at N=16 (prefix 2048), but 0.83x /
+# 0.91x at N=64, where the last split merges 64 rows alone; the graphed plain 7B step 4.50 vs 4.57 ms.
 MERGE_ENV = "AMPHISTA_TREE_MERGE"
-MERGE_MODES = ("launch", "kernel")
+MERGE_MODES = ("auto", "launch", "kernel")
+AUTO_KERNEL_MERGE_ROWS = 16
 
 
 @triton.jit
@@ -331,11 +335,11 @@ def tree_attention_ordered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-_merge_default: str | None = None       # set by merge_mode(); None: the environment, else "launch"
+_merge_default: str | None = None       # set by merge_mode(); None: the environment, else "auto"
 
 
 def default_merge() -> str:
-    mode = _merge_default or os.environ.get(MERGE_ENV, "").strip().lower() or "launch"
+    mode = _merge_default or os.environ.get(MERGE_ENV, "").strip().lower() or "auto"
     if mode not in MERGE_MODES:
         raise ConfigError(f"environment variable {MERGE_ENV}={mode!r}: expected one of {', '.join(MERGE_MODES)}")
     return mode
@@ -392,8 +396,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    merge: str | None = None) -> torch.Tensor:
     """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
     Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic;
-    it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py. merge: "launch" or
-    "kernel" (see the module docstring); None = default_merge()."""
+    it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py. merge: "launch", "kernel"
+    or "auto" (see the module docstring and MERGE_MODES); None = default_merge()."""
     B, H, N, D = q.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -412,6 +416,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     merge = default_merge() if merge is None else merge
     if merge not in MERGE_MODES:
         raise ConfigError(f"tree_attention: merge={merge!r}, expected one of {', '.join(MERGE_MODES)}")
+    if merge == "auto":
+        merge = "kernel" if block_m <= AUTO_KERNEL_MERGE_ROWS else "launch"
     counters = None if single or merge == "launch" else arrival_counters(q.device, B * H_kv * m_blocks)
     merge_here = counters is not None
     if single:
