@@ -216,6 +216,10 @@ class Transformer(nn.Module):
         # fp32 bit of attention between a tree and a plain step can flip a rounding; fp32 decode steps then take
         # the ordered attention too.
         self.rounds_linear_inputs = False
+        # Routed few-row steps run Block.forward_fused. Off: the routed GEMVs with the norms and activation as
+        # their own launches. On an H200 the fused GEMVs took 10.3 ms a 7B step (2026-12-04), the unfused ones
+        # 3.5 ms (2026-11-28); benchmarks/latency_gpu.py times both until one is chosen. Exact greedy always fuses.
+        self.fuse_decode_layers = True
         self.register_buffer("rope_freq_factors", None, persistent=False)
         with torch.device("cpu"):
             rope = rope_table(cfg, self.rope_len)
@@ -240,7 +244,7 @@ class Transformer(nn.Module):
         """Whether this forward takes Block.forward_fused: the linears are routed and the step has few rows,
         the weight-streaming kernel's case. Training (tensors that need gradients) keeps the unfused layers,
         whose reference ops autograd knows."""
-        return self.routed() and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
+        return self.fuse_decode_layers and self.routed() and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:

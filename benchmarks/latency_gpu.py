@@ -211,23 +211,26 @@ def run(args, save=None) -> dict:
                          "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
             print(rows[-1], file=sys.stderr)
         # A/B: every linear layer through the few-row Triton GEMM (kernels/routed_linear.py, opt-in in the
-        # Engine), each layer then fused around it (norms, activation, residual adds inside the GEMVs:
-        # model.Block.forward_fused), against cuBLAS in the rows above, same model, same cache, same run.
+        # Engine), each layer fused around it (norms, activation, residual adds inside the GEMVs:
+        # model.Block.forward_fused) and not, against cuBLAS in the rows above, same model, same cache, same run.
         use_graphs = device.type == "cuda"
-        routed_graphs = DecodeGraphs()
-        route_linears(model)
-        try:
-            dec = PlainDecoder(model, cache, SamplingParams())
-            if use_graphs:
-                routed_graphs.attach(dec)
-            ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
-        finally:
-            routed_graphs.clear()
-            route_linears(model, on=False)
-        rows.append({"model": shape_name, "method": "plain, triton linear", "tree": "-", "nodes": 1,
-                     "graphs": use_graphs, "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain[use_graphs], 3),
-                     "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
-        print(rows[-1], file=sys.stderr)
+        for fused, label in ((True, "plain, triton linear"), (False, "plain, triton linear unfused")):
+            routed_graphs = DecodeGraphs()
+            route_linears(model)
+            model.fuse_decode_layers = fused
+            try:
+                dec = PlainDecoder(model, cache, SamplingParams())
+                if use_graphs:
+                    routed_graphs.attach(dec)
+                ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
+            finally:
+                routed_graphs.clear()
+                route_linears(model, on=False)
+                model.fuse_decode_layers = True
+            rows.append({"model": shape_name, "method": label, "tree": "-", "nodes": 1, "graphs": use_graphs,
+                         "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain[use_graphs], 3),
+                         "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
+            print(rows[-1], file=sys.stderr)
         # Opt-in GPU modes against the rows above, plain and on the first 64-node tree, graphs on:
         # the exact-greedy path (kernels/gpu_exact.py, AMPHISTA_EXACT_GREEDY=1): what bf16 greedy output equal
         # to plain greedy output costs; tree attention merging its splits always in the same launch
@@ -274,16 +277,13 @@ def run(args, save=None) -> dict:
                                "bw_floor_ms": round(floor_ms, 3), "plain_step_ms": round(best, 3),
                                "plain_pct_of_floor": round(100 * floor_ms / best, 1),
                                "graphs_speedup_plain": round(plain[False] / plain[True], 3) if True in plain else None}
-        routed = [r for r in rows if r["model"] == shape_name and r["method"] == "plain, triton linear"]
-        if routed:
-            targets[shape_name]["plain_triton_linear_step_ms"] = routed[0]["step_ms"]
-            targets[shape_name]["plain_triton_linear_pct_of_floor"] = routed[0]["pct_of_bw_floor"]
-        for mode in ("kernel", "launch"):
-            label = "in kernel" if mode == "kernel" else "by launch"
-            merged = [r for r in rows if r["model"] == shape_name and r["method"] == f"plain, merge {label}"]
-            if merged:
-                targets[shape_name][f"plain_merge_{mode}_step_ms"] = merged[0]["step_ms"]
-                targets[shape_name][f"plain_merge_{mode}_pct_of_floor"] = merged[0]["pct_of_bw_floor"]
+        for method, key in (("plain, triton linear", "plain_triton_linear"),
+                            ("plain, triton linear unfused", "plain_triton_linear_unfused"),
+                            ("plain, merge in kernel", "plain_merge_kernel"), ("plain, merge by launch", "plain_merge_launch")):
+            found = [r for r in rows if r["model"] == shape_name and r["method"] == method]
+            if found:
+                targets[shape_name][f"{key}_step_ms"] = found[0]["step_ms"]
+                targets[shape_name][f"{key}_pct_of_floor"] = found[0]["pct_of_bw_floor"]
         for r in rows:
             if r["model"] == shape_name and r["nodes"] == 64 and r["graphs"] == (True in plain):
                 targets[shape_name][f"{r['method']}_{r['tree']}_ratio"] = r["ratio_vs_plain"]

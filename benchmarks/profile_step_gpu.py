@@ -102,7 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="llama-7b")
     ap.add_argument("--methods", default="plain,amphista")
     ap.add_argument("--tree", default="mc_sim_7b_63")
-    ap.add_argument("--linear", default="cublas,triton", help="cublas and/or triton (routed, fused layers)")
+    ap.add_argument("--linear", default="cublas,triton,triton-unfused",
+                    help="any of cublas, triton (routed, fused layers), triton-unfused (routed, norms and "
+                         "activation as their own launches)")
     ap.add_argument("--graphs", default="on", help="on and/or off (CUDA graphs; always off on a CPU)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=200)
@@ -133,8 +135,12 @@ def main(argv=None) -> int:
              "| method | weight products | graphs | wall ms | kernel ms | gap ms | launches | % of floor |",
              "|---|---|---|---|---|---|---|---|"]
     details = []
-    for linear in args.linear.split(","):
-        route_linears(model, on=linear == "triton")
+    linears = args.linear.split(",")
+    if not set(linears) <= {"cublas", "triton", "triton-unfused"}:
+        ap.error(f"--linear {args.linear}: expected cublas, triton and/or triton-unfused")
+    for linear in linears:
+        route_linears(model, on=linear != "cublas")
+        model.fuse_decode_layers = linear != "triton-unfused"
         heads = {}
         for method in args.methods.split(","):
             for use_graphs in graph_modes:

@@ -536,8 +536,8 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     """What the few-row kernel declines falls back to torch; a tiny model with its linears routed through
     the kernel backends (kernels/routed_linear.py) takes the fused layers (Block.forward_fused) for its
     few-row forwards: on the torch backend they give the unfused model's logits bit for bit, on triton the
-    kernel serves every product, norms and activation inside it, within tolerance. Routing back restores
-    plain nn.Linear layers."""
+    kernel serves every product, norms and activation inside it, within tolerance; with fuse_decode_layers off
+    it serves the bare products. Routing back restores plain nn.Linear layers."""
     from conftest import random_tiny_model
     from amphista_engine.kernels.routed_linear import RoutedLinear, route_linears
     from amphista_engine.kv_cache import KVCache
@@ -578,6 +578,14 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     per_forward = [["norm_weight"], ["residual"], ["norm_weight"], ["residual", "silu"]] * L + [["norm_weight"]]
     assert calls == per_forward * 2
     for a, b in zip(got, ref):
+        assert rel_err(a, b) < TOL[torch.float32]
+    # fuse_decode_layers=False: the same routed products with nothing fused around them, the same logits
+    calls.clear()
+    model.fuse_decode_layers = False
+    unfused = run("triton")
+    model.fuse_decode_layers = True
+    assert calls == [[]] * (4 * L + 1) * 2
+    for a, b in zip(unfused, ref):
         assert rel_err(a, b) < TOL[torch.float32]
     assert route_linears(model, on=False) == 4 * L + 1 and type(model.output) is torch.nn.Linear
     assert list(model.state_dict()) == keys
