@@ -35,7 +35,8 @@ def _add_decoding_args(p: argparse.ArgumentParser):
                    help="drafting method (auto: whatever --heads holds, if a quick timing on the CPU says it is "
                         "faster than plain decoding there; none: plain decoding)")
     p.add_argument("--tree", default=None, help="static tree name (e.g. mc_sim_7b_63, mix-8), dynamic-N, a JSON path "
-                   "list, or auto: the fastest of the heads' fitted trees here (the default under --speculative auto)")
+                   "list, or auto: the fastest here of the trees the heads record a tau for (the default under "
+                   "--speculative auto)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
@@ -67,7 +68,7 @@ def _load(args):
     check, tree = None, args.tree
     if speculative is not None and engine.device.type == "cpu":
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
-        # --tree (or --tree auto) the check also picks the fastest of the heads' fitted trees
+        # --tree (or --tree auto) the check also picks the fastest of the heads' recorded trees
         kind = speculative
         speculative, tree, check = engine.resolve_speculation("auto" if args.speculative == "auto" else kind, tree)
         if check is not None:

@@ -162,7 +162,7 @@ class Engine:
 
     def speculation_check(self, tree=None):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
-        of the heads' fitted trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
+        of the heads' recorded trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
         setup; always yes on a GPU)."""
         from .speculation_check import check_speculation
         if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now

@@ -12,9 +12,11 @@ The two step times persist between processes (`costs_file`), so each machine pay
 
 Which tree, when none is named: on a CPU, verification grows with the node count, so the best tree is
 machine-dependent (AVX2 fp32, end to end: 8 nodes 1.29x over plain decoding, 4 nodes 1.23x, 16 nodes 1.14x, 32
-nodes 0.98x, benchmarks/results/cpu_tree_size_ab.md; AMX bf16: 16 nodes cost ~1 plain step, so bigger trees pay). The heads' fitted trees of different sizes (`tree-search`, e.g. mix-4/8/16/32/64) are
-climbed by size: the smallest few are timed, and while the largest timed one wins, the next size up is timed too.
-The tree with the highest discounted tau per unit of step cost is used.
+nodes 0.98x, benchmarks/results/cpu_tree_size_ab.md; AMX bf16: 16 nodes cost ~1 plain step, so bigger trees pay).
+The trees the heads record a held-out tau for (`tree-search`: fitted static trees such as mix-4/8/16/32/64,
+and dynamic-N trees replayed from the heads' scores) are climbed by size: the smallest few are timed, and while
+the largest timed one wins, the next size up is timed too. The tree with the highest discounted tau per unit of
+step cost is used.
 Output is the same either way (greedy: identical tokens; sampling: the same distribution), only speed differs.
 """
 from __future__ import annotations
@@ -49,7 +51,7 @@ COSTS_REVISION = 5
 # MT-Bench tau / held-out decoding tau of the shipped heads (benchmarks/results/TRAINING.md, 25th session):
 # 2.506 / 2.704 on mix-64. A verdict on held-out numbers alone would favour speculation ~8% too often.
 HELD_OUT_DISCOUNT = 0.9
-# How many of the heads' fitted trees (smallest first) are timed before climbing to bigger ones.
+# How many of the heads' recorded trees (smallest first) are timed before climbing to bigger ones.
 FIRST_TIMED = 3
 
 
@@ -86,7 +88,9 @@ def expected_tau(heads_config, tree: str) -> float | None:
 def candidate_trees(engine) -> list:
     """The trees to choose from on a CPU when none is named, as TreeSpecs sorted by node count: every tree the
     heads record a decoding tau for (their preferred tree-search record, see expected_tau) that the heads can
-    draft, less those another tree beats on both counts (as many nodes or fewer, as high a tau or higher)."""
+    draft, less those another tree beats on both counts (as many nodes or fewer, as high a tau or higher).
+    A dynamic tree may beat a static one: on the CPU its per-step build is native and its step measured no
+    dearer (dynamic-8 6% faster than mix-8 end to end, benchmarks/results/cpu_dynamic_tree_native)."""
     extra = getattr(engine.heads.config, "extra", None) or {}
     record = next((extra[k] for k in ("tree_search_mix", "tree_search") if (extra.get(k) or {}).get("decoding_tau")),
                   None)
@@ -168,7 +172,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     tau = taus[best.name]
     ratio, tau_here = step_ms / plain_ms, tau * HELD_OUT_DISCOUNT
     pays = tau_here > ratio
-    reason = ((f"of the heads' fitted trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} comes "
+    reason = ((f"of the heads' trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} comes "
                "out best here: " if n > 1 else "")
               + f"a {best.name} step costs {ratio:.2f} plain steps here ({step_ms:.0f} vs {plain_ms:.0f} ms"
               + (f", measured {measured_on}, kept in {file}" if measured_on else "") + ") and "

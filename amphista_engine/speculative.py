@@ -20,7 +20,7 @@ from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, static_tre
 
 DEFAULT_TREE = "mc_sim_7b_63"
 # A CPU verifies 64 nodes at ~3-4x the cost of a plain step, 16 at ~1.8 (AVX2 fp32, packed). This is the CPU tree
-# when one is needed without timing; `--speculative auto` times the heads' fitted trees instead (speculation_check).
+# when one is needed without timing; `--speculative auto` times the heads' recorded trees instead (speculation_check).
 CPU_TREE = "tree-16"
 # With 4-bit weights (kernels/cpu_quant.py) the int4 kernel pays per block of 4 rows: a 4-node step cost 1.8 plain
 # steps, 16 nodes ~3.5 (benchmarks/results/cpu_q4_ab.md), so the untimed CPU tree is one block: the heads' fitted

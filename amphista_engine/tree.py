@@ -187,36 +187,46 @@ def dynamic_tree(root: torch.Tensor, head_logprobs, num_nodes: int, topk: int = 
                        ancestor_bits=bits, mask=mask, retrieve=retrieve, position_offsets=depth, tokens=tokens)
 
 
-def dynamic_tree_buffers(root: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, num_nodes: int):
-    """dynamic_tree's tensors in torch ops (the reference of ops.dynamic_tree): root [B], values / indices
-    [B, K, k] -> tokens, depth, parent, rank, ancestor bits (None past 64 nodes), mask, retrieve."""
+def dynamic_tree_nodes(values: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The num_nodes - 1 non-root nodes a dynamic tree picks from values [B, K, k] (log-probs, each head's
+    sorted descending): their path codes and depths, [B, num_nodes - 1] each, in pick order. A path
+    (r_1..r_d) is encoded as the integer sum r_j * k^(d_max - j), d_max = min(K, num_nodes - 1); the node of
+    depth d and rank r at that depth holds head d's r-th token. Shared by the tree builder and by
+    `tree-search`, which replays dynamic trees on held-out data."""
     b, k_heads, k = values.shape
     m = num_nodes - 1
     d_max = min(k_heads, m)
     dev = values.device
-    # A path (r_1..r_d) is encoded as the integer sum r_j * k^(d_max - j); sort key depth * k^d_max + code
-    # then orders nodes by (depth, path) exactly like the static trees.
     pows = torch.pow(k, torch.arange(d_max + 1, device=dev))           # k^0 .. k^d_max
     ranks = torch.arange(k, device=dev)
-
     # Beam expansion: the top-m nodes of depth d all have parents among the top-m of depth d-1.
     scores = values.new_zeros(b, 1)
     codes = torch.zeros(b, 1, dtype=torch.long, device=dev)
-    pool_s, pool_c, pool_d, pool_t = [], [], [], []
+    pool_s, pool_c, pool_d = [], [], []
     for d in range(1, d_max + 1):
         s = (scores[:, :, None] + values[:, d - 1, None, :]).flatten(1)
         c = (codes[:, :, None] + ranks * pows[d_max - d]).flatten(1)
-        t = indices[:, d - 1, None, :].expand(b, scores.shape[1], k).flatten(1)
         # stable: among equal scores keep parent-beam order then rank order
         order = s.sort(dim=1, descending=True, stable=True).indices[:, :m]
         scores, codes = s.gather(1, order), c.gather(1, order)
-        pool_s.append(scores), pool_c.append(codes), pool_t.append(t.gather(1, order))
+        pool_s.append(scores), pool_c.append(codes)
         pool_d.append(torch.full_like(codes, d))
     # Top m over all depths; the pool is in depth order, so a stable sort prefers parents on ties.
     sel = torch.cat(pool_s, 1).sort(dim=1, descending=True, stable=True).indices[:, :m]
-    code = torch.cat(pool_c, 1).gather(1, sel)
-    depth = torch.cat(pool_d, 1).gather(1, sel)
-    tok = torch.cat(pool_t, 1).gather(1, sel)
+    return torch.cat(pool_c, 1).gather(1, sel), torch.cat(pool_d, 1).gather(1, sel)
+
+
+def dynamic_tree_buffers(root: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, num_nodes: int):
+    """dynamic_tree's tensors in torch ops (the reference of ops.dynamic_tree): root [B], values / indices
+    [B, K, k] -> tokens, depth, parent, rank, ancestor bits (None past 64 nodes), mask, retrieve."""
+    b, k_heads, k = values.shape
+    d_max = min(k_heads, num_nodes - 1)
+    dev = values.device
+    # Sort key depth * k^d_max + path code orders nodes by (depth, path) exactly like the static trees.
+    pows = torch.pow(k, torch.arange(d_max + 1, device=dev))           # k^0 .. k^d_max
+    code, depth = dynamic_tree_nodes(values, num_nodes)
+    own_rank = code // pows[d_max - depth] % k
+    tok = indices.gather(2, own_rank[:, None, :].expand(b, k_heads, -1)).gather(1, depth[:, None, :] - 1)[:, 0]
     zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
     key = torch.cat([zero, depth * pows[d_max] + code], 1)
     key, order = key.sort(dim=1)                                       # keys are unique

@@ -219,18 +219,21 @@ def test_cli_auto_reports_the_trees_it_weighed(tiny_hf_dir, tmp_path, capsys, mo
 
 
 @needs_smollm2
-def test_shipped_heads_offer_a_ladder_of_fitted_trees():
-    """What a CPU climbs with the shipped heads: their fitted mix-N trees by size; the generic trees they record a
-    tau for (tree-16, tree-32, mc_sim_7b_63) are each beaten by a fitted tree of the same size."""
+def test_shipped_heads_offer_a_ladder_of_dynamic_trees():
+    """What a CPU climbs with the shipped heads: their dynamic-N trees by size. Each beat the fitted mix-N tree of
+    its size on held-out tau (tree-search --dynamic), and those beat the generic trees they record a tau for
+    (tree-16, tree-32, mc_sim_7b_63), so only the dynamic ladder is left to time."""
     eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=512, quant="none")
     for kind, alias in (("amphista", "default"), ("medusa", "smollm2-135m-medusa")):   # the Python API's names
         eng.load_heads(alias)
         assert eng.heads.config.kind == kind
         ladder = candidate_trees(eng)
-        assert [s.name for s in ladder] == ["mix-4", "mix-8", "mix-16", "mix-32", "mix-64"]
+        assert [s.name for s in ladder] == ["dynamic-4", "dynamic-8", "dynamic-16", "dynamic-32", "dynamic-64"]
         assert [s.num_nodes for s in ladder] == [4, 8, 16, 32, 64]
         taus = [expected_tau(eng.heads.config, s.name) for s in ladder]
-        assert taus == sorted(taus) and expected_tau(eng.heads.config, "tree-16") < taus[2]
+        fitted = [expected_tau(eng.heads.config, f"mix-{s.num_nodes}") for s in ladder]
+        assert taus == sorted(taus) and all(t > f for t, f in zip(taus, fitted))
+        assert expected_tau(eng.heads.config, "tree-16") < fitted[2]
 
 
 def test_heads_aliases_resolve_to_shipped_directories(tmp_path, monkeypatch):

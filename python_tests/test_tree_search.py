@@ -10,8 +10,9 @@ import torch
 from amphista_engine.errors import ConfigError
 from amphista_engine.heads import load_heads
 from amphista_engine.training.data import Sequence
-from amphista_engine.training.tree_search import (accepted_depth, best_tree, decoding_tau, expected_tau,
-                                                  fit_decoding_tree, heldout_ranks, tree_search)
+from amphista_engine.training.tree_search import (accepted_depth, best_tree, decoding_tau, dynamic_decoding_tau,
+                                                  dynamic_depths, expected_tau, fit_decoding_tree, heldout_ranks,
+                                                  tree_search)
 from amphista_engine.training.trainer import train_heads
 from amphista_engine.tree import get_tree_choices
 
@@ -84,6 +85,58 @@ def test_expected_tau_predicts_every_speculative_step(shard, target, tmp_path): 
     assert walked == counts[:checked]
 
 
+def test_dynamic_depths_replay_the_tree_builder():
+    """dynamic_depths accepts exactly the prefix of a position's true rank tuple that the dynamic tree the
+    decoder would build there (tree.dynamic_tree, from the same top-k log-probs) contains: checked against the
+    builder's own node list, ties and misses included."""
+    from amphista_engine.tree import TOPK, dynamic_tree
+    g = torch.Generator().manual_seed(1)
+    P, K_, k = 300, 4, TOPK
+    values = torch.randn(P, K_, k, generator=g).mul(2).sort(-1, descending=True).values.log_softmax(-1)
+    values[::7] = values[::7].round()                                  # ties between siblings and paths
+    ranks = torch.multinomial(torch.tensor([0.4, 0.2, 0.1, 0.05, 0.05, 0.05, 0.05, 0.03, 0.03, 0.02, 0.02]),
+                              P * K_, replacement=True, generator=g).view(P, K_)     # 10 = a miss
+    for n in (2, 5, 16, 64):
+        got = dynamic_depths(ranks, values, n, chunk=128)
+        tree = dynamic_tree(torch.zeros(P, dtype=torch.long), (values, torch.arange(k).expand(P, K_, k)), n)
+        for i in range(P):
+            paths, path_of = set(), {0: ()}
+            for j in range(1, n):
+                path_of[j] = path_of[int(tree.parent[i, j])] + (int(tree.rank[i, j]),)
+                paths.add(path_of[j])
+            assert int(got[i]) == accepted_depth(ranks[i].tolist(), paths), (n, i)
+    tau, per_position = dynamic_decoding_tau(ranks, values, torch.arange(P) // 30, 16)
+    assert 1.0 <= tau and per_position == pytest.approx(1 + dynamic_depths(ranks, values, 16).float().mean().item())
+
+
+def test_dynamic_replay_predicts_every_speculative_step(shard, target, tmp_path):  # noqa: F811
+    """The replay behind tree-search's dynamic-N tau is the decoder's: at each step of real greedy decoding
+    with a dynamic tree, the tokens emitted are 1 + dynamic_depths at that position."""
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    train_heads(cfg(shard, tmp_path / "h", kind="amphista", steps=10, eval_frac=0.0), target=target)
+    heads = load_heads(tmp_path / "h", target, dtype=torch.float32)
+    prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
+    cache = KVCache.for_model(target.config, 1, 256, torch.float32, "cpu")
+    dec = SpeculativeDecoder(target, cache, heads, TreeSpec("dynamic-12", K, "cpu"), SamplingParams())
+    seq = [int(dec.prefill([prompt])[0])]
+    counts = []
+    while len(seq) < 40:
+        toks, cnt = dec.step()
+        counts.append(int(cnt[0]))
+        seq += toks[0, :counts[-1]].tolist()
+    ranks, scores = heldout_ranks(heads, target, [Sequence("s", prompt + seq, len(prompt))], with_scores=True)
+    depths = dynamic_depths(ranks, scores, 12)
+    pos, checked = 0, 0
+    for c in counts:
+        if pos + K + 2 <= len(seq):
+            assert c == 1 + int(depths[pos]), (pos, c)
+            checked += 1
+        pos += c
+    assert checked >= 5 and max(counts) > 1
+
+
 def test_decoding_tau_walks_each_sequence():
     tree = [(0,), (0, 0)]
     ranks = torch.tensor([[0, 0], [9, 9], [0, 9], [9, 9], [0, 9]])
@@ -119,8 +172,9 @@ def test_fit_decoding_tree_beats_the_per_position_fit_on_decoding_tau():
 def test_tree_search_saves_trees_the_engine_uses(shard, target, tmp_path):  # noqa: F811
     train_heads(cfg(shard, tmp_path / "h", steps=8, eval_frac=0.2), target=target)
     res = tree_search(shard, tmp_path / "h", nodes=(8, 12), out=tmp_path / "ts.json", save=True, eval_frac=0.2,
-                      target=target, compare=("chain-3",))
+                      target=target, compare=("chain-3",), dynamic=(12,))
     assert set(res["trees"]) == {"tuned-8", "tuned-12"} and len(res["trees"]["tuned-12"]) == 11
+    assert res["decoding_tau"]["dynamic-12"] >= 1.0 and "dynamic-12" not in res["trees"]
     assert res["expected_tau"]["tuned-12"] >= res["expected_tau"]["tuned-8"] >= 1.0
     assert set(res["decoding_tau"]) == set(res["expected_tau"]) and min(res["decoding_tau"].values()) >= 1.0
     assert json.loads((tmp_path / "ts.json").read_text())["trees"] == res["trees"]

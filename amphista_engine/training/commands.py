@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from ..errors import InputError
 
 
 def cmd_distill(args) -> int:
@@ -33,10 +34,17 @@ def cmd_eval_tau(args) -> int:
 
 def cmd_tree_search(args) -> int:
     from .tree_search import tree_search
-    nodes = [int(n) for n in str(args.nodes).split(",") if n.strip()]
+    def sizes(flag, text):
+        try:
+            return [int(n) for n in str(text).split(",") if n.strip()]
+        except ValueError:
+            raise InputError(f"{flag} {text!r}: expected a comma list of node counts, e.g. 16,32,63") from None
+    nodes = sizes("--nodes", args.nodes)
+    dynamic = [n for n in nodes if n <= 64] if args.dynamic is None else sizes("--dynamic", args.dynamic)
     tree_search(args.data, args.heads, model=args.model, nodes=nodes, out=args.out, save=args.save,
                 eval_frac=args.eval_frac, cache_hidden=args.cache_hidden, device=args.device, dtype=args.dtype,
-                max_seq_len=args.max_seq_len, source_weights=args.source_weights, prefix=args.prefix)
+                max_seq_len=args.max_seq_len, source_weights=args.source_weights, prefix=args.prefix,
+                dynamic=dynamic)
     return 0
 
 
@@ -142,6 +150,9 @@ def register(sub) -> None:
     s.add_argument("--heads", required=True, help="heads directory")
     _model_args(s)
     s.add_argument("--nodes", default="16,32,63", help="comma list of tree sizes (nodes incl. the root)")
+    s.add_argument("--dynamic", default=None,
+                   help="comma list of dynamic-N sizes to replay on the held-out split and record (default: "
+                        "--nodes up to 64; '' for none): `--speculative auto` weighs the trees the heads record")
     s.add_argument("--eval-frac", type=float, default=0.05, help="the held-out share used by `train` (default)")
     s.add_argument("--cache-hidden", default=None, help="the hidden-state cache of `train`, if any")
     s.add_argument("--max-seq-len", type=int, default=1024)

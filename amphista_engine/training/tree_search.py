@@ -96,18 +96,56 @@ def _walk(rows: list, seqs: list, paths: set, weights: list | None = None) -> tu
     """(steps, tokens, visited row indices) of decoding, steps and tokens weighted by their first row's weight.
     rows: rank tuples, each sequence's consecutive answer positions together and in order (as heldout_ranks
     returns them); seqs[i]: row i's sequence."""
+    return _walk_depths(lambda i: accepted_depth(rows[i], paths), seqs, weights)
+
+
+def _walk_depths(depth_of, seqs: list, weights: list | None = None) -> tuple[float, float, list[int]]:
+    """_walk with a step at row i accepting depth_of(i) tokens past its root."""
     visits, steps, tokens, start = [], 0, 0, 0
-    for end in range(1, len(rows) + 1):
-        if end < len(rows) and seqs[end] == seqs[start]:
+    for end in range(1, len(seqs) + 1):
+        if end < len(seqs) and seqs[end] == seqs[start]:
             continue
         i = start
         while i < end:
             visits.append(i)
             w = 1 if weights is None else weights[i]
-            n = 1 + accepted_depth(rows[i], paths)
+            n = 1 + depth_of(i)
             steps, tokens, i = steps + w, tokens + w * n, i + n
         start = end
     return steps, tokens, visits
+
+
+def dynamic_depths(ranks: torch.Tensor, values: torch.Tensor, num_nodes: int, chunk: int = 4096) -> torch.Tensor:
+    """Tokens a dynamic tree of num_nodes accepts at each position (beyond the root's), [P]: the tree is the
+    one decoding builds from the heads' top-k log-probs there (tree.dynamic_tree_nodes), and a node is
+    accepted when its path is a prefix of the position's true rank tuple. ranks [P, K] (TOPK = a miss),
+    values [P, K, k] (heldout_ranks(with_scores=True))."""
+    from ..tree import dynamic_tree_nodes
+    k = values.shape[-1]
+    d_max = min(ranks.shape[1], num_nodes - 1)
+    pows = k ** torch.arange(d_max, -1, -1)                             # k^d_max .. k^0
+    out = []
+    for i in range(0, ranks.shape[0], chunk):
+        r, v = ranks[i:i + chunk, :d_max], values[i:i + chunk]
+        code, depth = dynamic_tree_nodes(v, num_nodes)
+        picked = depth * pows[0] + code                                 # one key per node: depth, then path
+        # the true path's key at each depth d: d * k^d_max + sum_{j<=d} r_j * k^(d_max - j)
+        true_code = (r * pows[1:]).cumsum(1)
+        true_key = torch.arange(1, d_max + 1) * pows[0] + true_code
+        hit = (picked[:, None, :] == true_key[:, :, None]).any(-1) & (r < k).cummin(1).values
+        out.append(hit.long().cummin(1).values.sum(1))                 # the set is prefix-closed: count the run
+    return torch.cat(out)
+
+
+def dynamic_decoding_tau(ranks: torch.Tensor, values: torch.Tensor, seq_idx: torch.Tensor, num_nodes: int,
+                         weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """(decoding walk tau, per-position expected tau) of dynamic-num_nodes trees: decoding_tau and
+    expected_tau for a tree rebuilt at every position from the heads' scores."""
+    depths = dynamic_depths(ranks, values, num_nodes)
+    ws = None if weights is None else weights.tolist()
+    steps, tokens, _ = _walk_depths(depths.tolist().__getitem__, seq_idx.tolist(), ws)
+    w = torch.ones(len(depths)) if weights is None else weights.float()
+    return tokens / max(1e-12, steps), 1.0 + float((w * depths).sum() / w.sum().clamp_min(1e-12))
 
 
 def walk(rows: list, paths: set) -> tuple[int, int]:
@@ -135,15 +173,16 @@ def fit_decoding_tree(ranks: torch.Tensor, seq_idx: torch.Tensor, num_nodes: int
 
 @torch.no_grad()
 def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096, topk: int = TOPK,
-                  with_seq: bool = False):
+                  with_seq: bool = False, with_scores: bool = False):
     """Rank of the true token under each head at every answer position that has all K targets: [P, K]
-    (sequence by sequence, positions in order); with_seq: also each row's index into seqs, [P]."""
+    (sequence by sequence, positions in order); with_seq: also each row's index into seqs, [P]; with_scores:
+    also each head's top-k log-probs there, [P, K, k] (what a dynamic tree is built from)."""
     from ..heads import lm_head_fingerprint
     from .trainer import HiddenSource, epoch_batches, head_features, loss_rows, pad_batch
     dev = target.output.weight.device
     K = heads.num_heads
     hs = HiddenSource(target, cache_dir, lm_head_fingerprint(target))
-    out, seq_of = [], []
+    out, seq_of, scores = [], [], []
     for bi in epoch_batches(seqs, batch_tokens, 0, 0):
         batch = [seqs[i] for i in bi]
         x, lengths, plen = pad_batch(batch, dev)
@@ -155,7 +194,9 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
         if rows.shape[0] == 0:
             continue
         logits = heads.logits(head_features(heads, hidden, nxt, rows)).float()
-        top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices                   # [N, K, k] slots
+        top_values, top = logits.topk(min(topk, logits.shape[-1]), dim=-1)               # [N, K, k] slots
+        if with_scores:     # log_softmax keeps the order: the top-k of the log-probs are these slots
+            scores.append((top_values - logits.logsumexp(-1, keepdim=True)).cpu())
         tgt = x[rows[:, :1], rows[:, 1:2] + torch.arange(K, device=dev) + 2]            # [N, K] tokens
         tgt = heads.slots_of(tgt)                                        # -1: outside the draft vocabulary
         hit = top == tgt[..., None]
@@ -164,21 +205,27 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
         seq_of.append(torch.tensor(bi)[rows[:, 0].cpu()])
     if not out:
         raise InputError("no held-out position with targets for every head (sequences too short?)")
-    return (torch.cat(out), torch.cat(seq_of)) if with_seq else torch.cat(out)
+    res = (torch.cat(out),) + ((torch.cat(seq_of),) if with_seq else ()) + ((torch.cat(scores),) if with_scores else ())
+    return res if len(res) > 1 else res[0]
 
 
 def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63), out=None, save: bool = False,
                 eval_frac: float = 0.05, cache_hidden=None, device=None, dtype=None, max_seq_len: int = 1024,
                 compare=("mc_sim_7b_63", "tree-32", "tree-16"), target=None, heads=None, source_weights=None,
-                prefix: str = "tuned") -> dict:
+                prefix: str = "tuned", dynamic=()) -> dict:
     """Fits one tree per size in `nodes` to the heads on the held-out split of `data` (the same split the
     trainer holds out). Prints expected tau of each fitted and each `compare` tree; `save` stores the trees
     in the heads' config.json as `PREFIX-N` (then `--tree tuned-63` works wherever the heads are loaded).
+    dynamic: sizes N of dynamic-N trees to replay on the same positions (dynamic_decoding_tau); their tau is
+    recorded beside the fitted trees', so `--speculative auto` can weigh them too.
     source_weights ("src=w,..." or a dict, unlisted sources weigh 1, 0 drops one): each held-out position
     weighs its source's weight, in the fit and in every tau printed."""
     from ..heads import load_heads
     from .data import load_shard
     from .trainer import check_source_weights, parse_source_weights, split_heldout
+    bad = [n for n in dynamic if not 2 <= n <= 64]
+    if bad:
+        raise InputError(f"dynamic tree sizes {bad}: tree-search replays dynamic-N for N in [2, 64]")
     if target is None:
         from ..loading import load_model, parse_device, parse_dtype
         dev = parse_device(device)
@@ -196,7 +243,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     if sw:
         check_source_weights(sw, shard.sequences)
         held = [s for s in held if sw.get(s.source, 1.0) > 0]      # a dropped source costs no target forward
-    ranks, seq_idx = heldout_ranks(heads, target, held, cache_hidden, with_seq=True)
+    ranks, seq_idx, scores = heldout_ranks(heads, target, held, cache_hidden, with_seq=True, with_scores=True)
     row_sources = [held[i].source for i in seq_idx.tolist()]
     row_w = [sw.get(src, 1.0) for src in row_sources]
     weights = torch.tensor(row_w) if sw else None
@@ -213,6 +260,9 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         result["trees"][f"{prefix}-{n}"] = [list(p) for p in paths]
         result["expected_tau"][f"{prefix}-{n}"] = round(expected_tau(ranks, paths, weights=weights), 4)
         result["decoding_tau"][f"{prefix}-{n}"] = round(decoding_tau(ranks, seq_idx, paths, weights), 4)
+    for n in dynamic:
+        result["decoding_tau"][f"dynamic-{n}"], result["expected_tau"][f"dynamic-{n}"] = (
+            round(t, 4) for t in dynamic_decoding_tau(ranks, scores, seq_idx, n, weights))
     for name in compare:
         paths = get_tree_choices(name)
         if max(map(len, paths)) <= heads.num_heads:
