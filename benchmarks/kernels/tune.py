@@ -8,7 +8,11 @@ variant that is wrong or fails to compile is recorded as such, never as fast):
   * triton tree attention: split count, keys per tile, warps, pipeline stages, and the split merge in the
     same launch (merge="kernel") at 1-8x the heuristic's split count;
   * cuda tree attention: split count;
-  * triton fused_sal_input: column tile, K tile, warps, stages.
+  * triton fused_sal_input: column tile, K tile, warps, stages;
+  * triton few-row linear, bare and fused as Block.forward_fused calls it (RMSNorm or SwiGLU prologue, residual
+    epilogue), on the 7B layers at one row: column tile, K tile, warps, stages. The fused forms took 10.3 ms a
+    step on the H200 on 2026-12-04 where the bare GEMVs took 3.5: these rows say whether a launch configuration
+    is to blame.
 The current heuristic's choice is always one of the variants ("default"), so the table says directly how
 far the best measured configuration is from what the engine runs today. Times are the median of CUDA-graph
 replays (see _bench.Bench). Writes tune.json and tune.md (best per case first) to --out.
@@ -35,6 +39,7 @@ from amphista_engine.tree import build_tree  # noqa: E402
 TREES = {1: None, 16: "tree-16", 64: "mc_sim_7b_63"}
 TA_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 3), (32, 2, 4)]
 FI_CONFIGS = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4)))
+LIN_CONFIGS = list(itertools.product((32, 64), (64, 128, 256), (4, 8), (2, 3, 4)))
 
 
 def rel_err(out, ref) -> float:
@@ -170,11 +175,47 @@ def markdown(rows: list[dict], m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_fused_linear(sw: Sweep, bench: Bench):
+    from amphista_engine.kernels.backend import triton_runs_on
+    from amphista_engine.kernels.triton_kernels import linear as lin
+    if not triton_runs_on(bench.device.type):
+        return
+    dev, dt = bench.device, bench.dtype
+    esize = torch.tensor([], dtype=dt).element_size()
+    sh = TINY if bench.quick else SHAPES["llama-7b"]
+    q, kv = sh.n_heads * sh.head_dim, sh.n_kv_heads * sh.head_dim
+    # layer, (N, K), prologue, residual: as Block.forward_fused calls them; "w13 bare" is the unfused control
+    cases = [("w13 bare", (2 * sh.intermediate_size, sh.d), None, False),
+             ("w13 +norm", (2 * sh.intermediate_size, sh.d), "norm", False),
+             ("wqkv +norm", (q + 2 * kv, sh.d), "norm", False), ("wo +residual", (sh.d, q), None, True),
+             ("w2 +silu+residual", (sh.d, sh.intermediate_size), "silu", True)]
+    configs = LIN_CONFIGS[:2] if bench.quick else LIN_CONFIGS
+    for name, (n, k), prologue, residual in cases[:2] if bench.quick else cases:
+        w = torch.randn(n, k, device=dev, dtype=dt) * k ** -0.5
+        x = torch.randn(1, 2 * k if prologue == "silu" else k, device=dev, dtype=dt)
+        g = torch.rand(k, device=dev, dtype=dt) + 0.5 if prologue == "norm" else None
+        r = torch.randn(1, n, device=dev, dtype=dt) if residual else None
+        ref = reference.fused_linear(x.float(), w.float(), None if g is None else g.float(), 1e-5,
+                                     silu=prologue == "silu", residual=None if r is None else r.float())
+        kw = dict(norm_weight=g, eps=1e-5, silu=prologue == "silu", residual=r)
+        nbytes = esize * (n * k + x.numel() + 2 * n)
+        case = f"{sh.name} {name} {n}x{k} M=1"
+        sw.time_variant("triton linear", case, "heuristic", lambda w=w: lin.linear(x, w, **kw), ref, nbytes,
+                        default=True)
+        for bn, bk, warps, stages in configs:
+            fn = lambda w=w, bn=bn, bk=bk, nw=warps, st=stages: lin.linear(x, w, block_n=bn, block_k=bk, num_warps=nw,
+                                                                            num_stages=st, **kw)
+            sw.time_variant("triton linear", case, f"block_n={bn} block_k={bk} warps={warps} stages={stages}",
+                            fn, ref, nbytes)
+        del w
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget", type=float, default=150.0,
-                    help="seconds (70%% tree attention, 30%% fused input); later variants are skipped")
+                    help="seconds (35%% fused linear, 45%% tree attention, 20%% fused input); later variants are "
+                         "skipped")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -183,7 +224,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     m = meta(bench)
     with torch.inference_mode():
-        for part, share in ((sweep_tree_attention, 0.7), (sweep_fused_input, 0.3)):
+        for part, share in ((sweep_fused_linear, 0.35), (sweep_tree_attention, 0.45), (sweep_fused_input, 0.2)):
             sw.deadline = time.monotonic() + share * args.budget
             part(sw, bench)
             (args.out / "tune.json").write_text(json.dumps({"meta": m, "rows": sw.rows}, indent=1))
