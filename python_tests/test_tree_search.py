@@ -49,25 +49,31 @@ def test_best_tree_pads_when_data_is_scarce():
     assert len(tree) == 11 and get_tree_choices(tree) == tree
 
 
-def test_expected_tau_predicts_every_speculative_step(shard, target, tmp_path):  # noqa: F811
-    """For each decoding step, 1 + (tree nodes whose path prefixes the position's rank tuple) is exactly the
-    number of tokens the greedy speculative step emits: the model behind tree-search is the decoder's own."""
-    from amphista_engine.generation import PlainDecoder  # noqa: F401
+def _decode_with_fresh_heads(shard, target, tmp_path, kind: str, tree, tokens: int = 40):  # noqa: F811
+    """Heads of `kind` trained briefly on the shard, then greedy speculative decoding of its last prompt on
+    `tree`: (heads, prompt, the decoded tokens, the tokens each step emitted)."""
     from amphista_engine.kv_cache import KVCache
     from amphista_engine.sampling import SamplingParams
     from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
-    train_heads(cfg(shard, tmp_path / "h", kind="medusa", steps=10, eval_frac=0.0), target=target)
+    train_heads(cfg(shard, tmp_path / "h", kind=kind, steps=10, eval_frac=0.0), target=target)
     heads = load_heads(tmp_path / "h", target, dtype=torch.float32)
     prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
-    tree = best_tree(torch.zeros(1, K, dtype=torch.long), 12)              # a wide tree with depth K
     cache = KVCache.for_model(target.config, 1, 256, torch.float32, "cpu")
     dec = SpeculativeDecoder(target, cache, heads, TreeSpec(tree, K, "cpu"), SamplingParams())
     seq = [int(dec.prefill([prompt])[0])]
     counts = []
-    while len(seq) < 40:
+    while len(seq) < tokens:
         toks, cnt = dec.step()
         counts.append(int(cnt[0]))
         seq += toks[0, :counts[-1]].tolist()
+    return heads, prompt, seq, counts
+
+
+def test_expected_tau_predicts_every_speculative_step(shard, target, tmp_path):  # noqa: F811
+    """For each decoding step, 1 + (tree nodes whose path prefixes the position's rank tuple) is exactly the
+    number of tokens the greedy speculative step emits: the model behind tree-search is the decoder's own."""
+    tree = best_tree(torch.zeros(1, K, dtype=torch.long), 12)              # a wide tree with depth K
+    heads, prompt, seq, counts = _decode_with_fresh_heads(shard, target, tmp_path, "medusa", tree)
     ranks = heldout_ranks(heads, target, [Sequence("s", prompt + seq, len(prompt))])   # positions P-1 ...
     pos, checked = 0, 0
     for c in counts:
@@ -112,20 +118,7 @@ def test_dynamic_depths_replay_the_tree_builder():
 def test_dynamic_replay_predicts_every_speculative_step(shard, target, tmp_path):  # noqa: F811
     """The replay behind tree-search's dynamic-N tau is the decoder's: at each step of real greedy decoding
     with a dynamic tree, the tokens emitted are 1 + dynamic_depths at that position."""
-    from amphista_engine.kv_cache import KVCache
-    from amphista_engine.sampling import SamplingParams
-    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
-    train_heads(cfg(shard, tmp_path / "h", kind="amphista", steps=10, eval_frac=0.0), target=target)
-    heads = load_heads(tmp_path / "h", target, dtype=torch.float32)
-    prompt = json.loads(shard.read_text().splitlines()[-1])["prompt_ids"]
-    cache = KVCache.for_model(target.config, 1, 256, torch.float32, "cpu")
-    dec = SpeculativeDecoder(target, cache, heads, TreeSpec("dynamic-12", K, "cpu"), SamplingParams())
-    seq = [int(dec.prefill([prompt])[0])]
-    counts = []
-    while len(seq) < 40:
-        toks, cnt = dec.step()
-        counts.append(int(cnt[0]))
-        seq += toks[0, :counts[-1]].tolist()
+    heads, prompt, seq, counts = _decode_with_fresh_heads(shard, target, tmp_path, "amphista", "dynamic-12")
     ranks, scores = heldout_ranks(heads, target, [Sequence("s", prompt + seq, len(prompt))], with_scores=True)
     depths = dynamic_depths(ranks, scores, 12)
     pos, checked = 0, 0
