@@ -19,6 +19,11 @@ from .sampling import SamplingParams
 from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
 
 DEFAULT_TREE = "mc_sim_7b_63"
+# On a GPU a static tree's step costs the same at any shape of 64 nodes (1.25x plain, 7B, H200), so the default is
+# the heads' own 64-node tree where `tree-search` fitted one to the traffic: for the shipped heads mix-64 beat
+# mc_sim_7b_63 on all 80 MT-Bench first turns (tau 2.486 vs 2.480 Amphista, 1.925 vs 1.911 Medusa;
+# benchmarks/results/TRAINING.md, twenty-first session).
+GPU_FITTED_TREE = "mix-64"
 # A CPU verifies 64 nodes at ~3-4x the cost of a plain step, 16 at ~1.8 (AVX2 fp32, packed). This is the CPU tree
 # when one is needed without timing; `--speculative auto` times the heads' recorded trees instead (speculation_check).
 CPU_TREE = "tree-16"
@@ -30,7 +35,7 @@ CPU_4BIT_TREE = "mix-4"
 
 def default_tree(num_heads: int, device, heads_trees: dict | None = None, four_bit: bool = False) -> str:
     if num_heads >= 4 and torch.device(device).type != "cpu":
-        return DEFAULT_TREE                           # 4 deep
+        return GPU_FITTED_TREE if GPU_FITTED_TREE in (heads_trees or {}) else DEFAULT_TREE      # 4 deep
     if four_bit:
         return CPU_4BIT_TREE if CPU_4BIT_TREE in (heads_trees or {}) else f"chain-{min(3, num_heads)}"
     return CPU_TREE if num_heads >= 3 else f"chain-{num_heads}"     # tree-16 is 3 deep

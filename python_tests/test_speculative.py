@@ -301,3 +301,15 @@ def test_reuse_prefix_resumes_the_heads_cache():
     assert torch.equal(resumed.prefill([full]), root)
     assert int(cache.length[0]) == len(full) and int(heads.sal_cache.length[0]) == len(full)
     assert rel_err(resumed.draft, want) < 1e-4
+
+
+def test_default_tree_per_device():
+    """Untimed defaults: on a GPU the heads' fitted 64-node tree (mix-64) where they carry one, else mc_sim_7b_63;
+    on a CPU tree-16, or with 4-bit weights the heads' mix-4, else a chain; shallow heads get a chain."""
+    from amphista_engine.speculative import default_tree
+    fitted = {"mix-64": [[0]], "mix-4": [[0]]}
+    assert default_tree(4, "cuda", fitted) == "mix-64" and default_tree(4, "cuda:1", None) == "mc_sim_7b_63"
+    assert default_tree(4, "cpu", fitted) == "tree-16"
+    assert default_tree(4, "cpu", fitted, four_bit=True) == "mix-4"
+    assert default_tree(4, "cpu", {}, four_bit=True) == "chain-3"
+    assert default_tree(2, "cuda", fitted) == "chain-2"
