@@ -217,8 +217,9 @@ class Transformer(nn.Module):
         # the ordered attention too.
         self.rounds_linear_inputs = False
         # Routed few-row steps run Block.forward_fused. Off: the routed GEMVs with the norms and activation as
-        # their own launches. On an H200 the fused GEMVs took 10.3 ms a 7B step (2026-12-04), the unfused ones
-        # 3.5 ms (2026-11-28); benchmarks/latency_gpu.py times both until one is chosen. Exact greedy always fuses.
+        # their own launches. On an H200 the fused GEMVs took 10.3 ms a 7B step (2026-12-04, their prologues
+        # then ran on 16 rows; now on the one row of a decode step), the unfused ones 3.5 ms (2026-11-28);
+        # benchmarks/latency_gpu.py times both until one is chosen. Exact greedy always fuses.
         self.fuse_decode_layers = True
         self.register_buffer("rope_freq_factors", None, persistent=False)
         with torch.device("cpu"):

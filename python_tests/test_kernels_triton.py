@@ -500,7 +500,8 @@ def test_linear(case, poisoned):
 FUSED_LINEAR_CASES = [((1,), 64, 40, torch.float32, "norm", False),       # wqkv / w13 / lm_head: norm first
                       ((1, 3), 200, 300, torch.bfloat16, "silu", True),   # w2: activation in, residual out
                       ((16,), 96, 70, torch.bfloat16, None, True),        # wo: residual out, the most rows
-                      ((2, 5), 320, 130, torch.bfloat16, "norm", True)]   # K over one K tile, both ends
+                      ((2, 5), 320, 130, torch.bfloat16, "norm", True),   # K over one K tile, both ends
+                      ((1, 1), 200, 300, torch.bfloat16, "silu", True)]   # one row: the prologue on it alone
 
 
 @pytest.mark.parametrize("case", FUSED_LINEAR_CASES,
@@ -518,6 +519,11 @@ def test_fused_linear(case, poisoned):
     assert rel_err(out, ref) < TOL[dtype]
     if res:                                  # the residual really is added (not a no-op on a small term)
         assert rel_err(out, ref - r) > 0.2
+    if x.numel() == x.shape[-1] and pro:
+        # one row: its prologue runs on that row alone (ONE_ROW), the same GEMM input as in the 16-row tile
+        from amphista_engine.kernels.triton_kernels import linear as lin
+        tile = lin.linear(x, w, norm_weight=nw, eps=1e-5, silu=pro == "silu", residual=r, one_row=False)
+        assert torch.equal(out, tile) if pro == "silu" else rel_err(out, tile) < 1e-6
 
 
 def test_fused_linear_declines():

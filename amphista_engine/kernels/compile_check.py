@@ -102,6 +102,9 @@ def _launchers(dtypes):
             lw = torch.zeros(300, 320, dtype=dt)                  # the fused layers' prologues and epilogue
             linear.linear(torch.zeros(40, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
             linear.linear(torch.zeros(2, 640, dtype=dt), lw, silu=True, residual=torch.zeros(2, 300, dtype=dt))
+            # one row: the prologues on that row alone (ONE_ROW)
+            linear.linear(torch.zeros(1, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
+            linear.linear(torch.zeros(1, 640, dtype=dt), lw, silu=True, residual=torch.zeros(1, 300, dtype=dt))
         logits = torch.zeros(2, 8, 100, dtype=torch.bfloat16)
         tokens = torch.zeros(2, 8, dtype=torch.long)
         retrieve = torch.zeros(4, 4, dtype=torch.long)

@@ -10,9 +10,9 @@ variant that is wrong or fails to compile is recorded as such, never as fast):
   * cuda tree attention: split count;
   * triton fused_sal_input: column tile, K tile, warps, stages;
   * triton few-row linear, bare and fused as Block.forward_fused calls it (RMSNorm or SwiGLU prologue, residual
-    epilogue), on the 7B layers at one row: column tile, K tile, warps, stages. The fused forms took 10.3 ms a
-    step on the H200 on 2026-12-04 where the bare GEMVs took 3.5: these rows say whether a launch configuration
-    is to blame.
+    epilogue), on the 7B layers at one row: column tile, K tile, warps, stages, and the prologue on the one
+    row (ONE_ROW, the default) against the whole 16-row tile. The fused forms took 10.3 ms a step on the H200
+    on 2026-12-04, with the prologue on 16 rows, where the bare GEMVs took 3.5.
 The current heuristic's choice is always one of the variants ("default"), so the table says directly how
 far the best measured configuration is from what the engine runs today. Times are the median of CUDA-graph
 replays (see _bench.Bench). Writes tune.json and tune.md (best per case first) to --out.
@@ -202,6 +202,9 @@ def sweep_fused_linear(sw: Sweep, bench: Bench):
         case = f"{sh.name} {name} {n}x{k} M=1"
         sw.time_variant("triton linear", case, "heuristic", lambda w=w: lin.linear(x, w, **kw), ref, nbytes,
                         default=True)
+        if prologue:          # the prologue on the whole 16-row tile, as before ONE_ROW (2026-12-04)
+            sw.time_variant("triton linear", case, "heuristic, 16-row prologue",
+                            lambda w=w: lin.linear(x, w, one_row=False, **kw), ref, nbytes)
         for bn, bk, warps, stages in configs:
             fn = lambda w=w, bn=bn, bk=bk, nw=warps, st=stages: lin.linear(x, w, block_n=bn, block_k=bk, num_warps=nw,
                                                                             num_stages=st, **kw)

@@ -6,8 +6,11 @@ input's GEMM (fused_input.py) without its embedding half: narrow column tiles so
 W, long K tiles and a deep pipeline so many weight bytes are in flight per program. On an H200 (2026-11-28,
 benchmarks/results/gpu/h200_2026-11-28_*) it read the 7B shape's weights 4% faster than cuBLAS in a graphed
 decode step, and the profile of that step put ~0.2 ms of its 4.3 ms in the norm and activation launches
-between the GEMVs, which the fused forms remove. The model's layers reach it only when AMPHISTA_TRITON_LINEAR=1
-routes them through ops.linear / ops.fused_linear (kernels/routed_linear.py).
+between the GEMVs, which the fused forms remove. But the fused forms, timed on 2026-12-04, took 10.3 ms of GEMV
+a 7B step: their prologue ran on the MMA tile's 16 rows though a decode step has one, in every program (PTX:
+128 exp and divisions a thread per K tile for SwiGLU). One row now runs it on that row alone (ONE_ROW: 2 a
+thread), not yet timed. The model's layers reach the kernel only when AMPHISTA_TRITON_LINEAR=1 routes them
+through ops.linear / ops.fused_linear (kernels/routed_linear.py).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from .norm_rope import scale_normed
 @triton.jit
 def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_om, stride_rm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr,
-                   NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
+                   NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, ONE_ROW: tl.constexpr):
     # Row blocks vary fastest: the programs that read one column tile of W run side by side (L2 serves the rest).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -36,26 +39,44 @@ def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_o
     if NORM:
         # Every program recomputes its rows' RMS: the row is a few KiB that L2 holds, and it saves the
         # separate norm launch (and its gap in the graph) the unfused layer pays.
-        sq = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
-            sq += tl.sum(a * a, 1)
-        inv = tl.rsqrt(sq / K + eps)
+        if ONE_ROW:
+            sq1 = tl.zeros([BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                a1 = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+                sq1 += a1 * a1
+            inv1 = tl.rsqrt(tl.sum(sq1, 0) / K + eps)
+        else:
+            sq = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+                sq += tl.sum(a * a, 1)
+            inv = tl.rsqrt(sq / K + eps)
     w_cols = W + rn.to(tl.int64)[None, :] * stride_wn      # W [N, K]: output n reads row n, read as column n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         a_ok = m_ok[:, None] & k_ok[None, :]
-        a = tl.load(x_rows + rk[None, :], mask=a_ok, other=0.0)
         # Prologues round where the unfused ops write their outputs (ops.rmsnorm, ops.silu_mul), so the
         # fused layer computes the same GEMM input as the two launches it replaces.
-        if NORM:
-            g = tl.load(G + rk, mask=k_ok, other=0.0)
-            a = scale_normed(a, inv[:, None], g[None, :], a.dtype)
-        if SILU:
-            a = silu_times(a, tl.load(x_rows + K + rk[None, :], mask=a_ok, other=0.0))
+        if ONE_ROW:
+            # The prologue on the one real row only, then zero rows up to the MMA tile's 16: in the 16-row
+            # form every program runs it on 15 rows of padding too (an H200 step took 3x the bare GEMVs).
+            a1 = tl.load(X + rk, mask=k_ok, other=0.0)
+            if NORM:
+                a1 = scale_normed(a1, inv1, tl.load(G + rk, mask=k_ok, other=0.0), a1.dtype)
+            if SILU:
+                a1 = silu_times(a1, tl.load(X + K + rk, mask=k_ok, other=0.0))
+            a = tl.where((rm == 0)[:, None], a1[None, :], tl.zeros_like(a1)[None, :])
+        else:
+            a = tl.load(x_rows + rk[None, :], mask=a_ok, other=0.0)
+            if NORM:
+                g = tl.load(G + rk, mask=k_ok, other=0.0)
+                a = scale_normed(a, inv[:, None], g[None, :], a.dtype)
+            if SILU:
+                a = silu_times(a, tl.load(x_rows + K + rk[None, :], mask=a_ok, other=0.0))
         w = tl.load(w_cols + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += dot(a, w, EXACT)
     out = acc.to(Out.dtype.element_ty)
@@ -69,7 +90,8 @@ def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_o
 
 def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
            num_warps: int = 4, num_stages: int | None = None, norm_weight: torch.Tensor | None = None,
-           eps: float = 0.0, silu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+           eps: float = 0.0, silu: bool = False, residual: torch.Tensor | None = None,
+           one_row: bool | None = None) -> torch.Tensor:
     """Launcher: x [..., K] (last dim contiguous), w [N, K] contiguous, same dtype -> x @ w.T [..., N], fp32
     accumulation rounded once. Rows go in blocks of 16 (MAX_ROWS), so a row's result never depends on how
     many others share the call (kernels/gpu_exact.py); more than a block re-reads W per block, so the routed
@@ -77,7 +99,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
     benchmarks.
 
     Fused around the product (ops.fused_linear): norm_weight [K] applies RMSNorm to x's rows first; silu=True
-    takes x [..., 2K] as gate | up and uses silu(gate) * up; residual [..., N] is added to the result."""
+    takes x [..., 2K] as gate | up and uses silu(gate) * up; residual [..., N] is added to the result.
+
+    one_row: with a single row, run the prologue on that row alone (ONE_ROW) rather than on the 16-row tile;
+    None = whenever there is one row and a prologue. The product is the same MMA, but the norm's sum of squares
+    is reduced in another order, so callers that need every row rounded alike whatever the row count (the
+    exact-greedy path, kernels/gpu_exact.py) pass False."""
     K = w.shape[1]
     N = w.shape[0]
     lead = x.shape[:-1]
@@ -95,6 +122,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
     if block_n is None:
         block_n = stream_block_n(N, 1, x.device)
     flags = dict(NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None)
+    flags["ONE_ROW"] = (M == 1 and (flags["NORM"] or silu)) if one_row is None else (one_row and M == 1)
 
     def launch(block_k, num_stages):
         _linear_kernel[(cdiv(M, block_m), cdiv(N, block_n))](
