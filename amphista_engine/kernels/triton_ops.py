@@ -134,8 +134,7 @@ def fused_linear(x, w, norm_weight=None, eps: float = 0.0, silu: bool = False, r
     if residual is not None and (residual.shape != (*x.shape[:-1], w.shape[0]) or residual.dtype != x.dtype
                                  or not _same_device(x, residual)):
         return NotImplemented
-    return _lin.linear(x, w, norm_weight=norm_weight, eps=eps, silu=silu, residual=residual,
-                       one_row=False if batch_invariant else None)
+    return _lin.linear(x, w, norm_weight=norm_weight, eps=eps, silu=silu, residual=residual)
 
 
 # ---- activation ----------------------------------------------------------------------------------------

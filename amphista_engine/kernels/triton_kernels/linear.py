@@ -39,20 +39,15 @@ def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_o
     if NORM:
         # Every program recomputes its rows' RMS: the row is a few KiB that L2 holds, and it saves the
         # separate norm launch (and its gap in the graph) the unfused layer pays.
+        sq = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+            sq += tl.sum(a * a, 1)
+        inv = tl.rsqrt(sq / K + eps)
         if ONE_ROW:
-            sq1 = tl.zeros([BLOCK_K], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                a1 = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-                sq1 += a1 * a1
-            inv1 = tl.rsqrt(tl.sum(sq1, 0) / K + eps)
-        else:
-            sq = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
-                sq += tl.sum(a * a, 1)
-            inv = tl.rsqrt(sq / K + eps)
+            # row 0's entry, exactly (the other terms are zeros): the same scale as in the 16-row form
+            inv1 = tl.sum(tl.where(rm == 0, inv, 0.0), 0)
     w_cols = W + rn.to(tl.int64)[None, :] * stride_wn      # W [N, K]: output n reads row n, read as column n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -102,9 +97,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
     takes x [..., 2K] as gate | up and uses silu(gate) * up; residual [..., N] is added to the result.
 
     one_row: with a single row, run the prologue on that row alone (ONE_ROW) rather than on the 16-row tile;
-    None = whenever there is one row and a prologue. The product is the same MMA, but the norm's sum of squares
-    is reduced in another order, so callers that need every row rounded alike whatever the row count (the
-    exact-greedy path, kernels/gpu_exact.py) pass False."""
+    None = whenever there is one row and a prologue. Both forms give the same bits (the same norm scale, the
+    same elementwise ops on the row, the same MMA with zero rows around it), so the exact-greedy path
+    (kernels/gpu_exact.py) takes it too; False is for benchmarks."""
     K = w.shape[1]
     N = w.shape[0]
     lead = x.shape[:-1]
