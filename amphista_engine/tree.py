@@ -226,7 +226,7 @@ def dynamic_tree_buffers(root: torch.Tensor, values: torch.Tensor, indices: torc
     pows = torch.pow(k, torch.arange(d_max + 1, device=dev))           # k^0 .. k^d_max
     code, depth = dynamic_tree_nodes(values, num_nodes)
     own_rank = code // pows[d_max - depth] % k
-    tok = indices.gather(2, own_rank[:, None, :].expand(b, k_heads, -1)).gather(1, depth[:, None, :] - 1)[:, 0]
+    tok = indices.flatten(1).gather(1, (depth - 1) * k + own_rank)      # head depth-1's own_rank-th token
     zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
     key = torch.cat([zero, depth * pows[d_max] + code], 1)
     key, order = key.sort(dim=1)                                       # keys are unique
