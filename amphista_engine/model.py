@@ -182,17 +182,16 @@ class Block(nn.Module):
             return x + ffn
         return ops.add_rmsnorm(ffn, x, next_norm.weight, next_norm.eps)
 
-    def forward_fused(self, x, rope, cache, spec, mask, batch_invariant: bool = False):
+    def forward_fused(self, x, rope, cache, spec, mask):
         """The same layer as four weight-streaming launches plus attention, for decode steps whose linears
         are routed (kernels/routed_linear.py): each norm and the activation run in the prologue of the GEMV
         after them, each residual add in the epilogue of the one before (ops.fused_linear). Returns the new
-        residual stream. batch_invariant: any row count, each row rounded alike (kernels/gpu_exact.py)."""
-        attn, ffn, inv = self.attention, self.feed_forward, batch_invariant
-        qkv = ops.fused_linear(x, attn.wqkv.weight, self.attention_norm.weight, self.attention_norm.eps,
-                               batch_invariant=inv)
-        x = ops.fused_linear(attn.core(qkv, rope, cache, spec, mask), attn.wo.weight, residual=x, batch_invariant=inv)
-        up = ops.fused_linear(x, ffn.w13.weight, self.ffn_norm.weight, self.ffn_norm.eps, batch_invariant=inv)
-        return ops.fused_linear(up, ffn.w2.weight, silu=True, residual=x, batch_invariant=inv)
+        residual stream."""
+        attn, ffn = self.attention, self.feed_forward
+        qkv = ops.fused_linear(x, attn.wqkv.weight, self.attention_norm.weight, self.attention_norm.eps)
+        x = ops.fused_linear(attn.core(qkv, rope, cache, spec, mask), attn.wo.weight, residual=x)
+        up = ops.fused_linear(x, ffn.w13.weight, self.ffn_norm.weight, self.ffn_norm.eps)
+        return ops.fused_linear(up, ffn.w2.weight, silu=True, residual=x)
 
 
 class Transformer(nn.Module):
@@ -219,7 +218,7 @@ class Transformer(nn.Module):
         # Routed few-row steps run Block.forward_fused. Off: the routed GEMVs with the norms and activation as
         # their own launches. On an H200 the fused GEMVs took 10.3 ms a 7B step (2026-12-04, their prologues
         # then ran on 16 rows; now on the one row of a decode step), the unfused ones 3.5 ms (2026-11-28);
-        # benchmarks/latency_gpu.py times both until one is chosen. Exact greedy always fuses.
+        # benchmarks/latency_gpu.py times both until one is chosen. Exact greedy never fuses.
         self.fuse_decode_layers = True
         self.register_buffer("rope_freq_factors", None, persistent=False)
         with torch.device("cpu"):
@@ -277,19 +276,25 @@ class Transformer(nn.Module):
                                     self.config.n_heads // self.config.n_kv_heads)
         else:
             mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len, cache.k.dtype)
-        rope = self.rope[positions]
-        x = self.tok_embeddings(tokens)
+        # The row-invariant path keeps the layers unfused: the norms and the activation are row-wise launches,
+        # the routed products fixed 16-row blocks for any row count. Fused, every GEMV program would redo the
+        # prologue for all of a tree's rows (a 64-node step cost 5.3 plain steps on an H200, 2026-12-04).
+        with routed_linear.invariant_rows(invariant):
+            return self._layers_and_head(self.tok_embeddings(tokens), self.rope[positions], cache, spec, mask,
+                                         return_hidden, logits_at, fuse=not invariant)
+
+    def _layers_and_head(self, x, rope, cache, spec, mask, return_hidden: bool, logits_at, fuse: bool):
         # A 4-bit model on the cpu backend: the whole layer stack in one C++ call (csrc/cpu/decoder.h)
         native = (cpu_ops.decoder_layers(self.layers, self.norm, self.config, x, rope, cache.k, cache.v,
                                          spec.prefix_len, mask[0], self)
                   if cache is not None and isinstance(mask, tuple) and mask[1] is None else NotImplemented)
         if native is not NotImplemented:
             h = native[1]
-        elif invariant or self.fuses_layers(x):
+        elif fuse and self.fuses_layers(x):
             for layer in self.layers:
-                x = layer.forward_fused(x, rope, cache, spec, mask, invariant)
+                x = layer.forward_fused(x, rope, cache, spec, mask)
             xl = x if logits_at is None else torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
-            logits = ops.fused_linear(xl, self.output.weight, self.norm.weight, self.norm.eps, batch_invariant=invariant)
+            logits = ops.fused_linear(xl, self.output.weight, self.norm.weight, self.norm.eps)
             return (logits, self.norm(x)) if return_hidden else logits
         else:
             h = self.layers[0].attention_norm(x)

@@ -278,12 +278,14 @@ def test_ordered_tree_attention_is_row_invariant(dtype, Hkv, D, poisoned, positi
             assert torch.equal(plain[0, :, 0], out[b, :, i]), (b, i)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_invariant_decode_tree_rows_equal_plain_steps(dtype, monkeypatch, position_invariant_dot):
+@pytest.mark.parametrize("dtype, tree_name", [(torch.float32, "tree-16"), (torch.bfloat16, "tree-16"),
+                                              (torch.bfloat16, "tree-32")])
+def test_invariant_decode_tree_rows_equal_plain_steps(dtype, tree_name, monkeypatch, position_invariant_dot):
     """The model's row-invariant decode path (kernels/gpu_exact.py, forced on for this CPU run): a tree
     verification forward's logits for a node are bit for bit those of plain one-token steps along the node's
-    path, with the tree's other nodes, its size and kv_len all different. This is what keeps bf16 greedy
-    speculative decoding equal to plain greedy decoding; fp32 makes the check sharp in the interpreter."""
+    path, with the tree's other nodes, its size and kv_len all different (tree-32: two 16-row blocks in every
+    product, none of them through cuBLAS). This is what keeps bf16 greedy speculative decoding equal to plain
+    greedy decoding; fp32 makes the check sharp in the interpreter."""
     from conftest import random_tiny_model
     from amphista_engine.kernels import gpu_exact
     from amphista_engine.kernels.routed_linear import route_linears
@@ -293,8 +295,8 @@ def test_invariant_decode_tree_rows_equal_plain_steps(dtype, monkeypatch, positi
     monkeypatch.setattr(gpu_exact, "applies", lambda kv: kv.dtype == dtype)
     model = random_tiny_model(seed=5, vocab=96, dim=64, heads=4, kv_heads=2, inter=96).to(DEV, dtype)
     route_linears(model)
-    g = gen("invariant_model", dtype)
-    tree = build_tree("tree-16")
+    g = gen("invariant_model", dtype, tree_name)
+    tree = build_tree(tree_name)
     mask, N = tree.mask.to(DEV), tree.num_nodes
     depth = mask.sum(-1) - 1
     P = 37
@@ -310,7 +312,10 @@ def test_invariant_decode_tree_rows_equal_plain_steps(dtype, monkeypatch, positi
 
     with use_backend("triton"), torch.inference_mode():
         spec = AttentionSpec(torch.tensor([P], device=DEV), mask[None], kv_len=bucket(P + N), decode=True)
-        tree_logits = model(toks, (P + depth)[None], prefilled(), spec)[0]
+        cache = prefilled()
+        with monkeypatch.context() as m:     # every product of the tree forward on the kernel's row blocks
+            m.setattr(reference, "linear", lambda *a, **k: pytest.fail("a routed product went to the reference"))
+            tree_logits = model(toks, (P + depth)[None], cache, spec)[0]
         checked = 0
         for i in (N - 1, N // 2):
             path = mask[i].nonzero().flatten()                          # root .. node i, by depth

@@ -6,8 +6,10 @@ plain step, so at a near-tie between two tokens the two decoders part (benchmark
 about token 50 of one prompt in two on random weights, H200, 2026-11-27/28). Three things differ, and each
 has a row-invariant replacement here, applied to decode steps only (prefills are shared by every decoder):
   * cuBLAS picks its GEMM kernel (tiles, split-K) by row count. The routed linears take the few-row Triton
-    GEMM (kernels/routed_linear.py) for any row count, in tiles of a fixed 16 rows, fused with the norms and
-    the activation around them (Block.forward_fused), so every row sees one instruction sequence.
+    GEMM (kernels/routed_linear.py, invariant_rows) for any row count, in tiles of a fixed 16 rows, so every
+    row sees one instruction sequence. The norms and the activation stay row-wise launches of their own
+    (unfused layers): fused into the GEMMs, every program would redo them for all of a tree's rows, and a
+    64-node step cost 5.3 plain steps on an H200 (2026-12-04, then fused).
   * Tree attention picks its key splits and row blocks by tree size and prefix, and finds a node's
     ancestors in slots scattered among its siblings. The ordered kernel (triton_kernels/tree_attention.py,
     tree_attention_ordered) splits each token's keys where only its position decides, as kernels/cpu_exact.py

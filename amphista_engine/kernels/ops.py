@@ -121,11 +121,13 @@ def rope(x: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
 
 
 # ---- linear layers -------------------------------------------------------------------------------------
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
     """x [..., K] @ w.T for w [N, K] (an nn.Linear weight, no bias) -> [..., N] in w's dtype. The kernel
     backends take decoding's few-row products (weight-streaming GEMVs), cuBLAS through torch the rest. The
-    model's layers call it only when routed (kernels/routed_linear.py)."""
-    return _run("linear", x.device, x, w)
+    model's layers call it only when routed (kernels/routed_linear.py). batch_invariant: the kernels take any
+    row count, in fixed row blocks, so a row's result is the same bits whatever else is in the call
+    (kernels/gpu_exact.py)."""
+    return _run("linear", x.device, x, w, batch_invariant)
 
 
 def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:

@@ -102,8 +102,9 @@ def rope(x, rope_rows):
 
 
 # ---- linear layers -------------------------------------------------------------------------------------
-def linear(x, w):
-    """nn.Linear without bias: x [..., K] @ w.T, w [N, K]."""
+def linear(x, w, batch_invariant: bool = False):
+    """nn.Linear without bias: x [..., K] @ w.T, w [N, K]. batch_invariant asks the kernels for
+    row-count-independent rounding; the reference has no say in it."""
     return F.linear(x, w)
 
 

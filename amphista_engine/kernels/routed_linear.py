@@ -8,7 +8,9 @@ on; benchmarks/latency_gpu.py times both ways side by side.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from contextvars import ContextVar
 
 import torch.nn.functional as F
 from torch import nn
@@ -17,10 +19,23 @@ from . import ops
 
 ENV_VAR = "AMPHISTA_TRITON_LINEAR"
 MAX_ROWS = 16      # the few-row kernel's one row tile (triton_kernels/linear.py); more rows go to cuBLAS
+# Set around a forward whose rows must round alike whatever their count (kernels/gpu_exact.py): the routed
+# products then stay on the kernel backends' fixed 16-row blocks for any row count instead of going to cuBLAS.
+_INVARIANT_ROWS: ContextVar[bool] = ContextVar("amphista_invariant_rows", default=False)
 
 
 def enabled() -> bool:
     return os.environ.get(ENV_VAR, "0") == "1"
+
+
+@contextlib.contextmanager
+def invariant_rows(on: bool = True):
+    """Within the block (on=True), routed linears ask ops.linear for row-count-invariant products."""
+    token = _INVARIANT_ROWS.set(on)
+    try:
+        yield
+    finally:
+        _INVARIANT_ROWS.reset(token)
 
 
 class RoutedLinear(nn.Linear):
@@ -29,7 +44,7 @@ class RoutedLinear(nn.Linear):
     def forward(self, x):
         if self.bias is not None:
             return F.linear(x, self.weight, self.bias)
-        return ops.linear(x, self.weight)
+        return ops.linear(x, self.weight, batch_invariant=_INVARIANT_ROWS.get())
 
 
 def route_linears(module: nn.Module, on: bool = True) -> int:

@@ -115,9 +115,10 @@ def rope(x, rope_rows):
 
 
 # ---- linear layers -------------------------------------------------------------------------------------
-def linear(x, w):
+def linear(x, w, batch_invariant: bool = False):
     if (x.dim() < 1 or w.dim() != 2 or x.dtype not in FLOATS or w.dtype != x.dtype or x.shape[-1] != w.shape[1]
-            or not w.is_contiguous() or x.numel() > _lin.MAX_ROWS * x.shape[-1] or not _same_device(x, w)):
+            or not w.is_contiguous() or not _same_device(x, w)
+            or (x.numel() > _lin.MAX_ROWS * x.shape[-1] and not batch_invariant)):
         return NotImplemented
     return _lin.linear(x, w)
 
