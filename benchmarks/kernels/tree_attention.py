@@ -1,7 +1,8 @@
 """Tree-masked verification attention: the kernel backends vs the torch reference (which builds the dense
 mask per call) vs F.scaled_dot_product_attention with a prebuilt dense mask (the engine's per-layer cost).
-"triton:merge-in-kernel" is the Triton kernel with merge="kernel" (the last split merges, no second launch),
-side by side with the default two-launch merge ("triton").
+"triton" merges split-K partials as the engine does by default (merge="auto": in the same launch for program
+blocks of <= 16 query rows, else by a second launch); "triton:merge-by-launch" always launches the merge, the
+default before 2026-12-04, so the N = 1 and 16 rows keep the A/B that chose "auto".
 
 Bytes: K/V of the prefix + tree slots, Q and the output. FLOPs: 4 * H * N * (prefix + N) * D (QK^T and PV,
 masked entries included). Target on an H100: >= 70% of copy bandwidth for prefix >= 1024, >= 2x SDPA.
@@ -44,7 +45,7 @@ def run(bench):
                     "torch": lambda: ops.tree_attention(q, k, v, prefix, mask, kv_len),
                     "triton": kernel,
                     "cuda": kernel,
-                    "triton:merge-in-kernel": lambda: merged(q, k, v, prefix, bits, kv_len, merge="kernel"),
+                    "triton:merge-by-launch": lambda: merged(q, k, v, prefix, bits, kv_len, merge="launch"),
                     "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None],
                                                                          enable_gqa=True),
                 }
