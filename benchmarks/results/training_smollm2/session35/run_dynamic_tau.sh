@@ -7,14 +7,9 @@
 #                                   reuses the first's hidden states)
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
-D=benchmarks/results/training_smollm2/distill
 R=${RUN:-runs/s35}
 mkdir -p "$R"
-DATA=""
-for s in 0 3000 6000 7000 8000 9000 10000 11000 12000 13000; do DATA="$DATA $D/distill-$s.jsonl.gz"; done
-G=10.7
-MIX=alpaca_en_demo=$G,truthfulqa=$G,wizardlm_testset=$G,selfinstruct_seed=$G,vicuna_bench=$G,fastchat_dummy=$G
-MIX=$MIX,t0_p3=3.98,gpteacher_roleplay=1.69,gsm8k_train=2.38
+source benchmarks/results/training_smollm2/session21/mtbench_mix.sh   # D, DATA, MIX
 python -m amphista_engine.cli tree-search --data $DATA --heads "amphista_engine/data/heads/smollm2-135m-${1:?KIND}" \
     --device cpu --nodes 4,8,16,32,64 --dynamic 4,8,16,32,64 --prefix mix --source-weights "$MIX" \
     --cache-hidden "$R/hidden" --out "benchmarks/results/training_smollm2/session35/trees-$1.json"
