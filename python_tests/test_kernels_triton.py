@@ -501,6 +501,28 @@ def test_linear(case, poisoned):
     assert rel_err(out, reference.linear(x, w)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("M, dtype", [(20, torch.bfloat16), (64, torch.bfloat16), (70, torch.float32)])
+def test_linear_row_blocks_share_weight_tiles_with_the_same_bits(M, dtype, position_invariant_dot):
+    """More than 16 rows (the exact path's trees): a program multiplies each weight tile it loads with two or
+    four 16-row blocks (ROW_BLOCKS), so a 64-node tree reads W once. Every row keeps the bits it gets alone
+    (a plain step's row 0) and with one block a program; rows past the last full block are computed too."""
+    from amphista_engine.kernels.triton_kernels import linear as lin
+    g = gen("linear_row_blocks", M, dtype)
+    K, N = 200, 130                                  # K over one K tile and not a multiple of it, N several tiles
+    x = randn(g, M, K, dtype=dtype)
+    w = randn(g, N, K, dtype=dtype, scale=K ** -0.5)
+    assert lin.row_blocks_for(M, prologue=False) == (2 if M <= 32 else 4)
+    out = lin.linear(x, w)
+    assert rel_err(out, reference.linear(x, w)) < TOL[dtype]
+    assert torch.equal(out, lin.linear(x, w, row_blocks=1))
+    for i in (0, 17, M - 1):
+        assert torch.equal(out[i], lin.linear(x[i:i + 1], w)[0]), i
+    with pytest.raises(ValueError, match="row_blocks"):
+        lin.linear(x, w, row_blocks=3)
+    with pytest.raises(ValueError, match="prologue"):
+        lin.linear(x, w, norm_weight=torch.ones(K, dtype=dtype, device=DEV), row_blocks=2)
+
+
 # leading dims (rows), K, N, dtype, prologue (None / "norm" / "silu"), residual add
 FUSED_LINEAR_CASES = [((1,), 64, 40, torch.float32, "norm", False),       # wqkv / w13 / lm_head: norm first
                       ((1, 3), 200, 300, torch.bfloat16, "silu", True),   # w2: activation in, residual out

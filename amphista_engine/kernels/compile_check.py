@@ -102,6 +102,9 @@ def _launchers(dtypes):
             lw = torch.zeros(300, 320, dtype=dt)                  # the fused layers' prologues and epilogue
             linear.linear(torch.zeros(40, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
             linear.linear(torch.zeros(2, 640, dtype=dt), lw, silu=True, residual=torch.zeros(2, 300, dtype=dt))
+            # 20 and 40 bare rows: two and four 16-row blocks a program (ROW_BLOCKS, the exact path's trees)
+            linear.linear(torch.zeros(20, 320, dtype=dt), lw)
+            linear.linear(torch.zeros(40, 320, dtype=dt), lw)
             # one row: the prologues on that row alone (ONE_ROW)
             linear.linear(torch.zeros(1, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
             linear.linear(torch.zeros(1, 640, dtype=dt), lw, silu=True, residual=torch.zeros(1, 300, dtype=dt))
