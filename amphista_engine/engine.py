@@ -73,8 +73,8 @@ class Engine:
         self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
-        # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA when
-        # AMPHISTA_TRITON_LINEAR=1 or AMPHISTA_EXACT_GREEDY=1.
+        # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA
+        # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
         from .kernels.linear_setup import LinearSetup
         setup = LinearSetup.for_device(self.device, self.dtype, quant)
         self.linears = setup.resolved(setup.apply(self.model))

@@ -215,11 +215,12 @@ class Transformer(nn.Module):
         # fp32 bit of attention between a tree and a plain step can flip a rounding; fp32 decode steps then take
         # the ordered attention too.
         self.rounds_linear_inputs = False
-        # Routed few-row steps run Block.forward_fused. Off: the routed GEMVs with the norms and activation as
-        # their own launches. On an H200 the fused GEMVs took 10.3 ms a 7B step (2026-12-04, their prologues
-        # then ran on 16 rows; now on the one row of a decode step), the unfused ones 3.5 ms (2026-11-28);
-        # benchmarks/latency_gpu.py times both until one is chosen. Exact greedy never fuses.
-        self.fuse_decode_layers = True
+        # On: routed few-row steps run Block.forward_fused (norms, activation and residual adds inside the
+        # GEMV launches). Off by default: on an H200 (2026-12-04, results/gpu/h200_2026-12-04b_suite) a 7B step
+        # took 4.78 ms fused against 4.18 unfused (cuBLAS 4.40): each fused norm's pre-pass over K delays the
+        # weight stream more than the 2 us launch it saves. SmolLM2's step was 2% faster fused. Exact greedy
+        # never fuses.
+        self.fuse_decode_layers = False
         self.register_buffer("rope_freq_factors", None, persistent=False)
         with torch.device("cpu"):
             rope = rope_table(cfg, self.rope_len)

@@ -38,6 +38,7 @@ from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kernels import gpu_exact  # noqa: E402
 from amphista_engine.kernels.backend import triton_runs_on  # noqa: E402
+from amphista_engine.kernels import routed_linear  # noqa: E402
 from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.model import Transformer  # noqa: E402
@@ -210,23 +211,26 @@ def run(args, save=None) -> dict:
                          "step_ms": round(ms, 3), "ratio_vs_plain": 1.0,
                          "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
             print(rows[-1], file=sys.stderr)
-        # A/B: every linear layer through the few-row Triton GEMM (kernels/routed_linear.py, opt-in in the
-        # Engine), each layer fused around it (norms, activation, residual adds inside the GEMVs:
-        # model.Block.forward_fused) and not, against cuBLAS in the rows above, same model, same cache, same run.
+        # A/B against cuBLAS in the rows above, same model, same cache, same run: the linears routed as the
+        # Engine does on CUDA (kernels/routed_linear.py: each shape on the faster of the few-row Triton GEMM and
+        # cuBLAS, kernels/linear_choice.py), and every product forced onto the Triton GEMM, each layer fused
+        # around it (norms, activation, residual adds inside the GEMVs: model.Block.forward_fused) and not.
         use_graphs = device.type == "cuda"
-        for fused, label in ((True, "plain, triton linear"), (False, "plain, triton linear unfused")):
+        for mode, fused, label in (("auto", False, "plain, routed (default)"), ("on", True, "plain, triton linear"),
+                                   ("on", False, "plain, triton linear unfused")):
             routed_graphs = DecodeGraphs()
             route_linears(model)
             model.fuse_decode_layers = fused
             try:
-                dec = PlainDecoder(model, cache, SamplingParams())
-                if use_graphs:
-                    routed_graphs.attach(dec)
-                ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
+                with routed_linear.set_mode(mode):
+                    dec = PlainDecoder(model, cache, SamplingParams())
+                    if use_graphs:
+                        routed_graphs.attach(dec)
+                    ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
             finally:
                 routed_graphs.clear()
                 route_linears(model, on=False)
-                model.fuse_decode_layers = True
+                model.fuse_decode_layers = False
             rows.append({"model": shape_name, "method": label, "tree": "-", "nodes": 1, "graphs": use_graphs,
                          "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain[use_graphs], 3),
                          "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
@@ -277,7 +281,7 @@ def run(args, save=None) -> dict:
                                "bw_floor_ms": round(floor_ms, 3), "plain_step_ms": round(best, 3),
                                "plain_pct_of_floor": round(100 * floor_ms / best, 1),
                                "graphs_speedup_plain": round(plain[False] / plain[True], 3) if True in plain else None}
-        for method, key in (("plain, triton linear", "plain_triton_linear"),
+        for method, key in (("plain, routed (default)", "plain_routed"), ("plain, triton linear", "plain_triton_linear"),
                             ("plain, triton linear unfused", "plain_triton_linear_unfused"),
                             ("plain, merge in kernel", "plain_merge_kernel"), ("plain, merge by launch", "plain_merge_launch")):
             found = [r for r in rows if r["model"] == shape_name and r["method"] == method]

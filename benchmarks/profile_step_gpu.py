@@ -4,8 +4,9 @@
     python benchmarks/profile_step_gpu.py --device cpu --shape tiny --out /tmp/p   # smoke run (CPU ops only)
 
 A GEMV-bound plain step should spend nearly all its GPU time in the weight matmuls. For each method (plain,
-Amphista on --tree), each way of running the weight products (cuBLAS, or the few-row Triton GEMM with the fused
-layers of model.Block.forward_fused: AMPHISTA_TRITON_LINEAR=1) and each graph mode, this reports the step's wall
+Amphista on --tree), each way of running the weight products (cuBLAS; routed as the Engine does on CUDA, each
+shape on the faster of the few-row Triton GEMM and cuBLAS; the Triton GEMM for all, with and without the fused
+layers of model.Block.forward_fused) and each graph mode, this reports the step's wall
 time, its summed kernel time and launches, the gap between them (launch gaps, host work), the share of each
 kernel group, and for plain steps the share of the bandwidth floor (weight bytes / measured copy bandwidth, as in
 latency_gpu.py). An H200 run (benchmarks/results/gpu/h200_2026-11-28_profile/) put 0.5 ms of a 4.3 ms 7B step
@@ -33,6 +34,7 @@ from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.evaluation.env import commit, sync  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kernels import get_backend  # noqa: E402
+from amphista_engine.kernels import routed_linear  # noqa: E402
 from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
@@ -96,15 +98,43 @@ def profile_decoder(decoder, prompt, steps: int, device) -> dict:
             "top": [{"kernel": k[:140], "ms": round(ms, 4), "launches": round(n, 1)} for k, (ms, n) in top]}
 
 
+def profile_methods(args, model, cache, prompt, device, graph_modes, linear, heads, res, lines, details,
+                    floor_ms):
+    """Profiles each of args.methods with the model's linears as they are set up now (`linear` labels them)."""
+    for method in args.methods.split(","):
+        for use_graphs in graph_modes:
+            if method == "plain":
+                dec = PlainDecoder(model, cache, SamplingParams())
+            else:
+                heads.setdefault(method, shapes.random_heads(method, model))
+                dec = SpeculativeDecoder(model, cache, heads[method], TreeSpec(args.tree, 4, device), SamplingParams())
+            graphs = DecodeGraphs()
+            if use_graphs:
+                graphs.attach(dec)
+            key = f"{method}{'' if method == 'plain' else ' (' + args.tree + ')'}, {linear}, graphs {'on' if use_graphs else 'off'}"
+            r = res["runs"][key] = profile_decoder(dec, prompt, args.steps, device)
+            graphs.clear()
+            pct = round(100 * floor_ms / r["wall_ms"], 1) if method == "plain" else ""
+            lines.append(f"| {key.split(',')[0]} | {linear} | {'on' if use_graphs else 'off'} | {r['wall_ms']} | "
+                         f"{r['kernel_ms']} | {r['gap_ms']} | {r['kernels_per_step']} | {pct} |")
+            print(lines[-1], flush=True)
+            details += [f"## {key}", "", "| group | ms per step | launches |", "|---|---|---|"]
+            details += [f"| {g} | {v['ms']} | {v['launches']} |" for g, v in r["groups"].items()]
+            details += ["", "| kernel | ms per step | launches |", "|---|---|---|"]
+            details += [f"| `{t['kernel'][:100]}` | {t['ms']} | {t['launches']} |" for t in r["top"]] + [""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llama-7b")
     ap.add_argument("--methods", default="plain,amphista")
     ap.add_argument("--tree", default="mc_sim_7b_63")
-    ap.add_argument("--linear", default="cublas,triton,triton-unfused",
-                    help="any of cublas, triton (routed, fused layers), triton-unfused (routed, norms and "
-                         "activation as their own launches)")
+    ap.add_argument("--linear", default="cublas,auto,triton,triton-unfused",
+                    help="any of cublas, auto (routed, unfused: the Engine's default on CUDA, each shape on the "
+                         "faster of kernel and cuBLAS, kernels/linear_choice.py), triton (routed to the kernel, "
+                         "fused layers), triton-unfused (routed to the kernel, norms and activation as their own "
+                         "launches)")
     ap.add_argument("--graphs", default="on", help="on and/or off (CUDA graphs; always off on a CPU)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=200)
@@ -136,33 +166,15 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     details = []
     linears = args.linear.split(",")
-    if not set(linears) <= {"cublas", "triton", "triton-unfused"}:
-        ap.error(f"--linear {args.linear}: expected cublas, triton and/or triton-unfused")
+    if not set(linears) <= {"cublas", "auto", "triton", "triton-unfused"}:
+        ap.error(f"--linear {args.linear}: expected cublas, auto, triton and/or triton-unfused")
     for linear in linears:
         route_linears(model, on=linear != "cublas")
-        model.fuse_decode_layers = linear != "triton-unfused"
+        model.fuse_decode_layers = linear == "triton"
         heads = {}
-        for method in args.methods.split(","):
-            for use_graphs in graph_modes:
-                if method == "plain":
-                    dec = PlainDecoder(model, cache, SamplingParams())
-                else:
-                    heads.setdefault(method, shapes.random_heads(method, model))
-                    dec = SpeculativeDecoder(model, cache, heads[method], TreeSpec(args.tree, 4, device), SamplingParams())
-                graphs = DecodeGraphs()
-                if use_graphs:
-                    graphs.attach(dec)
-                key = f"{method}{'' if method == 'plain' else ' (' + args.tree + ')'}, {linear}, graphs {'on' if use_graphs else 'off'}"
-                r = res["runs"][key] = profile_decoder(dec, prompt, args.steps, device)
-                graphs.clear()
-                pct = round(100 * floor_ms / r["wall_ms"], 1) if method == "plain" else ""
-                lines.append(f"| {key.split(',')[0]} | {linear} | {'on' if use_graphs else 'off'} | {r['wall_ms']} | "
-                             f"{r['kernel_ms']} | {r['gap_ms']} | {r['kernels_per_step']} | {pct} |")
-                print(lines[-1], flush=True)
-                details += [f"## {key}", "", "| group | ms per step | launches |", "|---|---|---|"]
-                details += [f"| {g} | {v['ms']} | {v['launches']} |" for g, v in r["groups"].items()]
-                details += ["", "| kernel | ms per step | launches |", "|---|---|---|"]
-                details += [f"| `{t['kernel'][:100]}` | {t['ms']} | {t['launches']} |" for t in r["top"]] + [""]
+        with routed_linear.set_mode("auto" if linear in ("cublas", "auto") else "on"):
+            profile_methods(args, model, cache, prompt, device, graph_modes, linear, heads, res, lines, details,
+                            floor_ms)
     route_linears(model, on=False)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(res, indent=1))

@@ -73,15 +73,24 @@ def _first_difference(a, b):
 
 # ---- GPU: replay == eager --------------------------------------------------------------------------------
 @needs_gpu
-@pytest.mark.parametrize("routed", [False, True], ids=["cublas", "fused-layers"])
-def test_plain_graph_replay_equals_eager(routed):
-    """routed: the linears go through the kernel backends (AMPHISTA_TRITON_LINEAR=1), so each decode step
-    takes Block.forward_fused (norms, activation and residual adds inside the GEMV launches)."""
-    from amphista_engine.kernels.routed_linear import route_linears
+@pytest.mark.parametrize("routed", [None, "auto", "on"], ids=["cublas", "routed-auto", "fused-layers"])
+def test_plain_graph_replay_equals_eager(routed, monkeypatch, tmp_path):
+    """routed: the linears go through the kernel backends. "auto" (the Engine's default on CUDA): each shape
+    on the faster of the Triton GEMM and cuBLAS, timed during the first eager step (kernels/linear_choice.py).
+    "on" (AMPHISTA_TRITON_LINEAR=1) with fuse_decode_layers: each decode step takes Block.forward_fused (norms,
+    activation and residual adds inside the GEMV launches)."""
+    from amphista_engine.kernels import linear_choice
+    from amphista_engine.kernels.routed_linear import ENV_VAR, route_linears
     model, cache, prompts = _setup("cuda")
     if routed:
+        monkeypatch.setenv(ENV_VAR, routed)
+        monkeypatch.setenv(linear_choice.ENV_VAR, str(tmp_path / "choices.json"))
+        linear_choice.clear()
         route_linears(model)
+        model.fuse_decode_layers = routed == "on"
     eager, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts)
+    if routed == "auto":           # the first eager forward timed each few-row product's two GEMMs
+        assert linear_choice._load() and all(isinstance(v, bool) for v in linear_choice._load().values())
     graphs = DecodeGraphs()
     got, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, graphs=graphs)
     assert got == eager, _first_difference(eager, got)

@@ -573,6 +573,7 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     kernel serves every product, norms and activation inside it, within tolerance; with fuse_decode_layers off
     it serves the bare products. Routing back restores plain nn.Linear layers."""
     from conftest import random_tiny_model
+    from amphista_engine.kernels import routed_linear
     from amphista_engine.kernels.routed_linear import RoutedLinear, route_linears
     from amphista_engine.kv_cache import KVCache
     from amphista_engine.model import AttentionSpec, causal_mask
@@ -599,6 +600,8 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     keys = list(model.state_dict())
     L = model.config.n_layers
     assert route_linears(model) == 4 * L + 1 and isinstance(model.output, RoutedLinear)
+    assert not model.fuse_decode_layers          # the default: fused GEMVs lost to unfused ones on an H200
+    model.fuse_decode_layers = True
     fused_ref = run("torch")
     assert all(torch.equal(a, b) for a, b in zip(fused_ref, ref))
     calls = []
@@ -617,12 +620,79 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     calls.clear()
     model.fuse_decode_layers = False
     unfused = run("triton")
-    model.fuse_decode_layers = True
     assert calls == [[]] * (4 * L + 1) * 2
     for a, b in zip(unfused, ref):
         assert rel_err(a, b) < TOL[torch.float32]
+    # AMPHISTA_TRITON_LINEAR=0 (or its set_mode): routed layers go straight to cuBLAS, not to the backends
+    calls.clear()
+    with routed_linear.set_mode("off"):
+        off = run("triton")
+    assert calls == [] and all(rel_err(a, b) < TOL[torch.float32] for a, b in zip(off, ref))
     assert route_linears(model, on=False) == 4 * L + 1 and type(model.output) is torch.nn.Linear
     assert list(model.state_dict()) == keys
+
+
+def test_routed_linear_modes(monkeypatch):
+    """AMPHISTA_TRITON_LINEAR: unset = auto, so the Engine routes its linears on CUDA (each shape then on the
+    faster GEMM); 1 / 0 force the kernel / cuBLAS; anything else is refused by name; set_mode overrides it."""
+    from amphista_engine.errors import ConfigError
+    from amphista_engine.kernels import linear_choice, routed_linear
+    from amphista_engine.kernels.linear_setup import LinearSetup
+    monkeypatch.delenv(routed_linear.ENV_VAR, raising=False)
+    assert routed_linear.mode() == "auto" and LinearSetup.for_device("cuda", torch.bfloat16).routed
+    assert not LinearSetup.for_device("cpu", torch.float32).routed
+    x, w = torch.zeros(1, 8), torch.zeros(4, 8)
+    assert linear_choice.kernel_for(x, w)                  # off CUDA there is nothing to choose
+    for raw, want in (("1", "on"), ("AUTO", "auto"), ("0", "off")):
+        monkeypatch.setenv(routed_linear.ENV_VAR, raw)
+        assert routed_linear.mode() == want
+        assert linear_choice.kernel_for(x, w) == (want != "off")
+    assert not LinearSetup.for_device("cuda", torch.bfloat16).routed
+    with routed_linear.set_mode("on"):
+        assert routed_linear.mode() == "on" and linear_choice.kernel_for(x, w)
+    assert routed_linear.mode() == "off"
+    monkeypatch.setenv(routed_linear.ENV_VAR, "yes")
+    with pytest.raises(ConfigError, match=routed_linear.ENV_VAR):
+        LinearSetup.for_device("cuda", torch.bfloat16)
+    with pytest.raises(ConfigError, match="mode"):
+        with routed_linear.set_mode("fast"):
+            pass
+
+
+def test_linear_choice_is_measured_once_and_saved(monkeypatch, tmp_path):
+    """The auto choice (kernels/linear_choice.py): the kernel only when it beats cuBLAS by MARGIN, each key
+    timed once, saved so the next process picks the same GEMM (the same bits); a timing that fails keeps
+    cuBLAS unsaved; inside a CUDA graph capture an unknown key takes the kernel untimed and unsaved."""
+    import json
+    from amphista_engine.kernels import linear_choice
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv(linear_choice.ENV_VAR, str(path))
+    linear_choice.clear()
+    never = lambda: pytest.fail("timed again")           # noqa: E731
+    assert linear_choice.choose("fast", lambda: (0.90, 1.0)) is True
+    assert linear_choice.choose("tie", lambda: (linear_choice.MARGIN * 1.01, 1.0)) is False
+    assert linear_choice.choose("fast", never) is True
+    linear_choice.clear()                                  # a new process: the file decides
+    assert linear_choice.choose("tie", never) is False
+    assert json.loads(path.read_text()) == {"fast": True, "tie": False}
+    with pytest.warns(UserWarning, match="using cuBLAS"):
+        assert linear_choice.choose("broken", lambda: 1 / 0) is False
+    assert linear_choice.choose("broken", never) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert linear_choice.choose("captured", never) is True
+    monkeypatch.undo()
+    assert set(json.loads(path.read_text())) == {"fast", "tie"}
+    monkeypatch.setenv(linear_choice.ENV_VAR, "0")        # memory only
+    linear_choice.clear()
+    assert linear_choice.choose("fast", lambda: (2.0, 1.0)) is False
+    assert set(json.loads(path.read_text())) == {"fast", "tie"}
+    path.write_text("not json")                            # unreadable: measured again, then rewritten
+    monkeypatch.setenv(linear_choice.ENV_VAR, str(path))
+    linear_choice.clear()
+    assert linear_choice.choose("fast", lambda: (0.5, 1.0)) is True
+    assert json.loads(path.read_text()) == {"fast": True}
+    linear_choice.clear()
 
 
 # ---- activation ----------------------------------------------------------------------------------------

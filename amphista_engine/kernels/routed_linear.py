@@ -1,10 +1,12 @@
 """Linear layers routed through `ops.linear`, so the backend switch reaches the decode step's weight GEMVs.
 
-The target's and the heads' nn.Linear layers call cuBLAS directly. Routing them through `ops.linear` lets the
-triton backend take the few-row products (triton_kernels/linear.py). It is off unless AMPHISTA_TRITON_LINEAR=1:
-the kernel has not yet been timed against cuBLAS on the model's own GEMVs, and a Python dispatch per layer
-would cost eager (graph-less) steps time for nothing. The Engine routes its model and heads on CUDA when it is
-on; benchmarks/latency_gpu.py times both ways side by side.
+The target's and the heads' nn.Linear layers call cuBLAS directly. Routed, their few-row products (decode
+steps, up to 16 rows) can take the triton backend's weight-streaming GEMM (triton_kernels/linear.py). The
+Engine routes its model and heads on CUDA unless AMPHISTA_TRITON_LINEAR=0. With the default "auto", each
+weight shape and row count takes the kernel or cuBLAS, whichever measured faster on the GPU
+(kernels/linear_choice.py): on an H200 the kernel made a graphed 7B decode step 5% faster, yet lost to cuBLAS
+on some 13B and SmolLM2 shapes. "1" sends every few-row product to the kernel, as benchmarks/latency_gpu.py's
+forced rows do.
 """
 from __future__ import annotations
 
@@ -15,17 +17,47 @@ from contextvars import ContextVar
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import linear_choice, ops
+from ..errors import ConfigError
 
 ENV_VAR = "AMPHISTA_TRITON_LINEAR"
+MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
 MAX_ROWS = 16      # the few-row kernel's one row tile (triton_kernels/linear.py); more rows go to cuBLAS
 # Set around a forward whose rows must round alike whatever their count (kernels/gpu_exact.py): the routed
 # products then stay on the kernel backends' fixed 16-row blocks for any row count instead of going to cuBLAS.
 _INVARIANT_ROWS: ContextVar[bool] = ContextVar("amphista_invariant_rows", default=False)
+_MODE: ContextVar[str | None] = ContextVar("amphista_linear_mode", default=None)
+
+
+def mode() -> str:
+    """"auto" (per shape, the faster of kernel and cuBLAS), "on" (the kernel) or "off" (cuBLAS): set_mode's
+    block, else AMPHISTA_TRITON_LINEAR."""
+    m = _MODE.get()
+    if m is not None:
+        return m
+    raw = os.environ.get(ENV_VAR, "auto")
+    m = MODES.get(raw.strip().lower())
+    if m is None:
+        raise ConfigError(f"{ENV_VAR}={raw!r}: use auto (per weight shape, the faster of the Triton kernel and "
+                          f"cuBLAS, measured on the GPU), 1 (the kernel) or 0 (cuBLAS)")
+    return m
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "0") == "1"
+    """Whether the Engine routes its linears on CUDA (every mode but "off")."""
+    return mode() != "off"
+
+
+@contextlib.contextmanager
+def set_mode(m: str):
+    """Within the block, routed linears run in mode m ("auto", "on", "off") whatever the environment says."""
+    if m not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown routed-linear mode {m!r}; use auto, on or off")
+    token = _MODE.set(m)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
 
 
 @contextlib.contextmanager
@@ -44,7 +76,10 @@ class RoutedLinear(nn.Linear):
     def forward(self, x):
         if self.bias is not None:
             return F.linear(x, self.weight, self.bias)
-        return ops.linear(x, self.weight, batch_invariant=_INVARIANT_ROWS.get())
+        invariant = _INVARIANT_ROWS.get()
+        if invariant or linear_choice.kernel_for(x, self.weight):
+            return ops.linear(x, self.weight, batch_invariant=invariant)
+        return F.linear(x, self.weight)
 
 
 def route_linears(module: nn.Module, on: bool = True) -> int:
@@ -56,3 +91,4 @@ def route_linears(module: nn.Module, on: bool = True) -> int:
             m.__class__ = dst
             n += 1
     return n
+

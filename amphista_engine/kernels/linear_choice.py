@@ -1,0 +1,160 @@
+"""Which GEMM runs a routed few-row product on CUDA, the Triton kernel or cuBLAS: per weight shape and row count,
+whichever measured faster on this GPU.
+
+Neither wins everywhere. On an H200 (2026-12-04, benchmarks/results/gpu/h200_2026-12-04b_suite, kernels.json)
+the kernel beat cuBLAS on the 7B layers: wo 1.21x, w2 1.12x, and a graphed decode step took 4.18 ms against 4.40.
+It lost on the 13B ones (wqkv 0.81x) and on SmolLM2's LM head (49152x576: 0.66x). So under
+AMPHISTA_TRITON_LINEAR=auto (the default), the first product of each (weight shape, dtype, rows <= 16) times
+both in CUDA graphs of a few calls, alternating, and keeps the faster. The kernel must win by MARGIN: within
+noise, cuBLAS. The row-invariant products of the exact path (kernels/gpu_exact.py) never ask: they need the kernel.
+
+Choices are saved per GPU model and software versions (AMPHISTA_LINEAR_CHOICES: a JSON file, default
+~/.cache/amphista_engine/linear_choices.json; "0" keeps them in memory only). A process on the same machine
+then picks the same GEMMs, so its output is the same bits: a near-tie shape would otherwise flip between runs.
+A product first seen while a CUDA graph is being captured cannot be timed; it takes the kernel and is asked
+again on the next eager call (decode loops warm every step up eagerly before capturing it).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import backend, routed_linear     # (which imports this module: names are looked up at call time)
+
+ENV_VAR = "AMPHISTA_LINEAR_CHOICES"
+MARGIN = 0.97         # the kernel's time must be below this fraction of cuBLAS's
+REPS, ROUNDS = 8, 5   # calls per graph, alternating replays per GEMM
+
+_choices: dict[str, bool] | None = None    # key -> the kernel is faster; None: the file not read yet
+_failed: dict[str, bool] = {}              # keys whose timing raised: cuBLAS, not saved
+
+
+def kernel_for(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w.T should go to the kernel backends (ops.linear) rather than straight to cuBLAS."""
+    m = routed_linear.mode()
+    if m != "auto":
+        return m == "on"
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.device.type != "cuda" or rows > routed_linear.MAX_ROWS or rows == 0:
+        return True         # off CUDA nothing to choose; over 16 rows ops.linear itself sends them to cuBLAS
+    served = backend.resolve("linear", x.device)
+    if served == "torch":
+        return True         # ops.linear is cuBLAS there too
+    return choose(f"{_key(w, rows)}|{served}", lambda: measure(x, w))
+
+
+def choose(key: str, timer) -> bool:
+    """The saved choice for `key`, else timer() -> (kernel ms, cuBLAS ms) decides it and it is saved."""
+    choices = _load()
+    hit = choices.get(key, _failed.get(key))
+    if hit is not None:
+        return hit
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return True
+    try:
+        kernel_ms, cublas_ms = timer()
+    except Exception as e:   # never fail a forward over a timing: cuBLAS for this process, nothing saved
+        warnings.warn(f"linear_choice: timing {key} failed ({type(e).__name__}: {e}); using cuBLAS", stacklevel=3)
+        _failed[key] = False
+        return False
+    choices[key] = bool(kernel_ms < MARGIN * cublas_ms)
+    _save(choices)
+    return choices[key]
+
+
+def measure(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """(kernel ms, cuBLAS ms) per call of x @ w.T: medians over ROUNDS alternating replays of a graph of REPS
+    calls each, on a copy of x (launch overhead out, as in a graphed decode step)."""
+    from . import ops
+    xs = x.detach().reshape(-1, x.shape[-1]).clone()
+    graphs = [_graph(lambda: ops.linear(xs, w)), _graph(lambda: F.linear(xs, w))]
+    times = [[], []]
+    for _ in range(ROUNDS):
+        for g, t in zip(graphs, times):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            t.append(start.elapsed_time(end) / REPS)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _graph(fn) -> "torch.cuda.CUDAGraph":
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()                                  # compiles / picks the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(REPS):
+            fn()
+    return g
+
+
+def _key(w: torch.Tensor, rows: int) -> str:
+    return f"{_device_key(w.device.index)}|{str(w.dtype)[6:]}|{w.shape[0]}x{w.shape[1]}|rows {rows}"
+
+
+@functools.cache
+def _device_key(index) -> str:
+    import triton
+    return f"{torch.cuda.get_device_name(index)}|torch {torch.__version__}|triton {triton.__version__}"
+
+
+def _path() -> Path | None:
+    raw = os.environ.get(ENV_VAR, "")
+    if raw == "0":
+        return None
+    if raw:
+        return Path(raw).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "amphista_engine" / "linear_choices.json"
+
+
+def _load() -> dict[str, bool]:
+    global _choices
+    if _choices is None:
+        _choices = {}
+        path = _path()
+        try:
+            if path is not None and path.is_file():
+                saved = json.loads(path.read_text())
+                _choices = {k: v for k, v in saved.items() if isinstance(v, bool)}
+        except (OSError, ValueError, AttributeError):
+            _choices = {}                    # unreadable or not ours: measure again, overwrite on save
+    return _choices
+
+
+def _save(choices: dict[str, bool]) -> None:
+    path = _path()
+    if path is None:
+        return
+    try:
+        if path.is_file():                   # another process may have added shapes since we read it
+            saved = json.loads(path.read_text())
+            choices = {**{k: v for k, v in saved.items() if isinstance(v, bool)}, **choices}
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(choices, indent=1, sort_keys=True))
+        tmp.replace(path)                    # atomic: concurrent processes never read half a file
+    except OSError:
+        pass                                 # read-only home: the choices still hold for this process
+
+
+def clear() -> None:
+    """Forget the choices held in memory (the file is read again on the next product)."""
+    global _choices
+    _choices = None
+    _failed.clear()
