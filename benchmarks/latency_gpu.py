@@ -16,7 +16,9 @@ installed); and the effect of CUDA graphs on every configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,7 +39,7 @@ from amphista_engine.evaluation.env import commit, sync  # noqa: E402
 from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kernels import gpu_exact  # noqa: E402
-from amphista_engine.kernels.backend import triton_runs_on  # noqa: E402
+from amphista_engine.kernels.backend import PDL_ENV, triton_runs_on  # noqa: E402
 from amphista_engine.kernels import routed_linear  # noqa: E402
 from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
@@ -143,6 +145,22 @@ def environment(device) -> dict:
     return meta
 
 
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Within the block, os.environ[name] = value (None: left as it is)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 def mode_rows(label, context, model, cache, trees, prompt, steps, plain_ms, floor_ms, shape_name) -> list[dict]:
     """Rows '<kind>, <label>' for the plain step and the first 64-node Amphista tree, graphs on, run inside
     context() (a mode switch), against the plain graph-replayed step of the same run (plain_ms)."""
@@ -215,14 +233,17 @@ def run(args, save=None) -> dict:
         # Engine does on CUDA (kernels/routed_linear.py: each shape on the faster of the few-row Triton GEMM and
         # cuBLAS, kernels/linear_choice.py), and every product forced onto the Triton GEMM, each layer fused
         # around it (norms, activation, residual adds inside the GEMVs: model.Block.forward_fused) and not.
+        # Last, the unfused Triton step with programmatic dependent launch (AMPHISTA_PDL=1, triton_kernels/
+        # common.py): every kernel of the step Triton, each launched while the previous one drains.
         use_graphs = device.type == "cuda"
         for mode, fused, label in (("auto", False, "plain, routed (default)"), ("on", True, "plain, triton linear"),
-                                   ("on", False, "plain, triton linear unfused")):
+                                   ("on", False, "plain, triton linear unfused"),
+                                   ("on", False, "plain, triton linear unfused, pdl")):
             routed_graphs = DecodeGraphs()
             route_linears(model)
             model.fuse_decode_layers = fused
             try:
-                with routed_linear.set_mode(mode):
+                with routed_linear.set_mode(mode), env_var(PDL_ENV, "1" if label.endswith("pdl") else None):
                     dec = PlainDecoder(model, cache, SamplingParams())
                     if use_graphs:
                         routed_graphs.attach(dec)
@@ -244,6 +265,7 @@ def run(args, save=None) -> dict:
             modes.append(("exact greedy", lambda m=model: gpu_exact.enabled_for(m)))
         if device.type == "cuda" and triton_runs_on("cuda"):
             from amphista_engine.kernels.triton_kernels.tree_attention import merge_mode
+            modes.append(("pdl", lambda: env_var(PDL_ENV, "1")))
             modes.append(("merge in kernel", lambda: merge_mode("kernel")))
             modes.append(("merge by launch", lambda: merge_mode("launch")))
         for label, context in modes:
@@ -283,6 +305,7 @@ def run(args, save=None) -> dict:
                                "graphs_speedup_plain": round(plain[False] / plain[True], 3) if True in plain else None}
         for method, key in (("plain, routed (default)", "plain_routed"), ("plain, triton linear", "plain_triton_linear"),
                             ("plain, triton linear unfused", "plain_triton_linear_unfused"),
+                            ("plain, triton linear unfused, pdl", "plain_triton_linear_unfused_pdl"),
                             ("plain, merge in kernel", "plain_merge_kernel"), ("plain, merge by launch", "plain_merge_launch")):
             found = [r for r in rows if r["model"] == shape_name and r["method"] == method]
             if found:

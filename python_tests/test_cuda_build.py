@@ -353,14 +353,15 @@ def test_greedy_agreement_benchmark_smoke_on_cpu(tmp_path):
 
 def test_step_profile_smoke_on_cpu(tmp_path):
     """benchmarks/profile_step_gpu.py on the CPU (top-level ops instead of kernels): both methods profiled with
-    cuBLAS-style and routed linears (fused layers and not), their time split into groups that add up to the total."""
+    cuBLAS-style and routed linears (as the Engine routes them, and all on the kernel with fused layers and not),
+    their time split into groups that add up to the total."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step_gpu.py"), "--device", "cpu",
                            "--shape", "tiny", "--steps", "2", "--tree", "tree-16", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "profile.json").read_text())
     assert set(res["runs"]) == {f"{m}, {lin}, graphs off" for m in ("plain", "amphista (tree-16)")
-                                for lin in ("cublas", "triton", "triton-unfused")}
+                                for lin in ("cublas", "auto", "triton", "triton-unfused")}
     for r in res["runs"].values():
         assert r["kernel_ms"] > 0 and r["top"] and r["wall_ms"] > 0
         assert sum(g["ms"] for g in r["groups"].values()) == pytest.approx(r["kernel_ms"], rel=1e-2, abs=1e-2)

@@ -73,17 +73,20 @@ def _first_difference(a, b):
 
 # ---- GPU: replay == eager --------------------------------------------------------------------------------
 @needs_gpu
-@pytest.mark.parametrize("routed", [None, "auto", "on"], ids=["cublas", "routed-auto", "fused-layers"])
+@pytest.mark.parametrize("routed", [None, "auto", "on", "pdl"], ids=["cublas", "routed-auto", "fused-layers", "pdl"])
 def test_plain_graph_replay_equals_eager(routed, monkeypatch, tmp_path):
     """routed: the linears go through the kernel backends. "auto" (the Engine's default on CUDA): each shape
     on the faster of the Triton GEMM and cuBLAS, timed during the first eager step (kernels/linear_choice.py).
     "on" (AMPHISTA_TRITON_LINEAR=1) with fuse_decode_layers: each decode step takes Block.forward_fused (norms,
-    activation and residual adds inside the GEMV launches)."""
+    activation and residual adds inside the GEMV launches). "pdl": every product on the kernel, unfused, and the
+    graphs (not the eager reference) launch every Triton kernel with programmatic dependent launch
+    (AMPHISTA_PDL=1): a kernel that read its predecessor's output before that was written would show here."""
     from amphista_engine.kernels import linear_choice
+    from amphista_engine.kernels.backend import PDL_ENV
     from amphista_engine.kernels.routed_linear import ENV_VAR, route_linears
     model, cache, prompts = _setup("cuda")
     if routed:
-        monkeypatch.setenv(ENV_VAR, routed)
+        monkeypatch.setenv(ENV_VAR, "on" if routed == "pdl" else routed)
         monkeypatch.setenv(linear_choice.ENV_VAR, str(tmp_path / "choices.json"))
         linear_choice.clear()
         route_linears(model)
@@ -91,6 +94,8 @@ def test_plain_graph_replay_equals_eager(routed, monkeypatch, tmp_path):
     eager, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts)
     if routed == "auto":           # the first eager forward timed each few-row product's two GEMMs
         assert linear_choice._load() and all(isinstance(v, bool) for v in linear_choice._load().values())
+    if routed == "pdl":
+        monkeypatch.setenv(PDL_ENV, "1")
     graphs = DecodeGraphs()
     got, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, graphs=graphs)
     assert got == eager, _first_difference(eager, got)
@@ -350,7 +355,8 @@ def test_latency_benchmark_smoke_on_cpu(tmp_path):
     res = json.loads((tmp_path / "latency.json").read_text())
     methods = {(row["method"], row["tree"]) for row in res["rows"]}
     assert {("plain", "-"), ("medusa", "tree-16"), ("amphista", "tree-16"), ("amphista", "dynamic-16"),
-            ("amphista V'=128", "tree-16")} <= methods
+            ("amphista V'=128", "tree-16"), ("plain, routed (default)", "-"), ("plain, triton linear", "-"),
+            ("plain, triton linear unfused", "-"), ("plain, triton linear unfused, pdl", "-")} <= methods
     assert all(row["step_ms"] > 0 for row in res["rows"])
     assert {"commit", "date", "torch", "device"} <= set(res["meta"])
     assert (tmp_path / "latency.md").read_text().startswith("# Decode-step latency")

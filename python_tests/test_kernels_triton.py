@@ -1004,6 +1004,23 @@ def test_kernels_compile_for_hopper():
                        capture_output=True, text=True, cwd=ROOT, env=_subprocess_env(), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "0 failed" in r.stdout
+    # the decode chain's kernels also with programmatic dependent launch (AMPHISTA_PDL=1)
+    pdl = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok") and line.endswith(" pdl")}
+    assert {"_linear_kernel", "_rmsnorm_kernel", "_silu_mul_kernel", "_qkv_rope_write_kernel", "_tree_attn_fwd",
+            "_tree_attn_merge"} <= pdl, r.stdout
+
+
+def test_pdl_only_where_it_can_run(monkeypatch):
+    """AMPHISTA_PDL=1 asks for programmatic dependent launch; tensors off CUDA (and the interpreter) never get
+    it, so no launch keyword reaches a Triton that could not take it."""
+    from amphista_engine.kernels.backend import PDL_ENV
+    from amphista_engine.kernels.triton_kernels import common
+    monkeypatch.setenv(PDL_ENV, "1")
+    assert not common.pdl(torch.device("cpu")) and common.pdl_launch(False) == {}
+    assert common.pdl_launch(True) == {"launch_pdl": True}
+    x = randn(gen("pdl"), 3, 64)
+    assert rel_err(triton_ops.rmsnorm(x, torch.ones(64, device=DEV), 1e-5),
+                   reference.rmsnorm(x, torch.ones(64, device=DEV), 1e-5)) < TOL[torch.float32]
 
 
 def test_benchmarks_run_quick(tmp_path):

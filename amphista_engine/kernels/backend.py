@@ -28,6 +28,7 @@ from ..errors import ConfigError
 
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 ENV_VAR = "AMPHISTA_BACKEND"
+PDL_ENV = "AMPHISTA_PDL"   # "1": Triton kernels launch with programmatic dependent launch (triton_kernels/common.py)
 
 _global: Optional[str] = None
 _scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("amphista_backend", default=None)

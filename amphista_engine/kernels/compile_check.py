@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
 _TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "i64", "int32": "i32", "bool": "i1"}
 
 
@@ -66,53 +66,66 @@ def compile_call(fn, bound, opts, arch: int):
 
 
 def _launchers(dtypes):
-    """Every launcher at shapes that reach each kernel variant (per dtype, split and single, ...)."""
+    """Every launcher at shapes that reach each kernel variant (per dtype, split and single, ...); the first
+    dtype also with programmatic dependent launch (AMPHISTA_PDL=1, which CPU tensors never get by themselves)."""
     import torch
     from .triton_kernels import (acceptance, activation, fused_input, head_attention, kv_cache, linear,
                                  norm_rope, tree_attention)
+    pdl_modules = (activation, linear, norm_rope, tree_attention)
 
     def run():
-        for dt in dtypes:
-            B, H, Hkv, N, D, S = 1, 8, 2, 8, 128, 256
-            q = torch.zeros(B, H, N, D, dtype=dt)
-            kc = torch.zeros(B, Hkv, S, D, dtype=dt)
-            bits = torch.zeros(1, N, dtype=torch.long)
-            pl = torch.zeros(B, dtype=torch.long)
-            tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1)
-            tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2)
-            tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2, merge="kernel")
-            tree_attention.tree_attention_ordered(q, kc, kc, torch.zeros(B, N, dtype=torch.int32),
-                                                  torch.zeros(B, N, 16, dtype=torch.int32), S, 128)
-            x = torch.zeros(3, 4, 256, dtype=dt)
-            w = torch.zeros(256, dtype=dt)
-            norm_rope.rmsnorm(x, w, 1e-5)
-            norm_rope.rmsnorm(x, w, 1e-5, residual=torch.zeros(4, 256, dtype=dt))
-            norm_rope.rope(torch.zeros(1, 3, 4, 64, dtype=dt), torch.zeros(1, 3, 64))
-            head_attention.slot_attention(torch.zeros(2, 4, 3 * 256, dtype=dt), 2)
-            fused_input.fused_sal_input(torch.zeros(1, 3, 256, dtype=dt), torch.zeros(1, 3, dtype=torch.long),
-                                        torch.zeros(50, 256, dtype=dt), torch.zeros(256, 512, dtype=dt))
-            buf = torch.zeros(2, 1, 2, 32, 64, dtype=dt)
-            kv_cache.kv_write(buf, buf, 0, torch.zeros(1, dtype=torch.long), torch.zeros(1, 2, 3, 64, dtype=dt),
-                              torch.zeros(1, 2, 3, 64, dtype=dt))
-            kv_cache.kv_compact(buf, buf, torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-            norm_rope.qkv_rope_write(torch.zeros(1, 3, 8 * 64, dtype=dt), torch.zeros(1, 3, 64), buf, buf, 0,
-                                     torch.zeros(1, dtype=torch.long), 4, 2)
-            activation.silu_mul(torch.zeros(3, 3000, dtype=dt))
-            linear.linear(torch.zeros(1, 3, 320, dtype=dt), torch.zeros(300, 320, dtype=dt))
-            lw = torch.zeros(300, 320, dtype=dt)                  # the fused layers' prologues and epilogue
-            linear.linear(torch.zeros(40, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
-            linear.linear(torch.zeros(2, 640, dtype=dt), lw, silu=True, residual=torch.zeros(2, 300, dtype=dt))
-            # 20 and 40 bare rows: two and four 16-row blocks a program (ROW_BLOCKS, the exact path's trees)
-            linear.linear(torch.zeros(20, 320, dtype=dt), lw)
-            linear.linear(torch.zeros(40, 320, dtype=dt), lw)
-            # one row: the prologues on that row alone (ONE_ROW)
-            linear.linear(torch.zeros(1, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
-            linear.linear(torch.zeros(1, 640, dtype=dt), lw, silu=True, residual=torch.zeros(1, 300, dtype=dt))
+        for dt, forced in [(d, False) for d in dtypes] + [(dtypes[0], True)]:
+            for m in pdl_modules:
+                m.pdl = (lambda device: True) if forced else common_pdl
+            try:
+                one_dtype(dt)
+            finally:
+                for m in pdl_modules:
+                    m.pdl = common_pdl
         logits = torch.zeros(2, 8, 100, dtype=torch.bfloat16)
         tokens = torch.zeros(2, 8, dtype=torch.long)
         retrieve = torch.zeros(4, 4, dtype=torch.long)
         acceptance.accept(tokens, logits, retrieve, typical=False)
         acceptance.accept(tokens, logits, retrieve, typical=True, temperature=0.7)
+
+    from .triton_kernels.common import pdl as common_pdl
+
+    def one_dtype(dt):
+        B, H, Hkv, N, D, S = 1, 8, 2, 8, 128, 256
+        q = torch.zeros(B, H, N, D, dtype=dt)
+        kc = torch.zeros(B, Hkv, S, D, dtype=dt)
+        bits = torch.zeros(1, N, dtype=torch.long)
+        pl = torch.zeros(B, dtype=torch.long)
+        tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1)
+        tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2)
+        tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2, merge="kernel")
+        tree_attention.tree_attention_ordered(q, kc, kc, torch.zeros(B, N, dtype=torch.int32),
+                                              torch.zeros(B, N, 16, dtype=torch.int32), S, 128)
+        x = torch.zeros(3, 4, 256, dtype=dt)
+        w = torch.zeros(256, dtype=dt)
+        norm_rope.rmsnorm(x, w, 1e-5)
+        norm_rope.rmsnorm(x, w, 1e-5, residual=torch.zeros(4, 256, dtype=dt))
+        norm_rope.rope(torch.zeros(1, 3, 4, 64, dtype=dt), torch.zeros(1, 3, 64))
+        head_attention.slot_attention(torch.zeros(2, 4, 3 * 256, dtype=dt), 2)
+        fused_input.fused_sal_input(torch.zeros(1, 3, 256, dtype=dt), torch.zeros(1, 3, dtype=torch.long),
+                                    torch.zeros(50, 256, dtype=dt), torch.zeros(256, 512, dtype=dt))
+        buf = torch.zeros(2, 1, 2, 32, 64, dtype=dt)
+        kv_cache.kv_write(buf, buf, 0, torch.zeros(1, dtype=torch.long), torch.zeros(1, 2, 3, 64, dtype=dt),
+                          torch.zeros(1, 2, 3, 64, dtype=dt))
+        kv_cache.kv_compact(buf, buf, torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        norm_rope.qkv_rope_write(torch.zeros(1, 3, 8 * 64, dtype=dt), torch.zeros(1, 3, 64), buf, buf, 0,
+                                 torch.zeros(1, dtype=torch.long), 4, 2)
+        activation.silu_mul(torch.zeros(3, 3000, dtype=dt))
+        linear.linear(torch.zeros(1, 3, 320, dtype=dt), torch.zeros(300, 320, dtype=dt))
+        lw = torch.zeros(300, 320, dtype=dt)                  # the fused layers' prologues and epilogue
+        linear.linear(torch.zeros(40, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
+        linear.linear(torch.zeros(2, 640, dtype=dt), lw, silu=True, residual=torch.zeros(2, 300, dtype=dt))
+        # 20 and 40 bare rows: two and four 16-row blocks a program (ROW_BLOCKS, the exact path's trees)
+        linear.linear(torch.zeros(20, 320, dtype=dt), lw)
+        linear.linear(torch.zeros(40, 320, dtype=dt), lw)
+        # one row: the prologues on that row alone (ONE_ROW)
+        linear.linear(torch.zeros(1, 320, dtype=dt), lw, norm_weight=torch.zeros(320, dtype=dt), eps=1e-5)
+        linear.linear(torch.zeros(1, 640, dtype=dt), lw, silu=True, residual=torch.zeros(1, 300, dtype=dt))
     return run
 
 
@@ -138,7 +151,7 @@ def main(argv=None) -> int:
             k = compile_call(fn, bound, opts, args.arch)
             regs = getattr(k, "n_regs", None)
             print(f"ok   {fn.__name__:24s} {time.perf_counter() - t0:5.1f}s shared={k.metadata.shared} "
-                  f"{'regs=' + str(regs) if regs is not None else ''}")
+                  f"{'regs=' + str(regs) if regs is not None else ''}{' pdl' if opts.get('launch_pdl') else ''}")
         except Exception as e:  # report every failing kernel, not only the first
             failures += 1
             print(f"FAIL {fn.__name__}: {type(e).__name__}: {str(e)[:2000]}")

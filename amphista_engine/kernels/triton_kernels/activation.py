@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_pow2, num_warps_for
+from .common import cdiv, next_pow2, num_warps_for, pdl, pdl_launch, pdl_start
 
 
 @triton.jit
@@ -22,7 +22,8 @@ def silu_times(gate, up):
 
 
 @triton.jit
-def _silu_mul_kernel(X, Y, n, stride_x, BLOCK: tl.constexpr):
+def _silu_mul_kernel(X, Y, n, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)                # one row per program ...
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)   # ... and a block of its n outputs
     ok = cols < n
@@ -39,6 +40,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return y
     x2 = x.reshape(-1, 2 * n)
     block = min(next_pow2(n), 1024)
-    _silu_mul_kernel[(x2.shape[0], cdiv(n, block))](x2, y, n, x2.stride(0), BLOCK=block,
-                                                    num_warps=num_warps_for(block))
+    on = pdl(x.device)
+    _silu_mul_kernel[(x2.shape[0], cdiv(n, block))](x2, y, n, x2.stride(0), BLOCK=block, PDL=on,
+                                                    num_warps=num_warps_for(block), **pdl_launch(on))
     return y

@@ -78,3 +78,42 @@ def dot(a, b, EXACT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+# ---- programmatic dependent launch (Hopper and newer) ---------------------------------------------------
+# A decode step is ~300 dependent launches (9 a layer, all Triton once the products are routed); on an H200 the
+# gaps between them and each kernel's ramp-up cost ~0.2-0.5 ms of a 4.2 ms 7B step. With PDL a kernel is
+# launched while its predecessor drains: every program first waits (griddepcontrol.wait, at the very top, before
+# any early exit, so completion stays transitive along the chain) and then lets the next kernel launch. The
+# few-row GEMM prefetches its first weight tiles into L2 before it waits: weights are never written during
+# decoding. Opt-in (AMPHISTA_PDL=1) until a GPU run times it; CUDA graphs capture the programmatic edges.
+from ..backend import PDL_ENV  # noqa: E402  (a name benchmarks use without importing Triton)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL: AMPHISTA_PDL=1, a CUDA device of compute capability >= 9,
+    compiled kernels (the interpreter has no grid dependencies)."""
+    import os
+    if os.environ.get(PDL_ENV, "0") != "1" or device.type != "cuda" or interpreting():
+        return False
+    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(on: bool) -> dict:
+    """The launch keyword for a PDL kernel (none at all otherwise, so older Tritons and the interpreter never
+    see it)."""
+    return {"launch_pdl": True} if on else {}
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """First statement of a kernel in the decode chain: with PDL, wait for the previous kernel's writes, then let
+    the next kernel launch (its programs wait in turn)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

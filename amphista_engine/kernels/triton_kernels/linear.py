@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..routed_linear import MAX_ROWS  # one row tile: more rows are a GEMM, cuBLAS's job
 from .activation import silu_times
-from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, stream_block_n
+from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, pdl, pdl_launch, pdl_start, stream_block_n
 from .fused_input import FUSED_INPUT_CONFIGS
 from .norm_rope import scale_normed
 
@@ -47,7 +47,16 @@ def _store_rows(acc, Out, R, rm, rn, M, N, stride_om, stride_rm, RESIDUAL: tl.co
 def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_om, stride_rm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr,
                    NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, ONE_ROW: tl.constexpr,
-                   ROW_BLOCKS: tl.constexpr):
+                   ROW_BLOCKS: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
+    if PDL:
+        # This program's first PREFETCH_K weights of each column into L2 while the previous kernel drains
+        # (common.py: weights are never written while decoding), one prefetch per 128-byte line.
+        pn = tl.minimum(tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+        pk = tl.minimum(tl.arange(0, PREFETCH_K // LINE) * LINE, K - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                  [W + pn.to(tl.int64)[:, None] * stride_wn + pk[None, :]], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    pdl_start(PDL)
     # Row blocks vary fastest: the programs that read one column tile of W run side by side (L2 serves the rest).
     # ROW_BLOCKS > 1 (2 or 4; bare products only): the program takes that many 16-row blocks and multiplies
     # each weight tile it loads with all of them, one 16-row MMA each: a 64-node tree's rows read W once,
@@ -120,6 +129,9 @@ def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_o
 WIDE_BARE_CONFIGS = [dict(block_k=128, num_stages=3), dict(block_k=128, num_stages=2), dict(block_k=64, num_stages=2)]
 
 
+PREFETCH_K = 512     # weights per column a PDL program pulls into L2 before it waits (2-4 K tiles)
+
+
 def row_blocks_for(m: int, prologue: bool) -> int:
     """16-row blocks per program: 1 up to 16 rows, then 2 or 4 for bare products (ROW_BLOCKS), so up to 64
     rows read the weights once. Prologues stay one block a program (their per-row norm scale)."""
@@ -170,13 +182,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
     if row_blocks not in (1, 2, 4) or (row_blocks > 1 and prologue):
         raise ValueError(f"row_blocks={row_blocks}: 1, 2 or 4, and 1 with a norm or silu prologue")
     flags["ROW_BLOCKS"] = row_blocks
+    flags["PDL"] = pdl(x.device)
 
     def launch(block_k, num_stages):
         _linear_kernel[(cdiv(M, block_m * row_blocks), cdiv(N, block_n))](
             x2, w, out, norm_weight if norm_weight is not None else w, r2, M, N, K, float(eps),
             x2.stride(0), w.stride(0), N, r2.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, max(64, next_pow2(K))),
-            EXACT=exact_dot(w.dtype), num_warps=num_warps, num_stages=num_stages, **flags)
+            EXACT=exact_dot(w.dtype), PREFETCH_K=PREFETCH_K, LINE=128 // w.element_size(), num_warps=num_warps,
+            num_stages=num_stages, **flags, **pdl_launch(flags["PDL"]))
 
     if block_k is not None or num_stages is not None:
         launch(block_k or 64, num_stages or 3)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_pow2, num_warps_for
+from .common import cdiv, next_pow2, num_warps_for, pdl, pdl_launch, pdl_start
 
 
 @triton.jit
@@ -26,7 +26,8 @@ def scale_normed(x, inv, w, out_dtype: tl.constexpr):
 @triton.jit
 def _rmsnorm_kernel(X, R, W, S, Y, n_cols, r_period, eps,
                     stride_x, stride_r, stride_s, stride_y,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -57,10 +58,11 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor
         return (s, y) if residual is not None else y
     r2 = residual.reshape(-1, d) if residual is not None else x2
     block = next_pow2(d)
+    on = pdl(x.device)
     _rmsnorm_kernel[(rows,)](
         x2, r2, w, s, y, d, r2.shape[0], float(eps),
         x2.stride(0), r2.stride(0), d, d,
-        HAS_RES=residual is not None, BLOCK=block, num_warps=num_warps_for(block),
+        HAS_RES=residual is not None, BLOCK=block, PDL=on, num_warps=num_warps_for(block), **pdl_launch(on),
     )
     return (s, y) if residual is not None else y
 
@@ -131,7 +133,9 @@ def _rotate_heads(src, dst, h, n, stride_dh, half, cos, sin, BLOCK_HALF: tl.cons
 def _qkv_rope_write_kernel(QKV, R, Q, Kc, Vc, Start, T, H, H_KV, S, half, n_q_blocks,
                            stride_xb, stride_xt, stride_rb, stride_rt, stride_rd,
                            stride_qb, stride_qt, stride_qh, stride_cb, stride_ch, stride_cs,
-                           BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                           BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                           PDL: tl.constexpr):
+    pdl_start(PDL)
     pid = tl.program_id(0)                             # one (row, token) per program ...
     b = (pid // T).to(tl.int64)
     t = pid % T
@@ -172,10 +176,11 @@ def qkv_rope_write(qkv, rope_rows, k_buf, v_buf, layer: int, start, n_heads: int
     block_q = max(1, min(next_pow2(n_heads), 4096 // block_half))       # ~4K elements per program, as rope
     block_kv = max(1, min(next_pow2(n_kv_heads), 4096 // block_half))
     n_q_blocks = cdiv(n_heads, block_q)
+    on = pdl(qkv.device)
     _qkv_rope_write_kernel[(B * T, n_q_blocks + cdiv(n_kv_heads, block_kv))](
         qkv, rope_rows, q, kc, vc, start, T, n_heads, n_kv_heads, kc.shape[2], half, n_q_blocks,
         qkv.stride(0), qkv.stride(1), rope_rows.stride(0) if rope_rows.shape[0] > 1 else 0, rope_rows.stride(1),
         rope_rows.stride(2), q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_HALF=block_half, num_warps=4,
+        BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_HALF=block_half, PDL=on, num_warps=4, **pdl_launch(on),
     )
     return q

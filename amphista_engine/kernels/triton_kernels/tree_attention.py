@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ...errors import ConfigError
-from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, sm_count
+from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, pdl, pdl_launch, pdl_start, sm_count
 
 BLOCK_N = 64          # keys per tile: a [64, 128] bf16 K tile is 16 KiB, two stages fit every SM
 MIN_CHUNK = 128       # keys per split at least: below this the merge costs more than the parallelism gains
@@ -168,8 +168,9 @@ def _tree_attn_fwd(
     H_KV, N, kv_len, chunk, splits, qk_scale,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
-    MERGE_HERE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
+    MERGE_HERE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     b64, kvh, pid_m, split, H = _program_ids(H_KV, G)
     row_ok, node, head, d, d_ok, q = _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
                                                    G, HEAD_D, BLOCK_D, BLOCK_M)
@@ -210,12 +211,13 @@ def _tree_attn_fwd(
 @triton.jit
 def _tree_attn_merge(OPart, LsePart, Out, stride_ob, stride_oh, stride_on, stride_od, n_rows, H, N, splits,
                      HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                     SEQUENTIAL: tl.constexpr):
+                     SEQUENTIAL: tl.constexpr, PDL: tl.constexpr = False):
     """out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse): the exact softmax over all splits.
 
     BLOCK_R output rows (one (b, h, node) each) per program; the splits are summed in a loop so the
     registers hold one [BLOCK_R, D] partial at a time. SEQUENTIAL sums the denominator in that loop too, in
     split order, so trailing empty splits (w = 0) leave the result bit-identical (the ordered path)."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = row < n_rows
     s = tl.arange(0, BLOCK_S)
@@ -330,7 +332,8 @@ def tree_attention_ordered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     n_rows = B * H * N
     _tree_attn_merge[(cdiv(n_rows, MERGE_ROWS),)](
         o_part, lse_part, out, *out.stride(), n_rows, H, N, splits,
-        HEAD_D=D, BLOCK_D=block_d, BLOCK_R=MERGE_ROWS, BLOCK_S=next_pow2(splits), SEQUENTIAL=True, num_warps=4,
+        HEAD_D=D, BLOCK_D=block_d, BLOCK_R=MERGE_ROWS, BLOCK_S=next_pow2(splits), SEQUENTIAL=True, PDL=False,
+        num_warps=4,
     )
     return out
 
@@ -431,6 +434,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     bits = bits.reshape(-1, N)
     prefix_len = prefix_len.contiguous()
     block_d = next_pow2(D)
+    on = pdl(q.device)
 
     def launch(num_stages):
         _tree_attn_fwd[(B * H_kv, m_blocks, splits)](
@@ -441,7 +445,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
             G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
             EXACT=exact_dot(q.dtype), MERGE_HERE=merge_here, BLOCK_S=next_pow2(splits) if merge_here else 1,
-            num_warps=num_warps, num_stages=num_stages,
+            PDL=on, num_warps=num_warps, num_stages=num_stages, **pdl_launch(on),
         )
 
     if num_stages is not None:
@@ -453,12 +457,13 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         stages = [3, 2] if chunk // block_n >= 4 else [2]
         launch_first_fitting(launch, [dict(num_stages=st) for st in stages],
                              (q.device, q.dtype, G, D, block_m, block_n, single, merge_here, num_warps, stages[0],
-                              "tree_attention"))
+                              on, "tree_attention"))
     if not single and not merge_here:
         n_rows = B * H * N
         block_r = min(MERGE_ROWS, next_pow2(n_rows))
         _tree_attn_merge[(cdiv(n_rows, block_r),)](
             o_part, lse_part, out, *out.stride(), n_rows, H, N, splits,
-            HEAD_D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=next_pow2(splits), SEQUENTIAL=False, num_warps=4,
+            HEAD_D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=next_pow2(splits), SEQUENTIAL=False, PDL=on,
+            num_warps=4, **pdl_launch(on),
         )
     return out
