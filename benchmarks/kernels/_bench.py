@@ -46,6 +46,25 @@ PREFIXES = (128, 512, 1024, 2048, 4096)
 QUICK_PREFIXES = (128,)
 
 
+def with_pdl(fn):
+    """fn with AMPHISTA_PDL=1 around each call: the Triton kernels it launches (also into a CUDA graph being
+    captured) use programmatic dependent launch, so back-to-back calls overlap one's start with the last one's
+    end, as consecutive kernels of a decode step would (triton_kernels/common.py)."""
+    import os
+
+    def call():
+        old = os.environ.get(backend.PDL_ENV)
+        os.environ[backend.PDL_ENV] = "1"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(backend.PDL_ENV, None)
+            else:
+                os.environ[backend.PDL_ENV] = old
+    return call
+
+
 def parse_args(description: str, argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (CPU smoke run)")

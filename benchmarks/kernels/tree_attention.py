@@ -2,7 +2,9 @@
 mask per call) vs F.scaled_dot_product_attention with a prebuilt dense mask (the engine's per-layer cost).
 "triton" merges split-K partials as the engine does by default (merge="auto": in the same launch for program
 blocks of <= 16 query rows, else by a second launch); "triton:merge-by-launch" always launches the merge, the
-default before 2026-12-04, so the N = 1 and 16 rows keep the A/B that chose "auto".
+default before 2026-12-04, so the N = 1 and 16 rows keep the A/B that chose "auto". "triton:pdl" launches
+with programmatic dependent launch (AMPHISTA_PDL=1, Hopper and newer; elsewhere the same as "triton"): in the
+timed chain of calls each one starts while the last drains, as after the step's RoPE + cache-write kernel.
 
 Bytes: K/V of the prefix + tree slots, Q and the output. FLOPs: 4 * H * N * (prefix + N) * D (QK^T and PV,
 masked entries included). Target on an H100: >= 70% of copy bandwidth for prefix >= 1024, >= 2x SDPA.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _bench import main_for
+from _bench import main_for, with_pdl
 from amphista_engine.kernels import ops
 from amphista_engine.kernels.backend import triton_runs_on
 from amphista_engine.model import AttentionSpec
@@ -46,6 +48,7 @@ def run(bench):
                     "triton": kernel,
                     "cuda": kernel,
                     "triton:merge-by-launch": lambda: merged(q, k, v, prefix, bits, kv_len, merge="launch"),
+                    "triton:pdl": with_pdl(kernel),
                     "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None],
                                                                          enable_gqa=True),
                 }

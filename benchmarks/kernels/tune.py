@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench import SHAPES, TINY, Bench, meta, parse_args  # noqa: E402
+from _bench import SHAPES, TINY, Bench, meta, parse_args, with_pdl  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -109,6 +109,9 @@ def sweep_tree_attention(sw: Sweep, bench: Bench):
                     q, k, v, prefix, bits, kv_len, num_splits=s, block_n=bn, num_warps=w, num_stages=st)
                 sw.time_variant("triton tree_attention", case, f"splits={splits} ({mult}x) block_n={bn} warps={warps} "
                                 f"stages={stages}", fn, ref, nbytes, default=(mult, bn, warps, stages) == (1, 64, 4, 2))
+            # Programmatic dependent launch: each call of the timed chain starts while the last one drains.
+            sw.time_variant("triton tree_attention", case, "heuristic, pdl",
+                            with_pdl(lambda: ta.tree_attention(q, k, v, prefix, bits, kv_len)), ref, nbytes)
             # Merging in the same launch removes a fixed cost, so more (shorter) splits may pay off with it.
             for mult, bn in itertools.product((1, 2, 4, 8), (64, 32)):
                 splits = heur * mult
@@ -218,6 +221,8 @@ def sweep_fused_linear(sw: Sweep, bench: Bench):
                         default=True)
         if not prologue and not residual:
             sw.time_variant("triton linear", case, "cublas (torch)", lambda w=w: F.linear(x, w), ref, nbytes)
+            sw.time_variant("triton linear", case, "heuristic, pdl (L2 prefetch before the wait)",
+                            with_pdl(lambda w=w: lin.linear(x, w, **kw)), ref, nbytes)
         if prologue:          # the prologue on the whole 16-row tile, as before ONE_ROW (2026-12-04)
             sw.time_variant("triton linear", case, "heuristic, 16-row prologue",
                             lambda w=w: lin.linear(x, w, one_row=False, **kw), ref, nbytes)
