@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,14 +31,15 @@ from pathlib import Path
 
 import torch
 
+from . import timing_cache
 from .errors import AmphistaError, InputError
 from .evaluation.env import hardware
 
 # The two step times are kept between processes (the verdict is not: it is weighed afresh against the heads'
 # tau), keyed by everything that sets them: CPU, threads, torch, dtype, packing, quant, model and heads shapes,
 # tree.
-# AMPHISTA_CACHE_DIR=DIR keeps them in DIR, =off measures in every process.
-CACHE_ENV = "AMPHISTA_CACHE_DIR"
+# AMPHISTA_CACHE_DIR=DIR keeps them in DIR, =off measures in every process (timing_cache.py).
+CACHE_ENV = timing_cache.CACHE_ENV
 COSTS_FILE = "step_costs.json"
 # Part of every cost key: bump it when a change moves plain or tree step times, so timings kept from older code
 # are not reused (2: the CPU's ordered attention reads the cache in place, 2026-12-03; 3: the cpu kernel
@@ -138,7 +138,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
         return SpeculationCheck(True, spec.name, f"the cache (max_seq_len={engine.max_seq_len}) is too small to "
                                 "time a tree step: speculating as asked")
     file = costs_file()
-    costs = _read_costs(file) if file else {}
+    costs = timing_cache.read(file) if file else {}
     times = {}                       # tree -> (plain_ms, step_ms, date measured or None)
 
     def measure(specs):
@@ -155,7 +155,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                 times[c.name] = (plain_ms, step_ms[c.name], None)
                 if file:
                     entry = {"plain_ms": plain_ms, "step_ms": step_ms[c.name], "date": str(date.today())}
-                    _write_cost(file, keys[c.name], entry)
+                    timing_cache.write(file, {keys[c.name]: entry})
 
     def speedup(c):
         plain_ms, step_ms, _ = times[c.name]
@@ -224,13 +224,8 @@ def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats
 
 
 def costs_file() -> Path | None:
-    """Where step times persist: $AMPHISTA_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /amphista-engine;
-    None when AMPHISTA_CACHE_DIR=off."""
-    where = os.environ.get(CACHE_ENV, "").strip()
-    if where.lower() in ("off", "0", "none"):
-        return None
-    base = Path(where) if where else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amphista-engine"
-    return base.expanduser() / COSTS_FILE
+    """Where step times persist (timing_cache.py); None when AMPHISTA_CACHE_DIR=off."""
+    return timing_cache.path(COSTS_FILE)
 
 
 def cost_key(engine, spec, prompt_tokens: int) -> str:
@@ -245,24 +240,3 @@ def cost_key(engine, spec, prompt_tokens: int) -> str:
              "model": engine.config.to_dict(), "heads": heads,
              "tree": tree, "prompt": prompt_tokens}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _read_costs(file: Path) -> dict:
-    try:
-        costs = json.loads(file.read_text())
-    except (OSError, ValueError):       # none yet, unreadable or corrupt: measure (and rewrite it)
-        return {}
-    return costs if isinstance(costs, dict) else {}
-
-
-def _write_cost(file: Path, key: str, entry: dict):
-    """Best effort: a read-only or full disk costs the next process a measurement, nothing more."""
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        costs = _read_costs(file)
-        costs[key] = entry
-        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(costs, indent=1))
-        os.replace(tmp, file)            # atomic: a concurrent reader sees the old file or the new one
-    except OSError:
-        pass

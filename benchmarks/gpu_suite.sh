@@ -132,15 +132,15 @@ TESTS=(python_tests/test_cuda_*.py python_tests/test_engine.py python_tests/test
 # The benchmarks' CPU smoke tests (*_on_cpu) are CI's: here they only take time from the latency stage.
 # Routed products pick the Triton GEMM or cuBLAS by timing both (kernels/linear_choice.py). Timed beside 7 other
 # test workers the choices are noise: the tests keep theirs in memory, and the benchmark stages after them
-# measure afresh into $OUT/linear_choices.json (what the routed rows ran, per shape).
-PYTEST=(env AMPHISTA_LINEAR_CHOICES=0 "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml "$OUT/tests.xml"
+# measure afresh into $OUT/cache/linear_choices.json (what the routed rows ran, per shape).
+PYTEST=(env AMPHISTA_CACHE_DIR=off "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml "$OUT/tests.xml"
         -k "not on_cpu")
 # Tests spread one by one over 8 workers when pytest-xdist is there (one GPU is plenty). By file, on
 # 2026-12-04, the Triton file alone held one worker for 123 of the stage's 153 s, and the latency stage after
 # it had 20 s left: its Amphista and SmolLM2 rows were skipped.
 [ "$DRY_RUN" = 1 ] || ! "$PY" -c "import xdist" 2>/dev/null || PYTEST+=(-n 8 --dist load)
 run_stage tests 170 170 "${PYTEST[@]}" "${TESTS[@]}"
-export AMPHISTA_LINEAR_CHOICES="$OUT/linear_choices.json"
+export AMPHISTA_CACHE_DIR="$OUT/cache"
 
 # ---- 3. kernel microbenchmarks --------------------------------------------------------------------------
 if [ -f benchmarks/kernels/run_all.py ]; then

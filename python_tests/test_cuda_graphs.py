@@ -81,13 +81,14 @@ def test_plain_graph_replay_equals_eager(routed, monkeypatch, tmp_path):
     activation and residual adds inside the GEMV launches). "pdl": every product on the kernel, unfused, and the
     graphs (not the eager reference) launch every Triton kernel with programmatic dependent launch
     (AMPHISTA_PDL=1): a kernel that read its predecessor's output before that was written would show here."""
+    from amphista_engine import timing_cache
     from amphista_engine.kernels import linear_choice
     from amphista_engine.kernels.backend import PDL_ENV
     from amphista_engine.kernels.routed_linear import ENV_VAR, route_linears
     model, cache, prompts = _setup("cuda")
     if routed:
         monkeypatch.setenv(ENV_VAR, "on" if routed == "pdl" else routed)
-        monkeypatch.setenv(linear_choice.ENV_VAR, str(tmp_path / "choices.json"))
+        monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path))
         linear_choice.clear()
         route_linears(model)
         model.fuse_decode_layers = routed == "on"

@@ -661,12 +661,13 @@ def test_routed_linear_modes(monkeypatch):
 
 def test_linear_choice_is_measured_once_and_saved(monkeypatch, tmp_path):
     """The auto choice (kernels/linear_choice.py): the kernel only when it beats cuBLAS by MARGIN, each key
-    timed once, saved so the next process picks the same GEMM (the same bits); a timing that fails keeps
-    cuBLAS unsaved; inside a CUDA graph capture an unknown key takes the kernel untimed and unsaved."""
+    timed once, saved (timing_cache.py) so the next process picks the same GEMM (the same bits); a timing that
+    fails keeps cuBLAS unsaved; inside a CUDA graph capture an unknown key takes the kernel untimed and unsaved."""
     import json
+    from amphista_engine import timing_cache
     from amphista_engine.kernels import linear_choice
-    path = tmp_path / "choices.json"
-    monkeypatch.setenv(linear_choice.ENV_VAR, str(path))
+    monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path))
+    path = tmp_path / linear_choice.FILE
     linear_choice.clear()
     never = lambda: pytest.fail("timed again")           # noqa: E731
     assert linear_choice.choose("fast", lambda: (0.90, 1.0)) is True
@@ -683,12 +684,12 @@ def test_linear_choice_is_measured_once_and_saved(monkeypatch, tmp_path):
     assert linear_choice.choose("captured", never) is True
     monkeypatch.undo()
     assert set(json.loads(path.read_text())) == {"fast", "tie"}
-    monkeypatch.setenv(linear_choice.ENV_VAR, "0")        # memory only
+    monkeypatch.setenv(timing_cache.CACHE_ENV, "off")     # memory only
     linear_choice.clear()
     assert linear_choice.choose("fast", lambda: (2.0, 1.0)) is False
     assert set(json.loads(path.read_text())) == {"fast", "tie"}
     path.write_text("not json")                            # unreadable: measured again, then rewritten
-    monkeypatch.setenv(linear_choice.ENV_VAR, str(path))
+    monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path))
     linear_choice.clear()
     assert linear_choice.choose("fast", lambda: (0.5, 1.0)) is True
     assert json.loads(path.read_text()) == {"fast": True}

@@ -8,27 +8,28 @@ AMPHISTA_TRITON_LINEAR=auto (the default), the first product of each (weight sha
 both in CUDA graphs of a few calls, alternating, and keeps the faster. The kernel must win by MARGIN: within
 noise, cuBLAS. The row-invariant products of the exact path (kernels/gpu_exact.py) never ask: they need the kernel.
 
-Choices are saved per GPU model and software versions (AMPHISTA_LINEAR_CHOICES: a JSON file, default
-~/.cache/amphista_engine/linear_choices.json; "0" keeps them in memory only). A process on the same machine
-then picks the same GEMMs, so its output is the same bits: a near-tie shape would otherwise flip between runs.
+Choices persist (timing_cache.py: linear_choices.json beside the CPU's step times; AMPHISTA_CACHE_DIR=off keeps
+them in memory), keyed by GPU model and software versions. A process on the same machine then picks the same
+GEMMs, so its output is the same bits: a near-tie shape would otherwise flip between runs.
 A product first seen while a CUDA graph is being captured cannot be timed; it takes the kernel and is asked
 again on the next eager call (decode loops warm every step up eagerly before capturing it).
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
 import statistics
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .. import timing_cache
 from . import backend, routed_linear     # (which imports this module: names are looked up at call time)
 
-ENV_VAR = "AMPHISTA_LINEAR_CHOICES"
+FILE = "linear_choices.json"
+# Part of every key: bump it when the few-row kernel or its launch heuristics change, so choices measured
+# against older code are measured again (1: 2026-12-04, ROW_BLOCKS and the 64-wide tiles' (128, 3) first).
+REVISION = 1
 MARGIN = 0.97         # the kernel's time must be below this fraction of cuBLAS's
 REPS, ROUNDS = 8, 5   # calls per graph, alternating replays per GEMM
 
@@ -107,50 +108,22 @@ def _key(w: torch.Tensor, rows: int) -> str:
 @functools.cache
 def _device_key(index) -> str:
     import triton
-    return f"{torch.cuda.get_device_name(index)}|torch {torch.__version__}|triton {triton.__version__}"
-
-
-def _path() -> Path | None:
-    raw = os.environ.get(ENV_VAR, "")
-    if raw == "0":
-        return None
-    if raw:
-        return Path(raw).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(base).expanduser() / "amphista_engine" / "linear_choices.json"
+    return (f"{torch.cuda.get_device_name(index)}|torch {torch.__version__}|triton {triton.__version__}|"
+            f"revision {REVISION}")
 
 
 def _load() -> dict[str, bool]:
     global _choices
     if _choices is None:
-        _choices = {}
-        path = _path()
-        try:
-            if path is not None and path.is_file():
-                saved = json.loads(path.read_text())
-                _choices = {k: v for k, v in saved.items() if isinstance(v, bool)}
-        except (OSError, ValueError, AttributeError):
-            _choices = {}                    # unreadable or not ours: measure again, overwrite on save
+        file = timing_cache.path(FILE)
+        _choices = {k: v for k, v in (timing_cache.read(file) if file else {}).items() if isinstance(v, bool)}
     return _choices
 
 
 def _save(choices: dict[str, bool]) -> None:
-    path = _path()
-    if path is None:
-        return
-    try:
-        if path.is_file():                   # another process may have added shapes since we read it
-            saved = json.loads(path.read_text())
-            choices = {**{k: v for k, v in saved.items() if isinstance(v, bool)}, **choices}
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(choices, indent=1, sort_keys=True))
-        tmp.replace(path)                    # atomic: concurrent processes never read half a file
-    except OSError:
-        pass                                 # read-only home: the choices still hold for this process
+    file = timing_cache.path(FILE)
+    if file is not None:
+        timing_cache.write(file, choices)
 
 
 def clear() -> None:
