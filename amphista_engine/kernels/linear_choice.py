@@ -4,8 +4,10 @@ whichever measured faster on this GPU.
 Neither wins everywhere. On an H200 (2026-12-04, benchmarks/results/gpu/h200_2026-12-04b_suite, kernels.json)
 the kernel beat cuBLAS on the 7B layers: wo 1.21x, w2 1.12x, and a graphed decode step took 4.18 ms against 4.40.
 It lost on the 13B ones (wqkv 0.81x) and on SmolLM2's LM head (49152x576: 0.66x). So under
-AMPHISTA_TRITON_LINEAR=auto (the default), the first product of each (weight shape, dtype, rows <= 16) times
-both in CUDA graphs of a few calls, alternating, and keeps the faster. The kernel must win by MARGIN: within
+AMPHISTA_TRITON_LINEAR=auto (the default), the first product of each (weight shape, dtype, rows <= 64) times
+both in CUDA graphs of a few calls, alternating, and keeps the faster. Over 16 rows (tree verification) the
+kernel takes the rows in 16-row blocks that share each weight tile it loads (triton_kernels/linear.py,
+ROW_BLOCKS): cuBLAS reads the weights once there too, and which is faster is untimed so far. The kernel must win by MARGIN: within
 noise, cuBLAS. The row-invariant products of the exact path (kernels/gpu_exact.py) never ask: they need the kernel.
 
 Choices persist (timing_cache.py: linear_choices.json beside the CPU's step times; AMPHISTA_CACHE_DIR=off keeps
@@ -40,14 +42,14 @@ _failed: dict[str, bool] = {}              # keys whose timing raised: cuBLAS, n
 def kernel_for(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x @ w.T should go to the kernel backends (ops.linear) rather than straight to cuBLAS."""
     m = routed_linear.mode()
-    if m != "auto":
-        return m == "on"
     rows = x.numel() // max(1, x.shape[-1])
-    if x.device.type != "cuda" or rows > routed_linear.MAX_ROWS or rows == 0:
-        return True         # off CUDA nothing to choose; over 16 rows ops.linear itself sends them to cuBLAS
+    if m != "auto" or x.device.type != "cuda":
+        return m != "off" and rows <= routed_linear.MAX_ROWS    # "on", or off CUDA: the few-row products
+    if rows == 0 or rows > routed_linear.CHOICE_ROWS:
+        return False
     served = backend.resolve("linear", x.device)
     if served == "torch":
-        return True         # ops.linear is cuBLAS there too
+        return False        # ops.linear would be cuBLAS too
     return choose(f"{_key(w, rows)}|{served}", lambda: measure(x, w))
 
 
@@ -75,7 +77,8 @@ def measure(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     calls each, on a copy of x (launch overhead out, as in a graphed decode step)."""
     from . import ops
     xs = x.detach().reshape(-1, x.shape[-1]).clone()
-    graphs = [_graph(lambda: ops.linear(xs, w)), _graph(lambda: F.linear(xs, w))]
+    blocks = xs.shape[0] > routed_linear.MAX_ROWS          # as RoutedLinear calls it
+    graphs = [_graph(lambda: ops.linear(xs, w, batch_invariant=blocks)), _graph(lambda: F.linear(xs, w))]
     times = [[], []]
     for _ in range(ROUNDS):
         for g, t in zip(graphs, times):

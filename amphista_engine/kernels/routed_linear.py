@@ -1,12 +1,11 @@
 """Linear layers routed through `ops.linear`, so the backend switch reaches the decode step's weight GEMVs.
 
-The target's and the heads' nn.Linear layers call cuBLAS directly. Routed, their few-row products (decode
-steps, up to 16 rows) can take the triton backend's weight-streaming GEMM (triton_kernels/linear.py). The
-Engine routes its model and heads on CUDA unless AMPHISTA_TRITON_LINEAR=0. With the default "auto", each
-weight shape and row count takes the kernel or cuBLAS, whichever measured faster on the GPU
-(kernels/linear_choice.py): on an H200 the kernel made a graphed 7B decode step 5% faster, yet lost to cuBLAS
-on some 13B and SmolLM2 shapes. "1" sends every few-row product to the kernel, as benchmarks/latency_gpu.py's
-forced rows do.
+The target's and the heads' nn.Linear layers call cuBLAS directly. Routed, the products of decode steps can take
+the triton backend's weight-streaming GEMM (triton_kernels/linear.py). The Engine routes its model and heads on
+CUDA unless AMPHISTA_TRITON_LINEAR=0. With the default "auto", each weight shape and row count (up to
+CHOICE_ROWS) takes the kernel or cuBLAS, whichever measured faster on the GPU (kernels/linear_choice.py): on an
+H200 the kernel made a graphed 7B decode step 5% faster, yet lost to cuBLAS on some 13B and SmolLM2 shapes.
+"1" sends every product of up to 16 rows to the kernel, as benchmarks/latency_gpu.py's forced rows do.
 """
 from __future__ import annotations
 
@@ -22,7 +21,11 @@ from ..errors import ConfigError
 
 ENV_VAR = "AMPHISTA_TRITON_LINEAR"
 MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
-MAX_ROWS = 16      # the few-row kernel's one row tile (triton_kernels/linear.py); more rows go to cuBLAS
+MAX_ROWS = 16      # the few-row kernel's one row tile (triton_kernels/linear.py)
+# Up to this many rows (a 64-node tree's verification) a product may still take the kernel, in 16-row blocks
+# that share each weight tile it loads, where that measured faster than cuBLAS (linear_choice.py); more go to
+# cuBLAS.
+CHOICE_ROWS = 64
 # Set around a forward whose rows must round alike whatever their count (kernels/gpu_exact.py): the routed
 # products then stay on the kernel backends' fixed 16-row blocks for any row count instead of going to cuBLAS.
 _INVARIANT_ROWS: ContextVar[bool] = ContextVar("amphista_invariant_rows", default=False)
@@ -76,9 +79,11 @@ class RoutedLinear(nn.Linear):
     def forward(self, x):
         if self.bias is not None:
             return F.linear(x, self.weight, self.bias)
-        invariant = _INVARIANT_ROWS.get()
-        if invariant or linear_choice.kernel_for(x, self.weight):
-            return ops.linear(x, self.weight, batch_invariant=invariant)
+        if _INVARIANT_ROWS.get():
+            return ops.linear(x, self.weight, batch_invariant=True)
+        if linear_choice.kernel_for(x, self.weight):
+            # over one row tile the kernel takes the rows in blocks (batch_invariant: any count, in 16-row MMAs)
+            return ops.linear(x, self.weight, batch_invariant=x.numel() > MAX_ROWS * x.shape[-1])
         return F.linear(x, self.weight)
 
 
