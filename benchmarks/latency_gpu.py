@@ -161,6 +161,19 @@ def env_var(name: str, value: str | None):
                 os.environ[name] = old
 
 
+@contextlib.contextmanager
+def routed_auto(model):
+    """Within the block, `model`'s linears are routed as the Engine routes them on CUDA (unfused layers, each
+    product on the faster of the Triton GEMM and cuBLAS: kernels/linear_choice.py)."""
+    route_linears(model)
+    model.fuse_decode_layers = False
+    try:
+        with routed_linear.set_mode("auto"):
+            yield model
+    finally:
+        route_linears(model, on=False)
+
+
 def mode_rows(label, context, model, cache, trees, prompt, steps, plain_ms, floor_ms, shape_name) -> list[dict]:
     """Rows '<kind>, <label>' for the plain step and the first 64-node Amphista tree, graphs on, run inside
     context() (a mode switch), against the plain graph-replayed step of the same run (plain_ms)."""
@@ -261,6 +274,9 @@ def run(args, save=None) -> dict:
         # to plain greedy output costs; tree attention merging its splits always in the same launch
         # (AMPHISTA_TREE_MERGE=kernel) and always by a second launch (=launch), against the default "auto".
         modes = []
+        if device.type == "cuda" and triton_runs_on("cuda"):
+            # the Engine's CUDA default: the target's products routed, each on the GEMM that timed faster
+            modes.append(("routed (default)", lambda m=model: routed_auto(m)))
         if device.type == "cuda" and dtype != torch.float32:
             modes.append(("exact greedy", lambda m=model: gpu_exact.enabled_for(m)))
         if device.type == "cuda" and triton_runs_on("cuda"):
