@@ -16,7 +16,10 @@ def path(name: str) -> Path | None:
     where = os.environ.get(CACHE_ENV, "").strip()
     if where.lower() in ("off", "0", "none"):
         return None
-    base = Path(where) if where else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amphista-engine"
+    if where:
+        base = Path(where)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amphista-engine"
     return base.expanduser() / name
 
 

@@ -1,14 +1,15 @@
-"""Which GEMM runs a routed few-row product on CUDA, the Triton kernel or cuBLAS: per weight shape and row count,
-whichever measured faster on this GPU.
+"""Which GEMM runs a routed decode-step product on CUDA, the Triton kernel or cuBLAS: per weight shape and row
+count, whichever measured faster on this GPU.
 
 Neither wins everywhere. On an H200 (2026-12-04, benchmarks/results/gpu/h200_2026-12-04b_suite, kernels.json)
 the kernel beat cuBLAS on the 7B layers: wo 1.21x, w2 1.12x, and a graphed decode step took 4.18 ms against 4.40.
 It lost on the 13B ones (wqkv 0.81x) and on SmolLM2's LM head (49152x576: 0.66x). So under
 AMPHISTA_TRITON_LINEAR=auto (the default), the first product of each (weight shape, dtype, rows <= 64) times
-both in CUDA graphs of a few calls, alternating, and keeps the faster. Over 16 rows (tree verification) the
-kernel takes the rows in 16-row blocks that share each weight tile it loads (triton_kernels/linear.py,
-ROW_BLOCKS): cuBLAS reads the weights once there too, and which is faster is untimed so far. The kernel must win by MARGIN: within
-noise, cuBLAS. The row-invariant products of the exact path (kernels/gpu_exact.py) never ask: they need the kernel.
+both in CUDA graphs of a few calls, alternating, and keeps the faster. The kernel must win by MARGIN: within
+noise, cuBLAS. Over 16 rows (tree verification) the kernel takes the rows in 16-row blocks that share each
+weight tile it loads (triton_kernels/linear.py, ROW_BLOCKS); cuBLAS reads the weights once there too, and which
+is faster is untimed so far. The row-invariant products of the exact path (kernels/gpu_exact.py) never ask:
+they need the kernel.
 
 Choices persist (timing_cache.py: linear_choices.json beside the CPU's step times; AMPHISTA_CACHE_DIR=off keeps
 them in memory), keyed by GPU model and software versions. A process on the same machine then picks the same

@@ -96,4 +96,3 @@ def route_linears(module: nn.Module, on: bool = True) -> int:
             m.__class__ = dst
             n += 1
     return n
-

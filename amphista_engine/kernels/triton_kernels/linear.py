@@ -1,5 +1,6 @@
-"""Few-row linear layers (decoding: 1..16 rows) as a weight-streaming GEMM, optionally fused with the ops
-around them in a Llama block (the RMSNorm before, SwiGLU's activation before, the residual add after).
+"""Few-row linear layers (decoding: a plain step's row, up to a tree's 64) as a weight-streaming GEMM,
+optionally fused with the ops around them in a Llama block (the RMSNorm before, SwiGLU's activation before, the
+residual add after).
 
 A decoding step is a chain of GEMVs whose cost is reading the weights once. The kernel is the fused SAL
 input's GEMM (fused_input.py) without its embedding half: narrow column tiles so every SM streams a share of
@@ -148,8 +149,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
     accumulation rounded once. Rows go in MMAs of 16 (MAX_ROWS), so a row's result never depends on how
     many others share the call (kernels/gpu_exact.py). A program multiplies each weight tile with up to four
     such blocks (row_blocks, None = row_blocks_for), so up to 64 rows read W once; more re-read it per 64.
-    The routed layers send products over 16 rows to cuBLAS unless they ask for that invariance. Launch
-    parameters open for benchmarks.
+    The routed layers take it for products over 16 rows where it measured faster than cuBLAS
+    (kernels/linear_choice.py), and always on the exact path. Launch parameters open for benchmarks.
 
     Fused around the product (ops.fused_linear): norm_weight [K] applies RMSNorm to x's rows first; silu=True
     takes x [..., 2K] as gate | up and uses silu(gate) * up; residual [..., N] is added to the result.
