@@ -111,10 +111,21 @@ def test_plain_graph_replay_equals_eager(routed, monkeypatch, tmp_path):
 
 
 @needs_gpu
-@pytest.mark.parametrize("kind,tree", [("amphista", "mc_sim_7b_63"), ("medusa", "dynamic-16")])
-def test_speculative_graph_replay_equals_eager(kind, tree):
+@pytest.mark.parametrize("kind,tree,routed", [("amphista", "mc_sim_7b_63", False), ("medusa", "dynamic-16", False),
+                                              ("amphista", "mc_sim_7b_63", True)])
+def test_speculative_graph_replay_equals_eager(kind, tree, routed, monkeypatch, tmp_path):
+    """routed: target and heads routed as the Engine does on CUDA; the 64-node verification's products may take
+    the Triton GEMM's 16-row blocks where they timed faster (kernels/linear_choice.py)."""
+    from amphista_engine import timing_cache
+    from amphista_engine.kernels import linear_choice
+    from amphista_engine.kernels.routed_linear import route_linears
     model, cache, prompts = _setup("cuda")
     heads = random_heads(kind, model, num_heads=4, seed=2)
+    if routed:
+        monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path))
+        linear_choice.clear()
+        route_linears(model)
+        route_linears(heads)
     spec = TreeSpec(tree, 4, torch.device("cuda"))
 
     def make():
