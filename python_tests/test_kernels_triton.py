@@ -628,6 +628,11 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     with routed_linear.set_mode("off"):
         off = run("triton")
     assert calls == [] and all(rel_err(a, b) < TOL[torch.float32] for a, b in zip(off, ref))
+    # a product that autograd must see (training) is torch's too: the kernels have no backward
+    x = randn(g, 1, 64).requires_grad_()
+    with use_backend("triton"):
+        model.output(x).sum().backward()
+    assert calls == [] and x.grad is not None and x.grad.abs().sum() > 0
     assert route_linears(model, on=False) == 4 * L + 1 and type(model.output) is torch.nn.Linear
     assert list(model.state_dict()) == keys
 
