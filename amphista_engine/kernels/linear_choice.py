@@ -106,14 +106,14 @@ def _graph(fn) -> "torch.cuda.CUDAGraph":
 
 
 def _key(w: torch.Tensor, rows: int) -> str:
-    return f"{_device_key(w.device.index)}|{str(w.dtype)[6:]}|{w.shape[0]}x{w.shape[1]}|rows {rows}"
+    return _shape_key(w.device.index, w.dtype, w.shape[0], w.shape[1], rows)
 
 
-@functools.cache
-def _device_key(index) -> str:
+@functools.cache              # asked on every routed product of an eager step: built once per shape
+def _shape_key(index, dtype: torch.dtype, n: int, k: int, rows: int) -> str:
     import triton
     return (f"{torch.cuda.get_device_name(index)}|torch {torch.__version__}|triton {triton.__version__}|"
-            f"revision {REVISION}")
+            f"revision {REVISION}|{str(dtype)[6:]}|{n}x{k}|rows {rows}")
 
 
 def _load() -> dict[str, bool]:

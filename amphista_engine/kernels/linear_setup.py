@@ -3,10 +3,11 @@
 On the CPU, bf16/fp32 weights are packed once for oneDNN (cpu_packed.py; AMPHISTA_CPU_PACK=0 turns it off), and
 with quant="q4" (or "auto" for a model whose layers are stored 4-bit, as a GGUF Q4_0/Q4_1 file's are) the
 target's layers run as 4-bit codes and its LM head as int8 (cpu_quant.py). On CUDA they are routed through the
-backend switch unless AMPHISTA_TRITON_LINEAR=0 (routed_linear.py): each few-row product then takes the faster of
-the Triton GEMM and cuBLAS for its shape (linear_choice.py), and the exact path's row-invariant GEMMs
-(AMPHISTA_EXACT_GREEDY=1, routed whatever the switch says) are the kernel backends'. A benchmark that skipped this
-would time other linears than the ones decoding runs (fp32 on an AMD CPU: ~1.2x slower steps).
+backend switch unless AMPHISTA_TRITON_LINEAR=0 (routed_linear.py): each decode-step product (up to 64 rows)
+then takes the faster of the Triton GEMM and cuBLAS for its shape (linear_choice.py), and the exact path's
+row-invariant GEMMs (AMPHISTA_EXACT_GREEDY=1, routed whatever the switch says) are the kernel backends'. A
+benchmark that skipped this would time other linears than the ones decoding runs (fp32 on an AMD CPU: ~1.2x
+slower steps).
 """
 from __future__ import annotations
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Hashable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from ..backend import PDL_ENV     # defined there: benchmarks read it without importing Triton
 
 next_pow2 = triton.next_power_of_2
 cdiv = triton.cdiv
@@ -87,7 +90,6 @@ def dot(a, b, EXACT: tl.constexpr):
 # any early exit, so completion stays transitive along the chain) and then lets the next kernel launch. The
 # few-row GEMM prefetches its first weight tiles into L2 before it waits: weights are never written during
 # decoding. Opt-in (AMPHISTA_PDL=1) until a GPU run times it; CUDA graphs capture the programmatic edges.
-from ..backend import PDL_ENV  # noqa: E402  (a name benchmarks use without importing Triton)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,7 +100,6 @@ def _hopper_or_newer(index: int) -> bool:
 def pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: AMPHISTA_PDL=1, a CUDA device of compute capability >= 9,
     compiled kernels (the interpreter has no grid dependencies)."""
-    import os
     if os.environ.get(PDL_ENV, "0") != "1" or device.type != "cuda" or interpreting():
         return False
     return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
