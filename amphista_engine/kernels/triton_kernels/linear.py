@@ -48,7 +48,8 @@ def _store_rows(acc, Out, R, rm, rn, M, N, stride_om, stride_rm, RESIDUAL: tl.co
 def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_om, stride_rm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr,
                    NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, ONE_ROW: tl.constexpr,
-                   ROW_BLOCKS: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
+                   ROW_BLOCKS: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
+                   ROW_K: tl.constexpr):
     if PDL:
         # This program's first PREFETCH_K weights of each column into L2 while the previous kernel drains
         # (common.py: weights are never written while decoding), one prefetch per 128-byte line.
@@ -71,15 +72,23 @@ def _linear_kernel(X, W, Out, G, R, M, N, K, eps, stride_xm, stride_wn, stride_o
     if NORM:
         # Every program recomputes its rows' RMS: the row is a few KiB that L2 holds, and it saves the
         # separate norm launch (and its gap in the graph) the unfused layer pays.
-        sq = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
-            sq += tl.sum(a * a, 1)
-        inv = tl.rsqrt(sq / K + eps)
-        if ONE_ROW:
-            # row 0's entry, exactly (the other terms are zeros): the same scale as in the 16-row form
-            inv1 = tl.sum(tl.where(rm == 0, inv, 0.0), 0)
+        if ROW_K > 0:
+            # One row (ONE_ROW, K <= ROW_K): all of it in one load, one L2 round trip. The loop below waits for
+            # each of its K / BLOCK_K loads in turn (nothing pipelines them), and that wait cost a 7B w13
+            # ~14 us of its 61 us fused product on an H200 (2026-12-04b; bare, 47 us).
+            kk = tl.arange(0, ROW_K)
+            xr = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+            inv1 = tl.rsqrt(tl.sum(xr * xr, 0) / K + eps)
+        else:
+            sq = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+                sq += tl.sum(a * a, 1)
+            inv = tl.rsqrt(sq / K + eps)
+            if ONE_ROW:
+                # row 0's entry, exactly (the other terms are zeros): the same scale as in the 16-row form
+                inv1 = tl.sum(tl.where(rm == 0, inv, 0.0), 0)
     w_cols = W + rn.to(tl.int64)[None, :] * stride_wn      # W [N, K]: output n reads row n, read as column n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -131,6 +140,7 @@ WIDE_BARE_CONFIGS = [dict(block_k=128, num_stages=3), dict(block_k=128, num_stag
 
 
 PREFETCH_K = 512     # weights per column a PDL program pulls into L2 before it waits (2-4 K tiles)
+ONE_LOAD_K = 8192    # the longest row a one-row norm prologue loads at once
 
 
 def row_blocks_for(m: int, prologue: bool) -> int:
@@ -156,9 +166,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
     takes x [..., 2K] as gate | up and uses silu(gate) * up; residual [..., N] is added to the result.
 
     one_row: with a single row, run the prologue on that row alone (ONE_ROW) rather than on the 16-row tile;
-    None = whenever there is one row and a prologue. Both forms give the same bits (the same norm scale, the
-    same elementwise ops on the row, the same MMA with zero rows around it), so the exact-greedy path
-    (kernels/gpu_exact.py) takes it too; False is for benchmarks."""
+    None = whenever there is one row and a prologue; False is for benchmarks. A SwiGLU prologue gives the same
+    bits both ways. A norm's one-row form sums the row's squares in one pass, so its scale may differ from the
+    16-row loop's in the last fp32 bit (the exact path, kernels/gpu_exact.py, never fuses)."""
     K = w.shape[1]
     N = w.shape[0]
     lead = x.shape[:-1]
@@ -184,6 +194,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k
         raise ValueError(f"row_blocks={row_blocks}: 1, 2 or 4, and 1 with a norm or silu prologue")
     flags["ROW_BLOCKS"] = row_blocks
     flags["PDL"] = pdl(x.device)
+    # the one-row norm's single load of the row, for rows up to ONE_LOAD_K (registers: ONE_LOAD_K / 128 a thread)
+    flags["ROW_K"] = next_pow2(K) if flags["ONE_ROW"] and flags["NORM"] and next_pow2(K) <= ONE_LOAD_K else 0
 
     def launch(block_k, num_stages):
         _linear_kernel[(cdiv(M, block_m * row_blocks), cdiv(N, block_n))](
