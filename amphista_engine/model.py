@@ -217,9 +217,9 @@ class Transformer(nn.Module):
         self.rounds_linear_inputs = False
         # On: routed few-row steps run Block.forward_fused (norms, activation and residual adds inside the
         # GEMV launches). Off by default: on an H200 (2026-12-04, results/gpu/h200_2026-12-04b_suite) a 7B step
-        # took 4.78 ms fused against 4.18 unfused (cuBLAS 4.40): each fused norm's pre-pass over K delays the
-        # weight stream more than the 2 us launch it saves. SmolLM2's step was 2% faster fused. Exact greedy
-        # never fuses.
+        # took 4.78 ms fused against 4.18 unfused (cuBLAS 4.40): each fused norm's pre-pass over K delayed the
+        # weight stream more than the 2 us launch it saves (one load of the row since, untimed). SmolLM2's step
+        # was 2% faster fused. Exact greedy never fuses.
         self.fuse_decode_layers = False
         self.register_buffer("rope_freq_factors", None, persistent=False)
         with torch.device("cpu"):

@@ -8,8 +8,8 @@ W, long K tiles and a deep pipeline so many weight bytes are in flight per progr
 benchmarks/results/gpu/h200_2026-12-04b_suite) a graphed 7B decode step with these GEMVs took 4.18 ms against
 4.40 with cuBLAS; the products read the weights at 90% of copy bandwidth. The fused forms took 4.78 ms: with
 the prologue on the one row of a decode step (ONE_ROW; on all 16 rows of the MMA tile they took 10.8 ms), the
-RMS pre-pass over K still delays the weight stream by more than the norm launch it saves (w13 +norm 61 us,
-bare 47 + norm 2). The model's layers reach the kernel through ops.linear (kernels/routed_linear.py), on the
+RMS pre-pass over K, a loop of serial loads, still delayed the weight stream by more than the norm launch it
+saves (w13 +norm 61 us, bare 47 + norm 2); one row now takes its RMS from one load (ROW_K), untimed. The model's layers reach the kernel through ops.linear (kernels/routed_linear.py), on the
 shapes where it measured faster than cuBLAS on the device (kernels/linear_choice.py).
 """
 from __future__ import annotations
