@@ -647,6 +647,9 @@ def test_routed_linear_modes(monkeypatch):
     monkeypatch.delenv(routed_linear.ENV_VAR, raising=False)
     assert routed_linear.mode() == "auto" and LinearSetup.for_device("cuda", torch.bfloat16).routed
     assert not LinearSetup.for_device("cpu", torch.float32).routed
+    assert "faster of the Triton GEMM and cuBLAS" in LinearSetup(routed=True).describe()     # what bench reports
+    with routed_linear.set_mode("on"):
+        assert "the Triton GEMM for products of up to 16 rows" in LinearSetup(routed=True).describe()
     x, w = torch.zeros(1, 8), torch.zeros(4, 8)
     assert linear_choice.kernel_for(x, w)                  # off CUDA there is nothing to choose
     for raw, want in (("1", "on"), ("AUTO", "auto"), ("0", "off")):

@@ -71,4 +71,9 @@ class LinearSetup:
             which = ("the cpu backend's kernels, int8 activations" if backend.resolve("quant_linear", "cpu") ==
                      cpu_ops.BACKEND and cpu_ops.load_extension() is not None else "torch's int4/int8 CPU kernels")
             return f"4-bit layers, int8 LM head ({which})"
-        return "oneDNN-packed" if self.packed else "routed through ops.linear" if self.routed else "torch default"
+        if self.routed:
+            from . import routed_linear
+            return {"auto": "routed: each shape on the faster of the Triton GEMM and cuBLAS (timed once, kept)",
+                    "on": "routed: the Triton GEMM for products of up to 16 rows",
+                    "off": "routed for the exact path only"}[routed_linear.mode()]
+        return "oneDNN-packed" if self.packed else "torch default"
