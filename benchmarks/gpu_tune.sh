@@ -51,7 +51,8 @@ git rev-parse --short HEAD 2>/dev/null || true
 stage build 150 env AMPHISTA_CUDA_ARCH="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   "$PY" -m pip install -e . --no-build-isolation --no-deps --no-index -q
 stage tests 90 env AMPHISTA_CACHE_DIR=off "$PY" -m pytest -q -p no:cacheprovider -rfEs -k "$KEXPR" \
-  python_tests/test_kernels_triton.py python_tests/test_cuda_kernels.py python_tests/test_cuda_build.py
+  python_tests/test_kernels_triton.py python_tests/test_cuda_kernels.py python_tests/test_cuda_build.py \
+  python_tests/test_cuda_graphs.py
 export AMPHISTA_CACHE_DIR="$OUT/cache"     # the routed rows' per-shape GEMM choices, kept
 stage sweeps $(( TUNE_BUDGET + 40 )) "$PY" benchmarks/kernels/tune.py --out "$OUT" --budget "$TUNE_BUDGET"
 for be in triton cuda; do

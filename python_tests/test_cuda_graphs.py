@@ -112,7 +112,8 @@ def test_plain_graph_replay_equals_eager(routed, monkeypatch, tmp_path):
 
 @needs_gpu
 @pytest.mark.parametrize("kind,tree,routed", [("amphista", "mc_sim_7b_63", False), ("medusa", "dynamic-16", False),
-                                              ("amphista", "mc_sim_7b_63", True)])
+                                              ("amphista", "mc_sim_7b_63", True)],
+                         ids=["amphista", "medusa", "amphista-routed"])
 def test_speculative_graph_replay_equals_eager(kind, tree, routed, monkeypatch, tmp_path):
     """routed: target and heads routed as the Engine does on CUDA; the 64-node verification's products may take
     the Triton GEMM's 16-row blocks where they timed faster (kernels/linear_choice.py)."""
