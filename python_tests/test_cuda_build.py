@@ -366,3 +366,34 @@ def test_step_profile_smoke_on_cpu(tmp_path):
         assert r["kernel_ms"] > 0 and r["top"] and r["wall_ms"] > 0
         assert sum(g["ms"] for g in r["groups"].values()) == pytest.approx(r["kernel_ms"], rel=1e-2, abs=1e-2)
     assert res["meta"]["bw_floor_ms"] > 0 and "commit" in res["meta"]
+
+
+def test_gpu_decide_reads_a_committed_run(tmp_path):
+    """benchmarks/gpu_decide.py on the committed H200 run of 2026-12-04b: the numbers GPU_SESSION.md decides by
+    (76.1% of the floor, fused slower than unfused, exact greedy 2.15x) and 'not measured' for rows that run
+    lacked; on a synthetic run where every PDL row wins, it says to default PDL on."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_decide", ROOT / "benchmarks" / "gpu_decide.py")
+    gd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gd)
+    run = ROOT / "benchmarks" / "results" / "gpu" / "h200_2026-12-04b_suite"
+    got = {d: v for d, _, v in gd.decisions(json.loads((run / "latency.json").read_text()),
+                                             json.loads((run / "kernels.json").read_text()))}
+    assert got["target: plain 7B step >= 85% of the bandwidth floor"] == "76.1%: not met"
+    assert got["fuse_decode_layers (off)"] == "keep off"
+    assert got["AMPHISTA_EXACT_GREEDY (off)"].startswith("2.15x")
+    assert got["AMPHISTA_PDL (off)"] == "not measured"
+    assert got["target: 64-node step <= 1.35x plain"] == "1.21x: met"
+
+    def row(method, ms, nodes=1):
+        return {"model": "llama-7b", "method": method, "tree": "t", "nodes": nodes, "graphs": True, "step_ms": ms}
+    rows = [row("plain", 4.4), row("amphista", 5.3, 64), row("plain, triton linear unfused", 4.2),
+            row("plain, triton linear unfused, pdl", 3.9), row("plain, pdl", 4.1), row("amphista, pdl", 5.0, 64)]
+    got = {d: v for d, _, v in gd.decisions({"rows": rows, "targets": {}}, None)}
+    assert got["AMPHISTA_PDL (off)"].startswith("default it on")
+    rows[-1]["step_ms"] = 5.6                      # one PDL row slower beyond noise: keep it off
+    got = {d: v for d, _, v in gd.decisions({"rows": rows, "targets": {}}, None)}
+    assert got["AMPHISTA_PDL (off)"] == "keep off"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_decide.py"), str(run)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "| decision | evidence | verdict |" in r.stdout, r.stderr

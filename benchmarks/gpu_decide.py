@@ -1,0 +1,121 @@
+"""The decisions of benchmarks/GPU_SESSION.md, read off a GPU suite's results: one line per opt-in mode or target
+with the numbers that decide it and what they say. It decides nothing by itself (the session commits the flip,
+with the run beside it); it saves re-reading five tables in the few minutes a lent GPU leaves.
+
+    python benchmarks/gpu_decide.py benchmarks/results/gpu/h200_2026-12-04b_suite
+
+Reads latency.json (latency_gpu.py) and, where present, kernels.json (kernels/run_all.py). A row the run did not
+measure says so. NOISE: differences under 2% between step times of one run are treated as ties.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+NOISE = 0.02
+SHAPE = "llama-7b"
+
+
+def step(rows: list[dict], method: str, nodes: int = 1, tree: str | None = None) -> float | None:
+    """The graph-replayed step time of `method` on the 7B shape (the first tree of that size if tree is None)."""
+    for r in rows:
+        if (r["model"] == SHAPE and r["method"] == method and r["nodes"] == nodes and r["graphs"]
+                and (tree is None or r["tree"] == tree)):
+            return r["step_ms"]
+    return None
+
+
+def faster(a: float | None, b: float | None) -> str:
+    """How a compares with b: 'faster', 'slower' or 'tie' (within NOISE); '?' if either is missing."""
+    if a is None or b is None:
+        return "?"
+    return "faster" if a < b * (1 - NOISE) else "slower" if a > b * (1 + NOISE) else "tie"
+
+
+def fmt(ms: float | None) -> str:
+    return "not measured" if ms is None else f"{ms:.3f} ms"
+
+
+def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]:
+    """(decision, evidence, verdict) rows."""
+    rows = latency["rows"]
+    cublas, routed = step(rows, "plain"), step(rows, "plain, routed (default)")
+    fused, unfused = step(rows, "plain, triton linear"), step(rows, "plain, triton linear unfused")
+    unfused_pdl = step(rows, "plain, triton linear unfused, pdl")
+    amph = step(rows, "amphista", 64)
+    out = []
+
+    best = min((t for t in (cublas, unfused) if t is not None), default=None)
+    v = {"faster": "keep (beats both)", "tie": "keep", "slower": "look at cache/linear_choices.json: slower than "
+         "the better of cuBLAS and the all-Triton step", "?": "not measured"}[faster(routed, best)]
+    out.append(("routed products, auto (the CUDA default)",
+                f"routed {fmt(routed)}, cuBLAS {fmt(cublas)}, all Triton {fmt(unfused)}; Amphista 64 nodes routed "
+                f"{fmt(step(rows, 'amphista, routed (default)', 64))} vs {fmt(amph)}", v))
+
+    out.append(("fuse_decode_layers (off)", f"fused {fmt(fused)} vs unfused {fmt(unfused)}",
+                {"faster": "turn it on", "tie": "keep off", "slower": "keep off", "?": "not measured"}[
+                    faster(fused, unfused)]))
+
+    pdl_plain, pdl_amph = step(rows, "plain, pdl"), step(rows, "amphista, pdl", 64)
+    verdicts = {faster(unfused_pdl, unfused), faster(pdl_plain, cublas), faster(pdl_amph, amph)} - {"?"}
+    out.append(("AMPHISTA_PDL (off)", f"all Triton {fmt(unfused_pdl)} vs {fmt(unfused)}; plain {fmt(pdl_plain)} vs "
+                f"{fmt(cublas)}; Amphista 64 nodes {fmt(pdl_amph)} vs {fmt(amph)}",
+                "not measured" if not verdicts else "default it on for sm_90+ (if the pdl replay test passed)"
+                if verdicts == {"faster"} else "keep off" if "slower" in verdicts else "keep off (no clear win)"))
+
+    exact = step(rows, "amphista, exact greedy", 64)
+    out.append(("AMPHISTA_EXACT_GREEDY (off)", f"Amphista 64 nodes exact {fmt(exact)} vs {fmt(amph)}",
+                "not measured" if exact is None or amph is None else
+                f"{exact / amph:.2f}x the default tree step: " + ("within noise, consider it"
+                                                                   if faster(exact, amph) != "slower" else "keep off")))
+
+    mk, ml = step(rows, "amphista, merge in kernel", 64), step(rows, "amphista, merge by launch", 64)
+    pk, pl = step(rows, "plain, merge in kernel"), step(rows, "plain, merge by launch")
+    out.append(("AMPHISTA_TREE_MERGE=auto", f"plain in kernel {fmt(pk)} / by launch {fmt(pl)}; Amphista 64 nodes "
+                f"{fmt(mk)} / {fmt(ml)}", "keep auto" if faster(pk, pl) != "slower" and faster(ml, mk) != "slower"
+                else "recheck the tune sweep"))
+
+    floor = latency["targets"].get(SHAPE, {}).get("bw_floor_ms")
+    best_plain = min((t for t in (cublas, routed, unfused, unfused_pdl, pdl_plain) if t is not None), default=None)
+    pct = None if floor is None or best_plain is None else 100 * floor / best_plain
+    out.append(("target: plain 7B step >= 85% of the bandwidth floor",
+                f"best plain step {fmt(best_plain)}, floor {fmt(floor)}",
+                "not measured" if pct is None else f"{pct:.1f}%: {'met' if pct >= 85 else 'not met'}"))
+    ratio = None if amph is None or cublas is None else amph / cublas
+    out.append(("target: 64-node step <= 1.35x plain", f"Amphista {fmt(amph)} vs plain {fmt(cublas)}",
+                "not measured" if ratio is None else f"{ratio:.2f}x: {'met' if ratio <= 1.35 else 'not met'}"))
+
+    if kernels:
+        ta = [r for r in kernels["rows"] if r["kernel"] == "tree_attention" and r["backend"].startswith("triton")]
+        for case in sorted({r["case"] for r in ta if r["shape"] == SHAPE},
+                           key=lambda c: (int(c.split()[0][2:]), int(c.split()[1][2:]))):
+            if int(case.split()[0][2:]) < 1024:
+                continue
+            got = {r["backend"]: r["%bw"] for r in ta if r["shape"] == SHAPE and r["case"] == case}
+            top = max(got.values())
+            out.append((f"target: tree attention >= 70% of copy bandwidth ({SHAPE} {case})",
+                        ", ".join(f"{k} {v}%" for k, v in sorted(got.items())),
+                        f"{top}%: {'met' if top >= 70 else 'not met'}"))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path, help="a gpu_suite.sh output folder (latency.json, kernels.json)")
+    args = ap.parse_args(argv)
+    lat = args.results / "latency.json"
+    if not lat.is_file():
+        print(f"gpu_decide: {lat} not found (a gpu_suite.sh --out folder has it)", file=sys.stderr)
+        return 2
+    kern = args.results / "kernels.json"
+    rows = decisions(json.loads(lat.read_text()), json.loads(kern.read_text()) if kern.is_file() else None)
+    print("| decision | evidence | verdict |\n|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
