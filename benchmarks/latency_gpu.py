@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import statistics
 import sys
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 from amphista_engine.config import ModelConfig  # noqa: E402
 from amphista_engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from amphista_engine.evaluation import shapes  # noqa: E402
-from amphista_engine.evaluation.env import commit, sync  # noqa: E402
+from amphista_engine.evaluation.env import commit, env_var, sync  # noqa: E402
 from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kernels import gpu_exact  # noqa: E402
@@ -146,32 +145,18 @@ def environment(device) -> dict:
 
 
 @contextlib.contextmanager
-def env_var(name: str, value: str | None):
-    """Within the block, os.environ[name] = value (None: left as it is)."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
-@contextlib.contextmanager
-def routed_auto(model):
-    """Within the block, `model`'s linears are routed as the Engine routes them on CUDA (unfused layers, each
-    product on the faster of the Triton GEMM and cuBLAS: kernels/linear_choice.py)."""
+def routed(model, mode: str = "auto", fused: bool = False):
+    """Within the block, `model`'s linears are routed in `mode` (kernels/routed_linear.py; "auto", the Engine's
+    CUDA default: each product on the faster of the Triton GEMM and cuBLAS, kernels/linear_choice.py), the
+    layers fused around the GEMVs or not (model.Block.forward_fused); back to cuBLAS, unfused, after."""
     route_linears(model)
-    model.fuse_decode_layers = False
+    model.fuse_decode_layers = fused
     try:
-        with routed_linear.set_mode("auto"):
+        with routed_linear.set_mode(mode):
             yield model
     finally:
         route_linears(model, on=False)
+        model.fuse_decode_layers = False
 
 
 def mode_rows(label, context, model, cache, trees, prompt, steps, plain_ms, floor_ms, shape_name) -> list[dict]:
@@ -253,18 +238,14 @@ def run(args, save=None) -> dict:
                                    ("on", False, "plain, triton linear unfused"),
                                    ("on", False, "plain, triton linear unfused, pdl")):
             routed_graphs = DecodeGraphs()
-            route_linears(model)
-            model.fuse_decode_layers = fused
             try:
-                with routed_linear.set_mode(mode), env_var(PDL_ENV, "1" if label.endswith("pdl") else None):
+                with routed(model, mode, fused), env_var(PDL_ENV, "1" if label.endswith("pdl") else None):
                     dec = PlainDecoder(model, cache, SamplingParams())
                     if use_graphs:
                         routed_graphs.attach(dec)
                     ms = time_steps(dec, prompt, args.steps, 3 if use_graphs else 1)
             finally:
                 routed_graphs.clear()
-                route_linears(model, on=False)
-                model.fuse_decode_layers = False
             rows.append({"model": shape_name, "method": label, "tree": "-", "nodes": 1, "graphs": use_graphs,
                          "step_ms": round(ms, 3), "ratio_vs_plain": round(ms / plain[use_graphs], 3),
                          "pct_of_bw_floor": round(100 * floor_ms / ms, 1)})
@@ -276,7 +257,7 @@ def run(args, save=None) -> dict:
         modes = []
         if device.type == "cuda" and triton_runs_on("cuda"):
             # the Engine's CUDA default: the target's products routed, each on the GEMM that timed faster
-            modes.append(("routed (default)", lambda m=model: routed_auto(m)))
+            modes.append(("routed (default)", lambda m=model: routed(m)))
         if device.type == "cuda" and dtype != torch.float32:
             modes.append(("exact greedy", lambda m=model: gpu_exact.enabled_for(m)))
         if device.type == "cuda" and triton_runs_on("cuda"):

@@ -15,6 +15,7 @@ outside the weight GEMVs. Random weights of the real shape (no checkpoint travel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -34,12 +35,10 @@ from amphista_engine.evaluation import shapes  # noqa: E402
 from amphista_engine.evaluation.env import commit, sync  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kernels import get_backend  # noqa: E402
-from amphista_engine.kernels import routed_linear  # noqa: E402
-from amphista_engine.kernels.routed_linear import route_linears  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
 from amphista_engine.speculative import SpeculativeDecoder, TreeSpec  # noqa: E402
-from benchmarks.latency_gpu import copy_bandwidth_gbs, weight_bytes  # noqa: E402  (one definition of the floor)
+from benchmarks.latency_gpu import copy_bandwidth_gbs, routed, weight_bytes  # noqa: E402  (one definition of the floor)
 
 # The first pattern that matches names the group (cuBLAS / CUTLASS / nvjet kernel names vary by version).
 GROUPS = [("attention", r"tree_att|attn|attention|flash|fmha|sdpa|softmax"),
@@ -169,13 +168,11 @@ def main(argv=None) -> int:
     if not set(linears) <= {"cublas", "auto", "triton", "triton-unfused"}:
         ap.error(f"--linear {args.linear}: expected cublas, auto, triton and/or triton-unfused")
     for linear in linears:
-        route_linears(model, on=linear != "cublas")
-        model.fuse_decode_layers = linear == "triton"
-        heads = {}
-        with routed_linear.set_mode("auto" if linear in ("cublas", "auto") else "on"):
-            profile_methods(args, model, cache, prompt, device, graph_modes, linear, heads, res, lines, details,
+        ways = contextlib.nullcontext() if linear == "cublas" else \
+            routed(model, "auto" if linear == "auto" else "on", fused=linear == "triton")
+        with ways:
+            profile_methods(args, model, cache, prompt, device, graph_modes, linear, {}, res, lines, details,
                             floor_ms)
-    route_linears(model, on=False)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(res, indent=1))
     (args.out / "profile.md").write_text("\n".join(lines + [""] + details) + "\n")

@@ -1,6 +1,8 @@
 """Honest clocks (synchronised, warmed up, median of repeats) and where a measurement came from."""
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import statistics
 import subprocess
@@ -9,6 +11,23 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Within the block, os.environ[name] = value (None: left as it is); restored after. For side-by-side rows
+    of a mode an environment switch selects."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def sync(device):

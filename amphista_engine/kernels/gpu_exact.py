@@ -45,20 +45,16 @@ def enabled() -> bool:
 def enabled_for(model):
     """Within the block, `model` decodes on this path as the Engine sets it up with AMPHISTA_EXACT_GREEDY=1
     (the flag on, the linears routed); both are restored after. For benchmarks' side-by-side rows."""
+    from ..evaluation.env import env_var
     from .routed_linear import RoutedLinear, route_linears
-    old = os.environ.get(ENV_VAR)
     was_routed = type(model.output) is RoutedLinear
-    os.environ[ENV_VAR] = "1"
-    route_linears(model)
-    try:
-        yield model
-    finally:
-        if not was_routed:
-            route_linears(model, on=False)
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
+    with env_var(ENV_VAR, "1"):
+        route_linears(model)
+        try:
+            yield model
+        finally:
+            if not was_routed:
+                route_linears(model, on=False)
 
 
 def applies(kv: torch.Tensor) -> bool:

@@ -50,18 +50,11 @@ def with_pdl(fn):
     """fn with AMPHISTA_PDL=1 around each call: the Triton kernels it launches (also into a CUDA graph being
     captured) use programmatic dependent launch, so back-to-back calls overlap one's start with the last one's
     end, as consecutive kernels of a decode step would (triton_kernels/common.py)."""
-    import os
+    from amphista_engine.evaluation.env import env_var
 
     def call():
-        old = os.environ.get(backend.PDL_ENV)
-        os.environ[backend.PDL_ENV] = "1"
-        try:
+        with env_var(backend.PDL_ENV, "1"):
             return fn()
-        finally:
-            if old is None:
-                os.environ.pop(backend.PDL_ENV, None)
-            else:
-                os.environ[backend.PDL_ENV] = old
     return call
 
 
