@@ -12,6 +12,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
+from .heads.checkpoint import CHECKPOINT_FINGERPRINT, lm_head_fingerprint
 from .model import Transformer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,9 +124,12 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
         if tuple(weights[name].shape) != tuple(shape):
             raise ConfigError(f"tensor {name}: checkpoint shape {tuple(weights[name].shape)} does not match "
                               f"the shape {tuple(shape)} its config implies")
+    head = weights["tok_embeddings.weight" if cfg.tie_word_embeddings else "output.weight"]
+    fingerprint = lm_head_fingerprint(head)     # of the checkpoint's values: heads match any dtype they load in
     state = {k: weights[k].to(device=device, dtype=dtype) for k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    setattr(model.output, CHECKPOINT_FINGERPRINT, fingerprint)
     model.setup_rope(max_seq_len or cfg.max_position_embeddings, freq_factors)
     return model.eval().requires_grad_(False)
 

@@ -285,6 +285,19 @@ def test_fingerprint_stable_across_dtypes(target):
     assert fp != lm_head_fingerprint(tiny_target(seed=1))
 
 
+def test_fingerprint_of_fp32_born_checkpoint_loaded_as_fp16(target, tmp_path):
+    # A GGUF file's dequantized weights are fp32 values: cast to fp16 and then rounded to bf16 for the hash, they
+    # land elsewhere than rounded to bf16 directly. The loaders record the checkpoint's own fingerprint instead.
+    from amphista_engine.loading import build_model
+    weights = {k: v.clone() for k, v in target.state_dict().items()}
+    fp32 = build_model(target.config, weights, torch.float32, "cpu")
+    fp16 = build_model(target.config, weights, torch.float16, "cpu")
+    assert lm_head_fingerprint(fp32.output.weight) != lm_head_fingerprint(fp16.output.weight)   # the double rounding
+    assert lm_head_fingerprint(fp16) == lm_head_fingerprint(fp32) == lm_head_fingerprint(target)
+    save_heads(random_heads("amphista", fp32), tmp_path / "h")
+    assert load_heads(tmp_path / "h", fp16).output_weight().dtype == torch.float16
+
+
 @pytest.mark.parametrize("layers,shared", [(1, False), (2, False), (2, True)])
 def test_public_medusa_checkpoint(target, tmp_path, layers, shared):
     class ResBlock(torch.nn.Module):   # FasterDecoding/Medusa's ResBlock

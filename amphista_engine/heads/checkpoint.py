@@ -33,16 +33,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
 
 
+# The attribute of a loaded model's LM head (nn.Linear) that holds the fingerprint of the checkpoint values it was
+# built from, whatever dtype it holds them in now.
+CHECKPOINT_FINGERPRINT = "checkpoint_fingerprint"
+
+
 def lm_head_fingerprint(target) -> str:
     """'V{V}-d{d}-{hash}' of the target's LM head (a Transformer, an nn.Linear or the [V, d] weight).
 
     Hashes 256 evenly spaced rows rounded to bf16, so fp32/fp16/bf16 loads of one bf16 or fp16 checkpoint agree:
     such values survive every one of those dtypes, and rounding an fp16 value to bf16 is the same single
     rounding whichever dtype held it. Values below 2^-14 are flushed to zero because fp16 stores them as
-    subnormals with fewer bits. (fp32-born weights loaded as fp16 round twice and may hash differently.)
+    subnormals with fewer bits. fp32-born weights (a GGUF file's dequantized values) loaded as fp16 would round
+    twice and hash differently, so a model the loaders built answers with the fingerprint of the checkpoint's own
+    values, recorded before the dtype cast (`CHECKPOINT_FINGERPRINT` on its LM head, loading.build_model).
     """
-    w = getattr(target, "output", target)
-    w = getattr(w, "weight", w).detach()
+    head = getattr(target, "output", target)
+    recorded = getattr(head, CHECKPOINT_FINGERPRINT, None)
+    if recorded is not None:
+        return recorded
+    w = getattr(head, "weight", head).detach()
     V, d = w.shape
     rows = torch.linspace(0, V - 1, min(V, FINGERPRINT_ROWS)).round().long()
     s = w[rows.to(w.device)].float().cpu().to(torch.bfloat16).float()
