@@ -557,3 +557,19 @@ def test_4bit_aeb_runs_as_one_stack_call_and_resblocks_multiply_int8_codes(tiny_
     assert 0 < rel_err(coded - x, ref - x) < 3e-2
     xg = x.clone().requires_grad_()
     assert torch.equal(res(xg).detach(), ref)
+
+
+@needs_ext
+def test_describe_names_the_kernels_that_run():
+    # fp16 activations are not the extension's (cpu_ops.takes): such a model's 4-bit layers run torch's kernels,
+    # and the `weights:` line the CLI prints must say so
+    w = torch.randn(64, 64) * 0.02
+    q, s, z, _ = cpu_quant._requantize(w)
+    packed = cpu_ops.pack_int4(q, s, z - 8 * s)
+    x = torch.randn(2, 64)
+    assert cpu_ops.packed_linear(x, packed) is not NotImplemented
+    assert cpu_ops.packed_linear(x.half(), packed) is NotImplemented
+    with use_backend("cpu"):
+        assert "the cpu backend's kernels" in LinearSetup(quant="q4", dtype=torch.float32).describe()
+        assert "the cpu backend's kernels" in LinearSetup(quant="q4", dtype=torch.bfloat16).describe()
+        assert "torch's int4/int8 CPU kernels" in LinearSetup(quant="q4", dtype=torch.float16).describe()

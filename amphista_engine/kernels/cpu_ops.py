@@ -42,6 +42,11 @@ def load_extension():
     return optional_module("_cpu", _HOW_TO_BUILD)[0]
 
 
+def takes(dtype: torch.dtype) -> bool:
+    """Whether the extension's kernels take tensors of this dtype (fp32 and bf16; fp16 runs torch's ops)."""
+    return dtype in _CODES
+
+
 def extension_error() -> str | None:
     """Why load_extension() returns None; None when the extension loaded."""
     return optional_module("_cpu", _HOW_TO_BUILD)[1]

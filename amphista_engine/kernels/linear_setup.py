@@ -25,6 +25,7 @@ class LinearSetup:
     packed: bool = False      # CPU: weights laid out for oneDNN once
     routed: bool = False      # CUDA: products through the backend switch (ops.linear)
     quant: str = "none"       # CPU, the target only: "q4" (4-bit layers, int8 LM head), "auto" until applied
+    dtype: torch.dtype | None = None   # the weights' and activations' dtype (what the CPU kernels can take)
 
     @classmethod
     def for_device(cls, device, dtype: torch.dtype, quant: str | None = "none") -> "LinearSetup":
@@ -42,7 +43,7 @@ class LinearSetup:
             quant = "none"           # "auto" where 4-bit cannot run, or was never timed
         return cls(packed=kind == "cpu" and cpu_packed.available(dtype),
                    routed=kind == "cuda" and (routed_linear.enabled() or gpu_exact.enabled()),
-                   quant=quant)
+                   quant=quant, dtype=dtype)
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Adapts the target's or the heads' nn.Linear layers in place (layers already adapted are left alone).
@@ -68,8 +69,9 @@ class LinearSetup:
     def describe(self) -> str:
         if self.quant == "q4":
             from . import backend, cpu_ops
-            which = ("the cpu backend's kernels, int8 activations" if backend.resolve("quant_linear", "cpu") ==
-                     cpu_ops.BACKEND and cpu_ops.load_extension() is not None else "torch's int4/int8 CPU kernels")
+            native = (backend.resolve("quant_linear", "cpu") == cpu_ops.BACKEND and cpu_ops.load_extension() is not None
+                      and (self.dtype is None or cpu_ops.takes(self.dtype)))
+            which = "the cpu backend's kernels, int8 activations" if native else "torch's int4/int8 CPU kernels"
             return f"4-bit layers, int8 LM head ({which})"
         if self.routed:
             from . import routed_linear
