@@ -58,6 +58,10 @@ def _load(args):
     # The decoding flags are checked before the load and the speculation timing (seconds), not after them.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     check_max_new_tokens(args.max_new_tokens)
+    if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
+        from .errors import InputError
+        raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
+                         + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs, quant=args.quant)
@@ -84,7 +88,7 @@ def _load(args):
 def _decoding_kwargs(args, speculative, tree) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                seed=args.seed, speculative=speculative, tree=tree)
+                seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None)
 
 
 def _stream_answer(engine, prompt, **kwargs):

@@ -220,6 +220,10 @@ class Engine:
         from .speculative import ACCEPTANCE
         if acceptance not in ACCEPTANCE:      # checked even where the run turns out plain (speculative="auto")
             raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+        if speculative is None and (tree is not None or acceptance != "auto"):     # not ignored without a word
+            what = f"tree={tree!r}" if tree is not None else f"acceptance={acceptance!r}"
+            raise InputError(f"{what} applies to speculative decoding, but speculative=None decodes plainly; pass "
+                             f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise InputError(f"stop must be a string or a list of strings, got {stop!r}")

@@ -145,7 +145,7 @@ def end_to_end(engs: dict, args) -> list[dict]:
             with packing(name == "packed"):
                 for method in (None, "amphista"):
                     r = e.generate(q["turns"][0], max_new_tokens=args.max_new_tokens, speculative=method,
-                                   tree=args.tree)
+                                   tree=method and args.tree)
                     key = (name, method)
                     toks[key] = toks.get(key, 0) + r.stats.step_tokens
                     secs[key] = secs.get(key, 0) + r.stats.decode_ms / 1e3

@@ -93,7 +93,8 @@ def main(argv=None):
             if method != "ar":
                 engine.load_heads(heads[method])
             res = engine.generate(prompt["messages"], max_new_tokens=max_new,
-                                  speculative=None if method == "ar" else method, tree=args.tree)
+                                  speculative=None if method == "ar" else method,
+                                  tree=None if method == "ar" else args.tree)
             return list(res.token_ids), res.stats
         return go
 

@@ -112,6 +112,8 @@ def test_repetition_penalty_changes_output(engine):
     (dict(stop=5), "stop must be a string or a list of strings"),
     (dict(stop=["ok", None]), "stop must be a string or a list of strings"),
     (dict(acceptance="foo"), "acceptance must be one of"),      # a plain run too
+    (dict(tree="tree-16"), r"tree='tree-16' applies to speculative decoding"),   # not silently plain
+    (dict(acceptance="typical"), r"acceptance='typical' applies to speculative decoding"),
 ])
 def test_bad_generation_parameters(engine, kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -234,6 +236,11 @@ def test_cli_speculative_without_heads_is_an_error(tiny_hf_dir, capsys):
     err = capsys.readouterr().err
     assert "--speculative medusa needs drafting heads, but --heads none" in err and "Traceback" not in err
     assert main(args) == 0 and main(args + ["--speculative", "none"]) == 0      # auto / none: plain decoding
+    capsys.readouterr()
+    for off in (["--speculative", "none"], []):          # a tree for a plain run is refused, before the load
+        assert main(args + off + ["--tree", "tree-16"]) == 2
+        err = capsys.readouterr().err
+        assert "--tree tree-16 applies to speculative decoding" in err and "loading" not in err
 
 
 def _chat(tiny_hf_dir, monkeypatch, capsys, lines, *extra):

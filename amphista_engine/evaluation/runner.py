@@ -110,6 +110,13 @@ def _check_run_config(out: Path, config: dict):
 
 # ---- running -----------------------------------------------------------------------------------------------
 
+def _generate(engine, prompt, method: str, kwargs: dict):
+    """One method's answer: "ar" decodes plainly (no tree), the others speculate with their heads."""
+    if method == "ar":
+        return engine.generate(prompt, **{**kwargs, "tree": None}, speculative=None)
+    return engine.generate(prompt, **kwargs, speculative=method)
+
+
 def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int) -> dict:
     """All turns of one question with one method; the conversation carries this method's own answers."""
     messages, ch = [], defaultdict(list)
@@ -124,8 +131,7 @@ def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int) ->
                              f"tokens, no room left in the cache (max_seq_len={engine.max_seq_len}); "
                              "raise --max-seq-len")
         t0 = now(engine.device)
-        res = engine.generate(list(messages), **{**gen_kwargs, "max_new_tokens": budget},
-                              speculative=None if method == "ar" else method)
+        res = _generate(engine, list(messages), method, {**gen_kwargs, "max_new_tokens": budget})
         wall = now(engine.device) - t0
         messages.append({"role": "assistant", "content": res.text})
         s = res.stats
@@ -148,7 +154,7 @@ def _warmup(engine, question: dict, methods, gen_kwargs: dict, runs: int):
         if heads is not None:
             engine.load_heads(heads)
         for _ in range(runs):
-            engine.generate(prompt, **kwargs, speculative=None if method == "ar" else method)
+            _generate(engine, prompt, method, kwargs)
 
 
 def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m", heads: dict | None = None,
