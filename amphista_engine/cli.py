@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from .errors import AmphistaError
+from .errors import AmphistaError, InputError
 
 
 def _add_quant_arg(p: argparse.ArgumentParser):
@@ -59,7 +59,6 @@ def _load(args):
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     check_max_new_tokens(args.max_new_tokens)
     if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
-        from .errors import InputError
         raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")
     print(f"loading {args.model} ...", file=sys.stderr)
@@ -106,8 +105,6 @@ def _stream_answer(engine, prompt, **kwargs):
 
 def _generate_prompt(args):
     """The prompt text ('-': all of stdin), as messages after a system message when --system is given."""
-    from .errors import InputError
-
     prompt = sys.stdin.read().rstrip() if args.prompt == "-" else args.prompt   # without echo's newline
     if not prompt.strip():
         raise InputError("prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else ""))
