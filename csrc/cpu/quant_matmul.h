@@ -286,6 +286,25 @@ AMPHISTA_TARGET_VNNI inline void quant_matmul_vnni(const QuantMatmulArgs& a, int
 // tiles' dot(w + 128, x) - 128 isum, the same integer. The fp32 part is the same operations per output.
 #define AMPHISTA_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c,bmi2")))
 
+// Software prefetch for the AVX2 tiles, this far ahead in each 16-column block's stream of codes (a block's groups
+// are contiguous and the next block follows it, so the lines ahead are what the thread reads next). The cores'
+// own prefetchers left a step's products at ~15 GB/s of the ~31 GB/s that two Zen 3 cores read: each product is
+// short, and its arithmetic does not overlap the loads it waits on. Measured there, interleaved in one process
+// (4 KiB, 8 KiB, 16 KiB ahead): the plain SmolLM2 forward ~10% faster, a 4-row one ~5%, best at ~8 KiB.
+constexpr int64_t kPrefetchBytes = 8192;
+
+template <bool kInt4>
+AMPHISTA_TARGET_AVX2_F16C AMPHISTA_INLINE void prefetch_block_group(const QuantMatmulArgs& a, int64_t nb, int64_t g) {
+  // A group of a block: int4, 4 lines of codes + 1 of scales; int8, 8 lines of codes (scales are per column).
+  constexpr int64_t kCodeBytes = kInt4 ? 4 * 64 : 8 * 64, ahead = kPrefetchBytes / kCodeBytes;
+  const int64_t G = a.K / kQuantGroup, gi = nb * G + g + ahead;
+  const char* line = reinterpret_cast<const char*>(a.codes) + gi * kCodeBytes;
+  for (int64_t i = 0; i < kCodeBytes; i += 64) _mm_prefetch(line + i, _MM_HINT_T0);
+  if (kInt4)
+    _mm_prefetch(reinterpret_cast<const char*>(static_cast<const uint16_t*>(a.scales) + gi * 2 * kColBlock),
+                 _MM_HINT_T0);
+}
+
 template <bool kInt4, int NH, int MR>
 AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_t h0, int64_t m0) {
   const int64_t G = a.K / kQuantGroup;
@@ -295,7 +314,12 @@ AMPHISTA_TARGET_AVX2_F16C inline void avx2_tile(const QuantMatmulArgs& a, int64_
   for (int h = 0; h < NH; ++h)
     for (int r = 0; r < MR; ++r) acc[h][r] = _mm256_setzero_ps();
   const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  // Only the first pass over a block's codes reads memory: the second half-block and later row blocks find them
+  // in L1/L2.
+  const bool fetches = m0 == 0 && (NH > 1 || h0 % 2 == 0);
   for (int64_t g = 0; g < G; ++g) {
+    if (fetches)
+      for (int h = 0; h < NH; h += 2) prefetch_block_group<kInt4>(a, (h0 + h) / 2, g);
     __m256i d[NH][MR], d16[NH][MR];
     if (kInt4) {
       // A group's 8 vpmaddubsw results add up in int16 (at most 8 * 2 * 15 * 127 = 30480: no overflow), widened
