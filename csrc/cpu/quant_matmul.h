@@ -440,8 +440,10 @@ template <bool kInt4>
 void quant_matmul(const QuantMatmulArgs& a, int64_t threads) {
   const int64_t blocks = (a.N + kColPad - 1) / kColPad * (kColPad / kColBlock);
   const int64_t tiles = blocks / 4;  // units of 4 blocks: every tiling above divides them
-  // Split when a thread gets ~256K multiply-adds or more (a few microseconds).
-  const int64_t per_thread = std::max<int64_t>(1, (int64_t(1) << 18) / (4 * kColBlock * a.K * a.M));
+  // Split when a thread gets ~64K multiply-adds or more (a microsecond or two; the codes stream from memory at
+  // least as long). At ~256K, SmolLM2's one-row wo (576 x 576) ran on one thread: the plain forward was ~3-4% slower
+  // (two Zen 3 cores, interleaved in one process).
+  const int64_t per_thread = std::max<int64_t>(1, (int64_t(1) << 16) / (4 * kColBlock * a.K * a.M));
   parallel_for(tiles, per_thread, threads, [&](int64_t t0, int64_t t1) {
 #if AMPHISTA_X86
     if (isa() == Isa::kAvx512 && has_vnni()) return quant_matmul_vnni<kInt4>(a, 4 * t0, 4 * t1);
