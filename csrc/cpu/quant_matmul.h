@@ -290,7 +290,8 @@ AMPHISTA_TARGET_VNNI inline void quant_matmul_vnni(const QuantMatmulArgs& a, int
 // are contiguous and the next block follows it, so the lines ahead are what the thread reads next). The cores'
 // own prefetchers left a step's products at ~15 GB/s of the ~31 GB/s that two Zen 3 cores read: each product is
 // short, and its arithmetic does not overlap the loads it waits on. Measured there, interleaved in one process
-// (4 KiB, 8 KiB, 16 KiB ahead): the plain SmolLM2 forward ~10% faster, a 4-row one ~5%, best at ~8 KiB.
+// (4 KiB, 8 KiB, 16 KiB ahead): the plain SmolLM2 forward ~10% faster, a 4-row one ~5%, best at ~8 KiB; end to end
+// plain decoding 1.15x, mix-4 1.07x (benchmarks/results/cpu_avx2_prefetch_ab).
 constexpr int64_t kPrefetchBytes = 8192;
 
 template <bool kInt4>
@@ -441,8 +442,8 @@ void quant_matmul(const QuantMatmulArgs& a, int64_t threads) {
   const int64_t blocks = (a.N + kColPad - 1) / kColPad * (kColPad / kColBlock);
   const int64_t tiles = blocks / 4;  // units of 4 blocks: every tiling above divides them
   // Split when a thread gets ~64K multiply-adds or more (a microsecond or two; the codes stream from memory at
-  // least as long). At ~256K, SmolLM2's one-row wo (576 x 576) ran on one thread: the plain forward was ~3-4% slower
-  // (two Zen 3 cores, interleaved in one process).
+  // least as long). At ~256K, SmolLM2's one-row wo (576 x 576) ran on one thread: plain decoding was 1.13x slower
+  // on two Zen 3 cores (benchmarks/results/cpu_avx2_threads_ab).
   const int64_t per_thread = std::max<int64_t>(1, (int64_t(1) << 16) / (4 * kColBlock * a.K * a.M));
   parallel_for(tiles, per_thread, threads, [&](int64_t t0, int64_t t1) {
 #if AMPHISTA_X86
