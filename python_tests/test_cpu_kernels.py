@@ -242,7 +242,7 @@ def test_tree_attention_rows_equal_plain_rows_bit_for_bit(seed, dtype):
     pl = torch.tensor([c])
     out = cpu_ops.tree_attention(q, K, V, pl, reference.mask_bits(m[None]), c + N)
     threads = torch.get_num_threads()
-    try:   # 3 KV heads on 2 or 4 threads: each head's rows split in parts (tree_attention.h), on 3: not
+    try:   # 3 KV heads on 2 or 4 threads: query rows in contiguous runs across threads (tree_attention.h); on 3: heads
         for t in (1, 2, 3, 4):
             torch.set_num_threads(t)
             assert torch.equal(cpu_ops.tree_attention(q, K, V, pl, reference.mask_bits(m[None]), c + N), out), t
