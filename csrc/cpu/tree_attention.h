@@ -227,13 +227,12 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
 template <class L>
 AMPHISTA_INLINE void tree_attention_units(const TreeAttentionArgs& a, int64_t u0, int64_t u1) {
   std::vector<float> buf;
-  const int64_t R = a.H / a.H_kv * a.N, per = a.by_rows ? R : 1;    // units per (batch row, KV head)
-  // A range of units covers whole (row, KV head)s, or with by_rows a run of query rows: each (row, KV head) it
-  // touches computes the rows of the range it owns.
-  for (int64_t bh = u0 / per; bh * per < u1; ++bh) {
+  const int64_t R = a.H / a.H_kv * a.N, rows_per_unit = a.by_rows ? 1 : R;
+  // The units' query rows [g0, g1) of all B * H_kv * R: each (row, KV head) they touch computes its share.
+  const int64_t g0 = u0 * rows_per_unit, g1 = u1 * rows_per_unit;
+  for (int64_t bh = g0 / R; bh * R < g1; ++bh) {
     const int64_t b = bh / a.H_kv, hk = bh % a.H_kv;
-    const int64_t lo = a.by_rows ? std::max(u0, bh * R) - bh * R : 0;
-    const int64_t hi = a.by_rows ? std::min(u1, (bh + 1) * R) - bh * R : R;
+    const int64_t lo = std::max(g0, bh * R) - bh * R, hi = std::min(g1, (bh + 1) * R) - bh * R;
     if (a.D == 64) tree_attention_unit<L, 64>(a, b, hk, lo, hi, buf);
     else if (a.D == 128) tree_attention_unit<L, 128>(a, b, hk, lo, hi, buf);
     else tree_attention_unit<L, 0>(a, b, hk, lo, hi, buf);
