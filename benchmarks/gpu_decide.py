@@ -88,7 +88,9 @@ def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]
                 "not measured" if ratio is None else f"{ratio:.2f}x: {'met' if ratio <= 1.35 else 'not met'}"))
 
     if kernels:
-        ta = [r for r in kernels["rows"] if r["kernel"] == "tree_attention" and r["backend"].startswith("triton")]
+        out.append(cuda_backend_row(kernels["rows"]))
+        ta = [r for r in kernels["rows"] if r["kernel"] == "tree_attention"
+              and (r["backend"].startswith("triton") or r["backend"] == "cuda")]
         for case in sorted({r["case"] for r in ta if r["shape"] == SHAPE},
                            key=lambda c: (int(c.split()[0][2:]), int(c.split()[1][2:]))):
             if int(case.split()[0][2:]) < 1024:
@@ -99,6 +101,22 @@ def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]
                         ", ".join(f"{k} {v}%" for k, v in sorted(got.items())),
                         f"{top}%: {'met' if top >= 70 else 'not met'}"))
     return out
+
+
+def cuda_backend_row(krows: list[dict]) -> tuple[str, str, str]:
+    """The `cuda` backend's two attention kernels against `triton`'s on the 7B shape: cuda time / triton time
+    per case (the rest of its kernels were within a few % of Triton's on 2026-12-04b)."""
+    us = {(r["kernel"], r["case"], r["backend"]): r["us"] for r in krows if r["shape"] == SHAPE}
+    ratios = {f"{kernel} {case}": us[(kernel, case, "cuda")] / us[(kernel, case, "triton")]
+              for kernel, case, backend in us if backend == "cuda" and kernel in ("tree_attention", "head_attention")
+              and (kernel, case, "triton") in us}
+    if not ratios:
+        return "default backend triton (cuda opt-in)", "no cuda attention rows", "not measured"
+    worst = max(ratios.values())
+    return ("default backend triton (cuda opt-in)",
+            "cuda / triton time: " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(ratios.items())),
+            "keep triton" if worst > 1 - NOISE else "cuda attention wins every case: time the whole step "
+            "(the tune's latency_cuda vs latency_triton) before switching")
 
 
 def main(argv=None) -> int:

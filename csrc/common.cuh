@@ -114,6 +114,21 @@ __device__ __forceinline__ void store16(T* p, const float (&f)[Vec16<T>::kN]) {
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Asynchronous 16-byte global -> shared copies (sm_80+): no registers hold the data in flight, so a block can
+// have a whole tile outstanding. pred = false zero-fills the 16 bytes and reads nothing (src-size 0); gmem
+// must still be a valid address. Groups: commit after issuing, wait<n> = all but the newest n groups landed
+// in this thread's view (a __syncthreads() then publishes them to the block).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(pred ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -85,7 +85,7 @@ __device__ __forceinline__ uint32_t pack_raw(T lo, T hi) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 3) tree_attention_kernel(const TreeAttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeAttentionParams p) {
   constexpr int kStride = D + kPad;   // shared row stride in elements (a multiple of 8: rows stay 16-byte aligned)
   constexpr int kVecs = D / 8;        // 16-byte vectors per row
   constexpr int kKSteps = D / 16;     // MMA k-steps over the head dim for S = Q K^T
@@ -152,100 +152,123 @@ __global__ void __launch_bounds__(kThreads, 3) tree_attention_kernel(const TreeA
 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  // One chunk of K or V (64 x D) into shared memory as cp.async copies, all of them in flight at once (16
+  // vectors a thread at D = 128; register-staged loads held only two, and waited on them). Slots past the
+  // request's last key are zero-filled, so stale or NaN cache slots cannot leak into 0 * NaN.
+  // kThreads is a multiple of kVecs, so a thread copies the same 16-byte column (vec) of keys
+  // key_t, key_t + kKeysPerPass, ...: one base address per thread, and a step per pass.
+  constexpr int kKeysPerPass = kThreads / kVecs;
+  static_assert(kThreads % kVecs == 0 && kChunk % kKeysPerPass == 0, "copy passes must tile the chunk");
+  const int key_t = threadIdx.x / kVecs, vec_t = threadIdx.x % kVecs;
+  const auto stage = [&](T* dst, const T* src, int64_t stride, int64_t c) {
+    const int64_t slot0 = c * kChunk + key_t;
+    const T* from = src + slot0 * stride + vec_t * 8;
+    T* to = dst + key_t * kStride + vec_t * 8;
+#pragma unroll
+    for (int it = 0; it < kChunk / kKeysPerPass; ++it) {
+      const bool ok = slot0 + it * kKeysPerPass < end;
+      cp_async16(to + it * kKeysPerPass * kStride, ok ? from + it * kKeysPerPass * stride : src, ok);
+    }
+    cp_async_commit();
+  };
 
+  // FlashAttention-2's overlap with one buffer each for K and V: V(c) lands while S(c) = Q K(c)^T runs, and
+  // K(c + 1) while O += P V(c) runs. Every thread commits the same groups (empty ones past the last chunk), so
+  // wait<1> always means "all but the newest group": first K(c), then V(c).
+  if (c_begin < c_end) {
+    stage(k_s, kb, p.k_ss, c_begin);
+    stage(v_s, vb, p.v_ss, c_begin);
+  }
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t key0 = c * kChunk;
-    __syncthreads();  // every warp is done reading the previous chunk
-    // Two vectors of K and two of V in flight per thread: full unrolling would keep 16 uint4 live on top of
-    // the Q fragments and the output accumulators and push the kernel past 255 registers.
-#pragma unroll 2
-    for (int it = 0; it < kChunk * kVecs / kThreads; ++it) {
-      const int i = it * kThreads + threadIdx.x;
-      const int key = i / kVecs, vec = i % kVecs;
-      const int64_t slot = key0 + key;
-      uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
-      if (slot < end) {
-        kv = *reinterpret_cast<const uint4*>(kb + slot * p.k_ss + vec * 8);
-        vv = *reinterpret_cast<const uint4*>(vb + slot * p.v_ss + vec * 8);
-      }
-      *reinterpret_cast<uint4*>(k_s + key * kStride + vec * 8) = kv;
-      *reinterpret_cast<uint4*>(v_s + key * kStride + vec * 8) = vv;
-    }
-    __syncthreads();
-    if (!warp_active) continue;  // warp-uniform; such warps only help with the loads
+    cp_async_wait<1>();
+    __syncthreads();  // K(c) is in shared memory for every warp
 
-    // S = Q K^T for 16 rows x 64 keys: s[nt] is the n-tile of keys key0 + 8 nt .. + 7.
+    // S = Q K^T for 16 rows x 64 keys: s[nt] is the n-tile of keys key0 + 8 nt .. + 7. Warps past the tile's
+    // rows (warp-uniform) only help with the copies.
     float s[8][4];
+    if (warp_active) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
+      for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        // B = K^T: b0 = K[key 8nt + g][d = 16ks + 2t, +1], b1 = the same at d + 8: 32-bit shared loads.
-        const T* kp = k_s + (nt * 8 + g) * kStride + ks * 16 + 2 * t;
-        mma16816<T>(s[nt], qa[ks], *reinterpret_cast<const uint32_t*>(kp), *reinterpret_cast<const uint32_t*>(kp + 8));
-      }
-    }
-
-    // Mask and scale, then the online softmax per row (i = 0: row g, i = 1: row g + 8).
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int64_t key = key0 + nt * 8 + 2 * t + j;
-          const int64_t rel = key - prefix;
-          const bool visible = key < end && (rel < 0 || ((bits[i] >> rel) & 1ull));
-          float& x = s[nt][2 * i + j];
-          x = visible ? x * scale_log2 : -INFINITY;
-          mx = fmaxf(mx, x);
+        for (int nt = 0; nt < 8; ++nt) {
+          // B = K^T: b0 = K[key 8nt + g][d = 16ks + 2t, +1], b1 = the same at d + 8: 32-bit shared loads.
+          const T* kp = k_s + (nt * 8 + g) * kStride + ks * 16 + 2 * t;
+          mma16816<T>(s[nt], qa[ks], *reinterpret_cast<const uint32_t*>(kp),
+                      *reinterpret_cast<const uint32_t*>(kp + 8));
         }
       }
-      // The row's 64 columns live in the 4 lanes of its quad (t = 0..3).
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[i], mx);
-      // Nothing visible yet (m_new = -inf): keep everything at zero instead of computing inf - inf.
-      const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m[i] - base);  // m = -inf -> 0: there was nothing to rescale
-      float sum = 0.f;
+
+      // Mask and scale, then the online softmax per row (i = 0: row g, i = 1: row g + 8).
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          float& x = s[nt][2 * i + j];
-          x = exp2f(x - base);  // masked: exp2(-inf) = 0
-          sum += x;
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int64_t key = key0 + nt * 8 + 2 * t + j;
+            const int64_t rel = key - prefix;
+            const bool visible = key < end && (rel < 0 || ((bits[i] >> rel) & 1ull));
+            float& x = s[nt][2 * i + j];
+            x = visible ? x * scale_log2 : -INFINITY;
+            mx = fmaxf(mx, x);
+          }
+        }
+        // The row's 64 columns live in the 4 lanes of its quad (t = 0..3).
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[i], mx);
+        // Nothing visible yet (m_new = -inf): keep everything at zero instead of computing inf - inf.
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = exp2f(m[i] - base);  // m = -inf -> 0: there was nothing to rescale
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float& x = s[nt][2 * i + j];
+            x = exp2f(x - base);  // masked: exp2(-inf) = 0
+            sum += x;
+          }
+        }
+        l[i] = l[i] * alpha + sum;
+        m[i] = m_new;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[dt][2 * i] *= alpha;
+          o[dt][2 * i + 1] *= alpha;
         }
       }
-      l[i] = l[i] * alpha + sum;
-      m[i] = m_new;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        o[dt][2 * i] *= alpha;
-        o[dt][2 * i + 1] *= alpha;
-      }
     }
+    __syncthreads();  // every warp is done reading K(c): its buffer takes K(c + 1)
+    if (c + 1 < c_end) stage(k_s, kb, p.k_ss, c + 1); else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // V(c) is in shared memory for every warp
 
-    // O += P V. The C layout of two adjacent score n-tiles is exactly the A layout of one 16-key k-step.
+    if (warp_active) {
+      // O += P V. The C layout of two adjacent score n-tiles is exactly the A layout of one 16-key k-step.
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t pa[4];
-      pa[0] = pack2(s[2 * kk][0], s[2 * kk][1], T{});
-      pa[1] = pack2(s[2 * kk][2], s[2 * kk][3], T{});
-      pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], T{});
-      pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], T{});
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t pa[4];
+        pa[0] = pack2(s[2 * kk][0], s[2 * kk][1], T{});
+        pa[1] = pack2(s[2 * kk][2], s[2 * kk][3], T{});
+        pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], T{});
+        pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], T{});
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        // B = V: b0 = V[key 16kk + 2t, +1][d = 8dt + g], b1 = keys + 8. Two 16-bit shared loads each.
-        const T* vp = v_s + (kk * 16 + 2 * t) * kStride + dt * 8 + g;
-        mma16816<T>(o[dt], pa, pack_raw(vp[0], vp[kStride]), pack_raw(vp[8 * kStride], vp[9 * kStride]));
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          // B = V: b0 = V[key 16kk + 2t, +1][d = 8dt + g], b1 = keys + 8. Two 16-bit shared loads each.
+          const T* vp = v_s + (kk * 16 + 2 * t) * kStride + dt * 8 + g;
+          mma16816<T>(o[dt], pa, pack_raw(vp[0], vp[kStride]), pack_raw(vp[8 * kStride], vp[9 * kStride]));
+        }
       }
     }
+    __syncthreads();  // every warp is done reading V(c): its buffer takes V(c + 1)
+    if (c + 1 < c_end) stage(v_s, vb, p.v_ss, c + 1); else cp_async_commit();
   }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
   if (!warp_active) return;
 #pragma unroll

@@ -384,6 +384,8 @@ def test_gpu_decide_reads_a_committed_run(tmp_path):
     assert got["AMPHISTA_EXACT_GREEDY (off)"].startswith("2.15x")
     assert got["AMPHISTA_PDL (off)"] == "not measured"
     assert got["target: 64-node step <= 1.35x plain"] == "1.21x: met"
+    assert got["default backend triton (cuda opt-in)"] == "keep triton"       # cuda tree attention 2.1x triton's
+    assert got["target: tree attention >= 70% of copy bandwidth (llama-7b P=2048 N=1)"] == "60.9%: not met"
 
     def row(method, ms, nodes=1):
         return {"model": "llama-7b", "method": method, "tree": "t", "nodes": nodes, "graphs": True, "step_ms": ms}

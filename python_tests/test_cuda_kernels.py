@@ -326,6 +326,7 @@ def test_wrappers_decline_unsupported_gpu_inputs(ext):
 # m16n8k16 fragment layouts of the PTX ISA. It checks, without a GPU, the parts most likely to be wrong: which
 # lane holds which row / key / head-dim element, the score -> P -> A-fragment reuse, masking, the online
 # softmax, the split ranges and the merge. (It cannot check the CUDA transcription itself: the GPU tests do.)
+# The head-attention kernel's warp map and flat offsets get the same treatment at the end.
 def _mma(c, a, b0, b1):
     """c [32, 4] += A B for per-lane fragments a [32, 4, 2], b0 / b1 [32, 2]; g = lane / 4, t = lane % 4."""
     import numpy as np
@@ -342,6 +343,25 @@ def _mma(c, a, b0, b1):
     for j in range(2):
         out[:, j], out[:, 2 + j] = D[g, 2 * t + j], D[g + 8, 2 * t + j]
     return out
+
+
+def _emulate_stage(cache, key0, end, threads=128):
+    """One chunk's shared tile as the kernel's cp.async copies fill it: thread tid copies the 16-byte column
+    tid % vecs of keys tid // vecs + it * (threads // vecs), zero-filled at slots >= end. Starts as NaN, so a
+    slot or column no copy reaches shows up in the result."""
+    import numpy as np
+    D = cache.shape[-1]
+    vecs = D // 8
+    per_pass = threads // vecs
+    tile = np.full((64, D), np.nan)
+    for tid in range(threads):
+        key_t, vec_t = tid // vecs, tid % vecs
+        for it in range(64 // per_pass):
+            key = key_t + it * per_pass
+            slot = key0 + key
+            cols = slice(vec_t * 8, vec_t * 8 + 8)
+            tile[key, cols] = cache[slot, cols] if slot < end else 0
+    return tile
 
 
 def _emulate_tree_attention(q, k, v, prefix, bits, kv_len, splits, scale):
@@ -383,9 +403,7 @@ def _emulate_tree_attention(q, k, v, prefix, bits, kv_len, splits, scale):
                         o, m, l = np.zeros((D // 8, 32, 4)), np.full((32, 2), -np.inf), np.zeros((32, 2))
                         for c in range(c0, c1):
                             key0 = c * 64
-                            keys = key0 + np.arange(64)
-                            ks_ = np.where((keys < end)[:, None], k[b, hk, np.minimum(keys, k.shape[2] - 1)], 0)
-                            vs_ = np.where((keys < end)[:, None], v[b, hk, np.minimum(keys, v.shape[2] - 1)], 0)
+                            ks_, vs_ = _emulate_stage(k[b, hk], key0, end), _emulate_stage(v[b, hk], key0, end)
                             s = np.zeros((8, 32, 4))
                             for ks in range(D // 16):
                                 for nt in range(8):
@@ -465,3 +483,45 @@ def test_tree_attention_data_flow_emulated(case):
     ref = reference.tree_attention(q, k, v, prefix, bits, kv_len)
     out = _emulate_tree_attention(q.numpy(), k.numpy(), v.numpy(), prefix.numpy(), bits, kv_len, splits, D ** -0.5)
     assert rel_err(out, ref) < 5e-3          # P is rounded to bf16 before the P V product, as on the GPU
+
+
+def _emulate_head_attention(qkv, rows, slots, n_heads, hd, scale, ahead=4):
+    """csrc/head_attention.cuh's indexing on the flat qkv buffer: warp w = (request r, head h, query slot i),
+    lane-strided elements, online softmax over key slots taken `ahead` at a time. Returns the flat output."""
+    import numpy as np
+    d = n_heads * hd
+    out = np.full(rows * slots * d, np.nan)
+    per_lane = -(-hd // 32)
+    e = np.arange(32)[:, None] + 32 * np.arange(per_lane)[None, :]          # [lane, u]
+    inside = e < hd
+    for w in range(rows * n_heads * slots):
+        i, h, r = w % slots, (w // slots) % n_heads, w // (slots * n_heads)
+        base = r * slots * 3 * d + h * hd
+        take = lambda off: np.where(inside, qkv[np.minimum(off + e, qkv.size - 1)], 0.0)
+        qf, acc, m, l = take(base + i * 3 * d), np.zeros((32, per_lane)), -np.inf, 0.0
+        for j0 in range(0, slots, ahead):
+            for j in range(j0, min(j0 + ahead, slots)):
+                k_off = base + j * 3 * d + d
+                s = (qf * take(k_off)).sum() * scale * math.log2(math.e)
+                m_new = max(m, s)
+                alpha, pj = 2.0 ** (m - m_new), 2.0 ** (s - m_new)
+                l = l * alpha + pj
+                acc = acc * alpha + pj * take(k_off + d)
+                m = m_new
+        o = (r * slots + i) * d + h * hd
+        out[o + e[inside]] = (acc / l)[inside]
+    return out
+
+
+@pytest.mark.parametrize("N,K,heads,hd", [(1, 4, 32, 128), (3, 5, 9, 64), (2, 1, 3, 96), (1, 7, 2, 256),
+                                          (2, 6, 4, 40)])
+def test_head_attention_indexing_emulated(N, K, heads, hd):
+    """The head-attention kernel's warp -> (request, head, slot) map and flat offsets, run in numpy on the CPU,
+    against SDPA over the same q, k, v: every output element written once, with the right value."""
+    g = gen("head_attention_emulated", N, K, heads, hd)
+    d = heads * hd
+    qkv = torch.randn(N, K, 3 * d, generator=g, dtype=torch.float64)
+    q, k, v = qkv.view(N, K, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1)
+    out = _emulate_head_attention(qkv.reshape(-1).numpy(), N, K, heads, hd, hd ** -0.5)
+    assert rel_err(torch.from_numpy(out), ref) < 1e-10
