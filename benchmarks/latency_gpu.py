@@ -261,7 +261,7 @@ def run(args, save=None) -> dict:
         if device.type == "cuda" and dtype != torch.float32:
             modes.append(("exact greedy", lambda m=model: gpu_exact.enabled_for(m)))
         if device.type == "cuda" and triton_runs_on("cuda"):
-            from amphista_engine.kernels.triton_kernels.tree_attention import merge_mode
+            from amphista_engine.kernels.split_merge import merge_mode
             modes.append(("pdl", lambda: env_var(PDL_ENV, "1")))
             modes.append(("merge in kernel", lambda: merge_mode("kernel")))
             modes.append(("merge by launch", lambda: merge_mode("launch")))

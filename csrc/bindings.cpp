@@ -155,6 +155,7 @@ void kv_compact(py::object k_buf_ptr, py::object v_buf_ptr, py::object src_ptr, 
 
 void tree_attention(py::object q_ptr, py::object k_ptr, py::object v_ptr, py::object prefix_len_ptr,
                     py::object bits_ptr, py::object out_ptr, py::object work_o_ptr, py::object work_ml_ptr,
+                    py::object counters_ptr,
                     py::object B_o, py::object H_o, py::object H_kv_o, py::object N_o, py::object D_o,
                     py::object kv_len_o, py::object S_o, py::object q_strides_o, py::object k_strides_o,
                     py::object v_strides_o, py::object bits_sb_o, py::object num_splits_o, py::object scale_o,
@@ -198,6 +199,7 @@ void tree_attention(py::object q_ptr, py::object k_ptr, py::object v_ptr, py::ob
     p.work_o = static_cast<float*>(as_opt_ptr(work_o_ptr, "work_o_ptr", 8));
     p.work_ml = static_cast<float*>(as_opt_ptr(work_ml_ptr, "work_ml_ptr", 4));
   }
+  p.counters = static_cast<int*>(as_opt_ptr(counters_ptr, "counters_ptr", 4));  // used by num_splits > 1 only
   const cudaStream_t stream = as_stream(stream_o);
   launch("tree_attention kernel launch", [&] { return amphista::tree_attention(p, dtype, stream); });
 }
@@ -307,12 +309,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("tree_attention", &tree_attention, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"),
         py::arg("prefix_len_ptr"), py::arg("bits_ptr"), py::arg("out_ptr"), py::arg("work_o_ptr"),
-        py::arg("work_ml_ptr"), py::arg("B"), py::arg("H"), py::arg("H_kv"), py::arg("N"), py::arg("D"),
+        py::arg("work_ml_ptr"), py::arg("counters_ptr"), py::arg("B"), py::arg("H"), py::arg("H_kv"), py::arg("N"),
+        py::arg("D"),
         py::arg("kv_len"), py::arg("S"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
         py::arg("bits_sb"), py::arg("num_splits"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
         "Tree attention (fp16/bf16, D 64 or 128, N <= 64): q [B, H, N, D] over cache slots [0, prefix_len[b]) "
         "plus new slot j where bit j of bits[b][n] is set; out [B, N, H, D]. num_splits > 1 needs fp32 "
-        "workspaces work_o [num_splits, B*N*H, D] and work_ml [2, num_splits, B*N*H].");
+        "workspaces work_o [num_splits, B*N*H, D] and work_ml [2, num_splits, B*N*H]; counters_ptr: 0 (a second "
+        "kernel merges the splits) or zeroed int32 counters [B*H_kv*ceil(N*H/H_kv/64)], one per row tile, that "
+        "the last split to finish uses to merge in the same launch and leaves zeroed.");
 
   m.def("head_attention", &head_attention, py::arg("qkv_ptr"), py::arg("out_ptr"), py::arg("rows"),
         py::arg("slots"), py::arg("n_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"),

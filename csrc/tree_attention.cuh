@@ -3,7 +3,8 @@
 // Queries: N new tokens (tree nodes, 1..64) per request, H query heads sharing H_kv KV heads (GQA).
 // Keys:    cache slots [0, prefix_len[b]) (the accepted prefix, seen by every node) and the N new slots
 //          [prefix_len[b], prefix_len[b] + N), where node n sees new slot j iff bit j of bits[b][n] is set
-//          (ancestor-or-self bitmask, one uint64 per node). Slots past prefix + N are never read.
+//          (ancestor-or-self bitmask, one uint64 per node). V slots past prefix + N are never read (K slots up
+//          to the host's window kv_len may be: their scores are masked out).
 // Output:  [B, N, H, D] contiguous (ops returns its [B, H, N, D] transposed view).
 //
 // Layout of the work (FlashAttention-2 style, tensor cores through mma.sync m16n8k16, fp32 accumulate):
@@ -12,11 +13,12 @@
 //    packing: the 64-node tree on an MHA model fills one tile; decoding with G = 8 fills half a warp);
 //  * the keys of a request are cut into 64-slot chunks and the chunks into `num_splits` contiguous ranges
 //    (split-K, blockIdx.z): short trees over long prefixes would otherwise leave most SMs idle. Each split
-//    writes an unnormalised partial output plus its row max and sum; a second kernel merges the splits.
-//    With one split the kernel normalises and writes the output itself;
-//  * per chunk, the block stages K and V (64 x D) in shared memory with 16-byte loads (zeros past the row's
-//    last key, so stale or NaN cache slots cannot leak into 0 * NaN), each warp computes its 16 x 64 score
-//    tile, masks it, runs the online softmax in registers (log2 domain) and accumulates P V.
+//    writes an unnormalised partial output plus its row max and sum; the last split of a row tile to finish
+//    merges them in the same launch (arrival counters), or a second kernel does. With one split the kernel
+//    normalises and writes the output itself;
+//  * per chunk, the block stages K and V (64 x D) in shared memory with cp.async 16-byte copies, each warp
+//    computes its 16 x 64 score tile, masks it, runs the online softmax in registers (log2 domain) and
+//    accumulates P V.
 //
 // Templates: element type (fp16, bf16) x head dim (64, 128) only.
 #pragma once
@@ -34,6 +36,8 @@ struct TreeAttentionParams {
   void* out;                 // [B, N, H, D] contiguous
   float* work_o;             // [num_splits, B*N*H, D]  (num_splits > 1 only)
   float* work_ml;            // [2, num_splits, B*N*H]  row max (log2 domain) then row sum
+  int* counters;             // [B*H_kv * row tiles] zeroed arrival counters: the last split merges in the kernel
+                             // (and re-arms its counter); null: a second kernel merges (num_splits > 1 only)
   int64_t B, H, H_kv, N, D, kv_len;
   int64_t q_sb, q_sh, q_sn;
   int64_t k_sb, k_sh, k_ss;
@@ -84,6 +88,26 @@ __device__ __forceinline__ uint32_t pack_raw(T lo, T hi) {
          (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
 }
 
+// One element (row, d) of the merged output: sum_s 2^(m_s - m) O_s[d] / sum_s 2^(m_s - m) l_s over the splits of
+// work_o / work_ml; splits whose range was empty carry m = -inf and weigh nothing. Loads go to L2 (.cg): the
+// in-kernel merge reads partials other SMs wrote during the same launch.
+template <typename T, int D>
+__device__ __forceinline__ void merge_element(const TreeAttentionParams& p, int64_t rows, int64_t row, int d) {
+  const float* ms = p.work_ml;
+  const float* ls = p.work_ml + p.num_splits * rows;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, __ldcg(ms + s * rows + row));
+  float num = 0.f, den = 0.f;
+  if (mx != -INFINITY) {
+    for (int64_t s = 0; s < p.num_splits; ++s) {
+      const float w = exp2f(__ldcg(ms + s * rows + row) - mx);
+      num += w * __ldcg(p.work_o + (s * rows + row) * D + d);
+      den += w * __ldcg(ls + s * rows + row);
+    }
+  }
+  static_cast<T*>(p.out)[row * D + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeAttentionParams p) {
   constexpr int kStride = D + kPad;   // shared row stride in elements (a multiple of 8: rows stay 16-byte aligned)
@@ -99,13 +123,40 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
   const int64_t G = p.H / p.H_kv;
   const int64_t rows = G * p.N;
   const int64_t split = blockIdx.z;
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+
+  // One chunk of K or V (64 x D) into shared memory as cp.async copies, all of them in flight at once (16
+  // vectors a thread at D = 128; register-staged loads held only two, and waited on them). Slots at or past
+  // `bound` are zero-filled. kThreads is a multiple of kVecs, so a thread copies the same 16-byte column
+  // (vec) of keys key_t, key_t + kKeysPerPass, ...: one base address per thread, and a step per pass.
+  constexpr int kKeysPerPass = kThreads / kVecs;
+  static_assert(kThreads % kVecs == 0 && kChunk % kKeysPerPass == 0, "copy passes must tile the chunk");
+  const int key_t = threadIdx.x / kVecs, vec_t = threadIdx.x % kVecs;
+  const auto stage = [&](T* dst, const T* src, int64_t stride, int64_t c, int64_t bound) {
+    const int64_t slot0 = c * kChunk + key_t;
+    const T* from = src + slot0 * stride + vec_t * 8;
+    T* to = dst + key_t * kStride + vec_t * 8;
+#pragma unroll
+    for (int it = 0; it < kChunk / kKeysPerPass; ++it) {
+      const bool ok = slot0 + it * kKeysPerPass < bound;
+      cp_async16(to + it * kKeysPerPass * kStride, ok ? from + it * kKeysPerPass * stride : src, ok);
+    }
+    cp_async_commit();
+  };
+
+  // The split ranges come from the host's window kv_len, not from the device's prefix length, so the first
+  // K chunk is in flight before that length arrives (one round trip off every block's critical path). K is
+  // copied up to kv_len: keys past the row's own end are masked out of the scores, whatever they hold. V
+  // waits for the length: it is zero-filled past the end, so stale or NaN slots cannot leak into 0 * NaN.
+  const int64_t per_split = ceil_div(ceil_div(p.kv_len, kChunk), p.num_splits);
+  const int64_t c_begin = split * per_split;
+  if (c_begin * kChunk < p.kv_len) stage(k_s, kb, p.k_ss, c_begin, p.kv_len);
 
   // The keys this request has: the prefix and its N tree slots, never past the host's window.
   const int64_t prefix = max(p.prefix_len[b], int64_t(0));
   const int64_t end = min(prefix + p.N, p.kv_len);
-  const int64_t chunks = ceil_div(max(end, int64_t(0)), kChunk);
-  const int64_t per_split = ceil_div(chunks, p.num_splits);
-  const int64_t c_begin = split * per_split, c_end = min(c_begin + per_split, chunks);
+  const int64_t c_end = min(c_begin + per_split, ceil_div(max(end, int64_t(0)), kChunk));
 
   // This thread's two query rows: r0 = warp row g, r1 = g + 8.
   const int64_t warp_row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * 16;
@@ -150,35 +201,10 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
   float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain), the same in the row's 4 lanes
   float l[2] = {0.f, 0.f};              // running row sum, partial: this lane's columns only
 
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  // One chunk of K or V (64 x D) into shared memory as cp.async copies, all of them in flight at once (16
-  // vectors a thread at D = 128; register-staged loads held only two, and waited on them). Slots past the
-  // request's last key are zero-filled, so stale or NaN cache slots cannot leak into 0 * NaN.
-  // kThreads is a multiple of kVecs, so a thread copies the same 16-byte column (vec) of keys
-  // key_t, key_t + kKeysPerPass, ...: one base address per thread, and a step per pass.
-  constexpr int kKeysPerPass = kThreads / kVecs;
-  static_assert(kThreads % kVecs == 0 && kChunk % kKeysPerPass == 0, "copy passes must tile the chunk");
-  const int key_t = threadIdx.x / kVecs, vec_t = threadIdx.x % kVecs;
-  const auto stage = [&](T* dst, const T* src, int64_t stride, int64_t c) {
-    const int64_t slot0 = c * kChunk + key_t;
-    const T* from = src + slot0 * stride + vec_t * 8;
-    T* to = dst + key_t * kStride + vec_t * 8;
-#pragma unroll
-    for (int it = 0; it < kChunk / kKeysPerPass; ++it) {
-      const bool ok = slot0 + it * kKeysPerPass < end;
-      cp_async16(to + it * kKeysPerPass * kStride, ok ? from + it * kKeysPerPass * stride : src, ok);
-    }
-    cp_async_commit();
-  };
-
   // FlashAttention-2's overlap with one buffer each for K and V: V(c) lands while S(c) = Q K(c)^T runs, and
   // K(c + 1) while O += P V(c) runs. Every thread commits the same groups (empty ones past the last chunk), so
   // wait<1> always means "all but the newest group": first K(c), then V(c).
-  if (c_begin < c_end) {
-    stage(k_s, kb, p.k_ss, c_begin);
-    stage(v_s, vb, p.v_ss, c_begin);
-  }
+  if (c_begin < c_end) stage(v_s, vb, p.v_ss, c_begin, end);
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t key0 = c * kChunk;
     cp_async_wait<1>();
@@ -244,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
       }
     }
     __syncthreads();  // every warp is done reading K(c): its buffer takes K(c + 1)
-    if (c + 1 < c_end) stage(k_s, kb, p.k_ss, c + 1); else cp_async_commit();
+    if (c + 1 < c_end) stage(k_s, kb, p.k_ss, c + 1, p.kv_len); else cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();  // V(c) is in shared memory for every warp
 
@@ -266,60 +292,70 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
       }
     }
     __syncthreads();  // every warp is done reading V(c): its buffer takes V(c + 1)
-    if (c + 1 < c_end) stage(v_s, vb, p.v_ss, c + 1); else cp_async_commit();
+    if (c + 1 < c_end) stage(v_s, vb, p.v_ss, c + 1, end); else cp_async_commit();
   }
-  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits (K(c_begin) may be the
+                       // only one: a split past the row's end)
 
-  if (!warp_active) return;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
   const int64_t out_rows = p.B * p.N * p.H;
+  if (warp_active) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (!valid[i]) continue;
-    const int64_t orow = (b * p.N + node[i]) * p.H + head[i];  // [B, N, H] row of the output
-    if (p.num_splits == 1) {
-      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-      T* out = static_cast<T*>(p.out) + orow * D + 2 * t;
+    for (int i = 0; i < 2; ++i) {
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        *reinterpret_cast<uint32_t*>(out + dt * 8) = pack2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv, T{});
-    } else {
-      float* wo = p.work_o + (split * out_rows + orow) * D + 2 * t;
+    for (int i = 0; i < 2; ++i) {
+      if (!valid[i]) continue;
+      const int64_t orow = (b * p.N + node[i]) * p.H + head[i];  // [B, N, H] row of the output
+      if (p.num_splits == 1) {
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        T* out = static_cast<T*>(p.out) + orow * D + 2 * t;
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        *reinterpret_cast<float2*>(wo + dt * 8) = make_float2(o[dt][2 * i], o[dt][2 * i + 1]);
-      if (t == 0) {
-        p.work_ml[split * out_rows + orow] = m[i];
-        p.work_ml[(p.num_splits + split) * out_rows + orow] = l[i];
+        for (int dt = 0; dt < kDTiles; ++dt)
+          *reinterpret_cast<uint32_t*>(out + dt * 8) = pack2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv, T{});
+      } else {
+        float* wo = p.work_o + (split * out_rows + orow) * D + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt)
+          *reinterpret_cast<float2*>(wo + dt * 8) = make_float2(o[dt][2 * i], o[dt][2 * i + 1]);
+        if (t == 0) {
+          p.work_ml[split * out_rows + orow] = m[i];
+          p.work_ml[(p.num_splits + split) * out_rows + orow] = l[i];
+        }
       }
     }
   }
+  if (p.num_splits == 1 || p.counters == nullptr) return;  // block-uniform
+
+  // In-kernel merge: the last split of this (request, KV head, row tile) to arrive merges the tile's rows
+  // (stream-K style), saving the merge kernel's launch. Each thread's partial stores are made device-visible
+  // before the barrier; thread 0's arrival then follows all of them, and the last arriver's fence orders its
+  // loads (L2, .cg: other SMs wrote them) after every other split's arrival. It re-arms the counter for the
+  // next launch: all the group's splits have arrived by then.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = p.counters + static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    last = atomicAdd(counter, 1) == p.num_splits - 1;
+    if (last) atomicExch(counter, 0);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t tile_rows = min(rows - tile0, int64_t(kRowsPerBlock));
+  for (int64_t e = threadIdx.x; e < tile_rows * D; e += kThreads) {
+    const int64_t r = tile0 + e / D;
+    merge_element<T, D>(p, out_rows, (b * p.N + r / G) * p.H + hk * G + r % G, static_cast<int>(e % D));
+  }
 }
 
-// Merge the splits of one output row: out = sum_s 2^(m_s - m) O_s / sum_s 2^(m_s - m) l_s. One block per row,
-// one thread per head-dim element; splits whose range was empty carry m = -inf and weigh nothing.
+// The merge by a second launch: one block per output row, one thread per head-dim element.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) tree_attention_merge_kernel(const TreeAttentionParams p) {
-  const int64_t rows = p.B * p.N * p.H;
-  const int64_t row = blockIdx.x;
-  const int d = threadIdx.x;
-  const float* ms = p.work_ml;
-  const float* ls = p.work_ml + p.num_splits * rows;
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, ms[s * rows + row]);
-  float num = 0.f, den = 0.f;
-  if (mx != -INFINITY) {
-    for (int64_t s = 0; s < p.num_splits; ++s) {
-      const float w = exp2f(ms[s * rows + row] - mx);
-      num += w * p.work_o[(s * rows + row) * D + d];
-      den += w * ls[s * rows + row];
-    }
-  }
-  static_cast<T*>(p.out)[row * D + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  merge_element<T, D>(p, p.B * p.N * p.H, blockIdx.x, threadIdx.x);
 }
 
 template <typename T, int D>
@@ -329,7 +365,7 @@ cudaError_t launch(const TreeAttentionParams& p, cudaStream_t stream) {
                   static_cast<unsigned>(p.num_splits));
   tree_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || p.num_splits == 1) return err;
+  if (err != cudaSuccess || p.num_splits == 1 || p.counters != nullptr) return err;
   tree_attention_merge_kernel<T, D><<<static_cast<unsigned>(p.B * p.N * p.H), D, 0, stream>>>(p);
   return cudaGetLastError();
 }

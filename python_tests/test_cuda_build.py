@@ -101,7 +101,7 @@ def test_build_links_no_libtorch_or_shared_cudart(built_so):
 # Per binding: arguments that pass every check (fake but aligned addresses), then single bad overrides. Each
 # bad call must raise ValueError naming its first key, before any CUDA call (so no device is needed).
 _Q = dict(q_ptr=256, k_ptr=512, v_ptr=1024, prefix_len_ptr=2048, bits_ptr=4096, out_ptr=8192, work_o_ptr=0,
-          work_ml_ptr=0, B=1, H=4, H_kv=2, N=3, D=64, kv_len=10, S=16, q_strides=[768, 64, 256],
+          work_ml_ptr=0, counters_ptr=0, B=1, H=4, H_kv=2, N=3, D=64, kv_len=10, S=16, q_strides=[768, 64, 256],
           k_strides=[2048, 1024, 64], v_strides=[2048, 1024, 64], bits_sb=0, num_splits=1, scale=0.125, dtype=2,
           stream=0)
 BINDING_CASES = {
@@ -129,7 +129,7 @@ BINDING_CASES = {
                             dict(D=96), dict(kv_len=17), dict(kv_len=0), dict(q_strides=[3, 64, 256]),
                             dict(k_strides=[4, 8, 8]), dict(v_strides=[8, 8]), dict(work_o_ptr=0, num_splits=2),
                             dict(num_splits=0), dict(dtype=0), dict(bits_sb=2), dict(scale=float("inf")),
-                            dict(B=40000), dict(stream=-1)]),
+                            dict(B=40000), dict(stream=-1), dict(counters_ptr=2)]),
     "head_attention": (dict(qkv_ptr=256, out_ptr=512, rows=2, slots=4, n_heads=8, head_dim=64, scale=0.125,
                             dtype=2, stream=0),
                        [dict(qkv_ptr=0), dict(slots=65), dict(slots=0), dict(head_dim=257), dict(n_heads=0),

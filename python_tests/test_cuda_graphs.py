@@ -164,7 +164,7 @@ def test_merge_in_kernel_decodes_like_two_launch_merge():
     arrival counters that every graph replay must find re-armed) emits the same tokens as the two-launch
     merge, eager and replayed, plain and speculative (fp32: no near-tie can flip)."""
     from amphista_engine.kernels import use_backend
-    from amphista_engine.kernels.triton_kernels.tree_attention import merge_mode
+    from amphista_engine.kernels.split_merge import merge_mode
     model, cache, prompts = _setup("cuda", dtype=torch.float32)
     heads = random_heads("amphista", model, num_heads=4, seed=2)
     spec = TreeSpec("mc_sim_7b_63", 4, torch.device("cuda"))

@@ -119,6 +119,36 @@ def test_tree_attention_splits_agree(ext, monkeypatch):
 
 
 @needs_gpu
+def test_tree_attention_merge_in_kernel(ext):
+    """merge="kernel" (the last split of each row tile merges, on arrival counters it leaves zeroed) equals the
+    merge kernel's result exactly, over many row tiles and splits, repeated launches and CUDA graph replays
+    with new inputs: a missed fence or a counter left armed shows up as wrong or NaN rows."""
+    from amphista_engine.kernels import split_merge
+    q, k, v, prefix, bits, kv_len = _attn_inputs((4, 32, 8, 16, 128, torch.bfloat16, "dynamic",
+                                                  [2000, 1, 1500, 777], None))
+    ref = reference.tree_attention(q.float(), k.float(), v.float(), prefix, bits, kv_len)
+    for splits in (2, 16, 31):
+        by_launch = cuda_ops.tree_attention(q, k, v, prefix, bits, kv_len, splits=splits, merge="launch")
+        assert rel_err(by_launch, ref) < TOL[torch.bfloat16]
+        for _ in range(10):
+            out = cuda_ops.tree_attention(q, k, v, prefix, bits, kv_len, splits=splits, merge="kernel")
+            assert torch.equal(out, by_launch), splits                # the same sum, in the same order
+    q_static = q.clone()
+    cuda_ops.tree_attention(q_static, k, v, prefix, bits, kv_len, splits=16, merge="kernel")       # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = cuda_ops.tree_attention(q_static, k, v, prefix, bits, kv_len, splits=16, merge="kernel")
+    g = gen("cuda_merge_replays")
+    for i in range(5):
+        q_static.copy_(randn(g, *q.shape, dtype=q.dtype))
+        graph.replay()
+        ref = reference.tree_attention(q_static.float(), k.float(), v.float(), prefix, bits, kv_len)
+        assert rel_err(out_static, ref) < TOL[torch.bfloat16], i
+    torch.cuda.synchronize()
+    assert int(split_merge.arrival_counters(q.device, 1).count_nonzero()) == 0
+
+
+@needs_gpu
 def test_tree_attention_scale_and_dispatch(ext):
     q, k, v, prefix, bits, kv_len = _attn_inputs((2, 4, 2, 3, 64, torch.float16, "causal", [10, 20], None),
                                                   spare_rows=0)
@@ -345,10 +375,10 @@ def _mma(c, a, b0, b1):
     return out
 
 
-def _emulate_stage(cache, key0, end, threads=128):
+def _emulate_stage(cache, key0, bound, threads=128):
     """One chunk's shared tile as the kernel's cp.async copies fill it: thread tid copies the 16-byte column
-    tid % vecs of keys tid // vecs + it * (threads // vecs), zero-filled at slots >= end. Starts as NaN, so a
-    slot or column no copy reaches shows up in the result."""
+    tid % vecs of keys tid // vecs + it * (threads // vecs), zero-filled at slots >= bound (kv_len for K, the
+    row's end for V). Starts as NaN, so a slot or column no copy reaches shows up in the result."""
     import numpy as np
     D = cache.shape[-1]
     vecs = D // 8
@@ -360,7 +390,7 @@ def _emulate_stage(cache, key0, end, threads=128):
             key = key_t + it * per_pass
             slot = key0 + key
             cols = slice(vec_t * 8, vec_t * 8 + 8)
-            tile[key, cols] = cache[slot, cols] if slot < end else 0
+            tile[key, cols] = cache[slot, cols] if slot < bound else 0
     return tile
 
 
@@ -382,9 +412,9 @@ def _emulate_tree_attention(q, k, v, prefix, bits, kv_len, splits, scale):
                 for split in range(splits):
                     pre = max(int(prefix[b]), 0)
                     end = min(pre + N, kv_len)
-                    chunks = -(-end // 64)
-                    per = -(-chunks // splits)
-                    c0, c1 = split * per, min(split * per + per, chunks)
+                    per = -(-(-(-kv_len // 64)) // splits)          # split ranges from the host's window
+                    c0 = split * per
+                    c1 = min(c0 + per, -(-end // 64))
                     for warp in range(4):
                         r0 = tile * 64 + warp * 16
                         if r0 >= rows:
@@ -403,7 +433,7 @@ def _emulate_tree_attention(q, k, v, prefix, bits, kv_len, splits, scale):
                         o, m, l = np.zeros((D // 8, 32, 4)), np.full((32, 2), -np.inf), np.zeros((32, 2))
                         for c in range(c0, c1):
                             key0 = c * 64
-                            ks_, vs_ = _emulate_stage(k[b, hk], key0, end), _emulate_stage(v[b, hk], key0, end)
+                            ks_, vs_ = _emulate_stage(k[b, hk], key0, kv_len), _emulate_stage(v[b, hk], key0, end)
                             s = np.zeros((8, 32, 4))
                             for ks in range(D // 16):
                                 for nt in range(8):

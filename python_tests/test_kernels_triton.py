@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from amphista_engine.errors import AmphistaError, ConfigError
-from amphista_engine.kernels import backend, get_backend, ops, reference, set_backend, use_backend
+from amphista_engine.kernels import backend, get_backend, ops, reference, set_backend, split_merge, use_backend
 from amphista_engine.model import rope_table
 from amphista_engine.config import ModelConfig
 from amphista_engine.tree import build_tree, dynamic_tree
@@ -159,24 +159,24 @@ def test_tree_attention_merge_in_kernel(case, poisoned, monkeypatch):
     assert rel_err(outs[0], ref) < TOL[dtype]
     assert rel_err(outs[0], two_launch) < 1e-6               # the same sum, in the same order
     assert torch.equal(outs[0], outs[1])                     # the second launch found its counters re-armed
-    counters = ta.arrival_counters(DEV, 1)
+    counters = split_merge.arrival_counters(DEV, 1)
     assert counters.dtype == torch.int32 and int(counters.count_nonzero()) == 0
 
 
 def test_tree_merge_mode_switch(monkeypatch):
     from amphista_engine.kernels.triton_kernels import tree_attention as ta
-    monkeypatch.delenv(ta.MERGE_ENV, raising=False)
-    assert ta.default_merge() == "auto"
-    monkeypatch.setenv(ta.MERGE_ENV, "kernel")
-    assert ta.default_merge() == "kernel"
-    with ta.merge_mode("launch"):
-        assert ta.default_merge() == "launch"
-    assert ta.default_merge() == "kernel"
-    monkeypatch.setenv(ta.MERGE_ENV, "both")
+    monkeypatch.delenv(split_merge.MERGE_ENV, raising=False)
+    assert split_merge.default_merge() == "auto"
+    monkeypatch.setenv(split_merge.MERGE_ENV, "kernel")
+    assert split_merge.default_merge() == "kernel"
+    with split_merge.merge_mode("launch"):
+        assert split_merge.default_merge() == "launch"
+    assert split_merge.default_merge() == "kernel"
+    monkeypatch.setenv(split_merge.MERGE_ENV, "both")
     with pytest.raises(ConfigError, match="AMPHISTA_TREE_MERGE='both'"):
-        ta.default_merge()
+        split_merge.default_merge()
     with pytest.raises(ConfigError, match="merge mode 'fast'"):
-        with ta.merge_mode("fast"):
+        with split_merge.merge_mode("fast"):
             pass
     q = torch.zeros(1, 2, 1, 64, device=DEV)
     kc = torch.zeros(1, 2, 8, 64, device=DEV)
@@ -240,7 +240,7 @@ def test_tree_attention_merge_in_kernel_on_gpu_under_graphs():
         ref = reference.tree_attention(q_static.float(), k.float(), v.float(), prefix, bits, kv_len)
         assert rel_err(out_static, ref) < TOL[torch.bfloat16], i
     torch.cuda.synchronize()
-    assert int(ta.arrival_counters(DEV, 1).count_nonzero()) == 0
+    assert int(split_merge.arrival_counters(DEV, 1).count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("dtype,Hkv,D", [(torch.bfloat16, 2, 64), (torch.float16, 1, 128), (torch.float32, 2, 64)])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import DTYPE_CODES, load_extension
+from . import split_merge
 
 BACKEND = "cuda"
 
@@ -102,9 +103,10 @@ def _tree_bits(new_mask: torch.Tensor, B: int, N: int):
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask=None, splits: Optional[int] = None, order=None):
+                   dense_mask=None, splits: Optional[int] = None, order=None, merge: Optional[str] = None):
     """splits: the split-K factor (None = num_splits' heuristic; open for benchmarks/kernels/tune.py).
-    order: the row-invariant path (kernels/gpu_exact.py) is Triton's only, so this declines it."""
+    order: the row-invariant path (kernels/gpu_exact.py) is Triton's only, so this declines it.
+    merge: how splits merge, "auto" | "kernel" | "launch" (kernels/split_merge.py); None = its default."""
     dev = q.device
     if order is not None or not _ready(dev) or q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         return NotImplemented
@@ -133,18 +135,22 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     if not math.isfinite(scale) or scale < 0:
         return NotImplemented
     G = H // Hkv
+    merge = split_merge.resolve(merge, G * N)
     if splits is None:
         splits = num_splits(B * Hkv, -(-G * N // 64), kv_len, dev)
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
     rows = B * N * H
-    work_o = work_ml = None
+    work_o = work_ml = counters = None
     if splits > 1:
         work_o = torch.empty(splits, rows, D, dtype=torch.float32, device=dev)
         work_ml = torch.empty(2, splits, rows, dtype=torch.float32, device=dev)
+        if merge == "kernel":                                  # one counter per (request, KV head, 64-row tile)
+            counters = split_merge.arrival_counters(dev, B * Hkv * -(-G * N // 64))
     with _Launch(dev) as (ext, stream):
         ext.tree_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), prefix.data_ptr(), bits.data_ptr(),
                            out.data_ptr(), 0 if work_o is None else work_o.data_ptr(),
-                           0 if work_ml is None else work_ml.data_ptr(), B, H, Hkv, N, D, kv_len, S,
+                           0 if work_ml is None else work_ml.data_ptr(),
+                           0 if counters is None else counters.data_ptr(), B, H, Hkv, N, D, kv_len, S,
                            qs, ks, vs, bits_sb, splits, scale,
                            _code(q), stream)
     return out.transpose(1, 2)

@@ -1,8 +1,9 @@
 """Tree-masked verification attention: the kernel backends vs the torch reference (which builds the dense
 mask per call) vs F.scaled_dot_product_attention with a prebuilt dense mask (the engine's per-layer cost).
-"triton" merges split-K partials as the engine does by default (merge="auto": in the same launch for program
-blocks of <= 16 query rows, else by a second launch); "triton:merge-by-launch" always launches the merge, the
-default before 2026-12-04, so the N = 1 and 16 rows keep the A/B that chose "auto". "triton:pdl" launches
+"triton" and "cuda" merge split-K partials as the engine does by default (merge="auto", kernels/split_merge.py:
+in the same launch for program blocks of <= 16 query rows, else by a second launch); "<backend>:merge-by-launch"
+always launches the merge (Triton's default before 2026-12-04; CUDA's only way before 2026-12-04c), so the N = 1
+and 16 rows keep the A/B that chose "auto". "triton:pdl" launches
 with programmatic dependent launch (AMPHISTA_PDL=1, Hopper and newer; elsewhere the same as "triton"): in the
 timed chain of calls each one starts while the last drains, as after the step's RoPE + cache-write kernel.
 
@@ -15,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from _bench import main_for, with_pdl
-from amphista_engine.kernels import ops
-from amphista_engine.kernels.backend import triton_runs_on
+from amphista_engine.kernels import ops, split_merge
 from amphista_engine.model import AttentionSpec
 from amphista_engine.tree import build_tree
 
@@ -24,10 +24,16 @@ NODES = (1, 16, 64)            # plain decoding, tree-16, mc_sim_7b_63
 TREES = {1: "chain-1", 16: "tree-16", 64: "mc_sim_7b_63"}
 
 
+def by_launch(fn):
+    """fn with its split-K partials merged by a second launch."""
+    def call():
+        with split_merge.merge_mode("launch"):
+            return fn()
+    return call
+
+
 def run(bench):
     rows, dev, dt = [], bench.device, bench.dtype
-    if triton_runs_on(dev.type):
-        from amphista_engine.kernels.triton_kernels.tree_attention import tree_attention as merged
     esize = torch.tensor([], dtype=dt).element_size()
     for sh in bench.shapes:
         H, Hkv, D = sh.n_heads, sh.n_kv_heads, sh.head_dim
@@ -47,7 +53,8 @@ def run(bench):
                     "torch": lambda: ops.tree_attention(q, k, v, prefix, mask, kv_len),
                     "triton": kernel,
                     "cuda": kernel,
-                    "triton:merge-by-launch": lambda: merged(q, k, v, prefix, bits, kv_len, merge="launch"),
+                    "triton:merge-by-launch": by_launch(kernel),
+                    "cuda:merge-by-launch": by_launch(kernel),
                     "triton:pdl": with_pdl(kernel),
                     "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None],
                                                                          enable_gqa=True),

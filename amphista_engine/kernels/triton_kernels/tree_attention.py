@@ -11,12 +11,9 @@ Layout of the work (why):
   * The key range is cut into SPLITS chunks along the sequence (split-K, "flash decoding"): with one
     request a decode step has only H_kv programs per layer, far fewer than the GPU's SMs; splitting the
     prefix gives every SM a share of the cache. Each split writes its softmax-normalised partial output
-    and log-sum-exp; the splits are then merged in one of two ways (`merge`): a second small kernel
-    ("launch"), or, in the same launch, by whichever split of a program group finishes last ("kernel": an
-    arrival counter per group, as stream-K GEMMs do; it saves a launch and the merge kernel's start-up, a
-    fixed cost that dominates at short prefixes). "auto", the default, merges in the kernel for programs of
-    few query rows (plain steps, small trees) and by launch for large trees. With one split the first
-    kernel writes the output directly and neither runs.
+    and log-sum-exp; the splits are then merged by a second small kernel ("launch") or by whichever split
+    of a program group finishes last ("kernel"), as kernels/split_merge.py decides (`merge`). With one
+    split the first kernel writes the output directly and neither runs.
   * Inside a split, tiles that lie entirely in the prefix need no mask (the common case, cheapest loop);
     only the tail tiles that touch the tree slots evaluate the ancestor bits.
   * Softmax runs in base 2 (exp2 with log2(e) folded into the scale) in fp32; P is rounded to V's dtype
@@ -24,15 +21,13 @@ Layout of the work (why):
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ...errors import ConfigError
+from ..split_merge import arrival_counters, resolve
 from .common import cdiv, dot, exact_dot, launch_first_fitting, next_pow2, pdl, pdl_launch, pdl_start, sm_count
 
 BLOCK_N = 64          # keys per tile: a [64, 128] bf16 K tile is 16 KiB, two stages fit every SM
@@ -42,14 +37,6 @@ MERGE_ROWS = 16       # output rows per merge program
 # an H200 (benchmarks/results/gpu/h200_2026-11-27_tune): the former 1/8 left a 64-node tree with one split
 # (SmolLM2 shape, prefix 2048: 25.9 us; 4 splits: 10.7 us) and two on the 7B shape at prefix 1024 (14.7 us; 4: 12.4).
 PARTIAL_BUDGET = 2
-# How split partials are merged ("auto" | "launch" | "kernel", see the module docstring). "auto" merges in the
-# kernel when a program holds at most AUTO_KERNEL_MERGE_ROWS query rows: the last split then merges a small
-# block, and the saved launch is worth more. Measured on an H200 (benchmarks/results/gpu/h200_2026-12-04_tune,
-# 7B shape): in-kernel merge 1.21x / 1.24x at N=1 (prefix 1024 / 4096), 1.14x at N=16 (prefix 2048), but 0.83x /
-# 0.91x at N=64, where the last split merges 64 rows alone; the graphed plain 7B step 4.50 vs 4.57 ms.
-MERGE_ENV = "AMPHISTA_TREE_MERGE"
-MERGE_MODES = ("auto", "launch", "kernel")
-AUTO_KERNEL_MERGE_ROWS = 16
 
 
 @triton.jit
@@ -338,52 +325,6 @@ def tree_attention_ordered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-_merge_default: str | None = None       # set by merge_mode(); None: the environment, else "auto"
-
-
-def default_merge() -> str:
-    mode = _merge_default or os.environ.get(MERGE_ENV, "").strip().lower() or "auto"
-    if mode not in MERGE_MODES:
-        raise ConfigError(f"environment variable {MERGE_ENV}={mode!r}: expected one of {', '.join(MERGE_MODES)}")
-    return mode
-
-
-@contextlib.contextmanager
-def merge_mode(mode: str):
-    """Within the block, tree_attention merges splits this way by default (benchmarks' A/B rows). Graphs
-    captured inside keep the mode they were captured with."""
-    global _merge_default
-    if mode not in MERGE_MODES:
-        raise ConfigError(f"merge mode {mode!r}: expected one of {', '.join(MERGE_MODES)}")
-    prev, _merge_default = _merge_default, mode
-    try:
-        yield
-    finally:
-        _merge_default = prev
-
-
-_counters: dict[tuple[str, int | None], torch.Tensor] = {}
-_retired: list[torch.Tensor] = []       # outgrown counter buffers: a captured graph may still point at one
-
-
-def arrival_counters(device: torch.device, groups: int) -> torch.Tensor | None:
-    """Zeroed int32 counters, one per program group, for merge="kernel"; each launch leaves them zero again
-    (the last split re-arms its group). One buffer per device, used by launches in stream order: the
-    engine's decode steps run on one stream. None while a CUDA graph is being captured and the buffer is too
-    small: a new buffer's zeroing memset would only run at replay, so that launch merges with a second kernel."""
-    key = (device.type, device.index if device.index is not None or device.type != "cuda"
-           else torch.cuda.current_device())
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < groups:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if buf is not None:
-            _retired.append(buf)
-        buf = torch.zeros(max(4096, next_pow2(groups)), dtype=torch.int32, device=device)
-        _counters[key] = buf
-    return buf
-
-
 def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: torch.device) -> int:
     """Splits along the sequence: about two waves of programs over the SMs, but no split shorter than
     MIN_CHUNK keys, and the partial outputs (rows_per_kv_head fp32 rows per split) small next to K/V."""
@@ -400,7 +341,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
     Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic;
     it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py. merge: "launch", "kernel"
-    or "auto" (see the module docstring and MERGE_MODES); None = default_merge()."""
+    or "auto" (kernels/split_merge.py); None = its default_merge()."""
     B, H, N, D = q.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -416,11 +357,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     chunk = cdiv(cdiv(kv_len, max(num_splits, 1)), block_n) * block_n
     splits = max(1, cdiv(kv_len, chunk))
     single = splits == 1
-    merge = default_merge() if merge is None else merge
-    if merge not in MERGE_MODES:
-        raise ConfigError(f"tree_attention: merge={merge!r}, expected one of {', '.join(MERGE_MODES)}")
-    if merge == "auto":
-        merge = "kernel" if block_m <= AUTO_KERNEL_MERGE_ROWS else "launch"
+    merge = resolve(merge, block_m)
     counters = None if single or merge == "launch" else arrival_counters(q.device, B * H_kv * m_blocks)
     merge_here = counters is not None
     if single:
