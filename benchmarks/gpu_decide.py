@@ -89,6 +89,7 @@ def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]
 
     if kernels:
         out.append(cuda_backend_row(kernels["rows"]))
+        out.append(window_row(kernels["rows"]))
         ta = [r for r in kernels["rows"] if r["kernel"] == "tree_attention"
               and (r["backend"].startswith("triton") or r["backend"] == "cuda")]
         for case in sorted({r["case"] for r in ta if r["shape"] == SHAPE},
@@ -117,6 +118,20 @@ def cuda_backend_row(krows: list[dict]) -> tuple[str, str, str]:
             "cuda / triton time: " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(ratios.items())),
             "keep triton" if worst > 1 - NOISE else "cuda attention wins every case: time the whole step "
             "(the tune's latency_cuda vs latency_triton) before switching")
+
+
+def window_row(krows: list[dict]) -> tuple[str, str, str]:
+    """Triton tree attention with window-bounded loads (launcher `window`) against the default, 7B shape."""
+    us = {(r["case"], r["backend"]): r["us"] for r in krows if r["shape"] == SHAPE and r["kernel"] == "tree_attention"}
+    ratios = {case: us[(case, "triton:window")] / us[(case, "triton")]
+              for case, backend in us if backend == "triton:window" and (case, "triton") in us}
+    if not ratios:
+        return "triton tree attention window=False", "no triton:window rows", "not measured"
+    verdicts = {faster(us[(c, "triton:window")], us[(c, "triton")]) for c in ratios}
+    return ("triton tree attention window=False",
+            "window / default time: " + ", ".join(f"{c} {v:.2f}x" for c, v in sorted(ratios.items())),
+            "make window the default" if verdicts == {"faster"} else "keep it off" if "slower" in verdicts
+            else "keep it off (no clear win)")
 
 
 def main(argv=None) -> int:

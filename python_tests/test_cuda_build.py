@@ -385,6 +385,7 @@ def test_gpu_decide_reads_a_committed_run(tmp_path):
     assert got["AMPHISTA_PDL (off)"] == "not measured"
     assert got["target: 64-node step <= 1.35x plain"] == "1.21x: met"
     assert got["default backend triton (cuda opt-in)"] == "keep triton"       # cuda tree attention 2.1x triton's
+    assert got["triton tree attention window=False"] == "not measured"       # the variant came later
     assert got["target: tree attention >= 70% of copy bandwidth (llama-7b P=2048 N=1)"] == "60.9%: not met"
 
     def row(method, ms, nodes=1):

@@ -96,6 +96,9 @@ def test_tree_attention(case, ext, poisoned, monkeypatch):
     if case[8] is not None:
         monkeypatch.setattr(cuda_ops, "num_splits", lambda *a: case[8])
     ref = reference.tree_attention(q, k[:B], v[:B], prefix, bits, kv_len)
+    for b in range(B):                  # the kernel reads K up to kv_len: stale NaN slots there must not leak
+        end = int(prefix[b]) + N
+        k[b, :, end:kv_len], v[b, :, end:kv_len] = float("nan"), float("nan")
     out = run(cuda_ops.tree_attention, q, k, v, prefix, bits, kv_len)     # the kernel takes the bigger cache
     assert out.shape == (B, H, N, D) and out.dtype == q.dtype
     assert out.transpose(1, 2).is_contiguous()                         # [B, N, H, D] buffer underneath

@@ -98,9 +98,10 @@ ATTN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("window", [False, True], ids=["prefix-loads", "window-loads"])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}"
                                                              f"-{str(c[5])[6:]}-s{c[6]}-{c[7]}")
-def test_tree_attention(case, poisoned):
+def test_tree_attention(case, window, poisoned):
     B, H, Hkv, N, D, dtype, splits, kind = case
     g = gen("tree_attention", case)
     S = 192
@@ -119,8 +120,11 @@ def test_tree_attention(case, poisoned):
     q = randn(g, B, N, H, D, dtype=dtype).transpose(1, 2)   # the model's layout: a transposed view
     bits = _tree_bits(kind, B, N, g)
     ref = reference.tree_attention(q, k, v, prefix, bits, kv_len)
+    for b in range(B):                  # window=True reads up to kv_len: stale NaN slots there must not leak
+        end = int(prefix[b]) + N        # into 0 * NaN
+        k[b, :, end:kv_len], v[b, :, end:kv_len] = float("nan"), float("nan")
     from amphista_engine.kernels.triton_kernels.tree_attention import tree_attention as kernel
-    out = kernel(q, k, v, prefix, bits, kv_len, num_splits=splits)
+    out = kernel(q, k, v, prefix, bits, kv_len, num_splits=splits, window=window)
     assert out.shape == (B, H, N, D) and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype]

@@ -6,6 +6,8 @@ always launches the merge (Triton's default before 2026-12-04; CUDA's only way b
 and 16 rows keep the A/B that chose "auto". "triton:pdl" launches
 with programmatic dependent launch (AMPHISTA_PDL=1, Hopper and newer; elsewhere the same as "triton"): in the
 timed chain of calls each one starts while the last drains, as after the step's RoPE + cache-write kernel.
+"triton:window" bounds the loads by the host's window kv_len instead of the prefix length (opt-in, see the
+launcher's `window`): no load waits for the length, the window's tail is read too.
 
 Bytes: K/V of the prefix + tree slots, Q and the output. FLOPs: 4 * H * N * (prefix + N) * D (QK^T and PV,
 masked entries included). Target on an H100: >= 70% of copy bandwidth for prefix >= 1024, >= 2x SDPA.
@@ -34,6 +36,8 @@ def by_launch(fn):
 
 def run(bench):
     rows, dev, dt = [], bench.device, bench.dtype
+    if "triton" in bench.backends:
+        from amphista_engine.kernels.triton_kernels.tree_attention import tree_attention as windowed
     esize = torch.tensor([], dtype=dt).element_size()
     for sh in bench.shapes:
         H, Hkv, D = sh.n_heads, sh.n_kv_heads, sh.head_dim
@@ -56,6 +60,7 @@ def run(bench):
                     "triton:merge-by-launch": by_launch(kernel),
                     "cuda:merge-by-launch": by_launch(kernel),
                     "triton:pdl": with_pdl(kernel),
+                    "triton:window": lambda: windowed(q, k, v, prefix, bits, kv_len, window=True),
                     "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None],
                                                                          enable_gqa=True),
                 }

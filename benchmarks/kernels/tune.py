@@ -7,7 +7,7 @@ Sweeps (each variant is checked against the torch reference on the same inputs b
 variant that is wrong or fails to compile is recorded as such, never as fast):
   * triton tree attention: split count, keys per tile, warps, pipeline stages, and the split merge in the
     same launch (merge="kernel") at 1-8x the heuristic's split count;
-  * cuda tree attention: split count;
+  * cuda tree attention: split count, and its split merge in the same launch or by a second one;
   * triton fused_sal_input: column tile, K tile, warps, stages;
   * triton few-row linear, bare on the 7B / 13B / SmolLM2 layers the kernel loses or wins on (one row, and 64
     rows for the exact path's trees) beside cuBLAS, and one fused form (w13 +norm): column tile, K tile,
@@ -112,6 +112,16 @@ def sweep_tree_attention(sw: Sweep, bench: Bench):
             # Programmatic dependent launch: each call of the timed chain starts while the last one drains.
             sw.time_variant("triton tree_attention", case, "heuristic, pdl",
                             with_pdl(lambda: ta.tree_attention(q, k, v, prefix, bits, kv_len)), ref, nbytes)
+            # Loads bounded by the host's window instead of the prefix length (window=True, 2026-12-04c): fewer
+            # registers and no load waiting for the length, against the window tail's extra bytes.
+            for mult in (1, 2):
+                splits = heur * mult
+                sw.time_variant("triton tree_attention", case, f"splits={splits} ({mult}x), window",
+                                lambda s=splits: ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=s,
+                                                                   window=True), ref, nbytes)
+            sw.time_variant("triton tree_attention", case, "heuristic, window, pdl",
+                            with_pdl(lambda: ta.tree_attention(q, k, v, prefix, bits, kv_len, window=True)), ref,
+                            nbytes)
             # Merging in the same launch removes a fixed cost, so more (shorter) splits may pay off with it.
             for mult, bn in itertools.product((1, 2, 4, 8), (64, 32)):
                 splits = heur * mult
@@ -124,6 +134,11 @@ def sweep_tree_attention(sw: Sweep, bench: Bench):
             for splits in sorted({heur, 1, 2, 4, 8, 16, 32, 64}):
                 fn = lambda s=splits: cuda_ops.tree_attention(q, k, v, prefix, bits, kv_len, splits=s)
                 sw.time_variant("cuda tree_attention", case, f"splits={splits}", fn, ref, nbytes, default=splits == heur)
+                if splits > 1:
+                    fn = lambda s=splits: cuda_ops.tree_attention(q, k, v, prefix, bits, kv_len, splits=s,
+                                                                  merge="launch" if N * H // Hkv <= 16 else "kernel")
+                    sw.time_variant("cuda tree_attention", case, f"splits={splits}, the other merge", fn, ref,
+                                    nbytes)
 
 
 def sweep_fused_input(sw: Sweep, bench: Bench):

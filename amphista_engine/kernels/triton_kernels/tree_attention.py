@@ -111,20 +111,27 @@ def _merge_if_last(OPart, LsePart, Counter, Out, stride_ob, stride_oh, stride_on
 @triton.jit
 def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
                stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr, ROW_BOUND: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr, ROW_BOUND: tl.constexpr = False,
+               load_hi=0, WINDOW: tl.constexpr = False):
     """One K/V tile [start, start + BLOCK_N) of the online softmax; returns the updated (acc, m_i, l_i).
     MASKED: keys past hi are out, and tree slots (from P on) need the row's ancestor bit; with ROW_BOUND
-    instead, `bits` holds each row's own key bound (the ordered path's s(p))."""
+    instead, `bits` holds each row's own key bound (the ordered path's s(p)). WINDOW: the loads stop at
+    load_hi (a host bound) instead of hi, and V is zeroed past hi in registers (so stale or NaN cache slots
+    cannot reach 0 * NaN); the scores there are masked like any key past hi."""
     j = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        k_ok = j < hi
-        ld_mask = k_ok[:, None] & d_ok[None, :]
+    if WINDOW:
+        ld_mask = (j < load_hi)[:, None] & d_ok[None, :]
+    elif MASKED:
+        ld_mask = (j < hi)[:, None] & d_ok[None, :]
     else:
         ld_mask = d_ok[None, :]
     k = tl.load(k_base + j[:, None] * stride_ks + d[None, :] * stride_kd, mask=ld_mask, other=0.0)
     v = tl.load(v_base + j[:, None] * stride_vs + d[None, :] * stride_vd, mask=ld_mask, other=0.0)
+    if WINDOW:
+        v = tl.where((j < hi)[:, None], v, tl.zeros_like(v))
     s = dot(q, tl.trans(k), EXACT) * qk_scale
     if MASKED:
+        k_ok = j < hi
         if ROW_BOUND:
             allowed = k_ok[None, :] & (j[None, :] < bits[:, None])
         else:
@@ -156,6 +163,7 @@ def _tree_attn_fwd(
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
     MERGE_HERE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1, PDL: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
     pdl_start(PDL)
     b64, kvh, pid_m, split, H = _program_ids(H_KV, G)
@@ -172,17 +180,25 @@ def _tree_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Tiles wholly inside the prefix: every key visible, no mask to compute.
-    end_full = lo + tl.maximum(tl.minimum(hi, P) - lo, 0) // BLOCK_N * BLOCK_N
-    for start in range(lo, end_full, BLOCK_N):
-        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                                   BLOCK_N, False, EXACT)
-    # The rest: the prefix's ragged end and the tree slots, under the ancestor mask.
-    for start in range(end_full, hi, BLOCK_N):
-        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                                   BLOCK_N, True, EXACT)
+    if WINDOW:
+        # One masked loop over the split's share of the host's window [0, kv_len): no load waits for the
+        # prefix length (only the mask does), at the price of reading the window's tail past the row's end.
+        for start in range(lo, tl.minimum(lo + chunk, kv_len), BLOCK_N):
+            acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                       BLOCK_N, True, EXACT, load_hi=kv_len, WINDOW=True)
+    else:
+        # Tiles wholly inside the prefix: every key visible, no mask to compute.
+        end_full = lo + tl.maximum(tl.minimum(hi, P) - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, end_full, BLOCK_N):
+            acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                       BLOCK_N, False, EXACT)
+        # The rest: the prefix's ragged end and the tree slots, under the ancestor mask.
+        for start in range(end_full, hi, BLOCK_N):
+            acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                       BLOCK_N, True, EXACT)
 
     if SINGLE:
         out = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # padding rows may see no key: no 0 / 0 there
@@ -337,11 +353,15 @@ def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
                    bits: torch.Tensor, kv_len: int, scale: float | None = None, num_splits: int | None = None,
                    block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int | None = None,
-                   merge: str | None = None) -> torch.Tensor:
+                   merge: str | None = None, window: bool = False) -> torch.Tensor:
     """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
     Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic;
     it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py. merge: "launch", "kernel"
-    or "auto" (kernels/split_merge.py); None = its default_merge()."""
+    or "auto" (kernels/split_merge.py); None = its default_merge(). window (opt-in, untimed): one masked loop
+    whose loads are bounded by kv_len, not by the prefix length (see _tree_attn_fwd): no load waits for that
+    length, but the window's tail past the row's end is read too. Compiled for sm_90 (bf16, D = 128) it needs
+    fewer registers and spills less: BLOCK_M 16, 174 registers vs 255 with 32 bytes spilled; 64 rows of one KV
+    head, 212 vs 255 with 256 bytes spilled. The GPU tune weighs that against the extra bytes."""
     B, H, N, D = q.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -382,7 +402,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
             G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
             EXACT=exact_dot(q.dtype), MERGE_HERE=merge_here, BLOCK_S=next_pow2(splits) if merge_here else 1,
-            PDL=on, num_warps=num_warps, num_stages=num_stages, **pdl_launch(on),
+            PDL=on, WINDOW=window, num_warps=num_warps, num_stages=num_stages, **pdl_launch(on),
         )
 
     if num_stages is not None:
