@@ -166,8 +166,11 @@ def head_attention(z, pos_emb, norm_w, eps: float, wqkv, n_heads: int, scale: Op
             or tuple(wqkv.shape) != (3 * d, d) or not _on(dev, pos_emb, norm_w, wqkv)
             or (pos_emb is not None and (pos_emb.dtype != z.dtype or tuple(pos_emb.shape) != (K, d)))):
         return NotImplemented
-    x = z if pos_emb is None else z + pos_emb
-    h = rmsnorm(x.contiguous(), norm_w.contiguous(), eps)
+    if pos_emb is None:
+        x, h = z, rmsnorm(z.contiguous(), norm_w.contiguous(), eps)
+    else:                                                  # one launch: pos_emb [K, d] repeats over the requests
+        got = add_rmsnorm(z.contiguous(), pos_emb.contiguous(), norm_w.contiguous(), eps)
+        x, h = (z, got) if got is NotImplemented else got
     if h is NotImplemented:
         return NotImplemented
     qkv = F.linear(h, wqkv).contiguous()                   # [N, K, 3d]: q | k | v, heads concatenated
