@@ -77,7 +77,9 @@ def default_backend(device=None) -> str:
         name = "torch"
         # Triton first on CUDA: measured side by side on an H200 (benchmarks/results/gpu/h200_2026-11-27_tune),
         # the Llama-7B-shape decode step under CUDA graphs took 4.71 ms with triton and 5.30 ms with cuda
-        # (plain), 5.94 vs 6.54 ms (Amphista, 64 nodes): our CUDA tree attention is the slower kernel.
+        # (plain), 5.94 vs 6.54 ms (Amphista, 64 nodes): our CUDA tree attention was the slower kernel. It is
+        # rewritten since (cp.async, in-kernel merge, 2026-12-04c) and untimed: benchmarks/gpu_decide.py says
+        # when the cuda rows justify switching.
         if dev == "cuda":
             if triton_available():
                 name = "triton"
