@@ -166,7 +166,8 @@ class Engine:
         setup; always yes on a GPU)."""
         from .speculation_check import check_speculation
         if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now
-            raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
+            raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped '
+                             'ones, or engine.load_heads(DIR)')
         tree = None if tree == "auto" else tree
         key = _tree_key(tree)
         if key not in self._checks:

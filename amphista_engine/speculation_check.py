@@ -120,7 +120,8 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     where the heads record none. Times `repeats` steps of each after `warmup` on a random prompt (a few seconds
     on a CPU, once per machine and setup: the times persist in `costs_file()`)."""
     if engine.heads is None:
-        raise InputError("speculation_check needs drafting heads: Engine.load_heads(DIR)")
+        raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped ones, '
+                         'or engine.load_heads(DIR)')
     tree = None if tree == "auto" else tree
     spec = engine._tree_spec(tree)
     if engine.device.type != "cpu":

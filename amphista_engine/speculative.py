@@ -242,7 +242,8 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
     if method not in ("amphista", "medusa"):
         raise InputError(f"speculative must be 'amphista', 'medusa', 'auto' or None, got {method!r}")
     if engine.heads is None:
-        raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., heads=DIR)")
+        raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., heads=\"default\")"
+                         " for the shipped ones, heads=DIR for your own, or engine.load_heads(...)")
     if engine.heads.config.kind != method:
         raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
     spec = engine._tree_spec(tree)

@@ -245,7 +245,7 @@ def test_bad_speculative_inputs(tmp_path):
 def test_engine_speculative_api(tiny_hf_dir, tmp_path):
     from amphista_engine import Engine
     engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256)
-    with pytest.raises(InputError, match="needs drafting heads"):
+    with pytest.raises(InputError, match='needs drafting heads: Engine.from_pretrained\\(..., heads="default"\\)'):
         engine.generate("The quick brown fox", chat=False, speculative="amphista")
     heads = random_heads("medusa", engine.model, num_heads=4, seed=2)
     save_heads(heads, tmp_path / "medusa")
