@@ -51,13 +51,17 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
 
 def _load(args):
     """The engine, and how it decodes: (engine, speculative method or None, tree, speculation check or None)."""
-    from .engine import Engine, check_max_new_tokens
+    from .engine import Engine, check_max_new_tokens, check_stop
     from .sampling import SamplingParams
     from .shipped_heads import resolve_heads
 
     # The decoding flags are checked before the load and the speculation timing (seconds), not after them.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     check_max_new_tokens(args.max_new_tokens)
+    check_stop(args.stop)
+    if args.max_new_tokens >= args.max_seq_len:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the cache "
+                         f"(--max-seq-len {args.max_seq_len}); raise --max-seq-len or lower --max-new-tokens")
     if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
         raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")
@@ -138,21 +142,28 @@ def _chat_turn(engine, system, history, turn, kwargs):
     that do not. Returns the result, or None when there is none to keep (interrupted, or `turn` alone too long)."""
     from .errors import CacheFullError
 
+    kept = list(history)              # the exchanges go from `history` only once the turn is answered
     while True:
         try:
-            return _stream_answer(engine, system + history + turn, **kwargs)
+            result = _stream_answer(engine, system + kept + turn, **kwargs)
         except KeyboardInterrupt:     # Ctrl-C stops this answer, not the conversation (at the prompt: quits)
             print("\n(interrupted: this exchange is not kept)", file=sys.stderr)
             return None
         except CacheFullError as e:
-            if not history:
-                print(f"amphista: error: {e}", file=sys.stderr)
+            if not kept:              # the message alone does not fit: the conversation stays as it was
+                print(f"amphista: error: {e} (the conversation so far is kept)", file=sys.stderr)
                 return None
-            del history[:2]           # the oldest exchange
-            print("(the oldest exchange no longer fits the cache: dropped)", file=sys.stderr)
+            del kept[:2]              # the oldest exchange
+            continue
+        if len(kept) < len(history):
+            n = (len(history) - len(kept)) // 2
+            print("(the oldest exchange no longer fits the cache: dropped)" if n == 1 else
+                  f"(the oldest {n} exchanges no longer fit the cache: dropped)", file=sys.stderr)
+            del history[:len(history) - len(kept)]
+        return result
 
 
-CHAT_HELP = "type a message; /reset starts a new conversation, /exit (or end of input) quits"
+CHAT_HELP = "type a message; /reset starts a new conversation, /help shows this, /exit (or end of input) quits"
 
 
 def cmd_chat(args) -> int:
@@ -177,6 +188,9 @@ def cmd_chat(args) -> int:
         if text == "/reset":
             history.clear()
             print("(new conversation)", file=sys.stderr)
+            continue
+        if text == "/help":
+            print(CHAT_HELP, file=sys.stderr)
             continue
         if not text:
             continue

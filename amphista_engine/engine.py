@@ -35,8 +35,18 @@ class GenerationResult:
 
 
 def check_max_new_tokens(max_new_tokens):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def check_stop(stop) -> list[str]:
+    """Stop strings as a list: None, one string or a list of non-empty strings."""
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(not s for s in stop):
+        raise InputError("stop strings must be non-empty")
+    return list(stop)
 
 
 @dataclass
@@ -130,7 +140,7 @@ class Engine:
                 raise InputError("prompt is empty")
             use_chat = chat if chat is not None else self.tokenizer.chat_template is not None
             text = render_chat(self.tokenizer, prompt, template=template) if use_chat else prompt
-        elif isinstance(prompt, Sequence) and prompt:
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and prompt:
             if chat is False:
                 raise InputError("a message list needs chat formatting; pass a string with chat=False")
             text = render_chat(self.tokenizer, list(prompt), template=template)
@@ -216,8 +226,13 @@ class Engine:
         The prefix's K/V then come from that run (its prefill and decode steps), so the logits can differ from a
         fresh run's in the last bits: off by default, where repeated calls must give the same answer."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
+            raise InputError(f"prompts must be a list of prompts (strings or message lists), got "
+                             f"{type(prompts).__name__}; for one prompt use generate() or stream()")
         if not prompts:
             raise InputError("no prompts given")
+        if reuse_prefix and len(prompts) > 1:
+            raise InputError(f"reuse_prefix applies to one prompt (a chat's history), got {len(prompts)} prompts")
         from .speculative import ACCEPTANCE
         if acceptance not in ACCEPTANCE:      # checked even where the run turns out plain (speculative="auto")
             raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
@@ -225,20 +240,15 @@ class Engine:
             what = f"tree={tree!r}" if tree is not None else f"acceptance={acceptance!r}"
             raise InputError(f"{what} applies to speculative decoding, but speculative=None decodes plainly; pass "
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
-        stop = [stop] if isinstance(stop, str) else stop or []
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
-        stop = list(stop)
-        if any(not s for s in stop):
-            raise InputError("stop strings must be non-empty")
+        stop = check_stop(stop)
         ids = [self.encode_prompt(p, chat) for p in prompts]
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance)
         for p in ids:
             self._check_room(p, max_new_tokens, extra)
         kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
-        if reuse_prefix and len(ids) == 1:
+        if reuse_prefix:
             decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
-        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix and len(ids) == 1)
+        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix)
 
     def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.

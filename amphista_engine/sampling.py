@@ -17,14 +17,19 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
-            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+            v = getattr(self, name)      # bools are ints to Python: a flag passed here by mistake is no number
+            if isinstance(v, bool) or not isinstance(v, int if name == "top_k" else (int, float)):
+                kind = "an integer" if name == "top_k" else "a number"
+                raise InputError(f"{name} must be {kind}, got {type(v).__name__} {v!r}")
+        if not 0 <= self.temperature < float("inf"):
+            raise InputError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise InputError(f"repetition_penalty must be finite and > 0 (1 = off), got {self.repetition_penalty!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")

@@ -100,6 +100,9 @@ class TreeSpec:
                                   f"a JSON list of rank paths, or a .json file holding one")
             self.static = build_tree(tree, TOPK, device)
             self.num_nodes, self.max_depth = self.static.num_nodes, self.static.max_depth
+            if self.num_nodes < 2:        # the root alone: every step would pay the heads for nothing
+                raise ConfigError(f"tree {self.name if self.name != 'custom' else tree!r} has no draft nodes; "
+                                  f"give at least one path, e.g. [[0]]")
             if self.max_depth > num_heads:
                 raise ConfigError(f"tree {self.name!r} is {self.max_depth} deep but the heads draft only "
                                   f"{num_heads} tokens; pick a tree at most {num_heads} deep")

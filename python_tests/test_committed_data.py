@@ -45,3 +45,13 @@ def test_committed_prompts_are_not_mt_bench_questions():
     leaked = [(name, r["id"]) for name, r in records()
               if any(q in " ".join(r["prompt"].split()) for q in questions)]     # a question anywhere in a prompt
     assert not leaked, leaked[:5]
+
+
+def test_packaged_eval_keys_cover_mt_bench():
+    """distill and train refuse MT-Bench questions by the keys packaged in amphista_engine/data: they must be
+    those of every turn of the evaluation file."""
+    from amphista_engine.training.data import _eval_keys, eval_prompt_key
+    if not MT_BENCH.is_file():
+        pytest.skip(f"{MT_BENCH} is not on this machine")
+    turns = [t for line in MT_BENCH.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]]
+    assert {eval_prompt_key(t) for t in turns} == _eval_keys() and len(turns) == 160

@@ -114,6 +114,11 @@ def test_repetition_penalty_changes_output(engine):
     (dict(acceptance="foo"), "acceptance must be one of"),      # a plain run too
     (dict(tree="tree-16"), r"tree='tree-16' applies to speculative decoding"),   # not silently plain
     (dict(acceptance="typical"), r"acceptance='typical' applies to speculative decoding"),
+    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(temperature="0.5"), "temperature must be a number, got str"),
+    (dict(top_p="0.9"), "top_p must be a number, got str"),
+    (dict(top_k=True), "top_k must be an integer, got bool"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
 ])
 def test_bad_generation_parameters(engine, kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -127,6 +132,13 @@ def test_bad_prompts(engine):
         engine.generate("fox " * 400, chat=False, max_new_tokens=1)
     with pytest.raises(InputError, match="empty"):
         engine.stream("")    # raises on the call, not on the first chunk
+    with pytest.raises(InputError, match="prompt must be a non-empty string or list of messages, got bytes"):
+        engine.generate(b"The quick brown fox")
+    # a string is one prompt, not a batch of its characters
+    with pytest.raises(InputError, match="prompts must be a list of prompts .* got str; for one prompt use generate"):
+        engine.generate_batch("The quick brown fox")
+    with pytest.raises(InputError, match="reuse_prefix applies to one prompt .* got 2 prompts"):
+        engine.generate_batch(["The quick", "brown fox"], chat=False, reuse_prefix=True)
 
 
 def test_a_cache_larger_than_memory_is_refused_by_name(tiny_hf_dir, monkeypatch):
@@ -220,7 +232,7 @@ def test_cli_errors_are_one_line(capsys):
     # decoding flags fail before anything loads (and before the CPU's speculation timing)
     assert main(["generate", "hi", "--model", "/no/such/model", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
-    assert "temperature must be >= 0" in err and "loading" not in err
+    assert "temperature must be finite and >= 0" in err and "loading" not in err
     assert main(["chat", "--max-new-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert "max_new_tokens must be a positive integer, got 0" in err and "loading" not in err
@@ -265,6 +277,22 @@ def test_cli_chat_keeps_history_resets_and_drops_what_no_longer_fits(tiny_hf_dir
     # a message that cannot fit even alone is reported, and the conversation goes on
     rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox " * 40, "hi"], "--max-seq-len", "180")
     assert rc == 0 and "the cache (max_seq_len=180)" in err and len(prompts) == 1 and "Traceback" not in err
+    # ... and the history before it stays: the next turn still carries the first exchange
+    rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox", "fox " * 40, "/help", "fox"],
+                                  "--max-seq-len", "180")
+    assert rc == 0 and "the conversation so far is kept" in err and "dropped" not in err
+    assert len(prompts) == 2 and prompts[1] > prompts[0] + 4
+    assert err.count("/help shows this") == 2                            # at the start, and for /help
+
+
+def test_cli_checks_stop_and_room_before_loading(capsys):
+    assert main(["chat", "--model", "/no/such/model", "--stop", ""]) == 2
+    err = capsys.readouterr().err
+    assert "stop strings must be non-empty" in err and "loading" not in err
+    assert main(["generate", "hi", "--model", "/no/such/model", "--max-new-tokens", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 5000 leaves no room for a prompt in the cache (--max-seq-len 2048)" in err
+    assert "loading" not in err
 
 
 def test_cli_chat_ctrl_c_stops_the_answer_not_the_conversation(tiny_hf_dir, monkeypatch, capsys):

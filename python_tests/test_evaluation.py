@@ -78,6 +78,9 @@ def test_summary_keys_counts_and_files(setup, tmp_path):
     assert len(first["turns"]) == len(first["token_ids"]) == len(first["wall_time"]) == 2
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["meta"]["n_questions"] == 3 and on_disk["overall"]["medusa"]["turns"] == 4
+    used = on_disk["meta"]["tree_used"]                     # the tree each method's heads ran, named
+    assert set(used) == {"medusa", "amphista"} and all(isinstance(t, str) and t for t in used.values())
+    assert KW.get("tree") is None or set(used.values()) == {KW["tree"]}
     assert "| **overall** |" in (tmp_path / "summary.md").read_text()
     for png in ("tau_per_category.png", "speedup_per_category.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
@@ -230,6 +233,10 @@ def test_bench_refuses_large_on_cpu_and_bad_tau(tmp_path):
         run_bench(random_weights=True, shape="tiny", device="cpu", draft_vocab="all", out=None, log=lambda m: None)
     with pytest.raises(AmphistaError, match="unknown tree 'nope-3'"):
         run_bench(random_weights=True, shape="tiny", device="cpu", trees="nope-3", out=None, log=lambda m: None)
+    with pytest.raises(InputError, match="--num-heads must be a positive integer, got 0"):
+        run_bench(random_weights=True, shape="tiny", device="cpu", num_heads=0, out=None, log=lambda m: None)
+    with pytest.raises(InputError, match="--warmup must be >= 0, got -1"):
+        run_bench(random_weights=True, shape="tiny", device="cpu", warmup=-1, out=None, log=lambda m: None)
     assert parse_tau("2.5") == {"medusa": 2.5, "amphista": 2.5}
     with pytest.raises(InputError, match=">= 1"):
         parse_tau("medusa=0.5")

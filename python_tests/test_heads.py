@@ -263,6 +263,10 @@ def test_load_errors(target, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         load_heads(tmp_path / "empty", target)
+    (tmp_path / "h" / "notes.jsonl").write_text("{}\n")      # a file beside real heads: named, not its folder
+    with pytest.raises(ModelLoadError, match=r"heads path .*notes.jsonl is a file; expected a heads directory"):
+        load_heads(tmp_path / "h" / "notes.jsonl", target)
+    assert load_heads(tmp_path / "h" / "config.json", target) is not None   # the checkpoint's own files still do
     with pytest.raises(ConfigError, match="3 were requested"):
         load_heads(tmp_path / "h", target, num_heads=3)
     cfg = json.loads((tmp_path / "h" / "config.json").read_text())

@@ -230,6 +230,8 @@ def test_bad_speculative_inputs(tmp_path):
         TreeSpec("mc_sim_7b_63", 3, "cpu")
     with pytest.raises(ConfigError, match="dynamic"):
         TreeSpec("dynamic-x", 3, "cpu")
+    with pytest.raises(ConfigError, match=r"tree '\[\]' has no draft nodes"):
+        TreeSpec("[]", 3, "cpu")
     with pytest.raises(ConfigError, match="JSON"):
         TreeSpec("[[0], [0, 0]", 3, "cpu")
     assert TreeSpec("[[0], [1], [0, 0]]", 3, "cpu").num_nodes == 4        # path lists from a command line

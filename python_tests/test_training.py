@@ -158,6 +158,10 @@ def test_resume_refuses_other_recipe(shard, target, tmp_path):
         train_heads(cfg(shard, tmp_path / "o", steps=4, kind="medusa", resume=True), target=target)
     with pytest.raises(InputError, match="no trainer state"):
         train_heads(cfg(shard, tmp_path / "none", steps=2, resume=True), target=target)
+    # a finished run is not replaced without a word: --resume continues it, --overwrite replaces it
+    with pytest.raises(InputError, match="already holds trainer_state.pt and model.safetensors: pass --resume"):
+        train_heads(cfg(shard, tmp_path / "o", steps=2), target=target)
+    assert train_heads(cfg(shard, tmp_path / "o", steps=2, overwrite=True), target=target)["steps"] == 2
 
 
 def test_hidden_cache_reused_across_epochs(shard, target, tmp_path):
@@ -283,6 +287,10 @@ def test_distill_resumes_without_duplicates(tmp_path, tiny_hf_dir):
     assert r["answer"] == engine.tokenizer.decode(r["answer_ids"])
     # greedy and batched: the same as one-by-one generation
     assert r["answer_ids"] == engine.generate(r["prompt"], max_new_tokens=6).token_ids
+    assert all(x["max_new_tokens"] == 6 for x in recs)
+    # resuming with another answer budget would mix answers cut at 6 and at 8 tokens in one shard
+    with pytest.raises(InputError, match="holds answers written with --max-new-tokens 6; this run asks for 8"):
+        distill(prompts, out, batch_size=2, max_new_tokens=8, engine=engine, progress=False)
 
 
 def test_distill_offset_worker_takes_the_tail(tmp_path, tiny_hf_dir):
@@ -304,6 +312,8 @@ def test_distill_offset_worker_takes_the_tail(tmp_path, tiny_hf_dir):
     assert sorted(ids) == [f"p{i}" for i in range(5)]
     with pytest.raises(InputError, match="--offset"):
         distill(prompts, b, offset=-1, engine=engine, progress=False)
+    with pytest.raises(InputError, match="--offset 3 is past the 3 prompts of .* taken by --limit 3"):
+        distill(prompts, b, offset=3, limit=3, engine=engine, progress=False)
 
 
 def test_distill_batches_alike_lengths(tmp_path, tiny_hf_dir, monkeypatch):
@@ -345,6 +355,20 @@ def test_read_prompts_formats_and_refusals(tmp_path):
     named.write_text(json.dumps({"id": "1", "source": "s", "prompt": "hi"}) + "\n")
     with pytest.raises(InputError, match="evaluation"):
         read_prompts(named)
+    # an MT-Bench question in a training-format file is refused by its text (case and spacing aside), and in a
+    # shard too, whatever the file is called
+    question = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural " \
+               "experiences and must-see attractions."
+    copied = tmp_path / "mine.jsonl"
+    copied.write_text(json.dumps({"id": "1", "source": "s", "prompt": "ok"}) + "\n"
+                      + json.dumps({"id": "x-1", "source": "s", "prompt": "  " + question.upper() + "\n"}) + "\n")
+    with pytest.raises(InputError, match="1 prompt\\(s\\) are MT-Bench evaluation questions \\(first: id x-1\\)"):
+        read_prompts(copied)
+    shard_file = tmp_path / "shard.jsonl"
+    shard_file.write_text(json.dumps({"id": "x-1", "source": "s", "prompt": question, "prompt_ids": [1, 2],
+                                      "answer_ids": [3, 4, 5]}) + "\n")
+    with pytest.raises(InputError, match="MT-Bench evaluation questions"):
+        load_shard([shard_file], 100, 64)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1", "prompt": "ok"}\n{"id": 2, "prompt": \n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: malformed JSON"):
@@ -417,7 +441,7 @@ def test_eval_tau_per_category(tmp_path, tiny_hf_dir):
                          for i, c in enumerate(["writing", "writing", "math"])))
     res = eval_tau(q, tmp_path / "heads", engine=engine, tree="chain-2", max_new_tokens=8, per_category=1,
                    out=tmp_path / "tau.json", quiet=True)
-    assert res["kind"] == "medusa" and res["questions"] == 2
+    assert res["kind"] == "medusa" and res["questions"] == 2 and res["tree_used"] == "chain-2"
     assert set(res["per_category"]) == {"writing", "math"}
     assert all(v["tau"] >= 1.0 for v in res["per_category"].values())
     assert json.loads((tmp_path / "tau.json").read_text())["overall"]["tau"] == res["overall"]["tau"]
@@ -670,7 +694,24 @@ def test_distill_sampled_answers_of_chosen_sources(tmp_path, tiny_hf_dir):
     seqs = [Sequence(f"q{i}#s{k}", [1, 2, 3], 1) for i in range(200) for k in range(3)]
     train, held = split_heldout(seqs, 0.1)
     assert held and {s.id.split("#")[0] for s in train}.isdisjoint({s.id.split("#")[0] for s in held})
+    # Few prompts, none hashed under the fraction: the fallback prompt is held out and no longer trained on.
+    few = [Sequence(f"q{i}#s{k}", [1, 2, 3], 1) for i in range(3) for k in range(2)]
+    train, held = split_heldout(few, 0.01)
+    assert len(held) == 2 and len(train) == 4 and {s.id for s in train}.isdisjoint({s.id for s in held})
+    assert split_heldout(few[:2], 0.01) == (few[:2], [])         # one prompt: nothing left to hold out
     with pytest.raises(InputError, match="--samples"):
         distill(prompts, out, engine=engine, progress=False, samples=2)
     with pytest.raises(InputError, match="--sources: no prompts of zz"):
         distill(prompts, out, engine=engine, progress=False, sources="b,zz")
+
+
+def test_train_cli_takes_default_for_the_shipped_heads(monkeypatch, capsys):
+    """`train --init-from default` starts from the shipped heads, as generate and eval-tau read 'default'."""
+    from amphista_engine.cli import main
+    from amphista_engine.shipped_heads import shipped_heads
+    from amphista_engine.training import trainer
+    seen = {}
+    monkeypatch.setattr(trainer, "train_heads", lambda cfg: seen.setdefault("cfg", cfg) and {"final_eval": {}})
+    assert main(["train", "--data", "x.jsonl", "--out", "o", "--init-from", "default", "--eval-frac", "0"]) == 0
+    assert seen["cfg"].init_from == str(shipped_heads("smollm2-135m", "amphista"))
+    assert "no held-out evaluation (--eval-frac 0" in capsys.readouterr().err

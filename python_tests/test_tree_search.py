@@ -246,3 +246,16 @@ def test_tree_search_fits_to_a_source_mix(shard, target, tmp_path):  # noqa: F81
     assert extra["tree_search"]["source_weights"] == {}
     with pytest.raises(ConfigError, match="not in the training data: nosuch"):
         tree_search([shard, other], tmp_path / "h", nodes=(6,), eval_frac=0.5, target=target, source_weights="nosuch=2")
+
+
+def test_tree_search_cli_checks_before_loading(tmp_path, capsys):
+    """Bad sizes and a --save into the shipped heads fail in one line, before any model loads; 'default' names the
+    shipped heads (as generate and eval-tau take it)."""
+    from amphista_engine.cli import main
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    assert main(["tree-search", "--data", str(data), "--heads", "default", "--save"]) == 2
+    assert "--save would write into the shipped heads" in capsys.readouterr().err
+    assert main(["tree-search", "--data", str(data), "--heads", "default", "--nodes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--nodes '0': expected a comma list of node counts of at least 2" in err and "Traceback" not in err

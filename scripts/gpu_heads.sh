@@ -121,7 +121,7 @@ train)
             --lambda 0.8 --mse-weight "$MSE" --loss-positions "$LOSS_POSITIONS" --draft-vocab "$DRAFT_VOCAB" \
             --steps "$2" --batch-tokens "$BATCH_TOKENS" --lr "$LR" --warmup $(( $2 / 25 + 1 )) --clip 1.0 --seed 0 \
             --train-dtype bf16 --save-dtype bf16 --eval-every $(( $2 / 8 + 1 )) --eval-max-seqs 64 \
-            --log "$3.jsonl" "${warm[@]}"
+            --log "$3.jsonl" --overwrite "${warm[@]}"
     }
     export TQDM_MININTERVAL=15
     if [ -z "${STEPS:-}" ]; then     # time 10 and 30 steps of both kinds at once; the difference is 20 steps

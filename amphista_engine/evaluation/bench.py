@@ -100,9 +100,11 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     trees = [t.strip() for t in (trees.split(",") if isinstance(trees, str) else trees) if t.strip()]
     if not trees:
         raise InputError("--trees is empty")
-    for name, value in (("prompt-tokens", prompt_tokens), ("repeats", repeats)):
+    for name, value in (("prompt-tokens", prompt_tokens), ("repeats", repeats), ("num-heads", num_heads)):
         if value < 1:
             raise InputError(f"--{name} must be a positive integer, got {value}")
+    if warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {warmup}")
     methods = list(methods)
     unknown = [m for m in methods if m not in ("medusa", "amphista")]
     if unknown:

@@ -199,7 +199,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
 
     # Load every method's heads once; switching methods then just swaps the module on the engine.
     loaded: dict[str, object] = {"ar": None}
-    room = 0
+    room, trees_used = 0, {}
     for m, path in heads_paths.items():
         h = engine.load_heads(path)
         if h.config.kind != m:
@@ -207,6 +207,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         spec = engine._tree_spec(tree)           # also rejects an unknown tree or one deeper than the heads
         room = max(room, spec.num_nodes + spec.max_depth)
         loaded[m] = h
+        trees_used[m] = spec.name                # what tree=None resolved to for these heads
 
     answers_file = out / ANSWERS
     done = load_answers(answers_file, log)
@@ -236,7 +237,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     summary = summarize(records, methods, check_equality=greedy)
     summary["meta"] = {**environment(engine.device), **config, "questions_path": str(questions),
                        "n_questions": len(qs), "categories_filter": categories, "limit": limit,
-                       "per_category": per_category, "warmup": warmup,
+                       "per_category": per_category, "warmup": warmup, "tree_used": trees_used,
                        "max_seq_len": engine.max_seq_len, "methods": methods,
                        "note": "tokens_per_s = new tokens / wall time of the whole generate call (prefill "
                                "included), as Spec-Bench; speedup = tokens_per_s / ar tokens_per_s"}

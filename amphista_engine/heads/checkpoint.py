@@ -154,6 +154,9 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"heads path not found: {path}")
+    if path.is_file() and path.name not in ("config.json", "model.safetensors"):
+        raise ModelLoadError(f"heads path {path} is a file; expected a heads directory (config.json + "
+                             f"model.safetensors, as save_heads writes)")
     directory = path if path.is_dir() else path.parent
     cfg_file, weights = directory / "config.json", directory / "model.safetensors"
     for f in (cfg_file, weights):

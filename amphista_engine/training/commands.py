@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..errors import InputError
 
@@ -17,9 +18,14 @@ def cmd_distill(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from ..shipped_heads import heads_alias
     from .trainer import TrainConfig, train_heads
+    if args.init_from is not None:        # "default": the shipped heads, as generate and eval-tau take them
+        args.init_from = str(heads_alias(args.init_from, args.model))
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
     result = train_heads(cfg)
+    if not cfg.fill_cache and not result.get("final_eval"):
+        print(f"train: no held-out evaluation (--eval-frac {cfg.eval_frac} held out no sequence)", file=sys.stderr)
     print(json.dumps(result if cfg.fill_cache else result.get("final_eval", {})))
     return 0
 
@@ -33,12 +39,21 @@ def cmd_eval_tau(args) -> int:
 
 
 def cmd_tree_search(args) -> int:
+    from ..shipped_heads import heads_alias
     from .tree_search import tree_search
+
     def sizes(flag, text):
         try:
-            return [int(n) for n in str(text).split(",") if n.strip()]
+            got = [int(n) for n in str(text).split(",") if n.strip()]
         except ValueError:
-            raise InputError(f"{flag} {text!r}: expected a comma list of node counts, e.g. 16,32,63") from None
+            got = None
+        if got is None or any(n < 2 for n in got):
+            raise InputError(f"{flag} {text!r}: expected a comma list of node counts of at least 2 (the root and "
+                             f"one draft), e.g. 16,32,63")
+        return got
+    if args.heads == "default" and args.save:
+        raise InputError("--save would write into the shipped heads: copy them to a directory and pass that")
+    args.heads = str(heads_alias(args.heads, args.model))
     nodes = sizes("--nodes", args.nodes)
     dynamic = [n for n in nodes if n <= 64] if args.dynamic is None else sizes("--dynamic", args.dynamic)
     tree_search(args.data, args.heads, model=args.model, nodes=nodes, out=args.out, save=args.save,
@@ -107,6 +122,8 @@ def register(sub) -> None:
     t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = at evals/end)")
     t.add_argument("--max-seq-len", type=int, default=1024, help="longer sequences are skipped (counted)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the heads (and trainer state) already in OUT instead of refusing to")
     t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
     t.add_argument("--chunk", type=int, default=256, help="positions per loss chunk (bounds [N, K, V] memory)")
     t.add_argument("--log", default=None, help="also append JSON lines (train/eval metrics) to this file")
@@ -135,8 +152,9 @@ def register(sub) -> None:
     t.add_argument("--init", default="identity", choices=["identity", "default"],
                    help="identity: heads start as the target's own next-token head (default)")
     t.add_argument("--init-from", default=None,
-                   help="start from these trained heads (same target and layout, or a deeper one: added layers "
-                        "start as pass-throughs, so training starts from exactly the source's drafts)")
+                   help="start from these trained heads ('default': the shipped ones; same target and layout, or a "
+                        "deeper one: added layers start as pass-throughs, so training starts from exactly the "
+                        "source's drafts)")
     t.add_argument("--layers-per-stage", type=int, default=None, help="Amphista: SAL layers per stage (default 1)")
     t.add_argument("--aeb-layers", type=int, default=None, help="Amphista: auto-embedding layers (default 1)")
     t.add_argument("--sal-intermediate-size", type=int, default=None,
@@ -147,7 +165,7 @@ def register(sub) -> None:
     s = sub.add_parser("tree-search", help="fit static trees to trained heads on the held-out split of their "
                        "training data; --save stores them in the heads as tuned-N")
     s.add_argument("--data", required=True, nargs="+", help="the JSONL shard(s) the heads were trained on")
-    s.add_argument("--heads", required=True, help="heads directory")
+    s.add_argument("--heads", required=True, help="heads directory, or 'default' for the shipped heads")
     _model_args(s)
     s.add_argument("--nodes", default="16,32,63", help="comma list of tree sizes (nodes incl. the root)")
     s.add_argument("--dynamic", default=None,

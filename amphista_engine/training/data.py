@@ -1,8 +1,10 @@
 """Distillation data I/O: prompt files in, an append-only JSONL shard out, and the shard read back for training.
 
 Shard records (one JSON object per line): {"id", "source", "prompt", "prompt_ids", "answer_ids", "answer",
-"finish_reason"}. `prompt_ids` is the chat-formatted prompt as the target saw it; `answer_ids` the target's
-greedy answer without the EOS token (`finish_reason` says whether it ended on EOS or on the length limit).
+"finish_reason", "max_new_tokens"}. `prompt_ids` is the chat-formatted prompt as the target saw it; `answer_ids` the
+target's greedy answer without the EOS token (`finish_reason` says whether it ended on EOS or on the length limit,
+`max_new_tokens`, absent in shards written before 2026-12-04, what that limit was; sampled answers also carry
+`temperature` and `top_p`).
 
 Crash safety: every record is written with ONE os.write of the whole line (newline included), then flushed and
 fsynced. A run killed mid-write can leave at most a partial last line, with no newline; `ShardWriter` trims it on
@@ -11,13 +13,16 @@ start (the record is regenerated), so a shard never holds a duplicated or trunca
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
+import re
 import sys
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import InputError
@@ -38,6 +43,39 @@ class Prompt:
     id: str
     source: str
     prompt: str
+
+
+EVAL_HASHES = Path(__file__).resolve().parent.parent / "data" / "eval_prompt_hashes.txt"
+
+
+def eval_prompt_key(text: str) -> str:
+    """A prompt's key for the evaluation check: case and runs of whitespace do not hide a copied question."""
+    return hashlib.sha1(re.sub(r"\s+", " ", text).strip().lower().encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _eval_keys() -> frozenset[str]:
+    return frozenset(line.strip() for line in EVAL_HASHES.read_text().splitlines()
+                     if line.strip() and not line.startswith("#"))
+
+
+def write_eval_prompt_hashes(questions, out=EVAL_HASHES):
+    """Rebuilds the packaged keys from a Spec-Bench-format question file (every turn of every question)."""
+    keys = sorted({eval_prompt_key(t) for line in Path(questions).read_text().splitlines() if line.strip()
+                   for t in json.loads(line)["turns"]})
+    head = [line for line in Path(out).read_text().splitlines() if line.startswith("#")] if Path(out).exists() else []
+    Path(out).write_text("\n".join(head + keys) + "\n")
+    _eval_keys.cache_clear()
+
+
+def refuse_eval_prompts(where, items):
+    """items: (id, prompt text). Evaluation questions (MT-Bench, by content) must never become training data,
+    whatever file or format they arrive in."""
+    keys = _eval_keys()
+    hits = [i for i, text in items if isinstance(text, str) and eval_prompt_key(text) in keys]
+    if hits:
+        raise InputError(f"{where}: {len(hits)} prompt(s) are MT-Bench evaluation questions (first: id {hits[0]}): "
+                         f"never train on evaluation data; remove them")
 
 
 def _refuse_eval_file(path: Path, first: object):
@@ -104,6 +142,7 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
                                       rec["prompt"]))
     if not prompts:
         raise InputError(f"no prompts found in {path}")
+    refuse_eval_prompts(path, ((p.id, p.prompt) for p in prompts))
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise InputError(f"{path}: prompt ids are not unique (the shard resumes by id)")
@@ -130,6 +169,7 @@ class ShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.ids: set[str] = set()
+        self.max_new_tokens: set[int] = set()    # the answer budgets its records were written with (where recorded)
         self.trimmed = 0          # bytes of a partial last record removed on open
         self.bad_lines = 0
         if self.path.exists():
@@ -151,9 +191,13 @@ class ShardWriter:
             if not line.strip():
                 continue
             try:
-                self.ids.add(str(json.loads(line)["id"]))
+                rec = json.loads(line)
+                self.ids.add(str(rec["id"]))
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 self.bad_lines += 1
+                continue
+            if isinstance(rec.get("max_new_tokens"), int):
+                self.max_new_tokens.add(rec["max_new_tokens"])
 
     def write(self, record: dict):
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -233,6 +277,7 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
             if rid in seen:
                 out.skipped["duplicate id"] += 1
                 continue
+            refuse_eval_prompts(path, [(rid, rec.get("prompt"))])
             ids = p + a
             if not p or len(a) < min_answer:
                 out.skipped["empty prompt or answer"] += 1

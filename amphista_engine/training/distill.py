@@ -32,6 +32,9 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
                          f"(greedy answers to one prompt are all the same)")
     prompts = read_prompts(prompts_file, limit=limit, balance_by_source=balance_by_source, seed=seed)
     # A second worker (its own shard) starts deep in the same balanced order; the two shards train together.
+    if offset and offset >= len(prompts):
+        raise InputError(f"--offset {offset} is past the {len(prompts)} prompts of {prompts_file}"
+                         + (f" taken by --limit {limit}" if limit is not None else "") + ": nothing to distill")
     prompts = prompts[offset:]
     if sources:
         keep = set(sources.split(",") if isinstance(sources, str) else sources) - {""}
@@ -50,6 +53,10 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
     counts = {"prompts": len(prompts), "done_before": 0, "written": 0, "skipped_too_long": 0,
               "answer_tokens": 0, "seconds": 0.0}
     with ShardWriter(out) as shard:
+        other = sorted(shard.max_new_tokens - {max_new_tokens})
+        if other:        # a resumed shard must not mix answer budgets: its records would train unlike each other
+            raise InputError(f"{out} holds answers written with --max-new-tokens {', '.join(map(str, other))}; this "
+                             f"run asks for {max_new_tokens}: use that setting to resume, or another --out")
         todo = [p for p in prompts if p.id not in shard.ids]
         counts["done_before"] = len(prompts) - len(todo)
         if shard.bad_lines:
@@ -82,7 +89,8 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
                                             **sampling, **rng_seed)
             for (p, ids), r in zip(batch, results):
                 rec = {"id": p.id, "source": p.source, "prompt": p.prompt, "prompt_ids": r.prompt_token_ids,
-                       "answer_ids": r.token_ids, "answer": r.text, "finish_reason": r.finish_reason}
+                       "answer_ids": r.token_ids, "answer": r.text, "finish_reason": r.finish_reason,
+                       "max_new_tokens": max_new_tokens}
                 shard.write({**rec, **sampling})
                 counts["written"] += 1
                 counts["answer_tokens"] += len(r.token_ids)

@@ -66,6 +66,7 @@ class TrainConfig:
     save_every: int = 0
     max_seq_len: int = 1024
     resume: bool = False
+    overwrite: bool = False             # replace heads (and a trainer state) already in `out` without --resume
     stop_after: int | None = None
     chunk: int = 256
     log: str | None = None
@@ -128,14 +129,15 @@ def parse_source_weights(spec) -> dict[str, float]:
     items = spec.items() if isinstance(spec, dict) else (
         part.rpartition("=")[::2] for part in str(spec).split(",") if part.strip())
     out = {}
-    for name, w in items:
+    for name, text in items:
         name = str(name).strip()
         try:
-            w = float(w)
+            w = float(text)
         except (TypeError, ValueError):
             w = float("nan")
         if not name or not math.isfinite(w) or w < 0:
-            raise ConfigError(f"--source-weights: bad entry {name!r}={w!r}; expected SOURCE=WEIGHT with WEIGHT >= 0, "
+            entry = f"{name}={text}" if name else str(text)
+            raise ConfigError(f"--source-weights: bad entry {entry!r}; expected SOURCE=WEIGHT with WEIGHT >= 0, "
                               f"e.g. 'alpaca_en_demo=3,gsm8k_train=0.5'")
         out[name] = w
     return out
@@ -159,9 +161,12 @@ def split_heldout(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], li
     if frac <= 0 or len(seqs) < 2:
         return seqs, []
     key = lambda s: int(hashlib.sha1(prompt_id(s.id).encode()).hexdigest()[:8], 16) / 16 ** 8
-    held = [s for s in seqs if key(s) < frac] or [min(seqs, key=key)]
-    train = [s for s in seqs if key(s) >= frac] if len(held) < len(seqs) else seqs
-    return (train or seqs), held
+    # Small data may hash no id under frac: then the lowest prompt is held out (with its sampled answers). A held
+    # prompt never trains: held-out numbers, and the trees tree-search fits on them, would flatter the heads.
+    held_ids = {prompt_id(s.id) for s in seqs if key(s) < frac} or {prompt_id(min(seqs, key=key).id)}
+    held = [s for s in seqs if prompt_id(s.id) in held_ids]
+    train = [s for s in seqs if prompt_id(s.id) not in held_ids]
+    return (train, held) if train else (seqs, [])      # one prompt, or frac covering them all: nothing held
 
 
 def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int,
@@ -537,6 +542,10 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     if isinstance(cfg.data, (str, Path)):
         cfg.data = [str(cfg.data)]
     out = Path(cfg.out)
+    existing = [f for f in (STATE_FILE, "model.safetensors") if (out / f).is_file()]
+    if existing and not (cfg.resume or cfg.overwrite or cfg.fill_cache):
+        raise InputError(f"{out} already holds {' and '.join(existing)}: pass --resume to continue that run, "
+                         f"--overwrite to replace it, or another --out")
     out.mkdir(parents=True, exist_ok=True)      # now: a bad --out fails before hours of training, not at the save
     if cfg.log:
         Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)     # once, not per logged step
@@ -613,7 +622,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
     step, history = 0, []
-    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "stop_after", "progress", "log")}
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "stop_after", "progress", "log")}
     if cfg.resume:
         sf = out / STATE_FILE
         if not sf.is_file():
