@@ -51,11 +51,15 @@ class PlainDecoder:
         self.cache.reset()
         if r:
             self.cache.length[:B] = r
-        spec = AttentionSpec(self.cache.length[:B], causal_mask(T - r, self.device),
-                             kv_window(T, self.cache.max_seq_len))
-        positions = torch.arange(r, T, device=self.device)[None].expand(B, T - r)
-        logits, hidden = self.model(tokens[:, r:], positions, self.cache, spec, return_hidden=True,
-                                    logits_at=(lengths - 1 - r)[:, None])
+        chunk = self.model.prefill_chunk(self.cache)
+        if chunk is None or T - r <= chunk:
+            spec = AttentionSpec(self.cache.length[:B], causal_mask(T - r, self.device),
+                                 kv_window(T, self.cache.max_seq_len))
+            positions = torch.arange(r, T, device=self.device)[None].expand(B, T - r)
+            logits, hidden = self.model(tokens[:, r:], positions, self.cache, spec, return_hidden=True,
+                                        logits_at=(lengths - 1 - r)[:, None])
+        else:
+            logits, hidden = self._prefill_chunks(tokens, lengths, r, chunk)
         self.cache.length[:B] = lengths      # padded slots past a row's length are overwritten later
         self.host_len = T
         self.forwards += 1
@@ -66,6 +70,23 @@ class PlainDecoder:
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
         return self.next.clone()          # the state tensor itself changes in place at every step
+
+    def _prefill_chunks(self, tokens, lengths, r: int, chunk: int):
+        """Prefill [r, T) in forwards of `chunk` tokens (Transformer.prefill_chunk): (last-token logits, hidden)."""
+        B, T = tokens.shape
+        hidden = []
+        for s in range(r, T, chunk):
+            e = min(s + chunk, T)
+            self.cache.length[:B] = s
+            spec = AttentionSpec(self.cache.length[:B], causal_mask(e - s, self.device),
+                                 kv_window(e, self.cache.max_seq_len))
+            positions = torch.arange(s, e, device=self.device)[None].expand(B, e - s)
+            _, h = self.model(tokens[:, s:e], positions, self.cache, spec, return_hidden=True,
+                              logits_at=torch.empty(B, 0, dtype=torch.long, device=self.device))
+            hidden.append(h)
+        hidden = torch.cat(hidden, 1)
+        last = (lengths - 1 - r)[:, None, None].expand(-1, 1, hidden.shape[-1])
+        return self.model.output(torch.gather(hidden, 1, last)), hidden     # as the forward's logits_at does
 
     def _on_prefill(self, tokens: torch.Tensor, hidden: torch.Tensor):
         """Hook for decoders that also need the prompt's hidden states (the drafting heads do): those of the

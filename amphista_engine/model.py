@@ -241,6 +241,17 @@ class Transformer(nn.Module):
         half-precision path of kernels/gpu_exact.py: routed linears, AMPHISTA_EXACT_GREEDY=1)."""
         return self.ordered_attention and gpu_exact.applies(cache.k) and self.routed()
 
+    def prefill_chunk(self, cache: KVCache) -> int | None:
+        """Tokens per forward for a long prefill, or None for one forward. A 4-bit model on the cpu backend runs
+        at most cpu_ops.STACK_ROWS tokens through its C++ layer stack; a longer forward took the Python layer
+        loop, whose attention sums in another order, and int8-rounded activations can turn that last-bit
+        difference into a different token. In chunks, a prompt's logits are the same bits whatever its length
+        and whatever it is batched with."""
+        if cache.k.device.type == "cpu" and cpu_ops.stack_runs(self.layers, self.norm, self.config, cache.k.dtype,
+                                                               self):
+            return cpu_ops.STACK_ROWS
+        return None
+
     def fuses_layers(self, x: torch.Tensor) -> bool:
         """Whether this forward takes Block.forward_fused: the linears are routed and the step has few rows,
         the weight-streaming kernel's case. Training (tensors that need gradients) keeps the unfused layers,

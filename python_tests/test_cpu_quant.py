@@ -189,6 +189,23 @@ def test_q4_speculative_greedy_equals_plain_greedy(q4_engine, tree):
         assert spec.stats.tau > 1.0
 
 
+@needs_smollm2
+def test_q4_batch_rows_equal_their_single_runs_past_64_prompt_tokens(q4_engine):
+    """A short prompt batched with one of over 64 tokens gives the tokens it gives alone, plain and speculative:
+    long prefills go through the C++ layer stack in 64-token chunks (Transformer.prefill_chunk). One forward of
+    the padded batch took the Python layer loop, and its attention's other summation order flipped the French
+    row's first token (found by QA on 2026-12-04)."""
+    long = ("Summarize the following notes in one sentence. " + "The meeting covered budgets, hiring plans, the "
+            "office move, the new product roadmap and customer feedback from the spring survey. " * 6)
+    prompts = ["Hi", long, "Écris une courte phrase sur la mer en français."]
+    assert len(q4_engine.encode_prompt(long)) > 2 * 64 >= len(q4_engine.encode_prompt(prompts[2]))
+    for speculative in (None, "amphista"):
+        alone = [q4_engine.generate(p, max_new_tokens=24, speculative=speculative).token_ids for p in prompts]
+        batch = [r.token_ids for r in q4_engine.generate_batch(prompts, max_new_tokens=24, speculative=speculative)]
+        assert batch == alone, speculative
+    assert q4_engine.model.prefill_chunk(q4_engine._cache_for(1)) == cpu_ops.STACK_ROWS
+
+
 # ---- the cpu backend's kernel (csrc/cpu/quant_matmul.h) -------------------------------------------------
 from amphista_engine.kernels import cpu_ops, use_backend  # noqa: E402
 

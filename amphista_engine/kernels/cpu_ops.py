@@ -314,6 +314,17 @@ def quant_linear(x, layer):
 
 
 # ---- a 4-bit model's decoder layers in one call ---------------------------------------------------------
+STACK_ROWS = 64       # tokens per decoder_layers call: one uint64 of ancestor bits per token
+
+
+def stack_runs(layers, final_norm, cfg, dtype, owner) -> bool:
+    """Whether decoder_layers runs these layers (all 4-bit codes of the cpu kernel, under the cpu backend)."""
+    from . import backend
+    return (load_extension() is not None and dtype in _CODES
+            and backend.resolve("quant_linear", torch.device("cpu")) == BACKEND
+            and _layer_table(layers, final_norm, cfg, dtype, owner) is not None)
+
+
 def _layer_table(layers, final_norm, cfg, dtype, owner):
     """[L, 10] int64 addresses of each layer's norms and packed weights (decoder.h LayerField order), cached on
     `owner`; None when a layer is not all 4-bit codes of the cpu kernel (or shapes, dtypes or eps do not fit)."""
@@ -363,7 +374,7 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
     if ext is None or code is None or x.dim() != 3 or x.device.type != "cpu" or not x.is_contiguous():
         return NotImplemented
     B, T, d = x.shape
-    if (T > 64 or backend.resolve("quant_linear", x.device) != BACKEND or (torch.is_grad_enabled() and x.requires_grad)
+    if (T > STACK_ROWS or backend.resolve("quant_linear", x.device) != BACKEND or (torch.is_grad_enabled() and x.requires_grad)
             or not isinstance(bits, torch.Tensor) or bits.dtype != torch.long or bits.shape[-1] != T
             or bits.reshape(-1, T).shape[0] not in (1, B) or k.dtype != x.dtype or v.dtype != x.dtype
             or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != len(layers) or B > k.shape[1]
