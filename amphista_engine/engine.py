@@ -82,6 +82,7 @@ class Engine:
         self._trees = {}
         self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
+        self._runs = 0                                # generations started: an overtaken stream stops (_drive)
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
         # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA
         # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
@@ -163,7 +164,8 @@ class Engine:
         check_max_new_tokens(max_new_tokens)
         n = len(prompt_ids)
         if n >= self.max_seq_len:
-            raise CacheFullError(f"prompt is {n} tokens, longer than the cache (max_seq_len={self.max_seq_len})")
+            raise CacheFullError(f"prompt is {n} tokens, {'longer than' if n > self.max_seq_len else 'as long as'} the "
+                                 f"cache (max_seq_len={self.max_seq_len}): no room for an answer")
         if n + max_new_tokens + extra > self.max_seq_len:
             raise CacheFullError(
                 f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens})"
@@ -243,6 +245,11 @@ class Engine:
         stop = check_stop(stop)
         ids = [self.encode_prompt(p, chat) for p in prompts]
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance)
+        if extra and speculative == "auto" and any(len(p) + max_new_tokens + extra > self.max_seq_len for p in ids):
+            # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does
+            warnings.warn(f"speculative='auto': the tree needs {extra} more cache slots than max_seq_len leaves; "
+                          f"decoding plainly")
+            decoder, extra = self._decoder(len(ids), params, None, None, acceptance)
         for p in ids:
             self._check_room(p, max_new_tokens, extra)
         kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
@@ -265,8 +272,17 @@ class Engine:
 
     def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False):
         stats = [GenerationStats() for _ in ids]
+        self._runs += 1
+        mine = self._runs
         with torch.inference_mode():
-            yield from run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
+            steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
+            for item in steps:
+                yield item
+                if self._runs != mine:      # the caller started another run: its prefill replaced our cache rows
+                    steps.close()
+                    raise InputError("this stream was overtaken by a later generation on the same engine, which "
+                                     "reused its KV cache; finish a stream before starting another (or use "
+                                     "stream_batch for several prompts at once)")
         self.last_results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s)
                              for r, p, s in zip(decoder.rows, ids, stats)]
         for s in stats:

@@ -172,9 +172,11 @@ class GenerationStats:
 
     def summary(self) -> str:
         reused = self.extra.get("prompt_tokens_reused")
-        return (f"prompt {self.prompt_tokens} tok" + (f" ({reused} kept from the last turn)" if reused else "")
-                + f" | prefill {self.prefill_ms:.0f} ms | {self.new_tokens} new tok "
-                f"at {self.decode_tokens_per_s:.1f} tok/s | tau {self.tau:.2f}")
+        head = (f"prompt {self.prompt_tokens} tok" + (f" ({reused} kept from the last turn)" if reused else "")
+                + f" | prefill {self.prefill_ms:.0f} ms | {self.new_tokens} new tok")
+        if not self.decode_steps:           # the one token came from the prefill: no rate or tau to speak of
+            return head + " | no decoding step"
+        return head + f" at {self.decode_tokens_per_s:.1f} tok/s | tau {self.tau:.2f}"
 
 
 @dataclass

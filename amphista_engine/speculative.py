@@ -137,6 +137,12 @@ class SpeculativeDecoder(PlainDecoder):
             acceptance = "greedy" if params.greedy else "rejection"
         if acceptance == "rejection" and params.greedy:
             acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
+        if acceptance == "greedy" and not params.greedy:
+            raise InputError(f"acceptance='greedy' keeps the target's argmax, so temperature={params.temperature} "
+                             f"would sample only the first token; use 'rejection' (lossless) or 'typical' to sample")
+        if acceptance == "typical" and (params.top_k or params.top_p < 1):
+            raise InputError("acceptance='typical' (Medusa's rule) samples from softmax(logits / temperature) and "
+                             "takes no top_k / top_p; use acceptance='rejection' (lossless) for them")
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
         too_big = tree.max_depth > cpu_exact.MAX_DEPTH or tree.num_nodes > cpu_packed.CHUNKED_UP_TO
         if too_big and model.invariant_decode(cache):

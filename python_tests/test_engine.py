@@ -397,3 +397,53 @@ def test_loading_and_decoding_do_not_import_torch_compilers(tiny_hf_dir, tmp_pat
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "AMPHISTA_CACHE_DIR": "off"})
     assert out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+
+
+def test_an_overtaken_stream_stops_instead_of_reading_another_runs_cache(engine):
+    """Two streams share one engine's KV cache: a stream resumed after another generation started says so, instead of
+    decoding on the other run's cache (QA, 2026-12-04: it went on with the second prompt's context)."""
+    first = engine.stream("The quick brown fox", chat=False, max_new_tokens=20)
+    next(first)
+    other = engine.generate("Hello world", chat=False, max_new_tokens=5)
+    assert other.token_ids == engine.generate("Hello world", chat=False, max_new_tokens=5).token_ids
+    with pytest.raises(InputError, match="overtaken by a later generation on the same engine"):
+        list(first)
+    abandoned = engine.stream("The quick brown fox", chat=False, max_new_tokens=20)
+    next(abandoned)                                  # left unfinished: later runs are unaffected
+    assert engine.generate("Hello world", chat=False, max_new_tokens=5).token_ids == other.token_ids
+
+
+def test_speculative_acceptance_that_would_ignore_sampling_is_refused(tiny_hf_dir):
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=96)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
+    kw = dict(chat=False, max_new_tokens=4, speculative="amphista", tree="chain-4")
+    with pytest.raises(InputError, match="acceptance='greedy' keeps the target's argmax"):
+        eng.generate("The quick brown fox", temperature=0.8, acceptance="greedy", **kw)
+    with pytest.raises(InputError, match="acceptance='typical' .* takes no top_k / top_p"):
+        eng.generate("The quick brown fox", temperature=0.8, top_k=5, acceptance="typical", **kw)
+
+
+def test_auto_decodes_plainly_where_only_the_tree_room_does_not_fit(tiny_hf_dir, monkeypatch):
+    """speculative="auto" means the faster way that fits: with no room for the tree's scratch slots it decodes
+    plainly (with a warning) instead of refusing a request plain decoding serves."""
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=96)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
+    monkeypatch.setattr(Engine, "resolve_speculation",      # as if the check found the heads faster here
+                        lambda self, s, t: ("amphista", "chain-4", None) if s == "auto" else (s, t, None))
+    prompt = "The quick brown fox"
+    n = len(eng.encode_prompt(prompt, chat=False))
+    fits_plain = 96 - n                                      # the whole cache: no room for the tree's 9 slots
+    plain = eng.generate(prompt, chat=False, max_new_tokens=fits_plain)
+    with pytest.warns(UserWarning, match="decoding plainly"):
+        auto = eng.generate(prompt, chat=False, max_new_tokens=fits_plain, speculative="auto")
+    assert auto.token_ids == plain.token_ids
+    with pytest.raises(InputError, match=r"tree room \(\d+\) exceeds the cache"):   # asked for by name: refused
+        eng.generate(prompt, chat=False, max_new_tokens=fits_plain, speculative="amphista")
+
+
+def test_a_one_token_answer_has_no_decode_rate_to_report(engine):
+    res = engine.generate("The quick brown fox", chat=False, max_new_tokens=1)
+    assert res.stats.new_tokens == 1 and res.stats.decode_steps == 0
+    assert res.stats.summary().endswith("| 1 new tok | no decoding step") and "tau" not in res.stats.summary()
