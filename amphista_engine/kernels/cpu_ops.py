@@ -374,7 +374,8 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
     if ext is None or code is None or x.dim() != 3 or x.device.type != "cpu" or not x.is_contiguous():
         return NotImplemented
     B, T, d = x.shape
-    if (T > STACK_ROWS or backend.resolve("quant_linear", x.device) != BACKEND or (torch.is_grad_enabled() and x.requires_grad)
+    if (T > STACK_ROWS or backend.resolve("quant_linear", x.device) != BACKEND
+            or (torch.is_grad_enabled() and x.requires_grad)
             or not isinstance(bits, torch.Tensor) or bits.dtype != torch.long or bits.shape[-1] != T
             or bits.reshape(-1, T).shape[0] not in (1, B) or k.dtype != x.dtype or v.dtype != x.dtype
             or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != len(layers) or B > k.shape[1]

@@ -56,8 +56,8 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
 
     table = {c: {"tau": round(tau_of(v), 4), "mean_tau": round(sum(r["tau"] for r in v) / len(v), 4),
                  "questions": len(v)} for c, v in sorted(per_cat.items())}
-    result = {**setting, "tree_used": engine._tree_spec(tree).name, "questions": len(qs), "overall": {"tau": round(tau_of(rows), 4),
-                                                           "mean_tau": round(sum(r["tau"] for r in rows) / len(rows), 4)},
+    overall = {"tau": round(tau_of(rows), 4), "mean_tau": round(sum(r["tau"] for r in rows) / len(rows), 4)}
+    result = {**setting, "tree_used": engine._tree_spec(tree).name, "questions": len(qs), "overall": overall,
               "per_category": table, "per_question": rows, "wall_s": round(time.perf_counter() - t0, 1)}
     if not quiet:
         print(f"{'category':<14} {'n':>3} {'tau':>6} {'mean':>6}")
