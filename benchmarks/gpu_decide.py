@@ -98,10 +98,38 @@ def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]
                 continue
             got = {r["backend"]: r["%bw"] for r in ta if r["shape"] == SHAPE and r["case"] == case}
             top = max(got.values())
+            copy = next((r["%bw"] for r in kernels["rows"] if r["kernel"] == "tree_attention" and r["shape"] == SHAPE
+                         and r["case"] == case and r["backend"] == "copy:same-bytes"), None)
             out.append((f"target: tree attention >= 70% of copy bandwidth ({SHAPE} {case})",
-                        ", ".join(f"{k} {v}%" for k, v in sorted(got.items())),
+                        ", ".join(f"{k} {v}%" for k, v in sorted(got.items()))
+                        + ("" if copy is None else f"; a copy moving the same bytes {copy}%"),
                         f"{top}%: {'met' if top >= 70 else 'not met'}"))
+        out.append(fixed_cost_row(kernels["rows"], kernels.get("meta", {}).get("copy_bandwidth_GBs")))
     return out
+
+
+def fixed_cost_row(krows: list[dict], ceiling_gbs: float | None) -> tuple[str, str, str]:
+    """Triton's plain-decoding (N = 1) tree attention time on the 7B shape as a line over the prefix length:
+    the intercept is what a call costs whatever it reads (launch, the chain of dependent loads, the merge), the
+    slope the bandwidth it streams the cache at. The verdict gives the fixed cost that 70% at P = 1024 allows at
+    that slope."""
+    pts = sorted((int(r["case"].split()[0][2:]), r["us"]) for r in krows
+                 if r["kernel"] == "tree_attention" and r["shape"] == SHAPE and r["backend"] == "triton"
+                 and r["case"].endswith(" N=1"))
+    if len(pts) < 2:
+        return "tree attention fixed cost (triton, N = 1)", "fewer than two prefixes measured", "not measured"
+    (p0, t0), (p1, t1) = pts[0], pts[-1]
+    slope = (t1 - t0) / (p1 - p0)                                   # us per prefix token
+    intercept = t0 - slope * p0
+    bytes_per_token = next(r["GB/s"] * r["us"] * 1e3 for r in krows if r["kernel"] == "tree_attention"
+                           and r["shape"] == SHAPE and r["backend"] == "triton" and r["case"] == f"P={p1} N=1") / p1
+    stream = bytes_per_token / (slope * 1e3) if slope > 0 else float("inf")
+    verdict = f"fixed cost {intercept:.2f} us, streaming at {stream:.0f} GB/s"
+    if ceiling_gbs:
+        allowed = bytes_per_token * 1024 / (0.7 * ceiling_gbs * 1e3) - slope * 1024
+        verdict += f"; 70% at P = 1024 allows {allowed:.2f} us of fixed cost at this slope"
+    return ("tree attention fixed cost (triton, N = 1)",
+            f"t(P) = {intercept:.2f} us + P x {slope * 1e3:.2f} ns from P = {p0} and {p1}", verdict)
 
 
 def cuda_backend_row(krows: list[dict]) -> tuple[str, str, str]:

@@ -143,9 +143,11 @@ run_stage tests 170 170 "${PYTEST[@]}" "${TESTS[@]}"
 export AMPHISTA_CACHE_DIR="$OUT/cache"
 
 # ---- 3. kernel microbenchmarks --------------------------------------------------------------------------
+# Prefixes 1024 and 4096: the ends of the tree-attention target's range (>= 1024; 4096 no longer fits in L2), and
+# two points for gpu_decide's fixed-cost fit (512 and 2048 until 2026-12-04c).
 if [ -f benchmarks/kernels/run_all.py ]; then
   run_stage kernels 80 90 "$PY" benchmarks/kernels/run_all.py --shapes llama-7b,llama-13b,smollm2-135m \
-      --prefixes 512,2048 --reps 20 --json "$OUT/kernels.json"
+      --prefixes 1024,4096 --reps 20 --json "$OUT/kernels.json"
 else
   echo "== kernels: benchmarks/kernels/run_all.py not present, skipped"
   printf 'kernels\tabsent\t0\n' >> "$STAGES"

@@ -370,8 +370,8 @@ def test_step_profile_smoke_on_cpu(tmp_path):
 
 def test_gpu_decide_reads_a_committed_run(tmp_path):
     """benchmarks/gpu_decide.py on the committed H200 run of 2026-12-04b: the numbers GPU_SESSION.md decides by
-    (76.1% of the floor, fused slower than unfused, exact greedy 2.15x) and 'not measured' for rows that run
-    lacked; on a synthetic run where every PDL row wins, it says to default PDL on."""
+    (76.1% of the floor, fused slower than unfused, exact greedy 2.15x, tree attention's fixed cost) and 'not
+    measured' for rows that run lacked; on a synthetic run where every PDL row wins, it says to default PDL on."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_decide", ROOT / "benchmarks" / "gpu_decide.py")
     gd = importlib.util.module_from_spec(spec)
@@ -387,6 +387,9 @@ def test_gpu_decide_reads_a_committed_run(tmp_path):
     assert got["default backend triton (cuda opt-in)"] == "keep triton"       # cuda tree attention 2.1x triton's
     assert got["triton tree attention window=False"] == "not measured"       # the variant came later
     assert got["target: tree attention >= 70% of copy bandwidth (llama-7b P=2048 N=1)"] == "60.9%: not met"
+    # 7.58 us at P = 512, 13.04 at 2048: 5.76 us whatever the prefix, the rest streamed at ~4.6 TB/s
+    assert got["tree attention fixed cost (triton, N = 1)"].startswith("fixed cost 5.76 us, streaming at 4613 GB/s")
+    assert "allows 2.03 us" in got["tree attention fixed cost (triton, N = 1)"]
 
     def row(method, ms, nodes=1):
         return {"model": "llama-7b", "method": method, "tree": "t", "nodes": nodes, "graphs": True, "step_ms": ms}

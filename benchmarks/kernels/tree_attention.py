@@ -8,6 +8,9 @@ with programmatic dependent launch (AMPHISTA_PDL=1, Hopper and newer; elsewhere 
 timed chain of calls each one starts while the last drains, as after the step's RoPE + cache-write kernel.
 "triton:window" bounds the loads by the host's window kv_len instead of the prefix length (opt-in, see the
 launcher's `window`): no load waits for the length, the window's tail is read too.
+"copy:same-bytes" is a device-to-device copy that moves the kernel's bytes (half read, half written), timed the
+same way: what plain memory traffic of this size reaches, launch and ramp included (the 70% target is against a
+1 GiB copy, whose fixed costs vanish).
 
 Bytes: K/V of the prefix + tree slots, Q and the output. FLOPs: 4 * H * N * (prefix + N) * D (QK^T and PV,
 masked entries included). Target on an H100: >= 70% of copy bandwidth for prefix >= 1024, >= 2x SDPA.
@@ -63,8 +66,11 @@ def run(bench):
                     "triton:window": lambda: windowed(q, k, v, prefix, bits, kv_len, window=True),
                     "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None],
                                                                          enable_gqa=True),
+                    "copy:same-bytes": lambda: dst.copy_(src),
                 }
                 nbytes = esize * (2 * Hkv * (P + N) * D + 2 * H * N * D)
+                src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+                dst = torch.empty_like(src)
                 flops = 4 * H * N * (P + N) * D
                 rows += bench.compare("tree_attention", sh.name, f"P={P} N={N}", fns, nbytes, flops)
     return rows
