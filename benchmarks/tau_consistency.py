@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.tree import get_tree_choices  # noqa: E402
 from amphista_engine.training.data import load_shard  # noqa: E402
-from amphista_engine.training.trainer import split_heldout  # noqa: E402
+from amphista_engine.training.plan import split_heldout  # noqa: E402
 from amphista_engine.training.tree_search import accepted_depth, heldout_ranks, walk  # noqa: E402
 
 

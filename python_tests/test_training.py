@@ -9,7 +9,8 @@ import torch
 from amphista_engine.errors import ConfigError, InputError
 from amphista_engine.heads import load_heads, new_heads
 from amphista_engine.training.data import ShardWriter, load_shard, read_prompts
-from amphista_engine.training.trainer import BatchPlan, TrainConfig, epoch_batches, head_features, train_heads
+from amphista_engine.training.plan import BatchPlan, epoch_batches
+from amphista_engine.training.trainer import TrainConfig, head_features, train_heads
 
 from conftest import random_tiny_model
 
@@ -179,14 +180,14 @@ def test_hidden_cache_reused_across_epochs(shard, target, tmp_path):
 
 def target_misses(monkeypatch) -> list[int]:
     """After each hidden-state read, how many sequences the target has had to compute so far."""
-    from amphista_engine.training import trainer
-    seen, orig = [], trainer.HiddenSource.get
+    from amphista_engine.training.hidden_cache import HiddenSource
+    seen, orig = [], HiddenSource.get
 
     def spy(self, batch, x):
         out = orig(self, batch, x)
         seen.append(self.misses)
         return out
-    monkeypatch.setattr(trainer.HiddenSource, "get", spy)
+    monkeypatch.setattr(HiddenSource, "get", spy)
     return seen
 
 
@@ -208,7 +209,7 @@ def test_fill_cache_then_train_reads_only_the_cache(shard, target, tmp_path, mon
 def test_fill_planned_fills_what_the_steps_read(shard, target, tmp_path, monkeypatch):
     """--fill-planned fills the sequences the first --steps steps read plus the held-out ones, no others, and a
     run of those steps then never runs the target."""
-    from amphista_engine.training.trainer import planned_sequences, split_heldout
+    from amphista_engine.training.plan import planned_sequences, split_heldout
     with pytest.raises(ConfigError, match="--fill-planned only applies"):
         train_heads(cfg(shard, tmp_path / "x", fill_planned=True), target=target)
     cache = tmp_path / "cache"
@@ -496,7 +497,8 @@ def test_training_with_draft_vocabulary(shard, target, tmp_path):
     """--draft-vocab: heads score the N most frequent answer tokens; training still learns, the checkpoint
     loads with the vocabulary, resume is exact and greedy speculative output is unchanged."""
     from amphista_engine.training.data import load_shard
-    from amphista_engine.training.trainer import frequent_tokens, split_heldout
+    from amphista_engine.training.plan import split_heldout
+    from amphista_engine.training.trainer import frequent_tokens
     kw = dict(steps=16, eval_every=16, loss_positions=64, lr=4e-3, mse_weight=1.0, draft_vocab=40)
     res = train_heads(cfg(shard, tmp_path / "dv", **kw), target=target)
     first, last = res["history"][0], res["history"][-1]
@@ -607,7 +609,7 @@ def test_source_weights_shape_each_epoch():
     """w copies per epoch (fractions drawn per epoch, seeded), 0 drops a source, no weights = the old plan."""
     import random
     from amphista_engine.training.data import Sequence
-    from amphista_engine.training.trainer import parse_source_weights
+    from amphista_engine.training.plan import parse_source_weights
     r = random.Random(2)
     seqs = [Sequence(str(i), list(range(r.randint(5, 40))), 2, "abc"[i % 3]) for i in range(300)]
     w = parse_source_weights("a=3, b=0.5,c=0")
@@ -672,7 +674,7 @@ def test_distill_sampled_answers_of_chosen_sources(tmp_path, tiny_hf_dir):
     from amphista_engine.engine import Engine
     from amphista_engine.training.data import Sequence
     from amphista_engine.training.distill import distill
-    from amphista_engine.training.trainer import split_heldout
+    from amphista_engine.training.plan import split_heldout
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "source": "ab"[i % 2], "prompt": f"Tell me {i}"})

@@ -1,4 +1,5 @@
-"""`amphista distill | train | tree-search | eval-tau`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
+"""`amphista distill | train | tree-search | eval-tau`: argparse subcommands; amphista_engine/cli.py adds them
+with `register(sub)`."""
 from __future__ import annotations
 
 import json

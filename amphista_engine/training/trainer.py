@@ -19,11 +19,9 @@ Determinism: the batch plan depends only on (seed, epoch), position sampling onl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +30,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
-from .data import Sequence, load_shard, prompt_id
+from .data import load_shard
+from .hidden_cache import HiddenSource, fill_hidden_cache, pad_batch
+from .plan import (BatchPlan, check_source_weights, epoch_batches, parse_source_weights, planned_sequences,
+                   source_mix, split_heldout)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -120,257 +121,6 @@ class TrainConfig:
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
             raise ConfigError("need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1")
         self.source_weights = parse_source_weights(self.source_weights)
-
-
-def parse_source_weights(spec) -> dict[str, float]:
-    """'a=2,b=0.5' (or a dict) -> {source: weight}; unlisted sources weigh 1."""
-    if not spec:
-        return {}
-    items = spec.items() if isinstance(spec, dict) else (
-        part.rpartition("=")[::2] for part in str(spec).split(",") if part.strip())
-    out = {}
-    for name, text in items:
-        name = str(name).strip()
-        try:
-            w = float(text)
-        except (TypeError, ValueError):
-            w = float("nan")
-        if not name or not math.isfinite(w) or w < 0:
-            entry = f"{name}={text}" if name else str(text)
-            raise ConfigError(f"--source-weights: bad entry {entry!r}; expected SOURCE=WEIGHT with WEIGHT >= 0, "
-                              f"e.g. 'alpaca_en_demo=3,gsm8k_train=0.5'")
-        out[name] = w
-    return out
-
-
-def check_source_weights(weights: dict[str, float], seqs: list[Sequence]):
-    """Names must exist in the data (a typo would silently weigh 1), and something must be left to train on."""
-    sources = {s.source for s in seqs}
-    unknown = sorted(set(weights) - sources)
-    if unknown:
-        raise ConfigError(f"--source-weights names source(s) not in the training data: {', '.join(unknown)}; "
-                          f"the data's sources: {', '.join(sorted(sources))}")
-    if weights and not any(weights.get(s.source, 1.0) > 0 for s in seqs):
-        raise ConfigError("--source-weights gives every training sequence weight 0")
-
-
-# ---- data plan -------------------------------------------------------------------------------------------
-def split_heldout(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], list[Sequence]]:
-    """Deterministic by id hash (independent of the seed and of the file order). Sampled answers of one prompt
-    (ids ID#s0, ID#s1, ... from `distill --samples`) hash as ID, so they land on the same side."""
-    if frac <= 0 or len(seqs) < 2:
-        return seqs, []
-    key = lambda s: int(hashlib.sha1(prompt_id(s.id).encode()).hexdigest()[:8], 16) / 16 ** 8
-    # Small data may hash no id under frac: then the lowest prompt is held out (with its sampled answers). A held
-    # prompt never trains: held-out numbers, and the trees tree-search fits on them, would flatter the heads.
-    held_ids = {prompt_id(s.id) for s in seqs if key(s) < frac} or {prompt_id(min(seqs, key=key).id)}
-    held = [s for s in seqs if prompt_id(s.id) in held_ids]
-    train = [s for s in seqs if prompt_id(s.id) not in held_ids]
-    return (train, held) if train else (seqs, [])      # one prompt, or frac covering them all: nothing held
-
-
-def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int,
-                  weights: dict[str, float] | None = None) -> list[list[int]]:
-    """Shuffled batches of sequence indices; padded size B * T_max stays within batch_tokens. With source
-    weights an epoch holds floor(w) copies of each sequence of a source plus one more with probability frac(w)
-    (drawn per epoch from the same seed, so the plan stays a pure function of (seed, epoch))."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    if weights:
-        order = []
-        for i, s in enumerate(seqs):
-            w = weights.get(s.source, 1.0)
-            order += [i] * (int(w) + (rng.random() < w - int(w)))
-    else:
-        order = list(range(len(seqs)))
-    rng.shuffle(order)
-    batches, cur, tmax = [], [], 0
-    for i in order:
-        t = max(tmax, len(seqs[i].ids))
-        if cur and t * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur, t = [], len(seqs[i].ids)
-        cur.append(i)
-        tmax = t
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-class BatchPlan:
-    """Step -> batch over successive epochs. Each epoch packs its own shuffle, so epochs hold different numbers
-    of batches: steps run through every batch of epoch 0, then of epoch 1, ... A pure function of (seed, step),
-    which is what makes --resume exact."""
-
-    def __init__(self, seqs: list[Sequence], batch_tokens: int, seed: int, weights: dict[str, float] | None = None):
-        self.seqs, self.batch_tokens, self.seed, self.weights = seqs, batch_tokens, seed, weights
-        self.starts = [0]               # starts[e]: first step of epoch e
-        self._epoch, self._batches = None, None
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.seqs, self.batch_tokens, self.seed, epoch, self.weights)
-        return self._batches
-
-    def locate(self, step: int) -> tuple[int, int]:
-        """(epoch, index of the batch within it)."""
-        e = max(i for i, s in enumerate(self.starts) if s <= step)
-        while True:
-            n = len(self.batches(e))
-            if e + 1 == len(self.starts):
-                self.starts.append(self.starts[e] + n)
-            if step < self.starts[e + 1]:
-                return e, step - self.starts[e]
-            e += 1
-
-    def batch(self, step: int) -> list[Sequence]:
-        epoch, idx = self.locate(step)
-        return [self.seqs[i] for i in self.batches(epoch)[idx]]
-
-
-def planned_sequences(plan: BatchPlan, steps: int) -> list[Sequence]:
-    """Every sequence that steps [0, steps) of the plan read, once each, in data order. A stage that walks only part
-    of an epoch (weights < 1 leave most of a source out of it) needs only these in the hidden cache."""
-    used = set()
-    for step in range(steps):
-        epoch, idx = plan.locate(step)
-        used.update(plan.batches(epoch)[idx])
-    return [plan.seqs[i] for i in sorted(used)]
-
-
-def _source_mix(seqs: list[Sequence], weights: dict[str, float]) -> str:
-    tok: dict[str, float] = {}
-    for s in seqs:
-        tok[s.source] = tok.get(s.source, 0.0) + (len(s.ids) - s.prompt_len) * weights.get(s.source, 1.0)
-    total = sum(tok.values()) or 1.0
-    return ", ".join(f"{k or '(none)'} {100 * v / total:.1f}%" for k, v in sorted(tok.items(), key=lambda kv: -kv[1]))
-
-
-def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: int, device, progress=True) -> dict:
-    """One target forward over every sequence (train and held-out) into the disk cache, batched by length so
-    little is padding; runs of both kinds (even in parallel) then read the states instead of recomputing them."""
-    from tqdm import tqdm
-    total = len(seqs)
-    hs.check_can_compute(seqs)
-    if hs.dir:       # entries already on disk are not read back: a refill after new data only computes the new
-        todo = [s for s in seqs if not hs.has(s)]
-        hs.hits += len(seqs) - len(todo)
-        seqs = todo
-    seqs = sorted(seqs, key=lambda s: len(s.ids))
-    batches, cur = [], []
-    for s in seqs:
-        if cur and len(s.ids) * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(s)
-    batches += [cur] if cur else []
-    with tqdm(total=sum(len(s.ids) for s in seqs), unit="tok", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True, desc="hidden cache") as bar:
-        for batch in batches:
-            hs.get(batch, pad_batch(batch, device)[0])
-            bar.update(sum(len(s.ids) for s in batch))
-    print(f"train: hidden cache {hs.dir}: {hs.hits} sequence(s) already there, {hs.misses} computed",
-          file=sys.stderr)
-    return {"sequences": total, "cached_before": hs.hits, "computed": hs.misses}
-
-
-def pad_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T = max(len(s.ids) for s in seqs)
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        x[b, :len(s.ids)] = torch.tensor(s.ids)
-    lengths = torch.tensor([len(s.ids) for s in seqs])
-    plen = torch.tensor([s.prompt_len for s in seqs])
-    return x.to(device), lengths.to(device), plen.to(device)
-
-
-# ---- hidden states -----------------------------------------------------------------------------------------
-_DTYPE_FLAG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-class HiddenSource:
-    """Final-norm target hidden states per sequence: computed by the frozen target or read from a disk cache.
-
-    With a cache the states are stored as bf16 and always used as stored (also on the first use), so a run's
-    numbers do not depend on whether an entry was already cached."""
-
-    def __init__(self, target, cache_dir: str | None, fingerprint: str):
-        self.target, self.dir = target, Path(cache_dir) if cache_dir else None
-        self.hits = self.misses = 0
-        if self.dir:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            meta = self.dir / "meta.json"
-            info = {"fingerprint": fingerprint, "dtype": "bfloat16", "format": 1}
-            if meta.exists():
-                old = json.loads(meta.read_text())
-                # caches written before the key existed were all computed by an fp32 target
-                self.computed_in = old.pop("computed_in", "float32")
-                if old != info:
-                    raise ConfigError(f"hidden-state cache {self.dir} was built for another target or format "
-                                      f"({old}); use another --cache-hidden directory")
-            else:
-                meta.write_text(json.dumps({**info, "computed_in": self.own_dtype}))
-                self.computed_in = self.own_dtype
-
-    @property
-    def own_dtype(self) -> str:
-        return str(self.target.output.weight.dtype).removeprefix("torch.")
-
-    def check_can_compute(self, seqs: list[Sequence]) -> None:
-        """Refuses, before any work, to add entries computed in another dtype than the cache's: a bf16 target's
-        states differ from an fp32 target's by ~2% (argmax flips at ~1% of positions), and one cache must hold
-        one kind. A full cache is read by a target of any dtype: states are used as stored."""
-        if not self.dir or self.computed_in == self.own_dtype:
-            return
-        missing = sum(not self.has(s) for s in seqs)
-        if missing:
-            raise ConfigError(f"hidden-state cache {self.dir} was filled by a {self.computed_in} target, this run's "
-                              f"target is {self.own_dtype}, and {missing} of {len(seqs)} sequence(s) are not in it: "
-                              f"complete it with `train --fill-cache --dtype {_DTYPE_FLAG[self.computed_in]}` "
-                              f"first, or use another --cache-hidden directory")
-
-    def has(self, s: Sequence) -> bool:
-        return self._file(s).exists()
-
-    def _file(self, s: Sequence) -> Path:
-        return self.dir / f"{hashlib.sha1((s.id + '|' + ','.join(map(str, s.ids))).encode()).hexdigest()[:24]}.pt"
-
-    @torch.no_grad()
-    def get(self, seqs: list[Sequence], x: torch.Tensor) -> torch.Tensor:
-        """[B, T, d] fp32 (zeros past each sequence's end)."""
-        B, T = x.shape
-        d = self.target.config.dim
-        dev = x.device
-        out = torch.zeros(B, T, d, device=dev)
-        missing = list(range(B))
-        if self.dir:
-            missing = []
-            for b, s in enumerate(seqs):
-                f = self._file(s)
-                try:
-                    h = torch.load(f, map_location=dev, weights_only=True)
-                    out[b, :len(s.ids)] = h.float()
-                    self.hits += 1
-                except (FileNotFoundError, RuntimeError, EOFError):
-                    missing.append(b)
-        if missing:
-            self.check_can_compute([seqs[b] for b in missing])      # callers check up front; this is the backstop
-            self.misses += len(missing)
-            xm = x[missing]
-            Tm = max(len(seqs[b].ids) for b in missing)
-            xm = xm[:, :Tm]
-            pos = torch.arange(Tm, device=dev)[None].expand(len(missing), -1)
-            _, h = self.target(xm, pos, return_hidden=True, logits_at=torch.zeros(len(missing), 1, dtype=torch.long,
-                                                                                  device=dev))
-            for j, b in enumerate(missing):
-                n = len(seqs[b].ids)
-                hb = h[j, :n]
-                if self.dir:
-                    hb = hb.to(torch.bfloat16)
-                    tmp = self._file(seqs[b]).with_suffix(f".tmp{os.getpid()}")
-                    torch.save(hb.cpu().clone(), tmp)
-                    os.replace(tmp, self._file(seqs[b]))
-                out[b, :n] = hb.float()
-        return out
 
 
 # ---- heads pieces --------------------------------------------------------------------------------------------
@@ -566,7 +316,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     held = held[:cfg.eval_max_seqs]
     check_source_weights(cfg.source_weights, train_seqs)
     if cfg.source_weights:
-        print(f"train: source mix per epoch (answer tokens x weight): {_source_mix(train_seqs, cfg.source_weights)}",
+        print(f"train: source mix per epoch (answer tokens x weight): {source_mix(train_seqs, cfg.source_weights)}",
               file=sys.stderr)
     per_epoch = len(epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, 0, cfg.source_weights))
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))

@@ -178,7 +178,9 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
     (sequence by sequence, positions in order); with_seq: also each row's index into seqs, [P]; with_scores:
     also each head's top-k log-probs there, [P, K, k] (what a dynamic tree is built from)."""
     from ..heads import lm_head_fingerprint
-    from .trainer import HiddenSource, epoch_batches, head_features, loss_rows, pad_batch
+    from .hidden_cache import HiddenSource, pad_batch
+    from .plan import epoch_batches
+    from .trainer import head_features, loss_rows
     dev = target.output.weight.device
     K = heads.num_heads
     hs = HiddenSource(target, cache_dir, lm_head_fingerprint(target))
@@ -222,7 +224,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     weighs its source's weight, in the fit and in every tau printed."""
     from ..heads import load_heads
     from .data import load_shard
-    from .trainer import check_source_weights, parse_source_weights, split_heldout
+    from .plan import check_source_weights, parse_source_weights, split_heldout
     bad = [n for n in dynamic if not 2 <= n <= 64]
     if bad:
         raise InputError(f"dynamic tree sizes {bad}: tree-search replays dynamic-N for N in [2, 64]")

@@ -1,0 +1,142 @@
+"""The frozen target's final-norm hidden states that `amphista train` feeds the heads: computed per batch or read
+from a disk cache (`--cache-hidden`) that one forward over the data fills once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .data import Sequence
+
+
+def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: int, device, progress=True) -> dict:
+    """One target forward over every sequence (train and held-out) into the disk cache, batched by length so
+    little is padding; runs of both kinds (even in parallel) then read the states instead of recomputing them."""
+    from tqdm import tqdm
+    total = len(seqs)
+    hs.check_can_compute(seqs)
+    if hs.dir:       # entries already on disk are not read back: a refill after new data only computes the new
+        todo = [s for s in seqs if not hs.has(s)]
+        hs.hits += len(seqs) - len(todo)
+        seqs = todo
+    seqs = sorted(seqs, key=lambda s: len(s.ids))
+    batches, cur = [], []
+    for s in seqs:
+        if cur and len(s.ids) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(s)
+    batches += [cur] if cur else []
+    with tqdm(total=sum(len(s.ids) for s in seqs), unit="tok", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True, desc="hidden cache") as bar:
+        for batch in batches:
+            hs.get(batch, pad_batch(batch, device)[0])
+            bar.update(sum(len(s.ids) for s in batch))
+    print(f"train: hidden cache {hs.dir}: {hs.hits} sequence(s) already there, {hs.misses} computed",
+          file=sys.stderr)
+    return {"sequences": total, "cached_before": hs.hits, "computed": hs.misses}
+
+
+def pad_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(s.ids) for s in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        x[b, :len(s.ids)] = torch.tensor(s.ids)
+    lengths = torch.tensor([len(s.ids) for s in seqs])
+    plen = torch.tensor([s.prompt_len for s in seqs])
+    return x.to(device), lengths.to(device), plen.to(device)
+
+
+_DTYPE_FLAG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class HiddenSource:
+    """Final-norm target hidden states per sequence: computed by the frozen target or read from a disk cache.
+
+    With a cache the states are stored as bf16 and always used as stored (also on the first use), so a run's
+    numbers do not depend on whether an entry was already cached."""
+
+    def __init__(self, target, cache_dir: str | None, fingerprint: str):
+        self.target, self.dir = target, Path(cache_dir) if cache_dir else None
+        self.hits = self.misses = 0
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            info = {"fingerprint": fingerprint, "dtype": "bfloat16", "format": 1}
+            if meta.exists():
+                old = json.loads(meta.read_text())
+                # caches written before the key existed were all computed by an fp32 target
+                self.computed_in = old.pop("computed_in", "float32")
+                if old != info:
+                    raise ConfigError(f"hidden-state cache {self.dir} was built for another target or format "
+                                      f"({old}); use another --cache-hidden directory")
+            else:
+                meta.write_text(json.dumps({**info, "computed_in": self.own_dtype}))
+                self.computed_in = self.own_dtype
+
+    @property
+    def own_dtype(self) -> str:
+        return str(self.target.output.weight.dtype).removeprefix("torch.")
+
+    def check_can_compute(self, seqs: list[Sequence]) -> None:
+        """Refuses, before any work, to add entries computed in another dtype than the cache's: a bf16 target's
+        states differ from an fp32 target's by ~2% (argmax flips at ~1% of positions), and one cache must hold
+        one kind. A full cache is read by a target of any dtype: states are used as stored."""
+        if not self.dir or self.computed_in == self.own_dtype:
+            return
+        missing = sum(not self.has(s) for s in seqs)
+        if missing:
+            raise ConfigError(f"hidden-state cache {self.dir} was filled by a {self.computed_in} target, this run's "
+                              f"target is {self.own_dtype}, and {missing} of {len(seqs)} sequence(s) are not in it: "
+                              f"complete it with `train --fill-cache --dtype {_DTYPE_FLAG[self.computed_in]}` "
+                              f"first, or use another --cache-hidden directory")
+
+    def has(self, s: Sequence) -> bool:
+        return self._file(s).exists()
+
+    def _file(self, s: Sequence) -> Path:
+        return self.dir / f"{hashlib.sha1((s.id + '|' + ','.join(map(str, s.ids))).encode()).hexdigest()[:24]}.pt"
+
+    @torch.no_grad()
+    def get(self, seqs: list[Sequence], x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] fp32 (zeros past each sequence's end)."""
+        B, T = x.shape
+        d = self.target.config.dim
+        dev = x.device
+        out = torch.zeros(B, T, d, device=dev)
+        missing = list(range(B))
+        if self.dir:
+            missing = []
+            for b, s in enumerate(seqs):
+                f = self._file(s)
+                try:
+                    h = torch.load(f, map_location=dev, weights_only=True)
+                    out[b, :len(s.ids)] = h.float()
+                    self.hits += 1
+                except (FileNotFoundError, RuntimeError, EOFError):
+                    missing.append(b)
+        if missing:
+            self.check_can_compute([seqs[b] for b in missing])      # callers check up front; this is the backstop
+            self.misses += len(missing)
+            xm = x[missing]
+            Tm = max(len(seqs[b].ids) for b in missing)
+            xm = xm[:, :Tm]
+            pos = torch.arange(Tm, device=dev)[None].expand(len(missing), -1)
+            _, h = self.target(xm, pos, return_hidden=True, logits_at=torch.zeros(len(missing), 1, dtype=torch.long,
+                                                                                  device=dev))
+            for j, b in enumerate(missing):
+                n = len(seqs[b].ids)
+                hb = h[j, :n]
+                if self.dir:
+                    hb = hb.to(torch.bfloat16)
+                    tmp = self._file(seqs[b]).with_suffix(f".tmp{os.getpid()}")
+                    torch.save(hb.cpu().clone(), tmp)
+                    os.replace(tmp, self._file(seqs[b]))
+                out[b, :n] = hb.float()
+        return out
