@@ -850,6 +850,37 @@ def test_typical_accept(kind, B, V, temp, poisoned):
     same_result(triton_ops.typical_accept(tokens, logits, retrieve, 0.0), reference.greedy_accept(tokens, logits, retrieve))
 
 
+def test_typical_accept_tells_apart_near_certain_paths():
+    """Two equally long accepted paths whose log-likelihoods differ by ~1e-6 at logits near 80: the kernel forms
+    probabilities as softmax does (exp(x / T - max) / sum), where x / T - logsumexp would round both log-probs
+    to 0 (fp32 spacing at 80: 7.6e-6), tie them and take the first path instead of the reference's second."""
+    V = 4
+    tokens = torch.tensor([[0, 1, 2, 3, 3]], device=DEV)          # root; children A = 1, B = 2; then C = 3 each
+    retrieve = torch.tensor([[0, 1, 3], [0, 2, 4]], device=DEV)
+    logits = torch.full((1, 5, V), 80.0 - 14.0, device=DEV)
+    logits[0, 0, 1] = logits[0, 0, 2] = 80.0                       # p(A) = p(B): the log-likelihood decides
+    logits[0, 1, 3] = 80.0                                         # p(C | A) = 1 - 3 e^-14
+    logits[0, 2, :] = 80.0 - 15.0
+    logits[0, 2, 3] = 80.0                                         # p(C | B) = 1 - 3 e^-15: path 1 is likelier
+    for args in ((tokens, logits, retrieve, 1.0), (tokens, logits * 0.5, retrieve, 0.5)):
+        ref = reference.typical_accept(*args, generator=torch.Generator(DEV).manual_seed(0))
+        res = triton_ops.typical_accept(*args, generator=torch.Generator(DEV).manual_seed(0))
+        assert int(ref.accept_len) == 2 and int(ref.best_path) == 1
+        same_result(res, ref)
+
+
+def test_greedy_accept_takes_nan_for_the_max_as_torch():
+    """torch.argmax (and the cpu and cuda kernels) rank NaN above every number; so does the Triton kernel."""
+    logits = torch.ones(1, 4, 8, device=DEV)
+    logits[..., 2] = 1.5
+    logits[..., 5] = float("nan")
+    tokens = torch.tensor([[0, 5, 5, 5]], device=DEV)
+    retrieve = torch.tensor([[0, 1, 2, 3]], device=DEV)
+    ref = reference.greedy_accept(tokens, logits, retrieve)
+    assert int(ref.accept_len) == 3 and int(ref.next_token) == 5
+    same_result(triton_ops.greedy_accept(tokens, logits, retrieve), ref)
+
+
 # ---- the backend switch --------------------------------------------------------------------------------
 def test_backend_switch(monkeypatch):
     monkeypatch.delenv("AMPHISTA_BACKEND", raising=False)

@@ -2,7 +2,9 @@
 
 The reference is ~25 small launches (argmax, gathers, cumprod, max/argmax, the _finish gathers...). Here:
   1. `_row_stats`: one program per (row, node) streams the node's logits once: the argmax (greedy), and
-     for typical acceptance the log-sum-exp and the entropy threshold min(threshold, alpha * exp(-H)).
+     for typical acceptance the softmax's max and sum and the entropy threshold min(threshold,
+     alpha * exp(-H)). Probabilities are then exp(x / T - max) / sum, as torch.softmax forms them: a
+     log-sum-exp near x / T ~ 80 would round log-probs of -1e-6 to 0 and tie paths the reference tells apart.
      This is the only part that reads V-sized data, so it gets B * N programs.
   2. `_accept_row`: one program per batch row evaluates every retrieve path at once (a [P, D] tile):
      compare, longest accepted prefix, best path (first on ties; typical: then the highest log-likelihood),
@@ -22,7 +24,7 @@ BLOCK_V = 1024
 
 
 @triton.jit
-def _row_stats(Logits, Pred, Lse, Thresh, N, V, stride_b, stride_n, temperature, alpha, threshold,
+def _row_stats(Logits, Pred, Stats, Thresh, N, V, stride_b, stride_n, temperature, alpha, threshold,
                TYPICAL: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)                # b * N + n: outputs are [B, N] contiguous
     base = Logits + (row // N) * stride_b + (row % N) * stride_n
@@ -34,8 +36,9 @@ def _row_stats(Logits, Pred, Lse, Thresh, N, V, stride_b, stride_n, temperature,
     for start in range(0, V, BLOCK_V):
         ok = start + offs < V
         x = tl.load(base + start + offs, mask=ok, other=float("-inf")).to(tl.float32)
-        cmax = tl.max(x, 0)
-        cidx = tl.argmax(x, 0, tie_break_left=True)    # first index of the max, as torch.argmax
+        xa = tl.where(x == x, x, float("inf"))         # torch.argmax takes NaN for the max: so do the other backends
+        cmax = tl.max(xa, 0)
+        cidx = tl.argmax(xa, 0, tie_break_left=True)   # first index of the max, as torch.argmax
         best_i = tl.where(cmax > best_v, start + cidx, best_i)      # strict: earlier chunks win ties
         best_v = tl.maximum(best_v, cmax)
         if TYPICAL:
@@ -45,19 +48,19 @@ def _row_stats(Logits, Pred, Lse, Thresh, N, V, stride_b, stride_n, temperature,
             m = m_new
     tl.store(Pred + row, best_i.to(tl.int64))
     if TYPICAL:
-        lse = m + tl.log(s)
         ent = tl.zeros([], tl.float32)
         for start in range(0, V, BLOCK_V):              # second pass: H = -sum p log(p + 1e-5) (Medusa's eps)
             ok = start + offs < V
             x = tl.load(base + start + offs, mask=ok, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x / temperature - lse)
+            p = tl.exp(x / temperature - m) / s
             ent -= tl.sum(tl.where(ok, p * tl.log(p + 1e-5), 0.0), 0)
-        tl.store(Lse + row, lse)
+        tl.store(Stats + 2 * row, m)
+        tl.store(Stats + 2 * row + 1, s)
         tl.store(Thresh + row, tl.minimum(alpha * tl.exp(-ent), threshold))
 
 
 @triton.jit
-def _accept_row(Tokens, Pred, Logits, Lse, Thresh, Retrieve, Noise,
+def _accept_row(Tokens, Pred, Logits, Stats, Thresh, Retrieve, Noise,
                 AcceptLen, BestPath, Nodes, NextTok, Emitted,
                 N, V, P, D1, stride_tb, stride_rb, stride_rp, stride_lb, stride_ln, stride_eb, temperature,
                 TYPICAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -73,8 +76,11 @@ def _accept_row(Tokens, Pred, Logits, Lse, Thresh, Retrieve, Noise,
     tok_child = tl.load(Tokens + b * stride_tb + tl.maximum(child, 0), mask=step_ok, other=-1)
     if TYPICAL:
         lg = tl.load(Logits + b * stride_lb + par * stride_ln + tok_child, mask=valid, other=0.0).to(tl.float32)
-        logp = lg / temperature - tl.load(Lse + b * N + par, mask=valid, other=0.0)   # log p_parent(child)
-        ok = valid & (tl.exp(logp) > tl.load(Thresh + b * N + par, mask=valid, other=1.0))
+        m_par = tl.load(Stats + 2 * (b * N + par), mask=valid, other=0.0)
+        s_par = tl.load(Stats + 2 * (b * N + par) + 1, mask=valid, other=1.0)
+        p_child = tl.exp(lg / temperature - m_par) / s_par                          # p_parent(child)
+        ok = valid & (p_child > tl.load(Thresh + b * N + par, mask=valid, other=1.0))
+        logp = tl.log(tl.where(ok, p_child, 1.0))      # only accepted steps are summed below
     else:
         ok = valid & (tok_child == tl.load(Pred + b * N + par, mask=valid, other=-1))
     # accepted steps of a path = index of its first failure (all D steps accepted: D)
@@ -96,7 +102,8 @@ def _accept_row(Tokens, Pred, Logits, Lse, Thresh, Retrieve, Noise,
     last = tl.sum(tl.where(col == acc_len, nodes, 0), 0).to(tl.int64)
     if TYPICAL:
         # exponential race: argmax p_i / E_i, E ~ Exp(1) clamped at 1e-30, as acceptance._sample
-        lse_last = tl.load(Lse + b * N + last)
+        m_last = tl.load(Stats + 2 * (b * N + last))
+        s_last = tl.load(Stats + 2 * (b * N + last) + 1)
         lbase = Logits + b * stride_lb + last * stride_ln
         offs = tl.arange(0, BLOCK_V)
         best_r = tl.full([], -1.0, tl.float32)
@@ -105,7 +112,7 @@ def _accept_row(Tokens, Pred, Logits, Lse, Thresh, Retrieve, Noise,
             vok = start + offs < V
             x = tl.load(lbase + start + offs, mask=vok, other=float("-inf")).to(tl.float32)
             e = tl.maximum(tl.load(Noise + b * stride_eb + start + offs, mask=vok, other=1.0), 1e-30)
-            r = tl.where(vok, tl.exp(x / temperature - lse_last) / e, -1.0)
+            r = tl.where(vok, tl.exp(x / temperature - m_last) / s_last / e, -1.0)
             cmax = tl.max(r, 0)
             nxt = tl.where(cmax > best_r, start + tl.argmax(r, 0, tie_break_left=True), nxt)
             best_r = tl.maximum(best_r, cmax)
@@ -135,11 +142,11 @@ def accept(tokens, logits, retrieve, typical: bool, temperature: float = 1.0, po
     P, D1 = retrieve.shape[-2:]
     stride_rb = retrieve.stride(0) if retrieve.dim() == 3 and retrieve.shape[0] > 1 else 0
     pred = torch.empty(B, N, dtype=torch.long, device=dev)
-    lse = thresh = pred
+    stats = thresh = pred
     if typical:
-        lse = torch.empty(B, N, dtype=torch.float32, device=dev)
+        stats = torch.empty(B, N, 2, dtype=torch.float32, device=dev)         # softmax max and sum per node
         thresh = torch.empty(B, N, dtype=torch.float32, device=dev)
-    _row_stats[(B * N,)](logits, pred, lse, thresh, N, V, logits.stride(0), logits.stride(1), float(temperature),
+    _row_stats[(B * N,)](logits, pred, stats, thresh, N, V, logits.stride(0), logits.stride(1), float(temperature),
                          float(posterior_alpha), float(posterior_threshold),
                          TYPICAL=typical, BLOCK_V=BLOCK_V, num_warps=4)
     # The bonus noise: the same draw, same shape and dtype as acceptance._sample's, from the same generator.
@@ -150,7 +157,7 @@ def accept(tokens, logits, retrieve, typical: bool, temperature: float = 1.0, po
     nxt = torch.empty(B, dtype=torch.long, device=dev)
     nodes = torch.empty(B, D1, dtype=torch.long, device=dev)
     emitted = torch.empty(B, D1, dtype=torch.long, device=dev)
-    _accept_row[(B,)](tokens, pred, logits, lse, thresh, retrieve, noise, accept_len, best, nodes, nxt, emitted,
+    _accept_row[(B,)](tokens, pred, logits, stats, thresh, retrieve, noise, accept_len, best, nodes, nxt, emitted,
                       N, V, P, D1, tokens.stride(0), stride_rb, retrieve.stride(-2), logits.stride(0),
                       logits.stride(1), noise.stride(0), float(temperature),
                       TYPICAL=typical, BLOCK_P=next_pow2(P), BLOCK_D=next_pow2(D1), BLOCK_V=BLOCK_V, num_warps=4)
