@@ -158,6 +158,20 @@ def path_tokens(tokens: torch.Tensor, retrieve: torch.Tensor, pad_value: int = -
     return out.masked_fill(r < 0, pad_value)
 
 
+def dynamic_tree_depth(k_heads: int, k: int, num_nodes: int) -> int:
+    """The deepest path of a dynamic tree of num_nodes nodes over k_heads heads x top-k; a ConfigError where
+    that many nodes do not exist (or the path codes would overflow int64)."""
+    m = num_nodes - 1                      # non-root nodes to pick
+    d_max = min(k_heads, m)                # no path can be longer than either
+    capacity = sum(k ** d for d in range(1, d_max + 1))
+    if m < 1 or m > capacity or num_nodes > MAX_TREE_NODES:
+        raise ConfigError(f"dynamic tree of {num_nodes} nodes impossible with {k_heads} heads x top-{k} "
+                          f"(need 2 <= N <= min({capacity + 1}, {MAX_TREE_NODES}))")
+    if (d_max + 1) * k ** d_max >= 2 ** 62:
+        raise ConfigError(f"dynamic tree with {k_heads} heads x top-{k} is too large to encode")
+    return d_max
+
+
 def dynamic_tree(root: torch.Tensor, head_logprobs, num_nodes: int, topk: int = TOPK) -> TreeBuffers:
     """Per-row tree of the num_nodes - 1 highest-scoring nodes, score = sum of head log-probs on the path.
 
@@ -173,14 +187,7 @@ def dynamic_tree(root: torch.Tensor, head_logprobs, num_nodes: int, topk: int = 
         k = min(topk, head_logprobs.shape[-1])                       # tiny vocabularies: fewer ranks
         values, indices = torch.log_softmax(head_logprobs.float(), dim=-1).topk(k, dim=-1)
     b, k_heads, k = values.shape
-    m = num_nodes - 1                      # non-root nodes to pick
-    d_max = min(k_heads, m)                # no path can be longer than either
-    capacity = sum(k ** d for d in range(1, d_max + 1))
-    if m < 1 or m > capacity or num_nodes > MAX_TREE_NODES:
-        raise ConfigError(f"dynamic tree of {num_nodes} nodes impossible with {k_heads} heads x top-{k} "
-                          f"(need 2 <= N <= min({capacity + 1}, {MAX_TREE_NODES}))")
-    if (d_max + 1) * k ** d_max >= 2 ** 62:
-        raise ConfigError(f"dynamic tree with {k_heads} heads x top-{k} is too large to encode")
+    d_max = dynamic_tree_depth(k_heads, k, num_nodes)
     from .kernels import ops
     tokens, depth, parent, rank, bits, mask, retrieve = ops.dynamic_tree(root.reshape(b), values, indices, num_nodes)
     return TreeBuffers(num_nodes=num_nodes, max_depth=d_max, topk=k, depth=depth, parent=parent, rank=rank,

@@ -273,6 +273,32 @@ def test_tree_attention_declines_what_it_cannot_take():
     big = torch.ones(1, 65, 65, dtype=torch.bool).tril()                # > 64 nodes: no bits, the reference
     assert cpu_ops.tree_attention(torch.randn(1, 4, 65, 64), torch.randn(1, 2, 80, 64), torch.randn(1, 2, 80, 64),
                                   pl, big, 80) is NotImplemented
+    # what the binding refuses but the reference computes: declined, so a chosen backend never raises for it
+    assert cpu_ops.tree_attention(q, K, K, pl, bits, 8, scale=-0.1) is NotImplemented
+    assert cpu_ops.tree_attention(q, K, K, pl, bits, 8, scale=float("nan")) is NotImplemented
+    wide_q, wide_k = torch.randn(1, 4, 3, 520), torch.randn(1, 2, 16, 520)
+    assert cpu_ops.tree_attention(wide_q, wide_k, wide_k, pl, bits, 8) is NotImplemented
+    with use_backend("cpu"):
+        got = ops.tree_attention(wide_q, wide_k, wide_k, pl, bits, 8)
+    assert rel_err(got, reference.tree_attention(wide_q, wide_k, wide_k, pl, bits, 8)) == 0
+
+
+def test_tree_attention_arguments_are_checked_on_the_host():
+    """A window past the cache, or a prefix_len of the wrong kind, is refused by name on every backend before a
+    kernel runs (the triton kernel would read past the buffer, the cpu one clamp the prefix: both silently)."""
+    from amphista_engine.errors import AmphistaError
+    q, K = torch.randn(2, 4, 3, 64), torch.randn(3, 2, 32, 64)          # the cache may hold more rows than B
+    pl, bits = torch.tensor([5, 9]), reference.mask_bits(torch.ones(3, 3, dtype=torch.bool).tril()[None])
+    for be in ("torch", "cpu"):
+        with use_backend(be):
+            assert ops.tree_attention(q, K, K, pl, bits, 16).shape == (2, 4, 3, 64)
+            for bad, what in (((q, K, K, pl, bits, 33), "kv_len"), ((q, K, K, pl, bits, 2), "kv_len"),
+                              ((q, K, K, pl.float(), bits, 16), "prefix_len"),
+                              ((q, K, K, pl[:1], bits, 16), "prefix_len"),
+                              ((q, K, K[:, :, :16], pl, bits, 16), "shape"),
+                              ((torch.randn(2, 3, 3, 64), K, K, pl, bits, 16), "multiple of H_kv")):
+                with pytest.raises(AmphistaError, match=what):
+                    ops.tree_attention(*bad)
 
 
 # ---- vector-unit variants ------------------------------------------------------------------------------
@@ -413,3 +439,17 @@ def test_dynamic_tree_equals_the_reference(B, K, k, N, ties):
         assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
     values[0, 0, 0] = float("nan")                 # the reference's sort orders NaN: declined
     assert cpu_ops.dynamic_tree(root, values, indices, N) is NotImplemented
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+def test_dynamic_tree_op_refuses_more_nodes_than_the_heads_hold(be):
+    """1 head x top-10 holds 11 nodes: asking ops.dynamic_tree for 12 is a ConfigError on every backend (the cpu
+    kernel sized its buffers by num_nodes and wrote past them)."""
+    from amphista_engine.errors import ConfigError
+    values = torch.randn(1, 1, 10).sort(dim=-1, descending=True).values
+    indices, root = torch.arange(10).view(1, 1, 10), torch.tensor([3])
+    with use_backend(be):
+        assert ops.dynamic_tree(root, values, indices, 11)[0].shape == (1, 11)
+        for n in (12, 16, 1):
+            with pytest.raises(ConfigError, match=f"dynamic tree of {n} nodes impossible with 1 heads x top-10"):
+                ops.dynamic_tree(root, values, indices, n)

@@ -885,6 +885,9 @@ def test_greedy_accept_takes_nan_for_the_max_as_torch():
 def test_backend_switch(monkeypatch):
     monkeypatch.delenv("AMPHISTA_BACKEND", raising=False)
     backend.clear_cache()
+    with use_backend("torch"):
+        with use_backend(None):                                     # None: no override, the outer choice stays
+            assert get_backend("cpu") == "torch"
     cpu_default = "cpu" if backend.cpu_available() else "torch"     # the C++ CPU kernels where built
     assert get_backend("cpu") == cpu_default
     assert backend.resolve("silu_mul", "cpu") == "torch"            # not a cpu-backend op: the reference

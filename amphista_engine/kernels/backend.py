@@ -48,8 +48,12 @@ def set_backend(name: Optional[str]) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """`with use_backend("triton"): ...` picks the backend inside the block only (None = no override)."""
-    token = _scoped.set(None if name is None else _check(name, "use_backend"))
+    """`with use_backend("triton"): ...` picks the backend inside the block only (None = no override: an
+    enclosing use_backend's choice stays)."""
+    if name is None:
+        yield
+        return
+    token = _scoped.set(_check(name, "use_backend"))
     try:
         yield
     finally:

@@ -25,6 +25,7 @@ Threads: OpenMP's, shared with torch (the module links libgomp.so.1, the soname 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from .._ext import optional_module
 BACKEND = "cpu"
 
 _CODES = {torch.float32: 0, torch.bfloat16: 2}    # csrc/cpu/common.h DType (the CUDA module's codes)
+MAX_HEAD_DIM = 512                                 # csrc/cpu/tree_attention.h kMaxDynamicD: its stack buffers
 _HOW_TO_BUILD = "it is built by `pip install -e .` where a C++17 compiler exists"
 
 
@@ -159,8 +161,9 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
             or k_cache.shape[0] < B or k_cache.shape[3] != D or H % H_kv or N > 64 or S < N
             or q.stride(-1) != 1 or k_cache.stride()[2:] != (D, 1) or v_cache.stride() != k_cache.stride()
             or prefix_len.dtype != torch.long or prefix_len.shape != (B,) or not prefix_len.is_contiguous()
-            or not _cpu(q, k_cache, v_cache, prefix_len, new_mask) or q.numel() == 0):
-        return NotImplemented
+            or not _cpu(q, k_cache, v_cache, prefix_len, new_mask) or q.numel() == 0 or D > MAX_HEAD_DIM
+            or (scale is not None and not (math.isfinite(scale) and scale > 0))):
+        return NotImplemented                      # the reference takes what the kernel's binding refuses
     mask = _bits(new_mask, B, N)
     if mask is None:
         return NotImplemented

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import ConfigError, InputError
 from . import backend, reference
 
 
@@ -56,8 +57,28 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     Returns [B, H, N, D] in q's dtype (kernels return a transposed view of a [B, N, H, D] buffer, so
     `out.transpose(1, 2).reshape(B, N, H * D)` is free).
     """
+    _check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len)
     return _run("tree_attention", q.device, q, k_cache, v_cache, prefix_len, new_mask, kv_len, scale,
                 dense_mask, order=order)
+
+
+def _check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len):
+    """What the host can check without reading the device: a window past the cache would send the kernels'
+    loads past the buffer (the reference would raise, the cpu kernel clamp). prefix_len's values stay the
+    caller's promise (prefix_len[b] + N <= kv_len): reading them would sync the device every layer."""
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ConfigError(f"tree_attention: q must be [B, H, N, D] and k_cache/v_cache one [B, H_kv, S, D] shape; "
+                          f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, H, N, D = q.shape
+    _, H_kv, S, Dk = k_cache.shape
+    if Dk != D or H_kv == 0 or H % H_kv or k_cache.shape[0] < B:
+        raise ConfigError(f"tree_attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
+                          f"(head dims equal, H a multiple of H_kv, at least B cache rows)")
+    if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not N <= kv_len <= S:
+        raise InputError(f"tree_attention: kv_len must be an int in [N, S] = [{N}, {S}]; got {kv_len!r}")
+    if prefix_len.shape != (B,) or prefix_len.dtype != torch.long:
+        raise ConfigError(f"tree_attention: prefix_len must be an int64 [B] = [{B}] tensor; got "
+                          f"{prefix_len.dtype} {tuple(prefix_len.shape)}")
 
 
 def tree_mask_args(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int,
@@ -204,7 +225,13 @@ def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.T
 def dynamic_tree(root: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, num_nodes: int):
     """tree.dynamic_tree's buffers: root [B] long, values [B, K, k] fp32 log-probs sorted descending per head,
     indices [B, K, k] their tokens -> (tokens [B, N], depth, parent, rank [B, N], ancestor bits [B, N] or None
-    past 64 nodes, mask [B, N, N] bool, retrieve [B, N - 1, D + 1]); the same integers on every backend."""
+    past 64 nodes, mask [B, N, N] bool, retrieve [B, N - 1, D + 1]); the same integers on every backend.
+    A ConfigError where K heads x top-k cannot hold num_nodes nodes (kernels size their buffers by it)."""
+    from ..tree import dynamic_tree_depth
+    if values.dim() != 3 or indices.shape != values.shape:
+        raise ConfigError(f"dynamic_tree: values and indices must both be [B, K, k]; got {tuple(values.shape)} "
+                          f"and {tuple(indices.shape)}")
+    dynamic_tree_depth(values.shape[1], values.shape[2], num_nodes)
     return _run("dynamic_tree", values.device, root, values, indices, num_nodes)
 
 

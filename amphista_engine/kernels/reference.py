@@ -49,7 +49,8 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     if dense_mask is None:
         n = q.shape[2]
         dense_mask = AttentionSpec(prefix_len, _new_mask_bool(new_mask, n), kv_len).dense_mask()
-    k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+    B = q.shape[0]
+    k, v = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]      # a cache may hold more rows than this batch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask[:, None], scale=scale, enable_gqa=True)
 
 
