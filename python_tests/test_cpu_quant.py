@@ -130,6 +130,12 @@ def test_bad_quant_requests_name_the_problem():
     with pytest.raises(ConfigError, match="CPU only"):
         LinearSetup.for_device("cuda", torch.bfloat16, "q4")
     assert LinearSetup.for_device("cuda", torch.bfloat16, "auto").quant == "none"
+    # torch's int4 product packs output rows by 16: a 40-row linear would fail on the reference path later
+    layers = torch.nn.Module()
+    layers.layers = torch.nn.ModuleList([torch.nn.Linear(64, 40, bias=False)])
+    with pytest.raises(ConfigError, match=r"output sizes that are multiples of 16; a linear of shape \(40, 64\)"):
+        cpu_quant.quantize_linears(layers)
+    assert cpu_quant.quantize_linears(layers, only_stored_4bit=True) is None
 
 
 def test_auto_stays_off_on_cpus_it_was_not_timed_on(monkeypatch):

@@ -170,11 +170,12 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
     from ..errors import ConfigError
     linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) and type(m) is not Int4Linear]
     for m in linears:
-        if m.weight.dim() != 2 or m.weight.shape[1] % GROUP:
+        # torch's int4 product (the reference and the fp16 fallback) packs output rows by 16
+        if m.weight.dim() != 2 or m.weight.shape[1] % GROUP or m.weight.shape[0] % 16:
             if only_stored_4bit:
                 return None
-            raise ConfigError(f"4-bit weights need input sizes that are multiples of {GROUP}; a linear of "
-                              f"shape {tuple(m.weight.shape)} is not")
+            raise ConfigError(f"4-bit weights need input sizes that are multiples of {GROUP} and output sizes "
+                              f"that are multiples of 16; a linear of shape {tuple(m.weight.shape)} is not")
     quantized, worst = [], 0.0
     for m in linears:
         old_class = m.__class__

@@ -184,7 +184,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def kv_write(k_buf: torch.Tensor, v_buf: torch.Tensor, layer: int, start: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
     """In place: k, v [B, H_kv, T, D] (any strides) to slots start[b] + t of layer `layer` of the cache
-    buffers k_buf, v_buf [L, B_max, H_kv, S, D]. start [B] long, device."""
+    buffers k_buf, v_buf [L, B_max, H_kv, S, D]. start [B] long, device. Slots outside [0, S) are the caller's
+    error: the reference raises, kernels drop them (start lives on the device; checking it would sync)."""
     _run("kv_write", k.device, k_buf, v_buf, layer, start, k, v)
 
 
