@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 ENV_VAR = "AMPHISTA_CUDA_GRAPHS"
-STATE_ATTRS = ("next", "draft", "seen")   # decoder tensors a step reads and updates in place
+STATE_ATTRS = ("next", "draft", "seen", "ongoing")   # decoder tensors a step reads (or updates) in place
 
 
 def graphs_enabled_by_env() -> bool:

@@ -100,6 +100,10 @@ class PlainDecoder:
             self.seen.scatter_(1, tok[:, None], True)
         return tok
 
+    def end_row(self, i: int):
+        """Row i's answer is complete (the driver drops its later tokens). A plain row advances one slot a step,
+        never past its prompt + max_new_tokens, so nothing needs doing here."""
+
     def can_drop_rows(self) -> bool:
         """Eager plain decoding only: a captured CUDA graph holds the batch size and the state buffers (and on a
         GPU a step costs about the same for fewer rows), and the speculative decoders keep more row state."""
@@ -245,6 +249,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
             used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens)
             if not (from_prefill or was_done):
                 stats[b].record_step(used)
+            if rows[b].finish_reason and not was_done and b in live and hasattr(decoder, "end_row"):
+                decoder.end_row(live.index(b))
             if delta:
                 yield b, delta
         from_prefill = False

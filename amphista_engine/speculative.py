@@ -188,7 +188,15 @@ class SpeculativeDecoder(PlainDecoder):
             self.heads.reset_cache(B, self.cache.max_seq_len)
         self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len))
         self.last_count = None
+        self.ongoing = torch.ones(B, dtype=torch.long, device=self.device)
         return root
+
+    @torch.inference_mode()
+    def end_row(self, i: int):
+        """Row i's answer is complete: its cache length stops advancing. Rows of a batch finish at different
+        steps and a speculative batch keeps them all (keep_rows is plain decoding's), so an ended row would
+        otherwise go on accepting up to max_depth + 1 tokens a step past the room its prompt was given."""
+        self.ongoing[i] = 0
 
     def _on_prefill(self, tokens, hidden):
         self._prefill_tokens, self._prefill_hidden = tokens, hidden
@@ -227,7 +235,7 @@ class SpeculativeDecoder(PlainDecoder):
 
         # Commit: the accepted path's K/V moves to contiguous slots after the prefix, for all layers at once.
         nodes = res.accepted_nodes.clamp(min=0)                              # [B, D+1]
-        count = res.accept_len + 1
+        count = (res.accept_len + 1) * self.ongoing                         # ended rows stay where they are
         self.cache.compact(length[:, None] + nodes, length)
         # Emitted = the token after each accepted node (the next accepted node's, then the bonus): exactly
         # the "next token" the SAL pairs with each accepted hidden state. Padding (-1) only needs a valid id.

@@ -154,6 +154,28 @@ def test_greedy_lossless_with_accepted_runs_and_stops(K, tree):
         assert max(taus) > 1.5, taus    # the oracle really produced multi-token steps
 
 
+@pytest.mark.parametrize("tree", ["chain-5", "dynamic-16"])
+def test_batch_row_that_ends_first_stops_taking_cache_room(tree):
+    """Row 0 (long prompt, oracle drafts: ~5 tokens a step) ends long before row 1 (wrong drafts: ~1 a step). A
+    speculative batch keeps the ended row; its length must stop there, or it would go on accepting past the
+    room its prompt + max_new_tokens + tree was given (an IndexError on the RoPE table at 2026-12-04)."""
+    model = random_tiny_model(seed=11)
+    long_prompt, short_prompt, max_new = PROMPTS[2] * 3, PROMPTS[0], 40
+    full, _ = plain_ids(model, long_prompt, max_new, eos=[])
+    spec = TreeSpec(tree, 5, "cpu")
+    room = len(long_prompt) + max_new + spec.num_nodes + spec.max_depth      # what Engine._check_room grants
+    heads = OracleHeads(long_prompt + full, 64, 5, hit=1.0)
+    cache = KVCache.for_model(model.config, 2, room, torch.float32, "cpu")
+    dec = SpeculativeDecoder(model, cache, heads, spec, SamplingParams())
+    lengths, step = [], dec.step_device
+    dec.step_device = lambda kv_len: (lengths.append(cache.length[:2].tolist()), step(kv_len))[1]
+    stats = [GenerationStats(), GenerationStats()]
+    list(run(dec, [long_prompt, short_prompt], _NoText(), max_new, [], [], stats))
+    assert dec.rows[0].ids == full and dec.rows[1].ids == plain_ids(model, short_prompt, max_new, eos=[])[0]
+    assert stats[0].tau > 3 and stats[1].tau < 1.5 and len(lengths) > 2 * stats[0].decode_steps
+    assert max(n for n, _ in lengths) + spec.num_nodes <= room
+
+
 def test_tree_verification_logits_equal_paths_alone():
     model = random_tiny_model(seed=4, vocab=64)
     tree = build_tree("tree-32")
