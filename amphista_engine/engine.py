@@ -244,6 +244,11 @@ class Engine:
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = check_stop(stop)
         ids = [self.encode_prompt(p, chat) for p in prompts]
+        if speculative == "auto" and params.repetition_penalty != 1.0 and self.heads is not None:
+            # "auto" is the faster way that works: a penalty on what each path has seen needs plain decoding
+            warnings.warn("speculative='auto': repetition_penalty is supported with plain decoding only; "
+                          "decoding plainly")
+            speculative, tree = None, None
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance)
         if extra and speculative == "auto" and any(len(p) + max_new_tokens + extra > self.max_seq_len for p in ids):
             # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does

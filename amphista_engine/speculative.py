@@ -130,7 +130,7 @@ class SpeculativeDecoder(PlainDecoder):
         super().__init__(model, cache, params)
         if params.repetition_penalty != 1.0:
             raise InputError("repetition_penalty changes the target distribution per path; it is supported "
-                             "with plain decoding only (speculative=None)")
+                             "with plain decoding only (speculative=None; on the command line --speculative none)")
         if acceptance not in ACCEPTANCE:
             raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
         if acceptance == "auto":

@@ -443,6 +443,24 @@ def test_auto_decodes_plainly_where_only_the_tree_room_does_not_fit(tiny_hf_dir,
         eng.generate(prompt, chat=False, max_new_tokens=fits_plain, speculative="amphista")
 
 
+def test_auto_decodes_plainly_with_a_repetition_penalty(tiny_hf_dir, monkeypatch):
+    """The penalty needs plain decoding: "auto" (the CLI's default) then decodes plainly, with a warning, however
+    the speculation check came out; naming the method still refuses, and says how on the command line too."""
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=96)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
+    monkeypatch.setattr(Engine, "resolve_speculation",      # as if the check found the heads faster here
+                        lambda self, s, t: ("amphista", "chain-4", None) if s == "auto" else (s, t, None))
+    kw = dict(chat=False, max_new_tokens=12, repetition_penalty=1.3)
+    plain = eng.generate("The quick brown fox", **kw)
+    for tree in (None, "chain-2"):
+        with pytest.warns(UserWarning, match="repetition_penalty is supported with plain decoding only"):
+            auto = eng.generate("The quick brown fox", speculative="auto", tree=tree, **kw)
+        assert auto.token_ids == plain.token_ids
+    with pytest.raises(InputError, match="--speculative none"):
+        eng.generate("The quick brown fox", speculative="amphista", **kw)
+
+
 def test_a_one_token_answer_has_no_decode_rate_to_report(engine):
     res = engine.generate("The quick brown fox", chat=False, max_new_tokens=1)
     assert res.stats.new_tokens == 1 and res.stats.decode_steps == 0
