@@ -150,6 +150,11 @@ def test_bad_input_errors(setup, tmp_path):
     bad.write_text(json.dumps(QUESTIONS[0]) + "\n\n{\"question_id\": 2, \"category\": \n")
     with pytest.raises(InputError, match=r"bad.jsonl:3: not a valid JSON line"):
         run_eval(bad, heads=heads, out=tmp_path)
+    latin1 = tmp_path / "latin1.jsonl"         # "café" saved as Latin-1: refused by name, not a decode trace
+    latin1.write_bytes(json.dumps(QUESTIONS[0]).encode() + b'\n{"question_id": 2, "category": "w", '
+                       b'"turns": ["caf\xe9"]}\n')
+    with pytest.raises(InputError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at offset \d+"):
+        run_eval(latin1, heads=heads, out=tmp_path)
     with pytest.raises(InputError, match=r"unknown category 'math'.*has: coding, writing"):
         run_eval(q, heads=heads, categories="coding,math", out=tmp_path)
     with pytest.raises(InputError, match=r"unknown method 'eagle'.*ar .*medusa, amphista"):
@@ -161,6 +166,65 @@ def test_bad_input_errors(setup, tmp_path):
     swapped = {"medusa": heads["amphista"], "amphista": heads["medusa"]}
     with pytest.raises(InputError, match="holds amphista heads, not medusa heads"):
         run_eval(q, engine=setup[0], heads=swapped, out=tmp_path / "swap", **KW)
+
+
+def test_failed_run_does_not_block_the_corrected_rerun(setup, tmp_path):
+    """A run refused for its heads or tree answered nothing: the same --out must take the corrected run."""
+    engine, heads, q = setup
+    out = tmp_path / "r2"
+    with pytest.raises(InputError, match="holds medusa heads, not amphista heads"):
+        run_eval(q, methods="amphista", engine=engine, heads={"amphista": heads["medusa"]}, out=out, limit=1, **KW)
+    with pytest.raises(AmphistaError, match="tree 'tuned-99': the loaded heads carry no such fitted tree"):
+        run_eval(q, methods="amphista", engine=engine, heads=heads, tree="tuned-99", out=out, limit=1, **KW)
+    assert not (out / "run_config.json").exists()
+    s = run_eval(q, methods="amphista", engine=engine, heads=heads, tree="tree-16", out=out, limit=1, **KW)
+    assert s["overall"]["amphista"]["questions"] == 1
+    # A config left without answers (older versions wrote it first) describes nothing either.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "run_config.json").write_text(json.dumps({"model": "other", "max_new_tokens": 99, "heads": {}}))
+    run_eval(q, methods="ar", engine=engine, out=stale, limit=1, **KW)
+    assert json.loads((stale / "run_config.json").read_text())["max_new_tokens"] == KW["max_new_tokens"]
+
+
+def test_resume_refuses_heads_retrained_in_place(setup, tmp_path):
+    """Same heads path, other weights: the answers in --out came from the old heads and must not be reused."""
+    from amphista_engine.heads import random_heads, save_heads
+    engine, heads, q = setup
+    path = tmp_path / "heads"
+    save_heads(random_heads("medusa", engine.model, num_heads=4, seed=1), path)
+    kw = dict(methods="medusa", engine=engine, heads={"medusa": str(path)}, out=tmp_path / "out", limit=1, **KW)
+    run_eval(q, **kw)
+    run_eval(q, **kw)                                    # unchanged weights resume
+    save_heads(random_heads("medusa", engine.model, num_heads=4, seed=2), path)
+    with pytest.raises(InputError, match=r"different configuration \(medusa heads' weights: digest"):
+        run_eval(q, **kw)
+
+
+def test_corrupt_run_config_is_named(setup, tmp_path, capsys):
+    engine, heads, q = setup
+    run_eval(q, methods="ar", engine=engine, out=tmp_path, limit=1, **KW)
+    for text in ("{broken", "[1, 2]"):
+        (tmp_path / "run_config.json").write_text(text)
+        with pytest.raises(InputError, match=r"run_config.json is not a valid run config"):
+            run_eval(q, methods="ar", engine=engine, out=tmp_path, limit=1, **KW)
+
+
+def test_plots_skip_plain_only_runs_and_name_the_tree_used(setup, tmp_path, monkeypatch):
+    import matplotlib.figure
+    engine, heads, q = setup
+    logged = []
+    s = run_eval(q, methods="ar", engine=engine, out=tmp_path / "ar", limit=1, plot=True,
+                 **{**KW, "log": logged.append})
+    assert s["plots"] == [] and not list((tmp_path / "ar").glob("*.png"))
+    assert any("no plots" in m for m in logged)
+    titles = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (titles.append(fig.axes[0].get_title()), real(fig, *a, **k)))
+    s = run_eval(q, methods="ar,medusa", engine=engine, heads=heads, out=tmp_path / "m", limit=1, plot=True, **KW)
+    used = s["meta"]["tree_used"]["medusa"]              # --tree unset: the engine's default for this device
+    assert len(titles) == 2 and all(f"tree {used} |" in t and "tree default" not in t for t in titles)
 
 
 def test_eval_cli(setup, tiny_hf_dir, tmp_path, capsys):
@@ -243,3 +307,39 @@ def test_bench_refuses_large_on_cpu_and_bad_tau(tmp_path):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"overall": {"ar": {"tau": 1.0}, "amphista": {"tau": 2.4}}}))
     assert parse_tau(str(summary)) == {"amphista": 2.4}
+
+
+def test_bench_refuses_a_cache_that_does_not_fit_before_allocating(monkeypatch):
+    import amphista_engine.evaluation.shapes as shapes
+    import amphista_engine.kv_cache as kv_cache
+    from amphista_engine.errors import CacheFullError
+    target = shapes.random_model("tiny", "cpu", torch.float32, 256)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 64 << 20)
+
+    def no_alloc(*a, **k):
+        raise AssertionError("allocated a model before checking its cache")
+
+    monkeypatch.setattr(shapes, "random_model", no_alloc)
+    monkeypatch.setattr(target, "setup_rope", no_alloc)
+    for kw in (dict(random_weights=True, shape="tiny"), dict(model=None, target=target)):
+        with pytest.raises(CacheFullError, match=r"--prompt-tokens 1000000: max_seq_len=\d+ .* lower --prompt-tokens"):
+            run_bench(device="cpu", trees="chain-4", prompt_tokens=10**6, out=None, log=lambda m: None, **kw)
+
+
+def test_bench_tau_from_a_summary_names_its_tree(tmp_path):
+    """A summary's tau was measured on one tree: rows of other trees keep the numbers but say so."""
+    from amphista_engine.evaluation.bench import bench_markdown
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"overall": {"ar": {"tau": 1.0}, "amphista": {"tau": 2.4}},
+                                   "meta": {"tree": None, "tree_used": {"amphista": "tree-16"}}}))
+    logged = []
+    r = run_bench(random_weights=True, shape="tiny", device="cpu", trees="chain-4,tree-16", prompt_tokens=16,
+                  repeats=1, warmup=1, tau=str(summary), methods=("amphista",), out=None, log=logged.append)
+    assert r["tau_source"] == {"file": str(summary), "tree": {"amphista": "tree-16"}}
+    rows = {x["tree"]: x for x in r["rows"][1:]}
+    assert all(x["tau"] == 2.4 and x["tau_tree"] == "tree-16" for x in rows.values())
+    md = bench_markdown(r)
+    assert "| chain-4 |" in md and "tree-16 (not this tree) |" in md
+    note = "amphista tau 2.4 from {} was measured on tree tree-16; the rows for chain-4 assume".format(summary)
+    assert note in md and any(note in m for m in logged)
+    assert "(not this tree)" not in next(line for line in md.splitlines() if "| tree-16 | 16 |" in line)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import CacheFullError, InputError
 from .env import environment, median_ms
 
 DEFAULT_TREES = ("chain-4", "dynamic-8", "tree-16", "dynamic-16", "tree-32", "dynamic-32", "mc_sim_7b_63",
@@ -32,8 +32,16 @@ def _log(msg: str):
 
 def parse_tau(tau) -> dict[str, float] | None:
     """None | 2.5 | "2.5" (both methods) | "medusa=2.1,amphista=2.6" | path to an eval summary.json."""
+    return parse_tau_source(tau)[0]
+
+
+def parse_tau_source(tau) -> tuple[dict[str, float] | None, dict | None]:
+    """parse_tau's taus and, for a summary.json, where they come from: {"file", "tree": {method: tree}}. A tau
+    holds for the tree it was measured on; the tree is None where the summary does not say (older runs on the
+    default tree)."""
+    source = None
     if tau is None or tau == "":
-        return None
+        return None, None
     if isinstance(tau, (int, float)):
         value = float(tau)
         out = {"medusa": value, "amphista": value}
@@ -42,12 +50,16 @@ def parse_tau(tau) -> dict[str, float] | None:
         if not path.is_file():
             raise InputError(f"--tau: summary file not found: {path}")
         try:
-            overall = json.loads(path.read_text())["overall"]
+            summary = json.loads(path.read_text())
+            overall = summary["overall"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise InputError(f"--tau: {path} is not an `amphista eval` summary.json (no 'overall' section)") from None
         out = {m: s["tau"] for m, s in overall.items() if m in ("medusa", "amphista")}
         if not out:
             raise InputError(f"--tau: {path} has no medusa or amphista results")
+        meta = summary.get("meta") if isinstance(summary.get("meta"), dict) else {}
+        used = meta.get("tree_used") if isinstance(meta.get("tree_used"), dict) else {}
+        source = {"file": str(path), "tree": {m: used.get(m) or meta.get("tree") for m in out}}
     elif re.fullmatch(r"[0-9.]+", str(tau).strip()):
         out = {"medusa": float(tau), "amphista": float(tau)}
     else:
@@ -64,16 +76,19 @@ def parse_tau(tau) -> dict[str, float] | None:
     bad = {m: v for m, v in out.items() if v < 1.0}
     if bad:
         raise InputError(f"--tau must be >= 1 (plain decoding emits 1 token per forward), got {bad}")
-    return out
+    return out, source
 
 
 def load_target(model=None, random_weights: bool = False, shape: str | None = None, device="cpu",
                 dtype=torch.float32, max_seq_len: int = 2048, allow_large: bool = False):
     """(Transformer, display name): a checkpoint, or random weights of a named shape (no tokenizer needed)."""
     if random_weights:
-        from .shapes import random_model
+        from ..kv_cache import KVCache
+        from .shapes import random_model, shape_config
         if not shape:
             raise InputError("--random-weights needs --shape (one of the shapes listed in --help)")
+        # The RoPE table (built with the model) and the cache scale with max_seq_len: refuse before either.
+        KVCache.check_fits(shape_config(shape), 1, max_seq_len, dtype, device)
         return random_model(shape, device, dtype, max_seq_len, allow_large=allow_large), f"random {shape}"
     if shape:
         raise InputError("--shape only applies with --random-weights")
@@ -113,7 +128,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         Path(out).mkdir(parents=True, exist_ok=True)    # a bad --out fails now, not after the timing
     if plot and out is None:
         raise InputError("--plot needs --out DIR")
-    taus = parse_tau(tau)
+    taus, tau_source = parse_tau_source(tau)
     try:
         draft_vocabs = [int(v) for v in (draft_vocab.split(",") if isinstance(draft_vocab, str) else draft_vocab)]
     except ValueError:
@@ -125,12 +140,18 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     steps = 2 * (max(warmup, 3) + repeats) + 2    # graphed pass, then the eager phase split, each warmed up
     max_seq_len = prompt_tokens + steps * (num_heads + 1) + max(s.num_nodes for s in specs.values()) + 256
 
-    if target is None:
-        log(f"loading {'random ' + str(shape) if random_weights else model} on {device} ({dtype}) ...")
-        target, name = load_target(model, random_weights, shape, device, dtype, max_seq_len, allow_large)
-    else:
-        name = str(model or "model")
-        target.setup_rope(max(max_seq_len, target.rope_len))
+    try:
+        if target is None:
+            log(f"loading {'random ' + str(shape) if random_weights else model} on {device} ({dtype}) ...")
+            target, name = load_target(model, random_weights, shape, device, dtype, max_seq_len, allow_large)
+        else:
+            name = str(model or "model")
+            KVCache.check_fits(target.config, 1, max_seq_len, dtype, device)
+            target.setup_rope(max(max_seq_len, target.rope_len))
+    except CacheFullError as e:     # max_seq_len is derived here: name the flag that sets it
+        raise CacheFullError(f"--prompt-tokens {prompt_tokens}: {str(e).removesuffix('; lower max_seq_len')} "
+                             "(the cache holds the prompt, every timed step and the largest tree); "
+                             "lower --prompt-tokens") from None
     # The linears run as the Engine runs them on this device (packed for oneDNN on a CPU, ...).
     linears = LinearSetup.for_device(device, dtype, quant)
     linears = linears.resolved(linears.apply(target))
@@ -183,6 +204,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                     row["tau"] = taus[method]
                     row["tokens_per_s_at_tau"] = round(taus[method] * 1e3 / ms, 2)
                     row["speedup_at_tau"] = round(taus[method] * plain_ms / ms, 3)
+                    if tau_source:
+                        row["tau_tree"] = tau_source["tree"].get(method)
                 rows.append(row)
                 log(f"{method:8s} V'={dv or cfg.vocab_size:<6d} {tree:13s} {spec.num_nodes:4d} nodes: {ms:.3f} ms/step, "
                     f"break-even tau {ms / plain_ms:.2f}")
@@ -196,6 +219,10 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                                "the phase split (*_ms columns) comes from eager steps"},
               "prefill_ms": round(prefill_ms, 4), "plain_step_ms": round(plain_ms, 4),
               "plain_tokens_per_s": round(1e3 / plain_ms, 2), "tau": taus, "rows": rows}
+    if tau_source:
+        result["tau_source"] = tau_source
+        for line in tau_notes(result):
+            log(line)
     if out is not None:
         out = Path(out)                                   # made at the start
         stem = f"bench_{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(name).name)}_{device.type}_{result['meta']['dtype']}"
@@ -217,7 +244,36 @@ def bench_markdown(result: dict) -> str:
     cols = ["method", "draft_vocab", "tree", "nodes", "step_ms", "break_even_tau", "draft_ms", "verify_ms", "accept_ms", "commit_ms"]
     if result.get("tau"):
         cols += ["tau", "tokens_per_s_at_tau", "speedup_at_tau"]
+    if result.get("tau_source"):
+        cols.append("tau_tree")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
-        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
-    return head + "\n" + "\n".join(lines)
+        cells = {**r, "tau_tree": _tau_tree_cell(r)} if "tau_tree" in r else r
+        lines.append("| " + " | ".join(str(cells.get(c, "-")) for c in cols) + " |")
+    notes = tau_notes(result)
+    return head + "\n" + "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def _tau_tree_cell(row: dict) -> str:
+    if row["tau_tree"] is None:
+        return "not recorded"
+    return row["tau_tree"] if row["tau_tree"] == row["tree"] else f"{row['tau_tree']} (not this tree)"
+
+
+def tau_notes(result: dict) -> list[str]:
+    """Where a summary's tau was measured on another tree than a row's: its *_at_tau columns then assume the
+    same tau on that tree, which nothing measured."""
+    src = result.get("tau_source")
+    if not src:
+        return []
+    notes = []
+    for method, tree in src["tree"].items():
+        other = list(dict.fromkeys(r["tree"] for r in result["rows"]
+                                   if r["method"] == method and "tau_tree" in r and r["tree"] != tree))
+        if not other:
+            continue
+        measured = f"on tree {tree}" if tree else "on a tree the summary does not record"
+        notes.append(f"note: {method} tau {result['tau'][method]} from {src['file']} was measured {measured}; "
+                     f"the rows for {', '.join(other)} assume it holds there too "
+                     "(their *_at_tau columns are not measured)")
+    return notes

@@ -4,9 +4,14 @@ matplotlib runs on the Agg backend: these are written on headless machines and n
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 COLORS = {"ar": "#7f7f7f", "medusa": "#1f77b4", "amphista": "#d62728"}
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _pyplot():
@@ -30,15 +35,30 @@ def _grouped_bars(ax, summary: dict, methods: list[str], key: str):
     ax.legend()
 
 
-def plot_eval(summary: dict, out_dir) -> list[Path]:
-    """tau_per_category.png and speedup_per_category.png; returns their paths."""
+def _trees_label(meta: dict) -> str:
+    """The tree each method actually ran (meta.tree_used): --tree unset resolves per device and heads."""
+    used = meta.get("tree_used") or {}
+    names = sorted(set(used.values()))
+    if len(names) == 1:
+        return f"tree {names[0]}"
+    if names:
+        return "trees " + ", ".join(f"{m} {t}" for m, t in used.items())
+    return f"tree {meta.get('tree') or 'default'}"
+
+
+def plot_eval(summary: dict, out_dir, log=_log) -> list[Path]:
+    """tau_per_category.png and speedup_per_category.png; returns their paths. Both compare speculative methods,
+    so a plain-only run (--methods ar) gets neither: empty axes would read as a broken run."""
+    spec = [m for m in summary["methods"] if m != "ar"]
+    if not spec:
+        log("note: no plots: tau and speedup per category need a speculative method (medusa, amphista)")
+        return []
     plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = summary.get("meta", {})
     subtitle = (f"{Path(str(meta.get('model', ''))).name} | {meta.get('hardware', '')} | "
-                f"tree {meta.get('tree') or 'default'} | max {meta.get('max_new_tokens', '?')} new tokens")
-    spec = [m for m in summary["methods"] if m != "ar"]
+                f"{_trees_label(meta)} | max {meta.get('max_new_tokens', '?')} new tokens")
     paths = []
     for key, methods, ylabel, name in (
             ("tau", spec, "tau (tokens per target forward)", "tau_per_category.png"),

@@ -90,22 +90,42 @@ def load_answers(path: Path, log=_log) -> dict[tuple, dict]:
     return done
 
 
-def _check_run_config(out: Path, config: dict):
-    """Answers from another configuration must not mix into this summary (e.g. another max_new_tokens)."""
+def _check_run_config(out: Path, config: dict) -> dict:
+    """Answers from another configuration must not mix into this summary (e.g. another max_new_tokens, or heads
+    retrained in place). Returns the config to record: this run's, plus the heads of methods only earlier runs ran."""
     f = out / RUN_CONFIG
-    if f.is_file():
-        old = json.loads(f.read_text())
-        old.setdefault("quant", "none")          # runs from before 4-bit weights
-        keys = ("model", "questions", "max_new_tokens", "tree", "temperature", "seed", "dtype", "device", "quant")
-        diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys if old.get(k) != config[k]]
-        diff += [f"{m} heads: {p!r} there, {config['heads'][m]!r} now"
-                 for m, p in old.get("heads", {}).items() if m in config["heads"] and config["heads"][m] != p]
-        if diff:
-            raise InputError(f"{out} holds answers from a different configuration ({'; '.join(diff)}); "
-                             "use another --out or delete it")
-        config = {**config, "heads": {**old.get("heads", {}), **config["heads"]}}
+    answers = out / ANSWERS
+    # A run that failed before its first answer leaves a config that describes nothing; it must not block a
+    # corrected rerun into the same folder.
+    if not f.is_file() or not answers.is_file() or answers.stat().st_size == 0:
+        return config
+    try:
+        old = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{f} is not a valid run config ({e}); it describes the answers in {answers}: "
+                         "use another --out or delete the folder") from None
+    if not isinstance(old, dict):
+        raise InputError(f"{f} is not a valid run config (a JSON {type(old).__name__}, not an object); "
+                         "use another --out or delete the folder")
+    old.setdefault("quant", "none")          # runs from before 4-bit weights
+    keys = ("model", "questions", "max_new_tokens", "tree", "temperature", "seed", "dtype", "device", "quant")
+    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys if old.get(k) != config[k]]
+    diff += [f"{m} heads: {p!r} there, {config['heads'][m]!r} now"
+             for m, p in (old.get("heads") or {}).items() if m in config["heads"] and config["heads"][m] != p]
+    # Configs from before digests were recorded have none to compare: their heads are taken on the path alone.
+    diff += [f"{m} heads' weights: digest {d!r} there, {config['heads_digest'][m]!r} now (retrained in place?)"
+             for m, d in (old.get("heads_digest") or {}).items()
+             if m in config["heads_digest"] and config["heads_digest"][m] != d]
+    if diff:
+        raise InputError(f"{out} holds answers from a different configuration ({'; '.join(diff)}); "
+                         "use another --out or delete it")
+    return {**config, "heads": {**(old.get("heads") or {}), **config["heads"]},
+            "heads_digest": {**(old.get("heads_digest") or {}), **config["heads_digest"]}}
+
+
+def _write_run_config(out: Path, config: dict):
     out.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(config, indent=1) + "\n")
+    (out / RUN_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
 
 
 # ---- running -----------------------------------------------------------------------------------------------
@@ -171,6 +191,9 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     """
     from tqdm import tqdm
 
+    # Imported here: training.evaltau imports this package's questions module, so a top-level import is circular.
+    from ..training.evaltau import _digest as heads_digest
+
     # Everything that can be wrong with the input is checked before the (slow) model load.
     methods = parse_methods(methods, log)
     qs = read_questions(questions, categories, limit, per_category)
@@ -191,15 +214,9 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         log(f"loading {model} ...")
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len, quant=quant)
     greedy = temperature == 0
-    config = {"model": str(engine.loaded_name), "questions": Path(questions).name, "max_new_tokens": max_new_tokens,
-              "tree": tree, "temperature": temperature, "seed": None if greedy else seed,
-              "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
-              "quant": getattr(engine, "quant", "none"), "heads": heads_paths}
-    _check_run_config(out, config)
-
     # Load every method's heads once; switching methods then just swaps the module on the engine.
     loaded: dict[str, object] = {"ar": None}
-    room, trees_used = 0, {}
+    room, trees_used, digests = 0, {}, {}
     for m, path in heads_paths.items():
         h = engine.load_heads(path)
         if h.config.kind != m:
@@ -208,6 +225,15 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         room = max(room, spec.num_nodes + spec.max_depth)
         loaded[m] = h
         trees_used[m] = spec.name                # what tree=None resolved to for these heads
+        digests[m] = heads_digest(h)             # the weights, not the path: heads retrained in place differ
+
+    config = {"model": str(engine.loaded_name), "questions": Path(questions).name, "max_new_tokens": max_new_tokens,
+              "tree": tree, "temperature": temperature, "seed": None if greedy else seed,
+              "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+              "quant": getattr(engine, "quant", "none"), "heads": heads_paths, "heads_digest": digests}
+    # Written only once the heads and the tree passed: a failed run must not pin a configuration on --out.
+    config = _check_run_config(out, config)
+    _write_run_config(out, config)
 
     answers_file = out / ANSWERS
     done = load_answers(answers_file, log)
@@ -245,7 +271,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     (out / SUMMARY_MD).write_text(summary_markdown(summary) + "\n")
     if plot:
         from .plots import plot_eval
-        summary["plots"] = [str(p) for p in plot_eval(summary, out)]
+        summary["plots"] = [str(p) for p in plot_eval(summary, out, log)]
         (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
