@@ -12,7 +12,7 @@ from amphista_engine.training.data import ShardWriter, load_shard, read_prompts
 from amphista_engine.training.plan import BatchPlan, epoch_batches
 from amphista_engine.training.trainer import TrainConfig, head_features, train_heads
 
-from conftest import random_tiny_model
+from conftest import needs_smollm2, random_tiny_model
 
 K = 3
 
@@ -312,9 +312,9 @@ def test_distill_offset_worker_takes_the_tail(tmp_path, tiny_hf_dir):
     ids = [json.loads(line)["id"] for f in (a, b) for line in f.read_text().splitlines()]
     assert sorted(ids) == [f"p{i}" for i in range(5)]
     with pytest.raises(InputError, match="--offset"):
-        distill(prompts, b, offset=-1, engine=engine, progress=False)
+        distill(prompts, b, offset=-1, max_new_tokens=2, engine=engine, progress=False)
     with pytest.raises(InputError, match="--offset 3 is past the 3 prompts of .* taken by --limit 3"):
-        distill(prompts, b, offset=3, limit=3, engine=engine, progress=False)
+        distill(prompts, b, offset=3, limit=3, max_new_tokens=2, engine=engine, progress=False)
 
 
 def test_distill_batches_alike_lengths(tmp_path, tiny_hf_dir, monkeypatch):
@@ -704,7 +704,7 @@ def test_distill_sampled_answers_of_chosen_sources(tmp_path, tiny_hf_dir):
     with pytest.raises(InputError, match="--samples"):
         distill(prompts, out, engine=engine, progress=False, samples=2)
     with pytest.raises(InputError, match="--sources: no prompts of zz"):
-        distill(prompts, out, engine=engine, progress=False, sources="b,zz")
+        distill(prompts, out, engine=engine, progress=False, sources="b,zz", max_new_tokens=12)
 
 
 def test_train_cli_takes_default_for_the_shipped_heads(monkeypatch, capsys):
@@ -717,3 +717,247 @@ def test_train_cli_takes_default_for_the_shipped_heads(monkeypatch, capsys):
     assert main(["train", "--data", "x.jsonl", "--out", "o", "--init-from", "default", "--eval-frac", "0"]) == 0
     assert seen["cfg"].init_from == str(shipped_heads("smollm2-135m", "amphista"))
     assert "no held-out evaluation (--eval-frac 0" in capsys.readouterr().err
+
+
+# ---- settings checked before any work; messages that say what happened ------------------------------------------
+def _cli(argv, capsys) -> tuple[int, str]:
+    from amphista_engine.cli import main
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--limit", "0"], "--limit must be a positive integer, got 0"),
+    (["--limit", "-3"], "--limit must be a positive integer, got -3"),
+    (["--max-seq-len", "-5"], "--max-seq-len must be at least 2"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens 100000 leaves no room for a prompt"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in"),
+])
+def test_distill_refuses_bad_settings_before_loading(tmp_path, capsys, extra, match):
+    """A bad distill setting is one error line before the model loads (the model path here does not exist, so a
+    check that came late would fail on the load instead)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "source": "s", "prompt": "hi"}) + "\n")
+    rc, err = _cli(["distill", "--prompts", str(prompts), "--out", str(tmp_path / "d.jsonl"),
+                    "--model", str(tmp_path / "no-model")] + extra, capsys)
+    assert rc == 2 and match in err and "Traceback" not in err
+    assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_read_prompts_limit_and_encoding(tmp_path, capsys):
+    jl = tmp_path / "p.jsonl"
+    jl.write_text("".join(json.dumps({"id": f"p{i}", "source": "s", "prompt": f"q{i}"}) + "\n" for i in range(5)))
+    assert len(read_prompts(jl, limit=5)) == 5 and len(read_prompts(jl)) == 5
+    for bad in (0, -3):      # `prompts[:0]` was read as "no limit", `prompts[:-3]` as "all but 3"
+        with pytest.raises(InputError, match=f"--limit must be a positive integer, got {bad}"):
+            read_prompts(jl, limit=bad)
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps({"id": "a", "source": "s", "prompt": "caf\u00e9"}, ensure_ascii=False)
+                      .encode("latin-1") + b"\n")
+    with pytest.raises(InputError, match=r"latin1.jsonl: not UTF-8 text \(byte 0xe9"):
+        read_prompts(latin)
+    rc, err = _cli(["distill", "--prompts", str(latin), "--out", str(tmp_path / "x.jsonl"),
+                    "--model", str(tmp_path / "no-model")], capsys)
+    assert rc == 2 and "not UTF-8 text" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(stop_after=0), "--stop-after must be a step >= 1, got 0"),
+    (dict(stop_after=-2), "--stop-after must be a step >= 1, got -2"),
+    (dict(warmup=-5), "--warmup must be >= 0, got -5"),
+    (dict(loss_positions=-1), "--loss-positions must be >= 0"),
+    (dict(save_every=-1), "--save-every must be >= 0"),
+    (dict(eval_every=-1), "--eval-every must be >= 0"),
+    (dict(eval_max_seqs=-1), "--eval-max-seqs must be >= 0"),
+    (dict(max_seq_len=-5), "--max-seq-len must be at least 2"),
+    (dict(stage_of_head="a,b,c"), "--stage-of-head 'a,b,c': expected a comma list of 3 stage indices"),
+    (dict(stage_of_head="0,1"), "lists 2 stage\\(s\\) for 3 heads"),
+])
+def test_train_refuses_bad_settings_up_front(shard, target, tmp_path, kw, match):
+    with pytest.raises((ConfigError, InputError), match=match):
+        train_heads(cfg(shard, tmp_path / "o", **kw), target=target)
+    assert not (tmp_path / "o").exists()       # refused before any output
+
+
+def test_train_cli_checks_before_loading(shard, tmp_path, capsys):
+    base = ["train", "--data", str(shard), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")]
+    rc, err = _cli(base + ["--stage-of-head", "a,b,c,d"], capsys)
+    assert rc == 2 and "--stage-of-head 'a,b,c,d': expected a comma list" in err and "Traceback" not in err
+    (tmp_path / "logdir").mkdir()
+    rc, err = _cli(base + ["--log", str(tmp_path / "logdir")], capsys)
+    assert rc == 2 and "is a directory" in err
+    rc, err = _cli(base + ["--stop-after", "0"], capsys)
+    assert rc == 2 and "--stop-after must be a step >= 1" in err
+
+
+def test_train_says_why_there_is_no_final_evaluation(shard, target, tmp_path, capsys, monkeypatch):
+    """The CLI prints the final held-out evaluation; when there is none, it says why (stopped early, the run had
+    already finished, --eval-max-seqs 0, nothing held out), and a finished run resumed prints its evaluation."""
+    from amphista_engine.training import trainer
+    real = trainer.train_heads
+    monkeypatch.setattr(trainer, "train_heads", lambda c: real(c, target=target))
+    out = tmp_path / "o"
+    base = ["train", "--data", str(shard), "--out", str(out), "--num-heads", str(K), "--steps", "4",
+            "--batch-tokens", "340", "--eval-frac", "0.2"]
+
+    def run(*extra):
+        from amphista_engine.cli import main
+        rc = main(base + list(extra))
+        got = capsys.readouterr()
+        return rc, got.out.strip(), got.err
+
+    rc, stdout, err = run("--stop-after", "2")
+    assert rc == 0 and stdout == "{}"
+    assert "no held-out evaluation (stopped at step 2 of 4 (--stop-after)" in err and "held out no sequence" not in err
+    rc, stdout, err = run("--resume")
+    assert rc == 0 and json.loads(stdout)["top1"] and "no held-out evaluation" not in err
+    rc, stdout, err = run("--resume")           # finished: nothing to train, the saved final evaluation
+    assert rc == 0 and json.loads(stdout)["top1"]
+    assert "is at step 4 of 4: nothing left to train" in err and "4/4 steps in" not in err
+    rc, stdout, err = run("--overwrite", "--eval-max-seqs", "0")
+    assert rc == 0 and stdout == "{}" and "no held-out evaluation (--eval-max-seqs 0: the " in err
+    rc, stdout, err = run("--overwrite", "--eval-frac", "0")
+    assert "no held-out evaluation (--eval-frac 0.0 held out no sequence)" in err
+
+
+def test_distill_records_its_target_and_train_refuses_another(tmp_path, tiny_hf_dir, target, shard):
+    """Records name the target that wrote them; train (and a resumed distill) refuse a shard of another target,
+    while shards written before the field existed still load."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import lm_head_fingerprint
+    from amphista_engine.training.distill import distill
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "source": "s", "prompt": f"Hello {i}"}) + "\n"
+                               for i in range(3)))
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=64, max_batch_size=2)
+    out = tmp_path / "d.jsonl"
+    distill(prompts, out, batch_size=2, max_new_tokens=4, engine=engine, progress=False)
+    fp = lm_head_fingerprint(engine.model)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["target_fingerprint"] for r in recs} == {fp}
+    assert len(load_shard(out, 300, 64, fingerprint=fp).sequences) == 3
+    with pytest.raises(InputError, match=r"d.jsonl: record p\d was distilled from another target"):
+        train_heads(cfg(out, tmp_path / "h"), target=target)
+    with pytest.raises(InputError, match="distilled from another target"):
+        load_shard(out, 300, 64, fingerprint=lm_head_fingerprint(target))
+    assert load_shard(shard, 64, 256, fingerprint=fp).sequences      # no field: an older shard, taken
+    with open(out, "a") as f:
+        f.write(json.dumps({**recs[0], "id": "other", "target_fingerprint": "V1-d1-0"}) + "\n")
+    with pytest.raises(InputError, match="holds answers of another target"):
+        distill(prompts, out, batch_size=2, max_new_tokens=4, engine=engine, progress=False)
+
+
+def test_resume_refuses_a_changed_recipe_and_warns_for_stage_settings(shard, target, tmp_path, capsys):
+    """--resume names the settings that differ from the saved recipe: data, split and layout are refused;
+    settings a staged recipe changes on purpose (--loss-positions 0 for KL everywhere) go on with a warning."""
+    train_heads(cfg(shard, tmp_path / "o", steps=2, loss_positions=40), target=target)
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(shard.read_text().splitlines(keepends=True)[:30]))
+    for kw, match in [(dict(data=[str(fewer)]), "--data .* \\(the records read differ\\)"),
+                      (dict(eval_frac=0.3), "--eval-frac 0.2 -> 0.3"),
+                      (dict(max_seq_len=200), "--max-seq-len 1024 -> 200"),
+                      (dict(draft_vocab=40), "--draft-vocab 0 -> 40"),
+                      (dict(seed=4), "--seed 3 -> 4")]:
+        with pytest.raises(ConfigError, match="another recipe or target: " + match):
+            train_heads(cfg(shard, tmp_path / "o", steps=4, loss_positions=40, resume=True, **kw), target=target)
+    capsys.readouterr()
+    res = train_heads(cfg(shard, tmp_path / "o", steps=4, loss_positions=0, warmup=0, resume=True), target=target)
+    err = capsys.readouterr().err
+    assert res["steps"] == 4
+    assert "warning: --resume continues with --loss-positions 40 -> 0; --warmup None -> 0" in err
+    train_heads(cfg(shard, tmp_path / "o", steps=6, loss_positions=0, warmup=0, resume=True, eval_every=2,
+                    save_every=1), target=target)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_resume_notes_that_fitted_trees_are_dropped(shard, target, tmp_path, capsys):
+    train_heads(cfg(shard, tmp_path / "o", steps=2), target=target)
+    conf = tmp_path / "o" / "config.json"
+    c = json.loads(conf.read_text())
+    c["extra"]["trees"] = {"tuned-4": [[0], [1], [0, 0]]}      # as `tree-search --save` adds them
+    conf.write_text(json.dumps(c))
+    capsys.readouterr()
+    train_heads(cfg(shard, tmp_path / "o", steps=3, resume=True), target=target)
+    assert "the trees fitted to these heads (tuned-4) are dropped" in capsys.readouterr().err
+    assert "trees" not in json.loads(conf.read_text())["extra"]
+
+
+@needs_smollm2
+def test_text_less_records_of_mt_bench_questions_are_refused(smollm2, tmp_path, shard):
+    """A record with only prompt_ids (no prompt text) of an MT-Bench question is refused: train decodes the ids
+    with the target's tokenizer and checks the question inside the chat template."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.training.data import prompt_text_decoder
+    question = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural " \
+               "experiences and must-see attractions."
+    engine = Engine(smollm2, max_seq_len=1024)
+    decode = prompt_text_decoder(smollm2.tokenizer)
+    ids = engine.encode_prompt(question)
+    assert decode(ids) == question
+    path = tmp_path / "textless.jsonl"
+    path.write_text(json.dumps({"id": "ok", "source": "s", "prompt_ids": engine.encode_prompt("Name a fruit."),
+                                "answer_ids": [1, 2, 3]}) + "\n"
+                    + json.dumps({"id": "x-1", "source": "s", "prompt_ids": ids, "answer_ids": [1, 2, 3]}) + "\n")
+    V = smollm2.model.config.vocab_size
+    assert len(load_shard(path, V, 1024).sequences) == 2        # without a tokenizer the ids cannot be read
+    with pytest.raises(InputError, match=r"MT-Bench evaluation questions \(first: id x-1\)"):
+        load_shard(path, V, 1024, prompt_text=decode)
+    with pytest.raises(InputError, match="MT-Bench evaluation questions"):
+        train_heads(cfg(path, tmp_path / "h", steps=1), target=smollm2.model, tokenizer=smollm2.tokenizer)
+
+
+def test_text_less_records_with_a_template_less_tokenizer(tiny_hf_dir, tmp_path):
+    """A tokenizer without a chat template encodes the bare question: decoding the ids finds it as well."""
+    from amphista_engine.tokenizer import load_tokenizer
+    from amphista_engine.training.data import prompt_text_decoder
+    tok = load_tokenizer(tiny_hf_dir)
+    question = "Describe a vivid and unique character, using strong imagery and creative language. " \
+               "Please answer in fewer than two paragraphs."
+    path = tmp_path / "textless.jsonl"
+    path.write_text(json.dumps({"id": "q", "prompt_ids": tok.encode(question), "answer_ids": [5, 6, 7]}) + "\n")
+    with pytest.raises(InputError, match="MT-Bench evaluation questions"):
+        load_shard(path, 300, 1024, prompt_text=prompt_text_decoder(tok))
+
+
+def _three_questions(tmp_path):
+    q = tmp_path / "questions.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "category": "writing", "turns": [f"Hello {i}"]}) + "\n"
+                         for i in range(3)))
+    return q
+
+
+def test_eval_tau_checks_before_loading(tmp_path, capsys):
+    """An --out that is a directory (it failed after the first question, leaving OUT.tmp) and a question file
+    that is not UTF-8 are one error line before the model loads."""
+    q = _three_questions(tmp_path)
+    rc, err = _cli(["eval-tau", "--questions", str(q), "--heads", "x", "--out", str(tmp_path),
+                    "--model", str(tmp_path / "no-model")], capsys)
+    assert rc == 2 and "--out" in err and "is a directory" in err
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"question_id": 1, "category": "w", "turns": ["caf\xe9"]}\n')
+    rc, err = _cli(["eval-tau", "--questions", str(latin), "--heads", "x", "--model", str(tmp_path / "no")], capsys)
+    assert rc == 2 and "not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_eval_tau_keeps_rows_outside_a_smaller_limit(tmp_path, tiny_hf_dir):
+    """A rerun into the same --out with a smaller --limit summarises its questions, and keeps the rows of the
+    others, so a later run over all of them answers nothing anew."""
+    from amphista_engine.engine import Engine
+    from amphista_engine.heads import save_heads
+    from amphista_engine.training.evaltau import eval_tau
+
+    q = _three_questions(tmp_path)
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256)
+    save_heads(new_heads("medusa", engine.model, num_heads=2, dtype=torch.float32), tmp_path / "heads")
+    out = tmp_path / "tau.json"
+    kw = dict(engine=engine, tree="chain-2", max_new_tokens=6, out=out, quiet=True)
+    full = eval_tau(q, tmp_path / "heads", **kw)
+    one = eval_tau(q, tmp_path / "heads", limit=1, **kw)
+    assert one["questions"] == 1 and [r["question_id"] for r in one["per_question"]] == [0]
+    calls = []
+    real = engine.generate
+    engine.generate = lambda *a, **k: calls.append(a) or real(*a, **k)
+    again = eval_tau(q, tmp_path / "heads", **kw)        # the rows of questions 1 and 2 were kept
+    assert calls == [] and again["per_question"] == full["per_question"]

@@ -259,3 +259,36 @@ def test_tree_search_cli_checks_before_loading(tmp_path, capsys):
     assert main(["tree-search", "--data", str(data), "--heads", "default", "--nodes", "0"]) == 2
     err = capsys.readouterr().err
     assert "--nodes '0': expected a comma list of node counts of at least 2" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--prefix", "dynamic"], "--prefix 'dynamic' would name trees like built-in ones"),
+    (["--prefix", "chain"], "--prefix 'chain' would name trees like built-in ones"),
+    (["--prefix", "tree", "--nodes", "16"], "would name trees like built-in ones \\(tree-16\\)"),
+    (["--prefix", "a b/c"], "--prefix 'a b/c': expected a simple name"),
+    (["--eval-frac", "1.5"], "need 0 < --eval-frac < 1"),
+    (["--eval-frac", "0"], "need 0 < --eval-frac < 1"),
+    (["--max-seq-len", "-5"], "--max-seq-len must be at least 2"),
+    (["--out", "."], "is a directory"),
+])
+def test_tree_search_checks_settings_before_loading(tmp_path, capsys, monkeypatch, extra, match):
+    """A prefix that would shadow a built-in tree (the heads' own trees win when a name is resolved), a bad
+    held-out share or an --out that is a directory fail in one line before any model loads, not after the search."""
+    import re
+    from amphista_engine.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "heads").mkdir()
+    args = ["tree-search", "--data", "d.jsonl", "--heads", "heads", "--model", str(tmp_path / "no-model")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err
+
+
+def test_tree_search_prefix_check_on_the_function(shard, target, tmp_path):  # noqa: F811
+    from amphista_engine.errors import InputError
+    from amphista_engine.training.tree_search import check_prefix
+    check_prefix("tuned", (16, 32, 63))
+    check_prefix("mix_2", (64,))
+    check_prefix("tree", (63,))          # tree-63 is no built-in name
+    with pytest.raises(InputError, match="tree-32"):
+        tree_search(shard, tmp_path / "h", nodes=(32,), eval_frac=0.2, target=target, prefix="tree")

@@ -191,8 +191,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     """
     from tqdm import tqdm
 
-    # Imported here: training.evaltau imports this package's questions module, so a top-level import is circular.
-    from ..training.evaltau import _digest as heads_digest
+    from ..heads import weights_digest
 
     # Everything that can be wrong with the input is checked before the (slow) model load.
     methods = parse_methods(methods, log)
@@ -225,7 +224,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         room = max(room, spec.num_nodes + spec.max_depth)
         loaded[m] = h
         trees_used[m] = spec.name                # what tree=None resolved to for these heads
-        digests[m] = heads_digest(h)             # the weights, not the path: heads retrained in place differ
+        digests[m] = weights_digest(h)           # the weights, not the path: heads retrained in place differ
 
     config = {"model": str(engine.loaded_name), "questions": Path(questions).name, "max_new_tokens": max_new_tokens,
               "tree": tree, "temperature": temperature, "seed": None if greedy else seed,

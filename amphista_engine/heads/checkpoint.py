@@ -60,6 +60,16 @@ def lm_head_fingerprint(target) -> str:
     return f"V{V}-d{d}-{hashlib.sha256(s.numpy().tobytes()).hexdigest()[:16]}"
 
 
+def weights_digest(heads: DraftHeads) -> str:
+    """A short hash of the heads' weights: results computed with heads that were retrained in place (same path)
+    must not pass for the new heads' (eval and eval-tau resume by it)."""
+    h = hashlib.sha1()
+    for name, t in sorted(heads.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_heads(config: HeadsConfig) -> DraftHeads:
     return (AmphistaHeads if config.kind == "amphista" else MedusaHeads)(config)
 

@@ -26,9 +26,22 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
     result = train_heads(cfg)
     if not cfg.fill_cache and not result.get("final_eval"):
-        print(f"train: no held-out evaluation (--eval-frac {cfg.eval_frac} held out no sequence)", file=sys.stderr)
+        print(f"train: no held-out evaluation ({_no_eval_reason(cfg, result)})", file=sys.stderr)
     print(json.dumps(result if cfg.fill_cache else result.get("final_eval", {})))
     return 0
+
+
+def _no_eval_reason(cfg, result: dict) -> str:
+    if not result.get("heldout_total"):
+        return f"--eval-frac {cfg.eval_frac} held out no sequence"
+    if not result.get("heldout_sequences"):
+        return f"--eval-max-seqs 0: the {result['heldout_total']} held-out sequence(s) are kept out of training only"
+    step, total = result["steps"], result["total_steps"]
+    if step == result.get("start_step") and step >= total:
+        return f"{cfg.out} had already finished its {total} steps and holds no evaluation of step {step}"
+    if step < total:
+        return f"stopped at step {step} of {total} (--stop-after); it runs at the last step"
+    return "no held-out position carries a loss"
 
 
 def cmd_eval_tau(args) -> int:
@@ -119,10 +132,14 @@ def register(sub) -> None:
     t.add_argument("--cache-hidden", default=None, help="directory for cached target hidden states")
     t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evals (0 = at the end)")
     t.add_argument("--eval-frac", type=float, default=0.05)
-    t.add_argument("--eval-max-seqs", type=int, default=64)
+    t.add_argument("--eval-max-seqs", type=int, default=64,
+                   help="evaluate on at most this many held-out sequences (0 = no evaluation; the held-out "
+                        "prompts are still never trained on)")
     t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = at evals/end)")
     t.add_argument("--max-seq-len", type=int, default=1024, help="longer sequences are skipped (counted)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/trainer_state.pt (same data, split and layout; --steps, --stop-after, "
+                        "--save-every, --eval-every and --log may change)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the heads (and trainer state) already in OUT instead of refusing to")
     t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
@@ -177,7 +194,8 @@ def register(sub) -> None:
     s.add_argument("--max-seq-len", type=int, default=1024)
     s.add_argument("--out", default=None, help="JSON file with the trees and their expected tau")
     s.add_argument("--save", action="store_true", help="add the trees to HEADS/config.json as PREFIX-N")
-    s.add_argument("--prefix", default="tuned", help="name the fitted trees PREFIX-N (default tuned)")
+    s.add_argument("--prefix", default="tuned", help="name the fitted trees PREFIX-N (default tuned; a simple name "
+                   "that does not make built-in ones such as dynamic-N, chain-N, tree-16)")
     s.add_argument("--source-weights", default=None,
                    help="weigh each held-out position by its source, as `train` does ('src=w,...'; unlisted "
                         "sources weigh 1, 0 drops one): fits the trees to the mix they will serve")

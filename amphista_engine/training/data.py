@@ -1,10 +1,11 @@
 """Distillation data I/O: prompt files in, an append-only JSONL shard out, and the shard read back for training.
 
 Shard records (one JSON object per line): {"id", "source", "prompt", "prompt_ids", "answer_ids", "answer",
-"finish_reason", "max_new_tokens"}. `prompt_ids` is the chat-formatted prompt as the target saw it; `answer_ids` the
-target's greedy answer without the EOS token (`finish_reason` says whether it ended on EOS or on the length limit,
-`max_new_tokens`, absent in shards written before 2026-12-04, what that limit was; sampled answers also carry
-`temperature` and `top_p`).
+"finish_reason", "max_new_tokens", "target_fingerprint"}. `prompt_ids` is the chat-formatted prompt as the target saw
+it; `answer_ids` the target's greedy answer without the EOS token (`finish_reason` says whether it ended on EOS or on
+the length limit, `max_new_tokens`, absent in shards written before 2026-12-04, what that limit was; sampled answers
+also carry `temperature` and `top_p`). `target_fingerprint` (heads.lm_head_fingerprint of the model that wrote the
+record; absent in older shards, the committed ones among them) ties the ids to their tokenizer and distribution.
 
 Crash safety: every record is written with ONE os.write of the whole line (newline included), then flushed and
 fsynced. A run killed mid-write can leave at most a partial last line, with no newline; `ShardWriter` trims it on
@@ -78,6 +79,41 @@ def refuse_eval_prompts(where, items):
                          f"never train on evaluation data; remove them")
 
 
+def read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def prompt_text_decoder(tokenizer):
+    """ids -> the user's prompt text inside a chat-formatted prompt (prompt_ids as `distill` writes them), for
+    the evaluation-question check of records that carry no prompt text: the hashed keys are of the bare question,
+    so the template's text around the message (found by rendering a placeholder) is cut off."""
+    from ..chat import render_chat
+    mark = "\x00PROMPT\x00"
+    try:
+        tpl = render_chat(tokenizer, mark) if tokenizer.chat_template else mark
+    except Exception:      # noqa: BLE001 -- a template that cannot render: the whole decoded text is checked
+        tpl = mark
+    pre, _, post = tpl.partition(mark)
+    # only the user header's line and the end-of-turn line: a record written with another system prompt still
+    # has its question between them
+    head = pre.splitlines(keepends=True)[-1] if pre else ""
+    tail = post.splitlines(keepends=True)[0] if post else ""
+
+    def text(ids: list[int]) -> str:
+        s = tokenizer.decode(ids)
+        i = s.rfind(head) if head else -1
+        if i < 0:        # no template around it: the bare prompt, after a BOS the encoder may have added
+            return tokenizer.decode(ids, skip_special_tokens=True)
+        s = s[i + len(head):]
+        j = s.rfind(tail) if tail else -1
+        return s[:j] if j >= 0 else s
+    return text
+
+
 def _refuse_eval_file(path: Path, first: object):
     name = path.name.lower()
     if any(n in name for n in EVAL_NAMES):
@@ -108,9 +144,11 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
     prompts are as balanced as the sources allow. Evaluation files (MT-Bench / Spec-Bench) are refused.
     """
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be a positive integer, got {limit}")
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise InputError(f"prompts file {path} is empty")
     prompts: list[Prompt] = []
@@ -159,7 +197,7 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
             for q in queues:
                 if q:
                     prompts.append(q.pop())
-    return prompts[:limit] if limit else prompts
+    return prompts if limit is None else prompts[:limit]
 
 
 class ShardWriter:
@@ -170,6 +208,7 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.ids: set[str] = set()
         self.max_new_tokens: set[int] = set()    # the answer budgets its records were written with (where recorded)
+        self.targets: set[str] = set()           # the target fingerprints its records name (where recorded)
         self.trimmed = 0          # bytes of a partial last record removed on open
         self.bad_lines = 0
         if self.path.exists():
@@ -198,6 +237,8 @@ class ShardWriter:
                 continue
             if isinstance(rec.get("max_new_tokens"), int):
                 self.max_new_tokens.add(rec["max_new_tokens"])
+            if isinstance(rec.get("target_fingerprint"), str):
+                self.targets.add(rec["target_fingerprint"])
 
     def write(self, record: dict):
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -237,9 +278,14 @@ class ShardData:
         return sum(len(s.ids) for s in self.sequences)
 
 
-def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2) -> ShardData:
+def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2, fingerprint: str | None = None,
+               prompt_text=None) -> ShardData:
     """Reads one or more shards for training. Bad records are skipped and counted by reason (never a crash
-    mid-training); a file with no usable record is an InputError."""
+    mid-training); a file with no usable record is an InputError.
+
+    fingerprint: the loaded target's lm_head_fingerprint; a record naming another target is an InputError (its ids
+    belong to another tokenizer). prompt_text: ids -> text (prompt_text_decoder), so that records without prompt
+    text are checked against the evaluation questions too."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out, seen = ShardData(), set()
@@ -247,7 +293,7 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2) -> Sha
         if not path.is_file():
             raise InputError(f"training data not found: {path}")
         try:
-            _read_records(path, vocab_size, max_len, min_answer, out, seen)
+            _read_records(path, vocab_size, max_len, min_answer, out, seen, fingerprint, prompt_text)
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise InputError(f"{path}: not a readable gzip file ({e}); shards are JSONL, optionally gzipped") from None
     if not out.sequences:
@@ -256,7 +302,8 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2) -> Sha
     return out
 
 
-def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, out: ShardData, seen: set):
+def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, out: ShardData, seen: set,
+                  fingerprint: str | None, prompt_text):
     # committed shards are gzipped (benchmarks/results/training_smollm2/distill/); distill writes plain JSONL
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
         for raw in f:
@@ -277,7 +324,15 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
             if rid in seen:
                 out.skipped["duplicate id"] += 1
                 continue
-            refuse_eval_prompts(path, [(rid, rec.get("prompt"))])
+            theirs = rec.get("target_fingerprint")
+            if fingerprint and theirs and theirs != fingerprint:
+                raise InputError(f"{path}: record {rid} was distilled from another target (LM-head fingerprint "
+                                 f"{theirs}; the loaded model has {fingerprint}): its token ids mean other "
+                                 f"tokens; train with that --model or distill this one's data")
+            text = rec.get("prompt")
+            if not isinstance(text, str) and prompt_text is not None and p and all(0 <= t < vocab_size for t in p):
+                text = prompt_text(p)
+            refuse_eval_prompts(path, [(rid, text)])
             ids = p + a
             if not p or len(a) < min_answer:
                 out.skipped["empty prompt or answer"] += 1

@@ -25,11 +25,24 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
 
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("--batch-size and --max-new-tokens must be positive")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be a positive integer, got {limit}")
+    if not temperature >= 0:
+        raise InputError(f"--temperature must be >= 0 (0 = greedy answers), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {top_p}")
     if offset < 0:
         raise InputError("--offset must be >= 0")
     if samples < 1 or (samples > 1 and temperature <= 0):
         raise InputError(f"--samples {samples}: need samples >= 1, and a --temperature > 0 for more than one "
                          f"(greedy answers to one prompt are all the same)")
+    cache_len = engine.max_seq_len if engine is not None else max_seq_len
+    if cache_len < 2:
+        raise InputError(f"--max-seq-len must be at least 2 (a prompt token and an answer token), got {cache_len}")
+    if max_new_tokens >= cache_len:
+        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the cache "
+                         f"(--max-seq-len {cache_len}): every prompt would be skipped; raise --max-seq-len or lower "
+                         f"--max-new-tokens")
     prompts = read_prompts(prompts_file, limit=limit, balance_by_source=balance_by_source, seed=seed)
     # A second worker (its own shard) starts deep in the same balanced order; the two shards train together.
     if offset and offset >= len(prompts):
@@ -52,11 +65,17 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
                                         max_batch_size=batch_size, quant="none")
     counts = {"prompts": len(prompts), "done_before": 0, "written": 0, "skipped_too_long": 0,
               "answer_tokens": 0, "seconds": 0.0}
+    from ..heads import lm_head_fingerprint
+    fp = lm_head_fingerprint(engine.model)
     with ShardWriter(out) as shard:
         other = sorted(shard.max_new_tokens - {max_new_tokens})
         if other:        # a resumed shard must not mix answer budgets: its records would train unlike each other
             raise InputError(f"{out} holds answers written with --max-new-tokens {', '.join(map(str, other))}; this "
                              f"run asks for {max_new_tokens}: use that setting to resume, or another --out")
+        others = sorted(shard.targets - {fp})
+        if others:       # nor targets: one shard's ids must all mean the same tokens
+            raise InputError(f"{out} holds answers of another target (LM-head fingerprint {', '.join(others)}; "
+                             f"this model's is {fp}): use that --model to resume, or another --out")
         todo = [p for p in prompts if p.id not in shard.ids]
         counts["done_before"] = len(prompts) - len(todo)
         if shard.bad_lines:
@@ -90,7 +109,7 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
             for (p, ids), r in zip(batch, results):
                 rec = {"id": p.id, "source": p.source, "prompt": p.prompt, "prompt_ids": r.prompt_token_ids,
                        "answer_ids": r.token_ids, "answer": r.text, "finish_reason": r.finish_reason,
-                       "max_new_tokens": max_new_tokens}
+                       "max_new_tokens": max_new_tokens, "target_fingerprint": fp}
                 shard.write({**rec, **sampling})
                 counts["written"] += 1
                 counts["answer_tokens"] += len(r.token_ids)

@@ -1,17 +1,15 @@
 """`amphista eval-tau`: mean tau per category on a Spec-Bench-format question file (first turns, greedy)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from ..errors import InputError
 from ..evaluation.questions import read_questions
+from ..heads import weights_digest
 
 
 def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_tokens: int = 256,
@@ -20,7 +18,9 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     from tqdm import tqdm
 
     from ..shipped_heads import resolve_heads
-    qs = read_questions(questions, None, limit, per_category)
+    if out is not None and Path(out).is_dir():
+        raise InputError(f"--out {out} is a directory; give the JSON file to write")
+    qs = read_questions(questions, None, limit, per_category)       # names a file that is not UTF-8 itself
     if engine is None:
         from ..engine import Engine
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
@@ -30,8 +30,8 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     if kind is None:
         raise InputError("eval-tau needs drafting heads")
     # the weights' digest, not just the path: heads retrained in place must not resume stale rows
-    setting = {"heads": str(heads), "heads_digest": _digest(engine.heads), "kind": kind, "tree": tree or "default",
-               "max_new_tokens": max_new_tokens}
+    setting = {"heads": str(heads), "heads_digest": weights_digest(engine.heads), "kind": kind,
+               "tree": tree or "default", "max_new_tokens": max_new_tokens}
     rows = _resume_rows(out, setting)
     done = {r["question_id"] for r in rows}
     t0 = time.perf_counter()
@@ -45,6 +45,9 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
         if out:     # after every question: a killed run resumes from here
             _write(out, {**setting, "partial": True, "per_question": rows})
     wanted = {q.get("question_id") for q in qs}
+    # rows of questions outside this selection (an earlier run with a larger --limit) stay in the file, apart from
+    # the summary's rows, so a later run that selects them again does not answer them anew
+    others = [r for r in rows if r["question_id"] not in wanted]
     rows = [r for r in rows if r["question_id"] in wanted]
     per_cat = defaultdict(list)
     for r in rows:
@@ -65,7 +68,7 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
             print(f"{c:<14} {v['questions']:>3} {v['tau']:>6.3f} {v['mean_tau']:>6.3f}")
         print(f"{'overall':<14} {len(qs):>3} {result['overall']['tau']:>6.3f} {result['overall']['mean_tau']:>6.3f}")
     if out:
-        _write(out, result)
+        _write(out, {**result, "other_questions": others} if others else result)
     return result
 
 
@@ -80,15 +83,7 @@ def _resume_rows(out, setting: dict) -> list[dict]:
     if any(prev.get(k) != v for k, v in setting.items()):
         raise InputError(f"{out} holds a run with other settings "
                          f"({ {k: prev.get(k) for k in setting} }); pick another --out")
-    return [r for r in prev.get("per_question", []) if "step_tokens" in r]
-
-
-def _digest(heads) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(heads.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return [r for r in prev.get("per_question", []) + prev.get("other_questions", []) if "step_tokens" in r]
 
 
 def _write(out, obj):

@@ -19,6 +19,7 @@ Determinism: the batch plan depends only on (seed, epoch), position sampling onl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
-from .data import load_shard
+from .data import load_shard, prompt_text_decoder
 from .hidden_cache import HiddenSource, fill_hidden_cache, pad_batch
 from .plan import (BatchPlan, check_source_weights, epoch_batches, parse_source_weights, planned_sequences,
                    source_mix, split_heldout)
@@ -102,6 +103,28 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
             raise ConfigError("--steps / --epochs must be positive")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(f"--stop-after must be a step >= 1, got {self.stop_after}")
+        # 0 has a meaning for each of these (no warmup, every position, at evals/end, at the end, no evaluation)
+        for name in ("warmup", "loss_positions", "mse_positions", "save_every", "eval_every", "eval_max_seqs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
+        if self.stage_of_head is not None and self.stage_of_head != "":
+            soh = self.stage_of_head
+            try:
+                self.stage_of_head = [int(x) for x in (soh.split(",") if isinstance(soh, str) else soh)]
+            except (TypeError, ValueError):
+                raise ConfigError(f"--stage-of-head {soh!r}: expected a comma list of {self.num_heads} stage "
+                                  f"indices, e.g. 0,0,1,1") from None
+            if len(self.stage_of_head) != self.num_heads:
+                raise ConfigError(f"--stage-of-head {soh!r}: lists {len(self.stage_of_head)} stage(s) for "
+                                  f"{self.num_heads} heads (--num-heads)")
+        if self.log and Path(self.log).is_dir():
+            raise InputError(f"--log {self.log} is a directory; give a file to append JSON lines to")
         if self.init not in ("identity", "default"):
             raise ConfigError(f"--init must be identity or default, got {self.init!r}")
         for name in ("layers_per_stage", "aeb_layers", "sal_intermediate_size", "aeb_intermediate_size"):
@@ -261,6 +284,62 @@ class LossComputer:
 
 
 # ---- the trainer -------------------------------------------------------------------------------------------
+# What --resume compares with the saved recipe. A difference in RESUME_SAME (which sequences train or are held
+# out, the heads' layout, the batch plan, the optimizer) would make the continued run a different, unrecorded
+# recipe: refused. RESUME_WARN are what a staged recipe changes on purpose (scripts/train_smollm2_heads.sh resumes
+# with --loss-positions 0 for its KL-at-every-position stage): allowed, with a warning. Anything else (--steps,
+# --stop-after, --save-every, --eval-every, --log, --cache-hidden, --save-dtype, ...) may change freely.
+RESUME_SAME = ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr", "draft_vocab", "layers_per_stage",
+               "aeb_layers", "sal_intermediate_size", "aeb_intermediate_size", "source_weights", "eval_frac",
+               "max_seq_len", "stage_of_head")
+RESUME_WARN = ("loss_positions", "mse_weight", "mse_positions", "warmup", "train_dtype", "clip", "weight_decay")
+_ABSENT = {"draft_vocab": 0, "source_weights": {}}     # states written before these options existed
+
+
+def shard_digest(seqs) -> str:
+    """Which records training read (ids and lengths, in file order): a resumed run must read the same."""
+    h = hashlib.sha1()
+    for s in seqs:
+        h.update(f"{s.id}\x00{s.prompt_len}\x00{len(s.ids)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _stages(v):
+    return [int(x) for x in v.split(",")] if isinstance(v, str) and v else (list(v) if v else None)
+
+
+def check_resume_recipe(sf: Path, st: dict, recipe: dict, fp: str, data_digest: str) -> None:
+    """Refuses a --resume whose recipe differs from the saved one in a key of RESUME_SAME (naming the keys), or
+    whose data or target differ; warns for keys of RESUME_WARN."""
+    theirs = st["recipe"]
+    flag = lambda k: "--" + {"lam": "lambda"}.get(k, k).replace("_", "-")
+    norm = lambda k, v: _stages(v) if k == "stage_of_head" else v
+    differ = [f"{flag(k)} {norm(k, theirs.get(k, _ABSENT.get(k)))!r} -> {norm(k, recipe[k])!r}" for k in RESUME_SAME
+              if norm(k, theirs.get(k, _ABSENT.get(k))) != norm(k, recipe[k])]
+    if st.get("data_digest") not in (None, data_digest):
+        differ.append(f"--data {theirs.get('data')} -> {recipe['data']} (the records read differ)")
+    if st["fingerprint"] != fp:
+        differ.append(f"target (LM-head fingerprint {st['fingerprint']} -> {fp})")
+    if differ:
+        raise ConfigError(f"--resume: {sf} was written by another recipe or target: {'; '.join(differ)}; resume "
+                          f"with the saved settings, or start anew (--overwrite, or --init-from {sf.parent})")
+    changed = [f"{flag(k)} {theirs[k]!r} -> {recipe[k]!r}" for k in RESUME_WARN
+               if k in theirs and theirs[k] != recipe[k]]
+    if "data_digest" not in st and [str(p) for p in theirs.get("data", [])] != [str(p) for p in recipe["data"]]:
+        changed.append(f"--data {theirs.get('data')} -> {recipe['data']} (a state this old records no digest "
+                       f"of its records)")
+    if changed:
+        print(f"train: warning: --resume continues with {'; '.join(changed)}: the run goes on as another recipe "
+              f"from here", file=sys.stderr)
+
+
+def _fitted_trees(out: Path) -> list[str]:
+    try:
+        return sorted(json.loads((out / "config.json").read_text()).get("extra", {}).get("trees", {}))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step):
         if step < warmup:
@@ -281,8 +360,11 @@ def _fmt_eval(ev: dict) -> str:
             " | top5 " + " ".join(f"{a:.3f}" for a in ev["top5"]))
 
 
-def train_heads(cfg: TrainConfig, target=None) -> dict:
-    """Trains heads per `cfg`; `target` (a Transformer) overrides cfg.model (tests). Returns a summary."""
+def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
+    """Trains heads per `cfg`; `target` (a Transformer) overrides cfg.model (tests). Returns a summary.
+
+    tokenizer: the target's (loaded with cfg.model; with a `target` given, optional): records without prompt text
+    have their prompt_ids decoded for the check against evaluation questions."""
     from tqdm import tqdm
 
     from ..heads import lm_head_fingerprint, new_heads, save_heads
@@ -303,17 +385,20 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         from ..loading import load_model, parse_device, parse_dtype
         device = parse_device(cfg.device)
         dtype = parse_dtype(cfg.dtype, device)
-        target = load_model(cfg.model, dtype=dtype, device=device, max_seq_len=cfg.max_seq_len).model
+        loaded = load_model(cfg.model, dtype=dtype, device=device, max_seq_len=cfg.max_seq_len)
+        target, tokenizer = loaded.model, loaded.tokenizer
     target.eval().requires_grad_(False)
     dev = target.output.weight.device
     V = target.config.vocab_size
     max_len = min(cfg.max_seq_len, target.rope_len)
+    fp = lm_head_fingerprint(target)
 
-    data = load_shard(cfg.data, V, max_len)
+    data = load_shard(cfg.data, V, max_len, fingerprint=fp,
+                      prompt_text=prompt_text_decoder(tokenizer) if tokenizer is not None else None)
     for why, n in data.skipped.items():
         print(f"train: skipped {n} record(s): {why}", file=sys.stderr)
-    train_seqs, held = split_heldout(data.sequences, cfg.eval_frac)
-    held = held[:cfg.eval_max_seqs]
+    train_seqs, held_all = split_heldout(data.sequences, cfg.eval_frac)
+    held = held_all[:cfg.eval_max_seqs]
     check_source_weights(cfg.source_weights, train_seqs)
     if cfg.source_weights:
         print(f"train: source mix per epoch (answer tokens x weight): {source_mix(train_seqs, cfg.source_weights)}",
@@ -321,7 +406,6 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     per_epoch = len(epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, 0, cfg.source_weights))
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
     warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
-    fp = lm_head_fingerprint(target)
     if cfg.fill_cache:
         seqs = data.sequences
         if cfg.fill_planned:
@@ -334,8 +418,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
 
     overrides = {}
     if cfg.stage_of_head:
-        soh = cfg.stage_of_head
-        overrides["stage_of_head"] = [int(s) for s in (soh.split(",") if isinstance(soh, str) else soh)]
+        overrides["stage_of_head"] = list(cfg.stage_of_head)
     if cfg.draft_vocab:
         if cfg.draft_vocab > V:
             raise ConfigError(f"--draft-vocab {cfg.draft_vocab} exceeds the target's vocabulary ({V})")
@@ -373,18 +456,13 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
     step, history = 0, []
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "stop_after", "progress", "log")}
+    data_digest = shard_digest(data.sequences)
     if cfg.resume:
         sf = out / STATE_FILE
         if not sf.is_file():
             raise InputError(f"--resume: no trainer state in {out} ({STATE_FILE} missing)")
         st = torch.load(sf, map_location="cpu", weights_only=False)
-        mine = {k: recipe[k] for k in ("kind", "num_heads", "loss", "lam", "seed", "batch_tokens", "lr",
-                                       "draft_vocab", "layers_per_stage", "aeb_layers", "sal_intermediate_size",
-                                       "aeb_intermediate_size", "source_weights")}
-        absent = {"draft_vocab": 0, "source_weights": {}}     # states written before these options existed
-        theirs = {k: st["recipe"].get(k, absent.get(k)) for k in mine}
-        if mine != theirs or st["fingerprint"] != fp:
-            raise ConfigError(f"--resume: {sf} was written by another recipe or target ({theirs} vs {mine})")
+        check_resume_recipe(sf, st, recipe, fp, data_digest)
         heads.load_state_dict({k: v.to(dev) for k, v in st["heads"].items()})
         if cfg.draft_vocab:
             heads.set_draft_vocab(heads.draft_vocab.clone())    # drops the gathered LM-head rows of the old set
@@ -392,7 +470,16 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         sched.load_state_dict(st["scheduler"])
         step, history = st["step"], st.get("history", [])
         torch.set_rng_state(st["torch_rng"])
-        print(f"train: resumed from {sf} at step {step}/{total}", file=sys.stderr)
+        if step >= total:
+            print(f"train: {sf} is at step {step} of {total}: nothing left to train (raise --steps to go on)",
+                  file=sys.stderr)
+        else:
+            print(f"train: resumed from {sf} at step {step}/{total}", file=sys.stderr)
+            fitted = _fitted_trees(out)
+            if fitted:     # fitted to the heads as they are now: after more steps they would mislead --tree auto
+                print(f"train: note: the trees fitted to these heads ({', '.join(fitted)}) are dropped from "
+                      f"{out / 'config.json'} at the next save, as the heads change; run `amphista tree-search "
+                      f"--save` again on the trained heads", file=sys.stderr)
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train_dtype == "bf16")
@@ -481,7 +568,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         save_heads(heads, out, dtype=_dtype(cfg.save_dtype))
         state = {"step": step, "heads": {k: v.detach().cpu().clone() for k, v in heads.state_dict().items()},
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "recipe": recipe, "fingerprint": fp, "history": history}
+                 "recipe": recipe, "fingerprint": fp, "history": history, "data_digest": data_digest}
         tmp = out / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, out / STATE_FILE)
@@ -496,7 +583,7 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
         print(f"train: eval step 0: {_fmt_eval(ev)}", file=sys.stderr)
     bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, desc=f"train {cfg.kind}")
-    t0, toks, last_ev, stop = time.perf_counter(), 0, None, cfg.stop_after
+    t0, toks, last_ev, stop, start = time.perf_counter(), 0, None, cfg.stop_after, step
     plan = BatchPlan(train_seqs, cfg.batch_tokens, cfg.seed, cfg.source_weights)
     while step < total:
         batch = plan.batch(step)
@@ -535,8 +622,11 @@ def train_heads(cfg: TrainConfig, target=None) -> dict:
             break
     bar.close()
     wall = time.perf_counter() - t0
-    print(f"train: {step}/{total} steps in {wall:.0f} s; heads in {out} (hidden cache hits {hs.hits}, "
-          f"misses {hs.misses})", file=sys.stderr)
-    return {"steps": step, "total_steps": total, "wall_s": wall, "final_eval": last_ev or {}, "history": history,
-            "heads": heads, "train_sequences": len(train_seqs), "heldout_sequences": len(held),
-            "skipped": dict(data.skipped)}
+    if step > start:
+        print(f"train: {step}/{total} steps in {wall:.0f} s; heads in {out} (hidden cache hits {hs.hits}, "
+              f"misses {hs.misses})", file=sys.stderr)
+    elif last_ev is None and history and history[-1]["step"] == step:
+        last_ev = {k: v for k, v in history[-1].items() if k != "step"}    # the finished run's final evaluation
+    return {"steps": step, "total_steps": total, "start_step": start, "wall_s": wall, "final_eval": last_ev or {},
+            "history": history, "heads": heads, "train_sequences": len(train_seqs), "heldout_sequences": len(held),
+            "heldout_total": len(held_all), "skipped": dict(data.skipped)}

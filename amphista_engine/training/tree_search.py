@@ -19,6 +19,7 @@ fitted to the mix it will serve; every function below takes an optional per-row 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
-from ..tree import TOPK, get_tree_choices
+from ..tree import TOPK, TREES, get_tree_choices
 
 
 def best_tree(ranks: torch.Tensor, num_nodes: int, topk: int = TOPK, weights: torch.Tensor | None = None
@@ -211,6 +212,18 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
     return res if len(res) > 1 else res[0]
 
 
+def check_prefix(prefix: str, nodes) -> None:
+    """A saved tree's name must not shadow a built-in one: the heads' own trees win in TreeSpec, so `dynamic-4`
+    or `tree-16` would silently stop meaning what they mean for every other set of heads."""
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", prefix):
+        raise InputError(f"--prefix {prefix!r}: expected a simple name (a letter, then letters, digits or _), "
+                         f"e.g. tuned or mix")
+    taken = [f"{prefix}-{n}" for n in nodes if f"{prefix}-{n}" in TREES]
+    if prefix in ("dynamic", "chain") or taken:
+        raise InputError(f"--prefix {prefix!r} would name trees like built-in ones ("
+                         f"{', '.join(taken) or prefix + '-N'}); pick another prefix")
+
+
 def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63), out=None, save: bool = False,
                 eval_frac: float = 0.05, cache_hidden=None, device=None, dtype=None, max_seq_len: int = 1024,
                 compare=("mc_sim_7b_63", "tree-32", "tree-16"), target=None, heads=None, source_weights=None,
@@ -222,12 +235,19 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     recorded beside the fitted trees', so `--speculative auto` can weigh them too.
     source_weights ("src=w,..." or a dict, unlisted sources weigh 1, 0 drops one): each held-out position
     weighs its source's weight, in the fit and in every tau printed."""
-    from ..heads import load_heads
+    from ..heads import lm_head_fingerprint, load_heads
     from .data import load_shard
     from .plan import check_source_weights, parse_source_weights, split_heldout
     bad = [n for n in dynamic if not 2 <= n <= 64]
     if bad:
         raise InputError(f"dynamic tree sizes {bad}: tree-search replays dynamic-N for N in [2, 64]")
+    check_prefix(prefix, nodes)
+    if not 0 < eval_frac < 1:
+        raise InputError(f"--eval-frac {eval_frac}: need 0 < --eval-frac < 1 (the held-out share `train` used)")
+    if max_seq_len < 2:
+        raise InputError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    if out is not None and Path(out).is_dir():
+        raise InputError(f"--out {out} is a directory; give the JSON file to write")
     if target is None:
         from ..loading import load_model, parse_device, parse_dtype
         dev = parse_device(device)
@@ -237,7 +257,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     if heads is None:
         heads = load_heads(heads_dir, target, dtype=torch.float32)
     shard = load_shard([data] if isinstance(data, (str, Path)) else list(data), target.config.vocab_size,
-                       min(max_seq_len, target.rope_len))
+                       min(max_seq_len, target.rope_len), fingerprint=lm_head_fingerprint(target))
     _, held = split_heldout(shard.sequences, eval_frac)
     if not held:
         raise InputError(f"no held-out sequences in {data} (need at least 2 records and --eval-frac > 0)")
