@@ -66,6 +66,11 @@ def _check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len):
     """What the host can check without reading the device: a window past the cache would send the kernels'
     loads past the buffer (the reference would raise, the cpu kernel clamp). prefix_len's values stay the
     caller's promise (prefix_len[b] + N <= kv_len): reading them would sync the device every layer."""
+    qs, ks = q.shape, k_cache.shape
+    if (len(qs) == 4 and len(ks) == 4 and v_cache.shape == ks and qs[3] == ks[3] and ks[0] >= qs[0] and ks[1]
+            and not qs[1] % ks[1] and type(kv_len) is int and qs[2] <= kv_len <= ks[2]
+            and prefix_len.dtype == torch.long and prefix_len.shape == qs[:1]):
+        return                          # every layer of every step passes here: the fast path is one test
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ConfigError(f"tree_attention: q must be [B, H, N, D] and k_cache/v_cache one [B, H_kv, S, D] shape; "
                           f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
