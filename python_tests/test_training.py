@@ -745,6 +745,17 @@ def test_distill_refuses_bad_settings_before_loading(tmp_path, capsys, extra, ma
     assert not (tmp_path / "d.jsonl").exists()
 
 
+def test_distill_refuses_a_gzip_out(tmp_path, capsys):
+    """distill appends plain JSONL record by record; a .gz name would hold plain text that train then refuses as a
+    broken gzip file, so the name is refused before anything loads."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "source": "s", "prompt": "hi"}) + "\n")
+    rc, err = _cli(["distill", "--prompts", str(prompts), "--out", str(tmp_path / "d.jsonl.gz"),
+                    "--model", str(tmp_path / "no-model")], capsys)
+    assert rc == 2 and "distill writes plain JSONL" in err and "gzip it when it is complete" in err
+    assert not (tmp_path / "d.jsonl.gz").exists()
+
+
 def test_read_prompts_limit_and_encoding(tmp_path, capsys):
     jl = tmp_path / "p.jsonl"
     jl.write_text("".join(json.dumps({"id": f"p{i}", "source": "s", "prompt": f"q{i}"}) + "\n" for i in range(5)))

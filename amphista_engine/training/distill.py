@@ -33,6 +33,9 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
         raise InputError(f"--top-p must be in (0, 1], got {top_p}")
     if offset < 0:
         raise InputError("--offset must be >= 0")
+    if str(out).endswith(".gz"):        # records are appended line by line, fsynced: a gzip stream cannot be
+        raise InputError(f"--out {out}: distill writes plain JSONL (appended and fsynced record by record); "
+                         f"name it .jsonl and gzip it when it is complete (train reads .jsonl.gz)")
     if samples < 1 or (samples > 1 and temperature <= 0):
         raise InputError(f"--samples {samples}: need samples >= 1, and a --temperature > 0 for more than one "
                          f"(greedy answers to one prompt are all the same)")
