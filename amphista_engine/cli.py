@@ -65,6 +65,10 @@ def _load(args):
     if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
         raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")
+    if args.repetition_penalty != 1.0 and args.speculative in ("amphista", "medusa") and args.heads != "none":
+        raise InputError(f"--repetition-penalty {args.repetition_penalty} is supported with plain decoding only; "
+                         f"--speculative {args.speculative} would need it per tree path (use --speculative auto or "
+                         f"none)")
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs, quant=args.quant)

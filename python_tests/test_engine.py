@@ -293,6 +293,10 @@ def test_cli_checks_stop_and_room_before_loading(capsys):
     err = capsys.readouterr().err
     assert "--max-new-tokens 5000 leaves no room for a prompt in the cache (--max-seq-len 2048)" in err
     assert "loading" not in err
+    assert main(["generate", "hi", "--model", "/no/such/model", "--speculative", "medusa",
+                 "--repetition-penalty", "1.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--repetition-penalty 1.3 is supported with plain decoding only" in err and "loading" not in err
 
 
 def test_cli_chat_ctrl_c_stops_the_answer_not_the_conversation(tiny_hf_dir, monkeypatch, capsys):
