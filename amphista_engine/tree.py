@@ -187,9 +187,10 @@ def dynamic_tree(root: torch.Tensor, head_logprobs, num_nodes: int, topk: int = 
         k = min(topk, head_logprobs.shape[-1])                       # tiny vocabularies: fewer ranks
         values, indices = torch.log_softmax(head_logprobs.float(), dim=-1).topk(k, dim=-1)
     b, k_heads, k = values.shape
-    d_max = dynamic_tree_depth(k_heads, k, num_nodes)
     from .kernels import ops
+    # ops.dynamic_tree refuses a num_nodes the heads cannot hold (dynamic_tree_depth), every step: not again here
     tokens, depth, parent, rank, bits, mask, retrieve = ops.dynamic_tree(root.reshape(b), values, indices, num_nodes)
+    d_max = min(k_heads, num_nodes - 1)
     return TreeBuffers(num_nodes=num_nodes, max_depth=d_max, topk=k, depth=depth, parent=parent, rank=rank,
                        ancestor_bits=bits, mask=mask, retrieve=retrieve, position_offsets=depth, tokens=tokens)
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..text_files import read_utf8
 
 
 def read_questions(path, categories=None, limit: int | None = None, per_category: int | None = None) -> list[dict]:
@@ -16,13 +17,7 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
     path = Path(path)
     if not path.is_file():
         raise InputError(f"questions file not found: {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: "
-                         f"{e.reason}); Spec-Bench question files are UTF-8: re-save it as UTF-8") from None
+    text = read_utf8(path, line_in_name=True)
     questions, seen = [], {}
     # split on "\n" only: splitlines() would also break at control characters inside JSON strings
     for n, line in enumerate(text.split("\n"), 1):

@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import InputError
+from ..text_files import read_utf8
 
 EVAL_NAMES = ("mt_bench", "mt-bench", "spec_bench", "spec-bench", "question.jsonl")
 
@@ -77,14 +78,6 @@ def refuse_eval_prompts(where, items):
     if hits:
         raise InputError(f"{where}: {len(hits)} prompt(s) are MT-Bench evaluation questions (first: id {hits[0]}): "
                          f"never train on evaluation data; remove them")
-
-
-def read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                         f"convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def prompt_text_decoder(tokenizer):
