@@ -70,6 +70,20 @@ def built_so(cmake_build):
     return cmake_build[1]
 
 
+def test_cuda_sources_compile_for_a100(tmp_path):
+    """The build above is sm_90 only; `pip install .` builds 80;90 by default, so every source must also compile
+    for the A100 (sm_80: no cp.async.bulk, no griddepcontrol). Device code only, in parallel: ~10 s."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    procs = {cu.name: subprocess.Popen([NVCC, "-std=c++17", "-O3", "-arch=sm_80", "-I", str(ROOT / "csrc"), "-c",
+                                        str(cu), "-o", str(tmp_path / f"{cu.stem}.o")],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cu in sorted((ROOT / "csrc").glob("*.cu"))}
+    errors = {name: p.communicate(timeout=600)[0][-2000:] for name, p in procs.items()}
+    failed = {name: out for name, out in errors.items() if procs[name].returncode != 0}
+    assert len(procs) >= 6 and not failed, failed
+
+
 def test_build_compiles_every_cuda_source(cmake_build):
     """Every csrc/*.cu is part of the module (the CMake glob), so none of them can rot uncompiled."""
     build, _ = cmake_build

@@ -65,16 +65,17 @@ def compile_call(fn, bound, opts, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def _launchers(dtypes):
+def _launchers(dtypes, with_pdl: bool = True):
     """Every launcher at shapes that reach each kernel variant (per dtype, split and single, ...); the first
-    dtype also with programmatic dependent launch (AMPHISTA_PDL=1, which CPU tensors never get by themselves)."""
+    dtype also with programmatic dependent launch (AMPHISTA_PDL=1, which CPU tensors never get by themselves)
+    where the target has it (with_pdl: sm_90 and newer; `common.pdl` never asks for it below)."""
     import torch
     from .triton_kernels import (acceptance, activation, fused_input, head_attention, kv_cache, linear,
                                  norm_rope, tree_attention)
     pdl_modules = (activation, linear, norm_rope, tree_attention)
 
     def run():
-        for dt, forced in [(d, False) for d in dtypes] + [(dtypes[0], True)]:
+        for dt, forced in [(d, False) for d in dtypes] + [(dtypes[0], True)] * with_pdl:
             for m in pdl_modules:
                 m.pdl = (lambda device: True) if forced else common_pdl
             try:
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
     import torch
-    calls = capture(_launchers((torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)))
+    dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
+    calls = capture(_launchers(dtypes, with_pdl=args.arch >= 90))
     seen, failures = set(), 0
     for fn, bound, opts in calls:
         key = (fn.__name__, tuple((p.name, _sig(bound[p.name]) if not p.is_constexpr else repr(bound[p.name]))
