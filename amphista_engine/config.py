@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,29 +34,36 @@ class ModelConfig:
     name: str = "llama"
 
     def __post_init__(self):
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
+            value = getattr(self, key)
+            if key == "head_dim" and value in (0, None):
+                continue
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"model config: {key} must be a positive integer, got {value!r}")
+            setattr(self, key, int(value))
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
+        for key in ("norm_eps", "rope_theta"):
+            if not _is_number(getattr(self, key)) or not getattr(self, key) > 0:
+                raise ConfigError(f"model config: {key} must be a positive number, got {getattr(self, key)!r}")
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
-        for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
-            if int(getattr(self, key)) <= 0:
-                raise ConfigError(f"model config: {key} must be positive, got {getattr(self, key)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model config: n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
-        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
-        if kind not in SUPPORTED_ROPE_SCALING:
-            raise ConfigError(f"model config: rope_scaling type {kind!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
+        _check_rope_scaling(self.rope_scaling)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"a model config must be a JSON object, got a {type(cfg).__name__}")
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         if cfg.get("model_type", "llama") not in ("llama", "mistral") or archs[0] not in SUPPORTED_ARCHS:
             raise ConfigError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
                               f"amphista-engine runs Llama-family models: {', '.join(SUPPORTED_ARCHS)}")
+        _check_hf_options(cfg)
         try:
             return cls(
                 vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
@@ -78,9 +87,13 @@ class ModelConfig:
         if not path.is_file():
             raise ModelLoadError(f"config file not found: {path}")
         try:
-            return cls.from_hf(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:    # ValueError: bad JSON or bad UTF-8
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_hf(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,3 +108,57 @@ def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     rs.pop("rope_theta", None)
     kind = rs.get("rope_type", rs.get("type", "default"))
     return None if kind == "default" else rs
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)   # numpy ints too
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# Llama options this engine's model does not implement: loading such a checkpoint would run other math than it
+# was trained with, so it is refused rather than giving fluent-looking garbage.
+_HF_ACTIVATIONS = ("silu", "swish")
+
+
+def _check_hf_options(cfg: dict[str, Any]) -> None:
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise ConfigError(f"{key}=true is not supported: amphista-engine's Llama layers have no biases")
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act not in _HF_ACTIVATIONS:
+        raise ConfigError(f"hidden_act {act!r} is not supported (Llama-family models use 'silu')")
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ConfigError(f"quantized checkpoints (quantization_config, quant_method {method!r}) are not "
+                          "supported: load the unquantized weights, or a GGUF file")
+
+
+def _check_rope_scaling(rs) -> None:
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise ConfigError(f"model config: rope_scaling must be an object, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_SCALING:
+        raise ConfigError(f"model config: rope_scaling type {kind!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
+    if kind == "default":
+        return
+    factor = rs.get("factor")
+    if not _is_number(factor) or factor <= 0:
+        raise ConfigError(f"model config: rope_scaling type {kind!r} needs a positive number 'factor', "
+                          f"got {factor!r}")
+    if kind == "llama3":
+        lo, hi = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = rs.get("original_max_position_embeddings", 8192)
+        for key, value in (("low_freq_factor", lo), ("high_freq_factor", hi),
+                           ("original_max_position_embeddings", old)):
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"model config: rope_scaling {key} must be a positive number, got {value!r}")
+        if hi <= lo:
+            raise ConfigError(f"model config: rope_scaling high_freq_factor ({hi}) must exceed "
+                              f"low_freq_factor ({lo})")

@@ -98,6 +98,8 @@ def read_gguf(path, tensors: bool = True) -> GGUFFile:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             meta, infos, data_start = _read_header(buf, path, tensors)
+    except ModelLoadError:              # an OSError too, but one that already names the file and the problem
+        raise
     except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
         raise ModelLoadError(f"{path}: cannot read GGUF file ({e})") from e
     if not tensors:
@@ -128,7 +130,9 @@ def _read_header(buf, path: str, tensors: bool):
                 infos.append((name, dims, qtype, offset))
     except (struct.error, KeyError) as e:
         raise ModelLoadError(f"{path}: corrupt GGUF header ({e!r})") from e
-    align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
+    align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0:
+        raise ModelLoadError(f"{path}: corrupt GGUF header (general.alignment is {align!r}, not a positive integer)")
     return meta, infos, -(-c.pos // align) * align
 
 
@@ -157,8 +161,8 @@ def _map_tensors(path: str, infos, data_start: int) -> list[GGUFTensor]:
         if qtype.name in _PLAIN:
             data = raw.view(_PLAIN[qtype.name]).reshape(shape)
         else:
-            if shape[-1] % block:
-                raise ModelLoadError(f"{path}: tensor {name} rows of {shape[-1]} do not fill {qtype.name} blocks "
+            if not shape or shape[-1] % block:
+                raise ModelLoadError(f"{path}: tensor {name} rows of {shape[-1:]} do not fill {qtype.name} blocks "
                                      f"of {block}")
             data = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
         out.append(GGUFTensor(name, qtype, shape, data))

@@ -54,7 +54,9 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
     dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
     from .tokenizer import load_tokenizer
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_dir() and not (path / "config.json").exists():
+        path = _lone_gguf(path)
+    if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)):
         from .gguf_file import read_gguf
         reader = read_gguf(path)
         cfg = gguf_config(reader, path)
@@ -67,9 +69,35 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         weights, extra = hf_weights(path, cfg), {}
         tokenizer = load_tokenizer(path)
     else:
-        raise ModelLoadError(f"{path} is neither a checkpoint directory nor a .gguf file")
+        hint = ""
+        if path.parent.joinpath("config.json").is_file():
+            hint = f"; for a Hugging Face checkpoint pass its directory, {path.parent}"
+        raise ModelLoadError(f"{path} is neither a checkpoint directory nor a .gguf file{hint}")
     model = build_model(cfg, weights, dtype, device, max_seq_len, extra.get("freq_factors"))
+    # Ids the tokenizer has beyond the embedding (added tokens the checkpoint was never resized for) are refused
+    # when a text encodes to them, instead of an index error deep inside torch.
+    tokenizer.model_vocab_size = cfg.vocab_size
     return LoadedModel(model, tokenizer, cfg, str(path))
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _lone_gguf(path: Path) -> Path:
+    """A directory without config.json: the one .gguf file in it, if there is exactly one."""
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise ModelLoadError(f"{path} has no config.json and {len(ggufs)} .gguf files "
+                             f"({', '.join(g.name for g in ggufs[:4])}): pass one of them")
+    raise ModelLoadError(f"config file not found: {path / 'config.json'} (a checkpoint directory needs "
+                         "config.json and its weights; a GGUF model is passed as its .gguf file)")
 
 
 def parse_device(device=None) -> torch.device:
@@ -120,6 +148,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise ConfigError(f"checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
+    for name in expected:
+        _check_float("checkpoint", name, weights[name])
     for name, shape in expected.items():
         if tuple(weights[name].shape) != tuple(shape):
             raise ConfigError(f"tensor {name}: checkpoint shape {tuple(weights[name].shape)} does not match "
@@ -139,7 +169,16 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
 def _hf_shards(path: Path) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
-            files = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            try:
+                weight_map = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError) as e:     # ValueError: bad JSON or bad UTF-8
+                raise ModelLoadError(f"{path / index} is not valid JSON: {e}") from None
+            except (KeyError, TypeError, AttributeError):
+                raise ModelLoadError(f"{path / index} has no weight_map object of tensor name -> shard file") \
+                    from None
+            if not files or not all(isinstance(f, str) for f in files):
+                raise ModelLoadError(f"{path / index}: its weight_map names no shard files")
             missing = [f for f in files if not (path / f).is_file()]
             if missing:
                 raise ModelLoadError(f"{path / index} lists shard(s) that are missing: {missing}")
@@ -155,23 +194,46 @@ def _hf_shards(path: Path) -> list[Path]:
 def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in _hf_shards(path):
         if shard.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            yield from _read_safetensors(shard)
         else:
-            try:
-                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:       # legacy (pre-zipfile) .bin files cannot be memory-mapped
-                state = torch.load(shard, map_location="cpu", weights_only=True)
-            yield from state.items()
+            yield from _read_torch_bin(shard).items()
+
+
+def _read_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(shard), framework="pt") as f:
+            return [(name, f.get_tensor(name)) for name in f.keys()]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{shard}: cannot read as safetensors ({e}): truncated or corrupt download?") from e
+
+
+def _read_torch_bin(shard: Path) -> dict:
+    import pickle
+    import zipfile
+    try:
+        try:
+            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:       # legacy (pre-zipfile) .bin files cannot be memory-mapped
+            state = torch.load(shard, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, KeyError,
+            TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{shard}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e}): "
+                             "truncated or corrupt download?") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{shard}: not a state dict of tensors")
+    return state
 
 
 def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     raw = {}
     for name, t in _iter_hf_tensors(path):
-        name = name.removeprefix("base_model.").removeprefix("model.")   # Medusa-wrapped and plain checkpoints
-        raw[name] = t
+        short = name.removeprefix("base_model.").removeprefix("model.")   # Medusa-wrapped and plain checkpoints
+        if short.split(".")[0] in _HF_MODEL_PARTS:
+            _check_float(path, name, t)    # before q/k/v and gate/up are concatenated (which would promote ints)
+        raw[short] = t
     out = {"tok_embeddings.weight": raw.pop("embed_tokens.weight", None), "norm.weight": raw.pop("norm.weight", None)}
     if "lm_head.weight" in raw:
         out["output.weight"] = raw.pop("lm_head.weight")
@@ -184,7 +246,34 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out[p + "feed_forward.w2.weight"] = get("mlp.down_proj.weight")
         out[p + "attention.wqkv.weight"] = _cat(p + "self_attn", [get(f"self_attn.{x}_proj.weight") for x in "qkv"])
         out[p + "feed_forward.w13.weight"] = _cat(p + "mlp", [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+        for n in list(raw):
+            if n.startswith(p) and n.removeprefix(p) in _HF_LAYER_NAMES:
+                del raw[n]
+    _refuse_unused(path, [n for n in raw if n.split(".")[0] in _HF_MODEL_PARTS
+                          and not n.endswith(".rotary_emb.inv_freq")], f"{cfg.n_layers} layers, no biases")
     return {k: v for k, v in out.items() if v is not None}
+
+
+_HF_MODEL_PARTS = ("layers", "lm_head", "norm", "embed_tokens")
+_HF_LAYER_NAMES = {f"{m}.weight" for m in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
+                                           "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def _check_float(where, name: str, t: torch.Tensor):
+    if not t.is_floating_point() or t.element_size() < 2:      # ints: quantized codes; 1 byte: float8 + scales
+        raise ConfigError(f"{where}: tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}: "
+                          "amphista-engine loads float32/float16/bfloat16 checkpoints (quantized ones only as GGUF)")
+
+
+def _refuse_unused(where, unused: list[str], config_says: str):
+    """Tensors of the model itself that the config leaves out (more layers, biases) would be dropped silently
+    and the model would run other math than the checkpoint's: refuse them. (Tensors of no layer, e.g. a
+    Medusa checkpoint's own heads or RoPE inv_freq buffers, are not the model's and are skipped.)"""
+    if unused:
+        unused = sorted(unused)
+        raise ConfigError(f"{where}: checkpoint has {len(unused)} tensor(s) its config has no place for "
+                          f"(the config says {config_says}), e.g. {unused[:3]}")
 
 
 def _cat(where: str, parts: list) -> torch.Tensor | None:
@@ -210,8 +299,14 @@ def gguf_config(reader, path) -> ModelConfig:
                                       "feed_forward_length") if a(k) is None]
     if missing:
         raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    if a("expert_count"):
+        raise ConfigError(f"{path}: GGUF llama.expert_count is {a('expert_count')}: mixture-of-experts models "
+                          "(Mixtral) are not supported")
     n_heads = a("attention.head_count")
-    vocab = a("vocab_size") or len(reader.meta.get("tokenizer.ggml.tokens", ()))
+    # No llama.vocab_size (older conversions): the embedding's rows, which may pad the token list.
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight" and len(t.shape) == 2), None)
+    vocab = a("vocab_size") or (embd.shape[0] if embd is not None
+                                else len(reader.meta.get("tokenizer.ggml.tokens", ())))
     if not vocab:
         raise ConfigError(f"{path}: GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
     tied = not any(t.name == "output.weight" for t in reader.tensors)
@@ -222,14 +317,22 @@ def gguf_config(reader, path) -> ModelConfig:
     elif stype not in (None, "none"):
         raise ConfigError(f"{path}: GGUF rope scaling {stype!r} is not supported")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        vocab_size=int(vocab), dim=a("embedding_length"), n_layers=a("block_count"), n_heads=n_heads,
-        n_kv_heads=a("attention.head_count_kv", n_heads), intermediate_size=a("feed_forward_length"),
-        head_dim=a("attention.key_length", 0) or 0, norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=a("rope.freq_base", 10000.0), rope_scaling=scaling,
-        max_position_embeddings=a("context_length", 4096), tie_word_embeddings=tied,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=[] if eos is None else [eos],
-        name=_field(reader, "general.name", "llama"))
+    try:
+        cfg = ModelConfig(
+            vocab_size=vocab, dim=a("embedding_length"), n_layers=a("block_count"), n_heads=n_heads,
+            n_kv_heads=a("attention.head_count_kv", n_heads), intermediate_size=a("feed_forward_length"),
+            head_dim=a("attention.key_length", 0) or 0, norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=a("rope.freq_base", 10000.0), rope_scaling=scaling,
+            max_position_embeddings=a("context_length", 4096), tie_word_embeddings=tied,
+            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=[] if eos is None else [eos],
+            name=_field(reader, "general.name", "llama"))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: GGUF metadata: {e}") from None
+    rot = a("rope.dimension_count")
+    if rot is not None and rot != cfg.head_dim:
+        raise ConfigError(f"{path}: GGUF llama.rope.dimension_count is {rot}, but heads are {cfg.head_dim} wide: "
+                          "partial rotary embeddings are not supported")
+    return cfg
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -237,17 +340,44 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    from .gguf_file import dequantize_all
+_GGUF_BLOCK = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")
+_GGUF_IGNORED = ("attn_rot_embd.weight",)      # old conversions' RoPE tables: recomputed here
 
+
+def _check_gguf_tensors(reader, cfg: ModelConfig):
+    """Types, names and the shapes the RoPE unpermutation relies on, before anything is dequantized."""
+    path = reader.path
     for t in reader.tensors:
         tname = t.qtype.name
         if tname not in GGUF_TYPES:
             raise ConfigError(f"GGUF tensor {t.name} has type {tname}, which amphista-engine cannot dequantize "
                               f"(supported: {', '.join(GGUF_TYPES)})")
-    raw = dequantize_all(reader.tensors)
-    if "blk.0.attn_q.weight" not in raw:
+    names = {t.name: t for t in reader.tensors}
+    if "blk.0.attn_q.weight" not in names:
         raise ConfigError("GGUF file has no blk.0.attn_q.weight: not a llama-architecture checkpoint")
+    known = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in _GGUF_BLOCK}
+    unused = [n for n in names if n.startswith("blk.") and n not in known and not n.endswith(_GGUF_IGNORED)]
+    _refuse_unused(path, unused, f"{cfg.n_layers} layers, no biases")
+    for i in range(cfg.n_layers):
+        lacking = [n for n in _GGUF_BLOCK if f"blk.{i}.{n}.weight" not in names]
+        if lacking:
+            raise ConfigError(f"GGUF file lacks blk.{i}.{lacking[0]}.weight (block_count says {cfg.n_layers} layers)")
+        for n, heads in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads)):
+            shape = names[f"blk.{i}.{n}.weight"].shape
+            if len(shape) != 2 or shape != (heads * cfg.head_dim, cfg.dim):
+                raise ConfigError(f"{path}: tensor blk.{i}.{n}.weight has shape {shape}, but the metadata's {heads} "
+                                  f"heads of {cfg.head_dim} over {cfg.dim} imply {(heads * cfg.head_dim, cfg.dim)}")
+    freqs = names.get("rope_freqs.weight")
+    if freqs is not None and freqs.shape != (cfg.head_dim // 2,):
+        raise ConfigError(f"{path}: tensor rope_freqs.weight has shape {freqs.shape}, expected "
+                          f"({cfg.head_dim // 2},) for heads of {cfg.head_dim}")
+
+
+def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from .gguf_file import dequantize_all
+
+    _check_gguf_tensors(reader, cfg)
+    raw = dequantize_all(reader.tensors)
     out = {"tok_embeddings.weight": raw.pop("token_embd.weight", None), "norm.weight": raw.pop("output_norm.weight", None)}
     if "output.weight" in raw:
         out["output.weight"] = raw.pop("output.weight")
@@ -255,10 +385,6 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out["rope_freqs.weight"] = raw.pop("rope_freqs.weight")
     for i in range(cfg.n_layers):
         b, p = f"blk.{i}.", f"layers.{i}."
-        need = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"]
-        lacking = [n for n in need if b + n + ".weight" not in raw]
-        if lacking:
-            raise ConfigError(f"GGUF file lacks {b}{lacking[0]}.weight (block_count says {cfg.n_layers} layers)")
         g = lambda n: raw[b + n + ".weight"]  # noqa: E731
         q, k = _unpermute(g("attn_q"), cfg.n_heads), _unpermute(g("attn_k"), cfg.n_kv_heads)
         out[p + "attention.wqkv.weight"] = _cat(p + "attention", [torch.from_numpy(x) for x in (q, k, g("attn_v"))])

@@ -52,6 +52,9 @@ class Tokenizer:
         self.chat_template: str | None = chat_template or None
         self.source = str(source)
         self.eos_ids: list[int] = self._collect_eos(eos_ids)
+        # Rows of the model's embedding, set by load_model: a text whose ids go past it (tokens added to the
+        # tokenizer but not to the checkpoint) is refused by `encode`. None: no model to check against.
+        self.model_vocab_size: int | None = None
 
     def _valid(self, token_id) -> int | None:
         return int(token_id) if token_id is not None and 0 <= int(token_id) < self.vocab_size else None
@@ -74,6 +77,12 @@ class Tokenizer:
         ids = list(self._backend.encode(text))
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
+        limit = self.model_vocab_size
+        if limit is not None and ids and max(ids) >= limit:
+            bad = max(ids)
+            raise InputError(f"the text encodes to token {bad} ({self.id_to_piece(bad)!r}), which the model's "
+                             f"embedding ({limit} rows) does not have: the tokenizer ({self.source}) has tokens "
+                             "the checkpoint was not resized for")
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -383,19 +392,29 @@ def _load_gguf(source) -> Tokenizer:
     types = get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     unk_id = get("tokenizer.ggml.unknown_token_id")
     pre = get("tokenizer.ggml.pre") or "default"
-    if kind == "gpt2":
-        backend = _gguf_byte_level(tokens, types, get("tokenizer.ggml.merges"), pre, where)
-        add_bos_default = pre in _BOS_BY_DEFAULT
-    elif kind == "llama":
-        if unk_id is None:
-            unk_id = next((i for i, ty in enumerate(types) if ty == _UNKNOWN), None)
-        # Without scores, file order is merge order (sentencepiece writes pieces best-first).
-        scores = get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
-        backend = _gguf_sentencepiece(tokens, types, scores, unk_id, get("tokenizer.ggml.add_space_prefix", True))
-        add_bos_default = True
-    else:
+    # Without scores, file order is merge order (sentencepiece writes pieces best-first).
+    scores = get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+    for key, values in (("token_type", types), ("scores", scores)):
+        if len(values) != len(tokens):
+            raise ModelLoadError(f"{where}: GGUF tokenizer.ggml.{key} has {len(values)} entries for "
+                                 f"{len(tokens)} tokens (tokenizer.ggml.tokens)")
+    if kind not in ("gpt2", "llama"):
         raise ModelLoadError(f"{where}: GGUF tokenizer model {kind!r} (tokenizer.ggml.model) is not supported; "
                              "supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece)")
+    try:
+        if kind == "gpt2":
+            backend = _gguf_byte_level(tokens, types, get("tokenizer.ggml.merges"), pre, where)
+            add_bos_default = pre in _BOS_BY_DEFAULT
+        else:
+            if unk_id is None:
+                unk_id = next((i for i, ty in enumerate(types) if ty == _UNKNOWN), None)
+            backend = _gguf_sentencepiece(tokens, types, scores, unk_id,
+                                          get("tokenizer.ggml.add_space_prefix", True))
+            add_bos_default = True
+    except ModelLoadError:
+        raise
+    except Exception as e:  # tokenizers raises bare Exception (a merge of tokens the vocabulary lacks)
+        raise ModelLoadError(f"{where}: cannot build the GGUF's embedded {kind!r} tokenizer ({e})") from e
     eos = [get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return Tokenizer(backend, bos_id=get("tokenizer.ggml.bos_token_id"), eos_ids=[i for i in eos if i is not None],
                      pad_id=get("tokenizer.ggml.padding_token_id"), unk_id=unk_id,
@@ -431,7 +450,10 @@ def _dir_config(folder: Path) -> dict[str, Any]:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
     if not template and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{folder / 'chat_template.jinja'}: cannot read as UTF-8 text ({e})") from e
     if not template:
         template = _read_json(folder / "chat_template.json").get("chat_template")
     gen_eos = generation.get("eos_token_id")

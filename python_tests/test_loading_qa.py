@@ -1,0 +1,340 @@
+"""Loading checkpoints and tokenizers the way users hand them over: every bad input is a named AmphistaError.
+
+Each test builds a tiny random Llama (safetensors written directly, no transformers) or a GGUF written from it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from amphista_engine import ConfigError, InputError, ModelLoadError
+from amphista_engine.config import ModelConfig
+from amphista_engine.gguf_file import read_gguf
+from amphista_engine.loading import load_model
+from amphista_engine.tokenizer import load_tokenizer
+
+from conftest import TINY_HF, write_tokenizer
+
+C = TINY_HF
+HEAD_DIM = C["hidden_size"] // C["num_attention_heads"]
+
+
+def hf_tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V, D, In = C["vocab_size"], C["hidden_size"], C["intermediate_size"]
+    q, kv = C["num_attention_heads"] * HEAD_DIM, C["num_key_value_heads"] * HEAD_DIM
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    t = {"model.embed_tokens.weight": r(V, D), "model.norm.weight": 1 + r(D), "lm_head.weight": r(V, D)}
+    for i in range(C["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": r(q, D), p + "self_attn.k_proj.weight": r(kv, D),
+                  p + "self_attn.v_proj.weight": r(kv, D), p + "self_attn.o_proj.weight": r(D, q),
+                  p + "mlp.gate_proj.weight": r(In, D), p + "mlp.up_proj.weight": r(In, D),
+                  p + "mlp.down_proj.weight": r(D, In), p + "input_layernorm.weight": 1 + r(D),
+                  p + "post_attention_layernorm.weight": 1 + r(D)})
+    return t
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qa_base")
+    (path / "config.json").write_text(json.dumps(C))
+    save_file(hf_tensors(), str(path / "model.safetensors"))
+    write_tokenizer(path, C["vocab_size"])
+    return path
+
+
+def variant(base, tmp_path, cfg=None, tensors=None) -> Path:
+    """A copy of `base` with config keys updated and/or its tensors edited in place by `tensors(dict)`."""
+    d = tmp_path / "m"
+    shutil.copytree(base, d)
+    if cfg is not None:
+        c = json.loads((d / "config.json").read_text())
+        c.update(cfg)
+        (d / "config.json").write_text(json.dumps(c))
+    if tensors is not None:
+        t = load_file(str(d / "model.safetensors"))
+        tensors(t)
+        save_file(t, str(d / "model.safetensors"))
+    return d
+
+
+# ---- config.json options the model does not implement -------------------------------------------------
+
+@pytest.mark.parametrize("update,match", [
+    ({"attention_bias": True}, "attention_bias=true"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method 'gptq'"),
+])
+def test_unimplemented_config_options_are_refused(base, tmp_path, update, match):
+    d = variant(base, tmp_path, cfg=update)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_model(d)
+    assert str(d / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("rope_scaling,match", [
+    ({"type": "linear"}, "'linear' needs a positive number 'factor', got None"),
+    ({"rope_type": "llama3"}, "'llama3' needs a positive number 'factor'"),
+    ({"rope_type": "dynamic", "factor": 0}, "'dynamic' needs a positive number 'factor', got 0"),
+    ({"type": "linear", "factor": "2"}, "got '2'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0},
+     "high_freq_factor .4.0. must exceed low_freq_factor"),
+])
+def test_bad_rope_scaling_is_named(base, tmp_path, rope_scaling, match):
+    d = variant(base, tmp_path, cfg={"rope_scaling": rope_scaling})
+    with pytest.raises(ConfigError, match=match):
+        load_model(d)
+
+
+@pytest.mark.parametrize("update,match", [
+    ({"vocab_size": None}, "vocab_size must be a positive integer, got None"),
+    ({"hidden_size": 64.0}, "dim must be a positive integer, got 64.0"),
+    ({"num_attention_heads": "4"}, "n_heads must be a positive integer, got '4'"),
+    ({"rms_norm_eps": -1}, "norm_eps must be a positive number"),
+])
+def test_bad_config_field_types_are_named(base, tmp_path, update, match):
+    d = variant(base, tmp_path, cfg=update)
+    with pytest.raises(ConfigError, match=match):
+        load_model(d)
+
+
+def test_config_that_is_not_an_object(base, tmp_path):
+    d = variant(base, tmp_path)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object, got a list"):
+        load_model(d)
+
+
+# ---- tensors the config has no place for, or cannot be read ------------------------------------------
+
+def test_bias_tensors_are_refused(base, tmp_path):
+    d = variant(base, tmp_path, tensors=lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.ones(64)}))
+    with pytest.raises(ConfigError, match=r"no place for .*layers\.0\.self_attn\.q_proj\.bias"):
+        load_model(d)
+
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(base, tmp_path):
+    d = variant(base, tmp_path, cfg={"num_hidden_layers": 1})
+    with pytest.raises(ConfigError, match=r"config says 1 layers.*layers\.1\."):
+        load_model(d)
+
+
+def test_buffers_and_foreign_tensors_are_skipped(base, tmp_path):
+    """Old checkpoints carry RoPE inv_freq buffers, Medusa ones their heads: neither is the model's."""
+    def edit(t):
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(HEAD_DIM // 2)
+        t["medusa_head.0.0.linear.bias"] = torch.ones(8)
+    load_model(variant(base, tmp_path, tensors=edit), max_seq_len=32)
+
+
+def test_integer_weights_are_refused(base, tmp_path):
+    d = variant(base, tmp_path, tensors=lambda t: t.update(
+        {"model.layers.0.mlp.up_proj.weight": torch.zeros(C["intermediate_size"], C["hidden_size"], dtype=torch.int8)}))
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.up_proj\.weight is stored as int8"):
+        load_model(d)
+
+
+def test_bf16_safetensors_load_as_their_values(base, tmp_path):
+    d = variant(base, tmp_path, tensors=lambda t: t.update({k: v.bfloat16() for k, v in t.items()}))
+    got = load_model(d, max_seq_len=32).model.state_dict()["layers.0.attention.wqkv.weight"]
+    ref = load_model(base, max_seq_len=32).model.state_dict()["layers.0.attention.wqkv.weight"]
+    assert torch.equal(got, ref.bfloat16().float())
+
+
+@pytest.mark.parametrize("cut", ["empty", "half", "garbage"])
+def test_corrupt_safetensors_names_the_file(base, tmp_path, cut):
+    d = variant(base, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"empty": b"", "half": data[:len(data) // 2], "garbage": b"\x00" * 64}[cut])
+    with pytest.raises(ModelLoadError, match="model.safetensors: cannot read as safetensors"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("index,match", [("{", "is not valid JSON"), ("{}", "has no weight_map")])
+def test_bad_shard_index_names_the_file(base, tmp_path, index, match):
+    d = variant(base, tmp_path)
+    (d / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ModelLoadError, match="model.safetensors.index.json " + match):
+        load_model(d)
+
+
+def test_corrupt_pytorch_bin_names_the_file(base, tmp_path):
+    d = variant(base, tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"junk" * 10)
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin: cannot read as a PyTorch checkpoint"):
+        load_model(d)
+
+
+def test_weights_file_given_instead_of_its_directory(base):
+    with pytest.raises(ModelLoadError, match=f"pass its directory, {base}"):
+        load_model(base / "model.safetensors")
+
+
+def test_tokenizer_with_ids_past_the_embedding(base, tmp_path):
+    """Tokens added to the tokenizer but not to the checkpoint: a text using them is an InputError, not an
+    IndexError from torch's embedding."""
+    from tokenizers import Tokenizer
+    d = variant(base, tmp_path)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens([f"<extra{i}>" for i in range(12)])
+    tok.save(str(d / "tokenizer.json"))
+    loaded = load_model(d, max_seq_len=32)
+    assert loaded.tokenizer.encode("plain text")
+    with pytest.raises(InputError, match=r"token 311 \('<extra11>'\).*300 rows"):
+        loaded.tokenizer.encode("hi <extra11>")
+
+
+# ---- GGUF ----------------------------------------------------------------------------------------------
+
+def _permute(w, n_heads):
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(base: Path, out: Path, meta=None, edit=None, skip=(), tokens_edit=None) -> Path:
+    """A llama GGUF (F32) of `base`'s weights and tokenizer; `meta` adds keys, `edit(dict)` changes tensors,
+    `skip` leaves llama.* keys out."""
+    import gguf
+    w = {k: v.numpy() for k, v in load_file(str(base / "model.safetensors")).items()}
+    tj = json.loads((base / "tokenizer.json").read_text())
+    wr = gguf.GGUFWriter(str(out), "llama")
+    for key, value in (("block_count", C["num_hidden_layers"]), ("context_length", C["max_position_embeddings"]),
+                       ("embedding_length", C["hidden_size"]), ("feed_forward_length", C["intermediate_size"]),
+                       ("head_count", C["num_attention_heads"]), ("head_count_kv", C["num_key_value_heads"]),
+                       ("vocab_size", C["vocab_size"])):
+        if key not in skip:
+            getattr(wr, "add_" + key)(value)
+    wr.add_layer_norm_rms_eps(C["rms_norm_eps"])
+    wr.add_rope_freq_base(C["rope_theta"])
+    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(C["vocab_size"] - len(tokens))]
+    types = [3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens]
+    if tokens_edit:
+        tokens, types = tokens_edit(tokens, types)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list(tokens)
+    wr.add_token_types(types)
+    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    wr.add_add_bos_token(True)     # as base's tokenizer_config.json says
+    for k, v in (meta or {}).items():
+        wr.add_string(k, v) if isinstance(v, str) else wr.add_float32(k, v) if isinstance(v, float) \
+            else wr.add_uint32(k, v)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(C["num_hidden_layers"]):
+        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in per_layer.items()})
+    t = {}
+    for hf, g in names.items():
+        x = w[hf].astype(np.float32)
+        if g.endswith("attn_q.weight"):
+            x = _permute(x, C["num_attention_heads"])
+        if g.endswith("attn_k.weight"):
+            x = _permute(x, C["num_key_value_heads"])
+        t[g] = x
+    if edit:
+        edit(t)
+    for g, x in t.items():
+        wr.add_tensor(g, x)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return out
+
+
+def test_gguf_matches_the_hf_folder_greedy(base, tmp_path):
+    from amphista_engine import Engine
+    path = write_gguf(base, tmp_path / "m.gguf")
+    outs = []
+    for model in (base, path):
+        e = Engine.from_pretrained(str(model), device="cpu", dtype="fp32", max_seq_len=64, quant="none")
+        outs.append(e.generate("The quick brown fox", max_new_tokens=8, chat=False).token_ids)
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("meta,edit,match", [
+    ({}, lambda t: t.update({"blk.2.attn_q.weight": t["blk.0.attn_q.weight"]}), r"no place for .*blk\.2\.attn_q"),
+    ({}, lambda t: t.update({"blk.0.attn_q.bias": np.ones(64, np.float32)}), r"no place for .*blk\.0\.attn_q\.bias"),
+    ({"llama.expert_count": 8}, None, "expert_count is 8: mixture-of-experts"),
+    ({"llama.rope.dimension_count": 8}, None, "dimension_count is 8, but heads are 16 wide"),
+    ({}, lambda t: t.update({"blk.0.attn_q.weight": np.ones((60, 64), np.float32)}),
+     r"blk\.0\.attn_q\.weight has shape \(60, 64\), .* imply \(64, 64\)"),
+    ({}, lambda t: t.update({"rope_freqs.weight": np.ones(5, np.float32)}), r"rope_freqs\.weight has shape \(5,\)"),
+    ({"llama.rope.scaling.type": "linear"}, None, "'linear' needs a positive number 'factor'"),
+])
+def test_gguf_checkpoint_mismatches_are_named(base, tmp_path, meta, edit, match):
+    path = write_gguf(base, tmp_path / "bad.gguf", meta=meta, edit=edit)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_model(path)
+    assert "bad.gguf" in str(e.value)
+
+
+def test_gguf_alignment_zero_is_a_corrupt_header(base, tmp_path):
+    path = write_gguf(base, tmp_path / "a.gguf", meta={"general.alignment": 0})
+    with pytest.raises(ModelLoadError, match="general.alignment is 0"):
+        read_gguf(path)
+
+
+def test_gguf_corrupt_header_names_the_file_once(base, tmp_path):
+    data = write_gguf(base, tmp_path / "ok.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:200])
+    with pytest.raises(ModelLoadError) as e:
+        load_model(tmp_path / "cut.gguf")
+    assert str(e.value).count("cut.gguf") == 1, str(e.value)
+
+
+def test_gguf_without_its_suffix_and_a_directory_holding_one(base, tmp_path):
+    path = write_gguf(base, tmp_path / "m.gguf")
+    (tmp_path / "renamed").mkdir()
+    shutil.copy(path, tmp_path / "renamed" / "ggml-model-f32.bin")
+    assert load_model(tmp_path / "renamed" / "ggml-model-f32.bin", max_seq_len=32).config.vocab_size == 300
+    (tmp_path / "dir").mkdir()
+    shutil.copy(path, tmp_path / "dir" / "model.gguf")
+    assert load_model(tmp_path / "dir", max_seq_len=32).source == str(tmp_path / "dir" / "model.gguf")
+    shutil.copy(path, tmp_path / "dir" / "other.gguf")
+    with pytest.raises(ModelLoadError, match="no config.json and 2 .gguf files"):
+        load_model(tmp_path / "dir")
+
+
+def test_gguf_without_vocab_size_takes_the_embedding_rows(base, tmp_path):
+    """Older conversions have no llama.vocab_size; the embedding may pad past the token list."""
+    def pad(t):
+        for name in ("token_embd.weight", "output.weight"):
+            t[name] = np.concatenate([t[name], np.zeros((4, C["hidden_size"]), np.float32)])
+    path = write_gguf(base, tmp_path / "pad.gguf", skip=("vocab_size",), edit=pad)
+    loaded = load_model(path, max_seq_len=32)
+    assert loaded.config.vocab_size == 304 and loaded.tokenizer.vocab_size == 300
+
+
+def test_gguf_tokenizer_errors_are_named(base, tmp_path):
+    # token types that do not match the tokens, and merges of tokens the vocabulary lacks
+    bad_types = write_gguf(base, tmp_path / "types.gguf", tokens_edit=lambda tokens, types: (tokens, types[:-1]))
+    with pytest.raises(ModelLoadError, match="token_type has 299 entries for 300 tokens"):
+        load_tokenizer(bad_types)
+    short = write_gguf(base, tmp_path / "short.gguf", skip=("vocab_size",),
+                       tokens_edit=lambda tokens, types: (tokens[:200], types[:200]))
+    with pytest.raises(ModelLoadError, match="short.gguf: cannot build the GGUF's embedded 'gpt2' tokenizer"):
+        load_tokenizer(short)
+
+
+def test_model_config_validates_direct_construction():
+    with pytest.raises(ConfigError, match="rope_scaling type 'linear' needs"):
+        ModelConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, intermediate_size=8,
+                    rope_scaling={"type": "linear"})
+    with pytest.raises(ConfigError, match="n_layers must be a positive integer, got True"):
+        ModelConfig(vocab_size=10, dim=8, n_layers=True, n_heads=2, n_kv_heads=2, intermediate_size=8)
