@@ -81,6 +81,11 @@ def _load(args):
               "several times slower than the default fp32 (--dtype fp32) or bf16", file=sys.stderr)
     speculative = resolve_heads(engine, args.heads, args.speculative)
     check, tree = None, args.tree
+    if speculative is not None and args.speculative == "auto" and args.repetition_penalty != 1.0:
+        # "auto" is the faster way that works: the penalty needs plain decoding (no timing to do for that)
+        warnings.warn(f"--repetition-penalty {args.repetition_penalty} is supported with plain decoding only: "
+                      f"--speculative auto decodes plainly")
+        return engine, None, None, None
     if speculative is not None and engine.device.type == "cpu":
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
         # --tree (or --tree auto) the check also picks the fastest of the heads' recorded trees
@@ -89,7 +94,16 @@ def _load(args):
         if check is not None:
             print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {kind} uses the heads anyway)"),
                   file=sys.stderr)
+    if speculative is not None and args.speculative == "auto":
+        # The engine resolves "auto" again at each run, from the verdict above (kept on the engine), and decodes
+        # plainly, with a warning, where the tree's scratch slots do not fit the cache but the answer does.
+        speculative, tree = "auto", args.tree
     return engine, speculative, tree, check
+
+
+def _method(engine, result) -> str | None:
+    """The drafting method a run used (speculative="auto" may have decoded plainly), or None."""
+    return engine.heads.config.kind if engine.heads is not None and "tree" in result.stats.extra else None
 
 
 def _decoding_kwargs(args, speculative, tree) -> dict:
@@ -100,15 +114,27 @@ def _decoding_kwargs(args, speculative, tree) -> dict:
 
 def _stream_answer(engine, prompt, **kwargs):
     """Streams the answer to stdout and a stats line to stderr; returns the result."""
-    speculative = kwargs.get("speculative")
     for chunk in engine.stream(prompt, **kwargs):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
     result = engine.last_result
+    speculative = _method(engine, result)
     method = f"{speculative} {result.stats.extra['tree']}" if speculative else "plain"
     print(f"[{method}] {result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
     return result
+
+
+def _not_utf8(text: str) -> str | None:
+    """Python reads bytes that are not UTF-8 (on stdin, in argv) as lone surrogates, which the tokenizer refuses
+    with a bare TypeError: what the first one was, or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte {c - 0xDC00:#04x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        return f"not UTF-8 text ({what} at character {e.start})"
 
 
 def _generate_prompt(args):
@@ -116,6 +142,10 @@ def _generate_prompt(args):
     prompt = sys.stdin.read().rstrip() if args.prompt == "-" else args.prompt   # without echo's newline
     if not prompt.strip():
         raise InputError("prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else ""))
+    for what, text in (("the prompt" + (" on stdin" if args.prompt == "-" else ""), prompt),
+                       ("--system", args.system or "")):
+        if bad := _not_utf8(text):
+            raise InputError(f"{what} is {bad}")
     if args.system is None:
         return prompt
     if args.chat is False:
@@ -130,7 +160,7 @@ def cmd_generate(args) -> int:
     if args.json:
         result = engine.generate(prompt, **kwargs)
         out = result.to_dict()
-        out["speculative"] = speculative
+        out["speculative"] = _method(engine, result)
         out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
                           "linears": engine.linears.describe()}
         if check is not None:
@@ -151,7 +181,9 @@ def _chat_turn(engine, system, history, turn, kwargs):
         try:
             result = _stream_answer(engine, system + kept + turn, **kwargs)
         except KeyboardInterrupt:     # Ctrl-C stops this answer, not the conversation (at the prompt: quits)
-            print("\n(interrupted: this exchange is not kept)", file=sys.stderr)
+            sys.stdout.write("\n")   # the cut answer ends its line on stdout too: the next one starts its own
+            sys.stdout.flush()
+            print("(interrupted: this exchange is not kept)", file=sys.stderr)
             return None
         except CacheFullError as e:
             if not kept:              # the message alone does not fit: the conversation stays as it was
@@ -174,6 +206,8 @@ def cmd_chat(args) -> int:
     """A conversation on stdin: each turn renders the whole history through the chat template and prefills what
     the cache does not hold yet (reuse_prefix). When the history no longer fits the cache with room for an answer,
     the oldest exchanges go (the prompt then changes at its start, so that turn is prefilled whole)."""
+    if bad := _not_utf8(args.system or ""):
+        raise InputError(f"--system is {bad}")
     engine, speculative, tree, _ = _load(args)
     if engine.tokenizer.chat_template is None:
         print("note: the model has no chat template of its own; using the engine's fallback", file=sys.stderr)
@@ -197,6 +231,10 @@ def cmd_chat(args) -> int:
             print(CHAT_HELP, file=sys.stderr)
             continue
         if not text:
+            continue
+        if bad := _not_utf8(text):        # this line only: the conversation goes on
+            print(f"amphista: error: that line is {bad}; it was not sent (the conversation so far is kept)",
+                  file=sys.stderr)
             continue
         turn = [{"role": "user", "content": text}]
         result = _chat_turn(engine, system, history, turn, kwargs)

@@ -18,7 +18,17 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def _tree_key(tree):
     """A hashable key for a tree argument: a name, None (the default), or a path list."""
-    return tree if isinstance(tree, (str, type(None))) else tuple(map(tuple, tree))
+    if isinstance(tree, (str, type(None))):
+        return tree
+    try:
+        if not isinstance(tree, (list, tuple)):
+            raise TypeError
+        key = tuple(map(tuple, tree))
+        hash(key)
+    except TypeError:
+        raise InputError(f"tree must be a name (e.g. 'mix-4', 'tree-16', 'dynamic-8'), a list of top-k rank paths "
+                         f"(e.g. [[0], [1], [0, 0]]) or None, got {type(tree).__name__} {tree!r}") from None
+    return key
 
 
 @dataclass
@@ -49,6 +59,19 @@ def check_stop(stop) -> list[str]:
     return list(stop)
 
 
+def check_engine_args(max_seq_len, max_batch_size, cuda_graphs):
+    """The cache and graph settings, named before anything loads (a str max_seq_len met `-x` in RoPE's tables)."""
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if max_seq_len < 2:
+        raise InputError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    if max_batch_size < 1:
+        raise InputError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if not isinstance(cuda_graphs, bool):
+        raise InputError(f"cuda_graphs must be True or False, got {type(cuda_graphs).__name__} {cuda_graphs!r}")
+
+
 @dataclass
 class _KeptPrefix:
     """Cache row 0 holds the K/V of `ids` in slots 0..len(ids) - 1 (and, when `heads` drafted that run, their
@@ -66,8 +89,7 @@ class Engine:
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.tok_embeddings.weight.device
         self.dtype = self.model.tok_embeddings.weight.dtype
-        if max_seq_len < 2:
-            raise InputError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
         self.max_seq_len = max_seq_len
         trained = self.config.max_position_embeddings
         if max_seq_len > trained and not self.config.rope_scaling:
@@ -77,6 +99,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._cache_batch = max_batch_size
         self.last_result: GenerationResult | None = None
+        self.last_results: list[GenerationResult] = []
         self.loaded_name = loaded.source
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
@@ -108,6 +131,7 @@ class Engine:
         does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
         it adapts a model loaded elsewhere, and quantizing changes that model in place."""
+        check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
@@ -136,6 +160,9 @@ class Engine:
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:
         """A string (chat-formatted when the model has a template, unless chat=False) or a message list."""
         from .chat import render_chat
+        if chat is not None and not isinstance(chat, bool):      # chat="no" is truthy: not a silent yes
+            raise InputError(f"chat must be True, False or None (the model's template when it has one), "
+                             f"got {type(chat).__name__} {chat!r}")
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("prompt is empty")
@@ -147,6 +174,11 @@ class Engine:
             text = render_chat(self.tokenizer, list(prompt), template=template)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:     # the tokenizer raised a bare TypeError (TextInputSequence must be str)
+            raise InputError(f"prompt is not valid Unicode: it holds U+{ord(text[e.start]):04X}, a lone surrogate "
+                             f"(bytes that were not UTF-8, read with errors='surrogateescape'?)") from None
         ids = self.tokenizer.encode(text)
         if not ids:
             raise InputError("prompt encodes to zero tokens")
@@ -228,11 +260,14 @@ class Engine:
         The prefix's K/V then come from that run (its prefill and decode steps), so the logits can differ from a
         fresh run's in the last bits: off by default, where repeated calls must give the same answer."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        check_max_new_tokens(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
             raise InputError(f"prompts must be a list of prompts (strings or message lists), got "
                              f"{type(prompts).__name__}; for one prompt use generate() or stream()")
         if not prompts:
             raise InputError("no prompts given")
+        if not isinstance(reuse_prefix, bool):
+            raise InputError(f"reuse_prefix must be True or False, got {type(reuse_prefix).__name__} {reuse_prefix!r}")
         if reuse_prefix and len(prompts) > 1:
             raise InputError(f"reuse_prefix applies to one prompt (a chat's history), got {len(prompts)} prompts")
         from .speculative import ACCEPTANCE
@@ -243,6 +278,7 @@ class Engine:
             raise InputError(f"{what} applies to speculative decoding, but speculative=None decodes plainly; pass "
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = check_stop(stop)
+        _tree_key(tree)                       # a bad tree is named even where the run turns out plain
         ids = [self.encode_prompt(p, chat) for p in prompts]
         if speculative == "auto" and params.repetition_penalty != 1.0 and self.heads is not None:
             # "auto" is the faster way that works: a penalty on what each path has seen needs plain decoding
@@ -251,16 +287,20 @@ class Engine:
             speculative, tree = None, None
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance)
         if extra and speculative == "auto" and any(len(p) + max_new_tokens + extra > self.max_seq_len for p in ids):
-            # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does
+            # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does (where it
+            # does not either, the error names the plain room, without a warning for a fallback that never runs)
+            for p in ids:
+                self._check_room(p, max_new_tokens, 0)
             warnings.warn(f"speculative='auto': the tree needs {extra} more cache slots than max_seq_len leaves; "
                           f"decoding plainly")
             decoder, extra = self._decoder(len(ids), params, None, None, acceptance)
         for p in ids:
             self._check_room(p, max_new_tokens, extra)
         kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
-        if reuse_prefix:
-            decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
-        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix)
+        # What the cache holds is weighed when the run starts (_drive): a stream is lazy, and a run started in
+        # between rewrites the cache it would reuse.
+        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix, kept if reuse_prefix else None,
+                           self._runs)
 
     def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
@@ -275,8 +315,12 @@ class Engine:
             n += 1
         return max(n - 1, 0)
 
-    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False):
+    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False, kept: "_KeptPrefix | None" = None,
+               made_at: int | None = None):
+        """made_at: the engine's run count when this run was set up; kept: what the cache held then."""
         stats = [GenerationStats() for _ in ids]
+        if keep:             # nothing to reuse if another run started since (its prefill rewrote the cache)
+            decoder.prefix_reuse = self._reusable(kept, decoder, ids[0]) if self._runs == made_at else 0
         self._runs += 1
         mine = self._runs
         with torch.inference_mode():

@@ -7,6 +7,10 @@ import torch
 
 from .errors import InputError
 
+# The smallest temperature and repetition penalty taken: logits are divided by them in fp32, where below ~1e-37 the
+# quotient overflows to inf and the sampler meets NaN. 1e-6 leaves logits of any real size finite.
+MIN_DIVISOR = 1e-6
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,12 +28,18 @@ class SamplingParams:
                 raise InputError(f"{name} must be {kind}, got {type(v).__name__} {v!r}")
         if not 0 <= self.temperature < float("inf"):
             raise InputError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
+        if 0 < self.temperature < MIN_DIVISOR:
+            raise InputError(f"temperature must be 0 (greedy) or at least {MIN_DIVISOR:g}, got {self.temperature!r}: "
+                             f"logits / temperature would overflow")
         if self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise InputError(f"repetition_penalty must be finite and > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.repetition_penalty < MIN_DIVISOR:
+            raise InputError(f"repetition_penalty must be at least {MIN_DIVISOR:g} (1 = off), got "
+                             f"{self.repetition_penalty!r}: logits / repetition_penalty would overflow")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
@@ -69,6 +79,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL-style penalty on tokens already in the context. seen: [B, V] bool."""
     if penalty == 1.0:
         return logits
+    logits = logits.float()          # fp16 logits / a penalty < 1 overflow past 65504
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
