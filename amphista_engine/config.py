@@ -32,6 +32,9 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: list[int] = field(default_factory=lambda: [2])
     name: str = "llama"
+    # Mistral v0.1 attends over the last `sliding_window` positions only; the model here attends over all of
+    # them, which is the same math up to that many positions, so the engine caps its cache there.
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
@@ -54,6 +57,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         _check_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
+            raise ConfigError(f"model config: sliding_window must be a positive integer or null, "
+                              f"got {self.sliding_window!r}")
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -77,6 +83,7 @@ class ModelConfig:
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id") or [],
                 name=cfg.get("_name_or_path") or archs[0],
+                sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None

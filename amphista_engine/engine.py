@@ -90,6 +90,11 @@ class Engine:
         self.device = self.model.tok_embeddings.weight.device
         self.dtype = self.model.tok_embeddings.weight.dtype
         check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
+        window = self.config.sliding_window
+        if window is not None and max_seq_len > window:
+            raise InputError(f"max_seq_len={max_seq_len}, but {self.config.name} attends over a sliding window of "
+                             f"{window} positions, which this engine does not implement (it attends over all of "
+                             f"them: the same model up to {window}); use max_seq_len <= {window}")
         self.max_seq_len = max_seq_len
         trained = self.config.max_position_embeddings
         if max_seq_len > trained and not self.config.rope_scaling:

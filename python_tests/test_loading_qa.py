@@ -338,3 +338,19 @@ def test_model_config_validates_direct_construction():
                     rope_scaling={"type": "linear"})
     with pytest.raises(ConfigError, match="n_layers must be a positive integer, got True"):
         ModelConfig(vocab_size=10, dim=8, n_layers=True, n_heads=2, n_kv_heads=2, intermediate_size=8)
+
+
+def test_a_sliding_window_caps_the_cache(base, tmp_path):
+    """Mistral v0.1 attends over its last `sliding_window` positions; the model here attends over all, the same
+    math up to the window: a longer cache is refused by name, and one that fits loads as before."""
+    from amphista_engine import Engine
+    d = variant(base, tmp_path, cfg={"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                                     "sliding_window": 64})
+    with pytest.raises(InputError, match="sliding window of 64 positions.*max_seq_len <= 64"):
+        Engine.from_pretrained(str(d), device="cpu", max_seq_len=128)
+    engine = Engine.from_pretrained(str(d), device="cpu", max_seq_len=64)
+    assert engine.config.sliding_window == 64
+    # v0.2 and later write null (no window); use_sliding_window=false switches a given one off
+    for cfg in ({"sliding_window": None}, {"sliding_window": 64, "use_sliding_window": False}):
+        e = variant(base, tmp_path / str(len(cfg)), cfg=cfg)
+        assert Engine.from_pretrained(str(e), device="cpu", max_seq_len=128).config.sliding_window is None
