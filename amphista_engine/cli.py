@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -199,7 +200,9 @@ def _chat_turn(engine, system, history, turn, kwargs):
         return result
 
 
-CHAT_HELP = "type a message; /reset starts a new conversation, /help shows this, /exit (or end of input) quits"
+CHAT_HELP = ("type a message; /reset starts a new conversation, /help shows this, /exit or /quit (or end of "
+             "input) quits")
+CHAT_COMMANDS = ("/reset", "/help", "/exit", "/quit")
 
 
 def cmd_chat(args) -> int:
@@ -221,7 +224,7 @@ def cmd_chat(args) -> int:
         if not line:
             break
         text = line.strip()
-        if text == "/exit":
+        if text in ("/exit", "/quit"):
             break
         if text == "/reset":
             history.clear()
@@ -231,6 +234,10 @@ def cmd_chat(args) -> int:
             print(CHAT_HELP, file=sys.stderr)
             continue
         if not text:
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", text):     # a mistyped command is not a message (one with words after it is)
+            print(f"amphista: error: unknown command {text}; the commands are {', '.join(CHAT_COMMANDS)}",
+                  file=sys.stderr)
             continue
         if bad := _not_utf8(text):        # this line only: the conversation goes on
             print(f"amphista: error: that line is {bad}; it was not sent (the conversation so far is kept)",

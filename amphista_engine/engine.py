@@ -179,11 +179,6 @@ class Engine:
             text = render_chat(self.tokenizer, list(prompt), template=template)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:     # the tokenizer raised a bare TypeError (TextInputSequence must be str)
-            raise InputError(f"prompt is not valid Unicode: it holds U+{ord(text[e.start]):04X}, a lone surrogate "
-                             f"(bytes that were not UTF-8, read with errors='surrogateescape'?)") from None
         ids = self.tokenizer.encode(text)
         if not ids:
             raise InputError("prompt encodes to zero tokens")

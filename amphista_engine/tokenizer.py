@@ -74,6 +74,11 @@ class Tokenizer:
         """Token ids of `text`. Special-token strings in it (`<|im_start|>`, `<s>`) become their single id."""
         if not isinstance(text, str):
             raise InputError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:     # the backends raise a bare TypeError or their own error on these
+            raise InputError(f"text is not valid Unicode: it holds U+{ord(text[e.start]):04X}, a lone surrogate "
+                             f"(bytes that were not UTF-8, read with errors='surrogateescape'?)") from None
         ids = list(self._backend.encode(text))
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)

@@ -181,7 +181,7 @@ def test_text_that_was_not_utf8_is_refused_by_name(engine, tiny_hf_dir, heads_di
     """Bytes that are not UTF-8 reach Python as lone surrogates (stdin and argv use surrogateescape); the tokenizer
     then raised a bare `TypeError: TextInputSequence must be str` from deep inside generate."""
     for prompt in ("Hi \udcff there", [{"role": "user", "content": "Hi \udcff"}]):
-        with pytest.raises(InputError, match="prompt is not valid Unicode: it holds U\\+DCFF, a lone surrogate"):
+        with pytest.raises(InputError, match="text is not valid Unicode: it holds U\\+DCFF, a lone surrogate"):
             engine.generate(prompt, max_new_tokens=2)
     monkeypatch.setattr("sys.stdin", io.StringIO("Name \udcff\udcfe a color\n"))
     assert main(["generate", "-", "--model", "/no/such/model"]) == 2       # refused before the load
@@ -210,3 +210,13 @@ def test_engine_settings_are_named_before_the_load(tiny_hf_dir, kw, match):
     TypeError; max_batch_size=0 and cuda_graphs="no" were taken without a word."""
     with pytest.raises(InputError, match=match):
         Engine.from_pretrained(str(tiny_hf_dir), device="cpu", **{"max_seq_len": 64, **kw})
+
+
+def test_cli_chat_quit_and_unknown_commands(tiny_hf_dir, monkeypatch, capsys):
+    """/quit quits like /exit; a mistyped lone command is reported, not sent to the model as a message, while a
+    message that merely starts with a slash is sent."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("/rest\n/usr/bin is a folder\n/quit\nnever read\n"))
+    rc = main(["chat", "--model", str(tiny_hf_dir), "--device", "cpu", "--max-new-tokens", "2", "--max-seq-len", "256"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "unknown command /rest; the commands are /reset, /help, /exit, /quit" in cap.err
+    assert len(re.findall(r"prompt \d+ tok", cap.err)) == 1 and len(cap.out.splitlines()) == 1, cap.err
