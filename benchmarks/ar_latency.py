@@ -25,6 +25,15 @@ PROMPT = ("Explain, step by step, how a speculative decoder drafts several token
           "verifies them with the target model in a single forward pass. ") * 3
 
 
+def require_transformers(prog: str):
+    """Stops with one line when Hugging Face transformers does not import (the engine does not depend on it)."""
+    try:
+        import transformers  # noqa: F401
+    except Exception as err:     # ImportError, or a broken install raising anything at import
+        sys.exit(f"{prog}: needs Hugging Face transformers, which does not import here "
+                 f"({type(err).__name__}: {err}); pip install transformers")
+
+
 def to_transformers(loaded, dtype, device):
     """A transformers LlamaForCausalLM holding exactly our weights (unfused back to its layout)."""
     import transformers
@@ -64,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    require_transformers("ar_latency")
     dtype = parse_dtype(args.dtype)
     loaded = load_model(args.model, dtype=dtype, device=args.device, max_seq_len=1024)
     ids = loaded.tokenizer.encode(PROMPT)

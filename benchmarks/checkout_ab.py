@@ -89,7 +89,8 @@ def main():
                          "equals base": f"{sum(x['ids'] == base_ids[x['q']] for x in r)}/{len(r)}",
                          "this / base": tps[side] / tps["base"]})
     import torch
-    meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(), "base": args.base,
+    meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
+            "base": f"{args.base} ({base.name.removeprefix('amphista-ab-')})",
             "questions": len(qs), "chunk": args.chunk,
             "max_new_tokens": args.max_new_tokens, "model": "smollm2-135m, 4-bit (quant auto), fp32 between",
             "what": "tok/s summed over MT-Bench first turns, the two checkouts in alternating processes"}

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 from amphista_engine import Engine
 
 PROMPTS = ["Write a long story about a dragon and a knight.",
            "Explain how a hash table works, with a Python example."]
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--heads", default="amphista_engine/data/heads/smollm2-135m-amphista")
+    ap.add_argument("--heads", default=str(ROOT / "amphista_engine/data/heads/smollm2-135m-amphista"))
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()

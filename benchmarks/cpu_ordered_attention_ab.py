@@ -13,15 +13,18 @@ import argparse
 import json
 import os
 import statistics
+from pathlib import Path
 
 from amphista_engine import Engine
 from amphista_engine.kernels import cpu_packed
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--heads", default="amphista_engine/data/heads/smollm2-135m-amphista")
-    ap.add_argument("--questions", default="../shared/data/mt_bench.jsonl")
+    ap.add_argument("--heads", default=str(ROOT / "amphista_engine/data/heads/smollm2-135m-amphista"))
+    ap.add_argument("--questions", default=str(ROOT.parent / "shared/data/mt_bench.jsonl"))
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--trees", default="tree-16,tuned-16,dynamic-24,mc_sim_7b_63")

@@ -1,7 +1,7 @@
 """Does greedy speculative decoding emit plain greedy decoding's tokens on the GPU, per backend and dtype?
 
     python benchmarks/gpu_greedy_agreement.py --out gpu_results            # on a CUDA machine
-    python benchmarks/gpu_greedy_agreement.py --device cpu --tokens 16 --backends torch --out /tmp/x
+    python benchmarks/gpu_greedy_agreement.py --device cpu --shape tiny --tokens 16 --backends torch --out /tmp/x
 
 In exact arithmetic they are identical. In bf16 a tree verification computes each row with other kernel
 shapes than a one-token step (more query rows, another split of the keys), so a near-tie can flip and the
@@ -74,6 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_greedy_agreement: no CUDA device usable by torch; for the smoke run: --device cpu --shape tiny "
+              "--backends torch", file=sys.stderr)
+        return 2
     deadline = time.monotonic() + args.time_budget
     g = torch.Generator().manual_seed(5)
     cfg = shapes.shape_config(args.shape)

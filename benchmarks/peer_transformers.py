@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ar_latency import to_transformers  # noqa: E402
+from ar_latency import require_transformers, to_transformers  # noqa: E402
 from common import hardware, md_table, sync, write_results  # noqa: E402
 
 from amphista_engine import Engine  # noqa: E402
@@ -57,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--tree", default=None)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    require_transformers("peer_transformers")
 
     if Path(args.questions).is_file():
         prompts = [q["turns"][0] for q in read_questions(args.questions, limit=args.limit)]

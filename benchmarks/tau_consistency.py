@@ -16,10 +16,14 @@ walk == online (up to the last K positions, which have no ranks) means decoding 
 walk above online is a train/inference mismatch; uniform vs walk is only the estimator's sampling.
 
     python benchmarks/tau_consistency.py --data runs/big/distill-0.jsonl --heads <dir> --tree mc_sim_7b_63
+
+--data also takes the committed gzipped shards (benchmarks/results/training_smollm2/distill/*.jsonl.gz); --tree
+a shipped tree or one fitted to the heads (mix-4, tuned-63, ...), not dynamic-N.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -29,10 +33,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amphista_engine.engine import Engine  # noqa: E402
+from amphista_engine.errors import ConfigError  # noqa: E402
 from amphista_engine.tree import get_tree_choices  # noqa: E402
 from amphista_engine.training.data import load_shard  # noqa: E402
 from amphista_engine.training.plan import split_heldout  # noqa: E402
 from amphista_engine.training.tree_search import accepted_depth, heldout_ranks, walk  # noqa: E402
+
+
+def read_records(paths) -> dict[str, dict]:
+    """Every record of the shards by id; a shard may be gzipped (as the committed ones are,
+    benchmarks/results/training_smollm2/distill/*.jsonl.gz)."""
+    records = {}
+    for path in map(str, paths):
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    records[str(r["id"])] = r
+    return records
+
+
+def tree_paths(tree: str, fitted: dict) -> set[tuple[int, ...]]:
+    """The rank paths of a static tree: a shipped one, or one fitted to the heads (`fitted`: their mix-N, tuned-N).
+    dynamic-N has none (it is built anew every step): ConfigError, as for an unknown name."""
+    if tree.startswith("dynamic-"):
+        raise ConfigError(f"--tree {tree} is built anew every step; the walk needs a static tree "
+                          f"(a shipped one, or the heads' own: {', '.join(sorted(fitted)) or 'none'})")
+    try:
+        return {tuple(p) for p in get_tree_choices(fitted.get(tree, tree))}
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or the heads' own: {', '.join(sorted(fitted)) or 'none'}") from None
 
 
 def main(argv=None):
@@ -49,15 +79,14 @@ def main(argv=None):
     eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=2048, quant="none")
     eng.load_heads(args.heads)
     target, heads = eng.model, eng.heads
+    try:
+        paths = tree_paths(args.tree, heads.config.extra.get("trees") or {})
+    except ConfigError as e:
+        sys.exit(f"tau_consistency: {e}")
     shard = load_shard(args.data, target.config.vocab_size, 1024)
-    records = {}
-    for path in args.data:
-        for line in Path(path).read_text().splitlines():
-            r = json.loads(line)
-            records[str(r["id"])] = r
+    records = read_records(args.data)
     _, held = split_heldout(shard.sequences, 0.05)
     held = [s for s in held if len(s.ids) - s.prompt_len >= 64][:args.num_seqs]
-    paths = {tuple(p) for p in get_tree_choices(args.tree)}
     K = heads.num_heads
     rows_out, tot = [], {"uniform": [0, 0], "walk": [0, 0], "online": [0, 0]}
     for s in held:

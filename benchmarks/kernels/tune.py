@@ -1,7 +1,7 @@
 """Launch-parameter sweeps for the kernels the first H200 run found slow, timed side by side in one process.
 
     python benchmarks/kernels/tune.py --out DIR [--budget SECONDS]      # GPU
-    python benchmarks/kernels/tune.py --out DIR --quick                 # CPU smoke run (TRITON_INTERPRET=1)
+    TRITON_INTERPRET=1 python benchmarks/kernels/tune.py --out DIR --quick   # CPU smoke run (interpreter)
 
 Sweeps (each variant is checked against the torch reference on the same inputs before it is timed; a
 variant that is wrong or fails to compile is recorded as such, never as fast):
@@ -259,6 +259,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
     bench = Bench(parse_args("tune", (["--quick"] if args.quick else []) + ["--reps", str(args.reps)]))
+    from amphista_engine.kernels.backend import cuda_available, triton_runs_on
+    if not triton_runs_on(bench.device.type) and not (bench.cuda and cuda_available()):
+        print("tune: nothing to sweep here: the sweeps need Triton on a CUDA device or the CUDA extension "
+              "(on a CPU: TRITON_INTERPRET=1 python benchmarks/kernels/tune.py --quick --out DIR)", file=sys.stderr)
+        return 2
     sw = Sweep(bench, args.budget, tol=2e-2 if bench.dtype != torch.float32 else 1e-4)
     args.out.mkdir(parents=True, exist_ok=True)
     m = meta(bench)
