@@ -56,3 +56,15 @@ def ab_parser(doc: str, trees: str = "mix-4"):
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--out", default=None)
     return ap
+
+
+def engines_here(spec: str) -> list[str]:
+    """The comma list of engines (fp32, bf16, q4) that run on this CPU: bf16 only where oneDNN has bf16 kernels,
+    with a note on stderr where it is dropped (an AVX2-only CPU)."""
+    import sys
+    from amphista_engine.kernels import cpu_packed
+    asked = spec.split(",")
+    names = [n for n in asked if n != "bf16" or cpu_packed.available(torch.bfloat16)]
+    if len(names) < len(asked):
+        print("note: no bf16 engine: oneDNN has no bf16 kernels on this CPU", file=sys.stderr)
+    return names

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 
 from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
-from amphista_engine.kernels import cpu_exact, cpu_packed, reference, set_backend  # noqa: E402
+from amphista_engine.kernels import cpu_exact, reference, set_backend  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import ab_parser, hardware, md_table, rotating_runs, write_results  # noqa: E402
+from benchmarks.common import ab_parser, engines_here, hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 IN_PLACE = (cpu_exact._keys, reference.kv_write)
@@ -54,7 +54,7 @@ def main():
     torch.set_grad_enabled(False)
     set_backend("torch")       # the ops this A/B timed on 2026-12-03 (the cpu backend's came after)
     setups = {"q4": ("fp32", "q4"), "bf16": ("bf16", "none")}
-    names = [n for n in args.engines.split(",") if n != "bf16" or cpu_packed.available(torch.bfloat16)]
+    names = engines_here(args.engines)
     heads = shipped_heads("smollm2-135m", "amphista")
     engines = {n: Engine.from_pretrained("smollm2-135m", device="cpu", dtype=setups[n][0], max_seq_len=1024,
                                          heads=heads, quant=setups[n][1]) for n in names}

@@ -24,9 +24,9 @@ import torch  # noqa: E402
 
 from amphista_engine.engine import Engine  # noqa: E402
 from amphista_engine.evaluation.questions import read_questions  # noqa: E402
-from amphista_engine.kernels import backend, cpu_ops, cpu_packed, use_backend  # noqa: E402
+from amphista_engine.kernels import backend, cpu_ops, use_backend  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import ab_parser, hardware, md_table, rotating_runs, write_results  # noqa: E402
+from benchmarks.common import ab_parser, engines_here, hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 # what each cpu-backend variant runs without (the dispatcher then falls through to the torch reference)
@@ -61,7 +61,7 @@ def main():
         sys.exit(f"the cpu backend is not available: {extension_error()}")
     torch.set_grad_enabled(False)
     setups = {"q4": ("fp32", "q4"), "bf16": ("bf16", "none")}
-    names = [n for n in args.engines.split(",") if n != "bf16" or cpu_packed.available(torch.bfloat16)]
+    names = engines_here(args.engines)
     heads = shipped_heads("smollm2-135m", "amphista")
     engines = {n: Engine.from_pretrained("smollm2-135m", device="cpu", dtype=setups[n][0], max_seq_len=1024,
                                          heads=heads, quant=setups[n][1]) for n in names}
