@@ -149,9 +149,10 @@ class SpeculativeDecoder(PlainDecoder):
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; "
                               f"{gpu_exact.ENV_VAR}=1 keeps greedy output exact for trees of at most 64 nodes, "
                               f"{gpu_exact.MAX_DEPTH} deep")
-        rounds_bf16 = cache.k.dtype == torch.bfloat16 or getattr(model, "rounds_linear_inputs", False)
+        half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(cache.k.dtype)
+        rounds_bf16 = half is not None or getattr(model, "rounds_linear_inputs", False)
         if too_big and model.orders_decode(cache) and rounds_bf16:
-            what = "bf16" if cache.k.dtype == torch.bfloat16 else "4-bit (quant='q4')"
+            what = half or "4-bit (quant='q4')"
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; {what} CPU "
                               f"verification keeps greedy output exact for trees of at most "
                               f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep (fp32 takes any tree)")

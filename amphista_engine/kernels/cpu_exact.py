@@ -59,16 +59,18 @@ def flash_rows(rows: int) -> int:
 
 
 def applies(kv: torch.Tensor, rounded_linears: bool = False) -> bool:
-    """For a bf16 KV cache on the CPU, and an fp32 one with AMPHISTA_EXACT_GREEDY=1 or under linears that round
-    their inputs to bf16 (cpu_quant's 4-bit weights: there a last-bit difference in fp32 attention is enough to flip a
-    greedy token, as seen in a 128-token answer of SmolLM2). fp32 rounds 65536x finer
+    """For a bf16 or fp16 KV cache on the CPU (fp16's near-ties flip as bf16's do: SmolLM2's 5th greedy token of
+    a short poem did), and an fp32 one with AMPHISTA_EXACT_GREEDY=1 or under linears that round their inputs to
+    bf16 (cpu_quant's 4-bit weights: there a last-bit difference in fp32 attention is enough to flip a greedy token,
+    as seen in a 128-token answer of SmolLM2). fp32 rounds 65536x finer
     than bf16 and the committed fp32 evaluations never saw a mismatch, so there it is opt-in: with the linears
     packed for oneDNN (row-count invariant, cpu_packed) it makes plain and tree rows equal bit for bit, at ~8%
     of a plain or tree-16 step (fp32 A/B in benchmarks/results/cpu_ordered_attention_fp32.md)."""
     if kv.device.type != "cpu":
         return False
     from .gpu_exact import enabled as exact_greedy_requested      # gpu_exact imports this module
-    return kv.dtype == torch.bfloat16 or (kv.dtype == torch.float32 and (rounded_linears or exact_greedy_requested()))
+    half = kv.dtype in (torch.bfloat16, torch.float16)
+    return half or (kv.dtype == torch.float32 and (rounded_linears or exact_greedy_requested()))
 
 
 @dataclass
