@@ -1,6 +1,7 @@
 """The public entry point: `Engine.from_pretrained(...)`, `engine.generate(...)`, `engine.stream(...)`."""
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -149,15 +150,24 @@ class Engine:
 
     def load_heads(self, heads):
         """heads: a heads directory, "default" (the Amphista heads shipped for this model), a shipped directory's
-        name ("smollm2-135m-amphista", "smollm2-135m-medusa") or a heads module."""
+        name ("smollm2-135m-amphista", "smollm2-135m-medusa") or a heads module; None or "none" unloads them
+        (plain decoding, as `--heads none`)."""
         from .heads import load_heads
         from .shipped_heads import heads_alias
+        if isinstance(heads, str) and heads == "none" and not os.path.exists(heads):   # as `--heads none`
+            heads = None
         heads = heads_alias(heads, self.loaded_name)
+        if heads is not None and not isinstance(heads, (torch.nn.Module, str, os.PathLike)):
+            raise InputError(f"heads must be a heads directory, a shipped heads name, \"default\", None or a heads "
+                             f"module, got {type(heads).__name__} {heads!r:.80}")
+        loaded = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
+            if heads is not None and not isinstance(heads, torch.nn.Module) else heads   # before dropping the old
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
         self._checks.clear()
-        self.heads = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
-            if not isinstance(heads, torch.nn.Module) else heads
+        self.heads = loaded
+        if loaded is None:
+            return None
         self.linears.apply(self.heads)
         return self.heads
 

@@ -19,6 +19,8 @@ def shipped_heads(model: str, method: str) -> Path | None:
 def heads_alias(heads, model: str):
     """"default" (the Amphista heads shipped for `model`) or a shipped directory's name (e.g.
     "smollm2-135m-medusa") -> its path; anything else, or a name that is also an existing path, unchanged."""
+    if isinstance(heads, str) and not heads.strip():     # Path("") is the working directory
+        raise InputError("heads is an empty string; pass a heads directory or \"default\"")
     if not isinstance(heads, str) or Path(heads).exists():
         return heads
     if heads == "default":

@@ -139,18 +139,27 @@ def _assign(heads: DraftHeads, state: dict[str, torch.Tensor], source, device, d
     if missing or unexpected:
         raise ConfigError(f"{source}: tensors do not match the config (missing: {missing or 'none'}; "
                           f"unexpected: {unexpected or 'none'})")
+    params = dict(heads.named_parameters())
     for k, shape in expected.items():
-        if state[k].shape != shape:
+        t = state[k]
+        if t.shape != shape:
             c = heads.config
-            raise ConfigError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config (kind={c.kind}, "
+            raise ConfigError(f"{source}: tensor {k} has shape {tuple(t.shape)}, the config (kind={c.kind}, "
                               f"num_heads={c.num_heads}, dim={c.dim}) expects {tuple(shape)}")
-    heads.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                           for k, v in state.items()}, assign=True)
-    if heads.config.draft_vocab_size:
+        if k in params:     # weights: floating point and finite (NaN weights would draft garbage)
+            if not t.is_floating_point():
+                raise ConfigError(f"{source}: tensor {k} has dtype {t.dtype}; weights must be floating point")
+            if not torch.isfinite(t).all():
+                raise ConfigError(f"{source}: tensor {k} holds NaN or infinite values")
+    if heads.config.draft_vocab_size:     # checked before it is cast: float ids would be truncated silently
         try:
-            heads.set_draft_vocab(heads.draft_vocab.clone())
+            ids = heads.check_draft_vocab(state["draft_vocab"])
         except ConfigError as e:
             raise ConfigError(f"{source}: bad draft_vocab tensor: {e}") from None
+        state = {**state, "draft_vocab": ids}
+    heads.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else torch.long)
+                           for k, v in state.items()}, assign=True)
+    heads._w_sub = heads._slot_map = heads._codes_sub = None
     return heads.eval().requires_grad_(False)   # for inference; a trainer resuming calls requires_grad_()
 
 
@@ -174,9 +183,19 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
             raise ModelLoadError(f"heads directory {directory} lacks {f.name} (expected config.json + "
                                  f"model.safetensors, as save_heads writes)")
     try:
-        cfg = HeadsConfig.from_dict(json.loads(cfg_file.read_text()))
-    except json.JSONDecodeError as e:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {cfg_file}: {e}") from None
+    if isinstance(raw, dict) and "dim" not in raw and ("model_type" in raw or "architectures" in raw):
+        raise ModelLoadError(f"{directory} holds a model checkpoint (config.json with model_type "
+                             f"{raw.get('model_type')!r}), not drafting heads; pass a heads directory "
+                             f"(config.json + model.safetensors, as save_heads writes)")
+    try:
+        cfg = HeadsConfig.from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
     fp, tc = lm_head_fingerprint(target), target.config
     same_shape = (cfg.dim, cfg.vocab_size) == (tc.dim, tc.vocab_size)
     if not same_shape or (cfg.target_fingerprint and cfg.target_fingerprint != fp):

@@ -17,6 +17,54 @@ FUSIONS = ("concat", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+VERSION = 1                                    # the newest config version this code reads
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_extra(cfg: "HeadsConfig", bad):
+    """The parts of the free-form `extra` that decoding reads: the fitted trees (`trees`: name -> rank paths, as
+    `tree-search --save` writes) and the taus recorded for trees (`tree_search*`, read by speculation_check)."""
+    from ..tree import TOPK, TREES, get_tree_choices
+
+    trees = cfg.extra.get("trees")
+    if trees is not None:
+        if not isinstance(trees, dict):
+            bad(f"extra.trees must map tree names to lists of rank paths, got {type(trees).__name__}")
+        for name, paths in trees.items():
+            if not isinstance(name, str) or not name.strip() or name in TREES \
+                    or name.startswith(("dynamic-", "chain-", "[")) or name.endswith(".json"):
+                bad(f"extra.trees: fitted tree name {name!r} would shadow a built-in tree, a dynamic tree or a "
+                    f"tree file; rename it (e.g. tuned-N)")
+            if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
+                bad(f"extra.trees[{name!r}] must be a list of rank paths (lists of integers), got {paths!r:.80}")
+            try:
+                checked = get_tree_choices(paths)
+            except ConfigError as e:
+                bad(f"extra.trees[{name!r}]: {e}")
+            if not checked:
+                bad(f"extra.trees[{name!r}] has no paths")
+            depth, rank = max(len(p) for p in checked), max(max(p) for p in checked)
+            if depth > cfg.num_heads:
+                bad(f"extra.trees[{name!r}] is {depth} deep but the heads draft only {cfg.num_heads} tokens")
+            if rank >= TOPK:
+                bad(f"extra.trees[{name!r}] uses top-k rank {rank}; ranks must be below {TOPK}")
+    for key, record in cfg.extra.items():
+        if not key.startswith("tree_search") or record is None:
+            continue
+        if not isinstance(record, dict):
+            bad(f"extra.{key} must be an object (a tree-search record), got {type(record).__name__}")
+        for field_ in ("decoding_tau", "expected_tau"):
+            taus = record.get(field_)
+            if taus is None:
+                continue
+            if not isinstance(taus, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in taus.values()):
+                bad(f"extra.{key}.{field_} must map tree names to numbers, got {taus!r:.80}")
+
+
 def llama_ffn_size(dim: int, multiple_of: int = 256) -> int:
     """Llama's SwiGLU width, 8d/3 rounded up (576 -> 1536 as in SmolLM2-135M, 4096 -> 11008 as in Llama-2-7B)."""
     return multiple_of * -(-(8 * dim // 3) // multiple_of)
@@ -65,13 +113,30 @@ class HeadsConfig:
 
         if self.kind not in KINDS:
             bad(f"kind must be one of {KINDS}, got {self.kind!r}")
-        for key in ("dim", "vocab_size", "num_heads", "n_stages", "layers_per_stage", "aeb_layers"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+        for key in ("dim", "vocab_size", "num_heads", "n_stages", "layers_per_stage", "aeb_layers", "version"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) <= 0:      # True is no head count
                 bad(f"{key} must be a positive integer, got {getattr(self, key)!r}")
-        if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= self.vocab_size:
+        if self.version > VERSION:
+            bad(f"version {self.version} is newer than this engine reads ({VERSION}); upgrade amphista-engine")
+        for key in ("n_heads", "n_kv_heads", "head_dim", "sal_intermediate_size", "aeb_heads", "aeb_intermediate_size",
+                    "max_position_embeddings", "medusa_layers"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
+                bad(f"{key} must be an integer >= 0, got {getattr(self, key)!r}")
+        for key in ("per_head_lm_head", "resblock_bias"):      # "no" is truthy: not a silent yes
+            if not isinstance(getattr(self, key), bool):
+                bad(f"{key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("norm_eps", "rope_theta"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+                bad(f"{key} must be a positive number, got {v!r}")
+        if not isinstance(self.target_fingerprint, str):
+            bad(f"target_fingerprint must be a string, got {self.target_fingerprint!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            bad(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
+        if not isinstance(self.extra, dict):
+            bad(f"extra must be an object, got {type(self.extra).__name__}")
+        if not _is_int(self.draft_vocab_size) or not 0 <= self.draft_vocab_size <= self.vocab_size:
             bad(f"draft_vocab_size must be in [0, vocab_size={self.vocab_size}], got {self.draft_vocab_size!r}")
-        if self.medusa_layers < 0:
-            bad(f"medusa_layers must be >= 0, got {self.medusa_layers}")
         if self.fusion not in FUSIONS:
             bad(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.dtype not in DTYPES:
@@ -79,8 +144,9 @@ class HeadsConfig:
         K, S = self.num_heads, self.n_stages
         if self.stage_of_head is None:
             self.stage_of_head = [0 if k < K // 2 else S - 1 for k in range(K)]
-        self.stage_of_head = [int(s) for s in self.stage_of_head]
-        if len(self.stage_of_head) != K or not all(0 <= s < S for s in self.stage_of_head):
+        soh = self.stage_of_head
+        if not isinstance(soh, (list, tuple)) or not all(_is_int(s) for s in soh) \
+                or len(soh) != K or not all(0 <= s < S for s in soh):
             bad(f"stage_of_head must list {K} stage indices in [0, {S}), got {self.stage_of_head}")
         self.sal_intermediate_size = self.sal_intermediate_size or llama_ffn_size(self.dim)
         self.aeb_intermediate_size = self.aeb_intermediate_size or llama_ffn_size(self.dim)
@@ -94,6 +160,8 @@ class HeadsConfig:
                 self.aeb_heads = self.dim // self.head_dim if self.dim % self.head_dim == 0 else 1
             if self.aeb_heads <= 0 or self.dim % self.aeb_heads:
                 bad(f"aeb_heads ({self.aeb_heads}) must divide dim ({self.dim})")
+        self.stage_of_head = list(soh)
+        _check_extra(self, bad)
 
     @classmethod
     def for_target(cls, target_cfg: ModelConfig, kind: str = "amphista", **overrides) -> "HeadsConfig":

@@ -94,17 +94,25 @@ class DraftHeads(nn.Module):
     def set_draft_vocab(self, token_ids) -> "DraftHeads":
         """Sets the draft vocabulary (config.draft_vocab_size distinct ids in [0, V)), e.g. the most frequent
         tokens of the training data."""
+        ids = self.check_draft_vocab(token_ids)
+        self.draft_vocab.copy_(ids.to(self.draft_vocab.device))
+        self._w_sub = self._slot_map = self._codes_sub = None
+        return self
+
+    def check_draft_vocab(self, token_ids) -> torch.Tensor:
+        """token_ids as a CPU int64 tensor, once they are config.draft_vocab_size distinct integer ids in [0, V)."""
         c = self.config
-        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         if not c.draft_vocab_size:
             raise ConfigError("these heads draft over the full vocabulary (draft_vocab_size = 0)")
+        ids = torch.as_tensor(token_ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:   # 1.5 -> 1 would be silent
+            raise ConfigError(f"draft vocabulary token ids must be integers, got dtype {ids.dtype}")
+        ids = ids.detach().to(device="cpu", dtype=torch.long).flatten()
         if ids.numel() != c.draft_vocab_size or ids.unique().numel() != ids.numel() \
                 or int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size:
             raise ConfigError(f"draft vocabulary must be {c.draft_vocab_size} distinct token ids in "
                               f"[0, {c.vocab_size})")
-        self.draft_vocab.copy_(ids.to(self.draft_vocab.device))
-        self._w_sub = self._slot_map = self._codes_sub = None
-        return self
+        return ids
 
     def token_ids(self, slots: torch.Tensor) -> torch.Tensor:
         """Draft slots (indices into the logits' last dim) -> token ids."""
