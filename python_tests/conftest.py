@@ -105,3 +105,80 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_like(*a, **k)))
     yield
+
+
+def _permute_rope_rows(w, n_heads):
+    """What llama.cpp's converter does to q/k rows; the loader must undo it."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type=None, meta=None, edit=None, skip=(),
+                    tokens_edit=None, add_bos=None) -> Path:
+    """A GGUF of a tiny HF folder's weights (TINY_HF) and tokenizer, as llama.cpp's converter writes one.
+    qtype: the 2-D tensors' type; bad_type: blk.0.ffn_up stored zeroed in that type; meta: extra keys;
+    edit(dict of GGUF name -> fp32 array) changes tensors; skip: llama.* keys left out; tokens_edit(tokens, types)
+    changes the vocabulary; add_bos: write tokenizer.ggml.add_bos_token."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    w = load_file(str(hf_dir / "model.safetensors"))
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    c = TINY_HF
+    wr = gguf.GGUFWriter(str(out), arch)
+    for key, value in (("block_count", c["num_hidden_layers"]), ("context_length", c["max_position_embeddings"]),
+                       ("embedding_length", c["hidden_size"]), ("feed_forward_length", c["intermediate_size"]),
+                       ("head_count", c["num_attention_heads"]), ("head_count_kv", c["num_key_value_heads"]),
+                       ("vocab_size", c["vocab_size"])):
+        if key not in skip:
+            getattr(wr, "add_" + key)(value)
+    wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    wr.add_rope_freq_base(c["rope_theta"])
+    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(c["vocab_size"] - len(tokens))]
+    types = [3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens]
+    if tokens_edit:
+        tokens, types = tokens_edit(tokens, types)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list(tokens)
+    wr.add_token_types(types)
+    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    if add_bos is not None:
+        wr.add_add_bos_token(add_bos)
+    for k, v in (meta or {}).items():
+        wr.add_string(k, v) if isinstance(v, str) else wr.add_float32(k, v) if isinstance(v, float) \
+            else wr.add_uint32(k, v)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(c["num_hidden_layers"]):
+        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in per_layer.items()})
+    t = {}
+    for hf, g in names.items():
+        x = w[hf].astype(np.float32)
+        if g.endswith("attn_q.weight"):
+            x = _permute_rope_rows(x, c["num_attention_heads"])
+        if g.endswith("attn_k.weight"):
+            x = _permute_rope_rows(x, c["num_key_value_heads"])
+        t[g] = x
+    if edit:
+        edit(t)
+    for g, x in t.items():
+        if x.ndim == 2 and g == "blk.0.ffn_up.weight" and bad_type:
+            qt = gguf.GGMLQuantizationType[bad_type]
+            raw = gguf.quant_shape_to_byte_shape(x.shape, qt)
+            wr.add_tensor(g, np.zeros(raw, dtype=np.uint8), raw_dtype=qt)
+        elif x.ndim == 2 and qtype != "F32":
+            qt = gguf.GGMLQuantizationType[qtype]
+            wr.add_tensor(g, gguf.quants.quantize(x, qt), raw_dtype=qt)
+        else:
+            wr.add_tensor(g, x)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return out

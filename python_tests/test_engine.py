@@ -317,6 +317,9 @@ def test_cli_chat_ctrl_c_stops_the_answer_not_the_conversation(tiny_hf_dir, monk
     rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox", "fox"], "--max-seq-len", "256")
     assert rc == 0 and "interrupted" in err and len(prompts) == 1
     assert calls == [1, 1]                 # the interrupted exchange did not enter the history
+    # the cut answer ends its line on stdout too (its newline went to stderr only: the next answer ran on)
+    lines = out.split("\n")
+    assert lines[0] == "partial" and len(lines) == 3 and lines[2] == ""
 
 
 @needs_smollm2

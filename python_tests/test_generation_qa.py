@@ -138,29 +138,6 @@ def test_cli_auto_decodes_plainly_where_only_the_tree_room_does_not_fit(engine, 
     assert rc == 0 and re.search(r"\[amphista \S+\] prompt", err)
 
 
-def test_cli_chat_ctrl_c_ends_the_cut_answer_line_on_stdout(tiny_hf_dir, heads_dir, monkeypatch, capsys):
-    """After Ctrl-C the cut answer's newline went to stderr only: on stdout the next answer ran on in its line."""
-    stream, calls = Engine.stream, []
-
-    def interrupted_once(self, prompt, **kwargs):
-        calls.append(prompt)
-        if len(calls) > 1:
-            return stream(self, prompt, **kwargs)
-
-        def gen():
-            yield "partial"
-            raise KeyboardInterrupt
-        return gen()
-
-    monkeypatch.setattr(Engine, "stream", interrupted_once)
-    monkeypatch.setattr("sys.stdin", io.StringIO("fox\nfox\n"))
-    rc, out, err = _cli(tiny_hf_dir, heads_dir, capsys, "--max-new-tokens", "4", "--speculative", "none",
-                        "--system", "be brief", command="chat")
-    assert rc == 0 and "(interrupted: this exchange is not kept)" in err, err
-    lines = out.split("\n")
-    assert lines[0] == "partial" and len(lines) == 3 and lines[2] == ""
-
-
 def test_auto_where_neither_the_tree_nor_the_answer_fits_names_the_plain_room(engine, recwarn):
     """speculative="auto" warned 'decoding plainly' and then refused anyway where plain decoding did not fit either
     (in `amphista chat` the warning came on the turn before the oldest exchange was dropped, and a fallback that did

@@ -19,7 +19,7 @@ from amphista_engine.gguf_file import read_gguf
 from amphista_engine.loading import load_model
 from amphista_engine.tokenizer import load_tokenizer
 
-from conftest import TINY_HF, write_tokenizer
+from conftest import TINY_HF, write_tiny_gguf, write_tokenizer
 
 C = TINY_HF
 HEAD_DIM = C["hidden_size"] // C["num_attention_heads"]
@@ -196,65 +196,9 @@ def test_tokenizer_with_ids_past_the_embedding(base, tmp_path):
 
 # ---- GGUF ----------------------------------------------------------------------------------------------
 
-def _permute(w, n_heads):
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_gguf(base: Path, out: Path, meta=None, edit=None, skip=(), tokens_edit=None) -> Path:
-    """A llama GGUF (F32) of `base`'s weights and tokenizer; `meta` adds keys, `edit(dict)` changes tensors,
-    `skip` leaves llama.* keys out."""
-    import gguf
-    w = {k: v.numpy() for k, v in load_file(str(base / "model.safetensors")).items()}
-    tj = json.loads((base / "tokenizer.json").read_text())
-    wr = gguf.GGUFWriter(str(out), "llama")
-    for key, value in (("block_count", C["num_hidden_layers"]), ("context_length", C["max_position_embeddings"]),
-                       ("embedding_length", C["hidden_size"]), ("feed_forward_length", C["intermediate_size"]),
-                       ("head_count", C["num_attention_heads"]), ("head_count_kv", C["num_key_value_heads"]),
-                       ("vocab_size", C["vocab_size"])):
-        if key not in skip:
-            getattr(wr, "add_" + key)(value)
-    wr.add_layer_norm_rms_eps(C["rms_norm_eps"])
-    wr.add_rope_freq_base(C["rope_theta"])
-    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(C["vocab_size"] - len(tokens))]
-    types = [3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens]
-    if tokens_edit:
-        tokens, types = tokens_edit(tokens, types)
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("default")
-    wr.add_token_list(tokens)
-    wr.add_token_types(types)
-    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
-    wr.add_add_bos_token(True)     # as base's tokenizer_config.json says
-    for k, v in (meta or {}).items():
-        wr.add_string(k, v) if isinstance(v, str) else wr.add_float32(k, v) if isinstance(v, float) \
-            else wr.add_uint32(k, v)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for i in range(C["num_hidden_layers"]):
-        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in per_layer.items()})
-    t = {}
-    for hf, g in names.items():
-        x = w[hf].astype(np.float32)
-        if g.endswith("attn_q.weight"):
-            x = _permute(x, C["num_attention_heads"])
-        if g.endswith("attn_k.weight"):
-            x = _permute(x, C["num_key_value_heads"])
-        t[g] = x
-    if edit:
-        edit(t)
-    for g, x in t.items():
-        wr.add_tensor(g, x)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    return out
+def write_gguf(base: Path, out: Path, **kw) -> Path:
+    """A llama GGUF (F32) of `base`'s weights and tokenizer, BOS as base's tokenizer_config.json says."""
+    return write_tiny_gguf(base, out, add_bos=True, **kw)
 
 
 def test_gguf_matches_the_hf_folder_greedy(base, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from amphista_engine.kv_cache import KVCache
 from amphista_engine.loading import load_model, parse_device
 from amphista_engine.model import AttentionSpec, causal_mask
 
-from conftest import TINY_HF, needs_smollm2, random_tiny_model
+from conftest import needs_smollm2, random_tiny_model, write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,66 +193,6 @@ def test_bad_config_values():
 
 
 # ---- GGUF written from the tiny HF model ---------------------------------------------------------------
-
-def _permute(w, n_heads):
-    """What llama.cpp's converter does to q/k rows; our loader must undo it."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_tiny_gguf(hf_dir, out, arch="llama", qtype="Q8_0", bad_type=None):
-    import gguf
-    from safetensors.numpy import load_file
-    w = load_file(str(hf_dir / "model.safetensors"))
-    tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    c = TINY_HF
-    wr = gguf.GGUFWriter(str(out), arch)
-    wr.add_block_count(c["num_hidden_layers"])
-    wr.add_context_length(c["max_position_embeddings"])
-    wr.add_embedding_length(c["hidden_size"])
-    wr.add_feed_forward_length(c["intermediate_size"])
-    wr.add_head_count(c["num_attention_heads"])
-    wr.add_head_count_kv(c["num_key_value_heads"])
-    wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    wr.add_rope_freq_base(c["rope_theta"])
-    wr.add_vocab_size(c["vocab_size"])
-    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(c["vocab_size"] - len(vocab))]
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("default")
-    wr.add_token_list(tokens)
-    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
-    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for i in range(c["num_hidden_layers"]):
-        for hf_name, g in per_layer.items():
-            names[f"model.layers.{i}.{hf_name}.weight"] = f"blk.{i}.{g}.weight"
-    for hf_name, g in names.items():
-        t = w[hf_name].astype(np.float32)
-        if g.endswith("attn_q.weight"):
-            t = _permute(t, c["num_attention_heads"])
-        if g.endswith("attn_k.weight"):
-            t = _permute(t, c["num_key_value_heads"])
-        if t.ndim == 2 and g == "blk.0.ffn_up.weight" and bad_type:
-            qt = gguf.GGMLQuantizationType[bad_type]
-            raw = gguf.quant_shape_to_byte_shape(t.shape, qt)
-            wr.add_tensor(g, np.zeros(raw, dtype=np.uint8), raw_dtype=qt)
-        elif t.ndim == 2 and qtype != "F32":
-            qt = gguf.GGMLQuantizationType[qtype]
-            wr.add_tensor(g, gguf.quants.quantize(t, qt), raw_dtype=qt)
-        else:
-            wr.add_tensor(g, t)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    return out
-
 
 @pytest.mark.parametrize("qtype,tol", [("F32", 1e-5), ("F16", 2e-3), ("Q8_0", 3e-2)])
 def test_gguf_loader_undoes_rope_permutation(tiny_hf_dir, tmp_path, qtype, tol):
