@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError, InputError
-from . import backend, reference
+from ..errors import ConfigError
+from . import arg_checks as checks, backend, reference
 
 
 def _run(op: str, device, *args, **kwargs):
@@ -57,33 +57,9 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     Returns [B, H, N, D] in q's dtype (kernels return a transposed view of a [B, N, H, D] buffer, so
     `out.transpose(1, 2).reshape(B, N, H * D)` is free).
     """
-    _check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len)
+    checks.check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len)
     return _run("tree_attention", q.device, q, k_cache, v_cache, prefix_len, new_mask, kv_len, scale,
                 dense_mask, order=order)
-
-
-def _check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len):
-    """What the host can check without reading the device: a window past the cache would send the kernels'
-    loads past the buffer (the reference would raise, the cpu kernel clamp). prefix_len's values stay the
-    caller's promise (prefix_len[b] + N <= kv_len): reading them would sync the device every layer."""
-    qs, ks = q.shape, k_cache.shape
-    if (len(qs) == 4 and len(ks) == 4 and v_cache.shape == ks and qs[3] == ks[3] and ks[0] >= qs[0] and ks[1]
-            and not qs[1] % ks[1] and type(kv_len) is int and qs[2] <= kv_len <= ks[2]
-            and prefix_len.dtype == torch.long and prefix_len.shape == qs[:1]):
-        return                          # every layer of every step passes here: the fast path is one test
-    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ConfigError(f"tree_attention: q must be [B, H, N, D] and k_cache/v_cache one [B, H_kv, S, D] shape; "
-                          f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    B, H, N, D = q.shape
-    _, H_kv, S, Dk = k_cache.shape
-    if Dk != D or H_kv == 0 or H % H_kv or k_cache.shape[0] < B:
-        raise ConfigError(f"tree_attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
-                          f"(head dims equal, H a multiple of H_kv, at least B cache rows)")
-    if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not N <= kv_len <= S:
-        raise InputError(f"tree_attention: kv_len must be an int in [N, S] = [{N}, {S}]; got {kv_len!r}")
-    if prefix_len.shape != (B,) or prefix_len.dtype != torch.long:
-        raise ConfigError(f"tree_attention: prefix_len must be an int64 [B] = [{B}] tensor; got "
-                          f"{prefix_len.dtype} {tuple(prefix_len.shape)}")
 
 
 def tree_mask_args(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int,
@@ -112,8 +88,10 @@ def head_attention(z: torch.Tensor, pos_emb: Optional[torch.Tensor], norm_w: tor
     z: [N, K, d]; pos_emb: [K, d] or None (layers after the first); norm_w: [d] (attention_norm.weight);
     wqkv: [3d, d] (nn.Linear weight, q | k | v rows, each n_heads x d / n_heads).
     Returns (x, attn), both [N, K, d]: x = z + pos_emb is the residual stream, attn the attention output
-    before the output projection (heads concatenated, ready for wo).
+    before the output projection (heads concatenated, ready for wo). A ConfigError names a wrong shape, a
+    non-float z or an n_heads that does not divide d.
     """
+    checks.check_head_attention(z, pos_emb, norm_w, wqkv, n_heads)
     return _run("head_attention", z.device, z, pos_emb, norm_w, eps, wqkv, n_heads, scale)
 
 
@@ -124,25 +102,45 @@ def fused_sal_input(hidden: torch.Tensor, tokens: torch.Tensor, emb_weight: torc
 
     hidden [..., d] (any float dtype), tokens [...] long, emb_weight [V, d] the target's embedding table,
     w_fuse [d, 2d] (nn.Linear weight). Returns u [..., d] in w_fuse's dtype. The SAL then runs its own
-    RMSNorm (rmsnorm) and attention (tree_attention with a causal new_mask) over its cache."""
+    RMSNorm (rmsnorm) and attention (tree_attention with a causal new_mask) over its cache. Shapes and dtypes
+    are checked (ConfigError); token ids < V stay the caller's promise (reading them would sync the device)."""
+    checks.check_fused_sal_input(hidden, tokens, emb_weight, w_fuse)
     return _run("fused_sal_input", hidden.device, hidden, tokens, emb_weight, w_fuse)
 
 
 # ---- norms and RoPE ------------------------------------------------------------------------------------
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., d] * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times w [d] (RMSNorm.forward)."""
+    """x [..., d] * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times w [d] (RMSNorm.forward).
+    A ConfigError where x is not float or w is not [d]."""
+    xs = x.shape
+    if not (len(xs) and w.shape == xs[-1:] and x.dtype.is_floating_point):
+        checks.check_row_op("rmsnorm", x, w)
     return _run("rmsnorm", x.device, x, w, eps)
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float):
-    """(s, rmsnorm(s, w, eps)) with s = x + residual; residual [..., d] broadcasts over x's leading dims."""
+    """(s, rmsnorm(s, w, eps)) with s = x + residual; residual [..., d] broadcasts over x's leading dims (it may
+    not widen x: s has x's shape). A ConfigError where the shapes do not fit."""
+    xs = x.shape
+    if not (residual.shape == xs and len(xs) and w.shape == xs[-1:] and x.dtype.is_floating_point):
+        checks.check_row_op("add_rmsnorm", x, w)
+        checks.need_tensors("add_rmsnorm", residual=residual)
+        rs = residual.shape
+        if not (len(rs) <= len(xs) and rs[-1:] == xs[-1:] and checks.broadcasts_to(rs, xs)):
+            raise ConfigError(f"add_rmsnorm: residual must be [..., d] broadcasting to x's {tuple(xs)}; "
+                              f"got {tuple(rs)}")
     return _run("add_rmsnorm", x.device, x, residual, w, eps)
 
 
 def rope(x: torch.Tensor, rope_rows: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE at explicit positions: x [B, T, H, D] (any strides, e.g. a view of the fused QKV
     output), rope_rows [B or 1, T, D] fp32 rows of model.rope_table (cos | sin) gathered at each token's
-    position. Returns a new [B, T, H, D] tensor in x's dtype."""
+    position ([T, D] rows shared by every batch row work too). Returns a new [B, T, H, D] tensor in x's dtype.
+    A ConfigError where the shapes do not fit (D even) or a tensor is not float."""
+    xs, rs = x.shape, rope_rows.shape
+    if not (len(xs) == 4 and len(rs) == 3 and rs[1] == xs[1] and rs[2] == xs[3] and rs[0] in (1, xs[0])
+            and not xs[3] % 2 and x.dtype.is_floating_point and rope_rows.dtype.is_floating_point):
+        checks.check_rope(x, rope_rows)
     return _run("rope", x.device, x, rope_rows)
 
 
@@ -152,7 +150,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, batch_invariant: bool = False) -> t
     backends take decoding's few-row products (weight-streaming GEMVs), cuBLAS through torch the rest. The
     model's layers call it only when routed (kernels/routed_linear.py). batch_invariant: the kernels take any
     row count, in fixed row blocks, so a row's result is the same bits whatever else is in the call
-    (kernels/gpu_exact.py)."""
+    (kernels/gpu_exact.py). A ConfigError where K differs or (outside autocast) the dtypes do."""
+    xs, ws = x.shape, w.shape
+    if not (len(xs) and len(ws) == 2 and xs[-1] == ws[1] and x.dtype == w.dtype):
+        checks.check_linear("linear", x, w, x.dtype if isinstance(x, torch.Tensor) else None, 1)
     return _run("linear", x.device, x, w, batch_invariant)
 
 
@@ -160,7 +161,11 @@ def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """layer(x) for a layer with quantized weights (kernels/cpu_quant.py: Int4Linear, Int8Linear), bias included:
     x [..., K] -> [..., N] in x's dtype. The cpu backend multiplies with int8 activations (csrc/cpu/
     quant_matmul.h), the reference with bf16 ones (torch's int4 / int8 kernels); each gives a row the same bits
-    whatever the row count."""
+    whatever the row count. A ConfigError where x is not a float [..., in_features] tensor."""
+    k = getattr(layer, "in_features", None)
+    xs = x.shape
+    if not (len(xs) and xs[-1] == k and x.dtype.is_floating_point and hasattr(type(layer), "torch_forward")):
+        checks.check_quant_linear(x, layer, k)
     return _run("quant_linear", x.device, x, layer)
 
 
@@ -175,13 +180,25 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: Optional[torch.T
     bits whatever else is in the call (kernels/gpu_exact.py); otherwise more than a few rows go to cuBLAS."""
     if norm_weight is not None and silu:
         raise ValueError("fused_linear: norm_weight and silu are separate prologues; pass one")
+    xs, ws = x.shape, w.shape
+    if not (len(ws) == 2 and len(xs) and xs[-1] == (2 * ws[1] if silu else ws[1]) and x.dtype == w.dtype
+            and (norm_weight is None or norm_weight.shape == ws[1:] and norm_weight.dtype == w.dtype)
+            and (residual is None or residual.shape[:-1] == xs[:-1] and residual.shape[-1:] == ws[:1])):
+        checks.check_fused_linear(x, w, norm_weight, silu, residual)
     return _run("fused_linear", x.device, x, w, norm_weight, eps, silu, residual, batch_invariant)
 
 
 # ---- activation ----------------------------------------------------------------------------------------
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation: x [..., 2I] (the fused gate | up projection, last dim contiguous) ->
-    silu(gate) * up [..., I] in x's dtype, silu rounded to x's dtype before the product (FeedForward)."""
+    silu(gate) * up [..., I] in x's dtype, silu rounded to x's dtype before the product (FeedForward).
+    A ConfigError where x is not float or its last dim is not a positive even size."""
+    xs = x.shape
+    if not (len(xs) and xs[-1] and not xs[-1] % 2 and x.dtype.is_floating_point):
+        checks.need_tensors("silu_mul", x=x)
+        if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % 2:
+            raise ConfigError(f"silu_mul: x must be [..., 2I] (gate | up halves, 2I > 0); got {tuple(x.shape)}")
+        checks.need_float("silu_mul", "x", x)
     return _run("silu_mul", x.device, x)
 
 
@@ -190,7 +207,14 @@ def kv_write(k_buf: torch.Tensor, v_buf: torch.Tensor, layer: int, start: torch.
              v: torch.Tensor) -> None:
     """In place: k, v [B, H_kv, T, D] (any strides) to slots start[b] + t of layer `layer` of the cache
     buffers k_buf, v_buf [L, B_max, H_kv, S, D]. start [B] long, device. Slots outside [0, S) are the caller's
-    error: the reference raises, kernels drop them (start lives on the device; checking it would sync)."""
+    error: the reference raises, kernels drop them (start lives on the device; checking it would sync).
+    Shapes, dtypes, T <= S and 0 <= layer < L are checked on the host (ConfigError / InputError)."""
+    kb, ks = k_buf.shape, k.shape
+    if not (len(kb) == 5 and len(ks) == 4 and v_buf.shape == kb and v.shape == ks and ks[1] == kb[2]
+            and ks[3] == kb[4] and ks[0] <= kb[1] and ks[2] <= kb[3] and type(layer) is int and 0 <= layer < kb[0]
+            and start.shape == ks[:1] and start.dtype == torch.long and k.dtype == k_buf.dtype
+            and v.dtype == k_buf.dtype and v_buf.dtype == k_buf.dtype):
+        checks.check_kv_write(k_buf, v_buf, layer, start, k, v)
     _run("kv_write", k.device, k_buf, v_buf, layer, start, k, v)
 
 
@@ -199,7 +223,16 @@ def qkv_rope_write(qkv: torch.Tensor, rope_rows: torch.Tensor, k_buf: torch.Tens
     """The cached attention's input in one op: qkv [B, T, (H + 2 H_kv) D] is the fused QKV projection
     (q | k | v, heads of D). In place, k rotated by rope_rows (as `rope`) and v go to slots start[b] + t of
     layer `layer` of k_buf, v_buf [L, B_max, H_kv, S, D] (as `kv_write`; start [B] long, device; kernels
-    drop slots outside [0, S)). Returns q rotated, a new [B, T, H, D] tensor in qkv's dtype."""
+    drop slots outside [0, S)). Returns q rotated, a new [B, T, H, D] tensor in qkv's dtype. Shapes, dtypes,
+    head counts, T <= S and 0 <= layer < L are checked on the host; start's values stay the caller's promise."""
+    qs, kb, rs = qkv.shape, k_buf.shape, rope_rows.shape
+    if not (len(qs) == 3 and len(kb) == 5 and v_buf.shape == kb and type(n_heads) is int and n_heads > 0
+            and n_kv_heads == kb[2] and type(n_kv_heads) is int and qs[2] == (n_heads + 2 * n_kv_heads) * kb[4]
+            and not kb[4] % 2 and qs[0] <= kb[1] and qs[1] <= kb[3] and type(layer) is int and 0 <= layer < kb[0]
+            and start.shape == qs[:1] and start.dtype == torch.long and qkv.dtype == k_buf.dtype
+            and v_buf.dtype == k_buf.dtype and len(rs) == 3 and rs[0] in (1, qs[0]) and rs[1] == qs[1]
+            and rs[2] == kb[4] and rope_rows.dtype.is_floating_point):
+        checks.check_qkv_rope_write(qkv, rope_rows, k_buf, v_buf, layer, start, n_heads, n_kv_heads)
     return _run("qkv_rope_write", qkv.device, qkv, rope_rows, k_buf, v_buf, layer, start, n_heads, n_kv_heads)
 
 
@@ -207,14 +240,23 @@ def kv_compact(k_buf: torch.Tensor, v_buf: torch.Tensor, src: torch.Tensor, dst_
     """In place, all layers, K and V, one launch: slot src[b, m] -> slot dst_start[b] + m (clamped to S-1).
 
     src [B, M] long slot ids (entries past a row's accepted count may be any slot: they land beyond the
-    new length); dst_start [B] long. Overlapping moves are safe (every source is read before any write)."""
+    new length); dst_start [B] long. Overlapping moves are safe (every source is read before any write).
+    Shapes and dtypes are checked on the host (ConfigError); src's values stay the caller's promise (the reference
+    clamps them to [0, S), as every backend clamps destinations)."""
+    kb, ss = k_buf.shape, src.shape
+    if not (len(kb) == 5 and v_buf.shape == kb and len(ss) == 2 and ss[0] <= kb[1] and dst_start.shape == ss[:1]
+            and src.dtype == torch.long and dst_start.dtype == torch.long and v_buf.dtype == k_buf.dtype):
+        checks.check_kv_compact(k_buf, v_buf, src, dst_start)
     _run("kv_compact", k_buf.device, k_buf, v_buf, src, dst_start)
 
 
 # ---- acceptance ----------------------------------------------------------------------------------------
 def greedy_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.Tensor):
     """acceptance.greedy_accept: tokens [B, N], logits [B, N, V], retrieve [P, D+1] or [B, P, D+1]
-    -> AcceptResult (accept_len, best_path, accepted_nodes, next_token, emitted)."""
+    -> AcceptResult (accept_len, best_path, accepted_nodes, next_token, emitted). tokens and retrieve int64,
+    logits float, P and D+1 >= 1 (ConfigError); retrieve's node ids (< N, or -1 past a path's end) stay the
+    caller's promise: they live on the device."""
+    checks.check_accept("greedy_accept", tokens, logits, retrieve)
     return _run("greedy_accept", tokens.device, tokens, logits, retrieve)
 
 
@@ -222,7 +264,9 @@ def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.T
                    posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
                    generator: Optional[torch.Generator] = None):
     """acceptance.typical_accept (Medusa's typical acceptance); draws the same random numbers from
-    `generator` as the reference, so for a seeded generator the bonus token matches it too."""
+    `generator` as the reference, so for a seeded generator the bonus token matches it too. The same checks as
+    greedy_accept (the temperature's are the reference's: acceptance._check_sampling)."""
+    checks.check_accept("typical_accept", tokens, logits, retrieve)
     return _run("typical_accept", tokens.device, tokens, logits, retrieve, temperature, posterior_threshold,
                 posterior_alpha, generator)
 
@@ -232,12 +276,14 @@ def dynamic_tree(root: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
     """tree.dynamic_tree's buffers: root [B] long, values [B, K, k] fp32 log-probs sorted descending per head,
     indices [B, K, k] their tokens -> (tokens [B, N], depth, parent, rank [B, N], ancestor bits [B, N] or None
     past 64 nodes, mask [B, N, N] bool, retrieve [B, N - 1, D + 1]); the same integers on every backend.
-    A ConfigError where K heads x top-k cannot hold num_nodes nodes (kernels size their buffers by it)."""
+    A ConfigError where K heads x top-k cannot hold num_nodes nodes (kernels size their buffers by it).
+    Shapes and dtypes are checked too (ConfigError); the scores' order stays the caller's promise."""
     from ..tree import dynamic_tree_depth
-    if values.dim() != 3 or indices.shape != values.shape:
-        raise ConfigError(f"dynamic_tree: values and indices must both be [B, K, k]; got {tuple(values.shape)} "
-                          f"and {tuple(indices.shape)}")
-    dynamic_tree_depth(values.shape[1], values.shape[2], num_nodes)
+    vs = values.shape
+    if not (len(vs) == 3 and indices.shape == vs and root.shape == vs[:1] and values.dtype.is_floating_point
+            and indices.dtype == torch.long and root.dtype == torch.long and type(num_nodes) is int):
+        checks.check_dynamic_tree(root, values, indices, num_nodes)
+    dynamic_tree_depth(vs[1], vs[2], num_nodes)
     return _run("dynamic_tree", values.device, root, values, indices, num_nodes)
 
 
