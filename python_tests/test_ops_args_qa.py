@@ -263,3 +263,21 @@ def test_linear_mixed_dtypes_stay_legal_under_autocast():
     x, w = _r(2, 8), _r(5, 8, dtype=BF16)
     with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
         torch.testing.assert_close(ops.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_tree_attention_masks_must_fit_n():
+    """A new_mask or dense_mask of another N (or batch) was broadcast by the reference or misread by the kernels."""
+    B, H, N, D, S = 2, 4, 3, 8, 16
+    q, k, v = _r(B, H, N, D), _r(B, 2, S, D, seed=1), _r(B, 2, S, D, seed=2)
+    prefix = torch.tensor([4, 6])
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    good = ops.tree_attention(q, k, v, prefix, causal[None], 10)
+    torch.testing.assert_close(good, reference.tree_attention(q, k, v, prefix, causal[None], 10))
+    for mask in (causal, ops.mask_bits(causal[None]), ops.mask_bits(causal[None])[0]):   # the other accepted forms
+        torch.testing.assert_close(ops.tree_attention(q, k, v, prefix, mask, 10), good)
+    for bad in (torch.ones(1, 4, 4, dtype=torch.bool), torch.ones(3, N, N, dtype=torch.bool),
+                torch.ones(1, N, N), torch.ones(1, 4, dtype=LONG), torch.ones(3, N, dtype=LONG)):
+        with pytest.raises(ConfigError, match="^tree_attention: new_mask must be"):
+            ops.tree_attention(q, k, v, prefix, bad, 10)
+    with pytest.raises(ConfigError, match="dense_mask None or \\[B, N, kv_len\\]"):
+        ops.tree_attention(q, k, v, prefix, causal[None], 10, dense_mask=torch.ones(B, N, 9, dtype=torch.bool))

@@ -83,28 +83,39 @@ def check_rope_rows(op: str, rope_rows, B: int, T: int, D: int) -> None:
     need_float(op, "rope_rows", rope_rows)
 
 
-def check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len):
+def check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len, new_mask, dense_mask):
     """What the host can check without reading the device: a window past the cache would send the kernels'
-    loads past the buffer (the reference would raise, the cpu kernel clamp). prefix_len's values stay the
-    caller's promise (prefix_len[b] + N <= kv_len): reading them would sync the device every layer."""
-    qs, ks = q.shape, k_cache.shape
+    loads past the buffer (the reference would raise, the cpu kernel clamp), and a mask of another N would be
+    broadcast or misread. prefix_len's values stay the caller's promise (prefix_len[b] + N <= kv_len): reading
+    them would sync the device every layer."""
+    qs, ks, ms = q.shape, k_cache.shape, new_mask.shape
     if (len(qs) == 4 and len(ks) == 4 and v_cache.shape == ks and qs[3] == ks[3] and ks[0] >= qs[0] and ks[1]
             and not qs[1] % ks[1] and type(kv_len) is int and qs[2] <= kv_len <= ks[2]
-            and prefix_len.dtype == torch.long and prefix_len.shape == qs[:1]):
+            and prefix_len.dtype == torch.long and prefix_len.shape == qs[:1]
+            and (ms[-2:] == qs[2:3] * 2 and new_mask.dtype == torch.bool and (len(ms) == 2 or len(ms) == 3
+                                                                               and ms[0] in (1, qs[0]))
+                 or ms[-1:] == qs[2:3] and new_mask.dtype == torch.long and (len(ms) == 1 or len(ms) == 2
+                                                                              and ms[0] in (1, qs[0])))
+            and (dense_mask is None or dense_mask.shape == (qs[0], qs[2], kv_len))):
         return                          # every layer of every step passes here: the fast path is one test
+    op = "tree_attention"
+    need_tensors(op, q=q, k_cache=k_cache, v_cache=v_cache, prefix_len=prefix_len, new_mask=new_mask)
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ConfigError(f"tree_attention: q must be [B, H, N, D] and k_cache/v_cache one [B, H_kv, S, D] shape; "
+        raise ConfigError(f"{op}: q must be [B, H, N, D] and k_cache/v_cache one [B, H_kv, S, D] shape; "
                           f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     B, H, N, D = q.shape
     _, H_kv, S, Dk = k_cache.shape
     if Dk != D or H_kv == 0 or H % H_kv or k_cache.shape[0] < B:
-        raise ConfigError(f"tree_attention: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
+        raise ConfigError(f"{op}: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
                           f"(head dims equal, H a multiple of H_kv, at least B cache rows)")
     if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not N <= kv_len <= S:
-        raise InputError(f"tree_attention: kv_len must be an int in [N, S] = [{N}, {S}]; got {kv_len!r}")
+        raise InputError(f"{op}: kv_len must be an int in [N, S] = [{N}, {S}]; got {kv_len!r}")
     if prefix_len.shape != (B,) or prefix_len.dtype != torch.long:
-        raise ConfigError(f"tree_attention: prefix_len must be an int64 [B] = [{B}] tensor; got "
+        raise ConfigError(f"{op}: prefix_len must be an int64 [B] = [{B}] tensor; got "
                           f"{prefix_len.dtype} {tuple(prefix_len.shape)}")
+    raise ConfigError(f"{op}: new_mask must be bool [B or 1, N, N] / [N, N] or int64 ancestor bits [B or 1, N] / "
+                      f"[N] (B = {B}, N = {N}), and dense_mask None or [B, N, kv_len] = [{B}, {N}, {kv_len}]; "
+                      f"got new_mask {new_mask.dtype} {tuple(ms)}, dense_mask {sh(dense_mask)}")
 
 
 def check_head_attention(z, pos_emb, norm_w, wqkv, n_heads):

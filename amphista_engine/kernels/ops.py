@@ -57,7 +57,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     Returns [B, H, N, D] in q's dtype (kernels return a transposed view of a [B, N, H, D] buffer, so
     `out.transpose(1, 2).reshape(B, N, H * D)` is free).
     """
-    checks.check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len)
+    checks.check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len, new_mask, dense_mask)
     return _run("tree_attention", q.device, q, k_cache, v_cache, prefix_len, new_mask, kv_len, scale,
                 dense_mask, order=order)
 
