@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelLoadError
+from .values import is_integral, is_real
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic")
@@ -41,13 +40,13 @@ class ModelConfig:
             value = getattr(self, key)
             if key == "head_dim" and value in (0, None):
                 continue
-            if not _is_int(value) or value <= 0:
+            if not is_integral(value) or value <= 0:
                 raise ConfigError(f"model config: {key} must be a positive integer, got {value!r}")
             setattr(self, key, int(value))
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
         for key in ("norm_eps", "rope_theta"):
-            if not _is_number(getattr(self, key)) or not getattr(self, key) > 0:
+            if not is_real(getattr(self, key)) or not getattr(self, key) > 0:
                 raise ConfigError(f"model config: {key} must be a positive number, got {getattr(self, key)!r}")
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
@@ -57,7 +56,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         _check_rope_scaling(self.rope_scaling)
-        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
+        if self.sliding_window is not None and (not is_integral(self.sliding_window) or self.sliding_window <= 0):
             raise ConfigError(f"model config: sliding_window must be a positive integer or null, "
                               f"got {self.sliding_window!r}")
 
@@ -117,14 +116,6 @@ def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return None if kind == "default" else rs
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)   # numpy ints too
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
 # Llama options this engine's model does not implement: loading such a checkpoint would run other math than it
 # was trained with, so it is refused rather than giving fluent-looking garbage.
 _HF_ACTIVATIONS = ("silu", "swish")
@@ -156,7 +147,7 @@ def _check_rope_scaling(rs) -> None:
     if kind == "default":
         return
     factor = rs.get("factor")
-    if not _is_number(factor) or factor <= 0:
+    if not is_real(factor) or factor <= 0:
         raise ConfigError(f"model config: rope_scaling type {kind!r} needs a positive number 'factor', "
                           f"got {factor!r}")
     if kind == "llama3":
@@ -164,7 +155,7 @@ def _check_rope_scaling(rs) -> None:
         old = rs.get("original_max_position_embeddings", 8192)
         for key, value in (("low_freq_factor", lo), ("high_freq_factor", hi),
                            ("original_max_position_embeddings", old)):
-            if not _is_number(value) or value <= 0:
+            if not is_real(value) or value <= 0:
                 raise ConfigError(f"model config: rope_scaling {key} must be a positive number, got {value!r}")
         if hi <= lo:
             raise ConfigError(f"model config: rope_scaling high_freq_factor ({hi}) must exceed "

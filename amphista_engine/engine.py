@@ -13,6 +13,7 @@ from .generation import GenerationStats, PlainDecoder, run
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
 from .sampling import SamplingParams
+from .values import is_int
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -46,7 +47,7 @@ class GenerationResult:
 
 
 def check_max_new_tokens(max_new_tokens):
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
 
@@ -63,7 +64,7 @@ def check_stop(stop) -> list[str]:
 def check_engine_args(max_seq_len, max_batch_size, cuda_graphs):
     """The cache and graph settings, named before anything loads (a str max_seq_len met `-x` in RoPE's tables)."""
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):
             raise InputError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if max_seq_len < 2:
         raise InputError(f"max_seq_len must be at least 2, got {max_seq_len}")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelLoadError
+from .values import is_int
 
 # Metadata value types -> struct format (8 = string and 9 = array are handled apart).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -131,7 +132,7 @@ def _read_header(buf, path: str, tensors: bool):
     except (struct.error, KeyError) as e:
         raise ModelLoadError(f"{path}: corrupt GGUF header ({e!r})") from e
     align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(align, int) or isinstance(align, bool) or align <= 0:
+    if not is_int(align) or align <= 0:
         raise ModelLoadError(f"{path}: corrupt GGUF header (general.alignment is {align!r}, not a positive integer)")
     return meta, infos, -(-c.pos // align) * align
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .values import is_int
 
 # The smallest temperature and repetition penalty taken: logits are divided by them in fp32, where below ~1e-37 the
 # quotient overflows to inf and the sampler meets NaN. 1e-6 leaves logits of any real size finite.
@@ -40,8 +41,7 @@ class SamplingParams:
         if self.repetition_penalty < MIN_DIVISOR:
             raise InputError(f"repetition_penalty must be at least {MIN_DIVISOR:g} (1 = off), got "
                              f"{self.repetition_penalty!r}: logits / repetition_penalty would overflow")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
 
     @property

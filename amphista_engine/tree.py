@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import ConfigError
+from .values import is_int
 
 TOPK = 10              # Medusa's default top-k per head for sparse trees
 MAX_TREE_NODES = 512   # the dense [N, N] mask and the verify forward get silly beyond this
@@ -56,7 +57,7 @@ def get_tree_choices(name_or_paths: Union[str, Sequence[Sequence[int]]]) -> list
             raise ConfigError(f"tree choices must be a list of rank paths, got {name_or_paths!r}") from e
     seen = set()
     for p in paths:
-        if len(p) == 0 or not all(isinstance(r, int) and not isinstance(r, bool) for r in p):
+        if len(p) == 0 or not all(is_int(r) for r in p):
             raise ConfigError(f"tree path {p!r} must be a non-empty tuple of integer top-k ranks")
         if min(p) < 0:
             raise ConfigError(f"tree path {p!r} has a negative rank")

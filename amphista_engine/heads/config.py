@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..values import is_int, is_real
 
 KINDS = ("amphista", "medusa")
 FUSIONS = ("concat", "none")
@@ -18,10 +19,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 VERSION = 1                                    # the newest config version this code reads
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_extra(cfg: "HeadsConfig", bad):
@@ -114,20 +111,20 @@ class HeadsConfig:
         if self.kind not in KINDS:
             bad(f"kind must be one of {KINDS}, got {self.kind!r}")
         for key in ("dim", "vocab_size", "num_heads", "n_stages", "layers_per_stage", "aeb_layers", "version"):
-            if not _is_int(getattr(self, key)) or getattr(self, key) <= 0:      # True is no head count
+            if not is_int(getattr(self, key)) or getattr(self, key) <= 0:      # True is no head count
                 bad(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.version > VERSION:
             bad(f"version {self.version} is newer than this engine reads ({VERSION}); upgrade amphista-engine")
         for key in ("n_heads", "n_kv_heads", "head_dim", "sal_intermediate_size", "aeb_heads", "aeb_intermediate_size",
                     "max_position_embeddings", "medusa_layers"):
-            if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
+            if not is_int(getattr(self, key)) or getattr(self, key) < 0:
                 bad(f"{key} must be an integer >= 0, got {getattr(self, key)!r}")
         for key in ("per_head_lm_head", "resblock_bias"):      # "no" is truthy: not a silent yes
             if not isinstance(getattr(self, key), bool):
                 bad(f"{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("norm_eps", "rope_theta"):
             v = getattr(self, key)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+            if not isinstance(v, (int, float)) or not is_real(v) or not v > 0:
                 bad(f"{key} must be a positive number, got {v!r}")
         if not isinstance(self.target_fingerprint, str):
             bad(f"target_fingerprint must be a string, got {self.target_fingerprint!r}")
@@ -135,7 +132,7 @@ class HeadsConfig:
             bad(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
         if not isinstance(self.extra, dict):
             bad(f"extra must be an object, got {type(self.extra).__name__}")
-        if not _is_int(self.draft_vocab_size) or not 0 <= self.draft_vocab_size <= self.vocab_size:
+        if not is_int(self.draft_vocab_size) or not 0 <= self.draft_vocab_size <= self.vocab_size:
             bad(f"draft_vocab_size must be in [0, vocab_size={self.vocab_size}], got {self.draft_vocab_size!r}")
         if self.fusion not in FUSIONS:
             bad(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
@@ -145,7 +142,7 @@ class HeadsConfig:
         if self.stage_of_head is None:
             self.stage_of_head = [0 if k < K // 2 else S - 1 for k in range(K)]
         soh = self.stage_of_head
-        if not isinstance(soh, (list, tuple)) or not all(_is_int(s) for s in soh) \
+        if not isinstance(soh, (list, tuple)) or not all(is_int(s) for s in soh) \
                 or len(soh) != K or not all(0 <= s < S for s in soh):
             bad(f"stage_of_head must list {K} stage indices in [0, {S}), got {self.stage_of_head}")
         self.sal_intermediate_size = self.sal_intermediate_size or llama_ffn_size(self.dim)

@@ -11,14 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, InputError
+from ..values import is_int
 
 
 def sh(t) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def is_int(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool)
 
 
 def autocast(t: torch.Tensor) -> bool:
@@ -108,7 +105,7 @@ def check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len, new_mask, dens
     if Dk != D or H_kv == 0 or H % H_kv or k_cache.shape[0] < B:
         raise ConfigError(f"{op}: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} "
                           f"(head dims equal, H a multiple of H_kv, at least B cache rows)")
-    if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not N <= kv_len <= S:
+    if not is_int(kv_len) or not N <= kv_len <= S:
         raise InputError(f"{op}: kv_len must be an int in [N, S] = [{N}, {S}]; got {kv_len!r}")
     if prefix_len.shape != (B,) or prefix_len.dtype != torch.long:
         raise ConfigError(f"{op}: prefix_len must be an int64 [B] = [{B}] tensor; got "
