@@ -116,6 +116,9 @@ class Engine:
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
         # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA
         # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
+        from .kernels.backend import unmet_choice
+        if (unmet := unmet_choice(self.device)) is not None:
+            warnings.warn(unmet, stacklevel=2)
         from .kernels.linear_setup import LinearSetup
         setup = LinearSetup.for_device(self.device, self.dtype, quant)
         self.linears = setup.resolved(setup.apply(self.model))

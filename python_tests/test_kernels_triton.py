@@ -966,6 +966,30 @@ def test_backend_chain_and_fallback(monkeypatch):
         assert backend.resolve("typical_accept", DEV) == "triton"        # not in the cuda backend
 
 
+def test_a_backend_that_cannot_run_here_is_named_at_load(monkeypatch, tiny_hf_dir):
+    """The chain falls back op by op without a word; the engine says so once, naming the backend and why."""
+    from amphista_engine import Engine
+    monkeypatch.delenv("AMPHISTA_BACKEND", raising=False)
+    backend.clear_cache()
+    assert backend.unmet_choice("cpu") is None                          # nothing picked by name
+    with use_backend("torch"):
+        assert backend.unmet_choice("cpu") is None
+    with use_backend("cuda"):
+        msg = backend.unmet_choice("cpu")
+        assert "'cuda'" in msg and "CUDA tensors only" in msg and "run on 'triton'" in msg  # the interpreter
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: False)
+    backend.clear_cache()
+    with use_backend("triton"):
+        assert "TRITON_INTERPRET=1" in backend.unmet_choice("cpu") and "run on 'torch'" in backend.unmet_choice("cpu")
+        with pytest.warns(UserWarning, match="kernel backend 'triton' does not run on cpu"):
+            Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=64)
+    if backend.cpu_available():
+        with use_backend("cpu"):
+            assert backend.unmet_choice("cpu") is None
+    monkeypatch.undo()
+    backend.clear_cache()
+
+
 # ---- end to end ----------------------------------------------------------------------------------------
 def test_op_chain_verify_step_matches_torch():
     """One layer's verification step built from the ops gives identical accept results and caches on the

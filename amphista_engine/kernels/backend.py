@@ -189,6 +189,29 @@ def _build_chain(name: str, dev: str) -> list[ModuleType]:
     return mods
 
 
+def unmet_choice(device=None) -> Optional[str]:
+    """Why a backend picked by name does not run the kernels on `device` (None where it does, or none was
+    picked): the chain falls back without a word per op, so the engine says it once, at load."""
+    name = _scoped.get() or _global or _env_backend()
+    if name is None or name == "torch":
+        return None
+    dev = _device_type(device)
+    served = chain(device)[0].BACKEND
+    if served == name:
+        return None
+    if name == "cpu":
+        why = "it runs CPU tensors only" if dev != "cpu" else "the CPU extension amphista_engine._cpu does not load"
+    elif name == "cuda" and dev != "cuda":
+        why = "it runs CUDA tensors only"
+    elif name == "cuda":
+        why = "the CUDA extension amphista_engine._C does not load (built where nvcc exists: pip install -e .)"
+    elif dev == "cpu":
+        why = "Triton runs on a CPU only through its interpreter (TRITON_INTERPRET=1), for tests"
+    else:
+        why = "triton does not import"
+    return f"kernel backend {name!r} does not run on {dev} here: {why}; the ops run on {served!r} instead"
+
+
 def resolve(op: str, device=None) -> str:
     """Which backend module would serve `op` on `device` (ignoring per-input declines): for logs and tests."""
     for mod in chain(device):
