@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheFullError, InputError
+from ..text_files import read_utf8
+from ..values import is_real
 from .env import environment, median_ms
 
 DEFAULT_TREES = ("chain-4", "dynamic-8", "tree-16", "dynamic-16", "tree-32", "dynamic-32", "mc_sim_7b_63",
@@ -36,43 +39,61 @@ def parse_tau(tau) -> dict[str, float] | None:
 
 
 def parse_tau_source(tau) -> tuple[dict[str, float] | None, dict | None]:
-    """parse_tau's taus and, for a summary.json, where they come from: {"file", "tree": {method: tree}}. A tau
-    holds for the tree it was measured on; the tree is None where the summary does not say (older runs on the
-    default tree)."""
+    """parse_tau's taus and, for a summary.json, where they come from: {"file", "tree": {method: tree}, "model"
+    (where the summary names it)}. A tau holds for the tree it was measured on; the tree is None where the summary
+    does not say (older runs on the default tree)."""
     source = None
     if tau is None or tau == "":
         return None, None
-    if isinstance(tau, (int, float)):
+    if is_real(tau):
         value = float(tau)
         out = {"medusa": value, "amphista": value}
     elif Path(str(tau)).suffix == ".json" or Path(str(tau)).is_file():
         path = Path(str(tau))
         if not path.is_file():
             raise InputError(f"--tau: summary file not found: {path}")
+        not_summary = f"--tau: {path} is not an `amphista eval` summary.json"
         try:
-            summary = json.loads(path.read_text())
+            summary = json.loads(read_utf8(path))
             overall = summary["overall"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"--tau: {path} is not an `amphista eval` summary.json (no 'overall' section)") from None
-        out = {m: s["tau"] for m, s in overall.items() if m in ("medusa", "amphista")}
+            overall.items()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise InputError(f"{not_summary} (no 'overall' section)") from None
+        if "kind" in summary:        # eval-tau's result: one method, tau at the top of 'overall'
+            raise InputError(f"{not_summary} but an `amphista eval-tau` result; pass its tau as "
+                             f"--tau {summary['kind']}={overall.get('tau')}")
+        out = {}
+        for m, s in overall.items():
+            if m not in ("medusa", "amphista"):
+                continue
+            tau_m = s.get("tau") if isinstance(s, dict) else None
+            if not is_real(tau_m):
+                raise InputError(f"{not_summary} (overall.{m}.tau is {tau_m!r}, not a number)")
+            out[m] = float(tau_m)
         if not out:
             raise InputError(f"--tau: {path} has no medusa or amphista results")
         meta = summary.get("meta") if isinstance(summary.get("meta"), dict) else {}
         used = meta.get("tree_used") if isinstance(meta.get("tree_used"), dict) else {}
         source = {"file": str(path), "tree": {m: used.get(m) or meta.get("tree") for m in out}}
-    elif re.fullmatch(r"[0-9.]+", str(tau).strip()):
-        out = {"medusa": float(tau), "amphista": float(tau)}
+        if isinstance(meta.get("model"), str):      # heads reach a tau on their own target only
+            source["model"] = meta["model"]
     else:
         out = {}
-        for part in str(tau).split(","):
+        # X alone holds for both methods; nan and inf are no tau
+        parts = [f"medusa={tau}", f"amphista={tau}"] if "=" not in str(tau) else str(tau).split(",")
+        for part in parts:
             name, _, value = part.partition("=")
             name = name.strip()
-            if name not in ("medusa", "amphista") or not value:
+            if name not in ("medusa", "amphista") or not value.strip():
                 raise InputError(f"--tau: expected X, medusa=X,amphista=Y or a summary.json, got {tau!r}")
+            if name in out:
+                raise InputError(f"--tau: {name} is given twice in {tau!r}")
             try:
                 out[name] = float(value)
             except ValueError:
-                raise InputError(f"--tau: {value!r} is not a number") from None
+                out[name] = math.nan
+            if not math.isfinite(out[name]):
+                raise InputError(f"--tau: {value.strip()!r} is not a number (in {tau!r})")
     bad = {m: v for m, v in out.items() if v < 1.0}
     if bad:
         raise InputError(f"--tau must be >= 1 (plain decoding emits 1 token per forward), got {bad}")
@@ -125,9 +146,14 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     if unknown:
         raise InputError(f"unknown method(s) {unknown}; bench times medusa and amphista steps")
     if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():     # mkdir's own error says only "File exists"
+            raise InputError(f"--out {out} is a file; give a folder for the bench's .json and .md")
         Path(out).mkdir(parents=True, exist_ok=True)    # a bad --out fails now, not after the timing
     if plot and out is None:
         raise InputError("--plot needs --out DIR")
+    if plot:
+        from .plots import check_plotting
+        check_plotting()
     taus, tau_source = parse_tau_source(tau)
     try:
         draft_vocabs = [int(v) for v in (draft_vocab.split(",") if isinstance(draft_vocab, str) else draft_vocab)]
@@ -267,6 +293,11 @@ def tau_notes(result: dict) -> list[str]:
     if not src:
         return []
     notes = []
+    # by file name: eval records the model as it was named (an alias, a relative or an absolute path)
+    model = result["meta"]["model"]
+    if src.get("model") and Path(src["model"]).name != Path(model).name:
+        notes.append(f"note: the tau in {src['file']} was measured on model {src['model']}, not on {model}; "
+                     "the *_at_tau columns assume heads reach it on this model too")
     for method, tree in src["tree"].items():
         other = list(dict.fromkeys(r["tree"] for r in result["rows"]
                                    if r["method"] == method and "tau_tree" in r and r["tree"] != tree))

@@ -57,8 +57,8 @@ def register(sub) -> None:
     e.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")
     e.add_argument("--heads-amphista", default=None, help="Amphista heads directory (default: shipped heads)")
     e.add_argument("--heads-medusa", default=None, help="Medusa heads directory (default: shipped heads)")
-    e.add_argument("--tree", default=None, help="tree for both methods (default: the engine's per device: mc_sim_7b_63 on GPUs, "
-                   "tree-16 on CPUs, mix-4 (or chain-3) with 4-bit CPU weights)")
+    e.add_argument("--tree", default=None, help="tree for both methods (default: the engine's per device: the heads' "
+                   "mix-64 (else mc_sim_7b_63) on GPUs, tree-16 on CPUs, mix-4 (or chain-3) with 4-bit CPU weights)")
     e.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (Spec-Bench: 1024; less on CPU)")
     e.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
     e.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")

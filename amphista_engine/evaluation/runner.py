@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
+from ..values import is_int, is_real
 from .env import environment, now
 from .questions import read_questions
 
@@ -196,17 +197,22 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     # Everything that can be wrong with the input is checked before the (slow) model load.
     methods = parse_methods(methods, log)
     qs = read_questions(questions, categories, limit, per_category)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
     if warmup < 0:
         raise InputError(f"--warmup must be >= 0, got {warmup}")
-    if temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {temperature}")
+    if not is_real(temperature) or temperature < 0:
+        raise InputError(f"--temperature must be a finite number >= 0, got {temperature}")
     if tree == "auto":      # each method would time its own pick: the comparison needs one tree for all
         raise InputError("eval compares the methods on one tree: name it (--tree mix-8, ...); --tree auto is for "
                          "generate")
     heads_paths = resolve_heads_paths(methods, model, heads)
     out = Path(out)
+    if out.exists() and not out.is_dir():       # mkdir's own error says only "File exists", after the load
+        raise InputError(f"--out {out} is a file; give a folder for answers.jsonl and the summary")
+    if plot:
+        from .plots import check_plotting
+        check_plotting()
 
     if engine is None:
         from ..engine import Engine
@@ -313,10 +319,10 @@ def _turn_text(record: dict, turn: int, chars: int = 200) -> str:
 
 
 def summarize(records: list[dict], methods: list[str], check_equality: bool = True) -> dict:
-    by = defaultdict(list)                       # (method, category) -> records; category "overall" too
+    by = defaultdict(list)                       # (method, category) -> records; (method, None): all of them
     for r in records:
         by[(r["method"], r["category"])].append(r)
-        by[(r["method"], "overall")].append(r)
+        by[(r["method"], None)].append(r)       # not "overall": a file may name a category so
     cats = sorted({r["category"] for r in records})
 
     def group(cat):
@@ -326,7 +332,7 @@ def summarize(records: list[dict], methods: list[str], check_equality: bool = Tr
             s["speedup"] = round(s["tokens_per_s"] / base, 4) if base else None
         return g
 
-    summary = {"methods": methods, "overall": group("overall"), "categories": {c: group(c) for c in cats}}
+    summary = {"methods": methods, "overall": group(None), "categories": {c: group(c) for c in cats}}
     if check_equality:
         plain = {r["question_id"]: r for r in records if r["method"] == "ar"}
         eq = {}
@@ -360,7 +366,9 @@ def summary_markdown(summary: dict) -> str:
     for m in spec:
         cols += [f"{m} tau", f"{m} tok/s", f"{m} speedup"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    rows = [(c, summary["categories"][c]) for c in summary["categories"]] + [("**overall**", summary["overall"])]
+    # a "|" in a category name would split its cell
+    rows = [(c.replace("|", "\\|"), summary["categories"][c]) for c in summary["categories"]]
+    rows.append(("**overall**", summary["overall"]))
     for name, g in rows:
         first = next(iter(g.values()), {"questions": 0, "turns": 0})
         cells = [name, str(first["questions"]), str(first["turns"])]
@@ -368,7 +376,8 @@ def summary_markdown(summary: dict) -> str:
             cells.append(f"{g['ar']['tokens_per_s']:.1f}" if "ar" in g else "-")
         for m in spec:
             s = g.get(m)
-            cells += ([f"{s['tau']:.2f}", f"{s['tokens_per_s']:.1f}",
+            # no decoding step (every answer one token, from the prefill): no tau to show
+            cells += ([f"{s['tau']:.2f}" if s["decoding_steps"] else "-", f"{s['tokens_per_s']:.1f}",
                        f"{s['speedup']:.2f}x" if s.get("speedup") else "-"] if s else ["-", "-", "-"])
         lines.append("| " + " | ".join(cells) + " |")
     eq = summary.get("equality")

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..evaluation.questions import read_questions
 from ..heads import weights_digest
+from ..values import is_int
 
 
 def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_tokens: int = 256,
@@ -21,6 +22,8 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     if out is not None and Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSON file to write")
     qs = read_questions(questions, None, limit, per_category)       # names a file that is not UTF-8 itself
+    if not is_int(max_new_tokens) or max_new_tokens < 1:      # before the (slow) model load
+        raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
     if engine is None:
         from ..engine import Engine
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
