@@ -5,7 +5,7 @@ Environment:
   AMPHISTA_NO_CUDA=1          skip the CUDA extension.
   AMPHISTA_NO_CPU_EXT=1       skip the CPU extension (the CPU then runs the torch reference ops).
   AMPHISTA_CPU_OPTIONAL=1     a failed CPU extension build warns and installs without it.
-  AMPHISTA_CUDA_ARCH="80;90"  target architectures, CMake style ("8.0 9.0" and "80,90" work too).
+  AMPHISTA_CUDA_ARCH="80;90"  target architectures, CMake style ("8.0 9.0", "80,90", "sm_90", "native" work too).
   AMPHISTA_CUDA_OPTIONAL=1    a failed CUDA build warns and installs without it.
   CUDA_HOME / CUDA_PATH       toolkit to use; else nvcc on PATH; else /usr/local/cuda.
 
@@ -49,13 +49,21 @@ def find_nvcc():
     return str(cand) if cand.is_file() else None
 
 
+CMAKE_ARCH_WORDS = ("native", "all", "all-major")     # CMake (>= 3.24) resolves these itself
+
+
 def cuda_archs():
-    """AMPHISTA_CUDA_ARCH normalised to CMake's list form: "8.0, 9.0a" -> "80;90a"."""
+    """AMPHISTA_CUDA_ARCH normalised to CMake's list form: "8.0, 9.0a" -> "80;90a"; nvcc's spelling too, as
+    the README's "sm_90" invites: "sm_90" -> "90", "compute_90" -> "90-virtual"."""
     raw = os.environ.get("AMPHISTA_CUDA_ARCH", "").strip() or DEFAULT_ARCH
-    archs = [a.replace(".", "") for a in re.split(r"[;,\s]+", raw) if a]
+    if raw.lower() in CMAKE_ARCH_WORDS:
+        return raw.lower()
+    archs = [re.sub(r"^compute_(.+)$", r"\1-virtual", re.sub(r"^sm_", "", a.replace(".", "").lower()))
+             for a in re.split(r"[;,\s]+", raw) if a]
     bad = [a for a in archs if not re.fullmatch(r"\d{2,3}[af]?(-real|-virtual)?", a)]
     if bad or not archs:
-        sys.exit(f"amphista-engine: AMPHISTA_CUDA_ARCH={raw!r} is not a list like '80;90' (bad: {bad})")
+        sys.exit(f"amphista-engine: AMPHISTA_CUDA_ARCH={raw!r} is not a list of CUDA architectures like '80;90' "
+                 f"(bad: {', '.join(bad) or 'none given'}); one of {', '.join(CMAKE_ARCH_WORDS)} also works")
     return ";".join(archs)
 
 
@@ -69,13 +77,17 @@ def cpu_extension():
     AVX2 / AVX-512 variants, csrc/cpu/common.h). No -ffast-math and no FMA contraction: a sum's order is part
     of the result. -fno-trapping-math lets loops with selects (clamps, NaN checks) vectorise; it changes no
     value."""
-    import pybind11
+    try:
+        import pybind11
+        include = [pybind11.get_include()]
+    except ImportError:     # without build isolation: only a build that is not skipped needs it (_build_cpu)
+        include = []
 
     headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h"))
     # OpenMP (libgomp.so.1, the soname torch's CPU wheels load: one thread pool for both); macOS's clang has none
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     return Extension("amphista_engine._cpu", sources=["csrc/cpu/bindings.cpp"], depends=headers,
-                     include_dirs=[pybind11.get_include()], language="c++",
+                     include_dirs=include, language="c++",
                      extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-fno-trapping-math",
                                          "-fvisibility=hidden", "-pthread"] + openmp,
                      extra_link_args=["-pthread"] + openmp)
@@ -134,6 +146,9 @@ class CMakeBuild(build_ext):
             print(f"amphista-engine: {skip}: skipping the CPU extension amphista_engine._cpu", flush=True)
             self._failed.append(ext)
             return
+        if not ext.include_dirs:
+            return self._cpu_failed(ext, "pybind11 is not importable here: pip install pybind11, or build with "
+                                         "build isolation (no --no-build-isolation)")
         try:
             super().build_extension(ext)
         except (CompileError, LinkError, OSError) as err:
@@ -143,12 +158,15 @@ class CMakeBuild(build_ext):
                 ext.extra_compile_args = [a for a in ext.extra_compile_args if a != "-fopenmp"]
                 ext.extra_link_args = [a for a in ext.extra_link_args if a != "-fopenmp"]
                 return self._build_cpu(ext)
-            if os.environ.get("AMPHISTA_CPU_OPTIONAL") != "1":
-                raise RuntimeError(
-                    f"amphista-engine: CPU extension build failed ({err}); fix the compiler or set "
-                    "AMPHISTA_NO_CPU_EXT=1 (skip) or AMPHISTA_CPU_OPTIONAL=1 (skip on failure)") from err
-            print(f"amphista-engine: WARNING: CPU extension build failed ({err}); installing without it", flush=True)
-            self._failed.append(ext)
+            self._cpu_failed(ext, err)
+
+    def _cpu_failed(self, ext, err):
+        if os.environ.get("AMPHISTA_CPU_OPTIONAL") != "1":
+            raise RuntimeError(
+                f"amphista-engine: CPU extension build failed ({err}); fix that or set "
+                "AMPHISTA_NO_CPU_EXT=1 (skip) or AMPHISTA_CPU_OPTIONAL=1 (skip on failure)")
+        print(f"amphista-engine: WARNING: CPU extension build failed ({err}); installing without it", flush=True)
+        self._failed.append(ext)
 
     def _cmake_build(self, ext):
         # get_ext_fullpath is the build dir for wheels and, for editable installs, the file that

@@ -72,10 +72,14 @@ def hardware(device) -> str:
 
 
 def commit() -> str:
+    """The checkout's short HEAD; "unknown" for an installed package, even one in a venv inside another
+    project's git tree (git would answer with that project's HEAD)."""
+    checkout = Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=checkout, timeout=10)
+        top, _, head = out.stdout.strip().partition("\n")
+        return head.strip() if top and Path(top).resolve() == checkout and head.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

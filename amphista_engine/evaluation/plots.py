@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..errors import InputError
+
 COLORS = {"ar": "#7f7f7f", "medusa": "#1f77b4", "amphista": "#d62728"}
 
 
@@ -15,10 +17,18 @@ def _log(msg: str):
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:         # an optional dependency (the `plot` extra), not installed by `pip install .`
+        raise InputError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def check_plotting() -> None:
+    """--plot's check before the run, which the plots would otherwise follow by hours."""
+    _pyplot()
 
 
 def _grouped_bars(ax, summary: dict, methods: list[str], key: str):
