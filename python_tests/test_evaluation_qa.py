@@ -209,3 +209,30 @@ def test_eval_catches_a_speculative_decoder_that_emits_a_wrong_token(tiny, tiny_
             "--methods", "ar,amphista", "--heads-amphista", heads, "--max-new-tokens", "8", "--warmup", "0",
             "--out", str(tmp_path / "cli"), "--no-progress"]
     assert cli_main(argv) == 1           # as the README says: scripts notice a lossy decoder
+
+
+def test_bench_times_real_heads_with_their_own_count_and_fitted_trees(tiny, tmp_path):
+    """--heads-X: bench times those heads (their head count and fitted trees, e.g. mix-4), not random heads of
+    --num-heads; a fitted tree is a tree name only there. Wrong kinds and random weights are named."""
+    from amphista_engine.heads import random_heads, save_heads
+    engine = tiny[0]
+    heads = random_heads("medusa", engine.model, num_heads=3, seed=5)
+    heads.config.extra = {"trees": {"mix-3": [[0], [1], [0, 0]]}}
+    path = save_heads(heads, tmp_path / "medusa3")
+    kw = dict(model=None, target=engine.model, device="cpu", prompt_tokens=8, repeats=1, warmup=0, out=None,
+              log=lambda m: None)
+    r = run_bench(trees="mix-3,chain-3", methods=("medusa",), heads={"medusa": str(path)}, **kw)
+    rows = {(x["method"], x["tree"]): x for x in r["rows"] if x["method"] != "plain"}
+    assert rows[("medusa", "mix-3")]["num_heads"] == 3 and rows[("medusa", "mix-3")]["nodes"] == 4
+    assert rows[("medusa", "chain-3")]["heads"] == str(path) and "| medusa3 |" in bench_markdown(r)
+    r = run_bench(trees="chain-3", methods=("medusa", "amphista"), heads={"medusa": str(path)}, **kw)
+    assert [x["heads"] for x in r["rows"][1:]] == [str(path), "random"] and r["rows"][2]["num_heads"] == 4
+    with pytest.raises(Exception, match="mix-3"):            # random heads carry no fitted tree
+        run_bench(trees="mix-3", methods=("amphista",), **kw)
+    with pytest.raises(InputError, match="holds medusa heads, not amphista"):
+        run_bench(trees="chain-3", methods=("amphista",), heads={"amphista": str(path)}, **kw)
+    with pytest.raises(InputError, match="--random-weights has none"):
+        run_bench(random_weights=True, shape="tiny", trees="chain-3", heads={"medusa": str(path)}, out=None,
+                  log=lambda m: None)
+    with pytest.raises(InputError, match="no medusa heads are shipped"):
+        run_bench(trees="chain-3", methods=("medusa",), heads={"medusa": "default"}, **kw)

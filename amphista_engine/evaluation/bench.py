@@ -11,7 +11,6 @@ real decoding loop does every step.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
@@ -100,6 +99,31 @@ def parse_tau_source(tau) -> tuple[dict[str, float] | None, dict | None]:
     return out, source
 
 
+def bench_heads(heads, methods, model, no_checkpoint: bool) -> dict:
+    """{method: (directory, HeadsConfig)} of the real heads to time, read (not loaded) before the model: their
+    head count and fitted trees size the cache and name the trees. Methods not given time random heads."""
+    from ..heads.checkpoint import read_heads_config
+    from ..shipped_heads import shipped_heads
+    real = {}
+    for m, given in (heads or {}).items():
+        if given is None or given == "":
+            continue
+        if m not in methods:
+            raise InputError(f"--heads-{m} is given, but bench times only {', '.join(methods) or 'no method'}")
+        if no_checkpoint:
+            raise InputError(f"--heads-{m} needs a --model checkpoint: heads are trained for one target, and "
+                             "--random-weights has none (bench times random heads there)")
+        path = shipped_heads(str(model), m) if given == "default" and not Path(given).exists() else Path(given)
+        if path is None:
+            raise InputError(f"--heads-{m} default: no {m} heads are shipped for model {str(model)!r}; "
+                             f"pass a heads directory")
+        directory, hc = read_heads_config(path)
+        if hc.kind != m:
+            raise InputError(f"--heads-{m} {given} holds {hc.kind} heads, not {m} heads")
+        real[m] = (directory, hc)
+    return real
+
+
 def load_target(model=None, random_weights: bool = False, shape: str | None = None, device="cpu",
                 dtype=torch.float32, max_seq_len: int = 2048, allow_large: bool = False):
     """(Transformer, display name): a checkpoint, or random weights of a named shape (no tokenizer needed)."""
@@ -121,7 +145,9 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
               device=None, dtype=None, trees=DEFAULT_TREES, prompt_tokens: int = 256, repeats: int = 10,
               warmup: int = 2, tau=None, num_heads: int = 4, methods=("medusa", "amphista"), plot: bool = False,
               out="bench_results", allow_large: bool = False, target=None, log=_log, draft_vocab=(0,),
-              cuda_graphs: bool = True, quant: str = "auto") -> dict:
+              cuda_graphs: bool = True, quant: str = "auto", heads: dict | None = None) -> dict:
+    """heads: {method: heads directory or "default" (the heads shipped for `model`)} to time those heads (their
+    head count, draft vocabulary and fitted trees, e.g. mix-4) instead of random heads of `num_heads`."""
     from ..cuda_graphs import DecodeGraphs
     from ..generation import PlainDecoder
     from ..kernels.linear_setup import LinearSetup
@@ -155,16 +181,25 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         from .plots import check_plotting
         check_plotting()
     taus, tau_source = parse_tau_source(tau)
+    real = bench_heads(heads, methods, model, random_weights)
     try:
         draft_vocabs = [int(v) for v in (draft_vocab.split(",") if isinstance(draft_vocab, str) else draft_vocab)]
     except ValueError:
         raise InputError(f"--draft-vocab must be a comma list of integers, got {draft_vocab!r}") from None
     if not draft_vocabs or any(v < 0 for v in draft_vocabs):
         raise InputError(f"--draft-vocab sizes must be >= 0 (0 = full vocabulary), got {draft_vocab!r}")
-    specs = {t: TreeSpec(t, num_heads, "cpu") for t in trees}   # unknown or too-deep trees fail before loading
+    def head_count(m):
+        return real[m][1].num_heads if m in real else num_heads
+
+    def fitted(m):          # trees `tree-search --save` fitted to real heads (mix-4, tuned-63, ...)
+        return real[m][1].extra.get("trees") if m in real else None
+
+    # unknown or too-deep trees fail before loading
+    specs = [TreeSpec(t, head_count(m), "cpu", fitted(m)) for m in methods for t in trees]
     # The cache must hold the prompt, every timed step's tokens and the largest tree's scratch slots.
     steps = 2 * (max(warmup, 3) + repeats) + 2    # graphed pass, then the eager phase split, each warmed up
-    max_seq_len = prompt_tokens + steps * (num_heads + 1) + max(s.num_nodes for s in specs.values()) + 256
+    max_seq_len = (prompt_tokens + steps * (max(map(head_count, methods), default=num_heads) + 1)
+                   + max((s.num_nodes for s in specs), default=1) + 256)
 
     try:
         if target is None:
@@ -206,10 +241,15 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         log(f"prefill {prompt_tokens} tok: {prefill_ms:.2f} ms | plain step: {plain_ms:.3f} ms")
         rows = [{"method": "plain", "tree": "-", "nodes": 1, "depth": 0, "step_ms": round(plain_ms, 4),
                  "break_even_tau": 1.0, "tokens_per_s": round(1e3 / plain_ms, 2)}]
-        for method, dv in itertools.product(methods, draft_vocabs):
-            heads = linears.apply(random_heads(method, target, num_heads=num_heads, draft_vocab=dv))  # dv: random ids
+        from ..heads.checkpoint import load_heads
+        runs = [(m, dv) for m in methods for dv in ([real[m][1].draft_vocab_size] if m in real else draft_vocabs)]
+        for method, dv in runs:
+            if method in real:
+                heads = linears.apply(load_heads(real[method][0], target, device=device, dtype=dtype))
+            else:       # dv: random ids
+                heads = linears.apply(random_heads(method, target, num_heads=num_heads, draft_vocab=dv))
             for tree in trees:
-                spec = TreeSpec(tree, num_heads, device)
+                spec = TreeSpec(tree, heads.num_heads, device, fitted(method))
                 dec = graphs.attach(SpeculativeDecoder(target, cache, heads, spec, greedy))
                 dec.prefill([prompt])
                 ms = median_ms(lambda: read(*dec.step()), device, repeats, warmup)
@@ -222,7 +262,9 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                 dec.times = dict.fromkeys(dec.times, 0.0)
                 for _ in range(repeats):
                     read(*dec.step())
-                row = {"method": method, "draft_vocab": dv or cfg.vocab_size, "tree": tree, "nodes": spec.num_nodes,
+                row = {"method": method, "heads": str(real[method][0]) if method in real else "random",
+                       "num_heads": heads.num_heads, "draft_vocab": dv or cfg.vocab_size, "tree": tree,
+                       "nodes": spec.num_nodes,
                        "depth": spec.max_depth,
                        "step_ms": round(ms, 4), "break_even_tau": round(ms / plain_ms, 4),
                        **{f"{k}_ms": round(v / repeats, 4) for k, v in dec.times.items()}}
@@ -268,13 +310,17 @@ def bench_markdown(result: dict) -> str:
             f"prefill {result['prefill_ms']:.2f} ms | plain step {result['plain_step_ms']:.3f} ms "
             f"({result['plain_tokens_per_s']:.1f} tok/s)\n")
     cols = ["method", "draft_vocab", "tree", "nodes", "step_ms", "break_even_tau", "draft_ms", "verify_ms", "accept_ms", "commit_ms"]
+    if any(r.get("heads", "random") != "random" for r in result["rows"]):
+        cols.insert(1, "heads")
     if result.get("tau"):
         cols += ["tau", "tokens_per_s_at_tau", "speedup_at_tau"]
     if result.get("tau_source"):
         cols.append("tau_tree")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
-        cells = {**r, "tau_tree": _tau_tree_cell(r)} if "tau_tree" in r else r
+        cells = {**r, "tau_tree": _tau_tree_cell(r)} if "tau_tree" in r else dict(r)
+        if "heads" in r:
+            cells["heads"] = Path(r["heads"]).name
         lines.append("| " + " | ".join(str(cells.get(c, "-")) for c in cols) + " |")
     notes = tau_notes(result)
     return head + "\n" + "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")

@@ -28,7 +28,7 @@ def cmd_bench(args) -> int:
                        dtype=args.dtype, trees=args.trees, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        warmup=args.warmup, tau=args.tau, num_heads=args.num_heads, plot=args.plot, out=args.out,
                        allow_large=args.allow_large, draft_vocab=args.draft_vocab, cuda_graphs=args.cuda_graphs,
-                       quant=args.quant)
+                       quant=args.quant, heads={"amphista": args.heads_amphista, "medusa": args.heads_medusa})
     if args.json:
         print(json.dumps(result))
     else:
@@ -84,6 +84,10 @@ def register(sub) -> None:
     b.add_argument("--allow-large", action="store_true", help="allow >4 GiB of random weights on the CPU")
     _device_args(b)
     b.add_argument("--trees", default=",".join(DEFAULT_TREES), help="comma list of trees (static names, dynamic-N)")
+    b.add_argument("--heads-amphista", default=None, help="time these Amphista heads (a directory, or `default`: "
+                   "the heads shipped for --model) with their own head count, draft vocabulary and fitted trees "
+                   "(--trees mix-4,...); default: random heads")
+    b.add_argument("--heads-medusa", default=None, help="the same for Medusa heads")
     b.add_argument("--num-heads", type=int, default=4, help="drafting heads of the random heads")
     b.add_argument("--draft-vocab", default="0", help="comma list of draft-vocabulary sizes to time side by side "
                    "(0 = the full vocabulary), e.g. 0,8192")

@@ -163,13 +163,9 @@ def _assign(heads: DraftHeads, state: dict[str, torch.Tensor], source, device, d
     return heads.eval().requires_grad_(False)   # for inference; a trainer resuming calls requires_grad_()
 
 
-def load_heads(path, target, device=None, dtype=None, num_heads: int | None = None) -> DraftHeads:
-    """Loads a heads directory (or its config.json / model.safetensors) for `target`, bound to it.
-
-    Defaults to the target's device and dtype. Heads built for another target raise HeadsMismatchError.
-    """
-    from safetensors.torch import load_file
-
+def read_heads_config(path) -> tuple[Path, HeadsConfig]:
+    """(directory, config) of a heads directory (or its config.json / model.safetensors), checked; no weights
+    read, so callers can size things (head count, fitted trees) before loading a model."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"heads path not found: {path}")
@@ -196,6 +192,18 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
         cfg = HeadsConfig.from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
+    return directory, cfg
+
+
+def load_heads(path, target, device=None, dtype=None, num_heads: int | None = None) -> DraftHeads:
+    """Loads a heads directory (or its config.json / model.safetensors) for `target`, bound to it.
+
+    Defaults to the target's device and dtype. Heads built for another target raise HeadsMismatchError.
+    """
+    from safetensors.torch import load_file
+
+    directory, cfg = read_heads_config(path)
+    weights = directory / "model.safetensors"
     fp, tc = lm_head_fingerprint(target), target.config
     same_shape = (cfg.dim, cfg.vocab_size) == (tc.dim, tc.vocab_size)
     if not same_shape or (cfg.target_fingerprint and cfg.target_fingerprint != fp):
