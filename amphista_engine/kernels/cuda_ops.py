@@ -27,6 +27,7 @@ MAX_TREE = 64                     # one uint64 ancestor row per node
 MAX_AEB_SLOTS, MAX_AEB_HEAD_DIM = 64, 256
 COMPACT_SMEM = 48 * 1024          # kv_compact stages one head's moved rows in shared memory
 CHUNK = 64                        # keys per tree-attention iteration (split-K granularity)
+MAX_SCALE = 1e6                   # the bindings take softmax scales in [0, 1e6] and raise ValueError otherwise
 
 _sm_count: dict[int, int] = {}
 
@@ -47,6 +48,10 @@ def _aligned(t: torch.Tensor, nbytes: int = 16) -> bool:
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Element strides of all dims but the last; a size-1 dim's stride is arbitrary in torch, so it is 0."""
     return tuple(0 if n == 1 else s for n, s in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def _scale_ok(scale: float) -> bool:
+    return math.isfinite(scale) and 0 <= scale <= MAX_SCALE
 
 
 class _Launch:
@@ -132,7 +137,7 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     prefix = prefix_len if prefix_len.dtype == torch.int64 and prefix_len.is_contiguous() else \
         prefix_len.to(torch.int64).contiguous()
     scale = D ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale) or scale < 0:
+    if not _scale_ok(scale):
         return NotImplemented
     G = H // Hkv
     merge = split_merge.resolve(merge, G * N)
@@ -159,6 +164,8 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
 def head_attention(z, pos_emb, norm_w, eps: float, wqkv, n_heads: int, scale: Optional[float] = None):
     dev = z.device
     if not _ready(dev) or z.dim() != 3 or z.dtype not in FLOATS or not isinstance(n_heads, int) or n_heads < 1:
+        return NotImplemented
+    if scale is not None and not _scale_ok(float(scale)):   # the other backends take it: fall through to them
         return NotImplemented
     N, K, d = z.shape
     if (d % n_heads or not 1 <= K <= MAX_AEB_SLOTS or d // n_heads > MAX_AEB_HEAD_DIM or N == 0
