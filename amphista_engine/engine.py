@@ -257,6 +257,8 @@ class Engine:
         """Static trees are built once per engine and kept on the device."""
         from .speculative import TreeSpec
         key = (_tree_key(tree), self.heads.num_heads)
+        if isinstance(tree, str) and tree.endswith(".json") and os.path.isfile(tree):
+            key += (os.stat(tree).st_mtime_ns,)      # a tree file edited since is read again, not served stale
         if key not in self._trees:
             self._trees[key] = TreeSpec(tree, self.heads.num_heads, self.device,
                                         self.heads.config.extra.get("trees"), four_bit=self.quant == "q4")

@@ -28,16 +28,18 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from . import timing_cache
 from .errors import AmphistaError, InputError
 from .evaluation.env import hardware
+from .values import is_real
 
 # The two step times are kept between processes (the verdict is not: it is weighed afresh against the heads'
-# tau), keyed by everything that sets them: CPU, threads, torch, dtype, packing, quant, model and heads shapes,
-# tree.
+# tau), keyed by everything that sets them: CPU, threads, torch, dtype, packing, quant, the decode attention path,
+# model and heads shapes, tree.
 # AMPHISTA_CACHE_DIR=DIR keeps them in DIR, =off measures in every process (timing_cache.py).
 CACHE_ENV = timing_cache.CACHE_ENV
 COSTS_FILE = "step_costs.json"
@@ -146,7 +148,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
         keys = {c.name: cost_key(engine, c, prompt_tokens) for c in specs}
         for c in specs:
             e = costs.get(keys[c.name])
-            if isinstance(e, dict) and all(isinstance(e.get(k), (int, float)) and e[k] > 0
+            if isinstance(e, dict) and all(is_real(e.get(k)) and e[k] > 0     # not inf, NaN or a bool
                                            for k in ("plain_ms", "step_ms")):
                 times[c.name] = (e["plain_ms"], e["step_ms"], str(e.get("date", "earlier")))
         todo = [c for c in specs if c.name not in times]     # absent, or an entry edited into nonsense
@@ -235,9 +237,13 @@ def cost_key(engine, spec, prompt_tokens: int) -> str:
     from .kernels import get_backend
     heads = {k: v for k, v in engine.heads.config.to_dict().items() if k != "extra"}
     tree = [spec.name, spec.num_nodes, spec.max_depth, None if spec.static is None else spec.static.parent.tolist()]
+    # Position-ordered decode attention (bf16, 4-bit, AMPHISTA_EXACT_GREEDY=1 in fp32; off with
+    # model.ordered_attention = False) takes another path through every step: ~8% of a step in fp32.
+    ordered = engine.model.orders_decode(
+        SimpleNamespace(k=torch.empty(0, dtype=engine.dtype, device=engine.device)))
     parts = {"cpu": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
              "engine": __version__, "revision": COSTS_REVISION, "dtype": str(engine.dtype), "packed": bool(getattr(engine, "cpu_packed", False)),
              "quant": getattr(engine, "quant", "none"), "kernels": get_backend("cpu"),
              "model": engine.config.to_dict(), "heads": heads,
-             "tree": tree, "prompt": prompt_tokens}
+             "tree": tree, "prompt": prompt_tokens, "ordered": ordered}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -46,17 +46,24 @@ ACCEPTANCE = ("auto", "greedy", "typical", "rejection")
 
 def _tree_file(path: str):
     """A .json file with a path list, or a `tree-search` result (its `trees` dict with one tree)."""
-    from pathlib import Path
+    from .text_files import read_utf8
     try:
-        obj = json.loads(Path(path).read_text())
+        obj = json.loads(read_utf8(path))
     except FileNotFoundError:
         raise ConfigError(f"tree file not found: {path}") from None
+    except OSError as e:          # a directory, no permission: the file, not a traceback
+        raise ConfigError(f"tree file {path} cannot be read: {e.strerror or e}") from None
+    except InputError as e:       # not UTF-8
+        raise ConfigError(f"tree file {e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"tree file {path} is not valid JSON: {e}") from None
-    if isinstance(obj, dict) and len(obj.get("trees", {})) == 1:
-        obj = next(iter(obj["trees"].values()))
+    trees = obj.get("trees") if isinstance(obj, dict) else None
+    if isinstance(trees, dict) and len(trees) == 1:
+        obj = next(iter(trees.values()))
     if not isinstance(obj, list):
-        raise ConfigError(f"tree file {path} must hold a JSON list of rank paths (or one tree-search tree)")
+        several = (f"; it holds {len(trees)} trees ({', '.join(map(str, trees))}): save the one you want as a "
+                   f"list of paths" if isinstance(trees, dict) and trees else "")
+        raise ConfigError(f"tree file {path} must hold a JSON list of rank paths (or one tree-search tree){several}")
     return obj
 
 
@@ -85,10 +92,11 @@ class TreeSpec:
                               f"run `amphista tree-search --save` on them")
         self.static: TreeBuffers | None = None
         if isinstance(tree, str) and tree.startswith("dynamic-"):
-            try:
-                self.num_nodes = int(tree.removeprefix("dynamic-"))
-            except ValueError:
-                raise ConfigError(f"dynamic tree must be 'dynamic-N' with N an integer, got {tree!r}") from None
+            n = tree.removeprefix("dynamic-")
+            # int() would also take ' 8', '+8' and '1_6' (16): a name the heads' recorded taus never match
+            if not (n.isascii() and n.isdigit()):
+                raise ConfigError(f"dynamic tree must be 'dynamic-N' with N an integer, got {tree!r}")
+            self.num_nodes = int(n)
             if not 2 <= self.num_nodes <= 512:
                 raise ConfigError(f"dynamic tree size must be in [2, 512], got {self.num_nodes}")
             self.max_depth = num_heads
