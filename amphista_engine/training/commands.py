@@ -53,7 +53,9 @@ def cmd_eval_tau(args) -> int:
 
 
 def cmd_tree_search(args) -> int:
-    from ..shipped_heads import heads_alias
+    from pathlib import Path
+
+    from ..shipped_heads import DATA as SHIPPED_HEADS, heads_alias
     from .tree_search import tree_search
 
     def sizes(flag, text):
@@ -65,9 +67,10 @@ def cmd_tree_search(args) -> int:
             raise InputError(f"{flag} {text!r}: expected a comma list of node counts of at least 2 (the root and "
                              f"one draft), e.g. 16,32,63")
         return got
-    if args.heads == "default" and args.save:
-        raise InputError("--save would write into the shipped heads: copy them to a directory and pass that")
     args.heads = str(heads_alias(args.heads, args.model))
+    # "default", a shipped directory's name (smollm2-135m-medusa) or its path: all are the package's own files
+    if args.save and Path(args.heads).resolve().is_relative_to(SHIPPED_HEADS.resolve()):
+        raise InputError("--save would write into the shipped heads: copy them to a directory and pass that")
     nodes = sizes("--nodes", args.nodes)
     dynamic = [n for n in nodes if n <= 64] if args.dynamic is None else sizes("--dynamic", args.dynamic)
     tree_search(args.data, args.heads, model=args.model, nodes=nodes, out=args.out, save=args.save,
@@ -124,7 +127,7 @@ def register(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
-    t.add_argument("--clip", type=float, default=1.0)
+    t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     t.add_argument("--train-dtype", dest="train_dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast matmuls (fp32 master weights)")
     t.add_argument("--save-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
@@ -189,7 +192,8 @@ def register(sub) -> None:
     s.add_argument("--dynamic", default=None,
                    help="comma list of dynamic-N sizes to replay on the held-out split and record (default: "
                         "--nodes up to 64; '' for none): `--speculative auto` weighs the trees the heads record")
-    s.add_argument("--eval-frac", type=float, default=0.05, help="the held-out share used by `train` (default)")
+    s.add_argument("--eval-frac", type=float, default=None,
+                   help="the held-out share to fit on (default: the one the heads' `train` run recorded, else 0.05)")
     s.add_argument("--cache-hidden", default=None, help="the hidden-state cache of `train`, if any")
     s.add_argument("--max-seq-len", type=int, default=1024)
     s.add_argument("--out", default=None, help="JSON file with the trees and their expected tau")

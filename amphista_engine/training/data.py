@@ -228,6 +228,11 @@ class ShardWriter:
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 self.bad_lines += 1
                 continue
+            if not isinstance(rec.get("answer_ids"), list):
+                # a prompt file given as --out: its ids would pass for answered prompts, and answers would be
+                # appended to it
+                raise InputError(f"{self.path} holds records that are not distill answers (id {rec['id']} has no "
+                                 f"'answer_ids'): is it a prompt file? give --out a new or distilled JSONL shard")
             if isinstance(rec.get("max_new_tokens"), int):
                 self.max_new_tokens.add(rec["max_new_tokens"])
             if isinstance(rec.get("target_fingerprint"), str):
@@ -307,6 +312,7 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
                 continue
             try:
                 rec = json.loads(raw)
+                _refuse_eval_file(path, rec)    # its name and its records' shape, as distill checks a prompt file
                 rid, p, a = str(rec["id"]), rec["prompt_ids"], rec["answer_ids"]
                 if not (isinstance(p, list) and isinstance(a, list)
                         and all(isinstance(t, int) for t in p) and all(isinstance(t, int) for t in a)):

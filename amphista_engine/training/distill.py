@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 import zlib
+from pathlib import Path
 
 from ..errors import InputError
 from .data import SAMPLE_SEP, Prompt, ShardWriter, read_prompts
@@ -36,6 +37,8 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
     if str(out).endswith(".gz"):        # records are appended line by line, fsynced: a gzip stream cannot be
         raise InputError(f"--out {out}: distill writes plain JSONL (appended and fsynced record by record); "
                          f"name it .jsonl and gzip it when it is complete (train reads .jsonl.gz)")
+    if Path(out).is_dir():
+        raise InputError(f"--out {out} is a directory; give the JSONL shard file to write (or resume)")
     if samples < 1 or (samples > 1 and temperature <= 0):
         raise InputError(f"--samples {samples}: need samples >= 1, and a --temperature > 0 for more than one "
                          f"(greedy answers to one prompt are all the same)")

@@ -19,11 +19,14 @@ Determinism: the batch plan depends only on (seed, epoch), position sampling onl
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,12 +34,37 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
+from ..values import is_real
 from .data import load_shard, prompt_text_decoder
 from .hidden_cache import HiddenSource, fill_hidden_cache, pad_batch
 from .plan import (BatchPlan, check_source_weights, epoch_batches, parse_source_weights, planned_sequences,
                    source_mix, split_heldout)
 
 STATE_FILE = "trainer_state.pt"
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C (SIGINT) inside the block is raised as KeyboardInterrupt when the block ends, so an optimizer update
+    and its step count, or a checkpoint's files, are never left half done. Only in the main thread and under
+    Python's own SIGINT handler (where SIGINT is ignored or handled otherwise, that stays so)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    got = []
+    signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
+
+
+def _flag(field_name: str) -> str:
+    """A TrainConfig field's command-line flag (`lam` is --lambda)."""
+    return "--" + {"lam": "lambda"}.get(field_name, field_name).replace("_", "-")
 
 
 @dataclass
@@ -101,6 +129,11 @@ class TrainConfig:
         for name in ("num_heads", "batch_tokens", "chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        # NaN passes every comparison below and inf trains into NaN weights (or fails deep in torch): finite first
+        for name in ("epochs", "lr", "lam", "eval_frac", "weight_decay", "clip", "mse_weight"):
+            v = getattr(self, name)
+            if v is not None and not is_real(v):
+                raise ConfigError(f"{_flag(name)} must be a finite number, got {v!r}")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
             raise ConfigError("--steps / --epochs must be positive")
         if self.stop_after is not None and self.stop_after < 1:
@@ -111,6 +144,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.clip < 0:       # 0 turns clipping off; a negative norm bound would silently do the same
+            raise ConfigError(f"--clip must be >= 0 (0 = no clipping), got {self.clip}")
         if self.max_seq_len < 2:
             raise ConfigError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
         if self.stage_of_head is not None and self.stage_of_head != "":
@@ -142,7 +177,8 @@ class TrainConfig:
         if self.draft_vocab < 0:
             raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
-            raise ConfigError("need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1")
+            raise ConfigError(f"need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1; got --eval-frac "
+                              f"{self.eval_frac}, --lr {self.lr}, --lambda {self.lam}")
         self.source_weights = parse_source_weights(self.source_weights)
 
 
@@ -234,8 +270,8 @@ class LossComputer:
         """feats [N, K, d] (graph to the heads) at rows [N, 2] = (b, t); valid [N, K]. Returns (loss, stats)."""
         K, dev = self.K, feats.device
         w = self.w.to(dev)
-        cnt = valid.sum(0).clamp_min(1).float()                    # [K]
-        scale = w / cnt                                            # per-head mean, weighted
+        cnt = valid.sum(0).float()                                 # [K]; 0 where a head drafts past every end
+        scale = w / cnt.clamp_min(1)                               # per-head mean, weighted
         leaf = feats.detach().requires_grad_(backward)
         total = torch.zeros((), device=dev)
         nll = torch.zeros(K, device=dev)
@@ -312,7 +348,7 @@ def check_resume_recipe(sf: Path, st: dict, recipe: dict, fp: str, data_digest: 
     """Refuses a --resume whose recipe differs from the saved one in a key of RESUME_SAME (naming the keys), or
     whose data or target differ; warns for keys of RESUME_WARN."""
     theirs = st["recipe"]
-    flag = lambda k: "--" + {"lam": "lambda"}.get(k, k).replace("_", "-")
+    flag = _flag
     norm = lambda k, v: _stages(v) if k == "stage_of_head" else v
     differ = [f"{flag(k)} {norm(k, theirs.get(k, _ABSENT.get(k)))!r} -> {norm(k, recipe[k])!r}" for k in RESUME_SAME
               if norm(k, theirs.get(k, _ABSENT.get(k))) != norm(k, recipe[k])]
@@ -331,6 +367,24 @@ def check_resume_recipe(sf: Path, st: dict, recipe: dict, fp: str, data_digest: 
     if changed:
         print(f"train: warning: --resume continues with {'; '.join(changed)}: the run goes on as another recipe "
               f"from here", file=sys.stderr)
+
+
+_STATE_KEYS = ("step", "heads", "optimizer", "scheduler", "torch_rng", "recipe", "fingerprint")
+
+
+def read_trainer_state(sf: Path) -> dict:
+    """OUT/trainer_state.pt for --resume; a torn, foreign or incomplete file is an InputError naming it."""
+    try:
+        st = torch.load(sf, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 -- pickle and torch raise many types for a file that is not theirs
+        st, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = ("it holds " + type(st).__name__) if not isinstance(st, dict) else \
+            "it lacks " + ", ".join(k for k in _STATE_KEYS if k not in st)
+    if not isinstance(st, dict) or any(k not in st for k in _STATE_KEYS):
+        raise InputError(f"--resume: {sf} is not a trainer state that `amphista train` wrote ({why:.200}); start "
+                         f"anew with --overwrite, or keep its heads with --init-from {sf.parent} and another --out")
+    return st
 
 
 def _fitted_trees(out: Path) -> list[str]:
@@ -356,8 +410,9 @@ def _log(cfg: TrainConfig, rec: dict):
 
 
 def _fmt_eval(ev: dict) -> str:
-    return (f"loss {ev['loss']:.4f} | top1 " + " ".join(f"{a:.3f}" for a in ev["top1"]) +
-            " | top5 " + " ".join(f"{a:.3f}" for a in ev["top5"]))
+    def row(v):
+        return " ".join("-" if a is None else f"{a:.3f}" for a in v)
+    return f"loss {ev['loss']:.4f} | top1 {row(ev['top1'])} | top5 {row(ev['top5'])}"
 
 
 def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
@@ -374,6 +429,8 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     if isinstance(cfg.data, (str, Path)):
         cfg.data = [str(cfg.data)]
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():       # mkdir's own error says only "File exists"
+        raise InputError(f"--out {out} is a file; give a directory for the heads (config.json + model.safetensors)")
     existing = [f for f in (STATE_FILE, "model.safetensors") if (out / f).is_file()]
     if existing and not (cfg.resume or cfg.overwrite or cfg.fill_cache):
         raise InputError(f"{out} already holds {' and '.join(existing)}: pass --resume to continue that run, "
@@ -461,7 +518,7 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         sf = out / STATE_FILE
         if not sf.is_file():
             raise InputError(f"--resume: no trainer state in {out} ({STATE_FILE} missing)")
-        st = torch.load(sf, map_location="cpu", weights_only=False)
+        st = read_trainer_state(sf)
         check_resume_recipe(sf, st, recipe, fp, data_digest)
         heads.load_state_dict({k: v.to(dev) for k, v in st["heads"].items()})
         if cfg.draft_vocab:
@@ -555,11 +612,18 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         heads.train()
         if agg is None:
             return {}
-        c = agg["count"]
-        return {"loss": tot / max(1, n_loss), "nll": (agg["nll"] / c).tolist(), "top1": (agg["top1"] / c).tolist(),
-                "top5": (agg["top5"] / c).tolist(), "positions": int(c[0])}
+        c = agg["count"].tolist()
 
+        def mean(v):     # None for a head no held-out position reaches (answers shorter than its lookahead)
+            return [a / n if n else None for a, n in zip(v.tolist(), c)]
+        return {"loss": tot / max(1, n_loss), "nll": mean(agg["nll"]), "top1": mean(agg["top1"]),
+                "top5": mean(agg["top5"]), "positions": int(c[0])}
+
+    saved = [step]      # the step of the newest checkpoint in `out` (a fresh run's 0: none)
+
+    @interrupts_held()      # a Ctrl-C never leaves a torn checkpoint: it lands once the files are written
     def checkpoint(reason: str):
+        saved[0] = step
         out.mkdir(parents=True, exist_ok=True)
         heads.config.extra = {"training": {**recipe, "step": step, "total_steps": total,
                                            "train_sequences": len(train_seqs), "heldout_sequences": len(held),
@@ -584,24 +648,10 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     bar = tqdm(total=total, initial=step, unit="step", disable=not cfg.progress, file=sys.stderr,
                dynamic_ncols=True, desc=f"train {cfg.kind}")
     t0, toks, last_ev, stop, start = time.perf_counter(), 0, None, cfg.stop_after, step
-    plan = BatchPlan(train_seqs, cfg.batch_tokens, cfg.seed, cfg.source_weights)
-    while step < total:
-        batch = plan.batch(step)
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        opt.zero_grad(set_to_none=True)
-        r = run_batch(batch, gen, True)
-        if r is None:
-            loss, gnorm = float("nan"), 0.0
-        else:
-            loss = float(r[0])
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
-            if math.isfinite(gnorm):
-                opt.step()
-            else:
-                print(f"train: step {step}: non-finite gradient norm, update skipped", file=sys.stderr)
-            toks += r[1]["tokens"]
-        sched.step()
-        step += 1
+
+    def _after_step(r, loss, gnorm):
+        """Progress, log, evaluation and checkpoint of the step just taken."""
+        nonlocal last_ev
         dt = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{toks / dt:.0f}")
@@ -618,8 +668,40 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
             bar.write(f"train: eval step {step}: {_fmt_eval(ev)}", file=sys.stderr)
         if do_eval or step == total or (cfg.save_every and step % cfg.save_every == 0) or step == stop:
             checkpoint("step")
-        if stop is not None and step >= stop:
-            break
+    plan = BatchPlan(train_seqs, cfg.batch_tokens, cfg.seed, cfg.source_weights)
+    try:
+        while step < total:
+            batch = plan.batch(step)
+            gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+            opt.zero_grad(set_to_none=True)
+            r = run_batch(batch, gen, True)
+            with interrupts_held():      # the update and the step count change together or not at all
+                if r is None:
+                    loss, gnorm = float("nan"), 0.0
+                else:
+                    loss = float(r[0])
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+                    if math.isfinite(gnorm):
+                        opt.step()
+                    else:
+                        print(f"train: step {step}: non-finite gradient norm, update skipped", file=sys.stderr)
+                    toks += r[1]["tokens"]
+                sched.step()
+                step += 1
+            _after_step(r, loss, gnorm)
+            if stop is not None and step >= stop:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        if step > saved[0]:
+            checkpoint("interrupt")
+            print(f"train: interrupted at step {step} of {total}: checkpoint saved in {out}; --resume continues "
+                  f"from it", file=sys.stderr)
+        else:
+            print(f"train: interrupted at step {step} of {total}: "
+                  + (f"{out} holds its checkpoint; --resume continues from it" if step else "nothing trained, "
+                     "nothing saved"), file=sys.stderr)
+        raise
     bar.close()
     wall = time.perf_counter() - t0
     if step > start:

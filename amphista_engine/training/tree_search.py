@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
-from ..tree import TOPK, TREES, get_tree_choices
+from ..tree import MAX_TREE_NODES, TOPK, TREES, get_tree_choices
 
 
 def best_tree(ranks: torch.Tensor, num_nodes: int, topk: int = TOPK, weights: torch.Tensor | None = None
@@ -50,6 +50,9 @@ def best_tree(ranks: torch.Tensor, num_nodes: int, topk: int = TOPK, weights: to
                 seen.add(p)
             if len(p) < ranks.shape[1]:
                 frontier += [p + (r,) for r in range(topk)]
+    if len(paths) < num_nodes - 1:      # not a smaller tree under the name PREFIX-num_nodes
+        raise ConfigError(f"a tree of {num_nodes} nodes needs {num_nodes - 1} rank paths, but {ranks.shape[1]} "
+                          f"heads x top-{topk} hold only {len(paths)}")
     return get_tree_choices(paths)      # validates (prefix-closed) and sorts by (depth, path)
 
 
@@ -224,25 +227,50 @@ def check_prefix(prefix: str, nodes) -> None:
                          f"{', '.join(taken) or prefix + '-N'}); pick another prefix")
 
 
+def _heldout_share(heads, eval_frac: float | None) -> float:
+    """The held-out share to fit on: by default the one the heads' training held out. A larger one takes in
+    sequences that trained the heads (where --data is their training data), whose ranks flatter them."""
+    training = heads.config.extra.get("training")
+    trained = training.get("eval_frac") if isinstance(training, dict) else None
+    if not isinstance(trained, (int, float)) or isinstance(trained, bool):
+        return 0.05 if eval_frac is None else eval_frac
+    if eval_frac is None:
+        if not 0 < trained < 1:
+            raise InputError(f"the heads were trained with --eval-frac {trained}: no sequence of their data was held "
+                             f"out; pass --eval-frac and data they were not trained on")
+        return trained
+    if eval_frac > trained:
+        print(f"tree-search: warning: --eval-frac {eval_frac} holds out more than the {trained} the heads were "
+              f"trained with: on their training data the trees are fitted partly on sequences they trained on",
+              file=sys.stderr)
+    return eval_frac
+
+
 def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63), out=None, save: bool = False,
-                eval_frac: float = 0.05, cache_hidden=None, device=None, dtype=None, max_seq_len: int = 1024,
+                eval_frac: float | None = None, cache_hidden=None, device=None, dtype=None, max_seq_len: int = 1024,
                 compare=("mc_sim_7b_63", "tree-32", "tree-16"), target=None, heads=None, source_weights=None,
-                prefix: str = "tuned", dynamic=()) -> dict:
+                prefix: str = "tuned", dynamic=(), tokenizer=None) -> dict:
     """Fits one tree per size in `nodes` to the heads on the held-out split of `data` (the same split the
     trainer holds out). Prints expected tau of each fitted and each `compare` tree; `save` stores the trees
     in the heads' config.json as `PREFIX-N` (then `--tree tuned-63` works wherever the heads are loaded).
     dynamic: sizes N of dynamic-N trees to replay on the same positions (dynamic_decoding_tau); their tau is
     recorded beside the fitted trees', so `--speculative auto` can weigh them too.
     source_weights ("src=w,..." or a dict, unlisted sources weigh 1, 0 drops one): each held-out position
-    weighs its source's weight, in the fit and in every tau printed."""
+    weighs its source's weight, in the fit and in every tau printed.
+    eval_frac: None takes the held-out share the heads' training recorded (0.05 where none is recorded).
+    tokenizer: the target's (loaded with `model`; with a `target` given, optional): records without prompt text are
+    decoded and checked against the evaluation questions, as `train` checks them."""
     from ..heads import lm_head_fingerprint, load_heads
-    from .data import load_shard
+    from .data import load_shard, prompt_text_decoder
     from .plan import check_source_weights, parse_source_weights, split_heldout
     bad = [n for n in dynamic if not 2 <= n <= 64]
     if bad:
         raise InputError(f"dynamic tree sizes {bad}: tree-search replays dynamic-N for N in [2, 64]")
     check_prefix(prefix, nodes)
-    if not 0 < eval_frac < 1:
+    big = [n for n in nodes if n > MAX_TREE_NODES]
+    if big:
+        raise InputError(f"tree sizes {big}: a tree has at most {MAX_TREE_NODES} nodes")
+    if eval_frac is not None and not 0 < eval_frac < 1:
         raise InputError(f"--eval-frac {eval_frac}: need 0 < --eval-frac < 1 (the held-out share `train` used)")
     if max_seq_len < 2:
         raise InputError(f"--max-seq-len must be at least 2, got {max_seq_len}")
@@ -252,12 +280,20 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         from ..loading import load_model, parse_device, parse_dtype
         dev = parse_device(device)
         dt = parse_dtype(dtype, dev)
-        target = load_model(model, dtype=dt, device=dev, max_seq_len=max_seq_len).model
+        loaded = load_model(model, dtype=dt, device=dev, max_seq_len=max_seq_len)
+        target, tokenizer = loaded.model, loaded.tokenizer
     target.eval().requires_grad_(False)
     if heads is None:
         heads = load_heads(heads_dir, target, dtype=torch.float32)
+    # before the held-out pass: a size the heads cannot fill would otherwise be fitted (or replayed) smaller
+    capacity = sum(TOPK ** d for d in range(1, heads.num_heads + 1)) + 1
+    if max(list(nodes) + list(dynamic), default=0) > capacity:
+        raise InputError(f"tree sizes {[n for n in list(nodes) + list(dynamic) if n > capacity]}: {heads.num_heads} "
+                         f"heads x top-{TOPK} hold at most {capacity} nodes")
+    eval_frac = _heldout_share(heads, eval_frac)
     shard = load_shard([data] if isinstance(data, (str, Path)) else list(data), target.config.vocab_size,
-                       min(max_seq_len, target.rope_len), fingerprint=lm_head_fingerprint(target))
+                       min(max_seq_len, target.rope_len), fingerprint=lm_head_fingerprint(target),
+                       prompt_text=prompt_text_decoder(tokenizer) if tokenizer is not None else None)
     _, held = split_heldout(shard.sequences, eval_frac)
     if not held:
         raise InputError(f"no held-out sequences in {data} (need at least 2 records and --eval-frac > 0)")
