@@ -14,7 +14,7 @@ CACHE_ENV = "AMPHISTA_CACHE_DIR"
 def path(name: str) -> Path | None:
     """The file `name` in the cache directory; None when AMPHISTA_CACHE_DIR=off."""
     where = os.environ.get(CACHE_ENV, "").strip()
-    if where.lower() in ("off", "0", "none"):
+    if where.lower() in ("off", "0", "none", "false", "no"):
         return None
     if where:
         base = Path(where)

@@ -139,10 +139,13 @@ def test_malformed_fitted_trees_are_refused_at_load(saved, tmp_path, target, tre
         load_heads(d, target)     # were all accepted, then failed (or shadowed) only when decoding on them
 
 
-def test_malformed_tree_search_record_is_refused(saved, tmp_path, target):
-    d = variant(saved, tmp_path, cfg=lambda c: {"extra": {**c["extra"], "tree_search": {"decoding_tau": {"x": "y"}}}})
-    with pytest.raises(ConfigError, match="extra.tree_search.decoding_tau must map tree names to numbers"):
-        load_heads(d, target)     # was a raw ValueError from float() in speculation_check
+@pytest.mark.parametrize("tau", ["y", float("inf"), 0.5], ids=["string", "inf", "below-1"])
+def test_malformed_tree_search_record_is_refused(saved, tmp_path, target, tau):
+    """A string was a raw ValueError from float() in speculation_check; Infinity (JSON reads it) or a tau below 1
+    (tokens per forward) made the auto check's verdict meaningless."""
+    d = variant(saved, tmp_path, cfg=lambda c: {"extra": {**c["extra"], "tree_search": {"decoding_tau": {"x": tau}}}})
+    with pytest.raises(ConfigError, match="extra.tree_search.decoding_tau must map tree names to finite numbers >= 1"):
+        load_heads(d, target)
 
 
 # ---- through the engine -------------------------------------------------------------------------------------

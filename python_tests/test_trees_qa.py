@@ -232,3 +232,14 @@ def test_an_edited_tree_file_is_read_again(tiny_hf_dir, tmp_path):
         res = eng.generate("hello", max_new_tokens=3, chat=False, speculative="amphista", tree=str(file))
         sizes.append(res.stats.extra["tree_nodes"])
     assert sizes == [2, 4]
+
+
+@pytest.mark.parametrize("word", ["off", "OFF", "0", "none", "false", "no"])
+def test_cache_dir_words_that_turn_the_cache_off(word, monkeypatch, tmp_path):
+    """AMPHISTA_CACHE_DIR=false made a folder named ./false; every off-word keeps nothing."""
+    from amphista_engine import timing_cache
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(timing_cache.CACHE_ENV, word)
+    assert timing_cache.path("step_costs.json") is None
+    monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path / "c"))
+    assert timing_cache.path("step_costs.json").parent == tmp_path / "c"

@@ -57,9 +57,9 @@ def _check_extra(cfg: "HeadsConfig", bad):
             taus = record.get(field_)
             if taus is None:
                 continue
-            if not isinstance(taus, dict) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in taus.values()):
-                bad(f"extra.{key}.{field_} must map tree names to numbers, got {taus!r:.80}")
+            # a tau is tokens per target forward: at least 1, and finite (speculation_check divides by it)
+            if not isinstance(taus, dict) or not all(is_real(v) and v >= 1 for v in taus.values()):
+                bad(f"extra.{key}.{field_} must map tree names to finite numbers >= 1, got {taus!r:.80}")
 
 
 def llama_ffn_size(dim: int, multiple_of: int = 256) -> int:
