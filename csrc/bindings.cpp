@@ -210,7 +210,7 @@ void head_attention(py::object qkv_ptr, py::object out_ptr, py::object rows_o, p
   const DType dtype = as_dtype(dtype_o);
   const int64_t esize = amphista::dtype_size(dtype);
   const int64_t rows = as_size(rows_o, "rows");
-  require(rows <= kMaxGridX, "rows", "exceeds 2^31-1 (one CUDA block per request)");
+  require(rows <= kMaxGridX, "rows", "exceeds 2^31-1");
   const int64_t slots = as_int_in(slots_o, "slots", 1, amphista::kHeadAttnMaxSlots);
   const int64_t n_heads = as_size(n_heads_o, "n_heads");
   const int64_t hd = as_int_in(head_dim_o, "head_dim", 1, amphista::kHeadAttnMaxHeadDim);

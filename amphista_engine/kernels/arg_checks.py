@@ -93,7 +93,8 @@ def check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len, new_mask, dens
                                                                                and ms[0] in (1, qs[0]))
                  or ms[-1:] == qs[2:3] and new_mask.dtype == torch.long and (len(ms) == 1 or len(ms) == 2
                                                                               and ms[0] in (1, qs[0])))
-            and (dense_mask is None or dense_mask.shape == (qs[0], qs[2], kv_len))):
+            and (dense_mask is None or dense_mask.shape == (qs[0], qs[2], kv_len))
+            and (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype or autocast(q))):
         return                          # every layer of every step passes here: the fast path is one test
     op = "tree_attention"
     need_tensors(op, q=q, k_cache=k_cache, v_cache=v_cache, prefix_len=prefix_len, new_mask=new_mask)
@@ -110,6 +111,9 @@ def check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len, new_mask, dens
     if prefix_len.shape != (B,) or prefix_len.dtype != torch.long:
         raise ConfigError(f"{op}: prefix_len must be an int64 [B] = [{B}] tensor; got "
                           f"{prefix_len.dtype} {tuple(prefix_len.shape)}")
+    if (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype) and not autocast(q):
+        raise ConfigError(f"{op}: q, k_cache and v_cache must share a dtype (outside autocast); got {q.dtype}, "
+                          f"{k_cache.dtype} and {v_cache.dtype}")
     raise ConfigError(f"{op}: new_mask must be bool [B or 1, N, N] / [N, N] or int64 ancestor bits [B or 1, N] / "
                       f"[N] (B = {B}, N = {N}), and dense_mask None or [B, N, kv_len] = [{B}, {N}, {kv_len}]; "
                       f"got new_mask {new_mask.dtype} {tuple(ms)}, dense_mask {sh(dense_mask)}")
@@ -119,7 +123,8 @@ def check_head_attention(z, pos_emb, norm_w, wqkv, n_heads):
     zs = z.shape
     if (len(zs) == 3 and norm_w.shape == zs[2:] and wqkv.shape == (3 * zs[2], zs[2]) and type(n_heads) is int
             and n_heads > 0 and not zs[2] % n_heads and (pos_emb is None or pos_emb.shape == zs[1:])
-            and z.dtype.is_floating_point):
+            and z.dtype.is_floating_point and wqkv.dtype == z.dtype and norm_w.dtype == z.dtype
+            and (pos_emb is None or pos_emb.dtype == z.dtype)):
         return
     op = "head_attention"
     need_tensors(op, z=z, norm_w=norm_w, wqkv=wqkv)
@@ -134,6 +139,11 @@ def check_head_attention(z, pos_emb, norm_w, wqkv, n_heads):
         raise ConfigError(f"{op}: wqkv must be [3d, d] = [{3 * d}, {d}]; got {tuple(wqkv.shape)}")
     if not is_int(n_heads) or n_heads <= 0 or d % n_heads:
         raise ConfigError(f"{op}: n_heads must be a positive int dividing d = {d}; got {n_heads!r}")
+    a_dtype = torch.promote_types(z.dtype if pos_emb is None else torch.promote_types(z.dtype, pos_emb.dtype),
+                                  norm_w.dtype)          # what rmsnorm(z + pos_emb) hands the QKV product
+    if a_dtype != wqkv.dtype and not autocast(z):
+        raise ConfigError(f"{op}: the normed input ({a_dtype}, from z, pos_emb and norm_w) and wqkv ({wqkv.dtype}) "
+                          "must share a dtype (outside autocast)")
 
 
 def check_fused_sal_input(hidden, tokens, emb_weight, w_fuse):

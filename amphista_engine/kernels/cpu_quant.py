@@ -112,7 +112,8 @@ class _CodesLinear(nn.Linear):
     def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._torch_packed is None:
             self._torch_packed = self._pack_for_torch(*cpu_ops.unpack(self._packed_native))
-        y = self._torch_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+        # torch's int4 / int8 products refuse strided rows (a transposed view of bf16 x reached them as is)
+        y = self._torch_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous())
         y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
@@ -212,7 +213,8 @@ def pack_int8_rows(w: torch.Tensor):
 
 
 def quantize_heads(heads: nn.Module) -> float:
-    """Drafting heads next to a 4-bit target: their layer linears (fusion, SAL, AEB; inputs a multiple of GROUP)
+    """Drafting heads next to a 4-bit target: their layer linears (fusion, SAL, AEB; inputs a multiple of GROUP,
+    outputs a multiple of 16, as torch's int4 product, the reference, needs)
     -> Int4Linear by round to nearest in groups of 32, and the ResBlocks' weights to int8 codes, one scale per row
     (`use_codes`; 4 bits moved their output by ~8% of what they add). A draft only proposes tokens the target then
     verifies, so this moves tau, never the output. Measured on the shipped SmolLM2 heads (16 MT-Bench turns): the
@@ -222,7 +224,8 @@ def quantize_heads(heads: nn.Module) -> float:
     worst = 0.0
     for m in heads.modules():
         if (isinstance(m, nn.Linear) and not isinstance(m, _CodesLinear) and m.weight.dim() == 2
-                and m.weight.shape[1] % GROUP == 0 and m.weight.device.type == "cpu"):
+                and m.weight.shape[1] % GROUP == 0 and m.weight.shape[0] % 16 == 0     # quantize_linears' rule
+                and m.weight.device.type == "cpu"):
             m.__dict__.pop("_packed", None)         # a PackedLinear's oneDNN copy: no longer read
             m.__class__ = Int4Linear
             worst = max(worst, m._quantize())

@@ -46,7 +46,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                 [B or 1, N, N] (AttentionSpec.new_mask) or int64 ancestor bits [B or 1, N] / [N] (bit j of
                 row i, read as uint64; TreeBuffers.ancestor_bits, or mask_bits(new_mask)). N <= 64 for bits.
     kv_len:     host int >= max(prefix_len) + N: the reference reads slots [0, kv_len); kernels use it to
-                size their split-K grid only (their per-row bound is prefix_len[b] + N).
+                size their split-K grid and as a cap on each row's end prefix_len[b] + N.
     scale:      softmax scale, default 1 / sqrt(D).
     dense_mask: optional AttentionSpec.dense_mask() [B, N, kv_len] already built for this forward, bool or
                 additive in q's dtype (tree_mask_args); only the reference reads it (saves rebuilding it per
@@ -237,7 +237,7 @@ def qkv_rope_write(qkv: torch.Tensor, rope_rows: torch.Tensor, k_buf: torch.Tens
 
 
 def kv_compact(k_buf: torch.Tensor, v_buf: torch.Tensor, src: torch.Tensor, dst_start: torch.Tensor) -> None:
-    """In place, all layers, K and V, one launch: slot src[b, m] -> slot dst_start[b] + m (clamped to S-1).
+    """In place, all layers, K and V, one launch: slot src[b, m] -> slot dst_start[b] + m (clamped to [0, S)).
 
     src [B, M] long slot ids (entries past a row's accepted count may be any slot: they land beyond the
     new length); dst_start [B] long. Overlapping moves are safe (every source is read before any write).

@@ -64,7 +64,8 @@ def head_attention(z, pos_emb, norm_w, eps: float, wqkv, n_heads: int, scale: Op
     N, K, d = x.shape
     # bare weights (not nn.Linear): cpu_packed.linear multiplies a oneDNN-packed copy in CPU inference, as the
     # engine's packed layers do (MKL's few-row products are ~3x slower on AMD CPUs), else F.linear
-    q, k, v = cpu_packed.linear(rmsnorm(x, norm_w, eps), wqkv).view(N, K, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = cpu_packed.linear(rmsnorm(x, norm_w, eps), wqkv)
+    q, k, v = qkv.view(N, K, 3, n_heads, d // n_heads).permute(2, 0, 3, 1, 4)   # no -1: N may be 0
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)         # no mask: every head sees every head
     return x, out.transpose(1, 2).reshape(N, K, d)
 
@@ -171,7 +172,7 @@ def kv_compact(k_buf, v_buf, src, dst_start):
     Gathering first makes overlapping moves safe."""
     S = k_buf.shape[3]
     B, M = src.shape
-    dst = (dst_start[:, None] + torch.arange(M, device=src.device)).clamp_(max=S - 1)
+    dst = (dst_start[:, None] + torch.arange(M, device=src.device)).clamp_(0, S - 1)
     src = src.clamp(0, S - 1)
     rows = torch.arange(B, device=src.device)[:, None]
     for buf in (k_buf, v_buf):

@@ -37,8 +37,8 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
         return NotImplemented
     B, H, N, D = q.shape
     if (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or k_cache.shape[0] < B or k_cache.shape[3] != D
-            or H % k_cache.shape[1] or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM or N > MAX_TREE or not _same_device(q, k_cache, v_cache,
-                                                                                          prefix_len, new_mask)):
+            or H % k_cache.shape[1] or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM or not 0 < N <= MAX_TREE
+            or not _same_device(q, k_cache, v_cache, prefix_len, new_mask)):
         return NotImplemented
     if new_mask.dtype == torch.bool:
         if new_mask.shape[-2:] != (N, N):

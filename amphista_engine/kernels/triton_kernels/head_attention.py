@@ -68,6 +68,9 @@ def slot_attention(qkv: torch.Tensor, n_heads: int, scale: float | None = None) 
 
 def head_attention(z, pos_emb, norm_w, eps: float, wqkv, n_heads: int, scale: float | None = None):
     """Launcher for ops.head_attention: returns (x, attn), both [N, K, d]."""
+    # the norm kernel reads w and the pos-emb rows with unit column stride: a strided view gave wrong rows
+    norm_w = norm_w.contiguous()
+    pos_emb = pos_emb.contiguous() if pos_emb is not None else None
     if pos_emb is not None:
         x, h = rmsnorm(z, norm_w, eps, residual=pos_emb)
     else:

@@ -68,7 +68,7 @@ def _kv_compact_kernel(Kc, Vc, Src, DstStart, B, H, M, S,
     m_ok = m < M
     src = tl.load(Src + b * stride_src_b + m * stride_src_m, mask=m_ok, other=0)
     src = tl.minimum(tl.maximum(src, 0), S - 1)
-    dst = tl.minimum(tl.load(DstStart + b) + m, S - 1)
+    dst = tl.minimum(tl.maximum(tl.load(DstStart + b) + m, 0), S - 1)   # in the row, as the other backends clamp
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_D
     off = l * stride_l + b * stride_b + h * stride_h
@@ -81,7 +81,7 @@ def _kv_compact_kernel(Kc, Vc, Src, DstStart, B, H, M, S,
 
 
 def kv_compact(k_buf, v_buf, src, dst_start) -> None:
-    """Launcher: slot src[b, m] -> dst_start[b] + m (clamped to S - 1) for every layer, K and V, one launch."""
+    """Launcher: slot src[b, m] -> dst_start[b] + m (clamped to [0, S)) for every layer, K and V, one launch."""
     L, _, H, S, D = k_buf.shape
     B, M = src.shape
     if B == 0 or M == 0:
