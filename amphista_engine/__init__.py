@@ -7,7 +7,7 @@
 __version__ = "0.1.0"
 
 from .errors import (AmphistaError, CacheFullError, ConfigError, HeadsMismatchError, InputError,  # noqa: F401
-                     ModelLoadError)
+                     ModelLoadError, NonFiniteError)
 
 
 def __getattr__(name):
@@ -22,4 +22,4 @@ def __getattr__(name):
 
 
 __all__ = ["Engine", "GenerationResult", "load_model", "AmphistaError", "ConfigError", "HeadsMismatchError",
-           "InputError", "ModelLoadError", "CacheFullError"]
+           "InputError", "ModelLoadError", "CacheFullError", "NonFiniteError"]

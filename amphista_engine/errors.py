@@ -23,3 +23,7 @@ class CacheFullError(InputError):
 
 class HeadsMismatchError(AmphistaError, ValueError):
     """Drafting heads were built for another target model."""
+
+
+class NonFiniteError(AmphistaError, FloatingPointError):
+    """The model's logits turned NaN or infinite (activations overflowed, e.g. in fp16): no token to trust."""

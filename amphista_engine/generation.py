@@ -12,11 +12,35 @@ from typing import Iterator
 
 import torch
 
+from .errors import NonFiniteError
 from .kv_cache import KVCache
 from .model import AttentionSpec, Transformer, causal_mask
 from .sampling import SamplingParams, apply_repetition_penalty, sample
 
 KV_BUCKET = 128   # attention reads cache slots in multiples of this; bounds work to the real length
+NON_FINITE = -2   # a token no vocabulary has: its row's logits held a NaN or an infinity
+
+
+def flag_non_finite(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """tokens [B, ...] with every token of a row whose logits [B, ..., V] hold a NaN or +inf (or are all -inf)
+    set to NON_FINITE: the host reads tokens every step anyway, so the check costs one reduction, no sync. amax
+    propagates NaN; -inf logits (masked tokens) are no fault while the row has a finite maximum."""
+    ok = torch.isfinite(logits.amax(tuple(range(1, logits.dim()))))     # [B]: few ops, each costs ~5 us on a CPU
+    return torch.where(ok.view(-1, *([1] * (tokens.dim() - 1))), tokens, NON_FINITE)
+
+
+def check_finite(decoder, tokens: list[int], row: int, emitted: int):
+    """Raises NonFiniteError where a step's tokens carry NON_FINITE, after marking the caches for clearing."""
+    if NON_FINITE not in tokens:
+        return
+    for cache in (decoder.cache, getattr(getattr(decoder, "heads", None), "sal_cache", None)):
+        if cache is not None:
+            cache.dirty = True
+    dtype = decoder.cache.k.dtype
+    hint = " (fp16 overflows where bf16 and fp32 do not: try dtype bf16 or fp32)" if dtype == torch.float16 else ""
+    raise NonFiniteError(f"the model's logits are not finite (NaN or inf) at new token {emitted + 1} of prompt "
+                         f"{row}: its activations overflowed{hint}; no token from them can be trusted. The KV "
+                         f"cache is cleared before the next run")
 
 
 def kv_window(upper: int, max_seq_len: int) -> int:
@@ -69,7 +93,7 @@ class PlainDecoder:
             self.seen.scatter_(1, tokens, True)
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
-        return self.next.clone()          # the state tensor itself changes in place at every step
+        return flag_non_finite(self.next, logits)   # not the state tensor itself: it changes in place every step
 
     def _prefill_chunks(self, tokens, lengths, r: int, chunk: int):
         """Prefill [r, T) in forwards of `chunk` tokens (Transformer.prefill_chunk): (last-token logits, hidden)."""
@@ -138,7 +162,7 @@ class PlainDecoder:
         logits = self.model(self.next[:, None], length[:, None], self.cache, spec)
         length += 1
         self.next.copy_(self._sample(logits[:, -1]))
-        return self.next[:, None], torch.ones_like(self.next)
+        return flag_non_finite(self.next[:, None], logits), torch.ones_like(self.next)
 
 
 @dataclass
@@ -239,6 +263,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     pending = [[t] for t in decoder.prefill(prompts).tolist()]
     t1 = time.perf_counter()
     for b in range(B):
+        check_finite(decoder, pending[b], b, 0)
+    for b in range(B):
         stats[b].prompt_tokens, stats[b].prefill_ms = len(prompts[b]), (t1 - t0) * 1e3
     from_prefill = True
     live = list(range(B))              # decoder row i is prompt row live[i]
@@ -267,6 +293,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
         for i, b in enumerate(live):
             if not rows[b].finish_reason:
                 pending[b] = toks[i][:n[i]]
+                check_finite(decoder, pending[b], b, len(rows[b].ids))
     _sync(decoder.device)
     t2 = time.perf_counter()
     for b in range(B):

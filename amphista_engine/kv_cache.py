@@ -24,6 +24,10 @@ class KVCache:
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_seq_len = max_seq_len
         self.batch = batch
+        # Set when a run produced non-finite values: the next reset clears every slot. Lengths alone leave stale
+        # K/V in the slots past them, which attention masks with weight 0, and the torch reference's 0 x NaN is NaN:
+        # one overflowing run would otherwise poison every later one on the same engine.
+        self.dirty = False
 
     @classmethod
     def for_model(cls, cfg, batch: int, max_seq_len: int, dtype, device) -> "KVCache":
@@ -48,6 +52,10 @@ class KVCache:
 
     def reset(self):
         self.length.zero_()
+        if self.dirty:
+            self.k.zero_()        # in place: CUDA graphs captured over these buffers stay valid
+            self.v.zero_()
+            self.dirty = False
 
     def write(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v: [B, H, T, D] go to slots start[b] .. start[b] + T - 1 of each row."""

@@ -95,4 +95,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator=None) -> torc
     if params.greedy:
         return greedy_token(logits)
     probs = probs_from_logits(logits, params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # NaN logits give NaN probabilities, which multinomial refuses with a raw error on a CPU and a device-side
+    # assert on CUDA (the context is lost). Any token will do there: the decoder flags the row (flag_non_finite).
+    return torch.multinomial(probs.nan_to_num(nan=1.0), 1, generator=generator).squeeze(-1)

@@ -12,7 +12,7 @@ import torch
 
 from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
-from .generation import PlainDecoder, _sync, kv_window
+from .generation import PlainDecoder, _sync, flag_non_finite, kv_window
 from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .model import AttentionSpec
 from .sampling import SamplingParams
@@ -190,7 +190,7 @@ class SpeculativeDecoder(PlainDecoder):
         hidden = self._prefill_hidden
         tokens = self._prefill_tokens
         nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
-        nxt.scatter_(1, (count - 1)[:, None], root[:, None])
+        nxt.scatter_(1, (count - 1)[:, None], self.next[:, None])     # root may carry NON_FINITE, next never
         if r:
             self.heads.resume_cache(r)
         else:
@@ -255,7 +255,7 @@ class SpeculativeDecoder(PlainDecoder):
         self.next.copy_(res.next_token)
         self.last_count = count
         self._tick("commit", t0)
-        return out, count
+        return flag_non_finite(out, logits), count
 
     def stats_extra(self) -> dict:
         return {"tree": self.tree.name, "tree_nodes": self.tree.num_nodes, "acceptance": self.acceptance,

@@ -197,3 +197,49 @@ def test_cli_chat_quit_and_unknown_commands(tiny_hf_dir, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert rc == 0 and "unknown command /rest; the commands are /reset, /help, /exit, /quit" in cap.err
     assert len(re.findall(r"prompt \d+ tok", cap.err)) == 1 and len(cap.out.splitlines()) == 1, cap.err
+
+
+# ---- non-finite logits ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "default"])
+def test_an_overflowing_run_is_named_and_does_not_poison_the_next(tiny_hf_dir, backend):
+    """NaN activations once gave garbage tokens (greedy argmax of NaN) or a raw torch error (sampling), and their
+    K/V stayed in the cache: the torch reference's masked attention multiplies stale slots by 0, and 0 x NaN is
+    NaN, so every later run on the engine failed too. Now the run stops with a NonFiniteError and the next run
+    decodes as a fresh engine does."""
+    from amphista_engine.errors import NonFiniteError
+    from amphista_engine.kernels import use_backend
+    fresh = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
+    long_prompt, short = "The quick brown fox jumps over the lazy dog " * 3, "Hello"
+    with use_backend(None if backend == "default" else backend):
+        want = fresh.generate(short, max_new_tokens=8, chat=False).token_ids
+        w = eng.model.layers[0].attention_norm.weight
+        keep = w.detach().clone()
+        with torch.no_grad():
+            w.fill_(float("inf"))                     # every K/V of the prompt turns NaN
+        with pytest.raises(NonFiniteError, match="not finite .* new token 1 of prompt 0"):
+            eng.generate(long_prompt, max_new_tokens=4, chat=False)
+        with torch.no_grad():
+            w.copy_(keep)
+        assert eng.generate(short, max_new_tokens=8, chat=False).token_ids == want
+
+
+@pytest.mark.parametrize("speculative", [None, "amphista"])
+def test_logits_that_turn_nan_mid_answer_stop_the_run_by_name(engine, speculative):
+    """A NaN at a decode step (plain or a verified tree) is caught from the tokens the host reads anyway."""
+    from amphista_engine.errors import NonFiniteError
+    head, calls = engine.model.output, []
+    real = head.forward
+
+    def nan_from_the_third(x):
+        calls.append(1)
+        y = real(x)
+        return y.fill_(float("nan")) if len(calls) >= 3 else y
+    head.forward = nan_from_the_third
+    try:
+        with pytest.raises(NonFiniteError, match="not finite"):
+            engine.generate(PROMPT, max_new_tokens=16, chat=False, speculative=speculative, temperature=0.7, seed=1)
+    finally:
+        del head.forward
+    out = engine.generate(PROMPT, max_new_tokens=8, chat=False, speculative=speculative)
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
