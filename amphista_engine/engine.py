@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -113,6 +114,9 @@ class Engine:
         self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
         self._runs = 0                                # generations started: an overtaken stream stops (_drive)
+        # (thread, run) decoding now: one KV cache cannot serve two threads at once (_drive refuses the second)
+        self._decoding: tuple[int, int] | None = None
+        self._decoding_lock = threading.Lock()
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
         # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA
         # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
@@ -337,17 +341,31 @@ class Engine:
         stats = [GenerationStats() for _ in ids]
         if keep:             # nothing to reuse if another run started since (its prefill rewrote the cache)
             decoder.prefix_reuse = self._reusable(kept, decoder, ids[0]) if self._runs == made_at else 0
-        self._runs += 1
-        mine = self._runs
-        with torch.inference_mode():
-            steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
-            for item in steps:
-                yield item
-                if self._runs != mine:      # the caller started another run: its prefill replaced our cache rows
-                    steps.close()
-                    raise InputError("this stream was overtaken by a later generation on the same engine, which "
-                                     "reused its KV cache; finish a stream before starting another (or use "
-                                     "stream_batch for several prompts at once)")
+        me = threading.get_ident()
+        with self._decoding_lock:
+            # Another thread's run would step on this one's cache between its steps (and this one on its): each
+            # would print the other's garbage. In one thread a newer run overtakes an older stream (below).
+            if self._decoding is not None and self._decoding[0] != me:
+                raise InputError("this engine is decoding in another thread: it has one KV cache, so runs cannot "
+                                 "overlap; use one engine per thread, serialise the calls, or batch the prompts "
+                                 "(generate_batch)")
+            self._runs += 1
+            mine = self._runs
+            self._decoding = (me, mine)
+        try:
+            with torch.inference_mode():
+                steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
+                for item in steps:
+                    yield item
+                    if self._runs != mine:      # the caller started another run: its prefill replaced our cache
+                        steps.close()
+                        raise InputError("this stream was overtaken by a later generation on the same engine, "
+                                         "which reused its KV cache; finish a stream before starting another (or "
+                                         "use stream_batch for several prompts at once)")
+        finally:
+            with self._decoding_lock:
+                if self._decoding == (me, mine):
+                    self._decoding = None
         self.last_results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s)
                              for r, p, s in zip(decoder.rows, ids, stats)]
         for s in stats:
