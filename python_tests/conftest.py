@@ -33,6 +33,38 @@ CORPUS = ("The quick brown fox jumps over the lazy dog. Speculative decoding dra
           "def f(x):\n    return x * 2\n") * 20
 
 
+def _single_thread():
+    # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """For a whole module: `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    yield from _single_thread()
+
+
+def greedy_records(model, n=36, prompt_len=6, answer_len=28, seed=1, prefix="r"):
+    """Self-distillation records of a tiny target: random prompts, greedy answers."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    x = torch.randint(0, V - 1, (n, prompt_len), generator=g)
+    with torch.no_grad():
+        for _ in range(answer_len):
+            logits = model(x, torch.arange(x.shape[1])[None].expand(n, -1))
+            x = torch.cat([x, logits[:, -1, :V - 1].argmax(-1, keepdim=True)], 1)
+    return [{"id": f"{prefix}{i}", "source": "tiny", "prompt_ids": x[i, :prompt_len].tolist(),
+             "answer_ids": x[i, prompt_len:].tolist()} for i in range(n)]
+
+
 def random_tiny_model(seed=0, vocab=64, dim=32, layers=2, heads=4, kv_heads=2, inter=64, max_len=256,
                       dtype=torch.float32, tied=False) -> Transformer:
     """A random target for speculative tests: small enough for many runs, peaked enough to be predictable."""

@@ -269,14 +269,6 @@ class _CPUGraphs(DecodeGraphs):
         return g, g.outputs
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)          # small CPU matmuls: thread wake-ups on a shared CI machine dominate
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("kind,tree", [(None, None), ("amphista", "mc_sim_7b_63"), ("medusa", "dynamic-16")])
 def test_graph_bookkeeping_on_cpu(kind, tree, one_thread):
     """Keys, warm-up, capture, state moved into the captured tensors for a new decoder, `last_count`

@@ -19,13 +19,7 @@ QUESTIONS = [
 KW = dict(max_new_tokens=6, warmup=1, progress=False, log=lambda msg: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from amphista_engine.cli import main as cli_main
 from amphista_engine.errors import InputError
@@ -17,12 +16,7 @@ QUIET = dict(progress=False, log=lambda msg: None)
 NO_MODEL = "/nonexistent/model"      # a check that runs after the load would fail on this path instead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _rec(qid, cat, method, turns):

@@ -12,7 +12,7 @@ from amphista_engine.training.data import ShardWriter, load_shard, read_prompts
 from amphista_engine.training.plan import BatchPlan, epoch_batches
 from amphista_engine.training.trainer import TrainConfig, head_features, train_heads
 
-from conftest import needs_smollm2, random_tiny_model
+from conftest import greedy_records, needs_smollm2, random_tiny_model
 
 K = 3
 
@@ -20,19 +20,6 @@ K = 3
 @pytest.fixture(scope="module")
 def target():
     return random_tiny_model(seed=0, vocab=64, dim=32, max_len=256)
-
-
-def greedy_records(model, n=36, prompt_len=6, answer_len=28, seed=1):
-    """Self-distillation records of the tiny target: random prompts, greedy answers."""
-    g = torch.Generator().manual_seed(seed)
-    V = model.config.vocab_size
-    x = torch.randint(0, V - 1, (n, prompt_len), generator=g)
-    with torch.no_grad():
-        for _ in range(answer_len):
-            logits = model(x, torch.arange(x.shape[1])[None].expand(n, -1))
-            x = torch.cat([x, logits[:, -1, :V - 1].argmax(-1, keepdim=True)], 1)
-    return [{"id": f"r{i}", "source": "tiny", "prompt_ids": x[i, :prompt_len].tolist(),
-             "answer_ids": x[i, prompt_len:].tolist()} for i in range(n)]
 
 
 @pytest.fixture(scope="module")

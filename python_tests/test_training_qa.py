@@ -14,7 +14,7 @@ from amphista_engine.errors import ConfigError, InputError
 from amphista_engine.training.data import ShardWriter
 from amphista_engine.training.trainer import TrainConfig, train_heads
 
-from conftest import random_tiny_model
+from conftest import greedy_records, random_tiny_model
 
 K = 3
 
@@ -22,19 +22,6 @@ K = 3
 @pytest.fixture(scope="module")
 def target():
     return random_tiny_model(seed=0, vocab=64, dim=32, max_len=256)
-
-
-def _records(model, n, prompt_len, answer_len, seed=1, prefix="r"):
-    """Greedy answers of the tiny target to random prompts, as distill records."""
-    g = torch.Generator().manual_seed(seed)
-    V = model.config.vocab_size
-    x = torch.randint(0, V - 1, (n, prompt_len), generator=g)
-    with torch.no_grad():
-        for _ in range(answer_len):
-            logits = model(x, torch.arange(x.shape[1])[None].expand(n, -1))
-            x = torch.cat([x, logits[:, -1, :V - 1].argmax(-1, keepdim=True)], 1)
-    return [{"id": f"{prefix}{i}", "source": "tiny", "prompt_ids": x[i, :prompt_len].tolist(),
-             "answer_ids": x[i, prompt_len:].tolist()} for i in range(n)]
 
 
 def _write(path, records):
@@ -46,7 +33,7 @@ def _write(path, records):
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory, target):
-    return _write(tmp_path_factory.mktemp("shard") / "tiny.jsonl", _records(target, 24, 6, 20))
+    return _write(tmp_path_factory.mktemp("shard") / "tiny.jsonl", greedy_records(target, 24, 6, 20))
 
 
 def cfg(shard, out, **kw):
@@ -171,7 +158,7 @@ def test_heads_no_held_out_position_reaches_report_none(target, tmp_path):
     """Answers of 3 tokens give head 3 (which drafts 4 ahead) no position: its held-out nll was printed as 0.0, a
     perfect score, and a batch without a position for a head still counted one for it in the mean."""
     from amphista_engine.training.trainer import LossComputer, _fmt_eval
-    data = _write(tmp_path / "short.jsonl", _records(target, 12, 5, 3))
+    data = _write(tmp_path / "short.jsonl", greedy_records(target, 12, 5, 3))
     res = train_heads(cfg(data, tmp_path / "h", steps=1, eval_frac=0.5), target=target)
     ev = res["final_eval"]
     assert ev["nll"][2] is None and ev["top1"][2] is None and ev["top5"][2] is None
