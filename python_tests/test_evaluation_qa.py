@@ -230,3 +230,16 @@ def test_bench_times_real_heads_with_their_own_count_and_fitted_trees(tiny, tmp_
                   log=lambda m: None)
     with pytest.raises(InputError, match="no medusa heads are shipped"):
         run_bench(trees="chain-3", methods=("medusa",), heads={"medusa": "default"}, **kw)
+
+
+def test_a_resumed_out_says_its_speedups_come_from_several_runs(tiny, tmp_path):
+    """A resumed --out mixed answers timed by different processes into one speedup without a word."""
+    engine, heads, q = tiny
+    kw = dict(engine=engine, heads={"amphista": heads}, max_new_tokens=4, warmup=0, out=tmp_path, **QUIET)
+    one = run_eval(q, methods="ar,amphista", **kw)
+    assert "runs" not in one and "timed by" not in summary_markdown(one)
+    (tmp_path / "answers.jsonl").write_text("".join(               # as if amphista's answers came later
+        line + "\n" for line in (tmp_path / "answers.jsonl").read_text().splitlines() if '"ar"' in line))
+    two = run_eval(q, methods="ar,amphista", **kw)
+    assert len(set(two["runs"]["ar"]) | set(two["runs"]["amphista"])) == 2
+    assert "timed by 2 runs" in summary_markdown(two)

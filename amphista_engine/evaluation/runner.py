@@ -9,8 +9,10 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -138,7 +140,7 @@ def _generate(engine, prompt, method: str, kwargs: dict):
     return engine.generate(prompt, **kwargs, speculative=method)
 
 
-def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int) -> dict:
+def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int, run: str = "") -> dict:
     """All turns of one question with one method; the conversation carries this method's own answers."""
     messages, ch = [], defaultdict(list)
     for k, turn in enumerate(question["turns"]):
@@ -164,7 +166,7 @@ def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int) ->
                            ("finish_reason", res.finish_reason), ("max_new_tokens", budget)):
             ch[key].append(value)
     return {"question_id": question["question_id"], "category": question["category"], "method": method,
-            "model_id": str(engine.loaded_name), "choices": [{"index": 0, **ch}], "tstamp": time.time()}
+            "model_id": str(engine.loaded_name), "choices": [{"index": 0, **ch}], "tstamp": time.time(), "run": run}
 
 
 def _warmup(engine, question: dict, methods, gen_kwargs: dict, runs: int):
@@ -252,13 +254,14 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
             _warmup(engine, todo[0][0], {m: loaded[m] for m in methods}, gen_kwargs, warmup)
         # Question-major order (every method answers a question before the next one starts): load from other
         # jobs on the machine then spreads over all methods instead of skewing whichever ran during it.
+        run = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"   # who timed each answer
         with open(answers_file, "a", encoding="utf-8") as f, \
                 tqdm(total=len(todo), desc="eval", unit="answer", file=sys.stderr, disable=not progress) as bar:
             for q, m in todo:
                 bar.set_postfix_str(f"q {q['question_id']} {m}")
                 if loaded[m] is not None:
                     engine.load_heads(loaded[m])
-                rec = _answer(engine, q, m, gen_kwargs, room)
+                rec = _answer(engine, q, m, gen_kwargs, room, run)
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 done[(q["question_id"], m)] = rec
@@ -333,6 +336,11 @@ def summarize(records: list[dict], methods: list[str], check_equality: bool = Tr
         return g
 
     summary = {"methods": methods, "overall": group(None), "categories": {c: group(c) for c in cats}}
+    # A resumed --out holds answers timed by several processes (other loads, clocks, thermal states): its speedups
+    # are not ratios measured side by side. Records from before runs were recorded count as one unknown run.
+    runs = sorted({str(r.get("run")) for r in records})
+    if len(runs) > 1:
+        summary["runs"] = {m: sorted({str(r.get("run")) for r in records if r["method"] == m}) for m in methods}
     if check_equality:
         plain = {r["question_id"]: r for r in records if r["method"] == "ar"}
         eq = {}
@@ -382,6 +390,10 @@ def summary_markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     eq = summary.get("equality")
     lines.append("")
+    if summary.get("runs"):
+        n = len({run for rs in summary["runs"].values() for run in rs})
+        lines.append(f"Note: these answers were timed by {n} runs (a resumed --out), so the speedups are not all "
+                     "measured side by side; rerun into a fresh --out for ratios from one run.")
     if eq is None:
         lines.append("Equality with plain decoding: not checked (sampling).")
     else:
