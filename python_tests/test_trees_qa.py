@@ -243,3 +243,14 @@ def test_cache_dir_words_that_turn_the_cache_off(word, monkeypatch, tmp_path):
     assert timing_cache.path("step_costs.json") is None
     monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path / "c"))
     assert timing_cache.path("step_costs.json").parent == tmp_path / "c"
+
+
+def test_tree_search_save_to_a_read_only_config_fails_before_the_search(tmp_path, monkeypatch):
+    """A read-only heads config.json failed only once the whole search had run, with a raw PermissionError."""
+    import os
+    from amphista_engine.training import tree_search as ts
+    (tmp_path / "config.json").write_text("{}")
+    real = os.access
+    monkeypatch.setattr(ts.os, "access", lambda p, mode: False if str(p).endswith("config.json") else real(p, mode))
+    with pytest.raises(InputError, match="config.json is not writable"):
+        ts.tree_search(tmp_path / "shard.jsonl", tmp_path, model="no-such-model", nodes=(8,), save=True)

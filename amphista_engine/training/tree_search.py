@@ -19,6 +19,7 @@ fitted to the mix it will serve; every function below takes an optional per-row 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -276,6 +277,10 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         raise InputError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     if out is not None and Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSON file to write")
+    cfg_file = Path(heads_dir) / "config.json"
+    if save and cfg_file.is_file() and not os.access(cfg_file, os.W_OK):     # before the search, not after it
+        raise InputError(f"--save: {cfg_file} is not writable; copy the heads to a directory you can write, or "
+                         f"keep the trees with --out FILE.json (--tree FILE.json takes one)")
     if target is None:
         from ..loading import load_model, parse_device, parse_dtype
         dev = parse_device(device)
@@ -336,7 +341,6 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     if save:
-        cfg_file = Path(heads_dir) / "config.json"
         cfg = json.loads(cfg_file.read_text())
         cfg.setdefault("extra", {}).setdefault("trees", {}).update(result["trees"])
         keys = ("heldout_sequences", "positions", "source_weights", "expected_tau", "decoding_tau")
@@ -344,5 +348,8 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
             cfg["extra"]["tree_search"] = {k: result[k] for k in keys}
         else:       # a second family of trees (another mix) keeps the first family's record
             cfg["extra"][f"tree_search_{prefix}"] = {k: result[k] for k in keys}
-        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+        try:
+            cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+        except OSError as e:
+            raise InputError(f"--save: cannot write {cfg_file}: {e.strerror or e}") from None
     return result
