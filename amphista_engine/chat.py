@@ -97,10 +97,12 @@ def render_chat(tokenizer, messages, template: str | None = None, add_generation
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "",
             default_system_prompt=VICUNA_SYSTEM_PROMPT,
+            # transformers defines these as None: templates test `tools is not none`, which an undefined passes.
+            tools=None, documents=None,
         )
     except jinja2.TemplateError as e:
         raise InputError(f"chat template ({name}) raised an error for these messages: {e}") from e
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
         raise InputError(f"chat template ({name}) failed on these messages: {type(e).__name__}: {e}") from e
 
 
@@ -129,10 +131,13 @@ def _check_messages(messages) -> list[dict]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise InputError(f"message {i} has no 'role' (expected e.g. 'system', 'user' or 'assistant')")
-        if not isinstance(m.get("content"), str):
-            what = "no 'content'" if m.get("content") is None else f"a {type(m['content']).__name__} 'content'"
+        content = m.get("content")
+        # An assistant turn that only calls tools has no content (None in OpenAI's format), as in transformers.
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
+            what = "no 'content'" if content is None else f"a {type(content).__name__} 'content'"
             raise InputError(f"message {i} ({role}) has {what}; expected a str")
-        checked.append(dict(m))
+        # transformers drops None values: templates handle a missing key, but print None as "None".
+        checked.append({k: v for k, v in m.items() if v is not None})
     return checked
 
 

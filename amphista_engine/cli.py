@@ -213,7 +213,9 @@ def cmd_chat(args) -> int:
         raise InputError(f"--system is {bad}")
     engine, speculative, tree, _ = _load(args)
     if engine.tokenizer.chat_template is None:
-        print("note: the model has no chat template of its own; using the engine's fallback", file=sys.stderr)
+        from .chat import resolve_template
+        print(f"note: the model has no chat template of its own; using the built-in "
+              f"{resolve_template(engine.tokenizer)[0]} format", file=sys.stderr)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), reuse_prefix=args.reuse_prefix)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []

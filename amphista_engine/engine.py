@@ -397,4 +397,8 @@ class Engine:
 
     @property
     def eos_ids(self) -> list[int]:
-        return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []))
+        from .chat import chat_stops
+        # A model without a template of its own is prompted in the fallback's format (ChatML: <|im_end|> ends the
+        # turn), which its declared EOS need not be; special tokens only, never text that merely spells one.
+        turn_ends = {i for i in chat_stops(self.tokenizer).token_ids if i in self.tokenizer.special_ids}
+        return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []) | turn_ends)
