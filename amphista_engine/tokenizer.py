@@ -52,6 +52,8 @@ class Tokenizer:
         self.chat_template: str | None = chat_template or None
         self.source = str(source)
         self.eos_ids: list[int] = self._collect_eos(eos_ids)
+        # Ids whose text the ids after them can still change (see _TokenizersBackend): streamed text waits.
+        self.byte_run_ids: frozenset[int] = getattr(backend, "byte_run_ids", frozenset())
         # Rows of the model's embedding, set by load_model: a text whose ids go past it (tokens added to the
         # tokenizer but not to the checkpoint) is refused by `encode`. None: no model to check against.
         self.model_vocab_size: int | None = None
@@ -130,7 +132,9 @@ class StreamDecoder:
     held back while it ends in an incomplete UTF-8 character (U+FFFD), and each delta is computed
     by decoding a short window that starts at the previously emitted token(s), so sentencepiece's
     leading-space pieces (`▁word`, whose space the decoder drops at the start of a text) and
-    byte-level pieces come out with the right spacing.
+    byte-level pieces come out with the right spacing. With tokenizers' ByteFallback decoder (Llama 2 style
+    tokenizer.json) a run of byte pieces is held until a piece that is not a byte ends it: a later invalid byte
+    turns the whole run into U+FFFD there.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -146,6 +150,8 @@ class StreamDecoder:
             self._ids.extend([int(i) for i in token_ids])
         except TypeError:  # a single id (int, numpy scalar, 0-d tensor)
             self._ids.append(int(token_ids))
+        if self._in_byte_run():
+            return ""
         prefix_text, new_text = self._window()
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
@@ -161,6 +167,17 @@ class StreamDecoder:
     @property
     def token_ids(self) -> list[int]:
         return list(self._ids)
+
+    def _in_byte_run(self) -> bool:
+        """Whether the last id that shows in the text is a byte piece whose run may still change (ids that
+        decode to nothing, skipped specials and ids past the vocabulary, join the runs on both sides)."""
+        tok = self._tokenizer
+        if not tok.byte_run_ids:
+            return False
+        for i in reversed(self._ids[self._read:]):
+            if 0 <= i < tok.vocab_size and not (self._skip and i in tok.special_ids):
+                return i in tok.byte_run_ids
+        return False
 
     def _window(self) -> tuple[str, str]:
         decode = self._tokenizer.decode
@@ -205,7 +222,15 @@ class _TokenizersBackend:
         self.tok = tok
         self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
         # Added tokens may reuse or extend model ids; the embedding needs the largest id + 1.
-        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        vocab = tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1
+        # tokenizers' ByteFallback decoder (Llama 2 / Mistral tokenizer.json) turns a whole run of byte pieces
+        # into U+FFFDs once any of it is invalid UTF-8, valid characters before included: a run's text is not
+        # final until a piece that is not a byte ends it. StreamDecoder holds such runs back.
+        decoder = tok.decoder.__getstate__() if tok.decoder is not None else b""
+        self.byte_run_ids: frozenset[int] = frozenset()
+        if b'"ByteFallback"' in decoder:
+            self.byte_run_ids = frozenset(i for p, i in vocab.items() if _byte_piece(p) is not None)
 
     def encode(self, text):
         # add_special_tokens=False: BOS is added by Tokenizer.encode, EOS never.
@@ -221,6 +246,50 @@ class _TokenizersBackend:
         return self.tok.token_to_id(piece)
 
 
+# surrogateescape spells each byte of invalid UTF-8 as U+DC80..U+DCFF; sentencepiece shows each as U+FFFD.
+_ESCAPED_BYTES = {0xDC00 + b: 0xFFFD for b in range(0x80, 0x100)}
+
+
+class _PieceDecoder:
+    """Text of sentencepiece ids, decoded as the `sentencepiece` library does (checked against it on random ids).
+
+    Byte pieces (`<0xE2>`) are joined into UTF-8, each byte that is not part of a valid character becoming one
+    U+FFFD (Python's 'replace' gives one per invalid run; tokenizers' ByteFallback turns a whole run of byte
+    pieces into U+FFFDs when any of it is invalid, valid characters included, so text already streamed would
+    change as later bytes arrive). The dummy-prefix space comes off the first piece only, and only where that
+    piece is text starting with `▁` (not a byte `<0x20>`). Control pieces are kept as text unless skipped.
+    """
+
+    def __init__(self, pieces: list[str], special_ids, byte_values: dict[int, int], dummy_prefix: bool):
+        self.pieces, self.special_ids, self.bytes, self.dummy_prefix = pieces, special_ids, byte_values, dummy_prefix
+
+    def __call__(self, ids, skip_special) -> str:
+        out, buf, first = [], bytearray(), True
+        for i in ids:
+            if i in self.special_ids:
+                if not skip_special:
+                    out += [_utf8(buf), self.pieces[i]]
+                    buf.clear()
+                    first = False
+                continue
+            if i in self.bytes:
+                buf.append(self.bytes[i])
+            else:
+                text = self.pieces[i].replace(_SPIECE_SPACE, " ")
+                buf += (text[1:] if first and self.dummy_prefix and text.startswith(" ") else text).encode()
+            first = False
+        return "".join(out) + _utf8(buf)
+
+
+def _utf8(data: bytearray) -> str:
+    return data.decode("utf-8", "surrogateescape").translate(_ESCAPED_BYTES)
+
+
+def _byte_piece(piece: str) -> int | None:
+    """The byte a sentencepiece byte-fallback piece (`<0x0A>`) stands for."""
+    return int(piece[3:5], 16) if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else None
+
+
 class _SentencePieceBackend:
     """A sentencepiece `tokenizer.model`, run by the `sentencepiece` library itself.
 
@@ -234,28 +303,15 @@ class _SentencePieceBackend:
         self.vocab_size = n
         self.pieces = [sp.id_to_piece(i) for i in range(n)]
         self.special_ids = frozenset(i for i in range(n) if sp.is_control(i) or sp.is_unknown(i))
-        self.bytes = {i: int(self.pieces[i][3:-1], 16) for i in range(n) if sp.is_byte(i)}
+        byte_values = {i: int(self.pieces[i][3:-1], 16) for i in range(n) if sp.is_byte(i)}
         self.ids = {}
         for i, p in enumerate(self.pieces):
             self.ids.setdefault(p, i)
         self.encode = _ControlSplitter({self.pieces[i]: i for i in self.special_ids}, sp.encode)
         probe = sp.encode("a", out_type=str)
-        self.dummy_prefix = bool(probe) and probe[0].startswith(_SPIECE_SPACE)
-
-    def decode(self, ids, skip_special):
-        out, buf = [], bytearray()
-        for i in ids:
-            if i in self.special_ids:
-                if not skip_special:
-                    out += [buf.decode("utf-8", "replace"), self.pieces[i]]
-                    buf.clear()
-            elif i in self.bytes:
-                buf.append(self.bytes[i])
-            else:
-                buf += self.pieces[i].replace(_SPIECE_SPACE, " ").encode()
-        text = "".join(out) + buf.decode("utf-8", "replace")
         # sentencepiece drops the space it put in front of the text when encoding.
-        return text[1:] if self.dummy_prefix and text.startswith(" ") else text
+        self.decode = _PieceDecoder(self.pieces, self.special_ids, byte_values,
+                                    bool(probe) and probe[0].startswith(_SPIECE_SPACE))
 
     def id_to_piece(self, token_id):
         return self.pieces[token_id]
@@ -342,14 +398,42 @@ def _gguf_byte_level(tokens, types, merges, pre, where):
     special, plain = _added_tokens(tokens, types)
     tok.add_special_tokens(special)
     tok.add_tokens(plain)
-    return _TokenizersBackend(tok)
+    backend = _TokenizersBackend(tok)
+    backend.decode = _AddedAsText(tok, tokens, types)
+    return backend
+
+
+class _AddedAsText:
+    """Decoding of a GGUF byte-level vocabulary: control and user-defined tokens are their text as it stands
+    (llama.cpp's converter stores them decoded and llama.cpp prints them so), ordinary tokens byte-level.
+    tokenizers' ByteLevel decoder reads any token whose characters all lie in its byte alphabet as bytes, so a
+    user-defined `naïve` came out as `na\ufffdve`. Runs of ordinary tokens still go to tokenizers: an added
+    token is valid UTF-8, so splitting the bytes around it changes no replacement character."""
+
+    def __init__(self, tok, tokens, types):
+        self.tok = tok
+        self.added = {i: t for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (_CONTROL, _UNKNOWN, _USER_DEFINED)}
+        self.skippable = frozenset(i for i, ty in enumerate(types) if ty in (_CONTROL, _UNKNOWN))
+
+    def __call__(self, ids, skip_special) -> str:
+        parts, run = [], []
+        for i in ids:
+            if i not in self.added:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.tok.decode(run))
+                run = []
+            if not (skip_special and i in self.skippable):
+                parts.append(self.added[i])
+        return "".join(parts) + (self.tok.decode(run) if run else "")
 
 
 def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix):
     """A sentencepiece BPE vocabulary as a `tokenizers` BPE: sentencepiece merges the adjacent pair
     whose joined piece scores highest, so ranking every split of every piece by that score gives
     the same merges (the same construction transformers uses)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers
 
     vocab = {}
     for i, t in enumerate(tokens):
@@ -363,14 +447,15 @@ def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix):
     tok = HFTokenizer(models.BPE(vocab, [(a, b) for _, _, a, b in ranked], unk_token=unk, fuse_unk=True,
                                  byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", _SPIECE_SPACE)
-    steps = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
     # User-defined pieces are matched in normalized text, like sentencepiece does (llama.cpp's
     # converter stored their `▁` as real spaces, which the normalizer turns back).
     special, plain = _added_tokens(tokens, types, user_defined_normalized=True)
     tok.add_special_tokens(special)
     tok.add_tokens(plain)
     backend = _TokenizersBackend(tok)
+    # Any `<0xXX>` piece, as the BPE's byte fallback encodes with (some converters leave them typed NORMAL).
+    byte_values = {i: b for i, t in enumerate(tokens) if (b := _byte_piece(t)) is not None}
+    backend.decode = _PieceDecoder(list(tokens), backend.special_ids, byte_values, bool(add_space_prefix))
     prefix = _SPIECE_SPACE if add_space_prefix else ""
     backend.encode = _ControlSplitter({t.content: vocab[t.content] for t in special},
                                       lambda text: tok.encode(prefix + text, add_special_tokens=False).ids)
