@@ -90,7 +90,9 @@ class PlainDecoder:
         self.seen = None
         if self.params.repetition_penalty != 1.0:
             self.seen = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            self.seen.scatter_(1, tokens, True)
+            # a short row's right padding (token 0) is no token of its prompt: it takes the row's first token
+            pad = torch.arange(T, device=self.device)[None] >= lengths[:, None]
+            self.seen.scatter_(1, torch.where(pad, tokens[:, :1], tokens), True)
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
         return flag_non_finite(self.next, logits)   # not the state tensor itself: it changes in place every step

@@ -6,11 +6,18 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .values import is_int
+from .values import is_integral, is_real
 
 # The smallest temperature and repetition penalty taken: logits are divided by them in fp32, where below ~1e-37 the
 # quotient overflows to inf and the sampler meets NaN. 1e-6 leaves logits of any real size finite.
 MIN_DIVISOR = 1e-6
+
+
+def _as_float(v) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        return float("inf")
 
 
 @dataclass(frozen=True)
@@ -24,9 +31,12 @@ class SamplingParams:
     def __post_init__(self):
         for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
             v = getattr(self, name)      # bools are ints to Python: a flag passed here by mistake is no number
-            if isinstance(v, bool) or not isinstance(v, int if name == "top_k" else (int, float)):
+            if not (is_integral(v) if name == "top_k" else is_real(v, finite=False)):
                 kind = "an integer" if name == "top_k" else "a number"
                 raise InputError(f"{name} must be {kind}, got {type(v).__name__} {v!r}")
+            # numpy's numbers (np.float32(0.7), a top_k from an array) kept as Python's, as CUDA graph keys and
+            # JSON stats hold them; an int too large for a float is infinite, refused below
+            object.__setattr__(self, name, int(v) if name == "top_k" else _as_float(v))
         if not 0 <= self.temperature < float("inf"):
             raise InputError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
         if 0 < self.temperature < MIN_DIVISOR:
@@ -41,8 +51,10 @@ class SamplingParams:
         if self.repetition_penalty < MIN_DIVISOR:
             raise InputError(f"repetition_penalty must be at least {MIN_DIVISOR:g} (1 = off), got "
                              f"{self.repetition_penalty!r}: logits / repetition_penalty would overflow")
-        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_integral(self.seed) or not 0 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def greedy(self) -> bool:
@@ -68,7 +80,9 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, 
         x = x.masked_fill(x < x.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
     p = torch.softmax(x, dim=-1)
     if top_p < 1.0:
-        sp, order = p.sort(dim=-1, descending=True)
+        # stable: of tokens tied at the nucleus' edge (common with bf16 logits) the lowest ids are kept, greedy's
+        # tie rule, on every device; the CPU's unstable sort kept whichever its internal order put first.
+        sp, order = p.sort(dim=-1, descending=True, stable=True)
         drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) >= top_p)
         p = p.masked_fill(drop, 0.0)
         p = p / p.sum(-1, keepdim=True)

@@ -16,6 +16,6 @@ def is_integral(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def is_real(x) -> bool:
-    """A finite real number of any type (numpy's too), not a bool."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+def is_real(x, finite: bool = True) -> bool:
+    """A real number of any type (numpy's too), not a bool; finite unless finite=False (the caller names it)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and (not finite or math.isfinite(x))
