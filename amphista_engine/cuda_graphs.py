@@ -71,6 +71,13 @@ class GraphStats:
                 "failed_captures": self.failed_captures, "dropped": self.dropped, "errors": self.errors[-3:]}
 
 
+def _trim(keys: dict, limit: int):
+    """Drops the oldest entries past `limit`: a seeded sampling run's keys name its own generator, so a long-lived
+    engine meets new keys with every such run, and its bookkeeping must not grow with them."""
+    while len(keys) > limit:
+        del keys[next(iter(keys))]
+
+
 def _tensors_of(obj, names) -> list[torch.Tensor]:
     out = []
     for n in names:
@@ -173,6 +180,7 @@ class DecodeGraphs:
             return eager(kv_len)
         if self.warm.get(key, 0) < self.warmup_steps:
             self.warm[key] = self.warm.get(key, 0) + 1
+            _trim(self.warm, 4 * self.max_graphs)
             self.stats.eager_steps += 1
             return self._warm_step(eager, kv_len)
         if len(self.graphs) >= self.max_graphs:
@@ -260,8 +268,9 @@ class DecodeGraphs:
     def _capture_failed(self, key, err: Exception):
         msg = f"{type(err).__name__}: {err}"
         self.uncapturable[key] = msg
+        _trim(self.uncapturable, 4 * self.max_graphs)
         self.stats.failed_captures += 1
-        self.stats.errors.append(msg)
+        self.stats.errors = self.stats.errors[-15:] + [msg]
         self._sync()
         if not self._warned:
             self._warned = True

@@ -17,6 +17,18 @@ from .sampling import SamplingParams
 from .values import is_int
 
 DEFAULT_MODEL = "smollm2-135m"
+# Trees built (and speculation checks weighed) per engine, most recently used kept: an engine serving requests that
+# each name their own path list or tree file must not keep every one for its lifetime. More than any heads record.
+KEPT_TREES = 64
+
+
+def _recent(cache: dict, key, make):
+    """cache[key], made by make() where absent; cache keeps the KEPT_TREES most recently used (insertion order)."""
+    value = cache.pop(key) if key in cache else make()
+    cache[key] = value
+    while len(cache) > KEPT_TREES:
+        del cache[next(iter(cache))]
+    return value
 
 
 def _tree_key(tree):
@@ -86,6 +98,9 @@ class _KeptPrefix:
 
 
 class Engine:
+    _BUSY = ("this engine is decoding in another thread: it has one KV cache, so runs cannot overlap; use one engine "
+             "per thread, serialise the calls, or batch the prompts (generate_batch)")
+
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int = 2048, max_batch_size: int = 1,
                  cuda_graphs: bool = True, quant: str = "none"):
         self.loaded = loaded
@@ -232,9 +247,24 @@ class Engine:
                              'ones, or engine.load_heads(DIR)')
         tree = None if tree == "auto" else tree
         key = _tree_key(tree)
-        if key not in self._checks:
-            self._checks[key] = check_speculation(self, tree)
-        return self._checks[key]
+
+        def check():
+            # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
+            # from what the timing left there. As a run, it and another thread's runs refuse each other, and it
+            # overtakes a stream.
+            me = threading.get_ident()
+            with self._decoding_lock:
+                if self._decoding is not None and self._decoding[0] != me:
+                    raise InputError(self._BUSY)
+                self._runs += 1
+                mine = self._decoding = (me, self._runs)
+            try:
+                return check_speculation(self, tree)
+            finally:
+                with self._decoding_lock:
+                    if self._decoding == mine:
+                        self._decoding = None
+        return _recent(self._checks, key, check)
 
     def resolve_speculation(self, speculative, tree):
         """(speculative, tree, check) with "auto" resolved. speculative="auto": the loaded heads where the check
@@ -263,17 +293,17 @@ class Engine:
         key = (_tree_key(tree), self.heads.num_heads)
         if isinstance(tree, str) and tree.endswith(".json") and os.path.isfile(tree):
             key += (os.stat(tree).st_mtime_ns,)      # a tree file edited since is read again, not served stale
-        if key not in self._trees:
-            self._trees[key] = TreeSpec(tree, self.heads.num_heads, self.device,
-                                        self.heads.config.extra.get("trees"), four_bit=self.quant == "q4")
-        return self._trees[key]
+        return _recent(self._trees, key, lambda: TreeSpec(tree, self.heads.num_heads, self.device,
+                                                        self.heads.config.extra.get("trees"),
+                                                        four_bit=self.quant == "q4"))
 
     # ---- generation ------------------------------------------------------------------------------------
     def stream_batch(self, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
                      seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False) -> Iterator[tuple[int, str]]:
-        """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after.
+        """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
+        ([] where the run did not finish: closed early, or stopped by an error).
 
         reuse_prefix (one prompt): start from the K/V the cache still holds for the longest common prefix of this
         prompt and the previous reuse_prefix run's prompt + answer, and prefill only the rest (a chat's history).
@@ -346,12 +376,12 @@ class Engine:
             # Another thread's run would step on this one's cache between its steps (and this one on its): each
             # would print the other's garbage. In one thread a newer run overtakes an older stream (below).
             if self._decoding is not None and self._decoding[0] != me:
-                raise InputError("this engine is decoding in another thread: it has one KV cache, so runs cannot "
-                                 "overlap; use one engine per thread, serialise the calls, or batch the prompts "
-                                 "(generate_batch)")
+                raise InputError(self._BUSY)
             self._runs += 1
             mine = self._runs
             self._decoding = (me, mine)
+            # Not the previous run's result: a run closed early or stopped by an error leaves none
+            self.last_result, self.last_results = None, []
         try:
             with torch.inference_mode():
                 steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
@@ -380,7 +410,8 @@ class Engine:
                                      seq[:min(int(decoder.cache.length[0]), len(seq))])
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards.
+        """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the
+        stream was closed before its end or stopped by an error).
 
         Bad arguments raise here, before the first chunk is asked for."""
         return (delta for _, delta in self.stream_batch([prompt], **kwargs))

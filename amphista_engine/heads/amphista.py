@@ -161,7 +161,9 @@ class AmphistaHeads(DraftHeads):
     def reset_cache(self, batch: int, max_seq_len: int):
         p, c = self.norm.weight, self.sal_config
         cache = self.sal_cache
-        if (cache is None or cache.batch != batch or cache.max_seq_len != max_seq_len
+        # A larger batch's buffers serve a smaller one (rows [:batch]), as the target's cache does: an engine
+        # alternating batch sizes would otherwise reallocate them each time, and on a GPU recapture every graph.
+        if (cache is None or cache.batch < batch or cache.max_seq_len != max_seq_len
                 or cache.k.dtype != p.dtype or cache.k.device != p.device):
             self.sal_cache = None   # free the old buffers first
             self.sal_cache = KVCache(c.n_layers, batch, c.n_kv_heads, max_seq_len, c.head_dim, p.dtype, p.device)
