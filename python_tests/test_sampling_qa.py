@@ -322,3 +322,29 @@ def test_a_seed_reproduces_generate_stream_and_a_batch_of_one(engine, speculativ
         prompt, **{**kw, "seed": None}).token_ids
     two = [engine.generate_batch([prompt, "Hello"], **kw) for _ in range(2)]
     assert [r.token_ids for r in two[0]] == [r.token_ids for r in two[1]]
+
+
+def test_cpu_nucleus_from_candidates_equals_the_full_sort():
+    """The CPU's top_p seeks the nucleus among the top NUCLEUS_CANDIDATES tokens first (~5x faster on real logits
+    than sorting 49k); it must keep exactly the full stable sort's tokens, ties at the edge included, and fall back
+    where the nucleus does not close inside the candidates."""
+    from amphista_engine import sampling as S
+
+    def full(p, top_p):
+        sp, order = p.sort(dim=-1, descending=True, stable=True)
+        return p.masked_fill(torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) >= top_p),
+                             0.0)
+    g = torch.Generator().manual_seed(0)
+    took_candidates = 0
+    for case in range(120):
+        B, V = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(2100, 12000, (1,), generator=g))
+        x = torch.randn(B, V, generator=g) * float(torch.rand(1, generator=g) * 12)
+        if case % 2:
+            x = x.to(torch.bfloat16).float()                        # ties, as bf16 logits have
+        if case % 3 == 0:
+            x = (x * 2).round() / 2                                 # many ties, some across the candidates' edge
+        p, top_p = torch.softmax(x, -1), float(torch.rand(1, generator=g)) ** 0.5
+        assert torch.equal(S._nucleus(p, top_p), full(p, top_p)), case
+        sp = p.sort(-1, descending=True).values
+        took_candidates += bool((((sp.cumsum(-1) - sp) < top_p).sum(-1) < S.NUCLEUS_CANDIDATES // 2).all())
+    assert 20 < took_candidates < 120                               # both branches ran
