@@ -33,6 +33,45 @@ CORPUS = ("The quick brown fox jumps over the lazy dog. Speculative decoding dra
           "def f(x):\n    return x * 2\n") * 20
 
 
+def write_vocab_gguf(path: Path, tokens, types, *, model="gpt2", pre=None, merges=None, scores=None, bos=None,
+                     eos=None, unk=None, add_bos=None, template=None, space_prefix=None) -> Path:
+    """A GGUF holding only a tokenizer (tokenizer.ggml.* metadata), as llama.cpp writes one."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    for setter, value in ((w.add_token_scores, scores), (w.add_token_merges, merges), (w.add_bos_token_id, bos),
+                          (w.add_eos_token_id, eos), (w.add_unk_token_id, unk), (w.add_add_bos_token, add_bos),
+                          (w.add_chat_template, template), (w.add_add_space_prefix, space_prefix)):
+        if value is not None:
+            setter(value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def in_other_thread(fn) -> BaseException | None:
+    """Runs fn() in a new thread and waits for it: the exception it raised, or None."""
+    import threading
+    raised = []
+
+    def body():
+        try:
+            fn()
+        except BaseException as e:      # noqa: BLE001 -- handed back to the test
+            raised.append(e)
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    return raised[0] if raised else None
+
+
 def _single_thread():
     # Tiny models gain nothing from threads, and on a busy machine thread contention makes them 100x slower.
     n = torch.get_num_threads()

@@ -248,31 +248,19 @@ def test_logits_that_turn_nan_mid_answer_stop_the_run_by_name(engine, speculativ
 def test_a_second_thread_is_refused_while_a_run_decodes(engine):
     """Two threads on one engine interleaved their steps on its one KV cache: each printed the other's garbage.
     Now the second is refused by name while the first decodes; once it ends (or is closed) the engine is free."""
-    import threading
+    from conftest import in_other_thread
+
+    def other():
+        engine.generate("Hello", max_new_tokens=4, chat=False)
     want = engine.generate(PROMPT, max_new_tokens=12, chat=False).token_ids
     stream = engine.stream(PROMPT, max_new_tokens=12, chat=False)
     next(stream)                                            # the run is under way in this thread
-    errors = []
-
-    def other():
-        try:
-            engine.generate("Hello", max_new_tokens=4, chat=False)
-        except InputError as e:
-            errors.append(str(e))
-    t = threading.Thread(target=other)
-    t.start()
-    t.join()
-    assert errors and "decoding in another thread" in errors[0]
+    err = in_other_thread(other)
+    assert isinstance(err, InputError) and "decoding in another thread" in str(err)
     list(stream)
     assert engine.last_result.token_ids == want             # the refused thread touched nothing
-    t = threading.Thread(target=other)
-    t.start()
-    t.join()
-    assert len(errors) == 1                                 # free again
+    assert in_other_thread(other) is None                   # free again
     stream = engine.stream(PROMPT, max_new_tokens=12, chat=False)
     next(stream)
     stream.close()                                          # a closed stream frees it too
-    t = threading.Thread(target=other)
-    t.start()
-    t.join()
-    assert len(errors) == 1
+    assert in_other_thread(other) is None

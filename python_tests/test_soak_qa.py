@@ -3,8 +3,6 @@ settings must neither grow the engine's memory nor let one run's state reach the
 a soak run found, with a short sequence on a tiny random checkpoint."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -105,31 +103,25 @@ def test_a_speculation_check_is_a_run_for_the_streams_it_interrupts(tiny_hf_dir,
     eng.heads.config.extra = {"tree_search": {"decoding_tau": {"chain-2": 1.5}}}
     stream = eng.stream(PROMPT, max_new_tokens=40, chat=False, speculative="amphista", tree="chain-3")
     next(stream)
-    errors = []
+    from conftest import in_other_thread
 
     def other(run=False):
-        try:
-            eng.generate(OTHER, max_new_tokens=2, chat=False) if run else eng.speculation_check("chain-2")
-        except InputError as e:
-            errors.append(str(e))
-    t = threading.Thread(target=other)
-    t.start()
-    t.join()
-    assert errors and "decoding in another thread" in errors[0]
+        eng.generate(OTHER, max_new_tokens=2, chat=False) if run else eng.speculation_check("chain-2")
+    err = in_other_thread(other)
+    assert isinstance(err, InputError) and "decoding in another thread" in str(err)
     assert eng.speculation_check("chain-2").plain_ms > 0              # timed, here: the stream is overtaken
     with pytest.raises(InputError, match="overtaken"):
         list(stream)
     from amphista_engine import speculation_check as sc
     real = sc.check_speculation
+    errors = []
 
     def timing_meets_another_thread(engine, tree):      # another thread's run while this thread times steps
-        t = threading.Thread(target=other, kwargs={"run": True})
-        t.start()
-        t.join()
+        errors.append(in_other_thread(lambda: other(run=True)))
         return real(engine, tree)
     monkeypatch.setattr(sc, "check_speculation", timing_meets_another_thread)
     eng.speculation_check("chain-3")
-    assert len(errors) == 2 and "decoding in another thread" in str(errors[1])
+    assert len(errors) == 1 and "decoding in another thread" in str(errors[0])
     assert eng.generate(OTHER, max_new_tokens=3, chat=False).token_ids       # free again
 
 

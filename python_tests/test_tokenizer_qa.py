@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_smollm2
+from conftest import needs_smollm2, write_vocab_gguf
 from amphista_engine.gguf_file import read_gguf_metadata
 from amphista_engine.loading import resolve_model_path
 from amphista_engine.tokenizer import load_tokenizer
@@ -230,27 +230,6 @@ def test_smollm2_stream_equals_decode_on_random_splits(smol):
 
 # -- sentencepiece: tokenizer.model, its GGUF, and a Llama-2-style tokenizer.json ---------------------------------
 
-def _write_gguf(path: Path, tokens, types, *, model, scores=None, merges=None, pre=None, bos=None, eos=None,
-                space_prefix=None):
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model(model)
-    if pre:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    for setter, value in ((w.add_token_scores, scores), (w.add_token_merges, merges), (w.add_bos_token_id, bos),
-                          (w.add_eos_token_id, eos), (w.add_add_space_prefix, space_prefix)):
-        if value is not None:
-            setter(value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
     """A Llama-2-like sentencepiece BPE (byte fallback, digits split, identity normalization), in a folder with
@@ -269,8 +248,8 @@ def spm_model(tmp_path_factory):
     pieces = [sp.id_to_piece(i) for i in range(n)]
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
              else 4 if pieces[i] == "<|im_end|>" else 1 for i in range(n)]
-    gguf_path = _write_gguf(folder / "spm.gguf", pieces, types, model="llama", bos=1, eos=2, space_prefix=True,
-                            scores=[sp.get_score(i) for i in range(n)])
+    gguf_path = write_vocab_gguf(folder / "spm.gguf", pieces, types, model="llama", bos=1, eos=2,
+                                 space_prefix=True, scores=[sp.get_score(i) for i in range(n)])
     json_dir = folder / "hf"
     json_dir.mkdir()
     tok = HFTokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True,
@@ -347,7 +326,7 @@ def test_gguf_byte_level_added_tokens_decode_as_their_text(tmp_path):
     spell = _byte_alphabet()
     tokens = [spell[b] for b in range(256)] + ["ab", "naïve", "<|é|>", "<|endoftext|>", "<my token é>"]
     types = [1] * 257 + [4, 3, 3, 4]
-    path = _write_gguf(tmp_path / "added.gguf", tokens, types, model="gpt2", pre="gpt2", merges=["a b"], eos=259)
+    path = write_vocab_gguf(tmp_path / "added.gguf", tokens, types, model="gpt2", pre="gpt2", merges=["a b"], eos=259)
     tok = load_tokenizer(path)
     ids = tok.encode("ab naïve<|é|>é<my token é><|endoftext|>")
     assert ids == [256, 32, 257, 258, 0xC3, 0xA9, 260, 259]
