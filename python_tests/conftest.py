@@ -33,6 +33,24 @@ CORPUS = ("The quick brown fox jumps over the lazy dog. Speculative decoding dra
           "def f(x):\n    return x * 2\n") * 20
 
 
+def edited_copy(src: Path, dst: Path, cfg=None, tensors=None) -> Path:
+    """A copy of a checkpoint folder with its config.json updated (a dict, or a function of the config giving
+    one) and its model.safetensors tensors edited in place by tensors(dict)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    if cfg is not None:
+        c = json.loads((dst / "config.json").read_text())
+        c.update(cfg(c) if callable(cfg) else cfg)
+        (dst / "config.json").write_text(json.dumps(c))
+    if tensors is not None:
+        t = load_file(str(dst / "model.safetensors"))
+        tensors(t)
+        save_file(t, str(dst / "model.safetensors"))
+    return dst
+
+
 def write_vocab_gguf(path: Path, tokens, types, *, model="gpt2", pre=None, merges=None, scores=None, bos=None,
                      eos=None, unk=None, add_bos=None, template=None, space_prefix=None) -> Path:
     """A GGUF holding only a tokenizer (tokenizer.ggml.* metadata), as llama.cpp writes one."""

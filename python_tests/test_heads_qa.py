@@ -8,12 +8,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from amphista_engine import AmphistaError
 from amphista_engine.errors import ConfigError, InputError, ModelLoadError
 from amphista_engine.heads import HeadsConfig, load_heads, random_heads, save_heads
-from conftest import random_tiny_model
+from conftest import edited_copy, random_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +36,7 @@ def saved(target, tmp_path_factory):
 
 def variant(saved, tmp_path, kind="amphista", cfg=None, state=None):
     """A copy of the saved heads with config.json fields replaced (cfg) and tensors changed (state(dict))."""
-    d = tmp_path / f"{kind}-variant"
-    shutil.copytree(saved / kind, d)
-    if cfg is not None:
-        c = json.loads((d / "config.json").read_text())
-        c.update(cfg(c) if callable(cfg) else cfg)
-        (d / "config.json").write_text(json.dumps(c))
-    if state is not None:
-        s = load_file(str(d / "model.safetensors"))
-        state(s)
-        save_file(s, str(d / "model.safetensors"))
-    return d
+    return edited_copy(saved / kind, tmp_path / f"{kind}-variant", cfg, state)
 
 
 # ---- config.json fields -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from amphista_engine import ConfigError, InputError, ModelLoadError
 from amphista_engine.config import ModelConfig
@@ -19,7 +19,7 @@ from amphista_engine.gguf_file import read_gguf
 from amphista_engine.loading import load_model
 from amphista_engine.tokenizer import load_tokenizer
 
-from conftest import TINY_HF, write_tiny_gguf, write_tokenizer
+from conftest import TINY_HF, edited_copy, write_tiny_gguf, write_tokenizer
 
 C = TINY_HF
 HEAD_DIM = C["hidden_size"] // C["num_attention_heads"]
@@ -52,17 +52,7 @@ def base(tmp_path_factory) -> Path:
 
 def variant(base, tmp_path, cfg=None, tensors=None) -> Path:
     """A copy of `base` with config keys updated and/or its tensors edited in place by `tensors(dict)`."""
-    d = tmp_path / "m"
-    shutil.copytree(base, d)
-    if cfg is not None:
-        c = json.loads((d / "config.json").read_text())
-        c.update(cfg)
-        (d / "config.json").write_text(json.dumps(c))
-    if tensors is not None:
-        t = load_file(str(d / "model.safetensors"))
-        tensors(t)
-        save_file(t, str(d / "model.safetensors"))
-    return d
+    return edited_copy(base, tmp_path / "m", cfg, tensors)
 
 
 # ---- config.json options the model does not implement -------------------------------------------------
