@@ -1,6 +1,7 @@
 """The public entry point: `Engine.from_pretrained(...)`, `engine.generate(...)`, `engine.stream(...)`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -252,18 +253,8 @@ class Engine:
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
             # from what the timing left there. As a run, it and another thread's runs refuse each other, and it
             # overtakes a stream.
-            me = threading.get_ident()
-            with self._decoding_lock:
-                if self._decoding is not None and self._decoding[0] != me:
-                    raise InputError(self._BUSY)
-                self._runs += 1
-                mine = self._decoding = (me, self._runs)
-            try:
+            with self._one_run():
                 return check_speculation(self, tree)
-            finally:
-                with self._decoding_lock:
-                    if self._decoding == mine:
-                        self._decoding = None
         return _recent(self._checks, key, check)
 
     def resolve_speculation(self, speculative, tree):
@@ -365,37 +356,42 @@ class Engine:
             n += 1
         return max(n - 1, 0)
 
+    @contextlib.contextmanager
+    def _one_run(self, clear_results: bool = False):
+        """The block is a run (its number is yielded): another thread's run would step on this one's cache between
+        its steps (and this one on its), each printing the other's garbage, so runs of two threads refuse each
+        other. In one thread a newer run overtakes an older stream (_drive)."""
+        me = threading.get_ident()
+        with self._decoding_lock:
+            if self._decoding is not None and self._decoding[0] != me:
+                raise InputError(self._BUSY)
+            self._runs += 1
+            token = self._decoding = (me, self._runs)
+            if clear_results:
+                self.last_result, self.last_results = None, []
+        try:
+            yield token[1]
+        finally:
+            with self._decoding_lock:
+                if self._decoding == token:
+                    self._decoding = None
+
     def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False, kept: "_KeptPrefix | None" = None,
                made_at: int | None = None):
         """made_at: the engine's run count when this run was set up; kept: what the cache held then."""
         stats = [GenerationStats() for _ in ids]
         if keep:             # nothing to reuse if another run started since (its prefill rewrote the cache)
             decoder.prefix_reuse = self._reusable(kept, decoder, ids[0]) if self._runs == made_at else 0
-        me = threading.get_ident()
-        with self._decoding_lock:
-            # Another thread's run would step on this one's cache between its steps (and this one on its): each
-            # would print the other's garbage. In one thread a newer run overtakes an older stream (below).
-            if self._decoding is not None and self._decoding[0] != me:
-                raise InputError(self._BUSY)
-            self._runs += 1
-            mine = self._runs
-            self._decoding = (me, mine)
-            # Not the previous run's result: a run closed early or stopped by an error leaves none
-            self.last_result, self.last_results = None, []
-        try:
-            with torch.inference_mode():
-                steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
-                for item in steps:
-                    yield item
-                    if self._runs != mine:      # the caller started another run: its prefill replaced our cache
-                        steps.close()
-                        raise InputError("this stream was overtaken by a later generation on the same engine, "
-                                         "which reused its KV cache; finish a stream before starting another (or "
-                                         "use stream_batch for several prompts at once)")
-        finally:
-            with self._decoding_lock:
-                if self._decoding == (me, mine):
-                    self._decoding = None
+        # Not the previous run's result: a run closed early or stopped by an error leaves none
+        with self._one_run(clear_results=True) as mine, torch.inference_mode():
+            steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
+            for item in steps:
+                yield item
+                if self._runs != mine:      # the caller started another run: its prefill replaced our cache
+                    steps.close()
+                    raise InputError("this stream was overtaken by a later generation on the same engine, which "
+                                     "reused its KV cache; finish a stream before starting another (or use "
+                                     "stream_batch for several prompts at once)")
         self.last_results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s)
                              for r, p, s in zip(decoder.rows, ids, stats)]
         for s in stats:
