@@ -74,8 +74,8 @@ def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]
     mk, ml = step(rows, "amphista, merge in kernel", 64), step(rows, "amphista, merge by launch", 64)
     pk, pl = step(rows, "plain, merge in kernel"), step(rows, "plain, merge by launch")
     out.append(("AMPHISTA_TREE_MERGE=auto", f"plain in kernel {fmt(pk)} / by launch {fmt(pl)}; Amphista 64 nodes "
-                f"{fmt(mk)} / {fmt(ml)}", "keep auto" if faster(pk, pl) != "slower" and faster(ml, mk) != "slower"
-                else "recheck the tune sweep"))
+                f"{fmt(mk)} / {fmt(ml)}", "not measured" if {pk, pl, mk, ml} == {None} else "keep auto"
+                if faster(pk, pl) != "slower" and faster(ml, mk) != "slower" else "recheck the tune sweep"))
 
     floor = latency["targets"].get(SHAPE, {}).get("bw_floor_ms")
     best_plain = min((t for t in (cublas, routed, unfused, unfused_pdl, pdl_plain) if t is not None), default=None)
@@ -166,12 +166,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, help="a gpu_suite.sh output folder (latency.json, kernels.json)")
     args = ap.parse_args(argv)
-    lat = args.results / "latency.json"
-    if not lat.is_file():
-        print(f"gpu_decide: {lat} not found (a gpu_suite.sh --out folder has it)", file=sys.stderr)
+    lat, kern = args.results / "latency.json", args.results / "kernels.json"
+    if not lat.is_file() and not kern.is_file():
+        print(f"gpu_decide: neither {lat} nor kernels.json there (a gpu_suite.sh --out folder has them)",
+              file=sys.stderr)
         return 2
-    kern = args.results / "kernels.json"
-    rows = decisions(json.loads(lat.read_text()), json.loads(kern.read_text()) if kern.is_file() else None)
+    if not lat.is_file():       # the latency stage skipped or killed early: the kernels still decide their rows
+        print(f"gpu_decide: {lat} not found: the latency rows read 'not measured'", file=sys.stderr)
+    rows = decisions(json.loads(lat.read_text()) if lat.is_file() else {"rows": [], "targets": {}},
+                     json.loads(kern.read_text()) if kern.is_file() else None)
     print("| decision | evidence | verdict |\n|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

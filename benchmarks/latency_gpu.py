@@ -203,6 +203,8 @@ def run(args, save=None) -> dict:
     meta = {**environment(device), "dtype": args.dtype, "prompt_tokens": prompt_len, "steps": args.steps,
             "copy_bandwidth_GBps": round(bw, 1)}
     res = {"meta": meta, "targets": targets, "rows": rows, "notes": notes}
+    if save is not None:        # the rows, targets and notes fill in place: an interrupted run saves them (main)
+        save(res)
     for shape_name, cfg in shapes.items():
         if time.monotonic() > deadline:
             notes.append(f"{shape_name}: skipped (time budget {args.time_budget}s)")
@@ -368,11 +370,22 @@ def main(argv=None) -> int:
         args.steps = min(args.steps, 5)
     args.out.mkdir(parents=True, exist_ok=True)
 
+    saved = {}
+
     def save(res):
+        saved["res"] = res
         (args.out / "latency.json").write_text(json.dumps(res, indent=1))
         (args.out / "latency.md").write_text(markdown(res))
 
-    res = run(args, save)
+    try:
+        res = run(args, save)
+    except KeyboardInterrupt:   # the GPU suite's stage limit (SIGINT): keep the rows of the shape cut short
+        if "res" in saved:
+            saved["res"]["notes"].append("interrupted (SIGINT, e.g. the suite's stage time limit): the rows "
+                                         "measured until then; targets only for shapes that finished")
+            save(saved["res"])
+        print(f"latency_gpu: interrupted; what was measured is in {args.out / 'latency.json'}", file=sys.stderr)
+        return 130
     save(res)
     print(markdown(res))
     return 0

@@ -100,6 +100,9 @@ def _launchers(dtypes, with_pdl: bool = True):
         tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1)
         tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2)
         tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2, merge="kernel")
+        # the opt-in window-bounded loads: the GPU suite's kernel benchmarks and the tune sweeps launch them
+        tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2, merge="kernel", window=True)
+        tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1, window=True)
         tree_attention.tree_attention_ordered(q, kc, kc, torch.zeros(B, N, dtype=torch.int32),
                                               torch.zeros(B, N, 16, dtype=torch.int32), S, 128)
         x = torch.zeros(3, 4, 256, dtype=dt)

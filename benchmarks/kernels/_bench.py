@@ -222,7 +222,8 @@ class Bench:
         return rows
 
 
-def emit(rows: list[dict], args: argparse.Namespace, title: str, bench: "Bench | None" = None) -> None:
+def emit(rows: list[dict], args: argparse.Namespace, title: str, bench: "Bench | None" = None,
+         errors: list[str] | None = None) -> None:
     """Print a table; write the rows as JSON (with the device and its measured ceiling) if --json."""
     cols = ["kernel", "shape", "case", "backend", "us", "eager_us", "GB/s", "%bw", "TFLOP/s", "speedup_vs_torch"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -232,8 +233,15 @@ def emit(rows: list[dict], args: argparse.Namespace, title: str, bench: "Bench |
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta(bench), "rows": rows}, indent=1))
+        write_json(rows, args, bench, errors)
+
+
+def write_json(rows: list[dict], args: argparse.Namespace, bench: "Bench | None" = None,
+               errors: list[str] | None = None) -> None:
+    """--json's file: the rows so far, the run's meta and, where some benchmark failed or was cut short, why."""
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta(bench), "rows": rows, **({"errors": errors} if errors else {})}
+    args.json.write_text(json.dumps(doc, indent=1))
 
 
 def meta(bench: "Bench | None") -> dict:

@@ -1,4 +1,4 @@
-import statistics, torch
+import statistics
 from amphista_engine import Engine, sampling as S
 e = Engine.from_pretrained("smollm2-135m", device="cpu")
 e.load_heads("default")
