@@ -8,7 +8,7 @@ import math
 import pytest
 
 from amphista_engine.cli import main as cli_main
-from amphista_engine.errors import InputError
+from amphista_engine.errors import ConfigError, InputError
 from amphista_engine.evaluation.bench import bench_markdown, parse_tau, parse_tau_source, run_bench
 from amphista_engine.evaluation.runner import run_eval, summarize, summary_markdown
 
@@ -243,3 +243,22 @@ def test_a_resumed_out_says_its_speedups_come_from_several_runs(tiny, tmp_path):
     two = run_eval(q, methods="ar,amphista", **kw)
     assert len(set(two["runs"]["ar"]) | set(two["runs"]["amphista"])) == 2
     assert "timed by 2 runs" in summary_markdown(two)
+
+
+def test_bench_times_a_fitted_tree_for_the_method_whose_heads_carry_it(tiny, tmp_path):
+    """`amphista bench --heads-amphista default --trees mix-4` (the CLI times both methods): mix-4 is timed for the
+    heads that carry it and skipped, with a note, for the other method; a tree no method knows is still an error."""
+    from amphista_engine.heads import random_heads, save_heads
+    engine = tiny[0]
+    heads = random_heads("medusa", engine.model, num_heads=3, seed=5)
+    heads.config.extra = {"trees": {"mix-3": [[0], [1], [0, 0]]}}
+    path = save_heads(heads, tmp_path / "medusa3")
+    logs = []
+    kw = dict(model=None, target=engine.model, device="cpu", prompt_tokens=8, repeats=1, warmup=0, out=None,
+              log=logs.append, methods=("medusa", "amphista"), heads={"medusa": str(path)})
+    r = run_bench(trees="mix-3,chain-3", **kw)
+    assert [(x["method"], x["tree"]) for x in r["rows"][1:]] == [("medusa", "mix-3"), ("medusa", "chain-3"),
+                                                                 ("amphista", "chain-3")]
+    assert any("amphista: no tree 'mix-3'" in line for line in logs)
+    with pytest.raises(ConfigError, match="unknown tree 'mix-9'"):
+        run_bench(trees="mix-9,chain-3", **kw)

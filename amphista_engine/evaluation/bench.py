@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CacheFullError, InputError
+from ..errors import CacheFullError, ConfigError, InputError
 from ..text_files import read_utf8
 from ..values import is_real
 from .env import environment, median_ms
@@ -194,8 +194,19 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     def fitted(m):          # trees `tree-search --save` fitted to real heads (mix-4, tuned-63, ...)
         return real[m][1].extra.get("trees") if m in real else None
 
-    # unknown or too-deep trees fail before loading
-    specs = [TreeSpec(t, head_count(m), "cpu", fitted(m)) for m in methods for t in trees]
+    # unknown or too-deep trees fail before loading. A tree fitted to one method's real heads (mix-4) is timed
+    # for that method only: the other method's heads (random, or real without it) have no such tree.
+    specs, method_trees = [], {m: [] for m in methods}
+    for m in methods:
+        for t in trees:
+            try:
+                specs.append(TreeSpec(t, head_count(m), "cpu", fitted(m)))
+            except ConfigError:
+                if not any(t in (fitted(o) or {}) for o in methods if o != m):
+                    raise
+                log(f"{m}: no tree {t!r} (fitted to the other method's heads only): not timed for {m}")
+                continue
+            method_trees[m].append(t)
     # The cache must hold the prompt, every timed step's tokens and the largest tree's scratch slots.
     steps = 2 * (max(warmup, 3) + repeats) + 2    # graphed pass, then the eager phase split, each warmed up
     max_seq_len = (prompt_tokens + steps * (max(map(head_count, methods), default=num_heads) + 1)
@@ -248,7 +259,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                 heads = linears.apply(load_heads(real[method][0], target, device=device, dtype=dtype))
             else:       # dv: random ids
                 heads = linears.apply(random_heads(method, target, num_heads=num_heads, draft_vocab=dv))
-            for tree in trees:
+            for tree in method_trees[method]:
                 spec = TreeSpec(tree, heads.num_heads, device, fitted(method))
                 dec = graphs.attach(SpeculativeDecoder(target, cache, heads, spec, greedy))
                 dec.prefill([prompt])
