@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +31,13 @@ class LoadedModel:
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """An alias becomes the file its package ships; anything else must exist on disk."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelLoadError(f"model must be a checkpoint directory, a .gguf file or an alias "
+                             f"({', '.join(ALIASES)}), got {type(name_or_path).__name__} {name_or_path!r:.80}")
     key = str(name_or_path)
+    if not key.strip():     # Path("") is the current directory: an unset $MODEL would load whatever lies there
+        raise ModelLoadError(f"model path is empty: pass a checkpoint directory, a .gguf file or an alias "
+                             f"({', '.join(ALIASES)})")
     if key in ALIASES:
         spec = importlib.util.find_spec(ALIASES[key])   # find, never import: its __init__ needs `llm`
         if spec is None or not spec.submodule_search_locations:
@@ -60,14 +67,15 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         from .gguf_file import read_gguf
         reader = read_gguf(path)
         cfg = gguf_config(reader, path)
+        tokenizer = load_tokenizer(reader)      # before the weights: a bad tokenizer fails in a moment, not minutes
         weights, extra = gguf_weights(reader, cfg), {}
         if "rope_freqs.weight" in weights:
             extra["freq_factors"] = weights.pop("rope_freqs.weight")
-        tokenizer = load_tokenizer(reader)
     elif path.is_dir():
         cfg = ModelConfig.from_json(path / "config.json")
-        weights, extra = hf_weights(path, cfg), {}
+        _hf_shards(path)                        # that the weight files are there (cheap), then the tokenizer
         tokenizer = load_tokenizer(path)
+        weights, extra = hf_weights(path, cfg), {}
     else:
         hint = ""
         if path.parent.joinpath("config.json").is_file():
@@ -183,12 +191,16 @@ def _hf_shards(path: Path) -> list[Path]:
             if missing:
                 raise ModelLoadError(f"{path / index} lists shard(s) that are missing: {missing}")
             return [path / f for f in files]
-    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+    for single, pattern in (("model.safetensors", "model*.safetensors"), ("pytorch_model.bin", "pytorch_model*.bin")):
+        if (path / single).is_file():   # as transformers: the whole checkpoint, whatever other files lie beside it
+            return [path / single]
         found = sorted(path.glob(pattern))
         if found:
             return found
+    ggufs = sorted(path.glob("*.gguf"))
+    hint = f"; for the GGUF file beside config.json pass it: {ggufs[0]}" if len(ggufs) == 1 else ""
     raise ModelLoadError(f"no weights in {path}: expected model.safetensors, sharded safetensors with an "
-                         "index, or pytorch_model*.bin")
+                         f"index, or pytorch_model*.bin{hint}")
 
 
 def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -228,12 +240,13 @@ def _read_torch_bin(shard: Path) -> dict:
 
 
 def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    raw = {}
+    raw, names = {}, {}
     for name, t in _iter_hf_tensors(path):
         short = name.removeprefix("base_model.").removeprefix("model.")   # Medusa-wrapped and plain checkpoints
         if short.split(".")[0] in _HF_MODEL_PARTS:
             _check_float(path, name, t)    # before q/k/v and gate/up are concatenated (which would promote ints)
-        raw[short] = t
+        raw[short], names[short] = t, name
+    _check_hf_shapes(path, cfg, raw, names)
     out = {"tok_embeddings.weight": raw.pop("embed_tokens.weight", None), "norm.weight": raw.pop("norm.weight", None)}
     if "lm_head.weight" in raw:
         out["output.weight"] = raw.pop("lm_head.weight")
@@ -255,6 +268,53 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 _HF_MODEL_PARTS = ("layers", "lm_head", "norm", "embed_tokens")
+# What each tensor's shape is made of, in config.json's words.
+_HF_SHAPE_FIELDS = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab_size, hidden_size",
+                    "norm": "hidden_size", "input_layernorm": "hidden_size",
+                    "post_attention_layernorm": "hidden_size",
+                    "q_proj": "num_attention_heads * head_dim, hidden_size",
+                    "k_proj": "num_key_value_heads * head_dim, hidden_size",
+                    "v_proj": "num_key_value_heads * head_dim, hidden_size",
+                    "o_proj": "hidden_size, num_attention_heads * head_dim",
+                    "gate_proj": "intermediate_size, hidden_size",
+                    "up_proj": "intermediate_size, hidden_size", "down_proj": "hidden_size, intermediate_size"}
+
+
+def _config_shapes(cfg: ModelConfig, gguf: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape the config implies for each checkpoint tensor, by its Hugging Face name (less `model.`) or, with
+    `gguf`, its GGUF name."""
+    D, V, In = cfg.dim, cfg.vocab_size, cfg.intermediate_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "self_attn.q_proj": (q, D),
+             "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D), "self_attn.o_proj": (D, q),
+             "mlp.gate_proj": (In, D), "mlp.up_proj": (In, D), "mlp.down_proj": (D, In)}
+    top = ("token_embd", "output_norm", "output") if gguf else ("embed_tokens", "norm", "lm_head")
+    out = {f"{top[0]}.weight": (V, D), f"{top[1]}.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        out[f"{top[2]}.weight"] = (V, D)
+    for i in range(cfg.n_layers):
+        out.update({(f"blk.{i}.{_GGUF_OF_HF[n]}" if gguf else f"layers.{i}.{n}") + ".weight": s
+                    for n, s in layer.items()})
+    return out
+
+
+def _check_hf_shapes(path: Path, cfg: ModelConfig, raw: dict, names: dict):
+    """Missing tensors and shapes against config.json, by the checkpoint's own tensor names (before q/k/v and
+    gate/up are concatenated into the model's fused weights, whose names and shapes the checkpoint has not)."""
+    shapes = _config_shapes(cfg)
+    shown = lambda n: names.get(n, n if n.startswith("lm_head") else "model." + n)  # noqa: E731
+    missing = [shown(n) for n in shapes if n not in raw]
+    if missing:
+        hint = ("; config.json says tie_word_embeddings: false, so it needs its own LM head (true: the LM head is "
+                "the embedding)" if "lm_head.weight" in missing else "")
+        raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensor(s) its config.json needs, "
+                          f"e.g. {missing[:3]}{hint}")
+    for n, shape in shapes.items():
+        if tuple(raw[n].shape) != shape:
+            raise ConfigError(f"{path}: tensor {shown(n)} has shape {tuple(raw[n].shape)}, but config.json implies "
+                              f"{shape} ({_HF_SHAPE_FIELDS[n.split('.')[-2]]})")
+
+
 _HF_LAYER_NAMES = {f"{m}.weight" for m in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
                                            "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
@@ -342,6 +402,9 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 _GGUF_BLOCK = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")
 _GGUF_IGNORED = ("attn_rot_embd.weight",)      # old conversions' RoPE tables: recomputed here
+_GGUF_OF_HF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
 def _check_gguf_tensors(reader, cfg: ModelConfig):
@@ -350,23 +413,30 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
     for t in reader.tensors:
         tname = t.qtype.name
         if tname not in GGUF_TYPES:
-            raise ConfigError(f"GGUF tensor {t.name} has type {tname}, which amphista-engine cannot dequantize "
-                              f"(supported: {', '.join(GGUF_TYPES)})")
+            raise ConfigError(f"{path}: GGUF tensor {t.name} has type {tname}, which amphista-engine cannot "
+                              f"dequantize (supported: {', '.join(GGUF_TYPES)})")
     names = {t.name: t for t in reader.tensors}
     if "blk.0.attn_q.weight" not in names:
-        raise ConfigError("GGUF file has no blk.0.attn_q.weight: not a llama-architecture checkpoint")
+        raise ConfigError(f"{path}: GGUF file has no blk.0.attn_q.weight: not a llama-architecture checkpoint")
     known = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in _GGUF_BLOCK}
     unused = [n for n in names if n.startswith("blk.") and n not in known and not n.endswith(_GGUF_IGNORED)]
     _refuse_unused(path, unused, f"{cfg.n_layers} layers, no biases")
     for i in range(cfg.n_layers):
         lacking = [n for n in _GGUF_BLOCK if f"blk.{i}.{n}.weight" not in names]
         if lacking:
-            raise ConfigError(f"GGUF file lacks blk.{i}.{lacking[0]}.weight (block_count says {cfg.n_layers} layers)")
+            raise ConfigError(f"{path}: GGUF file lacks blk.{i}.{lacking[0]}.weight "
+                              f"(block_count says {cfg.n_layers} layers)")
         for n, heads in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads)):
             shape = names[f"blk.{i}.{n}.weight"].shape
             if len(shape) != 2 or shape != (heads * cfg.head_dim, cfg.dim):
                 raise ConfigError(f"{path}: tensor blk.{i}.{n}.weight has shape {shape}, but the metadata's {heads} "
                                   f"heads of {cfg.head_dim} over {cfg.dim} imply {(heads * cfg.head_dim, cfg.dim)}")
+    for name, shape in _config_shapes(cfg, gguf=True).items():    # the rest, before dequantizing anything
+        if name not in names:
+            raise ConfigError(f"{path}: GGUF file lacks tensor {name}")
+        if names[name].shape != shape:
+            raise ConfigError(f"{path}: tensor {name} has shape {names[name].shape}, but the llama.* metadata "
+                              f"(vocab_size, embedding_length, feed_forward_length, head counts) implies {shape}")
     freqs = names.get("rope_freqs.weight")
     if freqs is not None and freqs.shape != (cfg.head_dim // 2,):
         raise ConfigError(f"{path}: tensor rope_freqs.weight has shape {freqs.shape}, expected "

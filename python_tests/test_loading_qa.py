@@ -288,3 +288,108 @@ def test_a_sliding_window_caps_the_cache(base, tmp_path):
     for cfg in ({"sliding_window": None}, {"sliding_window": 64, "use_sliding_window": False}):
         e = variant(base, tmp_path / str(len(cfg)), cfg=cfg)
         assert Engine.from_pretrained(str(e), device="cpu", max_seq_len=128).config.sliding_window is None
+
+
+# ---- model paths, missing or misshapen tensors by the checkpoint's own names (QA round 2) ----------------------
+
+def test_empty_or_non_path_model_is_refused_by_name(base, tmp_path, monkeypatch):
+    """An unset `--model "$MODEL"` gave Path(""), the working directory, which loaded the .gguf lying there;
+    None raised a bare TypeError from pathlib."""
+    from amphista_engine import Engine
+    shutil.copy(write_gguf(base, tmp_path / "m.gguf"), tmp_path / "stray.gguf")
+    (tmp_path / "m.gguf").unlink()
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        with pytest.raises(ModelLoadError, match="model path is empty: pass a checkpoint directory"):
+            load_model(empty)
+    with pytest.raises(ModelLoadError, match="got NoneType None"):
+        Engine.from_pretrained(None, device="cpu", max_seq_len=32)
+    with pytest.raises(ModelLoadError, match="got int 3"):
+        load_model(3)
+
+
+def test_missing_tensors_are_named_as_the_checkpoint_names_them(base, tmp_path):
+    """Was: 'checkpoint lacks 1 tensor(s) the config needs, e.g. ['output.weight']' (the engine's own names,
+    which no checkpoint holds), without the folder."""
+    d = variant(base, tmp_path, tensors=lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ConfigError, match=r"lacks 1 tensor\(s\) .*\['lm_head\.weight'\]; config\.json says "
+                                          r"tie_word_embeddings: false") as e:
+        load_model(d)
+    assert str(d) in str(e.value)
+    d = variant(base, tmp_path / "2", tensors=lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ConfigError, match=r"\['model\.layers\.1\.self_attn\.k_proj\.weight'\]"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("update,match", [
+    ({"vocab_size": 310}, r"model\.embed_tokens\.weight has shape \(300, 64\), but config\.json implies \(310, 64\) "
+                          r"\(vocab_size, hidden_size\)"),
+    ({"num_key_value_heads": 4}, r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \(32, 64\), but config\.json "
+                                 r"implies \(64, 64\) \(num_key_value_heads \* head_dim, hidden_size\)"),
+    ({"intermediate_size": 96}, r"model\.layers\.0\.mlp\.gate_proj\.weight has shape \(128, 64\), .* \(96, 64\)"),
+])
+def test_shape_mismatches_name_the_checkpoint_tensor_and_config_fields(base, tmp_path, update, match):
+    """Was: 'tensor layers.0.feed_forward.w13.weight: checkpoint shape (256, 64) ...': the fused gate+up weight,
+    a name and a shape the checkpoint does not have."""
+    d = variant(base, tmp_path, cfg=update)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_model(d)
+    assert str(e.value).startswith(str(d))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"edit": lambda t: t.pop("token_embd.weight")}, "GGUF file lacks tensor token_embd.weight"),
+    ({"edit": lambda t: t.pop("output_norm.weight")}, "GGUF file lacks tensor output_norm.weight"),
+    ({"edit": lambda t: t.update({"blk.1.ffn_up.weight": t["blk.1.ffn_up.weight"][:96]})},
+     r"tensor blk\.1\.ffn_up\.weight has shape \(96, 64\), but the llama\.\* metadata .* implies \(128, 64\)"),
+    ({"edit": lambda t: t.update({"blk.0.attn_v.weight": t["blk.0.attn_v.weight"][:16]})},
+     r"blk\.0\.attn_v\.weight has shape \(16, 64\)"),
+    ({"edit": lambda t: t.pop("blk.1.attn_v.weight")}, r"GGUF file lacks blk\.1\.attn_v\.weight"),
+    ({"edit": lambda t: t.pop("blk.0.attn_q.weight")}, r"no blk\.0\.attn_q\.weight"),
+    ({"bad_type": "IQ4_NL"}, "GGUF tensor blk.0.ffn_up.weight has type IQ4_NL"),
+])
+def test_gguf_tensor_errors_name_the_file(base, tmp_path, kw, match):
+    """These named neither the file nor (for shapes) the GGUF tensor: 'checkpoint lacks ... ['tok_embeddings.weight']',
+    'tensor layers.0.feed_forward.w13.weight: checkpoint shape (224, 64) ...'."""
+    path = write_gguf(base, tmp_path / "bad file.gguf", **kw)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_model(path)
+    assert str(e.value).startswith(f"{path}: "), str(e.value)
+
+
+def test_a_single_file_checkpoint_wins_over_stray_shards(base, tmp_path):
+    """As transformers: model.safetensors is the checkpoint, whatever else lies beside it (here the first shard of
+    an interrupted download of the sharded revision, which was read too and failed as corrupt)."""
+    d = variant(base, tmp_path)
+    (d / "model-00001-of-00002.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])
+    got = load_model(d, max_seq_len=32).model.state_dict()
+    ref = load_model(base, max_seq_len=32).model.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_config_beside_a_lone_gguf_points_at_the_gguf(base, tmp_path):
+    d = variant(base, tmp_path)
+    (d / "model.safetensors").unlink()
+    write_gguf(base, d / "model-f32.gguf")
+    with pytest.raises(ModelLoadError, match=r"no weights in .*; for the GGUF file beside config\.json pass it: "
+                                             r".*model-f32\.gguf"):
+        load_model(d)
+    assert load_model(d / "model-f32.gguf", max_seq_len=32).config.vocab_size == C["vocab_size"]
+
+
+def test_the_tokenizer_is_checked_before_the_weights_are_read(base, tmp_path, monkeypatch):
+    """A missing or broken tokenizer used to be reported only after every weight was read (and, for GGUF,
+    dequantized): minutes for a 7B model."""
+    import amphista_engine.loading as loading
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights read before the tokenizer was checked")
+    d = variant(base, tmp_path)
+    (d / "tokenizer.json").unlink()
+    gguf = write_gguf(base, tmp_path / "t.gguf", tokens_edit=lambda tokens, types: (tokens, types[:-1]))
+    monkeypatch.setattr(loading, "hf_weights", no_weights)
+    monkeypatch.setattr(loading, "gguf_weights", no_weights)
+    with pytest.raises(ModelLoadError, match="no tokenizer.json or tokenizer.model"):
+        load_model(d)
+    with pytest.raises(ModelLoadError, match="token_type has 299 entries"):
+        load_model(gguf)
