@@ -11,8 +11,24 @@ DATA = Path(__file__).parent / "data" / "heads"
 SHIPPED = {"smollm2-135m": {"amphista": DATA / "smollm2-135m-amphista", "medusa": DATA / "smollm2-135m-medusa"}}
 
 
+def _alias_of(model) -> str:
+    """The alias whose shipped file `model` is (the SmolLM2 GGUF given by its path), else str(model)."""
+    key = str(model)
+    if key in SHIPPED or not key.endswith(".gguf"):
+        return key
+    from .errors import AmphistaError
+    from .loading import resolve_model_path
+    for alias in SHIPPED:
+        try:
+            if Path(key).expanduser().resolve() == resolve_model_path(alias).resolve():
+                return alias
+        except (AmphistaError, OSError):    # the alias's package is not installed: no match
+            continue
+    return key
+
+
 def shipped_heads(model: str, method: str) -> Path | None:
-    path = SHIPPED.get(str(model), {}).get(method)
+    path = SHIPPED.get(_alias_of(model), {}).get(method)
     return path if path is not None and (path / "config.json").is_file() else None
 
 
