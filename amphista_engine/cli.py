@@ -60,6 +60,8 @@ def _load(args):
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     check_max_new_tokens(args.max_new_tokens)
     check_stop(args.stop)
+    if args.max_seq_len < 2:      # named as what it is, not as --max-new-tokens leaving no room in it
+        raise InputError(f"--max-seq-len must be at least 2 (the static KV cache's length), got {args.max_seq_len}")
     if args.max_new_tokens >= args.max_seq_len:
         raise InputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the cache "
                          f"(--max-seq-len {args.max_seq_len}); raise --max-seq-len or lower --max-new-tokens")
@@ -116,9 +118,8 @@ def _decoding_kwargs(args, speculative, tree) -> dict:
 def _stream_answer(engine, prompt, **kwargs):
     """Streams the answer to stdout and a stats line to stderr; returns the result."""
     for chunk in engine.stream(prompt, **kwargs):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        _write(chunk)
+    _write("\n")
     result = engine.last_result
     speculative = _method(engine, result)
     method = f"{speculative} {result.stats.extra['tree']}" if speculative else "plain"
@@ -126,26 +127,72 @@ def _stream_answer(engine, prompt, **kwargs):
     return result
 
 
-def _not_utf8(text: str) -> str | None:
+def _not_utf8(text: str, encoding: str = "UTF-8") -> str | None:
     """Python reads bytes that are not UTF-8 (on stdin, in argv) as lone surrogates, which the tokenizer refuses
-    with a bare TypeError: what the first one was, or None."""
+    with a bare TypeError: what the first one was, or None. `encoding`: what the bytes were read as."""
     try:
         text.encode("utf-8")
         return None
     except UnicodeEncodeError as e:
         c = ord(text[e.start])
         what = f"byte {c - 0xDC00:#04x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
-        return f"not UTF-8 text ({what} at character {e.start})"
+        if encoding.lower().replace("-", "").replace("_", "") == "utf8":
+            encoding, hint = "UTF-8", ""
+        else:
+            hint = f"; stdin is read as {encoding}: PYTHONIOENCODING=utf-8 reads UTF-8"
+        return f"not {encoding} text ({what} at character {e.start}{hint})"
+
+
+class _StdoutError(AmphistaError):
+    """stdout is closed or cannot be written (a full disk): the answer has nowhere to go."""
+
+
+def _stdin(what: str):
+    """sys.stdin, reading bytes its encoding cannot decode as lone surrogates (named by _not_utf8) instead of
+    raising UnicodeDecodeError from the codec (a UTF-8 locale or PYTHONIOENCODING decode strictly)."""
+    if sys.stdin is None:
+        raise InputError(f"stdin is closed: {what}")
+    if getattr(sys.stdin, "errors", None) == "strict" and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    return sys.stdin
+
+
+def _check_stdout():
+    if sys.stdout is None:
+        raise _StdoutError("stdout is closed: the answer has nowhere to go (redirect it to a file or /dev/null)")
+
+
+def _write(text: str):
+    """Writes answer text to stdout. A character stdout's encoding cannot show (PYTHONIOENCODING=ascii, a Latin-1
+    terminal) is written as '?' with one warning, not a UnicodeEncodeError trace; a failed write is an error."""
+    _check_stdout()
+    try:
+        try:
+            sys.stdout.write(text)
+        except UnicodeEncodeError:
+            if not hasattr(sys.stdout, "reconfigure"):
+                raise
+            warnings.warn(f"stdout's encoding ({sys.stdout.encoding}) cannot show some characters of the answer: "
+                          f"they are written as '?' (PYTHONIOENCODING=utf-8 writes them)")
+            sys.stdout.reconfigure(errors="replace")
+            sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise _StdoutError(f"cannot write the answer to stdout: {e.strerror or e}") from e
 
 
 def _generate_prompt(args):
     """The prompt text ('-': all of stdin), as messages after a system message when --system is given."""
-    prompt = sys.stdin.read().rstrip() if args.prompt == "-" else args.prompt   # without echo's newline
+    stdin = _stdin("'-' reads the prompt from it") if args.prompt == "-" else None
+    prompt = stdin.read().rstrip() if stdin is not None else args.prompt   # without echo's newline
     if not prompt.strip():
         raise InputError("prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else ""))
-    for what, text in (("the prompt" + (" on stdin" if args.prompt == "-" else ""), prompt),
-                       ("--system", args.system or "")):
-        if bad := _not_utf8(text):
+    encoding = getattr(stdin, "encoding", None) or "UTF-8"
+    for what, text, enc in (("the prompt" + (" on stdin" if args.prompt == "-" else ""), prompt, encoding),
+                            ("--system", args.system or "", "UTF-8")):
+        if bad := _not_utf8(text, enc):
             raise InputError(f"{what} is {bad}")
     if args.system is None:
         return prompt
@@ -155,6 +202,7 @@ def _generate_prompt(args):
 
 
 def cmd_generate(args) -> int:
+    _check_stdout()
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
@@ -166,7 +214,7 @@ def cmd_generate(args) -> int:
                           "linears": engine.linears.describe()}
         if check is not None:
             out["speculation_check"] = check.to_dict()
-        print(json.dumps(out))
+        _write(json.dumps(out) + "\n")
     else:
         _stream_answer(engine, prompt, **kwargs)
     return 0
@@ -182,8 +230,7 @@ def _chat_turn(engine, system, history, turn, kwargs):
         try:
             result = _stream_answer(engine, system + kept + turn, **kwargs)
         except KeyboardInterrupt:     # Ctrl-C stops this answer, not the conversation (at the prompt: quits)
-            sys.stdout.write("\n")   # the cut answer ends its line on stdout too: the next one starts its own
-            sys.stdout.flush()
+            _write("\n")             # the cut answer ends its line on stdout too: the next one starts its own
             print("(interrupted: this exchange is not kept)", file=sys.stderr)
             return None
         except CacheFullError as e:
@@ -211,18 +258,20 @@ def cmd_chat(args) -> int:
     the oldest exchanges go (the prompt then changes at its start, so that turn is prefilled whole)."""
     if bad := _not_utf8(args.system or ""):
         raise InputError(f"--system is {bad}")
+    stdin = _stdin("chat reads the conversation from it")     # before the load, as generate's checks
+    _check_stdout()
     engine, speculative, tree, _ = _load(args)
     if engine.tokenizer.chat_template is None:
         from .chat import resolve_template
         print(f"note: the model has no chat template of its own; using the built-in "
               f"{resolve_template(engine.tokenizer)[0]} format", file=sys.stderr)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), reuse_prefix=args.reuse_prefix)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []   # as generate's
     history: list[dict] = []
     print(CHAT_HELP, file=sys.stderr)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = stdin.readline()
         if not line:
             break
         text = line.strip()
@@ -241,7 +290,7 @@ def cmd_chat(args) -> int:
             print(f"amphista: error: unknown command {text}; the commands are {', '.join(CHAT_COMMANDS)}",
                   file=sys.stderr)
             continue
-        if bad := _not_utf8(text):        # this line only: the conversation goes on
+        if bad := _not_utf8(text, getattr(stdin, "encoding", None) or "UTF-8"):   # this line only: goes on
             print(f"amphista: error: that line is {bad}; it was not sent (the conversation so far is kept)",
                   file=sys.stderr)
             continue
@@ -290,20 +339,34 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"amphista: warning: {message}\n"
 
 
+def _silence_stdout():
+    """stdout goes to devnull, so that the interpreter's own flush at exit raises nothing either."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):    # no stdout, or one without a descriptor
+        pass
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    if sys.stderr is None:        # `2>&-`: print(file=None) would put the progress lines into the answer
+        sys.stderr = open(os.devnull, "w")
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:     # Ctrl-C while the subcommands' modules (torch) import: no trace either
+        return 130
     shown, warnings.formatwarning = warnings.formatwarning, _warning_line   # one line, as errors are
     try:
         return args.func(args)
     except AmphistaError as e:
         print(f"amphista: error: {e}", file=sys.stderr)
+        if isinstance(e, _StdoutError):
+            _silence_stdout()
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # stdout's reader went away (`amphista generate ... | head`): stop quietly, as a SIGPIPE'd tool does;
-        # stdout goes to devnull so that the interpreter's own flush at exit raises nothing either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # stdout's reader went away (`amphista generate ... | head`): stop quietly, as a SIGPIPE'd tool does
+        _silence_stdout()
         return 141
     except OSError as e:
         if e.filename is None:
