@@ -115,11 +115,13 @@ class Engine:
                              f"{window} positions, which this engine does not implement (it attends over all of "
                              f"them: the same model up to {window}); use max_seq_len <= {window}")
         self.max_seq_len = max_seq_len
+        # The cache holds max_batch_size rows from the first run on: named here, not at that run as a max_seq_len
+        KVCache.check_fits(self.config, max_batch_size, max_seq_len, self.dtype, self.device)
         trained = self.config.max_position_embeddings
         if max_seq_len > trained and not self.config.rope_scaling:
             warnings.warn(f"max_seq_len={max_seq_len} is past the {trained} positions the model was trained on: "
                           "RoPE is extrapolated there, and text that long may degrade", stacklevel=2)
-        self.heads = heads
+        self.heads = None           # loaded at the end (load_heads): a path or module is checked, not kept as given
         self._cache: KVCache | None = None
         self._cache_batch = max_batch_size
         self.last_result: GenerationResult | None = None
@@ -144,13 +146,13 @@ class Engine:
         self.linears = setup.resolved(setup.apply(self.model))
         self.quant = self.linears.quant
         self.cpu_packed = self.linears.packed
-        if isinstance(heads, torch.nn.Module):
-            self.linears.apply(heads)
         # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
         # CPU. On by default since the H200 run of the GPU suite (graph replay == eager over 200 tokens; plain
         # 7B-shape step 2.6x faster): cuda_graphs=False or AMPHISTA_CUDA_GRAPHS=0 turns them off.
         from .cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(enabled=cuda_graphs)
+        if heads is not None:
+            self.load_heads(heads)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
@@ -184,6 +186,8 @@ class Engine:
         if heads is not None and not isinstance(heads, (torch.nn.Module, str, os.PathLike)):
             raise InputError(f"heads must be a heads directory, a shipped heads name, \"default\", None or a heads "
                              f"module, got {type(heads).__name__} {heads!r:.80}")
+        if isinstance(heads, torch.nn.Module):
+            self._check_heads_module(heads)
         loaded = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
             if heads is not None and not isinstance(heads, torch.nn.Module) else heads   # before dropping the old
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
@@ -194,6 +198,26 @@ class Engine:
             return None
         self.linears.apply(self.heads)
         return self.heads
+
+    def _check_heads_module(self, heads):
+        """A heads module must be drafting heads for this engine's target, as a heads directory must (checkpoint.
+        load_heads): another module was packed in place and failed at the first step, and heads of another target
+        drafted from that target's embeddings and LM head (they are bound to it). Binds them to this target."""
+        from .errors import HeadsMismatchError
+        from .heads import DraftHeads, lm_head_fingerprint
+        if not isinstance(heads, DraftHeads):
+            raise InputError(f"heads must be drafting heads (AmphistaHeads or MedusaHeads, e.g. from "
+                             f"amphista_engine.heads.load_heads), a heads directory or None, got a "
+                             f"{type(heads).__name__} module")
+        c, tc = heads.config, self.config
+        ours = lm_head_fingerprint(self.model)
+        if (c.dim, c.vocab_size) != (tc.dim, tc.vocab_size) or (c.target_fingerprint
+                                                                and c.target_fingerprint != ours):
+            raise HeadsMismatchError(
+                f"these heads were built for another target: theirs has LM-head fingerprint "
+                f"{c.target_fingerprint or '(none)'} (d={c.dim}, V={c.vocab_size}), the loaded model has {ours} "
+                f"(d={tc.dim}, V={tc.vocab_size})")
+        heads.bind(self.model)
 
     # ---- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:
@@ -210,6 +234,10 @@ class Engine:
         elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and prompt:
             if chat is False:
                 raise InputError("a message list needs chat formatting; pass a string with chat=False")
+            if all(isinstance(m, str) for m in prompt):     # several prompts, not one conversation
+                raise InputError(f"prompt is a list of {len(prompt)} strings: for several prompts use "
+                                 f"generate_batch / stream_batch; a conversation is a list of "
+                                 f"{{'role': ..., 'content': ...}} dicts")
             text = render_chat(self.tokenizer, list(prompt), template=template)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
@@ -226,15 +254,16 @@ class Engine:
                                             self.dtype, self.device)
         return self._cache
 
-    def _check_room(self, prompt_ids: list[int], max_new_tokens: int, extra: int):
+    def _check_room(self, prompt_ids: list[int], max_new_tokens: int, extra: int, row: int | None = None):
+        """row: the prompt's index in a batch of several (named: which of 100 prompts is too long?)."""
         check_max_new_tokens(max_new_tokens)
-        n = len(prompt_ids)
+        n, what = len(prompt_ids), "prompt" if row is None else f"prompt {row}"
         if n >= self.max_seq_len:
-            raise CacheFullError(f"prompt is {n} tokens, {'longer than' if n > self.max_seq_len else 'as long as'} the "
+            raise CacheFullError(f"{what} is {n} tokens, {'longer than' if n > self.max_seq_len else 'as long as'} the "
                                  f"cache (max_seq_len={self.max_seq_len}): no room for an answer")
         if n + max_new_tokens + extra > self.max_seq_len:
             raise CacheFullError(
-                f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens})"
+                f"{what} ({n} tokens) + max_new_tokens ({max_new_tokens})"
                 + (f" + tree room ({extra})" if extra else "")
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")
 
@@ -320,7 +349,14 @@ class Engine:
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = check_stop(stop)
         _tree_key(tree)                       # a bad tree is named even where the run turns out plain
-        ids = [self.encode_prompt(p, chat) for p in prompts]
+        ids = []
+        for i, p in enumerate(prompts):
+            try:
+                ids.append(self.encode_prompt(p, chat))
+            except InputError as e:       # which of a batch's prompts is empty or malformed
+                if len(prompts) == 1:
+                    raise
+                raise type(e)(f"prompt {i}: {e}") from None
         if speculative == "auto" and params.repetition_penalty != 1.0 and self.heads is not None:
             # "auto" is the faster way that works: a penalty on what each path has seen needs plain decoding
             warnings.warn("speculative='auto': repetition_penalty is supported with plain decoding only; "
@@ -330,13 +366,13 @@ class Engine:
         if extra and speculative == "auto" and any(len(p) + max_new_tokens + extra > self.max_seq_len for p in ids):
             # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does (where it
             # does not either, the error names the plain room, without a warning for a fallback that never runs)
-            for p in ids:
-                self._check_room(p, max_new_tokens, 0)
+            for i, p in enumerate(ids):
+                self._check_room(p, max_new_tokens, 0, i if len(ids) > 1 else None)
             warnings.warn(f"speculative='auto': the tree needs {extra} more cache slots than max_seq_len leaves; "
                           f"decoding plainly")
             decoder, extra = self._decoder(len(ids), params, None, None, acceptance)
-        for p in ids:
-            self._check_room(p, max_new_tokens, extra)
+        for i, p in enumerate(ids):
+            self._check_room(p, max_new_tokens, extra, i if len(ids) > 1 else None)
         kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
         # What the cache holds is weighed when the run starts (_drive): a stream is lazy, and a run started in
         # between rewrites the cache it would reuse.

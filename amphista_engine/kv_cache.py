@@ -48,7 +48,8 @@ class KVCache:
         if free is not None and need > free:
             raise CacheFullError(f"max_seq_len={max_seq_len} (batch {batch}) needs {need / 2**30:.1f} GiB for the KV "
                                  f"cache and RoPE table, but {device.type} has {free / 2**30:.1f} GiB free; "
-                                 "lower max_seq_len")
+                                 "lower max_seq_len" + (f" or the batch of {batch} (max_batch_size, or fewer prompts "
+                                                        "per generate_batch)" if batch > 1 else ""))
 
     def reset(self):
         self.length.zero_()

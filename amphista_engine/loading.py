@@ -134,6 +134,10 @@ def parse_dtype(dtype, device: torch.device | None = None) -> torch.dtype:
     if dtype is None and device is not None:
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
+        # an integer, complex or 8-bit float dtype met raw torch errors mid-load (load_state_dict, index_copy)
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            raise ConfigError(f"dtype {dtype} is not supported for the model's weights; use one of fp32, fp16, "
+                              f"bf16 (torch.float32, torch.float16, torch.bfloat16)")
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
