@@ -161,9 +161,12 @@ class SpeculativeDecoder(PlainDecoder):
         rounds_bf16 = half is not None or getattr(model, "rounds_linear_inputs", False)
         if too_big and model.orders_decode(cache) and rounds_bf16:
             what = half or "4-bit (quant='q4')"
+            # 4-bit layers round their inputs in fp32 too: only float weights in fp32 take any tree
+            fix = ("fp32 with float weights (quant='none'; --dtype fp32 --quant none) takes any tree"
+                   if getattr(model, "rounds_linear_inputs", False) else "fp32 takes any tree")
             raise ConfigError(f"tree {tree.name!r} has {tree.num_nodes} nodes, {tree.max_depth} deep; {what} CPU "
                               f"verification keeps greedy output exact for trees of at most "
-                              f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep (fp32 takes any tree)")
+                              f"{cpu_packed.CHUNKED_UP_TO} nodes, {cpu_exact.MAX_DEPTH} deep ({fix})")
         # Trees too big for the ordered layout (only fp32 with unrounded linears gets here) are verified as a
         # non-decode forward, i.e. on the SDPA path: exact in practice (fp32 rounding), not by construction.
         self._ordered_verify = not (too_big and model.orders_decode(cache))
