@@ -291,7 +291,8 @@ class Engine:
         finds them faster, else None (plain). tree="auto", or no tree under speculative="auto": the tree the check
         found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed."""
         auto_tree = tree == "auto" or (tree is None and speculative == "auto")
-        if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)):
+        if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)) \
+                or speculative not in ("auto", self.heads.config.kind):   # refused by the decoder, before any timing
             return (None if speculative == "auto" else speculative), tree, None
         check = self.speculation_check(None if auto_tree else tree)
         if speculative == "auto":

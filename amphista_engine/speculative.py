@@ -16,7 +16,7 @@ from .generation import PlainDecoder, _sync, flag_non_finite, kv_window
 from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .model import AttentionSpec
 from .sampling import SamplingParams
-from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, static_tree_tokens
+from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, dynamic_tree_depth, static_tree_tokens
 
 DEFAULT_TREE = "mc_sim_7b_63"
 # On a GPU a static tree's step costs the same at any shape of 64 nodes (1.25x plain, 7B, H200), so the default is
@@ -99,6 +99,10 @@ class TreeSpec:
             self.num_nodes = int(n)
             if not 2 <= self.num_nodes <= 512:
                 raise ConfigError(f"dynamic tree size must be in [2, 512], got {self.num_nodes}")
+            try:      # up front, as a static tree too deep for the heads: the first step would refuse it mid-run
+                dynamic_tree_depth(num_heads, TOPK, self.num_nodes)
+            except ConfigError as e:
+                raise ConfigError(f"tree {tree!r}: {e}") from None
             self.max_depth = num_heads
         else:
             if isinstance(tree, str) and tree not in TREES:

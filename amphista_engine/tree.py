@@ -113,7 +113,9 @@ def build_tree(choices: Union[str, Sequence[Sequence[int]]], topk: int = TOPK, d
     """Static tree buffers from a tree name or path list (host work, done once per engine)."""
     paths = get_tree_choices(choices)
     if paths and max(max(p) for p in paths) >= topk:
-        raise ConfigError(f"tree uses top-k rank {max(max(p) for p in paths)} but topk is {topk}")
+        bad = next(p for p in paths if max(p) >= topk)
+        raise ConfigError(f"tree path {list(bad)} uses top-k rank {max(bad)}, but each head's guesses are ranked "
+                          f"0..{topk - 1} (topk={topk}); use ranks below {topk}")
     index = {(): 0, **{p: i + 1 for i, p in enumerate(paths)}}
     n = len(paths) + 1
     max_depth = max((len(p) for p in paths), default=0)
