@@ -169,6 +169,26 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_amphista_engine(tiny_hf_dir):
+    """An Engine on tiny_hf_dir (max_seq_len 128) with random 3-head Amphista heads, one per test module (tests
+    load other heads and run it)."""
+    from amphista_engine import Engine
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
+    return eng
+
+
+@pytest.fixture(scope="module")
+def tiny_amphista_heads_dir(tiny_amphista_engine, tmp_path_factory):
+    """tiny_amphista_engine's heads saved as a heads directory."""
+    from amphista_engine.heads import save_heads
+    path = tmp_path_factory.mktemp("tiny_heads") / "h"
+    save_heads(tiny_amphista_engine.heads, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded model in fp32, loaded once for the whole test session."""

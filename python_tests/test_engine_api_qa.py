@@ -14,19 +14,13 @@ PROMPT = "The quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_hf_dir):
-    from amphista_engine.heads import random_heads
-    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
-    eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
-    return eng
+def engine(tiny_amphista_engine):      # conftest's, as test_generation_qa's
+    return tiny_amphista_engine
 
 
 @pytest.fixture(scope="module")
-def heads_dir(engine, tmp_path_factory):
-    from amphista_engine.heads import save_heads
-    path = tmp_path_factory.mktemp("api_heads") / "h"
-    save_heads(engine.heads, path)
-    return path
+def heads_dir(tiny_amphista_heads_dir):
+    return tiny_amphista_heads_dir
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn])
