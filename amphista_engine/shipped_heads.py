@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from .errors import AmphistaError, InputError
 
 DATA = Path(__file__).parent / "data" / "heads"
 # model alias -> its shipped heads, by method; directories hold config.json + model.safetensors
@@ -16,7 +16,6 @@ def _alias_of(model) -> str:
     key = str(model)
     if key in SHIPPED or not key.endswith(".gguf"):
         return key
-    from .errors import AmphistaError
     from .loading import resolve_model_path
     for alias in SHIPPED:
         try:
