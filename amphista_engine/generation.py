@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from .errors import NonFiniteError
+from .kernels.cpu_threads import on_pool
 from .kv_cache import KVCache
 from .model import AttentionSpec, Transformer, causal_mask
 from .sampling import SamplingParams, apply_repetition_penalty, sample
@@ -62,6 +63,7 @@ class PlainDecoder:
         # K/V from the previous run (Engine.stream(..., reuse_prefix=True)), so only the rest is prefilled.
         self.prefix_reuse = 0
 
+    @on_pool
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Right-padded batch prefill; each row's cache length becomes its own prompt length."""
@@ -148,6 +150,7 @@ class PlainDecoder:
         if self.seen is not None:
             self.seen = self.seen[idx]
 
+    @on_pool
     @torch.inference_mode()
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed the last token, sample the next. Returns ([B, 1] tokens, [B] count of real tokens)."""

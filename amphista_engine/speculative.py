@@ -14,6 +14,7 @@ from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
 from .generation import PlainDecoder, _sync, flag_non_finite, kv_window
 from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
+from .kernels.cpu_threads import on_pool
 from .model import AttentionSpec
 from .sampling import SamplingParams
 from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, dynamic_tree_depth, static_tree_tokens
@@ -186,6 +187,7 @@ class SpeculativeDecoder(PlainDecoder):
         self.times[phase] += (t - t0) * 1e3
         return t
 
+    @on_pool
     @torch.inference_mode()
     def prefill(self, prompts):
         root = super().prefill(prompts)
@@ -217,6 +219,7 @@ class SpeculativeDecoder(PlainDecoder):
     def _on_prefill(self, tokens, hidden):
         self._prefill_tokens, self._prefill_hidden = tokens, hidden
 
+    @on_pool
     @torch.inference_mode()
     def step(self):
         if self.last_count is not None:            # already synced by the host loop: no extra wait

@@ -21,7 +21,8 @@ step (ten ops a layer at ~10-20 us each), so `decoder_layers` runs a 4-bit model
 C++ silu with a vectorised exp measured slower than torch's two ops at decode sizes on a 2-core AVX-512 EPYC (7.8
 vs 6.0 us for one row of 1536, 45 vs 28 us for 16 rows); inside decoder_layers it costs no dispatch.
 
-Threads: OpenMP's, shared with torch (the module links libgomp.so.1, the soname torch's CPU wheels load).
+Threads: OpenMP's, shared with torch (the module links libgomp.so.1, the soname torch's CPU wheels load), or, for
+steps of models on quantized kernels, the extension's own pool: kernels/cpu_threads.py.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .._ext import optional_module
+from .cpu_threads import kernel_threads
 
 BACKEND = "cpu"
 
@@ -67,7 +69,7 @@ def rmsnorm(x, w, eps: float):
     out = torch.empty_like(x)
     d = x.shape[-1]
     ext.rmsnorm(x.data_ptr(), 0, w.data_ptr(), 0, out.data_ptr(), x.numel() // d, d, eps, code,
-                torch.get_num_threads())
+                kernel_threads())
     return out
 
 
@@ -80,7 +82,7 @@ def add_rmsnorm(x, residual, w, eps: float):
     s, out = torch.empty_like(x), torch.empty_like(x)
     d = x.shape[-1]
     ext.rmsnorm(x.data_ptr(), residual.data_ptr(), w.data_ptr(), s.data_ptr(), out.data_ptr(), x.numel() // d, d,
-                eps, code, torch.get_num_threads())
+                eps, code, kernel_threads())
     return s, out
 
 
@@ -107,7 +109,7 @@ def qkv_rope_write(qkv, rope_rows, k_buf, v_buf, layer: int, start, n_heads: int
     k_layer, v_layer = k_buf[layer], v_buf[layer]
     ext.qkv_rope_write(qkv.data_ptr(), qkv_sb, qkv_st, rope_rows.data_ptr(), rope_sb, rope_st, k_layer.data_ptr(),
                        v_layer.data_ptr(), H_kv * S * D, S * D, S, start.data_ptr(), q.data_ptr(), B, T, n_heads,
-                       H_kv, D, code, torch.get_num_threads())
+                       H_kv, D, code, kernel_threads())
     return q
 
 
@@ -123,7 +125,7 @@ def kv_compact(k_buf, v_buf, src, dst_start):
     L, B_max, H_kv, S, D = k_buf.shape
     B, M = src.shape
     ext.kv_compact(k_buf.data_ptr(), v_buf.data_ptr(), src.data_ptr(), dst_start.data_ptr(), L, B_max, H_kv, S, D, B,
-                   M, k_buf.element_size(), torch.get_num_threads())
+                   M, k_buf.element_size(), kernel_threads())
 
 
 # ---- attention -----------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     ext.tree_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_cache.data_ptr(), v_cache.data_ptr(),
                        k_cache.stride(0), k_cache.stride(1), prefix_len.data_ptr(), bits.data_ptr(), bits_sb,
                        out.data_ptr(), B, H, H_kv, N, D, S, scale if scale is not None else D ** -0.5, code,
-                       torch.get_num_threads())
+                       kernel_threads())
     return out.transpose(1, 2)
 
 
@@ -196,7 +198,7 @@ def greedy_accept(tokens, logits, retrieve):
                                  P * D1 if r.dim() == 3 and r.shape[0] > 1 else 0, r.shape[0] if r.dim() == 3 else 1,
                                  pred.data_ptr(), accept_len.data_ptr(), best.data_ptr(), nodes.data_ptr(),
                                  nxt.data_ptr(), emitted.data_ptr(), B, N, logits.shape[-1], P, D1, code,
-                                 torch.get_num_threads())
+                                 kernel_threads())
     if not paths_ok:
         return NotImplemented                  # node ids the reference rejects with its own error
     from ..acceptance import AcceptResult
@@ -307,7 +309,7 @@ def packed_linear(x, packed: PackedWeights, bias=None):
     if rows:
         ext.quant_linear(packed.bits, flat.data_ptr(), flat.stride(0) if rows > 1 else packed.k, rows, packed.k,
                          code, packed.codes.data_ptr(), packed.scales.data_ptr(), packed.n, out.data_ptr(),
-                         packed.n, torch.get_num_threads())
+                         packed.n, kernel_threads())
     out = out.view(*x.shape[:-1], packed.n)
     return out if bias is None else out + bias
 
@@ -397,5 +399,5 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
     ext.decoder_layers(x.data_ptr(), h.data_ptr(), table.data_ptr(), norm.weight.data_ptr(), rope_rows.data_ptr(),
                        T * D if rope_rows.shape[0] > 1 else 0, k.data_ptr(), v.data_ptr(), prefix_len.data_ptr(),
                        bits.data_ptr(), T if bits.shape[0] > 1 else 0, L, B, T, d, cfg.n_heads, H_kv, D,
-                       cfg.intermediate_size, B_max, S, norm.eps, code, torch.get_num_threads())
+                       cfg.intermediate_size, B_max, S, norm.eps, code, kernel_threads())
     return x, h

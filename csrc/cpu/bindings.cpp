@@ -58,6 +58,11 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "amphista-engine CPU kernels (csrc/cpu); call through amphista_engine.kernels.ops";
 
   m.def("isa", []() { return std::string(isa_name()); }, "the vector-unit variant the kernels run: avx512, avx2, baseline");
+  m.def("set_pool", [](const std::string& name) {
+    if (name != "own" && name != "omp") bad_arg("name", "must be own or omp, got " + name);
+    const int was = chosen_pool().exchange(int(name == "own" ? PoolKind::kOwn : PoolKind::kOpenMP));
+    return std::string(was == int(PoolKind::kOwn) ? "own" : "omp");
+  }, py::arg("name"), "the threads parallel kernels run on: own (csrc/cpu/thread_pool.h) or omp; returns the previous");
   m.def("use_isa", [](const std::string& name) {
     const Isa wanted = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : name == "baseline" ? Isa::kBaseline
                                                                                                        : Isa(-1);

@@ -11,12 +11,16 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include "thread_pool.h"
 
 #define AMPHISTA_INLINE inline __attribute__((always_inline))
 
@@ -160,16 +164,29 @@ AMPHISTA_INLINE float dot(const float* a, const float* b, int64_t n) {
   return reduce_lanes(part);
 }
 
-// fn(u0, u1) over [0, units) in contiguous ranges, one per thread, each of at least min_units units (units are
-// independent: the split never changes a result). The threads are OpenMP's: the module links libgomp.so.1 by
-// soname, which is the copy torch's CPU wheels load first, so these kernels and torch's ops share one pool of
-// threads. (A pool of our own spun on the second core while torch's spun too: speculative steps took 1.6x as long
-// on a 2-core VM.) Without OpenMP everything runs on the calling thread.
+// Who runs parallel_for's threads. kOpenMP: OpenMP's; the module links libgomp.so.1 by soname, which is the copy
+// torch's CPU wheels load first, so these kernels and torch's ops share one pool of threads (two spinning pools
+// fight over the cores). kOwn: thread_pool.h, which never waits for a descheduled worker, for steps whose every
+// big op is one of these kernels while torch's ops run on one thread (kernels/cpu_threads.py switches to it
+// around such steps). A process-wide setting, as the threads are.
+enum class PoolKind : int { kOpenMP = 0, kOwn = 1 };
+
+inline std::atomic<int>& chosen_pool() {
+  static std::atomic<int> chosen{int(PoolKind::kOpenMP)};
+  return chosen;
+}
+
+// fn(u0, u1) over [0, units) in contiguous ranges, on up to `threads` threads with at least min_units units each
+// (units are independent: the split never changes a result). Without OpenMP, kOpenMP runs on the calling thread.
 template <class Fn>
 void parallel_for(int64_t units, int64_t min_units, int64_t threads, Fn fn) {
   const int64_t n = std::min({threads, units / std::max<int64_t>(min_units, 1), int64_t(256)});
   if (n <= 1) {
     fn(int64_t(0), units);
+    return;
+  }
+  if (chosen_pool().load(std::memory_order_relaxed) == int(PoolKind::kOwn)) {
+    ThreadPool::instance().run(units, n, fn);
     return;
   }
 #ifdef _OPENMP

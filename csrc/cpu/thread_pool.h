@@ -1,0 +1,179 @@
+// The CPU kernels' worker pool: the calling thread never waits for a worker that has not started.
+//
+// Why not OpenMP: the end of a parallel region waits for every thread of the team. On a machine where other work
+// runs, a worker is often descheduled, and each of a decode step's ~300 kernel calls then waited for the scheduler
+// to run it again: plain 4-bit decoding on two busy cores fell from ~190 to ~40 tok/s with two threads, below one
+// thread's ~115 (benchmarks/results/cpu_busy_machine_threads.md). Here a job is cut into a few chunks per thread,
+// and every thread, the caller first, claims chunks until none is left: the caller only waits for chunks a worker
+// has claimed and not finished. A worker that wakes late finds no chunk and goes back to waiting.
+//
+// Why not the pool this project had before (eaef976): it waited for every worker to acknowledge every job, so a
+// worker kept off its core (there: by torch's spinning OpenMP threads) held up each call (1.6x on speculative steps).
+//
+// Claims are one 64-bit word, generation | next chunk | chunk count, changed only by compare-and-swap: a worker
+// that read an old job's word fails its swap, so it can neither run a chunk of a finished job nor read the next
+// job's description half written (the description changes only after every chunk of the job has finished).
+#pragma once
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace amphista_cpu {
+
+class ThreadPool {
+ public:
+  static ThreadPool& instance() {
+    static ThreadPool* pool = new ThreadPool();  // never destroyed: workers may still be asleep at exit
+    return *pool;
+  }
+
+  // fn(u0, u1) over [0, units), on this thread and up to threads - 1 workers. Units are independent (callers'
+  // contract): who runs a chunk never changes a result.
+  template <class Fn>
+  void run(int64_t units, int64_t threads, Fn& fn) {
+    std::unique_lock<std::mutex> one_job(run_mu_, std::try_to_lock);
+    if (!one_job.owns_lock() || threads <= 1 || units <= 1) {  // another Python thread's job runs: use this one
+      fn(int64_t(0), units);
+      return;
+    }
+    ensure_workers(threads - 1);
+    const int64_t chunks = std::min<int64_t>({units, threads * kChunksPerThread, kMaxChunks});
+    call_ = [](void* f, int64_t u0, int64_t u1) { (*static_cast<Fn*>(f))(u0, u1); };
+    ctx_ = &fn;
+    units_ = units;
+    helpers_.store(threads - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = ((claim_.load(std::memory_order_relaxed) >> kGenShift) + 1) & 0xffffffffu;
+    claim_.store((gen << kGenShift) | uint64_t(chunks), std::memory_order_seq_cst);  // publishes the fields above
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lk(mu_);  // a worker between its check and its wait holds mu_: no lost wakeup
+      work_cv_.notify_all();
+    }
+    claim_and_run(gen);
+    wait_done(chunks);
+  }
+
+  int64_t workers() const { return int64_t(workers_->size()); }
+
+ private:
+  // A late worker leaves the caller half its share or less. More chunks take over finer but cost in every call:
+  // 4 a thread were ~6% slower than OpenMP on a quiet 2-core VM, 2 ~3%, and no better on a busy one.
+  static constexpr int64_t kChunksPerThread = 2;
+  static constexpr int64_t kMaxChunks = 0xffff;
+  static constexpr int kNextShift = 16, kGenShift = 32;
+
+  ThreadPool() { pthread_atfork(nullptr, nullptr, [] { instance().forget_workers(); }); }
+
+  static void pause() {
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+  }
+
+  // Claims and runs chunks of job `gen` until none is left (or the job is no longer `gen`).
+  void claim_and_run(uint64_t gen) {
+    uint64_t word = claim_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = (word >> kNextShift) & 0xffff, chunks = word & 0xffff;
+      if ((word >> kGenShift) != gen || next >= chunks) return;
+      if (!claim_.compare_exchange_weak(word, word + (uint64_t(1) << kNextShift), std::memory_order_acq_rel,
+                                        std::memory_order_acquire))
+        continue;  // `word` now holds the current value
+      const int64_t u0 = units_ * int64_t(next) / int64_t(chunks), u1 = units_ * int64_t(next + 1) / int64_t(chunks);
+      if (u0 < u1) call_(ctx_, u0, u1);
+      if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == int64_t(chunks) &&
+          caller_asleep_.load(std::memory_order_seq_cst)) {
+        std::lock_guard<std::mutex> lk(mu_);
+        done_cv_.notify_one();
+      }
+      word = claim_.load(std::memory_order_acquire);
+    }
+  }
+
+  // The chunks left are running on workers. Spin while they should finish within microseconds; sleep beyond that
+  // (a worker descheduled mid-chunk then gets this core instead of waiting for its own).
+  void wait_done(int64_t chunks) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
+      pause();
+      if (spins % 64 == 63 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(kCallerSpinUs)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        caller_asleep_.store(true, std::memory_order_seq_cst);
+        done_cv_.wait(lk, [&] { return done_.load(std::memory_order_seq_cst) >= chunks; });
+        caller_asleep_.store(false, std::memory_order_relaxed);
+      }
+    }
+  }
+
+  // Worker `index` (0-based) of the pool: it helps with jobs that ask for more than index + 1 workers.
+  void work(int64_t index, uint64_t seen) {
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      uint64_t gen;
+      for (int spins = 0; (gen = claim_.load(std::memory_order_acquire) >> kGenShift) == seen; ++spins) {
+        pause();
+        if (spins % 64 != 63) continue;
+        const auto waited = std::chrono::steady_clock::now() - start;
+        if (waited > std::chrono::microseconds(kSpinUs)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          work_cv_.wait(lk, [&] { return (claim_.load(std::memory_order_seq_cst) >> kGenShift) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        } else if (waited > std::chrono::microseconds(kPoliteAfterUs)) {
+          sched_yield();  // another thread on this core (torch's OpenMP workers) runs if it is ready
+        }
+      }
+      seen = gen;
+      if (index < helpers_.load(std::memory_order_relaxed)) claim_and_run(gen);
+    }
+  }
+
+  void ensure_workers(int64_t count) {
+    while (workers() < count) {
+      const uint64_t seen = claim_.load(std::memory_order_relaxed) >> kGenShift;
+      std::thread([this, index = workers(), seen] { work(index, seen); }).detach();
+      workers_->push_back(1);
+    }
+  }
+
+  // A forked child has none of the parent's threads: start afresh. (Not getpid() on each job: a system call,
+  // ~0.5 us in a VM, on every kernel call.)
+  void forget_workers() {
+    workers_->clear();
+    sleepers_.store(0);
+    caller_asleep_.store(false);
+  }
+
+  // Workers spin for the next job for kSpinUs (a decode step's calls come within microseconds of each other, its
+  // steps within ~100 us), yielding their core after kPoliteAfterUs (on a busy 2-core VM: ~130 tok/s against ~100
+  // spinning without yielding), then sleep, so an idle engine costs no CPU.
+  static constexpr int64_t kCallerSpinUs = 50, kPoliteAfterUs = 20, kSpinUs = 200;
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable work_cv_, done_cv_;
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0}, helpers_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_asleep_{false};
+  void (*call_)(void*, int64_t, int64_t) = nullptr;
+  void* ctx_ = nullptr;
+  int64_t units_ = 0;
+  std::vector<char>* workers_ = new std::vector<char>();
+};
+
+}  // namespace amphista_cpu
