@@ -63,6 +63,8 @@ PYBIND11_MODULE(_cpu, m) {
     const int was = chosen_pool().exchange(int(name == "own" ? PoolKind::kOwn : PoolKind::kOpenMP));
     return std::string(was == int(PoolKind::kOwn) ? "own" : "omp");
   }, py::arg("name"), "the threads parallel kernels run on: own (csrc/cpu/thread_pool.h) or omp; returns the previous");
+  m.def("pool_workers", []() { return ThreadPool::instance().workers(); },
+        "worker threads the own pool has started in this process (the caller is not one)");
   m.def("use_isa", [](const std::string& name) {
     const Isa wanted = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : name == "baseline" ? Isa::kBaseline
                                                                                                        : Isa(-1);

@@ -46,7 +46,7 @@ class ThreadPool {
   // contract): who runs a chunk never changes a result.
   template <class Fn>
   void run(int64_t units, int64_t threads, Fn& fn) {
-    std::unique_lock<std::mutex> one_job(run_mu_, std::try_to_lock);
+    std::unique_lock<std::mutex> one_job(sync_->run_mu, std::try_to_lock);
     if (!one_job.owns_lock() || threads <= 1 || units <= 1) {  // another Python thread's job runs: use this one
       fn(int64_t(0), units);
       return;
@@ -61,8 +61,8 @@ class ThreadPool {
     const uint64_t gen = ((claim_.load(std::memory_order_relaxed) >> kGenShift) + 1) & 0xffffffffu;
     claim_.store((gen << kGenShift) | uint64_t(chunks), std::memory_order_seq_cst);  // publishes the fields above
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-      std::lock_guard<std::mutex> lk(mu_);  // a worker between its check and its wait holds mu_: no lost wakeup
-      work_cv_.notify_all();
+      std::lock_guard<std::mutex> lk(sync_->mu);  // a worker between its check and its wait holds mu: no lost wakeup
+      sync_->work_cv.notify_all();
     }
     claim_and_run(gen);
     wait_done(chunks);
@@ -98,8 +98,8 @@ class ThreadPool {
       if (u0 < u1) call_(ctx_, u0, u1);
       if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == int64_t(chunks) &&
           caller_asleep_.load(std::memory_order_seq_cst)) {
-        std::lock_guard<std::mutex> lk(mu_);
-        done_cv_.notify_one();
+        std::lock_guard<std::mutex> lk(sync_->mu);
+        sync_->done_cv.notify_one();
       }
       word = claim_.load(std::memory_order_acquire);
     }
@@ -112,9 +112,9 @@ class ThreadPool {
     for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
       pause();
       if (spins % 64 == 63 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(kCallerSpinUs)) {
-        std::unique_lock<std::mutex> lk(mu_);
+        std::unique_lock<std::mutex> lk(sync_->mu);
         caller_asleep_.store(true, std::memory_order_seq_cst);
-        done_cv_.wait(lk, [&] { return done_.load(std::memory_order_seq_cst) >= chunks; });
+        sync_->done_cv.wait(lk, [&] { return done_.load(std::memory_order_seq_cst) >= chunks; });
         caller_asleep_.store(false, std::memory_order_relaxed);
       }
     }
@@ -130,9 +130,10 @@ class ThreadPool {
         if (spins % 64 != 63) continue;
         const auto waited = std::chrono::steady_clock::now() - start;
         if (waited > std::chrono::microseconds(kSpinUs)) {
-          std::unique_lock<std::mutex> lk(mu_);
+          Sync* sync = sync_;
+          std::unique_lock<std::mutex> lk(sync->mu);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          work_cv_.wait(lk, [&] { return (claim_.load(std::memory_order_seq_cst) >> kGenShift) != seen; });
+          sync->work_cv.wait(lk, [&] { return (claim_.load(std::memory_order_seq_cst) >> kGenShift) != seen; });
           sleepers_.fetch_sub(1, std::memory_order_relaxed);
         } else if (waited > std::chrono::microseconds(kPoliteAfterUs)) {
           sched_yield();  // another thread on this core (torch's OpenMP workers) runs if it is ready
@@ -151,9 +152,11 @@ class ThreadPool {
     }
   }
 
-  // A forked child has none of the parent's threads: start afresh. (Not getpid() on each job: a system call,
-  // ~0.5 us in a VM, on every kernel call.)
+  // A forked child has none of the parent's threads: start afresh, with new mutexes and condition variables (the
+  // old ones may list waiters that no longer exist, and a broadcast would wait for them forever). The old ones
+  // leak, once a fork. (Not getpid() on each job: a system call, ~0.5 us in a VM, on every kernel call.)
   void forget_workers() {
+    sync_ = new Sync();
     workers_->clear();
     sleepers_.store(0);
     caller_asleep_.store(false);
@@ -164,8 +167,11 @@ class ThreadPool {
   // spinning without yielding), then sleep, so an idle engine costs no CPU.
   static constexpr int64_t kCallerSpinUs = 50, kPoliteAfterUs = 20, kSpinUs = 200;
 
-  std::mutex run_mu_, mu_;
-  std::condition_variable work_cv_, done_cv_;
+  struct Sync {
+    std::mutex run_mu, mu;
+    std::condition_variable work_cv, done_cv;
+  };
+  Sync* sync_ = new Sync();
   std::atomic<uint64_t> claim_{0};
   std::atomic<int64_t> done_{0}, helpers_{0};
   std::atomic<int> sleepers_{0};
