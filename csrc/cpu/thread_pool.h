@@ -51,6 +51,11 @@ class ThreadPool {
       fn(int64_t(0), units);
       return;
     }
+    if (serial_left_ > 0) {  // the workers missed the last jobs: their cores are taken (see kAbsentJobs)
+      --serial_left_;
+      fn(int64_t(0), units);
+      return;
+    }
     ensure_workers(threads - 1);
     const int64_t chunks = std::min<int64_t>({units, threads * kChunksPerThread, kMaxChunks});
     call_ = [](void* f, int64_t u0, int64_t u1) { (*static_cast<Fn*>(f))(u0, u1); };
@@ -64,8 +69,13 @@ class ThreadPool {
       std::lock_guard<std::mutex> lk(sync_->mu);  // a worker between its check and its wait holds mu: no lost wakeup
       sync_->work_cv.notify_all();
     }
-    claim_and_run(gen);
+    const int64_t mine = claim_and_run(gen);
     wait_done(chunks);
+    absent_ = mine == chunks ? absent_ + 1 : 0;
+    if (absent_ >= kAbsentJobs) {
+      absent_ = 0;
+      serial_left_ = kSerialJobs;
+    }
   }
 
   int64_t workers() const { return int64_t(workers_->size()); }
@@ -75,6 +85,10 @@ class ThreadPool {
   // 4 a thread were ~6% slower than OpenMP on a quiet 2-core VM, 2 ~3%, and no better on a busy one.
   static constexpr int64_t kChunksPerThread = 2;
   static constexpr int64_t kMaxChunks = 0xffff;
+  // After kAbsentJobs jobs in a row whose every chunk the caller ran itself, the next kSerialJobs (about a decode
+  // step's calls) run on the caller alone: on a machine whose other cores are busy, spinning workers only took
+  // CPU time from the caller (two busy processes on 2 cores: 1.3x one thread's step time). Then it tries again.
+  static constexpr int64_t kAbsentJobs = 4, kSerialJobs = 256;
   static constexpr int kNextShift = 16, kGenShift = 32;
 
   ThreadPool() { pthread_atfork(nullptr, nullptr, [] { instance().forget_workers(); }); }
@@ -85,15 +99,17 @@ class ThreadPool {
 #endif
   }
 
-  // Claims and runs chunks of job `gen` until none is left (or the job is no longer `gen`).
-  void claim_and_run(uint64_t gen) {
+  // Claims and runs chunks of job `gen` until none is left (or the job is no longer `gen`); how many it ran.
+  int64_t claim_and_run(uint64_t gen) {
     uint64_t word = claim_.load(std::memory_order_acquire);
-    for (;;) {
+    for (int64_t ran = 0;; ++ran) {
       const uint64_t next = (word >> kNextShift) & 0xffff, chunks = word & 0xffff;
-      if ((word >> kGenShift) != gen || next >= chunks) return;
+      if ((word >> kGenShift) != gen || next >= chunks) return ran;
       if (!claim_.compare_exchange_weak(word, word + (uint64_t(1) << kNextShift), std::memory_order_acq_rel,
-                                        std::memory_order_acquire))
+                                        std::memory_order_acquire)) {
+        --ran;
         continue;  // `word` now holds the current value
+      }
       const int64_t u0 = units_ * int64_t(next) / int64_t(chunks), u1 = units_ * int64_t(next + 1) / int64_t(chunks);
       if (u0 < u1) call_(ctx_, u0, u1);
       if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == int64_t(chunks) &&
@@ -179,6 +195,7 @@ class ThreadPool {
   void (*call_)(void*, int64_t, int64_t) = nullptr;
   void* ctx_ = nullptr;
   int64_t units_ = 0;
+  int64_t absent_ = 0, serial_left_ = 0;  // the caller's (under run_mu)
   std::vector<char>* workers_ = new std::vector<char>();
 };
 
