@@ -174,6 +174,7 @@ class ThreadPool {
   void forget_workers() {
     sync_ = new Sync();
     workers_->clear();
+    absent_ = serial_left_ = 0;
     sleepers_.store(0);
     caller_asleep_.store(false);
   }
