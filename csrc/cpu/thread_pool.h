@@ -3,9 +3,11 @@
 // Why not OpenMP: the end of a parallel region waits for every thread of the team. On a machine where other work
 // runs, a worker is often descheduled, and each of a decode step's ~300 kernel calls then waited for the scheduler
 // to run it again: plain 4-bit decoding on two busy cores fell from ~190 to ~40 tok/s with two threads, below one
-// thread's ~115 (benchmarks/results/cpu_busy_machine_threads.md). Here a job is cut into a few chunks per thread,
-// and every thread, the caller first, claims chunks until none is left: the caller only waits for chunks a worker
-// has claimed and not finished. A worker that wakes late finds no chunk and goes back to waiting.
+// thread's ~115 (benchmarks/results/cpu_busy_machine_threads.md). Here a job is cut into chunks, and every
+// thread, the caller first, claims chunks until none is left: the caller only waits for chunks a worker has
+// claimed and not finished. A worker that wakes late finds no chunk and goes back to waiting. Beside one busy
+// process on 2 cores a 4-bit step now costs what one thread's does, where OpenMP's cost 1.8x-9x that
+// (benchmarks/results/cpu_pool_ab_busy1.md); on a quiet machine ~0-4% more than OpenMP's (cpu_pool_ab.md).
 //
 // Why not the pool this project had before (eaef976): it waited for every worker to acknowledge every job, so a
 // worker kept off its core (there: by torch's spinning OpenMP threads) held up each call (1.6x on speculative steps).
@@ -81,9 +83,10 @@ class ThreadPool {
   int64_t workers() const { return int64_t(workers_->size()); }
 
  private:
-  // A late worker leaves the caller half its share or less. More chunks take over finer but cost in every call:
-  // 4 a thread were ~6% slower than OpenMP on a quiet 2-core VM, 2 ~3%, and no better on a busy one.
-  static constexpr int64_t kChunksPerThread = 2;
+  // A chunk a thread: the caller takes over the whole share of a worker that has not started. More chunks take
+  // over finer but cost in every call (plain 4-bit steps on a quiet 2-core VM, against OpenMP: 1 a thread ~2-3%
+  // slower, 2 ~3-5%, 4 ~6%), and were no faster beside busy processes.
+  static constexpr int64_t kChunksPerThread = 1;
   static constexpr int64_t kMaxChunks = 0xffff;
   // After kAbsentJobs jobs in a row whose every chunk the caller ran itself, the next kSerialJobs (about a decode
   // step's calls) run on the caller alone: on a machine whose other cores are busy, spinning workers only took
