@@ -375,6 +375,9 @@ class Engine:
         for i, p in enumerate(ids):
             self._check_room(p, max_new_tokens, extra, i if len(ids) > 1 else None)
         kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
+        with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
+            if self._decoding is None:  # (another thread's run sets its own when it ends)
+                self.last_result, self.last_results = None, []
         # What the cache holds is weighed when the run starts (_drive): a stream is lazy, and a run started in
         # between rewrites the cache it would reuse.
         return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix, kept if reuse_prefix else None,

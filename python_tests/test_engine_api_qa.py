@@ -106,3 +106,14 @@ def test_a_batch_prompt_that_does_not_fit_is_named_by_its_row(engine):
         engine.generate_batch(["Hello", "dog", "  "], chat=False, max_new_tokens=2)
     with pytest.raises(InputError, match=r"^prompt 1: message 0 \(user\) has no 'content'"):
         engine.generate_batch(["Hello", [{"role": "user"}]], max_new_tokens=2)
+
+
+def test_a_stream_closed_before_its_first_chunk_leaves_no_result(engine):
+    """The result was cleared when the stream's generator first ran, so closing it unread left the previous run's
+    result in last_result (the README says a run closed early leaves None)."""
+    engine.generate(PROMPT, max_new_tokens=3)
+    assert engine.last_result is not None
+    engine.stream(PROMPT, max_new_tokens=3).close()
+    assert engine.last_result is None and engine.last_results == []
+    engine.stream_batch([PROMPT, PROMPT], max_new_tokens=3).close()
+    assert engine.last_result is None and engine.last_results == []

@@ -58,7 +58,7 @@ def runs_on_pool(model, heads=None) -> bool:
         return False
     if setting == "own":
         return True
-    modules = [*model.modules(), *(heads.modules() if heads is not None else ())]
+    modules = [*model.modules(), *(heads.modules() if isinstance(heads, torch.nn.Module) else ())]
     linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
     return bool(linears) and all(cpu_quant.on_codes(m) and m._packed_native is not None for m in linears)
 
