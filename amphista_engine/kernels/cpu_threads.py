@@ -12,7 +12,12 @@ the chunks of a worker that has not started, with torch's ops on one thread for 
 and torch's OpenMP workers, which spin for milliseconds after each parallel op, would take the cores the pool's
 workers need (the pool beside torch's two threads was 1.3x slower on a quiet 2-core VM). The thread count is
 still torch's (`torch.set_num_threads` / OMP_NUM_THREADS), read when the step starts. Float weights keep OpenMP:
-their big products are torch's.
+their big products are torch's. Measured on a 2-core AVX-512 Xeon VM (benchmarks/cpu_pool_ab.py): beside one busy
+process a 4-bit step costs what one thread's does, where OpenMP's cost 1.8x-13x that; on a quiet machine it is
+within ~2% of OpenMP's (benchmarks/results/cpu_pool_ab*.md).
+
+Thread counts are process-wide: while a step runs on the pool, torch's ops in other Python threads run on one
+thread too (another engine's float products would be slower meanwhile, never wrong).
 
 AMPHISTA_CPU_POOL=omp keeps OpenMP for every step (the behaviour before the pool); =own uses the pool for every
 step, float weights too (for A/B runs).
