@@ -53,12 +53,12 @@ class ThreadPool {
       fn(int64_t(0), units);
       return;
     }
+    ensure_workers(threads - 1);
     if (serial_left_ > 0) {  // the workers missed the last jobs: their cores are taken (see kAbsentJobs)
       --serial_left_;
       fn(int64_t(0), units);
       return;
     }
-    ensure_workers(threads - 1);
     const int64_t chunks = std::min<int64_t>({units, threads * kChunksPerThread, kMaxChunks});
     call_ = [](void* f, int64_t u0, int64_t u1) { (*static_cast<Fn*>(f))(u0, u1); };
     ctx_ = &fn;
