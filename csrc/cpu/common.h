@@ -14,7 +14,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
