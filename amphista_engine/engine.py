@@ -445,20 +445,21 @@ class Engine:
             self._kept = _KeptPrefix(decoder.cache, heads, None if heads is None else heads.cache_epoch(),
                                      seq[:min(int(decoder.cache.length[0]), len(seq))])
 
-    def stream(self, prompt, **kwargs) -> Iterator[str]:
+    def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the
-        stream was closed before its end or stopped by an error).
+        stream was closed before its end or stopped by an error). Options: those of stream_batch.
 
         Bad arguments raise here, before the first chunk is asked for."""
-        return (delta for _, delta in self.stream_batch([prompt], **kwargs))
+        return (delta for _, delta in self.stream_batch([prompt], max_new_tokens, **options))
 
-    def generate(self, prompt, **kwargs) -> GenerationResult:
-        for _ in self.stream(prompt, **kwargs):
+    def generate(self, prompt, max_new_tokens: int = 256, **options) -> GenerationResult:
+        """One prompt (text, or a list of chat messages) to its GenerationResult. Options: those of stream_batch."""
+        for _ in self.stream(prompt, max_new_tokens, **options):
             pass
         return self.last_result
 
-    def generate_batch(self, prompts: list, **kwargs) -> list[GenerationResult]:
-        for _ in self.stream_batch(prompts, **kwargs):
+    def generate_batch(self, prompts: list, max_new_tokens: int = 256, **options) -> list[GenerationResult]:
+        for _ in self.stream_batch(prompts, max_new_tokens, **options):
             pass
         return self.last_results
 
@@ -469,3 +470,17 @@ class Engine:
         # turn), which its declared EOS need not be; special tokens only, never text that merely spells one.
         turn_ends = {i for i in chat_stops(self.tokenizer).token_ids if i in self.tokenizer.special_ids}
         return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []) | turn_ends)
+
+
+def _with_batch_signature(method, first: str, returns: str):
+    """help() and editors show the sampling and speculation options stream_batch takes, not **options."""
+    import inspect
+    params = list(inspect.signature(Engine.stream_batch).parameters.values())
+    params[1] = params[1].replace(name=first, annotation=inspect.Parameter.empty)
+    params[3:] = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[3:]]   # as the methods take them
+    method.__signature__ = inspect.Signature(params, return_annotation=returns)
+
+
+_with_batch_signature(Engine.stream, "prompt", "Iterator[str]")
+_with_batch_signature(Engine.generate, "prompt", "GenerationResult")
+_with_batch_signature(Engine.generate_batch, "prompts", "list[GenerationResult]")

@@ -117,3 +117,20 @@ def test_a_stream_closed_before_its_first_chunk_leaves_no_result(engine):
     assert engine.last_result is None and engine.last_results == []
     engine.stream_batch([PROMPT, PROMPT], max_new_tokens=3).close()
     assert engine.last_result is None and engine.last_results == []
+
+
+def test_one_prompt_calls_take_max_new_tokens_positionally_and_show_their_options(engine):
+    """generate("...", 8) was a TypeError (the README lists max_new_tokens second), and help() showed **kwargs."""
+    import inspect
+    assert engine.generate(PROMPT, 5, chat=False).token_ids == engine.generate(PROMPT, max_new_tokens=5,
+                                                                                   chat=False).token_ids
+    assert len(engine.generate(PROMPT, 5, chat=False).token_ids) <= 5
+    assert "".join(engine.stream(PROMPT, 4, chat=False)) == engine.last_result.text
+    assert [r.token_ids for r in engine.generate_batch([PROMPT], 4, chat=False)] == [engine.last_result.token_ids]
+    for method, first in ((engine.generate, "prompt"), (engine.stream, "prompt"), (engine.generate_batch, "prompts")):
+        params = inspect.signature(method).parameters
+        assert list(params)[:3] == [first, "max_new_tokens", "temperature"]
+        assert {"top_p", "seed", "speculative", "tree", "acceptance"} <= set(params)
+        assert params["temperature"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError):
+        engine.generate(PROMPT, 4, 0.5)                  # options after max_new_tokens are keywords, as shown
