@@ -37,11 +37,29 @@ def check_finite(decoder, tokens: list[int], row: int, emitted: int):
     for cache in (decoder.cache, getattr(getattr(decoder, "heads", None), "sal_cache", None)):
         if cache is not None:
             cache.dirty = True
+    where = f"the model's logits are not finite (NaN or inf) at new token {emitted + 1} of prompt {row}"
+    bad = _non_finite_weight(decoder)
+    if bad is not None:
+        raise NonFiniteError(f"{where}: the {bad} holds NaN or inf, so the checkpoint is damaged (or was changed "
+                             f"after loading); no token from it can be trusted. The KV cache is cleared before the "
+                             f"next run")
     dtype = decoder.cache.k.dtype
     hint = " (fp16 overflows where bf16 and fp32 do not: try dtype bf16 or fp32)" if dtype == torch.float16 else ""
-    raise NonFiniteError(f"the model's logits are not finite (NaN or inf) at new token {emitted + 1} of prompt "
-                         f"{row}: its activations overflowed{hint}; no token from them can be trusted. The KV "
+    raise NonFiniteError(f"{where}: its activations overflowed{hint}; no token from them can be trusted. The KV "
                          f"cache is cleared before the next run")
+
+
+def _non_finite_weight(decoder) -> str | None:
+    """The first weight of the target, then of the heads, holding a NaN or an infinity ("target weight NAME"), or
+    None. Looked for only once a step's logits were not finite: a damaged checkpoint is named then, and loading
+    pays nothing for the check (a 7B model's scan costs seconds on a CPU). Parameters only: buffers such as masks
+    may hold -inf by design."""
+    for owner, module in (("target", decoder.model), ("heads'", getattr(decoder, "heads", None))):
+        if isinstance(module, torch.nn.Module):
+            for name, w in module.named_parameters():
+                if w.is_floating_point() and w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+                    return f"{owner} weight {name}"
+    return None
 
 
 def kv_window(upper: int, max_seq_len: int) -> int:
