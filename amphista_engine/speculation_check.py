@@ -133,13 +133,17 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     taus = {c.name: expected_tau(engine.heads.config, c.name) for c in candidates}
     if taus[candidates[0].name] is None:
         return SpeculationCheck(True, spec.name, f"the heads record no measured tau for tree {spec.name!r}, "
-                                "so there is nothing to weigh the step cost against: speculating as asked")
+                                "so there is nothing to weigh the step cost against: using the heads untimed")
     # The timed steps must fit the cache after the prompt: each adds up to depth + 1 tokens, plus the tree's slots.
-    room = max((warmup + repeats + 1) * (c.max_depth + 1) + c.num_nodes for c in candidates)
-    prompt_tokens = min(prompt_tokens, engine.max_seq_len - room)
-    if prompt_tokens < 16:
+    def room_for(c):
+        return (warmup + repeats + 1) * (c.max_depth + 1) + c.num_nodes
+    # the heads' trees too big to time in this cache are left out, rather than timing none and speculating untimed
+    candidates = [c for c in candidates if engine.max_seq_len - room_for(c) >= 16]
+    if not candidates:
         return SpeculationCheck(True, spec.name, f"the cache (max_seq_len={engine.max_seq_len}) is too small to "
-                                "time a tree step: speculating as asked")
+                                "time a tree step: using the heads untimed")
+    room = max(room_for(c) for c in candidates)
+    prompt_tokens = min(prompt_tokens, engine.max_seq_len - room)
     file = costs_file()
     costs = timing_cache.read(file) if file else {}
     times = {}                       # tree -> (plain_ms, step_ms, date measured or None)
@@ -164,7 +168,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
         plain_ms, step_ms, _ = times[c.name]
         return taus[c.name] * HELD_OUT_DISCOUNT * plain_ms / step_ms
 
-    n = FIRST_TIMED if len(candidates) > 1 else 1
+    n = min(FIRST_TIMED, len(candidates))       # heads that record two trees time both
     measure(candidates[:n])
     best = max(candidates[:n], key=speedup)
     while best is candidates[n - 1] and n < len(candidates):     # the biggest timed tree wins: try the next size
@@ -177,7 +181,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     pays = tau_here > ratio
     reason = ((f"of the heads' trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} comes "
                "out best here: " if n > 1 else "")
-              + f"a {best.name} step costs {ratio:.2f} plain steps here ({step_ms:.0f} vs {plain_ms:.0f} ms"
+              + f"a {best.name} step costs {ratio:.2f} plain steps here ({step_ms:.1f} vs {plain_ms:.1f} ms"
               + (f", measured {measured_on}, kept in {file}" if measured_on else "") + ") and "
               f"these heads emit ~{tau_here:.2f} tokens per step on it ({tau:.2f} on held-out data, "
               f"x{HELD_OUT_DISCOUNT}): " + ("speculation is faster" if pays else "plain decoding is faster"))

@@ -8,19 +8,28 @@ import json
 import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:                      # Windows: writers are not serialised (a lost entry is measured again)
+    fcntl = None
+
 CACHE_ENV = "AMPHISTA_CACHE_DIR"
 
 
 def path(name: str) -> Path | None:
-    """The file `name` in the cache directory; None when AMPHISTA_CACHE_DIR=off."""
+    """The file `name` in the cache directory; None when AMPHISTA_CACHE_DIR=off, or there is no home to keep it in."""
     where = os.environ.get(CACHE_ENV, "").strip()
     if where.lower() in ("off", "0", "none", "false", "no"):
         return None
-    if where:
-        base = Path(where)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amphista-engine"
-    return base.expanduser() / name
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        if where:
+            base = Path(where)
+        else:      # a relative XDG_CACHE_HOME is invalid (XDG spec): not a folder wherever the process started
+            base = Path(xdg if os.path.isabs(xdg) else Path.home() / ".cache") / "amphista-engine"
+        return base.expanduser() / name
+    except RuntimeError:     # no HOME and no passwd entry (a container's arbitrary uid): nowhere to keep them
+        return None
 
 
 def read(file: Path) -> dict:
@@ -28,7 +37,7 @@ def read(file: Path) -> dict:
     rewritten)."""
     try:
         entries = json.loads(file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):      # RecursionError: JSON nested too deep to parse
         return {}
     return entries if isinstance(entries, dict) else {}
 
@@ -36,11 +45,21 @@ def read(file: Path) -> dict:
 def write(file: Path, entries: dict) -> None:
     """Adds `entries` to the file, keeping what other processes wrote since it was read. Best effort: a
     read-only or full disk costs the next process a measurement, nothing more."""
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**read(file), **entries}
-        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
-        os.replace(tmp, file)            # atomic: a concurrent reader sees the old file or the new one
+        # Two writers reading the same old file would each drop the other's new entries: one at a time
+        with open(file.with_name(f"{file.name}.lock"), "a") as lock:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+            except OSError:                  # a file system without locks: written unserialised, as before
+                pass
+            merged = {**read(file), **entries}
+            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+            os.replace(tmp, file)        # atomic: a concurrent reader sees the old file or the new one
     except OSError:
-        pass
+        try:
+            tmp.unlink(missing_ok=True)      # not one stray file per process (the file's name taken by a folder)
+        except OSError:
+            pass
