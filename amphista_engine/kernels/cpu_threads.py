@@ -16,8 +16,14 @@ their big products are torch's. Measured on a 2-core AVX-512 Xeon VM (benchmarks
 process a 4-bit step costs what one thread's does, where OpenMP's cost 1.8x-13x that; on a quiet machine it is
 within ~2% of OpenMP's (benchmarks/results/cpu_pool_ab*.md).
 
-Thread counts are process-wide: while a step runs on the pool, torch's ops in other Python threads run on one
-thread too (another engine's float products would be slower meanwhile, never wrong).
+torch's thread count is per Python thread: torch.set_num_threads sets the calling thread's OpenMP count (and the
+count of threads that have not run an op yet), never another running thread's. So each thread saves and hands back
+its own count around its steps, and its kernels run on that count (one saved for the process left a thread whose
+step ended while another thread's ran on one thread for good, and handed that one the first thread's count).
+A thread whose first torch op runs while another thread's step does starts on one thread (torch's count for new
+threads is the last one set in any thread): set its count after that op. The extension's choice of pool is
+process-wide: it stays on the own pool while any thread's step runs on it (another engine's float kernels then run
+there too, on their own thread's count: never a different result).
 
 AMPHISTA_CPU_POOL=omp keeps OpenMP for every step (the behaviour before the pool); =own uses the pool for every
 step, float weights too (for A/B runs).
@@ -33,9 +39,9 @@ import torch
 _POOL_CHOICES = ("auto", "own", "omp")
 
 _lock = threading.Lock()
-_depth = 0                  # steps running under the pool, in any thread
-_torch_threads = 0          # torch's thread count before the first of them
-_kernel_threads = 0         # the kernels' count while they run (0: torch's)
+_on_pool = 0                # Python threads in a step on the pool: the extension runs on its own pool while > 0
+_kernel_threads = 0         # the kernels' count outside pool steps (0: torch's; tests fix it)
+_local = threading.local()  # this thread's depth (nested steps), torch_threads (its count before), kernel_threads
 
 
 def pool_setting() -> str:
@@ -47,8 +53,8 @@ def pool_setting() -> str:
 
 
 def kernel_threads() -> int:
-    """The thread count the extension's kernels are called with."""
-    return _kernel_threads or torch.get_num_threads()
+    """The thread count the extension's kernels are called with (in this Python thread)."""
+    return getattr(_local, "kernel_threads", 0) or _kernel_threads or torch.get_num_threads()
 
 
 def runs_on_pool(model, heads=None) -> bool:
@@ -74,28 +80,49 @@ def _extension():
 
 
 class _PoolSteps:
-    """The block runs on the pool: torch's ops on one thread, the kernels on torch's former count."""
+    """The block runs on the pool: this thread's torch ops on one thread, the kernels on its former count."""
 
     def __enter__(self):
-        global _depth, _torch_threads, _kernel_threads
-        with _lock:
-            if _depth == 0:
-                _torch_threads = torch.get_num_threads()
-                if _torch_threads > 1:
-                    _kernel_threads = _torch_threads
+        global _on_pool
+        depth = getattr(_local, "depth", 0)
+        _local.depth = depth + 1
+        if depth:
+            return
+        n = _local.torch_threads = torch.get_num_threads()
+        if n > 1:
+            _local.kernel_threads = n
+            with _lock:
+                _on_pool += 1
+                if _on_pool == 1:
                     _extension().set_pool("own")
-                    torch.set_num_threads(1)
-            _depth += 1
+            torch.set_num_threads(1)
 
     def __exit__(self, *exc):
-        global _depth, _kernel_threads
+        global _on_pool
+        _local.depth -= 1
+        if _local.depth or not getattr(_local, "kernel_threads", 0):
+            return False
+        _local.kernel_threads = 0
+        torch.set_num_threads(_local.torch_threads)
         with _lock:
-            _depth -= 1
-            if _depth == 0 and _kernel_threads:
-                torch.set_num_threads(_torch_threads)
+            _on_pool -= 1
+            if _on_pool == 0:
                 _extension().set_pool("omp")
-                _kernel_threads = 0
         return False
+
+
+def _after_fork_in_child():
+    """Only the forking thread lives on in a child: the other threads' steps never end there. Left counted, they
+    kept the extension on its own pool for good (and a lock one of them held would never be released)."""
+    global _lock, _on_pool
+    _lock = threading.Lock()
+    was, _on_pool = _on_pool, int(bool(getattr(_local, "kernel_threads", 0)))
+    if was and not _on_pool:
+        _extension().set_pool("omp")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _POOL_STEPS = _PoolSteps()
