@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import SamplingParams, greedy_token, probs_from_logits
+from .sampling import SamplingParams, draw, greedy_token, probs_from_logits
 from .tree import TreeBuffers
 
 
@@ -32,11 +32,7 @@ def _check_sampling(temperature, top_k=0, top_p=1.0):
 _probs = probs_from_logits
 
 
-def _sample(p: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One draw per row from p [B, V] without host sync: argmax p_i / E_i with E_i ~ Exp(1) picks i with
-    probability p_i / sum(p) (exponential race); zero-probability tokens can never win."""
-    e = torch.empty_like(p).exponential_(generator=generator).clamp_min_(1e-30)
-    return (p / e).argmax(-1)
+_sample = draw
 
 
 def _rows(retrieve: torch.Tensor, b: int) -> torch.Tensor:
@@ -142,6 +138,10 @@ def rejection_sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: Tr
         accept_len += hit.long()
         active = hit
         nodes.append(torch.where(hit, cur, -1))
+        if dev.type == "cpu" and len(nodes) < d1 and not bool(active.any()):
+            # every row has its bonus: the rest are draws for nothing (reading a flag costs no sync on a CPU)
+            nodes += [torch.full_like(cur, -1)] * (d1 - len(nodes))
+            break
     accepted = torch.stack(nodes[:d1], 1)
     # best_path: the first retrieve row that starts with the accepted nodes
     r = _rows(tree.retrieve, b)

@@ -356,3 +356,64 @@ def test_cuda_matches_cpu_without_host_sync():
         assert torch.equal(getattr(dt, f).cpu(), getattr(cpu, f)), f
     assert torch.equal(outs[0].emitted.cpu(), greedy_accept(cpu.tokens, logits, cpu.retrieve).emitted)
     assert all((o.accept_len >= 0).all() for o in outs)
+
+
+# ---- draws ------------------------------------------------------------------------------------------------------
+def _draw_case():
+    p = torch.zeros(3, 4099)
+    p[0, [0, 7, 4098]] = torch.tensor([0.5, 0.3, 0.2])          # support at both ends, unnormalised rows below
+    p[1, 100:110] = torch.arange(1.0, 11.0)
+    p[2, 4098] = 3.0                                             # one token, the last: u must stay inside V
+    return p
+
+
+def test_draw_follows_p_and_never_draws_a_zero_probability_token():
+    """The CPU's inverse-CDF draw (it replaced torch.multinomial and the exponential race there: ~0.8 ms a draw)
+    against the exact frequencies: rows repeated so one call makes 20k draws each."""
+    from amphista_engine.sampling import draw
+    p, n = _draw_case(), 20000
+    g = torch.Generator().manual_seed(0)
+    out = draw(p.repeat_interleave(n, 0), g).view(3, n)
+    assert out.dtype == torch.long and bool((out >= 0).all()) and bool((out < p.shape[1]).all())
+    for row in range(3):
+        got = torch.bincount(out[row], minlength=p.shape[1]).double() / n
+        want = p[row].double() / p[row].sum()
+        assert bool((got[want == 0] == 0).all()), row                     # never outside the support
+        assert float((got - want).abs().max()) < 5 * math.sqrt(0.25 / n), row
+
+
+def test_draw_is_seeded_and_holds_at_the_edges_of_the_running_sum():
+    from amphista_engine.sampling import draw
+    p = _draw_case()
+    a = draw(p, torch.Generator().manual_seed(3))
+    assert torch.equal(a, draw(p, torch.Generator().manual_seed(3)))
+    last = torch.zeros(64, 300)
+    last[:, -1] = 1e-3                         # all the mass on the last token: u never reaches the total
+    assert bool((draw(last, torch.Generator().manual_seed(1)) == 299).all())
+    nan_row = torch.full((1, 5), float("nan"))
+    assert 0 <= int(draw(nan_row.nan_to_num(nan=1.0))) < 5            # sample()'s guard: any index inside V
+
+
+def test_rejection_sampling_stops_drawing_once_every_row_has_its_bonus():
+    """On a CPU the depth loop ends when no row is still accepting: a deep tree whose first children all miss costs
+    one draw, not depth + 1 (each draw a softmax, a nucleus and a sample over the vocabulary)."""
+    import amphista_engine.acceptance as acc
+    tree, tokens, logits = random_case(5, b=2, v=6, n_paths=20)
+    # children that can never be drawn: every non-root node's token has probability 0 at its parent
+    logits = logits.clone()
+    child_tokens = tokens[:, 1:]
+    for b in range(tokens.shape[0]):
+        logits[b, :, child_tokens[b].unique()] = float("-inf")
+    calls = []
+    real = acc._sample
+
+    def counted(p, generator):
+        calls.append(1)
+        return real(p, generator)
+    acc._sample = counted
+    try:
+        res = rejection_sample_accept(tokens, logits, tree, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        acc._sample = real
+    assert tree.max_depth >= 1 and len(calls) == 1
+    assert bool((res.accept_len == 0).all()) and bool((res.accepted_nodes[:, 1:] == -1).all())

@@ -3,7 +3,6 @@ keeps between processes (timing_cache.py), which must never turn a run into a tr
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
