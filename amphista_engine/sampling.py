@@ -86,6 +86,7 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, 
 
 
 NUCLEUS_CANDIDATES = 1024   # the CPU's top_p looks among this many most likely tokens before sorting them all
+NUCLEUS_FIRST = 64          # ... and among this many first (topk: ~80 us against ~160 us for 1024 on a 49k vocabulary)
 
 
 def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -95,11 +96,13 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
 
     Sorting a 49k vocabulary takes ~4.5 ms on a CPU core, about a 4-bit SmolLM2 step: on the CPU (where reading a
     value costs no sync) the nucleus is first sought among the top NUCLEUS_CANDIDATES tokens (~0.3 ms), ordered as
-    the full sort orders them, so their running sums are the same numbers. That is exact wherever the nucleus
-    closes inside them with its edge value above the smallest candidate (every token tied with the edge is then a
+    the full sort orders them, so their running sums are the same numbers; and among the top NUCLEUS_FIRST before
+    them (a T = 0.7, top_p 0.9 nucleus of SmolLM2 held 4 tokens at the median, 82 at most). That is exact wherever
+    the nucleus closes inside them with its edge value above the smallest candidate (every token tied with the edge is then a
     candidate); elsewhere, and on GPUs, the whole vocabulary is sorted."""
-    k = NUCLEUS_CANDIDATES
-    if p.device.type == "cpu" and p.shape[-1] > 2 * k:
+    for k in (NUCLEUS_FIRST, NUCLEUS_CANDIDATES):
+        if p.device.type != "cpu" or p.shape[-1] <= 2 * k:
+            break
         vals, ids = p.topk(k, dim=-1, sorted=False)
         ids, order = ids.sort(dim=-1)                              # ids ascending, then values descending, stably
         vals = vals.gather(-1, order)
