@@ -98,8 +98,8 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
     value costs no sync) the nucleus is first sought among the top NUCLEUS_CANDIDATES tokens (~0.3 ms), ordered as
     the full sort orders them, so their running sums are the same numbers; and among the top NUCLEUS_FIRST before
     them (a T = 0.7, top_p 0.9 nucleus of SmolLM2 held 4 tokens at the median, 82 at most). That is exact wherever
-    the nucleus closes inside them with its edge value above the smallest candidate (every token tied with the edge is then a
-    candidate); elsewhere, and on GPUs, the whole vocabulary is sorted."""
+    the nucleus closes inside them with its edge value above the smallest candidate (every token tied with the edge
+    is then a candidate); elsewhere, and on GPUs, the whole vocabulary is sorted."""
     for k in (NUCLEUS_FIRST, NUCLEUS_CANDIDATES):
         if p.device.type != "cpu" or p.shape[-1] <= 2 * k:
             break

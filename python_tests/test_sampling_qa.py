@@ -326,8 +326,8 @@ def test_a_seed_reproduces_generate_stream_and_a_batch_of_one(engine, speculativ
 
 def test_cpu_nucleus_from_candidates_equals_the_full_sort():
     """The CPU's top_p seeks the nucleus among the top NUCLEUS_FIRST, then NUCLEUS_CANDIDATES tokens first (~5x
-    faster on real logits than sorting 49k); it must keep exactly the full stable sort's tokens, ties at the edge included, and fall back
-    where the nucleus does not close inside the candidates."""
+    faster on real logits than sorting 49k); it must keep exactly the full stable sort's tokens, ties at the edge
+    included, and fall back where the nucleus does not close inside the candidates."""
     from amphista_engine import sampling as S
 
     def full(p, top_p):
