@@ -341,9 +341,11 @@ class Engine:
             raise InputError(f"reuse_prefix must be True or False, got {type(reuse_prefix).__name__} {reuse_prefix!r}")
         if reuse_prefix and len(prompts) > 1:
             raise InputError(f"reuse_prefix applies to one prompt (a chat's history), got {len(prompts)} prompts")
-        from .speculative import ACCEPTANCE
+        from .speculative import ACCEPTANCE, resolve_acceptance
         if acceptance not in ACCEPTANCE:      # checked even where the run turns out plain (speculative="auto")
             raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+        if speculative is not None:          # so is its fit to the sampling parameters: not only where it speculates
+            resolve_acceptance(acceptance, params)
         if speculative is None and (tree is not None or acceptance != "auto"):     # not ignored without a word
             what = f"tree={tree!r}" if tree is not None else f"acceptance={acceptance!r}"
             raise InputError(f"{what} applies to speculative decoding, but speculative=None decodes plainly; pass "

@@ -45,6 +45,25 @@ def default_tree(num_heads: int, device, heads_trees: dict | None = None, four_b
 ACCEPTANCE = ("auto", "greedy", "typical", "rejection")
 
 
+def resolve_acceptance(acceptance: str, params: SamplingParams) -> str:
+    """The acceptance rule a speculative run with these sampling parameters uses; InputError where they conflict.
+    The engine asks before speculative="auto" is resolved, so a conflict is refused whether or not the run turns
+    out speculative (on another machine, or with another max_seq_len, the same call would)."""
+    if acceptance not in ACCEPTANCE:
+        raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+    if acceptance == "auto":
+        acceptance = "greedy" if params.greedy else "rejection"
+    if acceptance == "rejection" and params.greedy:
+        acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
+    if acceptance == "greedy" and not params.greedy:
+        raise InputError(f"acceptance='greedy' keeps the target's argmax, so temperature={params.temperature} "
+                         f"would sample only the first token; use 'rejection' (lossless) or 'typical' to sample")
+    if acceptance == "typical" and (params.top_k or params.top_p < 1):
+        raise InputError("acceptance='typical' (Medusa's rule) samples from softmax(logits / temperature) and "
+                         "takes no top_k / top_p; use acceptance='rejection' (lossless) for them")
+    return acceptance
+
+
 def _tree_file(path: str):
     """A .json file with a path list, or a `tree-search` result (its `trees` dict with one tree)."""
     from .text_files import read_utf8
@@ -144,18 +163,7 @@ class SpeculativeDecoder(PlainDecoder):
         if params.repetition_penalty != 1.0:
             raise InputError("repetition_penalty changes the target distribution per path; it is supported "
                              "with plain decoding only (speculative=None; on the command line --speculative none)")
-        if acceptance not in ACCEPTANCE:
-            raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
-        if acceptance == "auto":
-            acceptance = "greedy" if params.greedy else "rejection"
-        if acceptance == "rejection" and params.greedy:
-            acceptance = "greedy"    # rejection sampling at T -> 0 is greedy acceptance
-        if acceptance == "greedy" and not params.greedy:
-            raise InputError(f"acceptance='greedy' keeps the target's argmax, so temperature={params.temperature} "
-                             f"would sample only the first token; use 'rejection' (lossless) or 'typical' to sample")
-        if acceptance == "typical" and (params.top_k or params.top_p < 1):
-            raise InputError("acceptance='typical' (Medusa's rule) samples from softmax(logits / temperature) and "
-                             "takes no top_k / top_p; use acceptance='rejection' (lossless) for them")
+        acceptance = resolve_acceptance(acceptance, params)
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
         too_big = tree.max_depth > cpu_exact.MAX_DEPTH or tree.num_nodes > cpu_packed.CHUNKED_UP_TO
         if too_big and model.invariant_decode(cache):
