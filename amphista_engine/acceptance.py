@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import SamplingParams, draw, greedy_token, probs_from_logits
+from .sampling import SamplingParams, draw, exponential_race, greedy_token, probs_from_logits
 from .tree import TreeBuffers
 
 
@@ -99,7 +99,7 @@ def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.T
     loglik = torch.where(lens == accept_len[:, None], loglik, float("-inf"))
     best = loglik.argmax(-1)
     last = _row(r, best).gather(1, accept_len[:, None])
-    bonus = _sample(p.gather(1, last[:, :, None].expand(-1, 1, v)).squeeze(1), generator)
+    bonus = exponential_race(p.gather(1, last[:, :, None].expand(-1, 1, v)).squeeze(1), generator)
     return _finish(tokens, r, best, accept_len, bonus)
 
 

@@ -109,8 +109,8 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
         vals, order = vals.sort(dim=-1, descending=True, stable=True)
         ids = ids.gather(-1, order)
         keep = (vals.cumsum(-1) - vals) < top_p
-        n = keep.sum(-1, keepdim=True)                             # nucleus size per row, >= 1
-        if bool(((n < k) & (vals.gather(-1, n - 1) > vals[..., -1:])).all()):
+        n = keep.sum(-1, keepdim=True)                             # nucleus size per row (0: NaN probabilities)
+        if bool(((n >= 1) & (n < k) & (vals.gather(-1, (n - 1).clamp(min=0)) > vals[..., -1:])).all()):
             return torch.zeros_like(p).scatter_(-1, ids, vals * keep)
     sp, order = p.sort(dim=-1, descending=True, stable=True)
     drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) >= top_p)
@@ -145,17 +145,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator=None) -> torc
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)    # as validated in captured CUDA graphs
 
 
+def exponential_race(p: torch.Tensor, generator=None) -> torch.Tensor:
+    """argmax p_i / E_i with E_i ~ Exp(1) a token: token i with probability p_i / sum(p), a zero-probability one
+    never. Typical acceptance's bonus always draws so, on every device: its fused kernels (triton_kernels/
+    acceptance.py) take the same noise from the same generator, so their bonus token equals the reference's."""
+    e = torch.empty_like(p).exponential_(generator=generator).clamp_min_(1e-30)
+    return (p / e).argmax(-1)
+
+
 def draw(p: torch.Tensor, generator=None) -> torch.Tensor:
     """One token per row of p [B, V] (>= 0, any sum), token i with probability p_i / sum(p); no host sync, and a
-    zero-probability token never comes out. Tree acceptance draws here, and plain sampling on a CPU.
+    zero-probability token never comes out. Tree rejection sampling draws here, and plain sampling on a CPU.
 
     CPU: the inverse CDF, one uniform a row against the running sums (~30 us for a 49k vocabulary, where torch's
     multinomial and exponential_ took ~0.8 ms each: a third of a 4-bit SmolLM2 step per draw, and a tree step draws
-    up to depth + 1 times). Elsewhere the exponential race, argmax p_i / E_i with E_i ~ Exp(1): fixed shapes for
-    CUDA graphs, and fast there."""
+    up to depth + 1 times). Elsewhere the exponential race: fixed shapes for CUDA graphs, and fast there."""
     if p.device.type != "cpu":
-        e = torch.empty_like(p).exponential_(generator=generator).clamp_min_(1e-30)
-        return (p / e).argmax(-1)
+        return exponential_race(p, generator)
     c = p.double().cumsum(-1)        # fp64: tokens far below the total keep their share of the running sum
     total = c[:, -1:]
     u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64) * total

@@ -149,7 +149,7 @@ def accept(tokens, logits, retrieve, typical: bool, temperature: float = 1.0, po
     _row_stats[(B * N,)](logits, pred, stats, thresh, N, V, logits.stride(0), logits.stride(1), float(temperature),
                          float(posterior_alpha), float(posterior_threshold),
                          TYPICAL=typical, BLOCK_V=BLOCK_V, num_warps=4)
-    # The bonus noise: the same draw, same shape and dtype as acceptance._sample's, from the same generator.
+    # The bonus noise: the same draw, same shape and dtype as sampling.exponential_race's, from the same generator.
     noise = torch.empty(B, V, dtype=torch.float32, device=dev).exponential_(generator=generator) if typical \
         else pred
     accept_len = torch.empty(B, dtype=torch.long, device=dev)
