@@ -170,6 +170,16 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_fp32_amphista4_engine(tiny_hf_dir):
+    """An fp32 Engine on tiny_hf_dir (max_seq_len 512) with random 4-head Amphista heads: the speed check's tests'."""
+    from amphista_engine import Engine
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
+    return eng
+
+
+@pytest.fixture(scope="module")
 def tiny_amphista_engine(tiny_hf_dir):
     """An Engine on tiny_hf_dir (max_seq_len 128) with random 3-head Amphista heads, one per test module (tests
     load other heads and run it)."""

@@ -17,10 +17,8 @@ pytest.importorskip("transformers")      # tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_hf_dir):
-    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
-    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
-    return eng
+def engine(tiny_fp32_amphista4_engine):
+    return tiny_fp32_amphista4_engine
 
 
 def _record_tau(engine, tree: str, tau: float | None):
