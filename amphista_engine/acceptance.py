@@ -32,9 +32,6 @@ def _check_sampling(temperature, top_k=0, top_p=1.0):
 _probs = probs_from_logits
 
 
-_sample = draw
-
-
 def _rows(retrieve: torch.Tensor, b: int) -> torch.Tensor:
     return retrieve.expand(b, *retrieve.shape[-2:])
 
@@ -129,7 +126,7 @@ def rejection_sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: Tr
     bonus = torch.zeros(b, dtype=torch.long, device=dev)
     nodes = [cur]
     for _ in range(d1):  # the last iteration is at max depth, where no child exists: everyone stops
-        y = _sample(_probs(logits.gather(1, cur.view(b, 1, 1).expand(-1, 1, v)).squeeze(1),
+        y = draw(_probs(logits.gather(1, cur.view(b, 1, 1).expand(-1, 1, v)).squeeze(1),
                            temperature, top_k, top_p), generator)
         match = (parent == cur[:, None]) & (tokens == y[:, None])
         hit = active & match.any(-1)

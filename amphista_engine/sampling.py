@@ -158,8 +158,8 @@ def draw(p: torch.Tensor, generator=None) -> torch.Tensor:
     zero-probability token never comes out. Tree rejection sampling draws here, and plain sampling on a CPU.
 
     CPU: the inverse CDF, one uniform a row against the running sums (~30 us for a 49k vocabulary, where torch's
-    multinomial and exponential_ took ~0.8 ms each: a third of a 4-bit SmolLM2 step per draw, and a tree step draws
-    up to depth + 1 times). Elsewhere the exponential race: fixed shapes for CUDA graphs, and fast there."""
+    multinomial and exponential_ took ~0.8 ms each: about a quarter of a 4-bit SmolLM2 step per draw, and a tree
+    step draws up to depth + 1 times). Elsewhere the exponential race: fixed shapes for CUDA graphs, and fast there."""
     if p.device.type != "cpu":
         return exponential_race(p, generator)
     c = p.double().cumsum(-1)        # fp64: tokens far below the total keep their share of the running sum

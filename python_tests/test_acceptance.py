@@ -405,15 +405,15 @@ def test_rejection_sampling_stops_drawing_once_every_row_has_its_bonus():
     for b in range(tokens.shape[0]):
         logits[b, :, child_tokens[b].unique()] = float("-inf")
     calls = []
-    real = acc._sample
+    real = acc.draw
 
     def counted(p, generator):
         calls.append(1)
         return real(p, generator)
-    acc._sample = counted
+    acc.draw = counted
     try:
         res = rejection_sample_accept(tokens, logits, tree, temperature=1.0, generator=torch.Generator().manual_seed(0))
     finally:
-        acc._sample = real
+        acc.draw = real
     assert tree.max_depth >= 1 and len(calls) == 1
     assert bool((res.accept_len == 0).all()) and bool((res.accepted_nodes[:, 1:] == -1).all())
