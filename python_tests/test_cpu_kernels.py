@@ -226,6 +226,25 @@ def test_tree_attention_matches_the_reference(case):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 64), (torch.bfloat16, 128), (torch.float32, 48)])
+def test_tree_attention_row_without_keys_is_zero(dtype, D):
+    """A query row whose mask admits no key (prefix 0, its own bit cleared) gets zeros, as the reference (SDPA)
+    gives, not 0 * (1 / 0) = NaN; the row beside it with a prefix keeps its attention."""
+    g = gen("cpu_tree_attention_no_keys", dtype, D)
+    B, H, Hkv, N = 2, 4, 2, 4
+    K, V = torch.randn(B, Hkv, 48, D, generator=g).to(dtype), torch.randn(B, Hkv, 48, D, generator=g).to(dtype)
+    q = torch.randn(B, N, H, D, generator=g).to(dtype).transpose(1, 2)
+    mask = torch.ones(N, N, dtype=torch.bool).tril()[None].repeat(B, 1, 1)
+    mask[:, 0] = False                                      # node 0: no key in row 0, only the prefix in row 1
+    pl = torch.tensor([0, 37])
+    out = cpu_ops.tree_attention(q, K, V, pl, reference.mask_bits(mask), 37 + N)
+    ref = reference.tree_attention(q.float(), K.float(), V.float(), pl, mask, 37 + N)
+    assert (ref[0, :, 0] == 0).all() and ref[1, :, 0].abs().sum() > 0
+    assert torch.isfinite(out).all() and (out[0, :, 0] == 0).all()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("seed", range(4))
 def test_tree_attention_rows_equal_plain_rows_bit_for_bit(seed, dtype):

@@ -167,6 +167,31 @@ def test_tree_attention_merge_in_kernel(case, poisoned, monkeypatch):
     assert counters.dtype == torch.int32 and int(counters.count_nonzero()) == 0
 
 
+@pytest.mark.parametrize("splits,merge,window", [(1, None, False), (3, "launch", False), (3, "kernel", False),
+                                                 (1, None, True), (3, "kernel", True)])
+def test_tree_attention_row_without_keys_is_zero(splits, merge, window, poisoned):
+    """A query row whose mask admits no key (prefix 0, its own bit cleared) gets zeros, as the reference (SDPA)
+    and the cuda kernel give, not 0 / 0 = NaN, on the single pass and both split merges; the other rows keep
+    their attention."""
+    from amphista_engine.kernels.triton_kernels import tree_attention as ta
+    g = gen("tree_attention_no_keys", (splits, merge, window))
+    B, H, Hkv, N, D, dtype = 2, 4, 2, 4, 64, torch.float32
+    prefix = torch.tensor([0, 37]).to(DEV)
+    kv_len = 37 + N + 3
+    k, v = randn(g, B, Hkv, 64, D, dtype=dtype), randn(g, B, Hkv, 64, D, dtype=dtype)
+    q = randn(g, B, N, H, D, dtype=dtype).transpose(1, 2)
+    mask = torch.ones(N, N, dtype=torch.bool).tril()[None].repeat(B, 1, 1)
+    mask[:, 0] = False                                       # node 0: no key in row 0, only the prefix in row 1
+    bits = reference.mask_bits(mask).to(DEV)
+    ref = reference.tree_attention(q, k, v, prefix, bits, kv_len)
+    assert (ref[0, :, 0] == 0).all() and ref[1, :, 0].abs().sum() > 0
+    out = ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=splits, block_n=16, merge=merge,
+                            window=window)
+    assert torch.isfinite(out).all()
+    assert (out[0, :, 0] == 0).all()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
 def test_tree_merge_mode_switch(monkeypatch):
     from amphista_engine.kernels.triton_kernels import tree_attention as ta
     monkeypatch.delenv(split_merge.MERGE_ENV, raising=False)

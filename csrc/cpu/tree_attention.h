@@ -181,7 +181,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       s[i + k] = exp_approx(s[i + k] - m);
       part[k] += s[i + k];
     }
-    inv_sum[size_t(r)] = 1.f / reduce_lanes(part);
+    inv_sum[size_t(r)] = n > 0 ? 1.f / reduce_lanes(part) : 0.f;   // a row no key reached: zeros, like SDPA
   }
 
   // Values in the same order as the scores: the prefix for RB rows at a time (each V row read once for them),

@@ -94,7 +94,7 @@ def _merge_if_last(OPart, LsePart, Counter, Out, stride_ob, stride_oh, stride_on
         lse = tl.load(LsePart + prow[:, None] + s[None, :], mask=row_ok[:, None] & (s < splits)[None, :],
                       other=float("-inf"), cache_modifier=".cg")
         m = tl.max(lse, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)               # a row no key reached: 0 / 0 below, like SDPA
+        m = tl.where(m == float("-inf"), 0.0, m)               # a row no key reached: zeros below, like SDPA
         w = tl.exp2(lse - m[:, None])
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         od_mask = row_ok[:, None] & d_ok[None, :]
@@ -103,7 +103,8 @@ def _merge_if_last(OPart, LsePart, Counter, Out, stride_ob, stride_oh, stride_on
             o = tl.load(OPart + (prow + i)[:, None] * HEAD_D + d[None, :], mask=od_mask, other=0.0,
                         cache_modifier=".cg")
             acc += w_i[:, None] * o
-        denom = tl.where(row_ok, tl.sum(w, 1), 1.0)            # padding rows of the last block
+        denom = tl.sum(w, 1)
+        denom = tl.where(row_ok & (denom > 0), denom, 1.0)     # padding rows, rows no key reached: 0
         tl.store(Out + b64 * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_on
                  + d[None, :] * stride_od, (acc / denom[:, None]).to(Out.dtype.element_ty), mask=od_mask)
 
@@ -201,7 +202,7 @@ def _tree_attn_fwd(
                                        BLOCK_N, True, EXACT)
 
     if SINGLE:
-        out = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # padding rows may see no key: no 0 / 0 there
+        out = acc / tl.where(row_ok & (l_i > 0), l_i, 1.0)[:, None]  # a row no key reached: zeros, like SDPA
         tl.store(Out + b64 * stride_ob + head[:, None] * stride_oh + node[:, None] * stride_on
                  + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -229,7 +230,7 @@ def _tree_attn_merge(OPart, LsePart, Out, stride_ob, stride_oh, stride_on, strid
     lse = tl.load(LsePart + row[:, None] * splits + s[None, :], mask=r_ok[:, None] & (s < splits)[None, :],
                   other=float("-inf"))
     m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)          # a row no key reached: 0 / 0 below, like SDPA
+    m = tl.where(m == float("-inf"), 0.0, m)          # a row no key reached: zeros below, like SDPA
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     wsum = tl.zeros([BLOCK_R], tl.float32)
     for i in range(0, splits):
@@ -241,7 +242,7 @@ def _tree_attn_merge(OPart, LsePart, Out, stride_ob, stride_oh, stride_on, strid
         denom = wsum
     else:
         denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
-    denom = tl.where(r_ok, denom, 1.0)                # padding rows of the last block
+    denom = tl.where(r_ok & (denom > 0), denom, 1.0)  # padding rows, rows no key reached (acc 0): zeros
     b = row // (H * N)
     h = (row // N) % H
     n = row % N
