@@ -93,7 +93,8 @@ def _load(args):
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
         # --tree (or --tree auto) the check also picks the fastest of the heads' recorded trees
         kind = speculative
-        speculative, tree, check = engine.resolve_speculation("auto" if args.speculative == "auto" else kind, tree)
+        speculative, tree, check = engine.resolve_speculation("auto" if args.speculative == "auto" else kind, tree,
+                                                              args.temperature, args.top_p)
         if check is not None:
             print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {kind} uses the heads anyway)"),
                   file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -129,7 +130,7 @@ class Engine:
         self.loaded_name = loaded.source
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
         self._trees = {}
-        self._checks = {}           # tree -> SpeculationCheck, for speculative="auto"
+        self._checks = {}           # (tree, sampled share) -> SpeculationCheck, for speculative="auto"
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
         self._runs = 0                                # generations started: an overtaken stream stops (_drive)
         # (thread, run) decoding now: one KV cache cannot serve two threads at once (_drive refuses the second)
@@ -267,26 +268,29 @@ class Engine:
                 + (f" + tree room ({extra})" if extra else "")
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")
 
-    def speculation_check(self, tree=None):
+    def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
         of the heads' recorded trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
-        setup; always yes on a GPU)."""
-        from .speculation_check import check_speculation
+        setup; always yes on a GPU), for runs sampling at `temperature` / `top_p` (greedy by default): sampled
+        answers accept fewer drafts."""
+        from .speculation_check import check_speculation, sampled_share
         if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now
             raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped '
                              'ones, or engine.load_heads(DIR)')
         tree = None if tree == "auto" else tree
-        key = _tree_key(tree)
+        p = SamplingParams(temperature=temperature, top_p=top_p)      # refuses what no run would take
+        temperature, top_p = p.temperature, p.top_p
+        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3))   # settings that weigh alike share it
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
             # from what the timing left there. As a run, it and another thread's runs refuse each other, and it
             # overtakes a stream.
             with self._one_run():
-                return check_speculation(self, tree)
+                return check_speculation(self, tree, temperature=temperature, top_p=top_p)
         return _recent(self._checks, key, check)
 
-    def resolve_speculation(self, speculative, tree):
+    def resolve_speculation(self, speculative, tree, temperature: float = 0.0, top_p: float = 1.0):
         """(speculative, tree, check) with "auto" resolved. speculative="auto": the loaded heads where the check
         finds them faster, else None (plain). tree="auto", or no tree under speculative="auto": the tree the check
         found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed."""
@@ -294,13 +298,13 @@ class Engine:
         if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)) \
                 or speculative not in ("auto", self.heads.config.kind):   # refused by the decoder, before any timing
             return (None if speculative == "auto" else speculative), tree, None
-        check = self.speculation_check(None if auto_tree else tree)
+        check = self.speculation_check(None if auto_tree else tree, temperature, top_p)
         if speculative == "auto":
             speculative = self.heads.config.kind if check.pays else None
         return speculative, (check.tree if auto_tree else tree), check
 
     def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
-        speculative, tree, _ = self.resolve_speculation(speculative, tree)
+        speculative, tree, _ = self.resolve_speculation(speculative, tree, params.temperature, params.top_p)
         if speculative is None:
             dec, extra = PlainDecoder(self.model, self._cache_for(batch), params), 0
         else:
@@ -425,27 +429,42 @@ class Engine:
         if keep:             # nothing to reuse if another run started since (its prefill rewrote the cache)
             decoder.prefix_reuse = self._reusable(kept, decoder, ids[0]) if self._runs == made_at else 0
         # Not the previous run's result: a run closed early or stopped by an error leaves none
-        with self._one_run(clear_results=True) as mine, torch.inference_mode():
+        paused = 0.0
+        with self._one_run(clear_results=True) as mine:
             steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
-            for item in steps:
+            while True:
+                # Inference mode around each step only, never across a yield: held there, the caller's loop body
+                # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and
+                # streams closed out of order restored each other's mode (the thread stayed in it for good).
+                with torch.inference_mode():
+                    item = next(steps, None)
+                if item is None:
+                    break
+                t = time.perf_counter()
                 yield item
+                paused += time.perf_counter() - t
                 if self._runs != mine:      # the caller started another run: its prefill replaced our cache
                     steps.close()
                     raise InputError("this stream was overtaken by a later generation on the same engine, which "
                                      "reused its KV cache; finish a stream before starting another (or use "
                                      "stream_batch for several prompts at once)")
-        self.last_results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s)
-                             for r, p, s in zip(decoder.rows, ids, stats)]
-        for s in stats:
-            s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
-        if decoder.prefix_reuse:
-            stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
-        self.last_result = self.last_results[0]
-        if keep:        # the fed tokens' K/V: prompt + answer, up to the cache length (not the last sampled token)
-            seq = ids[0] + decoder.rows[0].ids
-            heads = getattr(decoder, "heads", None)
-            self._kept = _KeptPrefix(decoder.cache, heads, None if heads is None else heads.cache_epoch(),
-                                     seq[:min(int(decoder.cache.length[0]), len(seq))])
+            # Inside the run: another thread's run, free to start once this one ends, must not find this one's
+            # result (or kept prefix) landing after its own.
+            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s)
+                       for r, p, s in zip(decoder.rows, ids, stats)]
+            for s in stats:
+                s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
+                # the time the caller spent between chunks (printing, sending) is no decoding time of this run
+                s.decode_ms = max(0.0, s.decode_ms - paused * 1e3)
+            if decoder.prefix_reuse:
+                stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
+            self.last_results, self.last_result = results, results[0]
+            if keep:    # the fed tokens' K/V: prompt + answer, up to the cache length (not the last sampled token)
+                seq = ids[0] + decoder.rows[0].ids
+                heads = getattr(decoder, "heads", None)
+                self._kept = _KeptPrefix(decoder.cache, heads, None if heads is None else heads.cache_epoch(),
+                                         seq[:min(int(decoder.cache.length[0]), len(seq))])
+        return results      # generate() takes its own run's results from here, never from last_result
 
     def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the
@@ -456,14 +475,10 @@ class Engine:
 
     def generate(self, prompt, max_new_tokens: int = 256, **options) -> GenerationResult:
         """One prompt (text, or a list of chat messages) to its GenerationResult. Options: those of stream_batch."""
-        for _ in self.stream(prompt, max_new_tokens, **options):
-            pass
-        return self.last_result
+        return _drain(self.stream_batch([prompt], max_new_tokens, **options))[0]
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 256, **options) -> list[GenerationResult]:
-        for _ in self.stream_batch(prompts, max_new_tokens, **options):
-            pass
-        return self.last_results
+        return _drain(self.stream_batch(prompts, max_new_tokens, **options))
 
     @property
     def eos_ids(self) -> list[int]:
@@ -472,6 +487,16 @@ class Engine:
         # turn), which its declared EOS need not be; special tokens only, never text that merely spells one.
         turn_ends = {i for i in chat_stops(self.tokenizer).token_ids if i in self.tokenizer.special_ids}
         return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []) | turn_ends)
+
+
+def _drain(steps) -> list[GenerationResult]:
+    """Runs a stream to its end: its own results. Not engine.last_result(s): another thread's run, starting the
+    moment this one ends, resets them (generate returned None, or that run's result)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 def _with_batch_signature(method, first: str, returns: str):

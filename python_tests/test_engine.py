@@ -438,7 +438,7 @@ def test_auto_decodes_plainly_where_only_the_tree_room_does_not_fit(tiny_hf_dir,
     eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=96)
     eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
     monkeypatch.setattr(Engine, "resolve_speculation",      # as if the check found the heads faster here
-                        lambda self, s, t: ("amphista", "chain-4", None) if s == "auto" else (s, t, None))
+                        lambda self, s, t, *_: ("amphista", "chain-4", None) if s == "auto" else (s, t, None))
     prompt = "The quick brown fox"
     n = len(eng.encode_prompt(prompt, chat=False))
     fits_plain = 96 - n                                      # the whole cache: no room for the tree's 9 slots
@@ -457,7 +457,7 @@ def test_auto_decodes_plainly_with_a_repetition_penalty(tiny_hf_dir, monkeypatch
     eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=96)
     eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
     monkeypatch.setattr(Engine, "resolve_speculation",      # as if the check found the heads faster here
-                        lambda self, s, t: ("amphista", "chain-4", None) if s == "auto" else (s, t, None))
+                        lambda self, s, t, *_: ("amphista", "chain-4", None) if s == "auto" else (s, t, None))
     kw = dict(chat=False, max_new_tokens=12, repetition_penalty=1.3)
     plain = eng.generate("The quick brown fox", **kw)
     for tree in (None, "chain-2"):

@@ -116,9 +116,9 @@ def test_a_speculation_check_is_a_run_for_the_streams_it_interrupts(tiny_hf_dir,
     real = sc.check_speculation
     errors = []
 
-    def timing_meets_another_thread(engine, tree):      # another thread's run while this thread times steps
+    def timing_meets_another_thread(engine, tree, **kw):     # another thread's run while this thread times steps
         errors.append(in_other_thread(lambda: other(run=True)))
-        return real(engine, tree)
+        return real(engine, tree, **kw)
     monkeypatch.setattr(sc, "check_speculation", timing_meets_another_thread)
     eng.speculation_check("chain-3")
     assert len(errors) == 1 and "decoding in another thread" in str(errors[0])

@@ -244,3 +244,38 @@ def test_heads_aliases_resolve_to_shipped_directories(tmp_path, monkeypatch):
     (tmp_path / "default").mkdir()                      # a directory of that name wins over the alias
     assert heads_alias("default", "smollm2-135m") == "default"
     assert heads_alias("/no/such/heads", "smollm2-135m") == "/no/such/heads"   # left for load_heads to name
+
+
+def test_sampled_share_follows_the_measured_table():
+    from amphista_engine.speculation_check import SAMPLED_KEPT, sampled_share
+    assert sampled_share(0.0) == 1.0 and sampled_share(0.0, 0.5) == 1.0
+    for t, at_1, at_09 in SAMPLED_KEPT:                  # the measured rows are met exactly
+        if t > 0:
+            assert sampled_share(t) == pytest.approx(at_1) and sampled_share(t, 0.9) == pytest.approx(at_09)
+    ts = [0.05 * i for i in range(1, 60)]
+    shares = [sampled_share(t) for t in ts]
+    assert all(0.0 <= a <= 1.0 for a in shares) and all(b <= a + 1e-12 for a, b in zip(shares, shares[1:]))
+    assert sampled_share(1.5) < sampled_share(1.0) and sampled_share(50.0) == 0.0
+    assert sampled_share(0.7) < sampled_share(0.7, 0.95) < sampled_share(0.7, 0.9) == sampled_share(0.7, 0.2)
+
+
+def test_auto_weighs_sampling_below_greedy(engine, monkeypatch):
+    """Heads whose greedy tau pays for the tree step, but whose tokens past the first mostly go at temperature 1:
+    speculative="auto" speculates greedy and decodes plainly when sampling; each setting gets its own verdict."""
+    import amphista_engine.speculation_check as sc
+    calls = []
+    monkeypatch.setattr(sc, "_time_steps", _synthetic_steps(calls))     # a tree-16 step: 2.0 plain steps
+    _record_tau(engine, "tree-16", 2.5)                                  # greedy here: 2.25 tokens a step
+    engine._checks.clear()
+    greedy = engine.speculation_check()
+    hot = engine.speculation_check(temperature=1.0)
+    assert greedy.pays and greedy.tree == "tree-16" and not hot.pays
+    assert "temperature 1" in hot.reason and "temperature" not in greedy.reason
+    assert hot.compared["tree-16"]["speedup"] == pytest.approx((1 + 1.25 * sc.sampled_share(1.0)) / 2.0, rel=1e-3)
+    runs = {t: engine.generate("hello there", max_new_tokens=4, chat=False, speculative="auto", temperature=t,
+                               seed=0) for t in (0.0, 1.0)}
+    assert runs[0.0].stats.extra["tree"] == "tree-16" and "tree" not in runs[1.0].stats.extra
+    assert engine.speculation_check(temperature=0.2).pays     # at or below 0.3 sampling was measured to keep all
+    with pytest.raises(InputError, match="top_p"):
+        engine.speculation_check(temperature=0.7, top_p=0)
+    engine._checks.clear()

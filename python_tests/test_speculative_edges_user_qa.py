@@ -41,10 +41,10 @@ def test_acceptance_that_conflicts_with_sampling_is_refused_whatever_auto_resolv
     eng = tiny_amphista_engine
     call = dict(chat=False, max_new_tokens=3, speculative="auto", seed=0, **kw)
     monkeypatch.setattr(Engine, "resolve_speculation",       # as if the check found the heads faster here
-                        lambda self, s, t: (self.heads.config.kind, "chain-2", None))
+                        lambda self, s, t, *_: (self.heads.config.kind, "chain-2", None))
     with pytest.raises(InputError, match=match):
         eng.generate(PROMPT, **call)
-    monkeypatch.setattr(Engine, "resolve_speculation", lambda self, s, t: (None, None, None))     # ... or slower
+    monkeypatch.setattr(Engine, "resolve_speculation", lambda self, s, t, *_: (None, None, None))     # ... or slower
     with pytest.raises(InputError, match=match):
         eng.generate(PROMPT, **call)
     with pytest.raises(InputError, match=match):
@@ -59,7 +59,7 @@ def test_acceptance_that_conflicts_with_sampling_is_refused_whatever_auto_resolv
 
 
 def test_acceptance_that_fits_the_sampling_still_decodes_plainly_under_auto(tiny_amphista_engine, monkeypatch):
-    monkeypatch.setattr(Engine, "resolve_speculation", lambda self, s, t: (None, None, None))
+    monkeypatch.setattr(Engine, "resolve_speculation", lambda self, s, t, *_: (None, None, None))
     eng = tiny_amphista_engine
     plain = eng.generate(PROMPT, chat=False, max_new_tokens=5)
     for kw in (dict(acceptance="greedy"), dict(acceptance="rejection"), dict(acceptance="typical")):
