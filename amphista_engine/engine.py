@@ -118,6 +118,10 @@ class Engine:
         self.max_seq_len = max_seq_len
         # The cache holds max_batch_size rows from the first run on: named here, not at that run as a max_seq_len
         KVCache.check_fits(self.config, max_batch_size, max_seq_len, self.dtype, self.device)
+        if max_seq_len > self.model.rope_len:
+            # A model from load_model(..., max_seq_len=N) holds N RoPE rows: position N raised a bare IndexError
+            # mid-run. (A dynamic-NTK model refuses lengths past its trained ones here, by name.)
+            self.model.setup_rope(max_seq_len)
         trained = self.config.max_position_embeddings
         if max_seq_len > trained and not self.config.rope_scaling:
             warnings.warn(f"max_seq_len={max_seq_len} is past the {trained} positions the model was trained on: "

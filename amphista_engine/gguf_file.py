@@ -8,6 +8,8 @@ sizes and the dequantizers (`dequantize`).
 from __future__ import annotations
 
 import mmap
+import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -94,18 +96,66 @@ class _Cursor:
 
 
 def read_gguf(path, tensors: bool = True) -> GGUFFile:
-    """The metadata of a GGUF file and, with `tensors`, its tensors as views of a read-only memory map."""
+    """The metadata of a GGUF file and, with `tensors`, its tensors as views of a read-only memory map. A shard of
+    a split GGUF (llama.cpp's gguf-split: NAME-00001-of-0000N.gguf) stands for the whole model: the metadata of its
+    first shard, the tensors of all of them."""
     path = str(path)
+    meta, infos, data_start, endian = _read_file(path, tensors)
+    shards = split_shards(path, meta)
+    if shards is None:
+        return GGUFFile(path, meta, _map_tensors(path, infos, data_start, endian) if tensors else [])
+    # The first shard alone met "GGUF file lacks blk.0.attn_output.weight" and any other shard "architecture None":
+    # as if the file were broken, when llama.cpp loads the set from any of them.
+    parts = [(s, *_read_file(s, tensors)) for s in shards]
+    meta = parts[0][1]
+    if not tensors:
+        return GGUFFile(shards[0], meta, [])
+    out, seen = [], set()
+    for shard, _, shard_infos, shard_start, shard_endian in parts:
+        for t in _map_tensors(shard, shard_infos, shard_start, shard_endian):
+            if t.name in seen:
+                raise ModelLoadError(f"{shard}: tensor {t.name} appears in two shards of the split GGUF")
+            seen.add(t.name)
+            out.append(t)
+    expected = meta.get("split.tensors.count")
+    if is_int(expected) and expected != len(out):
+        raise ModelLoadError(f"{shards[0]}: the {len(shards)} shards of this split GGUF hold {len(out)} tensors, "
+                             f"but split.tensors.count says {expected}: shards from different conversions?")
+    return GGUFFile(shards[0], meta, out)
+
+
+_SPLIT_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})(\.gguf)", re.IGNORECASE)
+
+
+def split_shards(path: str, meta: dict[str, Any]) -> list[str] | None:
+    """The files of the split GGUF `path` belongs to (llama.cpp's naming), first shard first; None for a whole file."""
+    count = meta.get("split.count", 0)
+    if not is_int(count) or count <= 1:
+        return None
+    no = meta.get("split.no", 0)
+    m = _SPLIT_NAME.fullmatch(os.path.basename(path))
+    if m is None or int(m.group(3)) != count:
+        raise ModelLoadError(f"{path}: shard {no + 1 if is_int(no) else '?'} of a GGUF split into {count} files, "
+                             f"but not named NAME-NNNNN-of-{count:05d}.gguf, so the other shards cannot be found: "
+                             "rename the shards so, or merge them (llama-gguf-split --merge FIRST_SHARD OUT.gguf)")
+    prefix = os.path.join(os.path.dirname(path), m.group(1))
+    shards = [f"{prefix}-{i:05d}-of-{count:05d}{m.group(4)}" for i in range(1, count + 1)]
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise ModelLoadError(f"{path}: a GGUF split into {count} files, but shard(s) "
+                             f"{', '.join(os.path.basename(s) for s in missing[:3])} are missing: an unfinished "
+                             "download?")
+    return shards
+
+
+def _read_file(path: str, tensors: bool):
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            meta, infos, data_start = _read_header(buf, path, tensors)
+            return _read_header(buf, path, tensors)
     except ModelLoadError:              # an OSError too, but one that already names the file and the problem
         raise
     except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
         raise ModelLoadError(f"{path}: cannot read GGUF file ({e})") from e
-    if not tensors:
-        return GGUFFile(path, meta, [])
-    return GGUFFile(path, meta, _map_tensors(path, infos, data_start))
 
 
 def read_gguf_metadata(path) -> dict[str, Any]:
@@ -134,10 +184,10 @@ def _read_header(buf, path: str, tensors: bool):
     align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
     if not is_int(align) or align <= 0:
         raise ModelLoadError(f"{path}: corrupt GGUF header (general.alignment is {align!r}, not a positive integer)")
-    return meta, infos, -(-c.pos // align) * align
+    return meta, infos, -(-c.pos // align) * align, c.endian
 
 
-def _map_tensors(path: str, infos, data_start: int) -> list[GGUFTensor]:
+def _map_tensors(path: str, infos, data_start: int, endian: str = "<") -> list[GGUFTensor]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
@@ -160,7 +210,14 @@ def _map_tensors(path: str, infos, data_start: int) -> list[GGUFTensor]:
                                  f"({mapped.size} bytes): truncated download?")
         raw = mapped[start:start + n_bytes]
         if qtype.name in _PLAIN:
-            data = raw.view(_PLAIN[qtype.name]).reshape(shape)
+            # A big-endian file (converted for s390x) stores its arrays big-endian too: read as little-endian, its
+            # F32/F16 weights came out as denormal garbage, silently.
+            data = raw.view(np.dtype(_PLAIN[qtype.name]).newbyteorder(endian)).reshape(shape)
+        elif endian == ">":
+            # gguf's dequantizers read block scales little-endian; a big-endian file's blocks would decode wrong
+            raise ModelLoadError(f"{path}: big-endian GGUF file with {qtype.name} tensor {name}: only its F32/F16 "
+                                 "tensors can be read; convert it to little-endian (gguf's gguf_convert_endian.py "
+                                 "little) or use the little-endian release")
         else:
             if not shape or shape[-1] % block:
                 raise ModelLoadError(f"{path}: tensor {name} rows of {shape[-1:]} do not fill {qtype.name} blocks "

@@ -67,12 +67,14 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         from .gguf_file import read_gguf
         reader = read_gguf(path)
         cfg = gguf_config(reader, path)
+        _check_rope_len(path, cfg, max_seq_len)
         tokenizer = load_tokenizer(reader)      # before the weights: a bad tokenizer fails in a moment, not minutes
         weights, extra = gguf_weights(reader, cfg), {}
         if "rope_freqs.weight" in weights:
             extra["freq_factors"] = weights.pop("rope_freqs.weight")
     elif path.is_dir():
         cfg = ModelConfig.from_json(path / "config.json")
+        _check_rope_len(path, cfg, max_seq_len)
         _hf_shards(path)                        # that the weight files are there (cheap), then the tokenizer
         tokenizer = load_tokenizer(path)
         weights, extra = hf_weights(path, cfg), {}
@@ -88,6 +90,17 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
     return LoadedModel(model, tokenizer, cfg, str(path))
 
 
+def _check_rope_len(path: Path, cfg: ModelConfig, max_seq_len: int | None):
+    """A max_seq_len the model's RoPE cannot serve, named with the file before the weights are read (minutes
+    for a 7B)."""
+    from .model import check_rope_len
+    if max_seq_len:
+        try:
+            check_rope_len(cfg, max_seq_len)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
 def _has_gguf_magic(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -101,6 +114,10 @@ def _lone_gguf(path: Path) -> Path:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return ggufs[0]
+    from .gguf_file import _SPLIT_NAME
+    names = [_SPLIT_NAME.fullmatch(g.name) for g in ggufs]
+    if all(names) and len({(m.group(1), m.group(3)) for m in names}) == 1:
+        return ggufs[0]     # the shards of one split GGUF (sorted: -00001-of- first), which stands for them all
     if ggufs:
         raise ModelLoadError(f"{path} has no config.json and {len(ggufs)} .gguf files "
                              f"({', '.join(g.name for g in ggufs[:4])}): pass one of them")
@@ -374,12 +391,7 @@ def gguf_config(reader, path) -> ModelConfig:
     if not vocab:
         raise ConfigError(f"{path}: GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    scaling = None
-    stype = a("rope.scaling.type")
-    if stype == "linear":
-        scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
-    elif stype not in (None, "none"):
-        raise ConfigError(f"{path}: GGUF rope scaling {stype!r} is not supported")
+    scaling = _gguf_rope_scaling(path, a)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     try:
         cfg = ModelConfig(
@@ -397,6 +409,25 @@ def gguf_config(reader, path) -> ModelConfig:
         raise ConfigError(f"{path}: GGUF llama.rope.dimension_count is {rot}, but heads are {cfg.head_dim} wide: "
                           "partial rotary embeddings are not supported")
     return cfg
+
+
+def _gguf_rope_scaling(path, a) -> dict | None:
+    """RoPE scaling as llama.cpp reads it (llama-model.cpp): the type defaults to linear, and the factor is
+    llama.rope.scaling.factor or, as 2023's convert.py wrote it for linear-scaled models (Vicuna v1.5 16k's),
+    llama.rope.scale_linear. Reading only a 'linear' type ran those files unscaled: other angles than trained, silently.
+    Llama-3 scaling needs no key: it is the rope_freqs.weight tensor (load_model)."""
+    stype = a("rope.scaling.type")
+    factor = a("rope.scaling.factor")
+    if factor is None:
+        factor = a("rope.scale_linear")
+    if stype in (None, "linear"):
+        if stype is None and factor in (None, 0, 0.0):    # llama.cpp: no factor, or 0, is a scale of 1
+            return None
+        return {"rope_type": "linear", "factor": factor}
+    if stype == "none":
+        return None
+    raise ConfigError(f"{path}: GGUF rope scaling {stype!r} (llama.rope.scaling.type) is not supported; "
+                      "amphista-engine runs none, linear and Llama-3's frequency factors (rope_freqs.weight)")
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

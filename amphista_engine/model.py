@@ -71,9 +71,9 @@ def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) ->
     kind = rs.get("rope_type", rs.get("type", "default"))
     if freq_factors is not None:          # GGUF stores Llama-3 scaling precomputed as divisors
         inv_freq = inv_freq / freq_factors.double()
-    elif kind == "linear":
+    if kind == "linear":                  # with freq_factors too: llama.cpp applies both (freq_scale, factors)
         inv_freq = inv_freq / rs["factor"]
-    elif kind == "llama3":
+    elif kind == "llama3" and freq_factors is None:
         factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
         old_len = rs.get("original_max_position_embeddings", 8192)
         wavelen = 2 * math.pi / inv_freq
@@ -86,17 +86,25 @@ def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) ->
 
 def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tensor:
     """[max_len, head_dim] as (cos | sin) halves, fp32: looked up by position, so any position order works."""
+    # Dynamic NTK ("dynamic") is the unscaled table up to max_position_embeddings, as in transformers; past it
+    # transformers rescales every position by the sequence's current length, which a table cannot follow, and the
+    # target refuses such lengths (check_rope_len). The heads' own tables stay unscaled.
     inv_freq = rope_inv_freq(cfg, freq_factors)
-    rs = cfg.rope_scaling or {}
-    if rs.get("rope_type", rs.get("type")) == "dynamic":
-        # Dynamic NTK: a static cache fixes the longest length, so scale the base once for it.
-        factor, base_len = rs["factor"], cfg.max_position_embeddings
-        if max_len > base_len:
-            d = cfg.head_dim
-            base = cfg.rope_theta * ((factor * max_len / base_len) - (factor - 1)) ** (d / (d - 2))
-            inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def check_rope_len(cfg: ModelConfig, max_len: int) -> None:
+    """Refuse a cache longer than a dynamic-NTK model's trained length. Scaling the base once for the cache's
+    length (what this did) changed every position's angles, a 5-token prompt's too, so the logits differed from
+    transformers' (~1e-2 relative on a tiny model) whenever max_seq_len passed max_position_embeddings."""
+    from .errors import ConfigError
+    rs = cfg.rope_scaling or {}
+    trained = cfg.max_position_embeddings
+    if rs.get("rope_type", rs.get("type")) == "dynamic" and max_len > trained:
+        raise ConfigError(f"max_seq_len={max_len} is past the {trained} positions {cfg.name} was trained on, and its "
+                          f"rope_scaling is 'dynamic' (NTK): transformers rescales RoPE there by the sequence's "
+                          f"current length, which a static KV cache cannot reproduce; use max_seq_len <= {trained}")
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -222,6 +230,7 @@ class Transformer(nn.Module):
         # was 2% faster fused. Exact greedy never fuses.
         self.fuse_decode_layers = False
         self.register_buffer("rope_freq_factors", None, persistent=False)
+        check_rope_len(cfg, self.rope_len)
         with torch.device("cpu"):
             rope = rope_table(cfg, self.rope_len)
         self.register_buffer("rope", rope.to(default), persistent=False)
@@ -264,6 +273,7 @@ class Transformer(nn.Module):
 
     def setup_rope(self, max_len: int, freq_factors: torch.Tensor | None = None):
         """Rebuild the RoPE table on the model's device (after loading, or for a longer cache)."""
+        check_rope_len(self.config, max_len)
         device = self.tok_embeddings.weight.device
         self.rope_len = max_len
         if freq_factors is not None:
