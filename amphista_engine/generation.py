@@ -236,6 +236,46 @@ class RowState:
     text: str = ""
     shown: int = 0                 # chars of text already streamed
     finish_reason: str | None = None
+    # Special tokens left out of `text` (not EOS: `<|im_start|>` after a raw prompt), as (where in text, their
+    # text): stop strings are matched in the text with them shown, so a stop that names one still stops there.
+    specials: list[tuple[int, str]] = field(default_factory=list)
+
+    def raw(self, text: str) -> str:
+        """`text` (the row's, or it and the text held back after it) with the special tokens shown where they came."""
+        if not self.specials:
+            return text
+        parts, at = [], 0
+        for pos, piece in self.specials:
+            parts += [text[at:pos], piece]
+            at = pos
+        return "".join(parts) + text[at:]
+
+    def raw_len(self) -> int:
+        """len(raw(text)): the text and the special tokens within it (not those placed after held-back text)."""
+        n = len(self.text)
+        return n + sum(len(piece) for pos, piece in self.specials if pos <= n)
+
+    def text_pos(self, raw_pos: int, text: str) -> int:
+        """The position in `text` of position raw_pos of raw(text) (inside a special's text: where it stands)."""
+        shift = 0
+        for pos, piece in self.specials:
+            pos = min(pos, len(text))       # one placed after held-back text stands at the end until it comes out
+            if raw_pos <= pos + shift:
+                break
+            if raw_pos < pos + shift + len(piece):
+                return pos
+            shift += len(piece)
+        return min(max(0, raw_pos - shift), len(text))
+
+    def cut_at_stop(self, stop: list[str], start: int, held: str):
+        """Ends the row before the first stop string in raw(text + held) from raw position `start`. held: the text
+        the stream decoder holds back (it ends in half a character, or in a byte run): the row ends here if a stop
+        completes in it, and then that text is final, what the stream's flush would give."""
+        text = self.text + held
+        raw = self.raw(text)
+        hits = [i for i in (raw.find(s, start) for s in stop) if i >= 0]
+        if hits:
+            self.text, self.finish_reason = text[:self.text_pos(min(hits), text)], "stop"
 
 
 def _sync(device):
@@ -244,8 +284,9 @@ def _sync(device):
 
 
 def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[str], hold: int,
-             max_new_tokens: int) -> tuple[int, str]:
-    """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream)."""
+             max_new_tokens: int, special_text=lambda tok: None) -> tuple[int, str]:
+    """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream).
+    special_text(tok): the text of a special token the stream leaves out, None for the others."""
     used = 0
     for tok in toks:
         if row.finish_reason:
@@ -255,19 +296,28 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
             row.finish_reason = "eos"
             break
         row.ids.append(tok)
-        before = len(row.text)
-        row.text += stream.push(tok)
+        before = row.raw_len()
+        delta = stream.push(tok)
+        row.text += delta
+        piece = special_text(tok)
+        # Text the stream holds back (push gave nothing: it ends in half a character, or in a byte run). A skipped
+        # special stands after it. A stop completed in it ends the row now (up to its first U+FFFD: not in half a
+        # character still arriving): before, a run that ended there (max_new_tokens, EOS) flushed it past the stop.
+        held = stream.pending if not delta and (stop or piece is not None) else ""
+        if piece is not None:
+            at = len(row.text) + len(held)
+            row.specials.append((max(at, row.specials[-1][0]) if row.specials else at, piece))
         if stop:
-            start = max(0, before - hold)
-            hits = [i for i in (row.text.find(s, start) for s in stop) if i >= 0]
-            if hits:
-                row.text, row.finish_reason = row.text[:min(hits)], "stop"
+            row.cut_at_stop(stop, max(0, before - hold), held.partition("\ufffd")[0])
         if len(row.ids) >= max_new_tokens and not row.finish_reason:
             row.finish_reason = "length"
     if row.finish_reason in ("eos", "length"):
+        before = row.raw_len()
         row.text += stream.flush()     # bytes of a character the model never finished
+        if stop:                       # now final: a stop may hold the U+FFFD of such bytes
+            row.cut_at_stop(stop, max(0, before - hold), "")
     # Hold back a possible stop-string prefix until it is decided, so the stream never shows one.
-    end = len(row.text) if row.finish_reason else max(row.shown, len(row.text) - hold)
+    end = len(row.text) if row.finish_reason else max(row.shown, row.text_pos(row.raw_len() - hold, row.text))
     delta, row.shown = row.text[row.shown:end], max(row.shown, end)
     return used, delta
 
@@ -280,8 +330,26 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     """
     B = len(prompts)
     rows = decoder.rows = [RowState() for _ in range(B)]
-    streams = [tokenizer.stream_decoder() for _ in range(B)]
     eos, hold = set(eos_ids), max((len(s) for s in stop), default=1) - 1
+    # Special tokens that are not EOS (`<|im_start|>` when a raw prompt lets the model open the next turn) are left
+    # out of the answer, as Hugging Face's pipelines and vLLM leave them out: text == decode(ids, skip_special_tokens=
+    # True). Stop strings still see them (special_text). A tokenizer without special_ids (tests' stubs) shows all.
+    skipped = frozenset(getattr(tokenizer, "special_ids", ())) - eos
+    if skipped:
+        streams = [tokenizer.stream_decoder(skip_special_tokens=True) for _ in range(B)]
+        pieces: dict[int, str] = {}
+
+        def special_text(tok: int) -> str | None:
+            if tok not in skipped:
+                return None
+            if tok not in pieces:
+                pieces[tok] = tokenizer.decode([tok])
+            return pieces[tok]
+    else:
+        streams = [tokenizer.stream_decoder() for _ in range(B)]
+
+        def special_text(tok: int) -> str | None:
+            return None
     t0 = time.perf_counter()
     pending = [[t] for t in decoder.prefill(prompts).tolist()]
     t1 = time.perf_counter()
@@ -295,7 +363,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     while True:
         for b in range(B):
             was_done = rows[b].finish_reason is not None
-            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens)
+            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens, special_text)
             if not (from_prefill or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done and b in live and hasattr(decoder, "end_row"):

@@ -168,6 +168,13 @@ class StreamDecoder:
     def token_ids(self) -> list[int]:
         return list(self._ids)
 
+    @property
+    def pending(self) -> str:
+        """The text of the ids pushed but held back so far (an unfinished character or byte run), as it decodes
+        now. The generation loop matches stop strings in it and places a skipped special token after it."""
+        prefix_text, new_text = self._window()
+        return new_text[len(prefix_text):]
+
     def _in_byte_run(self) -> bool:
         """Whether the last id that shows in the text is a byte piece whose run may still change (ids that
         decode to nothing, skipped specials and ids past the vocabulary, join the runs on both sides)."""
