@@ -133,7 +133,8 @@ def test_bad_quant_requests_name_the_problem():
     # torch's int4 product packs output rows by 16: a 40-row linear would fail on the reference path later
     layers = torch.nn.Module()
     layers.layers = torch.nn.ModuleList([torch.nn.Linear(64, 40, bias=False)])
-    with pytest.raises(ConfigError, match=r"multiples of 16; a linear of shape \(40, 64\) is not: load it with quant='none'"):
+    with pytest.raises(ConfigError,
+                       match=r"multiples of 16; a linear of shape \(40, 64\) is not: load it with quant='none'"):
         cpu_quant.quantize_linears(layers)
     assert cpu_quant.quantize_linears(layers, only_stored_4bit=True) is None
 

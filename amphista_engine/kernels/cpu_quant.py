@@ -176,8 +176,8 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
             if only_stored_4bit:
                 return None
             raise ConfigError(f"4-bit weights need input sizes that are multiples of {GROUP} and output sizes "
-                              f"that are multiples of 16; a linear of shape {tuple(m.weight.shape)} is not: load it with "
-                              f"quant='none' (--quant none), or 'auto' to fall back to floats by itself")
+                              f"that are multiples of 16; a linear of shape {tuple(m.weight.shape)} is not: load "
+                              f"it with quant='none' (--quant none), or 'auto' to fall back to floats by itself")
     quantized, worst = [], 0.0
     for m in linears:
         old_class = m.__class__
