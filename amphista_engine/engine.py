@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -193,7 +194,8 @@ class Engine:
                              f"module, got {type(heads).__name__} {heads!r:.80}")
         if isinstance(heads, torch.nn.Module):
             self._check_heads_module(heads)
-        loaded = load_heads(heads, self.model, device=self.device, dtype=self.dtype) \
+        loaded = load_heads(heads, self.model, device=self.device, dtype=self.dtype,
+                            target_name=self.loaded_name) \
             if heads is not None and not isinstance(heads, torch.nn.Module) else heads   # before dropping the old
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
@@ -259,18 +261,27 @@ class Engine:
                                             self.dtype, self.device)
         return self._cache
 
-    def _check_room(self, prompt_ids: list[int], max_new_tokens: int, extra: int, row: int | None = None):
-        """row: the prompt's index in a batch of several (named: which of 100 prompts is too long?)."""
+    def _check_room(self, prompt_ids: list[int], max_new_tokens: int, extra: int, row: int | None = None,
+                    prompt=None):
+        """row: the prompt's index in a batch of several (named: which of 100 prompts is too long?); prompt: as
+        given, so that a conversation that outgrew the cache is told it can drop its oldest exchanges."""
         check_max_new_tokens(max_new_tokens)
         n, what = len(prompt_ids), "prompt" if row is None else f"prompt {row}"
+        # A chat's growing message list is the usual way past the cache: the fix there is the caller's to make
+        # (drop the oldest exchanges, as `amphista chat` does), not only a larger cache.
+        chat = isinstance(prompt, Sequence) and not isinstance(prompt, str) and any(
+            isinstance(m, Mapping) and m.get("role") == "assistant" for m in prompt)
+        drop = " (or drop the conversation's oldest exchanges)" if chat else ""
         if n >= self.max_seq_len:
             raise CacheFullError(f"{what} is {n} tokens, {'longer than' if n > self.max_seq_len else 'as long as'} the "
-                                 f"cache (max_seq_len={self.max_seq_len}): no room for an answer")
+                                 f"cache (max_seq_len={self.max_seq_len}): no room for an answer"
+                                 + (f"; raise max_seq_len{drop}" if chat else ""))
         if n + max_new_tokens + extra > self.max_seq_len:
             raise CacheFullError(
                 f"{what} ({n} tokens) + max_new_tokens ({max_new_tokens})"
                 + (f" + tree room ({extra})" if extra else "")
-                + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens")
+                + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens"
+                + drop)
 
     def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
@@ -378,12 +389,12 @@ class Engine:
             # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does (where it
             # does not either, the error names the plain room, without a warning for a fallback that never runs)
             for i, p in enumerate(ids):
-                self._check_room(p, max_new_tokens, 0, i if len(ids) > 1 else None)
+                self._check_room(p, max_new_tokens, 0, i if len(ids) > 1 else None, prompts[i])
             warnings.warn(f"speculative='auto': the tree needs {extra} more cache slots than max_seq_len leaves; "
                           f"decoding plainly")
             decoder, extra = self._decoder(len(ids), params, None, None, acceptance)
         for i, p in enumerate(ids):
-            self._check_room(p, max_new_tokens, extra, i if len(ids) > 1 else None)
+            self._check_room(p, max_new_tokens, extra, i if len(ids) > 1 else None, prompts[i])
         kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
             if self._decoding is None:  # (another thread's run sets its own when it ends)

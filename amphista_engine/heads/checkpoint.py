@@ -195,10 +195,19 @@ def read_heads_config(path) -> tuple[Path, HeadsConfig]:
     return directory, cfg
 
 
-def load_heads(path, target, device=None, dtype=None, num_heads: int | None = None) -> DraftHeads:
+def trained_model(cfg: HeadsConfig) -> str | None:
+    """The --model that `amphista train` recorded for heads it wrote (None for heads from elsewhere)."""
+    training = cfg.extra.get("training")
+    model = training.get("model") if isinstance(training, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+def load_heads(path, target, device=None, dtype=None, num_heads: int | None = None,
+               target_name: str | None = None) -> DraftHeads:
     """Loads a heads directory (or its config.json / model.safetensors) for `target`, bound to it.
 
-    Defaults to the target's device and dtype. Heads built for another target raise HeadsMismatchError.
+    Defaults to the target's device and dtype. Heads built for another target raise HeadsMismatchError, naming the
+    model the heads were trained with (where `train` recorded it) and `target_name` (what the target was loaded as).
     """
     from safetensors.torch import load_file
 
@@ -207,10 +216,19 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
     fp, tc = lm_head_fingerprint(target), target.config
     same_shape = (cfg.dim, cfg.vocab_size) == (tc.dim, tc.vocab_size)
     if not same_shape or (cfg.target_fingerprint and cfg.target_fingerprint != fp):
+        # the fingerprints alone do not tell a user which model to pass: name the models where they are known
+        trained = trained_model(cfg)
         raise HeadsMismatchError(
-            f"heads in {directory} were built for another target: theirs has LM-head fingerprint "
-            f"{cfg.target_fingerprint or '(none)'} (d={cfg.dim}, V={cfg.vocab_size}), the loaded model has "
-            f"{fp} (d={tc.dim}, V={tc.vocab_size})")
+            f"heads in {directory} were built for another target"
+            + (f" (trained with --model {trained})" if trained else "")
+            + f": theirs has LM-head fingerprint {cfg.target_fingerprint or '(none)'} (d={cfg.dim}, "
+            f"V={cfg.vocab_size}), the loaded model" + (f" {target_name}" if target_name else "")
+            + f" has {fp} (d={tc.dim}, V={tc.vocab_size}); load them with the model they were trained for, or "
+            f"train heads for this one"
+            # same shapes: often the very model in another file (a quantized or fp16 GGUF of it), whose LM head's
+            # values differ; the heads follow the values they were trained on
+            + (" (a converted or quantized copy of a model counts as another target: distill and train with the "
+               "file you decode with)" if same_shape else ""))
     if num_heads is not None and num_heads != cfg.num_heads:
         raise ConfigError(f"heads in {directory} have {cfg.num_heads} heads, {num_heads} were requested")
     w = target.output.weight

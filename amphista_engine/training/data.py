@@ -141,7 +141,9 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
         raise InputError(f"--limit must be a positive integer, got {limit}")
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
-    text = read_utf8(path)
+    # a byte-order mark (Windows editors save "UTF-8" with one) is no JSON: it failed line 1 as malformed, and
+    # hid a ShareGPT file's opening '['
+    text = read_utf8(path).removeprefix("\ufeff")
     if not text.strip():
         raise InputError(f"prompts file {path} is empty")
     prompts: list[Prompt] = []
@@ -160,7 +162,10 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: malformed JSON line ({e})") from None
+                # the first line not JSON at all: a plain-text prompt list, not a JSONL file with one bad line
+                hint = ("; prompt files are JSONL ({\"id\", \"source\", \"prompt\"} per line) or ShareGPT JSON, not "
+                        "plain text lines") if not prompts and not line.lstrip().startswith(("{", "[", '"')) else ""
+                raise InputError(f"{path}:{n}: malformed JSON line ({e}){hint}") from None
             if n == 1 or not prompts:
                 _refuse_eval_file(path, rec)
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
@@ -176,7 +181,10 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
     refuse_eval_prompts(path, ((p.id, p.prompt) for p in prompts))
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
-        raise InputError(f"{path}: prompt ids are not unique (the shard resumes by id)")
+        seen: set[str] = set()
+        first = next(i for i in ids if i in seen or seen.add(i))
+        raise InputError(f"{path}: prompt ids are not unique (the shard resumes by id): id {first!r} names "
+                         f"{ids.count(first)} prompts")
     if balance_by_source:
         rng = random.Random(seed)
         by: dict[str, list[Prompt]] = defaultdict(list)
@@ -193,6 +201,10 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
     return prompts if limit is None else prompts[:limit]
 
 
+def prompt_digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 class ShardWriter:
     """Append-only JSONL shard: trims a partial last line on open, knows the ids already written."""
 
@@ -202,6 +214,9 @@ class ShardWriter:
         self.ids: set[str] = set()
         self.max_new_tokens: set[int] = set()    # the answer budgets its records were written with (where recorded)
         self.targets: set[str] = set()           # the target fingerprints its records name (where recorded)
+        # id -> a digest of the prompt text its record answers (where recorded): an id reused by another prompt
+        # file for another prompt must not pass for that prompt's answer (distill refuses it)
+        self.prompts: dict[str, str] = {}
         self.trimmed = 0          # bytes of a partial last record removed on open
         self.bad_lines = 0
         if self.path.exists():
@@ -237,6 +252,8 @@ class ShardWriter:
                 self.max_new_tokens.add(rec["max_new_tokens"])
             if isinstance(rec.get("target_fingerprint"), str):
                 self.targets.add(rec["target_fingerprint"])
+            if isinstance(rec.get("prompt"), str):
+                self.prompts[str(rec["id"])] = prompt_digest(rec["prompt"])
 
     def write(self, record: dict):
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -245,6 +262,8 @@ class ShardWriter:
             n += os.write(self.fd, line[n:])
         os.fsync(self.fd)
         self.ids.add(str(record["id"]))
+        if isinstance(record.get("prompt"), str):
+            self.prompts[str(record["id"])] = prompt_digest(record["prompt"])
 
     def close(self):
         if self.fd is not None:
@@ -270,6 +289,9 @@ class Sequence:
 class ShardData:
     sequences: list[Sequence] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # records skipped as a duplicate id whose tokens differ from the kept record's: another prompt answered under
+    # the same id (prompt files whose ids collide), lost unless the user renames them; (id, its file, kept's file)
+    collisions: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -286,7 +308,7 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2, finger
     text are checked against the evaluation questions too."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    out, seen = ShardData(), set()
+    out, seen = ShardData(), {}
     for path in map(Path, paths):
         if not path.is_file():
             raise InputError(f"training data not found: {path}")
@@ -297,10 +319,16 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2, finger
     if not out.sequences:
         why = ", ".join(f"{k}: {v}" for k, v in out.skipped.items()) or "no records"
         raise InputError(f"no usable training records in {', '.join(map(str, paths))} ({why})")
+    if out.collisions:
+        rid, here, there = out.collisions[0]
+        print(f"warning: {len(out.collisions)} record(s) skipped as a duplicate id differ from the record kept under "
+              f"that id (first: id {rid!r} in {here}; kept: the one in {there}): the ids of two prompt files collide, "
+              f"and those answers are not trained on; give the prompts ids unique across files and distill them "
+              f"again", file=sys.stderr)
     return out
 
 
-def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, out: ShardData, seen: set,
+def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, out: ShardData, seen: dict,
                   fingerprint: str | None, prompt_text):
     # committed shards are gzipped (benchmarks/results/training_smollm2/distill/); distill writes plain JSONL
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
@@ -322,6 +350,9 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
                 continue
             if rid in seen:
                 out.skipped["duplicate id"] += 1
+                kept = out.sequences[seen[rid][1]]
+                if (kept.prompt_len, kept.ids) != (len(p), p + a):   # not one record read twice (overlapping shards)
+                    out.collisions.append((rid, str(path), seen[rid][0]))
                 continue
             theirs = rec.get("target_fingerprint")
             if fingerprint and theirs and theirs != fingerprint:
@@ -340,5 +371,5 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
             elif len(ids) > max_len:
                 out.skipped[f"longer than max_seq_len={max_len}"] += 1
             else:
-                seen.add(rid)
+                seen[rid] = (str(path), len(out.sequences))     # its file, and where it is kept
                 out.sequences.append(Sequence(rid, ids, len(p), str(rec.get("source") or "")))

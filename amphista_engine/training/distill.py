@@ -7,7 +7,7 @@ import zlib
 from pathlib import Path
 
 from ..errors import InputError
-from .data import SAMPLE_SEP, Prompt, ShardWriter, read_prompts
+from .data import SAMPLE_SEP, Prompt, ShardWriter, prompt_digest, read_prompts
 
 
 def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = None, offset: int = 0,
@@ -82,6 +82,16 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
         if others:       # nor targets: one shard's ids must all mean the same tokens
             raise InputError(f"{out} holds answers of another target (LM-head fingerprint {', '.join(others)}; "
                              f"this model's is {fp}): use that --model to resume, or another --out")
+        # An id already answered for another prompt text: a second prompt file whose ids collide with the first's
+        # (ShareGPT items without an 'id' are sharegpt-N in every file), or an edited prompt. Skipping it as done
+        # would leave that prompt unanswered while the summary counts it as answered.
+        clash = [p for p in prompts if shard.prompts.get(p.id, prompt_digest(p.prompt)) != prompt_digest(p.prompt)]
+        if clash:
+            raise InputError(f"{out} already answers {len(clash)} of these prompt id(s) for another prompt text "
+                             f"(first: id {clash[0].id!r}, here {clash[0].prompt[:60]!r}): the ids of two prompt files "
+                             f"collide, or the prompts were edited; give the prompts ids unique across files (ShareGPT "
+                             f"items without an 'id' are numbered sharegpt-N in every file), or distill into another "
+                             f"--out")
         todo = [p for p in prompts if p.id not in shard.ids]
         counts["done_before"] = len(prompts) - len(todo)
         if shard.bad_lines:

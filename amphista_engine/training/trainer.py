@@ -438,12 +438,13 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)      # now: a bad --out fails before hours of training, not at the save
     if cfg.log:
         Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)     # once, not per logged step
+    loaded_as = None        # the --model an --init-from mismatch names: only where `target` was loaded from it
     if target is None:
         from ..loading import load_model, parse_device, parse_dtype
         device = parse_device(cfg.device)
         dtype = parse_dtype(cfg.dtype, device)
         loaded = load_model(cfg.model, dtype=dtype, device=device, max_seq_len=cfg.max_seq_len)
-        target, tokenizer = loaded.model, loaded.tokenizer
+        target, tokenizer, loaded_as = loaded.model, loaded.tokenizer, str(cfg.model)
     target.eval().requires_grad_(False)
     dev = target.output.weight.device
     V = target.config.vocab_size
@@ -493,7 +494,7 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     if cfg.init_from:
         from ..heads import load_heads
         from .warm_start import warm_start
-        added = warm_start(heads, load_heads(cfg.init_from, target, dtype=torch.float32))
+        added = warm_start(heads, load_heads(cfg.init_from, target, dtype=torch.float32, target_name=loaded_as))
         print(f"train: started from the heads in {cfg.init_from}"
               + (f"; added pass-through layers {', '.join(added)}" if added else ""), file=sys.stderr)
     if cfg.draft_vocab:
@@ -513,6 +514,9 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
     step, history = 0, []
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "stop_after", "progress", "log")}
+    # the model a heads mismatch names later (checkpoint.trained_model): a target handed in was not loaded from
+    # cfg.model, whose default would then name a model the heads were never trained for
+    recipe["model"] = loaded_as
     data_digest = shard_digest(data.sequences)
     if cfg.resume:
         sf = out / STATE_FILE

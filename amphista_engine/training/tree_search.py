@@ -18,9 +18,11 @@ fitted to the mix it will serve; every function below takes an optional per-row 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -281,27 +283,31 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     if save and cfg_file.is_file() and not os.access(cfg_file, os.W_OK):     # before the search, not after it
         raise InputError(f"--save: {cfg_file} is not writable; copy the heads to a directory you can write, or "
                          f"keep the trees with --out FILE.json (--tree FILE.json takes one)")
+    loaded_as = None        # the --model a mismatch names: only where that is what `target` was loaded from
     if target is None:
         from ..loading import load_model, parse_device, parse_dtype
         dev = parse_device(device)
         dt = parse_dtype(dtype, dev)
         loaded = load_model(model, dtype=dt, device=dev, max_seq_len=max_seq_len)
-        target, tokenizer = loaded.model, loaded.tokenizer
+        target, tokenizer, loaded_as = loaded.model, loaded.tokenizer, str(model)
     target.eval().requires_grad_(False)
     if heads is None:
-        heads = load_heads(heads_dir, target, dtype=torch.float32)
+        heads = load_heads(heads_dir, target, dtype=torch.float32, target_name=loaded_as)
     # before the held-out pass: a size the heads cannot fill would otherwise be fitted (or replayed) smaller
     capacity = sum(TOPK ** d for d in range(1, heads.num_heads + 1)) + 1
     if max(list(nodes) + list(dynamic), default=0) > capacity:
-        raise InputError(f"tree sizes {[n for n in list(nodes) + list(dynamic) if n > capacity]}: {heads.num_heads} "
-                         f"heads x top-{TOPK} hold at most {capacity} nodes")
+        # each size once: the default --dynamic repeats --nodes, and the fix is a smaller --nodes (and --dynamic)
+        raise InputError(f"tree sizes {sorted({n for n in list(nodes) + list(dynamic) if n > capacity})}: "
+                         f"{heads.num_heads} heads x top-{TOPK} hold at most {capacity} nodes; pass smaller --nodes "
+                         f"(and --dynamic), e.g. --nodes {min(8, capacity)}")
     eval_frac = _heldout_share(heads, eval_frac)
     shard = load_shard([data] if isinstance(data, (str, Path)) else list(data), target.config.vocab_size,
                        min(max_seq_len, target.rope_len), fingerprint=lm_head_fingerprint(target),
                        prompt_text=prompt_text_decoder(tokenizer) if tokenizer is not None else None)
     _, held = split_heldout(shard.sequences, eval_frac)
     if not held:
-        raise InputError(f"no held-out sequences in {data} (need at least 2 records and --eval-frac > 0)")
+        names = data if isinstance(data, (str, Path)) else ", ".join(map(str, data))
+        raise InputError(f"no held-out sequences in {names} (need at least 2 records and --eval-frac > 0)")
     sw = parse_source_weights(source_weights)
     if sw:
         check_source_weights(sw, shard.sequences)
@@ -348,8 +354,26 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
             cfg["extra"]["tree_search"] = {k: result[k] for k in keys}
         else:       # a second family of trees (another mix) keeps the first family's record
             cfg["extra"][f"tree_search_{prefix}"] = {k: result[k] for k in keys}
-        try:
-            cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
-        except OSError as e:
-            raise InputError(f"--save: cannot write {cfg_file}: {e.strerror or e}") from None
+        _replace_text(cfg_file, json.dumps(cfg, indent=2) + "\n")
     return result
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Rewrites the heads' config.json whole or not at all: written in place, a full disk or a kill mid-write
+    left a truncated config.json, and the heads (hours of training) no longer loaded."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        try:
+            tmp.write_text(text)
+            shutil.copymode(path, tmp)       # the file keeps its mode, as an in-place write kept it
+            os.replace(tmp, path)
+        except PermissionError:
+            # a folder that is not writable, holding a config.json that is: only an in-place write can save there
+            if not os.access(path, os.W_OK) or os.access(path.parent, os.W_OK):
+                raise
+            path.write_text(text)
+    except OSError as e:
+        raise InputError(f"--save: cannot write {path}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
