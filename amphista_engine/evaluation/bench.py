@@ -99,6 +99,16 @@ def parse_tau_source(tau) -> tuple[dict[str, float] | None, dict | None]:
     return out, source
 
 
+def _check_prompt_tokens(prompt_tokens: int, cfg, name: str):
+    """A prompt past the positions the model was trained on times nothing it would serve, and its one-forward
+    prefill (a T x T mask and scores) grows quadratically: --prompt-tokens 100000 on the tiny shape was killed by
+    the kernel's OOM killer, with no message, instead of refused."""
+    trained = cfg.max_position_embeddings
+    if prompt_tokens > trained and not cfg.rope_scaling:
+        raise InputError(f"--prompt-tokens {prompt_tokens} is past the {trained} positions {name} was trained on; "
+                         f"use at most {trained}")
+
+
 def bench_heads(heads, methods, model, no_checkpoint: bool) -> dict:
     """{method: (directory, HeadsConfig)} of the real heads to time, read (not loaded) before the model: their
     head count and fitted trees size the cache and name the trees. Methods not given time random heads."""
@@ -181,6 +191,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         from .plots import check_plotting
         check_plotting()
     taus, tau_source = parse_tau_source(tau)
+    if random_weights and not shape:      # load_target says so too, but after a "loading random None" line
+        raise InputError("--random-weights needs --shape (one of the shapes listed in --help)")
     real = bench_heads(heads, methods, model, random_weights)
     try:
         draft_vocabs = [int(v) for v in (draft_vocab.split(",") if isinstance(draft_vocab, str) else draft_vocab)]
@@ -224,6 +236,7 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
         raise CacheFullError(f"--prompt-tokens {prompt_tokens}: {str(e).removesuffix('; lower max_seq_len')} "
                              "(the cache holds the prompt, every timed step and the largest tree); "
                              "lower --prompt-tokens") from None
+    _check_prompt_tokens(prompt_tokens, target.config, name)    # after the cache's check, before the prefill
     # The linears run as the Engine runs them on this device (packed for oneDNN on a CPU, ...).
     linears = LinearSetup.for_device(device, dtype, quant)
     linears = linears.resolved(linears.apply(target))

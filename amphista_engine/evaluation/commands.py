@@ -51,7 +51,11 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="tau, tokens/s and speedup per category on a Spec-Bench-format question file",
                        description="Runs every question with plain decoding (ar) and each speculative method; "
-                                   "writes answers.jsonl, summary.json and summary.md to --out (resumable).")
+                                   "writes answers.jsonl (every method), spec_bench/METHOD.jsonl (one Spec-Bench "
+                                   "answer file per method, for its speed.py), summary.json and summary.md to --out. "
+                                   "A rerun into the same --out resumes: the answers there are kept and only missing "
+                                   "ones are computed; answers from another configuration or to an edited question "
+                                   "are refused, not mixed in.")
     e.add_argument("--questions", required=True, help="Spec-Bench-format JSONL: question_id, category, turns")
     e.add_argument("--methods", default="ar,medusa,amphista", help="comma list of ar, medusa, amphista")
     e.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")

@@ -1,6 +1,7 @@
 """Spec-Bench-format question files: one JSON object per line with question_id, category and turns."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
     Every problem names the file and line, so a hand-edited benchmark file is quick to fix.
     """
     path = Path(path)
+    if path.is_dir():       # "not found" would send the user looking for a path that is there
+        raise InputError(f"questions file {path} is a directory; give the Spec-Bench-format JSONL file")
     if not path.is_file():
         raise InputError(f"questions file not found: {path}")
     text = read_utf8(path, line_in_name=True)
@@ -52,6 +55,8 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
         wanted = [c.strip() for c in (categories.split(",") if isinstance(categories, str) else categories)]
         wanted = [c for c in wanted if c]
         known = sorted({q["category"] for q in questions})
+        if not wanted:      # "," or " ": filtering by it kept no question, and a 0-question run passed as complete
+            raise InputError(f"--categories {categories!r} names no category; {path.name} has: {', '.join(known)}")
         unknown = [c for c in wanted if c not in known]
         if unknown:
             raise InputError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}; "
@@ -72,3 +77,10 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
             raise InputError(f"--limit must be a positive integer, got {limit}")
         questions = questions[:limit]
     return questions
+
+
+def question_digest(question: dict) -> str:
+    """A digest of what a question asks (category and turns): answers kept in an --out are reused only for the
+    question they answered, not for an edited one under the same question_id (or another file's)."""
+    text = json.dumps([question["category"], question["turns"]], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

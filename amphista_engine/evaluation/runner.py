@@ -4,7 +4,8 @@ Reports, per category and overall, tau (tokens per target forward), tokens/s and
 decoding measured in the same run, plus a check that every greedy speculative answer is token-for-token
 the plain answer. Multi-turn questions carry the conversation forward as Spec-Bench does: each method sees
 its own earlier answers. Answers are appended to `answers.jsonl` one (question, method) at a time, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped (only with the same configuration and the same question texts). The
+summary's answers also go to spec_bench/METHOD.jsonl, one Spec-Bench answer file per method for its speed.py.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ from pathlib import Path
 from ..errors import InputError
 from ..values import is_int, is_real
 from .env import environment, now
-from .questions import read_questions
+from .questions import question_digest, read_questions
 
 METHODS = ("ar", "medusa", "amphista")
 SPECULATIVE = ("medusa", "amphista")
 _ALIASES = {"plain": "ar", "none": "ar"}
 WARMUP_TOKENS = 64          # enough to warm kernels and allocators without a full answer per warm-up
 ANSWERS, SUMMARY, SUMMARY_MD, RUN_CONFIG = "answers.jsonl", "summary.json", "summary.md", "run_config.json"
+SPEC_BENCH_DIR = "spec_bench"   # one Spec-Bench answer file per method: speed.py reads a file as one method
+PLOTS = ("tau_per_category.png", "speedup_per_category.png")
 
 
 def _log(msg: str):
@@ -113,6 +116,13 @@ def _check_run_config(out: Path, config: dict) -> dict:
     old.setdefault("quant", "none")          # runs from before 4-bit weights
     keys = ("model", "questions", "max_new_tokens", "tree", "temperature", "seed", "dtype", "device", "quant")
     diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys if old.get(k) != config[k]]
+    # Recorded since: the cache length caps each turn's budget (a conversation near it), and tree=None resolves per
+    # device and version. Compared where the folder's config has them (older ones do not).
+    if "max_seq_len" in old and old["max_seq_len"] != config["max_seq_len"]:
+        diff.append(f"max_seq_len: {old['max_seq_len']!r} there, {config['max_seq_len']!r} now")
+    used = config["tree_used"]
+    diff += [f"{m} tree: {t!r} there, {used[m]!r} now" for m, t in (old.get("tree_used") or {}).items()
+             if m in used and used[m] != t]
     diff += [f"{m} heads: {p!r} there, {config['heads'][m]!r} now"
              for m, p in (old.get("heads") or {}).items() if m in config["heads"] and config["heads"][m] != p]
     # Configs from before digests were recorded have none to compare: their heads are taken on the path alone.
@@ -123,7 +133,8 @@ def _check_run_config(out: Path, config: dict) -> dict:
         raise InputError(f"{out} holds answers from a different configuration ({'; '.join(diff)}); "
                          "use another --out or delete it")
     return {**config, "heads": {**(old.get("heads") or {}), **config["heads"]},
-            "heads_digest": {**(old.get("heads_digest") or {}), **config["heads_digest"]}}
+            "heads_digest": {**(old.get("heads_digest") or {}), **config["heads_digest"]},
+            "tree_used": {**(old.get("tree_used") or {}), **config["tree_used"]}}
 
 
 def _write_run_config(out: Path, config: dict):
@@ -158,6 +169,9 @@ def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int, ru
         wall = now(engine.device) - t0
         messages.append({"role": "assistant", "content": res.text})
         s = res.stats
+        # Spec-Bench's accept_lengths: the tokens of each decoding step (speed.py averages them: tau). The stats
+        # keep a histogram, so this turn's steps come in ascending order.
+        ch["accept_lengths"].extend(n for n, c in enumerate(s.accept_hist) for _ in range(c))
         for key, value in (("turns", res.text), ("token_ids", list(res.token_ids)),
                            ("new_tokens", s.new_tokens), ("wall_time", round(wall, 6)),
                            ("prompt_tokens", s.prompt_tokens), ("prefill_ms", round(s.prefill_ms, 3)),
@@ -165,8 +179,11 @@ def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int, ru
                            ("step_tokens", s.step_tokens), ("accept_hist", list(s.accept_hist)),
                            ("finish_reason", res.finish_reason), ("max_new_tokens", budget)):
             ch[key].append(value)
+    # answer_id, model_id, choices[0] (turns, new_tokens, wall_time, decoding_steps, accept_lengths), tstamp: the
+    # fields Spec-Bench's answer files carry and its speed.py reads
     return {"question_id": question["question_id"], "category": question["category"], "method": method,
-            "model_id": str(engine.loaded_name), "choices": [{"index": 0, **ch}], "tstamp": time.time(), "run": run}
+            "answer_id": uuid.uuid4().hex, "model_id": str(engine.loaded_name), "choices": [{"index": 0, **ch}],
+            "tstamp": time.time(), "run": run, "question_digest": question_digest(question)}
 
 
 def _warmup(engine, question: dict, methods, gen_kwargs: dict, runs: int):
@@ -237,19 +254,26 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     config = {"model": str(engine.loaded_name), "questions": Path(questions).name, "max_new_tokens": max_new_tokens,
               "tree": tree, "temperature": temperature, "seed": None if greedy else seed,
               "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
-              "quant": getattr(engine, "quant", "none"), "heads": heads_paths, "heads_digest": digests}
+              "quant": getattr(engine, "quant", "none"), "heads": heads_paths, "heads_digest": digests,
+              "max_seq_len": engine.max_seq_len, "tree_used": trees_used}
     # Written only once the heads and the tree passed: a failed run must not pin a configuration on --out.
     config = _check_run_config(out, config)
     _write_run_config(out, config)
 
     answers_file = out / ANSWERS
     done = load_answers(answers_file, log)
+    _check_questions_unchanged(qs, done, answers_file)
     todo = [(q, m) for q in qs for m in methods if (q["question_id"], m) not in done]
     gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "tree": tree,
                   "seed": None if greedy else seed}
     if todo:
         if done:
             log(f"resuming: {len(done)} answers in {answers_file}, {len(todo)} to go")
+        # The summary of an earlier run would otherwise sit beside answers it does not count until this run ends
+        # (or for good, if it is stopped): the outputs of a run are written once it has all of its answers.
+        for name in (SUMMARY, SUMMARY_MD, *PLOTS):
+            (out / name).unlink(missing_ok=True)
+        _remove_spec_bench_files(out)
         if warmup:
             _warmup(engine, todo[0][0], {m: loaded[m] for m in methods}, gen_kwargs, warmup)
         # Question-major order (every method answers a question before the next one starts): load from other
@@ -275,6 +299,9 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
                        "max_seq_len": engine.max_seq_len, "methods": methods,
                        "note": "tokens_per_s = new tokens / wall time of the whole generate call (prefill "
                                "included), as Spec-Bench; speedup = tokens_per_s / ar tokens_per_s"}
+    summary["spec_bench_answers"] = _write_spec_bench_files(out, records, methods)
+    for name in PLOTS:      # an earlier run's plots (other questions or methods) must not pass for this summary's
+        (out / name).unlink(missing_ok=True)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     (out / SUMMARY_MD).write_text(summary_markdown(summary) + "\n")
     if plot:
@@ -282,6 +309,57 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         summary["plots"] = [str(p) for p in plot_eval(summary, out, log)]
         (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _check_questions_unchanged(qs: list[dict], done: dict, answers_file: Path):
+    """Answers in --out are reused by question_id: refuse those written for another text of a question (the file
+    edited, or another file with the same ids), which would otherwise be summarized as this file's answers."""
+    kept = defaultdict(set)     # question_id -> digests its answers were written for
+    for (qid, _), rec in done.items():
+        if rec.get("question_digest") is not None:      # records from before digests were recorded have none
+            kept[qid].add(rec["question_digest"])
+    changed = [str(q["question_id"]) for q in qs if kept[q["question_id"]] - {question_digest(q)}]
+    if changed:
+        many = len(changed) > 1
+        raise InputError(f"{answers_file} holds answers to another version of question{'s' if many else ''} "
+                         f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} (category or turns differ "
+                         "from the questions file's); use another --out or delete it")
+
+
+def spec_bench_record(rec: dict) -> dict:
+    """The record as a Spec-Bench answer line; fills answer_id and accept_lengths into records written before they
+    were recorded (from the per-turn histograms)."""
+    rec = dict(rec)
+    ch = dict(rec["choices"][0])
+    if "accept_lengths" not in ch:
+        ch["accept_lengths"] = [n for h in ch.get("accept_hist", []) for n, c in enumerate(h) for _ in range(c)]
+    rec["choices"] = [ch] + rec["choices"][1:]
+    rec.setdefault("answer_id", uuid.uuid5(uuid.NAMESPACE_OID, f"{rec.get('run')}/{rec['question_id']}/"
+                                           f"{rec['method']}").hex)
+    return rec
+
+
+def _remove_spec_bench_files(out: Path):
+    folder = out / SPEC_BENCH_DIR
+    if folder.is_dir():
+        for f in folder.glob("*.jsonl"):
+            f.unlink()
+
+
+def _write_spec_bench_files(out: Path, records: list[dict], methods: list[str]) -> dict[str, str]:
+    """spec_bench/METHOD.jsonl: this summary's answers of one method each, in Spec-Bench's answer format, so its
+    evaluation/speed.py reads them as they are (--file-path spec_bench/amphista.jsonl --base-path
+    spec_bench/ar.jsonl). answers.jsonl holds every method (and every run's answers) in one file."""
+    folder = out / SPEC_BENCH_DIR
+    folder.mkdir(exist_ok=True)
+    _remove_spec_bench_files(out)          # a method this summary no longer has must not leave its file
+    paths = {}
+    for m in methods:
+        path = folder / f"{m}.jsonl"
+        path.write_text("".join(json.dumps(spec_bench_record(r)) + "\n" for r in records if r["method"] == m),
+                        encoding="utf-8")
+        paths[m] = str(path)
+    return paths
 
 
 # ---- summary -----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
-from ..evaluation.questions import read_questions
+from ..evaluation.questions import question_digest, read_questions
 from ..heads import weights_digest
 from ..values import is_int
 
@@ -22,6 +22,7 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     if out is not None and Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSON file to write")
     qs = read_questions(questions, None, limit, per_category)       # names a file that is not UTF-8 itself
+    _previous_result(out)           # a file --out would overwrite is refused before the load
     if not is_int(max_new_tokens) or max_new_tokens < 1:      # before the (slow) model load
         raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
     if engine is None:
@@ -35,7 +36,10 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     # the weights' digest, not just the path: heads retrained in place must not resume stale rows
     setting = {"heads": str(heads), "heads_digest": weights_digest(engine.heads), "kind": kind,
                "tree": tree or "default", "max_new_tokens": max_new_tokens}
-    rows = _resume_rows(out, setting)
+    # the target too: the same heads directory loads on another model of its shape, or in another dtype
+    target = {"model": str(engine.loaded_name), "dtype": str(engine.dtype).removeprefix("torch.")}
+    rows = _resume_rows(out, setting, target)
+    _check_questions_unchanged(out, qs, rows)
     done = {r["question_id"] for r in rows}
     t0 = time.perf_counter()
     for q in tqdm(qs, unit="q", file=sys.stderr, disable=quiet, desc=f"eval-tau {kind}"):
@@ -44,9 +48,10 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
         r = engine.generate(q["turns"][0], max_new_tokens=max_new_tokens, speculative=kind, tree=tree)
         rows.append({"question_id": q.get("question_id"), "category": q.get("category", "all"),
                      "tau": round(r.stats.tau, 4), "new_tokens": r.stats.new_tokens,
-                     "decode_steps": r.stats.decode_steps, "step_tokens": r.stats.step_tokens})
+                     "decode_steps": r.stats.decode_steps, "step_tokens": r.stats.step_tokens,
+                     "question_digest": question_digest(q)})
         if out:     # after every question: a killed run resumes from here
-            _write(out, {**setting, "partial": True, "per_question": rows})
+            _write(out, {**setting, **target, "partial": True, "per_question": rows})
     wanted = {q.get("question_id") for q in qs}
     # rows of questions outside this selection (an earlier run with a larger --limit) stay in the file, apart from
     # the summary's rows, so a later run that selects them again does not answer them anew
@@ -63,8 +68,9 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     table = {c: {"tau": round(tau_of(v), 4), "mean_tau": round(sum(r["tau"] for r in v) / len(v), 4),
                  "questions": len(v)} for c, v in sorted(per_cat.items())}
     overall = {"tau": round(tau_of(rows), 4), "mean_tau": round(sum(r["tau"] for r in rows) / len(rows), 4)}
-    result = {**setting, "tree_used": engine._tree_spec(tree).name, "questions": len(qs), "overall": overall,
-              "per_category": table, "per_question": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    result = {**setting, **target, "tree_used": engine._tree_spec(tree).name, "questions": len(qs),
+              "overall": overall, "per_category": table, "per_question": rows,
+              "wall_s": round(time.perf_counter() - t0, 1)}
     if not quiet:
         print(f"{'category':<14} {'n':>3} {'tau':>6} {'mean':>6}")
         for c, v in table.items():
@@ -75,17 +81,50 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     return result
 
 
-def _resume_rows(out, setting: dict) -> list[dict]:
-    """Per-question rows already in `out` from a run with the same heads, kind, tree and token budget."""
+def _check_questions_unchanged(out, qs: list[dict], rows: list[dict]):
+    """Rows are reused by question_id: not for another text of the question (an edited file, another file's ids)."""
+    digests = {q["question_id"]: question_digest(q) for q in qs}
+    changed = [str(r["question_id"]) for r in rows
+               if r.get("question_digest") is not None and r["question_id"] in digests
+               and r["question_digest"] != digests[r["question_id"]]]
+    if changed:
+        raise InputError(f"{out} holds rows for another version of question(s) {', '.join(changed[:5])} (category or "
+                         "turns differ from the questions file's); pick another --out")
+
+
+def _previous_result(out) -> dict | None:
+    """The eval-tau result in `out`, or None (no file, or an empty one)."""
+    if not out or not Path(out).is_file():
+        return None
+    text = Path(out).read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return None
+    try:
+        prev = json.loads(text)
+    except json.JSONDecodeError:
+        prev = None
+    # The writes below are atomic, so a file that is not a result object is not ours (the questions file, another
+    # tool's output): it was overwritten without a word.
+    if not isinstance(prev, dict) or not isinstance(prev.get("per_question"), list):
+        raise InputError(f"--out {out} exists and is not an eval-tau result; it would be overwritten: pick another "
+                         "--out (or delete that file)")
+    return prev
+
+
+def _resume_rows(out, setting: dict, target: dict | None = None) -> list[dict]:
+    """Per-question rows already in `out` from a run with the same heads, kind, tree and token budget (and target
+    model and dtype, where the file records them: older files do not)."""
     if not out or not Path(out).is_file():
         return []
-    try:
-        prev = json.loads(Path(out).read_text())
-    except json.JSONDecodeError:
-        return []        # a file cut mid-write (the writes below are atomic, so not ours): start over
+    prev = _previous_result(out)
+    if prev is None:
+        return []
     if any(prev.get(k) != v for k, v in setting.items()):
         raise InputError(f"{out} holds a run with other settings "
                          f"({ {k: prev.get(k) for k in setting} }); pick another --out")
+    other = {k: prev[k] for k, v in (target or {}).items() if k in prev and prev[k] != v}
+    if other:
+        raise InputError(f"{out} holds a run on another target ({other}, now {target}); pick another --out")
     return [r for r in prev.get("per_question", []) + prev.get("other_questions", []) if "step_tokens" in r]
 
 
