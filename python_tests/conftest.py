@@ -154,19 +154,24 @@ def write_tokenizer(path: Path, vocab_size: int):
     return tok.get_vocab_size()
 
 
-@pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory) -> Path:
-    """config.json + model.safetensors + tokenizer.json of a random GQA Llama with an untied LM head."""
+def write_tiny_hf(path: Path, seed: int = 0, **over) -> Path:
+    """config.json + model.safetensors + tokenizer.json of a random Llama: TINY_HF's config with `over`'s keys."""
     transformers = pytest.importorskip("transformers")
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HF))
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_HF, **over}))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
     model.save_pretrained(path, safe_serialization=True)
     write_tokenizer(path, TINY_HF["vocab_size"])
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """config.json + model.safetensors + tokenizer.json of a random GQA Llama with an untied LM head."""
+    pytest.importorskip("transformers")
+    return write_tiny_hf(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

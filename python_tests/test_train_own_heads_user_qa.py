@@ -37,15 +37,8 @@ def _prompts(n=12, words="fox"):
 
 def _hf_dir(path: Path, seed: int, **over) -> Path:
     """Another tiny Llama checkpoint like conftest's tiny_hf_dir (same tokenizer), with other weights or shapes."""
-    from conftest import TINY_HF, write_tokenizer
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_HF, **over}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    model.save_pretrained(path, safe_serialization=True)
-    write_tokenizer(path, TINY_HF["vocab_size"])
-    return path
+    from conftest import write_tiny_hf
+    return write_tiny_hf(path, seed, **over)
 
 
 def _cli(*argv) -> int:
