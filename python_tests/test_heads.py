@@ -15,6 +15,7 @@ from amphista_engine.config import ModelConfig
 from amphista_engine.errors import ConfigError, HeadsMismatchError, ModelLoadError
 from amphista_engine.heads import (AmphistaHeads, HeadsConfig, MedusaHeads, lm_head_fingerprint, load_heads,
                                    load_medusa_checkpoint, random_heads, save_heads)
+from amphista_engine.heads.checkpoint import SKETCH_KEY, SKETCH_ROWS
 from amphista_engine.model import Transformer, causal_mask, rope_table
 
 KINDS = ("amphista", "medusa")
@@ -232,9 +233,12 @@ def test_save_load_roundtrip(target, kind, tmp_path):
     loaded = load_heads(tmp_path / "fp32", target)
     assert type(loaded) is type(heads) and loaded.config.target_fingerprint == lm_head_fingerprint(target)
     assert torch.equal(loaded.forward_train(hidden, nxt), ref)
-    # Default: bf16 on disk, no target tensors; loading into fp32 equals the heads rounded to bf16.
+    # Default: bf16 on disk; of the target, only a few LM-head rows (to tell a quantized copy of it from another
+    # model); loading into fp32 equals the heads rounded to bf16.
     save_heads(heads, tmp_path / "bf16")
     state = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    sketch = state.pop(SKETCH_KEY)
+    assert sketch.shape == (min(SKETCH_ROWS, target.config.vocab_size), target.config.dim)
     assert all(v.dtype == torch.bfloat16 for v in state.values()) and set(state) == set(heads.state_dict())
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert cfg["kind"] == kind and cfg["dtype"] == "bfloat16" and cfg["target_fingerprint"].startswith("V64-d32-")

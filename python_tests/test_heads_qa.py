@@ -188,3 +188,43 @@ def test_engine_roundtrip_every_carried_tree_and_dtypes(engine_and_heads):
     ref = load_heads(root / "amphista", engine.model, dtype=torch.float32)
     for (name, a), b in zip(loaded.state_dict().items(), ref.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
+
+
+@pytest.mark.parametrize("kind", ["amphista", "medusa"])
+def test_heads_load_on_a_quantized_copy_of_their_model_and_not_on_another(tmp_path, kind):
+    """Heads keep rows of the LM head they were trained with: on the same model with its weights rounded (what a
+    4-bit GGUF of it holds: ~10% relative L2 on the LM head) they load with a warning, and speculative greedy output
+    is still the plain output; on another model of the same shapes, or a copy whose rows moved, they are refused
+    as before; heads saved without those rows (older checkpoints) keep the exact fingerprint rule."""
+    from safetensors.torch import load_file, save_file
+
+    from amphista_engine.errors import HeadsMismatchError
+    from amphista_engine.heads.checkpoint import SKETCH_KEY
+    target = random_tiny_model(seed=3)
+    saved = save_heads(random_heads(kind, target, num_heads=3, seed=1), tmp_path / "h")
+    assert SKETCH_KEY in load_file(str(saved / "model.safetensors"))
+
+    def copy_with(output_weight):
+        other = random_tiny_model(seed=3)
+        with torch.no_grad():
+            other.output.weight.copy_(output_weight)
+        return other
+    w = target.output.weight.detach()
+    g = torch.Generator().manual_seed(0)
+    rounded = copy_with(w + torch.randn(w.shape, generator=g) * w.std() * 0.1)
+    with pytest.warns(UserWarning, match="converted or quantized copy"):
+        heads = load_heads(saved, rounded)
+    assert len(heads.state_dict()) and SKETCH_KEY not in heads.state_dict()
+
+    from test_speculative import plain_ids, spec_ids
+    prompt = [1, 5, 9, 2, 7]
+    assert spec_ids(rounded, heads, "chain-3", prompt, 12, eos=[])[0] == plain_ids(rounded, prompt, 12, eos=[])[0]
+    for other in (random_tiny_model(seed=4), copy_with(w.roll(1, 0))):
+        with pytest.raises(HeadsMismatchError, match=r"built for another target.* differ from theirs by \d+%"):
+            load_heads(saved, other)
+    state = load_file(str(saved / "model.safetensors"))
+    del state[SKETCH_KEY]
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(HeadsMismatchError, match="keep no LM-head rows"):
+        load_heads(saved, rounded)
+    assert load_heads(saved, target) is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,13 @@ from .medusa import DraftHeads, MedusaHeads
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FINGERPRINT_ROWS = 256
+# model.safetensors also keeps rows of the LM head the heads were trained with (save_heads), so that a converted or
+# quantized copy of that model (an fp16 or 4-bit GGUF of the same checkpoint), whose fingerprint differs, is told
+# apart from another model: relative L2 distance of those rows, SmolLM2-135M's LM head requantized: Q5_0 0.055,
+# Q4_1 0.089, Q4_0 0.11, bf16 0.0014; random weights of the same scale 1.42, the same rows in another order 1.07.
+SKETCH_KEY = "target_lm_head_sketch"
+SKETCH_ROWS = 64
+SKETCH_TOLERANCE = 0.4
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -58,6 +66,26 @@ def lm_head_fingerprint(target) -> str:
     s = w[rows.to(w.device)].float().cpu().to(torch.bfloat16).float()
     s = torch.where(s.abs() < 2.0 ** -14, torch.zeros_like(s), s)    # also turns -0.0 into +0.0
     return f"V{V}-d{d}-{hashlib.sha256(s.numpy().tobytes()).hexdigest()[:16]}"
+
+
+def lm_head_sketch(target) -> torch.Tensor | None:
+    """SKETCH_ROWS evenly spaced rows of the target's LM head (a Transformer, an nn.Linear or the [V, d] weight),
+    fp32 on the CPU; None where no float weight is at hand."""
+    head = getattr(target, "output", target)
+    w = getattr(head, "weight", head)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point():
+        return None
+    rows = torch.linspace(0, w.shape[0] - 1, min(w.shape[0], SKETCH_ROWS)).round().long()
+    return w.detach()[rows.to(w.device)].float().cpu().contiguous()
+
+
+def sketch_distance(sketch: torch.Tensor, target) -> float | None:
+    """||target's rows - sketch|| / ||sketch||; None where they cannot be compared."""
+    here = lm_head_sketch(target)
+    if here is None or here.shape != sketch.shape or not torch.isfinite(sketch).all():
+        return None
+    norm = float(sketch.norm())
+    return float((here - sketch).norm()) / norm if norm > 0 else None
 
 
 def weights_digest(heads: DraftHeads) -> str:
@@ -127,6 +155,9 @@ def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
     # Only floating tensors take the save dtype: the draft vocabulary's token ids stay integers.
     state = {k: v.detach().to(device="cpu", dtype=dt if v.is_floating_point() else v.dtype).contiguous()
              for k, v in heads.state_dict().items()}
+    sketch = lm_head_sketch(heads._bound[1]) if heads._bound is not None else None
+    if sketch is not None and lm_head_fingerprint(heads._bound[1]) == cfg.target_fingerprint:
+        state[SKETCH_KEY] = sketch.to(dt)   # 64 rows: bf16's rounding (0.14%) is nothing to SKETCH_TOLERANCE
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "kind": cfg.kind})
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return path
@@ -195,6 +226,20 @@ def read_heads_config(path) -> tuple[Path, HeadsConfig]:
     return directory, cfg
 
 
+def _copy_distance(weights: Path, target) -> float | None:
+    """sketch_distance of the LM-head rows a heads file keeps (save_heads) from `target`'s; None where the file
+    keeps none (heads saved before 2026-12-05, or from a model without float LM-head weights) or is unreadable."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if SKETCH_KEY not in f.keys():
+                return None
+            sketch = f.get_tensor(SKETCH_KEY).float()
+    except Exception:          # a damaged file is named by the full read that follows, or by the mismatch
+        return None
+    return sketch_distance(sketch, target)
+
+
 def trained_model(cfg: HeadsConfig) -> str | None:
     """The --model that `amphista train` recorded for heads it wrote (None for heads from elsewhere)."""
     training = cfg.extra.get("training")
@@ -215,6 +260,15 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
     weights = directory / "model.safetensors"
     fp, tc = lm_head_fingerprint(target), target.config
     same_shape = (cfg.dim, cfg.vocab_size) == (tc.dim, tc.vocab_size)
+    distance = None
+    if same_shape and cfg.target_fingerprint and cfg.target_fingerprint != fp:
+        distance = _copy_distance(weights, target)
+        if distance is not None and distance <= SKETCH_TOLERANCE:
+            warnings.warn(f"heads in {directory} were trained with an LM head that this model's differs from by "
+                          f"{distance:.1%} (relative L2 over {SKETCH_ROWS} rows): a converted or quantized copy of "
+                          "their model, taken for it; output is the same (the model verifies every drafted token), "
+                          "the heads may accept fewer tokens than on the model they were trained with", stacklevel=2)
+            fp = cfg.target_fingerprint
     if not same_shape or (cfg.target_fingerprint and cfg.target_fingerprint != fp):
         # the fingerprints alone do not tell a user which model to pass: name the models where they are known
         trained = trained_model(cfg)
@@ -225,10 +279,13 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
             f"V={cfg.vocab_size}), the loaded model" + (f" {target_name}" if target_name else "")
             + f" has {fp} (d={tc.dim}, V={tc.vocab_size}); load them with the model they were trained for, or "
             f"train heads for this one"
-            # same shapes: often the very model in another file (a quantized or fp16 GGUF of it), whose LM head's
-            # values differ; the heads follow the values they were trained on
-            + (" (a converted or quantized copy of a model counts as another target: distill and train with the "
-               "file you decode with)" if same_shape else ""))
+            # same shapes: maybe the very model in another file (a quantized or fp16 GGUF of it); such a copy loads
+            # (above) where the heads keep LM-head rows to compare, else only the exact values do
+            + ((f" (this model's LM-head rows differ from theirs by {distance:.0%}, relative L2: not a converted or "
+                f"quantized copy of their model)" if distance is not None else
+                " (these heads keep no LM-head rows to tell a converted or quantized copy of their model from another "
+                "model, so only the exact model counts: distill and train with the file you decode with)")
+               if same_shape else ""))
     if num_heads is not None and num_heads != cfg.num_heads:
         raise ConfigError(f"heads in {directory} have {cfg.num_heads} heads, {num_heads} were requested")
     w = target.output.weight
@@ -237,6 +294,7 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
         state = load_file(str(weights))
     except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
         raise ModelLoadError(f"cannot read {weights}: {e}") from None
+    state.pop(SKETCH_KEY, None)
     with torch.device("meta"):
         heads = build_heads(cfg)
     return _assign(heads, state, weights, device, dtype).bind(target)
