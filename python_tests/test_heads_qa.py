@@ -12,7 +12,7 @@ import torch
 from amphista_engine import AmphistaError
 from amphista_engine.errors import ConfigError, InputError, ModelLoadError
 from amphista_engine.heads import HeadsConfig, load_heads, random_heads, save_heads
-from conftest import edited_copy, random_tiny_model
+from conftest import edited_copy, needs_smollm2, random_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,25 @@ def test_heads_load_on_a_quantized_copy_of_their_model_and_not_on_another(tmp_pa
     with pytest.raises(HeadsMismatchError, match="keep no LM-head rows"):
         load_heads(saved, rounded)
     assert load_heads(saved, target) is not None
+
+
+@needs_smollm2
+def test_shipped_heads_load_on_a_4bit_requantized_smollm2():
+    """The shipped heads keep their model's LM-head rows: SmolLM2 with its LM head rounded to Q4_0 (another GGUF
+    of the same model) takes them, with a warning; greedy output stays the plain output."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from amphista_engine import Engine
+    from amphista_engine.heads.checkpoint import CHECKPOINT_FINGERPRINT
+    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=256, quant="none")
+    head = engine.model.output
+    with torch.no_grad():
+        w = head.weight.numpy()
+        head.weight.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, Q.Q4_0), Q.Q4_0)))
+    delattr(head, CHECKPOINT_FINGERPRINT)            # the values of another file: fingerprinted afresh
+    with pytest.warns(UserWarning, match=r"differs from by 1\d\.\d%.*converted or quantized copy"):
+        engine.load_heads("default")
+    plain = engine.generate("Name two planets.", max_new_tokens=24)
+    spec = engine.generate("Name two planets.", max_new_tokens=24, speculative="amphista")
+    assert spec.token_ids == plain.token_ids and spec.stats.tau > 1.2
