@@ -116,9 +116,13 @@ def _decoding_kwargs(args, speculative, tree) -> dict:
                 seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None)
 
 
-def _stream_answer(engine, prompt, **kwargs):
-    """Streams the answer to stdout and a stats line to stderr; returns the result."""
-    for chunk in engine.stream(prompt, **kwargs):
+def _stream_answer(engine, prompt, before=None, **kwargs):
+    """Streams the answer to stdout and a stats line to stderr; returns the result. before(): called once the run
+    is set up (its checks passed: engine.stream raises them at the call), before the first chunk."""
+    chunks = engine.stream(prompt, **kwargs)
+    if before is not None:
+        before()
+    for chunk in chunks:
         _write(chunk)
     _write("\n")
     result = engine.last_result
@@ -223,34 +227,50 @@ def cmd_generate(args) -> int:
 
 def _chat_turn(engine, system, history, turn, kwargs):
     """Answers `turn` after as much of `history` as fits in the cache, dropping (in place) the oldest exchanges
-    that do not. Returns the result, or None when there is none to keep (interrupted, or `turn` alone too long)."""
+    that do not, with a note on stderr before the answer. Returns the result, or None when there is none to keep
+    (interrupted, or `turn` alone too long)."""
     from .errors import CacheFullError
 
-    kept = list(history)              # the exchanges go from `history` only once the turn is answered
+    kept = list(history)
+
+    def drop():
+        # Announced before the answer streams (it was printed after it, below the stats line): the reader knows
+        # while reading it that the model no longer saw the start of the conversation. Dropped once announced.
+        if len(kept) < len(history):
+            n = (len(history) - len(kept)) // 2
+            what = "the oldest exchange no longer fits" if n == 1 else f"the oldest {n} exchanges no longer fit"
+            print(f"({what} the cache (--max-seq-len): dropped" + ("; the --system message stays)" if system else ")"),
+                  file=sys.stderr)
+            del history[:len(history) - len(kept)]
+
     while True:
         try:
-            result = _stream_answer(engine, system + kept + turn, **kwargs)
+            return _stream_answer(engine, system + kept + turn, before=drop, **kwargs)
         except KeyboardInterrupt:     # Ctrl-C stops this answer, not the conversation (at the prompt: quits)
             _write("\n")             # the cut answer ends its line on stdout too: the next one starts its own
             print("(interrupted: this exchange is not kept)", file=sys.stderr)
             return None
         except CacheFullError as e:
             if not kept:              # the message alone does not fit: the conversation stays as it was
-                print(f"amphista: error: {e} (the conversation so far is kept)", file=sys.stderr)
+                # Said in the command's terms: the engine's message names the API's max_seq_len, and "prompt"
+                # is the whole rendered turn (template, --system), not what was typed.
+                print("amphista: error: that message does not fit the cache"
+                      + (" even without the earlier exchanges" if history else "") + f" ({e}); shorten it"
+                      + (" or --system" if system else "") + ", raise --max-seq-len or lower "
+                      "--max-new-tokens. It was not sent (the conversation so far is kept)", file=sys.stderr)
                 return None
             del kept[:2]              # the oldest exchange
             continue
-        if len(kept) < len(history):
-            n = (len(history) - len(kept)) // 2
-            print("(the oldest exchange no longer fits the cache: dropped)" if n == 1 else
-                  f"(the oldest {n} exchanges no longer fit the cache: dropped)", file=sys.stderr)
-            del history[:len(history) - len(kept)]
-        return result
 
 
 CHAT_HELP = ("type a message; /reset starts a new conversation, /help shows this, /exit or /quit (or end of "
              "input) quits")
 CHAT_COMMANDS = ("/reset", "/help", "/exit", "/quit")
+# What /help and `amphista chat --help` add: what happens to a conversation that outgrows the cache.
+CHAT_LIMITS = ("each line is a turn, answered with the conversation so far; Ctrl-C stops an answer (the exchange is "
+               "not kept). When the conversation no longer fits --max-seq-len with room for --max-new-tokens, its "
+               "oldest exchanges are left out (a note says so; the --system message stays); a message too long "
+               "for the cache on its own is not sent")
 
 
 def cmd_chat(args) -> int:
@@ -272,8 +292,13 @@ def cmd_chat(args) -> int:
     print(CHAT_HELP, file=sys.stderr)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:     # Ctrl-C at the prompt quits: the shell's prompt must not follow "> "
+            print(file=sys.stderr)
+            raise
         if not line:
+            print(file=sys.stderr)    # end of input (Ctrl-D): ends the "> " line, as a shell does
             break
         text = line.strip()
         if text in ("/exit", "/quit"):
@@ -283,7 +308,7 @@ def cmd_chat(args) -> int:
             print("(new conversation)", file=sys.stderr)
             continue
         if text == "/help":
-            print(CHAT_HELP, file=sys.stderr)
+            print(f"{CHAT_HELP}\n{CHAT_LIMITS}", file=sys.stderr)
             continue
         if not text:
             continue
@@ -319,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="a conversation on stdin, answers streamed to stdout (" + CHAT_HELP + ")")
+    # The description is what `amphista chat --help` shows: it had none (the commands were only in the list of
+    # subcommands, and what happens when the conversation outgrows the cache nowhere).
+    c = sub.add_parser("chat", help="a conversation on stdin, answers streamed to stdout (" + CHAT_HELP + ")",
+                       description=f"A conversation on stdin, answers streamed to stdout: {CHAT_HELP}; {CHAT_LIMITS}.")
     _add_model_args(c)
     _add_decoding_args(c)
     _add_sampling_args(c, max_new_tokens=512)
