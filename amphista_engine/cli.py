@@ -267,10 +267,39 @@ CHAT_HELP = ("type a message; /reset starts a new conversation, /help shows this
              "input) quits")
 CHAT_COMMANDS = ("/reset", "/help", "/exit", "/quit")
 # What /help and `amphista chat --help` add: what happens to a conversation that outgrows the cache.
-CHAT_LIMITS = ("each line is a turn, answered with the conversation so far; Ctrl-C stops an answer (the exchange is "
+CHAT_LIMITS = ("each line is a turn, answered with the conversation so far (a message of several lines: between "
+               "\"\"\" and \"\"\", or end each line but the last with \\); Ctrl-C stops an answer (the exchange is "
                "not kept). When the conversation no longer fits --max-seq-len with room for --max-new-tokens, its "
                "oldest exchanges are left out (a note says so; the --system message stays); a message too long "
                "for the cache on its own is not sent")
+
+
+def _read_continued(stdin, first: str) -> str:
+    """One message over several lines (pasted code: each line was answered as a turn of its own): from a line
+    starting with \"\"\" to one ending with \"\"\" (as Ollama reads them), or lines ending in a backslash. Returns the
+    message with its newlines; "" (no message, the input ended) where the input ends inside it."""
+    quoted = first.strip().startswith('"""')
+    lines, line = [], first
+    while True:
+        if quoted:
+            body = line.strip() if not lines else line.rstrip("\r\n")
+            if not lines:
+                body = body[3:]
+            if body.rstrip().endswith('"""') and (lines or len(line.strip()) >= 6):
+                lines.append(body.rstrip()[:-3])
+                return "\n".join(lines) + "\n"
+            lines.append(body)
+        else:
+            body = line.rstrip("\r\n")
+            if not body.endswith("\\"):
+                lines.append(body)
+                return "\n".join(lines) + "\n"
+            lines.append(body[:-1])
+        print("... ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            print("\n(the input ended inside a multi-line message: not sent)", file=sys.stderr)
+            return ""
 
 
 def cmd_chat(args) -> int:
@@ -294,6 +323,8 @@ def cmd_chat(args) -> int:
         print("> ", end="", file=sys.stderr, flush=True)
         try:
             line = stdin.readline()
+            if line and (line.strip().startswith('"""') or line.rstrip("\r\n").endswith("\\")):
+                line = _read_continued(stdin, line)
         except KeyboardInterrupt:     # Ctrl-C at the prompt quits: the shell's prompt must not follow "> "
             print(file=sys.stderr)
             raise

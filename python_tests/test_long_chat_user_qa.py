@@ -190,3 +190,19 @@ def test_leaving_the_chat_ends_the_prompt_line(tiny_hf_dir, monkeypatch, capsys,
     assert rc == (130 if ctrl_c else 0) and err.endswith("> \n") and "Traceback" not in err
     assert len(re.findall(r"prompt \d+ tok", err)) == 2 and len(out.split("\n")) == 3
     assert torch.is_grad_enabled()
+
+
+def test_a_message_of_several_lines_is_one_turn(tiny_hf_dir, monkeypatch, capsys):
+    """Pasted code was answered line by line, each line a turn of its own: a message between triple quotes (as
+    Ollama reads them), or lines ending in a backslash, is now one turn with its newlines; input that ends inside
+    such a message sends nothing."""
+    import amphista_engine.cli as cli
+    sent, real = [], cli._chat_turn
+    monkeypatch.setattr(cli, "_chat_turn", lambda e, s, h, turn, kw: sent.append(turn[0]["content"]) or real(
+        e, s, h, turn, kw))
+    text = ('"""\ndef f(x):\n    return x\n"""\nfirst \\\n  second\n"""one line"""\n"""starts here\nends here"""\n'
+            'plain\n"""\nnever closed\n')
+    rc, _, err = _tiny_chat(tiny_hf_dir, monkeypatch, capsys, text)
+    assert rc == 0 and "Traceback" not in err
+    assert sent == ["def f(x):\n    return x", "first \n  second", "one line", "starts here\nends here", "plain"]
+    assert "input ended inside a multi-line message: not sent" in err and err.count("... ") == 7
