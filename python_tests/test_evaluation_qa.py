@@ -49,6 +49,8 @@ def test_tau_values_and_files_that_are_not_taus_are_named(tmp_path):
         ("nan", r"'nan' is not a number"),
         ("amphista=2,amphista=3", r"amphista is given twice"),
         ("-1", r"must be >= 1"),
+        # eval writes tau 0 when no answer took a decoding step: not "must be >= 1", but what happened
+        (summary({"overall": {"amphista": {"tau": 0.0}}}), r"measured no tau for amphista.*larger --max-new-tokens"),
     ]
     for tau, message in cases:
         with pytest.raises(InputError, match=message):

@@ -258,3 +258,16 @@ def test_tree_sizes_the_heads_cannot_hold_are_named_once(tmp_path):
     with pytest.raises(InputError, match=r"tree sizes \[16, 32, 63\]: 1 heads x top-10 hold at most 11 nodes; pass "
                                          r"smaller --nodes \(and --dynamic\), e.g. --nodes 8"):
         tree_search(tmp_path / "none.jsonl", tmp_path / "h1", nodes=(16, 32, 63), dynamic=(16, 32, 63), target=target)
+
+
+def test_a_relative_model_path_is_recorded_absolute(pipeline, tmp_path, monkeypatch):
+    """The heads' record of their --model named a relative path as typed: from another folder it named nothing."""
+    if pipeline["kind"] != "amphista":
+        pytest.skip("one kind is enough")
+    model = Path(pipeline["model"])
+    monkeypatch.chdir(model.parent)
+    assert _cli("train", "--data", pipeline["shard"], "--out", tmp_path / "h", "--model", model.name, "--device",
+                "cpu", "--kind", "amphista", "--num-heads", 2, "--steps", 1, "--batch-tokens", 512, "--max-seq-len",
+                128, "--eval-frac", 0.2) == 0
+    recorded = json.loads((tmp_path / "h" / "config.json").read_text())["extra"]["training"]["model"]
+    assert Path(recorded).is_absolute() and Path(recorded) == model.resolve()

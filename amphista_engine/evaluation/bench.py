@@ -69,6 +69,9 @@ def parse_tau_source(tau) -> tuple[dict[str, float] | None, dict | None]:
             if not is_real(tau_m):
                 raise InputError(f"{not_summary} (overall.{m}.tau is {tau_m!r}, not a number)")
             out[m] = float(tau_m)
+            if out[m] == 0.0:       # eval's tau when no answer took a decoding step (every one ended at once)
+                raise InputError(f"--tau: {path} measured no tau for {m} (overall.{m}.tau is 0: none of its answers "
+                                 f"took a decoding step); rerun eval with a larger --max-new-tokens")
         if not out:
             raise InputError(f"--tau: {path} has no medusa or amphista results")
         meta = summary.get("meta") if isinstance(summary.get("meta"), dict) else {}

@@ -445,6 +445,8 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         dtype = parse_dtype(cfg.dtype, device)
         loaded = load_model(cfg.model, dtype=dtype, device=device, max_seq_len=cfg.max_seq_len)
         target, tokenizer, loaded_as = loaded.model, loaded.tokenizer, str(cfg.model)
+        if Path(loaded_as).expanduser().exists():    # a path as typed means nothing from another folder: absolute
+            loaded_as = str(Path(loaded_as).expanduser().resolve())
     target.eval().requires_grad_(False)
     dev = target.output.weight.device
     V = target.config.vocab_size
