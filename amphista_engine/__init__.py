@@ -15,11 +15,19 @@ def __getattr__(name):
     if name in ("Engine", "GenerationResult"):
         from . import engine
         return getattr(engine, name)
+    if name == "GenerationStats":     # the type of GenerationResult.stats, for an application's type hints
+        from .generation import GenerationStats
+        return GenerationStats
     if name == "load_model":
         from .loading import load_model
         return load_model
     raise AttributeError(f"module 'amphista_engine' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "GenerationResult", "load_model", "AmphistaError", "ConfigError", "HeadsMismatchError",
-           "InputError", "ModelLoadError", "CacheFullError", "NonFiniteError"]
+def __dir__():
+    # The lazy names too: dir() and a REPL's completion showed the errors only, not Engine.
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "load_model", "AmphistaError", "ConfigError",
+           "HeadsMismatchError", "InputError", "ModelLoadError", "CacheFullError", "NonFiniteError"]

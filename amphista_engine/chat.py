@@ -135,7 +135,10 @@ def _check_messages(messages) -> list[dict]:
         # An assistant turn that only calls tools has no content (None in OpenAI's format), as in transformers.
         if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
             what = "no 'content'" if content is None else f"a {type(content).__name__} 'content'"
-            raise InputError(f"message {i} ({role}) has {what}; expected a str")
+            # OpenAI's content parts are refused, not joined: say so, rather than leave "a list" to puzzle over
+            hint = (" (content parts such as [{'type': 'text', 'text': ...}] are not supported: pass the text "
+                    "itself)") if isinstance(content, (list, tuple)) else ""
+            raise InputError(f"message {i} ({role}) has {what}; expected a str{hint}")
         # transformers drops None values: templates handle a missing key, but print None as "None".
         checked.append({k: v for k, v in m.items() if v is not None})
     return checked

@@ -17,7 +17,7 @@ from .generation import GenerationStats, PlainDecoder, run
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
 from .sampling import SamplingParams
-from .values import is_int
+from .values import is_integral
 
 DEFAULT_MODEL = "smollm2-135m"
 # Trees built (and speculation checks weighed) per engine, most recently used kept: an engine serving requests that
@@ -51,20 +51,31 @@ def _tree_key(tree):
 
 @dataclass
 class GenerationResult:
+    """One prompt's answer. text: the answer without special tokens (cut before a stop string); token_ids: every
+    token decoded (the ending EOS left out); prompt_token_ids: the prompt as encoded (chat template applied);
+    finish_reason: "eos", "length" (max_new_tokens reached) or "stop" (a stop string); stats: counts and timings
+    (GenerationStats, times in milliseconds). to_dict() gives plain JSON-serializable values.
+
+    Results compare equal when they hold the same text, tokens, prompt and finish reason: the stats (wall-clock
+    timings) are left out of ==, so two identical greedy runs compare equal. repr leaves out the prompt's ids
+    (a long chat history's thousands of them; stats.prompt_tokens counts them)."""
     text: str
     token_ids: list[int]
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] = field(repr=False)
     finish_reason: str            # "eos" | "length" | "stop"
-    stats: GenerationStats = field(default_factory=GenerationStats)
+    stats: GenerationStats = field(default_factory=GenerationStats, compare=False)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
                 "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
 
 
-def check_max_new_tokens(max_new_tokens):
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
+def check_max_new_tokens(max_new_tokens) -> int:
+    """max_new_tokens as a Python int. Numpy's integers are integers too (np.int64(64) from an array or a config
+    was refused as "must be a positive integer, got np.int64(64)"), as the sampling parameters take them."""
+    if not is_integral(max_new_tokens) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return int(max_new_tokens)
 
 
 def check_stop(stop) -> list[str]:
@@ -77,17 +88,21 @@ def check_stop(stop) -> list[str]:
     return list(stop)
 
 
-def check_engine_args(max_seq_len, max_batch_size, cuda_graphs):
-    """The cache and graph settings, named before anything loads (a str max_seq_len met `-x` in RoPE's tables)."""
+def check_engine_args(max_seq_len, max_batch_size, cuda_graphs) -> tuple[int, int]:
+    """The cache and graph settings, named before anything loads (a str max_seq_len met `-x` in RoPE's tables).
+    Returns (max_seq_len, max_batch_size) as Python ints: numpy's integers are taken too (np.int64 was refused
+    as "must be an integer, got int64 2048")."""
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if not is_int(value):
+        if not is_integral(value):
             raise InputError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    max_seq_len, max_batch_size = int(max_seq_len), int(max_batch_size)
     if max_seq_len < 2:
         raise InputError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if max_batch_size < 1:
         raise InputError(f"max_batch_size must be at least 1, got {max_batch_size}")
     if not isinstance(cuda_graphs, bool):
         raise InputError(f"cuda_graphs must be True or False, got {type(cuda_graphs).__name__} {cuda_graphs!r}")
+    return max_seq_len, max_batch_size
 
 
 @dataclass
@@ -101,6 +116,9 @@ class _KeptPrefix:
 
 
 class Engine:
+    """A model (and optionally drafting heads) with one KV cache: `Engine.from_pretrained(model, heads=...)`, then
+    generate / stream one prompt, generate_batch / stream_batch several. One run at a time per engine. It holds no
+    files or threads: `del engine` gives its memory back (there is nothing to close)."""
     _BUSY = ("this engine is decoding in another thread: it has one KV cache, so runs cannot overlap; use one engine "
              "per thread, serialise the calls, or batch the prompts (generate_batch)")
 
@@ -110,7 +128,7 @@ class Engine:
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.tok_embeddings.weight.device
         self.dtype = self.model.tok_embeddings.weight.dtype
-        check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
+        max_seq_len, max_batch_size = check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
         window = self.config.sliding_window
         if window is not None and max_seq_len > window:
             raise InputError(f"max_seq_len={max_seq_len}, but {self.config.name} attends over a sliding window of "
@@ -169,7 +187,7 @@ class Engine:
         does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
         it adapts a model loaded elsewhere, and quantizing changes that model in place."""
-        check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
+        max_seq_len, max_batch_size = check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
@@ -350,7 +368,7 @@ class Engine:
         The prefix's K/V then come from that run (its prefill and decode steps), so the logits can differ from a
         fresh run's in the last bits: off by default, where repeated calls must give the same answer."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        check_max_new_tokens(max_new_tokens)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
             raise InputError(f"prompts must be a list of prompts (strings or message lists), got "
                              f"{type(prompts).__name__}; for one prompt use generate() or stream()")
@@ -493,6 +511,8 @@ class Engine:
         return _drain(self.stream_batch([prompt], max_new_tokens, **options))[0]
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 256, **options) -> list[GenerationResult]:
+        """Several prompts (texts or message lists), decoded in one batch, to their GenerationResults in order.
+        Options: those of stream_batch."""
         return _drain(self.stream_batch(prompts, max_new_tokens, **options))
 
     @property
