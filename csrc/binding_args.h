@@ -9,6 +9,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -44,12 +45,22 @@ inline int64_t as_int_in(const py::handle& o, const char* name, int64_t lo, int6
   return v;
 }
 
-// A size: positive, and small enough that products of a few of them stay far from int64 overflow.
+// A size: positive and at most 2^40. Two of them can already overflow int64 when multiplied, so checks on a
+// product of sizes use product() below, never a raw `a * b * c` (which wrapped past the limit checks).
 inline int64_t as_size(const py::handle& o, const char* name) {
   const int64_t v = as_int(o, name);
   if (v <= 0) bad_arg(name, "must be positive, got " + std::to_string(v));
   if (v > (int64_t(1) << 40)) bad_arg(name, "is implausibly large: " + std::to_string(v));
   return v;
+}
+
+// Product of non-negative sizes, saturated at INT64_MAX instead of overflowing: `product({a, b}) <= limit` is then
+// a sound check (a raw product of sizes up to 2^40 could wrap to a small or negative value and pass it).
+inline int64_t product(std::initializer_list<int64_t> factors) {
+  int64_t out = 1;
+  for (int64_t f : factors)
+    if (__builtin_mul_overflow(out, f, &out)) return std::numeric_limits<int64_t>::max();
+  return out;
 }
 
 // Element strides of a tensor view: a tuple/list of `n` non-negative ints (the last dim, always 1, is implied).

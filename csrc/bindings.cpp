@@ -86,7 +86,7 @@ void rope(py::object x_ptr, py::object rope_ptr, py::object out_ptr, py::object 
   p.H = as_size(H_o, "H");
   p.D = as_size(D_o, "D");
   require(p.D % 2 == 0, "D", "must be even (rotate-half RoPE), got " + std::to_string(p.D));
-  require(p.B * p.T * p.H * p.D <= (int64_t(1) << 40), "B", "times T * H * D is implausibly large");
+  require(product({p.B, p.T, p.H, p.D}) <= (int64_t(1) << 40), "B", "times T * H * D is implausibly large");
   const auto xs = as_strides<3>(x_strides_o, "x_strides");
   p.x_sb = xs[0], p.x_st = xs[1], p.x_sh = xs[2];
   p.rope_sb = as_int(rope_sb_o, "rope_sb");
@@ -114,7 +114,7 @@ void kv_write(py::object k_buf_ptr, py::object v_buf_ptr, py::object start_ptr, 
   p.T = as_size(T_o, "T");
   p.S = as_size(S_o, "S");
   p.D = as_size(D_o, "D");
-  require(p.L * p.B_max * p.H * p.S * p.D <= (int64_t(1) << 40), "S", "cache size is implausibly large");
+  require(product({p.L, p.B_max, p.H, p.S, p.D}) <= (int64_t(1) << 40), "S", "cache size is implausibly large");
   const auto ks = as_strides<3>(k_strides_o, "k_strides");
   const auto vs = as_strides<3>(v_strides_o, "v_strides");
   p.k_sb = ks[0], p.k_sh = ks[1], p.k_st = ks[2];
@@ -141,9 +141,11 @@ void kv_compact(py::object k_buf_ptr, py::object v_buf_ptr, py::object src_ptr, 
   p.S = as_size(S_o, "S");
   p.D = as_size(D_o, "D");
   p.M = as_size(M_o, "M");
-  require(p.L * p.B * p.H <= kMaxGridX, "L", "times B * H exceeds the grid (one block per layer, row and head)");
-  require(p.L * p.B_max * p.H * p.S * p.D <= (int64_t(1) << 40), "S", "cache size is implausibly large");
-  require(amphista::kv_compact_smem_bytes(p.M, p.D, p.elem_size) <= amphista::kKVCompactMaxSmem, "M",
+  require(product({p.L, p.B, p.H}) <= kMaxGridX, "L",
+          "times B * H exceeds the grid (one block per layer, row and head)");
+  require(product({p.L, p.B_max, p.H, p.S, p.D}) <= (int64_t(1) << 40), "S", "cache size is implausibly large");
+  // product(), not kv_compact_smem_bytes(): M * D * elem_size could wrap to a small value and pass.
+  require(product({p.M, p.D, p.elem_size}) <= amphista::kKVCompactMaxSmem, "M",
           "times D is too large: the moved rows of one head must fit in 48 KiB of shared memory");
   p.k_buf = as_ptr(k_buf_ptr, "k_buf_ptr", p.elem_size);
   p.v_buf = as_ptr(v_buf_ptr, "v_buf_ptr", p.elem_size);
@@ -171,7 +173,7 @@ void tree_attention(py::object q_ptr, py::object k_ptr, py::object v_ptr, py::ob
   require(p.D == 64 || p.D == 128, "D", "must be 64 or 128 (the compiled head dims), got " + std::to_string(p.D));
   const int64_t S = as_size(S_o, "S");
   p.kv_len = as_int_in(kv_len_o, "kv_len", 1, S);
-  require(p.B * p.H_kv <= kMaxGridYZ, "B", "times H_kv exceeds 65535 (grid y)");
+  require(product({p.B, p.H_kv}) <= kMaxGridYZ, "B", "times H_kv exceeds 65535 (grid y)");
   require(amphista::ceil_div(p.N * (p.H / p.H_kv), 64) <= kMaxGridX, "N", "times H / H_kv is too large");
   const auto qs = as_strides<3>(q_strides_o, "q_strides");
   const auto ks = as_strides<3>(k_strides_o, "k_strides");
@@ -212,9 +214,11 @@ void head_attention(py::object qkv_ptr, py::object out_ptr, py::object rows_o, p
   const int64_t rows = as_size(rows_o, "rows");
   require(rows <= kMaxGridX, "rows", "exceeds 2^31-1");
   const int64_t slots = as_int_in(slots_o, "slots", 1, amphista::kHeadAttnMaxSlots);
-  const int64_t n_heads = as_size(n_heads_o, "n_heads");
+  // The kernel takes n_heads as an int: a larger value was truncated there and its warps read past qkv.
+  const int64_t n_heads = as_int_in(n_heads_o, "n_heads", 1, std::numeric_limits<int32_t>::max());
   const int64_t hd = as_int_in(head_dim_o, "head_dim", 1, amphista::kHeadAttnMaxHeadDim);
-  require(rows * slots * 3 * n_heads * hd <= (int64_t(1) << 40), "n_heads", "times the other sizes is implausibly large");
+  require(product({rows, slots, 3, n_heads, hd}) <= (int64_t(1) << 40), "n_heads",
+          "times the other sizes is implausibly large");
   const float scale = as_float(scale_o, "scale", 0.0, 1e6);
   const void* qkv = as_ptr(qkv_ptr, "qkv_ptr", esize);
   void* out = as_ptr(out_ptr, "out_ptr", esize);
@@ -231,7 +235,7 @@ void sal_concat(py::object hidden_ptr, py::object hidden_dtype_o, py::object tok
   const int64_t rows = as_size(rows_o, "rows");
   const int64_t d = as_size(d_o, "d");
   const int64_t vocab = as_size(vocab_o, "vocab");
-  require(rows * 2 * d <= (int64_t(1) << 40), "rows", "times 2 d is implausibly large");
+  require(product({rows, 2, d}) <= (int64_t(1) << 40), "rows", "times 2 d is implausibly large");
   const void* hidden = as_ptr(hidden_ptr, "hidden_ptr", amphista::dtype_size(hdt));
   const auto* tokens = static_cast<const int64_t*>(as_ptr(tokens_ptr, "tokens_ptr", 8));
   const void* emb = as_ptr(emb_ptr, "emb_ptr", amphista::dtype_size(dtype));
@@ -253,7 +257,7 @@ void greedy_accept(py::object tokens_ptr, py::object logits_ptr, py::object retr
   p.V = as_size(V_o, "V");
   p.P = as_int_in(P_o, "P", 1, int64_t(1) << 24);  // paths are ranked by a 32-bit index
   p.D1 = as_int_in(D1_o, "D1", 1, 1024);
-  require(p.B * p.N <= kMaxGridX, "N", "times B exceeds 2^31-1 (one block per node row)");
+  require(product({p.B, p.N}) <= kMaxGridX, "N", "times B exceeds 2^31-1 (one block per node row)");
   p.logits_sr = as_int(logits_sr_o, "logits_sr");
   require(p.logits_sr >= p.V, "logits_sr", "must be >= V (rows of V logits), got " + std::to_string(p.logits_sr));
   p.retrieve_sb = as_int(retrieve_sb_o, "retrieve_sb");

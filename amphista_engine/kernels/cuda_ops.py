@@ -75,8 +75,18 @@ class _Launch:
         return False
 
 
+_capable: dict[int, bool] = {}
+
+
 def _ready(dev) -> bool:
-    return dev.type == "cuda" and load_extension() is not None
+    if dev.type != "cuda" or load_extension() is None:
+        return False
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _capable:
+        # The kernels use sm_80 features (cp.async, bf16 mma) and are built for 8.0+ (AMPHISTA_CUDA_ARCH): an
+        # older GPU (a T4, sm_75) raised "no kernel image" instead of falling through to triton / torch.
+        _capable[idx] = torch.cuda.get_device_capability(idx) >= (8, 0)
+    return _capable[idx]
 
 
 # ---- attention -----------------------------------------------------------------------------------------
@@ -119,6 +129,7 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     Bk, Hkv, S, Dk = k_cache.shape
     if (q.dtype not in HALF or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or Dk != D
             or D not in TREE_HEAD_DIMS or not 1 <= N <= MAX_TREE or Bk < B or H % Hkv or B == 0
+            or B * Hkv > 65535                   # the kernel's grid y: the binding refuses more, the others take it
             or not isinstance(kv_len, int) or not 1 <= kv_len <= S
             or not _on(dev, k_cache, v_cache, prefix_len, new_mask)):
         return NotImplemented
