@@ -135,8 +135,10 @@ def rejection_sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: Tr
         accept_len += hit.long()
         active = hit
         nodes.append(torch.where(hit, cur, -1))
-        if dev.type == "cpu" and len(nodes) < d1 and not bool(active.any()):
-            # every row has its bonus: the rest are draws for nothing (reading a flag costs no sync on a CPU)
+        if dev.type == "cpu" and len(nodes) <= d1 and not bool(active.any()):
+            # every row has its bonus: the rest are draws for nothing (reading a flag costs no sync on a CPU). Up to
+            # the last iteration: `< d1` left one such draw after every row was refused among the deepest nodes,
+            # which also shifted the seeded stream away from plain sampling's
             nodes += [torch.full_like(cur, -1)] * (d1 - len(nodes))
             break
     accepted = torch.stack(nodes[:d1], 1)

@@ -1,6 +1,7 @@
 """Sampling parameters, their validation, and the one logits -> probabilities transform all decoders share."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,39 @@ class SamplingParams:
     def generator(self, device) -> torch.Generator | None:
         if self.seed is None:
             return None
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed)
+        return seeded_generator(self.seed, device)
+
+
+_MT_WORDS = 624          # mt19937's state: 624 32-bit words
+_MT_STATE_AT = 24        # their offset in torch's CPU generator state (seed u64, left i32, seeded i32, next u64)
+
+
+def seeded_generator(seed: int, device) -> torch.Generator:
+    """A generator seeded with all 64 bits of `seed` (0 <= seed < 2**64).
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of manual_seed's value, so seeds 2**32 apart drew
+    the same numbers: seed=1 and seed=2**32 + 1 (a 64-bit hash or time_ns) gave the same answer. Seeds below 2**32
+    keep manual_seed's stream; larger ones get the state Python's random.seed(seed) builds from both halves
+    (mt19937's init_by_array), which no 32-bit seed's state equals. CUDA's Philox takes all 64 bits itself."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    if g.device.type != "cpu" or seed < 2**32:
         return g
+    state = g.get_state().clone()
+    words = state[_MT_STATE_AT:_MT_STATE_AT + 8 * _MT_WORDS]
+    words = words.view(torch.int64) if words.numel() == 8 * _MT_WORDS else None
+    low = seed % 2**32                # manual_seed's state: init_genrand(low), whose first two words are these
+    if words is None or [int(w) for w in words[:2]] != [low, (1812433253 * (low ^ (low >> 30)) + 1) % 2**32]:
+        # another torch's layout: not overwritten blindly
+        import warnings
+        warnings.warn(f"seed {seed}: this torch's CPU generator state has an unknown layout, so only the seed's low "
+                      f"32 bits are used (seeds 2**32 apart draw alike)", stacklevel=3)
+        return g
+    # Python's state after seeding is mt19937's right after init (the next draw twists first): as torch's,
+    # whose left = 1, next = 0 after manual_seed are kept
+    words.copy_(torch.tensor(random.Random(seed).getstate()[1][:_MT_WORDS], dtype=torch.int64))
+    g.set_state(state)
+    return g
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0):
