@@ -202,7 +202,7 @@ def test_a_message_of_several_lines_is_one_turn(tiny_hf_dir, monkeypatch, capsys
         e, s, h, turn, kw))
     text = ('"""\ndef f(x):\n    return x\n"""\nfirst \\\n  second\n"""one line"""\n"""starts here\nends here"""\n'
             'plain\n"""\nnever closed\n')
-    rc, _, err = _tiny_chat(tiny_hf_dir, monkeypatch, capsys, text)
+    rc, _, err = _tiny_chat(tiny_hf_dir, monkeypatch, capsys, text, "--max-seq-len", "256")
     assert rc == 0 and "Traceback" not in err
     assert sent == ["def f(x):\n    return x", "first \n  second", "one line", "starts here\nends here", "plain"]
     assert "input ended inside a multi-line message: not sent" in err and err.count("... ") == 7
