@@ -167,6 +167,17 @@ def write_tiny_hf(path: Path, seed: int = 0, **over) -> Path:
     return path
 
 
+def tiny_engine_with_saved_heads(hf_dir: Path, root: Path):
+    """(an fp32 Engine on the tiny checkpoint, {"medusa": dir, "amphista": dir} of random heads saved under root),
+    what the eval tests run their methods with."""
+    from amphista_engine import Engine
+    from amphista_engine.heads import random_heads, save_heads
+    engine = Engine.from_pretrained(str(hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
+    heads = {k: str(save_heads(random_heads(k, engine.model, num_heads=4, seed=1), root / k))
+             for k in ("medusa", "amphista")}
+    return engine, heads
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     """config.json + model.safetensors + tokenizer.json of a random GQA Llama with an untied LM head."""

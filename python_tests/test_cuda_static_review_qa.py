@@ -29,6 +29,7 @@ from amphista_engine.kernels import cuda_ops, reference
 
 from kernel_checks import DEV, TOL, gen, randn, rel_err
 from test_cuda_build import BINDING_CASES
+from test_cuda_review_qa import _FakeLaunch
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
@@ -152,17 +153,6 @@ def test_largest_int_head_count_still_launches(stub_bindings):
 
 
 # ---- CPU: a wrapper that accepts what its binding refuses ---------------------------------------------------
-class _FakeLaunch:
-    """cuda_ops._Launch without a device: the installed extension, whose argument checks run before any CUDA call."""
-
-    def __init__(self, dev):
-        pass
-
-    def __enter__(self):
-        return load_extension(), 0
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_tree_attention_wrapper_declines_a_grid_the_kernel_cannot_launch(monkeypatch):

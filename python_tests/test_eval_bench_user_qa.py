@@ -42,13 +42,8 @@ def _write_questions(path, questions=QUESTIONS):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_hf_dir, tmp_path_factory):
-    from amphista_engine import Engine
-    from amphista_engine.heads import random_heads, save_heads
-    root = tmp_path_factory.mktemp("evalbench")
-    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
-    heads = {k: str(save_heads(random_heads(k, engine.model, num_heads=4, seed=1), root / k))
-             for k in ("medusa", "amphista")}
-    return engine, heads
+    from conftest import tiny_engine_with_saved_heads
+    return tiny_engine_with_saved_heads(tiny_hf_dir, tmp_path_factory.mktemp("evalbench"))
 
 
 def _speed_py(answers, base):

@@ -25,12 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 @pytest.fixture(scope="module")
 def setup(tiny_hf_dir, tmp_path_factory):
     """One engine on the tiny model, random Medusa and Amphista heads saved as checkpoints, 3 questions."""
-    from amphista_engine import Engine
-    from amphista_engine.heads import random_heads, save_heads
+    from conftest import tiny_engine_with_saved_heads
     root = tmp_path_factory.mktemp("eval")
-    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
-    heads = {k: str(save_heads(random_heads(k, engine.model, num_heads=4, seed=1), root / k))
-             for k in ("medusa", "amphista")}
+    engine, heads = tiny_engine_with_saved_heads(tiny_hf_dir, root)
     q = root / "questions.jsonl"
     q.write_text("".join(json.dumps(x) + "\n" for x in QUESTIONS))
     return engine, heads, q
