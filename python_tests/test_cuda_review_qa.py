@@ -211,17 +211,22 @@ class _FakeLaunch:
         return False
 
 
-@pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf"), 2e6])
-def test_wrappers_decline_a_scale_the_bindings_refuse(scale, monkeypatch):
-    """The bindings take a softmax scale in [0, 1e6] and raise ValueError otherwise; the other backends take any
-    scale, so cuda_ops must decline (NotImplemented: the dispatcher falls through) instead of raising. Before
-    the fix head_attention passed every scale on and tree_attention only checked finite and >= 0."""
+def wrappers_on_cpu(monkeypatch):
+    """cuda_ops' wrappers called on CPU tensors as if on a GPU, down to the real bindings' argument checks."""
     if load_extension() is None:
         pytest.skip("extension not built")
     monkeypatch.setattr(cuda_ops, "_ready", lambda dev: True)
     monkeypatch.setattr(cuda_ops, "_on", lambda dev, *ts: True)
     monkeypatch.setattr(cuda_ops, "_Launch", _FakeLaunch)
     monkeypatch.setattr(cuda_ops, "num_splits", lambda *a: 1)
+
+
+@pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf"), 2e6])
+def test_wrappers_decline_a_scale_the_bindings_refuse(scale, monkeypatch):
+    """The bindings take a softmax scale in [0, 1e6] and raise ValueError otherwise; the other backends take any
+    scale, so cuda_ops must decline (NotImplemented: the dispatcher falls through) instead of raising. Before
+    the fix head_attention passed every scale on and tree_attention only checked finite and >= 0."""
+    wrappers_on_cpu(monkeypatch)
     monkeypatch.setattr(cuda_ops, "rmsnorm", reference.rmsnorm)
     monkeypatch.setattr(cuda_ops, "add_rmsnorm", reference.add_rmsnorm)
     z = torch.randn(2, 4, 64)
