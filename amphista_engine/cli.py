@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 
@@ -60,6 +61,19 @@ def _load(args):
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     check_max_new_tokens(args.max_new_tokens)
     check_stop(args.stop)
+    for stop in args.stop or ():      # bytes that are not UTF-8 (argv's surrogates) could never match the text
+        if bad := _not_utf8(stop):
+            raise InputError(f"a --stop string is {bad}")
+    if args.temperature == 0:
+        # A script that always passes --seed or --top-p got greedy text with no word that they did nothing
+        unused = [flag for flag, off in ((f"--top-k {args.top_k}", args.top_k == 0),
+                                         (f"--top-p {args.top_p}", args.top_p == 1.0),
+                                         (f"--seed {args.seed}", args.seed is None)) if not off]
+        if unused:
+            warnings.warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with greedy "
+                          f"decoding (--temperature 0, the default): add --temperature T to sample")
+    if args.quant == "q4" and str(args.device or "").split(":")[0] == "cuda":   # named before the load, as a flag
+        raise InputError(f"--quant q4 runs on the CPU only (--device {args.device}); use --quant auto or none there")
     if args.max_seq_len < 2:      # named as what it is, not as --max-new-tokens leaving no room in it
         raise InputError(f"--max-seq-len must be at least 2 (the static KV cache's length), got {args.max_seq_len}")
     if args.max_new_tokens >= args.max_seq_len:
@@ -83,6 +97,8 @@ def _load(args):
         print("note: fp16 on a CPU runs torch's reference ops (the cpu backend's kernels take fp32 and bf16): "
               "several times slower than the default fp32 (--dtype fp32) or bf16", file=sys.stderr)
     speculative = resolve_heads(engine, args.heads, args.speculative)
+    if speculative is None and args.tree is not None:     # no heads shipped for the model: plain, said above
+        warnings.warn(f"--tree {args.tree} is not used: there are no drafting heads to draft with (--heads DIR)")
     check, tree = None, args.tree
     if speculative is not None and args.speculative == "auto" and args.repetition_penalty != 1.0:
         # "auto" is the faster way that works: the penalty needs plain decoding (no timing to do for that)
@@ -122,8 +138,18 @@ def _stream_answer(engine, prompt, before=None, **kwargs):
     chunks = engine.stream(prompt, **kwargs)
     if before is not None:
         before()
-    for chunk in chunks:
-        _write(chunk)
+    written = False
+    try:
+        for chunk in chunks:
+            _write(chunk)
+            written = written or bool(chunk)
+    except AmphistaError as e:
+        # An error raised mid-answer (NonFiniteError): its "amphista: error:" line went to the end of the cut
+        # answer's line on a terminal. Not for _StdoutError (stdout is what failed) nor Ctrl-C (the shell ends
+        # the line of a job that SIGINT ended).
+        if written and not isinstance(e, _StdoutError):
+            _write("\n")
+        raise
     _write("\n")
     result = engine.last_result
     speculative = _method(engine, result)
@@ -162,6 +188,13 @@ def _stdin(what: str):
     return sys.stdin
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _check_stdout():
     if sys.stdout is None:
         raise _StdoutError("stdout is closed: the answer has nowhere to go (redirect it to a file or /dev/null)")
@@ -191,6 +224,9 @@ def _write(text: str):
 def _generate_prompt(args):
     """The prompt text ('-': all of stdin), as messages after a system message when --system is given."""
     stdin = _stdin("'-' reads the prompt from it") if args.prompt == "-" else None
+    if stdin is not None and _isatty(stdin):
+        # `amphista generate -` typed at a terminal waited in silence, as if the load had hung
+        print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
     prompt = stdin.read().rstrip() if stdin is not None else args.prompt   # without echo's newline
     if not prompt.strip():
         raise InputError("prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else ""))
@@ -358,9 +394,21 @@ def cmd_chat(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (subcommands' parsers are of their parent's class), with a hint where a missing prompt
+    error misleads: `amphista generate -x` (a prompt that starts with '-' is taken for an option) and `cat q.txt |
+    amphista generate` (stdin is read only for '-') both said only 'the following arguments are required'."""
+
+    def error(self, message):
+        if self.prog.endswith(" generate") and message.endswith("required: prompt"):
+            message += ("; give it as an argument or '-' to read it from stdin (cat prompt.txt | amphista generate "
+                        "-); a prompt that starts with '-' goes after '--' (amphista generate -- '-x')")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="amphista", description="Amphista speculative decoding engine")
+    parser = _Parser(prog="amphista", description="Amphista speculative decoding engine")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -372,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the model's chat template (default: when the model has one)")
-    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    # The keys a script reads are named here: they were documented nowhere
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (one line) instead of streaming text: text, token_ids, prompt_tokens, "
+                        "finish_reason (eos, length or stop), stats (token counts, times in ms, tau, accept_hist; "
+                        "tree and tree_nodes when a tree ran), speculative (the method that ran, or null), weights "
+                        "(dtype, quant, linears) and, where the CPU timed the heads, speculation_check")
     g.set_defaults(func=cmd_generate)
 
     # The description is what `amphista chat --help` shows: it had none (the commands were only in the list of
@@ -407,13 +460,30 @@ def _silence_stdout():
         pass
 
 
+def _interrupted(argv) -> int:
+    """Ctrl-C: exit status 130. Run as the command (argv None: the `amphista` script, python -m), the process ends
+    by SIGINT itself, as an uncaught KeyboardInterrupt would end it, without its trace: bash goes on with a loop or
+    script after a child that exited, even with 130 (it takes it for one that handled Ctrl-C), so `for f in *; do
+    amphista generate ...; done` ran on to the next file at each Ctrl-C."""
+    if argv is None and os.name == "posix":
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return 130
+
+
 def main(argv=None) -> int:
     if sys.stderr is None:        # `2>&-`: print(file=None) would put the progress lines into the answer
         sys.stderr = open(os.devnull, "w")
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:     # Ctrl-C while the subcommands' modules (torch) import: no trace either
-        return 130
+        return _interrupted(argv)
     shown, warnings.formatwarning = warnings.formatwarning, _warning_line   # one line, as errors are
     try:
         return args.func(args)
@@ -423,7 +493,7 @@ def main(argv=None) -> int:
             _silence_stdout()
         return 2
     except KeyboardInterrupt:
-        return 130
+        return _interrupted(argv)
     except BrokenPipeError:
         # stdout's reader went away (`amphista generate ... | head`): stop quietly, as a SIGPIPE'd tool does
         _silence_stdout()
