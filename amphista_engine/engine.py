@@ -88,6 +88,16 @@ def check_stop(stop) -> list[str]:
     return list(stop)
 
 
+def check_batch_wide(**options):
+    """Refuses a per-prompt list (or array) for an option that applies to every prompt of a call, by name: it was
+    refused as "max_new_tokens must be a positive integer, got [4, 8]", as if a list could never be meant."""
+    for name, value in options.items():
+        if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
+            raise InputError(f"{name} takes one value, which applies to every prompt of the batch; got "
+                             f"{type(value).__name__} {value!r:.80}: per-prompt settings are not supported (make "
+                             f"one generate_batch call per group of prompts that share them)")
+
+
 def check_engine_args(max_seq_len, max_batch_size, cuda_graphs) -> tuple[int, int]:
     """The cache and graph settings, named before anything loads (a str max_seq_len met `-x` in RoPE's tables).
     Returns (max_seq_len, max_batch_size) as Python ints: numpy's integers are taken too (np.int64 was refused
@@ -183,6 +193,9 @@ class Engine:
                         dtype: str | torch.dtype | None = None, max_seq_len: int = 2048,
                         max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto") -> "Engine":
         """model: checkpoint directory, .gguf file or alias; heads: drafting heads (optional, see load_heads);
+        max_batch_size: the KV cache's rows, checked against free memory here and allocated at the first run; a
+        larger batch is still taken (no cap): the cache grows to it, checked the same way before allocating, and
+        keeps that size;
         quant (CPU): "q4" runs the target's layers on 4-bit codes and its LM head in int8, "auto" (the default)
         does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
@@ -273,6 +286,10 @@ class Engine:
 
     def _cache_for(self, batch: int) -> KVCache:
         if self._cache is None or self._cache.batch < batch:
+            if self._kept is not None and self._kept.cache is self._cache:
+                # a reuse_prefix run's kept K/V held the old buffers alive: both caches at once (the OOM kill
+                # check_fits is there to prevent), and the check below measured memory they still took
+                self._kept = None
             self._cache = None   # free the old buffers before allocating the larger ones
             KVCache.check_fits(self.config, max(batch, self._cache_batch), self.max_seq_len, self.dtype, self.device)
             self._cache = KVCache.for_model(self.config, max(batch, self._cache_batch), self.max_seq_len,
@@ -361,12 +378,21 @@ class Engine:
                      seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
-        ([] where the run did not finish: closed early, or stopped by an error).
+        ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
+        deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
+        step, until the batch's last row ends.
+
+        Every option applies to every prompt (one max_new_tokens, stop list, seed... for the batch: a list of
+        per-prompt values is refused; `stop` is a list of strings that each stop any row). chat=False turns the
+        template off for string prompts only: a message list always gets it, so one batch may mix both.
 
         reuse_prefix (one prompt): start from the K/V the cache still holds for the longest common prefix of this
         prompt and the previous reuse_prefix run's prompt + answer, and prefill only the rest (a chat's history).
         The prefix's K/V then come from that run (its prefill and decode steps), so the logits can differ from a
         fresh run's in the last bits: off by default, where repeated calls must give the same answer."""
+        check_batch_wide(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
+                         acceptance=acceptance, reuse_prefix=reuse_prefix)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
@@ -389,10 +415,17 @@ class Engine:
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = check_stop(stop)
         _tree_key(tree)                       # a bad tree is named even where the run turns out plain
+        if chat is not None and not isinstance(chat, bool):    # the call's setting, not a fault of prompt 0
+            raise InputError(f"chat must be True, False or None (the model's template when it has one), "
+                             f"got {type(chat).__name__} {chat!r}")
+        # chat=False turns the template off for string prompts; a message list always gets it (README), so a batch
+        # may mix raw completions and conversations. A call of message lists only, with chat=False, asks for two
+        # contradicting things and is still refused (encode_prompt).
+        mixed = chat is False and any(isinstance(p, str) for p in prompts)
         ids = []
         for i, p in enumerate(prompts):
             try:
-                ids.append(self.encode_prompt(p, chat))
+                ids.append(self.encode_prompt(p, None if mixed and not isinstance(p, str) else chat))
             except InputError as e:       # which of a batch's prompts is empty or malformed
                 if len(prompts) == 1:
                     raise

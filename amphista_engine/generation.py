@@ -190,7 +190,8 @@ class PlainDecoder:
 
 @dataclass
 class GenerationStats:
-    """Counts and timings of one answer (of a batch: the batch's steps and times). Times are milliseconds of wall
+    """Counts and timings of one answer. A batch's row counts its own tokens and steps (new_tokens, decode_steps,
+    step_tokens, accept_hist: the steps until it ended), but its times are the batch's. Times are milliseconds of wall
     clock: prefill_ms the prompt's forward (and first token), decode_ms the steps after it (less the time a stream's
     caller spent between chunks). decode_tokens_per_s and tau are derived; extra holds what a run adds: the tree,
     its time split (time_ms), prompt_tokens_reused. to_dict() gives plain JSON-serializable values."""
