@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import cpu_exact, cpu_ops, gpu_exact, ops, routed_linear
+from .kernels import cpu_exact, cpu_ops, cpu_packed, gpu_exact, ops, routed_linear
 from .kv_cache import KVCache
 
 
@@ -301,7 +301,10 @@ class Transformer(nn.Module):
         # The row-invariant path keeps the layers unfused: the norms and the activation are row-wise launches,
         # the routed products fixed 16-row blocks for any row count. Fused, every GEMV program would redo the
         # prologue for all of a tree's rows (a 64-node step cost 5.3 plain steps on an H200, 2026-12-04).
-        with routed_linear.invariant_rows(invariant):
+        # An ordered CPU decode step keeps each row's bits in its packed products too, also past the 64 rows up to
+        # which they keep them anyway (a batch's trees)
+        ordered = cache is not None and spec.decode and self.orders_decode(cache)
+        with routed_linear.invariant_rows(invariant), cpu_packed.invariant_rows(ordered):
             return self._layers_and_head(self.tok_embeddings(tokens), self.rope[positions], cache, spec, mask,
                                          return_hidden, logits_at, fuse=not invariant)
 

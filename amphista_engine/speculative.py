@@ -6,7 +6,9 @@ max_depth + 1 tokens per row and how many are real. Everything in a step stays o
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 
 import torch
 
@@ -293,4 +295,30 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
     spec = engine._tree_spec(tree)
     dec = SpeculativeDecoder(engine.model, engine._cache_for(batch), engine.heads, spec, params, acceptance,
                              profile=getattr(engine, "profile", False))
+    if not engine.__dict__.get("_warned_unpacked_rows") and (why := unpacked_rows(engine.model, dec.cache)):
+        # Once per engine, as a warning rather than a refusal: the output is right up to those near-ties, and these
+        # setups are chosen on purpose (fp16, an A/B without packing). Silent, fp16 SmolLM2 left plain greedy's
+        # tokens in 3 of 12 answers (128 tokens; bf16 without packing: 2 of 4 on mc_sim_7b_63).
+        engine._warned_unpacked_rows = True
+        warnings.warn(why, stacklevel=2)
     return dec, spec.num_nodes + spec.max_depth
+
+
+def unpacked_rows(model, cache) -> str | None:
+    """Why this CPU target's speculative greedy output can leave plain greedy output at a near-tie although its
+    decode steps sum keys in position order (None where nothing says so): its float linear layers are torch's
+    own, not cpu_packed's, and torch's CPU products round a row differently with the call's row count (fp16 at
+    any count; bf16 past 32 rows, or for a lone row without AMX), so a tree node's logits are not plain decoding's.
+    fp32 without AMPHISTA_EXACT_GREEDY promises no bits (its rounding keeps answers equal in practice)."""
+    if cache.k.device.type != "cpu" or not model.orders_decode(cache):
+        return None
+    dtype = cache.k.dtype
+    if not any(type(m) is torch.nn.Linear and m.weight.dtype == dtype for m in model.modules()):
+        return None              # packed for oneDNN (cpu_packed) or on 4-bit / 8-bit codes (cpu_quant)
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    why = ("the engine packs bf16 and fp32 only" if dtype == torch.float16
+           else f"{cpu_packed.ENV_VAR}=0" if os.environ.get(cpu_packed.ENV_VAR, "1") == "0"
+           else f"oneDNN does not pack {name} on this CPU")
+    return (f"the target's {name} linear layers are not packed for oneDNN ({why}): their products round a row "
+            f"differently with the step's row count, so speculative output can leave plain decoding's tokens at a "
+            f"near-tie; for token-for-token greedy output use dtype bf16 or fp32 with packing, or quant='q4'")

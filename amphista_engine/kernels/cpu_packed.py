@@ -18,9 +18,11 @@ weight changed, an input that needs a gradient, or anything but a bf16/fp32 CPU 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,10 @@ CHUNKED_UP_TO = 64
 # the same row among 2..64 bit for bit (and padding cost ~9% of a plain step there), on an AVX-512 EPYC (Zen 4,
 # 2026-12-03) it did not, so `min_rows_fp32` asks oneDNN once per process.
 MIN_ROWS = 2
+# Set around a decode step with more rows than CHUNKED_UP_TO that must still keep each row's bits (a batch's
+# trees: 3 rows x tree-32 = 96 rows, where a bf16 greedy speculative row left the batch's plain row at SmolLM2's
+# 15th token): every call then runs in ROW_CHUNK pieces, whatever its row count.
+_ALL_ROWS_INVARIANT: ContextVar[bool] = ContextVar("amphista_packed_all_rows", default=False)
 
 
 @functools.cache
@@ -110,14 +116,30 @@ class PackedLinear(nn.Linear):
         return _packed_linear(x, self._packed, self.bias)
 
 
+@contextlib.contextmanager
+def invariant_rows(on: bool = True):
+    """Within the block (on=True), packed products of any row count keep each row's bits (ROW_CHUNK pieces)."""
+    token = _ALL_ROWS_INVARIANT.set(on)
+    try:
+        yield
+    finally:
+        _ALL_ROWS_INVARIANT.reset(token)
+
+
 def _row_pieces(rows: int, min_rows: int = MIN_ROWS) -> list[int]:
-    """Row counts of the oneDNN calls for rows >= min_rows: each min_rows..ROW_CHUNK up to CHUNKED_UP_TO rows."""
-    if not ROW_CHUNK < rows <= CHUNKED_UP_TO:
+    """Row counts of the oneDNN calls for rows >= min_rows: each min_rows..ROW_CHUNK up to CHUNKED_UP_TO rows
+    (any count inside invariant_rows())."""
+    if rows <= ROW_CHUNK or (rows > CHUNKED_UP_TO and not _ALL_ROWS_INVARIANT.get()):
         return [rows]
     pieces = [ROW_CHUNK] * (rows // ROW_CHUNK) + ([rows % ROW_CHUNK] if rows % ROW_CHUNK else [])
     if pieces[-1] < min_rows:
         pieces[-2:] = [pieces[-2] - (min_rows - pieces[-1]), min_rows]
     return pieces
+
+
+def _mm(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
+    """One oneDNN call (the unit whose row count decides the rounding)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
@@ -126,13 +148,12 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
     min_rows = min_rows_fp32() if x.dtype == torch.float32 else MIN_ROWS
     if rows < min_rows:
         padded = torch.cat([flat, flat.new_zeros(min_rows - rows, flat.shape[-1])])
-        out = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")[:rows]
+        out = _mm(padded, packed, bias)[:rows]
     else:
         pieces = _row_pieces(rows, min_rows)
         if len(pieces) == 1:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        out = torch.cat([torch.ops.mkldnn._linear_pointwise(c, packed, bias, "none", [], "")
-                         for c in flat.split(pieces)])
+            return _mm(x, packed, bias)
+        out = torch.cat([_mm(c, packed, bias) for c in flat.split(pieces)])
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
