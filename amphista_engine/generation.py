@@ -151,22 +151,20 @@ class PlainDecoder:
         never past its prompt + max_new_tokens, so nothing needs doing here."""
 
     def can_drop_rows(self) -> bool:
-        """Eager plain decoding only: a captured CUDA graph holds the batch size and the state buffers (and on a
-        GPU a step costs about the same for fewer rows), and the speculative decoders keep more row state."""
-        return type(self) is PlainDecoder and getattr(self, "_decode_graphs", None) is None
+        """Eager decoding only: a captured CUDA graph holds the batch size and the state buffers (and on a GPU a
+        step costs about the same for fewer rows)."""
+        return getattr(self, "_decode_graphs", None) is None
 
     @torch.inference_mode()
     def keep_rows(self, keep: list[int]):
         """Go on with only these rows, renumbered 0..n-1: rows that ended stop costing compute (a batch of
         distillation answers runs until its longest answer ends; on a CPU a step costs ~linearly in rows)."""
         idx = torch.tensor(keep, device=self.device)
-        n, T = len(keep), min(self.host_len, self.cache.max_seq_len)
-        for buf in (self.cache.k, self.cache.v):       # the gather copies first, so overlapping moves are safe
-            buf[:, :n, :, :T] = buf[:, idx, :, :T]
-        self.cache.length[:n] = self.cache.length[idx]
+        self.cache.keep_rows(idx)
         self.next = self.next[idx]
         if self.seen is not None:
             self.seen = self.seen[idx]
+        return idx
 
     @on_pool
     @torch.inference_mode()

@@ -71,6 +71,15 @@ class KVCache:
     def read(self, layer: int, kv_len: int, batch: int):
         return self.k[layer, :batch, :, :kv_len], self.v[layer, :batch, :, :kv_len]
 
+    def keep_rows(self, keep: torch.Tensor):
+        """Rows keep[i] move to row i (i < len(keep)), their lengths with them: a batch whose ended rows stop
+        costing compute. Copies only each layer's slots up to the longest kept row (one host sync: a drop is rare)."""
+        n = len(keep)
+        T = min(int(self.length[keep].max()), self.max_seq_len) if n else 0
+        for buf in (self.k, self.v):       # the gather copies first, so overlapping moves are safe
+            buf[:, :n, :, :T] = buf[:, keep, :, :T]
+        self.length[:n] = self.length[keep]
+
     def compact(self, src: torch.Tensor, dst_start: torch.Tensor):
         """Copy slots src[b, m] to dst_start[b] + m for every layer at once (accepted tree path -> contiguous).
 

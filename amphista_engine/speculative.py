@@ -221,10 +221,25 @@ class SpeculativeDecoder(PlainDecoder):
 
     @torch.inference_mode()
     def end_row(self, i: int):
-        """Row i's answer is complete: its cache length stops advancing. Rows of a batch finish at different
-        steps and a speculative batch keeps them all (keep_rows is plain decoding's), so an ended row would
-        otherwise go on accepting up to max_depth + 1 tokens a step past the room its prompt was given."""
+        """Row i's answer is complete: its cache length stops advancing. The host loop drops ended rows only in
+        bunches (keep_rows), so an ended row kept meanwhile would otherwise go on accepting up to max_depth + 1
+        tokens a step past the room its prompt was given."""
         self.ongoing[i] = 0
+
+    def can_drop_rows(self) -> bool:
+        return super().can_drop_rows() and hasattr(self.heads, "keep_rows")    # a drafter of one's own may not
+
+    @torch.inference_mode()
+    def keep_rows(self, keep: list[int]):
+        """As PlainDecoder's, with the drafts and the heads' own cache: a speculative row costs a tree of rows a
+        step, so a batch whose answers end at different lengths otherwise verifies trees for rows that ended."""
+        idx = super().keep_rows(keep)
+        self.heads.keep_rows(idx)
+        self.draft = self.draft[idx]
+        self.ongoing = self.ongoing[idx]
+        if self.last_count is not None:
+            self.last_count = self.last_count[idx]
+        return idx
 
     def _on_prefill(self, tokens, hidden):
         self._prefill_tokens, self._prefill_hidden = tokens, hidden
@@ -283,8 +298,10 @@ class SpeculativeDecoder(PlainDecoder):
 
 
 def make_speculative_decoder(engine, batch: int, params: SamplingParams, method: str, tree,
-                             acceptance: str = "auto"):
-    """Returns (decoder, extra cache room it needs beyond prompt + max_new_tokens)."""
+                             acceptance: str = "auto", fits=None, tree_room: bool = True):
+    """Returns (decoder, extra cache room it needs beyond prompt + max_new_tokens). fits(extra): the engine's room
+    checks, called before its cache is allocated or grown (a refused call paid for a larger cache); where it returns
+    False nothing is made: (None, extra). tree_room=False: no step runs (max_new_tokens=1), so no room is taken."""
     if method not in ("amphista", "medusa"):
         raise InputError(f"speculative must be 'amphista', 'medusa', 'auto' or None, got {method!r}")
     if engine.heads is None:
@@ -293,6 +310,20 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
     if engine.heads.config.kind != method:
         raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
     spec = engine._tree_spec(tree)
+    # A step writes the tree's nodes and accepts at most its depth + 1 tokens. A dynamic-N tree is at most N - 1
+    # deep (tree.dynamic_tree_depth) but its spec records the heads' count: dynamic-2 on 4 heads reserved 4 slots
+    # for a depth of 1.
+    extra = spec.num_nodes + min(spec.max_depth, spec.num_nodes - 1) if tree_room else 0
+    if fits is not None and not fits(extra):
+        return None, extra
+    cache = engine._cache
+    if cache is None or cache.batch < batch:
+        # The decoder's own refusals (repetition_penalty, a tree too big for exact verification) read only the
+        # cache's dtype and device: asked of a one-slot stand-in first, they come before the cache is allocated.
+        from .kv_cache import KVCache
+        c = engine.config
+        SpeculativeDecoder(engine.model, KVCache(c.n_layers, 1, c.n_kv_heads, 1, c.head_dim, engine.dtype,
+                                                 engine.device), engine.heads, spec, params, acceptance)
     dec = SpeculativeDecoder(engine.model, engine._cache_for(batch), engine.heads, spec, params, acceptance,
                              profile=getattr(engine, "profile", False))
     if not engine.__dict__.get("_warned_unpacked_rows") and (why := unpacked_rows(engine.model, dec.cache)):
@@ -301,7 +332,7 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
         # tokens in 3 of 12 answers (128 tokens; bf16 without packing: 2 of 4 on mc_sim_7b_63).
         engine._warned_unpacked_rows = True
         warnings.warn(why, stacklevel=2)
-    return dec, spec.num_nodes + spec.max_depth
+    return dec, extra
 
 
 def unpacked_rows(model, cache) -> str | None:

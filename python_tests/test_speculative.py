@@ -337,3 +337,78 @@ def test_default_tree_per_device():
     assert default_tree(4, "cpu", fitted, four_bit=True) == "mix-4"
     assert default_tree(4, "cpu", {}, four_bit=True) == "chain-3"
     assert default_tree(2, "cuda", fitted) == "chain-2"
+
+
+class RowOracles:
+    """One OracleHeads per batch row (its own reference and random draws, so a row drafts as it would alone),
+    following the rows when the batch drops its ended ones (keep_rows): a row moved to another index keeps its
+    own oracle."""
+    config = OracleHeads.config
+
+    def __init__(self, refs: list[list[int]], vocab: int, num_heads: int, seeds: list[int]):
+        self.rows = [OracleHeads(ref, vocab, num_heads, hit=0.9, seed=s) for ref, s in zip(refs, seeds)]
+        self.num_heads, self.kept = num_heads, []
+
+    def reset_cache(self, batch, max_seq_len):
+        for o in self.rows:
+            o.reset_cache(1, max_seq_len)
+
+    def step(self, hidden, next_tokens, count, kv_len):
+        return torch.cat([o.step(hidden[b:b + 1], next_tokens[b:b + 1], count[b:b + 1], kv_len)
+                          for b, o in enumerate(self.rows[:count.shape[0]])])
+
+    def keep_rows(self, keep):
+        self.kept.append(keep.tolist())
+        self.rows = [self.rows[i] for i in keep.tolist()]
+
+
+@pytest.mark.parametrize("tree", ["chain-5", "dynamic-16"])
+def test_speculative_batch_drops_ended_rows_and_moved_rows_keep_their_drafts(tree):
+    """A speculative batch stops verifying trees for rows that ended (each costs a tree of rows a step): the rows
+    left move down, with their cache, drafts and the heads' state. Every row's tokens and steps equal its own run
+    alone, and a moved row goes on drafting its own continuation (tau stays high)."""
+    model = random_tiny_model(seed=11)
+    prompts, max_new = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[2] * 2], 40
+    fulls = [plain_ids(model, p, max_new, eos=[])[0] for p in prompts]
+    eos = [fulls[0][6]]                 # ends row 0 early (and any row that says it)
+    alone = []
+    for p, full in zip(prompts, fulls):
+        cache = KVCache.for_model(model.config, 1, 256, torch.float32, "cpu")
+        dec = SpeculativeDecoder(model, cache, RowOracles([p + full], 64, 5, [len(alone)]),
+                                 TreeSpec(tree, 5, "cpu"), SamplingParams())
+        stats = [GenerationStats()]
+        list(run(dec, [p], _NoText(), max_new, eos, [], stats))
+        alone.append((dec.rows[0].ids, dec.rows[0].finish_reason, stats[0].decode_steps))
+    heads = RowOracles([p + f for p, f in zip(prompts, fulls)], 64, 5, list(range(4)))
+    cache = KVCache.for_model(model.config, 4, 256, torch.float32, "cpu")
+    dec = SpeculativeDecoder(model, cache, heads, TreeSpec(tree, 5, "cpu"), SamplingParams())
+    stats = [GenerationStats() for _ in prompts]
+    list(run(dec, prompts, _NoText(), max_new, eos, [], stats))
+    assert [(r.ids, r.finish_reason, s.decode_steps) for r, s in zip(dec.rows, stats)] == alone
+    lengths = sorted(range(4), key=lambda b: alone[b][2])
+    assert heads.kept and heads.kept[0] != list(range(len(heads.kept[0]))), heads.kept      # a row moved down
+    assert stats[lengths[-1]].tau > 2.5, [s.tau for s in stats]
+    assert dec.next.shape[0] < 4 and dec.draft.shape[0] == dec.next.shape[0]
+
+
+def test_amphista_heads_keep_rows_draft_as_a_batch_of_the_kept_rows():
+    """keep_rows moves the SAL cache's rows (and lengths): the kept rows then draft as a fresh batch of them."""
+    from kernel_checks import rel_err
+    model = random_tiny_model(seed=3)
+    heads = random_heads("amphista", model, num_heads=3, seed=1)
+    g = torch.Generator().manual_seed(0)
+    d, V = model.config.dim, model.config.vocab_size
+    hidden, toks, count = torch.randn(3, 7, d, generator=g), torch.randint(0, V, (3, 7), generator=g), \
+        torch.tensor([7, 5, 6])
+    h2, t2, c2 = torch.randn(2, 4, d, generator=g), torch.randint(0, V, (2, 4), generator=g), torch.tensor([4, 2])
+    keep = torch.tensor([2, 0])
+    with torch.inference_mode():
+        heads.reset_cache(3, 64)
+        heads.step(hidden, toks, count, 64)
+        heads.keep_rows(keep)
+        got = heads.step(h2, t2, c2, 64)
+        heads.reset_cache(2, 64)
+        heads.step(hidden[keep], toks[keep], count[keep], 64)
+        want = heads.step(h2, t2, c2, 64)
+    assert heads.sal_cache.length[:2].tolist() == [10, 9]
+    assert rel_err(got, want) < 1e-5

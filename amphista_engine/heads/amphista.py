@@ -178,6 +178,9 @@ class AmphistaHeads(DraftHeads):
     def resume_cache(self, length: int):
         self.sal_cache.length[:1] = length
 
+    def keep_rows(self, keep: torch.Tensor):
+        self.sal_cache.keep_rows(keep)
+
     def step(self, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
         """hidden [B, M, d] at target positions L_b + m (L_b = SAL cache length), next_tokens [B, M], count [B].
 

@@ -182,6 +182,9 @@ class DraftHeads(nn.Module):
     def resume_cache(self, length: int):
         """Continue row 0 after its first `length` entries (a prefix kept from the previous run)."""
 
+    def keep_rows(self, keep: torch.Tensor):
+        """Rows keep[i] of the heads' own cache become row i (a batch dropped its ended rows)."""
+
 
 class MedusaHeads(DraftHeads):
     """K ResBlock stacks on the target's last hidden state h_t, then the (target's or own) LM head."""
