@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -214,7 +215,9 @@ class Engine:
     def load_heads(self, heads):
         """heads: a heads directory, "default" (the Amphista heads shipped for this model), a shipped directory's
         name ("smollm2-135m-amphista", "smollm2-135m-medusa") or a heads module; None or "none" unloads them
-        (plain decoding, as `--heads none`)."""
+        (plain decoding, as `--heads none`). Returns the heads this engine runs: a module that another engine runs
+        (`engine_b.load_heads(engine_a.heads)`) or that lies on another device is copied (same weights, this
+        engine's device and dtype), since heads keep per-run state and are bound to one model."""
         from .heads import load_heads
         from .shipped_heads import heads_alias
         if isinstance(heads, str) and heads == "none" and not os.path.exists(heads):   # as `--heads none`
@@ -224,7 +227,7 @@ class Engine:
             raise InputError(f"heads must be a heads directory, a shipped heads name, \"default\", None or a heads "
                              f"module, got {type(heads).__name__} {heads!r:.80}")
         if isinstance(heads, torch.nn.Module):
-            self._check_heads_module(heads)
+            heads = self._check_heads_module(heads)      # this engine's own copy where another engine runs them
         loaded = load_heads(heads, self.model, device=self.device, dtype=self.dtype,
                             target_name=self.loaded_name) \
             if heads is not None and not isinstance(heads, torch.nn.Module) else heads   # before dropping the old
@@ -235,27 +238,44 @@ class Engine:
         if loaded is None:
             return None
         self.linears.apply(self.heads)
+        _HEADS_ENGINE[loaded] = weakref.ref(self)
         return self.heads
 
     def _check_heads_module(self, heads):
         """A heads module must be drafting heads for this engine's target, as a heads directory must (checkpoint.
         load_heads): another module was packed in place and failed at the first step, and heads of another target
-        drafted from that target's embeddings and LM head (they are bound to it). Binds them to this target."""
+        drafted from that target's embeddings and LM head (they are bound to it). Returns the module bound to this
+        target: the module itself, or a copy where another engine runs it or it lies on another device.
+
+        Heads keep per-run state (the Amphista SAL cache, its epoch, a kept chat prefix's entries), their binding to
+        one target and that engine's in-place adaptation of their linears (packed, or 4-bit under quant="q4"): one
+        module shared by two engines was rebound to the second engine's model, took its quantization, and each
+        engine's runs reset the other's heads cache, so a chat's kept prefix was never reused on either."""
         from .errors import HeadsMismatchError
         from .heads import DraftHeads, lm_head_fingerprint
+        from .heads.checkpoint import converted_copy_distance
         if not isinstance(heads, DraftHeads):
             raise InputError(f"heads must be drafting heads (AmphistaHeads or MedusaHeads, e.g. from "
                              f"amphista_engine.heads.load_heads), a heads directory or None, got a "
                              f"{type(heads).__name__} module")
         c, tc = heads.config, self.config
         ours = lm_head_fingerprint(self.model)
-        if (c.dim, c.vocab_size) != (tc.dim, tc.vocab_size) or (c.target_fingerprint
-                                                                and c.target_fingerprint != ours):
+        same_shape = (c.dim, c.vocab_size) == (tc.dim, tc.vocab_size)
+        # heads a directory load took for a converted or quantized copy of their model (checkpoint.load_heads) keep
+        # that model's LM-head rows: the module is taken back as the directory was (eval re-loads its modules)
+        if not same_shape or (c.target_fingerprint and c.target_fingerprint != ours
+                              and converted_copy_distance(heads, self.model) is None):
             raise HeadsMismatchError(
                 f"these heads were built for another target: theirs has LM-head fingerprint "
                 f"{c.target_fingerprint or '(none)'} (d={c.dim}, V={c.vocab_size}), the loaded model has {ours} "
                 f"(d={tc.dim}, V={tc.vocab_size})")
-        heads.bind(self.model)
+        owner = _HEADS_ENGINE.get(heads)
+        owner = owner() if owner is not None else None
+        weight = next(heads.parameters(), None)
+        if (owner is not None and owner is not self and owner.heads is heads) or (
+                weight is not None and weight.device != self.device):
+            heads = _heads_copy(heads, self.device, self.dtype)
+        return heads.bind(self.model)
 
     # ---- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:
@@ -307,60 +327,78 @@ class Engine:
         chat = isinstance(prompt, Sequence) and not isinstance(prompt, str) and any(
             isinstance(m, Mapping) and m.get("role") == "assistant" for m in prompt)
         drop = " (or drop the conversation's oldest exchanges)" if chat else ""
+        need = n + max_new_tokens + extra
+        # Both errors name the max_seq_len that would serve the request: a prompt longer than the cache was told
+        # only "no room for an answer", with nothing to do about it.
         if n >= self.max_seq_len:
             raise CacheFullError(f"{what} is {n} tokens, {'longer than' if n > self.max_seq_len else 'as long as'} the "
-                                 f"cache (max_seq_len={self.max_seq_len}): no room for an answer"
-                                 + (f"; raise max_seq_len{drop}" if chat else ""))
-        if n + max_new_tokens + extra > self.max_seq_len:
+                                 f"cache (max_seq_len={self.max_seq_len}): no room for an answer; "
+                                 + (f"raise max_seq_len{drop}" if chat else "shorten it or raise max_seq_len")
+                                 + f" (with max_new_tokens={max_new_tokens} it needs max_seq_len >= {need})")
+        if need > self.max_seq_len:
+            # the tree's room alone: the answer fits plain decoding, which "auto" falls back to
+            tree_only = extra and n + max_new_tokens <= self.max_seq_len
             raise CacheFullError(
                 f"{what} ({n} tokens) + max_new_tokens ({max_new_tokens})"
                 + (f" + tree room ({extra})" if extra else "")
-                + f" exceeds the cache (max_seq_len={self.max_seq_len}); raise max_seq_len or lower max_new_tokens"
-                + drop)
+                + f" exceeds the cache (max_seq_len={self.max_seq_len}) by {need - self.max_seq_len}; raise "
+                f"max_seq_len or lower max_new_tokens" + drop
+                + ("; or decode plainly (speculative=None, or 'auto', which does so where only the tree's room "
+                   "is missing)" if tree_only else ""))
 
-    def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0):
+    def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
         of the heads' recorded trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
         setup; always yes on a GPU), for runs sampling at `temperature` / `top_p` (greedy by default): sampled
-        answers accept fewer drafts."""
-        from .speculation_check import check_speculation, sampled_share
+        answers accept fewer drafts; and decoding `batch` rows at once (a batch's tree rows cost more than its
+        plain rows: speculation_check.timed_batch)."""
+        from .speculation_check import check_speculation, sampled_share, timed_batch
         if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now
             raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped '
                              'ones, or engine.load_heads(DIR)')
         tree = None if tree == "auto" else tree
         p = SamplingParams(temperature=temperature, top_p=top_p)      # refuses what no run would take
         temperature, top_p = p.temperature, p.top_p
-        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3))   # settings that weigh alike share it
+        batch = timed_batch(batch) if self.device.type == "cpu" else 1        # a GPU's verdict needs no timing
+        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), batch)   # settings that weigh alike
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
             # from what the timing left there. As a run, it and another thread's runs refuse each other, and it
             # overtakes a stream.
             with self._one_run():
-                return check_speculation(self, tree, temperature=temperature, top_p=top_p)
+                return check_speculation(self, tree, temperature=temperature, top_p=top_p, batch=batch)
         return _recent(self._checks, key, check)
 
-    def resolve_speculation(self, speculative, tree, temperature: float = 0.0, top_p: float = 1.0):
+    def resolve_speculation(self, speculative, tree, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
         """(speculative, tree, check) with "auto" resolved. speculative="auto": the loaded heads where the check
         finds them faster, else None (plain). tree="auto", or no tree under speculative="auto": the tree the check
-        found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed."""
+        found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed. batch: the
+        rows the run decodes at once (a CPU weighs a batch at its size)."""
         auto_tree = tree == "auto" or (tree is None and speculative == "auto")
         if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)) \
                 or speculative not in ("auto", self.heads.config.kind):   # refused by the decoder, before any timing
             return (None if speculative == "auto" else speculative), tree, None
-        check = self.speculation_check(None if auto_tree else tree, temperature, top_p)
+        check = self.speculation_check(None if auto_tree else tree, temperature, top_p, batch)
         if speculative == "auto":
             speculative = self.heads.config.kind if check.pays else None
         return speculative, (check.tree if auto_tree else tree), check
 
-    def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance):
-        speculative, tree, _ = self.resolve_speculation(speculative, tree, params.temperature, params.top_p)
-        if speculative is None:
-            dec, extra = PlainDecoder(self.model, self._cache_for(batch), params), 0
-        else:
+    def _decoder(self, batch: int, params: SamplingParams, speculative, tree, acceptance, fits=None,
+                 tree_room: bool = True):
+        """(decoder, extra cache room it takes). fits(extra): the caller's room checks, called before the cache is
+        allocated or grown; it refuses by raising, or returns False where "auto" then decodes plainly. tree_room:
+        False where the tree never runs (max_new_tokens=1), so it takes no room."""
+        fits = fits or (lambda extra: True)
+        speculative, tree, _ = self.resolve_speculation(speculative, tree, params.temperature, params.top_p, batch)
+        if speculative is not None:
             from .speculative import make_speculative_decoder
-            dec, extra = make_speculative_decoder(self, batch, params, speculative, tree, acceptance)
-        return self.graphs.attach(dec), extra
+            dec, extra = make_speculative_decoder(self, batch, params, speculative, tree, acceptance, fits=fits,
+                                                  tree_room=tree_room)
+            if dec is not None:
+                return self.graphs.attach(dec), extra
+        fits(0)
+        return self.graphs.attach(PlainDecoder(self.model, self._cache_for(batch), params)), 0
 
     def _tree_spec(self, tree):
         """Static trees are built once per engine and kept on the device."""
@@ -435,25 +473,38 @@ class Engine:
             warnings.warn("speculative='auto': repetition_penalty is supported with plain decoding only; "
                           "decoding plainly")
             speculative, tree = None, None
-        decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance)
-        if extra and speculative == "auto" and any(len(p) + max_new_tokens + extra > self.max_seq_len for p in ids):
-            # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does (where it
-            # does not either, the error names the plain room, without a warning for a fallback that never runs)
-            for i, p in enumerate(ids):
-                self._check_room(p, max_new_tokens, 0, i if len(ids) > 1 else None, prompts[i])
-            warnings.warn(f"speculative='auto': the tree needs {extra} more cache slots than max_seq_len leaves; "
-                          f"decoding plainly")
-            decoder, extra = self._decoder(len(ids), params, None, None, acceptance)
-        for i, p in enumerate(ids):
-            self._check_room(p, max_new_tokens, extra, i if len(ids) > 1 else None, prompts[i])
-        kept, self._kept = self._kept, None          # this run rewrites the cache, whatever it keeps
+        auto, rows = speculative == "auto", range(len(ids))
+
+        def fits(extra: int) -> bool:
+            """The room checks, made before the cache is allocated or grown (_decoder): a refused call grew the
+            cache first (memory a tight machine paid for nothing, and a kept chat prefix dropped with the old one).
+            False: "auto" decodes plainly, the tree's room alone not fitting."""
+            if extra and auto and any(len(p) + max_new_tokens + extra > self.max_seq_len for p in ids):
+                # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does (where it
+                # does not either, the error names the plain room, without a warning for a fallback that never runs)
+                for i in rows:
+                    self._check_room(ids[i], max_new_tokens, 0, i if len(ids) > 1 else None, prompts[i])
+                # It said "needs {extra} more cache slots than max_seq_len leaves": the tree's whole room, not the
+                # shortfall, and nothing of what would let this request speculate.
+                left = self.max_seq_len - max_new_tokens - max(map(len, ids))
+                shorter = left + max_new_tokens - extra
+                warnings.warn(f"speculative='auto': the tree needs {extra} cache slots past prompt + max_new_tokens, "
+                              f"but max_seq_len={self.max_seq_len} leaves {left}; decoding plainly (to speculate: "
+                              + (f"max_new_tokens <= {shorter} or " if shorter >= 1 else "")
+                              + f"max_seq_len >= {self.max_seq_len + extra - left})")
+                return False
+            for i in rows:
+                self._check_room(ids[i], max_new_tokens, extra, i if len(ids) > 1 else None, prompts[i])
+            return True
+        # max_new_tokens=1: the prefill gives the one token and no step runs, so no tree slot is ever written
+        decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
+                                       tree_room=max_new_tokens > 1)
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
             if self._decoding is None:  # (another thread's run sets its own when it ends)
                 self.last_result, self.last_results = None, []
-        # What the cache holds is weighed when the run starts (_drive): a stream is lazy, and a run started in
-        # between rewrites the cache it would reuse.
-        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix, kept if reuse_prefix else None,
-                           self._runs)
+        # What the cache holds (the kept prefix) is taken when the run starts (_drive), not here: a stream is lazy,
+        # and one set up and never started (or a run started in between) must not decide what the next run reuses.
+        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix)
 
     def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
@@ -488,15 +539,18 @@ class Engine:
                 if self._decoding == token:
                     self._decoding = None
 
-    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False, kept: "_KeptPrefix | None" = None,
-               made_at: int | None = None):
-        """made_at: the engine's run count when this run was set up; kept: what the cache held then."""
+    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False):
+        """keep: a reuse_prefix run, which starts from what the cache holds and keeps its own prompt + answer."""
         stats = [GenerationStats() for _ in ids]
-        if keep:             # nothing to reuse if another run started since (its prefill rewrote the cache)
-            decoder.prefix_reuse = self._reusable(kept, decoder, ids[0]) if self._runs == made_at else 0
         # Not the previous run's result: a run closed early or stopped by an error leaves none
         paused = 0.0
         with self._one_run(clear_results=True) as mine:
+            # Taken when the run starts, as this run's prefill rewrites the cache: taken when the stream was set up,
+            # a stream made and never iterated dropped a chat's kept prefix (the next turn prefilled it all again).
+            # A run started in between took it then, so what is left here is what the cache holds now.
+            kept, self._kept = self._kept, None
+            if keep:
+                decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
             steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
@@ -555,6 +609,25 @@ class Engine:
         # turn), which its declared EOS need not be; special tokens only, never text that merely spells one.
         turn_ends = {i for i in chat_stops(self.tokenizer).token_ids if i in self.tokenizer.special_ids}
         return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []) | turn_ends)
+
+
+# heads module -> (a weak reference to) the engine that loaded it last: a module another engine runs is copied
+_HEADS_ENGINE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _heads_copy(heads, device, dtype):
+    """Heads of their own for an engine (state, binding, linears): the same weights (shared where the dtype and
+    device are the engine's already), cast and placed as a heads directory's load would place them."""
+    import copy
+
+    from .heads import HeadsConfig
+    from .heads.checkpoint import KEPT_SKETCH, _assign, build_heads
+    with torch.device("meta"):
+        twin = build_heads(HeadsConfig.from_dict(copy.deepcopy(heads.config.to_dict())))
+    twin = _assign(twin, heads.state_dict(), "heads", device, dtype)
+    if getattr(heads, KEPT_SKETCH, None) is not None:
+        setattr(twin, KEPT_SKETCH, getattr(heads, KEPT_SKETCH))
+    return twin
 
 
 def _drain(steps) -> list[GenerationResult]:

@@ -17,6 +17,12 @@ The trees the heads record a held-out tau for (`tree-search`: fitted static tree
 and dynamic-N trees replayed from the heads' scores) are climbed by size: the smallest few are timed, and while
 the largest timed one wins, the next size up is timed too. The tree with the highest discounted tau per unit of
 step cost is used.
+A batch is weighed at its own size: B rows verify B trees, and on a CPU the costs do not scale alike. A plain
+step's B rows ride on the same weight reads (4-bit: the kernel pays per block of 4 rows), a tree step's B x N
+rows are compute: on the AMX Xeon a 4-bit batch of 4 on the default tree (mix-4) ran 0.66x plain batch decoding
+end to end, MT-Bench (benchmarks/results/cpu_batch_drop_ab.md), where one row runs faster speculatively. So a batch's verdict
+times both steps at its size (B <= MAX_TIMED_BATCH; larger batches are weighed at that size: the tree step's
+rows only grow dearer relative to plain steps).
 Output is the same either way (greedy: identical tokens; sampling: the same distribution), only speed differs.
 """
 from __future__ import annotations
@@ -61,6 +67,8 @@ HELD_OUT_DISCOUNT = 0.9
 SAMPLED_KEPT = ((0.0, 1.0, 1.0), (0.3, 1.0, 1.0), (0.7, 0.86, 0.95), (1.0, 0.57, 0.77))
 # How many of the heads' recorded trees (smallest first) are timed before climbing to bigger ones.
 FIRST_TIMED = 3
+# Batches past this are timed at this size (module doc): bounds the timing's cost and the number of cached keys.
+MAX_TIMED_BATCH = 8
 
 
 @dataclass
@@ -141,14 +149,19 @@ def candidate_trees(engine) -> list:
     return sorted(keep, key=lambda s: (s.num_nodes, s.name))
 
 
+def timed_batch(batch: int) -> int:
+    """The batch size a batch of `batch` rows is weighed at (module doc)."""
+    return max(1, min(int(batch), MAX_TIMED_BATCH))
+
+
 def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int = 9, warmup: int = 2,
-                      temperature: float = 0.0, top_p: float = 1.0) -> SpeculationCheck:
+                      temperature: float = 0.0, top_p: float = 1.0, batch: int = 1) -> SpeculationCheck:
     """Whether the loaded heads, on `tree`, decode faster than plain steps here. tree=None on a CPU: the heads'
     fitted tree that decodes fastest here (`candidate_trees`, climbed by size), or the engine's default tree
     where the heads record none. Times `repeats` steps of each after `warmup` on a random prompt (a few seconds
     on a CPU, once per machine and setup: the times persist in `costs_file()`). temperature / top_p: the
     sampling the runs will use; the heads' greedy tau is weighed down by what sampling keeps of it
-    (sampled_share)."""
+    (sampled_share). batch: the rows the runs decode at once (timed_batch of them are timed)."""
     if engine.heads is None:
         raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped ones, '
                          'or engine.load_heads(DIR)')
@@ -172,12 +185,13 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                                 "time a tree step: using the heads untimed")
     room = max(room_for(c) for c in candidates)
     prompt_tokens = min(prompt_tokens, engine.max_seq_len - room)
+    batch = timed_batch(batch)
     file = costs_file()
     costs = timing_cache.read(file) if file else {}
     times = {}                       # tree -> (plain_ms, step_ms, date measured or None)
 
     def measure(specs):
-        keys = {c.name: cost_key(engine, c, prompt_tokens) for c in specs}
+        keys = {c.name: cost_key(engine, c, prompt_tokens, batch) for c in specs}
         for c in specs:
             e = costs.get(keys[c.name])
             if isinstance(e, dict) and all(is_real(e.get(k)) and e[k] > 0     # not inf, NaN or a bool
@@ -185,7 +199,8 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                 times[c.name] = (e["plain_ms"], e["step_ms"], str(e.get("date", "earlier")))
         todo = [c for c in specs if c.name not in times]     # absent, or an entry edited into nonsense
         if todo:
-            plain_ms, step_ms = _time_steps(engine, todo, prompt_tokens, prompt_tokens + room, repeats, warmup)
+            plain_ms, step_ms = _time_steps(engine, todo, prompt_tokens, prompt_tokens + room, repeats, warmup,
+                                            batch)
             for c in todo:
                 times[c.name] = (plain_ms, step_ms[c.name], None)
                 if file:
@@ -214,9 +229,10 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     pays = tau_here(best) > ratio
     sampled = f", sampling at temperature {temperature:g}" + (f", top_p {top_p:g}" if top_p < 1 else "") \
         + f" keeps {share:.0%} of the tokens past the first" if share != 1.0 else ""
+    rows = f" for a batch of {batch} rows" if batch > 1 else ""
     reason = ((f"of the heads' trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} comes "
                "out best here: " if n > 1 else "")
-              + f"a {best.name} step costs {ratio:.2f} plain steps here ({step_ms:.1f} vs {plain_ms:.1f} ms"
+              + f"a {best.name} step costs {ratio:.2f} plain steps here{rows} ({step_ms:.1f} vs {plain_ms:.1f} ms"
               + (f", measured {measured_on}, kept in {file}" if measured_on else "") + ") and "
               f"these heads emit ~{tau_here(best):.2f} tokens per step on it ({tau:.2f} greedy on held-out data, "
               f"x{HELD_OUT_DISCOUNT}{sampled}): " + ("speculation is faster" if pays else "plain decoding is faster"))
@@ -226,12 +242,13 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
 
 
 def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats: int,
-                warmup: int) -> tuple[float, dict]:
+                warmup: int, batch: int = 1) -> tuple[float, dict]:
     """Median ms of a plain step and of a speculative step on each tree of `specs` after a random prompt, all
     timed in turn (each on its own cache of cache_len slots), so a slow spell of the machine hits them alike.
     Returns (plain_ms, {tree name: step_ms}), a tree's step_ms being plain_ms times the median of its per-round
     ratios to the plain step: on the noisy 2-core VM that halved the run-to-run spread of the 8-node ratio
-    (1.58-1.68 against 1.54-1.89 for the ratio of the two medians, four runs)."""
+    (1.58-1.68 against 1.54-1.89 for the ratio of the two medians, four runs). batch: rows per step (the same
+    prompt in each: a row's cost does not depend on its tokens)."""
     from .evaluation.env import sync
     from .generation import PlainDecoder
     from .kv_cache import KVCache
@@ -241,7 +258,7 @@ def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.config.vocab_size, (prompt_tokens,), generator=g).tolist()
     def cache():
-        return KVCache.for_model(engine.config, 1, cache_len, engine.dtype, engine.device)
+        return KVCache.for_model(engine.config, batch, cache_len, engine.dtype, engine.device)
 
     greedy = SamplingParams()
     times = {}
@@ -249,7 +266,7 @@ def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats
         decoders = {None: PlainDecoder(engine.model, cache(), greedy)}
         decoders.update({s.name: SpeculativeDecoder(engine.model, cache(), engine.heads, s, greedy) for s in specs})
         for dec in decoders.values():
-            dec.prefill([prompt])
+            dec.prefill([prompt] * batch)
         for i in range(warmup + repeats):
             for name, dec in decoders.items():
                 sync(engine.device)
@@ -270,7 +287,7 @@ def costs_file() -> Path | None:
     return timing_cache.path(COSTS_FILE)
 
 
-def cost_key(engine, spec, prompt_tokens: int) -> str:
+def cost_key(engine, spec, prompt_tokens: int, batch: int = 1) -> str:
     """Everything a plain and a tree step's time depend on (not the heads' weights or tau: they set neither)."""
     from . import __version__
     from .kernels import get_backend
@@ -285,4 +302,6 @@ def cost_key(engine, spec, prompt_tokens: int) -> str:
              "quant": getattr(engine, "quant", "none"), "kernels": get_backend("cpu"),
              "model": engine.config.to_dict(), "heads": heads,
              "tree": tree, "prompt": prompt_tokens, "ordered": ordered}
+    if batch > 1:            # absent for one row: the times kept before batches were weighed stay valid
+        parts["batch"] = batch
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

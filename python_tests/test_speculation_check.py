@@ -279,3 +279,31 @@ def test_auto_weighs_sampling_below_greedy(engine, monkeypatch):
     with pytest.raises(InputError, match="top_p"):
         engine.speculation_check(temperature=0.7, top_p=0)
     engine._checks.clear()
+
+
+def test_a_batch_is_weighed_at_its_own_size(engine, monkeypatch):
+    """A tree step's B x N rows are compute where a plain step's B rows share the weight reads (on the AMX Xeon a
+    4-bit batch of 4 ran 0.66x plain batch decoding speculatively): "auto" times both steps at the batch's size
+    (up to MAX_TIMED_BATCH) and may decode a batch plainly where one row speculates. Each size keeps its verdict."""
+    import amphista_engine.speculation_check as sc
+    calls = []
+
+    def fake(engine, specs, prompt_tokens, cache_len, repeats, warmup, batch=1):
+        calls.append(batch)        # plain: 10 ms at any batch; a 16-node tree: 10 (1 + 16 B / 16) ms
+        return 10.0, {s.name: 10.0 * (1 + s.num_nodes * batch / 16) for s in specs}
+    monkeypatch.setattr(sc, "_time_steps", fake)
+    _record_tau(engine, "tree-16", 3.0)          # 2.7 tokens a step: pays against 2 plain steps, not against 4
+    engine._checks.clear()
+    one, three = engine.speculation_check(), engine.speculation_check(batch=3)
+    assert calls == [1, 3] and one.pays and not three.pays and "batch of 3 rows" in three.reason
+    assert engine.speculation_check(batch=3) is three and calls == [1, 3]          # kept per size
+    assert engine.speculation_check(batch=100).step_ratio == pytest.approx(1 + sc.MAX_TIMED_BATCH)
+    assert calls[-1] == sc.MAX_TIMED_BATCH
+    prompts = ["hello there", "the quick brown fox", "one two"]
+    batch = engine.generate_batch(prompts, max_new_tokens=5, chat=False, speculative="auto")
+    single = engine.generate(prompts[0], max_new_tokens=5, chat=False, speculative="auto")
+    assert all("tree" not in r.stats.extra for r in batch) and single.stats.extra["tree"] == "tree-16"
+    assert batch[0].token_ids == single.token_ids
+    assert sc.cost_key(engine, engine._tree_spec("tree-16"), 128) != sc.cost_key(engine, engine._tree_spec("tree-16"),
+                                                                                    128, 2)
+    engine._checks.clear()

@@ -27,6 +27,9 @@ FINGERPRINT_ROWS = 256
 SKETCH_KEY = "target_lm_head_sketch"
 SKETCH_ROWS = 64
 SKETCH_TOLERANCE = 0.4
+# The attribute of loaded heads that holds the rows their checkpoint kept (not a buffer: out of state_dict), so that
+# heads taken on a converted copy of their model keep them through save_heads and Engine.load_heads(module).
+KEPT_SKETCH = "target_sketch"
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -86,6 +89,86 @@ def sketch_distance(sketch: torch.Tensor, target) -> float | None:
         return None
     norm = float(sketch.norm())
     return float((here - sketch).norm()) / norm if norm > 0 else None
+
+
+def heads_sketch(heads: DraftHeads, fingerprint: str | None = None) -> torch.Tensor | None:
+    """The LM-head rows of the model the heads were trained for (fingerprint: its, by default the heads' config's):
+    those their checkpoint kept (load_heads keeps them on the heads, so heads taken on a converted or quantized copy
+    of that model still carry its rows), else the bound target's where it is that model; None where neither is."""
+    kept = getattr(heads, KEPT_SKETCH, None)
+    if kept is not None:
+        return kept
+    bound = heads._bound
+    if bound is not None and lm_head_fingerprint(bound[1]) == (fingerprint or heads.config.target_fingerprint):
+        return lm_head_sketch(bound[1])
+    return None
+
+
+def converted_copy_distance(heads: DraftHeads, target) -> float | None:
+    """sketch_distance of the heads' LM-head rows (heads_sketch) from `target`'s where it is at most
+    SKETCH_TOLERANCE (a converted or quantized copy of their model: warned about, taken), else None."""
+    sketch = heads_sketch(heads)
+    distance = None if sketch is None else sketch_distance(sketch, target)
+    if distance is None or distance > SKETCH_TOLERANCE:
+        return None
+    warnings.warn(f"the heads were trained with an LM head that this model's differs from by {distance:.1%} "
+                  f"(relative L2 over {SKETCH_ROWS} rows): a converted or quantized copy of their model, taken for "
+                  "it; output is the same (the model verifies every drafted token), the heads may accept fewer "
+                  "tokens than on the model they were trained with", stacklevel=3)
+    return distance
+
+
+# The part of a heads config that was fitted to its weights (`amphista tree-search --save`): the trees under
+# extra.trees and the records of their taus (tree_search for the `tuned` prefix, tree_search_P for prefix P), which
+# speculative="auto" reads. A record keeps WEIGHTS_KEY, the weights_stamp of the heads it was fitted to: heads
+# retrained and saved again (save_heads keeps their config's extra) or a model.safetensors replaced by hand must
+# not keep trees and taus fitted to other weights.
+WEIGHTS_KEY = "weights"
+
+
+def weights_stamp(state: dict) -> str:
+    """A short hash of heads weights (a state dict, the checkpoint file's tensors or heads.state_dict()) rounded to
+    bf16: the same for a file and for its fp32 or bf16 load, or a save of those in bf16 or fp32."""
+    h = hashlib.sha1()
+    for name in sorted(state):
+        if name == SKETCH_KEY:
+            continue
+        t = state[name].detach()
+        t = t.to(torch.bfloat16) if t.is_floating_point() else t.long()
+        h.update(name.encode())
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fitted_prefix(record_key: str) -> str | None:
+    """The tree-name prefix a tree-search record's trees carry: tree_search -> tuned, tree_search_P -> P."""
+    if record_key == "tree_search":
+        return "tuned"
+    return record_key.removeprefix("tree_search_") if record_key.startswith("tree_search_") else None
+
+
+def drop_fitted(extra: dict, prefixes, why: str | None = None) -> list[str]:
+    """Removes the records and trees of these prefixes from a config's extra (in place); returns the trees removed.
+    why: warn, naming them and `why`."""
+    gone = []
+    trees = extra.get("trees") if isinstance(extra.get("trees"), dict) else {}
+    for key in [k for k in extra if fitted_prefix(k) in prefixes]:
+        del extra[key]
+    for name in [n for n in trees if isinstance(n, str) and n.rpartition("-")[0] in prefixes]:
+        del trees[name]
+        gone.append(name)
+    if "trees" in extra and not trees:
+        del extra["trees"]
+    if why and gone:
+        warnings.warn(f"dropped the fitted trees {', '.join(sorted(gone))} and their recorded taus: {why}; run "
+                      f"`amphista tree-search --save` on these heads to fit them again", stacklevel=3)
+    return gone
+
+
+def stale_prefixes(extra: dict, stamp: str) -> list[str]:
+    """Prefixes of the tree-search records in extra that were fitted to other weights than those with `stamp`."""
+    return [fitted_prefix(k) for k, rec in extra.items() if fitted_prefix(k) is not None and isinstance(rec, dict)
+            and rec.get(WEIGHTS_KEY) not in (None, stamp)]
 
 
 def weights_digest(heads: DraftHeads) -> str:
@@ -151,16 +234,37 @@ def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
     dt = _dtype(dtype or cfg.dtype)
     cfg.dtype = _dtype_name(dt)
     path = Path(directory)
+    check_heads_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     # Only floating tensors take the save dtype: the draft vocabulary's token ids stay integers.
     state = {k: v.detach().to(device="cpu", dtype=dt if v.is_floating_point() else v.dtype).contiguous()
              for k, v in heads.state_dict().items()}
-    sketch = lm_head_sketch(heads._bound[1]) if heads._bound is not None else None
-    if sketch is not None and lm_head_fingerprint(heads._bound[1]) == cfg.target_fingerprint:
+    if any(fitted_prefix(k) for k in cfg.extra):
+        # heads loaded, trained further and saved keep their config's extra: not the trees fitted to their old weights
+        drop_fitted(cfg.extra, stale_prefixes(cfg.extra, weights_stamp(state)),
+                    why="they were fitted to other weights than the heads saved")
+    # The rows of the model the heads were trained for, also where they are bound to a converted copy of it (kept
+    # from their checkpoint): without them the saved heads no longer loaded on the copy they were loaded on.
+    sketch = heads_sketch(heads, cfg.target_fingerprint)
+    if sketch is not None:
         state[SKETCH_KEY] = sketch.to(dt)   # 64 rows: bf16's rounding (0.14%) is nothing to SKETCH_TOLERANCE
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "kind": cfg.kind})
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return path
+
+
+def check_heads_folder(path) -> None:
+    """save_heads (and `train --out`) write config.json + model.safetensors: a folder where those are a model's
+    checkpoint is refused (its weights would be replaced by the heads'), not overwritten."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
+    except (OSError, ValueError):       # unreadable or torn: nothing a heads save would destroy
+        return
+    if isinstance(raw, dict) and "dim" not in raw and ("model_type" in raw or "architectures" in raw):
+        raise ConfigError(f"{path} holds a model checkpoint (config.json with model_type {raw.get('model_type')!r}): "
+                          f"saving heads there would overwrite the model's config.json and model.safetensors; "
+                          f"save the heads to a folder of their own")
 
 
 def _assign(heads: DraftHeads, state: dict[str, torch.Tensor], source, device, dtype) -> DraftHeads:
@@ -200,11 +304,16 @@ def read_heads_config(path) -> tuple[Path, HeadsConfig]:
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"heads path not found: {path}")
-    if path.is_file() and path.name not in ("config.json", "model.safetensors"):
+    if path.is_file() and path.name not in ("config.json", "model.safetensors", "medusa_lm_head.pt"):
         raise ModelLoadError(f"heads path {path} is a file; expected a heads directory (config.json + "
                              f"model.safetensors, as save_heads writes)")
     directory = path if path.is_dir() else path.parent
     cfg_file, weights = directory / "config.json", directory / "model.safetensors"
+    if (directory / "medusa_lm_head.pt").is_file() and not weights.is_file():
+        # a public Medusa checkpoint (FasterDecoding/Medusa) was told it "lacks" files of another layout
+        raise ModelLoadError(f"{directory} holds public Medusa heads (medusa_lm_head.pt), not heads in this engine's "
+                             f"layout (config.json + model.safetensors): load them with amphista_engine.heads."
+                             f"load_medusa_checkpoint(path, engine.model) and pass that module to engine.load_heads")
     for f in (cfg_file, weights):
         if not f.is_file():
             raise ModelLoadError(f"heads directory {directory} lacks {f.name} (expected config.json + "
@@ -294,10 +403,24 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
         state = load_file(str(weights))
     except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
         raise ModelLoadError(f"cannot read {weights}: {e}") from None
-    state.pop(SKETCH_KEY, None)
+    sketch = state.pop(SKETCH_KEY, None)
+    records = [k for k, rec in cfg.extra.items() if fitted_prefix(k) and isinstance(rec, dict)]
+    if records:
+        # trees fitted to other weights (a model.safetensors replaced since tree-search --save) are not offered, and
+        # speculative="auto" does not weigh their taus; the others are stamped with these weights (in memory), so a
+        # save of these heads after more training drops them (save_heads)
+        stamp = weights_stamp(state)
+        drop_fitted(cfg.extra, stale_prefixes(cfg.extra, stamp),
+                    why=f"{weights} holds other weights than those they were fitted to")
+        for k in records:
+            if k in cfg.extra:
+                cfg.extra[k].setdefault(WEIGHTS_KEY, stamp)
     with torch.device("meta"):
         heads = build_heads(cfg)
-    return _assign(heads, state, weights, device, dtype).bind(target)
+    heads = _assign(heads, state, weights, device, dtype).bind(target)
+    if sketch is not None and sketch.shape == (min(cfg.vocab_size, SKETCH_ROWS), cfg.dim):
+        setattr(heads, KEPT_SKETCH, sketch.float().contiguous())
+    return heads
 
 
 _MEDUSA_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")

@@ -431,6 +431,9 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():       # mkdir's own error says only "File exists"
         raise InputError(f"--out {out} is a file; give a directory for the heads (config.json + model.safetensors)")
+    if not cfg.fill_cache:      # a model's folder: --overwrite (which the refusal below suggests) replaced the model
+        from ..heads.checkpoint import check_heads_folder
+        check_heads_folder(out)
     existing = [f for f in (STATE_FILE, "model.safetensors") if (out / f).is_file()]
     if existing and not (cfg.resume or cfg.overwrite or cfg.fill_cache):
         raise InputError(f"{out} already holds {' and '.join(existing)}: pass --resume to continue that run, "

@@ -279,7 +279,12 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         raise InputError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     if out is not None and Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSON file to write")
-    cfg_file = Path(heads_dir) / "config.json"
+    # the heads folder as load_heads takes it (~, or its config.json / model.safetensors named): --save wrote to
+    # "HEADS/config.json/config.json" and failed once the search was done
+    folder = Path(heads_dir).expanduser()
+    if folder.is_file() and folder.name in ("config.json", "model.safetensors"):
+        folder = folder.parent
+    cfg_file = folder / "config.json"
     if save and cfg_file.is_file() and not os.access(cfg_file, os.W_OK):     # before the search, not after it
         raise InputError(f"--save: {cfg_file} is not writable; copy the heads to a directory you can write, or "
                          f"keep the trees with --out FILE.json (--tree FILE.json takes one)")
@@ -292,7 +297,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         target, tokenizer, loaded_as = loaded.model, loaded.tokenizer, str(model)
     target.eval().requires_grad_(False)
     if heads is None:
-        heads = load_heads(heads_dir, target, dtype=torch.float32, target_name=loaded_as)
+        heads = load_heads(folder, target, dtype=torch.float32, target_name=loaded_as)
     # before the held-out pass: a size the heads cannot fill would otherwise be fitted (or replayed) smaller
     capacity = sum(TOPK ** d for d in range(1, heads.num_heads + 1)) + 1
     if max(list(nodes) + list(dynamic), default=0) > capacity:
@@ -347,13 +352,32 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     if save:
+        from ..heads.checkpoint import WEIGHTS_KEY, drop_fitted, stale_prefixes, weights_stamp
         cfg = json.loads(cfg_file.read_text())
-        cfg.setdefault("extra", {}).setdefault("trees", {}).update(result["trees"])
+        extra = cfg.setdefault("extra", {})
+        # The record names the weights its trees were fitted to (save_heads and load_heads drop it, and its trees,
+        # once the heads hold others). A family refitted here is replaced whole: its trees of sizes not refitted now
+        # would stay without a recorded tau; a family fitted to other weights (the heads retrained since) goes too,
+        # where speculative="auto" would have trusted its taus.
+        stamp = weights_stamp(heads.state_dict())
+        stale = stale_prefixes(extra, stamp)
+        gone = drop_fitted(extra, set(stale) | {prefix})
+        retrained = sorted(n for n in gone if n.rpartition("-")[0] in stale)
+        if retrained:
+            print(f"tree-search: dropped {', '.join(retrained)} from {cfg_file}: fitted to other weights than these "
+                  f"heads' (retrained since)", file=sys.stderr)
+        replaced = sorted(n for n in gone if n not in retrained and n not in result["trees"])
+        if replaced:
+            print(f"tree-search: dropped {', '.join(replaced)} from {cfg_file}: this fit replaces the {prefix}-N trees "
+                  f"of the last one (pass every size to keep in one --nodes, or save under another --prefix)",
+                  file=sys.stderr)
+        extra.setdefault("trees", {}).update(result["trees"])
         keys = ("heldout_sequences", "positions", "source_weights", "expected_tau", "decoding_tau")
+        record = {**{k: result[k] for k in keys}, WEIGHTS_KEY: stamp}
         if prefix == "tuned":
-            cfg["extra"]["tree_search"] = {k: result[k] for k in keys}
+            extra["tree_search"] = record
         else:       # a second family of trees (another mix) keeps the first family's record
-            cfg["extra"][f"tree_search_{prefix}"] = {k: result[k] for k in keys}
+            extra[f"tree_search_{prefix}"] = record
         _replace_text(cfg_file, json.dumps(cfg, indent=2) + "\n")
     return result
 

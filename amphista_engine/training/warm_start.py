@@ -41,7 +41,11 @@ def warm_start(heads, source) -> list[str]:
     """Copies `source`'s weights into `heads` (same target, same or deeper layout). Layers the source lacks
     become pass-throughs. Returns the names of those added layers (e.g. ['sal.1', 'aeb.1'])."""
     a, b = source.config, heads.config
-    diff = [f"{k}: {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in _SAME if getattr(a, k) != getattr(b, k)]
+    # Source heads bound to the very target the new ones are (load_heads took them for it: maybe as a converted or
+    # quantized copy of the model they were trained with, whose fingerprint differs) start the new heads for it.
+    same_target = source._bound is not None and heads._bound is not None and source._bound[1] is heads._bound[1]
+    diff = [f"{k}: {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in _SAME if getattr(a, k) != getattr(b, k)
+            and not (k == "target_fingerprint" and same_target)]
     if diff:
         raise ConfigError("--init-from: the source heads differ from the requested ones in " + "; ".join(diff))
     shrunk = [f"{k} {getattr(a, k)} -> {getattr(b, k)}" for k in _GROWS if getattr(b, k) < getattr(a, k)]
