@@ -122,10 +122,11 @@ class TreeSpec:
             if not 2 <= self.num_nodes <= 512:
                 raise ConfigError(f"dynamic tree size must be in [2, 512], got {self.num_nodes}")
             try:      # up front, as a static tree too deep for the heads: the first step would refuse it mid-run
-                dynamic_tree_depth(num_heads, TOPK, self.num_nodes)
+                # the depth the tree can reach (N - 1 nodes below the root, at most one per head): it sizes a
+                # step's tokens and cache room, and the CPU's exactness limit (dynamic-4 on 8 heads is 3 deep)
+                self.max_depth = dynamic_tree_depth(num_heads, TOPK, self.num_nodes)
             except ConfigError as e:
                 raise ConfigError(f"tree {tree!r}: {e}") from None
-            self.max_depth = num_heads
         else:
             if isinstance(tree, str) and tree not in TREES:
                 fitted = ", ".join(sorted(heads_trees or {})) or "none"
@@ -310,10 +311,8 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
     if engine.heads.config.kind != method:
         raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
     spec = engine._tree_spec(tree)
-    # A step writes the tree's nodes and accepts at most its depth + 1 tokens. A dynamic-N tree is at most N - 1
-    # deep (tree.dynamic_tree_depth) but its spec records the heads' count: dynamic-2 on 4 heads reserved 4 slots
-    # for a depth of 1.
-    extra = spec.num_nodes + min(spec.max_depth, spec.num_nodes - 1) if tree_room else 0
+    # A step writes the tree's nodes and accepts at most its depth + 1 tokens (a dynamic-N tree: at most N - 1 deep)
+    extra = spec.num_nodes + spec.max_depth if tree_room else 0
     if fits is not None and not fits(extra):
         return None, extra
     cache = engine._cache

@@ -412,3 +412,24 @@ def test_amphista_heads_keep_rows_draft_as_a_batch_of_the_kept_rows():
         want = heads.step(h2, t2, c2, 64)
     assert heads.sal_cache.length[:2].tolist() == [10, 9]
     assert rel_err(got, want) < 1e-5
+
+
+def test_dynamic_tree_depth_is_the_depth_it_can_reach():
+    """dynamic-N puts N - 1 nodes below the root, so it is at most N - 1 deep whatever the heads' count. Recorded as
+    the heads' count, dynamic-8 on 8 heads (7 deep) was refused by the CPU's bf16 exactness limit of 7 levels, and
+    a step's width and cache room were sized for depths it never reaches."""
+    from amphista_engine.kernels import cpu_exact
+    spec = TreeSpec("dynamic-8", 8, "cpu")
+    assert (spec.max_depth, TreeSpec("dynamic-3", 4, "cpu").max_depth, TreeSpec("dynamic-64", 4, "cpu").max_depth) \
+        == (7, 2, 4)
+    model = random_tiny_model(seed=2, dtype=torch.bfloat16)
+    heads = random_heads("medusa", model, num_heads=8, seed=3).to(torch.bfloat16)
+    cache = KVCache.for_model(model.config, 1, 128, torch.bfloat16, "cpu")
+    dec = SpeculativeDecoder(model, cache, heads, spec, SamplingParams())      # within the 7 levels: taken
+    assert dec.tokens_per_step == 8 and cpu_exact.MAX_DEPTH == 7
+    stats = [GenerationStats()]
+    list(run(dec, [PROMPTS[0]], _NoText(), 12, [], [], stats))
+    cache = KVCache.for_model(model.config, 1, 128, torch.bfloat16, "cpu")
+    plain = PlainDecoder(model, cache, SamplingParams())
+    list(run(plain, [PROMPTS[0]], _NoText(), 12, [], [], [GenerationStats()]))
+    assert dec.rows[0].ids == plain.rows[0].ids
