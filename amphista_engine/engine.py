@@ -306,12 +306,15 @@ class Engine:
 
     def _cache_for(self, batch: int) -> KVCache:
         if self._cache is None or self._cache.batch < batch:
+            # Checked before the old buffers go, counting them as free (they are, once dropped): a batch refused for
+            # memory keeps the old cache and a chat's kept prefix in it, rather than dropping both for nothing
+            KVCache.check_fits(self.config, max(batch, self._cache_batch), self.max_seq_len, self.dtype, self.device,
+                               freeable=0 if self._cache is None else self._cache.nbytes)
             if self._kept is not None and self._kept.cache is self._cache:
                 # a reuse_prefix run's kept K/V held the old buffers alive: both caches at once (the OOM kill
-                # check_fits is there to prevent), and the check below measured memory they still took
+                # check_fits is there to prevent)
                 self._kept = None
             self._cache = None   # free the old buffers before allocating the larger ones
-            KVCache.check_fits(self.config, max(batch, self._cache_batch), self.max_seq_len, self.dtype, self.device)
             self._cache = KVCache.for_model(self.config, max(batch, self._cache_batch), self.max_seq_len,
                                             self.dtype, self.device)
         return self._cache

@@ -35,21 +35,27 @@ class KVCache:
         scratch = cpu_exact.scratch_slots(max_seq_len) if torch.device(device).type == "cpu" else 0
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device, scratch)
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.length.nbytes
+
     @staticmethod
-    def check_fits(cfg, batch: int, max_seq_len: int, dtype, device):
+    def check_fits(cfg, batch: int, max_seq_len: int, dtype, device, freeable: int = 0):
         """Refuses, by name, a cache (with the RoPE table, built in fp32 for every position) that the device has
-        no memory for: allocated, it would end in an out-of-memory kill on Linux with no message at all."""
+        no memory for: allocated, it would end in an out-of-memory kill on Linux with no message at all.
+        freeable: bytes the caller frees before allocating (the cache this one replaces)."""
         device = torch.device(device)
         scratch = cpu_exact.scratch_slots(max_seq_len) if device.type == "cpu" else 0
         esize = torch.empty(0, dtype=dtype).element_size()
         kv = 2 * cfg.n_layers * batch * cfg.n_kv_heads * (max_seq_len + scratch) * cfg.head_dim * esize
         need = kv + 3 * max_seq_len * cfg.head_dim * 4       # the table's peak: angles, cos, sin, their concat
         free = available_memory(device)
-        if free is not None and need > free:
+        if free is not None and need > free + freeable:
+            fewer = (f" or the batch of {batch} (max_batch_size, or fewer prompts per generate_batch)"
+                     if batch > 1 else "")
             raise CacheFullError(f"max_seq_len={max_seq_len} (batch {batch}) needs {need / 2**30:.1f} GiB for the KV "
-                                 f"cache and RoPE table, but {device.type} has {free / 2**30:.1f} GiB free; "
-                                 "lower max_seq_len" + (f" or the batch of {batch} (max_batch_size, or fewer prompts "
-                                                        "per generate_batch)" if batch > 1 else ""))
+                                 f"cache and RoPE table, but {device.type} has {(free + freeable) / 2**30:.1f} GiB "
+                                 f"free; lower max_seq_len{fewer}")
 
     def reset(self):
         self.length.zero_()

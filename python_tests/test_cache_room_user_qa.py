@@ -193,3 +193,28 @@ def test_room_errors_name_the_numbers_and_what_to_do(tiny_hf_dir):
     with pytest.raises(CacheFullError) as e:      # past the plain room too: plain decoding is no way out
         eng.generate(PROMPT, chat=False, max_new_tokens=64 - n + 1, speculative="amphista", tree="chain-3")
     assert "decode plainly" not in str(e.value) and "by 8" in str(e.value)
+
+
+def test_a_batch_refused_for_memory_keeps_the_old_cache_and_the_chat_prefix(tiny_hf_dir, monkeypatch):
+    """Growing the cache for a batch freed the old cache (and the kept chat prefix in it) before asking whether the
+    larger one fits: a batch refused for memory cost the next chat turn a full prefill. Now the check comes first,
+    counting the old cache as free, and only a batch that fits replaces it."""
+    import amphista_engine.kv_cache as kv
+    eng = _engine(tiny_hf_dir, 64)
+    first = eng.generate(PROMPT, chat=False, max_new_tokens=4, reuse_prefix=True)
+    cache = eng._cache
+    seen = []
+
+    def free_memory(device):        # just too little for a batch of 3 beside nothing else, plenty for 2
+        seen.append(1)
+        return 2 * cache.nbytes
+    monkeypatch.setattr(kv, "available_memory", free_memory)
+    with pytest.raises(CacheFullError, match="batch 3"):
+        eng.generate_batch([PROMPT] * 3, chat=False, max_new_tokens=4)
+    assert seen and eng._cache is cache
+    second = eng.generate(PROMPT + first.text + " jumps", chat=False, max_new_tokens=4, reuse_prefix=True)
+    assert second.stats.extra.get("prompt_tokens_reused", 0) > 0
+    # the old cache's bytes count as free: a batch of 2 that fits only once they go is served
+    rope = 3 * 64 * eng.config.head_dim * 4
+    monkeypatch.setattr(kv, "available_memory", lambda device: cache.nbytes + rope)
+    assert len(eng.generate_batch([PROMPT] * 2, chat=False, max_new_tokens=3)) == 2 and eng._cache.batch == 2
