@@ -67,6 +67,8 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// v rounded to T and back: where the reference holds an intermediate as a tensor of the dtype
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
 // Elements per 16-byte access: 4 fp32 or 8 fp16/bf16. One 128-bit load per thread is what
 // saturates memory bandwidth; the pointer must be 16-byte aligned (callers check).

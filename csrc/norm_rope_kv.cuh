@@ -183,7 +183,7 @@ __global__ void add_rmsnorm_kernel(const T* x, const T* residual, const T* __res
       a[0] = to_float(sr[i]), g[0] = to_float(w[i]);
     }
 #pragma unroll
-    for (int j = 0; j < kN; ++j) a[j] = a[j] * inv_rms * g[j];
+    for (int j = 0; j < kN; ++j) a[j] = round_to<T>(a[j] * inv_rms) * g[j];  // rounded before w, as the reference
     if constexpr (kVec) store16(yr + i, a); else yr[i] = from_float<T>(a[0]);
   }
 }

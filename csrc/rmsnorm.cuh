@@ -1,7 +1,7 @@
 // Fused RMSNorm: out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, rows contiguous of length d.
 //
-// fp32/fp16/bf16 in and out (x, w and out share one dtype), fp32 accumulation, one rounding at
-// the end. One block per row: a row (d <= a few 10^4) fits comfortably in one SM's bandwidth
+// fp32/fp16/bf16 in and out (x, w and out share one dtype), fp32 accumulation; the normalised row
+// is rounded to the dtype before the weight scales it, as the reference (Llama's RMSNorm) does. One block per row: a row (d <= a few 10^4) fits comfortably in one SM's bandwidth
 // share and the reduction stays in-block. out may be x itself (in place): each thread writes only
 // elements it has already read, and every read of the sum-of-squares pass finishes before the
 // block-wide reduction returns.
@@ -50,10 +50,10 @@ __global__ void rmsnorm_kernel(const T* x, const T* __restrict__ w, T* out, int6
       load16(xr + i, v);
       load16(w + i, g);
 #pragma unroll
-      for (int j = 0; j < kN; ++j) v[j] = v[j] * inv_rms * g[j];
+      for (int j = 0; j < kN; ++j) v[j] = round_to<T>(v[j] * inv_rms) * g[j];
       store16(outr + i, v);
     } else {
-      outr[i] = from_float<T>(to_float(xr[i]) * inv_rms * to_float(w[i]));
+      outr[i] = from_float<T>(round_to<T>(to_float(xr[i]) * inv_rms) * to_float(w[i]));
     }
   }
 }
