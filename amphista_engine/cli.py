@@ -9,7 +9,7 @@ import signal
 import sys
 import warnings
 
-from .errors import AmphistaError, InputError
+from .errors import AmphistaError, CacheFullError, InputError
 
 
 def _add_quant_arg(p: argparse.ArgumentParser):
@@ -247,18 +247,30 @@ def cmd_generate(args) -> int:
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
-    if args.json:
-        result = engine.generate(prompt, **kwargs)
-        out = result.to_dict()
-        out["speculative"] = _method(engine, result)
-        out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
-                          "linears": engine.linears.describe()}
-        if check is not None:
-            out["speculation_check"] = check.to_dict()
-        _write(json.dumps(out) + "\n")
-    else:
-        _stream_answer(engine, prompt, **kwargs)
+    try:
+        if args.json:
+            result = engine.generate(prompt, **kwargs)
+            out = result.to_dict()
+            out["speculative"] = _method(engine, result)
+            out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
+                              "linears": engine.linears.describe()}
+            if check is not None:
+                out["speculation_check"] = check.to_dict()
+            _write(json.dumps(out) + "\n")
+        else:
+            _stream_answer(engine, prompt, **kwargs)
+    except CacheFullError as e:
+        # A document too long for the cache was told to "raise max_seq_len": the API's names, not the flags
+        raise CacheFullError(_in_flag_terms(str(e))) from None
     return 0
+
+
+def _in_flag_terms(message: str) -> str:
+    """An engine message with the API's argument names as the command's flags that set them."""
+    for api, flag in (("max_seq_len", "--max-seq-len"), ("max_new_tokens", "--max-new-tokens"),
+                      ("speculative=None, or 'auto'", "--speculative none, or auto")):
+        message = message.replace(api, flag)
+    return message
 
 
 def _chat_turn(engine, system, history, turn, kwargs):

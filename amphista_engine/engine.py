@@ -331,13 +331,20 @@ class Engine:
             isinstance(m, Mapping) and m.get("role") == "assistant" for m in prompt)
         drop = " (or drop the conversation's oldest exchanges)" if chat else ""
         need = n + max_new_tokens + extra
+        # A max_seq_len past the model's trained positions is no fix for a long document (a 65k-token file on
+        # SmolLM2, trained on 8192, was told only to raise max_seq_len to 65683): RoPE is extrapolated there, a
+        # dynamic-NTK model refuses it outright, so the way out is a shorter prompt, and the error says how short.
+        trained, room = self.config.max_position_embeddings, self.config.max_position_embeddings - need + n
+        past = ((f"; but the model was trained on {trained} positions (past them RoPE is extrapolated and answers "
+                 f"degrade): " + (f"keep the prompt to at most {room} tokens" if room > 0 else "lower max_new_tokens"))
+                if need > trained else "")
         # Both errors name the max_seq_len that would serve the request: a prompt longer than the cache was told
         # only "no room for an answer", with nothing to do about it.
         if n >= self.max_seq_len:
             raise CacheFullError(f"{what} is {n} tokens, {'longer than' if n > self.max_seq_len else 'as long as'} the "
                                  f"cache (max_seq_len={self.max_seq_len}): no room for an answer; "
                                  + (f"raise max_seq_len{drop}" if chat else "shorten it or raise max_seq_len")
-                                 + f" (with max_new_tokens={max_new_tokens} it needs max_seq_len >= {need})")
+                                 + f" (with max_new_tokens={max_new_tokens} it needs max_seq_len >= {need})" + past)
         if need > self.max_seq_len:
             # the tree's room alone: the answer fits plain decoding, which "auto" falls back to
             tree_only = extra and n + max_new_tokens <= self.max_seq_len
@@ -347,7 +354,7 @@ class Engine:
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}) by {need - self.max_seq_len}; raise "
                 f"max_seq_len or lower max_new_tokens" + drop
                 + ("; or decode plainly (speculative=None, or 'auto', which does so where only the tree's room "
-                   "is missing)" if tree_only else ""))
+                   "is missing)" if tree_only else "") + past)
 
     def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
@@ -362,7 +369,9 @@ class Engine:
         tree = None if tree == "auto" else tree
         p = SamplingParams(temperature=temperature, top_p=top_p)      # refuses what no run would take
         temperature, top_p = p.temperature, p.top_p
-        batch = timed_batch(batch) if self.device.type == "cpu" else 1        # a GPU's verdict needs no timing
+        batch = timed_batch(batch)       # a bad batch is refused on any device
+        if self.device.type != "cpu":
+            batch = 1                    # a GPU's verdict needs no timing: one key serves every size
         key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), batch)   # settings that weigh alike
 
         def check():

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..kernels import cpu_ops, cpu_quant, ops
 from ..kv_cache import KVCache
-from ..model import AttentionSpec, Block, FeedForward, RMSNorm, causal_mask, rope_table
+from ..model import AttentionSpec, Block, FeedForward, RMSNorm, causal_mask, prefill_mask_args, rope_table
 from .config import HeadsConfig
 from .medusa import DraftHeads, HeadResBlocks
 
@@ -63,6 +63,7 @@ class AmphistaHeads(DraftHeads):
         # on the heads' device (construction may happen on the meta device).
         self.sal_cache: KVCache | None = None
         self._epoch = 0
+        self._empty = False                   # set by reset_cache: the SAL cache holds nothing yet
         self._rope = None
         self._stage_index = None
         self._stages = None                   # the SAL's layers by stage (lists), for the cpu backend's stack call
@@ -171,12 +172,18 @@ class AmphistaHeads(DraftHeads):
             self.sal_cache.reset()   # same buffers: captured CUDA graphs stay valid
         self._epoch += 1
         self._rope_rows(max_seq_len, p.device)
+        self._empty = True       # the next step (the prompt's) starts every row at slot 0
+
+    def _take_empty(self) -> bool:
+        empty, self._empty = self._empty, False
+        return empty
 
     def cache_epoch(self) -> int:
         return self._epoch
 
     def resume_cache(self, length: int):
         self.sal_cache.length[:1] = length
+        self._empty = False
 
     def keep_rows(self, keep: torch.Tensor):
         self.sal_cache.keep_rows(keep)
@@ -195,8 +202,10 @@ class AmphistaHeads(DraftHeads):
         start = cache.length[:B].clone()   # the length advances below; the spec keeps the old one
         positions = start[:, None] + torch.arange(M, device=dev)
         rope = self._rope_rows(cache.max_seq_len, dev)[positions]
-        spec = AttentionSpec(prefix_len=start, new_mask=causal_mask(M, dev), kv_len=min(kv_len, cache.max_seq_len))
-        mask = ops.tree_mask_args(spec.prefix_len, spec.new_mask, spec.kv_len, cache.k.dtype)
+        # After a reset a long prompt's entries attend causally without a dense [B, M, kv_len] mask (prefill_mask_args)
+        spec = AttentionSpec(prefix_len=start, new_mask=causal_mask(M, dev), kv_len=min(kv_len, cache.max_seq_len),
+                             empty_prefix=self._take_empty())
+        mask = prefill_mask_args(spec, cache.k.dtype)
         outs = self._sal(self._fuse(hidden, next_tokens), rope, cache, spec, mask)
         cache.length[:B] += count
         rows, last = torch.arange(B, device=dev), count - 1
