@@ -485,6 +485,9 @@ class Engine:
             warnings.warn("speculative='auto': repetition_penalty is supported with plain decoding only; "
                           "decoding plainly")
             speculative, tree = None, None
+        if speculative == "auto" and max_new_tokens == 1 and tree in (None, "auto"):
+            # the prefill gives the one token and no step runs: no tree to weigh (the check times for seconds)
+            speculative, tree = None, None
         auto, rows = speculative == "auto", range(len(ids))
 
         def fits(extra: int) -> bool:

@@ -286,6 +286,12 @@ def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats
             dec.prefill([prompt] * batch)
         for i in range(warmup + repeats):
             for name, dec in decoders.items():
+                sal = getattr(getattr(dec, "heads", None), "sal_cache", None)
+                if sal is not None:
+                    # The timed trees share the heads and their SAL cache: each would add its accepted tokens to the
+                    # one length, past the cache's end where they accept much (an IndexError mid-check). Each step
+                    # starts from its own decoder's length instead; the entries it reads cost the same whichever.
+                    sal.length[:batch] = dec.cache.length[:batch]
                 sync(engine.device)
                 t = time.perf_counter()
                 out, count = dec.step()

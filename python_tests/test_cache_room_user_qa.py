@@ -103,10 +103,17 @@ def test_one_new_token_takes_no_tree_room(tiny_hf_dir, monkeypatch):
         res = eng.generate(PROMPT, chat=False, max_new_tokens=1, speculative="amphista", tree=tree)
         assert (res.token_ids, res.finish_reason) == (plain.token_ids, "length") and res.stats.extra["tree"] == tree
     _auto_speculates(monkeypatch)
+    asked = []
+    real = Engine.resolve_speculation
+    monkeypatch.setattr(Engine, "resolve_speculation", lambda self, *a: asked.append(a) or real(self, *a))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                         # no "decoding plainly"
         res = eng.generate(PROMPT, chat=False, max_new_tokens=1, speculative="auto")
-    assert res.token_ids == plain.token_ids and res.stats.extra["tree"] == "chain-3"
+    # and "auto" weighs nothing (its check times steps for seconds) for a token no step makes
+    assert res.token_ids == plain.token_ids and "tree" not in res.stats.extra and not any(a[0] == "auto" for a in asked)
+    roomy = _engine(tiny_hf_dir, 64)
+    assert roomy.generate(PROMPT, chat=False, max_new_tokens=2, speculative="auto").stats.extra["tree"] == "chain-3"
+    assert any(a[0] == "auto" for a in asked)
     with pytest.raises(CacheFullError, match=r"tree room \(7\) exceeds the cache \(max_seq_len=\d+\) by 8"):
         eng.generate(PROMPT, chat=False, max_new_tokens=2, speculative="amphista", tree="chain-3")   # a step runs
 

@@ -307,3 +307,22 @@ def test_a_batch_is_weighed_at_its_own_size(engine, monkeypatch):
     assert sc.cost_key(engine, engine._tree_spec("tree-16"), 128) != sc.cost_key(engine, engine._tree_spec("tree-16"),
                                                                                     128, 2)
     engine._checks.clear()
+
+
+def test_timed_trees_each_step_from_their_own_place_in_the_heads_cache(engine, monkeypatch):
+    """The timed trees share the heads, so their SAL cache: every step added its accepted tokens to the one length,
+    which ran past the cache's end (an IndexError mid-check) where the heads accept much. Each step now starts at
+    its own decoder's length."""
+    import amphista_engine.speculation_check as sc
+    from amphista_engine.speculative import SpeculativeDecoder
+    seen = []
+    real = SpeculativeDecoder.step_device
+
+    def step_device(self, kv_len):
+        B = self.next.shape[0]
+        seen.append((self.heads.sal_cache.length[:B].tolist(), self.cache.length[:B].tolist()))
+        return real(self, kv_len)
+    monkeypatch.setattr(SpeculativeDecoder, "step_device", step_device)
+    specs = [engine._tree_spec(t) for t in ("chain-1", "chain-2", "tree-16")]
+    sc._time_steps(engine, specs, 16, 16 + 64, repeats=2, warmup=1, batch=2)
+    assert len(seen) == 9 and all(sal == target for sal, target in seen), seen
