@@ -31,7 +31,8 @@ def test_fp16_engine_orders_decode_steps_like_bf16(tiny_hf_dir, monkeypatch, tor
     assert calls == [1] * (3 * engine.config.n_layers)       # 3 plain steps after the prefill's first token
     engine.load_heads(random_heads("medusa", engine.model, num_heads=cpu_exact.MAX_DEPTH + 1).to(torch.float16))
     calls.clear()
-    spec = engine.generate("hello world", max_new_tokens=4, chat=False, speculative="medusa", tree="tree-16")
+    with pytest.warns(UserWarning, match="fp16 linear layers are not packed"):     # said once per engine
+        spec = engine.generate("hello world", max_new_tokens=4, chat=False, speculative="medusa", tree="tree-16")
     assert calls and set(calls) == {16} and spec.token_ids == plain.token_ids
     with pytest.raises(ConfigError, match="fp16 CPU verification"):
         engine.generate("hello world", max_new_tokens=4, chat=False, speculative="medusa",
