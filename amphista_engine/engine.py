@@ -369,10 +369,11 @@ class Engine:
         tree = None if tree == "auto" else tree
         p = SamplingParams(temperature=temperature, top_p=top_p)      # refuses what no run would take
         temperature, top_p = p.temperature, p.top_p
-        batch = timed_batch(batch)       # a bad batch is refused on any device
+        rows = timed_batch(batch)        # a bad batch is refused on any device
         if self.device.type != "cpu":
-            batch = 1                    # a GPU's verdict needs no timing: one key serves every size
-        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), batch)   # settings that weigh alike
+            # no timing on a GPU: a batch's verdict differs only by the untimed tree it gets (default_tree)
+            rows = self._tree_spec(None, batch).name if tree is None else 1
+        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), rows)   # settings that weigh alike
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
@@ -412,9 +413,13 @@ class Engine:
         fits(0)
         return self.graphs.attach(PlainDecoder(self.model, self._cache_for(batch), params)), 0
 
-    def _tree_spec(self, tree):
-        """Static trees are built once per engine and kept on the device."""
-        from .speculative import TreeSpec
+    def _tree_spec(self, tree, batch: int = 1):
+        """Static trees are built once per engine and kept on the device. tree None: the device's default for a
+        batch of `batch` rows (speculative.default_tree)."""
+        from .speculative import TreeSpec, default_tree
+        if tree is None:
+            tree = default_tree(self.heads.num_heads, self.device, self.heads.config.extra.get("trees"),
+                                self.quant == "q4", batch)
         key = (_tree_key(tree), self.heads.num_heads)
         if isinstance(tree, str) and tree.endswith(".json") and os.path.isfile(tree):
             key += (os.stat(tree).st_mtime_ns,)      # a tree file edited since is read again, not served stale

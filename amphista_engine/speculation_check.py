@@ -172,10 +172,15 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
         raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped ones, '
                          'or engine.load_heads(DIR)')
     tree = None if tree == "auto" else tree
-    spec = engine._tree_spec(tree)
+    timed_batch(batch)                   # refuses a bad batch on any device
+    spec = engine._tree_spec(tree, batch)
     if engine.device.type != "cpu":
+        from .speculative import GPU_ROWS
+        rows = (f"; a batch of {batch} rows gets {spec.name}, keeping its {batch} x {spec.num_nodes} verified rows "
+                f"within ~{GPU_ROWS}, where the products stay bound by reading the weights (a roofline bound, "
+                "not yet measured)" if tree is None and batch * 64 > GPU_ROWS else "")
         return SpeculationCheck(True, spec.name, "on a GPU a tree step costs ~1.2-1.3 plain steps (measured on "
-                                "an H200): speculation pays whenever the heads accept anything")
+                                "an H200 for one row): speculation pays whenever the heads accept anything" + rows)
     candidates = (candidate_trees(engine) if tree is None else []) or [spec]
     taus = {c.name: expected_tau(engine.heads.config, c.name) for c in candidates}
     if taus[candidates[0].name] is None:

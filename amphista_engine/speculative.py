@@ -34,10 +34,27 @@ CPU_TREE = "tree-16"
 # steps, 16 nodes ~3.5 (benchmarks/results/cpu_q4_ab.md), so the untimed CPU tree is one block: the heads' fitted
 # 4-node tree where they carry one, else a chain.
 CPU_4BIT_TREE = "mix-4"
+# A GPU verifies a batch's B x N tree rows at about a plain step's cost only while its products stay bound by
+# reading the weights: an H100/H200 streams bf16 weights at ~3.3-4.8 TB/s and multiplies at ~990 TFLOP/s, so a
+# product turns compute-bound from a few hundred rows. The untimed GPU tree of a batch keeps its rows within
+# GPU_ROWS (B <= 4: the 64-node tree; 8: 32 nodes; ... 64: 4). A roofline bound, not yet a measurement:
+# benchmarks/batch_tree_gpu.py times batch x tree on the next GPU run (GPU_SESSION.md).
+GPU_ROWS = 256
+GPU_BATCH_SIZES = (32, 16, 8, 4)
 
 
-def default_tree(num_heads: int, device, heads_trees: dict | None = None, four_bit: bool = False) -> str:
+def gpu_batch_tree(num_heads: int, batch: int, heads_trees: dict | None = None) -> str:
+    """The default GPU tree for a batch past GPU_ROWS // 64 rows: the largest of N = 32, 16, 8, 4 nodes with
+    batch x N <= GPU_ROWS (4 past that), the heads' fitted mix-N where they carry one, else dynamic-N."""
+    n = next((n for n in GPU_BATCH_SIZES if batch * n <= GPU_ROWS), GPU_BATCH_SIZES[-1])
+    return f"mix-{n}" if f"mix-{n}" in (heads_trees or {}) else f"dynamic-{n}"
+
+
+def default_tree(num_heads: int, device, heads_trees: dict | None = None, four_bit: bool = False,
+                 batch: int = 1) -> str:
     if num_heads >= 4 and torch.device(device).type != "cpu":
+        if batch * 64 > GPU_ROWS:
+            return gpu_batch_tree(num_heads, batch, heads_trees)
         return GPU_FITTED_TREE if GPU_FITTED_TREE in (heads_trees or {}) else DEFAULT_TREE      # 4 deep
     if four_bit:
         return CPU_4BIT_TREE if CPU_4BIT_TREE in (heads_trees or {}) else f"chain-{min(3, num_heads)}"
@@ -310,7 +327,7 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
                          " for the shipped ones, heads=DIR for your own, or engine.load_heads(...)")
     if engine.heads.config.kind != method:
         raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
-    spec = engine._tree_spec(tree)
+    spec = engine._tree_spec(tree, batch)
     # A step writes the tree's nodes and accepts at most its depth + 1 tokens (a dynamic-N tree: at most N - 1 deep)
     extra = spec.num_nodes + spec.max_depth if tree_room else 0
     if fits is not None and not fits(extra):

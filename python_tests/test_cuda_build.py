@@ -382,6 +382,18 @@ def test_step_profile_smoke_on_cpu(tmp_path):
     assert res["meta"]["bw_floor_ms"] > 0 and "commit" in res["meta"]
 
 
+def test_batch_tree_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/batch_tree_gpu.py (batch x tree step cost, for the next GPU run) on the CPU's tiny shapes: every
+    batch gets a plain time, a ratio per tree and the tree default_tree would pick for it on a GPU."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "batch_tree_gpu.py"), "--smoke", "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "batch_tree.json").read_text())
+    assert [r["batch"] for r in res["rows"]] == [1, 2] and not res["notes"]
+    assert all(r["plain_ms"] > 0 and r["dynamic-4"] > 0 and r["dynamic-8"] > 0 for r in res["rows"])
+    assert res["meta"]["gpu_rows"] > 0 and "| batch | plain ms |" in (tmp_path / "batch_tree.md").read_text()
+
+
 def test_gpu_decide_reads_a_committed_run(tmp_path):
     """benchmarks/gpu_decide.py on the committed H200 run of 2026-12-04b: the numbers GPU_SESSION.md decides by
     (76.1% of the floor, fused slower than unfused, exact greedy 2.15x, tree attention's fixed cost) and 'not

@@ -339,6 +339,24 @@ def test_default_tree_per_device():
     assert default_tree(2, "cuda", fitted) == "chain-2"
 
 
+def test_a_gpu_batch_gets_a_tree_whose_rows_stay_within_the_weight_bound():
+    """A GPU batch of B rows verifies B x N tree rows; past a few hundred rows its products turn compute-bound and
+    the step no longer costs about a plain step (roofline: speculative.GPU_ROWS). The untimed GPU tree shrinks with
+    the batch: the heads' fitted mix-N where they carry one, else dynamic-N; the CPU's default is the batch's
+    business of speculation_check (timed), not of the tree."""
+    from amphista_engine.speculative import GPU_ROWS, default_tree
+    fitted = {f"mix-{n}": [[0]] for n in (4, 8, 16, 32, 64)}
+    picks = {b: default_tree(4, "cuda", fitted, batch=b) for b in (1, 4, 5, 8, 16, 32, 64, 65, 512)}
+    assert picks == {1: "mix-64", 4: "mix-64", 5: "mix-32", 8: "mix-32", 16: "mix-16", 32: "mix-8", 64: "mix-4",
+                     65: "mix-4", 512: "mix-4"}
+    assert all(b * int(t.split("-")[1]) <= GPU_ROWS for b, t in picks.items() if b <= 64)
+    assert default_tree(4, "cuda", None, batch=16) == "dynamic-16" and default_tree(4, "cuda", None) == "mc_sim_7b_63"
+    assert default_tree(4, "cpu", fitted, batch=64) == "tree-16"
+    # and the spec a speculative run builds follows it (the engine resolves tree=None per batch)
+    spec = TreeSpec(default_tree(4, "cuda", None, batch=32), 4, "cpu")
+    assert spec.num_nodes == 8 and spec.max_depth == 4
+
+
 class RowOracles:
     """One OracleHeads per batch row (its own reference and random draws, so a row drafts as it would alone),
     following the rows when the batch drops its ended ones (keep_rows): a row moved to another index keeps its
