@@ -371,8 +371,9 @@ class Engine:
         temperature, top_p = p.temperature, p.top_p
         rows = timed_batch(batch)        # a bad batch is refused on any device
         if self.device.type != "cpu":
-            # no timing on a GPU: a batch's verdict differs only by the untimed tree it gets (default_tree)
-            rows = self._tree_spec(None, batch).name if tree is None else 1
+            # no timing on a GPU: a batch's verdict differs only by the untimed tree it gets (default_tree), and its
+            # reason names the batch (keyed by the tree alone, a batch of 8 was told "a batch of 5 rows gets ...")
+            rows = (self._tree_spec(None, batch).name, batch) if tree is None else 1
         key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), rows)   # settings that weigh alike
 
         def check():

@@ -82,8 +82,12 @@ class KVCache:
         costing compute. Copies only each layer's slots up to the longest kept row (one host sync: a drop is rare)."""
         n = len(keep)
         T = min(int(self.length[keep].max()), self.max_seq_len) if n else 0
-        for buf in (self.k, self.v):       # the gather copies first, so overlapping moves are safe
-            buf[:, :n, :, :T] = buf[:, keep, :, :T]
+        # Layer by layer: the gather copies first (overlapping moves are safe), and its temporary is one layer's
+        # kept rows. All layers at once it was all of them: ~30 GB past a 7B bf16 cache of 64 rows x 4096 slots,
+        # an out-of-memory error mid-run on a GPU that held the cache itself.
+        for buf in (self.k, self.v):
+            for layer in buf:
+                layer[:n, :, :T] = layer[keep, :, :T]
         self.length[:n] = self.length[keep]
 
     def compact(self, src: torch.Tensor, dst_start: torch.Tensor):
@@ -99,7 +103,12 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes the device can still allocate: free GPU memory, or the kernel's MemAvailable on Linux (None where
     neither is known: no check then)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # The driver's free memory leaves out what torch's caching allocator holds unused (a long prefill's
+        # activations, a dropped cache): it hands that out first, or frees it and retries, so it is free here too
+        # (but for CUDA graphs' private pools: decode steps' few-row activations, small). Without it a cache that
+        # fits was refused after any large run.
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(held, 0)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
