@@ -27,30 +27,13 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from amphista_engine.cuda_graphs import DecodeGraphs  # noqa: E402
-from amphista_engine.evaluation.env import commit, sync  # noqa: E402
+from amphista_engine.evaluation.env import commit  # noqa: E402
 from amphista_engine.evaluation.shapes import random_heads, shape_config  # noqa: E402
 from amphista_engine.generation import PlainDecoder  # noqa: E402
 from amphista_engine.kv_cache import KVCache  # noqa: E402
 from amphista_engine.sampling import SamplingParams  # noqa: E402
 from amphista_engine.speculative import GPU_ROWS, SpeculativeDecoder, TreeSpec, default_tree  # noqa: E402
-from benchmarks.latency_gpu import environment, random_model, routed  # noqa: E402
-
-
-def time_steps(decoder, prompts, steps: int, warmup: int) -> float:
-    """Median ms of decoder.step() plus the sync the generation loop pays after it."""
-    import statistics
-    with torch.inference_mode():
-        decoder.prefill(prompts)
-        for _ in range(warmup):              # graphs: eager warm-up, then capture + replay
-            decoder.step()
-        sync(decoder.device)
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            out, count = decoder.step()
-            count.tolist()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+from benchmarks.latency_gpu import environment, random_model, routed, time_steps  # noqa: E402
 
 
 def run(args) -> dict:

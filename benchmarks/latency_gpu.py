@@ -85,9 +85,10 @@ def copy_bandwidth_gbs(device, mib: int) -> float:
 
 
 def time_steps(decoder, prompt, steps: int, warmup: int) -> float:
-    """Median ms of decoder.step() plus the sync the generation loop pays after it."""
+    """Median ms of decoder.step() plus the sync the generation loop pays after it. prompt: token ids, or a list
+    of them (a batch)."""
     with torch.inference_mode():
-        decoder.prefill([prompt])
+        decoder.prefill(prompt if prompt and isinstance(prompt[0], list) else [prompt])
         for _ in range(warmup):              # graphs: eager warm-up, then capture + replay
             decoder.step()
         sync(decoder.device)
