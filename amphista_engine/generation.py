@@ -97,9 +97,10 @@ class PlainDecoder:
             self.cache.length[:B] = r
         chunk = self.model.prefill_chunk(self.cache)
         if chunk is None or T - r <= chunk:
-            # r == 0: every row starts at slot 0 (reset above), so a long prompt attends without a dense mask
+            # r == 0: every row starts at slot 0 (reset above), so a long prompt attends without a dense mask; so
+            # does a long message after a kept prefix (r > 0: batch 1, the host knows its one row's start)
             spec = AttentionSpec(self.cache.length[:B], causal_mask(T - r, self.device),
-                                 kv_window(T, self.cache.max_seq_len), empty_prefix=r == 0)
+                                 kv_window(T, self.cache.max_seq_len), empty_prefix=r == 0, kept_prefix=r)
             positions = torch.arange(r, T, device=self.device)[None].expand(B, T - r)
             logits, hidden = self.model(tokens[:, r:], positions, self.cache, spec, return_hidden=True,
                                         logits_at=(lengths - 1 - r)[:, None])

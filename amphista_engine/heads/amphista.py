@@ -174,9 +174,12 @@ class AmphistaHeads(DraftHeads):
         self._rope_rows(max_seq_len, p.device)
         self._empty = True       # the next step (the prompt's) starts every row at slot 0
 
-    def _take_empty(self) -> bool:
-        empty, self._empty = self._empty, False
-        return empty
+    def _take_empty(self) -> int | None:
+        """The SAL cache length every row has at this step where the host knows it, once: 0 after reset_cache,
+        r after resume_cache(r) (batch 1), else None."""
+        start = 0 if self._empty else getattr(self, "_resumed", None)
+        self._empty, self._resumed = False, None
+        return start
 
     def cache_epoch(self) -> int:
         return self._epoch
@@ -184,6 +187,7 @@ class AmphistaHeads(DraftHeads):
     def resume_cache(self, length: int):
         self.sal_cache.length[:1] = length
         self._empty = False
+        self._resumed = length       # the next step's new entries attend after it without a dense mask
 
     def keep_rows(self, keep: torch.Tensor):
         self.sal_cache.keep_rows(keep)
@@ -202,9 +206,11 @@ class AmphistaHeads(DraftHeads):
         start = cache.length[:B].clone()   # the length advances below; the spec keeps the old one
         positions = start[:, None] + torch.arange(M, device=dev)
         rope = self._rope_rows(cache.max_seq_len, dev)[positions]
-        # After a reset a long prompt's entries attend causally without a dense [B, M, kv_len] mask (prefill_mask_args)
+        # After a reset (or a resume, batch 1) a long prompt's entries attend causally without a dense [B, M, kv_len]
+        # mask (prefill_mask_args)
+        known = self._take_empty()
         spec = AttentionSpec(prefix_len=start, new_mask=causal_mask(M, dev), kv_len=min(kv_len, cache.max_seq_len),
-                             empty_prefix=self._take_empty())
+                             empty_prefix=known == 0, kept_prefix=known if B == 1 or known == 0 else None)
         mask = prefill_mask_args(spec, cache.k.dtype)
         outs = self._sal(self._fuse(hidden, next_tokens), rope, cache, spec, mask)
         cache.length[:B] += count
