@@ -64,6 +64,7 @@ class AmphistaHeads(DraftHeads):
         self.sal_cache: KVCache | None = None
         self._epoch = 0
         self._empty = False                   # set by reset_cache: the SAL cache holds nothing yet
+        self._resumed: int | None = None      # set by resume_cache(r): the next step's rows all start at r
         self._rope = None
         self._stage_index = None
         self._stages = None                   # the SAL's layers by stage (lists), for the cpu backend's stack call
@@ -177,7 +178,7 @@ class AmphistaHeads(DraftHeads):
     def _take_empty(self) -> int | None:
         """The SAL cache length every row has at this step where the host knows it, once: 0 after reset_cache,
         r after resume_cache(r) (batch 1), else None."""
-        start = 0 if self._empty else getattr(self, "_resumed", None)
+        start = 0 if self._empty else self._resumed
         self._empty, self._resumed = False, None
         return start
 
