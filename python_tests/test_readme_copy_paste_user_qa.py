@@ -36,6 +36,7 @@ NOT_REPO_FILES = {
     ".gz", ".jsonl.gz", "FILE.json", "config.json", "tokenizer.json", "question.txt", "answers.jsonl",
     "summary.json", "summary.md", "spec_bench/METHOD.jsonl", "spec_bench/amphista.jsonl", "spec_bench/ar.jsonl",
     "speed.py", "dynamic-4/8/16", "mix-4/8/16",
+    "./bench_results/",          # `bench`'s default output folder (git-ignored): made by running it, not shipped
 }
 # Flags the README shows that belong to other tools: pip, Spec-Bench's speed.py, a training run's shell script.
 FOREIGN_FLAGS = {"--no-deps", "--file-path", "--base-path", "--with-medusa"}
@@ -95,6 +96,16 @@ def _shell_commands() -> list[list[str]]:
 # ---------------------------------------------------------------------------------------------- paths, env, CI
 
 
+def _ignored(path) -> bool:
+    """Whether git ignores `path` (an output of a local run); False where git or the repository is absent."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(path)], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def test_every_path_the_readme_names_exists():
     tokens = set()
     for m in re.finditer(r"`([^`\n]+)`", _prose(README)):
@@ -114,7 +125,9 @@ def test_every_path_the_readme_names_exists():
             if shared.is_dir() and not (ROOT / tok).exists():
                 missing.append(tok)
             continue
-        found = any(list(ROOT.glob(r + tok)) or (ROOT / (r + tok)).exists() for r in PATH_ROOTS)
+        # what a fresh clone holds: a git-ignored output a local run left (bench_results/) does not count
+        found = any(not _ignored(p) for r in PATH_ROOTS
+                    for p in list(ROOT.glob(r + tok)) + [ROOT / (r + tok)] if p.exists())
         # "Run record in `RUN.md`" and the like: a file of the results folder the sentence links
         found = found or (("/" not in tok) and any(RESULTS.rglob(tok)))
         if not found:
