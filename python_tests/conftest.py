@@ -122,6 +122,19 @@ def greedy_records(model, n=36, prompt_len=6, answer_len=28, seed=1, prefix="r")
              "answer_ids": x[i, prompt_len:].tolist()} for i in range(n)]
 
 
+def dense_mask_sizes(monkeypatch) -> list[int]:
+    """Records the new-token count of every dense [B, T, kv_len] attention mask built from now on (the long-prompt
+    paths must build none past 64 new tokens)."""
+    from amphista_engine.model import AttentionSpec
+    sizes, dense = [], AttentionSpec.dense_mask
+
+    def spy(self):
+        sizes.append(self.new_mask.shape[-1])
+        return dense(self)
+    monkeypatch.setattr(AttentionSpec, "dense_mask", spy)
+    return sizes
+
+
 def random_tiny_model(seed=0, vocab=64, dim=32, layers=2, heads=4, kv_heads=2, inter=64, max_len=256,
                       dtype=torch.float32, tied=False) -> Transformer:
     """A random target for speculative tests: small enough for many runs, peaked enough to be predictable."""

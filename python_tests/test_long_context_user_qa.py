@@ -34,7 +34,7 @@ from amphista_engine.model import AttentionSpec, causal_mask
 from amphista_engine.sampling import SamplingParams
 from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
 
-from conftest import needs_smollm2, random_tiny_model
+from conftest import dense_mask_sizes, needs_smollm2, random_tiny_model
 from test_own_gguf_user_qa import hf_logits, rel_err, write_llama_gguf
 from test_speculative import OracleHeads, _NoText
 
@@ -63,17 +63,6 @@ def ggufs(tmp_path_factory):
                               types=types, seed=3)
         out[name] = (d / f"{name}.gguf", hf)
     return out
-
-
-def _dense_masks(monkeypatch) -> list[int]:
-    """Records the new-token count of every dense [B, T, kv_len] mask built from now on."""
-    sizes, dense = [], AttentionSpec.dense_mask
-
-    def spy(self):
-        sizes.append(self.new_mask.shape[-1])
-        return dense(self)
-    monkeypatch.setattr(AttentionSpec, "dense_mask", spy)
-    return sizes
 
 
 def prefill_logits(engine, ids: list[int], chunk: int | None = None) -> torch.Tensor:
@@ -115,7 +104,7 @@ def test_a_long_document_prefills_without_a_dense_mask_and_answers_as_transforme
         want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, len(ids):].tolist()
 
-    sizes = _dense_masks(monkeypatch)
+    sizes = dense_mask_sizes(monkeypatch)
     plain = engine.generate(doc, max_new_tokens=8, chat=False)
     spec = engine.generate(doc, max_new_tokens=8, chat=False, speculative="amphista")
     shorts = [document(5, seed=1), document(40, seed=2)]

@@ -26,7 +26,7 @@ from amphista_engine.heads import random_heads
 from amphista_engine.kv_cache import KVCache
 from amphista_engine.model import AttentionSpec, causal_after_prefix, causal_mask
 
-from conftest import random_tiny_model
+from conftest import dense_mask_sizes, random_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -41,17 +41,6 @@ def document(n_words: int, seed: int = 0) -> str:
 
 def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _dense_masks(monkeypatch) -> list[int]:
-    """Records the new-token count of every dense [B, T, kv_len] mask built from now on."""
-    sizes, dense = [], AttentionSpec.dense_mask
-
-    def spy(self):
-        sizes.append(self.new_mask.shape[-1])
-        return dense(self)
-    monkeypatch.setattr(AttentionSpec, "dense_mask", spy)
-    return sizes
 
 
 def _force_dense(monkeypatch):
@@ -112,7 +101,7 @@ def test_a_kept_prefix_prefill_builds_no_dense_mask_and_gives_the_dense_paths_lo
             return model(ids[:, r:], torch.arange(r, r + T)[None], cache, spec)[0].float()
 
     dense = prefill(False)
-    sizes = _dense_masks(monkeypatch)
+    sizes = dense_mask_sizes(monkeypatch)
     got = prefill(True)
     assert sizes == [], f"dense attention masks over {sizes} new tokens"
     monkeypatch.undo()
@@ -151,7 +140,7 @@ def test_the_sal_pass_after_resume_cache_builds_no_dense_mask_and_drafts_as_the_
     with monkeypatch.context() as m:
         _force_dense(m)
         want = run()
-    sizes = _dense_masks(monkeypatch)
+    sizes = dense_mask_sizes(monkeypatch)
     got = run()
     assert max(sizes, default=0) <= 64, f"dense attention masks over {sizes} new entries"
     assert got[3] == want[3] == r + M + 3
@@ -188,7 +177,7 @@ def test_a_long_later_message_prefills_without_a_dense_mask_and_answers_as_a_fre
     first = chat.generate(messages, max_new_tokens=6, reuse_prefix=True, speculative=speculative)
     messages += [{"role": "assistant", "content": first.text},
                  {"role": "user", "content": document(35, seed=5) + "\nWhat did the committee discuss?"}]
-    sizes = _dense_masks(monkeypatch)
+    sizes = dense_mask_sizes(monkeypatch)
     got = chat.generate(messages, max_new_tokens=8, reuse_prefix=True, speculative=speculative)
     assert max(sizes, default=0) <= 64, f"dense attention masks over {max(sizes)} new tokens"
     monkeypatch.undo()
