@@ -51,7 +51,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
     p.add_argument("--seed", type=int, default=None)
 
 
-def _load(args):
+def _load(args, prompt=None):
     """The engine, and how it decodes: (engine, speculative method or None, tree, speculation check or None)."""
     from .engine import Engine, check_max_new_tokens, check_stop
     from .sampling import SamplingParams
@@ -106,6 +106,12 @@ def _load(args):
                       f"--speculative auto decodes plainly")
         return engine, None, None, None
     if speculative is not None and engine.device.type == "cpu":
+        if prompt is not None:
+            # a prompt the cache cannot hold is named before the seconds of timing below, not after them
+            try:
+                engine._check_room(engine.encode_prompt(prompt, args.chat), args.max_new_tokens, 0)
+            except CacheFullError as e:
+                raise CacheFullError(_in_flag_terms(str(e))) from None
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
         # --tree (or --tree auto) the check also picks the fastest of the heads' recorded trees
         kind = speculative
@@ -245,7 +251,7 @@ def _generate_prompt(args):
 def cmd_generate(args) -> int:
     _check_stdout()
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
-    engine, speculative, tree, check = _load(args)
+    engine, speculative, tree, check = _load(args, prompt)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
     try:
         if args.json:

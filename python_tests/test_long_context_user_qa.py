@@ -235,3 +235,21 @@ def test_generate_from_stdin_names_the_flags_for_a_document_too_long(ggufs, monk
     assert main(args) == 0
     cap = capsys.readouterr()
     assert cap.out.strip() and re.search(r"prompt \d\d\d tok", cap.err), cap.err
+
+
+def test_generate_names_a_too_long_prompt_before_timing_speculation(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    """With heads loaded, `amphista generate` on a CPU timed speculation (seconds) before the run found the prompt
+    too long for the cache: the error now comes first, in the flags' names."""
+    import amphista_engine.speculation_check as sc
+    from amphista_engine.heads import save_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=256)
+    heads = random_heads("amphista", eng.model, num_heads=3, seed=1)
+    heads.config.extra = {"tree_search": {"decoding_tau": {"chain-3": 2.0}}}
+    save_heads(heads, tmp_path / "heads")
+    timed = []
+    monkeypatch.setattr(sc, "check_speculation", lambda *a, **k: timed.append(1) / 0)
+    args = ["generate", "word " * 300, "--model", str(tiny_hf_dir), "--device", "cpu", "--heads",
+            str(tmp_path / "heads"), "--max-seq-len", "128", "--max-new-tokens", "8", "--no-chat"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert timed == [] and "Traceback" not in err and "longer than the cache (--max-seq-len=128)" in err, err
