@@ -224,3 +224,24 @@ def test_a_public_medusa_folder_is_named_as_such(tiny_amphista_engine, tmp_path)
     for path in (folder, folder / "medusa_lm_head.pt"):
         with pytest.raises(ModelLoadError, match="public Medusa heads.*load_medusa_checkpoint"):
             tiny_amphista_engine.load_heads(str(path))
+
+
+def test_an_fp16_save_refuses_weights_fp16_cannot_hold(tmp_path):
+    """fp16 holds magnitudes up to 65504: heads with a larger weight were saved with inf in it (every draft NaN
+    after loading). The save now refuses by name and writes nothing; bf16 (the default) keeps it."""
+    import torch
+
+    from amphista_engine.errors import ConfigError
+    from amphista_engine.heads import load_heads, random_heads, save_heads
+    from conftest import random_tiny_model
+    model = random_tiny_model(seed=3)
+    heads = random_heads("medusa", model, num_heads=2, seed=1)
+    name, w = next((k, v) for k, v in heads.named_parameters() if v.dim() >= 2)
+    with torch.no_grad():
+        w.view(-1)[0] = 1e5
+    with pytest.raises(ConfigError, match=f"{name} reaches 1e\\+05, past fp16's largest value"):
+        save_heads(heads, tmp_path / "fp16", dtype="fp16")
+    assert not (tmp_path / "fp16").exists()
+    save_heads(heads, tmp_path / "bf16")
+    back = load_heads(tmp_path / "bf16", model)
+    assert torch.isfinite(dict(back.named_parameters())[name]).all()

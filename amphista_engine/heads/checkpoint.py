@@ -235,6 +235,14 @@ def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
     cfg.dtype = _dtype_name(dt)
     path = Path(directory)
     check_heads_folder(path)
+    if dt == torch.float16:
+        # fp16 holds magnitudes up to 65504: a larger weight would be written as inf, and every draft after it NaN
+        big = next(((k, v) for k, v in heads.state_dict().items()
+                    if v.is_floating_point() and v.numel() and float(v.detach().abs().max()) > 65504), None)
+        if big is not None:
+            raise ConfigError(f"heads weight {big[0]} reaches {float(big[1].detach().abs().max()):.4g}, past fp16's "
+                              "largest value (65504): saved in fp16 it would become inf; save in bf16 (the "
+                              "default) or fp32")
     path.mkdir(parents=True, exist_ok=True)
     # Only floating tensors take the save dtype: the draft vocabulary's token ids stay integers.
     state = {k: v.detach().to(device="cpu", dtype=dt if v.is_floating_point() else v.dtype).contiguous()
