@@ -362,11 +362,14 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         invariant = cache is not None and spec.decode and self.invariant_decode(cache)
+        # An ordered CPU decode step sums keys in position order, and keeps each row's bits in its packed products
+        # too, also past the 64 rows up to which they keep them anyway (a batch's trees)
+        ordered = cache is not None and spec.decode and self.orders_decode(cache)
         if cache is None:
             mask = spec.new_mask.expand(B, T, T) if spec is not None else None   # None: causal
         elif invariant:
             mask = gpu_exact.layout(spec.prefix_len, spec.new_mask)
-        elif spec.decode and self.orders_decode(cache) and not cpu_ops.orders_keys(cache.k):
+        elif ordered and not cpu_ops.orders_keys(cache.k):
             mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len, cache.k.dtype,
                                     self.config.n_heads // self.config.n_kv_heads)
         else:
@@ -374,9 +377,6 @@ class Transformer(nn.Module):
         # The row-invariant path keeps the layers unfused: the norms and the activation are row-wise launches,
         # the routed products fixed 16-row blocks for any row count. Fused, every GEMV program would redo the
         # prologue for all of a tree's rows (a 64-node step cost 5.3 plain steps on an H200, 2026-12-04).
-        # An ordered CPU decode step keeps each row's bits in its packed products too, also past the 64 rows up to
-        # which they keep them anyway (a batch's trees)
-        ordered = cache is not None and spec.decode and self.orders_decode(cache)
         with routed_linear.invariant_rows(invariant), cpu_packed.invariant_rows(ordered):
             return self._layers_and_head(self.tok_embeddings(tokens), self.rope[positions], cache, spec, mask,
                                          return_hidden, logits_at, fuse=not invariant)

@@ -342,12 +342,14 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
                                                  engine.device), engine.heads, spec, params, acceptance)
     dec = SpeculativeDecoder(engine.model, engine._cache_for(batch), engine.heads, spec, params, acceptance,
                              profile=getattr(engine, "profile", False))
-    if not engine.__dict__.get("_warned_unpacked_rows") and (why := unpacked_rows(engine.model, dec.cache)):
-        # Once per engine, as a warning rather than a refusal: the output is right up to those near-ties, and these
-        # setups are chosen on purpose (fp16, an A/B without packing). Silent, fp16 SmolLM2 left plain greedy's
-        # tokens in 3 of 12 answers (128 tokens; bf16 without packing: 2 of 4 on mc_sim_7b_63).
-        engine._warned_unpacked_rows = True
-        warnings.warn(why, stacklevel=2)
+    if "_checked_unpacked_rows" not in engine.__dict__:
+        # Once per engine (its linears and dtype are fixed: no need to walk its modules every run), as a warning
+        # rather than a refusal: the output is right up to those near-ties, and these setups are chosen on purpose
+        # (fp16, an A/B without packing). Silent, fp16 SmolLM2 left plain greedy's tokens in 3 of 12 answers (128
+        # tokens; bf16 without packing: 2 of 4 on mc_sim_7b_63).
+        engine._checked_unpacked_rows = True
+        if why := unpacked_rows(engine.model, dec.cache):
+            warnings.warn(why, stacklevel=2)
     return dec, extra
 
 
