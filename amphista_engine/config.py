@@ -1,4 +1,5 @@
-"""The Llama-family architecture description, read from a Hugging Face config.json or GGUF metadata."""
+"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3), read from a Hugging Face config.json or
+GGUF metadata."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,8 @@ from typing import Any
 from .errors import ConfigError, ModelLoadError
 from .values import is_integral, is_real
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic")
 
 
@@ -34,6 +36,11 @@ class ModelConfig:
     # Mistral v0.1 attends over the last `sliding_window` positions only; the model here attends over all of
     # them, which is the same math up to that many positions, so the engine caps its cache there.
     sliding_window: int | None = None
+    # The Llama layer's two variations that Qwen brought: biases on the q/k/v projections (Qwen2; Llama's and
+    # Qwen3's attention_bias also on o), and an RMSNorm over each head of q and k before RoPE (Qwen3).
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
@@ -65,10 +72,14 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise ConfigError(f"a model config must be a JSON object, got a {type(cfg).__name__}")
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        if cfg.get("model_type", "llama") not in ("llama", "mistral") or archs[0] not in SUPPORTED_ARCHS:
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in _MODEL_TYPES or archs[0] not in SUPPORTED_ARCHS:
             raise ConfigError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
                               f"amphista-engine runs Llama-family models: {', '.join(SUPPORTED_ARCHS)}")
         _check_hf_options(cfg)
+        # transformers' Qwen2 layers always carry q/k/v biases (no config key) and no o bias; attention_bias
+        # puts them on all four projections in Llama, Mistral and Qwen3.
+        attention_bias = bool(cfg.get("attention_bias", False))
         try:
             return cls(
                 vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
@@ -83,6 +94,7 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id") or [],
                 name=cfg.get("_name_or_path") or archs[0],
                 sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+                qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias, qk_norm=model_type == "qwen3",
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -122,9 +134,8 @@ _HF_ACTIVATIONS = ("silu", "swish")
 
 
 def _check_hf_options(cfg: dict[str, Any]) -> None:
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise ConfigError(f"{key}=true is not supported: amphista-engine's Llama layers have no biases")
+    if cfg.get("mlp_bias"):
+        raise ConfigError("mlp_bias=true is not supported: amphista-engine's MLP layers have no biases")
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act not in _HF_ACTIVATIONS:
         raise ConfigError(f"hidden_act {act!r} is not supported (Llama-family models use 'silu')")

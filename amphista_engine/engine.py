@@ -449,6 +449,8 @@ class Engine:
         check_batch_wide(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
                          acceptance=acceptance, reuse_prefix=reuse_prefix)
+        if speculative == "none":         # the CLI's word for plain decoding (--speculative none)
+            speculative = None
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):

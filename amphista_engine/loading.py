@@ -280,11 +280,17 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out[p + "feed_forward.w2.weight"] = get("mlp.down_proj.weight")
         out[p + "attention.wqkv.weight"] = _cat(p + "self_attn", [get(f"self_attn.{x}_proj.weight") for x in "qkv"])
         out[p + "feed_forward.w13.weight"] = _cat(p + "mlp", [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
-        for n in list(raw):
-            if n.startswith(p) and n.removeprefix(p) in _HF_LAYER_NAMES:
-                del raw[n]
+        if cfg.qkv_bias:
+            out[p + "attention.wqkv.bias"] = torch.cat([get(f"self_attn.{x}_proj.bias") for x in "qkv"])
+        if cfg.o_bias:
+            out[p + "attention.wo.bias"] = get("self_attn.o_proj.bias")
+        if cfg.qk_norm:
+            out[p + "attention.q_norm.weight"] = get("self_attn.q_norm.weight")
+            out[p + "attention.k_norm.weight"] = get("self_attn.k_norm.weight")
+        for n in _layer_shapes(cfg):
+            raw.pop(p + n, None)
     _refuse_unused(path, [n for n in raw if n.split(".")[0] in _HF_MODEL_PARTS
-                          and not n.endswith(".rotary_emb.inv_freq")], f"{cfg.n_layers} layers, no biases")
+                          and not n.endswith(".rotary_emb.inv_freq")], _config_says(cfg))
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -298,24 +304,44 @@ _HF_SHAPE_FIELDS = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab
                     "v_proj": "num_key_value_heads * head_dim, hidden_size",
                     "o_proj": "hidden_size, num_attention_heads * head_dim",
                     "gate_proj": "intermediate_size, hidden_size",
-                    "up_proj": "intermediate_size, hidden_size", "down_proj": "hidden_size, intermediate_size"}
+                    "up_proj": "intermediate_size, hidden_size", "down_proj": "hidden_size, intermediate_size",
+                    "q_norm": "head_dim", "k_norm": "head_dim"}
+
+
+def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each layer's tensors by Hugging Face name (less `model.layers.i.`) and the shape the config implies."""
+    D, In = cfg.dim, cfg.intermediate_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    out = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+           "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D), "self_attn.v_proj.weight": (kv, D),
+           "self_attn.o_proj.weight": (D, q), "mlp.gate_proj.weight": (In, D), "mlp.up_proj.weight": (In, D),
+           "mlp.down_proj.weight": (D, In)}
+    if cfg.qkv_bias:
+        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if cfg.o_bias:
+        out["self_attn.o_proj.bias"] = (D,)
+    if cfg.qk_norm:
+        out.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
+    return out
+
+
+def _config_says(cfg: ModelConfig) -> str:
+    extras = [what for on, what in ((cfg.qkv_bias, "q/k/v biases"), (cfg.o_bias, "an output-projection bias"),
+                                    (cfg.qk_norm, "q/k norms")) if on]
+    return f"{cfg.n_layers} layers, " + (" and ".join(extras) if extras else "no biases")
 
 
 def _config_shapes(cfg: ModelConfig, gguf: bool = False) -> dict[str, tuple[int, ...]]:
     """The shape the config implies for each checkpoint tensor, by its Hugging Face name (less `model.`) or, with
     `gguf`, its GGUF name."""
-    D, V, In = cfg.dim, cfg.vocab_size, cfg.intermediate_size
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "self_attn.q_proj": (q, D),
-             "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D), "self_attn.o_proj": (D, q),
-             "mlp.gate_proj": (In, D), "mlp.up_proj": (In, D), "mlp.down_proj": (D, In)}
+    D, V = cfg.dim, cfg.vocab_size
+    layer = _layer_shapes(cfg)
     top = ("token_embd", "output_norm", "output") if gguf else ("embed_tokens", "norm", "lm_head")
     out = {f"{top[0]}.weight": (V, D), f"{top[1]}.weight": (D,)}
     if not cfg.tie_word_embeddings:
         out[f"{top[2]}.weight"] = (V, D)
     for i in range(cfg.n_layers):
-        out.update({(f"blk.{i}.{_GGUF_OF_HF[n]}" if gguf else f"layers.{i}.{n}") + ".weight": s
-                    for n, s in layer.items()})
+        out.update({(f"blk.{i}.{_gguf_name(n)}" if gguf else f"layers.{i}.{n}"): s for n, s in layer.items()})
     return out
 
 
@@ -332,13 +358,10 @@ def _check_hf_shapes(path: Path, cfg: ModelConfig, raw: dict, names: dict):
                           f"e.g. {missing[:3]}{hint}")
     for n, shape in shapes.items():
         if tuple(raw[n].shape) != shape:
+            fields = _HF_SHAPE_FIELDS[n.split('.')[-2]]
+            fields = fields.split(", ")[0] if n.endswith(".bias") else fields
             raise ConfigError(f"{path}: tensor {shown(n)} has shape {tuple(raw[n].shape)}, but config.json implies "
-                              f"{shape} ({_HF_SHAPE_FIELDS[n.split('.')[-2]]})")
-
-
-_HF_LAYER_NAMES = {f"{m}.weight" for m in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
-                                           "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+                              f"{shape} ({fields})")
 
 
 def _check_float(where, name: str, t: torch.Tensor):
@@ -371,17 +394,22 @@ def _field(reader, key, default=None):
     return reader.meta.get(key, default)
 
 
+# GGUF architectures whose layers are this model's: llama.cpp's converter permutes the Q/K rows of `llama` files
+# only (its Qwen graphs use NeoX RoPE, the rotate-half convention, on rows as Hugging Face stores them).
+GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+
+
 def gguf_config(reader, path) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    a = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
-    missing = [f"llama.{k}" for k in ("embedding_length", "block_count", "attention.head_count",
-                                      "feed_forward_length") if a(k) is None]
+    if arch not in GGUF_ARCHS:
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")
+    a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    missing = [f"{arch}.{k}" for k in ("embedding_length", "block_count", "attention.head_count",
+                                       "feed_forward_length") if a(k) is None]
     if missing:
         raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
     if a("expert_count"):
-        raise ConfigError(f"{path}: GGUF llama.expert_count is {a('expert_count')}: mixture-of-experts models "
+        raise ConfigError(f"{path}: GGUF {arch}.expert_count is {a('expert_count')}: mixture-of-experts models "
                           "(Mixtral) are not supported")
     n_heads = a("attention.head_count")
     # No llama.vocab_size (older conversions): the embedding's rows, which may pad the token list.
@@ -389,8 +417,10 @@ def gguf_config(reader, path) -> ModelConfig:
     vocab = a("vocab_size") or (embd.shape[0] if embd is not None
                                 else len(reader.meta.get("tokenizer.ggml.tokens", ())))
     if not vocab:
-        raise ConfigError(f"{path}: GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
+        raise ConfigError(f"{path}: GGUF metadata gives no vocabulary size ({arch}.vocab_size or "
+                          "tokenizer.ggml.tokens)")
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names
     scaling = _gguf_rope_scaling(path, a)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     try:
@@ -401,12 +431,13 @@ def gguf_config(reader, path) -> ModelConfig:
             rope_theta=a("rope.freq_base", 10000.0), rope_scaling=scaling,
             max_position_embeddings=a("context_length", 4096), tie_word_embeddings=tied,
             bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=[] if eos is None else [eos],
-            name=_field(reader, "general.name", "llama"))
+            name=_field(reader, "general.name", arch), qkv_bias="blk.0.attn_q.bias" in names,
+            o_bias="blk.0.attn_output.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names)
     except ConfigError as e:
         raise ConfigError(f"{path}: GGUF metadata: {e}") from None
     rot = a("rope.dimension_count")
     if rot is not None and rot != cfg.head_dim:
-        raise ConfigError(f"{path}: GGUF llama.rope.dimension_count is {rot}, but heads are {cfg.head_dim} wide: "
+        raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot}, but heads are {cfg.head_dim} wide: "
                           "partial rotary embeddings are not supported")
     return cfg
 
@@ -435,11 +466,17 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_BLOCK = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")
 _GGUF_IGNORED = ("attn_rot_embd.weight",)      # old conversions' RoPE tables: recomputed here
 _GGUF_OF_HF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
+def _gguf_name(hf_layer_name: str) -> str:
+    """'self_attn.q_proj.bias' -> 'attn_q.bias': a layer tensor's GGUF name (less `blk.i.`)."""
+    module, _, kind = hf_layer_name.rpartition(".")
+    return f"{_GGUF_OF_HF[module]}.{kind}"
 
 
 def _check_gguf_tensors(reader, cfg: ModelConfig):
@@ -453,13 +490,14 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
     names = {t.name: t for t in reader.tensors}
     if "blk.0.attn_q.weight" not in names:
         raise ConfigError(f"{path}: GGUF file has no blk.0.attn_q.weight: not a llama-architecture checkpoint")
-    known = {f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in _GGUF_BLOCK}
+    block = [_gguf_name(n) for n in _layer_shapes(cfg)]
+    known = {f"blk.{i}.{n}" for i in range(cfg.n_layers) for n in block}
     unused = [n for n in names if n.startswith("blk.") and n not in known and not n.endswith(_GGUF_IGNORED)]
-    _refuse_unused(path, unused, f"{cfg.n_layers} layers, no biases")
+    _refuse_unused(path, unused, _config_says(cfg))
     for i in range(cfg.n_layers):
-        lacking = [n for n in _GGUF_BLOCK if f"blk.{i}.{n}.weight" not in names]
+        lacking = [n for n in block if f"blk.{i}.{n}" not in names]
         if lacking:
-            raise ConfigError(f"{path}: GGUF file lacks blk.{i}.{lacking[0]}.weight "
+            raise ConfigError(f"{path}: GGUF file lacks blk.{i}.{lacking[0]} "
                               f"(block_count says {cfg.n_layers} layers)")
         for n, heads in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads)):
             shape = names[f"blk.{i}.{n}.weight"].shape
@@ -470,7 +508,8 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
         if name not in names:
             raise ConfigError(f"{path}: GGUF file lacks tensor {name}")
         if names[name].shape != shape:
-            raise ConfigError(f"{path}: tensor {name} has shape {names[name].shape}, but the llama.* metadata "
+            raise ConfigError(f"{path}: tensor {name} has shape {names[name].shape}, but the "
+                              f"{_field(reader, 'general.architecture')}.* metadata "
                               f"(vocab_size, embedding_length, feed_forward_length, head counts) implies {shape}")
     freqs = names.get("rope_freqs.weight")
     if freqs is not None and freqs.shape != (cfg.head_dim // 2,):
@@ -488,12 +527,22 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out["output.weight"] = raw.pop("output.weight")
     if "rope_freqs.weight" in raw:
         out["rope_freqs.weight"] = raw.pop("rope_freqs.weight")
+    permuted = _field(reader, "general.architecture") == "llama"
     for i in range(cfg.n_layers):
         b, p = f"blk.{i}.", f"layers.{i}."
-        g = lambda n: raw[b + n + ".weight"]  # noqa: E731
-        q, k = _unpermute(g("attn_q"), cfg.n_heads), _unpermute(g("attn_k"), cfg.n_kv_heads)
-        out[p + "attention.wqkv.weight"] = _cat(p + "attention", [torch.from_numpy(x) for x in (q, k, g("attn_v"))])
+        g = lambda n, kind="weight": raw[f"{b}{n}.{kind}"]  # noqa: E731
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            q, k = g("attn_q", kind), g("attn_k", kind)
+            if permuted:
+                q, k = _unpermute(q, cfg.n_heads), _unpermute(k, cfg.n_kv_heads)
+            out[f"{p}attention.wqkv.{kind}"] = _cat(p + "attention",
+                                                    [torch.from_numpy(x) for x in (q, k, g("attn_v", kind))])
         out[p + "attention.wo.weight"] = g("attn_output")
+        if cfg.o_bias:
+            out[p + "attention.wo.bias"] = g("attn_output", "bias")
+        if cfg.qk_norm:
+            out[p + "attention.q_norm.weight"] = g("attn_q_norm")
+            out[p + "attention.k_norm.weight"] = g("attn_k_norm")
         out[p + "feed_forward.w13.weight"] = _cat(p + "ffn", [torch.from_numpy(g("ffn_gate")), torch.from_numpy(g("ffn_up"))])
         out[p + "feed_forward.w2.weight"] = g("ffn_down")
         out[p + "attention_norm.weight"] = g("attn_norm")

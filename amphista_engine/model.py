@@ -187,9 +187,12 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, q + 2 * kv, bias=False)   # one matmul instead of three
-        self.wo = nn.Linear(q, cfg.dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, q + 2 * kv, bias=cfg.qkv_bias)   # one matmul instead of three
+        self.wo = nn.Linear(q, cfg.dim, bias=cfg.o_bias)
         self.split = (q, kv, kv)
+        # Qwen3: an RMSNorm over each head's q and k, before RoPE
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
@@ -200,6 +203,8 @@ class Attention(nn.Module):
     def core(self, qkv, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """Attention between the projections: qkv [B, T, (H + 2 H_kv) D] -> [B, T, H D], before wo."""
         B, T, _ = qkv.shape
+        if self.q_norm is not None:
+            qkv = self.norm_qk(qkv)
         if cache is not None and isinstance(mask, str) and mask == CAUSAL_PREFILL:
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             kc, vc = cache.k[self.layer_idx, :B, :, :T], cache.v[self.layer_idx, :B, :, :T]
@@ -230,6 +235,15 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return out.transpose(1, 2).reshape(B, T, -1)
+
+
+    def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv with each head of q and k RMS-normalised (Qwen3), so every attention path after it runs unchanged."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.split, dim=-1)
+        q = self.q_norm(q.reshape(B, T, self.n_heads, self.head_dim)).reshape(B, T, -1)
+        k = self.k_norm(k.reshape(B, T, self.n_kv_heads, self.head_dim)).reshape(B, T, -1)
+        return torch.cat([q, k, v], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -338,7 +352,8 @@ class Transformer(nn.Module):
         """Whether this forward takes Block.forward_fused: the linears are routed and the step has few rows,
         the weight-streaming kernel's case. Training (tensors that need gradients) keeps the unfused layers,
         whose reference ops autograd knows."""
-        return self.fuse_decode_layers and self.routed() and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
+        return (self.fuse_decode_layers and self.routed() and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
+                and not (self.config.qkv_bias or self.config.o_bias))     # the fused GEMVs take no bias
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:

@@ -321,7 +321,7 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
     checks, called before its cache is allocated or grown (a refused call paid for a larger cache); where it returns
     False nothing is made: (None, extra). tree_room=False: no step runs (max_new_tokens=1), so no room is taken."""
     if method not in ("amphista", "medusa"):
-        raise InputError(f"speculative must be 'amphista', 'medusa', 'auto' or None, got {method!r}")
+        raise InputError(f"speculative must be 'amphista', 'medusa', 'auto' or None ('none'), got {method!r}")
     if engine.heads is None:
         raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., heads=\"default\")"
                          " for the shipped ones, heads=DIR for your own, or engine.load_heads(...)")

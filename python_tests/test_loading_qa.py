@@ -58,7 +58,6 @@ def variant(base, tmp_path, cfg=None, tensors=None) -> Path:
 # ---- config.json options the model does not implement -------------------------------------------------
 
 @pytest.mark.parametrize("update,match", [
-    ({"attention_bias": True}, "attention_bias=true"),
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method 'gptq'"),
@@ -68,6 +67,13 @@ def test_unimplemented_config_options_are_refused(base, tmp_path, update, match)
     with pytest.raises(ConfigError, match=match) as e:
         load_model(d)
     assert str(d / "config.json") in str(e.value)
+
+
+def test_attention_bias_without_bias_tensors_names_them(base, tmp_path):
+    """attention_bias=true is run (Llama and Qwen3 layers with biases, test_qwen_models.py); a checkpoint that says so
+    but has no biases is named by what it lacks."""
+    with pytest.raises(ConfigError, match=r"lacks 8 tensor\(s\) its config.json needs.*q_proj.bias"):
+        load_model(variant(base, tmp_path, cfg={"attention_bias": True}))
 
 
 @pytest.mark.parametrize("rope_scaling,match", [
@@ -203,7 +209,10 @@ def test_gguf_matches_the_hf_folder_greedy(base, tmp_path):
 
 @pytest.mark.parametrize("meta,edit,match", [
     ({}, lambda t: t.update({"blk.2.attn_q.weight": t["blk.0.attn_q.weight"]}), r"no place for .*blk\.2\.attn_q"),
-    ({}, lambda t: t.update({"blk.0.attn_q.bias": np.ones(64, np.float32)}), r"no place for .*blk\.0\.attn_q\.bias"),
+    # a q bias makes the file one with q/k/v biases (as Qwen2's), whose k and v biases are then missing
+    ({}, lambda t: t.update({"blk.0.attn_q.bias": np.ones(64, np.float32)}), r"lacks blk\.0\.attn_k\.bias"),
+    ({}, lambda t: t.update({"blk.1.attn_k_norm.weight": np.ones(16, np.float32)}),
+     r"no place for \(the config says 2 layers, no biases\).*blk\.1\.attn_k_norm"),
     ({"llama.expert_count": 8}, None, "expert_count is 8: mixture-of-experts"),
     ({"llama.rope.dimension_count": 8}, None, "dimension_count is 8, but heads are 16 wide"),
     ({}, lambda t: t.update({"blk.0.attn_q.weight": np.ones((60, 64), np.float32)}),

@@ -349,7 +349,7 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
         packed = [getattr(m, "_packed_native", None) for m in linears]
         norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
         if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
-                or any(m.bias is not None for m in linears)
+                or any(m.bias is not None for m in linears) or getattr(att, "q_norm", None) is not None
                 or any(w.dtype != dtype or not w.is_contiguous() for w in norms)):
             break
         eps |= {layer.attention_norm.eps, layer.ffn_norm.eps}

@@ -78,10 +78,13 @@ class RoutedLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) whose product goes through ops.linear."""
 
     def forward(self, x):
-        if self.bias is not None:
-            return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
-            return F.linear(x, self.weight)          # training: the kernels have no backward
+            return F.linear(x, self.weight, self.bias)          # training: the kernels have no backward
+        # A bias (Qwen's q/k/v) is added after the product, so the product keeps its row-invariant route
+        y = self._product(x)
+        return y if self.bias is None else y + self.bias
+
+    def _product(self, x):
         if _INVARIANT_ROWS.get():
             return ops.linear(x, self.weight, batch_invariant=True)
         if linear_choice.kernel_for(x, self.weight):

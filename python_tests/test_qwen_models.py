@@ -1,0 +1,252 @@
+"""Qwen2 / Qwen2.5 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm) targets: the same Llama layer with those two
+variations, loaded from Hugging Face folders and from GGUF files as llama.cpp writes them, checked against
+transformers' own models; and speculative decoding on them equal to plain decoding."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from amphista_engine import Engine
+from amphista_engine.errors import ConfigError
+from amphista_engine.heads import random_heads
+from amphista_engine.kernels import use_backend
+from amphista_engine.loading import load_model
+from conftest import TINY_HF, edited_copy, write_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+# Qwen3's head_dim is not dim / heads (Qwen3-0.6B: 1024 wide, 16 heads of 128): so here too
+KINDS = {"qwen2": {}, "qwen3": {"head_dim": 32}, "qwen3-attention-bias": {"attention_bias": True},
+         "llama-attention-bias": {"attention_bias": True}}
+
+
+def _hf_classes(kind):
+    family = kind.split("-")[0]
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}[family]
+    return getattr(transformers, name + "Config"), getattr(transformers, name + "ForCausalLM")
+
+
+def write_model(path, kind, seed=0):
+    Config, Model = _hf_classes(kind)
+    over = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(seed)
+    model = Model(Config(**over, **KINDS[kind]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):      # around 1, as trained norms are: q/k norms then matter
+                p.add_(1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, TINY_HF["vocab_size"])
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, write_model(path, request.param)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_logits_and_greedy_answers_match_transformers(tiny):
+    kind, path, hf = tiny
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=256)
+    cfg = engine.config
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) == {
+        "qwen2": (True, False, False), "qwen3": (False, False, True), "qwen3-attention-bias": (True, True, True),
+        "llama-attention-bias": (True, True, False)}[kind]
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(engine.model(ids, torch.arange(29)[None]), hf(ids).logits) < 1e-5
+    for prompt in ("The quick brown fox", "def f(x):"):
+        res = engine.generate(prompt, max_new_tokens=24, chat=False)
+        prompt_ids = engine.encode_prompt(prompt, chat=False)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt_ids):].tolist()
+        assert res.token_ids == ref[:len(res.token_ids)] and len(res.token_ids) == 24 or res.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("dtype,quant", [("fp32", "none"), ("bf16", "none"), ("fp32", "q4")])
+def test_speculative_greedy_equals_plain(tiny, dtype, quant):
+    kind, path, _ = tiny
+    if quant == "q4" and kind not in ("qwen2", "qwen3"):
+        pytest.skip("4-bit: one Qwen of each kind is enough")
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype=dtype, max_seq_len=256, quant=quant)
+    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
+    for prompt in ("The quick brown fox", "Hello, world! def f(x):"):
+        plain = engine.generate(prompt, max_new_tokens=40, chat=False, speculative="none")
+        for tree in ("dynamic-8", "chain-3"):
+            spec = engine.generate(prompt, max_new_tokens=40, chat=False, speculative="amphista", tree=tree)
+            assert spec.token_ids == plain.token_ids, (kind, dtype, quant, tree)
+
+
+def test_triton_backend_equals_torch(tiny):
+    kind, path, _ = tiny
+    if kind != "qwen3-attention-bias":
+        pytest.skip("one model with every variation is enough under the interpreter")
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=128)
+    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
+    out = {}
+    for name in ("torch", "triton"):
+        with use_backend(name):
+            out[name] = engine.generate("The quick brown fox", max_new_tokens=12, chat=False,
+                                        speculative="amphista", tree="dynamic-4").token_ids
+    assert out["triton"] == out["torch"]
+
+
+# ---- GGUF, as llama.cpp's converter writes Qwen files ----------------------------------------------------
+
+def write_qwen_gguf(hf_dir, out, arch, qtype="F32"):
+    """llama.cpp's convert_hf_to_gguf.py for Qwen2/Qwen3: `qwen2.*` / `qwen3.*` keys, Q/K rows as Hugging Face
+    stores them (no RoPE permutation: its Qwen graphs use NeoX RoPE), biases and q/k norms as F32 tensors."""
+    import gguf
+    from safetensors.numpy import load_file
+    w = load_file(str(hf_dir / "model.safetensors"))
+    c = json.loads((hf_dir / "config.json").read_text())
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    wr = gguf.GGUFWriter(str(out), arch)
+    wr.add_block_count(c["num_hidden_layers"])
+    wr.add_context_length(c["max_position_embeddings"])
+    wr.add_embedding_length(c["hidden_size"])
+    wr.add_feed_forward_length(c["intermediate_size"])
+    wr.add_head_count(c["num_attention_heads"])
+    wr.add_head_count_kv(c["num_key_value_heads"])
+    wr.add_key_length(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    wr.add_rope_freq_base(c["rope_theta"] if "rope_theta" in c else c["rope_parameters"]["rope_theta"])
+    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(c["vocab_size"] - len(tokens))]
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("qwen2")
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
+    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    for i in range(c["num_hidden_layers"]):
+        for h, g in per_layer.items():
+            for kind in ("weight", "bias"):
+                names[f"model.layers.{i}.{h}.{kind}"] = f"blk.{i}.{g}.{kind}"
+    for hf_name, g in names.items():
+        if hf_name in w:
+            x = w[hf_name].astype(np.float32)
+            if x.ndim == 2 and qtype != "F32":
+                qt = gguf.GGMLQuantizationType[qtype]
+                wr.add_tensor(g, gguf.quants.quantize(x, qt), raw_dtype=qt)
+            else:
+                wr.add_tensor(g, x)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_files_match_their_hf_folders(tiny, tmp_path, qtype):
+    kind, path, hf = tiny
+    if kind.startswith("llama"):
+        pytest.skip("llama GGUFs with biases: permuted rows, see test_llama_gguf_biases_are_unpermuted")
+    arch = kind.split("-")[0]
+    gguf_path = write_qwen_gguf(path, tmp_path / f"{arch}.gguf", arch, qtype)
+    loaded = load_model(str(gguf_path), dtype=torch.float32, device="cpu", max_seq_len=64)
+    ref = load_model(str(path), dtype=torch.float32, device="cpu", max_seq_len=64)
+    assert (loaded.config.qkv_bias, loaded.config.o_bias, loaded.config.qk_norm) == \
+        (ref.config.qkv_bias, ref.config.o_bias, ref.config.qk_norm)
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        err = _rel(loaded.model(ids, torch.arange(17)[None]), hf(ids).logits)
+    assert err < (1e-5 if qtype == "F32" else 3e-2), err
+    text = "The quick brown fox, def f(x):"      # Qwen's pre-tokenizer here (the test vocabulary is not Qwen's)
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode(text)) == text
+
+
+def test_llama_gguf_biases_are_unpermuted(tmp_path):
+    """llama.cpp permutes a `llama` file's q/k bias rows with their weights' (LlamaModel.modify_tensors)."""
+    from conftest import _permute_rope_rows, write_tiny_gguf
+    folder = tmp_path / "hf"
+    hf = write_model(folder, "llama-attention-bias")
+    w = {n: p.detach().numpy() for n, p in hf.state_dict().items()}
+
+    def add_biases(t):
+        for i in range(TINY_HF["num_hidden_layers"]):
+            p = f"model.layers.{i}.self_attn."
+            for hf_name, g, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2), ("v_proj", "attn_v", 0),
+                                      ("o_proj", "attn_output", 0)):
+                b = w[p + hf_name + ".bias"].astype(np.float32)
+                if heads:
+                    b = _permute_rope_rows(b, heads)
+                t[f"blk.{i}.{g}.bias"] = b
+
+    gguf_path = write_tiny_gguf(folder, tmp_path / "m.gguf", edit=add_biases)
+    loaded = load_model(str(gguf_path), dtype=torch.float32, device="cpu", max_seq_len=64)
+    assert loaded.config.qkv_bias and loaded.config.o_bias
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert _rel(loaded.model(ids, torch.arange(17)[None]), hf(ids).logits) < 1e-5
+
+
+# ---- what is refused, by name ----------------------------------------------------------------------------
+
+def test_a_qwen2_folder_without_its_biases_is_named(tmp_path):
+    folder = tmp_path / "hf"
+    write_model(folder, "qwen2")
+    bad = edited_copy(folder, tmp_path / "bad", tensors=lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    with pytest.raises(ConfigError, match=r"lacks 1 tensor\(s\).*model.layers.1.self_attn.k_proj.bias"):
+        load_model(str(bad))
+
+
+def test_a_bias_of_the_wrong_size_is_named(tmp_path):
+    folder = tmp_path / "hf"
+    write_model(folder, "qwen2")
+
+    def cut(t):
+        t["model.layers.0.self_attn.q_proj.bias"] = t["model.layers.0.self_attn.q_proj.bias"][:-2].clone()
+    bad = edited_copy(folder, tmp_path / "bad", tensors=cut)
+    with pytest.raises(ConfigError, match=r"q_proj.bias has shape \(62,\), but config.json implies \(64,\) "
+                                          r"\(num_attention_heads \* head_dim\)"):
+        load_model(str(bad))
+
+
+def test_q_k_norms_in_a_folder_whose_config_says_qwen2_are_refused(tmp_path):
+    folder = tmp_path / "hf"
+    write_model(folder, "qwen3")
+    bad = edited_copy(folder, tmp_path / "bad", cfg={"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    with pytest.raises(ConfigError, match="lacks"):         # a Qwen2 config needs q/k/v biases the file lacks
+        load_model(str(bad))
+    also = edited_copy(folder, tmp_path / "also", cfg={"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    with pytest.raises(ConfigError, match=r"no place for \(the config says 2 layers, no biases\).*q_norm"):
+        load_model(str(also))
+
+
+@pytest.mark.parametrize("update,match", [
+    ({"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}, "unsupported architecture"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
+])
+def test_other_qwen_variants_are_refused(tmp_path, update, match):
+    folder = tmp_path / "hf"
+    write_model(folder, "qwen3")
+    with pytest.raises(ConfigError, match=match):
+        load_model(str(edited_copy(folder, tmp_path / "bad", cfg=update)))
+
+
+def test_a_gguf_of_another_architecture_names_the_supported_ones(tmp_path):
+    folder = tmp_path / "hf"
+    write_model(folder, "qwen2")
+    path = write_qwen_gguf(folder, tmp_path / "m.gguf", "qwen2")
+    data = path.read_bytes().replace(b"qwen2", b"gemma", 1)     # general.architecture comes first
+    (tmp_path / "g.gguf").write_bytes(data)
+    with pytest.raises(ConfigError, match=r"architecture 'gemma' is not supported \(supported: llama, qwen2, qwen3\)"):
+        load_model(str(tmp_path / "g.gguf"))
