@@ -13,7 +13,7 @@ from .values import is_integral, is_real
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic")
+SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic", "yarn")
 
 
 @dataclass
@@ -125,6 +125,9 @@ def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     rs = dict(rs)
     rs.pop("rope_theta", None)
     kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in ("yarn", "llama3") and "original_max_position_embeddings" in cfg:
+        # transformers gives a top-level original_max_position_embeddings priority (standardize_rope_params)
+        rs["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
     return None if kind == "default" else rs
 
 
@@ -136,6 +139,9 @@ _HF_ACTIVATIONS = ("silu", "swish")
 def _check_hf_options(cfg: dict[str, Any]) -> None:
     if cfg.get("mlp_bias"):
         raise ConfigError("mlp_bias=true is not supported: amphista-engine's MLP layers have no biases")
+    partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"partial_rotary_factor={partial!r} is not supported: RoPE rotates whole heads here")
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act not in _HF_ACTIVATIONS:
         raise ConfigError(f"hidden_act {act!r} is not supported (Llama-family models use 'silu')")
@@ -171,3 +177,9 @@ def _check_rope_scaling(rs) -> None:
         if hi <= lo:
             raise ConfigError(f"model config: rope_scaling high_freq_factor ({hi}) must exceed "
                               f"low_freq_factor ({lo})")
+    if kind == "yarn":
+        for key in ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+                    "mscale_all_dim"):
+            value = rs.get(key)
+            if value is not None and (not is_real(value) or value <= 0):
+                raise ConfigError(f"model config: rope_scaling {key} must be a positive number, got {value!r}")

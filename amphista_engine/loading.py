@@ -421,7 +421,7 @@ def gguf_config(reader, path) -> ModelConfig:
                           "tokenizer.ggml.tokens)")
     names = {t.name for t in reader.tensors}
     tied = "output.weight" not in names
-    scaling = _gguf_rope_scaling(path, a)
+    scaling = _gguf_rope_scaling(path, a, arch)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     try:
         cfg = ModelConfig(
@@ -442,7 +442,7 @@ def gguf_config(reader, path) -> ModelConfig:
     return cfg
 
 
-def _gguf_rope_scaling(path, a) -> dict | None:
+def _gguf_rope_scaling(path, a, arch: str) -> dict | None:
     """RoPE scaling as llama.cpp reads it (llama-model.cpp): the type defaults to linear, and the factor is
     llama.rope.scaling.factor or, as 2023's convert.py wrote it for linear-scaled models (Vicuna v1.5 16k's),
     llama.rope.scale_linear. Reading only a 'linear' type ran those files unscaled: other angles than trained, silently.
@@ -457,8 +457,14 @@ def _gguf_rope_scaling(path, a) -> dict | None:
         return {"rope_type": "linear", "factor": factor}
     if stype == "none":
         return None
-    raise ConfigError(f"{path}: GGUF rope scaling {stype!r} (llama.rope.scaling.type) is not supported; "
-                      "amphista-engine runs none, linear and Llama-3's frequency factors (rope_freqs.weight)")
+    if stype == "yarn" and a("rope.scaling.yarn_log_multiplier") in (None, 0, 0.0) \
+            and a("rope.scaling.attn_factor") in (None, 1, 1.0):
+        # llama.cpp's rope_yarn: beta_fast 32, beta_slow 1, cos and sin times 1 + 0.1 ln(factor), as transformers
+        return {"rope_type": "yarn", "factor": factor,
+                "original_max_position_embeddings": a("rope.scaling.original_context_length")}
+    raise ConfigError(f"{path}: GGUF rope scaling {stype!r} ({arch}.rope.scaling.type) is not supported; "
+                      "amphista-engine runs none, linear, yarn (without attn_factor or yarn_log_multiplier) and "
+                      "Llama-3's frequency factors (rope_freqs.weight)")
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

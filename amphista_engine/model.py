@@ -139,6 +139,8 @@ def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) ->
         inv_freq = inv_freq / freq_factors.double()
     if kind == "linear":                  # with freq_factors too: llama.cpp applies both (freq_scale, factors)
         inv_freq = inv_freq / rs["factor"]
+    elif kind == "yarn":
+        inv_freq = _yarn_inv_freq(cfg, inv_freq, rs)
     elif kind == "llama3" and freq_factors is None:
         factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
         old_len = rs.get("original_max_position_embeddings", 8192)
@@ -150,6 +152,39 @@ def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) ->
     return inv_freq.float()
 
 
+def _yarn_inv_freq(cfg: ModelConfig, inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
+    """YaRN (transformers' _compute_yarn_parameters, llama.cpp's rope_yarn): frequencies that turn fewer than
+    beta_slow times over the trained length are interpolated (divided by the factor), those that turn more than
+    beta_fast times are kept, with a linear ramp between."""
+    d, base, factor = cfg.head_dim, cfg.rope_theta, rs["factor"]
+    trained = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def dim_of(turns):                 # the dimension whose frequency turns `turns` times over the trained length
+        return d * math.log(trained / (turns * 2 * math.pi)) / (2 * math.log(base))
+    lo, hi = dim_of(beta_fast), dim_of(beta_slow)
+    if rs.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - lo) / (hi - lo if hi != lo else 0.001)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What YaRN multiplies cos and sin by (so q.k by its square): 0.1 ln(factor) + 1 unless the config says."""
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) != "yarn":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    if rs.get("mscale") and rs.get("mscale_all_dim"):
+        return mscale(rs["factor"], rs["mscale"]) / mscale(rs["factor"], rs["mscale_all_dim"])
+    return mscale(rs["factor"])
+
+
 def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tensor:
     """[max_len, head_dim] as (cos | sin) halves, fp32: looked up by position, so any position order works."""
     # Dynamic NTK ("dynamic") is the unscaled table up to max_position_embeddings, as in transformers; past it
@@ -157,7 +192,9 @@ def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tenso
     # target refuses such lengths (check_rope_len). The heads' own tables stay unscaled.
     inv_freq = rope_inv_freq(cfg, freq_factors)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+    table = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    factor = rope_attention_factor(cfg)
+    return table if factor == 1.0 else table * factor
 
 
 def check_rope_len(cfg: ModelConfig, max_len: int) -> None:

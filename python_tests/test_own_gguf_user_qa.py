@@ -272,10 +272,11 @@ def test_llama3_factors_and_a_linear_factor_both_apply(tmp_path):
     assert rel_err(logits(model, IDS), hf_logits(hf, IDS)) < 1e-5
 
 
-@pytest.mark.parametrize("stype", ["yarn", "longrope"])
-def test_unsupported_rope_scaling_is_named(tmp_path, stype):
+@pytest.mark.parametrize("stype,extra", [("longrope", {}), ("yarn", {"llama.rope.scaling.attn_factor": 0.5})])
+def test_unsupported_rope_scaling_is_named(tmp_path, stype, extra):
+    """(YaRN itself runs: test_qwen_models.py; not with llama.cpp's extra attention factor.)"""
     write_llama_gguf(tmp_path / "m.gguf", meta={"llama.rope.scaling.type": stype, "llama.rope.scaling.factor": 4.0,
-                                                "llama.rope.scaling.original_context_length": 64})
+                                                "llama.rope.scaling.original_context_length": 64, **extra})
     with pytest.raises(ConfigError, match=rf"m\.gguf: GGUF rope scaling '{stype}' \(llama\.rope\.scaling\.type\) is "
                                           r"not supported; amphista-engine runs none, linear"):
         Engine.from_pretrained(str(tmp_path / "m.gguf"), device="cpu", max_seq_len=64)

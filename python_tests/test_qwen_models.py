@@ -250,3 +250,92 @@ def test_a_gguf_of_another_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "g.gguf").write_bytes(data)
     with pytest.raises(ConfigError, match=r"architecture 'gemma' is not supported \(supported: llama, qwen2, qwen3\)"):
         load_model(str(tmp_path / "g.gguf"))
+
+
+# ---- YaRN RoPE scaling (Qwen2.5's and Qwen3's long-context setting) ---------------------------------------
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="module")
+def yarn_qwen(tmp_path_factory):
+    """A Qwen2 trained on 64 positions, extended x4 by YaRN (as Qwen2.5's card adds to config.json for 128k)."""
+    path = tmp_path_factory.mktemp("yarn")
+    Config, Model = _hf_classes("qwen2")
+    over = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(3)
+    model = Model(Config(**{**over, "max_position_embeddings": 256}, rope_scaling=dict(YARN)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():     # sharp attention (larger q, k), so positions matter
+            p.normal_(0, 0.5 if "q_proj" in name or "k_proj" in name else 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, TINY_HF["vocab_size"])
+    return path, model.eval()
+
+
+def test_yarn_matches_transformers_past_the_trained_length(yarn_qwen, tmp_path):
+    path, hf = yarn_qwen
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    # as transformers 5 saves it (rope_parameters), and as older configs and Qwen's cards write it (rope_scaling)
+    old_style = edited_copy(path, tmp_path / "old", cfg={"rope_parameters": None, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}})
+    for folder in (path, old_style):
+        loaded = load_model(str(folder), dtype=torch.float32, device="cpu", max_seq_len=256)
+        assert loaded.config.rope_scaling["factor"] == 4.0
+        with torch.no_grad():
+            assert _rel(loaded.model(ids, torch.arange(200)[None]), ref) < 1e-5
+    # unscaled, the same weights give other logits: the test sees the scaling
+    plain = edited_copy(path, tmp_path / "plain", cfg={"rope_parameters": None, "rope_scaling": None,
+                                                        "rope_theta": 10000.0})
+    with torch.no_grad():
+        assert _rel(load_model(str(plain), dtype=torch.float32, device="cpu", max_seq_len=256).model(
+            ids, torch.arange(200)[None]), ref) > 1e-2
+
+
+def test_yarn_gguf_matches_transformers(yarn_qwen, tmp_path):
+    import gguf
+    path, hf = yarn_qwen
+    out = write_qwen_gguf(path, tmp_path / "y.gguf", "qwen2")
+    # llama.cpp's converter: qwen2.rope.scaling.{type, factor, original_context_length}
+    data = gguf.GGUFReader(str(out))
+    wr = gguf.GGUFWriter(str(tmp_path / "yarn.gguf"), "qwen2")
+    for field in data.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        wr.add_key_value(field.name, field.contents(), field.types[0],
+                         field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    wr.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    wr.add_rope_scaling_factor(4.0)
+    wr.add_rope_scaling_orig_ctx_len(64)
+    for t in data.tensors:
+        wr.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    loaded = load_model(str(tmp_path / "yarn.gguf"), dtype=torch.float32, device="cpu", max_seq_len=256)
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 200), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert _rel(loaded.model(ids, torch.arange(200)[None]), hf(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("rope_scaling,match", [
+    ({"rope_type": "yarn"}, "'yarn' needs a positive number 'factor'"),
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}, "beta_fast must be a positive number, got -1"),
+    ({"rope_type": "longrope", "factor": 4.0}, "rope_scaling type 'longrope' is not supported"),
+])
+def test_bad_yarn_settings_are_named(yarn_qwen, tmp_path, rope_scaling, match):
+    path, _ = yarn_qwen
+    bad = edited_copy(path, tmp_path / "bad", cfg={"rope_parameters": None, "rope_theta": 10000.0,
+                                                    "rope_scaling": rope_scaling})
+    with pytest.raises(ConfigError, match=match):
+        load_model(str(bad))
+
+
+def test_partial_rotary_embeddings_are_refused(tmp_path):
+    folder = tmp_path / "hf"
+    write_model(folder, "qwen2")
+    with pytest.raises(ConfigError, match=r"partial_rotary_factor=0.5 is not supported"):
+        load_model(str(edited_copy(folder, tmp_path / "bad", cfg={"partial_rotary_factor": 0.5})))
