@@ -339,3 +339,36 @@ def test_partial_rotary_embeddings_are_refused(tmp_path):
     write_model(folder, "qwen2")
     with pytest.raises(ConfigError, match=r"partial_rotary_factor=0.5 is not supported"):
         load_model(str(edited_copy(folder, tmp_path / "bad", cfg={"partial_rotary_factor": 0.5})))
+
+
+def test_4bit_qwen_layers_run_in_the_cpu_layer_stack(tiny, monkeypatch):
+    """csrc/cpu/decoder.h runs the q/k/v bias and the q/k norms itself (a 0.5B Qwen2.5-shaped random model's 4-bit
+    plain step: 15.5 ms there against 20-35 ms in the Python layer loop, dynamic-4 33 against 62 ms; 2-core Xeon);
+    its logits agree with the layer loop's. An output-projection bias keeps the loop."""
+    from amphista_engine.kernels import cpu_ops
+    from amphista_engine.model import AttentionSpec, causal_mask
+    from amphista_engine.kv_cache import KVCache
+    kind, path, _ = tiny
+    if cpu_ops.load_extension() is None:
+        pytest.skip("the cpu extension is not built")
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=128, quant="q4")
+    model, cfg = engine.model, engine.config
+    runs = cpu_ops.stack_runs(model.layers, model.norm, cfg, torch.float32, model)
+    assert runs == (not cfg.o_bias), kind
+    if not runs:
+        return
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 23), generator=torch.Generator().manual_seed(5))
+
+    def logits():
+        cache = KVCache.for_model(cfg, 1, 128, torch.float32, "cpu")
+        spec = AttentionSpec(torch.zeros(1, dtype=torch.long), causal_mask(23, "cpu"), kv_len=32)
+        with torch.inference_mode():
+            return model(ids, torch.arange(23)[None], cache, spec)
+
+    calls = []
+    real = cpu_ops.decoder_layers
+    monkeypatch.setattr(cpu_ops, "decoder_layers", lambda *a: calls.append(1) or real(*a))
+    stack = logits()
+    assert calls, "the layer stack did not run"
+    monkeypatch.setattr(cpu_ops, "decoder_layers", lambda *a: NotImplemented)
+    assert _rel(stack, logits()) < 1e-5

@@ -2,7 +2,8 @@
 
 Step latency depends on the shapes, not the values, so random weights of the right shape time a 7B/13B/33B
 target without downloading it. Shapes follow the checkpoints the Medusa and Amphista papers evaluate
-(Vicuna v1.3 = LLaMA-1 7B/13B/33B) and the model we ship (SmolLM2-135M-Instruct).
+(Vicuna v1.3 = LLaMA-1 7B/13B/33B), the model we ship (SmolLM2-135M-Instruct), and Qwen2.5 / Qwen3 (q/k/v biases,
+per-head q/k norms, GQA groups of 7 and 4).
 """
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ SHAPES: dict[str, dict] = {
                        norm_eps=1e-6, max_position_embeddings=2048),
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
                          norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
+                         norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+                         qkv_bias=True),
+    "qwen2.5-7b": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
+                       norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, qkv_bias=True),
+    "qwen3-0.6b": dict(vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       intermediate_size=3072, norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                       tie_word_embeddings=True, qk_norm=True),
+    "qwen3-8b": dict(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                     intermediate_size=12288, norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                     qk_norm=True),
     # Not a real model: a few-MB shape so smoke tests and CI can exercise the random-weights path.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                  max_position_embeddings=4096),
@@ -39,7 +51,8 @@ def shape_config(shape: str) -> ModelConfig:
 
 def param_count(cfg: ModelConfig) -> int:
     d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    per_layer = d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size + 2 * d
+    per_layer = (d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size + 2 * d + cfg.qkv_bias * (q + 2 * kv)
+                 + cfg.o_bias * d + cfg.qk_norm * 2 * cfg.head_dim)
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
     return cfg.n_layers * per_layer + cfg.vocab_size * d + head + d
 

@@ -331,8 +331,9 @@ def stack_runs(layers, final_norm, cfg, dtype, owner) -> bool:
 
 
 def _layer_table(layers, final_norm, cfg, dtype, owner):
-    """[L, 10] int64 addresses of each layer's norms and packed weights (decoder.h LayerField order), cached on
-    `owner`; None when a layer is not all 4-bit codes of the cpu kernel (or shapes, dtypes or eps do not fit)."""
+    """[L, 13] int64 addresses of each layer's norms and packed weights, and of its q/k/v bias and q/k norms or 0
+    (decoder.h LayerField order), cached on `owner`; None when a layer is not all 4-bit codes of the cpu kernel
+    (or shapes, dtypes or eps do not fit, or wo has a bias)."""
     first, last = layers[0], layers[-1]
     key = (dtype, len(layers), id(first), id(getattr(first.attention.wqkv, "_packed_native", None)),
            id(getattr(last.feed_forward.w2, "_packed_native", None)), final_norm.weight.data_ptr())
@@ -348,17 +349,20 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
         linears = (att.wqkv, att.wo, ffn.w13, ffn.w2)
         packed = [getattr(m, "_packed_native", None) for m in linears]
         norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+        q_norm, k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)      # Qwen3's
+        extras = (att.wqkv.bias, None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight)
         if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
-                or any(m.bias is not None for m in linears) or getattr(att, "q_norm", None) is not None
-                or any(w.dtype != dtype or not w.is_contiguous() for w in norms)):
+                or any(m.bias is not None for m in linears[1:]) or (q_norm is None) != (k_norm is None)
+                or any(w is not None and (w.dtype != dtype or not w.is_contiguous()) for w in norms + extras)):
             break
-        eps |= {layer.attention_norm.eps, layer.ffn_norm.eps}
+        eps |= {layer.attention_norm.eps, layer.ffn_norm.eps} | ({q_norm.eps, k_norm.eps} if q_norm else set())
         row = [norms[0].data_ptr()]
         for p in packed[:2]:
             row += [p.codes.data_ptr(), p.scales.data_ptr()]
         row.append(norms[1].data_ptr())
         for p in packed[2:]:
             row += [p.codes.data_ptr(), p.scales.data_ptr()]
+        row += [0 if t is None else t.data_ptr() for t in extras]
         rows.append(row)
     else:
         if len(eps) == 1 and final_norm.weight.dtype == dtype and final_norm.weight.is_contiguous():

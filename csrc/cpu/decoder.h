@@ -5,7 +5,8 @@
 // ~13 ms step. Here the same kernels run back to back over scratch buffers, in the order and with the rounding
 // of Block.forward (kernels/reference.py):
 //   h = attention_norm(x)                      (first layer; later ones get h from the add + norm before)
-//   q = RoPE + cache write (wqkv(h))           qkv_rope_write
+//   qkv = wqkv(h) (+ bias: Qwen2), then each head of q and k RMS-normalised (Qwen3), as Attention.norm_qk
+//   q = RoPE + cache write (qkv)               qkv_rope_write
 //   a = tree_attention(q, cache)               keys in position order
 //   x, h = add_rmsnorm(wo(a), x, ffn_norm)
 //   x, h = add_rmsnorm(w2(silu(g) * u), x, next_norm)   with g | u = w13(h); next_norm: the next layer's
@@ -25,10 +26,11 @@
 namespace amphista_cpu {
 
 // One row of the layer table (an int64 tensor [L, kLayerFields] of addresses): the packed weights of
-// cpu_ops.PackedWeights (codes, scales) and the norms' weights in the model dtype.
+// cpu_ops.PackedWeights (codes, scales) and the norms' weights in the model dtype; the q/k/v bias and the
+// q and k norms' weights in the model dtype, or 0 where the layer has none.
 enum LayerField : int {
   kAttnNorm = 0, kWqkvCodes, kWqkvScales, kWoCodes, kWoScales, kFfnNorm, kW13Codes, kW13Scales, kW2Codes,
-  kW2Scales, kLayerFields
+  kW2Scales, kWqkvBias, kQNorm, kKNorm, kLayerFields
 };
 
 struct DecoderArgs {
@@ -76,6 +78,36 @@ AMPHISTA_INLINE void silu_mul_rows(const SiluArgs& a, int64_t c0, int64_t c1) { 
 AMPHISTA_ISA_VARIANTS(silu_mul_f32, SiluArgs, silu_mul_rows<F32>(a, r0, r1))
 AMPHISTA_ISA_VARIANTS(silu_mul_bf16, SiluArgs, silu_mul_rows<BF16>(a, r0, r1))
 
+// The q/k/v projection's epilogue, in place on qkv [rows, (H + 2 H_kv) D]: + bias (rounded to the dtype once, as
+// torch adds), then RMSNorm over each head of q (q_norm) and of k (k_norm). Either part may be absent.
+struct QkvEpilogueArgs {
+  void* qkv;
+  const void* bias;    // [(H + 2 H_kv) D] or nullptr
+  const void* q_norm;  // [D] or nullptr (then k_norm is too)
+  const void* k_norm;
+  int64_t H, H_kv, D;
+  float eps;
+};
+
+template <class L>
+AMPHISTA_INLINE void qkv_epilogue_rows(const QkvEpilogueArgs& a, int64_t r0, int64_t r1) {
+  using T = typename L::T;
+  const int64_t width = (a.H + 2 * a.H_kv) * a.D;
+  const T* b = static_cast<const T*>(a.bias);
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = static_cast<T*>(a.qkv) + r * width;
+    if (b != nullptr)
+      for (int64_t j = 0; j < width; ++j) L::store(row, j, L::load(row, j) + L::load(b, j));
+    if (a.q_norm != nullptr)
+      for (int64_t h = 0; h < a.H + a.H_kv; ++h)
+        norm_one<L>(row + h * a.D, static_cast<const T*>(h < a.H ? a.q_norm : a.k_norm), row + h * a.D, a.D,
+                    a.eps);
+  }
+}
+
+AMPHISTA_ISA_VARIANTS(qkv_epilogue_f32, QkvEpilogueArgs, qkv_epilogue_rows<F32>(a, r0, r1))
+AMPHISTA_ISA_VARIANTS(qkv_epilogue_bf16, QkvEpilogueArgs, qkv_epilogue_rows<BF16>(a, r0, r1))
+
 inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
   const int64_t R = a.B * a.T, es = a.dtype == DType::kFloat32 ? 4 : 2;
   const int64_t qkv_w = (a.H + 2 * a.H_kv) * a.D, attn_w = a.H * a.D;
@@ -105,6 +137,17 @@ inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
   for (int64_t l = 0; l < a.L; ++l) {
     const int64_t* row = a.table + l * kLayerFields;
     matmul(a.h, a.d, row, kWqkvCodes, qkv_w, qkv);
+    if (row[kWqkvBias] != 0 || row[kQNorm] != 0) {
+      const QkvEpilogueArgs e{qkv, reinterpret_cast<const void*>(row[kWqkvBias]),
+                              reinterpret_cast<const void*>(row[kQNorm]), reinterpret_cast<const void*>(row[kKNorm]),
+                              a.H, a.H_kv, a.D, a.eps};
+      parallel_rows(R, 3 * qkv_w, threads, [&](int64_t r0, int64_t r1) {
+        if (a.dtype == DType::kFloat32)
+          qkv_epilogue_f32(e, r0, r1);
+        else
+          qkv_epilogue_bf16(e, r0, r1);
+      });
+    }
     char* k_layer = static_cast<char*>(a.k_cache) + l * layer_elems * es;
     char* v_layer = static_cast<char*>(a.v_cache) + l * layer_elems * es;
     qkv_rope_write(QkvRopeWriteArgs{qkv, a.T * qkv_w, qkv_w, a.rope, a.rope_sb, a.D, k_layer, v_layer,

@@ -21,6 +21,28 @@ struct NormArgs {
   float eps;
 };
 
+// One row: out = round(s * rsqrt(mean(s^2) + eps)) * w. out may be s (in place: each element is read before
+// it is written).
+template <class L>
+AMPHISTA_INLINE void norm_one(const typename L::T* s, const typename L::T* w, typename L::T* out, int64_t d,
+                              float eps) {
+  float part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const float v = L::load(s, j + k);
+      part[k] += v * v;
+    }
+  for (int64_t k = 0; j + k < d; ++k) {
+    const float v = L::load(s, j + k);
+    part[k] += v * v;
+  }
+  float total = 0.f;
+  for (int64_t k = 0; k < kLanes; ++k) total += part[k];
+  const float inv = 1.f / std::sqrt(total / float(d) + eps);
+  for (int64_t k = 0; k < d; ++k) L::store(out, k, L::round(L::load(s, k) * inv) * L::load(w, k));
+}
+
 template <class L>
 AMPHISTA_INLINE void norm_rows(const NormArgs& a, int64_t r0, int64_t r1) {
   using T = typename L::T;
@@ -35,21 +57,7 @@ AMPHISTA_INLINE void norm_rows(const NormArgs& a, int64_t r0, int64_t r1) {
       for (int64_t j = 0; j < a.d; ++j) L::store(sum, j, L::load(x, j) + L::load(res, j));
       s = sum;
     }
-    float part[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= a.d; j += kLanes)
-      for (int64_t k = 0; k < kLanes; ++k) {
-        const float v = L::load(s, j + k);
-        part[k] += v * v;
-      }
-    for (int64_t k = 0; j + k < a.d; ++k) {
-      const float v = L::load(s, j + k);
-      part[k] += v * v;
-    }
-    float total = 0.f;
-    for (int64_t k = 0; k < kLanes; ++k) total += part[k];
-    const float inv = 1.f / std::sqrt(total / float(a.d) + a.eps);
-    for (int64_t k = 0; k < a.d; ++k) L::store(out, k, L::round(L::load(s, k) * inv) * L::load(w, k));
+    norm_one<L>(s, w, out, a.d, a.eps);
   }
 }
 
