@@ -273,7 +273,6 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return out.transpose(1, 2).reshape(B, T, -1)
 
-
     def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv with each head of q and k RMS-normalised (Qwen3), so every attention path after it runs unchanged."""
         B, T, _ = qkv.shape
