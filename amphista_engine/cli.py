@@ -460,9 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     from .evaluation.commands import register as register_evaluation
+    from .serving.commands import register as register_serving
     from .training.commands import register as register_training
     register_training(sub)
     register_evaluation(sub)
+    register_serving(sub)
     return parser
 
 

@@ -354,7 +354,7 @@ class Engine:
                 + f" exceeds the cache (max_seq_len={self.max_seq_len}) by {need - self.max_seq_len}; raise "
                 f"max_seq_len or lower max_new_tokens" + drop
                 + ("; or decode plainly (speculative=None, or 'auto', which does so where only the tree's room "
-                   "is missing)" if tree_only else "") + past)
+                   "is missing)" if tree_only else "") + past, tree_room=extra or 0)
 
     def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest

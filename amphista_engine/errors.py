@@ -18,7 +18,13 @@ class InputError(AmphistaError, ValueError):
 
 
 class CacheFullError(InputError):
-    """The prompt, or the prompt plus max_new_tokens (and a tree's room), does not fit the KV cache."""
+    """The prompt, or the prompt plus max_new_tokens (and a tree's room), does not fit the KV cache.
+    tree_room: the scratch slots of the speculative tree the request counted (0: none), for a caller that cuts
+    max_new_tokens to fit (the server does) rather than reading it out of the message."""
+
+    def __init__(self, message: str = "", tree_room: int = 0):
+        super().__init__(message)
+        self.tree_room = tree_room
 
 
 class HeadsMismatchError(AmphistaError, ValueError):

@@ -1,0 +1,63 @@
+"""`amphista serve`: the argparse subcommand; amphista_engine/cli.py adds it with `register(sub)`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = (
+    "An OpenAI-compatible HTTP server (standard library only): POST /v1/chat/completions and /v1/completions "
+    "(streamed as Server-Sent Events with \"stream\": true), GET /v1/models and /health. One engine decodes one "
+    "request at a time (it has one KV cache): requests that arrive meanwhile wait their turn. The sampling flags "
+    "set what a request that leaves the field out gets (--temperature 0, the default: greedy; --max-new-tokens: "
+    "max_tokens, cut to the room the prompt leaves in --max-seq-len); a request may also send the non-OpenAI "
+    "fields speculative, tree, top_k and repetition_penalty. Ctrl-C stops it.")
+
+
+def cmd_serve(args) -> int:
+    from ..cli import _load
+    from ..sampling import SamplingParams
+    from .server import OpenAIApp, bind
+
+    # the port first: one in use is named before seconds of loading, and clients that connect while the model
+    # loads wait in the listen queue rather than being refused
+    httpd = bind(args.host, args.port)
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)   # named here
+        # --max-new-tokens is the default of requests without max_tokens, cut to the room each prompt leaves: a
+        # --max-seq-len 256 server is not refused for the default 512 (generate refuses it: one prompt, one answer)
+        over = {"max_new_tokens": min(args.max_new_tokens, max(1, args.max_seq_len - 1))}
+        if args.temperature == 0:
+            # _load warns that --seed/--top-p/--top-k do nothing with greedy decoding: here they are the defaults
+            # of requests that sample (send a temperature), so they do something
+            over.update(top_k=0, top_p=1.0, seed=None)
+        load_args = argparse.Namespace(**{**vars(args), **over})
+        engine, speculative, tree, _ = _load(load_args)
+        defaults = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                        seed=args.seed)
+        httpd.app = OpenAIApp(engine, model_id=args.model, speculative=speculative,
+                              tree=tree if speculative is not None else None, defaults=defaults, quiet=args.quiet)
+        method = "plain decoding" if speculative is None else f"speculative {speculative}" + (
+            f", tree {tree}" if tree else "")
+        print(f"serving {args.model} ({method}) at {httpd.url}/v1 (OpenAI-compatible; one "
+              f"request at a time; Ctrl-C stops)", file=sys.stderr, flush=True)
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+    return 0
+
+
+def register(sub) -> None:
+    """Adds the serve subcommand to an argparse subparsers object."""
+    from ..cli import _add_decoding_args, _add_model_args, _add_sampling_args
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions); "
+                       "one request at a time", description=DESCRIPTION)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    _add_model_args(s)
+    _add_decoding_args(s)
+    _add_sampling_args(s, max_new_tokens=512)
+    s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
+    s.set_defaults(func=cmd_serve)

@@ -1,0 +1,586 @@
+"""An OpenAI-compatible HTTP API over one Engine: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+Standard library only (http.server, json). The engine has one KV cache, so requests are decoded one at a time:
+a lock serialises them, and a request that arrives while another decodes waits for it. Streamed replies are
+Server-Sent Events as OpenAI sends them. Errors are OpenAI's JSON error object: 400 for a bad request (the engine's
+own InputError messages, which name the problem), 404 for an unknown path, 500 for anything else (a bug: the
+traceback goes to the server's stderr, never into the reply, and the server goes on serving).
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
+
+# What a request that leaves a field out gets (`amphista serve` sets them from its sampling flags). temperature 0:
+# greedy, as the engine and the other commands default to (OpenAI's own default is 1).
+DEFAULTS = dict(max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, stop=None, seed=None)
+MAX_BODY = 32 << 20          # bytes: a request body past this is refused (413) without reading it
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+SPECULATIVE = ("auto", "amphista", "medusa", "none")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+# OpenAI fields this server does not implement: refused where they ask for something (a client sending the default
+# value, as many do, is served). name -> (the values that ask for nothing, what to say)
+UNSUPPORTED = {
+    "logprobs": ((None, False, 0), "logprobs are not returned by this server"),
+    "top_logprobs": ((None, 0), "logprobs are not returned by this server"),
+    "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported; use repetition_penalty "
+                                         "(CTRL's, as transformers' generate)"),
+    "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported; use repetition_penalty "
+                                          "(CTRL's, as transformers' generate)"),
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+    "tools": ((None, []), "tools (function calling) are not supported by this server"),
+    "functions": ((None, []), "functions (function calling) are not supported by this server"),
+    "tool_choice": ((None, "none", "auto"), "tool_choice is not supported (no tools)"),
+    "function_call": ((None, "none", "auto"), "function_call is not supported (no tools)"),
+    "response_format": ((None, {"type": "text"}), "response_format other than {\"type\": \"text\"} is not supported"),
+    "best_of": ((None, 1), "best_of other than 1 is not supported"),
+    "echo": ((None, False), "echo is not supported"),
+    "suffix": ((None, ""), "suffix (insertion) is not supported"),
+}
+CHAT_ONLY = {"logit_bias", "tools", "functions", "tool_choice", "function_call", "response_format", "top_logprobs",
+             "logprobs", "presence_penalty", "frequency_penalty"}
+COMPLETION_ONLY = {"best_of", "echo", "suffix", "logprobs", "logit_bias", "presence_penalty", "frequency_penalty"}
+
+
+class ApiError(Exception):
+    """A request the server refuses: OpenAI's error object with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: bool = False) -> ApiError:
+    """An engine error as the API's: its message in the request's field names (max_tokens, not max_new_tokens;
+    the cache is the server's --max-seq-len). tree_given: the request named a tree, which a ConfigError (an unknown
+    tree, bad paths, a tree deeper than the heads) is about."""
+    message = str(e).replace("max_new_tokens", "max_tokens").replace(
+        "max_seq_len", "the server's --max-seq-len").replace("speculative=None", "speculative='none'")
+    if isinstance(e, CacheFullError):       # OpenAI's status and code for a prompt past the context
+        return ApiError(400, message, prompt_field, "context_length_exceeded")
+    if isinstance(e, InputError):
+        m = re.match(r"(\w+)", message)
+        field = m.group(1) if m else None
+        param = field if field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
+                                   "max_tokens", "speculative", "tree", "acceptance") else None
+        return ApiError(400, message, param)
+    if isinstance(e, ConfigError) and tree_given and "tree" in message:
+        return ApiError(400, message, "tree")
+    # NonFiniteError (the model's logits overflowed), a model's broken chat template: the server's, not the client's
+    return ApiError(500, message, kind="server_error")
+
+
+def _not_utf8(text: str) -> bool:
+    """JSON's \\ud800 escapes decode to lone surrogates, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _text(value, param: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{param} must be a string, got {_json_type(value)}", param)
+    if _not_utf8(value):
+        raise ApiError(400, f"{param} is not valid Unicode (a lone surrogate escape such as \\ud800)", param)
+    return value
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__) + f" ({json.dumps(value)[:60]})"
+
+
+def _content(content, i: int, role: str) -> str:
+    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts (joined by newlines,
+    as vLLM joins them)."""
+    param = f"messages[{i}].content"
+    if content is None and role == "assistant":      # an assistant turn that only called tools has none
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else None
+                raise ApiError(400, f"{param}[{j}] is not a text part ({{\"type\": \"text\", \"text\": ...}})"
+                               + (f": {kind!r} parts are not supported by this text-only model" if kind else ""),
+                               param)
+            texts.append(_text(part.get("text"), f"{param}[{j}].text"))
+        return "\n".join(texts)
+    return _text(content, param)
+
+
+def _messages(body) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError(400, "'messages' is a required field: a list of {\"role\": ..., \"content\": ...} objects",
+                       "messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, f"messages must be a non-empty array of message objects, got {_json_type(messages)}",
+                       "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content', got {_json_type(m)}",
+                           f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of 'system', 'user', 'assistant' (or 'developer', "
+                           f"taken as 'system'), got {json.dumps(role)}" + (
+                               ": tool and function messages are not supported by this server"
+                               if role in ("tool", "function") else ""), f"messages[{i}].role")
+        out.append({"role": ROLES[role], "content": _content(m.get("content"), i, role)})
+    return out
+
+
+def _prompt(body) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]          # OpenAI's one-prompt batch
+    if prompt is None:
+        raise ApiError(400, "'prompt' is a required field (a string)", "prompt")
+    if isinstance(prompt, list):
+        raise ApiError(400, "prompt must be one string: several prompts, and prompts given as token ids, are not "
+                       "supported (one request per prompt)", "prompt")
+    return _text(prompt, "prompt")
+
+
+def _max_tokens(body) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):     # the newer name first, as OpenAI reads them
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(400, f"{name} must be a positive integer, got {_json_type(value)}", name)
+        return value
+    return None
+
+
+def _unsupported(body, fields):
+    for name in fields:
+        allowed, why = UNSUPPORTED[name]
+        if name in body and body[name] not in allowed:
+            raise ApiError(400, f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
+
+
+class OpenAIApp:
+    """The API over one engine: what each request decodes, and how its reply reads. speculative/tree: the server's
+    default way of decoding (a request may name its own); defaults: the sampling values a request leaves out
+    (DEFAULTS' keys)."""
+
+    def __init__(self, engine, model_id: str | None = None, speculative: str | None = None, tree=None,
+                 defaults: dict | None = None, quiet: bool = False, log=None):
+        self.engine = engine
+        self.model_id = model_id or str(getattr(engine, "loaded_name", "model"))
+        self.speculative, self.tree = speculative, tree
+        self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.quiet = quiet
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.lock = threading.Lock()       # one run at a time: the engine has one KV cache
+        self.created = int(time.time())
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def decoding(self, body: dict, prompt, chat: bool | None) -> dict:
+        """The keyword arguments of engine.stream_batch for this request (checked by the engine itself)."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+        n = body.get("n")
+        if n is not None and n != 1:
+            raise ApiError(400, f"n must be 1: this server decodes one choice per request, got {_json_type(n)}", "n")
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise ApiError(400, f"stream must be true or false, got {_json_type(stream)}", "stream")
+        d = self.defaults
+        kwargs = {}
+        for key in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"):
+            value = body.get(key)
+            if key != "stop" and isinstance(value, (list, dict)):
+                # the engine's word for a list here is about batches ("per-prompt settings"): not this request's
+                raise ApiError(400, f"{key} must be a number, got {_json_type(value)}", key)
+            kwargs[key] = d[key] if value is None else value
+        if isinstance(kwargs["stop"], list) and not kwargs["stop"]:      # OpenAI's "no stop strings"
+            kwargs["stop"] = None
+        stops = kwargs["stop"]          # its type is the engine's to refuse (check_stop), by name
+        for s in [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []:
+            if isinstance(s, str) and _not_utf8(s):
+                raise ApiError(400, "a stop string is not valid Unicode (a lone surrogate escape)", "stop")
+        speculative, tree = self.speculative, self.tree
+        if body.get("speculative") is not None:
+            speculative = body["speculative"]
+            if speculative not in SPECULATIVE:
+                raise ApiError(400, f"speculative must be one of {', '.join(map(repr, SPECULATIVE))}, got "
+                               f"{_json_type(speculative)}", "speculative")
+            speculative = None if speculative == "none" else speculative
+            if speculative is None or body.get("tree") is None:
+                tree = None         # the server's --tree was meant for its own method, not this request's
+        if body.get("tree") is not None:
+            tree = body["tree"]
+            # A request must not make the server open files of its choosing: tree files are the operator's
+            if isinstance(tree, str) and (tree.endswith(".json") or "/" in tree or "\\" in tree):
+                raise ApiError(400, f"tree {tree!r} names a file: a request may name a tree (e.g. 'mix-4', "
+                               f"'dynamic-8') or give its paths as a list; tree files are read only from the "
+                               f"server's --tree", "tree")
+        kwargs.update(speculative=speculative, tree=tree, chat=chat)
+        max_new = _max_tokens(body)
+        if max_new is None:
+            # Left out: the server's default, cut to the room the prompt leaves in the cache (as OpenAI's models
+            # answer up to their context), rather than refused as too long for it.
+            max_new = d["max_new_tokens"]
+            try:
+                room = self.engine.max_seq_len - len(self.engine.encode_prompt(prompt, chat))
+            except InputError:
+                room = 0            # the run names it below
+            kwargs["cut_to_room"] = max_new > room      # the run may cut it further for a tree's room (start)
+            max_new = max(1, min(max_new, room))
+        kwargs["max_new_tokens"] = max_new
+        return kwargs
+
+    def start(self, prompt, kwargs: dict):
+        """engine.stream_batch for this request (its checks raise here, before any reply is sent)."""
+        max_new, cut = kwargs.pop("max_new_tokens"), kwargs.pop("cut_to_room", False)
+        try:
+            return self.engine.stream_batch([prompt], max_new, **kwargs)
+        except CacheFullError as e:
+            # A default cut to the cache's room leaves none for an explicit speculative method's tree (under
+            # "auto" the engine decodes plainly there by itself): cut it by the tree's room too, rather than
+            # refuse a request that never set max_tokens.
+            if not cut or not e.tree_room or max_new - e.tree_room < 1:
+                raise
+            return self.engine.stream_batch([prompt], max_new - e.tree_room, **kwargs)
+
+    def method(self, result) -> str | None:
+        from ..cli import _method
+        return _method(self.engine, result)
+
+    def extra(self, result) -> dict:
+        """The non-standard "amphista" key: how the answer was decoded, and the engine's stats (tau, timings)."""
+        return {"speculative": self.method(result), "engine_finish_reason": result.finish_reason,
+                **result.stats.to_dict()}
+
+    @staticmethod
+    def usage(result) -> dict:
+        p, c = len(result.prompt_token_ids), len(result.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"      # keep-alive for JSON replies (Content-Length); SSE replies close instead
+    timeout = 300                      # s: a client that stops reading must not hold the engine for ever
+    server: "AmphistaHTTPServer"
+
+    @property
+    def app(self) -> OpenAIApp:
+        return self.server.app
+
+    # ---- plumbing -------------------------------------------------------------------------------------------
+    def version_string(self):
+        from .. import __version__
+        return f"amphista-engine/{__version__}"
+
+    def log_message(self, format, *args):      # noqa: A002 -- BaseHTTPRequestHandler's signature
+        app = self.server.app
+        if app is not None and not app.quiet:
+            app.log(f"{self.address_string()} - {format % args}")
+
+    def log_request(self, code="-", size="-"):
+        pass                     # one line per request, written once it is done (_done), with its token counts
+
+    def _done(self, status: int, note: str = ""):
+        self.log_message('"%s %s" %s%s', getattr(self, "command", None) or "-", getattr(self, "path", ""), status,
+                         note)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, an unsupported method) as OpenAI's JSON, not HTML."""
+        self.close_connection = True
+        try:
+            kind = "server_error" if code >= 500 and code != 501 else "invalid_request_error"   # 501: a method
+            self._json(code, ApiError(code, message or self.responses.get(code, ("error",))[0], kind=kind).body())
+        except OSError:
+            pass
+
+    def _json(self, status: int, obj: dict, note: str = ""):
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        if self.command == "POST" and not getattr(self, "_body_read", True):
+            self.close_connection = True     # its unread body would be taken for the connection's next request
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self._done(status, note)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (a stream's reader went away, a non-streamed request's client
+        gave up): its answer is no longer decoded for nobody."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = self._chunked()
+        else:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "Content-Length is not a number") from None
+            if length > MAX_BODY:
+                self.close_connection = True       # the body is not read: the connection cannot be reused
+                raise ApiError(413, f"the request body is {length} bytes, more than this server takes "
+                               f"({MAX_BODY >> 20} MiB)", code="request_too_large")
+            data = self.rfile.read(length) if length > 0 else b""
+        self._body_read = True
+        if not data.strip():
+            raise ApiError(400, "the request has no body: send a JSON object (Content-Type: application/json)")
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as e:       # UnicodeDecodeError is a ValueError
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    def _chunked(self) -> bytes:
+        data = b""
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip() or b"x", 16)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "malformed chunked request body") from None
+            if size == 0:
+                while self.rfile.readline(1024).strip():      # trailers
+                    pass
+                return data
+            if len(data) + size > MAX_BODY:
+                self.close_connection = True
+                raise ApiError(413, f"the request body is more than this server takes ({MAX_BODY >> 20} MiB)",
+                               code="request_too_large")
+            data += self.rfile.read(size)
+            self.rfile.readline(1024)
+
+    # ---- routes ---------------------------------------------------------------------------------------------
+    def _route(self) -> str:
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        return path[3:] if path.startswith("/v1/") else path     # /v1/models and /models alike (base_url either way)
+
+    def do_GET(self):
+        self._serve(self._get)
+
+    def do_POST(self):
+        self._serve(self._post)
+
+    def _get(self, route: str):
+        app = self.app
+        model = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "amphista-engine"}
+        if route == "/health":
+            return self._json(200, {"status": "ok", "model": app.model_id, "busy": app.lock.locked()})
+        if route == "/models":
+            return self._json(200, {"object": "list", "data": [model]})
+        if route.startswith("/models/"):
+            if route[len("/models/"):] == app.model_id:
+                return self._json(200, model)
+            raise ApiError(404, f"model {route[len('/models/'):]!r} is not served here; this server serves "
+                           f"{app.model_id!r}", "model", "model_not_found")
+        if route in ("/chat/completions", "/completions"):
+            raise ApiError(405, f"{self.path} takes POST, not GET", code="method_not_allowed")
+        raise ApiError(404, f"unknown path {urlsplit(self.path).path!r}: this server answers GET /v1/models, GET "
+                       f"/health, POST /v1/chat/completions and POST /v1/completions", code="not_found")
+
+    def _post(self, route: str):
+        if route not in ("/chat/completions", "/completions"):
+            if route in ("/models", "/health") or route.startswith("/models/"):
+                raise ApiError(405, f"{self.path} takes GET, not POST", code="method_not_allowed")
+            raise ApiError(404, f"unknown path {urlsplit(self.path).path!r}: this server answers POST "
+                           f"/v1/chat/completions and POST /v1/completions (and GET /v1/models, GET /health)",
+                           code="not_found")
+        body = self._request = self._body()
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+        chat = route == "/chat/completions"
+        _unsupported(body, CHAT_ONLY if chat else COMPLETION_ONLY)
+        prompt = _messages(body) if chat else _prompt(body)
+        self._complete(body, prompt, chat)
+
+    def _serve(self, route_fn):
+        self._started = False          # whether a reply's headers went out (an error then cannot be a status)
+        self._body_read = self.command != "POST"
+        self._request = None           # the parsed body, once read
+        try:
+            route_fn(self._route())
+        except ApiError as e:
+            self._fail(e)
+        except AmphistaError as e:
+            body = getattr(self, "_request", None) or {}
+            self._fail(_engine_error(e, "prompt" if self._route() == "/completions" else "messages",
+                                     body.get("tree") is not None))
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True        # the client went away: nothing to answer
+        except Exception as e:                  # noqa: BLE001 -- a bug: reported, and the server goes on
+            print(f"amphista serve: internal error on {self.command} {self.path}:", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            self._fail(ApiError(500, f"internal server error ({type(e).__name__}: {str(e)[:200]}); the server's "
+                                f"log has the details", kind="server_error", code="internal_error"))
+
+    def _fail(self, e: ApiError):
+        try:
+            if self._started:      # mid-stream: an SSE error event (OpenAI's clients raise it), then the end
+                self._event(e.body())
+                self.close_connection = True
+                self._done(e.status, f" (mid-stream: {e.message[:120]})")
+            else:
+                self._json(e.status, e.body())
+        except OSError:
+            self.close_connection = True
+
+    # ---- completions ----------------------------------------------------------------------------------------
+    def _complete(self, body: dict, prompt, chat: bool):
+        app = self.app
+        stream = bool(body.get("stream"))
+        include_usage = stream and isinstance(body.get("stream_options"), dict) and \
+            body["stream_options"].get("include_usage") is True
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk" if stream else "chat.completion", "created": created,
+                "model": app.model_id, "system_fingerprint": None}
+        if not chat:
+            head["object"] = "text_completion"
+        with app.lock:                     # one run at a time; a request that arrives meanwhile waits here
+            steps = app.start(prompt, app.decoding(body, prompt, None if chat else False))   # a 400, no stream
+            try:
+                if stream:
+                    result = self._stream(steps, head, chat, include_usage)
+                else:
+                    result = self._drain(steps)
+            finally:
+                # A stream left suspended would keep the engine's run open: the next request (another thread)
+                # would be refused as overlapping it. Closing ends the run (Engine.stream's early close).
+                steps.close()
+        if result is None:
+            self.close_connection = True
+            self._done(499, " (client closed the connection; decoding stopped)")
+            return
+        usage = app.usage(result)
+        note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
+        if stream:
+            self._done(200, note)
+            return
+        finish = FINISH.get(result.finish_reason, result.finish_reason)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                   "finish_reason": finish} if chat else
+                  {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish})
+        self._json(200, {**head, "choices": [choice], "usage": usage, "amphista": app.extra(result)}, note)
+
+    def _drain(self, steps):
+        """The run's result, or None where the client left before it ended."""
+        while True:
+            try:
+                next(steps)
+            except StopIteration as end:
+                return end.value[0]
+            if self._client_gone():
+                return None
+
+    def _event(self, obj):
+        payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
+
+    def _stream(self, steps, head: dict, chat: bool, include_usage: bool):
+        """Sends the run as Server-Sent Events; the result, or None where the client left."""
+        app = self.app
+
+        def chunk(delta: str | None = None, finish=None, role: bool = False, **more):
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else {} if delta is None else {"content": delta}
+                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            out = {**head, "choices": [choice], **more}
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")       # the stream's end is the connection's (no Content-Length)
+        self.end_headers()
+        self.close_connection = True
+        self._started = True
+        try:
+            if chat:
+                self._event(chunk(role=True))
+            while True:
+                try:
+                    _, delta = next(steps)
+                except StopIteration as end:
+                    result = end.value[0]
+                    break
+                if self._client_gone():
+                    return None
+                if delta:
+                    self._event(chunk(delta))
+            finish = FINISH.get(result.finish_reason, result.finish_reason)
+            self._event(chunk(None, finish, amphista=app.extra(result)))
+            if include_usage:
+                self._event({**head, "choices": [], "usage": app.usage(result)})
+            self._event("[DONE]")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            return None
+        return result
+
+
+class AmphistaHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server whose handlers serve `app` (set once the model is loaded: the port is bound first,
+    so that a port in use is named before seconds of loading)."""
+    daemon_threads = True              # Ctrl-C does not wait for a client that keeps its connection open
+    app: OpenAIApp | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+
+def bind(host: str = "127.0.0.1", port: int = 8000) -> AmphistaHTTPServer:
+    """A server listening on host:port (port 0: a free one; see .url), its app not yet set."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise InputError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
+
+    class Server(AmphistaHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    try:
+        return Server((host, port), _Handler)
+    except OSError as e:
+        hint = (": another server listens there; pick another --port (0: any free one)"
+                if getattr(e, "errno", None) in (98, 48, 10048) else "")
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+
+
+def make_server(engine, host: str = "127.0.0.1", port: int = 8000, **app_options) -> AmphistaHTTPServer:
+    """An HTTP server serving `engine` on host:port (OpenAIApp's options: model_id, speculative, tree, defaults,
+    quiet). Run it with .serve_forever() (in a thread: .shutdown() stops it; .server_close() frees the port)."""
+    httpd = bind(host, port)
+    httpd.app = OpenAIApp(engine, **app_options)
+    return httpd
