@@ -93,7 +93,7 @@ class ModelConfig:
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id") or [],
                 name=cfg.get("_name_or_path") or archs[0],
-                sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+                sliding_window=_hf_sliding_window(cfg, model_type),
                 qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias, qk_norm=model_type == "qwen3",
             )
         except KeyError as e:
@@ -115,6 +115,23 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
+    """The window some layer attends over, as transformers reads it: Mistral applies `sliding_window` unless
+    `use_sliding_window` is false; Qwen2/Qwen3 only where `use_sliding_window` is true (their default is false), and
+    then to the layers from `max_window_layers` on (none where that is past the last layer), or as `layer_types`
+    says where the config lists them."""
+    window = cfg.get("sliding_window")
+    qwen = model_type in ("qwen2", "qwen3")
+    if window is None or not cfg.get("use_sliding_window", not qwen):
+        return None
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and layer_types:
+        return window if "sliding_attention" in layer_types else None
+    if qwen and cfg.get("max_window_layers", 0) >= cfg.get("num_hidden_layers", 0):
+        return None
+    return window
 
 
 def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:

@@ -421,10 +421,16 @@ class _AddedAsText:
         self.tok = tok
         self.added = {i: t for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (_CONTROL, _UNKNOWN, _USER_DEFINED)}
         self.skippable = frozenset(i for i, ty in enumerate(types) if ty in (_CONTROL, _UNKNOWN))
+        # UNUSED: the rows llama.cpp's converter pads the vocabulary with ([PAD151643].. in Qwen files), which
+        # llama.cpp prints as nothing, as a Hugging Face tokenizer prints ids past its vocabulary: their names
+        # came out as answer text ("[PAD371]") where the model's folder gave none.
+        self.unused = frozenset(i for i, ty in enumerate(types) if ty == _UNUSED)
 
     def __call__(self, ids, skip_special) -> str:
         parts, run = [], []
         for i in ids:
+            if i in self.unused:
+                continue
             if i not in self.added:
                 run.append(i)
                 continue

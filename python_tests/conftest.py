@@ -260,6 +260,38 @@ def _permute_rope_rows(w, n_heads):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_GGUF_OF_HF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                     "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+                     "self_attn.k_norm": "attn_k_norm"}
+
+
+def finish_unpermuted_gguf(wr, w: dict, n_layers: int, qtype: str = "F32"):
+    """Writes a Hugging Face state dict (name -> numpy array) under llama.cpp's tensor names, as its converter
+    writes Qwen files (rows as stored: no RoPE permutation; biases and norms F32; 2-D tensors in `qtype`), then
+    the file's header, metadata and tensors, and closes it."""
+    import gguf
+    import numpy as np
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(n_layers):
+        names.update({f"model.layers.{i}.{h}.{kind}": f"blk.{i}.{g}.{kind}"
+                      for h, g in _GGUF_OF_HF_LAYER.items() for kind in ("weight", "bias")})
+    for hf_name, g in names.items():
+        if hf_name in w:
+            x = w[hf_name].astype(np.float32)
+            if x.ndim == 2 and qtype != "F32":
+                qt = gguf.GGMLQuantizationType[qtype]
+                wr.add_tensor(g, gguf.quants.quantize(x, qt), raw_dtype=qt)
+            else:
+                wr.add_tensor(g, x)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+
 def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type=None, meta=None, edit=None, skip=(),
                     tokens_edit=None, add_bos=None) -> Path:
     """A GGUF of a tiny HF folder's weights (TINY_HF) and tokenizer, as llama.cpp's converter writes one.

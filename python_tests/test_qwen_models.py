@@ -12,7 +12,7 @@ from amphista_engine.errors import ConfigError
 from amphista_engine.heads import random_heads
 from amphista_engine.kernels import use_backend
 from amphista_engine.loading import load_model
-from conftest import TINY_HF, edited_copy, write_tokenizer
+from conftest import TINY_HF, edited_copy, finish_unpermuted_gguf, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,28 +129,7 @@ def write_qwen_gguf(hf_dir, out, arch, qtype="F32"):
     wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
     wr.add_bos_token_id(1)
     wr.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-    for i in range(c["num_hidden_layers"]):
-        for h, g in per_layer.items():
-            for kind in ("weight", "bias"):
-                names[f"model.layers.{i}.{h}.{kind}"] = f"blk.{i}.{g}.{kind}"
-    for hf_name, g in names.items():
-        if hf_name in w:
-            x = w[hf_name].astype(np.float32)
-            if x.ndim == 2 and qtype != "F32":
-                qt = gguf.GGMLQuantizationType[qtype]
-                wr.add_tensor(g, gguf.quants.quantize(x, qt), raw_dtype=qt)
-            else:
-                wr.add_tensor(g, x)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
+    finish_unpermuted_gguf(wr, w, c["num_hidden_layers"], qtype)
     return out
 
 
@@ -372,3 +351,24 @@ def test_4bit_qwen_layers_run_in_the_cpu_layer_stack(tiny, monkeypatch):
     assert calls, "the layer stack did not run"
     monkeypatch.setattr(cpu_ops, "decoder_layers", lambda *a: NotImplemented)
     assert _rel(stack, logits()) < 1e-5
+
+
+@pytest.mark.parametrize("family,over", [
+    ("qwen2", {"sliding_window": 64}),                              # use_sliding_window absent: Qwen's default off
+    ("qwen2", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 21}),   # past the last layer
+    ("qwen2", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}),
+    ("qwen3", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 0}),
+    ("qwen3", {"sliding_window": None, "use_sliding_window": True}),
+])
+def test_a_sliding_window_is_read_as_transformers_reads_it(family, over):
+    """A window is capped (the engine attends over all positions) only where transformers' own layers slide: a
+    config without use_sliding_window, or whose max_window_layers is past the last layer, was capped before."""
+    from amphista_engine.config import ModelConfig
+    Config, _ = _hf_classes(family)
+    base = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
+    hf = Config(**{**base, **over})
+    slides = "sliding_attention" in (hf.layer_types or [])
+    raw = {**base, **over, "model_type": family, "architectures": [Config.__name__.replace("Config", "ForCausalLM")]}
+    assert ModelConfig.from_hf(raw).sliding_window == (hf.sliding_window if slides else None)
+    saved = json.loads(hf.to_json_string())                # as transformers writes it (layer_types listed)
+    assert ModelConfig.from_hf(saved).sliding_window == (hf.sliding_window if slides else None)
