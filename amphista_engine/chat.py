@@ -81,13 +81,35 @@ def resolve_template(tokenizer, template: str | None = None) -> tuple[str, str]:
                      "or pass a Jinja template string")
 
 
-def render_chat(tokenizer, messages, template: str | None = None, add_generation_prompt: bool = True) -> str:
+# What render_chat passes itself: template variables may not replace them.
+_RESERVED_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token", "default_system_prompt")
+
+
+def check_template_variables(variables) -> dict:
+    """Extra chat-template variables (transformers' apply_chat_template **kwargs, e.g. Qwen3's enable_thinking) as a
+    dict, or an InputError naming what is wrong with them."""
+    if variables is None:
+        return {}
+    if not isinstance(variables, dict) or not all(isinstance(k, str) and k.isidentifier() for k in variables):
+        raise InputError(f"chat_template_kwargs must be a dict of template variable names to values, e.g. "
+                         f'{{"enable_thinking": false}}, got {variables!r}')
+    reserved = [k for k in variables if k in _RESERVED_VARIABLES]
+    if reserved:
+        raise InputError(f"chat_template_kwargs may not set {', '.join(reserved)}: the engine sets "
+                         f"{', '.join(_RESERVED_VARIABLES)} itself")
+    return dict(variables)
+
+
+def render_chat(tokenizer, messages, template: str | None = None, add_generation_prompt: bool = True,
+                variables: dict | None = None) -> str:
     """Prompt text for `messages` (a list of {"role", "content"} dicts, or a str = one user message).
 
     `tokenizer` supplies the model's template and `bos_token`/`eos_token`; it may be None when
     `template` is given. Encode the result with `tokenizer.encode(text)`: a BOS the template wrote
-    itself is not doubled.
+    itself is not doubled. variables: more template variables (check_template_variables), e.g.
+    {"enable_thinking": False} for Qwen3's template.
     """
+    variables = check_template_variables(variables)
     messages = _check_messages(messages)
     name, source = resolve_template(tokenizer, template)
     compiled = _compile(source, name)
@@ -98,7 +120,7 @@ def render_chat(tokenizer, messages, template: str | None = None, add_generation
             bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "",
             default_system_prompt=VICUNA_SYSTEM_PROMPT,
             # transformers defines these as None: templates test `tools is not none`, which an undefined passes.
-            tools=None, documents=None,
+            **{"tools": None, "documents": None, **variables},
         )
     except jinja2.TemplateError as e:
         raise InputError(f"chat template ({name}) raised an error for these messages: {e}") from e

@@ -41,6 +41,28 @@ def _add_decoding_args(p: argparse.ArgumentParser):
                    "--speculative auto)")
 
 
+def add_template_arg(p: argparse.ArgumentParser):
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help='more variables for the model\'s chat template, as a JSON object, e.g. '
+                        '\'{"enable_thinking": false}\' (Qwen3: answer without a <think> block)')
+
+
+def _template_kwargs(args) -> dict:
+    from .chat import check_template_variables
+    text = getattr(args, "chat_template_kwargs", None)
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"--chat-template-kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}' "
+                         f"({e})") from None
+    try:
+        return check_template_variables(value)
+    except InputError as e:
+        raise InputError(str(e).replace("chat_template_kwargs", "--chat-template-kwargs", 1)) from None
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -61,6 +83,7 @@ def _load(args, prompt=None):
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     check_max_new_tokens(args.max_new_tokens)
     check_stop(args.stop)
+    template_kwargs = _template_kwargs(args)
     for stop in args.stop or ():      # bytes that are not UTF-8 (argv's surrogates) could never match the text
         if bad := _not_utf8(stop):
             raise InputError(f"a --stop string is {bad}")
@@ -89,6 +112,7 @@ def _load(args, prompt=None):
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs, quant=args.quant)
+    engine.chat_template_kwargs = template_kwargs
     if engine.quant == "q4":
         print(f"weights: {engine.linears.describe()} (--quant none for {str(engine.dtype).removeprefix('torch.')})",
               file=sys.stderr)
@@ -438,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the model's chat template (default: when the model has one)")
+    add_template_arg(g)
     # The keys a script reads are named here: they were documented nowhere
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (one line) instead of streaming text: text, token_ids, prompt_tokens, "
@@ -454,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(c)
     _add_sampling_args(c, max_new_tokens=512)
     c.add_argument("--system", default=None, help="system message at the start of every conversation")
+    add_template_arg(c)
     c.add_argument("--reuse-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="prefill only what the cache does not hold from the previous turn (default on; "
                         "--no-reuse-prefix prefills the whole history every turn, as a fresh run would)")

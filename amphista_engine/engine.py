@@ -163,6 +163,9 @@ class Engine:
         self.last_results: list[GenerationResult] = []
         self.loaded_name = loaded.source
         self.profile = False        # sync between speculative phases so their time split is exact on GPUs
+        # more variables for the model's chat template, e.g. {"enable_thinking": False} (Qwen3: answer without a
+        # <think> block), as transformers' apply_chat_template(**kwargs)
+        self.chat_template_kwargs: dict = {}
         self._trees = {}
         self._checks = {}           # (tree, sampled share) -> SpeculationCheck, for speculative="auto"
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
@@ -288,7 +291,8 @@ class Engine:
             if not prompt.strip():
                 raise InputError("prompt is empty")
             use_chat = chat if chat is not None else self.tokenizer.chat_template is not None
-            text = render_chat(self.tokenizer, prompt, template=template) if use_chat else prompt
+            text = (render_chat(self.tokenizer, prompt, template=template, variables=self.chat_template_kwargs)
+                    if use_chat else prompt)
         elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and prompt:
             if chat is False:
                 raise InputError("a message list needs chat formatting; pass a string with chat=False")
@@ -296,7 +300,7 @@ class Engine:
                 raise InputError(f"prompt is a list of {len(prompt)} strings: for several prompts use "
                                  f"generate_batch / stream_batch; a conversation is a list of "
                                  f"{{'role': ..., 'content': ...}} dicts")
-            text = render_chat(self.tokenizer, list(prompt), template=template)
+            text = render_chat(self.tokenizer, list(prompt), template=template, variables=self.chat_template_kwargs)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(text)

@@ -559,3 +559,59 @@ def test_gguf_of_a_qwen_we_do_not_run_is_refused(qwen25, tmp_path, arch):
     path = write_qwen_gguf(qwen25.folder, tmp_path / "m.gguf", arch=arch)
     with pytest.raises(AmphistaError, match=f"architecture '{arch}' is not supported"):
         _engine(path)
+
+
+# ---- chat template variables (Qwen3's enable_thinking) ---------------------------------------------------------
+
+def test_thinking_off_renders_as_transformers_in_the_api_cli_and_server(qwen3, capsys):
+    """Qwen3 answers after a <think> block unless its template gets enable_thinking=False, which transformers passes
+    as apply_chat_template(..., enable_thinking=False): there was no way to pass it (the user had only the /no_think
+    text switch)."""
+    import threading
+    import urllib.request
+
+    from amphista_engine.serving.server import make_server
+    tok, _ = hf_reference(qwen3.folder)
+    messages = [{"role": "user", "content": JOKE}]
+    want = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        enable_thinking=False)["input_ids"])
+    engine = _engine(qwen3.folder)
+    thinking = engine.encode_prompt(messages)
+    engine.chat_template_kwargs = {"enable_thinking": False}
+    assert engine.encode_prompt(messages) == want != thinking
+    assert engine.generate(JOKE, max_new_tokens=4).prompt_token_ids == want
+    for bad, match in (({"messages": 1}, "may not set messages"), ([1], "must be a dict"),
+                       ({"a b": 1}, "must be a dict")):
+        engine.chat_template_kwargs = bad
+        with pytest.raises(InputError, match=match):
+            engine.encode_prompt(messages)
+    engine.chat_template_kwargs = {}
+    # the CLI
+    assert main(["generate", JOKE, "--model", str(qwen3.folder), "--max-new-tokens", "3", "--json",
+                 "--chat-template-kwargs", '{"enable_thinking": false}', "--max-seq-len", "256"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == len(want)
+    assert main(["generate", JOKE, "--model", str(qwen3.folder), "--chat-template-kwargs", "[1]"]) == 2
+    assert "--chat-template-kwargs must be a dict" in capsys.readouterr().err
+    # the server: per request, over the server's own (none here)
+    httpd = make_server(engine, port=0, quiet=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        def ask(extra):
+            req = urllib.request.Request(httpd.url + "/v1/chat/completions", method="POST",
+                                         data=json.dumps({"messages": messages, "max_tokens": 2, **extra}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+        status, reply = ask({"chat_template_kwargs": {"enable_thinking": False}})
+        assert status == 200 and reply["usage"]["prompt_tokens"] == len(want)
+        status, reply = ask({})
+        assert status == 200 and reply["usage"]["prompt_tokens"] == len(thinking)
+        status, reply = ask({"chat_template_kwargs": {"add_generation_prompt": False}})
+        assert status == 400 and reply["error"]["param"] == "chat_template_kwargs"
+        assert engine.chat_template_kwargs == {}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

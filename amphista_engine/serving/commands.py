@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     """Adds the serve subcommand to an argparse subparsers object."""
-    from ..cli import _add_decoding_args, _add_model_args, _add_sampling_args
+    from ..cli import _add_decoding_args, _add_model_args, _add_sampling_args, add_template_arg
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions); "
                        "one request at a time", description=DESCRIPTION)
@@ -59,5 +59,6 @@ def register(sub) -> None:
     _add_model_args(s)
     _add_decoding_args(s)
     _add_sampling_args(s, max_new_tokens=512)
+    add_template_arg(s)     # the default of requests that send no chat_template_kwargs
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     s.set_defaults(func=cmd_serve)

@@ -8,6 +8,7 @@ traceback goes to the server's stderr, never into the reply, and the server goes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -196,6 +197,27 @@ class OpenAIApp:
         self.created = int(time.time())
 
     # ---- requests -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def template_variables(self, body: dict, chat: bool):
+        """Within the block (and the app's lock), the engine renders chat templates with the request's
+        chat_template_kwargs (vLLM's field) over the server's --chat-template-kwargs."""
+        extra = body.get("chat_template_kwargs") if isinstance(body, dict) else None
+        if extra is not None and not chat:
+            raise ApiError(400, "chat_template_kwargs applies to /v1/chat/completions: a completion's prompt is "
+                           "not templated", "chat_template_kwargs")
+        from ..chat import check_template_variables
+        try:
+            extra = check_template_variables(extra)
+        except InputError as e:
+            raise ApiError(400, str(e), "chat_template_kwargs") from None
+        engine = self.engine
+        before = engine.chat_template_kwargs
+        engine.chat_template_kwargs = {**before, **extra}
+        try:
+            yield
+        finally:
+            engine.chat_template_kwargs = before
+
     def decoding(self, body: dict, prompt, chat: bool | None) -> dict:
         """The keyword arguments of engine.stream_batch for this request (checked by the engine itself)."""
         if not isinstance(body, dict):
@@ -464,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": app.model_id, "system_fingerprint": None}
         if not chat:
             head["object"] = "text_completion"
-        with app.lock:                     # one run at a time; a request that arrives meanwhile waits here
+        with app.lock, app.template_variables(body, chat):   # one run at a time: a request meanwhile waits here
             steps = app.start(prompt, app.decoding(body, prompt, None if chat else False))   # a 400, no stream
             try:
                 if stream:
