@@ -1,5 +1,5 @@
-"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3), read from a Hugging Face config.json or
-GGUF metadata."""
+"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3, SmolLM3), read from a Hugging Face
+config.json or GGUF metadata."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,9 @@ from typing import Any
 from .errors import ConfigError, ModelLoadError
 from .values import is_integral, is_real
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                   "SmolLM3ForCausalLM")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic", "yarn")
 
 
@@ -41,6 +42,8 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    # SmolLM3: layers that attend without RoPE (NoPE; every 4th), by index
+    nope_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
@@ -63,6 +66,10 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         _check_rope_scaling(self.rope_scaling)
+        self.nope_layers = tuple(self.nope_layers or ())
+        if not all(is_integral(i) and 0 <= i < self.n_layers for i in self.nope_layers):
+            raise ConfigError(f"model config: nope_layers must be layer indices below {self.n_layers}, "
+                              f"got {list(self.nope_layers)}")
         if self.sliding_window is not None and (not is_integral(self.sliding_window) or self.sliding_window <= 0):
             raise ConfigError(f"model config: sliding_window must be a positive integer or null, "
                               f"got {self.sliding_window!r}")
@@ -95,6 +102,7 @@ class ModelConfig:
                 name=cfg.get("_name_or_path") or archs[0],
                 sliding_window=_hf_sliding_window(cfg, model_type),
                 qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias, qk_norm=model_type == "qwen3",
+                nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -117,13 +125,28 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def _hf_nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: `no_rope_layers` lists 1 (RoPE) or 0 (none) per layer; without it, every
+    `no_rope_layer_interval`-th layer (4) has none, as transformers' SmolLM3Config fills the list."""
+    flags = cfg.get("no_rope_layers")
+    n = cfg.get("num_hidden_layers", 0)
+    if flags is None:
+        interval = cfg.get("no_rope_layer_interval", 4)
+        if not is_integral(interval) or interval < 1:
+            raise ConfigError(f"no_rope_layer_interval must be a positive integer, got {interval!r}")
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if not isinstance(flags, list) or len(flags) != n or any(f not in (0, 1) for f in flags):
+        raise ConfigError(f"no_rope_layers must list 0 or 1 for each of the {n} layers, got {flags!r}")
+    return tuple(i for i, f in enumerate(flags) if not f)
+
+
 def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
     """The window some layer attends over, as transformers reads it: Mistral applies `sliding_window` unless
     `use_sliding_window` is false; Qwen2/Qwen3 only where `use_sliding_window` is true (their default is false), and
     then to the layers from `max_window_layers` on (none where that is past the last layer), or as `layer_types`
     says where the config lists them."""
     window = cfg.get("sliding_window")
-    qwen = model_type in ("qwen2", "qwen3")
+    qwen = model_type in ("qwen2", "qwen3", "smollm3")      # their use_sliding_window defaults to false
     if window is None or not cfg.get("use_sliding_window", not qwen):
         return None
     layer_types = cfg.get("layer_types")

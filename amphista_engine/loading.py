@@ -394,9 +394,11 @@ def _field(reader, key, default=None):
     return reader.meta.get(key, default)
 
 
-# GGUF architectures whose layers are this model's: llama.cpp's converter permutes the Q/K rows of `llama` files
-# only (its Qwen graphs use NeoX RoPE, the rotate-half convention, on rows as Hugging Face stores them).
-GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+# GGUF architectures whose layers are this model's: llama.cpp's converter permutes the Q/K rows of `llama` and
+# `smollm3` files (its Qwen graphs use NeoX RoPE, the rotate-half convention, on rows as Hugging Face stores them).
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
+_PERMUTED_ARCHS = ("llama", "smollm3")
+_NO_ROPE_LAYER_STEP = {"smollm3": 4}      # llama.cpp: hparams.n_no_rope_layer_step, fixed, no key
 
 
 def gguf_config(reader, path) -> ModelConfig:
@@ -432,7 +434,9 @@ def gguf_config(reader, path) -> ModelConfig:
             max_position_embeddings=a("context_length", 4096), tie_word_embeddings=tied,
             bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=[] if eos is None else [eos],
             name=_field(reader, "general.name", arch), qkv_bias="blk.0.attn_q.bias" in names,
-            o_bias="blk.0.attn_output.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names)
+            o_bias="blk.0.attn_output.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
+            nope_layers=tuple(i for i in range(a("block_count") if isinstance(a("block_count"), int) else 0)
+                              if arch in _NO_ROPE_LAYER_STEP and (i + 1) % _NO_ROPE_LAYER_STEP[arch] == 0))
     except ConfigError as e:
         raise ConfigError(f"{path}: GGUF metadata: {e}") from None
     rot = a("rope.dimension_count")
@@ -533,7 +537,7 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out["output.weight"] = raw.pop("output.weight")
     if "rope_freqs.weight" in raw:
         out["rope_freqs.weight"] = raw.pop("rope_freqs.weight")
-    permuted = _field(reader, "general.architecture") == "llama"
+    permuted = _field(reader, "general.architecture") in _PERMUTED_ARCHS
     for i in range(cfg.n_layers):
         b, p = f"blk.{i}.", f"layers.{i}."
         g = lambda n, kind="weight": raw[f"{b}{n}.{kind}"]  # noqa: E731

@@ -197,6 +197,13 @@ def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tenso
     return table if factor == 1.0 else table * factor
 
 
+def no_rotation(rope: torch.Tensor) -> torch.Tensor:
+    """RoPE rows (cos | sin) that rotate by nothing: cos 1, sin 0, so every RoPE path (the kernels' fused cache
+    write included) leaves q and k exactly as they are."""
+    half = rope.shape[-1] // 2
+    return torch.cat([torch.ones_like(rope[..., :half]), torch.zeros_like(rope[..., half:])], dim=-1)
+
+
 def check_rope_len(cfg: ModelConfig, max_len: int) -> None:
     """Refuse a cache longer than a dynamic-NTK model's trained length. Scaling the base once for the cache's
     length (what this did) changed every position's angles, a 5-token prompt's too, so the logits differed from
@@ -230,6 +237,7 @@ class Attention(nn.Module):
         # Qwen3: an RMSNorm over each head's q and k, before RoPE
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.use_rope = layer_idx not in cfg.nope_layers       # SmolLM3's NoPE layers attend without it
 
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
@@ -242,6 +250,8 @@ class Attention(nn.Module):
         B, T, _ = qkv.shape
         if self.q_norm is not None:
             qkv = self.norm_qk(qkv)
+        if not self.use_rope:
+            rope = no_rotation(rope)
         if cache is not None and isinstance(mask, str) and mask == CAUSAL_PREFILL:
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             kc, vc = cache.k[self.layer_idx, :B, :, :T], cache.v[self.layer_idx, :B, :, :T]

@@ -303,7 +303,7 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type
     from safetensors.numpy import load_file
     w = load_file(str(hf_dir / "model.safetensors"))
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    c = TINY_HF
+    c = dict(TINY_HF, num_hidden_layers=json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"])
     wr = gguf.GGUFWriter(str(out), arch)
     for key, value in (("block_count", c["num_hidden_layers"]), ("context_length", c["max_position_embeddings"]),
                        ("embedding_length", c["hidden_size"]), ("feed_forward_length", c["intermediate_size"]),

@@ -227,7 +227,8 @@ def test_a_gguf_of_another_architecture_names_the_supported_ones(tmp_path):
     path = write_qwen_gguf(folder, tmp_path / "m.gguf", "qwen2")
     data = path.read_bytes().replace(b"qwen2", b"gemma", 1)     # general.architecture comes first
     (tmp_path / "g.gguf").write_bytes(data)
-    with pytest.raises(ConfigError, match=r"architecture 'gemma' is not supported \(supported: llama, qwen2, qwen3\)"):
+    with pytest.raises(ConfigError,
+                       match=r"architecture 'gemma' is not supported \(supported: llama, qwen2, qwen3, smollm3\)"):
         load_model(str(tmp_path / "g.gguf"))
 
 
@@ -372,3 +373,67 @@ def test_a_sliding_window_is_read_as_transformers_reads_it(family, over):
     assert ModelConfig.from_hf(raw).sliding_window == (hf.sliding_window if slides else None)
     saved = json.loads(hf.to_json_string())                # as transformers writes it (layer_types listed)
     assert ModelConfig.from_hf(saved).sliding_window == (hf.sliding_window if slides else None)
+
+
+# ---- SmolLM3: NoPE layers (every 4th attends without RoPE) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("smollm3")
+    over = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(6)
+    config = transformers.SmolLM3Config(**{**over, "num_hidden_layers": 4, "pad_token_id": 0})
+    model = transformers.SmolLM3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():       # sharp attention, so a missing or extra RoPE shows
+            p.normal_(0, 0.5 if "q_proj" in name or "k_proj" in name else 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, TINY_HF["vocab_size"])
+    return path, model.eval()
+
+
+def test_smollm3_matches_transformers_and_speculates_as_plain(smollm3, tmp_path):
+    path, hf = smollm3
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=256)
+    assert engine.config.nope_layers == (3,)
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert _rel(engine.model(ids, torch.arange(40)[None]), ref) < 1e-5
+    # the same weights with RoPE on every layer give other logits: the test sees the NoPE layer
+    roped = load_model(str(edited_copy(path, tmp_path / "roped", cfg={"no_rope_layers": [1, 1, 1, 1]})),
+                       dtype=torch.float32, device="cpu", max_seq_len=64)
+    with torch.no_grad():
+        assert _rel(roped.model(ids, torch.arange(40)[None]), ref) > 1e-2
+    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
+    for quant in ("none", "q4"):
+        if quant == "q4":
+            engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=256, quant="q4")
+            engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
+        plain = engine.generate("The quick brown fox", max_new_tokens=40, chat=False)
+        spec = engine.generate("The quick brown fox", max_new_tokens=40, chat=False, speculative="amphista",
+                               tree="dynamic-8")
+        assert spec.token_ids == plain.token_ids, quant
+
+
+def test_smollm3_gguf_as_llama_cpp_writes_it(smollm3, tmp_path):
+    """llama.cpp's `smollm3` files: Q/K rows permuted as `llama`'s (its SmolLM3 converter is the Llama one), no key
+    for the NoPE layers (llama-model.cpp fixes n_no_rope_layer_step = 4)."""
+    from conftest import write_tiny_gguf
+    path, hf = smollm3
+    gguf_path = write_tiny_gguf(path, tmp_path / "s.gguf", arch="smollm3")
+    loaded = load_model(str(gguf_path), dtype=torch.float32, device="cpu", max_seq_len=64)
+    assert loaded.config.nope_layers == (3,)
+    ids = torch.randint(0, TINY_HF["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert _rel(loaded.model(ids, torch.arange(40)[None]), hf(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("update,match", [
+    ({"no_rope_layers": [1, 0]}, r"no_rope_layers must list 0 or 1 for each of the 4 layers"),
+    ({"no_rope_layers": None, "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),
+])
+def test_bad_smollm3_rope_layers_are_named(smollm3, tmp_path, update, match):
+    path, _ = smollm3
+    with pytest.raises(ConfigError, match=match):
+        load_model(str(edited_copy(path, tmp_path / "bad", cfg=update)))

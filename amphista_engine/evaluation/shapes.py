@@ -2,8 +2,8 @@
 
 Step latency depends on the shapes, not the values, so random weights of the right shape time a 7B/13B/33B
 target without downloading it. Shapes follow the checkpoints the Medusa and Amphista papers evaluate
-(Vicuna v1.3 = LLaMA-1 7B/13B/33B), the model we ship (SmolLM2-135M-Instruct), and Qwen2.5 / Qwen3 (q/k/v biases,
-per-head q/k norms, GQA groups of 7 and 4).
+(Vicuna v1.3 = LLaMA-1 7B/13B/33B), the model we ship (SmolLM2-135M-Instruct), Qwen2.5 / Qwen3 (q/k/v biases,
+per-head q/k norms, GQA groups of 7 and 4) and SmolLM3 (every 4th layer without RoPE).
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ SHAPES: dict[str, dict] = {
     "qwen3-8b": dict(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
                      intermediate_size=12288, norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
                      qk_norm=True),
+    "smollm3-3b": dict(vocab_size=128256, dim=2048, n_layers=36, n_heads=16, n_kv_heads=4, intermediate_size=11008,
+                       norm_eps=1e-6, rope_theta=5000000.0, max_position_embeddings=65536, tie_word_embeddings=True,
+                       nope_layers=tuple(range(3, 36, 4))),
     # Not a real model: a few-MB shape so smoke tests and CI can exercise the random-weights path.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                  max_position_embeddings=4096),

@@ -353,6 +353,7 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
         extras = (att.wqkv.bias, None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight)
         if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
                 or any(m.bias is not None for m in linears[1:]) or (q_norm is None) != (k_norm is None)
+                or not getattr(att, "use_rope", True)             # NoPE layers (SmolLM3): the Python loop
                 or any(w is not None and (w.dtype != dtype or not w.is_contiguous()) for w in norms + extras)):
             break
         eps |= {layer.attention_norm.eps, layer.ffn_norm.eps} | ({q_norm.eps, k_norm.eps} if q_norm else set())
