@@ -1,13 +1,13 @@
 """Qwen2 (q/k/v biases) and Qwen3 (q/k norms) targets on a GPU: the routed products add their bias after the product,
 the q/k norms run through the backend's RMSNorm on per-head views, and both are captured in the CUDA graphs. Their CPU
-checks are test_qwen_models.py; these run wherever CUDA is (benchmarks/gpu_suite.sh picks up test_cuda_*)."""
+checks are test_model_families.py; these run wherever CUDA is (benchmarks/gpu_suite.sh picks up test_cuda_*)."""
 import pytest
 import torch
 
 from amphista_engine import Engine
 from amphista_engine.heads import random_heads
 from conftest import TINY_HF
-from test_qwen_models import write_model
+from test_model_families import write_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 transformers = pytest.importorskip("transformers")

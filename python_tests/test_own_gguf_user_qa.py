@@ -274,7 +274,7 @@ def test_llama3_factors_and_a_linear_factor_both_apply(tmp_path):
 
 @pytest.mark.parametrize("stype,extra", [("longrope", {}), ("yarn", {"llama.rope.scaling.attn_factor": 0.5})])
 def test_unsupported_rope_scaling_is_named(tmp_path, stype, extra):
-    """(YaRN itself runs: test_qwen_models.py; not with llama.cpp's extra attention factor.)"""
+    """(YaRN itself runs: test_model_families.py; not with llama.cpp's extra attention factor.)"""
     write_llama_gguf(tmp_path / "m.gguf", meta={"llama.rope.scaling.type": stype, "llama.rope.scaling.factor": 4.0,
                                                 "llama.rope.scaling.original_context_length": 64, **extra})
     with pytest.raises(ConfigError, match=rf"m\.gguf: GGUF rope scaling '{stype}' \(llama\.rope\.scaling\.type\) is "

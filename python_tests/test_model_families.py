@@ -1,5 +1,5 @@
-"""Qwen2 / Qwen2.5 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm) targets: the same Llama layer with those two
-variations, loaded from Hugging Face folders and from GGUF files as llama.cpp writes them, checked against
+"""Model families beyond Llama: Qwen2 / Qwen2.5 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), SmolLM3 (NoPE layers)
+and YaRN RoPE scaling, loaded from Hugging Face folders and from GGUF files as llama.cpp writes them, checked against
 transformers' own models; and speculative decoding on them equal to plain decoding."""
 import json
 
