@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 
@@ -304,6 +304,10 @@ class OpenAIApp:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"      # keep-alive for JSON replies (Content-Length); SSE replies close instead
     timeout = 300                      # s: a client that stops reading must not hold the engine for ever
+    # TCP_NODELAY: a reply goes out as headers, then body (and a stream as one write per event). With Nagle's
+    # algorithm on, the second small write waited for the client's delayed ACK: every request after the first on a
+    # keep-alive connection (httpx's pool, openai-python's) took 40 ms more, and stream events were held back.
+    disable_nagle_algorithm = True
     server: "AmphistaHTTPServer"
 
     @property
@@ -327,6 +331,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.log_message('"%s %s" %s%s', getattr(self, "command", None) or "-", getattr(self, "path", ""), status,
                          note)
 
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        # A browser frontend on another origin (a chat UI on localhost:3000) may read the replies, as vLLM's and
+        # llama.cpp's servers allow by default: without it the browser hid every reply from the page.
+        self.send_header("Access-Control-Allow-Origin", "*")
+
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unsupported method) as OpenAI's JSON, not HTML."""
         self.close_connection = True
@@ -346,15 +356,23 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":           # HEAD: GET's status and headers (Content-Length too), no body
+            self.wfile.write(data)
         self._done(status, note)
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (a stream's reader went away, a non-streamed request's client
         gave up): its answer is no longer decoded for nobody."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if hasattr(select, "poll"):
+                # not select(): it refuses descriptors >= FD_SETSIZE (1024) with a ValueError, taken for "gone",
+                # so with a thousand connections open every request was dropped unanswered after its first step
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                readable = bool(poller.poll(0))
+            else:
+                readable = bool(select.select([self.connection], [], [], 0)[0])
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
@@ -381,18 +399,20 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
     def _chunked(self) -> bytes:
-        data = b""
+        data = bytearray()      # not bytes: `+=` on bytes copied the whole body per chunk (quadratic)
         while True:
             line = self.rfile.readline(1024)
             try:
                 size = int(line.split(b";")[0].strip() or b"x", 16)
+                if size < 0:        # int("-5", 16) parses; rfile.read(-5) raised a ValueError: a 500
+                    raise ValueError
             except ValueError:
                 self.close_connection = True
                 raise ApiError(400, "malformed chunked request body") from None
             if size == 0:
                 while self.rfile.readline(1024).strip():      # trailers
                     pass
-                return data
+                return bytes(data)
             if len(data) + size > MAX_BODY:
                 self.close_connection = True
                 raise ApiError(413, f"the request body is more than this server takes ({MAX_BODY >> 20} MiB)",
@@ -401,12 +421,43 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.readline(1024)
 
     # ---- routes ---------------------------------------------------------------------------------------------
+    def _path(self) -> str:
+        try:
+            return urlsplit(self.path).path
+        except ValueError:      # an absolute-form target with a bad host ("http://[::1/x"): was a 500 and a traceback
+            self.close_connection = True
+            raise ApiError(400, f"malformed request target {self.path[:100]!r}") from None
+
     def _route(self) -> str:
-        path = urlsplit(self.path).path.rstrip("/") or "/"
+        path = self._path().rstrip("/") or "/"
         return path[3:] if path.startswith("/v1/") else path     # /v1/models and /models alike (base_url either way)
 
     def do_GET(self):
         self._serve(self._get)
+
+    def do_HEAD(self):
+        # curl -I, load balancers' and uptime checks: GET's answer without its body (was a 501)
+        self._serve(self._get)
+
+    def do_OPTIONS(self):
+        """A browser's CORS preflight before its POST with Content-Type: application/json (was a 501, so a web
+        frontend on another origin could not call the server at all)."""
+        asked = self.headers.get("Access-Control-Request-Headers") or ""
+        # the headers the page asked for (Authorization is never covered by "*"), as tokens only: nothing else of
+        # the request is written back into a header
+        allowed = ", ".join(re.findall(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", asked)) or "Authorization, Content-Type"
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+            self.close_connection = True        # a body is not read here: it must not be taken for a request
+        self.send_response(204)
+        self.send_header("Allow", "GET, HEAD, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", allowed)
+        self.send_header("Access-Control-Max-Age", "86400")
+        self.send_header("Content-Length", "0")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._done(204)
 
     def do_POST(self):
         self._serve(self._post)
@@ -419,20 +470,21 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "/models":
             return self._json(200, {"object": "list", "data": [model]})
         if route.startswith("/models/"):
-            if route[len("/models/"):] == app.model_id:
+            name = unquote(route[len("/models/"):])      # a client percent-encodes an id's "/" (a path --model)
+            if name == app.model_id:
                 return self._json(200, model)
-            raise ApiError(404, f"model {route[len('/models/'):]!r} is not served here; this server serves "
+            raise ApiError(404, f"model {name!r} is not served here; this server serves "
                            f"{app.model_id!r}", "model", "model_not_found")
         if route in ("/chat/completions", "/completions"):
             raise ApiError(405, f"{self.path} takes POST, not GET", code="method_not_allowed")
-        raise ApiError(404, f"unknown path {urlsplit(self.path).path!r}: this server answers GET /v1/models, GET "
+        raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET "
                        f"/health, POST /v1/chat/completions and POST /v1/completions", code="not_found")
 
     def _post(self, route: str):
         if route not in ("/chat/completions", "/completions"):
             if route in ("/models", "/health") or route.startswith("/models/"):
                 raise ApiError(405, f"{self.path} takes GET, not POST", code="method_not_allowed")
-            raise ApiError(404, f"unknown path {urlsplit(self.path).path!r}: this server answers POST "
+            raise ApiError(404, f"unknown path {self._path()!r}: this server answers POST "
                            f"/v1/chat/completions and POST /v1/completions (and GET /v1/models, GET /health)",
                            code="not_found")
         body = self._request = self._body()
@@ -524,6 +576,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _event(self, obj):
         payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        # U+2028, U+2029 and U+0085 are line breaks to str.splitlines, which httpx's iter_lines (httpx-sse, and the
+        # clients built on it) splits SSE on: raw in a delta, they cut the data line in two and the client's JSON
+        # parse failed. Escaped, the JSON decodes to the same text (they only occur inside its strings).
+        payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
         self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
 
     def _stream(self, steps, head: dict, chat: bool, include_usage: bool):
@@ -575,6 +631,10 @@ class AmphistaHTTPServer(ThreadingHTTPServer):
     """A threading HTTP server whose handlers serve `app` (set once the model is loaded: the port is bound first,
     so that a port in use is named before seconds of loading)."""
     daemon_threads = True              # Ctrl-C does not wait for a client that keeps its connection open
+    # The listen backlog (socketserver's default: 5). `amphista serve` binds before loading the model so that
+    # clients wait in this queue meanwhile; with 5, the 7th client's connect() stalled in SYN retries (1 s, 3 s,
+    # 7 s, ...: still waiting long after the model was up), and so did bursts of clients once serving.
+    request_queue_size = 128
     app: OpenAIApp | None = None
 
     @property
