@@ -142,17 +142,17 @@ def _hf_nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
 
 def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
     """The window some layer attends over, as transformers reads it: Mistral applies `sliding_window` unless
-    `use_sliding_window` is false; Qwen2/Qwen3 only where `use_sliding_window` is true (their default is false), and
-    then to the layers from `max_window_layers` on (none where that is past the last layer), or as `layer_types`
-    says where the config lists them."""
+    `use_sliding_window` is false; Qwen2/Qwen3/SmolLM3 only where `use_sliding_window` is true (their default is
+    false), and then to the layers from `max_window_layers` on (none where that is past the last layer), or as
+    `layer_types` says where the config lists them."""
     window = cfg.get("sliding_window")
-    qwen = model_type in ("qwen2", "qwen3", "smollm3")      # their use_sliding_window defaults to false
-    if window is None or not cfg.get("use_sliding_window", not qwen):
+    opt_in = model_type in ("qwen2", "qwen3", "smollm3")
+    if window is None or not cfg.get("use_sliding_window", not opt_in):
         return None
     layer_types = cfg.get("layer_types")
     if isinstance(layer_types, list) and layer_types:
         return window if "sliding_attention" in layer_types else None
-    if qwen and cfg.get("max_window_layers", 0) >= cfg.get("num_hidden_layers", 0):
+    if opt_in and cfg.get("max_window_layers", 0) >= cfg.get("num_hidden_layers", 0):
         return None
     return window
 
@@ -179,8 +179,8 @@ _HF_ACTIVATIONS = ("silu", "swish")
 def _check_hf_options(cfg: dict[str, Any]) -> None:
     if cfg.get("mlp_bias"):
         raise ConfigError("mlp_bias=true is not supported: amphista-engine's MLP layers have no biases")
-    partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
         raise ConfigError(f"partial_rotary_factor={partial!r} is not supported: RoPE rotates whole heads here")
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act not in _HF_ACTIVATIONS:
