@@ -308,6 +308,17 @@ class Engine:
             raise InputError("prompt encodes to zero tokens")
         return ids
 
+    def reserve_batch(self, rows: int) -> None:
+        """Raise max_batch_size to `rows` after the load (a server that batches its requests): the memory for that
+        many rows is checked now, and the first run that needs more rows than the cache has allocates them all at
+        once, so no later batch regrows it. Never shrinks the cache."""
+        _, rows = check_engine_args(self.max_seq_len, rows, True)
+        if rows <= self._cache_batch:
+            return
+        KVCache.check_fits(self.config, rows, self.max_seq_len, self.dtype, self.device,
+                           freeable=0 if self._cache is None else self._cache.nbytes)
+        self._cache_batch = rows
+
     def _cache_for(self, batch: int) -> KVCache:
         if self._cache is None or self._cache.batch < batch:
             # Checked before the old buffers go, counting them as free (they are, once dropped): a batch refused for

@@ -6,15 +6,20 @@ import sys
 
 DESCRIPTION = (
     "An OpenAI-compatible HTTP server (standard library only): POST /v1/chat/completions and /v1/completions "
-    "(streamed as Server-Sent Events with \"stream\": true), GET /v1/models and /health. One engine decodes one "
-    "request at a time (it has one KV cache): requests that arrive meanwhile wait their turn. The sampling flags "
-    "set what a request that leaves the field out gets (--temperature 0, the default: greedy; --max-new-tokens: "
-    "max_tokens, cut to the room the prompt leaves in --max-seq-len); a request may also send the non-OpenAI "
-    "fields speculative, tree, top_k and repetition_penalty. Ctrl-C stops it.")
+    "(streamed as Server-Sent Events with \"stream\": true), GET /v1/models and /health. One engine decodes one run "
+    "at a time (it has one KV cache), but a run may hold several requests: the requests waiting when a run starts "
+    "are decoded together, up to --max-batch of them, where their options are identical once the defaults are "
+    "filled in (temperature, top_p, top_k, repetition_penalty, stop, seed, max_tokens, speculative, tree, "
+    "chat_template_kwargs); a request with a seed that samples runs alone, so that its answer stays the same; "
+    "one that arrives during a run waits for the next. --max-batch 1 decodes one request at a time. The sampling "
+    "flags set what a request that leaves the field out gets (--temperature 0, the default: greedy; "
+    "--max-new-tokens: max_tokens, cut to the room the prompt leaves in --max-seq-len); a request may also send "
+    "the non-OpenAI fields speculative, tree, top_k and repetition_penalty. Ctrl-C stops it.")
 
 
 def cmd_serve(args) -> int:
     from ..cli import _load
+    from ..errors import InputError
     from ..sampling import SamplingParams
     from .server import OpenAIApp, bind
 
@@ -22,6 +27,8 @@ def cmd_serve(args) -> int:
     # loads wait in the listen queue rather than being refused
     httpd = bind(args.host, args.port)
     try:
+        if args.max_batch < 1:      # named before the load, as a flag
+            raise InputError(f"--max-batch must be at least 1 (1: one request at a time), got {args.max_batch}")
         SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)   # named here
         # --max-new-tokens is the default of requests without max_tokens, cut to the room each prompt leaves: a
         # --max-seq-len 256 server is not refused for the default 512 (generate refuses it: one prompt, one answer)
@@ -36,11 +43,14 @@ def cmd_serve(args) -> int:
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
                         seed=args.seed)
         httpd.app = OpenAIApp(engine, model_id=args.model, speculative=speculative,
-                              tree=tree if speculative is not None else None, defaults=defaults, quiet=args.quiet)
+                              tree=tree if speculative is not None else None, defaults=defaults, quiet=args.quiet,
+                              max_batch=args.max_batch)
         method = "plain decoding" if speculative is None else f"speculative {speculative}" + (
             f", tree {tree}" if tree else "")
-        print(f"serving {args.model} ({method}) at {httpd.url}/v1 (OpenAI-compatible; one "
-              f"request at a time; Ctrl-C stops)", file=sys.stderr, flush=True)
+        batching = "one request at a time" if args.max_batch == 1 else \
+            f"concurrent requests batched, up to {args.max_batch} a run"
+        print(f"serving {args.model} ({method}) at {httpd.url}/v1 (OpenAI-compatible; {batching}; Ctrl-C stops)",
+              file=sys.stderr, flush=True)
         httpd.serve_forever()
     finally:
         httpd.server_close()
@@ -52,7 +62,7 @@ def register(sub) -> None:
     from ..cli import _add_decoding_args, _add_model_args, _add_sampling_args, add_template_arg
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions); "
-                       "one request at a time", description=DESCRIPTION)
+                       "concurrent requests decoded together", description=DESCRIPTION)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
@@ -60,5 +70,8 @@ def register(sub) -> None:
     _add_decoding_args(s)
     _add_sampling_args(s, max_new_tokens=512)
     add_template_arg(s)     # the default of requests that send no chat_template_kwargs
+    s.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="the most requests decoded together in one run (default 8; 1: one request at a time). The "
+                   "KV cache holds N rows of --max-seq-len (checked against free memory at start)")
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     s.set_defaults(func=cmd_serve)

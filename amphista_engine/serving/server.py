@@ -1,15 +1,18 @@
 """An OpenAI-compatible HTTP API over one Engine: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-Standard library only (http.server, json). The engine has one KV cache, so requests are decoded one at a time:
-a lock serialises them, and a request that arrives while another decodes waits for it. Streamed replies are
-Server-Sent Events as OpenAI sends them. Errors are OpenAI's JSON error object: 400 for a bad request (the engine's
-own InputError messages, which name the problem), 404 for an unknown path, 500 for anything else (a bug: the
-traceback goes to the server's stderr, never into the reply, and the server goes on serving).
+Standard library only (http.server, json). The engine has one KV cache and decodes one run at a time, but a run may
+hold several prompts: a scheduler thread (batching.py) owns the engine and decodes the requests that wait when a run
+starts, and that share its batch-wide options, together in one engine.stream_batch (up to max_batch); handler threads
+hand it their request and relay what it sends back. Streamed replies are Server-Sent Events as OpenAI sends them.
+Errors are OpenAI's JSON error object: 400 for a bad request (the engine's own InputError messages, which name the
+problem), 404 for an unknown path, 500 for anything else (a bug: the traceback goes to the server's stderr, never into
+the reply, and the server goes on serving).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
 import secrets
 import select
@@ -22,11 +25,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
+from .batching import Job, Scheduler
 
 # What a request that leaves a field out gets (`amphista serve` sets them from its sampling flags). temperature 0:
 # greedy, as the engine and the other commands default to (OpenAI's own default is 1).
 DEFAULTS = dict(max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, stop=None, seed=None)
 MAX_BODY = 32 << 20          # bytes: a request body past this is refused (413) without reading it
+MAX_BATCH = 8                # requests decoded together at most (`amphista serve --max-batch`)
+WAIT_POLL_S = 0.1            # a handler waiting for its run looks this often whether its client left
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SPECULATIVE = ("auto", "amphista", "medusa", "none")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -180,27 +186,54 @@ def _unsupported(body, fields):
             raise ApiError(400, f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
 
 
+def reserve_rows(engine, rows: int):
+    """Sizes the engine's KV cache for batches of up to `rows` requests, checking now that the memory is there
+    (Engine.reserve_batch: the first batch larger than the current cache allocates all the rows at once, and no
+    later one regrows it). `amphista serve` builds the engine as `generate` does, with one row."""
+    if rows <= 1:
+        return
+    try:
+        engine.reserve_batch(rows)
+    except CacheFullError as e:
+        raise CacheFullError(f"batches of up to {rows} requests (max_batch, `amphista serve --max-batch`): {e}; or a "
+                             f"smaller max_batch") from None
+
+
 class OpenAIApp:
     """The API over one engine: what each request decodes, and how its reply reads. speculative/tree: the server's
     default way of decoding (a request may name its own); defaults: the sampling values a request leaves out
-    (DEFAULTS' keys)."""
+    (DEFAULTS' keys); max_batch: the most requests decoded together in one run (1: one request at a time)."""
 
     def __init__(self, engine, model_id: str | None = None, speculative: str | None = None, tree=None,
-                 defaults: dict | None = None, quiet: bool = False, log=None):
+                 defaults: dict | None = None, quiet: bool = False, log=None, max_batch: int = MAX_BATCH):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InputError(f"max_batch must be an integer >= 1 (1: one request at a time), got {max_batch!r}")
+        reserve_rows(engine, max_batch)
         self.engine = engine
         self.model_id = model_id or str(getattr(engine, "loaded_name", "model"))
         self.speculative, self.tree = speculative, tree
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.quiet = quiet
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.lock = threading.Lock()       # one run at a time: the engine has one KV cache
+        self.scheduler = Scheduler(self._start_run, max_batch)
+        self.lock = self.scheduler.lock      # held while a run decodes
+        # engine.chat_template_kwargs is the engine's, set for a run's prompts while they are encoded: held while
+        # one request's template variables are in place (the scheduler's run, a handler's prompt length)
+        self._rendering = threading.Lock()
         self.created = int(time.time())
 
+    @property
+    def batch_sizes(self):
+        """A Counter of the rows of each run started so far (runs of 1 included): how much batching happened."""
+        return self.scheduler.batch_sizes
+
+    def close(self):
+        self.scheduler.close()
+
     # ---- requests -------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def template_variables(self, body: dict, chat: bool):
-        """Within the block (and the app's lock), the engine renders chat templates with the request's
-        chat_template_kwargs (vLLM's field) over the server's --chat-template-kwargs."""
+    def template_variables(self, body: dict, chat: bool) -> dict:
+        """The chat template's variables for this request: its chat_template_kwargs (vLLM's field) over the
+        server's --chat-template-kwargs. Part of what a run shares (they change the prompts' tokens)."""
         extra = body.get("chat_template_kwargs") if isinstance(body, dict) else None
         if extra is not None and not chat:
             raise ApiError(400, "chat_template_kwargs applies to /v1/chat/completions: a completion's prompt is "
@@ -210,13 +243,33 @@ class OpenAIApp:
             extra = check_template_variables(extra)
         except InputError as e:
             raise ApiError(400, str(e), "chat_template_kwargs") from None
-        engine = self.engine
-        before = engine.chat_template_kwargs
-        engine.chat_template_kwargs = {**before, **extra}
+        with self._rendering:       # the server's own, not another request's set for its run
+            return {**self.engine.chat_template_kwargs, **extra}
+
+    @contextlib.contextmanager
+    def rendering(self, variables: dict):
+        """Within the block, the engine renders chat templates with these variables (and no other thread's)."""
+        with self._rendering:
+            engine = self.engine
+            before = engine.chat_template_kwargs
+            engine.chat_template_kwargs = variables
+            try:
+                yield
+            finally:
+                engine.chat_template_kwargs = before
+
+    def submit(self, body: dict, prompt, chat: bool, stream: bool) -> Job:
+        """Hands the request to the scheduler: its Job's queue brings what the run sends. A bad request is refused
+        here (ApiError), before it waits for a run."""
+        variables = self.template_variables(body, chat)
+        with self.rendering(variables):     # the default max_tokens is cut to the room its rendered prompt leaves
+            options = self.decoding(body, prompt, None if chat else False)
+        job = Job(prompt, options, variables, stream)
         try:
-            yield
-        finally:
-            engine.chat_template_kwargs = before
+            self.scheduler.submit(job)
+        except RuntimeError as e:
+            raise ApiError(503, str(e), kind="server_error") from None
+        return job
 
     def decoding(self, body: dict, prompt, chat: bool | None) -> dict:
         """The keyword arguments of engine.stream_batch for this request (checked by the engine itself)."""
@@ -273,18 +326,22 @@ class OpenAIApp:
         kwargs["max_new_tokens"] = max_new
         return kwargs
 
-    def start(self, prompt, kwargs: dict):
-        """engine.stream_batch for this request (its checks raise here, before any reply is sent)."""
+    def _start_run(self, jobs: list[Job]):
+        """engine.stream_batch of the jobs' prompts, which share their options (the scheduler's `start`): the engine's
+        checks raise here, before anything is sent."""
+        kwargs = dict(jobs[0].options)
         max_new, cut = kwargs.pop("max_new_tokens"), kwargs.pop("cut_to_room", False)
-        try:
-            return self.engine.stream_batch([prompt], max_new, **kwargs)
-        except CacheFullError as e:
-            # A default cut to the cache's room leaves none for an explicit speculative method's tree (under
-            # "auto" the engine decodes plainly there by itself): cut it by the tree's room too, rather than
-            # refuse a request that never set max_tokens.
-            if not cut or not e.tree_room or max_new - e.tree_room < 1:
-                raise
-            return self.engine.stream_batch([prompt], max_new - e.tree_room, **kwargs)
+        prompts = [job.prompt for job in jobs]
+        with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
+            try:
+                return self.engine.stream_batch(prompts, max_new, **kwargs)
+            except CacheFullError as e:
+                # A default cut to the cache's room leaves none for an explicit speculative method's tree (under
+                # "auto" the engine decodes plainly there by itself): cut it by the tree's room too, rather than
+                # refuse a request that never set max_tokens. (A batch refused runs its requests alone: this then.)
+                if len(jobs) > 1 or not cut or not e.tree_room or max_new - e.tree_room < 1:
+                    raise
+                return self.engine.stream_batch(prompts, max_new - e.tree_room, **kwargs)
 
     def method(self, result) -> str | None:
         from ..cli import _method
@@ -538,23 +595,24 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": app.model_id, "system_fingerprint": None}
         if not chat:
             head["object"] = "text_completion"
-        with app.lock, app.template_variables(body, chat):   # one run at a time: a request meanwhile waits here
-            steps = app.start(prompt, app.decoding(body, prompt, None if chat else False))   # a 400, no stream
-            try:
-                if stream:
-                    result = self._stream(steps, head, chat, include_usage)
-                else:
-                    result = self._drain(steps)
-            finally:
-                # A stream left suspended would keep the engine's run open: the next request (another thread)
-                # would be refused as overlapping it. Closing ends the run (Engine.stream's early close).
-                steps.close()
+        job = app.submit(body, prompt, chat, stream)     # a bad request is a 400 here, before it waits
+        try:
+            result = self._stream(job, head, chat, include_usage) if stream else self._drain(job)
+        finally:
+            # Nobody reads its row any more (answered, or its client left): the scheduler drops the row's output,
+            # and ends the run once no request of it is left.
+            job.gone.set()
         if result is None:
             self.close_connection = True
-            self._done(499, " (client closed the connection; decoding stopped)")
+            # alone, its run was closed; in a batch, the others' rows go on and its own output is dropped
+            self._done(499, " (client closed the connection; decoding stopped)" if job.rows == 1 else
+                       " (client closed the connection while its request waited; it was not decoded)" if not job.rows
+                       else f" (client closed the connection; its row of a batch of {job.rows} dropped)")
             return
         usage = app.usage(result)
         note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
+        if job.rows > 1:
+            note += f" | batch of {job.rows}"
         if stream:
             self._done(200, note)
             return
@@ -564,13 +622,29 @@ class _Handler(BaseHTTPRequestHandler):
                   {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish})
         self._json(200, {**head, "choices": [choice], "usage": usage, "amphista": app.extra(result)}, note)
 
-    def _drain(self, steps):
-        """The run's result, or None where the client left before it ended."""
+    def _next_event(self, job):
+        """What the scheduler sends next for this request, ("start", None), ("delta", text) or ("end", result); an
+        error it sends is raised here. None where the client left while it waited."""
         while True:
             try:
-                next(steps)
-            except StopIteration as end:
-                return end.value[0]
+                kind, value = job.events.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                if self._client_gone():     # a client that gives up while its request waits or decodes
+                    return None
+                continue
+            if kind == "error":
+                raise value
+            return kind, value
+
+    def _drain(self, job):
+        """The run's result, or None where the client left before it ended."""
+        while True:
+            event = self._next_event(job)
+            if event is None:
+                return None
+            kind, value = event
+            if kind == "end":
+                return value
             if self._client_gone():
                 return None
 
@@ -582,9 +656,13 @@ class _Handler(BaseHTTPRequestHandler):
         payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
         self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
 
-    def _stream(self, steps, head: dict, chat: bool, include_usage: bool):
+    def _stream(self, job, head: dict, chat: bool, include_usage: bool):
         """Sends the run as Server-Sent Events; the result, or None where the client left."""
         app = self.app
+        # The headers wait for the run to start: a request the engine refuses is still answered with a status
+        event = self._next_event(job)
+        if event is None:
+            return None
 
         def chunk(delta: str | None = None, finish=None, role: bool = False, **more):
             if chat:
@@ -608,15 +686,17 @@ class _Handler(BaseHTTPRequestHandler):
             if chat:
                 self._event(chunk(role=True))
             while True:
-                try:
-                    _, delta = next(steps)
-                except StopIteration as end:
-                    result = end.value[0]
+                kind, value = event
+                if kind == "end":
+                    result = value
                     break
                 if self._client_gone():
                     return None
-                if delta:
-                    self._event(chunk(delta))
+                if kind == "delta" and value:
+                    self._event(chunk(value))
+                event = self._next_event(job)
+                if event is None:
+                    return None
             finish = FINISH.get(result.finish_reason, result.finish_reason)
             self._event(chunk(None, finish, amphista=app.extra(result)))
             if include_usage:
@@ -636,6 +716,11 @@ class AmphistaHTTPServer(ThreadingHTTPServer):
     # 7 s, ...: still waiting long after the model was up), and so did bursts of clients once serving.
     request_queue_size = 128
     app: OpenAIApp | None = None
+
+    def server_close(self):
+        super().server_close()
+        if self.app is not None:
+            self.app.close()        # its scheduler thread ends; requests still waiting are answered
 
     @property
     def url(self) -> str:
@@ -662,7 +747,8 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> AmphistaHTTPServer:
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 8000, **app_options) -> AmphistaHTTPServer:
     """An HTTP server serving `engine` on host:port (OpenAIApp's options: model_id, speculative, tree, defaults,
-    quiet). Run it with .serve_forever() (in a thread: .shutdown() stops it; .server_close() frees the port)."""
+    quiet, max_batch). Run it with .serve_forever() (in a thread: .shutdown() stops it; .server_close() frees the
+    port and ends its scheduler thread)."""
     httpd = bind(host, port)
     httpd.app = OpenAIApp(engine, **app_options)
     return httpd

@@ -1,0 +1,203 @@
+"""Batching of concurrent requests: one scheduler thread owns the engine and decodes the requests that wait when a run
+starts, and that can share a run, as one engine.stream_batch.
+
+HTTP handler threads hand in a Job and read what the scheduler sends back on its queue:
+("start", None) once its run has begun (prefilled), ("delta", text) as its row decodes, ("end", result) when the run
+ends (the engine gives a batch's results only then), or ("error", exception) in place of any of them.
+
+Why a run cannot simply hold every waiting request:
+- stream_batch's options (temperature, stop, seed, speculative, tree, max_new_tokens, chat...) are batch-wide, so only
+  requests whose options are identical once the server's defaults are filled in share a run (batch_key);
+- the engine cannot add a row to a run once it has started, so a request that arrives meanwhile waits for the next one.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import traceback
+from collections import Counter
+
+from ..errors import AmphistaError
+
+
+class Job:
+    """One request on its way through the scheduler: what it decodes and where its output goes."""
+
+    def __init__(self, prompt, options: dict, variables: dict, stream: bool):
+        self.prompt = prompt
+        self.options = options          # engine.stream_batch's keyword arguments, max_new_tokens too (decoding())
+        self.variables = variables      # the chat template's variables it renders with
+        self.stream = stream            # a streamed reply is under way once started: it cannot be run again
+        self.key = batch_key(options, variables)
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.gone = threading.Event()   # set by the handler once nobody reads the output (client left, reply sent)
+        self.started = False            # "start" was sent
+        self.rows = 0                   # the rows of the run that decoded it (the log line names a batch)
+
+    def send(self, kind: str, value=None):
+        if not self.gone.is_set():
+            self.events.put((kind, value))
+
+
+def batch_key(options: dict, variables: dict) -> str | None:
+    """Requests with equal keys can share a run: their batch-wide options are identical. None: the request runs alone.
+
+    max_tokens is part of the key (grouping by it), not run at the batch's largest with each row cut short at its own:
+    stream_batch yields text deltas, not tokens (a speculative step's delta holds several, and text is held back
+    around stop strings and split UTF-8 characters), so a cut at a row's own token count could not give the text,
+    finish_reason and usage that the request gets alone; and since a batch's results come only when its last row
+    ends, a short request batched with a long one would wait for the long one's answer."""
+    key = {k: v for k, v in options.items() if k != "cut_to_room"}    # how a default was cut, not a run's option
+    if key.get("seed") is not None and key.get("temperature") != 0:
+        # A seeded sampled row of a larger batch draws other random numbers than the same request alone (README):
+        # a seed promises the same answer each time, so such a request is never batched.
+        return None
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        value = key.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            key[name] = float(value)        # a client's temperature 0 and the server's default 0.0 are one option
+    try:
+        return json.dumps([key, variables], sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return None         # a value that is no JSON (a NaN): run alone, where the engine names what is wrong with it
+
+
+class Scheduler:
+    """Runs jobs on one engine from one thread, several at once where they are compatible (up to max_batch).
+
+    start(jobs) makes a run: engine.stream_batch of the jobs' prompts with their shared options, a generator of
+    (row, delta) whose return value is the rows' results; it raises AmphistaError where the engine refuses."""
+
+    def __init__(self, start, max_batch: int):
+        self._start = start
+        self.max_batch = max_batch
+        self.lock = threading.Lock()            # held while a run decodes (/health's "busy")
+        self.batch_sizes: Counter = Counter()   # rows of each run started: how much batching happened
+        self._pending: list[Job] = []           # in arrival order: the oldest runs first (no request starves)
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, job: Job):
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the server is shutting down")
+            self._pending.append(job)
+            if self._thread is None:        # started with the first request: an app never served holds no thread
+                self._thread = threading.Thread(target=self._loop, name="amphista-scheduler", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def waiting(self) -> int:
+        """Requests waiting for a run (not those decoding)."""
+        with self._wake:
+            return sum(not j.gone.is_set() for j in self._pending)
+
+    def close(self):
+        """Stops the thread once its run ends; requests still waiting are answered with an error."""
+        with self._wake:
+            self._closed = True
+            left, self._pending = self._pending, []
+            self._wake.notify()
+        from .server import ApiError
+        for job in left:
+            job.send("error", ApiError(503, "the server is shutting down", kind="server_error"))
+
+    # ---- the scheduler's thread ----------------------------------------------------------------------------
+    def _loop(self):
+        while (jobs := self._take()) is not None:
+            try:
+                with self.lock:
+                    self._run(jobs)
+            except Exception as e:  # noqa: BLE001 -- a bug here must not end the thread: every request would hang
+                self._fail(jobs, self._bug(e, jobs))
+
+    def _take(self) -> list[Job] | None:
+        """The next run's jobs: the oldest waiting request and the later ones that can share its run."""
+        with self._wake:
+            while True:
+                self._pending = [j for j in self._pending if not j.gone.is_set()]    # clients that left waiting
+                if self._closed:
+                    return None
+                if self._pending:
+                    break
+                self._wake.wait()       # submit and close notify
+            first, group = self._pending[0], [self._pending[0]]
+            if first.key is not None:
+                group += [j for j in self._pending[1:] if j.key == first.key][:self.max_batch - 1]
+            self._pending = [j for j in self._pending if j not in group]
+            return group
+
+    def _run(self, jobs: list[Job]):
+        try:
+            steps = self._start(jobs)
+        except AmphistaError as e:
+            if len(jobs) > 1:
+                # The engine refused the batch (one prompt plus the shared max_tokens past the cache, memory for the
+                # rows, one bad prompt): alone, each request gets the answer or the error it would get anyway.
+                return self._one_by_one(jobs)
+            return self._fail(jobs, e)
+        self.batch_sizes[len(jobs)] += 1
+        try:
+            self._relay(steps, jobs)
+        except AmphistaError as e:
+            steps.close()
+            if len(jobs) == 1:
+                return self._fail(jobs, e)
+            # An error mid-run (a row's logits overflowed): the requests with nothing sent yet (non-streamed ones,
+            # and all of them before the prefill ended) run again alone, where only the faulty one fails; a stream
+            # already under way ends with the error.
+            again = [j for j in jobs if not (j.stream and j.started)]
+            self._fail([j for j in jobs if j not in again], e)
+            return self._one_by_one(again)
+        finally:
+            # Ends the engine's run: a stream left suspended would keep it open (the next run would be refused as
+            # overlapping it), and a batch whose clients all left stops decoding for nobody.
+            steps.close()
+
+    def _relay(self, steps, jobs: list[Job]):
+        """Hands each row's deltas to its job, then the results; returns early where every client left."""
+        for job in jobs:
+            job.rows = len(jobs)
+        while True:
+            try:
+                row, delta = next(steps)
+            except StopIteration as end:
+                results = end.value
+                break
+            self._announce(jobs)        # at the first delta: the prefill went through for every row
+            jobs[row].send("delta", delta)
+            if all(j.gone.is_set() for j in jobs):
+                return
+        self._announce(jobs)
+        for job, result in zip(jobs, results):
+            job.send("end", result)
+
+    @staticmethod
+    def _announce(jobs: list[Job]):
+        for job in jobs:
+            if not job.started:
+                job.started = True
+                job.send("start")
+
+    def _one_by_one(self, jobs: list[Job]):
+        for job in jobs:
+            if not job.gone.is_set():
+                job.started = False
+                self._run([job])
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: BaseException):
+        for job in jobs:
+            job.send("error", error)
+
+    @staticmethod
+    def _bug(e: Exception, jobs: list[Job]):
+        """A bug as what its requests answer (a 500, as a handler thread's bug is); its traceback on stderr, once."""
+        from .server import ApiError
+        print(f"amphista serve: internal error decoding a run of {len(jobs)} request(s):", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
+        return ApiError(500, f"internal server error ({type(e).__name__}: {str(e)[:200]}); the server's log has the "
+                        f"details", kind="server_error", code="internal_error")
