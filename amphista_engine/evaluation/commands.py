@@ -1,9 +1,10 @@
-"""`amphista eval | bench`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
+"""`amphista eval | bench | perplexity`: argparse subcommands; amphista_engine/cli.py adds them with `register(sub)`."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 
@@ -33,6 +34,33 @@ def cmd_bench(args) -> int:
         print(json.dumps(result))
     else:
         print(bench_markdown(result))
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from ..engine import Engine
+    from ..errors import InputError
+    from ..text_files import read_utf8
+    from .perplexity import check_ctx, perplexity
+    if args.max_seq_len < 4:
+        raise InputError(f"--max-seq-len must be at least 4, got {args.max_seq_len}")
+    ctx = check_ctx(args.ctx if args.ctx is not None else min(512, args.max_seq_len), args.max_seq_len)
+    path = Path(args.file)
+    if not path.is_file():                           # before the load: a bad path is named in a moment
+        raise InputError(f"--file {args.file}: no such file")
+    text = read_utf8(path).removeprefix("\ufeff")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                                    quant=args.quant)
+
+    def progress(chunk, chunks, ppl):
+        print(f"[{chunk}/{chunks}] running PPL {ppl:.4f}", file=sys.stderr)
+    result = perplexity(engine, text, ctx=ctx, max_chunks=args.chunks, progress=None if args.quiet else progress)
+    weights = engine.linears.describe() if engine.quant == "q4" else str(engine.dtype).removeprefix("torch.")
+    if args.json:
+        print(json.dumps({**result.to_dict(), "model": args.model, "weights": weights}))
+    else:
+        print(f"{result.summary()}, {args.model}, {weights}")
     return 0
 
 
@@ -106,3 +134,17 @@ def register(sub) -> None:
     b.add_argument("--out", default="bench_results", help="output folder for the .json/.md (and the plot)")
     b.add_argument("--json", action="store_true", help="print the result as one JSON object")
     b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file under the model (a port's or a quantization's "
+                       "check)", description="Cuts the file's tokens into chunks of --ctx, runs each chunk in one "
+                       "forward pass (its first token the BOS where the tokenizer adds one) and scores the second "
+                       "half of each, as llama.cpp's llama-perplexity does; prints PPL +/- its standard error.")
+    p.add_argument("--file", required=True, help="a UTF-8 text file")
+    p.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")
+    p.add_argument("--ctx", type=int, default=None, help="tokens per chunk (default: min(512, --max-seq-len))")
+    p.add_argument("--chunks", type=int, default=None, help="score the first N chunks only (default: all)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="the engine's cache length (>= --ctx)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no running PPL per chunk on stderr")
+    _device_args(p)
+    p.set_defaults(func=cmd_perplexity)
