@@ -271,7 +271,6 @@ def finish_unpermuted_gguf(wr, w: dict, n_layers: int, qtype: str = "F32"):
     """Writes a Hugging Face state dict (name -> numpy array) under llama.cpp's tensor names, as its converter
     writes Qwen files (rows as stored: no RoPE permutation; biases and norms F32; 2-D tensors in `qtype`), then
     the file's header, metadata and tensors, and closes it."""
-    import gguf
     import numpy as np
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -280,12 +279,21 @@ def finish_unpermuted_gguf(wr, w: dict, n_layers: int, qtype: str = "F32"):
                       for h, g in _GGUF_OF_HF_LAYER.items() for kind in ("weight", "bias")})
     for hf_name, g in names.items():
         if hf_name in w:
-            x = w[hf_name].astype(np.float32)
-            if x.ndim == 2 and qtype != "F32":
-                qt = gguf.GGMLQuantizationType[qtype]
-                wr.add_tensor(g, gguf.quants.quantize(x, qt), raw_dtype=qt)
-            else:
-                wr.add_tensor(g, x)
+            _add_gguf_tensor(wr, g, w[hf_name].astype(np.float32), qtype)
+    _close_gguf(wr)
+
+
+def _add_gguf_tensor(wr, name: str, x, qtype: str):
+    """A tensor in `qtype` where it is 2-D (llama.cpp quantizes matrices only), else as F32."""
+    import gguf
+    if x.ndim == 2 and qtype != "F32":
+        qt = gguf.GGMLQuantizationType[qtype]
+        wr.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
+    else:
+        wr.add_tensor(name, x)
+
+
+def _close_gguf(wr):
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
@@ -352,13 +360,7 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type
             qt = gguf.GGMLQuantizationType[bad_type]
             raw = gguf.quant_shape_to_byte_shape(x.shape, qt)
             wr.add_tensor(g, np.zeros(raw, dtype=np.uint8), raw_dtype=qt)
-        elif x.ndim == 2 and qtype != "F32":
-            qt = gguf.GGMLQuantizationType[qtype]
-            wr.add_tensor(g, gguf.quants.quantize(x, qt), raw_dtype=qt)
         else:
-            wr.add_tensor(g, x)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
+            _add_gguf_tensor(wr, g, x, qtype)
+    _close_gguf(wr)
     return out
