@@ -168,6 +168,11 @@ def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if kind in ("yarn", "llama3") and "original_max_position_embeddings" in cfg:
         # transformers gives a top-level original_max_position_embeddings priority (standardize_rope_params)
         rs["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    elif kind in ("yarn", "llama3") and rs.get("original_max_position_embeddings") is None \
+            and cfg.get("max_position_embeddings") is not None:
+        # and defaults it to max_position_embeddings: a llama3 config without it took Llama 3's 8192 here, other
+        # angles than transformers' (logits ~2e-2 apart on a tiny model trained on 64 positions)
+        rs["original_max_position_embeddings"] = cfg["max_position_embeddings"]
     return None if kind == "default" else rs
 
 

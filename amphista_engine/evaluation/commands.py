@@ -45,6 +45,8 @@ def cmd_perplexity(args) -> int:
     if args.max_seq_len < 4:
         raise InputError(f"--max-seq-len must be at least 4, got {args.max_seq_len}")
     ctx = check_ctx(args.ctx if args.ctx is not None else min(512, args.max_seq_len), args.max_seq_len)
+    if args.chunks is not None and args.chunks < 1:   # before the load, and in the flag's name (not max_chunks)
+        raise InputError(f"--chunks must be a positive integer, got {args.chunks}")
     path = Path(args.file)
     if not path.is_file():                           # before the load: a bad path is named in a moment
         raise InputError(f"--file {args.file}: no such file")

@@ -353,7 +353,6 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
         extras = (att.wqkv.bias, None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight)
         if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
                 or any(m.bias is not None for m in linears[1:]) or (q_norm is None) != (k_norm is None)
-                or not getattr(att, "use_rope", True)             # NoPE layers (SmolLM3): the Python loop
                 or any(w is not None and (w.dtype != dtype or not w.is_contiguous()) for w in norms + extras)):
             break
         eps |= {layer.attention_norm.eps, layer.ffn_norm.eps} | ({q_norm.eps, k_norm.eps} if q_norm else set())
@@ -396,6 +395,23 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
     table = _layer_table(layers, norm, cfg, x.dtype, owner)
     if table is None:
         return NotImplemented
+    ropes = [getattr(layer.attention, "use_rope", True) for layer in layers]
+    if any(ropes) and not all(ropes):
+        # SmolLM3's NoPE layers: the C++ stack takes one RoPE table for all its layers, so runs of layers alike are
+        # stacked one after another. Refused here, they took the Python layer loop, whose one padded prefill made a
+        # 4-bit batch row differ from the same prompt alone (the stack's exactness, README), at that loop's speed.
+        start = 0
+        for end in range(1, len(layers) + 1):
+            if end < len(layers) and ropes[end] == ropes[start]:
+                continue
+            out = decoder_layers(layers[start:end], final_norm if end == len(layers) else None, cfg, x, rope_rows,
+                                 k[start:end], v[start:end], prefix_len, bits, owner)
+            assert out is not NotImplemented, "a run of the layers the whole stack took was refused"
+            start = end
+        return out
+    if not any(ropes):                  # NoPE layers: rows that rotate by nothing
+        from ..model import no_rotation
+        rope_rows = no_rotation(rope_rows)
     L, B_max, H_kv, S, D = k.shape
     bits = bits.reshape(-1, T).contiguous()
     rope_rows = rope_rows.contiguous()
