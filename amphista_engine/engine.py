@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import time
@@ -447,7 +448,8 @@ class Engine:
     def stream_batch(self, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
                      seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
-                     tree=None, acceptance: str = "auto", reuse_prefix: bool = False) -> Iterator[tuple[int, str]]:
+                     tree=None, acceptance: str = "auto", reuse_prefix: bool = False,
+                     row_results: bool = False) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -460,7 +462,13 @@ class Engine:
         reuse_prefix (one prompt): start from the K/V the cache still holds for the longest common prefix of this
         prompt and the previous reuse_prefix run's prompt + answer, and prefill only the rest (a chat's history).
         The prefix's K/V then come from that run (its prefill and decode steps), so the logits can differ from a
-        fresh run's in the last bits: off by default, where repeated calls must give the same answer."""
+        fresh run's in the last bits: off by default, where repeated calls must give the same answer.
+
+        row_results: the stream also yields (row, GenerationResult) right after a row's last delta, when that row
+        ends, so a caller can answer it before the batch's last row ends (`amphista serve` does); its stats time that
+        row alone. last_results still holds every row's result (batch-timed) once the stream ends."""
+        if not isinstance(row_results, bool):
+            raise InputError(f"row_results must be True or False, got {type(row_results).__name__} {row_results!r}")
         check_batch_wide(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
                          acceptance=acceptance, reuse_prefix=reuse_prefix)
@@ -542,7 +550,7 @@ class Engine:
                 self.last_result, self.last_results = None, []
         # What the cache holds (the kept prefix) is taken when the run starts (_drive), not here: a stream is lazy,
         # and one set up and never started (or a run started in between) must not decide what the next run reuses.
-        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix)
+        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix, row_results)
 
     def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
@@ -577,9 +585,11 @@ class Engine:
                 if self._decoding == token:
                     self._decoding = None
 
-    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False):
-        """keep: a reuse_prefix run, which starts from what the cache holds and keeps its own prompt + answer."""
+    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False, row_results: bool = False):
+        """keep: a reuse_prefix run, which starts from what the cache holds and keeps its own prompt + answer.
+        row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
         stats = [GenerationStats() for _ in ids]
+        ended: list[int] = []           # rows that ended since the last item: their results follow it
         # Not the previous run's result: a run closed early or stopped by an error leaves none
         paused = 0.0
         with self._one_run(clear_results=True) as mine:
@@ -589,18 +599,22 @@ class Engine:
             kept, self._kept = self._kept, None
             if keep:
                 decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
-            steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats)
+            steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats,
+                        on_row_end=ended.append if row_results else None)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and
                 # streams closed out of order restored each other's mode (the thread stayed in it for good).
                 with torch.inference_mode():
                     item = next(steps, None)
+                for out in ([] if item is None else [item]) + [(b, self._row_result(decoder, ids, stats, b, paused))
+                                                               for b in ended]:
+                    t = time.perf_counter()
+                    yield out
+                    paused += time.perf_counter() - t
+                ended.clear()
                 if item is None:
                     break
-                t = time.perf_counter()
-                yield item
-                paused += time.perf_counter() - t
                 if self._runs != mine:      # the caller started another run: its prefill replaced our cache
                     steps.close()
                     raise InputError("this stream was overtaken by a later generation on the same engine, which "
@@ -623,6 +637,16 @@ class Engine:
                 self._kept = _KeptPrefix(decoder.cache, heads, None if heads is None else heads.cache_epoch(),
                                          seq[:min(int(decoder.cache.length[0]), len(seq))])
         return results      # generate() takes its own run's results from here, never from last_result
+
+    @staticmethod
+    def _row_result(decoder, ids, stats, b: int, paused: float) -> GenerationResult:
+        """Row b's result as it ends mid-run: its own token count and decode time (less the caller's time between
+        items so far), where the run's end gives every row the whole batch's."""
+        s = copy.deepcopy(stats[b])
+        s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
+        s.decode_ms = max(0.0, s.decode_ms - paused * 1e3)
+        r = decoder.rows[b]
+        return GenerationResult(r.text, list(r.ids), ids[b], r.finish_reason, s)
 
     def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the
@@ -656,8 +680,6 @@ _HEADS_ENGINE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _heads_copy(heads, device, dtype):
     """Heads of their own for an engine (state, binding, linears): the same weights (shared where the dtype and
     device are the engine's already), cast and placed as a heads directory's load would place them."""
-    import copy
-
     from .heads import HeadsConfig
     from .heads.checkpoint import KEPT_SKETCH, _assign, build_heads
     with torch.device("meta"):

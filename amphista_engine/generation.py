@@ -328,8 +328,10 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
 
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_ids, stop: list[str],
-        stats: list[GenerationStats]) -> Iterator[tuple[int, str]]:
+        stats: list[GenerationStats], on_row_end=None) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
+    on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
+    (new_tokens, decode_ms), until the run's end sets every row's to the whole batch's.
 
     Tokens past EOS, a stop string or max_new_tokens inside one step are dropped here, never emitted.
     """
@@ -371,8 +373,13 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
             used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens, special_text)
             if not (from_prefill or was_done):
                 stats[b].record_step(used)
-            if rows[b].finish_reason and not was_done and b in live and hasattr(decoder, "end_row"):
-                decoder.end_row(live.index(b))
+            if rows[b].finish_reason and not was_done:
+                if b in live and hasattr(decoder, "end_row"):
+                    decoder.end_row(live.index(b))
+                if on_row_end is not None:
+                    stats[b].new_tokens = len(rows[b].ids)
+                    stats[b].decode_ms = (time.perf_counter() - t1) * 1e3
+                    on_row_end(b)
             if delta:
                 yield b, delta
         from_prefill = False

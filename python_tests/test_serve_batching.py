@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from amphista_engine.errors import CacheFullError, NonFiniteError
+from amphista_engine.errors import CacheFullError, InputError, NonFiniteError
 from test_serve import _send, call, sse
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -354,3 +354,78 @@ def test_the_max_batch_flag(capsys):
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "serve" in a.choices)
     text = " ".join(sub.choices["serve"].format_help().split())
     assert "--max-batch N" in text and "decoded together" in text and "seed that samples runs alone" in text
+
+
+def test_a_short_answer_is_sent_when_its_row_ends_not_when_the_batch_does(batching, monkeypatch):
+    """The engine's row_results: a row's result comes as the row ends, so a short answer batched with a long one is
+    sent then. Here the run is held right after the short row's result until its client has the reply: sent only at
+    the batch's end (as before), it never comes, and the held run fails the test."""
+    engine, url, app, lines = batching
+    answers = [engine.generate(p, 40).text for p in PROMPTS[:2]]
+    # a stop string early in the first answer and nowhere in the second: the first row ends after a few tokens
+    stop = next(answers[0][i:i + 3] for i in range(1, len(answers[0]) - 3) if answers[0][i:i + 3] not in answers[1])
+    refs = [engine.generate(p, 40, stop=[stop]) for p in PROMPTS[:2]]
+    assert refs[0].finish_reason == "stop" and len(refs[0].token_ids) < len(refs[1].token_ids)
+    runs = Runs(engine, monkeypatch)
+    released, held = threading.Event(), []
+
+    def hold_after_row_0(prompts, *args, **kwargs):
+        steps = runs(prompts, *args, **kwargs)
+
+        def gen():
+            try:
+                while True:
+                    try:
+                        item = next(steps)
+                    except StopIteration as end:
+                        return end.value
+                    yield item
+                    if len(prompts) == 2 and item[0] == 0 and not isinstance(item[1], str):
+                        held.append(released.wait(30))
+            finally:
+                steps.close()
+        return gen()
+    monkeypatch.setattr(engine, "stream_batch", hold_after_row_0)
+    runs.gate.clear()
+    blocker = threading.Thread(target=call, args=(url, CHAT, {"messages": PROMPTS[2], "max_tokens": 2}))
+    blocker.start()
+    wait_for(lambda: len(runs.sizes) == 1 and app.lock.locked())
+    got = {}
+
+    def one(i):
+        got[i] = call(url, CHAT, {"messages": PROMPTS[i], "max_tokens": 40, "stop": [stop]})
+        if i == 0:
+            released.set()
+    threads = [threading.Thread(target=one, args=(i,)) for i in (0, 1)]
+    for n, t in enumerate(threads):
+        t.start()
+        wait_for(lambda n=n: app.scheduler.waiting() == n + 1)
+    runs.gate.set()
+    for t in [blocker, *threads]:
+        t.join(60)
+    assert runs.sizes == [1, 2] and held == [True]
+    for i in (0, 1):
+        assert got[i][1]["choices"][0]["message"]["content"] == refs[i].text
+        assert got[i][1]["usage"]["completion_tokens"] == len(refs[i].token_ids)
+    assert got[0][1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_row_results_from_the_engine(tiny_amphista_engine):
+    """stream_batch(row_results=True): each row's result right after its last delta, equal to the run's final one."""
+    engine = tiny_amphista_engine
+    prompts = ["The quick brown fox", "Hello", "def f(x):"]
+    for speculative in (None, "amphista"):
+        items = list(engine.stream_batch(prompts, 30, chat=False, stop=["o"], speculative=speculative,
+                                         row_results=True))
+        ends = {row: i for i, (row, x) in enumerate(items) if not isinstance(x, str)}
+        assert sorted(ends) == [0, 1, 2]
+        for row, i in ends.items():
+            result = items[i][1]
+            assert "".join(x for b, x in items[:i] if b == row) == result.text
+            assert all(b != row for b, _ in items[i + 1:])            # nothing of the row after its result
+            final = engine.last_results[row]
+            assert (result.text, result.token_ids, result.finish_reason) == \
+                (final.text, final.token_ids, final.finish_reason)
+            assert result.stats.new_tokens == len(result.token_ids)
+    with pytest.raises(InputError, match="row_results must be True or False"):
+        engine.stream_batch(prompts, 4, row_results="yes")

@@ -2,8 +2,9 @@
 starts, and that can share a run, as one engine.stream_batch.
 
 HTTP handler threads hand in a Job and read what the scheduler sends back on its queue:
-("start", None) once its run has begun (prefilled), ("delta", text) as its row decodes, ("end", result) when the run
-ends (the engine gives a batch's results only then), or ("error", exception) in place of any of them.
+("start", None) once its run has begun (prefilled), ("delta", text) as its row decodes, ("end", result) when its row
+ends (stream_batch's row_results: a short answer is not held until the batch's last row ends), or ("error",
+exception) in place of any of them.
 
 Why a run cannot simply hold every waiting request:
 - stream_batch's options (temperature, stop, seed, speculative, tree, max_new_tokens, chat...) are batch-wide, so only
@@ -34,6 +35,7 @@ class Job:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.gone = threading.Event()   # set by the handler once nobody reads the output (client left, reply sent)
         self.started = False            # "start" was sent
+        self.ended = False              # "end" was sent
         self.rows = 0                   # the rows of the run that decoded it (the log line names a batch)
 
     def send(self, kind: str, value=None):
@@ -47,8 +49,8 @@ def batch_key(options: dict, variables: dict) -> str | None:
     max_tokens is part of the key (grouping by it), not run at the batch's largest with each row cut short at its own:
     stream_batch yields text deltas, not tokens (a speculative step's delta holds several, and text is held back
     around stop strings and split UTF-8 characters), so a cut at a row's own token count could not give the text,
-    finish_reason and usage that the request gets alone; and since a batch's results come only when its last row
-    ends, a short request batched with a long one would wait for the long one's answer."""
+    finish_reason and usage that the request gets alone; and a row run past its own max_tokens would still cost a
+    row of compute in every step the long one takes."""
     key = {k: v for k, v in options.items() if k != "cut_to_room"}    # how a default was cut, not a run's option
     if key.get("seed") is not None and key.get("temperature") != 0:
         # A seeded sampled row of a larger batch draws other random numbers than the same request alone (README):
@@ -148,9 +150,10 @@ class Scheduler:
                 return self._fail(jobs, e)
             # An error mid-run (a row's logits overflowed): the requests with nothing sent yet (non-streamed ones,
             # and all of them before the prefill ended) run again alone, where only the faulty one fails; a stream
-            # already under way ends with the error.
-            again = [j for j in jobs if not (j.stream and j.started)]
-            self._fail([j for j in jobs if j not in again], e)
+            # already under way ends with the error; a row that ended before it has its answer already.
+            open_jobs = [j for j in jobs if not j.ended]
+            again = [j for j in open_jobs if not (j.stream and j.started)]
+            self._fail([j for j in open_jobs if j not in again], e)
             return self._one_by_one(again)
         finally:
             # Ends the engine's run: a stream left suspended would keep it open (the next run would be refused as
@@ -161,6 +164,7 @@ class Scheduler:
         """Hands each row's deltas to its job, then the results; returns early where every client left."""
         for job in jobs:
             job.rows = len(jobs)
+        last: dict[int, object] = {}    # the last row's own result, sent once the run has ended
         while True:
             try:
                 row, delta = next(steps)
@@ -168,12 +172,22 @@ class Scheduler:
                 results = end.value
                 break
             self._announce(jobs)        # at the first delta: the prefill went through for every row
-            jobs[row].send("delta", delta)
+            if isinstance(delta, str):
+                jobs[row].send("delta", delta)
+            elif sum(j.ended for j in jobs) < len(jobs) - 1:     # a row's result as it ended (row_results)
+                jobs[row].ended = True
+                jobs[row].send("end", delta)
+            else:
+                # The last row's: held until the run's end (the next item), so that once every client has its
+                # answer the engine is free again (a caller may use it directly then, not only through this thread)
+                last[row] = delta
             if all(j.gone.is_set() for j in jobs):
                 return
         self._announce(jobs)
-        for job, result in zip(jobs, results):
-            job.send("end", result)
+        for i, (job, result) in enumerate(zip(jobs, results)):
+            if not job.ended:
+                job.ended = True
+                job.send("end", last.get(i, result))
 
     @staticmethod
     def _announce(jobs: list[Job]):

@@ -334,14 +334,14 @@ class OpenAIApp:
         prompts = [job.prompt for job in jobs]
         with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
             try:
-                return self.engine.stream_batch(prompts, max_new, **kwargs)
+                return self.engine.stream_batch(prompts, max_new, row_results=True, **kwargs)
             except CacheFullError as e:
                 # A default cut to the cache's room leaves none for an explicit speculative method's tree (under
                 # "auto" the engine decodes plainly there by itself): cut it by the tree's room too, rather than
                 # refuse a request that never set max_tokens. (A batch refused runs its requests alone: this then.)
                 if len(jobs) > 1 or not cut or not e.tree_room or max_new - e.tree_room < 1:
                     raise
-                return self.engine.stream_batch(prompts, max_new - e.tree_room, **kwargs)
+                return self.engine.stream_batch(prompts, max_new - e.tree_room, row_results=True, **kwargs)
 
     def method(self, result) -> str | None:
         from ..cli import _method
