@@ -70,8 +70,8 @@ def test_unimplemented_config_options_are_refused(base, tmp_path, update, match)
 
 
 def test_attention_bias_without_bias_tensors_names_them(base, tmp_path):
-    """attention_bias=true is run (Llama and Qwen3 layers with biases, test_model_families.py); a checkpoint that says so
-    but has no biases is named by what it lacks."""
+    """attention_bias=true is run (Llama and Qwen3 layers with biases, test_model_families.py); a checkpoint that
+    says so but has no biases is named by what it lacks."""
     with pytest.raises(ConfigError, match=r"lacks 8 tensor\(s\) its config.json needs.*q_proj.bias"):
         load_model(variant(base, tmp_path, cfg={"attention_bias": True}))
 
