@@ -157,7 +157,8 @@ class DecodeGraphs:
         return (type(decoder).__name__, id(decoder.model), id(getattr(decoder, "heads", None)),
                 decoder.next.shape[0], None if tree is None else (tree.name, tree.num_nodes),
                 getattr(decoder, "acceptance", None), int(kv_len), mode,
-                None if gen is None or p.greedy else id(gen), decoder.next.device.index)
+                None if gen is None or p.greedy else id(gen), decoder.next.device.index,
+                getattr(decoder, "logprobs", False))        # a step that also computes its tokens' log-probs
 
     @staticmethod
     def fingerprint(decoder) -> tuple:

@@ -66,10 +66,16 @@ class GenerationResult:
     prompt_token_ids: list[int] = field(repr=False)
     finish_reason: str            # "eos" | "length" | "stop"
     stats: GenerationStats = field(default_factory=GenerationStats, compare=False)
+    # stream_batch(logprobs=True): the target's log-probability of each of token_ids (its own distribution, before
+    # temperature, top-k/top-p or a repetition penalty); None otherwise
+    token_logprobs: list[float] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
-                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
+               "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        if self.token_logprobs is not None:
+            out["token_logprobs"] = self.token_logprobs
+        return out
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
@@ -449,7 +455,7 @@ class Engine:
                      top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
                      seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False,
-                     row_results: bool = False) -> Iterator[tuple[int, str]]:
+                     row_results: bool = False, logprobs: bool = False) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -466,9 +472,13 @@ class Engine:
 
         row_results: the stream also yields (row, GenerationResult) right after a row's last delta, when that row
         ends, so a caller can answer it before the batch's last row ends (`amphista serve` does); its stats time that
-        row alone. last_results still holds every row's result (batch-timed) once the stream ends."""
-        if not isinstance(row_results, bool):
-            raise InputError(f"row_results must be True or False, got {type(row_results).__name__} {row_results!r}")
+        row alone. last_results still holds every row's result (batch-timed) once the stream ends.
+
+        logprobs: each result also holds token_logprobs, the target's log-probability of each token it gave (read
+        from the logits every step computes anyway: plain and speculative alike)."""
+        for name, value in (("row_results", row_results), ("logprobs", logprobs)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
         check_batch_wide(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
                          acceptance=acceptance, reuse_prefix=reuse_prefix)
@@ -545,6 +555,7 @@ class Engine:
         # max_new_tokens=1: the prefill gives the one token and no step runs, so no tree slot is ever written
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
                                        tree_room=max_new_tokens > 1)
+        decoder.logprobs = logprobs
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
             if self._decoding is None:  # (another thread's run sets its own when it ends)
                 self.last_result, self.last_results = None, []
@@ -622,7 +633,7 @@ class Engine:
                                      "stream_batch for several prompts at once)")
             # Inside the run: another thread's run, free to start once this one ends, must not find this one's
             # result (or kept prefix) landing after its own.
-            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s)
+            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs)
                        for r, p, s in zip(decoder.rows, ids, stats)]
             for s in stats:
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
@@ -646,7 +657,8 @@ class Engine:
         s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
         s.decode_ms = max(0.0, s.decode_ms - paused * 1e3)
         r = decoder.rows[b]
-        return GenerationResult(r.text, list(r.ids), ids[b], r.finish_reason, s)
+        return GenerationResult(r.text, list(r.ids), ids[b], r.finish_reason, s,
+                                None if r.logprobs is None else list(r.logprobs))
 
     def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the

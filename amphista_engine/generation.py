@@ -62,6 +62,12 @@ def _non_finite_weight(decoder) -> str | None:
     return None
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, N] fp32 log-probabilities of tokens [B, N] under logits [B, N, V]: the target's own distribution, before
+    temperature, top-k/top-p or a repetition penalty (what OpenAI's and vLLM's logprobs report by default)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None].clamp(min=0))[..., 0]
+
+
 def kv_window(upper: int, max_seq_len: int) -> int:
     return min(max_seq_len, -(-upper // KV_BUCKET) * KV_BUCKET)
 
@@ -80,6 +86,10 @@ class PlainDecoder:
         # Set by the engine before prefill (batch 1): the cache already holds this many leading prompt tokens'
         # K/V from the previous run (Engine.stream(..., reuse_prefix=True)), so only the rest is prefilled.
         self.prefix_reuse = 0
+        # Set by the engine (stream_batch(logprobs=True)): each step also fills step_logprobs [B, tokens], the
+        # target's log-probability of each token it gives, read by the host loop with the tokens
+        self.logprobs = False
+        self.step_logprobs: torch.Tensor | None = None
 
     @on_pool
     @torch.inference_mode()
@@ -117,6 +127,8 @@ class PlainDecoder:
             self.seen.scatter_(1, torch.where(pad, tokens[:, :1], tokens), True)
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
+        if self.logprobs:
+            self.step_logprobs = token_logprobs(logits[:, -1:], self.next[:, None])
         return flag_non_finite(self.next, logits)   # not the state tensor itself: it changes in place every step
 
     def _prefill_chunks(self, tokens, lengths, r: int, chunk: int):
@@ -164,6 +176,8 @@ class PlainDecoder:
         idx = torch.tensor(keep, device=self.device)
         self.cache.keep_rows(idx)
         self.next = self.next[idx]
+        if self.step_logprobs is not None:
+            self.step_logprobs = self.step_logprobs[idx]
         if self.seen is not None:
             self.seen = self.seen[idx]
         return idx
@@ -185,6 +199,8 @@ class PlainDecoder:
         logits = self.model(self.next[:, None], length[:, None], self.cache, spec)
         length += 1
         self.next.copy_(self._sample(logits[:, -1]))
+        if self.logprobs:       # rebound, not updated in place: a captured graph re-points it after each replay
+            self.step_logprobs = token_logprobs(logits[:, -1:], self.next[:, None])
         return flag_non_finite(self.next[:, None], logits), torch.ones_like(self.next)
 
 
@@ -244,6 +260,7 @@ class RowState:
     # Special tokens left out of `text` (not EOS: `<|im_start|>` after a raw prompt), as (where in text, their
     # text): stop strings are matched in the text with them shown, so a stop that names one still stops there.
     specials: list[tuple[int, str]] = field(default_factory=list)
+    logprobs: list[float] | None = None      # one per id, where the run asked for them
 
     def raw(self, text: str) -> str:
         """`text` (the row's, or it and the text held back after it) with the special tokens shown where they came."""
@@ -289,11 +306,12 @@ def _sync(device):
 
 
 def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[str], hold: int,
-             max_new_tokens: int, special_text=lambda tok: None) -> tuple[int, str]:
+             max_new_tokens: int, special_text=lambda tok: None, lps: list[float] | None = None) -> tuple[int, str]:
     """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream).
-    special_text(tok): the text of a special token the stream leaves out, None for the others."""
+    special_text(tok): the text of a special token the stream leaves out, None for the others. lps: the tokens'
+    log-probabilities, kept beside the ids the row keeps (row.logprobs)."""
     used = 0
-    for tok in toks:
+    for i, tok in enumerate(toks):
         if row.finish_reason:
             break
         used += 1
@@ -301,6 +319,8 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
             row.finish_reason = "eos"
             break
         row.ids.append(tok)
+        if lps is not None:
+            row.logprobs.append(lps[i])
         before = row.raw_len()
         delta = stream.push(tok)
         row.text += delta
@@ -360,6 +380,11 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     t0 = time.perf_counter()
     pending = [[t] for t in decoder.prefill(prompts).tolist()]
     t1 = time.perf_counter()
+    want_lps = getattr(decoder, "logprobs", False)
+    lps = decoder.step_logprobs.tolist() if want_lps else [None] * B
+    if want_lps:
+        for r in rows:
+            r.logprobs = []
     for b in range(B):
         check_finite(decoder, pending[b], b, 0)
     for b in range(B):
@@ -370,7 +395,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     while True:
         for b in range(B):
             was_done = rows[b].finish_reason is not None
-            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens, special_text)
+            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens, special_text,
+                                   lps[b])
             if not (from_prefill or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:
@@ -392,10 +418,12 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
                 live = [live[i] for i in going]
         out, count = decoder.step()
         n, toks = count.tolist(), out.tolist()          # the one host sync per step
-        pending = [[] for _ in range(B)]
+        step_lps = decoder.step_logprobs.tolist() if want_lps else None
+        pending, lps = [[] for _ in range(B)], [None] * B
         for i, b in enumerate(live):
             if not rows[b].finish_reason:
                 pending[b] = toks[i][:n[i]]
+                lps[b] = step_lps[i][:n[i]] if want_lps else None
                 check_finite(decoder, pending[b], b, len(rows[b].ids))
     _sync(decoder.device)
     t2 = time.perf_counter()

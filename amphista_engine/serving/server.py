@@ -39,8 +39,9 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # OpenAI fields this server does not implement: refused where they ask for something (a client sending the default
 # value, as many do, is served). name -> (the values that ask for nothing, what to say)
 UNSUPPORTED = {
-    "logprobs": ((None, False, 0), "logprobs are not returned by this server"),
-    "top_logprobs": ((None, 0), "logprobs are not returned by this server"),
+    "logprobs": ((None, False, 0), "logprobs are returned by /v1/chat/completions only (\"logprobs\": true)"),
+    "top_logprobs": ((None, 0), "top_logprobs are not returned by this server (each token's own logprob is, with "
+                                "\"logprobs\": true)"),
     "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported; use repetition_penalty "
                                          "(CTRL's, as transformers' generate)"),
     "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported; use repetition_penalty "
@@ -56,7 +57,7 @@ UNSUPPORTED = {
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
 }
 CHAT_ONLY = {"logit_bias", "tools", "functions", "tool_choice", "function_call", "response_format", "top_logprobs",
-             "logprobs", "presence_penalty", "frequency_penalty"}
+             "presence_penalty", "frequency_penalty"}
 COMPLETION_ONLY = {"best_of", "echo", "suffix", "logprobs", "logit_bias", "presence_penalty", "frequency_penalty"}
 
 
@@ -283,6 +284,10 @@ class OpenAIApp:
             raise ApiError(400, f"stream must be true or false, got {_json_type(stream)}", "stream")
         d = self.defaults
         kwargs = {}
+        if chat is not False and body.get("logprobs") not in (None, False):
+            if body["logprobs"] is not True:
+                raise ApiError(400, f"logprobs must be true or false, got {_json_type(body['logprobs'])}", "logprobs")
+            kwargs["logprobs"] = True
         for key in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"):
             value = body.get(key)
             if key != "stop" and isinstance(value, (list, dict)):
@@ -351,6 +356,18 @@ class OpenAIApp:
         """The non-standard "amphista" key: how the answer was decoded, and the engine's stats (tau, timings)."""
         return {"speculative": self.method(result), "engine_finish_reason": result.finish_reason,
                 **result.stats.to_dict()}
+
+    def logprobs(self, result) -> dict | None:
+        """OpenAI's choices[].logprobs for a chat answer decoded with logprobs=True: each token's text, bytes and
+        log-probability under the target (top_logprobs are not computed: empty lists). None otherwise."""
+        if result.token_logprobs is None:
+            return None
+        tok = self.engine.tokenizer
+        content = []
+        for tid, lp in zip(result.token_ids, result.token_logprobs):
+            text = tok.decode([tid])
+            content.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
+        return {"content": content, "refusal": None}
 
     @staticmethod
     def usage(result) -> dict:
@@ -617,8 +634,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._done(200, note)
             return
         finish = FINISH.get(result.finish_reason, result.finish_reason)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                   "finish_reason": finish} if chat else
+        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text},
+                   "logprobs": self.app.logprobs(result), "finish_reason": finish} if chat else
                   {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish})
         self._json(200, {**head, "choices": [choice], "usage": usage, "amphista": app.extra(result)}, note)
 
@@ -664,10 +681,10 @@ class _Handler(BaseHTTPRequestHandler):
         if event is None:
             return None
 
-        def chunk(delta: str | None = None, finish=None, role: bool = False, **more):
+        def chunk(delta: str | None = None, finish=None, role: bool = False, logprobs=None, **more):
             if chat:
                 d = {"role": "assistant", "content": ""} if role else {} if delta is None else {"content": delta}
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
             out = {**head, "choices": [choice], **more}
@@ -698,7 +715,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if event is None:
                     return None
             finish = FINISH.get(result.finish_reason, result.finish_reason)
-            self._event(chunk(None, finish, amphista=app.extra(result)))
+            # a delta's text is not a whole number of tokens (text is held back around stops and split characters):
+            # the answer's token logprobs come together, with the final chunk, where a client concatenates them
+            self._event(chunk(None, finish, logprobs=app.logprobs(result) if chat else None,
+                              amphista=app.extra(result)))
             if include_usage:
                 self._event({**head, "choices": [], "usage": app.usage(result)})
             self._event("[DONE]")

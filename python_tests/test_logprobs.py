@@ -1,0 +1,130 @@
+"""stream_batch(logprobs=True): each result's token_logprobs are the target's log-probabilities of its tokens (its own
+distribution, before temperature and top-p), plain and speculative, greedy and sampled, batched, through the CUDA-graph
+bookkeeping; checked against transformers' log_softmax at the same positions."""
+import pytest
+import torch
+
+from amphista_engine import Engine
+from amphista_engine.errors import InputError
+from amphista_engine.heads import random_heads
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["The quick brown fox", "Hello, world! def f(x):"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf_dir):
+    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256, max_batch_size=2)
+    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    return engine, hf
+
+
+def reference(hf, result) -> list[float]:
+    ids = result.prompt_token_ids + result.token_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+    start = len(result.prompt_token_ids) - 1
+    return [lp[start + i, t].item() for i, t in enumerate(result.token_ids)]
+
+
+@pytest.mark.parametrize("speculative", [None, "amphista"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_token_logprobs_are_the_targets(setup, speculative, temperature):
+    engine, hf = setup
+    answers = [engine.generate(p, 24, chat=False).text for p in PROMPTS]
+    stop = next(answers[0][i:i + 2] for i in range(2, len(answers[0]) - 2) if answers[0][i:i + 2] not in answers[1])
+    results = engine.generate_batch(PROMPTS, 24, chat=False, speculative=speculative, temperature=temperature,
+                                    seed=5 if temperature else None, stop=[stop], logprobs=True)
+    for r in results:
+        assert r.token_logprobs is not None and len(r.token_logprobs) == len(r.token_ids) > 0
+        assert max(abs(a - b) for a, b in zip(r.token_logprobs, reference(hf, r))) < 1e-4
+        assert all(lp <= 0 for lp in r.token_logprobs)
+        assert r.to_dict()["token_logprobs"] == r.token_logprobs
+    if temperature == 0:
+        assert results[0].finish_reason == "stop"
+        # asking for them changes nothing else
+        plain = engine.generate_batch(PROMPTS, 24, chat=False, stop=[stop])
+        assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+        assert all(r.token_logprobs is None for r in plain)
+
+
+def test_row_results_carry_them_and_bad_values_are_named(setup):
+    engine, hf = setup
+    items = list(engine.stream_batch(PROMPTS, 12, chat=False, logprobs=True, row_results=True,
+                                     speculative="amphista"))
+    ends = [x for _, x in items if not isinstance(x, str)]
+    assert len(ends) == 2 and all(len(r.token_logprobs) == len(r.token_ids) for r in ends)
+    assert max(abs(a - b) for a, b in zip(ends[0].token_logprobs, reference(hf, ends[0]))) < 1e-4
+    with pytest.raises(InputError, match="logprobs must be True or False, got int 1"):
+        engine.generate(PROMPTS[0], 4, logprobs=1)
+
+
+@pytest.mark.parametrize("kind", [None, "amphista"])
+def test_logprobs_through_the_graph_bookkeeping(kind, one_thread):
+    """The steps rebind step_logprobs; a replayed graph re-points it at the tensor its capture wrote (the CPU
+    stand-in for CUDA graphs of test_cuda_graphs.py): the same values as eager steps."""
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    from test_cuda_graphs import _CPUGraphs, _setup
+    model, cache, prompts = _setup("cpu", dtype=torch.float32)
+    heads = None if kind is None else random_heads(kind, model, num_heads=4, seed=2)
+
+    def run(graphs=None, logprobs=True):
+        dec = (PlainDecoder(model, cache, SamplingParams()) if kind is None else
+               SpeculativeDecoder(model, cache, heads, TreeSpec("dynamic-8", 4, torch.device("cpu")),
+                                  SamplingParams()))
+        dec.logprobs = logprobs
+        if graphs is not None:
+            graphs.attach(dec)
+        got = []
+        with torch.inference_mode():
+            dec.prefill(prompts)
+            for _ in range(12):
+                out, count = dec.step()
+                got.append((out.tolist(), count.tolist(), logprobs and dec.step_logprobs.tolist()))
+        return got
+    eager = run()
+    graphs = _CPUGraphs()
+    run(graphs, logprobs=False)        # graphs of steps without them: a key of their own, not replayed here
+    assert run(graphs) == eager and graphs.stats.replays >= 1
+    assert run(graphs) == eager                    # a new decoder on the same graphs
+
+
+def test_the_server_returns_them_as_openai_does(setup):
+    """/v1/chat/completions with "logprobs": true: choices[0].logprobs.content, one entry per token (its text,
+    bytes and log-probability; top_logprobs empty), the engine's values; streamed, with the final chunk."""
+    import threading
+
+    from amphista_engine.serving import make_server
+    from test_serve import call, sse
+    engine, _ = setup
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    want = engine.generate(messages, 16, logprobs=True, speculative="amphista")
+    httpd = make_server(engine, "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        body = {"messages": messages, "max_tokens": 16, "logprobs": True, "speculative": "amphista"}
+        status, reply = call(httpd.url, "/v1/chat/completions", body)
+        assert status == 200
+        content = reply["choices"][0]["logprobs"]["content"]
+        assert [c["logprob"] for c in content] == pytest.approx(want.token_logprobs, abs=1e-6)
+        assert "".join(c["token"] for c in content).startswith(reply["choices"][0]["message"]["content"][:8])
+        assert all(c["top_logprobs"] == [] and bytes(c["bytes"]).decode() == c["token"] for c in content)
+        assert len(content) == reply["usage"]["completion_tokens"]
+        events = sse(httpd.url, "/v1/chat/completions", body)
+        last = [e for e in events if isinstance(e, dict) and e["choices"]][-1]["choices"][0]
+        assert last["finish_reason"] and [c["logprob"] for c in last["logprobs"]["content"]] == \
+            pytest.approx(want.token_logprobs, abs=1e-6)
+        status, reply = call(httpd.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 4})
+        assert status == 200 and reply["choices"][0]["logprobs"] is None
+        for bad, param in (({"logprobs": True, "top_logprobs": 2}, "top_logprobs"), ({"logprobs": "yes"}, "logprobs")):
+            status, reply = call(httpd.url, "/v1/chat/completions", {"messages": messages, **bad})
+            assert status == 400 and reply["error"]["param"] == param
+        status, reply = call(httpd.url, "/v1/completions", {"prompt": PROMPTS[0], "logprobs": 1})
+        assert status == 400 and "chat/completions only" in reply["error"]["message"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
