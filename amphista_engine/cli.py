@@ -273,13 +273,15 @@ def _generate_prompt(args):
 
 
 def cmd_generate(args) -> int:
+    if args.logprobs and not args.json:
+        raise InputError("--logprobs goes with --json (the answer's token_logprobs are a JSON field)")
     _check_stdout()
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args, prompt)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
     try:
         if args.json:
-            result = engine.generate(prompt, **kwargs)
+            result = engine.generate(prompt, logprobs=args.logprobs, **kwargs)
             out = result.to_dict()
             out["speculative"] = _method(engine, result)
             out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
@@ -469,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "finish_reason (eos, length or stop), stats (token counts, times in ms, tau, accept_hist; "
                         "tree and tree_nodes when a tree ran), speculative (the method that ran, or null), weights "
                         "(dtype, quant, linears) and, where the CPU timed the heads, speculation_check")
+    g.add_argument("--logprobs", action="store_true",
+                   help="with --json: token_logprobs, the model's log-probability of each answer token")
     g.set_defaults(func=cmd_generate)
 
     # The description is what `amphista chat --help` shows: it had none (the commands were only in the list of

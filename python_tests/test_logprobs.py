@@ -128,3 +128,16 @@ def test_the_server_returns_them_as_openai_does(setup):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_cli_writes_them_with_json(tiny_hf_dir, capsys):
+    import json
+
+    from amphista_engine.cli import main
+    args = ["generate", PROMPTS[0], "--model", str(tiny_hf_dir), "--max-new-tokens", "6", "--no-chat",
+            "--dtype", "fp32", "--max-seq-len", "64"]
+    assert main(args + ["--json", "--logprobs"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_logprobs"]) == len(out["token_ids"]) == 6
+    assert main(args + ["--logprobs"]) == 2
+    assert "--logprobs goes with --json" in capsys.readouterr().err
