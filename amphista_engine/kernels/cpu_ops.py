@@ -395,7 +395,9 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
     table = _layer_table(layers, norm, cfg, x.dtype, owner)
     if table is None:
         return NotImplemented
-    ropes = [getattr(layer.attention, "use_rope", True) for layer in layers]
+    # Only a config with NoPE layers looks at each layer (module attribute lookups: ~1 us a layer, every step)
+    ropes = [getattr(layer.attention, "use_rope", True) for layer in layers] if getattr(cfg, "nope_layers", ()) \
+        else [True]
     if any(ropes) and not all(ropes):
         # SmolLM3's NoPE layers: the C++ stack takes one RoPE table for all its layers, so runs of layers alike are
         # stacked one after another. Refused here, they took the Python layer loop, whose one padded prefill made a
