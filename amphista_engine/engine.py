@@ -665,6 +665,10 @@ class Engine:
         stream was closed before its end or stopped by an error). Options: those of stream_batch.
 
         Bad arguments raise here, before the first chunk is asked for."""
+        if options.get("row_results") is True:
+            # its (row, GenerationResult) item came out of this text stream as a chunk ("".join raised TypeError)
+            raise InputError("row_results=True applies to stream_batch; stream() yields text chunks only (the result "
+                             "is in engine.last_result once the stream ends)")
         return (delta for _, delta in self.stream_batch([prompt], max_new_tokens, **options))
 
     def generate(self, prompt, max_new_tokens: int = 256, **options) -> GenerationResult:

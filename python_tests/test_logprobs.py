@@ -112,7 +112,9 @@ def test_the_server_returns_them_as_openai_does(setup):
         content = reply["choices"][0]["logprobs"]["content"]
         assert [c["logprob"] for c in content] == pytest.approx(want.token_logprobs, abs=1e-6)
         assert "".join(c["token"] for c in content).startswith(reply["choices"][0]["message"]["content"][:8])
-        assert all(c["top_logprobs"] == [] and bytes(c["bytes"]).decode() == c["token"] for c in content)
+        # a token holding part of a character has that part's bytes, not U+FFFD's (test_logprobs_user_qa.py)
+        assert all(c["top_logprobs"] == [] for c in content)
+        assert all(bytes(c["bytes"]).decode() == c["token"] for c in content if "\ufffd" not in c["token"])
         assert len(content) == reply["usage"]["completion_tokens"]
         events = sse(httpd.url, "/v1/chat/completions", body)
         last = [e for e in events if isinstance(e, dict) and e["choices"]][-1]["choices"][0]

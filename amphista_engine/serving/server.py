@@ -200,6 +200,38 @@ def reserve_rows(engine, rows: int):
                              f"smaller max_batch") from None
 
 
+def _token_text(tok, ids: list[int], i: int) -> tuple[str, bytes]:
+    """Answer token i's (text, UTF-8 bytes) for OpenAI's logprobs, whose tokens' bytes joined give the answer's.
+    Not decode([id]) alone: a token holding part of a character decodes to U+FFFD, whose bytes (EF BF BD) are no
+    part of the answer (a client joining them got garbage where the answer had an accent or an emoji); and a
+    sentencepiece token (Llama 2, Mistral) decoded alone loses its leading space (the dummy prefix comes off a
+    text's first piece), so the tokens joined ran the words together. Its text is then what it adds to the few
+    tokens before it."""
+    alone = tok.decode([ids[i]])
+    if "\ufffd" in alone and (data := _piece_bytes(tok, ids[i], alone)) is not None:
+        return alone, data
+    if i:
+        before, both = tok.decode(ids[max(0, i - 4):i]), tok.decode(ids[max(0, i - 4):i + 1])
+        if "\ufffd" not in both and both.startswith(before):
+            return both[len(before):], both[len(before):].encode("utf-8")
+    return alone, alone.encode("utf-8")
+
+
+def _piece_bytes(tok, token_id: int, alone: str) -> bytes | None:
+    """The bytes a token that decodes to U+FFFD stands for: a byte-fallback piece's (<0xE2>), or a byte-level BPE
+    piece's through GPT-2's byte alphabet (where they decode to the token's text); None where neither holds."""
+    from ..tokenizer import _byte_alphabet, _byte_piece
+    piece = tok.id_to_piece(token_id)
+    if (byte := _byte_piece(piece)) is not None:
+        return bytes([byte])
+    inverse = {c: b for b, c in _byte_alphabet().items()}
+    if piece and all(c in inverse for c in piece):
+        data = bytes(inverse[c] for c in piece)
+        if data.decode("utf-8", "replace") == alone:
+            return data
+    return None
+
+
 class OpenAIApp:
     """The API over one engine: what each request decodes, and how its reply reads. speculative/tree: the server's
     default way of decoding (a request may name its own); defaults: the sampling values a request leaves out
@@ -362,11 +394,11 @@ class OpenAIApp:
         log-probability under the target (top_logprobs are not computed: empty lists). None otherwise."""
         if result.token_logprobs is None:
             return None
-        tok = self.engine.tokenizer
+        tok, ids = self.engine.tokenizer, result.token_ids
         content = []
-        for tid, lp in zip(result.token_ids, result.token_logprobs):
-            text = tok.decode([tid])
-            content.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")), "top_logprobs": []})
+        for i, lp in enumerate(result.token_logprobs):
+            text, data = _token_text(tok, ids, i)
+            content.append({"token": text, "logprob": lp, "bytes": list(data), "top_logprobs": []})
         return {"content": content, "refusal": None}
 
     @staticmethod
