@@ -234,15 +234,17 @@ def run(args, save=None) -> dict:
         # Engine does on CUDA (kernels/routed_linear.py: each shape on the faster of the few-row Triton GEMM and
         # cuBLAS, kernels/linear_choice.py), and every product forced onto the Triton GEMM, each layer fused
         # around it (norms, activation, residual adds inside the GEMVs: model.Block.forward_fused) and not.
-        # Last, the unfused Triton step with programmatic dependent launch (AMPHISTA_PDL=1, triton_kernels/
-        # common.py): every kernel of the step Triton, each launched while the previous one drains.
+        # The default rows launch the Triton kernels with programmatic dependent launch where the GPU has it
+        # (triton_kernels/common.py; sm_90+); the forced rows without it (AMPHISTA_PDL=0), and last the unfused
+        # Triton step with it: every kernel of the step Triton, each launched while the previous one drains.
         use_graphs = device.type == "cuda"
         for mode, fused, label in (("auto", False, "plain, routed (default)"), ("on", True, "plain, triton linear"),
                                    ("on", False, "plain, triton linear unfused"),
                                    ("on", False, "plain, triton linear unfused, pdl")):
             routed_graphs = DecodeGraphs()
             try:
-                with routed(model, mode, fused), env_var(PDL_ENV, "1" if label.endswith("pdl") else None):
+                pdl_env = "1" if label.endswith("pdl") else None if mode == "auto" else "0"
+                with routed(model, mode, fused), env_var(PDL_ENV, pdl_env):
                     dec = PlainDecoder(model, cache, SamplingParams())
                     if use_graphs:
                         routed_graphs.attach(dec)
@@ -265,7 +267,7 @@ def run(args, save=None) -> dict:
             modes.append(("exact greedy", lambda m=model: gpu_exact.enabled_for(m)))
         if device.type == "cuda" and triton_runs_on("cuda"):
             from amphista_engine.kernels.split_merge import merge_mode
-            modes.append(("pdl", lambda: env_var(PDL_ENV, "1")))
+            modes.append(("no pdl", lambda: env_var(PDL_ENV, "0")))    # PDL is the default on sm_90+
             modes.append(("merge in kernel", lambda: merge_mode("kernel")))
             modes.append(("merge by launch", lambda: merge_mode("launch")))
         for label, context in modes:

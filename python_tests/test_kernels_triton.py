@@ -608,6 +608,9 @@ def test_linear_declines_and_routed_model_matches(monkeypatch):
     from amphista_engine.kv_cache import KVCache
     from amphista_engine.model import AttentionSpec, causal_mask
 
+    # every few-row product on the kernel: on CUDA the default ("auto") would time both GEMMs at a shape's first
+    # product, and those calls would join the ones counted below
+    monkeypatch.setenv(routed_linear.ENV_VAR, "on")
     g = gen("linear_declines")
     w = randn(g, 24, 32)
     assert triton_ops.linear(randn(g, 17, 32), w) is NotImplemented               # more rows than one tile
@@ -711,9 +714,13 @@ def test_linear_choice_is_measured_once_and_saved(monkeypatch, tmp_path):
     assert linear_choice.choose("fast", lambda: (0.90, 1.0)) is True
     assert linear_choice.choose("tie", lambda: (linear_choice.MARGIN * 1.01, 1.0)) is False
     assert linear_choice.choose("fast", never) is True
+    # kernel calls chained by PDL: a tie goes to the kernel, cuBLAS must win by MARGIN
+    assert linear_choice.choose("tie|pdl", lambda: (1.0, linear_choice.MARGIN * 1.01), prefer_kernel=True) is True
+    assert linear_choice.choose("slow|pdl", lambda: (1.0, linear_choice.MARGIN * 0.99), prefer_kernel=True) is False
+    assert linear_choice.choose("tie|pdl", never, prefer_kernel=True) is True
     linear_choice.clear()                                  # a new process: the file decides
     assert linear_choice.choose("tie", never) is False
-    assert json.loads(path.read_text()) == {"fast": True, "tie": False}
+    assert json.loads(path.read_text()) == {"fast": True, "tie": False, "tie|pdl": True, "slow|pdl": False}
     with pytest.warns(UserWarning, match="using cuBLAS"):
         assert linear_choice.choose("broken", lambda: 1 / 0) is False
     assert linear_choice.choose("broken", never) is False
@@ -721,11 +728,11 @@ def test_linear_choice_is_measured_once_and_saved(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert linear_choice.choose("captured", never) is True
     monkeypatch.undo()
-    assert set(json.loads(path.read_text())) == {"fast", "tie"}
+    assert set(json.loads(path.read_text())) == {"fast", "tie", "tie|pdl", "slow|pdl"}
     monkeypatch.setenv(timing_cache.CACHE_ENV, "off")     # memory only
     linear_choice.clear()
     assert linear_choice.choose("fast", lambda: (2.0, 1.0)) is False
-    assert set(json.loads(path.read_text())) == {"fast", "tie"}
+    assert set(json.loads(path.read_text())) == {"fast", "tie", "tie|pdl", "slow|pdl"}
     path.write_text("not json")                            # unreadable: measured again, then rewritten
     monkeypatch.setenv(timing_cache.CACHE_ENV, str(tmp_path))
     linear_choice.clear()
@@ -1001,7 +1008,9 @@ def test_a_backend_that_cannot_run_here_is_named_at_load(monkeypatch, tiny_hf_di
         assert backend.unmet_choice("cpu") is None
     with use_backend("cuda"):
         msg = backend.unmet_choice("cpu")
-        assert "'cuda'" in msg and "CUDA tensors only" in msg and "run on 'triton'" in msg  # the interpreter
+        # the chain's next backend: triton through its interpreter (CI), else torch (a GPU machine, no interpreter)
+        served = "triton" if backend.triton_interpreting() else "torch"
+        assert "'cuda'" in msg and "CUDA tensors only" in msg and f"run on '{served}'" in msg, msg
     monkeypatch.setattr(backend, "triton_interpreting", lambda: False)
     backend.clear_cache()
     with use_backend("triton"):
@@ -1115,8 +1124,19 @@ def test_kernels_compile_for_gpus(arch):
 def test_pdl_only_where_it_can_run(monkeypatch):
     """AMPHISTA_PDL=1 asks for programmatic dependent launch; tensors off CUDA (and the interpreter) never get
     it, so no launch keyword reaches a Triton that could not take it."""
-    from amphista_engine.kernels.backend import PDL_ENV
+    from amphista_engine.errors import ConfigError
+    from amphista_engine.kernels.backend import PDL_ENV, pdl_wanted
+    from amphista_engine.kernels.linear_setup import LinearSetup
     from amphista_engine.kernels.triton_kernels import common
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    assert pdl_wanted()                                   # the default: on wherever it can run
+    for raw, on in (("1", True), ("auto", True), (" ON ", True), ("0", False), ("off", False)):
+        monkeypatch.setenv(PDL_ENV, raw)
+        assert pdl_wanted() is on
+    monkeypatch.setenv(PDL_ENV, "yes please")
+    with pytest.raises(ConfigError, match="AMPHISTA_PDL='yes please'.*use auto or 1"):
+        LinearSetup.for_device("cuda", torch.bfloat16)    # refused at load, before any launch
+    LinearSetup.for_device("cpu", torch.float32)          # the CPU never launches with PDL: not asked there
     monkeypatch.setenv(PDL_ENV, "1")
     assert not common.pdl(torch.device("cpu")) and common.pdl_launch(False) == {}
     assert common.pdl_launch(True) == {"launch_pdl": True}

@@ -28,7 +28,11 @@ from ..errors import ConfigError
 
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 ENV_VAR = "AMPHISTA_BACKEND"
-PDL_ENV = "AMPHISTA_PDL"   # "1": Triton kernels launch with programmatic dependent launch (triton_kernels/common.py)
+# Programmatic dependent launch for the decode step's Triton kernels (triton_kernels/common.py): on by default where
+# it can run (compiled kernels on Hopper and newer). An H100 timed the all-Triton 7B step at 5.18 ms with it against
+# 5.35-5.41 without (benchmarks/results/gpu/h100_2026-12-05_*); "0" turns it off.
+PDL_ENV = "AMPHISTA_PDL"
+_PDL_MODES = {"": True, "auto": True, "1": True, "on": True, "0": False, "off": False}
 
 _global: Optional[str] = None
 _scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("amphista_backend", default=None)
@@ -38,6 +42,17 @@ def _check(name, where: str) -> str:
     if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {name!r} ({where}); choose one of {', '.join(BACKENDS)}")
     return name.strip().lower()
+
+
+def pdl_wanted() -> bool:
+    """AMPHISTA_PDL: unset, "auto" or "1" (where it can run), "0" (never). A value it does not know is an error,
+    not a silent default."""
+    raw = os.environ.get(PDL_ENV, "auto")
+    on = _PDL_MODES.get(raw.strip().lower())
+    if on is None:
+        raise ConfigError(f"{PDL_ENV}={raw!r}: use auto or 1 (programmatic dependent launch where the GPU has it, "
+                          f"Hopper and newer; the default) or 0 (off)")
+    return on
 
 
 def set_backend(name: Optional[str]) -> None:

@@ -11,6 +11,12 @@ weight tile it loads (triton_kernels/linear.py, ROW_BLOCKS); cuBLAS reads the we
 is faster is untimed so far. The row-invariant products of the exact path (kernels/gpu_exact.py) never ask:
 they need the kernel.
 
+With programmatic dependent launch (the default on Hopper and newer, triton_kernels/common.py) the kernel's
+calls overlap each other's start and end, and a cuBLAS product between two of them breaks that chain on both
+sides. So there both GEMMs are timed as launched (the kernel with PDL), and a tie goes to the kernel: cuBLAS
+must win by MARGIN. On an H100 (2026-12-05) the 7B step with every product on the kernel and PDL took 5.18 ms;
+routed without PDL, ties to cuBLAS (w2 34.6 vs 34.7 us), it took 5.37-5.45.
+
 Choices persist (timing_cache.py: linear_choices.json beside the CPU's step times; AMPHISTA_CACHE_DIR=off keeps
 them in memory), keyed by GPU model and software versions. A process on the same machine then picks the same
 GEMMs, so its output is the same bits: a near-tie shape would otherwise flip between runs.
@@ -33,7 +39,7 @@ FILE = "linear_choices.json"
 # Part of every key: bump it when the few-row kernel or its launch heuristics change, so choices measured
 # against older code are measured again (1: 2026-12-04, ROW_BLOCKS and the 64-wide tiles' (128, 3) first).
 REVISION = 1
-MARGIN = 0.97         # the kernel's time must be below this fraction of cuBLAS's
+MARGIN = 0.97         # the GEMM that wins must take less than this fraction of the other's time (else: a tie)
 REPS, ROUNDS = 8, 5   # calls per graph, alternating replays per GEMM
 
 _choices: dict[str, bool] | None = None    # key -> the kernel is faster; None: the file not read yet
@@ -51,11 +57,19 @@ def kernel_for(x: torch.Tensor, w: torch.Tensor) -> bool:
     served = backend.resolve("linear", x.device)
     if served == "torch":
         return False        # ops.linear would be cuBLAS too
-    return choose(f"{_key(w, rows)}|{served}", lambda: measure(x, w))
+    chained = served == "triton" and _pdl(x.device)
+    return choose(f"{_key(w, rows)}|{served}" + ("|pdl" if chained else ""), lambda: measure(x, w),
+                  prefer_kernel=chained)
 
 
-def choose(key: str, timer) -> bool:
-    """The saved choice for `key`, else timer() -> (kernel ms, cuBLAS ms) decides it and it is saved."""
+def _pdl(device: torch.device) -> bool:
+    from .triton_kernels.common import pdl
+    return pdl(device)
+
+
+def choose(key: str, timer, prefer_kernel: bool = False) -> bool:
+    """The saved choice for `key`, else timer() -> (kernel ms, cuBLAS ms) decides it and it is saved. A tie (within
+    MARGIN) goes to cuBLAS, or with prefer_kernel (its calls chained by PDL) to the kernel."""
     choices = _load()
     hit = choices.get(key, _failed.get(key))
     if hit is not None:
@@ -68,7 +82,7 @@ def choose(key: str, timer) -> bool:
         warnings.warn(f"linear_choice: timing {key} failed ({type(e).__name__}: {e}); using cuBLAS", stacklevel=3)
         _failed[key] = False
         return False
-    choices[key] = bool(kernel_ms < MARGIN * cublas_ms)
+    choices[key] = bool(cublas_ms >= MARGIN * kernel_ms if prefer_kernel else kernel_ms < MARGIN * cublas_ms)
     _save(choices)
     return choices[key]
 

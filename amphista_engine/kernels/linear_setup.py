@@ -29,8 +29,10 @@ class LinearSetup:
 
     @classmethod
     def for_device(cls, device, dtype: torch.dtype, quant: str | None = "none") -> "LinearSetup":
-        from . import cpu_packed, cpu_quant, gpu_exact, routed_linear
+        from . import backend, cpu_packed, cpu_quant, gpu_exact, routed_linear
         kind = torch.device(device).type
+        if kind == "cuda":
+            backend.pdl_wanted()       # a bad AMPHISTA_PDL is refused at load, not at the first kernel launch
         quant = quant or "none"
         if quant not in cpu_quant.SCHEMES:
             raise ConfigError(f"unknown quant {quant!r}; use one of {', '.join(cpu_quant.SCHEMES)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from amphista_engine.kernels import backend, use_backend  # noqa: E402
+
+# A kernel's own row times it launched alone, as before PDL became the decode step's default on Hopper: its
+# ":pdl" variants (with_pdl) time it chained to itself. AMPHISTA_PDL set by the caller is kept.
+os.environ.setdefault(backend.PDL_ENV, "0")
 
 
 @dataclass(frozen=True)
