@@ -718,6 +718,17 @@ def test_linear_choice_is_measured_once_and_saved(monkeypatch, tmp_path):
     assert linear_choice.choose("tie|pdl", lambda: (1.0, linear_choice.MARGIN * 1.01), prefer_kernel=True) is True
     assert linear_choice.choose("slow|pdl", lambda: (1.0, linear_choice.MARGIN * 0.99), prefer_kernel=True) is False
     assert linear_choice.choose("tie|pdl", never, prefer_kernel=True) is True
+    # ... yet both GEMMs are captured for timing without PDL (a product chained to itself is no decode step)
+    monkeypatch.setenv(backend.PDL_ENV, "1")
+    seen = []
+
+    def capture(fn):
+        seen.append(backend.pdl_wanted())
+        raise RuntimeError("stop before CUDA")
+    monkeypatch.setattr(linear_choice, "_graph", capture)
+    with pytest.raises(RuntimeError, match="stop before CUDA"):
+        linear_choice.measure(torch.zeros(1, 8), torch.zeros(4, 8))
+    assert seen == [False] and backend.pdl_wanted()
     linear_choice.clear()                                  # a new process: the file decides
     assert linear_choice.choose("tie", never) is False
     assert json.loads(path.read_text()) == {"fast": True, "tie": False, "tie|pdl": True, "slow|pdl": False}
@@ -1133,6 +1144,10 @@ def test_pdl_only_where_it_can_run(monkeypatch):
     for raw, on in (("1", True), ("auto", True), (" ON ", True), ("0", False), ("off", False)):
         monkeypatch.setenv(PDL_ENV, raw)
         assert pdl_wanted() is on
+    monkeypatch.setenv(PDL_ENV, "1")
+    with backend.without_pdl():                           # the routed choice times its GEMMs so
+        assert not pdl_wanted()
+    assert pdl_wanted()
     monkeypatch.setenv(PDL_ENV, "yes please")
     with pytest.raises(ConfigError, match="AMPHISTA_PDL='yes please'.*use auto or 1"):
         LinearSetup.for_device("cuda", torch.bfloat16)    # refused at load, before any launch

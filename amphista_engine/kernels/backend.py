@@ -44,15 +44,30 @@ def _check(name, where: str) -> str:
     return name.strip().lower()
 
 
+_no_pdl: contextvars.ContextVar[bool] = contextvars.ContextVar("amphista_no_pdl", default=False)
+
+
 def pdl_wanted() -> bool:
     """AMPHISTA_PDL: unset, "auto" or "1" (where it can run), "0" (never). A value it does not know is an error,
-    not a silent default."""
+    not a silent default. Inside `without_pdl()`: no."""
+    if _no_pdl.get():
+        return False
     raw = os.environ.get(PDL_ENV, "auto")
     on = _PDL_MODES.get(raw.strip().lower())
     if on is None:
         raise ConfigError(f"{PDL_ENV}={raw!r}: use auto or 1 (programmatic dependent launch where the GPU has it, "
                           f"Hopper and newer; the default) or 0 (off)")
     return on
+
+
+@contextlib.contextmanager
+def without_pdl() -> Iterator[None]:
+    """Kernels launched (or captured) inside the block go without PDL, whatever AMPHISTA_PDL says."""
+    token = _no_pdl.set(True)
+    try:
+        yield
+    finally:
+        _no_pdl.reset(token)
 
 
 def set_backend(name: Optional[str]) -> None:

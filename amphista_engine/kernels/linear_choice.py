@@ -11,11 +11,12 @@ weight tile it loads (triton_kernels/linear.py, ROW_BLOCKS); cuBLAS reads the we
 is faster is untimed so far. The row-invariant products of the exact path (kernels/gpu_exact.py) never ask:
 they need the kernel.
 
-With programmatic dependent launch (the default on Hopper and newer, triton_kernels/common.py) the kernel's
-calls overlap each other's start and end, and a cuBLAS product between two of them breaks that chain on both
-sides. So there both GEMMs are timed as launched (the kernel with PDL), and a tie goes to the kernel: cuBLAS
-must win by MARGIN. On an H100 (2026-12-05) the 7B step with every product on the kernel and PDL took 5.18 ms;
-routed without PDL, ties to cuBLAS (w2 34.6 vs 34.7 us), it took 5.37-5.45.
+With programmatic dependent launch (the default on Hopper and newer, triton_kernels/common.py) the step's
+Triton kernels overlap each other's start and end, and a cuBLAS product between two of them breaks that chain on
+both sides. So there a tie goes to the kernel: cuBLAS must win by MARGIN. On an H100 (2026-12-05) the 7B step with
+every product on the kernel and PDL took 5.18 ms; routed without PDL, ties to cuBLAS (w2 34.6 vs 34.7 us), it
+took 5.37-5.45. The kernel is still timed without PDL: a graph of one product repeated is a chain of that
+kernel alone, which PDL made up to 1.26x slower on the same H100 (w13) while the step it sits in gained.
 
 Choices persist (timing_cache.py: linear_choices.json beside the CPU's step times; AMPHISTA_CACHE_DIR=off keeps
 them in memory), keyed by GPU model and software versions. A process on the same machine then picks the same
@@ -93,7 +94,8 @@ def measure(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     from . import ops
     xs = x.detach().reshape(-1, x.shape[-1]).clone()
     blocks = xs.shape[0] > routed_linear.MAX_ROWS          # as RoutedLinear calls it
-    graphs = [_graph(lambda: ops.linear(xs, w, batch_invariant=blocks)), _graph(lambda: F.linear(xs, w))]
+    with backend.without_pdl():       # captured without PDL: chained to itself it says nothing of the step
+        graphs = [_graph(lambda: ops.linear(xs, w, batch_invariant=blocks)), _graph(lambda: F.linear(xs, w))]
     times = [[], []]
     for _ in range(ROUNDS):
         for g, t in zip(graphs, times):
