@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -352,6 +353,10 @@ _PRE_SPLITS = {
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 # Vocabularies whose tokenizer adds BOS when the GGUF does not say (llama.cpp's defaults).
 _BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
+# Vocabularies whose tokenizer.json normalizes text to NFC before splitting (Qwen2/2.5/3's `"normalizer": NFC`).
+# llama.cpp leaves this out, but the model was trained on NFC text: a decomposed "e" + U+0301 (macOS file names,
+# text pasted from some PDFs) must encode as the precomposed "é" the Hugging Face tokenizer gives.
+_NFC = {"qwen2"}
 
 
 @lru_cache(maxsize=1)
@@ -381,11 +386,12 @@ def _added_tokens(tokens, types, user_defined_normalized=False):
 
 
 def _gguf_byte_level(tokens, types, merges, pre, where):
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
     if pre not in _PRE_SPLITS:
         raise ModelLoadError(f"{where}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
-                             f"supported: {', '.join(sorted(_PRE_SPLITS))}")
+                             f"supported: {', '.join(sorted(_PRE_SPLITS))}; load the model's Hugging Face folder "
+                             "(its tokenizer.json) instead")
     if not merges:
         raise ModelLoadError(f"{where}: GGUF byte-level BPE vocabulary has no merges (tokenizer.ggml.merges)")
     spelling = _byte_alphabet()
@@ -398,6 +404,8 @@ def _gguf_byte_level(tokens, types, merges, pre, where):
         vocab.setdefault(t, i)
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    if pre in _NFC:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_SPLITS[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -429,7 +437,9 @@ class _AddedAsText:
     def __call__(self, ids, skip_special) -> str:
         parts, run = [], []
         for i in ids:
-            if i in self.unused:
+            # A skipped special prints nothing, so the bytes on its two sides join (as in Hugging Face's decode and
+            # llama.cpp's): cutting the run there turned a character split around it into two U+FFFDs.
+            if i in self.unused or (skip_special and i in self.skippable):
                 continue
             if i not in self.added:
                 run.append(i)
@@ -437,8 +447,7 @@ class _AddedAsText:
             if run:
                 parts.append(self.tok.decode(run))
                 run = []
-            if not (skip_special and i in self.skippable):
-                parts.append(self.added[i])
+            parts.append(self.added[i])
         return "".join(parts) + (self.tok.decode(run) if run else "")
 
 
@@ -495,6 +504,13 @@ def _load_gguf(source) -> Tokenizer:
     types = get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     unk_id = get("tokenizer.ggml.unknown_token_id")
     pre = get("tokenizer.ggml.pre") or "default"
+    if kind == "gpt2" and not get("tokenizer.ggml.pre"):
+        # llama.cpp too falls back with a warning: files converted before the key existed (early Llama 3 GGUFs) split
+        # text otherwise than their model's tokenizer did (digits, contractions, newlines), which no error shows.
+        warnings.warn(f"{where}: the GGUF does not say how its byte-level BPE splits text (no tokenizer.ggml.pre); "
+                      "splitting as GPT-2 does ('default'). For a Llama 3, Qwen or SmolLM model the prompt ids then "
+                      "differ from its own tokenizer's: reconvert the file with a current llama.cpp, or load the "
+                      "model's Hugging Face folder", stacklevel=3)
     # Without scores, file order is merge order (sentencepiece writes pieces best-first).
     scores = get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
     for key, values in (("token_type", types), ("scores", scores)):
@@ -596,9 +612,13 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
     bos_id = _token_id(backend, cfg["bos"], cfg["gen_bos"])
     # No add_bos_token in the config: the tokenizer.json post-processor decides (Llama 3 adds BOS there).
     with_specials, plain = (tok.encode("a", add_special_tokens=flag).ids[:1] for flag in (True, False))
+    if bos_id is None and with_specials and with_specials != plain and with_specials[0] in backend.special_ids:
+        # No bos_token configured (a tokenizer.json alone, or no tokenizer_config.json beside it), but the
+        # post-processor puts a special token first: transformers adds it, so the model was trained with it.
+        bos_id = with_specials[0]
     adds_bos = bos_id is not None and with_specials == [bos_id] != plain
     model_unk = getattr(tok.model, "unk_token", None)
-    return _from_dir_config(backend, cfg, path, add_bos=adds_bos,
+    return _from_dir_config(backend, cfg, path, add_bos=adds_bos, bos=bos_id,
                             unk=backend.token_to_id(model_unk) if isinstance(model_unk, str) else None)
 
 
