@@ -275,13 +275,18 @@ def _generate_prompt(args):
 def cmd_generate(args) -> int:
     if args.logprobs and not args.json:
         raise InputError("--logprobs goes with --json (the answer's token_logprobs are a JSON field)")
+    from .engine import check_top_logprobs
+    check_top_logprobs(args.top_logprobs)     # before the load: a bad N fails fast
+    if args.top_logprobs and not (args.logprobs and args.json):
+        raise InputError("--top-logprobs goes with --logprobs and --json (top_logprobs is a JSON field beside "
+                         "token_logprobs)")
     _check_stdout()
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args, prompt)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
     try:
         if args.json:
-            result = engine.generate(prompt, logprobs=args.logprobs, **kwargs)
+            result = engine.generate(prompt, logprobs=args.logprobs, top_logprobs=args.top_logprobs, **kwargs)
             out = result.to_dict()
             out["speculative"] = _method(engine, result)
             out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
@@ -473,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(dtype, quant, linears) and, where the CPU timed the heads, speculation_check")
     g.add_argument("--logprobs", action="store_true",
                    help="with --json: token_logprobs, the model's log-probability of each answer token")
+    g.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                   help="with --logprobs --json: top_logprobs, the N (0-20) most likely tokens at each answer token's "
+                        "position as [token_id, logprob] pairs, best first")
     g.set_defaults(func=cmd_generate)
 
     # The description is what `amphista chat --help` shows: it had none (the commands were only in the list of

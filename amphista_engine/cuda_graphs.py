@@ -158,7 +158,8 @@ class DecodeGraphs:
                 decoder.next.shape[0], None if tree is None else (tree.name, tree.num_nodes),
                 getattr(decoder, "acceptance", None), int(kv_len), mode,
                 None if gen is None or p.greedy else id(gen), decoder.next.device.index,
-                getattr(decoder, "logprobs", False))        # a step that also computes its tokens' log-probs
+                getattr(decoder, "logprobs", False),        # a step that also computes its tokens' log-probs
+                getattr(decoder, "top_logprobs", 0))        # ... and the top N at each (N sizes its topk)
 
     @staticmethod
     def fingerprint(decoder) -> tuple:

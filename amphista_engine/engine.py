@@ -69,13 +69,36 @@ class GenerationResult:
     # stream_batch(logprobs=True): the target's log-probability of each of token_ids (its own distribution, before
     # temperature, top-k/top-p or a repetition penalty); None otherwise
     token_logprobs: list[float] | None = field(default=None, repr=False)
+    # stream_batch(logprobs=True, top_logprobs=N > 0): for each of token_ids, the N most likely tokens at its position
+    # as (token_id, logprob) pairs, best first (the same distribution as token_logprobs); None otherwise
+    top_logprobs: list[list[tuple[int, float]]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
         if self.token_logprobs is not None:
             out["token_logprobs"] = self.token_logprobs
+        if self.top_logprobs is not None:       # [[token_id, logprob], ...] per token in JSON
+            out["top_logprobs"] = [[list(pair) for pair in top] for top in self.top_logprobs]
         return out
+
+
+def is_token_ids(prompt) -> bool:
+    """A prompt given as token ids: a non-empty list or tuple of integers (numpy's too; not bools)."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(is_integral(t) and not isinstance(t, bool) for t in prompt))
+
+
+def check_top_logprobs(top_logprobs, logprobs: bool = True) -> int:
+    """top_logprobs as a Python int in [0, MAX_TOP_LOGPROBS]; > 0 needs logprobs=True (OpenAI's rule)."""
+    from .generation import MAX_TOP_LOGPROBS
+    if isinstance(top_logprobs, bool) or not is_integral(top_logprobs) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InputError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got "
+                         f"{type(top_logprobs).__name__} {top_logprobs!r:.40}")
+    if top_logprobs and logprobs is not True:
+        raise InputError(f"top_logprobs={int(top_logprobs)} needs logprobs=True (they are listed beside each token's "
+                         f"own logprob)")
+    return int(top_logprobs)
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
@@ -289,11 +312,17 @@ class Engine:
 
     # ---- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:
-        """A string (chat-formatted when the model has a template, unless chat=False) or a message list."""
+        """A string (chat-formatted when the model has a template, unless chat=False), a message list, or a list of
+        token ids (ints: the prompt's tokens as given, no template and no BOS added)."""
         from .chat import render_chat
         if chat is not None and not isinstance(chat, bool):      # chat="no" is truthy: not a silent yes
             raise InputError(f"chat must be True, False or None (the model's template when it has one), "
                              f"got {type(chat).__name__} {chat!r}")
+        if is_token_ids(prompt):
+            if chat is True:
+                raise InputError("a prompt of token ids is taken as given: it gets no chat template (chat=True); "
+                                 "pass chat=None or False, or the text")
+            return self.check_token_ids(prompt)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("prompt is empty")
@@ -314,6 +343,43 @@ class Engine:
         if not ids:
             raise InputError("prompt encodes to zero tokens")
         return ids
+
+    def check_token_ids(self, ids) -> list[int]:
+        """ids as a list of Python ints, each a row of the model's embedding table (InputError naming the first that
+        is not)."""
+        V = self.config.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < V:
+                raise InputError(f"token id {int(t)} (at position {i} of the prompt) is outside the model's "
+                                 f"vocabulary: ids go from 0 to {V - 1}")
+        return [int(t) for t in ids]
+
+    def prompt_logprobs(self, ids, top_logprobs: int = 0):
+        """The target's log-probability of each token of a prompt given the tokens before it (what OpenAI's
+        completions return with echo=True): one forward pass over the prompt, the logits at position i - 1 scoring
+        token i (generation.sequence_scores, which `amphista perplexity` runs on each of its chunks too). ids: a
+        prompt (a string, taken without the chat template, or token ids as given; encode_prompt(..., chat=False)).
+        Returns (logprobs, top): logprobs has one float per token, None for the first (nothing comes before it);
+        top (top_logprobs=N > 0) one list per token of N (token_id, logprob) pairs, best first (None for the first),
+        else None. A prompt longer than max_seq_len is refused as generation refuses it (CacheFullError)."""
+        from .generation import sequence_scores
+        top_logprobs = check_top_logprobs(top_logprobs)
+        ids = self.encode_prompt(ids, chat=False)
+        if len(ids) > self.max_seq_len:
+            raise CacheFullError(f"prompt is {len(ids)} tokens, longer than the cache (max_seq_len="
+                                 f"{self.max_seq_len}): shorten it or raise max_seq_len")
+        if len(ids) == 1:
+            return [None], ([None] if top_logprobs else None)
+        with self._one_run(overtakes=False):    # no KV cache used, but no overlap with another thread's run
+            lp, values, tops = sequence_scores(self.model, ids, 1, top_logprobs)
+        if not torch.isfinite(lp).all():
+            from .errors import NonFiniteError
+            raise NonFiniteError("the model's logits are not finite (NaN or inf) on this prompt: its activations "
+                                 "overflowed (fp16 overflows where bf16 and fp32 do not)")
+        logprobs = [None] + lp.tolist()
+        if not top_logprobs:
+            return logprobs, None
+        return logprobs, [None] + [list(zip(i, v)) for i, v in zip(tops.tolist(), values.tolist())]
 
     def reserve_batch(self, rows: int) -> None:
         """Raise max_batch_size to `rows` after the load (a server that batches its requests): the memory for that
@@ -455,7 +521,8 @@ class Engine:
                      top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
                      seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False,
-                     row_results: bool = False, logprobs: bool = False) -> Iterator[tuple[int, str]]:
+                     row_results: bool = False, logprobs: bool = False,
+                     top_logprobs: int = 0) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -475,10 +542,13 @@ class Engine:
         row alone. last_results still holds every row's result (batch-timed) once the stream ends.
 
         logprobs: each result also holds token_logprobs, the target's log-probability of each token it gave (read
-        from the logits every step computes anyway: plain and speculative alike)."""
+        from the logits every step computes anyway: plain and speculative alike). top_logprobs=N (0 to 20, with
+        logprobs=True): each result's top_logprobs also lists, per token, the N most likely tokens at its position as
+        (token_id, logprob) pairs, best first, from the same distribution."""
         for name, value in (("row_results", row_results), ("logprobs", logprobs)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+        top_logprobs = check_top_logprobs(top_logprobs, logprobs)
         check_batch_wide(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
                          acceptance=acceptance, reuse_prefix=reuse_prefix)
@@ -555,7 +625,7 @@ class Engine:
         # max_new_tokens=1: the prefill gives the one token and no step runs, so no tree slot is ever written
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
                                        tree_room=max_new_tokens > 1)
-        decoder.logprobs = logprobs
+        decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
             if self._decoding is None:  # (another thread's run sets its own when it ends)
                 self.last_result, self.last_results = None, []
@@ -577,16 +647,19 @@ class Engine:
         return max(n - 1, 0)
 
     @contextlib.contextmanager
-    def _one_run(self, clear_results: bool = False):
+    def _one_run(self, clear_results: bool = False, overtakes: bool = True):
         """The block is a run (its number is yielded): another thread's run would step on this one's cache between
         its steps (and this one on its), each printing the other's garbage, so runs of two threads refuse each
-        other. In one thread a newer run overtakes an older stream (_drive)."""
+        other. In one thread a newer run overtakes an older stream (_drive). overtakes=False: work that leaves the
+        cache alone (prompt_logprobs) refuses other threads' runs but leaves an open stream of its own thread be."""
         me = threading.get_ident()
         with self._decoding_lock:
             if self._decoding is not None and self._decoding[0] != me:
                 raise InputError(self._BUSY)
-            self._runs += 1
-            token = self._decoding = (me, self._runs)
+            before = self._decoding
+            if overtakes:
+                self._runs += 1
+            token = self._decoding = (me, self._runs if overtakes else None)
             if clear_results:
                 self.last_result, self.last_results = None, []
         try:
@@ -594,7 +667,7 @@ class Engine:
         finally:
             with self._decoding_lock:
                 if self._decoding == token:
-                    self._decoding = None
+                    self._decoding = None if overtakes else before
 
     def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False, row_results: bool = False):
         """keep: a reuse_prefix run, which starts from what the cache holds and keeps its own prompt + answer.
@@ -633,7 +706,7 @@ class Engine:
                                      "stream_batch for several prompts at once)")
             # Inside the run: another thread's run, free to start once this one ends, must not find this one's
             # result (or kept prefix) landing after its own.
-            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs)
+            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs)
                        for r, p, s in zip(decoder.rows, ids, stats)]
             for s in stats:
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
@@ -658,7 +731,8 @@ class Engine:
         s.decode_ms = max(0.0, s.decode_ms - paused * 1e3)
         r = decoder.rows[b]
         return GenerationResult(r.text, list(r.ids), ids[b], r.finish_reason, s,
-                                None if r.logprobs is None else list(r.logprobs))
+                                None if r.logprobs is None else list(r.logprobs),
+                                None if r.top_logprobs is None else list(r.top_logprobs))
 
     def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the

@@ -68,6 +68,43 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None].clamp(min=0))[..., 0]
 
 
+MAX_TOP_LOGPROBS = 20     # OpenAI's limit for top_logprobs
+
+
+def token_scores(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+    """(token_logprobs(logits, tokens), top values [B, N, top], top ids [B, N, top]) from one log_softmax, so a
+    greedy token's logprob is bit-equal to the first of its top list; the last two None where top is 0. The top
+    entries are sorted by log-probability, descending (the same distribution: before temperature and the rest)."""
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    lp = lsm.gather(-1, tokens[..., None].clamp(min=0))[..., 0]
+    if not top:
+        return lp, None, None
+    values, ids = lsm.topk(min(top, lsm.shape[-1]), dim=-1)
+    return lp, values, ids
+
+
+def sequence_scores(model, ids: list[int], start: int = 1, top: int = 0, block: int = 512):
+    """The log-probability of each token ids[start:] given the tokens before it, from one forward pass of `model`
+    over ids (no KV cache: it attends causally within them), the logits at position i - 1 scoring token i. Returns
+    (logprobs [n - start] fp64 on the CPU, top values [n - start, top] fp32 or None, top ids or None). The LM head
+    runs on the scored positions only; their log_softmax is taken `block` rows at a time, so a long prompt holds one
+    block's fp32 copy of the logits at once. Shared by Engine.prompt_logprobs and evaluation.perplexity."""
+    n = len(ids)
+    if not 1 <= start < n:
+        raise ValueError(f"start must be in [1, {n}), got {start}")
+    device = model.tok_embeddings.weight.device
+    tokens = torch.tensor([ids], device=device)
+    with torch.inference_mode():
+        logits = model(tokens, torch.arange(n, device=device)[None],
+                       logits_at=torch.arange(start - 1, n - 1, device=device)[None])[0]
+        targets = tokens[0, start:]
+        parts = [token_scores(logits[s:s + block], targets[s:s + block], top) for s in range(0, n - start, block)]
+    lp = torch.cat([p[0] for p in parts]).double().cpu()
+    if not top:
+        return lp, None, None
+    return lp, torch.cat([p[1] for p in parts]).cpu(), torch.cat([p[2] for p in parts]).cpu()
+
+
 def kv_window(upper: int, max_seq_len: int) -> int:
     return min(max_seq_len, -(-upper // KV_BUCKET) * KV_BUCKET)
 
@@ -90,6 +127,11 @@ class PlainDecoder:
         # target's log-probability of each token it gives, read by the host loop with the tokens
         self.logprobs = False
         self.step_logprobs: torch.Tensor | None = None
+        # stream_batch(top_logprobs=N): also step_top_values / step_top_ids [B, tokens, N], the N most likely tokens
+        # at each given token's position (rebound each step, as step_logprobs)
+        self.top_logprobs = 0
+        self.step_top_values: torch.Tensor | None = None
+        self.step_top_ids: torch.Tensor | None = None
 
     @on_pool
     @torch.inference_mode()
@@ -128,7 +170,7 @@ class PlainDecoder:
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
         if self.logprobs:
-            self.step_logprobs = token_logprobs(logits[:, -1:], self.next[:, None])
+            self._score(logits[:, -1:], self.next[:, None])
         return flag_non_finite(self.next, logits)   # not the state tensor itself: it changes in place every step
 
     def _prefill_chunks(self, tokens, lengths, r: int, chunk: int):
@@ -147,6 +189,11 @@ class PlainDecoder:
         hidden = torch.cat(hidden, 1)
         last = (lengths - 1 - r)[:, None, None].expand(-1, 1, hidden.shape[-1])
         return self.model.output(torch.gather(hidden, 1, last)), hidden     # as the forward's logits_at does
+
+    def _score(self, logits: torch.Tensor, tokens: torch.Tensor):
+        """step_logprobs (and the top_logprobs tensors) of tokens [B, n] at logits [B, n, V]. Rebound, never updated
+        in place: a captured graph re-points them after each replay (cuda_graphs' `rebound`)."""
+        self.step_logprobs, self.step_top_values, self.step_top_ids = token_scores(logits, tokens, self.top_logprobs)
 
     def _on_prefill(self, tokens: torch.Tensor, hidden: torch.Tensor):
         """Hook for decoders that also need the prompt's hidden states (the drafting heads do): those of the
@@ -178,6 +225,8 @@ class PlainDecoder:
         self.next = self.next[idx]
         if self.step_logprobs is not None:
             self.step_logprobs = self.step_logprobs[idx]
+        if self.step_top_values is not None:      # a dropped row drops its top entries too
+            self.step_top_values, self.step_top_ids = self.step_top_values[idx], self.step_top_ids[idx]
         if self.seen is not None:
             self.seen = self.seen[idx]
         return idx
@@ -200,7 +249,7 @@ class PlainDecoder:
         length += 1
         self.next.copy_(self._sample(logits[:, -1]))
         if self.logprobs:       # rebound, not updated in place: a captured graph re-points it after each replay
-            self.step_logprobs = token_logprobs(logits[:, -1:], self.next[:, None])
+            self._score(logits[:, -1:], self.next[:, None])
         return flag_non_finite(self.next[:, None], logits), torch.ones_like(self.next)
 
 
@@ -261,6 +310,7 @@ class RowState:
     # text): stop strings are matched in the text with them shown, so a stop that names one still stops there.
     specials: list[tuple[int, str]] = field(default_factory=list)
     logprobs: list[float] | None = None      # one per id, where the run asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None    # one list per id, where the run asked for them
 
     def raw(self, text: str) -> str:
         """`text` (the row's, or it and the text held back after it) with the special tokens shown where they came."""
@@ -306,10 +356,12 @@ def _sync(device):
 
 
 def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[str], hold: int,
-             max_new_tokens: int, special_text=lambda tok: None, lps: list[float] | None = None) -> tuple[int, str]:
+             max_new_tokens: int, special_text=lambda tok: None, lps: list[float] | None = None,
+             tops: list | None = None) -> tuple[int, str]:
     """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream).
     special_text(tok): the text of a special token the stream leaves out, None for the others. lps: the tokens'
-    log-probabilities, kept beside the ids the row keeps (row.logprobs)."""
+    log-probabilities, kept beside the ids the row keeps (row.logprobs); tops: their top_logprobs lists
+    (row.top_logprobs)."""
     used = 0
     for i, tok in enumerate(toks):
         if row.finish_reason:
@@ -321,6 +373,8 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
         row.ids.append(tok)
         if lps is not None:
             row.logprobs.append(lps[i])
+        if tops is not None:
+            row.top_logprobs.append(tops[i])
         before = row.raw_len()
         delta = stream.push(tok)
         row.text += delta
@@ -345,6 +399,12 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
     end = len(row.text) if row.finish_reason else max(row.shown, row.text_pos(row.raw_len() - hold, row.text))
     delta, row.shown = row.text[row.shown:end], max(row.shown, end)
     return used, delta
+
+
+def _tops(decoder) -> list:
+    """The step's top_logprobs as [row][token] lists of (token id, logprob) pairs, best first."""
+    values, ids = decoder.step_top_values.tolist(), decoder.step_top_ids.tolist()
+    return [[list(zip(i_t, v_t)) for i_t, v_t in zip(i_r, v_r)] for i_r, v_r in zip(ids, values)]
 
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_ids, stop: list[str],
@@ -381,10 +441,14 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     pending = [[t] for t in decoder.prefill(prompts).tolist()]
     t1 = time.perf_counter()
     want_lps = getattr(decoder, "logprobs", False)
+    want_tops = want_lps and getattr(decoder, "top_logprobs", 0) > 0
     lps = decoder.step_logprobs.tolist() if want_lps else [None] * B
+    tops = _tops(decoder) if want_tops else [None] * B
     if want_lps:
         for r in rows:
             r.logprobs = []
+            if want_tops:
+                r.top_logprobs = []
     for b in range(B):
         check_finite(decoder, pending[b], b, 0)
     for b in range(B):
@@ -396,7 +460,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
         for b in range(B):
             was_done = rows[b].finish_reason is not None
             used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens, special_text,
-                                   lps[b])
+                                   lps[b], tops[b])
             if not (from_prefill or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:
@@ -419,11 +483,13 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
         out, count = decoder.step()
         n, toks = count.tolist(), out.tolist()          # the one host sync per step
         step_lps = decoder.step_logprobs.tolist() if want_lps else None
-        pending, lps = [[] for _ in range(B)], [None] * B
+        step_tops = _tops(decoder) if want_tops else None
+        pending, lps, tops = [[] for _ in range(B)], [None] * B, [None] * B
         for i, b in enumerate(live):
             if not rows[b].finish_reason:
                 pending[b] = toks[i][:n[i]]
                 lps[b] = step_lps[i][:n[i]] if want_lps else None
+                tops[b] = step_tops[i][:n[i]] if want_tops else None
                 check_finite(decoder, pending[b], b, len(rows[b].ids))
     _sync(decoder.device)
     t2 = time.perf_counter()

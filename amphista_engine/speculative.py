@@ -14,7 +14,7 @@ import torch
 
 from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
-from .generation import PlainDecoder, _sync, flag_non_finite, kv_window, token_logprobs
+from .generation import PlainDecoder, _sync, flag_non_finite, kv_window
 from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .kernels.cpu_threads import on_pool
 from .model import AttentionSpec
@@ -309,7 +309,7 @@ class SpeculativeDecoder(PlainDecoder):
         if self.logprobs:
             # each emitted token's log-probability where the target put it: at the accepted node before it
             at = logits.gather(1, nodes[..., None].expand(-1, -1, logits.shape[-1]))
-            self.step_logprobs = token_logprobs(at, out)       # rebound: re-pointed after a graph's replay
+            self._score(at, out)       # rebound: re-pointed after a graph's replay (top_logprobs too)
         self.last_count = count
         self._tick("commit", t0)
         return flag_non_finite(out, logits), count

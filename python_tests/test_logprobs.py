@@ -122,11 +122,12 @@ def test_the_server_returns_them_as_openai_does(setup):
             pytest.approx(want.token_logprobs, abs=1e-6)
         status, reply = call(httpd.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 4})
         assert status == 200 and reply["choices"][0]["logprobs"] is None
-        for bad, param in (({"logprobs": True, "top_logprobs": 2}, "top_logprobs"), ({"logprobs": "yes"}, "logprobs")):
+        # top_logprobs up to 20 and completion logprobs are served now (test_top_logprobs.py)
+        for bad, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"logprobs": "yes"}, "logprobs")):
             status, reply = call(httpd.url, "/v1/chat/completions", {"messages": messages, **bad})
             assert status == 400 and reply["error"]["param"] == param
-        status, reply = call(httpd.url, "/v1/completions", {"prompt": PROMPTS[0], "logprobs": 1})
-        assert status == 400 and "chat/completions only" in reply["error"]["message"]
+        status, reply = call(httpd.url, "/v1/completions", {"prompt": PROMPTS[0], "logprobs": True})
+        assert status == 400 and "must be an integer from 0 to 20" in reply["error"]["message"]
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import InputError
+from ..generation import sequence_scores
 from ..values import is_integral
 
 
@@ -59,19 +60,13 @@ def perplexity(engine, text: str, ctx: int | None = None, max_chunks: int | None
     tok = engine.tokenizer
     bos = tok.bos_id if getattr(tok, "add_bos", False) else None
     first = ctx // 2
-    model, device = engine.model, engine.device
-    positions = torch.arange(ctx, device=device)[None]
-    scored = torch.arange(first, ctx - 1, device=device)[None]      # logits at j predict token j + 1
     nlls = []
     for c in range(chunks):
         chunk = list(ids[c * ctx:(c + 1) * ctx])
         if bos is not None:
             chunk[0] = bos
-        tokens = torch.tensor([chunk], device=device)
-        with torch.inference_mode():
-            logits = model(tokens, positions, logits_at=scored)[0].float()
-        targets = tokens[0, first + 1:]
-        nlls.append(-torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].double().cpu())
+        # the logits at j score token j + 1: tokens first + 1 .. ctx - 1 (the forward the server's echo shares)
+        nlls.append(-sequence_scores(engine.model, chunk, first + 1)[0])
         if progress is not None:
             progress(c + 1, chunks, math.exp(torch.cat(nlls).mean().item()))
     nll = torch.cat(nlls)

@@ -37,6 +37,8 @@ class Job:
         self.started = False            # "start" was sent
         self.ended = False              # "end" was sent
         self.rows = 0                   # the rows of the run that decoded it (the log line names a batch)
+        # echo with logprobs: Engine.prompt_logprobs of its prompt, set by the run that decodes it (the server's start)
+        self.prompt_scores = None
 
     def send(self, kind: str, value=None):
         if not self.gone.is_set():

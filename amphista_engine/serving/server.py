@@ -39,9 +39,6 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # OpenAI fields this server does not implement: refused where they ask for something (a client sending the default
 # value, as many do, is served). name -> (the values that ask for nothing, what to say)
 UNSUPPORTED = {
-    "logprobs": ((None, False, 0), "logprobs are returned by /v1/chat/completions only (\"logprobs\": true)"),
-    "top_logprobs": ((None, 0), "top_logprobs are not returned by this server (each token's own logprob is, with "
-                                "\"logprobs\": true)"),
     "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported; use repetition_penalty "
                                          "(CTRL's, as transformers' generate)"),
     "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported; use repetition_penalty "
@@ -53,12 +50,14 @@ UNSUPPORTED = {
     "function_call": ((None, "none", "auto"), "function_call is not supported (no tools)"),
     "response_format": ((None, {"type": "text"}), "response_format other than {\"type\": \"text\"} is not supported"),
     "best_of": ((None, 1), "best_of other than 1 is not supported"),
-    "echo": ((None, False), "echo is not supported"),
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
 }
-CHAT_ONLY = {"logit_bias", "tools", "functions", "tool_choice", "function_call", "response_format", "top_logprobs",
+CHAT_ONLY = {"logit_bias", "tools", "functions", "tool_choice", "function_call", "response_format",
              "presence_penalty", "frequency_penalty"}
-COMPLETION_ONLY = {"best_of", "echo", "suffix", "logprobs", "logit_bias", "presence_penalty", "frequency_penalty"}
+# logprobs (an int on /v1/completions, true on chat), top_logprobs (chat) and echo (completions) are served:
+# decoding() reads them
+COMPLETION_ONLY = {"best_of", "suffix", "logit_bias", "presence_penalty", "frequency_penalty"}
+MAX_TOP_LOGPROBS = 20        # OpenAI's limit for chat's top_logprobs; a completion's logprobs (OpenAI: 5) takes it too
 
 
 class ApiError(Exception):
@@ -85,7 +84,7 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
         m = re.match(r"(\w+)", message)
         field = m.group(1) if m else None
         param = field if field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-                                   "max_tokens", "speculative", "tree", "acceptance") else None
+                                   "max_tokens", "speculative", "tree", "acceptance", "top_logprobs") else None
         return ApiError(400, message, param)
     if isinstance(e, ConfigError) and tree_given and "tree" in message:
         return ApiError(400, message, "tree")
@@ -157,27 +156,71 @@ def _messages(body) -> list[dict]:
     return out
 
 
-def _prompt(body) -> str:
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value)
+
+
+def _prompts(body) -> list:
+    """A completion request's prompts, as OpenAI takes them: a string, a list of strings, a list of token ids (one
+    prompt) or a list of token-id lists (what lm-evaluation-harness sends with a tokenizer). Each is a string or a
+    list of ints (the engine takes those as given: no template, no BOS added); one choice per prompt."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]          # OpenAI's one-prompt batch
     if prompt is None:
-        raise ApiError(400, "'prompt' is a required field (a string)", "prompt")
-    if isinstance(prompt, list):
-        raise ApiError(400, "prompt must be one string: several prompts, and prompts given as token ids, are not "
-                       "supported (one request per prompt)", "prompt")
-    return _text(prompt, "prompt")
+        raise ApiError(400, "'prompt' is a required field (a string, a list of strings, or token ids)", "prompt")
+    if isinstance(prompt, str):
+        return [_text(prompt, "prompt")]
+    if _is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return [_text(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    if isinstance(prompt, list) and prompt and all(_is_ids(p) for p in prompt):
+        return prompt
+    raise ApiError(400, f"prompt must be a string, a list of strings, a list of token ids (integers) or a list of "
+                   f"token-id lists, got {_json_type(prompt)}", "prompt")
 
 
-def _max_tokens(body) -> int | None:
+def _max_tokens(body, zero_ok: bool = False) -> int | None:
+    """max_tokens; zero_ok: 0 is taken too (echo: the prompt's logprobs only)."""
     for name in ("max_completion_tokens", "max_tokens"):     # the newer name first, as OpenAI reads them
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ApiError(400, f"{name} must be a positive integer, got {_json_type(value)}", name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+            zero = (" (0 only with \"echo\": true on /v1/completions, which scores the prompt)"
+                    if value == 0 and not isinstance(value, bool) else "")
+            raise ApiError(400, f"{name} must be a positive integer{zero}, got {_json_type(value)}", name)
         return value
     return None
+
+
+def _top_count(value, param: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"{param} must be an integer from 0 to {MAX_TOP_LOGPROBS} ({what}), got "
+                       f"{_json_type(value)}", param)
+    return value
+
+
+def _logprob_options(body, chat: bool) -> dict:
+    """stream_batch's logprobs / top_logprobs for a request. Chat: "logprobs": true, "top_logprobs": N. Completions
+    (OpenAI's legacy format): "logprobs": N, the alternatives to list at each position (0: none, each token's own
+    logprob only)."""
+    lp = body.get("logprobs")
+    if chat:
+        if lp not in (None, False, True):
+            raise ApiError(400, f"logprobs must be true or false, got {_json_type(lp)}", "logprobs")
+        top = body.get("top_logprobs")
+        top = 0 if top is None else _top_count(top, "top_logprobs", "the most likely tokens listed at each position")
+        if top and lp is not True:
+            raise ApiError(400, f"top_logprobs={top} needs \"logprobs\": true", "top_logprobs")
+    else:
+        if lp is None or lp is False:
+            return {}
+        top = _top_count(lp, "logprobs", "on /v1/completions: how many most likely tokens to list at each position; "
+                         "0 gives each token's own logprob only")
+    if lp is None or lp is False:
+        return {}
+    return {"logprobs": True, **({"top_logprobs": top} if top else {})}
 
 
 def _unsupported(body, fields):
@@ -215,6 +258,13 @@ def _token_text(tok, ids: list[int], i: int) -> tuple[str, bytes]:
         if "\ufffd" not in both and both.startswith(before):
             return both[len(before):], both[len(before):].encode("utf-8")
     return alone, alone.encode("utf-8")
+
+
+def _alt_text(tok, ids: list[int], i: int, alt: int) -> tuple[str, bytes]:
+    """_token_text of token `alt` in place of ids[i] (a top_logprobs alternative), read with the same tokens before
+    it as the token given there."""
+    start = max(0, i - 4)
+    return _token_text(tok, ids[start:i] + [alt], i - start)
 
 
 def _piece_bytes(tok, token_id: int, alone: str) -> bytes | None:
@@ -294,15 +344,33 @@ class OpenAIApp:
     def submit(self, body: dict, prompt, chat: bool, stream: bool) -> Job:
         """Hands the request to the scheduler: its Job's queue brings what the run sends. A bad request is refused
         here (ApiError), before it waits for a run."""
+        return self.submit_all(body, [prompt], chat, stream)[0]
+
+    def submit_all(self, body: dict, prompts: list, chat: bool, stream: bool) -> list[Job]:
+        """submit for each prompt of a request (a completion's list of prompts: one Job each, which share a run
+        where they share their options). All are checked before any is handed over."""
         variables = self.template_variables(body, chat)
         with self.rendering(variables):     # the default max_tokens is cut to the room its rendered prompt leaves
-            options = self.decoding(body, prompt, None if chat else False)
-        job = Job(prompt, options, variables, stream)
-        try:
-            self.scheduler.submit(job)
-        except RuntimeError as e:
-            raise ApiError(503, str(e), kind="server_error") from None
-        return job
+            jobs = [Job(p, self.decoding(body, p, None if chat else False), variables, stream) for p in prompts]
+        for i, job in enumerate(jobs):
+            try:
+                self.scheduler.submit(job)
+            except RuntimeError as e:
+                for j in jobs[:i]:
+                    j.gone.set()
+                raise ApiError(503, str(e), kind="server_error") from None
+        return jobs
+
+    def check_prompts(self, prompts: list) -> list:
+        """A completion's prompts, their token ids checked against the model's vocabulary (400 naming a bad id)."""
+        for k, p in enumerate(prompts):
+            if not isinstance(p, str):
+                try:
+                    self.engine.check_token_ids(p)
+                except InputError as e:
+                    raise ApiError(400, (f"prompt[{k}]: " if len(prompts) > 1 else "prompt: ") + str(e),
+                                   "prompt") from None
+        return prompts
 
     def decoding(self, body: dict, prompt, chat: bool | None) -> dict:
         """The keyword arguments of engine.stream_batch for this request (checked by the engine itself)."""
@@ -315,11 +383,12 @@ class OpenAIApp:
         if stream is not None and not isinstance(stream, bool):
             raise ApiError(400, f"stream must be true or false, got {_json_type(stream)}", "stream")
         d = self.defaults
-        kwargs = {}
-        if chat is not False and body.get("logprobs") not in (None, False):
-            if body["logprobs"] is not True:
-                raise ApiError(400, f"logprobs must be true or false, got {_json_type(body['logprobs'])}", "logprobs")
-            kwargs["logprobs"] = True
+        kwargs = _logprob_options(body, chat is not False)
+        echo = body.get("echo") if chat is False else None
+        if echo not in (None, False, True):
+            raise ApiError(400, f"echo must be true or false, got {_json_type(echo)}", "echo")
+        if echo:
+            kwargs["echo"] = True       # the server's own option (_start_run): part of the batch key
         for key in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"):
             value = body.get(key)
             if key != "stop" and isinstance(value, (list, dict)):
@@ -349,7 +418,7 @@ class OpenAIApp:
                                f"'dynamic-8') or give its paths as a list; tree files are read only from the "
                                f"server's --tree", "tree")
         kwargs.update(speculative=speculative, tree=tree, chat=chat)
-        max_new = _max_tokens(body)
+        max_new = _max_tokens(body, zero_ok=bool(echo))
         if max_new is None:
             # Left out: the server's default, cut to the room the prompt leaves in the cache (as OpenAI's models
             # answer up to their context), rather than refused as too long for it.
@@ -365,20 +434,60 @@ class OpenAIApp:
 
     def _start_run(self, jobs: list[Job]):
         """engine.stream_batch of the jobs' prompts, which share their options (the scheduler's `start`): the engine's
-        checks raise here, before anything is sent."""
+        checks raise here, before anything is sent. An echo request with logprobs also gets its prompt's logprobs
+        (job.prompt_scores: Engine.prompt_logprobs, one forward over the prompt), here in the thread that owns the
+        engine; with max_tokens 0 nothing is decoded."""
         kwargs = dict(jobs[0].options)
         max_new, cut = kwargs.pop("max_new_tokens"), kwargs.pop("cut_to_room", False)
+        echo = kwargs.pop("echo", False)
         prompts = [job.prompt for job in jobs]
         with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
+            steps = (self._prompts_only(prompts, kwargs) if max_new == 0 else
+                     self._decode(prompts, max_new, cut, kwargs))
+        if echo and kwargs.get("logprobs"):
             try:
-                return self.engine.stream_batch(prompts, max_new, row_results=True, **kwargs)
-            except CacheFullError as e:
-                # A default cut to the cache's room leaves none for an explicit speculative method's tree (under
-                # "auto" the engine decodes plainly there by itself): cut it by the tree's room too, rather than
-                # refuse a request that never set max_tokens. (A batch refused runs its requests alone: this then.)
-                if len(jobs) > 1 or not cut or not e.tree_room or max_new - e.tree_room < 1:
-                    raise
-                return self.engine.stream_batch(prompts, max_new - e.tree_room, row_results=True, **kwargs)
+                for job in jobs:
+                    job.prompt_scores = self.engine.prompt_logprobs(job.prompt, kwargs.get("top_logprobs", 0))
+            except BaseException:
+                steps.close()
+                raise
+        return steps
+
+    def _decode(self, prompts: list, max_new: int, cut: bool, kwargs: dict):
+        try:
+            return self.engine.stream_batch(prompts, max_new, row_results=True, **kwargs)
+        except CacheFullError as e:
+            # A default cut to the cache's room leaves none for an explicit speculative method's tree (under
+            # "auto" the engine decodes plainly there by itself): cut it by the tree's room too, rather than
+            # refuse a request that never set max_tokens. (A batch refused runs its requests alone: this then.)
+            if len(prompts) > 1 or not cut or not e.tree_room or max_new - e.tree_room < 1:
+                raise
+            return self.engine.stream_batch(prompts, max_new - e.tree_room, row_results=True, **kwargs)
+
+    def _prompts_only(self, prompts: list, kwargs: dict):
+        """A run of max_tokens 0 (echo: the prompts' logprobs only): no decoding, a result of no tokens per prompt
+        (finish_reason "length", as OpenAI gives it). The prompts and sampling values are checked as a run checks
+        them, and a prompt past the cache is refused as one."""
+        from ..engine import GenerationResult, check_stop
+        from ..generation import GenerationStats
+        from ..sampling import SamplingParams
+        engine = self.engine
+        SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"], kwargs["repetition_penalty"],
+                       kwargs["seed"])
+        check_stop(kwargs["stop"])
+        ids = []
+        for i, p in enumerate(prompts):
+            ids.append(engine.encode_prompt(p, chat=False))
+            if len(ids[-1]) > engine.max_seq_len:
+                raise CacheFullError(f"prompt is {len(ids[-1])} tokens, longer than the cache (max_seq_len="
+                                     f"{engine.max_seq_len}): shorten it or raise max_seq_len")
+        lp, top = kwargs.get("logprobs", False), kwargs.get("top_logprobs", 0)
+
+        def steps():
+            return [GenerationResult("", [], x, "length", GenerationStats(prompt_tokens=len(x)),
+                                     [] if lp else None, [] if top else None) for x in ids]
+            yield       # a generator, as stream_batch's: the scheduler relays it alike
+        return steps()
 
     def method(self, result) -> str | None:
         from ..cli import _method
@@ -391,15 +500,65 @@ class OpenAIApp:
 
     def logprobs(self, result) -> dict | None:
         """OpenAI's choices[].logprobs for a chat answer decoded with logprobs=True: each token's text, bytes and
-        log-probability under the target (top_logprobs are not computed: empty lists). None otherwise."""
+        log-probability under the target, and its top_logprobs (the request's top_logprobs most likely tokens at
+        its position, each with its text and bytes read as the token's own are; empty lists without). None
+        otherwise."""
         if result.token_logprobs is None:
             return None
         tok, ids = self.engine.tokenizer, result.token_ids
+        tops = getattr(result, "top_logprobs", None)
         content = []
         for i, lp in enumerate(result.token_logprobs):
             text, data = _token_text(tok, ids, i)
-            content.append({"token": text, "logprob": lp, "bytes": list(data), "top_logprobs": []})
+            alts = []
+            for alt, alt_lp in (tops[i] if tops is not None else ()):
+                alt_text, alt_data = _alt_text(tok, ids, i, alt)
+                alts.append({"token": alt_text, "logprob": alt_lp, "bytes": list(alt_data)})
+            content.append({"token": text, "logprob": lp, "bytes": list(data), "top_logprobs": alts})
         return {"content": content, "refusal": None}
+
+    def prompt_text(self, job: Job) -> str:
+        """What echo puts before a completion: the prompt as given, or its token ids decoded."""
+        return job.prompt if isinstance(job.prompt, str) else self.engine.tokenizer.decode(job.prompt)
+
+    def completion_logprobs(self, job: Job, result) -> dict | None:
+        """OpenAI's legacy choices[].logprobs of a completion decoded with "logprobs": N: tokens (each token's text as
+        chat's logprobs give it), token_logprobs, top_logprobs (a {token text: logprob} dict of the N most likely
+        tokens at each position) and text_offset (where each token's text starts in the choice's text). With echo,
+        the prompt's tokens come first (job.prompt_scores), the first one's logprob and top_logprobs null as
+        OpenAI's are. None where the request asked for no logprobs."""
+        if result.token_logprobs is None:
+            return None
+        tok = self.engine.tokenizer
+        echo = bool(job.options.get("echo"))
+        n_prompt = len(result.prompt_token_ids)
+        ids = list(result.prompt_token_ids) + list(result.token_ids)     # the prompt: context for the texts
+        n_top = job.options.get("top_logprobs", 0)
+        lps, tops = list(result.token_logprobs), list(result.top_logprobs or [[]] * len(result.token_ids))
+        if echo:
+            p_lps, p_tops = job.prompt_scores
+            lps, tops = list(p_lps) + lps, list(p_tops or [None] + [[]] * (n_prompt - 1)) + tops
+        skipped = set(getattr(tok, "special_ids", ()))
+        out = {"tokens": [], "token_logprobs": lps, "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for k, i in enumerate(range(0 if echo else n_prompt, len(ids))):
+            if i == n_prompt:       # the answer's text starts after the echoed prompt's (or at 0)
+                offset = len(self.prompt_text(job)) if echo else 0
+            text, _ = _token_text(tok, ids, i)
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            # a special token (a string prompt's BOS, one the answer skips) is no part of the choice's text
+            if not (ids[i] in skipped and (i >= n_prompt or isinstance(job.prompt, str))):
+                offset += len(text)
+            top = tops[k]
+            if top is None:
+                out["top_logprobs"].append(None)
+                continue
+            alts: dict[str, float] = {}
+            for alt, alt_lp in top[:n_top]:
+                alts.setdefault(_alt_text(tok, ids, i, alt)[0], alt_lp)    # tokens of one text: the likelier one
+            out["top_logprobs"].append(alts)
+        return out
 
     @staticmethod
     def usage(result) -> dict:
@@ -598,8 +757,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
         chat = route == "/chat/completions"
         _unsupported(body, CHAT_ONLY if chat else COMPLETION_ONLY)
-        prompt = _messages(body) if chat else _prompt(body)
-        self._complete(body, prompt, chat)
+        prompts = [_messages(body)] if chat else self.app.check_prompts(_prompts(body))
+        self._complete(body, prompts, chat)
 
     def _serve(self, route_fn):
         self._started = False          # whether a reply's headers went out (an error then cannot be a status)
@@ -633,9 +792,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     # ---- completions ----------------------------------------------------------------------------------------
-    def _complete(self, body: dict, prompt, chat: bool):
+    def _complete(self, body: dict, prompts: list, chat: bool):
         app = self.app
         stream = bool(body.get("stream"))
+        if stream and len(prompts) > 1:
+            raise ApiError(400, f"stream takes one prompt, got {len(prompts)}: send one streamed request per prompt, "
+                           f"or these without stream", "stream")
         include_usage = stream and isinstance(body.get("stream_options"), dict) and \
             body["stream_options"].get("include_usage") is True
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
@@ -644,13 +806,19 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": app.model_id, "system_fingerprint": None}
         if not chat:
             head["object"] = "text_completion"
-        job = app.submit(body, prompt, chat, stream)     # a bad request is a 400 here, before it waits
+        jobs = app.submit_all(body, prompts, chat, stream)     # a bad request is a 400 here, before it waits
+        job, results = jobs[0], []
         try:
-            result = self._stream(job, head, chat, include_usage) if stream else self._drain(job)
+            for one in jobs:        # several prompts: one choice each, in order
+                results.append(self._stream(one, head, chat, include_usage) if stream else self._drain(one))
+                if results[-1] is None:
+                    break
         finally:
             # Nobody reads its row any more (answered, or its client left): the scheduler drops the row's output,
             # and ends the run once no request of it is left.
-            job.gone.set()
+            for one in jobs:
+                one.gone.set()
+        result = results[-1]
         if result is None:
             self.close_connection = True
             # alone, its run was closed; in a batch, the others' rows go on and its own output is dropped
@@ -658,18 +826,25 @@ class _Handler(BaseHTTPRequestHandler):
                        " (client closed the connection while its request waited; it was not decoded)" if not job.rows
                        else f" (client closed the connection; its row of a batch of {job.rows} dropped)")
             return
-        usage = app.usage(result)
+        usage = {k: sum(app.usage(r)[k] for r in results) for k in app.usage(result)}
         note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
+        if len(results) > 1:
+            note += f" | {len(results)} prompts"
         if job.rows > 1:
             note += f" | batch of {job.rows}"
         if stream:
             self._done(200, note)
             return
         finish = FINISH.get(result.finish_reason, result.finish_reason)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text},
-                   "logprobs": self.app.logprobs(result), "finish_reason": finish} if chat else
-                  {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish})
-        self._json(200, {**head, "choices": [choice], "usage": usage, "amphista": app.extra(result)}, note)
+        if chat:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                        "logprobs": self.app.logprobs(result), "finish_reason": finish}]
+        else:
+            choices = [{"index": i, "text": (app.prompt_text(j) if j.options.get("echo") else "") + r.text,
+                        "logprobs": app.completion_logprobs(j, r),
+                        "finish_reason": FINISH.get(r.finish_reason, r.finish_reason)}
+                       for i, (j, r) in enumerate(zip(jobs, results))]
+        self._json(200, {**head, "choices": choices, "usage": usage, "amphista": app.extra(result)}, note)
 
     def _next_event(self, job):
         """What the scheduler sends next for this request, ("start", None), ("delta", text) or ("end", result); an
@@ -718,7 +893,7 @@ class _Handler(BaseHTTPRequestHandler):
                 d = {"role": "assistant", "content": ""} if role else {} if delta is None else {"content": delta}
                 choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             out = {**head, "choices": [choice], **more}
             if include_usage:
                 out["usage"] = None
@@ -734,6 +909,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if chat:
                 self._event(chunk(role=True))
+            elif job.options.get("echo"):
+                self._event(chunk(app.prompt_text(job)))
             while True:
                 kind, value = event
                 if kind == "end":
@@ -749,8 +926,8 @@ class _Handler(BaseHTTPRequestHandler):
             finish = FINISH.get(result.finish_reason, result.finish_reason)
             # a delta's text is not a whole number of tokens (text is held back around stops and split characters):
             # the answer's token logprobs come together, with the final chunk, where a client concatenates them
-            self._event(chunk(None, finish, logprobs=app.logprobs(result) if chat else None,
-                              amphista=app.extra(result)))
+            self._event(chunk(None, finish, logprobs=app.logprobs(result) if chat else
+                              app.completion_logprobs(job, result), amphista=app.extra(result)))
             if include_usage:
                 self._event({**head, "choices": [], "usage": app.usage(result)})
             self._event("[DONE]")
