@@ -1115,6 +1115,9 @@ def test_kernels_compile_for_gpus(arch):
     """The interpreter checks semantics only; Triton's real compiler (to cubin, no GPU needed) checks types,
     layouts and shared memory of every bf16 kernel variant the launchers produce, for H100/H200 (sm_90) and
     A100 (sm_80, where programmatic dependent launch does not exist and is never asked for)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == divmod(arch, 10):
+        # 43 s of the GPU suite's test stage on an H100: there the GPU tests compile and run these kernels for real
+        pytest.skip(f"this machine's GPU is sm_{arch}: its GPU tests compile the kernels for real")
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except Exception:
