@@ -72,6 +72,11 @@ class GenerationResult:
     # stream_batch(logprobs=True, top_logprobs=N > 0): for each of token_ids, the N most likely tokens at its position
     # as (token_id, logprob) pairs, best first (the same distribution as token_logprobs); None otherwise
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None, repr=False)
+    # stream_batch(logprobs=True), finish_reason "eos": the EOS token left out of token_ids, as (token_id, logprob,
+    # its top_logprobs list or None). The server's completions list it last, as OpenAI and vLLM do: lm-eval's echo
+    # requests read token_logprobs[ctxlen:-1], taking the last entry for the answer's token (without it, the
+    # prompt's last token was cut from the sum where the model's next token was EOS)
+    eos_logprob: tuple | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
@@ -372,7 +377,9 @@ class Engine:
             return [None], ([None] if top_logprobs else None)
         with self._one_run(overtakes=False):    # no KV cache used, but no overlap with another thread's run
             lp, values, tops = sequence_scores(self.model, ids, 1, top_logprobs)
-        if not torch.isfinite(lp).all():
+        # NaN only: a -inf logprob is a token the model rules out (a -inf logit, as flag_non_finite allows), not an
+        # overflow (NaN or +inf logits make every logprob of their row NaN); the server writes it as -9999
+        if torch.isnan(lp).any():
             from .errors import NonFiniteError
             raise NonFiniteError("the model's logits are not finite (NaN or inf) on this prompt: its activations "
                                  "overflowed (fp16 overflows where bf16 and fp32 do not)")
@@ -706,8 +713,8 @@ class Engine:
                                      "stream_batch for several prompts at once)")
             # Inside the run: another thread's run, free to start once this one ends, must not find this one's
             # result (or kept prefix) landing after its own.
-            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs)
-                       for r, p, s in zip(decoder.rows, ids, stats)]
+            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs,
+                                        r.eos_logprob) for r, p, s in zip(decoder.rows, ids, stats)]
             for s in stats:
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
                 # the time the caller spent between chunks (printing, sending) is no decoding time of this run
@@ -732,7 +739,7 @@ class Engine:
         r = decoder.rows[b]
         return GenerationResult(r.text, list(r.ids), ids[b], r.finish_reason, s,
                                 None if r.logprobs is None else list(r.logprobs),
-                                None if r.top_logprobs is None else list(r.top_logprobs))
+                                None if r.top_logprobs is None else list(r.top_logprobs), r.eos_logprob)
 
     def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the

@@ -311,6 +311,9 @@ class RowState:
     specials: list[tuple[int, str]] = field(default_factory=list)
     logprobs: list[float] | None = None      # one per id, where the run asked for them
     top_logprobs: list[list[tuple[int, float]]] | None = None    # one list per id, where the run asked for them
+    # the EOS that ended the row (not in ids) as (id, logprob, top list or None), where the run asked for logprobs:
+    # OpenAI's completions list it (lm-eval's echo reads token_logprobs[ctxlen:-1], the last being the answer's)
+    eos_logprob: tuple | None = None
 
     def raw(self, text: str) -> str:
         """`text` (the row's, or it and the text held back after it) with the special tokens shown where they came."""
@@ -369,6 +372,8 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
         used += 1
         if tok in eos:
             row.finish_reason = "eos"
+            if lps is not None:
+                row.eos_logprob = (tok, lps[i], None if tops is None else tops[i])
             break
         row.ids.append(tok)
         if lps is not None:

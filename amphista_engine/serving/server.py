@@ -260,6 +260,23 @@ def _token_text(tok, ids: list[int], i: int) -> tuple[str, bytes]:
     return alone, alone.encode("utf-8")
 
 
+LOGPROB_FLOOR = -9999.0    # vLLM's: a logprob of -inf (a token the model rules out) as a number JSON can carry
+
+
+def _finite(lp):
+    """A logprob for a reply: JSON has no -Infinity (json.dumps wrote it, and clients' parsers refused the reply)."""
+    return None if lp is None else max(lp, LOGPROB_FLOOR)
+
+
+def _legacy_token(text: str, data: bytes) -> str:
+    """A token's text in a completion's legacy logprobs: a token holding part of a character is named by its bytes,
+    "bytes:\\xe6\\x97", as OpenAI names it (its text alone, U+FFFD, named several tokens alike: their top_logprobs
+    entries merged, and a client comparing a top token's text with the given one's took any such pair as equal)."""
+    if "\ufffd" in text and data != text.encode("utf-8"):
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+    return text
+
+
 def _alt_text(tok, ids: list[int], i: int, alt: int) -> tuple[str, bytes]:
     """_token_text of token `alt` in place of ids[i] (a top_logprobs alternative), read with the same tokens before
     it as the token given there."""
@@ -513,8 +530,8 @@ class OpenAIApp:
             alts = []
             for alt, alt_lp in (tops[i] if tops is not None else ()):
                 alt_text, alt_data = _alt_text(tok, ids, i, alt)
-                alts.append({"token": alt_text, "logprob": alt_lp, "bytes": list(alt_data)})
-            content.append({"token": text, "logprob": lp, "bytes": list(data), "top_logprobs": alts})
+                alts.append({"token": alt_text, "logprob": _finite(alt_lp), "bytes": list(alt_data)})
+            content.append({"token": text, "logprob": _finite(lp), "bytes": list(data), "top_logprobs": alts})
         return {"content": content, "refusal": None}
 
     def prompt_text(self, job: Job) -> str:
@@ -523,40 +540,60 @@ class OpenAIApp:
 
     def completion_logprobs(self, job: Job, result) -> dict | None:
         """OpenAI's legacy choices[].logprobs of a completion decoded with "logprobs": N: tokens (each token's text as
-        chat's logprobs give it), token_logprobs, top_logprobs (a {token text: logprob} dict of the N most likely
-        tokens at each position) and text_offset (where each token's text starts in the choice's text). With echo,
-        the prompt's tokens come first (job.prompt_scores), the first one's logprob and top_logprobs null as
-        OpenAI's are. None where the request asked for no logprobs."""
+        chat's logprobs give it; a token holding part of a character as OpenAI names it, "bytes:\\xe6\\x97"),
+        token_logprobs, top_logprobs (a {token text: logprob} dict of the N most likely tokens at each position, and
+        the token given there, which OpenAI always lists) and text_offset (where each token's text starts in the
+        choice's text, in characters). With echo, the prompt's tokens come first (job.prompt_scores), the first
+        one's logprob and top_logprobs null as OpenAI's are. An EOS that ended the answer comes last (OpenAI and
+        vLLM list it; its text is no part of the choice's). None where the request asked for no logprobs."""
         if result.token_logprobs is None:
             return None
+        import codecs
         tok = self.engine.tokenizer
         echo = bool(job.options.get("echo"))
-        n_prompt = len(result.prompt_token_ids)
+        n_prompt, n_answer = len(result.prompt_token_ids), len(result.token_ids)
         ids = list(result.prompt_token_ids) + list(result.token_ids)     # the prompt: context for the texts
         n_top = job.options.get("top_logprobs", 0)
-        lps, tops = list(result.token_logprobs), list(result.top_logprobs or [[]] * len(result.token_ids))
+        lps, tops = list(result.token_logprobs), list(result.top_logprobs or [[]] * n_answer)
+        eos = getattr(result, "eos_logprob", None)
+        if eos is not None:
+            ids.append(eos[0])
+            lps.append(eos[1])
+            tops.append(eos[2] or [])
         if echo:
             p_lps, p_tops = job.prompt_scores
             lps, tops = list(p_lps) + lps, list(p_tops or [None] + [[]] * (n_prompt - 1)) + tops
         skipped = set(getattr(tok, "special_ids", ()))
-        out = {"tokens": [], "token_logprobs": lps, "top_logprobs": [], "text_offset": []}
-        offset = 0
+        out = {"tokens": [], "token_logprobs": [_finite(lp) for lp in lps], "top_logprobs": [], "text_offset": []}
+        base, end, chars, utf8 = 0, 0, 0, None
         for k, i in enumerate(range(0 if echo else n_prompt, len(ids))):
-            if i == n_prompt:       # the answer's text starts after the echoed prompt's (or at 0)
-                offset = len(self.prompt_text(job)) if echo else 0
-            text, _ = _token_text(tok, ids, i)
-            out["tokens"].append(text)
-            out["text_offset"].append(offset)
-            # a special token (a string prompt's BOS, one the answer skips) is no part of the choice's text
-            if not (ids[i] in skipped and (i >= n_prompt or isinstance(job.prompt, str))):
-                offset += len(text)
+            if utf8 is None or i == n_prompt:   # the answer's text starts after the echoed prompt's (or at 0)
+                base = len(self.prompt_text(job)) if echo and i == n_prompt else 0
+                end = len(self.prompt_text(job)) if i < n_prompt else base + len(result.text)
+                chars, utf8 = 0, codecs.getincrementaldecoder("utf-8")("replace")
+            text, data = _token_text(tok, ids, i)
+            out["tokens"].append(_legacy_token(text, data))
+            # OpenAI counts characters of the text returned (not of the tokens' texts: a token holding part of a
+            # character is one U+FFFD, and one character's three such tokens moved every later offset by two): a
+            # token starts at the character its first byte belongs to
+            out["text_offset"].append(min(base + chars, end))
+            # The final EOS and a special token the answer skips are no part of the text, nor one a string prompt's
+            # encoding added (its BOS); one the string holds ("<|im_start|>" written out) is (counted as skipped, it
+            # put every later offset of the prompt back by its length)
+            if i < n_prompt + n_answer and (ids[i] not in skipped or i < n_prompt and (
+                    not isinstance(job.prompt, str) or job.prompt.startswith(text, base + chars))):
+                chars += len(utf8.decode(data))
             top = tops[k]
             if top is None:
                 out["top_logprobs"].append(None)
                 continue
             alts: dict[str, float] = {}
             for alt, alt_lp in top[:n_top]:
-                alts.setdefault(_alt_text(tok, ids, i, alt)[0], alt_lp)    # tokens of one text: the likelier one
+                alt_text, alt_data = _alt_text(tok, ids, i, alt)
+                alts.setdefault(_legacy_token(alt_text, alt_data), _finite(alt_lp))    # one text: the likelier one
+            # OpenAI's "logprobs": N lists up to N + 1: the given token too (with 0, it alone: {} gave a client's
+            # max(top.values()) nothing to read)
+            alts.setdefault(out["tokens"][-1], out["token_logprobs"][k])
             out["top_logprobs"].append(alts)
         return out
 
