@@ -690,6 +690,8 @@ class Engine:
             kept, self._kept = self._kept, None
             if keep:
                 decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
+                if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
+                    stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats,
                         on_row_end=ended.append if row_results else None)
             while True:
@@ -719,8 +721,6 @@ class Engine:
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
                 # the time the caller spent between chunks (printing, sending) is no decoding time of this run
                 s.decode_ms = max(0.0, s.decode_ms - paused * 1e3)
-            if decoder.prefix_reuse:
-                stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             self.last_results, self.last_result = results, results[0]
             if keep:    # the fed tokens' K/V: prompt + answer, up to the cache length (not the last sampled token)
                 seq = ids[0] + decoder.rows[0].ids

@@ -39,6 +39,8 @@ class Job:
         self.rows = 0                   # the rows of the run that decoded it (the log line names a batch)
         # echo with logprobs: Engine.prompt_logprobs of its prompt, set by the run that decodes it (the server's start)
         self.prompt_scores = None
+        # the request's "cache_prompt" (None: the server's --cache-prompt), honoured where it runs alone
+        self.cache_prompt = None
 
     def send(self, kind: str, value=None):
         if not self.gone.is_set():

@@ -44,7 +44,7 @@ def cmd_serve(args) -> int:
                         seed=args.seed)
         httpd.app = OpenAIApp(engine, model_id=args.model, speculative=speculative,
                               tree=tree if speculative is not None else None, defaults=defaults, quiet=args.quiet,
-                              max_batch=args.max_batch)
+                              max_batch=args.max_batch, cache_prompt=args.cache_prompt)
         method = "plain decoding" if speculative is None else f"speculative {speculative}" + (
             f", tree {tree}" if tree else "")
         batching = "one request at a time" if args.max_batch == 1 else \
@@ -73,5 +73,10 @@ def register(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="the most requests decoded together in one run (default 8; 1: one request at a time). The "
                    "KV cache holds N rows of --max-seq-len (checked against free memory at start)")
+    s.add_argument("--cache-prompt", action="store_true",
+                   help="a request decoded alone starts from the KV cache's copy of the last such request's prompt "
+                   "+ answer, so a chat's next turn prefills only its new messages (llama.cpp's cache_prompt; a "
+                   "request's \"cache_prompt\" field overrides it). Off by default: the reused K/V were computed "
+                   "by that earlier run, so an answer may differ from a fresh one in the last bits")
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     s.set_defaults(func=cmd_serve)

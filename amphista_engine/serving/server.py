@@ -305,9 +305,16 @@ class OpenAIApp:
     (DEFAULTS' keys); max_batch: the most requests decoded together in one run (1: one request at a time)."""
 
     def __init__(self, engine, model_id: str | None = None, speculative: str | None = None, tree=None,
-                 defaults: dict | None = None, quiet: bool = False, log=None, max_batch: int = MAX_BATCH):
+                 defaults: dict | None = None, quiet: bool = False, log=None, max_batch: int = MAX_BATCH,
+                 cache_prompt: bool = False):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1 (1: one request at a time), got {max_batch!r}")
+        if not isinstance(cache_prompt, bool):
+            raise InputError(f"cache_prompt must be True or False, got {cache_prompt!r}")
+        # A request decoded alone starts from the K/V the cache still holds of the last such request's prompt +
+        # answer (Engine's reuse_prefix): a chat's next turn prefills only its new messages. Off by default: the
+        # reused K/V come from that earlier run, so an answer may differ from a fresh one's in the last bits.
+        self.cache_prompt = cache_prompt
         reserve_rows(engine, max_batch)
         self.engine = engine
         self.model_id = model_id or str(getattr(engine, "loaded_name", "model"))
@@ -367,8 +374,13 @@ class OpenAIApp:
         """submit for each prompt of a request (a completion's list of prompts: one Job each, which share a run
         where they share their options). All are checked before any is handed over."""
         variables = self.template_variables(body, chat)
+        cache_prompt = body.get("cache_prompt") if isinstance(body, dict) else None
+        if cache_prompt not in (None, True, False):         # llama.cpp's field; not part of what a run shares
+            raise ApiError(400, f"cache_prompt must be true or false, got {_json_type(cache_prompt)}", "cache_prompt")
         with self.rendering(variables):     # the default max_tokens is cut to the room its rendered prompt leaves
             jobs = [Job(p, self.decoding(body, p, None if chat else False), variables, stream) for p in prompts]
+        for job in jobs:
+            job.cache_prompt = cache_prompt
         for i, job in enumerate(jobs):
             try:
                 self.scheduler.submit(job)
@@ -458,6 +470,9 @@ class OpenAIApp:
         max_new, cut = kwargs.pop("max_new_tokens"), kwargs.pop("cut_to_room", False)
         echo = kwargs.pop("echo", False)
         prompts = [job.prompt for job in jobs]
+        # reuse_prefix holds one prompt's K/V: a run of one request only (a batched run leaves nothing to reuse)
+        if len(jobs) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
+            kwargs["reuse_prefix"] = True
         with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
             steps = (self._prompts_only(prompts, kwargs) if max_new == 0 else
                      self._decode(prompts, max_new, cut, kwargs))
