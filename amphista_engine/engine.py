@@ -81,10 +81,11 @@ class GenerationResult:
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        # JSON has no -Infinity (a token the model rules out): written as -9999.0, as the server and vLLM write it
         if self.token_logprobs is not None:
-            out["token_logprobs"] = self.token_logprobs
+            out["token_logprobs"] = [max(lp, -9999.0) for lp in self.token_logprobs]
         if self.top_logprobs is not None:       # [[token_id, logprob], ...] per token in JSON
-            out["top_logprobs"] = [[list(pair) for pair in top] for top in self.top_logprobs]
+            out["top_logprobs"] = [[[t, max(lp, -9999.0)] for t, lp in top] for top in self.top_logprobs]
         return out
 
 
@@ -114,6 +115,40 @@ def check_max_new_tokens(max_new_tokens) -> int:
     return int(max_new_tokens)
 
 
+def is_per_row(value) -> bool:
+    """A list, tuple or 1-D array of values (one per prompt) rather than one value."""
+    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0
+
+
+def check_row_limits(max_new_tokens) -> int | list[int]:
+    """max_new_tokens of a batch: one positive int for every prompt, or a list / tuple (or 1-D array) of one per
+    prompt, each checked and named by its index. Returns an int or a list of ints (the count is the caller's to
+    check against the prompts: check_limits_count)."""
+    if not is_per_row(max_new_tokens):
+        return check_max_new_tokens(max_new_tokens)
+    if getattr(max_new_tokens, "ndim", 1) != 1:
+        raise InputError(f"max_new_tokens must be one positive integer or a flat list of one per prompt, got a "
+                         f"{max_new_tokens.ndim}-D {type(max_new_tokens).__name__}")
+    values = max_new_tokens.tolist() if hasattr(max_new_tokens, "tolist") else list(max_new_tokens)
+    if not values:
+        raise InputError("max_new_tokens is an empty list: give one positive integer per prompt (or one for all)")
+    for i, v in enumerate(values):
+        if not is_integral(v) or v < 1:
+            raise InputError(f"max_new_tokens[{i}] must be a positive integer, got {type(v).__name__} {v!r:.40} "
+                             f"(a list gives one limit per prompt)")
+    return [int(v) for v in values]
+
+
+def check_limits_count(limits: int | list[int], prompts: int) -> list[int]:
+    """Each prompt's max_new_tokens (check_row_limits' value): a list must hold one per prompt."""
+    if not isinstance(limits, list):
+        return [limits] * prompts
+    if len(limits) != prompts:
+        raise InputError(f"max_new_tokens has {len(limits)} values for {prompts} prompt{'s' * (prompts != 1)}: give "
+                         f"one per prompt, in order (or one integer for every prompt)")
+    return limits
+
+
 def check_stop(stop) -> list[str]:
     """Stop strings as a list: None, one string or a list of non-empty strings."""
     stop = [stop] if isinstance(stop, str) else stop or []
@@ -126,9 +161,10 @@ def check_stop(stop) -> list[str]:
 
 def check_batch_wide(**options):
     """Refuses a per-prompt list (or array) for an option that applies to every prompt of a call, by name: it was
-    refused as "max_new_tokens must be a positive integer, got [4, 8]", as if a list could never be meant."""
+    refused as "temperature must be a number, got [0.5, 0.7]", as if a list could never be meant. (max_new_tokens
+    is not one of them: it may be a list of one per prompt, check_row_limits.)"""
     for name, value in options.items():
-        if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
+        if is_per_row(value):
             raise InputError(f"{name} takes one value, which applies to every prompt of the batch; got "
                              f"{type(value).__name__} {value!r:.80}: per-prompt settings are not supported (make "
                              f"one generate_batch call per group of prompts that share them)")
@@ -524,9 +560,10 @@ class Engine:
                                                         four_bit=self.quant == "q4"))
 
     # ---- generation ------------------------------------------------------------------------------------
-    def stream_batch(self, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
-                     seed: int | None = None, chat: bool | None = None, speculative: str | None = None,
+    def stream_batch(self, prompts: list, max_new_tokens: int | Sequence[int] = 256, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                     stop: Sequence[str] | None = None, seed: int | None = None, chat: bool | None = None,
+                     speculative: str | None = None,
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False,
                      row_results: bool = False, logprobs: bool = False,
                      top_logprobs: int = 0) -> Iterator[tuple[int, str]]:
@@ -535,7 +572,12 @@ class Engine:
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
         step, until the batch's last row ends.
 
-        Every option applies to every prompt (one max_new_tokens, stop list, seed... for the batch: a list of
+        max_new_tokens: one limit for every prompt, or a list of one per prompt (positive ints, in the prompts'
+        order): each row ends at its own limit (finish_reason "length"), its result and stats its own, and the
+        room check is made per row (prompt i + its limit must fit the cache). generate() and stream() take an int
+        or a one-element list.
+
+        Every other option applies to every prompt (one stop list, seed, temperature... for the batch: a list of
         per-prompt values is refused; `stop` is a list of strings that each stop any row). chat=False turns the
         template off for string prompts only: a message list always gets it, so one batch may mix both.
 
@@ -556,18 +598,19 @@ class Engine:
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
         top_logprobs = check_top_logprobs(top_logprobs, logprobs)
-        check_batch_wide(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        check_batch_wide(temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
                          acceptance=acceptance, reuse_prefix=reuse_prefix)
         if speculative == "none":         # the CLI's word for plain decoding (--speculative none)
             speculative = None
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        max_new_tokens = check_row_limits(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
             raise InputError(f"prompts must be a list of prompts (strings or message lists), got "
                              f"{type(prompts).__name__}; for one prompt use generate() or stream()")
         if not prompts:
             raise InputError("no prompts given")
+        limits = check_limits_count(max_new_tokens, len(prompts))     # each row's own max_new_tokens
         if not isinstance(reuse_prefix, bool):
             raise InputError(f"reuse_prefix must be True or False, got {type(reuse_prefix).__name__} {reuse_prefix!r}")
         if reuse_prefix and len(prompts) > 1:
@@ -603,7 +646,7 @@ class Engine:
             warnings.warn("speculative='auto': repetition_penalty is supported with plain decoding only; "
                           "decoding plainly")
             speculative, tree = None, None
-        if speculative == "auto" and max_new_tokens == 1 and tree in (None, "auto"):
+        if speculative == "auto" and max(limits) == 1 and tree in (None, "auto"):
             # the prefill gives the one token and no step runs: no tree to weigh (the check times for seconds)
             speculative, tree = None, None
         auto, rows = speculative == "auto", range(len(ids))
@@ -612,33 +655,37 @@ class Engine:
             """The room checks, made before the cache is allocated or grown (_decoder): a refused call grew the
             cache first (memory a tight machine paid for nothing, and a kept chat prefix dropped with the old one).
             False: "auto" decodes plainly, the tree's room alone not fitting."""
-            if extra and auto and any(len(p) + max_new_tokens + extra > self.max_seq_len for p in ids):
+            if extra and auto and any(len(ids[i]) + limits[i] + extra > self.max_seq_len for i in rows):
                 # "auto" is the faster way that fits: the tree's scratch slots do not, plain decoding does (where it
                 # does not either, the error names the plain room, without a warning for a fallback that never runs)
                 for i in rows:
-                    self._check_room(ids[i], max_new_tokens, 0, i if len(ids) > 1 else None, prompts[i])
+                    self._check_room(ids[i], limits[i], 0, i if len(ids) > 1 else None, prompts[i])
                 # It said "needs {extra} more cache slots than max_seq_len leaves": the tree's whole room, not the
-                # shortfall, and nothing of what would let this request speculate.
-                left = self.max_seq_len - max_new_tokens - max(map(len, ids))
-                shorter = left + max_new_tokens - extra
+                # shortfall, and nothing of what would let this request speculate. Each row with its own limit:
+                # the tightest row decides (named where the rows' limits differ).
+                tight = min(rows, key=lambda i: self.max_seq_len - limits[i] - len(ids[i]))
+                left = self.max_seq_len - limits[tight] - len(ids[tight])
+                shorter = left + limits[tight] - extra
+                which = f" for prompt {tight}" if len(set(limits)) > 1 else ""
                 warnings.warn(f"speculative='auto': the tree needs {extra} cache slots past prompt + max_new_tokens, "
-                              f"but max_seq_len={self.max_seq_len} leaves {left}; decoding plainly (to speculate: "
-                              + (f"max_new_tokens <= {shorter} or " if shorter >= 1 else "")
+                              f"but max_seq_len={self.max_seq_len} leaves {left}{which}; decoding plainly (to "
+                              f"speculate: " + (f"max_new_tokens <= {shorter}{which} or " if shorter >= 1 else "")
                               + f"max_seq_len >= {self.max_seq_len + extra - left})")
                 return False
             for i in rows:
-                self._check_room(ids[i], max_new_tokens, extra, i if len(ids) > 1 else None, prompts[i])
+                self._check_room(ids[i], limits[i], extra, i if len(ids) > 1 else None, prompts[i])
             return True
-        # max_new_tokens=1: the prefill gives the one token and no step runs, so no tree slot is ever written
+        # max_new_tokens=1 (every row's): the prefill gives the one token and no step runs, so no tree slot is
+        # ever written; one row with a larger limit runs steps, and every row's tree then needs its room
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
-                                       tree_room=max_new_tokens > 1)
+                                       tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
             if self._decoding is None:  # (another thread's run sets its own when it ends)
                 self.last_result, self.last_results = None, []
         # What the cache holds (the kept prefix) is taken when the run starts (_drive), not here: a stream is lazy,
         # and one set up and never started (or a run started in between) must not decide what the next run reuses.
-        return self._drive(decoder, ids, max_new_tokens, stop, reuse_prefix, row_results)
+        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results)
 
     def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
@@ -676,8 +723,9 @@ class Engine:
                 if self._decoding == token:
                     self._decoding = None if overtakes else before
 
-    def _drive(self, decoder, ids, max_new_tokens, stop, keep: bool = False, row_results: bool = False):
-        """keep: a reuse_prefix run, which starts from what the cache holds and keeps its own prompt + answer.
+    def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False):
+        """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
+        keeps its own prompt + answer.
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
         stats = [GenerationStats() for _ in ids]
         ended: list[int] = []           # rows that ended since the last item: their results follow it
@@ -692,7 +740,7 @@ class Engine:
                 decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
-            steps = run(decoder, ids, self.tokenizer, max_new_tokens, self.eos_ids, stop, stats,
+            steps = run(decoder, ids, self.tokenizer, limits, self.eos_ids, stop, stats,
                         on_row_end=ended.append if row_results else None)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
@@ -743,7 +791,8 @@ class Engine:
 
     def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the
-        stream was closed before its end or stopped by an error). Options: those of stream_batch.
+        stream was closed before its end or stopped by an error). Options: those of stream_batch (max_new_tokens: an
+        int, or a list of one, as a batch of one prompt takes it).
 
         Bad arguments raise here, before the first chunk is asked for."""
         if options.get("row_results") is True:
@@ -753,12 +802,14 @@ class Engine:
         return (delta for _, delta in self.stream_batch([prompt], max_new_tokens, **options))
 
     def generate(self, prompt, max_new_tokens: int = 256, **options) -> GenerationResult:
-        """One prompt (text, or a list of chat messages) to its GenerationResult. Options: those of stream_batch."""
+        """One prompt (text, or a list of chat messages) to its GenerationResult. Options: those of stream_batch
+        (max_new_tokens: an int, or a list of one, as a batch of one prompt takes it)."""
         return _drain(self.stream_batch([prompt], max_new_tokens, **options))[0]
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 256, **options) -> list[GenerationResult]:
         """Several prompts (texts or message lists), decoded in one batch, to their GenerationResults in order.
-        Options: those of stream_batch."""
+        max_new_tokens: one int for all, or a list of one per prompt (each row ends at its own). Options: those of
+        stream_batch."""
         return _drain(self.stream_batch(prompts, max_new_tokens, **options))
 
     @property

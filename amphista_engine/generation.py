@@ -160,6 +160,9 @@ class PlainDecoder:
             logits, hidden = self._prefill_chunks(tokens, lengths, r, chunk)
         self.cache.length[:B] = lengths      # padded slots past a row's length are overwritten later
         self.host_len = T
+        # 1 while a row decodes, 0 once it ended (end_row): its cache length stops there, never past its prompt +
+        # its own max_new_tokens while the batch's longer rows go on (rows of one batch may have their own limits)
+        self.ongoing = torch.ones(B, dtype=torch.long, device=self.device)
         self.forwards += 1
         self.seen = None
         if self.params.repetition_penalty != 1.0:
@@ -207,9 +210,12 @@ class PlainDecoder:
             self.seen.scatter_(1, tok[:, None], True)
         return tok
 
+    @torch.inference_mode()
     def end_row(self, i: int):
-        """Row i's answer is complete (the driver drops its later tokens). A plain row advances one slot a step,
-        never past its prompt + max_new_tokens, so nothing needs doing here."""
+        """Row i's answer is complete (the driver drops its later tokens): its cache length stops advancing. The
+        host loop drops ended rows only in bunches (keep_rows, never under CUDA graphs), and a row kept meanwhile
+        went on one slot a step: past its prompt + its own max_new_tokens where another row's limit is larger."""
+        self.ongoing[i] = 0
 
     def can_drop_rows(self) -> bool:
         """Eager decoding only: a captured CUDA graph holds the batch size and the state buffers (and on a GPU a
@@ -223,6 +229,7 @@ class PlainDecoder:
         idx = torch.tensor(keep, device=self.device)
         self.cache.keep_rows(idx)
         self.next = self.next[idx]
+        self.ongoing = self.ongoing[idx]
         if self.step_logprobs is not None:
             self.step_logprobs = self.step_logprobs[idx]
         if self.step_top_values is not None:      # a dropped row drops its top entries too
@@ -246,7 +253,7 @@ class PlainDecoder:
         length = self.cache.length[:B]
         spec = AttentionSpec(length, causal_mask(1, self.device), kv_len, decode=True)
         logits = self.model(self.next[:, None], length[:, None], self.cache, spec)
-        length += 1
+        length += self.ongoing           # an ended row stays where it is (end_row)
         self.next.copy_(self._sample(logits[:, -1]))
         if self.logprobs:       # rebound, not updated in place: a captured graph re-points it after each replay
             self._score(logits[:, -1:], self.next[:, None])
@@ -412,15 +419,19 @@ def _tops(decoder) -> list:
     return [[list(zip(i_t, v_t)) for i_t, v_t in zip(i_r, v_r)] for i_r, v_r in zip(ids, values)]
 
 
-def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_ids, stop: list[str],
+def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
         stats: list[GenerationStats], on_row_end=None) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
+    max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
     (new_tokens, decode_ms), until the run's end sets every row's to the whole batch's.
 
-    Tokens past EOS, a stop string or max_new_tokens inside one step are dropped here, never emitted.
+    Tokens past EOS, a stop string or a row's max_new_tokens inside one step are dropped here, never emitted.
     """
     B = len(prompts)
+    limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * B
+    if len(limits) != B:
+        raise ValueError(f"{len(limits)} max_new_tokens for {B} prompts")
     rows = decoder.rows = [RowState() for _ in range(B)]
     eos, hold = set(eos_ids), max((len(s) for s in stop), default=1) - 1
     # Special tokens that are not EOS (`<|im_start|>` when a raw prompt lets the model open the next turn) are left
@@ -464,7 +475,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int, eos_i
     while True:
         for b in range(B):
             was_done = rows[b].finish_reason is not None
-            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, max_new_tokens, special_text,
+            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, limits[b], special_text,
                                    lps[b], tops[b])
             if not (from_prefill or was_done):
                 stats[b].record_step(used)

@@ -233,8 +233,7 @@ class SpeculativeDecoder(PlainDecoder):
         else:
             self.heads.reset_cache(B, self.cache.max_seq_len)
         self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len))
-        self.last_count = None
-        self.ongoing = torch.ones(B, dtype=torch.long, device=self.device)
+        self.last_count = None          # (self.ongoing: set by PlainDecoder.prefill, kept by its keep_rows)
         return root
 
     @torch.inference_mode()
@@ -254,7 +253,6 @@ class SpeculativeDecoder(PlainDecoder):
         idx = super().keep_rows(keep)
         self.heads.keep_rows(idx)
         self.draft = self.draft[idx]
-        self.ongoing = self.ongoing[idx]
         if self.last_count is not None:
             self.last_count = self.last_count[idx]
         return idx

@@ -39,7 +39,8 @@ def smol():
                                   heads="default")
 
 
-@pytest.mark.parametrize("name, value", [("max_new_tokens", [4, 8]), ("seed", [1, 2]), ("temperature", (0.5, 0.7)),
+# max_new_tokens takes a list of one per prompt since 2026-12-05 (test_per_row_max_tokens.py): not refused here
+@pytest.mark.parametrize("name, value", [("seed", [1, 2]), ("temperature", (0.5, 0.7)),
                                          ("top_k", np.array([1, 2])), ("top_p", torch.tensor([0.5, 0.9])),
                                          ("repetition_penalty", [1.1, 1.2]), ("chat", [True, False]),
                                          ("speculative", [None, None]), ("acceptance", ["auto", "auto"]),
@@ -55,6 +56,15 @@ def test_a_per_prompt_list_of_a_setting_is_refused_as_per_prompt(tiny, name, val
     # numpy / torch scalars are one value, and a stop list is stop strings for every row, as documented
     kw = dict(chat=False, max_new_tokens=np.int64(3), seed=np.uint64(5), temperature=np.float64(0.0))
     assert len(tiny.generate_batch([PROMPT, "Hello"], **kw)) == 2
+
+
+def test_a_per_prompt_list_of_max_new_tokens_is_taken(tiny):
+    """max_new_tokens=[4, 8] was refused with the settings above ("takes one value"); it now gives each prompt its
+    own limit (test_per_row_max_tokens.py), and a list of the wrong length is named as such."""
+    got = tiny.generate_batch([PROMPT, "Hello"], max_new_tokens=[4, 8], chat=False)
+    assert [len(r.token_ids) for r in got] == [4, 8] and {r.finish_reason for r in got} == {"length"}
+    with pytest.raises(InputError, match=r"^max_new_tokens has 3 values for 2 prompts"):
+        tiny.generate_batch([PROMPT, "Hello"], max_new_tokens=[4, 8, 2], chat=False)
 
 
 def test_a_bad_chat_value_is_the_calls_fault_not_prompt_0s(tiny):

@@ -178,7 +178,7 @@ def test_max_tokens_differing_within_a_batch(batching, monkeypatch):
     runs = Runs(engine, monkeypatch)
     replies = run_queued(app, runs, url, [{"messages": p, "max_tokens": n} for p, n in zip(PROMPTS, limits)],
                          [True, False, False, True])
-    assert runs.sizes == [2, 2]           # grouped by max_tokens
+    assert runs.sizes == [4]              # one run: each row ends at its own max_tokens (per-prompt max_new_tokens)
     for ref, reply, stream in zip(refs, replies, [True, False, False, True]):
         assert text_of(reply, stream) == ref.text
         finish = {"eos": "stop", "stop": "stop", "length": "length"}[ref.finish_reason]
@@ -332,7 +332,10 @@ def test_max_batch_1_decodes_one_request_at_a_time(tiny_amphista_engine, monkeyp
     assert batch_key({**base, "seed": 3}, {}) is not None      # greedy: its seed draws nothing, it is batched
     assert batch_key({**base, "temperature": 0.7, "seed": 3}, {}) is None
     assert batch_key({**base, "temperature": float("nan")}, {}) is None
-    assert json.loads(batch_key(base, {}))[0]["max_new_tokens"] == 16
+    # max_tokens is per row, not part of the key; only max_tokens 0 (echo, nothing decoded) runs apart
+    assert batch_key(base, {}) == batch_key({**base, "max_new_tokens": 40}, {})
+    assert batch_key(base, {}) != batch_key({**base, "max_new_tokens": 0}, {})
+    assert "max_new_tokens" not in json.loads(batch_key(base, {}))[0]
 
 
 def test_bad_max_batch_is_named(tiny_amphista_engine):

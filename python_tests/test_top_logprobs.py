@@ -264,3 +264,16 @@ def test_bad_logprob_requests_are_400s(served):
     assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
     status, reply = call(url, "/v1/completions", {"prompt": "hi", "max_tokens": 1})       # and it goes on serving
     assert status == 200
+
+
+def test_to_dict_writes_a_ruled_out_token_as_json_can_carry_it():
+    """A -inf logprob (a token the model rules out: a -inf logit) in `amphista generate --json --logprobs`:
+    json.dumps wrote -Infinity, which strict JSON parsers (jq, JavaScript) refuse; -9999.0 as the server writes it."""
+    from amphista_engine.engine import GenerationResult
+    from amphista_engine.generation import GenerationStats
+    r = GenerationResult("ab", [5, 6], [1], "length", GenerationStats(), [-0.5, float("-inf")],
+                         [[(5, -0.5), (7, float("-inf"))], [(8, -1.0), (6, float("-inf"))]])
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["token_logprobs"] == [-0.5, -9999.0]
+    assert d["top_logprobs"] == [[[5, -0.5], [7, -9999.0]], [[8, -1.0], [6, -9999.0]]]
+    assert r.token_logprobs[1] == float("-inf")       # the result itself keeps the value

@@ -7,8 +7,9 @@ ends (stream_batch's row_results: a short answer is not held until the batch's l
 exception) in place of any of them.
 
 Why a run cannot simply hold every waiting request:
-- stream_batch's options (temperature, stop, seed, speculative, tree, max_new_tokens, chat...) are batch-wide, so only
-  requests whose options are identical once the server's defaults are filled in share a run (batch_key);
+- stream_batch's options (temperature, stop, seed, speculative, tree, chat...) are batch-wide, so only requests whose
+  options are identical once the server's defaults are filled in share a run (batch_key); max_tokens is not one of
+  them: stream_batch takes a list of one max_new_tokens per prompt, and each row ends at its own;
 - the engine cannot add a row to a run once it has started, so a request that arrives meanwhile waits for the next one.
 """
 from __future__ import annotations
@@ -50,12 +51,12 @@ class Job:
 def batch_key(options: dict, variables: dict) -> str | None:
     """Requests with equal keys can share a run: their batch-wide options are identical. None: the request runs alone.
 
-    max_tokens is part of the key (grouping by it), not run at the batch's largest with each row cut short at its own:
-    stream_batch yields text deltas, not tokens (a speculative step's delta holds several, and text is held back
-    around stop strings and split UTF-8 characters), so a cut at a row's own token count could not give the text,
-    finish_reason and usage that the request gets alone; and a row run past its own max_tokens would still cost a
-    row of compute in every step the long one takes."""
-    key = {k: v for k, v in options.items() if k != "cut_to_room"}    # how a default was cut, not a run's option
+    max_tokens is left out of the key: the engine ends each row at its own limit (stream_batch's per-prompt
+    max_new_tokens list), with the text, finish_reason and usage the request gets alone, and a row that ended is
+    dropped from the batch. Only max_tokens 0 (echo: the prompt's logprobs, nothing decoded) is kept apart: such
+    a run decodes nothing (the server's _prompts_only)."""
+    key = {k: v for k, v in options.items() if k not in ("cut_to_room", "max_new_tokens")}   # per row (_start_run)
+    key["decodes"] = options.get("max_new_tokens") != 0
     if key.get("seed") is not None and key.get("temperature") != 0:
         # A seeded sampled row of a larger batch draws other random numbers than the same request alone (README):
         # a seed promises the same answer each time, so such a request is never batched.

@@ -9,10 +9,11 @@ DESCRIPTION = (
     "(streamed as Server-Sent Events with \"stream\": true), GET /v1/models and /health. One engine decodes one run "
     "at a time (it has one KV cache), but a run may hold several requests: the requests waiting when a run starts "
     "are decoded together, up to --max-batch of them, where their options are identical once the defaults are "
-    "filled in (temperature, top_p, top_k, repetition_penalty, stop, seed, max_tokens, speculative, tree, "
-    "chat_template_kwargs); a request with a seed that samples runs alone, so that its answer stays the same; "
-    "one that arrives during a run waits for the next. --max-batch 1 decodes one request at a time. The sampling "
-    "flags set what a request that leaves the field out gets (--temperature 0, the default: greedy; "
+    "filled in (temperature, top_p, top_k, repetition_penalty, stop, seed, speculative, tree, "
+    "chat_template_kwargs; max_tokens may differ: each row ends at its own); a request with a seed that samples "
+    "runs alone, so that its answer stays the same; one that arrives during a run waits for the next. --max-batch 1 "
+    "decodes one request at a time. The sampling flags set what a request that leaves the field out gets "
+    "(--temperature 0, the default: greedy; "
     "--max-new-tokens: max_tokens, cut to the room the prompt leaves in --max-seq-len); a request may also send "
     "the non-OpenAI fields speculative, tree, top_k and repetition_penalty. Ctrl-C stops it.")
 

@@ -467,15 +467,20 @@ class OpenAIApp:
         (job.prompt_scores: Engine.prompt_logprobs, one forward over the prompt), here in the thread that owns the
         engine; with max_tokens 0 nothing is decoded."""
         kwargs = dict(jobs[0].options)
-        max_new, cut = kwargs.pop("max_new_tokens"), kwargs.pop("cut_to_room", False)
+        for name in ("max_new_tokens", "cut_to_room"):
+            kwargs.pop(name, None)
+        # each request's own max_tokens (batch_key leaves it out): the engine ends each row at its own limit
+        limits = [job.options["max_new_tokens"] for job in jobs]
+        cut = [job.options.get("cut_to_room", False) for job in jobs]
+        max_new = limits[0] if len(jobs) == 1 else limits
         echo = kwargs.pop("echo", False)
         prompts = [job.prompt for job in jobs]
         # reuse_prefix holds one prompt's K/V: a run of one request only (a batched run leaves nothing to reuse)
         if len(jobs) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
             kwargs["reuse_prefix"] = True
         with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
-            steps = (self._prompts_only(prompts, kwargs) if max_new == 0 else
-                     self._decode(prompts, max_new, cut, kwargs))
+            steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
+                     self._decode(prompts, max_new, cut[0], kwargs))
         if echo and kwargs.get("logprobs"):
             try:
                 for job in jobs:
@@ -485,7 +490,9 @@ class OpenAIApp:
                 raise
         return steps
 
-    def _decode(self, prompts: list, max_new: int, cut: bool, kwargs: dict):
+    def _decode(self, prompts: list, max_new: int | list[int], cut: bool, kwargs: dict):
+        """max_new: the one request's max_tokens, or a list of each one's in a batch; cut: the one request's
+        max_tokens was the default cut to its prompt's room (a batch refused runs its requests alone, then this)."""
         try:
             return self.engine.stream_batch(prompts, max_new, row_results=True, **kwargs)
         except CacheFullError as e:
