@@ -214,16 +214,18 @@ def test_tree_merge_mode_switch(monkeypatch):
                           device=DEV), 8, merge="twice")
 
 
-@pytest.mark.parametrize("n_nodes, merges_in_kernel", [(1, True), (16, True), (17, False), (64, False)])
-def test_auto_merge_picks_the_kernel_for_small_row_blocks(n_nodes, merges_in_kernel, monkeypatch):
+@pytest.mark.parametrize("n_nodes, splits, merges_in_kernel",
+                         [(1, 3, True), (16, 3, True), (17, 3, False), (64, 3, False), (1, 26, False)])
+def test_auto_merge_picks_the_kernel_for_small_row_blocks(n_nodes, splits, merges_in_kernel, monkeypatch):
     """merge="auto" (the default) merges in the kernel while a program holds at most 16 query rows (plain steps
-    and small trees: faster on the H200) and launches the merge kernel for larger trees (slower there); the
-    result is the reference's either way."""
+    and small trees: faster on the H200) over at most 16 splits, and launches the merge kernel for larger trees or
+    more splits (slower there: the H100's 32-split SmolLM2 row); the result is the reference's either way."""
     from amphista_engine.kernels.triton_kernels import tree_attention as ta
-    g = gen("tree_attention_auto_merge", n_nodes)
+    g = gen("tree_attention_auto_merge", n_nodes, splits)
     B, H, Hkv, D = 1, 2, 2, 32
-    prefix = torch.tensor([150]).to(DEV)
-    kv_len = 150 + n_nodes
+    prefix_n = 150 if splits <= 3 else 400      # 400 keys: 26 splits of 16 (the block_n below)
+    prefix = torch.tensor([prefix_n]).to(DEV)
+    kv_len = prefix_n + n_nodes
     k, v = randn(g, B, Hkv, kv_len, D), randn(g, B, Hkv, kv_len, D)
     q = randn(g, B, n_nodes, H, D).transpose(1, 2)
     bits = _tree_bits("causal", B, n_nodes, g)
@@ -235,9 +237,12 @@ def test_auto_merge_picks_the_kernel_for_small_row_blocks(n_nodes, merges_in_ker
             launched.append(grid)
             return merge_kernel[grid]
     monkeypatch.setattr(ta, "_tree_attn_merge", Recording())
-    out = ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=3, block_n=16)
+    out = ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=splits, block_n=16)
     assert rel_err(out, reference.tree_attention(q, k, v, prefix, bits, kv_len)) < TOL[torch.float32]
     assert bool(launched) != merges_in_kernel
+    assert split_merge.resolve("auto", 16, splits=split_merge.AUTO_KERNEL_MERGE_SPLITS) == "kernel"
+    assert split_merge.resolve("auto", 16, splits=split_merge.AUTO_KERNEL_MERGE_SPLITS + 1) == "launch"
+    assert split_merge.resolve("kernel", 64, splits=99) == "kernel"        # a mode named is a mode kept
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs and real concurrency")

@@ -151,9 +151,9 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     if not _scale_ok(scale):
         return NotImplemented
     G = H // Hkv
-    merge = split_merge.resolve(merge, G * N)
     if splits is None:
         splits = num_splits(B * Hkv, -(-G * N // 64), kv_len, dev)
+    merge = split_merge.resolve(merge, G * N, splits=splits)
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
     rows = B * N * H
     work_o = work_ml = counters = None

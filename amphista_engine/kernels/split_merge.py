@@ -9,6 +9,12 @@ AUTO_KERNEL_MERGE_ROWS query rows (plain steps, small trees) and by launch for l
 Measured on an H200 with the Triton kernel (benchmarks/results/gpu/h200_2026-12-04_tune, 7B shape): in-kernel
 merge 1.21x / 1.24x at N=1 (prefix 1024 / 4096), 1.14x at N=16 (prefix 2048), but 0.83x / 0.91x at N=64, where
 the last split merges 64 rows alone; the graphed plain 7B step 4.50 vs 4.57 ms.
+
+And not over many splits: the last split's merge walks them one by one. On an H100 (benchmarks/results/gpu/
+h100_2026-12-05_suite, kernels.json) the SmolLM2 shape at prefix 4096, one node, 32 splits (3 KV heads), merged in
+the kernel took 13.04 us against 11.28 by launch (the cuda backend: 15.92 against 13.83), while every case of at
+most 9 splits (the 7B shape; SmolLM2 at 1024, 8 splits) was as fast or faster in the kernel. So "auto" merges in the
+kernel for at most AUTO_KERNEL_MERGE_SPLITS splits.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from ..errors import ConfigError
 MERGE_ENV = "AMPHISTA_TREE_MERGE"
 MERGE_MODES = ("auto", "launch", "kernel")
 AUTO_KERNEL_MERGE_ROWS = 16
+AUTO_KERNEL_MERGE_SPLITS = 16
 
 _merge_default: str | None = None       # set by merge_mode(); None: the environment, else "auto"
 
@@ -47,13 +54,15 @@ def merge_mode(mode: str):
         _merge_default = prev
 
 
-def resolve(mode: str | None, program_rows: int, where: str = "tree_attention") -> str:
-    """"kernel" or "launch" for a launch whose programs hold program_rows query rows; None = default_merge()."""
+def resolve(mode: str | None, program_rows: int, where: str = "tree_attention", splits: int | None = None) -> str:
+    """"kernel" or "launch" for a launch whose programs hold program_rows query rows over `splits` splits (None:
+    not known, not weighed); mode None = default_merge()."""
     mode = default_merge() if mode is None else mode
     if mode not in MERGE_MODES:
         raise ConfigError(f"{where}: merge={mode!r}, expected one of {', '.join(MERGE_MODES)}")
     if mode == "auto":
-        return "kernel" if program_rows <= AUTO_KERNEL_MERGE_ROWS else "launch"
+        few_splits = splits is None or splits <= AUTO_KERNEL_MERGE_SPLITS
+        return "kernel" if program_rows <= AUTO_KERNEL_MERGE_ROWS and few_splits else "launch"
     return mode
 
 

@@ -378,7 +378,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     chunk = cdiv(cdiv(kv_len, max(num_splits, 1)), block_n) * block_n
     splits = max(1, cdiv(kv_len, chunk))
     single = splits == 1
-    merge = resolve(merge, block_m)
+    merge = resolve(merge, block_m, splits=splits)
     counters = None if single or merge == "launch" else arrival_counters(q.device, B * H_kv * m_blocks)
     merge_here = counters is not None
     if single:
