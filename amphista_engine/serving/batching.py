@@ -86,6 +86,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._current: list[Job] = []           # the jobs of the run decoding now (the running gauge)
+        # GET /metrics: the server's Metrics (run_started, run_ended), told once per run, never per step
+        self.metrics = None
 
     def submit(self, job: Job):
         with self._wake:
@@ -102,6 +105,10 @@ class Scheduler:
         with self._wake:
             return sum(not j.gone.is_set() for j in self._pending)
 
+    def running(self) -> int:
+        """Requests of the run decoding now that have not had their answer (nor left)."""
+        return sum(not (j.ended or j.gone.is_set()) for j in self._current)
+
     def close(self):
         """Stops the thread once its run ends; requests still waiting are answered with an error."""
         with self._wake:
@@ -116,10 +123,13 @@ class Scheduler:
     def _loop(self):
         while (jobs := self._take()) is not None:
             try:
+                self._current = jobs            # taken: no longer waiting (also while a caller holds the lock)
                 with self.lock:
                     self._run(jobs)
             except Exception as e:  # noqa: BLE001 -- a bug here must not end the thread: every request would hang
                 self._fail(jobs, self._bug(e, jobs))
+            finally:
+                self._current = []
 
     def _take(self) -> list[Job] | None:
         """The next run's jobs: the oldest waiting request and the later ones that can share its run."""
@@ -147,6 +157,8 @@ class Scheduler:
                 return self._one_by_one(jobs)
             return self._fail(jobs, e)
         self.batch_sizes[len(jobs)] += 1
+        if self.metrics is not None:
+            self.metrics.run_started(len(jobs))
         try:
             self._relay(steps, jobs)
         except AmphistaError as e:
@@ -175,6 +187,8 @@ class Scheduler:
                 row, delta = next(steps)
             except StopIteration as end:
                 results = end.value
+                if self.metrics is not None:    # before the held last answer goes out: a scrape after it sees the run
+                    self.metrics.run_ended(results)
                 break
             self._announce(jobs)        # at the first delta: the prefill went through for every row
             if isinstance(delta, str):

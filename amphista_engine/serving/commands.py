@@ -6,7 +6,8 @@ import sys
 
 DESCRIPTION = (
     "An OpenAI-compatible HTTP server (standard library only): POST /v1/chat/completions and /v1/completions "
-    "(streamed as Server-Sent Events with \"stream\": true), GET /v1/models and /health. One engine decodes one run "
+    "(streamed as Server-Sent Events with \"stream\": true), GET /v1/models and /health, and GET /metrics "
+    "(Prometheus text format: requests, tokens, runs and batch sizes, tau, timings). One engine decodes one run "
     "at a time (it has one KV cache), but a run may hold several requests: the requests waiting when a run starts "
     "are decoded together, up to --max-batch of them, where their options are identical once the defaults are "
     "filled in (temperature, top_p, top_k, repetition_penalty, stop, seed, speculative, tree, "

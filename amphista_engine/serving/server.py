@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP API over one Engine: /v1/chat/completions, /v1/completions, /v1/models, /health.
+"""An OpenAI-compatible HTTP API over one Engine: /v1/chat/completions, /v1/completions, /v1/models, /health
+(and /metrics, Prometheus's text format: metrics.py).
 
 Standard library only (http.server, json). The engine has one KV cache and decodes one run at a time, but a run may
 hold several prompts: a scheduler thread (batching.py) owns the engine and decodes the requests that wait when a run
@@ -26,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from .batching import Job, Scheduler
+from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 
 # What a request that leaves a field out gets (`amphista serve` sets them from its sampling flags). temperature 0:
 # greedy, as the engine and the other commands default to (OpenAI's own default is 1).
@@ -328,6 +330,19 @@ class OpenAIApp:
         # one request's template variables are in place (the scheduler's run, a handler's prompt length)
         self._rendering = threading.Lock()
         self.created = int(time.time())
+        # GET /metrics: handlers count each reply, the scheduler each run (never a decode step)
+        self.metrics = Metrics(max_batch, {"model": self.model_id, "method": self.default_method()},
+                               self.scheduler.waiting, self.scheduler.running, time.time())
+        self.scheduler.metrics = self.metrics
+
+    def default_method(self) -> str:
+        """The server's default way of decoding, as /metrics names it: plain, amphista or medusa."""
+        if self.speculative is None:
+            return "plain"
+        if self.speculative == "auto":      # the heads loaded decide; none: plain
+            heads = getattr(self.engine, "heads", None)
+            return heads.config.kind if heads is not None else "plain"
+        return str(self.speculative)
 
     @property
     def batch_sizes(self):
@@ -651,11 +666,36 @@ class _Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         pass                     # one line per request, written once it is done (_done), with its token counts
 
+    def handle_one_request(self):
+        # A client that resets its keep-alive connection (closed with a reply unread, or SO_LINGER 0 as aborting
+        # clients and proxies do) raised here, reading the next request line, outside _serve: socketserver
+        # printed a traceback per such client on stderr, as if the server had a bug. It is a client leaving.
+        try:
+            super().handle_one_request()
+        except ConnectionError:       # reset, broken pipe, aborted (Windows' WSAECONNABORTED)
+            self.close_connection = True
+
     def _done(self, status: int, note: str = ""):
+        self._count(status)
         self.log_message('"%s %s" %s%s', getattr(self, "command", None) or "-", getattr(self, "path", ""), status,
                          note)
 
+    def _count(self, status: int):
+        """Counts this reply in /metrics, once, under its final status: a JSON reply before its body goes out (a
+        client that scrapes once it has its answer sees it counted), a stream once it ends (its status may change
+        mid-stream), the others at _done."""
+        app = self.server.app
+        if app is None or getattr(self, "_counted", False):
+            return
+        self._counted = True
+        try:
+            route = self._route() if getattr(self, "command", None) else None   # none: a malformed request line
+        except (ApiError, AttributeError):
+            route = None
+        app.metrics.reply(route, status)
+
     def send_response(self, code, message=None):
+        self._counted = False        # a new reply (_count)
         super().send_response(code, message)
         # A browser frontend on another origin (a chat UI on localhost:3000) may read the replies, as vLLM's and
         # llama.cpp's servers allow by default: without it the browser hid every reply from the page.
@@ -680,9 +720,24 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
+        self._count(status)
         if self.command != "HEAD":           # HEAD: GET's status and headers (Content-Length too), no body
             self.wfile.write(data)
         self._done(status, note)
+
+    def _metrics(self):
+        """GET /metrics: the counters in Prometheus's text format (metrics.py)."""
+        data = self.app.metrics.render().encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", METRICS_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._count(200)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self._done(200)
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (a stream's reader went away, a non-streamed request's client
@@ -789,6 +844,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _get(self, route: str):
         app = self.app
         model = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "amphista-engine"}
+        if route == "/metrics":
+            return self._metrics()
         if route == "/health":
             return self._json(200, {"status": "ok", "model": app.model_id, "busy": app.lock.locked()})
         if route == "/models":
@@ -802,14 +859,15 @@ class _Handler(BaseHTTPRequestHandler):
         if route in ("/chat/completions", "/completions"):
             raise ApiError(405, f"{self.path} takes POST, not GET", code="method_not_allowed")
         raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET "
-                       f"/health, POST /v1/chat/completions and POST /v1/completions", code="not_found")
+                       f"/health, GET /metrics, POST /v1/chat/completions and POST /v1/completions", code="not_found")
 
     def _post(self, route: str):
         if route not in ("/chat/completions", "/completions"):
-            if route in ("/models", "/health") or route.startswith("/models/"):
+            if route in ("/models", "/health", "/metrics") or route.startswith("/models/"):
                 raise ApiError(405, f"{self.path} takes GET, not POST", code="method_not_allowed")
             raise ApiError(404, f"unknown path {self._path()!r}: this server answers POST "
-                           f"/v1/chat/completions and POST /v1/completions (and GET /v1/models, GET /health)",
+                           f"/v1/chat/completions and POST /v1/completions (and GET /v1/models, GET /health, "
+                           f"GET /metrics)",
                            code="not_found")
         body = self._request = self._body()
         if not isinstance(body, dict):
@@ -823,6 +881,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._started = False          # whether a reply's headers went out (an error then cannot be a status)
         self._body_read = self.command != "POST"
         self._request = None           # the parsed body, once read
+        self._counted = False          # this request's reply is not in /metrics yet (_count)
         try:
             route_fn(self._route())
         except ApiError as e:
@@ -886,6 +945,7 @@ class _Handler(BaseHTTPRequestHandler):
                        else f" (client closed the connection; its row of a batch of {job.rows} dropped)")
             return
         usage = {k: sum(app.usage(r)[k] for r in results) for k in app.usage(result)}
+        app.metrics.answered(results)        # before the reply goes out (a stream's client sees it end after)
         note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
         if len(results) > 1:
             note += f" | {len(results)} prompts"
