@@ -78,3 +78,21 @@ def test_a_client_resetting_its_keep_alive_connection_is_no_server_error(served)
     assert settle(errors) == []
     status, reply = call(url, "/v1/completions", {"prompt": "The quick brown fox", "max_tokens": 2})
     assert status == 200, reply
+
+
+def test_a_field_of_the_other_endpoint_is_refused_not_ignored(served):
+    """Chat's top_logprobs sent to /v1/completions, and completions' echo sent to /v1/chat/completions, asked for
+    something the reply then left out without a word: each is a 400 naming the field and what to send instead."""
+    url = served[0]
+    got = call(url, "/v1/completions", {"prompt": "The quick", "max_tokens": 2, "logprobs": 1, "top_logprobs": 3})
+    assert got[0] == 400 and got[1]["error"]["param"] == "top_logprobs", got
+    assert '"logprobs": N' in got[1]["error"]["message"]
+    got = call(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                              "echo": True})
+    assert got[0] == 400 and got[1]["error"]["param"] == "echo", got
+    # the values that ask for nothing still pass (clients that send every field at its default)
+    assert call(url, "/v1/completions", {"prompt": "The quick", "max_tokens": 2, "top_logprobs": 0})[0] == 200
+    # (this tiny model's template spells a chat out past its 128-token cache: refused for that, not for echo)
+    got = call(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                             "echo": False})
+    assert got[0] == 200 or got[1]["error"]["param"] != "echo", got

@@ -216,6 +216,10 @@ def _logprob_options(body, chat: bool) -> dict:
         if top and lp is not True:
             raise ApiError(400, f"top_logprobs={top} needs \"logprobs\": true", "top_logprobs")
     else:
+        if body.get("top_logprobs") not in (None, 0):       # chat's field: not ignored without a word here
+            raise ApiError(400, f"top_logprobs is a chat completion's field; a completion asks for the most likely "
+                           f"tokens at each position with \"logprobs\": N (got top_logprobs="
+                           f"{json.dumps(body['top_logprobs'])[:40]})", "top_logprobs")
         if lp is None or lp is False:
             return {}
         top = _top_count(lp, "logprobs", "on /v1/completions: how many most likely tokens to list at each position; "
@@ -428,6 +432,9 @@ class OpenAIApp:
             raise ApiError(400, f"stream must be true or false, got {_json_type(stream)}", "stream")
         d = self.defaults
         kwargs = _logprob_options(body, chat is not False)
+        if chat is not False and body.get("echo") not in (None, False):     # vLLM's chat echo: not ignored silently
+            raise ApiError(400, "echo applies to /v1/completions (the prompt's text and logprobs before the answer); a "
+                           "chat completion does not echo its messages", "echo")
         echo = body.get("echo") if chat is False else None
         if echo not in (None, False, True):
             raise ApiError(400, f"echo must be true or false, got {_json_type(echo)}", "echo")
