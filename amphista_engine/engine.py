@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import CacheFullError, InputError
+from .errors import AmphistaError, CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
@@ -452,8 +452,17 @@ class Engine:
 
     def _check_room(self, prompt_ids: list[int], max_new_tokens: int, extra: int, row: int | None = None,
                     prompt=None):
-        """row: the prompt's index in a batch of several (named: which of 100 prompts is too long?); prompt: as
-        given, so that a conversation that outgrew the cache is told it can drop its oldest exchanges."""
+        """row: the prompt's index in a batch of several (named: which of 100 prompts is too long?, and kept on the
+        error as `prompt_index`: a server can run the batch's other prompts without it); prompt: as given, so that
+        a conversation that outgrew the cache is told it can drop its oldest exchanges."""
+        try:
+            self._check_room_of(prompt_ids, max_new_tokens, extra, row, prompt)
+        except AmphistaError as e:
+            if row is not None:
+                e.prompt_index = row
+            raise
+
+    def _check_room_of(self, prompt_ids: list[int], max_new_tokens: int, extra: int, row: int | None, prompt):
         check_max_new_tokens(max_new_tokens)
         n, what = len(prompt_ids), "prompt" if row is None else f"prompt {row}"
         # A chat's growing message list is the usual way past the cache: the fix there is the caller's to make
@@ -640,7 +649,9 @@ class Engine:
             except InputError as e:       # which of a batch's prompts is empty or malformed
                 if len(prompts) == 1:
                     raise
-                raise type(e)(f"prompt {i}: {e}") from None
+                err = type(e)(f"prompt {i}: {e}")
+                err.prompt_index = i      # a server can run the batch's other prompts without it
+                raise err from None
         if speculative == "auto" and params.repetition_penalty != 1.0 and self.heads is not None:
             # "auto" is the faster way that works: a penalty on what each path has seen needs plain decoding
             warnings.warn("speculative='auto': repetition_penalty is supported with plain decoding only; "

@@ -264,8 +264,9 @@ def test_a_batch_the_engine_refuses_runs_its_requests_alone(batching, monkeypatc
     runs.gate.set()
     for t in [blocker, *threads]:
         t.join(60)
-    # one empty prompt refused the batch: alone, it gets its own 400 (no "prompt 1:"), the others their answers
-    assert runs.sizes == [1, 3, 1, 1, 1]
+    # one empty prompt refused the batch: alone, it gets its own 400 (no "prompt 1:"), the others their answers,
+    # still batched together
+    assert runs.sizes == [1, 3, 1, 2]
     assert replies[1][0] == 400 and replies[1][1]["error"]["message"] == "prompt is empty"
     assert [replies[i][1]["choices"][0]["text"] for i in (0, 2)] == [refs[0], refs[2]]
     # a refusal for the batch's rows alone (the memory for them, a prompt plus the shared max_tokens): the same
@@ -432,3 +433,34 @@ def test_row_results_from_the_engine(tiny_amphista_engine):
             assert result.stats.new_tokens == len(result.token_ids)
     with pytest.raises(InputError, match="row_results must be True or False"):
         engine.stream_batch(prompts, 4, row_results="yes")
+
+
+def test_a_prompt_too_long_for_the_cache_leaves_the_rest_of_its_batch_batched(batching, monkeypatch):
+    """The engine names the prompt that refused a batch (the error's prompt_index): that request runs alone, to get
+    the error it would get anyway, and the others still share one run."""
+    engine, url, app, _ = batching
+    long_prompt = "word " * 200                      # past the tiny engine's 128-token cache
+    with pytest.raises(CacheFullError) as refused:
+        engine.generate_batch(["The quick brown", long_prompt], 4, chat=False)
+    assert refused.value.prompt_index == 1 and str(refused.value).startswith("prompt 1")
+    prompts = ["def f(x):\n    return", long_prompt, "The quick brown"]
+    refs = [engine.generate(p, 6, chat=False).text for p in (prompts[0], prompts[2])]
+    runs = Runs(engine, monkeypatch)
+    runs.gate.clear()
+    first = len(runs.sizes)
+    blocker = threading.Thread(target=call, args=(url, CHAT, {"messages": PROMPTS[0], "max_tokens": 2}))
+    blocker.start()
+    wait_for(lambda: len(runs.sizes) > first and app.lock.locked())
+    replies, threads = {}, []
+    for i, p in enumerate(prompts):
+        threads.append(threading.Thread(target=lambda i=i, p=p: replies.__setitem__(i, call(
+            url, "/v1/completions", {"prompt": p, "max_tokens": 6}))))
+        threads[-1].start()
+        wait_for(lambda n=i + 1: app.scheduler.waiting() == n)
+    runs.gate.set()
+    for t in [blocker, *threads]:
+        t.join(60)
+    assert runs.sizes[first + 1:] == [3, 1, 2]
+    assert replies[1][0] == 400 and replies[1][1]["error"]["code"] == "context_length_exceeded"
+    assert not replies[1][1]["error"]["message"].startswith("prompt 1")
+    assert [replies[i][1]["choices"][0]["text"] for i in (0, 2)] == refs

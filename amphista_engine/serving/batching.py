@@ -152,8 +152,15 @@ class Scheduler:
             steps = self._start(jobs)
         except AmphistaError as e:
             if len(jobs) > 1:
-                # The engine refused the batch (one prompt plus the shared max_tokens past the cache, memory for the
-                # rows, one bad prompt): alone, each request gets the answer or the error it would get anyway.
+                idx = getattr(e, "prompt_index", None)
+                if isinstance(idx, int) and 0 <= idx < len(jobs):
+                    # One prompt refused the batch (malformed, or too long with its max_tokens): alone it gets the
+                    # error it would get anyway (not "prompt 2: ..."), and the others still share a run.
+                    self._run([jobs[idx]])
+                    rest = [j for k, j in enumerate(jobs) if k != idx and not j.gone.is_set()]
+                    return self._run(rest) if rest else None
+                # Refused for the batch as a whole (memory for its rows): alone, each request gets the answer or the
+                # error it would get anyway.
                 return self._one_by_one(jobs)
             return self._fail(jobs, e)
         self.batch_sizes[len(jobs)] += 1
