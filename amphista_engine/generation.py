@@ -20,6 +20,9 @@ from .sampling import SamplingParams, apply_repetition_penalty, sample
 
 KV_BUCKET = 128   # attention reads cache slots in multiples of this; bounds work to the real length
 NON_FINITE = -2   # a token no vocabulary has: its row's logits held a NaN or an infinity
+# sequence_scores pads a CPU forward to a multiple of this many tokens: the fp32 SIMD lanes (AVX-512) over which
+# PyTorch's CPU flash attention sums keys, as kernels/cpu_exact.py's WINDOW is; AVX2's 8 lanes divide it
+SCORE_ALIGN = 16
 
 
 def flag_non_finite(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -93,11 +96,21 @@ def sequence_scores(model, ids: list[int], start: int = 1, top: int = 0, block: 
     if not 1 <= start < n:
         raise ValueError(f"start must be in [1, {n}), got {start}")
     device = model.tok_embeddings.weight.device
-    tokens = torch.tensor([ids], device=device)
+    # Why pad: PyTorch's CPU causal SDPA sums each query's keys in SCORE_ALIGN-lane vectors and the last
+    # (T mod SCORE_ALIGN) keys of the call apart, so a position's fp32 attention output depended on the sequence's
+    # total length in its last bit, which the 4-bit layers' int8-rounded activations grew to up to 0.3 nats of a
+    # token's logprob (a prefix scored alone vs inside a longer text). Attention is causal, so trailing filler
+    # tokens cannot reach the real positions; with T a multiple of SCORE_ALIGN a real position is computed the
+    # same bits whatever the length, below 768 tokens (kernels/cpu_exact._q_split: from there flash's 256-row query
+    # blocks still move a position by up to ~0.04 nats; python_tests/test_prompt_scores_user_qa.py).
+    padded = n
+    if device.type == "cpu":
+        padded = min(max(n, getattr(model, "rope_len", n)), -(-n // SCORE_ALIGN) * SCORE_ALIGN)
+    tokens = torch.tensor([ids + [ids[-1]] * (padded - n)], device=device)
     with torch.inference_mode():
-        logits = model(tokens, torch.arange(n, device=device)[None],
+        logits = model(tokens, torch.arange(padded, device=device)[None],
                        logits_at=torch.arange(start - 1, n - 1, device=device)[None])[0]
-        targets = tokens[0, start:]
+        targets = tokens[0, start:n]
         parts = [token_scores(logits[s:s + block], targets[s:s + block], top) for s in range(0, n - start, block)]
     lp = torch.cat([p[0] for p in parts]).double().cpu()
     if not top:

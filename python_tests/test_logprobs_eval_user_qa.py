@@ -62,9 +62,13 @@ def tiny(tiny_hf_dir):
 
 def full_forward(engine, ids) -> torch.Tensor:
     """[len(ids), V] log_softmax of one plain forward of the engine's model (no cache: causal within ids)."""
+    # Why padded: on the CPU a position's logits depend on the forward's length mod SCORE_ALIGN (PyTorch's SDPA
+    # vector tail), so sequence_scores pads to a multiple of it; causal, the filler cannot reach the real positions
+    from amphista_engine.generation import SCORE_ALIGN
+    padded = -(-len(ids) // SCORE_ALIGN) * SCORE_ALIGN
     with torch.inference_mode():
-        logits = engine.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
-    return torch.log_softmax(logits.double(), -1)
+        logits = engine.model(torch.tensor([ids + [ids[-1]] * (padded - len(ids))]), torch.arange(padded)[None])[0]
+    return torch.log_softmax(logits[:len(ids)].double(), -1)
 
 
 def lm_eval_parse(choice: dict, ctxlen: int):
