@@ -81,11 +81,12 @@ class GenerationResult:
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
-        # JSON has no -Infinity (a token the model rules out): written as -9999.0, as the server and vLLM write it
+        # JSON has no -Infinity (a token the model rules out): LOGPROB_FLOOR, as the server and vLLM write it
+        from .generation import LOGPROB_FLOOR
         if self.token_logprobs is not None:
-            out["token_logprobs"] = [max(lp, -9999.0) for lp in self.token_logprobs]
+            out["token_logprobs"] = [max(lp, LOGPROB_FLOOR) for lp in self.token_logprobs]
         if self.top_logprobs is not None:       # [[token_id, logprob], ...] per token in JSON
-            out["top_logprobs"] = [[[t, max(lp, -9999.0)] for t, lp in top] for top in self.top_logprobs]
+            out["top_logprobs"] = [[[t, max(lp, LOGPROB_FLOOR)] for t, lp in top] for top in self.top_logprobs]
         return out
 
 

@@ -72,6 +72,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 MAX_TOP_LOGPROBS = 20     # OpenAI's limit for top_logprobs
+LOGPROB_FLOOR = -9999.0   # vLLM's: a logprob of -inf (a token the model rules out) as a number JSON can carry
 
 
 def token_scores(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):

@@ -1,9 +1,11 @@
 """Shared fixtures: tiny random Llama checkpoints written on the fly, and the embedded SmolLM2 model."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -364,3 +366,19 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type
             _add_gguf_tensor(wr, g, x, qtype)
     _close_gguf(wr)
     return out
+
+
+@contextlib.contextmanager
+def serving(engine, **options):
+    """`amphista serve` over `engine` on a free local port, in a background thread (make_server's options); the
+    server (.url, .app) inside the block, shut down and its port freed after it."""
+    from amphista_engine.serving import make_server
+    httpd = make_server(engine, "127.0.0.1", 0, **options)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

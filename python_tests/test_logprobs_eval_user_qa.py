@@ -3,7 +3,6 @@ max_tokens 1, "logprobs": 1, the continuation read as token_logprobs[ctxlen:-1])
 (text_offset in characters of the returned text, the given token always among top_logprobs, a token holding part of
 a character named "bytes:\\x.."), and JSON that a strict parser takes (no -Infinity)."""
 import json
-import threading
 import urllib.request
 
 import pytest
@@ -32,32 +31,20 @@ def post(url: str, body: dict):
         return e.code, _strict(e.read().decode())
 
 
-def serve(engine, **options):
-    from amphista_engine.serving import make_server
-    httpd = make_server(engine, "127.0.0.1", 0, quiet=True, **options)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    return httpd, thread
-
-
 @pytest.fixture(scope="module")
 def smol():
+    from conftest import serving
     engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=256)
-    httpd, thread = serve(engine, max_batch=2)
-    yield engine, httpd.url
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serving(engine, quiet=True, max_batch=2) as httpd:
+        yield engine, httpd.url
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_hf_dir):
+    from conftest import serving
     engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256)
-    httpd, thread = serve(engine)
-    yield engine, httpd.url
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serving(engine, quiet=True) as httpd:
+        yield engine, httpd.url
 
 
 def full_forward(engine, ids) -> torch.Tensor:

@@ -151,17 +151,10 @@ def test_other_options_stay_one_per_batch(tiny_amphista_engine):
 def batching(tiny_amphista_engine):
     """(engine, base URL, app, log lines): a server batching up to 4 requests, in a background thread (as
     test_serve_batching.py's)."""
-    import threading
-
-    from amphista_engine.serving import make_server
+    from conftest import serving
     lines: list[str] = []
-    httpd = make_server(tiny_amphista_engine, "127.0.0.1", 0, model_id="tiny", log=lines.append, max_batch=4)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield tiny_amphista_engine, httpd.url, httpd.app, lines
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serving(tiny_amphista_engine, model_id="tiny", log=lines.append, max_batch=4) as httpd:
+        yield tiny_amphista_engine, httpd.url, httpd.app, lines
 
 
 def test_requests_with_different_max_tokens_share_a_run(batching, monkeypatch):

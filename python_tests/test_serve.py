@@ -29,16 +29,11 @@ SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user",
 @pytest.fixture(scope="module")
 def served(tiny_amphista_engine):
     """(engine, base URL, app, log lines): a server on a free port in a background thread, plain by default."""
-    from amphista_engine.serving import make_server
+    from conftest import serving
     lines: list[str] = []
-    httpd = make_server(tiny_amphista_engine, "127.0.0.1", 0, model_id="tiny-llama", log=lines.append,
-                        defaults=dict(max_new_tokens=512))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield tiny_amphista_engine, httpd.url, httpd.app, lines
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serving(tiny_amphista_engine, model_id="tiny-llama", log=lines.append,
+                 defaults=dict(max_new_tokens=512)) as httpd:
+        yield tiny_amphista_engine, httpd.url, httpd.app, lines
 
 
 def call(url: str, path: str, body=None, method=None, raw: bytes | None = None):

@@ -3,7 +3,7 @@ starts from the K/V the cache still holds of the previous such request's prompt 
 a chat's next turn prefills only its new messages. Checked over real HTTP on a tiny random model."""
 from __future__ import annotations
 
-import threading
+import contextlib
 
 import pytest
 
@@ -21,21 +21,10 @@ def engine(tiny_hf_dir):
 
 @pytest.fixture(scope="module")
 def server_factory(engine):
-    made = []
-
-    def make(**options):
-        from amphista_engine.serving import make_server
-        httpd = make_server(engine, "127.0.0.1", 0, model_id="tiny-llama", quiet=True,
-                            defaults=dict(max_new_tokens=24), **options)
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        made.append((httpd, thread))
-        return httpd.url
-    yield make
-    for httpd, thread in made:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    from conftest import serving
+    with contextlib.ExitStack() as servers:
+        yield lambda **options: servers.enter_context(serving(
+            engine, model_id="tiny-llama", quiet=True, defaults=dict(max_new_tokens=24), **options)).url
 
 
 def chat(url, messages, **fields):

@@ -6,7 +6,6 @@ import json
 import socket
 import struct
 import sys
-import threading
 import time
 
 import pytest
@@ -20,17 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 def served(tiny_amphista_engine):
     """(base URL, port, errors): a server whose socketserver.handle_error calls (the traceback it prints for an
     exception no handler caught) are recorded in `errors`."""
-    from amphista_engine.serving import make_server
-    httpd = make_server(tiny_amphista_engine, "127.0.0.1", 0, model_id="tiny-llama", quiet=True,
-                        defaults=dict(max_new_tokens=8))
+    from conftest import serving
     errors: list = []
-    httpd.handle_error = lambda request, address: errors.append(sys.exc_info()[1])
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd.url, httpd.server_address[1], errors
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serving(tiny_amphista_engine, model_id="tiny-llama", quiet=True, defaults=dict(max_new_tokens=8)) as httpd:
+        httpd.handle_error = lambda request, address: errors.append(sys.exc_info()[1])
+        yield httpd.url, httpd.server_address[1], errors
 
 
 def reset(sock: socket.socket):

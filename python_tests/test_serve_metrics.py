@@ -70,15 +70,10 @@ def value(samples: dict, name: str, **labels) -> float:
 @pytest.fixture(scope="module")
 def metered(tiny_amphista_engine):
     """(engine, URL, app): a speculative (amphista) server batching up to 4 requests, in a background thread."""
-    from amphista_engine.serving import make_server
-    httpd = make_server(tiny_amphista_engine, "127.0.0.1", 0, model_id=MODEL_ID, speculative="amphista",
-                        log=lambda line: None, max_batch=4, defaults=dict(max_new_tokens=12))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield tiny_amphista_engine, httpd.url, httpd.app
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    from conftest import serving
+    with serving(tiny_amphista_engine, model_id=MODEL_ID, speculative="amphista", log=lambda line: None,
+                 max_batch=4, defaults=dict(max_new_tokens=12)) as httpd:
+        yield tiny_amphista_engine, httpd.url, httpd.app
 
 
 def _wait(cond, what: str):

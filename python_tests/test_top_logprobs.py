@@ -4,7 +4,6 @@ one forward; `amphista serve` returns them as OpenAI does (chat's top_logprobs, 
 "logprobs": N, and echo, which lm-evaluation-harness's local-completions sends for loglikelihood tasks). Checked
 against transformers' log_softmax over the whole sequence."""
 import json
-import threading
 
 import pytest
 import torch
@@ -30,15 +29,10 @@ def setup(tiny_hf_dir):
 
 @pytest.fixture(scope="module")
 def served(setup):
-    from amphista_engine.serving import make_server
+    from conftest import serving
     engine, hf = setup
-    httpd = make_server(engine, "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield engine, hf, httpd.url
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serving(engine, quiet=True) as httpd:
+        yield engine, hf, httpd.url
 
 
 def full_forward(hf, ids) -> torch.Tensor:

@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
+from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from .batching import Job, Scheduler
 from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 
@@ -264,9 +265,6 @@ def _token_text(tok, ids: list[int], i: int) -> tuple[str, bytes]:
         if "\ufffd" not in both and both.startswith(before):
             return both[len(before):], both[len(before):].encode("utf-8")
     return alone, alone.encode("utf-8")
-
-
-LOGPROB_FLOOR = -9999.0    # vLLM's: a logprob of -inf (a token the model rules out) as a number JSON can carry
 
 
 def _finite(lp):
