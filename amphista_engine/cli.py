@@ -63,7 +63,8 @@ def _template_kwargs(args) -> dict:
         raise InputError(str(e).replace("chat_template_kwargs", "--chat-template-kwargs", 1)) from None
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, per_run: bool = True):
+    """per_run: also the options a server takes per request only (penalties, logit bias, ignore_eos)."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -71,6 +72,38 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    if per_run:
+        p.add_argument("--presence-penalty", type=float, default=0.0,
+                       help="OpenAI's, on the answer's tokens so far (plain decoding only)")
+        p.add_argument("--frequency-penalty", type=float, default=0.0,
+                       help="OpenAI's, per repeat of a token in the answer (plain decoding only)")
+        p.add_argument("--logit-bias", action="append", metavar="ID=VALUE",
+                       help="add VALUE to token ID's logit at every step (repeatable; -100 bans it)")
+        p.add_argument("--ignore-eos", action="store_true",
+                       help="go on past end-of-sequence tokens, to --max-new-tokens (fixed-length runs)")
+
+
+def _logit_bias(args) -> dict | None:
+    """--logit-bias ID=VALUE flags as {id: value}; a malformed one is named."""
+    out = {}
+    for item in getattr(args, "logit_bias", None) or ():
+        tok, sep, value = item.partition("=")
+        try:
+            out[int(tok)] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InputError(f"--logit-bias takes TOKEN_ID=VALUE (e.g. --logit-bias 13=-100), got {item!r}")
+    return out or None
+
+
+def _plain_only_flag(args) -> str | None:
+    """The flag that needs plain decoding (a penalty on what each tree path has seen), as typed, or None."""
+    for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
+        value = getattr(args, name, off)
+        if value != off:
+            return f"--{name.replace('_', '-')} {value}"
+    return None
 
 
 def _load(args, prompt=None):
@@ -80,7 +113,8 @@ def _load(args, prompt=None):
     from .shipped_heads import resolve_heads
 
     # The decoding flags are checked before the load and the speculation timing (seconds), not after them.
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
+                   getattr(args, "presence_penalty", 0.0), getattr(args, "frequency_penalty", 0.0), _logit_bias(args))
     check_max_new_tokens(args.max_new_tokens)
     check_stop(args.stop)
     template_kwargs = _template_kwargs(args)
@@ -105,10 +139,10 @@ def _load(args, prompt=None):
     if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
         raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")
-    if args.repetition_penalty != 1.0 and args.speculative in ("amphista", "medusa") and args.heads != "none":
-        raise InputError(f"--repetition-penalty {args.repetition_penalty} is supported with plain decoding only; "
-                         f"--speculative {args.speculative} would need it per tree path (use --speculative auto or "
-                         f"none)")
+    plain_only = _plain_only_flag(args)
+    if plain_only and args.speculative in ("amphista", "medusa") and args.heads != "none":
+        raise InputError(f"{plain_only} is supported with plain decoding only; --speculative {args.speculative} "
+                         f"would need it per tree path (use --speculative auto or none)")
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs, quant=args.quant)
@@ -124,10 +158,9 @@ def _load(args, prompt=None):
     if speculative is None and args.tree is not None:     # no heads shipped for the model: plain, said above
         warnings.warn(f"--tree {args.tree} is not used: there are no drafting heads to draft with (--heads DIR)")
     check, tree = None, args.tree
-    if speculative is not None and args.speculative == "auto" and args.repetition_penalty != 1.0:
+    if speculative is not None and args.speculative == "auto" and plain_only:
         # "auto" is the faster way that works: the penalty needs plain decoding (no timing to do for that)
-        warnings.warn(f"--repetition-penalty {args.repetition_penalty} is supported with plain decoding only: "
-                      f"--speculative auto decodes plainly")
+        warnings.warn(f"{plain_only} is supported with plain decoding only: --speculative auto decodes plainly")
         return engine, None, None, None
     if speculative is not None and engine.device.type == "cpu":
         if prompt is not None:
@@ -159,7 +192,9 @@ def _method(engine, result) -> str | None:
 def _decoding_kwargs(args, speculative, tree) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None)
+                seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                logit_bias=_logit_bias(args), ignore_eos=args.ignore_eos)
 
 
 def _stream_answer(engine, prompt, before=None, **kwargs):

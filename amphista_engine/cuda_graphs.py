@@ -15,9 +15,9 @@ How it stays correct:
     picks algorithms, lazy tensors such as the heads' stage index get built); the second is captured and
     replayed, later ones are replayed. A key whose capture fails (an op that syncs with the host) runs
     eagerly from then on, with one warning.
-  * Graphs are shared by the decoders of one engine. A new decoder's state tensors (`next`, `draft`, `seen`)
-    are copied into the tensors the graph was captured with, and the decoder is rebound to them; attributes
-    the step itself rebinds (`last_count`) are pointed at this graph's tensors after every replay.
+  * Graphs are shared by the decoders of one engine. A new decoder's state tensors (STATE_ATTRS: `next`,
+    `draft`, `seen`, a logit bias...) are copied into the tensors the graph was captured with, and the decoder is
+    rebound to them; attributes the step itself rebinds (`last_count`) are pointed at this graph's tensors after every replay.
   * Every buffer the graph reads without owning it (KV cache, SAL cache, static tree, RoPE tables) is
     fingerprinted by address; if the engine reallocated one, the stale graph is dropped and recaptured.
   * Sampling: the default CUDA generator is graph-safe (torch registers it with every capture); a seeded
@@ -37,7 +37,8 @@ from typing import Any, Callable
 import torch
 
 ENV_VAR = "AMPHISTA_CUDA_GRAPHS"
-STATE_ATTRS = ("next", "draft", "seen", "ongoing")   # decoder tensors a step reads (or updates) in place
+# decoder tensors a step reads (or updates) in place
+STATE_ATTRS = ("next", "draft", "seen", "ongoing", "counts", "bias")
 
 
 def graphs_enabled_by_env() -> bool:
@@ -151,7 +152,10 @@ class DecodeGraphs:
     @staticmethod
     def key(decoder, kv_len: int) -> tuple:
         p = decoder.params
-        mode = ("greedy",) if p.greedy else ("sample", p.temperature, p.top_k, p.top_p, p.repetition_penalty)
+        mode = ("greedy",) if p.greedy else ("sample", p.temperature, p.top_k, p.top_p)
+        # The penalties change greedy steps too (their values are baked into the captured kernels); a bias is a
+        # state tensor (its values are copied in), only whether there is one changes the kernels.
+        mode += (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, bool(p.logit_bias))
         gen = getattr(decoder, "generator", None)
         tree = getattr(decoder, "tree", None)
         return (type(decoder).__name__, id(decoder.model), id(getattr(decoder, "heads", None)),

@@ -576,7 +576,8 @@ class Engine:
                      speculative: str | None = None,
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False,
                      row_results: bool = False, logprobs: bool = False,
-                     top_logprobs: int = 0) -> Iterator[tuple[int, str]]:
+                     top_logprobs: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     logit_bias: dict | None = None, ignore_eos: bool = False) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -603,17 +604,27 @@ class Engine:
         logprobs: each result also holds token_logprobs, the target's log-probability of each token it gave (read
         from the logits every step computes anyway: plain and speculative alike). top_logprobs=N (0 to 20, with
         logprobs=True): each result's top_logprobs also lists, per token, the N most likely tokens at its position as
-        (token_id, logprob) pairs, best first, from the same distribution."""
-        for name, value in (("row_results", row_results), ("logprobs", logprobs)):
+        (token_id, logprob) pairs, best first, from the same distribution. They are the model's own log-probabilities:
+        logit_bias and the penalties change which tokens are chosen, not these.
+
+        presence_penalty, frequency_penalty: OpenAI's, on the tokens the answer holds so far (0 = off; plain decoding
+        only, as repetition_penalty). logit_bias: {token id: value} added to those tokens' logits at every position
+        (-100 bans a token, +100 all but forces it); speculative decoding takes it too, greedy output still equal to
+        plain decoding's. ignore_eos: end rows only at max_new_tokens or a stop string (latency benchmarks' fixed
+        lengths; end-of-sequence tokens are then left out of the text as other special tokens are)."""
+        for name, value in (("row_results", row_results), ("logprobs", logprobs), ("ignore_eos", ignore_eos)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
         top_logprobs = check_top_logprobs(top_logprobs, logprobs)
         check_batch_wide(temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
-                         acceptance=acceptance, reuse_prefix=reuse_prefix)
+                         acceptance=acceptance, reuse_prefix=reuse_prefix, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty)
         if speculative == "none":         # the CLI's word for plain decoding (--speculative none)
             speculative = None
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, presence_penalty,
+                                frequency_penalty, logit_bias)
+        params.bias_tensor(self.config.vocab_size, "cpu")      # an id past the vocabulary, named before any work
         max_new_tokens = check_row_limits(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
             raise InputError(f"prompts must be a list of prompts (strings or message lists), got "
@@ -653,10 +664,10 @@ class Engine:
                 err = type(e)(f"prompt {i}: {e}")
                 err.prompt_index = i      # a server can run the batch's other prompts without it
                 raise err from None
-        if speculative == "auto" and params.repetition_penalty != 1.0 and self.heads is not None:
+        if speculative == "auto" and params.plain_only and self.heads is not None:
             # "auto" is the faster way that works: a penalty on what each path has seen needs plain decoding
-            warnings.warn("speculative='auto': repetition_penalty is supported with plain decoding only; "
-                          "decoding plainly")
+            warnings.warn(f"speculative='auto': {params.plain_only} is supported with plain decoding only; "
+                          f"decoding plainly")
             speculative, tree = None, None
         if speculative == "auto" and max(limits) == 1 and tree in (None, "auto"):
             # the prefill gives the one token and no step runs: no tree to weigh (the check times for seconds)
@@ -697,7 +708,7 @@ class Engine:
                 self.last_result, self.last_results = None, []
         # What the cache holds (the kept prefix) is taken when the run starts (_drive), not here: a stream is lazy,
         # and one set up and never started (or a run started in between) must not decide what the next run reuses.
-        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results)
+        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos)
 
     def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
@@ -735,7 +746,8 @@ class Engine:
                 if self._decoding == token:
                     self._decoding = None if overtakes else before
 
-    def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False):
+    def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
+               ignore_eos: bool = False):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
         keeps its own prompt + answer.
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
@@ -752,7 +764,7 @@ class Engine:
                 decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
-            steps = run(decoder, ids, self.tokenizer, limits, self.eos_ids, stop, stats,
+            steps = run(decoder, ids, self.tokenizer, limits, [] if ignore_eos else self.eos_ids, stop, stats,
                         on_row_end=ended.append if row_results else None)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body

@@ -16,7 +16,7 @@ from .errors import NonFiniteError
 from .kernels.cpu_threads import on_pool
 from .kv_cache import KVCache
 from .model import AttentionSpec, Transformer, causal_mask
-from .sampling import SamplingParams, apply_repetition_penalty, sample
+from .sampling import SamplingParams, apply_penalties, apply_repetition_penalty, sample
 
 KV_BUCKET = 128   # attention reads cache slots in multiples of this; bounds work to the real length
 NON_FINITE = -2   # a token no vocabulary has: its row's logits held a NaN or an infinity
@@ -132,6 +132,10 @@ class PlainDecoder:
         self.model, self.cache, self.params = model, cache, params
         self.device = model.tok_embeddings.weight.device
         self.generator = params.generator(self.device)
+        # logit_bias as a dense [V] row added to the logits every token is chosen from (None: no bias); counts [B, V]:
+        # the answer's tokens so far, for presence/frequency penalties (set at prefill; None when they are off)
+        self.bias = params.bias_tensor(model.config.vocab_size, self.device)
+        self.counts = None
         self.host_len = 0        # host-side upper bound of every row's length: sizes the attention window only
         self.forwards = 0
         # Set by the engine before prefill (batch 1): the cache already holds this many leading prompt tokens'
@@ -184,6 +188,9 @@ class PlainDecoder:
             # a short row's right padding (token 0) is no token of its prompt: it takes the row's first token
             pad = torch.arange(T, device=self.device)[None] >= lengths[:, None]
             self.seen.scatter_(1, torch.where(pad, tokens[:, :1], tokens), True)
+        self.counts = None
+        if self.params.penalized:
+            self.counts = torch.zeros(B, self.model.config.vocab_size, dtype=torch.int32, device=self.device)
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
         if self.logprobs:
@@ -216,12 +223,22 @@ class PlainDecoder:
         """Hook for decoders that also need the prompt's hidden states (the drafting heads do): those of the
         prefilled tokens, the ones after prefix_reuse."""
 
+    def _biased(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits + logit_bias, in fp32 (the logits themselves without a bias): what tokens are chosen from, in plain
+        steps and tree verification alike, so greedy speculative output still equals plain output."""
+        return logits if self.bias is None else logits.float() + self.bias
+
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = self._biased(logits)       # first, as vLLM's logits processors come before its penalties
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
+        if self.counts is not None:
+            logits = apply_penalties(logits, self.counts, self.params.presence_penalty, self.params.frequency_penalty)
         tok = sample(logits, self.params, self.generator)
         if self.seen is not None:
             self.seen.scatter_(1, tok[:, None], True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=torch.int32))
         return tok
 
     @torch.inference_mode()
@@ -250,6 +267,8 @@ class PlainDecoder:
             self.step_top_values, self.step_top_ids = self.step_top_values[idx], self.step_top_ids[idx]
         if self.seen is not None:
             self.seen = self.seen[idx]
+        if self.counts is not None:
+            self.counts = self.counts[idx]
         return idx
 
     @on_pool

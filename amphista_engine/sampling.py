@@ -1,6 +1,7 @@
 """Sampling parameters, their validation, and the one logits -> probabilities transform all decoders share."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from .values import is_integral, is_real
 # The smallest temperature and repetition penalty taken: logits are divided by them in fp32, where below ~1e-37 the
 # quotient overflows to inf and the sampler meets NaN. 1e-6 leaves logits of any real size finite.
 MIN_DIVISOR = 1e-6
+# The largest |logit_bias| taken: far past any logit (OpenAI's -100 already bans a token), and far from fp32's overflow
+MAX_LOGIT_BIAS = 1e6
 
 
 def _as_float(v) -> float:
@@ -28,9 +31,16 @@ class SamplingParams:
     top_p: float = 1.0                # 1 = off
     repetition_penalty: float = 1.0   # 1 = off (plain decoding only)
     seed: int | None = None
+    # OpenAI's penalties on the tokens generated so far (not the prompt's): logit - frequency_penalty * count -
+    # presence_penalty * (count > 0). 0 = off; plain decoding only, as repetition_penalty.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # {token id: value added to its logit}, kept as sorted (id, value) pairs (hashable: a CUDA graph key holds the
+    # params). Unlike the penalties it is the same at every position, so speculative decoding takes it too.
+    logit_bias: tuple = ()
 
     def __post_init__(self):
-        for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)      # bools are ints to Python: a flag passed here by mistake is no number
             if not (is_integral(v) if name == "top_k" else is_real(v, finite=False)):
                 kind = "an integer" if name == "top_k" else "a number"
@@ -52,6 +62,10 @@ class SamplingParams:
         if self.repetition_penalty < MIN_DIVISOR:
             raise InputError(f"repetition_penalty must be at least {MIN_DIVISOR:g} (1 = off), got "
                              f"{self.repetition_penalty!r}: logits / repetition_penalty would overflow")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name} must be a finite number (0 = off), got {getattr(self, name)!r}")
+        object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
         if self.seed is not None and (not is_integral(self.seed) or not 0 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
         if self.seed is not None:
@@ -61,10 +75,61 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """presence_penalty or frequency_penalty is on: each step needs the counts of the tokens generated so far."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def plain_only(self) -> str | None:
+        """The option that needs plain decoding, by name, or None: a penalty on what a path has seen changes the
+        target distribution from node to node of a tree, which one verification pass cannot follow."""
+        for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
+            if getattr(self, name) != off:
+                return name
+        return None
+
+    def bias_tensor(self, vocab_size: int, device) -> torch.Tensor | None:
+        """logit_bias as a dense fp32 [vocab_size] row (None without one); an id past the vocabulary is refused."""
+        if not self.logit_bias:
+            return None
+        bad = [i for i, _ in self.logit_bias if i >= vocab_size]
+        if bad:
+            raise InputError(f"logit_bias: token id {bad[0]} is not in the model's vocabulary (ids 0.."
+                             f"{vocab_size - 1})")
+        bias = torch.zeros(vocab_size, dtype=torch.float32)
+        ids, values = zip(*self.logit_bias)
+        bias[list(ids)] = torch.tensor(values, dtype=torch.float32)
+        return bias.to(device)
+
     def generator(self, device) -> torch.Generator | None:
         if self.seed is None:
             return None
         return seeded_generator(self.seed, device)
+
+
+def check_logit_bias(bias) -> tuple:
+    """logit_bias as sorted (token id, value) pairs: a dict {id: value} (or such pairs); ids integers >= 0 (strings of
+    digits too, as OpenAI's JSON keys are), values finite numbers."""
+    if bias is None:
+        return ()
+    if isinstance(bias, dict):
+        items = list(bias.items())
+    elif isinstance(bias, (list, tuple)) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in bias):
+        items = [tuple(x) for x in bias]
+    else:
+        raise InputError(f"logit_bias must be a dict {{token id: bias}}, got {type(bias).__name__} {bias!r:.80}")
+    out = {}
+    for key, value in items:
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if not is_integral(key) or key < 0:
+            raise InputError(f"logit_bias: keys must be token ids (integers >= 0), got {key!r:.40}")
+        if not is_real(value) or abs(value) > MAX_LOGIT_BIAS:
+            raise InputError(f"logit_bias[{int(key)}] must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {value!r:.40}")
+        out[int(key)] = _as_float(value)
+    return tuple(sorted(out.items()))
 
 
 _MT_WORDS = 624          # mt19937's state: 624 32-bit words
@@ -146,6 +211,12 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
     sp, order = p.sort(dim=-1, descending=True, stable=True)
     drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) >= top_p)
     return p.masked_fill(drop, 0.0)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties. counts: [B, V] of each token's count in the answer so far."""
+    logits = logits.float() - frequency * counts
+    return logits - presence * (counts > 0)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

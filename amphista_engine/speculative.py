@@ -180,9 +180,10 @@ class SpeculativeDecoder(PlainDecoder):
     def __init__(self, model, cache, heads, tree: TreeSpec, params: SamplingParams, acceptance: str = "auto",
                  profile: bool = False):
         super().__init__(model, cache, params)
-        if params.repetition_penalty != 1.0:
-            raise InputError("repetition_penalty changes the target distribution per path; it is supported "
-                             "with plain decoding only (speculative=None; on the command line --speculative none)")
+        if params.plain_only:
+            name = params.plain_only
+            raise InputError(f"{name} changes the target distribution per path; it is supported with plain decoding "
+                             f"only (speculative=None; on the command line --speculative none)")
         acceptance = resolve_acceptance(acceptance, params)
         self.heads, self.tree, self.acceptance, self.profile = heads, tree, acceptance, profile
         too_big = tree.max_depth > cpu_exact.MAX_DEPTH or tree.num_nodes > cpu_packed.CHUNKED_UP_TO
@@ -284,6 +285,8 @@ class SpeculativeDecoder(PlainDecoder):
         t0 = self._tick("verify", t0)
 
         p = self.params
+        scores = logits
+        logits = self._biased(logits)     # the distribution plain decoding samples; logprobs stay the model's own
         if self.acceptance == "greedy":
             res = ops.greedy_accept(tree.tokens, logits, tree.retrieve)
         elif self.acceptance == "typical":
@@ -306,7 +309,7 @@ class SpeculativeDecoder(PlainDecoder):
         self.next.copy_(res.next_token)
         if self.logprobs:
             # each emitted token's log-probability where the target put it: at the accepted node before it
-            at = logits.gather(1, nodes[..., None].expand(-1, -1, logits.shape[-1]))
+            at = scores.gather(1, nodes[..., None].expand(-1, -1, scores.shape[-1]))
             self._score(at, out)       # rebound: re-pointed after a graph's replay (top_logprobs too)
         self.last_count = count
         self._tick("commit", t0)

@@ -394,3 +394,26 @@ def test_latency_mode_rows_on_cpu():
                                                                      ("amphista, test mode", "mc_sim_7b_63", 64)]
     assert all(r["step_ms"] > 0 and r["ratio_vs_plain"] == round(r["step_ms"], 3) for r in rows)
     assert rows[0]["pct_of_bw_floor"] is not None and rows[1]["pct_of_bw_floor"] is None
+
+
+def test_graphs_keep_penalties_and_biases_apart(one_thread):
+    """Greedy steps with a repetition/presence/frequency penalty or a logit_bias replay their own graphs: greedy keys
+    once ignored repetition_penalty, so a greedy run with penalty 1.5 replayed the graph captured without one. One
+    DecodeGraphs runs them in turn (bias values differ only in the copied-in state tensor), each as eager does."""
+    model = random_tiny_model(seed=11)          # greedy falls into repeating a token: every penalty shows
+    cache = KVCache.for_model(model.config, 2, 256, torch.float32, "cpu")
+    prompts = [[5, 9, 2, 33, 17], [60, 61, 62, 63, 1, 2, 3]]
+    graphs = _CPUGraphs()
+    cases = [SamplingParams(), SamplingParams(repetition_penalty=1.5), SamplingParams(repetition_penalty=2.5),
+             SamplingParams(presence_penalty=3.0), SamplingParams(frequency_penalty=2.0),
+             SamplingParams(logit_bias={25: -100}), SamplingParams(logit_bias={11: 6.0}),
+             SamplingParams(temperature=0.8, seed=4, logit_bias={11: 6.0}, frequency_penalty=1.0)]
+    answers = []
+    for params in cases:
+        eager, _ = decode(PlainDecoder(model, cache, params), prompts, 24)
+        for _ in range(2):                 # the second run replays what the first captured
+            got, _ = decode(PlainDecoder(model, cache, params), prompts, 24, graphs=graphs)
+            assert got == eager, (params, _first_difference(eager, got))
+        answers.append(eager)
+    assert len({str(a) for a in answers}) == len(cases)       # each option changed the answer
+    assert graphs.stats.replays > 0

@@ -70,7 +70,7 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     _add_model_args(s)
     _add_decoding_args(s)
-    _add_sampling_args(s, max_new_tokens=512)
+    _add_sampling_args(s, max_new_tokens=512, per_run=False)     # the rest are per request
     add_template_arg(s)     # the default of requests that send no chat_template_kwargs
     s.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="the most requests decoded together in one run (default 8; 1: one request at a time). The "
