@@ -2,9 +2,11 @@
 starts, and that can share a run, as one engine.stream_batch.
 
 HTTP handler threads hand in a Job and read what the scheduler sends back on its queue:
-("start", None) once its run has begun (prefilled), ("delta", text) as its row decodes, ("end", result) when its row
-ends (stream_batch's row_results: a short answer is not held until the batch's last row ends), or ("error",
-exception) in place of any of them.
+("start", None) once its run has begun (prefilled), ("delta", (choice, text)) as one of its rows decodes,
+("end", (choice, result)) when that row ends (stream_batch's row_results: a short answer is not held until the batch's
+last row ends), or ("error", exception) in place of any of them. A Job has one row per choice (OpenAI's `n`: its
+prompt n times), always decoded in one run: its rows count against max_batch together, and a request that runs alone
+(a seed that samples) runs its n rows as a run of their own, the same each time.
 
 Why a run cannot simply hold every waiting request:
 - stream_batch's options (temperature, stop, seed, speculative, tree, chat...) are batch-wide, so only requests whose
@@ -27,8 +29,9 @@ from ..errors import AmphistaError
 class Job:
     """One request on its way through the scheduler: what it decodes and where its output goes."""
 
-    def __init__(self, prompt, options: dict, variables: dict, stream: bool):
+    def __init__(self, prompt, options: dict, variables: dict, stream: bool, n: int = 1):
         self.prompt = prompt
+        self.n = n                      # choices: rows of one run, each the prompt (OpenAI's n; <= max_batch)
         self.options = options          # engine.stream_batch's keyword arguments, max_new_tokens too (decoding())
         self.variables = variables      # the chat template's variables it renders with
         self.stream = stream            # a streamed reply is under way once started: it cannot be run again
@@ -36,7 +39,8 @@ class Job:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.gone = threading.Event()   # set by the handler once nobody reads the output (client left, reply sent)
         self.started = False            # "start" was sent
-        self.ended = False              # "end" was sent
+        self.ended = False              # "end" was sent for each of its n rows
+        self.rows_ended = 0             # its rows whose "end" was sent, in the run decoding it
         self.rows = 0                   # the rows of the run that decoded it (the log line names a batch)
         # echo with logprobs: Engine.prompt_logprobs of its prompt, set by the run that decodes it (the server's start)
         self.prompt_scores = None
@@ -46,6 +50,11 @@ class Job:
     def send(self, kind: str, value=None):
         if not self.gone.is_set():
             self.events.put((kind, value))
+
+    def end_row(self, choice: int, result):
+        self.rows_ended += 1
+        self.ended = self.rows_ended >= self.n
+        self.send("end", (choice, result))
 
 
 def batch_key(options: dict, variables: dict) -> str | None:
@@ -142,8 +151,12 @@ class Scheduler:
                     break
                 self._wake.wait()       # submit and close notify
             first, group = self._pending[0], [self._pending[0]]
+            rows = first.n          # a job's rows go together: n <= max_batch (the server refuses more)
             if first.key is not None:
-                group += [j for j in self._pending[1:] if j.key == first.key][:self.max_batch - 1]
+                for job in self._pending[1:]:
+                    if job.key == first.key and rows + job.n <= self.max_batch:
+                        group.append(job)
+                        rows += job.n
             self._pending = [j for j in self._pending if j not in group]
             return group
 
@@ -153,24 +166,27 @@ class Scheduler:
         except AmphistaError as e:
             if len(jobs) > 1:
                 idx = getattr(e, "prompt_index", None)
-                if isinstance(idx, int) and 0 <= idx < len(jobs):
+                owners = [job for job in jobs for _ in range(job.n)]     # the run's rows: each job's n in turn
+                if isinstance(idx, int) and 0 <= idx < len(owners):
                     # One prompt refused the batch (malformed, or too long with its max_tokens): alone it gets the
                     # error it would get anyway (not "prompt 2: ..."), and the others still share a run.
-                    self._run([jobs[idx]])
-                    rest = [j for k, j in enumerate(jobs) if k != idx and not j.gone.is_set()]
+                    refused = owners[idx]
+                    self._run([refused])
+                    rest = [j for j in jobs if j is not refused and not j.gone.is_set()]
                     return self._run(rest) if rest else None
                 # Refused for the batch as a whole (memory for its rows): alone, each request gets the answer or the
                 # error it would get anyway.
                 return self._one_by_one(jobs)
             return self._fail(jobs, e)
-        self.batch_sizes[len(jobs)] += 1
+        rows = sum(job.n for job in jobs)
+        self.batch_sizes[rows] += 1
         if self.metrics is not None:
-            self.metrics.run_started(len(jobs))
+            self.metrics.run_started(rows)
         try:
             self._relay(steps, jobs)
         except AmphistaError as e:
             steps.close()
-            if len(jobs) == 1:
+            if len(jobs) == 1:      # alone (its n rows too): run again, it would fail again
                 return self._fail(jobs, e)
             # An error mid-run (a row's logits overflowed): the requests with nothing sent yet (non-streamed ones,
             # and all of them before the prefill ended) run again alone, where only the faulty one fails; a stream
@@ -185,9 +201,12 @@ class Scheduler:
             steps.close()
 
     def _relay(self, steps, jobs: list[Job]):
-        """Hands each row's deltas to its job, then the results; returns early where every client left."""
+        """Hands each row's deltas to its job (with the row's choice), then the results; returns early where every
+        client left."""
+        rows = [(job, choice) for job in jobs for choice in range(job.n)]     # the run's rows, as _start_run's
         for job in jobs:
-            job.rows = len(jobs)
+            job.rows, job.rows_ended = len(rows), 0
+        ended = [False] * len(rows)
         last: dict[int, object] = {}    # the last row's own result, sent once the run has ended
         while True:
             try:
@@ -198,11 +217,12 @@ class Scheduler:
                     self.metrics.run_ended(results)
                 break
             self._announce(jobs)        # at the first delta: the prefill went through for every row
+            job, choice = rows[row]
             if isinstance(delta, str):
-                jobs[row].send("delta", delta)
-            elif sum(j.ended for j in jobs) < len(jobs) - 1:     # a row's result as it ended (row_results)
-                jobs[row].ended = True
-                jobs[row].send("end", delta)
+                job.send("delta", (choice, delta))
+            elif sum(ended) < len(rows) - 1:     # a row's result as it ended (row_results)
+                ended[row] = True
+                job.end_row(choice, delta)
             else:
                 # The last row's: held until the run's end (the next item), so that once every client has its
                 # answer the engine is free again (a caller may use it directly then, not only through this thread)
@@ -210,10 +230,10 @@ class Scheduler:
             if all(j.gone.is_set() for j in jobs):
                 return
         self._announce(jobs)
-        for i, (job, result) in enumerate(zip(jobs, results)):
-            if not job.ended:
-                job.ended = True
-                job.send("end", last.get(i, result))
+        for i, ((job, choice), result) in enumerate(zip(rows, results)):
+            if not ended[i]:
+                ended[i] = True
+                job.end_row(choice, last.get(i, result))
 
     @staticmethod
     def _announce(jobs: list[Job]):
@@ -223,6 +243,7 @@ class Scheduler:
                 job.send("start")
 
     def _one_by_one(self, jobs: list[Job]):
+        """Each job in a run of its own (its n rows together)."""
         for job in jobs:
             if not job.gone.is_set():
                 job.started = False

@@ -86,6 +86,7 @@ class Metrics:
             self.finished.update(reasons)
 
     def run_started(self, rows: int):
+        """rows: the run's, one per choice of each of its requests (OpenAI's n)."""
         with self._lock:
             self.runs += 1
             self.rows_sum += rows
@@ -149,7 +150,7 @@ class Metrics:
             for bound, n in zip(self.buckets, self.rows_hist):
                 total += n
                 cumulative.append(("_bucket", [("le", f"{bound}.0")], total))
-            metric("amphista_run_rows", "histogram", "Requests (rows) decoded together per run.",
+            metric("amphista_run_rows", "histogram", "Rows decoded together per run (one per choice of each request).",
                    cumulative + [("_bucket", [("le", "+Inf")], self.runs), ("_sum", (), self.rows_sum),
                                  ("_count", (), self.runs)])
             metric("amphista_decode_steps_total", "counter",

@@ -389,13 +389,15 @@ class OpenAIApp:
 
     def submit_all(self, body: dict, prompts: list, chat: bool, stream: bool) -> list[Job]:
         """submit for each prompt of a request (a completion's list of prompts: one Job each, which share a run
-        where they share their options). All are checked before any is handed over."""
+        where they share their options; each Job decodes the request's n choices as n rows of one run). All are
+        checked before any is handed over."""
+        n = self.choices(body)
         variables = self.template_variables(body, chat)
         cache_prompt = body.get("cache_prompt") if isinstance(body, dict) else None
         if cache_prompt not in (None, True, False):         # llama.cpp's field; not part of what a run shares
             raise ApiError(400, f"cache_prompt must be true or false, got {_json_type(cache_prompt)}", "cache_prompt")
         with self.rendering(variables):     # the default max_tokens is cut to the room its rendered prompt leaves
-            jobs = [Job(p, self.decoding(body, p, None if chat else False), variables, stream) for p in prompts]
+            jobs = [Job(p, self.decoding(body, p, None if chat else False), variables, stream, n) for p in prompts]
         for job in jobs:
             job.cache_prompt = cache_prompt
         for i, job in enumerate(jobs):
@@ -418,13 +420,28 @@ class OpenAIApp:
                                    "prompt") from None
         return prompts
 
-    def decoding(self, body: dict, prompt, chat: bool | None) -> dict:
-        """The keyword arguments of engine.stream_batch for this request (checked by the engine itself)."""
+    def choices(self, body: dict) -> int:
+        """OpenAI's n: how many choices to decode for each prompt, as rows of one run (so at most max_batch)."""
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
         n = body.get("n")
-        if n is not None and n != 1:
-            raise ApiError(400, f"n must be 1: this server decodes one choice per request, got {_json_type(n)}", "n")
+        if n is None:
+            return 1
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ApiError(400, f"n must be an integer >= 1 (the number of choices), got {_json_type(n)}", "n")
+        limit = self.scheduler.max_batch
+        if n > limit:
+            # a request's choices are decoded together: more rows than a run holds could never be
+            raise ApiError(400, f"n={n} is more than this server decodes together: at most {limit} choices per "
+                           f"request (max_batch, `amphista serve --max-batch`); send n <= {limit}, or several "
+                           f"requests", "n")
+        return n
+
+    def decoding(self, body: dict, prompt, chat: bool | None) -> dict:
+        """The keyword arguments of engine.stream_batch for this request (checked by the engine itself); its n is
+        choices()'s, not one of them (requests that differ in n share runs)."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
         stream = body.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise ApiError(400, f"stream must be true or false, got {_json_type(stream)}", "stream")
@@ -482,25 +499,34 @@ class OpenAIApp:
         return kwargs
 
     def _start_run(self, jobs: list[Job]):
-        """engine.stream_batch of the jobs' prompts, which share their options (the scheduler's `start`): the engine's
-        checks raise here, before anything is sent. An echo request with logprobs also gets its prompt's logprobs
-        (job.prompt_scores: Engine.prompt_logprobs, one forward over the prompt), here in the thread that owns the
-        engine; with max_tokens 0 nothing is decoded."""
+        """engine.stream_batch of the jobs' prompts, which share their options (the scheduler's `start`), each job's
+        prompt once per choice (job.n rows, in the jobs' order: the scheduler's rows): the engine's checks raise
+        here, before anything is sent. An echo request with logprobs also gets its prompt's logprobs
+        (job.prompt_scores: Engine.prompt_logprobs, one forward over the prompt, for all its choices), here in the
+        thread that owns the engine; with max_tokens 0 nothing is decoded."""
         kwargs = dict(jobs[0].options)
         for name in ("max_new_tokens", "cut_to_room"):
             kwargs.pop(name, None)
         # each request's own max_tokens (batch_key leaves it out): the engine ends each row at its own limit
-        limits = [job.options["max_new_tokens"] for job in jobs]
+        limits = [job.options["max_new_tokens"] for job in jobs for _ in range(job.n)]
         cut = [job.options.get("cut_to_room", False) for job in jobs]
-        max_new = limits[0] if len(jobs) == 1 else limits
+        max_new = limits[0] if len(jobs) == 1 else limits       # one request: one limit for its rows
         echo = kwargs.pop("echo", False)
-        prompts = [job.prompt for job in jobs]
-        # reuse_prefix holds one prompt's K/V: a run of one request only (a batched run leaves nothing to reuse)
-        if len(jobs) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
+        prompts = [job.prompt for job in jobs for _ in range(job.n)]
+        # reuse_prefix holds one prompt's K/V: a run of one row only (a batched run leaves nothing to reuse)
+        if len(prompts) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
             kwargs["reuse_prefix"] = True
         with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
-            steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
-                     self._decode(prompts, max_new, cut[0], kwargs))
+            try:
+                steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
+                         self._decode(prompts, max_new, cut[0], kwargs))
+            except AmphistaError as e:
+                if len(jobs) > 1 or len(prompts) == 1 or not isinstance(getattr(e, "prompt_index", None), int):
+                    raise
+                # One request's n rows, all its prompt, refused by one of them: the error it gets with n=1 (the
+                # engine's, without "prompt 0: "), from the same checks on one row; they refuse it again
+                self._decode(prompts[:1], max_new, cut[0], kwargs).close()
+                raise
         if echo and kwargs.get("logprobs"):
             try:
                 for job in jobs:
@@ -519,7 +545,8 @@ class OpenAIApp:
             # A default cut to the cache's room leaves none for an explicit speculative method's tree (under
             # "auto" the engine decodes plainly there by itself): cut it by the tree's room too, rather than
             # refuse a request that never set max_tokens. (A batch refused runs its requests alone: this then.)
-            if len(prompts) > 1 or not cut or not e.tree_room or max_new - e.tree_room < 1:
+            # (one request's n choices: one max_new for its rows, cut alike)
+            if isinstance(max_new, list) or not cut or not e.tree_room or max_new - e.tree_room < 1:
                 raise
             return self.engine.stream_batch(prompts, max_new - e.tree_room, row_results=True, **kwargs)
 
@@ -642,6 +669,14 @@ class OpenAIApp:
     @staticmethod
     def usage(result) -> dict:
         p, c = len(result.prompt_token_ids), len(result.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @staticmethod
+    def usage_of(results: list[list]) -> dict:
+        """A request's usage: each prompt's results (one per choice), its prompt counted once, every choice's
+        tokens summed (as OpenAI counts n)."""
+        p = sum(len(rs[0].prompt_token_ids) for rs in results)
+        c = sum(len(r.token_ids) for rs in results for r in rs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -932,47 +967,53 @@ class _Handler(BaseHTTPRequestHandler):
         jobs = app.submit_all(body, prompts, chat, stream)     # a bad request is a 400 here, before it waits
         job, results = jobs[0], []
         try:
-            for one in jobs:        # several prompts: one choice each, in order
+            for one in jobs:        # several prompts: n choices each, in order
                 results.append(self._stream(one, head, chat, include_usage) if stream else self._drain(one))
                 if results[-1] is None:
                     break
         finally:
-            # Nobody reads its row any more (answered, or its client left): the scheduler drops the row's output,
+            # Nobody reads its rows any more (answered, or its client left): the scheduler drops the rows' output,
             # and ends the run once no request of it is left.
             for one in jobs:
                 one.gone.set()
-        result = results[-1]
-        if result is None:
+        if results[-1] is None:
             self.close_connection = True
             # alone, its run was closed; in a batch, the others' rows go on and its own output is dropped
-            self._done(499, " (client closed the connection; decoding stopped)" if job.rows == 1 else
+            rows = "its row" if job.n == 1 else f"its {job.n} rows"
+            self._done(499, " (client closed the connection; decoding stopped)" if job.rows == job.n else
                        " (client closed the connection while its request waited; it was not decoded)" if not job.rows
-                       else f" (client closed the connection; its row of a batch of {job.rows} dropped)")
+                       else f" (client closed the connection; {rows} of a batch of {job.rows} dropped)")
             return
-        usage = {k: sum(app.usage(r)[k] for r in results) for k in app.usage(result)}
-        app.metrics.answered(results)        # before the reply goes out (a stream's client sees it end after)
+        result = results[-1][-1]            # the log line's and the "amphista" key's: the last choice
+        everyone = [r for rs in results for r in rs]
+        app.metrics.answered(everyone)      # before the reply goes out (a stream's client sees it end after)
         note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
         if len(results) > 1:
             note += f" | {len(results)} prompts"
+        if job.n > 1:
+            note += f" | n={job.n}"
         if job.rows > 1:
             note += f" | batch of {job.rows}"
         if stream:
             self._done(200, note)
             return
-        finish = FINISH.get(result.finish_reason, result.finish_reason)
-        if chat:
-            choices = [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                        "logprobs": self.app.logprobs(result), "finish_reason": finish}]
-        else:
-            choices = [{"index": i, "text": (app.prompt_text(j) if j.options.get("echo") else "") + r.text,
-                        "logprobs": app.completion_logprobs(j, r),
-                        "finish_reason": FINISH.get(r.finish_reason, r.finish_reason)}
-                       for i, (j, r) in enumerate(zip(jobs, results))]
-        self._json(200, {**head, "choices": choices, "usage": usage, "amphista": app.extra(result)}, note)
+        choices = []
+        for i, (one, rs) in enumerate(zip(jobs, results)):
+            for c, r in enumerate(rs):      # OpenAI's order: prompt-major, index = prompt * n + choice
+                finish = FINISH.get(r.finish_reason, r.finish_reason)
+                if chat:
+                    choices.append({"index": i * one.n + c, "message": {"role": "assistant", "content": r.text},
+                                    "logprobs": app.logprobs(r), "finish_reason": finish})
+                else:
+                    choices.append({"index": i * one.n + c,
+                                    "text": (app.prompt_text(one) if one.options.get("echo") else "") + r.text,
+                                    "logprobs": app.completion_logprobs(one, r), "finish_reason": finish})
+        self._json(200, {**head, "choices": choices, "usage": app.usage_of(results), "amphista": app.extra(result)},
+                   note)
 
     def _next_event(self, job):
-        """What the scheduler sends next for this request, ("start", None), ("delta", text) or ("end", result); an
-        error it sends is raised here. None where the client left while it waited."""
+        """What the scheduler sends next for this request, ("start", None), ("delta", (choice, text)) or ("end",
+        (choice, result)); an error it sends is raised here. None where the client left while it waited."""
         while True:
             try:
                 kind, value = job.events.get(timeout=WAIT_POLL_S)
@@ -985,16 +1026,20 @@ class _Handler(BaseHTTPRequestHandler):
             return kind, value
 
     def _drain(self, job):
-        """The run's result, or None where the client left before it ended."""
-        while True:
+        """The run's results, one per choice, or None where the client left before they all came."""
+        results: list = [None] * job.n
+        while any(r is None for r in results):
             event = self._next_event(job)
             if event is None:
                 return None
             kind, value = event
             if kind == "end":
-                return value
+                # a run again after an error mid-run sends its rows' results again: the later one is as good
+                results[value[0]] = value[1]
+                continue
             if self._client_gone():
                 return None
+        return results
 
     def _event(self, obj):
         payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
@@ -1005,19 +1050,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
 
     def _stream(self, job, head: dict, chat: bool, include_usage: bool):
-        """Sends the run as Server-Sent Events; the result, or None where the client left."""
+        """Sends the run as Server-Sent Events, each chunk's choice with its index (n choices: their chunks
+        interleaved as their rows decode, each ended by its own finish chunk); the results (one per choice), or
+        None where the client left."""
         app = self.app
         # The headers wait for the run to start: a request the engine refuses is still answered with a status
         event = self._next_event(job)
         if event is None:
             return None
 
-        def chunk(delta: str | None = None, finish=None, role: bool = False, logprobs=None, **more):
+        def chunk(index: int, delta: str | None = None, finish=None, role: bool = False, logprobs=None, **more):
             if chat:
                 d = {"role": "assistant", "content": ""} if role else {} if delta is None else {"content": delta}
-                choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+                choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
+                choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             out = {**head, "choices": [choice], **more}
             if include_usage:
                 out["usage"] = None
@@ -1030,34 +1077,40 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         self._started = True
+        results: list = [None] * job.n
         try:
-            if chat:
-                self._event(chunk(role=True))
-            elif job.options.get("echo"):
-                self._event(chunk(app.prompt_text(job)))
+            for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
+                if chat:
+                    self._event(chunk(c, role=True))
+                elif job.options.get("echo"):
+                    self._event(chunk(c, app.prompt_text(job)))
             while True:
                 kind, value = event
                 if kind == "end":
-                    result = value
-                    break
-                if self._client_gone():
+                    c, result = value
+                    if results[c] is None:
+                        results[c] = result
+                        finish = FINISH.get(result.finish_reason, result.finish_reason)
+                        # a delta's text is not a whole number of tokens (text is held back around stops and split
+                        # characters): the answer's token logprobs come together, with the choice's final chunk,
+                        # where a client concatenates them
+                        self._event(chunk(c, None, finish, logprobs=app.logprobs(result) if chat else
+                                          app.completion_logprobs(job, result), amphista=app.extra(result)))
+                    if all(r is not None for r in results):
+                        break
+                elif self._client_gone():
                     return None
-                if kind == "delta" and value:
-                    self._event(chunk(value))
+                elif kind == "delta" and value[1]:
+                    self._event(chunk(value[0], value[1]))
                 event = self._next_event(job)
                 if event is None:
                     return None
-            finish = FINISH.get(result.finish_reason, result.finish_reason)
-            # a delta's text is not a whole number of tokens (text is held back around stops and split characters):
-            # the answer's token logprobs come together, with the final chunk, where a client concatenates them
-            self._event(chunk(None, finish, logprobs=app.logprobs(result) if chat else
-                              app.completion_logprobs(job, result), amphista=app.extra(result)))
             if include_usage:
-                self._event({**head, "choices": [], "usage": app.usage(result)})
+                self._event({**head, "choices": [], "usage": app.usage_of([results])})
             self._event("[DONE]")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             return None
-        return result
+        return results
 
 
 class AmphistaHTTPServer(ThreadingHTTPServer):
