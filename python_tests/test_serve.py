@@ -238,7 +238,9 @@ def test_bad_requests_are_openai_errors_and_the_server_goes_on(served):
     # n > 1 is served now (test_serve_n_choices.py); a bad n is named
     error_of(call(url, chat, {**good, "n": 0}), 400, "n must be an integer >= 1", param="n")
     error_of(call(url, chat, {**good, "stream": "yes"}), 400, "stream must be true or false")
-    error_of(call(url, chat, {**good, "presence_penalty": 0.5}), 400, "use repetition_penalty")
+    # penalties and logit_bias are served now (test_serve_logit_options.py); out of OpenAI's range they are named
+    error_of(call(url, chat, {**good, "presence_penalty": 2.5}), 400, "presence_penalty must be a number in [-2, 2]",
+             param="presence_penalty")
     error_of(call(url, chat, {**good, "tools": [{"type": "function"}]}), 400, "tools")
     # several prompts (and token ids) are served now (test_top_logprobs.py); a mixed list is not
     error_of(call(url, "/v1/completions", {"prompt": ["a", 5]}), 400, "a list of strings", param="prompt")

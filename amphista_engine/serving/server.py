@@ -42,11 +42,6 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # OpenAI fields this server does not implement: refused where they ask for something (a client sending the default
 # value, as many do, is served). name -> (the values that ask for nothing, what to say)
 UNSUPPORTED = {
-    "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported; use repetition_penalty "
-                                         "(CTRL's, as transformers' generate)"),
-    "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported; use repetition_penalty "
-                                          "(CTRL's, as transformers' generate)"),
-    "logit_bias": ((None, {}), "logit_bias is not supported"),
     "tools": ((None, []), "tools (function calling) are not supported by this server"),
     "functions": ((None, []), "functions (function calling) are not supported by this server"),
     "tool_choice": ((None, "none", "auto"), "tool_choice is not supported (no tools)"),
@@ -55,11 +50,14 @@ UNSUPPORTED = {
     "best_of": ((None, 1), "best_of other than 1 is not supported"),
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
 }
-CHAT_ONLY = {"logit_bias", "tools", "functions", "tool_choice", "function_call", "response_format",
-             "presence_penalty", "frequency_penalty"}
+CHAT_ONLY = {"tools", "functions", "tool_choice", "function_call", "response_format"}
 # logprobs (an int on /v1/completions, true on chat), top_logprobs (chat) and echo (completions) are served:
 # decoding() reads them
-COMPLETION_ONLY = {"best_of", "suffix", "logit_bias", "presence_penalty", "frequency_penalty"}
+COMPLETION_ONLY = {"best_of", "suffix"}
+# presence_penalty, frequency_penalty, logit_bias (both endpoints) and vLLM's ignore_eos are served: decoding() reads
+# them, in OpenAI's ranges
+PENALTY_RANGE = 2.0          # OpenAI's presence/frequency penalties: [-2, 2]
+LOGIT_BIAS_RANGE = 100.0     # OpenAI's logit_bias values: [-100, 100]
 MAX_TOP_LOGPROBS = 20        # OpenAI's limit for chat's top_logprobs; a completion's logprobs (OpenAI: 5) takes it too
 
 
@@ -87,7 +85,8 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
         m = re.match(r"(\w+)", message)
         field = m.group(1) if m else None
         param = field if field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
-                                   "max_tokens", "speculative", "tree", "acceptance", "top_logprobs") else None
+                                   "max_tokens", "speculative", "tree", "acceptance", "top_logprobs",
+                                   "presence_penalty", "frequency_penalty", "logit_bias") else None
         return ApiError(400, message, param)
     if isinstance(e, ConfigError) and tree_given and "tree" in message:
         return ApiError(400, message, "tree")
@@ -228,6 +227,40 @@ def _logprob_options(body, chat: bool) -> dict:
     if lp is None or lp is False:
         return {}
     return {"logprobs": True, **({"top_logprobs": top} if top else {})}
+
+
+def _openai_logit_options(body: dict) -> dict:
+    """presence_penalty, frequency_penalty, logit_bias and ignore_eos as engine options (only those the request sets
+    to something: the rest keep the engine's off), in OpenAI's ranges; the engine checks the token ids."""
+    out = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = body.get(name)
+        if value is None or value == 0:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > PENALTY_RANGE:
+            raise ApiError(400, f"{name} must be a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}], got "
+                           f"{json.dumps(value)[:40]}", name)
+        out[name] = float(value)
+    bias = body.get("logit_bias")
+    if bias is not None and bias != {}:
+        if not isinstance(bias, dict):
+            raise ApiError(400, f"logit_bias must be an object mapping token ids to biases, got {_json_type(bias)}",
+                           "logit_bias")
+        for key, value in bias.items():
+            if not (isinstance(key, str) and key.isdigit()):
+                raise ApiError(400, f"logit_bias keys must be token ids (e.g. \"50256\"), got {json.dumps(key)}",
+                               "logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+                raise ApiError(400, f"logit_bias[{key}] must be a number in [-{LOGIT_BIAS_RANGE:g}, "
+                               f"{LOGIT_BIAS_RANGE:g}], got {json.dumps(value)[:40]}", "logit_bias")
+        out["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
+    ignore = body.get("ignore_eos")
+    if ignore not in (None, False, True):
+        raise ApiError(400, f"ignore_eos must be true or false, got {_json_type(ignore)}", "ignore_eos")
+    if ignore:
+        out["ignore_eos"] = True
+    return out
 
 
 def _unsupported(body, fields):
@@ -461,6 +494,7 @@ class OpenAIApp:
                 # the engine's word for a list here is about batches ("per-prompt settings"): not this request's
                 raise ApiError(400, f"{key} must be a number, got {_json_type(value)}", key)
             kwargs[key] = d[key] if value is None else value
+        kwargs.update(_openai_logit_options(body))
         if isinstance(kwargs["stop"], list) and not kwargs["stop"]:      # OpenAI's "no stop strings"
             kwargs["stop"] = None
         stops = kwargs["stop"]          # its type is the engine's to refuse (check_stop), by name
@@ -559,7 +593,8 @@ class OpenAIApp:
         from ..sampling import SamplingParams
         engine = self.engine
         SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"], kwargs["repetition_penalty"],
-                       kwargs["seed"])
+                       kwargs["seed"], kwargs.get("presence_penalty", 0.0), kwargs.get("frequency_penalty", 0.0),
+                       kwargs.get("logit_bias"))
         check_stop(kwargs["stop"])
         ids = []
         for i, p in enumerate(prompts):
