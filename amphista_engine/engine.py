@@ -577,7 +577,8 @@ class Engine:
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False,
                      row_results: bool = False, logprobs: bool = False,
                      top_logprobs: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     logit_bias: dict | None = None, ignore_eos: bool = False) -> Iterator[tuple[int, str]]:
+                     logit_bias: dict | None = None, ignore_eos: bool = False,
+                     admit=None) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -611,7 +612,15 @@ class Engine:
         only, as repetition_penalty). logit_bias: {token id: value} added to those tokens' logits at every position
         (-100 bans a token, +100 all but forces it); speculative decoding takes it too, greedy output still equal to
         plain decoding's. ignore_eos: end rows only at max_new_tokens or a stop string (latency benchmarks' fixed
-        lengths; end-of-sequence tokens are then left out of the text as other special tokens are)."""
+        lengths; end-of-sequence tokens are then left out of the text as other special tokens are).
+
+        admit: continuous batching (a server's requests that arrive mid-run). admit(free) is called between steps
+        while the run has `free` rows to give (rows that ended, or rows up to max_batch_size) and returns a list of
+        at most `free` (prompt, max_new_tokens) pairs to join the run, with this call's options. They become rows
+        len(prompts), len(prompts) + 1, ... in order: each is prefilled alone (the same K/V as a run of its own),
+        then decodes with the others. One the engine refuses (malformed, too long for the cache) yields (row,
+        error), an AmphistaError, in place of any delta. last_results holds every row's result (None for a refused
+        one). Not with reuse_prefix."""
         for name, value in (("row_results", row_results), ("logprobs", logprobs), ("ignore_eos", ignore_eos)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
@@ -636,6 +645,11 @@ class Engine:
             raise InputError(f"reuse_prefix must be True or False, got {type(reuse_prefix).__name__} {reuse_prefix!r}")
         if reuse_prefix and len(prompts) > 1:
             raise InputError(f"reuse_prefix applies to one prompt (a chat's history), got {len(prompts)} prompts")
+        if admit is not None and not callable(admit):
+            raise InputError(f"admit must be a function admit(free_rows) -> [(prompt, max_new_tokens), ...], got "
+                             f"{type(admit).__name__}")
+        if admit is not None and reuse_prefix:
+            raise InputError("admit (prompts joining the run) and reuse_prefix (one prompt's kept K/V) do not mix")
         from .speculative import ACCEPTANCE, resolve_acceptance
         if acceptance not in ACCEPTANCE:      # checked even where the run turns out plain (speculative="auto")
             raise InputError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
@@ -703,12 +717,35 @@ class Engine:
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
                                        tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
+        decoder.admits = admit is not None
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
             if self._decoding is None:  # (another thread's run sets its own when it ends)
                 self.last_result, self.last_results = None, []
         # What the cache holds (the kept prefix) is taken when the run starts (_drive), not here: a stream is lazy,
         # and one set up and never started (or a run started in between) must not decide what the next run reuses.
-        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos)
+        joins = None if admit is None else self._admission(admit, chat, extra)
+        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins)
+
+    def _admission(self, admit, chat, extra: int):
+        """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
+        tree's room `extra` too), each an AmphistaError where refused."""
+        def joins(free: int) -> list:
+            entries = []
+            for item in admit(free) or ():
+                try:
+                    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                        raise InputError(f"admit must return (prompt, max_new_tokens) pairs, got {item!r:.80}")
+                    prompt, limit = item
+                    limit = check_max_new_tokens(limit)
+                    ids = self.encode_prompt(prompt, chat)
+                    self._check_room(ids, limit, extra, None, prompt)
+                    entries.append((ids, limit))
+                except AmphistaError as e:
+                    entries.append(e)
+            if len(entries) > free:
+                raise InputError(f"admit({free}) returned {len(entries)} prompts: at most {free} rows are free")
+            return entries
+        return joins
 
     def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
@@ -747,7 +784,7 @@ class Engine:
                     self._decoding = None if overtakes else before
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
-               ignore_eos: bool = False):
+               ignore_eos: bool = False, admit=None):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
         keeps its own prompt + answer.
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
@@ -765,14 +802,14 @@ class Engine:
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             steps = run(decoder, ids, self.tokenizer, limits, [] if ignore_eos else self.eos_ids, stop, stats,
-                        on_row_end=ended.append if row_results else None)
+                        on_row_end=ended.append if row_results else None, admit=admit)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and
                 # streams closed out of order restored each other's mode (the thread stayed in it for good).
                 with torch.inference_mode():
                     item = next(steps, None)
-                for out in ([] if item is None else [item]) + [(b, self._row_result(decoder, ids, stats, b, paused))
+                for out in ([] if item is None else [item]) + [(b, self._row_result(decoder, stats, b, paused))
                                                                for b in ended]:
                     t = time.perf_counter()
                     yield out
@@ -787,8 +824,9 @@ class Engine:
                                      "stream_batch for several prompts at once)")
             # Inside the run: another thread's run, free to start once this one ends, must not find this one's
             # result (or kept prefix) landing after its own.
-            results = [GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs,
-                                        r.eos_logprob) for r, p, s in zip(decoder.rows, ids, stats)]
+            results = [None if p is None else       # a prompt that joined and was refused (admit)
+                       GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs,
+                                        r.eos_logprob) for r, p, s in zip(decoder.rows, decoder.row_prompts, stats)]
             for s in stats:
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
                 # the time the caller spent between chunks (printing, sending) is no decoding time of this run
@@ -802,14 +840,14 @@ class Engine:
         return results      # generate() takes its own run's results from here, never from last_result
 
     @staticmethod
-    def _row_result(decoder, ids, stats, b: int, paused: float) -> GenerationResult:
+    def _row_result(decoder, stats, b: int, paused: float) -> GenerationResult:
         """Row b's result as it ends mid-run: its own token count and decode time (less the caller's time between
         items so far), where the run's end gives every row the whole batch's."""
         s = copy.deepcopy(stats[b])
         s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
         s.decode_ms = max(0.0, s.decode_ms - paused * 1e3)
         r = decoder.rows[b]
-        return GenerationResult(r.text, list(r.ids), ids[b], r.finish_reason, s,
+        return GenerationResult(r.text, list(r.ids), decoder.row_prompts[b], r.finish_reason, s,
                                 None if r.logprobs is None else list(r.logprobs),
                                 None if r.top_logprobs is None else list(r.top_logprobs), r.eos_logprob)
 

@@ -271,6 +271,56 @@ class PlainDecoder:
             self.counts = self.counts[idx]
         return idx
 
+    # ---- rows that join a run between steps (stream_batch's admit: a server's requests arriving mid-run) -----------
+    def row_capacity(self) -> int:
+        """How many rows the batch may grow to (add_rows): the cache's."""
+        return self.cache.batch
+
+    def _grow(self, B: int):
+        """The per-row state tensors with rows up to B (new rows zero: ended until add_rows fills them)."""
+        def grow(t):
+            return t if t is None or t.shape[0] >= B else torch.cat([t, t.new_zeros((B - t.shape[0],) + t.shape[1:])])
+        for name in ("next", "ongoing", "seen", "counts", "draft", "last_count"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, grow(getattr(self, name)))
+
+    @on_pool
+    @torch.inference_mode()
+    def add_rows(self, slots: list[int], prompts: list[list[int]]):
+        """Prefill prompts into cache rows `slots` (free_slots: ended rows, or the next rows past the batch) while the
+        other rows keep their state. The prompts prefill as a batch of their own into a cache of their length, whose
+        K/V are then copied into place: the same bits a run of their own gives them. Returns the prefill decoder
+        (its `next`: the new rows' first tokens, and their logprobs where the run reports them)."""
+        k, T = len(prompts), max(len(p) for p in prompts)
+        cfg = self.model.config
+        tmp = PlainDecoder(self.model, KVCache.for_model(cfg, k, kv_window(T, self.cache.max_seq_len),
+                                                         self.cache.k.dtype, self.device), self.params)
+        tmp.generator, tmp.logprobs, tmp.top_logprobs = self.generator, self.logprobs, self.top_logprobs
+        captured = {}
+        tmp._on_prefill = lambda tokens, hidden: captured.update(tokens=tokens, hidden=hidden)
+        tmp.first = tmp.prefill(prompts)
+        self.forwards += 1
+        self._grow(max(slots) + 1)
+        idx = torch.tensor(slots, device=self.device)
+        for j, (slot, p) in enumerate(zip(slots, prompts)):
+            self.cache.k[:, slot, :, :len(p)] = tmp.cache.k[:, j, :, :len(p)]
+            self.cache.v[:, slot, :, :len(p)] = tmp.cache.v[:, j, :, :len(p)]
+        self.cache.length[idx] = tmp.cache.length[:k]
+        self.host_len = max(self.host_len, T)
+        self.next[idx] = tmp.next
+        self.ongoing[idx] = 1
+        if self.seen is not None:
+            self.seen[idx] = tmp.seen
+        if self.counts is not None:
+            self.counts[idx] = tmp.counts
+        # rebound by every step for every row: the next step's cover the new rows too
+        self.step_logprobs = self.step_top_values = self.step_top_ids = None
+        self._on_add_rows(idx, tmp, captured)
+        return tmp
+
+    def _on_add_rows(self, idx: torch.Tensor, tmp: "PlainDecoder", captured: dict):
+        """Hook for decoders with more per-row state (the drafting heads' own cache, the drafts)."""
+
     @on_pool
     @torch.inference_mode()
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,11 +503,15 @@ def _tops(decoder) -> list:
 
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
-        stats: list[GenerationStats], on_row_end=None) -> Iterator[tuple[int, str]]:
+        stats: list[GenerationStats], on_row_end=None, admit=None) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
     max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
     (new_tokens, decode_ms), until the run's end sets every row's to the whole batch's.
+    admit(free): called between steps while the decoder has `free` rows to give (ended rows, or rows past the
+    batch up to its cache's); returns a list of at most `free` entries, each (prompt ids, max_new_tokens) to join
+    the run, or an exception (a prompt refused): entry i becomes row len(rows) + i, a refused one yields (row,
+    exception) and ends at once. decoder.row_prompts lists every row's prompt ids (None for a refused one).
 
     Tokens past EOS, a stop string or a row's max_new_tokens inside one step are dropped here, never emitted.
     """
@@ -466,13 +520,15 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     if len(limits) != B:
         raise ValueError(f"{len(limits)} max_new_tokens for {B} prompts")
     rows = decoder.rows = [RowState() for _ in range(B)]
+    decoder.row_prompts = list(prompts)
     eos, hold = set(eos_ids), max((len(s) for s in stop), default=1) - 1
     # Special tokens that are not EOS (`<|im_start|>` when a raw prompt lets the model open the next turn) are left
     # out of the answer, as Hugging Face's pipelines and vLLM leave them out: text == decode(ids, skip_special_tokens=
     # True). Stop strings still see them (special_text). A tokenizer without special_ids (tests' stubs) shows all.
     skipped = frozenset(getattr(tokenizer, "special_ids", ())) - eos
     if skipped:
-        streams = [tokenizer.stream_decoder(skip_special_tokens=True) for _ in range(B)]
+        def new_stream():
+            return tokenizer.stream_decoder(skip_special_tokens=True)
         pieces: dict[int, str] = {}
 
         def special_text(tok: int) -> str | None:
@@ -482,13 +538,16 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
                 pieces[tok] = tokenizer.decode([tok])
             return pieces[tok]
     else:
-        streams = [tokenizer.stream_decoder() for _ in range(B)]
+        def new_stream():
+            return tokenizer.stream_decoder()
 
         def special_text(tok: int) -> str | None:
             return None
+    streams = [new_stream() for _ in range(B)]
     t0 = time.perf_counter()
     pending = [[t] for t in decoder.prefill(prompts).tolist()]
     t1 = time.perf_counter()
+    started = [t1] * B                 # when each row's decoding began (a row that joined: its own prefill's end)
     want_lps = getattr(decoder, "logprobs", False)
     want_tops = want_lps and getattr(decoder, "top_logprobs", 0) > 0
     lps = decoder.step_logprobs.tolist() if want_lps else [None] * B
@@ -502,26 +561,85 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
         check_finite(decoder, pending[b], b, 0)
     for b in range(B):
         stats[b].prompt_tokens, stats[b].prefill_ms = len(prompts[b]), (t1 - t0) * 1e3
-    from_prefill = True
+    fresh = set(range(B))              # rows whose pending token came from their prefill: no decode step
     live = list(range(B))              # decoder row i is prompt row live[i]
-    drop_rows = B > 1 and getattr(decoder, "can_drop_rows", lambda: False)()
+    drop_rows = (B > 1 or admit is not None) and getattr(decoder, "can_drop_rows", lambda: False)()
+    capacity = decoder.row_capacity() if admit is not None else 0
     while True:
-        for b in range(B):
+        for b in range(len(rows)):
             was_done = rows[b].finish_reason is not None
-            used, delta = _consume(rows[b], pending[b], streams[b], eos, stop, hold, limits[b], special_text,
+            toks, pending[b] = pending[b], []
+            used, delta = _consume(rows[b], toks, streams[b], eos, stop, hold, limits[b], special_text,
                                    lps[b], tops[b])
-            if not (from_prefill or was_done):
+            if toks and not (b in fresh or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:
                 if b in live and hasattr(decoder, "end_row"):
                     decoder.end_row(live.index(b))
                 if on_row_end is not None:
                     stats[b].new_tokens = len(rows[b].ids)
-                    stats[b].decode_ms = (time.perf_counter() - t1) * 1e3
+                    stats[b].decode_ms = (time.perf_counter() - started[b]) * 1e3
                     on_row_end(b)
             if delta:
                 yield b, delta
-        from_prefill = False
+        fresh.clear()
+        if admit is not None and capacity:
+            ended = [i for i, b in enumerate(live) if rows[b].finish_reason]
+            free = len(ended) + max(0, capacity - len(live))
+            entries = list(admit(free) or ()) if free else []
+            joining = []
+            for entry in entries[:free]:
+                b = len(rows)
+                rows.append(RowState())
+                streams.append(new_stream())
+                stats.append(GenerationStats())
+                pending.append([])
+                lps.append(None)
+                tops.append(None)
+                started.append(time.perf_counter())
+                if isinstance(entry, BaseException):
+                    rows[b].finish_reason = "error"
+                    limits.append(0)
+                    decoder.row_prompts.append(None)
+                    yield b, entry
+                    continue
+                ids, limit = entry
+                limits.append(limit)
+                decoder.row_prompts.append(ids)
+                if want_lps:
+                    rows[b].logprobs = []
+                    if want_tops:
+                        rows[b].top_logprobs = []
+                joining.append(b)
+            if len(entries) > free:
+                raise ValueError(f"admit({free}) returned {len(entries)} prompts: at most {free} rows are free")
+            if joining:
+                if drop_rows:                  # ended rows go first: the new ones take the rows after the rest
+                    going = [i for i, b in enumerate(live) if not rows[b].finish_reason]
+                    if len(going) < len(live):
+                        decoder.keep_rows(going)
+                        live = [live[i] for i in going]
+                    ended = []
+                slots = (ended + list(range(len(live), capacity)))[:len(joining)]
+                ta = time.perf_counter()
+                tmp = decoder.add_rows(slots, [decoder.row_prompts[b] for b in joining])
+                first = tmp.first.tolist()
+                tb = time.perf_counter()
+                first_lps = tmp.step_logprobs.tolist() if want_lps else None
+                first_tops = _tops(tmp) if want_tops else None
+                for j, (slot, b) in enumerate(zip(slots, joining)):
+                    if slot < len(live):
+                        live[slot] = b
+                    else:
+                        live.append(b)
+                    pending[b] = [first[j]]
+                    lps[b] = first_lps[j] if want_lps else None
+                    tops[b] = first_tops[j] if want_tops else None
+                    check_finite(decoder, pending[b], b, 0)
+                    stats[b].prompt_tokens = len(decoder.row_prompts[b])
+                    stats[b].prefill_ms, started[b] = (tb - ta) * 1e3, tb
+                    fresh.add(b)
+                continue                       # their first tokens, before the next step
         if all(r.finish_reason for r in rows):
             break
         if drop_rows:
@@ -533,7 +651,6 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
         n, toks = count.tolist(), out.tolist()          # the one host sync per step
         step_lps = decoder.step_logprobs.tolist() if want_lps else None
         step_tops = _tops(decoder) if want_tops else None
-        pending, lps, tops = [[] for _ in range(B)], [None] * B, [None] * B
         for i, b in enumerate(live):
             if not rows[b].finish_reason:
                 pending[b] = toks[i][:n[i]]
@@ -542,6 +659,6 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
                 check_finite(decoder, pending[b], b, len(rows[b].ids))
     _sync(decoder.device)
     t2 = time.perf_counter()
-    for b in range(B):
+    for b in range(len(rows)):
         stats[b].new_tokens = len(rows[b].ids)
-        stats[b].decode_ms = (t2 - t1) * 1e3
+        stats[b].decode_ms = (t2 - started[b]) * 1e3

@@ -208,6 +208,7 @@ class SpeculativeDecoder(PlainDecoder):
         self._token_ids = getattr(heads, "token_ids", None)
         self.tokens_per_step = tree.max_depth + 1
         self.times = {"draft": 0.0, "verify": 0.0, "accept": 0.0, "commit": 0.0}
+        self.admits = False     # set by the engine before prefill: rows may join between steps (add_rows)
 
     def _tick(self, phase: str, t0: float) -> float:
         if self.profile:
@@ -232,7 +233,8 @@ class SpeculativeDecoder(PlainDecoder):
         if r:
             self.heads.resume_cache(r)
         else:
-            self.heads.reset_cache(B, self.cache.max_seq_len)
+            # rows for every cache row: a run that takes new prompts between steps (add_rows) may grow to them
+            self.heads.reset_cache(max(B, self.cache.batch) if self.admits else B, self.cache.max_seq_len)
         self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len))
         self.last_count = None          # (self.ongoing: set by PlainDecoder.prefill, kept by its keep_rows)
         return root
@@ -260,6 +262,25 @@ class SpeculativeDecoder(PlainDecoder):
 
     def _on_prefill(self, tokens, hidden):
         self._prefill_tokens, self._prefill_hidden = tokens, hidden
+
+    def row_capacity(self) -> int:
+        """As PlainDecoder's, within the heads' own cache's rows too; a drafter without prefill_rows takes no new
+        rows (the batch's own, its ended ones included, are all it has)."""
+        if not hasattr(self.heads, "prefill_rows"):
+            return 0
+        sal = getattr(self.heads, "sal_cache", None)
+        return min(super().row_capacity(), sal.batch if sal is not None else self.cache.batch)
+
+    def _on_add_rows(self, idx, tmp, captured):
+        """The new rows' drafts: the heads see their prompts as at a prefill, into their own cache's rows idx."""
+        tokens, hidden = captured["tokens"], captured["hidden"]
+        count = tmp.cache.length[:len(idx)]
+        nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
+        nxt.scatter_(1, (count - 1)[:, None], tmp.next[:, None])
+        kv_len = kv_window(tokens.shape[1], self.cache.max_seq_len)
+        self.draft[idx] = self.heads.prefill_rows(idx, hidden, nxt, count, kv_len)
+        if self.last_count is not None:
+            self.last_count[idx] = 0
 
     @on_pool
     @torch.inference_mode()

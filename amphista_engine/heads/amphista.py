@@ -193,6 +193,22 @@ class AmphistaHeads(DraftHeads):
     def keep_rows(self, keep: torch.Tensor):
         self.sal_cache.keep_rows(keep)
 
+    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
+        # The prompts' entries go to a cache of their own, as at a reset (every row from slot 0), then into place
+        main, c, p = self.sal_cache, self.sal_config, self.norm.weight
+        k, T = hidden.shape[0], hidden.shape[1]
+        own = KVCache(c.n_layers, k, c.n_kv_heads, main.max_seq_len, c.head_dim, p.dtype, p.device)
+        state = (self._empty, self._resumed)
+        self.sal_cache, self._empty, self._resumed = own, True, None
+        try:
+            draft = self.step(hidden, next_tokens, count, kv_len)
+        finally:
+            self.sal_cache, (self._empty, self._resumed) = main, state
+        main.k[:, rows, :, :T] = own.k[:, :, :, :T]
+        main.v[:, rows, :, :T] = own.v[:, :, :, :T]
+        main.length[rows] = own.length[:k]
+        return draft
+
     def step(self, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
         """hidden [B, M, d] at target positions L_b + m (L_b = SAL cache length), next_tokens [B, M], count [B].
 

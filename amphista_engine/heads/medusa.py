@@ -185,6 +185,12 @@ class DraftHeads(nn.Module):
     def keep_rows(self, keep: torch.Tensor):
         """Rows keep[i] of the heads' own cache become row i (a batch dropped its ended rows)."""
 
+    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
+        """Drafts [len(rows), K, V] for prompts that join a run between steps, as step() drafts at a prefill: their
+        entries go to rows `rows` of the heads' own cache, the other rows' untouched. Heads without a cache of
+        their own just draft."""
+        return self.step(hidden, next_tokens, count, kv_len)
+
 
 class MedusaHeads(DraftHeads):
     """K ResBlock stacks on the target's last hidden state h_t, then the (target's or own) LM head."""
