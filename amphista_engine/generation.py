@@ -257,7 +257,7 @@ class PlainDecoder:
     def keep_rows(self, keep: list[int]):
         """Go on with only these rows, renumbered 0..n-1: rows that ended stop costing compute (a batch of
         distillation answers runs until its longest answer ends; on a CPU a step costs ~linearly in rows)."""
-        idx = torch.tensor(keep, device=self.device)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)     # [] too (every row ended, one joins)
         self.cache.keep_rows(idx)
         self.next = self.next[idx]
         self.ongoing = self.ongoing[idx]

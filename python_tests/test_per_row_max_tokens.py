@@ -153,7 +153,8 @@ def batching(tiny_amphista_engine):
     test_serve_batching.py's)."""
     from conftest import serving
     lines: list[str] = []
-    with serving(tiny_amphista_engine, model_id="tiny", log=lines.append, max_batch=4) as httpd:
+    with serving(tiny_amphista_engine, model_id="tiny", log=lines.append, max_batch=4,
+                 continuous=False) as httpd:     # grouping at a run's start (joins: test_serve_continuous.py)
         yield tiny_amphista_engine, httpd.url, httpd.app, lines
 
 

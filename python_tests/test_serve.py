@@ -479,7 +479,7 @@ def test_amphista_serve_process_answers_and_stops_on_ctrl_c(tiny_hf_dir):
             pytest.fail(f"no URL line: {''.join(lines)}")
         url = m.group(1)
         # the default --max-batch 8 batches concurrent requests (test_serve_batching.py), and says so
-        assert sum("http://" in ln for ln in lines) == 1 and "batched, up to 8 a run" in line
+        assert sum("http://" in ln for ln in lines) == 1 and "batched, up to 8 rows, joining runs" in line
         assert call(url, "/v1/models")[1]["data"][0]["id"] == str(tiny_hf_dir)
         status, reply = call(url, "/v1/chat/completions", {"messages": SYSTEM_USER})
         assert status == 200 and reply["usage"]["completion_tokens"] <= 8      # --max-new-tokens: the default

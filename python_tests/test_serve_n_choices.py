@@ -25,7 +25,8 @@ PROMPT = "def f(x):\n    return"
 def served(tiny_amphista_engine):
     """(engine, base URL, app): a server batching up to 4 rows, plain by default, in a background thread."""
     from conftest import serving
-    with serving(tiny_amphista_engine, model_id="tiny", log=lambda line: None, max_batch=4) as httpd:
+    with serving(tiny_amphista_engine, model_id="tiny", log=lambda line: None, max_batch=4,
+                 continuous=False) as httpd:     # grouping at a run's start (joins: test_serve_continuous.py)
         yield tiny_amphista_engine, httpd.url, httpd.app
 
 

@@ -12,7 +12,11 @@ Why a run cannot simply hold every waiting request:
 - stream_batch's options (temperature, stop, seed, speculative, tree, chat...) are batch-wide, so only requests whose
   options are identical once the server's defaults are filled in share a run (batch_key); max_tokens is not one of
   them: stream_batch takes a list of one max_new_tokens per prompt, and each row ends at its own;
-- the engine cannot add a row to a run once it has started, so a request that arrives meanwhile waits for the next one.
+- a request that arrives while a run decodes joins it between two steps where it could have shared it (continuous
+  batching: stream_batch's admit), taking a row that ended or one the run never filled: the oldest waiting requests
+  first, and never past one that cannot join (so none waits behind newer ones for long). One the engine refuses as
+  it joins (too long for the cache with the run's tree, say) goes back to wait and runs by itself, where it gets
+  the answer or the error it would get anyway.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ class Job:
         self.prompt_scores = None
         # the request's "cache_prompt" (None: the server's --cache-prompt), honoured where it runs alone
         self.cache_prompt = None
+        self.no_join = False            # refused as it joined a run: it runs by itself
 
     def send(self, kind: str, value=None):
         if not self.gone.is_set():
@@ -80,14 +85,45 @@ def batch_key(options: dict, variables: dict) -> str | None:
         return None         # a value that is no JSON (a NaN): run alone, where the engine names what is wrong with it
 
 
+class _Run:
+    """A run's rows as the engine numbers them: each job's n choices in turn, in the order the jobs came in (those
+    that joined after the start too)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs                # the caller's list, grown in place: its error paths see every job
+        self.rows: list[tuple[Job, int]] = []
+        self.ended: list[bool] = []
+        self.dropped: set[int] = set()  # rows of a job that went back to wait: their output is nobody's
+        self.held: dict[int, object] = {}   # the last row's result, held until the run ends (or others join)
+        for job in list(jobs):
+            self.add(job)
+        for job in jobs:
+            job.rows = len(self.rows)
+
+    def add(self, job: Job):
+        if job not in self.jobs:
+            self.jobs.append(job)
+        self.rows += [(job, choice) for choice in range(job.n)]
+        self.ended += [False] * job.n
+        job.rows = self.decoding()      # the rows decoding with it as it joins (the log's "batch of"), its own too
+
+    def decoding(self) -> int:
+        """Rows not known to have ended (a row's result comes a little after the engine ends it: an upper bound)."""
+        return sum(not e for i, e in enumerate(self.ended) if i not in self.dropped and i not in self.held)
+
+
 class Scheduler:
     """Runs jobs on one engine from one thread, several at once where they are compatible (up to max_batch).
 
     start(jobs) makes a run: engine.stream_batch of the jobs' prompts with their shared options, a generator of
     (row, delta) whose return value is the rows' results; it raises AmphistaError where the engine refuses."""
 
-    def __init__(self, start, max_batch: int):
+    def __init__(self, start, max_batch: int, encode=None):
+        """start(jobs, admit): the run (admit: stream_batch's, or None where the run takes no joiners); encode(job):
+        the job's prompt as token ids (its chat template rendered with its variables), for a job that joins a run
+        between steps; None: no request joins a run that started (each waits for the next)."""
         self._start = start
+        self._encode = encode
         self.max_batch = max_batch
         self.lock = threading.Lock()            # held while a run decodes (/health's "busy")
         self.batch_sizes: Counter = Counter()   # rows of each run started: how much batching happened
@@ -152,17 +188,18 @@ class Scheduler:
                 self._wake.wait()       # submit and close notify
             first, group = self._pending[0], [self._pending[0]]
             rows = first.n          # a job's rows go together: n <= max_batch (the server refuses more)
-            if first.key is not None:
+            if first.key is not None and not first.no_join:
                 for job in self._pending[1:]:
-                    if job.key == first.key and rows + job.n <= self.max_batch:
+                    if job.key == first.key and not job.no_join and rows + job.n <= self.max_batch:
                         group.append(job)
                         rows += job.n
             self._pending = [j for j in self._pending if j not in group]
             return group
 
     def _run(self, jobs: list[Job]):
+        run = _Run(jobs)
         try:
-            steps = self._start(jobs)
+            steps = self._start(jobs, self._admitter(run))
         except AmphistaError as e:
             if len(jobs) > 1:
                 idx = getattr(e, "prompt_index", None)
@@ -183,7 +220,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.run_started(rows)
         try:
-            self._relay(steps, jobs)
+            self._relay(steps, run)
         except AmphistaError as e:
             steps.close()
             if len(jobs) == 1:      # alone (its n rows too): run again, it would fail again
@@ -200,14 +237,11 @@ class Scheduler:
             # overlapping it), and a batch whose clients all left stops decoding for nobody.
             steps.close()
 
-    def _relay(self, steps, jobs: list[Job]):
+    def _relay(self, steps, run: _Run):
         """Hands each row's deltas to its job (with the row's choice), then the results; returns early where every
         client left."""
-        rows = [(job, choice) for job in jobs for choice in range(job.n)]     # the run's rows, as _start_run's
-        for job in jobs:
-            job.rows, job.rows_ended = len(rows), 0
-        ended = [False] * len(rows)
-        last: dict[int, object] = {}    # the last row's own result, sent once the run has ended
+        for job in run.jobs:
+            job.rows_ended = 0
         while True:
             try:
                 row, delta = next(steps)
@@ -216,24 +250,82 @@ class Scheduler:
                 if self.metrics is not None:    # before the held last answer goes out: a scrape after it sees the run
                     self.metrics.run_ended(results)
                 break
-            self._announce(jobs)        # at the first delta: the prefill went through for every row
-            job, choice = rows[row]
+            job, choice = run.rows[row]
+            if isinstance(delta, AmphistaError):      # refused as it joined: it waits again, to run by itself
+                self._requeue(run, job)
+                continue
+            self._announce(run.jobs)    # at the first delta: the prefill went through for every row
+            if row in run.dropped:
+                continue
             if isinstance(delta, str):
                 job.send("delta", (choice, delta))
-            elif sum(ended) < len(rows) - 1:     # a row's result as it ended (row_results)
-                ended[row] = True
+            elif sum(run.ended) < len(run.ended) - len(run.dropped) - 1:   # a row's result as it ended (row_results)
+                run.ended[row] = True
                 job.end_row(choice, delta)
             else:
                 # The last row's: held until the run's end (the next item), so that once every client has its
-                # answer the engine is free again (a caller may use it directly then, not only through this thread)
-                last[row] = delta
-            if all(j.gone.is_set() for j in jobs):
+                # answer the engine is free again (a caller may use it directly then, not only through this thread);
+                # sent at once where a request joins meanwhile (_admitter)
+                run.held[row] = delta
+            if all(j.gone.is_set() for j in run.jobs):
                 return
-        self._announce(jobs)
-        for i, ((job, choice), result) in enumerate(zip(rows, results)):
-            if not ended[i]:
-                ended[i] = True
-                job.end_row(choice, last.get(i, result))
+        self._announce(run.jobs)
+        for i, ((job, choice), result) in enumerate(zip(run.rows, results)):
+            if not run.ended[i] and i not in run.dropped:
+                run.ended[i] = True
+                job.end_row(choice, run.held.get(i, result))
+
+    def _admitter(self, run: _Run):
+        """stream_batch's admit for this run: the oldest waiting requests that can share it, while their rows fit the
+        free ones; None where nothing may join (a request that runs alone, or no encode)."""
+        key = run.jobs[0].key if len(run.jobs) else None
+        if self._encode is None or key is None:
+            return None
+
+        def admit(free: int) -> list:
+            # the engine's cache may hold more rows than this server's --max-batch (reserved by an earlier use)
+            free = min(free, self.max_batch - run.decoding())
+            taken = []
+            with self._wake:
+                self._pending = [j for j in self._pending if not j.gone.is_set()]
+                for job in self._pending:
+                    if job.key != key or job.no_join or job.n > free:
+                        break           # in arrival order: none joins past a request that cannot
+                    taken.append(job)
+                    free -= job.n
+                self._pending = self._pending[len(taken):]
+            entries = []
+            for job in taken:
+                try:
+                    ids = self._encode(job)
+                except AmphistaError:
+                    self._requeue(run, job, joined=False)
+                    continue
+                run.add(job)
+                self._current.append(job)
+                entries += [(ids, job.options["max_new_tokens"])] * job.n
+            if entries:
+                for row, result in run.held.items():    # the run goes on: the held answer is not held longer
+                    job, choice = run.rows[row]
+                    run.ended[row] = True
+                    job.end_row(choice, result)
+                run.held.clear()
+            return entries
+        return admit
+
+    def _requeue(self, run: _Run, job: Job, joined: bool = True):
+        """A job refused as it joined: back to the front of the queue, to run by itself."""
+        if joined and job.no_join:
+            return                      # its other rows' errors: already back
+        job.no_join = True
+        if joined:
+            run.dropped.update(i for i, (j, _) in enumerate(run.rows) if j is job)
+            run.jobs.remove(job)
+            if job in self._current:
+                self._current.remove(job)
+        with self._wake:
+            self._pending.insert(0, job)
+            self._wake.notify()
 
     @staticmethod
     def _announce(jobs: list[Job]):

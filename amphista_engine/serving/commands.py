@@ -46,11 +46,12 @@ def cmd_serve(args) -> int:
                         seed=args.seed)
         httpd.app = OpenAIApp(engine, model_id=args.model, speculative=speculative,
                               tree=tree if speculative is not None else None, defaults=defaults, quiet=args.quiet,
-                              max_batch=args.max_batch, cache_prompt=args.cache_prompt)
+                              max_batch=args.max_batch, cache_prompt=args.cache_prompt, continuous=args.continuous)
         method = "plain decoding" if speculative is None else f"speculative {speculative}" + (
             f", tree {tree}" if tree else "")
         batching = "one request at a time" if args.max_batch == 1 else \
-            f"concurrent requests batched, up to {args.max_batch} a run"
+            f"concurrent requests batched, up to {args.max_batch} rows" + (
+                ", joining runs as rows free up" if args.continuous else " a run")
         print(f"serving {args.model} ({method}) at {httpd.url}/v1 (OpenAI-compatible; {batching}; Ctrl-C stops)",
               file=sys.stderr, flush=True)
         httpd.serve_forever()
@@ -80,5 +81,8 @@ def register(sub) -> None:
                    "+ answer, so a chat's next turn prefills only its new messages (llama.cpp's cache_prompt; a "
                    "request's \"cache_prompt\" field overrides it). Off by default: the reused K/V were computed "
                    "by that earlier run, so an answer may differ from a fresh one in the last bits")
+    s.add_argument("--no-continuous-batching", dest="continuous", action="store_false",
+                   help="a request that arrives while a run decodes waits for the next run (by default it joins the "
+                   "run between two steps, in a row that ended or was free, where it can share it)")
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     s.set_defaults(func=cmd_serve)

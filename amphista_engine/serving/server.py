@@ -343,11 +343,14 @@ class OpenAIApp:
 
     def __init__(self, engine, model_id: str | None = None, speculative: str | None = None, tree=None,
                  defaults: dict | None = None, quiet: bool = False, log=None, max_batch: int = MAX_BATCH,
-                 cache_prompt: bool = False):
+                 cache_prompt: bool = False, continuous: bool = True):
+        """continuous: requests arriving while a run decodes join it between steps where they can share it
+        (continuous batching); False: they wait for the next run."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1 (1: one request at a time), got {max_batch!r}")
-        if not isinstance(cache_prompt, bool):
-            raise InputError(f"cache_prompt must be True or False, got {cache_prompt!r}")
+        for name, value in (("cache_prompt", cache_prompt), ("continuous", continuous)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be True or False, got {value!r}")
         # A request decoded alone starts from the K/V the cache still holds of the last such request's prompt +
         # answer (Engine's reuse_prefix): a chat's next turn prefills only its new messages. Off by default: the
         # reused K/V come from that earlier run, so an answer may differ from a fresh one's in the last bits.
@@ -359,7 +362,7 @@ class OpenAIApp:
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.quiet = quiet
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.scheduler = Scheduler(self._start_run, max_batch)
+        self.scheduler = Scheduler(self._start_run, max_batch, self._encode if continuous else None)
         self.lock = self.scheduler.lock      # held while a run decodes
         # engine.chat_template_kwargs is the engine's, set for a run's prompts while they are encoded: held while
         # one request's template variables are in place (the scheduler's run, a handler's prompt length)
@@ -532,7 +535,12 @@ class OpenAIApp:
         kwargs["max_new_tokens"] = max_new
         return kwargs
 
-    def _start_run(self, jobs: list[Job]):
+    def _encode(self, job: Job) -> list[int]:
+        """A job's prompt as token ids, its template rendered with its variables (one joining a run: Scheduler)."""
+        with self.rendering(job.variables):
+            return self.engine.encode_prompt(job.prompt, job.options.get("chat"))
+
+    def _start_run(self, jobs: list[Job], admit=None):
         """engine.stream_batch of the jobs' prompts, which share their options (the scheduler's `start`), each job's
         prompt once per choice (job.n rows, in the jobs' order: the scheduler's rows): the engine's checks raise
         here, before anything is sent. An echo request with logprobs also gets its prompt's logprobs
@@ -550,6 +558,8 @@ class OpenAIApp:
         # reuse_prefix holds one prompt's K/V: a run of one row only (a batched run leaves nothing to reuse)
         if len(prompts) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
             kwargs["reuse_prefix"] = True
+        elif admit is not None and not echo and limits[0] != 0:
+            kwargs["admit"] = admit     # requests arriving mid-run join it (echo's prompt logprobs are taken at start)
         with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
             try:
                 steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
