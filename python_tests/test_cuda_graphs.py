@@ -147,6 +147,59 @@ def test_speculative_graph_replay_equals_eager(kind, tree, routed, monkeypatch, 
     assert graphs.stats.captures <= captures + pending
 
 
+class _Ids:
+    """generation.run's tokenizer: no text, the token ids are what these tests compare."""
+    def stream_decoder(self, **_):
+        class S:
+            pending = ""
+            def push(self, tok): return ""
+            def flush(self): return ""
+        return S()
+
+
+def _run_with_joins(decoder, prompts, limits, graphs=None):
+    """Each row's tokens of a run that starts with prompts[0] and takes the others one at a time between steps
+    (stream_batch's admit), its decoder through `graphs` where given."""
+    from amphista_engine.generation import GenerationStats, run
+    if graphs is not None:
+        graphs.attach(decoder)
+    queue = list(zip(prompts[1:], limits[1:]))
+
+    def admit(free):
+        taken = queue[:1] if free else []
+        del queue[:len(taken)]
+        return taken
+    if hasattr(decoder, "admits"):
+        decoder.admits = True
+    with torch.inference_mode():
+        list(run(decoder, prompts[:1], _Ids(), limits[:1], [], [], [GenerationStats()], admit=admit))
+    assert not queue
+    return [r.ids for r in decoder.rows]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", [None, "amphista"])
+def test_joined_rows_under_graphs_equal_eager(kind):
+    """Continuous batching through captured graphs: a joining prompt takes an ended row's slot (the captured state
+    tensors updated in place) or grows the batch (a new key); every row's tokens equal the eager run's."""
+    model, cache, _ = _setup("cuda", batch=3)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (37, 5, 90, 12, 60)]
+    limits = [60, 12, 40, 25, 30]
+    heads = None if kind is None else random_heads(kind, model, num_heads=4, seed=2)
+    spec = None if kind is None else TreeSpec("tree-32", 4, torch.device("cuda"))
+
+    def make():
+        return PlainDecoder(model, cache, SamplingParams()) if kind is None else \
+            SpeculativeDecoder(model, cache, heads, spec, SamplingParams())
+    eager = _run_with_joins(make(), prompts, limits)
+    graphs = DecodeGraphs()
+    got = _run_with_joins(make(), prompts, limits, graphs)
+    assert got == eager, _first_difference(eager, got)
+    assert [len(r) for r in got] == limits
+    assert graphs.stats.replays > 0 and graphs.stats.failed_captures == 0, graphs.stats.to_dict()
+
+
 @needs_gpu
 def test_speculative_greedy_equals_plain_under_graphs():
     """Lossless: greedy speculative decoding through graphs emits plain greedy decoding's tokens (fp32, so
