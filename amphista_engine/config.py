@@ -1,4 +1,4 @@
-"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3, SmolLM3), read from a Hugging Face
+"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), read from a Hugging Face
 config.json or GGUF metadata."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from .errors import ConfigError, ModelLoadError
 from .values import is_integral, is_real
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                   "SmolLM3ForCausalLM")
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic", "yarn")
+                   "SmolLM3ForCausalLM", "Phi3ForCausalLM")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
+SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class ModelConfig:
     qk_norm: bool = False
     # SmolLM3: layers that attend without RoPE (NoPE; every 4th), by index
     nope_layers: tuple[int, ...] = ()
+    # Phi-3: the checkpoint stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (the model's own fused
+    # layout, wqkv and w13), a Llama layer otherwise
+    fused_checkpoint: bool = False
 
     def __post_init__(self):
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
@@ -66,6 +69,12 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         _check_rope_scaling(self.rope_scaling)
+        rs = self.rope_scaling or {}
+        if rs.get("rope_type", rs.get("type")) == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(rs[key]) != self.head_dim // 2:
+                    raise ConfigError(f"model config: rope_scaling {key} has {len(rs[key])} entries; head_dim "
+                                      f"{self.head_dim} rotates {self.head_dim // 2} frequencies")
         self.nope_layers = tuple(self.nope_layers or ())
         if not all(is_integral(i) and 0 <= i < self.n_layers for i in self.nope_layers):
             raise ConfigError(f"model config: nope_layers must be layer indices below {self.n_layers}, "
@@ -103,6 +112,7 @@ class ModelConfig:
                 sliding_window=_hf_sliding_window(cfg, model_type),
                 qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias, qk_norm=model_type == "qwen3",
                 nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
+                fused_checkpoint=model_type == "phi3",
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -165,6 +175,16 @@ def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     rs = dict(rs)
     rs.pop("rope_theta", None)
     kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in ("longrope", "su"):      # Phi-3's (early configs call it "su")
+        rs.pop("type", None)
+        rs["rope_type"] = kind = "longrope"
+        original = cfg.get("original_max_position_embeddings", rs.get("original_max_position_embeddings"))
+        rs["original_max_position_embeddings"] = original if original is not None else cfg.get(
+            "max_position_embeddings")
+        if rs.get("factor") is None and is_real(rs["original_max_position_embeddings"]) \
+                and is_real(cfg.get("max_position_embeddings")) and rs["original_max_position_embeddings"] > 0:
+            # transformers' default: the ratio of the two lengths (it sizes the attention factor)
+            rs["factor"] = cfg["max_position_embeddings"] / rs["original_max_position_embeddings"]
     if kind in ("yarn", "llama3") and "original_max_position_embeddings" in cfg:
         # transformers gives a top-level original_max_position_embeddings priority (standardize_rope_params)
         rs["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
@@ -222,6 +242,16 @@ def _check_rope_scaling(rs) -> None:
         if hi <= lo:
             raise ConfigError(f"model config: rope_scaling high_freq_factor ({hi}) must exceed "
                               f"low_freq_factor ({lo})")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            value = rs.get(key)
+            if not isinstance(value, list) or not value or not all(is_real(v) and v > 0 for v in value):
+                raise ConfigError(f"model config: rope_scaling type 'longrope' needs {key}, a list of positive "
+                                  f"numbers, got {value!r:.80}")
+        for key in ("original_max_position_embeddings", "attention_factor"):
+            value = rs.get(key)
+            if value is not None and (not is_real(value) or value <= 0):
+                raise ConfigError(f"model config: rope_scaling {key} must be a positive number, got {value!r}")
     if kind == "yarn":
         for key in ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
                     "mscale_all_dim"):

@@ -278,8 +278,14 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out[p + "ffn_norm.weight"] = get("post_attention_layernorm.weight")
         out[p + "attention.wo.weight"] = get("self_attn.o_proj.weight")
         out[p + "feed_forward.w2.weight"] = get("mlp.down_proj.weight")
-        out[p + "attention.wqkv.weight"] = _cat(p + "self_attn", [get(f"self_attn.{x}_proj.weight") for x in "qkv"])
-        out[p + "feed_forward.w13.weight"] = _cat(p + "mlp", [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+        if cfg.fused_checkpoint:        # Phi-3: q|k|v and gate|up stored fused, in the model's own order
+            out[p + "attention.wqkv.weight"] = get("self_attn.qkv_proj.weight")
+            out[p + "feed_forward.w13.weight"] = get("mlp.gate_up_proj.weight")
+        else:
+            out[p + "attention.wqkv.weight"] = _cat(p + "self_attn",
+                                                   [get(f"self_attn.{x}_proj.weight") for x in "qkv"])
+            out[p + "feed_forward.w13.weight"] = _cat(p + "mlp",
+                                                     [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
         if cfg.qkv_bias:
             out[p + "attention.wqkv.bias"] = torch.cat([get(f"self_attn.{x}_proj.bias") for x in "qkv"])
         if cfg.o_bias:
@@ -305,7 +311,9 @@ _HF_SHAPE_FIELDS = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab
                     "o_proj": "hidden_size, num_attention_heads * head_dim",
                     "gate_proj": "intermediate_size, hidden_size",
                     "up_proj": "intermediate_size, hidden_size", "down_proj": "hidden_size, intermediate_size",
-                    "q_norm": "head_dim", "k_norm": "head_dim"}
+                    "q_norm": "head_dim", "k_norm": "head_dim",
+                    "qkv_proj": "(num_attention_heads + 2 * num_key_value_heads) * head_dim, hidden_size",
+                    "gate_up_proj": "2 * intermediate_size, hidden_size"}
 
 
 def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -316,6 +324,11 @@ def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
            "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D), "self_attn.v_proj.weight": (kv, D),
            "self_attn.o_proj.weight": (D, q), "mlp.gate_proj.weight": (In, D), "mlp.up_proj.weight": (In, D),
            "mlp.down_proj.weight": (D, In)}
+    if cfg.fused_checkpoint:
+        for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            del out[name]
+        out.update({"self_attn.qkv_proj.weight": (q + 2 * kv, D), "mlp.gate_up_proj.weight": (2 * In, D)})
     if cfg.qkv_bias:
         out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     if cfg.o_bias:

@@ -130,11 +130,21 @@ class RMSNorm(nn.Module):
         return ops.rmsnorm(x, self.weight, self.eps)
 
 
-def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None,
+                  max_len: int | None = None) -> torch.Tensor:
+    """max_len: the table's length (LongRoPE picks its factors by it)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "longrope":
+        # Phi-3's LongRoPE (transformers' _compute_longrope_parameters): per-frequency divisors, the short ones up to
+        # the trained length and the long ones past it. transformers switches by the current sequence's length (and
+        # then recomputes every position); a table is built once, so a cache longer than the trained length takes
+        # the long factors for every position, what transformers gives a sequence that long.
+        long = max_len is not None and max_len > rs["original_max_position_embeddings"]
+        ext = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float64)
+        return (inv_freq / ext).float()
     if freq_factors is not None:          # GGUF stores Llama-3 scaling precomputed as divisors
         inv_freq = inv_freq / freq_factors.double()
     if kind == "linear":                  # with freq_factors too: llama.cpp applies both (freq_scale, factors)
@@ -171,12 +181,17 @@ def _yarn_inv_freq(cfg: ModelConfig, inv_freq: torch.Tensor, rs: dict) -> torch.
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
-    """What YaRN multiplies cos and sin by (so q.k by its square): 0.1 ln(factor) + 1 unless the config says."""
+    """What YaRN (0.1 ln(factor) + 1) and LongRoPE multiply cos and sin by (so q.k by its square), unless the config
+    says."""
     rs = cfg.rope_scaling or {}
-    if rs.get("rope_type", rs.get("type")) != "yarn":
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if rs.get("attention_factor") is not None:
         return float(rs["attention_factor"])
+    if kind == "longrope":               # sqrt(1 + ln(factor) / ln(trained length)), as transformers
+        factor, trained = rs["factor"], rs["original_max_position_embeddings"]
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(trained))
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -190,7 +205,7 @@ def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tenso
     # Dynamic NTK ("dynamic") is the unscaled table up to max_position_embeddings, as in transformers; past it
     # transformers rescales every position by the sequence's current length, which a table cannot follow, and the
     # target refuses such lengths (check_rope_len). The heads' own tables stay unscaled.
-    inv_freq = rope_inv_freq(cfg, freq_factors)
+    inv_freq = rope_inv_freq(cfg, freq_factors, max_len)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     table = torch.cat([angles.cos(), angles.sin()], dim=-1)
     factor = rope_attention_factor(cfg)

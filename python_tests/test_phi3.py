@@ -1,0 +1,106 @@
+"""Phi-3 checkpoints (Phi3ForCausalLM: Phi-3, Phi-3.5, Phi-4): a Llama layer whose checkpoint stores q/k/v and
+gate/up fused, with LongRoPE on the long-context models. Logits equal transformers' on the same random weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amphista_engine.engine import Engine
+from amphista_engine.errors import ConfigError
+from amphista_engine.loading import load_model
+
+from conftest import write_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+V = 300
+BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=None)
+
+
+def write_phi3(path, **over):
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**{**BASE, **over}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, V)
+    return path
+
+
+def hf_logits(path, ids):
+    hf = transformers.Phi3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+def ours_logits(path, ids, max_seq_len):
+    m = load_model(path, max_seq_len=max_seq_len).model
+    with torch.no_grad():
+        return m(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 280, 64] * 12
+
+
+def test_phi3_matches_transformers(tmp_path):
+    d = write_phi3(tmp_path / "phi3")
+    from safetensors import safe_open
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.qkv_proj.weight" in f.keys()      # the fused layout is what loads
+    assert rel_err(ours_logits(d, IDS[:40], 256), hf_logits(d, IDS[:40])) < 1e-5
+
+
+def test_longrope_short_and_long_factors_match_transformers(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    half = 64 // 4 // 2
+    rs = {"rope_type": "longrope", "short_factor": (1 + torch.rand(half, generator=g)).tolist(),
+          "long_factor": (2 + 6 * torch.rand(half, generator=g)).tolist()}
+    d = write_phi3(tmp_path / "long", rope_parameters=dict(rs, rope_theta=10000.0),
+                   original_max_position_embeddings=64, max_position_embeddings=512)
+    cfg = load_model(d, max_seq_len=64).model.config
+    assert cfg.rope_scaling["rope_type"] == "longrope" and cfg.rope_scaling["factor"] == 8.0
+    # within the trained 64 positions: the short factors (a cache of at most 64); past them, the long ones
+    short, long_ = IDS[:50], IDS[:130]
+    right = rel_err(ours_logits(d, short, 64), hf_logits(d, short))
+    assert right < 1e-5
+    assert rel_err(ours_logits(d, long_, 256), hf_logits(d, long_)) < 1e-5
+    # and the factors matter: the long ones where transformers took the short ones are far off
+    assert rel_err(ours_logits(d, short, 256), hf_logits(d, short)) > max(1e-4, 100 * right)
+
+
+def test_old_su_configs_and_a_sliding_window(tmp_path):
+    d = write_phi3(tmp_path / "su", sliding_window=48)
+    cfg = json.loads((d / "config.json").read_text())
+    half = 8
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = {"type": "su", "short_factor": [1.0] * half, "long_factor": [4.0] * half}
+    cfg["original_max_position_embeddings"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = load_model(d, max_seq_len=48).model
+    assert m.config.rope_scaling["rope_type"] == "longrope" and m.config.sliding_window == 48
+    with pytest.raises(Exception, match="sliding window"):
+        Engine.from_pretrained(str(d), device="cpu", max_seq_len=128)
+    eng = Engine.from_pretrained(str(d), device="cpu", max_seq_len=48)
+    assert eng.generate("The quick brown fox", chat=False, max_new_tokens=5).finish_reason in ("length", "eos")
+
+
+def test_bad_phi3_configs_are_named(tmp_path):
+    d = write_phi3(tmp_path / "bad")
+    cfg = json.loads((d / "config.json").read_text())
+    for edit, what in (({"partial_rotary_factor": 0.75}, "partial_rotary_factor"),
+                       ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3},
+                         "rope_parameters": None}, "short_factor has 3 entries"),
+                       ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8}, "rope_parameters": None},
+                        "needs long_factor")):
+        (d / "config.json").write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(ConfigError, match=what):
+            load_model(d)
