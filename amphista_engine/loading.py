@@ -409,7 +409,8 @@ def _field(reader, key, default=None):
 
 # GGUF architectures whose layers are this model's: llama.cpp's converter permutes the Q/K rows of `llama` and
 # `smollm3` files (its Qwen graphs use NeoX RoPE, the rotate-half convention, on rows as Hugging Face stores them).
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "phi3")
+_FUSED_ARCHS = ("phi3",)                  # attn_qkv and ffn_up (gate | up) stored fused, as Hugging Face's Phi-3
 _PERMUTED_ARCHS = ("llama", "smollm3")
 _NO_ROPE_LAYER_STEP = {"smollm3": 4}      # llama.cpp: hparams.n_no_rope_layer_step, fixed, no key
 
@@ -436,7 +437,8 @@ def gguf_config(reader, path) -> ModelConfig:
                           "tokenizer.ggml.tokens)")
     names = {t.name for t in reader.tensors}
     tied = "output.weight" not in names
-    scaling = _gguf_rope_scaling(path, a, arch)
+    scaling = _gguf_longrope(reader, path, a) if "rope_factors_short.weight" in names else \
+        _gguf_rope_scaling(path, a, arch)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     try:
         cfg = ModelConfig(
@@ -449,7 +451,9 @@ def gguf_config(reader, path) -> ModelConfig:
             name=_field(reader, "general.name", arch), qkv_bias="blk.0.attn_q.bias" in names,
             o_bias="blk.0.attn_output.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
             nope_layers=tuple(i for i in range(a("block_count") if isinstance(a("block_count"), int) else 0)
-                              if arch in _NO_ROPE_LAYER_STEP and (i + 1) % _NO_ROPE_LAYER_STEP[arch] == 0))
+                              if arch in _NO_ROPE_LAYER_STEP and (i + 1) % _NO_ROPE_LAYER_STEP[arch] == 0),
+            fused_checkpoint=arch in _FUSED_ARCHS,
+            sliding_window=(a("attention.sliding_window") or None) if arch in _FUSED_ARCHS else None)
     except ConfigError as e:
         raise ConfigError(f"{path}: GGUF metadata: {e}") from None
     rot = a("rope.dimension_count")
@@ -484,6 +488,25 @@ def _gguf_rope_scaling(path, a, arch: str) -> dict | None:
                       "Llama-3's frequency factors (rope_freqs.weight)")
 
 
+def _gguf_longrope(reader, path, a) -> dict:
+    """Phi-3's LongRoPE as llama.cpp's converter stores it: the factor lists as rope_factors_short/long tensors,
+    the trained length and the attention factor as metadata."""
+    from .gguf_file import dequantize_all
+    factors = dequantize_all([t for t in reader.tensors if t.name in ("rope_factors_short.weight",
+                                                                      "rope_factors_long.weight")])
+    if len(factors) != 2:
+        raise ConfigError(f"{path}: GGUF file has rope_factors_short.weight but no rope_factors_long.weight")
+    original, ctx = a("rope.scaling.original_context_length"), a("context_length")
+    if original is None:
+        raise ConfigError(f"{path}: GGUF LongRoPE file lacks rope.scaling.original_context_length")
+    out = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"].ravel().tolist(),
+           "long_factor": factors["rope_factors_long.weight"].ravel().tolist(),
+           "original_max_position_embeddings": original, "factor": (ctx or original) / original}
+    if a("rope.scaling.attn_factor") is not None:
+        out["attention_factor"] = a("rope.scaling.attn_factor")
+    return out
+
+
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     # llama.cpp's converter interleaves each head's two RoPE halves; restore the rotate-half row order.
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -493,7 +516,8 @@ _GGUF_IGNORED = ("attn_rot_embd.weight",)      # old conversions' RoPE tables: r
 _GGUF_OF_HF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+               "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 
 
 def _gguf_name(hf_layer_name: str) -> str:
@@ -511,8 +535,10 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
             raise ConfigError(f"{path}: GGUF tensor {t.name} has type {tname}, which amphista-engine cannot "
                               f"dequantize (supported: {', '.join(GGUF_TYPES)})")
     names = {t.name: t for t in reader.tensors}
-    if "blk.0.attn_q.weight" not in names:
-        raise ConfigError(f"{path}: GGUF file has no blk.0.attn_q.weight: not a llama-architecture checkpoint")
+    first = "blk.0.attn_qkv.weight" if cfg.fused_checkpoint else "blk.0.attn_q.weight"
+    if first not in names:
+        raise ConfigError(f"{path}: GGUF file has no {first}: not a "
+                          f"{_field(reader, 'general.architecture')}-architecture checkpoint")
     block = [_gguf_name(n) for n in _layer_shapes(cfg)]
     known = {f"blk.{i}.{n}" for i in range(cfg.n_layers) for n in block}
     unused = [n for n in names if n.startswith("blk.") and n not in known and not n.endswith(_GGUF_IGNORED)]
@@ -522,7 +548,7 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
         if lacking:
             raise ConfigError(f"{path}: GGUF file lacks blk.{i}.{lacking[0]} "
                               f"(block_count says {cfg.n_layers} layers)")
-        for n, heads in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads)):
+        for n, heads in () if cfg.fused_checkpoint else (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads)):
             shape = names[f"blk.{i}.{n}.weight"].shape
             if len(shape) != 2 or shape != (heads * cfg.head_dim, cfg.dim):
                 raise ConfigError(f"{path}: tensor blk.{i}.{n}.weight has shape {shape}, but the metadata's {heads} "
@@ -554,7 +580,7 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     for i in range(cfg.n_layers):
         b, p = f"blk.{i}.", f"layers.{i}."
         g = lambda n, kind="weight": raw[f"{b}{n}.{kind}"]  # noqa: E731
-        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+        for kind in ("weight", "bias") if cfg.qkv_bias else () if cfg.fused_checkpoint else ("weight",):
             q, k = g("attn_q", kind), g("attn_k", kind)
             if permuted:
                 q, k = _unpermute(q, cfg.n_heads), _unpermute(k, cfg.n_kv_heads)
@@ -566,7 +592,12 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if cfg.qk_norm:
             out[p + "attention.q_norm.weight"] = g("attn_q_norm")
             out[p + "attention.k_norm.weight"] = g("attn_k_norm")
-        out[p + "feed_forward.w13.weight"] = _cat(p + "ffn", [torch.from_numpy(g("ffn_gate")), torch.from_numpy(g("ffn_up"))])
+        if cfg.fused_checkpoint:        # Phi-3: q|k|v and gate|up as llama.cpp stores them, rows as Hugging Face's
+            out[p + "attention.wqkv.weight"] = g("attn_qkv")
+            out[p + "feed_forward.w13.weight"] = g("ffn_up")
+        else:
+            out[p + "feed_forward.w13.weight"] = _cat(p + "ffn", [torch.from_numpy(g("ffn_gate")),
+                                                                  torch.from_numpy(g("ffn_up"))])
         out[p + "feed_forward.w2.weight"] = g("ffn_down")
         out[p + "attention_norm.weight"] = g("attn_norm")
         out[p + "ffn_norm.weight"] = g("ffn_norm")

@@ -104,3 +104,70 @@ def test_bad_phi3_configs_are_named(tmp_path):
         (d / "config.json").write_text(json.dumps({**cfg, **edit}))
         with pytest.raises(ConfigError, match=what):
             load_model(d)
+
+
+def write_phi3_gguf(hf_dir, out, qtype="F32", longrope=None, window=None):
+    """The tiny Phi-3 as llama.cpp's converter writes a `phi3` GGUF: attn_qkv and ffn_up (gate | up) fused, rows
+    as stored (NeoX RoPE: no permutation), LongRoPE's factors as tensors."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from conftest import _add_gguf_tensor, _close_gguf
+    w = load_file(str(hf_dir / "model.safetensors"))
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    wr = gguf.GGUFWriter(str(out), "phi3")
+    wr.add_block_count(2)
+    wr.add_context_length(BASE["max_position_embeddings"])
+    wr.add_embedding_length(64)
+    wr.add_feed_forward_length(128)
+    wr.add_head_count(4)
+    wr.add_head_count_kv(2)
+    wr.add_rope_dimension_count(16)
+    wr.add_layer_norm_rms_eps(1e-5)
+    wr.add_rope_freq_base(10000.0)
+    if window:
+        wr.add_sliding_window(window)
+    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(V - len(tokens))]
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
+    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    if longrope:
+        wr.add_uint32("phi3.rope.scaling.original_context_length", longrope["original"])
+        wr.add_float32("phi3.rope.scaling.attn_factor", longrope["attn_factor"])
+        wr.add_tensor("rope_factors_long.weight", np.array(longrope["long_factor"], dtype=np.float32))
+        wr.add_tensor("rope_factors_short.weight", np.array(longrope["short_factor"], dtype=np.float32))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(2):
+        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in (
+            ("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))})
+    for hf_name, g in names.items():
+        _add_gguf_tensor(wr, g, w[hf_name].astype(np.float32), qtype if g != "token_embd.weight" else "F32")
+    _close_gguf(wr)
+    return out
+
+
+def test_phi3_gguf_matches_transformers(tmp_path):
+    import math
+    g = torch.Generator().manual_seed(2)
+    rs = {"rope_type": "longrope", "short_factor": (1 + torch.rand(8, generator=g)).tolist(),
+          "long_factor": (2 + 6 * torch.rand(8, generator=g)).tolist()}
+    d = write_phi3(tmp_path / "hf", rope_parameters=dict(rs, rope_theta=10000.0),
+                   original_max_position_embeddings=64, max_position_embeddings=512)
+    f = write_phi3_gguf(d, tmp_path / "phi3.gguf", longrope=dict(
+        rs, original=64, attn_factor=math.sqrt(1 + math.log(8) / math.log(64))))
+    for ids, max_len in ((IDS[:50], 64), (IDS[:130], 256)):      # the short factors, then the long ones
+        assert rel_err(ours_logits(f, ids, max_len), hf_logits(d, ids)) < 1e-5
+    # Q4_0 layers through the engine (quant auto: the 4-bit CPU path), a sliding window capping the cache
+    q = write_phi3_gguf(write_phi3(tmp_path / "plain"), tmp_path / "q4.gguf", qtype="Q4_0", window=96)
+    eng = Engine.from_pretrained(str(q), device="cpu", max_seq_len=96)
+    assert eng.quant == "q4" and eng.config.sliding_window == 96
+    assert eng.generate("The quick brown fox", chat=False, max_new_tokens=6).finish_reason in ("length", "eos")
+    with pytest.raises(Exception, match="sliding window"):
+        Engine.from_pretrained(str(q), device="cpu", max_seq_len=128)
