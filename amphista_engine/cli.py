@@ -81,6 +81,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
                        help="add VALUE to token ID's logit at every step (repeatable; -100 bans it)")
         p.add_argument("--ignore-eos", action="store_true",
                        help="go on past end-of-sequence tokens, to --max-new-tokens (fixed-length runs)")
+        p.add_argument("--min-tokens", type=int, default=0,
+                       help="no end-of-sequence (or --stop-token-id) token before this many tokens")
+        p.add_argument("--stop-token-id", type=int, action="append", dest="stop_token_ids", metavar="ID",
+                       help="a token id that ends the answer as EOS does (repeatable)")
 
 
 def _logit_bias(args) -> dict | None:
@@ -194,7 +198,8 @@ def _decoding_kwargs(args, speculative, tree) -> dict:
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
                 seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                logit_bias=_logit_bias(args), ignore_eos=args.ignore_eos)
+                logit_bias=_logit_bias(args), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
+                stop_token_ids=args.stop_token_ids)
 
 
 def _stream_answer(engine, prompt, before=None, **kwargs):

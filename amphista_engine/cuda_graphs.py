@@ -38,7 +38,7 @@ import torch
 
 ENV_VAR = "AMPHISTA_CUDA_GRAPHS"
 # decoder tensors a step reads (or updates) in place
-STATE_ATTRS = ("next", "draft", "seen", "ongoing", "counts", "bias")
+STATE_ATTRS = ("next", "draft", "seen", "ongoing", "counts", "bias", "produced", "ban_ids")
 
 
 def graphs_enabled_by_env() -> bool:
@@ -156,6 +156,8 @@ class DecodeGraphs:
         # The penalties change greedy steps too (their values are baked into the captured kernels); a bias is a
         # state tensor (its values are copied in), only whether there is one changes the kernels.
         mode += (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, bool(p.logit_bias))
+        ban = getattr(decoder, "ban_ids", None)       # min_tokens: its value and the ids it holds back
+        mode += (getattr(decoder, "min_tokens", 0), None if ban is None else ban.shape[0])
         gen = getattr(decoder, "generator", None)
         tree = getattr(decoder, "tree", None)
         return (type(decoder).__name__, id(decoder.model), id(getattr(decoder, "heads", None)),

@@ -108,6 +108,13 @@ def check_top_logprobs(top_logprobs, logprobs: bool = True) -> int:
     return int(top_logprobs)
 
 
+def check_min_tokens(min_tokens) -> int:
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise InputError(f"min_tokens must be an integer >= 0 (0 = off), got {type(min_tokens).__name__} "
+                         f"{min_tokens!r:.40}")
+    return min_tokens
+
+
 def check_max_new_tokens(max_new_tokens) -> int:
     """max_new_tokens as a Python int. Numpy's integers are integers too (np.int64(64) from an array or a config
     was refused as "must be a positive integer, got np.int64(64)"), as the sampling parameters take them."""
@@ -577,8 +584,8 @@ class Engine:
                      tree=None, acceptance: str = "auto", reuse_prefix: bool = False,
                      row_results: bool = False, logprobs: bool = False,
                      top_logprobs: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     logit_bias: dict | None = None, ignore_eos: bool = False,
-                     admit=None) -> Iterator[tuple[int, str]]:
+                     logit_bias: dict | None = None, ignore_eos: bool = False, min_tokens: int = 0,
+                     stop_token_ids: Sequence[int] | None = None, admit=None) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -613,6 +620,10 @@ class Engine:
         (-100 bans a token, +100 all but forces it); speculative decoding takes it too, greedy output still equal to
         plain decoding's. ignore_eos: end rows only at max_new_tokens or a stop string (latency benchmarks' fixed
         lengths; end-of-sequence tokens are then left out of the text as other special tokens are).
+        stop_token_ids: token ids that end a row as EOS does (left out of its ids and text), finish_reason "stop".
+        min_tokens: no row ends by EOS or a stop_token_ids id before it has this many tokens (those tokens' logits are
+        held at -inf until then; speculative decoding too, node by node); stop strings and max_new_tokens still end
+        it (vLLM's min_tokens).
 
         admit: continuous batching (a server's requests that arrive mid-run). admit(free) is called between steps
         while the run has `free` rows to give (rows that ended, or rows up to max_batch_size) and returns a list of
@@ -621,6 +632,8 @@ class Engine:
         then decodes with the others. One the engine refuses (malformed, too long for the cache) yields (row,
         error), an AmphistaError, in place of any delta. last_results holds every row's result (None for a refused
         one). Not with reuse_prefix."""
+        min_tokens = check_min_tokens(min_tokens)
+        stop_token_ids = self._check_stop_token_ids(stop_token_ids)
         for name, value in (("row_results", row_results), ("logprobs", logprobs), ("ignore_eos", ignore_eos)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
@@ -641,6 +654,9 @@ class Engine:
         if not prompts:
             raise InputError("no prompts given")
         limits = check_limits_count(max_new_tokens, len(prompts))     # each row's own max_new_tokens
+        if min_tokens > min(limits):
+            raise InputError(f"min_tokens ({min_tokens}) is more than max_new_tokens ({min(limits)}): no answer "
+                             f"could end by EOS; lower min_tokens")
         if not isinstance(reuse_prefix, bool):
             raise InputError(f"reuse_prefix must be True or False, got {type(reuse_prefix).__name__} {reuse_prefix!r}")
         if reuse_prefix and len(prompts) > 1:
@@ -718,15 +734,29 @@ class Engine:
                                        tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
         decoder.admits = admit is not None
+        ends = sorted(set(stop_token_ids) | (set() if ignore_eos else set(self.eos_ids)))
+        if min_tokens and ends:
+            decoder.min_tokens, decoder.ban_ids = min_tokens, torch.tensor(ends, device=self.device)
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
             if self._decoding is None:  # (another thread's run sets its own when it ends)
                 self.last_result, self.last_results = None, []
         # What the cache holds (the kept prefix) is taken when the run starts (_drive), not here: a stream is lazy,
         # and one set up and never started (or a run started in between) must not decide what the next run reuses.
-        joins = None if admit is None else self._admission(admit, chat, extra)
-        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins)
+        joins = None if admit is None else self._admission(admit, chat, extra, min_tokens)
+        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids)
 
-    def _admission(self, admit, chat, extra: int):
+    def _check_stop_token_ids(self, ids) -> list[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)):
+            raise InputError(f"stop_token_ids must be a list of token ids, got {type(ids).__name__} {ids!r:.80}")
+        V = self.config.vocab_size
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < V:
+                raise InputError(f"stop_token_ids: {i!r:.40} is not a token id of this model (0 to {V - 1})")
+        return list(ids)
+
+    def _admission(self, admit, chat, extra: int, min_tokens: int = 0):
         """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
         tree's room `extra` too), each an AmphistaError where refused."""
         def joins(free: int) -> list:
@@ -737,6 +767,8 @@ class Engine:
                         raise InputError(f"admit must return (prompt, max_new_tokens) pairs, got {item!r:.80}")
                     prompt, limit = item
                     limit = check_max_new_tokens(limit)
+                    if min_tokens > limit:
+                        raise InputError(f"min_tokens ({min_tokens}) is more than max_new_tokens ({limit})")
                     ids = self.encode_prompt(prompt, chat)
                     self._check_room(ids, limit, extra, None, prompt)
                     entries.append((ids, limit))
@@ -784,7 +816,7 @@ class Engine:
                     self._decoding = None if overtakes else before
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
-               ignore_eos: bool = False, admit=None):
+               ignore_eos: bool = False, admit=None, stop_ids=()):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
         keeps its own prompt + answer.
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
@@ -802,7 +834,7 @@ class Engine:
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             steps = run(decoder, ids, self.tokenizer, limits, [] if ignore_eos else self.eos_ids, stop, stats,
-                        on_row_end=ended.append if row_results else None, admit=admit)
+                        on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and

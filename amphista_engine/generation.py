@@ -136,6 +136,9 @@ class PlainDecoder:
         # the answer's tokens so far, for presence/frequency penalties (set at prefill; None when they are off)
         self.bias = params.bias_tensor(model.config.vocab_size, self.device)
         self.counts = None
+        # Set by the engine (stream_batch(min_tokens=N)): the ending token ids (EOS, stop_token_ids) that no token
+        # may be before a row has N; produced [B]: each row's tokens so far (set at prefill)
+        self.min_tokens, self.ban_ids, self.produced = 0, None, None
         self.host_len = 0        # host-side upper bound of every row's length: sizes the attention window only
         self.forwards = 0
         # Set by the engine before prefill (batch 1): the cache already holds this many leading prompt tokens'
@@ -189,6 +192,7 @@ class PlainDecoder:
             pad = torch.arange(T, device=self.device)[None] >= lengths[:, None]
             self.seen.scatter_(1, torch.where(pad, tokens[:, :1], tokens), True)
         self.counts = None
+        self.produced = torch.zeros(B, dtype=torch.long, device=self.device) if self.min_tokens else None
         if self.params.penalized:
             self.counts = torch.zeros(B, self.model.config.vocab_size, dtype=torch.int32, device=self.device)
         self._on_prefill(tokens[:, r:], hidden)
@@ -228,8 +232,17 @@ class PlainDecoder:
         steps and tree verification alike, so greedy speculative output still equals plain output."""
         return logits if self.bias is None else logits.float() + self.bias
 
+    def _held_back(self, logits: torch.Tensor, depth: torch.Tensor | int = 0) -> torch.Tensor:
+        """min_tokens: the ending tokens' logits at -inf where the token chosen from them would be a row's
+        (produced + depth)-th, below min_tokens (depth: a tree node's, [N] or [B, N]; logits [B, V] or [B, N, V])."""
+        if self.produced is None:
+            return logits
+        early = self.produced.view(-1, *([1] * (logits.dim() - 2))) + depth < self.min_tokens
+        held = torch.where(early, float("-inf"), 0.0)[..., None].expand(*early.shape, len(self.ban_ids))
+        return logits.float().scatter_add(-1, self.ban_ids.expand(*early.shape, -1), held)
+
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = self._biased(logits)       # first, as vLLM's logits processors come before its penalties
+        logits = self._held_back(self._biased(logits))  # first, as vLLM's logits processors come before its penalties
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
         if self.counts is not None:
@@ -239,6 +252,8 @@ class PlainDecoder:
             self.seen.scatter_(1, tok[:, None], True)
         if self.counts is not None:
             self.counts.scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=torch.int32))
+        if self.produced is not None:
+            self.produced += 1
         return tok
 
     @torch.inference_mode()
@@ -269,6 +284,8 @@ class PlainDecoder:
             self.seen = self.seen[idx]
         if self.counts is not None:
             self.counts = self.counts[idx]
+        if self.produced is not None:
+            self.produced = self.produced[idx]
         return idx
 
     # ---- rows that join a run between steps (stream_batch's admit: a server's requests arriving mid-run) -----------
@@ -280,7 +297,7 @@ class PlainDecoder:
         """The per-row state tensors with rows up to B (new rows zero: ended until add_rows fills them)."""
         def grow(t):
             return t if t is None or t.shape[0] >= B else torch.cat([t, t.new_zeros((B - t.shape[0],) + t.shape[1:])])
-        for name in ("next", "ongoing", "seen", "counts", "draft", "last_count"):
+        for name in ("next", "ongoing", "seen", "counts", "produced", "draft", "last_count"):
             if getattr(self, name, None) is not None:
                 setattr(self, name, grow(getattr(self, name)))
 
@@ -296,6 +313,7 @@ class PlainDecoder:
         tmp = PlainDecoder(self.model, KVCache.for_model(cfg, k, kv_window(T, self.cache.max_seq_len),
                                                          self.cache.k.dtype, self.device), self.params)
         tmp.generator, tmp.logprobs, tmp.top_logprobs = self.generator, self.logprobs, self.top_logprobs
+        tmp.min_tokens, tmp.ban_ids = self.min_tokens, self.ban_ids
         captured = {}
         tmp._on_prefill = lambda tokens, hidden: captured.update(tokens=tokens, hidden=hidden)
         tmp.first = tmp.prefill(prompts)
@@ -313,6 +331,8 @@ class PlainDecoder:
             self.seen[idx] = tmp.seen
         if self.counts is not None:
             self.counts[idx] = tmp.counts
+        if self.produced is not None:
+            self.produced[idx] = tmp.produced
         # rebound by every step for every row: the next step's cover the new rows too
         self.step_logprobs = self.step_top_values = self.step_top_ids = None
         self._on_add_rows(idx, tmp, captured)
@@ -461,7 +481,7 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
             break
         used += 1
         if tok in eos:
-            row.finish_reason = "eos"
+            row.finish_reason = eos[tok] if isinstance(eos, dict) else "eos"    # "stop": a stop_token_ids id
             if lps is not None:
                 row.eos_logprob = (tok, lps[i], None if tops is None else tops[i])
             break
@@ -485,7 +505,7 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
             row.cut_at_stop(stop, max(0, before - hold), held.partition("\ufffd")[0])
         if len(row.ids) >= max_new_tokens and not row.finish_reason:
             row.finish_reason = "length"
-    if row.finish_reason in ("eos", "length"):
+    if row.finish_reason in ("eos", "length") or (row.finish_reason == "stop" and toks and toks[used - 1] in eos):
         before = row.raw_len()
         row.text += stream.flush()     # bytes of a character the model never finished
         if stop:                       # now final: a stop may hold the U+FFFD of such bytes
@@ -503,7 +523,7 @@ def _tops(decoder) -> list:
 
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
-        stats: list[GenerationStats], on_row_end=None, admit=None) -> Iterator[tuple[int, str]]:
+        stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=()) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
     max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
@@ -513,6 +533,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     the run, or an exception (a prompt refused): entry i becomes row len(rows) + i, a refused one yields (row,
     exception) and ends at once. decoder.row_prompts lists every row's prompt ids (None for a refused one).
 
+    stop_ids: token ids that end a row as EOS does (left out of its ids and text), with finish_reason "stop".
+
     Tokens past EOS, a stop string or a row's max_new_tokens inside one step are dropped here, never emitted.
     """
     B = len(prompts)
@@ -521,11 +543,13 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
         raise ValueError(f"{len(limits)} max_new_tokens for {B} prompts")
     rows = decoder.rows = [RowState() for _ in range(B)]
     decoder.row_prompts = list(prompts)
-    eos, hold = set(eos_ids), max((len(s) for s in stop), default=1) - 1
+    eos = {t: "eos" for t in eos_ids}
+    eos.update({t: "stop" for t in stop_ids if t not in eos})
+    hold = max((len(s) for s in stop), default=1) - 1
     # Special tokens that are not EOS (`<|im_start|>` when a raw prompt lets the model open the next turn) are left
     # out of the answer, as Hugging Face's pipelines and vLLM leave them out: text == decode(ids, skip_special_tokens=
     # True). Stop strings still see them (special_text). A tokenizer without special_ids (tests' stubs) shows all.
-    skipped = frozenset(getattr(tokenizer, "special_ids", ())) - eos
+    skipped = frozenset(getattr(tokenizer, "special_ids", ())) - set(eos)
     if skipped:
         def new_stream():
             return tokenizer.stream_decoder(skip_special_tokens=True)

@@ -307,7 +307,9 @@ class SpeculativeDecoder(PlainDecoder):
 
         p = self.params
         scores = logits
-        logits = self._biased(logits)     # the distribution plain decoding samples; logprobs stay the model's own
+        # the distribution plain decoding samples (a node's token is the row's produced + depth-th); logprobs stay
+        # the model's own
+        logits = self._held_back(self._biased(logits), tree.depth)
         if self.acceptance == "greedy":
             res = ops.greedy_accept(tree.tokens, logits, tree.retrieve)
         elif self.acceptance == "typical":
@@ -326,6 +328,8 @@ class SpeculativeDecoder(PlainDecoder):
         out = res.emitted.clamp(min=0)
         acc_hidden = hidden.gather(1, nodes[..., None].expand(-1, -1, hidden.shape[-1]))
         length += count
+        if self.produced is not None:
+            self.produced += count
         self.draft.copy_(self.heads.step(acc_hidden, out, count, kv_len))
         self.next.copy_(res.next_token)
         if self.logprobs:

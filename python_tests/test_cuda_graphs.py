@@ -470,3 +470,24 @@ def test_graphs_keep_penalties_and_biases_apart(one_thread):
         answers.append(eager)
     assert len({str(a) for a in answers}) == len(cases)       # each option changed the answer
     assert graphs.stats.replays > 0
+
+
+def test_graphs_hold_back_ending_tokens_for_min_tokens(one_thread):
+    """min_tokens through the graph bookkeeping: `produced` and the held-back ids are state tensors, min_tokens and
+    how many ids are in the key; runs with other ids of the same count replay the same graph with their own ids."""
+    model = random_tiny_model(seed=11)
+    cache = KVCache.for_model(model.config, 2, 256, torch.float32, "cpu")
+    prompts = [[5, 9, 2, 33, 17], [60, 61, 62, 63, 1, 2, 3]]
+    graphs = _CPUGraphs()
+    params = SamplingParams(logit_bias={26: 30.0, 32: 30.0})
+
+    def make(ban, n):
+        dec = PlainDecoder(model, cache, params)
+        dec.min_tokens, dec.ban_ids = n, torch.tensor(ban)
+        return dec
+    for ban, n in (([26], 6), ([32], 6), ([26], 9), ([32], 6)):
+        eager, _ = decode(make(ban, n), prompts, 20)
+        got, _ = decode(make(ban, n), prompts, 20, graphs=graphs)
+        assert got == eager, (ban, n, _first_difference(eager, got))
+        assert all(ban[0] not in row[:n] for row in got)
+    assert graphs.stats.replays > 0

@@ -171,3 +171,70 @@ def test_cli_flags(tiny_amphista_engine, tiny_hf_dir, tiny_amphista_heads_dir, c
     rc, out, err = cli("--ignore-eos", "--logit-bias", f"{eng.eos_ids[0]}=100", "--speculative", "none")
     assert rc == 0, err
     assert json.loads(out)["finish_reason"] == "length" and json.loads(out)["token_ids"] == [eng.eos_ids[0]] * 10
+    rc, out, err = cli("--min-tokens", "3", "--logit-bias", f"{eng.eos_ids[0]}=100", "--speculative", "none")
+    assert rc == 0, err
+    assert json.loads(out)["finish_reason"] == "eos" and len(json.loads(out)["token_ids"]) == 3
+    rc, out, err = cli("--stop-token-id", str(base.token_ids[2]), "--speculative", "amphista")
+    assert rc == 0, err
+    assert json.loads(out)["finish_reason"] == "stop" and json.loads(out)["token_ids"] == base.token_ids[:2]
+
+
+def test_min_tokens_holds_eos_back_plain_and_speculative(tiny_amphista_engine):
+    eng = tiny_amphista_engine
+    eos = eng.eos_ids[0]
+    boost = {eos: 8.0}          # EOS all but forced: the answer would end at once
+    assert eng.generate("Hello", chat=False, max_new_tokens=12, speculative=None, logit_bias=boost).token_ids == []
+    for speculative in (None, "amphista"):
+        r = eng.generate("Hello", chat=False, max_new_tokens=12, speculative=speculative, logit_bias=boost,
+                         min_tokens=5)
+        assert r.finish_reason == "eos" and len(r.token_ids) == 5, (speculative, r)
+    plain = eng.generate("Hello", chat=False, max_new_tokens=12, speculative=None, logit_bias=boost, min_tokens=5)
+    spec = eng.generate("Hello", chat=False, max_new_tokens=12, speculative="amphista", logit_bias=boost,
+                        min_tokens=5)
+    assert spec.token_ids == plain.token_ids
+    # held back from the logits the token is chosen from, not reported: the logprobs stay the model's own
+    with pytest.raises(InputError, match=r"min_tokens \(13\) is more than max_new_tokens \(12\)"):
+        eng.generate("Hello", chat=False, max_new_tokens=12, min_tokens=13)
+    with pytest.raises(InputError, match="min_tokens must be an integer >= 0"):
+        eng.generate("Hello", max_new_tokens=2, min_tokens=-1)
+
+
+def test_min_tokens_per_tree_node_matches_plain_under_an_oracle():
+    """A node at depth d holds EOS back while the row has fewer than min_tokens - d tokens: an oracle drafting the
+    min_tokens answer accepts long runs and ends where plain decoding does."""
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    model = random_tiny_model(seed=11)
+    eos = 26                                     # the tiny model's favourite token: it repeats it forever
+    prompt = PROMPTS[0]
+
+    def decode(dec):
+        dec.min_tokens, dec.ban_ids = 9, torch.tensor([eos])
+        list(run(dec, [prompt], _NoText(), 30, [eos], [], [GenerationStats()]))
+        return dec.rows[0].ids, dec.rows[0].finish_reason
+    params = SamplingParams(logit_bias={eos: 30.0})     # EOS first wherever allowed: it ends at exactly 9
+    cache = KVCache.for_model(model.config, 1, 256, torch.float32, "cpu")
+    plain = decode(PlainDecoder(model, cache, params))
+    assert plain[1] == "eos" and len(plain[0]) == 9
+    for seed in range(4):         # the EOS at depth 1, 2 or 3 of a step's accepted path
+        heads = OracleHeads(prompt + plain[0] + [eos], 64, 3, hit=0.9, seed=seed)
+        cache = KVCache.for_model(model.config, 1, 256, torch.float32, "cpu")
+        dec = SpeculativeDecoder(model, cache, heads, TreeSpec("tree-16", 3, "cpu"), params)
+        assert decode(dec) == plain, seed
+
+
+def test_stop_token_ids_end_a_row(tiny_amphista_engine):
+    eng = tiny_amphista_engine
+    base = eng.generate("The quick brown fox", chat=False, max_new_tokens=10, speculative=None)
+    stop_at = base.token_ids[3]
+    for speculative in (None, "amphista"):
+        r = eng.generate("The quick brown fox", chat=False, max_new_tokens=10, speculative=speculative,
+                         stop_token_ids=[stop_at])
+        cut = base.token_ids.index(stop_at)
+        assert r.finish_reason == "stop" and r.token_ids == base.token_ids[:cut]
+    # min_tokens holds them back too
+    r = eng.generate("The quick brown fox", chat=False, max_new_tokens=10, stop_token_ids=[stop_at],
+                     min_tokens=cut + 1, speculative=None)
+    assert len(r.token_ids) > cut
+    for bad, what in ((5, "stop_token_ids must be a list"), ([-1], "not a token id"), ([10**6], "not a token id")):
+        with pytest.raises(InputError, match=what):
+            eng.generate("Hi", max_new_tokens=2, stop_token_ids=bad)

@@ -71,3 +71,21 @@ def test_bad_values_are_named(served):
     status, reply = call(url, COMPLETIONS, {**body, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
                                             "ignore_eos": False})
     assert status == 200, reply
+
+
+def test_min_tokens_and_stop_token_ids(served):
+    engine, url = served
+    eos = engine.eos_ids[0]
+    got = completion(url, logit_bias={str(eos): 100}, min_tokens=4)
+    want = engine.generate(PROMPT, chat=False, max_new_tokens=10, speculative=None, logit_bias={eos: 100},
+                           min_tokens=4)
+    assert got["finish_reason"] == "stop" and got["text"] == want.text and len(want.token_ids) == 4
+    base = engine.generate(PROMPT, chat=False, max_new_tokens=10, speculative=None)
+    got = completion(url, stop_token_ids=[base.token_ids[2]])
+    want = engine.generate(PROMPT, chat=False, max_new_tokens=10, speculative=None,
+                           stop_token_ids=[base.token_ids[2]])
+    assert got["finish_reason"] == "stop" and got["text"] == want.text
+    error_of(call(url, COMPLETIONS, {"prompt": PROMPT, "max_tokens": 3, "min_tokens": 5}), 400,
+             "min_tokens (5) is more than max_tokens (3)", param="min_tokens")
+    error_of(call(url, COMPLETIONS, {"prompt": PROMPT, "max_tokens": 3, "stop_token_ids": ["x"]}), 400,
+             "stop_token_ids", param="stop_token_ids")

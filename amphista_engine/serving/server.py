@@ -86,7 +86,8 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
         field = m.group(1) if m else None
         param = field if field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
                                    "max_tokens", "speculative", "tree", "acceptance", "top_logprobs",
-                                   "presence_penalty", "frequency_penalty", "logit_bias") else None
+                                   "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
+                                   "stop_token_ids") else None
         return ApiError(400, message, param)
     if isinstance(e, ConfigError) and tree_given and "tree" in message:
         return ApiError(400, message, "tree")
@@ -230,8 +231,9 @@ def _logprob_options(body, chat: bool) -> dict:
 
 
 def _openai_logit_options(body: dict) -> dict:
-    """presence_penalty, frequency_penalty, logit_bias and ignore_eos as engine options (only those the request sets
-    to something: the rest keep the engine's off), in OpenAI's ranges; the engine checks the token ids."""
+    """presence_penalty, frequency_penalty, logit_bias, and vLLM's ignore_eos, min_tokens and stop_token_ids as engine
+    options (only those the request sets to something: the rest keep the engine's off), in OpenAI's ranges; the
+    engine checks the token ids."""
     out = {}
     for name in ("presence_penalty", "frequency_penalty"):
         value = body.get(name)
@@ -260,6 +262,11 @@ def _openai_logit_options(body: dict) -> dict:
         raise ApiError(400, f"ignore_eos must be true or false, got {_json_type(ignore)}", "ignore_eos")
     if ignore:
         out["ignore_eos"] = True
+    # vLLM's: the engine checks them (InputError, named)
+    if body.get("min_tokens") not in (None, 0):
+        out["min_tokens"] = body["min_tokens"]
+    if body.get("stop_token_ids") not in (None, []):
+        out["stop_token_ids"] = body["stop_token_ids"]
     return out
 
 
