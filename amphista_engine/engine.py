@@ -728,6 +728,11 @@ class Engine:
             for i in rows:
                 self._check_room(ids[i], limits[i], extra, i if len(ids) > 1 else None, prompts[i])
             return True
+        if admit is not None and self._cache is not None and self._cache.batch < self._cache_batch:
+            # Joiners take the cache's spare rows (row_capacity), and the cache only grows as a run starts: one
+            # allocated before reserve_batch (a generate() before make_server) held a 1-row run at 1 row, so no
+            # request could join it. The rows reserve_batch checked the memory for, allocated now.
+            self._cache_for(max(self._cache_batch, len(ids)))
         # max_new_tokens=1 (every row's): the prefill gives the one token and no step runs, so no tree slot is
         # ever written; one row with a larger limit runs steps, and every row's tree then needs its room
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
@@ -742,7 +747,12 @@ class Engine:
                 self.last_result, self.last_results = None, []
         # What the cache holds (the kept prefix) is taken when the run starts (_drive), not here: a stream is lazy,
         # and one set up and never started (or a run started in between) must not decide what the next run reuses.
-        joins = None if admit is None else self._admission(admit, chat, extra, min_tokens)
+        if admit is not None and not extra and getattr(decoder, "tree", None) is not None:
+            # A speculative run of max_new_tokens=1 rows took no tree room (tree_room above): the steps joiners
+            # bring write the tree past the room their rows were checked for (an IndexError mid-run, on positions
+            # past the cache). It ends after its prefill anyway: joiners wait for the next run.
+            admit = None
+        joins = None if admit is None else self._admission(admit, chat, extra, min_tokens, mixed)
         return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids)
 
     def _check_stop_token_ids(self, ids) -> list[int]:
@@ -756,12 +766,16 @@ class Engine:
                 raise InputError(f"stop_token_ids: {i!r:.40} is not a token id of this model (0 to {V - 1})")
         return list(ids)
 
-    def _admission(self, admit, chat, extra: int, min_tokens: int = 0):
+    def _admission(self, admit, chat, extra: int, min_tokens: int = 0, mixed: bool = False):
         """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
         tree's room `extra` too), each an AmphistaError where refused."""
         def joins(free: int) -> list:
-            entries = []
-            for item in admit(free) or ():
+            entries, got = [], admit(free)
+            # a str or a dict was iterated into per-character (per-key) errors, a number raised a TypeError
+            if got is not None and (isinstance(got, (str, bytes, Mapping)) or not hasattr(got, "__iter__")):
+                raise InputError(f"admit({free}) must return a list of (prompt, max_new_tokens) pairs, got "
+                                 f"{type(got).__name__} {got!r:.80}")
+            for item in got or ():
                 try:
                     if not (isinstance(item, (tuple, list)) and len(item) == 2):
                         raise InputError(f"admit must return (prompt, max_new_tokens) pairs, got {item!r:.80}")
@@ -769,7 +783,9 @@ class Engine:
                     limit = check_max_new_tokens(limit)
                     if min_tokens > limit:
                         raise InputError(f"min_tokens ({min_tokens}) is more than max_new_tokens ({limit})")
-                    ids = self.encode_prompt(prompt, chat)
+                    # as the run's own prompts are encoded: a message list in a chat=False run of strings gets the
+                    # template (it was refused, "needs chat formatting", where it would have shared the run)
+                    ids = self.encode_prompt(prompt, None if mixed and not isinstance(prompt, str) else chat)
                     self._check_room(ids, limit, extra, None, prompt)
                     entries.append((ids, limit))
                 except AmphistaError as e:
@@ -824,6 +840,9 @@ class Engine:
         ended: list[int] = []           # rows that ended since the last item: their results follow it
         # Not the previous run's result: a run closed early or stopped by an error leaves none
         paused = 0.0
+        # paused when each row began: a row that joined mid-run (admit) decodes from then, and less all the
+        # run's pauses its decode_ms came out 0 (0 tok/s in a server's log) once its callers' pauses outgrew it
+        since: list[float] = []
         with self._one_run(clear_results=True) as mine:
             # Taken when the run starts, as this run's prefill rewrites the cache: taken when the stream was set up,
             # a stream made and never iterated dropped a chat's kept prefix (the next turn prefilled it all again).
@@ -841,7 +860,9 @@ class Engine:
                 # streams closed out of order restored each other's mode (the thread stayed in it for good).
                 with torch.inference_mode():
                     item = next(steps, None)
-                for out in ([] if item is None else [item]) + [(b, self._row_result(decoder, stats, b, paused))
+                since += [paused] * (len(stats) - len(since))
+                for out in ([] if item is None else [item]) + [(b, self._row_result(decoder, stats, b,
+                                                                                    paused - since[b]))
                                                                for b in ended]:
                     t = time.perf_counter()
                     yield out
@@ -859,10 +880,10 @@ class Engine:
             results = [None if p is None else       # a prompt that joined and was refused (admit)
                        GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs,
                                         r.eos_logprob) for r, p, s in zip(decoder.rows, decoder.row_prompts, stats)]
-            for s in stats:
+            for s, t in zip(stats, since):
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
                 # the time the caller spent between chunks (printing, sending) is no decoding time of this run
-                s.decode_ms = max(0.0, s.decode_ms - paused * 1e3)
+                s.decode_ms = max(0.0, s.decode_ms - (paused - t) * 1e3)
             self.last_results, self.last_result = results, results[0]
             if keep:    # the fed tokens' K/V: prompt + answer, up to the cache length (not the last sampled token)
                 seq = ids[0] + decoder.rows[0].ids

@@ -95,6 +95,7 @@ class _Run:
         self.ended: list[bool] = []
         self.dropped: set[int] = set()  # rows of a job that went back to wait: their output is nobody's
         self.held: dict[int, object] = {}   # the last row's result, held until the run ends (or others join)
+        self.counted = 0                # the rows /metrics counts it with (its own and those that joined)
         for job in list(jobs):
             self.add(job)
         for job in jobs:
@@ -219,6 +220,7 @@ class Scheduler:
         self.batch_sizes[rows] += 1
         if self.metrics is not None:
             self.metrics.run_started(rows)
+        run.counted = rows
         try:
             self._relay(steps, run)
         except AmphistaError as e:
@@ -301,10 +303,15 @@ class Scheduler:
                 except AmphistaError:
                     self._requeue(run, job, joined=False)
                     continue
+                except Exception as e:  # noqa: BLE001 -- a bug: this request's 500; the others taken still join
+                    job.send("error", self._bug(e, [job]))      # (raised, it and the rest taken went unanswered)
+                    continue
                 run.add(job)
-                self._current.append(job)
+                if job not in self._current:    # run.jobs is _current itself, but in a run of _one_by_one's
+                    self._current.append(job)   # (twice, the running gauge counted a joiner as two requests)
                 entries += [(ids, job.options["max_new_tokens"])] * job.n
             if entries:
+                self._recount(run, len(entries))
                 for row, result in run.held.items():    # the run goes on: the held answer is not held longer
                     job, choice = run.rows[row]
                     run.ended[row] = True
@@ -319,13 +326,25 @@ class Scheduler:
             return                      # its other rows' errors: already back
         job.no_join = True
         if joined:
+            self._recount(run, -job.n)
             run.dropped.update(i for i, (j, _) in enumerate(run.rows) if j is job)
             run.jobs.remove(job)
             if job in self._current:
                 self._current.remove(job)
         with self._wake:
-            self._pending.insert(0, job)
-            self._wake.notify()
+            if not self._closed:
+                self._pending.insert(0, job)
+                self._wake.notify()
+                return
+        # closed meanwhile (close() answered the waiting ones): put back, it waited for a run that never came
+        from .server import ApiError
+        job.send("error", ApiError(503, "the server is shutting down", kind="server_error"))
+
+    def _recount(self, run: _Run, rows: int):
+        """/metrics' rows of this run, `rows` more (joined) or fewer (a joiner refused)."""
+        if self.metrics is not None and run.counted:
+            self.metrics.run_grew(run.counted, run.counted + rows)
+        run.counted += rows
 
     @staticmethod
     def _announce(jobs: list[Job]):

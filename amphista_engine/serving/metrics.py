@@ -89,11 +89,22 @@ class Metrics:
         """rows: the run's, one per choice of each of its requests (OpenAI's n)."""
         with self._lock:
             self.runs += 1
-            self.rows_sum += rows
-            for i, bound in enumerate(self.buckets):
-                if rows <= bound:
-                    self.rows_hist[i] += 1
-                    break
+            self._observe(rows, 1)
+
+    def run_grew(self, before: int, after: int):
+        """A run counted with `before` rows took requests as it decoded (continuous batching; or gave back one
+        refused as it joined): it counts as a run of `after` rows. Counted at the start only, a run that began
+        with one request and decoded eight as others joined read as no batching at all."""
+        with self._lock:
+            self._observe(before, -1)
+            self._observe(after, 1)
+
+    def _observe(self, rows: int, sign: int):
+        self.rows_sum += sign * rows
+        for i, bound in enumerate(self.buckets):
+            if rows <= bound:
+                self.rows_hist[i] += sign
+                break
 
     def run_ended(self, results):
         """A run that decoded to its end: its rows' tokens and steps, and its times (a batch's rows share them, so
@@ -150,7 +161,8 @@ class Metrics:
             for bound, n in zip(self.buckets, self.rows_hist):
                 total += n
                 cumulative.append(("_bucket", [("le", f"{bound}.0")], total))
-            metric("amphista_run_rows", "histogram", "Rows decoded together per run (one per choice of each request).",
+            metric("amphista_run_rows", "histogram", "Rows decoded together per run (one per choice of each request, "
+                   "those that joined it as it decoded too).",
                    cumulative + [("_bucket", [("le", "+Inf")], self.runs), ("_sum", (), self.rows_sum),
                                  ("_count", (), self.runs)])
             metric("amphista_decode_steps_total", "counter",
