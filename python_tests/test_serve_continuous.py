@@ -61,14 +61,16 @@ def test_speculative_requests_join_too(served, monkeypatch):
     assert all(got[i][1]["amphista"]["speculative"] == "amphista" for i in range(len(bodies)))
 
 
-def test_incompatible_requests_wait_and_none_joins_past_them(served, monkeypatch):
+def test_an_incompatible_request_waits_and_lets_at_most_max_batch_joiners_pass_it(served, monkeypatch):
     engine, url, app, _ = served
     sampled = {"messages": PROMPTS[1], "max_tokens": 5, "temperature": 0.9, "seed": 3}
     ref_sampled = engine.generate(PROMPTS[1], 5, temperature=0.9, seed=3).text
-    refs = [engine.generate(p, 6).text for p in PROMPTS[2:]]
+    greedy = [[PROMPTS[0][0], {"role": "user", "content": f"Count to {i}"}] for i in range(6)]
+    refs = [engine.generate(p, 3).text for p in greedy]
     runs = Runs(engine, monkeypatch)
-    replies = run_queued(app, runs, url, [sampled] + [{"messages": p, "max_tokens": 6} for p in PROMPTS[2:]])
-    # the seeded request runs by itself; the greedy ones behind it do not overtake it: they share the next run
+    replies = run_queued(app, runs, url, [sampled] + [{"messages": p, "max_tokens": 3} for p in greedy])
+    # the seeded request runs by itself once the blocker's run ends; 4 greedy ones (max_batch) join that run past
+    # it, then the run takes no more: the last two share the run after the seeded one's
     assert runs.sizes == [1, 2]
     assert text_of(replies[0], False) == ref_sampled
     assert [text_of(r, False) for r in replies[1:]] == refs

@@ -14,7 +14,8 @@ Why a run cannot simply hold every waiting request:
   them: stream_batch takes a list of one max_new_tokens per prompt, and each row ends at its own;
 - a request that arrives while a run decodes joins it between two steps where it could have shared it (continuous
   batching: stream_batch's admit), taking a row that ended or one the run never filled: the oldest waiting requests
-  first, and never past one that cannot join (so none waits behind newer ones for long). One the engine refuses as
+  first; a request that cannot join (other options) lets max_batch joiners pass it, then the run takes no more, so
+  it waits for at most that many answers more than it would have. One the engine refuses as
   it joins (too long for the cache with the run's tree, say) goes back to wait and runs by itself, where it gets
   the answer or the error it would get anyway.
 """
@@ -51,6 +52,7 @@ class Job:
         # the request's "cache_prompt" (None: the server's --cache-prompt), honoured where it runs alone
         self.cache_prompt = None
         self.no_join = False            # refused as it joined a run: it runs by itself
+        self.overtaken = 0              # requests that joined a run past this one while it waited (_admitter)
 
     def send(self, kind: str, value=None):
         if not self.gone.is_set():
@@ -287,15 +289,24 @@ class Scheduler:
         def admit(free: int) -> list:
             # the engine's cache may hold more rows than this server's --max-batch (reserved by an earlier use)
             free = min(free, self.max_batch - run.decoding())
-            taken = []
+            taken, passed = [], []
             with self._wake:
                 self._pending = [j for j in self._pending if not j.gone.is_set()]
                 for job in self._pending:
-                    if job.key != key or job.no_join or job.n > free:
-                        break           # in arrival order: none joins past a request that cannot
+                    if job.key != key or job.no_join:
+                        # One that cannot join waits for the run to end, which each joiner may put off: it lets
+                        # max_batch joiners pass it, then the run takes no more (no request starves behind others)
+                        if job.overtaken >= self.max_batch:
+                            break
+                        passed.append(job)
+                        continue
+                    if job.n > free:
+                        break           # in arrival order among those that can join
                     taken.append(job)
                     free -= job.n
-                self._pending = self._pending[len(taken):]
+                    for waiting in passed:
+                        waiting.overtaken += 1
+                self._pending = [j for j in self._pending if j not in taken]
             entries = []
             for job in taken:
                 try:
