@@ -17,7 +17,8 @@ How it stays correct:
     eagerly from then on, with one warning.
   * Graphs are shared by the decoders of one engine. A new decoder's state tensors (STATE_ATTRS: `next`,
     `draft`, `seen`, a logit bias...) are copied into the tensors the graph was captured with, and the decoder is
-    rebound to them; attributes the step itself rebinds (`last_count`) are pointed at this graph's tensors after every replay.
+    rebound to them; attributes the step itself rebinds (`last_count`) are pointed at this graph's tensors after
+    every replay.
   * Every buffer the graph reads without owning it (KV cache, SAL cache, static tree, RoPE tables) is
     fingerprinted by address; if the engine reallocated one, the stale graph is dropped and recaptured.
   * Sampling: the default CUDA generator is graph-safe (torch registers it with every capture); a seeded

@@ -304,8 +304,8 @@ class PlainDecoder:
     @on_pool
     @torch.inference_mode()
     def add_rows(self, slots: list[int], prompts: list[list[int]]):
-        """Prefill prompts into cache rows `slots` (free_slots: ended rows, or the next rows past the batch) while the
-        other rows keep their state. The prompts prefill as a batch of their own into a cache of their length, whose
+        """Prefill prompts into cache rows `slots` (ended rows, or the next rows past the batch, up to row_capacity)
+        while the other rows keep their state. The prompts prefill as a batch of their own into a cache of their length, whose
         K/V are then copied into place: the same bits a run of their own gives them. Returns the prefill decoder
         (its `next`: the new rows' first tokens, and their logprobs where the run reports them)."""
         k, T = len(prompts), max(len(p) for p in prompts)
@@ -468,10 +468,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[str], hold: int,
+def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: list[str], hold: int,
              max_new_tokens: int, special_text=lambda tok: None, lps: list[float] | None = None,
              tops: list | None = None) -> tuple[int, str]:
-    """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream).
+    """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream). eos: the
+    tokens that end a row, with the finish reason each gives ("eos", or "stop" for stop_token_ids).
     special_text(tok): the text of a special token the stream leaves out, None for the others. lps: the tokens'
     log-probabilities, kept beside the ids the row keeps (row.logprobs); tops: their top_logprobs lists
     (row.top_logprobs)."""
@@ -481,7 +482,7 @@ def _consume(row: RowState, toks: list[int], stream, eos: set[int], stop: list[s
             break
         used += 1
         if tok in eos:
-            row.finish_reason = eos[tok] if isinstance(eos, dict) else "eos"    # "stop": a stop_token_ids id
+            row.finish_reason = eos[tok]
             if lps is not None:
                 row.eos_logprob = (tok, lps[i], None if tops is None else tops[i])
             break

@@ -176,6 +176,13 @@ class TreeSpec:
         return tree
 
 
+def _next_tokens(tokens: torch.Tensor, count: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """What the SAL pairs with each prefilled position's hidden state: the token at the next position, and after a
+    row's last one (count - 1) the token its prefill sampled."""
+    nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
+    return nxt.scatter_(1, (count - 1)[:, None], first[:, None])
+
+
 class SpeculativeDecoder(PlainDecoder):
     def __init__(self, model, cache, heads, tree: TreeSpec, params: SamplingParams, acceptance: str = "auto",
                  profile: bool = False):
@@ -228,8 +235,7 @@ class SpeculativeDecoder(PlainDecoder):
         # kept prefix, only the prefilled positions: the heads' cache holds the others from the previous run).
         hidden = self._prefill_hidden
         tokens = self._prefill_tokens
-        nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
-        nxt.scatter_(1, (count - 1)[:, None], self.next[:, None])     # root may carry NON_FINITE, next never
+        nxt = _next_tokens(tokens, count, self.next)      # root may carry NON_FINITE, next never
         if r:
             self.heads.resume_cache(r)
         else:
@@ -275,8 +281,7 @@ class SpeculativeDecoder(PlainDecoder):
         """The new rows' drafts: the heads see their prompts as at a prefill, into their own cache's rows idx."""
         tokens, hidden = captured["tokens"], captured["hidden"]
         count = tmp.cache.length[:len(idx)]
-        nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], 1)
-        nxt.scatter_(1, (count - 1)[:, None], tmp.next[:, None])
+        nxt = _next_tokens(tokens, count, tmp.next)
         kv_len = kv_window(tokens.shape[1], self.cache.max_seq_len)
         self.draft[idx] = self.heads.prefill_rows(idx, hidden, nxt, count, kv_len)
         if self.last_count is not None:
