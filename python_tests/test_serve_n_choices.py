@@ -225,3 +225,14 @@ def test_echo_of_the_prompt_only_with_n(served):
     assert [c["text"] for c in two["choices"]] == [PROMPT] * 2
     assert [c["logprobs"] for c in two["choices"]] == [one["choices"][0]["logprobs"]] * 2
     assert two["usage"] == one["usage"]           # the prompt once, nothing generated
+
+
+def test_each_choice_has_its_own_stats(served):
+    """The "amphista" key held only the last choice's stats; now also every choice's, in the choices' order."""
+    engine, url, app = served
+    reply = ok(call(url, COMPLETIONS, {"prompt": [PROMPT, "Hello"], "max_tokens": 6, "n": 2}))
+    per = reply["amphista"]["choices"]
+    assert len(per) == 4 and per[-1] == {k: v for k, v in reply["amphista"].items() if k != "choices"}
+    assert per[0]["prompt_tokens"] == per[1]["prompt_tokens"] != per[2]["prompt_tokens"] == per[3]["prompt_tokens"]
+    assert sum(s["new_tokens"] for s in per) == reply["usage"]["completion_tokens"]
+    assert "choices" not in ok(call(url, COMPLETIONS, {"prompt": PROMPT, "max_tokens": 2}))["amphista"]

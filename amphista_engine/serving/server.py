@@ -1060,8 +1060,10 @@ class _Handler(BaseHTTPRequestHandler):
                     choices.append({"index": i * one.n + c,
                                     "text": (app.prompt_text(one) if one.options.get("echo") else "") + r.text,
                                     "logprobs": app.completion_logprobs(one, r), "finish_reason": finish})
-        self._json(200, {**head, "choices": choices, "usage": app.usage_of(results), "amphista": app.extra(result)},
-                   note)
+        extra = app.extra(result)
+        if len(everyone) > 1:               # each choice's own stats too, in the choices' order (the last's above)
+            extra["choices"] = [app.extra(r) for r in everyone]
+        self._json(200, {**head, "choices": choices, "usage": app.usage_of(results), "amphista": extra}, note)
 
     def _next_event(self, job):
         """What the scheduler sends next for this request, ("start", None), ("delta", (choice, text)) or ("end",
