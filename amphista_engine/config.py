@@ -175,10 +175,15 @@ def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     rs = dict(rs)
     rs.pop("rope_theta", None)
     kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind in ("longrope", "su"):      # Phi-3's (early configs call it "su")
+    phi3 = cfg.get("model_type") == "phi3"
+    # transformers' Phi3Config reads a "yarn" type as LongRoPE too (its factor lists): running real YaRN ignored them
+    if kind in ("longrope", "su") or (phi3 and kind == "yarn"):      # Phi-3's (early configs call it "su")
         rs.pop("type", None)
         rs["rope_type"] = kind = "longrope"
-        original = cfg.get("original_max_position_embeddings", rs.get("original_max_position_embeddings"))
+        # Phi3Config always has a top-level original_max_position_embeddings (default 4096) and it overrides the
+        # rope dict's: a config without it got other angles than transformers' (~1e-3 relative on a tiny model)
+        original = cfg.get("original_max_position_embeddings", 4096 if phi3 else
+                           rs.get("original_max_position_embeddings"))
         rs["original_max_position_embeddings"] = original if original is not None else cfg.get(
             "max_position_embeddings")
         if rs.get("factor") is None and is_real(rs["original_max_position_embeddings"]) \

