@@ -24,7 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="static KV cache length")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="static KV cache length (default 2048, or the model's sliding window where shorter)")
     _add_quant_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from CUDA graphs (GPU only; on by default, --no-cuda-graphs for eager)")
@@ -112,7 +113,7 @@ def _plain_only_flag(args) -> str | None:
 
 def _load(args, prompt=None):
     """The engine, and how it decodes: (engine, speculative method or None, tree, speculation check or None)."""
-    from .engine import Engine, check_max_new_tokens, check_stop
+    from .engine import DEFAULT_MAX_SEQ_LEN, Engine, check_max_new_tokens, check_stop
     from .sampling import SamplingParams
     from .shipped_heads import resolve_heads
 
@@ -135,11 +136,12 @@ def _load(args, prompt=None):
                           f"decoding (--temperature 0, the default): add --temperature T to sample")
     if args.quant == "q4" and str(args.device or "").split(":")[0] == "cuda":   # named before the load, as a flag
         raise InputError(f"--quant q4 runs on the CPU only (--device {args.device}); use --quant auto or none there")
-    if args.max_seq_len < 2:      # named as what it is, not as --max-new-tokens leaving no room in it
+    if args.max_seq_len is not None and args.max_seq_len < 2:    # named as what it is, not as no room left
         raise InputError(f"--max-seq-len must be at least 2 (the static KV cache's length), got {args.max_seq_len}")
-    if args.max_new_tokens >= args.max_seq_len:
+    if args.max_new_tokens >= (args.max_seq_len or DEFAULT_MAX_SEQ_LEN):
         raise InputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the cache "
-                         f"(--max-seq-len {args.max_seq_len}); raise --max-seq-len or lower --max-new-tokens")
+                         f"(--max-seq-len {args.max_seq_len or DEFAULT_MAX_SEQ_LEN}); raise --max-seq-len or lower "
+                         f"--max-new-tokens")
     if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
         raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")

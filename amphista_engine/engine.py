@@ -178,6 +178,9 @@ def check_batch_wide(**options):
                              f"one generate_batch call per group of prompts that share them)")
 
 
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
 def check_engine_args(max_seq_len, max_batch_size, cuda_graphs) -> tuple[int, int]:
     """The cache and graph settings, named before anything loads (a str max_seq_len met `-x` in RoPE's tables).
     Returns (max_seq_len, max_batch_size) as Python ints: numpy's integers are taken too (np.int64 was refused
@@ -212,14 +215,18 @@ class Engine:
     _BUSY = ("this engine is decoding in another thread: it has one KV cache, so runs cannot overlap; use one engine "
              "per thread, serialise the calls, or batch the prompts (generate_batch)")
 
-    def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int = 2048, max_batch_size: int = 1,
+    def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int | None = None, max_batch_size: int = 1,
                  cuda_graphs: bool = True, quant: str = "none"):
+        """max_seq_len None: DEFAULT_MAX_SEQ_LEN, or the model's sliding window where that is shorter (Phi-3-mini-4k's
+        2047: this engine attends over all positions, the same model up to the window)."""
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.tok_embeddings.weight.device
         self.dtype = self.model.tok_embeddings.weight.dtype
-        max_seq_len, max_batch_size = check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
         window = self.config.sliding_window
+        if max_seq_len is None:
+            max_seq_len = min(DEFAULT_MAX_SEQ_LEN, window or DEFAULT_MAX_SEQ_LEN)
+        max_seq_len, max_batch_size = check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
         if window is not None and max_seq_len > window:
             raise InputError(f"max_seq_len={max_seq_len}, but {self.config.name} attends over a sliding window of "
                              f"{window} positions, which this engine does not implement (it attends over all of "
@@ -273,9 +280,10 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
-                        dtype: str | torch.dtype | None = None, max_seq_len: int = 2048,
+                        dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
                         max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto") -> "Engine":
         """model: checkpoint directory, .gguf file or alias; heads: drafting heads (optional, see load_heads);
+        max_seq_len: the KV cache's length (None: 2048, or the model's sliding window where shorter);
         max_batch_size: the KV cache's rows, checked against free memory here and allocated at the first run; a
         larger batch is still taken (no cap): the cache grows to it, checked the same way before allocating, and
         keeps that size;
@@ -283,10 +291,11 @@ class Engine:
         does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
         it adapts a model loaded elsewhere, and quantizing changes that model in place."""
-        max_seq_len, max_batch_size = check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
+        check_engine_args(DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, max_batch_size, cuda_graphs)
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
-        loaded = load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len)
+        loaded = load_model(model, dtype=dtype, device=device,
+                            max_seq_len=DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len)
         engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
                      quant=quant)
         engine.loaded_name = str(model)

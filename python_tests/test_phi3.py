@@ -89,8 +89,20 @@ def test_old_su_configs_and_a_sliding_window(tmp_path):
     assert m.config.rope_scaling["rope_type"] == "longrope" and m.config.sliding_window == 48
     with pytest.raises(Exception, match="sliding window"):
         Engine.from_pretrained(str(d), device="cpu", max_seq_len=128)
-    eng = Engine.from_pretrained(str(d), device="cpu", max_seq_len=48)
+    # without a max_seq_len, the window caps the default (Phi-3-mini-4k's 2047 against the default 2048 was refused)
+    eng = Engine.from_pretrained(str(d), device="cpu")
+    assert eng.max_seq_len == 48
     assert eng.generate("The quick brown fox", chat=False, max_new_tokens=5).finish_reason in ("length", "eos")
+
+
+def test_cli_takes_the_window_as_its_default_cache(tmp_path, capsys):
+    from amphista_engine.cli import main
+    d = write_phi3(tmp_path / "w", sliding_window=96)
+    rc = main(["generate", "The quick brown fox", "--no-chat", "--model", str(d), "--device", "cpu",
+               "--max-new-tokens", "4", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert len(json.loads(cap.out)["token_ids"]) <= 4
 
 
 def test_bad_phi3_configs_are_named(tmp_path):

@@ -281,7 +281,9 @@ def test_python_names_the_readme_uses_exist(tiny_hf_dir):
         assert callable(getattr(Engine, name, None)), name
     fp = inspect.signature(Engine.from_pretrained).parameters
     assert {"device", "dtype", "max_seq_len", "quant", "cuda_graphs", "max_batch_size"} <= set(fp)
-    assert fp["quant"].default == "auto" and fp["max_seq_len"].default == 2048     # the block's "# quant="auto""
+    assert fp["quant"].default == "auto" and fp["max_seq_len"].default is None     # the block's "# quant="auto""
+    from amphista_engine.engine import DEFAULT_MAX_SEQ_LEN
+    assert DEFAULT_MAX_SEQ_LEN == 2048          # "defaults to 2048, or to the model's sliding window"
     assert "tree" in inspect.signature(Engine.speculation_check).parameters
     assert "cuda_graphs" in inspect.signature(Engine.__init__).parameters
     for err in ("AmphistaError", "CacheFullError", "InputError", "ConfigError", "NonFiniteError"):

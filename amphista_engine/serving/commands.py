@@ -34,7 +34,8 @@ def cmd_serve(args) -> int:
         SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)   # named here
         # --max-new-tokens is the default of requests without max_tokens, cut to the room each prompt leaves: a
         # --max-seq-len 256 server is not refused for the default 512 (generate refuses it: one prompt, one answer)
-        over = {"max_new_tokens": min(args.max_new_tokens, max(1, args.max_seq_len - 1))}
+        from ..engine import DEFAULT_MAX_SEQ_LEN
+        over = {"max_new_tokens": min(args.max_new_tokens, max(1, (args.max_seq_len or DEFAULT_MAX_SEQ_LEN) - 1))}
         if args.temperature == 0:
             # _load warns that --seed/--top-p/--top-k do nothing with greedy decoding: here they are the defaults
             # of requests that sample (send a temperature), so they do something
