@@ -171,7 +171,7 @@ def test_text_that_was_not_utf8_is_refused_by_name(engine, tiny_hf_dir, heads_di
 @pytest.mark.parametrize("kw, match", [
     (dict(max_seq_len="128"), "max_seq_len must be an integer, got str '128'"),
     (dict(max_seq_len=2.5), "max_seq_len must be an integer, got float"),
-    (dict(max_seq_len=None), "max_seq_len must be an integer, got NoneType"),
+    (dict(max_seq_len=True), "max_seq_len must be an integer, got bool True"),     # (None: the default length)
     (dict(max_batch_size=0), "max_batch_size must be at least 1, got 0"),
     (dict(max_batch_size="2"), "max_batch_size must be an integer"),
     (dict(cuda_graphs="no"), "cuda_graphs must be True or False, got str 'no'"),
