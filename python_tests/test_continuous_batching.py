@@ -21,13 +21,16 @@ LIMITS = [20, 5, 12, 9, 15, 7]
 
 
 class Feeder:
-    """admit(free): hands out the queued (prompt, limit) pairs, `per_call` at a time (all that fit when None)."""
+    """admit(free): hands out the queued (prompt, limit) pairs, `per_call` at a time (all that fit when None), none
+    in its first `wait` calls."""
 
-    def __init__(self, items, per_call=None):
-        self.queue, self.per_call, self.calls = list(items), per_call, []
+    def __init__(self, items, per_call=None, wait=0):
+        self.queue, self.per_call, self.wait, self.calls = list(items), per_call, wait, []
 
     def __call__(self, free):
         self.calls.append(free)
+        if len(self.calls) <= self.wait:
+            return []
         n = free if self.per_call is None else min(free, self.per_call)
         out, self.queue = self.queue[:n], self.queue[n:]
         return out

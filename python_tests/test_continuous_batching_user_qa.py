@@ -21,6 +21,7 @@ import urllib.request
 import pytest
 
 from amphista_engine.errors import AmphistaError, CacheFullError, InputError
+from test_continuous_batching import Feeder as _Feeder
 from test_serve import call
 from test_serve_batching import CHAT, PROMPTS, Runs, run_queued, wait_for
 
@@ -30,18 +31,9 @@ COMPLETIONS = "/v1/completions"
 LONG = list(range(5, 105))        # 100 token ids: + 20 new fits the tiny engine's 128 slots, + the tree's 19 not
 
 
-class Feeder:
-    """admit(free): hands out the queued (prompt, limit) pairs, one per call after `wait` calls."""
-
-    def __init__(self, items, wait=0):
-        self.queue, self.wait, self.calls = list(items), wait, 0
-
-    def __call__(self, free):
-        self.calls += 1
-        if self.calls <= self.wait or not self.queue:
-            return []
-        out, self.queue = self.queue[:1], self.queue[1:]
-        return out
+def Feeder(items, wait=0):
+    """test_continuous_batching's, one prompt a call."""
+    return _Feeder(items, per_call=1, wait=wait)
 
 
 @pytest.fixture(scope="module")
