@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from amphista_engine.errors import AmphistaError, CacheFullError, InputError
-from test_continuous_batching import Feeder as _Feeder
+from test_continuous_batching import Feeder as _Feeder, collect
 from test_serve import call
 from test_serve_batching import CHAT, PROMPTS, Runs, run_queued, wait_for
 
@@ -111,18 +111,6 @@ def test_a_run_takes_joiners_into_the_rows_reserved_after_its_cache_was_made(tin
         return [("def f(x):", 8), ("x = 1", 8)] if len(frees) == 1 else []
     list(eng.stream_batch(["The quick"], 8, chat=False, admit=admit))
     assert frees[0] == 2 and [r.token_ids for r in eng.last_results] == alone
-
-
-def collect(stream):
-    texts, results, errors = {}, {}, {}
-    for row, item in stream:
-        if isinstance(item, str):
-            texts[row] = texts.get(row, "") + item
-        elif isinstance(item, AmphistaError):
-            errors[row] = item
-        else:
-            results[row] = item
-    return texts, results, errors
 
 
 # ---- the scheduler, with a stand-in for the engine's run ------------------------------------------------------------
