@@ -1,5 +1,5 @@
-"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), read from a Hugging Face
-config.json or GGUF metadata."""
+"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 3), read from a
+Hugging Face config.json or GGUF metadata."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +12,8 @@ from .errors import ConfigError, ModelLoadError
 from .values import is_integral, is_real
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                   "SmolLM3ForCausalLM", "Phi3ForCausalLM")
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
+                   "SmolLM3ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma3_text", "gemma3")
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 
 
@@ -47,6 +47,16 @@ class ModelConfig:
     # Phi-3: the checkpoint stores q/k/v as one qkv_proj and gate/up as one gate_up_proj (the model's own fused
     # layout, wqkv and w13), a Llama layer otherwise
     fused_checkpoint: bool = False
+    # Gemma 3: norms that scale by (1 + w) in fp32 (GemmaRMSNorm), a norm after attention and after the MLP too,
+    # embeddings times sqrt(dim), a GELU (tanh) MLP, q/k norms, tied embeddings
+    gemma: bool = False
+    # Gemma 3: the attention scale is query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
+    query_pre_attn_scalar: float | None = None
+    # Gemma 3: layers that really attend over the last `sliding_window` positions only (the others over all), with
+    # RoPE base rope_local_theta and no scaling. Unlike Mistral's window above, the engine implements this one.
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None
+    final_logit_softcapping: float | None = None    # logits = cap * tanh(logits / cap)
 
     def __post_init__(self):
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
@@ -82,6 +92,22 @@ class ModelConfig:
         if self.sliding_window is not None and (not is_integral(self.sliding_window) or self.sliding_window <= 0):
             raise ConfigError(f"model config: sliding_window must be a positive integer or null, "
                               f"got {self.sliding_window!r}")
+        self.sliding_layers = tuple(self.sliding_layers or ())
+        if not all(is_integral(i) and 0 <= i < self.n_layers for i in self.sliding_layers):
+            raise ConfigError(f"model config: sliding_layers must be layer indices below {self.n_layers}, "
+                              f"got {list(self.sliding_layers)}")
+        if self.sliding_layers and self.sliding_window is None:
+            raise ConfigError("model config: sliding_layers need a sliding_window")
+        for key in ("query_pre_attn_scalar", "rope_local_theta", "final_logit_softcapping"):
+            value = getattr(self, key)
+            if value is not None and (not is_real(value) or not value > 0):
+                raise ConfigError(f"model config: {key} must be a positive number or null, got {value!r}")
+
+    @property
+    def real_window(self) -> int | None:
+        """The window the model's sliding layers attend over (Gemma 3), or None: no layer slides here (a Mistral-style
+        sliding_window only caps the engine's cache)."""
+        return self.sliding_window if self.sliding_layers else None
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -89,6 +115,9 @@ class ModelConfig:
             raise ConfigError(f"a model config must be a JSON object, got a {type(cfg).__name__}")
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         model_type = cfg.get("model_type", "llama")
+        _refuse_other_gemmas(cfg, archs[0], model_type)
+        if model_type in ("gemma3", "gemma3_text"):
+            return _gemma3_from_hf(cls, cfg, archs[0], model_type)
         if model_type not in _MODEL_TYPES or archs[0] not in SUPPORTED_ARCHS:
             raise ConfigError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
                               f"amphista-engine runs Llama-family models: {', '.join(SUPPORTED_ARCHS)}")
@@ -133,6 +162,94 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_GEMMA3_TEXT_DEFAULTS = {      # transformers' Gemma3TextConfig: Hub configs (4B+'s text_config) leave them out
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": None,
+    "attn_logit_softcapping": None}
+
+
+def _refuse_other_gemmas(cfg: dict[str, Any], arch: str, model_type: str) -> None:
+    if model_type == "gemma2" or arch.startswith("Gemma2"):
+        raise ConfigError(f"Gemma 2 ({arch!r}, model_type {model_type!r}) is not supported: its attention caps every "
+                          "score with tanh (attn_logit_softcapping), which this engine's attention kernels do not "
+                          "implement; Gemma 3 text models (Gemma3ForCausalLM) are supported")
+    if model_type in ("gemma", "gemma3n", "gemma3n_text") or arch.startswith(("GemmaFor", "Gemma3n")):
+        raise ConfigError(f"{arch!r} (model_type {model_type!r}) is not supported; of the Gemma family this engine "
+                          "runs Gemma 3 text models (Gemma3ForCausalLM, the text part of Gemma3ForConditionalGeneration)")
+
+
+def _gemma3_from_hf(cls, top: dict[str, Any], arch: str, model_type: str) -> "ModelConfig":
+    """Gemma 3 text models: Gemma3ForCausalLM (model_type gemma3_text) or the text part of a
+    Gemma3ForConditionalGeneration config (model_type gemma3: its text_config; the vision tower is not loaded)."""
+    if model_type == "gemma3":
+        text = top.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise ConfigError(f"a gemma3 config's text_config must be an object, got {text!r:.80}")
+        cfg = {**_GEMMA3_TEXT_DEFAULTS, **text}
+        for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):     # the top level's, where it has them
+            if top.get(key) is not None:
+                cfg[key] = top[key]
+    else:
+        cfg = {**_GEMMA3_TEXT_DEFAULTS, **top}
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if cfg.get(key):
+            raise ConfigError(f"{key}={cfg[key]!r} is not supported: this engine's attention has no "
+                              + ("score softcapping" if key.startswith("attn") else "bidirectional mode"))
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"hidden_activation {act!r} is not supported for Gemma 3 (it uses 'gelu_pytorch_tanh')")
+    checked = {k: v for k, v in cfg.items() if k not in ("hidden_act", "hidden_activation", "rope_scaling",
+                                                         "rope_parameters")}
+    _check_hf_options({**checked, "hidden_act": "silu"})      # mlp_bias, partial rotary, quantization
+    n = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        pattern = cfg.get("sliding_window_pattern", 6)
+        if not is_integral(pattern) or pattern < 1:
+            raise ConfigError(f"sliding_window_pattern must be a positive integer, got {pattern!r}")
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if (not isinstance(layer_types, list) or len(layer_types) != n
+            or any(t not in ("sliding_attention", "full_attention") for t in layer_types)):
+        raise ConfigError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the {n} "
+                          f"layers, got {layer_types!r:.200}")
+    window = cfg.get("sliding_window")
+    sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention") if window else ()
+    # RoPE: transformers 5 writes rope_parameters per layer type; older configs rope_theta, rope_local_base_freq
+    # and a rope_scaling that applies to the full-attention layers only
+    rp = cfg.get("rope_parameters") or {}
+    full = dict(rp.get("full_attention") or ({} if "sliding_attention" in rp else rp))
+    local = dict(rp.get("sliding_attention") or {})
+    if cfg.get("rope_scaling"):
+        full.update(cfg["rope_scaling"])
+    theta = full.pop("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+    local_theta = local.get("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ConfigError(f"Gemma 3 sliding layers' rope_parameters {local!r}: only unscaled RoPE is supported there")
+    kind = full.get("rope_type", full.get("type", "default"))
+    scaling = None if kind == "default" else full
+    eos = cfg.get("eos_token_id")
+    try:
+        return cls(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=n, n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 131_072),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", True), bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos if eos is not None else [], name=top.get("_name_or_path") or arch,
+            sliding_window=window if sliding else None, qkv_bias=bool(cfg.get("attention_bias")),
+            o_bias=bool(cfg.get("attention_bias")), qk_norm=True, gemma=True,
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"), sliding_layers=sliding,
+            rope_local_theta=local_theta,
+            # transformers' Gemma3ForConditionalGeneration never applies the text config's softcap (its
+            # Gemma3ForCausalLM does; the Hub's Gemma 3 configs set none)
+            final_logit_softcapping=cfg.get("final_logit_softcapping") if model_type == "gemma3_text" else None)
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
 
 
 def _hf_nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:

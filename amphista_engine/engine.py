@@ -223,7 +223,8 @@ class Engine:
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.tok_embeddings.weight.device
         self.dtype = self.model.tok_embeddings.weight.dtype
-        window = self.config.sliding_window
+        # Gemma 3's window is implemented (model.py: its sliding layers' masks), Mistral's and Phi-3's are not
+        window = None if self.config.real_window else self.config.sliding_window
         if max_seq_len is None:
             max_seq_len = min(DEFAULT_MAX_SEQ_LEN, window or DEFAULT_MAX_SEQ_LEN)
         max_seq_len, max_batch_size = check_engine_args(max_seq_len, max_batch_size, cuda_graphs)

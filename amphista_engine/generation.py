@@ -216,7 +216,7 @@ class PlainDecoder:
             hidden.append(h)
         hidden = torch.cat(hidden, 1)
         last = (lengths - 1 - r)[:, None, None].expand(-1, 1, hidden.shape[-1])
-        return self.model.output(torch.gather(hidden, 1, last)), hidden     # as the forward's logits_at does
+        return self.model.logits(torch.gather(hidden, 1, last)), hidden     # as the forward's logits_at does
 
     def _score(self, logits: torch.Tensor, tokens: torch.Tensor):
         """step_logprobs (and the top_logprobs tensors) of tokens [B, n] at logits [B, n, V]. Rebound, never updated

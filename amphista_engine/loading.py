@@ -264,6 +264,11 @@ def _read_torch_bin(shard: Path) -> dict:
 def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     raw, names = {}, {}
     for name, t in _iter_hf_tensors(path):
+        if cfg.gemma:
+            text = _gemma3_text_name(name)
+            if text is None:        # Gemma3ForConditionalGeneration's vision tower and projector: not loaded
+                continue
+            name = text
         short = name.removeprefix("base_model.").removeprefix("model.")   # Medusa-wrapped and plain checkpoints
         if short.split(".")[0] in _HF_MODEL_PARTS:
             _check_float(path, name, t)    # before q/k/v and gate/up are concatenated (which would promote ints)
@@ -294,6 +299,10 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if cfg.qk_norm:
             out[p + "attention.q_norm.weight"] = get("self_attn.q_norm.weight")
             out[p + "attention.k_norm.weight"] = get("self_attn.k_norm.weight")
+        if cfg.gemma:       # Gemma's post_attention_layernorm follows attention; the MLP has a norm before and after
+            out[p + "post_attention_norm.weight"] = get("post_attention_layernorm.weight")
+            out[p + "ffn_norm.weight"] = get("pre_feedforward_layernorm.weight")
+            out[p + "post_ffn_norm.weight"] = get("post_feedforward_layernorm.weight")
         for n in _layer_shapes(cfg):
             raw.pop(p + n, None)
     _refuse_unused(path, [n for n in raw if n.split(".")[0] in _HF_MODEL_PARTS
@@ -302,6 +311,20 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 _HF_MODEL_PARTS = ("layers", "lm_head", "norm", "embed_tokens")
+_GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _gemma3_text_name(name: str) -> str | None:
+    """A Gemma 3 checkpoint tensor's name as Gemma3ForCausalLM's, or None for the vision part of a
+    Gemma3ForConditionalGeneration checkpoint (transformers 5 saves its text model under model.language_model.,
+    the Hub's files under language_model.model.)."""
+    if name.startswith(_GEMMA3_VISION):
+        return None
+    for prefix, to in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                       ("language_model.", "")):
+        if name.startswith(prefix):
+            return to + name[len(prefix):]
+    return name
 # What each tensor's shape is made of, in config.json's words.
 _HF_SHAPE_FIELDS = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab_size, hidden_size",
                     "norm": "hidden_size", "input_layernorm": "hidden_size",
@@ -314,7 +337,8 @@ _HF_SHAPE_FIELDS = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab
                     "up_proj": "intermediate_size, hidden_size", "down_proj": "hidden_size, intermediate_size",
                     "q_norm": "head_dim", "k_norm": "head_dim",
                     "qkv_proj": "(num_attention_heads + 2 * num_key_value_heads) * head_dim, hidden_size",
-                    "gate_up_proj": "2 * intermediate_size, hidden_size"}
+                    "gate_up_proj": "2 * intermediate_size, hidden_size",
+                    "pre_feedforward_layernorm": "hidden_size", "post_feedforward_layernorm": "hidden_size"}
 
 
 def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -336,6 +360,8 @@ def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out["self_attn.o_proj.bias"] = (D,)
     if cfg.qk_norm:
         out.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
+    if cfg.gemma:
+        out.update({"pre_feedforward_layernorm.weight": (D,), "post_feedforward_layernorm.weight": (D,)})
     return out
 
 
@@ -355,7 +381,8 @@ def _config_shapes(cfg: ModelConfig, gguf: bool = False) -> dict[str, tuple[int,
     if not cfg.tie_word_embeddings:
         out[f"{top[2]}.weight"] = (V, D)
     for i in range(cfg.n_layers):
-        out.update({(f"blk.{i}.{_gguf_name(n)}" if gguf else f"layers.{i}.{n}"): s for n, s in layer.items()})
+        out.update({(f"blk.{i}.{_gguf_name(n, cfg.gemma)}" if gguf else f"layers.{i}.{n}"): s
+                    for n, s in layer.items()})
     return out
 
 
@@ -410,7 +437,7 @@ def _field(reader, key, default=None):
 
 # GGUF architectures whose layers are this model's: llama.cpp's converter permutes the Q/K rows of `llama` and
 # `smollm3` files (its Qwen graphs use NeoX RoPE, the rotate-half convention, on rows as Hugging Face stores them).
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "phi3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "phi3", "gemma3")
 _FUSED_ARCHS = ("phi3",)                  # attn_qkv and ffn_up (gate | up) stored fused, as Hugging Face's Phi-3
 _PERMUTED_ARCHS = ("llama", "smollm3")
 _NO_ROPE_LAYER_STEP = {"smollm3": 4}      # llama.cpp: hparams.n_no_rope_layer_step, fixed, no key
@@ -418,6 +445,10 @@ _NO_ROPE_LAYER_STEP = {"smollm3": 4}      # llama.cpp: hparams.n_no_rope_layer_s
 
 def gguf_config(reader, path) -> ModelConfig:
     arch = _field(reader, "general.architecture")
+    if arch == "gemma2":
+        raise ConfigError(f"{path}: GGUF architecture 'gemma2' (Gemma 2) is not supported: its attention caps every "
+                          "score with tanh (attn_logit_softcapping), which this engine's attention kernels do not "
+                          "implement; Gemma 3 (gemma3) is supported")
     if arch not in GGUF_ARCHS:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")
     a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
@@ -462,7 +493,8 @@ def gguf_config(reader, path) -> ModelConfig:
             nope_layers=tuple(i for i in range(a("block_count") if isinstance(a("block_count"), int) else 0)
                               if arch in _NO_ROPE_LAYER_STEP and (i + 1) % _NO_ROPE_LAYER_STEP[arch] == 0),
             fused_checkpoint=arch in _FUSED_ARCHS,
-            sliding_window=(a("attention.sliding_window") or None) if arch in _FUSED_ARCHS else None)
+            **{"sliding_window": (a("attention.sliding_window") or None) if arch in _FUSED_ARCHS else None,
+               **(_gguf_gemma3(path, a) if arch == "gemma3" else {})})
     except ConfigError as e:
         raise ConfigError(f"{path}: GGUF metadata: {e}") from None
     rot = a("rope.dimension_count")
@@ -470,6 +502,32 @@ def gguf_config(reader, path) -> ModelConfig:
         raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot}, but heads are {cfg.head_dim} wide: "
                           "partial rotary embeddings are not supported")
     return cfg
+
+
+def _gguf_gemma3(path, a) -> dict:
+    """Gemma 3 as llama.cpp reads it (llama-model.cpp, LLM_ARCH_GEMMA3): sliding layers by
+    attention.sliding_window_pattern (a period, default 6: every 6th layer full; or one bool per layer, true =
+    sliding), their RoPE base rope.freq_base_swa (default 10000) and unscaled, and the attention scale
+    head_dim ** -0.5 except on the 62-layer 27B, hidden / heads (no key: transformers' query_pre_attn_scalar)."""
+    n, window = a("block_count"), a("attention.sliding_window")
+    pattern = a("attention.sliding_window_pattern", 6)
+    if not is_integral(n) or n <= 0:
+        return {}               # the config's own check names it
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != n:
+            raise ConfigError(f"{path}: GGUF gemma3.attention.sliding_window_pattern lists {len(pattern)} layers, "
+                              f"block_count says {n}")
+        sliding = tuple(i for i, f in enumerate(pattern) if f)
+    elif is_integral(pattern) and pattern > 0:
+        sliding = tuple(i for i in range(n) if (i + 1) % pattern)
+    else:
+        raise ConfigError(f"{path}: GGUF gemma3.attention.sliding_window_pattern {pattern!r} is not a period or a "
+                          "list of flags")
+    dim, heads = a("embedding_length"), a("attention.head_count")
+    qpas = dim // heads if n == 62 and is_integral(dim) and is_integral(heads) and heads else None
+    return {"gemma": True, "sliding_window": window or None, "sliding_layers": sliding if window else (),
+            "rope_local_theta": a("rope.freq_base_swa", 10000.0), "query_pre_attn_scalar": qpas,
+            "final_logit_softcapping": a("final_logit_softcapping") or None}
 
 
 def _gguf_rope_scaling(path, a, arch: str) -> dict | None:
@@ -529,10 +587,15 @@ _GGUF_OF_HF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
                "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 
 
-def _gguf_name(hf_layer_name: str) -> str:
+# Gemma's four norms around attention and the MLP (llama.cpp's gemma2/gemma3 names)
+_GGUF_OF_HF_GEMMA = {**_GGUF_OF_HF, "post_attention_layernorm": "post_attention_norm",
+                     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _gguf_name(hf_layer_name: str, gemma: bool = False) -> str:
     """'self_attn.q_proj.bias' -> 'attn_q.bias': a layer tensor's GGUF name (less `blk.i.`)."""
     module, _, kind = hf_layer_name.rpartition(".")
-    return f"{_GGUF_OF_HF[module]}.{kind}"
+    return f"{(_GGUF_OF_HF_GEMMA if gemma else _GGUF_OF_HF)[module]}.{kind}"
 
 
 def _check_gguf_tensors(reader, cfg: ModelConfig):
@@ -548,7 +611,7 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
     if first not in names:
         raise ConfigError(f"{path}: GGUF file has no {first}: not a "
                           f"{_field(reader, 'general.architecture')}-architecture checkpoint")
-    block = [_gguf_name(n) for n in _layer_shapes(cfg)]
+    block = [_gguf_name(n, cfg.gemma) for n in _layer_shapes(cfg)]
     known = {f"blk.{i}.{n}" for i in range(cfg.n_layers) for n in block}
     unused = [n for n in names if n.startswith("blk.") and n not in known and not n.endswith(_GGUF_IGNORED)]
     _refuse_unused(path, unused, _config_says(cfg))
@@ -610,4 +673,16 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out[p + "feed_forward.w2.weight"] = g("ffn_down")
         out[p + "attention_norm.weight"] = g("attn_norm")
         out[p + "ffn_norm.weight"] = g("ffn_norm")
+        if cfg.gemma:
+            out[p + "post_attention_norm.weight"] = g("post_attention_norm")
+            out[p + "post_ffn_norm.weight"] = g("post_ffw_norm")
+    if cfg.gemma:
+        # llama.cpp's converter (convert_hf_to_gguf.py, Gemma3Model.modify_tensors) stores every Gemma norm weight
+        # (attn_norm, post_attention_norm, ffn_norm, post_ffw_norm, attn_q_norm, attn_k_norm, output_norm) as
+        # 1 + w, as its graph multiplies by the weight; GemmaRMSNorm takes w itself, so 1 is taken off again (in
+        # fp32: exact for stored values >= 0.5, within one fp32 ulp of 1 below)
+        for k, v in out.items():
+            if k.endswith("norm.weight") and v is not None:
+                t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, dtype=np.float32))
+                out[k] = t.float() - 1.0
     return {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in out.items() if v is not None}

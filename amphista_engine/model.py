@@ -7,6 +7,7 @@ mask gives ordinary prefill/decoding, an ancestor mask gives tree verification; 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ def causal_mask(T: int, device) -> torch.Tensor:
 # bits hold (64): causal attention over cache slots [0, T), where those tokens' own K/V were just written.
 CAUSAL_PREFILL = "causal-prefill"
 CAUSAL_PREFILL_FROM = 65
+GEMMA_PREFILL_CHUNK = 1024      # tokens per forward of a Gemma 3 prompt when the cache reaches past the window
 
 
 def prefill_mask_args(spec: AttentionSpec, dtype):
@@ -118,6 +120,34 @@ def causal_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: in
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, r + T))
 
 
+@dataclass
+class WindowMask:
+    """The mask argument of a Gemma 3 sliding layer in a forward whose keys reach past its window: bias [B, T, kv_len]
+    (0 / -inf in the queries' dtype; [B, T, T] without a cache) that lets new token i see only the keys of positions
+    > pos_i - window among what spec lets it see. Built once per forward, shared by the sliding layers, which then
+    take SDPA (the reference path): the kernels' tree attention and the C++ layer stack know no window."""
+    bias: torch.Tensor
+
+
+def window_mask(spec: AttentionSpec | None, positions: torch.Tensor, window: int, T: int, dtype,
+                cached: bool) -> WindowMask:
+    """Cache slot s < prefix_len holds position s (prompts are right-padded, compaction moves accepted tokens to
+    the slot of their position); new token j sits in slot prefix_len + j at positions[:, j]."""
+    B = positions.shape[0]
+    dev = positions.device
+    if cached:
+        seen = spec.dense_mask()                                                  # [B, T, kv_len]
+        slots = torch.arange(spec.kv_len, device=dev)
+        rel = slots[None, :] - spec.prefix_len[:, None]                           # [B, S]
+        new_pos = torch.gather(positions.expand(B, T), 1, rel.clamp(0, T - 1))
+        key_pos = torch.where((rel >= 0) & (rel < T), new_pos, slots[None, :])
+    else:
+        seen = (spec.new_mask if spec is not None else causal_mask(T, dev)).expand(B, T, T)
+        key_pos = positions.expand(B, T)
+    seen = seen & (key_pos[:, None, :] > positions.expand(B, T)[:, :, None] - window)
+    return WindowMask(torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill_(~seen, float("-inf")))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -128,6 +158,28 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 and scale in the input dtype, as Llama's reference does, so fp16/bf16 match it
         # (kernels.reference.rmsnorm; the kernel backends round the same way).
         return ops.rmsnorm(x, self.weight, self.eps)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm (transformers' Gemma3RMSNorm): normalise in fp32, times (1 + w) in fp32, one rounding to x's
+    dtype; w is the checkpoint's (zero-centred) weight as stored. fp32 gives transformers' bits. In bf16 this rounds
+    once, after the scale, as transformers does, where the Llama RMSNorm rounds the normalised x to bf16 and then
+    multiplies by a bf16 weight: storing 1 + w as a Llama weight would have rounded 1 + w itself to bf16 (8 bits).
+    out_scale: a constant folded into the scale (the q norm carries Gemma's query_pre_attn_scalar this way)."""
+
+    def __init__(self, dim: int, eps: float, out_scale: float = 1.0):
+        super().__init__()
+        self.eps = eps
+        self.out_scale = out_scale
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale = 1.0 + self.weight.float()
+        if self.out_scale != 1.0:
+            scale = scale * self.out_scale
+        return (xf * scale).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None,
@@ -212,6 +264,13 @@ def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tenso
     return table if factor == 1.0 else table * factor
 
 
+def local_rope_table(cfg: ModelConfig, max_len: int) -> torch.Tensor | None:
+    """Gemma 3's sliding layers' table: base rope_local_theta, no scaling (None for other models)."""
+    if not cfg.sliding_layers or cfg.rope_local_theta is None:
+        return None
+    return rope_table(dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None), max_len)
+
+
 def no_rotation(rope: torch.Tensor) -> torch.Tensor:
     """RoPE rows (cos | sin) that rotate by nothing: cos 1, sin 0, so every RoPE path (the kernels' fused cache
     write included) leaves q and k exactly as they are."""
@@ -252,7 +311,15 @@ class Attention(nn.Module):
         # Qwen3: an RMSNorm over each head's q and k, before RoPE
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        if cfg.gemma:
+            # Gemma 3 scales scores by query_pre_attn_scalar ** -0.5, every attention path here by head_dim ** -0.5:
+            # q carries the ratio (RoPE is linear), so no path needs a scale argument. Gemma-3-270M/1B/4B/12B have
+            # query_pre_attn_scalar == head_dim (a ratio of 1, bits unchanged); 27B's differs (fp32: ~1e-7 relative).
+            qpas = cfg.query_pre_attn_scalar or cfg.head_dim
+            self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps, math.sqrt(cfg.head_dim / qpas))
+            self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.use_rope = layer_idx not in cfg.nope_layers       # SmolLM3's NoPE layers attend without it
+        self.sliding = layer_idx in cfg.sliding_layers          # Gemma 3's local layers
 
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
@@ -267,7 +334,12 @@ class Attention(nn.Module):
             qkv = self.norm_qk(qkv)
         if not self.use_rope:
             rope = no_rotation(rope)
-        if cache is not None and isinstance(mask, str) and mask == CAUSAL_PREFILL:
+        if cache is not None and isinstance(mask, WindowMask):          # a Gemma 3 sliding layer past its window
+            q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
+            kv = mask.bias.shape[-1]
+            kc, vc = cache.k[self.layer_idx, :B, :, :kv], cache.v[self.layer_idx, :B, :, :kv]
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask.bias[:, None], enable_gqa=True)
+        elif cache is not None and isinstance(mask, str) and mask == CAUSAL_PREFILL:
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             kc, vc = cache.k[self.layer_idx, :B, :, :T], cache.v[self.layer_idx, :B, :, :T]
             out = F.scaled_dot_product_attention(q, kc, vc, is_causal=True, enable_gqa=True)
@@ -294,6 +366,8 @@ class Attention(nn.Module):
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            elif isinstance(mask, WindowMask):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias[:, None], enable_gqa=True)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         return out.transpose(1, 2).reshape(B, T, -1)
@@ -312,9 +386,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)   # gate | up, fused
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gelu = getattr(cfg, "gemma", False)     # Gemma 3: gelu_pytorch_tanh(gate) * up
 
     def forward(self, x):
-        return self.w2(ops.silu_mul(self.w13(x)))
+        return self.w2(ops.gelu_mul(self.w13(x)) if self.gelu else ops.silu_mul(self.w13(x)))
 
 
 class Block(nn.Module):
@@ -324,6 +399,17 @@ class Block(nn.Module):
         self.attention = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        if cfg.gemma:     # Gemma 3's sandwich: (1 + w) norms before and after attention and the MLP
+            self.attention_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+            self.post_attention_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+            self.ffn_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)         # pre_feedforward_layernorm
+            self.post_ffn_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward_gemma(self, x, rope, cache, spec, mask):
+        """A Gemma 3 layer (transformers' Gemma3DecoderLayer): x + post_norm(attention(norm(x))), then
+        x + post_ffn_norm(mlp(ffn_norm(x))). Returns the new residual stream."""
+        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, cache, spec, mask))
+        return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
 
     def forward(self, x, rope, cache, spec, mask, h=None, next_norm: RMSNorm | None = None):
         """x: the residual stream; h: attention_norm(x) if the caller has it already. Returns the new residual
@@ -361,7 +447,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)
                                            if default.type == "meta" else None)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps) if cfg.gemma else RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_len = max_seq_len or cfg.max_position_embeddings
         # bf16 on the CPU: attention that sums each token's keys in position order whatever the step's slot
@@ -381,7 +467,10 @@ class Transformer(nn.Module):
         check_rope_len(cfg, self.rope_len)
         with torch.device("cpu"):
             rope = rope_table(cfg, self.rope_len)
+            local = local_rope_table(cfg, self.rope_len)
         self.register_buffer("rope", rope.to(default), persistent=False)
+        # Gemma 3's sliding layers: RoPE with base rope_local_theta, unscaled (None: every layer takes `rope`)
+        self.register_buffer("rope_local", None if local is None else local.to(default), persistent=False)
 
     def orders_decode(self, cache: KVCache) -> bool:
         """Whether decode steps over `cache` must sum each token's keys in position order: through
@@ -404,6 +493,10 @@ class Transformer(nn.Module):
         loop, whose attention sums in another order, and int8-rounded activations can turn that last-bit
         difference into a different token. In chunks, a prompt's logits are the same bits whatever its length
         and whatever it is batched with."""
+        if self.config.real_window is not None and cache.max_seq_len > self.config.real_window:
+            # Gemma 3 past its window: a long prompt in chunks, so each sliding layer's dense window mask is
+            # [B, chunk, kv_len] rather than [B, T, T] (a 32k prompt's fp32 mask alone would be 4 GiB)
+            return max(GEMMA_PREFILL_CHUNK, CAUSAL_PREFILL_FROM)
         if cache.k.device.type == "cpu" and cpu_ops.stack_runs(self.layers, self.norm, self.config, cache.k.dtype,
                                                                self):
             return cpu_ops.STACK_ROWS
@@ -414,7 +507,8 @@ class Transformer(nn.Module):
         the weight-streaming kernel's case. Training (tensors that need gradients) keeps the unfused layers,
         whose reference ops autograd knows."""
         return (self.fuse_decode_layers and self.routed() and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
-                and not (self.config.qkv_bias or self.config.o_bias))     # the fused GEMVs take no bias
+                and not (self.config.qkv_bias or self.config.o_bias)      # the fused GEMVs take no bias
+                and not self.config.gemma)                               # nor Gemma's post-norms and GELU
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -428,6 +522,14 @@ class Transformer(nn.Module):
         if freq_factors is not None:
             self.rope_freq_factors = freq_factors.to(device)
         self.rope = rope_table(self.config, max_len, self.rope_freq_factors).to(device)
+        local = local_rope_table(self.config, max_len)
+        self.rope_local = None if local is None else local.to(device)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over final-norm hidden states, with Gemma's final_logit_softcapping where set."""
+        out = self.output(h)
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else torch.tanh(out / cap) * cap
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 spec: AttentionSpec | None = None, return_hidden: bool = False, logits_at=None):
@@ -454,8 +556,44 @@ class Transformer(nn.Module):
         # the routed products fixed 16-row blocks for any row count. Fused, every GEMV program would redo the
         # prologue for all of a tree's rows (a 64-node step cost 5.3 plain steps on an H200, 2026-12-04).
         with routed_linear.invariant_rows(invariant), cpu_packed.invariant_rows(ordered):
+            if self.config.gemma:
+                return self._gemma_forward(tokens, positions, cache, spec, mask, return_hidden, logits_at, ordered)
             return self._layers_and_head(self.tok_embeddings(tokens), self.rope[positions], cache, spec, mask,
                                          return_hidden, logits_at, fuse=not invariant)
+
+    def _gemma_forward(self, tokens, positions, cache, spec, mask, return_hidden: bool, logits_at, ordered: bool):
+        """Gemma 3: embeddings times sqrt(dim) (the normalizer rounded to the model's dtype, as transformers), the
+        layers one by one (Block.forward_gemma; no C++ stack, no fused decode), sliding layers on the local RoPE
+        table and, once a forward's keys reach past the window, their own mask (WindowMask, or on the CPU's ordered
+        decode steps a windowed cpu_exact layout)."""
+        cfg = self.config
+        B, T = tokens.shape
+        x = self.tok_embeddings(tokens)
+        x = x * torch.tensor(math.sqrt(cfg.dim), dtype=x.dtype, device=x.device)
+        rope = self.rope[positions]
+        local = rope if self.rope_local is None else self.rope_local[positions]
+        W = cfg.real_window
+        local_mask = mask
+        if W is not None:
+            # kv_len (or T) <= W: no key can be W positions behind a query, the window changes nothing
+            past = (T if cache is None else spec.kv_len) > W
+            if ordered and cache is not None and not past and isinstance(mask, cpu_exact.OrderedLayout):
+                local_mask = mask                   # the full layers' layout: within the window, the same one
+            elif ordered and cache is not None:
+                # The CPU's exact decode steps: the sliding layers always sum in position order through
+                # cpu_exact's layout (windowed when it matters), also where the cpu backend orders the full layers'
+                # keys itself, so that a token's bits are the same in a plain step and in a tree step
+                local_mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len,
+                                              cache.k.dtype, cfg.n_heads // cfg.n_kv_heads, window=W if past else None)
+            elif past:
+                local_mask = window_mask(spec, positions, W, T, x.dtype, cache is not None)
+        for layer in self.layers:
+            sliding = layer.attention.sliding
+            x = layer.forward_gemma(x, local if sliding else rope, cache, spec, local_mask if sliding else mask)
+        h = self.norm(x)
+        hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        logits = self.logits(hl)
+        return (logits, h) if return_hidden else logits
 
     def _layers_and_head(self, x, rope, cache, spec, mask, return_hidden: bool, logits_at, fuse: bool):
         # A 4-bit model on the cpu backend: the whole layer stack in one C++ call (csrc/cpu/decoder.h)

@@ -228,7 +228,7 @@ def test_a_gguf_of_another_architecture_names_the_supported_ones(tmp_path):
     data = path.read_bytes().replace(b"qwen2", b"gemma", 1)     # general.architecture comes first
     (tmp_path / "g.gguf").write_bytes(data)
     with pytest.raises(ConfigError,
-                       match=r"architecture .gemma. is not supported \(supported: llama, qwen2, qwen3, smollm3, phi3\)"):
+                       match=r"architecture .gemma. is not supported \(supported: llama, qwen2, qwen3, smollm3, phi3, gemma3\)"):
         load_model(str(tmp_path / "g.gguf"))
 
 

@@ -3,7 +3,7 @@
 Step latency depends on the shapes, not the values, so random weights of the right shape time a 7B/13B/33B
 target without downloading it. Shapes follow the checkpoints the Medusa and Amphista papers evaluate
 (Vicuna v1.3 = LLaMA-1 7B/13B/33B), the model we ship (SmolLM2-135M-Instruct), Qwen2.5 / Qwen3 (q/k/v biases,
-per-head q/k norms, GQA groups of 7 and 4) and SmolLM3 (every 4th layer without RoPE).
+per-head q/k norms, GQA groups of 7 and 4), SmolLM3 (every 4th layer without RoPE) and Gemma 3 (sliding layers).
 """
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ SHAPES: dict[str, dict] = {
     "smollm3-3b": dict(vocab_size=128256, dim=2048, n_layers=36, n_heads=16, n_kv_heads=4, intermediate_size=11008,
                        norm_eps=1e-6, rope_theta=5000000.0, max_position_embeddings=65536, tie_word_embeddings=True,
                        nope_layers=tuple(range(3, 36, 4))),
+    # Gemma 3 (Gemma3ForCausalLM): 5 of every 6 layers slide over a 512-token window (past it they take the reference
+    # attention path), GELU MLPs, four (1 + w) norms a layer, q/k norms, a 262k vocabulary
+    "gemma3-270m": dict(vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
+                        intermediate_size=2048, norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+                        tie_word_embeddings=True, qk_norm=True, gemma=True, query_pre_attn_scalar=256,
+                        sliding_window=512, sliding_layers=tuple(i for i in range(18) if (i + 1) % 6),
+                        rope_local_theta=10000.0),
+    "gemma3-1b": dict(vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256,
+                      intermediate_size=6912, norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+                      tie_word_embeddings=True, qk_norm=True, gemma=True, query_pre_attn_scalar=256,
+                      sliding_window=512, sliding_layers=tuple(i for i in range(26) if (i + 1) % 6),
+                      rope_local_theta=10000.0),
     # Not a real model: a few-MB shape so smoke tests and CI can exercise the random-weights path.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                  max_position_embeddings=4096),
@@ -55,7 +67,7 @@ def shape_config(shape: str) -> ModelConfig:
 def param_count(cfg: ModelConfig) -> int:
     d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_layer = (d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size + 2 * d + cfg.qkv_bias * (q + 2 * kv)
-                 + cfg.o_bias * d + cfg.qk_norm * 2 * cfg.head_dim)
+                 + cfg.o_bias * d + cfg.qk_norm * 2 * cfg.head_dim + cfg.gemma * 2 * d)
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
     return cfg.n_layers * per_layer + cfg.vocab_size * d + head + d
 
@@ -85,7 +97,7 @@ def random_model(shape: str | ModelConfig, device="cpu", dtype: torch.dtype = to
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(0.0 if cfg.gemma else 1.0)      # Gemma's norms scale by 1 + w
             else:
                 p.normal_(0.0, 0.02, generator=g)
     model.tie_weights()

@@ -107,11 +107,13 @@ def position_windows(prefix_len: torch.Tensor, new_mask: torch.Tensor):
 
 
 def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capacity: int, dtype: torch.dtype,
-           groups: int) -> OrderedLayout:
+           groups: int, window: int | None = None) -> OrderedLayout:
     """prefix_len [B]; new_mask [B or 1, N, N] bool, ancestor-or-self (causal for prefill and plain steps);
     kv_len the forward's key window; capacity the cache's slot count; groups = query heads per KV head.
     Requires every new token's depth (ancestors among the new tokens) <= MAX_DEPTH, or the new tokens to
-    form one causal chain (a prefill), so that keys before s(p) sit in slots 0..s(p) - 1."""
+    form one causal chain (a prefill), so that keys before s(p) sit in slots 0..s(p) - 1.
+    window: a Gemma 3 sliding layer's; keys of positions <= p - window are masked too (slots < kv hold their own
+    position, the windows position s(p) + w)."""
     B, N = prefix_len.shape[0], new_mask.shape[-1]
     dev = prefix_len.device
     pos, split, slots = position_windows(prefix_len, new_mask)
@@ -120,6 +122,9 @@ def layout(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int, capaci
     key = torch.arange(kv + N * WINDOW, device=dev)
     own = key - kv - torch.arange(N, device=dev)[:, None] * WINDOW          # [N, K]: offset in own window
     seen = (key < split[..., None]) | ((own >= 0) & (own < WINDOW) & (split[..., None] + own <= pos[..., None]))
+    if window is not None:
+        key_pos = torch.where(key < kv, key, split[..., None] + own)
+        seen &= key_pos > pos[..., None] - window
     bias = torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill_(~seen, float("-inf"))
     bias = bias[:, None, None].expand(B, 1, groups, N, -1).reshape(B, 1, groups * N, -1)
     pad = flash_rows(groups * N) - groups * N

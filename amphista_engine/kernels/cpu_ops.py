@@ -333,7 +333,10 @@ def stack_runs(layers, final_norm, cfg, dtype, owner) -> bool:
 def _layer_table(layers, final_norm, cfg, dtype, owner):
     """[L, 13] int64 addresses of each layer's norms and packed weights, and of its q/k/v bias and q/k norms or 0
     (decoder.h LayerField order), cached on `owner`; None when a layer is not all 4-bit codes of the cpu kernel
-    (or shapes, dtypes or eps do not fit, or wo has a bias)."""
+    (or shapes, dtypes or eps do not fit, or wo has a bias). Gemma 3's layers (post-norms, (1 + w) norms, GELU, a
+    sliding window) are none of decoder.h's: None, and the model runs its Python layer loop."""
+    if getattr(cfg, "gemma", False):
+        return None
     first, last = layers[0], layers[-1]
     key = (dtype, len(layers), id(first), id(getattr(first.attention.wqkv, "_packed_native", None)),
            id(getattr(last.feed_forward.w2, "_packed_native", None)), final_norm.weight.data_ptr())

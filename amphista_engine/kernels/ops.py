@@ -202,6 +202,18 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return _run("silu_mul", x.device, x)
 
 
+def gelu_mul(x: torch.Tensor) -> torch.Tensor:
+    """Gemma 3's activation: x [..., 2I] (gate | up) -> gelu_tanh(gate) * up [..., I] in x's dtype. The reference
+    runs it on every backend (no kernel has it). A ConfigError as silu_mul's."""
+    xs = x.shape
+    if not (len(xs) and xs[-1] and not xs[-1] % 2 and x.dtype.is_floating_point):
+        checks.need_tensors("gelu_mul", x=x)
+        if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % 2:
+            raise ConfigError(f"gelu_mul: x must be [..., 2I] (gate | up halves, 2I > 0); got {tuple(x.shape)}")
+        checks.need_float("gelu_mul", "x", x)
+    return reference.gelu_mul(x)
+
+
 # ---- KV cache ------------------------------------------------------------------------------------------
 def kv_write(k_buf: torch.Tensor, v_buf: torch.Tensor, layer: int, start: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
@@ -291,5 +303,5 @@ mask_bits = reference.mask_bits
 bits_to_mask = reference.bits_to_mask
 
 __all__ = ["tree_attention", "tree_mask_args", "head_attention", "fused_sal_input", "rmsnorm", "add_rmsnorm",
-           "rope", "linear", "quant_linear", "silu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept",
+           "rope", "linear", "quant_linear", "silu_mul", "gelu_mul", "kv_write", "qkv_rope_write", "kv_compact", "greedy_accept",
            "typical_accept", "dynamic_tree", "mask_bits", "bits_to_mask"]

@@ -136,6 +136,14 @@ def silu_mul(x):
     return F.silu(gate) * up
 
 
+def gelu_mul(x):
+    """Gemma's GeGLU activation: x [..., 2I] as gate | up halves -> gelu_tanh(gate) * up [..., I] (transformers'
+    gelu_pytorch_tanh: the gate's GELU rounded to x's dtype before the product). Reference only: the kernel
+    backends have no such op and fall through to this one."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 # ---- KV cache ------------------------------------------------------------------------------------------
 def kv_write(k_buf, v_buf, layer: int, start, k, v):
     """KVCache.write: k, v [B, H, T, D] go to slots start[b] .. start[b] + T - 1 of layer `layer`.

@@ -303,7 +303,7 @@ def check_window(cfg, max_seq_len: int) -> None:
     window (Mistral v0.1, Qwen2 with use_sliding_window) they attended over every position, which the model never
     does, and learned from those hidden states without a word. Refused as the engine refuses such a cache."""
     window = getattr(cfg, "sliding_window", None)
-    if window is not None and max_seq_len > window:
+    if window is not None and max_seq_len > window and not getattr(cfg, "real_window", None):    # Gemma 3's is real
         raise InputError(f"--max-seq-len {max_seq_len}, but {cfg.name} attends over a sliding window of {window} "
                          f"positions, which this engine does not implement (it attends over all of them: the same "
                          f"model up to {window}); use --max-seq-len <= {window}")
