@@ -8,8 +8,10 @@ import re
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import AmphistaError, CacheFullError, InputError
+from .text_files import read_utf8
 
 
 def _add_quant_arg(p: argparse.ArgumentParser):
@@ -86,6 +88,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
                        help="no end-of-sequence (or --stop-token-id) token before this many tokens")
         p.add_argument("--stop-token-id", type=int, action="append", dest="stop_token_ids", metavar="ID",
                        help="a token id that ends the answer as EOS does (repeatable)")
+        form = p.add_mutually_exclusive_group()
+        form.add_argument("--json-object", action="store_true",
+                          help="answer with a JSON object (response_format json_object)")
+        form.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                          help="answer with JSON valid under this schema (a file, or the schema inline)")
+        form.add_argument("--regex", help="answer with text that matches this regular expression")
+        form.add_argument("--grammar", metavar="FILE", help="answer with text of this Lark grammar (llguidance's)")
 
 
 def _logit_bias(args) -> dict | None:
@@ -100,6 +109,28 @@ def _logit_bias(args) -> dict | None:
         if not sep:
             raise InputError(f"--logit-bias takes TOKEN_ID=VALUE (e.g. --logit-bias 13=-100), got {item!r}")
     return out or None
+
+
+def _response_format(args) -> dict | None:
+    """--json-object / --json-schema / --regex / --grammar as a response_format (structured.py), or None."""
+    if getattr(args, "json_object", False):
+        return {"type": "json_object"}
+    if getattr(args, "regex", None) is not None:
+        return {"type": "regex", "regex": args.regex}
+    schema, grammar = getattr(args, "json_schema", None), getattr(args, "grammar", None)
+    if grammar is not None:
+        if not os.path.isfile(grammar):
+            raise InputError(f"--grammar {grammar!r}: no such file (a Lark grammar, as llguidance reads it)")
+        return {"type": "grammar", "grammar": read_utf8(Path(grammar))}
+    if schema is None:
+        return None
+    text = read_utf8(Path(schema)) if os.path.isfile(schema) else schema
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        what = f"the file {schema!r}" if os.path.isfile(schema) else "its value (neither a file nor inline JSON)"
+        raise InputError(f"--json-schema: {what} is not valid JSON ({e})") from None
+    return {"type": "json_schema", "json_schema": {"schema": value}}
 
 
 def _plain_only_flag(args) -> str | None:
@@ -122,6 +153,9 @@ def _load(args, prompt=None):
                    getattr(args, "presence_penalty", 0.0), getattr(args, "frequency_penalty", 0.0), _logit_bias(args))
     check_max_new_tokens(args.max_new_tokens)
     check_stop(args.stop)
+    if hasattr(args, "json_schema"):
+        from .structured import grammar_source
+        grammar_source(_response_format(args))
     template_kwargs = _template_kwargs(args)
     for stop in args.stop or ():      # bytes that are not UTF-8 (argv's surrogates) could never match the text
         if bad := _not_utf8(stop):
@@ -201,7 +235,7 @@ def _decoding_kwargs(args, speculative, tree) -> dict:
                 seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 logit_bias=_logit_bias(args), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
-                stop_token_ids=args.stop_token_ids)
+                stop_token_ids=args.stop_token_ids, response_format=_response_format(args))
 
 
 def _stream_answer(engine, prompt, before=None, **kwargs):

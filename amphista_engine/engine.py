@@ -255,6 +255,7 @@ class Engine:
         self.chat_template_kwargs: dict = {}
         self._trees = {}
         self._checks = {}           # (tree, sampled share) -> SpeculationCheck, for speculative="auto"
+        self._grammars = {}         # response_format (canonical JSON) -> structured.Grammar
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
         self._runs = 0                                # generations started: an overtaken stream stops (_drive)
         # (thread, run) decoding now: one KV cache cannot serve two threads at once (_drive refuses the second)
@@ -595,7 +596,8 @@ class Engine:
                      row_results: bool = False, logprobs: bool = False,
                      top_logprobs: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                      logit_bias: dict | None = None, ignore_eos: bool = False, min_tokens: int = 0,
-                     stop_token_ids: Sequence[int] | None = None, admit=None) -> Iterator[tuple[int, str]]:
+                     stop_token_ids: Sequence[int] | None = None, admit=None,
+                     response_format: dict | None = None) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -644,6 +646,7 @@ class Engine:
         one). Not with reuse_prefix."""
         min_tokens = check_min_tokens(min_tokens)
         stop_token_ids = self._check_stop_token_ids(stop_token_ids)
+        grammar = self._grammar(response_format, ignore_eos, min_tokens)
         for name, value in (("row_results", row_results), ("logprobs", logprobs), ("ignore_eos", ignore_eos)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
@@ -748,6 +751,11 @@ class Engine:
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
                                        tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
+        if grammar is not None:
+            from .structured import Constraint
+            decoder.constraint = Constraint(grammar, len(ids), self.device)
+            self.graphs.detach(decoder)     # the masks are host work between a step's forward and its choice
+            admit = None                    # joiners' matchers would need their own prefill's token (row_capacity)
         decoder.admits = admit is not None
         ends = sorted(set(stop_token_ids) | (set() if ignore_eos else set(self.eos_ids)))
         if min_tokens and ends:
@@ -764,6 +772,19 @@ class Engine:
             admit = None
         joins = None if admit is None else self._admission(admit, chat, extra, min_tokens, mixed)
         return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids)
+
+    def _grammar(self, response_format, ignore_eos: bool, min_tokens: int):
+        """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None."""
+        from .structured import Grammar, format_key, grammar_source
+        if response_format is None or grammar_source(response_format) is None:
+            return None
+        if ignore_eos or min_tokens:
+            what = "ignore_eos" if ignore_eos else "min_tokens"
+            raise InputError(f"{what} does not mix with response_format: a constrained answer ends by EOS where its "
+                             "grammar is complete, and nowhere else")
+        return _recent(self._grammars, format_key(response_format),
+                       lambda: Grammar(response_format, self.tokenizer, self.config.vocab_size,
+                                                     self.eos_ids))
 
     def _check_stop_token_ids(self, ids) -> list[int]:
         if ids is None:

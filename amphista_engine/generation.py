@@ -153,6 +153,10 @@ class PlainDecoder:
         self.top_logprobs = 0
         self.step_top_values: torch.Tensor | None = None
         self.step_top_ids: torch.Tensor | None = None
+        # Set by the engine (stream_batch(response_format=...)): structured.Constraint, the rows' grammar matchers;
+        # `emitted` holds the last step's tokens and counts until the next step advances the matchers by them
+        self.constraint = None
+        self.emitted = None
 
     @on_pool
     @torch.inference_mode()
@@ -197,6 +201,7 @@ class PlainDecoder:
             self.counts = torch.zeros(B, self.model.config.vocab_size, dtype=torch.int32, device=self.device)
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
+        self.emitted = (self.next[:, None], torch.ones_like(self.next))
         if self.logprobs:
             self._score(logits[:, -1:], self.next[:, None])
         return flag_non_finite(self.next, logits)   # not the state tensor itself: it changes in place every step
@@ -241,8 +246,25 @@ class PlainDecoder:
         held = torch.where(early, float("-inf"), 0.0)[..., None].expand(*early.shape, len(self.ban_ids))
         return logits.float().scatter_add(-1, self.ban_ids.expand(*early.shape, -1), held)
 
+    def _constrained(self, logits: torch.Tensor, tree=None) -> torch.Tensor:
+        """response_format: what each row's grammar forbids at -inf (per tree node in a speculative step)."""
+        if self.constraint is None:
+            return logits
+        if tree is None:
+            return self.constraint.apply(logits)
+        return self.constraint.apply_tree(logits, tree.tokens, tree.mask if tree.batched else tree.mask[None],
+                                          tree.depth if tree.batched else tree.depth[None])
+
+    def _advance_constraint(self):
+        """The rows' grammar matchers past the tokens the last step emitted (a host sync: constrained runs are
+        eager anyway)."""
+        if self.constraint is not None and self.emitted is not None:
+            self.constraint.consume(*self.emitted)
+            self.emitted = None
+
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = self._held_back(self._biased(logits))  # first, as vLLM's logits processors come before its penalties
+        # first, as vLLM's logits processors come before its penalties
+        logits = self._constrained(self._held_back(self._biased(logits)))
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
         if self.counts is not None:
@@ -286,12 +308,16 @@ class PlainDecoder:
             self.counts = self.counts[idx]
         if self.produced is not None:
             self.produced = self.produced[idx]
+        if self.constraint is not None:
+            self._advance_constraint()
+            self.constraint.keep(keep)
         return idx
 
     # ---- rows that join a run between steps (stream_batch's admit: a server's requests arriving mid-run) -----------
     def row_capacity(self) -> int:
-        """How many rows the batch may grow to (add_rows): the cache's."""
-        return self.cache.batch
+        """How many rows the batch may grow to (add_rows): the cache's; none under a response_format (the joiners'
+        matchers would need their own prefill's token)."""
+        return 0 if self.constraint is not None else self.cache.batch
 
     def _grow(self, B: int):
         """The per-row state tensors with rows up to B (new rows zero: ended until add_rows fills them)."""
@@ -347,7 +373,11 @@ class PlainDecoder:
         """Feed the last token, sample the next. Returns ([B, 1] tokens, [B] count of real tokens)."""
         self.host_len += 1
         self.forwards += 1
-        return self.step_device(kv_window(self.host_len, self.cache.max_seq_len))
+        self._advance_constraint()
+        out = self.step_device(kv_window(self.host_len, self.cache.max_seq_len))
+        if self.constraint is not None:
+            self.emitted = (self.next[:, None].clone(), torch.ones_like(self.next))
+        return out
 
     def step_device(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The device work of a step. It updates the decoder's state tensors in place (never rebinds them),

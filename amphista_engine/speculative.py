@@ -293,6 +293,7 @@ class SpeculativeDecoder(PlainDecoder):
         if self.last_count is not None:            # already synced by the host loop: no extra wait
             self.host_len += int(self.last_count.max())
         self.forwards += 1
+        self._advance_constraint()
         # One window serves the verify forward (N new slots) and the SAL update (at most D + 1 slots).
         return self.step_device(kv_window(self.host_len + self.tree.num_nodes, self.cache.max_seq_len))
 
@@ -314,7 +315,7 @@ class SpeculativeDecoder(PlainDecoder):
         scores = logits
         # the distribution plain decoding samples (a node's token is the row's produced + depth-th); logprobs stay
         # the model's own
-        logits = self._held_back(self._biased(logits), tree.depth)
+        logits = self._constrained(self._held_back(self._biased(logits), tree.depth), tree)
         if self.acceptance == "greedy":
             res = ops.greedy_accept(tree.tokens, logits, tree.retrieve)
         elif self.acceptance == "typical":
@@ -342,6 +343,8 @@ class SpeculativeDecoder(PlainDecoder):
             at = scores.gather(1, nodes[..., None].expand(-1, -1, scores.shape[-1]))
             self._score(at, out)       # rebound: re-pointed after a graph's replay (top_logprobs too)
         self.last_count = count
+        if self.constraint is not None:
+            self.emitted = (out, count)
         self._tick("commit", t0)
         return flag_non_finite(out, logits), count
 

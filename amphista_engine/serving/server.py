@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
+from ..structured import grammar_source
 from .batching import Job, Scheduler
 from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 
@@ -46,11 +47,10 @@ UNSUPPORTED = {
     "functions": ((None, []), "functions (function calling) are not supported by this server"),
     "tool_choice": ((None, "none", "auto"), "tool_choice is not supported (no tools)"),
     "function_call": ((None, "none", "auto"), "function_call is not supported (no tools)"),
-    "response_format": ((None, {"type": "text"}), "response_format other than {\"type\": \"text\"} is not supported"),
     "best_of": ((None, 1), "best_of other than 1 is not supported"),
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
 }
-CHAT_ONLY = {"tools", "functions", "tool_choice", "function_call", "response_format"}
+CHAT_ONLY = {"tools", "functions", "tool_choice", "function_call"}
 # logprobs (an int on /v1/completions, true on chat), top_logprobs (chat) and echo (completions) are served:
 # decoding() reads them
 COMPLETION_ONLY = {"best_of", "suffix"}
@@ -267,6 +267,15 @@ def _openai_logit_options(body: dict) -> dict:
         out["min_tokens"] = body["min_tokens"]
     if body.get("stop_token_ids") not in (None, []):
         out["stop_token_ids"] = body["stop_token_ids"]
+    rf = body.get("response_format")
+    if rf is not None:
+        # OpenAI's json_object / json_schema, and regex / grammar as SGLang and vLLM take them (structured.py); the
+        # shape is checked here (a 400 before the request waits), the grammar itself when its run starts
+        try:
+            if grammar_source(rf) is not None:
+                out["response_format"] = rf
+        except AmphistaError as e:
+            raise ApiError(400, str(e), "response_format") from None
     return out
 
 

@@ -1,0 +1,221 @@
+"""Structured output: decoding held to a JSON schema, a regex or a grammar (OpenAI's `response_format`).
+
+Each row has a grammar matcher (llguidance, the library vLLM and SGLang use) that follows the tokens the row has
+emitted; before a token is chosen, the logits of every token the grammar forbids there go to -inf. In a speculative
+step the tree's nodes each get their own mask, from the matcher advanced along the node's path, so verification
+chooses from the distribution constrained plain decoding would have: greedy output stays equal to constrained plain
+output, and rejection sampling stays lossless (a draft the grammar forbids has probability 0 and is rejected). When
+the grammar is complete only EOS is left, so a row ends by EOS.
+
+The masks are computed on the host each step (one per row, one per tree node): constrained runs are eager (no CUDA
+graph can capture host work between the forward and the choice of tokens) and take no rows mid-run.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .errors import ConfigError, InputError
+
+FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
+
+
+def _llguidance():
+    try:
+        import llguidance     # not llguidance.torch: it imports torch._dynamo (~0.7 s) for a kernel not used here
+    except ImportError:
+        raise ConfigError("response_format needs the llguidance package: pip install llguidance") from None
+    return llguidance
+
+
+def grammar_source(response_format) -> str | None:
+    """The checked llguidance grammar (a string) for an OpenAI-style response_format, or None for free text (see
+    _grammar_text); a malformed one is an InputError naming what is wrong, before any model work."""
+    source = _grammar_text(response_format)
+    if source is not None:
+        error = _llguidance().LLMatcher.validate_grammar(source)
+        if error:
+            raise InputError(f"response_format: {error.strip()}")
+    return source
+
+
+def _grammar_text(response_format) -> str | None:
+    """The llguidance grammar (a string) for an OpenAI-style response_format, or None for free text.
+
+    {"type": "text"} or None: free text; {"type": "json_object"}: any JSON object; {"type": "json_schema",
+    "json_schema": {"schema": {...}, "name": ..., "strict": ...}}: JSON valid under the schema (OpenAI's form; a bare
+    {"schema": ...} too); ours, as SGLang/vLLM offer them: {"type": "regex", "regex": "..."} and {"type": "grammar",
+    "grammar": "<Lark grammar>"}."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise InputError(f"response_format must be an object with a 'type' ({', '.join(FORMATS)}), got "
+                         f"{response_format!r:.80}")
+    kind = response_format["type"]
+    llg = _llguidance()
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return llg.LLMatcher.grammar_from_json_schema({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InputError("response_format type 'json_schema' needs a 'json_schema' object holding the 'schema'")
+        schema = spec.get("schema", spec if "type" in spec or "properties" in spec or "$ref" in spec else None)
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise InputError(f"response_format json_schema.schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise InputError(f"response_format json_schema.schema must be a JSON schema object, got {schema!r:.80}")
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(schema)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"response_format json_schema.schema: {e}") from None
+    if kind == "regex":
+        regex = response_format.get("regex")
+        if not isinstance(regex, str) or not regex:
+            raise InputError("response_format type 'regex' needs a non-empty 'regex' string")
+        return llg.LLMatcher.grammar_from_regex(regex)
+    if kind == "grammar":
+        lark = response_format.get("grammar")
+        if not isinstance(lark, str) or not lark.strip():
+            raise InputError("response_format type 'grammar' needs a non-empty 'grammar' string (Lark syntax, as "
+                             "llguidance reads it)")
+        return llg.LLMatcher.grammar_from_lark(lark)
+    raise InputError(f"response_format type {kind!r} is not supported (supported: {', '.join(FORMATS)})")
+
+
+def format_key(response_format) -> str | None:
+    """A canonical text of a response_format: requests whose keys are equal may share a run."""
+    return None if response_format is None else json.dumps(response_format, sort_keys=True, default=str)
+
+
+class _PieceTokenizer:
+    """llguidance's TokenizerWrapper protocol for a sentencepiece `tokenizer.model` (tokenizer.json files and GGUF
+    vocabularies are handed to llguidance as tokenizers JSON)."""
+
+    def __init__(self, tok, backend):
+        from .tokenizer import _byte_piece
+        self.eos_token_id = tok.eos_ids[0] if tok.eos_ids else None
+        self.bos_token_id = tok.bos_id
+        self.special_token_ids = sorted(backend.special_ids)
+        self.tokens = []
+        for i, piece in enumerate(backend.pieces):
+            byte = _byte_piece(piece)
+            self.tokens.append(bytes([byte]) if byte is not None else piece.replace("\u2581", " ").encode("utf-8"))
+        self._encode = backend.encode
+
+    def __call__(self, text):
+        return list(self._encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text))
+
+
+def ll_tokenizer(tokenizer, vocab_size: int, eos_ids=None):
+    """The llguidance tokenizer for an engine's tokenizer (built once: ~0.2 s for a 49k vocabulary), masks
+    `vocab_size` wide (the model's logits; ids past the tokenizer's are never allowed). eos_ids: the ids that end
+    an answer (the engine's), the only ones a complete grammar allows."""
+    eos = list(eos_ids if eos_ids is not None else tokenizer.eos_ids) or None
+    key = (vocab_size, tuple(eos or ()))
+    cached = getattr(tokenizer, "_llguidance", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    llg = _llguidance()
+    backend = tokenizer._backend
+    if hasattr(backend, "tok"):
+        source = backend.tok.to_str()
+    elif hasattr(backend, "pieces"):
+        source = llg.TokenizerWrapper(_PieceTokenizer(tokenizer, backend))
+    else:
+        raise ConfigError(f"response_format: no grammar support for this tokenizer ({type(backend).__name__})")
+    try:
+        lt = llg.LLTokenizer(source, n_vocab=max(vocab_size, tokenizer.vocab_size), eos_token=eos)
+    except Exception as e:      # llguidance's own error types
+        raise ConfigError(f"response_format: llguidance cannot read this tokenizer ({tokenizer.source}): {e}") from None
+    tokenizer._llguidance = (key, lt)
+    return lt
+
+
+class Grammar:
+    """A compiled response_format for one engine's tokenizer: makes each run's per-row matchers."""
+
+    def __init__(self, response_format, tokenizer, vocab_size: int, eos_ids=None):
+        self.source = grammar_source(response_format)
+        if self.source is None:
+            raise InputError("Grammar needs a constraining response_format (not None or {'type': 'text'})")
+        llg = _llguidance()
+        self.tokenizer = ll_tokenizer(tokenizer, vocab_size, eos_ids)
+        self.vocab_size = vocab_size
+        error = llg.LLMatcher.validate_grammar(self.source, self.tokenizer)
+        if error:
+            raise InputError(f"response_format: {error.strip()}")
+
+    def matcher(self):
+        llg = _llguidance()
+        m = llg.LLMatcher(self.tokenizer, self.source, log_level=0)
+        if m.is_error():
+            raise InputError(f"response_format: {m.get_error()}")
+        return m
+
+
+class Constraint:
+    """The matchers of one run's rows and the masks they give. consume() advances rows by the tokens they emitted;
+    apply() and apply_tree() mask logits [B, V] / [B, N, V] on their device."""
+
+    def __init__(self, grammar: Grammar, rows: int, device):
+        self.grammar, self.device = grammar, device
+        self.matchers = [grammar.matcher() for _ in range(rows)]
+        V = grammar.vocab_size
+        ids = torch.arange(V, device=device)
+        self._word, self._bit = ids // 32, (ids % 32).to(torch.int32)
+        self._words = (V + 31) // 32
+
+    def consume(self, tokens: torch.Tensor, counts: torch.Tensor):
+        """tokens [B, n], counts [B]: row b emitted its first counts[b] tokens."""
+        toks, cnt = tokens.tolist(), counts.tolist()
+        for m, row, c in zip(self.matchers, toks, cnt):
+            if not m.is_error():
+                m.consume_tokens([int(t) for t in row[:c]])   # past the grammar's end (an ended row): error, no mask
+
+    def keep(self, keep: list[int]):
+        self.matchers = [self.matchers[i] for i in keep]
+
+    def _row_mask(self, m, out: torch.Tensor, i: int):
+        if m.is_error():
+            out[i] = -1            # an ended row (or a broken one): nothing left to hold it to
+        else:                      # the mask's bits straight into row i (a contiguous CPU int32 tensor)
+            m.unsafe_compute_mask_ptr(out[i].data_ptr(), out.shape[1] * 4)
+
+    def _masked(self, logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        allowed = (bits.to(logits.device)[..., self._word] >> self._bit) & 1
+        return logits.float().masked_fill(allowed == 0, float("-inf"))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V]: each row masked by its matcher's state."""
+        bits = torch.empty(len(self.matchers), self._words, dtype=torch.int32)
+        for i, m in enumerate(self.matchers):
+            self._row_mask(m, bits, i)
+        return self._masked(logits, bits)
+
+    def apply_tree(self, logits: torch.Tensor, tokens: torch.Tensor, ancestors: torch.Tensor,
+                   depth: torch.Tensor) -> torch.Tensor:
+        """logits [B, N, V] of a tree's nodes (node 0 the root, its token already consumed); tokens [B, N];
+        ancestors [B or 1, N, N] bool (ancestor-or-self); depth [B or 1, N]. Node i is masked by its row's matcher
+        advanced along i's path below the root; a node whose path the grammar forbids cannot be accepted (its
+        parent's mask forbids its token) and gets no mask of its own."""
+        B, N = tokens.shape
+        toks, anc, dep = tokens.tolist(), ancestors.expand(B, N, N).tolist(), depth.expand(B, N).tolist()
+        bits = torch.full((B * N, self._words), -1, dtype=torch.int32)
+        for b, m in enumerate(self.matchers):
+            for i in range(N):
+                if m.is_error():
+                    break
+                path = sorted((j for j in range(1, N) if anc[b][i][j]), key=lambda j: dep[b][j])
+                path_toks = [toks[b][j] for j in path]
+                took = m.try_consume_tokens(path_toks) if path_toks else 0
+                if took == len(path_toks):
+                    self._row_mask(m, bits, b * N + i)
+                if took:
+                    m.rollback(took)
+        return self._masked(logits, bits.view(B, N, -1))
