@@ -269,6 +269,21 @@ _GGUF_OF_HF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                      "self_attn.k_norm": "attn_k_norm"}
 
 
+def add_gguf_bpe_vocab(wr, hf_dir: Path, vocab_size: int, pre: str = "default"):
+    """The tiny checkpoint's byte-level BPE tokenizer.json (write_tokenizer's) as GGUF vocabulary metadata, padded to
+    the model's vocab_size; BOS 1, EOS 2."""
+    tj = json.loads((Path(hf_dir) / "tokenizer.json").read_text())
+    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(vocab_size - len(tokens))]
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre(pre)
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
+    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+
+
 def finish_unpermuted_gguf(wr, w: dict, n_layers: int, qtype: str = "F32"):
     """Writes a Hugging Face state dict (name -> numpy array) under llama.cpp's tensor names, as its converter
     writes Qwen files (rows as stored: no RoPE permutation; biases and norms F32; 2-D tensors in `qtype`), then

@@ -13,7 +13,7 @@ from amphista_engine.engine import Engine
 from amphista_engine.errors import ConfigError
 from amphista_engine.loading import load_model
 
-from conftest import write_tokenizer
+from conftest import add_gguf_bpe_vocab, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -220,7 +220,6 @@ def write_gemma3_gguf(hf_dir, out, cfg):
     from safetensors.numpy import load_file
     from conftest import _add_gguf_tensor, _close_gguf
     w = load_file(str(hf_dir / "model.safetensors"))
-    tj = json.loads((hf_dir / "tokenizer.json").read_text())
     wr = gguf.GGUFWriter(str(out), "gemma3")
     wr.add_block_count(cfg["num_hidden_layers"])
     wr.add_context_length(512)
@@ -236,15 +235,7 @@ def write_gemma3_gguf(hf_dir, out, cfg):
     wr.add_float32("gemma3.rope.freq_base_swa", cfg["rope_local_theta"])
     wr.add_sliding_window(cfg["sliding_window"])
     wr.add_sliding_window_pattern(cfg["pattern"])
-    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(V - len(tokens))]
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("default")
-    wr.add_token_list(tokens)
-    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
-    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
+    add_gguf_bpe_vocab(wr, hf_dir, V, "default")
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     for i in range(cfg["num_hidden_layers"]):
         names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in (

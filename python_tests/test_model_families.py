@@ -12,7 +12,7 @@ from amphista_engine.errors import ConfigError
 from amphista_engine.heads import random_heads
 from amphista_engine.kernels import use_backend
 from amphista_engine.loading import load_model
-from conftest import TINY_HF, edited_copy, finish_unpermuted_gguf, write_tokenizer
+from conftest import TINY_HF, add_gguf_bpe_vocab, edited_copy, finish_unpermuted_gguf, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,7 +109,6 @@ def write_qwen_gguf(hf_dir, out, arch, qtype="F32"):
     from safetensors.numpy import load_file
     w = load_file(str(hf_dir / "model.safetensors"))
     c = json.loads((hf_dir / "config.json").read_text())
-    tj = json.loads((hf_dir / "tokenizer.json").read_text())
     wr = gguf.GGUFWriter(str(out), arch)
     wr.add_block_count(c["num_hidden_layers"])
     wr.add_context_length(c["max_position_embeddings"])
@@ -120,15 +119,7 @@ def write_qwen_gguf(hf_dir, out, arch, qtype="F32"):
     wr.add_key_length(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
     wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
     wr.add_rope_freq_base(c["rope_theta"] if "rope_theta" in c else c["rope_parameters"]["rope_theta"])
-    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(c["vocab_size"] - len(tokens))]
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("qwen2")
-    wr.add_token_list(tokens)
-    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
-    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
+    add_gguf_bpe_vocab(wr, hf_dir, c["vocab_size"], "qwen2")
     finish_unpermuted_gguf(wr, w, c["num_hidden_layers"], qtype)
     return out
 

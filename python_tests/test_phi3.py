@@ -11,7 +11,7 @@ from amphista_engine.engine import Engine
 from amphista_engine.errors import ConfigError
 from amphista_engine.loading import load_model
 
-from conftest import write_tokenizer
+from conftest import add_gguf_bpe_vocab, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,7 +126,6 @@ def write_phi3_gguf(hf_dir, out, qtype="F32", longrope=None, window=None):
     from safetensors.numpy import load_file
     from conftest import _add_gguf_tensor, _close_gguf
     w = load_file(str(hf_dir / "model.safetensors"))
-    tj = json.loads((hf_dir / "tokenizer.json").read_text())
     wr = gguf.GGUFWriter(str(out), "phi3")
     wr.add_block_count(2)
     wr.add_context_length(BASE["max_position_embeddings"])
@@ -139,15 +138,7 @@ def write_phi3_gguf(hf_dir, out, qtype="F32", longrope=None, window=None):
     wr.add_rope_freq_base(10000.0)
     if window:
         wr.add_sliding_window(window)
-    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(V - len(tokens))]
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("default")
-    wr.add_token_list(tokens)
-    wr.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
-    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
-    wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
+    add_gguf_bpe_vocab(wr, hf_dir, V, "default")
     if longrope:
         wr.add_uint32("phi3.rope.scaling.original_context_length", longrope["original"])
         wr.add_float32("phi3.rope.scaling.attn_factor", longrope["attn_factor"])

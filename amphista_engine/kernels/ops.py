@@ -193,24 +193,24 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation: x [..., 2I] (the fused gate | up projection, last dim contiguous) ->
     silu(gate) * up [..., I] in x's dtype, silu rounded to x's dtype before the product (FeedForward).
     A ConfigError where x is not float or its last dim is not a positive even size."""
-    xs = x.shape
-    if not (len(xs) and xs[-1] and not xs[-1] % 2 and x.dtype.is_floating_point):
-        checks.need_tensors("silu_mul", x=x)
-        if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % 2:
-            raise ConfigError(f"silu_mul: x must be [..., 2I] (gate | up halves, 2I > 0); got {tuple(x.shape)}")
-        checks.need_float("silu_mul", "x", x)
+    _check_gated("silu_mul", x)
     return _run("silu_mul", x.device, x)
+
+
+def _check_gated(name: str, x) -> None:
+    """x must be a float [..., 2I] (gate | up halves, 2I > 0): a ConfigError naming `name` otherwise."""
+    xs = x.shape if isinstance(x, torch.Tensor) else ()
+    if not (len(xs) and xs[-1] and not xs[-1] % 2 and x.dtype.is_floating_point):
+        checks.need_tensors(name, x=x)
+        if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % 2:
+            raise ConfigError(f"{name}: x must be [..., 2I] (gate | up halves, 2I > 0); got {tuple(x.shape)}")
+        checks.need_float(name, "x", x)
 
 
 def gelu_mul(x: torch.Tensor) -> torch.Tensor:
     """Gemma 3's activation: x [..., 2I] (gate | up) -> gelu_tanh(gate) * up [..., I] in x's dtype. The reference
     runs it on every backend (no kernel has it). A ConfigError as silu_mul's."""
-    xs = x.shape
-    if not (len(xs) and xs[-1] and not xs[-1] % 2 and x.dtype.is_floating_point):
-        checks.need_tensors("gelu_mul", x=x)
-        if x.dim() == 0 or x.shape[-1] == 0 or x.shape[-1] % 2:
-            raise ConfigError(f"gelu_mul: x must be [..., 2I] (gate | up halves, 2I > 0); got {tuple(x.shape)}")
-        checks.need_float("gelu_mul", "x", x)
+    _check_gated("gelu_mul", x)
     return reference.gelu_mul(x)
 
 
