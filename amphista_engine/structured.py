@@ -94,19 +94,53 @@ def format_key(response_format) -> str | None:
 
 
 class _PieceTokenizer:
-    """llguidance's TokenizerWrapper protocol for a sentencepiece `tokenizer.model` (tokenizer.json files and GGUF
-    vocabularies are handed to llguidance as tokenizers JSON)."""
+    """llguidance's TokenizerWrapper protocol for a sentencepiece vocabulary: a `tokenizer.model`, or a GGUF
+    'llama' one (its rebuilt tokenizers JSON has no decoder llguidance can read: "can't determine decoder type").
+    tokenizer.json files and GGUF byte-level vocabularies are handed to llguidance as tokenizers JSON.
 
-    def __init__(self, tok, backend):
+    llguidance tokenizes the bytes a grammar forces with __call__ and allows only that tokenization's first token:
+    it must be the text's own tokens, without the dummy-prefix `▁` sentencepiece puts in front of a text (with it,
+    "-" forced after "abc" came out as `▁`, the grammar's matcher broke, and the answer went on unconstrained)."""
+
+    def __init__(self, tok, backend, n_vocab: int):
         from .tokenizer import _byte_piece
+        decoder = backend.decode                  # the _PieceDecoder: the pieces as the engine decodes them
         self.eos_token_id = tok.eos_ids[0] if tok.eos_ids else None
         self.bos_token_id = tok.bos_id
         self.special_token_ids = sorted(backend.special_ids)
-        self.tokens = []
-        for i, piece in enumerate(backend.pieces):
+        self.tokens, self._bytes = [], {}
+        for i, piece in enumerate(decoder.pieces):
             byte = _byte_piece(piece)
+            if byte is not None:
+                self._bytes.setdefault(byte, i)
             self.tokens.append(bytes([byte]) if byte is not None else piece.replace("\u2581", " ").encode("utf-8"))
-        self._encode = backend.encode
+        # ids past the tokenizer's, up to the model's logits: never allowed (llguidance ignores n_vocab for a
+        # TokenizerWrapper, and a shorter mask than the logits was "ValueError: Invalid buffer size")
+        self.tokens += [b""] * (n_vocab - len(self.tokens))
+        self._pieces = decoder.pieces
+        self._ids = {}
+        for i, piece in enumerate(decoder.pieces):
+            self._ids.setdefault(piece, i)
+        if hasattr(backend, "sp"):                # tokenizer.model: one stretch, its dummy prefix taken off
+            self._encode = self._unprefixed(backend.sp.encode) if decoder.dummy_prefix else backend.sp.encode
+        else:                                     # GGUF: the BPE itself adds no prefix (the backend's encode does)
+            self._encode = lambda text: backend.tok.encode(text, add_special_tokens=False).ids
+
+    def _unprefixed(self, encode):
+        def tokens(text: str) -> list[int]:
+            ids = list(encode(text))
+            if not ids or not self._pieces[ids[0]].startswith("\u2581"):
+                return ids
+            rest = self._pieces[ids[0]][1:]       # the first piece less the prefix: a piece, else its bytes
+            if not rest:
+                return ids[1:]
+            if rest in self._ids:
+                return [self._ids[rest]] + ids[1:]
+            raw = rest.replace("\u2581", " ").encode("utf-8")
+            if all(b in self._bytes for b in raw):
+                return [self._bytes[b] for b in raw] + ids[1:]
+            return ids
+        return tokens
 
     def __call__(self, text):
         return list(self._encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text))
@@ -116,6 +150,7 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids=None):
     """The llguidance tokenizer for an engine's tokenizer (built once: ~0.2 s for a 49k vocabulary), masks
     `vocab_size` wide (the model's logits; ids past the tokenizer's are never allowed). eos_ids: the ids that end
     an answer (the engine's), the only ones a complete grammar allows."""
+    from .tokenizer import _PieceDecoder
     eos = list(eos_ids if eos_ids is not None else tokenizer.eos_ids) or None
     key = (vocab_size, tuple(eos or ()))
     cached = getattr(tokenizer, "_llguidance", None)
@@ -123,14 +158,15 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids=None):
         return cached[1]
     llg = _llguidance()
     backend = tokenizer._backend
-    if hasattr(backend, "tok"):
+    n_vocab = max(vocab_size, tokenizer.vocab_size)
+    if isinstance(getattr(backend, "decode", None), _PieceDecoder):
+        source = llg.TokenizerWrapper(_PieceTokenizer(tokenizer, backend, n_vocab))
+    elif hasattr(backend, "tok"):
         source = backend.tok.to_str()
-    elif hasattr(backend, "pieces"):
-        source = llg.TokenizerWrapper(_PieceTokenizer(tokenizer, backend))
     else:
         raise ConfigError(f"response_format: no grammar support for this tokenizer ({type(backend).__name__})")
     try:
-        lt = llg.LLTokenizer(source, n_vocab=max(vocab_size, tokenizer.vocab_size), eos_token=eos)
+        lt = llg.LLTokenizer(source, n_vocab=n_vocab, eos_token=eos)
     except Exception as e:      # llguidance's own error types
         raise ConfigError(f"response_format: llguidance cannot read this tokenizer ({tokenizer.source}): {e}") from None
     tokenizer._llguidance = (key, lt)
@@ -150,6 +186,24 @@ class Grammar:
         error = llg.LLMatcher.validate_grammar(self.source, self.tokenizer)
         if error:
             raise InputError(f"response_format: {error.strip()}")
+        self._check_some_text()
+
+    def _check_some_text(self):
+        """A grammar that matches no text at all (a regex like [^\\s\\S], a schema whose $refs only cycle, a rule
+        that only recurses) is valid to llguidance, whose mask then allows EOS alone: the answer was "" with
+        finish_reason "eos", valid under nothing the client asked for. Named here, before any model work."""
+        m = self.matcher()
+        if m.is_accepting():
+            return                  # the empty answer is one the grammar takes
+        eos = set(self.tokenizer.eos_tokens)
+        bits = torch.empty((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+        m.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+        ids = torch.arange(self.tokenizer.vocab_size)
+        allowed = ((bits[ids // 32] >> (ids % 32).to(torch.int32)) & 1).nonzero().flatten().tolist()
+        if all(i in eos for i in allowed):
+            raise InputError("response_format matches no text at all (its regex, schema or grammar allows no "
+                             "answer, not even an empty one): check it for a contradiction or a rule that only "
+                             "refers to itself")
 
     def matcher(self):
         llg = _llguidance()
@@ -169,7 +223,9 @@ class Constraint:
         V = grammar.vocab_size
         ids = torch.arange(V, device=device)
         self._word, self._bit = ids // 32, (ids % 32).to(torch.int32)
-        self._words = (V + 31) // 32
+        # llguidance writes a mask of its own vocabulary's width (the tokenizer's where it is the larger): the
+        # logits' V bits are read from the front of it
+        self._words = (max(V, grammar.tokenizer.vocab_size) + 31) // 32
 
     def consume(self, tokens: torch.Tensor, counts: torch.Tensor):
         """tokens [B, n], counts [B]: row b emitted its first counts[b] tokens."""
