@@ -302,7 +302,8 @@ class SpeculativeDecoder(PlainDecoder):
         lengths) are updated in place so a CUDA graph can capture and replay the whole step."""
         t0 = time.perf_counter()
         B, root, length = self.next.shape[0], self.next, self.cache.length[:self.next.shape[0]]
-        tree = self.tree.build(root, self.draft, self._token_ids)
+        draft = self.draft if self.constraint is None else self.constraint.first_head(self.draft, self._token_ids)
+        tree = self.tree.build(root, draft, self._token_ids)
         t0 = self._tick("draft", t0)
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))

@@ -199,3 +199,30 @@ def test_json_schema_on_the_embedded_model_speculative_equals_plain():
     value = json.loads(plain.text)
     assert set(value) == {"name", "age"} and isinstance(value["age"], int), plain.text
     assert spec.text == plain.text and spec.stats.tau > 1.0
+
+
+def test_first_head_drafts_only_what_the_grammar_allows(tiny_amphista_engine):
+    """first_head: head 0's guesses (the tokens right after the root) held to each row's grammar state, over token ids
+    or a draft vocabulary's slots; the other heads untouched; a row whose allowed tokens the vocabulary lacks kept."""
+    eng = tiny_amphista_engine
+    tok = eng.tokenizer
+    g = Grammar({"type": "regex", "regex": r"(b|c)[0-9]"}, tok, eng.config.vocab_size, eng.eos_ids)
+    V = eng.config.vocab_size
+    b, c = (tok.encode(s, add_bos=False)[0] for s in "bc")
+    draft = torch.randn(2, 3, V)
+    con = Constraint(g, 2, "cpu")
+    con.consume(torch.tensor([[b], [0]]), torch.tensor([1, 0]))       # row 0 after "b": a digit; row 1: b or c
+    got = con.first_head(draft, None)
+    digits = {tok.encode(str(d), add_bos=False)[0] for d in range(10)}
+    assert {int(i) for i in torch.isfinite(got[0, 0]).nonzero()} <= digits | set(eng.eos_ids)
+    assert {int(i) for i in torch.isfinite(got[1, 0]).nonzero()} == {b, c}
+    assert torch.equal(got[:, 1:], draft[:, 1:])                          # the other heads untouched
+    assert torch.equal(got[0, 0][sorted(digits)], draft[0, 0][sorted(digits)])   # allowed guesses keep their scores
+    # a draft vocabulary of slots: slot s scores token perm[s]; row 1's b and c are outside it in one case
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:50]
+    keep = perm[(perm != b) & (perm != c)][:40]
+    for vocab, row1_free in ((torch.cat([keep, torch.tensor([b, c])]), False), (keep, True)):
+        d = torch.randn(2, 3, len(vocab))
+        got = Constraint(g, 2, "cpu").first_head(d, lambda slots, v=vocab: v[slots])
+        finite = {int(vocab[i]) for i in torch.isfinite(got[1, 0]).nonzero()}
+        assert finite == ({int(t) for t in vocab} if row1_free else {b, c})
