@@ -177,6 +177,12 @@ def _refuse_other_gemmas(cfg: dict[str, Any], arch: str, model_type: str) -> Non
         raise ConfigError(f"Gemma 2 ({arch!r}, model_type {model_type!r}) is not supported: its attention caps every "
                           "score with tanh (attn_logit_softcapping), which this engine's attention kernels do not "
                           "implement; Gemma 3 text models (Gemma3ForCausalLM) are supported")
+    if model_type == "paligemma" or arch.startswith("PaliGemma"):
+        # named here: the generic message listed Gemma3ForConditionalGeneration among the supported, which read as
+        # if a vision-language Gemma were runnable
+        raise ConfigError(f"PaliGemma ({arch!r}, model_type {model_type!r}) is not supported: its language model is "
+                          "Gemma 1 or Gemma 2 behind a vision tower; of the Gemma family this engine runs Gemma 3 "
+                          "text models (Gemma3ForCausalLM, the text part of Gemma3ForConditionalGeneration)")
     if model_type in ("gemma", "gemma3n", "gemma3n_text") or arch.startswith(("GemmaFor", "Gemma3n")):
         raise ConfigError(f"{arch!r} (model_type {model_type!r}) is not supported; of the Gemma family this engine "
                           "runs Gemma 3 text models (Gemma3ForCausalLM, the text part of Gemma3ForConditionalGeneration)")
@@ -185,12 +191,20 @@ def _refuse_other_gemmas(cfg: dict[str, Any], arch: str, model_type: str) -> Non
 def _gemma3_from_hf(cls, top: dict[str, Any], arch: str, model_type: str) -> "ModelConfig":
     """Gemma 3 text models: Gemma3ForCausalLM (model_type gemma3_text) or the text part of a
     Gemma3ForConditionalGeneration config (model_type gemma3: its text_config; the vision tower is not loaded)."""
+    if top.get("architectures") and arch not in ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"):
+        # Gemma3ForSequenceClassification (a score head in place of the LM head) and Gemma3TextModel (no head) loaded
+        # as language models through the tied embeddings: text from a model that never predicted tokens
+        raise ConfigError(f"{arch!r} (model_type {model_type!r}) is not a Gemma 3 language model this engine runs: "
+                          "it loads Gemma3ForCausalLM checkpoints and the text part of Gemma3ForConditionalGeneration "
+                          "ones, whose LM head predicts the next token")
     if model_type == "gemma3":
         text = top.get("text_config") or {}
         if not isinstance(text, dict):
             raise ConfigError(f"a gemma3 config's text_config must be an object, got {text!r:.80}")
         cfg = {**_GEMMA3_TEXT_DEFAULTS, **text}
-        for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):     # the top level's, where it has them
+        # the top level's, where it has them; quantization_config too (a bitsandbytes/AWQ Gemma-3-4B's sits there,
+        # not in text_config, and was not refused by name)
+        for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings", "quantization_config"):
             if top.get(key) is not None:
                 cfg[key] = top[key]
     else:

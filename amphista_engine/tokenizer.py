@@ -26,6 +26,11 @@ __all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer"]
 _TURN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 # End-of-document markers: stopping on them is always right, whatever the template says.
 _DOCUMENT_END_MARKERS = ("<|endoftext|>", "<|end_of_text|>")
+# Chat markers that are one control token in their model's own tokenizer: a GGUF that types them NORMAL is read as if
+# it said CONTROL. Google's QAT Gemma 3 GGUFs type <start_of_turn> and <end_of_turn> NORMAL, so the chat template's
+# markers were cut into pieces and a reply never ended at <end_of_turn>; llama.cpp retypes such end-of-turn markers
+# as control tokens too ("control-looking token ... its type will be overridden").
+_GGUF_CONTROL_MARKERS = _TURN_END_MARKERS + ("<start_of_turn>",)
 
 # GGUF token_type values (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -517,6 +522,7 @@ def _load_gguf(source) -> Tokenizer:
         if len(values) != len(tokens):
             raise ModelLoadError(f"{where}: GGUF tokenizer.ggml.{key} has {len(values)} entries for "
                                  f"{len(tokens)} tokens (tokenizer.ggml.tokens)")
+    types = [_CONTROL if ty == _NORMAL and t in _GGUF_CONTROL_MARKERS else ty for t, ty in zip(tokens, types)]
     if kind not in ("gpt2", "llama"):
         raise ModelLoadError(f"{where}: GGUF tokenizer model {kind!r} (tokenizer.ggml.model) is not supported; "
                              "supported: 'gpt2' (byte-level BPE), 'llama' (sentencepiece)")
