@@ -176,6 +176,35 @@ def test_heads_no_held_out_position_reaches_report_none(target, tmp_path):
     assert st["count"].tolist() == [2, 1, 0]
 
 
+def test_kl_teacher_is_the_targets_softcapped_distribution(target):
+    """A target with a final logit softcap (Gemma's final_logit_softcapping, Transformer.logits) teaches its capped
+    distribution: the KL loss equals the one computed by hand from cap * tanh(logits / cap), not the uncapped."""
+    import copy
+    from amphista_engine.heads import new_heads
+    from amphista_engine.training.trainer import LossComputer
+    torch.manual_seed(0)
+    heads = new_heads("medusa", target, num_heads=K, dtype=torch.float32)
+    x = torch.randint(0, 63, (1, 8))
+    hidden = torch.randn(1, 8, 32) * 8            # large logits: the cap changes them
+    rows = torch.tensor([[0, 2]])
+    valid = torch.ones(1, K, dtype=torch.bool)
+    feats = torch.randn(1, K, 32)
+    capped = copy.copy(target)
+    capped.config = copy.copy(target.config)
+    capped.config.final_logit_softcapping = 1.5
+    off = lambda: torch.autocast("cpu", enabled=False)          # noqa: E731
+    loss = {}
+    for name, tgt in (("plain", target), ("capped", capped)):
+        loss[name] = float(LossComputer(tgt, "kl", 1.0, K, 16, off)(heads, feats, hidden, x, rows, valid, False)[0])
+    with torch.no_grad():
+        logq = torch.log_softmax(heads.logits(feats).float(), -1)[0]
+        h = hidden[0, (rows[0, 1] + torch.arange(K) + 1).clamp(max=7)]
+        tl = torch.nn.functional.linear(h, heads.output_weight()).float()
+        logp = torch.log_softmax(torch.tanh(tl / 1.5) * 1.5, -1)
+        want = float((logp.exp() * (logp - logq)).sum(-1).sum())
+    assert abs(loss["capped"] - want) < 1e-4 * max(1.0, abs(want)) and abs(loss["plain"] - want) > 1e-2
+
+
 # ---- tree-search on the heads' own held-out split -----------------------------------------------------------
 def test_tree_search_defaults_to_the_split_the_heads_were_trained_with(shard, target, tmp_path, capsys):
     """tree-search held out a fixed 5% whatever the heads' training held out: heads trained with --eval-frac 0.02

@@ -300,6 +300,9 @@ class LossComputer:
                 with torch.no_grad(), self.autocast():
                     h_u = hidden[bb[:, None], (tt[:, None] + ks[None] + 1).clamp(max=T - 1)]   # [n, K, d]
                     tl = torch.nn.functional.linear(h_u.to(w_teacher.dtype), w_teacher).float()
+                    cap = getattr(getattr(self.target, "config", None), "final_logit_softcapping", None)
+                    if cap is not None:       # the target's own distribution (Gemma's softcap, Transformer.logits)
+                        tl = torch.tanh(tl / cap) * cap
                 logp = torch.log_softmax(tl, -1)
                 per = (logp.exp() * (logp - logq)).sum(-1)                          # [n, K]
             else:
