@@ -5,7 +5,8 @@ emitted; before a token is chosen, the logits of every token the grammar forbids
 step the tree's nodes each get their own mask, from the matcher advanced along the node's path, so verification
 chooses from the distribution constrained plain decoding would have: greedy output stays equal to constrained plain
 output, and rejection sampling stays lossless (a draft the grammar forbids has probability 0 and is rejected). When
-the grammar is complete only EOS is left, so a row ends by EOS.
+the grammar is complete only EOS is left, so a row ends by EOS. The first head's drafts are held to the grammar too
+(first_head): the tokens right after the root are the only ones whose grammar state is known before the tree is built.
 
 The masks are computed on the host each step (one per row, one per tree node): constrained runs are eager (no CUDA
 graph can capture host work between the forward and the choice of tokens) and take no rows mid-run.
@@ -54,9 +55,9 @@ def _grammar_text(response_format) -> str | None:
         raise InputError(f"response_format must be an object with a 'type' ({', '.join(FORMATS)}), got "
                          f"{response_format!r:.80}")
     kind = response_format["type"]
-    llg = _llguidance()
     if kind == "text":
         return None
+    llg = _llguidance()
     if kind == "json_object":
         return llg.LLMatcher.grammar_from_json_schema({"type": "object"})
     if kind == "json_schema":
