@@ -18,6 +18,9 @@ def __getattr__(name):
     if name == "GenerationStats":     # the type of GenerationResult.stats, for an application's type hints
         from .generation import GenerationStats
         return GenerationStats
+    if name == "parse_tool_calls":      # tools.py: no torch
+        from .tools import parse_tool_calls
+        return parse_tool_calls
     if name == "load_model":
         from .loading import load_model
         return load_model
@@ -29,5 +32,5 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Engine", "GenerationResult", "GenerationStats", "load_model", "AmphistaError", "ConfigError",
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "load_model", "parse_tool_calls", "AmphistaError", "ConfigError",
            "HeadsMismatchError", "InputError", "ModelLoadError", "CacheFullError", "NonFiniteError"]

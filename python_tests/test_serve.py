@@ -216,7 +216,7 @@ def test_bad_requests_are_openai_errors_and_the_server_goes_on(served):
     error_of(call(url, chat, {"messages": []}), 400, "non-empty", param="messages")
     error_of(call(url, chat, {"messages": [{"role": "wizard", "content": "hi"}]}), 400, "wizard",
              param="messages[0].role")
-    error_of(call(url, chat, {"messages": [{"role": "tool", "content": "hi"}]}), 400, "not supported")
+    error_of(call(url, chat, {"messages": [{"role": "function", "content": "hi"}]}), 400, "not supported")
     error_of(call(url, chat, {"messages": [{"role": "user", "content": 5}]}), 400, "must be a string",
              param="messages[0].content")
     error_of(call(url, chat, {"messages": [{"role": "user", "content": [

@@ -28,6 +28,8 @@ from urllib.parse import unquote, urlsplit
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..structured import grammar_source
+from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, parse_tool_calls,
+                     plan_tools, prepare_messages, template_supports_tools)
 from .batching import Job, Scheduler
 from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 
@@ -37,23 +39,27 @@ DEFAULTS = dict(max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, repetit
 MAX_BODY = 32 << 20          # bytes: a request body past this is refused (413) without reading it
 MAX_BATCH = 8                # requests decoded together at most (`amphista serve --max-batch`)
 WAIT_POLL_S = 0.1            # a handler waiting for its run looks this often whether its client left
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SPECULATIVE = ("auto", "amphista", "medusa", "none")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # OpenAI fields this server does not implement: refused where they ask for something (a client sending the default
 # value, as many do, is served). name -> (the values that ask for nothing, what to say)
 UNSUPPORTED = {
-    "tools": ((None, []), "tools (function calling) are not supported by this server"),
-    "functions": ((None, []), "functions (function calling) are not supported by this server"),
-    "tool_choice": ((None, "none", "auto"), "tool_choice is not supported (no tools)"),
-    "function_call": ((None, "none", "auto"), "function_call is not supported (no tools)"),
+    "tools": ((None, []), "tools apply to /v1/chat/completions (a completion's prompt is not templated)"),
+    "tool_choice": ((None, "none", "auto"), "tool_choice applies to /v1/chat/completions, with tools"),
+    # OpenAI's deprecated form of tools: its replies (message.function_call) differ too, so it is not mapped
+    "functions": ((None, []), "functions (OpenAI's deprecated function calling) is not supported: send "
+                  "tools=[{\"type\": \"function\", \"function\": {...}}] instead"),
+    "function_call": ((None, "none", "auto"), "function_call (OpenAI's deprecated function calling) is not "
+                      "supported: send tool_choice with tools instead"),
     "best_of": ((None, 1), "best_of other than 1 is not supported"),
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
 }
-CHAT_ONLY = {"tools", "functions", "tool_choice", "function_call"}
+# the refusals each endpoint checks (tools and tool_choice are served on chat: tools.py)
+CHAT_ONLY = {"functions", "function_call"}
 # logprobs (an int on /v1/completions, true on chat), top_logprobs (chat) and echo (completions) are served:
 # decoding() reads them
-COMPLETION_ONLY = {"best_of", "suffix"}
+COMPLETION_ONLY = {"best_of", "suffix", "tools", "tool_choice", "functions", "function_call"}
 # presence_penalty, frequency_penalty, logit_bias (both endpoints) and vLLM's ignore_eos are served: decoding() reads
 # them, in OpenAI's ranges
 PENALTY_RANGE = 2.0          # OpenAI's presence/frequency penalties: [-2, 2]
@@ -151,11 +157,26 @@ def _messages(body) -> list[dict]:
                            f"messages[{i}]")
         role = m.get("role")
         if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of 'system', 'user', 'assistant' (or 'developer', "
-                           f"taken as 'system'), got {json.dumps(role)}" + (
-                               ": tool and function messages are not supported by this server"
-                               if role in ("tool", "function") else ""), f"messages[{i}].role")
-        out.append({"role": ROLES[role], "content": _content(m.get("content"), i, role)})
+            raise ApiError(400, f"messages[{i}].role must be one of 'system', 'user', 'assistant', 'tool' (or "
+                           f"'developer', taken as 'system'), got {json.dumps(role)}" + (
+                               ": function messages (OpenAI's deprecated function calling) are not supported; "
+                               "send tool messages" if role == "function" else ""), f"messages[{i}].role")
+        one = {"role": ROLES[role], "content": _content(m.get("content"), i, role)}
+        try:
+            if role == "assistant" and m.get("tool_calls") not in (None, []):
+                # arguments as dicts, as templates read them (tools.py)
+                one["tool_calls"] = check_tool_calls(m["tool_calls"], i)
+        except ToolError as e:
+            raise ApiError(400, str(e), e.param) from None
+        if role == "tool":          # a function's result: passed through, with the call it answers
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ApiError(400, f"messages[{i}].tool_call_id must be the id (a string) of the assistant's tool "
+                               f"call this message answers, got {_json_type(call_id)}", f"messages[{i}].tool_call_id")
+            one["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                one["name"] = m["name"]
+        out.append(one)
     return out
 
 
@@ -434,17 +455,49 @@ class OpenAIApp:
             finally:
                 engine.chat_template_kwargs = before
 
+    def tool_plan(self, body: dict) -> ToolPlan:
+        """A chat request's tools and tool_choice, checked (tools.py), with the grammar "required" or a named
+        function holds the answer to."""
+        try:
+            plan = plan_tools(body.get("tools"), body.get("tool_choice"))
+        except ToolError as e:
+            raise ApiError(400, str(e), e.param) from None
+        if plan.parse and body.get("response_format") not in (None, {"type": "text"}):
+            # the answer is read for tool calls (and held to their grammar under "required" or a named function):
+            # a format of the client's own would forbid or garble them
+            raise ApiError(400, "response_format does not mix with tools: the answer is read for tool calls (send "
+                           "tool_choice 'none' to use response_format with tools in the prompt, or leave out "
+                           "response_format)", "response_format")
+        return plan
+
+    def chat_messages(self, body: dict, plan: ToolPlan | None = None) -> list[dict]:
+        """A chat request's messages for the template: tool calls and results as the model's template reads them,
+        or written out in Hermes' format, with the tools in the system message, for a template that never mentions
+        tools (tools.prepare_messages)."""
+        messages = _messages(body)
+        tools = plan.tools if plan is not None else None
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = prepare_messages(messages, tools, template_supports_tools(self.engine.tokenizer))
+        return messages
+
     def submit(self, body: dict, prompt, chat: bool, stream: bool) -> Job:
         """Hands the request to the scheduler: its Job's queue brings what the run sends. A bad request is refused
         here (ApiError), before it waits for a run."""
         return self.submit_all(body, [prompt], chat, stream)[0]
 
-    def submit_all(self, body: dict, prompts: list, chat: bool, stream: bool) -> list[Job]:
+    def submit_all(self, body: dict, prompts: list, chat: bool, stream: bool,
+                   plan: ToolPlan | None = None) -> list[Job]:
         """submit for each prompt of a request (a completion's list of prompts: one Job each, which share a run
         where they share their options; each Job decodes the request's n choices as n rows of one run). All are
-        checked before any is handed over."""
+        checked before any is handed over. plan: a chat request's tools (tool_plan)."""
         n = self.choices(body)
         variables = self.template_variables(body, chat)
+        if plan is not None and plan.tools:
+            # the template's `tools` (transformers' apply_chat_template(tools=...)): a variable, so the batch key
+            # keeps requests with other tools out of this one's run, whose prompts render with its variables
+            variables = {**variables, "tools": plan.tools}
+        if plan is not None and plan.response_format is not None:
+            body = {**body, "response_format": plan.response_format}    # tool_plan refused one of the client's
         cache_prompt = body.get("cache_prompt") if isinstance(body, dict) else None
         if cache_prompt not in (None, True, False):         # llama.cpp's field; not part of what a run shares
             raise ApiError(400, f"cache_prompt must be true or false, got {_json_type(cache_prompt)}", "cache_prompt")
@@ -975,8 +1028,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
         chat = route == "/chat/completions"
         _unsupported(body, CHAT_ONLY if chat else COMPLETION_ONLY)
-        prompts = [_messages(body)] if chat else self.app.check_prompts(_prompts(body))
-        self._complete(body, prompts, chat)
+        plan = self.app.tool_plan(body) if chat else None
+        prompts = [self.app.chat_messages(body, plan)] if chat else self.app.check_prompts(_prompts(body))
+        self._complete(body, prompts, chat, plan)
 
     def _serve(self, route_fn):
         self._started = False          # whether a reply's headers went out (an error then cannot be a status)
@@ -1011,7 +1065,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     # ---- completions ----------------------------------------------------------------------------------------
-    def _complete(self, body: dict, prompts: list, chat: bool):
+    def _complete(self, body: dict, prompts: list, chat: bool, plan: ToolPlan | None = None):
+        """plan: a chat request's tools (tools.py): its answers are read for tool calls where plan.parse."""
         app = self.app
         stream = bool(body.get("stream"))
         if stream and len(prompts) > 1:
@@ -1025,11 +1080,11 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": app.model_id, "system_fingerprint": None}
         if not chat:
             head["object"] = "text_completion"
-        jobs = app.submit_all(body, prompts, chat, stream)     # a bad request is a 400 here, before it waits
+        jobs = app.submit_all(body, prompts, chat, stream, plan)     # a bad request is a 400 here, before it waits
         job, results = jobs[0], []
         try:
             for one in jobs:        # several prompts: n choices each, in order
-                results.append(self._stream(one, head, chat, include_usage) if stream else self._drain(one))
+                results.append(self._stream(one, head, chat, include_usage, plan) if stream else self._drain(one))
                 if results[-1] is None:
                     break
         finally:
@@ -1063,7 +1118,14 @@ class _Handler(BaseHTTPRequestHandler):
             for c, r in enumerate(rs):      # OpenAI's order: prompt-major, index = prompt * n + choice
                 finish = FINISH.get(r.finish_reason, r.finish_reason)
                 if chat:
-                    choices.append({"index": i * one.n + c, "message": {"role": "assistant", "content": r.text},
+                    message = {"role": "assistant", "content": r.text}
+                    if plan is not None and plan.parse:      # each choice read on its own
+                        content, calls = parse_tool_calls(r.text)
+                        if calls:
+                            message = {"role": "assistant", "content": content,
+                                       "tool_calls": openai_tool_calls(calls)}
+                            finish = "tool_calls"
+                    choices.append({"index": i * one.n + c, "message": message,
                                     "logprobs": app.logprobs(r), "finish_reason": finish})
                 else:
                     choices.append({"index": i * one.n + c,
@@ -1112,7 +1174,7 @@ class _Handler(BaseHTTPRequestHandler):
         payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
         self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
 
-    def _stream(self, job, head: dict, chat: bool, include_usage: bool):
+    def _stream(self, job, head: dict, chat: bool, include_usage: bool, plan: ToolPlan | None = None):
         """Sends the run as Server-Sent Events, each chunk's choice with its index (n choices: their chunks
         interleaved as their rows decode, each ended by its own finish chunk); the results (one per choice), or
         None where the client left."""
@@ -1122,9 +1184,12 @@ class _Handler(BaseHTTPRequestHandler):
         if event is None:
             return None
 
-        def chunk(index: int, delta: str | None = None, finish=None, role: bool = False, logprobs=None, **more):
+        def chunk(index: int, delta: str | None = None, finish=None, role: bool = False, logprobs=None,
+                  tool_calls=None, **more):
             if chat:
                 d = {"role": "assistant", "content": ""} if role else {} if delta is None else {"content": delta}
+                if tool_calls is not None:
+                    d = {"tool_calls": tool_calls}
                 choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
@@ -1141,6 +1206,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._started = True
         results: list = [None] * job.n
+        # a choice's text from its first <tool_call> on is held back, and sent as tool calls at its end
+        filters = [ToolCallFilter() for _ in range(job.n)] if chat and plan is not None and plan.parse else None
         try:
             for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
                 if chat:
@@ -1154,6 +1221,14 @@ class _Handler(BaseHTTPRequestHandler):
                     if results[c] is None:
                         results[c] = result
                         finish = FINISH.get(result.finish_reason, result.finish_reason)
+                        if filters is not None:
+                            rest, calls = filters[c].finish(result.text)
+                            if rest:
+                                self._event(chunk(c, rest))
+                            for k, call in enumerate(openai_tool_calls(calls)):
+                                self._event(chunk(c, tool_calls=[{"index": k, **call}]))
+                            if calls:
+                                finish = "tool_calls"
                         # a delta's text is not a whole number of tokens (text is held back around stops and split
                         # characters): the answer's token logprobs come together, with the choice's final chunk,
                         # where a client concatenates them
@@ -1164,7 +1239,9 @@ class _Handler(BaseHTTPRequestHandler):
                 elif self._client_gone():
                     return None
                 elif kind == "delta" and value[1]:
-                    self._event(chunk(value[0], value[1]))
+                    text = value[1] if filters is None else filters[value[0]].feed(value[1])
+                    if text:
+                        self._event(chunk(value[0], text))
                 event = self._next_event(job)
                 if event is None:
                     return None

@@ -1,0 +1,360 @@
+"""Tool calling (OpenAI's `tools` / `tool_choice`) for Hermes-style models, as vLLM's `hermes` parser serves them.
+
+The model answers a call with `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks (Qwen2.5,
+Qwen3, SmolLM3, Hermes 2/3). Here: the checks of `tools` and `tool_choice`; the messages a template reads (an
+assistant turn's `tool_calls[].function.arguments` as dicts, `tool` results passed through, or, for a template that
+never mentions tools, the tools in the system message and the calls and results written out as Hermes text, so any
+model can be offered tools); the grammar (a response_format of type "grammar") that holds the answer to calls of
+the listed functions for tool_choice "required" or a named function; parse_tool_calls for the answer; and
+ToolCallFilter, which holds a stream's text back from the first `<tool_call>` on.
+
+No torch here: `from amphista_engine import parse_tool_calls` stays cheap.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import NamedTuple
+
+from .errors import InputError
+
+__all__ = ["ToolCallFilter", "ToolError", "ToolPlan", "TOOL_CALL_START", "generate_with_tools",
+           "openai_tool_calls", "parse_tool_calls", "plan_tools", "prepare_messages", "template_supports_tools",
+           "tool_format", "tools_system_prompt"]
+
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+CHOICES = ("none", "auto", "required")
+# OpenAI's rule for a function's name
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A closed block, or an unclosed last one (an answer cut by max_tokens or a stop string), as vLLM's hermes parser
+# reads them
+_BLOCK = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END) + "|"
+                    + re.escape(TOOL_CALL_START) + r"(.*)\Z", re.S)
+
+
+class ToolError(InputError):
+    """A malformed tools, tool_choice or tool message; param: the request field it is about (OpenAI's error
+    object names it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ToolPlan(NamedTuple):
+    """A request's checked tools (OpenAI's format, or None) and tool_choice ("none", "auto", "required" or
+    {"name": ...}), and the response_format that holds the answer to calls (None: the answer is free)."""
+    tools: list | None
+    choice: str | dict
+    response_format: dict | None
+
+    @property
+    def parse(self) -> bool:
+        """Whether the answer is read for tool calls (tools offered, and not tool_choice "none")."""
+        return bool(self.tools) and self.choice != "none"
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__) + \
+        f" ({json.dumps(value, default=str)[:60]})"
+
+
+def check_tools(tools) -> list | None:
+    """OpenAI's tools, checked: a list of {"type": "function", "function": {"name", "description"?, "parameters"?,
+    "strict"?}}; None or [] (many clients send the empty list): no tools."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise ToolError(f"tools must be an array of {{\"type\": \"function\", \"function\": {{...}}}} objects, got "
+                        f"{_json_type(tools)}", "tools")
+    names = set()
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise ToolError(f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                            f"\"parameters\": ...}}}}" + (f": type {kind!r} is not supported (only functions)"
+                                                          if isinstance(kind, str) and kind != "function" else
+                                                          f", got {_json_type(tool)}"), "tools")
+        f = tool["function"]
+        name = f.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ToolError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {_json_type(name)}",
+                            "tools")
+        if name in names:
+            raise ToolError(f"{where}.function.name {name!r} is given twice: tool names must be unique", "tools")
+        names.add(name)
+        if f.get("description") is not None and not isinstance(f["description"], str):
+            raise ToolError(f"{where}.function.description must be a string, got {_json_type(f['description'])}",
+                            "tools")
+        params = f.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ToolError(f"{where}.function.parameters must be a JSON schema object, got {_json_type(params)}",
+                            "tools")
+        if f.get("strict") not in (None, True, False):
+            raise ToolError(f"{where}.function.strict must be true or false, got {_json_type(f['strict'])}", "tools")
+        # only the fields a template reads, None values dropped (templates print None as "None")
+        out.append({"type": "function", "function": {k: v for k, v in f.items() if v is not None}})
+    return out
+
+
+def check_tool_choice(choice, tools: list | None) -> str | dict:
+    """tool_choice, checked against the tools: "none", "auto" (the default with tools), "required" or
+    {"name": ...} (OpenAI's {"type": "function", "function": {"name": ...}})."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, str):
+        if choice not in CHOICES:
+            raise ToolError(f"tool_choice must be 'none', 'auto', 'required' or {{\"type\": \"function\", "
+                            f"\"function\": {{\"name\": ...}}}}, got {json.dumps(choice)[:60]}", "tool_choice")
+        if choice == "required" and not tools:
+            raise ToolError("tool_choice 'required' needs tools: the request lists none", "tool_choice")
+        return choice if tools else "none"
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+        choice.get("type") == "function" and isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise ToolError(f"tool_choice must be 'none', 'auto', 'required' or {{\"type\": \"function\", \"function\": "
+                        f"{{\"name\": ...}}}}, got {_json_type(choice)}", "tool_choice")
+    listed = [t["function"]["name"] for t in tools or []]
+    if name not in listed:
+        raise ToolError(f"tool_choice names the function {name!r}, which is not in tools (" +
+                        (", ".join(map(repr, listed)) if listed else "the request lists none") + ")", "tool_choice")
+    return {"name": name}
+
+
+def tool_format(tools: list | None, choice) -> dict | None:
+    """The response_format (a Lark grammar as llguidance reads it) that holds the answer to Hermes tool calls: one
+    or more (tool_choice "required"), or exactly one of the named function; each call's name one of the tools' and
+    its arguments valid under that function's parameters schema. None for "none" and "auto" (a free answer)."""
+    if not tools or choice in ("none", "auto"):
+        return None
+    named = choice["name"] if isinstance(choice, dict) else None
+    chosen = [t["function"] for t in tools if named is None or t["function"]["name"] == named]
+    rules = []
+    for i, f in enumerate(chosen):
+        # "name" before "arguments", as Hermes models write them (llguidance keeps the schema's property order)
+        # compact JSON, spaced as Hermes models write it: with llguidance's default flexible whitespace a random
+        # (or unsure) model could pad a call with whitespace until max_tokens ran out
+        schema = {"x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "},
+                  "type": "object", "properties": {"name": {"const": f["name"]},
+                                                   "arguments": f.get("parameters") or {"type": "object"}},
+                  "required": ["name", "arguments"], "additionalProperties": False}
+        rules.append(f"call_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
+    start = 'start: tool_call ("\\n" tool_call)*' if named is None else "start: tool_call"
+    grammar = "\n".join([start, f'tool_call: "{TOOL_CALL_START}\\n" call "\\n{TOOL_CALL_END}"',
+                         "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))), *rules])
+    rf = {"type": "grammar", "grammar": grammar}
+    from .structured import grammar_source      # llguidance (and torch) only for a constrained request
+    try:
+        grammar_source(rf)
+    except InputError as e:
+        raise ToolError(f"tools: the functions' parameters schemas do not compile to a grammar "
+                        f"({str(e).removeprefix('response_format: ')})", "tools") from None
+    return rf
+
+
+def plan_tools(tools, tool_choice) -> ToolPlan:
+    """A request's tools and tool_choice, checked (ToolError naming the field), with the grammar they need."""
+    checked = check_tools(tools)
+    choice = check_tool_choice(tool_choice, checked)
+    return ToolPlan(checked, choice, tool_format(checked, choice))
+
+
+# ---- messages --------------------------------------------------------------------------------------------------
+
+def template_supports_tools(tokenizer, template: str | None = None) -> bool:
+    """Whether the chat template reads `tools` (one that never mentions them gets prepare_messages' fallback)."""
+    from .chat import resolve_template
+    return "tools" in resolve_template(tokenizer, template)[1]
+
+
+def tools_system_prompt(tools: list) -> str:
+    """Hermes' (and Qwen2.5's template's) tool instructions: each function as one JSON object in <tools></tools>,
+    and how to answer with <tool_call> blocks."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+            f"function signatures within <tools></tools> XML tags:\n<tools>\n{listed}\n</tools>\n\nFor each function "
+            "call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+            "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>")
+
+
+def check_tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's tool_calls (OpenAI's format: arguments a JSON string), with the arguments as dicts,
+    as templates read them (vLLM does the same)."""
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise ToolError(f"{param} must be an array of tool calls, got {_json_type(calls)}", param)
+    out = []
+    for j, call in enumerate(calls):
+        where = f"{param}[{j}]"
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or call.get("type", "function") != "function" or not isinstance(f.get("name"), str):
+            raise ToolError(f"{where} must be {{\"id\": ..., \"type\": \"function\", \"function\": {{\"name\": ..., "
+                            f"\"arguments\": \"<JSON>\"}}}}, got {_json_type(call)}", param)
+        args = f.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError as e:
+                raise ToolError(f"{where}.function.arguments is not valid JSON: {e}", param) from None
+        if not isinstance(args, dict):
+            raise ToolError(f"{where}.function.arguments must be a JSON object (as a string), got "
+                            f"{_json_type(args)}", param)
+        one = {"type": "function", "function": {"name": f["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            one["id"] = call["id"]
+        out.append(one)
+    return out
+
+
+def _calls_text(calls: list[dict]) -> str:
+    return "\n".join(f"{TOOL_CALL_START}\n" + json.dumps({"name": c["function"]["name"],
+                                                          "arguments": c["function"]["arguments"]},
+                                                         ensure_ascii=False) + f"\n{TOOL_CALL_END}" for c in calls)
+
+
+def prepare_messages(messages: list[dict], tools: list | None = None, native: bool = True) -> list[dict]:
+    """Messages for the chat template: native (the template reads tools): as given (assistant tool_calls checked by
+    check_tool_calls, tool results with their tool_call_id); otherwise Hermes' text: the tools' instructions in the
+    system message (a new first one where there is none), an assistant's calls as <tool_call> blocks after its
+    content, and each run of tool results as one user turn of <tool_response> blocks."""
+    if native:
+        return messages
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):        # consecutive results: one user turn, as Qwen's template
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            content = m.get("content") or ""
+            out.append({"role": "assistant", "content": (content + "\n" if content else "") +
+                        _calls_text(m["tool_calls"])})
+        else:
+            out.append(dict(m))
+    for m in out:
+        m.pop("_tool_results", None)
+    if tools:
+        prompt = tools_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = (out[0]["content"] + "\n\n" if out[0]["content"] else "") + prompt
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+# ---- answers ---------------------------------------------------------------------------------------------------
+
+def _call(body: str) -> dict | None:
+    try:
+        obj = json.loads(body.strip())
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):                    # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"name": obj["name"], "arguments": args}
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+    """(content, calls) of a Hermes-style answer: each `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    block (whitespace around the JSON allowed; an unclosed last block too) whose JSON parses is a call
+    {"name", "arguments": dict}; content is the rest (the text before the calls, and any block that does not
+    parse, kept as written), None where only whitespace is left. No calls: (text, [])."""
+    calls, parts, pos = [], [], 0
+    for m in _BLOCK.finditer(text):
+        call = _call(m.group(1) if m.group(1) is not None else m.group(2))
+        if call is None:
+            continue
+        between = text[pos:m.start()]
+        # the text before the first call as written; later only what is not the whitespace between blocks
+        if not calls or between.strip():
+            parts.append(between)
+        pos = m.end()
+        calls.append(call)
+    if not calls:
+        return text, []
+    if text[pos:].strip():
+        parts.append(text[pos:])
+    content = "".join(parts)
+    return (content if content.strip() else None), calls
+
+
+def openai_tool_calls(calls: list[dict]) -> list[dict]:
+    """Parsed calls in OpenAI's reply format, each with a fresh id and its arguments as a JSON string."""
+    return [{"id": "call_" + secrets.token_hex(12), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
+
+
+class ToolCallFilter:
+    """A streamed answer's content, held back from the first `<tool_call>` on (and a partial `<tool_call` at the
+    end of the text so far, which may become one): feed() gives the text a client may see now; finish() reads the
+    whole answer for calls once it has ended."""
+
+    def __init__(self):
+        self.text = ""          # all the text fed
+        self.sent = 0           # how much of it went out
+        self.holding = False    # a <tool_call> started: nothing more goes out before the end
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.holding:
+            return ""
+        i = self.text.find(TOOL_CALL_START, max(0, self.sent - len(TOOL_CALL_START)))
+        if i >= 0:
+            self.holding = True
+            end = i
+        else:
+            keep = next((k for k in range(min(len(TOOL_CALL_START) - 1, len(self.text)), 0, -1)
+                         if self.text.endswith(TOOL_CALL_START[:k])), 0)
+            end = len(self.text) - keep
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def finish(self, text: str | None = None) -> tuple[str, list[dict]]:
+        """(the content not sent yet, the calls) of the whole answer (`text`, or what was fed)."""
+        text = self.text if text is None else text
+        content, calls = parse_tool_calls(text)
+        sent = self.text[:self.sent]
+        rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
+        return rest, calls
+
+
+def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_choice=None, **options):
+    """Engine.generate with OpenAI's tools, as the server serves them: (the GenerationResult, the content, the
+    parsed calls [{"name", "arguments"}]). messages in OpenAI's format (assistant tool_calls' arguments JSON strings
+    or dicts, tool results); options: Engine.generate's (max_new_tokens, temperature, ...; response_format only with
+    tool_choice "none"). The prompt is rendered here (the tools a template variable) and handed over as token ids,
+    so engine.chat_template_kwargs is never swapped (another thread's run may be rendering with it)."""
+    from .chat import render_chat
+    plan = plan_tools(tools, tool_choice)
+    if plan.response_format is not None:
+        if options.get("response_format") is not None:
+            raise ToolError("response_format does not mix with tool_choice 'required' or a named function",
+                            "response_format")
+        options["response_format"] = plan.response_format
+    if not isinstance(messages, list):
+        raise ToolError(f"messages must be a list of message dicts, got {type(messages).__name__}", "messages")
+    checked = [{**m, "tool_calls": check_tool_calls(m["tool_calls"], i)} if isinstance(m, dict) and m.get("tool_calls")
+               else m for i, m in enumerate(messages)]
+    checked = prepare_messages(checked, plan.tools, template_supports_tools(engine.tokenizer))
+    variables = {**engine.chat_template_kwargs, **({"tools": plan.tools} if plan.tools else {})}
+    ids = engine.tokenizer.encode(render_chat(engine.tokenizer, checked, variables=variables))
+    result = engine.generate(ids, **options)
+    if not plan.parse:
+        return result, result.text, []
+    content, calls = parse_tool_calls(result.text)
+    return result, content, calls
