@@ -57,6 +57,38 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     return path
 
 
+# generation_config.json keys that set sampling (the rest: ids, lengths, cache kinds)
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def generation_defaults(name_or_path: str | Path) -> tuple[dict, Path | None]:
+    """The sampling its authors set in a checkpoint directory's generation_config.json, as vLLM's
+    `--generation-config auto` takes them: ({"temperature": ..., "top_p": ..., "top_k": ..., "repetition_penalty":
+    ...} for the keys it sets, the file), or ({}, None) without one (GGUF files, the embedded model). With
+    "do_sample": false (transformers' default) its temperature and nucleus settings do nothing there, so none are
+    taken: greedy stays greedy; "do_sample": true without a temperature samples at transformers' 1.0."""
+    path = resolve_model_path(name_or_path)
+    file = path / "generation_config.json" if path.is_dir() else None
+    if file is None or not file.is_file():
+        return {}, None
+    try:
+        gc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(gc, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object, got {type(gc).__name__}")
+    out = {}
+    if gc.get("do_sample") is True:
+        out["temperature"] = gc.get("temperature", 1.0)
+        out.update({k: gc[k] for k in ("top_k", "top_p") if gc.get(k) is not None})
+    if gc.get("repetition_penalty") not in (None, 1, 1.0):
+        out["repetition_penalty"] = gc["repetition_penalty"]
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ModelLoadError(f"{file}: {k} must be a number >= 0, got {v!r}")
+    return out, file
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device="cpu",
                max_seq_len: int | None = None) -> LoadedModel:
     dtype = parse_dtype(dtype)

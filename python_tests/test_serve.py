@@ -442,8 +442,9 @@ def test_serve_subcommand_parses_its_flags():
             args.max_new_tokens, args.max_seq_len, args.heads, args.quiet) == (
         "some/dir", "0.0.0.0", 0, "none", 0.7, 0.9, 3, ["###"], 64, 1024, "none", True)
     d = build_parser().parse_args(["serve"])
-    assert (d.model, d.host, d.port, d.speculative, d.heads, d.temperature) == (
-        "smollm2-135m", "127.0.0.1", 8000, "auto", "default", 0.0)
+    # temperature unset: filled at start from the model's generation_config.json, else greedy (sampling_defaults)
+    assert (d.model, d.host, d.port, d.speculative, d.heads, d.temperature, d.generation_config) == (
+        "smollm2-135m", "127.0.0.1", 8000, "auto", "default", None, "auto")
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "serve" in a.choices)
     assert "one request at a time" in sub.choices["serve"].format_help().replace("\n", " ")
 

@@ -19,6 +19,33 @@ DESCRIPTION = (
     "the non-OpenAI fields speculative, tree, top_k and repetition_penalty. Ctrl-C stops it.")
 
 
+# what a request that leaves a sampling field out gets without a flag or a generation_config.json (greedy)
+BUILTIN_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+
+
+def sampling_defaults(args) -> dict:
+    """Fills args' sampling flags left unset: from the model's generation_config.json under --generation-config auto
+    (vLLM's default: the sampling its authors recommend, e.g. Qwen3's temperature 0.6, top_p 0.95, top_k 20), else
+    the built-in greedy ones. Returns what was taken from the file (named on stderr)."""
+    from ..loading import generation_defaults
+    gen, file = generation_defaults(args.model) if args.generation_config == "auto" else ({}, None)
+    taken = {}
+    for key, builtin in BUILTIN_SAMPLING.items():
+        if getattr(args, key) is None:
+            setattr(args, key, gen.get(key, builtin))
+            if key in gen:
+                taken[key] = gen[key]
+    if taken:
+        said = ", ".join(f"{k} {v}" for k, v in taken.items())
+        print(f"request defaults from {file}: {said} (a request's own fields and the sampling flags override them; "
+              f"--generation-config none: greedy)", file=sys.stderr, flush=True)
+        if "repetition_penalty" in taken and getattr(args, "speculative", "none") not in (None, "none"):
+            print(f"note: its repetition_penalty {taken['repetition_penalty']} is supported with plain decoding "
+                  f"only, so requests that leave it out decode plainly; --repetition-penalty 1 keeps them "
+                  f"speculative", file=sys.stderr, flush=True)
+    return taken
+
+
 def cmd_serve(args) -> int:
     from ..cli import _load
     from ..errors import InputError
@@ -31,6 +58,7 @@ def cmd_serve(args) -> int:
     try:
         if args.max_batch < 1:      # named before the load, as a flag
             raise InputError(f"--max-batch must be at least 1 (1: one request at a time), got {args.max_batch}")
+        sampling_defaults(args)
         SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)   # named here
         # --max-new-tokens is the default of requests without max_tokens, cut to the room each prompt leaves: a
         # --max-seq-len 256 server is not refused for the default 512 (generate refuses it: one prompt, one answer)
@@ -86,4 +114,9 @@ def register(sub) -> None:
                    help="a request that arrives while a run decodes waits for the next run (by default it joins the "
                    "run between two steps, in a row that ended or was free, where it can share it)")
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
-    s.set_defaults(func=cmd_serve)
+    s.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                   help="auto (default, as vLLM): requests that leave temperature, top_p, top_k or "
+                   "repetition_penalty out get the model's generation_config.json values (where it samples: "
+                   "\"do_sample\": true), a flag given here wins over them; none: the flags' own defaults (greedy)")
+    # unset sampling flags are filled by sampling_defaults: a flag given, the model's generation_config, else greedy
+    s.set_defaults(func=cmd_serve, temperature=None, top_k=None, top_p=None, repetition_penalty=None)
