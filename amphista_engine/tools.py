@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from functools import lru_cache
 from typing import NamedTuple
 
 from .errors import InputError
@@ -44,15 +45,24 @@ class ToolError(InputError):
 
 class ToolPlan(NamedTuple):
     """A request's checked tools (OpenAI's format, or None) and tool_choice ("none", "auto", "required" or
-    {"name": ...}), and the response_format that holds the answer to calls (None: the answer is free)."""
+    {"name": ...}), and the response_format that holds the answer to calls (None: the answer is free); parallel:
+    OpenAI's parallel_tool_calls (false: at most one call per answer)."""
     tools: list | None
     choice: str | dict
     response_format: dict | None
+    parallel: bool = True
 
     @property
     def parse(self) -> bool:
         """Whether the answer is read for tool calls (tools offered, and not tool_choice "none")."""
         return bool(self.tools) and self.choice != "none"
+
+    def read(self, text: str) -> tuple[str | None, list[dict]]:
+        """parse_tool_calls(text), keeping only the first call where parallel_tool_calls is false (the grammar
+        already allows one under "required"; under "auto" the model may still write more, which are dropped, as
+        vLLM drops them)."""
+        content, calls = parse_tool_calls(text)
+        return content, (calls if self.parallel else calls[:1])
 
 
 def _json_type(value) -> str:
@@ -125,25 +135,28 @@ def check_tool_choice(choice, tools: list | None) -> str | dict:
     return {"name": name}
 
 
-def tool_format(tools: list | None, choice) -> dict | None:
+def tool_format(tools: list | None, choice, parallel: bool = True) -> dict | None:
     """The response_format (a Lark grammar as llguidance reads it) that holds the answer to Hermes tool calls: one
-    or more (tool_choice "required"), or exactly one of the named function; each call's name one of the tools' and
-    its arguments valid under that function's parameters schema. None for "none" and "auto" (a free answer)."""
+    or more (tool_choice "required"; exactly one where parallel is false), or exactly one of the named function;
+    each call's name one of the tools' and its arguments valid under that function's parameters schema. None for
+    "none" and "auto" (a free answer)."""
     if not tools or choice in ("none", "auto"):
         return None
     named = choice["name"] if isinstance(choice, dict) else None
     chosen = [t["function"] for t in tools if named is None or t["function"]["name"] == named]
     rules = []
     for i, f in enumerate(chosen):
-        # "name" before "arguments", as Hermes models write them (llguidance keeps the schema's property order)
-        # compact JSON, spaced as Hermes models write it: with llguidance's default flexible whitespace a random
-        # (or unsure) model could pad a call with whitespace until max_tokens ran out
-        schema = {"x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "},
-                  "type": "object", "properties": {"name": {"const": f["name"]},
-                                                   "arguments": f.get("parameters") or {"type": "object"}},
-                  "required": ["name", "arguments"], "additionalProperties": False}
-        rules.append(f"call_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
-    start = 'start: tool_call ("\\n" tool_call)*' if named is None else "start: tool_call"
+        # The call's JSON written out literally ("name" before "arguments", spaced as Hermes models write it) and
+        # the parameters schema its own %json, so that it stays the root its "$ref"s point into: nested in a
+        # wrapper object's "arguments", a pydantic schema's "#/$defs/..." (what the openai client's
+        # pydantic_function_tool and LangChain send) named nothing and the request was refused. Compact JSON:
+        # with llguidance's default flexible whitespace a random (or unsure) model could pad a call with
+        # whitespace until max_tokens ran out. Names are [A-Za-z0-9_-] (check_tools): safe in a Lark string.
+        schema = {**(f.get("parameters") or {"type": "object"}),
+                  "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
+        rules.append(f'call_{i}: "{{\\"name\\": \\"{f["name"]}\\", \\"arguments\\": " args_{i} "}}"')
+        rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
+    start = 'start: tool_call ("\\n" tool_call)*' if named is None and parallel else "start: tool_call"
     grammar = "\n".join([start, f'tool_call: "{TOOL_CALL_START}\\n" call "\\n{TOOL_CALL_END}"',
                          "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))), *rules])
     rf = {"type": "grammar", "grammar": grammar}
@@ -156,19 +169,43 @@ def tool_format(tools: list | None, choice) -> dict | None:
     return rf
 
 
-def plan_tools(tools, tool_choice) -> ToolPlan:
-    """A request's tools and tool_choice, checked (ToolError naming the field), with the grammar they need."""
+def plan_tools(tools, tool_choice, parallel_tool_calls=None) -> ToolPlan:
+    """A request's tools, tool_choice and parallel_tool_calls (OpenAI's: true, the default, or false: at most one
+    call), checked (ToolError naming the field), with the grammar they need."""
     checked = check_tools(tools)
     choice = check_tool_choice(tool_choice, checked)
-    return ToolPlan(checked, choice, tool_format(checked, choice))
+    if parallel_tool_calls not in (None, True, False):
+        raise ToolError(f"parallel_tool_calls must be true or false, got {_json_type(parallel_tool_calls)}",
+                        "parallel_tool_calls")
+    parallel = parallel_tool_calls is not False
+    return ToolPlan(checked, choice, tool_format(checked, choice, parallel), parallel)
 
 
 # ---- messages --------------------------------------------------------------------------------------------------
 
 def template_supports_tools(tokenizer, template: str | None = None) -> bool:
-    """Whether the chat template reads `tools` (one that never mentions them gets prepare_messages' fallback)."""
+    """Whether the chat template reads `tools` (one that never does gets prepare_messages' fallback)."""
     from .chat import resolve_template
-    return "tools" in resolve_template(tokenizer, template)[1]
+    return _reads_tools(resolve_template(tokenizer, template)[1])
+
+
+@lru_cache(maxsize=16)
+def _reads_tools(source: str) -> bool:
+    """Whether the template reads the variable `tools`, not only says the word: SmolLM3's reads `xml_tools` (and
+    writes "<tools>" in its text) but never `tools`, so a substring test took it for a tools template: the tools
+    it was offered were never shown to the model, and past calls were dropped from the prompt."""
+    if "tools" not in source:
+        return False
+    import jinja2
+    from jinja2 import meta
+    from jinja2.ext import loopcontrols
+
+    from .chat import _Generation
+    try:
+        ast = jinja2.Environment(extensions=[_Generation, loopcontrols]).parse(source)
+    except jinja2.TemplateSyntaxError:
+        return True         # render_chat names the template's error
+    return "tools" in meta.find_undeclared_variables(ast)
 
 
 def tools_system_prompt(tools: list) -> str:
@@ -304,7 +341,8 @@ class ToolCallFilter:
     end of the text so far, which may become one): feed() gives the text a client may see now; finish() reads the
     whole answer for calls once it has ended."""
 
-    def __init__(self):
+    def __init__(self, parallel: bool = True):
+        self.parallel = parallel    # parallel_tool_calls: false keeps only the first call (ToolPlan.read)
         self.text = ""          # all the text fed
         self.sent = 0           # how much of it went out
         self.holding = False    # a <tool_call> started: nothing more goes out before the end
@@ -328,19 +366,30 @@ class ToolCallFilter:
         """(the content not sent yet, the calls) of the whole answer (`text`, or what was fed)."""
         text = self.text if text is None else text
         content, calls = parse_tool_calls(text)
+        calls = calls if self.parallel else calls[:1]
         sent = self.text[:self.sent]
         rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
         return rest, calls
 
 
-def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_choice=None, **options):
+def _joined_parts(parts: list, i: int) -> str:
+    """OpenAI's list of {"type": "text", "text": ...} parts as one text (newline-joined, as vLLM and the server)."""
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        raise ToolError(f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                        f"supported, got {_json_type(parts)}", f"messages[{i}].content")
+    return "\n".join(p["text"] for p in parts)
+
+
+def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_choice=None,
+                        parallel_tool_calls=None, **options):
     """Engine.generate with OpenAI's tools, as the server serves them: (the GenerationResult, the content, the
     parsed calls [{"name", "arguments"}]). messages in OpenAI's format (assistant tool_calls' arguments JSON strings
     or dicts, tool results); options: Engine.generate's (max_new_tokens, temperature, ...; response_format only with
-    tool_choice "none"). The prompt is rendered here (the tools a template variable) and handed over as token ids,
-    so engine.chat_template_kwargs is never swapped (another thread's run may be rendering with it)."""
+    tool_choice "none"); parallel_tool_calls: OpenAI's (false: at most one call). The prompt is rendered here (the
+    tools a template variable) and handed over as token ids, so engine.chat_template_kwargs is never swapped
+    (another thread's run may be rendering with it)."""
     from .chat import render_chat
-    plan = plan_tools(tools, tool_choice)
+    plan = plan_tools(tools, tool_choice, parallel_tool_calls)
     if plan.response_format is not None:
         if options.get("response_format") is not None:
             raise ToolError("response_format does not mix with tool_choice 'required' or a named function",
@@ -350,11 +399,15 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
         raise ToolError(f"messages must be a list of message dicts, got {type(messages).__name__}", "messages")
     checked = [{**m, "tool_calls": check_tool_calls(m["tool_calls"], i)} if isinstance(m, dict) and m.get("tool_calls")
                else m for i, m in enumerate(messages)]
+    # OpenAI's content parts joined as the server joins them: the Hermes fallback wrote a tool result's list of
+    # parts into its <tool_response> as a Python repr
+    checked = [{**m, "content": _joined_parts(m["content"], i)} if isinstance(m, dict) and
+               isinstance(m.get("content"), list) else m for i, m in enumerate(checked)]
     checked = prepare_messages(checked, plan.tools, template_supports_tools(engine.tokenizer))
     variables = {**engine.chat_template_kwargs, **({"tools": plan.tools} if plan.tools else {})}
     ids = engine.tokenizer.encode(render_chat(engine.tokenizer, checked, variables=variables))
     result = engine.generate(ids, **options)
     if not plan.parse:
         return result, result.text, []
-    content, calls = parse_tool_calls(result.text)
+    content, calls = plan.read(result.text)
     return result, content, calls

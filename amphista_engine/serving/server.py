@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..structured import grammar_source
-from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, parse_tool_calls,
+from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls,
                      plan_tools, prepare_messages, template_supports_tools)
 from .batching import Job, Scheduler
 from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
@@ -459,7 +459,8 @@ class OpenAIApp:
         """A chat request's tools and tool_choice, checked (tools.py), with the grammar "required" or a named
         function holds the answer to."""
         try:
-            plan = plan_tools(body.get("tools"), body.get("tool_choice"))
+            # parallel_tool_calls too: OpenAI's false (at most one call) was ignored, and "required" answered several
+            plan = plan_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
         except ToolError as e:
             raise ApiError(400, str(e), e.param) from None
         if plan.parse and body.get("response_format") not in (None, {"type": "text"}):
@@ -1120,7 +1121,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if chat:
                     message = {"role": "assistant", "content": r.text}
                     if plan is not None and plan.parse:      # each choice read on its own
-                        content, calls = parse_tool_calls(r.text)
+                        content, calls = plan.read(r.text)
                         if calls:
                             message = {"role": "assistant", "content": content,
                                        "tool_calls": openai_tool_calls(calls)}
@@ -1207,7 +1208,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._started = True
         results: list = [None] * job.n
         # a choice's text from its first <tool_call> on is held back, and sent as tool calls at its end
-        filters = [ToolCallFilter() for _ in range(job.n)] if chat and plan is not None and plan.parse else None
+        filters = [ToolCallFilter(plan.parallel) for _ in range(job.n)] \
+            if chat and plan is not None and plan.parse else None
         try:
             for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
                 if chat:
