@@ -493,13 +493,13 @@ class Transformer(nn.Module):
         loop, whose attention sums in another order, and int8-rounded activations can turn that last-bit
         difference into a different token. In chunks, a prompt's logits are the same bits whatever its length
         and whatever it is batched with."""
+        if cache.k.device.type == "cpu" and cpu_ops.stack_runs(self.layers, self.norm, self.config, cache.k.dtype,
+                                                               self):
+            return cpu_ops.STACK_ROWS
         if self.config.real_window is not None and cache.max_seq_len > self.config.real_window:
             # Gemma 3 past its window: a long prompt in chunks, so each sliding layer's dense window mask is
             # [B, chunk, kv_len] rather than [B, T, T] (a 32k prompt's fp32 mask alone would be 4 GiB)
             return max(GEMMA_PREFILL_CHUNK, CAUSAL_PREFILL_FROM)
-        if cache.k.device.type == "cpu" and cpu_ops.stack_runs(self.layers, self.norm, self.config, cache.k.dtype,
-                                                               self):
-            return cpu_ops.STACK_ROWS
         return None
 
     def fuses_layers(self, x: torch.Tensor) -> bool:
@@ -563,7 +563,8 @@ class Transformer(nn.Module):
 
     def _gemma_forward(self, tokens, positions, cache, spec, mask, return_hidden: bool, logits_at, ordered: bool):
         """Gemma 3: embeddings times sqrt(dim) (the normalizer rounded to the model's dtype, as transformers), the
-        layers one by one (Block.forward_gemma; no C++ stack, no fused decode), sliding layers on the local RoPE
+        layers in the C++ stack where they are 4-bit on the cpu backend (fp32), else one by one
+        (Block.forward_gemma; no fused decode), sliding layers on the local RoPE
         table and, once a forward's keys reach past the window, their own mask (WindowMask, or on the CPU's ordered
         decode steps a windowed cpu_exact layout)."""
         cfg = self.config
@@ -572,6 +573,16 @@ class Transformer(nn.Module):
         x = x * torch.tensor(math.sqrt(cfg.dim), dtype=x.dtype, device=x.device)
         rope = self.rope[positions]
         local = rope if self.rope_local is None else self.rope_local[positions]
+        if cache is not None and isinstance(mask, tuple) and mask[1] is None:
+            # 4-bit layers on the cpu backend: the whole stack in one C++ call (csrc/cpu/decoder.h: post-norms, GELU,
+            # the sliding layers' RoPE rows and window), every token's keys in position order as for Llama layers
+            native = cpu_ops.decoder_layers(self.layers, self.norm, cfg, x, rope, cache.k, cache.v, spec.prefix_len,
+                                            mask[0], self, rope_local=local)
+            if native is not NotImplemented:
+                h = native[1]
+                hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+                logits = self.logits(hl)
+                return (logits, h) if return_hidden else logits
         W = cfg.real_window
         local_mask = mask
         if W is not None:

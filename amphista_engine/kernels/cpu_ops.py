@@ -330,12 +330,20 @@ def stack_runs(layers, final_norm, cfg, dtype, owner) -> bool:
             and _layer_table(layers, final_norm, cfg, dtype, owner) is not None)
 
 
+def _gemma_scale(norm) -> torch.Tensor:
+    """A GemmaRMSNorm as decoder.h's RMSNorm weight: (1 + w) * out_scale in fp32. For fp32 activations the two
+    norms are one computation (x * rsqrt(mean(x^2) + eps) times that scale); bf16 would round where Gemma does not."""
+    return ((1.0 + norm.weight.detach().float()) * norm.out_scale).contiguous()
+
+
 def _layer_table(layers, final_norm, cfg, dtype, owner):
-    """[L, 13] int64 addresses of each layer's norms and packed weights, and of its q/k/v bias and q/k norms or 0
-    (decoder.h LayerField order), cached on `owner`; None when a layer is not all 4-bit codes of the cpu kernel
-    (or shapes, dtypes or eps do not fit, or wo has a bias). Gemma 3's layers (post-norms, (1 + w) norms, GELU, a
-    sliding window) are none of decoder.h's: None, and the model runs its Python layer loop."""
-    if getattr(cfg, "gemma", False):
+    """[L, 16] int64 addresses of each layer's norms and packed weights, of its q/k/v bias and q/k norms or 0, of
+    Gemma 3's post-attention and post-MLP norms or 0, and its sliding flag (decoder.h LayerField order), cached on
+    `owner`; None when a layer is not all 4-bit codes of the cpu kernel (or shapes, dtypes or eps do not fit, or wo
+    has a bias). Gemma 3's (1 + w) norms go in as fp32 scales (_gemma_scale), kept alive with the table; Gemma only
+    in fp32 (its norms round once, the stack's twice in bf16)."""
+    gemma = getattr(cfg, "gemma", False)
+    if gemma and dtype != torch.float32:
         return None
     first, last = layers[0], layers[-1]
     key = (dtype, len(layers), id(first), id(getattr(first.attention.wqkv, "_packed_native", None)),
@@ -343,7 +351,7 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
     tables = owner.__dict__.setdefault("_cpu_decoder_tables", {})
     if key in tables:
         return tables[key]
-    rows, table = [], None
+    rows, table, keep = [], None, []
     eps = {final_norm.eps}
     shapes = ((cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim), (cfg.n_heads * cfg.head_dim, cfg.dim),
               (cfg.dim, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.dim))
@@ -351,9 +359,18 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
         att, ffn = layer.attention, layer.feed_forward
         linears = (att.wqkv, att.wo, ffn.w13, ffn.w2)
         packed = [getattr(m, "_packed_native", None) for m in linears]
-        norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
-        q_norm, k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)      # Qwen3's
-        extras = (att.wqkv.bias, None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight)
+        q_norm, k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)      # Qwen3's, Gemma's
+        post = (None, None)
+        if gemma:
+            norms = (_gemma_scale(layer.attention_norm), _gemma_scale(layer.ffn_norm))
+            extras = (att.wqkv.bias, _gemma_scale(q_norm), _gemma_scale(k_norm))
+            post = (_gemma_scale(layer.post_attention_norm), _gemma_scale(layer.post_ffn_norm))
+            keep += [*norms, *extras[1:], *post]
+            eps |= {layer.post_attention_norm.eps, layer.post_ffn_norm.eps}
+        else:
+            norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+            extras = (att.wqkv.bias, None if q_norm is None else q_norm.weight,
+                      None if k_norm is None else k_norm.weight)
         if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
                 or any(m.bias is not None for m in linears[1:]) or (q_norm is None) != (k_norm is None)
                 or any(w is not None and (w.dtype != dtype or not w.is_contiguous()) for w in norms + extras)):
@@ -366,20 +383,24 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
         for p in packed[2:]:
             row += [p.codes.data_ptr(), p.scales.data_ptr()]
         row += [0 if t is None else t.data_ptr() for t in extras]
+        row += [0 if t is None else t.data_ptr() for t in post] + [int(getattr(att, "sliding", False))]
         rows.append(row)
     else:
-        if len(eps) == 1 and final_norm.weight.dtype == dtype and final_norm.weight.is_contiguous():
+        final = _gemma_scale(final_norm) if gemma else final_norm.weight
+        if len(eps) == 1 and final.dtype == dtype and final.is_contiguous():
             table = torch.tensor(rows, dtype=torch.long)
+            table.final_norm, table.keep = final, keep + [final]    # alive as long as the table's addresses
     tables[key] = table
     return table
 
 
-def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits, owner):
+def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits, owner, rope_local=None):
     """model.Block layers one after another (Block.forward with each layer's add + norm fused with the next's, as
     Transformer.forward runs them) over x [B, T, d], in one call of csrc/cpu/decoder.h, in place: returns (x, h)
     with h = final_norm(x) (final_norm None: h is not wanted). k, v: these layers' cache buffers [L, B_max, H_kv,
     S, D]; bits: ancestor-or-self bits [B or 1, T] long (ops.tree_mask_args), T <= 64; owner: where the weights'
-    address table is cached (the model). For 4-bit layers (cpu_quant with this extension) under the cpu backend;
+    address table is cached (the model). Gemma 3: rope_local, its sliding layers' RoPE rows (the window and the
+    post-norms come from cfg and the layers). For 4-bit layers (cpu_quant with this extension) under the cpu backend;
     NotImplemented otherwise (the caller runs its layer loop)."""
     from . import backend
     ext, code = load_extension(), _CODES.get(x.dtype)
@@ -422,8 +443,14 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
     rope_rows = rope_rows.contiguous()
     prefix_len = prefix_len.contiguous()
     h = torch.empty_like(x)
-    ext.decoder_layers(x.data_ptr(), h.data_ptr(), table.data_ptr(), norm.weight.data_ptr(), rope_rows.data_ptr(),
-                       T * D if rope_rows.shape[0] > 1 else 0, k.data_ptr(), v.data_ptr(), prefix_len.data_ptr(),
-                       bits.data_ptr(), T if bits.shape[0] > 1 else 0, L, B, T, d, cfg.n_heads, H_kv, D,
-                       cfg.intermediate_size, B_max, S, norm.eps, code, kernel_threads())
+    gemma = getattr(cfg, "gemma", False)
+    if gemma and rope_local is not None:
+        rope_local = rope_local.contiguous()
+        assert rope_local.shape == rope_rows.shape
+    ext.decoder_layers(x.data_ptr(), h.data_ptr(), table.data_ptr(), table.final_norm.data_ptr(),
+                       rope_rows.data_ptr(), T * D if rope_rows.shape[0] > 1 else 0, k.data_ptr(), v.data_ptr(),
+                       prefix_len.data_ptr(), bits.data_ptr(), T if bits.shape[0] > 1 else 0, L, B, T, d, cfg.n_heads,
+                       H_kv, D, cfg.intermediate_size, B_max, S, norm.eps, code, kernel_threads(),
+                       rope_local.data_ptr() if gemma and rope_local is not None else 0,
+                       (cfg.real_window or 0) if gemma else 0, gemma)
     return x, h

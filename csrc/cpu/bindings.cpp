@@ -178,13 +178,18 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("decoder_layers", [](int64_t x, int64_t h, int64_t table, int64_t final_norm, int64_t rope, int64_t rope_sb,
                              int64_t k_cache, int64_t v_cache, int64_t start, int64_t bits, int64_t bits_sb,
                              int64_t L, int64_t B, int64_t T, int64_t d, int64_t H, int64_t H_kv, int64_t D,
-                             int64_t I, int64_t B_max, int64_t S, double eps, int64_t dtype, int64_t nthreads) {
+                             int64_t I, int64_t B_max, int64_t S, double eps, int64_t dtype, int64_t nthreads,
+                             int64_t rope_local, int64_t window, bool gelu) {
     DecoderArgs a{ptr(x, "x"), ptr(h, "h"), static_cast<const int64_t*>(ptr(table, "table")),
                   ptr(final_norm, "final_norm"), static_cast<const float*>(ptr(rope, "rope")), stride(rope_sb, "rope_sb"),
                   ptr(k_cache, "k_cache"), ptr(v_cache, "v_cache"), static_cast<const int64_t*>(ptr(start, "start")),
                   static_cast<const int64_t*>(ptr(bits, "bits")), stride(bits_sb, "bits_sb"), size(L, "L"),
                   size(B, "B"), size(T, "T"), size(d, "d"), size(H, "H"), size(H_kv, "H_kv"), size(D, "D"),
                   size(I, "I"), size(B_max, "B_max"), size(S, "S"), float(eps), float_dtype(dtype, "dtype")};
+    a.rope_local = rope_local ? static_cast<const float*>(ptr(rope_local, "rope_local")) : nullptr;
+    a.window = window;
+    a.gelu = gelu;
+    if (window < 0) bad_arg("window", "must be >= 0 (0: no sliding window)");
     if (a.T > 64) bad_arg("T", "must be <= 64 (one uint64 of ancestor bits per token)");
     if (a.B > a.B_max) bad_arg("B", "exceeds B_max");
     if (a.H % a.H_kv) bad_arg("H", "must be a multiple of H_kv");
@@ -200,6 +205,7 @@ PYBIND11_MODULE(_cpu, m) {
      py::arg("k_cache"), py::arg("v_cache"), py::arg("start"), py::arg("bits"), py::arg("bits_sb"), py::arg("L"),
      py::arg("B"), py::arg("T"), py::arg("d"), py::arg("H"), py::arg("H_kv"), py::arg("D"), py::arg("I"),
      py::arg("B_max"), py::arg("S"), py::arg("eps"), py::arg("dtype"), py::arg("threads"),
+     py::arg("rope_local") = 0, py::arg("window") = 0, py::arg("gelu") = false,
      "a 4-bit model's decoder layers over x [B * T, d] in place (h = the final norm of x), K/V to the cache");
 
   m.def("greedy_accept", [](int64_t tokens, int64_t logits, int64_t retrieve, int64_t retrieve_sb,

@@ -30,7 +30,10 @@ namespace amphista_cpu {
 // q and k norms' weights in the model dtype, or 0 where the layer has none.
 enum LayerField : int {
   kAttnNorm = 0, kWqkvCodes, kWqkvScales, kWoCodes, kWoScales, kFfnNorm, kW13Codes, kW13Scales, kW2Codes,
-  kW2Scales, kWqkvBias, kQNorm, kKNorm, kLayerFields
+  kW2Scales, kWqkvBias, kQNorm, kKNorm,
+  kPostAttnNorm, kPostFfnNorm,  // Gemma 3's norms of the attention's and the MLP's outputs (0: none)
+  kSliding,                     // 1: a sliding-window layer (DecoderArgs.window, rope_local), 0: a full one
+  kLayerFields
 };
 
 struct DecoderArgs {
@@ -48,14 +51,26 @@ struct DecoderArgs {
   int64_t L, B, T, d, H, H_kv, D, I, B_max, S;
   float eps;
   DType dtype;
+  const float* rope_local = nullptr;  // the sliding layers' RoPE rows (rope's layout), or nullptr: `rope`
+  int64_t window = 0;                 // the sliding layers' window (tree_attention.h), 0: none
+  bool gelu = false;                  // GELU-tanh (Gemma 3) instead of SiLU in the gated MLP
 };
 
 // SwiGLU's activation, rounded as FeedForward: silu(g) to the dtype, then times u. exp_approx: ~1-2 ulp from expf.
+// gelu: Gemma's gelu_pytorch_tanh(g) instead, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh through
+// exp_approx (the same bits in every row and every tree, which is what the CPU's exact decoding needs).
 struct SiluArgs {
   const void* gu;  // [rows, 2 I]: gate | up
   void* out;       // [rows, I]
   int64_t I;
+  bool gelu = false;
 };
+
+AMPHISTA_INLINE float gelu_tanh(float x) {
+  const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float t = 1.f - 2.f / (exp_approx(2.f * y) + 1.f);      // tanh(y): -1 and 1 at the ends, never NaN
+  return 0.5f * x * (1.f + t);
+}
 
 constexpr int64_t kSiluChunk = 256;  // columns a unit of work: a row's activation is split across threads too
 
@@ -70,7 +85,7 @@ AMPHISTA_INLINE void silu_mul_rows(const SiluArgs& a, int64_t c0, int64_t c1) { 
     T* __restrict o = static_cast<T*>(a.out) + r * a.I;
     for (int64_t j = j0; j < j1; ++j) {
       const float x = L::load(g, j);
-      L::store(o, j, L::round(x / (1.f + exp_approx(-x))) * L::load(u, j));
+      L::store(o, j, L::round(a.gelu ? gelu_tanh(x) : x / (1.f + exp_approx(-x))) * L::load(u, j));
     }
   }
 }
@@ -150,17 +165,22 @@ inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
     }
     char* k_layer = static_cast<char*>(a.k_cache) + l * layer_elems * es;
     char* v_layer = static_cast<char*>(a.v_cache) + l * layer_elems * es;
-    qkv_rope_write(QkvRopeWriteArgs{qkv, a.T * qkv_w, qkv_w, a.rope, a.rope_sb, a.D, k_layer, v_layer,
+    const bool sliding = row[kSliding] != 0;
+    const float* rope = sliding && a.rope_local != nullptr ? a.rope_local : a.rope;
+    qkv_rope_write(QkvRopeWriteArgs{qkv, a.T * qkv_w, qkv_w, rope, a.rope_sb, a.D, k_layer, v_layer,
                                     a.H_kv * a.S * a.D, a.S * a.D, a.S, a.start, q, a.B, a.T, a.H, a.H_kv, a.D},
                    a.dtype, threads);
-    tree_attention(TreeAttentionArgs{q, a.T * attn_w, a.D, attn_w, k_layer, v_layer, a.H_kv * a.S * a.D, a.S * a.D,
-                                     a.start, a.bits, a.bits_sb, attn, a.B, a.H, a.H_kv, a.T, a.D, a.S,
-                                     float(std::pow(double(a.D), -0.5))},   // Python's D ** -0.5
-                   a.dtype, threads);
+    TreeAttentionArgs att{q, a.T * attn_w, a.D, attn_w, k_layer, v_layer, a.H_kv * a.S * a.D, a.S * a.D,
+                          a.start, a.bits, a.bits_sb, attn, a.B, a.H, a.H_kv, a.T, a.D, a.S,
+                          float(std::pow(double(a.D), -0.5))};   // Python's D ** -0.5
+    att.window = sliding ? a.window : 0;
+    tree_attention(att, a.dtype, threads);
     matmul(attn, attn_w, row, kWoCodes, a.d, proj);
+    if (row[kPostAttnNorm] != 0)   // Gemma: the attention's output normed before the residual add (in place)
+      norm(proj, nullptr, reinterpret_cast<const void*>(row[kPostAttnNorm]), nullptr, proj);
     norm(proj, a.x, reinterpret_cast<const void*>(row[kFfnNorm]), a.x, a.h);
     matmul(a.h, a.d, row, kW13Codes, 2 * a.I, gu);
-    const SiluArgs s{gu, act, a.I};
+    const SiluArgs s{gu, act, a.I, a.gelu};
     parallel_rows(R * ((a.I + kSiluChunk - 1) / kSiluChunk), 32 * kSiluChunk, threads, [&](int64_t c0, int64_t c1) {
       if (a.dtype == DType::kFloat32)
         silu_mul_f32(s, c0, c1);
@@ -168,6 +188,8 @@ inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
         silu_mul_bf16(s, c0, c1);
     });
     matmul(act, a.I, row, kW2Codes, a.d, proj);
+    if (row[kPostFfnNorm] != 0)
+      norm(proj, nullptr, reinterpret_cast<const void*>(row[kPostFfnNorm]), nullptr, proj);
     const void* next = l + 1 < a.L ? reinterpret_cast<const void*>(a.table[(l + 1) * kLayerFields + kAttnNorm])
                                    : a.final_norm;
     norm(proj, a.x, next, a.x, a.h);

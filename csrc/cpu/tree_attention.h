@@ -38,6 +38,10 @@ struct TreeAttentionArgs {
   int64_t B, H, H_kv, N, D, S;
   float scale;
   bool by_rows = false;        // work units are single query rows (B * H_kv * G * N of them), not (row, KV head)s
+  // > 0: a sliding-window layer (Gemma 3's): a token at position p sees only keys at positions > p - window. A new
+  // token's position is prefix_len + its depth, and its depth is its ancestor bits' count - 1: the window's first
+  // prefix slot, and which ancestors it still holds, need nothing more.
+  int64_t window = 0;
 };
 
 constexpr int64_t kMaxDynamicD = 512;  // head dims other than 64 / 128 (the binding refuses larger ones)
@@ -152,16 +156,29 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
 #endif
   for (int64_t j = j0; j < P; ++j)
     for (int64_t r = 0; r < R; ++r) score[r * keys + j] = dot(qf + r * D, kf + j * D, D) * a.scale;
+  auto depth_of = [&](int64_t n) { return int64_t(__builtin_popcountll(uint64_t(bits[n]))) - 1; };
+  auto sees = [&](int64_t r, int64_t j) {    // row r sees new token j: its ancestor (or itself), inside its window
+    const int64_t n = (r_lo + r) % a.N;
+    return ((uint64_t(bits[n]) >> j) & 1u) && (a.window <= 0 || depth_of(j) > depth_of(n) - a.window);
+  };
   std::vector<int64_t> seen(size_t(R), P);
   for (int64_t j = 0; j < a.N; ++j)
     for (int64_t r = 0; r < R; ++r)
-      if ((uint64_t(bits[(r_lo + r) % a.N]) >> j) & 1u)
-        score[r * keys + seen[size_t(r)]++] = dot(qf + r * D, kf + (P + j) * D, D) * a.scale;
+      if (sees(r, j)) score[r * keys + seen[size_t(r)]++] = dot(qf + r * D, kf + (P + j) * D, D) * a.scale;
 
+  // Each row's first visible prefix slot: 0, or past a window. The softmax and the value sum start there, so a token
+  // sums the same keys in the same lanes as a plain step at its position does (there its window starts as here).
+  std::vector<int64_t> first(size_t(R), 0);
+  bool windowed = false;
+  if (a.window > 0)
+    for (int64_t r = 0; r < R; ++r) {
+      first[size_t(r)] = std::min(std::max<int64_t>(P + depth_of((r_lo + r) % a.N) - a.window + 1, 0), P);
+      windowed |= first[size_t(r)] > 0;
+    }
   std::vector<float> inv_sum(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) {
-    float* s = score + r * keys;
-    const int64_t n = seen[size_t(r)];
+    float* s = score + r * keys + first[size_t(r)];
+    const int64_t n = seen[size_t(r)] - first[size_t(r)];
     float top[kLanes];
     for (int64_t k = 0; k < kLanes; ++k) top[k] = -std::numeric_limits<float>::infinity();
     int64_t i0 = 0;
@@ -192,7 +209,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
     float acc[RB][DC ? DC : kMaxDynamicD];  // local: the compiler keeps it in registers (it aliases nothing)
     for (int64_t rb = 0; rb < RB; ++rb)
       for (int64_t d = 0; d < D; ++d) acc[rb][d] = 0.f;
-    if (rb_n == RB) {
+    if (rb_n == RB && !windowed) {
       for (int64_t i2 = 0; i2 < P; ++i2) {
         const float* v = vf + i2 * D;
         for (int64_t rb = 0; rb < RB; ++rb) {
@@ -202,7 +219,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       }
     } else {
       for (int64_t rb = 0; rb < rb_n; ++rb)
-        for (int64_t i2 = 0; i2 < P; ++i2) {
+        for (int64_t i2 = first[size_t(r0 + rb)]; i2 < P; ++i2) {
           const float w = score[(r0 + rb) * keys + i2];
           const float* v = vf + i2 * D;
           for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
@@ -213,7 +230,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       const float* s = score + r * keys;
       int64_t i3 = P;
       for (int64_t j = 0; j < a.N; ++j)
-        if ((uint64_t(bits[(r_lo + r) % a.N]) >> j) & 1u) {
+        if (sees(r, j)) {
           const float w = s[i3++];
           const float* v = vf + (P + j) * D;
           for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
