@@ -1,7 +1,10 @@
-"""Tool calling (OpenAI's `tools` / `tool_choice`) for Hermes-style models, as vLLM's `hermes` parser serves them.
+"""Tool calling (OpenAI's `tools` / `tool_choice`) for Hermes-style models, as vLLM's `hermes` parser serves them,
+and Llama 3.1/3.2/3.3's JSON calls, as its `llama3_json` parser does (the format is read off the chat template:
+tool_call_format).
 
-The model answers a call with `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks (Qwen2.5,
-Qwen3, SmolLM3, Hermes 2/3). Here: the checks of `tools` and `tool_choice`; the messages a template reads (an
+A Hermes model answers a call with `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks (Qwen2.5,
+Qwen3, SmolLM3, Hermes 2/3); a Llama 3 model with its whole answer `{"name": ..., "parameters": {...}}` (after an
+optional `<|python_tag|>`; several calls separated by ";"). Here: the checks of `tools` and `tool_choice`; the messages a template reads (an
 assistant turn's `tool_calls[].function.arguments` as dicts, `tool` results passed through, or, for a template that
 never mentions tools, the tools in the system message and the calls and results written out as Hermes text, so any
 model can be offered tools); the grammar (a response_format of type "grammar") that holds the answer to calls of
@@ -22,9 +25,11 @@ from .errors import InputError
 
 __all__ = ["ToolCallFilter", "ToolError", "ToolPlan", "TOOL_CALL_START", "generate_with_tools",
            "openai_tool_calls", "parse_tool_calls", "plan_tools", "prepare_messages", "template_supports_tools",
-           "tool_format", "tools_system_prompt"]
+           "tool_call_format", "tool_format", "tools_system_prompt"]
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"          # what Llama 3.1's template writes before a tool call
+FORMATS = ("hermes", "llama3_json")
 CHOICES = ("none", "auto", "required")
 # OpenAI's rule for a function's name
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -51,6 +56,7 @@ class ToolPlan(NamedTuple):
     choice: str | dict
     response_format: dict | None
     parallel: bool = True
+    fmt: str = "hermes"         # how the model writes calls (FORMATS; tool_call_format)
 
     @property
     def parse(self) -> bool:
@@ -61,7 +67,7 @@ class ToolPlan(NamedTuple):
         """parse_tool_calls(text), keeping only the first call where parallel_tool_calls is false (the grammar
         already allows one under "required"; under "auto" the model may still write more, which are dropped, as
         vLLM drops them)."""
-        content, calls = parse_tool_calls(text)
+        content, calls = parse_tool_calls(text, self.fmt)
         return content, (calls if self.parallel else calls[:1])
 
 
@@ -135,11 +141,12 @@ def check_tool_choice(choice, tools: list | None) -> str | dict:
     return {"name": name}
 
 
-def tool_format(tools: list | None, choice, parallel: bool = True) -> dict | None:
-    """The response_format (a Lark grammar as llguidance reads it) that holds the answer to Hermes tool calls: one
-    or more (tool_choice "required"; exactly one where parallel is false), or exactly one of the named function;
-    each call's name one of the tools' and its arguments valid under that function's parameters schema. None for
-    "none" and "auto" (a free answer)."""
+def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "hermes") -> dict | None:
+    """The response_format (a Lark grammar as llguidance reads it) that holds the answer to tool calls in the model's
+    format (fmt: Hermes blocks, or Llama 3's bare JSON with "parameters", several separated by "; "): one or more
+    (tool_choice "required"; exactly one where parallel is false), or exactly one of the named function; each call's
+    name one of the tools' and its arguments valid under that function's parameters schema. None for "none" and
+    "auto" (a free answer)."""
     if not tools or choice in ("none", "auto"):
         return None
     named = choice["name"] if isinstance(choice, dict) else None
@@ -154,11 +161,17 @@ def tool_format(tools: list | None, choice, parallel: bool = True) -> dict | Non
         # whitespace until max_tokens ran out. Names are [A-Za-z0-9_-] (check_tools): safe in a Lark string.
         schema = {**(f.get("parameters") or {"type": "object"}),
                   "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
-        rules.append(f'call_{i}: "{{\\"name\\": \\"{f["name"]}\\", \\"arguments\\": " args_{i} "}}"')
+        key = "parameters" if fmt == "llama3_json" else "arguments"
+        rules.append(f'call_{i}: "{{\\"name\\": \\"{f["name"]}\\", \\"{key}\\": " args_{i} "}}"')
         rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
-    start = 'start: tool_call ("\\n" tool_call)*' if named is None and parallel else "start: tool_call"
-    grammar = "\n".join([start, f'tool_call: "{TOOL_CALL_START}\\n" call "\\n{TOOL_CALL_END}"',
-                         "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))), *rules])
+    several = named is None and parallel
+    if fmt == "llama3_json":                     # the answer is the calls (vLLM's llama3_json splits them at ";")
+        start = 'start: call ("; " call)*' if several else "start: call"
+        wrapper = []
+    else:
+        start = 'start: tool_call ("\\n" tool_call)*' if several else "start: tool_call"
+        wrapper = [f'tool_call: "{TOOL_CALL_START}\\n" call "\\n{TOOL_CALL_END}"']
+    grammar = "\n".join([start, *wrapper, "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))), *rules])
     rf = {"type": "grammar", "grammar": grammar}
     from .structured import grammar_source      # llguidance (and torch) only for a constrained request
     try:
@@ -169,19 +182,37 @@ def tool_format(tools: list | None, choice, parallel: bool = True) -> dict | Non
     return rf
 
 
-def plan_tools(tools, tool_choice, parallel_tool_calls=None) -> ToolPlan:
+def plan_tools(tools, tool_choice, parallel_tool_calls=None, fmt: str = "hermes") -> ToolPlan:
     """A request's tools, tool_choice and parallel_tool_calls (OpenAI's: true, the default, or false: at most one
-    call), checked (ToolError naming the field), with the grammar they need."""
+    call), checked (ToolError naming the field), with the grammar they need; fmt: the model's (tool_call_format)."""
+    if fmt not in FORMATS:
+        raise ToolError(f"tool call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     checked = check_tools(tools)
     choice = check_tool_choice(tool_choice, checked)
     if parallel_tool_calls not in (None, True, False):
         raise ToolError(f"parallel_tool_calls must be true or false, got {_json_type(parallel_tool_calls)}",
                         "parallel_tool_calls")
     parallel = parallel_tool_calls is not False
-    return ToolPlan(checked, choice, tool_format(checked, choice, parallel), parallel)
+    return ToolPlan(checked, choice, tool_format(checked, choice, parallel, fmt), parallel, fmt)
 
 
 # ---- messages --------------------------------------------------------------------------------------------------
+
+def tool_call_format(tokenizer, template: str | None = None) -> str:
+    """How the chat template has the model write calls: "llama3_json" where it reads tools and writes calls as
+    `{"name": ..., "parameters": ...}` with Llama 3's tool roles (ipython, <|python_tag|>); else "hermes" (Hermes
+    templates, and templates without tools, which get the Hermes instructions: prepare_messages)."""
+    from .chat import resolve_template
+    return _format_of(resolve_template(tokenizer, template)[1])
+
+
+@lru_cache(maxsize=16)
+def _format_of(source: str) -> str:
+    if _reads_tools(source) and TOOL_CALL_START not in source and '"parameters"' in source \
+            and ("ipython" in source or PYTHON_TAG in source):
+        return "llama3_json"
+    return "hermes"
+
 
 def template_supports_tools(tokenizer, template: str | None = None) -> bool:
     """Whether the chat template reads `tools` (one that never does gets prepare_messages' fallback)."""
@@ -292,6 +323,10 @@ def _call(body: str) -> dict | None:
         obj = json.loads(body.strip())
     except ValueError:
         return None
+    return _call_of(obj)
+
+
+def _call_of(obj) -> dict | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -305,11 +340,41 @@ def _call(body: str) -> dict | None:
     return {"name": obj["name"], "arguments": args}
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(content, calls) of a Hermes-style answer: each `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-    block (whitespace around the JSON allowed; an unclosed last block too) whose JSON parses is a call
+def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
+    """Llama 3's calls: the whole answer (after an optional <|python_tag|>) one JSON object {"name", "parameters"}
+    or several separated by ";", as vLLM's llama3_json parser reads them; anything else is content."""
+    body = text.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG):].strip()
+    if not body.startswith("{"):
+        return text, []
+    calls, pos, dec = [], 0, json.JSONDecoder()
+    while pos < len(body):
+        try:
+            obj, pos = dec.raw_decode(body, pos)
+        except ValueError:
+            return text, []
+        call = _call_of(obj)
+        if call is None:
+            return text, []
+        calls.append(call)
+        rest = body[pos:].lstrip()
+        if rest.startswith(";"):
+            rest = rest[1:].lstrip()
+        elif rest:
+            return text, []             # text after the JSON: not an answer of calls
+        pos = len(body) - len(rest)
+    return None, calls
+
+
+def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str | None, list[dict]]:
+    """(content, calls) of an answer. Hermes (the default): each `<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>` block (whitespace around the JSON allowed; an unclosed last block too) whose JSON parses is a call
     {"name", "arguments": dict}; content is the rest (the text before the calls, and any block that does not
-    parse, kept as written), None where only whitespace is left. No calls: (text, [])."""
+    parse, kept as written), None where only whitespace is left. "llama3_json": the whole answer is the calls, or
+    it is content. No calls: (text, [])."""
+    if fmt == "llama3_json":
+        return _parse_llama3(text)
     calls, parts, pos = [], [], 0
     for m in _BLOCK.finditer(text):
         call = _call(m.group(1) if m.group(1) is not None else m.group(2))
@@ -341,16 +406,31 @@ class ToolCallFilter:
     end of the text so far, which may become one): feed() gives the text a client may see now; finish() reads the
     whole answer for calls once it has ended."""
 
-    def __init__(self, parallel: bool = True):
+    def __init__(self, parallel: bool = True, fmt: str = "hermes"):
         self.parallel = parallel    # parallel_tool_calls: false keeps only the first call (ToolPlan.read)
+        self.fmt = fmt
         self.text = ""          # all the text fed
         self.sent = 0           # how much of it went out
         self.holding = False    # a <tool_call> started: nothing more goes out before the end
+        self.free = False       # llama3_json: the answer began with something else than a call: all of it is content
 
     def feed(self, delta: str) -> str:
         self.text += delta
         if self.holding:
             return ""
+        if self.fmt == "llama3_json":
+            # a Llama 3 answer is calls from its first character ("{", or <|python_tag|>) or none: held back until the
+            # first non-space characters say which
+            if not self.free:
+                head = self.text.lstrip()
+                if not head or PYTHON_TAG.startswith(head) and head != PYTHON_TAG:
+                    return ""
+                if head.startswith("{") or head.startswith(PYTHON_TAG):
+                    self.holding = True
+                    return ""
+                self.free = True
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
         i = self.text.find(TOOL_CALL_START, max(0, self.sent - len(TOOL_CALL_START)))
         if i >= 0:
             self.holding = True
@@ -365,7 +445,7 @@ class ToolCallFilter:
     def finish(self, text: str | None = None) -> tuple[str, list[dict]]:
         """(the content not sent yet, the calls) of the whole answer (`text`, or what was fed)."""
         text = self.text if text is None else text
-        content, calls = parse_tool_calls(text)
+        content, calls = parse_tool_calls(text, self.fmt)
         calls = calls if self.parallel else calls[:1]
         sent = self.text[:self.sent]
         rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
@@ -389,7 +469,7 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     tools a template variable) and handed over as token ids, so engine.chat_template_kwargs is never swapped
     (another thread's run may be rendering with it)."""
     from .chat import render_chat
-    plan = plan_tools(tools, tool_choice, parallel_tool_calls)
+    plan = plan_tools(tools, tool_choice, parallel_tool_calls, tool_call_format(engine.tokenizer))
     if plan.response_format is not None:
         if options.get("response_format") is not None:
             raise ToolError("response_format does not mix with tool_choice 'required' or a named function",

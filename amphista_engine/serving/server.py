@@ -29,7 +29,7 @@ from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..structured import grammar_source
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls,
-                     plan_tools, prepare_messages, template_supports_tools)
+                     plan_tools, prepare_messages, template_supports_tools, tool_call_format)
 from .batching import Job, Scheduler
 from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 
@@ -460,7 +460,8 @@ class OpenAIApp:
         function holds the answer to."""
         try:
             # parallel_tool_calls too: OpenAI's false (at most one call) was ignored, and "required" answered several
-            plan = plan_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+            plan = plan_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"),
+                              tool_call_format(self.engine.tokenizer))
         except ToolError as e:
             raise ApiError(400, str(e), e.param) from None
         if plan.parse and body.get("response_format") not in (None, {"type": "text"}):
@@ -1208,7 +1209,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._started = True
         results: list = [None] * job.n
         # a choice's text from its first <tool_call> on is held back, and sent as tool calls at its end
-        filters = [ToolCallFilter(plan.parallel) for _ in range(job.n)] \
+        filters = [ToolCallFilter(plan.parallel, plan.fmt) for _ in range(job.n)] \
             if chat and plan is not None and plan.parse else None
         try:
             for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
