@@ -1,5 +1,5 @@
-"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 3), read from a
-Hugging Face config.json or GGUF metadata."""
+"""The Llama-family architecture description (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 3, and the
+mixture-of-experts Qwen3-MoE and Mixtral), read from a Hugging Face config.json or GGUF metadata."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +12,25 @@ from .errors import ConfigError, ModelLoadError
 from .values import is_integral, is_real
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                   "SmolLM3ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma3_text", "gemma3")
+                   "SmolLM3ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
+                   "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma3_text", "gemma3", "qwen3_moe",
+                "mixtral")
+# Mixture-of-experts families this engine does not run, and what in them it lacks (by model_type)
+_REFUSED_MOE = {
+    "qwen2_moe": "Qwen2-MoE adds a shared expert behind a sigmoid gate (shared_expert, shared_expert_gate) to every "
+                 "sparse block",
+    "deepseek_v2": "DeepSeek-V2 attends through multi-head latent attention and routes over groups with shared experts",
+    "deepseek_v3": "DeepSeek-V3 attends through multi-head latent attention and routes by sigmoid scores over groups "
+                   "with shared experts",
+    "qwen3_next": "Qwen3-Next mixes linear-attention layers and a shared expert into its sparse blocks",
+    "olmoe": "OLMoE normalises the whole q and k projections, not each head",
+    "phimoe": "Phi-3.5-MoE routes by sparsemixer, not softmax top-k",
+    "dbrx": "DBRX fuses its attention and experts in its own layout",
+    "gpt_oss": "gpt-oss has attention sinks and biased, clamped experts",
+    "granitemoe": "Granite-MoE scales embeddings, residuals and logits by its own multipliers",
+    "jetmoe": "JetMoE routes attention heads too (mixture of attention heads)",
+}
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 
 
@@ -57,6 +74,17 @@ class ModelConfig:
     sliding_layers: tuple[int, ...] = ()
     rope_local_theta: float | None = None
     final_logit_softcapping: float | None = None    # logits = cap * tanh(logits / cap)
+    # Mixture of experts (Qwen3-MoE, Mixtral): in the layers `moe_layers` the MLP is `n_experts` SwiGLU experts of
+    # width moe_intermediate_size behind a router; each token runs through the `experts_per_token` experts of
+    # largest router softmax, weighted by those probabilities (renormalised to sum 1 where norm_topk_prob). The other
+    # layers keep the dense MLP of intermediate_size. moe_weights_fp32: the weighting in fp32 and the product rounded
+    # to the model's dtype after (Mixtral), else the weights rounded to the model's dtype first (Qwen3-MoE).
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[int, ...] = ()
+    norm_topk_prob: bool = True
+    moe_weights_fp32: bool = False
 
     def __post_init__(self):
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
@@ -98,6 +126,22 @@ class ModelConfig:
                               f"got {list(self.sliding_layers)}")
         if self.sliding_layers and self.sliding_window is None:
             raise ConfigError("model config: sliding_layers need a sliding_window")
+        self.moe_layers = tuple(self.moe_layers or ())
+        if self.moe_layers:
+            for key in ("n_experts", "experts_per_token", "moe_intermediate_size"):
+                value = getattr(self, key)
+                if not is_integral(value) or value <= 0:
+                    raise ConfigError(f"model config: {key} must be a positive integer for mixture-of-experts layers, "
+                                      f"got {value!r}")
+                setattr(self, key, int(value))
+            if self.experts_per_token > self.n_experts:
+                raise ConfigError(f"model config: {self.experts_per_token} experts per token (num_experts_per_tok) "
+                                  f"but only {self.n_experts} experts")
+            if not all(is_integral(i) and 0 <= i < self.n_layers for i in self.moe_layers):
+                raise ConfigError(f"model config: moe_layers must be layer indices below {self.n_layers}, "
+                                  f"got {list(self.moe_layers)}")
+            if self.gemma:
+                raise ConfigError("model config: Gemma 3 has no mixture-of-experts layers")
         for key in ("query_pre_attn_scalar", "rope_local_theta", "final_logit_softcapping"):
             value = getattr(self, key)
             if value is not None and (not is_real(value) or not value > 0):
@@ -116,6 +160,7 @@ class ModelConfig:
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         model_type = cfg.get("model_type", "llama")
         _refuse_other_gemmas(cfg, archs[0], model_type)
+        _refuse_other_moes(cfg, archs[0], model_type)
         if model_type in ("gemma3", "gemma3_text"):
             return _gemma3_from_hf(cls, cfg, archs[0], model_type)
         if model_type not in _MODEL_TYPES or archs[0] not in SUPPORTED_ARCHS:
@@ -139,9 +184,11 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id") or [],
                 name=cfg.get("_name_or_path") or archs[0],
                 sliding_window=_hf_sliding_window(cfg, model_type),
-                qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias, qk_norm=model_type == "qwen3",
+                qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
+                qk_norm=model_type in ("qwen3", "qwen3_moe"),
                 nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
                 fused_checkpoint=model_type == "phi3",
+                **_hf_moe(cfg, model_type),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -186,6 +233,50 @@ def _refuse_other_gemmas(cfg: dict[str, Any], arch: str, model_type: str) -> Non
     if model_type in ("gemma", "gemma3n", "gemma3n_text") or arch.startswith(("GemmaFor", "Gemma3n")):
         raise ConfigError(f"{arch!r} (model_type {model_type!r}) is not supported; of the Gemma family this engine "
                           "runs Gemma 3 text models (Gemma3ForCausalLM, the text part of Gemma3ForConditionalGeneration)")
+
+
+def _refuse_other_moes(cfg: dict[str, Any], arch: str, model_type: str) -> None:
+    """Mixture-of-experts models other than Qwen3-MoE and Mixtral, by name: the generic refusal listed only dense
+    architectures, which did not say whether the experts or something else were the problem."""
+    if model_type in ("qwen3_moe", "mixtral"):
+        return
+    why = _REFUSED_MOE.get(model_type)
+    moe_like = why is not None or "moe" in model_type or "Moe" in arch or any(
+        cfg.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size"))
+    if moe_like:
+        raise ConfigError(f"unsupported architecture {arch!r} (model_type {model_type!r}): a mixture-of-experts model "
+                          f"this engine does not run{': ' + why if why else ''}; of mixture-of-experts models it runs "
+                          "Qwen3-MoE "
+                          "(Qwen3MoeForCausalLM) and Mixtral (MixtralForCausalLM)")
+
+
+def _hf_moe(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The ModelConfig fields of a Qwen3-MoE or Mixtral config.json (transformers' Qwen3MoeDecoderLayer: a sparse
+    block where the layer is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0; Mixtral: every layer,
+    top-2 renormalised, its experts intermediate_size wide)."""
+    n = cfg.get("num_hidden_layers", 0)
+    if model_type == "mixtral":
+        return dict(n_experts=cfg.get("num_local_experts", cfg.get("num_experts", 8)),
+                    experts_per_token=cfg.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=cfg.get("intermediate_size"), norm_topk_prob=True, moe_weights_fp32=True,
+                    moe_layers=tuple(range(n)) if is_integral(n) else ())
+    if model_type != "qwen3_moe":
+        return {}
+    # the Hub's configs say num_experts; transformers 5 saves it as num_local_experts (its attribute_map)
+    experts = cfg.get("num_experts", cfg.get("num_local_experts", 128))
+    step = cfg.get("decoder_sparse_step", 1)
+    only = cfg.get("mlp_only_layers") or []
+    if not is_integral(step) or step < 1:
+        raise ConfigError(f"decoder_sparse_step must be a positive integer, got {step!r}")
+    if not isinstance(only, list) or not all(is_integral(i) for i in only):
+        raise ConfigError(f"mlp_only_layers must list layer indices, got {only!r:.80}")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ConfigError("shared_expert_intermediate_size is set: a shared expert (Qwen2-MoE's) is not supported")
+    layers = tuple(i for i in range(n if is_integral(n) else 0)
+                   if i not in only and experts and (i + 1) % step == 0)
+    return dict(n_experts=experts, experts_per_token=cfg.get("num_experts_per_tok", 8),
+                moe_intermediate_size=cfg.get("moe_intermediate_size", 768), moe_layers=layers,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_weights_fp32=False)
 
 
 def _gemma3_from_hf(cls, top: dict[str, Any], arch: str, model_type: str) -> "ModelConfig":
@@ -287,7 +378,7 @@ def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
     false), and then to the layers from `max_window_layers` on (none where that is past the last layer), or as
     `layer_types` says where the config lists them."""
     window = cfg.get("sliding_window")
-    opt_in = model_type in ("qwen2", "qwen3", "smollm3")
+    opt_in = model_type in ("qwen2", "qwen3", "smollm3", "qwen3_moe")
     if window is None or not cfg.get("use_sliding_window", not opt_in):
         return None
     layer_types = cfg.get("layer_types")

@@ -305,6 +305,8 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if short.split(".")[0] in _HF_MODEL_PARTS:
             _check_float(path, name, t)    # before q/k/v and gate/up are concatenated (which would promote ints)
         raw[short], names[short] = t, name
+    if cfg.moe_layers:
+        _split_fused_experts(cfg, raw, names)
     _check_hf_shapes(path, cfg, raw, names)
     out = {"tok_embeddings.weight": raw.pop("embed_tokens.weight", None), "norm.weight": raw.pop("norm.weight", None)}
     if "lm_head.weight" in raw:
@@ -315,15 +317,19 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         out[p + "attention_norm.weight"] = get("input_layernorm.weight")
         out[p + "ffn_norm.weight"] = get("post_attention_layernorm.weight")
         out[p + "attention.wo.weight"] = get("self_attn.o_proj.weight")
-        out[p + "feed_forward.w2.weight"] = get("mlp.down_proj.weight")
+        if i in cfg.moe_layers:
+            out.update(_hf_experts(cfg, p, get))
+        else:
+            out[p + "feed_forward.w2.weight"] = get("mlp.down_proj.weight")
         if cfg.fused_checkpoint:        # Phi-3: q|k|v and gate|up stored fused, in the model's own order
             out[p + "attention.wqkv.weight"] = get("self_attn.qkv_proj.weight")
             out[p + "feed_forward.w13.weight"] = get("mlp.gate_up_proj.weight")
         else:
             out[p + "attention.wqkv.weight"] = _cat(p + "self_attn",
                                                    [get(f"self_attn.{x}_proj.weight") for x in "qkv"])
-            out[p + "feed_forward.w13.weight"] = _cat(p + "mlp",
-                                                     [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+            if i not in cfg.moe_layers:
+                out[p + "feed_forward.w13.weight"] = _cat(p + "mlp",
+                                                         [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
         if cfg.qkv_bias:
             out[p + "attention.wqkv.bias"] = torch.cat([get(f"self_attn.{x}_proj.bias") for x in "qkv"])
         if cfg.o_bias:
@@ -335,11 +341,59 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             out[p + "post_attention_norm.weight"] = get("post_attention_layernorm.weight")
             out[p + "ffn_norm.weight"] = get("pre_feedforward_layernorm.weight")
             out[p + "post_ffn_norm.weight"] = get("post_feedforward_layernorm.weight")
-        for n in _layer_shapes(cfg):
+        for n in _layer_shapes(cfg, i):
             raw.pop(p + n, None)
     _refuse_unused(path, [n for n in raw if n.split(".")[0] in _HF_MODEL_PARTS
                           and not n.endswith(".rotary_emb.inv_freq")], _config_says(cfg))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _moe_prefix(cfg: ModelConfig) -> str:
+    """Where a layer's sparse MoE block sits in a checkpoint: Mixtral's `block_sparse_moe` (experts w1 gate, w3 up,
+    w2 down) or Qwen3-MoE's `mlp` (experts gate_proj, up_proj, down_proj). Mixtral's is the family whose routing
+    weights stay fp32 (config.moe_weights_fp32), so the config tells them apart."""
+    return "block_sparse_moe" if cfg.moe_weights_fp32 else "mlp"
+
+
+def _expert_names(cfg: ModelConfig, j: int) -> tuple[str, str, str]:
+    """Expert j's gate, up and down projection names (less `model.layers.i.`)."""
+    m = _moe_prefix(cfg)
+    if m == "block_sparse_moe":
+        return tuple(f"{m}.experts.{j}.{w}.weight" for w in ("w1", "w3", "w2"))
+    return tuple(f"{m}.experts.{j}.{w}_proj.weight" for w in ("gate", "up", "down"))
+
+
+def _split_fused_experts(cfg: ModelConfig, raw: dict, names: dict):
+    """transformers 5's in-memory layout (experts.gate_up_proj [E, 2I, d], experts.down_proj [E, d, I]; Hub files
+    and its save_pretrained store one tensor per expert) as per-expert views, so that one path checks and stacks
+    both. A tensor of another shape is left as it is, for the shape check to name it."""
+    E, I, home = cfg.n_experts, cfg.moe_intermediate_size, _moe_prefix(cfg)
+    for i in cfg.moe_layers:
+        for m in ("mlp", "block_sparse_moe"):
+            p = f"layers.{i}.{m}.experts."
+            gu, dn = raw.get(p + "gate_up_proj"), raw.get(p + "down_proj")
+            if gu is None or dn is None or gu.shape != (E, 2 * I, cfg.dim) or dn.shape != (E, cfg.dim, I):
+                continue
+            del raw[p + "gate_up_proj"], raw[p + "down_proj"]
+            router = f"layers.{i}.{m}.gate.weight"      # transformers 5 names Mixtral's block `mlp` too
+            if m != home and router in raw:
+                raw[f"layers.{i}.{home}.gate.weight"] = raw.pop(router)
+                names[f"layers.{i}.{home}.gate.weight"] = names.pop(router)
+            for j in range(E):
+                for n, t, src in zip(_expert_names(cfg, j), (gu[j, :I], gu[j, I:], dn[j]),
+                                     ("gate_up_proj", "gate_up_proj", "down_proj")):
+                    raw[f"layers.{i}.{n}"], names[f"layers.{i}.{n}"] = t, f"model.{p}{src}[{j}]"
+
+
+def _hf_experts(cfg: ModelConfig, p: str, get) -> dict[str, torch.Tensor | None]:
+    """One MoE layer's router and experts, stacked as model.MoEFeedForward holds them: w13 [E, 2I, d] (gate | up),
+    w2 [E, d, I]."""
+    experts = [[get(n) for n in _expert_names(cfg, j)] for j in range(cfg.n_experts)]
+    if any(t is None for e in experts for t in e):
+        return {}
+    return {p + "feed_forward.gate.weight": get(f"{_moe_prefix(cfg)}.gate.weight"),
+            p + "feed_forward.w13": torch.stack([torch.cat([g, u]) for g, u, _ in experts]),
+            p + "feed_forward.w2": torch.stack([d for _, _, d in experts])}
 
 
 _HF_MODEL_PARTS = ("layers", "lm_head", "norm", "embed_tokens")
@@ -370,11 +424,14 @@ _HF_SHAPE_FIELDS = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab
                     "q_norm": "head_dim", "k_norm": "head_dim",
                     "qkv_proj": "(num_attention_heads + 2 * num_key_value_heads) * head_dim, hidden_size",
                     "gate_up_proj": "2 * intermediate_size, hidden_size",
-                    "pre_feedforward_layernorm": "hidden_size", "post_feedforward_layernorm": "hidden_size"}
+                    "pre_feedforward_layernorm": "hidden_size", "post_feedforward_layernorm": "hidden_size",
+                    "gate": "num_experts, hidden_size", "w1": "intermediate_size, hidden_size",
+                    "w3": "intermediate_size, hidden_size", "w2": "hidden_size, intermediate_size"}
 
 
-def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Each layer's tensors by Hugging Face name (less `model.layers.i.`) and the shape the config implies."""
+def _layer_shapes(cfg: ModelConfig, i: int = 0, gguf: bool = False) -> dict[str, tuple[int, ...]]:
+    """Layer i's tensors by Hugging Face name (less `model.layers.i.`), or with `gguf` by GGUF name (less
+    `blk.i.`), and the shape the config implies."""
     D, In = cfg.dim, cfg.intermediate_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
@@ -394,12 +451,35 @@ def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
     if cfg.gemma:
         out.update({"pre_feedforward_layernorm.weight": (D,), "post_feedforward_layernorm.weight": (D,)})
+    moe = i in cfg.moe_layers
+    if moe:
+        for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+            del out[name]
+    if gguf:
+        out = {_gguf_name(n, cfg.gemma): s for n, s in out.items()}
+    if moe:
+        out.update(_moe_shapes(cfg, gguf))
+    return out
+
+
+def _moe_shapes(cfg: ModelConfig, gguf: bool = False) -> dict[str, tuple[int, ...]]:
+    """An MoE layer's router and experts: one tensor per expert in Hugging Face checkpoints, 3-D ones (one slice
+    per expert) in llama.cpp's GGUF files."""
+    E, D, I = cfg.n_experts, cfg.dim, cfg.moe_intermediate_size
+    if gguf:
+        return {"ffn_gate_inp.weight": (E, D), "ffn_gate_exps.weight": (E, I, D), "ffn_up_exps.weight": (E, I, D),
+                "ffn_down_exps.weight": (E, D, I)}
+    out = {f"{_moe_prefix(cfg)}.gate.weight": (E, D)}
+    for j in range(E):
+        gate, up, down = _expert_names(cfg, j)
+        out.update({gate: (I, D), up: (I, D), down: (D, I)})
     return out
 
 
 def _config_says(cfg: ModelConfig) -> str:
     extras = [what for on, what in ((cfg.qkv_bias, "q/k/v biases"), (cfg.o_bias, "an output-projection bias"),
-                                    (cfg.qk_norm, "q/k norms")) if on]
+                                    (cfg.qk_norm, "q/k norms"),
+                                    (cfg.moe_layers, f"{len(cfg.moe_layers)} layers of {cfg.n_experts} experts")) if on]
     return f"{cfg.n_layers} layers, " + (" and ".join(extras) if extras else "no biases")
 
 
@@ -407,14 +487,12 @@ def _config_shapes(cfg: ModelConfig, gguf: bool = False) -> dict[str, tuple[int,
     """The shape the config implies for each checkpoint tensor, by its Hugging Face name (less `model.`) or, with
     `gguf`, its GGUF name."""
     D, V = cfg.dim, cfg.vocab_size
-    layer = _layer_shapes(cfg)
     top = ("token_embd", "output_norm", "output") if gguf else ("embed_tokens", "norm", "lm_head")
     out = {f"{top[0]}.weight": (V, D), f"{top[1]}.weight": (D,)}
     if not cfg.tie_word_embeddings:
         out[f"{top[2]}.weight"] = (V, D)
     for i in range(cfg.n_layers):
-        out.update({(f"blk.{i}.{_gguf_name(n, cfg.gemma)}" if gguf else f"layers.{i}.{n}"): s
-                    for n, s in layer.items()})
+        out.update({f"{'blk' if gguf else 'layers'}.{i}.{n}": s for n, s in _layer_shapes(cfg, i, gguf).items()})
     return out
 
 
@@ -433,6 +511,8 @@ def _check_hf_shapes(path: Path, cfg: ModelConfig, raw: dict, names: dict):
         if tuple(raw[n].shape) != shape:
             fields = _HF_SHAPE_FIELDS[n.split('.')[-2]]
             fields = fields.split(", ")[0] if n.endswith(".bias") else fields
+            if ".experts." in n and not cfg.moe_weights_fp32:
+                fields = fields.replace("intermediate_size", "moe_intermediate_size")
             raise ConfigError(f"{path}: tensor {shown(n)} has shape {tuple(raw[n].shape)}, but config.json implies "
                               f"{shape} ({fields})")
 
@@ -469,7 +549,10 @@ def _field(reader, key, default=None):
 
 # GGUF architectures whose layers are this model's: llama.cpp's converter permutes the Q/K rows of `llama` and
 # `smollm3` files (its Qwen graphs use NeoX RoPE, the rotate-half convention, on rows as Hugging Face stores them).
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "phi3", "gemma3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "smollm3", "phi3", "gemma3", "qwen3moe")
+# GGUF architectures whose files may have mixture-of-experts layers (llama.cpp's Mixtral files are `llama` with
+# llama.expert_count)
+_MOE_ARCHS = ("llama", "qwen3moe")
 _FUSED_ARCHS = ("phi3",)                  # attn_qkv and ffn_up (gate | up) stored fused, as Hugging Face's Phi-3
 _PERMUTED_ARCHS = ("llama", "smollm3")
 _NO_ROPE_LAYER_STEP = {"smollm3": 4}      # llama.cpp: hparams.n_no_rope_layer_step, fixed, no key
@@ -482,15 +565,20 @@ def gguf_config(reader, path) -> ModelConfig:
                           "score with tanh (attn_logit_softcapping), which this engine's attention kernels do not "
                           "implement; Gemma 3 (gemma3) is supported")
     if arch not in GGUF_ARCHS:
-        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHS)})")
+        dense = [x for x in GGUF_ARCHS if x != "qwen3moe"]
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(dense)}), "
+                          "nor among the mixture-of-experts ones (qwen3moe, and llama with experts: Mixtral)")
     a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    if a("expert_count") and arch not in _MOE_ARCHS:
+        raise ConfigError(f"{path}: GGUF {arch}.expert_count is {a('expert_count')}: mixture-of-experts layers are "
+                          f"supported in {' and '.join(_MOE_ARCHS)} files (Mixtral, Qwen3-MoE), not {arch!r}")
+    moe = _gguf_moe(reader, path, arch, a) if a("expert_count") or arch == "qwen3moe" else {}
+    if moe and a("feed_forward_length") is None:
+        moe["intermediate_size"] = moe["moe_intermediate_size"]     # no dense layer needs it
     missing = [f"{arch}.{k}" for k in ("embedding_length", "block_count", "attention.head_count",
-                                       "feed_forward_length") if a(k) is None]
+                                       "feed_forward_length") if a(k) is None and not (moe and "feed" in k)]
     if missing:
         raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
-    if a("expert_count"):
-        raise ConfigError(f"{path}: GGUF {arch}.expert_count is {a('expert_count')}: mixture-of-experts models "
-                          "(Mixtral) are not supported")
     n_heads = a("attention.head_count")
     # No llama.vocab_size (older conversions): the embedding's rows, which may pad the token list.
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight" and len(t.shape) == 2), None)
@@ -515,7 +603,8 @@ def gguf_config(reader, path) -> ModelConfig:
     try:
         cfg = ModelConfig(
             vocab_size=vocab, dim=a("embedding_length"), n_layers=a("block_count"), n_heads=n_heads,
-            n_kv_heads=a("attention.head_count_kv", n_heads), intermediate_size=a("feed_forward_length"),
+            n_kv_heads=a("attention.head_count_kv", n_heads),
+            intermediate_size=moe.pop("intermediate_size", a("feed_forward_length")), **moe,
             head_dim=a("attention.key_length", 0) or 0, norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=a("rope.freq_base", 10000.0), rope_scaling=scaling,
             max_position_embeddings=a("context_length", 4096), tie_word_embeddings=tied,
@@ -534,6 +623,31 @@ def gguf_config(reader, path) -> ModelConfig:
         raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot}, but heads are {cfg.head_dim} wide: "
                           "partial rotary embeddings are not supported")
     return cfg
+
+
+def _gguf_moe(reader, path, arch: str, a) -> dict:
+    """Mixture-of-experts layers as llama.cpp reads them (llama-model.cpp, build_moe_ffn): {arch}.expert_count
+    experts, {arch}.expert_used_count per token, softmax routing renormalised over the chosen ones (Mixtral's
+    `llama` graph and Qwen3-MoE's both pass norm_w = true), experts {arch}.expert_feed_forward_length wide (Mixtral
+    files: feed_forward_length). The layers with a router (blk.N.ffn_gate_inp.weight) are the sparse ones."""
+    n_exp, used = a("expert_count"), a("expert_used_count")
+    if not is_integral(n_exp) or n_exp <= 0 or not is_integral(used) or not 0 < used <= n_exp:
+        raise ConfigError(f"{path}: GGUF {arch}.expert_count is {n_exp!r}: mixture-of-experts files need it and "
+                          f"{arch}.expert_used_count (here {used!r}) as positive integers, at most as many used as "
+                          "there are experts")
+    width = a("expert_feed_forward_length") or a("feed_forward_length")
+    if width is None:
+        raise ConfigError(f"{path}: GGUF metadata lacks {arch}.expert_feed_forward_length (the experts' width)")
+    names = {t.name for t in reader.tensors}
+    n = a("block_count") if is_integral(a("block_count")) else 0
+    layers = tuple(i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" in names)
+    if not layers:
+        raise ConfigError(f"{path}: GGUF {arch}.expert_count is {n_exp}: mixture-of-experts layers need a router, "
+                          "but no layer has one "
+                          "(blk.N.ffn_gate_inp.weight); older Mixtral conversions with one tensor per expert "
+                          "(blk.N.ffn_gate.E.weight) are not supported: convert again with a current llama.cpp")
+    return dict(n_experts=n_exp, experts_per_token=used, moe_intermediate_size=width, moe_layers=layers,
+                norm_topk_prob=True, moe_weights_fp32=arch == "llama")
 
 
 def _gguf_gemma3(path, a) -> dict:
@@ -643,12 +757,12 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
     if first not in names:
         raise ConfigError(f"{path}: GGUF file has no {first}: not a "
                           f"{_field(reader, 'general.architecture')}-architecture checkpoint")
-    block = [_gguf_name(n, cfg.gemma) for n in _layer_shapes(cfg)]
-    known = {f"blk.{i}.{n}" for i in range(cfg.n_layers) for n in block}
+    blocks = [list(_layer_shapes(cfg, i, gguf=True)) for i in range(cfg.n_layers)]
+    known = {f"blk.{i}.{n}" for i in range(cfg.n_layers) for n in blocks[i]}
     unused = [n for n in names if n.startswith("blk.") and n not in known and not n.endswith(_GGUF_IGNORED)]
     _refuse_unused(path, unused, _config_says(cfg))
     for i in range(cfg.n_layers):
-        lacking = [n for n in block if f"blk.{i}.{n}" not in names]
+        lacking = [n for n in blocks[i] if f"blk.{i}.{n}" not in names]
         if lacking:
             raise ConfigError(f"{path}: GGUF file lacks blk.{i}.{lacking[0]} "
                               f"(block_count says {cfg.n_layers} layers)")
@@ -696,13 +810,19 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if cfg.qk_norm:
             out[p + "attention.q_norm.weight"] = g("attn_q_norm")
             out[p + "attention.k_norm.weight"] = g("attn_k_norm")
-        if cfg.fused_checkpoint:        # Phi-3: q|k|v and gate|up as llama.cpp stores them, rows as Hugging Face's
+        if i in cfg.moe_layers:         # router [E, d], experts gate | up [E, 2I, d] and down [E, d, I]
+            out[p + "feed_forward.gate.weight"] = g("ffn_gate_inp")
+            out[p + "feed_forward.w13"] = torch.cat([torch.from_numpy(g("ffn_gate_exps")),
+                                                     torch.from_numpy(g("ffn_up_exps"))], dim=1)
+            out[p + "feed_forward.w2"] = g("ffn_down_exps")
+        elif cfg.fused_checkpoint:      # Phi-3: q|k|v and gate|up as llama.cpp stores them, rows as Hugging Face's
             out[p + "attention.wqkv.weight"] = g("attn_qkv")
             out[p + "feed_forward.w13.weight"] = g("ffn_up")
         else:
             out[p + "feed_forward.w13.weight"] = _cat(p + "ffn", [torch.from_numpy(g("ffn_gate")),
                                                                   torch.from_numpy(g("ffn_up"))])
-        out[p + "feed_forward.w2.weight"] = g("ffn_down")
+        if i not in cfg.moe_layers:
+            out[p + "feed_forward.w2.weight"] = g("ffn_down")
         out[p + "attention_norm.weight"] = g("attn_norm")
         out[p + "ffn_norm.weight"] = g("ffn_norm")
         if cfg.gemma:

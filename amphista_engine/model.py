@@ -1,4 +1,5 @@
-"""A compact Llama-family transformer (RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU).
+"""A compact Llama-family transformer (RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU or a mixture of SwiGLU
+experts).
 
 Every forward names its tokens' positions and, when a KV cache is given, writes their K/V to the slots
 right after each row's current cache length. Which earlier tokens a new token may see is given by
@@ -392,13 +393,109 @@ class FeedForward(nn.Module):
         return self.w2(ops.gelu_mul(self.w13(x)) if self.gelu else ops.silu_mul(self.w13(x)))
 
 
+# Up to this many tokens per sequence in a forward (decode steps, tree verification: at most 64 nodes), an MoE
+# layer gathers each token's chosen experts; longer forwards (prefills) run every expert over the tokens.
+MOE_GATHER_ROWS = 64
+# The dense path's chunk of tokens is sized so its [E, chunk, 2I] intermediate stays under this many elements
+MOE_DENSE_ELEMENTS = 1 << 26
+
+
+class Router(nn.Module):
+    """An MoE layer's router, [n_experts, d]. Not an nn.Linear on purpose: 4-bit quantization (cpu_quant), oneDNN
+    packing and CUDA routing adapt nn.Linear layers, and the router must stay in the model's float dtype: a rounding
+    there moves which experts a token takes, not just its value."""
+
+    def __init__(self, n_experts: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+
+
+class MoEFeedForward(nn.Module):
+    """A sparse mixture-of-experts MLP (Qwen3-MoE's Qwen3MoeSparseMoeBlock, Mixtral's MixtralSparseMoeBlock).
+
+    Routing as transformers': router logits in the model's dtype, softmax in fp32, top-k (torch.topk, so ties
+    break alike), renormalised to sum 1 where cfg.norm_topk_prob, the weights rounded to the model's dtype before
+    weighting (Qwen3-MoE) or kept fp32 with the product rounded after (Mixtral: moe_weights_fp32).
+
+    Experts as 3-D parameters (transformers 5's layout): w13 [E, 2I, d] (gate | up), w2 [E, d, I]. One
+    implementation with static shapes, no host sync and no Python loop over experts (CUDA graphs capture decode
+    steps as they are):
+    - forwards of up to MOE_GATHER_ROWS tokens a sequence (every decode and tree step): each token's k experts'
+      weights are gathered (w13[idx]) and run as N*k one-row batched products, at most E (token, expert) pairs at a
+      time, so that the gathered copy never exceeds the layer's own experts (Mixtral-8x7B's expert is 350 MB in
+      bf16). A plain step reads the experts its token chose, not all E, and each (token, expert) product is a
+      one-row product of the same shapes however many the step holds and however they are chunked, so a tree
+      node's output equals a plain step's bit for bit (speculative == plain greedy). A wide tree pays for that:
+      its pairs re-read experts chunk by chunk (a grouped-GEMM kernel would not; none here yet).
+    - longer forwards (prefills): every expert over every token, [E, N, 2I] in one batched product (in chunks of
+      tokens), then each token's k outputs picked out. E/k times the expert FLOPs, but no per-token weight copies
+      (k x 350 MB a token on Mixtral-8x7B's shapes) and static shapes; prefill is shared by plain and speculative
+      decoding, so its bits need not equal a decode step's.
+    Both combine the k outputs alike, in top-k order, each rounded to the model's dtype first (as transformers'
+    index_add_ in the model's dtype). Float only: the 4-bit CPU path keeps experts and router in float (see
+    cpu_quant.quantize_linears), and the C++ layer stack and the fused decode layers decline MoE layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, d, inter = cfg.n_experts, cfg.dim, cfg.moe_intermediate_size
+        self.n_experts, self.top_k, self.norm_topk = E, cfg.experts_per_token, cfg.norm_topk_prob
+        self.weights_fp32 = cfg.moe_weights_fp32
+        self.gate = Router(E, d)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * inter, d))
+        self.w2 = nn.Parameter(torch.empty(E, d, inter))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (weights [N, k] (fp32 for Mixtral, else x's dtype), expert ids [N, k] long)."""
+        logits = F.linear(x, self.gate.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return (w if self.weights_fp32 else w.to(x.dtype)), idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        T = shape[1] if x.dim() == 3 else shape[0]
+        flat = x.reshape(-1, shape[-1])
+        w, idx = self.route(flat)
+        y = self._gathered(flat, idx) if T <= MOE_GATHER_ROWS else self._dense(flat, idx)      # [N, k, d]
+        out = (y * w[..., None]).to(x.dtype)
+        return out.sum(dim=1).reshape(shape)
+
+    def _gathered(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        N, k = idx.shape
+        e = idx.reshape(-1)
+        xk = x.repeat_interleave(k, dim=0)[:, None, :]                               # [N k, 1, d]
+        parts = []
+        for s in range(0, N * k, self.n_experts):       # at most E gathered experts at once
+            es = e[s:s + self.n_experts]
+            h = ops.silu_mul(torch.bmm(xk[s:s + self.n_experts], self.w13[es].transpose(1, 2)))   # [n, 1, I]
+            parts.append(torch.bmm(h, self.w2[es].transpose(1, 2)))                               # [n, 1, d]
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]).view(N, k, -1)
+
+    def _dense(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        N, k = idx.shape
+        E, two_i = self.w13.shape[:2]
+        chunk = max(1, MOE_DENSE_ELEMENTS // (E * two_i))
+        parts = []
+        for s in range(0, N, chunk):
+            xs, ids = x[s:s + chunk], idx[s:s + chunk]
+            h = ops.silu_mul(torch.matmul(xs[None], self.w13.transpose(1, 2)))       # [E, n, I]
+            y = torch.matmul(h, self.w2.transpose(1, 2))                              # [E, n, d]
+            rows = torch.arange(xs.shape[0], device=x.device)[:, None].expand_as(ids)
+            parts.append(y[ids, rows])                                                # [n, k, d]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        # Qwen3-MoE and Mixtral: a sparse mixture of experts where the config says (the other layers: dense)
+        self.moe = layer_idx in cfg.moe_layers
+        self.feed_forward = MoEFeedForward(cfg) if self.moe else FeedForward(cfg)
         if cfg.gemma:     # Gemma 3's sandwich: (1 + w) norms before and after attention and the MLP
             self.attention_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
             self.post_attention_norm = GemmaRMSNorm(cfg.dim, cfg.norm_eps)
@@ -508,7 +605,8 @@ class Transformer(nn.Module):
         whose reference ops autograd knows."""
         return (self.fuse_decode_layers and self.routed() and x.shape[0] * x.shape[1] <= routed_linear.MAX_ROWS
                 and not (self.config.qkv_bias or self.config.o_bias)      # the fused GEMVs take no bias
-                and not self.config.gemma)                               # nor Gemma's post-norms and GELU
+                and not self.config.gemma                                # nor Gemma's post-norms and GELU
+                and not self.config.moe_layers)                          # nor MoE layers (MoEFeedForward)
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:

@@ -3,7 +3,8 @@
 Step latency depends on the shapes, not the values, so random weights of the right shape time a 7B/13B/33B
 target without downloading it. Shapes follow the checkpoints the Medusa and Amphista papers evaluate
 (Vicuna v1.3 = LLaMA-1 7B/13B/33B), the model we ship (SmolLM2-135M-Instruct), Qwen2.5 / Qwen3 (q/k/v biases,
-per-head q/k norms, GQA groups of 7 and 4), SmolLM3 (every 4th layer without RoPE) and Gemma 3 (sliding layers).
+per-head q/k norms, GQA groups of 7 and 4), SmolLM3 (every 4th layer without RoPE), Gemma 3 (sliding layers) and the
+mixture-of-experts Qwen3-30B-A3B and Mixtral-8x7B (too large for a CPU run without --allow-large).
 """
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ SHAPES: dict[str, dict] = {
                       tie_word_embeddings=True, qk_norm=True, gemma=True, query_pre_attn_scalar=256,
                       sliding_window=512, sliding_layers=tuple(i for i in range(26) if (i + 1) % 6),
                       rope_local_theta=10000.0),
+    # Mixture of experts (model.MoEFeedForward): Qwen3-30B-A3B, 128 experts of 768, 8 a token (3.3B active of
+    # 30.5B), q/k norms; Mixtral-8x7B, 8 experts of 14336, 2 a token (12.9B active of 46.7B), fp32 routing weights
+    "qwen3-30b-a3b": dict(vocab_size=151936, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+                          intermediate_size=6144, norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                          qk_norm=True, n_experts=128, experts_per_token=8, moe_intermediate_size=768,
+                          moe_layers=tuple(range(48)), norm_topk_prob=True),
+    "mixtral-8x7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                         norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768, n_experts=8,
+                         experts_per_token=2, moe_intermediate_size=14336, moe_layers=tuple(range(32)),
+                         norm_topk_prob=True, moe_weights_fp32=True),
     # Not a real model: a few-MB shape so smoke tests and CI can exercise the random-weights path.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                  max_position_embeddings=4096),
@@ -68,8 +79,10 @@ def param_count(cfg: ModelConfig) -> int:
     d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_layer = (d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size + 2 * d + cfg.qkv_bias * (q + 2 * kv)
                  + cfg.o_bias * d + cfg.qk_norm * 2 * cfg.head_dim + cfg.gemma * 2 * d)
+    # an MoE layer: a router and n_experts SwiGLU experts in place of the dense MLP
+    moe = cfg.n_experts * (d + 3 * d * cfg.moe_intermediate_size) - 3 * d * cfg.intermediate_size
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
-    return cfg.n_layers * per_layer + cfg.vocab_size * d + head + d
+    return cfg.n_layers * per_layer + len(cfg.moe_layers) * moe + cfg.vocab_size * d + head + d
 
 
 def check_fits(cfg: ModelConfig, device, dtype: torch.dtype, allow_large: bool, what: str):

@@ -343,8 +343,8 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
     has a bias). Gemma 3's (1 + w) norms go in as fp32 scales (_gemma_scale), kept alive with the table; Gemma only
     in fp32 (its norms round once, the stack's twice in bf16)."""
     gemma = getattr(cfg, "gemma", False)
-    if gemma and dtype != torch.float32:
-        return None
+    if (gemma and dtype != torch.float32) or getattr(cfg, "moe_layers", ()):
+        return None             # mixture-of-experts layers (model.MoEFeedForward): the Python layer loop runs them
     first, last = layers[0], layers[-1]
     key = (dtype, len(layers), id(first), id(getattr(first.attention.wqkv, "_packed_native", None)),
            id(getattr(last.feed_forward.w2, "_packed_native", None)), final_norm.weight.data_ptr())

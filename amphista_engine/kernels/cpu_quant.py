@@ -167,7 +167,9 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
 
     Returns the largest requantization error over the 4-bit layers, in units of a group's scale. With
     `only_stored_4bit` ("auto") it changes nothing and returns None unless every layer linear holds 4-bit groups
-    already (a GGUF Q4_0/Q4_1 file's), so that the codes are the file's."""
+    already (a GGUF Q4_0/Q4_1 file's), so that the codes are the file's. Mixture-of-experts layers' experts and
+    routers (model.MoEFeedForward's 3-D parameters and Router) are not nn.Linear layers: they stay in float, only
+    the attention, dense MLP and LM head linears run 4-bit."""
     from ..errors import ConfigError
     linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) and type(m) is not Int4Linear]
     for m in linears:
