@@ -269,6 +269,21 @@ _GGUF_OF_HF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                      "self_attn.k_norm": "attn_k_norm"}
 
 
+def prefill_then_decode(model, ids, T: int, max_len: int = 128):
+    """model's logits [len(ids), V] over a cache: ids[:T] as one prefill into an empty cache, then one decode step a
+    token, as the engine runs them (compare with a full forward's, or transformers')."""
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import AttentionSpec, causal_mask
+    cache = KVCache.for_model(model.config, 1, max_len, torch.float32, "cpu")
+    with torch.no_grad():
+        spec = AttentionSpec(torch.zeros(1, dtype=torch.long), causal_mask(T, "cpu"), T, empty_prefix=True)
+        out = [model(torch.tensor([ids[:T]]), torch.arange(T)[None], cache, spec)[0]]
+        for t in range(T, len(ids)):
+            spec = AttentionSpec(torch.tensor([t]), causal_mask(1, "cpu"), t + 1, decode=True)
+            out.append(model(torch.tensor([[ids[t]]]), torch.tensor([[t]]), cache, spec)[0])
+    return torch.cat(out), cache
+
+
 def add_gguf_bpe_vocab(wr, hf_dir: Path, vocab_size: int, pre: str = "default"):
     """The tiny checkpoint's byte-level BPE tokenizer.json (write_tokenizer's) as GGUF vocabulary metadata, padded to
     the model's vocab_size; BOS 1, EOS 2."""

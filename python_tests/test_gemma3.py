@@ -13,7 +13,7 @@ from amphista_engine.engine import Engine
 from amphista_engine.errors import ConfigError
 from amphista_engine.loading import load_model
 
-from conftest import add_gguf_bpe_vocab, write_tokenizer
+from conftest import add_gguf_bpe_vocab, prefill_then_decode, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,20 +100,11 @@ def test_cached_prefill_and_decode_past_the_window(windowed, exact, monkeypatch)
     fp32 decode steps on the CPU's ordered path (AMPHISTA_EXACT_GREEDY=1: cpu_exact's layout, windowed for the
     sliding layers), what bf16 decode steps always take."""
     monkeypatch.setenv("AMPHISTA_EXACT_GREEDY", "1" if exact else "0")
-    from amphista_engine.kv_cache import KVCache
-    from amphista_engine.model import AttentionSpec, causal_mask
     m = load_model(windowed, max_seq_len=128).model
     ids = IDS[:90]
     ref = hf_logits(windowed, ids)
-    cache = KVCache.for_model(m.config, 1, 128, torch.float32, "cpu")
-    with torch.no_grad():
-        T = 70
-        spec = AttentionSpec(torch.zeros(1, dtype=torch.long), causal_mask(T, "cpu"), T, empty_prefix=True)
-        out = [m(torch.tensor([ids[:T]]), torch.arange(T)[None], cache, spec)[0]]
-        for t in range(T, len(ids)):
-            spec = AttentionSpec(torch.tensor([t]), causal_mask(1, "cpu"), t + 1, decode=True)
-            out.append(m(torch.tensor([[ids[t]]]), torch.tensor([[t]]), cache, spec)[0])
-    assert rel_err(torch.cat(out), ref) < 1e-5
+    got, _ = prefill_then_decode(m, ids, 70)
+    assert rel_err(got, ref) < 1e-5
 
 
 def test_long_message_after_a_kept_prefix(windowed):
@@ -209,6 +200,20 @@ def test_speculative_equals_plain_past_the_window(windowed, dtype, quant):
         assert len(plain) == 40 and spec == plain
 
 
+def gguf_names(n_layers: int) -> dict:
+    """Hugging Face Gemma 3 tensor names -> llama.cpp's gemma3 GGUF names."""
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for i in range(n_layers):
+        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in (
+            ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm", "attn_q_norm"),
+            ("self_attn.k_norm", "attn_k_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "post_attention_norm"), ("pre_feedforward_layernorm", "ffn_norm"),
+            ("post_feedforward_layernorm", "post_ffw_norm"))})
+    return names
+
+
 def write_gemma3_gguf(hf_dir, out, cfg):
     """The tiny Gemma 3 as llama.cpp's converter writes a `gemma3` GGUF, as assumed here (convert_hf_to_gguf.py's
     Gemma3Model): tensor names attn_norm / post_attention_norm / ffn_norm (pre-feedforward) / post_ffw_norm,
@@ -236,16 +241,7 @@ def write_gemma3_gguf(hf_dir, out, cfg):
     wr.add_sliding_window(cfg["sliding_window"])
     wr.add_sliding_window_pattern(cfg["pattern"])
     add_gguf_bpe_vocab(wr, hf_dir, V, "default")
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    for i in range(cfg["num_hidden_layers"]):
-        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in (
-            ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm", "attn_q_norm"),
-            ("self_attn.k_norm", "attn_k_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"),
-            ("post_attention_layernorm", "post_attention_norm"), ("pre_feedforward_layernorm", "ffn_norm"),
-            ("post_feedforward_layernorm", "post_ffw_norm"))})
-    for hf_name, g in names.items():
+    for hf_name, g in gguf_names(cfg["num_hidden_layers"]).items():
         x = w[hf_name].astype(np.float32)
         _add_gguf_tensor(wr, g, x + 1 if g.endswith("norm.weight") else x, "F32")
     _close_gguf(wr)

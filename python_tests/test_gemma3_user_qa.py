@@ -196,6 +196,7 @@ def _write_gguf(hf_dir, out, qtype: str, turn_marker_type: int):
     import numpy as np
     from safetensors.numpy import load_file
     from conftest import _add_gguf_tensor, _close_gguf
+    from test_gemma3 import gguf_names
     w = load_file(str(hf_dir / "model.safetensors"))
     vocab = json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
@@ -225,16 +226,7 @@ def _write_gguf(hf_dir, out, qtype: str, turn_marker_type: int):
     wr.add_add_bos_token(True)
     wr.add_add_space_prefix(False)
     wr.add_chat_template(TEMPLATE)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    for i in range(7):
-        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in (
-            ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm", "attn_q_norm"),
-            ("self_attn.k_norm", "attn_k_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"),
-            ("post_attention_layernorm", "post_attention_norm"), ("pre_feedforward_layernorm", "ffn_norm"),
-            ("post_feedforward_layernorm", "post_ffw_norm"))})
-    for hf_name, g in names.items():
+    for hf_name, g in gguf_names(7).items():
         x = w[hf_name].astype(np.float32)
         _add_gguf_tensor(wr, g, x + 1 if g.endswith("norm.weight") else x, qtype)   # llama.cpp stores 1 + w
     _close_gguf(wr)

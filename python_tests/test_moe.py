@@ -15,7 +15,8 @@ from amphista_engine.engine import Engine
 from amphista_engine.errors import AmphistaError, ConfigError
 from amphista_engine.loading import load_model
 
-from conftest import _add_gguf_tensor, _close_gguf, _permute_rope_rows, add_gguf_bpe_vocab, write_tokenizer
+from conftest import (_add_gguf_tensor, _close_gguf, _permute_rope_rows, add_gguf_bpe_vocab, prefill_then_decode,
+                      write_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,20 +134,14 @@ def test_transformers5_fused_expert_layout_loads(dirs, family, tmp_path):
 def test_cached_prefill_decode_and_tree_match_transformers(dirs, family):
     """A 70-token prefill into the cache (the dense path), then token by token (gathered experts), then a tree
     step: each position's logits are transformers' full forward over the same tokens."""
-    from amphista_engine.kv_cache import KVCache
-    from amphista_engine.model import AttentionSpec, causal_mask
+    from amphista_engine.model import AttentionSpec
     d = dirs[family]
     m = load_model(d, max_seq_len=128).model
     ids, T = IDS[:80], 70
     ref = hf_logits(d, ids)
-    cache = KVCache.for_model(m.config, 1, 128, torch.float32, "cpu")
+    got, cache = prefill_then_decode(m, ids, T)
+    assert rel_err(got, ref) < 1e-5
     with torch.no_grad():
-        spec = AttentionSpec(torch.zeros(1, dtype=torch.long), causal_mask(T, "cpu"), T, empty_prefix=True)
-        out = [m(torch.tensor([ids[:T]]), torch.arange(T)[None], cache, spec)[0]]
-        for t in range(T, len(ids)):
-            spec = AttentionSpec(torch.tensor([t]), causal_mask(1, "cpu"), t + 1, decode=True)
-            out.append(m(torch.tensor([[ids[t]]]), torch.tensor([[t]]), cache, spec)[0])
-        assert rel_err(torch.cat(out), ref) < 1e-5
         # a tree after the 80 tokens: node (token, parent)
         nodes = [(42, -1), (7, 0), (99, 0), (5, 1)]
         anc = torch.zeros(4, 4, dtype=torch.bool)
