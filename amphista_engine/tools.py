@@ -1,10 +1,11 @@
 """Tool calling (OpenAI's `tools` / `tool_choice`) for Hermes-style models, as vLLM's `hermes` parser serves them,
-and Llama 3.1/3.2/3.3's JSON calls, as its `llama3_json` parser does (the format is read off the chat template:
-tool_call_format).
+Llama 3.1/3.2/3.3's JSON calls, as its `llama3_json` parser does, and Mistral's `[TOOL_CALLS] [...]` (its
+`mistral` parser); the format is read off the chat template (tool_call_format).
 
 A Hermes model answers a call with `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks (Qwen2.5,
 Qwen3, SmolLM3, Hermes 2/3); a Llama 3 model with its whole answer `{"name": ..., "parameters": {...}}` (after an
-optional `<|python_tag|>`; several calls separated by ";"). Here: the checks of `tools` and `tool_choice`; the messages a template reads (an
+optional `<|python_tag|>`; several calls separated by ";"); a Mistral model with `[TOOL_CALLS] [{"name": ...,
+"arguments": {...}}, ...]`. Here: the checks of `tools` and `tool_choice`; the messages a template reads (an
 assistant turn's `tool_calls[].function.arguments` as dicts, `tool` results passed through, or, for a template that
 never mentions tools, the tools in the system message and the calls and results written out as Hermes text, so any
 model can be offered tools); the grammar (a response_format of type "grammar") that holds the answer to calls of
@@ -29,7 +30,10 @@ __all__ = ["ToolCallFilter", "ToolError", "ToolPlan", "TOOL_CALL_START", "genera
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"          # what Llama 3.1's template writes before a tool call
-FORMATS = ("hermes", "llama3_json")
+MISTRAL_CALLS = "[TOOL_CALLS]"          # Mistral's control token before its JSON array of calls
+FORMATS = ("hermes", "llama3_json", "mistral")
+# Formats whose whole answer is the calls, or is content (decided by its first characters)
+_WHOLE = {"llama3_json": ("{", PYTHON_TAG), "mistral": ("[", MISTRAL_CALLS)}
 CHOICES = ("none", "auto", "required")
 # OpenAI's rule for a function's name
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -168,6 +172,10 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
     if fmt == "llama3_json":                     # the answer is the calls (vLLM's llama3_json splits them at ";")
         start = 'start: call ("; " call)*' if several else "start: call"
         wrapper = []
+    elif fmt == "mistral":                      # as Mistral's template writes them: the token, then a JSON array
+        start = f'start: "{MISTRAL_CALLS} [" call (", " call)* "]"' if several else \
+            f'start: "{MISTRAL_CALLS} [" call "]"'
+        wrapper = []
     else:
         start = 'start: tool_call ("\\n" tool_call)*' if several else "start: tool_call"
         wrapper = [f'tool_call: "{TOOL_CALL_START}\\n" call "\\n{TOOL_CALL_END}"']
@@ -199,15 +207,18 @@ def plan_tools(tools, tool_choice, parallel_tool_calls=None, fmt: str = "hermes"
 # ---- messages --------------------------------------------------------------------------------------------------
 
 def tool_call_format(tokenizer, template: str | None = None) -> str:
-    """How the chat template has the model write calls: "llama3_json" where it reads tools and writes calls as
-    `{"name": ..., "parameters": ...}` with Llama 3's tool roles (ipython, <|python_tag|>); else "hermes" (Hermes
-    templates, and templates without tools, which get the Hermes instructions: prepare_messages)."""
+    """How the chat template has the model write calls: "mistral" where it writes [TOOL_CALLS]; "llama3_json" where
+    it reads tools and writes calls as `{"name": ..., "parameters": ...}` with Llama 3's tool roles (ipython,
+    <|python_tag|>); else "hermes" (Hermes templates, and templates without tools, which get the Hermes instructions:
+    prepare_messages)."""
     from .chat import resolve_template
     return _format_of(resolve_template(tokenizer, template)[1])
 
 
 @lru_cache(maxsize=16)
 def _format_of(source: str) -> str:
+    if MISTRAL_CALLS in source and TOOL_CALL_START not in source:
+        return "mistral"
     if _reads_tools(source) and TOOL_CALL_START not in source and '"parameters"' in source \
             and ("ipython" in source or PYTHON_TAG in source):
         return "llama3_json"
@@ -367,6 +378,22 @@ def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
     return None, calls
 
 
+def _parse_mistral(text: str) -> tuple[str | None, list[dict]]:
+    """Mistral's calls: the whole answer a JSON array of {"name", "arguments"} after [TOOL_CALLS] (a control token:
+    the answer's text may have left it out), as vLLM's mistral parser reads them; anything else is content."""
+    body = text.strip()
+    if body.startswith(MISTRAL_CALLS):
+        body = body[len(MISTRAL_CALLS):].strip()
+    if not body.startswith("["):
+        return text, []
+    try:
+        listed = json.loads(body)
+    except ValueError:
+        return text, []
+    calls = [_call_of(c) for c in listed] if isinstance(listed, list) and listed else [None]
+    return (text, []) if any(c is None for c in calls) else (None, calls)
+
+
 def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str | None, list[dict]]:
     """(content, calls) of an answer. Hermes (the default): each `<tool_call>{"name": ..., "arguments": {...}}
     </tool_call>` block (whitespace around the JSON allowed; an unclosed last block too) whose JSON parses is a call
@@ -375,6 +402,8 @@ def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str | None, list[d
     it is content. No calls: (text, [])."""
     if fmt == "llama3_json":
         return _parse_llama3(text)
+    if fmt == "mistral":
+        return _parse_mistral(text)
     calls, parts, pos = [], [], 0
     for m in _BLOCK.finditer(text):
         call = _call(m.group(1) if m.group(1) is not None else m.group(2))
@@ -394,9 +423,19 @@ def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str | None, list[d
     return (content if content.strip() else None), calls
 
 
-def openai_tool_calls(calls: list[dict]) -> list[dict]:
-    """Parsed calls in OpenAI's reply format, each with a fresh id and its arguments as a JSON string."""
-    return [{"id": "call_" + secrets.token_hex(12), "type": "function",
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def _call_id(fmt: str) -> str:
+    if fmt == "mistral":   # Mistral's template refuses a later turn's call ids of other than 9 letters and digits
+        return "".join(secrets.choice(_ALNUM) for _ in range(9))
+    return "call_" + secrets.token_hex(12)
+
+
+def openai_tool_calls(calls: list[dict], fmt: str = "hermes") -> list[dict]:
+    """Parsed calls in OpenAI's reply format, each with a fresh id (9 letters and digits for Mistral, as its
+    template wants them back) and its arguments as a JSON string."""
+    return [{"id": _call_id(fmt), "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in calls]
 
@@ -412,20 +451,21 @@ class ToolCallFilter:
         self.text = ""          # all the text fed
         self.sent = 0           # how much of it went out
         self.holding = False    # a <tool_call> started: nothing more goes out before the end
-        self.free = False       # llama3_json: the answer began with something else than a call: all of it is content
+        self.free = False       # llama3_json, mistral: the answer began with other than a call: all of it content
 
     def feed(self, delta: str) -> str:
         self.text += delta
         if self.holding:
             return ""
-        if self.fmt == "llama3_json":
-            # a Llama 3 answer is calls from its first character ("{", or <|python_tag|>) or none: held back until the
-            # first non-space characters say which
+        if self.fmt in _WHOLE:
+            # a Llama 3 or Mistral answer is calls from its first character ("{" or <|python_tag|>, "[" or
+            # [TOOL_CALLS]) or none: held back until the first non-space characters say which
             if not self.free:
                 head = self.text.lstrip()
-                if not head or PYTHON_TAG.startswith(head) and head != PYTHON_TAG:
+                opener, tag = _WHOLE[self.fmt]
+                if not head or tag.startswith(head) and head != tag:
                     return ""
-                if head.startswith("{") or head.startswith(PYTHON_TAG):
+                if head.startswith(opener) or head.startswith(tag):
                     self.holding = True
                     return ""
                 self.free = True

@@ -1125,7 +1125,7 @@ class _Handler(BaseHTTPRequestHandler):
                         content, calls = plan.read(r.text)
                         if calls:
                             message = {"role": "assistant", "content": content,
-                                       "tool_calls": openai_tool_calls(calls)}
+                                       "tool_calls": openai_tool_calls(calls, plan.fmt)}
                             finish = "tool_calls"
                     choices.append({"index": i * one.n + c, "message": message,
                                     "logprobs": app.logprobs(r), "finish_reason": finish})
@@ -1228,7 +1228,7 @@ class _Handler(BaseHTTPRequestHandler):
                             rest, calls = filters[c].finish(result.text)
                             if rest:
                                 self._event(chunk(c, rest))
-                            for k, call in enumerate(openai_tool_calls(calls)):
+                            for k, call in enumerate(openai_tool_calls(calls, plan.fmt)):
                                 self._event(chunk(c, tool_calls=[{"index": k, **call}]))
                             if calls:
                                 finish = "tool_calls"
