@@ -432,8 +432,16 @@ class MoEFeedForward(nn.Module):
       (k x 350 MB a token on Mixtral-8x7B's shapes) and static shapes; prefill is shared by plain and speculative
       decoding, so its bits need not equal a decode step's.
     Both combine the k outputs alike, in top-k order, each rounded to the model's dtype first (as transformers'
-    index_add_ in the model's dtype). Float only: the 4-bit CPU path keeps experts and router in float (see
-    cpu_quant.quantize_linears), and the C++ layer stack and the fused decode layers decline MoE layers."""
+    index_add_ in the model's dtype). The C++ layer stack and the fused decode layers decline MoE layers.
+
+    4-bit on the CPU (quant 'q4', cpu_quant.quantize_linears): each expert's w13 and w2 become an Int4Linear of
+    their own (`experts_q4`, the dense linears' packed codes and ops.quant_linear products, int8 activations) and
+    the float stacks are freed (w13/w2 left as empty tensors); the router stays float. Forwards then group the
+    (token, expert) pairs by expert on the host (no CUDA graphs on the CPU) and run each expert once over its rows
+    (_packed_experts). The 4-bit kernels give a row the same bits whatever the row count, so this is the same bits
+    as one-row products per pair: a tree node's output still equals a plain step's (speculative == plain greedy)."""
+
+    experts_q4 = None     # [(w13, w2) Int4Linear per expert] once 4-bit (cpu_quant.quantize_experts)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -446,7 +454,10 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> (weights [N, k] (fp32 for Mixtral, else x's dtype), expert ids [N, k] long)."""
-        logits = F.linear(x, self.gate.weight)
+        if self.experts_q4 is None:
+            logits = F.linear(x, self.gate.weight)
+        else:       # 4-bit CPU path: one 1-row product per token, so a token's routing bits ignore the row count
+            logits = torch.bmm(x[:, None, :], self.gate.weight.t().expand(x.shape[0], -1, -1))[:, 0]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
@@ -458,9 +469,34 @@ class MoEFeedForward(nn.Module):
         T = shape[1] if x.dim() == 3 else shape[0]
         flat = x.reshape(-1, shape[-1])
         w, idx = self.route(flat)
-        y = self._gathered(flat, idx) if T <= MOE_GATHER_ROWS else self._dense(flat, idx)      # [N, k, d]
+        if self.experts_q4 is not None:
+            y = self._packed_experts(flat, idx)
+        else:
+            y = self._gathered(flat, idx) if T <= MOE_GATHER_ROWS else self._dense(flat, idx)  # [N, k, d]
         out = (y * w[..., None]).to(x.dtype)
         return out.sum(dim=1).reshape(shape)
+
+    def use_packed_experts(self, experts) -> None:
+        """Runs the experts as the given 4-bit layers from now on and frees the float stacks (left as empty
+        parameters of the same dtype, so dtype/device look-ups over the model's parameters still work)."""
+        self.experts_q4 = list(experts)
+        self.w13 = nn.Parameter(self.w13.new_empty(0), requires_grad=False)
+        self.w2 = nn.Parameter(self.w2.new_empty(0), requires_grad=False)
+
+    def _packed_experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """4-bit experts: the (token, expert) pairs sorted by expert, each chosen expert run once over its rows."""
+        N, k = idx.shape
+        e = idx.reshape(-1)
+        order = torch.argsort(e, stable=True)
+        xs = x[order // k]                                          # the pairs' tokens, grouped by expert
+        y = x.new_empty(N * k, x.shape[-1])
+        experts, counts = torch.unique_consecutive(e[order], return_counts=True)
+        s = 0
+        for ex, c in zip(experts.tolist(), counts.tolist()):
+            w13, w2 = self.experts_q4[ex]
+            y[order[s:s + c]] = ops.quant_linear(ops.silu_mul(ops.quant_linear(xs[s:s + c], w13)), w2)
+            s += c
+        return y.view(N, k, -1)
 
     def _gathered(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         N, k = idx.shape

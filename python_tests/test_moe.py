@@ -1,7 +1,7 @@
 """Mixture-of-experts targets: Qwen3-MoE (Qwen3MoeForCausalLM, llama.cpp `qwen3moe` GGUF files) and Mixtral
 (MixtralForCausalLM, `llama` GGUF files with llama.expert_count). Logits (prefill on both MoE paths, cached decode
 and a tree step) and greedy answers equal transformers' on the same random weights; GGUF files load as their
-checkpoint; speculative answers equal plain ones (fp32, bf16, 4-bit linears with float experts); other MoE
+checkpoint; speculative answers equal plain ones (fp32, bf16, 4-bit linears and experts); other MoE
 families are refused by name."""
 from __future__ import annotations
 
@@ -171,8 +171,8 @@ def test_engine_greedy_equals_transformers_generate(dirs, family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("dtype,quant", [("fp32", "none"), ("bf16", "none"), ("fp32", "q4")])
 def test_speculative_equals_plain(dirs, family, dtype, quant):
-    """Random Amphista heads: greedy speculative answers are the plain ones. q4: the attention linears and the LM
-    head run 4-bit, the routers and experts stay float (cpu_quant.quantize_linears), the C++ layer stack declines."""
+    """Random Amphista heads: greedy speculative answers are the plain ones. q4: the attention linears, experts and
+    LM head run 4-bit, the routers stay float (cpu_quant.quantize_linears), the C++ layer stack declines."""
     from amphista_engine.heads import random_heads
     from amphista_engine.kernels import cpu_ops
     from amphista_engine.kernels.cpu_quant import on_codes
@@ -181,7 +181,7 @@ def test_speculative_equals_plain(dirs, family, dtype, quant):
     if quant == "q4":
         layer = eng.model.layers[0]
         assert on_codes(layer.attention.wqkv) and not on_codes(layer.feed_forward.gate)
-        assert layer.feed_forward.w13.dtype == torch.float32
+        assert on_codes(layer.feed_forward.experts_q4[0][0]) and layer.feed_forward.w13.numel() == 0
         assert not cpu_ops.stack_runs(eng.model.layers, eng.model.norm, eng.config, torch.float32, eng.model)
     eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
     for prompt in (IDS[:5], IDS[:30]):
@@ -193,7 +193,7 @@ def test_speculative_equals_plain(dirs, family, dtype, quant):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_q4_equals_its_float_path_within_int8_rounding(dirs, family):
-    """4-bit attention, dense MLP and LM head, float routers and experts. With the float model's linears put on the
+    """4-bit attention, dense MLP, experts and LM head, float routers. With the float model's linears put on the
     4-bit grid first (so that quantizing loses nothing), the 4-bit model differs only by its int8-rounded
     activations (~2e-2 on these random weights; unrounded Gaussian weights move it ~0.3, dense models alike)."""
     import copy
@@ -207,14 +207,22 @@ def test_q4_equals_its_float_path_within_int8_rounding(dirs, family):
                 N, K = m.weight.shape
                 grid = (codes.float() - 8).reshape(N, K // 32, 32) * scale[..., None] + zero[..., None]
                 m.weight.copy_(grid.reshape(N, K))
+        for b in f.layers:          # the experts run 4-bit too (cpu_quant.quantize_experts): on the grid as well
+            if b.moe:
+                for w in (b.feed_forward.w13, b.feed_forward.w2):
+                    for e in range(w.shape[0]):
+                        codes, scale, zero, _ = cpu_quant._requantize(w[e])
+                        N, K = w[e].shape
+                        w[e].copy_(((codes.float() - 8).reshape(N, K // 32, 32) * scale[..., None]
+                                    + zero[..., None]).reshape(N, K))
         codes, scale = cpu_quant._int8_rows(f.output.weight)
         f.output.weight.copy_(codes.float() * scale[:, None])
     q = LinearSetup.for_device("cpu", torch.float32, "q4").apply(copy.deepcopy(f))
     assert q.rounds_linear_inputs
     for a, b in zip(f.layers, q.layers):
         assert cpu_quant.on_codes(b.attention.wqkv)
-        if a.moe:
-            assert torch.equal(a.feed_forward.w13, b.feed_forward.w13)
+        if a.moe:       # 4-bit experts, float stacks freed; the router stays float
+            assert b.feed_forward.experts_q4 is not None and b.feed_forward.w13.numel() == 0
             assert torch.equal(a.feed_forward.gate.weight, b.feed_forward.gate.weight)
     ids = torch.tensor([IDS[:40]])
     with torch.no_grad():

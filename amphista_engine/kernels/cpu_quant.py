@@ -127,11 +127,22 @@ class Int4Linear(_CodesLinear):
     """4-bit codes in groups of 32 along the input, a scale and a zero point each."""
 
     def _quantize(self):
-        q, scale, zero, err = _requantize(self.weight)
+        return self._quantize_from(self.weight)
+
+    def _quantize_from(self, w: torch.Tensor) -> float:
+        q, scale, zero, err = _requantize(w)
         z = zero - 8 * scale            # w = code * s + z (the cpu kernel's form; torch's is (code - 8) * s + zero)
         self._packed_native = cpu_ops.pack_int4(q, scale, z)
         self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(q, scale, z)
         return float(err.max())
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> tuple["Int4Linear", float]:
+        """A 4-bit layer holding only w's codes (its float weight a meta tensor: no memory): an MoE expert's
+        matrix, whose float stack the caller frees. Returns (layer, requantization error)."""
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
+        layer.__class__ = cls
+        return layer, layer._quantize_from(w)
 
     @staticmethod
     def _pack_for_torch(q, s, z):
@@ -167,19 +178,22 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
 
     Returns the largest requantization error over the 4-bit layers, in units of a group's scale. With
     `only_stored_4bit` ("auto") it changes nothing and returns None unless every layer linear holds 4-bit groups
-    already (a GGUF Q4_0/Q4_1 file's), so that the codes are the file's. Mixture-of-experts layers' experts and
-    routers (model.MoEFeedForward's 3-D parameters and Router) are not nn.Linear layers: they stay in float, only
-    the attention, dense MLP and LM head linears run 4-bit."""
+    already (a GGUF Q4_0/Q4_1 file's), so that the codes are the file's. Mixture-of-experts layers
+    (model.MoEFeedForward): each expert's w13 and w2 become an Int4Linear of their own (quantize_experts) and the
+    float expert stacks are freed; the routers stay float (a rounding there moves which experts a token takes)."""
     from ..errors import ConfigError
     linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) and type(m) is not Int4Linear]
-    for m in linears:
+    moes = [m for m in model.layers.modules() if hasattr(m, "experts_q4") and m.experts_q4 is None]
+    expert = " (an MoE layer's expert matrix: moe_intermediate_size and dim)"
+    shapes = [(m.weight.shape, "") for m in linears] + [(w.shape[1:], expert) for m in moes for w in (m.w13, m.w2)]
+    for shape, what in shapes:
         # torch's int4 product (the reference and the fp16 fallback) packs output rows by 16
-        if m.weight.dim() != 2 or m.weight.shape[1] % GROUP or m.weight.shape[0] % 16:
+        if len(shape) != 2 or shape[1] % GROUP or shape[0] % 16:
             if only_stored_4bit:
                 return None
             raise ConfigError(f"4-bit weights need input sizes that are multiples of {GROUP} and output sizes "
-                              f"that are multiples of 16; a linear of shape {tuple(m.weight.shape)} is not: load "
-                              f"it with quant='none' (--quant none), or 'auto' to fall back to floats by itself")
+                              f"that are multiples of 16; a linear of shape {tuple(shape)} is not: load it with "
+                              f"quant='none' (--quant none), or 'auto' to fall back to floats by itself{what}")
     quantized, worst = [], 0.0
     for m in linears:
         old_class = m.__class__
@@ -193,11 +207,41 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
                 q.__dict__.pop("_torch_packed", None)
             return None
         worst = max(worst, err)
+    packed = []
+    for moe in moes:
+        experts, err = quantize_experts(moe)
+        if only_stored_4bit and err > STORED_TOL.get(moe.w13.dtype, EXACT_TOL):      # not stored 4-bit: undo
+            for q, cls in quantized:
+                q.__class__ = cls
+                q.__dict__.pop("_packed_native", None)
+                q.__dict__.pop("_torch_packed", None)
+            return None
+        worst = max(worst, err)
+        packed.append((moe, experts))
+        if not only_stored_4bit:        # nothing left to undo: free this layer's float experts now (peak memory)
+            moe.use_packed_experts(experts)
+    for moe, experts in packed:
+        if moe.experts_q4 is None:
+            moe.use_packed_experts(experts)
     if type(model.output) is not Int8Linear:
         model.output.__class__ = Int8Linear
         model.output._quantize()
     model.rounds_linear_inputs = True
     return worst
+
+
+def quantize_experts(moe) -> tuple[list[tuple[Int4Linear, Int4Linear]], float]:
+    """An MoE layer's experts (w13 [E, 2I, d], w2 [E, d, I]) -> per expert (w13, w2) as Int4Linear layers holding
+    only their codes (the dense linears' packed layout and ops.quant_linear products), and the largest
+    requantization error. The caller hands them to moe.use_packed_experts, which frees the float stacks."""
+    experts, worst = [], 0.0
+    with torch.no_grad():
+        for e in range(moe.w13.shape[0]):
+            a, ea = Int4Linear.from_weight(moe.w13[e])
+            b, eb = Int4Linear.from_weight(moe.w2[e])
+            experts.append((a, b))
+            worst = max(worst, ea, eb)
+    return experts, worst
 
 
 def _int8_rows(w: torch.Tensor):
