@@ -406,7 +406,7 @@ def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str | None, list[d
         return _parse_mistral(text)
     calls, parts, pos = [], [], 0
     for m in _BLOCK.finditer(text):
-        call = _call(m.group(1) if m.group(1) is not None else m.group(2))
+        call = _call(m.group(1) if m.group(1) is not None else _unclosed(m.group(2)))
         if call is None:
             continue
         between = text[pos:m.start()]
@@ -421,6 +421,13 @@ def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str | None, list[d
         parts.append(text[pos:])
     content = "".join(parts)
     return (content if content.strip() else None), calls
+
+
+def _unclosed(body: str) -> str:
+    """An unclosed last block's body less a partial </tool_call> it ends with (an answer cut by max_tokens inside
+    the closing tag): its call parsed as where the cut fell just before the tag, not kept as content."""
+    k = next((k for k in range(len(TOOL_CALL_END) - 1, 0, -1) if body.endswith(TOOL_CALL_END[:k])), 0)
+    return body[:len(body) - k]
 
 
 _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"

@@ -67,6 +67,18 @@ def test_flags_win_and_none_keeps_greedy(tmp_path, capsys):
     assert sampling_defaults(args) == {} and args.temperature == 0.0
 
 
+def test_a_speculative_server_leaves_the_files_penalty_out(tmp_path, capsys):
+    """--speculative amphista on a model whose generation_config sets a repetition_penalty (Qwen2.5's 1.05): the
+    penalty takes plain decoding only, so taken as a default it refused the server's start for a flag nobody typed;
+    it is left out and named, the file's other sampling taken."""
+    d = _dir(tmp_path, {"do_sample": True, "temperature": 0.7, "repetition_penalty": 1.05})
+    args = build_parser().parse_args(["serve", "--model", str(d), "--speculative", "amphista"])
+    assert sampling_defaults(args) == {"temperature": 0.7} and args.repetition_penalty == 1.0
+    assert "repetition_penalty 1.05 is not applied" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve", "--model", str(d)])          # auto: taken (requests decode plainly)
+    assert sampling_defaults(args)["repetition_penalty"] == 1.05 and args.repetition_penalty == 1.05
+
+
 def test_the_server_samples_as_the_model_asks(tiny_hf_dir, tmp_path):
     """A server over a model whose generation_config samples answers a request without a temperature by sampling
     (seeded requests with other seeds differ), where --generation-config none answers greedily (seeds change

@@ -26,9 +26,13 @@ BUILTIN_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=
 def sampling_defaults(args) -> dict:
     """Fills args' sampling flags left unset: from the model's generation_config.json under --generation-config auto
     (vLLM's default: the sampling its authors recommend, e.g. Qwen3's temperature 0.6, top_p 0.95, top_k 20), else
-    the built-in greedy ones. Returns what was taken from the file (named on stderr)."""
+    the built-in greedy ones. Returns what was taken from the file (named on stderr). Its repetition_penalty is left
+    out where the server speculates by name (--speculative amphista / medusa): the penalty takes plain decoding
+    only, so taken it refused the server's start (or each request), for a flag nobody typed."""
     from ..loading import generation_defaults
     gen, file = generation_defaults(args.model) if args.generation_config == "auto" else ({}, None)
+    speculates = getattr(args, "speculative", "none") in ("amphista", "medusa")
+    skipped = gen.pop("repetition_penalty") if speculates and "repetition_penalty" in gen else None
     taken = {}
     for key, builtin in BUILTIN_SAMPLING.items():
         if getattr(args, key) is None:
@@ -43,6 +47,9 @@ def sampling_defaults(args) -> dict:
             print(f"note: its repetition_penalty {taken['repetition_penalty']} is supported with plain decoding "
                   f"only, so requests that leave it out decode plainly; --repetition-penalty 1 keeps them "
                   f"speculative", file=sys.stderr, flush=True)
+    if skipped is not None and args.repetition_penalty == BUILTIN_SAMPLING["repetition_penalty"]:
+        print(f"note: {file}'s repetition_penalty {skipped} is not applied: --speculative {args.speculative} takes "
+              f"no penalty (a request that sends one decodes plainly)", file=sys.stderr, flush=True)
     return taken
 
 

@@ -582,6 +582,15 @@ class OpenAIApp:
                 raise ApiError(400, f"speculative must be one of {', '.join(map(repr, SPECULATIVE))}, got "
                                f"{_json_type(speculative)}", "speculative")
             speculative = None if speculative == "none" else speculative
+            penalty = d["repetition_penalty"]
+            if speculative in ("amphista", "medusa") and body.get("repetition_penalty") is None and penalty != 1:
+                # The server's default penalty (e.g. a generation_config.json's under --generation-config auto)
+                # needs plain decoding: the engine's refusal named repetition_penalty, a field this request never
+                # sent, with no word of where it came from or how to keep the speculative method it asked for.
+                raise ApiError(400, f"speculative {speculative!r} does not mix with this server's default "
+                               f"repetition_penalty {penalty} (from the model's generation_config.json or "
+                               f"--repetition-penalty), which needs plain decoding: send \"repetition_penalty\": 1 "
+                               f"with it, or leave out speculative", "speculative")
             if speculative is None or body.get("tree") is None:
                 tree = None         # the server's --tree was meant for its own method, not this request's
         if body.get("tree") is not None:
@@ -1126,7 +1135,9 @@ class _Handler(BaseHTTPRequestHandler):
                         if calls:
                             message = {"role": "assistant", "content": content,
                                        "tool_calls": openai_tool_calls(calls, plan.fmt)}
-                            finish = "tool_calls"
+                            # cut by max_tokens: "length" (as OpenAI), or a client took the calls before the cut
+                            # for the whole answer (a parallel call after them lost with no word of it)
+                            finish = "length" if finish == "length" else "tool_calls"
                     choices.append({"index": i * one.n + c, "message": message,
                                     "logprobs": app.logprobs(r), "finish_reason": finish})
                 else:
@@ -1230,7 +1241,7 @@ class _Handler(BaseHTTPRequestHandler):
                                 self._event(chunk(c, rest))
                             for k, call in enumerate(openai_tool_calls(calls, plan.fmt)):
                                 self._event(chunk(c, tool_calls=[{"index": k, **call}]))
-                            if calls:
+                            if calls and finish != "length":     # cut by max_tokens: said so (_complete)
                                 finish = "tool_calls"
                         # a delta's text is not a whole number of tokens (text is held back around stops and split
                         # characters): the answer's token logprobs come together, with the choice's final chunk,
