@@ -195,26 +195,27 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
                               f"that are multiples of 16; a linear of shape {tuple(shape)} is not: load it with "
                               f"quant='none' (--quant none), or 'auto' to fall back to floats by itself{what}")
     quantized, worst = [], 0.0
+
+    def undo():                 # not stored 4-bit ("auto"): every linear back to float
+        for q, cls in quantized:
+            q.__class__ = cls
+            q.__dict__.pop("_packed_native", None)
+            q.__dict__.pop("_torch_packed", None)
+
     for m in linears:
         old_class = m.__class__
         m.__class__ = Int4Linear
         err = m._quantize()
         quantized.append((m, old_class))
-        if only_stored_4bit and err > STORED_TOL.get(m.weight.dtype, EXACT_TOL):   # not stored 4-bit: undo
-            for q, cls in quantized:
-                q.__class__ = cls
-                q.__dict__.pop("_packed_native", None)
-                q.__dict__.pop("_torch_packed", None)
+        if only_stored_4bit and err > STORED_TOL.get(m.weight.dtype, EXACT_TOL):
+            undo()
             return None
         worst = max(worst, err)
     packed = []
     for moe in moes:
         experts, err = quantize_experts(moe)
-        if only_stored_4bit and err > STORED_TOL.get(moe.w13.dtype, EXACT_TOL):      # not stored 4-bit: undo
-            for q, cls in quantized:
-                q.__class__ = cls
-                q.__dict__.pop("_packed_native", None)
-                q.__dict__.pop("_torch_packed", None)
+        if only_stored_4bit and err > STORED_TOL.get(moe.w13.dtype, EXACT_TOL):
+            undo()
             return None
         worst = max(worst, err)
         packed.append((moe, experts))
