@@ -60,14 +60,19 @@ def server(engine):
         yield httpd
 
 
+def engine_with_template(src, dst, template: str):
+    """An fp32 engine on a copy of the tiny model at src (room for 2048 tokens) whose chat template is `template`."""
+    from amphista_engine import Engine
+    path = edited_copy(src, dst, {"max_position_embeddings": 2048})
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    return Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=2048)
+
+
 @pytest.fixture(scope="module")
 def qwen_engine(long_dir, tmp_path_factory):
     """The tiny model with Qwen2.5's template, which reads tools."""
-    from amphista_engine import Engine
-    path = edited_copy(long_dir, tmp_path_factory.mktemp("qwen_tpl") / "m")
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": QWEN25}))
-    return Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=2048)
+    return engine_with_template(long_dir, tmp_path_factory.mktemp("qwen_tpl") / "m", QWEN25)
 
 
 def _valid(call: dict, tools=TOOLS) -> dict:

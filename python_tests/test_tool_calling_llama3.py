@@ -4,8 +4,6 @@ that reads tools and writes calls that way (tools.tool_call_format). Parsing, st
 named choices held to a grammar in that format, on the tiny random model with a Llama-3.1-style template."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytest.importorskip("llguidance")
@@ -14,10 +12,10 @@ from amphista_engine.chat import render_chat                       # noqa: E402
 from amphista_engine.tools import (ToolCallFilter, parse_tool_calls, tool_call_format,   # noqa: E402
                                    tool_format)
 
-from conftest import edited_copy, serving                          # noqa: E402
+from conftest import serving                                        # noqa: E402
 from test_chat_templates_qa import QWEN25                          # noqa: E402
 from test_serve import call, sse                                   # noqa: E402
-from test_tool_calling import ASK, CHAT, HISTORY, TOOLS, WEATHER, _valid     # noqa: E402
+from test_tool_calling import engine_with_template, ASK, CHAT, HISTORY, TOOLS, WEATHER, _valid     # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -57,11 +55,7 @@ LLAMA31 = (
 
 @pytest.fixture(scope="module")
 def llama_engine(tiny_hf_dir, tmp_path_factory):
-    from amphista_engine import Engine
-    path = edited_copy(tiny_hf_dir, tmp_path_factory.mktemp("llama31_tpl") / "m", {"max_position_embeddings": 2048})
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": LLAMA31}))
-    return Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=2048)
+    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("llama31_tpl") / "m", LLAMA31)
 
 
 def test_parse_llama3_calls():

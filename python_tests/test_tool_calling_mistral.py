@@ -12,9 +12,9 @@ pytest.importorskip("llguidance")
 
 from amphista_engine.tools import ToolCallFilter, parse_tool_calls, tool_call_format    # noqa: E402
 
-from conftest import edited_copy, serving                          # noqa: E402
+from conftest import serving                                        # noqa: E402
 from test_serve import call, sse                                   # noqa: E402
-from test_tool_calling import ASK, CHAT, TOOLS                     # noqa: E402
+from test_tool_calling import engine_with_template, ASK, CHAT, TOOLS                     # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -45,11 +45,7 @@ MISTRAL = (
 
 @pytest.fixture(scope="module")
 def mistral_engine(tiny_hf_dir, tmp_path_factory):
-    from amphista_engine import Engine
-    path = edited_copy(tiny_hf_dir, tmp_path_factory.mktemp("mistral_tpl") / "m", {"max_position_embeddings": 2048})
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": MISTRAL}))
-    return Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=2048)
+    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("mistral_tpl") / "m", MISTRAL)
 
 
 def test_parse_mistral_calls():
