@@ -296,8 +296,11 @@ class Engine:
         check_engine_args(DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, max_batch_size, cuda_graphs)
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
+        from .kernels.linear_setup import LinearSetup
+        # resolved first (a bad quant fails before minutes of loading), so that a 4-bit model loads layer by layer
+        load_quant = LinearSetup.for_device(device, dtype, quant).quant
         loaded = load_model(model, dtype=dtype, device=device,
-                            max_seq_len=DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len)
+                            max_seq_len=DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, quant=load_quant)
         engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
                      quant=quant)
         engine.loaded_name = str(model)

@@ -50,6 +50,23 @@ class GGUFTensor:
                                for i in range(0, len(rows), DEQUANT_ROWS)]).reshape(self.shape)
 
 
+    def q4_codes(self):
+        """A Q4_0/Q4_1 matrix as its own 4-bit codes, unpacked but not dequantized: (codes [rows, K] uint8 in
+        0..15, s, z [rows, K/32] float32) with value = code * s + z (Q4_0: s = d, z = -8 d; Q4_1: s = d, z = m).
+        gguf's dequantizers' layout: a block holds fp16 d (and m), then 16 bytes whose low nibbles are values
+        0..15 and high nibbles 16..31."""
+        rows, K = self.shape
+        head = {"Q4_0": 2, "Q4_1": 4}[self.qtype.name]
+        b = np.ascontiguousarray(self.data).reshape(rows, K // 32, head + 16)
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        z = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if head == 4 else -8 * d
+        qs = b[..., head:]
+        return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, K), d, z
+
+
+Q4_TYPES = ("Q4_0", "Q4_1")
+
+
 @dataclass
 class GGUFFile:
     path: str

@@ -90,7 +90,11 @@ def generation_defaults(name_or_path: str | Path) -> tuple[dict, Path | None]:
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device="cpu",
-               max_seq_len: int | None = None) -> LoadedModel:
+               max_seq_len: int | None = None, quant: str = "none") -> LoadedModel:
+    """quant (CPU; resolved by kernels.linear_setup.LinearSetup.for_device): "q4" quantizes the layers as they
+    load (build_model), so the float model never exists whole; "auto" does so for a GGUF whose layer linears are
+    all Q4_0/Q4_1 (their codes, never dequantized), and otherwise loads floats and leaves the choice to the
+    Engine's LinearSetup, which checks the values (a Hugging Face folder of 4-bit-valued weights)."""
     dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
     from .tokenizer import load_tokenizer
@@ -102,25 +106,39 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         cfg = gguf_config(reader, path)
         _check_rope_len(path, cfg, max_seq_len)
         tokenizer = load_tokenizer(reader)      # before the weights: a bad tokenizer fails in a moment, not minutes
-        weights, extra = gguf_weights(reader, cfg), {}
-        if "rope_freqs.weight" in weights:
-            extra["freq_factors"] = weights.pop("rope_freqs.weight")
+        if quant == "auto":
+            quant = "auto" if _gguf_layers_4bit(reader) else "none"
+        weights, layer_weights = gguf_weights(reader, cfg, four_bit=quant != "none")
+        freq_factors = weights.pop("rope_freqs.weight", None)
     elif path.is_dir():
         cfg = ModelConfig.from_json(path / "config.json")
         _check_rope_len(path, cfg, max_seq_len)
         _hf_shards(path)                        # that the weight files are there (cheap), then the tokenizer
         tokenizer = load_tokenizer(path)
-        weights, extra = hf_weights(path, cfg), {}
+        weights, freq_factors = hf_weights(path, cfg), None
+        quant = "q4" if quant == "q4" else "none"
+
+        def layer_weights(i):                   # handed over and dropped here: one layer's floats are freed at a time
+            p = f"layers.{i}."
+            return {k: weights.pop(k) for k in [k for k in weights if k.startswith(p)]}
     else:
         hint = ""
         if path.parent.joinpath("config.json").is_file():
             hint = f"; for a Hugging Face checkpoint pass its directory, {path.parent}"
         raise ModelLoadError(f"{path} is neither a checkpoint directory nor a .gguf file{hint}")
-    model = build_model(cfg, weights, dtype, device, max_seq_len, extra.get("freq_factors"))
+    model = build_model(cfg, weights, dtype, device, max_seq_len, freq_factors, layer_weights, quant)
     # Ids the tokenizer has beyond the embedding (added tokens the checkpoint was never resized for) are refused
     # when a text encodes to them, instead of an index error deep inside torch.
     tokenizer.model_vocab_size = cfg.vocab_size
     return LoadedModel(model, tokenizer, cfg, str(path))
+
+
+def _gguf_layers_4bit(reader) -> bool:
+    """Every layer linear of the file stored Q4_0/Q4_1 (norms, biases and MoE routers aside): "auto"'s 4-bit."""
+    from .gguf_file import Q4_TYPES
+    linears = [t for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".weight")
+               and len(t.shape) >= 2 and "ffn_gate_inp" not in t.name and not t.name.endswith(_GGUF_IGNORED)]
+    return bool(linears) and all(t.qtype.name in Q4_TYPES for t in linears)
 
 
 def _check_rope_len(path: Path, cfg: ModelConfig, max_seq_len: int | None):
@@ -197,32 +215,59 @@ def parse_dtype(dtype, device: torch.device | None = None) -> torch.dtype:
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, device, max_seq_len=None,
-                freq_factors=None) -> Transformer:
-    """Assign checkpoint tensors (our names) to a model built on the meta device: no double allocation."""
+                freq_factors=None, layer_weights=None, quant: str = "none") -> Transformer:
+    """Assign checkpoint tensors (our names) to a model built on the meta device: no double allocation.
+
+    weights: every tensor, or with `layer_weights` (i -> layer i's tensors, made when asked for) the top-level
+    ones. quant "q4" (CPU; "auto": the same where every shape fits, else "none"): each layer's linears go 4-bit
+    (cpu_quant.quantize_layer) as soon as the layer is assigned and its floats are freed, so that the float model
+    never exists whole; linears handed over as cpu_quant.Codes4 (a GGUF's Q4_0/Q4_1) run on those codes and are
+    never floats at all."""
+    from .kernels import cpu_quant
     if max_seq_len:       # before the model builds its RoPE table for max_seq_len positions
         from .kv_cache import KVCache
         KVCache.check_fits(cfg, 1, max_seq_len, dtype, device)
     with torch.device("meta"):
         model = Transformer(cfg, max_seq_len)
+    if quant != "none" and not cpu_quant.shapes_fit(model.layers, refuse=quant == "q4"):
+        quant = "none"
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("output.weight")
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise ConfigError(f"checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
-    for name in expected:
-        _check_float("checkpoint", name, weights[name])
-    for name, shape in expected.items():
-        if tuple(weights[name].shape) != tuple(shape):
-            raise ConfigError(f"tensor {name}: checkpoint shape {tuple(weights[name].shape)} does not match "
-                              f"the shape {tuple(shape)} its config implies")
+
+    def assign(names: list[str], source: dict):
+        missing = sorted(set(names) - set(source))
+        if missing:
+            raise ConfigError(f"checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
+        for name in names:
+            if not isinstance(source[name], cpu_quant.Codes4):
+                _check_float("checkpoint", name, source[name])
+            if tuple(source[name].shape) != tuple(expected[name]):
+                raise ConfigError(f"tensor {name}: checkpoint shape {tuple(source[name].shape)} does not match "
+                                  f"the shape {tuple(expected[name])} its config implies")
+        codes = {n: source[n] for n in names if isinstance(source[n], cpu_quant.Codes4)}
+        if codes and quant == "none":       # a caller that asked for no 4-bit layers gets the codes' values
+            codes, source = {}, {**source, **{n: c.dequantize() for n, c in codes.items()}}
+        model.load_state_dict({n: source[n].to(device=device, dtype=dtype) for n in names if n not in codes},
+                              strict=False, assign=True)
+        for name, c in codes.items():
+            linear = model.get_submodule(name.removesuffix(".weight"))
+            cpu_quant.Int4Linear.codes_into(linear, c)
+            linear.weight = torch.nn.Parameter(torch.empty(c.shape, dtype=dtype, device="meta"), requires_grad=False)
+
+    top = [k for k in expected if not k.startswith("layers.")]
+    assign(top, weights)
     head = weights["tok_embeddings.weight" if cfg.tie_word_embeddings else "output.weight"]
     fingerprint = lm_head_fingerprint(head)     # of the checkpoint's values: heads match any dtype they load in
-    state = {k: weights[k].to(device=device, dtype=dtype) for k in expected}
-    model.load_state_dict(state, strict=False, assign=True)
+    for i, layer in enumerate(model.layers):
+        assign([k for k in expected if k.startswith(f"layers.{i}.")], layer_weights(i) if layer_weights else weights)
+        if quant != "none":
+            cpu_quant.quantize_layer(layer)
     model.tie_weights()
     setattr(model.output, CHECKPOINT_FINGERPRINT, fingerprint)
     model.setup_rope(max_seq_len or cfg.max_position_embeddings, freq_factors)
+    if quant != "none":
+        cpu_quant.quantize_head(model)
     return model.eval().requires_grad_(False)
 
 
@@ -536,9 +581,12 @@ def _refuse_unused(where, unused: list[str], config_says: str):
 def _cat(where: str, parts: list) -> torch.Tensor | None:
     if any(p is None for p in parts):
         return None
-    if len({p.shape[1:] for p in parts}) != 1:
+    if len({tuple(p.shape[1:]) for p in parts}) != 1:
         raise ConfigError(f"{where}: projections disagree on input size: {[tuple(p.shape) for p in parts]}")
-    return torch.cat(parts, dim=0)
+    from .kernels.cpu_quant import Codes4
+    if all(isinstance(p, Codes4) for p in parts):
+        return Codes4.cat(parts)
+    return torch.cat([p.dequantize() if isinstance(p, Codes4) else p for p in parts], dim=0)  # types mixed
 
 
 # ---- GGUF ----------------------------------------------------------------------------------------------
@@ -720,8 +768,10 @@ def _gguf_longrope(reader, path, a) -> dict:
     return out
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+def _unpermute(w, n_heads: int):
     # llama.cpp's converter interleaves each head's two RoPE halves; restore the rotate-half row order.
+    if not isinstance(w, (np.ndarray, torch.Tensor)):       # cpu_quant.Codes4: its codes, scales and zeros alike
+        return w.rows(lambda a: _unpermute(a, n_heads))
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -784,26 +834,36 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
                           f"({cfg.head_dim // 2},) for heads of {cfg.head_dim}")
 
 
-def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    from .gguf_file import dequantize_all
+def gguf_weights(reader, cfg: ModelConfig, four_bit: bool = False):
+    """(the top-level tensors, i -> layer i's tensors): each layer is read and dequantized when asked for, so a
+    loader holds one layer's floats at a time, not the whole model's. With `four_bit`, layer linears stored
+    Q4_0/Q4_1 come as their codes (cpu_quant.Codes4) and are never dequantized."""
+    from .gguf_file import Q4_TYPES, dequantize_all
+    from .kernels.cpu_quant import Codes4
 
     _check_gguf_tensors(reader, cfg)
-    raw = dequantize_all(reader.tensors)
-    out = {"tok_embeddings.weight": raw.pop("token_embd.weight", None), "norm.weight": raw.pop("output_norm.weight", None)}
-    if "output.weight" in raw:
-        out["output.weight"] = raw.pop("output.weight")
-    if "rope_freqs.weight" in raw:
-        out["rope_freqs.weight"] = raw.pop("rope_freqs.weight")
+    by_name = {t.name: t for t in reader.tensors}
+    raw = dequantize_all([t for t in reader.tensors if not t.name.startswith("blk.")])
+    top = {"tok_embeddings.weight": raw.pop("token_embd.weight", None), "norm.weight": raw.pop("output_norm.weight", None)}
+    for name in ("output.weight", "rope_freqs.weight"):
+        if name in raw:
+            top[name] = raw.pop(name)
     permuted = _field(reader, "general.architecture") in _PERMUTED_ARCHS
-    for i in range(cfg.n_layers):
+
+    def layer(i: int) -> dict[str, torch.Tensor | Codes4]:
         b, p = f"blk.{i}.", f"layers.{i}."
-        g = lambda n, kind="weight": raw[f"{b}{n}.{kind}"]  # noqa: E731
+        mine = [t for n, t in by_name.items() if n.startswith(b) and not n.endswith(_GGUF_IGNORED)]
+        codes = {t.name: Codes4(*map(torch.from_numpy, t.q4_codes())) for t in mine
+                 if four_bit and t.qtype.name in Q4_TYPES and len(t.shape) == 2 and not t.name.endswith("norm.weight")
+                 and "ffn_gate_inp" not in t.name}
+        raw = {**dequantize_all([t for t in mine if t.name not in codes]), **codes}
+        g = lambda n, kind="weight": _as_tensor(raw[f"{b}{n}.{kind}"])  # noqa: E731
+        out = {}
         for kind in ("weight", "bias") if cfg.qkv_bias else () if cfg.fused_checkpoint else ("weight",):
             q, k = g("attn_q", kind), g("attn_k", kind)
             if permuted:
                 q, k = _unpermute(q, cfg.n_heads), _unpermute(k, cfg.n_kv_heads)
-            out[f"{p}attention.wqkv.{kind}"] = _cat(p + "attention",
-                                                    [torch.from_numpy(x) for x in (q, k, g("attn_v", kind))])
+            out[f"{p}attention.wqkv.{kind}"] = _cat(p + "attention", [q, k, g("attn_v", kind)])
         out[p + "attention.wo.weight"] = g("attn_output")
         if cfg.o_bias:
             out[p + "attention.wo.bias"] = g("attn_output", "bias")
@@ -812,15 +872,13 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             out[p + "attention.k_norm.weight"] = g("attn_k_norm")
         if i in cfg.moe_layers:         # router [E, d], experts gate | up [E, 2I, d] and down [E, d, I]
             out[p + "feed_forward.gate.weight"] = g("ffn_gate_inp")
-            out[p + "feed_forward.w13"] = torch.cat([torch.from_numpy(g("ffn_gate_exps")),
-                                                     torch.from_numpy(g("ffn_up_exps"))], dim=1)
+            out[p + "feed_forward.w13"] = torch.cat([g("ffn_gate_exps"), g("ffn_up_exps")], dim=1)
             out[p + "feed_forward.w2"] = g("ffn_down_exps")
         elif cfg.fused_checkpoint:      # Phi-3: q|k|v and gate|up as llama.cpp stores them, rows as Hugging Face's
             out[p + "attention.wqkv.weight"] = g("attn_qkv")
             out[p + "feed_forward.w13.weight"] = g("ffn_up")
         else:
-            out[p + "feed_forward.w13.weight"] = _cat(p + "ffn", [torch.from_numpy(g("ffn_gate")),
-                                                                  torch.from_numpy(g("ffn_up"))])
+            out[p + "feed_forward.w13.weight"] = _cat(p + "ffn", [g("ffn_gate"), g("ffn_up")])
         if i not in cfg.moe_layers:
             out[p + "feed_forward.w2.weight"] = g("ffn_down")
         out[p + "attention_norm.weight"] = g("attn_norm")
@@ -828,13 +886,22 @@ def gguf_weights(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if cfg.gemma:
             out[p + "post_attention_norm.weight"] = g("post_attention_norm")
             out[p + "post_ffn_norm.weight"] = g("post_ffw_norm")
+        return _gemma_norms(cfg, out)
+
+    return _gemma_norms(cfg, {k: _as_tensor(v) for k, v in top.items() if v is not None}), layer
+
+
+def _as_tensor(x):
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+def _gemma_norms(cfg: ModelConfig, out: dict) -> dict:
+    """llama.cpp's converter (convert_hf_to_gguf.py, Gemma3Model.modify_tensors) stores every Gemma norm weight
+    (attn_norm, post_attention_norm, ffn_norm, post_ffw_norm, attn_q_norm, attn_k_norm, output_norm) as 1 + w, as
+    its graph multiplies by the weight; GemmaRMSNorm takes w itself, so 1 is taken off again (in fp32: exact for
+    stored values >= 0.5, within one fp32 ulp of 1 below)."""
     if cfg.gemma:
-        # llama.cpp's converter (convert_hf_to_gguf.py, Gemma3Model.modify_tensors) stores every Gemma norm weight
-        # (attn_norm, post_attention_norm, ffn_norm, post_ffw_norm, attn_q_norm, attn_k_norm, output_norm) as
-        # 1 + w, as its graph multiplies by the weight; GemmaRMSNorm takes w itself, so 1 is taken off again (in
-        # fp32: exact for stored values >= 0.5, within one fp32 ulp of 1 below)
         for k, v in out.items():
             if k.endswith("norm.weight") and v is not None:
-                t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, dtype=np.float32))
-                out[k] = t.float() - 1.0
-    return {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)) for k, v in out.items() if v is not None}
+                out[k] = v.float() - 1.0
+    return out

@@ -333,11 +333,12 @@ def _close_gguf(wr):
 
 
 def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type=None, meta=None, edit=None, skip=(),
-                    tokens_edit=None, add_bos=None) -> Path:
+                    tokens_edit=None, add_bos=None, qtypes=None) -> Path:
     """A GGUF of a tiny HF folder's weights (TINY_HF) and tokenizer, as llama.cpp's converter writes one.
     qtype: the 2-D tensors' type; bad_type: blk.0.ffn_up stored zeroed in that type; meta: extra keys;
     edit(dict of GGUF name -> fp32 array) changes tensors; skip: llama.* keys left out; tokens_edit(tokens, types)
-    changes the vocabulary; add_bos: write tokenizer.ggml.add_bos_token."""
+    changes the vocabulary; add_bos: write tokenizer.ggml.add_bos_token; qtypes: {GGUF name: type} where a tensor
+    differs from qtype."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -393,7 +394,7 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type
             raw = gguf.quant_shape_to_byte_shape(x.shape, qt)
             wr.add_tensor(g, np.zeros(raw, dtype=np.uint8), raw_dtype=qt)
         else:
-            _add_gguf_tensor(wr, g, x, qtype)
+            _add_gguf_tensor(wr, g, x, (qtypes or {}).get(g, qtype))
     _close_gguf(wr)
     return out
 

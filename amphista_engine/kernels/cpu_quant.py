@@ -9,12 +9,14 @@ it holds; a 4-bit kernel reads the codes themselves. Two kernels serve these lay
 - torch's (`_weight_int4pack_mm_for_cpu`, as gpt-fast uses it; `_weight_int8pack_mm` for the LM head): bf16
   activations; the reference, and what runs without the extension (AMPHISTA_BACKEND=torch).
 
-Codes: the loader has already dequantized the file, so each group of 32 is requantized two ways, asymmetric from
-its min and max (Q4_1's own rule: min -> code 0, max -> code 15) and symmetric from its signed largest magnitude
-(Q4_0's: that value -> code 0), and keeps the one with the smaller error. For a group either GGUF quantizer wrote,
-that recovers the file's codes exactly (`requantization_error` is 0 for SmolLM2's Q4_1 file loaded in fp32, and the
-same 4-bit levels within STORED_TOL of a step when loaded in bf16/fp16); for any other weights it is a round-to-nearest
-4-bit quantizer, and `quantize_linears` reports its error.
+Codes: a GGUF file's Q4_0/Q4_1 layers come as their own codes, scales and minima (gguf_file.GGUFTensor.q4_codes,
+loading.build_model), never dequantized. Any other float weights are quantized in groups of 32 two ways, asymmetric
+from the group's min and max (Q4_1's own rule: min -> code 0, max -> code 15) and symmetric from its signed largest
+magnitude (Q4_0's: that value -> code 0), keeping the one with the smaller error. For a group either GGUF quantizer
+wrote, that recovers the file's values exactly (`requantization_error` is 0 for SmolLM2's Q4_1 file loaded in fp32,
+and the same 4-bit levels within STORED_TOL of a step when loaded in bf16/fp16), which is how "auto" tells a Hugging
+Face folder of 4-bit values; for any other weights it is a round-to-nearest 4-bit quantizer, and `quantize_linears`
+reports its error.
 
 What changes numerically: the cpu kernel stores each group's scale and zero point in fp16 (the file's own
 precision: a Q4_0/Q4_1 file's values come back exactly) and rounds each row's activations to int8 per group of 32
@@ -25,12 +27,16 @@ a row the same bits whatever the row count (checked for 1..64 rows in python_tes
 node's logits equal plain decoding's for the same token once attention is ordered too (the model's
 `orders_decode`).
 
-The nn.Linear's weight stays as it was (state dict, tied embeddings, the heads' LM-head rows read it); the codes
-are a second, ~6x smaller copy (one kernel's layout; torch's is made from the cpu kernel's on first use).
+Memory: a layer's float weight is freed once its codes exist (Int4Linear.drop_float_weight; a meta tensor keeps its
+shape and dtype), and loaders quantize layer by layer (cpu_quant.quantize_layer), so a 4-bit model holds about its
+file's bytes: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes went from 7.5 GB peak / 5.6 GB resident to 2.8 / 1.5 GB
+(benchmarks/results/cpu_load_memory/). The LM head keeps its float weight besides its int8 copy (tied embeddings and
+the heads' LM-head rows read it).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -131,10 +137,26 @@ class Int4Linear(_CodesLinear):
 
     def _quantize_from(self, w: torch.Tensor) -> float:
         q, scale, zero, err = _requantize(w)
-        z = zero - 8 * scale            # w = code * s + z (the cpu kernel's form; torch's is (code - 8) * s + zero)
-        self._packed_native = cpu_ops.pack_int4(q, scale, z)
-        self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(q, scale, z)
+        self._set_codes(q, scale, zero - 8 * scale)
         return float(err.max())
+
+    def _set_codes(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+        """w = code * s + z per group (the cpu kernel's form; torch's is (code - 8) * s + zero)."""
+        self._packed_native = cpu_ops.pack_int4(q, s, z)
+        self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(q, s, z)
+
+    def drop_float_weight(self):
+        """Frees the float weight the codes were made from (a meta tensor of its shape and dtype stays): a 4-bit
+        model then holds about its file's bytes, not 8x them in fp32 besides."""
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
+                                   requires_grad=False)
+
+    @classmethod
+    def codes_into(cls, layer: nn.Linear, codes: "Codes4"):
+        """A linear built on the meta device runs on a file's 4-bit codes as they are (no float weight ever made:
+        loading.build_model's GGUF Q4_0/Q4_1 layers)."""
+        layer.__class__ = cls
+        layer._set_codes(codes.q, codes.s, codes.z)
 
     @classmethod
     def from_weight(cls, w: torch.Tensor) -> tuple["Int4Linear", float]:
@@ -174,26 +196,18 @@ class Int8Linear(_CodesLinear):
 
 
 def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
-    """The target's layer linears -> Int4Linear, its LM head -> Int8Linear (inference on the CPU only).
+    """The target's layer linears -> Int4Linear, its LM head -> Int8Linear (inference on the CPU only); the
+    layers' float weights are freed once they run on codes.
 
     Returns the largest requantization error over the 4-bit layers, in units of a group's scale. With
     `only_stored_4bit` ("auto") it changes nothing and returns None unless every layer linear holds 4-bit groups
     already (a GGUF Q4_0/Q4_1 file's), so that the codes are the file's. Mixture-of-experts layers
     (model.MoEFeedForward): each expert's w13 and w2 become an Int4Linear of their own (quantize_experts) and the
-    float expert stacks are freed; the routers stay float (a rounding there moves which experts a token takes)."""
-    from ..errors import ConfigError
-    linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear) and type(m) is not Int4Linear]
-    moes = [m for m in model.layers.modules() if hasattr(m, "experts_q4") and m.experts_q4 is None]
-    expert = " (an MoE layer's expert matrix: moe_intermediate_size and dim)"
-    shapes = [(m.weight.shape, "") for m in linears] + [(w.shape[1:], expert) for m in moes for w in (m.w13, m.w2)]
-    for shape, what in shapes:
-        # torch's int4 product (the reference and the fp16 fallback) packs output rows by 16
-        if len(shape) != 2 or shape[1] % GROUP or shape[0] % 16:
-            if only_stored_4bit:
-                return None
-            raise ConfigError(f"4-bit weights need input sizes that are multiples of {GROUP} and output sizes "
-                              f"that are multiples of 16; a linear of shape {tuple(shape)} is not: load it with "
-                              f"quant='none' (--quant none), or 'auto' to fall back to floats by itself{what}")
+    float expert stacks are freed; the routers stay float (a rounding there moves which experts a token takes).
+    Layers a loader quantized already (loading.build_model, quantize_layer) are left as they are."""
+    linears, moes = _float_linears(model.layers)
+    if not shapes_fit(model.layers, refuse=not only_stored_4bit):
+        return None
     quantized, worst = [], 0.0
 
     def undo():                 # not stored 4-bit ("auto"): every linear back to float
@@ -210,6 +224,8 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
         if only_stored_4bit and err > STORED_TOL.get(m.weight.dtype, EXACT_TOL):
             undo()
             return None
+        if not only_stored_4bit:        # nothing left to undo: free its float weight now (peak memory)
+            m.drop_float_weight()
         worst = max(worst, err)
     packed = []
     for moe in moes:
@@ -219,16 +235,93 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
             return None
         worst = max(worst, err)
         packed.append((moe, experts))
-        if not only_stored_4bit:        # nothing left to undo: free this layer's float experts now (peak memory)
+        if not only_stored_4bit:
             moe.use_packed_experts(experts)
+    for m, _ in quantized if only_stored_4bit else ():      # all checked: the floats can go
+        m.drop_float_weight()
     for moe, experts in packed:
         if moe.experts_q4 is None:
             moe.use_packed_experts(experts)
+    quantize_head(model)
+    return worst
+
+
+def _float_linears(layers: nn.Module):
+    linears = [m for m in layers.modules() if isinstance(m, nn.Linear) and not isinstance(m, _CodesLinear)]
+    moes = [m for m in layers.modules() if hasattr(m, "experts_q4") and m.experts_q4 is None]
+    return linears, moes
+
+
+def shapes_fit(layers: nn.Module, refuse: bool = True) -> bool:
+    """Whether every float layer linear (and MoE expert matrix) has a shape the 4-bit kernels take: input a
+    multiple of GROUP, output of 16 (torch's int4 product, the reference and the fp16 fallback, packs output rows
+    by 16). A misfit is a ConfigError naming the shape, or with refuse=False, False. Shapes only: runs on a model
+    still on the meta device (a loader, before it reads any weight)."""
+    from ..errors import ConfigError
+    linears, moes = _float_linears(layers)
+    expert = " (an MoE layer's expert matrix: moe_intermediate_size and dim)"
+    shapes = [(m.weight.shape, "") for m in linears] + [(w.shape[1:], expert) for m in moes for w in (m.w13, m.w2)]
+    for shape, what in shapes:
+        if len(shape) != 2 or shape[1] % GROUP or shape[0] % 16:
+            if not refuse:
+                return False
+            raise ConfigError(f"4-bit weights need input sizes that are multiples of {GROUP} and output sizes "
+                              f"that are multiples of 16; a linear of shape {tuple(shape)} is not: load it with "
+                              f"quant='none' (--quant none), or 'auto' to fall back to floats by itself{what}")
+    return True
+
+
+def quantize_layer(layer: nn.Module) -> float:
+    """One decoder layer's float linears -> Int4Linear and its MoE experts -> 4-bit experts, each float weight
+    freed as soon as its codes exist: what a loader calls right after assigning a layer, so that the float
+    model never exists whole (a 1B Q4_0 file: 7.5 GB peak before, benchmarks/results/cpu_load_memory/). Returns
+    the largest requantization error. Shapes are the caller's to check first (shapes_fit)."""
+    linears, moes = _float_linears(layer)
+    worst = 0.0
+    for m in linears:
+        m.__class__ = Int4Linear
+        worst = max(worst, m._quantize())
+        m.drop_float_weight()
+    for moe in moes:
+        experts, err = quantize_experts(moe)
+        moe.use_packed_experts(experts)
+        worst = max(worst, err)
+    return worst
+
+
+def quantize_head(model):
+    """The LM head -> Int8Linear, and the model marked as rounding its linears' inputs (model.py)."""
     if type(model.output) is not Int8Linear:
         model.output.__class__ = Int8Linear
         model.output._quantize()
     model.rounds_linear_inputs = True
-    return worst
+
+
+@dataclass
+class Codes4:
+    """A linear's 4-bit codes as a GGUF Q4_0/Q4_1 tensor stores them (gguf_file.GGUFTensor.q4_codes): w = q * s + z
+    per group of GROUP along the input. What loading hands build_model for such layers, so that their floats are
+    never made."""
+    q: torch.Tensor     # [N, K] uint8 in 0..15
+    s: torch.Tensor     # [N, K / GROUP] float32
+    z: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def rows(self, fn) -> "Codes4":
+        """The same row permutation or selection applied to codes, scales and zero points."""
+        return Codes4(fn(self.q), fn(self.s), fn(self.z))
+
+    @staticmethod
+    def cat(parts: list["Codes4"]) -> "Codes4":
+        return Codes4(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "s", "z")))
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.q.shape
+        w = self.q.float().view(N, K // GROUP, GROUP) * self.s[..., None] + self.z[..., None]
+        return w.view(N, K)
 
 
 def quantize_experts(moe) -> tuple[list[tuple[Int4Linear, Int4Linear]], float]:
@@ -245,11 +338,16 @@ def quantize_experts(moe) -> tuple[list[tuple[Int4Linear, Int4Linear]], float]:
     return experts, worst
 
 
-def _int8_rows(w: torch.Tensor):
-    """w [N, K] float -> (int8 codes, a scale per row): the row's largest magnitude -> 127."""
-    w = w.detach().float()
-    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+def _int8_rows(w: torch.Tensor, rows: int = 4096):
+    """w [N, K] float -> (int8 codes, a scale per row): the row's largest magnitude -> 127. By blocks of rows: an
+    LM head's float temporaries whole were ~3x its fp32 bytes, the peak of loading a 4-bit model."""
+    codes, scale = torch.empty(w.shape, dtype=torch.int8, device=w.device), torch.empty(w.shape[0], device=w.device)
+    for i in range(0, w.shape[0], rows):
+        x = w[i:i + rows].detach().float()
+        s = scale[i:i + rows]
+        torch.clamp_min(x.abs().amax(1) / 127, torch.finfo(torch.float32).tiny, out=s)
+        codes[i:i + rows] = torch.round(x / s[:, None]).clamp_(-127, 127)
+    return codes, scale
 
 
 def pack_int8_rows(w: torch.Tensor):

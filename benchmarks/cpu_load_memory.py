@@ -1,0 +1,135 @@
+"""How much memory loading a 4-bit GGUF on the CPU takes: peak and resident RSS of a fresh process that runs
+`Engine.from_pretrained(file, device="cpu")` and decodes a few tokens, against the file's size.
+
+The file is a random Llama of Llama-3.2-1B's layer shapes (d 2048, 16 layers, GQA 32/8, SwiGLU 8192, tied
+embeddings; SmolLM2's vocabulary and tokenizer, 49152 tokens) written here with gguf-py: layer linears Q4_0, the
+embedding Q8_0, as llama.cpp's Q4_0 files store them. Its outputs are noise; its bytes are what counts. `--base`
+runs the same measurement on another checkout (a git worktree) in alternating processes.
+
+    python benchmarks/cpu_load_memory.py [--base COMMIT] [--quant auto,none] [--out DIR]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import hardware, md_table, write_results  # noqa: E402
+
+SHAPE = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192)
+
+CHILD = r"""
+import json, resource, sys, time
+t = time.perf_counter()
+from amphista_engine import Engine
+e = Engine.from_pretrained(sys.argv[1], device="cpu", dtype="fp32", max_seq_len=256, quant=sys.argv[2])
+load_s = time.perf_counter() - t
+resident = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+r = e.generate("Hello", max_new_tokens=8, ignore_eos=True)
+print(json.dumps({"load_s": load_s, "resident_mib": resident, "quant": e.quant, "tokens": len(r.token_ids),
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def write_model(out: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    from amphista_engine.gguf_file import read_gguf
+    from amphista_engine.loading import resolve_model_path
+
+    src = read_gguf(resolve_model_path("smollm2-135m"), tensors=False).meta
+    d, L, H, KV, F = (SHAPE[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn"))
+    hd, V = d // H, len(src["tokenizer.ggml.tokens"])
+    w = gguf.GGUFWriter(str(out), "llama")
+    for setter, v in (("block_count", L), ("context_length", 8192), ("embedding_length", d),
+                      ("feed_forward_length", F), ("head_count", H), ("head_count_kv", KV), ("vocab_size", V)):
+        getattr(w, "add_" + setter)(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500000.0)
+    w.add_tokenizer_model(src["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(src.get("tokenizer.ggml.pre", "default"))
+    w.add_token_list(src["tokenizer.ggml.tokens"])
+    w.add_token_types(src["tokenizer.ggml.token_type"])
+    w.add_token_merges(src["tokenizer.ggml.merges"])
+    w.add_bos_token_id(src["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(src["tokenizer.ggml.eos_token_id"])
+    w.add_chat_template(src["tokenizer.chat_template"])
+    rng = np.random.default_rng(0)
+
+    def add(name, shape, qtype):
+        x = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        if qtype is None:
+            w.add_tensor(name, np.ones(shape, np.float32))
+            return
+        q = gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(name, gguf.quants.quantize(x, q), raw_shape=gguf.quant_shape_to_byte_shape(x.shape, q),
+                     raw_dtype=q)
+
+    add("token_embd.weight", (V, d), "Q8_0")
+    add("output_norm.weight", (d,), None)
+    for i in range(L):
+        for n, shape in (("attn_q", (H * hd, d)), ("attn_k", (KV * hd, d)), ("attn_v", (KV * hd, d)),
+                         ("attn_output", (d, H * hd)), ("ffn_gate", (F, d)), ("ffn_up", (F, d)),
+                         ("ffn_down", (d, F))):
+            add(f"blk.{i}.{n}.weight", shape, "Q4_0")
+        add(f"blk.{i}.attn_norm.weight", (d,), None)
+        add(f"blk.{i}.ffn_norm.weight", (d,), None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def measure(checkout: Path, model: Path, quant: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), quant], env=env, cwd=checkout,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{checkout}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", help="a commit to measure side by side (checked out in a temporary worktree)")
+    ap.add_argument("--quant", default="auto,none")
+    ap.add_argument("--model", help="a GGUF to load instead of writing the random 1B one")
+    ap.add_argument("--out", default="bench_results/cpu_load_memory")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="amphista-mem-"))
+    model = Path(args.model) if args.model else write_model(tmp / "llama-1b-q4_0.gguf")
+    checkouts = [("this", ROOT)]
+    if args.base:
+        wt = tmp / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), args.base], check=True)
+        for so in ROOT.glob("amphista_engine/_*.so"):      # the same compiled extensions (csrc is not compared)
+            (wt / "amphista_engine" / so.name).write_bytes(so.read_bytes())
+        checkouts.append(("base", wt))
+    rows = []
+    try:
+        for quant in args.quant.split(","):
+            for name, path in checkouts:
+                r = measure(path, model, quant)
+                rows.append({"checkout": name, "quant asked": quant, "quant ran": r["quant"],
+                             "file MiB": round(model.stat().st_size / 2**20), "peak RSS MiB": round(r["peak_mib"]),
+                             "resident after load MiB": round(r["resident_mib"]), "load s": round(r["load_s"], 1)})
+                print(rows[-1], flush=True)
+    finally:
+        if args.base:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "base")])
+    meta = {"what": "RSS of a fresh process loading a random Llama-3.2-1B-shaped Q4_0 GGUF and decoding 8 tokens",
+            "shape": SHAPE, "base": args.base, "hardware": hardware("cpu"),
+            "note": "peak RSS counts the GGUF's memory-mapped pages (clean page cache, up to the file's size) while "
+                    "the loader reads them; resident is after the file is closed"}
+    write_results("cpu_load_memory", rows, meta, md_table(rows, list(rows[0])), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

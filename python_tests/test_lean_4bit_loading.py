@@ -1,0 +1,175 @@
+"""4-bit CPU models load layer by layer and keep no float copy of their layers.
+
+Before, a 4-bit load dequantized the whole file to fp32, built the float model, requantized it and kept the floats
+besides: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes peaked at 7.5 GB and stayed at 5.6 GB
+(benchmarks/results/cpu_load_memory/). Now a GGUF's Q4_0/Q4_1 layers become their own codes without ever being
+floats, other layers are quantized as each is assigned, and the floats are freed. These tests pin what makes
+that true and that the model computes the same bits as the old route (floats, then cpu_quant.quantize_linears).
+"""
+import numpy as np
+import pytest
+import torch
+
+from amphista_engine.engine import Engine
+from amphista_engine.errors import ConfigError
+from amphista_engine.kernels import cpu_quant
+from amphista_engine.loading import load_model
+from conftest import write_tiny_gguf, write_tiny_hf
+from kernel_checks import rel_err
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_q4_codes_are_what_the_dequantizer_reads(qtype):
+    import gguf
+
+    from amphista_engine.gguf_file import GGUFTensor
+    rng = np.random.default_rng()
+    for rows, K in ((16, 32), (48, 96), (7, 256)):
+        x = (rng.standard_normal((rows, K)) * rng.uniform(0.01, 3)).astype(np.float32)
+        qt = gguf.GGMLQuantizationType[qtype]
+        t = GGUFTensor("w", qt, (rows, K), gguf.quants.quantize(x, qt))
+        q, s, z = t.q4_codes()
+        assert q.dtype == np.uint8 and q.shape == (rows, K) and q.max() <= 15 and s.shape == (rows, K // 32)
+        back = (q.reshape(rows, K // 32, 32) * s[..., None] + z[..., None]).reshape(rows, K)
+        ref = t.dequantize()
+        assert np.array_equal(back, ref) and np.abs(ref).max() > 0
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids, torch.arange(9)[None])
+
+
+def _old_route(path):
+    """The model as loaded before: floats first, then quantize_linears over the whole model."""
+    model = load_model(path, max_seq_len=64).model
+    assert cpu_quant.quantize_linears(model) is not None
+    return model
+
+
+def _values(linear) -> torch.Tensor:
+    """What a 4-bit layer's codes stand for."""
+    from amphista_engine.kernels import cpu_ops
+    codes, s, z = cpu_ops.unpack(linear._packed_native)
+    N, K = codes.shape
+    return (codes.float().view(N, K // 32, 32) * s[..., None] + z[..., None]).view(N, K)
+
+
+def _float_layers(model) -> list[str]:
+    return [f"{i}.{n}" for i, layer in enumerate(model.layers) for n in LINEARS
+            if not layer.get_submodule(n).weight.is_meta]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_a_4bit_gguf_runs_its_codes_without_dequantizing_its_layers(tiny_hf_dir, tmp_path, monkeypatch, qtype):
+    from amphista_engine.gguf_file import GGUFTensor
+    path = write_tiny_gguf(tiny_hf_dir, tmp_path / "m.gguf", qtype=qtype)
+    reference = _old_route(path)
+    dequantized = []
+    real = GGUFTensor.dequantize
+    monkeypatch.setattr(GGUFTensor, "dequantize", lambda t: dequantized.append(t.name) or real(t))
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64)     # quant "auto"
+    assert engine.quant == "q4"
+    assert not [n for n in dequantized if n.startswith("blk.") and "norm" not in n]
+    assert _float_layers(engine.model) == []
+    assert all(type(layer.get_submodule(n)) is cpu_quant.Int4Linear for layer in engine.model.layers for n in LINEARS)
+    # the file's values exactly; the old route's requantizer sometimes took a group's other exact form (Q4_1's
+    # codes for a Q4_0 group), which rounds the int8 activations' sums differently: close, not the same bits
+    floats = load_model(path, max_seq_len=64).model
+    for a, b in zip(engine.model.layers, floats.layers):
+        for n in LINEARS:
+            assert torch.equal(_values(a.get_submodule(n)), b.get_submodule(n).weight), n
+    assert rel_err(_logits(engine.model), _logits(reference)) < 0.05
+    # in bf16 too, the codes are the file's (before: requantized from bf16-rounded weights)
+    bf16 = load_model(path, dtype="bf16", max_seq_len=64, quant="auto").model
+    for a, b in zip(bf16.layers, engine.model.layers):
+        for n in LINEARS:
+            pa, pb = a.get_submodule(n)._packed_native, b.get_submodule(n)._packed_native
+            assert torch.equal(pa.codes, pb.codes) and torch.equal(pa.scales, pb.scales), n
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf-f32", "gguf-q4_1"])
+def test_layers_are_read_and_quantized_one_at_a_time(tiny_hf_dir, tmp_path, monkeypatch, source):
+    """When layer i is quantized, layer i+1 is not read yet and layer i-1 holds no floats: the float model
+    never exists whole. The result is the old route's, bit for bit."""
+    path = tiny_hf_dir if source == "hf" else write_tiny_gguf(
+        tiny_hf_dir, tmp_path / "m.gguf", qtype="F32" if source == "gguf-f32" else "Q4_1")
+    seen = []
+    real = cpu_quant.quantize_layer
+
+    def watching(layer):
+        model_layers = layer_list[0]
+        i = next(j for j, m in enumerate(model_layers) if m is layer)
+        later = [n for n in LINEARS for m in model_layers[i + 1:] if not m.get_submodule(n).weight.is_meta]
+        earlier = [n for n in LINEARS for m in model_layers[:i] if not m.get_submodule(n).weight.is_meta]
+        seen.append((i, later, earlier))
+        return real(layer)
+
+    import amphista_engine.model as model_module
+    layer_list = []
+    real_init = model_module.Transformer.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        layer_list.append(self.layers)
+    monkeypatch.setattr(model_module.Transformer, "__init__", init)
+    monkeypatch.setattr(cpu_quant, "quantize_layer", watching)
+    model = load_model(path, max_seq_len=64, quant="q4").model
+    monkeypatch.undo()
+    assert seen == [(0, [], []), (1, [], [])]
+    assert _float_layers(model) == [] and type(model.output) is cpu_quant.Int8Linear and model.rounds_linear_inputs
+    if source == "gguf-q4_1":       # the file's codes (see above)
+        floats = load_model(path, max_seq_len=64).model
+        assert all(torch.equal(_values(a.get_submodule(n)), b.get_submodule(n).weight)
+                   for a, b in zip(model.layers, floats.layers) for n in LINEARS)
+    else:                           # quantized from floats by the same requantizer as before
+        assert torch.equal(_logits(model, seed=1), _logits(_old_route(path), seed=1))
+
+
+def test_auto_keeps_floats_where_a_layer_is_not_stored_4bit(tiny_hf_dir, tmp_path):
+    """One Q8_0 tensor among Q4_0 ones: "auto" keeps the file's values (floats); "q4" quantizes that tensor's
+    projection group (gate | up) from floats, as the old route did, and runs the other layers on the file's codes."""
+    path = write_tiny_gguf(tiny_hf_dir, tmp_path / "m.gguf", qtype="Q4_0", qtypes={"blk.0.ffn_up.weight": "Q8_0"})
+    auto = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64)
+    assert auto.quant == "none" and not any(isinstance(m, cpu_quant.Int4Linear) for m in auto.model.modules())
+    forced, old = load_model(path, max_seq_len=64, quant="q4").model, _old_route(path)
+    floats = load_model(path, max_seq_len=64).model
+    assert _float_layers(forced) == []
+    for i, n in [(i, n) for i in range(2) for n in LINEARS]:
+        a = _values(forced.layers[i].get_submodule(n))
+        if (i, n) == (0, "feed_forward.w13"):       # gate (Q4_0) | up (Q8_0): requantized as the old route did
+            assert torch.equal(a, _values(old.layers[i].get_submodule(n)))
+            assert not torch.equal(a, floats.layers[i].get_submodule(n).weight)
+        else:
+            assert torch.equal(a, floats.layers[i].get_submodule(n).weight), (i, n)
+    assert rel_err(_logits(forced), _logits(old)) < 0.05
+
+
+def test_quantize_linears_frees_the_floats_it_quantized(tiny_hf_dir):
+    """A model loaded elsewhere (Engine(loaded, quant=...)): once its layers run on codes their floats go, also
+    under "auto" once every layer passed; a failed "auto" leaves every float in place."""
+    for only_stored in (False, True):
+        model = load_model(tiny_hf_dir, max_seq_len=64).model
+        before = _float_layers(model)
+        result = cpu_quant.quantize_linears(model, only_stored_4bit=only_stored)
+        assert (_float_layers(model) == before) if only_stored else (_float_layers(model) == [] and result > 0)
+        if only_stored:
+            assert result is None
+    stored = load_model(write_tiny_gguf(tiny_hf_dir, tiny_hf_dir.parent / "lean-q41.gguf", qtype="Q4_1"),
+                        max_seq_len=64).model
+    assert cpu_quant.quantize_linears(stored, only_stored_4bit=True) <= cpu_quant.EXACT_TOL
+    assert _float_layers(stored) == []
+
+
+def test_shapes_the_kernel_cannot_take_are_refused_before_any_layer_is_read(tmp_path, monkeypatch):
+    path = write_tiny_hf(tmp_path / "odd", intermediate_size=120)         # w2's input: not a multiple of 32
+    monkeypatch.setattr(cpu_quant, "quantize_layer", lambda layer: pytest.fail("a layer was quantized"))
+    with pytest.raises(ConfigError, match=r"multiples of 16; a linear of shape \(64, 120\)"):
+        Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64, quant="q4")
+    monkeypatch.undo()
+    assert load_model(path, max_seq_len=64, quant="auto").model.layers[0].feed_forward.w2.weight.shape == (64, 120)
