@@ -450,7 +450,8 @@ def openai_tool_calls(calls: list[dict], fmt: str = "hermes") -> list[dict]:
 class ToolCallFilter:
     """A streamed answer's content, held back from the first `<tool_call>` on (and a partial `<tool_call` at the
     end of the text so far, which may become one): feed() gives the text a client may see now; finish() reads the
-    whole answer for calls once it has ended."""
+    whole answer for calls once it has ended. The server's stream uses stream() and end() instead, which also
+    send the calls' arguments as they decode."""
 
     def __init__(self, parallel: bool = True, fmt: str = "hermes"):
         self.parallel = parallel    # parallel_tool_calls: false keeps only the first call (ToolPlan.read)
@@ -459,6 +460,13 @@ class ToolCallFilter:
         self.sent = 0           # how much of it went out
         self.holding = False    # a <tool_call> started: nothing more goes out before the end
         self.free = False       # llama3_json, mistral: the answer began with other than a call: all of it content
+        # stream(): the calls sent as they decode
+        self.calls: list[_Streamed] = []
+        self.scan = 0           # where the next <tool_call> is looked for
+        self.body: int | None = None    # where the open block's text begins
+        self.cur: _Streamed | None = None   # its call, once its name went out
+        self.frozen = False     # a block that cannot be streamed: the rest waits for end()
+        self.calls_sent = 0     # end(): the calls the answer holds (all sent), where they are whole
 
     def feed(self, delta: str) -> str:
         self.text += delta
@@ -497,6 +505,292 @@ class ToolCallFilter:
         sent = self.text[:self.sent]
         rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
         return rest, calls
+
+    # ---- calls streamed as they decode (the server's stream) ---------------------------------------------------
+
+    def stream(self, delta: str) -> tuple[str, list[dict]]:
+        """feed(delta), and the `delta.tool_calls` entries (OpenAI's streamed form) the held text makes certain:
+        a call's first one (index, id, type, its name, arguments "") once its JSON has reached its arguments
+        object, then that object's text as it decodes, written as openai_tool_calls writes it (json.dumps: a
+        fragment goes out once no later character can change it), so that the fragments joined are the
+        non-streamed reply's arguments. Hermes only (`<tool_call>` blocks); Llama 3's and Mistral's calls, whose
+        answer is calls or content by its whole text, go out whole at the end. A block that does not begin
+        `{"name": "...", "arguments": {` (or whose arguments are not JSON as they come) stops the streaming: it and
+        all later calls wait for end()."""
+        content = self.feed(delta)
+        if not self.holding or self.fmt != "hermes":
+            return content, []
+        return content, self._advance()
+
+    def _advance(self) -> list[dict]:
+        out: list[dict] = []
+        text = self.text
+        while not self.frozen:
+            if self.body is None:
+                if not self.parallel and self.calls:
+                    break               # parallel_tool_calls false: only the first call is answered (read)
+                i = text.find(TOOL_CALL_START, self.scan)
+                if i < 0:
+                    break
+                self.body = i + len(TOOL_CALL_START)
+            j = text.find(TOOL_CALL_END, self.body)
+            # the block's text so far, less a partial </tool_call> at the end (as _unclosed reads it)
+            end = j if j >= 0 else len(text) - next((k for k in range(len(TOOL_CALL_END) - 1, 0, -1)
+                                                      if text.endswith(TOOL_CALL_END[:k])), 0)
+            if self.cur is None:
+                state, at, values = _seq(text[:end], self.body, _HEADER)
+                if state != "ok":
+                    self.frozen = state == "no" or j >= 0
+                    break
+                self.cur = _Streamed(values[0], self.fmt, at - 1)       # its arguments from their "{"
+                self.calls.append(self.cur)
+                out.append({"index": len(self.calls) - 1, "id": self.cur.id, "type": "function",
+                            "function": {"name": self.cur.name, "arguments": ""}})
+            cur, k = self.cur, len(self.calls) - 1
+            if not cur.canon.done and end > cur.at:
+                part = cur.canon.feed(text[cur.at:end])
+                cur.at = end
+                if cur.canon.done:
+                    part = part[:-1]    # the arguments' closing "}" waits until the block reads as a call
+                if part:
+                    cur.args += part
+                    out.append({"index": k, "function": {"arguments": part}})
+            if cur.canon.bad or j >= 0 and not cur.canon.done:
+                self.frozen = True      # not a call the whole answer's parse reads: nothing more goes out
+                break
+            if j < 0:
+                break
+            whole = _call(text[self.body:j])
+            if whole is None or whole["name"] != cur.name or \
+                    json.dumps(whole["arguments"], ensure_ascii=False) != cur.args + "}":
+                self.frozen = True      # JSON that broke after the arguments (or named them twice): left to end()
+                break
+            cur.args += "}"
+            out.append({"index": k, "function": {"arguments": "}"}})
+            self.scan, self.body, self.cur = j + len(TOOL_CALL_END), None, None
+        # one entry per call per step: a step's fragments of a call joined
+        merged: list[dict] = []
+        for d in out:
+            if merged and merged[-1]["index"] == d["index"] and "id" not in d and "id" not in merged[-1]:
+                merged[-1]["function"]["arguments"] += d["function"]["arguments"]
+            else:
+                merged.append(d)
+        return merged
+
+    def end(self, text: str | None = None) -> tuple[str, list[dict], bool]:
+        """A streamed answer's end: (the content not sent yet, the `delta.tool_calls` entries not sent yet, whether
+        its calls are whole). The whole answer is read as the non-streamed reply reads it (parse_tool_calls): each
+        call that went out gets the rest of its arguments, the reply's later calls go out whole, and the content
+        not sent goes out. A call that went out but is not the reply's (cut by max_tokens or a stop string, or
+        JSON that broke after its name) is left as it went: nothing more is sent (the markup it began with is
+        never content), and whole is False (the finish reason is not "tool_calls"); so is a block the answer ended
+        in before its call's name was read."""
+        head, out = "", []
+        if text is not None and text != self.text and text.startswith(self.text):
+            head, out = self.stream(text[len(self.text):])
+        text = self.text if text is None else text
+        content, calls = parse_tool_calls(text, self.fmt)
+        calls = calls if self.parallel else calls[:1]
+        for k, sent in enumerate(self.calls):
+            args = json.dumps(calls[k]["arguments"], ensure_ascii=False) if k < len(calls) else None
+            if args is None or calls[k]["name"] != sent.name or not args.startswith(sent.args):
+                return head, out, False
+            if len(args) > len(sent.args):
+                out.append({"index": k, "function": {"arguments": args[len(sent.args):]}})
+        for k in range(len(self.calls), len(calls)):
+            out.append({"index": k, **openai_tool_calls([calls[k]], self.fmt)[0]})
+        self.calls_sent = len(calls)
+        sent = self.text[:self.sent]
+        rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
+        if self.body is not None and self.cur is None and not self.frozen:
+            # the answer ended (cut) inside a block that was still becoming a call (its name not yet read): like
+            # a call cut in its arguments, it is not sent as content (its markup never is)
+            tail = text[self.body - len(TOOL_CALL_START):]
+            rest = rest[:len(rest) - len(tail)] if rest.endswith(tail) else rest
+        return head + rest, out, True
+
+
+# ---- streamed calls ---------------------------------------------------------------------------------------------
+
+_WS = " \t\n\r"                 # JSON's whitespace
+_STR = object()                 # _seq: a JSON string (its decoded value is returned)
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_ESCAPES = set('"\\/bfnrtu')
+
+
+def _seq(s: str, pos: int, parts) -> tuple[str, int, list]:
+    """Matches `parts` (literals, tuples of alternative literals, or _STR) at s[pos:], whitespace allowed before
+    each: ("ok", the end, the strings' values), ("need", ...) where s ends inside them, ("no", ...) where s cannot
+    become them."""
+    values = []
+    for part in parts:
+        while pos < len(s) and s[pos] in _WS:
+            pos += 1
+        rest = s[pos:]
+        if part is _STR:
+            if not rest:
+                return "need", pos, values
+            if rest[0] != '"':
+                return "no", pos, values
+            end, esc = 1, False
+            while end < len(rest) and (esc or rest[end] != '"'):
+                esc = not esc and rest[end] == "\\"
+                end += 1
+            if end == len(rest):
+                return "need", pos, values
+            try:
+                values.append(json.loads(rest[:end + 1]))
+            except ValueError:
+                return "no", pos, values
+            pos += end + 1
+            continue
+        for lit in (part if isinstance(part, tuple) else (part,)):
+            if rest.startswith(lit):
+                pos += len(lit)
+                break
+        else:
+            if any(lit.startswith(rest) for lit in (part if isinstance(part, tuple) else (part,))):
+                return "need", pos, values
+            return "no", pos, values
+    return "ok", pos, values
+
+
+# A call's JSON up to its arguments object's "{": what a call must begin with to be streamed as it decodes
+_HEADER = ("{", '"name"', ":", _STR, ",", ('"arguments"', '"parameters"'), ":", "{")
+
+
+class _Canon:
+    """A JSON value's text, read as it arrives, written out as json.dumps(json.loads(text), ensure_ascii=False)
+    writes it (", " and ": " between items, no other whitespace, strings re-escaped, numbers as Python prints
+    them): `feed` gives the part of that text no later character can change. done once the value has ended; bad on
+    text that is not JSON (or JSON written in a form only the whole value's parse reads: NaN, Infinity), after
+    which nothing more is given (the caller's end reads the whole answer)."""
+
+    def __init__(self):
+        self.stack: list[str] = []
+        self.expect = "value"       # value, value_or_close, key, key_or_close, colon, comma_or_close
+        self.tok = ""               # a number or literal being read
+        self.raw: str | None = None     # a string being read (its text between the quotes so far)
+        self.key = False            # ... as an object's key
+        self.sent = 0               # the canonical text of that string given out so far (its quote included)
+        self.esc = 0                # inside an escape: its characters so far
+        self.safe = 0               # len(raw) where a prefix of raw decodes to a prefix of the whole string
+        self.done = self.bad = False
+
+    def feed(self, chars: str) -> str:
+        out: list[str] = []
+        for ch in chars:
+            if self.done or self.bad:
+                break
+            self._char(ch, out)
+        if self.raw is not None and not self.bad:
+            out.append(self._string_part())
+        return "" if self.bad else "".join(out)
+
+    def _string_part(self) -> str:
+        canon = json.dumps(json.loads('"' + self.raw[:self.safe] + '"'), ensure_ascii=False)[:-1]
+        part, self.sent = canon[self.sent:], len(canon)
+        return part
+
+    def _value_ended(self):
+        if not self.stack:
+            self.done = True
+        self.expect = "comma_or_close"
+
+    def _char(self, ch: str, out: list):
+        if self.raw is not None:
+            if self.esc:
+                self.raw += ch
+                self.esc += 1
+                if self.esc == 2 and ch not in _ESCAPES or self.esc > 2 and ch not in "0123456789abcdefABCDEF":
+                    self.bad = True
+                elif self.esc == 2 and ch != "u" or self.esc == 6:
+                    self.esc = 0
+                    # an escaped high surrogate waits for the low one that may follow (json.loads joins them)
+                    if not (self.raw[-6:-4] == "\\u" and 0xD800 <= int(self.raw[-4:], 16) <= 0xDBFF):
+                        self.safe = len(self.raw)
+                return
+            if ch == "\\":
+                self.raw += ch
+                self.esc = 1
+            elif ch == '"':
+                self.safe = len(self.raw)
+                out.append(self._string_part() + '"')
+                self.raw = None
+                if self.key:
+                    self.expect = "colon"
+                else:
+                    self._value_ended()
+            elif ord(ch) < 0x20:
+                self.bad = True         # a raw control character: json.loads refuses it
+            else:
+                self.raw += ch
+                self.safe = len(self.raw)
+            return
+        if self.tok:
+            if ch in "0123456789+-.eE" or ch.isalpha():
+                self.tok += ch
+                return
+            if self.tok in ("true", "false", "null"):
+                out.append(self.tok)
+            elif _NUMBER.fullmatch(self.tok):
+                out.append(json.dumps(json.loads(self.tok)))
+            else:
+                self.bad = True
+                return
+            self.tok = ""
+            self._value_ended()
+        if ch in _WS:
+            return
+        expect = self.expect
+        if expect in ("value", "value_or_close"):
+            if ch in "{[":
+                self.stack.append(ch)
+                self.expect = "key_or_close" if ch == "{" else "value_or_close"
+                out.append(ch)
+            elif ch == '"':
+                self.raw, self.key, self.sent, self.safe = "", False, 0, 0
+            elif ch == "-" or ch.isdigit() or ch in "tfn":
+                self.tok = ch
+            elif ch == "]" and expect == "value_or_close":
+                self._close(ch, out)
+            else:
+                self.bad = True
+        elif expect in ("key", "key_or_close"):
+            if ch == '"':
+                self.raw, self.key, self.sent, self.safe = "", True, 0, 0
+            elif ch == "}" and expect == "key_or_close":
+                self._close(ch, out)
+            else:
+                self.bad = True
+        elif expect == "colon":
+            if ch == ":":
+                out.append(": ")
+                self.expect = "value"
+            else:
+                self.bad = True
+        elif ch == ",":
+            out.append(", ")
+            self.expect = "key" if self.stack[-1] == "{" else "value"
+        elif ch in "}]":
+            self._close(ch, out)
+        else:
+            self.bad = True
+
+    def _close(self, ch: str, out: list):
+        if self.stack.pop() != {"}": "{", "]": "["}[ch]:
+            self.bad = True
+            return
+        out.append(ch)
+        self._value_ended()
+
+
+class _Streamed:
+    """A call whose name went out: its id, name, the arguments text sent, and the reader of the rest."""
+
+    def __init__(self, name: str, fmt: str, at: int):
+        self.id, self.name, self.args, self.at = _call_id(fmt), name, "", at
+        self.canon = _Canon()
 
 
 def _joined_parts(parts: list, i: int) -> str:

@@ -101,11 +101,11 @@ def test_pydantic_schemas_with_defs_are_served_and_held(server):
     status, spec = call(server.url, CHAT, {**body, "speculative": "amphista"})
     assert status == 200 and spec["amphista"]["speculative"] == "amphista", spec
     assert _calls(spec) == _calls(reply)
-    # streamed: the same call, sent as a tool_calls delta
+    # streamed: the same call, its name first, then its arguments in fragments (joined here)
     events = sse(server.url, CHAT, {**body, "speculative": "amphista"})
-    streamed = [d["tool_calls"] for e in events[:-1] for d in [e["choices"][0]["delta"]] if "tool_calls" in d]
-    assert [[{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
-             for c in s] for s in streamed] == [[one]]
+    streamed = [tc for e in events[:-1] for tc in e["choices"][0]["delta"].get("tool_calls", ())]
+    assert {tc["index"] for tc in streamed} == {0} and streamed[0]["function"]["name"] == one["name"]
+    assert json.loads("".join(tc["function"]["arguments"] for tc in streamed)) == one["arguments"]
     # "required" with sampling and n: every call of a listed tool, valid for it; ids unique across the choices
     status, reply = call(server.url, CHAT, {**body, "tool_choice": "required", "n": 3, "temperature": 1.0,
                                             "seed": 4, "max_tokens": 300})
@@ -133,7 +133,7 @@ def test_parallel_tool_calls_false_gives_at_most_one_call(server):
     assert status == 200, one
     assert [len(c) for c in _calls(one)] == [1] * 4, one
     events = sse(server.url, CHAT, {**body, "parallel_tool_calls": False, "n": 1})
-    assert sum(len(e["choices"][0]["delta"].get("tool_calls", [])) for e in events[:-1]) == 1
+    assert {tc["index"] for e in events[:-1] for tc in e["choices"][0]["delta"].get("tool_calls", [])} == {0}
     error_of(call(server.url, CHAT, {**body, "parallel_tool_calls": "no"}), 400, "parallel_tool_calls",
              param="parallel_tool_calls")
     # "auto": the model may still write two calls; only the first is answered (as vLLM does)

@@ -79,9 +79,12 @@ class Metrics:
             if status >= 400:
                 self.errors[ep, str(status)] += 1
 
-    def answered(self, results):
-        """The choices of a request answered in full (their engine finish reasons: eos, stop, length)."""
-        reasons = [str(r.finish_reason) for r in results]
+    def answered(self, results, reasons=None):
+        """The choices of a request answered in full: their engine finish reasons (eos, stop, length), or where
+        reasons (one per result) gives one, that ("tool_calls": a chat answer of tool calls, which the engine ended
+        with eos or a stop)."""
+        given = list(reasons or ()) + [None] * (len(results) - len(reasons or ()))
+        reasons = [str(g or r.finish_reason) for r, g in zip(results, given)]
         with self._lock:
             self.finished.update(reasons)
 
@@ -149,7 +152,7 @@ class Metrics:
                    "HTTP requests answered with an error status (499: the client left), by endpoint and status.",
                    [("", [("endpoint", ep), ("status", st)], n) for (ep, st), n in sorted(self.errors.items())])
             metric("amphista_request_success_total", "counter",
-                   "Choices answered in full, by the engine's finish reason (eos, stop, length).",
+                   "Choices answered in full, by finish reason (the engine's eos, stop, length; tool_calls).",
                    [("", [("finish_reason", r)], n) for r, n in sorted(self.finished.items())])
             metric("amphista_prompt_tokens_total", "counter", "Prompt tokens of the runs decoded.",
                    [("", (), self.prompt_tokens)])

@@ -1113,7 +1113,6 @@ class _Handler(BaseHTTPRequestHandler):
             return
         result = results[-1][-1]            # the log line's and the "amphista" key's: the last choice
         everyone = [r for rs in results for r in rs]
-        app.metrics.answered(everyone)      # before the reply goes out (a stream's client sees it end after)
         note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
         if len(results) > 1:
             note += f" | {len(results)} prompts"
@@ -1122,9 +1121,12 @@ class _Handler(BaseHTTPRequestHandler):
         if job.rows > 1:
             note += f" | batch of {job.rows}"
         if stream:
+            # before the reply goes out (a stream's client sees it end after); an answer of tool calls counts as
+            # "tool_calls", as its finish_reason says (_stream)
+            app.metrics.answered(everyone, [self._tool_finish.get(c) for c in range(len(everyone))])
             self._done(200, note)
             return
-        choices = []
+        choices, reasons = [], []
         for i, (one, rs) in enumerate(zip(jobs, results)):
             for c, r in enumerate(rs):      # OpenAI's order: prompt-major, index = prompt * n + choice
                 finish = FINISH.get(r.finish_reason, r.finish_reason)
@@ -1138,12 +1140,15 @@ class _Handler(BaseHTTPRequestHandler):
                             # cut by max_tokens: "length" (as OpenAI), or a client took the calls before the cut
                             # for the whole answer (a parallel call after them lost with no word of it)
                             finish = "length" if finish == "length" else "tool_calls"
+                    reasons.append("tool_calls" if finish == "tool_calls" else None)
                     choices.append({"index": i * one.n + c, "message": message,
                                     "logprobs": app.logprobs(r), "finish_reason": finish})
                 else:
+                    reasons.append(None)
                     choices.append({"index": i * one.n + c,
                                     "text": (app.prompt_text(one) if one.options.get("echo") else "") + r.text,
                                     "logprobs": app.completion_logprobs(one, r), "finish_reason": finish})
+        app.metrics.answered(everyone, reasons)     # before the reply goes out; tool calls as "tool_calls"
         extra = app.extra(result)
         if len(everyone) > 1:               # each choice's own stats too, in the choices' order (the last's above)
             extra["choices"] = [app.extra(r) for r in everyone]
@@ -1219,7 +1224,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._started = True
         results: list = [None] * job.n
-        # a choice's text from its first <tool_call> on is held back, and sent as tool calls at its end
+        self._tool_finish: dict = {}
+        # a choice's text from its first <tool_call> on is held back: its calls go out as they decode (hermes) or
+        # at its end (ToolCallFilter.stream, .end)
         filters = [ToolCallFilter(plan.parallel, plan.fmt) for _ in range(job.n)] \
             if chat and plan is not None and plan.parse else None
         try:
@@ -1236,13 +1243,18 @@ class _Handler(BaseHTTPRequestHandler):
                         results[c] = result
                         finish = FINISH.get(result.finish_reason, result.finish_reason)
                         if filters is not None:
-                            rest, calls = filters[c].finish(result.text)
+                            # the whole answer read as _complete reads it: the calls' arguments not sent yet, the
+                            # calls that could not stream, the content held back
+                            rest, deltas, whole = filters[c].end(result.text)
                             if rest:
                                 self._event(chunk(c, rest))
-                            for k, call in enumerate(openai_tool_calls(calls, plan.fmt)):
-                                self._event(chunk(c, tool_calls=[{"index": k, **call}]))
-                            if calls and finish != "length":     # cut by max_tokens: said so (_complete)
+                            for d in deltas:
+                                self._event(chunk(c, tool_calls=[d]))
+                            # cut by max_tokens: said so (_complete); a call that went out but is not the reply's
+                            # (cut, or JSON that broke after its name) is never claimed whole
+                            if whole and filters[c].calls_sent and finish != "length":
                                 finish = "tool_calls"
+                                self._tool_finish[c] = finish       # /metrics counts it so (_complete)
                         # a delta's text is not a whole number of tokens (text is held back around stops and split
                         # characters): the answer's token logprobs come together, with the choice's final chunk,
                         # where a client concatenates them
@@ -1253,9 +1265,11 @@ class _Handler(BaseHTTPRequestHandler):
                 elif self._client_gone():
                     return None
                 elif kind == "delta" and value[1]:
-                    text = value[1] if filters is None else filters[value[0]].feed(value[1])
+                    text, deltas = (value[1], ()) if filters is None else filters[value[0]].stream(value[1])
                     if text:
                         self._event(chunk(value[0], text))
+                    for d in deltas:        # a call's name, then its arguments as they decode (tools.py)
+                        self._event(chunk(value[0], tool_calls=[d]))
                 event = self._next_event(job)
                 if event is None:
                     return None
