@@ -51,20 +51,33 @@ class GGUFTensor:
 
 
     def q4_codes(self):
-        """A Q4_0/Q4_1 matrix as its own 4-bit codes, unpacked but not dequantized: (codes [rows, K] uint8 in
-        0..15, s, z [rows, K/32] float32) with value = code * s + z (Q4_0: s = d, z = -8 d; Q4_1: s = d, z = m).
-        gguf's dequantizers' layout: a block holds fp16 d (and m), then 16 bytes whose low nibbles are values
-        0..15 and high nibbles 16..31."""
+        """A Q4_0/Q4_1/Q4_K matrix as its own 4-bit codes, unpacked but not dequantized: (codes [rows, K] uint8 in
+        0..15, s, z [rows, K/32] float32) with value = code * s + z per group of 32 (Q4_0: s = d, z = -8 d; Q4_1:
+        s = d, z = m; Q4_K: s = d * scale, z = -dmin * min, each group's 6-bit scale and min). gguf's dequantizers'
+        layouts: a Q4_0/Q4_1 block holds fp16 d (and m), then 16 bytes whose low nibbles are values 0..15 and high
+        nibbles 16..31; a Q4_K block of 256 holds fp16 d and dmin, 12 bytes of packed 6-bit scales and mins, then
+        4 x 32 bytes whose low nibbles are group 2j and high nibbles group 2j + 1."""
+        import gguf
+
         rows, K = self.shape
+        data = np.ascontiguousarray(self.data)
+        if self.qtype.name == "Q4_K":
+            b = data.reshape(rows, K // 256, 144)
+            d, dmin = (b[..., i:i + 2].copy().view(np.float16)[..., 0].astype(np.float32) for i in (0, 2))
+            sc, mn = gguf.quants.Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+            s = (d[..., None] * sc.reshape(rows, K // 256, 8).astype(np.float32)).reshape(rows, K // 32)
+            z = -(dmin[..., None] * mn.reshape(rows, K // 256, 8).astype(np.float32)).reshape(rows, K // 32)
+            qs = b[..., 16:].reshape(rows, K // 256, 4, 1, 32)
+            return np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, K), s, z
         head = {"Q4_0": 2, "Q4_1": 4}[self.qtype.name]
-        b = np.ascontiguousarray(self.data).reshape(rows, K // 32, head + 16)
+        b = data.reshape(rows, K // 32, head + 16)
         d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
         z = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if head == 4 else -8 * d
         qs = b[..., head:]
         return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, K), d, z
 
 
-Q4_TYPES = ("Q4_0", "Q4_1")
+Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")     # q4_codes reads these
 
 
 @dataclass

@@ -320,7 +320,8 @@ def _add_gguf_tensor(wr, name: str, x, qtype: str):
     import gguf
     if x.ndim == 2 and qtype != "F32":
         qt = gguf.GGMLQuantizationType[qtype]
-        wr.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
+        raw = quantize_q4_k(x) if qtype == "Q4_K" else gguf.quants.quantize(x, qt)
+        wr.add_tensor(name, raw, raw_dtype=qt)
     else:
         wr.add_tensor(name, x)
 
@@ -344,7 +345,9 @@ def write_tiny_gguf(hf_dir: Path, out: Path, arch="llama", qtype="F32", bad_type
     from safetensors.numpy import load_file
     w = load_file(str(hf_dir / "model.safetensors"))
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    c = dict(TINY_HF, num_hidden_layers=json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"])
+    own = json.loads((hf_dir / "config.json").read_text())
+    c = dict(TINY_HF, **{k: own[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                              "num_attention_heads", "num_key_value_heads")})
     wr = gguf.GGUFWriter(str(out), arch)
     for key, value in (("block_count", c["num_hidden_layers"]), ("context_length", c["max_position_embeddings"]),
                        ("embedding_length", c["hidden_size"]), ("feed_forward_length", c["intermediate_size"]),
@@ -413,3 +416,32 @@ def serving(engine, **options):
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+def quantize_q4_k(x):
+    """x [rows, K] float32 (K a multiple of 256) -> Q4_K blocks as bytes [rows, K / 256 * 144]: llama.cpp's layout
+    (fp16 d and dmin, 6-bit scales and mins packed in 12 bytes, 4-bit codes), quantized by round to nearest
+    (gguf-py dequantizes K-quants but cannot write them; llama.cpp's own quantizer searches its scales)."""
+    import numpy as np
+    rows, K = x.shape
+    g = x.reshape(rows, K // 256, 8, 32).astype(np.float32)
+    lo = np.minimum(g.min(-1), 0)                                  # Q4_K's minimum is -dmin * m with m >= 0
+    scale = (g.max(-1) - lo) / 15
+    d = (scale.max(-1) / 63).astype(np.float16)
+    dmin = (-lo.min(-1) / 63).astype(np.float16)
+    sd = np.where(d == 0, 1, d).astype(np.float32)[..., None]
+    md = np.where(dmin == 0, 1, dmin).astype(np.float32)[..., None]
+    sc = np.clip(np.round(scale / sd), 0, 63).astype(np.uint8)
+    mn = np.clip(np.round(-lo / md), 0, 63).astype(np.uint8)
+    step = np.where(sc == 0, 1, sc * d.astype(np.float32)[..., None])
+    q = np.clip(np.round((g + (mn * dmin.astype(np.float32)[..., None])[..., None]) / step[..., None]), 0, 15)
+    q = q.astype(np.uint8)
+    packed = np.empty((rows, K // 256, 12), np.uint8)
+    packed[..., 0:4] = (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6)
+    packed[..., 4:8] = (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)
+    qs = q.reshape(rows, K // 256, 4, 2, 32)
+    qs = qs[..., 0, :] | (qs[..., 1, :] << 4)
+    block = np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), packed,
+                            qs.reshape(rows, K // 256, 128)], axis=-1)
+    return block.reshape(rows, K // 256 * 144)
