@@ -17,7 +17,8 @@ from .text_files import read_utf8
 def _add_quant_arg(p: argparse.ArgumentParser):
     p.add_argument("--quant", default="auto", choices=["auto", "q4", "none"],
                    help="CPU weights: auto (default) keeps a GGUF file's 4-bit layers 4-bit (int4 kernel, int8 LM "
-                        "head); q4 quantizes any model so; none multiplies dequantized weights in --dtype")
+                        "head; a Q4_K_M file's wider layers int8); q4 quantizes any model to 4 bits; none multiplies "
+                        "dequantized weights in --dtype")
 
 
 def _add_model_args(p: argparse.ArgumentParser):

@@ -290,7 +290,8 @@ class Engine:
         larger batch is still taken (no cap): the cache grows to it, checked the same way before allocating, and
         keeps that size;
         quant (CPU): "q4" runs the target's layers on 4-bit codes and its LM head in int8, "auto" (the default)
-        does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1, e.g. smollm2-135m), "none" multiplies the
+        does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1/Q4_K, e.g. smollm2-135m; K-quant mixes such as
+        Q4_K_M run their wider layers as int8 rows), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
         it adapts a model loaded elsewhere, and quantizing changes that model in place."""
         check_engine_args(DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, max_batch_size, cuda_graphs)

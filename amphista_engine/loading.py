@@ -93,7 +93,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
                max_seq_len: int | None = None, quant: str = "none") -> LoadedModel:
     """quant (CPU; resolved by kernels.linear_setup.LinearSetup.for_device): "q4" quantizes the layers as they
     load (build_model), so the float model never exists whole; "auto" does so for a GGUF whose layer linears are
-    all Q4_0/Q4_1 (their codes, never dequantized), and otherwise loads floats and leaves the choice to the
+    all stored in 4-bit blocks (their codes, never dequantized), or beside them in INT8_ROW_TYPES (int8 rows), and
+    otherwise loads floats and leaves the choice to the
     Engine's LinearSetup, which checks the values (a Hugging Face folder of 4-bit-valued weights)."""
     dtype = parse_dtype(dtype)
     path = resolve_model_path(name_or_path)
@@ -108,7 +109,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         tokenizer = load_tokenizer(reader)      # before the weights: a bad tokenizer fails in a moment, not minutes
         if quant == "auto":
             quant = "auto" if _gguf_layers_4bit(reader) else "none"
-        weights, layer_weights = gguf_weights(reader, cfg, four_bit=quant != "none")
+        weights, layer_weights = gguf_weights(reader, cfg, four_bit=quant != "none", int8_rows=quant == "auto")
         freq_factors = weights.pop("rope_freqs.weight", None)
     elif path.is_dir():
         cfg = ModelConfig.from_json(path / "config.json")
@@ -133,12 +134,20 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
     return LoadedModel(model, tokenizer, cfg, str(path))
 
 
+# Block types of layer linears "auto" runs as int8 rows next to 4-bit ones (a Q4_K_M file's Q6_K attn_v and ffn_down,
+# Q5_K_M's, Q3_K_M's). Q8_0 is not among them: rows of one scale would triple its error (0.55% -> 0.85% + 0.55%
+# relative on SmolLM2's weights), so a Q8_0 file stays float under "auto", as F16/BF16/F32 files do.
+INT8_ROW_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
+
+
 def _gguf_layers_4bit(reader) -> bool:
-    """Every layer linear of the file stored Q4_0/Q4_1 (norms, biases and MoE routers aside): "auto"'s 4-bit."""
+    """Every layer linear of the file stored in a 4-bit block type (Q4_0/Q4_1/Q4_K) or one of INT8_ROW_TYPES, at
+    least one 4-bit (norms, biases and MoE routers aside): "auto"'s codes."""
     from .gguf_file import Q4_TYPES
     linears = [t for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".weight")
                and len(t.shape) >= 2 and "ffn_gate_inp" not in t.name and not t.name.endswith(_GGUF_IGNORED)]
-    return bool(linears) and all(t.qtype.name in Q4_TYPES for t in linears)
+    return (any(t.qtype.name in Q4_TYPES for t in linears)
+            and all(t.qtype.name in Q4_TYPES + INT8_ROW_TYPES for t in linears))
 
 
 def _check_rope_len(path: Path, cfg: ModelConfig, max_seq_len: int | None):
@@ -221,8 +230,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
     weights: every tensor, or with `layer_weights` (i -> layer i's tensors, made when asked for) the top-level
     ones. quant "q4" (CPU; "auto": the same where every shape fits, else "none"): each layer's linears go 4-bit
     (cpu_quant.quantize_layer) as soon as the layer is assigned and its floats are freed, so that the float model
-    never exists whole; linears handed over as cpu_quant.Codes4 (a GGUF's Q4_0/Q4_1) run on those codes and are
-    never floats at all."""
+    never exists whole; linears handed over as cpu_quant.Codes4 (a GGUF's Q4_0/Q4_1/Q4_K) run on those codes and
+    are never floats at all, and those handed over as cpu_quant.Int8Rows go int8 (Int8Linear) instead of 4-bit."""
     from .kernels import cpu_quant
     if max_seq_len:       # before the model builds its RoPE table for max_seq_len positions
         from .kv_cache import KVCache
@@ -240,29 +249,33 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
         if missing:
             raise ConfigError(f"checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
         for name in names:
-            if not isinstance(source[name], cpu_quant.Codes4):
+            if not isinstance(source[name], (cpu_quant.Codes4, cpu_quant.Int8Rows)):
                 _check_float("checkpoint", name, source[name])
             if tuple(source[name].shape) != tuple(expected[name]):
                 raise ConfigError(f"tensor {name}: checkpoint shape {tuple(source[name].shape)} does not match "
                                   f"the shape {tuple(expected[name])} its config implies")
         codes = {n: source[n] for n in names if isinstance(source[n], cpu_quant.Codes4)}
-        if codes and quant == "none":       # a caller that asked for no 4-bit layers gets the codes' values
-            codes, source = {}, {**source, **{n: c.dequantize() for n, c in codes.items()}}
-        model.load_state_dict({n: source[n].to(device=device, dtype=dtype) for n in names if n not in codes},
-                              strict=False, assign=True)
+        rows = {n: source[n].w for n in names if isinstance(source[n], cpu_quant.Int8Rows)}
+        if quant == "none":             # a caller that asked for floats gets the codes' values
+            source = {**source, **rows, **{n: c.dequantize() for n, c in codes.items()}}
+            codes, rows = {}, {}
+        model.load_state_dict({n: (rows.get(n, source[n])).to(device=device, dtype=dtype) for n in names
+                               if n not in codes}, strict=False, assign=True)
         for name, c in codes.items():
             linear = model.get_submodule(name.removesuffix(".weight"))
             cpu_quant.Int4Linear.codes_into(linear, c)
             linear.weight = torch.nn.Parameter(torch.empty(c.shape, dtype=dtype, device="meta"), requires_grad=False)
+        return tuple(model.get_submodule(n.removesuffix(".weight")) for n in rows)
 
     top = [k for k in expected if not k.startswith("layers.")]
     assign(top, weights)
     head = weights["tok_embeddings.weight" if cfg.tie_word_embeddings else "output.weight"]
     fingerprint = lm_head_fingerprint(head)     # of the checkpoint's values: heads match any dtype they load in
     for i, layer in enumerate(model.layers):
-        assign([k for k in expected if k.startswith(f"layers.{i}.")], layer_weights(i) if layer_weights else weights)
+        int8 = assign([k for k in expected if k.startswith(f"layers.{i}.")],
+                      layer_weights(i) if layer_weights else weights)
         if quant != "none":
-            cpu_quant.quantize_layer(layer)
+            cpu_quant.quantize_layer(layer, int8)
     model.tie_weights()
     setattr(model.output, CHECKPOINT_FINGERPRINT, fingerprint)
     model.setup_rope(max_seq_len or cfg.max_position_embeddings, freq_factors)
@@ -583,10 +596,12 @@ def _cat(where: str, parts: list) -> torch.Tensor | None:
         return None
     if len({tuple(p.shape[1:]) for p in parts}) != 1:
         raise ConfigError(f"{where}: projections disagree on input size: {[tuple(p.shape) for p in parts]}")
-    from .kernels.cpu_quant import Codes4
+    from .kernels.cpu_quant import Codes4, Int8Rows
     if all(isinstance(p, Codes4) for p in parts):
         return Codes4.cat(parts)
-    return torch.cat([p.dequantize() if isinstance(p, Codes4) else p for p in parts], dim=0)  # types mixed
+    w = torch.cat([p.dequantize() if isinstance(p, Codes4) else p.w if isinstance(p, Int8Rows) else p
+                   for p in parts], dim=0)      # types mixed
+    return Int8Rows(w) if any(isinstance(p, Int8Rows) for p in parts) else w
 
 
 # ---- GGUF ----------------------------------------------------------------------------------------------
@@ -770,8 +785,11 @@ def _gguf_longrope(reader, path, a) -> dict:
 
 def _unpermute(w, n_heads: int):
     # llama.cpp's converter interleaves each head's two RoPE halves; restore the rotate-half row order.
-    if not isinstance(w, (np.ndarray, torch.Tensor)):       # cpu_quant.Codes4: its codes, scales and zeros alike
+    from .kernels.cpu_quant import Codes4, Int8Rows
+    if isinstance(w, Codes4):           # its codes, scales and zeros alike
         return w.rows(lambda a: _unpermute(a, n_heads))
+    if isinstance(w, Int8Rows):
+        return Int8Rows(_unpermute(w.w, n_heads))
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -834,12 +852,14 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
                           f"({cfg.head_dim // 2},) for heads of {cfg.head_dim}")
 
 
-def gguf_weights(reader, cfg: ModelConfig, four_bit: bool = False):
+def gguf_weights(reader, cfg: ModelConfig, four_bit: bool = False, int8_rows: bool = False):
     """(the top-level tensors, i -> layer i's tensors): each layer is read and dequantized when asked for, so a
     loader holds one layer's floats at a time, not the whole model's. With `four_bit`, layer linears stored
-    Q4_0/Q4_1 come as their codes (cpu_quant.Codes4) and are never dequantized."""
+    Q4_0/Q4_1/Q4_K come as their codes (cpu_quant.Codes4) and are never dequantized; with `int8_rows`, those stored
+    in other block types come as cpu_quant.Int8Rows (and so does a fused q|k|v or gate|up that mixes them with
+    4-bit parts: one layout per product)."""
     from .gguf_file import Q4_TYPES, dequantize_all
-    from .kernels.cpu_quant import Codes4
+    from .kernels.cpu_quant import Codes4, Int8Rows
 
     _check_gguf_tensors(reader, cfg)
     by_name = {t.name: t for t in reader.tensors}
@@ -857,6 +877,10 @@ def gguf_weights(reader, cfg: ModelConfig, four_bit: bool = False):
                  if four_bit and t.qtype.name in Q4_TYPES and len(t.shape) == 2 and not t.name.endswith("norm.weight")
                  and "ffn_gate_inp" not in t.name}
         raw = {**dequantize_all([t for t in mine if t.name not in codes]), **codes}
+        for t in mine if int8_rows else ():
+            if t.qtype.name in INT8_ROW_TYPES and len(t.shape) == 2 and not t.name.endswith("norm.weight") \
+                    and "ffn_gate_inp" not in t.name:
+                raw[t.name] = Int8Rows(torch.from_numpy(raw[t.name]))
         g = lambda n, kind="weight": _as_tensor(raw[f"{b}{n}.{kind}"])  # noqa: E731
         out = {}
         for kind in ("weight", "bias") if cfg.qkv_bias else () if cfg.fused_checkpoint else ("weight",):

@@ -3,10 +3,11 @@
 
 The file is a random Llama of Llama-3.2-1B's layer shapes (d 2048, 16 layers, GQA 32/8, SwiGLU 8192, tied
 embeddings; SmolLM2's vocabulary and tokenizer, 49152 tokens) written here with gguf-py: layer linears Q4_0, the
-embedding Q8_0, as llama.cpp's Q4_0 files store them. Its outputs are noise; its bytes are what counts. `--base`
+embedding Q8_0, as llama.cpp's Q4_0 files store them (`--mixed`: Q4_K_M's layout of wider layers). Its outputs
+are noise; its bytes are what counts. `--base`
 runs the same measurement on another checkout (a git worktree) in alternating processes.
 
-    python benchmarks/cpu_load_memory.py [--base COMMIT] [--quant auto,none] [--out DIR]
+    python benchmarks/cpu_load_memory.py [--base COMMIT] [--quant auto,none] [--mixed] [--out DIR]
 """
 import argparse
 import json
@@ -30,13 +31,19 @@ from amphista_engine import Engine
 e = Engine.from_pretrained(sys.argv[1], device="cpu", dtype="fp32", max_seq_len=256, quant=sys.argv[2])
 load_s = time.perf_counter() - t
 resident = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-r = e.generate("Hello", max_new_tokens=8, ignore_eos=True)
-print(json.dumps({"load_s": load_s, "resident_mib": resident, "quant": e.quant, "tokens": len(r.token_ids),
+e.generate("Hello", max_new_tokens=4, ignore_eos=True)
+r = e.generate("Hello", max_new_tokens=32, ignore_eos=True)
+print(json.dumps({"load_s": load_s, "resident_mib": resident, "quant": e.quant, "tok_s": r.stats.decode_tokens_per_s,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def write_model(out: Path) -> Path:
+def wider(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the layers whose attn_v and ffn_down a Q4_K_M file stores Q6_K."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def write_model(out: Path, mixed: bool = False) -> Path:
     import gguf
     import numpy as np
 
@@ -77,7 +84,8 @@ def write_model(out: Path) -> Path:
         for n, shape in (("attn_q", (H * hd, d)), ("attn_k", (KV * hd, d)), ("attn_v", (KV * hd, d)),
                          ("attn_output", (d, H * hd)), ("ffn_gate", (F, d)), ("ffn_up", (F, d)),
                          ("ffn_down", (d, F))):
-            add(f"blk.{i}.{n}.weight", shape, "Q4_0")
+            wide = mixed and n in ("attn_v", "ffn_down") and wider(i, L)
+            add(f"blk.{i}.{n}.weight", shape, "Q5_0" if wide else "Q4_0")
         add(f"blk.{i}.attn_norm.weight", (d,), None)
         add(f"blk.{i}.ffn_norm.weight", (d,), None)
     w.write_header_to_file()
@@ -101,30 +109,29 @@ def main():
     ap.add_argument("--base", help="a commit to measure side by side (checked out in a temporary worktree)")
     ap.add_argument("--quant", default="auto,none")
     ap.add_argument("--model", help="a GGUF to load instead of writing the random 1B one")
+    ap.add_argument("--mixed", action="store_true",
+                    help="Q4_K_M's layout: attn_v and ffn_down of llama.cpp's use_more_bits layers wider (Q5_0 here, "
+                         "gguf-py writes no Q6_K), the rest Q4_0")
     ap.add_argument("--out", default="bench_results/cpu_load_memory")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="amphista-mem-"))
-    model = Path(args.model) if args.model else write_model(tmp / "llama-1b-q4_0.gguf")
+    model = Path(args.model) if args.model else write_model(tmp / "llama-1b-q4.gguf", args.mixed)
     checkouts = [("this", ROOT)]
-    if args.base:
-        wt = tmp / "base"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), args.base], check=True)
-        for so in ROOT.glob("amphista_engine/_*.so"):      # the same compiled extensions (csrc is not compared)
-            (wt / "amphista_engine" / so.name).write_bytes(so.read_bytes())
-        checkouts.append(("base", wt))
+    if args.base:       # its own worktree and CPU extension, as checkout_ab.py builds them
+        from benchmarks.checkout_ab import worktree
+        checkouts.append(("base", worktree(args.base, Path(os.environ.get("TMPDIR", "/tmp")))))
     rows = []
-    try:
-        for quant in args.quant.split(","):
-            for name, path in checkouts:
-                r = measure(path, model, quant)
-                rows.append({"checkout": name, "quant asked": quant, "quant ran": r["quant"],
-                             "file MiB": round(model.stat().st_size / 2**20), "peak RSS MiB": round(r["peak_mib"]),
-                             "resident after load MiB": round(r["resident_mib"]), "load s": round(r["load_s"], 1)})
-                print(rows[-1], flush=True)
-    finally:
-        if args.base:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "base")])
-    meta = {"what": "RSS of a fresh process loading a random Llama-3.2-1B-shaped Q4_0 GGUF and decoding 8 tokens",
+    for quant in args.quant.split(","):
+        for name, path in checkouts:
+            r = measure(path, model, quant)
+            rows.append({"checkout": name, "quant asked": quant, "quant ran": r["quant"],
+                         "file MiB": round(model.stat().st_size / 2**20), "peak RSS MiB": round(r["peak_mib"]),
+                         "resident after load MiB": round(r["resident_mib"]), "load s": round(r["load_s"], 1),
+                         "decode tok/s": round(r["tok_s"], 1)})
+            print(rows[-1], flush=True)
+    meta = {"what": "RSS of a fresh process loading a random Llama-3.2-1B-shaped GGUF, and its plain decoding speed "
+                    "(32 tokens)", "file": "Q4_K_M-like: Q5_0 attn_v/ffn_down in use_more_bits layers, Q4_0 else"
+            if args.mixed else "Q4_0 layers, Q8_0 embedding",
             "shape": SHAPE, "base": args.base, "hardware": hardware("cpu"),
             "note": "peak RSS counts the GGUF's memory-mapped pages (clean page cache, up to the file's size) while "
                     "the loader reads them; resident is after the file is closed"}

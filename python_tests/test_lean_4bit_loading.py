@@ -12,7 +12,7 @@ import torch
 
 from amphista_engine.engine import Engine
 from amphista_engine.errors import ConfigError
-from amphista_engine.kernels import cpu_quant
+from amphista_engine.kernels import cpu_ops, cpu_quant
 from amphista_engine.loading import load_model
 from conftest import write_tiny_gguf, write_tiny_hf
 from kernel_checks import rel_err
@@ -102,13 +102,13 @@ def test_layers_are_read_and_quantized_one_at_a_time(tiny_hf_dir, tmp_path, monk
     seen = []
     real = cpu_quant.quantize_layer
 
-    def watching(layer):
+    def watching(layer, int8=()):
         model_layers = layer_list[0]
         i = next(j for j, m in enumerate(model_layers) if m is layer)
         later = [n for n in LINEARS for m in model_layers[i + 1:] if not m.get_submodule(n).weight.is_meta]
         earlier = [n for n in LINEARS for m in model_layers[:i] if not m.get_submodule(n).weight.is_meta]
         seen.append((i, later, earlier))
-        return real(layer)
+        return real(layer, int8)
 
     import amphista_engine.model as model_module
     layer_list = []
@@ -168,7 +168,7 @@ def test_quantize_linears_frees_the_floats_it_quantized(tiny_hf_dir):
 
 def test_shapes_the_kernel_cannot_take_are_refused_before_any_layer_is_read(tmp_path, monkeypatch):
     path = write_tiny_hf(tmp_path / "odd", intermediate_size=120)         # w2's input: not a multiple of 32
-    monkeypatch.setattr(cpu_quant, "quantize_layer", lambda layer: pytest.fail("a layer was quantized"))
+    monkeypatch.setattr(cpu_quant, "quantize_layer", lambda *a: pytest.fail("a layer was quantized"))
     with pytest.raises(ConfigError, match=r"multiples of 16; a linear of shape \(64, 120\)"):
         Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64, quant="q4")
     monkeypatch.undo()
@@ -202,7 +202,6 @@ def test_a_q4_k_gguf_runs_its_codes(wide_hf_dir, tmp_path, monkeypatch):
     codes under "auto" too. The kernel keeps each group's scale and min in fp16, so d * scale and dmin * min round
     once: the values stay within 2% of a step of the file's (measured: up to 1.1%)."""
     from amphista_engine.gguf_file import GGUFTensor
-    from amphista_engine.kernels import cpu_ops
     path = write_tiny_gguf(wide_hf_dir, tmp_path / "k.gguf", qtype="Q4_K",
                            qtypes={"token_embd.weight": "Q8_0", "output.weight": "Q8_0"})
     dequantized = []
@@ -219,3 +218,84 @@ def test_a_q4_k_gguf_runs_its_codes(wide_hf_dir, tmp_path, monkeypatch):
             assert bool(((v - w).abs() <= 0.02 * step).all()), n
     assert rel_err(_logits(engine.model), _logits(_old_route(path))) < 0.05
     assert engine.generate("hello world", max_new_tokens=4, chat=False).token_ids
+
+
+def _mixed_file(hf_dir, out):
+    """Q4_0 layers with attn_v in Q5_0 and ffn_down in Q5_1: the pattern of llama.cpp's Q4_K_M (Q6_K attn_v and
+    ffn_down beside Q4_K), in block types gguf-py can write."""
+    wide = {f"blk.{i}.{n}.weight": t for i in range(2) for n, t in (("attn_v", "Q5_0"), ("ffn_down", "Q5_1"))}
+    return write_tiny_gguf(hf_dir, out, qtype="Q4_0", qtypes=wide)
+
+
+def test_a_mixed_4bit_file_keeps_its_wider_layers_as_int8_rows(tiny_hf_dir, tmp_path):
+    """"auto" on a Q4_K_M-like file: the 4-bit layers run their codes, the wider ones (and q|k|v, which holds v)
+    int8 rows with the file's values to half a row step, where 4 bits would have lost their precision; no float
+    layer is kept. "q4" asked by name still makes every layer 4-bit."""
+    path = _mixed_file(tiny_hf_dir, tmp_path / "m.gguf")
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64)
+    assert engine.quant == "q4" and _float_layers(engine.model) == []
+    floats = load_model(path, max_seq_len=64).model
+    for a, b in zip(engine.model.layers, floats.layers):
+        for n in LINEARS:
+            layer, w = a.get_submodule(n), b.get_submodule(n).weight
+            if n in ("attention.wqkv", "feed_forward.w2"):
+                assert type(layer) is cpu_quant.Int8Linear, n
+                codes, scale = cpu_ops.unpack(layer._packed_native)
+                assert bool(((codes.float() * scale[:, None] - w).abs() <= 0.5001 * scale[:, None]).all()), n
+            else:
+                assert type(layer) is cpu_quant.Int4Linear and torch.equal(_values(layer), w), n
+    assert rel_err(_logits(engine.model), _logits(floats)) < 0.02
+    forced = load_model(path, max_seq_len=64, quant="q4").model
+    assert all(type(layer.get_submodule(n)) is cpu_quant.Int4Linear for layer in forced.layers for n in LINEARS)
+
+
+@pytest.mark.skipif(cpu_ops.load_extension() is None, reason="the cpu extension is not built")
+def test_the_layer_stack_runs_int8_rows_beside_4bit_layers(tiny_hf_dir, tmp_path):
+    """The C++ stack (csrc/cpu/decoder.h) takes each linear's width from the table (kInt8Mask): its logits,
+    hidden states and cache equal the Python layer loop's, and a tree step's rows equal plain steps' bit for bit,
+    so greedy speculative decoding equals plain greedy decoding on such a file."""
+    from amphista_engine.heads import random_heads
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import causal_mask
+    from test_cpu_quant import run_forward
+    engine = Engine.from_pretrained(str(_mixed_file(tiny_hf_dir, tmp_path / "m.gguf")), device="cpu",
+                                    dtype="fp32", max_seq_len=128)
+    model = engine.model
+    table = cpu_ops._layer_table(model.layers, model.norm, model.config, torch.float32, model)
+    assert table is not None and table.shape[1] == cpu_ops.LAYER_FIELDS and table[:, -1].tolist() == [0b1001] * 2
+    tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)[None]
+    got = {}
+    for native in (True, False):
+        cache = KVCache.for_model(model.config, 1, 64, torch.float32, "cpu")
+        pre = run_forward(model, tokens[:, :8], torch.arange(8)[None], cache, 0, causal_mask(8, "cpu"), native)
+        step = run_forward(model, tokens[:, 8:], torch.tensor([[8, 9, 9, 10]]), cache, 8, tree, native)
+        got[native] = (*pre, *step, cache.k[:, :1, :, :12], cache.v[:, :1, :, :12])
+    for a, b in zip(got[True], got[False]):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    engine.load_heads(random_heads("amphista", model, num_heads=3, seed=0))
+    prompt = "hello world, the quick brown fox"
+    plain = engine.generate(prompt, max_new_tokens=24, chat=False, ignore_eos=True)
+    spec = engine.generate(prompt, max_new_tokens=24, chat=False, ignore_eos=True, speculative="amphista",
+                           tree="tree-16")
+    assert spec.token_ids == plain.token_ids
+
+
+def test_an_extension_with_another_table_layout_declines_the_stack(monkeypatch):
+    """An extension built from older sources (16 fields a layer) would read the table's addresses as other
+    fields: the stack declines it and the Python layer loop runs."""
+    from test_cpu_quant import q4_model
+    model = q4_model(torch.float32)
+    ext = cpu_ops.load_extension()
+    if ext is None:
+        pytest.skip("the cpu extension is not built")
+    assert cpu_ops._layer_table(model.layers, model.norm, model.config, torch.float32, model) is not None
+
+    class Old:
+        def __getattr__(self, name):
+            if name == "decoder_layer_fields":
+                raise AttributeError(name)
+            return getattr(ext, name)
+    monkeypatch.setattr(cpu_ops, "load_extension", lambda: Old())
+    model.__dict__.pop("_cpu_decoder_tables", None)
+    assert cpu_ops._layer_table(model.layers, model.norm, model.config, torch.float32, model) is None

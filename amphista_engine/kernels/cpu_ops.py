@@ -336,15 +336,22 @@ def _gemma_scale(norm) -> torch.Tensor:
     return ((1.0 + norm.weight.detach().float()) * norm.out_scale).contiguous()
 
 
+LAYER_FIELDS = 17      # decoder.h kLayerFields
+
+
 def _layer_table(layers, final_norm, cfg, dtype, owner):
-    """[L, 16] int64 addresses of each layer's norms and packed weights, of its q/k/v bias and q/k norms or 0, of
-    Gemma 3's post-attention and post-MLP norms or 0, and its sliding flag (decoder.h LayerField order), cached on
-    `owner`; None when a layer is not all 4-bit codes of the cpu kernel (or shapes, dtypes or eps do not fit, or wo
+    """[L, 17] int64 addresses of each layer's norms and packed weights, of its q/k/v bias and q/k norms or 0, of
+    Gemma 3's post-attention and post-MLP norms or 0, its sliding flag and which linears are int8 rows rather than
+    4-bit groups (decoder.h LayerField order), cached on
+    `owner`; None when a layer is not all 4-bit or int8 codes of the cpu kernel (or shapes, dtypes or eps do not fit, or wo
     has a bias). Gemma 3's (1 + w) norms go in as fp32 scales (_gemma_scale), kept alive with the table; Gemma only
     in fp32 (its norms round once, the stack's twice in bf16)."""
     gemma = getattr(cfg, "gemma", False)
     if (gemma and dtype != torch.float32) or getattr(cfg, "moe_layers", ()):
         return None             # mixture-of-experts layers (model.MoEFeedForward): the Python layer loop runs them
+    fields = getattr(load_extension(), "decoder_layer_fields", None)
+    if fields is None or fields() != LAYER_FIELDS:      # built from older sources: rebuild (pip install -e .)
+        return None
     first, last = layers[0], layers[-1]
     key = (dtype, len(layers), id(first), id(getattr(first.attention.wqkv, "_packed_native", None)),
            id(getattr(last.feed_forward.w2, "_packed_native", None)), final_norm.weight.data_ptr())
@@ -371,7 +378,7 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
             norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
             extras = (att.wqkv.bias, None if q_norm is None else q_norm.weight,
                       None if k_norm is None else k_norm.weight)
-        if (any(p is None or p.bits != 4 or (p.k, p.n) != s for p, s in zip(packed, shapes))
+        if (any(p is None or p.bits not in (4, 8) or (p.k, p.n) != s for p, s in zip(packed, shapes))
                 or any(m.bias is not None for m in linears[1:]) or (q_norm is None) != (k_norm is None)
                 or any(w is not None and (w.dtype != dtype or not w.is_contiguous()) for w in norms + extras)):
             break
@@ -384,6 +391,7 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
             row += [p.codes.data_ptr(), p.scales.data_ptr()]
         row += [0 if t is None else t.data_ptr() for t in extras]
         row += [0 if t is None else t.data_ptr() for t in post] + [int(getattr(att, "sliding", False))]
+        row.append(sum(1 << j for j, p in enumerate(packed) if p.bits == 8))       # decoder.h kInt8Mask
         rows.append(row)
     else:
         final = _gemma_scale(final_norm) if gemma else final_norm.weight

@@ -1,7 +1,7 @@
 """How a decoder's linear layers run on its device, decided in one place for the Engine and `amphista bench`.
 
 On the CPU, bf16/fp32 weights are packed once for oneDNN (cpu_packed.py; AMPHISTA_CPU_PACK=0 turns it off), and
-with quant="q4" (or "auto" for a model whose layers are stored 4-bit, as a GGUF Q4_0/Q4_1 file's are) the
+with quant="q4" (or "auto" for a model whose layers are stored 4-bit, as a GGUF Q4_0/Q4_1/Q4_K file's are) the
 target's layers run as 4-bit codes and its LM head as int8 (cpu_quant.py). On CUDA they are routed through the
 backend switch unless AMPHISTA_TRITON_LINEAR=0 (routed_linear.py): each decode-step product (up to 64 rows)
 then takes the faster of the Triton GEMM and cuBLAS for its shape (linear_choice.py), and the exact path's

@@ -175,6 +175,10 @@ PYBIND11_MODULE(_cpu, m) {
      py::arg("codes"), py::arg("scales"), py::arg("N"), py::arg("out"), py::arg("out_stride"), py::arg("threads"),
      "out [rows, N] = x [rows, K] @ w.T for w packed by cpu_ops.pack_int4 (bits 4) or pack_int8 (bits 8)");
 
+  // The layer table's row width: Python checks it, so that an extension built from older sources (another
+  // LayerField order) declines the stack instead of reading its addresses as other fields.
+  m.def("decoder_layer_fields", [] { return int64_t(kLayerFields); });
+
   m.def("decoder_layers", [](int64_t x, int64_t h, int64_t table, int64_t final_norm, int64_t rope, int64_t rope_sb,
                              int64_t k_cache, int64_t v_cache, int64_t start, int64_t bits, int64_t bits_sb,
                              int64_t L, int64_t B, int64_t T, int64_t d, int64_t H, int64_t H_kv, int64_t D,

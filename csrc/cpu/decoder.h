@@ -33,6 +33,7 @@ enum LayerField : int {
   kW2Scales, kWqkvBias, kQNorm, kKNorm,
   kPostAttnNorm, kPostFfnNorm,  // Gemma 3's norms of the attention's and the MLP's outputs (0: none)
   kSliding,                     // 1: a sliding-window layer (DecoderArgs.window, rope_local), 0: a full one
+  kInt8Mask,                    // bit j set: linear j (wqkv, wo, w13, w2) is int8 rows, else 4-bit groups
   kLayerFields
 };
 
@@ -141,7 +142,9 @@ inline void decoder_layers(const DecoderArgs& a, int64_t threads) {
   auto matmul = [&](const void* in, int64_t K, const int64_t* row, int field, int64_t N, void* out) {
     const QuantMatmulArgs m{nullptr, nullptr, nullptr, nullptr, reinterpret_cast<const uint8_t*>(row[field]),
                             reinterpret_cast<const void*>(row[field + 1]), out, N, R, K, N, a.dtype};
-    quant_linear(4, in, K, m, threads);
+    // a GGUF's wider layers (Q6_K attn_v, ffn_down of a Q4_K_M file) run as int8 rows beside 4-bit ones
+    const int which = field == kWqkvCodes ? 0 : field == kWoCodes ? 1 : field == kW13Codes ? 2 : 3;
+    quant_linear((row[kInt8Mask] >> which) & 1 ? 8 : 4, in, K, m, threads);
   };
   auto norm = [&](const void* x, const void* residual, const void* w, void* sum, void* out) {
     rmsnorm(NormArgs{x, residual, w, sum, out, R, a.d, a.eps}, a.dtype, threads);
