@@ -116,12 +116,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         _check_rope_len(path, cfg, max_seq_len)
         _hf_shards(path)                        # that the weight files are there (cheap), then the tokenizer
         tokenizer = load_tokenizer(path)
-        weights, freq_factors = hf_weights(path, cfg), None
+        (weights, layer_weights), freq_factors = hf_weights(path, cfg), None
         quant = "q4" if quant == "q4" else "none"
-
-        def layer_weights(i):                   # handed over and dropped here: one layer's floats are freed at a time
-            p = f"layers.{i}."
-            return {k: weights.pop(k) for k in [k for k in weights if k.startswith(p)]}
     else:
         hint = ""
         if path.parent.joinpath("config.json").is_file():
@@ -323,7 +319,48 @@ def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _read_torch_bin(shard).items()
 
 
+# safetensors dtype names -> torch dtypes (what _map_safetensors maps; others take safe_open's reader)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _map_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]] | None:
+    """The file's tensors as views of one copy-on-write memory map: nothing is read until a layer is built from
+    them, so a loader's memory holds one layer's conversions at a time, not a second copy of the checkpoint (as
+    safe_open's get_tensor made). The format is 8 bytes of header length, a JSON header of name -> dtype, shape and
+    data_offsets, then the data. None where the header is anything but well formed (safe_open then names the
+    problem) or a dtype is not in _SAFETENSORS_DTYPES."""
+    import mmap
+    import struct
+    try:
+        with open(shard, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else -1
+            if not 0 < n <= min(size - 8, 1 << 27):
+                return None
+            header = json.loads(f.read(n))
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+        out = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            count = int(np.prod(shape, dtype=np.int64))
+            if count * dtype.itemsize != end - start or not 0 <= start <= end <= size - 8 - n:
+                return None
+            t = (torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + n + start) if count
+                 else torch.empty(0, dtype=dtype))
+            out.append((name, t.view(shape)))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return None
+
+
 def _read_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]]:
+    mapped = _map_safetensors(shard)
+    if mapped is not None:
+        return mapped
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(shard), framework="pt") as f:
@@ -351,7 +388,11 @@ def _read_torch_bin(shard: Path) -> dict:
     return state
 
 
-def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def hf_weights(path: Path, cfg: ModelConfig):
+    """(the top-level tensors, i -> layer i's tensors) of a Hugging Face checkpoint, our names. Safetensors shards
+    are memory-mapped (_map_safetensors) and a layer's q|k|v and gate|up are concatenated when it is asked for, so
+    a loader holds one layer's copies at a time; everything is checked (names, dtypes, shapes, unused tensors)
+    before any layer is built."""
     raw, names = {}, {}
     for name, t in _iter_hf_tensors(path):
         if cfg.gemma:
@@ -366,15 +407,21 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     if cfg.moe_layers:
         _split_fused_experts(cfg, raw, names)
     _check_hf_shapes(path, cfg, raw, names)
-    out = {"tok_embeddings.weight": raw.pop("embed_tokens.weight", None), "norm.weight": raw.pop("norm.weight", None)}
+    top = {"tok_embeddings.weight": raw.pop("embed_tokens.weight", None), "norm.weight": raw.pop("norm.weight", None)}
     if "lm_head.weight" in raw:
-        out["output.weight"] = raw.pop("lm_head.weight")
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        get = lambda n: raw.get(p + n)  # noqa: E731
-        out[p + "attention_norm.weight"] = get("input_layernorm.weight")
-        out[p + "ffn_norm.weight"] = get("post_attention_layernorm.weight")
-        out[p + "attention.wo.weight"] = get("self_attn.o_proj.weight")
+        top["output.weight"] = raw.pop("lm_head.weight")
+    layers = [{p + n: raw.pop(p + n) for n in _layer_shapes(cfg, i) if p + n in raw}
+              for i, p in enumerate(f"layers.{i}." for i in range(cfg.n_layers))]
+    _refuse_unused(path, [n for n in raw if n.split(".")[0] in _HF_MODEL_PARTS
+                          and not n.endswith(".rotary_emb.inv_freq")], _config_says(cfg))
+
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        p, mine = f"layers.{i}.", layers[i]
+        layers[i] = {}                  # handed over: this layer's tensors go once the loader is done with them
+        get = lambda n: mine.get(p + n)  # noqa: E731
+        out = {p + "attention_norm.weight": get("input_layernorm.weight"),
+               p + "ffn_norm.weight": get("post_attention_layernorm.weight"),
+               p + "attention.wo.weight": get("self_attn.o_proj.weight")}
         if i in cfg.moe_layers:
             out.update(_hf_experts(cfg, p, get))
         else:
@@ -399,11 +446,9 @@ def hf_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             out[p + "post_attention_norm.weight"] = get("post_attention_layernorm.weight")
             out[p + "ffn_norm.weight"] = get("pre_feedforward_layernorm.weight")
             out[p + "post_ffn_norm.weight"] = get("post_feedforward_layernorm.weight")
-        for n in _layer_shapes(cfg, i):
-            raw.pop(p + n, None)
-    _refuse_unused(path, [n for n in raw if n.split(".")[0] in _HF_MODEL_PARTS
-                          and not n.endswith(".rotary_emb.inv_freq")], _config_says(cfg))
-    return {k: v for k, v in out.items() if v is not None}
+        return {k: v for k, v in out.items() if v is not None}
+
+    return {k: v for k, v in top.items() if v is not None}, layer
 
 
 def _moe_prefix(cfg: ModelConfig) -> str:

@@ -7,7 +7,7 @@ embedding Q8_0, as llama.cpp's Q4_0 files store them (`--mixed`: Q4_K_M's layout
 are noise; its bytes are what counts. `--base`
 runs the same measurement on another checkout (a git worktree) in alternating processes.
 
-    python benchmarks/cpu_load_memory.py [--base COMMIT] [--quant auto,none] [--mixed] [--out DIR]
+    python benchmarks/cpu_load_memory.py [--base COMMIT] [--quant auto,none] [--mixed | --hf] [--out DIR]
 """
 import argparse
 import json
@@ -25,16 +25,28 @@ from benchmarks.common import hardware, md_table, write_results  # noqa: E402
 SHAPE = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn=8192)
 
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys, threading, time
+anon = [0]
+
+
+def sample():           # the peak of anonymous memory (RssAnon): what a load allocates, file pages aside
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                anon[0] = max(anon[0], int(line.split()[1]) / 1024)
+        time.sleep(0.02)
+
+
+threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
 from amphista_engine import Engine
 e = Engine.from_pretrained(sys.argv[1], device="cpu", dtype="fp32", max_seq_len=256, quant=sys.argv[2])
 load_s = time.perf_counter() - t
 resident = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-e.generate("Hello", max_new_tokens=4, ignore_eos=True)
-r = e.generate("Hello", max_new_tokens=32, ignore_eos=True)
+e.generate("Hello", max_new_tokens=4, ignore_eos=True, chat=False)
+r = e.generate("Hello", max_new_tokens=32, ignore_eos=True, chat=False)
 print(json.dumps({"load_s": load_s, "resident_mib": resident, "quant": e.quant, "tok_s": r.stats.decode_tokens_per_s,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_peak_mib": anon[0]}))
 """
 
 
@@ -95,6 +107,43 @@ def write_model(out: Path, mixed: bool = False) -> Path:
     return out
 
 
+def write_hf(out: Path) -> Path:
+    """The same shapes as a Hugging Face folder: bf16 safetensors (one file), config.json, and a small byte-level
+    BPE tokenizer (python_tests/conftest.py's; the vocabulary beyond it is never sampled from a prompt)."""
+    import torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(ROOT / "python_tests"))
+    from conftest import write_tokenizer
+
+    d, L, H, KV, F = (SHAPE[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn"))
+    hd, V = d // H, 49152
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": d,
+        "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}))
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).bfloat16()
+    t = {"model.embed_tokens.weight": rnd(V, d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": rnd(H * hd, d), p + "self_attn.k_proj.weight": rnd(KV * hd, d),
+                  p + "self_attn.v_proj.weight": rnd(KV * hd, d), p + "self_attn.o_proj.weight": rnd(d, H * hd),
+                  p + "mlp.gate_proj.weight": rnd(F, d), p + "mlp.up_proj.weight": rnd(F, d),
+                  p + "mlp.down_proj.weight": rnd(d, F), p + "input_layernorm.weight": torch.ones(d).bfloat16(),
+                  p + "post_attention_layernorm.weight": torch.ones(d).bfloat16()})
+    save_file(t, str(out / "model.safetensors"))
+    write_tokenizer(out, 1000)
+    return out
+
+
+def file_mib(model: Path) -> int:
+    return round(sum(f.stat().st_size for f in ([model] if model.is_file() else model.iterdir())) / 2**20)
+
+
 def measure(checkout: Path, model: Path, quant: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout))
     out = subprocess.run([sys.executable, "-c", CHILD, str(model), quant], env=env, cwd=checkout,
@@ -109,13 +158,15 @@ def main():
     ap.add_argument("--base", help="a commit to measure side by side (checked out in a temporary worktree)")
     ap.add_argument("--quant", default="auto,none")
     ap.add_argument("--model", help="a GGUF to load instead of writing the random 1B one")
+    ap.add_argument("--hf", action="store_true", help="a Hugging Face folder (bf16 safetensors) of the same shapes")
     ap.add_argument("--mixed", action="store_true",
                     help="Q4_K_M's layout: attn_v and ffn_down of llama.cpp's use_more_bits layers wider (Q5_0 here, "
                          "gguf-py writes no Q6_K), the rest Q4_0")
     ap.add_argument("--out", default="bench_results/cpu_load_memory")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="amphista-mem-"))
-    model = Path(args.model) if args.model else write_model(tmp / "llama-1b-q4.gguf", args.mixed)
+    model = Path(args.model) if args.model else write_hf(tmp / "llama-1b-hf") if args.hf else \
+        write_model(tmp / "llama-1b-q4.gguf", args.mixed)
     checkouts = [("this", ROOT)]
     if args.base:       # its own worktree and CPU extension, as checkout_ab.py builds them
         from benchmarks.checkout_ab import worktree
@@ -125,16 +176,19 @@ def main():
         for name, path in checkouts:
             r = measure(path, model, quant)
             rows.append({"checkout": name, "quant asked": quant, "quant ran": r["quant"],
-                         "file MiB": round(model.stat().st_size / 2**20), "peak RSS MiB": round(r["peak_mib"]),
+                         "file MiB": file_mib(model), "peak RSS MiB": round(r["peak_mib"]),
+                         "peak anonymous MiB": round(r["anon_peak_mib"]),
                          "resident after load MiB": round(r["resident_mib"]), "load s": round(r["load_s"], 1),
                          "decode tok/s": round(r["tok_s"], 1)})
             print(rows[-1], flush=True)
     meta = {"what": "RSS of a fresh process loading a random Llama-3.2-1B-shaped GGUF, and its plain decoding speed "
-                    "(32 tokens)", "file": "Q4_K_M-like: Q5_0 attn_v/ffn_down in use_more_bits layers, Q4_0 else"
-            if args.mixed else "Q4_0 layers, Q8_0 embedding",
+                    "(32 tokens)", "file": "Hugging Face folder, bf16 safetensors" if args.hf else
+            "Q4_K_M-like: Q5_0 attn_v/ffn_down in use_more_bits layers, Q4_0 else" if args.mixed else
+            "Q4_0 layers, Q8_0 embedding",
             "shape": SHAPE, "base": args.base, "hardware": hardware("cpu"),
-            "note": "peak RSS counts the GGUF's memory-mapped pages (clean page cache, up to the file's size) while "
-                    "the loader reads them; resident is after the file is closed"}
+            "note": "peak RSS counts the file's memory-mapped pages (clean page cache, up to the file's size) while "
+                    "the loader reads them (a Hugging Face folder's stay mapped while its bf16 weights are in use); resident "
+                    "is after the load; peak anonymous memory (RssAnon, sampled every 20 ms) leaves file pages out"}
     write_results("cpu_load_memory", rows, meta, md_table(rows, list(rows[0])), Path(args.out))
 
 

@@ -299,3 +299,42 @@ def test_an_extension_with_another_table_layout_declines_the_stack(monkeypatch):
     monkeypatch.setattr(cpu_ops, "load_extension", lambda: Old())
     model.__dict__.pop("_cpu_decoder_tables", None)
     assert cpu_ops._layer_table(model.layers, model.norm, model.config, torch.float32, model) is None
+
+
+def test_safetensors_shards_are_memory_mapped_views_of_their_values(tmp_path):
+    """_map_safetensors reads the format itself (no copy of the checkpoint in memory): the same names, dtypes,
+    shapes and values as safetensors' own reader, and None (safe_open then names the problem) for a file it
+    cannot vouch for."""
+    from safetensors.torch import load_file, save_file
+
+    from amphista_engine.loading import _map_safetensors
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+               "c": torch.randn(2, 2, 2, generator=g).half(), "d": torch.arange(6).view(2, 3),
+               "e": torch.zeros(0, 4), "f": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    mapped = dict(_map_safetensors(tmp_path / "m.safetensors"))
+    ref = load_file(str(tmp_path / "m.safetensors"))
+    assert mapped.keys() == ref.keys()
+    for k, v in ref.items():
+        assert mapped[k].dtype == v.dtype and mapped[k].shape == v.shape and torch.equal(mapped[k], v), k
+    mapped["a"].add_(1)                 # copy-on-write: the file keeps its values
+    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["a"], ref["a"])
+    data = (tmp_path / "m.safetensors").read_bytes()
+    for bad in (data[:len(data) // 2], b"\x00" * 64, data[:8] + b"[1, 2]" + data[14:]):
+        (tmp_path / "bad.safetensors").write_bytes(bad)
+        assert _map_safetensors(tmp_path / "bad.safetensors") is None
+
+
+def test_a_hugging_face_layer_is_built_only_when_asked_for(tiny_hf_dir, monkeypatch):
+    """hf_weights checks everything up front, then concatenates a layer's q|k|v and gate|up only when the loader
+    takes that layer: the whole model's concatenations never exist at once."""
+    import amphista_engine.loading as loading
+    from amphista_engine.config import ModelConfig
+    made = []
+    real = loading._cat
+    monkeypatch.setattr(loading, "_cat", lambda where, parts: made.append(where) or real(where, parts))
+    top, layer = loading.hf_weights(tiny_hf_dir, ModelConfig.from_json(tiny_hf_dir / "config.json"))
+    assert made == [] and "tok_embeddings.weight" in top and not any(k.startswith("layers.") for k in top)
+    first = layer(0)
+    assert made == ["layers.0.self_attn", "layers.0.mlp"] and all(k.startswith("layers.0.") for k in first)
