@@ -181,7 +181,7 @@ def main():
                          "resident after load MiB": round(r["resident_mib"]), "load s": round(r["load_s"], 1),
                          "decode tok/s": round(r["tok_s"], 1)})
             print(rows[-1], flush=True)
-    meta = {"what": "RSS of a fresh process loading a random Llama-3.2-1B-shaped GGUF, and its plain decoding speed "
+    meta = {"what": "RSS of a fresh process loading a random Llama-3.2-1B-shaped checkpoint, and its plain decoding speed "
                     "(32 tokens)", "file": "Hugging Face folder, bf16 safetensors" if args.hf else
             "Q4_K_M-like: Q5_0 attn_v/ffn_down in use_more_bits layers, Q4_0 else" if args.mixed else
             "Q4_0 layers, Q8_0 embedding",
