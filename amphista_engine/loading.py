@@ -97,6 +97,12 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
     otherwise loads floats and leaves the choice to the
     Engine's LinearSetup, which checks the values (a Hugging Face folder of 4-bit-valued weights)."""
     dtype = parse_dtype(dtype)
+    if quant != "none":
+        # Resolved as the Engine resolves it: anything but "none" reached the GGUF path as "quantize" (quant=None,
+        # a typo like "q8" made a 4-bit model silently; a Hugging Face folder ignored them), and "q4"/"auto" on a
+        # GPU went to the CPU-only 4-bit packing.
+        from .kernels.linear_setup import LinearSetup
+        quant = LinearSetup.for_device(parse_device(device), dtype, quant).quant
     path = resolve_model_path(name_or_path)
     from .tokenizer import load_tokenizer
     if path.is_dir() and not (path / "config.json").exists():

@@ -138,8 +138,9 @@ def bench_heads(heads, methods, model, no_checkpoint: bool) -> dict:
 
 
 def load_target(model=None, random_weights: bool = False, shape: str | None = None, device="cpu",
-                dtype=torch.float32, max_seq_len: int = 2048, allow_large: bool = False):
-    """(Transformer, display name): a checkpoint, or random weights of a named shape (no tokenizer needed)."""
+                dtype=torch.float32, max_seq_len: int = 2048, allow_large: bool = False, quant: str = "none"):
+    """(Transformer, display name): a checkpoint, or random weights of a named shape (no tokenizer needed); a
+    checkpoint loads with `quant` as Engine.from_pretrained loads it (loading.load_model)."""
     if random_weights:
         from ..kv_cache import KVCache
         from .shapes import random_model, shape_config
@@ -151,7 +152,7 @@ def load_target(model=None, random_weights: bool = False, shape: str | None = No
     if shape:
         raise InputError("--shape only applies with --random-weights")
     from ..loading import load_model
-    return load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len).model, str(model)
+    return load_model(model, dtype=dtype, device=device, max_seq_len=max_seq_len, quant=quant).model, str(model)
 
 
 def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, shape: str | None = None,
@@ -230,7 +231,10 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     try:
         if target is None:
             log(f"loading {'random ' + str(shape) if random_weights else model} on {device} ({dtype}) ...")
-            target, name = load_target(model, random_weights, shape, device, dtype, max_seq_len, allow_large)
+            # quant as the Engine loads with it: a Q4_K_M-like file's wider layers are int8 rows only when the
+            # loader makes them so; floats then quantize_linears timed a float model where the Engine runs codes
+            target, name = load_target(model, random_weights, shape, device, dtype, max_seq_len, allow_large,
+                                       quant=quant)
         else:
             name = str(model or "model")
             KVCache.check_fits(target.config, 1, max_seq_len, dtype, device)
