@@ -267,7 +267,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
             linear = model.get_submodule(name.removesuffix(".weight"))
             cpu_quant.Int4Linear.codes_into(linear, c)
             linear.weight = torch.nn.Parameter(torch.empty(c.shape, dtype=dtype, device="meta"), requires_grad=False)
-        return tuple(model.get_submodule(n.removesuffix(".weight")) for n in rows)
+        return frozenset(n.removesuffix(".weight") for n in rows)
 
     top = [k for k in expected if not k.startswith("layers.")]
     assign(top, weights)
@@ -277,7 +277,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
         int8 = assign([k for k in expected if k.startswith(f"layers.{i}.")],
                       layer_weights(i) if layer_weights else weights)
         if quant != "none":
-            cpu_quant.quantize_layer(layer, int8)
+            cpu_quant.quantize_layer(layer, frozenset(n.removeprefix(f"layers.{i}.") for n in int8))
     model.tie_weights()
     setattr(model.output, CHECKPOINT_FINGERPRINT, fingerprint)
     model.setup_rope(max_seq_len or cfg.max_position_embeddings, freq_factors)
@@ -642,16 +642,18 @@ def _refuse_unused(where, unused: list[str], config_says: str):
                           f"(the config says {config_says}), e.g. {unused[:3]}")
 
 
-def _cat(where: str, parts: list) -> torch.Tensor | None:
+def _cat(where: str, parts: list, dim: int = 0) -> torch.Tensor | None:
+    """Projections stacked along their output rows (dim 0; an MoE stack's: dim 1), cpu_quant.Codes4 kept as codes
+    where every part is, and cpu_quant.Int8Rows where any part is (one layout per product)."""
     if any(p is None for p in parts):
         return None
-    if len({tuple(p.shape[1:]) for p in parts}) != 1:
+    if len({tuple(p.shape[dim + 1:]) for p in parts}) != 1:
         raise ConfigError(f"{where}: projections disagree on input size: {[tuple(p.shape) for p in parts]}")
     from .kernels.cpu_quant import Codes4, Int8Rows
     if all(isinstance(p, Codes4) for p in parts):
         return Codes4.cat(parts)
     w = torch.cat([p.dequantize() if isinstance(p, Codes4) else p.w if isinstance(p, Int8Rows) else p
-                   for p in parts], dim=0)      # types mixed
+                   for p in parts], dim=dim)      # types mixed
     return Int8Rows(w) if any(isinstance(p, Int8Rows) for p in parts) else w
 
 
@@ -929,7 +931,7 @@ def gguf_weights(reader, cfg: ModelConfig, four_bit: bool = False, int8_rows: bo
                  and "ffn_gate_inp" not in t.name}
         raw = {**dequantize_all([t for t in mine if t.name not in codes]), **codes}
         for t in mine if int8_rows else ():
-            if t.qtype.name in INT8_ROW_TYPES and len(t.shape) == 2 and not t.name.endswith("norm.weight") \
+            if t.qtype.name in INT8_ROW_TYPES and len(t.shape) in (2, 3) and not t.name.endswith("norm.weight") \
                     and "ffn_gate_inp" not in t.name:
                 raw[t.name] = Int8Rows(torch.from_numpy(raw[t.name]))
         g = lambda n, kind="weight": _as_tensor(raw[f"{b}{n}.{kind}"])  # noqa: E731
@@ -947,7 +949,7 @@ def gguf_weights(reader, cfg: ModelConfig, four_bit: bool = False, int8_rows: bo
             out[p + "attention.k_norm.weight"] = g("attn_k_norm")
         if i in cfg.moe_layers:         # router [E, d], experts gate | up [E, 2I, d] and down [E, d, I]
             out[p + "feed_forward.gate.weight"] = g("ffn_gate_inp")
-            out[p + "feed_forward.w13"] = torch.cat([g("ffn_gate_exps"), g("ffn_up_exps")], dim=1)
+            out[p + "feed_forward.w13"] = _cat(p + "ffn_exps", [g("ffn_gate_exps"), g("ffn_up_exps")], dim=1)
             out[p + "feed_forward.w2"] = g("ffn_down_exps")
         elif cfg.fused_checkpoint:      # Phi-3: q|k|v and gate|up as llama.cpp stores them, rows as Hugging Face's
             out[p + "attention.wqkv.weight"] = g("attn_qkv")

@@ -338,3 +338,27 @@ def test_a_hugging_face_layer_is_built_only_when_asked_for(tiny_hf_dir, monkeypa
     assert made == [] and "tok_embeddings.weight" in top and not any(k.startswith("layers.") for k in top)
     first = layer(0)
     assert made == ["layers.0.self_attn", "layers.0.mlp"] and all(k.startswith("layers.0.") for k in first)
+
+
+def test_a_mixed_moe_file_keeps_its_wider_expert_stacks_as_int8_rows(tmp_path):
+    """Q4_K_M stores some ffn_down_exps in Q6_K: under "auto" such a stack runs each expert's slice as int8 rows
+    (the file's values to half a row step), the 4-bit stacks as 4-bit experts, and the model answers as its float
+    load does, up to that rounding."""
+    pytest.importorskip("transformers")
+    from test_moe import IDS, write_hf, write_moe_gguf
+    hf = write_hf(tmp_path / "hf", "qwen3_moe", norm_topk_prob=True, mlp_only_layers=[])   # as llama.cpp runs it
+    wide = {f"blk.{i}.ffn_down_exps.weight": "Q5_0" for i in range(3)}
+    path = write_moe_gguf(hf, tmp_path / "m.gguf", "qwen3_moe", qtype="Q4_0", qtypes=wide)
+    engine = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64)
+    floats = load_model(path, max_seq_len=64).model
+    assert engine.quant == "q4"
+    for i in engine.config.moe_layers:
+        moe, ref = engine.model.layers[i].feed_forward, floats.layers[i].feed_forward
+        assert all(type(a) is cpu_quant.Int4Linear and type(b) is cpu_quant.Int8Linear for a, b in moe.experts_q4)
+        for e, (_, b) in enumerate(moe.experts_q4):
+            codes, scale = cpu_ops.unpack(b._packed_native)
+            assert bool(((codes.float() * scale[:, None] - ref.w2[e]).abs() <= 0.5001 * scale[:, None]).all())
+    ids = torch.tensor([IDS[:24]])
+    with torch.no_grad():
+        got, want = engine.model(ids, torch.arange(24)[None]), floats(ids, torch.arange(24)[None])
+    assert rel_err(got, want) < 0.1     # int8 activations and a few tokens routed otherwise; slices mixed up: ~1

@@ -232,10 +232,11 @@ def test_q4_equals_its_float_path_within_int8_rounding(dirs, family):
 
 # ---- GGUF ----------------------------------------------------------------------------------------------
 
-def write_moe_gguf(hf_dir, out, family, qtype="F32"):
+def write_moe_gguf(hf_dir, out, family, qtype="F32", qtypes=None):
     """The tiny checkpoint as llama.cpp's converter writes it: `qwen3moe` (Q/K rows as stored, q/k norms, every
     layer sparse: expert_feed_forward_length) or Mixtral as `llama` (Q/K rows permuted for its RoPE, expert_count);
-    routers as blk.N.ffn_gate_inp, experts as 3-D blk.N.ffn_{gate,up,down}_exps (one slice per expert)."""
+    routers as blk.N.ffn_gate_inp, experts as 3-D blk.N.ffn_{gate,up,down}_exps (one slice per expert). qtypes:
+    {GGUF name: type} where a tensor differs from qtype."""
     import gguf
     from safetensors.numpy import load_file
     w = load_file(str(hf_dir / "model.safetensors"))
@@ -279,12 +280,12 @@ def write_moe_gguf(hf_dir, out, family, qtype="F32"):
             t[f"blk.{i}.{g}.weight"] = np.stack([w[f"{p}{moe}.experts.{j}.{name}.weight"]
                                                  for j in range(c["num_local_experts"])])
     for g, x in t.items():
-        x = x.astype(np.float32)
-        if x.ndim == 3 and qtype != "F32":          # llama.cpp quantizes the expert stacks too
-            qt = gguf.GGMLQuantizationType[qtype]
+        x, its = x.astype(np.float32), (qtypes or {}).get(g, qtype)
+        if x.ndim == 3 and its != "F32":          # llama.cpp quantizes the expert stacks too
+            qt = gguf.GGMLQuantizationType[its]
             wr.add_tensor(g, gguf.quants.quantize(x, qt), raw_dtype=qt)
         else:       # llama.cpp's quantize keeps the routers (ffn_gate_inp) in F32
-            _add_gguf_tensor(wr, g, x, "F32" if "gate_inp" in g else qtype)
+            _add_gguf_tensor(wr, g, x, "F32" if "gate_inp" in g else its)
     _close_gguf(wr)
     return out
 

@@ -115,6 +115,14 @@ class _CodesLinear(nn.Linear):
         from . import ops
         return ops.quant_linear(x, self)
 
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> tuple["_CodesLinear", float]:
+        """A layer holding only w's codes (its float weight a meta tensor: no memory): an MoE expert's matrix,
+        whose float stack the caller frees. Returns (layer, 4-bit requantization error; 0 for int8 rows)."""
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
+        layer.__class__ = cls
+        return layer, layer._quantize_from(w)
+
     def drop_float_weight(self):
         """Frees the float weight the codes were made from (a meta tensor of its shape and dtype stays): a 4-bit
         model then holds about its file's bytes, not 8x them in fp32 besides. Not for the LM head, whose float
@@ -159,13 +167,6 @@ class Int4Linear(_CodesLinear):
         layer.__class__ = cls
         layer._set_codes(codes.q, codes.s, codes.z)
 
-    @classmethod
-    def from_weight(cls, w: torch.Tensor) -> tuple["Int4Linear", float]:
-        """A 4-bit layer holding only w's codes (its float weight a meta tensor: no memory): an MoE expert's
-        matrix, whose float stack the caller frees. Returns (layer, requantization error)."""
-        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
-        layer.__class__ = cls
-        return layer, layer._quantize_from(w)
 
     @staticmethod
     def _pack_for_torch(q, s, z):
@@ -183,9 +184,13 @@ class Int8Linear(_CodesLinear):
     """int8 weights, one scale per output row."""
 
     def _quantize(self):
-        codes, scale = _int8_rows(self.weight)
+        self._quantize_from(self.weight)
+
+    def _quantize_from(self, w: torch.Tensor) -> float:
+        codes, scale = _int8_rows(w)
         self._packed_native = cpu_ops.pack_int8(codes, scale)
         self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(codes, scale)
+        return 0.0
 
     @staticmethod
     def _pack_for_torch(codes, scale):
@@ -272,26 +277,23 @@ def shapes_fit(layers: nn.Module, refuse: bool = True) -> bool:
     return True
 
 
-def quantize_layer(layer: nn.Module, int8: tuple[nn.Module, ...] = ()) -> float:
-    """One decoder layer's float linears -> Int4Linear (those in `int8`: Int8Linear, a scale per row) and its MoE
-    experts -> 4-bit experts, each float weight freed as soon as its codes exist: what a loader calls right after
-    assigning a layer, so that the float model never exists whole (a 1B Q4_0 file: 7.5 GB peak before,
-    benchmarks/results/cpu_load_memory/). Returns the largest 4-bit requantization error. Shapes are the caller's
-    to check first (shapes_fit)."""
-    linears, moes = _float_linears(layer)
+def quantize_layer(layer: nn.Module, int8: frozenset[str] = frozenset()) -> float:
+    """One decoder layer's float linears -> Int4Linear and its MoE experts -> 4-bit experts, each float weight
+    freed as soon as its codes exist: what a loader calls right after assigning a layer, so that the float
+    model never exists whole (a 1B Q4_0 file: 7.5 GB peak before, benchmarks/results/cpu_load_memory/). `int8`:
+    names within the layer that go int8 rows (Int8Linear) instead, a linear's ("attention.wqkv") or an MoE
+    stack's ("feed_forward.w2": every expert's slice). Returns the largest 4-bit requantization error. Shapes are
+    the caller's to check first (shapes_fit)."""
     worst = 0.0
-    for m in linears:
-        if any(m is w for w in int8):
-            m.__class__ = Int8Linear
-            m._quantize()
-        else:
-            m.__class__ = Int4Linear
-            worst = max(worst, m._quantize())
-        m.drop_float_weight()
-    for moe in moes:
-        experts, err = quantize_experts(moe)
-        moe.use_packed_experts(experts)
-        worst = max(worst, err)
+    for name, m in list(layer.named_modules()):
+        if isinstance(m, nn.Linear) and not isinstance(m, _CodesLinear):
+            m.__class__ = Int8Linear if name in int8 else Int4Linear
+            worst = max(worst, m._quantize_from(m.weight))
+            m.drop_float_weight()
+        elif hasattr(m, "experts_q4") and m.experts_q4 is None:
+            experts, err = quantize_experts(m, frozenset(w for w in ("w13", "w2") if f"{name}.{w}" in int8))
+            m.use_packed_experts(experts)
+            worst = max(worst, err)
     return worst
 
 
@@ -343,15 +345,18 @@ class Int8Rows:
         return self.w.shape
 
 
-def quantize_experts(moe) -> tuple[list[tuple[Int4Linear, Int4Linear]], float]:
+def quantize_experts(moe, int8: frozenset[str] = frozenset()) -> tuple[list[tuple[_CodesLinear, _CodesLinear]],
+                                                                       float]:
     """An MoE layer's experts (w13 [E, 2I, d], w2 [E, d, I]) -> per expert (w13, w2) as Int4Linear layers holding
-    only their codes (the dense linears' packed layout and ops.quant_linear products), and the largest
-    requantization error. The caller hands them to moe.use_packed_experts, which frees the float stacks."""
+    only their codes (the dense linears' packed layout and ops.quant_linear products; Int8Linear for the stacks
+    named in `int8`, a GGUF's Q6_K ffn_down_exps), and the largest 4-bit requantization error. The caller hands
+    them to moe.use_packed_experts, which frees the float stacks."""
     experts, worst = [], 0.0
+    c13, c2 = (Int8Linear if n in int8 else Int4Linear for n in ("w13", "w2"))
     with torch.no_grad():
         for e in range(moe.w13.shape[0]):
-            a, ea = Int4Linear.from_weight(moe.w13[e])
-            b, eb = Int4Linear.from_weight(moe.w2[e])
+            a, ea = c13.from_weight(moe.w13[e])
+            b, eb = c2.from_weight(moe.w2[e])
             experts.append((a, b))
             worst = max(worst, ea, eb)
     return experts, worst
