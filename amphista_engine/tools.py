@@ -439,11 +439,22 @@ def _call_id(fmt: str) -> str:
     return "call_" + secrets.token_hex(12)
 
 
+# A lone UTF-16 surrogate: what json.loads makes of an escape like "\\ud83d" that no low surrogate follows
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _args_json(value) -> str:
+    """A call's arguments as their JSON text: json.dumps(value, ensure_ascii=False), but a lone surrogate (a model
+    that wrote "\\ud83d" alone) written as its \\u escape, as json.dumps(ensure_ascii=True) writes it: raw, it is
+    no UTF-8 character, and the reply's encode raised UnicodeEncodeError (a 500, or a stream cut off mid-answer)."""
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
+
+
 def openai_tool_calls(calls: list[dict], fmt: str = "hermes") -> list[dict]:
     """Parsed calls in OpenAI's reply format, each with a fresh id (9 letters and digits for Mistral, as its
     template wants them back) and its arguments as a JSON string."""
     return [{"id": _call_id(fmt), "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+             "function": {"name": c["name"], "arguments": _args_json(c["arguments"])}}
             for c in calls]
 
 
@@ -562,7 +573,7 @@ class ToolCallFilter:
                 break
             whole = _call(text[self.body:j])
             if whole is None or whole["name"] != cur.name or \
-                    json.dumps(whole["arguments"], ensure_ascii=False) != cur.args + "}":
+                    _args_json(whole["arguments"]) != cur.args + "}":
                 self.frozen = True      # JSON that broke after the arguments (or named them twice): left to end()
                 break
             cur.args += "}"
@@ -592,7 +603,7 @@ class ToolCallFilter:
         content, calls = parse_tool_calls(text, self.fmt)
         calls = calls if self.parallel else calls[:1]
         for k, sent in enumerate(self.calls):
-            args = json.dumps(calls[k]["arguments"], ensure_ascii=False) if k < len(calls) else None
+            args = _args_json(calls[k]["arguments"]) if k < len(calls) else None
             if args is None or calls[k]["name"] != sent.name or not args.startswith(sent.args):
                 return head, out, False
             if len(args) > len(sent.args):
@@ -607,6 +618,12 @@ class ToolCallFilter:
             # a call cut in its arguments, it is not sent as content (its markup never is)
             tail = text[self.body - len(TOOL_CALL_START):]
             rest = rest[:len(rest) - len(tail)] if rest.endswith(tail) else rest
+        elif self.fmt == "hermes" and self.holding and self.body is None:
+            # ... or cut inside the next block's <tool_call> tag itself (after a call: "... mid <tool_call"): no
+            # block was open, so the partial tag went out as content, markup in delta.content. A lone "<" stays
+            # content ("x <" after the calls may be an answer's own text)
+            k = next((k for k in range(len(TOOL_CALL_START) - 1, 1, -1) if rest.endswith(TOOL_CALL_START[:k])), 0)
+            rest = rest[:len(rest) - k]
         return head + rest, out, True
 
 
@@ -672,7 +689,7 @@ class _Canon:
         self.tok = ""               # a number or literal being read
         self.raw: str | None = None     # a string being read (its text between the quotes so far)
         self.key = False            # ... as an object's key
-        self.sent = 0               # the canonical text of that string given out so far (its quote included)
+        self.sent = 0               # len(raw) whose canonical text was given out (its quote goes out at once)
         self.esc = 0                # inside an escape: its characters so far
         self.safe = 0               # len(raw) where a prefix of raw decodes to a prefix of the whole string
         self.done = self.bad = False
@@ -688,8 +705,11 @@ class _Canon:
         return "" if self.bad else "".join(out)
 
     def _string_part(self) -> str:
-        canon = json.dumps(json.loads('"' + self.raw[:self.safe] + '"'), ensure_ascii=False)[:-1]
-        part, self.sent = canon[self.sent:], len(canon)
+        # as _args_json writes it (a lone surrogate escaped), character by character: only the raw text since the
+        # last part is decoded (it begins and ends where safe was: never inside an escape or a surrogate pair).
+        # Decoding all of raw each time made a long string argument quadratic (~1 s of CPU for 28k characters).
+        part = _args_json(json.loads('"' + self.raw[self.sent:self.safe] + '"'))[1:-1]
+        self.sent = self.safe
         return part
 
     def _value_ended(self):
@@ -705,9 +725,13 @@ class _Canon:
                 if self.esc == 2 and ch not in _ESCAPES or self.esc > 2 and ch not in "0123456789abcdefABCDEF":
                     self.bad = True
                 elif self.esc == 2 and ch != "u" or self.esc == 6:
+                    # an escaped high surrogate waits for the low one that may follow (json.loads joins them).
+                    # Only a \uXXXX escape that just ended is looked at: a two-character one after an escaped
+                    # backslash and a "u" (the text C:\\usr\\bin) also ends 6 characters after a "\\u", and
+                    # int() of its non-hex tail raised ValueError, which broke the stream off mid-answer
+                    unicode = self.esc == 6
                     self.esc = 0
-                    # an escaped high surrogate waits for the low one that may follow (json.loads joins them)
-                    if not (self.raw[-6:-4] == "\\u" and 0xD800 <= int(self.raw[-4:], 16) <= 0xDBFF):
+                    if not (unicode and 0xD800 <= int(self.raw[-4:], 16) <= 0xDBFF):
                         self.safe = len(self.raw)
                 return
             if ch == "\\":
@@ -734,7 +758,13 @@ class _Canon:
             if self.tok in ("true", "false", "null"):
                 out.append(self.tok)
             elif _NUMBER.fullmatch(self.tok):
-                out.append(json.dumps(json.loads(self.tok)))
+                try:
+                    out.append(json.dumps(json.loads(self.tok)))
+                except ValueError:
+                    # an int of more than sys.get_int_max_str_digits() digits (a model looping on "1"s): json.loads
+                    # refuses it (so the whole answer's parse has no call); uncaught, it broke the stream off
+                    self.bad = True
+                    return
             else:
                 self.bad = True
                 return
@@ -750,6 +780,7 @@ class _Canon:
                 out.append(ch)
             elif ch == '"':
                 self.raw, self.key, self.sent, self.safe = "", False, 0, 0
+                out.append('"')
             elif ch == "-" or ch.isdigit() or ch in "tfn":
                 self.tok = ch
             elif ch == "]" and expect == "value_or_close":
@@ -759,6 +790,7 @@ class _Canon:
         elif expect in ("key", "key_or_close"):
             if ch == '"':
                 self.raw, self.key, self.sent, self.safe = "", True, 0, 0
+                out.append('"')
             elif ch == "}" and expect == "key_or_close":
                 self._close(ch, out)
             else:
