@@ -29,7 +29,7 @@ node's logits equal plain decoding's for the same token once attention is ordere
 
 Memory: a layer's float weight is freed once its codes exist (Int4Linear.drop_float_weight; a meta tensor keeps its
 shape and dtype), and loaders quantize layer by layer (cpu_quant.quantize_layer), so a 4-bit model holds about its
-file's bytes: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes went from 7.5 GB peak / 5.6 GB resident to 2.8 / 1.5 GB
+file's bytes: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes went from 7.5 GB peak / 5.6 GB resident to 2.5 / 1.33 GB
 (benchmarks/results/cpu_load_memory/). The LM head keeps its float weight besides its int8 copy (tied embeddings and
 the heads' LM-head rows read it).
 """
