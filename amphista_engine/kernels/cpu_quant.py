@@ -29,8 +29,8 @@ node's logits equal plain decoding's for the same token once attention is ordere
 
 Memory: a layer's float weight is freed once its codes exist (Int4Linear.drop_float_weight; a meta tensor keeps its
 shape and dtype), and loaders quantize layer by layer (cpu_quant.quantize_layer), so a 4-bit model holds about its
-file's bytes: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes went from 7.5 GB peak / 5.6 GB resident to 2.5 / 1.33 GB
-(benchmarks/results/cpu_load_memory/). The LM head keeps its float weight besides its int8 copy (tied embeddings and
+file's bytes: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes went from 7.30 GiB peak / 5.47 GiB resident to 2.43 /
+1.30 GiB (benchmarks/results/cpu_load_memory/). The LM head keeps its float weight besides its int8 copy (tied embeddings and
 the heads' LM-head rows read it).
 """
 from __future__ import annotations
@@ -280,7 +280,7 @@ def shapes_fit(layers: nn.Module, refuse: bool = True) -> bool:
 def quantize_layer(layer: nn.Module, int8: frozenset[str] = frozenset()) -> float:
     """One decoder layer's float linears -> Int4Linear and its MoE experts -> 4-bit experts, each float weight
     freed as soon as its codes exist: what a loader calls right after assigning a layer, so that the float
-    model never exists whole (a 1B Q4_0 file: 7.5 GB peak before, benchmarks/results/cpu_load_memory/). `int8`:
+    model never exists whole (a 1B Q4_0 file: 7.30 GiB peak before, benchmarks/results/cpu_load_memory/). `int8`:
     names within the layer that go int8 rows (Int8Linear) instead, a linear's ("attention.wqkv") or an MoE
     stack's ("feed_forward.w2": every expert's slice). Returns the largest 4-bit requantization error. Shapes are
     the caller's to check first (shapes_fit)."""
