@@ -14,6 +14,21 @@ from .errors import AmphistaError, CacheFullError, InputError
 from .text_files import read_utf8
 
 
+def _weights_line(engine) -> str:
+    """How the target's linears run, how many of them run int8 rows (a Q4_K_M file's wider layers), and the bytes
+    its weights hold."""
+    from .kernels import cpu_quant
+    linears = [m for m in engine.model.layers.modules() if cpu_quant.on_codes(m)]
+    wide = sum(type(m) is cpu_quant.Int8Linear for m in linears)
+    rows = f", {wide} of {len(linears)} layer linears int8 rows (the file's wider layers)" if wide else ""
+    return f"{engine.linears.describe()}{rows}; {weight_bytes(engine.model) / 2**30:.2f} GiB"
+
+
+def weight_bytes(model) -> int:
+    from .kernels.cpu_quant import weight_bytes
+    return weight_bytes(model)
+
+
 def _add_quant_arg(p: argparse.ArgumentParser):
     p.add_argument("--quant", default="auto", choices=["auto", "q4", "none"],
                    help="CPU weights: auto (default) keeps a GGUF file's 4-bit layers 4-bit (int4 kernel, int8 LM "
@@ -189,7 +204,7 @@ def _load(args, prompt=None):
                                     cuda_graphs=args.cuda_graphs, quant=args.quant)
     engine.chat_template_kwargs = template_kwargs
     if engine.quant == "q4":
-        print(f"weights: {engine.linears.describe()} (--quant none for {str(engine.dtype).removeprefix('torch.')})",
+        print(f"weights: {_weights_line(engine)} (--quant none for {str(engine.dtype).removeprefix('torch.')})",
               file=sys.stderr)
     if engine.device.type == "cpu" and str(engine.dtype) == "torch.float16":
         # measured on an AVX2 EPYC, 2 threads: 18-19 tokens/s in fp16, ~150-190 with the default fp32
@@ -367,7 +382,7 @@ def cmd_generate(args) -> int:
             out = result.to_dict()
             out["speculative"] = _method(engine, result)
             out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
-                              "linears": engine.linears.describe()}
+                              "linears": engine.linears.describe(), "bytes": weight_bytes(engine.model)}
             if check is not None:
                 out["speculation_check"] = check.to_dict()
             _write(json.dumps(out) + "\n")

@@ -363,3 +363,28 @@ def test_a_mixed_moe_file_keeps_its_wider_expert_stacks_as_int8_rows(tmp_path):
     with torch.no_grad():
         got, want = engine.model(ids, torch.arange(24)[None]), floats(ids, torch.arange(24)[None])
     assert rel_err(got, want) < 0.1     # int8 activations and a few tokens routed otherwise; slices mixed up: ~1
+
+
+def test_generate_reports_the_weights_bytes_and_its_int8_rows(tiny_hf_dir, tmp_path, capsys):
+    """`amphista generate` says how much memory the weights hold and how many layer linears run int8 rows; the
+    figure counts each tensor once (the tied or shared ones), the codes, and oneDNN's packed copies."""
+    import json
+
+    from amphista_engine.cli import main
+    path = _mixed_file(tiny_hf_dir, tmp_path / "m.gguf")
+    args = ["generate", "hi", "--model", str(path), "--device", "cpu", "--max-seq-len", "64", "--heads", "none",
+            "--max-new-tokens", "2", "--no-chat"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "4 of 8 layer linears int8 rows" in err and " GiB (--quant none" in err
+    assert main(args + ["--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)["weights"]["bytes"]
+    model = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64).model
+    params = {id(p): p for p in model.parameters() if not p.is_meta}
+    codes = [t for m in model.modules() if cpu_quant.on_codes(m)
+             for t in (m._packed_native.codes, m._packed_native.scales)]
+    expected = sum(p.numel() * p.element_size() for p in params.values()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers()) + sum(t.numel() * t.element_size() for t in codes)
+    assert reported == cpu_quant.weight_bytes(model) == expected
+    floats = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64, quant="none").model
+    assert cpu_quant.weight_bytes(floats) > 3 * reported

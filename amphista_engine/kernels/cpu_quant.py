@@ -305,6 +305,37 @@ def quantize_head(model):
     model.rounds_linear_inputs = True
 
 
+def weight_bytes(module: nn.Module) -> int:
+    """The bytes a module's weights hold in memory: its parameters and buffers (a tied or shared tensor once, meta
+    tensors not at all), the codes of its 4-bit / int8 layers and experts (the cpu kernel's or torch's copy, as
+    made) and oneDNN's packed copies of float weights. What `amphista generate` reports next to how the linears
+    run."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if not isinstance(t, torch.Tensor) or t.is_meta or not t.numel():
+            return
+        if t.is_mkldnn:                 # oneDNN's packed layout: an opaque tensor of the weight's elements
+            total += t.numel() * t.element_size()
+            return
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    for t in [*module.parameters(), *module.buffers()]:
+        add(t)
+    for m in module.modules():
+        for layer in [m] + [x for pair in getattr(m, "experts_q4", None) or () for x in pair]:
+            packed = getattr(layer, "_packed_native", None)
+            for t in (packed.codes, packed.scales) if packed is not None else ():
+                add(t)
+            for t in getattr(layer, "_torch_packed", None) or ():
+                add(t)
+            add(getattr(layer, "_packed", None))        # cpu_packed.PackedLinear's oneDNN copy of a float weight
+    return total
+
+
 @dataclass
 class Codes4:
     """A linear's 4-bit codes as a GGUF Q4_0/Q4_1 tensor stores them (gguf_file.GGUFTensor.q4_codes): w = q * s + z
