@@ -278,9 +278,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
         model.load_state_dict({n: (rows.get(n, source[n])).to(device=device, dtype=dtype) for n in names
                                if n not in codes}, strict=False, assign=True)
         for name, c in codes.items():
-            linear = model.get_submodule(name.removesuffix(".weight"))
-            cpu_quant.Int4Linear.codes_into(linear, c)
-            linear.weight = torch.nn.Parameter(torch.empty(c.shape, dtype=dtype, device="meta"), requires_grad=False)
+            cpu_quant.Int4Linear.codes_into(model.get_submodule(name.removesuffix(".weight")), c, dtype)
         return frozenset(n.removesuffix(".weight") for n in rows)
 
     top = [k for k in expected if not k.startswith("layers.")]

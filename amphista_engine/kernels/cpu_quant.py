@@ -161,11 +161,12 @@ class Int4Linear(_CodesLinear):
         self._torch_packed = None if self._packed_native is not None else self._pack_for_torch(q, s, z)
 
     @classmethod
-    def codes_into(cls, layer: nn.Linear, codes: "Codes4"):
-        """A linear built on the meta device runs on a file's 4-bit codes as they are (no float weight ever made:
-        loading.build_model's GGUF Q4_0/Q4_1 layers)."""
+    def codes_into(cls, layer: nn.Linear, codes: "Codes4", dtype: torch.dtype):
+        """A linear built on the meta device runs on a file's 4-bit codes as they are, its weight a meta tensor of
+        the model's dtype (no float weight ever made: loading.build_model's GGUF Q4_0/Q4_1/Q4_K layers)."""
         layer.__class__ = cls
         layer._set_codes(codes.q, codes.s, codes.z)
+        layer.weight = nn.Parameter(torch.empty(codes.shape, dtype=dtype, device="meta"), requires_grad=False)
 
 
     @staticmethod
@@ -211,43 +212,41 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
     (model.MoEFeedForward): each expert's w13 and w2 become an Int4Linear of their own (quantize_experts) and the
     float expert stacks are freed; the routers stay float (a rounding there moves which experts a token takes).
     Layers a loader quantized already (loading.build_model, quantize_layer) are left as they are."""
-    linears, moes = _float_linears(model.layers)
     if not shapes_fit(model.layers, refuse=not only_stored_4bit):
         return None
-    quantized, worst = [], 0.0
+    if not only_stored_4bit:            # each layer's floats go as soon as it runs on codes (peak memory)
+        worst = max((quantize_layer(layer) for layer in model.layers), default=0.0)
+        quantize_head(model)
+        return worst
+    # "auto": every layer checked before any float goes, so that a layer not stored 4-bit undoes them all
+    linears, moes = _float_linears(model.layers)
+    quantized, packed, worst = [], [], 0.0
 
-    def undo():                 # not stored 4-bit ("auto"): every linear back to float
+    def undo():
         for q, cls in quantized:
             q.__class__ = cls
             q.__dict__.pop("_packed_native", None)
             q.__dict__.pop("_torch_packed", None)
+        return None
 
     for m in linears:
         old_class = m.__class__
         m.__class__ = Int4Linear
         err = m._quantize()
         quantized.append((m, old_class))
-        if only_stored_4bit and err > STORED_TOL.get(m.weight.dtype, EXACT_TOL):
-            undo()
-            return None
-        if not only_stored_4bit:        # nothing left to undo: free its float weight now (peak memory)
-            m.drop_float_weight()
+        if err > STORED_TOL.get(m.weight.dtype, EXACT_TOL):
+            return undo()
         worst = max(worst, err)
-    packed = []
     for moe in moes:
         experts, err = quantize_experts(moe)
-        if only_stored_4bit and err > STORED_TOL.get(moe.w13.dtype, EXACT_TOL):
-            undo()
-            return None
+        if err > STORED_TOL.get(moe.w13.dtype, EXACT_TOL):
+            return undo()
         worst = max(worst, err)
         packed.append((moe, experts))
-        if not only_stored_4bit:
-            moe.use_packed_experts(experts)
-    for m, _ in quantized if only_stored_4bit else ():      # all checked: the floats can go
+    for m, _ in quantized:
         m.drop_float_weight()
     for moe, experts in packed:
-        if moe.experts_q4 is None:
-            moe.use_packed_experts(experts)
+        moe.use_packed_experts(experts)
     quantize_head(model)
     return worst
 
