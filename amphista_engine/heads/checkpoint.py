@@ -71,12 +71,25 @@ def lm_head_fingerprint(target) -> str:
     return f"V{V}-d{d}-{hashlib.sha256(s.numpy().tobytes()).hexdigest()[:16]}"
 
 
+def lm_head_rows(target, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The target's LM head weight ([V, d], or the rows `rows` picks) as floats of its model's dtype: the weight
+    itself, or a 4-bit engine's int8 rows where quantize_head freed it (cpu_quant.Int8Linear.float_rows)."""
+    head = target.output
+    dtype = target.tok_embeddings.weight.dtype
+    if hasattr(head, "float_rows"):
+        return head.float_rows(rows, dtype)
+    w = head.weight.detach()
+    return w if rows is None else w.index_select(0, rows.to(w.device))
+
+
 def lm_head_sketch(target) -> torch.Tensor | None:
     """SKETCH_ROWS evenly spaced rows of the target's LM head (a Transformer, an nn.Linear or the [V, d] weight),
     fp32 on the CPU; None where no float weight is at hand."""
     head = getattr(target, "output", target)
     w = getattr(head, "weight", head)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.is_meta or not w.is_floating_point():
+    if isinstance(w, torch.Tensor) and w.is_meta:       # a 4-bit engine's untied head kept its rows (quantize_head)
+        return getattr(head, "sketch", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         return None
     rows = torch.linspace(0, w.shape[0] - 1, min(w.shape[0], SKETCH_ROWS)).round().long()
     return w.detach()[rows.to(w.device)].float().cpu().contiguous()
@@ -191,7 +204,7 @@ def _init_from_target(heads: DraftHeads, target):
         if isinstance(heads, AmphistaHeads):
             heads.norm.weight.copy_(target.norm.weight)
         if heads.config.per_head_lm_head:
-            heads.lm_heads.copy_(target.output.weight[None].expand_as(heads.lm_heads))
+            heads.lm_heads.copy_(lm_head_rows(target)[None].expand_as(heads.lm_heads))
 
 
 def new_heads(kind: str, target, num_heads: int = 4, dtype=None, **overrides) -> DraftHeads:
@@ -202,7 +215,7 @@ def new_heads(kind: str, target, num_heads: int = 4, dtype=None, **overrides) ->
     if isinstance(heads, AmphistaHeads):
         torch.nn.init.normal_(heads.pos_emb, std=0.02)
     _init_from_target(heads, target)
-    w = target.output.weight
+    w = target.tok_embeddings.weight        # the LM head's float weight may be freed (cpu_quant.quantize_head)
     return heads.to(device=w.device, dtype=dtype or w.dtype).bind(target)
 
 
@@ -217,7 +230,7 @@ def random_heads(kind: str, target, num_heads: int = 4, seed: int = 0, std: floa
                 continue
             scale = p.shape[-1] ** -0.5 if name.startswith("res.") else std
             p.copy_(torch.randn(p.shape, generator=g) * scale)
-    w = target.output.weight
+    w = target.tok_embeddings.weight
     return heads.to(device=w.device, dtype=dtype or w.dtype).eval().requires_grad_(False).bind(target)
 
 
@@ -405,7 +418,7 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
                if same_shape else ""))
     if num_heads is not None and num_heads != cfg.num_heads:
         raise ConfigError(f"heads in {directory} have {cfg.num_heads} heads, {num_heads} were requested")
-    w = target.output.weight
+    w = target.tok_embeddings.weight        # device and dtype (the LM head's may be freed: quantize_head)
     device, dtype = torch.device(device) if device is not None else w.device, _dtype(dtype or w.dtype)
     try:
         state = load_file(str(weights))
@@ -486,6 +499,6 @@ def load_medusa_checkpoint(path, target, device=None, dtype=None, num_heads: int
         raise ConfigError(f"{file}: Medusa heads are inconsistent ({e})") from None
     with torch.device("meta"):
         heads = MedusaHeads(cfg)
-    w = target.output.weight
+    w = target.tok_embeddings.weight        # device and dtype (the LM head's may be freed: quantize_head)
     return _assign(heads, state, file, torch.device(device) if device is not None else w.device,
                    _dtype(dtype or w.dtype)).bind(target)

@@ -130,14 +130,18 @@ class DraftHeads(nn.Module):
         return inv[tokens]
 
     def output_weight(self) -> torch.Tensor:
-        """The shared LM head the drafts are scored with: the target's [V, d], or its draft-vocabulary rows."""
-        w = self._target()[1].weight
-        if not self.config.draft_vocab_size:
+        """The shared LM head the drafts are scored with: the target's [V, d], or its draft-vocabulary rows (int8
+        rows as floats where a 4-bit engine freed the float head: cpu_quant.quantize_head)."""
+        emb, head = self._target()[:2]
+        w = head.weight
+        if not self.config.draft_vocab_size and not w.is_meta:
             return w
-        sub = self._w_sub
-        if sub is None or sub.device != w.device or sub.dtype != w.dtype:
+        sub, device = self._w_sub, (emb.weight if w.is_meta else w).device
+        if sub is None or sub.device != device or sub.dtype != w.dtype:
             # Frozen target: gathered once per bind / vocabulary, not per step (a static tensor for CUDA graphs).
-            sub = self._w_sub = w.detach().index_select(0, self.draft_vocab.to(w.device))
+            rows = self.draft_vocab if self.config.draft_vocab_size else None
+            sub = self._w_sub = (head.float_rows(rows, w.dtype) if w.is_meta
+                                 else w.detach().index_select(0, rows.to(w.device)))
         return sub
 
     def _target(self):
@@ -149,12 +153,12 @@ class DraftHeads(nn.Module):
         """x: [..., K, d] final features -> [..., K, V] (V = draft_vocab_size when set: map with token_ids)."""
         if self.config.per_head_lm_head:
             return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
-        w = self.output_weight()
         codes = None if torch.is_grad_enabled() and x.requires_grad else self._output_codes()   # no backward there
         if codes is not None:
             out = cpu_ops.packed_linear(x, codes)
             if out is not NotImplemented:
                 return out
+        w = self.output_weight()
         return cpu_packed.linear(x.to(w.dtype), w)
 
     def _output_codes(self):

@@ -82,7 +82,7 @@ class HiddenSource:
 
     @property
     def own_dtype(self) -> str:
-        return str(self.target.output.weight.dtype).removeprefix("torch.")
+        return str(self.target.tok_embeddings.weight.dtype).removeprefix("torch.")
 
     def check_can_compute(self, seqs: list[Sequence]) -> None:
         """Refuses, before any work, to add entries computed in another dtype than the cache's: a bf16 target's

@@ -455,7 +455,7 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
             loaded_as = str(Path(loaded_as).expanduser().resolve())
     target.eval().requires_grad_(False)
     check_window(target.config, cfg.max_seq_len)
-    dev = target.output.weight.device
+    dev = target.tok_embeddings.weight.device
     V = target.config.vocab_size
     max_len = min(cfg.max_seq_len, target.rope_len)
     fp = lm_head_fingerprint(target)

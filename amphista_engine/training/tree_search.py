@@ -188,7 +188,7 @@ def heldout_ranks(heads, target, seqs, cache_dir=None, batch_tokens: int = 4096,
     from .hidden_cache import HiddenSource, pad_batch
     from .plan import epoch_batches
     from .trainer import head_features, loss_rows
-    dev = target.output.weight.device
+    dev = target.tok_embeddings.weight.device
     K = heads.num_heads
     hs = HiddenSource(target, cache_dir, lm_head_fingerprint(target))
     out, seq_of, scores = [], [], []
