@@ -21,12 +21,7 @@ def _weights_line(engine) -> str:
     linears = [m for m in engine.model.layers.modules() if cpu_quant.on_codes(m)]
     wide = sum(type(m) is cpu_quant.Int8Linear for m in linears)
     rows = f", {wide} of {len(linears)} layer linears int8 rows (the file's wider layers)" if wide else ""
-    return f"{engine.linears.describe()}{rows}; {weight_bytes(engine.model) / 2**30:.2f} GiB"
-
-
-def weight_bytes(model) -> int:
-    from .kernels.cpu_quant import weight_bytes
-    return weight_bytes(model)
+    return f"{engine.linears.describe()}{rows}; {cpu_quant.weight_bytes(engine.model) / 2**30:.2f} GiB"
 
 
 def _add_quant_arg(p: argparse.ArgumentParser):
@@ -381,8 +376,10 @@ def cmd_generate(args) -> int:
             result = engine.generate(prompt, logprobs=args.logprobs, top_logprobs=args.top_logprobs, **kwargs)
             out = result.to_dict()
             out["speculative"] = _method(engine, result)
+            from .kernels import cpu_quant
             out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
-                              "linears": engine.linears.describe(), "bytes": weight_bytes(engine.model)}
+                              "linears": engine.linears.describe(),
+                              "bytes": cpu_quant.weight_bytes(engine.model)}
             if check is not None:
                 out["speculation_check"] = check.to_dict()
             _write(json.dumps(out) + "\n")

@@ -349,15 +349,16 @@ def _layer_table(layers, final_norm, cfg, dtype, owner):
     gemma = getattr(cfg, "gemma", False)
     if (gemma and dtype != torch.float32) or getattr(cfg, "moe_layers", ()):
         return None             # mixture-of-experts layers (model.MoEFeedForward): the Python layer loop runs them
-    fields = getattr(load_extension(), "decoder_layer_fields", None)
-    if fields is None or fields() != LAYER_FIELDS:      # built from older sources: rebuild (pip install -e .)
-        return None
     first, last = layers[0], layers[-1]
     key = (dtype, len(layers), id(first), id(getattr(first.attention.wqkv, "_packed_native", None)),
            id(getattr(last.feed_forward.w2, "_packed_native", None)), final_norm.weight.data_ptr())
     tables = owner.__dict__.setdefault("_cpu_decoder_tables", {})
     if key in tables:
         return tables[key]
+    fields = getattr(load_extension(), "decoder_layer_fields", None)
+    if fields is None or fields() != LAYER_FIELDS:      # built from older sources: rebuild (pip install -e .)
+        tables[key] = None
+        return None
     rows, table, keep = [], None, []
     eps = {final_norm.eps}
     shapes = ((cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim), (cfg.n_heads * cfg.head_dim, cfg.dim),
