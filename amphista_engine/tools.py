@@ -10,7 +10,8 @@ assistant turn's `tool_calls[].function.arguments` as dicts, `tool` results pass
 never mentions tools, the tools in the system message and the calls and results written out as Hermes text, so any
 model can be offered tools); the grammar (a response_format of type "grammar") that holds the answer to calls of
 the listed functions for tool_choice "required" or a named function; parse_tool_calls for the answer; and
-ToolCallFilter, which holds a stream's text back from the first `<tool_call>` on.
+ToolCallFilter, which holds a stream's text back from the first `<tool_call>` on (a Llama 3 or Mistral answer while
+it may be calls) and streams the calls' arguments as they decode.
 
 No torch here: `from amphista_engine import parse_tool_calls` stays cheap.
 """
@@ -478,6 +479,12 @@ class ToolCallFilter:
         self.cur: _Streamed | None = None   # its call, once its name went out
         self.frozen = False     # a block that cannot be streamed: the rest waits for end()
         self.calls_sent = 0     # end(): the calls the answer holds (all sent), where they are whole
+        # stream(), llama3_json and mistral (_advance_whole): where the answer's reading is, and what it expects
+        # there (start, open, next, obj, sep, tail; done: nothing more is read)
+        self.phase, self.pos = "start", 0
+        self.obj = 0            # the call object being read: where its "{" is
+        self.check: _Canon | None = None    # ... its JSON, read as Python's json reads it (NaN too)
+        self.skip = False       # ... not begun {"name": ..., "arguments": {: it goes out whole once read
 
     def feed(self, delta: str) -> str:
         self.text += delta
@@ -524,14 +531,132 @@ class ToolCallFilter:
         a call's first one (index, id, type, its name, arguments "") once its JSON has reached its arguments
         object, then that object's text as it decodes, written as openai_tool_calls writes it (json.dumps: a
         fragment goes out once no later character can change it), so that the fragments joined are the
-        non-streamed reply's arguments. Hermes only (`<tool_call>` blocks); Llama 3's and Mistral's calls, whose
-        answer is calls or content by its whole text, go out whole at the end. A block that does not begin
-        `{"name": "...", "arguments": {` (or whose arguments are not JSON as they come) stops the streaming: it and
-        all later calls wait for end()."""
+        non-streamed reply's arguments. Hermes: a block that does not begin `{"name": "...", "arguments": {` (or
+        whose arguments are not JSON as they come) stops the streaming: it and all later calls wait for end().
+        Llama 3 and Mistral (_advance_whole): the same for each call of the answer, as vLLM's parsers stream them."""
         content = self.feed(delta)
-        if not self.holding or self.fmt != "hermes":
+        if not self.holding:
             return content, []
+        if self.fmt in _WHOLE:
+            return self._advance_whole()
         return content, self._advance()
+
+    def _advance_whole(self) -> tuple[str, list[dict]]:
+        """Llama 3's and Mistral's answer read as it arrives, as _parse_llama3 and _parse_mistral read the whole of
+        it: (content, `delta.tool_calls` entries). The text is held back while it may still be calls, and all of it
+        goes out as content once it cannot be (no call went out yet: an answer of calls is one from its first
+        character). A call streams as a Hermes one does once its object begins `{"name": "...", "arguments": {`
+        ("parameters" too); one written otherwise (its name after its arguments, its arguments a JSON string) goes
+        out whole once its object has been read. A call that went out commits the answer to calls: where the rest
+        turns out not to be (text after the calls, JSON that breaks), nothing more goes out, and end() says the
+        calls are not whole (as a Hermes block that breaks after its name)."""
+        out: list[dict] = []
+        text, n = self.text, len(self.text)
+        while self.phase != "done":
+            if self.phase == "obj":
+                got = self._read_object(out)
+                if got == "no":
+                    return self._not_calls(out)
+                if got == "wait":
+                    break
+                continue
+            # str.strip()'s whitespace where the parsers strip the answer or between Llama's calls; JSON's inside
+            # Mistral's array, which json.loads reads
+            inner = self.fmt == "mistral" and self.phase in ("next", "sep")
+            pos = self.pos
+            while pos < n and (text[pos] in _WS if inner else text[pos].isspace()):
+                pos += 1
+            self.pos = pos
+            if pos == n:
+                break
+            ch, phase = text[pos], self.phase
+            if phase == "start":
+                tag = _WHOLE[self.fmt][1]
+                if text.startswith(tag, pos):   # feed() held the text until it was the whole tag or not it
+                    self.pos += len(tag)
+                self.phase = "open"
+            elif phase == "open":
+                if self.fmt == "mistral":
+                    if ch != "[":
+                        return self._not_calls(out)
+                    self.pos += 1
+                self.phase = "next"
+            elif phase == "next":
+                if ch != "{":
+                    return self._not_calls(out)
+                self.phase, self.obj, self.check, self.skip = "obj", pos, _Canon(lenient=True), False
+            elif phase == "sep" and ch == (";" if self.fmt == "llama3_json" else ","):
+                self.pos, self.phase = pos + 1, "next"
+            elif phase == "sep" and ch == "]" and self.fmt == "mistral":
+                self.pos, self.phase = pos + 1, "tail"
+            else:
+                return self._not_calls(out)
+        return "", _merged(out)
+
+    def _read_object(self, out: list[dict]) -> str:
+        """_advance_whole's call object at self.obj: its name and arguments streamed, or it whole once read:
+        "read" (it was), "wait" (the text so far ends inside it, or nothing more is read), "no" (it is no call)."""
+        text, n = self.text, len(self.text)
+        if self.cur is None and not self.skip and (self.parallel or not self.calls):
+            state, at, values = _seq(text, self.obj, _HEADER)
+            if state == "no":
+                self.skip = True
+            elif state == "ok":
+                self.cur = _Streamed(values[0], self.fmt, at - 1)
+                self.calls.append(self.cur)
+                out.append({"index": len(self.calls) - 1, "id": self.cur.id, "type": "function",
+                            "function": {"name": self.cur.name, "arguments": ""}})
+        cur = self.cur
+        if cur is not None and not cur.canon.done and n > cur.at:
+            part = cur.canon.feed(text[cur.at:])
+            cur.at = n
+            if cur.canon.done:
+                part = part[:-1]        # the arguments' closing "}" waits until the object reads as a call
+            if part:
+                cur.args += part
+                out.append({"index": len(self.calls) - 1, "function": {"arguments": part}})
+            if cur.canon.bad:           # arguments only Python's json reads (NaN): end() sends the rest
+                self.phase = "done"
+                return "wait"
+        check = self.check
+        check.feed(text[self.obj + check.used:])
+        if check.bad:
+            return "no"
+        if not check.done:
+            return "wait"
+        end = self.obj + check.used
+        try:
+            call = _call_of(json.loads(text[self.obj:end]))
+        except ValueError:
+            call = None
+        if call is None:
+            return "no"
+        if cur is not None:
+            if not cur.canon.done or call["name"] != cur.name or _args_json(call["arguments"]) != cur.args + "}":
+                self.phase = "done"     # its name or arguments given twice: left to end(), which compares
+                return "wait"
+            cur.args += "}"
+            out.append({"index": len(self.calls) - 1, "function": {"arguments": "}"}})
+        elif self.parallel or not self.calls:
+            whole = _Streamed(call["name"], self.fmt, end)
+            whole.args = _args_json(call["arguments"])
+            self.calls.append(whole)
+            out.append({"index": len(self.calls) - 1, "id": whole.id, "type": "function",
+                        "function": {"name": whole.name, "arguments": whole.args}})
+        self.cur, self.pos, self.phase = None, end, "sep"
+        if not self.parallel and self.calls:
+            self.phase = "done"         # parallel_tool_calls false: only the first call is answered (read)
+        return "read"
+
+    def _not_calls(self, out: list[dict]) -> tuple[str, list[dict]]:
+        """_advance_whole's answer that cannot be calls: all of it content from here on where no call went out
+        (what the parse of the whole answer will say); else nothing more goes out (end() says not whole)."""
+        self.phase = "done"
+        if self.calls:
+            return "", _merged(out)
+        self.holding, self.free = False, True
+        content, self.sent = self.text[self.sent:], len(self.text)
+        return content, []
 
     def _advance(self) -> list[dict]:
         out: list[dict] = []
@@ -579,23 +704,17 @@ class ToolCallFilter:
             cur.args += "}"
             out.append({"index": k, "function": {"arguments": "}"}})
             self.scan, self.body, self.cur = j + len(TOOL_CALL_END), None, None
-        # one entry per call per step: a step's fragments of a call joined
-        merged: list[dict] = []
-        for d in out:
-            if merged and merged[-1]["index"] == d["index"] and "id" not in d and "id" not in merged[-1]:
-                merged[-1]["function"]["arguments"] += d["function"]["arguments"]
-            else:
-                merged.append(d)
-        return merged
+        return _merged(out)
 
     def end(self, text: str | None = None) -> tuple[str, list[dict], bool]:
         """A streamed answer's end: (the content not sent yet, the `delta.tool_calls` entries not sent yet, whether
         its calls are whole). The whole answer is read as the non-streamed reply reads it (parse_tool_calls): each
         call that went out gets the rest of its arguments, the reply's later calls go out whole, and the content
         not sent goes out. A call that went out but is not the reply's (cut by max_tokens or a stop string, or
-        JSON that broke after its name) is left as it went: nothing more is sent (the markup it began with is
-        never content), and whole is False (the finish reason is not "tool_calls"); so is a block the answer ended
-        in before its call's name was read."""
+        JSON that broke after its name; Llama 3, Mistral: an answer that turned out not to be calls after one went
+        out) is left as it went: nothing more is sent (the markup it began with is never content), and whole is
+        False (the finish reason is not "tool_calls"); so is a block the answer ended in before its call's name was
+        read."""
         head, out = "", []
         if text is not None and text != self.text and text.startswith(self.text):
             head, out = self.stream(text[len(self.text):])
@@ -683,7 +802,11 @@ class _Canon:
     text that is not JSON (or JSON written in a form only the whole value's parse reads: NaN, Infinity), after
     which nothing more is given (the caller's end reads the whole answer)."""
 
-    def __init__(self):
+    def __init__(self, lenient: bool = False):
+        # lenient: NaN, Infinity and -Infinity read as values, as Python's json reads them (nothing streams then:
+        # the reader only checks whether text can still become JSON, and where its value ends)
+        self.lenient = lenient
+        self.used = 0               # the characters read (where the value ended, once done)
         self.stack: list[str] = []
         self.expect = "value"       # value, value_or_close, key, key_or_close, colon, comma_or_close
         self.tok = ""               # a number or literal being read
@@ -699,6 +822,7 @@ class _Canon:
         for ch in chars:
             if self.done or self.bad:
                 break
+            self.used += 1
             self._char(ch, out)
         if self.raw is not None and not self.bad:
             out.append(self._string_part())
@@ -755,7 +879,7 @@ class _Canon:
             if ch in "0123456789+-.eE" or ch.isalpha():
                 self.tok += ch
                 return
-            if self.tok in ("true", "false", "null"):
+            if self.tok in ("true", "false", "null") or self.lenient and self.tok in ("NaN", "Infinity", "-Infinity"):
                 out.append(self.tok)
             elif _NUMBER.fullmatch(self.tok):
                 try:
@@ -781,7 +905,7 @@ class _Canon:
             elif ch == '"':
                 self.raw, self.key, self.sent, self.safe = "", False, 0, 0
                 out.append('"')
-            elif ch == "-" or ch.isdigit() or ch in "tfn":
+            elif ch == "-" or ch.isdigit() or ch in "tfn" or self.lenient and ch in "NI":
                 self.tok = ch
             elif ch == "]" and expect == "value_or_close":
                 self._close(ch, out)
@@ -815,6 +939,17 @@ class _Canon:
             return
         out.append(ch)
         self._value_ended()
+
+
+def _merged(out: list[dict]) -> list[dict]:
+    """One entry per call per step: a step's fragments of a call joined."""
+    merged: list[dict] = []
+    for d in out:
+        if merged and merged[-1]["index"] == d["index"] and "id" not in d and "id" not in merged[-1]:
+            merged[-1]["function"]["arguments"] += d["function"]["arguments"]
+        else:
+            merged.append(d)
+    return merged
 
 
 class _Streamed:

@@ -105,12 +105,16 @@ def test_required_and_named_answer_in_llama3_format(llama_engine):
             assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None, c
             calls = [_valid(tc) for tc in c["message"]["tool_calls"]]
             assert calls and (choice == "required" or [x["name"] for x in calls] == ["get_weather"])
-        # streamed: nothing of the call as content, the calls as deltas at the end
+        # streamed: nothing of the call as content, each call's arguments in fragments after its name
         events = sse(server.url, CHAT, {"messages": ASK, "tools": TOOLS, "tool_choice": "required"})
         chunks = [e for e in events if e != "[DONE]"]
         assert not "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
         deltas = [tc for ch in chunks if ch["choices"] for tc in ch["choices"][0]["delta"].get("tool_calls") or []]
-        assert deltas and all(_valid(tc) for tc in deltas)
+        joined: dict = {}
+        for tc in deltas:
+            one = joined.setdefault(tc["index"], {**tc, "function": {**tc["function"], "arguments": ""}})
+            one["function"]["arguments"] += tc["function"]["arguments"]
+        assert joined and all(_valid(tc) for tc in joined.values()) and len(deltas) > len(joined)
         # the model wrote the calls Llama's way, not as Hermes blocks (the Python API shows the raw answer)
         from amphista_engine.tools import generate_with_tools
         result, content, calls = generate_with_tools(llama_engine, ASK, TOOLS, "required", max_new_tokens=200)

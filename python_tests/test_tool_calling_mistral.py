@@ -90,4 +90,4 @@ def test_required_calls_in_mistral_format_and_their_ids_come_back(mistral_engine
         chunks = [e for e in events if e != "[DONE]" and e["choices"]]
         assert not "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks)
         deltas = [tc for ch in chunks for tc in ch["choices"][0]["delta"].get("tool_calls") or []]
-        assert [d["function"]["name"] for d in deltas] == ["get_time"]
+        assert [d["function"]["name"] for d in deltas if "id" in d] == ["get_time"]     # then its arguments
