@@ -338,8 +338,15 @@ def _call(body: str) -> dict | None:
     return _call_of(obj)
 
 
-def _call_of(obj) -> dict | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+def _call_of(obj, keyed: bool = False) -> dict | None:
+    """obj as a call {"name", "arguments": dict}, or None. keyed (Llama 3, Mistral): its arguments must be given
+    ("arguments" or "parameters", as vLLM's parsers need them): their bare JSON answer may be a JSON-mode reply,
+    and `{"name": "Alice", "age": 30}` was read as a call to a function "Alice" that no request offered."""
+    # a lone surrogate (a model that wrote "\ud83d" alone) names no function, and no reply could carry it: raw,
+    # it is no UTF-8 character, and the server's encode raised UnicodeEncodeError (a 500, or a stream cut off)
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or _LONE_SURROGATE.search(obj["name"]):
+        return None
+    if keyed and "arguments" not in obj and "parameters" not in obj:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):                    # some models write the arguments as a JSON string
@@ -366,7 +373,7 @@ def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
             obj, pos = dec.raw_decode(body, pos)
         except ValueError:
             return text, []
-        call = _call_of(obj)
+        call = _call_of(obj, keyed=True)
         if call is None:
             return text, []
         calls.append(call)
@@ -391,7 +398,7 @@ def _parse_mistral(text: str) -> tuple[str | None, list[dict]]:
         listed = json.loads(body)
     except ValueError:
         return text, []
-    calls = [_call_of(c) for c in listed] if isinstance(listed, list) and listed else [None]
+    calls = [_call_of(c, keyed=True) for c in listed] if isinstance(listed, list) and listed else [None]
     return (text, []) if any(c is None for c in calls) else (None, calls)
 
 
@@ -531,8 +538,9 @@ class ToolCallFilter:
         a call's first one (index, id, type, its name, arguments "") once its JSON has reached its arguments
         object, then that object's text as it decodes, written as openai_tool_calls writes it (json.dumps: a
         fragment goes out once no later character can change it), so that the fragments joined are the
-        non-streamed reply's arguments. Hermes: a block that does not begin `{"name": "...", "arguments": {` (or
-        whose arguments are not JSON as they come) stops the streaming: it and all later calls wait for end().
+        non-streamed reply's arguments. Hermes: a block that does not begin `{"name": "...", "arguments": {` (a
+        "type": "function" before its name or arguments allowed: _HEADERS; or whose arguments are not JSON as they
+        come) stops the streaming: it and all later calls wait for end().
         Llama 3 and Mistral (_advance_whole): the same for each call of the answer, as vLLM's parsers stream them."""
         content = self.feed(delta)
         if not self.holding:
@@ -546,10 +554,11 @@ class ToolCallFilter:
         it: (content, `delta.tool_calls` entries). The text is held back while it may still be calls, and all of it
         goes out as content once it cannot be (no call went out yet: an answer of calls is one from its first
         character). A call streams as a Hermes one does once its object begins `{"name": "...", "arguments": {`
-        ("parameters" too); one written otherwise (its name after its arguments, its arguments a JSON string) goes
-        out whole once its object has been read. A call that went out commits the answer to calls: where the rest
-        turns out not to be (text after the calls, JSON that breaks), nothing more goes out, and end() says the
-        calls are not whole (as a Hermes block that breaks after its name)."""
+        ("parameters" too, and "type": "function" before either); one written otherwise (its name after its
+        arguments, its arguments a JSON string) goes out whole once its object has been read; one with neither
+        "arguments" nor "parameters" is no call (_call_of: a JSON-mode answer). A call that went out commits the
+        answer to calls: where the rest turns out not to be (text after the calls, JSON that breaks), nothing more
+        goes out, and end() says the calls are not whole (as a Hermes block that breaks after its name)."""
         out: list[dict] = []
         text, n = self.text, len(self.text)
         while self.phase != "done":
@@ -598,7 +607,7 @@ class ToolCallFilter:
         "read" (it was), "wait" (the text so far ends inside it, or nothing more is read), "no" (it is no call)."""
         text, n = self.text, len(self.text)
         if self.cur is None and not self.skip and (self.parallel or not self.calls):
-            state, at, values = _seq(text, self.obj, _HEADER)
+            state, at, values = _header(text, self.obj)
             if state == "no":
                 self.skip = True
             elif state == "ok":
@@ -626,7 +635,7 @@ class ToolCallFilter:
             return "wait"
         end = self.obj + check.used
         try:
-            call = _call_of(json.loads(text[self.obj:end]))
+            call = _call_of(json.loads(text[self.obj:end]), keyed=True)
         except ValueError:
             call = None
         if call is None:
@@ -674,7 +683,7 @@ class ToolCallFilter:
             end = j if j >= 0 else len(text) - next((k for k in range(len(TOOL_CALL_END) - 1, 0, -1)
                                                       if text.endswith(TOOL_CALL_END[:k])), 0)
             if self.cur is None:
-                state, at, values = _seq(text[:end], self.body, _HEADER)
+                state, at, values = _header(text[:end], self.body)
                 if state != "ok":
                     self.frozen = state == "no" or j >= 0
                     break
@@ -793,6 +802,21 @@ def _seq(s: str, pos: int, parts) -> tuple[str, int, list]:
 
 # A call's JSON up to its arguments object's "{": what a call must begin with to be streamed as it decodes
 _HEADER = ("{", '"name"', ":", _STR, ",", ('"arguments"', '"parameters"'), ":", "{")
+# ... also with OpenAI's "type": "function" before its name or its arguments (Llama 3 models write it so, after
+# the tools' own JSON in their prompt): such calls went out only whole, once their object had been read
+_TYPED = ('"type"', ":", '"function"', ",")
+_HEADERS = (_HEADER, ("{", *_TYPED, *_HEADER[1:]), (*_HEADER[:5], *_TYPED, *_HEADER[5:]))
+
+
+def _header(s: str, pos: int) -> tuple[str, int, list]:
+    """_seq of the call headers at s[pos:]: "ok" where one matched, "need" where one may still, else "no" (also
+    for a name no call can have: _call_of)."""
+    got = [_seq(s, pos, h) for h in _HEADERS]
+    for state in ("ok", "need"):
+        for g in got:
+            if g[0] == state:
+                return ("no", *g[1:]) if state == "ok" and _LONE_SURROGATE.search(g[2][0]) else g
+    return got[0]
 
 
 class _Canon:
