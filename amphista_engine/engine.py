@@ -216,12 +216,13 @@ class Engine:
              "per thread, serialise the calls, or batch the prompts (generate_batch)")
 
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int | None = None, max_batch_size: int = 1,
-                 cuda_graphs: bool = True, quant: str = "none"):
+                 cuda_graphs: bool = True, quant: str = "none", *, _owns_model: bool = False):
         """max_seq_len None: DEFAULT_MAX_SEQ_LEN, or the model's sliding window where that is shorter (Phi-3-mini-4k's
-        2047: this engine attends over all positions, the same model up to the window)."""
+        2047: this engine attends over all positions, the same model up to the window). The model stays the caller's:
+        its float weights are kept (from_pretrained's own model keeps only oneDNN's packed copies on a CPU)."""
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
-        self.device = self.model.tok_embeddings.weight.device
+        self.device = self.model.device
         self.dtype = self.model.tok_embeddings.weight.dtype
         # Gemma 3's window is implemented (model.py: its sliding layers' masks), Mistral's and Phi-3's are not
         window = None if self.config.real_window else self.config.sliding_window
@@ -268,7 +269,7 @@ class Engine:
         if (unmet := unmet_choice(self.device)) is not None:
             warnings.warn(unmet, stacklevel=2)
         from .kernels.linear_setup import LinearSetup
-        setup = LinearSetup.for_device(self.device, self.dtype, quant)
+        setup = LinearSetup.for_device(self.device, self.dtype, quant, free_floats=_owns_model)
         self.linears = setup.resolved(setup.apply(self.model))
         self.quant = self.linears.quant
         self.cpu_packed = self.linears.packed
@@ -303,7 +304,7 @@ class Engine:
         loaded = load_model(model, dtype=dtype, device=device,
                             max_seq_len=DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, quant=load_quant)
         engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
-                     quant=quant)
+                     quant=quant, _owns_model=True)
         engine.loaded_name = str(model)
         if heads is not None:
             engine.load_heads(heads)

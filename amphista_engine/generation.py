@@ -96,7 +96,7 @@ def sequence_scores(model, ids: list[int], start: int = 1, top: int = 0, block: 
     n = len(ids)
     if not 1 <= start < n:
         raise ValueError(f"start must be in [1, {n}), got {start}")
-    device = model.tok_embeddings.weight.device
+    device = model.device
     # Why pad: PyTorch's CPU causal SDPA sums each query's keys in SCORE_ALIGN-lane vectors and the last
     # (T mod SCORE_ALIGN) keys of the call apart, so a position's fp32 attention output depended on the sequence's
     # total length in its last bit, which the 4-bit layers' int8-rounded activations grew to up to 0.3 nats of a
@@ -130,7 +130,7 @@ class PlainDecoder:
 
     def __init__(self, model: Transformer, cache: KVCache, params: SamplingParams):
         self.model, self.cache, self.params = model, cache, params
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.generator = params.generator(self.device)
         # logit_bias as a dense [V] row added to the logits every token is chosen from (None: no bias); counts [B, V]:
         # the answer's tokens so far, for presence/frequency penalties (set at prefill; None when they are off)

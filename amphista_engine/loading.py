@@ -131,7 +131,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         raise ModelLoadError(f"{path} is neither a checkpoint directory nor a .gguf file{hint}")
     model = build_model(cfg, weights, dtype, device, max_seq_len, freq_factors, layer_weights, quant)
     del weights, layer_weights
-    _trim_heap()
+    trim_heap()
     # Ids the tokenizer has beyond the embedding (added tokens the checkpoint was never resized for) are refused
     # when a text encodes to them, instead of an index error deep inside torch.
     tokenizer.model_vocab_size = cfg.vocab_size
@@ -144,7 +144,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
 INT8_ROW_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
 
 
-def _trim_heap():
+def trim_heap():
     """Hands the heap's free pages back to the OS (glibc's malloc_trim): the layer-by-layer dequantized chunks a
     loader freed stayed in glibc's arenas, ~180 MiB of RssAnon above a 300M-parameter GGUF model's own bytes."""
     import ctypes

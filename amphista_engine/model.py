@@ -644,6 +644,12 @@ class Transformer(nn.Module):
                 and not self.config.gemma                                # nor Gemma's post-norms and GELU
                 and not self.config.moe_layers)                          # nor MoE layers (MoEFeedForward)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs: its final norm's device (the embedding's weight is a meta tensor where a 4-bit
+        model keeps the table as codes, cpu_quant.CodesEmbedding)."""
+        return self.norm.weight.device
+
     def tie_weights(self):
         if self.config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -651,7 +657,7 @@ class Transformer(nn.Module):
     def setup_rope(self, max_len: int, freq_factors: torch.Tensor | None = None):
         """Rebuild the RoPE table on the model's device (after loading, or for a longer cache)."""
         check_rope_len(self.config, max_len)
-        device = self.tok_embeddings.weight.device
+        device = self.device
         self.rope_len = max_len
         if freq_factors is not None:
             self.rope_freq_factors = freq_factors.to(device)

@@ -50,8 +50,11 @@ def test_the_stack_runs_gemma_as_its_layer_loop(gemma, monkeypatch):
         assert calls and all(calls), "the stack declined a Gemma forward"
         looped, calls = _answer(gemma, prompt, False, monkeypatch, speculative="none")
         assert stacked.token_ids == looped.token_ids
-        diff = (torch.tensor(stacked.token_logprobs) - torch.tensor(looped.token_logprobs)).abs().max()
-        assert float(diff) < 1e-4, float(diff)
+        # The stack and the loop sum in other orders (fp32 ulps), so now and then an activation lands on the other
+        # side of its int8 rounding (groups of 32) and that step's K/V differ a little: seen as ~1e-3 in the
+        # logprobs of a few steps, not in most (a wrong stack moves them all).
+        diff = (torch.tensor(stacked.token_logprobs) - torch.tensor(looped.token_logprobs)).abs()
+        assert float(diff.max()) < 1e-2 and float((diff > 1e-4).float().mean()) < 0.25, diff.tolist()
 
 
 @pytest.mark.parametrize("tree", ["dynamic-8", "tree-16"])

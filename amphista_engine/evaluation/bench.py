@@ -245,7 +245,8 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
                              "lower --prompt-tokens") from None
     _check_prompt_tokens(prompt_tokens, target.config, name)    # after the cache's check, before the prefill
     # The linears run as the Engine runs them on this device (packed for oneDNN on a CPU, ...).
-    linears = LinearSetup.for_device(device, dtype, quant)
+    # The target is this run's alone: as Engine.from_pretrained's, each float weight is held once (packed).
+    linears = LinearSetup.for_device(device, dtype, quant, free_floats=True)
     linears = linears.resolved(linears.apply(target))
     cfg = target.config
     if max(draft_vocabs) > cfg.vocab_size:

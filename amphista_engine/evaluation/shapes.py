@@ -123,11 +123,11 @@ def random_heads(kind: str, model: Transformer, num_heads: int = 4, seed: int = 
     them on the host in fp32 first: for a 7B target several GB and tens of seconds)."""
     from ..heads import HeadsConfig, build_heads
     cfg = HeadsConfig.for_target(model.config, kind=kind, num_heads=num_heads, draft_vocab_size=draft_vocab)
-    w = model.tok_embeddings.weight         # device and dtype (the LM head's may be freed: quantize_head)
     with torch.device("meta"):
         heads = build_heads(cfg)
-    heads = heads.to_empty(device=w.device).to(w.dtype)
-    g = torch.Generator(device=w.device).manual_seed(seed)
+    # the model's device and dtype (its embedding and LM head weights may be meta tensors: cpu_quant)
+    heads = heads.to_empty(device=model.device).to(model.tok_embeddings.weight.dtype)
+    g = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         for name, p in heads.named_parameters():
             if name.endswith("norm.weight"):

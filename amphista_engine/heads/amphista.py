@@ -88,11 +88,13 @@ class AmphistaHeads(DraftHeads):
         dtype = self.norm.weight.dtype
         if self.fuse is None:
             return hidden.to(dtype)
-        if cpu_quant.on_codes(self.fuse):      # 4-bit heads: the product on the codes (ops.fused_sal_input's math)
-            emb = F.embedding(next_tokens, self._target()[0].weight)
-            return self.fuse(torch.cat([hidden.to(dtype), emb.to(dtype)], dim=-1))
+        emb = self._target()[0]
+        # 4-bit heads: the product on the codes; a 4-bit target's table as codes (cpu_quant.CodesEmbedding): its
+        # lookup. Either way ops.fused_sal_input's math
+        if cpu_quant.on_codes(self.fuse) or emb.weight.is_meta:
+            return self.fuse(torch.cat([hidden.to(dtype), emb(next_tokens).to(dtype)], dim=-1))
         # W_fuse [h ; E(x)] without materialising E(x) or the concatenation
-        return ops.fused_sal_input(hidden, next_tokens, self._target()[0].weight, self.fuse.weight)
+        return ops.fused_sal_input(hidden, next_tokens, emb.weight, self.fuse.weight)
 
     def _sal(self, x, rope, cache, spec, mask) -> list[torch.Tensor]:
         """Runs the SAL; returns each stage's output (the residual stream after its last layer)."""

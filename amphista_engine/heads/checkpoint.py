@@ -215,8 +215,8 @@ def new_heads(kind: str, target, num_heads: int = 4, dtype=None, **overrides) ->
     if isinstance(heads, AmphistaHeads):
         torch.nn.init.normal_(heads.pos_emb, std=0.02)
     _init_from_target(heads, target)
-    w = target.tok_embeddings.weight        # the LM head's float weight may be freed (cpu_quant.quantize_head)
-    return heads.to(device=w.device, dtype=dtype or w.dtype).bind(target)
+    # the model's device and dtype (its embedding and LM head weights may be meta tensors: cpu_quant)
+    return heads.to(device=target.device, dtype=dtype or target.tok_embeddings.weight.dtype).bind(target)
 
 
 def random_heads(kind: str, target, num_heads: int = 4, seed: int = 0, std: float = 0.02, dtype=None,
@@ -230,8 +230,8 @@ def random_heads(kind: str, target, num_heads: int = 4, seed: int = 0, std: floa
                 continue
             scale = p.shape[-1] ** -0.5 if name.startswith("res.") else std
             p.copy_(torch.randn(p.shape, generator=g) * scale)
-    w = target.tok_embeddings.weight
-    return heads.to(device=w.device, dtype=dtype or w.dtype).eval().requires_grad_(False).bind(target)
+    return heads.to(device=target.device, dtype=dtype or target.tok_embeddings.weight.dtype).eval() \
+        .requires_grad_(False).bind(target)
 
 
 def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
@@ -418,8 +418,9 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
                if same_shape else ""))
     if num_heads is not None and num_heads != cfg.num_heads:
         raise ConfigError(f"heads in {directory} have {cfg.num_heads} heads, {num_heads} were requested")
-    w = target.tok_embeddings.weight        # device and dtype (the LM head's may be freed: quantize_head)
-    device, dtype = torch.device(device) if device is not None else w.device, _dtype(dtype or w.dtype)
+    # the model's device and dtype (its embedding and LM head weights may be meta tensors: cpu_quant)
+    device = torch.device(device) if device is not None else target.device
+    dtype = _dtype(dtype or target.tok_embeddings.weight.dtype)
     try:
         state = load_file(str(weights))
     except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
@@ -499,6 +500,6 @@ def load_medusa_checkpoint(path, target, device=None, dtype=None, num_heads: int
         raise ConfigError(f"{file}: Medusa heads are inconsistent ({e})") from None
     with torch.device("meta"):
         heads = MedusaHeads(cfg)
-    w = target.tok_embeddings.weight        # device and dtype (the LM head's may be freed: quantize_head)
-    return _assign(heads, state, file, torch.device(device) if device is not None else w.device,
-                   _dtype(dtype or w.dtype)).bind(target)
+    # the model's device and dtype (its embedding and LM head weights may be meta tensors: cpu_quant)
+    return _assign(heads, state, file, torch.device(device) if device is not None else target.device,
+                   _dtype(dtype or target.tok_embeddings.weight.dtype)).bind(target)

@@ -158,6 +158,11 @@ class DraftHeads(nn.Module):
             out = cpu_ops.packed_linear(x, codes)
             if out is not NotImplemented:
                 return out
+        head = self._target()[1]
+        if not self.config.draft_vocab_size and type(head) is cpu_packed.PackedLinear and head.bias is None:
+            # the target's own oneDNN copy scores the full vocabulary: packing its weight again here kept a third
+            # copy of the LM head (and an engine that freed the float weight has only that copy)
+            return head(x.to(head.weight.dtype))
         w = self.output_weight()
         return cpu_packed.linear(x.to(w.dtype), w)
 

@@ -14,7 +14,10 @@ below keep that where a CPU's kernels change with the row count.
 
 Used by the engine for inference only (`pack_linears` on the target and the heads on the CPU); a layer whose
 weight changed, an input that needs a gradient, or anything but a bf16/fp32 CPU tensor falls back to
-`F.linear`. Costs a second copy of every packed weight.
+`F.linear`. The packed copy is a second copy of the weight, unless the weight is dropped (`drop_float_weights`,
+what `Engine.from_pretrained` does to the target it loaded itself): the copy is then the only one, and the float
+weight a meta tensor (shape and dtype, no memory); oneDNN's reorder only permutes elements, so `float_rows` reads
+the exact values back.
 """
 from __future__ import annotations
 
@@ -109,11 +112,31 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if w.is_meta and self._packed is not None:              # the packed copy is the weight (drop_float_weight)
+            if _applies(x, self._packed):
+                return _packed_linear(x, self._packed, self.bias)
+            return F.linear(x, self.float_rows(), self.bias)    # a gradient to carry, or another dtype: rare
         if not _applies(x, w):
             return F.linear(x, w, self.bias)
         if self._packed_of != _stamp(w):                       # weights loaded or edited since packing
             self._pack()
         return _packed_linear(x, self._packed, self.bias)
+
+    def drop_float_weight(self):
+        """Frees the float weight, keeping the packed copy as the only one (a meta tensor of the weight's shape and
+        dtype stays, as cpu_quant's layers keep). Only for a model nobody edits or trains afterwards: the engine's
+        own target."""
+        if self._packed is None or self._packed_of != _stamp(self.weight):
+            self._pack()
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
+                                   requires_grad=False)
+
+    def float_rows(self, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ([out, in], or the rows `rows` picks) in `dtype` (the weight's): the float weight where it
+        is kept, else read back from the packed copy, exactly (a transient dense copy of the whole weight)."""
+        dtype = dtype or self.weight.dtype
+        w = self.weight.detach() if not self.weight.is_meta else self._packed.to_dense()
+        return (w if rows is None else w.index_select(0, rows.to(w.device))).to(dtype)
 
 
 @contextlib.contextmanager
@@ -173,13 +196,28 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _packed_linear(x, entry[2], None)
 
 
-def pack_linears(module: nn.Module) -> int:
+def pack_linears(module: nn.Module, free_floats: bool = False) -> int:
     """Turns every bf16/fp32 CPU nn.Linear inside `module` into a PackedLinear (where oneDNN packs that
-    dtype); returns how many."""
+    dtype); returns how many. free_floats (a target nobody else holds: Engine.from_pretrained's): each layer's float
+    weight is freed as soon as its copy is packed, so the weights are held once and the load never holds both
+    copies of the whole model; an LM head tied to the embedding keeps it (the embedding reads it), and an untied
+    one first records what the heads' checkpoint check reads (its fingerprint and sketch rows), as
+    cpu_quant.quantize_head does."""
+    head = getattr(module, "output", None)
+    tied = head is not None and head.weight is getattr(getattr(module, "tok_embeddings", None), "weight", None)
+    if free_floats and type(head) is nn.Linear and not tied and not head.weight.is_meta:
+        from ..heads.checkpoint import CHECKPOINT_FINGERPRINT, lm_head_fingerprint, lm_head_sketch
+        setattr(head, CHECKPOINT_FINGERPRINT, lm_head_fingerprint(head))     # the loader's, or of these values
+        head.sketch = lm_head_sketch(head)
     n = 0
     for m in module.modules():
         if type(m) is nn.Linear and m.weight.device.type == "cpu" and available(m.weight.dtype):
             m.__class__ = PackedLinear
             m._pack()
             n += 1
+            if free_floats and not (m is head and tied):
+                m.drop_float_weight()
+    if free_floats and n:
+        from ..loading import trim_heap
+        trim_heap()
     return n

@@ -30,8 +30,9 @@ node's logits equal plain decoding's for the same token once attention is ordere
 Memory: a layer's float weight is freed once its codes exist (Int4Linear.drop_float_weight; a meta tensor keeps its
 shape and dtype), and loaders quantize layer by layer (cpu_quant.quantize_layer), so a 4-bit model holds about its
 file's bytes: a 626 MiB Q4_0 file of Llama-3.2-1B's shapes went from 7.30 GiB peak / 5.47 GiB resident to 2.43 /
-1.30 GiB (benchmarks/results/cpu_load_memory/). The LM head keeps its float weight besides its int8 copy (tied embeddings and
-the heads' LM-head rows read it).
+1.30 GiB (benchmarks/results/cpu_load_memory/). An untied LM head keeps only its int8 codes (quantize_head), and the
+embedding table becomes int8 codes in groups of 32 (CodesEmbedding, exact for a GGUF Q8_0/Q4_0/Q4_1 table in fp32),
+which a tied LM head shares: 1.30 -> 1.04 GiB resident for that file (benchmarks/results/cpu_load_memory_embedding/).
 """
 from __future__ import annotations
 
@@ -326,6 +327,80 @@ def quantize_head(model):
         setattr(head, CHECKPOINT_FINGERPRINT, lm_head_fingerprint(head))     # the loader's, or of these values
         head.sketch = lm_head_sketch(head)
         head.drop_float_weight()
+    quantize_embedding(model)
+
+
+class CodesEmbedding(nn.Embedding):
+    """An embedding table as int8 codes in groups of GROUP along each row, with an fp32 scale and zero point per
+    group (value = code * scale + zero): 1.25 bytes a value instead of fp32's 4 (Llama-3.2-1B's 128256 x 2048
+    table: 1.0 GiB -> 0.31 GiB). Each group keeps the closer of two grids: 16 levels from its min and max or its
+    signed extreme (a GGUF Q4_0/Q4_1 table's, as _requantize finds them) and 255 symmetric levels of amax / 127 (a
+    Q8_0 table's); a table of either kind comes back exactly in fp32 (SmolLM2's Q8_0 table: every value), any
+    other (Q6_K, floats, a bf16 model's rounded values) within half a step of the 255-level grid. The float weight
+    is a meta tensor of its shape and dtype; lookups give that dtype."""
+
+    max_error = 0.0         # the largest |value - weight| over the table when it was quantized
+
+    @classmethod
+    def quantize(cls, emb: nn.Embedding, chunk: int | None = None) -> "CodesEmbedding":
+        """emb becomes a CodesEmbedding in place (its float weight freed), `chunk` rows at a time (default: 2M
+        values, whose temporaries stay in cache; 8192 rows of 2048 took 4.6x longer, and ~0.5 GiB of peak)."""
+        w = emb.weight.detach()
+        V, K = w.shape
+        chunk = chunk or max(1, 2 ** 21 // K)
+        codes = torch.empty(V, K, dtype=torch.int8)
+        scales = torch.empty(V, K // GROUP)
+        zeros = torch.empty(V, K // GROUP)
+        worst = 0.0
+        for a in range(0, V, chunk):
+            g = w[a:a + chunk].float().reshape(-1, K // GROUP, GROUP)
+            q4, s4, z4, _ = _requantize(g.reshape(-1, K))
+            q4, z4 = q4.reshape(g.shape).float(), z4 - 8 * s4
+            s8 = g.abs().amax(-1) / 127
+            q8 = torch.round(g / torch.where(s8 == 0, torch.ones_like(s8), s8)[..., None]).clamp_(-127, 127)
+            e4 = (q4 * s4[..., None] + z4[..., None] - g).abs().amax(-1)       # the lookup's own arithmetic
+            e8 = (q8 * s8[..., None] - g).abs().amax(-1)
+            use4 = e4 < e8
+            codes[a:a + chunk] = torch.where(use4[..., None], q4, q8).reshape(-1, K).to(torch.int8)
+            scales[a:a + chunk] = torch.where(use4, s4, s8)
+            zeros[a:a + chunk] = torch.where(use4, z4, torch.zeros_like(z4))
+            worst = max(worst, float(torch.minimum(e4, e8).max()))
+        emb.__class__ = cls
+        emb.register_buffer("codes", codes, persistent=False)
+        emb.register_buffer("scales", scales, persistent=False)
+        emb.register_buffer("zeros", zeros, persistent=False)
+        emb.max_error = worst
+        emb.weight = nn.Parameter(torch.empty(V, K, dtype=w.dtype, device="meta"), requires_grad=False)
+        return emb
+
+    def float_rows(self, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows of the table ([V, K], or those `rows` picks) in `dtype` (the weight's)."""
+        c, s, z = ((self.codes, self.scales, self.zeros) if rows is None else
+                   (self.codes[rows], self.scales[rows], self.zeros[rows]))
+        g = c.float().unflatten(-1, (-1, GROUP)) * s[..., None] + z[..., None]
+        return g.flatten(-2).to(dtype or self.weight.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.float_rows(ids)
+
+
+def quantize_embedding(model) -> CodesEmbedding | None:
+    """A 4-bit target's embedding -> CodesEmbedding (on the CPU, rows a multiple of GROUP wide). A tied LM head
+    (an Int8Linear already: quantize_head) shares the freed weight: it multiplies its own codes, drafting heads read
+    its rows from them (Int8Linear.float_rows), and the rows the heads' checkpoint check compares are kept first."""
+    emb, head = model.tok_embeddings, model.output
+    w = emb.weight
+    if type(emb) is not nn.Embedding or w.is_meta or w.device.type != "cpu" or w.shape[1] % GROUP:
+        return None
+    tied = head.weight is w
+    if tied:
+        from ..heads.checkpoint import CHECKPOINT_FINGERPRINT, lm_head_fingerprint, lm_head_sketch
+        setattr(head, CHECKPOINT_FINGERPRINT, lm_head_fingerprint(head))     # the loader's, or of these values
+        head.sketch = lm_head_sketch(head)
+    CodesEmbedding.quantize(emb)
+    if tied:
+        head.weight = emb.weight        # still tied: one meta Parameter
+    return emb
 
 
 def weight_bytes(module: nn.Module) -> int:

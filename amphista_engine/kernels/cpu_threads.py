@@ -64,7 +64,7 @@ def runs_on_pool(model, heads=None) -> bool:
     setting = pool_setting()
     if setting == "omp" or cpu_ops.load_extension() is None:
         return False
-    device = model.tok_embeddings.weight.device
+    device = model.device
     if device.type != "cpu":
         return False
     if setting == "own":

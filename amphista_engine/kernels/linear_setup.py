@@ -26,9 +26,12 @@ class LinearSetup:
     routed: bool = False      # CUDA: products through the backend switch (ops.linear)
     quant: str = "none"       # CPU, the target only: "q4" (4-bit layers, int8 LM head), "auto" until applied
     dtype: torch.dtype | None = None   # the weights' and activations' dtype (what the CPU kernels can take)
+    free_floats: bool = False   # CPU, the target only: keep only the packed copy of each float weight (a model
+    #                             the engine loaded itself; one handed to Engine() stays the caller's, untouched)
 
     @classmethod
-    def for_device(cls, device, dtype: torch.dtype, quant: str | None = "none") -> "LinearSetup":
+    def for_device(cls, device, dtype: torch.dtype, quant: str | None = "none",
+                   free_floats: bool = False) -> "LinearSetup":
         from . import backend, cpu_packed, cpu_quant, gpu_exact, routed_linear
         kind = torch.device(device).type
         if kind == "cuda":
@@ -45,7 +48,7 @@ class LinearSetup:
             quant = "none"           # "auto" where 4-bit cannot run, or was never timed
         return cls(packed=kind == "cpu" and cpu_packed.available(dtype),
                    routed=kind == "cuda" and (routed_linear.enabled() or gpu_exact.enabled()),
-                   quant=quant, dtype=dtype)
+                   quant=quant, dtype=dtype, free_floats=free_floats)
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Adapts the target's or the heads' nn.Linear layers in place (layers already adapted are left alone).
@@ -59,7 +62,7 @@ class LinearSetup:
         elif self.quant == "q4":
             cpu_quant.quantize_heads(module)
         if self.packed:
-            cpu_packed.pack_linears(module)
+            cpu_packed.pack_linears(module, free_floats=self.free_floats and isinstance(module, Transformer))
         if self.routed:
             routed_linear.route_linears(module)
         return module
