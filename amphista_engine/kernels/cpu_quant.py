@@ -354,12 +354,16 @@ class CodesEmbedding(nn.Embedding):
         worst = 0.0
         for a in range(0, V, chunk):
             g = w[a:a + chunk].float().reshape(-1, K // GROUP, GROUP)
-            q4, s4, z4, _ = _requantize(g.reshape(-1, K))
-            q4, z4 = q4.reshape(g.shape).float(), z4 - 8 * s4
             s8 = g.abs().amax(-1) / 127
             q8 = torch.round(g / torch.where(s8 == 0, torch.ones_like(s8), s8)[..., None]).clamp_(-127, 127)
-            e4 = (q4 * s4[..., None] + z4[..., None] - g).abs().amax(-1)       # the lookup's own arithmetic
-            e8 = (q8 * s8[..., None] - g).abs().amax(-1)
+            e8 = (q8 * s8[..., None] - g).abs().amax(-1)        # the lookup's own arithmetic
+            if not e8.any():            # a Q8_0 table: exact on the int8 grid, no 4-bit candidate to weigh
+                codes[a:a + chunk] = q8.reshape(-1, K).to(torch.int8)
+                scales[a:a + chunk], zeros[a:a + chunk] = s8, 0.0
+                continue
+            q4, s4, z4, _ = _requantize(g.reshape(-1, K))
+            q4, z4 = q4.reshape(g.shape).float(), z4 - 8 * s4
+            e4 = (q4 * s4[..., None] + z4[..., None] - g).abs().amax(-1)
             use4 = e4 < e8
             codes[a:a + chunk] = torch.where(use4[..., None], q4, q8).reshape(-1, K).to(torch.int8)
             scales[a:a + chunk] = torch.where(use4, s4, s8)
