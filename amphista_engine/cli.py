@@ -80,10 +80,18 @@ def _template_kwargs(args) -> dict:
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, per_run: bool = True):
     """per_run: also the options a server takes per request only (penalties, logit bias, ignore_eos)."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # None: unset, filled by serving.commands.sampling_defaults (the model's generation_config.json, else greedy)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default, unless the model's generation_config.json samples)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    what = "requests that leave" if not per_run else "unset"
+    p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                   help=f"auto (default, as vLLM and transformers): {what} temperature, top_p, top_k or "
+                   "repetition_penalty take the model's generation_config.json values (where it samples: "
+                   "\"do_sample\": true; GGUF files and the embedded model have none), a flag given wins over them; "
+                   "none: the flags' own defaults (greedy)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     if per_run:
@@ -159,6 +167,9 @@ def _load(args, prompt=None):
     from .sampling import SamplingParams
     from .shipped_heads import resolve_heads
 
+    if None in (args.temperature, args.top_k, args.top_p, args.repetition_penalty):     # generate, chat
+        from .serving.commands import sampling_defaults
+        sampling_defaults(args, per_request=False)
     # The decoding flags are checked before the load and the speculation timing (seconds), not after them.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
                    getattr(args, "presence_penalty", 0.0), getattr(args, "frequency_penalty", 0.0), _logit_bias(args))

@@ -61,13 +61,19 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
-def generation_defaults(name_or_path: str | Path) -> tuple[dict, Path | None]:
+def generation_defaults(name_or_path: str | Path, missing_ok: bool = False) -> tuple[dict, Path | None]:
     """The sampling its authors set in a checkpoint directory's generation_config.json, as vLLM's
     `--generation-config auto` takes them: ({"temperature": ..., "top_p": ..., "top_k": ..., "repetition_penalty":
     ...} for the keys it sets, the file), or ({}, None) without one (GGUF files, the embedded model). With
     "do_sample": false (transformers' default) its temperature and nucleus settings do nothing there, so none are
-    taken: greedy stays greedy; "do_sample": true without a temperature samples at transformers' 1.0."""
-    path = resolve_model_path(name_or_path)
+    taken: greedy stays greedy; "do_sample": true without a temperature samples at transformers' 1.0. missing_ok: a
+    model path that does not exist gives ({}, None) (the load names it, after the flags are checked)."""
+    try:
+        path = resolve_model_path(name_or_path)
+    except ModelLoadError:
+        if missing_ok:
+            return {}, None
+        raise
     file = path / "generation_config.json" if path.is_dir() else None
     if file is None or not file.is_file():
         return {}, None

@@ -23,14 +23,16 @@ DESCRIPTION = (
 BUILTIN_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
 
-def sampling_defaults(args) -> dict:
+def sampling_defaults(args, per_request: bool = True) -> dict:
     """Fills args' sampling flags left unset: from the model's generation_config.json under --generation-config auto
     (vLLM's default: the sampling its authors recommend, e.g. Qwen3's temperature 0.6, top_p 0.95, top_k 20), else
     the built-in greedy ones. Returns what was taken from the file (named on stderr). Its repetition_penalty is left
     out where the server speculates by name (--speculative amphista / medusa): the penalty takes plain decoding
-    only, so taken it refused the server's start (or each request), for a flag nobody typed."""
+    only, so taken it refused the server's start (or each request), for a flag nobody typed. per_request: the
+    server's defaults for requests (False: `amphista generate` / `chat`, this run's own sampling)."""
     from ..loading import generation_defaults
-    gen, file = generation_defaults(args.model) if args.generation_config == "auto" else ({}, None)
+    gen, file = (generation_defaults(args.model, missing_ok=not per_request) if args.generation_config == "auto"
+                 else ({}, None))
     speculates = getattr(args, "speculative", "none") in ("amphista", "medusa")
     skipped = gen.pop("repetition_penalty") if speculates and "repetition_penalty" in gen else None
     taken = {}
@@ -39,17 +41,20 @@ def sampling_defaults(args) -> dict:
             setattr(args, key, gen.get(key, builtin))
             if key in gen:
                 taken[key] = gen[key]
+    who, overrides = (("request defaults", "a request's own fields and the sampling flags override them")
+                      if per_request else ("sampling", "the sampling flags override them"))
     if taken:
         said = ", ".join(f"{k} {v}" for k, v in taken.items())
-        print(f"request defaults from {file}: {said} (a request's own fields and the sampling flags override them; "
-              f"--generation-config none: greedy)", file=sys.stderr, flush=True)
+        print(f"{who} from {file}: {said} ({overrides}; --generation-config none: greedy)", file=sys.stderr, flush=True)
         if "repetition_penalty" in taken and getattr(args, "speculative", "none") not in (None, "none"):
             print(f"note: its repetition_penalty {taken['repetition_penalty']} is supported with plain decoding "
-                  f"only, so requests that leave it out decode plainly; --repetition-penalty 1 keeps them "
-                  f"speculative", file=sys.stderr, flush=True)
+                  f"only, so {'requests that leave it out decode' if per_request else 'this run decodes'} plainly; "
+                  f"--repetition-penalty 1 keeps {'them' if per_request else 'it'} speculative",
+                  file=sys.stderr, flush=True)
     if skipped is not None and args.repetition_penalty == BUILTIN_SAMPLING["repetition_penalty"]:
         print(f"note: {file}'s repetition_penalty {skipped} is not applied: --speculative {args.speculative} takes "
-              f"no penalty (a request that sends one decodes plainly)", file=sys.stderr, flush=True)
+              f"no penalty{' (a request that sends one decodes plainly)' if per_request else ''}",
+              file=sys.stderr, flush=True)
     return taken
 
 
@@ -121,9 +126,5 @@ def register(sub) -> None:
                    help="a request that arrives while a run decodes waits for the next run (by default it joins the "
                    "run between two steps, in a row that ended or was free, where it can share it)")
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
-    s.add_argument("--generation-config", choices=("auto", "none"), default="auto",
-                   help="auto (default, as vLLM): requests that leave temperature, top_p, top_k or "
-                   "repetition_penalty out get the model's generation_config.json values (where it samples: "
-                   "\"do_sample\": true), a flag given here wins over them; none: the flags' own defaults (greedy)")
     # unset sampling flags are filled by sampling_defaults: a flag given, the model's generation_config, else greedy
-    s.set_defaults(func=cmd_serve, temperature=None, top_k=None, top_p=None, repetition_penalty=None)
+    s.set_defaults(func=cmd_serve)
