@@ -7,7 +7,7 @@ one process per checkout, the order flipping from chunk to chunk, so that both s
 are summed over all questions; every speculative answer is checked against its own checkout's plain answer,
 and every answer against the base's (a change meant to keep every bit should give n/n there).
 
-    python benchmarks/checkout_ab.py --base 9780d3b [--trees mix-4,mix-8] [--questions 16] [--chunk 4]
+    python benchmarks/checkout_ab.py --base 9780d3b [--trees mix-4,mix-8] [--questions 16] [--chunk 4] [--quant none]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(root: str, modes: list[str], questions: list[str], max_new: int):
+def worker(root: str, modes: list[str], questions: list[str], max_new: int, quant: str = "auto"):
     """Runs inside the checkout `root`: one JSON line per (mode, question)."""
     sys.path.insert(0, root)
     import amphista_engine
@@ -28,7 +28,7 @@ def worker(root: str, modes: list[str], questions: list[str], max_new: int):
         sys.exit(f"imported {amphista_engine.__file__}, not the checkout at {root}")
     from amphista_engine import Engine
     from amphista_engine.shipped_heads import shipped_heads
-    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=1024)
+    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=1024, quant=quant)
     engine.load_heads(str(shipped_heads("smollm2-135m", "amphista")))
     engine.generate(questions[0], max_new_tokens=8)                     # warm-up
     for i, q in enumerate(questions):
@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--base", required=True, help="the commit to compare against (any git revision)")
     ap.add_argument("--chunk", type=int, default=4, help="questions per worker process")
     ap.add_argument("--worktrees", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")))
+    ap.add_argument("--quant", default="auto", choices=["auto", "none"],
+                    help="none: the dequantized fp32 weights (oneDNN-packed), not the 4-bit codes")
     args = ap.parse_args()
     base = worktree(args.base, args.worktrees)
     qs = [json.loads(line)["turns"][0] for line in open(ROOT.parent / "shared" / "data" / "mt_bench.jsonl")]
@@ -69,7 +71,8 @@ def main():
         chunk = qs[c0:c0 + args.chunk]
         for side in (list(sides) if c % 2 == 0 else list(sides)[::-1]):
             out = subprocess.run([sys.executable, __file__, "--worker", sides[side], ",".join(modes),
-                                  str(args.max_new_tokens), json.dumps(chunk)], capture_output=True, text=True)
+                                  str(args.max_new_tokens), json.dumps(chunk), args.quant], capture_output=True,
+                                 text=True)
             if out.returncode:
                 sys.exit(f"{side} worker failed:\n{out.stderr[-3000:]}")
             res[side] += [{**json.loads(line), "q": json.loads(line)["q"] + c0} for line in out.stdout.splitlines()]
@@ -92,7 +95,9 @@ def main():
     meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
             "base": f"{args.base} ({base.name.removeprefix('amphista-ab-')})",
             "questions": len(qs), "chunk": args.chunk,
-            "max_new_tokens": args.max_new_tokens, "model": "smollm2-135m, 4-bit (quant auto), fp32 between",
+            "max_new_tokens": args.max_new_tokens,
+            "model": "smollm2-135m, " + ("4-bit (quant auto), fp32 between" if args.quant == "auto" else
+                                         "fp32 weights (quant none)"),
             "what": "tok/s summed over MT-Bench first turns, the two checkouts in alternating processes"}
     write_results("checkout_ab", rows, meta,
                   md_table(rows, ["decoding", "checkout", "tau", "tok/s", "equals plain", "equals base",
@@ -101,7 +106,7 @@ def main():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3].split(","), json.loads(sys.argv[5]), int(sys.argv[4]))
+        worker(sys.argv[2], sys.argv[3].split(","), json.loads(sys.argv[5]), int(sys.argv[4]), *sys.argv[6:7])
     else:
         sys.path.insert(0, str(ROOT))
         main()
