@@ -12,6 +12,8 @@ import json
 import os
 import re
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,6 +33,8 @@ _DOCUMENT_END_MARKERS = ("<|endoftext|>", "<|end_of_text|>")
 # markers were cut into pieces and a reply never ended at <end_of_turn>; llama.cpp retypes such end-of-turn markers
 # as control tokens too ("control-looking token ... its type will be overridden").
 _GGUF_CONTROL_MARKERS = _TURN_END_MARKERS + ("<start_of_turn>",)
+# Tokenizer.showing: {id(tokenizer): the special ids its skipping decode keeps} in this context (a thread's own)
+_SHOWN: ContextVar[dict | None] = ContextVar("amphista_shown_specials", default=None)
 
 # GGUF token_type values (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -99,9 +103,34 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`. Ids outside the vocabulary (padded embedding rows) decode to nothing."""
-        ids = [int(i) for i in ids]
-        return self._backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens)
+        """Text of `ids`. Ids outside the vocabulary (padded embedding rows) decode to nothing. Within
+        `showing(shown)`, skip_special_tokens leaves out the special tokens but those."""
+        ids = [i for i in map(int, ids) if 0 <= i < self.vocab_size]
+        shown = self.shown_ids() if skip_special_tokens else frozenset()
+        if shown and not shown.isdisjoint(ids):
+            # one decode of the ids less the skipped specials, as the skipping decode itself joins the text around
+            # them (sentencepiece's spaces, a character's bytes): decoding the stretches between shown ones apart
+            # would not
+            return self._backend.decode([i for i in ids if i in shown or i not in self.special_ids], False)
+        return self._backend.decode(ids, skip_special_tokens)
+
+    @contextmanager
+    def showing(self, ids: Iterable[int]):
+        """Within the block (in this thread, or this context), decoding that skips special tokens keeps those of
+        `ids` (a stream decoder's too, as generation decodes answers): a tool call parser reads the control tokens
+        its format writes (Mistral's [TOOL_CALLS] and [ARGS], Llama 3.1's <|python_tag|>), which an answer's text
+        otherwise leaves out. Ids that are not special are decoded anyway."""
+        shown = frozenset(int(i) for i in ids) & self.special_ids
+        token = _SHOWN.set({**(_SHOWN.get() or {}), id(self): shown})
+        try:
+            yield
+        finally:
+            _SHOWN.reset(token)
+
+    def shown_ids(self) -> frozenset[int]:
+        """The special ids a skipping decode keeps here and now (showing)."""
+        shown = _SHOWN.get()
+        return shown.get(id(self), frozenset()) if shown else frozenset()
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
@@ -187,8 +216,9 @@ class StreamDecoder:
         tok = self._tokenizer
         if not tok.byte_run_ids:
             return False
+        shown = tok.shown_ids() if self._skip else frozenset()
         for i in reversed(self._ids[self._read:]):
-            if 0 <= i < tok.vocab_size and not (self._skip and i in tok.special_ids):
+            if 0 <= i < tok.vocab_size and not (self._skip and i in tok.special_ids and i not in shown):
                 return i in tok.byte_run_ids
         return False
 

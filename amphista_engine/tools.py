@@ -20,24 +20,31 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from contextlib import nullcontext
 from functools import lru_cache
 from typing import NamedTuple
 
 from .errors import InputError
 
-__all__ = ["ToolCallFilter", "ToolError", "ToolPlan", "TOOL_CALL_START", "generate_with_tools",
-           "openai_tool_calls", "parse_tool_calls", "plan_tools", "prepare_messages", "template_supports_tools",
-           "tool_call_format", "tool_format", "tools_system_prompt"]
+__all__ = ["ToolCallFilter", "ToolError", "ToolPlan", "TOOL_CALL_START", "control_tokens", "generate_with_tools",
+           "mistral_v11", "openai_tool_calls", "parse_tool_calls", "plan_for", "plan_tools", "prepare_messages",
+           "show_controls", "showing_controls", "template_supports_tools", "tool_call_format", "tool_format",
+           "tools_system_prompt"]
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"          # what Llama 3.1's template writes before a tool call
-MISTRAL_CALLS = "[TOOL_CALLS]"          # Mistral's control token before its JSON array of calls
+MISTRAL_CALLS = "[TOOL_CALLS]"          # Mistral's control token before its JSON array of calls (or before each call)
+MISTRAL_ARGS = "[ARGS]"                 # Mistral's (tokenizer v11+) control token between a call's name and arguments
 FORMATS = ("hermes", "llama3_json", "mistral")
+# The control tokens each format's calls are written with: special tokens, which an answer's text leaves out unless
+# its run shows them (showing_controls), and which content never holds
+CONTROLS = {"llama3_json": (PYTHON_TAG,), "mistral": (MISTRAL_CALLS, MISTRAL_ARGS)}
 # Formats whose whole answer is the calls, or is content (decided by its first characters)
 _WHOLE = {"llama3_json": ("{", PYTHON_TAG), "mistral": ("[", MISTRAL_CALLS)}
 CHOICES = ("none", "auto", "required")
 # OpenAI's rule for a function's name
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_-]*")
 # A closed block, or an unclosed last one (an answer cut by max_tokens or a stop string), as vLLM's hermes parser
 # reads them
 _BLOCK = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END) + "|"
@@ -62,17 +69,28 @@ class ToolPlan(NamedTuple):
     response_format: dict | None
     parallel: bool = True
     fmt: str = "hermes"         # how the model writes calls (FORMATS; tool_call_format)
+    v11: bool = False           # mistral: the template writes calls as [TOOL_CALLS]name[ARGS]{...} (mistral_v11)
+    # the control tokens a run with these tools shows in the answer's text (showing_controls): content leaves them out
+    hidden: tuple = ()
 
     @property
     def parse(self) -> bool:
         """Whether the answer is read for tool calls (tools offered, and not tool_choice "none")."""
         return bool(self.tools) and self.choice != "none"
 
+    @property
+    def shows(self) -> bool:
+        """Whether the answer's text holds control tokens that content leaves out: those of a run with tools
+        (tool_choice "none" too: such a run may decode another request's calls)."""
+        return bool(self.tools) and bool(self.hidden)
+
     def read(self, text: str) -> tuple[str | None, list[dict]]:
         """parse_tool_calls(text), keeping only the first call where parallel_tool_calls is false (the grammar
         already allows one under "required"; under "auto" the model may still write more, which are dropped, as
-        vLLM drops them)."""
-        content, calls = parse_tool_calls(text, self.fmt)
+        vLLM drops them). Not parse (tool_choice "none"): the text as content, less the control tokens shown."""
+        if not self.parse:
+            return _visible(text, self.hidden), []
+        content, calls = parse_tool_calls(text, self.fmt, v11=self.v11, hidden=self.hidden)
         return content, (calls if self.parallel else calls[:1])
 
 
@@ -146,7 +164,8 @@ def check_tool_choice(choice, tools: list | None) -> str | dict:
     return {"name": name}
 
 
-def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "hermes") -> dict | None:
+def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "hermes",
+                v11: bool = False, controls: dict | None = None) -> dict | None:
     """The response_format (a Lark grammar as llguidance reads it) that holds the answer to tool calls in the model's
     format (fmt: Hermes blocks, or Llama 3's bare JSON with "parameters", several separated by "; "): one or more
     (tool_choice "required"; exactly one where parallel is false), or exactly one of the named function; each call's
@@ -155,6 +174,10 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
     if not tools or choice in ("none", "auto"):
         return None
     named = choice["name"] if isinstance(choice, dict) else None
+    # a control token that is a special token: written as that token (llguidance's <[id]>), which the model was
+    # trained to write; as its text, the special token still matched it and the matcher lost its place
+    mark = {t: (f"<[{i}]>" if i is not None else f'"{t}"') for t, i in
+            {MISTRAL_CALLS: None, MISTRAL_ARGS: None, **(controls or {})}.items()}
     chosen = [t["function"] for t in tools if named is None or t["function"]["name"] == named]
     rules = []
     for i, f in enumerate(chosen):
@@ -167,15 +190,21 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
         schema = {**(f.get("parameters") or {"type": "object"}),
                   "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
         key = "parameters" if fmt == "llama3_json" else "arguments"
-        rules.append(f'call_{i}: "{{\\"name\\": \\"{f["name"]}\\", \\"{key}\\": " args_{i} "}}"')
+        if fmt == "mistral" and v11:        # [TOOL_CALLS]name[ARGS]{...}, as its template writes calls
+            rules.append(f'call_{i}: {mark[MISTRAL_CALLS]} "{f["name"]}" {mark[MISTRAL_ARGS]} args_{i}')
+        else:
+            rules.append(f'call_{i}: "{{\\"name\\": \\"{f["name"]}\\", \\"{key}\\": " args_{i} "}}"')
         rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
     several = named is None and parallel
     if fmt == "llama3_json":                     # the answer is the calls (vLLM's llama3_json splits them at ";")
         start = 'start: call ("; " call)*' if several else "start: call"
         wrapper = []
+    elif fmt == "mistral" and v11:              # each call its own [TOOL_CALLS]...
+        start = "start: call+" if several else "start: call"
+        wrapper = []
     elif fmt == "mistral":                      # as Mistral's template writes them: the token, then a JSON array
-        start = f'start: "{MISTRAL_CALLS} [" call (", " call)* "]"' if several else \
-            f'start: "{MISTRAL_CALLS} [" call "]"'
+        start = f'start: {mark[MISTRAL_CALLS]} " [" call (", " call)* "]"' if several else \
+            f'start: {mark[MISTRAL_CALLS]} " [" call "]"'
         wrapper = []
     else:
         start = 'start: tool_call ("\\n" tool_call)*' if several else "start: tool_call"
@@ -191,9 +220,12 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
     return rf
 
 
-def plan_tools(tools, tool_choice, parallel_tool_calls=None, fmt: str = "hermes") -> ToolPlan:
+def plan_tools(tools, tool_choice, parallel_tool_calls=None, fmt: str = "hermes", v11: bool = False,
+               controls: dict | None = None) -> ToolPlan:
     """A request's tools, tool_choice and parallel_tool_calls (OpenAI's: true, the default, or false: at most one
-    call), checked (ToolError naming the field), with the grammar they need; fmt: the model's (tool_call_format)."""
+    call), checked (ToolError naming the field), with the grammar they need; fmt: the model's (tool_call_format),
+    v11: Mistral's [ARGS] form (mistral_v11), controls: the control tokens that are special tokens, which the
+    answer's text shows and content leaves out ({text: id}: control_tokens)."""
     if fmt not in FORMATS:
         raise ToolError(f"tool call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     checked = check_tools(tools)
@@ -202,7 +234,17 @@ def plan_tools(tools, tool_choice, parallel_tool_calls=None, fmt: str = "hermes"
         raise ToolError(f"parallel_tool_calls must be true or false, got {_json_type(parallel_tool_calls)}",
                         "parallel_tool_calls")
     parallel = parallel_tool_calls is not False
-    return ToolPlan(checked, choice, tool_format(checked, choice, parallel, fmt), parallel, fmt)
+    v11 = v11 and fmt == "mistral"
+    return ToolPlan(checked, choice, tool_format(checked, choice, parallel, fmt, v11, controls), parallel, fmt, v11,
+                    tuple(controls or ()))
+
+
+def plan_for(tokenizer, tools, tool_choice, parallel_tool_calls=None) -> ToolPlan:
+    """plan_tools for a model: its format, Mistral's form and the control tokens a run shows, read off its
+    tokenizer and chat template (the server's and generate_with_tools' plans)."""
+    fmt = tool_call_format(tokenizer)
+    return plan_tools(tools, tool_choice, parallel_tool_calls, fmt, mistral_v11(tokenizer),
+                      control_tokens(tokenizer, fmt))
 
 
 # ---- messages --------------------------------------------------------------------------------------------------
@@ -224,6 +266,47 @@ def _format_of(source: str) -> str:
             and ("ipython" in source or PYTHON_TAG in source):
         return "llama3_json"
     return "hermes"
+
+
+def mistral_v11(tokenizer, template: str | None = None) -> bool:
+    """Whether a Mistral template writes calls in tokenizer v11's form, `[TOOL_CALLS]name[ARGS]{...}` (Mistral
+    Small 3.1/3.2, Devstral, Magistral), not v3's `[TOOL_CALLS] [{...}]`: its calls are read and held (grammar)
+    so."""
+    from .chat import resolve_template
+    source = resolve_template(tokenizer, template)[1]
+    return _format_of(source) == "mistral" and MISTRAL_ARGS in source
+
+
+def control_tokens(tokenizer, fmt: str) -> dict[str, int]:
+    """The format's control tokens (CONTROLS) that are special tokens of this tokenizer, {text: id}: an answer's
+    text leaves them out, unless its run shows them (showing_controls)."""
+    special = getattr(tokenizer, "special_ids", frozenset())
+    found = {t: getattr(tokenizer, "token_to_id", lambda _: None)(t) for t in CONTROLS.get(fmt, ())}
+    return {t: i for t, i in found.items() if i is not None and i in special}
+
+
+def showing_controls(tokenizer, fmt: str):
+    """A context in which the engine's decoding keeps the format's control tokens in the answer's text (which
+    otherwise leaves special tokens out), so that the tool parser sees where calls and their arguments begin;
+    content leaves them out again (ToolPlan.hidden). Nothing changes for a format without any."""
+    ids = control_tokens(tokenizer, fmt).values()
+    return tokenizer.showing(ids) if ids else nullcontext()
+
+
+def show_controls(steps, tokenizer, fmt: str):
+    """A run's steps (engine.stream_batch's generator) decoded within showing_controls: each step in it, never
+    across a yield (the caller's code between steps decodes as it would); its return value and close() pass
+    through."""
+    try:
+        while True:
+            with showing_controls(tokenizer, fmt):
+                try:
+                    item = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+            yield item
+    finally:
+        steps.close()
 
 
 def template_supports_tools(tokenizer, template: str | None = None) -> bool:
@@ -359,59 +442,136 @@ def _call_of(obj, keyed: bool = False) -> dict | None:
     return {"name": obj["name"], "arguments": args}
 
 
-def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
+def _parse_llama3(text: str, hidden: tuple = ()) -> tuple[str | None, list[dict]]:
     """Llama 3's calls: the whole answer (after an optional <|python_tag|>) one JSON object {"name", "parameters"}
-    or several separated by ";", as vLLM's llama3_json parser reads them; anything else is content."""
+    or several separated by ";", as vLLM's llama3_json parser reads them; anything else is content (less the
+    control tokens shown: hidden)."""
+    calls = _llama3_calls(text)
+    return (None, calls) if calls else (_visible(text, hidden), [])
+
+
+def _llama3_calls(text: str) -> list[dict]:
     body = text.strip()
     if body.startswith(PYTHON_TAG):
         body = body[len(PYTHON_TAG):].strip()
     if not body.startswith("{"):
-        return text, []
+        return []
     calls, pos, dec = [], 0, json.JSONDecoder()
     while pos < len(body):
         try:
             obj, pos = dec.raw_decode(body, pos)
         except ValueError:
-            return text, []
+            return []
         call = _call_of(obj, keyed=True)
         if call is None:
-            return text, []
+            return []
         calls.append(call)
         rest = body[pos:].lstrip()
         if rest.startswith(";"):
             rest = rest[1:].lstrip()
         elif rest:
-            return text, []             # text after the JSON: not an answer of calls
+            return []                   # text after the JSON: not an answer of calls
         pos = len(body) - len(rest)
-    return None, calls
+    return calls
 
 
-def _parse_mistral(text: str) -> tuple[str | None, list[dict]]:
-    """Mistral's calls: the whole answer a JSON array of {"name", "arguments"} after [TOOL_CALLS] (a control token:
-    the answer's text may have left it out), as vLLM's mistral parser reads them; anything else is content."""
+def _parse_mistral(text: str, v11: bool = False, hidden: tuple = ()) -> tuple[str | None, list[dict]]:
+    """Mistral's calls, as vLLM's mistral parser reads them: after the first [TOOL_CALLS] (a control token), the
+    rest of the answer a JSON array of {"name", "arguments"}, or (v11: the template's form) one or more
+    `name[ARGS]{...}` each after its own [TOOL_CALLS] (`name{...}` too: [ARGS] is a control token, which the text
+    may leave out); the text before the token is content. An answer that begins with the array is calls without
+    the token. Anything else is content; content leaves out the control tokens shown (hidden)."""
     body = text.strip()
-    if body.startswith(MISTRAL_CALLS):
-        body = body[len(MISTRAL_CALLS):].strip()
-    if not body.startswith("["):
-        return text, []
+    if body.startswith("[") and not body.startswith(MISTRAL_CALLS):
+        calls = _mistral_array(body)
+        if calls:
+            return None, calls
+    at = text.find(MISTRAL_CALLS)
+    if at >= 0:
+        rest = text[at + len(MISTRAL_CALLS):].strip()
+        calls = _mistral_array(rest) if rest.startswith("[") or not v11 else \
+            _mistral_v11(text, at + len(MISTRAL_CALLS))
+        if calls:
+            content = _visible(text[:at], hidden)
+            return (content if content.strip() else None), calls
+    return _visible(text, hidden), []
+
+
+def _mistral_array(body: str) -> list[dict]:
+    """The calls of a whole JSON array of calls (none where body is anything else)."""
     try:
         listed = json.loads(body)
     except ValueError:
-        return text, []
+        return []
     calls = [_call_of(c, keyed=True) for c in listed] if isinstance(listed, list) and listed else [None]
-    return (text, []) if any(c is None for c in calls) else (None, calls)
+    return [] if any(c is None for c in calls) else calls
 
 
-def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str | None, list[dict]]:
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _mistral_v11(text: str, pos: int) -> list[dict]:
+    """The calls `name[ARGS]{...}` from pos (just after a [TOOL_CALLS]) to the end of the text, each after its
+    own [TOOL_CALLS] (none where the text is anything else), read as ToolCallFilter streams them."""
+    calls, dec = [], json.JSONDecoder()
+    while True:
+        pos = _skip_space(text, pos)
+        name = _NAME_CHARS.match(text, pos).group()
+        q = _skip_space(text, pos + len(name))
+        if text.startswith(MISTRAL_ARGS, q):
+            q = _skip_space(text, q + len(MISTRAL_ARGS))
+        if not _NAME.fullmatch(name) or not text.startswith("{", q):
+            return []
+        try:
+            args, pos = dec.raw_decode(text, q)
+        except ValueError:
+            return []
+        call = _call_of({"name": name, "arguments": args}, keyed=True)
+        if call is None:
+            return []
+        calls.append(call)
+        pos = _skip_space(text, pos)
+        if pos == len(text):
+            return calls
+        if not text.startswith(MISTRAL_CALLS, pos):
+            return []                   # text after the calls: not an answer of calls
+        pos += len(MISTRAL_CALLS)
+
+
+@lru_cache(maxsize=16)
+def _hider(hidden: tuple) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, sorted(hidden, key=len, reverse=True))))
+
+
+def _visible(text: str | None, hidden: tuple) -> str | None:
+    """text less the control tokens shown (hidden), as content goes out: one pass, so that text cut anywhere but
+    inside a token gives the same pieces."""
+    return _hider(hidden).sub("", text) if hidden and text else text
+
+
+def _partial(text: str, marks: tuple) -> int:
+    """The length of the longest end of text that is the beginning (not all) of one of marks: text that may
+    still become one."""
+    return max((k for m in marks for k in range(min(len(m) - 1, len(text)), 0, -1) if text.endswith(m[:k])),
+               default=0)
+
+
+def parse_tool_calls(text: str, fmt: str = "hermes", *, v11: bool = False,
+                     hidden: tuple = ()) -> tuple[str | None, list[dict]]:
     """(content, calls) of an answer. Hermes (the default): each `<tool_call>{"name": ..., "arguments": {...}}
     </tool_call>` block (whitespace around the JSON allowed; an unclosed last block too) whose JSON parses is a call
     {"name", "arguments": dict}; content is the rest (the text before the calls, and any block that does not
     parse, kept as written), None where only whitespace is left. "llama3_json": the whole answer is the calls, or
-    it is content. No calls: (text, [])."""
+    it is content. "mistral": the calls after [TOOL_CALLS] (v11: Mistral's [ARGS] form too), content before
+    them. No calls: (text, []). hidden: the control tokens the text shows (a run's: ToolPlan.hidden), which
+    content leaves out."""
     if fmt == "llama3_json":
-        return _parse_llama3(text)
+        return _parse_llama3(text, hidden)
     if fmt == "mistral":
-        return _parse_mistral(text)
+        return _parse_mistral(text, v11, hidden)
     calls, parts, pos = [], [], 0
     for m in _BLOCK.finditer(text):
         call = _call(m.group(1) if m.group(1) is not None else _unclosed(m.group(2)))
@@ -470,15 +630,27 @@ class ToolCallFilter:
     """A streamed answer's content, held back from the first `<tool_call>` on (and a partial `<tool_call` at the
     end of the text so far, which may become one): feed() gives the text a client may see now; finish() reads the
     whole answer for calls once it has ended. The server's stream uses stream() and end() instead, which also
-    send the calls' arguments as they decode."""
+    send the calls' arguments as they decode. Mistral: content goes out up to the first [TOOL_CALLS] (v11: its
+    calls may be `name[ARGS]{...}`). hidden: the control tokens the text shows (ToolPlan.hidden), which content
+    leaves out (a partial one at the end of the text so far waits); parse False (tool_choice "none" in a run that
+    shows them): the text is all content."""
 
-    def __init__(self, parallel: bool = True, fmt: str = "hermes"):
+    def __init__(self, parallel: bool = True, fmt: str = "hermes", *, v11: bool = False, hidden: tuple = (),
+                 parse: bool = True):
         self.parallel = parallel    # parallel_tool_calls: false keeps only the first call (ToolPlan.read)
         self.fmt = fmt
+        self.v11 = v11 and fmt == "mistral"
+        self.hidden = tuple(hidden)
+        self.parse = parse
         self.text = ""          # all the text fed
         self.sent = 0           # how much of it went out
         self.holding = False    # a <tool_call> started: nothing more goes out before the end
-        self.free = False       # llama3_json, mistral: the answer began with other than a call: all of it content
+        # llama3_json, mistral: the answer began with other than a call (or its calls broke before one went out):
+        # all of it content
+        self.free = not parse
+        self.lead = False       # mistral: content up to a [TOOL_CALLS], where the calls begin
+        self.tagged = False     # mistral: the calls began with a [TOOL_CALLS] (not the bare array)
+        self.name: str | None = None    # mistral v11: the name of the call whose arguments are read
         # stream(): the calls sent as they decode
         self.calls: list[_Streamed] = []
         self.scan = 0           # where the next <tool_call> is looked for
@@ -497,10 +669,11 @@ class ToolCallFilter:
         self.text += delta
         if self.holding:
             return ""
-        if self.fmt in _WHOLE:
+        if self.fmt in _WHOLE or not self.parse:
             # a Llama 3 or Mistral answer is calls from its first character ("{" or <|python_tag|>, "[" or
-            # [TOOL_CALLS]) or none: held back until the first non-space characters say which
-            if not self.free:
+            # [TOOL_CALLS]) or none: held back until the first non-space characters say which. Mistral's content
+            # may go on to a [TOOL_CALLS] later (_lead)
+            if not self.free and not self.lead:
                 head = self.text.lstrip()
                 opener, tag = _WHOLE[self.fmt]
                 if not head or tag.startswith(head) and head != tag:
@@ -508,9 +681,8 @@ class ToolCallFilter:
                 if head.startswith(opener) or head.startswith(tag):
                     self.holding = True
                     return ""
-                self.free = True
-            out, self.sent = self.text[self.sent:], len(self.text)
-            return out
+                self.lead, self.free = self.fmt == "mistral", self.fmt != "mistral"
+            return self._lead() if self.lead else self._release(len(self.text))
         i = self.text.find(TOOL_CALL_START, max(0, self.sent - len(TOOL_CALL_START)))
         if i >= 0:
             self.holding = True
@@ -522,12 +694,35 @@ class ToolCallFilter:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
+    def _release(self, end: int, marks: tuple = ()) -> str:
+        """The text up to end as content, less the control tokens shown (a partial one, or one of marks, at the
+        end of the text so far waits)."""
+        if end == len(self.text):
+            end -= _partial(self.text[self.sent:end], self.hidden + marks)
+        out, self.sent = _visible(self.text[self.sent:end], self.hidden), max(self.sent, end)
+        return out
+
+    def _lead(self) -> str:
+        """Mistral's content before its calls: out up to the first [TOOL_CALLS], from which the text is held."""
+        i = self.text.find(MISTRAL_CALLS, self.sent)
+        if i < 0:
+            return self._release(len(self.text), (MISTRAL_CALLS,))
+        out = self._release(i)
+        self.lead, self.holding, self.pos, self.phase = False, True, i, "start"
+        return out
+
+    def _read(self, text: str) -> tuple[str | None, list[dict]]:
+        """The whole answer's (content, calls), as the non-streamed reply reads it (ToolPlan.read)."""
+        if not self.parse:
+            return _visible(text, self.hidden), []
+        content, calls = parse_tool_calls(text, self.fmt, v11=self.v11, hidden=self.hidden)
+        return content, (calls if self.parallel else calls[:1])
+
     def finish(self, text: str | None = None) -> tuple[str, list[dict]]:
         """(the content not sent yet, the calls) of the whole answer (`text`, or what was fed)."""
         text = self.text if text is None else text
-        content, calls = parse_tool_calls(text, self.fmt)
-        calls = calls if self.parallel else calls[:1]
-        sent = self.text[:self.sent]
+        content, calls = self._read(text)
+        sent = _visible(self.text[:self.sent], self.hidden)
         rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
         return rest, calls
 
@@ -546,7 +741,8 @@ class ToolCallFilter:
         if not self.holding:
             return content, []
         if self.fmt in _WHOLE:
-            return self._advance_whole()
+            more, out = self._advance_whole()
+            return content + more, out
         return content, self._advance()
 
     def _advance_whole(self) -> tuple[str, list[dict]]:
@@ -583,13 +779,42 @@ class ToolCallFilter:
                 tag = _WHOLE[self.fmt][1]
                 if text.startswith(tag, pos):   # feed() held the text until it was the whole tag or not it
                     self.pos += len(tag)
+                    self.tagged = True
                 self.phase = "open"
             elif phase == "open":
                 if self.fmt == "mistral":
                     if ch != "[":
-                        return self._not_calls(out)
+                        if not (self.v11 and self.tagged):
+                            return self._not_calls(out)
+                        self.phase = "name"     # [TOOL_CALLS]name[ARGS]{...}
+                        continue
                     self.pos += 1
                 self.phase = "next"
+            elif phase == "name":
+                name = _NAME_CHARS.match(text, pos).group()
+                q = _skip_space(text, pos + len(name))
+                if q == n:
+                    break                       # the name (or the space after it) may go on
+                if text.startswith(MISTRAL_ARGS, q):
+                    q += len(MISTRAL_ARGS)
+                elif MISTRAL_ARGS.startswith(text[q:]):
+                    break
+                elif text[q] != "{":
+                    return self._not_calls(out)
+                if not _NAME.fullmatch(name):
+                    return self._not_calls(out)
+                self.name, self.pos, self.phase = name, q, "args"
+            elif phase == "args":
+                if ch != "{":
+                    return self._not_calls(out)
+                self.phase, self.obj, self.check, self.skip = "obj", pos, _Canon(lenient=True), False
+            elif phase == "vsep":              # after a v11 call: the next one's [TOOL_CALLS], or the end
+                if text.startswith(MISTRAL_CALLS, pos):
+                    self.pos, self.phase = pos + len(MISTRAL_CALLS), "name"
+                elif not MISTRAL_CALLS.startswith(text[pos:]):
+                    return self._not_calls(out)
+                else:
+                    break
             elif phase == "next":
                 if ch != "{":
                     return self._not_calls(out)
@@ -607,7 +832,9 @@ class ToolCallFilter:
         "read" (it was), "wait" (the text so far ends inside it, or nothing more is read), "no" (it is no call)."""
         text, n = self.text, len(self.text)
         if self.cur is None and not self.skip and (self.parallel or not self.calls):
-            state, at, values = _header(text, self.obj)
+            # v11: the object is the arguments, their call's name read before them
+            state, at, values = ("ok", self.obj + 1, [self.name]) if self.name is not None else \
+                _header(text, self.obj)
             if state == "no":
                 self.skip = True
             elif state == "ok":
@@ -635,7 +862,8 @@ class ToolCallFilter:
             return "wait"
         end = self.obj + check.used
         try:
-            call = _call_of(json.loads(text[self.obj:end]), keyed=True)
+            obj = json.loads(text[self.obj:end])
+            call = _call_of({"name": self.name, "arguments": obj} if self.name is not None else obj, keyed=True)
         except ValueError:
             call = None
         if call is None:
@@ -652,7 +880,8 @@ class ToolCallFilter:
             self.calls.append(whole)
             out.append({"index": len(self.calls) - 1, "id": whole.id, "type": "function",
                         "function": {"name": whole.name, "arguments": whole.args}})
-        self.cur, self.pos, self.phase = None, end, "sep"
+        self.cur, self.pos, self.phase = None, end, "sep" if self.name is None else "vsep"
+        self.name = None
         if not self.parallel and self.calls:
             self.phase = "done"         # parallel_tool_calls false: only the first call is answered (read)
         return "read"
@@ -663,9 +892,17 @@ class ToolCallFilter:
         self.phase = "done"
         if self.calls:
             return "", _merged(out)
-        self.holding, self.free = False, True
-        content, self.sent = self.text[self.sent:], len(self.text)
-        return content, []
+        self.holding = False
+        if self.fmt == "mistral" and not self.tagged:
+            # a bare "[" that is no array of calls: Mistral's calls may still follow, after a [TOOL_CALLS]
+            self.lead, self.phase, self.name = True, "start", None
+            content = self._lead()
+            if self.holding:
+                more, calls = self._advance_whole()
+                return content + more, calls
+            return content, []
+        self.free = True
+        return self._release(len(self.text)), []
 
     def _advance(self) -> list[dict]:
         out: list[dict] = []
@@ -728,8 +965,7 @@ class ToolCallFilter:
         if text is not None and text != self.text and text.startswith(self.text):
             head, out = self.stream(text[len(self.text):])
         text = self.text if text is None else text
-        content, calls = parse_tool_calls(text, self.fmt)
-        calls = calls if self.parallel else calls[:1]
+        content, calls = self._read(text)
         for k, sent in enumerate(self.calls):
             args = _args_json(calls[k]["arguments"]) if k < len(calls) else None
             if args is None or calls[k]["name"] != sent.name or not args.startswith(sent.args):
@@ -739,7 +975,7 @@ class ToolCallFilter:
         for k in range(len(self.calls), len(calls)):
             out.append({"index": k, **openai_tool_calls([calls[k]], self.fmt)[0]})
         self.calls_sent = len(calls)
-        sent = self.text[:self.sent]
+        sent = _visible(self.text[:self.sent], self.hidden)
         rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
         if self.body is not None and self.cur is None and not self.frozen:
             # the answer ended (cut) inside a block that was still becoming a call (its name not yet read): like
@@ -1001,7 +1237,7 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     tools a template variable) and handed over as token ids, so engine.chat_template_kwargs is never swapped
     (another thread's run may be rendering with it)."""
     from .chat import render_chat
-    plan = plan_tools(tools, tool_choice, parallel_tool_calls, tool_call_format(engine.tokenizer))
+    plan = plan_for(engine.tokenizer, tools, tool_choice, parallel_tool_calls)
     if plan.response_format is not None:
         if options.get("response_format") is not None:
             raise ToolError("response_format does not mix with tool_choice 'required' or a named function",
@@ -1018,7 +1254,9 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     checked = prepare_messages(checked, plan.tools, template_supports_tools(engine.tokenizer))
     variables = {**engine.chat_template_kwargs, **({"tools": plan.tools} if plan.tools else {})}
     ids = engine.tokenizer.encode(render_chat(engine.tokenizer, checked, variables=variables))
-    result = engine.generate(ids, **options)
+    # the answer's text shows the control tokens its calls are written with (the parser reads them; content not)
+    with showing_controls(engine.tokenizer, plan.fmt) if plan.parse else nullcontext():
+        result = engine.generate(ids, **options)
     if not plan.parse:
         return result, result.text, []
     content, calls = plan.read(result.text)

@@ -28,8 +28,8 @@ from urllib.parse import unquote, urlsplit
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..structured import grammar_source
-from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls,
-                     plan_tools, prepare_messages, template_supports_tools, tool_call_format)
+from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
+                     prepare_messages, show_controls, template_supports_tools, tool_call_format)
 from .batching import Job, Scheduler
 from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 
@@ -460,8 +460,8 @@ class OpenAIApp:
         function holds the answer to."""
         try:
             # parallel_tool_calls too: OpenAI's false (at most one call) was ignored, and "required" answered several
-            plan = plan_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"),
-                              tool_call_format(self.engine.tokenizer))
+            plan = plan_for(self.engine.tokenizer, body.get("tools"), body.get("tool_choice"),
+                            body.get("parallel_tool_calls"))
         except ToolError as e:
             raise ApiError(400, str(e), e.param) from None
         if plan.parse and body.get("response_format") not in (None, {"type": "text"}):
@@ -644,6 +644,10 @@ class OpenAIApp:
             try:
                 steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
                          self._decode(prompts, max_new, cut[0], kwargs))
+                if limits[0] != 0 and jobs[0].variables.get("tools"):
+                    # a run with tools (its requests' alike: the batch key) decodes the control tokens their calls
+                    # are written with into its text, for the tool parser; content leaves them out (ToolPlan.hidden)
+                    steps = show_controls(steps, self.engine.tokenizer, tool_call_format(self.engine.tokenizer))
             except AmphistaError as e:
                 if len(jobs) > 1 or len(prompts) == 1 or not isinstance(getattr(e, "prompt_index", None), int):
                     raise
@@ -884,8 +888,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._count(status)     # before the headers go out: a HEAD's client has its whole answer with them
         self.end_headers()
-        self._count(status)
         if self.command != "HEAD":           # HEAD: GET's status and headers (Content-Length too), no body
             self.wfile.write(data)
         self._done(status, note)
@@ -898,8 +902,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._count(200)        # before the headers go out (a HEAD's client, which reads no body, scraped it uncounted)
         self.end_headers()
-        self._count(200)
         if self.command != "HEAD":
             self.wfile.write(data)
         self._done(200)
@@ -1132,8 +1136,9 @@ class _Handler(BaseHTTPRequestHandler):
                 finish = FINISH.get(r.finish_reason, r.finish_reason)
                 if chat:
                     message = {"role": "assistant", "content": r.text}
-                    if plan is not None and plan.parse:      # each choice read on its own
+                    if plan is not None and (plan.parse or plan.shows):      # each choice read on its own
                         content, calls = plan.read(r.text)
+                        message["content"] = content
                         if calls:
                             message = {"role": "assistant", "content": content,
                                        "tool_calls": openai_tool_calls(calls, plan.fmt)}
@@ -1227,8 +1232,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._tool_finish: dict = {}
         # a choice's text from its first <tool_call> on is held back: its calls go out as they decode (hermes) or
         # at its end (ToolCallFilter.stream, .end)
-        filters = [ToolCallFilter(plan.parallel, plan.fmt) for _ in range(job.n)] \
-            if chat and plan is not None and plan.parse else None
+        filters = [ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse)
+                   for _ in range(job.n)] if chat and plan is not None and (plan.parse or plan.shows) else None
         try:
             for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
                 if chat:
