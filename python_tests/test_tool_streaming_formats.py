@@ -7,6 +7,7 @@ answer is cut into deltas. A call that went out but that the whole answer's pars
 calls, JSON that breaks) is never claimed whole, as a Hermes block that breaks after its name."""
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -56,8 +57,10 @@ def joined(text: str, cuts, fmt: str, parallel: bool = True):
     def take(deltas):
         for d in deltas:
             k = d["index"]
+            json.dumps(d, ensure_ascii=False).encode("utf-8")         # what the server's _event sends
             if k not in calls:
-                assert d["type"] == "function" and d["id"] and isinstance(d["function"]["name"], str), d
+                assert d["type"] == "function" and isinstance(d["function"]["name"], str), d
+                assert re.fullmatch(r"[A-Za-z0-9]{9}" if fmt == "mistral" else r"call_[0-9a-f]{24}", d["id"]), d
                 calls[k] = {"id": d["id"], "name": d["function"]["name"], "arguments": d["function"]["arguments"]}
             else:
                 assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
 import pytest
 
 from amphista_engine.tools import ToolCallFilter, openai_tool_calls, parse_tool_calls
+from test_tool_streaming_formats import joined as formats_joined
 
 LLAMA_CALLS = [
     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}',
@@ -46,31 +46,10 @@ JSON_ANSWERS = [
 
 def joined(text: str, cuts, fmt: str, parallel: bool = True):
     """The stream of `text` cut at `cuts`, then its end, joined per index as the openai client joins
-    delta.tool_calls: (content, [(name, arguments)], whole); checks the entries' shape and the ids' form."""
-    f = ToolCallFilter(parallel, fmt)
-    content, calls, prev = "", {}, 0
-
-    def take(deltas):
-        for d in deltas:
-            json.dumps(d, ensure_ascii=False).encode("utf-8")         # what the server's _event sends
-            k = d["index"]
-            if k not in calls:
-                assert d["type"] == "function" and isinstance(d["function"]["name"], str), d
-                assert re.fullmatch(r"[A-Za-z0-9]{9}" if fmt == "mistral" else r"call_[0-9a-f]{24}", d["id"]), d
-                calls[k] = [d["function"]["name"], d["function"]["arguments"]]
-            else:
-                assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d
-                calls[k][1] += d["function"]["arguments"]
-
-    for cut in [*cuts, len(text)]:
-        piece, deltas = f.stream(text[prev:cut])
-        prev = cut
-        content += piece
-        take(deltas)
-    rest, deltas, whole = f.end(text)
-    take(deltas)
-    assert sorted(calls) == list(range(len(calls)))
-    return content + rest, [tuple(calls[k]) for k in sorted(calls)], whole
+    delta.tool_calls (test_tool_streaming_formats.joined, which checks the entries' shape, the ids' form and that
+    each encodes as UTF-8): (content, [(name, arguments)], whole)."""
+    content, calls, whole, _ = formats_joined(text, cuts, fmt, parallel)
+    return content, [(c["name"], c["arguments"]) for c in calls], whole
 
 
 def reply(text: str, fmt: str, parallel: bool = True):
