@@ -136,7 +136,10 @@ class DraftHeads(nn.Module):
         w = head.weight
         if not self.config.draft_vocab_size and not w.is_meta:
             return w
-        sub, device = self._w_sub, (emb.weight if w.is_meta else w).device
+        # where the rows live: a 4-bit model's tied head and coded table are both meta (cpu_quant.CodesEmbedding), and
+        # comparing with the meta device gathered the rows again at every call
+        device = next((t.device for t in (w, emb.weight) if not t.is_meta), torch.device("cpu"))
+        sub = self._w_sub
         if sub is None or sub.device != device or sub.dtype != w.dtype:
             # Frozen target: gathered once per bind / vocabulary, not per step (a static tensor for CUDA graphs).
             rows = self.draft_vocab if self.config.draft_vocab_size else None

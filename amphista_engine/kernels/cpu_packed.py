@@ -88,8 +88,9 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
 
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """CPU inference: both bf16 or both fp32 on the CPU, and no gradient to track."""
-    return (x.dtype == w.dtype and w.dtype in DTYPES and x.device.type == "cpu"
+    """CPU inference: both bf16 or both fp32 on the CPU, a dtype oneDNN packs on this CPU (a bf16 model made by
+    .to() on a CPU without bf16 support failed in the reorder), and no gradient to track."""
+    return (x.dtype == w.dtype and available(w.dtype) and x.device.type == "cpu"
             and w.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
 
 
@@ -137,6 +138,35 @@ class PackedLinear(nn.Linear):
         dtype = dtype or self.weight.dtype
         w = self.weight.detach() if not self.weight.is_meta else self._packed.to_dense()
         return (w if rows is None else w.index_select(0, rows.to(w.device))).to(dtype)
+
+    def _freed(self) -> bool:
+        return self.weight.is_meta and self._packed is not None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the same state dict as an nn.Linear's: a freed weight's values, read back (a meta tensor saved nothing)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._freed():
+            destination[prefix + "weight"] = self.float_rows()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # loading into a meta weight was a no-op (torch only warned): take the values, then hold them packed again
+        freed = self._freed()
+        if freed:
+            self.weight = nn.Parameter(self.float_rows(), requires_grad=self.weight.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if freed:
+            self.drop_float_weight()
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype / device), .half(), .cuda(): a freed weight's values go along (a meta weight only changed its
+        # dtype, and every forward then densified the stale packed copy, or met another device's input); the
+        # float weight is kept from then on, as for a model nobody freed
+        if self._freed():
+            probe = fn(torch.empty(0, dtype=self.weight.dtype, device="cpu"))
+            if probe.dtype != self.weight.dtype or probe.device.type != "cpu":
+                self.weight = nn.Parameter(self.float_rows(), requires_grad=self.weight.requires_grad)
+                self._packed = self._packed_of = None
+        return super()._apply(fn, recurse)
 
 
 @contextlib.contextmanager

@@ -246,9 +246,9 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
         return None
 
     for m in linears:
-        old_class = m.__class__
+        old_class, w = m.__class__, _float_weight(m)
         m.__class__ = Int4Linear
-        err = m._quantize()
+        err = m._quantize_from(w)
         quantized.append((m, old_class))
         if err > STORED_TOL.get(m.weight.dtype, EXACT_TOL):
             return undo()
@@ -261,10 +261,26 @@ def quantize_linears(model, only_stored_4bit: bool = False) -> float | None:
         packed.append((moe, experts))
     for m, _ in quantized:
         m.drop_float_weight()
+        _drop_packed(m)
     for moe, experts in packed:
         moe.use_packed_experts(experts)
     quantize_head(model)
     return worst
+
+
+def _float_weight(m: nn.Linear) -> torch.Tensor:
+    """A float linear's weight: its own, or where an engine that loaded the model itself freed it (cpu_packed.
+    PackedLinear.drop_float_weight: a meta tensor), the values read back from the oneDNN copy, so that a model of a
+    quant='none' engine handed to Engine(loaded, quant='q4') quantizes its real weights."""
+    if m.weight.is_meta and getattr(m, "_packed", None) is not None:
+        return m.float_rows()
+    return m.weight
+
+
+def _drop_packed(m: nn.Module):
+    """A layer that runs on codes now: a PackedLinear's oneDNN copy of its float weight is no longer read."""
+    m.__dict__.pop("_packed", None)
+    m.__dict__.pop("_packed_of", None)
 
 
 def _float_linears(layers: nn.Module):
@@ -302,9 +318,11 @@ def quantize_layer(layer: nn.Module, int8: frozenset[str] = frozenset()) -> floa
     worst = 0.0
     for name, m in list(layer.named_modules()):
         if isinstance(m, nn.Linear) and not isinstance(m, _CodesLinear):
+            w = _float_weight(m)
             m.__class__ = Int8Linear if name in int8 else Int4Linear
-            worst = max(worst, m._quantize_from(m.weight))
+            worst = max(worst, m._quantize_from(w))
             m.drop_float_weight()
+            _drop_packed(m)
         elif hasattr(m, "experts_q4") and m.experts_q4 is None:
             experts, err = quantize_experts(m, frozenset(w for w in ("w13", "w2") if f"{name}.{w}" in int8))
             m.use_packed_experts(experts)
@@ -319,8 +337,10 @@ def quantize_head(model):
     (heads.checkpoint.lm_head_sketch) are kept first. A tied head's weight is the embedding, which stays."""
     head = model.output
     if type(head) is not Int8Linear:
+        w = _float_weight(head)
         head.__class__ = Int8Linear
-        head._quantize()
+        head._quantize_from(w)
+        _drop_packed(head)
     model.rounds_linear_inputs = True
     if head.weight is not model.tok_embeddings.weight and not head.weight.is_meta:
         from ..heads.checkpoint import CHECKPOINT_FINGERPRINT, lm_head_fingerprint, lm_head_sketch
@@ -385,7 +405,26 @@ class CodesEmbedding(nn.Embedding):
         return g.flatten(-2).to(dtype or self.weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # nn.Embedding refuses an id outside the table; indexing the codes would wrap a negative one to a row
+        # from the end without a word
+        from ..errors import InputError
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+        if ids.numel():
+            lo, hi = torch.aminmax(ids)
+            if int(lo) < 0 or int(hi) >= self.num_embeddings:
+                bad = int(lo) if int(lo) < 0 else int(hi)
+                raise InputError(f"token id {bad} is outside the model's vocabulary: ids go from 0 to "
+                                 f"{self.num_embeddings - 1}")
         return self.float_rows(ids)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) casts floating buffers: the scales and zero points stay fp32 (their values in bf16 moved every
+        # lookup), only the rows a lookup returns take the new dtype (the meta weight's)
+        scales, zeros = self.scales, self.zeros
+        super()._apply(fn, recurse)
+        self.scales, self.zeros = scales.to(self.scales.device), zeros.to(self.zeros.device)
+        return self
 
 
 def quantize_embedding(model) -> CodesEmbedding | None:
