@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import cpu_ops
+from ..errors import InputError
 
 GROUP = 32
 SCHEMES = ("none", "q4", "auto")
@@ -368,26 +369,29 @@ class CodesEmbedding(nn.Embedding):
         w = emb.weight.detach()
         V, K = w.shape
         chunk = chunk or max(1, 2 ** 21 // K)
-        codes = torch.empty(V, K, dtype=torch.int8)
-        scales = torch.empty(V, K // GROUP)
-        zeros = torch.empty(V, K // GROUP)
+        # [V, groups, GROUP] and [V, groups, 1]: a lookup is one addcmul over the gathered rows (24 us a decode step
+        # on SmolLM2's table, against 63 us with unflatten, mul and add; nn.Embedding's float gather took 10)
+        codes = torch.empty(V, K // GROUP, GROUP, dtype=torch.int8)
+        scales = torch.empty(V, K // GROUP, 1)
+        zeros = torch.empty(V, K // GROUP, 1)
         worst = 0.0
         for a in range(0, V, chunk):
             g = w[a:a + chunk].float().reshape(-1, K // GROUP, GROUP)
             s8 = g.abs().amax(-1) / 127
             q8 = torch.round(g / torch.where(s8 == 0, torch.ones_like(s8), s8)[..., None]).clamp_(-127, 127)
-            e8 = (q8 * s8[..., None] - g).abs().amax(-1)        # the lookup's own arithmetic
+            zero = torch.zeros_like(s8)
+            e8 = (torch.addcmul(zero[..., None], q8, s8[..., None]) - g).abs().amax(-1)   # the lookup's arithmetic
             if not e8.any():            # a Q8_0 table: exact on the int8 grid, no 4-bit candidate to weigh
-                codes[a:a + chunk] = q8.reshape(-1, K).to(torch.int8)
-                scales[a:a + chunk], zeros[a:a + chunk] = s8, 0.0
+                codes[a:a + chunk] = q8.to(torch.int8)
+                scales[a:a + chunk], zeros[a:a + chunk] = s8[..., None], 0.0
                 continue
             q4, s4, z4, _ = _requantize(g.reshape(-1, K))
             q4, z4 = q4.reshape(g.shape).float(), z4 - 8 * s4
-            e4 = (q4 * s4[..., None] + z4[..., None] - g).abs().amax(-1)
+            e4 = (torch.addcmul(z4[..., None], q4, s4[..., None]) - g).abs().amax(-1)
             use4 = e4 < e8
-            codes[a:a + chunk] = torch.where(use4[..., None], q4, q8).reshape(-1, K).to(torch.int8)
-            scales[a:a + chunk] = torch.where(use4, s4, s8)
-            zeros[a:a + chunk] = torch.where(use4, z4, torch.zeros_like(z4))
+            codes[a:a + chunk] = torch.where(use4[..., None], q4, q8).to(torch.int8)
+            scales[a:a + chunk] = torch.where(use4, s4, s8)[..., None]
+            zeros[a:a + chunk] = torch.where(use4, z4, zero)[..., None]
             worst = max(worst, float(torch.minimum(e4, e8).max()))
         emb.__class__ = cls
         emb.register_buffer("codes", codes, persistent=False)
@@ -401,13 +405,11 @@ class CodesEmbedding(nn.Embedding):
         """Rows of the table ([V, K], or those `rows` picks) in `dtype` (the weight's)."""
         c, s, z = ((self.codes, self.scales, self.zeros) if rows is None else
                    (self.codes[rows], self.scales[rows], self.zeros[rows]))
-        g = c.float().unflatten(-1, (-1, GROUP)) * s[..., None] + z[..., None]
-        return g.flatten(-2).to(dtype or self.weight.dtype)
+        return torch.addcmul(z, c.float(), s).flatten(-2).to(dtype or self.weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # nn.Embedding refuses an id outside the table; indexing the codes would wrap a negative one to a row
         # from the end without a word
-        from ..errors import InputError
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
         if ids.numel():
