@@ -35,16 +35,20 @@ TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"          # what Llama 3.1's template writes before a tool call
 MISTRAL_CALLS = "[TOOL_CALLS]"          # Mistral's control token before its JSON array of calls (or before each call)
 MISTRAL_ARGS = "[ARGS]"                 # Mistral's (tokenizer v11+) control token between a call's name and arguments
+# Mistral's (tokenizer v11's template: name[CALL_ID]id[ARGS]{...}) control token before a call's id. Skipped in the
+# text, the id ran into the name: "get_weather" + "a1B2c3D4e" was read as a call of "get_weathera1B2c3D4e"
+MISTRAL_CALL_ID = "[CALL_ID]"
 FORMATS = ("hermes", "llama3_json", "mistral")
 # The control tokens each format's calls are written with: special tokens, which an answer's text leaves out unless
 # its run shows them (showing_controls), and which content never holds
-CONTROLS = {"llama3_json": (PYTHON_TAG,), "mistral": (MISTRAL_CALLS, MISTRAL_ARGS)}
+CONTROLS = {"llama3_json": (PYTHON_TAG,), "mistral": (MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID)}
 # Formats whose whole answer is the calls, or is content (decided by its first characters)
 _WHOLE = {"llama3_json": ("{", PYTHON_TAG), "mistral": ("[", MISTRAL_CALLS)}
 CHOICES = ("none", "auto", "required")
 # OpenAI's rule for a function's name
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_-]*")
+_CALL_ID_CHARS = re.compile(r"[A-Za-z0-9]*")
 # A closed block, or an unclosed last one (an answer cut by max_tokens or a stop string), as vLLM's hermes parser
 # reads them
 _BLOCK = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END) + "|"
@@ -478,9 +482,10 @@ def _llama3_calls(text: str) -> list[dict]:
 def _parse_mistral(text: str, v11: bool = False, hidden: tuple = ()) -> tuple[str | None, list[dict]]:
     """Mistral's calls, as vLLM's mistral parser reads them: after the first [TOOL_CALLS] (a control token), the
     rest of the answer a JSON array of {"name", "arguments"}, or (v11: the template's form) one or more
-    `name[ARGS]{...}` each after its own [TOOL_CALLS] (`name{...}` too: [ARGS] is a control token, which the text
-    may leave out); the text before the token is content. An answer that begins with the array is calls without
-    the token. Anything else is content; content leaves out the control tokens shown (hidden)."""
+    `name[ARGS]{...}` each after its own [TOOL_CALLS] (`name[CALL_ID]id[ARGS]{...}` too, and `name{...}`: [ARGS]
+    is a control token, which the text may leave out); the text before the token is content. An answer that
+    begins with the array is calls without the token. Anything else is content; content leaves out the control
+    tokens shown (hidden)."""
     body = text.strip()
     if body.startswith("[") and not body.startswith(MISTRAL_CALLS):
         calls = _mistral_array(body)
@@ -513,6 +518,15 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
+def _past_call_id(text: str, q: int) -> int:
+    """Where a `[CALL_ID]id` at q ends (the spaces after it too), q where none begins there. The id is the
+    model's own; a reply's calls get ids of their own (as the other formats' do)."""
+    if not text.startswith(MISTRAL_CALL_ID, q):
+        return q
+    q = _skip_space(text, q + len(MISTRAL_CALL_ID))
+    return _skip_space(text, q + len(_CALL_ID_CHARS.match(text, q).group()))
+
+
 def _mistral_v11(text: str, pos: int) -> list[dict]:
     """The calls `name[ARGS]{...}` from pos (just after a [TOOL_CALLS]) to the end of the text, each after its
     own [TOOL_CALLS] (none where the text is anything else), read as ToolCallFilter streams them."""
@@ -520,7 +534,7 @@ def _mistral_v11(text: str, pos: int) -> list[dict]:
     while True:
         pos = _skip_space(text, pos)
         name = _NAME_CHARS.match(text, pos).group()
-        q = _skip_space(text, pos + len(name))
+        q = _past_call_id(text, _skip_space(text, pos + len(name)))
         if text.startswith(MISTRAL_ARGS, q):
             q = _skip_space(text, q + len(MISTRAL_ARGS))
         if not _NAME.fullmatch(name) or not text.startswith("{", q):
@@ -633,12 +647,22 @@ class ToolCallFilter:
     send the calls' arguments as they decode. Mistral: content goes out up to the first [TOOL_CALLS] (v11: its
     calls may be `name[ARGS]{...}`). hidden: the control tokens the text shows (ToolPlan.hidden), which content
     leaves out (a partial one at the end of the text so far waits); parse False (tool_choice "none" in a run that
-    shows them): the text is all content."""
+    shows them): the text is all content. whole (a request with stop strings or stop_token_ids): each Hermes call
+    goes out whole once its block closes (Llama 3's and Mistral's at the end), and end() gives the rest as the
+    non-streamed reply reads it."""
 
     def __init__(self, parallel: bool = True, fmt: str = "hermes", *, v11: bool = False, hidden: tuple = (),
-                 parse: bool = True):
+                 parse: bool = True, whole: bool = False):
         self.parallel = parallel    # parallel_tool_calls: false keeps only the first call (ToolPlan.read)
         self.fmt = fmt
+        # A stop may cut a Hermes block anywhere, after its arguments began to stream; the non-streamed reply then
+        # reads the cut block as content, its markup too (as vLLM's hermes parser does: JSON that does not parse is
+        # no call). Streamed as they decode, the fragments that went out could not be taken back, and the two
+        # replies disagreed (a half call, finish "stop", against content). So where a stop may cut (the request
+        # has one), calls go out whole as their blocks close: a cut block is then content both ways. Llama 3's and
+        # Mistral's answers are calls only where all of them parse: there the calls wait for the end. Without
+        # stops, arguments stream as they decode (a max_tokens cut says so: finish "length").
+        self.whole = whole
         self.v11 = v11 and fmt == "mistral"
         self.hidden = tuple(hidden)
         self.parse = parse
@@ -741,6 +765,8 @@ class ToolCallFilter:
         if not self.holding:
             return content, []
         if self.fmt in _WHOLE:
+            if self.whole:
+                return content, []      # the calls, if the answer is calls, at end() (__init__)
             more, out = self._advance_whole()
             return content + more, out
         return content, self._advance()
@@ -793,11 +819,13 @@ class ToolCallFilter:
             elif phase == "name":
                 name = _NAME_CHARS.match(text, pos).group()
                 q = _skip_space(text, pos + len(name))
+                if q < n and text.startswith(MISTRAL_CALL_ID, q):
+                    q = _past_call_id(text, q)
                 if q == n:
-                    break                       # the name (or the space after it) may go on
+                    break                       # the name, its id (or the space after them) may go on
                 if text.startswith(MISTRAL_ARGS, q):
                     q += len(MISTRAL_ARGS)
-                elif MISTRAL_ARGS.startswith(text[q:]):
+                elif MISTRAL_ARGS.startswith(text[q:]) or MISTRAL_CALL_ID.startswith(text[q:]):
                     break
                 elif text[q] != "{":
                     return self._not_calls(out)
@@ -916,6 +944,20 @@ class ToolCallFilter:
                     break
                 self.body = i + len(TOOL_CALL_START)
             j = text.find(TOOL_CALL_END, self.body)
+            if self.whole:
+                if j < 0:
+                    break
+                call = _call(text[self.body:j])
+                if call is None:
+                    self.frozen = True  # content, as the whole answer's parse keeps it: left to end()
+                    break
+                done = _Streamed(call["name"], self.fmt, j)
+                done.args = _args_json(call["arguments"])
+                self.calls.append(done)
+                out.append({"index": len(self.calls) - 1, "id": done.id, "type": "function",
+                            "function": {"name": done.name, "arguments": done.args}})
+                self.scan, self.body = j + len(TOOL_CALL_END), None
+                continue
             # the block's text so far, less a partial </tool_call> at the end (as _unclosed reads it)
             end = j if j >= 0 else len(text) - next((k for k in range(len(TOOL_CALL_END) - 1, 0, -1)
                                                       if text.endswith(TOOL_CALL_END[:k])), 0)
@@ -956,11 +998,11 @@ class ToolCallFilter:
         """A streamed answer's end: (the content not sent yet, the `delta.tool_calls` entries not sent yet, whether
         its calls are whole). The whole answer is read as the non-streamed reply reads it (parse_tool_calls): each
         call that went out gets the rest of its arguments, the reply's later calls go out whole, and the content
-        not sent goes out. A call that went out but is not the reply's (cut by max_tokens or a stop string, or
-        JSON that broke after its name; Llama 3, Mistral: an answer that turned out not to be calls after one went
-        out) is left as it went: nothing more is sent (the markup it began with is never content), and whole is
-        False (the finish reason is not "tool_calls"); so is a block the answer ended in before its call's name was
-        read."""
+        not sent goes out. A call that went out but is not the reply's (cut by max_tokens, or by a stop string
+        where not whole, or JSON that broke after its name; Llama 3, Mistral: an answer that turned out not to be
+        calls after one went out) is left as it went: nothing more is sent (the markup it began with is never
+        content), and whole is False (the finish reason is not "tool_calls"); so is a block the answer ended in
+        before its call's name was read."""
         head, out = "", []
         if text is not None and text != self.text and text.startswith(self.text):
             head, out = self.stream(text[len(self.text):])
@@ -977,6 +1019,8 @@ class ToolCallFilter:
         self.calls_sent = len(calls)
         sent = _visible(self.text[:self.sent], self.hidden)
         rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
+        if self.whole:
+            return head + rest, out, True   # the non-streamed reply's content, a cut block's markup too (__init__)
         if self.body is not None and self.cur is None and not self.frozen:
             # the answer ended (cut) inside a block that was still becoming a call (its name not yet read): like
             # a call cut in its arguments, it is not sent as content (its markup never is)

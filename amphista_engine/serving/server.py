@@ -1232,8 +1232,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._tool_finish: dict = {}
         # a choice's text from its first <tool_call> on is held back: its calls go out as they decode (hermes) or
         # at its end (ToolCallFilter.stream, .end)
-        filters = [ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse)
-                   for _ in range(job.n)] if chat and plan is not None and (plan.parse or plan.shows) else None
+        # a request with stops: calls go out whole (ToolCallFilter: a stop that cuts one leaves it content, both
+        # ways)
+        stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
+        filters = [ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse,
+                                  whole=stops) for _ in range(job.n)] \
+            if chat and plan is not None and (plan.parse or plan.shows) else None
         try:
             for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
                 if chat:
