@@ -109,14 +109,48 @@ def sequence_scores(model, ids: list[int], start: int = 1, top: int = 0, block: 
         padded = min(max(n, getattr(model, "rope_len", n)), -(-n // SCORE_ALIGN) * SCORE_ALIGN)
     tokens = torch.tensor([ids + [ids[-1]] * (padded - n)], device=device)
     with torch.inference_mode():
-        logits = model(tokens, torch.arange(padded, device=device)[None],
-                       logits_at=torch.arange(start - 1, n - 1, device=device)[None])[0]
         targets = tokens[0, start:n]
-        parts = [token_scores(logits[s:s + block], targets[s:s + block], top) for s in range(0, n - start, block)]
+        cache = _score_cache(model, n)
+        if cache is not None:
+            hidden = _chunked_hidden(model, tokens[:, :n], cache)[0, start - 1:n - 1]
+            parts = [token_scores(model.logits(hidden[s:s + block]), targets[s:s + block], top)
+                     for s in range(0, n - start, block)]
+        else:
+            logits = model(tokens, torch.arange(padded, device=device)[None],
+                           logits_at=torch.arange(start - 1, n - 1, device=device)[None])[0]
+            parts = [token_scores(logits[s:s + block], targets[s:s + block], top)
+                     for s in range(0, n - start, block)]
     lp = torch.cat([p[0] for p in parts]).double().cpu()
     if not top:
         return lp, None, None
     return lp, torch.cat([p[1] for p in parts]).cpu(), torch.cat([p[2] for p in parts]).cpu()
+
+
+def _score_cache(model, n: int) -> KVCache | None:
+    """A KV cache for scoring n tokens in chunks where the model prefills in chunks (Transformer.prefill_chunk: a 4-bit
+    model on the cpu backend, whose C++ layer stack sums attention in position order for up to STACK_ROWS rows).
+    Padding to SCORE_ALIGN did not make SDPA's causal path length-invariant on every CPU: on an AVX2 AMD EPYC its
+    matmuls round by the key count (lengths 208-368 of 768 apart in the last bit), which the int8-rounded
+    activations grew to 0.14 nats of a token's logprob. None: one forward, as before."""
+    if model.device.type != "cpu":
+        return None
+    cache = KVCache.for_model(model.config, 1, n, model.tok_embeddings.weight.dtype, model.device)
+    return cache if model.prefill_chunk(cache) is not None else None
+
+
+def _chunked_hidden(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Final-norm hidden states [1, n, d] of `tokens` prefilled through `cache` in the model's prefill chunks, from
+    position 0: a position's chunk and the keys it reads depend on the position only, not on the length."""
+    chunk, n, device = model.prefill_chunk(cache), tokens.shape[1], tokens.device
+    hidden = []
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        cache.length[:1] = s
+        spec = AttentionSpec(cache.length[:1], causal_mask(e - s, device), kv_window(e, cache.max_seq_len))
+        _, h = model(tokens[:, s:e], torch.arange(s, e, device=device)[None], cache, spec, return_hidden=True,
+                     logits_at=torch.empty(1, 0, dtype=torch.long, device=device))
+        hidden.append(h)
+    return torch.cat(hidden, 1)
 
 
 def kv_window(upper: int, max_seq_len: int) -> int:
@@ -580,7 +614,10 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     # Special tokens that are not EOS (`<|im_start|>` when a raw prompt lets the model open the next turn) are left
     # out of the answer, as Hugging Face's pipelines and vLLM leave them out: text == decode(ids, skip_special_tokens=
     # True). Stop strings still see them (special_text). A tokenizer without special_ids (tests' stubs) shows all.
-    skipped = frozenset(getattr(tokenizer, "special_ids", ())) - set(eos)
+    # Tokens a run with tools shows (Tokenizer.showing: Mistral's [TOOL_CALLS]) are in the text already: seen again
+    # through special_text, a stop string met them twice ("[ARGS]{" left "...[ARGS]" in the answer).
+    shown = getattr(tokenizer, "shown_ids", frozenset)()
+    skipped = frozenset(getattr(tokenizer, "special_ids", ())) - set(eos) - shown
     if skipped:
         def new_stream():
             return tokenizer.stream_decoder(skip_special_tokens=True)

@@ -51,10 +51,16 @@ def full_forward(engine, ids) -> torch.Tensor:
     """[len(ids), V] log_softmax of one plain forward of the engine's model (no cache: causal within ids)."""
     # Why padded: on the CPU a position's logits depend on the forward's length mod SCORE_ALIGN (PyTorch's SDPA
     # vector tail), so sequence_scores pads to a multiple of it; causal, the filler cannot reach the real positions
-    from amphista_engine.generation import SCORE_ALIGN
+    # A 4-bit model on the cpu backend scores in its prefill chunks through a cache (generation._score_cache: SDPA's
+    # causal path was not length-invariant on every CPU), so the reference does too.
+    from amphista_engine.generation import SCORE_ALIGN, _chunked_hidden, _score_cache
     padded = -(-len(ids) // SCORE_ALIGN) * SCORE_ALIGN
     with torch.inference_mode():
-        logits = engine.model(torch.tensor([ids + [ids[-1]] * (padded - len(ids))]), torch.arange(padded)[None])[0]
+        cache = _score_cache(engine.model, len(ids))
+        if cache is not None:
+            logits = engine.model.logits(_chunked_hidden(engine.model, torch.tensor([ids]), cache)[0])
+        else:
+            logits = engine.model(torch.tensor([ids + [ids[-1]] * (padded - len(ids))]), torch.arange(padded)[None])[0]
     return torch.log_softmax(logits[:len(ids)].double(), -1)
 
 

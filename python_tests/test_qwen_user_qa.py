@@ -440,7 +440,10 @@ def test_cli_generate_and_chat(qwen, source, capsys, monkeypatch):
     import io
     model = str(qwen.folder if source == "folder" else qwen.gguf)
     engine = _engine(model)
-    flags = ["--model", model, "--max-seq-len", "256", "--max-new-tokens", "30", "--heads", "none"]
+    # greedy, as the API's default: the folder's generation_config.json samples (Qwen's), which the CLI takes
+    # unless told not to (python_tests/test_generate_generation_config.py)
+    flags = ["--model", model, "--max-seq-len", "256", "--max-new-tokens", "30", "--heads", "none",
+             "--generation-config", "none"]
     assert main(["generate", JOKE, *flags]) == 0
     out = capsys.readouterr()
     answer = engine.generate(JOKE, max_new_tokens=30)

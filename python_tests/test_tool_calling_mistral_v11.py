@@ -260,3 +260,18 @@ def test_required_holds_the_answer_to_v11_calls(v11_engine):
                                                  max_new_tokens=60)
     assert result.text.startswith("[TOOL_CALLS]get_time[ARGS]{") and content is None, result.text
     assert [c["name"] for c in calls] == ["get_time"] and set(calls[0]["arguments"]) == {"utc"}
+
+
+@pytest.mark.usefixtures("one_thread_module")
+def test_a_stop_string_meets_a_shown_token_once(v11_engine):
+    """A shown control token is in the answer's text already: the stop-string matcher, which also sees skipped
+    special tokens' text, met it twice, so a stop "[ARGS]{" left "...get_time[ARGS]" in the answer."""
+    pytest.importorskip("llguidance")
+    tok = v11_engine.tokenizer
+    parts = ["Let me check. ", "[TOOL_CALLS]", "get_time", "[ARGS]", '{"tz": "UTC"}']
+    rf = {"type": "grammar", "grammar": _script(v11_engine, parts)}
+    with tok.showing([tok.token_to_id("[TOOL_CALLS]"), tok.token_to_id("[ARGS]")]):
+        whole = v11_engine.generate("hi", chat=False, max_new_tokens=40, response_format=rf)
+        cut = v11_engine.generate("hi", chat=False, max_new_tokens=40, response_format=rf, stop=["[ARGS]{"])
+    assert whole.text == "".join(parts)
+    assert cut.text == "Let me check. [TOOL_CALLS]get_time" and cut.finish_reason == "stop"
