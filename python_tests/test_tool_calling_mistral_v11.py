@@ -158,29 +158,33 @@ SPECIAL = ["[TOOL_CALLS]", "[ARGS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", 
            "[INST]", "[/INST]"]
 
 
-@pytest.fixture(scope="module")
-def v11_engine(tiny_hf_dir, tmp_path_factory):
-    """The tiny model, its tokenizer with Mistral's markers as special tokens (embedding rows added for them), and
-    the v11 template."""
+def mistral_engine(tiny_hf_dir, path, special: list[str], template: str, seed: int):
+    """An Engine on a copy of the tiny model at `path` whose tokenizer has `special` as special tokens (embedding and
+    LM head rows added for them) and whose chat template is `template`."""
     torch = pytest.importorskip("torch")
     from tokenizers import AddedToken, Tokenizer
 
     from amphista_engine import Engine
     from conftest import edited_copy
     tok = Tokenizer.from_file(str(tiny_hf_dir / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     n = tok.get_vocab_size()
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
 
     def grow(t):
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
             t[k] = torch.cat([t[k], torch.randn(n - t[k].shape[0], t[k].shape[1], generator=g) * 0.1])
-    path = edited_copy(tiny_hf_dir, tmp_path_factory.mktemp("mistral_v11") / "m",
-                       {"vocab_size": n, "max_position_embeddings": 2048}, grow)
+    path = edited_copy(tiny_hf_dir, path, {"vocab_size": n, "max_position_embeddings": 2048}, grow)
     tok.save(str(path / "tokenizer.json"))
     cfg = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": V11}))
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
     return Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=2048)
+
+
+@pytest.fixture(scope="module")
+def v11_engine(tiny_hf_dir, tmp_path_factory):
+    """The tiny model, its tokenizer with Mistral's markers as special tokens, and the v11 template."""
+    return mistral_engine(tiny_hf_dir, tmp_path_factory.mktemp("mistral_v11") / "m", SPECIAL, V11, seed=5)
 
 
 def _script(engine, parts) -> str:

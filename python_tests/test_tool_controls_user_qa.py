@@ -17,7 +17,8 @@ import pytest
 
 from amphista_engine.tools import ToolCallFilter, parse_tool_calls
 from test_tool_calling import ASK, CHAT, TOOLS, engine_with_template, long_dir  # noqa: F401  (module fixture)
-from test_tool_calling_mistral_v11 import SPECIAL, V11
+from test_tool_calling_mistral_v11 import SPECIAL, V11, mistral_engine
+from test_tool_streaming_formats import joined as formats_joined
 
 HIDDEN = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
 W = '{"city": "Paris", "days": 2}'
@@ -29,25 +30,10 @@ WITH_IDS = [
 
 
 def _joined(f: ToolCallFilter, text: str, cuts) -> tuple[str, list[tuple[str, str]], bool]:
-    """The stream of `text` through f, cut at `cuts`, then its end, joined as a client joins it."""
-    content, calls, prev = "", {}, 0
-
-    def take(deltas):
-        for d in deltas:
-            k = d["index"]
-            if k not in calls:
-                calls[k] = [d["function"]["name"], d["function"]["arguments"]]
-            else:
-                calls[k][1] += d["function"]["arguments"]
-
-    for cut in [*cuts, len(text)]:
-        piece, deltas = f.stream(text[prev:cut])
-        prev = cut
-        content += piece
-        take(deltas)
-    rest, deltas, whole = f.end(text)
-    take(deltas)
-    return content + rest, [tuple(calls[k]) for k in sorted(calls)], whole
+    """The stream of `text` through f, cut at `cuts`, then its end, joined as a client joins it
+    (test_tool_streaming_formats.joined)."""
+    content, calls, whole, _ = formats_joined(text, cuts, f.fmt, f.parallel, f)
+    return content, [(c["name"], c["arguments"]) for c in calls], whole
 
 
 def _reply(text: str, fmt: str, parallel: bool = True, **kw) -> tuple[str, list[tuple[str, str]]]:
@@ -73,28 +59,11 @@ def test_a_v11_calls_id_is_no_part_of_its_name_both_ways():
 @pytest.fixture(scope="module")
 def call_id_engine(tiny_hf_dir, tmp_path_factory):
     """The tiny model, Mistral's markers special tokens ([CALL_ID] too), and the v11 template writing call ids."""
-    torch = pytest.importorskip("torch")
-    from tokenizers import AddedToken, Tokenizer
-
-    from amphista_engine import Engine
-    from conftest import edited_copy
-    tok = Tokenizer.from_file(str(tiny_hf_dir / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL + ["[CALL_ID]"]])
-    n = tok.get_vocab_size()
-    g = torch.Generator().manual_seed(7)
-
-    def grow(t):
-        for k in ("model.embed_tokens.weight", "lm_head.weight"):
-            t[k] = torch.cat([t[k], torch.randn(n - t[k].shape[0], t[k].shape[1], generator=g) * 0.1])
-    path = edited_copy(tiny_hf_dir, tmp_path_factory.mktemp("mistral_call_id") / "m",
-                       {"vocab_size": n, "max_position_embeddings": 2048}, grow)
-    tok.save(str(path / "tokenizer.json"))
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
     template = V11.replace("tc['function']['name'] + '[ARGS]'", "tc['function']['name'] + '[CALL_ID]' + tc['id'] + "
                            "'[ARGS]'")
     assert template != V11
-    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
-    return Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=2048)
+    return mistral_engine(tiny_hf_dir, tmp_path_factory.mktemp("mistral_call_id") / "m", SPECIAL + ["[CALL_ID]"],
+                          template, seed=7)
 
 
 @pytest.mark.usefixtures("one_thread_module")

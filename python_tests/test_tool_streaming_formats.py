@@ -48,10 +48,11 @@ BROKEN = [
 ]
 
 
-def joined(text: str, cuts, fmt: str, parallel: bool = True):
+def joined(text: str, cuts, fmt: str, parallel: bool = True, f: ToolCallFilter | None = None):
     """The filter's stream of `text` cut at `cuts`, then its end, as a client joins it: (content, calls with their
-    ids, whole, what only the end sent: its content and entries)."""
-    f = ToolCallFilter(parallel, fmt)
+    ids, whole, what only the end sent: its content and entries). f: a filter made otherwise (ToolCallFilter(fmt,
+    parallel) by default)."""
+    f = f or ToolCallFilter(parallel, fmt)
     content, calls, prev = "", {}, 0
 
     def take(deltas):
