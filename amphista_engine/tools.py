@@ -40,8 +40,11 @@ MISTRAL_ARGS = "[ARGS]"                 # Mistral's (tokenizer v11+) control tok
 MISTRAL_CALL_ID = "[CALL_ID]"
 FORMATS = ("hermes", "llama3_json", "mistral")
 # The control tokens each format's calls are written with: special tokens, which an answer's text leaves out unless
-# its run shows them (showing_controls), and which content never holds
-CONTROLS = {"llama3_json": (PYTHON_TAG,), "mistral": (MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID)}
+# its run shows them (showing_controls), and which content never holds. Hermes' tags are special tokens in
+# NousResearch's Hermes 3 and Hermes-2-Pro (Llama 3) tokenizers, not in Qwen's: skipped, the blocks were lost and
+# their JSON came back as content
+CONTROLS = {"hermes": (TOOL_CALL_START, TOOL_CALL_END), "llama3_json": (PYTHON_TAG,),
+            "mistral": (MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID)}
 # Formats whose whole answer is the calls, or is content (decided by its first characters)
 _WHOLE = {"llama3_json": ("{", PYTHON_TAG), "mistral": ("[", MISTRAL_CALLS)}
 CHOICES = ("none", "auto", "required")
@@ -181,7 +184,8 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
     # a control token that is a special token: written as that token (llguidance's <[id]>), which the model was
     # trained to write; as its text, the special token still matched it and the matcher lost its place
     mark = {t: (f"<[{i}]>" if i is not None else f'"{t}"') for t, i in
-            {MISTRAL_CALLS: None, MISTRAL_ARGS: None, **(controls or {})}.items()}
+            {MISTRAL_CALLS: None, MISTRAL_ARGS: None, TOOL_CALL_START: None, TOOL_CALL_END: None,
+             **(controls or {})}.items()}
     chosen = [t["function"] for t in tools if named is None or t["function"]["name"] == named]
     rules = []
     for i, f in enumerate(chosen):
@@ -212,7 +216,9 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
         wrapper = []
     else:
         start = 'start: tool_call ("\\n" tool_call)*' if several else "start: tool_call"
-        wrapper = [f'tool_call: "{TOOL_CALL_START}\\n" call "\\n{TOOL_CALL_END}"']
+        wrapper = [f'tool_call: "{TOOL_CALL_START}\\n" call "\\n{TOOL_CALL_END}"'
+                   if TOOL_CALL_START not in (controls or {}) and TOOL_CALL_END not in (controls or {}) else
+                   f'tool_call: {mark[TOOL_CALL_START]} "\\n" call "\\n" {mark[TOOL_CALL_END]}']
     grammar = "\n".join([start, *wrapper, "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))), *rules])
     rf = {"type": "grammar", "grammar": grammar}
     from .structured import grammar_source      # llguidance (and torch) only for a constrained request
@@ -598,11 +604,12 @@ def parse_tool_calls(text: str, fmt: str = "hermes", *, v11: bool = False,
         pos = m.end()
         calls.append(call)
     if not calls:
-        return text, []
+        return _visible(text, hidden), []
     if text[pos:].strip():
         parts.append(text[pos:])
-    content = "".join(parts)
-    return (content if content.strip() else None), calls
+    # a block that is no call stays content, as written but for its tags where they are shown special tokens
+    content = _visible("".join(parts), hidden)
+    return (content if content and content.strip() else None), calls
 
 
 def _unclosed(body: str) -> str:
@@ -711,10 +718,15 @@ class ToolCallFilter:
         if i >= 0:
             self.holding = True
             end = i
+        elif self.hidden:
+            # the tags shown (special tokens): a stray </tool_call> in content is left out too
+            return self._release(len(self.text), (TOOL_CALL_START,))
         else:
             keep = next((k for k in range(min(len(TOOL_CALL_START) - 1, len(self.text)), 0, -1)
                          if self.text.endswith(TOOL_CALL_START[:k])), 0)
             end = len(self.text) - keep
+        if self.hidden:
+            return self._release(end)
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
@@ -1024,7 +1036,7 @@ class ToolCallFilter:
         if self.body is not None and self.cur is None and not self.frozen:
             # the answer ended (cut) inside a block that was still becoming a call (its name not yet read): like
             # a call cut in its arguments, it is not sent as content (its markup never is)
-            tail = text[self.body - len(TOOL_CALL_START):]
+            tail = _visible(text[self.body - len(TOOL_CALL_START):], self.hidden)
             rest = rest[:len(rest) - len(tail)] if rest.endswith(tail) else rest
         elif self.fmt == "hermes" and self.holding and self.body is None:
             # ... or cut inside the next block's <tool_call> tag itself (after a call: "... mid <tool_call"): no
