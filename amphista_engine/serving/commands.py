@@ -35,6 +35,10 @@ def sampling_defaults(args, per_request: bool = True) -> dict:
                  else ({}, None))
     speculates = getattr(args, "speculative", "none") in ("amphista", "medusa")
     skipped = gen.pop("repetition_penalty") if speculates and "repetition_penalty" in gen else None
+    if not per_request and args.temperature == 0:
+        # this run greedy by flag: the file's nucleus settings would do nothing (and be warned of as typed flags); a
+        # server keeps them, for requests that send a temperature
+        gen = {k: v for k, v in gen.items() if k not in ("top_k", "top_p")}
     taken = {}
     for key, builtin in BUILTIN_SAMPLING.items():
         if getattr(args, key) is None:
