@@ -25,29 +25,13 @@ ANSWERS = [
 
 
 def joined(text: str, cuts, hidden=HIDDEN, whole=False):
-    """The stream of `text` cut at `cuts`, then its end, joined as a client joins it: (content, calls, whole);
-    whole: a request with stops (calls go out whole)."""
-    f = ToolCallFilter(hidden=hidden, whole=whole)
-    content, calls, prev = "", {}, 0
-
-    def take(deltas):
-        for d in deltas:
-            k = d["index"]
-            if k not in calls:
-                calls[k] = [d["function"]["name"], d["function"]["arguments"]]
-            else:
-                calls[k][1] += d["function"]["arguments"]
-
-    for cut in [*cuts, len(text)]:
-        piece, deltas = f.stream(text[prev:cut])
-        prev = cut
-        assert not any(h in piece for h in hidden), (text, cuts, piece)
-        content += piece
-        take(deltas)
-    rest, deltas, whole = f.end(text)
-    assert not any(h in rest for h in hidden), (text, cuts, rest)
-    take(deltas)
-    return content + rest, [tuple(calls[k]) for k in sorted(calls)], whole
+    """The stream of `text` cut at `cuts`, then its end, joined as a client joins it (test_tool_streaming_formats
+    .joined): (content, calls, whole), no shown tag in the content; whole: a request with stops (calls go out
+    whole)."""
+    from test_tool_streaming_formats import joined as formats_joined
+    content, calls, whole, _ = formats_joined(text, cuts, "hermes", f=ToolCallFilter(hidden=hidden, whole=whole))
+    assert not any(h in content for h in hidden), (text, cuts, content)
+    return content, [(c["name"], c["arguments"]) for c in calls], whole
 
 
 def reply(text: str, hidden=HIDDEN):
@@ -123,17 +107,6 @@ def hermes_engine(tiny_hf_dir, tmp_path_factory):
     return mistral_engine(tiny_hf_dir, tmp_path_factory.mktemp("hermes_special") / "m", SPECIAL, HERMES, seed=7)
 
 
-def _script(engine, parts) -> str:
-    """A Lark grammar that makes the model write `parts`: text, or a special token's text as that token."""
-    out = []
-    for p in parts:
-        if p in SPECIAL:
-            out.append(f"<[{engine.tokenizer.token_to_id(p)}]>")
-        else:
-            out.append('"' + p.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"')
-    return "start: " + " ".join(out)
-
-
 def test_the_tags_are_this_tokenizers_controls(hermes_engine):
     from amphista_engine.tools import tool_call_format
     tok = hermes_engine.tokenizer
@@ -148,6 +121,7 @@ def test_the_server_reads_special_tag_calls_both_ways(hermes_engine, monkeypatch
     pytest.importorskip("llguidance")
     from conftest import serving
     from test_serve import call, sse
+    from test_tool_calling_mistral_v11 import answer_with, script
     from test_tool_calling import ASK, CHAT, TOOLS
     from test_tool_streaming import assembled
     answer = ["Let me check. ", "<tool_call>", f"\n{W}\n", "</tool_call>", "\n", "<tool_call>", f"\n{T}\n",
@@ -155,10 +129,8 @@ def test_the_server_reads_special_tag_calls_both_ways(hermes_engine, monkeypatch
     want = [("get_weather", '{"city": "Paris", "days": 2}'), ("get_time", '{"utc": true}')]
     with serving(hermes_engine, model_id="hermes-3", defaults=dict(max_new_tokens=200)) as server:
         app = server.app
-        plan_of = type(app).tool_plan
-        lark = {"grammar": _script(hermes_engine, answer)}
-        monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body)._replace(
-            response_format={"type": "grammar", **lark}))
+        grammar = script(hermes_engine, answer, SPECIAL)
+        answer_with(monkeypatch, app, grammar)
         body = {"messages": ASK, "tools": TOOLS}
         status, whole = call(server.url, CHAT, body)
         assert status == 200, whole
@@ -178,13 +150,12 @@ def test_the_server_reads_special_tag_calls_both_ways(hermes_engine, monkeypatch
         # the calls and their results as the next turn: the template writes them back with the tags
         history = ASK + [{"role": "assistant", "content": None, "tool_calls": got}] + [
             {"role": "tool", "tool_call_id": c["id"], "content": '{"ok": true}'} for c in got]
-        monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body))
+        answer_with(monkeypatch, app, None)
         status, reply_ = call(server.url, CHAT, {"messages": history + [{"role": "user", "content": "Thanks"}],
                                                  "tools": TOOLS, "max_tokens": 3})
         assert status == 200, reply_
         # tool_choice "none" (its run shows the tags): content, less them; no tools: the text decoded as ever
-        monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body)._replace(
-            response_format={"type": "grammar", **lark}))
+        answer_with(monkeypatch, app, grammar)
         plain = f"Let me check. \n{W}\n\n\n{T}\n"
         for extra in ({"tools": TOOLS, "tool_choice": "none"}, {}):
             choice = call(server.url, CHAT, {"messages": ASK, **extra})[1]["choices"][0]

@@ -32,29 +32,13 @@ BROKEN = ["[TOOL_CALLS]f[ARGS]{} and more", '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CA
 
 
 def joined(text: str, cuts, parallel: bool = True, hidden=HIDDEN):
-    """The stream of `text` cut at `cuts`, then its end, joined as a client joins it: (content, calls, whole)."""
+    """The stream of `text` cut at `cuts`, then its end, joined as a client joins it (test_tool_streaming_formats
+    .joined): (content, calls, whole), no shown token in the content."""
+    from test_tool_streaming_formats import joined as formats_joined
     f = ToolCallFilter(parallel, "mistral", v11=True, hidden=hidden)
-    content, calls, prev = "", {}, 0
-
-    def take(deltas):
-        for d in deltas:
-            k = d["index"]
-            if k not in calls:
-                assert d["type"] == "function" and re.fullmatch(r"[A-Za-z0-9]{9}", d["id"]), d
-                calls[k] = [d["function"]["name"], d["function"]["arguments"]]
-            else:
-                assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d
-                calls[k][1] += d["function"]["arguments"]
-
-    for cut in [*cuts, len(text)]:
-        piece, deltas = f.stream(text[prev:cut])
-        prev = cut
-        assert not any(h in piece for h in hidden), (text, cuts, piece)
-        content += piece
-        take(deltas)
-    rest, deltas, whole = f.end(text)
-    take(deltas)
-    return content + rest, [tuple(calls[k]) for k in sorted(calls)], whole
+    content, calls, whole, _ = formats_joined(text, cuts, "mistral", parallel, f)
+    assert not any(h in content for h in hidden), (text, cuts, content)
+    return content, [(c["name"], c["arguments"]) for c in calls], whole
 
 
 def reply(text: str, parallel: bool = True, hidden=HIDDEN):
@@ -187,15 +171,24 @@ def v11_engine(tiny_hf_dir, tmp_path_factory):
     return mistral_engine(tiny_hf_dir, tmp_path_factory.mktemp("mistral_v11") / "m", SPECIAL, V11, seed=5)
 
 
-def _script(engine, parts) -> str:
-    """A Lark grammar that makes the model write `parts`: text, or a special token's text as that token."""
+def script(engine, parts, special=SPECIAL) -> str:
+    """A Lark grammar that makes the model write `parts`: text, or a special token's text (one of `special`) as
+    that token."""
     out = []
     for p in parts:
-        if p in SPECIAL:
+        if p in special:
             out.append(f"<[{engine.tokenizer.token_to_id(p)}]>")
         else:
-            out.append('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"')
+            out.append('"' + p.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"')
     return "start: " + " ".join(out)
+
+
+def answer_with(monkeypatch, app, grammar: str | None):
+    """The server's tool requests answered through `grammar` (a scripted answer: script()), or as planned
+    (None)."""
+    plan_of = type(app).tool_plan
+    monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body) if grammar is None else
+                        plan_of(app, body)._replace(response_format={"type": "grammar", "grammar": grammar}))
 
 
 @pytest.mark.usefixtures("one_thread_module")
@@ -211,10 +204,8 @@ def test_the_server_reads_v11_calls_both_ways(v11_engine, monkeypatch):
               "[TOOL_CALLS]", "get_time", "[ARGS]", '{"utc": true}']
     with serving(v11_engine, model_id="mistral-v11", defaults=dict(max_new_tokens=200)) as server:
         app = server.app
-        plan_of = type(app).tool_plan
-        lark = {"grammar": _script(v11_engine, answer)}
-        monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body)._replace(
-            response_format={"type": "grammar", **lark}))
+        grammar = script(v11_engine, answer)
+        answer_with(monkeypatch, app, grammar)
         body = {"messages": ASK, "tools": TOOLS}
         status, whole = call(server.url, CHAT, body)
         assert status == 200, whole
@@ -239,13 +230,12 @@ def test_the_server_reads_v11_calls_both_ways(v11_engine, monkeypatch):
         # the calls and their results as the next turn: the template writes them back in its own form
         history = ASK + [{"role": "assistant", "content": None, "tool_calls": got}] + [
             {"role": "tool", "tool_call_id": c["id"], "content": '{"ok": true}'} for c in got]
-        monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body))
+        answer_with(monkeypatch, app, None)
         status, reply_ = call(server.url, CHAT, {"messages": history + [{"role": "user", "content": "Thanks"}],
                                                  "tools": TOOLS, "max_tokens": 3})
         assert status == 200, reply_
         # tool_choice "none" (its run shows the tokens): content, less them; no tools: the text decoded as ever
-        monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body)._replace(
-            response_format={"type": "grammar", **lark}))
+        answer_with(monkeypatch, app, grammar)
         plain = "Let me check. get_weather" + '{"city": "Paris", "days": 2}get_time{"utc": true}'
         for extra in ({"tools": TOOLS, "tool_choice": "none"}, {}):
             choice = call(server.url, CHAT, {"messages": ASK, **extra})[1]["choices"][0]
@@ -273,7 +263,7 @@ def test_a_stop_string_meets_a_shown_token_once(v11_engine):
     pytest.importorskip("llguidance")
     tok = v11_engine.tokenizer
     parts = ["Let me check. ", "[TOOL_CALLS]", "get_time", "[ARGS]", '{"tz": "UTC"}']
-    rf = {"type": "grammar", "grammar": _script(v11_engine, parts)}
+    rf = {"type": "grammar", "grammar": script(v11_engine, parts)}
     with tok.showing([tok.token_to_id("[TOOL_CALLS]"), tok.token_to_id("[ARGS]")]):
         whole = v11_engine.generate("hi", chat=False, max_new_tokens=40, response_format=rf)
         cut = v11_engine.generate("hi", chat=False, max_new_tokens=40, response_format=rf, stop=["[ARGS]{"])

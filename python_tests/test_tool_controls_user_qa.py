@@ -17,7 +17,7 @@ import pytest
 
 from amphista_engine.tools import ToolCallFilter, parse_tool_calls
 from test_tool_calling import ASK, CHAT, TOOLS, engine_with_template, long_dir  # noqa: F401  (module fixture)
-from test_tool_calling_mistral_v11 import SPECIAL, V11, mistral_engine
+from test_tool_calling_mistral_v11 import SPECIAL, V11, answer_with, mistral_engine, script
 from test_tool_streaming_formats import joined as formats_joined
 
 HIDDEN = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
@@ -75,17 +75,11 @@ def test_the_server_reads_v11_calls_with_ids(call_id_engine, monkeypatch):
     engine = call_id_engine
     answer = ["Let me check. ", "[TOOL_CALLS]", "get_weather", "[CALL_ID]", "a1B2c3D4e", "[ARGS]", W,
               "[TOOL_CALLS]", "get_time", "[CALL_ID]", "Z9y8X7w6V", "[ARGS]", '{"utc": true}']
-    special = SPECIAL + ["[CALL_ID]"]
-    out = []
-    for p in answer:        # each special token written as that token (test_tool_calling_mistral_v11._script)
-        out.append(f"<[{engine.tokenizer.token_to_id(p)}]>" if p in special else json.dumps(p))
-    lark = "start: " + " ".join(out)
+    lark = script(engine, answer, SPECIAL + ["[CALL_ID]"])
     want = [("get_weather", W), ("get_time", '{"utc": true}')]
     with serving(engine, model_id="mistral-call-id", defaults=dict(max_new_tokens=200)) as server:
         app = server.app
-        plan_of = type(app).tool_plan
-        monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body)._replace(
-            response_format={"type": "grammar", "grammar": lark}))
+        answer_with(monkeypatch, app, lark)
         body = {"messages": ASK, "tools": TOOLS}
         status, reply = call(server.url, CHAT, body)
         assert status == 200, reply
