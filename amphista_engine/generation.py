@@ -138,17 +138,20 @@ def _score_cache(model, n: int) -> KVCache | None:
     return cache if model.prefill_chunk(cache) is not None else None
 
 
-def _chunked_hidden(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Final-norm hidden states [1, n, d] of `tokens` prefilled through `cache` in the model's prefill chunks, from
-    position 0: a position's chunk and the keys it reads depend on the position only, not on the length."""
-    chunk, n, device = model.prefill_chunk(cache), tokens.shape[1], tokens.device
+def _chunked_hidden(model, tokens: torch.Tensor, cache: KVCache, start: int = 0,
+                    chunk: int | None = None) -> torch.Tensor:
+    """Final-norm hidden states [B, T - start, d] of tokens[:, start:] prefilled through `cache` in the model's
+    prefill chunks (Transformer.prefill_chunk; or `chunk` tokens a forward), from position `start` (every row's
+    cache holds [0, start)): a position's chunk and the keys it reads depend on the position only, not on the
+    length."""
+    chunk, (B, T), device = chunk or model.prefill_chunk(cache), tokens.shape, tokens.device
     hidden = []
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        cache.length[:1] = s
-        spec = AttentionSpec(cache.length[:1], causal_mask(e - s, device), kv_window(e, cache.max_seq_len))
-        _, h = model(tokens[:, s:e], torch.arange(s, e, device=device)[None], cache, spec, return_hidden=True,
-                     logits_at=torch.empty(1, 0, dtype=torch.long, device=device))
+    for s in range(start, T, chunk):
+        e = min(s + chunk, T)
+        cache.length[:B] = s
+        spec = AttentionSpec(cache.length[:B], causal_mask(e - s, device), kv_window(e, cache.max_seq_len))
+        _, h = model(tokens[:, s:e], torch.arange(s, e, device=device)[None].expand(B, e - s), cache, spec,
+                     return_hidden=True, logits_at=torch.empty(B, 0, dtype=torch.long, device=device))
         hidden.append(h)
     return torch.cat(hidden, 1)
 
@@ -241,19 +244,8 @@ class PlainDecoder:
         return flag_non_finite(self.next, logits)   # not the state tensor itself: it changes in place every step
 
     def _prefill_chunks(self, tokens, lengths, r: int, chunk: int):
-        """Prefill [r, T) in forwards of `chunk` tokens (Transformer.prefill_chunk): (last-token logits, hidden)."""
-        B, T = tokens.shape
-        hidden = []
-        for s in range(r, T, chunk):
-            e = min(s + chunk, T)
-            self.cache.length[:B] = s
-            spec = AttentionSpec(self.cache.length[:B], causal_mask(e - s, self.device),
-                                 kv_window(e, self.cache.max_seq_len))
-            positions = torch.arange(s, e, device=self.device)[None].expand(B, e - s)
-            _, h = self.model(tokens[:, s:e], positions, self.cache, spec, return_hidden=True,
-                              logits_at=torch.empty(B, 0, dtype=torch.long, device=self.device))
-            hidden.append(h)
-        hidden = torch.cat(hidden, 1)
+        """Prefill [r, T) in forwards of `chunk` tokens (_chunked_hidden): (last-token logits, hidden)."""
+        hidden = _chunked_hidden(self.model, tokens, self.cache, r, chunk)
         last = (lengths - 1 - r)[:, None, None].expand(-1, 1, hidden.shape[-1])
         return self.model.logits(torch.gather(hidden, 1, last)), hidden     # as the forward's logits_at does
 
