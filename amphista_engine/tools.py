@@ -187,6 +187,8 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
             {MISTRAL_CALLS: None, MISTRAL_ARGS: None, TOOL_CALL_START: None, TOOL_CALL_END: None,
              **(controls or {})}.items()}
     chosen = [t["function"] for t in tools if named is None or t["function"]["name"] == named]
+    call_id = (f' ({mark[MISTRAL_CALL_ID]} /[A-Za-z0-9]{{9}}/)?' if MISTRAL_CALL_ID in (controls or {})
+               else "")
     rules = []
     for i, f in enumerate(chosen):
         # The call's JSON written out literally ("name" before "arguments", spaced as Hermes models write it) and
@@ -199,7 +201,9 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
                   "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
         key = "parameters" if fmt == "llama3_json" else "arguments"
         if fmt == "mistral" and v11:        # [TOOL_CALLS]name[ARGS]{...}, as its template writes calls
-            rules.append(f'call_{i}: {mark[MISTRAL_CALLS]} "{f["name"]}" {mark[MISTRAL_ARGS]} args_{i}')
+            # name[CALL_ID]id[ARGS] where the tokenizer has the token (the templates that write ids write 9 letters
+            # and digits): held to name[ARGS], such a model was pushed off the form it was trained on
+            rules.append(f'call_{i}: {mark[MISTRAL_CALLS]} "{f["name"]}"{call_id} {mark[MISTRAL_ARGS]} args_{i}')
         else:
             rules.append(f'call_{i}: "{{\\"name\\": \\"{f["name"]}\\", \\"{key}\\": " args_{i} "}}"')
         rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")

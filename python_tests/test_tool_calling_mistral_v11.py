@@ -269,3 +269,28 @@ def test_a_stop_string_meets_a_shown_token_once(v11_engine):
         cut = v11_engine.generate("hi", chat=False, max_new_tokens=40, response_format=rf, stop=["[ARGS]{"])
     assert whole.text == "".join(parts)
     assert cut.text == "Let me check. [TOOL_CALLS]get_time" and cut.finish_reason == "stop"
+
+
+@pytest.mark.usefixtures("one_thread_module")
+def test_a_named_v11_call_may_carry_its_call_id(tiny_hf_dir, tmp_path):
+    """Where [CALL_ID] is a special token (templates that write name[CALL_ID]id[ARGS]{...}), the grammar of a
+    required or named call lets the model write the id it was trained to write; it held the call to name[ARGS]."""
+    pytest.importorskip("llguidance")
+    from amphista_engine.structured import Grammar
+    from amphista_engine.tools import plan_for
+    from test_tool_calling import TOOLS
+    engine = mistral_engine(tiny_hf_dir, tmp_path / "m", SPECIAL + ["[CALL_ID]"], V11, seed=7)
+    tok = engine.tokenizer
+    plan = plan_for(tok, TOOLS, {"type": "function", "function": {"name": "get_time"}})
+    grammar = Grammar(plan.response_format, tok, engine.config.vocab_size, engine.eos_ids)
+
+    def takes(parts) -> bool:
+        m = grammar.matcher()
+        ids = [i for p in parts for i in ([tok.token_to_id(p)] if p in SPECIAL + ["[CALL_ID]"]
+                                          else tok.encode(p, add_bos=False))]
+        return all(m.consume_token(i) for i in ids) and m.is_accepting()
+    args = ["[ARGS]", '{"utc": true}']
+    assert takes(["[TOOL_CALLS]", "get_time", *args])
+    assert takes(["[TOOL_CALLS]", "get_time", "[CALL_ID]", "a1B2c3D4e", *args])
+    assert not takes(["[TOOL_CALLS]", "get_time", "[CALL_ID]", "a1B2", *args])          # ids are 9 long
+    assert not takes(["[TOOL_CALLS]", "get_weather", "[CALL_ID]", "a1B2c3D4e", *args])  # the named one only
