@@ -82,7 +82,7 @@ def test_models_and_health(served):
     _, url, _, _ = served
     assert call(url, "/v1/models") == (200, {"object": "list", "data": [
         {"id": "tiny-llama", "object": "model", "created": pytest.approx(time.time(), abs=600),
-         "owned_by": "amphista-engine"}]})
+         "owned_by": "amphista-engine", "max_model_len": 128}]})
     status, health = call(url, "/health")
     assert status == 200 and health["status"] == "ok" and health["busy"] is False
     assert call(url, "/v1/models/tiny-llama")[1]["id"] == "tiny-llama"

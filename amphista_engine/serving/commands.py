@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DESCRIPTION = (
@@ -16,7 +17,27 @@ DESCRIPTION = (
     "decodes one request at a time. The sampling flags set what a request that leaves the field out gets "
     "(--temperature 0, the default: greedy; "
     "--max-new-tokens: max_tokens, cut to the room the prompt leaves in --max-seq-len); a request may also send "
-    "the non-OpenAI fields speculative, tree, top_k and repetition_penalty. Ctrl-C stops it.")
+    "the non-OpenAI fields speculative, tree, top_k and repetition_penalty. POST /tokenize and /detokenize (vLLM's) "
+    "count and decode tokens as the completions endpoints prefill them. --api-key (or AMPHISTA_API_KEY) makes every "
+    "path but /health and /metrics ask for 'Authorization: Bearer KEY'. Ctrl-C stops it.")
+
+
+API_KEY_ENV = "AMPHISTA_API_KEY"     # read where --api-key is not given (as vLLM reads VLLM_API_KEY)
+
+
+def api_key(args) -> str | None:
+    """The server's API key: --api-key, else $AMPHISTA_API_KEY (an empty one: none), else None. Checked here, before
+    the model loads; a refusal never quotes the key."""
+    from ..errors import InputError
+    from .server import check_api_key
+    key, source = args.api_key, "--api-key"
+    if key is None:
+        key, source = os.environ.get(API_KEY_ENV) or None, API_KEY_ENV
+    try:
+        check_api_key(key)
+    except InputError as e:
+        raise InputError(f"{source}: {e}") from None
+    return key
 
 
 # what a request that leaves a sampling field out gets without a flag or a generation_config.json (greedy)
@@ -74,6 +95,7 @@ def cmd_serve(args) -> int:
     try:
         if args.max_batch < 1:      # named before the load, as a flag
             raise InputError(f"--max-batch must be at least 1 (1: one request at a time), got {args.max_batch}")
+        key = api_key(args)
         sampling_defaults(args)
         SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)   # named here
         # --max-new-tokens is the default of requests without max_tokens, cut to the room each prompt leaves: a
@@ -91,13 +113,15 @@ def cmd_serve(args) -> int:
                         seed=args.seed)
         httpd.app = OpenAIApp(engine, model_id=args.model, speculative=speculative,
                               tree=tree if speculative is not None else None, defaults=defaults, quiet=args.quiet,
-                              max_batch=args.max_batch, cache_prompt=args.cache_prompt, continuous=args.continuous)
+                              max_batch=args.max_batch, cache_prompt=args.cache_prompt, continuous=args.continuous,
+                              api_key=key)
         method = "plain decoding" if speculative is None else f"speculative {speculative}" + (
             f", tree {tree}" if tree else "")
         batching = "one request at a time" if args.max_batch == 1 else \
             f"concurrent requests batched, up to {args.max_batch} rows" + (
                 ", joining runs as rows free up" if args.continuous else " a run")
-        print(f"serving {args.model} ({method}) at {httpd.url}/v1 (OpenAI-compatible; {batching}; Ctrl-C stops)",
+        auth = "; API key required" if key else ""      # that one is asked, never the key itself
+        print(f"serving {args.model} ({method}) at {httpd.url}/v1 (OpenAI-compatible; {batching}{auth}; Ctrl-C stops)",
               file=sys.stderr, flush=True)
         httpd.serve_forever()
     finally:
@@ -130,5 +154,9 @@ def register(sub) -> None:
                    help="a request that arrives while a run decodes waits for the next run (by default it joins the "
                    "run between two steps, in a row that ended or was free, where it can share it)")
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
+    s.add_argument("--api-key", metavar="KEY", default=None,
+                   help=f"requests must send 'Authorization: Bearer KEY' (401 otherwise; /health and /metrics stay "
+                   f"open). Default: ${API_KEY_ENV} where set, else no key. The environment variable keeps the key "
+                   f"out of the process list")
     # unset sampling flags are filled by sampling_defaults: a flag given, the model's generation_config, else greedy
     s.set_defaults(func=cmd_serve)

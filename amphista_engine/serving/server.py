@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP API over one Engine: /v1/chat/completions, /v1/completions, /v1/models, /health
-(and /metrics, Prometheus's text format: metrics.py).
+(and /metrics, Prometheus's text format: metrics.py; vLLM's /tokenize and /detokenize). With an API key, every
+path but /health and /metrics takes it as `Authorization: Bearer KEY` (401 without it).
 
 Standard library only (http.server, json). The engine has one KV cache and decodes one run at a time, but a run may
 hold several prompts: a scheduler thread (batching.py) owns the engine and decodes the requests that wait when a run
@@ -12,6 +13,7 @@ the reply, and the server goes on serving).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import queue
 import re
@@ -65,6 +67,9 @@ COMPLETION_ONLY = {"best_of", "suffix", "tools", "tool_choice", "functions", "fu
 PENALTY_RANGE = 2.0          # OpenAI's presence/frequency penalties: [-2, 2]
 LOGIT_BIAS_RANGE = 100.0     # OpenAI's logit_bias values: [-100, 100]
 MAX_TOP_LOGPROBS = 20        # OpenAI's limit for chat's top_logprobs; a completion's logprobs (OpenAI: 5) takes it too
+# Open without the API key: a load balancer's probe and a Prometheus scrape carry no credentials (vLLM leaves /health
+# open too). Only these exact routes, and not under /v1/ (where vLLM asks for the key on every path).
+OPEN_ROUTES = ("/health", "/metrics")
 
 
 class ApiError(Exception):
@@ -77,6 +82,22 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def check_api_key(key) -> bytes | None:
+    """An API key (None: none asked) as the bytes a request's header must hold. Its text is never put in a
+    message: a refusal names what is wrong with it only."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise InputError(f"api_key must be a string or None, got {type(key).__name__}")
+    if not key:
+        raise InputError("the API key is empty: give a non-empty key, or none to serve without one")
+    # a header carries printable ASCII only (clients refuse others), and a space would end the Bearer token
+    if not all("!" <= c <= "~" for c in key):
+        raise InputError("the API key holds a space, a control character or a non-ASCII character: an "
+                         "Authorization header cannot carry it as one Bearer token")
+    return key.encode("ascii")
 
 
 def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: bool = False) -> ApiError:
@@ -380,9 +401,11 @@ class OpenAIApp:
 
     def __init__(self, engine, model_id: str | None = None, speculative: str | None = None, tree=None,
                  defaults: dict | None = None, quiet: bool = False, log=None, max_batch: int = MAX_BATCH,
-                 cache_prompt: bool = False, continuous: bool = True):
+                 cache_prompt: bool = False, continuous: bool = True, api_key: str | None = None):
         """continuous: requests arriving while a run decodes join it between steps where they can share it
-        (continuous batching); False: they wait for the next run."""
+        (continuous batching); False: they wait for the next run. api_key: every request but /health and
+        /metrics must send `Authorization: Bearer <api_key>` (None: no key asked)."""
+        self._api_key = check_api_key(api_key)      # before anything starts (the scheduler's thread)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1 (1: one request at a time), got {max_batch!r}")
         for name, value in (("cache_prompt", cache_prompt), ("continuous", continuous)):
@@ -409,6 +432,22 @@ class OpenAIApp:
         self.metrics = Metrics(max_batch, {"model": self.model_id, "method": self.default_method()},
                                self.scheduler.waiting, self.scheduler.running, time.time())
         self.scheduler.metrics = self.metrics
+
+    @property
+    def requires_key(self) -> bool:
+        return self._api_key is not None
+
+    def key_matches(self, authorization: str | None) -> bool:
+        """Whether an Authorization header's value carries the API key as a Bearer token (scheme in any case, as
+        RFC 7235 has it); compared in constant time."""
+        if self._api_key is None:
+            return True
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        # http.server decodes header bytes as Latin-1: encoded back, they are the bytes the client sent
+        given = token.strip().encode("latin-1", "replace")
+        return hmac.compare_digest(given, self._api_key)
 
     def default_method(self) -> str:
         """The server's default way of decoding, as /metrics names it: plain, amphista or medusa."""
@@ -526,6 +565,70 @@ class OpenAIApp:
                     raise ApiError(400, (f"prompt[{k}]: " if len(prompts) > 1 else "prompt: ") + str(e),
                                    "prompt") from None
         return prompts
+
+    def tokenize(self, body) -> dict:
+        """POST /tokenize (vLLM's): a prompt's token ids as /v1/completions encodes it, or a chat's as
+        /v1/chat/completions prefills it (its tools and chat_template_kwargs rendered the same way)."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+        has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+        if has_prompt == has_messages:
+            raise ApiError(400, "send prompt (a string, tokenized as /v1/completions takes it) or messages (a chat, "
+                           "tokenized with the chat template as /v1/chat/completions prefills it)" +
+                           (", not both" if has_prompt else ""), "messages" if has_prompt else "prompt")
+        flags = {}
+        for name in ("add_special_tokens", "add_generation_prompt", "return_token_strs"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, bool):      # `in (True, False)` takes 1 and 0.0
+                raise ApiError(400, f"{name} must be true or false, got {_json_type(value)}", name)
+            flags[name] = value
+        add_special = flags["add_special_tokens"]
+        # True: the tokenizer's own special tokens (its BOS where the model takes one; never doubled), as vLLM's
+        # default for a prompt; False: none
+        add_bos = None if add_special is not False else False
+        tok = self.engine.tokenizer
+        if has_prompt:
+            for name in ("add_generation_prompt", "chat_template_kwargs", "tools", "tool_choice"):
+                if body.get(name) is not None:
+                    raise ApiError(400, f"{name} applies to messages (the chat template): a prompt is tokenized "
+                                   f"as given", name)
+            ids = tok.encode(_text(body["prompt"], "prompt"), add_bos=add_bos)
+        else:
+            plan = self.tool_plan(body)
+            messages = self.chat_messages(body, plan)
+            variables = self.template_variables(body, True)
+            if plan.tools:      # as submit_all renders a chat with tools
+                variables = {**variables, "tools": plan.tools}
+            generation = flags["add_generation_prompt"] is not False
+            with self.rendering(variables):
+                if generation and add_special is None:
+                    ids = self.engine.encode_prompt(messages, None)      # what a chat completion prefills
+                else:
+                    from ..chat import render_chat
+                    text = render_chat(tok, messages, add_generation_prompt=generation, variables=variables)
+                    ids = tok.encode(text, add_bos=True if add_special else add_bos)
+        reply = {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
+        if flags["return_token_strs"]:
+            reply["token_strs"] = [tok.id_to_piece(i) for i in ids]
+        return reply
+
+    def detokenize(self, body) -> dict:
+        """POST /detokenize (vLLM's): token ids' text, special tokens included."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+        tokens = body.get("tokens")
+        if tokens is None:
+            raise ApiError(400, "'tokens' is a required field: a list of token ids (integers)", "tokens")
+        if not isinstance(tokens, list):
+            raise ApiError(400, f"tokens must be a list of token ids (integers), got {_json_type(tokens)}", "tokens")
+        vocab = self.engine.config.vocab_size       # the embedding's rows, as a completion's token ids are checked
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ApiError(400, f"tokens[{i}] must be a token id (an integer), got {_json_type(t)}", "tokens")
+            if not 0 <= t < vocab:
+                raise ApiError(400, f"tokens[{i}] is {t}, outside the model's vocabulary: ids go from 0 to "
+                               f"{vocab - 1}", "tokens")
+        return {"prompt": self.engine.tokenizer.decode(tokens)}
 
     def choices(self, body: dict) -> int:
         """OpenAI's n: how many choices to decode for each prompt, as rows of one run (so at most max_batch)."""
@@ -886,6 +989,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="amphista"')     # RFC 6750's challenge
         if self.close_connection:
             self.send_header("Connection", "close")
         self._count(status)     # before the headers go out: a HEAD's client has its whole answer with them
@@ -1012,7 +1117,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get(self, route: str):
         app = self.app
-        model = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "amphista-engine"}
+        model = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "amphista-engine",
+                 "max_model_len": app.engine.max_seq_len}     # vLLM's: the context a prompt + answer fit in
         if route == "/metrics":
             return self._metrics()
         if route == "/health":
@@ -1025,18 +1131,22 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, model)
             raise ApiError(404, f"model {name!r} is not served here; this server serves "
                            f"{app.model_id!r}", "model", "model_not_found")
-        if route in ("/chat/completions", "/completions"):
+        if route in ("/chat/completions", "/completions", "/tokenize", "/detokenize"):
             raise ApiError(405, f"{self.path} takes POST, not GET", code="method_not_allowed")
         raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET "
-                       f"/health, GET /metrics, POST /v1/chat/completions and POST /v1/completions", code="not_found")
+                       f"/health, GET /metrics, POST /v1/chat/completions, POST /v1/completions, POST /tokenize "
+                       f"and POST /detokenize", code="not_found")
 
     def _post(self, route: str):
+        if route in ("/tokenize", "/detokenize"):
+            body = self._request = self._body()
+            return self._json(200, self.app.tokenize(body) if route == "/tokenize" else self.app.detokenize(body))
         if route not in ("/chat/completions", "/completions"):
             if route in ("/models", "/health", "/metrics") or route.startswith("/models/"):
                 raise ApiError(405, f"{self.path} takes GET, not POST", code="method_not_allowed")
             raise ApiError(404, f"unknown path {self._path()!r}: this server answers POST "
-                           f"/v1/chat/completions and POST /v1/completions (and GET /v1/models, GET /health, "
-                           f"GET /metrics)",
+                           f"/v1/chat/completions, POST /v1/completions, POST /tokenize and POST /detokenize (and "
+                           f"GET /v1/models, GET /health, GET /metrics)",
                            code="not_found")
         body = self._request = self._body()
         if not isinstance(body, dict):
@@ -1053,7 +1163,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._request = None           # the parsed body, once read
         self._counted = False          # this request's reply is not in /metrics yet (_count)
         try:
-            route_fn(self._route())
+            route = self._route()
+            self._check_key(route)      # before the body is read: an unauthenticated client costs no parsing
+            route_fn(route)
         except ApiError as e:
             self._fail(e)
         except AmphistaError as e:
@@ -1067,6 +1179,20 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self._fail(ApiError(500, f"internal server error ({type(e).__name__}: {str(e)[:200]}); the server's "
                                 f"log has the details", kind="server_error", code="internal_error"))
+
+    def _check_key(self, route: str):
+        """401 unless the request carries the server's API key (or needs none: /health, /metrics). HEAD takes
+        GET's route here too; OPTIONS (a CORS preflight, which browsers send without credentials) answers no
+        route's content."""
+        app = self.app
+        if not app.requires_key or (route in OPEN_ROUTES and not self._path().startswith("/v1/")):
+            return
+        header = self.headers.get("Authorization")
+        if not app.key_matches(header):
+            # the key sent is never written back (a reply or log line could hand a near-miss to someone else)
+            raise ApiError(401, "this server requires an API key: send it as the header 'Authorization: Bearer "
+                           "<key>'" if not header else "invalid API key: the Authorization header's Bearer token "
+                           "is not this server's key", code="invalid_api_key")
 
     def _fail(self, e: ApiError):
         try:
