@@ -12,8 +12,10 @@ from typing import Optional
 
 import torch
 
+from .errors import InputError
 from .sampling import SamplingParams, draw, exponential_race, greedy_token, probs_from_logits
 from .tree import TreeBuffers
+from .values import is_real
 
 
 @dataclass
@@ -27,6 +29,15 @@ class AcceptResult:
 
 def _check_sampling(temperature, top_k=0, top_p=1.0):
     SamplingParams(temperature, top_k, top_p)     # raises InputError naming the bad parameter
+
+
+def _check_typical(posterior_threshold, posterior_alpha):
+    """Medusa's threshold min(posterior_threshold, posterior_alpha * exp(-H)) must be >= 0: below 0 every child passed
+    `p > threshold`, tokens of probability 0 too (a min_tokens-held EOS, a grammar's banned token, a -inf bias), and a
+    NaN turned every comparison false, so nothing was ever accepted, both silently."""
+    for name, v in (("posterior_threshold", posterior_threshold), ("posterior_alpha", posterior_alpha)):
+        if not is_real(v) or v < 0:
+            raise InputError(f"typical acceptance's {name} must be a finite number >= 0, got {v!r:.40}")
 
 
 _probs = probs_from_logits
@@ -79,6 +90,7 @@ def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.T
     alpha * exp(-H(p_i))), p_i = softmax(logits[i] / T). Longest path wins, ties by the sum of the accepted
     tokens' log-probs (then the first row). Bonus sampled from p at the last accepted node. T = 0: greedy."""
     _check_sampling(temperature)
+    _check_typical(posterior_threshold, posterior_alpha)
     if temperature == 0:
         return greedy_accept(tokens, logits, retrieve)
     b, n, v = logits.shape
