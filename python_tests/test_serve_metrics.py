@@ -179,7 +179,10 @@ def test_metrics_count_what_was_sent_and_answered(metered):
     # a batch's rows share its times: the run counts them once (its longest row's)
     for key, name in (("prefill_ms", "amphista_prefill_seconds_total"), ("decode_ms", "amphista_decode_seconds_total")):
         expected = (sum(s[key] for s in alone) + max(s[key] for s in pair_stats)) / 1e3
-        assert value(m, name) == pytest.approx(expected, abs=2e-3), key
+        # a reply's stats are taken as its row ends, the run's as the run ends: a busy machine puts a few ms
+        # between them. Half the shorter row's time still tells the run's time counted once from it counted twice.
+        tol = max(2e-3, min(25e-3, min(s[key] for s in pair_stats) / 2e3))
+        assert value(m, name) == pytest.approx(expected, abs=tol), key
     assert value(m, "amphista_requests_waiting") == 0 and value(m, "amphista_requests_running") == 0
 
 

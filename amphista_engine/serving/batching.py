@@ -18,6 +18,10 @@ Why a run cannot simply hold every waiting request:
   it waits for at most that many answers more than it would have. One the engine refuses as
   it joins (too long for the cache with the run's tree, say) goes back to wait and runs by itself, where it gets
   the answer or the error it would get anyway.
+
+/metrics' latency histograms read timestamps a Job carries (metrics.request_latency): arrived (made), scheduled (its
+run started, or it joined one), first_token (its "start": the run's first item after the prefill that gave its rows
+their first token) and row_ends (each choice's "end"), each taken once per job or row, never per token.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import json
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections import Counter
 
@@ -53,12 +58,19 @@ class Job:
         self.cache_prompt = None
         self.no_join = False            # refused as it joined a run: it runs by itself
         self.overtaken = 0              # requests that joined a run past this one while it waited (_admitter)
+        # /metrics' latencies (time.perf_counter): set by the run that decodes it (a run again after an error, or
+        # after it was refused as it joined, sets them anew); read by the handler once it has every "end"
+        self.arrived = time.perf_counter()  # made once the handler has parsed the request, before it waits
+        self.scheduled = None           # its run started (_run), or it joined a running one (_admitter)
+        self.first_token = None         # its "start" was sent: its rows have their first token (_announce)
+        self.row_ends: dict[int, float] = {}    # choice -> when its "end" was sent
 
     def send(self, kind: str, value=None):
         if not self.gone.is_set():
             self.events.put((kind, value))
 
     def end_row(self, choice: int, result):
+        self.row_ends[choice] = time.perf_counter()
         self.rows_ended += 1
         self.ended = self.rows_ended >= self.n
         self.send("end", (choice, result))
@@ -200,6 +212,9 @@ class Scheduler:
             return group
 
     def _run(self, jobs: list[Job]):
+        now = time.perf_counter()
+        for job in jobs:
+            job.scheduled = now
         run = _Run(jobs)
         try:
             steps = self._start(jobs, self._admitter(run))
@@ -318,6 +333,7 @@ class Scheduler:
                     job.send("error", self._bug(e, [job]))      # (raised, it and the rest taken went unanswered)
                     continue
                 run.add(job)
+                job.scheduled = time.perf_counter()
                 if job not in self._current:    # run.jobs is _current itself, but in a run of _one_by_one's
                     self._current.append(job)   # (twice, the running gauge counted a joiner as two requests)
                 entries += [(ids, job.options["max_new_tokens"])] * job.n
@@ -362,6 +378,7 @@ class Scheduler:
         for job in jobs:
             if not job.started:
                 job.started = True
+                job.first_token = time.perf_counter()
                 job.send("start")
 
     def _one_by_one(self, jobs: list[Job]):

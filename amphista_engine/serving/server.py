@@ -33,7 +33,7 @@ from ..structured import grammar_source
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
                      prepare_messages, show_controls, template_supports_tools, tool_call_format)
 from .batching import Job, Scheduler
-from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
+from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics, request_latency
 
 # What a request that leaves a field out gets (`amphista serve` sets them from its sampling flags). temperature 0:
 # greedy, as the engine and the other commands default to (OpenAI's own default is 1).
@@ -1252,8 +1252,9 @@ class _Handler(BaseHTTPRequestHandler):
             note += f" | batch of {job.rows}"
         if stream:
             # before the reply goes out (a stream's client sees it end after); an answer of tool calls counts as
-            # "tool_calls", as its finish_reason says (_stream)
-            app.metrics.answered(everyone, [self._tool_finish.get(c) for c in range(len(everyone))])
+            # "tool_calls", as its finish_reason says (_stream); its e2e latency ends with its last event written
+            app.metrics.answered(everyone, [self._tool_finish.get(c) for c in range(len(everyone))],
+                                 request_latency(jobs, results, time.perf_counter()))
             self._done(200, note)
             return
         choices, reasons = [], []
@@ -1279,11 +1280,14 @@ class _Handler(BaseHTTPRequestHandler):
                     choices.append({"index": i * one.n + c,
                                     "text": (app.prompt_text(one) if one.options.get("echo") else "") + r.text,
                                     "logprobs": app.completion_logprobs(one, r), "finish_reason": finish})
-        app.metrics.answered(everyone, reasons)     # before the reply goes out; tool calls as "tool_calls"
         extra = app.extra(result)
         if len(everyone) > 1:               # each choice's own stats too, in the choices' order (the last's above)
             extra["choices"] = [app.extra(r) for r in everyone]
-        self._json(200, {**head, "choices": choices, "usage": app.usage_of(results), "amphista": extra}, note)
+        reply = {**head, "choices": choices, "usage": app.usage_of(results), "amphista": extra}
+        # before the reply goes out (a client that scrapes once it has its answer sees it); tool calls as
+        # "tool_calls"; its e2e latency ends with its reply built
+        app.metrics.answered(everyone, reasons, request_latency(jobs, results, time.perf_counter()))
+        self._json(200, reply, note)
 
     def _next_event(self, job):
         """What the scheduler sends next for this request, ("start", None), ("delta", (choice, text)) or ("end",
