@@ -198,3 +198,16 @@ def test_typical_acceptance_never_accepts_a_token_of_probability_zero():
     res = typical_accept(tokens, logits, tree.retrieve, 1.0, posterior_threshold=0.0, posterior_alpha=0.0,
                          generator=torch.Generator().manual_seed(0))
     assert res.accept_len.item() == 1 and res.next_token.item() != 2
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_every_backend_names_a_bad_threshold(name):
+    """ops.typical_accept checks the thresholds itself: the Triton kernel's dispatch reached no reference check."""
+    pytest.importorskip("triton")
+    from amphista_engine.kernels.backend import use_backend
+    tree = build_tree("tree-16")
+    tokens, logits = torch.zeros(2, tree.num_nodes, dtype=torch.long), torch.zeros(2, tree.num_nodes, 5)
+    with use_backend(name):
+        for kw in (dict(posterior_threshold=-0.01), dict(posterior_alpha=float("nan")), dict(temperature=-1.0)):
+            with pytest.raises(InputError, match=next(iter(kw))):
+                ops.typical_accept(tokens, logits, tree.retrieve, **{"temperature": 0.8, **kw})

@@ -277,8 +277,12 @@ def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.T
                    generator: Optional[torch.Generator] = None):
     """acceptance.typical_accept (Medusa's typical acceptance); draws the same random numbers from
     `generator` as the reference, so for a seeded generator the bonus token matches it too. The same checks as
-    greedy_accept (the temperature's are the reference's: acceptance._check_sampling)."""
+    greedy_accept, and the temperature's and thresholds' (acceptance._check_sampling, _check_typical) for every
+    backend."""
     checks.check_accept("typical_accept", tokens, logits, retrieve)
+    from ..acceptance import _check_sampling, _check_typical
+    _check_sampling(temperature)        # here, not only in the reference: every backend gets them
+    _check_typical(posterior_threshold, posterior_alpha)
     return _run("typical_accept", tokens.device, tokens, logits, retrieve, temperature, posterior_threshold,
                 posterior_alpha, generator)
 
