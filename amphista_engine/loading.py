@@ -53,8 +53,21 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     if not path.exists():
         known = ", ".join(ALIASES)
         raise ModelLoadError(f"model path not found: {path} (expected a checkpoint directory, a .gguf file, "
-                             f"or one of the aliases: {known})")
+                             f"or one of the aliases: {known}){_not_found_hint(key)}")
     return path
+
+
+def _not_found_hint(key: str) -> str:
+    """A near-miss alias (`smollm2-135`, `SmolLM2-135M`), or a Hub id: nothing here downloads one."""
+    import difflib
+    close = difflib.get_close_matches(key.strip().lower(), ALIASES, n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean the alias {close[0]!r}?"
+    parts = key.split("/")
+    if len(parts) == 2 and all(parts) and not key.startswith((".", "~")) and "\\" not in key:
+        return (f"; {key!r} looks like a Hugging Face Hub id, and amphista-engine loads local files only: download "
+                f"it first (hf download {key} --local-dir DIR) and pass DIR")
+    return ""
 
 
 # generation_config.json keys that set sampling (the rest: ids, lengths, cache kinds)
@@ -328,11 +341,28 @@ def _hf_shards(path: Path) -> list[Path]:
             return [path / single]
         found = sorted(path.glob(pattern))
         if found:
+            _check_shard_set(path, found)
             return found
     ggufs = sorted(path.glob("*.gguf"))
     hint = f"; for the GGUF file beside config.json pass it: {ggufs[0]}" if len(ggufs) == 1 else ""
     raise ModelLoadError(f"no weights in {path}: expected model.safetensors, sharded safetensors with an "
                          f"index, or pytorch_model*.bin{hint}")
+
+
+def _check_shard_set(path: Path, found: list[Path]):
+    """Shards named NAME-0000i-of-0000N without their index: all N must be there. A partial download without the
+    index was reported as a dozen missing tensors (and a hint about tie_word_embeddings), not as missing files."""
+    import re
+    names = [re.fullmatch(r"(.+)-(\d+)-of-(\d+)(\.\w+)", f.name) for f in found]
+    if not all(names) or len({(m.group(1), m.group(3), m.group(4)) for m in names}) != 1:
+        return
+    m, width = names[0], len(names[0].group(2))
+    total = int(m.group(3))
+    missing = [f"{m.group(1)}-{i:0{width}d}-of-{m.group(3)}{m.group(4)}" for i in range(1, total + 1)
+               if i not in {int(n.group(2)) for n in names}]
+    if missing:
+        raise ModelLoadError(f"{path}: {len(missing)} of the checkpoint's {total} weight shards are missing "
+                             f"(e.g. {missing[:3]}): incomplete download?")
 
 
 def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -430,6 +460,7 @@ def hf_weights(path: Path, cfg: ModelConfig):
         raw[short], names[short] = t, name
     if cfg.moe_layers:
         _split_fused_experts(cfg, raw, names)
+    _own_head_despite_tying(path, cfg, raw)
     _check_hf_shapes(path, cfg, raw, names)
     top = {"tok_embeddings.weight": raw.pop("embed_tokens.weight", None), "norm.weight": raw.pop("norm.weight", None)}
     if "lm_head.weight" in raw:
@@ -473,6 +504,25 @@ def hf_weights(path: Path, cfg: ModelConfig):
         return {k: v for k, v in out.items() if v is not None}
 
     return {k: v for k, v in top.items() if v is not None}, layer
+
+
+def _own_head_despite_tying(path: Path, cfg: ModelConfig, raw: dict):
+    """config.json says tie_word_embeddings: true, yet the checkpoint stores an lm_head.weight. With the embedding's
+    values it is the tied head saved twice, and is dropped. With other values (a fine-tune that trained its head
+    apart, a merge) it was dropped too, silently: every logit came from the embedding instead, where transformers 5
+    loads the stored head ("both are present in the checkpoints with different values, so we will NOT tie them").
+    The same here, with a warning. cfg is untied in place: the model is built from it."""
+    head, embed = raw.get("lm_head.weight"), raw.get("embed_tokens.weight")
+    if not cfg.tie_word_embeddings or head is None or embed is None:
+        return
+    if head.shape == embed.shape and head.dtype == embed.dtype and torch.equal(head, embed):
+        del raw["lm_head.weight"]
+        return
+    import warnings
+    warnings.warn(f"{path}: config.json says tie_word_embeddings: true, but the checkpoint has its own "
+                  "lm_head.weight with other values than the embedding: using it, as transformers does (set "
+                  "tie_word_embeddings to false to silence this, or delete lm_head.weight to tie)", stacklevel=3)
+    cfg.tie_word_embeddings = False
 
 
 def _moe_prefix(cfg: ModelConfig) -> str:

@@ -340,17 +340,26 @@ class _SentencePieceBackend:
     hides them when the caller asked to keep special tokens.
     """
 
-    def __init__(self, sp):
+    def __init__(self, sp, added: dict[int, tuple[str, bool]] | None = None):
+        """added: id -> (text, special), the tokens transformers adds on top of the model (_declared_added_tokens):
+        matched whole in text, as transformers matches them, and ids past the model's pieces."""
         self.sp = sp
         n = sp.get_piece_size()
-        self.vocab_size = n
-        self.pieces = [sp.id_to_piece(i) for i in range(n)]
-        self.special_ids = frozenset(i for i in range(n) if sp.is_control(i) or sp.is_unknown(i))
-        byte_values = {i: int(self.pieces[i][3:-1], 16) for i in range(n) if sp.is_byte(i)}
+        added = added or {}
+        self.pieces = [sp.id_to_piece(i) for i in range(n)] + [""] * max(0, max(added, default=-1) + 1 - n)
+        self.vocab_size = len(self.pieces)
+        special = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
+        for i, (text, is_special) in added.items():
+            self.pieces[i] = text
+            (special.add if is_special else special.discard)(i)
+        self.special_ids = frozenset(special)
+        byte_values = {i: int(self.pieces[i][3:-1], 16) for i in range(n) if sp.is_byte(i) and i not in added}
         self.ids = {}
         for i, p in enumerate(self.pieces):
             self.ids.setdefault(p, i)
-        self.encode = _ControlSplitter({self.pieces[i]: i for i in self.special_ids}, sp.encode)
+        self.ids.update({text: i for i, (text, _) in added.items()})
+        self.encode = _ControlSplitter({**{self.pieces[i]: i for i in self.special_ids},
+                                        **{text: i for i, (text, _) in added.items()}}, sp.encode)
         probe = sp.encode("a", out_type=str)
         # sentencepiece drops the space it put in front of the text when encoding.
         self.decode = _PieceDecoder(self.pieces, self.special_ids, byte_values,
@@ -602,11 +611,14 @@ def _dir_config(folder: Path) -> dict[str, Any]:
 
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default", next(iter(named.values()), None))
-    if not template and (folder / "chat_template.jinja").is_file():
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):  # as transformers holds them (a config written by hand)
+        template = template.get("default", next(iter(template.values()), None))
+    if (folder / "chat_template.jinja").is_file():
+        # transformers reads this file over the config's template ("Clobbers any template in the config"): a folder
+        # whose template was fixed in chat_template.jinja, the config keeping the old one, chatted in the old one
         try:
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8") or template
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{folder / 'chat_template.jinja'}: cannot read as UTF-8 text ({e})") from e
     if not template:
@@ -658,6 +670,38 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
                             unk=backend.token_to_id(model_unk) if isinstance(model_unk, str) else None)
 
 
+def _declared_added_tokens(folder: Path, n_pieces: int) -> dict[int, tuple[str, bool]]:
+    """id -> (text, special) of the tokens a tokenizer.model folder adds beyond sentencepiece's pieces, as
+    transformers reads them: tokenizer_config.json's added_tokens_decoder, then the legacy added_tokens.json (special
+    where special_tokens_map.json or the config names it). Without them a fine-tune's `<|im_start|>` and
+    `<|im_end|>` (ids past the base vocabulary; OpenHermes-style Mistral and Llama 2 chat fine-tunes) were cut into
+    pieces and its eos_token fell back to `</s>`: chats that never ended at the turn marker the model emits."""
+    file = folder / "tokenizer_config.json"
+    cfg = _read_json(file)
+    decoder = cfg.get("added_tokens_decoder") or {}
+    out: dict[int, tuple[str, bool]] = {}
+    if isinstance(decoder, dict):
+        for key, tok in decoder.items():
+            text = tok.get("content") if isinstance(tok, dict) else tok
+            if not str(key).isdigit() or not isinstance(text, str) or not text:
+                raise ModelLoadError(f"{file}: added_tokens_decoder entry {key!r}: {tok!r:.80} is not an id with a "
+                                     "token's content")
+            out[int(key)] = (text, bool(tok.get("special", False)) if isinstance(tok, dict) else True)
+    special_map = _read_json(folder / "special_tokens_map.json")
+    named = [cfg.get(k, special_map.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    named += [*(cfg.get("additional_special_tokens") or []), *(special_map.get("additional_special_tokens") or [])]
+    specials = {t.get("content") if isinstance(t, dict) else t for t in named}
+    legacy = folder / "added_tokens.json"
+    for text, i in _read_json(legacy).items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0 or not text:
+            raise ModelLoadError(f"{legacy}: {text!r:.40} -> {i!r}: expected token text -> a non-negative id")
+        out.setdefault(i, (text, text in specials))
+    far = [i for i in out if i >= n_pieces + (1 << 20)]
+    if far:
+        raise ModelLoadError(f"{folder}: added token id {far[0]} is far past the {n_pieces} pieces of tokenizer.model")
+    return out
+
+
 def _load_sentencepiece(path: Path) -> Tokenizer:
     import sentencepiece
 
@@ -665,7 +709,7 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
         raise ModelLoadError(f"{path}: cannot load as a sentencepiece model ({e})") from e
-    backend = _SentencePieceBackend(sp)
+    backend = _SentencePieceBackend(sp, _declared_added_tokens(path.parent, sp.get_piece_size()))
 
     def known(i):
         return i if i >= 0 else None
