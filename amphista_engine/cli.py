@@ -356,6 +356,8 @@ def _generate_prompt(args):
         # `amphista generate -` typed at a terminal waited in silence, as if the load had hung
         print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
     prompt = stdin.read().rstrip() if stdin is not None else args.prompt   # without echo's newline
+    if stdin is not None:
+        prompt = prompt.removeprefix("\ufeff")     # a byte order mark (a file saved by Notepad) is no prompt text
     if not prompt.strip():
         raise InputError("prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else ""))
     encoding = getattr(stdin, "encoding", None) or "UTF-8"
@@ -503,11 +505,17 @@ def cmd_chat(args) -> int:
     kwargs = dict(_decoding_kwargs(args, speculative, tree), reuse_prefix=args.reuse_prefix)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []   # as generate's
     history: list[dict] = []
+    at_start = True       # of the input: where a byte order mark stands
     print(CHAT_HELP, file=sys.stderr)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
         try:
             line = stdin.readline()
+            if at_start and line.startswith("\ufeff"):
+                # A file saved with a byte order mark (Notepad, Windows PowerShell's pipe): the mark went into the
+                # first message, and a first line of /reset or /exit was sent to the model as one
+                line = line[1:]
+            at_start = False
             if line and (line.strip().startswith('"""') or line.rstrip("\r\n").endswith("\\")):
                 line = _read_continued(stdin, line)
         except KeyboardInterrupt:     # Ctrl-C at the prompt quits: the shell's prompt must not follow "> "
@@ -516,6 +524,9 @@ def cmd_chat(args) -> int:
         if not line:
             print(file=sys.stderr)    # end of input (Ctrl-D): ends the "> " line, as a shell does
             break
+        if not line.endswith("\n") and _isatty(stdin):
+            # Ctrl-D after typed text sends it with no Enter: the answer ran on after it ("> abcI'm sorry...")
+            print(file=sys.stderr)
         text = line.strip()
         if text in ("/exit", "/quit"):
             break
@@ -536,6 +547,10 @@ def cmd_chat(args) -> int:
             print(f"amphista: error: that line is {bad}; it was not sent (the conversation so far is kept)",
                   file=sys.stderr)
             continue
+        if "\n" in text:
+            # Pasted code keeps its first line's indentation: strip() took it (an indented method's body then stood
+            # 8 columns right of its `def`). Only the blank lines around the message go.
+            text = re.sub(r"\A(?:[ \t]*\n)+", "", line).rstrip()
         turn = [{"role": "user", "content": text}]
         result = _chat_turn(engine, system, history, turn, kwargs)
         if result is not None:
