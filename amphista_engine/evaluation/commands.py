@@ -48,9 +48,13 @@ def cmd_perplexity(args) -> int:
     if args.chunks is not None and args.chunks < 1:   # before the load, and in the flag's name (not max_chunks)
         raise InputError(f"--chunks must be a positive integer, got {args.chunks}")
     path = Path(args.file)
+    if path.is_dir():
+        raise InputError(f"--file {args.file} is a directory; give a UTF-8 text file")
     if not path.is_file():                           # before the load: a bad path is named in a moment
         raise InputError(f"--file {args.file}: no such file")
     text = read_utf8(path).removeprefix("\ufeff")
+    if not text.strip():                             # before the load, as the other --file checks
+        raise InputError(f"--file {args.file} holds no text; perplexity needs a non-empty text")
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     quant=args.quant)

@@ -20,7 +20,7 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
         raise InputError(f"questions file {path} is a directory; give the Spec-Bench-format JSONL file")
     if not path.is_file():
         raise InputError(f"questions file not found: {path}")
-    text = read_utf8(path, line_in_name=True)
+    text = read_utf8(path, line_in_name=True).removeprefix("\ufeff")   # a byte order mark (Notepad) is no JSON
     questions, seen = [], {}
     # split on "\n" only: splitlines() would also break at control characters inside JSON strings
     for n, line in enumerate(text.split("\n"), 1):

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
+from ..text_files import read_utf8
 from ..values import is_int, is_real
 from .env import environment, now
 from .questions import question_digest, read_questions
@@ -78,7 +79,9 @@ def load_answers(path: Path, log=_log) -> dict[tuple, dict]:
     """(question_id, method) -> record. A torn last line (a run killed mid-write) is dropped, not fatal."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # read_utf8: answers are written ASCII-only, so a bad byte is a damaged file, named, not a decode trace
+    text = read_utf8(path, line_in_name=True)
+    lines = text.splitlines()
     done = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -86,14 +89,36 @@ def load_answers(path: Path, log=_log) -> dict[tuple, dict]:
         try:
             rec = json.loads(line)
             key = (rec["question_id"], rec["method"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            _check_record(rec)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             if n == len(lines):
                 log(f"note: {path}:{n} is incomplete (interrupted run?); that answer will be recomputed")
                 path.write_text("".join(f"{x}\n" for x in lines[:n - 1]), encoding="utf-8")
                 break
-            raise InputError(f"{path}:{n}: not a valid answer record ({e}); fix or delete the file") from None
+            why = f"no field {e}" if isinstance(e, KeyError) else str(e)
+            raise InputError(f"{path}:{n}: not a valid answer record ({why}); fix or delete the file") from None
         done[key] = rec
+    else:
+        # A last record without its newline (an editor, a `cat` of files) would take this run's first answer onto
+        # its line, and the next run would drop both as one torn line.
+        if text and not text.endswith(("\n", "\r")):
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
     return done
+
+
+_CHOICE_LISTS = ("turns", "token_ids", "new_tokens", "wall_time", "decode_ms", "decoding_steps", "step_tokens",
+                 "accept_hist")
+
+
+def _check_record(rec: dict):
+    """The fields the summary reads, so a foreign or hand-edited line is refused by line, not a KeyError later."""
+    ch = rec["choices"][0]
+    if not isinstance(rec["category"], str):
+        raise TypeError(f"category {rec['category']!r} is not a string")
+    lengths = {len(ch[k]) for k in _CHOICE_LISTS}     # one entry per turn each
+    if len(lengths) != 1:
+        raise ValueError(f"its per-turn lists ({', '.join(_CHOICE_LISTS)}) differ in length")
 
 
 def _check_run_config(out: Path, config: dict) -> dict:
@@ -103,8 +128,11 @@ def _check_run_config(out: Path, config: dict) -> dict:
     answers = out / ANSWERS
     # A run that failed before its first answer leaves a config that describes nothing; it must not block a
     # corrected rerun into the same folder.
-    if not f.is_file() or not answers.is_file() or answers.stat().st_size == 0:
+    if not answers.is_file() or answers.stat().st_size == 0:
         return config
+    if not f.is_file():     # answers of no known configuration (max_new_tokens, tree, heads): never mixed in
+        raise InputError(f"{out} holds answers ({answers}) but no {RUN_CONFIG} saying which configuration wrote "
+                         "them; use another --out or delete the folder")
     try:
         old = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -232,6 +260,10 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     if plot:
         from .plots import check_plotting
         check_plotting()
+    try:            # an --out that cannot be made fails now, by name, not after the (slow) model load
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{e.strerror or e}: {e.filename or out} (the --out folder cannot be made)") from None
 
     if engine is None:
         from ..engine import Engine
