@@ -680,8 +680,8 @@ def _check_hf_shapes(path: Path, cfg: ModelConfig, raw: dict, names: dict):
     shown = lambda n: names.get(n, n if n.startswith("lm_head") else "model." + n)  # noqa: E731
     missing = [shown(n) for n in shapes if n not in raw]
     if missing:
-        hint = ("; config.json says tie_word_embeddings: false, so it needs its own LM head (true: the LM head is "
-                "the embedding)" if "lm_head.weight" in missing else "")
+        hint = ("; config.json's tie_word_embeddings is false (or left out: false is the default), so it needs its "
+                "own LM head (true: the LM head is the embedding)" if "lm_head.weight" in missing else "")
         raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensor(s) its config.json needs, "
                           f"e.g. {missing[:3]}{hint}")
     for n, shape in shapes.items():
