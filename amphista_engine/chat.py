@@ -58,14 +58,17 @@ class ChatStops(NamedTuple):
     strings: list[str]
 
 
-def resolve_template(tokenizer, template: str | None = None) -> tuple[str, str]:
+def resolve_template(tokenizer, template: str | None = None, tools: bool = False) -> tuple[str, str]:
     """`(name, jinja source)` of the template to use.
 
     `template` is a built-in name ("vicuna_v1.1", "chatml"), a Jinja string, or None for the model's
     own template; a model without one gets "chatml" when its vocabulary has `<|im_start|>`, else
-    "vicuna_v1.1" (the Llama/Vicuna default).
+    "vicuna_v1.1" (the Llama/Vicuna default). tools: the prompt offers tools, so a model's named "tool_use"
+    template is taken over its default, as transformers' apply_chat_template does.
     """
     if template is None:
+        if tools and (tool_use := getattr(tokenizer, "chat_templates", {}).get("tool_use")):
+            return "model", tool_use
         own = getattr(tokenizer, "chat_template", None)
         if own:
             return "model", own
@@ -111,7 +114,7 @@ def render_chat(tokenizer, messages, template: str | None = None, add_generation
     """
     variables = check_template_variables(variables)
     messages = _check_messages(messages)
-    name, source = resolve_template(tokenizer, template)
+    name, source = resolve_template(tokenizer, template, tools=bool(variables.get("tools")))
     compiled = _compile(source, name)
 
     try:

@@ -51,7 +51,7 @@ class Tokenizer:
     """
 
     def __init__(self, backend, *, bos_id=None, eos_ids=(), pad_id=None, unk_id=None,
-                 add_bos=False, chat_template=None, source=""):
+                 add_bos=False, chat_template=None, source="", chat_templates=None):
         self._backend = backend
         self.vocab_size: int = backend.vocab_size
         self.special_ids: frozenset[int] = backend.special_ids
@@ -60,6 +60,10 @@ class Tokenizer:
         self.unk_id: int | None = self._valid(unk_id)
         self.add_bos: bool = bool(add_bos) and self.bos_id is not None
         self.chat_template: str | None = chat_template or None
+        # the model's named templates besides its default, e.g. {"tool_use": ...} (NousResearch's Hermes 2 Pro,
+        # Cohere): chat.resolve_template takes "tool_use" for a prompt with tools, as transformers does
+        self.chat_templates: dict[str, str] = {k: v for k, v in (chat_templates or {}).items()
+                                               if isinstance(k, str) and isinstance(v, str) and v}
         self.source = str(source)
         self.eos_ids: list[int] = self._collect_eos(eos_ids)
         # Ids whose text the ids after them can still change (see _TokenizersBackend): streamed text waits.
@@ -583,7 +587,10 @@ def _load_gguf(source) -> Tokenizer:
     return Tokenizer(backend, bos_id=get("tokenizer.ggml.bos_token_id"), eos_ids=[i for i in eos if i is not None],
                      pad_id=get("tokenizer.ggml.padding_token_id"), unk_id=unk_id,
                      add_bos=get("tokenizer.ggml.add_bos_token", add_bos_default),
-                     chat_template=get("tokenizer.chat_template"), source=where)
+                     chat_template=get("tokenizer.chat_template"), source=where,
+                     # llama.cpp's converter writes a file's named templates as tokenizer.chat_template.NAME
+                     chat_templates={n: get(f"tokenizer.chat_template.{n}")
+                                     for n in (get("tokenizer.chat_templates") or ()) if isinstance(n, str)})
 
 
 # -- tokenizer.json / tokenizer.model directories -------------------------------------------------
@@ -609,11 +616,19 @@ def _dir_config(folder: Path) -> dict[str, Any]:
         value = cfg[name] if name in cfg else special_map.get(name)
         return value.get("content") if isinstance(value, dict) else value
 
-    template = cfg.get("chat_template")
+    template, named = cfg.get("chat_template"), {}
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
     if isinstance(template, dict):  # as transformers holds them (a config written by hand)
+        named = template
         template = template.get("default", next(iter(template.values()), None))
+    extra = folder / "additional_chat_templates"     # where transformers >= 4.54 saves the named ones
+    if extra.is_dir():
+        for f in sorted(extra.glob("*.jinja")):
+            try:
+                named[f.stem] = f.read_text(encoding="utf-8")
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"{f}: cannot read as UTF-8 text ({e})") from e
     if (folder / "chat_template.jinja").is_file():
         # transformers reads this file over the config's template ("Clobbers any template in the config"): a folder
         # whose template was fixed in chat_template.jinja, the config keeping the old one, chatted in the old one
@@ -627,6 +642,7 @@ def _dir_config(folder: Path) -> dict[str, Any]:
     return {
         "bos": token("bos_token"), "eos": token("eos_token"), "pad": token("pad_token"), "unk": token("unk_token"),
         "add_bos": cfg.get("add_bos_token"), "template": template if isinstance(template, str) else None,
+        "templates": {k: v for k, v in named.items() if k != "default"},
         "gen_eos": gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [],
         "gen_bos": generation.get("bos_token_id"), "gen_pad": generation.get("pad_token_id"),
     }
@@ -645,7 +661,7 @@ def _from_dir_config(backend, cfg, source, *, bos=None, eos=None, pad=None, unk=
                      eos_ids=[i for i in eos_ids if i is not None],
                      pad_id=_token_id(backend, cfg["pad"], cfg["gen_pad"], pad),
                      unk_id=_token_id(backend, cfg["unk"], unk),
-                     add_bos=add, chat_template=cfg["template"], source=source)
+                     add_bos=add, chat_template=cfg["template"], source=source, chat_templates=cfg["templates"])
 
 
 def _load_tokenizer_json(path: Path) -> Tokenizer:

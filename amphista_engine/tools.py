@@ -269,7 +269,7 @@ def tool_call_format(tokenizer, template: str | None = None) -> str:
     <|python_tag|>); else "hermes" (Hermes templates, and templates without tools, which get the Hermes instructions:
     prepare_messages)."""
     from .chat import resolve_template
-    return _format_of(resolve_template(tokenizer, template)[1])
+    return _format_of(resolve_template(tokenizer, template, tools=True)[1])
 
 
 @lru_cache(maxsize=16)
@@ -287,7 +287,7 @@ def mistral_v11(tokenizer, template: str | None = None) -> bool:
     Small 3.1/3.2, Devstral, Magistral), not v3's `[TOOL_CALLS] [{...}]`: its calls are read and held (grammar)
     so."""
     from .chat import resolve_template
-    source = resolve_template(tokenizer, template)[1]
+    source = resolve_template(tokenizer, template, tools=True)[1]
     return _format_of(source) == "mistral" and MISTRAL_ARGS in source
 
 
@@ -326,7 +326,7 @@ def show_controls(steps, tokenizer, fmt: str):
 def template_supports_tools(tokenizer, template: str | None = None) -> bool:
     """Whether the chat template reads `tools` (one that never does gets prepare_messages' fallback)."""
     from .chat import resolve_template
-    return _reads_tools(resolve_template(tokenizer, template)[1])
+    return _reads_tools(resolve_template(tokenizer, template, tools=True)[1])
 
 
 @lru_cache(maxsize=16)

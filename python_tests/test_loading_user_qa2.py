@@ -169,3 +169,45 @@ def test_a_hub_id_says_nothing_is_downloaded(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError) as e:
         load_model(str(tmp_path / "nothing" / "here"))
     assert "Hub" not in str(e.value) and "did you mean" not in str(e.value)
+
+
+NAMED = [{"name": "default", "template": "{{ 'plain:' + messages[0]['content'] }}"},
+         {"name": "tool_use", "template": "{{ 'tools:' + (tools | length | string) + ':' + messages[0]['content'] }}"}]
+
+
+@pytest.mark.parametrize("layout", ["config list", "additional_chat_templates"])
+def test_a_prompt_with_tools_takes_the_models_tool_use_template(tiny_hf_dir, tmp_path, layout):
+    """Hermes 2 Pro and Cohere ship a "tool_use" template beside the default one, and transformers renders a prompt
+    with tools through it; only the default was kept, so tools went through a template that drops them."""
+    from amphista_engine.chat import render_chat
+    from amphista_engine.tools import template_supports_tools
+    if layout == "config list":
+        folder = _tokenizer_dir(tiny_hf_dir, tmp_path / "t", {"chat_template": NAMED}, {})
+    else:
+        # as transformers >= 4.54 saves them: the default in chat_template.jinja, the others in that folder
+        folder = _tokenizer_dir(tiny_hf_dir, tmp_path / "t", {}, {"chat_template.jinja": NAMED[0]["template"]})
+        (folder / "additional_chat_templates").mkdir()
+        (folder / "additional_chat_templates" / "tool_use.jinja").write_text(NAMED[1]["template"])
+    tok = load_tokenizer(folder)
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert render_chat(tok, msgs) == "plain:hi"
+    assert render_chat(tok, msgs, variables={"tools": tools}) == "tools:1:hi"
+    assert template_supports_tools(tok)          # the tool_use template reads them, the default does not
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf.apply_chat_template(msgs, tokenize=False) == "plain:hi"
+    assert hf.apply_chat_template(msgs, tools=tools, tokenize=False) == "tools:1:hi"
+
+
+def test_a_gguf_keeps_its_named_tool_use_template(tmp_path):
+    """llama.cpp's converter writes named templates as tokenizer.chat_template.NAME (and their names in
+    tokenizer.chat_templates): a GGUF of Hermes 2 Pro offers tools through its tool_use template too."""
+    from amphista_engine.chat import render_chat
+    from conftest import write_vocab_gguf
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)]
+    path = write_vocab_gguf(tmp_path / "t.gguf", tokens, [2, 3, 3] + [1] * 26, model="llama",
+                            scores=[0.0] * len(tokens), bos=1, eos=2, unk=0, template=NAMED)
+    tok = load_tokenizer(path)
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert render_chat(tok, msgs) == "plain:hi" and render_chat(tok, msgs, variables={"tools": tools}) == "tools:1:hi"
