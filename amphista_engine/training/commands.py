@@ -109,7 +109,8 @@ def register(sub) -> None:
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("train", help="train Amphista or Medusa heads on distilled data (target frozen)")
-    t.add_argument("--data", required=True, nargs="+", help="JSONL shard(s) from `amphista distill`")
+    # extend: `--data a --data b` kept only b (argparse's store), and trained on part of the data without a word
+    t.add_argument("--data", required=True, nargs="+", action="extend", help="JSONL shard(s) from `amphista distill`")
     t.add_argument("--out", required=True, help="heads directory (config.json + model.safetensors)")
     _model_args(t)
     t.add_argument("--kind", default="amphista", choices=["amphista", "medusa"])
@@ -185,7 +186,8 @@ def register(sub) -> None:
 
     s = sub.add_parser("tree-search", help="fit static trees to trained heads on the held-out split of their "
                        "training data; --save stores them in the heads as tuned-N")
-    s.add_argument("--data", required=True, nargs="+", help="the JSONL shard(s) the heads were trained on")
+    s.add_argument("--data", required=True, nargs="+", action="extend",
+                   help="the JSONL shard(s) the heads were trained on")
     s.add_argument("--heads", required=True, help="heads directory, or 'default' for the shipped heads")
     _model_args(s)
     s.add_argument("--nodes", default="16,32,63", help="comma list of tree sizes (nodes incl. the root)")

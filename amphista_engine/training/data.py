@@ -32,6 +32,8 @@ from ..text_files import read_utf8
 EVAL_NAMES = ("mt_bench", "mt-bench", "spec_bench", "spec-bench", "question.jsonl")
 
 
+OOV = "token id out of the target's vocabulary"     # a skip reason
+
 SAMPLE_SEP = "#"     # `distill --samples`: answer k of prompt ID is record ID#s{k}
 
 
@@ -329,6 +331,9 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2, finger
             raise InputError(f"{path}: not a readable gzip file ({e}); shards are JSONL, optionally gzipped") from None
     if not out.sequences:
         why = ", ".join(f"{k}: {v}" for k, v in out.skipped.items()) or "no records"
+        if out.skipped.get(OOV):        # every usable-looking record past the vocabulary: another model's ids
+            why += (f"; ids at or past this target's vocabulary size {vocab_size} were written by another model's "
+                    f"tokenizer: train with the --model that distilled them")
         raise InputError(f"no usable training records in {', '.join(map(str, paths))} ({why})")
     if out.collisions:
         rid, here, there = out.collisions[0]
@@ -339,8 +344,21 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2, finger
     return out
 
 
+_TOKENIZER_PROBES = 8      # fingerprint-less records per file whose prompt_ids are decoded against their text
+
+
+def _squeezed(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
 def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, out: ShardData, seen: dict,
                   fingerprint: str | None, prompt_text):
+    # Records without a target_fingerprint (shards written before it, the committed ones among them) name no
+    # target: a shard of another tokenizer whose ids all fall inside this vocabulary trained on garbage without a
+    # word. Their prompt text says which tokenizer wrote the ids: a few are decoded with this target's, and a file
+    # none of whose probed prompts decode to their own text is refused (any match passes: a tokenizer that
+    # normalizes some text must not refuse good data).
+    probes = []
     # committed shards are gzipped (benchmarks/results/training_smollm2/distill/); distill writes plain JSONL
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
         for raw in f:
@@ -349,6 +367,7 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
             if not raw.endswith(b"\n"):
                 out.skipped["truncated last line"] += 1
                 continue
+            rec = None
             try:
                 rec = json.loads(raw)
                 _refuse_eval_file(path, rec)    # its name and its records' shape, as distill checks a prompt file
@@ -357,7 +376,11 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
                         and all(isinstance(t, int) for t in p) and all(isinstance(t, int) for t in a)):
                     raise TypeError
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                out.skipped["malformed record"] += 1
+                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and "answer_ids" not in rec:
+                    # the prompt file itself given as --data: "malformed record: 21070" did not say so
+                    out.skipped["a prompt without answer_ids, as in a prompt file: `amphista distill` answers it"] += 1
+                else:
+                    out.skipped["malformed record"] += 1
                 continue
             if rid in seen:
                 out.skipped["duplicate id"] += 1
@@ -371,16 +394,26 @@ def _read_records(path: Path, vocab_size: int, max_len: int, min_answer: int, ou
                                  f"{theirs}; the loaded model has {fingerprint}): its token ids mean other "
                                  f"tokens; train with that --model or distill this one's data")
             text = rec.get("prompt")
-            if not isinstance(text, str) and prompt_text is not None and p and all(0 <= t < vocab_size for t in p):
+            decodable = prompt_text is not None and p and all(0 <= t < vocab_size for t in p)
+            if not isinstance(text, str) and decodable:
                 text = prompt_text(p)
+            elif (decodable and not theirs and len(probes) < _TOKENIZER_PROBES and isinstance(text, str)
+                  and _squeezed(text)):
+                probes.append((rid, text, _squeezed(text) in _squeezed(prompt_text(p))))
             refuse_eval_prompts(path, [(rid, text)])
             ids = p + a
             if not p or len(a) < min_answer:
                 out.skipped["empty prompt or answer"] += 1
             elif any(t < 0 or t >= vocab_size for t in ids):
-                out.skipped["token id out of the target's vocabulary"] += 1
+                out.skipped[OOV] += 1
             elif len(ids) > max_len:
                 out.skipped[f"longer than max_seq_len={max_len}"] += 1
             else:
                 seen[rid] = (str(path), len(out.sequences))     # its file, and where it is kept
                 out.sequences.append(Sequence(rid, ids, len(p), str(rec.get("source") or "")))
+    if probes and not any(ok for _, _, ok in probes):
+        rid, text, _ = probes[0]
+        raise InputError(f"{path}: its records name no target (no target_fingerprint), and the prompt_ids of "
+                         f"{len(probes)} of them do not decode to their prompt text with this model's tokenizer "
+                         f"(first: record {rid}, prompt {text[:50]!r}): they were distilled by another model, whose "
+                         f"token ids mean other tokens here; train with that --model, or distill this one's data")

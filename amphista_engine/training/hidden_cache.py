@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .data import Sequence
 
 
@@ -65,12 +66,26 @@ class HiddenSource:
     def __init__(self, target, cache_dir: str | None, fingerprint: str):
         self.target, self.dir = target, Path(cache_dir) if cache_dir else None
         self.hits = self.misses = 0
+        self.unreadable = 0     # cache entries that could not be read back (recomputed and rewritten)
         if self.dir:
+            if self.dir.exists() and not self.dir.is_dir():     # mkdir's own error said only "File exists"
+                raise InputError(f"--cache-hidden {self.dir} is a file; give a directory for the cached hidden "
+                                 f"states (created if missing)")
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = self.dir / "meta.json"
             info = {"fingerprint": fingerprint, "dtype": "bfloat16", "format": 1}
             if meta.exists():
-                old = json.loads(meta.read_text())
+                try:
+                    old = json.loads(meta.read_text())
+                except (ValueError, OSError) as e:
+                    old = None
+                    why = f"{type(e).__name__}: {e}"
+                else:
+                    why = f"it holds {type(old).__name__}"
+                if not isinstance(old, dict):
+                    # the entries' target and dtype are unknown: reading them could train on another model's states
+                    raise ConfigError(f"hidden-state cache {self.dir}: {meta} is not a cache record that `train` "
+                                      f"wrote ({why:.160}); use another --cache-hidden directory")
                 # caches written before the key existed were all computed by an fp32 target
                 self.computed_in = old.pop("computed_in", "float32")
                 if old != info:
@@ -119,7 +134,15 @@ class HiddenSource:
                     h = torch.load(f, map_location=dev, weights_only=True)
                     out[b, :len(s.ids)] = h.float()
                     self.hits += 1
-                except (FileNotFoundError, RuntimeError, EOFError):
+                except FileNotFoundError:
+                    missing.append(b)
+                except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, AttributeError, TypeError):
+                    # a torn or foreign entry (a copied cache cut short, a disk error): recomputed and rewritten,
+                    # as a missing one, instead of failing the run deep in torch.load
+                    if not self.unreadable:
+                        print(f"train: warning: unreadable hidden-state cache entry {f}: recomputed (and any "
+                              f"other such entry)", file=sys.stderr)
+                    self.unreadable += 1
                     missing.append(b)
         if missing:
             self.check_can_compute([seqs[b] for b in missing])      # callers check up front; this is the backstop

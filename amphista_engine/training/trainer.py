@@ -160,11 +160,24 @@ class TrainConfig:
                                   f"{self.num_heads} heads (--num-heads)")
         if self.log and Path(self.log).is_dir():
             raise InputError(f"--log {self.log} is a directory; give a file to append JSON lines to")
+        shards = [self.data] if isinstance(self.data, (str, Path)) else self.data
+        if self.log and any(Path(d).expanduser().resolve() == Path(self.log).expanduser().resolve() for d in shards):
+            # metrics appended to a distilled shard: every later read (and distill's resume) meets foreign lines
+            raise InputError(f"--log {self.log} is a --data shard: metrics would be appended to the training data; "
+                             f"give another file")
         if self.init not in ("identity", "default"):
             raise ConfigError(f"--init must be identity or default, got {self.init!r}")
         for name in ("layers_per_stage", "aeb_layers", "sal_intermediate_size", "aeb_intermediate_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.kind == "medusa":
+            # Medusa heads have no SAL stages nor auto-embedding block: these were dropped without a word, and the
+            # user trained (and compared) plain Medusa heads believing them deeper or wider
+            given = [_flag(n) for n in ("stage_of_head", "layers_per_stage", "aeb_layers", "sal_intermediate_size",
+                                        "aeb_intermediate_size") if getattr(self, n) not in (None, "")]
+            if given:
+                raise ConfigError(f"{', '.join(given)}: Amphista-only setting(s), but --kind medusa (Medusa heads "
+                                  f"are one ResBlock per head); drop them, or train --kind amphista")
         if self.mse_weight < 0:
             raise ConfigError("--mse-weight must be >= 0")
         if self.mse_positions and not (self.mse_weight > 0 and 0 < self.loss_positions <= self.mse_positions):
@@ -432,6 +445,12 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     if isinstance(cfg.data, (str, Path)):
         cfg.data = [str(cfg.data)]
     out = Path(cfg.out)
+    from .. import shipped_heads
+    # `--init-from default --out <the shipped folder> --overwrite` replaced the package's own heads (what
+    # `generate` loads by default) with a few steps' worth; tree-search --save refuses them the same way
+    if out.expanduser().resolve().is_relative_to(shipped_heads.DATA.resolve()):
+        raise InputError(f"--out {out} is inside the shipped heads ({shipped_heads.DATA}): train into a directory "
+                         f"of your own (--init-from default starts from the shipped heads)")
     if out.exists() and not out.is_dir():       # mkdir's own error says only "File exists"
         raise InputError(f"--out {out} is a file; give a directory for the heads (config.json + model.safetensors)")
     if not cfg.fill_cache:      # a model's folder: --overwrite (which the refusal below suggests) replaced the model

@@ -230,6 +230,21 @@ def check_prefix(prefix: str, nodes) -> None:
                          f"{', '.join(taken) or prefix + '-N'}); pick another prefix")
 
 
+def _check_out_is_ours(out) -> None:
+    """--out is replaced whole: an existing file that is not an earlier tree-search result (the distilled shard,
+    the heads' config.json, given by a slip) was overwritten without a word, losing the data or the heads."""
+    path = Path(out).expanduser() if out is not None else None
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except ValueError:
+        prev = None
+    if not (isinstance(prev, dict) and isinstance(prev.get("trees"), dict) and "expected_tau" in prev):
+        raise InputError(f"--out {out} exists and is not a tree-search result; it would be overwritten: pick "
+                         f"another --out (or delete that file)")
+
+
 def _heldout_share(heads, eval_frac: float | None) -> float:
     """The held-out share to fit on: by default the one the heads' training held out. A larger one takes in
     sequences that trained the heads (where --data is their training data), whose ranks flatter them."""
@@ -279,6 +294,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         raise InputError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     if out is not None and Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSON file to write")
+    _check_out_is_ours(out)
     # the heads folder as load_heads takes it (~, or its config.json / model.safetensors named): --save wrote to
     # "HEADS/config.json/config.json" and failed once the search was done
     folder = Path(heads_dir).expanduser()
