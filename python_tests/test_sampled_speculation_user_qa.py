@@ -22,6 +22,7 @@ from amphista_engine.tree import build_tree
 
 from conftest import needs_smollm2, random_tiny_model
 from test_acceptance import chi2_pvalue
+from test_speculative import _NoText
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -39,12 +40,6 @@ MIN_TOKENS = 2
 P_MIN = 5e-8
 
 
-class _NoText:
-    def stream_decoder(self):
-        class S:
-            def push(self, tok): return ""
-            def flush(self): return ""
-        return S()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ urllib on a tiny random model. Each answer is checked against engine.generate wi
 adds a protocol, never other text."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -459,10 +460,13 @@ def test_a_port_in_use_is_named():
         taken.server_close()
 
 
-def test_amphista_serve_process_answers_and_stops_on_ctrl_c(tiny_hf_dir):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "AMPHISTA_CACHE_DIR": "off"}
+@contextlib.contextmanager
+def serve_process(tiny_hf_dir, *flags, env=None):
+    """`amphista serve` on the tiny model in a child process, up to its URL line: yields (url, that line, the
+    stderr lines so far, the process), which the block stops (Ctrl-C) and reads out with proc.communicate()."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AMPHISTA_CACHE_DIR": "off", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "amphista_engine.cli", "serve", "--model", str(tiny_hf_dir),
-                             "--port", "0", "--heads", "none", "--max-seq-len", "128", "--max-new-tokens", "8"],
+                             "--port", "0", "--heads", "none", "--max-seq-len", "128", *flags],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                             cwd=Path(__file__).resolve().parents[1],
                             # a shell's background job ignores SIGINT; Ctrl-C at a terminal is what is tested
@@ -478,7 +482,15 @@ def test_amphista_serve_process_answers_and_stops_on_ctrl_c(tiny_hf_dir):
                 break
         else:
             pytest.fail(f"no URL line: {''.join(lines)}")
-        url = m.group(1)
+        yield m.group(1), line, lines, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_amphista_serve_process_answers_and_stops_on_ctrl_c(tiny_hf_dir):
+    with serve_process(tiny_hf_dir, "--max-new-tokens", "8") as (url, line, lines, proc):
         # the default --max-batch 8 batches concurrent requests (test_serve_batching.py), and says so
         assert sum("http://" in ln for ln in lines) == 1 and "batched, up to 8 rows, joining runs" in line
         assert call(url, "/v1/models")[1]["data"][0]["id"] == str(tiny_hf_dir)
@@ -486,9 +498,5 @@ def test_amphista_serve_process_answers_and_stops_on_ctrl_c(tiny_hf_dir):
         assert status == 200 and reply["usage"]["completion_tokens"] <= 8      # --max-new-tokens: the default
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
     assert "Traceback" not in err and out == ""

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -147,24 +142,9 @@ def test_api_key_comes_from_the_flag_else_the_environment_and_is_never_quoted(mo
 
 
 def test_amphista_serve_takes_the_key_from_the_environment_and_never_prints_it(tiny_hf_dir):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "AMPHISTA_CACHE_DIR": "off", "AMPHISTA_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "amphista_engine.cli", "serve", "--model", str(tiny_hf_dir),
-                             "--port", "0", "--heads", "none", "--max-seq-len", "128", "--max-new-tokens", "4"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[1],
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        lines = []
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = proc.stderr.readline()
-            assert line, f"the server exited: {''.join(lines)}"
-            lines.append(line)
-            if m := re.search(r"(http://\S+)/v1\b", line):
-                break
-        else:
-            pytest.fail(f"no URL line: {''.join(lines)}")
-        url = m.group(1)
+    from test_serve import serve_process
+    with serve_process(tiny_hf_dir, "--max-new-tokens", "4", env={"AMPHISTA_API_KEY": KEY}) as (url, line, lines,
+                                                                                                proc):
         assert "API key required" in line
         refused(req(url, "/v1/models", authorization="Bearer nope"))
         status, reply, _ = req(url, "/v1/chat/completions", {"messages": SYSTEM_USER},
@@ -173,10 +153,6 @@ def test_amphista_serve_takes_the_key_from_the_environment_and_never_prints_it(t
         assert req(url, "/health")[0] == 200
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = "".join(lines) + err
     assert KEY not in err and KEY not in out and "Traceback" not in err
     assert re.search(r'"GET /v1/models" 401', err) and re.search(r'"POST /v1/chat/completions" 200', err)
