@@ -66,12 +66,16 @@ def parse_tau_source(tau) -> tuple[dict[str, float] | None, dict | None]:
             if m not in ("medusa", "amphista"):
                 continue
             tau_m = s.get("tau") if isinstance(s, dict) else None
+            # eval's tau where no answer took a decoding step (every one ended at once): null, 0.0 in older summaries
+            no_step = is_real(tau_m) and float(tau_m) == 0.0 or tau_m is None and isinstance(s, dict) \
+                and s.get("decoding_steps") == 0
+            if no_step:
+                shown = "null" if tau_m is None else tau_m
+                raise InputError(f"--tau: {path} measured no tau for {m} (overall.{m}.tau is {shown}: none of its "
+                                 f"answers took a decoding step); rerun eval with a larger --max-new-tokens")
             if not is_real(tau_m):
                 raise InputError(f"{not_summary} (overall.{m}.tau is {tau_m!r}, not a number)")
             out[m] = float(tau_m)
-            if out[m] == 0.0:       # eval's tau when no answer took a decoding step (every one ended at once)
-                raise InputError(f"--tau: {path} measured no tau for {m} (overall.{m}.tau is 0: none of its answers "
-                                 f"took a decoding step); rerun eval with a larger --max-new-tokens")
         if not out:
             raise InputError(f"--tau: {path} has no medusa or amphista results")
         meta = summary.get("meta") if isinstance(summary.get("meta"), dict) else {}

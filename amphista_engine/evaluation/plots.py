@@ -4,7 +4,10 @@ matplotlib runs on the Agg backend: these are written on headless machines and n
 """
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import InputError
@@ -26,6 +29,33 @@ def _pyplot():
     return plt
 
 
+_GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from font\(s\) (.+?)\.?$")
+
+
+@contextlib.contextmanager
+def _missing_glyphs_once(log):
+    """matplotlib warns per missing glyph at every draw (tight_layout, savefig) of every figure: category names in
+    CJK gave the same warnings many times. Scoped to the plotting: one line naming the characters instead; any
+    other warning is shown once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    chars, font, seen = [], None, set()
+    for w in caught:
+        m = _GLYPH.match(str(w.message))
+        if m:
+            font = m[2]
+            if chr(int(m[1])) not in chars:
+                chars.append(chr(int(m[1])))
+        elif (w.category, str(w.message)) not in seen:
+            seen.add((w.category, str(w.message)))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if chars:
+        log(f"warning: the plots' font ({font}) lacks {len(chars)} character(s) of their labels "
+            f"({''.join(chars[:20])}{' ...' if len(chars) > 20 else ''}): they show as empty boxes; a font that has "
+            f"them (e.g. Noto Sans CJK, as matplotlib's font.family) draws them")
+
+
 def check_plotting() -> None:
     """--plot's check before the run, which the plots would otherwise follow by hours."""
     _pyplot()
@@ -37,9 +67,10 @@ def _grouped_bars(ax, summary: dict, methods: list[str], key: str):
     width = 0.8 / max(len(methods), 1)
     for i, m in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(cats))]
-        ys = [(g.get(m) or {}).get(key) or 0.0 for g in groups]
-        bars = ax.bar(xs, ys, width, label=m, color=COLORS.get(m))
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        vals = [(g.get(m) or {}).get(key) for g in groups]
+        bars = ax.bar(xs, [v or 0.0 for v in vals], width, label=m, color=COLORS.get(m))
+        # null: nothing measured (no decoding step, no plain run): "-", not a 0.00 bar label no decoder reaches
+        ax.bar_label(bars, labels=["-" if v is None else f"{v:.2f}" for v in vals], fontsize=7, padding=1)
     ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
     ax.axhline(1.0, color="black", lw=0.8, ls="--")   # plain decoding: tau 1, speedup 1
     ax.legend()
@@ -70,17 +101,18 @@ def plot_eval(summary: dict, out_dir, log=_log) -> list[Path]:
     subtitle = (f"{Path(str(meta.get('model', ''))).name} | {meta.get('hardware', '')} | "
                 f"{_trees_label(meta)} | max {meta.get('max_new_tokens', '?')} new tokens")
     paths = []
-    for key, methods, ylabel, name in (
-            ("tau", spec, "tau (tokens per target forward)", "tau_per_category.png"),
-            ("speedup", spec, "speedup over plain decoding (x)", "speedup_per_category.png")):
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        _grouped_bars(ax, summary, methods, key)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel.split(' (')[0]} per category\n{subtitle}", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        paths.append(out_dir / name)
+    with _missing_glyphs_once(log):
+        for key, methods, ylabel, name in (
+                ("tau", spec, "tau (tokens per target forward)", "tau_per_category.png"),
+                ("speedup", spec, "speedup over plain decoding (x)", "speedup_per_category.png")):
+            fig, ax = plt.subplots(figsize=(9, 4.5))
+            _grouped_bars(ax, summary, methods, key)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{ylabel.split(' (')[0]} per category\n{subtitle}", fontsize=10)
+            fig.tight_layout()
+            fig.savefig(out_dir / name, dpi=120)
+            plt.close(fig)
+            paths.append(out_dir / name)
     return paths
 
 

@@ -21,6 +21,9 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
     if not path.is_file():
         raise InputError(f"questions file not found: {path}")
     text = read_utf8(path, line_in_name=True).removeprefix("\ufeff")   # a byte order mark (Notepad) is no JSON
+    if not text.strip():    # said as such: "no questions" or a line-1 complaint reads as a format problem
+        raise InputError(f"questions file {path} is empty{' (only blank lines)' if text else ''}; give a Spec-Bench-"
+                         "format JSONL file, one question per line with question_id, category and turns")
     questions, seen = [], {}
     # split on "\n" only: splitlines() would also break at control characters inside JSON strings
     for n, line in enumerate(text.split("\n"), 1):

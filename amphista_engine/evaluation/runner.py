@@ -143,6 +143,10 @@ def _check_run_config(out: Path, config: dict) -> dict:
                          "use another --out or delete the folder")
     old.setdefault("quant", "none")          # runs from before 4-bit weights
     keys = ("model", "questions", "max_new_tokens", "tree", "temperature", "seed", "dtype", "device", "quant")
+    # --tree as typed is compared only where the folder records no resolved trees: unset there and mix-4 now is
+    # the same run when unset resolved to mix-4 (tree_used, compared below, is what the answers were decoded with)
+    if isinstance(old.get("tree_used"), dict):
+        keys = tuple(k for k in keys if k != "tree")
     diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys if old.get(k) != config[k]]
     # Recorded since: the cache length caps each turn's budget (a conversation near it), and tree=None resolves per
     # device and version. Compared where the folder's config has them (older ones do not).
@@ -306,22 +310,29 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         for name in (SUMMARY, SUMMARY_MD, *PLOTS):
             (out / name).unlink(missing_ok=True)
         _remove_spec_bench_files(out)
-        if warmup:
-            _warmup(engine, todo[0][0], {m: loaded[m] for m in methods}, gen_kwargs, warmup)
-        # Question-major order (every method answers a question before the next one starts): load from other
-        # jobs on the machine then spreads over all methods instead of skewing whichever ran during it.
-        run = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"   # who timed each answer
-        with open(answers_file, "a", encoding="utf-8") as f, \
-                tqdm(total=len(todo), desc="eval", unit="answer", file=sys.stderr, disable=not progress) as bar:
-            for q, m in todo:
-                bar.set_postfix_str(f"q {q['question_id']} {m}")
-                if loaded[m] is not None:
-                    engine.load_heads(loaded[m])
-                rec = _answer(engine, q, m, gen_kwargs, room, run)
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                done[(q["question_id"], m)] = rec
-                bar.update(1)
+        try:
+            if warmup:
+                _warmup(engine, todo[0][0], {m: loaded[m] for m in methods}, gen_kwargs, warmup)
+            # Question-major order (every method answers a question before the next one starts): load from other
+            # jobs on the machine then spreads over all methods instead of skewing whichever ran during it.
+            run = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"   # who timed each answer
+            with open(answers_file, "a", encoding="utf-8") as f, \
+                    tqdm(total=len(todo), desc="eval", unit="answer", file=sys.stderr, disable=not progress) as bar:
+                for q, m in todo:
+                    bar.set_postfix_str(f"q {q['question_id']} {m}")
+                    if loaded[m] is not None:
+                        engine.load_heads(loaded[m])
+                    rec = _answer(engine, q, m, gen_kwargs, room, run)
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                    done[(q["question_id"], m)] = rec
+                    bar.update(1)
+        except KeyboardInterrupt:
+            # each answer is flushed as it completes: the hours spent so far are not lost, which 130 alone hides
+            have = sum((q["question_id"], m) in done for q in qs for m in methods)
+            log(f"eval: interrupted with {have} of {len(qs) * len(methods)} answers saved in {answers_file}; "
+                f"rerun the same command to resume from them")
+            raise
 
     records = [done[(q["question_id"], m)] for q in qs for m in methods]
     summary = summarize(records, methods, check_equality=greedy)
@@ -411,10 +422,12 @@ def _aggregate(recs: list[dict]) -> dict:
                 hist[i] += v
     # decode tokens exclude each turn's first token, which prefill produces
     decode_tokens = sum(sum(max(n - 1, 0) for n in x["new_tokens"]) for x in c)
+    # No decoding step (--max-new-tokens 1, or every answer ended at its first token): nothing measured the decode
+    # rate or tau, so both are null (JSON), not 0.0, which no decoder can reach (tau >= 1).
     return {"questions": len(recs), "turns": sum(len(x["new_tokens"]) for x in c), "new_tokens": new,
             "wall_s": round(wall, 4), "tokens_per_s": round(new / wall, 3) if wall else 0.0,
-            "decode_tokens_per_s": round(decode_tokens / decode_s, 3) if decode_s else 0.0,
-            "decoding_steps": steps, "tau": round(used / steps, 4) if steps else 0.0, "accept_hist": hist}
+            "decode_tokens_per_s": round(decode_tokens / decode_s, 3) if steps and decode_s else None,
+            "decoding_steps": steps, "tau": round(used / steps, 4) if steps else None, "accept_hist": hist}
 
 
 def _first_difference(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:

@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
 
 def _no_eval_reason(cfg, result: dict) -> str:
     if not result.get("heldout_total"):
-        return f"--eval-frac {cfg.eval_frac} held out no sequence"
+        return result.get("heldout_none") or f"--eval-frac {cfg.eval_frac} held out no sequence"
     if not result.get("heldout_sequences"):
         return f"--eval-max-seqs 0: the {result['heldout_total']} held-out sequence(s) are kept out of training only"
     step, total = result["steps"], result["total_steps"]
@@ -127,7 +127,8 @@ def register(sub) -> None:
                         "LM-head cost, the SAL still runs over whole sequences")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
+    t.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps); at most "
+                   "the run's steps: a longer warmup is refused, as the learning rate would never reach --lr")
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     t.add_argument("--train-dtype", dest="train_dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast matmuls (fp32 master weights)")
@@ -166,7 +167,7 @@ def register(sub) -> None:
                         "--batch-tokens and --source-weights) and the held-out ones; a stage that walks part of an "
                         "epoch then fills a fraction of the data (training computes any other sequence it meets)")
     t.add_argument("--draft-vocab", type=int, default=0,
-                   help="heads score only the N most frequent answer tokens (0 = full vocabulary): cheaper "
+                   help="heads score only the N >= 2 most frequent answer tokens (0 = full vocabulary): cheaper "
                         "drafting and training; verification still uses the full vocabulary")
     t.add_argument("--source-weights", default=None,
                    help="'SOURCE=W,...': each epoch holds W copies of that source's sequences (fractions drawn per "

@@ -51,13 +51,35 @@ def split_heldout(seqs: list[Sequence], frac: float) -> tuple[list[Sequence], li
     (ids ID#s0, ID#s1, ... from `distill --samples`) hash as ID, so they land on the same side."""
     if frac <= 0 or len(seqs) < 2:
         return seqs, []
-    key = lambda s: int(hashlib.sha1(prompt_id(s.id).encode()).hexdigest()[:8], 16) / 16 ** 8
+    key = _heldout_key
     # Small data may hash no id under frac: then the lowest prompt is held out (with its sampled answers). A held
     # prompt never trains: held-out numbers, and the trees tree-search fits on them, would flatter the heads.
     held_ids = {prompt_id(s.id) for s in seqs if key(s) < frac} or {prompt_id(min(seqs, key=key).id)}
     held = [s for s in seqs if prompt_id(s.id) in held_ids]
     train = [s for s in seqs if prompt_id(s.id) not in held_ids]
     return (train, held) if train else (seqs, [])      # one prompt, or frac covering them all: nothing held
+
+
+def _heldout_key(s: Sequence) -> float:
+    return int(hashlib.sha1(prompt_id(s.id).encode()).hexdigest()[:8], 16) / 16 ** 8
+
+
+def no_heldout_reason(seqs: list[Sequence], frac: float) -> str:
+    """Why split_heldout(seqs, frac) held nothing out, and what to pass instead. A large frac is not "too small to
+    hold anything": it would hold out every prompt, which leaves nothing to train on, so the split keeps them all."""
+    if frac <= 0:
+        return f"--eval-frac {frac} held out no sequence"
+    if len(seqs) < 2:
+        return f"the data holds {len(seqs)} sequence(s); holding one out needs at least 2"
+    prompts = {prompt_id(s.id) for s in seqs}
+    if len(prompts) < 2:
+        return (f"all {len(seqs)} sequences answer one prompt; holding it out would leave nothing to train on, so "
+                f"every sequence trains")
+    # any frac up to the largest prompt key leaves that prompt (at least) to train on
+    most = math.floor(max(map(_heldout_key, seqs)) * 100) / 100
+    lower = f"pass --eval-frac {most} or less" if most > 0 else "pass a smaller --eval-frac"
+    return (f"--eval-frac {frac} would hold out every one of the {len(prompts)} prompts and leave nothing to "
+            f"train on, so none was held out and all sequences train; {lower} to keep some for evaluation")
 
 
 def epoch_batches(seqs: list[Sequence], batch_tokens: int, seed: int, epoch: int,

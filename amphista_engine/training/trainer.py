@@ -37,8 +37,8 @@ from ..errors import ConfigError, InputError
 from ..values import is_real
 from .data import check_window, load_shard, prompt_text_decoder
 from .hidden_cache import HiddenSource, fill_hidden_cache, pad_batch
-from .plan import (BatchPlan, check_source_weights, epoch_batches, parse_source_weights, planned_sequences,
-                   source_mix, split_heldout)
+from .plan import (BatchPlan, check_source_weights, epoch_batches, no_heldout_reason, parse_source_weights,
+                   planned_sequences, source_mix, split_heldout)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -189,10 +189,26 @@ class TrainConfig:
             raise ConfigError("--fill-planned only applies to --fill-cache")
         if self.draft_vocab < 0:
             raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
+        if self.draft_vocab == 1:
+            # a softmax over one slot is 1 whatever the logits: KL (and CE) are 0 at every position, no gradient
+            raise ConfigError("--draft-vocab 1: heads that draft from a single token always give it probability 1, "
+                              "so the loss is 0 everywhere and they learn nothing; pass --draft-vocab 0 (the full "
+                              "vocabulary) or at least 2 (e.g. 8192)")
+        if self.steps is not None and not self.fill_cache:       # --fill-cache trains nothing: no schedule
+            check_warmup(self.warmup, self.steps)
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
             raise ConfigError(f"need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1; got --eval-frac "
                               f"{self.eval_frac}, --lr {self.lr}, --lambda {self.lam}")
         self.source_weights = parse_source_weights(self.source_weights)
+
+
+def check_warmup(warmup: int | None, total: int, how: str = "--steps") -> None:
+    """A warmup longer than the run leaves the learning rate below --lr at every step and skips the cosine decay:
+    refused rather than trained on a fraction of the rate the user asked for."""
+    if warmup is not None and warmup > total:
+        raise ConfigError(f"--warmup {warmup} is longer than the run ({total} steps, from {how}): the learning rate "
+                          f"would climb to only {total / warmup:.0%} of --lr and never decay; pass --warmup {total} "
+                          f"or less (default: 5% of the steps), or train longer")
 
 
 # ---- heads pieces --------------------------------------------------------------------------------------------
@@ -492,6 +508,9 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     per_epoch = len(epoch_batches(train_seqs, cfg.batch_tokens, cfg.seed, 0, cfg.source_weights))
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
     warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
+    if not cfg.fill_cache:
+        check_warmup(cfg.warmup, total, "--steps" if cfg.steps else f"--epochs {cfg.epochs or 1} x {per_epoch} "
+                     f"steps/epoch")
     if cfg.fill_cache:
         seqs = data.sequences
         if cfg.fill_planned:
@@ -743,4 +762,5 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         last_ev = {k: v for k, v in history[-1].items() if k != "step"}    # the finished run's final evaluation
     return {"steps": step, "total_steps": total, "start_step": start, "wall_s": wall, "final_eval": last_ev or {},
             "history": history, "heads": heads, "train_sequences": len(train_seqs), "heldout_sequences": len(held),
-            "heldout_total": len(held_all), "skipped": dict(data.skipped)}
+            "heldout_total": len(held_all), "skipped": dict(data.skipped),
+            "heldout_none": None if held_all else no_heldout_reason(data.sequences, cfg.eval_frac)}

@@ -280,7 +280,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     decoded and checked against the evaluation questions, as `train` checks them."""
     from ..heads import lm_head_fingerprint, load_heads
     from .data import check_window, load_shard, prompt_text_decoder
-    from .plan import check_source_weights, parse_source_weights, split_heldout
+    from .plan import check_source_weights, no_heldout_reason, parse_source_weights, split_heldout
     bad = [n for n in dynamic if not 2 <= n <= 64]
     if bad:
         raise InputError(f"dynamic tree sizes {bad}: tree-search replays dynamic-N for N in [2, 64]")
@@ -329,7 +329,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     _, held = split_heldout(shard.sequences, eval_frac)
     if not held:
         names = data if isinstance(data, (str, Path)) else ", ".join(map(str, data))
-        raise InputError(f"no held-out sequences in {names} (need at least 2 records and --eval-frac > 0)")
+        raise InputError(f"no held-out sequences in {names}: {no_heldout_reason(shard.sequences, eval_frac)}")
     sw = parse_source_weights(source_weights)
     if sw:
         check_source_weights(sw, shard.sequences)

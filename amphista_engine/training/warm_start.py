@@ -25,6 +25,27 @@ _SAME = ("kind", "dim", "vocab_size", "num_heads", "n_heads", "n_kv_heads", "hea
          "draft_vocab_size", "medusa_layers", "resblock_bias", "target_fingerprint")
 _LAYER = re.compile(r"^(sal|aeb)\.(\d+)\.(.+)$")
 _GROWS = ("layers_per_stage", "aeb_layers", "sal_intermediate_size", "aeb_intermediate_size")
+# The `amphista train` flag that sets each config field: a mismatch says what to pass, not only the field's name.
+_FLAGS = {"kind": "--kind", "num_heads": "--num-heads", "stage_of_head": "--stage-of-head",
+          "draft_vocab_size": "--draft-vocab", **{k: "--" + k.replace("_", "-") for k in _GROWS}}
+# Fields the target fixes: the source heads were trained for another model.
+_TARGET = ("dim", "vocab_size", "n_heads", "n_kv_heads", "head_dim", "target_fingerprint")
+
+
+def _hint(key: str, value) -> str:
+    """What makes the new heads match the source's `value` of config field `key`."""
+    if key in _FLAGS:
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        return f"pass {_FLAGS[key]} {text}"
+    if key in _TARGET:
+        return "they were trained for another target: pass the --model they were trained for"
+    if key == "n_stages":
+        return "set by their --stage-of-head"
+    return "no train flag sets it: start without --init-from"
+
+
+def _mismatch(key: str, source, requested) -> str:
+    return f"{key}: {source!r} vs {requested!r} ({_hint(key, source)})"
 
 
 def layer_map(src_cfg, dst_cfg) -> dict[tuple[str, int], int]:
@@ -44,11 +65,13 @@ def warm_start(heads, source) -> list[str]:
     # Source heads bound to the very target the new ones are (load_heads took them for it: maybe as a converted or
     # quantized copy of the model they were trained with, whose fingerprint differs) start the new heads for it.
     same_target = source._bound is not None and heads._bound is not None and source._bound[1] is heads._bound[1]
-    diff = [f"{k}: {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in _SAME if getattr(a, k) != getattr(b, k)
+    diff = [_mismatch(k, getattr(a, k), getattr(b, k)) for k in _SAME if getattr(a, k) != getattr(b, k)
             and not (k == "target_fingerprint" and same_target)]
     if diff:
-        raise ConfigError("--init-from: the source heads differ from the requested ones in " + "; ".join(diff))
-    shrunk = [f"{k} {getattr(a, k)} -> {getattr(b, k)}" for k in _GROWS if getattr(b, k) < getattr(a, k)]
+        raise ConfigError("--init-from: the source heads differ from the requested ones (source vs requested) in "
+                          + "; ".join(diff))
+    shrunk = [f"{k} {getattr(a, k)} -> {getattr(b, k)} (pass {_FLAGS[k]} {getattr(a, k)} or more)" for k in _GROWS
+              if getattr(b, k) < getattr(a, k)]
     if b.kind == "amphista" and shrunk:
         raise ConfigError("--init-from: heads can only grow, not shrink (" + "; ".join(shrunk) + ")")
     mapping = layer_map(a, b) if b.kind == "amphista" else {}
