@@ -23,7 +23,8 @@ FROM=${FROM:-amphista_engine/data/heads/smollm2-135m-$KIND}
 COMMITTED=${COMMITTED:-benchmarks/results/training_smollm2/distill}
 RUN=${RUN:-runs/continue}
 HIDDEN=${HIDDEN:-$RUN/hidden}                     # another run's cache: only new sequences are computed
-STEPS=${STEPS:-1500}; LR=${LR:-1.5e-4}; WARMUP=${WARMUP:-40}; LOSS_POSITIONS=${LOSS_POSITIONS:-512}
+STEPS=${STEPS:-1500}; LR=${LR:-1.5e-4}; LOSS_POSITIONS=${LOSS_POSITIONS:-512}
+WARMUP=${WARMUP:-$(( STEPS < 40 ? STEPS : 40 ))}   # train refuses a warmup longer than the run (smoke runs)
 BATCH_TOKENS=${BATCH_TOKENS:-4096}; EVAL_EVERY=${EVAL_EVERY:-300}
 TREES=${TREES-"mc_sim_7b_63 dynamic-63"}; EVAL_TOKENS=${EVAL_TOKENS:-256}
 PER_CATEGORY=${PER_CATEGORY-}   # questions per category; empty (default) = all 80, 4 = the 32 of sessions 2-15

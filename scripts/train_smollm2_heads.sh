@@ -33,7 +33,8 @@ MAX_NEW=${MAX_NEW:-256}; BATCH=${BATCH:-64}
 COMMITTED=${COMMITTED-benchmarks/results/training_smollm2/distill}
 # bf16 distills ~1.9x faster than fp32 on an AMX CPU (its greedy answers differ only at near-ties)
 DISTILL_DTYPE=${DISTILL_DTYPE:-bf16}
-STEPS=${STEPS:-3000}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}; WARMUP=${WARMUP:-40}
+STEPS=${STEPS:-3000}; BATCH_TOKENS=${BATCH_TOKENS:-4096}; LR=${LR:-1e-3}
+WARMUP=${WARMUP:-$(( STEPS < 40 ? STEPS : 40 ))}   # train refuses a warmup longer than the run (smoke runs)
 AMPHISTA_STEPS=${AMPHISTA_STEPS:-4500}   # Amphista continues from STEPS to here (warm restart); <= STEPS: off
 KLALL_STEPS=${KLALL_STEPS:-6000}         # then on to here with KL at every answer position; <= AMPHISTA_STEPS: off
 # bf16 autocast: fp32 master weights, bf16 matmuls (AMX / tensor cores): 1.8x faster steps on an AMX CPU
