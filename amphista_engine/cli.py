@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import AmphistaError, CacheFullError, InputError
+from .errors import AmphistaError, InputError
 from .text_files import read_utf8
 
 
@@ -227,10 +228,7 @@ def _load(args, prompt=None):
     if speculative is not None and engine.device.type == "cpu":
         if prompt is not None:
             # a prompt the cache cannot hold is named before the seconds of timing below, not after them
-            try:
-                engine._check_room(engine.encode_prompt(prompt, args.chat), args.max_new_tokens, 0)
-            except CacheFullError as e:
-                raise CacheFullError(_in_flag_terms(str(e))) from None
+            engine._check_room(engine.encode_prompt(prompt, args.chat), args.max_new_tokens, 0)
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
         # --tree (or --tree auto) the check also picks the fastest of the heads' recorded trees
         kind = speculative
@@ -384,32 +382,46 @@ def cmd_generate(args) -> int:
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args, prompt)
     kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
-    try:
-        if args.json:
-            result = engine.generate(prompt, logprobs=args.logprobs, top_logprobs=args.top_logprobs, **kwargs)
-            out = result.to_dict()
-            out["speculative"] = _method(engine, result)
-            from .kernels import cpu_quant
-            out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
-                              "linears": engine.linears.describe(),
-                              "bytes": cpu_quant.weight_bytes(engine.model)}
-            if check is not None:
-                out["speculation_check"] = check.to_dict()
-            _write(json.dumps(out) + "\n")
-        else:
-            _stream_answer(engine, prompt, **kwargs)
-    except CacheFullError as e:
-        # A document too long for the cache was told to "raise max_seq_len": the API's names, not the flags
-        raise CacheFullError(_in_flag_terms(str(e))) from None
+    # the engine's errors name its arguments: main says them as the flags (_in_flag_terms)
+    if args.json:
+        result = engine.generate(prompt, logprobs=args.logprobs, top_logprobs=args.top_logprobs, **kwargs)
+        out = result.to_dict()
+        out["speculative"] = _method(engine, result)
+        from .kernels import cpu_quant
+        out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
+                          "linears": engine.linears.describe(), "bytes": cpu_quant.weight_bytes(engine.model)}
+        if check is not None:
+            out["speculation_check"] = check.to_dict()
+        _write(json.dumps(out) + "\n")
+    else:
+        _stream_answer(engine, prompt, **kwargs)
     return 0
 
 
+# The engine's messages and warnings name its keyword arguments (Python callers want those names); generate's and
+# chat's users set them with flags, so what these commands print names the flags instead: "longer than the cache
+# (max_seq_len=128)" and "speculative=None, or 'auto'" meant nothing at the shell. The API name -> the flag.
+_FLAGS = {"max_seq_len": "--max-seq-len", "max_new_tokens": "--max-new-tokens", "min_tokens": "--min-tokens",
+          "top_k": "--top-k", "top_p": "--top-p", "repetition_penalty": "--repetition-penalty",
+          "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
+          "stop_token_ids": "--stop-token-id", "logit_bias": "--logit-bias",
+          "chat_template_kwargs": "--chat-template-kwargs", "speculative": "--speculative", "tree": "--tree"}
+# name=value as the engine writes it (max_seq_len=128, speculative='auto', speculative=None): the flag with its value
+# as it could be typed (--max-seq-len=128, --speculative=auto, --speculative=none); a bare snake_case name: its flag.
+# The bare words speculative and tree stay English ("speculative decoding", "the tree's room").
+_API_NAME = re.compile(r"\b(speculative|tree)=(?:'([^']*)'|(None)\b)|\b(" + "|".join(
+    n for n in _FLAGS if "_" in n) + r")\b(?:=(-?[0-9][0-9.]*|'[^']*'))?")
+
+
 def _in_flag_terms(message: str) -> str:
-    """An engine message with the API's argument names as the command's flags that set them."""
-    for api, flag in (("max_seq_len", "--max-seq-len"), ("max_new_tokens", "--max-new-tokens"),
-                      ("speculative=None, or 'auto'", "--speculative none, or auto")):
-        message = message.replace(api, flag)
-    return message
+    """An engine message or warning with the API's argument names as the command's flags that set them."""
+    message = message.replace("speculative=None, or 'auto'", "--speculative none or auto")
+
+    def flag(m):
+        if m[1]:
+            return f"{_FLAGS[m[1]]}={m[2] if m[3] is None else 'none'}"
+        return _FLAGS[m[4]] + (f"={m[5].strip(chr(39))}" if m[5] else "")
+    return _API_NAME.sub(flag, message)
 
 
 def _chat_turn(engine, system, history, turn, kwargs):
@@ -439,12 +451,13 @@ def _chat_turn(engine, system, history, turn, kwargs):
             return None
         except CacheFullError as e:
             if not kept:              # the message alone does not fit: the conversation stays as it was
-                # Said in the command's terms: the engine's message names the API's max_seq_len, and "prompt"
-                # is the whole rendered turn (template, --system), not what was typed.
-                print("amphista: error: that message does not fit the cache"
-                      + (" even without the earlier exchanges" if history else "") + f" ({e}); shorten it"
-                      + (" or --system" if system else "") + ", raise --max-seq-len or lower "
-                      "--max-new-tokens. It was not sent (the conversation so far is kept)", file=sys.stderr)
+                # The engine's advice, in the flags' terms, said once (the command's own "raise --max-seq-len or
+                # lower --max-new-tokens" after it repeated it); "prompt" there is the whole rendered turn, not
+                # what was typed, hence the note on what it holds.
+                what = " even without the earlier exchanges" if history else ""
+                prompt = "the message in the chat template" + (" after the --system message" if system else "")
+                print(f"amphista: error: that message does not fit the cache{what}: {_in_flag_terms(str(e))} (the "
+                      f"prompt: {prompt}). It was not sent (the conversation so far is kept)", file=sys.stderr)
                 return None
             del kept[:2]              # the oldest exchange
             continue
@@ -459,6 +472,59 @@ CHAT_LIMITS = ("each line is a turn, answered with the conversation so far (a me
                "not kept). When the conversation no longer fits --max-seq-len with room for --max-new-tokens, its "
                "oldest exchanges are left out (a note says so; the --system message stays); a message too long "
                "for the cache on its own is not sent")
+
+
+class _Terminal:
+    """stdin at a terminal, read through the readline module (GNU readline or libedit): line editing and the
+    session's history (up arrow), where stdin.readline() put the arrow keys' escapes (^[[A) into the message.
+    input() edits with readline only where sys.stdin and sys.stdout are fds 0 and 1 and terminals, and it writes
+    its prompt and the echo to fd 1: fd 1 is stderr's terminal while it reads, so the prompt stays on stderr and
+    answers redirected to a file (amphista chat > answers.txt) get none of it."""
+
+    def __init__(self, stdin):
+        self.encoding, self._pending = getattr(stdin, "encoding", None), []
+
+    @classmethod
+    def of(cls, stdin):
+        """stdin as a _Terminal where it and stderr are terminals and readline imports; else stdin as it is (a
+        pipe or file is read exactly as before, never through readline)."""
+        try:
+            if not (stdin.fileno() == 0 and sys.stdout.fileno() == 1 and os.isatty(0)
+                    and os.isatty(sys.stderr.fileno())):
+                return stdin
+            import readline  # noqa: F401  (importing it is what makes input() edit lines)
+        except (AttributeError, ValueError, OSError, ImportError):
+            return stdin
+        return cls(stdin)
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, prompt: str = "") -> str:
+        """A line with its newline, as stdin.readline() gives it ("" at the end of input: Ctrl-D)."""
+        if not self._pending:
+            sys.stdout.flush()
+            stdout = os.dup(1)
+            try:
+                os.dup2(sys.stderr.fileno(), 1)
+                text = input(prompt)
+            except EOFError:
+                return ""
+            finally:
+                os.dup2(stdout, 1)
+                os.close(stdout)
+            # A paste of several lines comes at once where an inputrc turns bracketed paste on: its lines are
+            # taken one by one, as a pipe's (each a turn, or a '"""' block's)
+            self._pending = [line + "\n" for line in text.split("\n")]
+        return self._pending.pop(0)
+
+
+def _read_line(stdin, prompt: str) -> str:
+    """The prompt on stderr, then a line of stdin ("" at its end): at a terminal, read with line editing."""
+    if isinstance(stdin, _Terminal):
+        return stdin.readline(prompt)
+    print(prompt, end="", file=sys.stderr, flush=True)
+    return stdin.readline()
 
 
 def _read_continued(stdin, first: str) -> str:
@@ -482,8 +548,7 @@ def _read_continued(stdin, first: str) -> str:
                 lines.append(body)
                 return "\n".join(lines) + "\n"
             lines.append(body[:-1])
-        print("... ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
+        line = _read_line(stdin, "... ")
         if not line:
             print("\n(the input ended inside a multi-line message: not sent)", file=sys.stderr)
             return ""
@@ -507,10 +572,10 @@ def cmd_chat(args) -> int:
     history: list[dict] = []
     at_start = True       # of the input: where a byte order mark stands
     print(CHAT_HELP, file=sys.stderr)
+    stdin = _Terminal.of(stdin)
     while True:
-        print("> ", end="", file=sys.stderr, flush=True)
         try:
-            line = stdin.readline()
+            line = _read_line(stdin, "> ")
             if at_start and line.startswith("\ufeff"):
                 # A file saved with a byte order mark (Notepad, Windows PowerShell's pipe): the mark went into the
                 # first message, and a first line of /reset or /exit was sent to the model as one
@@ -621,8 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warning_line(message, category, filename, lineno, line=None) -> str:
-    return f"amphista: warning: {message}\n"
+def _warning_line(message, category, filename, lineno, line=None, terms=str) -> str:
+    return f"amphista: warning: {terms(str(message))}\n"
 
 
 def _silence_stdout():
@@ -657,11 +722,14 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:     # Ctrl-C while the subcommands' modules (torch) import: no trace either
         return _interrupted(argv)
-    shown, warnings.formatwarning = warnings.formatwarning, _warning_line   # one line, as errors are
+    # generate and chat run the engine on the flags' values: its errors and warnings are said in the flags' terms
+    terms = _in_flag_terms if getattr(args, "func", None) in (cmd_generate, cmd_chat) else str
+    shown = warnings.formatwarning
+    warnings.formatwarning = functools.partial(_warning_line, terms=terms)   # one line, as errors are
     try:
         return args.func(args)
     except AmphistaError as e:
-        print(f"amphista: error: {e}", file=sys.stderr)
+        print(f"amphista: error: {terms(str(e))}", file=sys.stderr)
         if isinstance(e, _StdoutError):
             _silence_stdout()
         return 2

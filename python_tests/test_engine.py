@@ -172,7 +172,7 @@ def test_a_cache_past_the_trained_context_warns(tiny_hf_dir):
                           "--device", "cpu", "--max-seq-len", "600", "--max-new-tokens", "2", "--no-chat"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0
-    assert "\namphista: warning: max_seq_len=600 is past the 512 positions" in run.stderr
+    assert "\namphista: warning: --max-seq-len=600 is past the 512 positions" in run.stderr
     assert "UserWarning" not in run.stderr
 
 
@@ -235,7 +235,7 @@ def test_cli_errors_are_one_line(capsys):
     assert "temperature must be finite and >= 0" in err and "loading" not in err
     assert main(["chat", "--max-new-tokens", "0"]) == 2
     err = capsys.readouterr().err
-    assert "max_new_tokens must be a positive integer, got 0" in err and "loading" not in err
+    assert "--max-new-tokens must be a positive integer, got 0" in err and "loading" not in err
     assert main(["generate", "hi", "--device", "gpu"]) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err
 
@@ -276,7 +276,7 @@ def test_cli_chat_keeps_history_resets_and_drops_what_no_longer_fits(tiny_hf_dir
     assert max(prompts) + 4 <= 180
     # a message that cannot fit even alone is reported, and the conversation goes on
     rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox " * 40, "hi"], "--max-seq-len", "180")
-    assert rc == 0 and "the cache (max_seq_len=180)" in err and len(prompts) == 1 and "Traceback" not in err
+    assert rc == 0 and "the cache (--max-seq-len=180)" in err and len(prompts) == 1 and "Traceback" not in err
     # ... and the history before it stays: the next turn still carries the first exchange
     rc, out, err, prompts = _chat(tiny_hf_dir, monkeypatch, capsys, ["fox", "fox " * 40, "/help", "fox"],
                                   "--max-seq-len", "180")

@@ -124,8 +124,9 @@ def test_a_message_too_long_for_the_cache_names_the_flags_and_is_not_sent(tiny_h
     first, second = re.findall(r"amphista: error: that message does not fit the cache.*", err)
     assert "even without the earlier exchanges" not in first and "even without the earlier exchanges" in second
     for line in (first, second):
-        assert "longer than the cache (max_seq_len=128)" in line and "shorten it or --system, raise --max-seq-len " \
-            "or lower --max-new-tokens. It was not sent (the conversation so far is kept)" in line
+        assert "longer than the cache (--max-seq-len=128): no room for an answer; shorten it or raise --max-seq-len" \
+            in line and "(the prompt: the message in the chat template after the --system message). It was not " \
+            "sent (the conversation so far is kept)" in line and "max_seq_len" not in line
 
 
 def test_a_conversation_past_the_cache_in_the_api_is_told_it_can_drop_old_turns(tiny_hf_dir):
