@@ -109,10 +109,12 @@ def check_top_logprobs(top_logprobs, logprobs: bool = True) -> int:
 
 
 def check_min_tokens(min_tokens) -> int:
-    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+    """min_tokens as a Python int: numpy's integers too, as max_new_tokens takes them (np.int64(4) from an array was
+    refused as "must be an integer")."""
+    if not is_integral(min_tokens) or min_tokens < 0:
         raise InputError(f"min_tokens must be an integer >= 0 (0 = off), got {type(min_tokens).__name__} "
                          f"{min_tokens!r:.40}")
-    return min_tokens
+    return int(min_tokens)
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
@@ -165,6 +167,19 @@ def check_stop(stop) -> list[str]:
     if any(not s for s in stop):
         raise InputError("stop strings must be non-empty")
     return list(stop)
+
+
+def check_stop_unicode(stop: list[str]) -> None:
+    """A stop string holding a lone surrogate (bytes that were not UTF-8, read with errors='surrogateescape') can
+    never match the answer's text, which holds U+FFFD where its bytes were not UTF-8: the stop did nothing, while
+    the same bytes in a prompt are refused (Tokenizer.encode). The CLI names its --stop flag itself."""
+    for i, s in enumerate(stop):
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"stop string {i} ({s!r:.40}) is not valid Unicode: it holds U+{ord(s[e.start]):04X}, a "
+                             f"lone surrogate (bytes that were not UTF-8, read with errors='surrogateescape'?), "
+                             f"which no answer's text can hold") from None
 
 
 def check_batch_wide(**options):
@@ -649,6 +664,9 @@ class Engine:
         then decodes with the others. One the engine refuses (malformed, too long for the cache) yields (row,
         error), an AmphistaError, in place of any delta. last_results holds every row's result (None for a refused
         one). Not with reuse_prefix."""
+        with self._decoding_lock:       # a call refused below leaves no result either, never an earlier run's
+            if self._decoding is None:  # (while another run decodes, its own is set as it ends)
+                self.last_result, self.last_results = None, []
         min_tokens = check_min_tokens(min_tokens)
         stop_token_ids = self._check_stop_token_ids(stop_token_ids)
         grammar = self._grammar(response_format, ignore_eos, min_tokens)
@@ -694,6 +712,7 @@ class Engine:
             raise InputError(f"{what} applies to speculative decoding, but speculative=None decodes plainly; pass "
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = check_stop(stop)
+        check_stop_unicode(stop)
         _tree_key(tree)                       # a bad tree is named even where the run turns out plain
         if chat is not None and not isinstance(chat, bool):    # the call's setting, not a fault of prompt 0
             raise InputError(f"chat must be True, False or None (the model's template when it has one), "
@@ -794,13 +813,20 @@ class Engine:
     def _check_stop_token_ids(self, ids) -> list[int]:
         if ids is None:
             return []
+        # a 1-D array too, and numpy's integers in a list (np.int64(2) was "not a token id of this model"), as a
+        # prompt's token ids and max_new_tokens take them
+        if getattr(ids, "ndim", 1) == 1 and hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
+            ids = ids.tolist()
         if not isinstance(ids, (list, tuple)):
             raise InputError(f"stop_token_ids must be a list of token ids, got {type(ids).__name__} {ids!r:.80}")
         V = self.config.vocab_size
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < V:
-                raise InputError(f"stop_token_ids: {i!r:.40} is not a token id of this model (0 to {V - 1})")
-        return list(ids)
+            if not is_integral(i):
+                raise InputError(f"stop_token_ids: {i!r:.40} is not a token id (an integer from 0 to {V - 1}), "
+                                 f"got {type(i).__name__}")
+            if not 0 <= i < V:
+                raise InputError(f"stop_token_ids: {int(i)} is not a token id of this model (0 to {V - 1})")
+        return [int(i) for i in ids]
 
     def _admission(self, admit, chat, extra: int, min_tokens: int = 0, mixed: bool = False):
         """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
