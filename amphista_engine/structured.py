@@ -9,7 +9,13 @@ the grammar is complete only EOS is left, so a row ends by EOS. The first head's
 (first_head): the tokens right after the root are the only ones whose grammar state is known before the tree is built.
 
 The masks are computed on the host each step (one per row, one per tree node): constrained runs are eager (no CUDA
-graph can capture host work between the forward and the choice of tokens) and take no rows mid-run.
+graph can capture host work between the forward and the choice of tokens) and take no rows mid-run. Reported logprobs
+stay the model's own distribution, before the mask (vLLM's default): top_logprobs may list tokens the grammar forbids.
+
+JSON (json_object, json_schema) may hold whitespace between its tokens, but a bounded run of it (JSON_WHITESPACE): with
+llguidance's default, any run of it, a model unsure how to go on padded the answer with blanks and newlines until
+max_new_tokens ran out (a schema allowing only {} gave "{\n \n   \n   ..." to the limit, finish_reason "length").
+A schema's own "x-guidance" whitespace_flexible or whitespace_pattern is kept.
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ import torch
 from .errors import ConfigError, InputError
 
 FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
+# Blanks, one line break, an indentation: pretty-printed JSON fits (64 columns of indentation, 32 levels of 2), and a
+# run of whitespace always ends
+JSON_WHITESPACE = r"[\x20\x09]{0,16}(\r?\n[\x20\x09]{0,64})?"
 
 
 def _llguidance():
@@ -59,12 +68,15 @@ def _grammar_text(response_format) -> str | None:
         return None
     llg = _llguidance()
     if kind == "json_object":
-        return llg.LLMatcher.grammar_from_json_schema({"type": "object"})
+        return _json_grammar(llg, {"type": "object"})
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict):
             raise InputError("response_format type 'json_schema' needs a 'json_schema' object holding the 'schema'")
         schema = spec.get("schema", spec if "type" in spec or "properties" in spec or "$ref" in spec else None)
+        if schema is None and "schema" not in spec:   # not "got None": the client gave no None, but no 'schema' either
+            raise InputError(f"response_format type 'json_schema' needs its schema under 'schema' "
+                             f"({{'name': ..., 'schema': {{...}}}}), got the keys {sorted(spec)!r:.80}")
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -73,7 +85,7 @@ def _grammar_text(response_format) -> str | None:
         if not isinstance(schema, dict):
             raise InputError(f"response_format json_schema.schema must be a JSON schema object, got {schema!r:.80}")
         try:
-            return llg.LLMatcher.grammar_from_json_schema(schema)
+            return _json_grammar(llg, schema)
         except (ValueError, TypeError) as e:
             raise InputError(f"response_format json_schema.schema: {e}") from None
     if kind == "regex":
@@ -88,6 +100,15 @@ def _grammar_text(response_format) -> str | None:
                              "llguidance reads it)")
         return llg.LLMatcher.grammar_from_lark(lark)
     raise InputError(f"response_format type {kind!r} is not supported (supported: {', '.join(FORMATS)})")
+
+
+def _json_grammar(llg, schema: dict) -> str:
+    own = schema.get("x-guidance")
+    if isinstance(own, dict) and ("whitespace_flexible" in own or "whitespace_pattern" in own):
+        defaults = None         # the client's own whitespace (a default pattern would override whitespace_flexible)
+    else:
+        defaults = {"whitespace_pattern": JSON_WHITESPACE}
+    return llg.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
 
 
 def format_key(response_format) -> str | None:
