@@ -321,8 +321,8 @@ def test_missing_tensors_are_named_as_the_checkpoint_names_them(base, tmp_path):
     """Was: 'checkpoint lacks 1 tensor(s) the config needs, e.g. ['output.weight']' (the engine's own names,
     which no checkpoint holds), without the folder."""
     d = variant(base, tmp_path, tensors=lambda t: t.pop("lm_head.weight"))
-    with pytest.raises(ConfigError, match=r"lacks 1 tensor\(s\) .*\['lm_head\.weight'\]; config\.json says "
-                                          r"tie_word_embeddings: false") as e:
+    with pytest.raises(ConfigError, match=r"lacks 1 tensor\(s\) .*\['lm_head\.weight'\]; config\.json's "
+                                          r"tie_word_embeddings is false") as e:
         load_model(d)
     assert str(d) in str(e.value)
     d = variant(base, tmp_path / "2", tensors=lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
