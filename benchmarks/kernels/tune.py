@@ -122,6 +122,14 @@ def sweep_tree_attention(sw: Sweep, bench: Bench):
             sw.time_variant("triton tree_attention", case, "heuristic, window, pdl",
                             with_pdl(lambda: ta.tree_attention(q, k, v, prefix, bits, kv_len, window=True)), ref,
                             nbytes)
+            # pick_splits rounds 2 x SMs / program groups up: on the 7B shape 9 splits x 32 heads = 288 programs for
+            # an H100's 2 x 132 slots, a short second wave. Rounded down they fit one (the cuda kernel: 1.10x at
+            # P=1024 with 8 splits, but 0.93x at 4096; h100_2026-12-05_tune). Untimed for Triton as of 2026-12-06.
+            one_wave = max(1, 2 * ta.sm_count(dev) // (Hkv * ta.cdiv(N * G, block_m)))
+            if one_wave < heur:
+                sw.time_variant("triton tree_attention", case, f"splits={one_wave} (one wave)",
+                                lambda s=one_wave: ta.tree_attention(q, k, v, prefix, bits, kv_len, num_splits=s),
+                                ref, nbytes)
             # Merging in the same launch removes a fixed cost, so more (shorter) splits may pay off with it.
             for mult, bn in itertools.product((1, 2, 4, 8), (64, 32)):
                 splits = heur * mult
