@@ -102,7 +102,45 @@ def _grammar_text(response_format) -> str | None:
     raise InputError(f"response_format type {kind!r} is not supported (supported: {', '.join(FORMATS)})")
 
 
+# Keywords llguidance refuses ("Unimplemented keys") though these values of them constrain nothing, as pydantic,
+# zod and other generators may write them: dropped before compiling (other values stay, and stay refused)
+_NO_OP = {"uniqueItems": (False,), "minContains": (0,), "unevaluatedProperties": (True, {}),
+          "unevaluatedItems": (True, {}), "propertyNames": (True, {}), "dependentRequired": ({},),
+          "dependentSchemas": ({},), "dependencies": ({},)}
+_SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _no_op(key: str, value) -> bool:
+    # `is`/type checks: 0 == False and 1 == True in Python, but minContains: false is no count
+    return any(value is v if isinstance(v, bool) else type(value) is type(v) and value == v
+               for v in _NO_OP.get(key, ()))
+
+
+def without_no_ops(schema):
+    """A copy of a JSON schema less the keywords whose values constrain nothing but that llguidance refuses (_NO_OP),
+    at every level a subschema sits (properties, items, $defs, anyOf, ...); the caller's schema is not changed.
+    Property names and values (enum, const, default) are data, never read as keywords."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if _no_op(key, value):
+            continue
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            value = {k: without_no_ops(v) for k, v in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            value = [without_no_ops(v) for v in value]
+        elif key in _SUBSCHEMA:
+            value = without_no_ops(value)
+        out[key] = value
+    return out
+
+
 def _json_grammar(llg, schema: dict) -> str:
+    schema = without_no_ops(schema)
     own = schema.get("x-guidance")
     if isinstance(own, dict) and ("whitespace_flexible" in own or "whitespace_pattern" in own):
         defaults = None         # the client's own whitespace (a default pattern would override whitespace_flexible)

@@ -86,6 +86,12 @@ class ToolPlan(NamedTuple):
         return bool(self.tools) and self.choice != "none"
 
     @property
+    def calls_only(self) -> bool:
+        """Whether the answer is calls by construction (tool_choice "required" or a named function: a grammar holds
+        it to them): no content, and text that is no whole call (a call cut by max_tokens or a stop) is dropped."""
+        return bool(self.tools) and self.choice not in ("none", "auto")
+
+    @property
     def shows(self) -> bool:
         """Whether the answer's text holds control tokens that content leaves out: those of a run with tools
         (tool_choice "none" too: such a run may decode another request's calls)."""
@@ -98,7 +104,9 @@ class ToolPlan(NamedTuple):
         if not self.parse:
             return _visible(text, self.hidden), []
         content, calls = parse_tool_calls(text, self.fmt, v11=self.v11, hidden=self.hidden)
-        return content, (calls if self.parallel else calls[:1])
+        # "required", a named function: the grammar allows nothing but calls, so what is left (the unfinished next
+        # block of an answer cut by max_tokens: '\n<tool_call>\n{"name":') is part of a call, never content
+        return (None if self.calls_only else content), (calls if self.parallel else calls[:1])
 
 
 def _json_type(value) -> str:
@@ -180,6 +188,7 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
     "auto" (a free answer)."""
     if not tools or choice in ("none", "auto"):
         return None
+    from .structured import grammar_source, without_no_ops     # llguidance (and torch) only for a constrained request
     named = choice["name"] if isinstance(choice, dict) else None
     # a control token that is a special token: written as that token (llguidance's <[id]>), which the model was
     # trained to write; as its text, the special token still matched it and the matcher lost its place
@@ -197,7 +206,8 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
         # pydantic_function_tool and LangChain send) named nothing and the request was refused. Compact JSON:
         # with llguidance's default flexible whitespace a random (or unsure) model could pad a call with
         # whitespace until max_tokens ran out. Names are [A-Za-z0-9_-] (check_tools): safe in a Lark string.
-        schema = {**(f.get("parameters") or {"type": "object"}),
+        # (less the no-op keywords llguidance refuses, such as "uniqueItems": false, as a json_schema's)
+        schema = {**without_no_ops(f.get("parameters") or {"type": "object"}),
                   "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
         key = "parameters" if fmt == "llama3_json" else "arguments"
         if fmt == "mistral" and v11:        # [TOOL_CALLS]name[ARGS]{...}, as its template writes calls
@@ -225,7 +235,6 @@ def tool_format(tools: list | None, choice, parallel: bool = True, fmt: str = "h
                    f'tool_call: {mark[TOOL_CALL_START]} "\\n" call "\\n" {mark[TOOL_CALL_END]}']
     grammar = "\n".join([start, *wrapper, "call: " + " | ".join(f"call_{i}" for i in range(len(chosen))), *rules])
     rf = {"type": "grammar", "grammar": grammar}
-    from .structured import grammar_source      # llguidance (and torch) only for a constrained request
     try:
         grammar_source(rf)
     except InputError as e:
@@ -660,10 +669,12 @@ class ToolCallFilter:
     leaves out (a partial one at the end of the text so far waits); parse False (tool_choice "none" in a run that
     shows them): the text is all content. whole (a request with stop strings or stop_token_ids): each Hermes call
     goes out whole once its block closes (Llama 3's and Mistral's at the end), and end() gives the rest as the
-    non-streamed reply reads it."""
+    non-streamed reply reads it. calls_only (ToolPlan.calls_only: tool_choice "required" or a named function): no
+    content at all, as the non-streamed reply has none."""
 
     def __init__(self, parallel: bool = True, fmt: str = "hermes", *, v11: bool = False, hidden: tuple = (),
-                 parse: bool = True, whole: bool = False):
+                 parse: bool = True, whole: bool = False, calls_only: bool = False):
+        self.calls_only = calls_only and parse
         self.parallel = parallel    # parallel_tool_calls: false keeps only the first call (ToolPlan.read)
         self.fmt = fmt
         # A stop may cut a Hermes block anywhere, after its arguments began to stream; the non-streamed reply then
@@ -756,7 +767,7 @@ class ToolCallFilter:
         if not self.parse:
             return _visible(text, self.hidden), []
         content, calls = parse_tool_calls(text, self.fmt, v11=self.v11, hidden=self.hidden)
-        return content, (calls if self.parallel else calls[:1])
+        return (None if self.calls_only else content), (calls if self.parallel else calls[:1])
 
     def finish(self, text: str | None = None) -> tuple[str, list[dict]]:
         """(the content not sent yet, the calls) of the whole answer (`text`, or what was fed)."""
@@ -778,6 +789,8 @@ class ToolCallFilter:
         come) stops the streaming: it and all later calls wait for end().
         Llama 3 and Mistral (_advance_whole): the same for each call of the answer, as vLLM's parsers stream them."""
         content = self.feed(delta)
+        if self.calls_only:
+            content = ""                # the grammar's answer is calls from its first character: none is content
         if not self.holding:
             return content, []
         if self.fmt in _WHOLE:

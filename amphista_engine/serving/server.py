@@ -111,10 +111,12 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
     if isinstance(e, InputError):
         m = re.match(r"(\w+)", message)
         field = m.group(1) if m else None
+        # response_format: the errors that need the tokenizer (structured.Grammar, built once per format as the run
+        # starts: engine._grammar), which the shape check before the run (grammar_source) cannot see
         param = field if field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
                                    "max_tokens", "speculative", "tree", "acceptance", "top_logprobs",
                                    "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
-                                   "stop_token_ids") else None
+                                   "stop_token_ids", "response_format") else None
         return ApiError(400, message, param)
     if isinstance(e, ConfigError) and tree_given and "tree" in message:
         return ApiError(400, message, "tree")
@@ -1365,8 +1367,9 @@ class _Handler(BaseHTTPRequestHandler):
         # a request with stops: calls go out whole (ToolCallFilter: a stop that cuts one leaves it content, both
         # ways)
         stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
+        # "required" or a named function: no content, as the non-streamed reply (ToolPlan.read)
         filters = [ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse,
-                                  whole=stops) for _ in range(job.n)] \
+                                  whole=stops, calls_only=plan.calls_only) for _ in range(job.n)] \
             if chat and plan is not None and (plan.parse or plan.shows) else None
         try:
             for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
