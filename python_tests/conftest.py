@@ -111,6 +111,31 @@ def one_thread_module():
     yield from _single_thread()
 
 
+# The training QA files' tiny target, its 16-answer shard and a 2-step Amphista config (test_training.py and the
+# heads tests define their own target/shard, which take precedence in their modules).
+@pytest.fixture(scope="module")
+def target():
+    return random_tiny_model(seed=0, vocab=64, dim=32, max_len=256)
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory, target):
+    from amphista_engine.training.data import ShardWriter
+    path = tmp_path_factory.mktemp("shard") / "tiny.jsonl"
+    with ShardWriter(path) as w:
+        for r in greedy_records(target, 16, 6, 16):
+            w.write(r)
+    return path
+
+
+def train_cfg(shard, out, **kw):
+    from amphista_engine.training.trainer import TrainConfig
+    base = dict(data=[str(shard)], out=str(out), kind="amphista", num_heads=3, steps=2, batch_tokens=200,
+                lr=3e-3, eval_frac=0.2, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
 def greedy_records(model, n=36, prompt_len=6, answer_len=28, seed=1, prefix="r"):
     """Self-distillation records of a tiny target: random prompts, greedy answers."""
     g = torch.Generator().manual_seed(seed)

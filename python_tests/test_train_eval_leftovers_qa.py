@@ -17,11 +17,11 @@ import pytest
 from amphista_engine.cli import main
 from amphista_engine.errors import ConfigError, InputError
 from amphista_engine.evaluation.runner import run_eval
-from amphista_engine.training.data import ShardWriter, load_shard
+from amphista_engine.training.data import load_shard
 from amphista_engine.training.plan import split_heldout
-from amphista_engine.training.trainer import TrainConfig, train_heads
+from amphista_engine.training.trainer import train_heads
 
-from conftest import greedy_records, random_tiny_model
+from conftest import train_cfg as cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -32,25 +32,6 @@ QUESTIONS = [
 NO_MODEL = "/nonexistent/model-dir"      # a load would fail on it: the error asserted came first
 
 
-@pytest.fixture(scope="module")
-def target():
-    return random_tiny_model(seed=0, vocab=64, dim=32, max_len=256)
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory, target):
-    path = tmp_path_factory.mktemp("shard") / "tiny.jsonl"
-    with ShardWriter(path) as w:
-        for r in greedy_records(target, 16, 6, 16):
-            w.write(r)
-    return path
-
-
-def cfg(shard, out, **kw):
-    base = dict(data=[str(shard)], out=str(out), kind="amphista", num_heads=3, steps=2, batch_tokens=200,
-                lr=3e-3, eval_frac=0.2, progress=False, seed=3)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 # ---- 1. --eval-frac that would hold out everything ----------------------------------------------------------

@@ -12,16 +12,12 @@ from amphista_engine.training.data import ShardWriter, load_shard, read_prompts
 from amphista_engine.training.plan import BatchPlan, epoch_batches
 from amphista_engine.training.trainer import TrainConfig, head_features, train_heads
 
-from conftest import greedy_records, needs_smollm2, random_tiny_model
+from conftest import greedy_records, needs_smollm2
 
 K = 3
 
 
-@pytest.fixture(scope="module")
-def target():
-    return random_tiny_model(seed=0, vocab=64, dim=32, max_len=256)
-
-
+# target: conftest's tiny model; this module's shard holds longer answers than conftest's
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory, target):
     path = tmp_path_factory.mktemp("shard") / "tiny.jsonl"
