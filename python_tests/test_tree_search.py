@@ -16,7 +16,7 @@ from amphista_engine.training.tree_search import (accepted_depth, best_tree, dec
 from amphista_engine.training.trainer import train_heads
 from amphista_engine.tree import get_tree_choices
 
-from test_training import K, cfg, greedy_tokens, shard, target  # noqa: F401  (fixtures)
+from test_training import K, cfg, greedy_tokens, shard  # noqa: F401  (fixtures; target: conftest's)
 
 
 def _closed_sets(paths, n):
