@@ -204,7 +204,10 @@ def _init_from_target(heads: DraftHeads, target):
         if isinstance(heads, AmphistaHeads):
             heads.norm.weight.copy_(target.norm.weight)
         if heads.config.per_head_lm_head:
-            heads.lm_heads.copy_(lm_head_rows(target)[None].expand_as(heads.lm_heads))
+            # with a draft vocabulary each head scores draft_vocab_size slots: copy those tokens' rows, not all V
+            # (the full [V, d] head did not fit [K, draft_vocab_size, d] and new_heads raised a bare RuntimeError)
+            rows = heads.draft_vocab if heads.config.draft_vocab_size else None
+            heads.lm_heads.copy_(lm_head_rows(target, rows)[None].expand_as(heads.lm_heads))
 
 
 def new_heads(kind: str, target, num_heads: int = 4, dtype=None, **overrides) -> DraftHeads:

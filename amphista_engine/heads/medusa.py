@@ -26,6 +26,11 @@ class HeadResBlocks(nn.Module):
         """Multiply codes from now on (inference; the float weights stay for training). pack(w [N, K]) ->
         (cpu_ops.PackedWeights or None, error). Returns the largest error."""
         L, K, d, _ = self.weight.shape
+        if not L:
+            # medusa_layers=0 (public Medusa heads that are per-head LM heads only): nothing to pack, and max() of
+            # no errors raised, failing Engine.load_heads on a 4-bit engine
+            self._codes = None
+            return 0.0
         packed = [pack(self.weight[j].reshape(K * d, d)) for j in range(L)]
         self._codes = None if any(p is None for p, _ in packed) else [p for p, _ in packed]
         return max(err for _, err in packed)

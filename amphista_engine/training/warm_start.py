@@ -65,7 +65,10 @@ def warm_start(heads, source) -> list[str]:
     # Source heads bound to the very target the new ones are (load_heads took them for it: maybe as a converted or
     # quantized copy of the model they were trained with, whose fingerprint differs) start the new heads for it.
     same_target = source._bound is not None and heads._bound is not None and source._bound[1] is heads._bound[1]
-    diff = [_mismatch(k, getattr(a, k), getattr(b, k)) for k in _SAME if getattr(a, k) != getattr(b, k)
+    # Other kinds' heads share no weights, and the fields one kind derives (aeb_heads) differ with it: naming them
+    # too told a user training --kind amphista from Medusa heads that "no train flag sets" aeb_heads
+    keys = ("kind",) if a.kind != b.kind else _SAME
+    diff = [_mismatch(k, getattr(a, k), getattr(b, k)) for k in keys if getattr(a, k) != getattr(b, k)
             and not (k == "target_fingerprint" and same_target)]
     if diff:
         raise ConfigError("--init-from: the source heads differ from the requested ones (source vs requested) in "
