@@ -7,6 +7,7 @@ sizes and the dequantizers (`dequantize`).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -232,7 +233,9 @@ def _map_tensors(path: str, infos, data_start: int, endian: str = "<") -> list[G
             raise ModelLoadError(f"{path}: tensor {name} has unknown GGML type {raw_type}") from None
         block, type_size = GGML_QUANT_SIZES[qtype]
         shape = tuple(int(d) for d in reversed(dims))
-        n_elems = int(np.prod(shape))
+        # Python integers: np.prod wrapped a corrupt header's huge dimensions around int64 to a size that fit the
+        # file, and the reshape below failed with numpy's ValueError instead of naming the tensor
+        n_elems = math.prod(shape)
         n_bytes = n_elems * type_size // block
         start = data_start + offset
         if start + n_bytes > mapped.size:
