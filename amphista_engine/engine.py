@@ -229,6 +229,9 @@ class Engine:
     files or threads: `del engine` gives its memory back (there is nothing to close)."""
     _BUSY = ("this engine is decoding in another thread: it has one KV cache, so runs cannot overlap; use one engine "
              "per thread, serialise the calls, or batch the prompts (generate_batch)")
+    _OVERTAKEN = ("this stream was overtaken by a later generation on the same engine (started between its chunks, or "
+                  "inside its admit()), which reused its KV cache; finish a stream before starting another (or use "
+                  "stream_batch for several prompts at once)")
 
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int | None = None, max_batch_size: int = 1,
                  cuda_graphs: bool = True, quant: str = "none", *, _owns_model: bool = False):
@@ -416,6 +419,12 @@ class Engine:
                 raise InputError(f"prompt is a list of {len(prompt)} strings: for several prompts use "
                                  f"generate_batch / stream_batch; a conversation is a list of "
                                  f"{{'role': ..., 'content': ...}} dicts")
+            if all(isinstance(m, (list, tuple)) for m in prompt):
+                # generate([conversation, conversation]) or generate([[ids], [ids]]) was told "message 0 is a list,
+                # expected a dict", as if one conversation were malformed
+                raise InputError(f"prompt is a list of {len(prompt)} lists (several prompts: conversations or token "
+                                 f"id lists?): for several prompts use generate_batch / stream_batch; a "
+                                 f"conversation is a list of {{'role': ..., 'content': ...}} dicts")
             text = render_chat(self.tokenizer, list(prompt), template=template, variables=self.chat_template_kwargs)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
@@ -689,6 +698,16 @@ class Engine:
                              f"{type(prompts).__name__}; for one prompt use generate() or stream()")
         if not prompts:
             raise InputError("no prompts given")
+        if is_token_ids(prompts):
+            # one prompt's token ids given as the batch: each id was refused as a prompt ("got int"), unnamed
+            raise InputError(f"prompts is a list of {len(prompts)} integers: that is one prompt's token ids, not a "
+                             f"batch of prompts; pass [ids] to generate_batch / stream_batch, or the ids to "
+                             f"generate() / stream()")
+        if all(isinstance(p, Mapping) for p in prompts):
+            # one conversation given as the batch: each message was refused as a prompt ("got dict"), unnamed
+            raise InputError(f"prompts is a list of {len(prompts)} message dict{'s' * (len(prompts) != 1)}: that is "
+                             f"one conversation, not a batch of prompts; pass [messages] (a list of conversations) "
+                             f"to generate_batch / stream_batch, or the messages to generate() / stream()")
         limits = check_limits_count(max_new_tokens, len(prompts))     # each row's own max_new_tokens
         if min_tokens > min(limits):
             raise InputError(f"min_tokens ({min_tokens}) is more than max_new_tokens ({min(limits)}): no answer "
@@ -922,6 +941,11 @@ class Engine:
                 # streams closed out of order restored each other's mode (the thread stayed in it for good).
                 with torch.inference_mode():
                     item = next(steps, None)
+                if item is not None and self._runs != mine:
+                    # a run started inside this step (from the caller's admit()): its prefill replaced our cache,
+                    # so this step's tokens were decoded on its K/V; they must not reach the caller as our text
+                    steps.close()
+                    raise InputError(self._OVERTAKEN)
                 since += [paused] * (len(stats) - len(since))
                 for out in ([] if item is None else [item]) + [(b, self._row_result(decoder, stats, b,
                                                                                     paused - since[b]))
@@ -934,9 +958,7 @@ class Engine:
                     break
                 if self._runs != mine:      # the caller started another run: its prefill replaced our cache
                     steps.close()
-                    raise InputError("this stream was overtaken by a later generation on the same engine, which "
-                                     "reused its KV cache; finish a stream before starting another (or use "
-                                     "stream_batch for several prompts at once)")
+                    raise InputError(self._OVERTAKEN)
             # Inside the run: another thread's run, free to start once this one ends, must not find this one's
             # result (or kept prefix) landing after its own.
             results = [None if p is None else       # a prompt that joined and was refused (admit)
@@ -976,7 +998,9 @@ class Engine:
             # its (row, GenerationResult) item came out of this text stream as a chunk ("".join raised TypeError)
             raise InputError("row_results=True applies to stream_batch; stream() yields text chunks only (the result "
                              "is in engine.last_result once the stream ends)")
-        return (delta for _, delta in self.stream_batch([prompt], max_new_tokens, **options))
+        # Row 0 only: with admit, prompts that join the run are rows 1, 2, ...; their deltas (and a refused one's
+        # error) were yielded as this prompt's text. Their results are in last_results, as after generate().
+        return (delta for row, delta in self.stream_batch([prompt], max_new_tokens, **options) if row == 0)
 
     def generate(self, prompt, max_new_tokens: int = 256, **options) -> GenerationResult:
         """One prompt (text, or a list of chat messages) to its GenerationResult. Options: those of stream_batch
