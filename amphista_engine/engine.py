@@ -347,13 +347,16 @@ class Engine:
         loaded = load_heads(heads, self.model, device=self.device, dtype=self.dtype,
                             target_name=self.loaded_name) \
             if heads is not None and not isinstance(heads, torch.nn.Module) else heads   # before dropping the old
+        if loaded is not None:
+            # before they become this engine's: heads whose adaptation failed stayed loaded, half adapted, and the
+            # next speculative call decoded with them; now a failure leaves the old heads, as a bad path does
+            self.linears.apply(loaded)
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
         self._checks.clear()
         self.heads = loaded
         if loaded is None:
             return None
-        self.linears.apply(self.heads)
         _HEADS_ENGINE[loaded] = weakref.ref(self)
         return self.heads
 

@@ -87,3 +87,19 @@ def test_warm_start_across_kinds_names_the_kind_only(target, shard, tmp_path):
         train_heads(train_cfg(shard, tmp_path / "med2", kind="medusa", init_from=str(amph)), target=target)
     assert "kind: 'amphista' vs 'medusa' (pass --kind amphista)" in str(e.value)
     assert "no train flag" not in str(e.value)
+
+
+def test_heads_whose_adaptation_fails_leave_the_loaded_ones(q4_engine, monkeypatch):
+    """Engine.load_heads made new heads the engine's before adapting their layers (4-bit codes): when that raised, the
+    half-adapted heads stayed loaded and the next speculative call decoded with them. Now the old heads stay."""
+    old = q4_engine.load_heads(random_heads("medusa", q4_engine.model, num_heads=2))
+    new = random_heads("medusa", q4_engine.model, num_heads=3)
+
+    def fail(setup, module):
+        raise ConfigError("adaptation failed")
+    monkeypatch.setattr(type(q4_engine.linears), "apply", fail)     # a frozen dataclass: patched on its class
+    with pytest.raises(ConfigError, match="adaptation failed"):
+        q4_engine.load_heads(new)
+    monkeypatch.undo()
+    assert q4_engine.heads is old
+    _assert_lossless(q4_engine)
