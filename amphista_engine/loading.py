@@ -158,9 +158,11 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
 
 
 # Block types of layer linears "auto" runs as int8 rows next to 4-bit ones (a Q4_K_M file's Q6_K attn_v and ffn_down,
-# Q5_K_M's, Q3_K_M's). Q8_0 is not among them: rows of one scale would triple its error (0.55% -> 0.85% + 0.55%
-# relative on SmolLM2's weights), so a Q8_0 file stays float under "auto", as F16/BF16/F32 files do.
-INT8_ROW_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
+# Q5_K_M's, Q3_K_M's). Q8_0 too: llama.cpp writes it for a Q6_K tensor whose rows are not a multiple of 256 (and for
+# Mixtral's attn_v), and one such layer made the whole file load as floats (8x the bytes, a Mixtral in fp32). Rows of
+# one scale triple a Q8_0 layer's error (0.55% -> 0.85% + 0.55% relative on SmolLM2's weights), still well under the
+# 4-bit layers' own; a file with no 4-bit layer (a Q8_0 file) stays float under "auto", as F16/BF16/F32 files do.
+INT8_ROW_TYPES = ("Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
 
 
 def trim_heap():

@@ -245,13 +245,19 @@ MIXES = {
     "Q4_0": ({"token_embd": "Q4_0", "output": "Q6_K", **dict.fromkeys(LINEARS, "Q4_0")}, ()),
     "Q4_1-Q5": ({"token_embd": "Q8_0", "output": "Q8_0", **dict.fromkeys(LINEARS, "Q4_1"), "attn_v": "Q5_0",
                  "ffn_down": "Q5_1"}, ("attn_v", "ffn_down")),
+    # rows not a multiple of 256 (Qwen2.5-0.5B's 896): llama.cpp's fallbacks Q4_K -> Q5_0 and Q6_K -> Q8_0 beside the
+    # Q4_K layers whose rows are (ffn_down's 4864); Mixtral's Q4_K_M keeps attn_v Q8_0
+    "Q4_K_M-896": ({"token_embd": "Q8_0", "output": "Q8_0", **dict.fromkeys(LINEARS, "Q5_0"), "ffn_down": "Q4_K",
+                    "blk.0.attn_v": "Q8_0", "blk.0.ffn_down": "Q6_K"},
+                   ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "blk.0.ffn_down")),
+    "Q4_K_M-moe": ({"token_embd": "Q4_K", "output": "Q6_K", **Q4, "attn_v": "Q8_0"}, ("attn_v",)),
 }
 
 
 @pytest.mark.skipif(not AUTO_4BIT, reason="'auto' stays float on this CPU")
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_llama_cpp_mixes_run_4bit_with_their_wider_layers_as_int8_rows(tmp_path, mix):
-    """README: 'auto' runs a file whose layers are 4-bit beside wider or narrower K-quants (or Q5_0/Q5_1) on the
+    """README: 'auto' runs a file whose layers are 4-bit beside wider or narrower K-quants (or Q5_0/Q5_1/Q8_0) on the
     file's codes, those layers, and a q|k|v or gate|up product holding one, as int8 rows; the embedding as codes
     (a Q8_0/Q4_0/Q4_1 table exactly, any other within half a step of its group's 255-level grid)."""
     types, int8_parts = MIXES[mix]

@@ -134,9 +134,10 @@ def test_layers_are_read_and_quantized_one_at_a_time(tiny_hf_dir, tmp_path, monk
 
 
 def test_auto_keeps_floats_where_a_layer_is_not_stored_4bit(tiny_hf_dir, tmp_path):
-    """One Q8_0 tensor among Q4_0 ones: "auto" keeps the file's values (floats); "q4" quantizes that tensor's
-    projection group (gate | up) from floats, as the old route did, and runs the other layers on the file's codes."""
-    path = write_tiny_gguf(tiny_hf_dir, tmp_path / "m.gguf", qtype="Q4_0", qtypes={"blk.0.ffn_up.weight": "Q8_0"})
+    """One F16 tensor among Q4_0 ones: "auto" keeps the file's values (floats); "q4" quantizes that tensor's
+    projection group (gate | up) from floats, as the old route did, and runs the other layers on the file's codes.
+    (A Q8_0 tensor there runs as int8 rows since 2026-12-06: test_gguf_variants_qa.py's llama.cpp mixes.)"""
+    path = write_tiny_gguf(tiny_hf_dir, tmp_path / "m.gguf", qtype="Q4_0", qtypes={"blk.0.ffn_up.weight": "F16"})
     auto = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=64)
     assert auto.quant == "none" and not any(isinstance(m, cpu_quant.Int4Linear) for m in auto.model.modules())
     forced, old = load_model(path, max_seq_len=64, quant="q4").model, _old_route(path)
@@ -144,7 +145,7 @@ def test_auto_keeps_floats_where_a_layer_is_not_stored_4bit(tiny_hf_dir, tmp_pat
     assert _float_layers(forced) == []
     for i, n in [(i, n) for i in range(2) for n in LINEARS]:
         a = _values(forced.layers[i].get_submodule(n))
-        if (i, n) == (0, "feed_forward.w13"):       # gate (Q4_0) | up (Q8_0): requantized as the old route did
+        if (i, n) == (0, "feed_forward.w13"):       # gate (Q4_0) | up (F16): requantized as the old route did
             assert torch.equal(a, _values(old.layers[i].get_submodule(n)))
             assert not torch.equal(a, floats.layers[i].get_submodule(n).weight)
         else:
