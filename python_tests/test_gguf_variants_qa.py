@@ -1,5 +1,6 @@
 """QA: GGUF files of every quantization type README's "Model formats" names (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/
-Q2_K..Q6_K), llama.cpp's Q4_K_M-style mixes, tied and untied output.weight, and unsupported types (2026-12-06).
+Q2_K..Q6_K, since 2026-12-06 F64, the i-quants, TQ1_0/TQ2_0 and MXFP4), llama.cpp's Q4_K_M-style mixes, tied and
+untied output.weight, and unsupported types (2026-12-06).
 
 Each file is a tiny random llama GGUF written here with gguf's GGUFWriter (gguf-py quantizes the legacy types;
 K-quant blocks are built by hand: conftest.quantize_q4_k for Q4_K, valid random blocks for the others). The float
@@ -25,6 +26,36 @@ IDS = [1] + [int(i) for i in np.random.default_rng(3).integers(3, 259, 47)]
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # where each K-quant block keeps its fp16 super-scale(s) d (and dmin), gguf's dequantizers' layouts
 _K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+# i-quants and ternary blocks (byte offset of their fp16 scale d); IQ1_M spreads d over its scales' top nibbles, and
+# MXFP4 holds an E8M0 exponent in its first byte
+_I_SCALE = {Q.IQ4_NL: 0, Q.IQ4_XS: 0, Q.IQ3_XXS: 0, Q.IQ3_S: 0, Q.IQ2_XXS: 0, Q.IQ2_XS: 0, Q.IQ2_S: 0, Q.IQ1_S: 0,
+            Q.TQ1_0: 52, Q.TQ2_0: 64}
+I_TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0",
+           "MXFP4")
+
+
+def _set_scale(raw: np.ndarray, qt, d: float):
+    if qt == Q.MXFP4:
+        raw[..., 0] = 127 + int(np.round(np.log2(d)))
+        return
+    if qt == Q.IQ1_M:
+        h = int(np.float16(d).view(np.uint16))
+        sc = raw[..., 48:56].copy().view(np.uint16)
+        for i in range(4):
+            sc[..., i] = (sc[..., i] & 0x0FFF) | (((h >> (4 * i)) & 0xF) << 12)
+        raw[..., 48:56] = sc.view(np.uint8)
+        return
+    raw[..., _I_SCALE[qt]:_I_SCALE[qt] + 2] = np.frombuffer(np.float16(d).tobytes(), np.uint8)
+
+
+def random_blocks(shape, qt, rng, std=0.15) -> np.ndarray:
+    """Valid blocks of random codes whose values have about `std` (gguf writes none of these types)."""
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, size=(shape[0], shape[1] // block, size), dtype=np.uint8)
+    _set_scale(raw, qt, 1.0)
+    unit = float(np.asarray(gguf.quants.dequantize(raw.reshape(shape[0], -1), qt)).std())
+    _set_scale(raw, qt, std / unit)
+    return raw.reshape(shape[0], -1)
 
 
 def rel_err(a, b) -> float:
@@ -50,15 +81,19 @@ def encode(x: np.ndarray, qt, rng) -> np.ndarray:
         for at in _K_SCALES[qt]:
             raw[..., at:at + 2] = np.frombuffer(np.float16(4e-4).tobytes(), np.uint8)
         return raw.reshape(x.shape[0], -1)
+    if qt.name in I_TYPES:
+        return random_blocks(x.shape, qt, rng)
     if qt == Q.F32:
         return x
+    if qt == Q.F64:
+        return x.astype(np.float64)
     if qt == Q.F16:
         return x.astype(np.float16)
     return gguf.quants.quantize(x, qt)
 
 
 def decode(data: np.ndarray, qt, shape) -> np.ndarray:
-    if qt in (Q.F32, Q.F16):
+    if qt in (Q.F32, Q.F16, Q.F64):
         return np.asarray(data, np.float32).reshape(shape)
     return np.asarray(gguf.quants.dequantize(data, qt), np.float32).reshape(shape)
 
@@ -122,7 +157,7 @@ def write_gguf(path, types="F32", *, tied=False, layers=2, dim=256, inter=512, h
         qt = _type_of(name, types)
         data = encode(x, qt, rng)
         decoded[name] = decode(data, qt, shape)
-        wr.add_tensor(name, data, raw_dtype=None if qt in (Q.F32, Q.F16) else qt)
+        wr.add_tensor(name, data, raw_dtype=None if qt in (Q.F32, Q.F16, Q.F64) else qt)
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
@@ -165,7 +200,8 @@ def load(path, quant):
 # ---- what the engine multiplies, against what the file holds --------------------------------------------
 
 AUTO_4BIT = cpu_quant.available() and cpu_quant.measured_here()     # where "auto" may switch to codes at all
-ALL_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+ALL_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+             "Q6_K", *I_TYPES)
 _PARTS = {"attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "attention.wo": ("self_attn.o_proj",), "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
           "feed_forward.w2": ("mlp.down_proj",)}
@@ -251,6 +287,9 @@ MIXES = {
                     "blk.0.attn_v": "Q8_0", "blk.0.ffn_down": "Q6_K"},
                    ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "blk.0.ffn_down")),
     "Q4_K_M-moe": ({"token_embd": "Q4_K", "output": "Q6_K", **Q4, "attn_v": "Q8_0"}, ("attn_v",)),
+    # Q2_K/Q3_K rows not a multiple of 256 fall back to IQ4_NL; an i-quant among 4-bit layers
+    "Q4_K-IQ": ({"token_embd": "Q4_K", "output": "Q6_K", **Q4, "attn_v": "IQ4_NL", "blk.1.ffn_up": "IQ4_XS",
+                 "blk.0.attn_output": "IQ2_XXS"}, ("attn_v", "blk.1.ffn_up", "blk.0.attn_output")),
 }
 
 
@@ -286,15 +325,16 @@ def test_llama_cpp_mixes_run_4bit_with_their_wider_layers_as_int8_rows(tmp_path,
 
 # ---- what it cannot read, and broken files ---------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ3_S", "TQ1_0", "MXFP4", "I8", "F64"])
+@pytest.mark.parametrize("qtype", ["I8", "I16", "I32"])
 def test_an_unsupported_tensor_type_is_named(tmp_path, qtype):
-    """llama.cpp writes IQ4_NL where a Q2_K/Q3_K row is not a multiple of 256 (its fallback), IQ*/TQ*/MXFP4 files
-    exist: refused with the tensor and its type named, under every quant."""
+    """Integer tensor types (no weight format llama.cpp writes): refused with the tensor and its type named, under
+    every quant. (IQ*/TQ*/MXFP4 and F64 were refused too until 2026-12-06: test_every_listed_type_gives_the_files_logits
+    reads them.)"""
     path = tmp_path / "m.gguf"
     write_gguf(path, "Q4_0", raw={"blk.1.ffn_up.weight": qtype})
     for quant in ("auto", "none", "q4"):
         with pytest.raises(ConfigError, match=rf"m\.gguf: GGUF tensor blk\.1\.ffn_up\.weight has type {qtype}, which "
-                                              r"amphista-engine cannot dequantize \(supported: F32, F16, BF16, Q8_0"):
+                                              r"amphista-engine cannot dequantize \(supported: F32, F16, BF16, F64, "):
             load(path, quant)
 
 
@@ -443,3 +483,17 @@ def test_cli_quant_choices_on_gguf_files(tmp_path, capsys):
         main(["generate", "--model", str(tmp_path / "q8.gguf"), "--quant", "q8", "hi"])
     assert e.value.code == 2
     assert "argument --quant: invalid choice: 'q8' (choose from 'auto', 'q4', 'none')" in capsys.readouterr().err
+
+
+def test_a_gguf_package_too_old_for_a_type_is_named(tmp_path, monkeypatch):
+    """An installed gguf older than a type it lists raises NotImplementedError("... not yet implemented") from deep in
+    its dequantizer: the load names the tensor, its type and the upgrade instead."""
+    path = tmp_path / "m.gguf"
+    write_gguf(path, {**dict.fromkeys(LINEARS, "F32"), "blk.1.ffn_up": "IQ4_NL"})
+
+    def not_yet(cls, blocks):
+        raise NotImplementedError("Dequantization for IQ4_NL is not yet implemented")
+    monkeypatch.setattr(gguf.quants.IQ4_NL, "dequantize_blocks", classmethod(not_yet))
+    with pytest.raises(ModelLoadError, match=r"blk\.1\.ffn_up\.weight has type IQ4_NL, which the installed gguf "
+                                             r"package \(.*\) cannot dequantize: pip install -U gguf"):
+        load(path, "none")

@@ -355,7 +355,7 @@ def test_shape_mismatches_name_the_checkpoint_tensor_and_config_fields(base, tmp
      r"blk\.0\.attn_v\.weight has shape \(16, 64\)"),
     ({"edit": lambda t: t.pop("blk.1.attn_v.weight")}, r"GGUF file lacks blk\.1\.attn_v\.weight"),
     ({"edit": lambda t: t.pop("blk.0.attn_q.weight")}, r"no blk\.0\.attn_q\.weight"),
-    ({"bad_type": "IQ4_NL"}, "GGUF tensor blk.0.ffn_up.weight has type IQ4_NL"),
+    ({"bad_type": "I8"}, "GGUF tensor blk.0.ffn_up.weight has type I8"),
 ])
 def test_gguf_tensor_errors_name_the_file(base, tmp_path, kw, match):
     """These named neither the file nor (for shapes) the GGUF tensor: 'checkpoint lacks ... ['tok_embeddings.weight']',
