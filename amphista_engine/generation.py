@@ -579,6 +579,76 @@ def _tops(decoder) -> list:
     return [[list(zip(i_t, v_t)) for i_t, v_t in zip(i_r, v_r)] for i_r, v_r in zip(ids, values)]
 
 
+# A CPU prefill costs about its rows x its longest prompt in token-forwards (padding computes as much as prompt tokens
+# do), plus a fixed cost per forward that reads every weight once: ~16 prompt tokens' worth on a CPU (SmolLM2,
+# 4-bit, 2 cores: a decode step ~5 ms, a prompt token ~1.3 ms in a long prefill).
+FORWARD_TOKENS = 16
+
+
+def prefill_groups(lengths: list[int], covers_all: bool = False) -> list[list[int]]:
+    """Rows (indices into lengths) in groups of one padded forward each, shortest prompts first, where that saves a
+    fifth or more of one padded forward of them all; else [every row]. covers_all: the first group's forward runs
+    every row (the others as 1-token placeholders until their own group), so it costs len(lengths) x its longest."""
+    B = len(lengths)
+    order = sorted(range(B), key=lengths.__getitem__)
+    L = [lengths[i] for i in order]
+    best, cut = [0] + [None] * B, [0] * (B + 1)
+    for j in range(1, B + 1):            # best[j]: the cheapest grouping of the j shortest rows (groups contiguous)
+        for i in range(j):
+            cost = best[i] + (B if covers_all and i == 0 else j - i) * L[j - 1] + FORWARD_TOKENS
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    if best[B] > 0.8 * (B * L[-1] + FORWARD_TOKENS):
+        return [list(range(B))]
+    groups, j = [], B
+    while j:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+def _prefill(decoder, prompts: list[list[int]], want_lps: bool, want_tops: bool) -> tuple[list, list, list]:
+    """decoder.prefill(prompts): each row's first token, and its logprob and top_logprobs where wanted. On a CPU,
+    prompts of very unequal lengths prefill in groups (prefill_groups): the shortest with every other row as a
+    1-token placeholder, then each longer group into its rows as joining rows do (add_rows: the same bits as a run
+    of their own). One padded forward cost a long prompt beside four short ones 4.9x its own prefill."""
+    B = len(prompts)
+    groups = [list(range(B))]
+    if B > 1 and decoder.device.type == "cpu" and decoder.row_capacity() > 0:
+        groups = prefill_groups([len(p) for p in prompts], covers_all=True)
+    head = set(groups[0])
+    first = decoder.prefill([p if b in head else p[:1] for b, p in enumerate(prompts)]).tolist()
+    lps = decoder.step_logprobs.tolist() if want_lps else [None] * B
+    tops = _tops(decoder) if want_tops else [None] * B
+    if len(groups) > 1:
+        later = [b for g in groups[1:] for b in g]
+        got = _add_rows(decoder, later, [prompts[b] for b in later], want_lps, want_tops, groups[1:])
+        for j, b in enumerate(later):
+            first[b], lps[b], tops[b] = got[0][j], got[1][j], got[2][j]
+    return first, lps, tops
+
+
+def _add_rows(decoder, slots: list[int], prompts: list[list[int]], want_lps: bool, want_tops: bool,
+              groups: list[list[int]] | None = None) -> tuple[list, list, list]:
+    """decoder.add_rows(slots, prompts), on a CPU in groups of like lengths (prefill_groups; `groups`: the slots
+    already grouped): each prompt's first token, logprob and top_logprobs, in the order of `prompts`."""
+    at = {slot: j for j, slot in enumerate(slots)}
+    if groups is None:
+        groups = [list(range(len(slots)))]
+        if len(slots) > 1 and decoder.device.type == "cpu":
+            groups = prefill_groups([len(p) for p in prompts])
+        groups = [[slots[j] for j in g] for g in groups]
+    first, lps, tops = [None] * len(slots), [None] * len(slots), [None] * len(slots)
+    for group in groups:
+        tmp = decoder.add_rows(group, [prompts[at[slot]] for slot in group])
+        got = tmp.first.tolist(), tmp.step_logprobs.tolist() if want_lps else None, _tops(tmp) if want_tops else None
+        for j, slot in enumerate(group):
+            first[at[slot]] = got[0][j]
+            lps[at[slot]] = got[1][j] if want_lps else None
+            tops[at[slot]] = got[2][j] if want_tops else None
+    return first, lps, tops
+
+
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
         stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=()) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
@@ -628,14 +698,13 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
         def special_text(tok: int) -> str | None:
             return None
     streams = [new_stream() for _ in range(B)]
-    t0 = time.perf_counter()
-    pending = [[t] for t in decoder.prefill(prompts).tolist()]
-    t1 = time.perf_counter()
-    started = [t1] * B                 # when each row's decoding began (a row that joined: its own prefill's end)
     want_lps = getattr(decoder, "logprobs", False)
     want_tops = want_lps and getattr(decoder, "top_logprobs", 0) > 0
-    lps = decoder.step_logprobs.tolist() if want_lps else [None] * B
-    tops = _tops(decoder) if want_tops else [None] * B
+    t0 = time.perf_counter()
+    first, lps, tops = _prefill(decoder, prompts, want_lps, want_tops)
+    pending = [[t] for t in first]
+    t1 = time.perf_counter()
+    started = [t1] * B                 # when each row's decoding began (a row that joined: its own prefill's end)
     if want_lps:
         for r in rows:
             r.logprobs = []
@@ -706,11 +775,9 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
                     ended = []
                 slots = (ended + list(range(len(live), capacity)))[:len(joining)]
                 ta = time.perf_counter()
-                tmp = decoder.add_rows(slots, [decoder.row_prompts[b] for b in joining])
-                first = tmp.first.tolist()
+                first, first_lps, first_tops = _add_rows(decoder, slots, [decoder.row_prompts[b] for b in joining],
+                                                         want_lps, want_tops)
                 tb = time.perf_counter()
-                first_lps = tmp.step_logprobs.tolist() if want_lps else None
-                first_tops = _tops(tmp) if want_tops else None
                 for j, (slot, b) in enumerate(zip(slots, joining)):
                     if slot < len(live):
                         live[slot] = b

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from amphista_engine import Engine, InputError
+from amphista_engine import Engine, InputError, generation
 from amphista_engine.heads import random_heads
 from amphista_engine.kv_cache import KVCache
 from amphista_engine.speculative import SpeculativeDecoder
@@ -75,6 +75,9 @@ def _drafts_by_row(engine, prompts, monkeypatch, drop: bool, **kw) -> list[dict]
                   or real_keep(dec, keep))
         if not drop:
             m.setattr(SpeculativeDecoder, "can_drop_rows", lambda self: False)
+        # one prefill for the batch: the steps recorded are then all the batch's (a prompt group prefilled apart,
+        # generation.prefill_groups, drafts through a heads step of its own rows)
+        m.setattr(generation, "prefill_groups", lambda lengths, covers_all=False: [list(range(len(lengths)))])
         engine.generate_batch(prompts, speculative="amphista", **kw)
     live, out = list(range(len(prompts))), []
     for what, x in events:
