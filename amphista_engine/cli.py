@@ -47,7 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser):
 
 def _add_decoding_args(p: argparse.ArgumentParser):
     p.add_argument("--heads", default="default",
-                   help="drafting-heads directory; 'default' = the heads shipped for the model if any; 'none'")
+                   help="drafting-heads directory; 'default' = the heads shipped for the model if any (Amphista, "
+                   "or those of --speculative); a shipped heads name (smollm2-135m-amphista, smollm2-135m-medusa); "
+                   "'none' = plain decoding")
     p.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa", "none"],
                    help="drafting method (auto: whatever --heads holds, if a quick timing on the CPU says it is "
                         "faster than plain decoding there; none: plain decoding)")
@@ -199,6 +201,10 @@ def _load(args, prompt=None):
         raise InputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the cache "
                          f"(--max-seq-len {args.max_seq_len or DEFAULT_MAX_SEQ_LEN}); raise --max-seq-len or lower "
                          f"--max-new-tokens")
+    from .shipped_heads import heads_dir
+    if args.heads not in ("default", "none") or Path(args.heads).exists():
+        # a typo'd shipped name or a missing directory is named before the load, as eval and bench name theirs
+        args.heads = str(heads_dir(args.heads, args.model, "--heads"))
     if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
         raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")

@@ -1,10 +1,11 @@
 """Heads trained by us and shipped inside the package, and how the CLI picks which heads to use."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from .errors import AmphistaError, InputError
+from .errors import AmphistaError, InputError, ModelLoadError
 
 DATA = Path(__file__).parent / "data" / "heads"
 # model alias -> its shipped heads, by method; directories hold config.json + model.safetensors
@@ -31,9 +32,58 @@ def shipped_heads(model: str, method: str) -> Path | None:
     return path if path is not None and (path / "config.json").is_file() else None
 
 
+def shipped_names() -> dict[str, Path]:
+    """Every shipped heads directory by its name ("smollm2-135m-amphista", "smollm2-135m-medusa")."""
+    return {p.name: p for methods in SHIPPED.values() for p in methods.values()}
+
+
+def _no_shipped(model, method: str | None, flag: str | None, model_error: str | None = None) -> InputError:
+    """`default` where nothing is shipped for `model`: one message for every command (and the Python API). A model
+    that is not found (a typo'd alias) is said to be the problem: "pass --heads DIR" was the wrong advice there."""
+    if flag is None:
+        return InputError(f"no {method or 'drafting'} heads are shipped for {str(model)!r}; pass a heads directory")
+    what = f"no {method or 'drafting'} heads are shipped for model {str(model)!r} ({flag} default)"
+    if model_error:
+        return InputError(f"{what}: the model itself is not found: {model_error}")
+    return InputError(f"{what}; pass {flag} DIR (a heads directory)")
+
+
+def _model_error(model) -> str | None:
+    """Why `model` names no model (as loading would say it), or None where it resolves (or is no name: a loaded
+    target given by the caller)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    from .loading import resolve_model_path
+    try:
+        resolve_model_path(model)
+    except AmphistaError as e:
+        return str(e)
+    return None
+
+
+def _not_found(heads: str, flag: str | None) -> AmphistaError:
+    """A heads name that is neither a path nor a shipped name: a near miss of one is named (a typo'd alias said
+    only "heads path not found"), else the forms that are taken."""
+    import difflib
+    names = list(shipped_names())
+    words = [w for w in names + ["default", "none"] if w != heads]
+    close = difflib.get_close_matches(heads.strip().lower(), words, n=1, cutoff=0.75)
+    hint = (f"; did you mean {close[0]!r}?" if close else
+            f" (pass a heads directory, 'default' for the heads shipped for the model, or a shipped heads name: "
+            f"{', '.join(names)})")
+    return ModelLoadError(f"{flag + ': ' if flag else ''}heads path not found: {heads}{hint}")
+
+
+def _bare_name(text: str) -> bool:
+    """A name with no directory part (smollm2-135m-medusaa, defualt): meant as an alias, not a path."""
+    return not any(sep in text for sep in ("/", "\\", os.sep)) and not text.startswith((".", "~"))
+
+
 def heads_alias(heads, model: str):
     """"default" (the Amphista heads shipped for `model`) or a shipped directory's name (e.g.
-    "smollm2-135m-medusa") -> its path; anything else, or a name that is also an existing path, unchanged."""
+    "smollm2-135m-medusa") -> its path; anything else, or a name that is also an existing path, unchanged. A bare
+    name that is neither (a typo'd alias) is refused here, with the near miss named; a missing path with a directory
+    part is left for load_heads to name."""
     if isinstance(heads, str) and not heads.strip():     # Path("") is the working directory
         raise InputError("heads is an empty string; pass a heads directory or \"default\"")
     if not isinstance(heads, str) or Path(heads).exists():
@@ -41,14 +91,51 @@ def heads_alias(heads, model: str):
     if heads == "default":
         path = shipped_heads(model, "amphista")
         if path is None:
-            raise InputError(f"no drafting heads are shipped for {model!r}; pass a heads directory")
+            raise _no_shipped(model, None, None)
         return path
-    named = {p.name: p for methods in SHIPPED.values() for p in methods.values()}
-    return named.get(heads, heads)
+    named = shipped_names()
+    if heads in named:
+        return named[heads]
+    if _bare_name(heads):
+        raise _not_found(heads, None)
+    return heads
+
+
+def heads_dir(heads, model, flag: str, method: str = "amphista", none: str | None = None,
+              missing_ok: bool = False) -> Path:
+    """A heads flag's value as the heads directory it names, checked before any model loads, the same way for
+    every command: an existing path (made absolute, so that a resumed run compares directories, not spellings),
+    "default" (the `method` heads shipped for `model`), or a shipped directory's name. "none" is refused with
+    `none` (why the command needs heads), where the caller did not take it already. missing_ok: a missing path
+    with a directory part comes back as given (the caller names it later); a bare name is still refused."""
+    if not isinstance(heads, (str, os.PathLike)):
+        raise InputError(f"{flag} must be a heads directory, 'default' or a shipped heads name, got "
+                         f"{type(heads).__name__} {heads!r:.80}")
+    text = os.fspath(heads)
+    if not text.strip():
+        raise InputError(f"{flag} is empty; pass a heads directory or 'default'")
+    path = Path(text).expanduser()
+    if path.exists():
+        return Path(os.path.abspath(path))       # symlinks kept: the path a user gave is the one reports name
+    if text == "none":
+        raise InputError(f"{flag} none: {none or 'this command needs drafting heads'}")
+    if text == "default":
+        found = shipped_heads(model, method)
+        if found is None:
+            raise _no_shipped(model, method, flag, _model_error(model))
+        return found
+    named = shipped_names()
+    if text in named:
+        return named[text]
+    if missing_ok and not _bare_name(text):
+        return path
+    raise _not_found(text, flag)
 
 
 def resolve_heads(engine, heads: str, speculative: str) -> str | None:
     """Load the heads the CLI flags ask for; returns the speculative method to run, or None for plain."""
+    if heads not in ("default", "none") or Path(heads).exists():     # a path wins over the words, as in heads_alias
+        heads = str(heads_dir(heads, engine.loaded_name, "--heads"))
     if heads == "none" and speculative not in ("auto", "none"):
         raise InputError(f"--speculative {speculative} needs drafting heads, but --heads none loads none; "
                          f"drop --heads none (shipped heads) or pass --heads DIR")
@@ -59,7 +146,7 @@ def resolve_heads(engine, heads: str, speculative: str) -> str | None:
         path = shipped_heads(engine.loaded_name, method)
         if path is None:
             if speculative != "auto":
-                raise InputError(f"no {method} heads are shipped for {engine.loaded_name!r}; pass --heads DIR")
+                raise _no_shipped(engine.loaded_name, method, "--heads")
             print(f"note: no drafting heads shipped for {engine.loaded_name!r}; plain decoding", file=sys.stderr)
             return None
         heads = str(path)

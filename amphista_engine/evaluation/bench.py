@@ -120,20 +120,18 @@ def bench_heads(heads, methods, model, no_checkpoint: bool) -> dict:
     """{method: (directory, HeadsConfig)} of the real heads to time, read (not loaded) before the model: their
     head count and fitted trees size the cache and name the trees. Methods not given time random heads."""
     from ..heads.checkpoint import read_heads_config
-    from ..shipped_heads import shipped_heads
+    from ..shipped_heads import heads_dir
     real = {}
     for m, given in (heads or {}).items():
-        if given is None or given == "":
+        if given is None or (given == "none" and not Path(given).exists()):     # none: random heads, as unset
             continue
         if m not in methods:
             raise InputError(f"--heads-{m} is given, but bench times only {', '.join(methods) or 'no method'}")
         if no_checkpoint:
             raise InputError(f"--heads-{m} needs a --model checkpoint: heads are trained for one target, and "
                              "--random-weights has none (bench times random heads there)")
-        path = shipped_heads(str(model), m) if given == "default" and not Path(given).exists() else Path(given)
-        if path is None:
-            raise InputError(f"--heads-{m} default: no {m} heads are shipped for model {str(model)!r}; "
-                             f"pass a heads directory")
+        # a directory, `default` or a shipped heads name, as generate's --heads and eval's --heads-X take them
+        path = heads_dir(given, model, f"--heads-{m}", method=m)
         directory, hc = read_heads_config(path)
         if hc.kind != m:
             raise InputError(f"--heads-{m} {given} holds {hc.kind} heads, not {m} heads")

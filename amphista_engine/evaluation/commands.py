@@ -93,8 +93,9 @@ def register(sub) -> None:
     e.add_argument("--questions", required=True, help="Spec-Bench-format JSONL: question_id, category, turns")
     e.add_argument("--methods", default="ar,medusa,amphista", help="comma list of ar, medusa, amphista")
     e.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")
-    e.add_argument("--heads-amphista", default=None, help="Amphista heads directory (default: shipped heads)")
-    e.add_argument("--heads-medusa", default=None, help="Medusa heads directory (default: shipped heads)")
+    e.add_argument("--heads-amphista", default=None, help="Amphista heads: a directory, `default` (the heads "
+                   "shipped for --model, also when unset) or a shipped heads name (smollm2-135m-amphista)")
+    e.add_argument("--heads-medusa", default=None, help="the same for Medusa heads (smollm2-135m-medusa)")
     e.add_argument("--tree", default=None, help="tree for both methods (default: the engine's per device: the heads' "
                    "mix-64 (else mc_sim_7b_63) on GPUs, tree-16 on CPUs, mix-4 (or chain-3) with 4-bit CPU weights)")
     e.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (Spec-Bench: 1024; less on CPU)")
@@ -122,9 +123,10 @@ def register(sub) -> None:
     b.add_argument("--allow-large", action="store_true", help="allow >4 GiB of random weights on the CPU")
     _device_args(b)
     b.add_argument("--trees", default=",".join(DEFAULT_TREES), help="comma list of trees (static names, dynamic-N)")
-    b.add_argument("--heads-amphista", default=None, help="time these Amphista heads (a directory, or `default`: "
-                   "the heads shipped for --model) with their own head count, draft vocabulary and fitted trees "
-                   "(--trees mix-4,...); default: random heads")
+    b.add_argument("--heads-amphista", default=None, help="time these Amphista heads (a directory, `default`: "
+                   "the heads shipped for --model, or a shipped heads name such as smollm2-135m-amphista) with "
+                   "their own head count, draft vocabulary and fitted trees (--trees mix-4,...); default (or "
+                   "`none`): random heads")
     b.add_argument("--heads-medusa", default=None, help="the same for Medusa heads")
     b.add_argument("--num-heads", type=int, default=4, help="drafting heads of the random heads")
     b.add_argument("--draft-vocab", default="0", help="comma list of draft-vocabulary sizes to time side by side "

@@ -57,19 +57,17 @@ def parse_methods(methods, log=_log) -> list[str]:
 
 
 def resolve_heads_paths(methods, model, heads: dict | None) -> dict[str, str]:
-    """The heads directory for each speculative method: given explicitly, else the heads shipped for `model`."""
-    from ..shipped_heads import shipped_heads
+    """The heads directory for each speculative method, absolute: given explicitly (a directory, "default" or a
+    shipped heads name, as generate's --heads takes them), else the heads shipped for `model`."""
+    from ..shipped_heads import heads_dir
     heads = heads or {}
     paths = {}
     for m in methods:
         if m == "ar":
             continue
-        path = heads.get(m) or shipped_heads(str(model), m)
-        if path is None:
-            raise InputError(f"no {m} heads are shipped for model {str(model)!r}; pass --heads-{m} DIR")
-        if not Path(path).expanduser().exists():
-            raise InputError(f"--heads-{m}: heads directory not found: {path}")
-        paths[m] = str(Path(path).expanduser())
+        given = heads.get(m)
+        paths[m] = str(heads_dir("default" if given is None else given, model, f"--heads-{m}", method=m,
+                                 none=f"eval runs {m} with drafting heads; leave {m} out of --methods to skip it"))
     return paths
 
 
@@ -147,7 +145,9 @@ def _check_run_config(out: Path, config: dict) -> dict:
     # the same run when unset resolved to mix-4 (tree_used, compared below, is what the answers were decoded with)
     if isinstance(old.get("tree_used"), dict):
         keys = tuple(k for k in keys if k != "tree")
-    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys if old.get(k) != config[k]]
+    # the model as a file, not as typed: `smollm2-135m` and its GGUF's path, or ./m and m, are one model
+    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys
+            if old.get(k) != config[k] and not (k == "model" and _same_model(old.get(k), config[k]))]
     # Recorded since: the cache length caps each turn's budget (a conversation near it), and tree=None resolves per
     # device and version. Compared where the folder's config has them (older ones do not).
     if "max_seq_len" in old and old["max_seq_len"] != config["max_seq_len"]:
@@ -155,8 +155,10 @@ def _check_run_config(out: Path, config: dict) -> dict:
     used = config["tree_used"]
     diff += [f"{m} tree: {t!r} there, {used[m]!r} now" for m, t in (old.get("tree_used") or {}).items()
              if m in used and used[m] != t]
+    # the directories, not their spellings: `default`, the shipped name and its path (or ./h and h) are one
     diff += [f"{m} heads: {p!r} there, {config['heads'][m]!r} now"
-             for m, p in (old.get("heads") or {}).items() if m in config["heads"] and config["heads"][m] != p]
+             for m, p in (old.get("heads") or {}).items()
+             if m in config["heads"] and not _same_dir(config["heads"][m], p)]
     # Configs from before digests were recorded have none to compare: their heads are taken on the path alone.
     diff += [f"{m} heads' weights: digest {d!r} there, {config['heads_digest'][m]!r} now (retrained in place?)"
              for m, d in (old.get("heads_digest") or {}).items()
@@ -167,6 +169,23 @@ def _check_run_config(out: Path, config: dict) -> dict:
     return {**config, "heads": {**(old.get("heads") or {}), **config["heads"]},
             "heads_digest": {**(old.get("heads_digest") or {}), **config["heads_digest"]},
             "tree_used": {**(old.get("tree_used") or {}), **config["tree_used"]}}
+
+
+def _same_dir(a, b) -> bool:
+    """Whether two recorded heads paths name one directory (older runs recorded them as typed, relative)."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return a == b
+    try:
+        return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _same_model(a, b) -> bool:
+    from ..shipped_heads import _alias_of
+    if not isinstance(a, str) or not isinstance(b, str):
+        return a == b
+    return _alias_of(a) == _alias_of(b) or (Path(a).expanduser().exists() and _same_dir(a, b))
 
 
 def _write_run_config(out: Path, config: dict):

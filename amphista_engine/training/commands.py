@@ -19,10 +19,16 @@ def cmd_distill(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ..shipped_heads import heads_alias
+    from pathlib import Path
+
+    from ..shipped_heads import heads_dir
     from .trainer import TrainConfig, train_heads
-    if args.init_from is not None:        # "default": the shipped heads, as generate and eval-tau take them
-        args.init_from = str(heads_alias(args.init_from, args.model))
+    if args.init_from == "none" and not Path("none").exists():      # as --heads none: no heads to start from
+        args.init_from = None
+    if args.init_from is not None:
+        # "default" (the --kind heads shipped for --model) or a shipped name, as generate and eval take them; a
+        # typo is named now, not after the data is read and the target loads
+        args.init_from = str(heads_dir(args.init_from, args.model, "--init-from", method=args.kind))
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
     result = train_heads(cfg)
     if not cfg.fill_cache and not result.get("final_eval"):
@@ -45,8 +51,23 @@ def _no_eval_reason(cfg, result: dict) -> str:
 
 
 def cmd_eval_tau(args) -> int:
+    from ..errors import AmphistaError
+    from ..shipped_heads import heads_dir
     from .evaltau import eval_tau
-    eval_tau(args.questions, args.heads, model=args.model, tree=args.tree, max_new_tokens=args.max_new_tokens,
+    # the directory, not the words: a resumed --out compares it, and `default` or a shipped name there is the same
+    # heads as their path. A missing directory or name is passed as typed: eval_tau names the input it checks first
+    # (--out, the questions), then refuses it after the load with the same message. `none`, and `default` where
+    # nothing is shipped for --model (or --model is not found), are refused now.
+    method = "amphista" if args.speculative == "auto" else args.speculative
+    heads = args.heads
+    try:
+        heads = str(heads_dir(heads, args.model, "--heads", method=method,
+                              none="eval-tau measures drafting heads; pass a heads directory, default or a shipped "
+                                   "heads name"))
+    except AmphistaError:
+        if heads in ("default", "none"):
+            raise
+    eval_tau(args.questions, heads, model=args.model, tree=args.tree, max_new_tokens=args.max_new_tokens,
              limit=args.limit, out=args.out, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
              speculative=args.speculative, per_category=args.per_category)
     return 0
@@ -55,7 +76,7 @@ def cmd_eval_tau(args) -> int:
 def cmd_tree_search(args) -> int:
     from pathlib import Path
 
-    from ..shipped_heads import DATA as SHIPPED_HEADS, heads_alias
+    from ..shipped_heads import DATA as SHIPPED_HEADS, heads_dir
     from .tree_search import tree_search
 
     def sizes(flag, text):
@@ -67,7 +88,9 @@ def cmd_tree_search(args) -> int:
             raise InputError(f"{flag} {text!r}: expected a comma list of node counts of at least 2 (the root and "
                              f"one draft), e.g. 16,32,63")
         return got
-    args.heads = str(heads_alias(args.heads, args.model))
+    # a missing directory is named by tree_search, after the input it checks first
+    args.heads = str(heads_dir(args.heads, args.model, "--heads", missing_ok=True,
+                               none="tree-search fits trees to drafting heads; pass a heads directory or default"))
     # "default", a shipped directory's name (smollm2-135m-medusa) or its path: all are the package's own files
     if args.save and Path(args.heads).resolve().is_relative_to(SHIPPED_HEADS.resolve()):
         raise InputError("--save would write into the shipped heads: copy them to a directory and pass that")
@@ -175,7 +198,8 @@ def register(sub) -> None:
     t.add_argument("--init", default="identity", choices=["identity", "default"],
                    help="identity: heads start as the target's own next-token head (default)")
     t.add_argument("--init-from", default=None,
-                   help="start from these trained heads ('default': the shipped ones; same target and layout, or a "
+                   help="start from these trained heads ('default': the --kind heads shipped for --model, or a "
+                        "shipped heads name such as smollm2-135m-amphista; same target and layout, or a "
                         "deeper one: added layers start as pass-throughs, so training starts from exactly the "
                         "source's drafts)")
     t.add_argument("--layers-per-stage", type=int, default=None, help="Amphista: SAL layers per stage (default 1)")
@@ -189,7 +213,8 @@ def register(sub) -> None:
                        "training data; --save stores them in the heads as tuned-N")
     s.add_argument("--data", required=True, nargs="+", action="extend",
                    help="the JSONL shard(s) the heads were trained on")
-    s.add_argument("--heads", required=True, help="heads directory, or 'default' for the shipped heads")
+    s.add_argument("--heads", required=True, help="heads directory, 'default' (the Amphista heads shipped for "
+                   "--model) or a shipped heads name (smollm2-135m-amphista, smollm2-135m-medusa)")
     _model_args(s)
     s.add_argument("--nodes", default="16,32,63", help="comma list of tree sizes (nodes incl. the root)")
     s.add_argument("--dynamic", default=None,
@@ -210,7 +235,8 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval-tau", help="mean tau per category on a Spec-Bench question file (first turns)")
     e.add_argument("--questions", required=True)
-    e.add_argument("--heads", required=True, help="heads directory, or 'default' for the shipped heads")
+    e.add_argument("--heads", required=True, help="heads directory, 'default' (the heads shipped for --model: "
+                   "Amphista, or those of --speculative) or a shipped heads name (smollm2-135m-amphista, ...)")
     e.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa"])
     _model_args(e)
     e.add_argument("--tree", default=None, help="static tree name, dynamic-N, or a JSON path list")
