@@ -616,6 +616,8 @@ def _prefill(decoder, prompts: list[list[int]], want_lps: bool, want_tops: bool)
     groups = [list(range(B))]
     if B > 1 and decoder.device.type == "cpu" and decoder.row_capacity() > 0:
         groups = prefill_groups([len(p) for p in prompts], covers_all=True)
+        if len(groups) > 1 and not _room_for_groups(decoder.cache, [[prompts[b] for b in g] for g in groups[1:]]):
+            groups = [list(range(B))]
     head = set(groups[0])
     first = decoder.prefill([p if b in head else p[:1] for b, p in enumerate(prompts)]).tolist()
     lps = decoder.step_logprobs.tolist() if want_lps else [None] * B
@@ -626,6 +628,18 @@ def _prefill(decoder, prompts: list[list[int]], want_lps: bool, want_tops: bool)
         for j, b in enumerate(later):
             first[b], lps[b], tops[b] = got[0][j], got[1][j], got[2][j]
     return first, lps, tops
+
+
+def _room_for_groups(cache: KVCache, groups: list[list[list[int]]]) -> bool:
+    """Whether the memory has room, with half to spare, for the largest cache a later group prefills in (add_rows
+    builds one for its rows, beside the batch's): a batch prefilled at once needs none."""
+    from .kernels import cpu_exact
+    from .kv_cache import available_memory
+    free = available_memory(cache.k.device)
+    per_slot = cache.nbytes / (cache.k.shape[1] * cache.k.shape[3])      # a row's slot, K and V of every layer
+    slots = [len(g) * (T + cpu_exact.scratch_slots(T)) for g in groups
+             for T in [kv_window(max(len(p) for p in g), cache.max_seq_len)]]
+    return free is None or per_slot * max(slots) < free / 2
 
 
 def _add_rows(decoder, slots: list[int], prompts: list[list[int]], want_lps: bool, want_tops: bool,

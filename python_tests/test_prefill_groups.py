@@ -85,3 +85,15 @@ def test_joiners_of_unequal_lengths_prefill_apart(tiny_fp32_amphista4_engine, mo
     assert out.token_ids == alone[0]
     assert [r.token_ids for r in engine.last_results[1:]] == alone[1:]
     assert max(rows * tokens for rows, tokens in seen) <= len(LONG), seen
+
+
+def test_no_groups_without_memory_for_their_own_cache(tiny_fp32_amphista4_engine, monkeypatch):
+    """A later group prefills into a cache of its own beside the batch's: where the memory has no room for it, the
+    batch prefills at once, as before."""
+    from amphista_engine import kv_cache
+    engine = tiny_fp32_amphista4_engine
+    engine._cache_for(1 + len(SHORT))                 # the batch's own cache, allocated before memory "runs out"
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 64 << 10)
+    seen = _forwards(engine, monkeypatch)
+    engine.generate_batch([LONG, *SHORT], max_new_tokens=2)
+    assert (1 + len(SHORT), len(LONG)) in seen
