@@ -1,7 +1,9 @@
 """The one backend switch for every hot op: `torch` (reference), `triton`, `cuda`, `cpu`.
 
 Which backend runs, first match wins:
-  1. `use_backend(name)` (a context manager: per engine, per thread / task, nestable),
+  1. `use_backend(name)` (a context manager, nestable: whatever runs inside the block in this thread / task, so
+     an engine's generate() called there; a stream iterated after the block, or the server's scheduler thread,
+     does not see it),
   2. `set_backend(name)` (process-wide; `set_backend(None)` clears it),
   3. the environment variable AMPHISTA_BACKEND (read once, at the first hot op; after changing it inside a
      running process call clear_cache()),
@@ -128,7 +130,7 @@ def default_backend(device=None) -> str:
 def _env_backend() -> Optional[str]:
     if not _env:
         env = os.environ.get(ENV_VAR, "").strip()
-        _env.append(_check(env, f"environment variable {ENV_VAR}") if env else None)
+        _env.append(_check(env, f"environment variable {ENV_VAR}; unset it for the device's default") if env else None)
     return _env[0]
 
 
@@ -235,10 +237,12 @@ def unmet_choice(device=None) -> Optional[str]:
         why = "it runs CUDA tensors only"
     elif name == "cuda":
         why = "the CUDA extension amphista_engine._C does not load (built where nvcc exists: pip install -e .)"
+    elif not triton_available():        # before the interpreter's hint: TRITON_INTERPRET=1 cannot help then
+        why = "triton does not import"
     elif dev == "cpu":
         why = "Triton runs on a CPU only through its interpreter (TRITON_INTERPRET=1), for tests"
     else:
-        why = "triton does not import"
+        why = "triton does not run on this device"
     return f"kernel backend {name!r} does not run on {dev} here: {why}; the ops run on {served!r} instead"
 
 

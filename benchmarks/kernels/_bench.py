@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from amphista_engine.kernels import backend, use_backend  # noqa: E402
+from amphista_engine.kernels import backend, ops, use_backend  # noqa: E402
 
 # A kernel's own row times it launched alone, as before PDL became the decode step's default on Hopper: its
 # ":pdl" variants (with_pdl) time it chained to itself. AMPHISTA_PDL set by the caller is kept.
@@ -69,11 +69,21 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, help="write the result rows here")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--prefixes", default=",".join(map(str, PREFIXES)), help="prefix lengths")
-    ap.add_argument("--backends", default="", help="comma-separated subset of torch,triton,cuda,cpu (default: "
-                                                   "all that run here; on a CPU: torch and cpu)")
+    ap.add_argument("--backends", default="", type=_backend_list,
+                    help="comma-separated subset of torch,triton,cuda,cpu (default: all that run here; on a CPU: "
+                         "torch and cpu; triton there only with TRITON_INTERPRET=1)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 50 on GPU, 3 with --quick)")
     return ap.parse_args(argv)
+
+
+def _backend_list(text: str) -> str:
+    """--backends checked at parse time: a misspelt name failed once per benchmark, deep in its traceback."""
+    from amphista_engine.errors import ConfigError
+    try:
+        return ",".join(backend._check(b, "--backends") for b in text.split(",") if b.strip())
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _backend_of(name: str) -> str | None:
@@ -98,12 +108,25 @@ class Bench:
         self.iters = 1 if self.quick else 20
         self.backends = self._backends(args.backends)
         self._ceiling = None
+        self._served: dict[tuple[str, str], bool] = {}
         if not self.cuda:
             torch.set_num_threads(1)          # tiny CPU ops: thread wake-ups would dominate the timings
 
     def _backends(self, wanted: str) -> list[str]:
         if wanted:
-            return [b for b in wanted.split(",") if b]
+            # A backend that cannot run on this device falls back to another one's code: its rows would time that
+            # code under its name (e.g. "triton" on a CPU without the interpreter timed torch's ops).
+            names = []
+            for b in dict.fromkeys(b for b in wanted.split(",") if b):
+                with use_backend(b):
+                    why = backend.unmet_choice(self.device)
+                if why is None:
+                    names.append(b)
+                else:
+                    print(f"# --backends {b}: {why}; its rows are left out", file=sys.stderr)
+            if not names:
+                raise SystemExit(f"--backends {wanted}: none of them runs on {self.device.type} here")
+            return names
         if not self.cuda:          # compiled Triton needs a GPU; the interpreter would time Python
             return ["torch"] + (["cpu"] if backend.cpu_available() else [])
         names = ["torch"]
@@ -208,6 +231,22 @@ class Bench:
             r["speedup_vs_torch"] = round(baseline_us / us, 2)
         return r
 
+    def serves(self, name: str, kernel: str) -> bool:
+        """Whether backend `name` has its own kernel for op `kernel` here. Where it lacks one, the op falls back down
+        the chain (cpu -> torch, cuda -> triton): a row under its name timed the other backend's code, with a
+        speedup that was only noise (the cpu backend's head_attention or typical_accept "faster" than torch).
+        Variants ("triton:unfused") and ops that are not one of kernels.ops' always run."""
+        if name not in backend.BACKENDS or name == "torch" or not hasattr(ops, kernel):
+            return True
+        key = (name, kernel)
+        if key not in self._served:
+            with use_backend(name):
+                self._served[key] = backend.resolve(kernel, self.device) == name
+            if not self._served[key]:
+                print(f"# {kernel}: the {name} backend has no kernel for it here (the op falls back down its chain); "
+                      f"its {name} rows are left out", file=sys.stderr)
+        return self._served[key]
+
     def _other(self, fn):
         """A non-backend baseline (e.g. SDPA): timed like the torch backend."""
         return self.time_us(fn, "torch")
@@ -220,6 +259,8 @@ class Bench:
         for name, fn in fns.items():
             if _backend_of(name) and _backend_of(name) not in self.backends:
                 continue                               # baselines (e.g. "sdpa") always run
+            if not self.serves(name, kernel):
+                continue
             r = self.row(kernel, shape, case, name, fn, bytes_moved, flops, base)
             if name == "torch":
                 base = r["us"]
