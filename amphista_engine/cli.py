@@ -394,8 +394,12 @@ def cmd_generate(args) -> int:
         out = result.to_dict()
         out["speculative"] = _method(engine, result)
         from .kernels import cpu_quant
+        from .kernels.backend import resolve
         out["weights"] = {"dtype": str(engine.dtype).removeprefix("torch."), "quant": engine.quant,
                           "linears": engine.linears.describe(), "bytes": cpu_quant.weight_bytes(engine.model)}
+        # the backend the hot ops ran on (AMPHISTA_BACKEND, else the device's default), as `amphista bench` reports
+        # it: where the one asked for has no kernel here (cuda on a CPU) the ops say what they fell back to
+        out["kernels"] = resolve("tree_attention", engine.device)
         if check is not None:
             out["speculation_check"] = check.to_dict()
         _write(json.dumps(out) + "\n")

@@ -195,3 +195,15 @@ def test_bench_backends_are_checked_before_any_benchmark_runs():
     assert proc.returncode == 0 and "TRITON_INTERPRET=1" in proc.stderr
     table = [line for line in proc.stdout.splitlines() if line.startswith("| rmsnorm")]
     assert table and not any("| triton |" in line for line in table)
+
+
+def test_generate_json_reports_the_kernel_backend(tiny_hf_dir, capsys):
+    """`amphista generate --json` said which linears ran but not which kernel backend served the hot ops (`amphista
+    bench` reports it as `kernels`)."""
+    from amphista_engine.cli import main
+    argv = ["generate", "hi", "--model", str(tiny_hf_dir), "--device", "cpu", "--max-seq-len", "64",
+            "--max-new-tokens", "2", "--json", "--speculative", "none"]
+    for be in ("torch", "cpu") if cpu_ops.load_extension() is not None else ("torch",):
+        set_backend(be)
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["kernels"] == be
