@@ -46,16 +46,22 @@ def to_transformers(loaded, dtype, device):
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_cfg)
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+
+    def weight(linear):
+        # An Engine's own target on the CPU holds its linears packed for oneDNN and frees the float weight (a meta
+        # tensor: "Cannot copy out of meta tensor"); float_rows reads the exact values back.
+        return linear.float_rows() if hasattr(linear, "float_rows") else linear.weight
+
     sd = {"model.embed_tokens.weight": m.tok_embeddings.weight, "model.norm.weight": m.norm.weight,
-          "lm_head.weight": m.output.weight}
+          "lm_head.weight": weight(m.output)}
     for i, layer in enumerate(m.layers):
         p = f"model.layers.{i}."
-        wq, wk, wv = layer.attention.wqkv.weight.split([q, kv, kv])
-        gate, up = layer.feed_forward.w13.weight.chunk(2)
+        wq, wk, wv = weight(layer.attention.wqkv).split([q, kv, kv])
+        gate, up = weight(layer.feed_forward.w13).chunk(2)
         sd.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
-                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": layer.attention.wo.weight,
+                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": weight(layer.attention.wo),
                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                   p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+                   p + "mlp.down_proj.weight": weight(layer.feed_forward.w2),
                    p + "input_layernorm.weight": layer.attention_norm.weight,
                    p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
     hf.load_state_dict({k: v.detach().clone().to(device, dtype) for k, v in sd.items()}, strict=False, assign=True)

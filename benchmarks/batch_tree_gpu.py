@@ -36,7 +36,8 @@ from amphista_engine.speculative import GPU_ROWS, SpeculativeDecoder, TreeSpec, 
 from benchmarks.latency_gpu import environment, random_model, routed, time_steps  # noqa: E402
 
 
-def run(args) -> dict:
+def run(args, save=lambda res: None) -> dict:
+    """save(res) after each batch's row: the session runs this under `timeout`, whose signal lost every row."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cfg = shape_config("tiny" if args.smoke else args.shape)
     batches = [int(b) for b in args.batches.split(",")]
@@ -47,6 +48,10 @@ def run(args) -> dict:
     cuda = device.type == "cuda"
     deadline = time.monotonic() + args.time_budget
     rows, notes = [], []
+    meta = {**environment(device), "shape": "tiny" if args.smoke else args.shape, "dtype": args.dtype,
+            "prompt_tokens": args.prompt_tokens, "steps": args.steps, "gpu_rows": GPU_ROWS, "commit": commit(),
+            "what": "step ms of dynamic-N / plain step ms of the same batch (graphs on, routed linears on CUDA)"}
+    res = {"meta": meta, "rows": rows, "notes": notes}
     g = torch.Generator().manual_seed(0)
     with routed(model) if cuda else contextlib.nullcontext():
         for B in batches:
@@ -68,11 +73,9 @@ def run(args) -> dict:
                 graphs.clear()
             rows.append(row)
             print(row, file=sys.stderr)
+            save(res)
             del cache
-    meta = {**environment(device), "shape": "tiny" if args.smoke else args.shape, "dtype": args.dtype,
-            "prompt_tokens": args.prompt_tokens, "steps": args.steps, "gpu_rows": GPU_ROWS, "commit": commit(),
-            "what": "step ms of dynamic-N / plain step ms of the same batch (graphs on, routed linears on CUDA)"}
-    return {"meta": meta, "rows": rows, "notes": notes}
+    return res
 
 
 def markdown(res: dict) -> str:
@@ -106,10 +109,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("batch_tree_gpu: no CUDA device (use --smoke --device cpu to check the script)", file=sys.stderr)
         return 2
-    res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch_tree.json").write_text(json.dumps(res, indent=1))
-    (args.out / "batch_tree.md").write_text(markdown(res))
+    def save(res):
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "batch_tree.json").write_text(json.dumps(res, indent=1))
+        (args.out / "batch_tree.md").write_text(markdown(res))
+
+    res = run(args, save)
+    save(res)
     print(markdown(res))
     return 0
 

@@ -24,7 +24,7 @@ def worker(root: str, modes: list[str], questions: list[str], max_new: int, quan
     """Runs inside the checkout `root`: one JSON line per (mode, question)."""
     sys.path.insert(0, root)
     import amphista_engine
-    if not amphista_engine.__file__.startswith(root):
+    if not (amphista_engine.__file__ or "").startswith(root):     # None: a folder without the package
         sys.exit(f"imported {amphista_engine.__file__}, not the checkout at {root}")
     from amphista_engine import Engine
     from amphista_engine.shipped_heads import shipped_heads

@@ -28,6 +28,7 @@ from amphista_engine.sampling import SamplingParams  # noqa: E402
 from benchmarks.common import hardware, md_table, write_results  # noqa: E402
 
 PROMPT = "Write a short story about a robot learning to paint."
+WARMUP = 5          # steps of each block not timed
 ARMS = ("own", "omp", "one thread")
 
 
@@ -46,7 +47,7 @@ def time_arms(engine, speculative, blocks: int, steps: int) -> dict:
                 for i in range(steps):
                     t = time.perf_counter()
                     dec.step()[1].tolist()
-                    if i >= 5:
+                    if i >= WARMUP:
                         times[arm].append(time.perf_counter() - t)
             finally:
                 torch.set_num_threads(threads)
@@ -60,6 +61,8 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default=None, help="results name (default: cpu_pool_ab[_busyN])")
     args = ap.parse_args()
+    if args.steps <= WARMUP or args.blocks < 1:     # else a StatisticsError after loading the model
+        ap.error(f"--steps must be more than {WARMUP} (each block's first {WARMUP} are warm-up) and --blocks >= 1")
     torch.set_grad_enabled(False)
     engine = Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=1024, heads="default")
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
@@ -77,7 +80,7 @@ def main():
     meta = {"hardware": hardware("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "busy processes beside it": args.busy,
             "model": "smollm2-135m (GGUF Q4_1), quant auto (4-bit layers, int8 LM head), shipped amphista heads",
-            "what": f"median step time over {args.blocks} alternating blocks of {args.steps} steps (first 5 of "
+            "what": f"median step time over {args.blocks} alternating blocks of {args.steps} steps (first {WARMUP} of "
                     "each block dropped), greedy, one decoder"}
     write_results(args.out or ("cpu_pool_ab" + (f"_busy{args.busy}" if args.busy else "")), rows, meta,
                   md_table(rows, cols))

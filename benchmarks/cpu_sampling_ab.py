@@ -28,7 +28,7 @@ def worker(root: str, max_new: int, seed: int):
     """Runs inside the checkout `root`: one JSON line per (setting, method, prompt)."""
     sys.path.insert(0, root)
     import amphista_engine
-    if not amphista_engine.__file__.startswith(root):
+    if not (amphista_engine.__file__ or "").startswith(root):     # None: a folder without the package
         sys.exit(f"imported {amphista_engine.__file__}, not the checkout at {root}")
     from amphista_engine import Engine
     engine = Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=1024)
@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--worktrees", default="/tmp")
-    ap.add_argument("--out", default=None, help="folder for RESULT.md and results.json")
+    ap.add_argument("--out", default=None, help="folder for results.json and table.md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -74,9 +74,12 @@ def main():
     totals = {}
     for rnd in range(args.rounds):
         for arm in (("base", "this") if rnd % 2 == 0 else ("this", "base")):
-            out = subprocess.run([sys.executable, __file__, "--base", args.base, "--worker", str(arms[arm]),
-                                  "--seed", str(100 * rnd), "--max-new-tokens", str(args.max_new_tokens)],
-                                 check=True, capture_output=True, text=True, env=os.environ).stdout
+            proc = subprocess.run([sys.executable, __file__, "--base", args.base, "--worker", str(arms[arm]),
+                                   "--seed", str(100 * rnd), "--max-new-tokens", str(args.max_new_tokens)],
+                                  capture_output=True, text=True, env=os.environ)
+            if proc.returncode:        # check=True raised CalledProcessError with the worker's stderr dropped
+                sys.exit(f"cpu_sampling_ab: the {arm} worker ({arms[arm]}) failed:\n{proc.stderr[-3000:]}")
+            out = proc.stdout
             for line in out.splitlines():
                 r = json.loads(line)
                 t = totals.setdefault((r["setting"], r["method"], arm), [0, 0.0, 0])

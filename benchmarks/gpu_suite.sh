@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
     --skip-build) SKIP_BUILD=1; shift ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;   # '2,23p' left out the exit statuses
     *) echo "gpu_suite: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
 done

@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
     -k) KEXPR="$2"; shift 2 ;;
     --tune-budget) TUNE_BUDGET="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;     # '2,13p' printed `set -uo pipefail`
     *) echo "gpu_tune: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
 done

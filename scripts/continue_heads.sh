@@ -15,6 +15,14 @@
 # fp32, ~60 min with FILL_DTYPE=bf16), a cached step ~1.8 s (1500 steps
 # ~45 min); each tau run ~40 min on all 80 questions (both at once).
 set -euo pipefail
+# Settings come from the environment only: `--help` (or any argument) used to start the whole run.
+if [ $# -gt 0 ]; then
+    case "$1" in
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
+        *) echo "continue_heads: unknown argument '$1': settings are environment variables (see --help)" >&2
+           exit 64 ;;
+    esac
+fi
 cd "$(dirname "$0")/.."
 
 A=${AMPHISTA:-"python -m amphista_engine.cli"}
@@ -69,11 +77,15 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $A train --data "${shards[@]}" --out "$RUN
 
 per_cat=()
 [ -n "$PER_CATEGORY" ] && per_cat=(--per-category "$PER_CATEGORY")
+pids=()
 for TREE in $TREES; do      # one thread each, side by side
     OMP_NUM_THREADS=1 $A eval-tau --questions "$QUESTIONS" --heads "$RUN/heads" --speculative "$KIND" \
         --device cpu --tree "$TREE" "${per_cat[@]}" --max-new-tokens "$EVAL_TOKENS" --out "$RUN/tau-$TREE.json" &
+    pids+=($!)
 done
-wait
+# a bare `wait` exits 0 whatever the runs did (and SHIP_TO then replaced the shipped heads all the same)
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+[ "$rc" -eq 0 ] || { echo "continue_heads: an eval-tau run failed (exit $rc); nothing shipped" >&2; exit "$rc"; }
 
 if [ -n "$SHIP_TO" ]; then
     cp "$RUN/heads/config.json" "$RUN/heads/model.safetensors" "$SHIP_TO/"

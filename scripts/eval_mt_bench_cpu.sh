@@ -12,6 +12,8 @@
 #   scripts/eval_mt_bench_cpu.sh --limit 2 --max-new-tokens 16 --heads-medusa DIR --heads-amphista DIR --out /tmp/x
 # QUESTIONS=path overrides the question file (default: ../shared/data/mt_bench.jsonl from the repo root).
 set -euo pipefail
+# --help went straight to `amphista eval --help`, which never says what this script runs: both, then
+case "${1-}" in -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; echo ;; esac
 cd "$(dirname "$0")/.."
 QUESTIONS="${QUESTIONS:-../shared/data/mt_bench.jsonl}"
 exec python -m amphista_engine.cli eval \

@@ -7,7 +7,7 @@
 # device calls back to back, with `git status` clean (untracked files travel too).
 #
 #   here:    scripts/gpu_heads.sh prepare                     # runs/gpu/: GGUF parts, data.tgz; prints the calls
-#   device:  run(command="scripts/gpu_heads.sh stash 1", carry=["runs/gpu/gguf-1"], timeout_s=120)
+#   device:  run(command="scripts/gpu_heads.sh stash 1 N", carry=["runs/gpu/gguf-1"], timeout_s=120)
 #            ... one stash call per part; the last one also carries runs/gpu/data.tgz ...
 #            run(command="BUDGET_S=360 scripts/gpu_heads.sh train", timeout_s=560)   # then give_back
 #   here:    scripts/gpu_heads.sh unpack FILES_AT             # -> runs/gpu/heads-{amphista,medusa}
@@ -84,6 +84,12 @@ train)
     GGUF=${GGUF:-$STASH/model.gguf}
     PROMPTS=${PROMPTS:-$STASH/data/train_prompts.jsonl.gz}
     OUT=${OUT:?OUT must name the folder whose files come back (the device tool sets it)}
+    # checked first: on a CPU the first sign was a missing stash file, or distill's error minutes in
+    if [ "$DEVICE" = cuda ] && ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null
+    then
+        echo "gpu_heads: no CUDA device usable by torch (DEVICE=cpu for a dry run on the CPU, see --help)" >&2
+        exit 2
+    fi
     export PYTHONPATH="$PWD:$STASH/pylib${PYTHONPATH:+:$PYTHONPATH}"
     python -c "import gguf, amphista_engine" || { echo "gguf or amphista_engine does not import"; exit 1; }
     if [ ! -f "$GGUF" ]; then
@@ -133,11 +139,25 @@ train)
         STEPS=$(python -c "a, b = $t1 - $t0, $t2 - $t1; per = max(b - a, 1e-3) / 20; print(max(50, int(($BUDGET_S - b) / per)))")
         echo "probe: 10 steps ${t1}-${t0}, 30 steps ${t2}-${t1} -> STEPS=$STEPS" | tee "$META/probe.txt"
     fi
-    for k in $KINDS; do run_kind "$k" "$STEPS" "$STASH/heads-$k" > "$META/train-$k.log" 2>&1 & done; wait
-    for k in $KINDS; do
+    # a bare `wait` exits 0 whatever the jobs did: a failed run showed only as a missing file further on
+    wait_all() {   # LOG_PREFIX: waits for every job in pids, then shows the logs of the failed ones
+        local rc=0 i
+        for i in "${!pids[@]}"; do
+            wait "${pids[$i]}" || { rc=$?; tail -5 "$1-${kinds[$i]}.log" >&2; }
+        done
+        [ "$rc" -eq 0 ] || { echo "gpu_heads: a job failed (exit $rc), logs above" >&2; exit "$rc"; }
+    }
+    read -r -a kinds <<< "$KINDS"
+    pids=()
+    for k in "${kinds[@]}"; do run_kind "$k" "$STEPS" "$STASH/heads-$k" > "$META/train-$k.log" 2>&1 & pids+=($!); done
+    wait_all "$META/train"
+    pids=()
+    for k in "${kinds[@]}"; do
         $A tree-search --data $DATA --heads "$STASH/heads-$k" --model "$GGUF" --device "$DEVICE" --dtype "$TARGET_DTYPE" --nodes 16,32,63 \
             --save --out "$META/trees-$k.json" > "$META/trees-$k.log" 2>&1 &
-    done; wait
+        pids+=($!)
+    done
+    wait_all "$META/trees"
     for k in $KINDS; do
         cp "$STASH/heads-$k.jsonl" "$META/train-$k.jsonl"
         cp "$STASH/heads-$k/config.json" "$META/config-$k.json"
@@ -157,7 +177,11 @@ unpack)
     done
     ls -la runs/gpu/heads-*
     ;;
+-h|--help)
+    awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"
+    ;;
 *)
-    sed -n '2,19p' "$0"; exit 2
+    # the whole header: '2,19p' stopped before the CPU dry run's command
+    awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2
     ;;
 esac

@@ -15,6 +15,15 @@
 # on disjoint prompt ranges, then both kinds at once): on 2 cores that is ~1.2x the throughput of one
 # 2-thread job, and far better than oversubscribed threads.
 set -euo pipefail
+# Settings come from the environment only: `--help` (or any argument) used to start the whole multi-hour run,
+# which ends by copying new heads over the shipped ones.
+if [ $# -gt 0 ]; then
+    case "$1" in
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
+        *) echo "train_smollm2_heads: unknown argument '$1': settings are environment variables (see --help)" >&2
+           exit 64 ;;
+    esac
+fi
 cd "$(dirname "$0")/.."
 
 AMPHISTA=${AMPHISTA:-"python -m amphista_engine.cli"}   # or: amphista (same subcommands)
@@ -121,11 +130,16 @@ fi
 #    every category (empty = all 80); the two kinds side by side.
 per_cat=()
 [ -n "$PER_CATEGORY" ] && per_cat=(--per-category "$PER_CATEGORY")
+pids=()
 for TREE in mc_sim_7b_63 dynamic-63 tuned-63; do
     for KIND in amphista medusa; do
         $AMPHISTA eval-tau --questions "$QUESTIONS" --heads "$SHIP/smollm2-135m-$KIND" --speculative "$KIND" \
             --device "$DEVICE" --tree "$TREE" "${per_cat[@]}" --max-new-tokens "$EVAL_TOKENS" \
             --out "$RUN/tau-$KIND-$TREE.json" &
+        pids+=($!)
     done
-    wait
+    # a bare `wait` exits 0 whatever the runs did; each is waited for before a failure stops the script
+    rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    [ "$rc" -eq 0 ] || { echo "train_smollm2_heads: an eval-tau run on $TREE failed (exit $rc)" >&2; exit "$rc"; }
+    pids=()
 done
