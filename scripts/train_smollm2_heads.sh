@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Rebuilds the Amphista and Medusa heads shipped for smollm2-135m (amphista_engine/data/heads/) and measures
-# their tau on MT-Bench first turns. Defaults = the recipe of the shipped heads, recorded with its data sizes
-# and wall times in benchmarks/results/TRAINING.md. Every step is resumable: rerun the script after an
+# their tau on MT-Bench first turns. Defaults = the first stage of the shipped heads' recipe (draft vocab 8192);
+# the later stages (continue_heads.sh, the soup of two runs) and their data sizes and wall times are recorded in
+# benchmarks/results/TRAINING.md. Every step is resumable: rerun the script after an
 # interruption and it continues (distill skips finished prompts, the hidden cache keeps what it has, train
 # resumes from trainer_state.pt, eval-tau skips answered questions).
 #
-#   scripts/train_smollm2_heads.sh                      # the shipped recipe, on the CPU
+#   scripts/train_smollm2_heads.sh                      # the recipe's first stage, on the CPU
 #   RANGES="0:8000" BATCH=64 DEVICE=cuda PARALLEL=0 STEPS=1000 BATCH_TOKENS=16384 LOSS_POSITIONS=0 \
 #       scripts/train_smollm2_heads.sh                  # a larger run on a GPU (see TRAINING.md)
 #   ONLY_DISTILL=1 scripts/train_smollm2_heads.sh       # complete the committed shards and commit-ready gzip
