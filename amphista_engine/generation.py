@@ -357,9 +357,9 @@ class PlainDecoder:
     @torch.inference_mode()
     def add_rows(self, slots: list[int], prompts: list[list[int]]):
         """Prefill prompts into cache rows `slots` (ended rows, or the next rows past the batch, up to row_capacity)
-        while the other rows keep their state. The prompts prefill as a batch of their own into a cache of their length, whose
-        K/V are then copied into place: the same bits a run of their own gives them. Returns the prefill decoder
-        (its `next`: the new rows' first tokens, and their logprobs where the run reports them)."""
+        while the other rows keep their state. The prompts prefill as a batch of their own into a cache of their
+        length, whose K/V are then copied into place: the same bits a run of their own gives them. Returns the prefill
+        decoder (its `next`: the new rows' first tokens, and their logprobs where the run reports them)."""
         k, T = len(prompts), max(len(p) for p in prompts)
         cfg = self.model.config
         tmp = PlainDecoder(self.model, KVCache.for_model(cfg, k, kv_window(T, self.cache.max_seq_len),
@@ -614,7 +614,11 @@ def _prefill(decoder, prompts: list[list[int]], want_lps: bool, want_tops: bool)
     of their own). One padded forward cost a long prompt beside four short ones 4.9x its own prefill."""
     B = len(prompts)
     groups = [list(range(B))]
-    if B > 1 and decoder.device.type == "cpu" and decoder.row_capacity() > 0:
+    # Not for seeded sampling: each group draws its first tokens apart, so a row's random numbers depend on the
+    # grouping, and the grouping on the memory free at the time (_room_for_groups): the same seeded call gave
+    # other answers on a busier machine, where the seed promises the same answer each time.
+    seeded = getattr(decoder, "generator", None) is not None and not decoder.params.greedy
+    if B > 1 and decoder.device.type == "cpu" and decoder.row_capacity() > 0 and not seeded:
         groups = prefill_groups([len(p) for p in prompts], covers_all=True)
         if len(groups) > 1 and not _room_for_groups(decoder.cache, [[prompts[b] for b in g] for g in groups[1:]]):
             groups = [list(range(B))]
