@@ -617,8 +617,9 @@ def _prefill(decoder, prompts: list[list[int]], want_lps: bool, want_tops: bool)
     # Not for seeded sampling: each group draws its first tokens apart, so a row's random numbers depend on the
     # grouping, and the grouping on the memory free at the time (_room_for_groups): the same seeded call gave
     # other answers on a busier machine, where the seed promises the same answer each time.
-    seeded = getattr(decoder, "generator", None) is not None and not decoder.params.greedy
-    if B > 1 and decoder.device.type == "cpu" and decoder.row_capacity() > 0 and not seeded:
+    # A drafter or stand-in decoder without add_rows (row_capacity) prefills at once.
+    can = B > 1 and isinstance(decoder, PlainDecoder) and decoder.device.type == "cpu" and decoder.row_capacity() > 0
+    if can and not (decoder.generator is not None and not decoder.params.greedy):
         groups = prefill_groups([len(p) for p in prompts], covers_all=True)
         if len(groups) > 1 and not _room_for_groups(decoder.cache, [[prompts[b] for b in g] for g in groups[1:]]):
             groups = [list(range(B))]
