@@ -16,6 +16,7 @@ import torch
 
 from .errors import AmphistaError, CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
+from .kernels.cpu_threads import one_thread_if_forked
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
 from .sampling import SamplingParams
@@ -233,6 +234,7 @@ class Engine:
                   "inside its admit()), which reused its KV cache; finish a stream before starting another (or use "
                   "stream_batch for several prompts at once)")
 
+    @one_thread_if_forked
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int | None = None, max_batch_size: int = 1,
                  cuda_graphs: bool = True, quant: str = "none", *, _owns_model: bool = False):
         """max_seq_len None: DEFAULT_MAX_SEQ_LEN, or the model's sliding window where that is shorter (Phi-3-mini-4k's
@@ -279,7 +281,10 @@ class Engine:
         self._runs = 0                                # generations started: an overtaken stream stops (_drive)
         # (thread, run) decoding now: one KV cache cannot serve two threads at once (_drive refuses the second)
         self._decoding: tuple[int, int] | None = None
-        self._decoding_lock = threading.Lock()
+        # Reentrant: a stream abandoned in a reference cycle is closed by whichever allocation triggers the garbage
+        # collector, also one inside a block holding this lock, and its close takes the lock to end its run (a plain
+        # Lock deadlocked that thread for good, and every later call on the engine with it).
+        self._decoding_lock = threading.RLock()
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
         # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA
         # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
@@ -300,6 +305,7 @@ class Engine:
             self.load_heads(heads)
 
     @classmethod
+    @one_thread_if_forked
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
                         max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto") -> "Engine":
@@ -328,6 +334,7 @@ class Engine:
             engine.load_heads(heads)
         return engine
 
+    @one_thread_if_forked
     def load_heads(self, heads):
         """heads: a heads directory, "default" (the Amphista heads shipped for this model), a shipped directory's
         name ("smollm2-135m-amphista", "smollm2-135m-medusa") or a heads module; None or "none" unloads them
@@ -446,6 +453,7 @@ class Engine:
                                  f"vocabulary: ids go from 0 to {V - 1}")
         return [int(t) for t in ids]
 
+    @one_thread_if_forked
     def prompt_logprobs(self, ids, top_logprobs: int = 0):
         """The target's log-probability of each token of a prompt given the tokens before it (what OpenAI's
         completions return with echo=True): one forward pass over the prompt, the logits at position i - 1 scoring
@@ -475,6 +483,7 @@ class Engine:
             return logprobs, None
         return logprobs, [None] + [list(zip(i, v)) for i, v in zip(tops.tolist(), values.tolist())]
 
+    @one_thread_if_forked
     def reserve_batch(self, rows: int) -> None:
         """Raise max_batch_size to `rows` after the load (a server that batches its requests): the memory for that
         many rows is checked now, and the first run that needs more rows than the cache has allocates them all at
@@ -547,6 +556,7 @@ class Engine:
                 + ("; or decode plainly (speculative=None, or 'auto', which does so where only the tree's room "
                    "is missing)" if tree_only else "") + past, tree_room=extra or 0)
 
+    @one_thread_if_forked
     def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
         of the heads' recorded trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
@@ -620,6 +630,7 @@ class Engine:
                                                         four_bit=self.quant == "q4"))
 
     # ---- generation ------------------------------------------------------------------------------------
+    @one_thread_if_forked
     def stream_batch(self, prompts: list, max_new_tokens: int | Sequence[int] = 256, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                      stop: Sequence[str] | None = None, seed: int | None = None, chat: bool | None = None,

@@ -42,6 +42,7 @@ _lock = threading.Lock()
 _on_pool = 0                # Python threads in a step on the pool: the extension runs on its own pool while > 0
 _kernel_threads = 0         # the kernels' count outside pool steps (0: torch's; tests fix it)
 _local = threading.local()  # this thread's depth (nested steps), torch_threads (its count before), kernel_threads
+_forked = False             # a forked child of a process that ran torch on several threads (_after_fork_in_child)
 
 
 def pool_setting() -> str:
@@ -113,9 +114,14 @@ class _PoolSteps:
 
 def _after_fork_in_child():
     """Only the forking thread lives on in a child: the other threads' steps never end there. Left counted, they
-    kept the extension on its own pool for good (and a lock one of them held would never be released)."""
-    global _lock, _on_pool
+    kept the extension on its own pool for good (and a lock one of them held would never be released).
+    libgomp's parallel regions hang in a child forked after the parent ran some on more than one thread (its team's
+    threads are gone): a float engine's first step there never returned. So in such a child every step runs as a
+    pool step does, whatever its weights: torch's ops on one thread, the kernels on the pool, which starts its own
+    workers there."""
+    global _lock, _on_pool, _forked
     _lock = threading.Lock()
+    _forked = _forked or torch.get_num_threads() > 1
     was, _on_pool = _on_pool, int(bool(getattr(_local, "kernel_threads", 0)))
     if was and not _on_pool:
         _extension().set_pool("omp")
@@ -128,6 +134,24 @@ if hasattr(os, "register_at_fork"):
 _POOL_STEPS = _PoolSteps()
 
 
+def one_thread_if_forked(fn):
+    """Decorates an engine's calls that run torch's ops outside decode steps (loading, cache allocation, scoring):
+    in a child forked from a process that ran torch on several threads (_after_fork_in_child) they run torch on one
+    thread, as its steps do, where libgomp's regions hang (a batch's new KV cache, torch.zeros, never returned).
+    The caller's count is handed back after the call; elsewhere the call is left as it is."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        n = torch.get_num_threads() if _forked else 1
+        if n == 1:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+    return run
+
+
 def on_pool(method):
     """Decorates a decoder's prefill / step: it runs on the pool when its model's steps do (`runs_on_pool`,
     decided once per decoder)."""
@@ -136,7 +160,7 @@ def on_pool(method):
         on = self.__dict__.get("_runs_on_pool")
         if on is None:
             on = self._runs_on_pool = runs_on_pool(self.model, getattr(self, "heads", None))
-        if not on:
+        if not on and not _forked:
             return method(self, *args, **kwargs)
         with _POOL_STEPS:
             return method(self, *args, **kwargs)
