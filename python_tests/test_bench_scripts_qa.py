@@ -47,6 +47,16 @@ if os.environ.get("AMPHISTA_FAIL") == argv[0]:
 '''
 
 
+@pytest.fixture(autouse=True)
+def torch_state():
+    """The scripts run in this process (runpy) switch autograd off and may set torch's thread count: later test
+    files (training) found gradients off."""
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    yield
+    torch.set_grad_enabled(grad)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def recorder(tmp_path):
     """(env, read): an environment whose `python -m amphista_engine.cli` only records; read() -> the argv lists."""
