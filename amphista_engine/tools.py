@@ -97,13 +97,16 @@ class ToolPlan(NamedTuple):
         (tool_choice "none" too: such a run may decode another request's calls)."""
         return bool(self.tools) and bool(self.hidden)
 
-    def read(self, text: str) -> tuple[str | None, list[dict]]:
+    def read(self, text: str, stops: bool = False) -> tuple[str | None, list[dict]]:
         """parse_tool_calls(text), keeping only the first call where parallel_tool_calls is false (the grammar
         already allows one under "required"; under "auto" the model may still write more, which are dropped, as
-        vLLM drops them). Not parse (tool_choice "none"): the text as content, less the control tokens shown."""
+        vLLM drops them). Not parse (tool_choice "none"): the text as content, less the control tokens shown. A
+        Llama 3 or Mistral answer cut after whole calls: those calls, as its stream sent them (_read_answer), but
+        for a request with stops (stop strings or stop_token_ids), whose stream sends calls whole at the end
+        (ToolCallFilter's whole): only a whole answer is calls, both ways."""
         if not self.parse:
             return _visible(text, self.hidden), []
-        content, calls = parse_tool_calls(text, self.fmt, v11=self.v11, hidden=self.hidden)
+        content, calls, _ = _read_answer(text, self.fmt, self.v11, self.hidden, cut=not stops)
         # "required", a named function: the grammar allows nothing but calls, so what is left (the unfinished next
         # block of an answer cut by max_tokens: '\n<tool_call>\n{"name":') is part of a call, never content
         return (None if self.calls_only else content), (calls if self.parallel else calls[:1])
@@ -625,6 +628,25 @@ def parse_tool_calls(text: str, fmt: str = "hermes", *, v11: bool = False,
     return (content if content and content.strip() else None), calls
 
 
+def _read_answer(text: str, fmt: str, v11: bool, hidden: tuple,
+                 cut: bool = True) -> tuple[str | None, list[dict], bool]:
+    """parse_tool_calls(text), and whether the answer is cut: a Llama 3 or Mistral answer that ended (max_tokens, a
+    stop, the model's end) while it could still be calls, after whole ones. Its parse reads no calls (only a whole
+    answer is calls), but its stream already sent the whole ones (ToolCallFilter.stream), and the reply gives those,
+    read as the stream read them; content is what the stream sent as content (Mistral's text before [TOOL_CALLS]),
+    never the cut call's JSON. Without this, "required" answered no content and no calls. cut False: the parse
+    alone (a request with stops, whose stream sends these formats' calls only at the end, as the parse reads them)."""
+    content, calls = parse_tool_calls(text, fmt, v11=v11, hidden=hidden)
+    if calls or not cut or fmt not in _WHOLE:
+        return content, calls, False
+    f = ToolCallFilter(True, fmt, v11=v11, hidden=hidden)
+    lead, _ = f.stream(text)
+    whole = [s.call for s in f.calls if s.call is not None]
+    if not f.holding or f.broke or not whole:
+        return content, calls, False
+    return (lead if lead.strip() else None), whole, True
+
+
 def _unclosed(body: str) -> str:
     """An unclosed last block's body less a partial </tool_call> it ends with (an answer cut by max_tokens inside
     the closing tag): its call parsed as where the cut fell just before the tag, not kept as content."""
@@ -710,6 +732,7 @@ class ToolCallFilter:
         self.obj = 0            # the call object being read: where its "{" is
         self.check: _Canon | None = None    # ... its JSON, read as Python's json reads it (NaN too)
         self.skip = False       # ... not begun {"name": ..., "arguments": {: it goes out whole once read
+        self.broke = False      # ... calls went out, then the answer turned out not to be calls (_not_calls)
 
     def feed(self, delta: str) -> str:
         self.text += delta
@@ -764,10 +787,14 @@ class ToolCallFilter:
 
     def _read(self, text: str) -> tuple[str | None, list[dict]]:
         """The whole answer's (content, calls), as the non-streamed reply reads it (ToolPlan.read)."""
+        return self._read_cut(text)[:2]
+
+    def _read_cut(self, text: str) -> tuple[str | None, list[dict], bool]:
+        """_read, and whether the answer is a cut one (_read_answer)."""
         if not self.parse:
-            return _visible(text, self.hidden), []
-        content, calls = parse_tool_calls(text, self.fmt, v11=self.v11, hidden=self.hidden)
-        return (None if self.calls_only else content), (calls if self.parallel else calls[:1])
+            return _visible(text, self.hidden), [], False
+        content, calls, cut = _read_answer(text, self.fmt, self.v11, self.hidden, cut=not self.whole)
+        return (None if self.calls_only else content), (calls if self.parallel else calls[:1]), cut
 
     def finish(self, text: str | None = None) -> tuple[str, list[dict]]:
         """(the content not sent yet, the calls) of the whole answer (`text`, or what was fed)."""
@@ -930,10 +957,11 @@ class ToolCallFilter:
                 self.phase = "done"     # its name or arguments given twice: left to end(), which compares
                 return "wait"
             cur.args += "}"
+            cur.call = call
             out.append({"index": len(self.calls) - 1, "function": {"arguments": "}"}})
         elif self.parallel or not self.calls:
             whole = _Streamed(call["name"], self.fmt, end)
-            whole.args = _args_json(call["arguments"])
+            whole.args, whole.call = _args_json(call["arguments"]), call
             self.calls.append(whole)
             out.append({"index": len(self.calls) - 1, "id": whole.id, "type": "function",
                         "function": {"name": whole.name, "arguments": whole.args}})
@@ -948,6 +976,7 @@ class ToolCallFilter:
         (what the parse of the whole answer will say); else nothing more goes out (end() says not whole)."""
         self.phase = "done"
         if self.calls:
+            self.broke = True
             return "", _merged(out)
         self.holding = False
         if self.fmt == "mistral" and not self.tagged:
@@ -1031,12 +1060,18 @@ class ToolCallFilter:
         where not whole, or JSON that broke after its name; Llama 3, Mistral: an answer that turned out not to be
         calls after one went out) is left as it went: nothing more is sent (the markup it began with is never
         content), and whole is False (the finish reason is not "tool_calls"); so is a block the answer ended in
-        before its call's name was read."""
+        before its call's name was read. A Llama 3 or Mistral answer cut after whole calls (_read_answer): the
+        reply's calls are those that went out, and whole is False (where calls go out whole, a request with stops,
+        only a whole answer is calls: ToolPlan.read)."""
         head, out = "", []
         if text is not None and text != self.text and text.startswith(self.text):
             head, out = self.stream(text[len(self.text):])
         text = self.text if text is None else text
-        content, calls = self._read(text)
+        content, calls, cut = self._read_cut(text)
+        if cut:
+            # its whole calls went out as they were read (a cut one maybe begun after them): nothing more to send,
+            # and the finish is the run's ("length"), not "tool_calls"
+            return head, out, False
         for k, sent in enumerate(self.calls):
             args = _args_json(calls[k]["arguments"]) if k < len(calls) else None
             if args is None or calls[k]["name"] != sent.name or not args.startswith(sent.args):
@@ -1291,6 +1326,7 @@ class _Streamed:
     def __init__(self, name: str, fmt: str, at: int):
         self.id, self.name, self.args, self.at = _call_id(fmt), name, "", at
         self.canon = _Canon()
+        self.call: dict | None = None   # Llama 3, Mistral: the call, once its whole object was read
 
 
 def _joined_parts(parts: list, i: int) -> str:
@@ -1332,5 +1368,5 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
         result = engine.generate(ids, **options)
     if not plan.parse:
         return result, result.text, []
-    content, calls = plan.read(result.text)
+    content, calls = plan.read(result.text, bool(options.get("stop") or options.get("stop_token_ids")))
     return result, content, calls

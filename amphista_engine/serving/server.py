@@ -1266,7 +1266,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if chat:
                     message = {"role": "assistant", "content": r.text}
                     if plan is not None and (plan.parse or plan.shows):      # each choice read on its own
-                        content, calls = plan.read(r.text)
+                        # with stops, as the stream's ToolCallFilter(whole=...) reads the answer (_stream)
+                        content, calls = plan.read(r.text, bool(one.options.get("stop") or
+                                                                one.options.get("stop_token_ids")))
                         message["content"] = content
                         if calls:
                             message = {"role": "assistant", "content": content,
