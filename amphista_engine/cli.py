@@ -665,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (one line) instead of streaming text: text, token_ids, prompt_tokens, "
                         "finish_reason (eos, length or stop), stats (token counts, times in ms, tau, accept_hist; "
                         "tree and tree_nodes when a tree ran), speculative (the method that ran, or null), weights "
-                        "(dtype, quant, linears) and, where the CPU timed the heads, speculation_check")
+                        "(dtype, quant, linears), kernels (the backend the hot ops ran on) and, where the CPU timed "
+                        "the heads, speculation_check")
     g.add_argument("--logprobs", action="store_true",
                    help="with --json: token_logprobs, the model's log-probability of each answer token")
     g.add_argument("--top-logprobs", type=int, default=0, metavar="N",

@@ -129,7 +129,7 @@ def test_an_error_mid_answer_starts_its_own_line(tiny_hf_dir, monkeypatch, capsy
     assert "amphista: error: the logits turned NaN at token 2" in cap.err and "Traceback" not in cap.err
 
 
-DOCUMENTED = {"text", "token_ids", "prompt_tokens", "finish_reason", "stats", "speculative", "weights",
+DOCUMENTED = {"text", "token_ids", "prompt_tokens", "finish_reason", "stats", "speculative", "weights", "kernels",
               "speculation_check"}
 
 
