@@ -470,3 +470,18 @@ def quantize_q4_k(x):
     block = np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), packed,
                             qs.reshape(rows, K // 256, 128)], axis=-1)
     return block.reshape(rows, K // 256 * 144)
+
+
+def collect(stream):
+    """(text per row, row results per row, errors per row) of a stream_batch(row_results=True) (or admit's refused
+    rows: an AmphistaError in place of text)."""
+    from amphista_engine.errors import AmphistaError
+    texts, results, errors = {}, {}, {}
+    for row, item in stream:
+        if isinstance(item, str):
+            texts[row] = texts.get(row, "") + item
+        elif isinstance(item, AmphistaError):
+            errors[row] = item
+        else:
+            results[row] = item
+    return texts, results, errors

@@ -10,7 +10,7 @@ import pytest
 
 from amphista_engine import AmphistaError, Engine, InputError
 from amphista_engine.errors import CacheFullError
-from conftest import needs_smollm2
+from conftest import collect, needs_smollm2
 
 pytestmark = [needs_smollm2, pytest.mark.usefixtures("one_thread_module")]
 
@@ -33,19 +33,6 @@ def eng():
 def alone(eng):
     """Each prompt decoded on its own, greedy and plain (the reference every batch row must equal)."""
     return [eng.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, LIMITS)]
-
-
-def collect(items):
-    """(text per row, row results per row, errors per row) of a stream_batch(row_results=True)."""
-    texts, results, errors = {}, {}, {}
-    for row, x in items:
-        if isinstance(x, str):
-            texts[row] = texts.get(row, "") + x
-        elif isinstance(x, BaseException):
-            errors[row] = x
-        else:
-            results[row] = x
-    return texts, results, errors
 
 
 @pytest.mark.parametrize("spec", [None, "amphista"])

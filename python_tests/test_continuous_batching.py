@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amphista_engine.errors import AmphistaError, CacheFullError, InputError
+from amphista_engine.errors import CacheFullError, InputError
 from amphista_engine.generation import GenerationStats, PlainDecoder, run
 from amphista_engine.kv_cache import KVCache
 from amphista_engine.sampling import SamplingParams
 
-from conftest import random_tiny_model
+from conftest import collect, random_tiny_model
 from test_speculative import OracleHeads, _NoText
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -40,18 +40,6 @@ class Feeder:
 def engine(tiny_amphista_engine):
     tiny_amphista_engine.reserve_batch(3)
     return tiny_amphista_engine
-
-
-def collect(stream):
-    texts, results, errors = {}, {}, {}
-    for row, item in stream:
-        if isinstance(item, str):
-            texts[row] = texts.get(row, "") + item
-        elif isinstance(item, AmphistaError):
-            errors[row] = item
-        else:
-            results[row] = item
-    return texts, results, errors
 
 
 @pytest.mark.parametrize("speculative", [None, "amphista"])
