@@ -97,3 +97,20 @@ def test_no_groups_without_memory_for_their_own_cache(tiny_fp32_amphista4_engine
     seen = _forwards(engine, monkeypatch)
     engine.generate_batch([LONG, *SHORT], max_new_tokens=2)
     assert (1 + len(SHORT), len(LONG)) in seen
+
+
+def test_the_heads_group_cache_holds_only_its_window(tiny_fp32_amphista4_engine, monkeypatch):
+    """A later group's heads entries go to a cache of their own: at the engine's max_seq_len it cost every row its
+    whole length, which `_room_for_groups` does not count; it holds the group's attention window, and the rows still
+    answer as alone (the speculative test above)."""
+    from amphista_engine.heads import amphista
+    engine = tiny_fp32_amphista4_engine
+    sizes, real = [], amphista.KVCache
+
+    def cache(n_layers, batch, n_kv_heads, max_seq_len, *a, **k):
+        sizes.append(max_seq_len)
+        return real(n_layers, batch, n_kv_heads, max_seq_len, *a, **k)
+    engine.generate_batch([SHORT[0], LONG], max_new_tokens=2, speculative="amphista")  # the batch's caches exist
+    monkeypatch.setattr(amphista, "KVCache", cache)
+    engine.generate_batch([SHORT[0], LONG], max_new_tokens=2, speculative="amphista")
+    assert sizes and max(sizes) == generation.kv_window(len(LONG), engine.max_seq_len) < engine.max_seq_len, sizes

@@ -196,10 +196,13 @@ class AmphistaHeads(DraftHeads):
         self.sal_cache.keep_rows(keep)
 
     def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
-        # The prompts' entries go to a cache of their own, as at a reset (every row from slot 0), then into place
+        # The prompts' entries go to a cache of their own, as at a reset (every row from slot 0), then into place.
+        # It holds only the window the step attends over: at the main cache's length it cost a row's whole
+        # max_seq_len (~6 MB for SmolLM2 at 2048) that the batch prefill's memory check does not count.
         main, c, p = self.sal_cache, self.sal_config, self.norm.weight
         k, T = hidden.shape[0], hidden.shape[1]
-        own = KVCache(c.n_layers, k, c.n_kv_heads, main.max_seq_len, c.head_dim, p.dtype, p.device)
+        window = max(T, min(kv_len, main.max_seq_len))
+        own = KVCache(c.n_layers, k, c.n_kv_heads, window, c.head_dim, p.dtype, p.device)
         state = (self._empty, self._resumed)
         self.sal_cache, self._empty, self._resumed = own, True, None
         try:
