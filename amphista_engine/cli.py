@@ -694,6 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
     register_training(sub)
     register_evaluation(sub)
     register_serving(sub)
+    # Every command that loads a model takes the backend switch, as AMPHISTA_BACKEND sets it: main() sets it for the
+    # process, so it reaches the server's scheduler thread and the benchmarks' own timed steps too.
+    from .kernels.backend import BACKENDS
+    for command in sub.choices.values():
+        if any("--device" in action.option_strings for action in command._actions):
+            command.add_argument("--backend", default=None, choices=BACKENDS,
+                                 help="kernel backend of the hot ops: torch (the reference), triton, cuda or cpu "
+                                      "(default: AMPHISTA_BACKEND, else the fastest on the device)")
     return parser
 
 
@@ -737,7 +745,11 @@ def main(argv=None) -> int:
     terms = _in_flag_terms if getattr(args, "func", None) in (cmd_generate, cmd_chat) else str
     shown = warnings.formatwarning
     warnings.formatwarning = functools.partial(_warning_line, terms=terms)   # one line, as errors are
+    from .kernels import backend
+    process_backend = backend.process_backend()
     try:
+        if getattr(args, "backend", None) is not None:
+            backend.set_backend(args.backend)       # put back below: main() also runs inside other programs
         return args.func(args)
     except AmphistaError as e:
         print(f"amphista: error: {terms(str(e))}", file=sys.stderr)
@@ -758,6 +770,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         warnings.formatwarning = shown
+        backend.set_backend(process_backend)
 
 
 if __name__ == "__main__":

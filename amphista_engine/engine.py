@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ import torch
 
 from .errors import AmphistaError, CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
+from .kernels.backend import check_backend, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
@@ -26,6 +28,17 @@ DEFAULT_MODEL = "smollm2-135m"
 # Trees built (and speculation checks weighed) per engine, most recently used kept: an engine serving requests that
 # each name their own path list or tree file must not keep every one for its lifetime. More than any heads record.
 KEPT_TREES = 64
+
+
+def _on_backend(method):
+    """Decorates an engine's calls that run hot ops: inside its own backend (Engine(backend=...)), where it has one.
+    A use_backend block around the call reached only that thread's eager work: a stream's steps run later, maybe
+    in another thread (a server's scheduler), so each step enters the engine's backend again (_drive)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with use_backend(self.backend):
+            return method(self, *args, **kwargs)
+    return run
 
 
 def _recent(cache: dict, key, make):
@@ -236,10 +249,17 @@ class Engine:
 
     @one_thread_if_forked
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int | None = None, max_batch_size: int = 1,
-                 cuda_graphs: bool = True, quant: str = "none", *, _owns_model: bool = False):
+                 cuda_graphs: bool = True, quant: str = "none", *, backend: str | None = None,
+                 _owns_model: bool = False):
         """max_seq_len None: DEFAULT_MAX_SEQ_LEN, or the model's sliding window where that is shorter (Phi-3-mini-4k's
         2047: this engine attends over all positions, the same model up to the window). The model stays the caller's:
-        its float weights are kept (from_pretrained's own model keeps only oneDNN's packed copies on a CPU)."""
+        its float weights are kept (from_pretrained's own model keeps only oneDNN's packed copies on a CPU).
+        backend: the kernel backend of this engine's hot ops ("torch", "triton", "cuda", "cpu"; see from_pretrained)."""
+        self._backend = None if backend is None else check_backend(backend, "Engine backend")
+        with use_backend(self._backend):
+            self._setup(loaded, heads, max_seq_len, max_batch_size, cuda_graphs, quant, _owns_model)
+
+    def _setup(self, loaded, heads, max_seq_len, max_batch_size, cuda_graphs, quant, _owns_model):
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.device
@@ -263,7 +283,7 @@ class Engine:
         trained = self.config.max_position_embeddings
         if max_seq_len > trained and not self.config.rope_scaling:
             warnings.warn(f"max_seq_len={max_seq_len} is past the {trained} positions the model was trained on: "
-                          "RoPE is extrapolated there, and text that long may degrade", stacklevel=2)
+                          "RoPE is extrapolated there, and text that long may degrade", stacklevel=3)
         self.heads = None           # loaded at the end (load_heads): a path or module is checked, not kept as given
         self._cache: KVCache | None = None
         self._cache_batch = max_batch_size
@@ -290,7 +310,7 @@ class Engine:
         # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
         from .kernels.backend import unmet_choice
         if (unmet := unmet_choice(self.device)) is not None:
-            warnings.warn(unmet, stacklevel=2)
+            warnings.warn(unmet, stacklevel=3)
         from .kernels.linear_setup import LinearSetup
         setup = LinearSetup.for_device(self.device, self.dtype, quant, free_floats=_owns_model)
         self.linears = setup.resolved(setup.apply(self.model))
@@ -308,7 +328,8 @@ class Engine:
     @one_thread_if_forked
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
-                        max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto") -> "Engine":
+                        max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto",
+                        backend: str | None = None) -> "Engine":
         """model: checkpoint directory, .gguf file or alias; heads: drafting heads (optional, see load_heads);
         max_seq_len: the KV cache's length (None: 2048, or the model's sliding window where shorter);
         max_batch_size: the KV cache's rows, checked against free memory here and allocated at the first run; a
@@ -318,8 +339,18 @@ class Engine:
         does so where the file stores the layers 4-bit (GGUF Q4_0/Q4_1/Q4_K, e.g. smollm2-135m; K-quant mixes such as
         Q4_K_M run their wider layers as int8 rows), "none" multiplies the
         dequantized weights in the model dtype (kernels/cpu_quant.py). `Engine(loaded)` itself defaults to "none":
-        it adapts a model loaded elsewhere, and quantizing changes that model in place."""
+        it adapts a model loaded elsewhere, and quantizing changes that model in place.
+        backend: the kernel backend of this engine's hot ops, "torch" (the reference), "triton", "cuda" or "cpu", for
+        every call and stream of this engine, in any thread (`engine.backend`); None (the default): the process's
+        choice (`kernels.use_backend` around a call, `kernels.set_backend`, AMPHISTA_BACKEND, else the device's
+        fastest). `engine.backend = name` changes it between runs."""
         check_engine_args(DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, max_batch_size, cuda_graphs)
+        backend = None if backend is None else check_backend(backend, "Engine backend")
+        with use_backend(backend):
+            return cls._load(model, heads, device, dtype, max_seq_len, max_batch_size, cuda_graphs, quant, backend)
+
+    @classmethod
+    def _load(cls, model, heads, device, dtype, max_seq_len, max_batch_size, cuda_graphs, quant, backend):
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         from .kernels.linear_setup import LinearSetup
@@ -328,13 +359,31 @@ class Engine:
         loaded = load_model(model, dtype=dtype, device=device,
                             max_seq_len=DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, quant=load_quant)
         engine = cls(loaded, max_seq_len=max_seq_len, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
-                     quant=quant, _owns_model=True)
+                     quant=quant, backend=backend, _owns_model=True)
         engine.loaded_name = str(model)
         if heads is not None:
             engine.load_heads(heads)
         return engine
 
+    @property
+    def backend(self) -> str | None:
+        """The kernel backend this engine's calls run on (Engine(backend=...)); None: the process's choice."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None):
+        name = None if name is None else check_backend(name, "Engine backend")
+        with self._decoding_lock:
+            if self._decoding is not None:
+                raise InputError("engine.backend cannot change while a run or stream of this engine decodes: finish "
+                                 "or close it first")
+            # Captured graphs hold the old backend's kernels, and speed checks timed them
+            self._backend = name
+            self.graphs.clear()
+            self._checks.clear()
+
     @one_thread_if_forked
+    @_on_backend
     def load_heads(self, heads):
         """heads: a heads directory, "default" (the Amphista heads shipped for this model), a shipped directory's
         name ("smollm2-135m-amphista", "smollm2-135m-medusa") or a heads module; None or "none" unloads them
@@ -454,6 +503,7 @@ class Engine:
         return [int(t) for t in ids]
 
     @one_thread_if_forked
+    @_on_backend
     def prompt_logprobs(self, ids, top_logprobs: int = 0):
         """The target's log-probability of each token of a prompt given the tokens before it (what OpenAI's
         completions return with echo=True): one forward pass over the prompt, the logits at position i - 1 scoring
@@ -557,6 +607,7 @@ class Engine:
                    "is missing)" if tree_only else "") + past, tree_room=extra or 0)
 
     @one_thread_if_forked
+    @_on_backend
     def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
         of the heads' recorded trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
@@ -631,6 +682,7 @@ class Engine:
 
     # ---- generation ------------------------------------------------------------------------------------
     @one_thread_if_forked
+    @_on_backend
     def stream_batch(self, prompts: list, max_new_tokens: int | Sequence[int] = 256, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                      stop: Sequence[str] | None = None, seed: int | None = None, chat: bool | None = None,
@@ -953,7 +1005,7 @@ class Engine:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and
                 # streams closed out of order restored each other's mode (the thread stayed in it for good).
-                with torch.inference_mode():
+                with torch.inference_mode(), use_backend(self._backend):
                     item = next(steps, None)
                 if item is not None and self._runs != mine:
                     # a run started inside this step (from the caller's admit()): its prefill replaced our cache,

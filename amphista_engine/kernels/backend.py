@@ -3,7 +3,8 @@
 Which backend runs, first match wins:
   1. `use_backend(name)` (a context manager, nestable: whatever runs inside the block in this thread / task, so
      an engine's generate() called there; a stream iterated after the block, or the server's scheduler thread,
-     does not see it),
+     does not see it). `Engine(..., backend=name)` runs every call of that engine inside one, each step of its
+     streams too, whichever thread asks for them (a server's scheduler),
   2. `set_backend(name)` (process-wide; `set_backend(None)` clears it),
   3. the environment variable AMPHISTA_BACKEND (read once, at the first hot op; after changing it inside a
      running process call clear_cache()),
@@ -46,6 +47,11 @@ def _check(name, where: str) -> str:
     return name.strip().lower()
 
 
+def check_backend(name, where: str) -> str:
+    """A backend's name as the switch takes it (stripped, lower case), or a ConfigError naming `where` it came from."""
+    return _check(name, where)
+
+
 _no_pdl: contextvars.ContextVar[bool] = contextvars.ContextVar("amphista_no_pdl", default=False)
 
 
@@ -76,6 +82,11 @@ def set_backend(name: Optional[str]) -> None:
     """Pick the backend for the whole process; None goes back to the environment variable / default."""
     global _global
     _global = None if name is None else _check(name, "set_backend")
+
+
+def process_backend() -> Optional[str]:
+    """What set_backend set for the whole process (None: nothing), so a caller can put it back."""
+    return _global
 
 
 @contextlib.contextmanager
