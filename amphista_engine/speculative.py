@@ -5,6 +5,7 @@ max_depth + 1 tokens per row and how many are real. Everything in a step stays o
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -213,6 +214,10 @@ class SpeculativeDecoder(PlainDecoder):
         self._ordered_verify = not (too_big and model.orders_decode(cache))
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
+        # Drafts of the heads the tree reads only (a CPU pays each head's LM-head rows: mix-4's 2 of 4 heads saved
+        # ~0.25 ms a step on SmolLM2's 4-bit heads), where the drafter takes a depth
+        takes = "depth" in inspect.signature(heads.step).parameters
+        self._depth = {"depth": tree.max_depth} if takes else {}
         self.tokens_per_step = tree.max_depth + 1
         self.times = {"draft": 0.0, "verify": 0.0, "accept": 0.0, "commit": 0.0}
         self.admits = False     # set by the engine before prefill: rows may join between steps (add_rows)
@@ -241,7 +246,7 @@ class SpeculativeDecoder(PlainDecoder):
         else:
             # rows for every cache row: a run that takes new prompts between steps (add_rows) may grow to them
             self.heads.reset_cache(max(B, self.cache.batch) if self.admits else B, self.cache.max_seq_len)
-        self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len))
+        self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len), **self._depth)
         self.last_count = None          # (self.ongoing: set by PlainDecoder.prefill, kept by its keep_rows)
         return root
 
@@ -283,7 +288,7 @@ class SpeculativeDecoder(PlainDecoder):
         count = tmp.cache.length[:len(idx)]
         nxt = _next_tokens(tokens, count, tmp.next)
         kv_len = kv_window(tokens.shape[1], self.cache.max_seq_len)
-        self.draft[idx] = self.heads.prefill_rows(idx, hidden, nxt, count, kv_len)
+        self.draft[idx] = self.heads.prefill_rows(idx, hidden, nxt, count, kv_len, **self._depth)
         if self.last_count is not None:
             self.last_count[idx] = 0
 
@@ -337,7 +342,7 @@ class SpeculativeDecoder(PlainDecoder):
         length += count
         if self.produced is not None:
             self.produced += count
-        self.draft.copy_(self.heads.step(acc_hidden, out, count, kv_len))
+        self.draft.copy_(self.heads.step(acc_hidden, out, count, kv_len, **self._depth))
         self.next.copy_(res.next_token)
         if self.logprobs:
             # each emitted token's log-probability where the target put it: at the accepted node before it

@@ -154,12 +154,13 @@ class AmphistaHeads(DraftHeads):
             z = layer(z, self.pos_emb if i == 0 else None)
         return self.norm(z).view(*lead, K, d)
 
-    def draft(self, stages: torch.Tensor) -> torch.Tensor:
-        """stages: [..., S, d] stage outputs at the drafting position(s) -> logits [..., K, V]."""
+    def draft(self, stages: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """stages: [..., S, d] stage outputs at the drafting position(s) -> logits [..., K, V]; of the first `depth`
+        heads where given (the block still attends over all K slots: each head sees the others)."""
         if self._stage_index is None or self._stage_index.device != stages.device:
             self._stage_index = torch.tensor(self.config.stage_of_head, device=stages.device)
         x = stages.index_select(-2, self._stage_index)              # [..., K, d]: head k's input
-        return self.logits(self.mix(self.res(x)))
+        return self.logits(self.mix(self.res(x))[..., :depth, :])
 
     # ---- the interface -----------------------------------------------------------------------------------
     def reset_cache(self, batch: int, max_seq_len: int):
@@ -195,7 +196,8 @@ class AmphistaHeads(DraftHeads):
     def keep_rows(self, keep: torch.Tensor):
         self.sal_cache.keep_rows(keep)
 
-    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
+    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int,
+                     depth: int | None = None) -> torch.Tensor:
         # The prompts' entries go to a cache of their own, as at a reset (every row from slot 0), then into place.
         # It holds only the window the step attends over: at the main cache's length it cost a row's whole
         # max_seq_len (~6 MB for SmolLM2 at 2048) that the batch prefill's memory check does not count.
@@ -206,7 +208,7 @@ class AmphistaHeads(DraftHeads):
         state = (self._empty, self._resumed)
         self.sal_cache, self._empty, self._resumed = own, True, None
         try:
-            draft = self.step(hidden, next_tokens, count, kv_len)
+            draft = self.step(hidden, next_tokens, count, kv_len, depth)
         finally:
             self.sal_cache, (self._empty, self._resumed) = main, state
         main.k[:, rows, :, :T] = own.k[:, :, :, :T]
@@ -214,11 +216,13 @@ class AmphistaHeads(DraftHeads):
         main.length[rows] = own.length[:k]
         return draft
 
-    def step(self, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
+    def step(self, hidden, next_tokens, count, kv_len: int, depth: int | None = None) -> torch.Tensor:
         """hidden [B, M, d] at target positions L_b + m (L_b = SAL cache length), next_tokens [B, M], count [B].
 
         Writes all M entries to the SAL cache (padding lands past the new length, where it is overwritten
-        before anything reads it), advances the length by count and drafts from entry count - 1 -> [B, K, V].
+        before anything reads it), advances the length by count and drafts from entry count - 1 -> [B, K, V]
+        ([B, depth, V] where given: the heads a tree that deep reads; each head's LM-head rows cost a CPU about
+        as much as the whole ResBlocks pass).
         """
         cache = self.sal_cache
         if cache is None:
@@ -237,7 +241,7 @@ class AmphistaHeads(DraftHeads):
         outs = self._sal(self._fuse(hidden, next_tokens), rope, cache, spec, mask)
         cache.length[:B] += count
         rows, last = torch.arange(B, device=dev), count - 1
-        return self.draft(torch.stack([o[rows, last] for o in outs], dim=1))   # [B, S, d] -> [B, K, V]
+        return self.draft(torch.stack([o[rows, last] for o in outs], dim=1), depth)   # [B, S, d] -> [B, K, V]
 
     def forward_train(self, hidden, next_tokens) -> torch.Tensor:
         """hidden [B, T, d] at positions 0..T-1, causal over the whole sequence, no cache -> [B, T, K, V]."""

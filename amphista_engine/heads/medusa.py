@@ -158,9 +158,10 @@ class DraftHeads(nn.Module):
         return self._bound
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., K, d] final features -> [..., K, V] (V = draft_vocab_size when set: map with token_ids)."""
+        """x: [..., K', d] final features of the first K' <= K heads -> [..., K', V] (V = draft_vocab_size when set:
+        map with token_ids)."""
         if self.config.per_head_lm_head:
-            return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
+            return torch.einsum("...kd,kvd->...kv", x, self.lm_heads[:x.shape[-2]])
         codes = None if torch.is_grad_enabled() and x.requires_grad else self._output_codes()   # no backward there
         if codes is not None:
             out = cpu_ops.packed_linear(x, codes)
@@ -202,11 +203,12 @@ class DraftHeads(nn.Module):
     def keep_rows(self, keep: torch.Tensor):
         """Rows keep[i] of the heads' own cache become row i (a batch dropped its ended rows)."""
 
-    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
+    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int,
+                     depth: int | None = None) -> torch.Tensor:
         """Drafts [len(rows), K, V] for prompts that join a run between steps, as step() drafts at a prefill: their
         entries go to rows `rows` of the heads' own cache, the other rows' untouched. Heads without a cache of
         their own just draft."""
-        return self.step(hidden, next_tokens, count, kv_len)
+        return self.step(hidden, next_tokens, count, kv_len, depth)
 
 
 class MedusaHeads(DraftHeads):
@@ -216,15 +218,17 @@ class MedusaHeads(DraftHeads):
         super().__init__(config)
         self.res = HeadResBlocks(config.num_heads, config.dim, config.medusa_layers, config.resblock_bias)
 
-    def _heads(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [..., d] -> logits [..., K, V]."""
+    def _heads(self, h: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """h: [..., d] -> logits [..., K, V] (of the first `depth` heads where given)."""
         x = h.unsqueeze(-2).expand(*h.shape[:-1], self.num_heads, h.shape[-1])
-        return self.logits(self.res(x.to(self.res.weight.dtype)))
+        return self.logits(self.res(x.to(self.res.weight.dtype))[..., :depth, :])
 
-    def step(self, hidden, next_tokens, count, kv_len: int) -> torch.Tensor:
-        """hidden [B, M, d]; drafts from row b's entry count[b] - 1 -> [B, K, V]. Medusa ignores the tokens."""
+    def step(self, hidden, next_tokens, count, kv_len: int, depth: int | None = None) -> torch.Tensor:
+        """hidden [B, M, d]; drafts from row b's entry count[b] - 1 -> [B, K, V]. Medusa ignores the tokens.
+        depth: only the first `depth` heads' logits ([B, depth, V]), all a tree that deep reads: a CPU's LM-head
+        rows cost about as much each as the whole ResBlocks pass."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._heads(hidden[rows, count - 1])
+        return self._heads(hidden[rows, count - 1], depth)
 
     def forward_train(self, hidden, next_tokens) -> torch.Tensor:
         """hidden [B, T, d] -> [B, T, K, V]."""

@@ -1,0 +1,74 @@
+"""A tree d deep reads the drafts of the first d heads only, so the speculative decoder asks the heads for those
+(heads.step(..., depth=d)): on a CPU each head's LM-head rows cost about as much as the whole ResBlocks pass. The
+drafts it gets must be the full drafts' first d rows, and the answers those of plain decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amphista_engine.heads import random_heads
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("kind,extra", [("amphista", {}), ("medusa", {}), ("medusa", {"per_head_lm_head": True})])
+def test_a_shallow_draft_is_the_full_drafts_first_heads(tiny_amphista_engine, kind, extra):
+    model = tiny_amphista_engine.model
+    heads = random_heads(kind, model, num_heads=4, seed=3, **extra)
+    if extra.get("per_head_lm_head"):
+        with torch.no_grad():
+            heads.lm_heads.copy_(torch.randn(heads.lm_heads.shape, generator=torch.Generator().manual_seed(4)))
+    g = torch.Generator().manual_seed(5)
+    B, M, d = 3, 6, model.config.dim
+    hidden = torch.randn(B, M, d, generator=g)
+    nxt = torch.randint(0, model.config.vocab_size, (B, M), generator=g)
+    count = torch.tensor([6, 2, 4])
+    with torch.inference_mode():
+        heads.reset_cache(B, 64)
+        full = heads.step(hidden, nxt, count, 64)
+        for depth in (1, 2, 3, 4):
+            heads.reset_cache(B, 64)
+            part = heads.step(hidden, nxt, count, 64, depth=depth)
+            assert part.shape == (B, depth, full.shape[-1])
+            assert _rel(part, full[:, :depth]) < 1e-5, (kind, depth)
+
+
+@pytest.mark.parametrize("tree,depth", [("chain-2", 2), ([[0], [1], [0, 0]], 2), ("dynamic-3", 2), ("dynamic-6", 3)])
+def test_the_decoder_scores_only_the_heads_its_tree_reads(tiny_amphista_engine, monkeypatch, tree, depth):
+    engine = tiny_amphista_engine
+    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
+    rows, real = [], engine.heads.logits
+
+    def logits(x):
+        rows.append(x.shape[-2])
+        return real(x)
+    monkeypatch.setattr(engine.heads, "logits", logits)
+    prompt = [5, 9, 13, 21, 34, 55]
+    plain = engine.generate(prompt, max_new_tokens=12, ignore_eos=True)
+    spec = engine.generate(prompt, max_new_tokens=12, ignore_eos=True, speculative="amphista", tree=tree)
+    assert rows and set(rows) == {depth}, rows
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.tau > 0
+
+
+def test_joiners_draft_as_deep_as_the_tree(tiny_amphista_engine):
+    """Rows that join a run (admit) get drafts of the run's depth: a full-depth draft copied into the run's drafts
+    raised a shape error."""
+    engine = tiny_amphista_engine
+    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=2))
+    engine._cache_for(2)
+    waiting = [[7, 8, 9, 10]]
+
+    def admit(free):
+        got = [(p, 6) for p in waiting[:free]]
+        del waiting[:free]
+        return got
+    alone = engine.generate([7, 8, 9, 10], max_new_tokens=6, ignore_eos=True).token_ids
+    out = engine.generate([3, 4, 5], max_new_tokens=6, ignore_eos=True, speculative="amphista", tree="chain-2",
+                          admit=admit)
+    assert not waiting and out.token_ids
+    assert engine.last_results[1].token_ids == alone
