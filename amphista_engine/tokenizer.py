@@ -242,24 +242,36 @@ class _ControlSplitter:
     whatever it encodes; so each stretch of text between control tokens is encoded on its own and
     gets that space, as in llama.cpp, Meta's reference Llama code and transformers' legacy Llama
     tokenizer. (User-defined pieces stay inside a stretch, as in sentencepiece.)
+
+    rstrip: the tokens that take the whitespace after them, as a Hugging Face added token with that flag does
+    (Phi-3's `<|end|>` and `<|assistant|>`: the chat template's "\\n" after them is no token).
     """
 
-    def __init__(self, pieces: dict[str, int], encode_stretch):
+    def __init__(self, pieces: dict[str, int], encode_stretch, rstrip=()):
         ordered = sorted((p for p in pieces if p), key=len, reverse=True)
         self.pattern = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
         self.pieces = pieces
         self.encode_stretch = encode_stretch
+        self.rstrip = frozenset(rstrip)
 
     def __call__(self, text: str) -> list[int]:
         if self.pattern is None:
             return list(self.encode_stretch(text)) if text else []
+        parts = self.pattern.split(text)   # re.split puts the captured separators at odd positions
+        for k in range(1, len(parts), 2):
+            if parts[k] in self.rstrip:
+                parts[k + 1] = _LEADING_WHITESPACE.sub("", parts[k + 1])
         ids = []
-        for k, part in enumerate(self.pattern.split(text)):
-            if k % 2:  # re.split puts the captured separators at odd positions
+        for k, part in enumerate(parts):
+            if k % 2:
                 ids.append(self.pieces[part])
             elif part:
                 ids.extend(self.encode_stretch(part))
         return ids
+
+
+# What an added token's rstrip takes: Unicode White_Space, as tokenizers' char::is_whitespace.
+_LEADING_WHITESPACE = re.compile(r"\A[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 
 class _TokenizersBackend:
@@ -384,23 +396,39 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# Mistral's Tekken (Mistral Nemo, Mistral Small 3, Pixtral's text model): the regex of its tokenizer.json, which
+# llama.cpp rewrites with lookaheads for its own regex engine (Oniguruma takes the \p{Lu}/\p{Ll} classes as written).
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek Coder 1.3B-33B (Llama architecture): newlines, letter runs, punctuation runs, CJK runs, then each digit.
+_DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+                          r"\p{N}")
+# llama.cpp's LLAMA3 pre-tokenizer type: these names all split as Llama 3, look a whole pre-token up in the vocabulary
+# before merging (its tokenizer.json's `ignore_merges`) and add BOS when the GGUF does not say. Falcon 3 and Pixtral
+# merged where llama.cpp looks up, and Pixtral went without the BOS its model was trained with.
+_LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+
 # tokenizer.ggml.pre -> (regexes applied in turn, isolating each match). Names and regexes follow
 # llama.cpp's llama-vocab.cpp; "default" (no `pre` key, old conversions) uses the GPT-2 regex, as
 # transformers' GGUF converter does, since those vocabularies were learned with it.
 _PRE_SPLITS = {
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais"), (_GPT2_SPLIT,)),
-    # StarCoder-style: every digit on its own, then GPT-2.
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+    **dict.fromkeys(("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "gigachat", "a.x-4.0", "mellum",
+                     "exaone4", "trillion"), (_GPT2_SPLIT,)),
+    # StarCoder-style: every digit on its own, then GPT-2. ("minerva" was never a llama.cpp name: its converter
+    # writes "minerva-7b", which was refused.)
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva", "minerva-7b"),
                     (r"\p{N}", _GPT2_SPLIT)),
-    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"),
-                    (_LLAMA3_SPLIT,)),
-    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2_SPLIT,)),
+    **dict.fromkeys(_LLAMA3_NAMES + ("dbrx", "smaug-bpe"), (_LLAMA3_SPLIT,)),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"), (_QWEN2_SPLIT,)),
+    "tekken": (_TEKKEN_SPLIT,),
+    "deepseek-coder": _DEEPSEEK_CODER_SPLITS,
 }
-# llama.cpp matches a whole pre-token against the vocabulary before merging for Llama 3 (as its
+# llama.cpp matches a whole pre-token against the vocabulary before merging for Llama 3 and Tekken (as their
 # tokenizer.json's `ignore_merges` does).
-_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
+_IGNORE_MERGES = {*_LLAMA3_NAMES, "tekken"}
 # Vocabularies whose tokenizer adds BOS when the GGUF does not say (llama.cpp's defaults).
-_BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
+_BOS_BY_DEFAULT = {*_LLAMA3_NAMES, "tekken"}
 # Vocabularies whose tokenizer.json normalizes text to NFC before splitting (Qwen2/2.5/3's `"normalizer": NFC`).
 # llama.cpp leaves this out, but the model was trained on NFC text: a decomposed "e" + U+0301 (macOS file names,
 # text pasted from some PDFs) must encode as the precomposed "é" the Hugging Face tokenizer gives.
@@ -499,10 +527,11 @@ class _AddedAsText:
         return "".join(parts) + (self.tok.decode(run) if run else "")
 
 
-def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix):
+def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix, rstrip=()):
     """A sentencepiece BPE vocabulary as a `tokenizers` BPE: sentencepiece merges the adjacent pair
     whose joined piece scores highest, so ranking every split of every piece by that score gives
-    the same merges (the same construction transformers uses)."""
+    the same merges (the same construction transformers uses). rstrip: the control tokens that take the
+    whitespace after them (_ControlSplitter)."""
     from tokenizers import Tokenizer as HFTokenizer, models, normalizers
 
     vocab = {}
@@ -528,8 +557,22 @@ def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix):
     backend.decode = _PieceDecoder(list(tokens), backend.special_ids, byte_values, bool(add_space_prefix))
     prefix = _SPIECE_SPACE if add_space_prefix else ""
     backend.encode = _ControlSplitter({t.content: vocab[t.content] for t in special},
-                                      lambda text: tok.encode(prefix + text, add_special_tokens=False).ids)
+                                      lambda text: tok.encode(prefix + text, add_special_tokens=False).ids,
+                                      rstrip=rstrip)
     return backend
+
+
+def _phi3_rstrip(meta, tokens, types) -> frozenset[str]:
+    """The tokens of a Phi-3 sentencepiece vocabulary that take the whitespace after them. A GGUF does not store
+    added tokens' flags; Phi-3's tokenizer.json marks its chat tokens and `</s>` rstrip, so the template's
+    `<|user|>\\n` is one token, and llama.cpp sets the same for a model whose name says Phi-3 ("phi-3", "phi3"; here
+    too for the phi3 architecture, whose newer conversions are named "Phi 3 Mini ..."). Without them every turn
+    marker of a Phi-3 GGUF prompt was followed by `▁` and `<0x0A>` tokens its model never saw there."""
+    name = str(meta.get("general.name") or "").lower()
+    if meta.get("general.architecture") != "phi3" and "phi-3" not in name and "phi3" not in name:
+        return frozenset()
+    return frozenset(t for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)
+                     and t not in ("<unk>", "<s>", "<|endoftext|>"))
 
 
 def _load_gguf(source) -> Tokenizer:
@@ -537,7 +580,7 @@ def _load_gguf(source) -> Tokenizer:
         where, meta = source.path, source.meta
     elif hasattr(source, "fields"):  # an open gguf.GGUFReader
         where = str(getattr(getattr(source, "data", None), "filename", None) or "GGUF reader")
-        meta = {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
+        meta = {k: f.contents() for k, f in source.fields.items() if k.startswith(("tokenizer.", "general."))}
     else:
         where = str(source)
         meta = read_gguf_metadata(where)
@@ -576,8 +619,8 @@ def _load_gguf(source) -> Tokenizer:
         else:
             if unk_id is None:
                 unk_id = next((i for i, ty in enumerate(types) if ty == _UNKNOWN), None)
-            backend = _gguf_sentencepiece(tokens, types, scores, unk_id,
-                                          get("tokenizer.ggml.add_space_prefix", True))
+            backend = _gguf_sentencepiece(tokens, types, scores, unk_id, get("tokenizer.ggml.add_space_prefix", True),
+                                          _phi3_rstrip(meta, tokens, types))
             add_bos_default = True
     except ModelLoadError:
         raise
