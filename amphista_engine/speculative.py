@@ -338,11 +338,17 @@ class SpeculativeDecoder(PlainDecoder):
         # Emitted = the token after each accepted node (the next accepted node's, then the bonus): exactly
         # the "next token" the SAL pairs with each accepted hidden state. Padding (-1) only needs a valid id.
         out = res.emitted.clamp(min=0)
-        acc_hidden = hidden.gather(1, nodes[..., None].expand(-1, -1, hidden.shape[-1]))
+        rows = nodes.shape[1]
+        if self.device.type == "cpu":
+            # A CPU pays the heads' fusion and SAL by the row, and a step accepts ~2 of the tree's D + 1 rows: the
+            # heads take only as many as some row accepted (the host reads this count after the step anyway; a
+            # GPU keeps D + 1, the static shape its graphs replay)
+            rows = max(int(count.max()), 1)
+        acc_hidden = hidden.gather(1, nodes[:, :rows, None].expand(-1, -1, hidden.shape[-1]))
         length += count
         if self.produced is not None:
             self.produced += count
-        self.draft.copy_(self.heads.step(acc_hidden, out, count, kv_len, **self._depth))
+        self.draft.copy_(self.heads.step(acc_hidden, out[:, :rows], count, kv_len, **self._depth))
         self.next.copy_(res.next_token)
         if self.logprobs:
             # each emitted token's log-probability where the target put it: at the accepted node before it

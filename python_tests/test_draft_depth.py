@@ -72,3 +72,41 @@ def test_joiners_draft_as_deep_as_the_tree(tiny_amphista_engine):
                           admit=admit)
     assert not waiting and out.token_ids
     assert engine.last_results[1].token_ids == alone
+
+
+def test_the_heads_take_only_the_rows_some_batch_row_accepted(tiny_amphista_engine, monkeypatch):
+    """On a CPU the heads' fusion and SAL cost by the row: after a step they take as many rows as the longest accepted
+    path (the tree's D + 1 before)."""
+    engine = tiny_amphista_engine
+    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
+    seen, real = [], engine.heads.step
+
+    def step(hidden, next_tokens, count, kv_len, depth=None):
+        out = real(hidden, next_tokens, count, kv_len, depth)
+        seen.append((hidden.shape[1], int(count.max())))
+        return out
+    monkeypatch.setattr(engine.heads, "step", step)
+    prompts = [[5, 9, 13, 21, 34, 55], [3, 1, 4, 1, 5]]
+    plain = engine.generate_batch(prompts, max_new_tokens=16, ignore_eos=True)
+    spec = engine.generate_batch(prompts, max_new_tokens=16, ignore_eos=True, speculative="amphista", tree="chain-3")
+    assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    steps = seen[1:]                              # after the prompt's pass
+    assert steps and all(rows == max(accepted, 1) for rows, accepted in steps), steps
+    assert any(rows < 4 for rows, _ in steps), steps      # chain-3: D + 1 = 4 rows before
+
+
+def test_padding_rows_past_every_count_leave_the_drafts_alone(tiny_amphista_engine):
+    """What the trimming relies on: rows past every row's count change no draft (they land past the new lengths)."""
+    heads = random_heads("amphista", tiny_amphista_engine.model, num_heads=3, seed=6)
+    g = torch.Generator().manual_seed(7)
+    d, V = tiny_amphista_engine.model.config.dim, tiny_amphista_engine.model.config.vocab_size
+    prompt_h, prompt_t = torch.randn(2, 5, d, generator=g), torch.randint(0, V, (2, 5), generator=g)
+    step_h, step_t = torch.randn(2, 4, d, generator=g), torch.randint(0, V, (2, 4), generator=g)
+    count = torch.tensor([2, 1])
+    drafts = {}
+    with torch.inference_mode():
+        for rows in (4, 2):
+            heads.reset_cache(2, 64)
+            heads.step(prompt_h, prompt_t, torch.tensor([5, 3]), 64)
+            drafts[rows] = heads.step(step_h[:, :rows], step_t[:, :rows], count, 64)
+    assert _rel(drafts[2], drafts[4]) < 1e-6
