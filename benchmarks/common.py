@@ -12,6 +12,14 @@ from amphista_engine.evaluation.env import commit, hardware, median_ms, sync  # 
 RESULTS = Path(__file__).parent / "results"
 
 
+MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
+
+
+def first_turns(n: int | None = None) -> list[str]:
+    """The first n MT-Bench first turns (all 80 for None): the evaluation prompts the CPU A/B scripts time."""
+    return [json.loads(line)["turns"][0] for line in open(MT_BENCH)][:n]
+
+
 def write_results(name: str, rows: list[dict], meta: dict, table: str, out_dir: Path | None = None):
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ tokens/s and tau per tree; every answer is checked against plain decoding.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,9 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amphista_engine import Engine  # noqa: E402
 from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import ab_parser, hardware, md_table, rotating_runs, write_results  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ab_parser, first_turns, hardware, md_table, rotating_runs, write_results  # noqa: E402
 
 
 def main():
@@ -56,8 +53,7 @@ def main():
         return engine.generate(question, max_new_tokens=args.max_new_tokens,
                                speculative="amphista" if spec else None, tree=tree if spec else None)
 
-    qs = [json.loads(line)["turns"][0] for line in open(ROOT.parent / "shared" / "data" / "mt_bench.jsonl")]
-    qs = qs[:args.questions]
+    qs = first_turns(args.questions)
     trees = [t for t in args.trees.split(",") if t]
     configs = [("after", "plain")] + [(s, t) for t in trees for s in ("before", "after")]
     engine.generate(qs[0], max_new_tokens=8)                               # warm-up
