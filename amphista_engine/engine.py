@@ -917,7 +917,10 @@ class Engine:
         """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
         tree's room `extra` too), each an AmphistaError where refused."""
         def joins(free: int) -> list:
-            entries, got = [], admit(free)
+            # The caller's code, called between steps: not in the steps' inference mode (tensors it made there could
+            # never join an autograd graph later, and its own inference_mode checks said True)
+            with torch.inference_mode(False):
+                entries, got = [], admit(free)
             # a str or a dict was iterated into per-character (per-key) errors, a number raised a TypeError
             if got is not None and (isinstance(got, (str, bytes, Mapping)) or not hasattr(got, "__iter__")):
                 raise InputError(f"admit({free}) must return a list of (prompt, max_new_tokens) pairs, got "

@@ -196,3 +196,20 @@ def test_amphista_heads_prefill_rows_fills_their_own_cache_rows():
         joined1 = heads.step(torch.cat([ha2, hb2]), torch.cat([ta2, tb2]), torch.tensor([2, 2]), 64)
     torch.testing.assert_close(joined0, alone0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(joined1[1:], alone1, rtol=1e-5, atol=1e-5)
+
+
+def test_admit_runs_outside_the_steps_inference_mode(tiny_amphista_engine):
+    """admit() is the caller's code: a tensor it makes must be an ordinary one (an inference tensor can never join an
+    autograd graph later), as it would be anywhere else in the caller's loop."""
+    engine = tiny_amphista_engine
+    engine._cache_for(2)
+    made, waiting = [], [[7, 8, 9]]
+
+    def admit(free):
+        made.append((torch.is_inference_mode_enabled(), torch.ones(2).is_inference()))
+        got = [(p, 4) for p in waiting[:free]]
+        del waiting[:free]
+        return got
+    engine.generate([3, 4, 5], max_new_tokens=6, ignore_eos=True, admit=admit)
+    assert made and not waiting
+    assert all(not mode and not inference for mode, inference in made), made
