@@ -17,7 +17,7 @@ import torch
 
 from .errors import AmphistaError, CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
-from .kernels.backend import check_backend, use_backend
+from .kernels.backend import check_backend, scoped_backend, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
@@ -880,7 +880,10 @@ class Engine:
             # past the cache). It ends after its prefill anyway: joiners wait for the next run.
             admit = None
         joins = None if admit is None else self._admission(admit, chat, extra, min_tokens, mixed)
-        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids)
+        # The backend this call runs on (the engine's, else a use_backend block around the call), for every step of
+        # the stream: it is lazy, and its steps may run after the block, in another thread
+        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids,
+                           scoped_backend())
 
     def _grammar(self, response_format, ignore_eos: bool, min_tokens: int):
         """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None."""
@@ -982,9 +985,9 @@ class Engine:
                     self._decoding = None if overtakes else before
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
-               ignore_eos: bool = False, admit=None, stop_ids=()):
+               ignore_eos: bool = False, admit=None, stop_ids=(), backend: str | None = None):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
-        keeps its own prompt + answer.
+        keeps its own prompt + answer. backend: the kernel backend every step runs on (None: the process's choice).
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
         stats = [GenerationStats() for _ in ids]
         ended: list[int] = []           # rows that ended since the last item: their results follow it
@@ -1008,7 +1011,7 @@ class Engine:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and
                 # streams closed out of order restored each other's mode (the thread stayed in it for good).
-                with torch.inference_mode(), use_backend(self._backend):
+                with torch.inference_mode(), use_backend(backend):
                     item = next(steps, None)
                 if item is not None and self._runs != mine:
                     # a run started inside this step (from the caller's admit()): its prefill replaced our cache,

@@ -1,7 +1,8 @@
 """The backend switch per engine (issue 5: "selectable per engine and by environment variable"):
 Engine(backend=...) runs every call of that engine on its backend, a stream's steps too wherever they are
 iterated (after the call, in another thread: a server's scheduler), where `use_backend` around a call reached only
-that thread's eager work. The CLI's --backend sets it for the process (as AMPHISTA_BACKEND does) and puts it back."""
+that thread's eager work (a stream started in such a block now steps on it too). The CLI's --backend sets it for
+the process (as AMPHISTA_BACKEND does) and puts it back."""
 from __future__ import annotations
 
 import threading
@@ -77,6 +78,17 @@ def test_without_one_the_process_choice_runs(tiny_hf_dir, seen):
     with backend.use_backend("torch"):
         eng.generate("hello", max_new_tokens=3, chat=False, ignore_eos=True)
     assert set(seen) == {"torch"}, set(seen)
+
+
+def test_a_stream_started_in_a_use_backend_block_steps_on_it_after_the_block(tiny_hf_dir, seen):
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=64)
+    with backend.use_backend("torch"):
+        stream = eng.stream("hello", max_new_tokens=4, chat=False, ignore_eos=True)
+    assert "".join(stream) and eng.last_result is not None
+    assert seen and set(seen) == {"torch"}, set(seen)
+    seen.clear()
+    eng.generate("hello", max_new_tokens=2, chat=False, ignore_eos=True)     # outside any block: the default again
+    assert set(seen) == {"cpu"}, set(seen)
 
 
 def test_a_bad_backend_is_named_before_loading(tmp_path):

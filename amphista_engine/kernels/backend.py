@@ -2,9 +2,9 @@
 
 Which backend runs, first match wins:
   1. `use_backend(name)` (a context manager, nestable: whatever runs inside the block in this thread / task, so
-     an engine's generate() called there; a stream iterated after the block, or the server's scheduler thread,
-     does not see it). `Engine(..., backend=name)` runs every call of that engine inside one, each step of its
-     streams too, whichever thread asks for them (a server's scheduler),
+     an engine's generate() called there, and every step of an engine's stream started there, even iterated after
+     the block or in another thread). `Engine(..., backend=name)` runs every call of that engine inside one, each
+     step of its streams too, whichever thread asks for them (a server's scheduler),
   2. `set_backend(name)` (process-wide; `set_backend(None)` clears it),
   3. the environment variable AMPHISTA_BACKEND (read once, at the first hot op; after changing it inside a
      running process call clear_cache()),
@@ -82,6 +82,12 @@ def set_backend(name: Optional[str]) -> None:
     """Pick the backend for the whole process; None goes back to the environment variable / default."""
     global _global
     _global = None if name is None else _check(name, "set_backend")
+
+
+def scoped_backend() -> Optional[str]:
+    """The backend the innermost use_backend block picked here (None: none): a stream started in the block takes it
+    along to steps iterated after it."""
+    return _scoped.get()
 
 
 def process_backend() -> Optional[str]:
