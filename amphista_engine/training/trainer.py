@@ -558,7 +558,8 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
+    lr_at = _lr_lambda(warmup, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     step, history = 0, []
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "stop_after", "progress", "log")}
     # the model a heads mismatch names later (checkpoint.trained_model): a target handed in was not loaded from
@@ -574,9 +575,18 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         heads.load_state_dict({k: v.to(dev) for k, v in st["heads"].items()})
         if cfg.draft_vocab:
             heads.set_draft_vocab(heads.draft_vocab.clone())    # drops the gathered LM-head rows of the old set
+        decay_now = [g["weight_decay"] for g in opt.param_groups]
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, history = st["step"], st.get("history", [])
+        # The saved groups carry the rate the saved schedule gave for the next step (0 once a run finished: its
+        # cosine has decayed) and the saved weight decay; the scheduler recomputes the rate only after an update.
+        # --steps/--epochs/--warmup (and --weight-decay, with a warning) may differ now, so the first resumed
+        # update takes this run's values too; with none changed these equal what the saved groups hold.
+        sched.last_epoch = step
+        for g, base, wd in zip(opt.param_groups, sched.base_lrs, decay_now, strict=True):
+            g["lr"], g["weight_decay"] = base * lr_at(step), wd
+        sched._last_lr = [g["lr"] for g in opt.param_groups]     # get_last_lr() reports the rate the step uses
         torch.set_rng_state(st["torch_rng"])
         if step >= total:
             print(f"train: {sf} is at step {step} of {total}: nothing left to train (raise --steps to go on)",
