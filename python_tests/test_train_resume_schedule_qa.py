@@ -83,3 +83,13 @@ def test_a_changed_weight_decay_applies_to_the_resumed_steps(shard, target, tmp_
     _, seen = _train(shard, target, out, steps=4, weight_decay=0.1, resume=True)
     assert "continues with --weight-decay 0.0 -> 0.1" in capsys.readouterr().err
     assert [wd for _, wd in seen] == [0.1, 0.1]
+
+
+def test_the_log_records_the_rate_each_update_used(shard, target, tmp_path):
+    """Each step's log record holds the learning rate of its own update: it held the next step's (read after the
+    scheduler stepped), so a finished run's last record said 0."""
+    import json
+    log = tmp_path / "log.jsonl"
+    _, seen = _train(shard, target, tmp_path / "o", steps=5, warmup=2, log=str(log))
+    logged = [r["lr"] for r in map(json.loads, log.read_text().splitlines()) if not r.get("eval")]
+    assert logged == pytest.approx(_lrs(seen), rel=1e-12, abs=0) and logged[-1] > 0

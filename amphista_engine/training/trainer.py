@@ -710,13 +710,13 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
                dynamic_ncols=True, desc=f"train {cfg.kind}")
     t0, toks, last_ev, stop, start = time.perf_counter(), 0, None, cfg.stop_after, step
 
-    def _after_step(r, loss, gnorm):
-        """Progress, log, evaluation and checkpoint of the step just taken."""
+    def _after_step(r, loss, gnorm, lr):
+        """Progress, log, evaluation and checkpoint of the step just taken (lr: the rate its update used)."""
         nonlocal last_ev
         dt = time.perf_counter() - t0
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{toks / dt:.0f}")
-        rec = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm, "elapsed_s": round(dt, 2)}
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{toks / dt:.0f}")
+        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "elapsed_s": round(dt, 2)}
         if r is not None and "mse" in r[1]:
             rec["mse"] = [round(v, 4) for v in r[1]["mse"].tolist()]
         _log(cfg, rec)
@@ -747,9 +747,12 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
                     else:
                         print(f"train: step {step}: non-finite gradient norm, update skipped", file=sys.stderr)
                     toks += r[1]["tokens"]
+                # the rate this update used: after sched.step() the scheduler reports the next one (the last step's
+                # record said 0)
+                lr = opt.param_groups[0]["lr"]
                 sched.step()
                 step += 1
-            _after_step(r, loss, gnorm)
+            _after_step(r, loss, gnorm, lr)
             if stop is not None and step >= stop:
                 break
     except KeyboardInterrupt:
