@@ -166,8 +166,10 @@ def register(sub) -> None:
     t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = at evals/end)")
     t.add_argument("--max-seq-len", type=int, default=1024, help="longer sequences are skipped (counted)")
     t.add_argument("--resume", action="store_true",
-                   help="continue from OUT/trainer_state.pt (same data, split and layout; --steps, --stop-after, "
-                        "--save-every, --eval-every and --log may change)")
+                   help="continue from OUT/trainer_state.pt (same data, split, layout, --lr and seed; --steps, "
+                        "--epochs, --stop-after, --save-every, --eval-every and --log may change, and so may "
+                        "--warmup, --weight-decay, --clip, --loss-positions, --mse-* and --train-dtype, with a "
+                        "warning; the schedule follows the new values from the first resumed step)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the heads (and trainer state) already in OUT instead of refusing to")
     t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
