@@ -103,7 +103,8 @@ class ToolPlan(NamedTuple):
         vLLM drops them). Not parse (tool_choice "none"): the text as content, less the control tokens shown. A
         Llama 3 or Mistral answer cut after whole calls: those calls, as its stream sent them (_read_answer), but
         for a request with stops (stop strings or stop_token_ids), whose stream sends calls whole at the end
-        (ToolCallFilter's whole): only a whole answer is calls, both ways."""
+        (ToolCallFilter's whole): only a whole answer is calls, both ways. A Hermes answer cut inside its last
+        block (not with stops): the calls before that block, content what its stream sent, the block dropped."""
         if not self.parse:
             return _visible(text, self.hidden), []
         content, calls, _ = _read_answer(text, self.fmt, self.v11, self.hidden, cut=not stops)
@@ -635,7 +636,15 @@ def _read_answer(text: str, fmt: str, v11: bool, hidden: tuple,
     answer is calls), but its stream already sent the whole ones (ToolCallFilter.stream), and the reply gives those,
     read as the stream read them; content is what the stream sent as content (Mistral's text before [TOOL_CALLS]),
     never the cut call's JSON. Without this, "required" answered no content and no calls. cut False: the parse
-    alone (a request with stops, whose stream sends these formats' calls only at the end, as the parse reads them)."""
+    alone (a request with stops, whose stream sends these formats' calls only at the end, as the parse reads them).
+    Hermes: an answer cut inside its last block while that block could still become a call (or inside the next
+    <tool_call> tag after a block: _cut_at) reads as the text before it: the whole calls before the cut, content
+    what the stream sent as content, the cut block dropped. Kept as content, its markup (and the call's partial
+    JSON) was the reply's content, while the stream, which holds a block back, sent nothing for it."""
+    at = _cut_at(text) if cut and fmt == "hermes" else None
+    if at is not None:
+        content, calls = parse_tool_calls(text[:at], fmt, hidden=hidden)
+        return (content if content and content.strip() else None), calls, True
     content, calls = parse_tool_calls(text, fmt, v11=v11, hidden=hidden)
     if calls or not cut or fmt not in _WHOLE:
         return content, calls, False
@@ -645,6 +654,30 @@ def _read_answer(text: str, fmt: str, v11: bool, hidden: tuple,
     if not f.holding or f.broke or not whole:
         return content, calls, False
     return (lead if lead.strip() else None), whole, True
+
+
+def _cut_at(text: str) -> int | None:
+    """Where a Hermes answer's whole part ends when the answer ends inside its last block, unclosed, that is no call
+    yet but could still become one its stream reads (its JSON so far begins a call's header, `{"name": ...,
+    "arguments": {`, and has not ended: _header, _Canon), or inside the `<tool_call>` tag that would open the next
+    block after one (2 or more of its characters: a lone "<" may be the answer's own text); None otherwise. An
+    unclosed block whose JSON ended, or that cannot begin a call, stays content, as a closed one that does not
+    parse (the model's own text, as written)."""
+    last = None
+    for last in _BLOCK.finditer(text):
+        pass
+    if last is None:
+        return None
+    if last.group(2) is None:
+        k = next((k for k in range(len(TOOL_CALL_START) - 1, 1, -1)
+                  if len(text) - last.end() >= k and text.endswith(TOOL_CALL_START[:k])), 0)
+        return len(text) - k if k else None
+    body = _unclosed(last.group(2))
+    if _call(body) is not None or _header(body, 0)[0] == "no":
+        return None
+    json_so_far = _Canon(lenient=True)     # NaN too: the whole answer's parse would read it
+    json_so_far.feed(body)
+    return None if json_so_far.bad or json_so_far.done else last.start()
 
 
 def _unclosed(body: str) -> str:
@@ -1059,44 +1092,44 @@ class ToolCallFilter:
         not sent goes out. A call that went out but is not the reply's (cut by max_tokens, or by a stop string
         where not whole, or JSON that broke after its name; Llama 3, Mistral: an answer that turned out not to be
         calls after one went out) is left as it went: nothing more is sent (the markup it began with is never
-        content), and whole is False (the finish reason is not "tool_calls"); so is a block the answer ended in
-        before its call's name was read. A Llama 3 or Mistral answer cut after whole calls (_read_answer): the
-        reply's calls are those that went out, and whole is False (where calls go out whole, a request with stops,
-        only a whole answer is calls: ToolPlan.read)."""
+        content), and whole is False (the finish reason is not "tool_calls"). A Hermes answer cut inside its last
+        block (_cut_at): the reply reads the text before that block, so the calls before it are finished and the
+        content held back goes out, never the cut block's markup; whole is False where that block's call went out
+        begun. A Llama 3 or Mistral answer cut after whole calls (_read_answer): the reply's calls are those that
+        went out, and whole is False (where calls go out whole, a request with stops, only a whole answer is
+        calls: ToolPlan.read)."""
         head, out = "", []
         if text is not None and text != self.text and text.startswith(self.text):
             head, out = self.stream(text[len(self.text):])
         text = self.text if text is None else text
         content, calls, cut = self._read_cut(text)
-        if cut:
+        if cut and self.fmt in _WHOLE:
             # its whole calls went out as they were read (a cut one maybe begun after them): nothing more to send,
             # and the finish is the run's ("length"), not "tool_calls"
             return head, out, False
-        for k, sent in enumerate(self.calls):
+        # Hermes, cut inside its last block (_read_answer reads the answer without it): the call that block began,
+        # if its name went out, is left as it went (not the reply's, so the calls are not whole), but the whole
+        # calls before it get what they lack and the content held back goes out, as the reply has them
+        at = _cut_at(text) if cut else None
+        begun = at is not None and self.cur is not None and self.body == at + len(TOOL_CALL_START)
+        streamed = self.calls[:-1] if begun else self.calls
+        if begun and len(streamed) != len(calls):
+            return head, out, False
+        for k, sent in enumerate(streamed):
             args = _args_json(calls[k]["arguments"]) if k < len(calls) else None
             if args is None or calls[k]["name"] != sent.name or not args.startswith(sent.args):
                 return head, out, False
             if len(args) > len(sent.args):
                 out.append({"index": k, "function": {"arguments": args[len(sent.args):]}})
-        for k in range(len(self.calls), len(calls)):
+        for k in range(len(streamed), len(calls)):
             out.append({"index": k, **openai_tool_calls([calls[k]], self.fmt)[0]})
         self.calls_sent = len(calls)
         sent = _visible(self.text[:self.sent], self.hidden)
         rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
-        if self.whole:
-            return head + rest, out, True   # the non-streamed reply's content, a cut block's markup too (__init__)
-        if self.body is not None and self.cur is None and not self.frozen:
-            # the answer ended (cut) inside a block that was still becoming a call (its name not yet read): like
-            # a call cut in its arguments, it is not sent as content (its markup never is)
-            tail = _visible(text[self.body - len(TOOL_CALL_START):], self.hidden)
-            rest = rest[:len(rest) - len(tail)] if rest.endswith(tail) else rest
-        elif self.fmt == "hermes" and self.holding and self.body is None:
-            # ... or cut inside the next block's <tool_call> tag itself (after a call: "... mid <tool_call"): no
-            # block was open, so the partial tag went out as content, markup in delta.content. A lone "<" stays
-            # content ("x <" after the calls may be an answer's own text)
-            k = next((k for k in range(len(TOOL_CALL_START) - 1, 1, -1) if rest.endswith(TOOL_CALL_START[:k])), 0)
-            rest = rest[:len(rest) - k]
-        return head + rest, out, True
+        # where not whole, the non-streamed reply's content, a cut block's markup too (__init__); else a block the
+        # answer was cut in (or the next block's <tool_call> tag after a call) is no part of it (_cut_at): its
+        # markup is never content
+        return head + rest, out, not begun
 
 
 # ---- streamed calls ---------------------------------------------------------------------------------------------
