@@ -19,8 +19,9 @@ How it stays correct:
     `draft`, `seen`, a logit bias...) are copied into the tensors the graph was captured with, and the decoder is
     rebound to them; attributes the step itself rebinds (`last_count`) are pointed at this graph's tensors after
     every replay.
-  * Every buffer the graph reads without owning it (KV cache, SAL cache, static tree, RoPE tables) is
-    fingerprinted by address; if the engine reallocated one, the stale graph is dropped and recaptured.
+  * Every buffer the graph reads without owning it (KV cache, SAL cache, static tree, RoPE tables, the heads'
+    draft-vocabulary rows) is fingerprinted by address; if the engine reallocated one, the stale graph is dropped
+    and recaptured.
   * Sampling: the default CUDA generator is graph-safe (torch registers it with every capture); a seeded
     generator is registered with the graph (CUDAGraph.register_generator_state) and its graphs are kept for
     that generator only. Without that API, seeded sampling runs eagerly.
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from .kernels.backend import get_backend
 
 ENV_VAR = "AMPHISTA_CUDA_GRAPHS"
 # decoder tensors a step reads (or updates) in place
@@ -100,7 +103,9 @@ def external_buffers(decoder) -> list[torch.Tensor]:
         sal = getattr(heads, "sal_cache", None)
         if sal is not None:
             bufs += [sal.k, sal.v, sal.length]
-        bufs += _tensors_of(heads, ("_rope", "_stage_index"))
+        # _w_sub: the LM head's draft-vocabulary rows, gathered lazily and dropped by set_draft_vocab; a graph that
+        # kept reading the old rows scored the new vocabulary's slots with the old tokens' rows
+        bufs += _tensors_of(heads, ("_rope", "_stage_index", "_w_sub", "draft_vocab"))
     tree = getattr(getattr(decoder, "tree", None), "static", None)
     if tree is not None:
         bufs += _tensors_of(tree, ("depth", "parent", "rank", "ancestor_bits", "mask", "retrieve"))
@@ -166,7 +171,9 @@ class DecodeGraphs:
                 getattr(decoder, "acceptance", None), int(kv_len), mode,
                 None if gen is None or p.greedy else id(gen), decoder.next.device.index,
                 getattr(decoder, "logprobs", False),        # a step that also computes its tokens' log-probs
-                getattr(decoder, "top_logprobs", 0))        # ... and the top N at each (N sizes its topk)
+                getattr(decoder, "top_logprobs", 0),        # ... and the top N at each (N sizes its topk)
+                # the kernels a capture recorded: a use_backend block or set_backend may pick others for a later run
+                get_backend(decoder.next.device))
 
     @staticmethod
     def fingerprint(decoder) -> tuple:

@@ -353,6 +353,23 @@ def test_graph_bookkeeping_on_cpu(kind, tree, one_thread):
     assert moved == eager and graphs.stats.dropped >= 1
 
 
+def test_a_backend_picked_between_runs_gets_graphs_of_its_own(one_thread):
+    """A graph replays the kernels its capture recorded: a run under another backend (a use_backend block, or
+    set_backend, between runs) must capture its own, not replay the first one's."""
+    from amphista_engine.kernels import cpu_available, use_backend
+    if not cpu_available():
+        pytest.skip("needs the CPU extension: a second backend")
+    model, cache, prompts = _setup("cpu", dtype=torch.float32)
+    graphs = _CPUGraphs()
+    with use_backend("torch"):
+        first, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 6, graphs=graphs)
+    keys = set(graphs.graphs)
+    with use_backend("cpu"):
+        second, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 6, graphs=graphs)
+    assert keys and set(graphs.graphs) - keys, "the cpu backend's run replayed the torch backend's graphs"
+    assert {k[-1] for k in graphs.graphs} == {"torch", "cpu"}
+
+
 def test_uncapturable_step_falls_back_to_eager(recwarn):
     model, cache, prompts = _setup("cpu", dtype=torch.float32, batch=1)
 
