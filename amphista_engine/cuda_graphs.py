@@ -38,11 +38,18 @@ from typing import Any, Callable
 
 import torch
 
-from .kernels.backend import get_backend
-
 ENV_VAR = "AMPHISTA_CUDA_GRAPHS"
 # decoder tensors a step reads (or updates) in place
 STATE_ATTRS = ("next", "draft", "seen", "ongoing", "counts", "bias", "produced", "ban_ids")
+
+
+def _kernel_modes(device) -> tuple:
+    """What picks the kernels a capture records, beside the decoder's own settings: a use_backend block,
+    set_backend, or AMPHISTA_EXACT_GREEDY / AMPHISTA_TREE_MERGE / AMPHISTA_TRITON_LINEAR / AMPHISTA_PDL (and their
+    benchmarks' blocks) may pick others for a later run, which must not replay the first one's."""
+    from .kernels import backend, gpu_exact, routed_linear, split_merge
+    return (backend.get_backend(device), gpu_exact.enabled(), split_merge.default_merge(), routed_linear.mode(),
+            backend.pdl_wanted())
 
 
 def graphs_enabled_by_env() -> bool:
@@ -172,8 +179,7 @@ class DecodeGraphs:
                 None if gen is None or p.greedy else id(gen), decoder.next.device.index,
                 getattr(decoder, "logprobs", False),        # a step that also computes its tokens' log-probs
                 getattr(decoder, "top_logprobs", 0),        # ... and the top N at each (N sizes its topk)
-                # the kernels a capture recorded: a use_backend block or set_backend may pick others for a later run
-                get_backend(decoder.next.device))
+                _kernel_modes(decoder.next.device))
 
     @staticmethod
     def fingerprint(decoder) -> tuple:

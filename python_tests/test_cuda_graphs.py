@@ -355,7 +355,8 @@ def test_graph_bookkeeping_on_cpu(kind, tree, one_thread):
 
 def test_a_backend_picked_between_runs_gets_graphs_of_its_own(one_thread):
     """A graph replays the kernels its capture recorded: a run under another backend (a use_backend block, or
-    set_backend, between runs) must capture its own, not replay the first one's."""
+    set_backend, between runs) or another kernel mode (AMPHISTA_TREE_MERGE's block here) must capture its own, not
+    replay the first one's."""
     from amphista_engine.kernels import cpu_available, use_backend
     if not cpu_available():
         pytest.skip("needs the CPU extension: a second backend")
@@ -367,7 +368,12 @@ def test_a_backend_picked_between_runs_gets_graphs_of_its_own(one_thread):
     with use_backend("cpu"):
         second, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 6, graphs=graphs)
     assert keys and set(graphs.graphs) - keys, "the cpu backend's run replayed the torch backend's graphs"
-    assert {k[-1] for k in graphs.graphs} == {"torch", "cpu"}
+    assert {k[-1][0] for k in graphs.graphs} == {"torch", "cpu"}
+    keys = set(graphs.graphs)
+    from amphista_engine.kernels import split_merge
+    with split_merge.merge_mode("launch" if split_merge.default_merge() != "launch" else "kernel"):
+        decode(PlainDecoder(model, cache, SamplingParams()), prompts, 6, graphs=graphs)
+    assert set(graphs.graphs) - keys, "a run under another merge mode replayed the first one's graphs"
 
 
 def test_uncapturable_step_falls_back_to_eager(recwarn):
