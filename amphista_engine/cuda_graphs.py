@@ -144,6 +144,7 @@ class DecodeGraphs:
             return decoder
         eager = type(decoder).step_device.__get__(decoder)   # the class's method, even if already wrapped
         decoder._decode_graphs = self
+        decoder._kernel_modes = _kernel_modes(decoder.device)     # once a run, not every step (key)
         decoder.step_device = lambda kv_len: self.step(decoder, eager, kv_len)
         return decoder
 
@@ -179,7 +180,7 @@ class DecodeGraphs:
                 None if gen is None or p.greedy else id(gen), decoder.next.device.index,
                 getattr(decoder, "logprobs", False),        # a step that also computes its tokens' log-probs
                 getattr(decoder, "top_logprobs", 0),        # ... and the top N at each (N sizes its topk)
-                _kernel_modes(decoder.next.device))
+                getattr(decoder, "_kernel_modes", None) or _kernel_modes(decoder.device))
 
     @staticmethod
     def fingerprint(decoder) -> tuple:
