@@ -55,8 +55,9 @@ COSTS_FILE = "step_costs.json"
 # are not reused (2: the CPU's ordered attention reads the cache in place, 2026-12-03; 3: the cpu kernel
 # backend's attention, 2026-12-04, on top of the backend's name in the key; 4: the cpu backend's 4-bit products
 # and decoder stack, 2026-12-04; 5: AVX2 products and attention, the heads' AEB stack call and int8 ResBlocks,
-# 2026-12-04; 6: the AVX2 products' prefetch and thread threshold, attention's row runs, 2026-12-04).
-COSTS_REVISION = 6
+# 2026-12-04; 6: the AVX2 products' prefetch and thread threshold, attention's row runs, 2026-12-04; 7: the heads
+# score only the tree's depth from the accepted rows, 2026-12-06).
+COSTS_REVISION = 7
 
 # MT-Bench tau / held-out decoding tau of the shipped heads (benchmarks/results/TRAINING.md, 25th session):
 # 2.506 / 2.704 on mix-64. A verdict on held-out numbers alone would favour speculation ~8% too often.
