@@ -17,7 +17,7 @@ import torch
 
 from .errors import AmphistaError, CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
-from .kernels.backend import check_backend, scoped_backend, use_backend
+from .kernels.backend import check_backend, get_backend, scoped_backend, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
@@ -381,6 +381,13 @@ class Engine:
             self._backend = name
             self.graphs.clear()
             self._checks.clear()
+        if name is not None:
+            # as a load with this backend warns: one that cannot run here (cuda on a CPU) fell back without a word
+            from .kernels.backend import unmet_choice
+            with use_backend(name):
+                unmet = unmet_choice(self.device)
+            if unmet is not None:
+                warnings.warn(unmet, stacklevel=2)
 
     @one_thread_if_forked
     @_on_backend
@@ -626,7 +633,9 @@ class Engine:
             # no timing on a GPU: a batch's verdict differs only by the untimed tree it gets (default_tree), and its
             # reason names the batch (keyed by the tree alone, a batch of 8 was told "a batch of 5 rows gets ...")
             rows = (self._tree_spec(None, batch).name, batch) if tree is None else 1
-        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), rows)   # settings that weigh alike
+        # settings that weigh alike, timed on the backend in force (without an engine backend, a use_backend block
+        # or set_backend may pick another for a later call: it was served the first backend's verdict)
+        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), rows, get_backend(self.device))
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import InputError
 from ..generation import sequence_scores
+from ..kernels.backend import use_backend
 from ..values import is_integral
 
 
@@ -65,8 +66,10 @@ def perplexity(engine, text: str, ctx: int | None = None, max_chunks: int | None
         chunk = list(ids[c * ctx:(c + 1) * ctx])
         if bos is not None:
             chunk[0] = bos
-        # the logits at j score token j + 1: tokens first + 1 .. ctx - 1 (the forward the server's echo shares)
-        nlls.append(-sequence_scores(engine.model, chunk, first + 1)[0])
+        # the logits at j score token j + 1: tokens first + 1 .. ctx - 1 (the forward the server's echo shares); on
+        # the engine's own backend, as its calls run (Engine(backend=...))
+        with use_backend(getattr(engine, "backend", None)):
+            nlls.append(-sequence_scores(engine.model, chunk, first + 1)[0])
         if progress is not None:
             progress(c + 1, chunks, math.exp(torch.cat(nlls).mean().item()))
     nll = torch.cat(nlls)
