@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from .errors import InputError, ModelLoadError
 from .gguf_file import GGUFFile, read_gguf_metadata
@@ -244,15 +244,18 @@ class _ControlSplitter:
     tokenizer. (User-defined pieces stay inside a stretch, as in sentencepiece.)
 
     rstrip: the tokens that take the whitespace after them, as a Hugging Face added token with that flag does
-    (Phi-3's `<|end|>` and `<|assistant|>`: the chat template's "\\n" after them is no token).
+    (Phi-3's `<|end|>` and `<|assistant|>`: the chat template's "\\n" after them is no token); lstrip: those that
+    take the whitespace before them. whitespace: what they take, as `str.lstrip`'s argument (None: what `str.isspace`
+    calls whitespace, as transformers' Python tokenizers strip it).
     """
 
-    def __init__(self, pieces: dict[str, int], encode_stretch, rstrip=()):
+    def __init__(self, pieces: dict[str, int], encode_stretch, rstrip=(), lstrip=(), whitespace=None):
         ordered = sorted((p for p in pieces if p), key=len, reverse=True)
         self.pattern = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
         self.pieces = pieces
         self.encode_stretch = encode_stretch
-        self.rstrip = frozenset(rstrip)
+        self.rstrip, self.lstrip = frozenset(rstrip), frozenset(lstrip)
+        self.whitespace = whitespace
 
     def __call__(self, text: str) -> list[int]:
         if self.pattern is None:
@@ -260,7 +263,9 @@ class _ControlSplitter:
         parts = self.pattern.split(text)   # re.split puts the captured separators at odd positions
         for k in range(1, len(parts), 2):
             if parts[k] in self.rstrip:
-                parts[k + 1] = _LEADING_WHITESPACE.sub("", parts[k + 1])
+                parts[k + 1] = parts[k + 1].lstrip(self.whitespace)
+            if parts[k] in self.lstrip:
+                parts[k - 1] = parts[k - 1].rstrip(self.whitespace)
         ids = []
         for k, part in enumerate(parts):
             if k % 2:
@@ -270,8 +275,10 @@ class _ControlSplitter:
         return ids
 
 
-# What an added token's rstrip takes: Unicode White_Space, as tokenizers' char::is_whitespace.
-_LEADING_WHITESPACE = re.compile(r"\A[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+# What a tokenizers added token's rstrip takes: Unicode White_Space, as tokenizers' char::is_whitespace (str.isspace
+# also takes U+001C..U+001F).
+_WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+                + "\u2028\u2029\u202f\u205f\u3000")
 
 
 class _TokenizersBackend:
@@ -356,16 +363,17 @@ class _SentencePieceBackend:
     hides them when the caller asked to keep special tokens.
     """
 
-    def __init__(self, sp, added: dict[int, tuple[str, bool]] | None = None):
-        """added: id -> (text, special), the tokens transformers adds on top of the model (_declared_added_tokens):
-        matched whole in text, as transformers matches them, and ids past the model's pieces."""
+    def __init__(self, sp, added: dict[int, _AddedToken] | None = None):
+        """added: the tokens transformers adds on top of the model (_declared_added_tokens): matched whole in text,
+        as transformers matches them, taking the whitespace their rstrip/lstrip flags say, and ids past the model's
+        pieces."""
         self.sp = sp
         n = sp.get_piece_size()
         added = added or {}
         self.pieces = [sp.id_to_piece(i) for i in range(n)] + [""] * max(0, max(added, default=-1) + 1 - n)
         self.vocab_size = len(self.pieces)
         special = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
-        for i, (text, is_special) in added.items():
+        for i, (text, is_special, _, _) in added.items():
             self.pieces[i] = text
             (special.add if is_special else special.discard)(i)
         self.special_ids = frozenset(special)
@@ -373,9 +381,13 @@ class _SentencePieceBackend:
         self.ids = {}
         for i, p in enumerate(self.pieces):
             self.ids.setdefault(p, i)
-        self.ids.update({text: i for i, (text, _) in added.items()})
+        self.ids.update({a.text: i for i, a in added.items()})
+        # Before, a fine-tune's `<|end|>` declared rstrip (Phi-3 style chat tokens) left the template's "\n" after
+        # it as tokens of its own, where transformers' tokenizer, which the model was trained with, drops it.
         self.encode = _ControlSplitter({**{self.pieces[i]: i for i in self.special_ids},
-                                        **{text: i for i, (text, _) in added.items()}}, sp.encode)
+                                        **{a.text: i for i, a in added.items()}}, sp.encode,
+                                       rstrip={a.text for a in added.values() if a.rstrip},
+                                       lstrip={a.text for a in added.values() if a.lstrip})
         probe = sp.encode("a", out_type=str)
         # sentencepiece drops the space it put in front of the text when encoding.
         self.decode = _PieceDecoder(self.pieces, self.special_ids, byte_values,
@@ -404,6 +416,40 @@ _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{L
 # DeepSeek Coder 1.3B-33B (Llama architecture): newlines, letter runs, punctuation runs, CJK runs, then each digit.
 _DEEPSEEK_CODER_SPLITS = (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
                           r"\p{N}")
+# GPT-4o's o200k regex, as Phi-4-mini's tokenizer.json (a conversion of tiktoken's o200k_base) writes it; llama.cpp
+# rewrites it with lookaheads for its regex engine, as it does Tekken's, which cuts a word after a non-ASCII capital.
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5's tokenizer.json regex (llama.cpp spells its (?i:...) out): Qwen2's, with combining marks kept in words.
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                 r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek V3 / R1: digit groups of up to three, Han and kana runs, then the rest; llama.cpp's three regexes are
+# those of DeepSeek-V3's tokenizer.json.
+_DEEPSEEK_V3_SPLITS = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                       r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                       r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek LLM 7B/67B: llama.cpp's regexes, their characters written as escapes (a range ends at U+1F7D, another
+# starts at the Kelvin sign U+212A: Unicode normalization of the text turns those into other letters, and the second
+# range into K..U+212D, thousands of characters wider). The last step splits each digit off, as the
+# `Digits(individual_digits)` of DeepSeek's tokenizer.json does (llama.cpp writes \p{N}+: the same ids while no
+# token of the vocabulary joins digits).
+_DEEPSEEK_LLM_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376"
+    "\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
+    "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d"
+    "\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb"
+    "\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4"
+    "\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
+    "\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943")
+_DEEPSEEK_LLM_SPLITS = ("[\r\n]", r"\s?[" + _DEEPSEEK_LLM_LETTERS + "]+",
+                        "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+$",
+                        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}")
 # llama.cpp's LLAMA3 pre-tokenizer type: these names all split as Llama 3, look a whole pre-token up in the vocabulary
 # before merging (its tokenizer.json's `ignore_merges`) and add BOS when the GGUF does not say. Falcon 3 and Pixtral
 # merged where llama.cpp looks up, and Pixtral went without the BOS its model was trained with.
@@ -423,6 +469,12 @@ _PRE_SPLITS = {
     **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"), (_QWEN2_SPLIT,)),
     "tekken": (_TEKKEN_SPLIT,),
     "deepseek-coder": _DEEPSEEK_CODER_SPLITS,
+    # llama.cpp's GPT4O type (Phi-4-mini; its Llama 4 and other names are of architectures not run here), DEEPSEEK_LLM,
+    # DEEPSEEK3_LLM and QWEN35: none looks whole pre-tokens up before merging or adds BOS when the GGUF does not say.
+    "gpt-4o": (_GPT4O_SPLIT,),
+    "deepseek-llm": _DEEPSEEK_LLM_SPLITS,
+    "deepseek-v3": _DEEPSEEK_V3_SPLITS,
+    "qwen35": (_QWEN35_SPLIT,),
 }
 # llama.cpp matches a whole pre-token against the vocabulary before merging for Llama 3 and Tekken (as their
 # tokenizer.json's `ignore_merges` does).
@@ -558,7 +610,7 @@ def _gguf_sentencepiece(tokens, types, scores, unk_id, add_space_prefix, rstrip=
     prefix = _SPIECE_SPACE if add_space_prefix else ""
     backend.encode = _ControlSplitter({t.content: vocab[t.content] for t in special},
                                       lambda text: tok.encode(prefix + text, add_special_tokens=False).ids,
-                                      rstrip=rstrip)
+                                      rstrip=rstrip, whitespace=_WHITE_SPACE)
     return backend
 
 
@@ -729,23 +781,33 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
                             unk=backend.token_to_id(model_unk) if isinstance(model_unk, str) else None)
 
 
-def _declared_added_tokens(folder: Path, n_pieces: int) -> dict[int, tuple[str, bool]]:
-    """id -> (text, special) of the tokens a tokenizer.model folder adds beyond sentencepiece's pieces, as
-    transformers reads them: tokenizer_config.json's added_tokens_decoder, then the legacy added_tokens.json (special
-    where special_tokens_map.json or the config names it). Without them a fine-tune's `<|im_start|>` and
-    `<|im_end|>` (ids past the base vocabulary; OpenHermes-style Mistral and Llama 2 chat fine-tunes) were cut into
-    pieces and its eos_token fell back to `</s>`: chats that never ended at the turn marker the model emits."""
+class _AddedToken(NamedTuple):
+    text: str
+    special: bool
+    rstrip: bool = False
+    lstrip: bool = False
+
+
+def _declared_added_tokens(folder: Path, n_pieces: int) -> dict[int, _AddedToken]:
+    """id -> (text, special, rstrip, lstrip) of the tokens a tokenizer.model folder adds beyond sentencepiece's
+    pieces, as transformers reads them: tokenizer_config.json's added_tokens_decoder, then the legacy
+    added_tokens.json (special where special_tokens_map.json or the config names it; no strip flags). Without them
+    a fine-tune's `<|im_start|>` and `<|im_end|>` (ids past the base vocabulary; OpenHermes-style Mistral and Llama 2
+    chat fine-tunes) were cut into pieces and its eos_token fell back to `</s>`: chats that never ended at the turn
+    marker the model emits."""
     file = folder / "tokenizer_config.json"
     cfg = _read_json(file)
     decoder = cfg.get("added_tokens_decoder") or {}
-    out: dict[int, tuple[str, bool]] = {}
+    out: dict[int, _AddedToken] = {}
     if isinstance(decoder, dict):
         for key, tok in decoder.items():
             text = tok.get("content") if isinstance(tok, dict) else tok
             if not str(key).isdigit() or not isinstance(text, str) or not text:
                 raise ModelLoadError(f"{file}: added_tokens_decoder entry {key!r}: {tok!r:.80} is not an id with a "
                                      "token's content")
-            out[int(key)] = (text, bool(tok.get("special", False)) if isinstance(tok, dict) else True)
+            flags = tok if isinstance(tok, dict) else {"special": True}
+            out[int(key)] = _AddedToken(text, bool(flags.get("special", False)), bool(flags.get("rstrip", False)),
+                                        bool(flags.get("lstrip", False)))
     special_map = _read_json(folder / "special_tokens_map.json")
     named = [cfg.get(k, special_map.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
     named += [*(cfg.get("additional_special_tokens") or []), *(special_map.get("additional_special_tokens") or [])]
@@ -754,7 +816,7 @@ def _declared_added_tokens(folder: Path, n_pieces: int) -> dict[int, tuple[str, 
     for text, i in _read_json(legacy).items():
         if not isinstance(i, int) or isinstance(i, bool) or i < 0 or not text:
             raise ModelLoadError(f"{legacy}: {text!r:.40} -> {i!r}: expected token text -> a non-negative id")
-        out.setdefault(i, (text, text in specials))
+        out.setdefault(i, _AddedToken(text, text in specials))
     far = [i for i in out if i >= n_pieces + (1 << 20)]
     if far:
         raise ModelLoadError(f"{folder}: added token id {far[0]} is far past the {n_pieces} pieces of tokenizer.model")
