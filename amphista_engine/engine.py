@@ -10,7 +10,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -313,7 +313,7 @@ class Engine:
             warnings.warn(unmet, stacklevel=3)
         from .kernels.linear_setup import LinearSetup
         setup = LinearSetup.for_device(self.device, self.dtype, quant, free_floats=_owns_model)
-        self.linears = setup.resolved(setup.apply(self.model))
+        self.linears = replace(setup.resolved(setup.apply(self.model)), backend=self._backend)
         self.quant = self.linears.quant
         self.cpu_packed = self.linears.packed
         # Decode steps replayed from CUDA graphs, shared by every decoder this engine makes; always off on the
@@ -379,6 +379,7 @@ class Engine:
                                  "or close it first")
             # Captured graphs hold the old backend's kernels, and speed checks timed them
             self._backend = name
+            self.linears = replace(self.linears, backend=name)
             self.graphs.clear()
             self._checks.clear()
         if name is not None:

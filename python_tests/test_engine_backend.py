@@ -125,3 +125,11 @@ def test_the_cli_flag_sets_the_process_backend_and_puts_it_back(tiny_hf_dir, see
     assert '"kernels": "torch"' in capsys.readouterr().out
     assert seen and set(seen) == {"torch"}, set(seen)
     assert backend.process_backend() is None and backend.get_backend("cpu") == "cpu"
+
+
+def test_the_weights_line_names_the_engines_own_kernels(tiny_hf_dir):
+    """engine.linears.describe() (the CLI's weights line) named the process backend's kernels, not the engine's."""
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=64, quant="q4", backend="torch")
+    assert "torch's int4" in eng.linears.describe(), eng.linears.describe()
+    eng.backend = "cpu"
+    assert "the cpu backend's kernels" in eng.linears.describe(), eng.linears.describe()

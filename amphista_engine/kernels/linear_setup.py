@@ -28,6 +28,7 @@ class LinearSetup:
     dtype: torch.dtype | None = None   # the weights' and activations' dtype (what the CPU kernels can take)
     free_floats: bool = False   # CPU, the target only: keep only the packed copy of each float weight (a model
     #                             the engine loaded itself; one handed to Engine() stays the caller's, untouched)
+    backend: str | None = None  # the engine's own kernel backend (Engine(backend=...)), which describe() names
 
     @classmethod
     def for_device(cls, device, dtype: torch.dtype, quant: str | None = "none",
@@ -74,7 +75,9 @@ class LinearSetup:
     def describe(self) -> str:
         if self.quant == "q4":
             from . import backend, cpu_ops
-            native = (backend.resolve("quant_linear", "cpu") == cpu_ops.BACKEND and cpu_ops.load_extension() is not None
+            with backend.use_backend(self.backend):
+                served = backend.resolve("quant_linear", "cpu")
+            native = (served == cpu_ops.BACKEND and cpu_ops.load_extension() is not None
                       and (self.dtype is None or cpu_ops.takes(self.dtype)))
             which = "the cpu backend's kernels, int8 activations" if native else "torch's int4/int8 CPU kernels"
             return f"4-bit layers, int8 LM head ({which})"
