@@ -216,7 +216,7 @@ class DecodeGraphs:
         self.graphs[key] = g
         return self._replay(g, decoder)
 
-    # ---- the CUDA-specific part (python_tests/test_cuda_graphs.py replaces it with a CPU double) -----------
+    # ---- the CUDA-specific part (python_tests/graph_standin.py replaces it with a CPU double) -------------
     @staticmethod
     def _supported(decoder) -> bool:
         return decoder.device.type == "cuda" and torch.cuda.is_available()

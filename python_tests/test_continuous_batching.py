@@ -113,7 +113,7 @@ def test_graph_bookkeeping_reuses_ended_slots(kind):
     place, so the captured graph reads them) or grows the batch (a new key). The CPU double of the graphs checks the
     bookkeeping: every row's tokens as alone."""
     from amphista_engine.heads import random_heads
-    from test_cuda_graphs import _CPUGraphs
+    from graph_standin import CPUGraphs as _CPUGraphs
     model = random_tiny_model(seed=11)
     prompts = [[5, 9, 2, 33, 17], [1], [60, 61, 62, 63, 1, 2, 3], [7, 7, 7], [40, 41], [3, 2, 1, 0]]
     limits = [30, 6, 14, 9, 20, 11]

@@ -25,6 +25,7 @@ from amphista_engine.kv_cache import KVCache
 from amphista_engine.sampling import SamplingParams
 from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
 from conftest import random_tiny_model
+from graph_standin import CPUGraphs
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
@@ -285,43 +286,10 @@ def test_graphs_recapture_when_the_cache_moves():
     assert got == ref and graphs.stats.dropped >= 1
 
 
-# ---- everywhere: the bookkeeping, with a CPU stand-in for CUDA graphs -------------------------------------
-class _FakeGraph:
-    """Replays by re-running the step eagerly and copying its results into the tensors the 'capture' produced,
-    which is what a real replay leaves behind for a step that updates its state in place. Recording runs the
-    step for real, so the replay right after it is skipped. What this cannot model: a step that reads a host
-    value other than kv_len (a real graph would replay a stale one); the GPU tests cover that."""
-
-    def __init__(self, decoder, eager, kv_len):
-        self.decoder, self.eager, self.kv_len = decoder, eager, kv_len
-        before = dict(vars(decoder))
-        self.outputs = eager(kv_len)
-        self.rebound = {n: v for n, v in vars(decoder).items() if n != "step_device" and before.get(n) is not v}
-        self.fresh = True
-
-    def replay(self):
-        if self.fresh:
-            self.fresh = False
-            return
-        new = self.eager(self.kv_len)
-        for static, fresh in zip(self.outputs, new):
-            static.copy_(fresh)
-        for n, static in self.rebound.items():
-            if isinstance(static, torch.Tensor):
-                static.copy_(getattr(self.decoder, n))
-
-
-class _CPUGraphs(DecodeGraphs):
-    _supported = staticmethod(lambda decoder: True)
-    _capturing = staticmethod(lambda: False)
-    _sync = staticmethod(lambda: None)
-
-    def _warm_step(self, eager, kv_len):
-        return eager(kv_len)
-
-    def _record(self, decoder, eager, kv_len):
-        g = _FakeGraph(decoder, eager, kv_len)
-        return g, g.outputs
+# ---- everywhere: the bookkeeping, with a CPU stand-in for CUDA graphs (graph_standin.py) ---------------------
+def _strict(graphs):
+    """No module tensor built or rebound during a capture (graph_standin.py records them)."""
+    assert not graphs.built_in_capture, graphs.built_in_capture
 
 
 @pytest.mark.parametrize("kind,tree", [(None, None), ("amphista", "mc_sim_7b_63"), ("medusa", "dynamic-16")])
@@ -339,7 +307,7 @@ def test_graph_bookkeeping_on_cpu(kind, tree, one_thread):
 
     n = 40
     eager, eager_counts = decode(make(), prompts, n)
-    graphs = _CPUGraphs()
+    graphs = CPUGraphs()
     got, counts = decode(make(), prompts, n, graphs=graphs)
     assert got == eager and counts == eager_counts, _first_difference(eager, got)
     st = graphs.stats
@@ -351,6 +319,7 @@ def test_graph_bookkeeping_on_cpu(kind, tree, one_thread):
     cache2 = KVCache.for_model(model.config, 2, 1024, torch.float32, "cpu")
     moved, _ = decode(make(cache2), prompts, n, graphs=graphs)          # the engine reallocated its cache
     assert moved == eager and graphs.stats.dropped >= 1
+    _strict(graphs)
 
 
 def test_a_backend_picked_between_runs_gets_graphs_of_its_own(one_thread):
@@ -361,7 +330,7 @@ def test_a_backend_picked_between_runs_gets_graphs_of_its_own(one_thread):
     if not cpu_available():
         pytest.skip("needs the CPU extension: a second backend")
     model, cache, prompts = _setup("cpu", dtype=torch.float32)
-    graphs = _CPUGraphs()
+    graphs = CPUGraphs()
     with use_backend("torch"):
         first, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 6, graphs=graphs)
     keys = set(graphs.graphs)
@@ -374,12 +343,13 @@ def test_a_backend_picked_between_runs_gets_graphs_of_its_own(one_thread):
     with split_merge.merge_mode("launch" if split_merge.default_merge() != "launch" else "kernel"):
         decode(PlainDecoder(model, cache, SamplingParams()), prompts, 6, graphs=graphs)
     assert set(graphs.graphs) - keys, "a run under another merge mode replayed the first one's graphs"
+    _strict(graphs)
 
 
 def test_uncapturable_step_falls_back_to_eager(recwarn):
     model, cache, prompts = _setup("cpu", dtype=torch.float32, batch=1)
 
-    class Failing(_CPUGraphs):
+    class Failing(CPUGraphs):
         def _record(self, decoder, eager, kv_len):
             raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -479,7 +449,7 @@ def test_graphs_keep_penalties_and_biases_apart(one_thread):
     model = random_tiny_model(seed=11)          # greedy falls into repeating a token: every penalty shows
     cache = KVCache.for_model(model.config, 2, 256, torch.float32, "cpu")
     prompts = [[5, 9, 2, 33, 17], [60, 61, 62, 63, 1, 2, 3]]
-    graphs = _CPUGraphs()
+    graphs = CPUGraphs()
     cases = [SamplingParams(), SamplingParams(repetition_penalty=1.5), SamplingParams(repetition_penalty=2.5),
              SamplingParams(presence_penalty=3.0), SamplingParams(frequency_penalty=2.0),
              SamplingParams(logit_bias={25: -100}), SamplingParams(logit_bias={11: 6.0}),
@@ -493,6 +463,7 @@ def test_graphs_keep_penalties_and_biases_apart(one_thread):
         answers.append(eager)
     assert len({str(a) for a in answers}) == len(cases)       # each option changed the answer
     assert graphs.stats.replays > 0
+    _strict(graphs)
 
 
 def test_graphs_hold_back_ending_tokens_for_min_tokens(one_thread):
@@ -501,7 +472,7 @@ def test_graphs_hold_back_ending_tokens_for_min_tokens(one_thread):
     model = random_tiny_model(seed=11)
     cache = KVCache.for_model(model.config, 2, 256, torch.float32, "cpu")
     prompts = [[5, 9, 2, 33, 17], [60, 61, 62, 63, 1, 2, 3]]
-    graphs = _CPUGraphs()
+    graphs = CPUGraphs()
     params = SamplingParams(logit_bias={26: 30.0, 32: 30.0})
 
     def make(ban, n):
@@ -514,3 +485,4 @@ def test_graphs_hold_back_ending_tokens_for_min_tokens(one_thread):
         assert got == eager, (ban, n, _first_difference(eager, got))
         assert all(ban[0] not in row[:n] for row in got)
     assert graphs.stats.replays > 0
+    _strict(graphs)

@@ -3,10 +3,10 @@ what an engine with cuda_graphs off gives, across options that differ only in va
 reads from Python (sampling settings, acceptance rule, ending ids, min_tokens, logit_bias, top_logprobs, per-row
 limits, trees of one size, heads swapped, rows joining, kept prefixes, a run stopped by NaN, the draft vocabulary).
 
-The stand-in is test_cuda_graphs.py's (a replay re-runs the step of the decoder it was captured with, so every
-Python value on that decoder is the capture's), made stricter: a replay also reads the tensors the capture read
-through the target, the heads and the tree (their attributes as they were then: a real graph reads those addresses),
-and a capture that builds such a tensor is recorded (on a GPU it would land in the graph's pool, or fail it).
+The stand-in is graph_standin.py's, the one every CPU graph test uses (a replay re-runs the step of the decoder it
+was captured with, so every Python value on that decoder is the capture's, and reads the tensors the capture read
+through the target, the heads, the tree and the caches: their attributes as they were then, the addresses a real
+graph reads); a capture that builds such a tensor is recorded (on a GPU it would land in the graph's pool, or fail it).
 """
 from __future__ import annotations
 
@@ -16,64 +16,11 @@ import torch
 from amphista_engine import Engine
 from amphista_engine.errors import NonFiniteError
 from amphista_engine.heads import random_heads
-from test_cuda_graphs import _CPUGraphs, _FakeGraph
+from graph_standin import CPUGraphs
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 PROMPTS = ["The quick brown fox jumps", "def f(x):", "Hello there"]
-
-
-def _module_slots(decoder) -> list[tuple[str, dict, str, torch.Tensor]]:
-    """(name, holder dict, key, tensor) of every tensor attribute of the target's and the heads' modules."""
-    out = []
-    for owner, root in (("model", decoder.model), ("heads", getattr(decoder, "heads", None))):
-        if isinstance(root, torch.nn.Module):
-            for mname, m in root.named_modules():
-                for d in (m._parameters, m._buffers, vars(m)):
-                    out += [(f"{owner}.{mname}.{k}".replace("..", "."), d, k, v)
-                            for k, v in list(d.items()) if isinstance(v, torch.Tensor)]
-    return out
-
-
-def _shared_slots(decoder) -> list[tuple[dict, str, torch.Tensor]]:
-    """The module slots, and the tensors of the static tree and the caches: what a step reads without owning it."""
-    out = [(d, k, v) for _, d, k, v in _module_slots(decoder)]
-    for obj in (getattr(getattr(decoder, "tree", None), "static", None), decoder.cache,
-                getattr(getattr(decoder, "heads", None), "sal_cache", None)):
-        if obj is not None:
-            d = vars(obj)
-            out += [(d, k, v) for k, v in list(d.items()) if isinstance(v, torch.Tensor)]
-    return out
-
-
-class _AddressGraph(_FakeGraph):
-    """_FakeGraph whose replays read the shared tensors the capture read, wherever their owners now point."""
-
-    def __init__(self, decoder, eager, kv_len, built: list):
-        before = {(id(d), k): v for _, d, k, v in _module_slots(decoder)}
-        super().__init__(decoder, eager, kv_len)
-        built += [name for name, d, k, v in _module_slots(decoder) if before.get((id(d), k)) is not v]
-        self.slots = _shared_slots(decoder)
-
-    def replay(self):
-        moved = [(d, k, d.get(k)) for d, k, t in self.slots if d.get(k) is not t]
-        for d, k, t in self.slots:
-            d[k] = t
-        try:
-            super().replay()
-        finally:
-            for d, k, cur in moved:
-                d[k] = cur
-
-
-class StrictGraphs(_CPUGraphs):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.built_in_capture: list[str] = []
-
-    def _record(self, decoder, eager, kv_len):
-        g = _AddressGraph(decoder, eager, kv_len, self.built_in_capture)
-        return g, g.outputs
 
 
 def _engines(tiny_hf_dir, kind="amphista", **heads_kw):
@@ -83,7 +30,7 @@ def _engines(tiny_hf_dir, kind="amphista", **heads_kw):
         e = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512, max_batch_size=4,
                                    cuda_graphs=graphed)
         if graphed:
-            e.graphs = StrictGraphs()
+            e.graphs = CPUGraphs()
         if kind:
             e.load_heads(random_heads(kind, e.model, num_heads=4, seed=1, **heads_kw))
         out.append(e)
@@ -281,3 +228,19 @@ def test_draft_vocabulary_changed_between_runs(tiny_hf_dir):
         answers.append(_same(eager, graphed, run, vocab[:4].tolist()))
     assert answers[0] == answers[1] == answers[3] != answers[2]
     _replayed(graphed)
+
+
+def test_a_larger_batch_between_runs_of_one(tiny_hf_dir):
+    """A batch of 3 between sampled runs of 1 outgrows the heads' SAL cache (reallocated: heads.sal_cache is a new
+    cache); the second run of 1 has the first one's graph key, and a graph that kept reading the old SAL cache drafted
+    from its stale entries (and, on a GPU, freed memory). Its addresses are fingerprinted: the graph is recaptured."""
+    eager, graphed = _engines(tiny_hf_dir)
+
+    def run(e):
+        first, sal = _drafted(e, speculative="amphista"), e.heads.sal_cache
+        batch = _ids(e.generate_batch(PROMPTS, 8, chat=False, speculative="amphista"))
+        assert e.heads.sal_cache is not sal
+        return first, batch, _drafted(e, speculative="amphista")
+    _same(eager, graphed, run)
+    _replayed(graphed)
+    assert graphed.graphs.stats.dropped >= 1

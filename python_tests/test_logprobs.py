@@ -64,11 +64,12 @@ def test_row_results_carry_them_and_bad_values_are_named(setup):
 @pytest.mark.parametrize("kind", [None, "amphista"])
 def test_logprobs_through_the_graph_bookkeeping(kind, one_thread):
     """The steps rebind step_logprobs; a replayed graph re-points it at the tensor its capture wrote (the CPU
-    stand-in for CUDA graphs of test_cuda_graphs.py): the same values as eager steps."""
+    stand-in for CUDA graphs of graph_standin.py): the same values as eager steps."""
     from amphista_engine.generation import PlainDecoder
     from amphista_engine.sampling import SamplingParams
     from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
-    from test_cuda_graphs import _CPUGraphs, _setup
+    from graph_standin import CPUGraphs as _CPUGraphs
+    from test_cuda_graphs import _setup
     model, cache, prompts = _setup("cpu", dtype=torch.float32)
     heads = None if kind is None else random_heads(kind, model, num_heads=4, seed=2)
 

@@ -132,7 +132,8 @@ def test_graph_bookkeeping_stays_bounded_under_seeded_sampling(capture):
     from amphista_engine.generation import PlainDecoder
     from amphista_engine.kv_cache import KVCache
     from amphista_engine.sampling import SamplingParams
-    from test_cuda_graphs import _CPUGraphs, decode
+    from graph_standin import CPUGraphs as _CPUGraphs
+    from test_cuda_graphs import decode
 
     class Failing(_CPUGraphs):
         def _record(self, decoder, eager, kv_len):

@@ -96,12 +96,13 @@ def test_bad_top_logprobs_are_named(setup):
 
 @pytest.mark.parametrize("kind", [None, "amphista"])
 def test_top_logprobs_through_the_graph_bookkeeping(kind):
-    """The CPU stand-in for CUDA graphs (test_cuda_graphs.py): N is part of the graph key and the top tensors are
+    """The CPU stand-in for CUDA graphs (graph_standin.py): N is part of the graph key and the top tensors are
     rebound each step, re-pointed after a replay; after a run with another N on the same graphs, equal to eager."""
     from amphista_engine.generation import PlainDecoder
     from amphista_engine.sampling import SamplingParams
     from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
-    from test_cuda_graphs import _CPUGraphs, _setup
+    from graph_standin import CPUGraphs as _CPUGraphs
+    from test_cuda_graphs import _setup
     model, cache, prompts = _setup("cpu", dtype=torch.float32)
     heads = None if kind is None else random_heads(kind, model, num_heads=4, seed=2)
 
