@@ -85,3 +85,27 @@ def test_the_4bit_path_costs_little_perplexity():
         eng = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=256, quant=quant)
         ppl[quant] = perplexity(eng, text, ctx=256, max_chunks=3).ppl
     assert abs(ppl["q4"] / ppl["none"] - 1) < 0.05, ppl
+
+
+def test_it_waits_for_no_run_of_another_thread_and_is_refused_beside_one(engine):
+    """As prompt_logprobs: a chunk's forward beside another thread's run on the engine is refused by name (they
+    would share the engine's compute, and a server's run is someone's request)."""
+    import threading
+    stream = engine.stream("hello there", max_new_tokens=8, chat=False, ignore_eos=True)
+    next(stream)                              # this thread's run is open: perplexity here is fine (no overtaking)
+    assert perplexity(engine, CORPUS, ctx=32, max_chunks=1).tokens > 0
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(_raises(lambda: perplexity(engine, CORPUS, ctx=32))))
+    worker.start()
+    worker.join()
+    stream.close()
+    assert errors and isinstance(errors[0], InputError) and "another thread" in str(errors[0]), errors
+    assert perplexity(engine, CORPUS, ctx=32, max_chunks=1).tokens > 0
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as e:        # noqa: BLE001 - the test inspects what was raised
+        return e
+    return None

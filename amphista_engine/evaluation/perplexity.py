@@ -67,8 +67,9 @@ def perplexity(engine, text: str, ctx: int | None = None, max_chunks: int | None
         if bos is not None:
             chunk[0] = bos
         # the logits at j score token j + 1: tokens first + 1 .. ctx - 1 (the forward the server's echo shares); on
-        # the engine's own backend, as its calls run (Engine(backend=...))
-        with use_backend(getattr(engine, "backend", None)):
+        # the engine's own backend, as its calls run (Engine(backend=...)), and as prompt_logprobs, never beside
+        # another thread's run on the engine (each would slow the other, and a server's run is a user's request)
+        with engine._one_run(overtakes=False), use_backend(engine.backend):
             nlls.append(-sequence_scores(engine.model, chunk, first + 1)[0])
         if progress is not None:
             progress(c + 1, chunks, math.exp(torch.cat(nlls).mean().item()))
