@@ -17,7 +17,7 @@ import torch
 
 from .errors import AmphistaError, CacheFullError, InputError
 from .generation import GenerationStats, PlainDecoder, run
-from .kernels.backend import check_backend, get_backend, scoped_backend, use_backend
+from .kernels.backend import check_backend, get_backend, scoped_backend, unmet_choice, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
 from .kv_cache import KVCache
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
@@ -32,8 +32,8 @@ KEPT_TREES = 64
 
 def _on_backend(method):
     """Decorates an engine's calls that run hot ops: inside its own backend (Engine(backend=...)), where it has one.
-    A use_backend block around the call reached only that thread's eager work: a stream's steps run later, maybe
-    in another thread (a server's scheduler), so each step enters the engine's backend again (_drive)."""
+    This covers the call's eager work; a stream's steps run later, maybe in another thread (a server's scheduler),
+    so each step enters the backend of the call that made the stream again (_drive)."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         with use_backend(self.backend):
@@ -308,7 +308,6 @@ class Engine:
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
         # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA
         # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
-        from .kernels.backend import unmet_choice
         if (unmet := unmet_choice(self.device)) is not None:
             warnings.warn(unmet, stacklevel=3)
         from .kernels.linear_setup import LinearSetup
@@ -384,7 +383,6 @@ class Engine:
             self._checks.clear()
         if name is not None:
             # as a load with this backend warns: one that cannot run here (cuda on a CPU) fell back without a word
-            from .kernels.backend import unmet_choice
             with use_backend(name):
                 unmet = unmet_choice(self.device)
             if unmet is not None:
