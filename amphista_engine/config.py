@@ -47,6 +47,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
+    # Partial RoPE (Phi-4-mini's partial_rotary_factor 0.75): the first rotary_dim dims of each head rotate, in the
+    # checkpoint's rotate-half pairs (i, i + rotary_dim/2), the rest pass through. 0: head_dim, whole heads. A
+    # rope_scaling dict's partial_rotary_factor (transformers keeps it there) sets it too: the drafting heads take
+    # the target's dict, whose LongRoPE lists have rotary_dim/2 entries. The loaders move each head's q/k rows so that
+    # pair (i, i + rotary_dim/2) sits at (i, i + head_dim/2) (model.rotary_rows): every RoPE path stays whole-head.
+    # Left 0 once resolved where all dims rotate.
+    rotary_dim: int = 0
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: list[int] = field(default_factory=lambda: [2])
@@ -87,9 +94,10 @@ class ModelConfig:
     moe_weights_fp32: bool = False
 
     def __post_init__(self):
-        for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim"):
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "head_dim",
+                    "rotary_dim"):
             value = getattr(self, key)
-            if key == "head_dim" and value in (0, None):
+            if key in ("head_dim", "rotary_dim") and value in (0, None):
                 continue
             if not is_integral(value) or value <= 0:
                 raise ConfigError(f"model config: {key} must be a positive integer, got {value!r}")
@@ -108,11 +116,12 @@ class ModelConfig:
             raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         _check_rope_scaling(self.rope_scaling)
         rs = self.rope_scaling or {}
+        rot = self._resolve_rotary_dim(rs.get("partial_rotary_factor"))
         if rs.get("rope_type", rs.get("type")) == "longrope":
             for key in ("short_factor", "long_factor"):
-                if len(rs[key]) != self.head_dim // 2:
-                    raise ConfigError(f"model config: rope_scaling {key} has {len(rs[key])} entries; head_dim "
-                                      f"{self.head_dim} rotates {self.head_dim // 2} frequencies")
+                if len(rs[key]) != rot // 2:
+                    raise ConfigError(f"model config: rope_scaling {key} has {len(rs[key])} entries; RoPE rotates "
+                                      f"{rot} of head_dim {self.head_dim}'s dims: {rot // 2} frequencies")
         self.nope_layers = tuple(self.nope_layers or ())
         if not all(is_integral(i) and 0 <= i < self.n_layers for i in self.nope_layers):
             raise ConfigError(f"model config: nope_layers must be layer indices below {self.n_layers}, "
@@ -147,6 +156,28 @@ class ModelConfig:
             if value is not None and (not is_real(value) or not value > 0):
                 raise ConfigError(f"model config: {key} must be a positive number or null, got {value!r}")
 
+    def _resolve_rotary_dim(self, partial) -> int:
+        """The rotated dims (returned); rotary_dim keeps them only where they are fewer than head_dim, so that a
+        dataclasses.replace with another head_dim does not inherit the old width."""
+        if partial is not None:
+            if not is_real(partial) or not 0 < partial <= 1:
+                raise ConfigError(f"model config: partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+            rot = int(self.head_dim * partial)         # transformers' rounding (int(head_dim * factor))
+            if rot <= 0:
+                raise ConfigError(f"model config: partial_rotary_factor {partial} rotates no dim of head_dim "
+                                  f"{self.head_dim}")
+            if self.rotary_dim and self.rotary_dim != rot:
+                raise ConfigError(f"model config: rotary_dim is {self.rotary_dim}, but rope_scaling's "
+                                  f"partial_rotary_factor {partial} rotates {rot} of head_dim {self.head_dim}")
+            self.rotary_dim = rot
+        rot = self.rotary_dim or self.head_dim
+        if rot > self.head_dim or rot % 2:
+            how = f" (partial_rotary_factor {partial})" if partial is not None else ""
+            raise ConfigError(f"model config: RoPE must rotate an even number of dims, at most head_dim "
+                              f"({self.head_dim}), got rotary_dim {rot}{how}")
+        self.rotary_dim = 0 if rot == self.head_dim else rot
+        return rot
+
     @property
     def real_window(self) -> int | None:
         """The window the model's sliding layers attend over (Gemma 3), or None: no layer slides here (a Mistral-style
@@ -166,7 +197,12 @@ class ModelConfig:
         if model_type not in _MODEL_TYPES or archs[0] not in SUPPORTED_ARCHS:
             raise ConfigError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
                               f"amphista-engine runs Llama-family models: {', '.join(SUPPORTED_ARCHS)}")
-        _check_hf_options(cfg)
+        _check_hf_options(cfg, partial_ok=model_type == "phi3")
+        # of the families here only transformers' Phi-3 honours partial_rotary_factor (the others' are refused above)
+        partial = _hf_partial_rotary(cfg) if model_type == "phi3" else None
+        scaling = _hf_rope_scaling(cfg)
+        if scaling is not None and partial is not None:
+            scaling["partial_rotary_factor"] = partial     # the lists' length, also for the heads that copy the dict
         # transformers' Qwen2 layers always carry q/k/v biases (no config key) and no o bias; attention_bias
         # puts them on all four projections in Llama, Mistral and Qwen3.
         attention_bias = bool(cfg.get("attention_bias", False))
@@ -178,7 +214,7 @@ class ModelConfig:
                 intermediate_size=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
                 norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=(cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                rope_scaling=_hf_rope_scaling(cfg),
+                rope_scaling=scaling, rotary_dim=_hf_rotary_dim(cfg, partial),
                 max_position_embeddings=cfg.get("max_position_embeddings", 4096),
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id") or [],
@@ -428,12 +464,44 @@ def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
 _HF_ACTIVATIONS = ("silu", "swish")
 
 
-def _check_hf_options(cfg: dict[str, Any]) -> None:
+def _hf_partial_rotary(cfg: dict[str, Any]):
+    """partial_rotary_factor as transformers reads it: the rope dict's (rope_scaling, else rope_parameters) over the
+    top level's. None where neither sets one."""
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    partial = rs.get("partial_rotary_factor") if isinstance(rs, dict) else None
+    return cfg.get("partial_rotary_factor") if partial is None else partial
+
+
+def _hf_rotary_dim(cfg: dict[str, Any], partial) -> int:
+    """The dims of each head RoPE rotates: int(head_dim * partial_rotary_factor), as transformers' Phi-3 (0: whole
+    heads, or a config whose sizes ModelConfig then refuses by name)."""
+    if partial is None:
+        return 0
+    if not is_real(partial) or not 0 < partial <= 1:
+        raise ConfigError(f"partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+    width, hidden, heads = cfg.get("head_dim"), cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if not width and is_integral(hidden) and is_integral(heads) and heads > 0:
+        width = hidden // heads
+    if not is_integral(width) or width <= 0:
+        return 0
+    rot = int(width * partial)
+    if rot <= 0 or rot % 2:
+        raise ConfigError(f"partial_rotary_factor={partial!r} rotates {rot} of each head's {width} dims: RoPE needs "
+                          "an even, positive number of them")
+    return rot
+
+
+def _check_hf_options(cfg: dict[str, Any], partial_ok: bool = False) -> None:
     if cfg.get("mlp_bias"):
         raise ConfigError("mlp_bias=true is not supported: amphista-engine's MLP layers have no biases")
-    partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ConfigError(f"partial_rotary_factor={partial!r} is not supported: RoPE rotates whole heads here")
+    partial = _hf_partial_rotary(cfg)
+    if partial not in (None, 1, 1.0) and not partial_ok:
+        # transformers' Llama, Mistral, Qwen, SmolLM3 and Gemma 3 models rotate whole heads whatever the key says:
+        # following the key would part from them, following them would ignore what the checkpoint claims
+        raise ConfigError(f"partial_rotary_factor={partial!r} is not supported for model_type "
+                          f"{cfg.get('model_type', 'llama')!r}: transformers' own model of that family rotates whole "
+                          "heads whatever the key says, so which RoPE the checkpoint was trained with is unclear "
+                          "(partial rotary embeddings load for Phi-3-architecture checkpoints, such as Phi-4-mini)")
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act not in _HF_ACTIVATIONS:
         raise ConfigError(f"hidden_act {act!r} is not supported (Llama-family models use 'silu')")

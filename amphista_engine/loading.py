@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -510,9 +511,38 @@ def hf_weights(path: Path, cfg: ModelConfig):
             out[p + "post_attention_norm.weight"] = get("post_attention_layernorm.weight")
             out[p + "ffn_norm.weight"] = get("pre_feedforward_layernorm.weight")
             out[p + "post_ffn_norm.weight"] = get("post_feedforward_layernorm.weight")
-        return {k: v for k, v in out.items() if v is not None}
+        return _rotary_layout(cfg, {k: v for k, v in out.items() if v is not None})
 
     return {k: v for k, v in top.items() if v is not None}, layer
+
+
+def _rotary_layout(cfg: ModelConfig, out: dict) -> dict:
+    """Partial RoPE (cfg.rotary_dim < head_dim): one layer's q and k rows (the fused q|k|v weight and bias, the
+    per-head q/k norms) from the checkpoint's order into the model's (model.rotary_rows), 4-bit codes alike. Loaders
+    call it on what they hand build_model, so a model's own state dict is never moved twice."""
+    if not cfg.rotary_dim:
+        return out
+    from .model import rotary_rows
+    D = cfg.head_dim
+    per_head = rotary_rows(D, cfg.rotary_dim)
+    q, kv = cfg.n_heads * D, cfg.n_kv_heads * D
+    heads = lambda n, at: (at + torch.arange(n)[:, None] * D + per_head).reshape(-1)  # noqa: E731
+    qkv = torch.cat([heads(cfg.n_heads, 0), heads(cfg.n_kv_heads, q), torch.arange(q + kv, q + 2 * kv)])
+    for name, t in out.items():
+        if name.endswith(("attention.wqkv.weight", "attention.wqkv.bias")):
+            out[name] = _take_rows(t, qkv)
+        elif name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+            out[name] = _take_rows(t, per_head)
+    return out
+
+
+def _take_rows(t, rows: torch.Tensor):
+    from .kernels.cpu_quant import Codes4, Int8Rows
+    if isinstance(t, Codes4):           # its codes, scales and zeros alike
+        return t.rows(lambda a: a[rows])
+    if isinstance(t, Int8Rows):
+        return Int8Rows(t.w[rows])
+    return _as_tensor(t)[rows]
 
 
 def _own_head_despite_tying(path: Path, cfg: ModelConfig, raw: dict):
@@ -788,11 +818,11 @@ def gguf_config(reader, path) -> ModelConfig:
     rot, width = a("rope.dimension_count"), a("attention.key_length") or None
     if width is None and is_integral(a("embedding_length")) and is_integral(n_heads) and n_heads > 0:
         width = a("embedding_length") // n_heads
-    if rot is not None and width is not None and rot != width:
-        # checked before the config: Phi-4-mini's LongRoPE lists (one per rotated pair) failed its length check
-        # first, an error about short_factor that never named partial rotary embeddings
-        raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot}, but heads are {width} wide: "
-                          "partial rotary embeddings are not supported")
+    rotary_dim = _gguf_rotary_dim(path, arch, rot, width)
+    if rotary_dim and scaling is not None:
+        # for the heads, which copy the target's rope dict: the factor whose int(width * factor) is rot
+        f = rot / width
+        scaling["partial_rotary_factor"] = f if int(width * f) == rot else math.nextafter(f, 2.0)
     try:
         cfg = ModelConfig(
             vocab_size=vocab, dim=a("embedding_length"), n_layers=a("block_count"), n_heads=n_heads,
@@ -806,16 +836,31 @@ def gguf_config(reader, path) -> ModelConfig:
             o_bias="blk.0.attn_output.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
             nope_layers=tuple(i for i in range(a("block_count") if isinstance(a("block_count"), int) else 0)
                               if arch in _NO_ROPE_LAYER_STEP and (i + 1) % _NO_ROPE_LAYER_STEP[arch] == 0),
-            fused_checkpoint=arch in _FUSED_ARCHS,
+            fused_checkpoint=arch in _FUSED_ARCHS, rotary_dim=rotary_dim,
             **{"sliding_window": (a("attention.sliding_window") or None) if arch in _FUSED_ARCHS else None,
                **(_gguf_gemma3(path, a) if arch == "gemma3" else {})})
     except ConfigError as e:
         raise ConfigError(f"{path}: GGUF metadata: {e}") from None
-    rot = a("rope.dimension_count")
-    if rot is not None and rot != cfg.head_dim:
-        raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot}, but heads are {cfg.head_dim} wide: "
-                          "partial rotary embeddings are not supported")
     return cfg
+
+
+def _gguf_rotary_dim(path, arch: str, rot, width) -> int:
+    """{arch}.rope.dimension_count below the head width: partial RoPE, as llama.cpp runs it. Its NeoX graphs (every
+    architecture here but llama and smollm3) rotate pairs (i, i + rot/2) of rows as Hugging Face stores them, which
+    load as a Phi-3 folder's do (0: whole heads). Checked before the config: Phi-4-mini's LongRoPE lists (one per
+    rotated pair) are measured against it."""
+    if rot is None or width is None or rot == width:
+        return 0
+    if not is_integral(rot) or not 0 < rot < width or rot % 2:
+        raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot!r}, but heads are {width} wide: RoPE "
+                          "rotates an even, positive number of each head's dims, at most all of them")
+    if arch in _PERMUTED_ARCHS:
+        # llama.cpp's converter interleaves whole heads for these, and its graph then rotates adjacent pairs among
+        # the first rot rows: a layout no Hugging Face model has, so nothing to check it against
+        raise ConfigError(f"{path}: GGUF {arch}.rope.dimension_count is {rot}, but heads are {width} wide: partial "
+                          f"rotary embeddings are not supported in {arch!r} files (they are in NeoX-RoPE ones, such "
+                          "as phi3: Phi-4-mini)")
+    return int(rot)
 
 
 def _gguf_moe(reader, path, arch: str, a) -> dict:
@@ -977,6 +1022,10 @@ def _check_gguf_tensors(reader, cfg: ModelConfig):
                               f"{_field(reader, 'general.architecture')}.* metadata "
                               f"(vocab_size, embedding_length, feed_forward_length, head counts) implies {shape}")
     freqs = names.get("rope_freqs.weight")
+    if freqs is not None and cfg.rotary_dim:
+        raise ConfigError(f"{path}: GGUF file has rope_freqs.weight (Llama-3 frequency factors) and rotates "
+                          f"{cfg.rotary_dim} of {cfg.head_dim} dims: frequency factors with partial rotary "
+                          "embeddings are not supported")
     if freqs is not None and freqs.shape != (cfg.head_dim // 2,):
         raise ConfigError(f"{path}: tensor rope_freqs.weight has shape {freqs.shape}, expected "
                           f"({cfg.head_dim // 2},) for heads of {cfg.head_dim}")
@@ -1040,7 +1089,7 @@ def gguf_weights(reader, cfg: ModelConfig, four_bit: bool = False, int8_rows: bo
         if cfg.gemma:
             out[p + "post_attention_norm.weight"] = g("post_attention_norm")
             out[p + "post_ffn_norm.weight"] = g("post_ffw_norm")
-        return _gemma_norms(cfg, out)
+        return _rotary_layout(cfg, _gemma_norms(cfg, out))
 
     return _gemma_norms(cfg, {k: _as_tensor(v) for k, v in top.items() if v is not None}), layer
 

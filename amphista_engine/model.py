@@ -185,8 +185,9 @@ class GemmaRMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig, freq_factors: torch.Tensor | None = None,
                   max_len: int | None = None) -> torch.Tensor:
-    """max_len: the table's length (LongRoPE picks its factors by it)."""
-    d = cfg.head_dim
+    """The rotary_dim / 2 frequencies of the rotated pairs. max_len: the table's length (LongRoPE picks its factors
+    by it)."""
+    d = getattr(cfg, "rotary_dim", 0) or cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -219,7 +220,7 @@ def _yarn_inv_freq(cfg: ModelConfig, inv_freq: torch.Tensor, rs: dict) -> torch.
     """YaRN (transformers' _compute_yarn_parameters, llama.cpp's rope_yarn): frequencies that turn fewer than
     beta_slow times over the trained length are interpolated (divided by the factor), those that turn more than
     beta_fast times are kept, with a linear ramp between."""
-    d, base, factor = cfg.head_dim, cfg.rope_theta, rs["factor"]
+    d, base, factor = getattr(cfg, "rotary_dim", 0) or cfg.head_dim, cfg.rope_theta, rs["factor"]
     trained = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
 
@@ -254,15 +255,35 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
 
 
 def rope_table(cfg: ModelConfig, max_len: int, freq_factors=None) -> torch.Tensor:
-    """[max_len, head_dim] as (cos | sin) halves, fp32: looked up by position, so any position order works."""
+    """[max_len, head_dim] as (cos | sin) halves, fp32: looked up by position, so any position order works. With
+    partial RoPE (cfg.rotary_dim, below head_dim) the rotated pairs are the first rotary_dim / 2 columns of each
+    half and the rest rotate by nothing (cos 1, sin 0), for q/k rows in rotary_rows' order."""
     # Dynamic NTK ("dynamic") is the unscaled table up to max_position_embeddings, as in transformers; past it
     # transformers rescales every position by the sequence's current length, which a table cannot follow, and the
     # target refuses such lengths (check_rope_len). The heads' own tables stay unscaled.
     inv_freq = rope_inv_freq(cfg, freq_factors, max_len)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    table = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
     factor = rope_attention_factor(cfg)
-    return table if factor == 1.0 else table * factor
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    rest = cfg.head_dim // 2 - inv_freq.shape[0]
+    if rest:
+        # transformers scales only the rotated dims' cos and sin by the attention factor: the others pass unscaled
+        cos = torch.cat([cos, torch.ones(max_len, rest)], dim=-1)
+        sin = torch.cat([sin, torch.zeros(max_len, rest)], dim=-1)
+    return torch.cat([cos, sin], dim=-1)
+
+
+def rotary_rows(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """[head_dim] long: for each row of a head of q or k in the model, the checkpoint row it takes. Checkpoints with
+    partial RoPE (Hugging Face's Phi-3, llama.cpp's NeoX graphs) rotate pairs (i, i + R/2), i < R/2, of the first R =
+    rotary_dim dims and pass the rest; here pair i sits at (i, i + head_dim/2) and the passed dims fill the rest of
+    each half, so that every RoPE path (reference, kernels, the C++ layer stack) rotates whole heads with rope_table's
+    rows. Scores see only q . k, the same in any order shared by q and k."""
+    r, half = rotary_dim // 2, head_dim // 2
+    return torch.cat([torch.arange(r), torch.arange(rotary_dim, rotary_dim + half - r), torch.arange(r, rotary_dim),
+                      torch.arange(rotary_dim + half - r, head_dim)])
 
 
 def local_rope_table(cfg: ModelConfig, max_len: int) -> torch.Tensor | None:

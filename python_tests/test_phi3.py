@@ -108,7 +108,8 @@ def test_cli_takes_the_window_as_its_default_cache(tmp_path, capsys):
 def test_bad_phi3_configs_are_named(tmp_path):
     d = write_phi3(tmp_path / "bad")
     cfg = json.loads((d / "config.json").read_text())
-    for edit, what in (({"partial_rotary_factor": 0.75}, "partial_rotary_factor"),
+    # (the saved rope_parameters dict holds a partial_rotary_factor of its own, which wins over the top level's)
+    for edit, what in (({"partial_rotary_factor": 1.5, "rope_parameters": None}, "partial_rotary_factor"),
                        ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3},
                          "rope_parameters": None}, "short_factor has 3 entries"),
                        ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8}, "rope_parameters": None},
