@@ -11,24 +11,13 @@ import pytest
 from amphista_engine import Engine
 from amphista_engine.heads import random_heads
 from amphista_engine.kernels import backend, cpu_available
+from test_engine_backend import seen  # noqa: F401  (the fixture: the backend each hot op ran on)
 
 pytestmark = [pytest.mark.usefixtures("one_thread_module"),
               pytest.mark.skipif(not cpu_available(), reason="needs the CPU extension: two backends to tell apart")]
 
 
-@pytest.fixture
-def seen(monkeypatch):
-    """The backend each hot op was dispatched under, from now on."""
-    got, real = [], backend.chain
-
-    def chain(device=None):
-        got.append(backend.get_backend(device))
-        return real(device)
-    monkeypatch.setattr(backend, "chain", chain)
-    return got
-
-
-def test_perplexity_runs_on_the_engines_backend(tiny_hf_dir, seen):
+def test_perplexity_runs_on_the_engines_backend(tiny_hf_dir, seen):  # noqa: F811
     from amphista_engine.evaluation.perplexity import perplexity
     eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=128, backend="torch")
     seen.clear()
@@ -44,7 +33,7 @@ def test_setting_a_backend_that_cannot_run_here_warns_as_a_load_does(tiny_hf_dir
     assert eng.backend == "cuda"
 
 
-def test_a_speed_check_is_timed_on_the_backend_in_force(tiny_hf_dir, seen):
+def test_a_speed_check_is_timed_on_the_backend_in_force(tiny_hf_dir, seen):  # noqa: F811
     eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256)
     heads = random_heads("amphista", eng.model, num_heads=3, seed=1)
     heads.config.extra["tree_search"] = {"decoding_tau": {"chain-2": 2.0}}     # a tau to weigh: the check times
