@@ -15,7 +15,7 @@ from amphista_engine.errors import ConfigError
 from amphista_engine.heads import random_heads
 from amphista_engine.loading import load_model
 
-from conftest import _add_gguf_tensor, _close_gguf, add_gguf_bpe_vocab, prefill_then_decode, write_tokenizer
+from conftest import prefill_then_decode, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -127,32 +127,9 @@ def test_4bit_cpu_path_speculative_equals_plain(plain):
 def write_gguf(hf_dir, out, qtype="F32", rot=ROT, longrope=False):
     """The checkpoint as llama.cpp's converter writes Phi-4-mini: a `phi3` file, q|k|v and gate|up fused with rows
     as Hugging Face stores them (NeoX RoPE), rope.dimension_count the rotated dims, LongRoPE's lists as tensors."""
-    import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
-    w = load_file(str(hf_dir / "model.safetensors"))
-    wr = gguf.GGUFWriter(str(out), "phi3")
-    for key, value in (("block_count", 2), ("context_length", 512), ("embedding_length", 64),
-                       ("feed_forward_length", 128), ("head_count", 4), ("head_count_kv", 2),
-                       ("rope_dimension_count", rot)):
-        getattr(wr, "add_" + key)(value)
-    wr.add_layer_norm_rms_eps(1e-5)
-    wr.add_rope_freq_base(10000.0)
-    add_gguf_bpe_vocab(wr, hf_dir, V, "default")
-    if longrope:
-        wr.add_uint32("phi3.rope.scaling.original_context_length", 64)
-        wr.add_float32("phi3.rope.scaling.attn_factor", math.sqrt(1 + math.log(8) / math.log(64)))
-        for kind in ("long", "short"):
-            wr.add_tensor(f"rope_factors_{kind}.weight", np.array(LONGROPE[f"{kind}_factor"], dtype=np.float32))
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    for i in range(2):
-        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in (
-            ("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))})
-    for hf_name, g in names.items():
-        _add_gguf_tensor(wr, g, w[hf_name].astype(np.float32), qtype if g != "token_embd.weight" else "F32")
-    _close_gguf(wr)
-    return out
+    from test_phi3 import write_phi3_gguf
+    long = dict(LONGROPE, original=64, attn_factor=math.sqrt(1 + math.log(8) / math.log(64))) if longrope else None
+    return write_phi3_gguf(hf_dir, out, qtype, longrope=long, rot=rot)
 
 
 def test_gguf_with_rope_dimension_count_below_the_head_equals_transformers(plain, longrope, tmp_path):

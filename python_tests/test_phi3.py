@@ -119,9 +119,10 @@ def test_bad_phi3_configs_are_named(tmp_path):
             load_model(d)
 
 
-def write_phi3_gguf(hf_dir, out, qtype="F32", longrope=None, window=None):
+def write_phi3_gguf(hf_dir, out, qtype="F32", longrope=None, window=None, rot=16):
     """The tiny Phi-3 as llama.cpp's converter writes a `phi3` GGUF: attn_qkv and ffn_up (gate | up) fused, rows
-    as stored (NeoX RoPE: no permutation), LongRoPE's factors as tensors."""
+    as stored (NeoX RoPE: no permutation), LongRoPE's factors as tensors; rot: rope.dimension_count (below the
+    head's 16 for partial rotary), a tied checkpoint without output.weight."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -134,7 +135,7 @@ def write_phi3_gguf(hf_dir, out, qtype="F32", longrope=None, window=None):
     wr.add_feed_forward_length(128)
     wr.add_head_count(4)
     wr.add_head_count_kv(2)
-    wr.add_rope_dimension_count(16)
+    wr.add_rope_dimension_count(rot)
     wr.add_layer_norm_rms_eps(1e-5)
     wr.add_rope_freq_base(10000.0)
     if window:
@@ -152,7 +153,8 @@ def write_phi3_gguf(hf_dir, out, qtype="F32", longrope=None, window=None):
             ("self_attn.qkv_proj", "attn_qkv"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_up_proj", "ffn_up"),
             ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))})
     for hf_name, g in names.items():
-        _add_gguf_tensor(wr, g, w[hf_name].astype(np.float32), qtype if g != "token_embd.weight" else "F32")
+        if hf_name in w:        # lm_head.weight: absent where the embedding is tied
+            _add_gguf_tensor(wr, g, w[hf_name].astype(np.float32), qtype if g != "token_embd.weight" else "F32")
     _close_gguf(wr)
     return out
 
