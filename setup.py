@@ -36,6 +36,18 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCH = "80;90"
 
 
+def flag(name: str) -> bool:
+    """A build switch, spelt as the package's run-time switches are (amphista_engine/env_settings.py, which setup.py
+    cannot import): 1/true/yes/on, 0/false/no/off, any case; unset or empty: off. A typo stops the build: a
+    misspelt AMPHISTA_NO_CUDA=ture compiled for minutes, then failed where the user meant to skip it."""
+    word = os.environ.get(name, "").strip().lower()
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    if word in ("1", "true", "yes", "on"):
+        return True
+    sys.exit(f"amphista-engine: {name}={os.environ[name]!r}: use 1/true/yes/on or 0/false/no/off")
+
+
 def find_nvcc():
     for env in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(env):
@@ -94,7 +106,7 @@ def cpu_extension():
 
 
 def cpu_skip_reason(compiler) -> str | None:
-    if os.environ.get("AMPHISTA_NO_CPU_EXT") == "1":
+    if flag("AMPHISTA_NO_CPU_EXT"):
         return "AMPHISTA_NO_CPU_EXT=1"
     if os.name != "posix":
         return "the CPU extension is built with GCC or Clang on Linux and macOS only"
@@ -107,7 +119,7 @@ def cpu_skip_reason(compiler) -> str | None:
 class CMakeBuild(build_ext):
     def run(self):
         skip = None
-        if os.environ.get("AMPHISTA_NO_CUDA") == "1":
+        if flag("AMPHISTA_NO_CUDA"):
             skip = "AMPHISTA_NO_CUDA=1"
         elif find_nvcc() is None:
             skip = "nvcc not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)"
@@ -132,7 +144,7 @@ class CMakeBuild(build_ext):
         try:
             self._cmake_build(ext)
         except (subprocess.CalledProcessError, OSError) as err:
-            if os.environ.get("AMPHISTA_CUDA_OPTIONAL") != "1":
+            if not flag("AMPHISTA_CUDA_OPTIONAL"):
                 raise RuntimeError(
                     f"amphista-engine: CUDA extension build failed ({err}); fix the toolkit or set "
                     "AMPHISTA_NO_CUDA=1 (skip) or AMPHISTA_CUDA_OPTIONAL=1 (skip on failure)") from err
@@ -161,7 +173,7 @@ class CMakeBuild(build_ext):
             self._cpu_failed(ext, err)
 
     def _cpu_failed(self, ext, err):
-        if os.environ.get("AMPHISTA_CPU_OPTIONAL") != "1":
+        if not flag("AMPHISTA_CPU_OPTIONAL"):
             raise RuntimeError(
                 f"amphista-engine: CPU extension build failed ({err}); fix that or set "
                 "AMPHISTA_NO_CPU_EXT=1 (skip) or AMPHISTA_CPU_OPTIONAL=1 (skip on failure)")

@@ -31,12 +31,13 @@ decoders on the CPU always run eagerly.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from .env_settings import env_switch
 
 ENV_VAR = "AMPHISTA_CUDA_GRAPHS"
 # decoder tensors a step reads (or updates) in place
@@ -53,7 +54,7 @@ def _kernel_modes(device) -> tuple:
 
 
 def graphs_enabled_by_env() -> bool:
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+    return bool(env_switch(ENV_VAR, True))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Measurements kept between processes, so a machine pays for each once: the CPU's plain and tree step times
 (speculation_check.py) and, on a GPU, which GEMM runs each routed product (kernels/linear_choice.py). One JSON
 file each, in $AMPHISTA_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, under amphista-engine/;
-AMPHISTA_CACHE_DIR=off measures in every process. Every entry's key says what it was measured on."""
+AMPHISTA_CACHE_DIR=off (or 0 / false / no / none) measures in every process; =on (1 / true / yes) is the
+default place. Every entry's key says what it was measured on."""
 from __future__ import annotations
 
 import json
@@ -18,9 +19,13 @@ CACHE_ENV = "AMPHISTA_CACHE_DIR"
 
 def path(name: str) -> Path | None:
     """The file `name` in the cache directory; None when AMPHISTA_CACHE_DIR=off, or there is no home to keep it in."""
-    where = os.environ.get(CACHE_ENV, "").strip()
-    if where.lower() in ("off", "0", "none", "false", "no"):
+    # imported here: read() and write() stay loadable from this file alone (a test's writer processes do that)
+    from .env_settings import OFF_WORDS, ON_WORDS, env_text
+    where = env_text(CACHE_ENV)
+    if where.lower() in (*OFF_WORDS, "none"):
         return None
+    if where.lower() in ON_WORDS:      # a switch word, not a folder: ./on or ./1 was never what was meant
+        where = ""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     try:
         if where:

@@ -697,7 +697,7 @@ def test_routed_linear_modes(monkeypatch):
     with routed_linear.set_mode("on"):
         assert routed_linear.mode() == "on" and linear_choice.kernel_for(x, w)
     assert routed_linear.mode() == "off"
-    monkeypatch.setenv(routed_linear.ENV_VAR, "yes")
+    monkeypatch.setenv(routed_linear.ENV_VAR, "maybe")      # "yes" is a switch word (on)
     with pytest.raises(ConfigError, match=routed_linear.ENV_VAR):
         LinearSetup.for_device("cuda", torch.bfloat16)
     with pytest.raises(ConfigError, match="mode"):

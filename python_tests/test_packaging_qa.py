@@ -149,3 +149,18 @@ def test_commit_in_the_checkout():
     if head.returncode != 0:
         pytest.skip("not a git checkout")
     assert env.commit() == head.stdout.strip()
+
+
+def test_build_switches_read_as_the_run_time_ones(monkeypatch):
+    """setup.py took AMPHISTA_NO_CUDA etc. as on only when exactly "1": AMPHISTA_NO_CUDA=true built CUDA anyway (for
+    minutes), as the run-time switches (env_settings.py) once read their own ways. Now one spelling set, and a typo
+    stops the build by name."""
+    flag = _setup_module(monkeypatch)["flag"]
+    for word, on in (("", False), ("0", False), ("off", False), (" No ", False), ("1", True), ("true", True),
+                     ("YES", True), ("on", True)):
+        monkeypatch.setenv("AMPHISTA_NO_CUDA", word)
+        assert flag("AMPHISTA_NO_CUDA") is on, word
+    monkeypatch.setenv("AMPHISTA_NO_CUDA", "ture")
+    with pytest.raises(SystemExit) as err:
+        flag("AMPHISTA_NO_CUDA")
+    assert "AMPHISTA_NO_CUDA='ture'" in str(err.value.code)

@@ -27,6 +27,7 @@ import os
 from types import ModuleType
 from typing import Iterator, Optional
 
+from ..env_settings import env_choice, env_switch
 from ..errors import ConfigError
 
 BACKENDS = ("torch", "triton", "cuda", "cpu")
@@ -35,7 +36,6 @@ ENV_VAR = "AMPHISTA_BACKEND"
 # it can run (compiled kernels on Hopper and newer). An H100 timed the all-Triton 7B step at 5.18 ms with it against
 # 5.35-5.41 without (benchmarks/results/gpu/h100_2026-12-05_*); "0" turns it off.
 PDL_ENV = "AMPHISTA_PDL"
-_PDL_MODES = {"": True, "auto": True, "1": True, "on": True, "0": False, "off": False}
 
 _global: Optional[str] = None
 _scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("amphista_backend", default=None)
@@ -56,16 +56,12 @@ _no_pdl: contextvars.ContextVar[bool] = contextvars.ContextVar("amphista_no_pdl"
 
 
 def pdl_wanted() -> bool:
-    """AMPHISTA_PDL: unset, "auto" or "1" (where it can run), "0" (never). A value it does not know is an error,
+    """AMPHISTA_PDL: unset, "auto" or on (where it can run), off (never). A value it does not know is an error,
     not a silent default. Inside `without_pdl()`: no."""
     if _no_pdl.get():
         return False
-    raw = os.environ.get(PDL_ENV, "auto")
-    on = _PDL_MODES.get(raw.strip().lower())
-    if on is None:
-        raise ConfigError(f"{PDL_ENV}={raw!r}: use auto or 1 (programmatic dependent launch where the GPU has it, "
-                          f"Hopper and newer; the default) or 0 (off)")
-    return on
+    return env_switch(PDL_ENV, None, auto=True, hint="; auto and on: programmatic dependent launch where the GPU "
+                      "has it (Hopper and newer)") is not False
 
 
 @contextlib.contextmanager
@@ -146,8 +142,8 @@ def default_backend(device=None) -> str:
 
 def _env_backend() -> Optional[str]:
     if not _env:
-        env = os.environ.get(ENV_VAR, "").strip()
-        _env.append(_check(env, f"environment variable {ENV_VAR}; unset it for the device's default") if env else None)
+        _env.append(env_choice(ENV_VAR, BACKENDS, None, message="unknown kernel backend {raw!r} (environment "
+                               "variable {name}; unset it for the device's default); choose one of {choices}"))
     return _env[0]
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import weakref
 from contextvars import ContextVar
 
@@ -31,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 turns packing off (A/B timing, or a misbehaving oneDNN)
+from ..env_settings import env_switch
+
+ENV_VAR = "AMPHISTA_CPU_PACK"     # 0 / off / false / no turns packing off (A/B timing, or a misbehaving oneDNN)
 DTYPES = (torch.bfloat16, torch.float32)
 # oneDNN computes a row identically for every row count up to 32, but not beyond (measured on AMX with 1 and 2
 # threads: the MLP's up-projection and the LM head change kernels at 33 rows). Tree verifications of up to
@@ -53,13 +54,20 @@ MIN_ROWS = 2
 _ALL_ROWS_INVARIANT: ContextVar[bool] = ContextVar("amphista_packed_all_rows", default=False)
 
 
+def requested() -> bool:
+    """AMPHISTA_CPU_PACK: on unless switched off (read on every call)."""
+    return bool(env_switch(ENV_VAR, True))
+
+
 @functools.cache
 def available(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """oneDNN's packed linear for `dtype` (bf16 needs a CPU with bf16 support), and AMPHISTA_CPU_PACK != 0
-    (read once per process)."""
+    """oneDNN's packed linear for `dtype` (bf16 needs a CPU with bf16 support), and AMPHISTA_CPU_PACK not off
+    (read once per process; a bad value is an error for every dtype, so it is read first)."""
+    if not requested():
+        return False
     mk = getattr(torch.ops, "mkldnn", None)
     try:
-        return (dtype in DTYPES and os.environ.get(ENV_VAR, "1") != "0" and torch.backends.mkldnn.is_available()
+        return (dtype in DTYPES and torch.backends.mkldnn.is_available()
                 and hasattr(mk, "_reorder_linear_weight") and hasattr(mk, "_linear_pointwise")
                 and (dtype != torch.bfloat16 or bool(mk._is_mkldnn_bf16_supported())))
     except (AttributeError, RuntimeError):

@@ -36,6 +36,8 @@ import threading
 
 import torch
 
+from ..env_settings import env_choice
+
 _POOL_CHOICES = ("auto", "own", "omp")
 
 _lock = threading.Lock()
@@ -46,11 +48,7 @@ _forked = False             # a forked child of a process that ran torch on seve
 
 
 def pool_setting() -> str:
-    value = os.environ.get("AMPHISTA_CPU_POOL", "auto").strip().lower() or "auto"
-    if value not in _POOL_CHOICES:
-        from ..errors import ConfigError
-        raise ConfigError(f"AMPHISTA_CPU_POOL={value!r}: must be one of {', '.join(_POOL_CHOICES)}")
-    return value
+    return env_choice("AMPHISTA_CPU_POOL", _POOL_CHOICES, "auto")
 
 
 def kernel_threads() -> int:

@@ -24,12 +24,12 @@ has kernels/cpu_exact.py).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import cpu_exact
+from ..env_settings import env_switch
 
 ENV_VAR = "AMPHISTA_EXACT_GREEDY"
 WINDOW = cpu_exact.WINDOW          # positions s(p)..p, at most ALIGN - 1 + MAX_DEPTH + 1 of them
@@ -38,7 +38,8 @@ CHUNK = 256                        # prefix keys per split: a multiple of the ke
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "0") == "1"
+    """AMPHISTA_EXACT_GREEDY, off by default; read on every call (tests and benchmarks flip it)."""
+    return bool(env_switch(ENV_VAR, False))
 
 
 @contextlib.contextmanager

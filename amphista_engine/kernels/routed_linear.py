@@ -10,7 +10,6 @@ H200 the kernel made a graphed 7B decode step 5% faster, yet lost to cuBLAS on s
 from __future__ import annotations
 
 import contextlib
-import os
 from contextvars import ContextVar
 
 import torch
@@ -18,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import linear_choice, ops
+from ..env_settings import env_switch
 from ..errors import ConfigError
 
 ENV_VAR = "AMPHISTA_TRITON_LINEAR"
-MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
+MODES = {None: "auto", True: "on", False: "off"}     # what AMPHISTA_TRITON_LINEAR's auto / on / off mean here
 MAX_ROWS = 16      # the few-row kernel's one row tile (triton_kernels/linear.py)
 # Up to this many rows (a 64-node tree's verification) a product may still take the kernel, in 16-row blocks
 # that share each weight tile it loads, where that measured faster than cuBLAS (linear_choice.py); more go to
@@ -39,12 +39,8 @@ def mode() -> str:
     m = _MODE.get()
     if m is not None:
         return m
-    raw = os.environ.get(ENV_VAR, "auto")
-    m = MODES.get(raw.strip().lower())
-    if m is None:
-        raise ConfigError(f"{ENV_VAR}={raw!r}: use auto (per weight shape, the faster of the Triton kernel and "
-                          f"cuBLAS, measured on the GPU), 1 (the kernel) or 0 (cuBLAS)")
-    return m
+    return MODES[env_switch(ENV_VAR, None, auto=True, hint="; auto: per weight shape, the faster of the Triton "
+                            "kernel and cuBLAS, measured on the GPU; on: the kernel; off: cuBLAS")]
 
 
 def enabled() -> bool:

@@ -19,10 +19,10 @@ kernel for at most AUTO_KERNEL_MERGE_SPLITS splits.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
+from ..env_settings import env_choice
 from ..errors import ConfigError
 
 MERGE_ENV = "AMPHISTA_TREE_MERGE"
@@ -34,10 +34,7 @@ _merge_default: str | None = None       # set by merge_mode(); None: the environ
 
 
 def default_merge() -> str:
-    mode = _merge_default or os.environ.get(MERGE_ENV, "").strip().lower() or "auto"
-    if mode not in MERGE_MODES:
-        raise ConfigError(f"environment variable {MERGE_ENV}={mode!r}: expected one of {', '.join(MERGE_MODES)}")
-    return mode
+    return _merge_default or env_choice(MERGE_ENV, MERGE_MODES, "auto")
 
 
 @contextlib.contextmanager
