@@ -99,9 +99,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
     p.add_argument("--seed", type=int, default=None)
     if per_run:
         p.add_argument("--presence-penalty", type=float, default=0.0,
-                       help="OpenAI's, on the answer's tokens so far (plain decoding only)")
+                       help="OpenAI's, on the answer's tokens so far")
         p.add_argument("--frequency-penalty", type=float, default=0.0,
-                       help="OpenAI's, per repeat of a token in the answer (plain decoding only)")
+                       help="OpenAI's, per repeat of a token in the answer")
         p.add_argument("--logit-bias", action="append", metavar="ID=VALUE",
                        help="add VALUE to token ID's logit at every step (repeatable; -100 bans it)")
         p.add_argument("--ignore-eos", action="store_true",
@@ -155,15 +155,6 @@ def _response_format(args) -> dict | None:
     return {"type": "json_schema", "json_schema": {"schema": value}}
 
 
-def _plain_only_flag(args) -> str | None:
-    """The flag that needs plain decoding (a penalty on what each tree path has seen), as typed, or None."""
-    for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
-        value = getattr(args, name, off)
-        if value != off:
-            return f"--{name.replace('_', '-')} {value}"
-    return None
-
-
 def _load(args, prompt=None):
     """The engine, and how it decodes: (engine, speculative method or None, tree, speculation check or None)."""
     from .engine import DEFAULT_MAX_SEQ_LEN, Engine, check_max_new_tokens, check_stop
@@ -208,10 +199,6 @@ def _load(args, prompt=None):
     if args.tree is not None and (args.speculative == "none" or args.heads == "none"):
         raise InputError(f"--tree {args.tree} applies to speculative decoding, but --"
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")
-    plain_only = _plain_only_flag(args)
-    if plain_only and args.speculative in ("amphista", "medusa") and args.heads != "none":
-        raise InputError(f"{plain_only} is supported with plain decoding only; --speculative {args.speculative} "
-                         f"would need it per tree path (use --speculative auto or none)")
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                                     cuda_graphs=args.cuda_graphs, quant=args.quant)
@@ -227,10 +214,6 @@ def _load(args, prompt=None):
     if speculative is None and args.tree is not None:     # no heads shipped for the model: plain, said above
         warnings.warn(f"--tree {args.tree} is not used: there are no drafting heads to draft with (--heads DIR)")
     check, tree = None, args.tree
-    if speculative is not None and args.speculative == "auto" and plain_only:
-        # "auto" is the faster way that works: the penalty needs plain decoding (no timing to do for that)
-        warnings.warn(f"{plain_only} is supported with plain decoding only: --speculative auto decodes plainly")
-        return engine, None, None, None
     if speculative is not None and engine.device.type == "cpu":
         if prompt is not None:
             # a prompt the cache cannot hold is named before the seconds of timing below, not after them

@@ -730,8 +730,8 @@ class Engine:
         (token_id, logprob) pairs, best first, from the same distribution. They are the model's own log-probabilities:
         logit_bias and the penalties change which tokens are chosen, not these.
 
-        presence_penalty, frequency_penalty: OpenAI's, on the tokens the answer holds so far (0 = off; plain decoding
-        only, as repetition_penalty). logit_bias: {token id: value} added to those tokens' logits at every position
+        presence_penalty, frequency_penalty: OpenAI's, on the tokens the answer holds so far (0 = off; speculative
+        decoding penalises each tree node for its own path too, as repetition_penalty). logit_bias: {token id: value} added to those tokens' logits at every position
         (-100 bans a token, +100 all but forces it); speculative decoding takes it too, greedy output still equal to
         plain decoding's. ignore_eos: end rows only at max_new_tokens or a stop string (latency benchmarks' fixed
         lengths; end-of-sequence tokens are then left out of the text as other special tokens are).
@@ -824,11 +824,6 @@ class Engine:
                 err = type(e)(f"prompt {i}: {e}")
                 err.prompt_index = i      # a server can run the batch's other prompts without it
                 raise err from None
-        if speculative == "auto" and params.plain_only and self.heads is not None:
-            # "auto" is the faster way that works: a penalty on what each path has seen needs plain decoding
-            warnings.warn(f"speculative='auto': {params.plain_only} is supported with plain decoding only; "
-                          f"decoding plainly")
-            speculative, tree = None, None
         if speculative == "auto" and max(limits) == 1 and tree in (None, "auto"):
             # the prefill gives the one token and no step runs: no tree to weigh (the check times for seconds)
             speculative, tree = None, None

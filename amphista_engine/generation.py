@@ -16,7 +16,7 @@ from .errors import NonFiniteError
 from .kernels.cpu_threads import on_pool
 from .kv_cache import KVCache
 from .model import AttentionSpec, Transformer, causal_mask
-from .sampling import SamplingParams, apply_penalties, apply_repetition_penalty, sample
+from .sampling import SamplingParams, apply_penalties, apply_repetition_penalty, sample, tree_penalties
 
 KV_BUCKET = 128   # attention reads cache slots in multiples of this; bounds work to the real length
 NON_FINITE = -2   # a token no vocabulary has: its row's logits held a NaN or an infinity
@@ -172,7 +172,7 @@ class PlainDecoder:
         # logit_bias as a dense [V] row added to the logits every token is chosen from (None: no bias); counts [B, V]:
         # the answer's tokens so far, for presence/frequency penalties (set at prefill; None when they are off)
         self.bias = params.bias_tensor(model.config.vocab_size, self.device)
-        self.counts = None
+        self.seen = self.counts = None       # seen [B, V]: the prompt's and answer's tokens (repetition_penalty)
         # Set by the engine (stream_batch(min_tokens=N)): the ending token ids (EOS, stop_token_ids) that no token
         # may be before a row has N; produced [B]: each row's tokens so far (set at prefill)
         self.min_tokens, self.ban_ids, self.produced = 0, None, None
@@ -288,18 +288,36 @@ class PlainDecoder:
             self.constraint.consume(*self.emitted)
             self.emitted = None
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        # first, as vLLM's logits processors come before its penalties
-        logits = self._constrained(self._held_back(self._biased(logits)))
+    def _penalised(self, logits: torch.Tensor, tree=None) -> torch.Tensor:
+        """The repetition, presence and frequency penalties on the answer so far: logits [B, V], or at every node of a
+        verified tree (logits [B, N, V]), each node also penalised for its own path's tokens."""
+        if self.seen is None and self.counts is None:
+            return logits
+        if tree is not None:
+            return tree_penalties(logits, tree.tokens, tree.path_below_root(), self.seen, self.counts, self.params)
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
         if self.counts is not None:
             logits = apply_penalties(logits, self.counts, self.params.presence_penalty, self.params.frequency_penalty)
-        tok = sample(logits, self.params, self.generator)
+        return logits
+
+    def _record(self, tokens: torch.Tensor, count: torch.Tensor | None = None):
+        """Emitted tokens [B, n] into seen / counts: each row's first count[b] (None: all n). A row's unused entries
+        stand on its first token (a row that emitted none has ended: nothing it holds is read again)."""
+        if self.seen is None and self.counts is None:
+            return
+        real = None if count is None else torch.arange(tokens.shape[1], device=tokens.device) < count[:, None]
         if self.seen is not None:
-            self.seen.scatter_(1, tok[:, None], True)
+            self.seen.scatter_(1, tokens if real is None else torch.where(real, tokens, tokens[:, :1]), True)
         if self.counts is not None:
-            self.counts.scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=torch.int32))
+            ones = torch.ones_like(tokens, dtype=torch.int32) if real is None else real.int()
+            self.counts.scatter_add_(1, tokens, ones)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        # first, as vLLM's logits processors come before its penalties
+        logits = self._penalised(self._constrained(self._held_back(self._biased(logits))))
+        tok = sample(logits, self.params, self.generator)
+        self._record(tok[:, None])
         if self.produced is not None:
             self.produced += 1
         return tok

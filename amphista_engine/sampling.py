@@ -29,10 +29,10 @@ class SamplingParams:
     temperature: float = 0.0          # 0 = greedy
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0                # 1 = off
-    repetition_penalty: float = 1.0   # 1 = off (plain decoding only)
+    repetition_penalty: float = 1.0   # 1 = off
     seed: int | None = None
     # OpenAI's penalties on the tokens generated so far (not the prompt's): logit - frequency_penalty * count -
-    # presence_penalty * (count > 0). 0 = off; plain decoding only, as repetition_penalty.
+    # presence_penalty * (count > 0). 0 = off. A tree node is penalised for its own path's tokens too (tree_penalties).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # {token id: value added to its logit}, kept as sorted (id, value) pairs (hashable: a CUDA graph key holds the
@@ -79,15 +79,6 @@ class SamplingParams:
     def penalized(self) -> bool:
         """presence_penalty or frequency_penalty is on: each step needs the counts of the tokens generated so far."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0
-
-    @property
-    def plain_only(self) -> str | None:
-        """The option that needs plain decoding, by name, or None: a penalty on what a path has seen changes the
-        target distribution from node to node of a tree, which one verification pass cannot follow."""
-        for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
-            if getattr(self, name) != off:
-                return name
-        return None
 
     def bias_tensor(self, vocab_size: int, device) -> torch.Tensor | None:
         """logit_bias as a dense fp32 [vocab_size] row (None without one); an id past the vocabulary is refused."""
@@ -219,13 +210,45 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float,
     return logits - presence * (counts > 0)
 
 
+def _repeated(logits: torch.Tensor, penalty: float) -> torch.Tensor:
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty on tokens already in the context. seen: [B, V] bool."""
     if penalty == 1.0:
         return logits
     logits = logits.float()          # fp16 logits / a penalty < 1 overflow past 65504
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    return torch.where(seen, _repeated(logits, penalty), logits)
+
+
+def tree_penalties(logits: torch.Tensor, tokens: torch.Tensor, path: torch.Tensor, seen: torch.Tensor | None,
+                   counts: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
+    """The penalties plain decoding would apply at every node of a verified tree: on the answer before the step
+    (seen / counts [B, V], the root's token included) plus the node's own path below the root.
+
+    logits [B, N, V]; tokens [B, N] (node tokens); path [B, N, N] or [N, N] bool: path[n, m] = node m is below the
+    root and an ancestor-or-self of node n. The shared part is a broadcast over the nodes; a path's own tokens (at
+    most N per node) are rewritten from the unpenalised logit with plain decoding's formulas and the node's total
+    count, so every value is the float plain decoding computes for that context (greedy output stays exact)."""
+    B, N = tokens.shape
+    path = path.expand(B, N, N).float()
+    # own[b, n, m]: how many of node n's path tokens equal node m's token; a node-by-node count without a [B, N, V]
+    # tensor (V = 152k for Qwen). Rows m that share a token get the same values, so their writes below agree.
+    own = torch.bmm(path, (tokens[:, :, None] == tokens[:, None, :]).float())
+    at = tokens[:, None, :].expand(B, N, N)           # at[b, n, m] = node m's token: where node n's values change
+    logits = logits.float()
+    if seen is not None:
+        raw = logits.gather(2, at)
+        logits = torch.where(seen[:, None, :], _repeated(logits, params.repetition_penalty), logits)
+        hit = seen.gather(1, tokens)[:, None, :] | (own > 0)
+        logits = logits.scatter(2, at, torch.where(hit, _repeated(raw, params.repetition_penalty), raw))
+    if counts is not None:
+        raw = logits.gather(2, at)
+        logits = apply_penalties(logits, counts[:, None, :], params.presence_penalty, params.frequency_penalty)
+        total = counts.gather(1, tokens)[:, None, :] + own.int()
+        logits = logits.scatter(2, at, apply_penalties(raw, total, params.presence_penalty, params.frequency_penalty))
+    return logits
 
 
 def greedy_token(logits: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,11 @@ class TreeBuffers:
     def batched(self) -> bool:
         return self.depth.dim() == 2
 
+    def path_below_root(self) -> torch.Tensor:
+        """mask without the root's column: [i, j] = node j is an ancestor-or-self of node i and not the root (the
+        tokens a node's path adds to the answer before it; the root's is already emitted)."""
+        return self.mask & (self.depth > 0).unsqueeze(-2)
+
     def to(self, device) -> "TreeBuffers":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})

@@ -121,7 +121,7 @@ def test_unpacked_float_linears_warn_once_that_speculative_output_may_leave_plai
     monkeypatch.setattr(cpu_packed, "available", lambda dtype=torch.bfloat16: False)   # no oneDNN packing
     monkeypatch.setenv(cpu_packed.ENV_VAR, "0")
     (msg,) = warned(engine("bf16"))
-    assert "bf16 linear layers are not packed for oneDNN (AMPHISTA_CPU_PACK=0)" in msg
+    assert "bf16 linear layers are not packed for oneDNN (AMPHISTA_CPU_PACK is off)" in msg
     monkeypatch.setenv("AMPHISTA_EXACT_GREEDY", "1")       # fp32 asked for bits it cannot have unpacked
     (msg,) = warned(engine("fp32"))
     assert "fp32 linear layers" in msg

@@ -293,10 +293,6 @@ def test_cli_checks_stop_and_room_before_loading(capsys):
     err = capsys.readouterr().err
     assert "--max-new-tokens 5000 leaves no room for a prompt in the cache (--max-seq-len 2048)" in err
     assert "loading" not in err
-    assert main(["generate", "hi", "--model", "/no/such/model", "--speculative", "medusa",
-                 "--repetition-penalty", "1.3"]) == 2
-    err = capsys.readouterr().err
-    assert "--repetition-penalty 1.3 is supported with plain decoding only" in err and "loading" not in err
 
 
 def test_cli_chat_ctrl_c_stops_the_answer_not_the_conversation(tiny_hf_dir, monkeypatch, capsys):
@@ -450,22 +446,24 @@ def test_auto_decodes_plainly_where_only_the_tree_room_does_not_fit(tiny_hf_dir,
         eng.generate(prompt, chat=False, max_new_tokens=fits_plain, speculative="amphista")
 
 
-def test_auto_decodes_plainly_with_a_repetition_penalty(tiny_hf_dir, monkeypatch):
-    """The penalty needs plain decoding: "auto" (the CLI's default) then decodes plainly, with a warning, however
-    the speculation check came out; naming the method still refuses, and says how on the command line too."""
+def test_speculative_decoding_takes_a_repetition_penalty(tiny_hf_dir, monkeypatch):
+    """The penalty used to need plain decoding ("auto" decoded plainly with a warning, a named method was refused);
+    a tree node now carries its own path's tokens, so every way speculates and equals plain decoding."""
+    import warnings
+
     from amphista_engine.heads import random_heads
     eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=96)
     eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
     monkeypatch.setattr(Engine, "resolve_speculation",      # as if the check found the heads faster here
                         lambda self, s, t, *_: ("amphista", "chain-4", None) if s == "auto" else (s, t, None))
-    kw = dict(chat=False, max_new_tokens=12, repetition_penalty=1.3)
+    kw = dict(chat=False, max_new_tokens=24, repetition_penalty=1.3)      # 12 tokens repeat none (no change)
     plain = eng.generate("The quick brown fox", **kw)
-    for tree in (None, "chain-2"):
-        with pytest.warns(UserWarning, match="repetition_penalty is supported with plain decoding only"):
-            auto = eng.generate("The quick brown fox", speculative="auto", tree=tree, **kw)
-        assert auto.token_ids == plain.token_ids
-    with pytest.raises(InputError, match="--speculative none"):
-        eng.generate("The quick brown fox", speculative="amphista", **kw)
+    assert plain.token_ids != eng.generate("The quick brown fox", chat=False, max_new_tokens=24).token_ids
+    for speculative, tree in (("auto", None), ("auto", "chain-2"), ("amphista", "tree-16"), ("amphista", None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = eng.generate("The quick brown fox", speculative=speculative, tree=tree, **kw)
+        assert res.token_ids == plain.token_ids and res.stats.tau is not None
 
 
 def test_a_one_token_answer_has_no_decode_rate_to_report(engine):

@@ -99,16 +99,15 @@ def _cli(tiny_hf_dir, heads_dir, capsys, *extra, command="generate"):
     return rc, cap.out, cap.err
 
 
-def test_cli_auto_with_a_repetition_penalty_decodes_plainly(engine, tiny_hf_dir, heads_dir, capsys):
-    """`amphista generate --repetition-penalty 1.3` (--speculative auto, the default) failed with 'repetition_penalty
-    ... is supported with plain decoding only' wherever the check found the heads faster: auto picked them anyway."""
-    with pytest.warns(UserWarning, match="--repetition-penalty 1.3 is supported with plain decoding only"):
-        rc, out, err = _cli(tiny_hf_dir, heads_dir, capsys, "--max-new-tokens", "8", "--repetition-penalty", "1.3",
-                            "--json")
+def test_cli_with_a_repetition_penalty_speculates(engine, tiny_hf_dir, heads_dir, capsys):
+    """`amphista generate --repetition-penalty 1.3` once failed under --speculative auto, then decoded plainly with
+    a warning; the penalty now follows each tree path, so a named method speculates and equals plain decoding."""
+    rc, out, err = _cli(tiny_hf_dir, heads_dir, capsys, "--max-new-tokens", "8", "--repetition-penalty", "1.3",
+                        "--speculative", "amphista", "--json")
     assert rc == 0, err
     res = json.loads(out)
     plain = engine.generate(PROMPT, chat=False, max_new_tokens=8, repetition_penalty=1.3)
-    assert res["token_ids"] == plain.token_ids and res["speculative"] is None and "tree" not in res["stats"]
+    assert res["token_ids"] == plain.token_ids and res["speculative"] == "amphista" and "tree" in res["stats"]
 
 
 def test_cli_auto_decodes_plainly_where_only_the_tree_room_does_not_fit(engine, tiny_hf_dir, heads_dir, capsys):

@@ -79,12 +79,17 @@ def test_presence_and_frequency_penalties_match_openai_formula(presence, frequen
     assert got != _plain(model, prompt, 30, SamplingParams())
 
 
-def test_penalties_need_plain_decoding():
+@pytest.mark.parametrize("tree", ["tree-16", "dynamic-8"])
+def test_speculative_penalties_equal_plain_decoding(tree):
+    """Penalties used to need plain decoding; each tree node now carries its own path's tokens (tree_penalties)."""
     from amphista_engine.heads import random_heads
     model = random_tiny_model(seed=1)
     heads = random_heads("amphista", model, num_heads=3, seed=1)
-    with pytest.raises(InputError, match="frequency_penalty .*plain decoding only"):
-        spec_ids(model, heads, "tree-16", [1, 2], 4, eos=[], params=SamplingParams(frequency_penalty=0.5))
+    for params in (SamplingParams(frequency_penalty=0.5), SamplingParams(presence_penalty=1.5),
+                   SamplingParams(repetition_penalty=1.4, frequency_penalty=0.2)):
+        want = _plain(model, PROMPTS[0], 24, params)
+        assert spec_ids(model, heads, tree, PROMPTS[0], 24, eos=[], params=params)[0] == want
+        assert want != _plain(model, PROMPTS[0], 24, SamplingParams())
 
 
 def test_bad_values_are_named():
@@ -118,8 +123,7 @@ def test_engine_options(tiny_amphista_engine):
     assert scored.token_logprobs == pytest.approx(ref[0][-12:], abs=1e-4)
     with pytest.raises(InputError, match="token id 99999 is not in the model's vocabulary"):
         eng.generate(prompt, chat=False, max_new_tokens=2, logit_bias={99999: 1})
-    with pytest.warns(UserWarning, match="presence_penalty is supported with plain decoding only"):
-        pen = eng.generate(prompt, chat=False, max_new_tokens=12, speculative="auto", presence_penalty=1.0)
+    pen = eng.generate(prompt, chat=False, max_new_tokens=12, speculative="amphista", presence_penalty=1.0)
     assert pen.token_ids == eng.generate(prompt, chat=False, max_new_tokens=12, speculative=None,
                                          presence_penalty=1.0).token_ids
     with pytest.raises(InputError, match="presence_penalty takes one value"):
@@ -159,13 +163,10 @@ def test_cli_flags(tiny_amphista_engine, tiny_hf_dir, tiny_amphista_heads_dir, c
     want = eng.generate("The quick brown fox", chat=False, max_new_tokens=10, speculative=None,
                         logit_bias={ban: -100, 5: 1.5})
     assert json.loads(out)["token_ids"] == want.token_ids and ban not in want.token_ids
-    with pytest.warns(UserWarning, match="--frequency-penalty 0.5 is supported with plain decoding only"):
-        rc, out, err = cli("--frequency-penalty", "0.5")
+    rc, out, err = cli("--frequency-penalty", "0.5", "--speculative", "amphista")
     assert rc == 0, err
     want = eng.generate("The quick brown fox", chat=False, max_new_tokens=10, speculative=None, frequency_penalty=0.5)
-    assert json.loads(out)["token_ids"] == want.token_ids
-    rc, out, err = cli("--presence-penalty", "1", "--speculative", "medusa")
-    assert rc != 0 and "--presence-penalty 1.0 is supported with plain decoding only" in err
+    assert json.loads(out)["token_ids"] == want.token_ids and json.loads(out)["speculative"] == "amphista"
     rc, out, err = cli("--logit-bias", "13:-100")
     assert rc != 0 and "--logit-bias takes TOKEN_ID=VALUE" in err and "Traceback" not in err
     rc, out, err = cli("--ignore-eos", "--logit-bias", f"{eng.eos_ids[0]}=100", "--speculative", "none")

@@ -59,7 +59,7 @@ def test_flags_win_and_none_keeps_greedy(tmp_path, capsys):
     assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty) == (0.6, 0.5, 20, 1.1)
     err = capsys.readouterr().err
     assert "request defaults from" in err and "temperature 0.6" in err and "top_p" not in err
-    assert "decode plainly" in err            # the penalty turns the server's speculation off for such requests
+    assert "plain" not in err                 # the penalty no longer turns the server's speculation off
     args = build_parser().parse_args(["serve", "--model", str(d), "--generation-config", "none"])
     assert sampling_defaults(args) == {} and (args.temperature, args.top_p, args.top_k, args.repetition_penalty) == (
         0.0, 1.0, 0, 1.0)
@@ -67,16 +67,15 @@ def test_flags_win_and_none_keeps_greedy(tmp_path, capsys):
     assert sampling_defaults(args) == {} and args.temperature == 0.0
 
 
-def test_a_speculative_server_leaves_the_files_penalty_out(tmp_path, capsys):
+def test_a_speculative_server_takes_the_files_penalty(tmp_path, capsys):
     """--speculative amphista on a model whose generation_config sets a repetition_penalty (Qwen2.5's 1.05): the
-    penalty takes plain decoding only, so taken as a default it refused the server's start for a flag nobody typed;
-    it is left out and named, the file's other sampling taken."""
+    penalty once needed plain decoding, so the file's was left out; speculative decoding now takes it, as plain
+    decoding does."""
     d = _dir(tmp_path, {"do_sample": True, "temperature": 0.7, "repetition_penalty": 1.05})
-    args = build_parser().parse_args(["serve", "--model", str(d), "--speculative", "amphista"])
-    assert sampling_defaults(args) == {"temperature": 0.7} and args.repetition_penalty == 1.0
-    assert "repetition_penalty 1.05 is not applied" in capsys.readouterr().err
-    args = build_parser().parse_args(["serve", "--model", str(d)])          # auto: taken (requests decode plainly)
-    assert sampling_defaults(args)["repetition_penalty"] == 1.05 and args.repetition_penalty == 1.05
+    for speculative in ("amphista", "auto"):
+        args = build_parser().parse_args(["serve", "--model", str(d), "--speculative", speculative])
+        assert sampling_defaults(args) == {"temperature": 0.7, "repetition_penalty": 1.05}
+        assert args.repetition_penalty == 1.05 and "not applied" not in capsys.readouterr().err
 
 
 def test_the_server_samples_as_the_model_asks(tiny_hf_dir, tmp_path):

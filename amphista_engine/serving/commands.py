@@ -47,15 +47,11 @@ BUILTIN_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=
 def sampling_defaults(args, per_request: bool = True) -> dict:
     """Fills args' sampling flags left unset: from the model's generation_config.json under --generation-config auto
     (vLLM's default: the sampling its authors recommend, e.g. Qwen3's temperature 0.6, top_p 0.95, top_k 20), else
-    the built-in greedy ones. Returns what was taken from the file (named on stderr). Its repetition_penalty is left
-    out where the server speculates by name (--speculative amphista / medusa): the penalty takes plain decoding
-    only, so taken it refused the server's start (or each request), for a flag nobody typed. per_request: the
-    server's defaults for requests (False: `amphista generate` / `chat`, this run's own sampling)."""
+    the built-in greedy ones. Returns what was taken from the file (named on stderr). per_request: the server's
+    defaults for requests (False: `amphista generate` / `chat`, this run's own sampling)."""
     from ..loading import generation_defaults
     gen, file = (generation_defaults(args.model, missing_ok=not per_request) if args.generation_config == "auto"
                  else ({}, None))
-    speculates = getattr(args, "speculative", "none") in ("amphista", "medusa")
-    skipped = gen.pop("repetition_penalty") if speculates and "repetition_penalty" in gen else None
     if not per_request and args.temperature == 0:
         # this run greedy by flag: the file's nucleus settings would do nothing (and be warned of as typed flags); a
         # server keeps them, for requests that send a temperature
@@ -71,15 +67,6 @@ def sampling_defaults(args, per_request: bool = True) -> dict:
     if taken:
         said = ", ".join(f"{k} {v}" for k, v in taken.items())
         print(f"{who} from {file}: {said} ({overrides}; --generation-config none: greedy)", file=sys.stderr, flush=True)
-        if "repetition_penalty" in taken and getattr(args, "speculative", "none") not in (None, "none"):
-            print(f"note: its repetition_penalty {taken['repetition_penalty']} is supported with plain decoding "
-                  f"only, so {'requests that leave it out decode' if per_request else 'this run decodes'} plainly; "
-                  f"--repetition-penalty 1 keeps {'them' if per_request else 'it'} speculative",
-                  file=sys.stderr, flush=True)
-    if skipped is not None and args.repetition_penalty == BUILTIN_SAMPLING["repetition_penalty"]:
-        print(f"note: {file}'s repetition_penalty {skipped} is not applied: --speculative {args.speculative} takes "
-              f"no penalty{' (a request that sends one decodes plainly)' if per_request else ''}",
-              file=sys.stderr, flush=True)
     return taken
 
 
