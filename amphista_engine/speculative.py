@@ -364,11 +364,13 @@ class SpeculativeDecoder(PlainDecoder):
         mix-4, repetition_penalty 1.3: tau 1.20 -> 1.30; a tie at 1.1 and under OpenAI's penalties)."""
         if self.seen is None and self.counts is None:
             return draft
-        if self._token_ids is not None and not hasattr(self, "_draft_ids"):
-            self._draft_ids = self._token_ids(torch.arange(draft.shape[-1], device=draft.device))
-        ids = getattr(self, "_draft_ids", None)
+        if not hasattr(self, "_draft_ids"):
+            # heads with a draft vocabulary score its tokens only: their entries of seen / counts (None: every token)
+            subset = self._token_ids is not None and draft.shape[-1] != self.model.config.vocab_size
+            self._draft_ids = self._token_ids(torch.arange(draft.shape[-1], device=draft.device)) if subset else None
+        ids = self._draft_ids
         seen, counts = self.seen, self.counts
-        if ids is not None:         # heads with a draft vocabulary: its tokens' entries
+        if ids is not None:
             seen, counts = (None if t is None else t[:, ids] for t in (self.seen, self.counts))
         p = self.params
         if seen is not None:

@@ -118,6 +118,17 @@ def test_drafts_are_ranked_under_the_penalties():
     assert (dec._penalised_draft(draft).argmax(-1) == 7).all()
     assert (SpeculativeDecoder(model, cache, heads, TreeSpec("chain-3", 3, "cpu"), SamplingParams())
             ._penalised_draft(draft).argmax(-1) == 4).all()
+    # heads with a draft vocabulary score its slots: slot i is token vocab[i], penalised as that token
+    sub = random_heads("amphista", model, num_heads=3, seed=2, draft_vocab_size=8)
+    vocab = torch.tensor([20, 4, 11, 7, 3, 2, 9, 1])
+    sub.set_draft_vocab(vocab)
+    dec = SpeculativeDecoder(model, cache, sub, TreeSpec("chain-3", 3, "cpu"), params)
+    dec.prefill([[3, 4, 5]])
+    draft = torch.zeros(1, 3, 8)
+    draft[..., 1] = 5.0                                       # token 4: a prompt token
+    draft[..., 4] = 4.5                                       # token 3: a prompt token too
+    draft[..., 3] = 4.0                                       # token 7
+    assert (dec._penalised_draft(draft).argmax(-1) == 3).all()
 
 
 def test_graph_replays_follow_each_runs_penalties(tiny_hf_dir):
