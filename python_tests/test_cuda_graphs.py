@@ -215,6 +215,23 @@ def test_speculative_greedy_equals_plain_under_graphs():
 
 
 @needs_gpu
+def test_speculative_penalties_equal_plain_under_graphs():
+    """Repetition, presence and frequency penalties per tree node (sampling.tree_penalties: a bmm, gathers and
+    scatters inside the captured step; seen / counts copied in as state): greedy through graphs, with rows of
+    other lengths, emits plain greedy decoding's tokens under the same penalties (fp32, as the test above)."""
+    model, cache, prompts = _setup("cuda", dtype=torch.float32, batch=2)
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.6)
+    graphs = DecodeGraphs()
+    plain, _ = decode(PlainDecoder(model, cache, params), prompts, 80, graphs=graphs)
+    heads = random_heads("amphista", model, num_heads=4, seed=2)
+    for tree in ("tree-32", "dynamic-16"):
+        spec, _ = decode(SpeculativeDecoder(model, cache, heads, TreeSpec(tree, 4, torch.device("cuda")), params),
+                         prompts, 80, graphs=graphs)
+        assert spec == plain, (tree, _first_difference(plain, spec))
+    assert graphs.stats.replays > 0 and graphs.stats.failed_captures == 0, graphs.stats.to_dict()
+
+
+@needs_gpu
 @pytest.mark.parametrize("kind", ["plain", "amphista"])       # two tests: 68 s as one on an H100, a suite's tail
 def test_merge_in_kernel_decodes_like_two_launch_merge(kind):
     """Tree attention's merge="kernel" (kernels/triton_kernels/tree_attention.py: the last split merges, with
