@@ -134,18 +134,9 @@ def test_drafts_are_ranked_under_the_penalties():
 def test_graph_replays_follow_each_runs_penalties(tiny_hf_dir):
     """Under CUDA graphs (the CPU stand-in) seen / counts are state copied into the captured step and the penalty
     values key the graphs: runs in turn with other penalties, and a batch, give eager decoding's answers."""
-    from amphista_engine import Engine
-    from graph_standin import CPUGraphs
+    from test_graph_replay_state_qa import _engines
 
-    engines = []
-    for graphed in (False, True):
-        e = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256, max_batch_size=2,
-                                   cuda_graphs=graphed)
-        if graphed:
-            e.graphs = CPUGraphs()
-        e.load_heads(random_heads("amphista", e.model, num_heads=4, seed=1))
-        engines.append(e)
-    eager, graphed = engines
+    eager, graphed = _engines(tiny_hf_dir)           # the stand-in graphs on the second
     prompts = ["The quick brown fox jumps", "def f(x):"]
     for kw in (dict(repetition_penalty=1.5), dict(frequency_penalty=0.8), dict(repetition_penalty=1.5),
                dict(presence_penalty=1.2, temperature=0.8, seed=3)):
