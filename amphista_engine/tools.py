@@ -103,14 +103,22 @@ class ToolPlan(NamedTuple):
         vLLM drops them). Not parse (tool_choice "none"): the text as content, less the control tokens shown. A
         Llama 3 or Mistral answer cut after whole calls: those calls, as its stream sent them (_read_answer), but
         for a request with stops (stop strings or stop_token_ids), whose stream sends calls whole at the end
-        (ToolCallFilter's whole): only a whole answer is calls, both ways. A Hermes answer cut inside its last
-        block (not with stops): the calls before that block, content what its stream sent, the block dropped."""
+        (ToolCallFilter's whole): only a whole answer is calls, both ways. A Hermes answer (not with stops): read as
+        its stream sends it (_hermes_reading): a block whose call went out by name but that is no call (cut, or its
+        JSON broke after the name) is neither a call nor content."""
+        return self.answer(text, stops)[:2]
+
+    def answer(self, text: str, stops: bool = False) -> tuple[str | None, list[dict], bool]:
+        """read(text, stops), and whether the answer's calls are whole as its stream sent them: False where the
+        stream sent a call by name that is not among the reply's (cut, or broken after its name), so the finish is
+        not "tool_calls" either way (ToolCallFilter.end says the same of the stream)."""
         if not self.parse:
-            return _visible(text, self.hidden), []
-        content, calls, _ = _read_answer(text, self.fmt, self.v11, self.hidden, cut=not stops)
+            return _visible(text, self.hidden), [], True
+        content, calls, whole = _read_answer(text, self.fmt, self.v11, self.hidden, cut=not stops,
+                                             parallel=self.parallel)
         # "required", a named function: the grammar allows nothing but calls, so what is left (the unfinished next
         # block of an answer cut by max_tokens: '\n<tool_call>\n{"name":') is part of a call, never content
-        return (None if self.calls_only else content), (calls if self.parallel else calls[:1])
+        return (None if self.calls_only else content), (calls if self.parallel else calls[:1]), whole
 
 
 def _json_type(value) -> str:
@@ -629,55 +637,123 @@ def parse_tool_calls(text: str, fmt: str = "hermes", *, v11: bool = False,
     return (content if content and content.strip() else None), calls
 
 
-def _read_answer(text: str, fmt: str, v11: bool, hidden: tuple,
-                 cut: bool = True) -> tuple[str | None, list[dict], bool]:
-    """parse_tool_calls(text), and whether the answer is cut: a Llama 3 or Mistral answer that ended (max_tokens, a
-    stop, the model's end) while it could still be calls, after whole ones. Its parse reads no calls (only a whole
-    answer is calls), but its stream already sent the whole ones (ToolCallFilter.stream), and the reply gives those,
-    read as the stream read them; content is what the stream sent as content (Mistral's text before [TOOL_CALLS]),
-    never the cut call's JSON. Without this, "required" answered no content and no calls. cut False: the parse
-    alone (a request with stops, whose stream sends these formats' calls only at the end, as the parse reads them).
-    Hermes: an answer cut inside its last block while that block could still become a call (or inside the next
-    <tool_call> tag after a block: _cut_at) reads as the text before it: the whole calls before the cut, content
-    what the stream sent as content, the cut block dropped. Kept as content, its markup (and the call's partial
-    JSON) was the reply's content, while the stream, which holds a block back, sent nothing for it."""
-    at = _cut_at(text) if cut and fmt == "hermes" else None
-    if at is not None:
-        content, calls = parse_tool_calls(text[:at], fmt, hidden=hidden)
-        return (content if content and content.strip() else None), calls, True
+def _read_answer(text: str, fmt: str, v11: bool, hidden: tuple, cut: bool = True,
+                 parallel: bool = True) -> tuple[str | None, list[dict], bool]:
+    """parse_tool_calls(text), read as the answer's stream sends it, and whether its calls are whole as the stream
+    sent them (False where the stream sent a call by name that is not among these: the finish is not "tool_calls",
+    both ways). A Llama 3 or Mistral answer that ended (max_tokens, a stop, the model's end) while it could still
+    be calls, after whole ones: its parse reads no calls (only a whole answer is calls), but its stream already sent
+    the whole ones (ToolCallFilter.stream), and the reply gives those, read as the stream read them; content is what
+    the stream sent as content (Mistral's text before [TOOL_CALLS]), never the cut call's JSON. Without this,
+    "required" answered no content and no calls. They are whole unless the stream had begun the next call. cut
+    False: the parse alone (a request with stops, whose stream sends calls only whole, as the parse reads them).
+    Hermes: _hermes_reading. parallel: parallel_tool_calls, whose false has the stream begin only a first call."""
+    if fmt == "hermes" and cut:
+        content, calls, whole = _hermes_reading(text, hidden, parallel)
+        return content, [call for _, call in calls], whole
     content, calls = parse_tool_calls(text, fmt, v11=v11, hidden=hidden)
     if calls or not cut or fmt not in _WHOLE:
-        return content, calls, False
+        return content, calls, True
     f = ToolCallFilter(True, fmt, v11=v11, hidden=hidden)
     lead, _ = f.stream(text)
     whole = [s.call for s in f.calls if s.call is not None]
     if not f.holding or f.broke or not whole:
-        return content, calls, False
-    return (lead if lead.strip() else None), whole, True
+        return content, calls, True
+    # a call begun after the whole ones (its name sent, its object unfinished) is not the reply's: so not whole;
+    # with parallel_tool_calls false the stream begins none after the first
+    begun = f.calls if parallel else f.calls[:1]
+    return (lead if lead.strip() else None), whole, all(s.call is not None for s in begun)
 
 
-def _cut_at(text: str) -> int | None:
-    """Where a Hermes answer's whole part ends when the answer ends inside its last block, unclosed, that is no call
-    yet but could still become one its stream reads (its JSON so far begins a call's header, `{"name": ...,
-    "arguments": {`, and has not ended: _header, _Canon), or inside the `<tool_call>` tag that would open the next
-    block after one (2 or more of its characters: a lone "<" may be the answer's own text); None otherwise. An
-    unclosed block whose JSON ended, or that cannot begin a call, stays content, as a closed one that does not
-    parse (the model's own text, as written)."""
-    last = None
-    for last in _BLOCK.finditer(text):
-        pass
-    if last is None:
-        return None
-    if last.group(2) is None:
-        k = next((k for k in range(len(TOOL_CALL_START) - 1, 1, -1)
-                  if len(text) - last.end() >= k and text.endswith(TOOL_CALL_START[:k])), 0)
-        return len(text) - k if k else None
-    body = _unclosed(last.group(2))
-    if _call(body) is not None or _header(body, 0)[0] == "no":
-        return None
-    json_so_far = _Canon(lenient=True)     # NaN too: the whole answer's parse would read it
+def _hermes_reading(text: str, hidden: tuple = (), parallel: bool = True) -> tuple[str | None, list, bool]:
+    """A Hermes answer (no stops) read as its stream sends it (ToolCallFilter.stream: a block's call goes out by
+    name once its JSON has reached `{"name": "...", "arguments": {`, then its arguments as they decode): (content,
+    [(where the block's text begins, call)], whole). A block whose call went out so is the reply's call only where
+    its whole JSON reads as that call, arguments that begin with what went out; else (the answer cut inside it, or
+    its JSON broke after the name: `{"name": "f", "arguments": {"city": "Paris"</tool_call>`, text after the
+    arguments, the arguments given twice) it is neither a call nor content, and whole is False.
+
+    Why so: the stream cannot take back the name and arguments it sent, and never sends the block's markup as
+    content. Keeping the block as content (as parse_tool_calls does; vLLM's non-streamed hermes parser even makes
+    the whole answer content once a block's JSON fails, while its stream has sent that call) gave the non-streamed
+    reply markup its stream never sent; giving it the call would hand a client arguments that are no JSON, which
+    OpenAI's shape has no way to flag. Dropped, both replies have the same content and the same whole calls, and
+    neither says "tool_calls": the streaming client holds the begun call, whose arguments are no JSON, and
+    "tool_calls" would tell it to run every call it got, so both give the run's own finish ("stop", "length").
+
+    A block whose call never went out (the stream stopped streaming at an earlier block that cannot be a call, or
+    its JSON does not begin a call) stays content as written unless it parses, as in parse_tool_calls, but for an
+    unclosed last one that could still become a call (its JSON so far may begin one and has not ended): the answer
+    was cut in it, and it is dropped too; so is a cut `<tool_call>` tag (2 or more of its characters: a lone "<"
+    may be the answer's own text) after a closed last block."""
+    blocks = list(_BLOCK.finditer(text))
+    end = len(text)
+    if blocks and blocks[-1].group(2) is None:
+        end -= next((k for k in range(len(TOOL_CALL_START) - 1, 1, -1)
+                     if end - blocks[-1].end() >= k and text.endswith(TOOL_CALL_START[:k])), 0)
+    calls, parts, pos, placed = [], [], 0, False
+    frozen, begun, whole = False, 0, True       # as ToolCallFilter._advance: frozen, no block begins after it
+    for m in blocks:
+        closed = m.group(1) is not None
+        body = m.group(1) if closed else _unclosed(m.group(2))
+        call, name = _call(body), None
+        if not frozen:
+            state, at, values = _header(body, 0)
+            if state == "ok":
+                name = values[0]
+                sent, canon = _streamed_args(body[at - 1:])
+                args = None if call is None else _args_json(call["arguments"])
+                frozen = canon.bad or closed and (not canon.done or args != sent + "}" or call["name"] != name)
+                if call is not None and (call["name"] != name or not args.startswith(sent)):
+                    call = None
+                begun += 1
+                if call is None and (parallel or begun == 1):
+                    whole = False
+            else:
+                frozen = state == "no" or closed
+        if call is None and name is None and (closed or not _may_become_call(body)):
+            continue                # no call, and nothing of it went out: content, as written
+        between = text[pos:m.start()]
+        # the text before the first block read as a call as written; later only what is not the whitespace between
+        if not placed or between.strip():
+            parts.append(between)
+        pos, placed = m.end(), True
+        if call is not None:
+            calls.append((m.start(1) if closed else m.start(2), call))
+    if not placed:
+        content = _visible(text[:end], hidden)
+        return (content if end == len(text) or content and content.strip() else None), [], True
+    if text[pos:end].strip():
+        parts.append(text[pos:end])
+    content = _visible("".join(parts), hidden)
+    return (content if content and content.strip() else None), calls, whole
+
+
+def _streamed_args(args: str) -> tuple[str, _Canon]:
+    """What a stream sends of a block's call's arguments (args: their text from the "{" to the block's end), and
+    the _Canon that read them: their canonical text, less a closing "}" (it waits for the block to read as a
+    call). A feed that turns out not to be JSON as it comes (NaN) gives nothing: the characters before went out
+    with the deltas before, so such arguments are read again a character at a time."""
+    canon = _Canon()
+    sent = canon.feed(args)
+    if canon.bad:
+        canon, pieces = _Canon(), []
+        for ch in args:
+            pieces.append(canon.feed(ch))
+            if canon.bad or canon.done:
+                break
+        sent = "".join(pieces)
+    return (sent[:-1] if canon.done else sent), canon
+
+
+def _may_become_call(body: str) -> bool:
+    """Whether an unclosed last block's text could still become a call its stream reads: its JSON so far begins a
+    call's header (_header) and has not ended (Python's json: NaN too, as the whole answer's parse reads it)."""
+    if _header(body, 0)[0] == "no":
+        return False
+    json_so_far = _Canon(lenient=True)
     json_so_far.feed(body)
-    return None if json_so_far.bad or json_so_far.done else last.start()
+    return not (json_so_far.bad or json_so_far.done)
 
 
 def _unclosed(body: str) -> str:
@@ -820,14 +896,15 @@ class ToolCallFilter:
 
     def _read(self, text: str) -> tuple[str | None, list[dict]]:
         """The whole answer's (content, calls), as the non-streamed reply reads it (ToolPlan.read)."""
-        return self._read_cut(text)[:2]
+        return self._read_whole(text)[:2]
 
-    def _read_cut(self, text: str) -> tuple[str | None, list[dict], bool]:
-        """_read, and whether the answer is a cut one (_read_answer)."""
+    def _read_whole(self, text: str) -> tuple[str | None, list[dict], bool]:
+        """_read, and whether its calls are whole as the stream sent them (ToolPlan.answer)."""
         if not self.parse:
-            return _visible(text, self.hidden), [], False
-        content, calls, cut = _read_answer(text, self.fmt, self.v11, self.hidden, cut=not self.whole)
-        return (None if self.calls_only else content), (calls if self.parallel else calls[:1]), cut
+            return _visible(text, self.hidden), [], True
+        content, calls, whole = _read_answer(text, self.fmt, self.v11, self.hidden, cut=not self.whole,
+                                             parallel=self.parallel)
+        return (None if self.calls_only else content), (calls if self.parallel else calls[:1]), whole
 
     def finish(self, text: str | None = None) -> tuple[str, list[dict]]:
         """(the content not sent yet, the calls) of the whole answer (`text`, or what was fed)."""
@@ -1043,7 +1120,7 @@ class ToolCallFilter:
                     self.frozen = True  # content, as the whole answer's parse keeps it: left to end()
                     break
                 done = _Streamed(call["name"], self.fmt, j)
-                done.args = _args_json(call["arguments"])
+                done.args, done.call, done.block = _args_json(call["arguments"]), call, self.body
                 self.calls.append(done)
                 out.append({"index": len(self.calls) - 1, "id": done.id, "type": "function",
                             "function": {"name": done.name, "arguments": done.args}})
@@ -1058,6 +1135,7 @@ class ToolCallFilter:
                     self.frozen = state == "no" or j >= 0
                     break
                 self.cur = _Streamed(values[0], self.fmt, at - 1)       # its arguments from their "{"
+                self.cur.block = self.body
                 self.calls.append(self.cur)
                 out.append({"index": len(self.calls) - 1, "id": self.cur.id, "type": "function",
                             "function": {"name": self.cur.name, "arguments": ""}})
@@ -1087,49 +1165,73 @@ class ToolCallFilter:
 
     def end(self, text: str | None = None) -> tuple[str, list[dict], bool]:
         """A streamed answer's end: (the content not sent yet, the `delta.tool_calls` entries not sent yet, whether
-        its calls are whole). The whole answer is read as the non-streamed reply reads it (parse_tool_calls): each
+        its calls are whole). The whole answer is read as the non-streamed reply reads it (ToolPlan.answer): each
         call that went out gets the rest of its arguments, the reply's later calls go out whole, and the content
         not sent goes out. A call that went out but is not the reply's (cut by max_tokens, or by a stop string
         where not whole, or JSON that broke after its name; Llama 3, Mistral: an answer that turned out not to be
-        calls after one went out) is left as it went: nothing more is sent (the markup it began with is never
-        content), and whole is False (the finish reason is not "tool_calls"). A Hermes answer cut inside its last
-        block (_cut_at): the reply reads the text before that block, so the calls before it are finished and the
-        content held back goes out, never the cut block's markup; whole is False where that block's call went out
-        begun. A Llama 3 or Mistral answer cut after whole calls (_read_answer): the reply's calls are those that
-        went out, and whole is False (where calls go out whole, a request with stops, only a whole answer is
-        calls: ToolPlan.read)."""
+        calls after one went out) is left as it went: nothing more is sent for it (the markup it began with is never
+        content), and whole is False (the finish reason is not "tool_calls", as the reply's: ToolPlan.answer).
+        Hermes (_hermes_reading): such a block is no part of the reply, so the whole calls before it get what they
+        lack, the calls after it go out whole (after it by index) and the content held back goes out. A Llama 3 or
+        Mistral answer cut after whole calls (_read_answer): the reply's calls are those that went out, and they are
+        whole unless the stream had begun another (where calls go out whole, a request with stops, only a whole
+        answer is calls: ToolPlan.read). Llama 3, Mistral: an answer that turned out not to be calls after one went
+        out sends nothing more."""
         head, out = "", []
         if text is not None and text != self.text and text.startswith(self.text):
             head, out = self.stream(text[len(self.text):])
         text = self.text if text is None else text
-        content, calls, cut = self._read_cut(text)
-        if cut and self.fmt in _WHOLE:
-            # its whole calls went out as they were read (a cut one maybe begun after them): nothing more to send,
-            # and the finish is the run's ("length"), not "tool_calls"
-            return head, out, False
-        # Hermes, cut inside its last block (_read_answer reads the answer without it): the call that block began,
-        # if its name went out, is left as it went (not the reply's, so the calls are not whole), but the whole
-        # calls before it get what they lack and the content held back goes out, as the reply has them
-        at = _cut_at(text) if cut else None
-        begun = at is not None and self.cur is not None and self.body == at + len(TOOL_CALL_START)
-        streamed = self.calls[:-1] if begun else self.calls
-        if begun and len(streamed) != len(calls):
-            return head, out, False
-        for k, sent in enumerate(streamed):
+        if self.fmt == "hermes" and self.parse and not self.whole:
+            return self._end_hermes(text, head, out)
+        content, calls, whole = self._read_whole(text)
+        if self.calls and not calls:
+            return head, out, False         # calls went out, and the answer turned out not to be calls
+        for k, sent in enumerate(self.calls):
+            if k >= len(calls) and sent.call is None:
+                whole = False               # begun after the reply's (whole) calls, the answer cut in it
+                continue
             args = _args_json(calls[k]["arguments"]) if k < len(calls) else None
             if args is None or calls[k]["name"] != sent.name or not args.startswith(sent.args):
                 return head, out, False
             if len(args) > len(sent.args):
                 out.append({"index": k, "function": {"arguments": args[len(sent.args):]}})
-        for k in range(len(streamed), len(calls)):
+        for k in range(len(self.calls), len(calls)):
             out.append({"index": k, **openai_tool_calls([calls[k]], self.fmt)[0]})
         self.calls_sent = len(calls)
+        return head + self._unsent(content), out, whole
+
+    def _end_hermes(self, text: str, head: str, out: list[dict]) -> tuple[str, list[dict], bool]:
+        """end() of a Hermes answer whose calls stream as they decode: each call that went out is matched to the
+        reply's by its block; one the reply does not have (its block dropped: _hermes_reading) is left as it went."""
+        content, placed, whole = _hermes_reading(text, self.hidden, self.parallel)
+        placed = placed if self.parallel else placed[:1]
+        reply = {at: k for k, (at, _) in enumerate(placed)}
+        done = set()
+        for i, sent in enumerate(self.calls):
+            k = reply.get(sent.block)
+            if k is None:
+                whole = False
+                continue
+            done.add(k)
+            call = placed[k][1]
+            args = _args_json(call["arguments"])
+            if call["name"] != sent.name or not args.startswith(sent.args):
+                whole = False               # (the reading already checks it; a stream cannot take back what went)
+                continue
+            if len(args) > len(sent.args):
+                out.append({"index": i, "function": {"arguments": args[len(sent.args):]}})
+        index = len(self.calls)
+        for k, (_, call) in enumerate(placed):
+            if k not in done:               # never streamed (after a block that could not stream): whole, after
+                out.append({"index": index, **openai_tool_calls([call], self.fmt)[0]})
+                index += 1
+        self.calls_sent = len(placed)
+        return head + self._unsent(None if self.calls_only else content), out, whole
+
+    def _unsent(self, content: str | None) -> str:
+        """The reply's content less what went out already (none where what went out is not how it begins)."""
         sent = _visible(self.text[:self.sent], self.hidden)
-        rest = (content or "")[len(sent):] if (content or "").startswith(sent) else ""
-        # where not whole, the non-streamed reply's content, a cut block's markup too (__init__); else a block the
-        # answer was cut in (or the next block's <tool_call> tag after a call) is no part of it (_cut_at): its
-        # markup is never content
-        return head + rest, out, not begun
+        return (content or "")[len(sent):] if (content or "").startswith(sent) else ""
 
 
 # ---- streamed calls ---------------------------------------------------------------------------------------------
@@ -1360,6 +1462,7 @@ class _Streamed:
         self.id, self.name, self.args, self.at = _call_id(fmt), name, "", at
         self.canon = _Canon()
         self.call: dict | None = None   # Llama 3, Mistral: the call, once its whole object was read
+        self.block: int | None = None   # Hermes: where its block's text begins (end() finds the reply's call by it)
 
 
 def _joined_parts(parts: list, i: int) -> str:

@@ -65,9 +65,12 @@ def test_a_cut_answer_reads_as_the_whole_calls_its_stream_sent(fmt, v11, head, t
                     f = ToolCallFilter(parallel, fmt, v11=v11, calls_only=p.calls_only)
                     sent, streamed, whole, _ = joined(text, cut, fmt, parallel, f)
                     # the whole calls the stream sent are the reply's, arguments as the reply writes them; a call
-                    # cut in its arguments went out only begun, and the finish is the run's ("length")
+                    # cut in its arguments went out only begun: not whole (the server's finish is the run's, here
+                    # "length"); cut before the next call went out, the calls sent are whole, as the reply's
+                    # (an answer that ended there, EOS, finishes "tool_calls" both ways: ToolPlan.answer)
                     done = [(c["name"], json.loads(c["arguments"])) for c in streamed[:len(want)]]
-                    assert done == calls and not whole, (text, cut, streamed, calls)
+                    assert done == calls and whole == (len(streamed) == len(want)), (text, cut, streamed, calls)
+                    assert whole == p.answer(text)[2], (text, cut, streamed)
                     assert sent == (content or ""), (text, cut, sent, content)
                 # a request with stops: these formats' calls go out at the end, only a whole answer's (as the
                 # answer cut by a stop is content, test_tool_controls_user_qa): the reply reads it so too

@@ -1,7 +1,7 @@
 """A Hermes answer cut (max_tokens) inside a `<tool_call>` block under tool_choice "auto": the stream holds a block
 back and sends nothing for it but its call's name and arguments as they decode (ToolCallFilter.stream / end), so the
-non-streamed reply (ToolPlan.read, tools._read_answer / _cut_at) gives the whole calls before the cut, content what
-the stream sent as content, and drops the cut block. It kept that block's markup (`<tool_call>\\n{"name": ...`) as
+non-streamed reply (ToolPlan.read, tools._read_answer / _hermes_reading) gives the whole calls before the cut, content
+what the stream sent as content, and drops the cut block. It kept that block's markup (`<tool_call>\\n{"name": ...`) as
 content where the cut fell in a second block, and the call's partial JSON where it fell in the first, while the
 stream sent neither. Both ways the finish is "length" (as test_tool_cut_answers has it for Llama 3 and Mistral). A
 block that is no call and was not cut (its JSON ended, or cannot begin a call) stays content, as documented."""
@@ -71,14 +71,19 @@ def test_a_hermes_answer_cut_in_a_block_reads_as_its_stream_sent_it():
     for text, calls in (('Sure. <tool_call>\n{"city": "Oslo"}\n</tool_call>', []),
                         ('Sure. <tool_call>\n{"city": "Oslo"}', []),
                         ('Hi <tool_call>\n{"nom', []),
-                        ('Sure. <tool_call>\n{"name": "get_time", "arguments": {"utc": true}} x\n</tool_call>', []),
                         (A + "\n<tool_call>\n{oops}\n</tool_call>", ["get_weather"]),
                         (A + "\n<tool_call>\nplain words", ["get_weather"])):
         content, got = reply(auto, text)
         assert [n for n, _ in got] == calls and content == (text if not calls else text[len(A):]), (text, content)
-        if " x\n" not in text:      # (JSON that breaks after its name went out: its call is not claimed whole)
-            sent, streamed, whole, _ = joined(text, list(range(1, len(text))), "hermes")
-            assert sent == content and [c["name"] for c in streamed] == calls and whole, (text, sent)
+        sent, streamed, whole, _ = joined(text, list(range(1, len(text))), "hermes")
+        assert sent == content and [c["name"] for c in streamed] == calls and whole, (text, sent)
+    # JSON that breaks after its name went out (text after the arguments): the stream sent the call begun, never
+    # the markup; the reply (which kept the block as content) reads it as the stream sent it: no content but the
+    # text before it, no call, not whole (test_tool_stream_agreement_qa)
+    text = 'Sure. <tool_call>\n{"name": "get_time", "arguments": {"utc": true}} x\n</tool_call>'
+    assert reply(auto, text) == ("Sure. ", []) and auto.answer(text)[2] is False
+    sent, streamed, whole, _ = joined(text, list(range(1, len(text))), "hermes")
+    assert sent == "Sure. " and [c["name"] for c in streamed] == ["get_time"] and not whole, (sent, streamed)
 
 
 # ---- the server, end to end --------------------------------------------------------------------------------------

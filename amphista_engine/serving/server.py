@@ -1267,15 +1267,17 @@ class _Handler(BaseHTTPRequestHandler):
                     message = {"role": "assistant", "content": r.text}
                     if plan is not None and (plan.parse or plan.shows):      # each choice read on its own
                         # with stops, as the stream's ToolCallFilter(whole=...) reads the answer (_stream)
-                        content, calls = plan.read(r.text, bool(one.options.get("stop") or
-                                                                one.options.get("stop_token_ids")))
+                        content, calls, whole = plan.answer(r.text, bool(one.options.get("stop") or
+                                                                         one.options.get("stop_token_ids")))
                         message["content"] = content
                         if calls:
                             message = {"role": "assistant", "content": content,
                                        "tool_calls": openai_tool_calls(calls, plan.fmt)}
                             # cut by max_tokens: "length" (as OpenAI), or a client took the calls before the cut
-                            # for the whole answer (a parallel call after them lost with no word of it)
-                            finish = "length" if finish == "length" else "tool_calls"
+                            # for the whole answer (a parallel call after them lost with no word of it). Not whole
+                            # (its stream sent a call by name that broke or was cut, after these): the run's
+                            # finish, as the stream's, which cannot claim that call whole (ToolCallFilter.end)
+                            finish = "length" if finish == "length" else "tool_calls" if whole else finish
                     reasons.append("tool_calls" if finish == "tool_calls" else None)
                     choices.append({"index": i * one.n + c, "message": message,
                                     "logprobs": app.logprobs(r), "finish_reason": finish})
