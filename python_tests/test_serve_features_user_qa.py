@@ -91,20 +91,19 @@ def test_max_tokens_cutting_a_tool_call_says_length(server, tool_tokens):
     assert any("tool_calls" in d for d in deltas), deltas
 
 
-def test_speculative_request_against_a_default_repetition_penalty_is_named(engine):
-    """--generation-config auto may set a repetition_penalty (Qwen2.5's 1.05) that needs plain decoding: a request
-    asking for speculative decoding was refused naming repetition_penalty, a field it never sent."""
-    with serving(engine, model_id="tiny", quiet=True, defaults=dict(temperature=0.6, repetition_penalty=1.1)) as h:
-        status, reply = call(h.url, C, {"prompt": "Hi", "max_tokens": 4, "speculative": "amphista"})
-        err = reply["error"]
-        assert status == 400 and err["param"] == "speculative", reply
-        assert "default repetition_penalty 1.1" in err["message"] and "generation_config" in err["message"], err
-        assert "\"repetition_penalty\": 1" in err["message"]
-        status, reply = call(h.url, C, {"prompt": "Hi", "max_tokens": 4, "speculative": "amphista",
-                                        "repetition_penalty": 1})
+def test_speculative_request_takes_a_default_repetition_penalty(engine):
+    """--generation-config auto may set a repetition_penalty (Qwen2.5's 1.05). It once needed plain decoding (a
+    request asking for speculative decoding was refused); now the server's default penalty applies to speculative
+    requests as to plain ones, with the same greedy answer."""
+    with serving(engine, model_id="tiny", quiet=True, defaults=dict(repetition_penalty=1.4)) as h:
+        want = engine.generate("Hi", chat=False, max_new_tokens=24, repetition_penalty=1.4, speculative=None)
+        status, reply = call(h.url, C, {"prompt": "Hi", "max_tokens": 24, "speculative": "amphista"})
         assert status == 200 and reply["amphista"]["speculative"] == "amphista", reply
-        status, reply = call(h.url, C, {"prompt": "Hi", "max_tokens": 4})     # the default itself: plain, served
-        assert status == 200 and reply["amphista"]["speculative"] is None, reply
+        assert reply["choices"][0]["text"] == want.text
+        status, reply = call(h.url, C, {"prompt": "Hi", "max_tokens": 24, "speculative": "amphista",
+                                        "repetition_penalty": 1})
+        unpenalised = engine.generate("Hi", chat=False, max_new_tokens=24, speculative=None).text
+        assert status == 200 and reply["choices"][0]["text"] == unpenalised != want.text
 
 
 def _norm(reply: dict) -> list:

@@ -687,15 +687,6 @@ class OpenAIApp:
                 raise ApiError(400, f"speculative must be one of {', '.join(map(repr, SPECULATIVE))}, got "
                                f"{_json_type(speculative)}", "speculative")
             speculative = None if speculative == "none" else speculative
-            penalty = d["repetition_penalty"]
-            if speculative in ("amphista", "medusa") and body.get("repetition_penalty") is None and penalty != 1:
-                # The server's default penalty (e.g. a generation_config.json's under --generation-config auto)
-                # needs plain decoding: the engine's refusal named repetition_penalty, a field this request never
-                # sent, with no word of where it came from or how to keep the speculative method it asked for.
-                raise ApiError(400, f"speculative {speculative!r} does not mix with this server's default "
-                               f"repetition_penalty {penalty} (from the model's generation_config.json or "
-                               f"--repetition-penalty), which needs plain decoding: send \"repetition_penalty\": 1 "
-                               f"with it, or leave out speculative", "speculative")
             if speculative is None or body.get("tree") is None:
                 tree = None         # the server's --tree was meant for its own method, not this request's
         if body.get("tree") is not None:
