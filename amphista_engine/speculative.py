@@ -209,6 +209,11 @@ class SpeculativeDecoder(PlainDecoder):
         self._ordered_verify = not (too_big and model.orders_decode(cache))
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
+        # Their tokens' entries of seen / counts rank the drafts under penalties (_penalised_draft); made here, not
+        # in a step that a CUDA graph may be capturing. None: the heads score every token.
+        sub = getattr(getattr(heads, "config", None), "draft_vocab_size", 0)
+        self._draft_ids = (self._token_ids(torch.arange(sub, device=self.device)) if sub and self._token_ids
+                           and (params.repetition_penalty != 1 or params.penalized) else None)
         # Drafts of the heads the tree reads only (a CPU pays each head's LM-head rows: mix-4's 2 of 4 heads saved
         # ~0.25 ms a step on SmolLM2's 4-bit heads), where the drafter takes a depth
         takes = "depth" in inspect.signature(heads.step).parameters
@@ -364,10 +369,6 @@ class SpeculativeDecoder(PlainDecoder):
         mix-4, repetition_penalty 1.3: tau 1.20 -> 1.30; a tie at 1.1 and under OpenAI's penalties)."""
         if self.seen is None and self.counts is None:
             return draft
-        if not hasattr(self, "_draft_ids"):
-            # heads with a draft vocabulary score its tokens only: their entries of seen / counts (None: every token)
-            subset = self._token_ids is not None and draft.shape[-1] != self.model.config.vocab_size
-            self._draft_ids = self._token_ids(torch.arange(draft.shape[-1], device=draft.device)) if subset else None
         ids = self._draft_ids
         seen, counts = self.seen, self.counts
         if ids is not None:
