@@ -46,6 +46,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         raise ModelLoadError(f"model path is empty: pass a checkpoint directory, a .gguf file or an alias "
                              f"({', '.join(ALIASES)})")
     if key in ALIASES:
+        _alias_shadow(key)
         spec = importlib.util.find_spec(ALIASES[key])   # find, never import: its __init__ needs `llm`
         if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError(
@@ -57,10 +58,30 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return path
     path = Path(name_or_path).expanduser()
     if not path.exists():
+        from .text_files import missing_note
         known = ", ".join(ALIASES)
-        raise ModelLoadError(f"model path not found: {path} (expected a checkpoint directory, a .gguf file, "
-                             f"or one of the aliases: {known}){_not_found_hint(key)}")
+        raise ModelLoadError(f"model path not found: {path}{missing_note(path)} (expected a checkpoint directory, a "
+                             f".gguf file, or one of the aliases: {known}){_not_found_hint(key)}")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        # its files were reported one by one as "Permission denied: DIR/generation_config.json", or not found
+        raise ModelLoadError(f"model folder {path} cannot be read (permission denied): make it readable "
+                             f"(chmod u+rx)")
     return path
+
+
+def _alias_shadow(key: str):
+    """An alias that is also a model in the working directory (`smollm2-135m`, a download of it, a folder of
+    one's own): the alias wins, as it always did, but no longer silently."""
+    import warnings
+    here = Path(key)
+    try:
+        is_model = here.is_file() or (here.is_dir() and ((here / "config.json").is_file()
+                                                          or any(here.glob("*.gguf"))))
+    except OSError:
+        return
+    if is_model:
+        warnings.warn(f"{key!r} is the alias of the embedded model, and also a model here ({here.resolve()}): "
+                      f"loading the alias; pass ./{key} for the one here")     # one place: said once
 
 
 def _not_found_hint(key: str) -> str:
@@ -143,6 +164,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | str = torch.float3
         weights, layer_weights = gguf_weights(reader, cfg, four_bit=quant != "none", int8_rows=quant == "auto")
         freq_factors = weights.pop("rope_freqs.weight", None)
     elif path.is_dir():
+        _check_readable(path / "config.json")
         cfg = ModelConfig.from_json(path / "config.json")
         _check_rope_len(path, cfg, max_seq_len)
         _hf_shards(path)                        # that the weight files are there (cheap), then the tokenizer
@@ -204,6 +226,19 @@ def _check_rope_len(path: Path, cfg: ModelConfig, max_seq_len: int | None):
             check_rope_len(cfg, max_seq_len)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def _check_readable(file: Path):
+    """A checkpoint file that is there but cannot be opened, named as such: an unreadable config.json was "not valid
+    JSON", and an unreadable model.safetensors "No such file or directory ... truncated or corrupt download?"."""
+    try:
+        with open(file, "rb"):
+            pass
+    except FileNotFoundError:
+        return                  # named by the reader that needs it
+    except OSError as e:
+        raise ModelLoadError(f"{file} cannot be read ({e.strerror or e})"
+                             + ("; make it readable (chmod u+r)" if isinstance(e, PermissionError) else "")) from None
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -349,7 +384,7 @@ def _hf_shards(path: Path) -> list[Path]:
     for single, pattern in (("model.safetensors", "model*.safetensors"), ("pytorch_model.bin", "pytorch_model*.bin")):
         if (path / single).is_file():   # as transformers: the whole checkpoint, whatever other files lie beside it
             return [path / single]
-        found = sorted(path.glob(pattern))
+        found = sorted(f for f in path.glob(pattern) if f.is_file())   # a folder so named holds no weights
         if found:
             _check_shard_set(path, found)
             return found
@@ -422,6 +457,7 @@ def _map_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]] | None:
 
 
 def _read_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]]:
+    _check_readable(shard)
     mapped = _map_safetensors(shard)
     if mapped is not None:
         return mapped
@@ -436,6 +472,7 @@ def _read_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]]:
 def _read_torch_bin(shard: Path) -> dict:
     import pickle
     import zipfile
+    _check_readable(shard)
     try:
         try:
             state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)

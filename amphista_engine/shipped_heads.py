@@ -13,14 +13,23 @@ SHIPPED = {"smollm2-135m": {"amphista": DATA / "smollm2-135m-amphista", "medusa"
 
 
 def _alias_of(model) -> str:
-    """The alias whose shipped file `model` is (the SmolLM2 GGUF given by its path), else str(model)."""
+    """The alias whose shipped file `model` is (the SmolLM2 GGUF given by its path, a link to it, a folder holding
+    it alone, as the loader takes them), else str(model)."""
     key = str(model)
-    if key in SHIPPED or not key.endswith(".gguf"):
+    if key in SHIPPED:
         return key
-    from .loading import resolve_model_path
+    from .loading import _lone_gguf, resolve_model_path
+    try:
+        path = Path(key).expanduser()
+        if path.is_dir() and not (path / "config.json").exists():
+            path = _lone_gguf(path)
+        if not path.is_file():
+            return key
+    except (AmphistaError, OSError, ValueError):   # no model there: named by the load
+        return key
     for alias in SHIPPED:
         try:
-            if Path(key).expanduser().resolve() == resolve_model_path(alias).resolve():
+            if os.path.samefile(path, resolve_model_path(alias)):
                 return alias
         except (AmphistaError, OSError):    # the alias's package is not installed: no match
             continue
@@ -71,7 +80,10 @@ def _not_found(heads: str, flag: str | None) -> AmphistaError:
     hint = (f"; did you mean {close[0]!r}?" if close else
             f" (pass a heads directory, 'default' for the heads shipped for the model, or a shipped heads name: "
             f"{', '.join(names)})")
-    return ModelLoadError(f"{flag + ': ' if flag else ''}heads path not found: {heads}{hint}")
+    from .text_files import missing_note
+    expanded = Path(heads).expanduser()
+    shown = f"{heads} ({expanded})" if str(expanded) != heads else heads
+    return ModelLoadError(f"{flag + ': ' if flag else ''}heads path not found: {shown}{missing_note(expanded)}{hint}")
 
 
 def _bare_name(text: str) -> bool:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def cmd_eval(args) -> int:
+    from ..text_files import user_path
     from .runner import run_eval, summary_markdown
+    args.questions, args.out = user_path(args.questions), user_path(args.out)
     heads = {"amphista": args.heads_amphista, "medusa": args.heads_medusa}
     summary = run_eval(args.questions, methods=args.methods, model=args.model, heads=heads, tree=args.tree,
                        max_new_tokens=args.max_new_tokens, categories=args.categories, limit=args.limit, per_category=args.per_category,
@@ -24,7 +26,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from ..text_files import check_out_path, user_path
     from .bench import bench_markdown, run_bench
+    args.out = user_path(args.out)
+    before = set()
+    if args.out is not None:
+        check_out_path("--out", args.out, folder=True)      # not after the timing
+        if Path(args.out).is_dir():
+            before = {f.name for f in Path(args.out).iterdir()}
+    if isinstance(args.tau, str) and args.tau.startswith("~"):     # a summary.json path
+        args.tau = user_path(args.tau)
     result = run_bench(model=args.model, random_weights=args.random_weights, shape=args.shape, device=args.device,
                        dtype=args.dtype, trees=args.trees, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        warmup=args.warmup, tau=args.tau, num_heads=args.num_heads, plot=args.plot, out=args.out,
@@ -34,6 +45,12 @@ def cmd_bench(args) -> int:
         print(json.dumps(result))
     else:
         print(bench_markdown(result))
+    files = result.get("files") or []
+    if files:
+        # the file names come from the model, device and dtype: a rerun replaces the earlier run's files
+        replaced = [f for f in files if Path(f).name in before]
+        print(f"bench results in {', '.join(files)}" + (f" (replacing the earlier run's {len(replaced)} file(s) of "
+                                                        f"that name)" if replaced else ""), file=sys.stderr)
     return 0
 
 
@@ -47,7 +64,8 @@ def cmd_perplexity(args) -> int:
     ctx = check_ctx(args.ctx if args.ctx is not None else min(512, args.max_seq_len), args.max_seq_len)
     if args.chunks is not None and args.chunks < 1:   # before the load, and in the flag's name (not max_chunks)
         raise InputError(f"--chunks must be a positive integer, got {args.chunks}")
-    path = Path(args.file)
+    from ..text_files import user_path
+    path = Path(user_path(args.file))
     if path.is_dir():
         raise InputError(f"--file {args.file} is a directory; give a UTF-8 text file")
     if not path.is_file():                           # before the load: a bad path is named in a moment

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
-from ..text_files import read_utf8
+from ..text_files import read_utf8, user_path
 from ..values import is_int, is_real
 from .env import environment, now
 from .questions import question_digest, read_questions
@@ -266,6 +266,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
 
     # Everything that can be wrong with the input is checked before the (slow) model load.
     methods = parse_methods(methods, log)
+    questions, out = user_path(questions), user_path(out)
     qs = read_questions(questions, categories, limit, per_category)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
@@ -287,6 +288,8 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{e.strerror or e}: {e.filename or out} (the --out folder cannot be made)") from None
+    if not os.access(out, os.W_OK | os.X_OK):      # one that is there, read-only: failed after the load
+        raise InputError(f"Permission denied: {out} (--out: the folder {out} is not writable)")
 
     if engine is None:
         from ..engine import Engine
@@ -321,6 +324,10 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     todo = [(q, m) for q in qs for m in methods if (q["question_id"], m) not in done]
     gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "tree": tree,
                   "seed": None if greedy else seed}
+    if not todo:
+        # a rerun into the same --out recomputed nothing and said nothing, as if it had measured the table afresh
+        log(f"all {len(qs) * len(methods)} answers are already in {answers_file} (an earlier run's): nothing to "
+            f"compute, the summary is rewritten from them; use another --out (or delete it) to measure afresh")
     if todo:
         if done:
             log(f"resuming: {len(done)} answers in {answers_file}, {len(todo)} to go")

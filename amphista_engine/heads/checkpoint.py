@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, HeadsMismatchError, ModelLoadError
+from ..errors import ConfigError, HeadsMismatchError, InputError, ModelLoadError
 from .amphista import AmphistaHeads
 from .config import HeadsConfig
 from .medusa import DraftHeads, MedusaHeads
@@ -249,7 +250,7 @@ def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
         cfg.target_fingerprint = lm_head_fingerprint(heads._bound[1])
     dt = _dtype(dtype or cfg.dtype)
     cfg.dtype = _dtype_name(dt)
-    path = Path(directory)
+    path = Path(directory).expanduser()
     check_heads_folder(path)
     if dt == torch.float16:
         # fp16 holds magnitudes up to 65504: a larger weight would be written as inf, and every draft after it NaN
@@ -272,8 +273,18 @@ def save_heads(heads: DraftHeads, directory, dtype=None) -> Path:
     sketch = heads_sketch(heads, cfg.target_fingerprint)
     if sketch is not None:
         state[SKETCH_KEY] = sketch.to(dt)   # 64 rows: bf16's rounding (0.14%) is nothing to SKETCH_TOLERANCE
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "kind": cfg.kind})
-    (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    try:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "kind": cfg.kind})
+    except Exception as e:    # safetensors' own error type: a read-only folder ended a training run with its trace
+        raise InputError(f"cannot write the heads to {path / 'model.safetensors'}: {e}") from None
+    # Replaced whole: a config.json torn by a crash or a full disk mid-write left heads that no longer load
+    tmp = path / ".config.json.tmp"
+    try:
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path / "config.json")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -325,13 +336,18 @@ def _assign(heads: DraftHeads, state: dict[str, torch.Tensor], source, device, d
 def read_heads_config(path) -> tuple[Path, HeadsConfig]:
     """(directory, config) of a heads directory (or its config.json / model.safetensors), checked; no weights
     read, so callers can size things (head count, fitted trees) before loading a model."""
+    from ..text_files import missing_note
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"heads path not found: {path}")
+        raise ModelLoadError(f"heads path not found: {path}{missing_note(path)}")
     if path.is_file() and path.name not in ("config.json", "model.safetensors", "medusa_lm_head.pt"):
         raise ModelLoadError(f"heads path {path} is a file; expected a heads directory (config.json + "
                              f"model.safetensors, as save_heads writes)")
     directory = path if path.is_dir() else path.parent
+    if not os.access(directory, os.R_OK | os.X_OK):
+        # its files were reported one by one ("Permission denied: DIR/medusa_lm_head.pt")
+        raise ModelLoadError(f"heads directory {directory} cannot be read (permission denied): make it readable "
+                             f"(chmod u+rx)")
     cfg_file, weights = directory / "config.json", directory / "model.safetensors"
     if (directory / "medusa_lm_head.pt").is_file() and not weights.is_file():
         # a public Medusa checkpoint (FasterDecoding/Medusa) was told it "lacks" files of another layout
@@ -425,9 +441,13 @@ def load_heads(path, target, device=None, dtype=None, num_heads: int | None = No
     device = torch.device(device) if device is not None else target.device
     dtype = _dtype(dtype or target.tok_embeddings.weight.dtype)
     try:
+        with open(weights, "rb"):   # safetensors says "No such file or directory" for a file it may not read
+            pass
         state = load_file(str(weights))
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {weights}: {e.strerror or e}") from None
     except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
-        raise ModelLoadError(f"cannot read {weights}: {e}") from None
+        raise ModelLoadError(f"cannot read {weights}: {e}: truncated or corrupt file?") from None
     sketch = state.pop(SKETCH_KEY, None)
     records = [k for k, rec in cfg.extra.items() if fitted_prefix(k) and isinstance(rec, dict)]
     if records:

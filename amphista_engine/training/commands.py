@@ -6,6 +6,42 @@ import json
 import sys
 
 from ..errors import InputError
+from ..text_files import check_out_path, user_path
+
+
+def _expand(args, *names):
+    """The path flags `names` with `~` expanded (`--out=~/x` and quoted paths reach us as typed)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [user_path(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, name, user_path(value))
+
+
+def _check_log_file(flag: str, path):
+    """An existing --log must be a training log (JSON lines with a "step"): lines are appended to it, so a model
+    file or the training shard given by a slip took log lines at its end."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    first = head.split(b"\n", 1)[0]
+    try:
+        rec = json.loads(first)
+        ok = b"\0" not in head and isinstance(rec, dict) and "step" in rec
+    except ValueError:
+        ok = b"\n" not in head and head.lstrip().startswith(b"{")     # a first line torn by a killed run
+    if not ok:
+        raise InputError(f"{flag} {path} exists and is not a training log: log lines would be appended to it; give "
+                         f"a new file or a log an earlier run wrote")
+
+
+def _earlier_result(path) -> bool:
+    from pathlib import Path
+    return path is not None and Path(path).is_file() and Path(path).stat().st_size > 0
 
 
 def cmd_distill(args) -> int:
@@ -25,6 +61,14 @@ def cmd_train(args) -> int:
     from .trainer import TrainConfig, train_heads
     if args.init_from == "none" and not Path("none").exists():      # as --heads none: no heads to start from
         args.init_from = None
+    _expand(args, "data", "out", "cache_hidden", "log")
+    # before the load and the training: a folder that cannot take the heads failed at the save, after all of it
+    check_out_path("--out", args.out, folder=True)
+    if getattr(args, "log", None):
+        check_out_path("--log", args.log, folder=False)
+        _check_log_file("--log", args.log)
+    if getattr(args, "cache_hidden", None):
+        check_out_path("--cache-hidden", args.cache_hidden, folder=True)
     if args.init_from is not None:
         # "default" (the --kind heads shipped for --model) or a shipped name, as generate and eval take them; a
         # typo is named now, not after the data is read and the target loads
@@ -59,6 +103,10 @@ def cmd_eval_tau(args) -> int:
     # (--out, the questions), then refuses it after the load with the same message. `none`, and `default` where
     # nothing is shipped for --model (or --model is not found), are refused now.
     method = "amphista" if args.speculative == "auto" else args.speculative
+    _expand(args, "questions", "out")
+    if args.out is not None:
+        check_out_path("--out", args.out, folder=False)
+    earlier = _earlier_result(args.out)
     heads = args.heads
     try:
         heads = str(heads_dir(heads, args.model, "--heads", method=method,
@@ -70,6 +118,11 @@ def cmd_eval_tau(args) -> int:
     eval_tau(args.questions, heads, model=args.model, tree=args.tree, max_new_tokens=args.max_new_tokens,
              limit=args.limit, out=args.out, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
              speculative=args.speculative, per_category=args.per_category)
+    if earlier:
+        print(f"eval-tau: {args.out} held an earlier run with these settings: the questions it had answered "
+              f"were reused, not rerun, and the result rewritten (another --out for a fresh run)", file=sys.stderr)
+    elif args.out is not None:
+        print(f"eval-tau: result in {args.out}", file=sys.stderr)
     return 0
 
 
@@ -88,6 +141,10 @@ def cmd_tree_search(args) -> int:
             raise InputError(f"{flag} {text!r}: expected a comma list of node counts of at least 2 (the root and "
                              f"one draft), e.g. 16,32,63")
         return got
+    _expand(args, "data", "out", "cache_hidden")
+    if args.out is not None:
+        check_out_path("--out", args.out, folder=False)
+    earlier = _earlier_result(args.out)
     # a missing directory is named by tree_search, after the input it checks first
     args.heads = str(heads_dir(args.heads, args.model, "--heads", missing_ok=True,
                                none="tree-search fits trees to drafting heads; pass a heads directory or default"))
@@ -100,6 +157,9 @@ def cmd_tree_search(args) -> int:
                 eval_frac=args.eval_frac, cache_hidden=args.cache_hidden, device=args.device, dtype=args.dtype,
                 max_seq_len=args.max_seq_len, source_weights=args.source_weights, prefix=args.prefix,
                 dynamic=dynamic)
+    if args.out is not None:
+        print(f"tree-search: trees in {args.out}" + (" (replacing the earlier tree-search result there)"
+                                                      if earlier else ""), file=sys.stderr)
     return 0
 
 

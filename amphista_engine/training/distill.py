@@ -1,12 +1,14 @@
 """`amphista distill`: the target answers training prompts (greedy, chat template, batched); answers go to a shard."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 import zlib
 from pathlib import Path
 
 from ..errors import InputError
+from ..text_files import check_out_path, user_path
 from .data import SAMPLE_SEP, Prompt, ShardWriter, prompt_digest, read_prompts
 
 
@@ -34,11 +36,14 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
         raise InputError(f"--top-p must be in (0, 1], got {top_p}")
     if offset < 0:
         raise InputError("--offset must be >= 0")
+    prompts_file, out = user_path(prompts_file), user_path(out)
     if str(out).endswith(".gz"):        # records are appended line by line, fsynced: a gzip stream cannot be
         raise InputError(f"--out {out}: distill writes plain JSONL (appended and fsynced record by record); "
                          f"name it .jsonl and gzip it when it is complete (train reads .jsonl.gz)")
     if Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSONL shard file to write (or resume)")
+    check_out_path("--out", out, folder=False)
+    _check_shard_file(out)
     if samples < 1 or (samples > 1 and temperature <= 0):
         raise InputError(f"--samples {samples}: need samples >= 1, and a --temperature > 0 for more than one "
                          f"(greedy answers to one prompt are all the same)")
@@ -138,3 +143,31 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
           f"{counts['seconds']} s), {counts['done_before']} already in {out}, "
           f"{counts['skipped_too_long']} prompts skipped as too long", file=sys.stderr)
     return counts
+
+
+def _check_shard_file(out):
+    """An existing --out must be a shard distill wrote (or its torn start): it is appended to, and its bytes after
+    the last newline are cut as a torn record. A model file, a tarball or notes given by a slip lost their tail
+    and took JSON lines, with only "N unreadable line(s) are kept" said about it."""
+    path = Path(out)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    lines = head.split(b"\n")
+    complete = lines[:-1]
+    ours = False
+    for line in complete:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "id" in rec:
+            ours = True
+            break
+    if not complete:        # one record being written when the run was killed
+        ours = head.lstrip().startswith(b"{")
+    if b"\0" in head or not ours:
+        raise InputError(f"--out {out} exists and is not a distill shard (JSONL answer records): distill appends to "
+                         f"it and cuts what follows its last newline, which would damage it; give a new file or a "
+                         f"shard distill wrote")
