@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from .errors import AmphistaError, InputError
-from .text_files import read_utf8
+from .text_files import read_utf8, user_path
 
 
 def _weights_line(engine) -> str:
@@ -140,6 +140,10 @@ def _response_format(args) -> dict | None:
     if getattr(args, "regex", None) is not None:
         return {"type": "regex", "regex": args.regex}
     schema, grammar = getattr(args, "json_schema", None), getattr(args, "grammar", None)
+    # a quoted "~/g.lark" (or --grammar=~/g.lark) reaches us unexpanded: "no such file", or a schema read as JSON
+    grammar = user_path(grammar)
+    if schema is not None and schema.startswith("~") and os.path.isfile(user_path(schema)):
+        schema = user_path(schema)
     if grammar is not None:
         if not os.path.isfile(grammar):
             raise InputError(f"--grammar {grammar!r}: no such file (a Lark grammar, as llguidance reads it)")

@@ -347,3 +347,33 @@ def test_check_out_path_only_checks(tmp_path):
         check_out_path("--out", tmp_path / "f" / "x", folder=True)
     assert check_out_path("--out", tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()
+
+
+def test_python_api_readers_and_writers_expand_tilde(engine, shard, questions, prompts, home):
+    """The CLI expanded its flags, but the Python entry points took "~/x" as a relative path: read_questions,
+    read_prompts and load_shard said "not found", train_heads(TrainConfig(out="~/x")) wrote into a folder named
+    `~`."""
+    from amphista_engine.evaluation.questions import read_questions
+    from amphista_engine.training.data import load_shard, read_prompts
+    from amphista_engine.training.trainer import TrainConfig, train_heads
+    for src, name in ((shard, "s.jsonl"), (questions, "q.jsonl"), (prompts, "p.jsonl")):
+        shutil.copy(src, home / name)
+    assert len(read_questions("~/q.jsonl")) == 2 and len(read_prompts("~/p.jsonl")) == 2
+    assert len(load_shard("~/s.jsonl", engine.config.vocab_size, 64).sequences) == 20
+    cfg = TrainConfig(data=["~/s.jsonl"], out="~/heads ü", steps=1, batch_tokens=200, num_heads=2, eval_frac=0.2,
+                      log="~/t.log")
+    train_heads(cfg, target=engine.model)
+    assert (home / "heads ü" / "config.json").is_file() and (home / "t.log").is_file()
+    no_literal_tilde()
+
+
+def test_grammar_and_schema_files_take_tilde(home):
+    """A quoted --grammar "~/g.lark" was "no such file", a --json-schema "~/s.json" was read as inline JSON ("not
+    valid JSON")."""
+    from amphista_engine.cli import _response_format, build_parser
+    (home / "g.lark").write_text('start: "yes" | "no"\n')
+    (home / "s.json").write_text('{"type": "object"}')
+    args = build_parser().parse_args(["generate", "hi", "--grammar", "~/g.lark"])
+    assert _response_format(args) == {"type": "grammar", "grammar": 'start: "yes" | "no"\n'}
+    args = build_parser().parse_args(["generate", "hi", "--json-schema", "~/s.json"])
+    assert _response_format(args) == {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}

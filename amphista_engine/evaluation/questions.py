@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from ..text_files import read_utf8
+from ..text_files import read_utf8, user_path
 
 
 def read_questions(path, categories=None, limit: int | None = None, per_category: int | None = None) -> list[dict]:
@@ -15,7 +15,7 @@ def read_questions(path, categories=None, limit: int | None = None, per_category
 
     Every problem names the file and line, so a hand-edited benchmark file is quick to fix.
     """
-    path = Path(path)
+    path = Path(user_path(path))          # "~/q.jsonl" from Python, as a shell would expand it
     if path.is_dir():       # "not found" would send the user looking for a path that is there
         raise InputError(f"questions file {path} is a directory; give the Spec-Bench-format JSONL file")
     if not path.is_file():

@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import InputError
-from ..text_files import read_utf8
+from ..text_files import read_utf8, user_path
 
 EVAL_NAMES = ("mt_bench", "mt-bench", "spec_bench", "spec-bench", "question.jsonl")
 
@@ -138,7 +138,7 @@ def read_prompts(path, limit: int | None = None, balance_by_source: bool = False
     balance_by_source: shuffle each source (seeded) and take prompts round-robin across sources, so the first N
     prompts are as balanced as the sources allow. Evaluation files (MT-Bench / Spec-Bench) are refused.
     """
-    path = Path(path)
+    path = Path(user_path(path))          # "~/p.jsonl" from Python, as a shell would expand it
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be a positive integer, got {limit}")
     if not path.is_file():
@@ -322,7 +322,7 @@ def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2, finger
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out, seen = ShardData(), {}
-    for path in map(Path, paths):
+    for path in (Path(user_path(p)) for p in paths):
         if not path.is_file():
             raise InputError(f"training data not found: {path}")
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..evaluation.questions import question_digest, read_questions
 from ..heads import weights_digest
+from ..text_files import user_path
 from ..values import is_int
 
 
@@ -19,6 +20,7 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     from tqdm import tqdm
 
     from ..shipped_heads import heads_dir, resolve_heads
+    out = user_path(out)
     if out is not None and Path(out).is_dir():
         raise InputError(f"--out {out} is a directory; give the JSON file to write")
     qs = read_questions(questions, None, limit, per_category)       # names a file that is not UTF-8 itself

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
+from ..text_files import user_path
 from ..values import is_real
 from .data import check_window, load_shard, prompt_text_decoder
 from .hidden_cache import HiddenSource, fill_hidden_cache, pad_batch
@@ -458,6 +459,8 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     from ..heads.checkpoint import _dtype
 
     cfg.check()
+    # "~/heads" from Python, as a shell would expand it (the CLI expands its flags itself)
+    cfg.out, cfg.log, cfg.cache_hidden = (user_path(p) for p in (cfg.out, cfg.log, cfg.cache_hidden))
     if isinstance(cfg.data, (str, Path)):
         cfg.data = [str(cfg.data)]
     out = Path(cfg.out)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
+from ..text_files import user_path
 from ..tree import MAX_TREE_NODES, TOPK, TREES, get_tree_choices
 
 
@@ -280,6 +281,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     decoded and checked against the evaluation questions, as `train` checks them."""
     from ..heads import lm_head_fingerprint, load_heads
     from .data import check_window, load_shard, prompt_text_decoder
+    out, cache_hidden = user_path(out), user_path(cache_hidden)      # from Python, as a shell would expand them
     from .plan import check_source_weights, no_heldout_reason, parse_source_weights, split_heldout
     bad = [n for n in dynamic if not 2 <= n <= 64]
     if bad:
