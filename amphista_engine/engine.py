@@ -731,10 +731,11 @@ class Engine:
         logit_bias and the penalties change which tokens are chosen, not these.
 
         presence_penalty, frequency_penalty: OpenAI's, on the tokens the answer holds so far (0 = off; speculative
-        decoding penalises each tree node for its own path too, as repetition_penalty). logit_bias: {token id: value} added to those tokens' logits at every position
-        (-100 bans a token, +100 all but forces it); speculative decoding takes it too, greedy output still equal to
-        plain decoding's. ignore_eos: end rows only at max_new_tokens or a stop string (latency benchmarks' fixed
-        lengths; end-of-sequence tokens are then left out of the text as other special tokens are).
+        decoding penalises each tree node for its own path too, as repetition_penalty). logit_bias: {token id:
+        value} added to those tokens' logits at every position (-100 bans a token, +100 all but forces it);
+        speculative decoding takes it too, greedy output still equal to plain decoding's. ignore_eos: end rows only
+        at max_new_tokens or a stop string (latency benchmarks' fixed lengths; end-of-sequence tokens are then left
+        out of the text as other special tokens are).
         stop_token_ids: token ids that end a row as EOS does (left out of its ids and text), finish_reason "stop".
         min_tokens: no row ends by EOS or a stop_token_ids id before it has this many tokens (those tokens' logits are
         held at -inf until then; speculative decoding too, node by node); stop strings and max_new_tokens still end
@@ -1082,10 +1083,19 @@ class Engine:
         (max_new_tokens: an int, or a list of one, as a batch of one prompt takes it)."""
         return _drain(self.stream_batch([prompt], max_new_tokens, **options))[0]
 
-    def generate_batch(self, prompts: list, max_new_tokens: int = 256, **options) -> list[GenerationResult]:
+    def generate_batch(self, prompts: list, max_new_tokens: int = 256, n: int = 1, **options) -> list[GenerationResult]:
         """Several prompts (texts or message lists), decoded in one batch, to their GenerationResults in order.
-        max_new_tokens: one int for all, or a list of one per prompt (each row ends at its own). Options: those of
-        stream_batch."""
+        max_new_tokens: one int for all, or a list of one per prompt (each row ends at its own). n: answers per
+        prompt (OpenAI's and vLLM's n), rows of the one batch, returned prompt by prompt (prompt 0's n, then prompt
+        1's...); sampled answers differ (one generator draws for all rows), greedy ones are the same. Options: those
+        of stream_batch."""
+        if isinstance(n, bool) or not is_integral(n) or n < 1:
+            raise InputError(f"n must be an integer >= 1 (answers per prompt), got {type(n).__name__} {n!r}")
+        if n > 1 and isinstance(prompts, list):      # anything else: stream_batch names it
+            # checked as given (an error counts the prompts, not n times them), then each prompt's limit n times
+            limits = check_limits_count(check_row_limits(max_new_tokens), len(prompts))
+            max_new_tokens = [m for m in limits for _ in range(int(n))]
+            prompts = [p for p in prompts for _ in range(int(n))]
         return _drain(self.stream_batch(prompts, max_new_tokens, **options))
 
     @property
