@@ -101,9 +101,10 @@ class ToolPlan(NamedTuple):
         """parse_tool_calls(text), keeping only the first call where parallel_tool_calls is false (the grammar
         already allows one under "required"; under "auto" the model may still write more, which are dropped, as
         vLLM drops them). Not parse (tool_choice "none"): the text as content, less the control tokens shown. A
-        Llama 3 or Mistral answer cut after whole calls: those calls, as its stream sent them (_read_answer), but
-        for a request with stops (stop strings or stop_token_ids), whose stream sends calls whole at the end
-        (ToolCallFilter's whole): only a whole answer is calls, both ways. A Hermes answer (not with stops): read as
+        Llama 3 or Mistral answer that does not read as calls after a call went out (cut, or broken after it):
+        the whole calls its stream sent, and only what it sent as content (_whole_reading), but for a request with
+        stops (stop strings or stop_token_ids), whose stream sends calls whole at the end (ToolCallFilter's whole):
+        only a whole answer is calls, both ways. A Hermes answer (not with stops): read as
         its stream sends it (_hermes_reading): a block whose call went out by name but that is no call (cut, or its
         JSON broke after the name) is neither a call nor content."""
         return self.answer(text, stops)[:2]
@@ -641,28 +642,48 @@ def _read_answer(text: str, fmt: str, v11: bool, hidden: tuple, cut: bool = True
                  parallel: bool = True) -> tuple[str | None, list[dict], bool]:
     """parse_tool_calls(text), read as the answer's stream sends it, and whether its calls are whole as the stream
     sent them (False where the stream sent a call by name that is not among these: the finish is not "tool_calls",
-    both ways). A Llama 3 or Mistral answer that ended (max_tokens, a stop, the model's end) while it could still
-    be calls, after whole ones: its parse reads no calls (only a whole answer is calls), but its stream already sent
-    the whole ones (ToolCallFilter.stream), and the reply gives those, read as the stream read them; content is what
-    the stream sent as content (Mistral's text before [TOOL_CALLS]), never the cut call's JSON. Without this,
-    "required" answered no content and no calls. They are whole unless the stream had begun the next call. cut
-    False: the parse alone (a request with stops, whose stream sends calls only whole, as the parse reads them).
-    Hermes: _hermes_reading. parallel: parallel_tool_calls, whose false has the stream begin only a first call."""
+    both ways). cut False: the parse alone (a request with stops, whose stream sends calls only whole, as the parse
+    reads them). Hermes: _hermes_reading. Llama 3, Mistral: _whole_reading. parallel: parallel_tool_calls, whose
+    false has the stream begin only a first call."""
     if fmt == "hermes" and cut:
         content, calls, whole = _hermes_reading(text, hidden, parallel)
         return content, [call for _, call in calls], whole
+    if cut and fmt in _WHOLE:
+        return _whole_reading(text, fmt, v11, hidden, parallel)
+    return (*parse_tool_calls(text, fmt, v11=v11, hidden=hidden), True)
+
+
+def _whole_reading(text: str, fmt: str, v11: bool, hidden: tuple,
+                   parallel: bool = True) -> tuple[str | None, list[dict], bool]:
+    """A Llama 3 or Mistral answer (no stops) read as its stream sends it (ToolCallFilter.stream, _advance_whole):
+    (content, calls, whole). Where no call went out, the parse (all of it content unless it is an answer of calls,
+    whose calls then go out whole at the end). Where the whole answer parses as calls that begin with those that
+    went out (each the same name, its arguments what went out and more), those calls. Else the stream committed the
+    answer to calls, then the answer did not read as them: ended (max_tokens, a stop, the model's end) inside its
+    array or after a call, ended inside a call, or broke (text after the calls, a stray `[...]`, JSON that breaks
+    in a call, a call whose arguments are given twice): the reply's calls are those that went out whole, content
+    is what the stream sent as content (Mistral's text before [TOOL_CALLS]) and never the answer's JSON, which the
+    stream never sent and cannot take back its calls for, as _hermes_reading does with a Hermes block. Such calls
+    are whole only where the answer was cut after them with no other call begun: a call begun (its name sent, its
+    object unfinished or no call) is not, and neither is an answer that broke after them, which the stream already
+    says is no answer of calls (_not_calls); either way the finish is not "tool_calls", both ways. (Read as the
+    parse, the reply gave the whole JSON as content and no calls, "required" nothing at all, while its stream had
+    sent the calls and no content.) parallel_tool_calls false: the stream reads only the first call (later ones are
+    dropped, as vLLM drops them), so what follows it never makes it not whole, as in _hermes_reading."""
     content, calls = parse_tool_calls(text, fmt, v11=v11, hidden=hidden)
-    if calls or not cut or fmt not in _WHOLE:
-        return content, calls, True
-    f = ToolCallFilter(True, fmt, v11=v11, hidden=hidden)
+    f = ToolCallFilter(parallel, fmt, v11=v11, hidden=hidden)
     lead, _ = f.stream(text)
-    whole = [s.call for s in f.calls if s.call is not None]
-    if not f.holding or f.broke or not whole:
+    if not f.calls:
         return content, calls, True
-    # a call begun after the whole ones (its name sent, its object unfinished) is not the reply's: so not whole;
-    # with parallel_tool_calls false the stream begins none after the first
-    begun = f.calls if parallel else f.calls[:1]
-    return (lead if lead.strip() else None), whole, all(s.call is not None for s in begun)
+    reply = []
+    for k, sent in enumerate(f.calls):
+        call = calls[k] if k < len(calls) else None if calls else sent.call
+        if call is None or call["name"] != sent.name or not _args_json(call["arguments"]).startswith(sent.args):
+            break
+        reply.append(call)
+    if calls and len(reply) == len(f.calls):
+        return content, calls, True
+    return (lead if lead.strip() else None), reply, len(reply) == len(f.calls) and not f.broke
 
 
 def _hermes_reading(text: str, hidden: tuple = (), parallel: bool = True) -> tuple[str | None, list, bool]:
@@ -822,6 +843,7 @@ class ToolCallFilter:
         self.text = ""          # all the text fed
         self.sent = 0           # how much of it went out
         self.holding = False    # a <tool_call> started: nothing more goes out before the end
+        self.spoke = False      # hermes: content other than whitespace went out (feed)
         # llama3_json, mistral: the answer began with other than a call (or its calls broke before one went out):
         # all of it content
         self.free = not parse
@@ -867,11 +889,20 @@ class ToolCallFilter:
             end = i
         elif self.hidden:
             # the tags shown (special tokens): a stray </tool_call> in content is left out too
-            return self._release(len(self.text), (TOOL_CALL_START,))
+            end = len(self.text) - _partial(self.text[self.sent:], self.hidden + (TOOL_CALL_START,))
         else:
             keep = next((k for k in range(min(len(TOOL_CALL_START) - 1, len(self.text)), 0, -1)
                          if self.text.endswith(TOOL_CALL_START[:k])), 0)
             end = len(self.text) - keep
+        if not self.spoke:
+            # Content that is only whitespace waits: the reply's content is None where only whitespace is left
+            # around its blocks (_hermes_reading, parse_tool_calls: OpenAI's null content beside tool_calls), and
+            # sent at once, " " before a <tool_call> was content the reply did not have (" <tool_call>" then EOS,
+            # or "\n\n" before whole calls). The Llama 3 and Mistral streams hold it back too (feed's lstrip); an
+            # answer of whitespace alone is content both ways, sent at the end (end, finish)
+            if not (_visible(self.text[self.sent:end], self.hidden) or "").strip():
+                return ""
+            self.spoke = True
         if self.hidden:
             return self._release(end)
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
@@ -1173,10 +1204,10 @@ class ToolCallFilter:
         content), and whole is False (the finish reason is not "tool_calls", as the reply's: ToolPlan.answer).
         Hermes (_hermes_reading): such a block is no part of the reply, so the whole calls before it get what they
         lack, the calls after it go out whole (after it by index) and the content held back goes out. A Llama 3 or
-        Mistral answer cut after whole calls (_read_answer): the reply's calls are those that went out, and they are
-        whole unless the stream had begun another (where calls go out whole, a request with stops, only a whole
-        answer is calls: ToolPlan.read). Llama 3, Mistral: an answer that turned out not to be calls after one went
-        out sends nothing more."""
+        Mistral answer that does not read as calls after one went out (cut, or broken: _whole_reading): the reply's
+        calls are the whole ones that went out, and its content what went out as content, so nothing more is sent;
+        they are whole only where the answer was cut after them with no other call begun (where calls go out whole,
+        a request with stops, only a whole answer is calls: ToolPlan.read)."""
         head, out = "", []
         if text is not None and text != self.text and text.startswith(self.text):
             head, out = self.stream(text[len(self.text):])
@@ -1184,15 +1215,12 @@ class ToolCallFilter:
         if self.fmt == "hermes" and self.parse and not self.whole:
             return self._end_hermes(text, head, out)
         content, calls, whole = self._read_whole(text)
-        if self.calls and not calls:
-            return head, out, False         # calls went out, and the answer turned out not to be calls
         for k, sent in enumerate(self.calls):
-            if k >= len(calls) and sent.call is None:
-                whole = False               # begun after the reply's (whole) calls, the answer cut in it
-                continue
             args = _args_json(calls[k]["arguments"]) if k < len(calls) else None
             if args is None or calls[k]["name"] != sent.name or not args.startswith(sent.args):
-                return head, out, False
+                # not the reply's (begun after its calls, or the answer broke in or after it: _whole_reading):
+                # left as it went, and nothing after it goes out (the reply's calls are those before it)
+                return head + self._unsent(content), out, False
             if len(args) > len(sent.args):
                 out.append({"index": k, "function": {"arguments": args[len(sent.args):]}})
         for k in range(len(self.calls), len(calls)):

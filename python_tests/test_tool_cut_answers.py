@@ -78,13 +78,22 @@ def test_a_cut_answer_reads_as_the_whole_calls_its_stream_sent(fmt, v11, head, t
                 sent, streamed, whole, _ = joined(text, [len(text) // 2], fmt, parallel, f)
                 assert p.read(text, stops=True) == (None if p.calls_only else text, []) and not streamed, text
                 assert whole and sent == ("" if p.calls_only else text), (text, sent)
-    # not cut: text after a whole call (the answer is no calls), a cut inside the first call, content; the reply's
-    # content is the answer, no calls, as before
+    # not cut: text after whole calls (the answer is no calls), the model's end inside the first call, content. The
+    # reply reads them as its stream sent them (test_tool_stream_agreement_formats_qa): the whole calls that went
+    # out, no content but what went out as content, never the answer's JSON; an answer that is not calls from its
+    # first character is content
     whole = head.rstrip("; ,")
-    for text in (whole + " and more", whole + ("" if fmt == "llama3_json" or v11 else "]") + "!", tail[:-3],
-                 "It is [sunny]."):
-        assert plan(fmt, v11, "auto", True).read(text) == (text, []), text
-        assert plan(fmt, v11, "required", True).read(text) == (None, []), text
+    lead = "Let me check. " if head.startswith("Let") else None
+    begun = fmt == "llama3_json" or v11         # the tail alone begins a call (Mistral's array needs its "[")
+    for text, content, called in ((whole + " and more", lead, names),
+                                  (whole + ("" if fmt == "llama3_json" or v11 else "]") + "!", lead, names),
+                                  (tail[:-3], None if begun else tail[:-3], []),
+                                  ("It is [sunny].", "It is [sunny].", [])):
+        got, calls = reply(plan(fmt, v11, "auto", True), text)
+        assert (got, [n for n, _ in calls]) == (content, called), text
+        assert reply(plan(fmt, v11, "required", True), text) == (None, calls), text
+        sent, streamed, _, _ = joined(text, list(range(1, len(text))), fmt, True, ToolCallFilter(fmt=fmt, v11=v11))
+        assert sent == (content or "") and [c["name"] for c in streamed][:len(called)] == called, (text, streamed)
 
 
 # ---- the server, end to end --------------------------------------------------------------------------------------

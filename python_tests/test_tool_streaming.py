@@ -142,7 +142,8 @@ def test_an_invalid_block_answers_as_the_non_streamed_reply(server, monkeypatch)
         reply, entries = same_answer(server, {"messages": ASK, "tools": TOOLS, "max_tokens": 200}, markup_ok=True)
         assert reply["message"]["content"] == text and not entries and reply["finish_reason"] == "stop", reply
     # JSON that breaks after the arguments: its name went out, but its arguments never read as whole JSON and
-    # the finish is not "tool_calls" (the reply, which parses the whole block, has it as content)
+    # the finish is not "tool_calls" (the reply, read as its stream sent it, drops the block: neither a call nor
+    # content, and its finish is "stop" too: test_tool_stream_agreement_qa)
     scripted(server, monkeypatch, '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}} x\n</tool_call>')
     content, calls, finish, _ = assembled(sse(server.url, CHAT, {"messages": ASK, "tools": TOOLS}))
     assert finish == "stop" and content == "" and [c["name"] for c in calls] == ["get_time"], calls

@@ -178,8 +178,9 @@ def test_calls_not_written_name_first_go_out_whole_once_read():
 
 def test_calls_that_went_out_but_are_not_the_replys_are_not_whole():
     """As a Hermes block that breaks after its name (test_tool_streaming): what went out stays, nothing more goes
-    out (no content: the reply's content is the whole answer, its markup), and end() says not whole, so the
-    finish is not "tool_calls"; the non-streamed reply has no calls."""
+    out (no content: the answer's JSON never is), and end() says not whole, so the finish is not "tool_calls". The
+    whole answer's parse has no calls, but the non-streamed reply reads it as its stream sent it: the calls that
+    went out whole, no content (test_tool_stream_agreement_formats_qa)."""
     rnd = random.Random(3)
     for fmt, text, args in BROKEN:
         assert parse_tool_calls(text, fmt) == (text, [])

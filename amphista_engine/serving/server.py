@@ -1266,8 +1266,9 @@ class _Handler(BaseHTTPRequestHandler):
                                        "tool_calls": openai_tool_calls(calls, plan.fmt)}
                             # cut by max_tokens: "length" (as OpenAI), or a client took the calls before the cut
                             # for the whole answer (a parallel call after them lost with no word of it). Not whole
-                            # (its stream sent a call by name that broke or was cut, after these): the run's
-                            # finish, as the stream's, which cannot claim that call whole (ToolCallFilter.end)
+                            # (its stream sent a call by name that broke or was cut, after these, or a Llama 3 or
+                            # Mistral answer broke after them): the run's finish, as the stream's, which cannot
+                            # claim that call whole (ToolCallFilter.end)
                             finish = "length" if finish == "length" else "tool_calls" if whole else finish
                     reasons.append("tool_calls" if finish == "tool_calls" else None)
                     choices.append({"index": i * one.n + c, "message": message,
