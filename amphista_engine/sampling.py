@@ -15,6 +15,10 @@ from .values import is_integral, is_real
 MIN_DIVISOR = 1e-6
 # The largest |logit_bias| taken: far past any logit (OpenAI's -100 already bans a token), and far from fp32's overflow
 MAX_LOGIT_BIAS = 1e6
+# The largest repetition_penalty and |presence_penalty|, |frequency_penalty| taken: past fp32's range a penalty
+# became inf, and 0 * inf made NaN logits (every count-0 token under frequency_penalty=1e300, a seen token whose
+# logit is 0 under repetition_penalty=1e39), so answers came out garbage; 1e6 already all but bans a token.
+MAX_PENALTY = 1e6
 
 
 def _as_float(v) -> float:
@@ -62,9 +66,15 @@ class SamplingParams:
         if self.repetition_penalty < MIN_DIVISOR:
             raise InputError(f"repetition_penalty must be at least {MIN_DIVISOR:g} (1 = off), got "
                              f"{self.repetition_penalty!r}: logits / repetition_penalty would overflow")
+        if self.repetition_penalty > MAX_PENALTY:
+            raise InputError(f"repetition_penalty must be at most {MAX_PENALTY:g} (1 = off), got "
+                             f"{self.repetition_penalty!r}: logits * repetition_penalty would overflow")
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise InputError(f"{name} must be a finite number (0 = off), got {getattr(self, name)!r}")
+            if abs(getattr(self, name)) > MAX_PENALTY:
+                raise InputError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 = off; OpenAI's range is "
+                                 f"[-2, 2]), got {getattr(self, name)!r}: larger ones overflow the logits")
         object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
         if self.seed is not None and (not is_integral(self.seed) or not 0 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")

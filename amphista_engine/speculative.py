@@ -85,7 +85,8 @@ def resolve_acceptance(acceptance: str, params: SamplingParams) -> str:
 
 def _tree_file(path: str):
     """A .json file with a path list, or a `tree-search` result (its `trees` dict with one tree)."""
-    from .text_files import read_utf8
+    from .text_files import read_utf8, user_path
+    path = user_path(path)         # a quoted "~/t.json" (or --tree=~/t.json) reaches us as typed
     try:
         obj = json.loads(read_utf8(path))
     except FileNotFoundError:
@@ -211,9 +212,13 @@ class SpeculativeDecoder(PlainDecoder):
         self._token_ids = getattr(heads, "token_ids", None)
         # Their tokens' entries of seen / counts rank the drafts under penalties (_penalised_draft); made here, not
         # in a step that a CUDA graph may be capturing. None: the heads score every token.
-        sub = getattr(getattr(heads, "config", None), "draft_vocab_size", 0)
+        sub = getattr(getattr(heads, "config", None), "draft_vocab_size", None)
+        penalised = params.repetition_penalty != 1 or params.penalized
         self._draft_ids = (self._token_ids(torch.arange(sub, device=self.device)) if sub and self._token_ids
-                           and (params.repetition_penalty != 1 or params.penalized) else None)
+                           and penalised else None)
+        # A drafter that maps slots to tokens (token_ids) without declaring its draft_vocab_size: its width is that of
+        # its first drafts (prefill). Taken as token ids, a 40-slot draft met [B, V] penalties in a torch size error.
+        self._draft_ids_pending = sub is None and self._token_ids is not None and penalised
         # Drafts of the heads the tree reads only (a CPU pays each head's LM-head rows: mix-4's 2 of 4 heads saved
         # ~0.25 ms a step on SmolLM2's 4-bit heads), where the drafter takes a depth
         takes = "depth" in inspect.signature(heads.step).parameters
@@ -247,6 +252,9 @@ class SpeculativeDecoder(PlainDecoder):
             # rows for every cache row: a run that takes new prompts between steps (add_rows) may grow to them
             self.heads.reset_cache(max(B, self.cache.batch) if self.admits else B, self.cache.max_seq_len)
         self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len), **self._depth)
+        if self._draft_ids_pending:
+            self._draft_ids = self._token_ids(torch.arange(self.draft.shape[-1], device=self.device))
+            self._draft_ids_pending = False
         self.last_count = None          # (self.ongoing: set by PlainDecoder.prefill, kept by its keep_rows)
         return root
 

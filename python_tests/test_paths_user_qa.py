@@ -377,3 +377,10 @@ def test_grammar_and_schema_files_take_tilde(home):
     assert _response_format(args) == {"type": "grammar", "grammar": 'start: "yes" | "no"\n'}
     args = build_parser().parse_args(["generate", "hi", "--json-schema", "~/s.json"])
     assert _response_format(args) == {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
+
+
+def test_tree_files_take_tilde(home):
+    """--tree "~/t.json" said "tree file not found"."""
+    from amphista_engine.speculative import TreeSpec
+    (home / "t.json").write_text("[[0], [1], [0, 0]]")
+    assert TreeSpec("~/t.json", 3, "cpu").num_nodes == 4
