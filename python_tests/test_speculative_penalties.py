@@ -50,19 +50,26 @@ def _node_reference(logits, tokens, tree, seen, counts, params):
 
 
 def _state(B, V, params, g):
-    seen = torch.rand(B, V, generator=g) < 0.3 if params.repetition_penalty != 1.0 else None
-    counts = torch.randint(0, 3, (B, V), generator=g, dtype=torch.int32) if params.penalized else None
+    """seen / counts over ~30% of a small vocabulary, ~20 tokens of a large one (as an answer's few hundred in 49k)."""
+    share = 0.3 if V < 50 else 20 / V
+    seen = torch.rand(B, V, generator=g) < share if params.repetition_penalty != 1.0 else None
+    counts = ((torch.rand(B, V, generator=g) < share) * torch.randint(1, 3, (B, V), generator=g)).int() \
+        if params.penalized else None
     return seen, counts
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"r{p.repetition_penalty}p{p.presence_penalty}"
                                                        f"f{p.frequency_penalty}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_node_gets_plain_decodings_values_bit_for_bit(params, dtype):
+@pytest.mark.parametrize("V, dense", [(6, False), (6, True), (300, False), (300, True)])
+def test_every_node_gets_plain_decodings_values_bit_for_bit(params, dtype, V, dense):
     """A vocabulary of 6 puts the same token on a path several times (a frequency count of 2-4, a repetition
-    penalty applied once), and next to other nodes' copies of it (their writes must agree)."""
+    penalty applied once), and next to other nodes' copies of it (their writes must agree); one of 300 leaves most
+    columns untouched, which a CPU skips (dense=False) and a GPU broadcasts over (dense=True, _tree_penalties_dense:
+    the GPU's path, run here on the CPU)."""
+    from amphista_engine.sampling import _tree_penalties_dense
     g = torch.Generator().manual_seed(3)
-    V, B = 6, 3
+    B = 3
     static = build_tree("mc_sim_7b_63")
     static.tokens = static_tree_tokens(static, torch.randint(0, V, (B,), generator=g),
                                        torch.randint(0, V, (B, static.max_depth, 10), generator=g))
@@ -72,10 +79,13 @@ def test_every_node_gets_plain_decodings_values_bit_for_bit(params, dtype):
         logits = (torch.randn(B, N, V, generator=g) * 4).to(dtype)
         logits[0, 0, 0] = 0.0                                   # the repetition penalty's sign boundary
         seen, counts = _state(B, V, params, g)
-        got = tree_penalties(logits, tree.tokens, tree.path_below_root(), seen, counts, params)
+        kept = logits.clone()
+        fn = _tree_penalties_dense if dense else tree_penalties
+        got = fn(logits.float(), tree.tokens, tree.path_below_root(), seen, counts, params)
         want = _node_reference(logits, tree.tokens, tree, seen, counts, params)
         assert got.dtype == torch.float32 and torch.equal(got, want)
         assert not torch.equal(got, logits.float())             # the penalties did something
+        assert torch.equal(logits, kept)                        # the model's logits stay its own (logprobs)
 
 
 def _decode(decoder_cls, model, prompts, max_new, params, **kw):
