@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
-from amphista_engine import Engine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amphista_engine import Engine  # noqa: E402
+from benchmarks.common import timed_rounds  # noqa: E402
 
 PROMPTS = ["Write a long story about a dragon and a knight.",
            "Explain how a hash table works, with a Python example."]
@@ -34,20 +38,14 @@ def main():
             ("bf16", "amphista", "mc_sim_7b_63")]
     for dt, spec, tree in cfgs:                                   # warm-up
         engines[dt].generate(PROMPTS[0], max_new_tokens=8, speculative=spec, tree=tree)
-    ms = {c: [] for c in cfgs}
-    tau = {c: [] for c in cfgs}
-    plain, mismatches = {}, {c: 0 for c in cfgs}
-    for r in range(args.rounds):
-        p = r % len(PROMPTS)
-        for c in cfgs:
-            dt, spec, tree = c
-            out = engines[dt].generate(PROMPTS[p], max_new_tokens=args.max_new_tokens, speculative=spec, tree=tree)
-            ms[c].append(1000 / out.stats.decode_tokens_per_s)
-            tau[c].append(out.stats.tau)
-            if spec is None:
-                plain[(dt, p)] = out.token_ids
-            elif out.token_ids != plain[(dt, p)]:
-                mismatches[c] += 1
+
+    def generate(c, r):
+        dt, spec, tree = c
+        return engines[dt].generate(PROMPTS[r % len(PROMPTS)], max_new_tokens=args.max_new_tokens, speculative=spec,
+                                    tree=tree)
+    # each speculative answer against the plain answer of its dtype
+    ms, tau, mismatches = timed_rounds(args.rounds, cfgs, generate,
+                                       lambda c: None if c[1] is None else (c[0], None, None))
     base = statistics.median(ms[cfgs[0]])
     print("| dtype | method | tree | ms/token (median) | tau | vs fp32 plain | greedy mismatches |")
     print("|---|---|---|---|---|---|---|")

@@ -16,55 +16,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amphista_engine import Engine  # noqa: E402
-from amphista_engine.shipped_heads import shipped_heads  # noqa: E402
-from benchmarks.common import ab_parser, first_turns, hardware, md_table, rotating_runs, write_results  # noqa: E402
+from benchmarks.common import (StepTimes, ab_parser, answer_on, before_after_runs,  # noqa: E402
+                               equal_answers, hardware, md_table, smollm2_with_shipped_heads, write_results)
 
 
 def main():
     args = ab_parser(__doc__, trees="mix-4,mix-8").parse_args()
-    engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=1024)
-    heads = engine.load_heads(str(shipped_heads("smollm2-135m", "amphista")))
+    engine, heads = smollm2_with_shipped_heads()
     if heads.res._codes is None:
         sys.exit("the heads did not get their codes: needs the CPU extension and 4-bit weights (quant auto)")
     native_mix, codes, real_step = heads._mix_native, heads.res._codes, heads.step
-    spent = {}
+    times = StepTimes()
 
     def timed_step(*a, **k):
         t = time.perf_counter()
         out = real_step(*a, **k)
-        if current[1]:                  # the prefill's pass over the whole prompt: not a decoding step's
-            current[1] = False
-            return out
-        key = current[0]
-        ms, n = spent.get(key, (0.0, 0))
-        spent[key] = (ms + (time.perf_counter() - t) * 1e3, n + 1)
+        times.add(t)
         return out
 
     heads.step = timed_step
-    current = [None, False]
 
     def run(config, question):
         side, tree = config
-        current[0], current[1] = config, True
+        times.config, times.skip_next = config, True
         heads._mix_native = native_mix if side == "after" else (lambda z: NotImplemented)
         heads.res._codes = codes if side == "after" else None
-        spec = tree != "plain"
-        return engine.generate(question, max_new_tokens=args.max_new_tokens,
-                               speculative="amphista" if spec else None, tree=tree if spec else None)
+        return answer_on(engine, question, tree, args.max_new_tokens)
 
-    qs = first_turns(args.questions)
-    trees = [t for t in args.trees.split(",") if t]
-    configs = [("after", "plain")] + [(s, t) for t in trees for s in ("before", "after")]
-    engine.generate(qs[0], max_new_tokens=8)                               # warm-up
-    toks, secs, steps, outs = rotating_runs(qs, configs, run)
+    qs, configs, toks, secs, steps, outs = before_after_runs(engine, args, run)
     rows = []
     for side, tree in configs:
         c = (side, tree)
-        ms, n = spent.get(c, (0.0, 0))
-        same = sum(outs[c + (i,)] == outs[("after", "plain", i)] for i in range(len(qs)))
         rows.append({"decoding": tree, "heads": side, "tau": toks[c] / steps[c], "tok/s": toks[c] / secs[c],
-                     "heads ms/step": ms / n if n else 0.0, "equals plain": f"{same}/{len(qs)}"})
+                     "heads ms/step": times.ms_per_call(c),
+                     "equals plain": equal_answers(outs, c, ("after", "plain"), len(qs))})
     meta = {"hardware": hardware("cpu"), "questions": len(qs), "max_new_tokens": args.max_new_tokens,
             "model": "smollm2-135m, 4-bit (quant auto), fp32 between",
             "before": "AEB layer loop (torch ops around the 4-bit products), float ResBlocks (einsum)",

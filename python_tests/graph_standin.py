@@ -124,3 +124,33 @@ class CPUGraphs(DecodeGraphs):
     def _record(self, decoder, eager, kv_len):
         g = ReplayGraph(decoder, eager, kv_len, self.built_in_capture)
         return g, g.outputs
+
+
+def decoder_runs(kind):
+    """run(steps, prepare, read, graphs=None) on test_cuda_graphs._setup's fp32 CPU model, cache and two prompts: each
+    call a fresh decoder, plain (kind None) or speculative (random `kind` heads, seed 2, a dynamic-8 tree), greedy;
+    prepare(decoder), then attached to `graphs` (a CPUGraphs) if given, then the prompts' prefill and `steps` steps
+    under inference_mode. Returns [read(decoder, out, count) of each step]."""
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.heads import random_heads
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    from test_cuda_graphs import _setup
+    model, cache, prompts = _setup("cpu", dtype=torch.float32)
+    heads = None if kind is None else random_heads(kind, model, num_heads=4, seed=2)
+
+    def run(steps, prepare, read, graphs=None):
+        dec = (PlainDecoder(model, cache, SamplingParams()) if kind is None else
+               SpeculativeDecoder(model, cache, heads, TreeSpec("dynamic-8", 4, torch.device("cpu")),
+                                  SamplingParams()))
+        prepare(dec)
+        if graphs is not None:
+            graphs.attach(dec)
+        got = []
+        with torch.inference_mode():
+            dec.prefill(prompts)
+            for _ in range(steps):
+                out, count = dec.step()
+                got.append(read(dec, out, count))
+        return got
+    return run

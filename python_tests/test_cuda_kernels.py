@@ -10,18 +10,15 @@ The last section runs everywhere: the wrappers decline (NotImplemented) what the
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-from amphista_engine._ext import extension_error, load_extension
-from amphista_engine.config import ModelConfig
 from amphista_engine.kernels import backend, cuda_ops, ops, reference, use_backend
-from amphista_engine.model import rope_table
 from amphista_engine.tree import build_tree, dynamic_tree
 
-from kernel_checks import DEV, TOL, accept_inputs, check_verify_step, gen, randn, rel_err, same_result
+from kernel_checks import (DEV, TOL, accept_inputs, check_kv_compact, check_verify_step, cuda_extension, gen, randn,
+                           rel_err, rope_inputs, same_result, tree_bits)
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
@@ -31,12 +28,7 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 def ext():
     if not HAS_GPU:
         pytest.skip("needs a CUDA device")
-    mod = load_extension()
-    if mod is None:
-        if os.environ.get("AMPHISTA_NO_CUDA") == "1":
-            pytest.skip("AMPHISTA_NO_CUDA=1")
-        pytest.fail(f"CUDA device present but extension missing: {extension_error()}")
-    return mod
+    return cuda_extension()
 
 
 def run(fn, *args):
@@ -48,16 +40,6 @@ def run(fn, *args):
 
 
 # ---- tree attention ------------------------------------------------------------------------------------
-def _bits(kind: str, B: int, N: int, g):
-    if kind == "causal":
-        return reference.mask_bits(torch.ones(N, N, dtype=torch.bool).tril()[None]).to(DEV)
-    if kind == "static":
-        tree = build_tree("mc_sim_7b_63") if N == 64 else build_tree([(0,) * d for d in range(1, N)])
-        return tree.ancestor_bits[None].to(DEV)
-    dt = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, 12, generator=g), N, topk=4)
-    return dt.ancestor_bits.to(DEV)
-
-
 # B, H, H_kv, N, D, dtype, mask kind, prefix lengths (per row), splits (None: heuristic)
 ATTN_CASES = [
     (1, 32, 32, 1, 128, torch.bfloat16, "causal", [1000], None),      # Llama-7B decoding: MHA, split-K
@@ -85,7 +67,7 @@ def _attn_inputs(case, spare_rows=1):
         k[b, :, end:kv_len], v[b, :, end:kv_len] = 60.0, 60.0          # past the row's tokens: never attended
     k[:, :, kv_len:], v[:, :, kv_len:] = float("nan"), float("nan")   # past kv_len: never read
     q = randn(g, B, N, H, D, dtype=dtype).transpose(1, 2)              # the model's layout: a transposed view
-    return q, k, v, prefix, _bits(kind, B, N, g), kv_len
+    return q, k, v, prefix, tree_bits(kind, B, N, g), kv_len
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}N{c[3]}D{c[4]}-"
@@ -242,15 +224,9 @@ def test_rmsnorm_rounds_where_the_reference_rounds(dtype, ext, poisoned):
                                                   (3, 64, 8, 128, torch.float16, False),
                                                   (2, 5, 3, 34, torch.bfloat16, False)])
 def test_rope(B, T, H, D, dtype, shared, ext, poisoned):
-    g = gen("rope", B, T, H, D, dtype)
-    cfg = ModelConfig(vocab_size=8, dim=H * D, n_layers=1, n_heads=H, n_kv_heads=H, intermediate_size=8,
-                      rope_theta=500000.0)
-    table = rope_table(cfg, 300).to(DEV)
-    positions = torch.randint(0, 300, (1 if shared else B, T), generator=g).to(DEV)   # explicit, unordered
-    qkv = randn(g, B, T, 3 * H * D, dtype=dtype)
-    x = qkv[..., H * D:2 * H * D].view(B, T, H, D)          # the K part of a fused QKV output: strided
-    ref = reference.rope(x, table[positions])
-    out = run(cuda_ops.rope, x, table[positions])
+    x, rows = rope_inputs(B, T, H, D, dtype, shared)
+    ref = reference.rope(x, rows)
+    out = run(cuda_ops.rope, x, rows)
     assert out.shape == (B, T, H, D) and rel_err(out, ref) < TOL[dtype]
 
 
@@ -274,18 +250,7 @@ def test_kv_compact(dtype, D, ext):
     g = gen("kv_compact", dtype, D)
     L, Bmax, H, S = 4, 3, 2, 48
     kb, vb = randn(g, L, Bmax, H, S, D, dtype=dtype), randn(g, L, Bmax, H, S, D, dtype=dtype)
-    # Row 0: accepted nodes 0, 2, 5 at prefix 10 -> slots 10, 12, 15 move to 10, 11, 12 (12 is a source too).
-    # Row 1: a source out of range is clamped to S - 1 = 47, which is also a destination (overlap).
-    src = torch.tensor([[10, 12, 15, 10, 10], [44, 47, 60, -3, 45]], device=DEV)
-    dst_start = torch.tensor([10, 45], device=DEV)
-    rk, rv = kb.clone(), vb.clone()
-    reference.kv_compact(rk, rv, src[:, :3], dst_start)     # no duplicate clamped destinations here
-    run(cuda_ops.kv_compact, kb, vb, src[:, :3], dst_start)
-    assert torch.equal(kb, rk) and torch.equal(vb, rv)
-    rk, rv = kb.clone(), vb.clone()                         # with padding entries (row 0 only, B < B_max)
-    reference.kv_compact(rk, rv, src[:1], dst_start[:1])
-    run(cuda_ops.kv_compact, kb, vb, src[:1], dst_start[:1])
-    assert torch.equal(kb, rk) and torch.equal(vb, rv)
+    check_kv_compact(lambda *a: run(cuda_ops.kv_compact, *a), kb, vb)
 
 
 # ---- acceptance ----------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from amphista_engine import Engine
-from amphista_engine.heads import random_heads
+from model_helpers import cuda_logits, graphs_and_eager_answers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 transformers = pytest.importorskip("transformers")
@@ -22,22 +22,13 @@ def test_moe_fp32_logits_match_transformers_on_the_gpu(moe):
     hf = hf_model(moe).cuda()
     engine = Engine.from_pretrained(str(moe), device="cuda", dtype="fp32", max_seq_len=256)
     for n in (40, 100):                 # under and over MOE_GATHER_ROWS: both MoE paths
-        ids = torch.tensor([IDS[:n]], device="cuda")
-        with torch.no_grad():
-            ours, ref = engine.model(ids, torch.arange(n, device="cuda")[None]).float(), hf(ids).logits.float()
+        ours, ref = cuda_logits(engine, hf, IDS[:n])
         assert float((ours - ref).norm() / ref.norm()) < 1e-3, n     # TF32 may be on in either
 
 
 def test_moe_graphs_equal_eager_and_speculative_equals_plain(moe):
     from test_moe import IDS
-    out = {}
-    for graphs in (True, False):
-        engine = Engine.from_pretrained(str(moe), device="cuda", dtype="fp32", max_seq_len=256, cuda_graphs=graphs)
-        engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
-        for method in ("none", "amphista"):
-            out[graphs, method] = engine.generate(IDS[:20], chat=False, max_new_tokens=60, min_tokens=60,
-                                                  speculative=method,
-                                                  tree="dynamic-8" if method != "none" else None).token_ids
+    out = graphs_and_eager_answers(moe, IDS[:20])
     assert out[True, "none"] == out[False, "none"], "plain: graphs vs eager"
     assert out[True, "amphista"] == out[False, "amphista"], "amphista: graphs vs eager"
     assert out[True, "amphista"] == out[True, "none"], "fp32 speculative vs plain"

@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from amphista_engine.heads import random_heads
+from model_helpers import rel_err as _rel
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.mark.parametrize("kind,extra", [("amphista", {}), ("medusa", {}), ("medusa", {"per_head_lm_head": True})])

@@ -16,7 +16,7 @@ from amphista_engine.evaluation.bench import run_bench
 from amphista_engine.evaluation.runner import run_eval
 from amphista_engine.training.evaltau import eval_tau
 
-from conftest import needs_smollm2
+from conftest import interrupted_on_call, needs_smollm2, write_questions
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -36,8 +36,7 @@ SPEC_BENCH_CHOICE = ("index", "turns", "new_tokens", "wall_time", "decoding_step
 
 
 def _write_questions(path, questions=QUESTIONS):
-    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
-    return path
+    return write_questions(path, questions)
 
 
 @pytest.fixture(scope="module")
@@ -195,15 +194,8 @@ def test_an_interrupted_rerun_leaves_no_summary_of_the_earlier_run(tiny, tmp_pat
     kw = dict(methods="ar,medusa", engine=engine, heads=heads, max_new_tokens=4, warmup=0, out=out, **QUIET)
     run_eval(q, limit=1, plot=True, **kw)
     assert (out / "summary.md").is_file() and (out / "tau_per_category.png").is_file()
-    real, calls = engine.generate, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(engine, "generate", interrupted)
+    real = engine.generate
+    monkeypatch.setattr(engine, "generate", interrupted_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         run_eval(q, **kw)
     left = sorted(p.name for p in out.rglob("*") if p.is_file())

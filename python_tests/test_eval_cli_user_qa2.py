@@ -11,6 +11,7 @@ from amphista_engine.cli import main as cli_main
 from amphista_engine.errors import InputError
 from amphista_engine.evaluation.questions import read_questions
 from amphista_engine.evaluation.runner import run_eval
+from conftest import write_questions
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -30,9 +31,7 @@ def tiny(tiny_hf_dir, tmp_path_factory):
 
 @pytest.fixture
 def questions(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    return path
+    return write_questions(tmp_path / "q.jsonl", QUESTIONS)
 
 
 def _ar(engine, q, out, **kw):

@@ -14,6 +14,7 @@ from amphista_engine.errors import ConfigError
 from amphista_engine.loading import load_model
 
 from conftest import add_gguf_bpe_vocab, prefill_then_decode, write_tokenizer
+from model_helpers import hf_greedy, loaded_logits, plain_and_speculative, pretrained_logits, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,19 +50,11 @@ def write_gemma3(path, **over):
 
 
 def hf_logits(path, ids, cls=None):
-    hf = (cls or transformers.Gemma3ForCausalLM).from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
+    return pretrained_logits(cls or transformers.Gemma3ForCausalLM, path, ids)
 
 
 def ours_logits(path, ids, max_seq_len=256):
-    m = load_model(path, max_seq_len=max_seq_len).model
-    with torch.no_grad():
-        return m(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return loaded_logits(path, ids, max_seq_len)
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +152,7 @@ def test_engine_greedy_equals_transformers_generate(windowed):
     assert eng.max_seq_len == 256           # the window is implemented, not a cap on the cache
     prompt = IDS[:20]
     hf = transformers.Gemma3ForCausalLM.from_pretrained(windowed, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40,
-                           pad_token_id=0)[0, len(prompt):].tolist()
+    want = hf_greedy(hf, prompt, 40)
     got = eng.generate(prompt, chat=False, max_new_tokens=40, min_tokens=40, speculative="none").token_ids
     assert got == want
 
@@ -177,9 +168,7 @@ def test_long_prompt_in_prefill_chunks_equals_transformers(windowed, monkeypatch
     assert eng.model.prefill_chunk(KVCache.for_model(eng.config, 1, 8, torch.float32, "cpu")) is None
     prompt = IDS[:100]
     hf = transformers.Gemma3ForCausalLM.from_pretrained(windowed, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                           pad_token_id=0)[0, len(prompt):].tolist()
+    want = hf_greedy(hf, prompt, 12)
     got = eng.generate(prompt, chat=False, max_new_tokens=12, min_tokens=12, speculative="none").token_ids
     assert got == want
 
@@ -194,9 +183,7 @@ def test_speculative_equals_plain_past_the_window(windowed, dtype, quant):
     assert eng.quant == quant
     eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
     for prompt in (IDS[:5], IDS[:30]):
-        plain = eng.generate(prompt, chat=False, max_new_tokens=40, min_tokens=40, speculative="none").token_ids
-        spec = eng.generate(prompt, chat=False, max_new_tokens=40, min_tokens=40, speculative="amphista",
-                            tree="dynamic-8").token_ids
+        plain, spec = plain_and_speculative(eng, prompt, 40)
         assert len(plain) == 40 and spec == plain
 
 
@@ -223,20 +210,12 @@ def write_gemma3_gguf(hf_dir, out, cfg):
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
-    from conftest import _add_gguf_tensor, _close_gguf
+    from conftest import _add_gguf_tensor, _close_gguf, add_gguf_keys
     w = load_file(str(hf_dir / "model.safetensors"))
     wr = gguf.GGUFWriter(str(out), "gemma3")
-    wr.add_block_count(cfg["num_hidden_layers"])
-    wr.add_context_length(512)
-    wr.add_embedding_length(64)
-    wr.add_feed_forward_length(128)
-    wr.add_head_count(4)
-    wr.add_head_count_kv(2)
-    wr.add_key_length(16)
-    wr.add_value_length(16)
-    wr.add_rope_dimension_count(16)
-    wr.add_layer_norm_rms_eps(1e-6)
-    wr.add_rope_freq_base(cfg["rope_theta"])
+    add_gguf_keys(wr, block_count=cfg["num_hidden_layers"], context_length=512, embedding_length=64,
+                  feed_forward_length=128, head_count=4, head_count_kv=2, key_length=16, value_length=16,
+                  rope_dimension_count=16, layer_norm_rms_eps=1e-6, rope_freq_base=cfg["rope_theta"])
     wr.add_float32("gemma3.rope.freq_base_swa", cfg["rope_local_theta"])
     wr.add_sliding_window(cfg["sliding_window"])
     wr.add_sliding_window_pattern(cfg["pattern"])

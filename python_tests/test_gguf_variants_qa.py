@@ -12,7 +12,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import needs_smollm2, quantize_q4_k
+from conftest import llama_gguf_shapes, llama_gguf_twin, needs_smollm2, quantize_q4_k
+from model_helpers import forward_logits, hf_forward_logits, rel_err
 
 from amphista_engine import Engine
 from amphista_engine.errors import ConfigError, ModelLoadError
@@ -56,19 +57,6 @@ def random_blocks(shape, qt, rng, std=0.15) -> np.ndarray:
     unit = float(np.asarray(gguf.quants.dequantize(raw.reshape(shape[0], -1), qt)).std())
     _set_scale(raw, qt, std / unit)
     return raw.reshape(shape[0], -1)
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def _permute(w, n_heads):
-    """llama.cpp's converter's q/k row order (each head's rotate-half halves interleaved)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _unpermute(w, n_heads):
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def encode(x: np.ndarray, qt, rng) -> np.ndarray:
@@ -115,14 +103,8 @@ def write_gguf(path, types="F32", *, tied=False, layers=2, dim=256, inter=512, h
     type name} of tensors written as zero blocks of that type, for types nothing here can encode)."""
     rng = np.random.default_rng(seed)
     hd = dim // heads
-    shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,)}
-    if not tied:
-        shapes["output.weight"] = (vocab, dim)
-    for i in range(layers):
-        shapes.update({f"blk.{i}.{n}.weight": s for n, s in (
-            ("attn_norm", (dim,)), ("ffn_norm", (dim,)), ("attn_q", (heads * hd, dim)),
-            ("attn_k", (kv_heads * hd, dim)), ("attn_v", (kv_heads * hd, dim)), ("attn_output", (dim, heads * hd)),
-            ("ffn_gate", (inter, dim)), ("ffn_up", (inter, dim)), ("ffn_down", (dim, inter)))})
+    shapes = llama_gguf_shapes(vocab=vocab, dim=dim, inter=inter, layers=layers, heads=heads, kv_heads=kv_heads,
+                               head_dim=hd, tied=tied)
     wr = gguf.GGUFWriter(str(path), arch)
     for key, value in (("block_count", layers), ("context_length", 256), ("embedding_length", dim),
                        ("feed_forward_length", inter), ("head_count", heads), ("head_count_kv", kv_heads),
@@ -168,29 +150,15 @@ def write_gguf(path, types="F32", *, tied=False, layers=2, dim=256, inter=512, h
                                    num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd,
                                    rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=tied,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf_names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-                "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    sd = {"model.embed_tokens.weight": decoded["token_embd.weight"], "model.norm.weight": decoded["output_norm.weight"],
-          "lm_head.weight": decoded["token_embd.weight" if tied else "output.weight"]}
-    for i in range(layers):
-        for g, h in hf_names.items():
-            x = decoded[f"blk.{i}.{g}.weight"]
-            sd[f"model.layers.{i}.{h}.weight"] = (_unpermute(x, heads) if g == "attn_q"
-                                                  else _unpermute(x, kv_heads) if g == "attn_k" else x)
-    hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
-    return hf
+    return llama_gguf_twin(cfg, decoded)
 
 
 def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+    return forward_logits(model, ids)
 
 
 def hf_logits(hf, ids=IDS):
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
+    return hf_forward_logits(hf, ids)
 
 
 def load(path, quant):

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupted_on_call
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 HAS_GPU = torch.cuda.is_available()
@@ -199,14 +201,7 @@ def test_latency_keeps_its_rows_when_the_stage_limit_interrupts_it_on_cpu(tmp_pa
     """latency_gpu.py saved after each whole model shape: a SIGINT during the Llama-7B shape (all of gpu_decide's
     rows) left no latency.json at all."""
     lat = _load(BENCH / "latency_gpu.py")
-    real, calls = lat.time_steps, []
-
-    def time_steps(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(lat, "time_steps", time_steps)
+    monkeypatch.setattr(lat, "time_steps", interrupted_on_call(lat.time_steps, 3))
     threads = torch.get_num_threads()
     try:
         assert lat.main(["--smoke", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)]) == 130

@@ -17,6 +17,7 @@ from amphista_engine.heads import (AmphistaHeads, HeadsConfig, MedusaHeads, lm_h
                                    load_medusa_checkpoint, random_heads, save_heads)
 from amphista_engine.heads.checkpoint import SKETCH_KEY, SKETCH_ROWS
 from amphista_engine.model import Transformer, causal_mask, rope_table
+from model_helpers import rel_err
 
 KINDS = ("amphista", "medusa")
 
@@ -45,10 +46,6 @@ def target_states(target, B=2, T=24, seed=0):
     with torch.no_grad():
         logits, hidden = target(tokens, torch.arange(T)[None].expand(B, T), return_hidden=True)
     return hidden, logits.argmax(-1)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # ---- config -------------------------------------------------------------------------------------------------

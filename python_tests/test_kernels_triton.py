@@ -33,7 +33,9 @@ from amphista_engine.model import rope_table
 from amphista_engine.config import ModelConfig
 from amphista_engine.tree import build_tree, dynamic_tree
 
-from kernel_checks import DEV, TOL, accept_inputs, check_verify_step, gen, randn, rel_err, same_result
+from kernel_checks import (DEV, TOL, accept_inputs, check_kv_compact, check_verify_step, gen, randn, rel_err,
+                           rope_inputs, same_result)
+from kernel_checks import tree_bits as _tree_bits
 
 triton = pytest.importorskip("triton")
 from amphista_engine.kernels import triton_ops  # noqa: E402  (imports triton)
@@ -75,17 +77,6 @@ def position_invariant_dot(monkeypatch):
 
 
 # ---- tree attention ------------------------------------------------------------------------------------
-def _tree_bits(kind: str, B: int, N: int, g):
-    """Ancestor masks: a static tree (shared, [1, N]), per-row dynamic trees ([B, N]) or causal."""
-    if kind == "causal":
-        return reference.mask_bits(torch.ones(N, N, dtype=torch.bool).tril()[None]).to(DEV)
-    if kind == "static":
-        tree = build_tree("mc_sim_7b_63") if N == 64 else build_tree([(0,) * d for d in range(1, N)])
-        return tree.ancestor_bits[None].to(DEV)
-    dt = dynamic_tree(torch.zeros(B, dtype=torch.long), torch.randn(B, 4, 12, generator=g), N, topk=4)
-    return dt.ancestor_bits.to(DEV)
-
-
 # B, H, H_kv, N, D, dtype, splits (None = heuristic), mask kind
 ATTN_CASES = [
     (1, 4, 4, 1, 64, torch.float32, None, "causal"),        # plain decoding, MHA
@@ -504,15 +495,9 @@ def test_rmsnorm_and_add(shape, dtype, poisoned):
 @pytest.mark.parametrize("B,T,H,D,dtype,shared", [(2, 3, 5, 64, torch.float32, False),
                                                   (1, 7, 4, 128, torch.bfloat16, True)])
 def test_rope(B, T, H, D, dtype, shared, poisoned):
-    g = gen("rope", B, T, H, D, dtype)
-    cfg = ModelConfig(vocab_size=8, dim=H * D, n_layers=1, n_heads=H, n_kv_heads=H, intermediate_size=8,
-                      rope_theta=500000.0)
-    table = rope_table(cfg, 300).to(DEV)
-    positions = torch.randint(0, 300, (1 if shared else B, T), generator=g).to(DEV)   # explicit, unordered
-    qkv = randn(g, B, T, 3 * H * D, dtype=dtype)
-    x = qkv[..., H * D:2 * H * D].view(B, T, H, D)          # the K part of a fused QKV output: strided
-    ref = reference.rope(x, table[positions])
-    out = triton_ops.rope(x, table[positions])
+    x, rows = rope_inputs(B, T, H, D, dtype, shared)
+    ref = reference.rope(x, rows)
+    out = triton_ops.rope(x, rows)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -861,19 +846,7 @@ def test_kv_compact():
     g = gen("kv_compact")
     L, Bmax, H, S, D = 3, 3, 2, 48, 128
     kb, vb = randn(g, L, Bmax, H, S, D, dtype=torch.bfloat16), randn(g, L, Bmax, H, S, D, dtype=torch.bfloat16)
-    # Row 0: accepted path of tree nodes 0, 2, 5 at prefix 10 -> slots 10, 12, 15 move to 10, 11, 12; the
-    # destination 11 is no source but 12 is (overlap), then padding entries (slot 10 again).
-    # Row 1: a source out of range is clamped to S - 1 = 47, which is also a destination (overlap).
-    src = torch.tensor([[10, 12, 15, 10, 10], [44, 47, 60, -3, 45]], device=DEV)
-    dst_start = torch.tensor([10, 45], device=DEV)
-    rk, rv = kb.clone(), vb.clone()
-    reference.kv_compact(rk, rv, src[:, :3], dst_start)     # no duplicate clamped destinations here
-    triton_ops.kv_compact(kb, vb, src[:, :3], dst_start)
-    assert torch.equal(kb, rk) and torch.equal(vb, rv)
-    rk, rv = kb.clone(), vb.clone()                         # with padding entries (row 0 only, B < B_max)
-    reference.kv_compact(rk, rv, src[:1], dst_start[:1])
-    triton_ops.kv_compact(kb, vb, src[:1], dst_start[:1])
-    assert torch.equal(kb, rk) and torch.equal(vb, rv)
+    check_kv_compact(triton_ops.kv_compact, kb, vb)
 
 
 # ---- acceptance ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import CORPUS, edited_copy
+from model_helpers import loaded_logits, pretrained_logits, rel_err
 
 from amphista_engine.errors import ModelLoadError
 from amphista_engine.loading import load_model
@@ -20,20 +21,12 @@ transformers = pytest.importorskip("transformers")
 IDS = [5, 17, 40, 99, 3, 250, 7, 77, 120, 9]
 
 
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def ours_logits(path, ids=IDS):
-    m = load_model(path, max_seq_len=64).model
-    with torch.no_grad():
-        return m(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+    return loaded_logits(path, ids, 64)
 
 
 def hf_logits(path, ids=IDS):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
+    return pretrained_logits(transformers.AutoModelForCausalLM, str(path), ids)
 
 
 def test_tied_config_with_a_head_of_other_values_runs_that_head(tiny_hf_dir, tmp_path):

@@ -4,9 +4,8 @@ bookkeeping; checked against transformers' log_softmax at the same positions."""
 import pytest
 import torch
 
-from amphista_engine import Engine
 from amphista_engine.errors import InputError
-from amphista_engine.heads import random_heads
+from model_helpers import tiny_engine_and_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,10 +14,7 @@ PROMPTS = ["The quick brown fox", "Hello, world! def f(x):"]
 
 @pytest.fixture(scope="module")
 def setup(tiny_hf_dir):
-    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256, max_batch_size=2)
-    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
-    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
-    return engine, hf
+    return tiny_engine_and_hf(tiny_hf_dir)
 
 
 def reference(hf, result) -> list[float]:
@@ -65,28 +61,15 @@ def test_row_results_carry_them_and_bad_values_are_named(setup):
 def test_logprobs_through_the_graph_bookkeeping(kind, one_thread):
     """The steps rebind step_logprobs; a replayed graph re-points it at the tensor its capture wrote (the CPU
     stand-in for CUDA graphs of graph_standin.py): the same values as eager steps."""
-    from amphista_engine.generation import PlainDecoder
-    from amphista_engine.sampling import SamplingParams
-    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
     from graph_standin import CPUGraphs as _CPUGraphs
-    from test_cuda_graphs import _setup
-    model, cache, prompts = _setup("cpu", dtype=torch.float32)
-    heads = None if kind is None else random_heads(kind, model, num_heads=4, seed=2)
+    from graph_standin import decoder_runs
+    steps = decoder_runs(kind)
 
     def run(graphs=None, logprobs=True):
-        dec = (PlainDecoder(model, cache, SamplingParams()) if kind is None else
-               SpeculativeDecoder(model, cache, heads, TreeSpec("dynamic-8", 4, torch.device("cpu")),
-                                  SamplingParams()))
-        dec.logprobs = logprobs
-        if graphs is not None:
-            graphs.attach(dec)
-        got = []
-        with torch.inference_mode():
-            dec.prefill(prompts)
-            for _ in range(12):
-                out, count = dec.step()
-                got.append((out.tolist(), count.tolist(), logprobs and dec.step_logprobs.tolist()))
-        return got
+        def prepare(dec):
+            dec.logprobs = logprobs
+        return steps(12, prepare, lambda dec, out, count: (out.tolist(), count.tolist(),
+                                                           logprobs and dec.step_logprobs.tolist()), graphs)
     eager = run()
     graphs = _CPUGraphs()
     run(graphs, logprobs=False)        # graphs of steps without them: a key of their own, not replayed here

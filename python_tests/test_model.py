@@ -15,23 +15,14 @@ from amphista_engine.loading import load_model, parse_device
 from amphista_engine.model import AttentionSpec, causal_mask
 
 from conftest import needs_smollm2, random_tiny_model, write_tiny_gguf
+from model_helpers import forward_logits as ours_logits
+from model_helpers import pretrained_logits, rel_err
 
 transformers = pytest.importorskip("transformers")
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def hf_logits(path, ids):
-    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
-
-
-def ours_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+    return pretrained_logits(transformers.LlamaForCausalLM, path, ids)
 
 
 IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 280, 64]

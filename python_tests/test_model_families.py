@@ -12,7 +12,9 @@ from amphista_engine.errors import ConfigError
 from amphista_engine.heads import random_heads
 from amphista_engine.kernels import use_backend
 from amphista_engine.loading import load_model
-from conftest import TINY_HF, add_gguf_bpe_vocab, edited_copy, finish_unpermuted_gguf, write_tokenizer
+from conftest import (TINY_HF, TINY_HF_COMMON, add_gguf_bpe_vocab, add_gguf_keys, edited_copy, finish_unpermuted_gguf,
+                      hf_gguf_keys, save_sharp, write_tokenizer)
+from model_helpers import rel_err as _rel
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,9 +31,8 @@ def _hf_classes(kind):
 
 def write_model(path, kind, seed=0):
     Config, Model = _hf_classes(kind)
-    over = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
     torch.manual_seed(seed)
-    model = Model(Config(**over, **KINDS[kind]))
+    model = Model(Config(**TINY_HF_COMMON, **KINDS[kind]))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -47,10 +48,6 @@ def write_model(path, kind, seed=0):
 def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     return request.param, path, write_model(path, request.param)
-
-
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def test_logits_and_greedy_answers_match_transformers(tiny):
@@ -110,12 +107,7 @@ def write_qwen_gguf(hf_dir, out, arch, qtype="F32"):
     w = load_file(str(hf_dir / "model.safetensors"))
     c = json.loads((hf_dir / "config.json").read_text())
     wr = gguf.GGUFWriter(str(out), arch)
-    wr.add_block_count(c["num_hidden_layers"])
-    wr.add_context_length(c["max_position_embeddings"])
-    wr.add_embedding_length(c["hidden_size"])
-    wr.add_feed_forward_length(c["intermediate_size"])
-    wr.add_head_count(c["num_attention_heads"])
-    wr.add_head_count_kv(c["num_key_value_heads"])
+    add_gguf_keys(wr, **hf_gguf_keys(c))
     wr.add_key_length(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
     wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
     wr.add_rope_freq_base(c["rope_theta"] if "rope_theta" in c else c["rope_parameters"]["rope_theta"])
@@ -233,14 +225,9 @@ def yarn_qwen(tmp_path_factory):
     """A Qwen2 trained on 64 positions, extended x4 by YaRN (as Qwen2.5's card adds to config.json for 128k)."""
     path = tmp_path_factory.mktemp("yarn")
     Config, Model = _hf_classes("qwen2")
-    over = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
     torch.manual_seed(3)
-    model = Model(Config(**{**over, "max_position_embeddings": 256}, rope_scaling=dict(YARN)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():     # sharp attention (larger q, k), so positions matter
-            p.normal_(0, 0.5 if "q_proj" in name or "k_proj" in name else 0.1)
-    model.save_pretrained(path, safe_serialization=True)
-    write_tokenizer(path, TINY_HF["vocab_size"])
+    model = Model(Config(**{**TINY_HF_COMMON, "max_position_embeddings": 256}, rope_scaling=dict(YARN)))
+    save_sharp(model, path)                 # sharp attention (larger q, k), so positions matter
     return path, model.eval()
 
 
@@ -371,15 +358,10 @@ def test_a_sliding_window_is_read_as_transformers_reads_it(family, over):
 @pytest.fixture(scope="module")
 def smollm3(tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm3")
-    over = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
     torch.manual_seed(6)
-    config = transformers.SmolLM3Config(**{**over, "num_hidden_layers": 4, "pad_token_id": 0})
+    config = transformers.SmolLM3Config(**{**TINY_HF_COMMON, "num_hidden_layers": 4, "pad_token_id": 0})
     model = transformers.SmolLM3ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():       # sharp attention, so a missing or extra RoPE shows
-            p.normal_(0, 0.5 if "q_proj" in name or "k_proj" in name else 0.1)
-    model.save_pretrained(path, safe_serialization=True)
-    write_tokenizer(path, TINY_HF["vocab_size"])
+    save_sharp(model, path)                 # sharp attention, so a missing or extra RoPE shows
     return path, model.eval()
 
 

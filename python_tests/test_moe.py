@@ -15,8 +15,9 @@ from amphista_engine.engine import Engine
 from amphista_engine.errors import AmphistaError, ConfigError
 from amphista_engine.loading import load_model
 
-from conftest import (_add_gguf_tensor, _close_gguf, _permute_rope_rows, add_gguf_bpe_vocab, prefill_then_decode,
-                      write_tokenizer)
+from conftest import (_add_gguf_tensor, _close_gguf, _permute_rope_rows, add_gguf_bpe_vocab, add_gguf_keys,
+                      prefill_then_decode, write_tokenizer)
+from model_helpers import hf_forward_logits, hf_greedy, plain_and_speculative, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,12 +60,7 @@ def hf_model(path):
 
 
 def hf_logits(path, ids):
-    with torch.no_grad():
-        return hf_model(path)(torch.tensor([ids])).logits[0]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return hf_forward_logits(hf_model(path), ids)
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +157,7 @@ def test_cached_prefill_decode_and_tree_match_transformers(dirs, family):
 def test_engine_greedy_equals_transformers_generate(dirs, family):
     eng = Engine.from_pretrained(str(dirs[family]), device="cpu", dtype="fp32", max_seq_len=256)
     prompt = IDS[:20]
-    with torch.no_grad():
-        want = hf_model(dirs[family]).generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
-                                               min_new_tokens=30, pad_token_id=0)[0, len(prompt):].tolist()
+    want = hf_greedy(hf_model(dirs[family]), prompt, 30)
     got = eng.generate(prompt, chat=False, max_new_tokens=30, min_tokens=30, speculative="none").token_ids
     assert got == want
 
@@ -185,9 +179,7 @@ def test_speculative_equals_plain(dirs, family, dtype, quant):
         assert not cpu_ops.stack_runs(eng.model.layers, eng.model.norm, eng.config, torch.float32, eng.model)
     eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
     for prompt in (IDS[:5], IDS[:30]):
-        plain = eng.generate(prompt, chat=False, max_new_tokens=30, min_tokens=30, speculative="none").token_ids
-        spec = eng.generate(prompt, chat=False, max_new_tokens=30, min_tokens=30, speculative="amphista",
-                            tree="dynamic-8").token_ids
+        plain, spec = plain_and_speculative(eng, prompt, 30)
         assert len(plain) == 30 and spec == plain
 
 
@@ -244,17 +236,10 @@ def write_moe_gguf(hf_dir, out, family, qtype="F32", qtypes=None):
     arch = "qwen3moe" if family == "qwen3_moe" else "llama"
     n = c["num_hidden_layers"]
     wr = gguf.GGUFWriter(str(out), arch)
-    wr.add_block_count(n)
-    wr.add_context_length(512)
-    wr.add_embedding_length(64)
-    wr.add_feed_forward_length(c["intermediate_size"])
-    wr.add_head_count(4)
-    wr.add_head_count_kv(2)
-    wr.add_key_length(16)
-    wr.add_value_length(16)
-    wr.add_rope_dimension_count(16)
-    wr.add_layer_norm_rms_eps(1e-6)
-    wr.add_rope_freq_base(c["rope_parameters"]["rope_theta"])
+    add_gguf_keys(wr, block_count=n, context_length=512, embedding_length=64,
+                  feed_forward_length=c["intermediate_size"], head_count=4, head_count_kv=2, key_length=16,
+                  value_length=16, rope_dimension_count=16, layer_norm_rms_eps=1e-6,
+                  rope_freq_base=c["rope_parameters"]["rope_theta"])
     wr.add_expert_count(c["num_local_experts"])
     wr.add_expert_used_count(c["num_experts_per_tok"])
     if arch == "qwen3moe":

@@ -21,6 +21,10 @@ import torch
 
 from amphista_engine import ConfigError, Engine, ModelLoadError
 from amphista_engine.loading import load_model
+from conftest import llama_gguf_shapes, llama_gguf_twin
+from model_helpers import forward_logits as logits
+from model_helpers import hf_forward_logits as hf_logits
+from model_helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -69,15 +73,6 @@ def _vocab(kind: str, size: int):
     return tokens, types, extra
 
 
-def _permute(w, n_heads):
-    """llama.cpp's converter's q/k row order (each head's rotate-half halves interleaved)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _unpermute(w, n_heads):
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _k_blocks(shape, qtype, rng):
     """Valid random Q4_K/Q6_K blocks (gguf cannot quantize K types): random codes, small fp16 super-scales."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -109,14 +104,8 @@ def write_llama_gguf(path, *, vocab=301, dim=64, layers=1, heads=4, kv_heads=2, 
     skip: optional llama.* keys left out; hf_rope: the reference's rope_parameters."""
     rng = np.random.default_rng(seed)
     hd = head_dim or dim // heads
-    shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,)}
-    if not tied:
-        shapes["output.weight"] = (vocab, dim)
-    for i in range(layers):
-        shapes.update({f"blk.{i}.{n}.weight": s for n, s in (
-            ("attn_norm", (dim,)), ("ffn_norm", (dim,)), ("attn_q", (heads * hd, dim)),
-            ("attn_k", (kv_heads * hd, dim)), ("attn_v", (kv_heads * hd, dim)), ("attn_output", (dim, heads * hd)),
-            ("ffn_gate", (inter, dim)), ("ffn_up", (inter, dim)), ("ffn_down", (dim, inter)))})
+    shapes = llama_gguf_shapes(vocab=vocab, dim=dim, inter=inter, layers=layers, heads=heads, kv_heads=kv_heads,
+                               head_dim=hd, tied=tied)
     wr = gguf.GGUFWriter(str(path), "llama", endianess=endian, split_max_tensors=split)
     keys = {"block_count": layers, "context_length": ctx, "embedding_length": dim, "feed_forward_length": inter,
             "head_count": heads, "head_count_kv": kv_heads, "vocab_size": vocab, "rope_freq_base": theta,
@@ -164,33 +153,7 @@ def write_llama_gguf(path, *, vocab=301, dim=64, layers=1, heads=4, kv_heads=2, 
                                    num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd,
                                    rms_norm_eps=1e-5, max_position_embeddings=ctx, tie_word_embeddings=tied,
                                    rope_parameters=dict(hf_rope or {"rope_type": "default"}, rope_theta=theta))
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    sd = {"model.embed_tokens.weight": decoded["token_embd.weight"], "model.norm.weight": decoded["output_norm.weight"],
-          "lm_head.weight": decoded["token_embd.weight" if tied else "output.weight"]}
-    hf_names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-                "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    for i in range(layers):
-        for g, h in hf_names.items():
-            x = decoded[f"blk.{i}.{g}.weight"]
-            sd[f"model.layers.{i}.{h}.weight"] = (_unpermute(x, heads) if g == "attn_q"
-                                                  else _unpermute(x, kv_heads) if g == "attn_k" else x)
-    hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
-    return hf
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
-
-
-def hf_logits(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
+    return llama_gguf_twin(cfg, decoded)
 
 
 def assert_greedy_as_transformers(engine, hf, n, text="the quick brown fox jumps over"):

@@ -20,15 +20,12 @@ from amphista_engine.kernels import cpu_ops
 from amphista_engine.kv_cache import KVCache
 from amphista_engine.loading import load_model
 from amphista_engine.model import AttentionSpec, causal_mask
-from conftest import CORPUS, TINY_HF, write_tokenizer
+from conftest import CORPUS, TINY_HF, save_sharp, write_tokenizer
+from conftest import TINY_HF_COMMON as _OVER
+from model_helpers import rel_err as _rel
 
 transformers = pytest.importorskip("transformers")
 needs_ext = pytest.mark.skipif(cpu_ops.load_extension() is None, reason="the cpu extension is not built")
-_OVER = {k: v for k, v in TINY_HF.items() if k not in ("model_type", "architectures")}
-
-
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +92,7 @@ def test_llama3_rope_scaling_without_its_original_length_is_read_as_transformers
     the engine took Llama 3's 8192 (other angles; logits ~2e-2 apart)."""
     torch.manual_seed(3)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_OVER, "max_position_embeddings": 64}))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(0, 0.5 if "q_proj" in name or "k_proj" in name else 0.1)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    write_tokenizer(tmp_path, TINY_HF["vocab_size"])
+    save_sharp(hf, tmp_path)
     c = json.loads((tmp_path / "config.json").read_text())
     c.pop("rope_parameters", None)
     c.update(rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

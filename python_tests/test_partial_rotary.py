@@ -16,6 +16,7 @@ from amphista_engine.heads import random_heads
 from amphista_engine.loading import load_model
 
 from conftest import prefill_then_decode, write_tokenizer
+from model_helpers import hf_forward_logits, rel_err
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -54,12 +55,7 @@ def hf_model(path):
 
 
 def hf_logits(path, ids):
-    with torch.no_grad():
-        return hf_model(path)(torch.tensor([ids])).logits[0]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return hf_forward_logits(hf_model(path), ids)
 
 
 @pytest.fixture(scope="module")

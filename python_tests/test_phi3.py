@@ -12,6 +12,8 @@ from amphista_engine.errors import ConfigError
 from amphista_engine.loading import load_model
 
 from conftest import add_gguf_bpe_vocab, write_tokenizer
+from model_helpers import loaded_logits as ours_logits
+from model_helpers import pretrained_logits, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,19 +35,7 @@ def write_phi3(path, **over):
 
 
 def hf_logits(path, ids):
-    hf = transformers.Phi3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
-
-
-def ours_logits(path, ids, max_seq_len):
-    m = load_model(path, max_seq_len=max_seq_len).model
-    with torch.no_grad():
-        return m(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return pretrained_logits(transformers.Phi3ForCausalLM, path, ids)
 
 
 IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 280, 64] * 12

@@ -12,6 +12,8 @@ from amphista_engine.errors import ConfigError
 from amphista_engine.loading import load_model
 
 from conftest import write_tokenizer
+from model_helpers import loaded_logits, pretrained_logits
+from model_helpers import rel_err as logits_rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,12 +43,9 @@ def write_hub(path, cfg):
 
 
 def rel_err(path, ids, max_seq_len):
-    hf = transformers.Phi3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = load_model(path, max_seq_len=max_seq_len).model
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0]
-        got = ours(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
-    return ((got - want).norm() / want.norm()).item()
+    """Relative error of our logits over ids against transformers' Phi3ForCausalLM on the checkpoint at path."""
+    want = pretrained_logits(transformers.Phi3ForCausalLM, path, ids)
+    return logits_rel_err(loaded_logits(path, ids, max_seq_len), want)
 
 
 def test_longrope_without_a_top_level_trained_length_takes_phi3configs_default(tmp_path):

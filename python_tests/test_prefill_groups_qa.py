@@ -12,7 +12,7 @@ import pytest
 from amphista_engine import generation, kv_cache
 from amphista_engine.generation import PlainDecoder
 
-from conftest import needs_smollm2
+from conftest import engine_with_random_heads, needs_smollm2
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -56,11 +56,7 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def fp32(tiny_hf_dir):
-    from amphista_engine import Engine
-    from amphista_engine.heads import random_heads
-    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=512)
-    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))
-    return eng
+    return engine_with_random_heads(tiny_hf_dir, 4, dtype="fp32", max_seq_len=512)
 
 
 @pytest.fixture(scope="module")

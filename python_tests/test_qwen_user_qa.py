@@ -16,7 +16,7 @@ from amphista_engine import Engine
 from amphista_engine.cli import main
 from amphista_engine.errors import AmphistaError, ConfigError, InputError
 from amphista_engine.heads import random_heads, save_heads
-from conftest import finish_unpermuted_gguf
+from conftest import add_gguf_keys, finish_unpermuted_gguf, hf_gguf_keys
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -311,12 +311,7 @@ def write_qwen_gguf(hf_dir: Path, out: Path, qtype="F32", eos="<|im_end|>", arch
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
     wr = gguf.GGUFWriter(str(out), arch or c["model_type"])
     wr.add_name("Qwen-tiny")
-    wr.add_block_count(c["num_hidden_layers"])
-    wr.add_context_length(c["max_position_embeddings"])
-    wr.add_embedding_length(c["hidden_size"])
-    wr.add_feed_forward_length(c["intermediate_size"])
-    wr.add_head_count(c["num_attention_heads"])
-    wr.add_head_count_kv(c["num_key_value_heads"])
+    add_gguf_keys(wr, **hf_gguf_keys(c))
     if "head_dim" in c:
         wr.add_key_length(c["head_dim"])
         wr.add_value_length(c["head_dim"])

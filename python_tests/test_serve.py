@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from amphista_engine.errors import InputError
+from conftest import relay
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -331,22 +332,13 @@ def test_a_client_leaving_mid_stream_stops_the_run_and_the_next_request_is_serve
     # Slowed down (the tiny model would finish before the close is seen), counting the chunks the server asked for
     real, pulled = engine.stream_batch, []
 
-    def slow(*args, **kwargs):
-        steps = real(*args, **kwargs)
+    def paced(item):
+        pulled.append(item)
+        time.sleep(0.02)
+        return item
 
-        def paced():
-            try:
-                while True:
-                    try:
-                        item = next(steps)
-                    except StopIteration as end:
-                        return end.value
-                    pulled.append(item)
-                    time.sleep(0.02)
-                    yield item
-            finally:
-                steps.close()
-        return paced()
+    def slow(*args, **kwargs):
+        return relay(real(*args, **kwargs), each=paced)
     monkeypatch.setattr(engine, "stream_batch", slow)
     s = _start_stream(url, long_body)
     s.close()

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from amphista_engine.errors import CacheFullError, InputError, NonFiniteError
+from conftest import relay
 from test_serve import _send, call, sse
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -45,22 +46,31 @@ class Runs:
         self.sizes.append(len(prompts))
         if self.fail is not None and (error := self.fail(prompts)) is not None:
             raise error
-        steps = self.real(prompts, *args, **kwargs)
+        return relay(self.real(prompts, *args, **kwargs), before=lambda: self.gate.wait(30), each=self._paced)
 
-        def gated():
-            try:
-                self.gate.wait(30)
-                while True:
-                    try:
-                        item = next(steps)
-                    except StopIteration as end:
-                        return end.value
-                    self.pulled.append(item)
-                    time.sleep(self.pace)
-                    yield item
-            finally:
-                steps.close()
-        return gated()
+    def _paced(self, item):
+        self.pulled.append(item)
+        time.sleep(self.pace)
+        return item
+
+    def overflow_after_prefill(self, when, message: str):
+        """From now on a run whose prompts `when(prompts)` holds raises NonFiniteError(message) after its first item
+        (a row that overflows after the prefill); other runs go on as they would."""
+        real = self.real
+
+        def overflowing(prompts, *args, **kwargs):
+            steps = real(prompts, *args, **kwargs)
+
+            def gen():
+                try:
+                    yield next(steps)
+                    if when(prompts):
+                        raise NonFiniteError(message)
+                    return (yield from steps)
+                finally:
+                    steps.close()
+            return gen()
+        self.real = overflowing
 
 
 def wait_for(what, timeout=30.0):
@@ -81,46 +91,41 @@ def ask(url, body, stream: bool):
     return sse(url, CHAT, body) if stream else call(url, CHAT, body)
 
 
-def run_queued(app, runs, url, bodies, streams=None):
-    """A first request holds the engine (its run waits at the gate) while `bodies` queue, in order, behind it;
-    then the gate opens. The replies of `bodies` (parsed; SSE event lists for streams)."""
-    streams = streams or [False] * len(bodies)
+def _behind_a_blocker(app, runs, url, requests):
+    """A first request holds the engine (its run waits at the gate) while `requests` (functions, each making one
+    request) queue, in order, behind it; then the gate opens. ({index: what each returned}, the blocker's index in
+    runs.sizes)."""
     runs.gate.clear()
     first = len(runs.sizes)
     blocker = threading.Thread(target=call, args=(url, CHAT, {"messages": PROMPTS[0], "max_tokens": 2}))
     blocker.start()
     wait_for(lambda: len(runs.sizes) > first and app.lock.locked())
     got, threads = {}, []
-    for i, (body, stream) in enumerate(zip(bodies, streams)):
-        def one(i=i, body=body, stream=stream):
-            got[i] = ask(url, body, stream)
-        threads.append(threading.Thread(target=one))
+    for i, request in enumerate(requests):
+        threads.append(threading.Thread(target=lambda i=i, request=request: got.__setitem__(i, request())))
         threads[-1].start()
         wait_for(lambda n=i + 1: app.scheduler.waiting() == n)       # queued in this order
     runs.gate.set()
     for t in [blocker, *threads]:
         t.join(60)
+    return got, first
+
+
+def run_queued(app, runs, url, bodies, streams=None):
+    """A first request holds the engine (its run waits at the gate) while `bodies` queue, in order, behind it;
+    then the gate opens. The replies of `bodies` (parsed; SSE event lists for streams)."""
+    streams = streams or [False] * len(bodies)
+    got, first = _behind_a_blocker(app, runs, url, [lambda body=body, stream=stream: ask(url, body, stream)
+                                                    for body, stream in zip(bodies, streams)])
     del runs.sizes[first]           # the blocker's run
     return [got[i] for i in range(len(bodies))]
 
 
 def queued_completions(app, runs, url, prompts, max_tokens):
     """run_queued for completions of `prompts` (the replies by index), the blocker's run left in runs.sizes."""
-    runs.gate.clear()
-    first = len(runs.sizes)
-    blocker = threading.Thread(target=call, args=(url, CHAT, {"messages": PROMPTS[0], "max_tokens": 2}))
-    blocker.start()
-    wait_for(lambda: len(runs.sizes) > first and app.lock.locked())
-    replies, threads = {}, []
-    for i, p in enumerate(prompts):
-        threads.append(threading.Thread(target=lambda i=i, p=p: replies.__setitem__(i, call(
-            url, "/v1/completions", {"prompt": p, "max_tokens": max_tokens}))))
-        threads[-1].start()
-        wait_for(lambda n=i + 1: app.scheduler.waiting() == n)
-    runs.gate.set()
-    for t in [blocker, *threads]:
-        t.join(60)
-    return replies
+    def completion(p):
+        return lambda: call(url, "/v1/completions", {"prompt": p, "max_tokens": max_tokens})
+    return _behind_a_blocker(app, runs, url, [completion(p) for p in prompts])[0]
 
 
 @pytest.mark.parametrize("speculative", [None, "amphista"])
@@ -288,21 +293,8 @@ def test_an_error_mid_batch_reruns_the_unsent_requests_alone(batching, monkeypat
     engine, url, app, _ = batching
     refs = [engine.generate(p, 10).text for p in PROMPTS[:3]]
     runs = Runs(engine, monkeypatch)
-    real = runs.real
-
-    def overflowing(prompts, *args, **kwargs):      # a batch's row overflows after the prefill
-        steps = real(prompts, *args, **kwargs)
-
-        def gen():
-            try:
-                yield next(steps)
-                if len(prompts) > 1:
-                    raise NonFiniteError("the model's logits are not finite at row 1")
-                return (yield from steps)
-            finally:
-                steps.close()
-        return gen()
-    runs.real = overflowing
+    # a batch's row overflows after the prefill
+    runs.overflow_after_prefill(lambda prompts: len(prompts) > 1, "the model's logits are not finite at row 1")
     replies = run_queued(app, runs, url, [{"messages": p, "max_tokens": 10} for p in PROMPTS[:3]],
                          [False, False, True])
     assert runs.sizes == [3, 1, 1]        # the non-streamed two again, alone; the stream had begun
@@ -380,21 +372,10 @@ def test_a_short_answer_is_sent_when_its_row_ends_not_when_the_batch_does(batchi
     released, held = threading.Event(), []
 
     def hold_after_row_0(prompts, *args, **kwargs):
-        steps = runs(prompts, *args, **kwargs)
-
-        def gen():
-            try:
-                while True:
-                    try:
-                        item = next(steps)
-                    except StopIteration as end:
-                        return end.value
-                    yield item
-                    if len(prompts) == 2 and item[0] == 0 and not isinstance(item[1], str):
-                        held.append(released.wait(30))
-            finally:
-                steps.close()
-        return gen()
+        def hold(item):
+            if len(prompts) == 2 and item[0] == 0 and not isinstance(item[1], str):
+                held.append(released.wait(30))
+        return relay(runs(prompts, *args, **kwargs), after=hold)
     monkeypatch.setattr(engine, "stream_batch", hold_after_row_0)
     runs.gate.clear()
     blocker = threading.Thread(target=call, args=(url, CHAT, {"messages": PROMPTS[2], "max_tokens": 2}))

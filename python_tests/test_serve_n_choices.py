@@ -10,7 +10,6 @@ import urllib.request
 
 import pytest
 
-from amphista_engine.errors import NonFiniteError
 from test_serve import call, error_of, sse
 from test_serve_batching import Runs, run_queued, wait_for
 
@@ -196,21 +195,8 @@ def test_an_error_mid_run_runs_the_n_rows_again_together(served, monkeypatch):
     other = [MESSAGES[0], {"role": "user", "content": "def f(x):"}]
     refs = [engine.generate(MESSAGES, 8).text, engine.generate(other, 8).text]
     runs = Runs(engine, monkeypatch)
-    real = runs.real
-
-    def overflowing(prompts, *args, **kwargs):      # a run of several requests overflows after its prefill
-        steps = real(prompts, *args, **kwargs)
-
-        def gen():
-            try:
-                yield next(steps)
-                if len(prompts) == 3:
-                    raise NonFiniteError("the model's logits are not finite at row 2")
-                return (yield from steps)
-            finally:
-                steps.close()
-        return gen()
-    runs.real = overflowing
+    # a run of several requests overflows after its prefill
+    runs.overflow_after_prefill(lambda prompts: len(prompts) == 3, "the model's logits are not finite at row 2")
     replies = run_queued(app, runs, url, [{"messages": MESSAGES, "max_tokens": 8, "n": 2},
                                           {"messages": other, "max_tokens": 8}])
     assert runs.sizes == [3, 2, 1]        # each request again alone, its rows together

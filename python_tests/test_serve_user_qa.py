@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import relay
 from test_serve import SYSTEM_USER, call, served  # noqa: F401 -- the module's server fixture and helpers
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -93,22 +94,14 @@ def test_unicode_line_separators_in_a_stream_do_not_cut_its_events(served, monke
     real = engine.stream_batch
 
     def with_separators(*args, **kwargs):       # a model that writes the separators in its first delta
-        steps = real(*args, **kwargs)
+        first = [True]
 
-        def gen():
-            first = True
-            try:
-                while True:
-                    try:
-                        row, delta = next(steps)
-                    except StopIteration as end:
-                        return end.value
-                    if first and delta:
-                        delta, first = odd + delta, False
-                    yield row, delta
-            finally:
-                steps.close()
-        return gen()
+        def mark(item):
+            row, delta = item
+            if first[0] and delta:
+                delta, first[0] = odd + delta, False
+            return row, delta
+        return relay(real(*args, **kwargs), each=mark)
     monkeypatch.setattr(engine, "stream_batch", with_separators)
     conn = _conn(url)
     conn.request("POST", CHAT, body=json.dumps({"messages": SYSTEM_USER, "max_tokens": 8, "stream": True}),

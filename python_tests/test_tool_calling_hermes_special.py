@@ -120,10 +120,11 @@ def test_the_tags_are_this_tokenizers_controls(hermes_engine):
 def test_the_server_reads_special_tag_calls_both_ways(hermes_engine, monkeypatch):
     pytest.importorskip("llguidance")
     from conftest import serving
-    from test_serve import call, sse
+    from test_serve import sse
     from test_tool_calling_mistral_v11 import answer_with, script
     from test_tool_calling import ASK, CHAT, TOOLS
     from test_tool_streaming import assembled
+    from tool_helpers import check_no_calls_both_ways, next_turn, tool_calls_reply
     answer = ["Let me check. ", "<tool_call>", f"\n{W}\n", "</tool_call>", "\n", "<tool_call>", f"\n{T}\n",
               "</tool_call>"]
     want = [("get_weather", '{"city": "Paris", "days": 2}'), ("get_time", '{"utc": true}')]
@@ -132,11 +133,7 @@ def test_the_server_reads_special_tag_calls_both_ways(hermes_engine, monkeypatch
         grammar = script(hermes_engine, answer, SPECIAL)
         answer_with(monkeypatch, app, grammar)
         body = {"messages": ASK, "tools": TOOLS}
-        status, whole = call(server.url, CHAT, body)
-        assert status == 200, whole
-        choice = whole["choices"][0]
-        assert choice["message"]["content"] == "Let me check. " and choice["finish_reason"] == "tool_calls", choice
-        got = choice["message"]["tool_calls"]
+        got = tool_calls_reply(server.url, body, "Let me check. ")
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == want
         content, calls, finish, entries = assembled(sse(server.url, CHAT, body))
         assert content == "Let me check. " and finish == "tool_calls"
@@ -148,20 +145,13 @@ def test_the_server_reads_special_tag_calls_both_ways(hermes_engine, monkeypatch
         assert (content, [(c["name"], c["arguments"]) for c in calls], finish) == ("Let me check. ", want,
                                                                                    "tool_calls")
         # the calls and their results as the next turn: the template writes them back with the tags
-        history = ASK + [{"role": "assistant", "content": None, "tool_calls": got}] + [
-            {"role": "tool", "tool_call_id": c["id"], "content": '{"ok": true}'} for c in got]
         answer_with(monkeypatch, app, None)
-        status, reply_ = call(server.url, CHAT, {"messages": history + [{"role": "user", "content": "Thanks"}],
-                                                 "tools": TOOLS, "max_tokens": 3})
+        status, reply_ = next_turn(server.url, got)
         assert status == 200, reply_
         # tool_choice "none" (its run shows the tags): content, less them; no tools: the text decoded as ever
         answer_with(monkeypatch, app, grammar)
         plain = f"Let me check. \n{W}\n\n\n{T}\n"
-        for extra in ({"tools": TOOLS, "tool_choice": "none"}, {}):
-            choice = call(server.url, CHAT, {"messages": ASK, **extra})[1]["choices"][0]
-            assert choice["message"]["content"] == plain and "tool_calls" not in choice["message"], (extra, choice)
-            content, calls, finish, _ = assembled(sse(server.url, CHAT, {"messages": ASK, **extra}))
-            assert content == plain and not calls and finish == "stop", extra
+        check_no_calls_both_ways(server.url, plain)
 
 
 @pytest.mark.usefixtures("one_thread_module")

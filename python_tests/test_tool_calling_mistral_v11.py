@@ -199,6 +199,7 @@ def test_the_server_reads_v11_calls_both_ways(v11_engine, monkeypatch):
     from test_tool_calling import ASK, CHAT, TOOLS
     from test_tool_streaming import assembled
     from amphista_engine.tools import mistral_v11, tool_call_format
+    from tool_helpers import check_no_calls_both_ways, next_turn, tool_calls_reply
     assert tool_call_format(v11_engine.tokenizer) == "mistral" and mistral_v11(v11_engine.tokenizer)
     answer = ["Let me check. ", "[TOOL_CALLS]", "get_weather", "[ARGS]", '{"city": "Paris", "days": 2}',
               "[TOOL_CALLS]", "get_time", "[ARGS]", '{"utc": true}']
@@ -207,11 +208,7 @@ def test_the_server_reads_v11_calls_both_ways(v11_engine, monkeypatch):
         grammar = script(v11_engine, answer)
         answer_with(monkeypatch, app, grammar)
         body = {"messages": ASK, "tools": TOOLS}
-        status, whole = call(server.url, CHAT, body)
-        assert status == 200, whole
-        choice = whole["choices"][0]
-        assert choice["message"]["content"] == "Let me check. " and choice["finish_reason"] == "tool_calls", choice
-        got = choice["message"]["tool_calls"]
+        got = tool_calls_reply(server.url, body, "Let me check. ")
         want = [("get_weather", '{"city": "Paris", "days": 2}'), ("get_time", '{"utc": true}')]
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == want
         assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c["id"]) for c in got)
@@ -228,20 +225,13 @@ def test_the_server_reads_v11_calls_both_ways(v11_engine, monkeypatch):
             [(c["name"], c["arguments"]) for c in calls] == want[:1]
         assert finish == choice["finish_reason"] == "tool_calls"
         # the calls and their results as the next turn: the template writes them back in its own form
-        history = ASK + [{"role": "assistant", "content": None, "tool_calls": got}] + [
-            {"role": "tool", "tool_call_id": c["id"], "content": '{"ok": true}'} for c in got]
         answer_with(monkeypatch, app, None)
-        status, reply_ = call(server.url, CHAT, {"messages": history + [{"role": "user", "content": "Thanks"}],
-                                                 "tools": TOOLS, "max_tokens": 3})
+        status, reply_ = next_turn(server.url, got)
         assert status == 200, reply_
         # tool_choice "none" (its run shows the tokens): content, less them; no tools: the text decoded as ever
         answer_with(monkeypatch, app, grammar)
         plain = "Let me check. get_weather" + '{"city": "Paris", "days": 2}get_time{"utc": true}'
-        for extra in ({"tools": TOOLS, "tool_choice": "none"}, {}):
-            choice = call(server.url, CHAT, {"messages": ASK, **extra})[1]["choices"][0]
-            assert choice["message"]["content"] == plain and "tool_calls" not in choice["message"], (extra, choice)
-            content, calls, finish, _ = assembled(sse(server.url, CHAT, {"messages": ASK, **extra}))
-            assert content == plain and not calls and finish == "stop", extra
+        check_no_calls_both_ways(server.url, plain)
 
 
 @pytest.mark.usefixtures("one_thread_module")

@@ -15,7 +15,7 @@ from amphista_engine.chat import render_chat              # noqa: E402
 from amphista_engine.tools import (ToolCallFilter, check_tool_calls, generate_with_tools, plan_tools,  # noqa: E402
                                    prepare_messages, template_supports_tools)
 
-from conftest import edited_copy, serving                 # noqa: E402
+from conftest import edited_copy, engine_with_random_heads, serving  # noqa: E402
 from test_chat_templates_qa import QWEN25                 # noqa: E402
 from test_serve import call, error_of, sse                # noqa: E402
 from test_tool_calling import ASK, TOOLS                  # noqa: E402
@@ -49,11 +49,7 @@ def long_dir(tiny_hf_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(long_dir):
     """The tiny random model (built-in vicuna template: no tools) with random Amphista heads."""
-    from amphista_engine import Engine
-    from amphista_engine.heads import random_heads
-    eng = Engine.from_pretrained(str(long_dir), device="cpu", dtype="fp32", max_seq_len=4096)
-    eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
-    return eng
+    return engine_with_random_heads(long_dir, 3, dtype="fp32", max_seq_len=4096)
 
 
 @pytest.fixture(scope="module")

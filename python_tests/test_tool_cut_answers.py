@@ -13,6 +13,7 @@ import pytest
 from amphista_engine.tools import ToolCallFilter, ToolPlan, openai_tool_calls
 
 from test_tool_streaming_formats import joined
+from tool_helpers import template_engine_fixture
 
 F = '{"name": "get_weather", "%s": {"city": "Oslo", "days": 2}}'
 G = '{"name": "get_time", "%s": {"utc": true, "zone": "Europe/Oslo"}}'
@@ -140,17 +141,5 @@ def test_the_servers_reply_to_a_cut_answer_has_the_calls_its_stream_sent(fmt, ch
         assert content == (ch["message"]["content"] or "") and (content == "") == (choice != "auto"), content
 
 
-@pytest.fixture(scope="module")
-def llama_cut_engine(tiny_hf_dir, tmp_path_factory):
-    pytest.importorskip("llguidance")
-    from test_tool_calling import engine_with_template
-    from test_tool_calling_llama3 import LLAMA31
-    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("llama31_cut") / "m", LLAMA31)
-
-
-@pytest.fixture(scope="module")
-def mistral_cut_engine(tiny_hf_dir, tmp_path_factory):
-    pytest.importorskip("llguidance")
-    from test_tool_calling import engine_with_template
-    from test_tool_calling_mistral import MISTRAL as TEMPLATE
-    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("mistral_cut") / "m", TEMPLATE)
+llama_cut_engine = template_engine_fixture("llama31_cut", "llama31")
+mistral_cut_engine = template_engine_fixture("mistral_cut", "mistral")

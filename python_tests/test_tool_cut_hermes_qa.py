@@ -16,6 +16,7 @@ from amphista_engine.tools import TOOL_CALL_END, TOOL_CALL_START, ToolCallFilter
 
 from test_tool_cut_answers import CHOICES, F, G, cuts_of, plan, reply
 from test_tool_streaming_formats import joined
+from tool_helpers import template_engine_fixture
 
 A = TOOL_CALL_START + "\n" + F % "arguments" + "\n" + TOOL_CALL_END       # get_weather
 B = TOOL_CALL_START + "\n" + G % "arguments" + "\n" + TOOL_CALL_END       # get_time
@@ -88,12 +89,7 @@ def test_a_hermes_answer_cut_in_a_block_reads_as_its_stream_sent_it():
 
 # ---- the server, end to end --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hermes_engine(tiny_hf_dir, tmp_path_factory):
-    pytest.importorskip("llguidance")
-    from test_chat_templates_qa import QWEN25
-    from test_tool_calling import engine_with_template
-    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("hermes_cut") / "m", QWEN25)
+hermes_engine = template_engine_fixture("hermes_cut", "qwen25")
 
 
 @pytest.mark.usefixtures("one_thread_module")

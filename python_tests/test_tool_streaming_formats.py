@@ -14,6 +14,7 @@ import re
 import pytest
 
 from amphista_engine.tools import ToolCallFilter, openai_tool_calls, parse_tool_calls
+from tool_helpers import template_engine_fixture
 
 LLAMA = [
     '{"name": "get_weather", "parameters": {"city": "Oslo", "days": 2}}',
@@ -205,20 +206,8 @@ def _server_pieces():
     return serving, call, sse, ASK, TOOLS, assembled, scripted
 
 
-@pytest.fixture(scope="module")
-def llama_engine(tiny_hf_dir, tmp_path_factory):
-    pytest.importorskip("llguidance")
-    from test_tool_calling import engine_with_template
-    from test_tool_calling_llama3 import LLAMA31
-    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("llama31_stream") / "m", LLAMA31)
-
-
-@pytest.fixture(scope="module")
-def mistral_engine(tiny_hf_dir, tmp_path_factory):
-    pytest.importorskip("llguidance")
-    from test_tool_calling import engine_with_template
-    from test_tool_calling_mistral import MISTRAL as TEMPLATE
-    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("mistral_stream") / "m", TEMPLATE)
+llama_engine = template_engine_fixture("llama31_stream", "llama31")
+mistral_engine = template_engine_fixture("mistral_stream", "mistral")
 
 
 @pytest.mark.usefixtures("one_thread_module")

@@ -13,6 +13,7 @@ import pytest
 
 from amphista_engine.tools import ToolCallFilter, openai_tool_calls, parse_tool_calls
 from test_tool_streaming_formats import joined as formats_joined
+from tool_helpers import template_engine_fixture
 
 LLAMA_CALLS = [
     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}',
@@ -126,12 +127,7 @@ def test_a_call_with_type_function_streams_its_arguments_before_it_ends(fmt):
 
 # ---- the server's stream ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def llama_engine(tiny_hf_dir, tmp_path_factory):
-    pytest.importorskip("llguidance")
-    from test_tool_calling import engine_with_template
-    from test_tool_calling_llama3 import LLAMA31
-    return engine_with_template(tiny_hf_dir, tmp_path_factory.mktemp("llama31_user_qa") / "m", LLAMA31)
+llama_engine = template_engine_fixture("llama31_user_qa", "llama31")
 
 
 @pytest.mark.usefixtures("one_thread_module")

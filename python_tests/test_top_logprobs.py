@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from amphista_engine import Engine
 from amphista_engine.errors import CacheFullError, InputError
-from amphista_engine.heads import random_heads
+from model_helpers import tiny_engine_and_hf
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -21,10 +20,7 @@ N = 5
 
 @pytest.fixture(scope="module")
 def setup(tiny_hf_dir):
-    engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256, max_batch_size=2)
-    engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
-    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
-    return engine, hf
+    return tiny_engine_and_hf(tiny_hf_dir)
 
 
 @pytest.fixture(scope="module")
@@ -98,29 +94,16 @@ def test_bad_top_logprobs_are_named(setup):
 def test_top_logprobs_through_the_graph_bookkeeping(kind):
     """The CPU stand-in for CUDA graphs (graph_standin.py): N is part of the graph key and the top tensors are
     rebound each step, re-pointed after a replay; after a run with another N on the same graphs, equal to eager."""
-    from amphista_engine.generation import PlainDecoder
-    from amphista_engine.sampling import SamplingParams
-    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
     from graph_standin import CPUGraphs as _CPUGraphs
-    from test_cuda_graphs import _setup
-    model, cache, prompts = _setup("cpu", dtype=torch.float32)
-    heads = None if kind is None else random_heads(kind, model, num_heads=4, seed=2)
+    from graph_standin import decoder_runs
+    steps = decoder_runs(kind)
 
     def run(top, graphs=None):
-        dec = (PlainDecoder(model, cache, SamplingParams()) if kind is None else
-               SpeculativeDecoder(model, cache, heads, TreeSpec("dynamic-8", 4, torch.device("cpu")),
-                                  SamplingParams()))
-        dec.logprobs, dec.top_logprobs = True, top
-        if graphs is not None:
-            graphs.attach(dec)
-        got = []
-        with torch.inference_mode():
-            dec.prefill(prompts)
-            for _ in range(10):
-                out, count = dec.step()
-                got.append((out.tolist(), count.tolist(), dec.step_logprobs.tolist(),
-                            dec.step_top_values.tolist(), dec.step_top_ids.tolist()))
-        return got
+        def prepare(dec):
+            dec.logprobs, dec.top_logprobs = True, top
+        return steps(10, prepare, lambda dec, out, count: (out.tolist(), count.tolist(), dec.step_logprobs.tolist(),
+                                                           dec.step_top_values.tolist(), dec.step_top_ids.tolist()),
+                     graphs)
     eager = run(3)
     graphs = _CPUGraphs()
     other = run(5, graphs)

@@ -21,6 +21,7 @@ from amphista_engine.training.data import load_shard
 from amphista_engine.training.plan import split_heldout
 from amphista_engine.training.trainer import train_heads
 
+from conftest import interrupted_on_call, write_questions
 from conftest import train_cfg as cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -126,9 +127,7 @@ def tiny(tiny_hf_dir, tmp_path_factory):
 
 @pytest.fixture
 def questions(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    return path
+    return write_questions(tmp_path / "q.jsonl", QUESTIONS)
 
 
 def _eval(tiny, q, out, **kw):
@@ -184,14 +183,7 @@ def test_missing_glyphs_are_named_once_and_filters_are_left_alone(tmp_path):
 
 def test_ctrl_c_in_eval_says_a_rerun_resumes(tiny, questions, tmp_path, monkeypatch):
     engine, _ = tiny
-    real, calls = engine.generate, []
-
-    def generate(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "generate", interrupted_on_call(engine.generate, 2))
     logged = []
     with pytest.raises(KeyboardInterrupt):
         _eval(tiny, questions, tmp_path / "o", methods="ar", logged=logged)

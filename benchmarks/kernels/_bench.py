@@ -268,6 +268,22 @@ class Bench:
         return rows
 
 
+def accept_cases(bench: "Bench", scale: float = 1.0):
+    """The acceptance kernels' inputs over the 64-node mc_sim_7b_63 tree, for every model shape and batch size:
+    (shape, case name, tokens [B, N], logits [B, N, vocab] drawn N(0, scale^2), retrieve, B, N)."""
+    from amphista_engine.tree import build_tree
+    dev, dt = bench.device, bench.dtype
+    tree = build_tree("mc_sim_7b_63").to(dev)
+    N = tree.num_nodes
+    for sh in bench.shapes:
+        for B in ((1,) if bench.quick else (1, 8)):
+            logits = torch.randn(B, N, sh.vocab, device=dev, dtype=dt)
+            if scale != 1.0:
+                logits = logits * scale
+            tokens = torch.randint(0, sh.vocab, (B, N), device=dev)
+            yield sh, f"B={B} N={N}", tokens, logits, tree.retrieve, B, N
+
+
 def emit(rows: list[dict], args: argparse.Namespace, title: str, bench: "Bench | None" = None,
          errors: list[str] | None = None) -> None:
     """Print a table; write the rows as JSON (with the device and its measured ceiling) if --json."""

@@ -3,23 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from _bench import main_for
+from _bench import accept_cases, main_for
 from amphista_engine.kernels import ops
-from amphista_engine.tree import build_tree
 
 
 def run(bench):
-    rows, dev, dt = [], bench.device, bench.dtype
-    esize = torch.tensor([], dtype=dt).element_size()
-    tree = build_tree("mc_sim_7b_63").to(dev)
-    N = tree.num_nodes
-    for sh in bench.shapes:
-        for B in ((1,) if bench.quick else (1, 8)):
-            logits = torch.randn(B, N, sh.vocab, device=dev, dtype=dt)
-            tokens = torch.randint(0, sh.vocab, (B, N), device=dev)
-            fn = lambda: ops.greedy_accept(tokens, logits, tree.retrieve)
-            rows += bench.compare("greedy_accept", sh.name, f"B={B} N={N}", {"torch": fn, "triton": fn, "cuda": fn},
-                                  esize * B * N * sh.vocab)
+    rows = []
+    esize = torch.tensor([], dtype=bench.dtype).element_size()
+    for sh, case, tokens, logits, retrieve, B, N in accept_cases(bench):
+        fn = lambda: ops.greedy_accept(tokens, logits, retrieve)
+        rows += bench.compare("greedy_accept", sh.name, case, {"torch": fn, "triton": fn, "cuda": fn},
+                              esize * B * N * sh.vocab)
     return rows
 
 
