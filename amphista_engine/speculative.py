@@ -373,8 +373,9 @@ class SpeculativeDecoder(PlainDecoder):
     def _penalised_draft(self, draft: torch.Tensor) -> torch.Tensor:
         """The heads' guesses ranked under the answer's penalties (its tokens before the step, the same for every
         head): the heads learnt unpenalised text, and their top guesses are often the very tokens a penalty pushes
-        down, so an unpenalised tree spends its nodes on tokens the target no longer picks (8 MT-Bench first turns,
-        mix-4, repetition_penalty 1.3: tau 1.20 -> 1.30; a tie at 1.1 and under OpenAI's penalties)."""
+        down, so an unpenalised tree spends its nodes on tokens the target no longer picks (16 MT-Bench first turns,
+        4-bit SmolLM2, mix-4, repetition_penalty 1.3: tau 1.17 -> 1.30; 1-2% lower under mild penalties, where the
+        target still repeats: benchmarks/results/cpu_penalties_ab.md)."""
         if self.seen is None and self.counts is None:
             return draft
         ids = self._draft_ids
