@@ -36,8 +36,8 @@ def _n(eng, prompt=PROMPT) -> int:
 
 
 def test_a_refused_call_neither_grows_the_cache_nor_drops_the_kept_chat_prefix(tiny_hf_dir):
-    """A generate_batch refused for a prompt too long for the cache (or a penalty the named speculative method
-    cannot take) first grew the engine's KV cache to the batch's rows, then refused: memory paid for a call that
+    """A generate_batch refused for a prompt too long for the cache (or sampling settings the named speculative
+    method cannot take) first grew the engine's KV cache to the batch's rows, then refused: memory paid for a call that
     failed, and the kept chat prefix dropped with the old cache (the next turn prefilled everything again)."""
     eng = _engine(tiny_hf_dir, 64)
     first = eng.generate(PROMPT, chat=False, max_new_tokens=4, reuse_prefix=True)
@@ -47,7 +47,8 @@ def test_a_refused_call_neither_grows_the_cache_nor_drops_the_kept_chat_prefix(t
     refused = [(CacheFullError, [PROMPT, PROMPT * 30], 4, {}),             # prompt 1 is longer than the cache
                (CacheFullError, [PROMPT, PROMPT * 30], 4, tree),
                (CacheFullError, [PROMPT, PROMPT], 64 - _n(eng), tree),     # only the tree's room is missing
-               (InputError, [PROMPT, PROMPT], 4, dict(tree, repetition_penalty=1.3))]   # the decoder's refusal
+               # a sampling setting the method refuses (a penalty was one, until trees took penalties)
+               (InputError, [PROMPT, PROMPT], 4, dict(tree, temperature=0.7, top_k=5, acceptance="typical"))]
     for error, prompts, new, kw in refused:
         with pytest.raises(error):
             eng.generate_batch(prompts, chat=False, max_new_tokens=new, **kw)
@@ -59,8 +60,9 @@ def test_a_refused_call_neither_grows_the_cache_nor_drops_the_kept_chat_prefix(t
     fresh = _engine(tiny_hf_dir, 64)
     with pytest.raises(CacheFullError):
         fresh.generate_batch([PROMPT, PROMPT * 30], chat=False, max_new_tokens=4)
-    with pytest.raises(InputError, match="repetition_penalty"):
-        fresh.generate(PROMPT, chat=False, max_new_tokens=4, speculative="amphista", repetition_penalty=1.3)
+    with pytest.raises(InputError, match="acceptance='typical'"):
+        fresh.generate(PROMPT, chat=False, max_new_tokens=4, speculative="amphista", temperature=0.7, top_k=5,
+                       acceptance="typical")
     assert fresh._cache is None
     # a call that is served still grows the cache to its batch, as documented
     assert len(eng.generate_batch([PROMPT, PROMPT], chat=False, max_new_tokens=3, speculative="amphista",
