@@ -18,8 +18,8 @@ from amphista_engine.sampling import SamplingParams, probs_from_logits
 from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
 
 from conftest import collect, needs_smollm2, random_tiny_model
-from test_acceptance import chi2_pvalue
 from test_logit_bias_penalties import _plain
+from test_sampled_speculation_user_qa import law_check, tail
 from test_speculative import PROMPTS, OracleHeads, OracleVocabHeads, _NoText, spec_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -68,27 +68,8 @@ def answers(decoder, prompts, limit):
     return [tuple(r.ids) + ((EOS,) if r.finish_reason == "eos" else ()) for r in decoder.rows], stats
 
 
-def law_pvalue(rows, law, key):
-    """Chi-square p-value of the rows' answers seen through key (a projection of the answer) against the law; an
-    answer the law forbids fails at once."""
-    bad = sorted({a for a in rows if a not in law})
-    assert not bad, f"answers plain sampling can never give: {bad[:5]}"
-    cells: dict = {}
-    for a, q in law.items():
-        cells[key(a)] = cells.get(key(a), 0.0) + q
-    index = {k: i for i, k in enumerate(sorted(cells))}
-    counts = torch.bincount(torch.tensor([index[key(a)] for a in rows]), minlength=len(index)).double()
-    expected = torch.tensor([cells[k] for k in sorted(cells)], dtype=torch.float64) * len(rows)
-    return chi2_pvalue(counts, expected, min_expected=10.0)
-
-
 def first3(a):
     return a[:3]
-
-
-def tail(a):
-    """An answer's length and last two tokens: those a later step (after a commit, seen / counts updated) gave."""
-    return len(a), a[-2:]
 
 
 @pytest.mark.parametrize("tree, params", [
@@ -111,7 +92,7 @@ def test_rejection_sampling_keeps_plain_samplings_penalised_law(tiny8, tree, par
     for parity, prompt in ((0, SHORT), (1, LONG)):
         law = penalised_law(tiny8, prompt, LIMIT, params)
         got = rows[parity::2]
-        pvals = law_pvalue(got, law, first3), law_pvalue(got, law, tail)
+        pvals = law_check(got, law, first3), law_check(got, law, tail)
         assert min(pvals) > P_MIN, (prompt, pvals)
 
 
@@ -123,7 +104,7 @@ def test_the_law_is_plain_samplings(tiny8):
     rows, _ = answers(PlainDecoder(tiny8, cache, params), [SHORT, LONG] * n, LIMIT)
     for parity, prompt in ((0, SHORT), (1, LONG)):
         law = penalised_law(tiny8, prompt, LIMIT, params)
-        assert min(law_pvalue(rows[parity::2], law, first3), law_pvalue(rows[parity::2], law, tail)) > P_MIN
+        assert min(law_check(rows[parity::2], law, first3), law_check(rows[parity::2], law, tail)) > P_MIN
 
 
 @pytest.mark.parametrize("kind, acceptance, temperature", [("amphista", "rejection", 1.0),
