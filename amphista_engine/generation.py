@@ -16,7 +16,7 @@ from .errors import NonFiniteError
 from .kernels.cpu_threads import on_pool
 from .kv_cache import KVCache
 from .model import AttentionSpec, Transformer, causal_mask
-from .sampling import SamplingParams, apply_penalties, apply_repetition_penalty, sample, tree_penalties
+from .sampling import SamplingParams, answer_penalties, sample, tree_penalties
 
 KV_BUCKET = 128   # attention reads cache slots in multiples of this; bounds work to the real length
 NON_FINITE = -2   # a token no vocabulary has: its row's logits held a NaN or an infinity
@@ -295,11 +295,7 @@ class PlainDecoder:
             return logits
         if tree is not None:
             return tree_penalties(logits, tree.tokens, tree.path_below_root(), self.seen, self.counts, self.params)
-        if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
-        if self.counts is not None:
-            logits = apply_penalties(logits, self.counts, self.params.presence_penalty, self.params.frequency_penalty)
-        return logits
+        return answer_penalties(logits, self.seen, self.counts, self.params)
 
     def _record(self, tokens: torch.Tensor, count: torch.Tensor | None = None):
         """Emitted tokens [B, n] into seen / counts: each row's first count[b] (None: all n). A row's unused entries

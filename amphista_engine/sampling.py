@@ -232,6 +232,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, _repeated(logits, penalty), logits)
 
 
+def answer_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+                     params: SamplingParams) -> torch.Tensor:
+    """repetition_penalty over seen, then presence / frequency over counts (None: that penalty is off), in plain
+    decoding's order; seen / counts broadcast against logits (a [B, 1, V] view ranks [B, K, V] drafts alike)."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None:
+        logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
+    return logits
+
+
 def tree_penalties(logits: torch.Tensor, tokens: torch.Tensor, path: torch.Tensor, seen: torch.Tensor | None,
                    counts: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
     """The penalties plain decoding would apply at every node of a verified tree: on the answer before the step

@@ -18,7 +18,7 @@ from .generation import PlainDecoder, _sync, flag_non_finite, kv_window
 from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .kernels.cpu_threads import on_pool
 from .model import AttentionSpec
-from .sampling import SamplingParams, apply_penalties, apply_repetition_penalty
+from .sampling import SamplingParams, answer_penalties
 from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, dynamic_tree_depth, static_tree_tokens
 
 DEFAULT_TREE = "mc_sim_7b_63"
@@ -210,15 +210,7 @@ class SpeculativeDecoder(PlainDecoder):
         self._ordered_verify = not (too_big and model.orders_decode(cache))
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
-        # Their tokens' entries of seen / counts rank the drafts under penalties (_penalised_draft); made here, not
-        # in a step that a CUDA graph may be capturing. None: the heads score every token.
-        sub = getattr(getattr(heads, "config", None), "draft_vocab_size", None)
-        penalised = params.repetition_penalty != 1 or params.penalized
-        self._draft_ids = (self._token_ids(torch.arange(sub, device=self.device)) if sub and self._token_ids
-                           and penalised else None)
-        # A drafter that maps slots to tokens (token_ids) without declaring its draft_vocab_size: its width is that of
-        # its first drafts (prefill). Taken as token ids, a 40-slot draft met [B, V] penalties in a torch size error.
-        self._draft_ids_pending = sub is None and self._token_ids is not None and penalised
+        self._draft_ids = None          # the token of each draft slot, for penalties (set at prefill)
         # Drafts of the heads the tree reads only (a CPU pays each head's LM-head rows: mix-4's 2 of 4 heads saved
         # ~0.25 ms a step on SmolLM2's 4-bit heads), where the drafter takes a depth
         takes = "depth" in inspect.signature(heads.step).parameters
@@ -252,9 +244,12 @@ class SpeculativeDecoder(PlainDecoder):
             # rows for every cache row: a run that takes new prompts between steps (add_rows) may grow to them
             self.heads.reset_cache(max(B, self.cache.batch) if self.admits else B, self.cache.max_seq_len)
         self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len), **self._depth)
-        if self._draft_ids_pending:
+        if self._token_ids is not None and (self.seen is not None or self.counts is not None) \
+                and getattr(getattr(self.heads, "config", None), "draft_vocab_size", None) != 0:
+            # Slots that stand for tokens (a draft vocabulary; a drafter that maps slots without declaring one has
+            # the width of these first drafts: a 40-slot draft met [B, V] penalties in a torch size error). Made at
+            # the prefill, never in a step a CUDA graph may be capturing; heads over every token need none.
             self._draft_ids = self._token_ids(torch.arange(self.draft.shape[-1], device=self.device))
-            self._draft_ids_pending = False
         self.last_count = None          # (self.ongoing: set by PlainDecoder.prefill, kept by its keep_rows)
         return root
 
@@ -379,15 +374,9 @@ class SpeculativeDecoder(PlainDecoder):
         if self.seen is None and self.counts is None:
             return draft
         ids = self._draft_ids
-        seen, counts = self.seen, self.counts
-        if ids is not None:
-            seen, counts = (None if t is None else t[:, ids] for t in (self.seen, self.counts))
-        p = self.params
-        if seen is not None:
-            draft = apply_repetition_penalty(draft, seen[:, None], p.repetition_penalty)
-        if counts is not None:
-            draft = apply_penalties(draft, counts[:, None], p.presence_penalty, p.frequency_penalty)
-        return draft
+        seen, counts = ((None if t is None else (t if ids is None else t[:, ids])[:, None])
+                        for t in (self.seen, self.counts))          # the same for every head
+        return answer_penalties(draft, seen, counts, self.params)
 
     def stats_extra(self) -> dict:
         return {"tree": self.tree.name, "tree_nodes": self.tree.num_nodes, "acceptance": self.acceptance,
