@@ -191,12 +191,12 @@ def test_plain_sampling_in_a_batch_draws_transformers_law_with_a_repetition_pena
 
 
 def test_repetition_penalty_covers_the_prompt_but_not_a_batchs_padding(tiny_hf_dir, monkeypatch):
-    import amphista_engine.generation as generation
+    import amphista_engine.sampling as sampling      # where answer_penalties applies it from
     engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=128, max_batch_size=2)
     prompts = ["Hello", "The quick brown fox jumps over the lazy dog"]
     seen = []
-    real = generation.apply_repetition_penalty
-    monkeypatch.setattr(generation, "apply_repetition_penalty",
+    real = sampling.apply_repetition_penalty
+    monkeypatch.setattr(sampling, "apply_repetition_penalty",
                         lambda lg, s, p: seen.append(s.clone()) or real(lg, s, p))
     engine.generate_batch(prompts, max_new_tokens=1, chat=False, repetition_penalty=1.5)
     for row, prompt in enumerate(prompts):
