@@ -69,6 +69,8 @@ def cmd_train(args) -> int:
         _check_log_file("--log", args.log)
     if getattr(args, "cache_hidden", None):
         check_out_path("--cache-hidden", args.cache_hidden, folder=True)
+        from .hidden_cache import check_cache_dir
+        check_cache_dir(args.cache_hidden, out=args.out)
     if args.init_from is not None:
         # "default" (the --kind heads shipped for --model) or a shipped name, as generate and eval take them; a
         # typo is named now, not after the data is read and the target loads
@@ -145,6 +147,9 @@ def cmd_tree_search(args) -> int:
     if args.out is not None:
         check_out_path("--out", args.out, folder=False)
     earlier = _earlier_result(args.out)
+    if args.cache_hidden:       # a model's or the heads' folder: refused before the load, not after it
+        from .hidden_cache import check_cache_dir
+        check_cache_dir(args.cache_hidden)
     # a missing directory is named by tree_search, after the input it checks first
     args.heads = str(heads_dir(args.heads, args.model, "--heads", missing_ok=True,
                                none="tree-search fits trees to drafting heads; pass a heads directory or default"))

@@ -16,6 +16,38 @@ from ..errors import ConfigError, InputError
 from .data import Sequence
 
 
+_MODEL_FILES = ("config.json", "*.safetensors", "*.gguf")
+
+
+def check_cache_dir(path, out=None, flag: str = "--cache-hidden") -> None:
+    """Refuses a cache folder that is a model's or a heads folder (config.json, *.safetensors or *.gguf in it) or
+    the heads' --out: the cache's meta.json and one .pt per sequence were written among the weights, and --out's
+    heads among the cache. A folder that does not exist yet, is empty, or is a cache (meta.json, *.pt) is taken."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if out and _same_folder(p, Path(out).expanduser()):
+        raise InputError(f"{flag} {path} is the --out folder of the heads: the cached hidden states (one file per "
+                         f"sequence) would be written among the heads; give the cache a folder of its own, e.g. "
+                         f"{p.parent / (p.name + '-hidden')}")
+    if not p.is_dir():
+        return
+    found = next((f.name for pattern in _MODEL_FILES for f in sorted(p.glob(pattern))), None)
+    if found is not None:
+        raise InputError(f"{flag} {path} holds {found}: a model or heads folder, and the cached hidden states (one "
+                         f"file per sequence) would be written among its files; give the cache a folder of its own "
+                         f"(a new one, or one that an earlier --cache-hidden run filled)")
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):     # both may not exist yet (a fresh run)
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def fill_hidden_cache(hs: "HiddenSource", seqs: list[Sequence], batch_tokens: int, device, progress=True) -> dict:
     """One target forward over every sequence (train and held-out) into the disk cache, batched by length so
     little is padding; runs of both kinds (even in parallel) then read the states instead of recomputing them."""
@@ -71,6 +103,7 @@ class HiddenSource:
             if self.dir.exists() and not self.dir.is_dir():     # mkdir's own error said only "File exists"
                 raise InputError(f"--cache-hidden {self.dir} is a file; give a directory for the cached hidden "
                                  f"states (created if missing)")
+            check_cache_dir(self.dir)        # before mkdir and meta.json: a model's folder keeps only its files
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = self.dir / "meta.json"
             info = {"fingerprint": fingerprint, "dtype": "bfloat16", "format": 1}
