@@ -27,8 +27,8 @@ class AcceptResult:
     emitted: torch.Tensor         # [B, D+1] long: accepted non-root tokens then the bonus, then -1
 
 
-def _check_sampling(temperature, top_k=0, top_p=1.0):
-    SamplingParams(temperature, top_k, top_p)     # raises InputError naming the bad parameter
+def _check_sampling(temperature, top_k=0, top_p=1.0, min_p=0.0):
+    SamplingParams(temperature, top_k, top_p, min_p=min_p)     # raises InputError naming the bad parameter
 
 
 def _check_typical(posterior_threshold, posterior_alpha):
@@ -114,7 +114,7 @@ def typical_accept(tokens: torch.Tensor, logits: torch.Tensor, retrieve: torch.T
 
 def rejection_sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: TreeBuffers, temperature: float,
                             top_k: int = 0, top_p: float = 1.0,
-                            generator: Optional[torch.Generator] = None) -> AcceptResult:
+                            generator: Optional[torch.Generator] = None, min_p: float = 0.0) -> AcceptResult:
     """Lossless tree rejection sampling with deterministic drafts (q = 1).
 
     The specified procedure, at the current node with target distribution p: try the children in sibling
@@ -127,7 +127,7 @@ def rejection_sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: Tr
     "sample the target and follow the tree while it agrees", so the output is exactly the target's
     autoregressive distribution. One draw per depth instead of one per sibling, and no sibling loop.
     """
-    _check_sampling(temperature, top_k, top_p)
+    _check_sampling(temperature, top_k, top_p, min_p)
     b, n, v = logits.shape
     dev = tokens.device
     parent = tree.parent.expand(b, n)
@@ -139,7 +139,7 @@ def rejection_sample_accept(tokens: torch.Tensor, logits: torch.Tensor, tree: Tr
     nodes = [cur]
     for _ in range(d1):  # the last iteration is at max depth, where no child exists: everyone stops
         y = draw(_probs(logits.gather(1, cur.view(b, 1, 1).expand(-1, 1, v)).squeeze(1),
-                           temperature, top_k, top_p), generator)
+                           temperature, top_k, top_p, min_p), generator)
         match = (parent == cur[:, None]) & (tokens == y[:, None])
         hit = active & match.any(-1)
         bonus = torch.where(active & ~hit, y, bonus)

@@ -88,10 +88,12 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
                    help="0 = greedy (default, unless the model's generation_config.json samples)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None,
+                   help="min-p sampling: keep tokens at least MIN_P times as likely as the most likely one (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=None)
     what = "requests that leave" if not per_run else "unset"
     p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
-                   help=f"auto (default, as vLLM and transformers): {what} temperature, top_p, top_k or "
+                   help=f"auto (default, as vLLM and transformers): {what} temperature, top_p, top_k, min_p or "
                    "repetition_penalty take the model's generation_config.json values (where it samples: "
                    "\"do_sample\": true; GGUF files and the embedded model have none), a flag given wins over them; "
                    "none: the flags' own defaults (greedy)")
@@ -165,12 +167,13 @@ def _load(args, prompt=None):
     from .sampling import SamplingParams
     from .shipped_heads import resolve_heads
 
-    if None in (args.temperature, args.top_k, args.top_p, args.repetition_penalty):     # generate, chat
+    if None in (args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty):  # generate, chat
         from .serving.commands import sampling_defaults
         sampling_defaults(args, per_request=False)
     # The decoding flags are checked before the load and the speculation timing (seconds), not after them.
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
-                   getattr(args, "presence_penalty", 0.0), getattr(args, "frequency_penalty", 0.0), _logit_bias(args))
+                   getattr(args, "presence_penalty", 0.0), getattr(args, "frequency_penalty", 0.0), _logit_bias(args),
+                   args.min_p)
     check_max_new_tokens(args.max_new_tokens)
     check_stop(args.stop)
     if hasattr(args, "json_schema"):
@@ -184,6 +187,7 @@ def _load(args, prompt=None):
         # A script that always passes --seed or --top-p got greedy text with no word that they did nothing
         unused = [flag for flag, off in ((f"--top-k {args.top_k}", args.top_k == 0),
                                          (f"--top-p {args.top_p}", args.top_p == 1.0),
+                                         (f"--min-p {args.min_p}", args.min_p == 0.0),
                                          (f"--seed {args.seed}", args.seed is None)) if not off]
         if unused:
             warnings.warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with greedy "
@@ -244,7 +248,7 @@ def _method(engine, result) -> str | None:
 
 def _decoding_kwargs(args, speculative, tree) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
                 seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 logit_bias=_logit_bias(args), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
@@ -399,7 +403,7 @@ def cmd_generate(args) -> int:
 # chat's users set them with flags, so what these commands print names the flags instead: "longer than the cache
 # (max_seq_len=128)" and "speculative=None, or 'auto'" meant nothing at the shell. The API name -> the flag.
 _FLAGS = {"max_seq_len": "--max-seq-len", "max_new_tokens": "--max-new-tokens", "min_tokens": "--min-tokens",
-          "top_k": "--top-k", "top_p": "--top-p", "repetition_penalty": "--repetition-penalty",
+          "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
           "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
           "stop_token_ids": "--stop-token-id", "logit_bias": "--logit-bias",
           "chat_template_kwargs": "--chat-template-kwargs", "speculative": "--speculative", "tree": "--tree"}

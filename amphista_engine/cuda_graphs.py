@@ -167,7 +167,7 @@ class DecodeGraphs:
     @staticmethod
     def key(decoder, kv_len: int) -> tuple:
         p = decoder.params
-        mode = ("greedy",) if p.greedy else ("sample", p.temperature, p.top_k, p.top_p)
+        mode = ("greedy",) if p.greedy else ("sample", p.temperature, p.top_k, p.top_p, p.min_p)
         # The penalties change greedy steps too (their values are baked into the captured kernels); a bias is a
         # state tensor (its values are copied in), only whether there is one changes the kernels.
         mode += (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, bool(p.logit_bias))

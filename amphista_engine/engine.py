@@ -700,7 +700,7 @@ class Engine:
                      top_logprobs: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                      logit_bias: dict | None = None, ignore_eos: bool = False, min_tokens: int = 0,
                      stop_token_ids: Sequence[int] | None = None, admit=None,
-                     response_format: dict | None = None) -> Iterator[tuple[int, str]]:
+                     response_format: dict | None = None, min_p: float = 0.0) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -736,6 +736,8 @@ class Engine:
         speculative decoding takes it too, greedy output still equal to plain decoding's. ignore_eos: end rows only
         at max_new_tokens or a stop string (latency benchmarks' fixed lengths; end-of-sequence tokens are then left
         out of the text as other special tokens are).
+        min_p: min-p sampling (vLLM's): only tokens at least min_p times as likely as the most likely one are sampled
+        (0 = off; applied with top_k before top_p); speculative decoding's rejection sampling keeps that distribution.
         stop_token_ids: token ids that end a row as EOS does (left out of its ids and text), finish_reason "stop".
         min_tokens: no row ends by EOS or a stop_token_ids id before it has this many tokens (those tokens' logits are
         held at -inf until then; speculative decoding too, node by node); stop strings and max_new_tokens still end
@@ -758,14 +760,14 @@ class Engine:
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
         top_logprobs = check_top_logprobs(top_logprobs, logprobs)
-        check_batch_wide(temperature=temperature, top_k=top_k, top_p=top_p,
+        check_batch_wide(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
                          acceptance=acceptance, reuse_prefix=reuse_prefix, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty)
         if speculative == "none":         # the CLI's word for plain decoding (--speculative none)
             speculative = None
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, presence_penalty,
-                                frequency_penalty, logit_bias)
+                                frequency_penalty, logit_bias, min_p)
         params.bias_tensor(self.config.vocab_size, "cpu")      # an id past the vocabulary, named before any work
         max_new_tokens = check_row_limits(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):

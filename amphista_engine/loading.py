@@ -98,7 +98,7 @@ def _not_found_hint(key: str) -> str:
 
 
 # generation_config.json keys that set sampling (the rest: ids, lengths, cache kinds)
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 def generation_defaults(name_or_path: str | Path, missing_ok: bool = False) -> tuple[dict, Path | None]:
@@ -126,7 +126,7 @@ def generation_defaults(name_or_path: str | Path, missing_ok: bool = False) -> t
     out = {}
     if gc.get("do_sample") is True:
         out["temperature"] = gc.get("temperature", 1.0)
-        out.update({k: gc[k] for k in ("top_k", "top_p") if gc.get(k) is not None})
+        out.update({k: gc[k] for k in ("top_k", "top_p", "min_p") if gc.get(k) is not None})
     if gc.get("repetition_penalty") not in (None, 1, 1.0):
         out["repetition_penalty"] = gc["repetition_penalty"]
     for k, v in out.items():

@@ -42,9 +42,13 @@ class SamplingParams:
     # {token id: value added to its logit}, kept as sorted (id, value) pairs (hashable: a CUDA graph key holds the
     # params). Unlike the penalties it is the same at every position, so speculative decoding takes it too.
     logit_bias: tuple = ()
+    # min-p sampling (vLLM's, HF's min_p): keep the tokens at least min_p times as likely as the most likely one.
+    # 0 = off. Last, so the positional fields above keep their places.
+    min_p: float = 0.0
 
     def __post_init__(self):
-        for name in ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             v = getattr(self, name)      # bools are ints to Python: a flag passed here by mistake is no number
             if not (is_integral(v) if name == "top_k" else is_real(v, finite=False)):
                 kind = "an integer" if name == "top_k" else "a number"
@@ -61,6 +65,8 @@ class SamplingParams:
             raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise InputError(f"repetition_penalty must be finite and > 0 (1 = off), got {self.repetition_penalty!r}")
         if self.repetition_penalty < MIN_DIVISOR:
@@ -165,9 +171,12 @@ def seeded_generator(seed: int, device) -> torch.Generator:
     return g
 
 
-def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0):
-    """Target distribution [..., V] in fp32: softmax(logits / T) restricted to top-k, then to the nucleus
-    (keep a token while the mass strictly before it is < top_p), renormalised. T = 0: one-hot argmax.
+def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                      min_p: float = 0.0):
+    """Target distribution [..., V] in fp32: softmax(logits / T) restricted to top-k, then to the nucleus (keep a
+    token while the mass strictly before it is < top_p), then to min-p (tokens at least min_p times as likely as the
+    most likely one), renormalised. T = 0: one-hot argmax. transformers' order (vLLM takes the nucleus of what min-p
+    left instead: the two differ only where both are set).
     Plain sampling and tree rejection sampling both use this, so they sample the same distribution."""
     if temperature == 0:
         # scatter, not F.one_hot: one_hot validates class ids on the host on some backends
@@ -178,6 +187,11 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, 
     p = torch.softmax(x, dim=-1)
     if top_p < 1.0:
         p = _nucleus(p, top_p)
+    if min_p > 0:
+        # p_i >= min_p * p_max read on the logits, x_i - x_max >= ln(min_p): a cut after the nucleus keeps ratios,
+        # and the top token always stays (min_p <= 1)
+        p = p.masked_fill(x < x.amax(-1, keepdim=True) + math.log(min_p), 0.0)
+    if top_p < 1.0 or min_p > 0:
         p = p / p.sum(-1, keepdim=True)
     return p
 
@@ -306,7 +320,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator=None) -> torc
     """logits: [B, V] -> tokens [B] (long), on the device, no host sync."""
     if params.greedy:
         return greedy_token(logits)
-    probs = probs_from_logits(logits, params.temperature, params.top_k, params.top_p)
+    probs = probs_from_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)
     # NaN logits give NaN probabilities, which multinomial refused with a raw error on a CPU and a device-side
     # assert on CUDA (the context is lost). Any token will do there: the decoder flags the row (flag_non_finite).
     probs = probs.nan_to_num(nan=1.0)

@@ -77,9 +77,9 @@ def resolve_acceptance(acceptance: str, params: SamplingParams) -> str:
     if acceptance == "greedy" and not params.greedy:
         raise InputError(f"acceptance='greedy' keeps the target's argmax, so temperature={params.temperature} "
                          f"would sample only the first token; use 'rejection' (lossless) or 'typical' to sample")
-    if acceptance == "typical" and (params.top_k or params.top_p < 1):
+    if acceptance == "typical" and (params.top_k or params.top_p < 1 or params.min_p):
         raise InputError("acceptance='typical' (Medusa's rule) samples from softmax(logits / temperature) and "
-                         "takes no top_k / top_p; use acceptance='rejection' (lossless) for them")
+                         "takes no top_k / top_p / min_p; use acceptance='rejection' (lossless) for them")
     return acceptance
 
 
@@ -332,7 +332,7 @@ class SpeculativeDecoder(PlainDecoder):
             res = ops.typical_accept(tree.tokens, logits, tree.retrieve, p.temperature, generator=self.generator)
         else:
             res = rejection_sample_accept(tree.tokens, logits, tree, p.temperature, p.top_k, p.top_p,
-                                          generator=self.generator)
+                                          generator=self.generator, min_p=p.min_p)
         t0 = self._tick("accept", t0)
 
         # Commit: the accepted path's K/V moves to contiguous slots after the prefix, for all layers at once.

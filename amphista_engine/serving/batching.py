@@ -89,7 +89,7 @@ def batch_key(options: dict, variables: dict) -> str | None:
         # A seeded sampled row of a larger batch draws other random numbers than the same request alone (README):
         # a seed promises the same answer each time, so such a request is never batched.
         return None
-    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         value = key.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             key[name] = float(value)        # a client's temperature 0 and the server's default 0.0 are one option
