@@ -11,15 +11,15 @@ DESCRIPTION = (
     "(Prometheus text format: requests, tokens, runs and batch sizes, tau, timings). One engine decodes one run "
     "at a time (it has one KV cache), but a run may hold several requests: the requests waiting when a run starts "
     "are decoded together, up to --max-batch of them, where their options are identical once the defaults are "
-    "filled in (temperature, top_p, top_k, repetition_penalty, stop, seed, speculative, tree, "
+    "filled in (temperature, top_p, top_k, min_p, repetition_penalty, stop, seed, speculative, tree, "
     "chat_template_kwargs; max_tokens may differ: each row ends at its own); a request with a seed that samples "
     "runs alone, so that its answer stays the same; one that arrives during a run waits for the next. --max-batch 1 "
     "decodes one request at a time. The sampling flags set what a request that leaves the field out gets "
     "(--temperature 0, the default: greedy; "
     "--max-new-tokens: max_tokens, cut to the room the prompt leaves in --max-seq-len); a request may also send "
-    "the non-OpenAI fields speculative, tree, top_k and repetition_penalty. POST /tokenize and /detokenize (vLLM's) "
-    "count and decode tokens as the completions endpoints prefill them. --api-key (or AMPHISTA_API_KEY) makes every "
-    "path but /health and /metrics ask for 'Authorization: Bearer KEY'. Ctrl-C stops it.")
+    "the non-OpenAI fields speculative, tree, top_k, min_p and repetition_penalty. POST /tokenize and /detokenize "
+    "(vLLM's) count and decode tokens as the completions endpoints prefill them. --api-key (or AMPHISTA_API_KEY) "
+    "makes every path but /health and /metrics ask for 'Authorization: Bearer KEY'. Ctrl-C stops it.")
 
 
 API_KEY_ENV = "AMPHISTA_API_KEY"     # read where --api-key is not given (as vLLM reads VLLM_API_KEY)
@@ -41,7 +41,7 @@ def api_key(args) -> str | None:
 
 
 # what a request that leaves a sampling field out gets without a flag or a generation_config.json (greedy)
-BUILTIN_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+BUILTIN_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
 
 
 def sampling_defaults(args, per_request: bool = True) -> dict:
@@ -55,7 +55,7 @@ def sampling_defaults(args, per_request: bool = True) -> dict:
     if not per_request and args.temperature == 0:
         # this run greedy by flag: the file's nucleus settings would do nothing (and be warned of as typed flags); a
         # server keeps them, for requests that send a temperature
-        gen = {k: v for k, v in gen.items() if k not in ("top_k", "top_p")}
+        gen = {k: v for k, v in gen.items() if k not in ("top_k", "top_p", "min_p")}
     taken = {}
     for key, builtin in BUILTIN_SAMPLING.items():
         if getattr(args, key) is None:
@@ -84,7 +84,8 @@ def cmd_serve(args) -> int:
             raise InputError(f"--max-batch must be at least 1 (1: one request at a time), got {args.max_batch}")
         key = api_key(args)
         sampling_defaults(args)
-        SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)   # named here
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,  # named here
+                       min_p=args.min_p)
         # --max-new-tokens is the default of requests without max_tokens, cut to the room each prompt leaves: a
         # --max-seq-len 256 server is not refused for the default 512 (generate refuses it: one prompt, one answer)
         from ..engine import DEFAULT_MAX_SEQ_LEN
@@ -92,16 +93,16 @@ def cmd_serve(args) -> int:
         if args.temperature == 0:
             # _load warns that --seed/--top-p/--top-k do nothing with greedy decoding: here they are the defaults
             # of requests that sample (send a temperature), so they do something
-            over.update(top_k=0, top_p=1.0, seed=None)
+            over.update(top_k=0, top_p=1.0, min_p=0.0, seed=None)
         load_args = argparse.Namespace(**{**vars(args), **over})
         engine, speculative, tree, _ = _load(load_args)
         defaults = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or None,
-                        seed=args.seed)
+                        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                        stop=args.stop or None, seed=args.seed)
         httpd.app = OpenAIApp(engine, model_id=args.model, speculative=speculative,
                               tree=tree if speculative is not None else None, defaults=defaults, quiet=args.quiet,
                               max_batch=args.max_batch, cache_prompt=args.cache_prompt, continuous=args.continuous,
-                              api_key=key)
+                              api_key=key, reasoning_parser=args.reasoning_parser)
         method = "plain decoding" if speculative is None else f"speculative {speculative}" + (
             f", tree {tree}" if tree else "")
         batching = "one request at a time" if args.max_batch == 1 else \
@@ -119,6 +120,7 @@ def cmd_serve(args) -> int:
 def register(sub) -> None:
     """Adds the serve subcommand to an argparse subparsers object."""
     from ..cli import _add_decoding_args, _add_model_args, _add_sampling_args, add_template_arg
+    from ..reasoning import REASONING_PARSERS
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions); "
                        "concurrent requests decoded together", description=DESCRIPTION)
@@ -140,6 +142,12 @@ def register(sub) -> None:
     s.add_argument("--no-continuous-batching", dest="continuous", action="store_false",
                    help="a request that arrives while a run decodes waits for the next run (by default it joins the "
                    "run between two steps, in a row that ended or was free, where it can share it)")
+    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default="none",
+                   help="vLLM's: a chat answer's <think>...</think> text goes in message.reasoning_content (streamed: "
+                   "delta.reasoning_content), the rest in content, which alone is read for tool calls. qwen3 (Qwen3, "
+                   "SmolLM3): reasoning only where the answer opens with <think>; deepseek_r1 (DeepSeek-R1 distills, "
+                   "Qwen3 thinking-only models, whose template opens <think> in the prompt): all before </think>. "
+                   "Default none: the answer as the model wrote it")
     s.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     s.add_argument("--api-key", metavar="KEY", default=None,
                    help=f"requests must send 'Authorization: Bearer KEY' (401 otherwise; /health and /metrics stay "

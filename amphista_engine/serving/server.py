@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
+from ..reasoning import ReasoningSplitter, check_reasoning_parser
 from ..structured import grammar_source
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
                      prepare_messages, show_controls, template_supports_tools, tool_call_format)
@@ -37,7 +38,8 @@ from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics, request_latency
 
 # What a request that leaves a field out gets (`amphista serve` sets them from its sampling flags). temperature 0:
 # greedy, as the engine and the other commands default to (OpenAI's own default is 1).
-DEFAULTS = dict(max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, stop=None, seed=None)
+DEFAULTS = dict(max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, stop=None,
+                seed=None)
 MAX_BODY = 32 << 20          # bytes: a request body past this is refused (413) without reading it
 MAX_BATCH = 8                # requests decoded together at most (`amphista serve --max-batch`)
 WAIT_POLL_S = 0.1            # a handler waiting for its run looks this often whether its client left
@@ -113,7 +115,7 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
         field = m.group(1) if m else None
         # response_format: the errors that need the tokenizer (structured.Grammar, built once per format as the run
         # starts: engine._grammar), which the shape check before the run (grammar_source) cannot see
-        param = field if field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
+        param = field if field in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
                                    "max_tokens", "speculative", "tree", "acceptance", "top_logprobs",
                                    "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
                                    "stop_token_ids", "response_format") else None
@@ -191,6 +193,10 @@ def _messages(body) -> list[dict]:
                 one["tool_calls"] = check_tool_calls(m["tool_calls"], i)
         except ToolError as e:
             raise ApiError(400, str(e), e.param) from None
+        if role == "assistant" and m.get("reasoning_content") is not None:
+            # a reply's reasoning sent back (--reasoning-parser): the template's to use (Qwen3's renders it in a
+            # tool-calling turn) or leave out
+            one["reasoning_content"] = _text(m["reasoning_content"], f"messages[{i}].reasoning_content")
         if role == "tool":          # a function's result: passed through, with the call it answers
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str):
@@ -403,11 +409,14 @@ class OpenAIApp:
 
     def __init__(self, engine, model_id: str | None = None, speculative: str | None = None, tree=None,
                  defaults: dict | None = None, quiet: bool = False, log=None, max_batch: int = MAX_BATCH,
-                 cache_prompt: bool = False, continuous: bool = True, api_key: str | None = None):
+                 cache_prompt: bool = False, continuous: bool = True, api_key: str | None = None,
+                 reasoning_parser: str | None = None):
         """continuous: requests arriving while a run decodes join it between steps where they can share it
         (continuous batching); False: they wait for the next run. api_key: every request but /health and
-        /metrics must send `Authorization: Bearer <api_key>` (None: no key asked)."""
+        /metrics must send `Authorization: Bearer <api_key>` (None: no key asked). reasoning_parser: "qwen3" or
+        "deepseek_r1" (vLLM's): a chat answer's <think> block is message.reasoning_content (reasoning.py)."""
         self._api_key = check_api_key(api_key)      # before anything starts (the scheduler's thread)
+        self.reasoning_parser = check_reasoning_parser(reasoning_parser)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1 (1: one request at a time), got {max_batch!r}")
         for name, value in (("cache_prompt", cache_prompt), ("continuous", continuous)):
@@ -495,6 +504,16 @@ class OpenAIApp:
                 yield
             finally:
                 engine.chat_template_kwargs = before
+
+    def reasoning_splitter(self, job: Job, plan: ToolPlan | None = None) -> ReasoningSplitter | None:
+        """A chat answer's reasoning splitter (--reasoning-parser), or None: no parser, or an answer a grammar holds
+        to JSON or to tool calls from its first character, which has no <think> block (deepseek_r1 would take all of
+        it for reasoning, as the template opened one)."""
+        rf = job.options.get("response_format")
+        if self.reasoning_parser is None or plan is not None and plan.calls_only or \
+                isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
+            return None
+        return ReasoningSplitter(self.reasoning_parser, job.variables.get("enable_thinking") is not False)
 
     def tool_plan(self, body: dict) -> ToolPlan:
         """A chat request's tools and tool_choice, checked (tools.py), with the grammar "required" or a named
@@ -667,7 +686,7 @@ class OpenAIApp:
             raise ApiError(400, f"echo must be true or false, got {_json_type(echo)}", "echo")
         if echo:
             kwargs["echo"] = True       # the server's own option (_start_run): part of the batch key
-        for key in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"):
+        for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop"):
             value = body.get(key)
             if key != "stop" and isinstance(value, (list, dict)):
                 # the engine's word for a list here is about batches ("per-prompt settings"): not this request's
@@ -784,7 +803,7 @@ class OpenAIApp:
         engine = self.engine
         SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"], kwargs["repetition_penalty"],
                        kwargs["seed"], kwargs.get("presence_penalty", 0.0), kwargs.get("frequency_penalty", 0.0),
-                       kwargs.get("logit_bias"))
+                       kwargs.get("logit_bias"), kwargs.get("min_p", 0.0))
         check_stop(kwargs["stop"])
         ids = []
         for i, p in enumerate(prompts):
@@ -1255,11 +1274,16 @@ class _Handler(BaseHTTPRequestHandler):
             for c, r in enumerate(rs):      # OpenAI's order: prompt-major, index = prompt * n + choice
                 finish = FINISH.get(r.finish_reason, r.finish_reason)
                 if chat:
-                    message = {"role": "assistant", "content": r.text}
+                    text, thought = r.text, None
+                    if (splitter := app.reasoning_splitter(one, plan)) is not None:
+                        # its reasoning apart (read as its stream is); tool calls are read in its content only
+                        splitter.end(r.text)
+                        text, thought = splitter.content, splitter.reasoning or None
+                    message = {"role": "assistant", "content": r.text if splitter is None else text or None}
                     if plan is not None and (plan.parse or plan.shows):      # each choice read on its own
                         # with stops, as the stream's ToolCallFilter(whole=...) reads the answer (_stream)
-                        content, calls, whole = plan.answer(r.text, bool(one.options.get("stop") or
-                                                                         one.options.get("stop_token_ids")))
+                        content, calls, whole = plan.answer(text, bool(one.options.get("stop") or
+                                                                       one.options.get("stop_token_ids")))
                         message["content"] = content
                         if calls:
                             message = {"role": "assistant", "content": content,
@@ -1270,6 +1294,8 @@ class _Handler(BaseHTTPRequestHandler):
                             # Mistral answer broke after them): the run's finish, as the stream's, which cannot
                             # claim that call whole (ToolCallFilter.end)
                             finish = "length" if finish == "length" else "tool_calls" if whole else finish
+                    if app.reasoning_parser is not None:        # vLLM's field, null where there is none
+                        message["reasoning_content"] = thought
                     reasons.append("tool_calls" if finish == "tool_calls" else None)
                     choices.append({"index": i * one.n + c, "message": message,
                                     "logprobs": app.logprobs(r), "finish_reason": finish})
@@ -1336,11 +1362,13 @@ class _Handler(BaseHTTPRequestHandler):
             return None
 
         def chunk(index: int, delta: str | None = None, finish=None, role: bool = False, logprobs=None,
-                  tool_calls=None, **more):
+                  tool_calls=None, reasoning=None, **more):
             if chat:
                 d = {"role": "assistant", "content": ""} if role else {} if delta is None else {"content": delta}
                 if tool_calls is not None:
                     d = {"tool_calls": tool_calls}
+                if reasoning is not None:
+                    d = {"reasoning_content": reasoning}
                 choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
@@ -1367,6 +1395,9 @@ class _Handler(BaseHTTPRequestHandler):
         filters = [ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse,
                                   whole=stops, calls_only=plan.calls_only) for _ in range(job.n)] \
             if chat and plan is not None and (plan.parse or plan.shows) else None
+        # --reasoning-parser: each choice's <think> text goes out as reasoning_content, the rest (read for tool calls
+        # alone) as content
+        splitters = [app.reasoning_splitter(job, plan) for _ in range(job.n)] if chat else None
         try:
             for c in range(job.n):        # each choice opens as OpenAI's do: its role (chat), its echo (completions)
                 if chat:
@@ -1380,10 +1411,20 @@ class _Handler(BaseHTTPRequestHandler):
                     if results[c] is None:
                         results[c] = result
                         finish = FINISH.get(result.finish_reason, result.finish_reason)
+                        answer = result.text
+                        if splitters is not None and splitters[c] is not None:
+                            # what it held back (a tag's beginning; cut before </think>: reasoning), and the
+                            # content whole for the tool calls' reading
+                            thought, rest = splitters[c].end(result.text)
+                            if thought:
+                                self._event(chunk(c, reasoning=thought))
+                            if rest and filters is None:
+                                self._event(chunk(c, rest))
+                            answer = splitters[c].content
                         if filters is not None:
                             # the whole answer read as _complete reads it: the calls' arguments not sent yet, the
                             # calls that could not stream, the content held back
-                            rest, deltas, whole = filters[c].end(result.text)
+                            rest, deltas, whole = filters[c].end(answer)
                             if rest:
                                 self._event(chunk(c, rest))
                             for d in deltas:
@@ -1403,7 +1444,12 @@ class _Handler(BaseHTTPRequestHandler):
                 elif self._client_gone():
                     return None
                 elif kind == "delta" and value[1]:
-                    text, deltas = (value[1], ()) if filters is None else filters[value[0]].stream(value[1])
+                    text = value[1]
+                    if splitters is not None and splitters[value[0]] is not None:
+                        thought, text = splitters[value[0]].feed(text)
+                        if thought:
+                            self._event(chunk(value[0], reasoning=thought))
+                    text, deltas = (text, ()) if filters is None or not text else filters[value[0]].stream(text)
                     if text:
                         self._event(chunk(value[0], text))
                     for d in deltas:        # a call's name, then its arguments as they decode (tools.py)
