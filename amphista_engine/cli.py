@@ -230,7 +230,7 @@ def _load(args, prompt=None):
         # --tree (or --tree auto) the check also picks the fastest of the heads' recorded trees
         kind = speculative
         speculative, tree, check = engine.resolve_speculation("auto" if args.speculative == "auto" else kind, tree,
-                                                              args.temperature, args.top_p)
+                                                              args.temperature, args.top_p, min_p=args.min_p)
         if check is not None:
             print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {kind} uses the heads anyway)"),
                   file=sys.stderr)

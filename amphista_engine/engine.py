@@ -614,10 +614,11 @@ class Engine:
 
     @one_thread_if_forked
     @_on_backend
-    def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
+    def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
+                          min_p: float = 0.0):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
         of the heads' recorded trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
-        setup; always yes on a GPU), for runs sampling at `temperature` / `top_p` (greedy by default): sampled
+        setup; always yes on a GPU), for runs sampling at `temperature` / `top_p` / `min_p` (greedy by default): sampled
         answers accept fewer drafts; and decoding `batch` rows at once (a batch's tree rows cost more than its
         plain rows: speculation_check.timed_batch)."""
         from .speculation_check import check_speculation, sampled_share, timed_batch
@@ -625,8 +626,8 @@ class Engine:
             raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped '
                              'ones, or engine.load_heads(DIR)')
         tree = None if tree == "auto" else tree
-        p = SamplingParams(temperature=temperature, top_p=top_p)      # refuses what no run would take
-        temperature, top_p = p.temperature, p.top_p
+        p = SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p)      # refuses what no run would take
+        temperature, top_p, min_p = p.temperature, p.top_p, p.min_p
         rows = timed_batch(batch)        # a bad batch is refused on any device
         if self.device.type != "cpu":
             # no timing on a GPU: a batch's verdict differs only by the untimed tree it gets (default_tree), and its
@@ -634,17 +635,18 @@ class Engine:
             rows = (self._tree_spec(None, batch).name, batch) if tree is None else 1
         # settings that weigh alike, timed on the backend in force (without an engine backend, a use_backend block
         # or set_backend may pick another for a later call: it was served the first backend's verdict)
-        key = (_tree_key(tree), round(sampled_share(temperature, top_p), 3), rows, get_backend(self.device))
+        key = (_tree_key(tree), round(sampled_share(temperature, top_p, min_p), 3), rows, get_backend(self.device))
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
             # from what the timing left there. As a run, it and another thread's runs refuse each other, and it
             # overtakes a stream.
             with self._one_run():
-                return check_speculation(self, tree, temperature=temperature, top_p=top_p, batch=batch)
+                return check_speculation(self, tree, temperature=temperature, top_p=top_p, batch=batch, min_p=min_p)
         return _recent(self._checks, key, check)
 
-    def resolve_speculation(self, speculative, tree, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1):
+    def resolve_speculation(self, speculative, tree, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
+                            min_p: float = 0.0):
         """(speculative, tree, check) with "auto" resolved. speculative="auto": the loaded heads where the check
         finds them faster, else None (plain). tree="auto", or no tree under speculative="auto": the tree the check
         found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed. batch: the
@@ -653,7 +655,7 @@ class Engine:
         if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)) \
                 or speculative not in ("auto", self.heads.config.kind):   # refused by the decoder, before any timing
             return (None if speculative == "auto" else speculative), tree, None
-        check = self.speculation_check(None if auto_tree else tree, temperature, top_p, batch)
+        check = self.speculation_check(None if auto_tree else tree, temperature, top_p, batch, min_p)
         if speculative == "auto":
             speculative = self.heads.config.kind if check.pays else None
         return speculative, (check.tree if auto_tree else tree), check
@@ -664,7 +666,8 @@ class Engine:
         allocated or grown; it refuses by raising, or returns False where "auto" then decodes plainly. tree_room:
         False where the tree never runs (max_new_tokens=1), so it takes no room."""
         fits = fits or (lambda extra: True)
-        speculative, tree, _ = self.resolve_speculation(speculative, tree, params.temperature, params.top_p, batch)
+        speculative, tree, _ = self.resolve_speculation(speculative, tree, params.temperature, params.top_p, batch,
+                                                        params.min_p)
         if speculative is not None:
             from .speculative import make_speculative_decoder
             dec, extra = make_speculative_decoder(self, batch, params, speculative, tree, acceptance, fits=fits,
@@ -737,7 +740,8 @@ class Engine:
         at max_new_tokens or a stop string (latency benchmarks' fixed lengths; end-of-sequence tokens are then left
         out of the text as other special tokens are).
         min_p: min-p sampling (vLLM's): only tokens at least min_p times as likely as the most likely one are sampled
-        (0 = off; applied with top_k before top_p); speculative decoding's rejection sampling keeps that distribution.
+        (0 = off; applied after top_p, as transformers does); speculative decoding's rejection sampling keeps that
+        distribution.
         stop_token_ids: token ids that end a row as EOS does (left out of its ids and text), finish_reason "stop".
         min_tokens: no row ends by EOS or a stop_token_ids id before it has this many tokens (those tokens' logits are
         held at -inf until then; speculative decoding too, node by node); stop strings and max_new_tokens still end

@@ -94,14 +94,17 @@ class SpeculationCheck:
         return None if self.plain_ms is None else self.step_ms / self.plain_ms
 
 
-def sampled_share(temperature: float = 0.0, top_p: float = 1.0) -> float:
+def sampled_share(temperature: float = 0.0, top_p: float = 1.0, min_p: float = 0.0) -> float:
     """The share of greedy decoding's extra tokens per step (tau - 1) that sampling at these settings keeps
     (SAMPLED_KEPT); 1.0 for greedy decoding. top_p below 0.9 counts as 0.9 (a narrower nucleus keeps more: a
-    conservative guess), top_k is not weighed (no narrower than the full distribution: also conservative)."""
+    conservative guess), top_k is not weighed (no narrower than the full distribution: also conservative). A min_p
+    of 0.05 or more counts as top_p 0.9, below it in proportion: on dynamic-8 it kept more than top_p 0.9 does
+    (T 1.0: 0.79 at min_p 0.05, 0.87 at 0.1; T 0.7: 0.95 at 0.1; benchmarks/results/sampled_tau_min_p)."""
     if temperature <= 0:
         return 1.0
     rows = SAMPLED_KEPT
-    nucleus = min(max((1.0 - top_p) / 0.1, 0.0), 1.0)          # 0 at top_p 1, 1 at top_p 0.9 and below
+    # 0 at top_p 1 and min_p 0, 1 at top_p 0.9 and below or min_p 0.05 and above
+    nucleus = min(max((1.0 - top_p) / 0.1, min_p / 0.05, 0.0), 1.0)
 
     def kept(row):
         return row[1] + (row[2] - row[1]) * nucleus
@@ -162,11 +165,12 @@ def timed_batch(batch: int) -> int:
 
 
 def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int = 9, warmup: int = 2,
-                      temperature: float = 0.0, top_p: float = 1.0, batch: int = 1) -> SpeculationCheck:
+                      temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
+                      min_p: float = 0.0) -> SpeculationCheck:
     """Whether the loaded heads, on `tree`, decode faster than plain steps here. tree=None on a CPU: the heads'
     fitted tree that decodes fastest here (`candidate_trees`, climbed by size), or the engine's default tree
     where the heads record none. Times `repeats` steps of each after `warmup` on a random prompt (a few seconds
-    on a CPU, once per machine and setup: the times persist in `costs_file()`). temperature / top_p: the
+    on a CPU, once per machine and setup: the times persist in `costs_file()`). temperature / top_p / min_p: the
     sampling the runs will use; the heads' greedy tau is weighed down by what sampling keeps of it
     (sampled_share). batch: the rows the runs decode at once (timed_batch of them are timed)."""
     if engine.heads is None:
@@ -223,7 +227,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                     entry = {"plain_ms": plain_ms, "step_ms": step_ms[c.name], "date": str(date.today())}
                     timing_cache.write(file, {keys[c.name]: entry})
 
-    share = sampled_share(temperature, top_p)
+    share = sampled_share(temperature, top_p, min_p)
 
     def tau_here(c):
         return 1 + (taus[c.name] * HELD_OUT_DISCOUNT - 1) * share
@@ -244,7 +248,8 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     ratio = step_ms / plain_ms
     pays = tau_here(best) > ratio
     sampled = f", sampling at temperature {temperature:g}" + (f", top_p {top_p:g}" if top_p < 1 else "") \
-        + f" keeps {share:.0%} of the tokens past the first" if share != 1.0 else ""
+        + (f", min_p {min_p:g}" if min_p > 0 else "") + f" keeps {share:.0%} of the tokens past the first" \
+        if share != 1.0 else ""
     # a batch past MAX_TIMED_BATCH shares this verdict: a batch of 20 was told only "for a batch of 8 rows"
     rows = (f" for a batch of {batch} rows" + (" (larger batches are weighed at this size)"
                                                 if batch == MAX_TIMED_BATCH else "")) if batch > 1 else ""

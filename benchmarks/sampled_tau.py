@@ -24,8 +24,11 @@ from common import hardware, md_table, write_results  # noqa: E402
 from amphista_engine import Engine  # noqa: E402
 from amphista_engine.training.plan import split_heldout  # noqa: E402
 
-SETTINGS = [("greedy", 0.0, 1.0), ("T 0.3", 0.3, 1.0), ("T 0.7", 0.7, 1.0), ("T 1.0", 1.0, 1.0),
-            ("T 0.7, top_p 0.9", 0.7, 0.9), ("T 1.0, top_p 0.9", 1.0, 0.9)]
+# (name, temperature, top_p, min_p)
+SETTINGS = [("greedy", 0.0, 1.0, 0.0), ("T 0.3", 0.3, 1.0, 0.0), ("T 0.7", 0.7, 1.0, 0.0), ("T 1.0", 1.0, 1.0, 0.0),
+            ("T 0.7, top_p 0.9", 0.7, 0.9, 0.0), ("T 1.0, top_p 0.9", 1.0, 0.9, 0.0),
+            ("T 0.7, min_p 0.1", 0.7, 1.0, 0.1), ("T 1.0, min_p 0.1", 1.0, 1.0, 0.1),
+            ("T 1.0, min_p 0.05", 1.0, 1.0, 0.05)]
 
 
 def heldout_prompts(path: Path, n: int) -> list[str]:
@@ -45,27 +48,36 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--trees", default="dynamic-4,dynamic-8,dynamic-16")
     ap.add_argument("--seeds", type=int, default=2, help="sampled runs per prompt and setting")
+    ap.add_argument("--settings", default=None,
+                    help="the settings to run, by name, ';'-separated (default: all; greedy always runs first)")
     ap.add_argument("--data", default=str(Path(__file__).parents[2] / "shared" / "data" / "train_prompts.jsonl"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampled_tau"))
     args = ap.parse_args()
     prompts = heldout_prompts(Path(args.data), args.prompts)
     engine = Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=1024)
     engine.load_heads("default")
+    chosen = SETTINGS
+    if args.settings:
+        names = {n.strip() for n in args.settings.split(";")} | {"greedy"}
+        unknown = names - {s[0] for s in SETTINGS}
+        if unknown:
+            ap.error(f"unknown --settings {sorted(unknown)}; known: {[s[0] for s in SETTINGS]}")
+        chosen = [s for s in SETTINGS if s[0] in names]
     rows = []
     for tree in args.trees.split(","):
         greedy_tau = None
-        for name, t, top_p in SETTINGS:
+        for name, t, top_p, min_p in chosen:
             tokens = steps = 0
             for i, p in enumerate(prompts):
                 for seed in range(1 if t == 0 else args.seeds):
-                    r = engine.generate(p, args.max_new_tokens, temperature=t, top_p=top_p, seed=1000 * i + seed,
+                    r = engine.generate(p, args.max_new_tokens, temperature=t, top_p=top_p, min_p=min_p, seed=1000 * i + seed,
                                         speculative="amphista", tree=tree)
                     tokens += r.stats.step_tokens
                     steps += r.stats.decode_steps
             tau = tokens / steps
             greedy_tau = tau if t == 0 else greedy_tau
             kept = (tau - 1) / (greedy_tau - 1)
-            rows.append({"tree": tree, "setting": name, "temperature": t, "top_p": top_p, "tau": round(tau, 4),
+            rows.append({"tree": tree, "setting": name, "temperature": t, "top_p": top_p, "min_p": min_p, "tau": round(tau, 4),
                          "kept": round(kept, 4), "tokens": tokens, "steps": steps})
             print(tree, name, f"tau {tau:.3f} kept {kept:.3f}", flush=True)
     meta = {"hardware": hardware("cpu"), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,

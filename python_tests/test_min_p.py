@@ -181,3 +181,20 @@ def test_server_takes_min_p(tiny_amphista_engine):
         reply = call(httpd.url, "/v1/completions", {**body, **settings})[1]
         assert reply["choices"][0]["text"] == ref.text
         error_of(call(httpd.url, "/v1/completions", {**body, "min_p": 1.5}), 400, "min_p", param="min_p")
+
+
+def test_the_speculation_check_weighs_min_p(tiny_amphista_engine, monkeypatch):
+    """min_p narrows the distribution, so sampling keeps more of the heads' tau (benchmarks/results/
+    sampled_tau_min_p): the check counts min_p >= 0.05 as top_p 0.9, and `--speculative auto` passes it there."""
+    from amphista_engine import speculation_check as sc
+    assert sc.sampled_share(1.0, 1.0, 0.1) == sc.sampled_share(1.0, 0.9) > sc.sampled_share(1.0)
+    assert sc.sampled_share(1.0) < sc.sampled_share(1.0, 1.0, 0.025) < sc.sampled_share(1.0, 0.9)
+    assert sc.sampled_share(0.0, 1.0, 0.5) == 1.0
+    seen = []
+    monkeypatch.setattr(sc, "check_speculation", lambda engine, tree, **kw: seen.append(kw) or sc.SpeculationCheck(
+        False, "chain-1", "stub"))
+    engine = tiny_amphista_engine
+    engine._checks.clear()
+    engine.generate("the fox", 2, chat=False, temperature=1.0, min_p=0.2, speculative="auto", seed=0)
+    assert seen and seen[-1]["min_p"] == 0.2
+    engine._checks.clear()
