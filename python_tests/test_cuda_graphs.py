@@ -281,9 +281,9 @@ def test_sampling_through_graphs_runs():
     """Seeded sampling is captured with its generator registered (or runs eagerly without that API); the
     tokens are valid and the default (unseeded) generator works too."""
     model, cache, prompts = _setup("cuda")
-    for seed in (7, None):
+    for seed, min_p in ((7, 0.0), (None, 0.0), (5, 0.05)):
         graphs = DecodeGraphs()
-        params = SamplingParams(temperature=0.8, top_p=0.9, seed=seed)
+        params = SamplingParams(temperature=0.8, top_p=0.9, seed=seed, min_p=min_p)
         toks, _ = decode(PlainDecoder(model, cache, params), prompts, 60, graphs=graphs)
         assert all(0 <= t < 512 for r in toks for t in r)
         assert graphs.stats.captures + graphs.stats.failed_captures >= 1
@@ -403,6 +403,10 @@ def test_graph_keys_separate_what_changes_the_kernels():
     k = DecodeGraphs.key
     assert k(greedy, 128) != k(greedy, 256)                 # KV bucket
     assert k(greedy, 128) != k(sampled, 128)                # sampling mode
+    min_p = PlainDecoder(model, cache, SamplingParams(temperature=0.7, seed=3, min_p=0.1))
+    with torch.inference_mode():
+        min_p.prefill(prompts)
+    assert k(min_p, 128) != k(sampled, 128)                 # min_p's cut is baked into the captured kernels
     other = PlainDecoder(model, cache, SamplingParams(seed=9))
     with torch.inference_mode():
         other.prefill(prompts)
