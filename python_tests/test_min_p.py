@@ -20,7 +20,7 @@ from amphista_engine.speculative import SpeculativeDecoder, TreeSpec, resolve_ac
 
 from conftest import needs_smollm2, random_tiny_model
 from test_sampled_speculation_user_qa import law_check, tail
-from test_speculative_penalties_qa import EOS, LONG, SHORT, answers, first3
+from test_speculative_penalties_qa import LONG, SHORT, answers, first3, penalised_law
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -80,24 +80,6 @@ def tiny8():
     return random_tiny_model(seed=11, vocab=V, dim=16, heads=2, kv_heads=1, inter=32)
 
 
-def min_p_law(model, prompt, limit, p: SamplingParams) -> dict:
-    """{answer: probability} of plain sampling with min_p, from the model's logits and the fp64 reference; an answer
-    ends at EOS (kept as its last entry) or after `limit` tokens."""
-    live, done = {(): 1.0}, {}
-    for pos in range(limit):
-        prefixes = list(live)
-        ids = torch.tensor([prompt + list(s) for s in prefixes])
-        with torch.no_grad():
-            logits = model(ids, torch.arange(ids.shape[1])[None].expand(len(prefixes), -1))[:, -1]
-        probs = reference(logits, p.temperature, p.min_p, p.top_k, p.top_p)
-        nxt = {}
-        for i, s in enumerate(prefixes):
-            for x in probs[i].nonzero().flatten().tolist():
-                (done if x == EOS or pos == limit - 1 else nxt)[s + (x,)] = live[s] * probs[i, x].item()
-        live = nxt
-    return done
-
-
 @pytest.mark.parametrize("make", ["plain", "amphista"])
 def test_sampling_keeps_the_min_p_law(tiny8, make):
     """Rows of two prompts, 5 tokens each: plain sampling, and rejection sampling over a 64-node tree (most tokens
@@ -114,8 +96,8 @@ def test_sampling_keeps_the_min_p_law(tiny8, make):
     if make != "plain":
         assert sum(sum(s.accept_hist[2:]) for s in stats) > n        # accepted paths gave most tokens
     for parity, prompt in ((0, SHORT), (1, LONG)):
-        law = min_p_law(tiny8, prompt, limit, params)
-        unfiltered = min_p_law(tiny8, prompt, limit, SamplingParams(1.5))
+        law = penalised_law(tiny8, prompt, limit, params)       # no penalties: min-p's law, top_k / top_p off
+        unfiltered = penalised_law(tiny8, prompt, limit, SamplingParams(1.5))
         assert len(law) < len(unfiltered)                             # min-p forbids answers: the check can fail
         got = rows[parity::2]
         assert min(law_check(got, law, first3), law_check(got, law, tail)) > P_MIN

@@ -40,7 +40,7 @@ def tiny8():
 def penalised_law(model, prompt, limit, p: SamplingParams) -> dict:
     """The law of an answer under plain sampling, from the model's own logits with the penalties applied by hand
     (CTRL's on the prompt's and answer's tokens, once each; OpenAI's on the answer's counts), then temperature /
-    top_k / top_p. An answer ends at EOS (kept as its last entry) or after `limit` tokens. {answer: probability}."""
+    top_k / top_p / min_p. An answer ends at EOS (kept as its last entry) or after `limit` tokens. {answer: probability}."""
     live, done = {(): 1.0}, {}
     for pos in range(limit):
         prefixes = list(live)
@@ -53,7 +53,7 @@ def penalised_law(model, prompt, limit, p: SamplingParams) -> dict:
                 logits[i, t] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
             for t in set(s):
                 logits[i, t] -= p.frequency_penalty * s.count(t) + p.presence_penalty
-        probs = probs_from_logits(logits.float(), p.temperature, p.top_k, p.top_p).double()
+        probs = probs_from_logits(logits.float(), p.temperature, p.top_k, p.top_p, p.min_p).double()
         nxt = {}
         for i, s in enumerate(prefixes):
             for x in probs[i].nonzero().flatten().tolist():
