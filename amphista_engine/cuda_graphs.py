@@ -41,7 +41,8 @@ from .env_settings import env_switch
 
 ENV_VAR = "AMPHISTA_CUDA_GRAPHS"
 # decoder tensors a step reads (or updates) in place
-STATE_ATTRS = ("next", "draft", "seen", "ongoing", "counts", "bias", "produced", "ban_ids")
+STATE_ATTRS = ("next", "draft", "seen", "ongoing", "counts", "bias", "produced", "ban_ids", "recent", "bad_last",
+               "bad_prefix")
 
 
 def _kernel_modes(device) -> tuple:
@@ -169,8 +170,12 @@ class DecodeGraphs:
         p = decoder.params
         mode = ("greedy",) if p.greedy else ("sample", p.temperature, p.top_k, p.top_p, p.min_p)
         # The penalties change greedy steps too (their values are baked into the captured kernels); a bias is a
-        # state tensor (its values are copied in), only whether there is one changes the kernels.
-        mode += (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, bool(p.logit_bias))
+        # state tensor (its values are copied in), only whether there is one changes the kernels: logit_bias,
+        # allowed_token_ids or one-token bad words make one. Bad words of several tokens are state too (the words and
+        # each row's latest tokens): their shape is in the key.
+        bad = getattr(decoder, "bad_prefix", None)
+        mode += (p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+                 getattr(decoder, "bias", None) is not None, None if bad is None else tuple(bad.shape))
         ban = getattr(decoder, "ban_ids", None)       # min_tokens: its value and the ids it holds back
         mode += (getattr(decoder, "min_tokens", 0), None if ban is None else ban.shape[0])
         gen = getattr(decoder, "generator", None)

@@ -475,6 +475,13 @@ def test_graphs_keep_penalties_and_biases_apart(one_thread):
              SamplingParams(presence_penalty=3.0), SamplingParams(frequency_penalty=2.0),
              SamplingParams(logit_bias={25: -100}), SamplingParams(logit_bias={11: 6.0}),
              SamplingParams(temperature=0.8, seed=4, logit_bias={11: 6.0}, frequency_penalty=1.0)]
+    greedy, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 24)
+    row = greedy[0]
+    # a bias row from allowed_token_ids or a one-token bad word alone (once keyed as "no bias"), and bad words of two
+    # tokens (state of one shape; other words replay the same graph with their own), each banning what greedy said
+    cases += [SamplingParams(allowed_token_ids=[t for t in range(64) if t != row[1]]),
+              SamplingParams(bad_words_ids=[[row[2]]]), SamplingParams(bad_words_ids=[row[3:5]]),
+              SamplingParams(bad_words_ids=[row[-2:]])]
     answers = []
     for params in cases:
         eager, _ = decode(PlainDecoder(model, cache, params), prompts, 24)
