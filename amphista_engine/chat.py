@@ -103,32 +103,84 @@ def check_template_variables(variables) -> dict:
     return dict(variables)
 
 
-def render_chat(tokenizer, messages, template: str | None = None, add_generation_prompt: bool = True,
-                variables: dict | None = None) -> str:
+def render_chat(tokenizer, messages, template: str | None = None, add_generation_prompt: bool | None = None,
+                variables: dict | None = None, continue_final_message: bool = False) -> str:
     """Prompt text for `messages` (a list of {"role", "content"} dicts, or a str = one user message).
 
     `tokenizer` supplies the model's template and `bos_token`/`eos_token`; it may be None when
     `template` is given. Encode the result with `tokenizer.encode(text)`: a BOS the template wrote
     itself is not doubled. variables: more template variables (check_template_variables), e.g.
     {"enable_thinking": False} for Qwen3's template.
+
+    add_generation_prompt: end with the header of a new assistant turn (None: unless continue_final_message).
+    continue_final_message: the last message is a partial assistant reply for the model to go on with (assistant
+    prefill): the text ends right after its content, without the end of turn the template writes after it, as
+    transformers' apply_chat_template(continue_final_message=True) cuts it (the content's trailing whitespace kept
+    only where the template keeps it).
     """
     variables = check_template_variables(variables)
     messages = _check_messages(messages)
+    for flag, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if not isinstance(value, bool) and not (value is None and flag == "add_generation_prompt"):
+            raise InputError(f"{flag} must be True or False, got {type(value).__name__} {value!r:.40}")
+    if continue_final_message:
+        final = _final_content(messages, add_generation_prompt)
     name, source = resolve_template(tokenizer, template, tools=bool(variables.get("tools")))
     compiled = _compile(source, name)
+    generation = not continue_final_message if add_generation_prompt is None else add_generation_prompt
 
-    try:
-        return compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "",
-            default_system_prompt=VICUNA_SYSTEM_PROMPT,
-            # transformers defines these as None: templates test `tools is not none`, which an undefined passes.
-            **{"tools": None, "documents": None, **variables},
-        )
-    except jinja2.TemplateError as e:
-        raise InputError(f"chat template ({name}) raised an error for these messages: {e}") from e
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
-        raise InputError(f"chat template ({name}) failed on these messages: {type(e).__name__}: {e}") from e
+    def render(messages):
+        try:
+            return compiled.render(
+                messages=messages, add_generation_prompt=generation,
+                bos_token=getattr(tokenizer, "bos_token", "") or "",
+                eos_token=getattr(tokenizer, "eos_token", "") or "",
+                default_system_prompt=VICUNA_SYSTEM_PROMPT,
+                # transformers defines these as None: templates test `tools is not none`, which an undefined passes.
+                **{"tools": None, "documents": None, **variables},
+            )
+        except jinja2.TemplateError as e:
+            raise InputError(f"chat template ({name}) raised an error for these messages: {e}") from e
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
+            raise InputError(f"chat template ({name}) failed on these messages: {type(e).__name__}: {e}") from e
+
+    if not continue_final_message:
+        return render(messages)
+    # As transformers' apply_chat_template: a tag after the final content marks where it ends (a plain search for
+    # the content took a short one for letters of the end-of-turn tokens after it, "e" in <|im_end|>); a tag whose
+    # trailing space the template trimmed means the content's trailing whitespace went too.
+    text = render([*messages[:-1], {**messages[-1], "content": final + _FINAL_TAG}])
+    at = text.rfind(_FINAL_TAG.strip())
+    if at < 0 or not text[:at].rstrip().endswith(final.strip()):
+        raise InputError(f"continue_final_message: the chat template ({name}) does not write the final assistant "
+                         f"message's content as given (it changes or drops it), so the prompt cannot end inside "
+                         f"it; send the content as the template writes it, or continue without the template "
+                         f"(a raw prompt with chat=False)")
+    return text[:at] if text[at:at + len(_FINAL_TAG)] == _FINAL_TAG else text[:at].rstrip()
+
+
+# transformers' tag: put after the final message's content, it shows where render_chat cuts the text.
+_FINAL_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _final_content(messages: list[dict], add_generation_prompt) -> str:
+    """The content continue_final_message goes on from, or an InputError naming why there is none."""
+    if add_generation_prompt:
+        raise InputError("continue_final_message and add_generation_prompt do not mix: continue_final_message "
+                         "continues the last (assistant) message, add_generation_prompt starts a new assistant turn "
+                         "after it; ask for one of them")
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise InputError(f"continue_final_message continues the last message, which must be an assistant message "
+                         f"(the partial reply to go on with); message {len(messages) - 1} is a {last['role']} "
+                         f"message")
+    content = last.get("content")
+    if not isinstance(content, str):        # a turn of tool calls only (_check_messages took its None out)
+        raise InputError(f"continue_final_message: the final assistant message (message {len(messages) - 1}) has "
+                         f"no content to continue (only tool calls); give it the start of the reply as its "
+                         f"content, or leave out continue_final_message to start a new turn")
+    return content
 
 
 def chat_stops(tokenizer, template: str | None = None) -> ChatStops:

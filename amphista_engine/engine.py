@@ -173,6 +173,16 @@ def check_limits_count(limits: int | list[int], prompts: int) -> list[int]:
     return limits
 
 
+def check_truncate_prompt_tokens(n) -> int | None:
+    """vLLM's truncate_prompt_tokens: None (off) or an integer >= 1, the prompt tokens kept (its last ones)."""
+    if n is None:
+        return None
+    if not is_integral(n) or n < 1:
+        raise InputError(f"truncate_prompt_tokens must be an integer >= 1 (the prompt's last N tokens are kept) or "
+                         f"None, got {type(n).__name__} {n!r:.40}")
+    return int(n)
+
+
 def check_stop(stop) -> list[str]:
     """Stop strings as a list: None, one string or a list of non-empty strings."""
     stop = [stop] if isinstance(stop, str) else stop or []
@@ -206,6 +216,11 @@ def check_batch_wide(**options):
                              f"{type(value).__name__} {value!r:.80}: per-prompt settings are not supported (make "
                              f"one generate_batch call per group of prompts that share them)")
 
+
+# encode_prompt's refusal of continue_final_message / add_generation_prompt for a prompt the template does not end
+_TEMPLATE_ENDS_ONLY = ("continue_final_message and add_generation_prompt apply to a message list's chat template, "
+                       "not to {}: to continue a partial reply, pass messages ending with an assistant message "
+                       "holding it")
 
 DEFAULT_MAX_SEQ_LEN = 2048
 
@@ -459,9 +474,11 @@ class Engine:
         return heads.bind(self.model)
 
     # ---- prompts ---------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None) -> list[int]:
+    def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None,
+                      continue_final_message: bool = False, add_generation_prompt: bool | None = None) -> list[int]:
         """A string (chat-formatted when the model has a template, unless chat=False), a message list, or a list of
-        token ids (ints: the prompt's tokens as given, no template and no BOS added)."""
+        token ids (ints: the prompt's tokens as given, no template and no BOS added). continue_final_message,
+        add_generation_prompt: how a message list's template ends (render_chat), for message lists only."""
         from .chat import render_chat
         if chat is not None and not isinstance(chat, bool):      # chat="no" is truthy: not a silent yes
             raise InputError(f"chat must be True, False or None (the model's template when it has one), "
@@ -470,13 +487,20 @@ class Engine:
             if chat is True:
                 raise InputError("a prompt of token ids is taken as given: it gets no chat template (chat=True); "
                                  "pass chat=None or False, or the text")
+            if continue_final_message or add_generation_prompt is not None:
+                raise InputError(_TEMPLATE_ENDS_ONLY.format("a prompt of token ids, taken as given"))
             return self.check_token_ids(prompt)
+        templated = {"continue_final_message": continue_final_message, "add_generation_prompt": add_generation_prompt}
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("prompt is empty")
             use_chat = chat if chat is not None else self.tokenizer.chat_template is not None
-            text = (render_chat(self.tokenizer, prompt, template=template, variables=self.chat_template_kwargs)
-                    if use_chat else prompt)
+            if continue_final_message or (add_generation_prompt is not None and not use_chat):
+                # a templated string is one user message: there is no assistant message to continue
+                raise InputError(_TEMPLATE_ENDS_ONLY.format("a string prompt (one user message, or raw text with "
+                                                            "chat=False)"))
+            text = (render_chat(self.tokenizer, prompt, template=template, variables=self.chat_template_kwargs,
+                                add_generation_prompt=add_generation_prompt) if use_chat else prompt)
         elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and prompt:
             if chat is False:
                 raise InputError("a message list needs chat formatting; pass a string with chat=False")
@@ -490,7 +514,8 @@ class Engine:
                 raise InputError(f"prompt is a list of {len(prompt)} lists (several prompts: conversations or token "
                                  f"id lists?): for several prompts use generate_batch / stream_batch; a "
                                  f"conversation is a list of {{'role': ..., 'content': ...}} dicts")
-            text = render_chat(self.tokenizer, list(prompt), template=template, variables=self.chat_template_kwargs)
+            text = render_chat(self.tokenizer, list(prompt), template=template, variables=self.chat_template_kwargs,
+                               **templated)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(text)
@@ -703,7 +728,10 @@ class Engine:
                      top_logprobs: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                      logit_bias: dict | None = None, ignore_eos: bool = False, min_tokens: int = 0,
                      stop_token_ids: Sequence[int] | None = None, admit=None,
-                     response_format: dict | None = None, min_p: float = 0.0) -> Iterator[tuple[int, str]]:
+                     response_format: dict | None = None, min_p: float = 0.0, continue_final_message: bool = False,
+                     add_generation_prompt: bool | None = None, include_stop_str_in_output: bool = False,
+                     truncate_prompt_tokens: int | None = None, allowed_token_ids: Sequence[int] | None = None,
+                     bad_words: Sequence[str] | None = None) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -746,6 +774,19 @@ class Engine:
         min_tokens: no row ends by EOS or a stop_token_ids id before it has this many tokens (those tokens' logits are
         held at -inf until then; speculative decoding too, node by node); stop strings and max_new_tokens still end
         it (vLLM's min_tokens).
+        continue_final_message: each prompt is a message list whose last message is a partial assistant reply, and the
+        model goes on with it (assistant prefill, as transformers' apply_chat_template and vLLM take it): the prompt
+        ends right after that text, without the turn's end, and each result's text is only what the model adds.
+        add_generation_prompt: whether a message list's prompt ends with a new assistant turn's header (None: unless
+        continue_final_message; both True is refused).
+        vLLM's request extras: include_stop_str_in_output: a row ended by a stop string keeps that string at the end of
+        its text (and its stream). truncate_prompt_tokens=N: each prompt keeps only its last N tokens (after the chat
+        template), what prefill, the room checks and prompt_tokens see. allowed_token_ids: only these tokens are
+        ever chosen (-inf elsewhere, as logit_bias is applied: speculative decoding too, greedy output still equal to
+        plain decoding's); as in vLLM, EOS ids are not added, so a row ends by EOS only where the list holds one.
+        bad_words: words never generated (vLLM's): each word and its leading-space form are tokenized; a word of one
+        token is banned outright, a longer word's last token wherever the answer's latest tokens are the rest of it
+        (the answer's only, not the prompt's; speculative decoding checks each tree node's own path).
 
         admit: continuous batching (a server's requests that arrive mid-run). admit(free) is called between steps
         while the run has `free` rows to give (rows that ended, or rows up to max_batch_size) and returns a list of
@@ -763,6 +804,15 @@ class Engine:
         for name, value in (("row_results", row_results), ("logprobs", logprobs), ("ignore_eos", ignore_eos)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+        # how a message list's template ends: every prompt's (encode_prompt, render_chat), joiners' too
+        template_ends = dict(continue_final_message=continue_final_message, add_generation_prompt=add_generation_prompt)
+        for name, value in template_ends.items():
+            if not isinstance(value, bool) and not (value is None and name == "add_generation_prompt"):
+                raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
+        if continue_final_message and grammar is not None:
+            # the grammar holds the answer from its first token, where the partial reply already stands before it
+            raise InputError("continue_final_message does not mix with response_format: the format's grammar would "
+                             "start a new answer after the partial reply, not continue it; leave out one of them")
         top_logprobs = check_top_logprobs(top_logprobs, logprobs)
         check_batch_wide(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, seed=seed, chat=chat, speculative=speculative,
@@ -770,9 +820,18 @@ class Engine:
                          frequency_penalty=frequency_penalty)
         if speculative == "none":         # the CLI's word for plain decoding (--speculative none)
             speculative = None
+        if not isinstance(include_stop_str_in_output, bool):
+            raise InputError(f"include_stop_str_in_output must be True or False, got "
+                             f"{type(include_stop_str_in_output).__name__} {include_stop_str_in_output!r:.40}")
+        keep_last = check_truncate_prompt_tokens(truncate_prompt_tokens)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, presence_penalty,
-                                frequency_penalty, logit_bias, min_p)
+                                frequency_penalty, logit_bias, min_p, allowed_token_ids=allowed_token_ids,
+                                bad_words_ids=self._bad_words_ids(bad_words))
         params.bias_tensor(self.config.vocab_size, "cpu")      # an id past the vocabulary, named before any work
+        if min_tokens and params.allowed_token_ids is not None and set(params.allowed_token_ids) <= set(
+                stop_token_ids) | (set() if ignore_eos else set(self.eos_ids)):
+            raise InputError("allowed_token_ids holds only ending tokens (EOS, stop_token_ids), which min_tokens holds "
+                             "back: no token is left to choose")
         max_new_tokens = check_row_limits(max_new_tokens)
         if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
             raise InputError(f"prompts must be a list of prompts (strings or message lists), got "
@@ -824,13 +883,15 @@ class Engine:
         ids = []
         for i, p in enumerate(prompts):
             try:
-                ids.append(self.encode_prompt(p, None if mixed and not isinstance(p, str) else chat))
+                ids.append(self.encode_prompt(p, None if mixed and not isinstance(p, str) else chat, **template_ends))
             except InputError as e:       # which of a batch's prompts is empty or malformed
                 if len(prompts) == 1:
                     raise
                 err = type(e)(f"prompt {i}: {e}")
                 err.prompt_index = i      # a server can run the batch's other prompts without it
                 raise err from None
+        if keep_last:                         # vLLM's left truncation, before every check of the prompts' room
+            ids = [x[-keep_last:] for x in ids]
         if speculative == "auto" and max(limits) == 1 and tree in (None, "auto"):
             # the prefill gives the one token and no step runs: no tree to weigh (the check times for seconds)
             speculative, tree = None, None
@@ -876,6 +937,10 @@ class Engine:
             self.graphs.detach(decoder)     # the masks are host work between a step's forward and its choice
             admit = None                    # joiners' matchers would need their own prefill's token (row_capacity)
         decoder.admits = admit is not None
+        if params.allowed_token_ids is not None or params.bad_words_ids:
+            # A graph's key tells a bias by logit_bias alone (one captured without a bias would drop these masks),
+            # and the bad words' recent tokens are no graph state: these runs step eagerly.
+            self.graphs.detach(decoder)
         ends = sorted(set(stop_token_ids) | (set() if ignore_eos else set(self.eos_ids)))
         if min_tokens and ends:
             decoder.min_tokens, decoder.ban_ids = min_tokens, torch.tensor(ends, device=self.device)
@@ -889,11 +954,12 @@ class Engine:
             # bring write the tree past the room their rows were checked for (an IndexError mid-run, on positions
             # past the cache). It ends after its prefill anyway: joiners wait for the next run.
             admit = None
-        joins = None if admit is None else self._admission(admit, chat, extra, min_tokens, mixed)
+        joins = None if admit is None else self._admission(admit, chat, extra, min_tokens, mixed, template_ends,
+                                                           keep_last)
         # The backend this call runs on (the engine's, else a use_backend block around the call), for every step of
         # the stream: it is lazy, and its steps may run after the block, in another thread
         return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids,
-                           scoped_backend())
+                           scoped_backend(), include_stop_str_in_output)
 
     def _grammar(self, response_format, ignore_eos: bool, min_tokens: int):
         """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None."""
@@ -907,6 +973,25 @@ class Engine:
         return _recent(self._grammars, format_key(response_format),
                        lambda: Grammar(response_format, self.tokenizer, self.config.vocab_size,
                                                      self.eos_ids))
+
+    def _bad_words_ids(self, words) -> tuple:
+        """vLLM's bad_words as token sequences: each word with its leading spaces stripped, and with one space before
+        it where that is a word of its own (as many tokens, another first token); never the prompt's BOS."""
+        if words is None:
+            return ()
+        words = [words] if isinstance(words, str) else words
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+            raise InputError(f"bad_words must be a list of strings, got {words!r:.80}")
+        out = []
+        for w in words:
+            if not w.strip():
+                raise InputError(f"bad_words: {w!r:.40} is empty or only spaces: no word to ban")
+            plain = self.tokenizer.encode(w.lstrip(), add_bos=False)
+            spaced = self.tokenizer.encode(" " + w.lstrip(), add_bos=False)
+            out.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return tuple(tuple(x) for x in out if x)
 
     def _check_stop_token_ids(self, ids) -> list[int]:
         if ids is None:
@@ -926,7 +1011,8 @@ class Engine:
                 raise InputError(f"stop_token_ids: {int(i)} is not a token id of this model (0 to {V - 1})")
         return [int(i) for i in ids]
 
-    def _admission(self, admit, chat, extra: int, min_tokens: int = 0, mixed: bool = False):
+    def _admission(self, admit, chat, extra: int, min_tokens: int = 0, mixed: bool = False,
+                   template_ends: dict | None = None, keep_last: int | None = None):
         """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
         tree's room `extra` too), each an AmphistaError where refused."""
         def joins(free: int) -> list:
@@ -948,7 +1034,10 @@ class Engine:
                         raise InputError(f"min_tokens ({min_tokens}) is more than max_new_tokens ({limit})")
                     # as the run's own prompts are encoded: a message list in a chat=False run of strings gets the
                     # template (it was refused, "needs chat formatting", where it would have shared the run)
-                    ids = self.encode_prompt(prompt, None if mixed and not isinstance(prompt, str) else chat)
+                    # token ids are taken as given: a server's joiner comes rendered with the run's template_ends
+                    ids = self.encode_prompt(prompt, None if mixed and not isinstance(prompt, str) else chat,
+                                             **({} if is_token_ids(prompt) else template_ends or {}))
+                    ids = ids[-keep_last:] if keep_last else ids     # truncate_prompt_tokens, as the run's own
                     self._check_room(ids, limit, extra, None, prompt)
                     entries.append((ids, limit))
                 except AmphistaError as e:
@@ -995,7 +1084,7 @@ class Engine:
                     self._decoding = None if overtakes else before
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
-               ignore_eos: bool = False, admit=None, stop_ids=(), backend: str | None = None):
+               ignore_eos: bool = False, admit=None, stop_ids=(), backend: str | None = None, keep_stop: bool = False):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
         keeps its own prompt + answer. backend: the kernel backend every step runs on (None: the process's choice).
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
@@ -1016,7 +1105,8 @@ class Engine:
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             steps = run(decoder, ids, self.tokenizer, limits, [] if ignore_eos else self.eos_ids, stop, stats,
-                        on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids)
+                        on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids,
+                        keep_stop=keep_stop)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and

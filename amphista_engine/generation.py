@@ -172,6 +172,16 @@ class PlainDecoder:
         # logit_bias as a dense [V] row added to the logits every token is chosen from (None: no bias); counts [B, V]:
         # the answer's tokens so far, for presence/frequency penalties (set at prefill; None when they are off)
         self.bias = params.bias_tensor(model.config.vocab_size, self.device)
+        # bad words of several tokens (vLLM's bad_words): bad_last [W] is banned where the answer's latest tokens are
+        # bad_prefix [W, R]'s row (newest first, -1 past a word's length: any token); recent [B, R]: each row's
+        # last R answer tokens, oldest first (-1 before its first: a word never spans the prompt), set at prefill
+        self.bad_last = self.bad_prefix = self.recent = None
+        multi = [w for w in params.bad_words_ids if len(w) > 1]
+        if multi:
+            R = max(len(w) for w in multi) - 1
+            self.bad_last = torch.tensor([w[-1] for w in multi], device=self.device)
+            self.bad_prefix = torch.tensor([list(w[-2::-1]) + [-1] * (R + 1 - len(w)) for w in multi],
+                                           device=self.device)
         self.seen = self.counts = None       # seen [B, V]: the prompt's and answer's tokens (repetition_penalty)
         # Set by the engine (stream_batch(min_tokens=N)): the ending token ids (EOS, stop_token_ids) that no token
         # may be before a row has N; produced [B]: each row's tokens so far (set at prefill)
@@ -236,6 +246,8 @@ class PlainDecoder:
         self.produced = torch.zeros(B, dtype=torch.long, device=self.device) if self.min_tokens else None
         if self.params.penalized:
             self.counts = torch.zeros(B, self.model.config.vocab_size, dtype=torch.int32, device=self.device)
+        if self.bad_prefix is not None:
+            self.recent = torch.full((B, self.bad_prefix.shape[1]), -1, dtype=torch.long, device=self.device)
         self._on_prefill(tokens[:, r:], hidden)
         self.next = self._sample(logits[:, -1])
         self.emitted = (self.next[:, None], torch.ones_like(self.next))
@@ -258,10 +270,37 @@ class PlainDecoder:
         """Hook for decoders that also need the prompt's hidden states (the drafting heads do): those of the
         prefilled tokens, the ones after prefix_reuse."""
 
-    def _biased(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits + logit_bias, in fp32 (the logits themselves without a bias): what tokens are chosen from, in plain
-        steps and tree verification alike, so greedy speculative output still equals plain output."""
-        return logits if self.bias is None else logits.float() + self.bias
+    def _biased(self, logits: torch.Tensor, tree=None) -> torch.Tensor:
+        """logits + logit_bias (with allowed_token_ids' and one-token bad words' -inf), then the bad words of several
+        tokens banned, in fp32 (the logits themselves without either): what tokens are chosen from, in plain steps
+        and tree verification alike (each node after its own path: tree), so greedy speculative output still
+        equals plain output."""
+        if self.bias is not None:
+            logits = logits.float() + self.bias
+        if self.bad_last is None:
+            return logits
+        hit = ((self._latest(tree)[..., None, :] == self.bad_prefix) | (self.bad_prefix < 0)).all(-1)   # [B, (N,) W]
+        ban = torch.where(hit, float("-inf"), 0.0)
+        return logits.float().scatter_add(-1, self.bad_last.expand(*hit.shape), ban)    # a copy: logprobs read them
+
+    def _latest(self, tree=None) -> torch.Tensor:
+        """The R tokens before the one chosen next, newest first: [B, R] the answer's, or [B, N, R] at each node of a
+        verified tree, its path below the root (the node itself first) and then the answer's (the root is in it)."""
+        back = self.recent.flip(1)
+        if tree is None:
+            return back
+        tokens, R = tree.tokens, back.shape[1]
+        B, N = tokens.shape
+        depth, parent = ((t if tree.batched else t.expand(B, N)) for t in (tree.depth, tree.parent))
+        node = torch.arange(N, device=tokens.device).expand(B, N)
+        used = torch.zeros_like(node)        # answer tokens each node's walk has taken
+        out = []
+        for _ in range(R):
+            inside = depth.gather(1, node) > 0
+            out.append(torch.where(inside, tokens.gather(1, node), back.gather(1, used)))
+            used = used + (~inside).long()
+            node = torch.where(inside, parent.gather(1, node).clamp(min=0), node)
+        return torch.stack(out, -1)
 
     def _held_back(self, logits: torch.Tensor, depth: torch.Tensor | int = 0) -> torch.Tensor:
         """min_tokens: the ending tokens' logits at -inf where the token chosen from them would be a row's
@@ -300,6 +339,10 @@ class PlainDecoder:
     def _record(self, tokens: torch.Tensor, count: torch.Tensor | None = None):
         """Emitted tokens [B, n] into seen / counts: each row's first count[b] (None: all n). A row's unused entries
         stand on its first token (a row that emitted none has ended: nothing it holds is read again)."""
+        if self.recent is not None:       # each row's last R tokens of recent + its first count[b] of tokens
+            take = torch.full_like(tokens[:, 0], tokens.shape[1]) if count is None else count
+            at = take[:, None] + torch.arange(self.recent.shape[1], device=tokens.device)
+            self.recent.copy_(torch.cat([self.recent, tokens], 1).gather(1, at))
         if self.seen is None and self.counts is None:
             return
         real = None if count is None else torch.arange(tokens.shape[1], device=tokens.device) < count[:, None]
@@ -348,6 +391,8 @@ class PlainDecoder:
             self.counts = self.counts[idx]
         if self.produced is not None:
             self.produced = self.produced[idx]
+        if self.recent is not None:
+            self.recent = self.recent[idx]
         if self.constraint is not None:
             self._advance_constraint()
             self.constraint.keep(keep)
@@ -363,7 +408,7 @@ class PlainDecoder:
         """The per-row state tensors with rows up to B (new rows zero: ended until add_rows fills them)."""
         def grow(t):
             return t if t is None or t.shape[0] >= B else torch.cat([t, t.new_zeros((B - t.shape[0],) + t.shape[1:])])
-        for name in ("next", "ongoing", "seen", "counts", "produced", "draft", "last_count"):
+        for name in ("next", "ongoing", "seen", "counts", "produced", "draft", "last_count", "recent"):
             if getattr(self, name, None) is not None:
                 setattr(self, name, grow(getattr(self, name)))
 
@@ -399,6 +444,8 @@ class PlainDecoder:
             self.counts[idx] = tmp.counts
         if self.produced is not None:
             self.produced[idx] = tmp.produced
+        if self.recent is not None:
+            self.recent[idx] = tmp.recent
         # rebound by every step for every row: the next step's cover the new rows too
         self.step_logprobs = self.step_top_values = self.step_top_ids = None
         self._on_add_rows(idx, tmp, captured)
@@ -522,15 +569,17 @@ class RowState:
             shift += len(piece)
         return min(max(0, raw_pos - shift), len(text))
 
-    def cut_at_stop(self, stop: list[str], start: int, held: str):
-        """Ends the row before the first stop string in raw(text + held) from raw position `start`. held: the text
-        the stream decoder holds back (it ends in half a character, or in a byte run): the row ends here if a stop
-        completes in it, and then that text is final, what the stream's flush would give."""
+    def cut_at_stop(self, stop: list[str], start: int, held: str, keep: bool = False):
+        """Ends the row before the first stop string in raw(text + held) from raw position `start` (keep: after it,
+        vLLM's include_stop_str_in_output). held: the text the stream decoder holds back (it ends in half a
+        character, or in a byte run): the row ends here if a stop completes in it, and then that text is final,
+        what the stream's flush would give."""
         text = self.text + held
         raw = self.raw(text)
-        hits = [i for i in (raw.find(s, start) for s in stop) if i >= 0]
+        hits = [(i, -len(s)) for s in stop for i in [raw.find(s, start)] if i >= 0]
         if hits:
-            self.text, self.finish_reason = text[:self.text_pos(min(hits), text)], "stop"
+            at, minus_len = min(hits)          # the first to start; of those starting there, the longest
+            self.text, self.finish_reason = text[:self.text_pos(at - minus_len if keep else at, text)], "stop"
 
 
 def _sync(device):
@@ -540,12 +589,12 @@ def _sync(device):
 
 def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: list[str], hold: int,
              max_new_tokens: int, special_text=lambda tok: None, lps: list[float] | None = None,
-             tops: list | None = None) -> tuple[int, str]:
+             tops: list | None = None, keep_stop: bool = False) -> tuple[int, str]:
     """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream). eos: the
     tokens that end a row, with the finish reason each gives ("eos", or "stop" for stop_token_ids).
     special_text(tok): the text of a special token the stream leaves out, None for the others. lps: the tokens'
     log-probabilities, kept beside the ids the row keeps (row.logprobs); tops: their top_logprobs lists
-    (row.top_logprobs)."""
+    (row.top_logprobs). keep_stop: a stop string stays at the end of the text (cut_at_stop's keep)."""
     used = 0
     for i, tok in enumerate(toks):
         if row.finish_reason:
@@ -573,14 +622,14 @@ def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: 
             at = len(row.text) + len(held)
             row.specials.append((max(at, row.specials[-1][0]) if row.specials else at, piece))
         if stop:
-            row.cut_at_stop(stop, max(0, before - hold), held.partition("\ufffd")[0])
+            row.cut_at_stop(stop, max(0, before - hold), held.partition("\ufffd")[0], keep_stop)
         if len(row.ids) >= max_new_tokens and not row.finish_reason:
             row.finish_reason = "length"
     if row.finish_reason in ("eos", "length") or (row.finish_reason == "stop" and toks and toks[used - 1] in eos):
         before = row.raw_len()
         row.text += stream.flush()     # bytes of a character the model never finished
         if stop:                       # now final: a stop may hold the U+FFFD of such bytes
-            row.cut_at_stop(stop, max(0, before - hold), "")
+            row.cut_at_stop(stop, max(0, before - hold), "", keep_stop)
     # Hold back a possible stop-string prefix until it is decided, so the stream never shows one.
     end = len(row.text) if row.finish_reason else max(row.shown, row.text_pos(row.raw_len() - hold, row.text))
     delta, row.shown = row.text[row.shown:end], max(row.shown, end)
@@ -683,7 +732,8 @@ def _add_rows(decoder, slots: list[int], prompts: list[list[int]], want_lps: boo
 
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
-        stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=()) -> Iterator[tuple[int, str]]:
+        stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=(),
+        keep_stop: bool = False) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
     max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
@@ -694,6 +744,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     exception) and ends at once. decoder.row_prompts lists every row's prompt ids (None for a refused one).
 
     stop_ids: token ids that end a row as EOS does (left out of its ids and text), with finish_reason "stop".
+    keep_stop: a row ended by a stop string keeps it at the end of its text (vLLM's include_stop_str_in_output).
 
     Tokens past EOS, a stop string or a row's max_new_tokens inside one step are dropped here, never emitted.
     """
@@ -756,7 +807,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
             was_done = rows[b].finish_reason is not None
             toks, pending[b] = pending[b], []
             used, delta = _consume(rows[b], toks, streams[b], eos, stop, hold, limits[b], special_text,
-                                   lps[b], tops[b])
+                                   lps[b], tops[b], keep_stop)
             if toks and not (b in fresh or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:

@@ -45,6 +45,11 @@ class SamplingParams:
     # min-p sampling (vLLM's, HF's min_p): keep the tokens at least min_p times as likely as the most likely one.
     # 0 = off. Last, so the positional fields above keep their places.
     min_p: float = 0.0
+    # vLLM's allowed_token_ids: only these may be chosen (None = off; EOS ids are not added). bad_words_ids: the
+    # token sequences of vLLM's bad_words; one of one token is never chosen, a longer one's last token is not where
+    # the answer's latest tokens are the rest. Both at -inf in the logits every token is chosen from, as logit_bias.
+    allowed_token_ids: tuple | None = None
+    bad_words_ids: tuple = ()
 
     def __post_init__(self):
         for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -82,6 +87,12 @@ class SamplingParams:
                 raise InputError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 = off; OpenAI's range is "
                                  f"[-2, 2]), got {getattr(self, name)!r}: larger ones overflow the logits")
         object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
+        object.__setattr__(self, "allowed_token_ids", check_token_ids(self.allowed_token_ids, "allowed_token_ids"))
+        words = self.bad_words_ids
+        if not isinstance(words, (list, tuple)):
+            raise InputError(f"bad_words_ids must be a list of token id lists, got {type(words).__name__}")
+        object.__setattr__(self, "bad_words_ids", tuple(
+            tuple(check_token_ids(w, f"bad_words_ids[{i}]", keep_order=True)) for i, w in enumerate(words)))
         if self.seed is not None and (not is_integral(self.seed) or not 0 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
         if self.seed is not None:
@@ -97,16 +108,30 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def bias_tensor(self, vocab_size: int, device) -> torch.Tensor | None:
-        """logit_bias as a dense fp32 [vocab_size] row (None without one); an id past the vocabulary is refused."""
-        if not self.logit_bias:
+        """logit_bias as a dense fp32 [vocab_size] row, -inf outside allowed_token_ids and at one-token bad words
+        (None without any); an id past the vocabulary is refused."""
+        words = [w for w in self.bad_words_ids if len(w) == 1]
+        named = {"logit_bias": [i for i, _ in self.logit_bias], "allowed_token_ids": self.allowed_token_ids or (),
+                 "bad_words": [t for w in self.bad_words_ids for t in w]}
+        for name, ids in named.items():
+            bad = [i for i in ids if i >= vocab_size]
+            if bad:
+                raise InputError(f"{name}: token id {bad[0]} is not in the model's vocabulary (ids 0.."
+                                 f"{vocab_size - 1})")
+        if self.allowed_token_ids is not None and set(self.allowed_token_ids) <= {w[0] for w in words}:
+            raise InputError("allowed_token_ids: every allowed token is one of the bad_words: no token is left")
+        if not (self.logit_bias or self.allowed_token_ids is not None or words):
             return None
-        bad = [i for i, _ in self.logit_bias if i >= vocab_size]
-        if bad:
-            raise InputError(f"logit_bias: token id {bad[0]} is not in the model's vocabulary (ids 0.."
-                             f"{vocab_size - 1})")
         bias = torch.zeros(vocab_size, dtype=torch.float32)
-        ids, values = zip(*self.logit_bias)
-        bias[list(ids)] = torch.tensor(values, dtype=torch.float32)
+        if self.logit_bias:
+            ids, values = zip(*self.logit_bias)
+            bias[list(ids)] = torch.tensor(values, dtype=torch.float32)
+        if self.allowed_token_ids is not None:
+            keep = torch.ones(vocab_size, dtype=torch.bool)
+            keep[list(self.allowed_token_ids)] = False
+            bias.masked_fill_(keep, float("-inf"))
+        if words:
+            bias[[w[0] for w in words]] = float("-inf")
         return bias.to(device)
 
     def generator(self, device) -> torch.Generator | None:
@@ -137,6 +162,23 @@ def check_logit_bias(bias) -> tuple:
                              f"got {value!r:.40}")
         out[int(key)] = _as_float(value)
     return tuple(sorted(out.items()))
+
+
+def check_token_ids(ids, name: str, keep_order: bool = False) -> tuple | None:
+    """A non-empty list (tuple, 1-D array) of token ids as a tuple of ints, sorted and without repeats unless
+    keep_order (a word's tokens); None stays None (off). Ids past the vocabulary are refused by bias_tensor."""
+    if ids is None:
+        return None
+    if getattr(ids, "ndim", 1) == 1 and hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise InputError(f"{name} must be a list of token ids, got {type(ids).__name__} {ids!r:.80}")
+    if not ids:
+        raise InputError(f"{name} is an empty list: give at least one token id (or none at all for no limit)")
+    for i in ids:
+        if not is_integral(i) or i < 0:
+            raise InputError(f"{name}: {i!r:.40} is not a token id (an integer >= 0)")
+    return tuple(int(i) for i in ids) if keep_order else tuple(sorted({int(i) for i in ids}))
 
 
 _MT_WORDS = 624          # mt19937's state: 624 32-bit words

@@ -325,7 +325,8 @@ class SpeculativeDecoder(PlainDecoder):
         scores = logits
         # the distribution plain decoding samples (a node's token is the row's produced + depth-th, after its own
         # path's tokens); logprobs stay the model's own
-        logits = self._penalised(self._constrained(self._held_back(self._biased(logits), tree.depth), tree), tree)
+        logits = self._penalised(self._constrained(self._held_back(self._biased(logits, tree), tree.depth), tree),
+                                 tree)
         if self.acceptance == "greedy":
             res = ops.greedy_accept(tree.tokens, logits, tree.retrieve)
         elif self.acceptance == "typical":

@@ -118,7 +118,9 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
         param = field if field in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
                                    "max_tokens", "speculative", "tree", "acceptance", "top_logprobs",
                                    "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
-                                   "stop_token_ids", "response_format") else None
+                                   "stop_token_ids", "response_format", "continue_final_message",
+                                   "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
+                                   "include_stop_str_in_output") else None
         return ApiError(400, message, param)
     if isinstance(e, ConfigError) and tree_given and "tree" in message:
         return ApiError(400, message, "tree")
@@ -317,6 +319,23 @@ def _openai_logit_options(body: dict) -> dict:
         out["min_tokens"] = body["min_tokens"]
     if body.get("stop_token_ids") not in (None, []):
         out["stop_token_ids"] = body["stop_token_ids"]
+    # vLLM's request extras (Engine.stream_batch checks their values and names them; [] allowed ids is an error)
+    keep = body.get("include_stop_str_in_output")
+    if keep not in (None, False, True) or isinstance(keep, (int, float)) and not isinstance(keep, bool):
+        raise ApiError(400, f"include_stop_str_in_output must be true or false, got {_json_type(keep)}",
+                       "include_stop_str_in_output")
+    if keep:
+        out["include_stop_str_in_output"] = True
+    if body.get("truncate_prompt_tokens") is not None:
+        if body.get("echo"):
+            # echo gives the prompt as sent and its logprobs, which truncation would leave disagreeing with usage
+            raise ApiError(400, "truncate_prompt_tokens does not mix with echo: send one of them",
+                           "truncate_prompt_tokens")
+        out["truncate_prompt_tokens"] = body["truncate_prompt_tokens"]
+    if body.get("allowed_token_ids") is not None:
+        out["allowed_token_ids"] = body["allowed_token_ids"]
+    if body.get("bad_words") not in (None, []):
+        out["bad_words"] = body["bad_words"]
     rf = body.get("response_format")
     if rf is not None:
         # OpenAI's json_object / json_schema, and regex / grammar as SGLang and vLLM take them (structured.py); the
@@ -334,6 +353,30 @@ def _unsupported(body, fields):
         allowed, why = UNSUPPORTED[name]
         if name in body and body[name] not in allowed:
             raise ApiError(400, f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
+
+
+def _template_ends(body: dict, chat: bool) -> dict:
+    """vLLM's add_generation_prompt (default true) and continue_final_message (default false) of a request, checked,
+    as the engine's keyword arguments (stream_batch, encode_prompt): {} for the defaults, so requests that differ
+    only in spelling them out share a run. chat: the request's messages get the chat template (else: 400)."""
+    given = {}
+    for name in ("add_generation_prompt", "continue_final_message"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, bool):         # `in (True, False)` takes 1 and 0.0
+            raise ApiError(400, f"{name} must be true or false, got {_json_type(value)}", name)
+        if not chat:
+            raise ApiError(400, f"{name} applies to messages (the chat template): a prompt is taken as given",
+                           name)
+        given[name] = value
+    if given.get("continue_final_message") and given.get("add_generation_prompt"):
+        raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true: "
+                       "continue_final_message continues the last (assistant) message, add_generation_prompt starts "
+                       "a new assistant turn after it", "continue_final_message")
+    if given.get("continue_final_message"):
+        return {"continue_final_message": True}
+    return {"add_generation_prompt": False} if given.get("add_generation_prompt") is False else {}
 
 
 def reserve_rows(engine, rows: int):
@@ -513,7 +556,13 @@ class OpenAIApp:
         if self.reasoning_parser is None or plan is not None and plan.calls_only or \
                 isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
             return None
-        return ReasoningSplitter(self.reasoning_parser, job.variables.get("enable_thinking") is not False)
+        splitter = ReasoningSplitter(self.reasoning_parser, job.variables.get("enable_thinking") is not False)
+        if job.options.get("continue_final_message") and isinstance(job.prompt, list) and job.prompt \
+                and isinstance(job.prompt[-1], dict) and isinstance(job.prompt[-1].get("content"), str):
+            # the answer goes on from the prefilled assistant text: a <think> opened there makes what follows
+            # reasoning
+            splitter.prime(job.prompt[-1]["content"])
+        return splitter
 
     def tool_plan(self, body: dict) -> ToolPlan:
         """A chat request's tools and tool_choice, checked (tools.py), with the grammar "required" or a named
@@ -558,6 +607,11 @@ class OpenAIApp:
             # the template's `tools` (transformers' apply_chat_template(tools=...)): a variable, so the batch key
             # keeps requests with other tools out of this one's run, whose prompts render with its variables
             variables = {**variables, "tools": plan.tools}
+        if plan is not None and plan.calls_only and body.get("continue_final_message") is True:
+            # the calls' grammar holds the answer from its first token: a partial reply before it is not continued
+            raise ApiError(400, f"continue_final_message does not mix with tool_choice {json.dumps(plan.choice)}: "
+                           f"the answer is held to tool calls from its start; send tool_choice 'auto' or 'none'",
+                           "continue_final_message")
         if plan is not None and plan.response_format is not None:
             body = {**body, "response_format": plan.response_format}    # tool_plan refused one of the client's
         cache_prompt = body.get("cache_prompt") if isinstance(body, dict) else None
@@ -598,18 +652,19 @@ class OpenAIApp:
                            "tokenized with the chat template as /v1/chat/completions prefills it)" +
                            (", not both" if has_prompt else ""), "messages" if has_prompt else "prompt")
         flags = {}
-        for name in ("add_special_tokens", "add_generation_prompt", "return_token_strs"):
+        for name in ("add_special_tokens", "return_token_strs"):
             value = body.get(name)
             if value is not None and not isinstance(value, bool):      # `in (True, False)` takes 1 and 0.0
                 raise ApiError(400, f"{name} must be true or false, got {_json_type(value)}", name)
             flags[name] = value
+        ends = _template_ends(body, has_messages)   # how the template ends: as a chat completion reads it
         add_special = flags["add_special_tokens"]
         # True: the tokenizer's own special tokens (its BOS where the model takes one; never doubled), as vLLM's
         # default for a prompt; False: none
         add_bos = None if add_special is not False else False
         tok = self.engine.tokenizer
         if has_prompt:
-            for name in ("add_generation_prompt", "chat_template_kwargs", "tools", "tool_choice"):
+            for name in ("chat_template_kwargs", "tools", "tool_choice"):
                 if body.get(name) is not None:
                     raise ApiError(400, f"{name} applies to messages (the chat template): a prompt is tokenized "
                                    f"as given", name)
@@ -620,13 +675,12 @@ class OpenAIApp:
             variables = self.template_variables(body, True)
             if plan.tools:      # as submit_all renders a chat with tools
                 variables = {**variables, "tools": plan.tools}
-            generation = flags["add_generation_prompt"] is not False
             with self.rendering(variables):
-                if generation and add_special is None:
-                    ids = self.engine.encode_prompt(messages, None)      # what a chat completion prefills
+                if add_special is None:
+                    ids = self.engine.encode_prompt(messages, None, **ends)      # what a chat completion prefills
                 else:
                     from ..chat import render_chat
-                    text = render_chat(tok, messages, add_generation_prompt=generation, variables=variables)
+                    text = render_chat(tok, messages, variables=variables, **ends)
                     ids = tok.encode(text, add_bos=True if add_special else add_bos)
         reply = {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
         if flags["return_token_strs"]:
@@ -716,13 +770,19 @@ class OpenAIApp:
                                f"'dynamic-8') or give its paths as a list; tree files are read only from the "
                                f"server's --tree", "tree")
         kwargs.update(speculative=speculative, tree=tree, chat=chat)
+        ends = _template_ends(body, chat is not False)     # part of the batch key: they change the prompt's tokens
+        kwargs.update(ends)
         max_new = _max_tokens(body, zero_ok=bool(echo))
         if max_new is None:
             # Left out: the server's default, cut to the room the prompt leaves in the cache (as OpenAI's models
             # answer up to their context), rather than refused as too long for it.
             max_new = d["max_new_tokens"]
             try:
-                room = self.engine.max_seq_len - len(self.engine.encode_prompt(prompt, chat))
+                kept = len(self.engine.encode_prompt(prompt, chat, **ends))
+                cut = kwargs.get("truncate_prompt_tokens")     # checked by the run: only a valid one counts here
+                if isinstance(cut, int) and not isinstance(cut, bool) and cut >= 1:
+                    kept = min(kept, cut)
+                room = self.engine.max_seq_len - kept
             except InputError:
                 room = 0            # the run names it below
             kwargs["cut_to_room"] = max_new > room      # the run may cut it further for a tree's room (start)
@@ -733,7 +793,9 @@ class OpenAIApp:
     def _encode(self, job: Job) -> list[int]:
         """A job's prompt as token ids, its template rendered with its variables (one joining a run: Scheduler)."""
         with self.rendering(job.variables):
-            return self.engine.encode_prompt(job.prompt, job.options.get("chat"))
+            return self.engine.encode_prompt(job.prompt, job.options.get("chat"),
+                                             continue_final_message=job.options.get("continue_final_message", False),
+                                             add_generation_prompt=job.options.get("add_generation_prompt"))
 
     def _start_run(self, jobs: list[Job], admit=None):
         """engine.stream_batch of the jobs' prompts, which share their options (the scheduler's `start`), each job's
