@@ -50,6 +50,16 @@ class ReasoningSplitter:
         # "open": whether the answer opens with <think> is not known yet; then "reasoning", then "content"
         self._state = "content" if parser is None or (parser == "qwen3" and not thinking) else "open"
 
+    def prime(self, prefill: str) -> None:
+        """Reads the start of the answer that is not the model's to give (an assistant prefill the model goes on
+        from: continue_final_message): the splitter's state moves past it, but none of it is given as a piece, and
+        .text / .reasoning / .content hold the rest only. Whitespace before a possible <think> is the prefill's; a
+        tag's beginning at its end waits for the rest, as in feed."""
+        self.feed(prefill)
+        self.text = self.reasoning = self.content = ""
+        if self._state == "open":
+            self._held = self._held.lstrip()
+
     def feed(self, piece: str) -> tuple[str, str]:
         """The (reasoning, content) this piece makes certain (either may be "")."""
         self.text += piece

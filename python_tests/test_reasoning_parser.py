@@ -229,3 +229,28 @@ def test_reasoning_content_sent_back_reaches_the_template(server):
     bad = [*turns[:1], {**turns[1], "reasoning_content": 3}, turns[2]]
     error_of(call(server.url, CHAT, {"messages": bad}), 400, "reasoning_content must be a string",
              param="messages[1].reasoning_content")
+
+
+@pytest.mark.parametrize("prefill, answer, want", [
+    ("<think>\nTwo", " and two.\n</think>\n\nFour.", (" and two.\n", "\n\nFour.")),
+    ("<think>Done.</think>", "Four.", (None, "Four.")),
+    ("Sure:", " four.", (None, " four.")),
+    ("  ", "<think>x</think>y", ("x", "y")),
+    ("<think>a</th", "ink>b", (None, "b")),
+])
+def test_a_prefilled_answer_is_read_from_where_the_prefill_left_it(server, prefill, answer, want):
+    """continue_final_message: the answer goes on from the assistant's prefilled text, so a <think> opened there
+    makes the continuation reasoning; none of the prefill is given back."""
+    from amphista_engine.reasoning import ReasoningSplitter
+    from amphista_engine.serving.batching import Job
+    turns = [*ASK, {"role": "assistant", "content": prefill}]
+    job = Job(turns, {"continue_final_message": True}, {}, False)
+    whole = server.app.reasoning_splitter(job)
+    whole.end(answer)
+    assert (whole.reasoning or None, whole.content or None) == want
+    rnd = random.Random(1)
+    for _ in range(10):          # streamed in pieces, the same
+        s = ReasoningSplitter("qwen3")
+        s.prime(prefill)
+        got = [s.feed(p) for p in pieces(answer, rnd)] + [s.end()]
+        assert ("".join(r for r, _ in got) or None, "".join(c for _, c in got) or None) == want
