@@ -244,7 +244,7 @@ class SpeculativeDecoder(PlainDecoder):
             # rows for every cache row: a run that takes new prompts between steps (add_rows) may grow to them
             self.heads.reset_cache(max(B, self.cache.batch) if self.admits else B, self.cache.max_seq_len)
         self.draft = self.heads.step(hidden, nxt, count, kv_window(T, self.cache.max_seq_len), **self._depth)
-        if self._token_ids is not None and (self.seen is not None or self.counts is not None) \
+        if self._token_ids is not None and (self.seen is not None or self.counts is not None or self.bias is not None) \
                 and getattr(getattr(self.heads, "config", None), "draft_vocab_size", None) != 0:
             # Slots that stand for tokens (a draft vocabulary; a drafter that maps slots without declaring one has
             # the width of these first drafts: a 40-slot draft met [B, V] penalties in a torch size error). Made at
@@ -371,10 +371,14 @@ class SpeculativeDecoder(PlainDecoder):
         head): the heads learnt unpenalised text, and their top guesses are often the very tokens a penalty pushes
         down, so an unpenalised tree spends its nodes on tokens the target no longer picks (16 MT-Bench first turns,
         4-bit SmolLM2, mix-4, repetition_penalty 1.3: tau 1.17 -> 1.30; 1-2% lower under mild penalties, where the
-        target still repeats: benchmarks/results/cpu_penalties_ab.md)."""
+        target still repeats: benchmarks/results/cpu_penalties_ab.md). The bias row (logit_bias, allowed_token_ids,
+        one-token bad words) first, as plain decoding applies it: a banned token is no draft while others are left
+        (-inf held at -1e4: a head with no allowed guess keeps finite scores to rank)."""
+        ids = self._draft_ids
+        if self.bias is not None:
+            draft = draft.float() + (self.bias if ids is None else self.bias[ids]).clamp(min=-1e4)
         if self.seen is None and self.counts is None:
             return draft
-        ids = self._draft_ids
         seen, counts = ((None if t is None else (t if ids is None else t[:, ids])[:, None])
                         for t in (self.seen, self.counts))          # the same for every head
         return answer_penalties(draft, seen, counts, self.params)
