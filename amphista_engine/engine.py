@@ -959,7 +959,7 @@ class Engine:
         # The backend this call runs on (the engine's, else a use_backend block around the call), for every step of
         # the stream: it is lazy, and its steps may run after the block, in another thread
         return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids,
-                           scoped_backend(), include_stop_str_in_output)
+                           scoped_backend(), include_stop_str_in_output, continue_final_message)
 
     def _grammar(self, response_format, ignore_eos: bool, min_tokens: int):
         """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None."""
@@ -986,12 +986,17 @@ class Engine:
         for w in words:
             if not w.strip():
                 raise InputError(f"bad_words: {w!r:.40} is empty or only spaces: no word to ban")
-            plain = self.tokenizer.encode(w.lstrip(), add_bos=False)
-            spaced = self.tokenizer.encode(" " + w.lstrip(), add_bos=False)
+            try:
+                plain = self.tokenizer.encode(w.lstrip(), add_bos=False)
+                spaced = self.tokenizer.encode(" " + w.lstrip(), add_bos=False)
+            except InputError as e:         # a lone surrogate: said of the field that holds it
+                raise InputError(f"bad_words: {w!r:.40}: {e}") from None
+            if not plain:       # a tokenizer that normalises the word away: it would ban nothing, silently
+                raise InputError(f"bad_words: {w!r:.40} is no token of this model's tokenizer: no word to ban")
             out.append(plain)
             if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
                 out.append(spaced)
-        return tuple(tuple(x) for x in out if x)
+        return tuple(tuple(x) for x in out)
 
     def _check_stop_token_ids(self, ids) -> list[int]:
         if ids is None:
@@ -1084,7 +1089,8 @@ class Engine:
                     self._decoding = None if overtakes else before
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
-               ignore_eos: bool = False, admit=None, stop_ids=(), backend: str | None = None, keep_stop: bool = False):
+               ignore_eos: bool = False, admit=None, stop_ids=(), backend: str | None = None, keep_stop: bool = False,
+               continued: bool = False):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
         keeps its own prompt + answer. backend: the kernel backend every step runs on (None: the process's choice).
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
@@ -1106,7 +1112,7 @@ class Engine:
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             steps = run(decoder, ids, self.tokenizer, limits, [] if ignore_eos else self.eos_ids, stop, stats,
                         on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids,
-                        keep_stop=keep_stop)
+                        keep_stop=keep_stop, continued=continued)   # each row's text read after its prompt
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and

@@ -733,7 +733,7 @@ def _add_rows(decoder, slots: list[int], prompts: list[list[int]], want_lps: boo
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
         stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=(),
-        keep_stop: bool = False) -> Iterator[tuple[int, str]]:
+        keep_stop: bool = False, continued: bool = False) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
     max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
@@ -745,6 +745,9 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
 
     stop_ids: token ids that end a row as EOS does (left out of its ids and text), with finish_reason "stop".
     keep_stop: a row ended by a stop string keeps it at the end of its text (vLLM's include_stop_str_in_output).
+    continued: every row's prompt ends inside a message the row continues (continue_final_message; joiners too):
+    its text is read after the prompt's last tokens (StreamDecoder's context), so prefill + text reads as the
+    tokens do (a Llama 2 `▁world` after "Hello" gives " world"). Otherwise text == decode(ids) alone.
 
     Tokens past EOS, a stop string or a row's max_new_tokens inside one step are dropped here, never emitted.
     """
@@ -764,9 +767,13 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     # through special_text, a stop string met them twice ("[ARGS]{" left "...[ARGS]" in the answer).
     shown = getattr(tokenizer, "shown_ids", frozenset)()
     skipped = frozenset(getattr(tokenizer, "special_ids", ())) - set(eos) - shown
+
+    def context(prompt) -> dict:
+        return {"context": prompt} if continued else {}
+
     if skipped:
-        def new_stream():
-            return tokenizer.stream_decoder(skip_special_tokens=True)
+        def new_stream(prompt):
+            return tokenizer.stream_decoder(skip_special_tokens=True, **context(prompt))
         pieces: dict[int, str] = {}
 
         def special_text(tok: int) -> str | None:
@@ -776,12 +783,12 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
                 pieces[tok] = tokenizer.decode([tok])
             return pieces[tok]
     else:
-        def new_stream():
-            return tokenizer.stream_decoder()
+        def new_stream(prompt):
+            return tokenizer.stream_decoder(**context(prompt))
 
         def special_text(tok: int) -> str | None:
             return None
-    streams = [new_stream() for _ in range(B)]
+    streams = [new_stream(p) for p in prompts]
     want_lps = getattr(decoder, "logprobs", False)
     want_tops = want_lps and getattr(decoder, "top_logprobs", 0) > 0
     t0 = time.perf_counter()
@@ -828,7 +835,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
             for entry in entries[:free]:
                 b = len(rows)
                 rows.append(RowState())
-                streams.append(new_stream())
+                streams.append(new_stream(() if isinstance(entry, BaseException) else entry[0]))
                 stats.append(GenerationStats())
                 pending.append([])
                 lps.append(None)

@@ -136,8 +136,8 @@ class Tokenizer:
         shown = _SHOWN.get()
         return shown.get(id(self), frozenset()) if shown else frozenset()
 
-    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = False, context: Iterable[int] = ()) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens, context)
 
     # -- vocabulary -----------------------------------------------------------------------------
 
@@ -174,14 +174,20 @@ class StreamDecoder:
     byte-level pieces come out with the right spacing. With tokenizers' ByteFallback decoder (Llama 2 style
     tokenizer.json) a run of byte pieces is held until a piece that is not a byte ends it: a later invalid byte
     turns the whole run into U+FFFD there.
+
+    context: the ids the pushed ones follow (a continued assistant message's last prompt tokens), read before them
+    and never emitted: the deltas then join to decode(context + ids)[len(decode(context)):], as vLLM's detokenizer
+    reads an answer after its prompt, so a `▁word` right after the context keeps its space. Without it they join
+    to decode(ids), as transformers' decode of the new tokens gives them.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False, context: Iterable[int] = ()):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
+        self._ids: list[int] = self._context([int(i) for i in context])
+        self._start = len(self._ids)  # the pushed ids start here
         self._prefix = 0  # window start: the decoder sees this token's context again
-        self._read = 0  # everything before this has been emitted
+        self._read = self._start  # everything before this has been emitted
 
     def push(self, token_ids: int | Iterable[int]) -> str:
         """Add one id or several (e.g. all tokens a speculative step accepted); return the new text."""
@@ -205,7 +211,7 @@ class StreamDecoder:
 
     @property
     def token_ids(self) -> list[int]:
-        return list(self._ids)
+        return self._ids[self._start:]
 
     @property
     def pending(self) -> str:
@@ -226,10 +232,24 @@ class StreamDecoder:
                 return i in tok.byte_run_ids
         return False
 
+    def _context(self, ids: list[int]) -> list[int]:
+        """The context's last 4 to 23 ids, the fewest that decode without U+FFFD (vLLM's choice): enough to place
+        the first pushed piece after text, and the window does not start inside a character. Each push decodes
+        the context again until the first text comes out, so a long prompt is never read whole."""
+        for n in range(4, min(len(ids), 23) + 1):
+            if "\ufffd" not in self._tokenizer.decode(ids[-n:], self._skip):
+                return ids[-n:]
+        return ids[-4:] if len(ids) > 23 else ids
+
     def _window(self) -> tuple[str, str]:
         decode = self._tokenizer.decode
-        return (decode(self._ids[self._prefix:self._read], self._skip),
-                decode(self._ids[self._prefix:], self._skip))
+        before, text = (decode(self._ids[self._prefix:self._read], self._skip),
+                        decode(self._ids[self._prefix:], self._skip))
+        if self._prefix < self._start and not text.startswith(before):
+            # tokenizers' ByteFallback read the context's closing byte pieces and the first pushed ones as one
+            # run, invalid as a whole, and turned the context's characters into U+FFFD too: the pushed ids alone
+            return "", decode(self._ids[self._start:], self._skip)
+        return before, text
 
 
 # -- backends -------------------------------------------------------------------------------------
