@@ -1,9 +1,10 @@
-"""Speculative decoding under repetition / presence / frequency penalties, on the CPU, in one process: plain decoding,
-Amphista with the heads' drafts ranked under the answer's penalties (`ranked`, the default), and Amphista with the
-heads' raw drafts (`raw`: SpeculativeDecoder._penalised_draft bypassed), each penalty setting in turn, question by
-question in rotating order. Every speculative answer is checked against plain decoding under the same penalty.
+"""Speculative decoding under repetition / presence / frequency penalties and bans, on the CPU, in one process: plain
+decoding, Amphista with the heads' drafts ranked under the answer's penalties and the bias row (`ranked`, the default),
+and Amphista with the heads' raw drafts (`raw`: SpeculativeDecoder._penalised_draft bypassed), each setting in turn,
+question by question in rotating order. Every speculative answer is checked against plain decoding under the same
+setting. The bans: every "," token (logit_bias -100), and " the" / " The" as bad_words.
 
-    python benchmarks/cpu_penalties_ab.py [--trees mix-4] [--questions 16] [--max-new-tokens 128]
+    python benchmarks/cpu_penalties_ab.py [--trees mix-4] [--questions 16] [--max-new-tokens 128] [--settings A;B]
 """
 from __future__ import annotations
 
@@ -21,10 +22,23 @@ SETTINGS = {"none": {}, "repetition 1.1": dict(repetition_penalty=1.1), "repetit
 
 
 def main():
-    args = ab_parser(__doc__).parse_args()
+    ap = ab_parser(__doc__)
+    ap.add_argument("--settings", default=None, help="the settings to run, by name, ';'-separated (default: all)")
+    args = ap.parse_args()
     tree = args.trees.split(",")[0]
     engine = Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=1024)     # quant auto: 4-bit
     engine.load_heads("default")
+    tok = engine.tokenizer
+    commas = [i for i in range(engine.config.vocab_size) if tok.decode([i]).strip() == ","]
+    SETTINGS["ban ',' (logit_bias)"] = dict(logit_bias={i: -100 for i in commas})
+    SETTINGS["bad_words the"] = dict(bad_words=[" the", " The"])
+    if args.settings:
+        names = [n.strip() for n in args.settings.split(";")]
+        if set(names) - set(SETTINGS):
+            ap.error(f"unknown --settings {sorted(set(names) - set(SETTINGS))}; known: {list(SETTINGS)}")
+        for name in list(SETTINGS):
+            if name not in names:
+                del SETTINGS[name]
     ranked = SpeculativeDecoder._penalised_draft
 
     def run(config, question):
