@@ -47,6 +47,7 @@ class ReasoningSplitter:
         self.reasoning = ""
         self.content = ""
         self._held = ""         # fed, not yet given: a tag's beginning, or leading whitespace before a <think>
+        self._skip = 0          # how many of _held's first characters are prime's prefill: never given
         # "open": whether the answer opens with <think> is not known yet; then "reasoning", then "content"
         self._state = "content" if parser is None or (parser == "qwen3" and not thinking) else "open"
 
@@ -59,16 +60,26 @@ class ReasoningSplitter:
         self.text = self.reasoning = self.content = ""
         if self._state == "open":
             self._held = self._held.lstrip()
+        # what it holds back is the prefill's too ("<thi", "</th", a "<"): given out, it was the client's own text
+        self._skip = len(self._held)
 
     def feed(self, piece: str) -> tuple[str, str]:
         """The (reasoning, content) this piece makes certain (either may be "")."""
         self.text += piece
         held, reasoning, content = self._held + piece, "", ""
+
+        def take(n: int) -> str:
+            """held's first n characters, consumed: those that are not the prefill's (prime)."""
+            nonlocal held
+            out, held = held[self._skip:n], held[n:]
+            self._skip = max(0, self._skip - n)
+            return out
         while held:
             if self._state == "open":
                 head = held.lstrip()
                 if head.startswith(THINK_START):
-                    held, self._state = head[len(THINK_START):], "reasoning"
+                    take(len(held) - len(head) + len(THINK_START))
+                    self._state = "reasoning"
                     continue
                 if THINK_START.startswith(head):        # whitespace, or a part of <think>: wait for more
                     break
@@ -77,16 +88,14 @@ class ReasoningSplitter:
             elif self._state == "reasoning":
                 i = held.find(THINK_END)
                 if i >= 0:
-                    reasoning += held[:i]
-                    held, self._state = held[i + len(THINK_END):], "content"
+                    reasoning += take(i)
+                    take(len(THINK_END))
+                    self._state = "content"
                     continue
-                keep = _partial_end(held, THINK_END)
-                reasoning += held[:len(held) - keep]
-                held = held[len(held) - keep:]
+                reasoning += take(len(held) - _partial_end(held, THINK_END))
                 break
             else:
-                content += held
-                held = ""
+                content += take(len(held))
         self._held = held
         self.reasoning += reasoning
         self.content += content
@@ -100,7 +109,8 @@ class ReasoningSplitter:
         reasoning, content = "", ""
         if text is not None and len(text) > len(self.text) and text.startswith(self.text):
             reasoning, content = self.feed(text[len(self.text):])
-        held, self._held = self._held, ""
+        held, self._held = self._held[self._skip:], ""
+        self._skip = 0
         if held:
             if self._state == "content" or self._state == "open" and self.parser == "qwen3":
                 content += held

@@ -863,9 +863,13 @@ class OpenAIApp:
         from ..generation import GenerationStats
         from ..sampling import SamplingParams
         engine = self.engine
+        # allowed_token_ids and bad_words too: a bad one is refused by name as a decoding run refuses it
         SamplingParams(kwargs["temperature"], kwargs["top_k"], kwargs["top_p"], kwargs["repetition_penalty"],
                        kwargs["seed"], kwargs.get("presence_penalty", 0.0), kwargs.get("frequency_penalty", 0.0),
-                       kwargs.get("logit_bias"), kwargs.get("min_p", 0.0))
+                       kwargs.get("logit_bias"), kwargs.get("min_p", 0.0),
+                       allowed_token_ids=kwargs.get("allowed_token_ids"),
+                       bad_words_ids=engine._bad_words_ids(kwargs.get("bad_words"))).bias_tensor(
+            engine.config.vocab_size, "cpu")
         check_stop(kwargs["stop"])
         ids = []
         for i, p in enumerate(prompts):
