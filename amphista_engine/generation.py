@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import NonFiniteError
+from .errors import InputError, NonFiniteError
 from .kernels.cpu_threads import on_pool
 from .kv_cache import KVCache
 from .model import AttentionSpec, Transformer, causal_mask
@@ -20,6 +20,7 @@ from .sampling import SamplingParams, answer_penalties, sample, tree_penalties
 
 KV_BUCKET = 128   # attention reads cache slots in multiples of this; bounds work to the real length
 NON_FINITE = -2   # a token no vocabulary has: its row's logits held a NaN or an infinity
+NO_TOKEN = -3     # another: every token of its row was ruled out (allowed_token_ids, bad_words, a grammar, ...)
 # sequence_scores pads a CPU forward to a multiple of this many tokens: the fp32 SIMD lanes (AVX-512) over which
 # PyTorch's CPU flash attention sums keys, as kernels/cpu_exact.py's WINDOW is; AVX2's 8 lanes divide it
 SCORE_ALIGN = 16
@@ -33,8 +34,25 @@ def flag_non_finite(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.where(ok.view(-1, *([1] * (tokens.dim() - 1))), tokens, NON_FINITE)
 
 
+def flag_no_token(tokens: torch.Tensor, chosen_from: torch.Tensor, nodes: torch.Tensor | None = None) -> torch.Tensor:
+    """tokens [B, ...] with every token of a row set to NO_TOKEN where the logits a token was chosen from (after
+    logit_bias, allowed_token_ids, bad words, min_tokens, a grammar and the penalties) are all -inf: sampling there
+    drew any token at all (NaN probabilities) and greedy took token 0. chosen_from: [B, V], or a verified tree's
+    [B, N, V] with nodes [B, D + 1] the accepted nodes (-1 past them): a ruled-out node nobody accepted is no fault.
+    One reduction, no sync, as flag_non_finite."""
+    dead = chosen_from.amax(-1) == float("-inf")
+    if nodes is not None:
+        dead = (dead.gather(1, nodes.clamp(min=0)) & (nodes >= 0)).any(1)
+    return torch.where(dead.view(-1, *([1] * (tokens.dim() - 1))), NO_TOKEN, tokens)
+
+
 def check_finite(decoder, tokens: list[int], row: int, emitted: int):
-    """Raises NonFiniteError where a step's tokens carry NON_FINITE, after marking the caches for clearing."""
+    """Raises NonFiniteError where a step's tokens carry NON_FINITE, after marking the caches for clearing; an
+    InputError where they carry NO_TOKEN."""
+    if NO_TOKEN in tokens and NON_FINITE not in tokens:
+        raise InputError(f"no token is left to choose at new token {emitted + 1} of prompt {row}: allowed_token_ids, "
+                         f"bad_words, logit_bias, min_tokens and response_format together rule out every token "
+                         f"there; allow more tokens")
     if NON_FINITE not in tokens:
         return
     for cache in (decoder.cache, getattr(getattr(decoder, "heads", None), "sal_cache", None)):
@@ -253,7 +271,8 @@ class PlainDecoder:
         self.emitted = (self.next[:, None], torch.ones_like(self.next))
         if self.logprobs:
             self._score(logits[:, -1:], self.next[:, None])
-        return flag_non_finite(self.next, logits)   # not the state tensor itself: it changes in place every step
+        # not the state tensor itself: it changes in place every step
+        return flag_no_token(flag_non_finite(self.next, logits), self.chosen_from)
 
     def _prefill_chunks(self, tokens, lengths, r: int, chunk: int):
         """Prefill [r, T) in forwards of `chunk` tokens (_chunked_hidden): (last-token logits, hidden)."""
@@ -355,6 +374,7 @@ class PlainDecoder:
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         # first, as vLLM's logits processors come before its penalties
         logits = self._penalised(self._constrained(self._held_back(self._biased(logits))))
+        self.chosen_from = logits        # rebound each step (flag_no_token reads it)
         tok = sample(logits, self.params, self.generator)
         self._record(tok[:, None])
         if self.produced is not None:
@@ -477,7 +497,7 @@ class PlainDecoder:
         self.next.copy_(self._sample(logits[:, -1]))
         if self.logprobs:       # rebound, not updated in place: a captured graph re-points it after each replay
             self._score(logits[:, -1:], self.next[:, None])
-        return flag_non_finite(self.next[:, None], logits), torch.ones_like(self.next)
+        return flag_no_token(flag_non_finite(self.next[:, None], logits), self.chosen_from), torch.ones_like(self.next)
 
 
 @dataclass

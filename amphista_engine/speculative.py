@@ -14,7 +14,7 @@ import torch
 
 from .acceptance import rejection_sample_accept
 from .errors import ConfigError, InputError
-from .generation import PlainDecoder, _sync, flag_non_finite, kv_window
+from .generation import PlainDecoder, _sync, flag_no_token, flag_non_finite, kv_window
 from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .kernels.cpu_threads import on_pool
 from .model import AttentionSpec
@@ -364,7 +364,8 @@ class SpeculativeDecoder(PlainDecoder):
         if self.constraint is not None:
             self.emitted = (out, count)
         self._tick("commit", t0)
-        return flag_non_finite(out, logits), count
+        # the model's own logits for overflow; the ones tokens were chosen from for a row with none left
+        return flag_no_token(flag_non_finite(out, scores), logits, res.accepted_nodes), count
 
     def _penalised_draft(self, draft: torch.Tensor) -> torch.Tensor:
         """The heads' guesses ranked under the answer's penalties (its tokens before the step, the same for every
