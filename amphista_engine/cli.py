@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import AmphistaError, InputError
+from .errors import AmphistaError, InputError, ModelLoadError
 from .text_files import read_utf8, user_path
 
 
@@ -743,7 +743,8 @@ def main(argv=None) -> int:
             backend.set_backend(args.backend)       # put back below: main() also runs inside other programs
         return args.func(args)
     except AmphistaError as e:
-        print(f"amphista: error: {terms(str(e))}", file=sys.stderr)
+        # a file's own keys (generation_config.json's min_p) are no flags the user typed
+        print(f"amphista: error: {str(e) if isinstance(e, ModelLoadError) else terms(str(e))}", file=sys.stderr)
         if isinstance(e, _StdoutError):
             _silence_stdout()
         return 2

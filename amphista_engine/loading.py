@@ -132,6 +132,12 @@ def generation_defaults(name_or_path: str | Path, missing_ok: bool = False) -> t
     for k, v in out.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ModelLoadError(f"{file}: {k} must be a number >= 0, got {v!r}")
+    from .errors import InputError
+    from .sampling import SamplingParams
+    try:        # each value in its range (top_p 5, min_p 2), named as the file's, before any flag fills the rest
+        SamplingParams(**{"top_k": int(out.get("top_k", 0)), **{k: v for k, v in out.items() if k != "top_k"}})
+    except (InputError, ValueError) as e:
+        raise ModelLoadError(f"{file}: {e}") from None
     return out, file
 
 

@@ -180,3 +180,20 @@ def test_the_speculation_check_weighs_min_p(tiny_amphista_engine, monkeypatch):
     engine.generate("the fox", 2, chat=False, temperature=1.0, min_p=0.2, speculative="auto", seed=0)
     assert seen and seen[-1]["min_p"] == 0.2
     engine._checks.clear()
+
+
+@pytest.mark.parametrize("key, value, words", [("min_p", 5, "min_p must be in [0, 1]"),
+                                                ("top_p", 2.0, "top_p must be in (0, 1]")])
+def test_a_bad_value_in_generation_config_is_named_as_the_files(tiny_hf_dir, tmp_path, capsys, key, value, words):
+    """Out-of-range sampling values in a model's generation_config.json are the file's (ModelLoadError naming it
+    and its key), not flags the user typed ("--min-p must be in [0, 1]" sent them looking for a flag)."""
+    from amphista_engine.errors import ModelLoadError
+    d = tmp_path / "m"
+    shutil.copytree(tiny_hf_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 1.0, key: value}))
+    with pytest.raises(ModelLoadError, match="generation_config.json"):
+        generation_defaults(d)
+    assert main(["generate", "hi", "--model", str(d), "--device", "cpu", "--heads", "none", "--max-seq-len", "64",
+                 "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json" in err and words in err and "--" not in err.split("error:")[1], err
