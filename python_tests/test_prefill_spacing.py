@@ -186,3 +186,22 @@ def test_stops_and_split_characters_on_prefilled_rows(spm_engine):
     got = eng.generate(chat("Caf"), 10, continue_final_message=True, allowed_token_ids=pieces)
     assert got.text == after(tok, got.prompt_token_ids, got.token_ids)
     assert "".join(eng.stream(chat("Caf"), 10, continue_final_message=True, allowed_token_ids=pieces)) == got.text
+
+
+def test_served_logprob_tokens_of_a_prefilled_row_join_to_its_content(spm_engine):
+    """The server's chat logprobs read a continued row's tokens after the prompt's last ones, as its content is
+    read: the first token's text kept its space there (" world"), and the tokens' texts joined give the content."""
+    from conftest import serving
+    from test_serve import call
+    tok = spm_engine.tokenizer
+    words = [tok.token_to_id(p) for p in ("\u2581world", "\u2581the", "\u2581wor", "\u2581o")]
+    with serving(spm_engine, model_id="spm", defaults=dict(max_new_tokens=32)) as httpd:
+        body = {"messages": chat("Hello"), "continue_final_message": True, "add_generation_prompt": False,
+                "max_tokens": 6, "allowed_token_ids": words, "logprobs": True, "top_logprobs": 2}
+        status, reply = call(httpd.url, "/v1/chat/completions", body)
+    assert status == 200, reply
+    choice = reply["choices"][0]
+    content = choice["message"]["content"]
+    tokens = [t["token"] for t in choice["logprobs"]["content"]]
+    assert content.startswith(" ") and "".join(tokens) == content, (tokens, content)
+    assert bytes(b for t in choice["logprobs"]["content"] for b in t["bytes"]).decode() == content

@@ -109,6 +109,8 @@ def cmd_serve(args) -> int:
             f"concurrent requests batched, up to {args.max_batch} rows" + (
                 ", joining runs as rows free up" if args.continuous else " a run")
         auth = "; API key required" if key else ""      # that one is asked, never the key itself
+        if args.reasoning_parser != "none":
+            auth += f"; reasoning parser {args.reasoning_parser}"
         print(f"serving {args.model} ({method}) at {httpd.url}/v1 (OpenAI-compatible; {batching}{auth}; Ctrl-C stops)",
               file=sys.stderr, flush=True)
         httpd.serve_forever()

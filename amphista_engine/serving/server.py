@@ -894,21 +894,25 @@ class OpenAIApp:
         return {"speculative": self.method(result), "engine_finish_reason": result.finish_reason,
                 **result.stats.to_dict()}
 
-    def logprobs(self, result) -> dict | None:
+    def logprobs(self, result, job: Job | None = None) -> dict | None:
         """OpenAI's choices[].logprobs for a chat answer decoded with logprobs=True: each token's text, bytes and
         log-probability under the target, and its top_logprobs (the request's top_logprobs most likely tokens at
         its position, each with its text and bytes read as the token's own are; empty lists without). None
-        otherwise."""
+        otherwise. A continue_final_message job's tokens are read after the prompt's last ones, as its text is (a
+        Llama 2 first token keeps its space)."""
         if result.token_logprobs is None:
             return None
-        tok, ids = self.engine.tokenizer, result.token_ids
+        tok = self.engine.tokenizer
+        ctx = list(result.prompt_token_ids[-4:]) if job is not None and job.options.get("continue_final_message") \
+            else []
+        ids = ctx + list(result.token_ids)
         tops = getattr(result, "top_logprobs", None)
         content = []
         for i, lp in enumerate(result.token_logprobs):
-            text, data = _token_text(tok, ids, i)
+            text, data = _token_text(tok, ids, len(ctx) + i)
             alts = []
             for alt, alt_lp in (tops[i] if tops is not None else ()):
-                alt_text, alt_data = _alt_text(tok, ids, i, alt)
+                alt_text, alt_data = _alt_text(tok, ids, len(ctx) + i, alt)
                 alts.append({"token": alt_text, "logprob": _finite(alt_lp), "bytes": list(alt_data)})
             content.append({"token": text, "logprob": _finite(lp), "bytes": list(data), "top_logprobs": alts})
         return {"content": content, "refusal": None}
@@ -1364,7 +1368,7 @@ class _Handler(BaseHTTPRequestHandler):
                         message["reasoning_content"] = thought
                     reasons.append("tool_calls" if finish == "tool_calls" else None)
                     choices.append({"index": i * one.n + c, "message": message,
-                                    "logprobs": app.logprobs(r), "finish_reason": finish})
+                                    "logprobs": app.logprobs(r, one), "finish_reason": finish})
                 else:
                     reasons.append(None)
                     choices.append({"index": i * one.n + c,
@@ -1503,7 +1507,7 @@ class _Handler(BaseHTTPRequestHandler):
                         # a delta's text is not a whole number of tokens (text is held back around stops and split
                         # characters): the answer's token logprobs come together, with the choice's final chunk,
                         # where a client concatenates them
-                        self._event(chunk(c, None, finish, logprobs=app.logprobs(result) if chat else
+                        self._event(chunk(c, None, finish, logprobs=app.logprobs(result, job) if chat else
                                           app.completion_logprobs(job, result), amphista=app.extra(result)))
                     if all(r is not None for r in results):
                         break
