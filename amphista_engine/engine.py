@@ -937,10 +937,6 @@ class Engine:
             self.graphs.detach(decoder)     # the masks are host work between a step's forward and its choice
             admit = None                    # joiners' matchers would need their own prefill's token (row_capacity)
         decoder.admits = admit is not None
-        if params.allowed_token_ids is not None or params.bad_words_ids:
-            # A graph's key tells a bias by logit_bias alone (one captured without a bias would drop these masks),
-            # and the bad words' recent tokens are no graph state: these runs step eagerly.
-            self.graphs.detach(decoder)
         ends = sorted(set(stop_token_ids) | (set() if ignore_eos else set(self.eos_ids)))
         if min_tokens and ends:
             decoder.min_tokens, decoder.ban_ids = min_tokens, torch.tensor(ends, device=self.device)

@@ -232,6 +232,29 @@ def test_speculative_penalties_equal_plain_under_graphs():
 
 
 @needs_gpu
+def test_bans_equal_eager_and_plain_under_graphs():
+    """allowed_token_ids and bad words of one and two tokens (a bias row, the words and each row's latest tokens as
+    state the graphs copy in; tree nodes checked against their own paths inside the captured step): plain decoding
+    through graphs emits eager plain decoding's tokens, and speculative greedy decoding through graphs the same."""
+    model, cache, prompts = _setup("cuda", dtype=torch.float32, batch=2)
+    eager, _ = decode(PlainDecoder(model, cache, SamplingParams()), prompts, 60)
+    row = eager[0]
+    params = SamplingParams(allowed_token_ids=[t for t in range(512) if t != row[3]], bad_words_ids=[[row[1]],
+                                                                                                   row[5:7]])
+    want, _ = decode(PlainDecoder(model, cache, params), prompts, 60)
+    assert want != eager
+    graphs = DecodeGraphs()
+    got, _ = decode(PlainDecoder(model, cache, params), prompts, 60, graphs=graphs)
+    assert got == want, _first_difference(want, got)
+    heads = random_heads("amphista", model, num_heads=4, seed=2)
+    for tree in ("tree-32", "dynamic-16"):
+        spec, _ = decode(SpeculativeDecoder(model, cache, heads, TreeSpec(tree, 4, torch.device("cuda")), params),
+                         prompts, 60, graphs=graphs)
+        assert spec == want, (tree, _first_difference(want, spec))
+    assert graphs.stats.replays > 0 and graphs.stats.failed_captures == 0, graphs.stats.to_dict()
+
+
+@needs_gpu
 @pytest.mark.parametrize("kind", ["plain", "amphista"])       # two tests: 68 s as one on an H100, a suite's tail
 def test_merge_in_kernel_decodes_like_two_launch_merge(kind):
     """Tree attention's merge="kernel" (kernels/triton_kernels/tree_attention.py: the last split merges, with
