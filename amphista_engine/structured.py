@@ -1,4 +1,5 @@
-"""Structured output: decoding held to a JSON schema, a regex or a grammar (OpenAI's `response_format`).
+"""Structured output: decoding held to a JSON schema, a regex, a grammar or a list of choices (OpenAI's
+`response_format`; vLLM's guided_* fields and structured_outputs object map onto it: vllm_format).
 
 Each row has a grammar matcher (llguidance, the library vLLM and SGLang use) that follows the tokens the row has
 emitted; before a token is chosen, the logits of every token the grammar forbids there go to -inf. In a speculative
@@ -26,7 +27,7 @@ import torch
 
 from .errors import ConfigError, InputError
 
-FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
+FORMATS = ("text", "json_object", "json_schema", "regex", "grammar", "choice")
 # Blanks, one line break, an indentation: pretty-printed JSON fits (64 columns of indentation, 32 levels of 2), and a
 # run of whitespace always ends
 JSON_WHITESPACE = r"[\x20\x09]{0,16}(\r?\n[\x20\x09]{0,64})?"
@@ -56,8 +57,9 @@ def _grammar_text(response_format) -> str | None:
 
     {"type": "text"} or None: free text; {"type": "json_object"}: any JSON object; {"type": "json_schema",
     "json_schema": {"schema": {...}, "name": ..., "strict": ...}}: JSON valid under the schema (OpenAI's form; a bare
-    {"schema": ...} too); ours, as SGLang/vLLM offer them: {"type": "regex", "regex": "..."} and {"type": "grammar",
-    "grammar": "<Lark grammar>"}."""
+    {"schema": ...} too); ours, as SGLang/vLLM offer them: {"type": "regex", "regex": "..."}, {"type": "grammar",
+    "grammar": "<Lark grammar>"} and {"type": "choice", "choices": ["...", ...]} (the answer is exactly one of them:
+    vLLM's guided_choice)."""
     if response_format is None:
         return None
     if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
@@ -70,20 +72,7 @@ def _grammar_text(response_format) -> str | None:
     if kind == "json_object":
         return _json_grammar(llg, {"type": "object"})
     if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict):
-            raise InputError("response_format type 'json_schema' needs a 'json_schema' object holding the 'schema'")
-        schema = spec.get("schema", spec if "type" in spec or "properties" in spec or "$ref" in spec else None)
-        if schema is None and "schema" not in spec:   # not "got None": the client gave no None, but no 'schema' either
-            raise InputError(f"response_format type 'json_schema' needs its schema under 'schema' "
-                             f"({{'name': ..., 'schema': {{...}}}}), got the keys {sorted(spec)!r:.80}")
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError as e:
-                raise InputError(f"response_format json_schema.schema is not valid JSON: {e}") from None
-        if not isinstance(schema, dict):
-            raise InputError(f"response_format json_schema.schema must be a JSON schema object, got {schema!r:.80}")
+        schema = _schema_of(response_format)
         try:
             return _json_grammar(llg, schema)
         except (ValueError, TypeError) as e:
@@ -99,7 +88,121 @@ def _grammar_text(response_format) -> str | None:
             raise InputError("response_format type 'grammar' needs a non-empty 'grammar' string (Lark syntax, as "
                              "llguidance reads it)")
         return llg.LLMatcher.grammar_from_lark(lark)
+    if kind == "choice":
+        choices = response_format.get("choices")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise InputError(f"response_format type 'choice' needs a non-empty 'choices' list of strings, got "
+                             f"{choices!r:.80}")
+        # One terminal (one lexeme, as vLLM's regex alternation of the choices): the answer is one choice whole, and
+        # EOS is allowed only once it is; json.dumps writes each as a Lark string literal (llguidance reads its
+        # escapes), so no character of a choice is read as syntax
+        return llg.LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in choices))
     raise InputError(f"response_format type {kind!r} is not supported (supported: {', '.join(FORMATS)})")
+
+
+def _schema_of(response_format: dict) -> dict:
+    """The JSON schema of a response_format of type json_schema (OpenAI's {"json_schema": {"schema": ...}}, a bare
+    {"json_schema": {...schema...}}, or the schema as a JSON string), checked to be an object."""
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InputError("response_format type 'json_schema' needs a 'json_schema' object holding the 'schema'")
+    schema = spec.get("schema", spec if "type" in spec or "properties" in spec or "$ref" in spec else None)
+    if schema is None and "schema" not in spec:   # not "got None": the client gave no None, but no 'schema' either
+        raise InputError(f"response_format type 'json_schema' needs its schema under 'schema' "
+                         f"({{'name': ..., 'schema': {{...}}}}), got the keys {sorted(spec)!r:.80}")
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise InputError(f"response_format json_schema.schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InputError(f"response_format json_schema.schema must be a JSON schema object, got {schema!r:.80}")
+    return schema
+
+
+# vLLM's constraints: its structured_outputs object's keys (vLLM >= 0.10), and its older guided_json, guided_regex,
+# guided_choice and guided_grammar request fields, which mean the same
+VLLM_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def vllm_format(kind: str, value, field: str) -> dict:
+    """The response_format that vLLM's constraint `kind` (VLLM_KINDS) with this value means, so that it takes the one
+    path response_format takes. field: the request's name for it (guided_regex, structured_outputs.regex, ...), which
+    a malformed value's InputError names.
+
+    json: a JSON schema object, or a JSON string of one; regex: a string; choice: a list of strings (the answer is
+    exactly one); json_object: true; grammar: as vLLM's guidance backend (llguidance) reads it, Lark (llguidance's,
+    with a `start:` rule) or GBNF/EBNF (llama.cpp's, `root ::= ...`, which vLLM's xgrammar backend takes), the latter
+    turned into Lark by llguidance's own converter."""
+    def refuse(what: str):
+        raise InputError(f"{field} must be {what}, got {json.dumps(value, default=str)[:80]}")
+
+    if kind == "json":
+        schema = value
+        if isinstance(value, str):
+            try:
+                schema = json.loads(value)
+            except ValueError as e:
+                raise InputError(f"{field} is not valid JSON (a JSON schema, or a JSON string of one): {e}") from None
+        if not isinstance(schema, dict):
+            refuse("a JSON schema object (or a JSON string of one)")
+        return {"type": "json_schema", "json_schema": {"schema": schema}}
+    if kind == "json_object":
+        if value is not True:
+            refuse("true or false")
+        return {"type": "json_object"}
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            refuse("a non-empty regex string")
+        return {"type": "regex", "regex": value}
+    if kind == "choice":
+        if not isinstance(value, list) or not value:
+            refuse("a non-empty list of strings (the answer is exactly one of them)")
+        for i, c in enumerate(value):
+            if not isinstance(c, str):
+                raise InputError(f"{field}[{i}] must be a string, got {json.dumps(c, default=str)[:80]}")
+        return {"type": "choice", "choices": list(value)}
+    if kind == "grammar":
+        if not isinstance(value, str) or not value.strip():
+            refuse("a non-empty grammar string (Lark, as llguidance reads it, or GBNF/EBNF)")
+        _llguidance()
+        from llguidance.gbnf_to_lark import any_to_lark
+        try:
+            lark = any_to_lark(value)
+        except Exception as e:      # the converter's own error types
+            # only text without a `start:` rule is converted: a Lark grammar goes through unread
+            raise InputError(f"{field}, read as GBNF/EBNF (llama.cpp's 'root ::= ...' syntax; Lark, llguidance's, "
+                             f"is taken too, with a 'start:' rule): {e}") from None
+        return {"type": "grammar", "grammar": lark}
+    raise InputError(f"{field}: no such constraint (vLLM's are {', '.join(VLLM_KINDS)})")
+
+
+def json_whitespace(response_format, field: str, pattern: str | None = None, compact: bool = False):
+    """A JSON response_format (json_object, json_schema) with the whitespace between its tokens set as vLLM's options
+    set it: `pattern` (guided_whitespace_pattern, structured_outputs.whitespace_pattern: a regex of the whitespace
+    allowed), or `compact` (structured_outputs.disable_any_whitespace: none), written into the schema's own
+    "x-guidance" settings, which _json_grammar keeps. None for a response_format that is not JSON. field: the
+    pattern's name, which a pattern that is no regex is an InputError naming."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in ("json_object", "json_schema"):
+        return None
+    schema = {"type": "object"} if kind == "json_object" else _schema_of(response_format)
+    own = schema.get("x-guidance")
+    own = dict(own) if isinstance(own, dict) else {}
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise InputError(f"{field} must be a regex string, got {json.dumps(pattern, default=str)[:80]}")
+        llg = _llguidance()
+        error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_regex(pattern))
+        if error:
+            raise InputError(f"{field}: {error.strip()}")
+        own["whitespace_pattern"] = pattern         # llguidance: a pattern overrides whitespace_flexible
+    elif compact:
+        own.pop("whitespace_pattern", None)
+        own["whitespace_flexible"] = False          # no whitespace at all between JSON's tokens
+    else:
+        return response_format
+    return {"type": "json_schema", "json_schema": {"schema": {**schema, "x-guidance": own}}}
 
 
 # Keywords llguidance refuses ("Unimplemented keys") though these values of them constrain nothing, as pydantic,

@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..reasoning import ReasoningSplitter, check_reasoning_parser
-from ..structured import grammar_source
+from ..structured import VLLM_KINDS, grammar_source, json_whitespace, vllm_format
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
                      prepare_messages, show_controls, template_supports_tools, tool_call_format)
 from .batching import Job, Scheduler
@@ -102,12 +102,17 @@ def check_api_key(key) -> bytes | None:
     return key.encode("ascii")
 
 
-def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: bool = False) -> ApiError:
+def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: bool = False,
+                  constraint: str | None = None) -> ApiError:
     """An engine error as the API's: its message in the request's field names (max_tokens, not max_new_tokens;
     the cache is the server's --max-seq-len). tree_given: the request named a tree, which a ConfigError (an unknown
-    tree, bad paths, a tree deeper than the heads) is about."""
+    tree, bad paths, a tree deeper than the heads) is about. constraint: the field the request's structured-output
+    constraint came in (guided_choice, structured_outputs.regex, ...: _constraint_field), which the engine's
+    response_format errors are about."""
     message = str(e).replace("max_new_tokens", "max_tokens").replace(
         "max_seq_len", "the server's --max-seq-len").replace("speculative=None", "speculative='none'")
+    if constraint not in (None, "response_format") and message.startswith("response_format"):
+        message = constraint + message[len("response_format"):]
     if isinstance(e, CacheFullError):       # OpenAI's status and code for a prompt past the context
         return ApiError(400, message, prompt_field, "context_length_exceeded")
     if isinstance(e, InputError):
@@ -121,6 +126,8 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
                                    "stop_token_ids", "response_format", "continue_final_message",
                                    "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
                                    "include_stop_str_in_output") else None
+        if constraint is not None and message.startswith(constraint):
+            param = constraint          # a vLLM constraint's name (structured_outputs.regex: more than one word)
         return ApiError(400, message, param)
     if isinstance(e, ConfigError) and tree_given and "tree" in message:
         return ApiError(400, message, "tree")
@@ -336,16 +343,117 @@ def _openai_logit_options(body: dict) -> dict:
         out["allowed_token_ids"] = body["allowed_token_ids"]
     if body.get("bad_words") not in (None, []):
         out["bad_words"] = body["bad_words"]
-    rf = body.get("response_format")
+    rf = _constraint(body)
     if rf is not None:
-        # OpenAI's json_object / json_schema, and regex / grammar as SGLang and vLLM take them (structured.py); the
-        # shape is checked here (a 400 before the request waits), the grammar itself when its run starts
-        try:
-            if grammar_source(rf) is not None:
-                out["response_format"] = rf
-        except AmphistaError as e:
-            raise ApiError(400, str(e), "response_format") from None
+        out["response_format"] = rf
     return out
+
+
+# vLLM's older structured-output fields -> the structured_outputs key (structured.VLLM_KINDS) each one means
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# structured_outputs' keys other than its constraints: whitespace_pattern and disable_any_whitespace are honoured on
+# JSON; disable_fallback (a backend's) is taken and ignored; the others are refused where they ask for something
+STRUCTURED_OPTIONS = ("whitespace_pattern", "disable_any_whitespace", "disable_additional_properties",
+                      "disable_fallback", "structural_tag")
+
+
+def _constraints(body: dict) -> list[tuple[str, str | None, object]]:
+    """The structured-output constraints a request sets, (field, vLLM kind or None for response_format, value): its
+    response_format (not {"type": "text"}), vLLM's guided_json / guided_regex / guided_choice / guided_grammar, and
+    the constraint keys of vLLM's structured_outputs object (a null or false one sets nothing, as in vLLM)."""
+    found = []
+    rf = body.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        found.append(("response_format", None, rf))
+    found += [(name, kind, body[name]) for name, kind in GUIDED.items() if body.get(name) is not None]
+    so = body.get("structured_outputs")
+    if so is None:
+        return found
+    if not isinstance(so, dict):
+        raise ApiError(400, f"structured_outputs must be an object (vLLM's: {{\"json\": ...}}, {{\"regex\": ...}}, "
+                       f"{{\"choice\": [...]}}, {{\"grammar\": ...}} or {{\"json_object\": true}}), got "
+                       f"{_json_type(so)}", "structured_outputs")
+    unknown = sorted(set(so) - set(VLLM_KINDS) - set(STRUCTURED_OPTIONS))
+    if unknown:
+        raise ApiError(400, f"structured_outputs has no key {unknown[0]!r} (its keys: "
+                       f"{', '.join(VLLM_KINDS + STRUCTURED_OPTIONS)})", f"structured_outputs.{unknown[0]}")
+    for kind in VLLM_KINDS:
+        if so.get(kind) is not None and not (kind == "json_object" and so[kind] is False):
+            found.append((f"structured_outputs.{kind}", kind, so[kind]))
+    return found
+
+
+def _constraint_field(body) -> str | None:
+    """The field a request's one structured-output constraint came in, or None (none, or a request refused)."""
+    try:
+        found = _constraints(body) if isinstance(body, dict) else []
+    except ApiError:
+        return None
+    return found[0][0] if len(found) == 1 else None
+
+
+def _constraint(body: dict) -> dict | None:
+    """A request's one structured-output constraint (_constraints) as the response_format the engine takes
+    (structured.py: vLLM's fields are aliases of it), checked: a 400 naming the field before the request waits (the
+    grammar's fit to the tokenizer is checked when its run starts). None: free text. Two constraints, or vLLM's
+    options where they cannot be honoured, are 400s naming the fields."""
+    found = _constraints(body)
+    if len(found) > 1:
+        names = [name for name, _, _ in found]
+        raise ApiError(400, f"a request takes one structured-output constraint, got {', '.join(names[:-1])} and "
+                       f"{names[-1]}: send one of them", names[1])
+    backend = body.get("guided_decoding_backend")       # vLLM's choice of grammar engine: here always llguidance
+    if backend is not None and not isinstance(backend, str):
+        raise ApiError(400, f"guided_decoding_backend must be a string, got {_json_type(backend)}",
+                       "guided_decoding_backend")
+    so = body.get("structured_outputs") or {}
+    for key in ("disable_any_whitespace", "disable_fallback", "disable_additional_properties"):
+        if so.get(key) not in (None, False, True):
+            raise ApiError(400, f"structured_outputs.{key} must be true or false, got {_json_type(so[key])}",
+                           f"structured_outputs.{key}")
+    if so.get("structural_tag") is not None:
+        raise ApiError(400, "structured_outputs.structural_tag is not supported: send tools (tool calls) or one of "
+                       "json, regex, choice, grammar", "structured_outputs.structural_tag")
+    if so.get("disable_additional_properties"):
+        raise ApiError(400, "structured_outputs.disable_additional_properties is not supported: write "
+                       "\"additionalProperties\": false into the schema's objects instead",
+                       "structured_outputs.disable_additional_properties")
+    patterns = [(name, value) for name, value in (("guided_whitespace_pattern", body.get("guided_whitespace_pattern")),
+                ("structured_outputs.whitespace_pattern", so.get("whitespace_pattern"))) if value is not None]
+    if len(patterns) > 1:
+        raise ApiError(400, "guided_whitespace_pattern and structured_outputs.whitespace_pattern are both set: send "
+                       "one of them", patterns[1][0])
+    if not found:
+        if patterns:
+            raise ApiError(400, f"{patterns[0][0]} sets the whitespace of JSON answers: it needs a JSON constraint "
+                           f"(guided_json, structured_outputs.json or json_object, response_format json_schema or "
+                           f"json_object)", patterns[0][0])
+        return None
+    field, kind, value = found[0]
+    # OpenAI's json_object / json_schema, regex / grammar / choice as SGLang and vLLM take them (structured.py)
+    name = field
+    try:
+        rf = value if kind is None else vllm_format(kind, value, field)
+        compact = bool(so.get("disable_any_whitespace"))    # on a regex, choice or grammar: nothing to disable
+        if patterns or compact:
+            name, pattern = patterns[0] if patterns else ("structured_outputs.disable_any_whitespace", None)
+            spaced = json_whitespace(rf, name, pattern, compact)
+            if spaced is None and patterns:
+                raise ApiError(400, f"{name} sets the whitespace of JSON answers, and {field} is not JSON: leave it "
+                               f"out", name)
+            rf = rf if spaced is None else spaced
+        if grammar_source(rf) is None:
+            return None
+    except AmphistaError as e:
+        message = str(e)
+        if not message.startswith(name):       # the constraint's error, not its whitespace pattern's
+            name = field
+            for said in ("response_format json_schema.schema", "response_format"):
+                if field != "response_format" and message.startswith(said):
+                    message = field + message[len(said):]      # the mapped format's error, in the field's name
+                    break
+        raise ApiError(400, message, name) from None
+    return rf
 
 
 def _unsupported(body, fields):
@@ -573,12 +681,13 @@ class OpenAIApp:
                             body.get("parallel_tool_calls"))
         except ToolError as e:
             raise ApiError(400, str(e), e.param) from None
-        if plan.parse and body.get("response_format") not in (None, {"type": "text"}):
+        given = _constraints(body) if plan.parse else []
+        if given:
+            field = given[0][0]
             # the answer is read for tool calls (and held to their grammar under "required" or a named function):
-            # a format of the client's own would forbid or garble them
-            raise ApiError(400, "response_format does not mix with tools: the answer is read for tool calls (send "
-                           "tool_choice 'none' to use response_format with tools in the prompt, or leave out "
-                           "response_format)", "response_format")
+            # a format of the client's own (or vLLM's guided_* / structured_outputs) would forbid or garble them
+            raise ApiError(400, f"{field} does not mix with tools: the answer is read for tool calls (send "
+                           f"tool_choice 'none' to use {field} with tools in the prompt, or leave out {field})", field)
         return plan
 
     def chat_messages(self, body: dict, plan: ToolPlan | None = None) -> list[dict]:
@@ -1253,7 +1362,7 @@ class _Handler(BaseHTTPRequestHandler):
         except AmphistaError as e:
             body = getattr(self, "_request", None) or {}
             self._fail(_engine_error(e, "prompt" if self._route() == "/completions" else "messages",
-                                     body.get("tree") is not None))
+                                     body.get("tree") is not None, _constraint_field(body)))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True        # the client went away: nothing to answer
         except Exception as e:                  # noqa: BLE001 -- a bug: reported, and the server goes on
