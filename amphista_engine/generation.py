@@ -34,12 +34,15 @@ def flag_non_finite(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.where(ok.view(-1, *([1] * (tokens.dim() - 1))), tokens, NON_FINITE)
 
 
-def flag_no_token(tokens: torch.Tensor, chosen_from: torch.Tensor, nodes: torch.Tensor | None = None) -> torch.Tensor:
+def flag_no_token(tokens: torch.Tensor, chosen_from: torch.Tensor | None,
+                  nodes: torch.Tensor | None = None) -> torch.Tensor:
     """tokens [B, ...] with every token of a row set to NO_TOKEN where the logits a token was chosen from (after
     logit_bias, allowed_token_ids, bad words, min_tokens, a grammar and the penalties) are all -inf: sampling there
     drew any token at all (NaN probabilities) and greedy took token 0. chosen_from: [B, V], or a verified tree's
     [B, N, V] with nodes [B, D + 1] the accepted nodes (-1 past them): a ruled-out node nobody accepted is no fault.
-    One reduction, no sync, as flag_non_finite."""
+    One reduction, no sync, as flag_non_finite; none where chosen_from is None (nothing was masked)."""
+    if chosen_from is None:
+        return tokens
     dead = chosen_from.amax(-1) == float("-inf")
     if nodes is not None:
         dead = (dead.gather(1, nodes.clamp(min=0)) & (nodes >= 0)).any(1)
@@ -373,8 +376,10 @@ class PlainDecoder:
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         # first, as vLLM's logits processors come before its penalties
-        logits = self._penalised(self._constrained(self._held_back(self._biased(logits))))
-        self.chosen_from = logits        # rebound each step (flag_no_token reads it)
+        raw, logits = logits, self._penalised(self._constrained(self._held_back(self._biased(logits))))
+        # rebound each step (flag_no_token reads it); None where nothing masked a token (each mask gives its input
+        # back when off): all -inf there is the model's own, which flag_non_finite names
+        self.chosen_from = None if logits is raw else logits
         tok = sample(logits, self.params, self.generator)
         self._record(tok[:, None])
         if self.produced is not None:

@@ -365,7 +365,8 @@ class SpeculativeDecoder(PlainDecoder):
             self.emitted = (out, count)
         self._tick("commit", t0)
         # the model's own logits for overflow; the ones tokens were chosen from for a row with none left
-        return flag_no_token(flag_non_finite(out, scores), logits, res.accepted_nodes), count
+        chosen_from = None if logits is scores else logits
+        return flag_no_token(flag_non_finite(out, scores), chosen_from, res.accepted_nodes), count
 
     def _penalised_draft(self, draft: torch.Tensor) -> torch.Tensor:
         """The heads' guesses ranked under the answer's penalties (its tokens before the step, the same for every
