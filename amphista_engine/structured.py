@@ -44,12 +44,35 @@ def _llguidance():
 def grammar_source(response_format) -> str | None:
     """The checked llguidance grammar (a string) for an OpenAI-style response_format, or None for free text (see
     _grammar_text); a malformed one is an InputError naming what is wrong, before any model work."""
+    if (where := _lone_surrogate(response_format)) is not None:
+        # llguidance's bindings raised UnicodeEncodeError on it (a 500 from the server, a client's \\ud800 escape)
+        raise InputError("response_format holds text that is not valid Unicode (a lone surrogate escape such as "
+                         f"\\ud800){' at ' + where if where else ''}")
     source = _grammar_text(response_format)
     if source is not None:
         error = _llguidance().LLMatcher.validate_grammar(source)
         if error:
             raise InputError(f"response_format: {error.strip()}")
     return source
+
+
+def _lone_surrogate(value, where: str = "") -> str | None:
+    """Where in a JSON value ("" for itself, ".regex", ".json_schema.schema.enum[0]") a string or key holds a
+    character UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        at = f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return where
+        if (found := _lone_surrogate(item, at)) is not None:
+            return found
+    return None
 
 
 def _grammar_text(response_format) -> str | None:
@@ -192,6 +215,8 @@ def json_whitespace(response_format, field: str, pattern: str | None = None, com
     if pattern is not None:
         if not isinstance(pattern, str):
             raise InputError(f"{field} must be a regex string, got {json.dumps(pattern, default=str)[:80]}")
+        if _lone_surrogate(pattern) is not None:
+            raise InputError(f"{field} is not valid Unicode (a lone surrogate escape such as \\ud800)")
         llg = _llguidance()
         error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_regex(pattern))
         if error:

@@ -120,12 +120,12 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
         field = m.group(1) if m else None
         # response_format: the errors that need the tokenizer (structured.Grammar, built once per format as the run
         # starts: engine._grammar), which the shape check before the run (grammar_source) cannot see
-        param = field if field in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
-                                   "max_tokens", "speculative", "tree", "acceptance", "top_logprobs",
-                                   "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
-                                   "stop_token_ids", "response_format", "continue_final_message",
-                                   "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
-                                   "include_stop_str_in_output") else None
+        # "prompt is empty" is about the request's prompt field (messages on chat), as a prompt too long is
+        param = prompt_field if field == "prompt" else field if field in (
+            "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "max_tokens", "speculative",
+            "tree", "acceptance", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
+            "stop_token_ids", "response_format", "continue_final_message", "truncate_prompt_tokens",
+            "allowed_token_ids", "bad_words", "include_stop_str_in_output", "ignore_eos") else None
         if constraint is not None and message.startswith(constraint):
             param = constraint          # a vLLM constraint's name (structured_outputs.regex: more than one word)
         return ApiError(400, message, param)
@@ -150,6 +150,16 @@ def _text(value, param: str) -> str:
     if _not_utf8(value):
         raise ApiError(400, f"{param} is not valid Unicode (a lone surrogate escape such as \\ud800)", param)
     return value
+
+
+def _json_bytes(obj) -> bytes:
+    """A reply's JSON as UTF-8. A lone surrogate a request sent as \\ud800 (a structured_outputs key, a regex) and
+    an error message quotes has no UTF-8: encoding it raised past the error handling, and the client got no reply
+    at all. Such a reply is written with escapes, as the request came."""
+    try:
+        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj).encode("ascii")
 
 
 def _json_type(value) -> str:
@@ -296,7 +306,7 @@ def _openai_logit_options(body: dict) -> dict:
     out = {}
     for name in ("presence_penalty", "frequency_penalty"):
         value = body.get(name)
-        if value is None or value == 0:
+        if value is None or value == 0 and not isinstance(value, bool):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > PENALTY_RANGE:
             raise ApiError(400, f"{name} must be a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}], got "
@@ -317,13 +327,13 @@ def _openai_logit_options(body: dict) -> dict:
                                f"{LOGIT_BIAS_RANGE:g}], got {json.dumps(value)[:40]}", "logit_bias")
         out["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
     ignore = body.get("ignore_eos")
-    if ignore not in (None, False, True):
+    if ignore is not None and not isinstance(ignore, bool):      # `in (True, False)` takes 1 and 0.0
         raise ApiError(400, f"ignore_eos must be true or false, got {_json_type(ignore)}", "ignore_eos")
     if ignore:
         out["ignore_eos"] = True
     # vLLM's: the engine checks them (InputError, named)
-    if body.get("min_tokens") not in (None, 0):
-        out["min_tokens"] = body["min_tokens"]
+    if body.get("min_tokens") is not None and (body["min_tokens"] != 0 or isinstance(body["min_tokens"], bool)):
+        out["min_tokens"] = body["min_tokens"]      # false too: the engine names it (it was taken for 0)
     if body.get("stop_token_ids") not in (None, []):
         out["stop_token_ids"] = body["stop_token_ids"]
     # vLLM's request extras (Engine.stream_batch checks their values and names them; [] allowed ids is an error)
@@ -459,7 +469,8 @@ def _constraint(body: dict) -> dict | None:
 def _unsupported(body, fields):
     for name in fields:
         allowed, why = UNSUPPORTED[name]
-        if name in body and body[name] not in allowed:
+        # none of the values that ask for nothing is a boolean: true is no best_of 1 (`in` took it for one)
+        if name in body and (body[name] not in allowed or isinstance(body[name], bool)):
             raise ApiError(400, f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
 
 
@@ -724,7 +735,7 @@ class OpenAIApp:
         if plan is not None and plan.response_format is not None:
             body = {**body, "response_format": plan.response_format}    # tool_plan refused one of the client's
         cache_prompt = body.get("cache_prompt") if isinstance(body, dict) else None
-        if cache_prompt not in (None, True, False):         # llama.cpp's field; not part of what a run shares
+        if cache_prompt is not None and not isinstance(cache_prompt, bool):    # llama.cpp's; not in the batch key
             raise ApiError(400, f"cache_prompt must be true or false, got {_json_type(cache_prompt)}", "cache_prompt")
         with self.rendering(variables):     # the default max_tokens is cut to the room its rendered prompt leaves
             jobs = [Job(p, self.decoding(body, p, None if chat else False), variables, stream, n) for p in prompts]
@@ -845,7 +856,7 @@ class OpenAIApp:
             raise ApiError(400, "echo applies to /v1/completions (the prompt's text and logprobs before the answer); a "
                            "chat completion does not echo its messages", "echo")
         echo = body.get("echo") if chat is False else None
-        if echo not in (None, False, True):
+        if echo is not None and not isinstance(echo, bool):      # `in (True, False)` takes 1 and 0.0
             raise ApiError(400, f"echo must be true or false, got {_json_type(echo)}", "echo")
         if echo:
             kwargs["echo"] = True       # the server's own option (_start_run): part of the batch key
@@ -858,6 +869,10 @@ class OpenAIApp:
         kwargs.update(_openai_logit_options(body))
         if isinstance(kwargs["stop"], list) and not kwargs["stop"]:      # OpenAI's "no stop strings"
             kwargs["stop"] = None
+        if kwargs["stop"] is not None and not isinstance(kwargs["stop"], (str, list)):
+            # the engine's check takes any empty value ({}, false, 0) for no stops
+            raise ApiError(400, f"stop must be a string or a list of strings, got {_json_type(kwargs['stop'])}",
+                           "stop")
         stops = kwargs["stop"]          # its type is the engine's to refuse (check_stop), by name
         for s in [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []:
             if isinstance(s, str) and _not_utf8(s):
@@ -1174,8 +1189,8 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _json(self, status: int, obj: dict, note: str = ""):
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        if self.command == "POST" and not getattr(self, "_body_read", True):
+        data = _json_bytes(obj)
+        if not getattr(self, "_body_read", True):
             self.close_connection = True     # its unread body would be taken for the connection's next request
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -1306,6 +1321,21 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._serve(self._post)
 
+    def do_PUT(self):
+        # PUT, PATCH, DELETE: a 405 (a route's) or a 404, not http.server's 501 "Unsupported method" for them
+        self._serve(self._other)
+
+    do_PATCH = do_DELETE = do_PUT
+
+    def _other(self, route: str):
+        if route in ("/chat/completions", "/completions", "/tokenize", "/detokenize"):
+            raise ApiError(405, f"{self.path} takes POST, not {self.command}", code="method_not_allowed")
+        if route in ("/models", "/health", "/metrics") or route.startswith("/models/"):
+            raise ApiError(405, f"{self.path} takes GET, not {self.command}", code="method_not_allowed")
+        raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET /health, GET "
+                       f"/metrics, POST /v1/chat/completions, POST /v1/completions, POST /tokenize and POST "
+                       f"/detokenize", code="not_found")
+
     def _get(self, route: str):
         app = self.app
         model = {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "amphista-engine",
@@ -1350,7 +1380,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, route_fn):
         self._started = False          # whether a reply's headers went out (an error then cannot be a status)
-        self._body_read = self.command != "POST"
+        self._body_read = self.command not in ("POST", "PUT", "PATCH", "DELETE")   # the others' bodies: none
         self._request = None           # the parsed body, once read
         self._counted = False          # this request's reply is not in /metrics yet (_count)
         try:
@@ -1404,8 +1434,15 @@ class _Handler(BaseHTTPRequestHandler):
         if stream and len(prompts) > 1:
             raise ApiError(400, f"stream takes one prompt, got {len(prompts)}: send one streamed request per prompt, "
                            f"or these without stream", "stream")
-        include_usage = stream and isinstance(body.get("stream_options"), dict) and \
-            body["stream_options"].get("include_usage") is True
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise ApiError(400, f"stream_options must be an object ({{\"include_usage\": true}}), got "
+                           f"{_json_type(options)}", "stream_options")
+        usage = (options or {}).get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise ApiError(400, f"stream_options.include_usage must be true or false, got {_json_type(usage)}",
+                           "stream_options.include_usage")
+        include_usage = stream and usage is True
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk" if stream else "chat.completion", "created": created,
@@ -1523,7 +1560,7 @@ class _Handler(BaseHTTPRequestHandler):
         return results
 
     def _event(self, obj):
-        payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+        payload = obj if isinstance(obj, str) else _json_bytes(obj).decode("utf-8")
         # U+2028, U+2029 and U+0085 are line breaks to str.splitlines, which httpx's iter_lines (httpx-sse, and the
         # clients built on it) splits SSE on: raw in a delta, they cut the data line in two and the client's JSON
         # parse failed. Escaped, the JSON decodes to the same text (they only occur inside its strings).
