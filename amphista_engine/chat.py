@@ -207,7 +207,9 @@ def _check_messages(messages) -> list[dict]:
             raise InputError(f"message {i} is a {type(m).__name__}, expected a dict with 'role' and 'content'")
         role = m.get("role")
         if not isinstance(role, str) or not role:
-            raise InputError(f"message {i} has no 'role' (expected e.g. 'system', 'user' or 'assistant')")
+            # a role of another type was told "has no 'role'", which it has
+            what = "no 'role'" if role is None or role == "" else f"a {type(role).__name__} 'role' ({role!r:.40})"
+            raise InputError(f"message {i} has {what}; expected a string such as 'system', 'user' or 'assistant'")
         content = m.get("content")
         # An assistant turn that only calls tools has no content (None in OpenAI's format), as in transformers.
         if not isinstance(content, str) and not (content is None and m.get("tool_calls")):

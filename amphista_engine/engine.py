@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import numbers
 import os
 import threading
 import time
@@ -63,6 +64,15 @@ def _tree_key(tree):
         raise InputError(f"tree must be a name (e.g. 'mix-4', 'tree-16', 'dynamic-8'), a list of top-k rank paths "
                          f"(e.g. [[0], [1], [0, 0]]) or None, got {type(tree).__name__} {tree!r}") from None
     return key
+
+
+def _plain_ranks(tree):
+    """A path-list tree with numpy's integer ranks as Python ints, as the other options take numpy's integers (a tree
+    from np.argsort's ranks was refused as "must be a non-empty tuple of integer top-k ranks"); anything else as
+    given (names, None, and bad trees, which TreeSpec names)."""
+    if isinstance(tree, (list, tuple)) and all(isinstance(p, (list, tuple)) for p in tree):
+        return [[int(r) if is_integral(r) else r for r in p] for p in tree]
+    return tree
 
 
 @dataclass
@@ -184,7 +194,11 @@ def check_truncate_prompt_tokens(n) -> int | None:
 
 
 def check_stop(stop) -> list[str]:
-    """Stop strings as a list: None, one string or a list of non-empty strings."""
+    """Stop strings as a list: None, one string or a list (or 1-D array) of non-empty strings."""
+    if getattr(stop, "ndim", 0) and hasattr(stop, "tolist"):
+        # `stop or []` on an array raised numpy's bare "truth value ... is ambiguous"; a 1-D array of strings is taken
+        # as the token id options take theirs
+        stop = stop.tolist()
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
@@ -490,6 +504,11 @@ class Engine:
             if continue_final_message or add_generation_prompt is not None:
                 raise InputError(_TEMPLATE_ENDS_ONLY.format("a prompt of token ids, taken as given"))
             return self.check_token_ids(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, numbers.Number) for t in prompt):
+            # token ids with a float or bool among them were told "message 0 is a int, expected a dict"
+            i = next(i for i, t in enumerate(prompt) if not is_integral(t))
+            raise InputError(f"a prompt of token ids takes integers only: item {i} is {type(prompt[i]).__name__} "
+                             f"{prompt[i]!r:.40}")
         templated = {"continue_final_message": continue_final_message, "add_generation_prompt": add_generation_prompt}
         if isinstance(prompt, str):
             if not prompt.strip():
@@ -518,7 +537,10 @@ class Engine:
                                **templated)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode(text)
+        try:
+            ids = self.tokenizer.encode(text)
+        except InputError as e:     # "text is not valid Unicode" named no input (a stop string, a bad word name theirs)
+            raise InputError(f"the prompt's {str(e).removeprefix('the ')}") from None
         if not ids:
             raise InputError("prompt encodes to zero tokens")
         return ids
@@ -872,6 +894,7 @@ class Engine:
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = check_stop(stop)
         check_stop_unicode(stop)
+        tree = _plain_ranks(tree)
         _tree_key(tree)                       # a bad tree is named even where the run turns out plain
         if chat is not None and not isinstance(chat, bool):    # the call's setting, not a fault of prompt 0
             raise InputError(f"chat must be True, False or None (the model's template when it has one), "
@@ -1162,16 +1185,25 @@ class Engine:
                                 None if r.logprobs is None else list(r.logprobs),
                                 None if r.top_logprobs is None else list(r.top_logprobs), r.eos_logprob)
 
+    def _forget_results(self):
+        """A call refused before stream_batch's own checks (n, row_results) leaves no result either, never an earlier
+        run's (while another thread's run decodes, its own is set as it ends)."""
+        with self._decoding_lock:
+            if self._decoding is None:
+                self.last_result, self.last_results = None, []
+
     def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
         """Text chunks as they are decoded; `engine.last_result` holds the full result afterwards (None where the
         stream was closed before its end or stopped by an error). Options: those of stream_batch (max_new_tokens: an
         int, or a list of one, as a batch of one prompt takes it).
 
         Bad arguments raise here, before the first chunk is asked for."""
+        self._forget_results()
         if options.get("row_results") is True:
             # its (row, GenerationResult) item came out of this text stream as a chunk ("".join raised TypeError)
             raise InputError("row_results=True applies to stream_batch; stream() yields text chunks only (the result "
                              "is in engine.last_result once the stream ends)")
+        _refuse_n(options, "stream")
         # Row 0 only: with admit, prompts that join the run are rows 1, 2, ...; their deltas (and a refused one's
         # error) were yielded as this prompt's text. Their results are in last_results, as after generate().
         return (delta for row, delta in self.stream_batch([prompt], max_new_tokens, **options) if row == 0)
@@ -1179,6 +1211,8 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int = 256, **options) -> GenerationResult:
         """One prompt (text, or a list of chat messages) to its GenerationResult. Options: those of stream_batch
         (max_new_tokens: an int, or a list of one, as a batch of one prompt takes it)."""
+        self._forget_results()
+        _refuse_n(options, "generate")
         return _drain(self.stream_batch([prompt], max_new_tokens, **options))[0]
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 256, n: int = 1, **options) -> list[GenerationResult]:
@@ -1187,11 +1221,23 @@ class Engine:
         prompt (OpenAI's and vLLM's n), rows of the one batch, returned prompt by prompt (prompt 0's n, then prompt
         1's...); sampled answers differ (one generator draws for all rows), greedy ones are the same. Options: those
         of stream_batch."""
+        self._forget_results()
         if isinstance(n, bool) or not is_integral(n) or n < 1:
             raise InputError(f"n must be an integer >= 1 (answers per prompt), got {type(n).__name__} {n!r}")
-        if n > 1 and isinstance(prompts, list):      # anything else: stream_batch names it
+        if n > 1 and isinstance(prompts, (list, tuple)):     # anything else: stream_batch names it (a tuple's n
+            # was dropped: one answer per prompt)
             # checked as given (an error counts the prompts, not n times them), then each prompt's limit n times
             limits = check_limits_count(check_row_limits(max_new_tokens), len(prompts))
+            rows = len(prompts) * int(n)
+            if rows > self._cache_batch:
+                # before n copies of each prompt are listed: n=10**12 filled the memory with those lists (an
+                # out-of-memory kill) before the cache's own check could refuse the batch
+                try:
+                    KVCache.check_fits(self.config, rows, self.max_seq_len, self.dtype, self.device,
+                                       freeable=0 if self._cache is None else self._cache.nbytes)
+                except CacheFullError as e:
+                    raise CacheFullError(f"n={int(n)} answers to each of {len(prompts)} prompt"
+                                         f"{'s' * (len(prompts) != 1)} make a batch of {rows} rows: {e}") from None
             max_new_tokens = [m for m in limits for _ in range(int(n))]
             prompts = [p for p in prompts for _ in range(int(n))]
         return _drain(self.stream_batch(prompts, max_new_tokens, **options))
@@ -1220,6 +1266,14 @@ def _heads_copy(heads, device, dtype):
     if getattr(heads, KEPT_SKETCH, None) is not None:
         setattr(twin, KEPT_SKETCH, getattr(heads, KEPT_SKETCH))
     return twin
+
+
+def _refuse_n(options: dict, method: str):
+    """n (answers per prompt) is generate_batch's: passed to generate() or stream() it raised a TypeError naming
+    stream_batch, a method the caller never called."""
+    if "n" in options:
+        raise InputError(f"n={options['n']!r:.40}: {method}() gives one answer; for several answers to one prompt use "
+                         f"generate_batch([prompt], n=N)")
 
 
 def _drain(steps) -> list[GenerationResult]:

@@ -153,11 +153,14 @@ def check_logit_bias(bias) -> tuple:
         raise InputError(f"logit_bias must be a dict {{token id: bias}}, got {type(bias).__name__} {bias!r:.80}")
     out = {}
     for key, value in items:
-        if isinstance(key, str) and key.strip().isdigit():
+        # ASCII digits only: str.isdigit() also takes "²" (int() then raised a bare ValueError) and "٣" (taken as 3)
+        if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():
             key = int(key)
         if not is_integral(key) or key < 0:
             raise InputError(f"logit_bias: keys must be token ids (integers >= 0), got {key!r:.40}")
-        if not is_real(value) or abs(value) > MAX_LOGIT_BIAS:
+        # finite by the range comparison (NaN and +-inf fail it): is_real's math.isfinite raised a bare OverflowError
+        # on a huge int (10**400)
+        if not is_real(value, finite=False) or not abs(value) <= MAX_LOGIT_BIAS:
             raise InputError(f"logit_bias[{int(key)}] must be a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
                              f"got {value!r:.40}")
         out[int(key)] = _as_float(value)
