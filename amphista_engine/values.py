@@ -18,4 +18,9 @@ def is_integral(x) -> bool:
 
 def is_real(x, finite: bool = True) -> bool:
     """A real number of any type (numpy's too), not a bool; finite unless finite=False (the caller names it)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and (not finite or math.isfinite(x))
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return not finite or math.isfinite(x)
+    except OverflowError:       # an int past a float's range (10**400): a number, but no finite float
+        return False

@@ -560,3 +560,10 @@ def test_engine_refusals_name_the_field_they_are_about(server):
     error_of(call(httpd.url, "/v1/chat/completions", {**PLAIN_CHAT, "ignore_eos": True, "tools": TOOLS,
                                                       "tool_choice": "required"}), 400, "ignore_eos",
              param="ignore_eos")
+
+
+def test_a_logit_bias_key_of_unicode_digits_is_a_400(server):
+    """"²" passes str.isdigit() but int() refuses it: a 500 before; now a 400 naming logit_bias."""
+    url = server[0].url
+    error_of(call(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"\u00b2": 1}}), 400,
+             "logit_bias", param="logit_bias")

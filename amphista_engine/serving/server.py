@@ -318,7 +318,8 @@ def _openai_logit_options(body: dict) -> dict:
             raise ApiError(400, f"logit_bias must be an object mapping token ids to biases, got {_json_type(bias)}",
                            "logit_bias")
         for key, value in bias.items():
-            if not (isinstance(key, str) and key.isdigit()):
+            # ASCII digits only: str.isdigit() also takes "²" (int() then raised a bare ValueError: a 500)
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
                 raise ApiError(400, f"logit_bias keys must be token ids (e.g. \"50256\"), got {json.dumps(key)}",
                                "logit_bias")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
