@@ -199,7 +199,8 @@ def check_stop(stop) -> list[str]:
         # `stop or []` on an array raised numpy's bare "truth value ... is ambiguous"; a 1-D array of strings is taken
         # as the token id options take theirs
         stop = stop.tolist()
-    stop = [stop] if isinstance(stop, str) else stop or []
+    # None alone is "no stops": {}, False and 0 were taken as it too (`stop or []`), silently
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
     if any(not s for s in stop):
@@ -1222,6 +1223,7 @@ class Engine:
         1's...); sampled answers differ (one generator draws for all rows), greedy ones are the same. Options: those
         of stream_batch."""
         self._forget_results()
+        _check_option_names(options, "generate_batch")
         if isinstance(n, bool) or not is_integral(n) or n < 1:
             raise InputError(f"n must be an integer >= 1 (answers per prompt), got {type(n).__name__} {n!r}")
         if n > 1 and isinstance(prompts, (list, tuple)):     # anything else: stream_batch names it (a tuple's n
@@ -1274,6 +1276,20 @@ def _refuse_n(options: dict, method: str):
     if "n" in options:
         raise InputError(f"n={options['n']!r:.40}: {method}() gives one answer; for several answers to one prompt use "
                          f"generate_batch([prompt], n=N)")
+    _check_option_names(options, method)
+
+
+def _check_option_names(options: dict, method: str):
+    """An option stream_batch does not take, named with the closest it does (a misspelt temprature=0.7 raised
+    Python's TypeError naming stream_batch, a method the caller never called)."""
+    import difflib
+    import inspect
+    known = [p for p in inspect.signature(Engine.stream_batch).parameters if p not in ("self", "prompts")]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise InputError(f"{method}() has no option {name!r}" + (f": did you mean {close[0]!r}?" if close else
+                                                                      f"; its options: {', '.join(known)}"))
 
 
 def _drain(steps) -> list[GenerationResult]:
