@@ -133,13 +133,21 @@ def _schema_of(response_format: dict) -> dict:
     if schema is None and "schema" not in spec:   # not "got None": the client gave no None, but no 'schema' either
         raise InputError(f"response_format type 'json_schema' needs its schema under 'schema' "
                          f"({{'name': ..., 'schema': {{...}}}}), got the keys {sorted(spec)!r:.80}")
-    if isinstance(schema, str):
+    return schema_object(schema, "response_format json_schema.schema")
+
+
+def schema_object(value, field: str) -> dict:
+    """A JSON schema given as an object or as a JSON string of one (both forms that OpenAI's and vLLM's clients
+    send), checked to be an object; an InputError naming `field` otherwise."""
+    schema = value
+    if isinstance(value, str):
         try:
-            schema = json.loads(schema)
+            schema = json.loads(value)
         except ValueError as e:
-            raise InputError(f"response_format json_schema.schema is not valid JSON: {e}") from None
+            raise InputError(f"{field} is not valid JSON (a JSON schema, or a JSON string of one): {e}") from None
     if not isinstance(schema, dict):
-        raise InputError(f"response_format json_schema.schema must be a JSON schema object, got {schema!r:.80}")
+        raise InputError(f"{field} must be a JSON schema object (or a JSON string of one), got "
+                         f"{json.dumps(value, default=str)[:80]}")
     return schema
 
 
@@ -161,15 +169,7 @@ def vllm_format(kind: str, value, field: str) -> dict:
         raise InputError(f"{field} must be {what}, got {json.dumps(value, default=str)[:80]}")
 
     if kind == "json":
-        schema = value
-        if isinstance(value, str):
-            try:
-                schema = json.loads(value)
-            except ValueError as e:
-                raise InputError(f"{field} is not valid JSON (a JSON schema, or a JSON string of one): {e}") from None
-        if not isinstance(schema, dict):
-            refuse("a JSON schema object (or a JSON string of one)")
-        return {"type": "json_schema", "json_schema": {"schema": schema}}
+        return {"type": "json_schema", "json_schema": {"schema": schema_object(value, field)}}
     if kind == "json_object":
         if value is not True:
             refuse("true or false")
@@ -198,6 +198,38 @@ def vllm_format(kind: str, value, field: str) -> dict:
                              f"is taken too, with a 'start:' rule): {e}") from None
         return {"type": "grammar", "grammar": lark}
     raise InputError(f"{field}: no such constraint (vLLM's are {', '.join(VLLM_KINDS)})")
+
+
+# keywords whose value maps names to schemas, and those whose value is data, not a schema (closed_objects)
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_DATA_KEYS = ("enum", "const", "default", "examples")
+
+
+def closed_objects(response_format):
+    """A json_schema response_format whose object schemas that list properties (or patternProperties) and say nothing
+    of others take no others ("additionalProperties": false), as vLLM's structured_outputs.disable_additional_properties
+    asks (its guidance backend walks the schema the same way: every nested object, definitions included). A schema's
+    own additionalProperties stays; other response_formats come back as they are (json_object lists no properties)."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return response_format
+
+    def close(node):
+        if isinstance(node, list):
+            return [close(value) for value in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key in _NAMED_SCHEMAS and isinstance(value, dict):
+                # names -> schemas: the map is no schema (a property called "properties" must not be closed)
+                out[key] = {name: close(schema) for name, schema in value.items()}
+            else:
+                out[key] = value if key in _DATA_KEYS else close(value)
+        if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
+            out["additionalProperties"] = False
+        return out
+
+    return {"type": "json_schema", "json_schema": {"schema": close(_schema_of(response_format))}}
 
 
 def json_whitespace(response_format, field: str, pattern: str | None = None, compact: bool = False):

@@ -282,10 +282,12 @@ def test_a_bug_is_a_500_without_a_traceback_and_the_server_goes_on(served, monke
     err = error_of(call(url, "/v1/chat/completions", {"messages": SYSTEM_USER, "max_tokens": 4}), 500, "boom")
     assert err["type"] == "server_error"
     assert "Traceback" in capsys.readouterr().err         # the operator gets it, on the server's stderr
-    # streamed: the headers went out, so the error is an SSE event (OpenAI's clients raise it), then the end
+    # streamed: the headers went out, so the error is an SSE event (OpenAI's clients raise it), then [DONE] (vLLM's
+    # end of every stream)
     events = sse(url, "/v1/chat/completions", {"messages": SYSTEM_USER, "max_tokens": 4})
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert events[-1]["error"]["type"] == "server_error" and "boom" in events[-1]["error"]["message"]
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "server_error" and "boom" in events[-2]["error"]["message"]
     assert "Traceback" not in json.dumps(events)
     monkeypatch.setattr(engine, "stream_batch", real)
     ref = engine.generate(SYSTEM_USER, 6)

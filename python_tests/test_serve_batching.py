@@ -299,7 +299,8 @@ def test_an_error_mid_batch_reruns_the_unsent_requests_alone(batching, monkeypat
                          [False, False, True])
     assert runs.sizes == [3, 1, 1]        # the non-streamed two again, alone; the stream had begun
     assert [text_of(r, False) for r in replies[:2]] == refs[:2]
-    assert replies[2][-1]["error"]["type"] == "server_error" and "not finite" in replies[2][-1]["error"]["message"]
+    assert replies[2][-1] == "[DONE]"
+    assert replies[2][-2]["error"]["type"] == "server_error" and "not finite" in replies[2][-2]["error"]["message"]
 
 
 def test_max_batch_1_decodes_one_request_at_a_time(tiny_amphista_engine, monkeypatch):

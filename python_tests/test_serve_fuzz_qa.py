@@ -110,9 +110,10 @@ class Sweep:
             errors = [i for i, e in enumerate(events) if isinstance(e, dict) and "error" in e]
             if errors:
                 # what only decoding finds (no token left to choose, say) ends the stream: OpenAI's error object as
-                # its last event, about the request (a 400's), never a bug's
+                # its last event before [DONE], about the request (a 400's), never a bug's
                 err = events[errors[0]]["error"]
-                if errors != [len(events) - 1] or err.get("type") != "invalid_request_error" or not err["message"]:
+                if errors != [len(events) - 2] or events[-1] != "[DONE]" or \
+                        err.get("type") != "invalid_request_error" or not err["message"]:
                     self.fail(where, f"an error event mid-stream: {text[-300:]}")
                 return None
             if not events or events[-1] != "[DONE]":

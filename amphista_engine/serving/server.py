@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..reasoning import ReasoningSplitter, check_reasoning_parser
-from ..structured import VLLM_KINDS, grammar_source, json_whitespace, vllm_format
+from ..structured import VLLM_KINDS, closed_objects, grammar_source, json_whitespace, vllm_format
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
                      prepare_messages, show_controls, template_supports_tools, tool_call_format)
 from .batching import Job, Scheduler
@@ -362,8 +362,9 @@ def _openai_logit_options(body: dict) -> dict:
 
 # vLLM's older structured-output fields -> the structured_outputs key (structured.VLLM_KINDS) each one means
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-# structured_outputs' keys other than its constraints: whitespace_pattern and disable_any_whitespace are honoured on
-# JSON; disable_fallback (a backend's) is taken and ignored; the others are refused where they ask for something
+# structured_outputs' keys other than its constraints: whitespace_pattern, disable_any_whitespace and
+# disable_additional_properties are honoured on JSON; disable_fallback (a backend's) is taken and ignored;
+# structural_tag is refused where it asks for something
 STRUCTURED_OPTIONS = ("whitespace_pattern", "disable_any_whitespace", "disable_additional_properties",
                       "disable_fallback", "structural_tag")
 
@@ -419,16 +420,12 @@ def _constraint(body: dict) -> dict | None:
                        "guided_decoding_backend")
     so = body.get("structured_outputs") or {}
     for key in ("disable_any_whitespace", "disable_fallback", "disable_additional_properties"):
-        if so.get(key) not in (None, False, True):
+        if so.get(key) is not None and not isinstance(so[key], bool):      # 1 == True: `in` took it for one
             raise ApiError(400, f"structured_outputs.{key} must be true or false, got {_json_type(so[key])}",
                            f"structured_outputs.{key}")
     if so.get("structural_tag") is not None:
         raise ApiError(400, "structured_outputs.structural_tag is not supported: send tools (tool calls) or one of "
                        "json, regex, choice, grammar", "structured_outputs.structural_tag")
-    if so.get("disable_additional_properties"):
-        raise ApiError(400, "structured_outputs.disable_additional_properties is not supported: write "
-                       "\"additionalProperties\": false into the schema's objects instead",
-                       "structured_outputs.disable_additional_properties")
     patterns = [(name, value) for name, value in (("guided_whitespace_pattern", body.get("guided_whitespace_pattern")),
                 ("structured_outputs.whitespace_pattern", so.get("whitespace_pattern"))) if value is not None]
     if len(patterns) > 1:
@@ -445,6 +442,8 @@ def _constraint(body: dict) -> dict | None:
     name = field
     try:
         rf = value if kind is None else vllm_format(kind, value, field)
+        if so.get("disable_additional_properties"):
+            rf = closed_objects(rf)
         compact = bool(so.get("disable_any_whitespace"))    # on a regex, choice or grammar: nothing to disable
         if patterns or compact:
             name, pattern = patterns[0] if patterns else ("structured_outputs.disable_any_whitespace", None)
@@ -1420,6 +1419,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self._started:      # mid-stream: an SSE error event (OpenAI's clients raise it), then the end
                 self._event(e.body())
+                # then [DONE], as vLLM ends every stream: clients that read up to it (not to the socket's close)
+                # would otherwise wait
+                self._event("[DONE]")
                 self.close_connection = True
                 self._done(e.status, f" (mid-stream: {e.message[:120]})")
             else:
