@@ -79,7 +79,8 @@ def _plain_ranks(tree):
 class GenerationResult:
     """One prompt's answer. text: the answer without special tokens (cut before a stop string); token_ids: every
     token decoded (the ending EOS left out); prompt_token_ids: the prompt as encoded (chat template applied);
-    finish_reason: "eos", "length" (max_new_tokens reached) or "stop" (a stop string); stats: counts and timings
+    finish_reason: "eos", "length" (max_new_tokens reached) or "stop" (a stop string or stop_token_ids id, which
+    stop_reason names); stats: counts and timings
     (GenerationStats, times in milliseconds). to_dict() gives plain JSON-serializable values.
 
     Results compare equal when they hold the same text, tokens, prompt and finish reason: the stats (wall-clock
@@ -101,10 +102,15 @@ class GenerationResult:
     # requests read token_logprobs[ctxlen:-1], taking the last entry for the answer's token (without it, the
     # prompt's last token was cut from the sum where the model's next token was EOS)
     eos_logprob: tuple | None = field(default=None, repr=False, compare=False)
+    # finish_reason "stop": what stopped it, as vLLM's stop_reason: the stop_token_ids id (left out of token_ids, as
+    # EOS is) or the stop string; None for the other finishes
+    stop_reason: int | str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": len(self.prompt_token_ids),
                "finish_reason": self.finish_reason, "stats": self.stats.to_dict()}
+        if self.stop_reason is not None:
+            out["stop_reason"] = self.stop_reason
         # JSON has no -Infinity (a token the model rules out): LOGPROB_FLOOR, as the server and vLLM write it
         from .generation import LOGPROB_FLOOR
         if self.token_logprobs is not None:
@@ -1161,7 +1167,8 @@ class Engine:
             # result (or kept prefix) landing after its own.
             results = [None if p is None else       # a prompt that joined and was refused (admit)
                        GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs,
-                                        r.eos_logprob) for r, p, s in zip(decoder.rows, decoder.row_prompts, stats)]
+                                        r.eos_logprob, r.stop_reason)
+                       for r, p, s in zip(decoder.rows, decoder.row_prompts, stats)]
             for s, t in zip(stats, since):
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
                 # the time the caller spent between chunks (printing, sending) is no decoding time of this run
@@ -1184,7 +1191,8 @@ class Engine:
         r = decoder.rows[b]
         return GenerationResult(r.text, list(r.ids), decoder.row_prompts[b], r.finish_reason, s,
                                 None if r.logprobs is None else list(r.logprobs),
-                                None if r.top_logprobs is None else list(r.top_logprobs), r.eos_logprob)
+                                None if r.top_logprobs is None else list(r.top_logprobs), r.eos_logprob,
+                                r.stop_reason)
 
     def _forget_results(self):
         """A call refused before stream_batch's own checks (n, row_results) leaves no result either, never an earlier

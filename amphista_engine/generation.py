@@ -566,6 +566,9 @@ class RowState:
     # the EOS that ended the row (not in ids) as (id, logprob, top list or None), where the run asked for logprobs:
     # OpenAI's completions list it (lm-eval's echo reads token_logprobs[ctxlen:-1], the last being the answer's)
     eos_logprob: tuple | None = None
+    # vLLM's stop_reason: the stop_token_ids id (left out of ids) or the stop string that ended the row; None where
+    # it ended otherwise (EOS, length)
+    stop_reason: int | str | None = None
 
     def raw(self, text: str) -> str:
         """`text` (the row's, or it and the text held back after it) with the special tokens shown where they came."""
@@ -601,9 +604,9 @@ class RowState:
         what the stream's flush would give."""
         text = self.text + held
         raw = self.raw(text)
-        hits = [(i, -len(s)) for s in stop for i in [raw.find(s, start)] if i >= 0]
+        hits = [(i, -len(s), s) for s in stop for i in [raw.find(s, start)] if i >= 0]
         if hits:
-            at, minus_len = min(hits)          # the first to start; of those starting there, the longest
+            at, minus_len, self.stop_reason = min(hits)     # the first to start; of those starting there, the longest
             self.text, self.finish_reason = text[:self.text_pos(at - minus_len if keep else at, text)], "stop"
 
 
@@ -627,6 +630,7 @@ def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: 
         used += 1
         if tok in eos:
             row.finish_reason = eos[tok]
+            row.stop_reason = tok if row.finish_reason == "stop" else None
             if lps is not None:
                 row.eos_logprob = (tok, lps[i], None if tops is None else tops[i])
             break

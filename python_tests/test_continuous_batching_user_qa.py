@@ -405,7 +405,8 @@ def test_a_load_of_clients_joining_runs_answers_each_as_alone(served, monkeypatc
             alone = engine.generate(prompt, **kw)
             finish = "length" if alone.finish_reason == "length" else "stop"
             assert all(choices[c] == (alone.text, finish) for c in range(n)), (body, stream, choices, alone.text)
-            assert usage["completion_tokens"] == n * len(alone.token_ids)
+            # each choice's tokens and the EOS it ended on (usage counts it; a stop string's end keeps its tokens)
+            assert usage["completion_tokens"] == n * (len(alone.token_ids) + (alone.finish_reason == "eos"))
 
     def delta(name):      # summed over its labels
         return sum(v for k, v in after.items() if k.partition("{")[0] == name) - sum(

@@ -99,7 +99,9 @@ def test_the_server_returns_them_as_openai_does(setup):
         # a token holding part of a character has that part's bytes, not U+FFFD's (test_logprobs_user_qa.py)
         assert all(c["top_logprobs"] == [] for c in content)
         assert all(bytes(c["bytes"]).decode() == c["token"] for c in content if "\ufffd" not in c["token"])
-        assert len(content) == reply["usage"]["completion_tokens"]
+        # one entry per token of the answer: not the EOS it ended on, which usage counts (chat's content is the
+        # answer's tokens, whose texts join to its text; completions' legacy logprobs list the EOS too)
+        assert len(content) + (want.finish_reason == "eos") == reply["usage"]["completion_tokens"]
         events = sse(httpd.url, "/v1/chat/completions", body)
         last = [e for e in events if isinstance(e, dict) and e["choices"]][-1]["choices"][0]
         assert last["finish_reason"] and [c["logprob"] for c in last["logprobs"]["content"]] == \

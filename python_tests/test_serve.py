@@ -101,8 +101,10 @@ def test_chat_reply_is_generate_with_the_same_settings(served):
     (choice,) = reply["choices"]
     assert choice["message"] == {"role": "assistant", "content": ref.text}
     assert choice["finish_reason"] == {"eos": "stop", "stop": "stop", "length": "length"}[ref.finish_reason]
-    assert reply["usage"] == {"prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": len(ref.token_ids),
-                              "total_tokens": len(ref.prompt_token_ids) + len(ref.token_ids)}
+    # usage counts the EOS an answer ended on (OpenAI's, vLLM's count); the engine's new_tokens leaves it out
+    answer = len(ref.token_ids) + (ref.finish_reason == "eos")
+    assert reply["usage"] == {"prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": answer,
+                              "total_tokens": len(ref.prompt_token_ids) + answer}
     assert reply["amphista"]["speculative"] is None and reply["amphista"]["new_tokens"] == len(ref.token_ids)
     # max_completion_tokens is the newer name; OpenAI's content parts are the same text
     parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in SYSTEM_USER]
@@ -118,7 +120,7 @@ def test_sampled_chat_reply_is_generate_with_the_same_seed(served):
     assert ref.token_ids != greedy.token_ids      # it does sample: the settings reach the engine
     reply = call(url, "/v1/chat/completions", {"messages": SYSTEM_USER, "max_tokens": 16, **settings})[1]
     assert reply["choices"][0]["message"]["content"] == ref.text
-    assert reply["usage"]["completion_tokens"] == len(ref.token_ids)
+    assert reply["usage"]["completion_tokens"] == len(ref.token_ids) + (ref.finish_reason == "eos")
 
 
 def test_streamed_chat_deltas_join_to_the_text(served):
@@ -132,9 +134,10 @@ def test_streamed_chat_deltas_join_to_the_text(served):
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     usage_chunk, final = chunks[-1], chunks[-2]
+    answer = len(ref.token_ids) + (ref.finish_reason == "eos")      # the EOS it ended on counted
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == {
-        "prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": len(ref.token_ids),
-        "total_tokens": len(ref.prompt_token_ids) + len(ref.token_ids)}
+        "prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": answer,
+        "total_tokens": len(ref.prompt_token_ids) + answer}
     assert final["choices"][0]["finish_reason"] == {"eos": "stop", "stop": "stop", "length": "length"}[
         ref.finish_reason] and final["choices"][0]["delta"] == {}
     assert all(c["usage"] is None for c in chunks[:-1])

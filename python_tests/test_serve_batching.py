@@ -144,7 +144,7 @@ def test_concurrent_requests_are_decoded_together_each_as_alone(batching, monkey
     for ref, reply, stream in zip(refs, replies, streams):
         assert text_of(reply, stream) == ref.text
         if not stream:
-            assert reply[1]["usage"]["completion_tokens"] == len(ref.token_ids)
+            assert reply[1]["usage"]["completion_tokens"] == len(ref.token_ids) + (ref.finish_reason == "eos")
             assert reply[1]["amphista"]["speculative"] == speculative
         else:
             assert reply[-1] == "[DONE]" and reply[-2]["choices"][0]["finish_reason"] is not None
@@ -209,7 +209,7 @@ def test_max_tokens_differing_within_a_batch(batching, monkeypatch):
             assert reply[-2]["choices"][0]["finish_reason"] == finish
         else:
             assert reply[1]["choices"][0]["finish_reason"] == finish
-            assert reply[1]["usage"]["completion_tokens"] == len(ref.token_ids)
+            assert reply[1]["usage"]["completion_tokens"] == len(ref.token_ids) + (ref.finish_reason == "eos")
 
 
 def test_a_client_leaving_mid_stream_leaves_the_others_batch_going(batching, monkeypatch):
@@ -398,7 +398,8 @@ def test_a_short_answer_is_sent_when_its_row_ends_not_when_the_batch_does(batchi
     assert runs.sizes == [1, 2] and held == [True]
     for i in (0, 1):
         assert got[i][1]["choices"][0]["message"]["content"] == refs[i].text
-        assert got[i][1]["usage"]["completion_tokens"] == len(refs[i].token_ids)
+        # refs[0] ended on its stop string (a token it keeps): nothing more; an EOS ending is counted
+        assert got[i][1]["usage"]["completion_tokens"] == len(refs[i].token_ids) + (refs[i].finish_reason == "eos")
     assert got[0][1]["choices"][0]["finish_reason"] == "stop"
 
 

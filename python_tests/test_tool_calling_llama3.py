@@ -122,7 +122,8 @@ def test_required_and_named_answer_in_llama3_format(llama_engine):
         assert '"parameters": ' in result.text and content is None
         # ... and the server answered with that same text (greedy): its tokens, its calls
         status, reply = call(server.url, CHAT, {"messages": ASK, "tools": TOOLS, "tool_choice": "required"})
-        assert reply["usage"]["completion_tokens"] == len(result.token_ids)
+        # its tokens and the EOS it ended on (usage counts it, as OpenAI's and vLLM's do)
+        assert reply["usage"]["completion_tokens"] == len(result.token_ids) + (result.finish_reason == "eos")
         assert [_valid(tc) for tc in reply["choices"][0]["message"]["tool_calls"]] == calls
         # a past call and its result, as the template writes them
         body = {"messages": [m for m in HISTORY if m.get("tool_call_id") != "call_2"], "tools": [WEATHER]}

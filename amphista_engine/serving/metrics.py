@@ -105,6 +105,15 @@ class Histogram:
         return out + [("_bucket", [("le", "+Inf")], self.count), ("_sum", (), self.sum), ("_count", (), self.count)]
 
 
+def completion_tokens(result) -> int:
+    """One answer's tokens as OpenAI's and vLLM's usage count them (vLLM's len(output.token_ids)): its token_ids and
+    the token that ended it where the engine left that one out of them, an EOS (finish_reason "eos") or a
+    stop_token_ids id ("stop"). Never a token that was not decoded: max_tokens and a stop string end the answer on a
+    token it keeps. The engine's own counts (stats.new_tokens, tokens/s) stay len(token_ids)."""
+    # stop_reason: the stop token id (an int) or the stop string (kept in token_ids) that ended a "stop"
+    return len(result.token_ids) + (result.finish_reason == "eos" or isinstance(result.stop_reason, int))
+
+
 def request_latency(jobs, results, done: float) -> dict:
     """A successful request's latencies (seconds) from its Jobs' timestamps (the module's docstring):
     {"request_queue_time": s, "e2e_request_latency": s, "time_to_first_token": s or None (nothing decoded),
@@ -196,7 +205,8 @@ class Metrics:
             return
         stats = [r.stats for r in results]
         prompt = sum(len(r.prompt_token_ids) for r in results)
-        new = sum(len(r.token_ids) for r in results)
+        # as usage's completion_tokens counts them (an ending EOS included): the counter is their sum
+        new = sum(completion_tokens(r) for r in results)
         steps, accepted = sum(s.decode_steps for s in stats), sum(s.step_tokens for s in stats)
         prefill, decode = max(s.prefill_ms for s in stats) / 1e3, max(s.decode_ms for s in stats) / 1e3
         with self._lock:

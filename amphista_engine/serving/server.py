@@ -34,7 +34,7 @@ from ..structured import VLLM_KINDS, closed_objects, grammar_source, json_whites
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
                      prepare_messages, show_controls, template_supports_tools, tool_call_format)
 from .batching import Job, Scheduler
-from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics, request_latency
+from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics, completion_tokens, request_latency
 
 # What a request that leaves a field out gets (`amphista serve` sets them from its sampling flags). temperature 0:
 # greedy, as the engine and the other commands default to (OpenAI's own default is 1).
@@ -1106,15 +1106,18 @@ class OpenAIApp:
 
     @staticmethod
     def usage(result) -> dict:
-        p, c = len(result.prompt_token_ids), len(result.token_ids)
+        """One answer's usage: its completion_tokens count the EOS (or stop_token_ids token) it ended on, which
+        token_ids leave out, as OpenAI's and vLLM's do (metrics.completion_tokens)."""
+        p, c = len(result.prompt_token_ids), completion_tokens(result)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @staticmethod
     def usage_of(results: list[list]) -> dict:
         """A request's usage: each prompt's results (one per choice), its prompt counted once, every choice's
-        tokens summed (as OpenAI counts n)."""
+        tokens summed (as OpenAI counts n), each with the EOS it ended on (usage). /metrics'
+        amphista_generation_tokens_total sums the same counts."""
         p = sum(len(rs[0].prompt_token_ids) for rs in results)
-        c = sum(len(r.token_ids) for rs in results for r in rs)
+        c = sum(completion_tokens(r) for rs in results for r in rs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -1517,12 +1520,14 @@ class _Handler(BaseHTTPRequestHandler):
                         message["reasoning_content"] = thought
                     reasons.append("tool_calls" if finish == "tool_calls" else None)
                     choices.append({"index": i * one.n + c, "message": message,
-                                    "logprobs": app.logprobs(r, one), "finish_reason": finish})
+                                    "logprobs": app.logprobs(r, one), "finish_reason": finish,
+                                    "stop_reason": r.stop_reason})
                 else:
                     reasons.append(None)
                     choices.append({"index": i * one.n + c,
                                     "text": (app.prompt_text(one) if one.options.get("echo") else "") + r.text,
-                                    "logprobs": app.completion_logprobs(one, r), "finish_reason": finish})
+                                    "logprobs": app.completion_logprobs(one, r), "finish_reason": finish,
+                                    "stop_reason": r.stop_reason})
         extra = app.extra(result)
         if len(everyone) > 1:               # each choice's own stats too, in the choices' order (the last's above)
             extra["choices"] = [app.extra(r) for r in everyone]
@@ -1581,7 +1586,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
 
         def chunk(index: int, delta: str | None = None, finish=None, role: bool = False, logprobs=None,
-                  tool_calls=None, reasoning=None, **more):
+                  tool_calls=None, reasoning=None, stop_reason=None, **more):
             if chat:
                 d = {"role": "assistant", "content": ""} if role else {} if delta is None else {"content": delta}
                 if tool_calls is not None:
@@ -1591,6 +1596,8 @@ class _Handler(BaseHTTPRequestHandler):
                 choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:      # vLLM's, with the finish: the stop string or stop token id that ended it
+                choice["stop_reason"] = stop_reason
             out = {**head, "choices": [choice], **more}
             if include_usage:
                 out["usage"] = None
@@ -1657,7 +1664,8 @@ class _Handler(BaseHTTPRequestHandler):
                         # characters): the answer's token logprobs come together, with the choice's final chunk,
                         # where a client concatenates them
                         self._event(chunk(c, None, finish, logprobs=app.logprobs(result, job) if chat else
-                                          app.completion_logprobs(job, result), amphista=app.extra(result)))
+                                          app.completion_logprobs(job, result), stop_reason=result.stop_reason,
+                                          amphista=app.extra(result)))
                     if all(r is not None for r in results):
                         break
                 elif self._client_gone():
