@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import AmphistaError, InputError, ModelLoadError
+from .errors import HUGE_INT_DIGITS, AmphistaError, InputError, ModelLoadError
 from .text_files import read_utf8, user_path
 
 
@@ -23,6 +23,18 @@ def _weights_line(engine) -> str:
     wide = sum(type(m) is cpu_quant.Int8Linear for m in linears)
     rows = f", {wide} of {len(linears)} layer linears int8 rows (the file's wider layers)" if wide else ""
     return f"{engine.linears.describe()}{rows}; {cpu_quant.weight_bytes(engine.model) / 2**30:.2f} GiB"
+
+
+def _int(text: str) -> int:
+    """argparse's type=int for the integer flags, where a number far too long to mean anything is named by its
+    length: argparse quoted all its digits back, and int() itself refuses one past 4300 of them."""
+    digits = text.strip().lstrip("+-").replace("_", "")
+    if len(digits) > HUGE_INT_DIGITS and digits.isascii() and digits.isdigit():
+        raise argparse.ArgumentTypeError(f"an integer of {len(digits)} digits: far out of range")
+    return int(text)
+
+
+_int.__name__ = "int"       # argparse's "invalid int value: 'x'" for what int() refuses, as before
 
 
 def _add_quant_arg(p: argparse.ArgumentParser):
@@ -38,7 +50,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--max-seq-len", type=_int, default=None,
                    help="static KV cache length (default 2048, or the model's sliding window where shorter)")
     _add_quant_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -82,11 +94,11 @@ def _template_kwargs(args) -> dict:
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, per_run: bool = True):
     """per_run: also the options a server takes per request only (penalties, logit bias, ignore_eos)."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=_int, default=max_new_tokens)
     # None: unset, filled by serving.commands.sampling_defaults (the model's generation_config.json, else greedy)
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default, unless the model's generation_config.json samples)")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None,
                    help="min-p sampling: keep tokens at least MIN_P times as likely as the most likely one (0 = off)")
@@ -98,7 +110,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
                    "\"do_sample\": true; GGUF files and the embedded model have none), a flag given wins over them; "
                    "none: the flags' own defaults (greedy)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_int, default=None)
     if per_run:
         p.add_argument("--presence-penalty", type=float, default=0.0,
                        help="OpenAI's, on the answer's tokens so far")
@@ -108,9 +120,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
                        help="add VALUE to token ID's logit at every step (repeatable; -100 bans it)")
         p.add_argument("--ignore-eos", action="store_true",
                        help="go on past end-of-sequence tokens, to --max-new-tokens (fixed-length runs)")
-        p.add_argument("--min-tokens", type=int, default=0,
+        p.add_argument("--min-tokens", type=_int, default=0,
                        help="no end-of-sequence (or --stop-token-id) token before this many tokens")
-        p.add_argument("--stop-token-id", type=int, action="append", dest="stop_token_ids", metavar="ID",
+        p.add_argument("--stop-token-id", type=_int, action="append", dest="stop_token_ids", metavar="ID",
                        help="a token id that ends the answer as EOS does (repeatable)")
         form = p.add_mutually_exclusive_group()
         form.add_argument("--json-object", action="store_true",
@@ -127,9 +139,11 @@ def _logit_bias(args) -> dict | None:
     for item in getattr(args, "logit_bias", None) or ():
         tok, sep, value = item.partition("=")
         try:
-            out[int(tok)] = float(value)
+            out[_int(tok)] = float(value)
         except ValueError:
             sep = ""
+        except argparse.ArgumentTypeError as e:      # a token id of thousands of digits: not quoted back
+            raise InputError(f"--logit-bias: the token id is {e}") from None
         if not sep:
             raise InputError(f"--logit-bias takes TOKEN_ID=VALUE (e.g. --logit-bias 13=-100), got {item!r}")
     return out or None
@@ -660,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the heads, speculation_check")
     g.add_argument("--logprobs", action="store_true",
                    help="with --json: token_logprobs, the model's log-probability of each answer token")
-    g.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+    g.add_argument("--top-logprobs", type=_int, default=0, metavar="N",
                    help="with --logprobs --json: top_logprobs, the N (0-20) most likely tokens at each answer token's "
                         "position as [token_id, logprob] pairs, best first")
     g.set_defaults(func=cmd_generate)

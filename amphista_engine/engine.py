@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import AmphistaError, CacheFullError, InputError
+from .errors import AmphistaError, CacheFullError, InputError, int_digits, is_huge_int, refuse_huge_ints
 from .generation import GenerationStats, PlainDecoder, run
 from .kernels.backend import check_backend, get_backend, scoped_backend, unmet_choice, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
@@ -250,6 +250,7 @@ def check_engine_args(max_seq_len, max_batch_size, cuda_graphs) -> tuple[int, in
     """The cache and graph settings, named before anything loads (a str max_seq_len met `-x` in RoPE's tables).
     Returns (max_seq_len, max_batch_size) as Python ints: numpy's integers are taken too (np.int64 was refused
     as "must be an integer, got int64 2048")."""
+    refuse_huge_ints({"max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
     for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
         if not is_integral(value):
             raise InputError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
@@ -558,8 +559,10 @@ class Engine:
         V = self.config.vocab_size
         for i, t in enumerate(ids):
             if not 0 <= t < V:
-                raise InputError(f"token id {int(t)} (at position {i} of the prompt) is outside the model's "
-                                 f"vocabulary: ids go from 0 to {V - 1}")
+                # one past 4300 digits (10**5000) cannot be written out: its length is said instead
+                what = f"a token id of {int_digits(t)} digits" if is_huge_int(t) else f"token id {int(t)}"
+                raise InputError(f"{what} (at position {i} of the prompt) is outside the model's vocabulary: ids go "
+                                 f"from 0 to {V - 1}")
         return [int(t) for t in ids]
 
     @one_thread_if_forked
@@ -573,6 +576,7 @@ class Engine:
         top (top_logprobs=N > 0) one list per token of N (token_id, logprob) pairs, best first (None for the first),
         else None. A prompt longer than max_seq_len is refused as generation refuses it (CacheFullError)."""
         from .generation import sequence_scores
+        refuse_huge_ints({"top_logprobs": top_logprobs})
         top_logprobs = check_top_logprobs(top_logprobs)
         ids = self.encode_prompt(ids, chat=False)
         if len(ids) > self.max_seq_len:
@@ -824,9 +828,14 @@ class Engine:
         then decodes with the others. One the engine refuses (malformed, too long for the cache) yields (row,
         error), an AmphistaError, in place of any delta. last_results holds every row's result (None for a refused
         one). Not with reuse_prefix."""
+        # First, while locals() holds the arguments only: an int too long for Python to write (10**5000) met its
+        # ValueError in the message of whichever check quoted it. Prompts' token ids are checked as they are
+        # encoded (check_token_ids), admit's joiners as they come (_admission).
+        huge = {k: v for k, v in locals().items() if k not in ("self", "prompts", "admit")}
         with self._decoding_lock:       # a call refused below leaves no result either, never an earlier run's
             if self._decoding is None:  # (while another run decodes, its own is set as it ends)
                 self.last_result, self.last_results = None, []
+        refuse_huge_ints(huge)
         min_tokens = check_min_tokens(min_tokens)
         stop_token_ids = self._check_stop_token_ids(stop_token_ids)
         grammar = self._grammar(response_format, ignore_eos, min_tokens)
@@ -1060,6 +1069,7 @@ class Engine:
                     if not (isinstance(item, (tuple, list)) and len(item) == 2):
                         raise InputError(f"admit must return (prompt, max_new_tokens) pairs, got {item!r:.80}")
                     prompt, limit = item
+                    refuse_huge_ints({"max_new_tokens": limit})
                     limit = check_max_new_tokens(limit)
                     if min_tokens > limit:
                         raise InputError(f"min_tokens ({min_tokens}) is more than max_new_tokens ({limit})")
@@ -1232,6 +1242,7 @@ class Engine:
         of stream_batch."""
         self._forget_results()
         _check_option_names(options, "generate_batch")
+        refuse_huge_ints({"n": n, "max_new_tokens": max_new_tokens})     # checked here before stream_batch's check
         if isinstance(n, bool) or not is_integral(n) or n < 1:
             raise InputError(f"n must be an integer >= 1 (answers per prompt), got {type(n).__name__} {n!r}")
         if n > 1 and isinstance(prompts, (list, tuple)):     # anything else: stream_batch names it (a tuple's n
@@ -1282,6 +1293,7 @@ def _refuse_n(options: dict, method: str):
     """n (answers per prompt) is generate_batch's: passed to generate() or stream() it raised a TypeError naming
     stream_batch, a method the caller never called."""
     if "n" in options:
+        refuse_huge_ints({"n": options["n"]})
         raise InputError(f"n={options['n']!r:.40}: {method}() gives one answer; for several answers to one prompt use "
                          f"generate_batch([prompt], n=N)")
     _check_option_names(options, method)

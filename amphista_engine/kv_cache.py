@@ -53,7 +53,9 @@ class KVCache:
         if free is not None and need > free + freeable:
             fewer = (f" or the batch of {batch} (max_batch_size, or fewer prompts per generate_batch)"
                      if batch > 1 else "")
-            raise CacheFullError(f"max_seq_len={max_seq_len} (batch {batch}) needs {need / 2**30:.1f} GiB for the KV "
+            # a max_seq_len of hundreds of digits needs more bytes than a float holds (need / 2**30 overflowed)
+            size = f"{need / 2**30:.1f} GiB" if need < 2**1000 else "more memory than any machine has"
+            raise CacheFullError(f"max_seq_len={max_seq_len} (batch {batch}) needs {size} for the KV "
                                  f"cache and RoPE table, but {device.type} has {(free + freeable) / 2**30:.1f} GiB "
                                  f"free; lower max_seq_len{fewer}")
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from .errors import InputError
+from .errors import HUGE_INT_DIGITS, InputError, refuse_huge_ints
 from .values import is_integral, is_real
 
 # The smallest temperature and repetition penalty taken: logits are divided by them in fp32, where below ~1e-37 the
@@ -52,6 +52,8 @@ class SamplingParams:
     bad_words_ids: tuple = ()
 
     def __post_init__(self):
+        # before a check quotes one: Python cannot write an int past 4300 digits (10**5000) into a message
+        refuse_huge_ints({f.name: getattr(self, f.name) for f in fields(self)})
         for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             v = getattr(self, name)      # bools are ints to Python: a flag passed here by mistake is no number
@@ -155,6 +157,8 @@ def check_logit_bias(bias) -> tuple:
     for key, value in items:
         # ASCII digits only: str.isdigit() also takes "²" (int() then raised a bare ValueError) and "٣" (taken as 3)
         if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():
+            if len(key.strip()) > HUGE_INT_DIGITS:     # int() of one past 4300 digits raised Python's ValueError
+                raise InputError(f"logit_bias: a key is a string of {len(key.strip())} digits: far past any token id")
             key = int(key)
         if not is_integral(key) or key < 0:
             raise InputError(f"logit_bias: keys must be token ids (integers >= 0), got {key!r:.40}")

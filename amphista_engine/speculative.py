@@ -124,8 +124,8 @@ class TreeSpec:
         elif isinstance(tree, str) and tree.lstrip().startswith("["):     # a path list given on a command line
             try:
                 tree = json.loads(tree)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"tree {tree!r} is neither a tree name nor a JSON list of paths: {e}") from None
+            except ValueError as e:     # JSONDecodeError, or an integer past Python's 4300 digits
+                raise ConfigError(f"tree {tree[:80]!r} is neither a tree name nor a JSON list of paths: {e}") from None
         elif isinstance(tree, str) and tree.startswith("tuned-"):
             raise ConfigError(f"tree {tree!r}: the loaded heads carry no such fitted tree "
                               f"(theirs: {', '.join(sorted(heads_trees or {})) or 'none'}); "

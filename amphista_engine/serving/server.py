@@ -27,7 +27,8 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from ..errors import AmphistaError, CacheFullError, ConfigError, InputError
+from ..errors import (AmphistaError, CacheFullError, ConfigError, HUGE_INT_DIGITS, InputError, LongInt, int_digits,
+                      refuse_huge_ints)
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..reasoning import ReasoningSplitter, check_reasoning_parser
 from ..structured import VLLM_KINDS, closed_objects, grammar_source, json_whitespace, vllm_format
@@ -160,6 +161,28 @@ def _json_bytes(obj) -> bytes:
         return json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(obj).encode("ascii")
+
+
+def _long_int_field(data: bytes, error: Exception) -> ApiError | None:
+    """json.loads' refusal of an integer longer than Python reads (4300 digits by default) as a 400 naming the field
+    that holds it: that is valid JSON, not "not valid JSON". The body is read again (only after such a refusal)
+    with each long integer standing in as a LongInt of its length. None: the error was another."""
+    if type(error) is not ValueError:       # JSONDecodeError, UnicodeDecodeError: their own message says it
+        return None
+
+    def number(text: str) -> int:
+        digits = len(text.lstrip("-"))
+        return int(text) if digits <= HUGE_INT_DIGITS else LongInt(digits)
+    try:
+        body = json.loads(data, parse_int=number)
+        refuse_huge_ints(body if isinstance(body, dict) else {"the request body": body})
+    except InputError as e:
+        field = re.match(r"\w+", str(e))
+        return ApiError(400, f"{e}; the request body's JSON holds an integer too long to read",
+                        field[0] if field and isinstance(body, dict) and field[0] in body else None)
+    except (ValueError, RecursionError):
+        pass
+    return None
 
 
 def _json_type(value) -> str:
@@ -321,6 +344,9 @@ def _openai_logit_options(body: dict) -> dict:
             # ASCII digits only: str.isdigit() also takes "²" (int() then raised a bare ValueError: a 500)
             if not (isinstance(key, str) and key.isascii() and key.isdigit()):
                 raise ApiError(400, f"logit_bias keys must be token ids (e.g. \"50256\"), got {json.dumps(key)}",
+                               "logit_bias")
+            if len(key) > HUGE_INT_DIGITS:      # int() of one past 4300 digits raised Python's ValueError: a 500
+                raise ApiError(400, f"logit_bias: a key is a token id of {len(key)} digits: far past any token id",
                                "logit_bias")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
@@ -865,6 +891,11 @@ class OpenAIApp:
             if key != "stop" and isinstance(value, (list, dict)):
                 # the engine's word for a list here is about batches ("per-prompt settings"): not this request's
                 raise ApiError(400, f"{key} must be a number, got {_json_type(value)}", key)
+            if key in ("temperature", "top_p", "min_p", "repetition_penalty") and isinstance(value, int) and \
+                    not isinstance(value, bool) and abs(value) > sys.float_info.max:
+                # the batch key's float() of it raised OverflowError: a 500
+                raise ApiError(400, f"{key} must be a finite number, got an integer of {int_digits(value)} digits "
+                               f"(past a float's range)", key)
             kwargs[key] = d[key] if value is None else value
         kwargs.update(_openai_logit_options(body))
         if isinstance(kwargs["stop"], list) and not kwargs["stop"]:      # OpenAI's "no stop strings"
@@ -1258,7 +1289,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return json.loads(data)
         except (ValueError, RecursionError) as e:       # UnicodeDecodeError is a ValueError
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            raise _long_int_field(data, e) or ApiError(400, f"the request body is not valid JSON: {e}") from None
 
     def _chunked(self) -> bytes:
         data = bytearray()      # not bytes: `+=` on bytes copied the whole body per chunk (quadratic)
