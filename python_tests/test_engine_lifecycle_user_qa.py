@@ -129,15 +129,19 @@ def test_a_streamed_runs_decode_time_leaves_out_the_callers_time_between_chunks(
     terminal, a network client) reported the consumer's pace as the engine's (a 20-token run of this model: 262 ms
     and 73 tok/s with 20 ms of work per chunk, 18 ms without; `amphista chat` printed that rate)."""
     for kw in ({}, {"speculative": "amphista", "tree": "dynamic-6"}):
-        chunks = 0
+        chunks, slept_ms = 0, 0.0
+        start = time.perf_counter()
         for _ in engine.stream(PROMPT, 16, chat=False, **kw):
+            t = time.perf_counter()
             time.sleep(0.04)
+            slept_ms += (time.perf_counter() - t) * 1e3
             chunks += 1
+        wall_ms = (time.perf_counter() - start) * 1e3
         st = engine.last_result.stats
-        slept_ms = 40 * chunks
         assert chunks >= 4 and st.new_tokens == 16
-        assert st.decode_ms < slept_ms / 2, (st.decode_ms, slept_ms)
-        assert st.decode_tokens_per_s > 15 / (slept_ms / 1e3) * 2
+        # against the run's own wall time, not a fixed rate: a loaded machine slows the work, never the sleeps' share.
+        # Counted in, the sleeps would leave decode_ms within a prefill of wall_ms; left out, it is under wall - slept
+        assert st.decode_ms < wall_ms - slept_ms / 2, (st.decode_ms, wall_ms, slept_ms)
 
 
 # ---------------------------------------------------------------- the real model with its shipped heads
