@@ -303,8 +303,9 @@ def test_ordered_tree_attention_is_row_invariant(dtype, Hkv, D, poisoned, positi
             assert torch.equal(plain[0, :, 0], out[b, :, i]), (b, i)
 
 
-@pytest.mark.parametrize("dtype, tree_name", [(torch.float32, "tree-16"), (torch.bfloat16, "tree-16"),
-                                              (torch.bfloat16, "tree-32")])
+# bf16 tree-16 is left out (~13 s in the interpreter): fp32 tree-16 checks one 16-row block sharply, bf16 tree-32
+# checks bf16 in one block and across two
+@pytest.mark.parametrize("dtype, tree_name", [(torch.float32, "tree-16"), (torch.bfloat16, "tree-32")])
 def test_invariant_decode_tree_rows_equal_plain_steps(dtype, tree_name, monkeypatch, position_invariant_dot):
     """The model's row-invariant decode path (kernels/gpu_exact.py, forced on for this CPU run): a tree
     verification forward's logits for a node are bit for bit those of plain one-token steps along the node's

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 # fixed, so that CI runs the same cases each time (the environment variables: a longer or other sweep by hand)
 SEED = int(os.environ.get("AMPHISTA_FUZZ_SEED", "1729"))
-CASES = int(os.environ.get("AMPHISTA_FUZZ_CASES", "400"))
+# 200 in CI (the suite's time); AMPHISTA_FUZZ_CASES=2000 and other AMPHISTA_FUZZ_SEEDs sweep further
+CASES = int(os.environ.get("AMPHISTA_FUZZ_CASES", "200"))
 TIMEOUT = 30                 # s: a reply that takes longer counts as a hang
 OK = {200, 400, 401, 404, 405, 413, 422}
 SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The quick brown fox"}]
