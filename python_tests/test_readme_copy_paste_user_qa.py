@@ -39,7 +39,7 @@ NOT_REPO_FILES = {
     "./bench_results/",          # `bench`'s default output folder (git-ignored): made by running it, not shipped
 }
 # Flags the README shows that belong to other tools: pip, Spec-Bench's speed.py, a training run's shell script.
-FOREIGN_FLAGS = {"--no-deps", "--file-path", "--base-path", "--with-medusa"}
+FOREIGN_FLAGS = {"--no-deps", "--file-path", "--base-path", "--with-medusa", "--dist"}      # pip, peers, pytest-xdist
 
 
 def _prose(text: str) -> str:
