@@ -190,3 +190,21 @@ def test_counting_rule_on_results():
     assert completion_tokens(result("stop", 5, "\n\n")) == 5   # a stop string: its tokens kept
     assert completion_tokens(result("stop", 3, 7)) == 4         # a stop token id, left out
     assert completion_tokens(result("stop", 0, 7)) == 1         # a stop token id as the first token
+
+
+def test_time_per_output_token_counts_the_ending_eos():
+    """The EOS an answer ended on took its decode step: /metrics' time_per_output_token divides by the tokens usage
+    counts (vLLM's alike), so a one-token answer ended by EOS is a sample of one step."""
+    from types import SimpleNamespace
+
+    from amphista_engine.engine import GenerationResult
+    from amphista_engine.generation import GenerationStats
+    from amphista_engine.serving.metrics import request_latency
+    job = SimpleNamespace(arrived=0.0, scheduled=0.1, options={"max_new_tokens": 8}, first_token=0.2,
+                          row_ends={0: 0.5, 1: 0.5})
+    eos = GenerationResult("a", [7], [1, 2], "eos", GenerationStats())
+    cut = GenerationResult("a", [7], [1, 2], "length", GenerationStats())
+    assert request_latency([job], [[eos]], 1.0)["time_per_output_token"] == [pytest.approx(0.3)]
+    assert request_latency([job], [[cut]], 1.0)["time_per_output_token"] == []
+    three = GenerationResult("abc", [7, 8, 9], [1, 2], "eos", GenerationStats())
+    assert request_latency([job], [[three, three]], 1.0)["time_per_output_token"] == [pytest.approx(0.1)] * 2

@@ -127,7 +127,8 @@ def request_latency(jobs, results, done: float) -> dict:
         if job not in decoded:
             continue
         for choice, r in enumerate(rs):
-            end, tokens = job.row_ends.get(choice), len(r.token_ids)
+            # the ending EOS took its decode step too: counted as usage counts it (vLLM's TPOT alike)
+            end, tokens = job.row_ends.get(choice), completion_tokens(r)
             if end is not None and tokens >= 2:
                 tpot.append(max(0.0, end - job.first_token) / (tokens - 1))
     return {"request_queue_time": max(0.0, min(scheduled, default=done) - arrived),
