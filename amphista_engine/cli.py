@@ -243,8 +243,10 @@ def _load(args, prompt=None):
         # auto means "the faster of the two": on some CPUs a tree step costs more than the heads save; with no
         # --tree (or --tree auto) the check also picks the fastest of the heads' recorded trees
         kind = speculative
-        speculative, tree, check = engine.resolve_speculation("auto" if args.speculative == "auto" else kind, tree,
-                                                              args.temperature, args.top_p, min_p=args.min_p)
+        speculative, tree, check = engine.resolve_speculation(
+            "auto" if args.speculative == "auto" else kind, tree, args.temperature, args.top_p, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty, presence_penalty=getattr(args, "presence_penalty", 0.0),
+            frequency_penalty=getattr(args, "frequency_penalty", 0.0))
         if check is not None:
             print(f"note: {check.reason}" + ("" if check.pays else f" (--speculative {kind} uses the heads anyway)"),
                   file=sys.stderr)

@@ -673,19 +673,23 @@ class Engine:
     @one_thread_if_forked
     @_on_backend
     def speculation_check(self, tree=None, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
-                          min_p: float = 0.0):
+                          min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                          frequency_penalty: float = 0.0):
         """Whether the loaded heads decode faster than plain steps here with `tree` (None or "auto": the fastest
         of the heads' recorded trees) (speculation_check.py: timed on a CPU, a few seconds once per machine and
         setup; always yes on a GPU), for runs sampling at `temperature` / `top_p` / `min_p` (greedy by default): sampled
-        answers accept fewer drafts; and decoding `batch` rows at once (a batch's tree rows cost more than its
+        answers accept fewer drafts, as do runs under repetition / presence / frequency penalties; and decoding `batch`
+        rows at once (a batch's tree rows cost more than its
         plain rows: speculation_check.timed_batch)."""
-        from .speculation_check import check_speculation, sampled_share, timed_batch
+        from .speculation_check import check_speculation, penalty_share, sampled_share, timed_batch
         if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now
             raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped '
                              'ones, or engine.load_heads(DIR)')
         tree = None if tree == "auto" else tree
-        p = SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p)      # refuses what no run would take
-        temperature, top_p, min_p = p.temperature, p.top_p, p.min_p
+        p = SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)   # refuses what
+        temperature, top_p, min_p = p.temperature, p.top_p, p.min_p                     # no run would take
+        penalties = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
         rows = timed_batch(batch)        # a bad batch is refused on any device
         if self.device.type != "cpu":
             # no timing on a GPU: a batch's verdict differs only by the untimed tree it gets (default_tree), and its
@@ -693,27 +697,32 @@ class Engine:
             rows = (self._tree_spec(None, batch).name, batch) if tree is None else 1
         # settings that weigh alike, timed on the backend in force (without an engine backend, a use_backend block
         # or set_backend may pick another for a later call: it was served the first backend's verdict)
-        key = (_tree_key(tree), round(sampled_share(temperature, top_p, min_p), 3), rows, get_backend(self.device))
+        key = (_tree_key(tree), round(sampled_share(temperature, top_p, min_p) * penalty_share(*penalties), 3), rows,
+               get_backend(self.device))
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
             # from what the timing left there. As a run, it and another thread's runs refuse each other, and it
             # overtakes a stream.
             with self._one_run():
-                return check_speculation(self, tree, temperature=temperature, top_p=top_p, batch=batch, min_p=min_p)
+                return check_speculation(self, tree, temperature=temperature, top_p=top_p, batch=batch, min_p=min_p,
+                                         penalties=penalties)
         return _recent(self._checks, key, check)
 
     def resolve_speculation(self, speculative, tree, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
-                            min_p: float = 0.0):
+                            min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                            frequency_penalty: float = 0.0):
         """(speculative, tree, check) with "auto" resolved. speculative="auto": the loaded heads where the check
         finds them faster, else None (plain). tree="auto", or no tree under speculative="auto": the tree the check
         found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed. batch: the
-        rows the run decodes at once (a CPU weighs a batch at its size)."""
+        rows the run decodes at once (a CPU weighs a batch at its size); the penalties: the run's, which weigh the heads'
+        tau down as sampling does."""
         auto_tree = tree == "auto" or (tree is None and speculative == "auto")
         if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)) \
                 or speculative not in ("auto", self.heads.config.kind):   # refused by the decoder, before any timing
             return (None if speculative == "auto" else speculative), tree, None
-        check = self.speculation_check(None if auto_tree else tree, temperature, top_p, batch, min_p)
+        check = self.speculation_check(None if auto_tree else tree, temperature, top_p, batch, min_p,
+                                       repetition_penalty, presence_penalty, frequency_penalty)
         if speculative == "auto":
             speculative = self.heads.config.kind if check.pays else None
         return speculative, (check.tree if auto_tree else tree), check
@@ -725,7 +734,8 @@ class Engine:
         False where the tree never runs (max_new_tokens=1), so it takes no room."""
         fits = fits or (lambda extra: True)
         speculative, tree, _ = self.resolve_speculation(speculative, tree, params.temperature, params.top_p, batch,
-                                                        params.min_p)
+                                                        params.min_p, params.repetition_penalty,
+                                                        params.presence_penalty, params.frequency_penalty)
         if speculative is not None:
             from .speculative import make_speculative_decoder
             dec, extra = make_speculative_decoder(self, batch, params, speculative, tree, acceptance, fits=fits,

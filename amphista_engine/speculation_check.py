@@ -68,6 +68,14 @@ HELD_OUT_DISCOUNT = 0.9
 # (benchmarks/results/sampled_tau; the trees spread by +-0.04). At 0.3 sampling kept 1.06-1.12: counted as 1.
 # Between rows: linear; past the last: its slope, down to nothing kept.
 SAMPLED_KEPT = ((0.0, 1.0, 1.0), (0.3, 1.0, 1.0), (0.7, 0.86, 0.95), (1.0, 0.57, 0.77))
+# A penalty moves the target off the tokens the heads learnt to guess: the share of greedy's (tau - 1) kept at each
+# penalty, measured alone (benchmarks/results/cpu_penalties_ab.md: the shipped Amphista heads, 4-bit SmolLM2,
+# mix-4, 16 MT-Bench first turns, greedy; tau 1.664 without a penalty). (value, share kept) rows per penalty, off
+# first; between rows linear, past the last its slope down to nothing kept. Penalties that favour repeats (a
+# repetition_penalty below 1, negative presence/frequency) count as off: a conservative guess.
+PENALTY_KEPT = {"repetition_penalty": ((1.0, 1.0), (1.1, 0.80), (1.3, 0.46)),
+                "presence_penalty": ((0.0, 1.0), (0.8, 0.87)),
+                "frequency_penalty": ((0.0, 1.0), (0.5, 0.83))}
 # How many of the heads' recorded trees (smallest first) are timed before climbing to bigger ones.
 FIRST_TIMED = 3
 # Batches past this are timed at this size (module doc): bounds the timing's cost and the number of cached keys.
@@ -115,6 +123,27 @@ def sampled_share(temperature: float = 0.0, top_p: float = 1.0, min_p: float = 0
     lo, hi = rows[-2], rows[-1]
     slope = (kept(hi) - kept(lo)) / (hi[0] - lo[0])
     return max(0.0, kept(hi) + slope * (temperature - hi[0]))
+
+
+def penalty_share(repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0) -> float:
+    """The share of greedy decoding's extra tokens per step (tau - 1) that decoding under these penalties keeps
+    (PENALTY_KEPT): each penalty's share, multiplied (measured one at a time; together they were not). 1.0 without
+    penalties."""
+    share = 1.0
+    for name, value in (("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty)):
+        rows = PENALTY_KEPT[name]
+        if value <= rows[0][0]:
+            continue
+        for lo, hi in zip(rows, rows[1:]):
+            if value <= hi[0]:
+                share *= lo[1] + (hi[1] - lo[1]) * (value - lo[0]) / (hi[0] - lo[0])
+                break
+        else:
+            lo, hi = rows[-2], rows[-1]
+            share *= max(0.0, hi[1] + (hi[1] - lo[1]) / (hi[0] - lo[0]) * (value - hi[0]))
+    return share
 
 
 def expected_tau(heads_config, tree: str) -> float | None:
@@ -166,13 +195,14 @@ def timed_batch(batch: int) -> int:
 
 def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int = 9, warmup: int = 2,
                       temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
-                      min_p: float = 0.0) -> SpeculationCheck:
+                      min_p: float = 0.0, penalties: tuple = (1.0, 0.0, 0.0)) -> SpeculationCheck:
     """Whether the loaded heads, on `tree`, decode faster than plain steps here. tree=None on a CPU: the heads'
     fitted tree that decodes fastest here (`candidate_trees`, climbed by size), or the engine's default tree
     where the heads record none. Times `repeats` steps of each after `warmup` on a random prompt (a few seconds
     on a CPU, once per machine and setup: the times persist in `costs_file()`). temperature / top_p / min_p: the
     sampling the runs will use; the heads' greedy tau is weighed down by what sampling keeps of it
-    (sampled_share). batch: the rows the runs decode at once (timed_batch of them are timed)."""
+    (sampled_share). penalties: the runs' (repetition_penalty, presence_penalty, frequency_penalty), which weigh it
+    down too (penalty_share). batch: the rows the runs decode at once (timed_batch of them are timed)."""
     if engine.heads is None:
         raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped ones, '
                          'or engine.load_heads(DIR)')
@@ -228,6 +258,8 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                     timing_cache.write(file, {keys[c.name]: entry})
 
     share = sampled_share(temperature, top_p, min_p)
+    penalised = penalty_share(*penalties)
+    share *= penalised
 
     def tau_here(c):
         return 1 + (taus[c.name] * HELD_OUT_DISCOUNT - 1) * share
@@ -247,9 +279,11 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     tau = taus[best.name]
     ratio = step_ms / plain_ms
     pays = tau_here(best) > ratio
-    sampled = f", sampling at temperature {temperature:g}" + (f", top_p {top_p:g}" if top_p < 1 else "") \
-        + (f", min_p {min_p:g}" if min_p > 0 else "") + f" keeps {share:.0%} of the tokens past the first" \
-        if share != 1.0 else ""
+    weighed = ([f"sampling at temperature {temperature:g}" + (f", top_p {top_p:g}" if top_p < 1 else "")
+                + (f", min_p {min_p:g}" if min_p > 0 else "")] if temperature > 0 else []) \
+        + ([f"penalties (repetition {penalties[0]:g}, presence {penalties[1]:g}, frequency {penalties[2]:g})"]
+           if penalised != 1.0 else [])
+    sampled = f", {' and '.join(weighed)} keeps {share:.0%} of the tokens past the first" if share != 1.0 else ""
     # a batch past MAX_TIMED_BATCH shares this verdict: a batch of 20 was told only "for a batch of 8 rows"
     rows = (f" for a batch of {batch} rows" + (" (larger batches are weighed at this size)"
                                                 if batch == MAX_TIMED_BATCH else "")) if batch > 1 else ""
