@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import HUGE_INT_DIGITS, AmphistaError, InputError, ModelLoadError
+from .errors import HUGE_INT_DIGITS, AmphistaError, InputError, ModelLoadError, read_json, refuse_huge_ints
 from .text_files import read_utf8, user_path
 
 
@@ -82,10 +82,11 @@ def _template_kwargs(args) -> dict:
     if text is None:
         return {}
     try:
-        value = json.loads(text)
+        value = read_json(text)
     except ValueError as e:
         raise InputError(f"--chat-template-kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}' "
                          f"({e})") from None
+    refuse_huge_ints({"--chat-template-kwargs": value})
     try:
         return check_template_variables(value)
     except InputError as e:
@@ -168,10 +169,11 @@ def _response_format(args) -> dict | None:
         return None
     text = read_utf8(Path(schema)) if os.path.isfile(schema) else schema
     try:
-        value = json.loads(text)
+        value = read_json(text)
     except ValueError as e:
         what = f"the file {schema!r}" if os.path.isfile(schema) else "its value (neither a file nor inline JSON)"
         raise InputError(f"--json-schema: {what} is not valid JSON ({e})") from None
+    refuse_huge_ints({"--json-schema": value})
     return {"type": "json_schema", "json_schema": {"schema": value}}
 
 

@@ -1,4 +1,5 @@
 """Errors the user can act on. Every one names the bad input; none is a deep torch trace."""
+import json
 import math
 import sys
 from collections.abc import Mapping
@@ -117,3 +118,13 @@ def refuse_huge_ints(options: dict):
             what = f"{name}{''.join(steps)} " + ("has a key that is" if key else "is")
             raise InputError(f"{what} an integer of {int_digits(x)} digits: far out of range (no option takes an "
                              f"integer of more than {HUGE_INT_DIGITS} digits)")
+
+
+def read_json(text):
+    """json.loads(text), an integer of more than HUGE_INT_DIGITS digits read as a LongInt of its length, for
+    refuse_huge_ints to name where it stands: past 4300 digits json.loads raised Python's own ValueError (its advice,
+    sys.set_int_max_str_digits(), no help to a client), and a shorter one was quoted whole by the next check."""
+    def number(digits: str) -> int:
+        n = len(digits.lstrip("-"))
+        return int(digits) if n <= HUGE_INT_DIGITS else LongInt(n)
+    return json.loads(text, parse_int=number)

@@ -257,9 +257,9 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                     entry = {"plain_ms": plain_ms, "step_ms": step_ms[c.name], "date": str(date.today())}
                     timing_cache.write(file, {keys[c.name]: entry})
 
-    share = sampled_share(temperature, top_p, min_p)
+    sampled_kept = sampled_share(temperature, top_p, min_p)
     penalised = penalty_share(*penalties)
-    share *= penalised
+    share = sampled_kept * penalised
 
     def tau_here(c):
         return 1 + (taus[c.name] * HELD_OUT_DISCOUNT - 1) * share
@@ -279,11 +279,15 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     tau = taus[best.name]
     ratio = step_ms / plain_ms
     pays = tau_here(best) > ratio
+    # what weighs the tau down, each named only where it does: "presence 0, frequency 0" beside a repetition penalty
+    # read as if they counted, and a temperature 0.3 (which keeps it all) as if it shared the cut
+    in_force = [f"{name} {value:g}" for name, value, off in zip(("repetition", "presence", "frequency"), penalties,
+                                                                  (1.0, 0.0, 0.0)) if value > off]
     weighed = ([f"sampling at temperature {temperature:g}" + (f", top_p {top_p:g}" if top_p < 1 else "")
-                + (f", min_p {min_p:g}" if min_p > 0 else "")] if temperature > 0 else []) \
-        + ([f"penalties (repetition {penalties[0]:g}, presence {penalties[1]:g}, frequency {penalties[2]:g})"]
-           if penalised != 1.0 else [])
-    sampled = f", {' and '.join(weighed)} keeps {share:.0%} of the tokens past the first" if share != 1.0 else ""
+                + (f", min_p {min_p:g}" if min_p > 0 else "")] if sampled_kept != 1.0 else []) \
+        + ([f"penalties ({', '.join(in_force)})"] if penalised != 1.0 else [])
+    verb = "keeps" if penalised == 1.0 else "keep"        # "sampling ... keeps", "penalties ... keep"
+    sampled = f", {' and '.join(weighed)} {verb} {share:.0%} of the tokens past the first" if share != 1.0 else ""
     # a batch past MAX_TIMED_BATCH shares this verdict: a batch of 20 was told only "for a batch of 8 rows"
     rows = (f" for a batch of {batch} rows" + (" (larger batches are weighed at this size)"
                                                 if batch == MAX_TIMED_BATCH else "")) if batch > 1 else ""

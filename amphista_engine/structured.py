@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, read_json, refuse_huge_ints
 
 FORMATS = ("text", "json_object", "json_schema", "regex", "grammar", "choice")
 # Blanks, one line break, an indentation: pretty-printed JSON fits (64 columns of indentation, 32 levels of 2), and a
@@ -142,12 +142,15 @@ def schema_object(value, field: str) -> dict:
     schema = value
     if isinstance(value, str):
         try:
-            schema = json.loads(value)
+            schema = read_json(value)
         except ValueError as e:
             raise InputError(f"{field} is not valid JSON (a JSON schema, or a JSON string of one): {e}") from None
     if not isinstance(schema, dict):
         raise InputError(f"{field} must be a JSON schema object (or a JSON string of one), got "
                          f"{json.dumps(value, default=str)[:80]}")
+    # a bound of hundreds of digits (a string's, or the CLI's, which no request walk saw) reached llguidance, whose
+    # "Value is not JSON serializable" quoted it whole
+    refuse_huge_ints({field: schema})
     return schema
 
 

@@ -27,7 +27,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from ..errors import (AmphistaError, CacheFullError, ConfigError, HUGE_INT_DIGITS, InputError, LongInt, int_digits,
+from ..errors import (AmphistaError, CacheFullError, ConfigError, HUGE_INT_DIGITS, InputError, int_digits, read_json,
                       refuse_huge_ints)
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..reasoning import ReasoningSplitter, check_reasoning_parser
@@ -169,12 +169,8 @@ def _long_int_field(data: bytes, error: Exception) -> ApiError | None:
     with each long integer standing in as a LongInt of its length. None: the error was another."""
     if type(error) is not ValueError:       # JSONDecodeError, UnicodeDecodeError: their own message says it
         return None
-
-    def number(text: str) -> int:
-        digits = len(text.lstrip("-"))
-        return int(text) if digits <= HUGE_INT_DIGITS else LongInt(digits)
     try:
-        body = json.loads(data, parse_int=number)
+        body = read_json(data)
         refuse_huge_ints(body if isinstance(body, dict) else {"the request body": body})
     except InputError as e:
         field = re.match(r"\w+", str(e))
@@ -1747,6 +1743,7 @@ class AmphistaHTTPServer(ThreadingHTTPServer):
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> AmphistaHTTPServer:
     """A server listening on host:port (port 0: a free one; see .url), its app not yet set."""
+    refuse_huge_ints({"port": port})        # the message below quotes it: 10**5000 raised Python's ValueError
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise InputError(f"port must be an integer in [0, 65535] (0: any free port), got {port!r}")
 
