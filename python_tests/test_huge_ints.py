@@ -194,6 +194,20 @@ def test_cli_int_flags(flag, capsys):
     assert f"argument {flag}: invalid int value: 'x'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, flag", [(["serve", "--port"], "--port"), (["serve", "--max-batch"], "--max-batch"),
+                                        (["eval", "--questions", "q.jsonl", "--limit"], "--limit"),
+                                        (["bench", "--repeats"], "--repeats"),
+                                        (["train", "--data", "d", "--out", "o", "--steps"], "--steps"),
+                                        (["distill", "--prompts", "p", "--out", "o", "--batch-size"], "--batch-size")])
+def test_other_commands_int_flags(argv, flag, capsys):
+    """serve, eval/bench and the training commands' integer flags: the number's length, not all its digits."""
+    from amphista_engine.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv + [RAW])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: an integer of 5001 digits: far out of range" in err, err
+
+
 def test_cli_logit_bias_token_id(tiny_hf_dir, capsys):
     from amphista_engine.cli import main
     code = main(["generate", "hi", "--model", str(tiny_hf_dir), "--device", "cpu", "--logit-bias", f"{RAW}=1",

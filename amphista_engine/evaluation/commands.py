@@ -98,6 +98,7 @@ def _device_args(p):
 
 def register(sub) -> None:
     """Adds the eval and bench subcommands to an argparse subparsers object."""
+    from ..cli import _int      # type=int, naming a number far too long by its length
     from .bench import DEFAULT_TREES
     from .shapes import SHAPES
 
@@ -116,17 +117,17 @@ def register(sub) -> None:
     e.add_argument("--heads-medusa", default=None, help="the same for Medusa heads (smollm2-135m-medusa)")
     e.add_argument("--tree", default=None, help="tree for both methods (default: the engine's per device: the heads' "
                    "mix-64 (else mc_sim_7b_63) on GPUs, tree-16 on CPUs, mix-4 (or chain-3) with 4-bit CPU weights)")
-    e.add_argument("--max-new-tokens", type=int, default=1024, help="per turn (Spec-Bench: 1024; less on CPU)")
+    e.add_argument("--max-new-tokens", type=_int, default=1024, help="per turn (Spec-Bench: 1024; less on CPU)")
     e.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
-    e.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")
-    e.add_argument("--per-category", type=int, default=None,
+    e.add_argument("--limit", type=_int, default=None, help="first N questions (after --categories)")
+    e.add_argument("--per-category", type=_int, default=None,
                    help="first N questions of each category (a balanced subset)")
-    e.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method")
+    e.add_argument("--warmup", type=_int, default=1, help="untimed warm-up generations per method")
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; equality is checked)")
-    e.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    e.add_argument("--seed", type=_int, default=0, help="sampling seed (temperature > 0)")
     e.add_argument("--out", default="eval_results", help="output folder (answers.jsonl, summary.json, plots)")
     e.add_argument("--plot", action="store_true", help="write tau and speedup per category PNGs")
-    e.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length (whole conversation)")
+    e.add_argument("--max-seq-len", type=_int, default=4096, help="KV cache length (whole conversation)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     _device_args(e)
     e.set_defaults(func=cmd_eval)
@@ -146,12 +147,12 @@ def register(sub) -> None:
                    "their own head count, draft vocabulary and fitted trees (--trees mix-4,...); default (or "
                    "`none`): random heads")
     b.add_argument("--heads-medusa", default=None, help="the same for Medusa heads")
-    b.add_argument("--num-heads", type=int, default=4, help="drafting heads of the random heads")
+    b.add_argument("--num-heads", type=_int, default=4, help="drafting heads of the random heads")
     b.add_argument("--draft-vocab", default="0", help="comma list of draft-vocabulary sizes to time side by side "
                    "(0 = the full vocabulary), e.g. 0,8192")
-    b.add_argument("--prompt-tokens", type=int, default=256)
-    b.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
-    b.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    b.add_argument("--prompt-tokens", type=_int, default=256)
+    b.add_argument("--repeats", type=_int, default=10, help="timed repeats (median reported)")
+    b.add_argument("--warmup", type=_int, default=2, help="untimed calls before each measurement")
     b.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="time steps replayed from CUDA graphs, as the Engine runs them on a GPU (default on)")
     b.add_argument("--tau", default=None,
@@ -167,9 +168,9 @@ def register(sub) -> None:
                        "half of each, as llama.cpp's llama-perplexity does; prints PPL +/- its standard error.")
     p.add_argument("--file", required=True, help="a UTF-8 text file")
     p.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")
-    p.add_argument("--ctx", type=int, default=None, help="tokens per chunk (default: min(512, --max-seq-len))")
-    p.add_argument("--chunks", type=int, default=None, help="score the first N chunks only (default: all)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="the engine's cache length (>= --ctx)")
+    p.add_argument("--ctx", type=_int, default=None, help="tokens per chunk (default: min(512, --max-seq-len))")
+    p.add_argument("--chunks", type=_int, default=None, help="score the first N chunks only (default: all)")
+    p.add_argument("--max-seq-len", type=_int, default=2048, help="the engine's cache length (>= --ctx)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no running PPL per chunk on stderr")
     _device_args(p)

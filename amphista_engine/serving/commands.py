@@ -121,19 +121,19 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     """Adds the serve subcommand to an argparse subparsers object."""
-    from ..cli import _add_decoding_args, _add_model_args, _add_sampling_args, add_template_arg
+    from ..cli import _add_decoding_args, _add_model_args, _add_sampling_args, _int, add_template_arg
     from ..reasoning import REASONING_PARSERS
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions); "
                        "concurrent requests decoded together", description=DESCRIPTION)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    s.add_argument("--port", type=_int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     _add_model_args(s)
     _add_decoding_args(s)
     _add_sampling_args(s, max_new_tokens=512, per_run=False)     # the rest are per request
     add_template_arg(s)     # the default of requests that send no chat_template_kwargs
-    s.add_argument("--max-batch", type=int, default=8, metavar="N",
+    s.add_argument("--max-batch", type=_int, default=8, metavar="N",
                    help="the most requests decoded together in one run (default 8; 1: one request at a time). The "
                    "KV cache holds N rows of --max-seq-len (checked against free memory at start)")
     s.add_argument("--cache-prompt", action="store_true",

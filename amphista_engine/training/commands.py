@@ -177,20 +177,21 @@ def _model_args(p):
 
 def register(sub) -> None:
     """Adds the distill, train, tree-search and eval-tau subcommands to an argparse subparsers object."""
+    from ..cli import _int      # type=int, naming a number far too long by its length
     d = sub.add_parser("distill", help="generate self-distillation data (the target answers training prompts)")
     d.add_argument("--prompts", required=True, help="train_prompts.jsonl-style JSONL or ShareGPT JSON")
     d.add_argument("--out", required=True, help="JSONL shard to append to (resumable)")
     _model_args(d)
-    d.add_argument("--limit", type=int, default=None, help="use the first N prompts (after balancing)")
-    d.add_argument("--offset", type=int, default=0, help="skip the first N of those (a parallel worker writing "
+    d.add_argument("--limit", type=_int, default=None, help="use the first N prompts (after balancing)")
+    d.add_argument("--offset", type=_int, default=0, help="skip the first N of those (a parallel worker writing "
                    "its own --out shard)")
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--max-new-tokens", type=int, default=256)
-    d.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length; longer prompts are skipped")
+    d.add_argument("--batch-size", type=_int, default=8)
+    d.add_argument("--max-new-tokens", type=_int, default=256)
+    d.add_argument("--max-seq-len", type=_int, default=1024, help="KV cache length; longer prompts are skipped")
     d.add_argument("--balance-by-source", action="store_true", help="round-robin over sources (seeded shuffle)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_int, default=0)
     d.add_argument("--sources", default=None, help="comma list: only prompts of these sources (after balancing)")
-    d.add_argument("--samples", type=int, default=1,
+    d.add_argument("--samples", type=_int, default=1,
                    help="answers per prompt (> 1 needs --temperature; record ids ID#s0, ID#s1, ...)")
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy answers (the default)")
     d.add_argument("--top-p", type=float, default=1.0)
@@ -202,34 +203,34 @@ def register(sub) -> None:
     t.add_argument("--out", required=True, help="heads directory (config.json + model.safetensors)")
     _model_args(t)
     t.add_argument("--kind", default="amphista", choices=["amphista", "medusa"])
-    t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--num-heads", type=_int, default=4)
     t.add_argument("--loss", default="kl", choices=["kl", "ce"], help="KL to the target's distribution or CE "
                    "on the data token")
     t.add_argument("--lambda", dest="lam", type=float, default=0.8, help="head k (1-based) weight lambda^(k-1)")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--steps", type=_int, default=None)
     g.add_argument("--epochs", type=float, default=None)
-    t.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (whole sequences)")
-    t.add_argument("--loss-positions", type=int, default=0,
+    t.add_argument("--batch-tokens", type=_int, default=4096, help="tokens per optimizer step (whole sequences)")
+    t.add_argument("--loss-positions", type=_int, default=0,
                    help="score at most this many random answer positions per step (0 = all); bounds the "
                         "LM-head cost, the SAL still runs over whole sequences")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps); at most "
+    t.add_argument("--warmup", type=_int, default=None, help="warmup steps (default: 5%% of the steps); at most "
                    "the run's steps: a longer warmup is refused, as the learning rate would never reach --lr")
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     t.add_argument("--train-dtype", dest="train_dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast matmuls (fp32 master weights)")
     t.add_argument("--save-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_int, default=0)
     t.add_argument("--cache-hidden", default=None, help="directory for cached target hidden states")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evals (0 = at the end)")
+    t.add_argument("--eval-every", type=_int, default=0, help="steps between held-out evals (0 = at the end)")
     t.add_argument("--eval-frac", type=float, default=0.05)
-    t.add_argument("--eval-max-seqs", type=int, default=64,
+    t.add_argument("--eval-max-seqs", type=_int, default=64,
                    help="evaluate on at most this many held-out sequences (0 = no evaluation; the held-out "
                         "prompts are still never trained on)")
-    t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = at evals/end)")
-    t.add_argument("--max-seq-len", type=int, default=1024, help="longer sequences are skipped (counted)")
+    t.add_argument("--save-every", type=_int, default=0, help="steps between checkpoints (0 = at evals/end)")
+    t.add_argument("--max-seq-len", type=_int, default=1024, help="longer sequences are skipped (counted)")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/trainer_state.pt (same data, split, layout, --lr and seed; --steps, "
                         "--epochs, --stop-after, --save-every, --eval-every and --log may change, and so may "
@@ -237,14 +238,14 @@ def register(sub) -> None:
                         "warning; the schedule follows the new values from the first resumed step)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the heads (and trainer state) already in OUT instead of refusing to")
-    t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
-    t.add_argument("--chunk", type=int, default=256, help="positions per loss chunk (bounds [N, K, V] memory)")
+    t.add_argument("--stop-after", type=_int, default=None, help="stop (with a checkpoint) after this step")
+    t.add_argument("--chunk", type=_int, default=256, help="positions per loss chunk (bounds [N, K, V] memory)")
     t.add_argument("--log", default=None, help="also append JSON lines (train/eval metrics) to this file")
     t.add_argument("--stage-of-head", default=None, help="Amphista: comma list, head k's SAL stage")
     t.add_argument("--mse-weight", type=float, default=0.0,
                    help="add this weight x the full-vocabulary logit MSE to the teacher at every answer position "
                         "(exact and ~V/d times cheaper than KL: computed through the LM head's Gram matrix)")
-    t.add_argument("--mse-positions", type=int, default=0,
+    t.add_argument("--mse-positions", type=_int, default=0,
                    help="with --loss-positions L: take the logit-MSE on N >= L random rows (including the KL ones) "
                         "instead of every answer row; the per-row head layers then run on N rows (0 = every row)")
     t.add_argument("--fill-cache", action="store_true",
@@ -256,7 +257,7 @@ def register(sub) -> None:
                    help="with --fill-cache: only the sequences that the first --steps steps read (same --seed, "
                         "--batch-tokens and --source-weights) and the held-out ones; a stage that walks part of an "
                         "epoch then fills a fraction of the data (training computes any other sequence it meets)")
-    t.add_argument("--draft-vocab", type=int, default=0,
+    t.add_argument("--draft-vocab", type=_int, default=0,
                    help="heads score only the N >= 2 most frequent answer tokens (0 = full vocabulary): cheaper "
                         "drafting and training; verification still uses the full vocabulary")
     t.add_argument("--source-weights", default=None,
@@ -269,11 +270,11 @@ def register(sub) -> None:
                         "shipped heads name such as smollm2-135m-amphista; same target and layout, or a "
                         "deeper one: added layers start as pass-throughs, so training starts from exactly the "
                         "source's drafts)")
-    t.add_argument("--layers-per-stage", type=int, default=None, help="Amphista: SAL layers per stage (default 1)")
-    t.add_argument("--aeb-layers", type=int, default=None, help="Amphista: auto-embedding layers (default 1)")
-    t.add_argument("--sal-intermediate-size", type=int, default=None,
+    t.add_argument("--layers-per-stage", type=_int, default=None, help="Amphista: SAL layers per stage (default 1)")
+    t.add_argument("--aeb-layers", type=_int, default=None, help="Amphista: auto-embedding layers (default 1)")
+    t.add_argument("--sal-intermediate-size", type=_int, default=None,
                    help="Amphista: SAL MLP width (default: Llama's for the model width; 1536 for smollm2-135m)")
-    t.add_argument("--aeb-intermediate-size", type=int, default=None, help="Amphista: AEB MLP width (default: as SAL)")
+    t.add_argument("--aeb-intermediate-size", type=_int, default=None, help="Amphista: AEB MLP width (default: as SAL)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("tree-search", help="fit static trees to trained heads on the held-out split of their "
@@ -290,7 +291,7 @@ def register(sub) -> None:
     s.add_argument("--eval-frac", type=float, default=None,
                    help="the held-out share to fit on (default: the one the heads' `train` run recorded, else 0.05)")
     s.add_argument("--cache-hidden", default=None, help="the hidden-state cache of `train`, if any")
-    s.add_argument("--max-seq-len", type=int, default=1024)
+    s.add_argument("--max-seq-len", type=_int, default=1024)
     s.add_argument("--out", default=None, help="JSON file with the trees and their expected tau")
     s.add_argument("--save", action="store_true", help="add the trees to HEADS/config.json as PREFIX-N")
     s.add_argument("--prefix", default="tuned", help="name the fitted trees PREFIX-N (default tuned; a simple name "
@@ -307,9 +308,9 @@ def register(sub) -> None:
     e.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa"])
     _model_args(e)
     e.add_argument("--tree", default=None, help="static tree name, dynamic-N, or a JSON path list")
-    e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--max-seq-len", type=int, default=2048)
-    e.add_argument("--limit", type=int, default=None, help="first N questions")
-    e.add_argument("--per-category", type=int, default=None, help="first N questions of every category")
+    e.add_argument("--max-new-tokens", type=_int, default=256)
+    e.add_argument("--max-seq-len", type=_int, default=2048)
+    e.add_argument("--limit", type=_int, default=None, help="first N questions")
+    e.add_argument("--per-category", type=_int, default=None, help="first N questions of every category")
     e.add_argument("--out", default=None, help="JSON results file")
     e.set_defaults(func=cmd_eval_tau)
