@@ -21,6 +21,7 @@ A schema's own "x-guidance" whitespace_flexible or whitespace_pattern is kept.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import torch
@@ -110,7 +111,7 @@ def _grammar_text(response_format) -> str | None:
         if not isinstance(lark, str) or not lark.strip():
             raise InputError("response_format type 'grammar' needs a non-empty 'grammar' string (Lark syntax, as "
                              "llguidance reads it)")
-        return llg.LLMatcher.grammar_from_lark(lark)
+        return llg.LLMatcher.grammar_from_lark(_bounded_json_blocks(lark))
     if kind == "choice":
         choices = response_format.get("choices")
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
@@ -300,6 +301,30 @@ def without_no_ops(schema):
             value = without_no_ops(value)
         out[key] = value
     return out
+
+
+def _bounded_json_blocks(lark: str) -> str:
+    """A Lark grammar whose `%json {schema}` blocks take the bounded whitespace a json_schema response_format takes
+    (JSON_WHITESPACE, unless the schema sets its own "x-guidance" whitespace) and drop the no-op keywords it drops:
+    with llguidance's default, a model unsure how to go on padded the JSON with blanks until max_new_tokens ran out.
+    A `%json` not followed by a JSON object (inside a string or comment, say) is left as it is."""
+    decoder, out, at = json.JSONDecoder(), [], 0
+    for m in re.finditer(r"%json\b\s*", lark):
+        if m.start() < at:
+            continue
+        try:
+            schema, end = decoder.raw_decode(lark, m.end())
+        except ValueError:
+            continue
+        if not isinstance(schema, dict):
+            continue
+        schema = without_no_ops(schema)
+        own = schema.get("x-guidance")
+        if not (isinstance(own, dict) and ("whitespace_flexible" in own or "whitespace_pattern" in own)):
+            schema["x-guidance"] = {**(own if isinstance(own, dict) else {}), "whitespace_pattern": JSON_WHITESPACE}
+        out += [lark[at:m.end()], json.dumps(schema, ensure_ascii=False)]
+        at = end
+    return "".join(out) + lark[at:]
 
 
 def _json_grammar(llg, schema: dict) -> str:
