@@ -110,19 +110,9 @@ def sampled_share(temperature: float = 0.0, top_p: float = 1.0, min_p: float = 0
     (T 1.0: 0.79 at min_p 0.05, 0.87 at 0.1; T 0.7: 0.95 at 0.1; benchmarks/results/sampled_tau_min_p)."""
     if temperature <= 0:
         return 1.0
-    rows = SAMPLED_KEPT
     # 0 at top_p 1 and min_p 0, 1 at top_p 0.9 and below or min_p 0.05 and above
     nucleus = min(max((1.0 - top_p) / 0.1, min_p / 0.05, 0.0), 1.0)
-
-    def kept(row):
-        return row[1] + (row[2] - row[1]) * nucleus
-    for lo, hi in zip(rows, rows[1:]):
-        if temperature <= hi[0]:
-            w = (temperature - lo[0]) / (hi[0] - lo[0])
-            return kept(lo) + (kept(hi) - kept(lo)) * w
-    lo, hi = rows[-2], rows[-1]
-    slope = (kept(hi) - kept(lo)) / (hi[0] - lo[0])
-    return max(0.0, kept(hi) + slope * (temperature - hi[0]))
+    return _along([(t, at_1 + (at_09 - at_1) * nucleus) for t, at_1, at_09 in SAMPLED_KEPT], temperature)
 
 
 def penalty_share(repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
@@ -134,16 +124,18 @@ def penalty_share(repetition_penalty: float = 1.0, presence_penalty: float = 0.0
     for name, value in (("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
                         ("frequency_penalty", frequency_penalty)):
         rows = PENALTY_KEPT[name]
-        if value <= rows[0][0]:
-            continue
-        for lo, hi in zip(rows, rows[1:]):
-            if value <= hi[0]:
-                share *= lo[1] + (hi[1] - lo[1]) * (value - lo[0]) / (hi[0] - lo[0])
-                break
-        else:
-            lo, hi = rows[-2], rows[-1]
-            share *= max(0.0, hi[1] + (hi[1] - lo[1]) / (hi[0] - lo[0]) * (value - hi[0]))
+        if value > rows[0][0]:          # off, or favouring repeats: nothing taken
+            share *= _along(rows, value)
     return share
+
+
+def _along(points, x: float) -> float:
+    """The measured (x, share) points read at x: linear between them, past the last its slope, down to nothing."""
+    for lo, hi in zip(points, points[1:]):
+        if x <= hi[0]:
+            return lo[1] + (hi[1] - lo[1]) * ((x - lo[0]) / (hi[0] - lo[0]))
+    lo, hi = points[-2], points[-1]
+    return max(0.0, hi[1] + (hi[1] - lo[1]) / (hi[0] - lo[0]) * (x - hi[0]))
 
 
 def expected_tau(heads_config, tree: str) -> float | None:

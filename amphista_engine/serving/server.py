@@ -1132,17 +1132,11 @@ class OpenAIApp:
         return out
 
     @staticmethod
-    def usage(result) -> dict:
-        """One answer's usage: its completion_tokens count the EOS (or stop_token_ids token) it ended on, which
-        token_ids leave out, as OpenAI's and vLLM's do (metrics.completion_tokens)."""
-        p, c = len(result.prompt_token_ids), completion_tokens(result)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    @staticmethod
     def usage_of(results: list[list]) -> dict:
         """A request's usage: each prompt's results (one per choice), its prompt counted once, every choice's
-        tokens summed (as OpenAI counts n), each with the EOS it ended on (usage). /metrics'
-        amphista_generation_tokens_total sums the same counts."""
+        tokens summed (as OpenAI counts n), each with the EOS or stop_token_ids token it ended on, which token_ids
+        leave out (metrics.completion_tokens: OpenAI's and vLLM's count). /metrics' amphista_generation_tokens_total
+        sums the same counts."""
         p = sum(len(rs[0].prompt_token_ids) for rs in results)
         c = sum(completion_tokens(r) for rs in results for r in rs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
