@@ -655,10 +655,12 @@ def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: 
         if len(row.ids) >= max_new_tokens and not row.finish_reason:
             row.finish_reason = "length"
     if row.finish_reason in ("eos", "length") or (row.finish_reason == "stop" and toks and toks[used - 1] in eos):
-        before = row.raw_len()
+        before, ended = row.raw_len(), (row.finish_reason, row.stop_reason)
         row.text += stream.flush()     # bytes of a character the model never finished
         if stop:                       # now final: a stop may hold the U+FFFD of such bytes
             row.cut_at_stop(stop, max(0, before - hold), "", keep_stop)
+            if ended[0] != "length":   # an EOS / stop id ended the row first (vLLM checks it before stop strings):
+                row.finish_reason, row.stop_reason = ended     # the text is cut, the ending token still counts
     # Hold back a possible stop-string prefix until it is decided, so the stream never shows one.
     end = len(row.text) if row.finish_reason else max(row.shown, row.text_pos(row.raw_len() - hold, row.text))
     delta, row.shown = row.text[row.shown:end], max(row.shown, end)

@@ -98,7 +98,12 @@ def test_a_stop_completed_in_text_held_until_the_final_flush_still_stops(engine,
     script = ids[:-1] + ([2] if end == "eos" else [])
     texts, chunks, why = scripted_run(tok, [script], width=width, max_new=len(ids) - 1 if end == "length" else 30,
                                       stop=["\ufffd"])
-    assert texts == ["Repeat exactly: 日本"] == ["".join(chunks[0])] and why == ["stop"]
+    assert texts == ["Repeat exactly: 日本"] == ["".join(chunks[0])]
+    assert why == ["stop" if end == "length" else "eos"]    # EOS ended it first: the flushed text is still cut
+    if end == "eos":        # a stop_token_ids id alike: its stop_reason (and usage's count of it) is the id's
+        dec = Scripted([script], width)
+        list(run(dec, [[5]], tok, 30, [0], ["\ufffd"], [GenerationStats()], stop_ids=[2]))
+        assert (dec.rows[0].text, dec.rows[0].finish_reason, dec.rows[0].stop_reason) == ("Repeat exactly: 日本", "stop", 2)
 
 
 @pytest.fixture(scope="module")
