@@ -59,9 +59,13 @@ UNSUPPORTED = {
                       "supported: send tool_choice with tools instead"),
     "best_of": ((None, 1), "best_of other than 1 is not supported"),
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
+    # a chat answer with audio (OpenAI's audio models): the reply would come without the message.audio it asked for
+    "audio": ((None,), "audio output is not supported: this server answers with text only (leave out audio)"),
+    "modalities": ((None, [], ["text"]), "modalities other than [\"text\"] are not supported: this server answers "
+                   "with text only"),
 }
 # the refusals each endpoint checks (tools and tool_choice are served on chat: tools.py)
-CHAT_ONLY = {"functions", "function_call"}
+CHAT_ONLY = {"functions", "function_call", "audio", "modalities"}
 # logprobs (an int on /v1/completions, true on chat), top_logprobs (chat) and echo (completions) are served:
 # decoding() reads them
 COMPLETION_ONLY = {"best_of", "suffix", "tools", "tool_choice", "functions", "function_call"}
@@ -1221,6 +1225,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="amphista"')     # RFC 6750's challenge
+        if status >= 500 and status != 503:
+            # a bug, or the model's own failure (non-finite logits), answers the same request alike again: OpenAI's
+            # SDKs retry every 5xx twice (a failing run decoded three times) unless told not to. 503 (the server
+            # stopping) may be served by the next one
+            self.send_header("x-should-retry", "false")
         if self.close_connection:
             self.send_header("Connection", "close")
         self._count(status)     # before the headers go out: a HEAD's client has its whole answer with them
