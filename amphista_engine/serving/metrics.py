@@ -25,7 +25,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # the endpoint label of a request: its route (/v1/models and /models alike), or "other" (an unknown path must not
 # make a new series per path a scanner tries)
 ENDPOINTS = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions", "/models": "/v1/models",
-             "/health": "/health", "/metrics": "/metrics", "/tokenize": "/tokenize", "/detokenize": "/detokenize"}
+             "/health": "/health", "/metrics": "/metrics", "/tokenize": "/tokenize", "/detokenize": "/detokenize",
+             "/responses": "/v1/responses"}
 
 
 def endpoint(route: str | None) -> str:

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API over one Engine: /v1/chat/completions, /v1/completions, /v1/models, /health
-(and /metrics, Prometheus's text format: metrics.py; vLLM's /tokenize and /detokenize). With an API key, every
-path but /health and /metrics takes it as `Authorization: Bearer KEY` (401 without it).
+(and /metrics, Prometheus's text format: metrics.py; vLLM's /tokenize and /detokenize; OpenAI's Responses API,
+/v1/responses, mapped onto chat completions: responses.py). With an API key, every path but /health and /metrics
+takes it as `Authorization: Bearer KEY` (401 without it).
 
 Standard library only (http.server, json). The engine has one KV cache and decodes one run at a time, but a run may
 hold several prompts: a scheduler thread (batching.py) owns the engine and decodes the requests that wait when a run
@@ -1361,13 +1362,13 @@ class _Handler(BaseHTTPRequestHandler):
     do_PATCH = do_DELETE = do_PUT
 
     def _other(self, route: str):
-        if route in ("/chat/completions", "/completions", "/tokenize", "/detokenize"):
+        if route in ("/chat/completions", "/completions", "/responses", "/tokenize", "/detokenize"):
             raise ApiError(405, f"{self.path} takes POST, not {self.command}", code="method_not_allowed")
         if route in ("/models", "/health", "/metrics") or route.startswith("/models/"):
             raise ApiError(405, f"{self.path} takes GET, not {self.command}", code="method_not_allowed")
         raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET /health, GET "
-                       f"/metrics, POST /v1/chat/completions, POST /v1/completions, POST /tokenize and POST "
-                       f"/detokenize", code="not_found")
+                       f"/metrics, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, POST "
+                       f"/tokenize and POST /detokenize", code="not_found")
 
     def _get(self, route: str):
         app = self.app
@@ -1385,22 +1386,26 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, model)
             raise ApiError(404, f"model {name!r} is not served here; this server serves "
                            f"{app.model_id!r}", "model", "model_not_found")
-        if route in ("/chat/completions", "/completions", "/tokenize", "/detokenize"):
+        if route in ("/chat/completions", "/completions", "/responses", "/tokenize", "/detokenize"):
             raise ApiError(405, f"{self.path} takes POST, not GET", code="method_not_allowed")
         raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET "
-                       f"/health, GET /metrics, POST /v1/chat/completions, POST /v1/completions, POST /tokenize "
-                       f"and POST /detokenize", code="not_found")
+                       f"/health, GET /metrics, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, "
+                       f"POST /tokenize and POST /detokenize", code="not_found")
 
     def _post(self, route: str):
         if route in ("/tokenize", "/detokenize"):
             body = self._request = self._body()
             return self._json(200, self.app.tokenize(body) if route == "/tokenize" else self.app.detokenize(body))
+        if route == "/responses":       # OpenAI's Responses API, mapped onto a chat completion (responses.py)
+            from .responses import respond
+            body = self._request = self._body()
+            return respond(self, body)
         if route not in ("/chat/completions", "/completions"):
             if route in ("/models", "/health", "/metrics") or route.startswith("/models/"):
                 raise ApiError(405, f"{self.path} takes GET, not POST", code="method_not_allowed")
             raise ApiError(404, f"unknown path {self._path()!r}: this server answers POST "
-                           f"/v1/chat/completions, POST /v1/completions, POST /tokenize and POST /detokenize (and "
-                           f"GET /v1/models, GET /health, GET /metrics)",
+                           f"/v1/chat/completions, POST /v1/completions, POST /v1/responses, POST /tokenize and POST "
+                           f"/detokenize (and GET /v1/models, GET /health, GET /metrics)",
                            code="not_found")
         body = self._request = self._body()
         if not isinstance(body, dict):

@@ -1,0 +1,647 @@
+"""OpenAI's Responses API, POST /v1/responses, as vLLM serves it without a response store: a request is mapped onto
+the chat-completions machinery (server.py: messages, sampling options, tools, structured output, usage) and its
+answer written back as a Response object, or streamed as the Responses API's typed Server-Sent Events.
+
+Nothing is stored: previous_response_id, background runs, conversations and item references are refused by name;
+store=true is answered as vLLM answers it without a store (served, nothing kept, "store": false in the reply).
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+
+from ..errors import AmphistaError
+from ..tools import ToolCallFilter, openai_tool_calls
+from .metrics import request_latency
+from .server import FINISH, ROLES, ApiError, _constraint_field, _engine_error, _json_bytes, _json_type, _text
+
+# The Responses API fields served (mapped onto a chat completion), and those taken as hints and ignored: a cache
+# key, an end-user id, a service tier and stream_options (its include_obfuscation pads events against
+# side channels; this server sends none) change nothing an answer holds.
+SERVED = ("input", "instructions", "model", "max_output_tokens", "temperature", "top_p", "stream", "tools",
+          "tool_choice", "parallel_tool_calls", "text", "metadata", "user", "store", "reasoning",
+          "previous_response_id")
+HINTS = ("prompt_cache_key", "prompt_cache_retention", "safety_identifier", "service_tier", "stream_options")
+# Responses fields this server does not implement: refused where they ask for something.
+# name -> (the values that ask for nothing, what to say)
+IDLE = {
+    "background": ((None, False), "background responses need a response store, and this server keeps none: send "
+                   "the request without background"),
+    "conversation": ((None,), "conversations need a response store, and this server keeps none: send the whole "
+                     "conversation in input"),
+    "include": ((None, []), "include (extra output: logprobs, encrypted reasoning, tool sources) is not supported"),
+    "truncation": ((None, "disabled"), "truncation 'auto' (dropping input to fit the context) is not supported: a "
+                   "prompt past the context is refused"),
+    "max_tool_calls": ((None,), "max_tool_calls is not supported (this server runs no built-in tools)"),
+    "top_logprobs": ((None, 0), "top_logprobs is not supported on /v1/responses (/v1/chat/completions serves "
+                     "logprobs)"),
+    "prompt": ((None,), "prompt (a stored prompt template) is not supported: send instructions and input"),
+    "context_management": ((None, []), "context_management is not supported"),
+    "moderation": ((None,), "moderation is not supported"),
+    "image": ((None,), "image generation is not supported by this text-only model"),
+    "access_programs": ((None,), "access_programs is not supported"),
+    "background_options": ((None,), "background_options is not supported (no background responses)"),
+}
+# The chat route's non-OpenAI fields (README's Serving section), taken as /v1/chat/completions takes them
+EXTRAS = ("speculative", "tree", "top_k", "min_p", "repetition_penalty", "seed", "stop", "chat_template_kwargs",
+          "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos", "min_tokens", "stop_token_ids",
+          "include_stop_str_in_output", "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "cache_prompt",
+          "add_generation_prompt", "continue_final_message", "guided_json", "guided_regex", "guided_choice",
+          "guided_grammar", "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs")
+# a chat completion's field sent here: what the Responses API calls it
+CHAT_NAMES = {
+    "messages": "send the conversation as input (a string, or a list of message, function_call and "
+                "function_call_output items)",
+    "max_tokens": "send max_output_tokens", "max_completion_tokens": "send max_output_tokens",
+    "response_format": "send text: {\"format\": {\"type\": \"json_schema\", \"name\": ..., \"schema\": ...}}",
+    "n": "a response has one answer (/v1/chat/completions serves n)",
+    "logprobs": "/v1/chat/completions serves logprobs",
+    "functions": "send tools: [{\"type\": \"function\", \"name\": ..., \"parameters\": ...}]",
+    "function_call": "send tool_choice with tools",
+}
+TEXT_PARTS = ("input_text", "output_text")
+# Errors the chat machinery raises in its own field names, said in the Responses API's
+_RENAMES = ((re.compile(r"\bresponse_format json_schema\.schema\b"), "text.format.schema"),
+            (re.compile(r"\bresponse_format(?: json_schema)?\b"), "text.format"),
+            (re.compile(r"\bmax_(?:completion_)?tokens\b"), "max_output_tokens"),
+            (re.compile(r"\b(tools\[\d+\])\.function\."), r"\1."))
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+           "response_format": "text.format"}
+
+
+def _renamed(e: ApiError) -> ApiError:
+    message = e.message
+    for pattern, name in _RENAMES:
+        message = pattern.sub(name, message)
+    param = _PARAMS.get(e.param, e.param)
+    if isinstance(param, str) and param.startswith("response_format"):
+        param = "text.format"
+    return ApiError(e.status, message, param, e.code, e.kind)
+
+
+def _api_error(e: AmphistaError, chat: dict) -> ApiError:
+    return _renamed(_engine_error(e, "input", chat.get("tree") is not None, _constraint_field(chat)))
+
+
+def _bad(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param)
+
+
+def _check_fields(body: dict):
+    for name in body:
+        if name in SERVED or name in HINTS or name in EXTRAS:
+            continue
+        if name in IDLE:
+            allowed, why = IDLE[name]
+            # of the same type too: `in` took false for 0 and 0 for false
+            if not any(type(body[name]) is type(a) and body[name] == a for a in allowed):
+                raise _bad(f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
+            continue
+        hint = CHAT_NAMES.get(name)
+        raise _bad(f"{name!r} is not a field of /v1/responses" + (f": {hint}" if hint else
+                   f" (OpenAI's Responses fields, and {', '.join(EXTRAS[:5])} ... as /v1/chat/completions takes "
+                   f"them)"), name)
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        raise _bad("previous_response_id: this server stores no responses, so it cannot continue one; send the "
+                   "whole conversation in input (the earlier input items, then the response's output items)",
+                   "previous_response_id")
+    for name in ("store", "stream", "parallel_tool_calls"):
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise _bad(f"{name} must be true or false, got {_json_type(body[name])}", name)
+    for name in ("user", "instructions", "model", *HINTS[:4]):
+        if body.get(name) is not None:
+            _text(body[name], name)
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _bad(f"metadata must be an object of string values, got {_json_type(metadata)}", "metadata")
+    if body.get("reasoning") is not None and not isinstance(body["reasoning"], dict):
+        raise _bad(f"reasoning must be an object ({{\"effort\": ..., \"summary\": ...}}), got "
+                   f"{_json_type(body['reasoning'])}", "reasoning")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise _bad(f"stream_options must be an object, got {_json_type(body['stream_options'])}", "stream_options")
+    value = body.get("max_output_tokens")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise _bad(f"max_output_tokens must be a positive integer, got {_json_type(value)}", "max_output_tokens")
+
+
+def _parts_text(content, where: str) -> str:
+    """A message's content (a string, or a list of input_text / output_text parts, joined by newlines as the chat
+    route joins its text parts)."""
+    if isinstance(content, str):
+        return _text(content, where)
+    if not isinstance(content, list):
+        raise _bad(f"{where} must be a string or a list of input_text / output_text parts, got "
+                   f"{_json_type(content)}", where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            raise _bad(f"{where}[{j}] must be {{\"type\": \"input_text\" or \"output_text\", \"text\": ...}}" + (
+                f": {kind!r} parts are not supported by this text-only model" if isinstance(kind, str) else
+                f", got {_json_type(part)}"), where)
+        texts.append(_text(part.get("text"), f"{where}[{j}].text"))
+    return "\n".join(texts)
+
+
+def _messages(body: dict) -> list[dict]:
+    """The chat messages of a request's instructions and input: messages as they are (developer: system), a
+    function_call as an assistant turn's tool call (consecutive calls, and a call right after an assistant message,
+    in that one turn, as a chat client sends an answer of content and calls), a function_call_output as a tool
+    message, and a reasoning item's text as the next assistant turn's reasoning_content."""
+    items = body.get("input")
+    if items is None:
+        raise _bad("'input' is a required field: a string, or a list of message, function_call and "
+                   "function_call_output items", "input")
+    out = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") is not None else []
+    if isinstance(items, str):
+        return out + [{"role": "user", "content": _text(items, "input")}]
+    if not isinstance(items, list) or not items:
+        raise _bad(f"input must be a string or a non-empty list of items, got {_json_type(items)}", "input")
+    thought = None
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where} must be an item object (a message, function_call or function_call_output), got "
+                       f"{_json_type(item)}", where)
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise _bad(f"{where}.role must be one of 'user', 'assistant', 'system', 'developer', got "
+                           f"{json.dumps(role)[:60]}", f"{where}.role")
+            content = item.get("content")
+            one = {"role": ROLES[role], "content": "" if content is None and role == "assistant" else
+                   _parts_text(content, f"{where}.content")}
+            if role == "assistant" and thought is not None:
+                one["reasoning_content"], thought = thought, None
+            out.append(one)
+        elif kind == "function_call":
+            for name in ("call_id", "name", "arguments"):
+                _text(item.get(name), f"{where}.{name}")
+            try:
+                args = json.loads(item["arguments"]) if item["arguments"].strip() else {}
+            except ValueError as e:
+                raise _bad(f"{where}.arguments is not valid JSON: {e}", f"{where}.arguments") from None
+            if not isinstance(args, dict):
+                raise _bad(f"{where}.arguments must be a JSON object (as a string), got {_json_type(args)}",
+                           f"{where}.arguments")
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            if thought is not None:
+                out[-1]["reasoning_content"], thought = thought, None
+        elif kind == "function_call_output":
+            call_id, output = _text(item.get("call_id"), f"{where}.call_id"), item.get("output")
+            out.append({"role": "tool", "tool_call_id": call_id, "content": _parts_text(output, f"{where}.output")})
+        elif kind == "reasoning":
+            parts = item.get("content") or []
+            if not isinstance(parts, list):
+                raise _bad(f"{where}.content must be a list of reasoning_text parts, got {_json_type(parts)}",
+                           f"{where}.content")
+            texts = [_text(p.get("text"), f"{where}.content[{j}].text") for j, p in enumerate(parts)
+                     if isinstance(p, dict) and p.get("type") == "reasoning_text"]
+            thought = "\n".join(texts) or None
+        elif kind == "item_reference":
+            raise _bad(f"{where}: item references need a response store, and this server keeps none: send the item "
+                       f"itself", f"{where}.type")
+        else:
+            raise _bad(f"{where}.type must be 'message', 'function_call', 'function_call_output' or 'reasoning', "
+                       f"got {json.dumps(kind)[:60]}" + (" (built-in tools' items are not supported)"
+                                                         if isinstance(kind, str) else ""), f"{where}.type")
+    return out
+
+
+def _tools(tools) -> list | None:
+    """Responses' flat function tools in the chat route's shape (tools.check_tools checks their fields)."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise _bad(f"tools must be an array of {{\"type\": \"function\", \"name\": ..., \"parameters\": ...}} "
+                   f"objects, got {_json_type(tools)}", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise _bad(f"tools[{i}] must be {{\"type\": \"function\", \"name\": ..., \"parameters\": ...}}" + (
+                f": type {kind!r} is not supported (this server runs no built-in tools; only functions)"
+                if isinstance(kind, str) else f", got {_json_type(tool)}"), "tools")
+        if "function" in tool:
+            raise _bad(f"tools[{i}] is in /v1/chat/completions' shape ({{\"function\": {{...}}}}): /v1/responses "
+                       f"takes the function's fields flat, {{\"type\": \"function\", \"name\": ..., \"parameters\": "
+                       f"...}}", "tools")
+        out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
+                                                                            "strict") if k in tool}})
+    return out
+
+
+def _tool_choice(choice):
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    name = choice.get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if isinstance(name, str):
+        return {"type": "function", "function": {"name": name}}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    raise _bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}" + (
+        f": type {kind!r} is not supported (only functions)" if isinstance(kind, str) and kind != "function" else
+        f", got {_json_type(choice)}"), "tool_choice")
+
+
+def _text_format(text) -> dict | None:
+    """text.format as the chat route's response_format (None: free text); text.verbosity is taken and ignored."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise _bad(f"text must be an object ({{\"format\": {{\"type\": ...}}}}), got {_json_type(text)}", "text")
+    for key in text:
+        if key not in ("format", "verbosity"):
+            raise _bad(f"text has no key {key!r} (its keys: format, verbosity)", f"text.{key}")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _bad(f"text.format must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}}, got "
+                   f"{_json_type(fmt)}", "text.format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if not isinstance(fmt.get("schema"), dict):
+        raise _bad(f"text.format of type 'json_schema' needs its JSON schema object under 'schema', got "
+                   f"{_json_type(fmt.get('schema'))}", "text.format.schema")
+    for key in ("name", "description"):
+        if fmt.get(key) is not None:
+            _text(fmt[key], f"text.format.{key}")
+    if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
+        raise _bad(f"text.format.strict must be true or false, got {_json_type(fmt['strict'])}", "text.format.strict")
+    return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema", "strict")
+                                                   if fmt.get(k) is not None}}
+
+
+def chat_request(body) -> dict:
+    """A Responses request as the chat completion it asks for (ApiError, naming the Responses field, for a bad
+    one)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+    _check_fields(body)
+    chat = {k: body[k] for k in EXTRAS if k in body}
+    chat["messages"] = _messages(body)
+    chat["stream"] = bool(body.get("stream"))
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    for name in ("temperature", "top_p", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    tools = _tools(body.get("tools"))
+    if tools is not None:
+        chat["tools"] = tools
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    rf = _text_format(body.get("text"))
+    if rf is not None:
+        chat["response_format"] = rf
+    return chat
+
+
+# ---- the reply ------------------------------------------------------------------------------------------------
+
+def _id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def _message_item(text: str, status: str, item_id: str | None = None) -> dict:
+    return {"type": "message", "id": item_id or _id("msg_"), "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def _reasoning_item(text: str, status: str, item_id: str | None = None) -> dict:
+    return {"type": "reasoning", "id": item_id or _id("rs_"), "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "encrypted_content": None, "status": status}
+
+
+def _call_item(call_id: str, name: str, arguments: str, status: str, item_id: str | None = None) -> dict:
+    return {"type": "function_call", "id": item_id or _id("fc_"), "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}
+
+
+class _Reply:
+    """What a response object echoes of its request, and how it is written."""
+
+    def __init__(self, app, body: dict, job):
+        self.app, self.body, self.job = app, body, job
+        self.id, self.created = _id("resp_"), int(time.time())
+
+    def response(self, status: str, output: list, results=None, thought: str | None = None, finish=None) -> dict:
+        body, options = self.body, self.job.options
+        text = {"format": (body.get("text") or {}).get("format") or {"type": "text"}}
+        if (body.get("text") or {}).get("verbosity") is not None:
+            text["verbosity"] = body["text"]["verbosity"]
+        reasoning = body.get("reasoning") or {}
+        out = {"id": self.id, "object": "response", "created_at": self.created, "status": status, "background": False,
+               "error": None, "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
+               "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+               "max_tool_calls": None, "model": self.app.model_id, "output": output,
+               "parallel_tool_calls": body.get("parallel_tool_calls") is not False, "previous_response_id": None,
+               "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+               "service_tier": body.get("service_tier") or "auto", "store": False,
+               # the sampling the answer was decoded with: the request's, else the server's defaults
+               "temperature": float(options["temperature"]), "text": text,
+               "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+               "top_logprobs": 0, "top_p": float(options["top_p"]), "truncation": "disabled",
+               "usage": None if results is None else self.usage(results, thought), "user": body.get("user"),
+               "metadata": body.get("metadata") or {}}
+        if status in ("completed", "incomplete"):
+            out["completed_at"] = int(time.time())
+        if results is not None:
+            out["amphista"] = self.app.extra(results[-1])
+        return out
+
+    def usage(self, results: list, thought: str | None) -> dict:
+        """The chat route's usage in the Responses API's names. reasoning_tokens: the reasoning text's tokens
+        encoded again (the answer's own split at </think> is not kept)."""
+        u = self.app.usage_of([results])
+        cached = int(results[0].stats.extra.get("prompt_tokens_reused") or 0)
+        reasoning = len(self.app.engine.tokenizer.encode(thought, add_bos=False)) if thought else 0
+        return {"input_tokens": u["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+                "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": reasoning},
+                "total_tokens": u["total_tokens"]}
+
+
+def _output(app, job, plan, result) -> tuple[list, str | None, str, str | None]:
+    """A whole answer's (output items, reasoning text, finish, /metrics' reason), read as the chat route reads a
+    non-streamed answer (server._complete)."""
+    finish = FINISH.get(result.finish_reason, result.finish_reason)
+    text, thought = result.text, None
+    if (splitter := app.reasoning_splitter(job, plan)) is not None:
+        splitter.end(result.text)
+        text, thought = splitter.content or None, splitter.reasoning or None
+    content, calls, whole = text, [], True
+    if plan is not None and (plan.parse or plan.shows):
+        stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
+        content, calls, whole = plan.answer(text or "", stops)
+        calls = openai_tool_calls(calls, plan.fmt) if calls else []
+    items = [_reasoning_item(thought, "completed")] if thought else []
+    if content or not (calls or thought):
+        items.append(_message_item(content or "", "completed"))
+    items += [_call_item(c["id"], c["function"]["name"], c["function"]["arguments"], "completed") for c in calls]
+    if finish == "length" and items[-1]["type"] != "function_call":     # a call in the output is a whole one
+        items[-1]["status"] = "incomplete"
+    reason = "tool_calls" if calls and whole and finish != "length" else None
+    return items, thought, finish, reason
+
+
+class _Stream:
+    """A response streamed as the Responses API's events: each output item added, its text (or a call's arguments)
+    as it decodes, then done, and the whole response last (response.completed). The answer is read as the chat
+    route's stream reads it (server._Handler._stream: the reasoning splitter, then ToolCallFilter), so the deltas
+    joined are the non-streamed reply's text and arguments."""
+
+    def __init__(self, handler, reply: _Reply, plan):
+        self.h, self.reply, self.plan = handler, reply, plan
+        self.seq = 0
+        self.items: list[dict] = []         # the output so far, by output_index
+        self.texts: dict[int, str] = {}     # a reasoning or message item's text so far
+        self.open: set[int] = set()         # the items not done yet
+        self.thinking = self.message = None     # the reasoning item's and the message's output_index
+        self.calls: dict[int, int] = {}     # a chat tool call's index -> its item's output_index
+
+    def emit(self, kind: str, **fields):
+        payload = _json_bytes({"type": kind, "sequence_number": self.seq, **fields}).decode("utf-8")
+        self.seq += 1
+        # line breaks to str.splitlines, which SSE clients split on (server._Handler._event)
+        payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+        self.h.wfile.write(f"event: {kind}\ndata: {payload}\n\n".encode("utf-8"))
+
+    def _add(self, item: dict) -> int:
+        index = len(self.items)
+        self.items.append(item)
+        self.open.add(index)
+        self.emit("response.output_item.added", output_index=index, item=item)
+        return index
+
+    def think(self, delta: str):
+        if self.thinking is None:
+            self.thinking = self._add({**_reasoning_item("", "in_progress"), "content": []})
+            self.texts[self.thinking] = ""
+            self.emit("response.content_part.added", item_id=self.items[self.thinking]["id"],
+                      output_index=self.thinking, content_index=0, part={"type": "reasoning_text", "text": ""})
+        self.texts[self.thinking] += delta
+        self.emit("response.reasoning_text.delta", item_id=self.items[self.thinking]["id"],
+                  output_index=self.thinking, content_index=0, delta=delta)
+
+    def say(self, delta: str):
+        if self.thinking is not None and self.thinking in self.open:
+            self._done(self.thinking, "completed")
+        if self.message is None:
+            self.message = self._add({**_message_item("", "in_progress"), "content": []})
+            self.texts[self.message] = ""
+            self.emit("response.content_part.added", item_id=self.items[self.message]["id"],
+                      output_index=self.message, content_index=0,
+                      part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        if delta:
+            self.texts[self.message] += delta
+            self.emit("response.output_text.delta", item_id=self.items[self.message]["id"],
+                      output_index=self.message, content_index=0, delta=delta, logprobs=[])
+
+    def call(self, delta: dict):
+        """One of the chat stream's delta.tool_calls entries (tools.ToolCallFilter): a call's first one (its id and
+        name) adds a function_call item; its arguments go out as they come."""
+        if self.thinking is not None and self.thinking in self.open:
+            self._done(self.thinking, "completed")
+        f = delta.get("function") or {}
+        if delta.get("id") is not None:
+            # the calls before it are whole: only the last one streamed may break or be cut (ToolCallFilter.end)
+            for index in sorted(self.calls.values()):
+                if index in self.open:
+                    self._done(index, "completed")
+            self.calls[delta["index"]] = self._add(_call_item(delta["id"], f.get("name", ""), "", "in_progress"))
+        index = self.calls.get(delta.get("index"))
+        if index is not None and f.get("arguments"):
+            self.items[index]["arguments"] += f["arguments"]
+            self.emit("response.function_call_arguments.delta", item_id=self.items[index]["id"],
+                      output_index=index, delta=f["arguments"])
+
+    def _done(self, index: int, status: str):
+        item = self.items[index]
+        self.open.discard(index)
+        if item["type"] == "reasoning":
+            text = self.texts[index]
+            self.emit("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                      text=text)
+            self.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                      part={"type": "reasoning_text", "text": text})
+            item = self.items[index] = _reasoning_item(text, status, item["id"])
+        elif item["type"] == "message":
+            text = self.texts[index]
+            self.emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                      text=text, logprobs=[])
+            item = self.items[index] = _message_item(text, status, item["id"])
+            self.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                      part=item["content"][0])
+        else:
+            self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                      arguments=item["arguments"])
+            item["status"] = status
+        self.emit("response.output_item.done", output_index=index, item=item)
+
+    def run(self, event, job):
+        """Sends the run's events (event: its first, which the caller waited for before the headers); (the
+        results, the reasoning text, /metrics' reason), or None where the client left."""
+        h, app, plan = self.h, self.reply.app, self.plan
+        self.emit("response.created", response=self.reply.response("in_progress", []))
+        self.emit("response.in_progress", response=self.reply.response("in_progress", []))
+        splitter = app.reasoning_splitter(job, plan)
+        stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
+        filt = ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse,
+                              whole=stops, calls_only=plan.calls_only) \
+            if plan is not None and (plan.parse or plan.shows) else None
+        while True:
+            kind, value = event
+            if kind == "end":
+                result = value[1]
+                break
+            if h._client_gone():
+                return None
+            if kind == "delta" and value[1]:
+                text = value[1]
+                if splitter is not None:
+                    thought, text = splitter.feed(text)
+                    if thought:
+                        self.think(thought)
+                text, deltas = (text, ()) if filt is None or not text else filt.stream(text)
+                if text:
+                    self.say(text)
+                for d in deltas:
+                    self.call(d)
+            event = h._next_event(job)
+            if event is None:
+                return None
+        finish = FINISH.get(result.finish_reason, result.finish_reason)
+        answer = result.text
+        if splitter is not None:
+            thought, rest = splitter.end(result.text)
+            if thought:
+                self.think(thought)
+            if rest and filt is None:
+                self.say(rest)
+            answer = splitter.content
+        reason, reply_calls = None, 0
+        if filt is not None:
+            rest, deltas, whole = filt.end(answer)
+            if rest:
+                self.say(rest)
+            for d in deltas:
+                self.call(d)
+            if whole and filt.calls_sent and finish != "length":
+                reason = "tool_calls"
+            # A call that went out by name but is no call of the non-streamed reply's (cut by max_output_tokens, or
+            # its JSON broke): done as incomplete, and left out of the final response, which is the non-streamed
+            # one (the openai client parses every call a response holds)
+            reply_calls = len(plan.answer(answer, stops)[1])
+        broken = {self.calls[k] for k in sorted(self.calls)[reply_calls:]}
+        if self.message is None and not reply_calls and self.thinking is None:
+            self.say("")        # an empty answer is an empty message, as the non-streamed reply has it (_output)
+        kept = [i for i in range(len(self.items)) if i not in broken]
+        for index in sorted(self.open):
+            cut = index == kept[-1] and finish == "length" and self.items[index]["type"] != "function_call"
+            self._done(index, "incomplete" if index in broken or cut else "completed")
+        thought = self.texts.get(self.thinking) if self.thinking is not None else None
+        status = "incomplete" if finish == "length" else "completed"
+        output = [self.items[i] for i in kept]
+        self.emit("response.completed", response=self.reply.response(status, output, [result], thought, finish))
+        return [result], thought, reason
+
+    def fail(self, e: ApiError):
+        """An error after the stream began: the Responses API's error event (its fields, and OpenAI's error object
+        under "error", on which the openai client raises), then the stream's end."""
+        self.emit("error", code=e.code or e.kind, message=e.message, param=e.param, error=e.body()["error"])
+
+
+def respond(handler, body) -> None:
+    """POST /v1/responses on a server handler (server._Handler): the answer as a Response object, or streamed."""
+    app = handler.app
+    chat = chat_request(body)
+    stream = chat["stream"]
+    try:
+        plan = app.tool_plan(chat)
+        jobs = app.submit_all(chat, [app.chat_messages(chat, plan)], True, stream, plan)
+    except ApiError as e:
+        raise _renamed(e) from None
+    except AmphistaError as e:
+        raise _api_error(e, chat) from None
+    job = jobs[0]
+    reply = _Reply(app, body, job)
+    try:
+        if stream:
+            done = _streamed(handler, reply, plan, job, chat)
+        else:
+            try:
+                results = handler._drain(job)
+            except ApiError as e:
+                raise _renamed(e) from None
+            except AmphistaError as e:
+                raise _api_error(e, chat) from None
+            done = None
+            if results is not None:
+                items, thought, finish, reason = _output(app, job, plan, results[0])
+                done = results, thought, reason
+    finally:
+        job.gone.set()      # nobody reads its rows any more: the scheduler drops them (server._complete)
+    if done is False:       # ended by an error event, logged
+        return
+    if done is None:
+        handler.close_connection = True
+        handler._done(499, " (client closed the connection; decoding stopped)")
+        return
+    results, thought, reason = done
+    result = results[-1]
+    note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
+    if job.rows > 1:
+        note += f" | batch of {job.rows}"
+    app.metrics.answered(results, [reason], request_latency(jobs, [results], time.perf_counter()))
+    if stream:
+        handler._done(200, note)
+        return
+    status = "incomplete" if finish == "length" else "completed"
+    handler._json(200, reply.response(status, items, results, thought, finish), note)
+
+
+def _streamed(handler, reply: _Reply, plan, job, chat: dict):
+    """The stream's (results, reasoning, reason); None where the client left, False where it ended with an error
+    event (logged). Its headers wait for the run to
+    start: a request the run refuses is still answered with a status."""
+    try:
+        event = handler._next_event(job)
+    except ApiError as e:
+        raise _renamed(e) from None
+    except AmphistaError as e:
+        raise _api_error(e, chat) from None
+    if event is None:
+        return None
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("Connection", "close")       # the stream's end is the connection's (no Content-Length)
+    handler.end_headers()
+    handler.close_connection = True
+    handler._started = True
+    out = _Stream(handler, reply, plan)
+    try:
+        return out.run(event, job)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        return None
+    except (ApiError, AmphistaError) as e:
+        error = _renamed(e) if isinstance(e, ApiError) else _api_error(e, chat)
+        try:
+            out.fail(error)
+        except OSError:
+            return None
+        handler._done(error.status, f" (mid-stream: {error.message[:120]})")
+        return False
