@@ -12,10 +12,11 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import torch
 
+from . import async_api
 from .errors import AmphistaError, CacheFullError, InputError, int_digits, is_huge_int, refuse_huge_ints
 from .generation import GenerationStats, PlainDecoder, run
 from .kernels.backend import check_backend, get_backend, scoped_backend, unmet_choice, use_backend
@@ -1273,6 +1274,25 @@ class Engine:
             prompts = [p for p in prompts for _ in range(int(n))]
         return _drain(self.stream_batch(prompts, max_new_tokens, **options))
 
+    # ---- asyncio (async_api.py): each call's sync run in a worker thread of its own, one call at a time -------
+    async def agenerate(self, *args, **kwargs) -> GenerationResult:
+        """`await engine.agenerate(...)`: generate()'s arguments and result, without blocking the event loop.
+        Concurrent async calls on this engine wait their turn; cancelling stops the run before its next step."""
+        return await async_api.result(self, "generate", args, kwargs)
+
+    def astream(self, *args, **kwargs) -> AsyncIterator[str]:
+        """`async for chunk in engine.astream(...)`: stream()'s arguments and chunks (bad arguments raise at the
+        first step). Closing it (break, aclose) or cancelling its task stops the run before its next step."""
+        return async_api.items(self, "stream", args, kwargs)
+
+    async def agenerate_batch(self, *args, **kwargs) -> list[GenerationResult]:
+        """`await engine.agenerate_batch(...)`: generate_batch()'s arguments and results (see agenerate)."""
+        return await async_api.result(self, "generate_batch", args, kwargs)
+
+    def astream_batch(self, *args, **kwargs) -> AsyncIterator[tuple[int, str]]:
+        """`async for item in engine.astream_batch(...)`: stream_batch()'s arguments and items (see astream)."""
+        return async_api.items(self, "stream_batch", args, kwargs)
+
     @property
     def eos_ids(self) -> list[int]:
         from .chat import chat_stops
@@ -1347,3 +1367,4 @@ def _with_batch_signature(method, first: str, returns: str):
 _with_batch_signature(Engine.stream, "prompt", "Iterator[str]")
 _with_batch_signature(Engine.generate, "prompt", "GenerationResult")
 _with_batch_signature(Engine.generate_batch, "prompts", "list[GenerationResult]")
+async_api.mirror_signatures(Engine)

@@ -1,0 +1,231 @@
+"""The engine's asyncio face (as vLLM's AsyncLLM gives one): `await engine.agenerate(...)`, `async for chunk in
+engine.astream(...)`, `await engine.agenerate_batch(...)`, `async for item in engine.astream_batch(...)`, for an
+application that embeds the engine in an event loop (FastAPI, aiohttp) without `amphista serve`.
+
+Each call runs the whole sync call (its checks, its prefill, every step) in one worker thread of its own, since an
+engine's run belongs to the thread that started it (Engine._one_run), and hands its items to the loop with
+call_soon_threadsafe: the loop never waits on a step. Async calls on one engine take turns, first come first served
+(_Turns), where sync calls from two threads refuse each other; a sync call from another thread during an async run
+is still refused. A turn ends when the worker's run ends, not when the caller has read every item: a stream left
+open (a broken-out `async for` whose generator is still referenced) decodes on to its end into its queue instead of
+holding the engine. Cancelling the awaiting task, or closing the async generator, stops the run before its next
+step (the sync stream closed in its own thread: a closed run leaves last_result None) and waits for the worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import inspect
+import threading
+import weakref
+from typing import AsyncIterator
+
+import torch
+
+_ITEM, _END, _ERROR = "item", "end", "error"
+
+
+class _Stopped(BaseException):
+    """Ends a worker's sync call at a step boundary once its caller is gone. A BaseException: no `except Exception`
+    of the sync code on the way out may take it for an error of the run."""
+
+
+def _until(steps, stop: threading.Event):
+    """stream_batch's steps, closed (in this thread) before the first step asked for after `stop` is set."""
+    try:
+        while True:
+            if stop.is_set():
+                raise _Stopped
+            try:
+                item = next(steps)
+            except StopIteration as end:
+                return end.value        # generate() and generate_batch() read their results from it (_drain)
+            yield item
+    finally:
+        steps.close()
+
+
+class _StoppableEngine:
+    """The engine as a worker's sync call sees it: every attribute the engine's own, but stream_batch's steps stop
+    on request (_until). The sync methods run on it unchanged (Engine.generate(view, ...)), so the async ones take
+    the same arguments, raise the same errors and give the same results; generate() and generate_batch() run
+    stream_batch to its end in one call, with no other place to stop them between steps."""
+
+    def __init__(self, engine, stop: threading.Event):
+        object.__setattr__(self, "_engine", engine)
+        object.__setattr__(self, "_stop", stop)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._engine, name, value)
+
+    def stream_batch(self, *args, **kwargs):
+        # the call's own checks raise here, as the sync call raises them, before any step
+        return _until(self._engine.stream_batch(*args, **kwargs), self._stop)
+
+
+class _Turns:
+    """One engine's async calls, one at a time, first come first served. Not an asyncio.Lock: that binds to the
+    first event loop that waits on it, and an engine outlives loops (each asyncio.run makes its own) and may serve
+    loops of several threads. A turn ends in the worker's thread (release), and is handed to the next waiter's
+    loop."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._busy = False
+        self._waiting: collections.deque = collections.deque()    # (loop, future) of each waiting call
+
+    async def acquire(self):
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self._busy:
+                self._busy = True
+                return
+            waiter = (loop, loop.create_future())
+            self._waiting.append(waiter)
+        try:
+            await waiter[1]
+        except asyncio.CancelledError:
+            with self._lock:
+                handed = waiter not in self._waiting
+                if not handed:
+                    self._waiting.remove(waiter)
+            if handed:      # the turn came as the call was cancelled: the next waiter's now
+                self.release()
+            raise
+
+    def release(self):
+        with self._lock:
+            while self._waiting:
+                loop, future = self._waiting.popleft()
+                try:
+                    loop.call_soon_threadsafe(_grant, future)
+                    return
+                except RuntimeError:        # its loop is closed: nobody waits there any more
+                    continue
+            self._busy = False
+
+
+def _grant(future: asyncio.Future):
+    if not future.done():
+        future.set_result(None)
+
+
+_turns_lock = threading.Lock()
+_TURNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _turns(engine) -> _Turns:
+    with _turns_lock:
+        turns = _TURNS.get(engine)
+        if turns is None:
+            turns = _TURNS[engine] = _Turns()
+        return turns
+
+
+class _Run:
+    """One async call: its sync call in a worker thread, whose items, outcome and end reach the loop."""
+
+    def __init__(self, engine, method: str, args, kwargs, streams: bool):
+        self.loop = asyncio.get_running_loop()
+        self.turns = _turns(engine)
+        self.items: asyncio.Queue = asyncio.Queue()
+        self.done = self.loop.create_future()
+        self.stop = threading.Event()
+        view = _StoppableEngine(engine, self.stop)
+        if method != "stream_batch":
+            # Engine's own code on the view: its calls to stream_batch get the stoppable steps
+            from .engine import Engine
+            self._call = (getattr(Engine, method).__get__(view), args, kwargs, streams)
+        else:
+            self._call = (view.stream_batch, args, kwargs, streams)
+        # The caller's context (a use_backend block around the call) and torch thread count, as a sync call made
+        # here would run with: a new thread starts with neither
+        self._context = contextvars.copy_context()
+        self._threads = torch.get_num_threads()
+
+    async def start(self) -> "_Run":
+        await self.turns.acquire()
+        try:
+            threading.Thread(target=self._context.run, args=(self._work,), name="amphista-async").start()
+        except BaseException:
+            self.turns.release()
+            raise
+        return self
+
+    def _post(self, kind, value=None):
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, (kind, value))
+        except RuntimeError:        # the loop is closed: nobody reads this run any more, so it stops
+            self.stop.set()
+
+    def _work(self):
+        call, args, kwargs, streams = self._call
+        out = None
+        try:
+            if torch.get_num_threads() != self._threads:
+                torch.set_num_threads(self._threads)
+            out = call(*args, **kwargs)
+            if streams:
+                for item in out:
+                    self._post(_ITEM, item)
+                out = None
+            self._post(_END, out)
+        except _Stopped:
+            pass
+        except BaseException as e:      # AmphistaError and the rest reach the caller unchanged
+            self._post(_ERROR, e)
+        finally:
+            if streams and hasattr(out, "close"):
+                out.close()         # one left unfinished by an error between items: closed in its run's thread
+            self.turns.release()
+            try:
+                self.loop.call_soon_threadsafe(_grant, self.done)
+            except RuntimeError:
+                pass
+
+    async def next(self):
+        kind, value = await self.items.get()
+        if kind == _ERROR:
+            raise value
+        return kind, value
+
+    async def finish(self):
+        """Stops the run before its next step (where it still decodes) and waits until its worker has left the
+        engine: the next call, sync ones of this thread too, finds it free."""
+        self.stop.set()
+        await asyncio.shield(self.done)
+
+
+async def result(engine, method: str, args, kwargs):
+    """await engine.<method>(*args, **kwargs), a sync call that returns ("generate", "generate_batch")."""
+    run = await _Run(engine, method, args, kwargs, streams=False).start()
+    try:
+        return (await run.next())[1]
+    finally:
+        await run.finish()
+
+
+async def items(engine, method: str, args, kwargs) -> AsyncIterator:
+    """The items of engine.<method>(*args, **kwargs), a sync stream ("stream", "stream_batch"). Lazy as the sync
+    stream is: the turn is taken and the call's arguments checked at the first step of `async for`."""
+    run = await _Run(engine, method, args, kwargs, streams=True).start()
+    try:
+        while True:
+            kind, value = await run.next()
+            if kind == _END:
+                return
+            yield value
+    finally:
+        await run.finish()
+
+
+def mirror_signatures(cls):
+    """help() and editors show each sync method's options on its async twin, which forwards them as given."""
+    for name, returns in (("generate", "GenerationResult"), ("stream", "AsyncIterator[str]"),
+                          ("generate_batch", "list[GenerationResult]"), ("stream_batch", "AsyncIterator[tuple]")):
+        getattr(cls, "a" + name).__signature__ = inspect.signature(getattr(cls, name)).replace(
+            return_annotation=returns)
