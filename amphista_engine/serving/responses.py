@@ -13,9 +13,11 @@ import secrets
 import time
 
 from ..errors import AmphistaError
+from ..structured import _lone_surrogate
 from ..tools import ToolCallFilter, openai_tool_calls
 from .metrics import request_latency
-from .server import FINISH, ROLES, ApiError, _constraint_field, _engine_error, _json_bytes, _json_type, _text
+from .server import (FINISH, ROLES, ApiError, _constraint_field, _engine_error, _json_bytes, _json_type,
+                     _not_utf8, _text)
 
 # The Responses API fields served (mapped onto a chat completion), and those taken as hints and ignored: a cache
 # key, an end-user id, a service tier and stream_options (its include_obfuscation pads events against
@@ -62,9 +64,15 @@ CHAT_NAMES = {
     "function_call": "send tool_choice with tools",
 }
 TEXT_PARTS = ("input_text", "output_text")
+# the values the reply echoes, which the openai client types as enums
+REASONING = {"effort": ("none", "minimal", "low", "medium", "high", "xhigh"),
+             "summary": ("auto", "concise", "detailed"), "generate_summary": ("auto", "concise", "detailed")}
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+VERBOSITY = ("low", "medium", "high")
 # Errors the chat machinery raises in its own field names, said in the Responses API's
 _RENAMES = ((re.compile(r"\bresponse_format json_schema\.schema\b"), "text.format.schema"),
             (re.compile(r"\bresponse_format(?: json_schema)?\b"), "text.format"),
+            (re.compile(r"(?<= at )\.json_schema\.schema\b"), ".schema"),
             (re.compile(r"\bmax_(?:completion_)?tokens\b"), "max_output_tokens"),
             (re.compile(r"\b(tools\[\d+\])\.function\."), r"\1."))
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
@@ -82,7 +90,14 @@ def _renamed(e: ApiError) -> ApiError:
 
 
 def _api_error(e: AmphistaError, chat: dict) -> ApiError:
-    return _renamed(_engine_error(e, "input", chat.get("tree") is not None, _constraint_field(chat)))
+    constraint = _constraint_field(chat)
+    error = _engine_error(e, "input", chat.get("tree") is not None, constraint)
+    if constraint is None and chat.get("tool_choice") not in (None, "none", "auto"):
+        # the grammar the engine calls response_format is tool_choice's: it was said to be text.format, unsent
+        error.message = re.sub(r"\bresponse_format\b", "tool_choice", error.message)
+    if error.param is None and error.status == 400 and error.message.startswith("chat template"):
+        error.param = "input"       # the template refused the conversation (two system messages, say)
+    return _renamed(error)
 
 
 def _bad(message: str, param: str) -> ApiError:
@@ -117,11 +132,35 @@ def _check_fields(body: dict):
     metadata = body.get("metadata")
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise _bad(f"metadata must be an object of string values, got {_json_type(metadata)}", "metadata")
-    if body.get("reasoning") is not None and not isinstance(body["reasoning"], dict):
+    for key, value in (metadata or {}).items():
+        # echoed in the reply: a lone surrogate there is text no client could read back
+        if _not_utf8(key):
+            raise _bad("metadata has a key that is not valid Unicode (a lone surrogate escape such as \\ud800)",
+                       "metadata")
+        _text(value, f"metadata.{key}")
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
         raise _bad(f"reasoning must be an object ({{\"effort\": ..., \"summary\": ...}}), got "
                    f"{_json_type(body['reasoning'])}", "reasoning")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+    for key, value in (reasoning or {}).items():
+        # echoed in the reply, where the openai client reads them as its enums
+        allowed = REASONING.get(key)
+        if allowed is None:
+            raise _bad(f"reasoning has no key {json.dumps(key)[:60]} (its keys: {', '.join(REASONING)})",
+                       f"reasoning.{key}")
+        if value is not None and value not in allowed:
+            raise _bad(f"reasoning.{key} must be one of {', '.join(map(repr, allowed))} or null, got "
+                       f"{_json_type(value)}", f"reasoning.{key}")
+    if body.get("service_tier") is not None and body["service_tier"] not in SERVICE_TIERS:
+        raise _bad(f"service_tier must be one of {', '.join(map(repr, SERVICE_TIERS))}, got "
+                   f"{_json_type(body['service_tier'])}", "service_tier")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
         raise _bad(f"stream_options must be an object, got {_json_type(body['stream_options'])}", "stream_options")
+    if (options or {}).get("include_obfuscation") is not None and not isinstance(options["include_obfuscation"],
+                                                                                 bool):
+        raise _bad(f"stream_options.include_obfuscation must be true or false, got "
+                   f"{_json_type(options['include_obfuscation'])}", "stream_options.include_obfuscation")
     value = body.get("max_output_tokens")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise _bad(f"max_output_tokens must be a positive integer, got {_json_type(value)}", "max_output_tokens")
@@ -200,13 +239,24 @@ def _messages(body: dict) -> list[dict]:
             call_id, output = _text(item.get("call_id"), f"{where}.call_id"), item.get("output")
             out.append({"role": "tool", "tool_call_id": call_id, "content": _parts_text(output, f"{where}.output")})
         elif kind == "reasoning":
-            parts = item.get("content") or []
-            if not isinstance(parts, list):
-                raise _bad(f"{where}.content must be a list of reasoning_text parts, got {_json_type(parts)}",
-                           f"{where}.content")
-            texts = [_text(p.get("text"), f"{where}.content[{j}].text") for j, p in enumerate(parts)
-                     if isinstance(p, dict) and p.get("type") == "reasoning_text"]
-            thought = "\n".join(texts) or None
+            if item.get("encrypted_content") is not None:
+                raise _bad(f"{where}.encrypted_content: encrypted reasoning (another server's) cannot be read "
+                           f"here; send the item's reasoning_text content, or leave the item out",
+                           f"{where}.encrypted_content")
+            texts = {}
+            for name, part_type in (("content", "reasoning_text"), ("summary", "summary_text")):
+                parts = item.get(name)
+                if parts is not None and not isinstance(parts, list):
+                    raise _bad(f"{where}.{name} must be a list of {part_type} parts, got {_json_type(parts)}",
+                               f"{where}.{name}")
+                for j, part in enumerate(parts or ()):
+                    if not isinstance(part, dict) or part.get("type") != part_type:
+                        # a part of another type was dropped without a word
+                        raise _bad(f"{where}.{name}[{j}] must be {{\"type\": \"{part_type}\", \"text\": ...}}, got "
+                                   f"{_json_type(part)}", f"{where}.{name}[{j}]")
+                    texts.setdefault(name, []).append(_text(part.get("text"), f"{where}.{name}[{j}].text"))
+            # the summary is no part of what the model wrote: the reasoning text is what a template may render
+            thought = "\n".join(texts.get("content", ())) or None
         elif kind == "item_reference":
             raise _bad(f"{where}: item references need a response store, and this server keeps none: send the item "
                        f"itself", f"{where}.type")
@@ -235,6 +285,9 @@ def _tools(tools) -> list | None:
             raise _bad(f"tools[{i}] is in /v1/chat/completions' shape ({{\"function\": {{...}}}}): /v1/responses "
                        f"takes the function's fields flat, {{\"type\": \"function\", \"name\": ..., \"parameters\": "
                        f"...}}", "tools")
+        if (at := _lone_surrogate(tool)) is not None:
+            # the template writes the tool into the prompt, where the tokenizer refused it naming no field
+            raise _bad(f"tools[{i}]{at} is not valid Unicode (a lone surrogate escape such as \\ud800)", "tools")
         out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
                                                                             "strict") if k in tool}})
     return out
@@ -261,6 +314,10 @@ def _text_format(text) -> dict | None:
     for key in text:
         if key not in ("format", "verbosity"):
             raise _bad(f"text has no key {key!r} (its keys: format, verbosity)", f"text.{key}")
+    verbosity = text.get("verbosity")
+    if verbosity is not None and verbosity not in VERBOSITY:
+        raise _bad(f"text.verbosity must be one of {', '.join(map(repr, VERBOSITY))} or null, got "
+                   f"{_json_type(verbosity)}", "text.verbosity")
     fmt = text.get("format")
     if fmt is None:
         return None
@@ -374,36 +431,24 @@ class _Reply:
                 "total_tokens": u["total_tokens"]}
 
 
-def _output(app, job, plan, result) -> tuple[list, str | None, str, str | None]:
-    """A whole answer's (output items, reasoning text, finish, /metrics' reason), read as the chat route reads a
-    non-streamed answer (server._complete)."""
-    finish = FINISH.get(result.finish_reason, result.finish_reason)
-    text, thought = result.text, None
-    if (splitter := app.reasoning_splitter(job, plan)) is not None:
-        splitter.end(result.text)
-        text, thought = splitter.content or None, splitter.reasoning or None
-    content, calls, whole = text, [], True
-    if plan is not None and (plan.parse or plan.shows):
-        stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
-        content, calls, whole = plan.answer(text or "", stops)
-        calls = openai_tool_calls(calls, plan.fmt) if calls else []
-    items = [_reasoning_item(thought, "completed")] if thought else []
-    if content or not (calls or thought):
-        items.append(_message_item(content or "", "completed"))
-    items += [_call_item(c["id"], c["function"]["name"], c["function"]["arguments"], "completed") for c in calls]
-    if finish == "length" and items[-1]["type"] != "function_call":     # a call in the output is a whole one
-        items[-1]["status"] = "incomplete"
-    reason = "tool_calls" if calls and whole and finish != "length" else None
-    return items, thought, finish, reason
+def _output(reply: _Reply, plan, job, result) -> tuple[list, str | None, str, str | None]:
+    """A whole answer's (output items, reasoning text, finish, /metrics' reason): the answer read as its stream
+    reads it (_Stream, as one delta, writing nothing), so that the two replies hold the same items in the same order
+    (a message whose first text comes after a call is after it in both)."""
+    out = _Stream(None, reply, plan, job)
+    out.feed(result.text)
+    return out.finish(result)
 
 
 class _Stream:
     """A response streamed as the Responses API's events: each output item added, its text (or a call's arguments)
     as it decodes, then done, and the whole response last (response.completed). The answer is read as the chat
     route's stream reads it (server._Handler._stream: the reasoning splitter, then ToolCallFilter), so the deltas
-    joined are the non-streamed reply's text and arguments."""
+    joined are the chat route's text and arguments; the non-streamed reply is this reading of the whole answer as
+    one delta (_output)."""
 
-    def __init__(self, handler, reply: _Reply, plan):
+    def __init__(self, handler, reply: _Reply, plan, job):
+        """handler None: nothing is written (_output reads a whole answer so)."""
         self.h, self.reply, self.plan = handler, reply, plan
         self.seq = 0
         self.items: list[dict] = []         # the output so far, by output_index
@@ -411,8 +456,16 @@ class _Stream:
         self.open: set[int] = set()         # the items not done yet
         self.thinking = self.message = None     # the reasoning item's and the message's output_index
         self.calls: dict[int, int] = {}     # a chat tool call's index -> its item's output_index
+        self.ending = False                 # the answer's end is read: which calls are the reply's is not known yet
+        self.splitter = reply.app.reasoning_splitter(job, plan)
+        self.stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
+        self.filt = ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse,
+                                   whole=self.stops, calls_only=plan.calls_only) \
+            if plan is not None and (plan.parse or plan.shows) else None
 
     def emit(self, kind: str, **fields):
+        if self.h is None:
+            return
         payload = _json_bytes({"type": kind, "sequence_number": self.seq, **fields}).decode("utf-8")
         self.seq += 1
         # line breaks to str.splitlines, which SSE clients split on (server._Handler._event)
@@ -457,8 +510,9 @@ class _Stream:
             self._done(self.thinking, "completed")
         f = delta.get("function") or {}
         if delta.get("id") is not None:
-            # the calls before it are whole: only the last one streamed may break or be cut (ToolCallFilter.end)
-            for index in sorted(self.calls.values()):
+            # the calls before it are whole: only the last one streamed may break or be cut. Not so where the
+            # answer's end sends it (ToolCallFilter.end): it may come after one that broke, which finish() finds
+            for index in sorted(self.calls.values()) if not self.ending else ():
                 if index in self.open:
                     self._done(index, "completed")
             self.calls[delta["index"]] = self._add(_call_item(delta["id"], f.get("name", ""), "", "in_progress"))
@@ -491,17 +545,66 @@ class _Stream:
             item["status"] = status
         self.emit("response.output_item.done", output_index=index, item=item)
 
+    def feed(self, text: str):
+        """One delta of the answer's text: its reasoning, content and calls as they can go out."""
+        if self.splitter is not None:
+            thought, text = self.splitter.feed(text)
+            if thought:
+                self.think(thought)
+        text, deltas = (text, ()) if self.filt is None or not text else self.filt.stream(text)
+        if text:
+            self.say(text)
+        for d in deltas:
+            self.call(d)
+
+    def finish(self, result) -> tuple[list, str | None, str, str | None]:
+        """The answer's end: what it had left sent, each item done; (the output, the reasoning text, the finish,
+        /metrics' reason)."""
+        plan, finish = self.plan, FINISH.get(result.finish_reason, result.finish_reason)
+        answer = result.text
+        if self.splitter is not None:
+            thought, rest = self.splitter.end(result.text)
+            if thought:
+                self.think(thought)
+            if rest and self.filt is None:
+                self.say(rest)
+            answer = self.splitter.content
+        reason, calls = None, []
+        if self.filt is not None:
+            self.ending = True
+            rest, deltas, whole = self.filt.end(answer)
+            if rest:
+                self.say(rest)
+            for d in deltas:
+                self.call(d)
+            if whole and self.filt.calls_sent and finish != "length":
+                reason = "tool_calls"
+            calls = openai_tool_calls(plan.answer(answer or "", self.stops)[1], plan.fmt)
+        # A call that went out by name but is no call of the reply's (cut by max_output_tokens, or its JSON broke),
+        # wherever it is among them: done as incomplete, and left out of the output (the openai client parses every
+        # call a response holds). The reply's calls are the others, in their order.
+        broken, kept = set(), 0
+        for k in sorted(self.calls):
+            item, want = self.items[self.calls[k]], calls[kept]["function"] if kept < len(calls) else {}
+            if (item["name"], item["arguments"]) == (want.get("name"), want.get("arguments")):
+                kept += 1
+            else:
+                broken.add(self.calls[k])
+        if self.message is None and not kept and self.thinking is None:
+            self.say("")        # an empty answer is an empty message
+        output = [i for i in range(len(self.items)) if i not in broken]
+        for index in sorted(self.open):
+            cut = index == output[-1] and finish == "length" and self.items[index]["type"] != "function_call"
+            self._done(index, "incomplete" if index in broken or cut else "completed")
+        thought = self.texts.get(self.thinking) if self.thinking is not None else None
+        return [self.items[i] for i in output], thought, finish, reason
+
     def run(self, event, job):
         """Sends the run's events (event: its first, which the caller waited for before the headers); (the
         results, the reasoning text, /metrics' reason), or None where the client left."""
-        h, app, plan = self.h, self.reply.app, self.plan
+        h = self.h
         self.emit("response.created", response=self.reply.response("in_progress", []))
         self.emit("response.in_progress", response=self.reply.response("in_progress", []))
-        splitter = app.reasoning_splitter(job, plan)
-        stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
-        filt = ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse,
-                              whole=stops, calls_only=plan.calls_only) \
-            if plan is not None and (plan.parse or plan.shows) else None
         while True:
             kind, value = event
             if kind == "end":
@@ -510,51 +613,12 @@ class _Stream:
             if h._client_gone():
                 return None
             if kind == "delta" and value[1]:
-                text = value[1]
-                if splitter is not None:
-                    thought, text = splitter.feed(text)
-                    if thought:
-                        self.think(thought)
-                text, deltas = (text, ()) if filt is None or not text else filt.stream(text)
-                if text:
-                    self.say(text)
-                for d in deltas:
-                    self.call(d)
+                self.feed(value[1])
             event = h._next_event(job)
             if event is None:
                 return None
-        finish = FINISH.get(result.finish_reason, result.finish_reason)
-        answer = result.text
-        if splitter is not None:
-            thought, rest = splitter.end(result.text)
-            if thought:
-                self.think(thought)
-            if rest and filt is None:
-                self.say(rest)
-            answer = splitter.content
-        reason, reply_calls = None, 0
-        if filt is not None:
-            rest, deltas, whole = filt.end(answer)
-            if rest:
-                self.say(rest)
-            for d in deltas:
-                self.call(d)
-            if whole and filt.calls_sent and finish != "length":
-                reason = "tool_calls"
-            # A call that went out by name but is no call of the non-streamed reply's (cut by max_output_tokens, or
-            # its JSON broke): done as incomplete, and left out of the final response, which is the non-streamed
-            # one (the openai client parses every call a response holds)
-            reply_calls = len(plan.answer(answer, stops)[1])
-        broken = {self.calls[k] for k in sorted(self.calls)[reply_calls:]}
-        if self.message is None and not reply_calls and self.thinking is None:
-            self.say("")        # an empty answer is an empty message, as the non-streamed reply has it (_output)
-        kept = [i for i in range(len(self.items)) if i not in broken]
-        for index in sorted(self.open):
-            cut = index == kept[-1] and finish == "length" and self.items[index]["type"] != "function_call"
-            self._done(index, "incomplete" if index in broken or cut else "completed")
-        thought = self.texts.get(self.thinking) if self.thinking is not None else None
+        output, thought, finish, reason = self.finish(result)
         status = "incomplete" if finish == "length" else "completed"
-        output = [self.items[i] for i in kept]
         self.emit("response.completed", response=self.reply.response(status, output, [result], thought, finish))
         return [result], thought, reason
 
@@ -582,16 +646,16 @@ def respond(handler, body) -> None:
         if stream:
             done = _streamed(handler, reply, plan, job, chat)
         else:
+            done = None
             try:
                 results = handler._drain(job)
+                if results is not None:     # (read as the stream reads it, which may refuse it alike)
+                    items, thought, finish, reason = _output(reply, plan, job, results[0])
+                    done = results, thought, reason
             except ApiError as e:
                 raise _renamed(e) from None
             except AmphistaError as e:
                 raise _api_error(e, chat) from None
-            done = None
-            if results is not None:
-                items, thought, finish, reason = _output(app, job, plan, results[0])
-                done = results, thought, reason
     finally:
         job.gone.set()      # nobody reads its rows any more: the scheduler drops them (server._complete)
     if done is False:       # ended by an error event, logged
@@ -619,6 +683,7 @@ def _streamed(handler, reply: _Reply, plan, job, chat: dict):
     start: a request the run refuses is still answered with a status."""
     try:
         event = handler._next_event(job)
+        out = _Stream(handler, reply, plan, job)
     except ApiError as e:
         raise _renamed(e) from None
     except AmphistaError as e:
@@ -632,7 +697,6 @@ def _streamed(handler, reply: _Reply, plan, job, chat: dict):
     handler.end_headers()
     handler.close_connection = True
     handler._started = True
-    out = _Stream(handler, reply, plan)
     try:
         return out.run(event, job)
     except (BrokenPipeError, ConnectionResetError, TimeoutError):
