@@ -19,7 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ConfigError, InputError
 
-__all__ = ["BUILTIN_TEMPLATES", "VICUNA_SYSTEM_PROMPT", "ChatStops", "chat_stops", "render_chat", "resolve_template"]
+__all__ = ["BUILTIN_TEMPLATES", "VICUNA_SYSTEM_PROMPT", "ChatStops", "chat_stops", "check_chat_template", "render_chat",
+           "resolve_template"]
 
 # FastChat's "vicuna_v1.1" conversation template.
 VICUNA_SYSTEM_PROMPT = (
@@ -82,6 +83,31 @@ def resolve_template(tokenizer, template: str | None = None, tools: bool = False
         return "custom", template
     raise InputError(f"unknown chat template {template!r}; built-ins: {', '.join(BUILTIN_TEMPLATES)}, "
                      "or pass a Jinja template string")
+
+
+def check_chat_template(template, what: str = "chat_template") -> str | None:
+    """An override of the model's chat template (vLLM's --chat-template and request field chat_template,
+    transformers' apply_chat_template(chat_template=...)): None (the model's own), a built-in name, or Jinja source.
+    Compiled now, so that one that does not parse is an InputError naming `what` where it is given, not at the first
+    chat rendered with it."""
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise InputError(f"{what} must be a Jinja template (a string) or a built-in name "
+                         f"({', '.join(BUILTIN_TEMPLATES)}), got {type(template).__name__}")
+    if template not in BUILTIN_TEMPLATES and "{{" not in template and "{%" not in template:
+        shown = repr(template) if len(template) <= 60 else repr(template[:50]) + "..."     # a file's whole text
+        raise InputError(f"{what} {shown} is neither a Jinja template (it has no {{{{ or {{%) nor a built-in name "
+                         f"({', '.join(BUILTIN_TEMPLATES)})")
+    try:
+        name, source = resolve_template(None, template)
+        _compile(source, name)
+    except InputError as e:
+        cause = e.__cause__
+        if isinstance(cause, jinja2.TemplateSyntaxError):
+            raise InputError(f"{what} is not a valid Jinja template: {cause.message} (line {cause.lineno})") from None
+        raise InputError(f"{what}: {e}") from None
+    return template
 
 
 # What render_chat passes itself: template variables may not replace them.
@@ -190,6 +216,11 @@ def chat_stops(tokenizer, template: str | None = None) -> ChatStops:
     strings = list(_BUILTIN_STOPS.get(name, []))
     if name not in _BUILTIN_STOPS and tokenizer is not None:
         strings = [tokenizer.id_to_piece(i) for i in ids if tokenizer.id_to_piece(i) in source]
+        if name == "custom":
+            # An override's own end-of-turn markers: the tokenizer's EOS set holds those of the model's own template
+            # (Tokenizer._collect_eos), so an answer under an override that ends turns otherwise ran on past them
+            from .tokenizer import _TURN_END_MARKERS
+            strings += [m for m in _TURN_END_MARKERS if m in source and m not in strings]
     for text in strings:
         if tokenizer is not None and (token_id := tokenizer.token_to_id(text)) is not None and token_id not in ids:
             ids.append(token_id)

@@ -51,7 +51,11 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
     p.add_argument("--max-seq-len", type=_int, default=None,
-                   help="static KV cache length (default 2048, or the model's sliding window where shorter)")
+                   help="static KV cache length: prompt + answer (default 2048, or the model's sliding window where "
+                        "shorter)")
+    # its own action, not a second name of --max-seq-len's: argparse's errors name the flag that was typed
+    p.add_argument("--max-model-len", type=_int, default=None, dest="max_seq_len", metavar="MAX_SEQ_LEN",
+                   help="vLLM's name for --max-seq-len")
     _add_quant_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay decode steps from CUDA graphs (GPU only; on by default, --no-cuda-graphs for eager)")
@@ -71,9 +75,41 @@ def _add_decoding_args(p: argparse.ArgumentParser):
 
 
 def add_template_arg(p: argparse.ArgumentParser):
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
+                   help="the chat template in place of the model's own, as vLLM's --chat-template: a Jinja file, "
+                        "or the template itself where the value is no file and holds '{', '}' or a newline (also "
+                        "a built-in name: chatml, vicuna_v1.1). Its end-of-turn tokens end answers; tool calls are "
+                        "read in the format it writes")
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                    help='more variables for the model\'s chat template, as a JSON object, e.g. '
                         '\'{"enable_thinking": false}\' (Qwen3: answer without a <think> block)')
+
+
+def _chat_template(args) -> str | None:
+    """--chat-template's template, checked before the load (one that does not parse is named now, not at the first
+    chat). As vLLM decides: a file where the value opens as one, else the value itself where it holds '{', '}' or
+    a newline; else a built-in name, or a path that is not there."""
+    from .chat import BUILTIN_TEMPLATES, check_chat_template
+    value = getattr(args, "chat_template", None)
+    if value is None:
+        return None
+    path = user_path(value)
+    if os.path.isfile(path):
+        try:
+            template = read_utf8(Path(path))
+        except InputError as e:
+            raise InputError(f"--chat-template {e}") from None
+        what = f"--chat-template {value!r} (the file's template)"
+    elif any(c in value for c in "{}\n"):
+        template, what = value, "--chat-template"
+    elif value in BUILTIN_TEMPLATES:
+        return value
+    else:
+        kind = "is a directory, not a file" if os.path.isdir(path) else "no such file"
+        raise InputError(f"--chat-template {value!r}: {kind}; give a Jinja template file, the template itself "
+                         f"(text with {{% ... %}} or {{{{ ... }}}}), or a built-in name "
+                         f"({', '.join(BUILTIN_TEMPLATES)})")
+    return check_chat_template(template, what)
 
 
 def _template_kwargs(args) -> dict:
@@ -196,6 +232,7 @@ def _load(args, prompt=None):
         from .structured import grammar_source
         grammar_source(_response_format(args))
     template_kwargs = _template_kwargs(args)
+    chat_template = _chat_template(args)
     for stop in args.stop or ():      # bytes that are not UTF-8 (argv's surrogates) could never match the text
         if bad := _not_utf8(stop):
             raise InputError(f"a --stop string is {bad}")
@@ -225,7 +262,7 @@ def _load(args, prompt=None):
                          + ("speculative none" if args.speculative == "none" else "heads none") + " decodes plainly")
     print(f"loading {args.model} ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                                    cuda_graphs=args.cuda_graphs, quant=args.quant)
+                                    cuda_graphs=args.cuda_graphs, quant=args.quant, chat_template=chat_template)
     engine.chat_template_kwargs = template_kwargs
     if engine.quant == "q4":
         print(f"weights: {_weights_line(engine)} (--quant none for {str(engine.dtype).removeprefix('torch.')})",
@@ -393,6 +430,8 @@ def cmd_generate(args) -> int:
     if args.top_logprobs and not (args.logprobs and args.json):
         raise InputError("--top-logprobs goes with --logprobs and --json (top_logprobs is a JSON field beside "
                          "token_logprobs)")
+    if args.chat is False and args.chat_template is not None:
+        raise InputError("--chat-template applies to the chat template, which --no-chat turns off; drop one of them")
     _check_stdout()
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args, prompt)
@@ -582,7 +621,7 @@ def cmd_chat(args) -> int:
     stdin = _stdin("chat reads the conversation from it")     # before the load, as generate's checks
     _check_stdout()
     engine, speculative, tree, _ = _load(args)
-    if engine.tokenizer.chat_template is None:
+    if engine.tokenizer.chat_template is None and engine.chat_template is None:
         from .chat import resolve_template
         print(f"note: the model has no chat template of its own; using the built-in "
               f"{resolve_template(engine.tokenizer)[0]} format", file=sys.stderr)
@@ -667,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(g)
     _add_sampling_args(g)
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="apply the model's chat template (default: when the model has one)")
+                   help="apply the chat template (default: when the model has one, or --chat-template is given)")
     add_template_arg(g)
     # The keys a script reads are named here: they were documented nowhere
     g.add_argument("--json", action="store_true",

@@ -332,9 +332,10 @@ class Engine:
         # more variables for the model's chat template, e.g. {"enable_thinking": False} (Qwen3: answer without a
         # <think> block), as transformers' apply_chat_template(**kwargs)
         self.chat_template_kwargs: dict = {}
+        self._chat_template: str | None = None      # the chat_template property: None renders the model's own
         self._trees = {}
         self._checks = {}           # (tree, sampled share) -> SpeculationCheck, for speculative="auto"
-        self._grammars = {}         # response_format (canonical JSON) -> structured.Grammar
+        self._grammars = {}         # (response_format (canonical JSON), eos ids) -> structured.Grammar
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
         self._runs = 0                                # generations started: an overtaken stream stops (_drive)
         # (thread, run) decoding now: one KV cache cannot serve two threads at once (_drive refuses the second)
@@ -366,7 +367,7 @@ class Engine:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, heads=None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, max_seq_len: int | None = None,
                         max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto",
-                        backend: str | None = None) -> "Engine":
+                        backend: str | None = None, chat_template: str | None = None) -> "Engine":
         """model: checkpoint directory, .gguf file or alias; heads: drafting heads (optional, see load_heads);
         max_seq_len: the KV cache's length (None: 2048, or the model's sliding window where shorter);
         max_batch_size: the KV cache's rows, checked against free memory here and allocated at the first run; a
@@ -380,11 +381,17 @@ class Engine:
         backend: the kernel backend of this engine's hot ops, "torch" (the reference), "triton", "cuda" or "cpu", for
         every call and stream of this engine, in any thread (`engine.backend`); None (the default): the process's
         choice (`kernels.use_backend` around a call, `kernels.set_backend`, AMPHISTA_BACKEND, else the device's
-        fastest). `engine.backend = name` changes it between runs."""
+        fastest). `engine.backend = name` changes it between runs.
+        chat_template: the template message lists are rendered with in place of the model's own (see the
+        chat_template property), checked before the load."""
+        from .chat import check_chat_template
         check_engine_args(DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, max_batch_size, cuda_graphs)
         backend = None if backend is None else check_backend(backend, "Engine backend")
+        chat_template = check_chat_template(chat_template)
         with use_backend(backend):
-            return cls._load(model, heads, device, dtype, max_seq_len, max_batch_size, cuda_graphs, quant, backend)
+            engine = cls._load(model, heads, device, dtype, max_seq_len, max_batch_size, cuda_graphs, quant, backend)
+        engine._chat_template = chat_template
+        return engine
 
     @classmethod
     def _load(cls, model, heads, device, dtype, max_seq_len, max_batch_size, cuda_graphs, quant, backend):
@@ -401,6 +408,20 @@ class Engine:
         if heads is not None:
             engine.load_heads(heads)
         return engine
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template this engine renders message lists (and, by default, string prompts) with: None (the
+        default) is the model's own, or the ChatML / Vicuna fallback of a model without one; a Jinja string or a
+        built-in name ("chatml", "vicuna_v1.1") overrides it, as vLLM's --chat-template and transformers'
+        apply_chat_template(chat_template=...) do. Its end-of-turn tokens end answers (eos_ids); tools' call format
+        is read off it. Set: checked at once (one that does not parse is an InputError naming chat_template)."""
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str | None):
+        from .chat import check_chat_template
+        self._chat_template = check_chat_template(template)
 
     @property
     def backend(self) -> str | None:
@@ -499,8 +520,9 @@ class Engine:
     # ---- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None,
                       continue_final_message: bool = False, add_generation_prompt: bool | None = None) -> list[int]:
-        """A string (chat-formatted when the model has a template, unless chat=False), a message list, or a list of
-        token ids (ints: the prompt's tokens as given, no template and no BOS added). continue_final_message,
+        """A string (chat-formatted when the model has a template or chat_template is set, unless chat=False), a
+        message list, or a list of token ids (ints: the prompt's tokens as given, no template and no BOS added).
+        template: None, the engine's chat_template (else the model's own). continue_final_message,
         add_generation_prompt: how a message list's template ends (render_chat), for message lists only."""
         from .chat import render_chat
         if chat is not None and not isinstance(chat, bool):      # chat="no" is truthy: not a silent yes
@@ -519,10 +541,11 @@ class Engine:
             raise InputError(f"a prompt of token ids takes integers only: item {i} is {type(prompt[i]).__name__} "
                              f"{prompt[i]!r:.40}")
         templated = {"continue_final_message": continue_final_message, "add_generation_prompt": add_generation_prompt}
+        template = self._chat_template if template is None else template
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("prompt is empty")
-            use_chat = chat if chat is not None else self.tokenizer.chat_template is not None
+            use_chat = chat if chat is not None else (self.tokenizer.chat_template or template) is not None
             if continue_final_message or (add_generation_prompt is not None and not use_chat):
                 # a templated string is one user message: there is no assistant message to continue
                 raise InputError(_TEMPLATE_ENDS_ONLY.format("a string prompt (one user message, or raw text with "
@@ -987,7 +1010,9 @@ class Engine:
             self.graphs.detach(decoder)     # the masks are host work between a step's forward and its choice
             admit = None                    # joiners' matchers would need their own prefill's token (row_capacity)
         decoder.admits = admit is not None
-        ends = sorted(set(stop_token_ids) | (set() if ignore_eos else set(self.eos_ids)))
+        # read now, not as the lazy stream starts: a server renders each run's prompts with their own chat_template
+        eos_ids = [] if ignore_eos else self.eos_ids
+        ends = sorted(set(stop_token_ids) | set(eos_ids))
         if min_tokens and ends:
             decoder.min_tokens, decoder.ban_ids = min_tokens, torch.tensor(ends, device=self.device)
         with self._decoding_lock:       # a stream closed before its first chunk leaves no result, not an earlier one
@@ -1004,7 +1029,7 @@ class Engine:
                                                            keep_last)
         # The backend this call runs on (the engine's, else a use_backend block around the call), for every step of
         # the stream: it is lazy, and its steps may run after the block, in another thread
-        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, ignore_eos, joins, stop_token_ids,
+        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, eos_ids, joins, stop_token_ids,
                            scoped_backend(), include_stop_str_in_output, continue_final_message)
 
     def _grammar(self, response_format, ignore_eos: bool, min_tokens: int):
@@ -1016,9 +1041,9 @@ class Engine:
             what = "ignore_eos" if ignore_eos else "min_tokens"
             raise InputError(f"{what} does not mix with response_format: a constrained answer ends by EOS where its "
                              "grammar is complete, and nowhere else")
-        return _recent(self._grammars, format_key(response_format),
-                       lambda: Grammar(response_format, self.tokenizer, self.config.vocab_size,
-                                                     self.eos_ids))
+        eos_ids = self.eos_ids      # a chat_template's own end-of-turn tokens end a complete answer too
+        return _recent(self._grammars, (format_key(response_format), tuple(eos_ids)),
+                       lambda: Grammar(response_format, self.tokenizer, self.config.vocab_size, eos_ids))
 
     def _bad_words_ids(self, words) -> tuple:
         """vLLM's bad_words as token sequences: each word with its leading spaces stripped, and with one space before
@@ -1136,10 +1161,11 @@ class Engine:
                     self._decoding = None if overtakes else before
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
-               ignore_eos: bool = False, admit=None, stop_ids=(), backend: str | None = None, keep_stop: bool = False,
+               eos_ids=(), admit=None, stop_ids=(), backend: str | None = None, keep_stop: bool = False,
                continued: bool = False):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
-        keeps its own prompt + answer. backend: the kernel backend every step runs on (None: the process's choice).
+        keeps its own prompt + answer. eos_ids: the tokens that end a row (none under ignore_eos). backend: the
+        kernel backend every step runs on (None: the process's choice).
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
         stats = [GenerationStats() for _ in ids]
         ended: list[int] = []           # rows that ended since the last item: their results follow it
@@ -1157,7 +1183,7 @@ class Engine:
                 decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
-            steps = run(decoder, ids, self.tokenizer, limits, [] if ignore_eos else self.eos_ids, stop, stats,
+            steps = run(decoder, ids, self.tokenizer, limits, list(eos_ids), stop, stats,
                         on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids,
                         keep_stop=keep_stop, continued=continued)   # each row's text read after its prompt
             while True:
@@ -1298,7 +1324,8 @@ class Engine:
         from .chat import chat_stops
         # A model without a template of its own is prompted in the fallback's format (ChatML: <|im_end|> ends the
         # turn), which its declared EOS need not be; special tokens only, never text that merely spells one.
-        turn_ends = {i for i in chat_stops(self.tokenizer).token_ids if i in self.tokenizer.special_ids}
+        turn_ends = {i for i in chat_stops(self.tokenizer, self._chat_template).token_ids
+                     if i in self.tokenizer.special_ids}
         return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []) | turn_ends)
 
 

@@ -275,11 +275,12 @@ def plan_tools(tools, tool_choice, parallel_tool_calls=None, fmt: str = "hermes"
                     tuple(controls or ()))
 
 
-def plan_for(tokenizer, tools, tool_choice, parallel_tool_calls=None) -> ToolPlan:
+def plan_for(tokenizer, tools, tool_choice, parallel_tool_calls=None, template: str | None = None) -> ToolPlan:
     """plan_tools for a model: its format, Mistral's form and the control tokens a run shows, read off its
-    tokenizer and chat template (the server's and generate_with_tools' plans)."""
-    fmt = tool_call_format(tokenizer)
-    return plan_tools(tools, tool_choice, parallel_tool_calls, fmt, mistral_v11(tokenizer),
+    tokenizer and chat template (the server's and generate_with_tools' plans). template: one that overrides the
+    model's own (Engine.chat_template, a request's chat_template)."""
+    fmt = tool_call_format(tokenizer, template)
+    return plan_tools(tools, tool_choice, parallel_tool_calls, fmt, mistral_v11(tokenizer, template),
                       control_tokens(tokenizer, fmt))
 
 
@@ -1510,7 +1511,8 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     tools a template variable) and handed over as token ids, so engine.chat_template_kwargs is never swapped
     (another thread's run may be rendering with it)."""
     from .chat import render_chat
-    plan = plan_for(engine.tokenizer, tools, tool_choice, parallel_tool_calls)
+    template = engine.chat_template      # an override of the model's own: its call format, its rendering
+    plan = plan_for(engine.tokenizer, tools, tool_choice, parallel_tool_calls, template)
     if plan.response_format is not None:
         if options.get("response_format") is not None:
             raise ToolError("response_format does not mix with tool_choice 'required' or a named function",
@@ -1524,9 +1526,9 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     # parts into its <tool_response> as a Python repr
     checked = [{**m, "content": _joined_parts(m["content"], i)} if isinstance(m, dict) and
                isinstance(m.get("content"), list) else m for i, m in enumerate(checked)]
-    checked = prepare_messages(checked, plan.tools, template_supports_tools(engine.tokenizer))
+    checked = prepare_messages(checked, plan.tools, template_supports_tools(engine.tokenizer, template))
     variables = {**engine.chat_template_kwargs, **({"tools": plan.tools} if plan.tools else {})}
-    ids = engine.tokenizer.encode(render_chat(engine.tokenizer, checked, variables=variables))
+    ids = engine.tokenizer.encode(render_chat(engine.tokenizer, checked, template=template, variables=variables))
     # the answer's text shows the control tokens its calls are written with (the parser reads them; content not)
     with showing_controls(engine.tokenizer, plan.fmt) if plan.parse else nullcontext():
         result = engine.generate(ids, **options)

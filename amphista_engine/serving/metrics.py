@@ -26,7 +26,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # make a new series per path a scanner tries)
 ENDPOINTS = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions", "/models": "/v1/models",
              "/health": "/health", "/metrics": "/metrics", "/tokenize": "/tokenize", "/detokenize": "/detokenize",
-             "/responses": "/v1/responses"}
+             "/responses": "/v1/responses", "/messages": "/v1/messages",
+             "/messages/count_tokens": "/v1/messages/count_tokens"}
 
 
 def endpoint(route: str | None) -> str:

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP API over one Engine: /v1/chat/completions, /v1/completions, /v1/models, /health
 (and /metrics, Prometheus's text format: metrics.py; vLLM's /tokenize and /detokenize; OpenAI's Responses API,
-/v1/responses, mapped onto chat completions: responses.py). With an API key, every path but /health and /metrics
-takes it as `Authorization: Bearer KEY` (401 without it).
+/v1/responses, mapped onto chat completions: responses.py; Anthropic's Messages API, /v1/messages, alike:
+anthropic_messages.py). With an API key, every path but /health and /metrics takes it as `Authorization: Bearer KEY`
+or `x-api-key: KEY` (401 without it).
 
 Standard library only (http.server, json). The engine has one KV cache and decodes one run at a time, but a run may
 hold several prompts: a scheduler thread (batching.py) owns the engine and decodes the requests that wait when a run
@@ -596,28 +597,41 @@ class OpenAIApp:
     default way of decoding (a request may name its own); defaults: the sampling values a request leaves out
     (DEFAULTS' keys); max_batch: the most requests decoded together in one run (1: one request at a time)."""
 
-    def __init__(self, engine, model_id: str | None = None, speculative: str | None = None, tree=None,
+    def __init__(self, engine, model_id: str | list[str] | None = None, speculative: str | None = None, tree=None,
                  defaults: dict | None = None, quiet: bool = False, log=None, max_batch: int = MAX_BATCH,
                  cache_prompt: bool = False, continuous: bool = True, api_key: str | None = None,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, trust_request_chat_template: bool = False):
         """continuous: requests arriving while a run decodes join it between steps where they can share it
         (continuous batching); False: they wait for the next run. api_key: every request but /health and
         /metrics must send `Authorization: Bearer <api_key>` (None: no key asked). reasoning_parser: "qwen3" or
-        "deepseek_r1" (vLLM's): a chat answer's <think> block is message.reasoning_content (reasoning.py)."""
+        "deepseek_r1" (vLLM's): a chat answer's <think> block is message.reasoning_content (reasoning.py).
+        model_id: the name replies carry; a list of names (vLLM's --served-model-name a b): /v1/models lists each,
+        replies carry the first. trust_request_chat_template: a chat request may send its own chat_template
+        (vLLM's --trust-request-chat-template; off: refused, since the client's Jinja would run on this server,
+        which waits while it renders)."""
+        if isinstance(model_id, (list, tuple)):
+            if not model_id or not all(isinstance(n, str) and n.strip() for n in model_id):
+                raise InputError(f"model_id must be a name or a non-empty list of names, got {model_id!r:.80}")
+            names = list(dict.fromkeys(model_id))
+        else:
+            names = [model_id or str(getattr(engine, "loaded_name", "model"))]
         self._api_key = check_api_key(api_key)      # before anything starts (the scheduler's thread)
         self.reasoning_parser = check_reasoning_parser(reasoning_parser)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1 (1: one request at a time), got {max_batch!r}")
-        for name, value in (("cache_prompt", cache_prompt), ("continuous", continuous)):
+        for name, value in (("cache_prompt", cache_prompt), ("continuous", continuous),
+                            ("trust_request_chat_template", trust_request_chat_template)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {value!r}")
         # A request decoded alone starts from the K/V the cache still holds of the last such request's prompt +
         # answer (Engine's reuse_prefix): a chat's next turn prefills only its new messages. Off by default: the
         # reused K/V come from that earlier run, so an answer may differ from a fresh one's in the last bits.
         self.cache_prompt = cache_prompt
+        self.trust_request_chat_template = trust_request_chat_template
         reserve_rows(engine, max_batch)
         self.engine = engine
-        self.model_id = model_id or str(getattr(engine, "loaded_name", "model"))
+        self.model_ids = names
+        self.model_id = names[0]
         self.speculative, self.tree = speculative, tree
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.quiet = quiet
@@ -682,17 +696,49 @@ class OpenAIApp:
         with self._rendering:       # the server's own, not another request's set for its run
             return {**self.engine.chat_template_kwargs, **extra}
 
+    def request_template(self, body: dict, chat: bool) -> str | None:
+        """A request's chat_template (vLLM's field: Jinja text, or a built-in name; never a file), checked, or None:
+        the server's (engine.chat_template: --chat-template, else the model's own). Part of what a run shares."""
+        template = body.get("chat_template") if isinstance(body, dict) else None
+        if template is None:
+            return None
+        if not chat:
+            raise ApiError(400, "chat_template applies to /v1/chat/completions: a completion's prompt is not "
+                           "templated", "chat_template")
+        if not self.trust_request_chat_template:
+            raise ApiError(400, "chat_template in a request is refused: the server was not started with "
+                           "--trust-request-chat-template (a client's template runs on the server, which waits while "
+                           "it renders); --chat-template sets the server's own", "chat_template")
+        from ..chat import check_chat_template
+        try:
+            return check_chat_template(template)
+        except InputError as e:
+            raise ApiError(400, str(e), "chat_template") from None
+
+    def chat_template(self, body: dict) -> str | None:
+        """The template a chat request renders with: its own chat_template, else the server's (None: the model's)."""
+        template = self.request_template(body, True)
+        if template is not None:
+            return template
+        with self._rendering:       # the server's own, not another request's set for its run
+            return self.engine.chat_template
+
     @contextlib.contextmanager
-    def rendering(self, variables: dict):
-        """Within the block, the engine renders chat templates with these variables (and no other thread's)."""
+    def rendering(self, variables: dict, template: str | None = None):
+        """Within the block, the engine renders chat templates with these variables and a request's template (None:
+        the server's), and no other thread's."""
         with self._rendering:
             engine = self.engine
-            before = engine.chat_template_kwargs
+            before = engine.chat_template_kwargs, engine.chat_template if template is not None else None
             engine.chat_template_kwargs = variables
+            if template is not None:
+                engine.chat_template = template
             try:
                 yield
             finally:
-                engine.chat_template_kwargs = before
+                engine.chat_template_kwargs = before[0]
+                if template is not None:
+                    engine.chat_template = before[1]
 
     def reasoning_splitter(self, job: Job, plan: ToolPlan | None = None) -> ReasoningSplitter | None:
         """A chat answer's reasoning splitter (--reasoning-parser), or None: no parser, or an answer a grammar holds
@@ -716,7 +762,7 @@ class OpenAIApp:
         try:
             # parallel_tool_calls too: OpenAI's false (at most one call) was ignored, and "required" answered several
             plan = plan_for(self.engine.tokenizer, body.get("tools"), body.get("tool_choice"),
-                            body.get("parallel_tool_calls"))
+                            body.get("parallel_tool_calls"), self.chat_template(body))
         except ToolError as e:
             raise ApiError(400, str(e), e.param) from None
         given = _constraints(body) if plan.parse else []
@@ -735,7 +781,8 @@ class OpenAIApp:
         messages = _messages(body)
         tools = plan.tools if plan is not None else None
         if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            messages = prepare_messages(messages, tools, template_supports_tools(self.engine.tokenizer))
+            messages = prepare_messages(messages, tools, template_supports_tools(self.engine.tokenizer,
+                                                                                 self.chat_template(body)))
         return messages
 
     def submit(self, body: dict, prompt, chat: bool, stream: bool) -> Job:
@@ -750,6 +797,7 @@ class OpenAIApp:
         checked before any is handed over. plan: a chat request's tools (tool_plan)."""
         n = self.choices(body)
         variables = self.template_variables(body, chat)
+        template = self.request_template(body, chat)
         if plan is not None and plan.tools:
             # the template's `tools` (transformers' apply_chat_template(tools=...)): a variable, so the batch key
             # keeps requests with other tools out of this one's run, whose prompts render with its variables
@@ -764,7 +812,8 @@ class OpenAIApp:
         cache_prompt = body.get("cache_prompt") if isinstance(body, dict) else None
         if cache_prompt is not None and not isinstance(cache_prompt, bool):    # llama.cpp's; not in the batch key
             raise ApiError(400, f"cache_prompt must be true or false, got {_json_type(cache_prompt)}", "cache_prompt")
-        with self.rendering(variables):     # the default max_tokens is cut to the room its rendered prompt leaves
+        # the default max_tokens is cut to the room its rendered prompt leaves
+        with self.rendering(variables, template):
             jobs = [Job(p, self.decoding(body, p, None if chat else False), variables, stream, n) for p in prompts]
         for job in jobs:
             job.cache_prompt = cache_prompt
@@ -811,7 +860,7 @@ class OpenAIApp:
         add_bos = None if add_special is not False else False
         tok = self.engine.tokenizer
         if has_prompt:
-            for name in ("chat_template_kwargs", "tools", "tool_choice"):
+            for name in ("chat_template", "chat_template_kwargs", "tools", "tool_choice"):
                 if body.get(name) is not None:
                     raise ApiError(400, f"{name} applies to messages (the chat template): a prompt is tokenized "
                                    f"as given", name)
@@ -822,12 +871,13 @@ class OpenAIApp:
             variables = self.template_variables(body, True)
             if plan.tools:      # as submit_all renders a chat with tools
                 variables = {**variables, "tools": plan.tools}
-            with self.rendering(variables):
+            with self.rendering(variables, self.request_template(body, True)):
                 if add_special is None:
                     ids = self.engine.encode_prompt(messages, None, **ends)      # what a chat completion prefills
                 else:
                     from ..chat import render_chat
-                    text = render_chat(tok, messages, variables=variables, **ends)
+                    text = render_chat(tok, messages, template=self.engine.chat_template, variables=variables,
+                                       **ends)
                     ids = tok.encode(text, add_bos=True if add_special else add_bos)
         reply = {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
         if flags["return_token_strs"]:
@@ -928,6 +978,9 @@ class OpenAIApp:
         kwargs.update(speculative=speculative, tree=tree, chat=chat)
         ends = _template_ends(body, chat is not False)     # part of the batch key: they change the prompt's tokens
         kwargs.update(ends)
+        template = self.request_template(body, chat is not False)
+        if template is not None:
+            kwargs["chat_template"] = template      # the server's own option (_start_run, _encode), as echo
         max_new = _max_tokens(body, zero_ok=bool(echo))
         if max_new is None:
             # Left out: the server's default, cut to the room the prompt leaves in the cache (as OpenAI's models
@@ -948,7 +1001,7 @@ class OpenAIApp:
 
     def _encode(self, job: Job) -> list[int]:
         """A job's prompt as token ids, its template rendered with its variables (one joining a run: Scheduler)."""
-        with self.rendering(job.variables):
+        with self.rendering(job.variables, job.options.get("chat_template")):
             return self.engine.encode_prompt(job.prompt, job.options.get("chat"),
                                              continue_final_message=job.options.get("continue_final_message", False),
                                              add_generation_prompt=job.options.get("add_generation_prompt"))
@@ -967,20 +1020,22 @@ class OpenAIApp:
         cut = [job.options.get("cut_to_room", False) for job in jobs]
         max_new = limits[0] if len(jobs) == 1 else limits       # one request: one limit for its rows
         echo = kwargs.pop("echo", False)
+        template = kwargs.pop("chat_template", None)
         prompts = [job.prompt for job in jobs for _ in range(job.n)]
         # reuse_prefix holds one prompt's K/V: a run of one row only (a batched run leaves nothing to reuse)
         if len(prompts) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
             kwargs["reuse_prefix"] = True
         elif admit is not None and not echo and limits[0] != 0:
             kwargs["admit"] = admit     # requests arriving mid-run join it (echo's prompt logprobs are taken at start)
-        with self.rendering(jobs[0].variables):     # stream_batch encodes the prompts before it returns
+        with self.rendering(jobs[0].variables, template):     # stream_batch encodes the prompts before it returns
             try:
                 steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
                          self._decode(prompts, max_new, cut[0], kwargs))
                 if limits[0] != 0 and jobs[0].variables.get("tools"):
                     # a run with tools (its requests' alike: the batch key) decodes the control tokens their calls
                     # are written with into its text, for the tool parser; content leaves them out (ToolPlan.hidden)
-                    steps = show_controls(steps, self.engine.tokenizer, tool_call_format(self.engine.tokenizer))
+                    steps = show_controls(steps, self.engine.tokenizer,
+                                          tool_call_format(self.engine.tokenizer, self.engine.chat_template))
             except AmphistaError as e:
                 if len(jobs) > 1 or len(prompts) == 1 or not isinstance(getattr(e, "prompt_index", None), int):
                     raise
@@ -1362,13 +1417,14 @@ class _Handler(BaseHTTPRequestHandler):
     do_PATCH = do_DELETE = do_PUT
 
     def _other(self, route: str):
-        if route in ("/chat/completions", "/completions", "/responses", "/tokenize", "/detokenize"):
+        if route in ("/chat/completions", "/completions", "/responses", "/messages", "/messages/count_tokens",
+                     "/tokenize", "/detokenize"):
             raise ApiError(405, f"{self.path} takes POST, not {self.command}", code="method_not_allowed")
         if route in ("/models", "/health", "/metrics") or route.startswith("/models/"):
             raise ApiError(405, f"{self.path} takes GET, not {self.command}", code="method_not_allowed")
         raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET /health, GET "
                        f"/metrics, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, POST "
-                       f"/tokenize and POST /detokenize", code="not_found")
+                       f"/v1/messages, POST /tokenize and POST /detokenize", code="not_found")
 
     def _get(self, route: str):
         app = self.app
@@ -1378,19 +1434,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._metrics()
         if route == "/health":
             return self._json(200, {"status": "ok", "model": app.model_id, "busy": app.lock.locked()})
-        if route == "/models":
-            return self._json(200, {"object": "list", "data": [model]})
+        if route == "/models":      # each --served-model-name, as vLLM lists them
+            return self._json(200, {"object": "list", "data": [{**model, "id": n} for n in app.model_ids]})
         if route.startswith("/models/"):
             name = unquote(route[len("/models/"):])      # a client percent-encodes an id's "/" (a path --model)
-            if name == app.model_id:
-                return self._json(200, model)
+            if name in app.model_ids:
+                return self._json(200, {**model, "id": name})
             raise ApiError(404, f"model {name!r} is not served here; this server serves "
-                           f"{app.model_id!r}", "model", "model_not_found")
-        if route in ("/chat/completions", "/completions", "/responses", "/tokenize", "/detokenize"):
+                           f"{', '.join(map(repr, app.model_ids))}", "model", "model_not_found")
+        if route in ("/chat/completions", "/completions", "/responses", "/messages", "/messages/count_tokens",
+                     "/tokenize", "/detokenize"):
             raise ApiError(405, f"{self.path} takes POST, not GET", code="method_not_allowed")
         raise ApiError(404, f"unknown path {self._path()!r}: this server answers GET /v1/models, GET "
                        f"/health, GET /metrics, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, "
-                       f"POST /tokenize and POST /detokenize", code="not_found")
+                       f"POST /v1/messages, POST /tokenize and POST /detokenize", code="not_found")
 
     def _post(self, route: str):
         if route in ("/tokenize", "/detokenize"):
@@ -1400,12 +1457,16 @@ class _Handler(BaseHTTPRequestHandler):
             from .responses import respond
             body = self._request = self._body()
             return respond(self, body)
+        if route in ("/messages", "/messages/count_tokens"):     # Anthropic's Messages API (anthropic_messages.py)
+            from .anthropic_messages import count_tokens, messages
+            body = self._request = self._body()
+            return messages(self, body) if route == "/messages" else self._json(200, count_tokens(self.app, body))
         if route not in ("/chat/completions", "/completions"):
             if route in ("/models", "/health", "/metrics") or route.startswith("/models/"):
                 raise ApiError(405, f"{self.path} takes GET, not POST", code="method_not_allowed")
             raise ApiError(404, f"unknown path {self._path()!r}: this server answers POST "
-                           f"/v1/chat/completions, POST /v1/completions, POST /v1/responses, POST /tokenize and POST "
-                           f"/detokenize (and GET /v1/models, GET /health, GET /metrics)",
+                           f"/v1/chat/completions, POST /v1/completions, POST /v1/responses, POST /v1/messages, POST "
+                           f"/tokenize and POST /detokenize (and GET /v1/models, GET /health, GET /metrics)",
                            code="not_found")
         body = self._request = self._body()
         if not isinstance(body, dict):
@@ -1447,13 +1508,20 @@ class _Handler(BaseHTTPRequestHandler):
         if not app.requires_key or (route in OPEN_ROUTES and not self._path().startswith("/v1/")):
             return
         header = self.headers.get("Authorization")
-        if not app.key_matches(header):
+        key = self.headers.get("x-api-key")     # how Anthropic's clients send it (/v1/messages), taken on every route
+        if not app.key_matches(header) and not (key is not None and app.key_matches(f"Bearer {key}")):
             # the key sent is never written back (a reply or log line could hand a near-miss to someone else)
             raise ApiError(401, "this server requires an API key: send it as the header 'Authorization: Bearer "
-                           "<key>'" if not header else "invalid API key: the Authorization header's Bearer token "
-                           "is not this server's key", code="invalid_api_key")
+                           "<key>' (or 'x-api-key: <key>')" if not header and key is None else "invalid API key: the "
+                           + ("Authorization header's Bearer token" if header else "x-api-key header") +
+                           " is not this server's key", code="invalid_api_key")
 
     def _fail(self, e: ApiError):
+        with contextlib.suppress(ApiError):     # (a malformed request target: no route)
+            route = self._route()
+            if route == "/messages" or route.startswith("/messages/"):      # Anthropic's error shape
+                from .anthropic_messages import fail
+                return fail(self, e)
         try:
             if self._started:      # mid-stream: an SSE error event (OpenAI's clients raise it), then the end
                 self._event(e.body())

@@ -1,0 +1,561 @@
+"""Anthropic's Messages API, POST /v1/messages and POST /v1/messages/count_tokens, as vLLM serves it
+(vllm/entrypoints/anthropic): a request is mapped onto the chat-completions machinery (server.py), as /v1/responses
+maps its own (responses.py, whose answer reading and stream this module reuses), and its answer written back as a
+Message object, or streamed as Anthropic's named Server-Sent Events. Errors are Anthropic's
+{"type": "error", "error": {"type", "message"}} (server._Handler._fail writes them on these routes), on which the
+anthropic SDK raises its typed exceptions.
+
+Server tools, images and documents, containers, MCP servers and output_config are refused by name; extended
+thinking is served only where the server reads reasoning (--reasoning-parser).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+
+from ..errors import AmphistaError
+from .metrics import request_latency
+from .responses import EXTRAS as CHAT_EXTRAS, _id, _output, _Reply, _Stream
+from .server import ApiError, _constraint_field, _engine_error, _json_type, _text
+
+ROUTES = ("/messages", "/messages/count_tokens")
+# The Messages API's fields served (mapped onto a chat completion), and those taken as hints and ignored: a service
+# tier, a prompt-caching breakpoint (cache_control: this server caches by --cache-prompt, not by marker) and an
+# inference region change nothing an answer holds.
+SERVED = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k", "stream",
+          "tools", "tool_choice", "metadata", "thinking")
+HINTS = ("service_tier", "cache_control", "inference_geo")
+# The chat route's non-OpenAI fields, as /v1/chat/completions takes them (responses.EXTRAS); its "stop" is
+# stop_sequences here
+EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in SERVED and name != "stop")
+# Messages fields this server does not implement: refused where they ask for something.
+# name -> (the values that ask for nothing, what to say)
+IDLE = {
+    "container": ((None,), "containers (the code execution tool's) are not supported: this server runs no tools of "
+                  "its own"),
+    "mcp_servers": ((None, []), "mcp_servers is not supported: this server connects to no MCP server (send the "
+                    "tools as client tools, and run them yourself)"),
+    "context_management": ((None,), "context_management is not supported: send the conversation as it should be "
+                           "read"),
+    "output_config": ((None, {}), "output_config (effort, an output format) is not supported: for a JSON answer send "
+                      "structured_outputs or guided_json (the chat route's fields)"),
+    "output_format": ((None,), "output_format is not supported: for a JSON answer send structured_outputs or "
+                      "guided_json (the chat route's fields)"),
+}
+# another API's field sent here: what the Messages API calls it
+OTHER_NAMES = {
+    "max_completion_tokens": "send max_tokens", "max_output_tokens": "send max_tokens",
+    "stop": "send stop_sequences (a list of strings)",
+    "n": "a message has one answer (/v1/chat/completions serves n)",
+    "logprobs": "/v1/chat/completions serves logprobs", "top_logprobs": "/v1/chat/completions serves logprobs",
+    "response_format": "send structured_outputs or guided_json (the chat route's fields)",
+    "parallel_tool_calls": "send tool_choice: {\"type\": \"auto\", \"disable_parallel_tool_use\": true}",
+    "user": "send metadata: {\"user_id\": ...}",
+    "input": "send messages", "instructions": "send system",
+}
+# content blocks of Anthropic's this text-only server cannot read, or whose tools it does not run
+NOT_TEXT = ("image", "document", "search_result", "container_upload")
+SERVER_BLOCKS = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result", "code_execution_tool_result",
+                 "bash_code_execution_tool_result", "text_editor_code_execution_tool_result", "tool_search_tool_result",
+                 "mcp_tool_use", "mcp_tool_result")
+THINKING = ("enabled", "adaptive")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+               429: "rate_limit_error", 529: "overloaded_error"}
+# Errors the chat machinery raises in its own field names, said in the Messages API's
+_RENAMES = ((re.compile(r"\b(tools\[\d+\])\.function\.parameters\b"), r"\1.input_schema"),
+            (re.compile(r"\b(tools\[\d+\])\.function\."), r"\1."),
+            (re.compile(r"tool_choice 'required'"), "tool_choice {\"type\": \"any\"}"),
+            (re.compile(r"tool_choice names the function"), "tool_choice names the tool"),
+            (re.compile(r"^stop string (\d+)"), r"stop_sequences[\1]"),
+            (re.compile(r"^stop(?: strings)?\b"), "stop_sequences"))
+_PARAMS = {"stop": "stop_sequences", "parallel_tool_calls": "tool_choice"}
+
+
+def error_body(e: ApiError) -> dict:
+    """An error as Anthropic's API writes it (its type by status, as the SDK reads it)."""
+    kind = ERROR_TYPES.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
+
+
+def fail(handler, e: ApiError):
+    """server._Handler._fail on these routes: the error in Anthropic's shape, or once a stream began, its error
+    event (which the SDK raises), then the stream's end."""
+    try:
+        if handler._started:
+            handler.wfile.write(b"event: error\n")
+            handler._event(error_body(e))
+            handler.close_connection = True
+            handler._done(e.status, f" (mid-stream: {e.message[:120]})")
+        else:
+            handler._json(e.status, error_body(e))
+    except OSError:
+        handler.close_connection = True
+
+
+def _renamed(e: ApiError) -> ApiError:
+    message = e.message
+    for pattern, name in _RENAMES:
+        message = pattern.sub(name, message)
+    return ApiError(e.status, message, _PARAMS.get(e.param, e.param), e.code, e.kind)
+
+
+def _api_error(e: AmphistaError, chat: dict) -> ApiError:
+    return _renamed(_engine_error(e, "messages", chat.get("tree") is not None, _constraint_field(chat)))
+
+
+@contextlib.contextmanager
+def _named(chat: dict):
+    """The chat machinery's errors within, in the Messages API's field names."""
+    try:
+        yield
+    except ApiError as e:
+        raise _renamed(e) from None
+    except AmphistaError as e:
+        raise _api_error(e, chat) from None
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+# ---- the request ----------------------------------------------------------------------------------------------
+
+def _check_fields(body: dict, counting: bool):
+    for name in body:
+        if name in SERVED or name in HINTS or name in EXTRAS:
+            continue
+        if name in IDLE:
+            allowed, why = IDLE[name]
+            # of the same type too: `in` took false for 0 and 0 for false
+            if not any(type(body[name]) is type(a) and body[name] == a for a in allowed):
+                raise _bad(f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
+            continue
+        hint = OTHER_NAMES.get(name)
+        raise _bad(f"{name!r} is not a field of /v1/messages" + (f": {hint}" if hint else
+                   f" (Anthropic's Messages fields, and {', '.join(EXTRAS[:4])} ... as /v1/chat/completions takes "
+                   f"them)"), name)
+    value = body.get("max_tokens")
+    if value is None and not counting:
+        raise _bad("'max_tokens' is a required field: the most tokens the answer may have (a positive integer)",
+                   "max_tokens")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise _bad(f"max_tokens must be a positive integer, got {_json_type(value)}", "max_tokens")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise _bad(f"stream must be true or false, got {_json_type(body['stream'])}", "stream")
+    for name in ("model", "service_tier", "inference_geo"):
+        if body.get(name) is not None:
+            _text(body[name], name)
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     isinstance(metadata.get("user_id"), (str, type(None)))):
+        raise _bad(f"metadata must be an object ({{\"user_id\": a string or null}}), got {_json_type(metadata)}",
+                   "metadata")
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list):
+            raise _bad(f"stop_sequences must be a list of strings, got {_json_type(stops)}", "stop_sequences")
+        for i, s in enumerate(stops):
+            _text(s, f"stop_sequences[{i}]")
+
+
+def _text_blocks(content, where: str) -> str:
+    """A string, or a list of text blocks (joined by newlines, as the chat route joins its text parts)."""
+    if isinstance(content, str):
+        return _text(content, where)
+    if not isinstance(content, list):
+        raise _bad(f"{where} must be a string or a list of text blocks, got {_json_type(content)}", where)
+    texts = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text":
+            raise _bad(f"{where}[{j}] must be a text block ({{\"type\": \"text\", \"text\": ...}})" + (
+                f": {kind!r} blocks are not supported by this text-only model" if kind in NOT_TEXT else
+                f", got {_json_type(block)}"), f"{where}[{j}]")
+        texts.append(_text(block.get("text"), f"{where}[{j}].text"))
+    return "\n".join(texts)
+
+
+def _tool_result(block: dict, where: str) -> dict:
+    """A tool_result block as the chat route's tool message; an error result is said to be one in its text (a chat
+    tool message has no flag for it)."""
+    call_id = _text(block.get("tool_use_id"), f"{where}.tool_use_id")
+    content = block.get("content")
+    text = "" if content is None else _text_blocks(content, f"{where}.content")
+    is_error = block.get("is_error")
+    if is_error is not None and not isinstance(is_error, bool):
+        raise _bad(f"{where}.is_error must be true or false, got {_json_type(is_error)}", f"{where}.is_error")
+    return {"role": "tool", "tool_call_id": _chat_id(call_id), "content": f"Error: {text}" if is_error else text}
+
+
+def _tool_use(block: dict, where: str) -> dict:
+    """A tool_use block sent back as the chat route's assistant tool call."""
+    call_id = _text(block.get("id"), f"{where}.id")
+    name = _text(block.get("name"), f"{where}.name")
+    args = block.get("input")
+    if not isinstance(args, dict):
+        raise _bad(f"{where}.input must be an object (the tool's arguments), got {_json_type(args)}",
+                   f"{where}.input")
+    return {"id": _chat_id(call_id), "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def _messages(body: dict) -> list[dict]:
+    """The chat messages of a request's system and messages: a user turn's tool_result blocks as tool messages (its
+    text before and after them as user messages), an assistant turn's tool_use blocks as its tool_calls and its
+    thinking blocks as its reasoning_content."""
+    out = []
+    if body.get("system") is not None:
+        out.append({"role": "system", "content": _text_blocks(body["system"], "system")})
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("'messages' is a required field: a list of {\"role\": \"user\" | \"assistant\", \"content\": ...}",
+                   "messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad(f"messages must be a non-empty list of messages, got {_json_type(messages)}", "messages")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object with 'role' and 'content', got {_json_type(m)}", where)
+        role = m.get("role")
+        if role not in ("user", "assistant"):
+            raise _bad(f"{where}.role must be 'user' or 'assistant', got {json.dumps(role)[:60]}" + (
+                " (send the system prompt as the top-level system field)" if role == "system" else ""),
+                f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": _text(content, f"{where}.content")})
+            continue
+        if not isinstance(content, list):
+            raise _bad(f"{where}.content must be a string or a list of content blocks, got {_json_type(content)}",
+                       f"{where}.content")
+        texts, calls, thoughts, results = [], [], [], 0
+        for j, block in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                texts.append(_text(block.get("text"), f"{at}.text"))
+            elif kind == "tool_result" and role == "user":
+                if texts:       # text before a result: a user turn of its own, in the order sent
+                    out.append({"role": "user", "content": "\n".join(texts)})
+                    texts = []
+                out.append(_tool_result(block, at))
+                results += 1
+            elif kind == "tool_use" and role == "assistant":
+                calls.append(_tool_use(block, at))
+            elif kind == "thinking" and role == "assistant":
+                thoughts.append(_text(block.get("thinking"), f"{at}.thinking"))
+            elif kind == "redacted_thinking" and role == "assistant":
+                pass            # opaque (Anthropic's encrypted reasoning): nothing a template can read
+            elif kind in ("tool_result", "tool_use", "thinking", "redacted_thinking"):
+                raise _bad(f"{at}: {kind} blocks belong in {'a user' if kind == 'tool_result' else 'an assistant'} "
+                           f"message, not a {role} one", f"{at}.type")
+            elif kind in NOT_TEXT:
+                raise _bad(f"{at}: {kind!r} blocks are not supported by this text-only model", f"{at}.type")
+            elif kind in SERVER_BLOCKS:
+                raise _bad(f"{at}: {kind!r} blocks are not supported: this server runs no tools of its own",
+                           f"{at}.type")
+            else:
+                raise _bad(f"{at}.type must be 'text', 'tool_use', 'tool_result' or 'thinking', got "
+                           f"{json.dumps(kind)[:60]}", f"{at}.type")
+        if role == "user":
+            if texts or not results:
+                out.append({"role": "user", "content": "\n".join(texts)})
+            continue
+        one = {"role": "assistant", "content": "\n".join(texts)}
+        if calls:
+            one["tool_calls"] = calls
+        if thoughts:
+            one["reasoning_content"] = "\n".join(thoughts)
+        out.append(one)
+    return out
+
+
+def _tools(tools) -> list | None:
+    """Client tools in the chat route's shape (tools.check_tools checks their names and schemas)."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise _bad(f"tools must be a list of {{\"name\": ..., \"description\": ..., \"input_schema\": ...}} objects, "
+                   f"got {_json_type(tools)}", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad(f"{where} must be {{\"name\": ..., \"input_schema\": ...}}, got {_json_type(tool)}", "tools")
+        if "function" in tool or "parameters" in tool:
+            raise _bad(f"{where} is in OpenAI's shape: the Messages API takes {{\"name\": ..., \"description\": ..., "
+                       f"\"input_schema\": ...}}", "tools")
+        kind = tool.get("type")
+        if kind not in (None, "custom"):
+            raise _bad(f"{where}: type {json.dumps(kind)[:60]} is not supported: this server runs no tools of its "
+                       f"own (Anthropic's server tools); send client tools, {{\"name\": ..., \"input_schema\": ...}}",
+                       "tools")
+        if not isinstance(tool.get("input_schema"), dict):
+            raise _bad(f"{where}.input_schema must be the tool's JSON schema object, got "
+                       f"{_json_type(tool.get('input_schema'))}", "tools")
+        # in OpenAI's order (name, description, parameters): a template without tools prints them as JSON
+        f = {"name": tool.get("name"), "description": tool.get("description"), "parameters": tool["input_schema"],
+             "strict": tool.get("strict")}
+        out.append({"type": "function", "function": f})
+    return out
+
+
+def _tool_choice(choice, chat: dict):
+    """tool_choice in the chat route's terms (its tool_choice and parallel_tool_calls)."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    mapped = {"auto": "auto", "any": "required", "none": "none"}
+    if kind not in (*mapped, "tool"):
+        raise _bad(f"tool_choice must be {{\"type\": \"auto\" | \"any\" | \"none\"}} or {{\"type\": \"tool\", "
+                   f"\"name\": ...}}, got {_json_type(choice)}", "tool_choice")
+    if kind == "tool":
+        chat["tool_choice"] = {"type": "function", "function": {"name": _text(choice.get("name"), "tool_choice.name")}}
+    else:
+        chat["tool_choice"] = mapped[kind]
+    parallel = choice.get("disable_parallel_tool_use")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _bad(f"tool_choice.disable_parallel_tool_use must be true or false, got {_json_type(parallel)}",
+                   "tool_choice")
+    if parallel:
+        chat["parallel_tool_calls"] = False
+
+
+def _thinking(app, thinking, chat: dict):
+    """Extended thinking: served where the server reads reasoning (--reasoning-parser), whose text is then thinking
+    blocks; "disabled" turns a thinking template's reasoning off (enable_thinking, as Qwen3's reads it)."""
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("disabled", *THINKING):
+        raise _bad(f"thinking must be {{\"type\": \"enabled\", \"budget_tokens\": N}}, {{\"type\": \"adaptive\"}} or "
+                   f"{{\"type\": \"disabled\"}}, got {_json_type(thinking)}", "thinking")
+    budget = thinking.get("budget_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise _bad(f"thinking.budget_tokens must be a positive integer, got {_json_type(budget)}",
+                   "thinking.budget_tokens")
+    if kind in THINKING and app.reasoning_parser is None:
+        raise _bad(f"thinking {json.dumps(kind)}: this server does not read the model's reasoning; start it with "
+                   f"--reasoning-parser (qwen3 or deepseek_r1) for thinking blocks, or send thinking {{\"type\": "
+                   f"\"disabled\"}}", "thinking")
+    if kind == "disabled" and app.reasoning_parser is not None:
+        variables = chat.get("chat_template_kwargs")
+        if variables is None or isinstance(variables, dict) and "enable_thinking" not in variables:
+            chat["chat_template_kwargs"] = {**(variables or {}), "enable_thinking": False}
+
+
+def chat_request(app, body, counting: bool = False) -> dict:
+    """A Messages request as the chat completion it asks for (ApiError, naming the Messages field, for a bad one).
+    counting: for count_tokens, which takes the same body less max_tokens."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+    _check_fields(body, counting)
+    chat = {k: body[k] for k in EXTRAS if k in body}
+    chat["messages"] = _messages(body)
+    chat["stream"] = bool(body.get("stream")) and not counting
+    if body.get("max_tokens") is not None:
+        chat["max_tokens"] = body["max_tokens"]
+    if body.get("stop_sequences"):
+        chat["stop"] = body["stop_sequences"]
+    for name in ("temperature", "top_p", "top_k"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    tools = _tools(body.get("tools"))
+    if tools is not None:
+        chat["tools"] = tools
+    if body.get("tool_choice") is not None:
+        _tool_choice(body["tool_choice"], chat)
+    if body.get("thinking") is not None:
+        _thinking(app, body["thinking"], chat)
+    last = chat["messages"][-1]
+    if last["role"] == "assistant" and "continue_final_message" not in chat and "add_generation_prompt" not in chat:
+        if last.get("tool_calls"):
+            raise _bad(f"messages[{len(body['messages']) - 1}] is an assistant turn with tool_use blocks: send their "
+                       f"tool_result blocks in a user message after it", f"messages[{len(body['messages']) - 1}]")
+        # Anthropic's prefill: the answer goes on from the last assistant turn's text
+        chat["continue_final_message"] = True
+    return chat
+
+
+# ---- the reply ------------------------------------------------------------------------------------------------
+
+def _tool_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+def _chat_id(tool_id: str) -> str:
+    """A tool_use id as the chat route's call id: without "toolu_", which _tool_id added (Mistral's templates
+    take back only their own 9-character ids)."""
+    return tool_id.removeprefix("toolu_")
+
+
+def _block(item: dict) -> dict:
+    """A Responses output item (responses._output, _Stream) as the Messages API's content block."""
+    parts = item.get("content") or [{}]
+    if item["type"] == "reasoning":
+        return {"type": "thinking", "thinking": parts[0].get("text", ""), "signature": ""}
+    if item["type"] == "function_call":
+        return {"type": "tool_use", "id": _tool_id(item["call_id"]), "name": item["name"],
+                "input": json.loads(item["arguments"]) if item["arguments"] else {}}
+    return {"type": "text", "text": parts[0].get("text", "")}
+
+
+def _stop(reason: str | None, result) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of an answer read as the chat route reads it (reason: "tool_calls" where its
+    finish_reason is)."""
+    if reason == "tool_calls":
+        return "tool_use", None
+    if result.finish_reason == "length":
+        return "max_tokens", None
+    if result.finish_reason == "stop" and isinstance(result.stop_reason, str):
+        return "stop_sequence", result.stop_reason
+    return "end_turn", None
+
+
+class _Message(_Reply):
+    """A Message object of an answer (what _Stream asks its reply for: response())."""
+
+    def __init__(self, app, body: dict, job):
+        super().__init__(app, body, job)
+        self.id = _id("msg_")
+        self.prompt_tokens = None
+
+    def response(self, status: str, output: list, results=None, thought: str | None = None, finish=None,
+                 reason: str | None = None) -> dict:
+        stop, sequence = (None, None) if results is None else _stop(reason, results[-1])
+        out = {"id": self.id, "type": "message", "role": "assistant", "model": self.app.model_id,
+               "content": [_block(item) for item in output], "stop_reason": stop, "stop_sequence": sequence,
+               "usage": self.tokens(results)}
+        if results is not None:
+            out["amphista"] = self.app.extra(results[-1])
+        return out
+
+    def tokens(self, results) -> dict:
+        """Anthropic's usage: input_tokens less those read from the prompt cache (cache_read_input_tokens;
+        --cache-prompt), as Anthropic counts them. Before the answer (message_start): the prompt's length."""
+        if results is None:
+            if self.prompt_tokens is None:
+                self.prompt_tokens = len(self.app._encode(self.job))
+            return {"input_tokens": self.prompt_tokens, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0}
+        u = self.usage(results, None)
+        cached = u["input_tokens_details"]["cached_tokens"]
+        return {"input_tokens": u["input_tokens"] - cached, "output_tokens": u["output_tokens"],
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+
+
+# the Responses events _Stream sends, as the Messages API's content_block_delta: (delta type, its text's key)
+_DELTAS = {"response.output_text.delta": ("text_delta", "text"),
+           "response.reasoning_text.delta": ("thinking_delta", "thinking"),
+           "response.function_call_arguments.delta": ("input_json_delta", "partial_json")}
+
+
+class _Events(_Stream):
+    """A message streamed as Anthropic's events: _Stream reads the answer as the chat route's stream does (reasoning,
+    text, tool calls as they decode); each output item it adds is a content block (its index the item's), its
+    deltas the block's, its done the block's stop. message_delta (stop_reason, usage) and message_stop end it."""
+
+    def __init__(self, handler, reply: _Message, plan, job):
+        super().__init__(handler, reply, plan, job)
+        self.final = None
+
+    def send(self, kind: str, **fields):
+        self.h.wfile.write(f"event: {kind}\n".encode("utf-8"))
+        self.h._event({"type": kind, **fields})
+
+    def emit(self, kind: str, **fields):
+        if kind == "response.created":
+            self.send("message_start", message=fields["response"])
+        elif kind == "response.output_item.added":
+            self.send("content_block_start", index=fields["output_index"], content_block=_block(fields["item"]))
+        elif kind in _DELTAS:
+            name, key = _DELTAS[kind]
+            self.send("content_block_delta", index=fields["output_index"], delta={"type": name, key: fields["delta"]})
+        elif kind == "response.output_item.done":
+            self.send("content_block_stop", index=fields["output_index"])
+        elif kind == "response.completed":
+            self.final = fields["response"]     # sent as message_delta once the stop reason is known (end)
+
+    def end(self, results: list, reason: str | None):
+        stop, sequence = _stop(reason, results[-1])
+        self.send("message_delta", delta={"stop_reason": stop, "stop_sequence": sequence},
+                  usage=self.final["usage"], amphista=self.final.get("amphista"))
+        self.send("message_stop")
+
+
+def messages(handler, body) -> None:
+    """POST /v1/messages on a server handler (server._Handler): the answer as a Message object, or streamed."""
+    app = handler.app
+    chat = chat_request(app, body)
+    stream = chat["stream"]
+    with _named(chat):
+        plan = app.tool_plan(chat)
+        jobs = app.submit_all(chat, [app.chat_messages(chat, plan)], True, stream, plan)
+    job = jobs[0]
+    reply = _Message(app, body, job)
+    try:
+        if stream:
+            done = _streamed(handler, reply, plan, job, chat)
+        else:
+            with _named(chat):
+                results = handler._drain(job)
+            done = None
+            if results is not None:
+                items, thought, finish, reason = _output(reply, plan, job, results[0])
+                done = results, thought, reason
+    finally:
+        job.gone.set()      # nobody reads its rows any more: the scheduler drops them (server._complete)
+    if done is False:       # ended by an error event, logged
+        return
+    if done is None:
+        handler.close_connection = True
+        handler._done(499, " (client closed the connection; decoding stopped)")
+        return
+    results, thought, reason = done
+    result = results[-1]
+    note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
+    if job.rows > 1:
+        note += f" | batch of {job.rows}"
+    app.metrics.answered(results, [reason], request_latency(jobs, [results], time.perf_counter()))
+    if stream:
+        handler._done(200, note)
+        return
+    handler._json(200, reply.response("completed", items, results, thought, finish, reason), note)
+
+
+def _streamed(handler, reply: _Message, plan, job, chat: dict):
+    """The stream's (results, reasoning, reason); None where the client left, False where it ended with an error
+    event (logged). Its headers wait for the run to start: a request the run refuses is still answered with a
+    status."""
+    with _named(chat):
+        event = handler._next_event(job)
+    if event is None:
+        return None
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("Connection", "close")       # the stream's end is the connection's (no Content-Length)
+    handler.end_headers()
+    handler.close_connection = True
+    handler._started = True
+    out = _Events(handler, reply, plan, job)
+    try:
+        with _named(chat):
+            done = out.run(event, job)
+            if done is not None:
+                out.end(done[0], done[2])
+        return done
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        return None
+    except ApiError as error:
+        fail(handler, error)        # its error event, logged
+        return False
+
+
+def count_tokens(app, body) -> dict:
+    """POST /v1/messages/count_tokens: the prompt's tokens as /v1/messages would prefill it (vLLM's /tokenize of
+    the mapped chat request: its template, tools and thinking setting alike), nothing decoded."""
+    chat = chat_request(app, body, counting=True)
+    keep = ("messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt",
+            "continue_final_message")
+    with _named(chat):
+        return {"input_tokens": app.tokenize({k: chat[k] for k in keep if k in chat})["count"]}
