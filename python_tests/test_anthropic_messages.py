@@ -5,13 +5,13 @@ maps its request onto the chat machinery and must add a protocol, never other te
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 
 import pytest
 
 from amphista_engine.errors import InputError
 from conftest import needs_smollm2, serving
+from test_responses_api import call, chat_reply, engine, events as streamed  # noqa: F401  (engine: the fixture)
 
 anthropic = pytest.importorskip("anthropic")
 pytestmark = [needs_smollm2, pytest.mark.usefixtures("one_thread_module")]
@@ -31,13 +31,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris for the next 2 
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from amphista_engine import Engine
-    return Engine.from_pretrained("smollm2-135m", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(engine):
+def server(engine):  # noqa: F811
     with serving(engine, model_id="smollm2", quiet=True) as httpd:
         yield httpd
 
@@ -47,40 +41,9 @@ def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
 
 
-def call(url: str, path: str, body=None, method: str = "POST", headers: dict | None = None):
-    """(status, parsed JSON reply) of one request, error statuses too."""
-    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(), method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode()
-        assert "Traceback" not in text, text
-        return e.code, json.loads(text)
-
-
 def events(url: str, body: dict) -> list[tuple[str, dict]]:
     """A streamed message's (event name, data) pairs, each data's type its event's name."""
-    req = urllib.request.Request(url + MESSAGES, data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        text = r.read().decode()
-    out = []
-    for block in text.split("\n\n")[:-1]:
-        head, data = block.split("\n")
-        assert head.startswith("event: ") and data.startswith("data: "), block
-        event = json.loads(data[len("data: "):])
-        assert event["type"] == head[len("event: "):], block
-        out.append((event["type"], event))
-    return out
-
-
-def chat_reply(url: str, messages: list, **options) -> dict:
-    status, reply = call(url, CHAT, {"messages": messages, **options})
-    assert status == 200, reply
-    return reply
+    return [(event["type"], event) for event in streamed(url, body, MESSAGES)]
 
 
 def text_of(message) -> str:

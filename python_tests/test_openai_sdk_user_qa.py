@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from conftest import needs_smollm2, serving
+from conftest import needs_smollm2, relay, serving
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
@@ -260,17 +260,10 @@ def test_a_server_bug_is_not_retried_by_the_sdk_and_mid_stream_errors_raise(serv
     assert "boom" in e.value.message and e.value.type == "server_error"
     assert e.value.response.headers["x-should-retry"] == "false"
 
-    def failing_mid_run(*args, **kwargs):
-        steps = real(*args, **kwargs)
-
-        def gen():
-            try:
-                yield next(steps)
-                raise ZeroDivisionError("boom mid-stream")
-            finally:
-                steps.close()
-        return gen()
-    monkeypatch.setattr(engine, "stream_batch", failing_mid_run)
+    def boom(_):
+        raise ZeroDivisionError("boom mid-stream")
+    # after the run's first chunk: the headers are out, so the error can only be an event, which the SDK raises
+    monkeypatch.setattr(engine, "stream_batch", lambda *args, **kwargs: relay(real(*args, **kwargs), after=boom))
     stream = retrying.chat.completions.create(model=MODEL, messages=ASK, max_tokens=6, stream=True)
     with pytest.raises(openai.APIError) as e:
         for _ in stream:

@@ -52,10 +52,10 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
-def call(url: str, path: str, body=None, method: str = "POST"):
+def call(url: str, path: str, body=None, method: str = "POST", headers: dict | None = None):
     """(status, parsed JSON reply) of one request, error statuses too."""
     req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(), method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -65,22 +65,28 @@ def call(url: str, path: str, body=None, method: str = "POST"):
         return e.code, json.loads(text)
 
 
-def events(url: str, body: dict) -> list[dict]:
-    """A streamed response's events, each checked: its SSE event name is its type, sequence numbers count up
-    from 0."""
-    req = urllib.request.Request(url + RESPONSES, data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        text = r.read().decode()
+def events_of(text: str, numbered: bool = True) -> list[dict]:
+    """A stream's named events (the Responses API's, Anthropic's), each checked: its SSE event name is its type;
+    numbered: sequence numbers count up from 0 (the Responses API's)."""
     out = []
+    assert text.endswith("\n\n"), text[-200:]
     for block in text.split("\n\n")[:-1]:
         head, data = block.split("\n")
         assert head.startswith("event: ") and data.startswith("data: "), block
         event = json.loads(data[len("data: "):])
-        assert event["type"] == head[len("event: "):] and event["sequence_number"] == len(out), event
+        assert event["type"] == head[len("event: "):], block
+        assert not numbered or event["sequence_number"] == len(out), event
         out.append(event)
     return out
+
+
+def events(url: str, body: dict, path: str = RESPONSES) -> list[dict]:
+    """The events of `body` streamed (events_of; numbered on /v1/responses)."""
+    req = urllib.request.Request(url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        return events_of(r.read().decode(), numbered=path == RESPONSES)
 
 
 def chat_reply(url: str, messages: list, **options) -> dict:

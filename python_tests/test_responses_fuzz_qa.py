@@ -23,7 +23,9 @@ pytest.importorskip("llguidance")
 openai = pytest.importorskip("openai")
 
 from conftest import edited_copy, relay, serving           # noqa: E402
+from test_responses_api import events_of                   # noqa: E402
 from test_serve import call, error_of                      # noqa: E402
+from test_tool_streaming import scripted                   # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -63,15 +65,6 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
 
 
-def scripted(monkeypatch, server, text: str):
-    """The server's "auto" tool plans hold the answer to `text` (a literal grammar): the model writes it."""
-    app = server.app
-    plan_of = type(app).tool_plan
-    lark = 'start: "' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    monkeypatch.setattr(app, "tool_plan", lambda body: plan_of(app, body)._replace(
-        response_format={"type": "grammar", "grammar": lark}))
-
-
 def send(url, body: dict | bytes, path=RESPONSES) -> tuple[int, str, str]:
     """(status, content type, text) over a fresh connection, with a timeout."""
     u = urlsplit(url)
@@ -87,19 +80,6 @@ def send(url, body: dict | bytes, path=RESPONSES) -> tuple[int, str, str]:
         raise AssertionError(f"no reply ({e!r}) to {raw[:300]!r}") from None
     finally:
         conn.close()
-
-
-def events_of(text: str) -> list[dict]:
-    """A Responses stream's events, each checked: its SSE event name is its type, sequence numbers count from 0."""
-    out = []
-    assert text.endswith("\n\n"), text[-200:]
-    for block in text.split("\n\n")[:-1]:
-        head, data = block.split("\n")
-        assert head.startswith("event: ") and data.startswith("data: "), block
-        event = json.loads(data[len("data: "):])
-        assert event["type"] == head[len("event: "):] and event["sequence_number"] == len(out), event
-        out.append(event)
-    return out
 
 
 def check_events(events: list[dict]):
@@ -410,7 +390,7 @@ def test_a_schema_error_names_the_responses_field(server):
 def test_text_after_a_call_is_where_the_stream_has_it(server, monkeypatch):
     """An answer that writes its text after its call: the stream adds the call, then the message (its text comes
     later); the non-streamed response listed the message first, so the SDK's create() and stream() disagreed."""
-    scripted(monkeypatch, server, CALL("Oslo") + "\nDone.")
+    scripted(server, monkeypatch, CALL("Oslo") + "\nDone.")
     for extra in ({}, {"stop": ["zzz"]}):
         reply, events = agree(server.url, {"input": "Weather?", "tools": TOOLS, "max_output_tokens": 200, **extra})
         assert [o["type"] for o in reply["output"]] == ["function_call", "message"], reply["output"]
@@ -420,7 +400,7 @@ def test_text_after_a_call_is_where_the_stream_has_it(server, monkeypatch):
 def test_a_call_after_a_broken_one_is_the_final_responses(server, client, monkeypatch):
     """A call that went out by name and broke, then a whole one: response.completed kept the broken call (its
     arguments '{"city": 5') and dropped the whole one, so the SDK's stream parsed broken JSON for a strict tool."""
-    scripted(monkeypatch, server, BROKEN + "\n" + CALL("Paris"))
+    scripted(server, monkeypatch, BROKEN + "\n" + CALL("Paris"))
     body = {"input": "Weather?", "tools": TOOLS, "max_output_tokens": 400}
     reply, events = agree(server.url, body)
     assert [(o["type"], o["name"], json.loads(o["arguments"])) for o in reply["output"]] == [
@@ -437,7 +417,7 @@ def test_a_call_after_a_broken_one_is_the_final_responses(server, client, monkey
         final = stream.get_final_response()
     assert [o.parsed_arguments for o in final.output] == [{"city": "Paris", "days": 2}]
     # and between whole calls
-    scripted(monkeypatch, server, CALL("Oslo") + "\n" + BROKEN + "\n" + CALL("Paris"))
+    scripted(server, monkeypatch, CALL("Oslo") + "\n" + BROKEN + "\n" + CALL("Paris"))
     reply, _ = agree(server.url, body)
     assert [json.loads(o["arguments"])["city"] for o in reply["output"]] == ["Oslo", "Paris"]
 
@@ -458,7 +438,7 @@ def test_stream_agrees_wherever_the_answer_is_cut(server, monkeypatch, name):
     and arguments) and whole, with and without stop strings: the stream is well-formed and ends with the non-streamed
     response, whose text, reasoning and calls are the chat route's; status incomplete exactly when cut."""
     text = SCRIPTS[name]
-    scripted(monkeypatch, server, text)
+    scripted(server, monkeypatch, text)
     n = len(server.app.engine.tokenizer.encode(text, add_bos=False))
     for cut in sorted({1, n // 4, n // 2, 3 * n // 4, n + 8}):
         for extra in ({}, {"stop": ["zzz"]}):
@@ -509,7 +489,7 @@ def test_sdk_round_trip_of_reasoning_calls_and_results(server, client, monkeypat
     given as input_text parts; a developer message: the prompt and the answer are the chat route's for the same
     conversation. (Instructions and a developer message are two system messages, which this model's template
     refuses, as it refuses them on the chat route.)"""
-    scripted(monkeypatch, server, "<think>I should look.</think>" + CALL("Oslo"))
+    scripted(server, monkeypatch, "<think>I should look.</think>" + CALL("Oslo"))
     r1 = client.responses.create(model="tiny", input="Weather in Oslo?", tools=TOOLS, max_output_tokens=200)
     assert [o.type for o in r1.output] == ["reasoning", "function_call"], r1.output
     call_id = r1.output[1].call_id
@@ -618,7 +598,7 @@ def test_metrics_and_usage_are_the_chat_routes(server, monkeypatch, stream):
         return json.loads(re.findall(r"^data: (\{.*)$", text, re.M)[-1])["usage"] if stream else \
             json.loads(text)["usage"]
 
-    scripted(monkeypatch, server, "<think>x</think>" + CALL("Oslo"))
+    scripted(server, monkeypatch, "<think>x</think>" + CALL("Oslo"))
     for body in ({"input": "Hello", "max_output_tokens": 6}, {"input": "Weather?", "max_output_tokens": 400,
                                                              "tools": TOOLS},
                  {"input": "Weather?", "max_output_tokens": 30, "tools": TOOLS}):

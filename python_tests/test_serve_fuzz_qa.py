@@ -569,3 +569,17 @@ def test_a_logit_bias_key_of_unicode_digits_is_a_400(server):
     url = server[0].url
     error_of(call(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"\u00b2": 1}}), 400,
              "logit_bias", param="logit_bias")
+
+
+@pytest.mark.parametrize("function, where", [
+    ({"name": "now", "description": "the \ud800 time"}, "tools[0].function.description"),
+    ({"name": "now", "parameters": {"type": "object", "properties": {"tz": {"description": "\udfff"}}}},
+     "tools[0].function.parameters.properties.tz.description"),
+])
+def test_a_lone_surrogate_in_a_tool_is_a_400_naming_where(server, function, where):
+    """The chat route refused it as "the prompt's text is not valid Unicode" with param null (the template wrote the
+    tool into the prompt, where the tokenizer found it); /v1/responses named tools[i].description."""
+    httpd, baseline = server
+    body = {**PLAIN_CHAT, "tools": [{"type": "function", "function": function}]}
+    error_of(call(httpd.url, "/v1/chat/completions", body), 400, f"{where} is not valid Unicode", param="tools")
+    Sweep(httpd.url, baseline).probe(body)

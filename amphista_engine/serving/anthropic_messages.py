@@ -10,14 +10,11 @@ thinking is served only where the server reads reasoning (--reasoning-parser).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import time
 
 from ..errors import AmphistaError
-from .metrics import request_latency
-from .responses import EXTRAS as CHAT_EXTRAS, _id, _output, _Reply, _Stream
+from .responses import EXTRAS as CHAT_EXTRAS, Reply, Stream, answer, check_names, naming
 from .server import ApiError, _constraint_field, _engine_error, _json_type, _text
 
 ROUTES = ("/messages", "/messages/count_tokens")
@@ -106,15 +103,9 @@ def _api_error(e: AmphistaError, chat: dict) -> ApiError:
     return _renamed(_engine_error(e, "messages", chat.get("tree") is not None, _constraint_field(chat)))
 
 
-@contextlib.contextmanager
 def _named(chat: dict):
     """The chat machinery's errors within, in the Messages API's field names."""
-    try:
-        yield
-    except ApiError as e:
-        raise _renamed(e) from None
-    except AmphistaError as e:
-        raise _api_error(e, chat) from None
+    return naming(chat, _renamed, _api_error)
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -124,19 +115,8 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 # ---- the request ----------------------------------------------------------------------------------------------
 
 def _check_fields(body: dict, counting: bool):
-    for name in body:
-        if name in SERVED or name in HINTS or name in EXTRAS:
-            continue
-        if name in IDLE:
-            allowed, why = IDLE[name]
-            # of the same type too: `in` took false for 0 and 0 for false
-            if not any(type(body[name]) is type(a) and body[name] == a for a in allowed):
-                raise _bad(f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
-            continue
-        hint = OTHER_NAMES.get(name)
-        raise _bad(f"{name!r} is not a field of /v1/messages" + (f": {hint}" if hint else
-                   f" (Anthropic's Messages fields, and {', '.join(EXTRAS[:4])} ... as /v1/chat/completions takes "
-                   f"them)"), name)
+    check_names(body, "/v1/messages", SERVED + HINTS + EXTRAS, IDLE, OTHER_NAMES,
+                f"Anthropic's Messages fields, and {', '.join(EXTRAS[:4])}")
     value = body.get("max_tokens")
     if value is None and not counting:
         raise _bad("'max_tokens' is a required field: the most tokens the answer may have (a positive integer)",
@@ -389,7 +369,7 @@ def _chat_id(tool_id: str) -> str:
 
 
 def _block(item: dict) -> dict:
-    """A Responses output item (responses._output, _Stream) as the Messages API's content block."""
+    """A Responses output item (responses.Stream's) as the Messages API's content block."""
     parts = item.get("content") or [{}]
     if item["type"] == "reasoning":
         return {"type": "thinking", "thinking": parts[0].get("text", ""), "signature": ""}
@@ -411,12 +391,12 @@ def _stop(reason: str | None, result) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-class _Message(_Reply):
-    """A Message object of an answer (what _Stream asks its reply for: response())."""
+class _Message(Reply):
+    """A Message object of an answer (what Stream asks its reply for: response(), final())."""
+    prefix = "msg_"
 
     def __init__(self, app, body: dict, job):
         super().__init__(app, body, job)
-        self.id = _id("msg_")
         self.prompt_tokens = None
 
     def response(self, status: str, output: list, results=None, thought: str | None = None, finish=None,
@@ -428,6 +408,9 @@ class _Message(_Reply):
         if results is not None:
             out["amphista"] = self.app.extra(results[-1])
         return out
+
+    def final(self, output: list, results: list, thought: str | None, finish: str, reason: str | None) -> dict:
+        return self.response("completed", output, results, thought, finish, reason)
 
     def tokens(self, results) -> dict:
         """Anthropic's usage: input_tokens less those read from the prompt cache (cache_read_input_tokens;
@@ -443,112 +426,46 @@ class _Message(_Reply):
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
-# the Responses events _Stream sends, as the Messages API's content_block_delta: (delta type, its text's key)
-_DELTAS = {"response.output_text.delta": ("text_delta", "text"),
-           "response.reasoning_text.delta": ("thinking_delta", "thinking"),
-           "response.function_call_arguments.delta": ("input_json_delta", "partial_json")}
+# an output item's deltas as the Messages API's content_block_delta: (delta type, its text's key)
+_DELTAS = {"message": ("text_delta", "text"), "reasoning": ("thinking_delta", "thinking"),
+           "function_call": ("input_json_delta", "partial_json")}
 
 
-class _Events(_Stream):
-    """A message streamed as Anthropic's events: _Stream reads the answer as the chat route's stream does (reasoning,
+class _Events(Stream):
+    """A message streamed as Anthropic's events: Stream reads the answer as the chat route's stream does (reasoning,
     text, tool calls as they decode); each output item it adds is a content block (its index the item's), its
     deltas the block's, its done the block's stop. message_delta (stop_reason, usage) and message_stop end it."""
-
-    def __init__(self, handler, reply: _Message, plan, job):
-        super().__init__(handler, reply, plan, job)
-        self.final = None
 
     def send(self, kind: str, **fields):
         self.h.wfile.write(f"event: {kind}\n".encode("utf-8"))
         self.h._event({"type": kind, **fields})
 
-    def emit(self, kind: str, **fields):
-        if kind == "response.created":
-            self.send("message_start", message=fields["response"])
-        elif kind == "response.output_item.added":
-            self.send("content_block_start", index=fields["output_index"], content_block=_block(fields["item"]))
-        elif kind in _DELTAS:
-            name, key = _DELTAS[kind]
-            self.send("content_block_delta", index=fields["output_index"], delta={"type": name, key: fields["delta"]})
-        elif kind == "response.output_item.done":
-            self.send("content_block_stop", index=fields["output_index"])
-        elif kind == "response.completed":
-            self.final = fields["response"]     # sent as message_delta once the stop reason is known (end)
+    def begin(self):
+        self.send("message_start", message=self.reply.response("in_progress", []))
 
-    def end(self, results: list, reason: str | None):
-        stop, sequence = _stop(reason, results[-1])
-        self.send("message_delta", delta={"stop_reason": stop, "stop_sequence": sequence},
-                  usage=self.final["usage"], amphista=self.final.get("amphista"))
+    def added(self, index: int):
+        self.send("content_block_start", index=index, content_block=_block(self.items[index]))
+
+    def delta(self, index: int, delta: str):
+        name, key = _DELTAS[self.items[index]["type"]]
+        self.send("content_block_delta", index=index, delta={"type": name, key: delta})
+
+    def closed(self, index: int):
+        self.send("content_block_stop", index=index)
+
+    def completed(self, response: dict):
+        self.send("message_delta", delta={"stop_reason": response["stop_reason"],
+                                          "stop_sequence": response["stop_sequence"]},
+                  usage=response["usage"], amphista=response.get("amphista"))
         self.send("message_stop")
+
+    def fail(self, e: ApiError):
+        self.send("error", error=error_body(e)["error"])
 
 
 def messages(handler, body) -> None:
     """POST /v1/messages on a server handler (server._Handler): the answer as a Message object, or streamed."""
-    app = handler.app
-    chat = chat_request(app, body)
-    stream = chat["stream"]
-    with _named(chat):
-        plan = app.tool_plan(chat)
-        jobs = app.submit_all(chat, [app.chat_messages(chat, plan)], True, stream, plan)
-    job = jobs[0]
-    reply = _Message(app, body, job)
-    try:
-        if stream:
-            done = _streamed(handler, reply, plan, job, chat)
-        else:
-            with _named(chat):
-                results = handler._drain(job)
-            done = None
-            if results is not None:
-                items, thought, finish, reason = _output(reply, plan, job, results[0])
-                done = results, thought, reason
-    finally:
-        job.gone.set()      # nobody reads its rows any more: the scheduler drops them (server._complete)
-    if done is False:       # ended by an error event, logged
-        return
-    if done is None:
-        handler.close_connection = True
-        handler._done(499, " (client closed the connection; decoding stopped)")
-        return
-    results, thought, reason = done
-    result = results[-1]
-    note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
-    if job.rows > 1:
-        note += f" | batch of {job.rows}"
-    app.metrics.answered(results, [reason], request_latency(jobs, [results], time.perf_counter()))
-    if stream:
-        handler._done(200, note)
-        return
-    handler._json(200, reply.response("completed", items, results, thought, finish, reason), note)
-
-
-def _streamed(handler, reply: _Message, plan, job, chat: dict):
-    """The stream's (results, reasoning, reason); None where the client left, False where it ended with an error
-    event (logged). Its headers wait for the run to start: a request the run refuses is still answered with a
-    status."""
-    with _named(chat):
-        event = handler._next_event(job)
-    if event is None:
-        return None
-    handler.send_response(200)
-    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-    handler.send_header("Cache-Control", "no-cache")
-    handler.send_header("Connection", "close")       # the stream's end is the connection's (no Content-Length)
-    handler.end_headers()
-    handler.close_connection = True
-    handler._started = True
-    out = _Events(handler, reply, plan, job)
-    try:
-        with _named(chat):
-            done = out.run(event, job)
-            if done is not None:
-                out.end(done[0], done[2])
-        return done
-    except (BrokenPipeError, ConnectionResetError, TimeoutError):
-        return None
-    except ApiError as error:
-        fail(handler, error)        # its error event, logged
-        return False
+    answer(handler, body, chat_request(handler.app, body), _Message, _Events, _named)
 
 
 def count_tokens(app, body) -> dict:

@@ -7,6 +7,7 @@ store=true is answered as vLLM answers it without a store (served, nothing kept,
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -104,20 +105,27 @@ def _bad(message: str, param: str) -> ApiError:
     return ApiError(400, message, param)
 
 
-def _check_fields(body: dict):
+def check_names(body: dict, path: str, known: tuple, idle: dict, names: dict, fields: str):
+    """Each of a request's fields one the route takes (known), or an unimplemented one (idle: name -> (the values
+    that ask for nothing, what to say)) that asks for nothing; another is refused, with what to send instead where
+    names has it (another API's field), else naming the fields the route takes."""
     for name in body:
-        if name in SERVED or name in HINTS or name in EXTRAS:
+        if name in known:
             continue
-        if name in IDLE:
-            allowed, why = IDLE[name]
+        if name in idle:
+            allowed, why = idle[name]
             # of the same type too: `in` took false for 0 and 0 for false
             if not any(type(body[name]) is type(a) and body[name] == a for a in allowed):
-                raise _bad(f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
+                raise ApiError(400, f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
             continue
-        hint = CHAT_NAMES.get(name)
-        raise _bad(f"{name!r} is not a field of /v1/responses" + (f": {hint}" if hint else
-                   f" (OpenAI's Responses fields, and {', '.join(EXTRAS[:5])} ... as /v1/chat/completions takes "
-                   f"them)"), name)
+        hint = names.get(name)
+        raise ApiError(400, f"{name!r} is not a field of {path}" + (
+            f": {hint}" if hint else f" ({fields} ... as /v1/chat/completions takes them)"), name)
+
+
+def _check_fields(body: dict):
+    check_names(body, "/v1/responses", SERVED + HINTS + EXTRAS, IDLE, CHAT_NAMES,
+                f"OpenAI's Responses fields, and {', '.join(EXTRAS[:5])}")
     previous = body.get("previous_response_id")
     if previous is not None:
         raise _bad("previous_response_id: this server stores no responses, so it cannot continue one; send the "
@@ -387,12 +395,13 @@ def _call_item(call_id: str, name: str, arguments: str, status: str, item_id: st
             "arguments": arguments, "status": status}
 
 
-class _Reply:
+class Reply:
     """What a response object echoes of its request, and how it is written."""
+    prefix = "resp_"        # its id's
 
     def __init__(self, app, body: dict, job):
         self.app, self.body, self.job = app, body, job
-        self.id, self.created = _id("resp_"), int(time.time())
+        self.id, self.created = _id(self.prefix), int(time.time())
 
     def response(self, status: str, output: list, results=None, thought: str | None = None, finish=None) -> dict:
         body, options = self.body, self.job.options
@@ -430,24 +439,29 @@ class _Reply:
                 "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": reasoning},
                 "total_tokens": u["total_tokens"]}
 
+    def final(self, output: list, results: list, thought: str | None, finish: str, reason: str | None) -> dict:
+        """The whole answer's object: the non-streamed reply, and the stream's last event (reason: /metrics')."""
+        return self.response("incomplete" if finish == "length" else "completed", output, results, thought, finish)
 
-def _output(reply: _Reply, plan, job, result) -> tuple[list, str | None, str, str | None]:
+
+def _output(reply: Reply, plan, job, result) -> tuple[list, str | None, str, str | None]:
     """A whole answer's (output items, reasoning text, finish, /metrics' reason): the answer read as its stream
-    reads it (_Stream, as one delta, writing nothing), so that the two replies hold the same items in the same order
+    reads it (Stream, as one delta, writing nothing), so that the two replies hold the same items in the same order
     (a message whose first text comes after a call is after it in both)."""
-    out = _Stream(None, reply, plan, job)
+    out = Stream(None, reply, plan, job)
     out.feed(result.text)
     return out.finish(result)
 
 
-class _Stream:
+class Stream:
     """A response streamed as the Responses API's events: each output item added, its text (or a call's arguments)
     as it decodes, then done, and the whole response last (response.completed). The answer is read as the chat
     route's stream reads it (server._Handler._stream: the reasoning splitter, then ToolCallFilter), so the deltas
     joined are the chat route's text and arguments; the non-streamed reply is this reading of the whole answer as
-    one delta (_output)."""
+    one delta (_output). The events are written by its hooks (begin, added, delta, closed, completed, fail), which
+    a stream of another API's events overrides (anthropic_messages._Events)."""
 
-    def __init__(self, handler, reply: _Reply, plan, job):
+    def __init__(self, handler, reply: Reply, plan, job):
         """handler None: nothing is written (_output reads a whole answer so)."""
         self.h, self.reply, self.plan = handler, reply, plan
         self.seq = 0
@@ -472,36 +486,84 @@ class _Stream:
         payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
         self.h.wfile.write(f"event: {kind}\ndata: {payload}\n\n".encode("utf-8"))
 
+    # ---- the events: hooks ------------------------------------------------------------------------------------
+    def begin(self):
+        """The stream's start, before the answer."""
+        self.emit("response.created", response=self.reply.response("in_progress", []))
+        self.emit("response.in_progress", response=self.reply.response("in_progress", []))
+
+    def added(self, index: int):
+        """Output item `index` begun: a reasoning item or message with no text yet, or a call with its name."""
+        item = self.items[index]
+        self.emit("response.output_item.added", output_index=index, item=item)
+        if item["type"] != "function_call":
+            part = {"type": "reasoning_text", "text": ""} if item["type"] == "reasoning" else \
+                {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            self.emit("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                      part=part)
+
+    def delta(self, index: int, delta: str):
+        """Item `index`'s text (a call's arguments) goes on by `delta`."""
+        item = self.items[index]
+        if item["type"] == "reasoning":
+            self.emit("response.reasoning_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                      delta=delta)
+        elif item["type"] == "message":
+            self.emit("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                      delta=delta, logprobs=[])
+        else:
+            self.emit("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=delta)
+
+    def closed(self, index: int):
+        """Item `index` is done (self.items[index]: as the output holds it, with its status)."""
+        item = self.items[index]
+        if item["type"] == "reasoning":
+            self.emit("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                      text=item["content"][0]["text"])
+        elif item["type"] == "message":
+            self.emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                      text=item["content"][0]["text"], logprobs=[])
+        else:
+            self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                      arguments=item["arguments"])
+        if item["type"] != "function_call":
+            self.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                      part=item["content"][0])
+        self.emit("response.output_item.done", output_index=index, item=item)
+
+    def completed(self, response: dict):
+        """The stream's end: the whole answer's object (Reply.final)."""
+        self.emit("response.completed", response=response)
+
+    def fail(self, e: ApiError):
+        """An error after the stream began: the Responses API's error event (its fields, and OpenAI's error object
+        under "error", on which the openai client raises), then the stream's end."""
+        self.emit("error", code=e.code or e.kind, message=e.message, param=e.param, error=e.body()["error"])
+
+    # ---- the answer, read -------------------------------------------------------------------------------------
     def _add(self, item: dict) -> int:
         index = len(self.items)
         self.items.append(item)
         self.open.add(index)
-        self.emit("response.output_item.added", output_index=index, item=item)
+        if item["type"] != "function_call":
+            self.texts[index] = ""
+        self.added(index)
         return index
 
     def think(self, delta: str):
         if self.thinking is None:
             self.thinking = self._add({**_reasoning_item("", "in_progress"), "content": []})
-            self.texts[self.thinking] = ""
-            self.emit("response.content_part.added", item_id=self.items[self.thinking]["id"],
-                      output_index=self.thinking, content_index=0, part={"type": "reasoning_text", "text": ""})
         self.texts[self.thinking] += delta
-        self.emit("response.reasoning_text.delta", item_id=self.items[self.thinking]["id"],
-                  output_index=self.thinking, content_index=0, delta=delta)
+        self.delta(self.thinking, delta)
 
     def say(self, delta: str):
         if self.thinking is not None and self.thinking in self.open:
             self._done(self.thinking, "completed")
         if self.message is None:
             self.message = self._add({**_message_item("", "in_progress"), "content": []})
-            self.texts[self.message] = ""
-            self.emit("response.content_part.added", item_id=self.items[self.message]["id"],
-                      output_index=self.message, content_index=0,
-                      part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
         if delta:
             self.texts[self.message] += delta
-            self.emit("response.output_text.delta", item_id=self.items[self.message]["id"],
-                      output_index=self.message, content_index=0, delta=delta, logprobs=[])
+            self.delta(self.message, delta)
 
     def call(self, delta: dict):
         """One of the chat stream's delta.tool_calls entries (tools.ToolCallFilter): a call's first one (its id and
@@ -519,31 +581,18 @@ class _Stream:
         index = self.calls.get(delta.get("index"))
         if index is not None and f.get("arguments"):
             self.items[index]["arguments"] += f["arguments"]
-            self.emit("response.function_call_arguments.delta", item_id=self.items[index]["id"],
-                      output_index=index, delta=f["arguments"])
+            self.delta(index, f["arguments"])
 
     def _done(self, index: int, status: str):
         item = self.items[index]
         self.open.discard(index)
         if item["type"] == "reasoning":
-            text = self.texts[index]
-            self.emit("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
-                      text=text)
-            self.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                      part={"type": "reasoning_text", "text": text})
-            item = self.items[index] = _reasoning_item(text, status, item["id"])
+            self.items[index] = _reasoning_item(self.texts[index], status, item["id"])
         elif item["type"] == "message":
-            text = self.texts[index]
-            self.emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                      text=text, logprobs=[])
-            item = self.items[index] = _message_item(text, status, item["id"])
-            self.emit("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                      part=item["content"][0])
+            self.items[index] = _message_item(self.texts[index], status, item["id"])
         else:
-            self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                      arguments=item["arguments"])
             item["status"] = status
-        self.emit("response.output_item.done", output_index=index, item=item)
+        self.closed(index)
 
     def feed(self, text: str):
         """One delta of the answer's text: its reasoning, content and calls as they can go out."""
@@ -603,8 +652,7 @@ class _Stream:
         """Sends the run's events (event: its first, which the caller waited for before the headers); (the
         results, the reasoning text, /metrics' reason), or None where the client left."""
         h = self.h
-        self.emit("response.created", response=self.reply.response("in_progress", []))
-        self.emit("response.in_progress", response=self.reply.response("in_progress", []))
+        self.begin()
         while True:
             kind, value = event
             if kind == "end":
@@ -618,44 +666,49 @@ class _Stream:
             if event is None:
                 return None
         output, thought, finish, reason = self.finish(result)
-        status = "incomplete" if finish == "length" else "completed"
-        self.emit("response.completed", response=self.reply.response(status, output, [result], thought, finish))
+        self.completed(self.reply.final(output, [result], thought, finish, reason))
         return [result], thought, reason
-
-    def fail(self, e: ApiError):
-        """An error after the stream began: the Responses API's error event (its fields, and OpenAI's error object
-        under "error", on which the openai client raises), then the stream's end."""
-        self.emit("error", code=e.code or e.kind, message=e.message, param=e.param, error=e.body()["error"])
 
 
 def respond(handler, body) -> None:
     """POST /v1/responses on a server handler (server._Handler): the answer as a Response object, or streamed."""
-    app = handler.app
-    chat = chat_request(body)
-    stream = chat["stream"]
+    answer(handler, body, chat_request(body), Reply, Stream, naming)
+
+
+@contextlib.contextmanager
+def naming(chat: dict, renamed=_renamed, api_error=_api_error):
+    """The chat machinery's errors within, in a route's field names: renamed(an ApiError), api_error(an
+    AmphistaError, chat); the Responses API's by default."""
     try:
+        yield
+    except ApiError as e:
+        raise renamed(e) from None
+    except AmphistaError as e:
+        raise api_error(e, chat) from None
+
+
+def answer(handler, body: dict, chat: dict, reply_type: type[Reply], stream_type: type[Stream], named) -> None:
+    """A request of an API mapped onto the chat machinery (/v1/responses, /v1/messages), served on a server handler
+    (server._Handler): chat, the chat completion it asks for, decoded; the answer written whole (reply_type's
+    final()), or streamed (stream_type's events). named(chat): a context in which the chat machinery's errors are
+    said in the API's field names (naming)."""
+    app = handler.app
+    stream = chat["stream"]
+    with named(chat):
         plan = app.tool_plan(chat)
         jobs = app.submit_all(chat, [app.chat_messages(chat, plan)], True, stream, plan)
-    except ApiError as e:
-        raise _renamed(e) from None
-    except AmphistaError as e:
-        raise _api_error(e, chat) from None
     job = jobs[0]
-    reply = _Reply(app, body, job)
+    reply = reply_type(app, body, job)
     try:
         if stream:
-            done = _streamed(handler, reply, plan, job, chat)
+            done = _streamed(handler, reply, stream_type, plan, job, chat, named)
         else:
             done = None
-            try:
+            with named(chat):
                 results = handler._drain(job)
                 if results is not None:     # (read as the stream reads it, which may refuse it alike)
                     items, thought, finish, reason = _output(reply, plan, job, results[0])
                     done = results, thought, reason
-            except ApiError as e:
-                raise _renamed(e) from None
-            except AmphistaError as e:
-                raise _api_error(e, chat) from None
     finally:
         job.gone.set()      # nobody reads its rows any more: the scheduler drops them (server._complete)
     if done is False:       # ended by an error event, logged
@@ -673,36 +726,25 @@ def respond(handler, body) -> None:
     if stream:
         handler._done(200, note)
         return
-    status = "incomplete" if finish == "length" else "completed"
-    handler._json(200, reply.response(status, items, results, thought, finish), note)
+    handler._json(200, reply.final(items, results, thought, finish, reason), note)
 
 
-def _streamed(handler, reply: _Reply, plan, job, chat: dict):
+def _streamed(handler, reply: Reply, stream_type: type[Stream], plan, job, chat: dict, named):
     """The stream's (results, reasoning, reason); None where the client left, False where it ended with an error
-    event (logged). Its headers wait for the run to
-    start: a request the run refuses is still answered with a status."""
-    try:
+    event (logged). Its headers wait for the run to start: a request the run refuses is still answered with a
+    status."""
+    with named(chat):
         event = handler._next_event(job)
-        out = _Stream(handler, reply, plan, job)
-    except ApiError as e:
-        raise _renamed(e) from None
-    except AmphistaError as e:
-        raise _api_error(e, chat) from None
+        out = stream_type(handler, reply, plan, job)
     if event is None:
         return None
-    handler.send_response(200)
-    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-    handler.send_header("Cache-Control", "no-cache")
-    handler.send_header("Connection", "close")       # the stream's end is the connection's (no Content-Length)
-    handler.end_headers()
-    handler.close_connection = True
-    handler._started = True
+    handler._start_events()
     try:
-        return out.run(event, job)
+        with named(chat):
+            return out.run(event, job)
     except (BrokenPipeError, ConnectionResetError, TimeoutError):
         return None
-    except (ApiError, AmphistaError) as e:
-        error = _renamed(e) if isinstance(e, ApiError) else _api_error(e, chat)
+    except ApiError as error:
         try:
             out.fail(error)
         except OSError:

@@ -33,7 +33,7 @@ from ..errors import (AmphistaError, CacheFullError, ConfigError, HUGE_INT_DIGIT
                       refuse_huge_ints)
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
 from ..reasoning import ReasoningSplitter, check_reasoning_parser
-from ..structured import VLLM_KINDS, closed_objects, grammar_source, json_whitespace, vllm_format
+from ..structured import VLLM_KINDS, _lone_surrogate, closed_objects, grammar_source, json_whitespace, vllm_format
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
                      prepare_messages, show_controls, template_supports_tools, tool_call_format)
 from .batching import Job, Scheduler
@@ -759,6 +759,10 @@ class OpenAIApp:
     def tool_plan(self, body: dict) -> ToolPlan:
         """A chat request's tools and tool_choice, checked (tools.py), with the grammar "required" or a named
         function holds the answer to."""
+        tools = body.get("tools")
+        if isinstance(tools, list) and (at := _lone_surrogate(tools)) is not None:
+            # the template writes the tools into the prompt, where the tokenizer refused them naming no field
+            raise ApiError(400, f"tools{at} is not valid Unicode (a lone surrogate escape such as \\ud800)", "tools")
         try:
             # parallel_tool_calls too: OpenAI's false (at most one call) was ignored, and "required" answered several
             plan = plan_for(self.engine.tokenizer, body.get("tools"), body.get("tool_choice"),
@@ -1678,6 +1682,16 @@ class _Handler(BaseHTTPRequestHandler):
         payload = payload.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
         self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
 
+    def _start_events(self):
+        """A Server-Sent Events reply's status and headers (200): after them, an error can only be an event."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")       # the stream's end is the connection's (no Content-Length)
+        self.end_headers()
+        self.close_connection = True
+        self._started = True
+
     def _stream(self, job, head: dict, chat: bool, include_usage: bool, plan: ToolPlan | None = None):
         """Sends the run as Server-Sent Events, each chunk's choice with its index (n choices: their chunks
         interleaved as their rows decode, each ended by its own finish chunk); the results (one per choice), or
@@ -1706,13 +1720,7 @@ class _Handler(BaseHTTPRequestHandler):
                 out["usage"] = None
             return out
 
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")       # the stream's end is the connection's (no Content-Length)
-        self.end_headers()
-        self.close_connection = True
-        self._started = True
+        self._start_events()
         results: list = [None] * job.n
         self._tool_finish: dict = {}
         # a choice's text from its first <tool_call> on is held back: its calls go out as they decode (hermes) or
