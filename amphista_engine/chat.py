@@ -100,13 +100,20 @@ def check_chat_template(template, what: str = "chat_template") -> str | None:
         raise InputError(f"{what} {shown} is neither a Jinja template (it has no {{{{ or {{%) nor a built-in name "
                          f"({', '.join(BUILTIN_TEMPLATES)})")
     try:
+        template.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # each prompt it renders would be refused as "the prompt's text is not valid Unicode", naming no template
+        raise InputError(f"{what} is not valid Unicode: it holds U+{ord(template[e.start]):04X}, a lone surrogate "
+                         f"(at character {e.start}; bytes that were not UTF-8?)") from None
+    try:
         name, source = resolve_template(None, template)
         _compile(source, name)
     except InputError as e:
         cause = e.__cause__
         if isinstance(cause, jinja2.TemplateSyntaxError):
             raise InputError(f"{what} is not a valid Jinja template: {cause.message} (line {cause.lineno})") from None
-        raise InputError(f"{what}: {e}") from None
+        own = f"chat template {name!r} "       # _compile's words for the template: this one is `what`
+        raise InputError(f"{what} {str(e)[len(own):]}" if str(e).startswith(own) else f"{what}: {e}") from None
     return template
 
 
@@ -280,9 +287,15 @@ def _compile(source: str, name: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    where = "the model's chat template" if name == "model" else f"chat template {name!r}"
+    error = ConfigError if name == "model" else InputError
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        where = "the model's chat template" if name == "model" else f"chat template {name!r}"
-        error = ConfigError if name == "model" else InputError
         raise error(f"{where} is not valid Jinja: {e.message} (line {e.lineno})") from e
+    except (RecursionError, SyntaxError) as e:
+        # Jinja compiles a template to Python code: nesting past Python's own limits (a few hundred {% if %}, 20
+        # {% for %}, a long chain of + or parentheses) raised a bare RecursionError, IndentationError or
+        # "too many statically nested blocks" SyntaxError from the compiler
+        why = e.msg if isinstance(e, SyntaxError) else str(e)
+        raise error(f"{where} is nested too deeply to compile ({why}): flatten its blocks or expressions") from e

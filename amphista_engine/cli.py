@@ -7,12 +7,13 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import warnings
 from pathlib import Path
 
 from .errors import HUGE_INT_DIGITS, AmphistaError, InputError, ModelLoadError, read_json, refuse_huge_ints
-from .text_files import read_utf8, user_path
+from .text_files import missing_note, read_utf8, user_path
 
 
 def _weights_line(engine) -> str:
@@ -94,22 +95,37 @@ def _chat_template(args) -> str | None:
     if value is None:
         return None
     path = user_path(value)
-    if os.path.isfile(path):
+    if _readable_file(path):
         try:
             template = read_utf8(Path(path))
         except InputError as e:
             raise InputError(f"--chat-template {e}") from None
+        except OSError as e:        # unreadable (permissions, I/O): said of the flag, never a bare trace
+            raise InputError(f"--chat-template {value!r}: cannot read it ({e.strerror or e})") from None
         what = f"--chat-template {value!r} (the file's template)"
     elif any(c in value for c in "{}\n"):
+        if bad := _not_utf8(value):      # its prompts were refused as "the prompt's text", after the load
+            raise InputError(f"--chat-template is {bad}")
         template, what = value, "--chat-template"
     elif value in BUILTIN_TEMPLATES:
         return value
     else:
-        kind = "is a directory, not a file" if os.path.isdir(path) else "no such file"
+        kind = ("is a directory, not a file" if os.path.isdir(path) else "is not a file" if os.path.exists(path)
+                else "no such file" + missing_note(path))
         raise InputError(f"--chat-template {value!r}: {kind}; give a Jinja template file, the template itself "
                          f"(text with {{% ... %}} or {{{{ ... }}}}), or a built-in name "
                          f"({', '.join(BUILTIN_TEMPLATES)})")
     return check_chat_template(template, what)
+
+
+def _readable_file(path: str) -> bool:
+    """A file to read a template from: a regular file, or a pipe (the shell's process substitution,
+    `--chat-template <(curl ...)`, is /dev/fd/N, which os.path.isfile calls no file), as vLLM's open() takes it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode)
 
 
 def _template_kwargs(args) -> dict:

@@ -524,6 +524,13 @@ class Engine:
         message list, or a list of token ids (ints: the prompt's tokens as given, no template and no BOS added).
         template: None, the engine's chat_template (else the model's own). continue_final_message,
         add_generation_prompt: how a message list's template ends (render_chat), for message lists only."""
+        return self._encode_prompt(prompt, chat, self._chat_template if template is None else template,
+                                   continue_final_message, add_generation_prompt)
+
+    def _encode_prompt(self, prompt, chat, template, continue_final_message: bool = False,
+                       add_generation_prompt: bool | None = None) -> list[int]:
+        """encode_prompt with the template decided (None: the model's own): a run renders every prompt, joiners'
+        too, with the template it read once as it started, the one its eos_ids come from."""
         from .chat import render_chat
         if chat is not None and not isinstance(chat, bool):      # chat="no" is truthy: not a silent yes
             raise InputError(f"chat must be True, False or None (the model's template when it has one), "
@@ -541,7 +548,6 @@ class Engine:
             raise InputError(f"a prompt of token ids takes integers only: item {i} is {type(prompt[i]).__name__} "
                              f"{prompt[i]!r:.40}")
         templated = {"continue_final_message": continue_final_message, "add_generation_prompt": add_generation_prompt}
-        template = self._chat_template if template is None else template
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("prompt is empty")
@@ -870,9 +876,15 @@ class Engine:
             if self._decoding is None:  # (while another run decodes, its own is set as it ends)
                 self.last_result, self.last_results = None, []
         refuse_huge_ints(huge)
+        # Read once: the prompts (joiners' too) render with it and its end-of-turn tokens end the rows, though
+        # another thread set engine.chat_template meanwhile (an async call's worker renders while the loop goes on)
+        template = self._chat_template
+        run_eos = self.eos_ids          # the property: what stands in for it (a test's patch) decides
+        if self._chat_template is not template:     # set in between
+            run_eos = self._eos_ids(template)
         min_tokens = check_min_tokens(min_tokens)
         stop_token_ids = self._check_stop_token_ids(stop_token_ids)
-        grammar = self._grammar(response_format, ignore_eos, min_tokens)
+        grammar = self._grammar(response_format, ignore_eos, min_tokens, run_eos)
         for name, value in (("row_results", row_results), ("logprobs", logprobs), ("ignore_eos", ignore_eos)):
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
@@ -901,7 +913,7 @@ class Engine:
                                 bad_words_ids=self._bad_words_ids(bad_words))
         params.bias_tensor(self.config.vocab_size, "cpu")      # an id past the vocabulary, named before any work
         if min_tokens and params.allowed_token_ids is not None and set(params.allowed_token_ids) <= set(
-                stop_token_ids) | (set() if ignore_eos else set(self.eos_ids)):
+                stop_token_ids) | (set() if ignore_eos else set(run_eos)):
             raise InputError("allowed_token_ids holds only ending tokens (EOS, stop_token_ids), which min_tokens holds "
                              "back: no token is left to choose")
         max_new_tokens = check_row_limits(max_new_tokens)
@@ -956,7 +968,8 @@ class Engine:
         ids = []
         for i, p in enumerate(prompts):
             try:
-                ids.append(self.encode_prompt(p, None if mixed and not isinstance(p, str) else chat, **template_ends))
+                ids.append(self._encode_prompt(p, None if mixed and not isinstance(p, str) else chat, template,
+                                               **template_ends))
             except InputError as e:       # which of a batch's prompts is empty or malformed
                 if len(prompts) == 1:
                     raise
@@ -1011,7 +1024,7 @@ class Engine:
             admit = None                    # joiners' matchers would need their own prefill's token (row_capacity)
         decoder.admits = admit is not None
         # read now, not as the lazy stream starts: a server renders each run's prompts with their own chat_template
-        eos_ids = [] if ignore_eos else self.eos_ids
+        eos_ids = [] if ignore_eos else run_eos
         ends = sorted(set(stop_token_ids) | set(eos_ids))
         if min_tokens and ends:
             decoder.min_tokens, decoder.ban_ids = min_tokens, torch.tensor(ends, device=self.device)
@@ -1026,14 +1039,15 @@ class Engine:
             # past the cache). It ends after its prefill anyway: joiners wait for the next run.
             admit = None
         joins = None if admit is None else self._admission(admit, chat, extra, min_tokens, mixed, template_ends,
-                                                           keep_last)
+                                                           keep_last, template)
         # The backend this call runs on (the engine's, else a use_backend block around the call), for every step of
         # the stream: it is lazy, and its steps may run after the block, in another thread
         return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, eos_ids, joins, stop_token_ids,
                            scoped_backend(), include_stop_str_in_output, continue_final_message)
 
-    def _grammar(self, response_format, ignore_eos: bool, min_tokens: int):
-        """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None."""
+    def _grammar(self, response_format, ignore_eos: bool, min_tokens: int, eos_ids: list[int]):
+        """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None. eos_ids:
+        the run's (its chat_template's own end-of-turn tokens end a complete answer too)."""
         from .structured import Grammar, format_key, grammar_source
         if response_format is None or grammar_source(response_format) is None:
             return None
@@ -1041,7 +1055,6 @@ class Engine:
             what = "ignore_eos" if ignore_eos else "min_tokens"
             raise InputError(f"{what} does not mix with response_format: a constrained answer ends by EOS where its "
                              "grammar is complete, and nowhere else")
-        eos_ids = self.eos_ids      # a chat_template's own end-of-turn tokens end a complete answer too
         return _recent(self._grammars, (format_key(response_format), tuple(eos_ids)),
                        lambda: Grammar(response_format, self.tokenizer, self.config.vocab_size, eos_ids))
 
@@ -1088,9 +1101,9 @@ class Engine:
         return [int(i) for i in ids]
 
     def _admission(self, admit, chat, extra: int, min_tokens: int = 0, mixed: bool = False,
-                   template_ends: dict | None = None, keep_last: int | None = None):
+                   template_ends: dict | None = None, keep_last: int | None = None, template: str | None = None):
         """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
-        tree's room `extra` too), each an AmphistaError where refused."""
+        tree's room `extra` too, the run's chat template), each an AmphistaError where refused."""
         def joins(free: int) -> list:
             # The caller's code, called between steps: not in the steps' inference mode (tensors it made there could
             # never join an autograd graph later, and its own inference_mode checks said True)
@@ -1112,8 +1125,8 @@ class Engine:
                     # as the run's own prompts are encoded: a message list in a chat=False run of strings gets the
                     # template (it was refused, "needs chat formatting", where it would have shared the run)
                     # token ids are taken as given: a server's joiner comes rendered with the run's template_ends
-                    ids = self.encode_prompt(prompt, None if mixed and not isinstance(prompt, str) else chat,
-                                             **({} if is_token_ids(prompt) else template_ends or {}))
+                    ids = self._encode_prompt(prompt, None if mixed and not isinstance(prompt, str) else chat,
+                                              template, **({} if is_token_ids(prompt) else template_ends or {}))
                     ids = ids[-keep_last:] if keep_last else ids     # truncate_prompt_tokens, as the run's own
                     self._check_room(ids, limit, extra, None, prompt)
                     entries.append((ids, limit))
@@ -1321,11 +1334,14 @@ class Engine:
 
     @property
     def eos_ids(self) -> list[int]:
+        return self._eos_ids(self._chat_template)
+
+    def _eos_ids(self, template: str | None) -> list[int]:
+        """The ids that end an answer to a prompt rendered with `template` (None: the model's own)."""
         from .chat import chat_stops
         # A model without a template of its own is prompted in the fallback's format (ChatML: <|im_end|> ends the
         # turn), which its declared EOS need not be; special tokens only, never text that merely spells one.
-        turn_ends = {i for i in chat_stops(self.tokenizer, self._chat_template).token_ids
-                     if i in self.tokenizer.special_ids}
+        turn_ends = {i for i in chat_stops(self.tokenizer, template).token_ids if i in self.tokenizer.special_ids}
         return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []) | turn_ends)
 
 
