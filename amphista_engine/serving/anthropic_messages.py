@@ -14,6 +14,7 @@ import json
 import re
 
 from ..errors import AmphistaError
+from ..structured import _lone_surrogate
 from .responses import EXTRAS as CHAT_EXTRAS, Reply, Stream, answer, check_names, naming
 from .server import ApiError, _constraint_field, _engine_error, _json_type, _text
 
@@ -133,6 +134,12 @@ def _check_fields(body: dict, counting: bool):
                                      isinstance(metadata.get("user_id"), (str, type(None)))):
         raise _bad(f"metadata must be an object ({{\"user_id\": a string or null}}), got {_json_type(metadata)}",
                    "metadata")
+    # Anthropic's metadata holds user_id only: another key (a typo, OpenAI's free-form metadata) was taken silently
+    for key in metadata or ():
+        if key != "user_id":
+            raise _bad(f"metadata has no key {json.dumps(key)[:60]} (its one key: user_id)", "metadata")
+    if (metadata or {}).get("user_id") is not None:
+        _text(metadata["user_id"], "metadata.user_id")
     stops = body.get("stop_sequences")
     if stops is not None:
         if not isinstance(stops, list):
@@ -177,6 +184,10 @@ def _tool_use(block: dict, where: str) -> dict:
     args = block.get("input")
     if not isinstance(args, dict):
         raise _bad(f"{where}.input must be an object (the tool's arguments), got {_json_type(args)}",
+                   f"{where}.input")
+    if (at := _lone_surrogate(args)) is not None:
+        # the template writes the arguments into the prompt, where the tokenizer refused them naming no field
+        raise _bad(f"{where}.input{at} is not valid Unicode (a lone surrogate escape such as \\ud800)",
                    f"{where}.input")
     return {"id": _chat_id(call_id), "type": "function",
             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
@@ -227,8 +238,11 @@ def _messages(body: dict) -> list[dict]:
                 calls.append(_tool_use(block, at))
             elif kind == "thinking" and role == "assistant":
                 thoughts.append(_text(block.get("thinking"), f"{at}.thinking"))
+                if block.get("signature") is not None:      # opaque, and unread, but a string as Anthropic's
+                    _text(block["signature"], f"{at}.signature")
             elif kind == "redacted_thinking" and role == "assistant":
-                pass            # opaque (Anthropic's encrypted reasoning): nothing a template can read
+                # opaque (Anthropic's encrypted reasoning): nothing a template can read, but a string
+                _text(block.get("data"), f"{at}.data")
             elif kind in ("tool_result", "tool_use", "thinking", "redacted_thinking"):
                 raise _bad(f"{at}: {kind} blocks belong in {'a user' if kind == 'tool_result' else 'an assistant'} "
                            f"message, not a {role} one", f"{at}.type")
