@@ -79,6 +79,10 @@ MAX_TOP_LOGPROBS = 20        # OpenAI's limit for chat's top_logprobs; a complet
 # Open without the API key: a load balancer's probe and a Prometheus scrape carry no credentials (vLLM leaves /health
 # open too). Only these exact routes, and not under /v1/ (where vLLM asks for the key on every path).
 OPEN_ROUTES = ("/health", "/metrics")
+# A client's X-Request-Id taken as its reply's x-request-id (as vLLM echoes it): one token of printable ASCII, no
+# longer than this. Anything else (a space, a control or non-ASCII character, a megabyte) is not written back into a
+# header or the log line; the reply gets a fresh id instead.
+_CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 
 
 class ApiError(Exception):
@@ -107,6 +111,14 @@ def check_api_key(key) -> bytes | None:
         raise InputError("the API key holds a space, a control character or a non-ASCII character: an "
                          "Authorization header cannot carry it as one Bearer token")
     return key.encode("ascii")
+
+
+def request_id(sent: str | None = None) -> str:
+    """A reply's x-request-id: the client's own X-Request-Id where it sent a sane one, else a fresh 32-hex id (as
+    vLLM's random uuid), which the server's log line for the request carries too."""
+    if isinstance(sent, str) and _CLIENT_REQUEST_ID.fullmatch(sent.strip(" \t")):
+        return sent.strip(" \t")
+    return secrets.token_hex(16)
 
 
 def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: bool = False,
@@ -1232,7 +1244,20 @@ class _Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         pass                     # one line per request, written once it is done (_done), with its token counts
 
+    @property
+    def request_id(self) -> str:
+        """This request's id (request_id()), made once it is first asked for: its reply's x-request-id header and
+        its log line's. A keep-alive connection's handler serves several requests: the headers the previous one
+        left (a request refused before its own headers are read keeps them) are never read for it."""
+        if getattr(self, "_request_id", None) is None:
+            headers = getattr(self, "headers", None)
+            fresh = headers is not None and headers is not getattr(self, "_stale_headers", None)
+            self._request_id = request_id(headers.get("X-Request-Id") if fresh else None)
+        return self._request_id
+
     def handle_one_request(self):
+        self._request_id = None
+        self._stale_headers = getattr(self, "headers", None)
         # A client that resets its keep-alive connection (closed with a reply unread, or SO_LINGER 0 as aborting
         # clients and proxies do) raised here, reading the next request line, outside _serve: socketserver
         # printed a traceback per such client on stderr, as if the server had a bug. It is a client leaving.
@@ -1243,8 +1268,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _done(self, status: int, note: str = ""):
         self._count(status)
-        self.log_message('"%s %s" %s%s', getattr(self, "command", None) or "-", getattr(self, "path", ""), status,
-                         note)
+        self.log_message('"%s %s" %s%s | request_id: %s', getattr(self, "command", None) or "-",
+                         getattr(self, "path", ""), status, note, self.request_id)
 
     def _count(self, status: int):
         """Counts this reply in /metrics, once, under its final status: a JSON reply before its body goes out (a
@@ -1266,6 +1291,20 @@ class _Handler(BaseHTTPRequestHandler):
         # A browser frontend on another origin (a chat UI on localhost:3000) may read the replies, as vLLM's and
         # llama.cpp's servers allow by default: without it the browser hid every reply from the page.
         self.send_header("Access-Control-Allow-Origin", "*")
+        # the id the server's log line for this request carries: OpenAI's SDKs read it as `_request_id` and an
+        # error's `request_id`, Anthropic's as `request-id`; a browser page may read them too
+        self.send_header("x-request-id", self.request_id)
+        if self._anthropic():
+            self.send_header("request-id", self.request_id)
+        self.send_header("Access-Control-Expose-Headers", "x-request-id, request-id")
+
+    def _anthropic(self) -> bool:
+        """Whether this is a request to Anthropic's Messages API routes (anthropic_messages.py)."""
+        try:
+            route = self._route() if getattr(self, "command", None) else ""
+        except (ApiError, AttributeError):
+            return False
+        return route == "/messages" or route.startswith("/messages/")
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unsupported method) as OpenAI's JSON, not HTML."""
@@ -1499,7 +1538,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True        # the client went away: nothing to answer
         except Exception as e:                  # noqa: BLE001 -- a bug: reported, and the server goes on
-            print(f"amphista serve: internal error on {self.command} {self.path}:", file=sys.stderr)
+            print(f"amphista serve: internal error on {self.command} {self.path} (request_id: {self.request_id}):",
+                  file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             self._fail(ApiError(500, f"internal server error ({type(e).__name__}: {str(e)[:200]}); the server's "
                                 f"log has the details", kind="server_error", code="internal_error"))
