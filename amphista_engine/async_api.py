@@ -8,8 +8,9 @@ call_soon_threadsafe: the loop never waits on a step. Async calls on one engine 
 (_Turns), where sync calls from two threads refuse each other; a sync call from another thread during an async run
 is still refused. A turn ends when the worker's run ends, not when the caller has read every item: a stream left
 open (a broken-out `async for` whose generator is still referenced) decodes on to its end into its queue instead of
-holding the engine. Cancelling the awaiting task, or closing the async generator, stops the run before its next
-step (the sync stream closed in its own thread: a closed run leaves last_result None) and waits for the worker.
+holding the engine. Cancelling the awaiting task (a second cancel too), closing the async generator or closing the
+loop stops the run before its next step (the sync stream closed in its own thread: a closed run leaves last_result
+None); the call waits for the worker.
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ class _Stopped(BaseException):
     of the sync code on the way out may take it for an error of the run."""
 
 
-def _until(steps, stop: threading.Event):
-    """stream_batch's steps, closed (in this thread) before the first step asked for after `stop` is set."""
+def _until(steps, stopped):
+    """stream_batch's steps, closed (in this thread) before the first step asked for once `stopped()`."""
     try:
         while True:
-            if stop.is_set():
+            if stopped():
                 raise _Stopped
             try:
                 item = next(steps)
@@ -52,9 +53,9 @@ class _StoppableEngine:
     the same arguments, raise the same errors and give the same results; generate() and generate_batch() run
     stream_batch to its end in one call, with no other place to stop them between steps."""
 
-    def __init__(self, engine, stop: threading.Event):
+    def __init__(self, engine, stopped):
         object.__setattr__(self, "_engine", engine)
-        object.__setattr__(self, "_stop", stop)
+        object.__setattr__(self, "_stopped", stopped)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -64,7 +65,7 @@ class _StoppableEngine:
 
     def stream_batch(self, *args, **kwargs):
         # the call's own checks raise here, as the sync call raises them, before any step
-        return _until(self._engine.stream_batch(*args, **kwargs), self._stop)
+        return _until(self._engine.stream_batch(*args, **kwargs), self._stopped)
 
 
 class _Turns:
@@ -88,7 +89,9 @@ class _Turns:
             self._waiting.append(waiter)
         try:
             await waiter[1]
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled, or GeneratorExit: the coroutine destroyed with a loop closed under it, where the turn may
+            # have been handed to it already (a grant queued on a loop that never ran it again): passed on, not lost
             with self._lock:
                 handed = waiter not in self._waiting
                 if not handed:
@@ -135,7 +138,7 @@ class _Run:
         self.items: asyncio.Queue = asyncio.Queue()
         self.done = self.loop.create_future()
         self.stop = threading.Event()
-        view = _StoppableEngine(engine, self.stop)
+        view = _StoppableEngine(engine, self.stopped)
         if method != "stream_batch":
             # Engine's own code on the view: its calls to stream_batch get the stoppable steps
             from .engine import Engine
@@ -146,6 +149,11 @@ class _Run:
         # here would run with: a new thread starts with neither
         self._context = contextvars.copy_context()
         self._threads = torch.get_num_threads()
+
+    def stopped(self) -> bool:
+        # A closed loop stops the run too: an agenerate posts nothing until its end (no failed _post to notice it),
+        # so a loop closed under its task (run_until_complete, then close) left the worker decoding to its end
+        return self.stop.is_set() or self.loop.is_closed()
 
     async def start(self) -> "_Run":
         await self.turns.acquire()
@@ -197,7 +205,20 @@ class _Run:
         """Stops the run before its next step (where it still decodes) and waits until its worker has left the
         engine: the next call, sync ones of this thread too, finds it free."""
         self.stop.set()
-        await asyncio.shield(self.done)
+        if self.loop.is_closed():
+            # the call destroyed unfinished with its loop closed under it: it may not await any more ("coroutine
+            # ignored GeneratorExit"); its worker stops on its own (stopped())
+            return
+        cancelled = None
+        while not self.done.done():
+            try:
+                await asyncio.shield(self.done)
+            except asyncio.CancelledError as e:
+                # A second cancel (a timeout around a cancelled task, TaskGroup's siblings) returned here while the
+                # worker still decoded: the caller's next sync call was refused. It stops at its next step boundary.
+                cancelled = e
+        if cancelled is not None:
+            raise cancelled
 
 
 async def result(engine, method: str, args, kwargs):
