@@ -382,6 +382,89 @@ def _chat_id(tool_id: str) -> str:
     return tool_id.removeprefix("toolu_")
 
 
+_CUT = object()     # a scalar the text ends inside (or that is no JSON): left out, with its key
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_TOKEN = re.compile(r"[-+0-9.eEa-zA-Z]+")
+_LITERALS = {"true": True, "false": False, "null": None, "NaN": float("nan"), "Infinity": float("inf"),
+             "-Infinity": float("-inf")}
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def _partial(text: str, i: int) -> tuple:
+    """(the JSON value at text[i:], where it ends, whether it is whole) of text that may end anywhere: an object or
+    array the text ends inside holds the items before the cut, a string, number or literal it ends inside is _CUT.
+    Text that is no JSON reads as cut there (the longest prefix that reads)."""
+    i = _skip(text, i)
+    if i == len(text):
+        return _CUT, i, False
+    ch = text[i]
+    if ch == '"':
+        m = _STRING.match(text, i)
+        if m is None:
+            return _CUT, i, False
+        try:
+            return json.loads(m.group()), m.end(), True
+        except ValueError:
+            return _CUT, i, False
+    if ch not in "{[":
+        m = _TOKEN.match(text, i)
+        token = m.group() if m else ""
+        if token in _LITERALS:
+            return _LITERALS[token], m.end(), True
+        if token and _NUMBER.fullmatch(token):
+            return json.loads(token), m.end(), True
+        return _CUT, i, False
+    close, out = ("}", {}) if ch == "{" else ("]", [])
+    i = _skip(text, i + 1)
+    if text.startswith(close, i):
+        return out, i + 1, True
+    while True:
+        if close == "}":
+            key, i, whole = _partial(text, i)
+            if not isinstance(key, str):
+                return out, i, False
+            i = _skip(text, i)
+            if not text.startswith(":", i):
+                return out, i, False
+            value, i, whole = _partial(text, i + 1)
+            if value is not _CUT:
+                out[key] = value
+        else:
+            value, i, whole = _partial(text, i)
+            if value is not _CUT:
+                out.append(value)
+        i = _skip(text, i)
+        if not whole or i == len(text):
+            return out, i, False
+        if text[i] == close:
+            return out, i + 1, True
+        if text[i] != ",":
+            return out, i, False
+        i += 1
+
+
+def _input(arguments: str) -> dict:
+    """A tool_use block's input: its arguments, or where those of a call cut by max_tokens (or broken) end short of
+    JSON, the object the anthropic SDK's stream builds of the same text (its jiter.from_json(..., partial_mode=True)):
+    the members before the cut, a string, number or literal the text ends inside left out with its key. (A reader
+    of our own: jiter is no dependency of the server, and the arguments streamed are always a prefix of
+    json.dumps' text (tools._Canon), which a small reader reads as jiter does.)"""
+    try:
+        value = json.loads(arguments) if arguments else {}
+    except ValueError:
+        try:
+            value = _partial(arguments, 0)[0]
+        except RecursionError:      # (nested past Python's stack: no input read)
+            value = {}
+    return value if isinstance(value, dict) else {}
+
+
 def _block(item: dict) -> dict:
     """A Responses output item (responses.Stream's) as the Messages API's content block."""
     parts = item.get("content") or [{}]
@@ -389,7 +472,7 @@ def _block(item: dict) -> dict:
         return {"type": "thinking", "thinking": parts[0].get("text", ""), "signature": ""}
     if item["type"] == "function_call":
         return {"type": "tool_use", "id": _tool_id(item["call_id"]), "name": item["name"],
-                "input": json.loads(item["arguments"]) if item["arguments"] else {}}
+                "input": _input(item["arguments"])}
     return {"type": "text", "text": parts[0].get("text", "")}
 
 
@@ -406,8 +489,12 @@ def _stop(reason: str | None, result) -> tuple[str, str | None]:
 
 
 class _Message(Reply):
-    """A Message object of an answer (what Stream asks its reply for: response(), final())."""
+    """A Message object of an answer (what Stream asks its reply for: response(), final()). A tool_use block its
+    stream began stays in it where the call was cut (stop_reason max_tokens, as Anthropic's API keeps it: the client
+    retries with more max_tokens) or its JSON broke (the answer's stop_reason is then not tool_use: the block is no
+    call to run), so that create() and stream() hold the same blocks at the same indexes."""
     prefix = "msg_"
+    keeps_broken = True
 
     def __init__(self, app, body: dict, job):
         super().__init__(app, body, job)

@@ -398,6 +398,10 @@ def _call_item(call_id: str, name: str, arguments: str, status: str, item_id: st
 class Reply:
     """What a response object echoes of its request, and how it is written."""
     prefix = "resp_"        # its id's
+    # A call that went out by name but is no call of the answer's (cut, or broken) stays in the output: the
+    # Messages API keeps a tool_use block cut by max_tokens, as its stream sent it (anthropic_messages._Message);
+    # the Responses API leaves it out (Stream.finish)
+    keeps_broken = False
 
     def __init__(self, app, body: dict, job):
         self.app, self.body, self.job = app, body, job
@@ -631,7 +635,8 @@ class Stream:
             calls = openai_tool_calls(plan.answer(answer or "", self.stops)[1], plan.fmt)
         # A call that went out by name but is no call of the reply's (cut by max_output_tokens, or its JSON broke),
         # wherever it is among them: done as incomplete, and left out of the output (the openai client parses every
-        # call a response holds). The reply's calls are the others, in their order.
+        # call a response holds) unless the reply keeps it (Reply.keeps_broken). The reply's calls are the others,
+        # in their order.
         broken, kept = set(), 0
         for k in sorted(self.calls):
             item, want = self.items[self.calls[k]], calls[kept]["function"] if kept < len(calls) else {}
@@ -639,9 +644,10 @@ class Stream:
                 kept += 1
             else:
                 broken.add(self.calls[k])
-        if self.message is None and not kept and self.thinking is None:
+        keep = self.reply.keeps_broken
+        if not any(keep or i not in broken for i in range(len(self.items))):
             self.say("")        # an empty answer is an empty message
-        output = [i for i in range(len(self.items)) if i not in broken]
+        output = [i for i in range(len(self.items)) if keep or i not in broken]
         for index in sorted(self.open):
             cut = index == output[-1] and finish == "length" and self.items[index]["type"] != "function_call"
             self._done(index, "incomplete" if index in broken or cut else "completed")
