@@ -53,7 +53,7 @@ def _first_difference(a, b):
 def test_a_batchs_tree_rows_reach_onednn_in_32_row_calls(tiny_hf_dir, monkeypatch):
     """cpu_packed keeps a row's bits for calls of up to 64 rows (32-row pieces); 3 rows verifying tree-32 sent 96
     rows to each linear in one oneDNN call, which rounds them otherwise. Prefills (shared) stay whole."""
-    from amphista_engine import Engine
+    from amphista_engine import Engine, generation
     from amphista_engine.heads import random_heads
     from amphista_engine.speculative import SpeculativeDecoder
     engine = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="bf16", max_seq_len=256, max_batch_size=3)
@@ -70,6 +70,15 @@ def test_a_batchs_tree_rows_reach_onednn_in_32_row_calls(tiny_hf_dir, monkeypatc
         rows.clear()
         return out
     monkeypatch.setattr(SpeculativeDecoder, "prefill", counted_prefill)
+    # prompts of unequal lengths prefill in groups on a CPU: the later groups join as rows do (add_rows)
+    real_add_rows = generation._add_rows
+
+    def counted_add_rows(*args, **kwargs):
+        out = real_add_rows(*args, **kwargs)
+        prefill.extend(rows)
+        rows.clear()
+        return out
+    monkeypatch.setattr(generation, "_add_rows", counted_add_rows)
     prompts = ["hello world " * 7, "the quick brown fox", "0123456789 + - * /"]     # a > 64-token prefill
     plain = engine.generate_batch(prompts, max_new_tokens=12, chat=False)
     rows.clear()

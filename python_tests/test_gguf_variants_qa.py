@@ -218,7 +218,8 @@ def test_every_listed_type_gives_the_files_logits(tmp_path, qtype):
         hf = write_gguf(tmp_path / f"m{tied}.gguf", qtype, tied=tied)
         ref = hf_logits(hf)
         none = load(tmp_path / f"m{tied}.gguf", "none")
-        assert none.quant == "none" and rel_err(logits(none.model), ref) < 1e-5, tied
+        # fp32 against transformers' fp32: the kernels' rounding alone (up to 1.2e-5 on an AMX Xeon, Q6_K's values)
+        assert none.quant == "none" and rel_err(logits(none.model), ref) < 3e-5, tied
         auto = load(tmp_path / f"m{tied}.gguf", "auto")
         if AUTO_4BIT and qtype in ("Q4_0", "Q4_1", "Q4_K"):
             assert auto.quant == "q4"

@@ -18,6 +18,7 @@ from amphista_engine.heads import random_heads
 from amphista_engine.kernels import cpu_packed, cpu_quant
 from amphista_engine.loading import load_model
 from conftest import random_tiny_model, write_tiny_gguf, write_tiny_hf
+from model_helpers import rel_err
 
 pytestmark = [pytest.mark.usefixtures("one_thread_module"),
               pytest.mark.skipif(not cpu_packed.available(torch.float32), reason="oneDNN packing unavailable")]
@@ -68,7 +69,9 @@ def test_state_dict_of_a_freed_model_holds_its_weights(tiny_hf_dir, tmp_path):
     torch.save(sd, tmp_path / "m.pt")
     other = load_model(tiny_hf_dir, max_seq_len=128).model
     other.load_state_dict(torch.load(tmp_path / "m.pt"))
-    assert torch.equal(_logits(other), _logits(lean.model))
+    # other multiplies through torch's own fp32 GEMM, the lean model through oneDNN's packed one: the same weights
+    # give the same logits up to the kernels' rounding (bit for bit on an AVX2 EPYC, not on an AMX Xeon)
+    assert rel_err(_logits(other), _logits(lean.model)) < 1e-5
     assert _freed(lean.model)           # saving does not bring the float weights back
 
 
@@ -76,9 +79,9 @@ def test_load_state_dict_into_a_freed_model(tiny_hf_dir, tmp_path):
     lean = _lean(tiny_hf_dir)
     other_dir = write_tiny_hf(tmp_path / "other", seed=5)
     other = load_model(other_dir, max_seq_len=128).model
-    assert not torch.equal(_logits(other), _logits(lean.model))
+    assert rel_err(_logits(other), _logits(lean.model)) > 0.1      # another model's logits
     lean.model.load_state_dict(other.state_dict())
-    assert torch.equal(_logits(lean.model), _logits(other))
+    assert rel_err(_logits(lean.model), _logits(other)) < 1e-5     # (as above: oneDNN's GEMM against torch's)
     assert len(_freed(lean.model)) == len([m for m in lean.model.modules() if type(m) is cpu_packed.PackedLinear])
 
 
