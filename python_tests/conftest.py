@@ -15,6 +15,14 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through its interpreter; it must be chosen before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# xdist's workers share the machine: each on torch's default count (every core) put 2 OpenMP teams on 2 cores, whose
+# spinning workers wait on each other (test_model.py + test_speculative.py: 172 s on 2 workers, 59 s with a core
+# each, a 2-core Xeon). Each worker, and the commands it starts, gets its share; tests of thread counts set their own.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Tests never read or write the user's cache of measured step costs (speculation_check.py); the tests of that
 # cache point it at their own folder.
 os.environ["AMPHISTA_CACHE_DIR"] = "off"
