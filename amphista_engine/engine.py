@@ -121,6 +121,17 @@ class GenerationResult:
         return out
 
 
+class RenderedPrompt(list):
+    """A chat prompt's token ids, rendered already with the template, variables and template ends of the call it is
+    passed to (a server renders each request's in its handler thread, so a slow template holds up no run): taken as
+    given, as token ids are, with those ends allowed, and counted as rendered with the template (its end-of-turn
+    text ends the answer). source: the prompt it was rendered from, which errors name as they name that prompt."""
+
+    def __init__(self, ids, source):
+        super().__init__(ids)
+        self.source = source
+
+
 def is_token_ids(prompt) -> bool:
     """A prompt given as token ids: a non-empty list or tuple of integers (numpy's too; not bools)."""
     return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
@@ -519,22 +530,29 @@ class Engine:
 
     # ---- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None, template: str | None = None,
-                      continue_final_message: bool = False, add_generation_prompt: bool | None = None) -> list[int]:
+                      continue_final_message: bool = False, add_generation_prompt: bool | None = None,
+                      chat_template_kwargs: dict | None = None) -> list[int]:
         """A string (chat-formatted when the model has a template or chat_template is set, unless chat=False), a
         message list, or a list of token ids (ints: the prompt's tokens as given, no template and no BOS added).
         template: None, the engine's chat_template (else the model's own). continue_final_message,
-        add_generation_prompt: how a message list's template ends (render_chat), for message lists only."""
+        add_generation_prompt: how a message list's template ends (render_chat), for message lists only.
+        chat_template_kwargs: the template's variables (None: the engine's chat_template_kwargs), so that a caller
+        renders with its own without setting the engine's, which other threads render with."""
         return self._encode_prompt(prompt, chat, self._chat_template if template is None else template,
-                                   continue_final_message, add_generation_prompt)
+                                   continue_final_message, add_generation_prompt, chat_template_kwargs)
 
     def _encode_prompt(self, prompt, chat, template, continue_final_message: bool = False,
-                       add_generation_prompt: bool | None = None) -> list[int]:
+                       add_generation_prompt: bool | None = None, variables: dict | None = None) -> list[int]:
         """encode_prompt with the template decided (None: the model's own): a run renders every prompt, joiners'
-        too, with the template it read once as it started, the one its eos_ids come from."""
+        too, with the template (and variables: None, the engine's) it read once as it started, the one its eos_ids
+        come from."""
         from .chat import render_chat
+        variables = self.chat_template_kwargs if variables is None else variables
         if chat is not None and not isinstance(chat, bool):      # chat="no" is truthy: not a silent yes
             raise InputError(f"chat must be True, False or None (the model's template when it has one), "
                              f"got {type(chat).__name__} {chat!r}")
+        if isinstance(prompt, RenderedPrompt):
+            return self.check_token_ids(prompt)
         if is_token_ids(prompt):
             if chat is True:
                 raise InputError("a prompt of token ids is taken as given: it gets no chat template (chat=True); "
@@ -556,7 +574,7 @@ class Engine:
                 # a templated string is one user message: there is no assistant message to continue
                 raise InputError(_TEMPLATE_ENDS_ONLY.format("a string prompt (one user message, or raw text with "
                                                             "chat=False)"))
-            text = (render_chat(self.tokenizer, prompt, template=template, variables=self.chat_template_kwargs,
+            text = (render_chat(self.tokenizer, prompt, template=template, variables=variables,
                                 add_generation_prompt=add_generation_prompt) if use_chat else prompt)
         elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and prompt:
             if chat is False:
@@ -571,7 +589,7 @@ class Engine:
                 raise InputError(f"prompt is a list of {len(prompt)} lists (several prompts: conversations or token "
                                  f"id lists?): for several prompts use generate_batch / stream_batch; a "
                                  f"conversation is a list of {{'role': ..., 'content': ...}} dicts")
-            text = render_chat(self.tokenizer, list(prompt), template=template, variables=self.chat_template_kwargs,
+            text = render_chat(self.tokenizer, list(prompt), template=template, variables=variables,
                                **templated)
         else:
             raise InputError(f"prompt must be a non-empty string or list of messages, got {type(prompt).__name__}")
@@ -804,7 +822,8 @@ class Engine:
                      response_format: dict | None = None, min_p: float = 0.0, continue_final_message: bool = False,
                      add_generation_prompt: bool | None = None, include_stop_str_in_output: bool = False,
                      truncate_prompt_tokens: int | None = None, allowed_token_ids: Sequence[int] | None = None,
-                     bad_words: Sequence[str] | None = None) -> Iterator[tuple[int, str]]:
+                     bad_words: Sequence[str] | None = None, chat_template: str | None = None,
+                     chat_template_kwargs: dict | None = None) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -860,6 +879,13 @@ class Engine:
         bad_words: words never generated (vLLM's): each word and its leading-space form are tokenized; a word of one
         token is banned outright, a longer word's last token wherever the answer's latest tokens are the rest of it
         (the answer's only, not the prompt's; speculative decoding checks each tree node's own path).
+        chat_template, chat_template_kwargs: this call's template (a built-in name or Jinja; None: the engine's
+        chat_template) and its variables (over the engine's chat_template_kwargs), as vLLM's LLM.chat takes them:
+        the engine's own are left as they are, so concurrent calls render each with their own. Where every prompt
+        is rendered with a template, its end-of-turn markers that are plain text in this vocabulary (vicuna_v1.1's
+        </s> for a model whose </s> is no special token) end a row as a stop string does: cut before it,
+        finish_reason "stop", stop_reason None as for EOS (it is no stop string of the caller's); not under
+        ignore_eos.
 
         admit: continuous batching (a server's requests that arrive mid-run). admit(free) is called between steps
         while the run has `free` rows to give (rows that ended, or rows up to max_batch_size) and returns a list of
@@ -878,10 +904,17 @@ class Engine:
         refuse_huge_ints(huge)
         # Read once: the prompts (joiners' too) render with it and its end-of-turn tokens end the rows, though
         # another thread set engine.chat_template meanwhile (an async call's worker renders while the loop goes on)
-        template = self._chat_template
-        run_eos = self.eos_ids          # the property: what stands in for it (a test's patch) decides
-        if self._chat_template is not template:     # set in between
+        if chat_template is None:
+            template = self._chat_template
+            run_eos = self.eos_ids          # the property: what stands in for it (a test's patch) decides
+            if self._chat_template is not template:     # set in between
+                run_eos = self._eos_ids(template)
+        else:
+            from .chat import check_chat_template
+            template = check_chat_template(chat_template)
             run_eos = self._eos_ids(template)
+        from .chat import check_template_variables
+        variables = {**self.chat_template_kwargs, **check_template_variables(chat_template_kwargs)}
         min_tokens = check_min_tokens(min_tokens)
         stop_token_ids = self._check_stop_token_ids(stop_token_ids)
         grammar = self._grammar(response_format, ignore_eos, min_tokens, run_eos)
@@ -956,6 +989,8 @@ class Engine:
                              f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
         stop = check_stop(stop)
         check_stop_unicode(stop)
+        turn_stops = [] if ignore_eos or not all(self._templated(p, chat, template) for p in prompts) else \
+            [s for s in self._turn_stops(template) if s not in stop]
         tree = _plain_ranks(tree)
         _tree_key(tree)                       # a bad tree is named even where the run turns out plain
         if chat is not None and not isinstance(chat, bool):    # the call's setting, not a fault of prompt 0
@@ -969,13 +1004,14 @@ class Engine:
         for i, p in enumerate(prompts):
             try:
                 ids.append(self._encode_prompt(p, None if mixed and not isinstance(p, str) else chat, template,
-                                               **template_ends))
+                                               **template_ends, variables=variables))
             except InputError as e:       # which of a batch's prompts is empty or malformed
                 if len(prompts) == 1:
                     raise
                 err = type(e)(f"prompt {i}: {e}")
                 err.prompt_index = i      # a server can run the batch's other prompts without it
                 raise err from None
+        prompts = [getattr(p, "source", p) for p in prompts]     # what the room checks name (RenderedPrompt)
         if keep_last:                         # vLLM's left truncation, before every check of the prompts' room
             ids = [x[-keep_last:] for x in ids]
         if speculative == "auto" and max(limits) == 1 and tree in (None, "auto"):
@@ -1039,11 +1075,12 @@ class Engine:
             # past the cache). It ends after its prefill anyway: joiners wait for the next run.
             admit = None
         joins = None if admit is None else self._admission(admit, chat, extra, min_tokens, mixed, template_ends,
-                                                           keep_last, template)
+                                                           keep_last, template, variables)
         # The backend this call runs on (the engine's, else a use_backend block around the call), for every step of
         # the stream: it is lazy, and its steps may run after the block, in another thread
-        return self._drive(decoder, ids, limits, stop, reuse_prefix, row_results, eos_ids, joins, stop_token_ids,
-                           scoped_backend(), include_stop_str_in_output, continue_final_message)
+        return self._drive(decoder, ids, limits, stop + turn_stops, reuse_prefix, row_results, eos_ids, joins,
+                           stop_token_ids, scoped_backend(), include_stop_str_in_output, continue_final_message,
+                           turn_stops)
 
     def _grammar(self, response_format, ignore_eos: bool, min_tokens: int, eos_ids: list[int]):
         """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None. eos_ids:
@@ -1101,7 +1138,8 @@ class Engine:
         return [int(i) for i in ids]
 
     def _admission(self, admit, chat, extra: int, min_tokens: int = 0, mixed: bool = False,
-                   template_ends: dict | None = None, keep_last: int | None = None, template: str | None = None):
+                   template_ends: dict | None = None, keep_last: int | None = None, template: str | None = None,
+                   variables: dict | None = None):
         """generation.run's admit: the caller's prompts encoded and checked as stream_batch checks its own (the
         tree's room `extra` too, the run's chat template), each an AmphistaError where refused."""
         def joins(free: int) -> list:
@@ -1126,9 +1164,10 @@ class Engine:
                     # template (it was refused, "needs chat formatting", where it would have shared the run)
                     # token ids are taken as given: a server's joiner comes rendered with the run's template_ends
                     ids = self._encode_prompt(prompt, None if mixed and not isinstance(prompt, str) else chat,
-                                              template, **({} if is_token_ids(prompt) else template_ends or {}))
+                                              template, **({} if is_token_ids(prompt) else template_ends or {}),
+                                              variables=variables)
                     ids = ids[-keep_last:] if keep_last else ids     # truncate_prompt_tokens, as the run's own
-                    self._check_room(ids, limit, extra, None, prompt)
+                    self._check_room(ids, limit, extra, None, getattr(prompt, "source", prompt))
                     entries.append((ids, limit))
                 except AmphistaError as e:
                     entries.append(e)
@@ -1175,11 +1214,13 @@ class Engine:
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
                eos_ids=(), admit=None, stop_ids=(), backend: str | None = None, keep_stop: bool = False,
-               continued: bool = False):
+               continued: bool = False, turn_stops=()):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
         keeps its own prompt + answer. eos_ids: the tokens that end a row (none under ignore_eos). backend: the
         kernel backend every step runs on (None: the process's choice).
-        row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch)."""
+        row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch).
+        turn_stops: the stop strings (among `stop`) that are the chat template's end of turn, not the caller's: a row
+        they end has stop_reason None, as an EOS token gives (vLLM names only a request's own stops there)."""
         stats = [GenerationStats() for _ in ids]
         ended: list[int] = []           # rows that ended since the last item: their results follow it
         # Not the previous run's result: a run closed early or stopped by an error leaves none
@@ -1212,7 +1253,7 @@ class Engine:
                     raise InputError(self._OVERTAKEN)
                 since += [paused] * (len(stats) - len(since))
                 for out in ([] if item is None else [item]) + [(b, self._row_result(decoder, stats, b,
-                                                                                    paused - since[b]))
+                                                                                    paused - since[b], turn_stops))
                                                                for b in ended]:
                     t = time.perf_counter()
                     yield out
@@ -1227,7 +1268,7 @@ class Engine:
             # result (or kept prefix) landing after its own.
             results = [None if p is None else       # a prompt that joined and was refused (admit)
                        GenerationResult(r.text, r.ids, p, r.finish_reason, s, r.logprobs, r.top_logprobs,
-                                        r.eos_logprob, r.stop_reason)
+                                        r.eos_logprob, _stop_reason(r, turn_stops))
                        for r, p, s in zip(decoder.rows, decoder.row_prompts, stats)]
             for s, t in zip(stats, since):
                 s.extra.update(getattr(decoder, "stats_extra", lambda: {})())
@@ -1242,7 +1283,7 @@ class Engine:
         return results      # generate() takes its own run's results from here, never from last_result
 
     @staticmethod
-    def _row_result(decoder, stats, b: int, paused: float) -> GenerationResult:
+    def _row_result(decoder, stats, b: int, paused: float, turn_stops=()) -> GenerationResult:
         """Row b's result as it ends mid-run: its own token count and decode time (less the caller's time between
         items so far), where the run's end gives every row the whole batch's."""
         s = copy.deepcopy(stats[b])
@@ -1252,7 +1293,7 @@ class Engine:
         return GenerationResult(r.text, list(r.ids), decoder.row_prompts[b], r.finish_reason, s,
                                 None if r.logprobs is None else list(r.logprobs),
                                 None if r.top_logprobs is None else list(r.top_logprobs), r.eos_logprob,
-                                r.stop_reason)
+                                _stop_reason(r, turn_stops))
 
     def _forget_results(self):
         """A call refused before stream_batch's own checks (n, row_results) leaves no result either, never an earlier
@@ -1344,6 +1385,23 @@ class Engine:
         turn_ends = {i for i in chat_stops(self.tokenizer, template).token_ids if i in self.tokenizer.special_ids}
         return sorted(set(self.tokenizer.eos_ids) | set(self.config.eos_token_id or []) | turn_ends)
 
+    def _turn_stops(self, template: str | None) -> list[str]:
+        """The end-of-turn markers of `template` (None: the model's own) that no special token stands for (eos_ids
+        takes those): text, matched in the answer as stop strings (vicuna_v1.1's </s> where </s> is plain text)."""
+        from .chat import chat_stops
+        tok = self.tokenizer
+        return [s for s in chat_stops(tok, template).strings if tok.token_to_id(s) not in tok.special_ids]
+
+    def _templated(self, prompt, chat: bool | None, template: str | None) -> bool:
+        """Whether _encode_prompt renders this prompt with a chat template (as it decides it)."""
+        if isinstance(prompt, RenderedPrompt):
+            return True
+        if is_token_ids(prompt):
+            return False
+        if not isinstance(prompt, str):
+            return True         # a message list always gets it
+        return chat if chat is not None else (self.tokenizer.chat_template or template) is not None
+
 
 # heads module -> (a weak reference to) the engine that loaded it last: a module another engine runs is copied
 _HEADS_ENGINE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -1360,6 +1418,11 @@ def _heads_copy(heads, device, dtype):
     if getattr(heads, KEPT_SKETCH, None) is not None:
         setattr(twin, KEPT_SKETCH, getattr(heads, KEPT_SKETCH))
     return twin
+
+
+def _stop_reason(row, turn_stops) -> int | str | None:
+    """A row's stop_reason, None where a chat template's end-of-turn string ended it (see _drive)."""
+    return None if row.finish_reason == "stop" and row.stop_reason in turn_stops else row.stop_reason
 
 
 def _refuse_n(options: dict, method: str):

@@ -183,8 +183,8 @@ def register(sub) -> None:
                    help="vLLM's: the model id(s) /v1/models lists (each of them) and replies carry (the first); "
                    "default: --model as given")
     s.add_argument("--trust-request-chat-template", action="store_true",
-                   help="vLLM's: a chat request may send its own chat_template (Jinja, run in a sandbox; the server "
-                   "waits while it renders). Off by default: such a request is a 400")
+                   help="vLLM's: a chat request may send its own chat_template (Jinja, run in a sandbox, in the request's "
+                   "own thread: its CPU time is the server's). Off by default: such a request is a 400")
     s.add_argument("--max-batch", type=_int, default=8, metavar="N",
                    help="the most requests decoded together in one run (default 8; 1: one request at a time). The "
                    "KV cache holds N rows of --max-seq-len (checked against free memory at start)")

@@ -23,7 +23,6 @@ import secrets
 import select
 import socket
 import sys
-import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -620,7 +619,7 @@ class OpenAIApp:
         model_id: the name replies carry; a list of names (vLLM's --served-model-name a b): /v1/models lists each,
         replies carry the first. trust_request_chat_template: a chat request may send its own chat_template
         (vLLM's --trust-request-chat-template; off: refused, since the client's Jinja would run on this server,
-        which waits while it renders)."""
+        in the request's own thread: no other request waits for it, but its CPU time is the server's)."""
         if isinstance(model_id, (list, tuple)):
             if not model_id or not all(isinstance(n, str) and n.strip() for n in model_id):
                 raise InputError(f"model_id must be a name or a non-empty list of names, got {model_id!r:.80}")
@@ -650,9 +649,8 @@ class OpenAIApp:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.scheduler = Scheduler(self._start_run, max_batch, self._encode if continuous else None)
         self.lock = self.scheduler.lock      # held while a run decodes
-        # engine.chat_template_kwargs is the engine's, set for a run's prompts while they are encoded: held while
-        # one request's template variables are in place (the scheduler's run, a handler's prompt length)
-        self._rendering = threading.Lock()
+        # A request's chat_template and variables go to the engine as arguments (encode_prompt, stream_batch), never
+        # set on it: one request's slow template (--trust-request-chat-template) holds up no other's rendering
         self.created = int(time.time())
         # GET /metrics: handlers count each reply, the scheduler each run (never a decode step)
         self.metrics = Metrics(max_batch, {"model": self.model_id, "method": self.default_method()},
@@ -705,8 +703,7 @@ class OpenAIApp:
             extra = check_template_variables(extra)
         except InputError as e:
             raise ApiError(400, str(e), "chat_template_kwargs") from None
-        with self._rendering:       # the server's own, not another request's set for its run
-            return {**self.engine.chat_template_kwargs, **extra}
+        return {**self.engine.chat_template_kwargs, **extra}
 
     def request_template(self, body: dict, chat: bool) -> str | None:
         """A request's chat_template (vLLM's field: Jinja text, or a built-in name; never a file), checked, or None:
@@ -719,8 +716,8 @@ class OpenAIApp:
                            "templated", "chat_template")
         if not self.trust_request_chat_template:
             raise ApiError(400, "chat_template in a request is refused: the server was not started with "
-                           "--trust-request-chat-template (a client's template runs on the server, which waits while "
-                           "it renders); --chat-template sets the server's own", "chat_template")
+                           "--trust-request-chat-template (a client's template would run on the server); "
+                           "--chat-template sets the server's own", "chat_template")
         from ..chat import check_chat_template
         try:
             return check_chat_template(template)
@@ -730,27 +727,7 @@ class OpenAIApp:
     def chat_template(self, body: dict) -> str | None:
         """The template a chat request renders with: its own chat_template, else the server's (None: the model's)."""
         template = self.request_template(body, True)
-        if template is not None:
-            return template
-        with self._rendering:       # the server's own, not another request's set for its run
-            return self.engine.chat_template
-
-    @contextlib.contextmanager
-    def rendering(self, variables: dict, template: str | None = None):
-        """Within the block, the engine renders chat templates with these variables and a request's template (None:
-        the server's), and no other thread's."""
-        with self._rendering:
-            engine = self.engine
-            before = engine.chat_template_kwargs, engine.chat_template if template is not None else None
-            engine.chat_template_kwargs = variables
-            if template is not None:
-                engine.chat_template = template
-            try:
-                yield
-            finally:
-                engine.chat_template_kwargs = before[0]
-                if template is not None:
-                    engine.chat_template = before[1]
+        return template if template is not None else self.engine.chat_template
 
     def reasoning_splitter(self, job: Job, plan: ToolPlan | None = None) -> ReasoningSplitter | None:
         """A chat answer's reasoning splitter (--reasoning-parser), or None: no parser, or an answer a grammar holds
@@ -813,7 +790,7 @@ class OpenAIApp:
         checked before any is handed over. plan: a chat request's tools (tool_plan)."""
         n = self.choices(body)
         variables = self.template_variables(body, chat)
-        template = self.request_template(body, chat)
+        self.request_template(body, chat)      # refused before any prompt renders (decoding() passes it on)
         if plan is not None and plan.tools:
             # the template's `tools` (transformers' apply_chat_template(tools=...)): a variable, so the batch key
             # keeps requests with other tools out of this one's run, whose prompts render with its variables
@@ -828,11 +805,15 @@ class OpenAIApp:
         cache_prompt = body.get("cache_prompt") if isinstance(body, dict) else None
         if cache_prompt is not None and not isinstance(cache_prompt, bool):    # llama.cpp's; not in the batch key
             raise ApiError(400, f"cache_prompt must be true or false, got {_json_type(cache_prompt)}", "cache_prompt")
-        # the default max_tokens is cut to the room its rendered prompt leaves
-        with self.rendering(variables, template):
-            jobs = [Job(p, self.decoding(body, p, None if chat else False), variables, stream, n) for p in prompts]
-        for job in jobs:
+        # A chat prompt renders here, in this request's own thread, not in the run's (the scheduler's): a template
+        # that renders for long (--trust-request-chat-template) holds up no run; the default max_tokens is cut to
+        # the room it leaves
+        rendered = [self._render(body, p, variables) if chat else None for p in prompts]
+        jobs = [Job(p, self.decoding(body, p, None if chat else False, variables, r), variables, stream, n)
+                for p, r in zip(prompts, rendered)]
+        for job, r in zip(jobs, rendered):
             job.cache_prompt = cache_prompt
+            job.rendered = r
         for i, job in enumerate(jobs):
             try:
                 self.scheduler.submit(job)
@@ -887,14 +868,13 @@ class OpenAIApp:
             variables = self.template_variables(body, True)
             if plan.tools:      # as submit_all renders a chat with tools
                 variables = {**variables, "tools": plan.tools}
-            with self.rendering(variables, self.request_template(body, True)):
-                if add_special is None:
-                    ids = self.engine.encode_prompt(messages, None, **ends)      # what a chat completion prefills
-                else:
-                    from ..chat import render_chat
-                    text = render_chat(tok, messages, template=self.engine.chat_template, variables=variables,
-                                       **ends)
-                    ids = tok.encode(text, add_bos=True if add_special else add_bos)
+            template = self.chat_template(body)
+            if add_special is None:     # what a chat completion prefills
+                ids = self.engine.encode_prompt(messages, None, template, **ends, chat_template_kwargs=variables)
+            else:
+                from ..chat import render_chat
+                text = render_chat(tok, messages, template=template, variables=variables, **ends)
+                ids = tok.encode(text, add_bos=True if add_special else add_bos)
         reply = {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
         if flags["return_token_strs"]:
             reply["token_strs"] = [tok.id_to_piece(i) for i in ids]
@@ -935,9 +915,24 @@ class OpenAIApp:
                            f"requests", "n")
         return n
 
-    def decoding(self, body: dict, prompt, chat: bool | None) -> dict:
+    def _render(self, body: dict, prompt, variables: dict):
+        """A chat prompt's token ids as the run prefills them (engine.RenderedPrompt), or None where rendering it
+        fails: the run renders it again and names the fault as it does for any prompt."""
+        from ..engine import RenderedPrompt
+        try:
+            ends = _template_ends(body, True)
+            ids = self.engine.encode_prompt(prompt, None, self.request_template(body, True), **ends,
+                                            chat_template_kwargs=variables)
+        except (ApiError, InputError):
+            return None
+        return RenderedPrompt(ids, prompt)
+
+    def decoding(self, body: dict, prompt, chat: bool | None, variables: dict | None = None,
+                 rendered: list | None = None) -> dict:
         """The keyword arguments of engine.stream_batch for this request (checked by the engine itself); its n is
-        choices()'s, not one of them (requests that differ in n share runs)."""
+        choices()'s, not one of them (requests that differ in n share runs). variables: the chat template's
+        (template_variables, tools included; None: the server's), for the prompt's length; rendered: its token ids
+        (_render), where they are known."""
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
         stream = body.get("stream", False)
@@ -1003,7 +998,8 @@ class OpenAIApp:
             # answer up to their context), rather than refused as too long for it.
             max_new = d["max_new_tokens"]
             try:
-                kept = len(self.engine.encode_prompt(prompt, chat, **ends))
+                kept = len(rendered if rendered is not None else
+                           self.engine.encode_prompt(prompt, chat, template, **ends, chat_template_kwargs=variables))
                 cut = kwargs.get("truncate_prompt_tokens")     # checked by the run: only a valid one counts here
                 if isinstance(cut, int) and not isinstance(cut, bool) and cut >= 1:
                     kept = min(kept, cut)
@@ -1017,10 +1013,13 @@ class OpenAIApp:
 
     def _encode(self, job: Job) -> list[int]:
         """A job's prompt as token ids, its template rendered with its variables (one joining a run: Scheduler)."""
-        with self.rendering(job.variables, job.options.get("chat_template")):
-            return self.engine.encode_prompt(job.prompt, job.options.get("chat"),
-                                             continue_final_message=job.options.get("continue_final_message", False),
-                                             add_generation_prompt=job.options.get("add_generation_prompt"))
+        rendered = getattr(job, "rendered", None)
+        if rendered is not None:
+            return rendered
+        return self.engine.encode_prompt(job.prompt, job.options.get("chat"), job.options.get("chat_template"),
+                                         continue_final_message=job.options.get("continue_final_message", False),
+                                         add_generation_prompt=job.options.get("add_generation_prompt"),
+                                         chat_template_kwargs=job.variables)
 
     def _start_run(self, jobs: list[Job], admit=None):
         """engine.stream_batch of the jobs' prompts, which share their options (the scheduler's `start`), each job's
@@ -1036,29 +1035,31 @@ class OpenAIApp:
         cut = [job.options.get("cut_to_room", False) for job in jobs]
         max_new = limits[0] if len(jobs) == 1 else limits       # one request: one limit for its rows
         echo = kwargs.pop("echo", False)
-        template = kwargs.pop("chat_template", None)
-        prompts = [job.prompt for job in jobs for _ in range(job.n)]
+        template = kwargs.get("chat_template")
+        if template is not None or jobs[0].variables:
+            # the run's prompts (joiners' too) render with the request's template and variables, passed, never set
+            kwargs["chat_template_kwargs"] = jobs[0].variables
+        prompts = [getattr(job, "rendered", None) or job.prompt for job in jobs for _ in range(job.n)]
         # reuse_prefix holds one prompt's K/V: a run of one row only (a batched run leaves nothing to reuse)
         if len(prompts) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
             kwargs["reuse_prefix"] = True
         elif admit is not None and not echo and limits[0] != 0:
             kwargs["admit"] = admit     # requests arriving mid-run join it (echo's prompt logprobs are taken at start)
-        with self.rendering(jobs[0].variables, template):     # stream_batch encodes the prompts before it returns
-            try:
-                steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
-                         self._decode(prompts, max_new, cut[0], kwargs))
-                if limits[0] != 0 and jobs[0].variables.get("tools"):
-                    # a run with tools (its requests' alike: the batch key) decodes the control tokens their calls
-                    # are written with into its text, for the tool parser; content leaves them out (ToolPlan.hidden)
-                    steps = show_controls(steps, self.engine.tokenizer,
-                                          tool_call_format(self.engine.tokenizer, self.engine.chat_template))
-            except AmphistaError as e:
-                if len(jobs) > 1 or len(prompts) == 1 or not isinstance(getattr(e, "prompt_index", None), int):
-                    raise
-                # One request's n rows, all its prompt, refused by one of them: the error it gets with n=1 (the
-                # engine's, without "prompt 0: "), from the same checks on one row; they refuse it again
-                self._decode(prompts[:1], max_new, cut[0], kwargs).close()
+        try:
+            steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
+                     self._decode(prompts, max_new, cut[0], kwargs))
+            if limits[0] != 0 and jobs[0].variables.get("tools"):
+                # a run with tools (its requests' alike: the batch key) decodes the control tokens their calls
+                # are written with into its text, for the tool parser; content leaves them out (ToolPlan.hidden)
+                own = self.engine.chat_template if template is None else template
+                steps = show_controls(steps, self.engine.tokenizer, tool_call_format(self.engine.tokenizer, own))
+        except AmphistaError as e:
+            if len(jobs) > 1 or len(prompts) == 1 or not isinstance(getattr(e, "prompt_index", None), int):
                 raise
+            # One request's n rows, all its prompt, refused by one of them: the error it gets with n=1 (the
+            # engine's, without "prompt 0: "), from the same checks on one row; they refuse it again
+            self._decode(prompts[:1], max_new, cut[0], kwargs).close()
+            raise
         if echo and kwargs.get("logprobs"):
             try:
                 for job in jobs:
