@@ -21,6 +21,7 @@ pytest.importorskip("llguidance")
 anthropic = pytest.importorskip("anthropic")
 
 from conftest import edited_copy, serving                  # noqa: E402
+from amphista_engine.serving.anthropic_messages import COUNTED  # noqa: E402
 from jiter import from_json                                # noqa: E402  (the SDK's partial JSON reader)
 from test_responses_api import events_of                   # noqa: E402
 from test_tool_streaming import scripted                   # noqa: E402
@@ -164,7 +165,8 @@ def agree(url: str, body: dict) -> tuple[dict, list[dict]]:
 
 
 def counted(url: str, body: dict) -> int:
-    status, _, text = send(url, {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}, COUNT)
+    # count_tokens takes the prompt's fields only (Anthropic's API refuses the rest by name)
+    status, _, text = send(url, {k: v for k, v in body.items() if k in COUNTED}, COUNT)
     assert status == 200, text
     return json.loads(text)["input_tokens"]
 

@@ -241,9 +241,9 @@ def test_tool_call_round_trip(server, client):
 
 
 def test_parallel_calls_cut_by_max_output_tokens(server, client):
-    """"required", cut inside the second call: the non-streamed response holds the whole call; the stream sends the
-    cut one too (its name went out), done as incomplete and left out of response.completed, so that the SDK's
-    final response is the non-streamed one (it parses every call a response holds)."""
+    """"required", cut inside the second call: the non-streamed response holds the whole call. A strict tool's calls
+    go out whole only (the SDK parses every strict call a response holds): the stream never announces the cut one,
+    so its items are the final response's, index for index, and the SDK's final response is the non-streamed one."""
     body = dict(model="smollm2", input="Weather in Paris and Oslo?", max_output_tokens=60, tool_choice="required",
                 tools=[{**WEATHER, "strict": True}])
     whole = client.responses.create(**body)
@@ -254,9 +254,13 @@ def test_parallel_calls_cut_by_max_output_tokens(server, client):
         done = [e.item for e in stream if e.type == "response.output_item.done"]
         final = stream.get_final_response()
     assert [(o.name, json.loads(o.arguments)) for o in final.output] == calls and final.status == "incomplete"
-    kept = {o.id for o in final.output}
-    assert len(done) == len(calls) + 1, done       # greedy: this answer is cut inside its second call
-    assert [d.status for d in done if d.id not in kept] == ["incomplete"]
+    assert [d.id for d in done] == [o.id for o in final.output] and len(done) == len(calls), done
+    assert [e.output_index for e in stream_events(client, body, "response.output_item.added")] == [0]
+
+
+def stream_events(client, body: dict, kind: str) -> list:
+    with client.responses.stream(**body) as stream:
+        return [e for e in stream if e.type == kind]
 
 
 @pytest.mark.parametrize("body, param, words", [

@@ -28,6 +28,11 @@ HINTS = ("service_tier", "cache_control", "inference_geo")
 # The chat route's non-OpenAI fields, as /v1/chat/completions takes them (responses.EXTRAS); its "stop" is
 # stop_sequences here
 EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in SERVED and name != "stop")
+# What count_tokens reads (the anthropic SDK's messages.count_tokens sends these, and no sampling field: Anthropic's
+# API refuses max_tokens, temperature and the like there), and the chat route's fields that shape the prompt; the
+# IDLE fields are taken there as on /v1/messages (refused where they ask for something)
+COUNTED = ("model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
+           "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 # Messages fields this server does not implement: refused where they ask for something.
 # name -> (the values that ask for nothing, what to say)
 IDLE = {
@@ -339,7 +344,7 @@ def _thinking(app, thinking, chat: dict):
 
 def chat_request(app, body, counting: bool = False) -> dict:
     """A Messages request as the chat completion it asks for (ApiError, naming the Messages field, for a bad one).
-    counting: for count_tokens, which takes the same body less max_tokens."""
+    counting: for count_tokens, which takes the prompt's fields only (COUNTED)."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
     _check_fields(body, counting)
@@ -494,7 +499,9 @@ class _Message(Reply):
     retries with more max_tokens) or its JSON broke (the answer's stop_reason is then not tool_use: the block is no
     call to run), so that create() and stream() hold the same blocks at the same indexes."""
     prefix = "msg_"
-    keeps_broken = True
+
+    def holds(self, name: str) -> bool:
+        return False        # a tool_use block goes out as it decodes, and stays where it broke or was cut
 
     def __init__(self, app, body: dict, job):
         super().__init__(app, body, job)
@@ -576,4 +583,13 @@ def count_tokens(app, body) -> dict:
     keep = ("messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt",
             "continue_final_message")
     with _named(chat):
-        return {"input_tokens": app.tokenize({k: chat[k] for k in keep if k in chat})["count"]}
+        count = app.tokenize({k: chat[k] for k in keep if k in chat})["count"]
+    # after the checks of /v1/messages (the tools' too, which tokenize makes), so that a bad value is named as there
+    # all of them named at once: a client that sends a /v1/messages body here learns what to drop in one go
+    unread = [name for name in body if name not in COUNTED and name not in IDLE]
+    if unread:
+        names = ", ".join(map(repr, unread))
+        raise _bad(f"{names} {'is not a field' if len(unread) == 1 else 'are not fields'} of /v1/messages/"
+                   f"count_tokens: it counts the prompt, and takes {', '.join(COUNTED[:6])} (send "
+                   f"{'it' if len(unread) == 1 else 'them'} to /v1/messages)", unread[0])
+    return {"input_tokens": count}

@@ -76,6 +76,8 @@ _RENAMES = ((re.compile(r"\bresponse_format json_schema\.schema\b"), "text.forma
             (re.compile(r"(?<= at )\.json_schema\.schema\b"), ".schema"),
             (re.compile(r"\bmax_(?:completion_)?tokens\b"), "max_output_tokens"),
             (re.compile(r"\b(tools\[\d+\])\.function\."), r"\1."))
+# OpenAI's rule for text.format's name (its length is said apart)
+_FORMAT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
            "response_format": "text.format"}
 
@@ -140,12 +142,19 @@ def _check_fields(body: dict):
     metadata = body.get("metadata")
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise _bad(f"metadata must be an object of string values, got {_json_type(metadata)}", "metadata")
+    if metadata is not None and len(metadata) > 16:
+        raise _bad(f"metadata may have at most 16 key-value pairs, got {len(metadata)}", "metadata")
     for key, value in (metadata or {}).items():
         # echoed in the reply: a lone surrogate there is text no client could read back
         if _not_utf8(key):
             raise _bad("metadata has a key that is not valid Unicode (a lone surrogate escape such as \\ud800)",
                        "metadata")
         _text(value, f"metadata.{key}")
+        if len(key) > 64:
+            raise _bad(f"metadata keys must be at most 64 characters, got one of {len(key)}: "
+                       f"{json.dumps(key[:40])}...", "metadata")
+        if len(value) > 512:
+            raise _bad(f"metadata values must be at most 512 characters, got {len(value)}", f"metadata.{key}")
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise _bad(f"reasoning must be an object ({{\"effort\": ..., \"summary\": ...}}), got "
@@ -340,9 +349,18 @@ def _text_format(text) -> dict | None:
     if not isinstance(fmt.get("schema"), dict):
         raise _bad(f"text.format of type 'json_schema' needs its JSON schema object under 'schema', got "
                    f"{_json_type(fmt.get('schema'))}", "text.format.schema")
-    for key in ("name", "description"):
-        if fmt.get(key) is not None:
-            _text(fmt[key], f"text.format.{key}")
+    name = fmt.get("name")
+    if name is None:
+        raise _bad("text.format of type 'json_schema': 'name' is required (the format's name: letters, digits, "
+                   "underscores and dashes, at most 64 characters)", "text.format.name")
+    _text(name, "text.format.name")
+    if len(name) > 64:
+        raise _bad(f"text.format.name must be at most 64 characters, got {len(name)}", "text.format.name")
+    if not _FORMAT_NAME.fullmatch(name):
+        raise _bad(f"text.format.name must be letters, digits, underscores and dashes (a-z, A-Z, 0-9, _, -), got "
+                   f"{json.dumps(name)[:80]}", "text.format.name")
+    if fmt.get("description") is not None:
+        _text(fmt["description"], "text.format.description")
     if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
         raise _bad(f"text.format.strict must be true or false, got {_json_type(fmt['strict'])}", "text.format.strict")
     return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema", "strict")
@@ -395,17 +413,30 @@ def _call_item(call_id: str, name: str, arguments: str, status: str, item_id: st
             "arguments": arguments, "status": status}
 
 
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 class Reply:
     """What a response object echoes of its request, and how it is written."""
     prefix = "resp_"        # its id's
-    # A call that went out by name but is no call of the answer's (cut, or broken) stays in the output: the
-    # Messages API keeps a tool_use block cut by max_tokens, as its stream sent it (anthropic_messages._Message);
-    # the Responses API leaves it out (Stream.finish)
-    keeps_broken = False
 
     def __init__(self, app, body: dict, job):
         self.app, self.body, self.job = app, body, job
         self.id, self.created = _id(self.prefix), int(time.time())
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else ()
+        self._strict = {t.get("name") for t in tools if isinstance(t, dict) and t.get("strict") is True}
+
+    def holds(self, name: str) -> bool:
+        """Whether a call of the function `name` goes out only once it is whole (Stream.call). The openai client
+        parses a strict tool's calls in the final response (json.loads of the arguments, in responses.stream() and
+        parse()): a call that broke or was cut cannot be in it, so it is never announced, and the stream's
+        output_index values stay the final output's positions. Another call goes out as it decodes, and one that
+        breaks stays in the output as incomplete (the client parses no non-strict call)."""
+        return name in self._strict
 
     def response(self, status: str, output: list, results=None, thought: str | None = None, finish=None) -> dict:
         body, options = self.body, self.job.options
@@ -474,6 +505,7 @@ class Stream:
         self.open: set[int] = set()         # the items not done yet
         self.thinking = self.message = None     # the reasoning item's and the message's output_index
         self.calls: dict[int, int] = {}     # a chat tool call's index -> its item's output_index
+        self.held: dict[int, dict] = {}     # a chat tool call's index -> its item, not sent yet (Reply.holds)
         self.ending = False                 # the answer's end is read: which calls are the reply's is not known yet
         self.splitter = reply.app.reasoning_splitter(job, plan)
         self.stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
@@ -578,14 +610,36 @@ class Stream:
         if delta.get("id") is not None:
             # the calls before it are whole: only the last one streamed may break or be cut. Not so where the
             # answer's end sends it (ToolCallFilter.end): it may come after one that broke, which finish() finds
-            for index in sorted(self.calls.values()) if not self.ending else ():
-                if index in self.open:
-                    self._done(index, "completed")
-            self.calls[delta["index"]] = self._add(_call_item(delta["id"], f.get("name", ""), "", "in_progress"))
+            if not self.ending:
+                for index in sorted(self.calls.values()):
+                    if index in self.open:
+                        self._done(index, "completed")
+                for k in sorted(self.held):
+                    if _json_object(self.held[k]["arguments"]):     # else finish() finds whether it is whole
+                        self._send_held(k)
+            item = _call_item(delta["id"], f.get("name", ""), "", "in_progress")
+            if self.reply.holds(item["name"]):
+                self.held[delta["index"]] = item
+            else:
+                self.calls[delta["index"]] = self._add(item)
+        held = self.held.get(delta.get("index"))
+        if held is not None:
+            held["arguments"] += f.get("arguments") or ""
+            return
         index = self.calls.get(delta.get("index"))
         if index is not None and f.get("arguments"):
             self.items[index]["arguments"] += f["arguments"]
             self.delta(index, f["arguments"])
+
+    def _send_held(self, k: int):
+        """A held call (Reply.holds), whole: added, its arguments in one delta, done."""
+        item = self.held.pop(k)
+        arguments, item["arguments"] = item["arguments"], ""
+        index = self.calls[k] = self._add(item)
+        if arguments:
+            item["arguments"] = arguments
+            self.delta(index, arguments)
+        self._done(index, "completed")
 
     def _done(self, index: int, status: str):
         item = self.items[index]
@@ -634,25 +688,27 @@ class Stream:
                 reason = "tool_calls"
             calls = openai_tool_calls(plan.answer(answer or "", self.stops)[1], plan.fmt)
         # A call that went out by name but is no call of the reply's (cut by max_output_tokens, or its JSON broke),
-        # wherever it is among them: done as incomplete, and left out of the output (the openai client parses every
-        # call a response holds) unless the reply keeps it (Reply.keeps_broken). The reply's calls are the others,
-        # in their order.
+        # wherever it is among them, stays in the output where the stream announced it, done as incomplete; a held
+        # one (Reply.holds) was never announced, and is dropped. The reply's calls are the others, in their order.
         broken, kept = set(), 0
-        for k in sorted(self.calls):
-            item, want = self.items[self.calls[k]], calls[kept]["function"] if kept < len(calls) else {}
+        for k in sorted({*self.calls, *self.held}):
+            item = self.held[k] if k in self.held else self.items[self.calls[k]]
+            want = calls[kept]["function"] if kept < len(calls) else {}
             if (item["name"], item["arguments"]) == (want.get("name"), want.get("arguments")):
                 kept += 1
+                if k in self.held:
+                    self._send_held(k)
+            elif k in self.held:
+                del self.held[k]
             else:
                 broken.add(self.calls[k])
-        keep = self.reply.keeps_broken
-        if not any(keep or i not in broken for i in range(len(self.items))):
+        if not self.items:
             self.say("")        # an empty answer is an empty message
-        output = [i for i in range(len(self.items)) if keep or i not in broken]
         for index in sorted(self.open):
-            cut = index == output[-1] and finish == "length" and self.items[index]["type"] != "function_call"
+            cut = index == len(self.items) - 1 and finish == "length" and self.items[index]["type"] != "function_call"
             self._done(index, "incomplete" if index in broken or cut else "completed")
         thought = self.texts.get(self.thinking) if self.thinking is not None else None
-        return [self.items[i] for i in output], thought, finish, reason
+        return list(self.items), thought, finish, reason
 
     def run(self, event, job):
         """Sends the run's events (event: its first, which the caller waited for before the headers); (the
