@@ -1239,7 +1239,9 @@ class Engine:
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             steps = run(decoder, ids, self.tokenizer, limits, list(eos_ids), stop, stats,
                         on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids,
-                        keep_stop=keep_stop, continued=continued)   # each row's text read after its prompt
+                        # a chat template's end-of-turn text stands for EOS: never kept in the text, as EOS is not
+                        keep_stop=[s for s in stop if s not in turn_stops] if keep_stop and turn_stops else keep_stop,
+                        continued=continued)   # each row's text read after its prompt
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and

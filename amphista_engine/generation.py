@@ -597,17 +597,18 @@ class RowState:
             shift += len(piece)
         return min(max(0, raw_pos - shift), len(text))
 
-    def cut_at_stop(self, stop: list[str], start: int, held: str, keep: bool = False):
+    def cut_at_stop(self, stop: list[str], start: int, held: str, keep: bool | list[str] = False):
         """Ends the row before the first stop string in raw(text + held) from raw position `start` (keep: after it,
-        vLLM's include_stop_str_in_output). held: the text the stream decoder holds back (it ends in half a
-        character, or in a byte run): the row ends here if a stop completes in it, and then that text is final,
-        what the stream's flush would give."""
+        vLLM's include_stop_str_in_output; a list: after those stop strings only). held: the text the stream decoder
+        holds back (it ends in half a character, or in a byte run): the row ends here if a stop completes in it, and
+        then that text is final, what the stream's flush would give."""
         text = self.text + held
         raw = self.raw(text)
         hits = [(i, -len(s), s) for s in stop for i in [raw.find(s, start)] if i >= 0]
         if hits:
             at, minus_len, self.stop_reason = min(hits)     # the first to start; of those starting there, the longest
-            self.text, self.finish_reason = text[:self.text_pos(at - minus_len if keep else at, text)], "stop"
+            kept = keep is True or (keep and self.stop_reason in keep)
+            self.text, self.finish_reason = text[:self.text_pos(at - minus_len if kept else at, text)], "stop"
 
 
 def _sync(device):
@@ -617,7 +618,7 @@ def _sync(device):
 
 def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: list[str], hold: int,
              max_new_tokens: int, special_text=lambda tok: None, lps: list[float] | None = None,
-             tops: list | None = None, keep_stop: bool = False) -> tuple[int, str]:
+             tops: list | None = None, keep_stop: bool | list[str] = False) -> tuple[int, str]:
     """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream). eos: the
     tokens that end a row, with the finish reason each gives ("eos", or "stop" for stop_token_ids).
     special_text(tok): the text of a special token the stream leaves out, None for the others. lps: the tokens'
@@ -764,7 +765,7 @@ def _add_rows(decoder, slots: list[int], prompts: list[list[int]], want_lps: boo
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
         stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=(),
-        keep_stop: bool = False, continued: bool = False) -> Iterator[tuple[int, str]]:
+        keep_stop: bool | list[str] = False, continued: bool = False) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
     max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
@@ -775,7 +776,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     exception) and ends at once. decoder.row_prompts lists every row's prompt ids (None for a refused one).
 
     stop_ids: token ids that end a row as EOS does (left out of its ids and text), with finish_reason "stop".
-    keep_stop: a row ended by a stop string keeps it at the end of its text (vLLM's include_stop_str_in_output).
+    keep_stop: a row ended by a stop string keeps it at the end of its text (vLLM's include_stop_str_in_output);
+    a list: only those stop strings are kept.
     continued: every row's prompt ends inside a message the row continues (continue_final_message; joiners too):
     its text is read after the prompt's last tokens (StreamDecoder's context), so prefill + text reads as the
     tokens do (a Llama 2 `▁world` after "Hello" gives " world"). Otherwise text == decode(ids) alone.

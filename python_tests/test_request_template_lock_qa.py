@@ -168,6 +168,13 @@ def test_vicuna_end_of_turn_text_ends_a_chat_answer_not_a_completion(smol, monke
     # the user's own stop strings still stop the answer, and are still named
     r = smol.generate(TAGS, max_new_tokens=12, continue_final_message=True, chat_template="vicuna_v1.1", stop=["</s>"])
     assert r.finish_reason == "stop" and r.stop_reason == "</s>"
+    # include_stop_str_in_output keeps the caller's stop strings only: the turn's end stands for EOS, never in the text
+    r = smol.generate(TAGS, max_new_tokens=12, continue_final_message=True, chat_template="vicuna_v1.1",
+                      include_stop_str_in_output=True)
+    assert "</s>" not in r.text and r.finish_reason == "stop" and r.stop_reason is None, r
+    r = smol.generate(TAGS, max_new_tokens=12, continue_final_message=True, chat_template="vicuna_v1.1",
+                      include_stop_str_in_output=True, stop=["</s>"])
+    assert r.text.endswith("</s>") and r.stop_reason == "</s>", r
     # ignore_eos: the turn's end is no end either
     r = smol.generate(TAGS, max_new_tokens=12, continue_final_message=True, chat_template="vicuna_v1.1",
                       ignore_eos=True)
