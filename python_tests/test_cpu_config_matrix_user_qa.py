@@ -137,7 +137,7 @@ def test_unpacked_float_linears_warn_once_that_speculative_output_may_leave_plai
 
 
 # ---- the matrix's corners the other tests leave out (each: speculative == plain, tau, no warnings) --------------
-def _check(engine, kind, trees, prompts=PROMPTS[:2], n=64, min_tau=1.2):
+def _check(engine, kind, trees, prompts=PROMPTS[:2], n=32, min_tau=1.2):
     plain = [engine.generate(p, max_new_tokens=n) for p in prompts]
     for tree in trees:
         for p, ref in zip(prompts, plain):

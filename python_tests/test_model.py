@@ -113,6 +113,8 @@ def test_smollm2_matches_transformers_gguf(smollm2, tmp_path, monkeypatch):
             ref = hf(torch.tensor([ids])).logits[0]
         got = ours_logits(smollm2.model, ids)
         assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+        if text != prompts[0]:     # every prompt's logits above; the decode path (KV cache) on one 32-token answer
+            continue
         with torch.no_grad():
             hf_out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()

@@ -289,8 +289,9 @@ def test_smollm2_greedy_lossless(smollm2, kind, tree):
     from amphista_engine.chat import render_chat
     prompt = tok.encode(render_chat(tok, "Write a haiku about the sea."))
     full, _ = plain_ids(model, prompt, 24, eos=[], max_seq_len=512)
-    got, _, _ = spec_ids(model, heads, tree, prompt, 24, eos=[], max_seq_len=512)
-    assert got == full
+    # random heads: nearly every draft refused, each step the same full-tree verification; 12 of them show it
+    got, _, _ = spec_ids(model, heads, tree, prompt, 12, eos=[], max_seq_len=512)
+    assert got == full[:12]
     # Oracle drafts on the real model: long accepted runs, EOS inside one.
     oracle = OracleHeads(prompt + full, model.config.vocab_size, 4, hit=0.8)
     got, _, stats = spec_ids(model, oracle, tree, prompt, 24, eos=[], max_seq_len=512)

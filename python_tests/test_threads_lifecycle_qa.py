@@ -162,7 +162,7 @@ def test_engines_made_used_and_dropped_in_a_loop(tiny_hf_dir, threads, monkeypat
             raise RuntimeError("boom")      # an error in the middle of a run
         return real(self, kv_len)
     refs, rss, tasks, py_threads = [], [], [], []
-    for i in range(22):
+    for i in range(14):
         e = _engine(tiny_hf_dir, "q4" if i % 2 else "none", max_seq_len=128, max_batch_size=2)
         heads = random_heads("amphista", e.model, num_heads=3, seed=1)
         for _ in range(2):
@@ -187,8 +187,8 @@ def test_engines_made_used_and_dropped_in_a_loop(tiny_hf_dir, threads, monkeypat
         py_threads.append(threading.active_count())
     assert all(r() is None for r in refs), "an engine outlived its last reference"
     assert py_threads[-1] == py_threads[1] and tasks[-1] <= tasks[1], (py_threads, tasks)
-    # the first rounds warm caches and allocators up; after that memory plateaus
-    assert rss[-1] - rss[7] < 40, rss
+    # the first rounds warm caches and allocators up (flat from the third on); after that memory plateaus
+    assert rss[-1] - rss[4] < 40, rss
 
 
 def _child(engine, q, prompts):
