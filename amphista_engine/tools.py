@@ -1511,6 +1511,7 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     tools a template variable) and handed over as token ids, so engine.chat_template_kwargs is never swapped
     (another thread's run may be rendering with it)."""
     from .chat import render_chat
+    from .engine import RenderedPrompt
     template = engine.chat_template      # an override of the model's own: its call format, its rendering
     plan = plan_for(engine.tokenizer, tools, tool_choice, parallel_tool_calls, template)
     if plan.response_format is not None:
@@ -1529,9 +1530,11 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     checked = prepare_messages(checked, plan.tools, template_supports_tools(engine.tokenizer, template))
     variables = {**engine.chat_template_kwargs, **({"tools": plan.tools} if plan.tools else {})}
     ids = engine.tokenizer.encode(render_chat(engine.tokenizer, checked, template=template, variables=variables))
+    # rendered with the template: its end-of-turn text (vicuna's </s> where that is no special token) ends the answer
+    prompt = RenderedPrompt(ids, messages)
     # the answer's text shows the control tokens its calls are written with (the parser reads them; content not)
     with showing_controls(engine.tokenizer, plan.fmt) if plan.parse else nullcontext():
-        result = engine.generate(ids, **options)
+        result = engine.generate(prompt, **options)
     if not plan.parse:
         return result, result.text, []
     content, calls = plan.read(result.text, bool(options.get("stop") or options.get("stop_token_ids")))

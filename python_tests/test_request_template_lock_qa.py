@@ -220,3 +220,16 @@ def test_served_chat_stops_at_vicuna_end_of_turn_and_own_template_adds_no_stop(s
                                                                 "speculative": "none"})
         assert status == 200, own
     assert stops == [["</s>"], [], []]
+
+
+@needs_smollm2
+def test_tools_helper_ends_at_the_templates_end_of_turn_text(smol, monkeypatch):
+    """generate_with_tools renders the prompt itself and passed token ids, which no template's end of turn applies to:
+    under vicuna_v1.1 its answer ran on past '</s>' into a made-up 'USER:' turn, where engine.generate stopped."""
+    from amphista_engine.tools import generate_with_tools
+    monkeypatch.setattr(smol, "_chat_template", "vicuna_v1.1")
+    ask = [{"role": "user", "content": "Write the tag </s> ten times, separated by spaces."}]
+    want = smol.generate(ask, max_new_tokens=24)
+    assert want.finish_reason == "stop" and want.stop_reason is None, want
+    got, content, calls = generate_with_tools(smol, ask, None, max_new_tokens=24)
+    assert (got.text, got.finish_reason, got.stop_reason, content, calls) == (want.text, "stop", None, want.text, [])
