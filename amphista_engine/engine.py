@@ -569,7 +569,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("prompt is empty")
-            use_chat = chat if chat is not None else (self.tokenizer.chat_template or template) is not None
+            use_chat = self._chats(chat, template)
             if continue_final_message or (add_generation_prompt is not None and not use_chat):
                 # a templated string is one user message: there is no assistant message to continue
                 raise InputError(_TEMPLATE_ENDS_ONLY.format("a string prompt (one user message, or raw text with "
@@ -1402,6 +1402,10 @@ class Engine:
             return False
         if not isinstance(prompt, str):
             return True         # a message list always gets it
+        return self._chats(chat, template)
+
+    def _chats(self, chat: bool | None, template: str | None) -> bool:
+        """Whether a string prompt is rendered as a user message: chat=None, where a template exists."""
         return chat if chat is not None else (self.tokenizer.chat_template or template) is not None
 
 
