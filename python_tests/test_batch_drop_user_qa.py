@@ -252,7 +252,7 @@ def test_the_timing_of_a_batch_takes_one_cache_for_all_its_trees(engine, monkeyp
         return real(cls, cfg, batch, *a, **k)
     monkeypatch.setattr(KVCache, "for_model", classmethod(counted))
     timed, real_time = [], sc._time_steps
-    monkeypatch.setattr(sc, "_time_steps", lambda *a, **k: timed.append(a[-1]) or real_time(*a, **k))
+    monkeypatch.setattr(sc, "_time_steps", lambda *a, **k: timed.append(a[6]) or real_time(*a, **k))
     fast = dict(repeats=2, warmup=1)
     one = sc.check_speculation(engine, **fast)
     three = sc.check_speculation(engine, batch=3, **fast)
@@ -262,8 +262,7 @@ def test_the_timing_of_a_batch_takes_one_cache_for_all_its_trees(engine, monkeyp
     assert "plain steps here (" in one.reason and "for a batch of 3 rows (" in three.reason
     assert "for a batch of 8 rows (larger batches are weighed at this size)" in many.reason
     costs = json.loads((tmp_path / sc.COSTS_FILE).read_text())
-    prompt = min(128, engine.max_seq_len - max((2 + 1 + 1) * (c.max_depth + 1) + c.num_nodes
-                                               for c in sc.candidate_trees(engine)))
+    prompt = sc._timing_plan(engine.max_seq_len, sc.candidate_trees(engine), 128, 2, 1)[2]
     spec = engine._tree_spec("chain-2")
     assert sc.cost_key(engine, spec, prompt) in costs and sc.cost_key(engine, spec, prompt, 3) in costs
     assert sc.cost_key(engine, spec, prompt) == sc.cost_key(engine, spec, prompt, 1)   # batch 1: the old key

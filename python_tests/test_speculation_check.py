@@ -293,7 +293,7 @@ def test_a_batch_is_weighed_at_its_own_size(engine, monkeypatch):
     import amphista_engine.speculation_check as sc
     calls = []
 
-    def fake(engine, specs, prompt_tokens, cache_len, repeats, warmup, batch=1):
+    def fake(engine, specs, prompt_tokens, cache_len, repeats, warmup, batch=1, settle_steps=None):
         calls.append(batch)        # plain: 10 ms at any batch; a 16-node tree: 10 (1 + 16 B / 16) ms
         return 10.0, {s.name: 10.0 * (1 + s.num_nodes * batch / 16) for s in specs}
     monkeypatch.setattr(sc, "_time_steps", fake)
@@ -329,20 +329,50 @@ def test_timed_trees_each_step_from_their_own_place_in_the_heads_cache(engine, m
         return real(self, kv_len)
     monkeypatch.setattr(SpeculativeDecoder, "step_device", step_device)
     specs = [engine._tree_spec(t) for t in ("chain-1", "chain-2", "tree-16")]
-    sc._time_steps(engine, specs, 16, 16 + 64, repeats=2, warmup=1, batch=2)
-    assert len(seen) == 9 and all(sal == target for sal, target in seen), seen
+    sc._time_steps(engine, specs, 16, 16 + 64, repeats=2, warmup=1, batch=2, settle_steps=0)
+    assert len(seen) == 3 * 2 * 2 and all(sal == target for sal, target in seen), seen     # 2 rounds of 2 steps
 
 
 def test_a_gain_under_the_margin_keeps_plain_decoding(engine, monkeypatch):
-    """A verdict of 1.05x speculated once: the timed steps leave out part of a real step's host work, and on 4-bit
-    SmolLM2 (a 2-core AMX Xeon) a predicted 1.02x came out 0.88x. Under MIN_GAIN the check keeps plain decoding."""
+    """A thin predicted gain is within the check's noise: under MIN_GAIN the check keeps plain decoding (a predicted
+    1.02x on 4-bit SmolLM2, a 2-core AMX Xeon, once came out 0.88x)."""
     import amphista_engine.speculation_check as sc
     monkeypatch.setattr(sc, "_time_steps", _synthetic_steps([]))     # a tree-16 step: 2.0 plain steps
     engine._checks.clear()
-    _record_tau(engine, "tree-16", 2.1 / HELD_OUT_DISCOUNT)            # 2.1 tokens a step: 1.05x
+    _record_tau(engine, "tree-16", 2.06 / HELD_OUT_DISCOUNT)           # 2.06 tokens a step: 1.03x
     thin = check_speculation(engine, repeats=2, warmup=1)
-    assert not thin.pays and f"gain 1.05x, under the {sc.MIN_GAIN}x" in thin.reason
-    _record_tau(engine, "tree-16", 2.3 / HELD_OUT_DISCOUNT)            # 1.15x
+    assert not thin.pays and f"gain 1.03x, under the {sc.MIN_GAIN}x" in thin.reason
+    _record_tau(engine, "tree-16", 2.2 / HELD_OUT_DISCOUNT)            # 1.1x
     assert check_speculation(engine, repeats=2, warmup=1).pays
     _record_tau(engine, "tree-16", 1.9 / HELD_OUT_DISCOUNT)            # 0.95x
     assert "plain decoding is faster" in check_speculation(engine, repeats=2, warmup=1).reason
+
+
+def test_steps_are_timed_once_they_settle_into_their_own_pace(engine, monkeypatch):
+    """A step right after another decoder's steps can run slower than in a run, where steps follow their own kind
+    (4-bit SmolLM2 on the AMX Xeon: a plain step 5.8 ms after tree steps, 4.5 ms after ~12 plain ones). Timed one
+    step of each in turn, every plain step was such a first one and the check priced a tree step at 1.76 plain
+    steps where runs paid 2.1-2.3. Here every step of a decoder straight after another decoder's costs 30 ms more:
+    the times must be those of the steps that follow their own kind."""
+    import time
+
+    import amphista_engine.speculation_check as sc
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.speculative import SpeculativeDecoder
+    last = []
+
+    def slow_after_a_switch(real):
+        def step(self):
+            if last and last[-1] is not self:
+                time.sleep(0.03)
+            last.append(self)
+            return real(self)
+        return step
+    for cls in (PlainDecoder, SpeculativeDecoder):
+        monkeypatch.setattr(cls, "step", slow_after_a_switch(cls.step))
+    specs = [engine._tree_spec("tree-16")]
+    plain_ms, step_ms = sc._time_steps(engine, specs, 16, 16 + 400, repeats=3, warmup=1)
+    assert plain_ms < 30 and step_ms["tree-16"] < 30, (plain_ms, step_ms)
+    rounds, per_round = sc._blocks(3)
+    per_decoder = [sum(1 for d in last if d is dec) for dec in dict.fromkeys(last)]
+    assert rounds * (1 + per_round) <= min(per_decoder) and max(per_decoder) <= rounds * (sc.SETTLE_STEPS + per_round)
