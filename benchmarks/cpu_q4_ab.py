@@ -85,7 +85,9 @@ def main():
         rows.append({"weights": {"fp32": "fp32 (dequantized)", "bf16": "bf16 (dequantized)",
                                  "q4": "q4 (file's codes)"}[quant],
                      "decoding": "plain" if tree is None else f"amphista {tree}"
-                     + (" (auto's pick)" if tree == checks[quant].tree else ""),
+                     # auto names its best tree even where it decodes plainly (pays False)
+                     + (" (auto's pick)" if (tree == checks[quant].tree if checks[quant].pays else tree is None)
+                        else ""),
                      "tau": toks[c] / steps[c], "ms/token": ms[c], "tok/s": 1e3 / ms[c],
                      first: ms[(names[0], None)] / ms[c], "vs own plain": ms[(quant, None)] / ms[c],
                      "greedy == own plain": f"{same[c]}/{len(qs)}" if tree else ""})
@@ -96,7 +98,7 @@ def main():
             f"q4 plain vs {names[0]} plain, shared leading tokens": {"per question": shared,
                                                               "identical answers": sum(
                                                                   s == args.max_new_tokens for s in shared)},
-            "auto's pick": {q: c.tree for q, c in checks.items()},
+            "auto's pick": {q: c.tree if c.pays else "plain" for q, c in checks.items()},
             "auto's reason": {q: c.reason for q, c in checks.items()},
             "auto's timings": {q: c.compared for q, c in checks.items()}}
     write_results("cpu_q4_ab", rows, meta,
