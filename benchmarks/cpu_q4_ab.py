@@ -84,7 +84,7 @@ def main():
         quant, tree = c
         rows.append({"weights": {"fp32": "fp32 (dequantized)", "bf16": "bf16 (dequantized)",
                                  "q4": "q4 (file's codes)"}[quant],
-                     "decoding": "plain" if tree is None else f"amphista {tree}"
+                     "decoding": ("plain" if tree is None else f"amphista {tree}")
                      # auto names its best tree even where it decodes plainly (pays False)
                      + (" (auto's pick)" if (tree == checks[quant].tree if checks[quant].pays else tree is None)
                         else ""),
