@@ -87,8 +87,10 @@ FIRST_TIMED = 3
 # A step's time depends on what ran just before it: a 4-bit SmolLM2 plain step on the 2-core AMX Xeon took 5.8 ms
 # right after tree steps, falling over ~12 plain steps (~60 ms) to the 4.5 ms it keeps in a run; timing one step of
 # each decoder in turn, the check priced a dynamic-4 step at 1.76-1.86 plain steps where runs paid 2.06-2.17
-# (2026-12-07). bf16 steps showed no such drift. So each decoder runs a block of consecutive steps, the first ones
-# untimed until SETTLE_MS have passed (at most SETTLE_STEPS, fewer where the cache has no room), in ROUNDS rounds.
+# (2026-12-07). Other work did the same (a 64 MB fp32 product: 9.5 ms, then ~5 steps to settle), and so did 50 ms
+# idle (7.0 ms): as if the 98 MB of 4-bit weights, which this CPU's L3 holds, had to come back into it. bf16 steps
+# showed no such drift. So each decoder runs a block of consecutive steps, the first ones untimed until SETTLE_MS
+# have passed (at most SETTLE_STEPS, fewer where the cache has no room), in ROUNDS rounds.
 SETTLE_MS = 60.0
 SETTLE_STEPS = 16
 ROUNDS = 3
