@@ -864,8 +864,10 @@ class Engine:
         distribution.
         stop_token_ids: token ids that end a row as EOS does (left out of its ids and text), finish_reason "stop".
         min_tokens: no row ends by EOS or a stop_token_ids id before it has this many tokens (those tokens' logits are
-        held at -inf until then; speculative decoding too, node by node); stop strings and max_new_tokens still end
-        it (vLLM's min_tokens).
+        held at -inf until then; speculative decoding too, node by node), nor by a stop string (a chat template's
+        end-of-turn text too) that completes in its first min_tokens tokens: one completing in a later token ends it,
+        though it starts in them (vLLM's min_tokens since vllm#22014; per token, several per speculative step).
+        max_new_tokens still ends it.
         continue_final_message: each prompt is a message list whose last message is a partial assistant reply, and the
         model goes on with it (assistant prefill, as transformers' apply_chat_template and vLLM take it): the prompt
         ends right after that text, without the turn's end, and each result's text is only what the model adds.
@@ -1080,7 +1082,7 @@ class Engine:
         # the stream: it is lazy, and its steps may run after the block, in another thread
         return self._drive(decoder, ids, limits, stop + turn_stops, reuse_prefix, row_results, eos_ids, joins,
                            stop_token_ids, scoped_backend(), include_stop_str_in_output, continue_final_message,
-                           turn_stops)
+                           turn_stops, min_tokens)
 
     def _grammar(self, response_format, ignore_eos: bool, min_tokens: int, eos_ids: list[int]):
         """The compiled response_format (structured.Grammar, kept for the engine's recent formats), or None. eos_ids:
@@ -1214,13 +1216,14 @@ class Engine:
 
     def _drive(self, decoder, ids, limits: list[int], stop, keep: bool = False, row_results: bool = False,
                eos_ids=(), admit=None, stop_ids=(), backend: str | None = None, keep_stop: bool = False,
-               continued: bool = False, turn_stops=()):
+               continued: bool = False, turn_stops=(), min_tokens: int = 0):
         """limits: each row's max_new_tokens. keep: a reuse_prefix run, which starts from what the cache holds and
         keeps its own prompt + answer. eos_ids: the tokens that end a row (none under ignore_eos). backend: the
         kernel backend every step runs on (None: the process's choice).
         row_results: also yield (row, GenerationResult) after a row's last delta, as it ends (stream_batch).
         turn_stops: the stop strings (among `stop`) that are the chat template's end of turn, not the caller's: a row
-        they end has stop_reason None, as an EOS token gives (vLLM names only a request's own stops there)."""
+        they end has stop_reason None, as an EOS token gives (vLLM names only a request's own stops there).
+        min_tokens: a stop string (a turn stop too) completing in a row's first min_tokens tokens does not end it."""
         stats = [GenerationStats() for _ in ids]
         ended: list[int] = []           # rows that ended since the last item: their results follow it
         # Not the previous run's result: a run closed early or stopped by an error leaves none
@@ -1241,7 +1244,8 @@ class Engine:
                         on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids,
                         # a chat template's end-of-turn text stands for EOS: never kept in the text, as EOS is not
                         keep_stop=[s for s in stop if s not in turn_stops] if keep_stop and turn_stops else keep_stop,
-                        continued=continued)   # each row's text read after its prompt
+                        continued=continued,   # each row's text read after its prompt
+                        min_tokens=min_tokens)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and

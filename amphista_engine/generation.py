@@ -569,6 +569,9 @@ class RowState:
     # vLLM's stop_reason: the stop_token_ids id (left out of ids) or the stop string that ended the row; None where
     # it ended otherwise (EOS, length)
     stop_reason: int | str | None = None
+    # min_tokens (vLLM's): the raw length of the text of the row's first min_tokens tokens. A stop string ends the
+    # row only where it completes past it, in a later token's text (it may start before); 0 where min_tokens is off.
+    stop_from: int = 0
 
     def raw(self, text: str) -> str:
         """`text` (the row's, or it and the text held back after it) with the special tokens shown where they came."""
@@ -599,12 +602,13 @@ class RowState:
 
     def cut_at_stop(self, stop: list[str], start: int, held: str, keep: bool | list[str] = False):
         """Ends the row before the first stop string in raw(text + held) from raw position `start` (keep: after it,
-        vLLM's include_stop_str_in_output; a list: after those stop strings only). held: the text the stream decoder
-        holds back (it ends in half a character, or in a byte run): the row ends here if a stop completes in it, and
-        then that text is final, what the stream's flush would give."""
+        vLLM's include_stop_str_in_output; a list: after those stop strings only) that ends past stop_from. held:
+        the text the stream decoder holds back (it ends in half a character, or in a byte run): the row ends here if
+        a stop completes in it, and then that text is final, what the stream's flush would give."""
         text = self.text + held
         raw = self.raw(text)
-        hits = [(i, -len(s), s) for s in stop for i in [raw.find(s, start)] if i >= 0]
+        hits = [(i, -len(s), s) for s in stop for i in [raw.find(s, max(start, self.stop_from - len(s) + 1))]
+                if i >= 0]
         if hits:
             at, minus_len, self.stop_reason = min(hits)     # the first to start; of those starting there, the longest
             kept = keep is True or (keep and self.stop_reason in keep)
@@ -618,12 +622,16 @@ def _sync(device):
 
 def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: list[str], hold: int,
              max_new_tokens: int, special_text=lambda tok: None, lps: list[float] | None = None,
-             tops: list | None = None, keep_stop: bool | list[str] = False) -> tuple[int, str]:
+             tops: list | None = None, keep_stop: bool | list[str] = False,
+             min_tokens: int = 0) -> tuple[int, str]:
     """Append one step's tokens to a row. Returns (tokens used incl. a final EOS, text safe to stream). eos: the
     tokens that end a row, with the finish reason each gives ("eos", or "stop" for stop_token_ids).
     special_text(tok): the text of a special token the stream leaves out, None for the others. lps: the tokens'
     log-probabilities, kept beside the ids the row keeps (row.logprobs); tops: their top_logprobs lists
-    (row.top_logprobs). keep_stop: a stop string stays at the end of the text (cut_at_stop's keep)."""
+    (row.top_logprobs). keep_stop: a stop string stays at the end of the text (cut_at_stop's keep).
+    min_tokens: stop strings are looked for from the row's (min_tokens + 1)-th token on, token by token (vLLM's
+    detokenizer: `len(output_token_ids) > min_tokens`), and only where they complete past the first min_tokens
+    tokens' text (RowState.stop_from); the hold still keeps back a stop's start in that text."""
     used = 0
     for i, tok in enumerate(toks):
         if row.finish_reason:
@@ -651,14 +659,16 @@ def _consume(row: RowState, toks: list[int], stream, eos: dict[int, str], stop: 
         if piece is not None:
             at = len(row.text) + len(held)
             row.specials.append((max(at, row.specials[-1][0]) if row.specials else at, piece))
-        if stop:
+        if stop and len(row.ids) > min_tokens:
             row.cut_at_stop(stop, max(0, before - hold), held.partition("\ufffd")[0], keep_stop)
+        elif len(row.ids) == min_tokens:
+            row.stop_from = row.raw_len()
         if len(row.ids) >= max_new_tokens and not row.finish_reason:
             row.finish_reason = "length"
     if row.finish_reason in ("eos", "length") or (row.finish_reason == "stop" and toks and toks[used - 1] in eos):
         before, ended = row.raw_len(), (row.finish_reason, row.stop_reason)
         row.text += stream.flush()     # bytes of a character the model never finished
-        if stop:                       # now final: a stop may hold the U+FFFD of such bytes
+        if stop and len(row.ids) > min_tokens:      # now final: a stop may hold the U+FFFD of such bytes
             row.cut_at_stop(stop, max(0, before - hold), "", keep_stop)
             if ended[0] != "length":   # an EOS / stop id ended the row first (vLLM checks it before stop strings):
                 row.finish_reason, row.stop_reason = ended     # the text is cut, the ending token still counts
@@ -765,7 +775,8 @@ def _add_rows(decoder, slots: list[int], prompts: list[list[int]], want_lps: boo
 
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
         stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=(),
-        keep_stop: bool | list[str] = False, continued: bool = False) -> Iterator[tuple[int, str]]:
+        keep_stop: bool | list[str] = False, continued: bool = False,
+        min_tokens: int = 0) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
     max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
@@ -781,6 +792,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     continued: every row's prompt ends inside a message the row continues (continue_final_message; joiners too):
     its text is read after the prompt's last tokens (StreamDecoder's context), so prefill + text reads as the
     tokens do (a Llama 2 `▁world` after "Hello" gives " world"). Otherwise text == decode(ids) alone.
+    min_tokens: every row's (joiners' too): a stop string that completes within a row's first min_tokens tokens
+    does not end it (vLLM's); EOS and stop_ids are held back by the decoder's own min_tokens (its logits).
 
     Tokens past EOS, a stop string or a row's max_new_tokens inside one step are dropped here, never emitted.
     """
@@ -847,7 +860,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
             was_done = rows[b].finish_reason is not None
             toks, pending[b] = pending[b], []
             used, delta = _consume(rows[b], toks, streams[b], eos, stop, hold, limits[b], special_text,
-                                   lps[b], tops[b], keep_stop)
+                                   lps[b], tops[b], keep_stop, min_tokens)
             if toks and not (b in fresh or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:
