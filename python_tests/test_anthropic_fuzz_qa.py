@@ -190,7 +190,7 @@ def bad_value(rng):
 FIELDS = ["messages", "system", "model", "max_tokens", "temperature", "top_p", "top_k", "stream", "tools",
           "tool_choice", "metadata", "thinking", "stop_sequences", "service_tier", "inference_geo", "cache_control",
           "container", "mcp_servers", "context_management", "output_config", "output_format", "seed", "speculative",
-          "min_tokens", "stop", "n", "max_completion_tokens", "input"]
+          "min_tokens", "stop", "n", "max_completion_tokens", "input", "diagnostics", "user_profile_id", "workspace_id"]
 BLOCKS = {
     "text": ("user", {"type": "text", "text": "hi"}),
     "tool_result": ("user", {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}),
@@ -201,7 +201,7 @@ BLOCKS = {
 }
 # the fields whose value is echoed or read as text: a lone surrogate in them must be refused, not served
 TEXT_FIELDS = {"messages", "system", "model", "tools", "tool_choice", "metadata", "stop_sequences", "service_tier",
-               "inference_geo"}
+               "inference_geo", "diagnostics", "user_profile_id", "workspace_id"}
 
 
 def _has_surrogate(value) -> bool:
@@ -232,7 +232,8 @@ def valid_request(rng) -> dict:
                                                      "cache_control": {"type": "ephemeral"}}]]),
         "temperature": lambda: rng.choice([0, 0.7]), "top_p": lambda: rng.choice([1.0, 0.5]),
         "top_k": lambda: 5, "metadata": lambda: {"user_id": "u1"}, "stop_sequences": lambda: ["e"],
-        "seed": lambda: 7, "service_tier": lambda: "auto",
+        "seed": lambda: 7, "service_tier": lambda: "auto", "workspace_id": lambda: "wrkspc_1",
+        "diagnostics": lambda: {"previous_message_id": rng.choice([None, "msg_1"])},
         "thinking": lambda: rng.choice([{"type": "enabled", "budget_tokens": 1024}, {"type": "disabled"},
                                         {"type": "adaptive"}]),
         "tools": lambda: TOOLS,

@@ -6,7 +6,8 @@ Message object, or streamed as Anthropic's named Server-Sent Events. Errors are 
 anthropic SDK raises its typed exceptions.
 
 Server tools, images and documents, containers, MCP servers and output_config are refused by name; extended
-thinking is served only where the server reads reasoning (--reasoning-parser).
+thinking is served only where the server reads reasoning (--reasoning-parser). Hints that change no answer (a service
+tier, cache_control, an inference region, diagnostics, account attribution: HINTS) are taken and ignored.
 """
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ from .server import ApiError, _constraint_field, _engine_error, _json_type, _tex
 ROUTES = ("/messages", "/messages/count_tokens")
 # The Messages API's fields served (mapped onto a chat completion), and those taken as hints and ignored: a service
 # tier, a prompt-caching breakpoint (cache_control: this server caches by --cache-prompt, not by marker) and an
-# inference region change nothing an answer holds.
+# inference region change nothing an answer holds. diagnostics asks for a prompt-cache miss reason, which this server
+# does not diagnose: the answer has none (the SDK's Message reads diagnostics as None), as where it was not asked.
 SERVED = ("model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k", "stream",
           "tools", "tool_choice", "metadata", "thinking")
-HINTS = ("service_tier", "cache_control", "inference_geo")
+# Account attribution, of which a local server has none: the anthropic SDK sends these as its
+# anthropic-user-profile-id and anthropic-workspace-id headers (unread here); a body carrying them is taken alike
+ACCOUNT = ("user_profile_id", "workspace_id")
+HINTS = ("service_tier", "cache_control", "inference_geo", "diagnostics", *ACCOUNT)
 # The chat route's non-OpenAI fields, as /v1/chat/completions takes them (responses.EXTRAS); its "stop" is
 # stop_sequences here
 EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in SERVED and name != "stop")
@@ -32,7 +37,7 @@ EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in SERVED and name != "s
 # API refuses max_tokens, temperature and the like there), and the chat route's fields that shape the prompt; the
 # IDLE fields are taken there as on /v1/messages (refused where they ask for something)
 COUNTED = ("model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
-           "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+           "chat_template_kwargs", "add_generation_prompt", "continue_final_message", *ACCOUNT)
 # Messages fields this server does not implement: refused where they ask for something.
 # name -> (the values that ask for nothing, what to say)
 IDLE = {
@@ -131,9 +136,20 @@ def _check_fields(body: dict, counting: bool):
         raise _bad(f"max_tokens must be a positive integer, got {_json_type(value)}", "max_tokens")
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise _bad(f"stream must be true or false, got {_json_type(body['stream'])}", "stream")
-    for name in ("model", "service_tier", "inference_geo"):
+    for name in ("model", "service_tier", "inference_geo", *ACCOUNT):
         if body.get(name) is not None:
             _text(body[name], name)
+    diagnostics = body.get("diagnostics")
+    if diagnostics is not None and not isinstance(diagnostics, dict):
+        raise _bad(f"diagnostics must be an object ({{\"previous_message_id\": a string or null}}), got "
+                   f"{_json_type(diagnostics)}", "diagnostics")
+    # its one key, as metadata's: another (a typo) would be taken silently
+    for key in diagnostics or ():
+        if key != "previous_message_id":
+            raise _bad(f"diagnostics has no key {json.dumps(key)[:60]} (its one key: previous_message_id)",
+                       "diagnostics")
+    if (diagnostics or {}).get("previous_message_id") is not None:
+        _text(diagnostics["previous_message_id"], "diagnostics.previous_message_id")
     metadata = body.get("metadata")
     if metadata is not None and not (isinstance(metadata, dict) and
                                      isinstance(metadata.get("user_id"), (str, type(None)))):
