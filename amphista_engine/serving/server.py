@@ -1332,11 +1332,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("x-should-retry", "false")
         if self.close_connection:
             self.send_header("Connection", "close")
-        self._count(status)     # before the headers go out: a HEAD's client has its whole answer with them
+        # counted and logged before the headers go out: a HEAD's client has its whole answer with them, and a
+        # keep-alive client has its reply without the connection closing. Logged after it, the line came at any
+        # time later (after the next request's, after a caller that stopped the server went on)
+        self._done(status, note)
         self.end_headers()
         if self.command != "HEAD":           # HEAD: GET's status and headers (Content-Length too), no body
             self.wfile.write(data)
-        self._done(status, note)
 
     def _metrics(self):
         """GET /metrics: the counters in Prometheus's text format (metrics.py)."""
@@ -1346,11 +1348,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
-        self._count(200)        # before the headers go out (a HEAD's client, which reads no body, scraped it uncounted)
+        # counted (a HEAD's client, which reads no body, scraped it uncounted) and logged before the headers go out,
+        # as _json's replies
+        self._done(200)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
-        self._done(200)
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (a stream's reader went away, a non-streamed request's client
@@ -1448,8 +1451,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._done(204)          # logged before its reply goes out, as _json's
         self.end_headers()
-        self._done(204)
 
     def do_POST(self):
         self._serve(self._post)
