@@ -148,6 +148,12 @@ def _check_fields(body: dict, counting: bool):
         if key != "previous_message_id":
             raise _bad(f"diagnostics has no key {json.dumps(key)[:60]} (its one key: previous_message_id)",
                        "diagnostics")
+    # a hint, but Anthropic's shape: a malformed one (a string, a typo'd ttl) is no breakpoint Anthropic would take
+    cache = body.get("cache_control")
+    if cache is not None and not (isinstance(cache, dict) and cache.get("type") == "ephemeral" and
+                                  set(cache) <= {"type", "ttl"} and cache.get("ttl", "5m") in ("5m", "1h")):
+        raise _bad(f"cache_control must be {{\"type\": \"ephemeral\"}}, with an optional \"ttl\": \"5m\" or "
+                   f"\"1h\", got {_json_type(cache)}", "cache_control")
     if (diagnostics or {}).get("previous_message_id") is not None:
         _text(diagnostics["previous_message_id"], "diagnostics.previous_message_id")
     metadata = body.get("metadata")

@@ -17,16 +17,19 @@ from ..errors import AmphistaError
 from ..structured import _lone_surrogate
 from ..tools import ToolCallFilter, openai_tool_calls
 from .metrics import request_latency
-from .server import (FINISH, ROLES, ApiError, _constraint_field, _engine_error, _json_bytes, _json_type,
-                     _not_utf8, _text)
+from .server import (FINISH, HINT_VALUES, REASONING_EFFORTS, ROLES, SERVICE_TIERS, VERBOSITY, ApiError,
+                     _constraint_field, _engine_error, _json_bytes, _json_type, _text, check_cache_options,
+                     check_metadata)
 
 # The Responses API fields served (mapped onto a chat completion), and those taken as hints and ignored: a cache
-# key, an end-user id, a service tier and stream_options (its include_obfuscation pads events against
-# side channels; this server sends none) change nothing an answer holds.
+# key and its options, an end-user id, a service tier, stream_options (its include_obfuscation pads events against
+# side channels; this server sends none) and a top-level verbosity (the openai SDK's responses.parse sends it
+# there; text.verbosity is the same hint) change nothing an answer holds.
 SERVED = ("input", "instructions", "model", "max_output_tokens", "temperature", "top_p", "stream", "tools",
           "tool_choice", "parallel_tool_calls", "text", "metadata", "user", "store", "reasoning",
           "previous_response_id")
-HINTS = ("prompt_cache_key", "prompt_cache_retention", "safety_identifier", "service_tier", "stream_options")
+HINTS = ("prompt_cache_key", "prompt_cache_retention", "safety_identifier", "service_tier", "stream_options",
+         "prompt_cache_options", "verbosity")
 # Responses fields this server does not implement: refused where they ask for something.
 # name -> (the values that ask for nothing, what to say)
 IDLE = {
@@ -65,11 +68,11 @@ CHAT_NAMES = {
     "function_call": "send tool_choice with tools",
 }
 TEXT_PARTS = ("input_text", "output_text")
-# the values the reply echoes, which the openai client types as enums
-REASONING = {"effort": ("none", "minimal", "low", "medium", "high", "xhigh"),
-             "summary": ("auto", "concise", "detailed"), "generate_summary": ("auto", "concise", "detailed")}
-SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
-VERBOSITY = ("low", "medium", "high")
+# the values the reply echoes, which the openai client types as enums; context (which reasoning items a later turn
+# sees: the chat template's to say here) and mode (an execution mode, any string) are taken and ignored
+REASONING = {"effort": REASONING_EFFORTS, "summary": ("auto", "concise", "detailed"),
+             "generate_summary": ("auto", "concise", "detailed"), "context": ("auto", "current_turn", "all_turns"),
+             "mode": None}
 # Errors the chat machinery raises in its own field names, said in the Responses API's
 _RENAMES = ((re.compile(r"\bresponse_format json_schema\.schema\b"), "text.format.schema"),
             (re.compile(r"\bresponse_format(?: json_schema)?\b"), "text.format"),
@@ -139,32 +142,27 @@ def _check_fields(body: dict):
     for name in ("user", "instructions", "model", *HINTS[:4]):
         if body.get(name) is not None:
             _text(body[name], name)
-    metadata = body.get("metadata")
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise _bad(f"metadata must be an object of string values, got {_json_type(metadata)}", "metadata")
-    if metadata is not None and len(metadata) > 16:
-        raise _bad(f"metadata may have at most 16 key-value pairs, got {len(metadata)}", "metadata")
-    for key, value in (metadata or {}).items():
-        # echoed in the reply: a lone surrogate there is text no client could read back
-        if _not_utf8(key):
-            raise _bad("metadata has a key that is not valid Unicode (a lone surrogate escape such as \\ud800)",
-                       "metadata")
-        _text(value, f"metadata.{key}")
-        if len(key) > 64:
-            raise _bad(f"metadata keys must be at most 64 characters, got one of {len(key)}: "
-                       f"{json.dumps(key[:40])}...", "metadata")
-        if len(value) > 512:
-            raise _bad(f"metadata values must be at most 512 characters, got {len(value)}", f"metadata.{key}")
+    check_metadata(body.get("metadata"))      # echoed in the reply
+    check_cache_options(body.get("prompt_cache_options"))
+    for name in ("prompt_cache_retention", "verbosity"):
+        allowed = HINT_VALUES[name]
+        if body.get(name) is not None and body[name] not in allowed:
+            raise _bad(f"{name} must be one of {', '.join(map(repr, allowed))} or null, got "
+                       f"{_json_type(body[name])}", name)
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise _bad(f"reasoning must be an object ({{\"effort\": ..., \"summary\": ...}}), got "
                    f"{_json_type(body['reasoning'])}", "reasoning")
     for key, value in (reasoning or {}).items():
         # echoed in the reply, where the openai client reads them as its enums
-        allowed = REASONING.get(key)
-        if allowed is None:
+        if key not in REASONING:
             raise _bad(f"reasoning has no key {json.dumps(key)[:60]} (its keys: {', '.join(REASONING)})",
                        f"reasoning.{key}")
+        allowed = REASONING[key]
+        if allowed is None:
+            if value is not None:
+                _text(value, f"reasoning.{key}")
+            continue
         if value is not None and value not in allowed:
             raise _bad(f"reasoning.{key} must be one of {', '.join(map(repr, allowed))} or null, got "
                        f"{_json_type(value)}", f"reasoning.{key}")
@@ -441,8 +439,9 @@ class Reply:
     def response(self, status: str, output: list, results=None, thought: str | None = None, finish=None) -> dict:
         body, options = self.body, self.job.options
         text = {"format": (body.get("text") or {}).get("format") or {"type": "text"}}
-        if (body.get("text") or {}).get("verbosity") is not None:
-            text["verbosity"] = body["text"]["verbosity"]
+        verbosity = (body.get("text") or {}).get("verbosity") or body.get("verbosity")
+        if verbosity is not None:
+            text["verbosity"] = verbosity
         reasoning = body.get("reasoning") or {}
         out = {"id": self.id, "object": "response", "created_at": self.created, "status": status, "background": False,
                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,

@@ -64,12 +64,32 @@ UNSUPPORTED = {
     "audio": ((None,), "audio output is not supported: this server answers with text only (leave out audio)"),
     "modalities": ((None, [], ["text"]), "modalities other than [\"text\"] are not supported: this server answers "
                    "with text only"),
+    # the openai SDK's chat.completions.create sends them: a search or a moderation pass the answer would lack
+    "web_search_options": ((None,), "web search is not supported: this server runs no built-in tools (leave out "
+                           "web_search_options)"),
+    "moderation": ((None,), "moderation is not supported: this server runs no moderation model (leave out "
+                   "moderation)"),
 }
 # the refusals each endpoint checks (tools and tool_choice are served on chat: tools.py)
-CHAT_ONLY = {"functions", "function_call", "audio", "modalities"}
+CHAT_ONLY = {"functions", "function_call", "audio", "modalities", "web_search_options", "moderation"}
 # logprobs (an int on /v1/completions, true on chat), top_logprobs (chat) and echo (completions) are served:
 # decoding() reads them
-COMPLETION_ONLY = {"best_of", "suffix", "tools", "tool_choice", "functions", "function_call"}
+COMPLETION_ONLY = {"best_of", "suffix", "tools", "tool_choice", "functions", "function_call", "web_search_options",
+                   "moderation"}
+# OpenAI fields taken as hints and ignored (both endpoints): an end-user id, a cache key, its retention and options, a
+# service tier, a reasoning model's effort and verbosity, store (as vLLM: served, nothing kept), metadata (kept with
+# a stored completion) and a predicted output (a latency hint: the answer is the same). They change nothing an
+# answer holds here, but a malformed one is a 400 naming it (_hints), as OpenAI refuses it.
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast", "ultrafast")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+VERBOSITY = ("low", "medium", "high")
+HINT_TEXTS = ("user", "prompt_cache_key", "safety_identifier")
+HINT_VALUES = {"service_tier": SERVICE_TIERS, "reasoning_effort": REASONING_EFFORTS, "verbosity": VERBOSITY,
+               "prompt_cache_retention": ("in_memory", "24h")}
+# prompt_cache_options' keys -> the values each takes (None: a string); its prewarm (fill the cache, answer nothing)
+# is refused where true: this server answers every request
+CACHE_OPTIONS = {"mode": ("implicit", "explicit"), "ttl": ("30m", "12h"), "comparison_response_id": None,
+                 "prewarm": (False,)}
 # presence_penalty, frequency_penalty, logit_bias (both endpoints) and vLLM's ignore_eos are served: decoding() reads
 # them, in OpenAI's ranges
 PENALTY_RANGE = 2.0          # OpenAI's presence/frequency penalties: [-2, 2]
@@ -511,6 +531,78 @@ def _unsupported(body, fields):
         # none of the values that ask for nothing is a boolean: true is no best_of 1 (`in` took it for one)
         if name in body and (body[name] not in allowed or isinstance(body[name], bool)):
             raise ApiError(400, f"{why} (got {name}={json.dumps(body[name])[:80]})", name)
+
+
+def check_metadata(metadata):
+    """OpenAI's metadata: at most 16 string pairs, keys up to 64 characters, values up to 512."""
+    if metadata is None:
+        return
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ApiError(400, f"metadata must be an object of string values, got {_json_type(metadata)}", "metadata")
+    if len(metadata) > 16:
+        raise ApiError(400, f"metadata may have at most 16 key-value pairs, got {len(metadata)}", "metadata")
+    for key, value in metadata.items():
+        # echoed in a Response: a lone surrogate there is text no client could read back
+        if _not_utf8(key):
+            raise ApiError(400, "metadata has a key that is not valid Unicode (a lone surrogate escape such as "
+                           "\\ud800)", "metadata")
+        _text(value, f"metadata.{key}")
+        if len(key) > 64:
+            raise ApiError(400, f"metadata keys must be at most 64 characters, got one of {len(key)}: "
+                           f"{json.dumps(key[:40])}...", "metadata")
+        if len(value) > 512:
+            raise ApiError(400, f"metadata values must be at most 512 characters, got {len(value)}",
+                           f"metadata.{key}")
+
+
+def check_cache_options(options):
+    """OpenAI's prompt_cache_options (a hint here: this server caches by --cache-prompt), checked."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ApiError(400, f"prompt_cache_options must be an object ({{\"mode\": ..., \"ttl\": ...}}), got "
+                       f"{_json_type(options)}", "prompt_cache_options")
+    for key, value in options.items():
+        if key not in CACHE_OPTIONS:
+            raise ApiError(400, f"prompt_cache_options has no key {json.dumps(key)[:60]} (its keys: "
+                           f"{', '.join(CACHE_OPTIONS)})", f"prompt_cache_options.{key}")
+        allowed, name = CACHE_OPTIONS[key], f"prompt_cache_options.{key}"
+        if key == "prewarm" and value is True:
+            raise ApiError(400, "prompt_cache_options.prewarm (filling the prompt cache without an answer) is not "
+                           "supported: this server answers every request (leave it out)", name)
+        if allowed is None:
+            if value is not None:
+                _text(value, name)
+            continue
+        if value is None or any(type(value) is type(a) and value == a for a in allowed):
+            continue
+        raise ApiError(400, f"{name} must be one of {', '.join(map(json.dumps, allowed))} or null, got "
+                       f"{_json_type(value)}", name)
+
+
+def _hints(body: dict):
+    """The OpenAI hints a request sends (HINT_TEXTS, HINT_VALUES, store, metadata, prompt_cache_options,
+    prediction), checked; none of them changes the answer."""
+    for name in HINT_TEXTS:
+        if body.get(name) is not None:
+            _text(body[name], name)
+    for name, allowed in HINT_VALUES.items():
+        if body.get(name) is not None and not (isinstance(body[name], str) and body[name] in allowed):
+            raise ApiError(400, f"{name} must be one of {', '.join(map(repr, allowed))} or null, got "
+                           f"{_json_type(body[name])}", name)
+    if body.get("store") is not None and not isinstance(body["store"], bool):
+        raise ApiError(400, f"store must be true or false, got {_json_type(body['store'])}", "store")
+    check_metadata(body.get("metadata"))
+    check_cache_options(body.get("prompt_cache_options"))
+    prediction = body.get("prediction")
+    if prediction is not None:
+        content = prediction.get("content") if isinstance(prediction, dict) else None
+        if not (isinstance(prediction, dict) and prediction.get("type") == "content" and (
+                isinstance(content, str) or isinstance(content, list) and all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                    for p in content))):
+            raise ApiError(400, f"prediction must be {{\"type\": \"content\", \"content\": a string or text "
+                           f"parts}}, got {_json_type(prediction)}", "prediction")
 
 
 def _template_ends(body: dict, chat: bool) -> dict:
@@ -1520,6 +1612,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
         chat = route == "/chat/completions"
         _unsupported(body, CHAT_ONLY if chat else COMPLETION_ONLY)
+        _hints(body)
         plan = self.app.tool_plan(body) if chat else None
         prompts = [self.app.chat_messages(body, plan)] if chat else self.app.check_prompts(_prompts(body))
         self._complete(body, prompts, chat, plan)
