@@ -93,10 +93,11 @@ def fail(handler, e: ApiError):
     event (which the SDK raises), then the stream's end."""
     try:
         if handler._started:
+            handler.close_connection = True
+            # logged before the error event, the stream's last (server._Handler._stream)
+            handler._done(e.status, f" (mid-stream: {e.message[:120]})")
             handler.wfile.write(b"event: error\n")
             handler._event(error_body(e))
-            handler.close_connection = True
-            handler._done(e.status, f" (mid-stream: {e.message[:120]})")
         else:
             handler._json(e.status, error_body(e))
     except OSError:
@@ -587,6 +588,7 @@ class _Events(Stream):
         self.send("message_delta", delta={"stop_reason": response["stop_reason"],
                                           "stop_sequence": response["stop_sequence"]},
                   usage=response["usage"], amphista=response.get("amphista"))
+        self.ended()        # logged before message_stop, where the anthropic SDK stops reading (Stream.ended)
         self.send("message_stop")
 
     def fail(self, e: ApiError):

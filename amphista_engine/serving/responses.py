@@ -568,12 +568,22 @@ class Stream:
 
     def completed(self, response: dict):
         """The stream's end: the whole answer's object (Reply.final)."""
+        self.ended()
         self.emit("response.completed", response=response)
 
     def fail(self, e: ApiError):
         """An error after the stream began: the Responses API's error event (its fields, and OpenAI's error object
         under "error", on which the openai client raises), then the stream's end."""
         self.emit("error", code=e.code or e.kind, message=e.message, param=e.param, error=e.body()["error"])
+
+    log_end = None      # log_end(results, reasoning, reason): the request logged (answer, _streamed)
+    end = None          # run's (results, reasoning, reason), once the answer is read
+
+    def ended(self):
+        """Called by completed() before the stream's last event goes out: a client that stops reading at that
+        event (the openai and anthropic SDKs do) finds the request logged and in /metrics."""
+        if self.log_end is not None and self.end is not None:
+            self.log_end(*self.end)
 
     # ---- the answer, read -------------------------------------------------------------------------------------
     def _add(self, item: dict) -> int:
@@ -727,8 +737,9 @@ class Stream:
             if event is None:
                 return None
         output, thought, finish, reason = self.finish(result)
+        self.end = [result], thought, reason
         self.completed(self.reply.final(output, [result], thought, finish, reason))
-        return [result], thought, reason
+        return self.end
 
 
 def respond(handler, body) -> None:
@@ -760,9 +771,20 @@ def answer(handler, body: dict, chat: dict, reply_type: type[Reply], stream_type
         jobs = app.submit_all(chat, [app.chat_messages(chat, plan)], True, stream, plan)
     job = jobs[0]
     reply = reply_type(app, body, job)
+
+    def note_of(results: list, reason: str | None) -> str:
+        """The log line's note; the answer counted in /metrics, its e2e latency ending here."""
+        result = results[-1]
+        note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
+        if job.rows > 1:
+            note += f" | batch of {job.rows}"
+        app.metrics.answered(results, [reason], request_latency(jobs, [results], time.perf_counter()))
+        return note
+
     try:
         if stream:
-            done = _streamed(handler, reply, stream_type, plan, job, chat, named)
+            done = _streamed(handler, reply, stream_type, plan, job, chat, named,
+                             lambda results, thought, reason: handler._done(200, note_of(results, reason)))
         else:
             done = None
             with named(chat):
@@ -772,31 +794,25 @@ def answer(handler, body: dict, chat: dict, reply_type: type[Reply], stream_type
                     done = results, thought, reason
     finally:
         job.gone.set()      # nobody reads its rows any more: the scheduler drops them (server._complete)
-    if done is False:       # ended by an error event, logged
-        return
+    if done is False or stream and getattr(handler, "_logged", False):
+        return      # logged: before its error event, or before its last event (Stream.ended), sent or not
     if done is None:
         handler.close_connection = True
         handler._done(499, " (client closed the connection; decoding stopped)")
         return
     results, thought, reason = done
-    result = results[-1]
-    note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
-    if job.rows > 1:
-        note += f" | batch of {job.rows}"
-    app.metrics.answered(results, [reason], request_latency(jobs, [results], time.perf_counter()))
-    if stream:
-        handler._done(200, note)
-        return
+    note = note_of(results, reason)
     handler._json(200, reply.final(items, results, thought, finish, reason), note)
 
 
-def _streamed(handler, reply: Reply, stream_type: type[Stream], plan, job, chat: dict, named):
+def _streamed(handler, reply: Reply, stream_type: type[Stream], plan, job, chat: dict, named, log_end):
     """The stream's (results, reasoning, reason); None where the client left, False where it ended with an error
     event (logged). Its headers wait for the run to start: a request the run refuses is still answered with a
-    status."""
+    status. log_end(results, reasoning, reason): logs it, before its last event (Stream.ended)."""
     with named(chat):
         event = handler._next_event(job)
         out = stream_type(handler, reply, plan, job)
+    out.log_end = log_end
     if event is None:
         return None
     handler._start_events()
@@ -806,9 +822,10 @@ def _streamed(handler, reply: Reply, stream_type: type[Stream], plan, job, chat:
     except (BrokenPipeError, ConnectionResetError, TimeoutError):
         return None
     except ApiError as error:
+        # logged before the error event, the stream's last: a client that has it finds the line written
+        handler._done(error.status, f" (mid-stream: {error.message[:120]})")
         try:
             out.fail(error)
         except OSError:
-            return None
-        handler._done(error.status, f" (mid-stream: {error.message[:120]})")
+            pass
         return False

@@ -1350,6 +1350,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self._request_id = None
+        self._logged = False           # this request's line is not written yet (_done)
         self._stale_headers = getattr(self, "headers", None)
         # A client that resets its keep-alive connection (closed with a reply unread, or SO_LINGER 0 as aborting
         # clients and proxies do) raised here, reading the next request line, outside _serve: socketserver
@@ -1360,6 +1361,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _done(self, status: int, note: str = ""):
+        self._logged = True
         self._count(status)
         self.log_message('"%s %s" %s%s | request_id: %s', getattr(self, "command", None) or "-",
                          getattr(self, "path", ""), status, note, self.request_id)
@@ -1665,12 +1667,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return fail(self, e)
         try:
             if self._started:      # mid-stream: an SSE error event (OpenAI's clients raise it), then the end
+                self.close_connection = True
+                # logged before its error event, on which the openai SDK raises and stops reading (_stream)
+                self._done(e.status, f" (mid-stream: {e.message[:120]})")
                 self._event(e.body())
                 # then [DONE], as vLLM ends every stream: clients that read up to it (not to the socket's close)
                 # would otherwise wait
                 self._event("[DONE]")
-                self.close_connection = True
-                self._done(e.status, f" (mid-stream: {e.message[:120]})")
             else:
                 self._json(e.status, e.body())
         except OSError:
@@ -1701,9 +1704,30 @@ class _Handler(BaseHTTPRequestHandler):
             head["object"] = "text_completion"
         jobs = app.submit_all(body, prompts, chat, stream, plan)     # a bad request is a 400 here, before it waits
         job, results = jobs[0], []
+
+        def note_of(results: list) -> str:
+            result = results[-1][-1]            # the log line's and the "amphista" key's: the last choice
+            note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
+            if len(results) > 1:
+                note += f" | {len(results)} prompts"
+            if job.n > 1:
+                note += f" | n={job.n}"
+            if job.rows > 1:
+                note += f" | batch of {job.rows}"
+            return note
+
+        def ending(choices: list):
+            # A stream is counted and logged before its last event ([DONE]): a client that stops reading there
+            # (the openai SDK does) and then reads the log or /metrics found it not there yet. An answer of tool
+            # calls counts as "tool_calls", as its finish_reason says (_stream); its e2e latency ends here.
+            app.metrics.answered(choices, [self._tool_finish.get(c) for c in range(len(choices))],
+                                 request_latency(jobs, [choices], time.perf_counter()))
+            self._done(200, note_of([choices]))
+
         try:
             for one in jobs:        # several prompts: n choices each, in order
-                results.append(self._stream(one, head, chat, include_usage, plan) if stream else self._drain(one))
+                results.append(self._stream(one, head, chat, include_usage, plan, ending) if stream else
+                               self._drain(one))
                 if results[-1] is None:
                     break
         finally:
@@ -1711,6 +1735,8 @@ class _Handler(BaseHTTPRequestHandler):
             # and ends the run once no request of it is left.
             for one in jobs:
                 one.gone.set()
+        if stream and getattr(self, "_logged", False):
+            return          # its line written before its last event (ending), even where that event found no client
         if results[-1] is None:
             self.close_connection = True
             # alone, its run was closed; in a batch, the others' rows go on and its own output is dropped
@@ -1719,22 +1745,9 @@ class _Handler(BaseHTTPRequestHandler):
                        " (client closed the connection while its request waited; it was not decoded)" if not job.rows
                        else f" (client closed the connection; {rows} of a batch of {job.rows} dropped)")
             return
-        result = results[-1][-1]            # the log line's and the "amphista" key's: the last choice
+        result = results[-1][-1]            # the "amphista" key's: the last choice
         everyone = [r for rs in results for r in rs]
-        note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
-        if len(results) > 1:
-            note += f" | {len(results)} prompts"
-        if job.n > 1:
-            note += f" | n={job.n}"
-        if job.rows > 1:
-            note += f" | batch of {job.rows}"
-        if stream:
-            # before the reply goes out (a stream's client sees it end after); an answer of tool calls counts as
-            # "tool_calls", as its finish_reason says (_stream); its e2e latency ends with its last event written
-            app.metrics.answered(everyone, [self._tool_finish.get(c) for c in range(len(everyone))],
-                                 request_latency(jobs, results, time.perf_counter()))
-            self._done(200, note)
-            return
+        note = note_of(results)
         choices, reasons = [], []
         for i, (one, rs) in enumerate(zip(jobs, results)):
             for c, r in enumerate(rs):      # OpenAI's order: prompt-major, index = prompt * n + choice
@@ -1829,10 +1842,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._started = True
 
-    def _stream(self, job, head: dict, chat: bool, include_usage: bool, plan: ToolPlan | None = None):
+    def _stream(self, job, head: dict, chat: bool, include_usage: bool, plan: ToolPlan | None = None, ending=None):
         """Sends the run as Server-Sent Events, each chunk's choice with its index (n choices: their chunks
         interleaved as their rows decode, each ended by its own finish chunk); the results (one per choice), or
-        None where the client left."""
+        None where the client left. ending(results): called before the last event ([DONE]) goes out."""
         app = self.app
         # The headers wait for the run to start: a request the engine refuses is still answered with a status
         event = self._next_event(job)
@@ -1934,6 +1947,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return None
             if include_usage:
                 self._event({**head, "choices": [], "usage": app.usage_of([results])})
+            if ending is not None:
+                ending(results)
             self._event("[DONE]")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             return None
