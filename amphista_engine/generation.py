@@ -39,13 +39,17 @@ def flag_no_token(tokens: torch.Tensor, chosen_from: torch.Tensor | None,
     """tokens [B, ...] with every token of a row set to NO_TOKEN where the logits a token was chosen from (after
     logit_bias, allowed_token_ids, bad words, min_tokens, a grammar and the penalties) are all -inf: sampling there
     drew any token at all (NaN probabilities) and greedy took token 0. chosen_from: [B, V], or a verified tree's
-    [B, N, V] with nodes [B, D + 1] the accepted nodes (-1 past them): a ruled-out node nobody accepted is no fault.
+    [B, N, V] with nodes [B, D + 1] the accepted nodes (-1 past them): a ruled-out node nobody accepted is no fault,
+    and only the tokens [B, D + 1] from the first ruled-out accepted node on are flagged (token j is chosen at node
+    j): those before it are plain decoding's, and a row that ends in them (max_new_tokens, a stop string) never
+    reaches the ruled-out position, as a plain run never does.
     One reduction, no sync, as flag_non_finite; none where chosen_from is None (nothing was masked)."""
     if chosen_from is None:
         return tokens
     dead = chosen_from.amax(-1) == float("-inf")
     if nodes is not None:
-        dead = (dead.gather(1, nodes.clamp(min=0)) & (nodes >= 0)).any(1)
+        dead = (dead.gather(1, nodes.clamp(min=0)) & (nodes >= 0)).cumsum(1) > 0
+        return torch.where(dead, NO_TOKEN, tokens)
     return torch.where(dead.view(-1, *([1] * (tokens.dim() - 1))), NO_TOKEN, tokens)
 
 
@@ -852,6 +856,7 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     for b in range(B):
         stats[b].prompt_tokens, stats[b].prefill_ms = len(prompts[b]), (t1 - t0) * 1e3
     fresh = set(range(B))              # rows whose pending token came from their prefill: no decode step
+    ruled_out = set()                  # rows whose pending tokens stop short of a ruled-out position (NO_TOKEN)
     live = list(range(B))              # decoder row i is prompt row live[i]
     drop_rows = (B > 1 or admit is not None) and getattr(decoder, "can_drop_rows", lambda: False)()
     capacity = decoder.row_capacity() if admit is not None else 0
@@ -861,6 +866,10 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
             toks, pending[b] = pending[b], []
             used, delta = _consume(rows[b], toks, streams[b], eos, stop, hold, limits[b], special_text,
                                    lps[b], tops[b], keep_stop, min_tokens)
+            if b in ruled_out:
+                ruled_out.discard(b)
+                if not rows[b].finish_reason:
+                    check_finite(decoder, [NO_TOKEN], b, len(rows[b].ids))
             if toks and not (b in fresh or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:
@@ -944,7 +953,14 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
                 pending[b] = toks[i][:n[i]]
                 lps[b] = step_lps[i][:n[i]] if want_lps else None
                 tops[b] = step_tops[i][:n[i]] if want_tops else None
-                check_finite(decoder, pending[b], b, len(rows[b].ids))
+                if NO_TOKEN in pending[b] and NON_FINITE not in pending[b]:
+                    # a speculative step's tokens up to a ruled-out position: the row may end in them (its
+                    # max_new_tokens, a stop string) as plain decoding's does, never choosing there; else it
+                    # fails where plain decoding fails, at that token (after _consume)
+                    pending[b] = pending[b][:pending[b].index(NO_TOKEN)]
+                    ruled_out.add(b)
+                else:
+                    check_finite(decoder, pending[b], b, len(rows[b].ids))
     _sync(decoder.device)
     t2 = time.perf_counter()
     for b in range(len(rows)):

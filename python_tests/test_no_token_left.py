@@ -32,8 +32,9 @@ def test_flag_marks_rows_with_nothing_left_and_only_accepted_nodes_count():
     assert flag_no_token(toks, logits).tolist() == [[3], [NO_TOKEN]]
     tree = torch.full((1, 3, 2), 1.0)
     tree[0, 2] = float("-inf")                        # node 2 has nothing left
-    assert flag_no_token(torch.tensor([[5, 6]]), tree, torch.tensor([[0, 1, -1]])).tolist() == [[5, 6]]
-    assert flag_no_token(torch.tensor([[5, 6]]), tree, torch.tensor([[0, 2, -1]])).tolist() == [[NO_TOKEN] * 2]
+    assert flag_no_token(torch.tensor([[5, 6, 0]]), tree, torch.tensor([[0, 1, -1]])).tolist() == [[5, 6, 0]]
+    # token j is chosen at accepted node j: those before the ruled-out node stand (a row may end in them)
+    assert flag_no_token(torch.tensor([[5, 6, 0]]), tree, torch.tensor([[0, 2, -1]])).tolist() == [[5] + [NO_TOKEN] * 2]
 
 
 @pytest.mark.parametrize("make", ["plain", "amphista"])
