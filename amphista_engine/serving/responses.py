@@ -772,8 +772,8 @@ def answer(handler, body: dict, chat: dict, reply_type: type[Reply], stream_type
     job = jobs[0]
     reply = reply_type(app, body, job)
 
-    def note_of(results: list, reason: str | None) -> str:
-        """The log line's note; the answer counted in /metrics, its e2e latency ending here."""
+    def counted_note(results: list, reason: str | None) -> str:
+        """Counts the answer in /metrics (its e2e latency ending here) and returns the log line's note."""
         result = results[-1]
         note = f" | {app.method(result) or 'plain'} | {result.stats.summary()} | finish: {result.finish_reason}"
         if job.rows > 1:
@@ -784,7 +784,7 @@ def answer(handler, body: dict, chat: dict, reply_type: type[Reply], stream_type
     try:
         if stream:
             done = _streamed(handler, reply, stream_type, plan, job, chat, named,
-                             lambda results, thought, reason: handler._done(200, note_of(results, reason)))
+                             lambda results, thought, reason: handler._done(200, counted_note(results, reason)))
         else:
             done = None
             with named(chat):
@@ -801,7 +801,7 @@ def answer(handler, body: dict, chat: dict, reply_type: type[Reply], stream_type
         handler._done(499, " (client closed the connection; decoding stopped)")
         return
     results, thought, reason = done
-    note = note_of(results, reason)
+    note = counted_note(results, reason)
     handler._json(200, reply.final(items, results, thought, finish, reason), note)
 
 
