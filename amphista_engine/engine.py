@@ -763,8 +763,8 @@ class Engine:
         """(speculative, tree, check) with "auto" resolved. speculative="auto": the loaded heads where the check
         finds them faster, else None (plain). tree="auto", or no tree under speculative="auto": the tree the check
         found fastest (on a CPU; the device default on a GPU). check is None where nothing was weighed. batch: the
-        rows the run decodes at once (a CPU weighs a batch at its size); the penalties: the run's, which weigh the heads'
-        tau down as sampling does."""
+        rows the run decodes at once (a CPU weighs a batch at its size); the penalties: the run's, which weigh the
+        heads' tau down as sampling does."""
         auto_tree = tree == "auto" or (tree is None and speculative == "auto")
         if self.heads is None or not (speculative == "auto" or (auto_tree and speculative is not None)) \
                 or speculative not in ("auto", self.heads.config.kind):   # refused by the decoder, before any timing
@@ -894,8 +894,9 @@ class Engine:
         at most `free` (prompt, max_new_tokens) pairs to join the run, with this call's options. They become rows
         len(prompts), len(prompts) + 1, ... in order: each is prefilled alone (the same K/V as a run of its own),
         then decodes with the others. One the engine refuses (malformed, too long for the cache) yields (row,
-        error), an AmphistaError, in place of any delta. last_results holds every row's result (None for a refused
-        one). Not with reuse_prefix."""
+        error), an AmphistaError, in place of any delta; so does a row left no token to choose mid-run (the InputError
+        a run of its own raises there), which ends it while the others go on. last_results holds every row's result
+        (None for a refused or failed one). Not with reuse_prefix."""
         # First, while locals() holds the arguments only: an int too long for Python to write (10**5000) met its
         # ValueError in the message of whichever check quoted it. Prompts' token ids are checked as they are
         # encoded (check_token_ids), admit's joiners as they come (_admission).

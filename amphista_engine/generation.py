@@ -859,6 +859,25 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     ruled_out = set()                  # rows whose pending tokens stop short of a ruled-out position (NO_TOKEN)
     live = list(range(B))              # decoder row i is prompt row live[i]
     drop_rows = (B > 1 or admit is not None) and getattr(decoder, "can_drop_rows", lambda: False)()
+
+    def row_failed(b: int, toks: list[int]) -> InputError | None:
+        """check_finite for row b's tokens up to a ruled-out position. A row left no token to choose fails alone,
+        as it does decoded alone: the same options leave other rows tokens (a bad word of several tokens, a
+        grammar's state are a row's own). Under admit the caller takes (row, error) items (a joiner refused), so
+        the row ends with its error (its result None, as a refused joiner's) and the others go on; raised, the
+        error ended the whole run, and a server's streams that shared it ended with another request's error."""
+        if admit is None or NON_FINITE in toks or NO_TOKEN not in toks:
+            check_finite(decoder, toks, b, len(rows[b].ids))
+            return None
+        try:
+            check_finite(decoder, toks, b, len(rows[b].ids))
+        except InputError as e:
+            rows[b].finish_reason = "error"
+            decoder.row_prompts[b] = None
+            if b in live and hasattr(decoder, "end_row"):
+                decoder.end_row(live.index(b))
+            return e
+        return None
     capacity = decoder.row_capacity() if admit is not None else 0
     while True:
         for b in range(len(rows)):
@@ -869,7 +888,12 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
             if b in ruled_out:
                 ruled_out.discard(b)
                 if not rows[b].finish_reason:
-                    check_finite(decoder, [NO_TOKEN], b, len(rows[b].ids))
+                    failed = row_failed(b, [NO_TOKEN])
+                    if failed is not None:      # its tokens before the ruled-out position, then its error
+                        if delta:
+                            yield b, delta
+                        yield b, failed
+                        continue
             if toks and not (b in fresh or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:

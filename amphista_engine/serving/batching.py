@@ -271,6 +271,14 @@ class Scheduler:
                 break
             job, choice = run.rows[row]
             if isinstance(delta, AmphistaError):      # refused as it joined: it waits again, to run by itself
+                if row in run.dropped:
+                    continue            # another of its rows' error answered it, or sent it back
+                if (job.stream and job.started) or all(j is job for j in run.jobs):
+                    # A row that failed mid-run (no token left to choose) where its stream sent deltas already, or
+                    # in a run of its own: it ends with the error, as alone (sent back, a run of its own failed again)
+                    run.dropped.update(i for i, (j, _) in enumerate(run.rows) if j is job)
+                    job.send("error", delta)
+                    continue
                 self._requeue(run, job)
                 continue
             self._announce(run.jobs)    # at the first delta: the prefill went through for every row
