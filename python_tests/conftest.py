@@ -271,6 +271,19 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return write_tiny_hf(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def smollm2_with_shipped_heads(**options):
+    """A CPU Engine on the embedded SmolLM2 (Engine.from_pretrained's `options`: its default 4-bit weights unless
+    told) with the shipped Amphista heads; its load-time notes silenced."""
+    import warnings
+
+    from amphista_engine import Engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = Engine.from_pretrained("smollm2-135m", device="cpu", **options)
+        engine.load_heads("default")
+    return engine
+
+
 def engine_with_random_heads(path, num_heads: int, **options):
     """A CPU Engine on the checkpoint at path (Engine.from_pretrained's `options`) with random Amphista heads,
     `num_heads` of them (seed 1)."""

@@ -10,7 +10,7 @@ import pytest
 
 from amphista_engine import AmphistaError, Engine, InputError
 from amphista_engine.errors import CacheFullError
-from conftest import collect, needs_smollm2
+from conftest import collect, needs_smollm2, smollm2_with_shipped_heads
 
 pytestmark = [needs_smollm2, pytest.mark.usefixtures("one_thread_module")]
 
@@ -22,11 +22,7 @@ LIMITS = [16, 24, 12, 6, 1]
 
 @pytest.fixture(scope="module")
 def eng():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        e = Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=512)
-        e.load_heads("default")
-    return e
+    return smollm2_with_shipped_heads(max_seq_len=512)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import random
 import threading
-import warnings
 
 import pytest
 
-from conftest import needs_smollm2
+from conftest import needs_smollm2, smollm2_with_shipped_heads
 
 pytestmark = [needs_smollm2, pytest.mark.usefixtures("one_thread_module")]
 
@@ -28,12 +27,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def eng():
-    from amphista_engine import Engine
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        e = Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=1024)
-        e.load_heads("default")
-    return e
+    return smollm2_with_shipped_heads(max_seq_len=1024)
 
 
 def draw_options(rng: random.Random, rows: int, chat_api: bool = False) -> dict:
