@@ -866,12 +866,11 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
         grammar's state are a row's own). Under admit the caller takes (row, error) items (a joiner refused), so
         the row ends with its error (its result None, as a refused joiner's) and the others go on; raised, the
         error ended the whole run, and a server's streams that shared it ended with another request's error."""
-        if admit is None or NON_FINITE in toks or NO_TOKEN not in toks:
-            check_finite(decoder, toks, b, len(rows[b].ids))
-            return None
         try:
             check_finite(decoder, toks, b, len(rows[b].ids))
         except InputError as e:
+            if admit is None or NON_FINITE in toks or NO_TOKEN not in toks:
+                raise
             rows[b].finish_reason = "error"
             decoder.row_prompts[b] = None
             if b in live and hasattr(decoder, "end_row"):

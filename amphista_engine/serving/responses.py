@@ -17,9 +17,9 @@ from ..errors import AmphistaError
 from ..structured import _lone_surrogate
 from ..tools import ToolCallFilter, openai_tool_calls
 from .metrics import request_latency
-from .server import (FINISH, HINT_VALUES, REASONING_EFFORTS, ROLES, SERVICE_TIERS, VERBOSITY, ApiError,
+from .server import (FINISH, REASONING_EFFORTS, ROLES, SERVICE_TIERS, VERBOSITY, ApiError,
                      _constraint_field, _engine_error, _json_bytes, _json_type, _text, check_cache_options,
-                     check_metadata)
+                     check_hint_values, check_metadata)
 
 # The Responses API fields served (mapped onto a chat completion), and those taken as hints and ignored: a cache
 # key and its options, an end-user id, a service tier, stream_options (its include_obfuscation pads events against
@@ -144,11 +144,7 @@ def _check_fields(body: dict):
             _text(body[name], name)
     check_metadata(body.get("metadata"))      # echoed in the reply
     check_cache_options(body.get("prompt_cache_options"))
-    for name in ("prompt_cache_retention", "verbosity"):
-        allowed = HINT_VALUES[name]
-        if body.get(name) is not None and body[name] not in allowed:
-            raise _bad(f"{name} must be one of {', '.join(map(repr, allowed))} or null, got "
-                       f"{_json_type(body[name])}", name)
+    check_hint_values(body, ("prompt_cache_retention", "verbosity"))
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise _bad(f"reasoning must be an object ({{\"effort\": ..., \"summary\": ...}}), got "

@@ -580,16 +580,22 @@ def check_cache_options(options):
                        f"{_json_type(value)}", name)
 
 
+def check_hint_values(body: dict, names) -> None:
+    """Each of `names` (keys of HINT_VALUES) the body sends is null or one of its allowed strings."""
+    for name in names:
+        allowed = HINT_VALUES[name]
+        if body.get(name) is not None and not (isinstance(body[name], str) and body[name] in allowed):
+            raise ApiError(400, f"{name} must be one of {', '.join(map(repr, allowed))} or null, got "
+                           f"{_json_type(body[name])}", name)
+
+
 def _hints(body: dict):
     """The OpenAI hints a request sends (HINT_TEXTS, HINT_VALUES, store, metadata, prompt_cache_options,
     prediction), checked; none of them changes the answer."""
     for name in HINT_TEXTS:
         if body.get(name) is not None:
             _text(body[name], name)
-    for name, allowed in HINT_VALUES.items():
-        if body.get(name) is not None and not (isinstance(body[name], str) and body[name] in allowed):
-            raise ApiError(400, f"{name} must be one of {', '.join(map(repr, allowed))} or null, got "
-                           f"{_json_type(body[name])}", name)
+    check_hint_values(body, HINT_VALUES)
     if body.get("store") is not None and not isinstance(body["store"], bool):
         raise ApiError(400, f"store must be true or false, got {_json_type(body['store'])}", "store")
     check_metadata(body.get("metadata"))
