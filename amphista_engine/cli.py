@@ -32,6 +32,8 @@ def _int(text: str) -> int:
     digits = text.strip().lstrip("+-").replace("_", "")
     if len(digits) > HUGE_INT_DIGITS and digits.isascii() and digits.isdigit():
         raise argparse.ArgumentTypeError(f"an integer of {len(digits)} digits: far out of range")
+    if not text.isascii():      # int() reads any script's digits: --logit-bias ٣=5 biased token 3, ３ was 3 tokens
+        raise ValueError(text)
     return int(text)
 
 
@@ -192,6 +194,8 @@ def _logit_bias(args) -> dict | None:
     for item in getattr(args, "logit_bias", None) or ():
         tok, sep, value = item.partition("=")
         try:
+            if not value.isascii():     # float() reads any script's digits, as int() does (_int)
+                raise ValueError(value)
             out[_int(tok)] = float(value)
         except ValueError:
             sep = ""
@@ -479,7 +483,8 @@ _FLAGS = {"max_seq_len": "--max-seq-len", "max_new_tokens": "--max-new-tokens", 
           "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
           "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
           "stop_token_ids": "--stop-token-id", "logit_bias": "--logit-bias",
-          "chat_template_kwargs": "--chat-template-kwargs", "speculative": "--speculative", "tree": "--tree"}
+          "chat_template_kwargs": "--chat-template-kwargs", "speculative": "--speculative", "tree": "--tree",
+          "top_logprobs": "--top-logprobs"}
 # name=value as the engine writes it (max_seq_len=128, speculative='auto', speculative=None): the flag with its value
 # as it could be typed (--max-seq-len=128, --speculative=auto, --speculative=none); a bare snake_case name: its flag.
 # The bare words speculative and tree stay English ("speculative decoding", "the tree's room").

@@ -17,7 +17,8 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 
 from . import async_api
-from .errors import AmphistaError, CacheFullError, InputError, int_digits, is_huge_int, refuse_huge_ints
+from .errors import (AmphistaError, CacheFullError, ConfigError, InputError, int_digits, is_huge_int,
+                     refuse_huge_ints)
 from .generation import GenerationStats, PlainDecoder, run
 from .kernels.backend import check_backend, get_backend, scoped_backend, unmet_choice, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
@@ -61,6 +62,10 @@ def _tree_key(tree):
             raise TypeError
         key = tuple(map(tuple, tree))
         hash(key)
+        if any(type(r) is not int for p in key for r in p):
+            # True == 1 and 0.0 == 0 hash alike: tree=[[True]] was served the TreeSpec cached for [[1]] (taken
+            # silently) where TreeSpec refuses it; ranks not ints (numpy's are by now: _plain_ranks) keyed by type
+            key = ("typed",) + tuple(tuple((type(r).__name__, r) for r in p) for p in key)
     except TypeError:
         raise InputError(f"tree must be a name (e.g. 'mix-4', 'tree-16', 'dynamic-8'), a list of top-k rank paths "
                          f"(e.g. [[0], [1], [0, 0]]) or None, got {type(tree).__name__} {tree!r}") from None
@@ -398,6 +403,10 @@ class Engine:
         from .chat import check_chat_template
         check_engine_args(DEFAULT_MAX_SEQ_LEN if max_seq_len is None else max_seq_len, max_batch_size, cuda_graphs)
         backend = None if backend is None else check_backend(backend, "Engine backend")
+        if quant is not None and (not isinstance(quant, str) or not quant):
+            # LinearSetup reads a falsy quant as "none": quant="" or False loaded dequantized weights without a word
+            from .kernels.cpu_quant import SCHEMES
+            raise ConfigError(f"quant must be one of {', '.join(SCHEMES)}, got {type(quant).__name__} {quant!r:.40}")
         chat_template = check_chat_template(chat_template)
         with use_backend(backend):
             engine = cls._load(model, heads, device, dtype, max_seq_len, max_batch_size, cuda_graphs, quant, backend)
@@ -917,7 +926,11 @@ class Engine:
             template = check_chat_template(chat_template)
             run_eos = self._eos_ids(template)
         from .chat import check_template_variables
-        variables = {**self.chat_template_kwargs, **check_template_variables(chat_template_kwargs)}
+        try:    # the engine's own too: `engine.chat_template_kwargs = None` (or a list) met `**` as a bare TypeError
+            own = check_template_variables(self.chat_template_kwargs)
+        except InputError as e:
+            raise InputError(f"engine.{e}") from None
+        variables = {**own, **check_template_variables(chat_template_kwargs)}
         min_tokens = check_min_tokens(min_tokens)
         stop_token_ids = self._check_stop_token_ids(stop_token_ids)
         grammar = self._grammar(response_format, ignore_eos, min_tokens, run_eos)
@@ -1321,6 +1334,7 @@ class Engine:
             raise InputError("row_results=True applies to stream_batch; stream() yields text chunks only (the result "
                              "is in engine.last_result once the stream ends)")
         _refuse_n(options, "stream")
+        _check_one_prompt(prompt)
         # Row 0 only: with admit, prompts that join the run are rows 1, 2, ...; their deltas (and a refused one's
         # error) were yielded as this prompt's text. Their results are in last_results, as after generate().
         return (delta for row, delta in self.stream_batch([prompt], max_new_tokens, **options) if row == 0)
@@ -1330,6 +1344,7 @@ class Engine:
         (max_new_tokens: an int, or a list of one, as a batch of one prompt takes it)."""
         self._forget_results()
         _refuse_n(options, "generate")
+        _check_one_prompt(prompt)
         return _drain(self.stream_batch([prompt], max_new_tokens, **options))[0]
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 256, n: int = 1, **options) -> list[GenerationResult]:
@@ -1434,6 +1449,18 @@ def _heads_copy(heads, device, dtype):
 def _stop_reason(row, turn_stops) -> int | str | None:
     """A row's stop_reason, None where a chat template's end-of-turn string ended it (see _drive)."""
     return None if row.finish_reason == "stop" and row.stop_reason in turn_stops else row.stop_reason
+
+
+def _check_one_prompt(prompt):
+    """generate / stream's one prompt, before it is wrapped as a batch of one: an int or one message dict was told
+    "prompts is a list of 1 integers" / "1 message dict" (generate_batch's words, of a list the caller never gave)."""
+    if isinstance(prompt, Mapping):
+        raise InputError(f"prompt is one message dict, got {prompt!r:.60}: a conversation is a list of them (pass "
+                         f"[message])")
+    if isinstance(prompt, numbers.Number):
+        refuse_huge_ints({"prompt": prompt})
+        raise InputError(f"prompt must be a non-empty string, a list of messages or a list of token ids, got "
+                         f"{type(prompt).__name__} {prompt!r:.40} (one token id is [id])")
 
 
 def _refuse_n(options: dict, method: str):

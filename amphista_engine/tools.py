@@ -266,7 +266,8 @@ def plan_tools(tools, tool_choice, parallel_tool_calls=None, fmt: str = "hermes"
         raise ToolError(f"tool call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     checked = check_tools(tools)
     choice = check_tool_choice(tool_choice, checked)
-    if parallel_tool_calls not in (None, True, False):
+    # a bool itself: `not in (None, True, False)` took 1 and 0.0 (equal to True and False) as a setting
+    if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise ToolError(f"parallel_tool_calls must be true or false, got {_json_type(parallel_tool_calls)}",
                         "parallel_tool_calls")
     parallel = parallel_tool_calls is not False
@@ -1510,7 +1511,7 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     tool_choice "none"); parallel_tool_calls: OpenAI's (false: at most one call). The prompt is rendered here (the
     tools a template variable) and handed over as token ids, so engine.chat_template_kwargs is never swapped
     (another thread's run may be rendering with it)."""
-    from .chat import render_chat
+    from .chat import check_template_variables, render_chat
     from .engine import RenderedPrompt
     template = engine.chat_template      # an override of the model's own: its call format, its rendering
     plan = plan_for(engine.tokenizer, tools, tool_choice, parallel_tool_calls, template)
@@ -1519,8 +1520,14 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
             raise ToolError("response_format does not mix with tool_choice 'required' or a named function",
                             "response_format")
         options["response_format"] = plan.response_format
-    if not isinstance(messages, list):
-        raise ToolError(f"messages must be a list of message dicts, got {type(messages).__name__}", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise ToolError(f"messages must be a non-empty list of message dicts, got {type(messages).__name__} "
+                        f"{messages!r:.40}", "messages")
+    for i, m in enumerate(messages):
+        # the Hermes fallback read m["role"] of each (a bare TypeError or KeyError); render_chat names the rest
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ToolError(f"messages[{i}] must be a dict with a 'role' string and 'content', got {m!r:.60}",
+                            "messages")
     checked = [{**m, "tool_calls": check_tool_calls(m["tool_calls"], i)} if isinstance(m, dict) and m.get("tool_calls")
                else m for i, m in enumerate(messages)]
     # OpenAI's content parts joined as the server joins them: the Hermes fallback wrote a tool result's list of
@@ -1528,7 +1535,11 @@ def generate_with_tools(engine, messages: list[dict], tools: list | None, tool_c
     checked = [{**m, "content": _joined_parts(m["content"], i)} if isinstance(m, dict) and
                isinstance(m.get("content"), list) else m for i, m in enumerate(checked)]
     checked = prepare_messages(checked, plan.tools, template_supports_tools(engine.tokenizer, template))
-    variables = {**engine.chat_template_kwargs, **({"tools": plan.tools} if plan.tools else {})}
+    try:    # the engine's variables checked as generate checks them (None or a list met `**` as a TypeError)
+        own = check_template_variables(engine.chat_template_kwargs)
+    except InputError as e:
+        raise InputError(f"engine.{e}") from None
+    variables = {**own, **({"tools": plan.tools} if plan.tools else {})}
     ids = engine.tokenizer.encode(render_chat(engine.tokenizer, checked, template=template, variables=variables))
     # rendered with the template: its end-of-turn text (vicuna's </s> where that is no special token) ends the answer
     prompt = RenderedPrompt(ids, messages)

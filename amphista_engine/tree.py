@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import ConfigError
-from .values import is_int
+from .values import is_integral
 
 TOPK = 10              # Medusa's default top-k per head for sparse trees
 MAX_TREE_NODES = 512   # the dense [N, N] mask and the verify forward get silly beyond this
@@ -56,9 +56,11 @@ def get_tree_choices(name_or_paths: Union[str, Sequence[Sequence[int]]]) -> list
         except TypeError as e:
             raise ConfigError(f"tree choices must be a list of rank paths, got {name_or_paths!r}") from e
     seen = set()
-    for p in paths:
-        if len(p) == 0 or not all(is_int(r) for r in p):
+    for i, p in enumerate(paths):
+        if len(p) == 0 or not all(is_integral(r) for r in p):
             raise ConfigError(f"tree path {p!r} must be a non-empty tuple of integer top-k ranks")
+        # numpy's integers as Python's: TreeSpec([[np.int64(0)]]) was refused, where Engine's tree option takes them
+        p = paths[i] = tuple(int(r) for r in p)
         if min(p) < 0:
             raise ConfigError(f"tree path {p!r} has a negative rank")
         if p in seen:
