@@ -284,11 +284,14 @@ def check_engine_args(max_seq_len, max_batch_size, cuda_graphs) -> tuple[int, in
 @dataclass
 class _KeptPrefix:
     """Cache row 0 holds the K/V of `ids` in slots 0..len(ids) - 1 (and, when `heads` drafted that run, their
-    own cache the matching entries, valid while their cache epoch stays `epoch`)."""
+    own cache the matching entries, valid while their cache epoch stays `epoch`). backend: the kernel backend that
+    computed them: another one's K/V differ from its own by far more than the last bits (cpu vs torch: a cpu turn
+    after a torch one answered other greedy tokens than a fresh cpu run)."""
     cache: KVCache
     heads: object
     epoch: int | None
     ids: list[int]
+    backend: str | None = None
 
 
 class Engine:
@@ -1192,12 +1195,12 @@ class Engine:
             return entries
         return joins
 
-    def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int]) -> int:
+    def _reusable(self, kept: "_KeptPrefix | None", decoder, prompt: list[int], backend: str | None = None) -> int:
         """Leading prompt tokens whose K/V (and drafting heads' entries) the cache holds from the last kept run.
         One short of the common prefix: the token after the heads' last reused entry must not have changed, and
         at least one token is prefilled to give the first logits."""
         heads = getattr(decoder, "heads", None)
-        if kept is None or kept.cache is not decoder.cache or (
+        if kept is None or kept.cache is not decoder.cache or kept.backend != backend or (
                 heads is not None and (kept.heads is not heads or kept.epoch != heads.cache_epoch())):
             return 0
         n = 0
@@ -1250,8 +1253,10 @@ class Engine:
             # a stream made and never iterated dropped a chat's kept prefix (the next turn prefilled it all again).
             # A run started in between took it then, so what is left here is what the cache holds now.
             kept, self._kept = self._kept, None
+            with use_backend(backend):      # what this run's steps compute on (the engine's, the call's, the process')
+                ran_on = get_backend(self.device)
             if keep:
-                decoder.prefix_reuse = self._reusable(kept, decoder, ids[0])
+                decoder.prefix_reuse = self._reusable(kept, decoder, ids[0], ran_on)
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
             steps = run(decoder, ids, self.tokenizer, limits, list(eos_ids), stop, stats,
@@ -1299,7 +1304,7 @@ class Engine:
                 seq = ids[0] + decoder.rows[0].ids
                 heads = getattr(decoder, "heads", None)
                 self._kept = _KeptPrefix(decoder.cache, heads, None if heads is None else heads.cache_epoch(),
-                                         seq[:min(int(decoder.cache.length[0]), len(seq))])
+                                         seq[:min(int(decoder.cache.length[0]), len(seq))], ran_on)
         return results      # generate() takes its own run's results from here, never from last_result
 
     @staticmethod
