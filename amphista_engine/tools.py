@@ -52,12 +52,6 @@ CHOICES = ("none", "auto", "required")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_-]*")
 _CALL_ID_CHARS = re.compile(r"[A-Za-z0-9]*")
-# A closed block, or an unclosed last one (an answer cut by max_tokens or a stop string), as vLLM's hermes parser
-# reads them
-_BLOCK = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END) + "|"
-                    + re.escape(TOOL_CALL_START) + r"(.*)\Z", re.S)
-
-
 class ToolError(InputError):
     """A malformed tools, tool_choice or tool message; param: the request field it is about (OpenAI's error
     object names it)."""
@@ -451,6 +445,79 @@ def prepare_messages(messages: list[dict], tools: list | None = None, native: bo
 
 # ---- answers ---------------------------------------------------------------------------------------------------
 
+class _Closer:
+    """Where a Hermes block whose text begins at `body` closes: at its first </tool_call> that is not text of a
+    string of the block's JSON (read as _Canon reads it, from the "{" it begins with). Qwen's template writes a
+    call's arguments with tojson, which leaves "</tool_call>" in a string as it is: cut at the first tag (as vLLM's
+    regex cuts), `{"path": "a</tool_call>b"}` was no call, and the block's tail came back as content. A tag is the
+    string's text only where the string then closes as JSON: a body that is no JSON, whose JSON broke or ended
+    before the tag, or whose string breaks after it (a raw newline: `{"a": "x</tool_call>\n<tool_call>...`) or never
+    closes, closes at the tag, as before. Read as the text grows (a stream's state kept here), so that a stream and
+    the whole answer's parse cut every block at the same place."""
+
+    def __init__(self, body: int):
+        self.body = body
+        self.lex: _Canon | None = None
+        self.at = body              # the text up to here was fed to lex
+        self.scan = body            # where the next </tool_call> is looked for
+
+    def find(self, text: str, final: bool = True) -> tuple[int, int]:
+        """(where the block closes in text: its </tool_call>, or -1; how far its text reaches for now: the tag
+        that may still be a string's text, which waits for the string's end, or the end of the text). final: the
+        text is the whole answer (a string that never closes leaves its tag closing the block)."""
+        while True:
+            j = text.find(TOOL_CALL_END, self.scan)
+            if j < 0:
+                return -1, len(text)
+            if self.lex is None:
+                k = self.body
+                while k < j and text[k] in _WS:
+                    k += 1
+                if text[k] != "{":
+                    return j, j
+                self.lex, self.at = _Canon(lenient=True), k
+            lex = self.lex
+            if self.at <= j:
+                lex.feed(text[self.at:j])
+                self.at = j
+                if lex.bad or lex.done or lex.raw is None or lex.esc:
+                    return j, j
+            while lex.raw is not None and not lex.bad:
+                q = text.find('"', self.at)
+                if q < 0:
+                    return (j, j) if final else (-1, j)
+                lex.feed(text[self.at:q + 1])
+                self.at = q + 1
+            if lex.bad:
+                return j, j
+            self.scan = j + 1       # the tag was the string's text: the block goes on
+
+
+class _Block(NamedTuple):
+    """A Hermes block as _blocks finds it: its text from body to close (the end of the text where it is unclosed:
+    an answer cut by max_tokens or a stop string), its <tool_call> at tag, what follows its </tool_call> at after."""
+    tag: int
+    body: int
+    close: int
+    after: int
+    closed: bool
+
+
+def _blocks(text: str) -> list[_Block]:
+    """The Hermes blocks of text, as vLLM's hermes parser finds them (each from a <tool_call> to the next
+    </tool_call>, an unclosed last one to the end), but closed where _Closer closes them."""
+    out, pos = [], 0
+    while (i := text.find(TOOL_CALL_START, pos)) >= 0:
+        body = i + len(TOOL_CALL_START)
+        j = _Closer(body).find(text)[0]
+        if j < 0:
+            out.append(_Block(i, body, len(text), len(text), False))
+            break
+        pos = j + len(TOOL_CALL_END)
+        out.append(_Block(i, body, j, pos, True))
+    return out
+
+
 def _call(body: str) -> dict | None:
     try:
         obj = json.loads(body.strip())
@@ -621,15 +688,16 @@ def parse_tool_calls(text: str, fmt: str = "hermes", *, v11: bool = False,
     if fmt == "mistral":
         return _parse_mistral(text, v11, hidden)
     calls, parts, pos = [], [], 0
-    for m in _BLOCK.finditer(text):
-        call = _call(m.group(1) if m.group(1) is not None else _unclosed(m.group(2)))
+    for m in _blocks(text):
+        body = text[m.body:m.close]
+        call = _call(body if m.closed else _unclosed(body))
         if call is None:
             continue
-        between = text[pos:m.start()]
+        between = text[pos:m.tag]
         # the text before the first call as written; later only what is not the whitespace between blocks
         if not calls or between.strip():
             parts.append(between)
-        pos = m.end()
+        pos = m.after
         calls.append(call)
     if not calls:
         return _visible(text, hidden), []
@@ -709,16 +777,16 @@ def _hermes_reading(text: str, hidden: tuple = (), parallel: bool = True) -> tup
     unclosed last one that could still become a call (its JSON so far may begin one and has not ended): the answer
     was cut in it, and it is dropped too; so is a cut `<tool_call>` tag (2 or more of its characters: a lone "<"
     may be the answer's own text) after a closed last block."""
-    blocks = list(_BLOCK.finditer(text))
+    blocks = _blocks(text)
     end = len(text)
-    if blocks and blocks[-1].group(2) is None:
+    if blocks and blocks[-1].closed:
         end -= next((k for k in range(len(TOOL_CALL_START) - 1, 1, -1)
-                     if end - blocks[-1].end() >= k and text.endswith(TOOL_CALL_START[:k])), 0)
+                     if end - blocks[-1].after >= k and text.endswith(TOOL_CALL_START[:k])), 0)
     calls, parts, pos, placed = [], [], 0, False
     frozen, begun, whole = False, 0, True       # as ToolCallFilter._advance: frozen, no block begins after it
     for m in blocks:
-        closed = m.group(1) is not None
-        body = m.group(1) if closed else _unclosed(m.group(2))
+        closed = m.closed
+        body = text[m.body:m.close] if closed else _unclosed(text[m.body:m.close])
         call, name = _call(body), None
         if not frozen:
             state, at, values = _header(body, 0)
@@ -736,13 +804,13 @@ def _hermes_reading(text: str, hidden: tuple = (), parallel: bool = True) -> tup
                 frozen = state == "no" or closed
         if call is None and name is None and (closed or not _may_become_call(body)):
             continue                # no call, and nothing of it went out: content, as written
-        between = text[pos:m.start()]
+        between = text[pos:m.tag]
         # the text before the first block read as a call as written; later only what is not the whitespace between
         if not placed or between.strip():
             parts.append(between)
-        pos, placed = m.end(), True
+        pos, placed = m.after, True
         if call is not None:
-            calls.append((m.start(1) if closed else m.start(2), call))
+            calls.append((m.body, call))
     if not placed:
         content = _visible(text[:end], hidden)
         return (content if end == len(text) or content and content.strip() else None), [], True
@@ -856,6 +924,7 @@ class ToolCallFilter:
         self.calls: list[_Streamed] = []
         self.scan = 0           # where the next <tool_call> is looked for
         self.body: int | None = None    # where the open block's text begins
+        self.closer: _Closer | None = None  # ... and where it closes
         self.cur: _Streamed | None = None   # its call, once its name went out
         self.frozen = False     # a block that cannot be streamed: the rest waits for end()
         self.calls_sent = 0     # end(): the calls the answer holds (all sent), where they are whole
@@ -1144,7 +1213,8 @@ class ToolCallFilter:
                 if i < 0:
                     break
                 self.body = i + len(TOOL_CALL_START)
-            j = text.find(TOOL_CALL_END, self.body)
+                self.closer = _Closer(self.body)
+            j, upto = self.closer.find(text, final=False)
             if self.whole:
                 if j < 0:
                     break
@@ -1160,8 +1230,9 @@ class ToolCallFilter:
                 self.scan, self.body = j + len(TOOL_CALL_END), None
                 continue
             # the block's text so far, less a partial </tool_call> at the end (as _unclosed reads it)
-            end = j if j >= 0 else len(text) - next((k for k in range(len(TOOL_CALL_END) - 1, 0, -1)
-                                                      if text.endswith(TOOL_CALL_END[:k])), 0)
+            # (or up to a </tool_call> that may be a string's text: the rest waits until the string ends)
+            end = j if j >= 0 else upto if upto < len(text) else len(text) - next(
+                (k for k in range(len(TOOL_CALL_END) - 1, 0, -1) if text.endswith(TOOL_CALL_END[:k])), 0)
             if self.cur is None:
                 state, at, values = _header(text[:end], self.body)
                 if state != "ok":
