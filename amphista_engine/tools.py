@@ -52,6 +52,8 @@ CHOICES = ("none", "auto", "required")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_-]*")
 _CALL_ID_CHARS = re.compile(r"[A-Za-z0-9]*")
+
+
 class ToolError(InputError):
     """A malformed tools, tool_choice or tool message; param: the request field it is about (OpenAI's error
     object names it)."""
