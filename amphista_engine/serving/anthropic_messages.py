@@ -548,7 +548,13 @@ class _Message(Reply):
         --cache-prompt), as Anthropic counts them. Before the answer (message_start): the prompt's length."""
         if results is None:
             if self.prompt_tokens is None:
-                self.prompt_tokens = len(self.app._encode(self.job))
+                count = len(self.app._encode(self.job))
+                # the run keeps the prompt's last N tokens (checked by now: the run started), and the final usage
+                # counts those: message_start said the whole prompt's count, which a client reading it there took
+                keep = self.job.options.get("truncate_prompt_tokens")
+                if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1:
+                    count = min(count, keep)
+                self.prompt_tokens = count
             return {"input_tokens": self.prompt_tokens, "output_tokens": 0, "cache_creation_input_tokens": 0,
                     "cache_read_input_tokens": 0}
         u = self.usage(results, None)

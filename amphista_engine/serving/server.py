@@ -149,8 +149,9 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
     response_format errors are about."""
     message = str(e).replace("max_new_tokens", "max_tokens").replace(
         "max_seq_len", "the server's --max-seq-len").replace("speculative=None", "speculative='none'")
-    if constraint not in (None, "response_format") and message.startswith("response_format"):
-        message = constraint + message[len("response_format"):]
+    if constraint not in (None, "response_format"):
+        # not only at its start: "ignore_eos does not mix with response_format" named a field the client never sent
+        message = re.sub(r"\bresponse_format\b", lambda m: constraint, message)
     if isinstance(e, CacheFullError):       # OpenAI's status and code for a prompt past the context
         return ApiError(400, message, prompt_field, "context_length_exceeded")
     if isinstance(e, InputError):
@@ -455,11 +456,16 @@ def _constraints(body: dict) -> list[tuple[str, str | None, object]]:
 
 
 def _constraint_field(body) -> str | None:
-    """The field a request's one structured-output constraint came in, or None (none, or a request refused)."""
+    """The field a request's one structured-output constraint came in, or None (none, or a request refused):
+    tool_choice where it holds the answer to tool calls ("required" or a named function; tool_plan refuses it beside
+    another constraint), whose grammar the engine calls response_format too."""
     try:
         found = _constraints(body) if isinstance(body, dict) else []
     except ApiError:
         return None
+    if not found and isinstance(body, dict) and body.get("tools") and \
+            body.get("tool_choice") not in (None, "none", "auto"):
+        return "tool_choice"
     return found[0][0] if len(found) == 1 else None
 
 
