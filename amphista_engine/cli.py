@@ -149,7 +149,10 @@ def _template_kwargs(args) -> dict:
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, per_run: bool = True):
     """per_run: also the options a server takes per request only (penalties, logit bias, ignore_eos)."""
-    p.add_argument("--max-new-tokens", type=_int, default=max_new_tokens)
+    # the default named: chat's 512 is not the API's 256 (generate's is)
+    p.add_argument("--max-new-tokens", type=_int, default=max_new_tokens,
+                   help=f"the most tokens an answer gets (default {max_new_tokens})" if per_run else
+                   f"max_tokens of requests that send none (default {max_new_tokens})")
     # None: unset, filled by serving.commands.sampling_defaults (the model's generation_config.json, else greedy)
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default, unless the model's generation_config.json samples)")
@@ -176,7 +179,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
         p.add_argument("--ignore-eos", action="store_true",
                        help="go on past end-of-sequence tokens, to --max-new-tokens (fixed-length runs)")
         p.add_argument("--min-tokens", type=_int, default=0,
-                       help="no end-of-sequence (or --stop-token-id) token before this many tokens")
+                       help="no end-of-sequence (or --stop-token-id) token before this many tokens, nor a --stop "
+                            "string that completes in them")
         p.add_argument("--stop-token-id", type=_int, action="append", dest="stop_token_ids", metavar="ID",
                        help="a token id that ends the answer as EOS does (repeatable)")
         form = p.add_mutually_exclusive_group()
@@ -250,7 +254,17 @@ def _load(args, prompt=None):
     check_stop(args.stop)
     if hasattr(args, "json_schema"):
         from .structured import grammar_source
-        grammar_source(_response_format(args))
+        flag = next((f for f, given in (("--json-schema", args.json_schema), ("--regex", args.regex),
+                                        ("--grammar", args.grammar)) if given is not None),
+                    "--json-object" if args.json_object else None)
+        try:
+            grammar_source(_response_format(args))
+        except InputError as e:     # "response_format type 'regex' needs...": the flag the user typed
+            raise InputError(f"{flag}: {e}") from None
+        # the engine refuses these at the run, after the load and in its own terms (ignore_eos, response_format)
+        if flag is not None and (args.ignore_eos or args.min_tokens):
+            raise InputError(f"{'--ignore-eos' if args.ignore_eos else '--min-tokens'} does not mix with {flag}: a "
+                             "constrained answer ends by EOS where its format is complete, and nowhere else")
     template_kwargs = _template_kwargs(args)
     chat_template = _chat_template(args)
     for stop in args.stop or ():      # bytes that are not UTF-8 (argv's surrogates) could never match the text
@@ -425,7 +439,13 @@ def _generate_prompt(args):
     if stdin is not None and _isatty(stdin):
         # `amphista generate -` typed at a terminal waited in silence, as if the load had hung
         print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
-    prompt = stdin.read().rstrip() if stdin is not None else args.prompt   # without echo's newline
+    prompt = args.prompt
+    if stdin is not None:
+        # Only the line end that echo and editors add goes: rstrip() also took a raw prompt's trailing spaces
+        # ("def f(x):\n    " lost the indentation the answer continues from, unlike the same prompt as an argument)
+        prompt = stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        prompt = prompt[:-1] if prompt.endswith("\r") else prompt
     if stdin is not None:
         prompt = prompt.removeprefix("\ufeff")     # a byte order mark (a file saved by Notepad) is no prompt text
     if not prompt.strip():
@@ -450,8 +470,10 @@ def cmd_generate(args) -> int:
     if args.top_logprobs and not (args.logprobs and args.json):
         raise InputError("--top-logprobs goes with --logprobs and --json (top_logprobs is a JSON field beside "
                          "token_logprobs)")
-    if args.chat is False and args.chat_template is not None:
-        raise InputError("--chat-template applies to the chat template, which --no-chat turns off; drop one of them")
+    for flag, value in (("--chat-template", args.chat_template),
+                        ("--chat-template-kwargs", args.chat_template_kwargs)):
+        if args.chat is False and value is not None:    # the kwargs were taken and did nothing
+            raise InputError(f"{flag} applies to the chat template, which --no-chat turns off; drop one of them")
     _check_stdout()
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
     engine, speculative, tree, check = _load(args, prompt)
@@ -495,6 +517,11 @@ _API_NAME = re.compile(r"\b(speculative|tree)=(?:'([^']*)'|(None)\b)|\b(" + "|".
 def _in_flag_terms(message: str) -> str:
     """An engine message or warning with the API's argument names as the command's flags that set them."""
     message = message.replace("speculative=None, or 'auto'", "--speculative none or auto")
+    # single words left alone below (English too), but the whole message is about the flag where it opens with one:
+    # "temperature must be finite", "seed must be an integer ... or None" (no None to type), "stop strings must..."
+    message = re.sub(r"\A(temperature|seed|stop) (must|strings must)", r"--\1 \2", message)
+    if message.startswith("--seed "):
+        message = message.replace(" or None, got", ", got", 1)
 
     def flag(m):
         if m[1]:
@@ -732,9 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
     # The keys a script reads are named here: they were documented nowhere
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (one line) instead of streaming text: text, token_ids, prompt_tokens, "
-                        "finish_reason (eos, length or stop), stats (token counts, times in ms, tau, accept_hist; "
-                        "tree and tree_nodes when a tree ran), speculative (the method that ran, or null), weights "
-                        "(dtype, quant, linears), kernels (the backend the hot ops ran on) and, where the CPU timed "
+                        "finish_reason (eos, length or stop), stop_reason (the --stop string or --stop-token-id id "
+                        "that ended it, where one did), stats (token counts, times in ms, tau, accept_hist; tree and "
+                        "tree_nodes when a tree ran), speculative (the method that ran, or null), weights (dtype, "
+                        "quant, linears, bytes), kernels (the backend the hot ops ran on) and, where the CPU timed "
                         "the heads, speculation_check")
     g.add_argument("--logprobs", action="store_true",
                    help="with --json: token_logprobs, the model's log-probability of each answer token")
