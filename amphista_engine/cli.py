@@ -183,6 +183,15 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
                             "string that completes in them")
         p.add_argument("--stop-token-id", type=_int, action="append", dest="stop_token_ids", metavar="ID",
                        help="a token id that ends the answer as EOS does (repeatable)")
+        # the API's (and the server's) vLLM options, which the commands had no flag for
+        p.add_argument("--include-stop-str-in-output", action="store_true",
+                       help="keep the --stop string that ended the answer in its text")
+        p.add_argument("--bad-word", action="append", dest="bad_words", metavar="WORD",
+                       help="a word never generated, with or without a leading space (vLLM's bad_words; repeatable)")
+        p.add_argument("--allowed-token-id", type=_int, action="append", dest="allowed_token_ids", metavar="ID",
+                       help="generate only these token ids (repeatable; vLLM's allowed_token_ids)")
+        p.add_argument("--truncate-prompt-tokens", type=_int, default=None, metavar="N",
+                       help="keep only the prompt's last N tokens (after the chat template)")
         form = p.add_mutually_exclusive_group()
         form.add_argument("--json-object", action="store_true",
                           help="answer with a JSON object (response_format json_object)")
@@ -341,7 +350,9 @@ def _decoding_kwargs(args, speculative, tree) -> dict:
                 seed=args.seed, speculative=speculative, tree=tree if speculative is not None else None,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 logit_bias=_logit_bias(args), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
-                stop_token_ids=args.stop_token_ids, response_format=_response_format(args))
+                stop_token_ids=args.stop_token_ids, response_format=_response_format(args),
+                include_stop_str_in_output=args.include_stop_str_in_output, bad_words=args.bad_words,
+                allowed_token_ids=args.allowed_token_ids, truncate_prompt_tokens=args.truncate_prompt_tokens)
 
 
 def _stream_answer(engine, prompt, before=None, **kwargs):
@@ -506,7 +517,9 @@ _FLAGS = {"max_seq_len": "--max-seq-len", "max_new_tokens": "--max-new-tokens", 
           "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
           "stop_token_ids": "--stop-token-id", "logit_bias": "--logit-bias",
           "chat_template_kwargs": "--chat-template-kwargs", "speculative": "--speculative", "tree": "--tree",
-          "top_logprobs": "--top-logprobs"}
+          "top_logprobs": "--top-logprobs", "include_stop_str_in_output": "--include-stop-str-in-output",
+          "bad_words": "--bad-word", "allowed_token_ids": "--allowed-token-id",
+          "truncate_prompt_tokens": "--truncate-prompt-tokens"}
 # name=value as the engine writes it (max_seq_len=128, speculative='auto', speculative=None): the flag with its value
 # as it could be typed (--max-seq-len=128, --speculative=auto, --speculative=none); a bare snake_case name: its flag.
 # The bare words speculative and tree stay English ("speculative decoding", "the tree's room").

@@ -20,7 +20,8 @@ PROMPTS = ["The quick brown fox", "List three colors:", "What is 2+2?"]
 API_DEFAULTS = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, stop=None, seed=None,
                     chat=None, speculative=None, tree=None, presence_penalty=0.0, frequency_penalty=0.0,
                     logit_bias=None, ignore_eos=False, min_tokens=0, stop_token_ids=None, response_format=None,
-                    logprobs=False, top_logprobs=0)
+                    logprobs=False, top_logprobs=0, include_stop_str_in_output=False, bad_words=None,
+                    allowed_token_ids=None, truncate_prompt_tokens=None)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,18 @@ def _draw(rng, model):
     if rng.random() < 0.2:
         api["stop_token_ids"] = rng.sample(range(1, 60), 2)
         argv += [x for i in api["stop_token_ids"] for x in ("--stop-token-id", str(i))]
+    if "stop" in api and rng.random() < 0.5:
+        api["include_stop_str_in_output"] = True
+        argv += ["--include-stop-str-in-output"]
+    if rng.random() < 0.2:
+        api["bad_words"] = rng.sample(["the", "a", "fox"], 2)
+        argv += [x for w in api["bad_words"] for x in ("--bad-word", w)]
+    if rng.random() < 0.2:
+        api["allowed_token_ids"] = rng.sample(range(3, 60), 8) + [2]
+        argv += [x for i in api["allowed_token_ids"] for x in ("--allowed-token-id", str(i))]
+    if rng.random() < 0.2:
+        api["truncate_prompt_tokens"] = rng.randint(1, 6)
+        argv += ["--truncate-prompt-tokens", str(api["truncate_prompt_tokens"])]
     api["chat"] = rng.choice([None, True, False])
     argv += {None: [], True: ["--chat"], False: ["--no-chat"]}[api["chat"]]
     prompt = rng.choice(PROMPTS)
@@ -198,3 +211,14 @@ def test_help_names_the_defaults_and_keys_that_differ():
     assert "(default 512)" in helps["chat"]["max_new_tokens"]
     assert "(default 256)" in helps["generate"]["max_new_tokens"]
     assert "stop_reason" in helps["generate"]["json"] and "bytes" in helps["generate"]["json"]
+
+
+def test_vllm_options_have_flags_named_in_errors(tiny_hf_dir, capsys):
+    """bad_words, allowed_token_ids, include_stop_str_in_output and truncate_prompt_tokens had no flag (the API and
+    the server take them); their errors name the flags."""
+    base = ["generate", "hi", "--model", str(tiny_hf_dir), "--device", "cpu", "--heads", "none", "--max-seq-len", "256",
+            "--max-new-tokens", "4"]
+    assert main([*base, "--allowed-token-id", "100000"]) == 2
+    assert "--allowed-token-id: token id 100000 is not in the model's vocabulary" in capsys.readouterr().err
+    assert main([*base, "--truncate-prompt-tokens", "0"]) == 2
+    assert "--truncate-prompt-tokens must be an integer >= 1" in capsys.readouterr().err
