@@ -94,6 +94,11 @@ FIRST_TIMED = 3
 SETTLE_MS = 60.0
 SETTLE_STEPS = 16
 ROUNDS = 3
+# Times taken while other processes kept this process' CPUs busy are used for the run at hand but not kept: kept,
+# they priced every later run on a machine that was busy once (2026-12-07: with test jobs beside it on the 2-core
+# Xeon the check timed a 4-bit plain step at 20.1 ms, 4.5 ms alone, and the file kept that). The share of the CPUs
+# this process may run on that other processes (and a VM's steal) used while the steps were timed, from /proc/stat.
+BUSY_SHARE = 0.25
 # Batches past this are timed at this size (module doc): bounds the timing's cost and the number of cached keys.
 MAX_TIMED_BATCH = 8
 
@@ -243,6 +248,7 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     file = costs_file()
     costs = timing_cache.read(file) if file else {}
     times = {}                       # tree -> (plain_ms, step_ms, date measured or None)
+    busy = []                        # other processes' share of the CPUs while steps were timed, where > BUSY_SHARE
 
     def measure(specs):
         keys = {c.name: cost_key(engine, c, prompt_tokens, batch) for c in specs}
@@ -253,11 +259,15 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                 times[c.name] = (e["plain_ms"], e["step_ms"], str(e.get("date", "earlier")))
         todo = [c for c in specs if c.name not in times]     # absent, or an entry edited into nonsense
         if todo:
+            before = cpu_ticks()
             plain_ms, step_ms = _time_steps(engine, todo, prompt_tokens, prompt_tokens + room, repeats, warmup,
                                             batch, settle)
+            share = others_share(before, cpu_ticks())
+            if share is not None and share > BUSY_SHARE:
+                busy.append(share)
             for c in todo:
                 times[c.name] = (plain_ms, step_ms[c.name], None)
-                if file:
+                if file and not busy:
                     entry = {"plain_ms": plain_ms, "step_ms": step_ms[c.name], "date": str(date.today())}
                     timing_cache.write(file, {keys[c.name]: entry})
 
@@ -299,7 +309,9 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
     reason = ((f"of the heads' trees ({', '.join(c.name for c in candidates[:n])} timed), {best.name} comes "
                "out best here: " if n > 1 else "")
               + f"a {best.name} step costs {ratio:.2f} plain steps here{rows} ({step_ms:.1f} vs {plain_ms:.1f} ms"
-              + (f", measured {measured_on}, kept in {file}" if measured_on else "") + ") and "
+              + (f", measured {measured_on}, kept in {file}" if measured_on else "")
+              + (f"; other processes kept {max(busy):.0%} of this process' CPUs busy meanwhile, so these times are "
+                 "not kept" if busy and not measured_on else "") + ") and "
               f"these heads emit ~{tau_here(best):.2f} tokens per step on it ({tau:.2f} greedy on held-out data, "
               f"x{HELD_OUT_DISCOUNT}{sampled}): " + ("speculation is faster" if pays else
                                                       "plain decoding is faster" if gain <= 1 else
@@ -401,6 +413,38 @@ def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats
     plain = times.pop(None)
     plain_ms = statistics.median(plain)
     return plain_ms, {name: plain_ms * statistics.median(a / b for a, b in zip(t, plain)) for name, t in times.items()}
+
+
+def cpu_ticks() -> tuple[float, int, int, int] | None:
+    """(now in clock ticks, busy ticks of the CPUs this process may run on, this process' own ticks, how many CPUs
+    those are), from /proc (Linux); None elsewhere."""
+    import os
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name in cpus:
+                    ticks = [int(x) for x in fields[:8]]        # user nice system idle iowait irq softirq steal
+                    busy += sum(ticks) - ticks[3] - ticks[4]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()     # the name in () may hold spaces
+        # utime + stime: every thread of the process
+        return time.monotonic() * os.sysconf("SC_CLK_TCK"), busy, int(own[11]) + int(own[12]), len(cpus)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def others_share(before, after) -> float | None:
+    """The share of this process' CPUs that other processes (and a VM's steal) used between two cpu_ticks()
+    readings; None where unknown or too short to tell (under 20 ticks of those CPUs)."""
+    if before is None or after is None or after[3] != before[3]:
+        return None
+    span = (after[0] - before[0]) * after[3]
+    if span < 20:
+        return None
+    return min(1.0, max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / span)
 
 
 def costs_file() -> Path | None:

@@ -27,8 +27,13 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 # cache point it at their own folder.
 os.environ["AMPHISTA_CACHE_DIR"] = "off"
 
+from amphista_engine import speculation_check
 from amphista_engine.config import ModelConfig
 from amphista_engine.model import Transformer
+
+# The tests share the machine with each other (xdist workers): step times taken beside them would never be kept, and
+# the tests of keeping them would depend on the other worker. The test of that rule sets it back.
+speculation_check.BUSY_SHARE = float("inf")
 
 TINY_HF = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,

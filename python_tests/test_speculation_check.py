@@ -376,3 +376,31 @@ def test_steps_are_timed_once_they_settle_into_their_own_pace(engine, monkeypatc
     rounds, per_round = sc._blocks(3)
     per_decoder = [sum(1 for d in last if d is dec) for dec in dict.fromkeys(last)]
     assert rounds * (1 + per_round) <= min(per_decoder) and max(per_decoder) <= rounds * (sc.SETTLE_STEPS + per_round)
+
+
+@pytest.mark.parametrize("others, kept", [(0.6, False), (0.1, True), (None, True)])
+def test_step_times_taken_on_a_busy_machine_are_not_kept(engine, tmp_path, monkeypatch, others, kept):
+    """Timed while other processes kept the CPUs busy (test jobs beside it: a 4-bit plain step timed at 20.1 ms,
+    4.5 ms alone), the times priced every later run once kept: used for this run only, and said so."""
+    import amphista_engine.speculation_check as sc
+    monkeypatch.setenv(sc.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(sc, "BUSY_SHARE", 0.25)          # conftest lifts it for the suite's shared machine
+    monkeypatch.setattr(sc, "_time_steps", _synthetic_steps([]))
+    monkeypatch.setattr(sc, "others_share", lambda before, after: others)
+    _record_tau(engine, "tree-16", 50.0)
+    res = check_speculation(engine, "tree-16", repeats=2, warmup=1)
+    assert res.pays and res.plain_ms == 10.0 and res.measured_on is None
+    assert (tmp_path / sc.COSTS_FILE).is_file() == kept
+    assert ("kept 60% of this process' CPUs busy meanwhile, so these times are not kept" in res.reason) != kept
+
+
+def test_others_share_counts_what_other_processes_used():
+    from amphista_engine.speculation_check import cpu_ticks, others_share
+    # (now, busy ticks of our CPUs, our own ticks, CPUs): 2 CPUs for 100 ticks, 150 busy, 50 of them ours
+    assert others_share((0.0, 1000, 10, 2), (100.0, 1150, 60, 2)) == 0.5
+    assert others_share((0.0, 1000, 10, 2), (100.0, 1100, 110, 2)) == 0.0        # all ours
+    assert others_share((0.0, 1000, 10, 2), (5.0, 1010, 10, 2)) is None          # too short to tell
+    assert others_share(None, (100.0, 1150, 60, 2)) is None
+    now = cpu_ticks()
+    if now is not None:          # Linux: real readings, each count sane
+        assert now[0] > 0 and now[1] >= now[2] >= 0 and now[3] >= 1
