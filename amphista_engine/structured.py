@@ -21,6 +21,7 @@ A schema's own "x-guidance" whitespace_flexible or whitespace_pattern is kept.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 
@@ -53,8 +54,15 @@ def grammar_source(response_format) -> str | None:
     if source is not None:
         error = _llguidance().LLMatcher.validate_grammar(source)
         if error:
-            raise InputError(f"response_format: {error.strip()}")
+            raise InputError(f"response_format: {_said(error)}")
     return source
+
+
+def _said(error: str, limit: int = 600) -> str:
+    """llguidance's error text, bounded: for a regex it could not build it quotes the whole regex, which a numeric
+    range such as exclusiveMinimum 1e-300 made thousands of nested groups (a 400 whose message ran to ~10 kB)."""
+    error = error.strip()
+    return error if len(error) <= limit else f"{error[:limit]}... ({len(error) - limit} more characters)"
 
 
 def _lone_surrogate(value, where: str = "") -> str | None:
@@ -256,7 +264,7 @@ def json_whitespace(response_format, field: str, pattern: str | None = None, com
         llg = _llguidance()
         error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_regex(pattern))
         if error:
-            raise InputError(f"{field}: {error.strip()}")
+            raise InputError(f"{field}: {_said(error)}")
         own["whitespace_pattern"] = pattern         # llguidance: a pattern overrides whitespace_flexible
     elif compact:
         own.pop("whitespace_pattern", None)
@@ -303,6 +311,50 @@ def without_no_ops(schema):
     return out
 
 
+def _whole(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value == int(value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def refuse_inexact_bounds(schema, where: str = "") -> None:
+    """An InputError for a number range llguidance (1.9) compiles too wide, at any level a subschema sits: an
+    exclusive bound that is a whole number, with the other bound inside the same unit (exclusiveMinimum 0 with
+    maximum 0.5, exclusiveMaximum -3 with minimum -3.5). Its regex lets the excluded bound itself through, written
+    as an integer ("0", "-3", "-0"): a sampled answer {"p": 0} under {"exclusiveMinimum": 0, "maximum": 0.5}, valid
+    JSON that breaks the schema. Refused, naming the keyword, rather than ignored; bounds a unit apart or more, and
+    inclusive ones, compile exactly. A bound only reached through allOf or $ref is not seen here."""
+    if not isinstance(schema, dict):
+        return
+    at = f" at {where.lstrip('.')}" if where else ""
+    lo, hi = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    uppers = [v for v in (schema.get("maximum"), hi) if _number(v)]
+    lowers = [v for v in (schema.get("minimum"), lo) if _number(v)]
+    integral = schema.get("type") == "integer"     # llguidance names an empty integer range itself
+    if not integral and _whole(lo) and lo >= 0 and uppers and min(uppers) < lo + 1:
+        raise InputError(f"response_format json_schema: exclusiveMinimum {lo!r} with an upper bound of {min(uppers)!r}"
+                         f"{at} is not supported: the grammar engine (llguidance) cannot exclude a whole-number "
+                         f"bound when both bounds lie within one unit (it would let {int(lo)} through); use "
+                         f"minimum with the least value to allow, or bounds a unit apart or more")
+    if not integral and _whole(hi) and hi <= 0 and lowers and max(lowers) > hi - 1:
+        raise InputError(f"response_format json_schema: exclusiveMaximum {hi!r} with a lower bound of {max(lowers)!r}"
+                         f"{at} is not supported: the grammar engine (llguidance) cannot exclude a whole-number "
+                         f"bound when both bounds lie within one unit (it would let {int(hi)} through); use "
+                         f"maximum with the greatest value to allow, or bounds a unit apart or more")
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                refuse_inexact_bounds(sub, f"{where}.{key}.{name}")
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            for i, sub in enumerate(value):
+                refuse_inexact_bounds(sub, f"{where}.{key}[{i}]")
+        elif key in _SUBSCHEMA:
+            refuse_inexact_bounds(value, f"{where}.{key}")
+
+
 def _bounded_json_blocks(lark: str) -> str:
     """A Lark grammar whose `%json {schema}` blocks take the bounded whitespace a json_schema response_format takes
     (JSON_WHITESPACE, unless the schema sets its own "x-guidance" whitespace) and drop the no-op keywords it drops:
@@ -318,6 +370,7 @@ def _bounded_json_blocks(lark: str) -> str:
             continue
         if not isinstance(schema, dict):
             continue
+        refuse_inexact_bounds(schema)
         schema = without_no_ops(schema)
         own = schema.get("x-guidance")
         if not (isinstance(own, dict) and ("whitespace_flexible" in own or "whitespace_pattern" in own)):
@@ -328,6 +381,7 @@ def _bounded_json_blocks(lark: str) -> str:
 
 
 def _json_grammar(llg, schema: dict) -> str:
+    refuse_inexact_bounds(schema)
     schema = without_no_ops(schema)
     own = schema.get("x-guidance")
     if isinstance(own, dict) and ("whitespace_flexible" in own or "whitespace_pattern" in own):
@@ -434,7 +488,7 @@ class Grammar:
         self.vocab_size = vocab_size
         error = llg.LLMatcher.validate_grammar(self.source, self.tokenizer)
         if error:
-            raise InputError(f"response_format: {error.strip()}")
+            raise InputError(f"response_format: {_said(error)}")
         self._check_some_text()
 
     def _check_some_text(self):
@@ -458,7 +512,7 @@ class Grammar:
         llg = _llguidance()
         m = llg.LLMatcher(self.tokenizer, self.source, log_level=0)
         if m.is_error():
-            raise InputError(f"response_format: {m.get_error()}")
+            raise InputError(f"response_format: {_said(m.get_error())}")
         return m
 
 
