@@ -62,7 +62,13 @@ def _said(error: str, limit: int = 600) -> str:
     """llguidance's error text, bounded: for a regex it could not build it quotes the whole regex, which a numeric
     range such as exclusiveMinimum 1e-300 made thousands of nested groups (a 400 whose message ran to ~10 kB)."""
     error = error.strip()
-    return error if len(error) <= limit else f"{error[:limit]}... ({len(error) - limit} more characters)"
+    error = error if len(error) <= limit else f"{error[:limit]}... ({len(error) - limit} more characters)"
+    if "Enable 'coerce_one_of'" in error:
+        # llguidance's own words name an option of its API, not where a request sets it. It refuses only a oneOf
+        # whose branches may overlap (a pydantic discriminated union's are told apart, and pass)
+        error += (' (the branches of a oneOf may overlap here, which the grammar cannot hold to exactly one; '
+                  '"x-guidance": {"coerce_one_of": true} at the top of the schema holds the answer to any of them)')
+    return error
 
 
 def _lone_surrogate(value, where: str = "") -> str | None:
