@@ -32,6 +32,9 @@ _REFUSED_MOE = {
     "jetmoe": "JetMoE routes attention heads too (mixture of attention heads)",
 }
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+# Far past any real model (the largest have ~160 layers and ~400 experts): a corrupt or hand-edited count of 2**63
+# looped over every layer's tensor names and never returned, one of a million took 15 s to say tensors were missing.
+MAX_LAYERS = MAX_EXPERTS = 65536
 
 
 @dataclass
@@ -102,6 +105,15 @@ class ModelConfig:
             if not is_integral(value) or value <= 0:
                 raise ConfigError(f"model config: {key} must be a positive integer, got {value!r}")
             setattr(self, key, int(value))
+        for key, most in (("n_layers", MAX_LAYERS), ("n_experts", MAX_EXPERTS)):
+            if is_integral(getattr(self, key)) and getattr(self, key) > most:
+                raise ConfigError(f"model config: {key} is {_big(getattr(self, key))}, far past any model's "
+                                  f"(at most {most})")
+        if not is_integral(self.max_position_embeddings) or self.max_position_embeddings <= 0:
+            # a string ("4096") passed here and failed in the engine with "'>' not supported between int and str"
+            raise ConfigError(f"model config: max_position_embeddings must be a positive integer, got "
+                              f"{self.max_position_embeddings!r:.80}")
+        self.max_position_embeddings = int(self.max_position_embeddings)
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
         for key in ("norm_eps", "rope_theta"):
@@ -190,6 +202,18 @@ class ModelConfig:
             raise ConfigError(f"a model config must be a JSON object, got a {type(cfg).__name__}")
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         model_type = cfg.get("model_type", "llama")
+        # a number, a list or an object here met TypeError / KeyError deep in the family checks below
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"architectures must be a list of class names (e.g. [\"LlamaForCausalLM\"]), got "
+                              f"{archs!r:.80}")
+        if not isinstance(model_type, str):
+            raise ConfigError(f"model_type must be a string (e.g. \"llama\"), got {model_type!r:.80}")
+        for key in ("rope_scaling", "rope_parameters"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise ConfigError(f"{key} must be an object or null, got {cfg[key]!r:.80}")
+        layers = cfg.get("num_hidden_layers")
+        if is_integral(layers) and layers > MAX_LAYERS:     # before the per-layer lists below are built
+            raise ConfigError(f"num_hidden_layers is {_big(layers)}, far past any model's (at most {MAX_LAYERS})")
         _refuse_other_gemmas(cfg, archs[0], model_type)
         _refuse_other_moes(cfg, archs[0], model_type)
         if model_type in ("gemma3", "gemma3_text"):
@@ -236,8 +260,9 @@ class ModelConfig:
             raise ModelLoadError(f"config file not found: {path}")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:    # ValueError: bad JSON or bad UTF-8
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:    # ValueError: bad JSON or bad UTF-8
+            # RecursionError: arrays nested thousands deep, which json's decoder recurses into
+            raise ConfigError(f"{path} is not valid JSON: {str(e) or type(e).__name__}") from None
         try:
             return cls.from_hf(cfg)
         except ConfigError as e:
@@ -253,6 +278,12 @@ _GEMMA3_TEXT_DEFAULTS = {      # transformers' Gemma3TextConfig: Hub configs (4B
     "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1,
     "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": None,
     "attn_logit_softcapping": None}
+
+
+def _big(n: int) -> str:
+    """n for a message: past 4300 digits str() raises ValueError itself."""
+    from .errors import int_digits
+    return str(n) if int_digits(n) <= 30 else f"an integer of {int_digits(n)} digits"
 
 
 def _refuse_other_gemmas(cfg: dict[str, Any], arch: str, model_type: str) -> None:

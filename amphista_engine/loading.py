@@ -337,6 +337,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype, devic
         for name in names:
             if not isinstance(source[name], (cpu_quant.Codes4, cpu_quant.Int8Rows)):
                 _check_float("checkpoint", name, source[name])
+                _check_finite(name, source[name])
             if tuple(source[name].shape) != tuple(expected[name]):
                 raise ConfigError(f"tensor {name}: checkpoint shape {tuple(source[name].shape)} does not match "
                                   f"the shape {tuple(expected[name])} its config implies")
@@ -446,7 +447,7 @@ def _map_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]] | None:
                 return None
             header = json.loads(f.read(n))
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-        out = []
+        out, spans = [], []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -454,6 +455,17 @@ def _map_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]] | None:
             count = int(np.prod(shape, dtype=np.int64))
             if count * dtype.itemsize != end - start or not 0 <= start <= end <= size - 8 - n:
                 return None
+            spans.append((start, end))
+        # As safetensors itself checks: the tensors tile the data exactly. Offsets shifted into a neighbour's bytes
+        # (a corrupt header) loaded those bytes silently as the tensor's.
+        spans.sort()
+        if [s for s, _ in spans] != [0] + [e for _, e in spans[:-1]] or (spans and spans[-1][1] != size - 8 - n):
+            return None
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            count = int(np.prod(shape, dtype=np.int64))
             t = (torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + n + start) if count
                  else torch.empty(0, dtype=dtype))
             out.append((name, t.view(shape)))
@@ -774,6 +786,16 @@ def _check_hf_shapes(path: Path, cfg: ModelConfig, raw: dict, names: dict):
                 fields = fields.replace("intermediate_size", "moe_intermediate_size")
             raise ConfigError(f"{path}: tensor {shown(n)} has shape {tuple(raw[n].shape)}, but config.json implies "
                               f"{shape} ({fields})")
+
+
+def _check_finite(name: str, t: torch.Tensor):
+    """A NaN or inf weight (a corrupt download, a diverged fine-tune) loaded silently: its logits came out NaN, or
+    finite and wrong where attention masked it, with no word of the file. In chunks: no bool copy of a whole
+    embedding."""
+    for chunk in t.detach().reshape(-1).split(1 << 22):
+        if not torch.isfinite(chunk).all():
+            raise ConfigError(f"checkpoint tensor {name} holds NaN or infinite values: a corrupt file, or weights "
+                              "that diverged in training")
 
 
 def _check_float(where, name: str, t: torch.Tensor):
