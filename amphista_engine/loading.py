@@ -119,8 +119,8 @@ def generation_defaults(name_or_path: str | Path, missing_ok: bool = False) -> t
         return {}, None
     try:
         gc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:     # RecursionError: arrays nested thousands deep
+        raise ModelLoadError(f"{file}: not valid JSON ({str(e) or type(e).__name__})") from None
     if not isinstance(gc, dict):
         raise ModelLoadError(f"{file}: expected a JSON object, got {type(gc).__name__}")
     out = {}
@@ -377,8 +377,8 @@ def _hf_shards(path: Path) -> list[Path]:
             try:
                 weight_map = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (OSError, ValueError) as e:     # ValueError: bad JSON or bad UTF-8
-                raise ModelLoadError(f"{path / index} is not valid JSON: {e}") from None
+            except (OSError, ValueError, RecursionError) as e:     # ValueError: bad JSON or bad UTF-8
+                raise ModelLoadError(f"{path / index} is not valid JSON: {str(e) or type(e).__name__}") from None
             except (KeyError, TypeError, AttributeError):
                 raise ModelLoadError(f"{path / index} has no weight_map object of tensor name -> shard file") \
                     from None
@@ -470,7 +470,7 @@ def _map_safetensors(shard: Path) -> list[tuple[str, torch.Tensor]] | None:
                  else torch.empty(0, dtype=dtype))
             out.append((name, t.view(shape)))
         return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error):
         return None
 
 

@@ -716,8 +716,8 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:      # RecursionError: arrays nested thousands deep
+        raise ModelLoadError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from None
     return data if isinstance(data, dict) else {}
 
 

@@ -294,7 +294,7 @@ def check_heads_folder(path) -> None:
     cfg_file = Path(path) / "config.json"
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
-    except (OSError, ValueError):       # unreadable or torn: nothing a heads save would destroy
+    except (OSError, ValueError, RecursionError):       # unreadable or torn: nothing a heads save would destroy
         return
     if isinstance(raw, dict) and "dim" not in raw and ("model_type" in raw or "architectures" in raw):
         raise ConfigError(f"{path} holds a model checkpoint (config.json with model_type {raw.get('model_type')!r}): "
@@ -360,8 +360,8 @@ def read_heads_config(path) -> tuple[Path, HeadsConfig]:
                                  f"model.safetensors, as save_heads writes)")
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:    # Recursion: arrays nested deep
+        raise ConfigError(f"{cfg_file} is not valid JSON: {str(e) or type(e).__name__}") from None
     except OSError as e:
         raise ModelLoadError(f"cannot read {cfg_file}: {e}") from None
     if isinstance(raw, dict) and "dim" not in raw and ("model_type" in raw or "architectures" in raw):
