@@ -215,8 +215,8 @@ def _read_header(buf, path: str, tensors: bool):
                 dims = c.read("Q", n_dims)
                 qtype, offset = c.read("I")[0], c.read("Q")[0]
                 infos.append((name, dims, qtype, offset))
-    except (struct.error, KeyError) as e:
-        raise ModelLoadError(f"{path}: corrupt GGUF header ({e!r})") from e
+    except (struct.error, KeyError, RecursionError) as e:     # RecursionError: arrays of arrays nested thousands deep
+        raise ModelLoadError(f"{path}: corrupt GGUF header ({e!r})") from None
     align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
     if not is_int(align) or align <= 0:
         raise ModelLoadError(f"{path}: corrupt GGUF header (general.alignment is {align!r}, not a positive integer)")

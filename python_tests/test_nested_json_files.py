@@ -42,3 +42,17 @@ def test_a_heads_config_nested_too_deep_is_named(tiny_amphista_engine, tiny_amph
     with pytest.raises(AmphistaError, match="config.json is not valid JSON"):
         tiny_amphista_engine.load_heads(str(path))
     check_heads_folder(path)         # a save over it: nothing there a heads save would destroy
+
+
+def test_a_gguf_header_of_arrays_nested_too_deep_is_named(tmp_path):
+    """A GGUF metadata value of arrays of arrays, thousands deep (12 bytes a level), recursed into the reader."""
+    import struct
+
+    from amphista_engine.gguf_file import read_gguf
+    key = b"general.deep"
+    body = struct.pack("<QQ", 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)
+    body += struct.pack("<IQ", 9, 1) * 20_000 + struct.pack("<IQ", 4, 0)
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + body)
+    with pytest.raises(AmphistaError, match="corrupt GGUF header"):
+        read_gguf(path)
