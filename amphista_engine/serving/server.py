@@ -1648,6 +1648,10 @@ class _Handler(BaseHTTPRequestHandler):
                                      body.get("tree") is not None, _constraint_field(body)))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True        # the client went away: nothing to answer
+            if not getattr(self, "_logged", False):
+                # gone before its reply was counted (a stream whose client reset the connection as its headers
+                # went out): it was neither in /metrics nor in the log, as if never sent
+                self._done(499, " (client closed the connection or timed out)")
         except Exception as e:                  # noqa: BLE001 -- a bug: reported, and the server goes on
             print(f"amphista serve: internal error on {self.command} {self.path} (request_id: {self.request_id}):",
                   file=sys.stderr)
