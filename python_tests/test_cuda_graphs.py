@@ -317,6 +317,21 @@ def test_sampling_through_graphs_runs():
 
 
 @needs_gpu
+def test_seeded_sampling_through_graphs_repeats():
+    """The seed's promise (the same seed, the same answer) under graphs: a run on fresh graphs and a second run on
+    the captured ones draw the same tokens, plain and speculative (unrun on a GPU when written, 2026-12-07)."""
+    model, cache, prompts = _setup("cuda")
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    heads = random_heads("amphista", model, num_heads=4, seed=2)
+    for make in (lambda: PlainDecoder(model, cache, params),
+                 lambda: SpeculativeDecoder(model, cache, heads, TreeSpec("tree-16", 4, torch.device("cuda")), params)):
+        graphs = DecodeGraphs()
+        first, _ = decode(make(), prompts, 60, graphs=graphs)
+        again, _ = decode(make(), prompts, 60, graphs=graphs)
+        assert first == again
+
+
+@needs_gpu
 def test_graphs_recapture_when_the_cache_moves():
     model, cache, prompts = _setup("cuda")
     graphs = DecodeGraphs()
