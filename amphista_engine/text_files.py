@@ -49,6 +49,13 @@ def check_out_path(flag: str, path, folder: bool) -> Path:
     safetensors wrote it, a traceback. A file where a folder is wanted, or the reverse, is left to the command,
     which names what it writes there."""
     p = Path(user_path(path))
+    from . import shipped_heads
+    # distill's shard, eval-tau's and tree-search's JSON went into the shipped heads (or the package's data) as
+    # into any folder: `pip install` owns those files, and the heads' loader reads that folder
+    for package in (shipped_heads.DATA, Path(__file__).resolve().parent / "data"):
+        if p.resolve().is_relative_to(Path(package).resolve()):
+            raise InputError(f"{flag} {path} is inside the package's shipped heads and data ({package}): write "
+                             f"{'them' if folder else 'it'} to a folder of your own")
     if p.exists() and p.is_dir() != folder:
         return p            # each command names that in its own words (what it writes there)
     anchor = p if folder else p.parent

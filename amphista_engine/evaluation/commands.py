@@ -12,6 +12,8 @@ def cmd_eval(args) -> int:
     from ..text_files import user_path
     from .runner import run_eval, summary_markdown
     args.questions, args.out = user_path(args.questions), user_path(args.out)
+    from ..text_files import check_out_path
+    check_out_path("--out", args.out, folder=True)      # e.g. not inside the shipped heads, as the others' --out
     heads = {"amphista": args.heads_amphista, "medusa": args.heads_medusa}
     summary = run_eval(args.questions, methods=args.methods, model=args.model, heads=heads, tree=args.tree,
                        max_new_tokens=args.max_new_tokens, categories=args.categories, limit=args.limit, per_category=args.per_category,

@@ -157,6 +157,9 @@ def cmd_tree_search(args) -> int:
     if args.save and Path(args.heads).resolve().is_relative_to(SHIPPED_HEADS.resolve()):
         raise InputError("--save would write into the shipped heads: copy them to a directory and pass that")
     nodes = sizes("--nodes", args.nodes)
+    if not nodes:       # `--nodes ''` fitted no tree and reported success
+        raise InputError(f"--nodes {args.nodes!r} names no tree size; give a comma list of node counts of at least 2, "
+                         f"e.g. 16,32,63")
     dynamic = [n for n in nodes if n <= 64] if args.dynamic is None else sizes("--dynamic", args.dynamic)
     tree_search(args.data, args.heads, model=args.model, nodes=nodes, out=args.out, save=args.save,
                 eval_frac=args.eval_frac, cache_hidden=args.cache_hidden, device=args.device, dtype=args.dtype,

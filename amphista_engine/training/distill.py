@@ -30,8 +30,12 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
         raise InputError("--batch-size and --max-new-tokens must be positive")
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be a positive integer, got {limit}")
-    if not temperature >= 0:
-        raise InputError(f"--temperature must be >= 0 (0 = greedy answers), got {temperature}")
+    # finite, and 0 or at least the sampler's smallest divisor: inf, nan and 1e-30 were refused only after the
+    # load, in the sampler's words ("temperature must be ...", no flag)
+    from ..sampling import MIN_DIVISOR
+    if not (temperature == 0 or MIN_DIVISOR <= temperature < float("inf")):
+        raise InputError(f"--temperature must be 0 (greedy answers) or a finite number of at least {MIN_DIVISOR}, "
+                         f"got {temperature}")
     if not 0 < top_p <= 1:
         raise InputError(f"--top-p must be in (0, 1], got {top_p}")
     if offset < 0:
@@ -61,7 +65,10 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
                          + (f" taken by --limit {limit}" if limit is not None else "") + ": nothing to distill")
     prompts = prompts[offset:]
     if sources:
-        keep = set(sources.split(",") if isinstance(sources, str) else sources) - {""}
+        keep = {s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources)} - {""}
+        if not keep:      # `--sources ,` kept no prompt, and distill wrote nothing while reporting success
+            raise InputError(f"--sources {sources!r} names no source; give a comma list of prompt sources, e.g. "
+                             f"{','.join(sorted({p.source for p in prompts})[:3])}")
         unknown = sorted(keep - {p.source for p in prompts})
         if unknown:
             raise InputError(f"--sources: no prompts of {', '.join(unknown)} in that window of {prompts_file}; "

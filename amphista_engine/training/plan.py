@@ -30,6 +30,8 @@ def parse_source_weights(spec) -> dict[str, float]:
             entry = f"{name}={text}" if name else str(text)
             raise ConfigError(f"--source-weights: bad entry {entry!r}; expected SOURCE=WEIGHT with WEIGHT >= 0, "
                               f"e.g. 'alpaca_en_demo=3,gsm8k_train=0.5'")
+        if name in out:     # 's=1,s=2' took the last and dropped the first without a word
+            raise ConfigError(f"--source-weights: source {name!r} is given twice in {spec!r}; give each source once")
         out[name] = w
     return out
 

@@ -200,6 +200,12 @@ class TrainConfig:
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
             raise ConfigError(f"need 0 <= --eval-frac < 1, --lr > 0 and 0 < --lambda <= 1; got --eval-frac "
                               f"{self.eval_frac}, --lr {self.lr}, --lambda {self.lam}")
+        if self.lr * self.weight_decay >= 1:
+            # AdamW scales each weight by 1 - lr * weight_decay per step: at 1 or more it zeroes or flips them
+            # (--weight-decay 1e30 saved heads of weights ~1e27 and reported success)
+            raise ConfigError(f"--weight-decay {self.weight_decay} with --lr {self.lr}: AdamW multiplies the weights "
+                              f"by 1 - lr x weight-decay each step, which must stay above 0; give a --weight-decay "
+                              f"below {1 / self.lr:g} (typical: 0 to 0.1)")
         self.source_weights = parse_source_weights(self.source_weights)
 
 
@@ -365,11 +371,14 @@ RESUME_WARN = ("loss_positions", "mse_weight", "mse_positions", "warmup", "train
 _ABSENT = {"draft_vocab": 0, "source_weights": {}}     # states written before these options existed
 
 
-def shard_digest(seqs) -> str:
-    """Which records training read (ids and lengths, in file order): a resumed run must read the same."""
+def shard_digest(seqs, tokens: bool = False) -> str:
+    """Which records training read (ids and lengths, in file order): a resumed run must read the same.
+    tokens: their token ids too (another shard of the same ids and lengths, distilled anew, passed for the same)."""
     h = hashlib.sha1()
     for s in seqs:
         h.update(f"{s.id}\x00{s.prompt_len}\x00{len(s.ids)}\n".encode())
+        if tokens:
+            h.update(",".join(map(str, s.ids)).encode())
     return h.hexdigest()[:16]
 
 
@@ -377,7 +386,8 @@ def _stages(v):
     return [int(x) for x in v.split(",")] if isinstance(v, str) and v else (list(v) if v else None)
 
 
-def check_resume_recipe(sf: Path, st: dict, recipe: dict, fp: str, data_digest: str) -> None:
+def check_resume_recipe(sf: Path, st: dict, recipe: dict, fp: str, data_digest: str,
+                        tokens_digest: str | None = None) -> None:
     """Refuses a --resume whose recipe differs from the saved one in a key of RESUME_SAME (naming the keys), or
     whose data or target differ; warns for keys of RESUME_WARN."""
     theirs = st["recipe"]
@@ -385,7 +395,7 @@ def check_resume_recipe(sf: Path, st: dict, recipe: dict, fp: str, data_digest: 
     norm = lambda k, v: _stages(v) if k == "stage_of_head" else v
     differ = [f"{flag(k)} {norm(k, theirs.get(k, _ABSENT.get(k)))!r} -> {norm(k, recipe[k])!r}" for k in RESUME_SAME
               if norm(k, theirs.get(k, _ABSENT.get(k))) != norm(k, recipe[k])]
-    if st.get("data_digest") not in (None, data_digest):
+    if st.get("data_digest") not in (None, data_digest) or st.get("tokens_digest") not in (None, tokens_digest):
         differ.append(f"--data {theirs.get('data')} -> {recipe['data']} (the records read differ)")
     if st["fingerprint"] != fp:
         differ.append(f"target (LM-head fingerprint {st['fingerprint']} -> {fp})")
@@ -535,7 +545,18 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
     torch.manual_seed(cfg.seed)
-    heads = new_heads(cfg.kind, target, num_heads=cfg.num_heads, dtype=torch.float32, **overrides)
+    try:
+        heads = new_heads(cfg.kind, target, num_heads=cfg.num_heads, dtype=torch.float32, **overrides)
+    except (RuntimeError, MemoryError) as e:
+        # a size flag far too large (--sal-intermediate-size 99999999999) failed the allocation with torch's
+        # "DefaultCPUAllocator: can't allocate memory" trace
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            raise
+        sizes = ", ".join(f"{_flag(n)} {getattr(cfg, n)}" for n in ("num_heads", "layers_per_stage", "aeb_layers",
+                                                                     "sal_intermediate_size", "aeb_intermediate_size")
+                          if getattr(cfg, n) is not None)
+        raise ConfigError(f"the heads of these sizes ({sizes}) do not fit in memory ({str(e).splitlines()[0][:160]}); "
+                          f"give smaller sizes (the defaults fit the model's width)") from None
     if cfg.draft_vocab:
         vocab, coverage = frequent_tokens(train_seqs, cfg.draft_vocab, V)
         heads.set_draft_vocab(vocab)
@@ -568,13 +589,13 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     # the model a heads mismatch names later (checkpoint.trained_model): a target handed in was not loaded from
     # cfg.model, whose default would then name a model the heads were never trained for
     recipe["model"] = loaded_as
-    data_digest = shard_digest(data.sequences)
+    data_digest, tokens_digest = shard_digest(data.sequences), shard_digest(data.sequences, tokens=True)
     if cfg.resume:
         sf = out / STATE_FILE
         if not sf.is_file():
             raise InputError(f"--resume: no trainer state in {out} ({STATE_FILE} missing)")
         st = read_trainer_state(sf)
-        check_resume_recipe(sf, st, recipe, fp, data_digest)
+        check_resume_recipe(sf, st, recipe, fp, data_digest, tokens_digest)
         heads.load_state_dict({k: v.to(dev) for k, v in st["heads"].items()})
         if cfg.draft_vocab:
             heads.set_draft_vocab(heads.draft_vocab.clone())    # drops the gathered LM-head rows of the old set
@@ -696,7 +717,8 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         save_heads(heads, out, dtype=_dtype(cfg.save_dtype))
         state = {"step": step, "heads": {k: v.detach().cpu().clone() for k, v in heads.state_dict().items()},
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "recipe": recipe, "fingerprint": fp, "history": history, "data_digest": data_digest}
+                 "recipe": recipe, "fingerprint": fp, "history": history, "data_digest": data_digest,
+                 "tokens_digest": tokens_digest}
         tmp = out / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, out / STATE_FILE)

@@ -286,6 +286,9 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     bad = [n for n in dynamic if not 2 <= n <= 64]
     if bad:
         raise InputError(f"dynamic tree sizes {bad}: tree-search replays dynamic-N for N in [2, 64]")
+    nodes = list(nodes)
+    if not nodes or any(not isinstance(n, int) or n < 2 for n in nodes):     # none fitted no tree, and "succeeded"
+        raise InputError(f"--nodes {nodes}: expected tree sizes (node counts) of at least 2, e.g. 16,32,63")
     check_prefix(prefix, nodes)
     big = [n for n in nodes if n > MAX_TREE_NODES]
     if big:
