@@ -357,3 +357,9 @@ def test_out_inside_the_shipped_heads_is_refused(world, tmp_path, cmd):
     outcome, _, err = _one(world, tmp_path, cmd, "--out", str(target))
     assert outcome == "ERROR" and "is inside the package's shipped heads" in err
     assert not any(p.is_file() for p in world["fake"].rglob("*"))
+
+
+def test_distill_with_every_prompt_too_long_is_refused(world, tmp_path):
+    """Every prompt skipped as too long wrote a shard of no record and exited 0."""
+    outcome, _, err = _one(world, tmp_path, "distill", "--max-new-tokens", "62")
+    assert outcome == "ERROR" and "prompts are longer than the 2 tokens the cache leaves them" in err, err

@@ -714,7 +714,7 @@ def _cli(argv, capsys) -> tuple[int, str]:
     (["--limit", "-3"], "--limit must be a positive integer, got -3"),
     (["--max-seq-len", "-5"], "--max-seq-len must be at least 2"),
     (["--max-new-tokens", "100000"], "--max-new-tokens 100000 leaves no room for a prompt"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy answers) or a finite number"),
     (["--top-p", "0"], "--top-p must be in"),
 ])
 def test_distill_refuses_bad_settings_before_loading(tmp_path, capsys, extra, match):

@@ -109,17 +109,22 @@ def distill(prompts_file, out, model: str = "smollm2-135m", limit: int | None = 
         if shard.bad_lines:
             print(f"distill: warning: {shard.bad_lines} unreadable line(s) in {out} are kept as they are",
                   file=sys.stderr)
-        bar = tqdm(total=len(prompts), initial=counts["done_before"], unit="prompt", disable=not progress,
-                   file=sys.stderr, dynamic_ncols=True, desc="distill")
         t0, room = time.perf_counter(), engine.max_seq_len - max_new_tokens
         queue = []
         for p in todo:       # encode once to drop prompts that cannot fit, with a counted skip
             ids = engine.encode_prompt(p.prompt)
             if len(ids) > room:
                 counts["skipped_too_long"] += 1
-                bar.update(1)
                 continue
             queue.append((p, ids))
+        if todo and not queue and not counts["done_before"]:
+            # a shard of no record "succeeded" (exit 0), and train then met an empty file
+            raise InputError(f"all {len(todo)} prompts are longer than the {room} tokens the cache leaves them "
+                             f"(--max-seq-len {engine.max_seq_len} less --max-new-tokens {max_new_tokens}): nothing "
+                             "to distill; raise --max-seq-len or lower --max-new-tokens")
+        # after the skips: an error above is not written onto the bar's line
+        bar = tqdm(total=len(prompts), initial=counts["done_before"] + counts["skipped_too_long"], unit="prompt",
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True, desc="distill")
         # A batch prefills right-padded to its longest prompt (on a CPU, 64 mixed prompts cost ~9x their own
         # tokens): sorting by length makes batches of alike lengths. Sorting only within windows of 16 batches
         # keeps the records of a stopped run source-balanced at that grain.
