@@ -257,8 +257,19 @@ def _check_messages(messages) -> list[dict]:
                     "itself)") if isinstance(content, (list, tuple)) else ""
             raise InputError(f"message {i} ({role}) has {what}; expected a str{hint}")
         # transformers drops None values: templates handle a missing key, but print None as "None".
-        checked.append({k: v for k, v in m.items() if v is not None})
+        one = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((one[k] for k in _REASONING_FIELDS if k in one), None)
+        if reasoning is not None:
+            # as transformers' apply_chat_template: a reply's reasoning sent back as `reasoning` (vLLM's newer name) or
+            # `thinking` reaches a template that reads reasoning_content (Qwen3's), and gpt-oss's, which reads thinking;
+            # before, Qwen3's template wrote an empty <think></think> in its place
+            one = {"thinking": reasoning, **one, "reasoning_content": reasoning}
+        checked.append(one)
     return checked
+
+
+# The names of a message's reasoning, as transformers aliases them (the first is the one templates read).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 class _Generation(Extension):

@@ -204,10 +204,18 @@ class StreamDecoder:
         return ""
 
     def flush(self) -> str:
-        """Emit whatever was held back (an incomplete character at the very end decodes as U+FFFD)."""
+        """Emit whatever was held back (an incomplete character at the very end decodes as U+FFFD). Pushing more
+        after it goes on as before: the next piece is still read after the text before it."""
         prefix_text, new_text = self._window()
-        self._prefix = self._read = len(self._ids)
-        return new_text[len(prefix_text):]
+        text = new_text[len(prefix_text):]
+        if text.endswith("\ufffd"):
+            # the held bytes are final as U+FFFD: bytes pushed later start a text of their own, never completing them
+            self._prefix = self._read = len(self._ids)
+        elif text:
+            self._prefix, self._read = self._read, len(self._ids)
+        # Before, any flush restarted the window, one that emitted nothing too: a sentencepiece `▁word` pushed next
+        # lost its space ("<s>" then "▁f" streamed "<s>f", decode gives "<s> f").
+        return text
 
     @property
     def token_ids(self) -> list[int]:
@@ -233,11 +241,15 @@ class StreamDecoder:
         return False
 
     def _context(self, ids: list[int]) -> list[int]:
-        """The context's last 4 to 23 ids, the fewest that decode without U+FFFD (vLLM's choice): enough to place
-        the first pushed piece after text, and the window does not start inside a character. Each push decodes
+        """The context's last 4 to 23 ids, the fewest that decode to some text without U+FFFD (vLLM's choice, less
+        its empty windows): enough to place the first pushed piece after text, and the window does not start inside
+        a character. Each push decodes
         the context again until the first text comes out, so a long prompt is never read whole."""
         for n in range(4, min(len(ids), 23) + 1):
-            if "\ufffd" not in self._tokenizer.decode(ids[-n:], self._skip):
+            # text, not just no U+FFFD: after ids that decode to nothing (skipped specials, padded rows) a `▁word`
+            # read first lost its space, which decode(context + ids) keeps
+            text = self._tokenizer.decode(ids[-n:], self._skip)
+            if text and "\ufffd" not in text:
                 return ids[-n:]
         return ids[-4:] if len(ids) > 23 else ids
 
