@@ -260,6 +260,10 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
     them (a T = 0.7, top_p 0.9 nucleus of SmolLM2 held 4 tokens at the median, 82 at most). That is exact wherever
     the nucleus closes inside them with its edge value above the smallest candidate (every token tied with the edge
     is then a candidate); elsewhere, and on GPUs, the whole vocabulary is sorted."""
+    # The mass before a token is read in fp64 against top_p times the row's own total: fp32 softmax rows sum to
+    # 1 +- a few 1e-7 and fp32 running sums near 1 are 6e-8 apart, so at top_p 0.9999 the edge moved by hundreds of
+    # a 49k vocabulary's tail tokens against the exact nucleus (transformers' tail-first sum is exact there)
+    limit = top_p * p.sum(-1, keepdim=True, dtype=torch.float64)
     for k in (NUCLEUS_FIRST, NUCLEUS_CANDIDATES):
         if p.device.type != "cpu" or p.shape[-1] <= 2 * k:
             break
@@ -268,13 +272,19 @@ def _nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
         vals = vals.gather(-1, order)
         vals, order = vals.sort(dim=-1, descending=True, stable=True)
         ids = ids.gather(-1, order)
-        keep = (vals.cumsum(-1) - vals) < top_p
+        keep = _mass_before(vals) < limit
         n = keep.sum(-1, keepdim=True)                             # nucleus size per row (0: NaN probabilities)
         if bool(((n >= 1) & (n < k) & (vals.gather(-1, (n - 1).clamp(min=0)) > vals[..., -1:])).all()):
             return torch.zeros_like(p).scatter_(-1, ids, vals * keep)
     sp, order = p.sort(dim=-1, descending=True, stable=True)
-    drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) >= top_p)
+    drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, _mass_before(sp) >= limit)
     return p.masked_fill(drop, 0.0)
+
+
+def _mass_before(sorted_p: torch.Tensor) -> torch.Tensor:
+    """Each token's running mass before it, in fp64 (the same numbers for any prefix of the same order)."""
+    s = sorted_p.double()
+    return s.cumsum(-1) - s
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
