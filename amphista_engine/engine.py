@@ -363,6 +363,7 @@ class Engine:
         # collector, also one inside a block holding this lock, and its close takes the lock to end its run (a plain
         # Lock deadlocked that thread for good, and every later call on the engine with it).
         self._decoding_lock = threading.RLock()
+        _ENGINES.add(self)
         # How the linear layers run (kernels/linear_setup.py): packed for oneDNN on a CPU (the target's as 4-bit
         # codes with quant="q4", or "auto" for a file stored 4-bit), routed through the backend switch on CUDA
         # (each few-row product on the faster of the Triton GEMM and cuBLAS) unless AMPHISTA_TRITON_LINEAR=0.
@@ -1436,6 +1437,24 @@ class Engine:
 
 # heads module -> (a weak reference to) the engine that loaded it last: a module another engine runs is copied
 _HEADS_ENGINE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENGINES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _runs_of_other_threads_end_in_child():
+    """Only the forking thread lives on in a forked child: a run another thread had going never ends there, and left
+    marked the engine refused every call of the child as "decoding in another thread" (and a decoding lock that
+    thread held at the fork was held for good: the child's first call hung). Such a run took the kept prefix with
+    it (_drive), so the child's next run prefills afresh."""
+    me = threading.get_ident()
+    for engine in list(_ENGINES):
+        if not engine._decoding_lock._is_owned():
+            engine._decoding_lock = threading.RLock()
+        if engine._decoding is not None and engine._decoding[0] != me:
+            engine._decoding = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_runs_of_other_threads_end_in_child)
 
 
 def _heads_copy(heads, device, dtype):
