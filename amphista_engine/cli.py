@@ -266,8 +266,9 @@ def _load(args, prompt=None):
         flag = next((f for f, given in (("--json-schema", args.json_schema), ("--regex", args.regex),
                                         ("--grammar", args.grammar)) if given is not None),
                     "--json-object" if args.json_object else None)
+        form = _response_format(args)      # its own errors name the flag already
         try:
-            grammar_source(_response_format(args))
+            grammar_source(form)
         except InputError as e:     # "response_format type 'regex' needs...": the flag the user typed
             raise InputError(f"{flag}: {e}") from None
         # the engine refuses these at the run, after the load and in its own terms (ignore_eos, response_format)

@@ -361,12 +361,13 @@ def test_a_load_of_clients_joining_runs_answers_each_as_alone(served, monkeypatc
     after = metrics(url)
     assert "Traceback" not in capsys.readouterr().err and handler_errors == []
 
-    answered = started = 0
+    answered = started = left = 0
     for i, (_, body, stream, leave) in enumerate(clients):
         got, n = out[i], body.get("n", 1)
         assert got[0] != "exc", (body, got)
         if got[0] == "left":
             started += n
+            left += n
             continue
         _, status, reply = got
         chat = "messages" in body
@@ -411,7 +412,9 @@ def test_a_load_of_clients_joining_runs_answers_each_as_alone(served, monkeypatc
     def delta(name):      # summed over its labels
         return sum(v for k, v in after.items() if k.partition("{")[0] == name) - sum(
             v for k, v in before.items() if k.partition("{")[0] == name)
-    assert delta("amphista_request_success_total") == answered
+    # a client that left after its first event may have been sent every event by then (a short answer, decoded
+    # while the client's thread waited for the CPU: a loaded CI machine): answered in full, and counted so
+    assert answered <= delta("amphista_request_success_total") <= answered + left
     assert delta("amphista_run_rows_sum") == started        # every row decoded, in its run (joined ones too)
     assert delta("amphista_runs_total") == delta("amphista_run_rows_count") == sum(app.batch_sizes.values()) - sum(
         sizes.values())
