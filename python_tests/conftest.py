@@ -135,6 +135,19 @@ def _single_thread():
 
 
 @pytest.fixture
+def threads():
+    """Puts torch's thread count and the CPU extension's pool back after a test that sets them (engines in
+    threads)."""
+    from amphista_engine.kernels import cpu_ops
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+    ext = cpu_ops.load_extension()
+    if ext is not None:
+        ext.set_pool("omp")
+
+
+@pytest.fixture
 def one_thread():
     yield from _single_thread()
 

@@ -27,14 +27,6 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
     "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
 
 
-@pytest.fixture
-def threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-    ext.set_pool("omp")
-
-
 def _engine(path, backend, dtype="fp32", heads=None, quant="none"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -30,14 +30,6 @@ PROMPTS = ["The quick brown", "Hello, world", "def f(x):"]
 WAIT = 60                   # seconds: far above any run here, far below a test's budget
 
 
-@pytest.fixture
-def threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-    ext.set_pool("omp")
-
-
 def _engine(path, quant, heads=None, max_seq_len=256, max_batch_size=3):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
