@@ -215,19 +215,23 @@ def _oracle(name, v):
         return None
 
 
+def _with_bad(name: str, v, prompt, limit: int, options: dict):
+    """(prompt, limit) with the bad value v in the parameter `name` (put in options for any other name)."""
+    if name == "prompt":
+        return v, limit
+    if name == "max_new_tokens":
+        return prompt, v
+    options[name] = v
+    return prompt, limit
+
+
 def _call(eng, method: str, name: str, v):
     options = {"speculative": "amphista"} if name in ("tree", "acceptance") else {}
     if name == "acceptance":
         options["temperature"] = 0.7
     if name == "top_logprobs":
         options["logprobs"] = True
-    limit, prompt = 2, "Hello world"
-    if name == "max_new_tokens":
-        limit = v
-    elif name == "prompt":
-        prompt = v
-    else:
-        options[name] = v
+    prompt, limit = _with_bad(name, v, "Hello world", 2, options)
     if method == "generate":
         return eng.generate(prompt, limit, **options)
     if method == "stream":
@@ -555,13 +559,7 @@ def test_a_few_bad_options_on_smollm2_with_its_shipped_heads():
              "top_logprobs": 21, "min_tokens": 5}
     for name, v in cases.items():
         options = {"speculative": "amphista"}
-        prompt, limit = "Name a prime.", 4
-        if name == "prompt":
-            prompt = v
-        elif name == "max_new_tokens":
-            limit = v
-        else:
-            options[name] = v
+        prompt, limit = _with_bad(name, v, "Name a prime.", 4, options)
         if name == "top_logprobs":
             options["logprobs"] = True
         kind, detail = _outcome(lambda: eng.generate(prompt, limit, **options),
