@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextvars
 import inspect
+import os
 import threading
 import weakref
 from typing import AsyncIterator
@@ -127,6 +128,19 @@ def _turns(engine) -> _Turns:
         if turns is None:
             turns = _TURNS[engine] = _Turns()
         return turns
+
+
+def _turns_end_in_child():
+    """A forked child has no worker thread and none of the other threads' loops: a turn taken at the fork was never
+    released there (the child's first async call waited for good), nor a lock another thread held. The engine's own
+    hook (engine._runs_of_other_threads_end_in_child) frees the engine itself."""
+    global _turns_lock, _TURNS
+    _turns_lock = threading.Lock()
+    _TURNS = weakref.WeakKeyDictionary()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_turns_end_in_child)
 
 
 class _Run:
