@@ -858,7 +858,9 @@ class Engine:
 
         row_results: the stream also yields (row, GenerationResult) right after a row's last delta, when that row
         ends, so a caller can answer it before the batch's last row ends (`amphista serve` does); its stats time that
-        row alone. last_results still holds every row's result (batch-timed) once the stream ends.
+        row alone. last_results still holds every row's result (batch-timed) once the stream ends. A row of a batch
+        left no token to choose mid-run then yields (row, InputError) and ends there, as under admit, while the
+        others go on (a run of one prompt raises it, as without row_results).
 
         logprobs: each result also holds token_logprobs, the target's log-probability of each token it gave (read
         from the logits every step computes anyway: plain and speculative alike). top_logprobs=N (0 to 20, with
@@ -1265,7 +1267,9 @@ class Engine:
                         # a chat template's end-of-turn text stands for EOS: never kept in the text, as EOS is not
                         keep_stop=[s for s in stop if s not in turn_stops] if keep_stop and turn_stops else keep_stop,
                         continued=continued,   # each row's text read after its prompt
-                        min_tokens=min_tokens)
+                        min_tokens=min_tokens,
+                        # a caller answering rows as they end answers a failed one apart (a server's other requests)
+                        row_errors=row_results and len(ids) > 1)
             while True:
                 # Inference mode around each step only, never across a yield: held there, the caller's loop body
                 # ran in it, a stream left suspended (break, a pool thread's next()) left the thread in it, and

@@ -53,13 +53,27 @@ def flag_no_token(tokens: torch.Tensor, chosen_from: torch.Tensor | None,
     return torch.where(dead.view(-1, *([1] * (tokens.dim() - 1))), NO_TOKEN, tokens)
 
 
+def no_token_message(places: list[tuple[str, int]]) -> str:
+    """The error of rows left no token to choose: places, (what names the row, its new token number) each."""
+    where = " and ".join(f"at new token {n} of {what}" for what, n in places)
+    return (f"no token is left to choose {where}: allowed_token_ids, bad_words, logit_bias, min_tokens and "
+            f"response_format together rule out every token there; allow more tokens")
+
+
+def no_token_error(rows: list[tuple[int, int]]) -> InputError:
+    """InputError for rows left no token to choose, (row, new token number) each, in the prompts' order. One row's
+    carries prompt_index and new_token (a server names it by its request: the row is its own numbering)."""
+    e = InputError(no_token_message([(f"prompt {row}", n) for row, n in rows]))
+    if len(rows) == 1:
+        e.prompt_index, e.new_token = rows[0]
+    return e
+
+
 def check_finite(decoder, tokens: list[int], row: int, emitted: int):
     """Raises NonFiniteError where a step's tokens carry NON_FINITE, after marking the caches for clearing; an
     InputError where they carry NO_TOKEN."""
     if NO_TOKEN in tokens and NON_FINITE not in tokens:
-        raise InputError(f"no token is left to choose at new token {emitted + 1} of prompt {row}: allowed_token_ids, "
-                         f"bad_words, logit_bias, min_tokens and response_format together rule out every token "
-                         f"there; allow more tokens")
+        raise no_token_error([(row, emitted + 1)])
     if NON_FINITE not in tokens:
         return
     for cache in (decoder.cache, getattr(getattr(decoder, "heads", None), "sal_cache", None)):
@@ -605,18 +619,21 @@ class RowState:
         return min(max(0, raw_pos - shift), len(text))
 
     def cut_at_stop(self, stop: list[str], start: int, held: str, keep: bool | list[str] = False):
-        """Ends the row before the first stop string in raw(text + held) from raw position `start` (keep: after it,
-        vLLM's include_stop_str_in_output; a list: after those stop strings only) that ends past stop_from. held:
-        the text the stream decoder holds back (it ends in half a character, or in a byte run): the row ends here if
-        a stop completes in it, and then that text is final, what the stream's flush would give."""
+        """Ends the row before the first stop string to complete in raw(text + held) from raw position `start` (keep:
+        after it, vLLM's include_stop_str_in_output; a list: after those stop strings only) that ends past stop_from.
+        held: the text the stream decoder holds back (it ends in half a character, or in a byte run): the row ends
+        here if a stop completes in it, and then that text is final, what the stream's flush would give."""
         text = self.text + held
         raw = self.raw(text)
-        hits = [(i, -len(s), s) for s in stop for i in [raw.find(s, max(start, self.stop_from - len(s) + 1))]
+        # The first to end, as the text comes a character at a time; of those ending there, the longest. The first to
+        # start (before) made a token's boundaries decide: stops "bc" and "abcd" in "abcd" cut at "a" where "bc"
+        # came in a token of its own, but at "" where one token brought "bcd", completing both at once.
+        hits = [(i + len(s), i, s) for s in stop for i in [raw.find(s, max(start, self.stop_from - len(s) + 1))]
                 if i >= 0]
         if hits:
-            at, minus_len, self.stop_reason = min(hits)     # the first to start; of those starting there, the longest
+            end, at, self.stop_reason = min(hits)
             kept = keep is True or (keep and self.stop_reason in keep)
-            self.text, self.finish_reason = text[:self.text_pos(at - minus_len if kept else at, text)], "stop"
+            self.text, self.finish_reason = text[:self.text_pos(end if kept else at, text)], "stop"
 
 
 def _sync(device):
@@ -780,7 +797,7 @@ def _add_rows(decoder, slots: list[int], prompts: list[list[int]], want_lps: boo
 def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list[int], eos_ids, stop: list[str],
         stats: list[GenerationStats], on_row_end=None, admit=None, stop_ids=(),
         keep_stop: bool | list[str] = False, continued: bool = False,
-        min_tokens: int = 0) -> Iterator[tuple[int, str]]:
+        min_tokens: int = 0, row_errors: bool = False) -> Iterator[tuple[int, str]]:
     """Drive a decoder until every row ends; yields (row, text delta) and fills `stats` and `decoder.rows`.
     max_new_tokens: one limit for every row, or a list of one per row (each row ends at its own).
     on_row_end(row): called when a row ends, before its last delta is yielded; its stats then time that row alone
@@ -798,6 +815,9 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
     tokens do (a Llama 2 `▁world` after "Hello" gives " world"). Otherwise text == decode(ids) alone.
     min_tokens: every row's (joiners' too): a stop string that completes within a row's first min_tokens tokens
     does not end it (vLLM's); EOS and stop_ids are held back by the decoder's own min_tokens (its logits).
+    row_errors (implied by admit): a row left no token to choose yields (row, InputError) and ends there while the
+    others go on (its prompt None in row_prompts); otherwise one InputError ends the run, naming every row of the
+    prompts that failed at that step, in the prompts' order.
 
     Tokens past EOS, a stop string or a row's max_new_tokens inside one step are dropped here, never emitted.
     """
@@ -851,34 +871,41 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
             r.logprobs = []
             if want_tops:
                 r.top_logprobs = []
+    row_errors = row_errors or admit is not None
+    ruled_out = set()                  # rows whose pending tokens stop short of a ruled-out position (NO_TOKEN)
+
+    def take(b: int, toks: list[int]) -> list[int]:
+        """Row b's new tokens, checked: those before a ruled-out position (the row may end in them, as a plain run
+        does, never choosing there; else it fails at that token, row_failed, in the prompts' order whichever
+        decoder row it took); NON_FINITE raises at once."""
+        if NO_TOKEN in toks and NON_FINITE not in toks:
+            ruled_out.add(b)
+            return toks[:toks.index(NO_TOKEN)]
+        check_finite(decoder, toks, b, len(rows[b].ids))
+        return toks
     for b in range(B):
-        check_finite(decoder, pending[b], b, 0)
+        pending[b] = take(b, pending[b])
     for b in range(B):
         stats[b].prompt_tokens, stats[b].prefill_ms = len(prompts[b]), (t1 - t0) * 1e3
     fresh = set(range(B))              # rows whose pending token came from their prefill: no decode step
-    ruled_out = set()                  # rows whose pending tokens stop short of a ruled-out position (NO_TOKEN)
     live = list(range(B))              # decoder row i is prompt row live[i]
     drop_rows = (B > 1 or admit is not None) and getattr(decoder, "can_drop_rows", lambda: False)()
 
-    def row_failed(b: int, toks: list[int]) -> InputError | None:
-        """check_finite for row b's tokens up to a ruled-out position. A row left no token to choose fails alone,
-        as it does decoded alone: the same options leave other rows tokens (a bad word of several tokens, a
-        grammar's state are a row's own). Under admit the caller takes (row, error) items (a joiner refused), so
-        the row ends with its error (its result None, as a refused joiner's) and the others go on; raised, the
-        error ended the whole run, and a server's streams that shared it ended with another request's error."""
-        try:
-            check_finite(decoder, toks, b, len(rows[b].ids))
-        except InputError as e:
-            if admit is None or NON_FINITE in toks or NO_TOKEN not in toks:
-                raise
-            rows[b].finish_reason = "error"
-            decoder.row_prompts[b] = None
-            if b in live and hasattr(decoder, "end_row"):
-                decoder.end_row(live.index(b))
-            return e
-        return None
+    def row_failed(b: int) -> InputError:
+        """Row b, its tokens up to a ruled-out position taken, is left no token to choose: it fails alone, as it
+        does decoded alone (the same options leave other rows tokens: a bad word of several tokens, a grammar's
+        state are a row's own). Where the caller takes (row, error) items (row_errors), the row ends with its
+        error (its result None, as a refused joiner's) and the others go on: raised, the error ended the whole run,
+        and a server's streams that shared it ended with another request's error."""
+        e = no_token_error([(b, len(rows[b].ids) + 1)])
+        rows[b].finish_reason = "error"
+        decoder.row_prompts[b] = None
+        if b in live and hasattr(decoder, "end_row"):
+            decoder.end_row(live.index(b))
+        return e
     capacity = decoder.row_capacity() if admit is not None else 0
     while True:
+        failures = []                  # (row, new token) of rows failed at this step, where raised (not row_errors)
         for b in range(len(rows)):
             was_done = rows[b].finish_reason is not None
             toks, pending[b] = pending[b], []
@@ -887,12 +914,14 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
             if b in ruled_out:
                 ruled_out.discard(b)
                 if not rows[b].finish_reason:
-                    failed = row_failed(b, [NO_TOKEN])
-                    if failed is not None:      # its tokens before the ruled-out position, then its error
-                        if delta:
-                            yield b, delta
-                        yield b, failed
+                    failed = row_failed(b)
+                    if not row_errors:          # once every row has taken this step's tokens: all of them named
+                        failures.append((b, failed.new_token))
                         continue
+                    if delta:                   # its tokens before the ruled-out position, then its error
+                        yield b, delta
+                    yield b, failed
+                    continue
             if toks and not (b in fresh or was_done):
                 stats[b].record_step(used)
             if rows[b].finish_reason and not was_done:
@@ -904,6 +933,8 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
                     on_row_end(b)
             if delta:
                 yield b, delta
+        if failures:
+            raise no_token_error(failures)
         fresh.clear()
         if admit is not None and capacity:
             ended = [i for i, b in enumerate(live) if rows[b].finish_reason]
@@ -952,10 +983,9 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
                         live[slot] = b
                     else:
                         live.append(b)
-                    pending[b] = [first[j]]
+                    pending[b] = take(b, [first[j]])
                     lps[b] = first_lps[j] if want_lps else None
                     tops[b] = first_tops[j] if want_tops else None
-                    check_finite(decoder, pending[b], b, 0)
                     stats[b].prompt_tokens = len(decoder.row_prompts[b])
                     stats[b].prefill_ms, started[b] = (tb - ta) * 1e3, tb
                     fresh.add(b)
@@ -973,17 +1003,9 @@ def run(decoder, prompts: list[list[int]], tokenizer, max_new_tokens: int | list
         step_tops = _tops(decoder) if want_tops else None
         for i, b in enumerate(live):
             if not rows[b].finish_reason:
-                pending[b] = toks[i][:n[i]]
+                pending[b] = take(b, toks[i][:n[i]])
                 lps[b] = step_lps[i][:n[i]] if want_lps else None
                 tops[b] = step_tops[i][:n[i]] if want_tops else None
-                if NO_TOKEN in pending[b] and NON_FINITE not in pending[b]:
-                    # a speculative step's tokens up to a ruled-out position: the row may end in them (its
-                    # max_new_tokens, a stop string) as plain decoding's does, never choosing there; else it
-                    # fails where plain decoding fails, at that token (after _consume)
-                    pending[b] = pending[b][:pending[b].index(NO_TOKEN)]
-                    ruled_out.add(b)
-                else:
-                    check_finite(decoder, pending[b], b, len(rows[b].ids))
     _sync(decoder.device)
     t2 = time.perf_counter()
     for b in range(len(rows)):

@@ -127,6 +127,21 @@ class _Run:
         return sum(not e for i, e in enumerate(self.ended) if i not in self.dropped and i not in self.held)
 
 
+def _named(error: AmphistaError, run: _Run, row: int | None = None) -> AmphistaError:
+    """A row's error (no token left to choose) as its request is told it: the row the engine names ("at new token 2
+    of prompt 3") is the run's own numbering, which tells a client nothing (and differed with what decoded beside
+    it); the request's choice where it has several. row: the error's (else its prompt_index)."""
+    at, row = getattr(error, "new_token", None), getattr(error, "prompt_index", None) if row is None else row
+    if at is None or not isinstance(row, int) or not 0 <= row < len(run.rows):
+        return error
+    from ..generation import no_token_message
+    job, choice = run.rows[row]
+    named = type(error)(no_token_message([(f"choice {choice} of this request" if job.n > 1 else "this request",
+                                           at)]))
+    named.new_token = at
+    return named
+
+
 class Scheduler:
     """Runs jobs on one engine from one thread, several at once where they are compatible (up to max_batch).
 
@@ -243,7 +258,7 @@ class Scheduler:
         except AmphistaError as e:
             steps.close()
             if len(jobs) == 1:      # alone (its n rows too): run again, it would fail again
-                return self._fail(jobs, e)
+                return self._fail(jobs, _named(e, run))
             # An error mid-run (a row's logits overflowed): the requests with nothing sent yet (non-streamed ones,
             # and all of them before the prefill ended) run again alone, where only the faulty one fails; a stream
             # already under way ends with the error; a row that ended before it has its answer already.
@@ -277,7 +292,7 @@ class Scheduler:
                     # A row that failed mid-run (no token left to choose) where its stream sent deltas already, or
                     # in a run of its own: it ends with the error, as alone (sent back, a run of its own failed again)
                     run.dropped.update(i for i, (j, _) in enumerate(run.rows) if j is job)
-                    job.send("error", delta)
+                    job.send("error", _named(delta, run, row))
                     continue
                 self._requeue(run, job)
                 continue
