@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 
+from ..engine import check_truncate_prompt_tokens
 from ..errors import AmphistaError
 from ..structured import _lone_surrogate
 from .responses import EXTRAS as CHAT_EXTRAS, Reply, Stream, answer, check_names, naming
@@ -37,7 +38,8 @@ EXTRAS = tuple(name for name in CHAT_EXTRAS if name not in SERVED and name != "s
 # API refuses max_tokens, temperature and the like there), and the chat route's fields that shape the prompt; the
 # IDLE fields are taken there as on /v1/messages (refused where they ask for something)
 COUNTED = ("model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
-           "chat_template_kwargs", "add_generation_prompt", "continue_final_message", *ACCOUNT)
+           "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "truncate_prompt_tokens",
+           *ACCOUNT)
 # Messages fields this server does not implement: refused where they ask for something.
 # name -> (the values that ask for nothing, what to say)
 IDLE = {
@@ -608,12 +610,18 @@ def messages(handler, body) -> None:
 
 def count_tokens(app, body) -> dict:
     """POST /v1/messages/count_tokens: the prompt's tokens as /v1/messages would prefill it (vLLM's /tokenize of
-    the mapped chat request: its template, tools and thinking setting alike), nothing decoded."""
+    the mapped chat request: its template, tools and thinking setting alike), nothing decoded. vLLM's
+    truncate_prompt_tokens N counts as there: the prompt keeps its last N tokens, so the count is min(count, N),
+    the input_tokens /v1/messages reports for the same body (a bad N is the same 400 naming it)."""
     chat = chat_request(app, body, counting=True)
     keep = ("messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt",
             "continue_final_message")
     with _named(chat):
         count = app.tokenize({k: chat[k] for k in keep if k in chat})["count"]
+        # was refused as "not a field" here (send it to /v1/messages), whose usage counts the kept tokens
+        keep_last = check_truncate_prompt_tokens(chat.get("truncate_prompt_tokens"))
+    if keep_last is not None:
+        count = min(count, keep_last)
     # after the checks of /v1/messages (the tools' too, which tokenize makes), so that a bad value is named as there
     # all of them named at once: a client that sends a /v1/messages body here learns what to drop in one go
     unread = [name for name in body if name not in COUNTED and name not in IDLE]

@@ -43,6 +43,10 @@ from .metrics import CONTENT_TYPE as METRICS_TYPE, Metrics, completion_tokens, r
 DEFAULTS = dict(max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, stop=None,
                 seed=None)
 MAX_BODY = 32 << 20          # bytes: a request body past this is refused (413) without reading it
+# s: a request body that has not all come by then is a 408 and its connection closed. Not the handler's 300 s
+# socket timeout, which stays for a slow reader of a streamed reply: a client that sent less than its
+# Content-Length and waited held a handler thread that long
+BODY_TIMEOUT_S = 30.0
 MAX_BATCH = 8                # requests decoded together at most (`amphista serve --max-batch`)
 WAIT_POLL_S = 0.1            # a handler waiting for its run looks this often whether its client left
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -427,6 +431,33 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 # structural_tag is refused where it asks for something
 STRUCTURED_OPTIONS = ("whitespace_pattern", "disable_any_whitespace", "disable_additional_properties",
                       "disable_fallback", "structural_tag")
+
+
+# Every field /v1/chat/completions and /v1/completions read (served, taken as a hint, or refused where it asks for
+# something). Any other is ignored and named in a warning on the server's log, as vLLM does: a typo (max_token,
+# temprature) would otherwise go unnoticed, and a 400 would refuse the extra fields SDKs send.
+SHARED_FIELDS = frozenset((
+    "model", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "min_p", "repetition_penalty", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "top_logprobs", "echo", "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
+    "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "response_format", *GUIDED,
+    "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "speculative", "tree",
+    "cache_prompt", "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+    *HINT_TEXTS, *HINT_VALUES, "store", "metadata", "prompt_cache_options", "prediction"))
+CHAT_FIELDS = SHARED_FIELDS | {"messages", "tools", "tool_choice", "parallel_tool_calls", *UNSUPPORTED}
+COMPLETION_FIELDS = SHARED_FIELDS | {"prompt", *UNSUPPORTED}
+
+
+def ignored_fields(body: dict, known: frozenset) -> str | None:
+    """The warning for a request's fields outside `known` (None: none), their names as repr() writes them (a
+    client's key cannot break the log line) and cut short."""
+    unknown = [name for name in body if name not in known]
+    if not unknown:
+        return None
+    names = ", ".join(repr(name[:60]) for name in unknown[:10]) + (f" and {len(unknown) - 10} more"
+                                                                   if len(unknown) > 10 else "")
+    return (f"warning: the request's field{'s' if len(unknown) > 1 else ''} {names} "
+            f"{'are' if len(unknown) > 1 else 'is'} not read by this server and ignored (a misspelt name?)")
 
 
 def _constraints(body: dict) -> list[tuple[str, str | None, object]]:
@@ -1463,19 +1494,41 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (a stream's reader went away, a non-streamed request's client
-        gave up): its answer is no longer decoded for nobody."""
+        gave up): its answer is no longer decoded for nobody.
+
+        The end of what the client sends is not its leaving: a client may half-close (curl, some proxies: shutdown
+        of its sending side once the request is out) and still read the reply, and a closed client's FIN reads
+        alike. Where that end comes, the reply's writing tells them apart: data that reaches a closed socket is
+        answered with a reset (POLLHUP/POLLERR here, or ECONNRESET), a half-closed one's is read. A reply not
+        begun sends an interim 100 Continue (RFC 9110: an HTTP/1.1 client parses 1xx it did not ask for) as that
+        write; a stream's own events are it. An HTTP/1.0 client, which may take no 1xx, is gone at its EOF."""
         try:
             if hasattr(select, "poll"):
                 # not select(): it refuses descriptors >= FD_SETSIZE (1024) with a ValueError, taken for "gone",
                 # so with a thousand connections open every request was dropped unanswered after its first step
                 poller = select.poll()
                 poller.register(self.connection, select.POLLIN)
-                readable = bool(poller.poll(0))
+                events = poller.poll(0)
+                if events and events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    return True         # reset (a write reached a closed client), or both sides shut
+                readable = bool(events)
             else:
                 readable = bool(select.select([self.connection], [], [], 0)[0])
-            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if not readable or self.connection.recv(1, socket.MSG_PEEK) != b"":
+                return False
         except (OSError, ValueError):
             return True
+        # EOF: closed, or half-closed
+        if self.request_version == "HTTP/1.0" or not hasattr(select, "poll"):
+            return True
+        if self._started or getattr(self, "_probed", False):
+            return False        # written to since: a closed client's reset shows above, at a later look
+        try:
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError:
+            return True
+        self._probed = True
+        return False
 
     def _body(self):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -1490,7 +1543,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True       # the body is not read: the connection cannot be reused
                 raise ApiError(413, f"the request body is {length} bytes, more than this server takes "
                                f"({MAX_BODY >> 20} MiB)", code="request_too_large")
-            data = self.rfile.read(length) if length > 0 else b""
+            data = self._take(length) if length > 0 else b""
         self._body_read = True
         if not data.strip():
             raise ApiError(400, "the request has no body: send a JSON object (Content-Type: application/json)")
@@ -1499,10 +1552,44 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as e:       # UnicodeDecodeError is a ValueError
             raise _long_int_field(data, e) or ApiError(400, f"the request body is not valid JSON: {e}") from None
 
+    def _take(self, n: int, line: bool = False) -> bytes:
+        """Up to n bytes of the request body (up to its first b"\\n" where line), fewer where the client closed,
+        within BODY_TIMEOUT_S of the body's first read (a 408 after it): each wait for the socket is cut to the
+        time left, so a client that trickles its bytes is held to the deadline too."""
+        if getattr(self, "_body_deadline", None) is None:
+            self._body_deadline = time.monotonic() + BODY_TIMEOUT_S
+        out = bytearray()
+        try:
+            while len(out) < n:
+                left = self._body_deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                if line:
+                    ahead = self.rfile.peek(1)      # what is buffered, or one read's worth
+                    end = ahead.find(b"\n")
+                    piece = self.rfile.read(min(n - len(out), end + 1 if end >= 0 else len(ahead)))
+                else:
+                    piece = self.rfile.read1(n - len(out))
+                if not piece:
+                    break
+                out += piece
+                if line and out.endswith(b"\n"):
+                    break
+        except TimeoutError:
+            self.close_connection = True        # the rest of the body may still come: not a next request
+            got = "a chunked body's line never ended" if line else f"{len(out)} of the {n} bytes awaited came"
+            raise ApiError(408, f"the request body did not all come within {BODY_TIMEOUT_S:g} s ({got}): send as "
+                           f"many bytes as its Content-Length says (or whole chunks)", code="request_timeout") from None
+        finally:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.timeout)
+        return bytes(out)
+
     def _chunked(self) -> bytes:
         data = bytearray()      # not bytes: `+=` on bytes copied the whole body per chunk (quadratic)
         while True:
-            line = self.rfile.readline(1024)
+            line = self._take(1024, line=True)
             try:
                 size = int(line.split(b";")[0].strip() or b"x", 16)
                 if size < 0:        # int("-5", 16) parses; rfile.read(-5) raised a ValueError: a 500
@@ -1511,15 +1598,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise ApiError(400, "malformed chunked request body") from None
             if size == 0:
-                while self.rfile.readline(1024).strip():      # trailers
+                while self._take(1024, line=True).strip():      # trailers
                     pass
                 return bytes(data)
             if len(data) + size > MAX_BODY:
                 self.close_connection = True
                 raise ApiError(413, f"the request body is more than this server takes ({MAX_BODY >> 20} MiB)",
                                code="request_too_large")
-            data += self.rfile.read(size)
-            self.rfile.readline(1024)
+            data += self._take(size)
+            self._take(1024, line=True)
 
     # ---- routes ---------------------------------------------------------------------------------------------
     def _path(self) -> str:
@@ -1625,6 +1712,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}")
         chat = route == "/chat/completions"
+        warning = ignored_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+        if warning is not None:     # answered all the same (vLLM's too): not held to --quiet, which is per reply
+            self.app.log(f"{self.address_string()} - \"{self.command} {self.path[:200]}\" {warning} | request_id: "
+                         f"{self.request_id}")
         _unsupported(body, CHAT_ONLY if chat else COMPLETION_ONLY)
         _hints(body)
         plan = self.app.tool_plan(body) if chat else None
@@ -1636,6 +1727,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = self.command not in ("POST", "PUT", "PATCH", "DELETE")   # the others' bodies: none
         self._request = None           # the parsed body, once read
         self._counted = False          # this request's reply is not in /metrics yet (_count)
+        self._probed = False           # whether a 100 Continue went out to tell a half-close from a close
+        self._body_deadline = None     # BODY_TIMEOUT_S from the body's first read (_take)
         try:
             route = self._route()
             self._check_key(route)      # before the body is read: an unauthenticated client costs no parsing
