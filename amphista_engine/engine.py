@@ -357,6 +357,8 @@ class Engine:
         self._grammars = {}         # (response_format (canonical JSON), eos ids) -> structured.Grammar
         self._kept: _KeptPrefix | None = None      # what the cache holds after a reuse_prefix run
         self._runs = 0                                # generations started: an overtaken stream stops (_drive)
+        # the running (else last) run's leading prompt tokens taken from the cache (reuse_prefix), set as it starts
+        self.prompt_tokens_reused = 0
         # (thread, run) decoding now: one KV cache cannot serve two threads at once (_drive refuses the second)
         self._decoding: tuple[int, int] | None = None
         # Reentrant: a stream abandoned in a reference cycle is closed by whichever allocation triggers the garbage
@@ -1262,6 +1264,8 @@ class Engine:
                 decoder.prefix_reuse = self._reusable(kept, decoder, ids[0], ran_on)
                 if decoder.prefix_reuse:    # now: a row's result sent as it ends (row_results) copies its stats
                     stats[0].extra["prompt_tokens_reused"] = decoder.prefix_reuse
+            # known from here on, before the run's result: a server's stream tells it as the run starts
+            self.prompt_tokens_reused = decoder.prefix_reuse if keep else 0
             steps = run(decoder, ids, self.tokenizer, limits, list(eos_ids), stop, stats,
                         on_row_end=ended.append if row_results else None, admit=admit, stop_ids=stop_ids,
                         # a chat template's end-of-turn text stands for EOS: never kept in the text, as EOS is not

@@ -547,7 +547,8 @@ class _Message(Reply):
 
     def tokens(self, results) -> dict:
         """Anthropic's usage: input_tokens less those read from the prompt cache (cache_read_input_tokens;
-        --cache-prompt), as Anthropic counts them. Before the answer (message_start): the prompt's length."""
+        --cache-prompt), as Anthropic counts them. Before the answer (message_start, sent once the run started):
+        the prompt's length, split alike (the final usage's split, which message_start said all as input_tokens)."""
         if results is None:
             if self.prompt_tokens is None:
                 count = len(self.app._encode(self.job))
@@ -557,8 +558,9 @@ class _Message(Reply):
                 if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1:
                     count = min(count, keep)
                 self.prompt_tokens = count
-            return {"input_tokens": self.prompt_tokens, "output_tokens": 0, "cache_creation_input_tokens": 0,
-                    "cache_read_input_tokens": 0}
+            cached = self.job.prompt_tokens_reused
+            return {"input_tokens": self.prompt_tokens - cached, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": cached}
         u = self.usage(results, None)
         cached = u["input_tokens_details"]["cached_tokens"]
         return {"input_tokens": u["input_tokens"] - cached, "output_tokens": u["output_tokens"],

@@ -56,6 +56,9 @@ class Job:
         self.prompt_scores = None
         # the request's "cache_prompt" (None: the server's --cache-prompt), honoured where it runs alone
         self.cache_prompt = None
+        # its prompt's leading tokens a reuse_prefix run took from the cache: set before its "start" (the server's
+        # _telling_reuse), as a stream's first event may tell them (Anthropic's message_start)
+        self.prompt_tokens_reused = 0
         self.no_join = False            # refused as it joined a run: it runs by itself
         self.overtaken = 0              # requests that joined a run past this one while it waited (_admitter)
         # /metrics' latencies (time.perf_counter): set by the run that decodes it (a run again after an error, or

@@ -1188,6 +1188,8 @@ class OpenAIApp:
                 # are written with into its text, for the tool parser; content leaves them out (ToolPlan.hidden)
                 own = self.engine.chat_template if template is None else template
                 steps = show_controls(steps, self.engine.tokenizer, tool_call_format(self.engine.tokenizer, own))
+            if kwargs.get("reuse_prefix") and limits[0] != 0:
+                steps = self._telling_reuse(steps, jobs[0])
         except AmphistaError as e:
             if len(jobs) > 1 or len(prompts) == 1 or not isinstance(getattr(e, "prompt_index", None), int):
                 raise
@@ -1203,6 +1205,22 @@ class OpenAIApp:
                 steps.close()
                 raise
         return steps
+
+    def _telling_reuse(self, steps, job: Job):
+        """A reuse_prefix run's steps, its job given the prompt tokens the cache held (job.prompt_tokens_reused)
+        before the first item goes to the scheduler, which sends "start" then: the engine knows them once the run
+        has begun, and only this thread reads them there (a handler's read raced the next run). Return value and
+        close() pass through."""
+        try:
+            try:
+                first = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            job.prompt_tokens_reused = self.engine.prompt_tokens_reused
+            yield first
+            return (yield from steps)
+        finally:
+            steps.close()
 
     def _decode(self, prompts: list, max_new: int | list[int], cut: bool, kwargs: dict):
         """max_new: the one request's max_tokens, or a list of each one's in a batch; cut: the one request's
