@@ -52,10 +52,14 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     for q in tqdm(qs, unit="q", file=sys.stderr, disable=quiet, desc=f"eval-tau {kind}"):
         if q.get("question_id") in done:
             continue
-        r = engine.generate(q["turns"][0], max_new_tokens=max_new_tokens, speculative=kind, tree=tree)
+        # A message list, as `amphista eval` asks its first turns: a string took no chat template on a model without
+        # one of its own, so eval-tau measured the heads on the raw question where eval measured the chat's answer.
+        r = engine.generate([{"role": "user", "content": q["turns"][0]}], max_new_tokens=max_new_tokens,
+                            speculative=kind, tree=tree)
         rows.append({"question_id": q.get("question_id"), "category": q.get("category", "all"),
-                     "tau": round(r.stats.tau, 4), "new_tokens": r.stats.new_tokens,
-                     "decode_steps": r.stats.decode_steps, "step_tokens": r.stats.step_tokens,
+                     "tau": round(r.stats.tau, 4) if r.stats.decode_steps else None,
+                     "new_tokens": r.stats.new_tokens, "decode_steps": r.stats.decode_steps,
+                     "step_tokens": r.stats.step_tokens, "tree": r.stats.extra.get("tree"),
                      "question_digest": question_digest(q)})
         if out:     # after every question: a killed run resumes from here
             _write(out, {**setting, **target, "partial": True, "per_question": rows})
@@ -68,24 +72,43 @@ def eval_tau(questions, heads, model: str = "smollm2-135m", tree=None, max_new_t
     for r in rows:
         per_cat[r["category"]].append(r)
 
+    # Null where no decoding step ran (--max-new-tokens 1, an answer ended at its first token): such a question
+    # measured no tau, and counted as 0.0 (which no decoder reaches: tau >= 1) it pulled mean_tau down.
     def tau_of(rs):   # token-weighted: all tokens over all target forwards
         steps = sum(r["decode_steps"] for r in rs)
-        return sum(r["step_tokens"] for r in rs) / steps if steps else 0.0
+        return round(sum(r["step_tokens"] for r in rs) / steps, 4) if steps else None
 
-    table = {c: {"tau": round(tau_of(v), 4), "mean_tau": round(sum(r["tau"] for r in v) / len(v), 4),
-                 "questions": len(v)} for c, v in sorted(per_cat.items())}
-    overall = {"tau": round(tau_of(rows), 4), "mean_tau": round(sum(r["tau"] for r in rows) / len(rows), 4)}
-    result = {**setting, **target, "tree_used": engine._tree_spec(tree).name, "questions": len(qs),
+    def mean_tau(rs):   # question-weighted, over the questions that took a step (from the counts, not rounded taus)
+        taus = [r["step_tokens"] / r["decode_steps"] for r in rs if r["decode_steps"]]
+        return round(sum(taus) / len(taus), 4) if taus else None
+
+    table = {c: {"tau": tau_of(v), "mean_tau": mean_tau(v), "questions": len(v)} for c, v in sorted(per_cat.items())}
+    overall = {"tau": tau_of(rows), "mean_tau": mean_tau(rows)}
+    result = {**setting, **target, "tree_used": _tree_used(engine, tree, rows), "questions": len(qs),
               "overall": overall, "per_category": table, "per_question": rows,
               "wall_s": round(time.perf_counter() - t0, 1)}
     if not quiet:
+        def cell(x):
+            return f"{'-':>6}" if x is None else f"{x:>6.3f}"
         print(f"{'category':<14} {'n':>3} {'tau':>6} {'mean':>6}")
         for c, v in table.items():
-            print(f"{c:<14} {v['questions']:>3} {v['tau']:>6.3f} {v['mean_tau']:>6.3f}")
-        print(f"{'overall':<14} {len(qs):>3} {result['overall']['tau']:>6.3f} {result['overall']['mean_tau']:>6.3f}")
+            print(f"{c:<14} {v['questions']:>3} {cell(v['tau'])} {cell(v['mean_tau'])}")
+        print(f"{'overall':<14} {len(qs):>3} {cell(overall['tau'])} {cell(overall['mean_tau'])}")
     if out:
         _write(out, {**result, "other_questions": others} if others else result)
     return result
+
+
+def _tree_used(engine, tree, rows: list[dict]):
+    """The tree the answers were decoded on, as their stats name it (a list where they differ): `--tree auto` is
+    the tree the speculation check picked, which resolving the word afterwards refused (unknown tree 'auto') once
+    every question had been answered. Rows of older files name none: then the tree `tree` resolves to."""
+    used = sorted({r["tree"] for r in rows if r.get("tree")})
+    if len(used) > 1:
+        return used
+    if used:
+        return used[0]
+    return None if tree == "auto" else engine._tree_spec(tree).name
 
 
 def _check_questions_unchanged(out, qs: list[dict], rows: list[dict]):
