@@ -556,10 +556,14 @@ class GenerationStats:
         self.accept_hist[used] += 1
 
     def to_dict(self) -> dict:
+        # Null where no decoding step ran (the one token came from the prefill): 0.0 read as a measured tau below
+        # any decoder's 1, and as a rate, as `amphista eval` and eval-tau already leave such answers out
+        stepped = self.decode_steps > 0
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
                 "prefill_ms": round(self.prefill_ms, 3), "decode_ms": round(self.decode_ms, 3),
-                "decode_tokens_per_s": round(self.decode_tokens_per_s, 3), "decode_steps": self.decode_steps,
-                "tau": round(self.tau, 4), "accept_hist": self.accept_hist, **self.extra}
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 3) if stepped else None,
+                "decode_steps": self.decode_steps, "tau": round(self.tau, 4) if stepped else None,
+                "accept_hist": self.accept_hist, **self.extra}
 
     def summary(self) -> str:
         reused = self.extra.get("prompt_tokens_reused")

@@ -305,3 +305,17 @@ def test_eval_tau_with_tree_auto_reports_the_tree_it_decoded_on(tiny, tmp_path, 
     assert json.loads((tmp_path / "tau.json").read_text())["tree_used"] == res["tree_used"]
     fixed = _eval_tau(engine, heads, q, max_new_tokens=6, tree="chain-2")
     assert fixed["tree_used"] == fixed["per_question"][0]["tree"] == "chain-2"
+
+
+def test_stats_json_of_an_answer_with_no_decoding_step_measures_no_tau():
+    """Regression: an answer whose one token came from the prefill (max_new_tokens 1) said "tau": 0.0 and
+    "decode_tokens_per_s": 0.0 in to_dict() (the CLI's --json, the server's `amphista` key), a tau below any
+    decoder's 1 read as measured; summary() already said "no decoding step"."""
+    none = GenerationStats(prompt_tokens=5, new_tokens=1, prefill_ms=3.0).to_dict()
+    assert none["decode_steps"] == 0 and none["tau"] is None and none["decode_tokens_per_s"] is None
+    json.dumps(none)
+    some = GenerationStats(prompt_tokens=5, new_tokens=4, prefill_ms=3.0, decode_ms=10.0)
+    some.record_step(2)
+    some.record_step(1)
+    d = some.to_dict()
+    assert d["tau"] == 1.5 and d["decode_tokens_per_s"] == 300.0
