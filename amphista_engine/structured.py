@@ -20,10 +20,12 @@ A schema's own "x-guidance" whitespace_flexible or whitespace_pattern is kept.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
 import sys
+import urllib.parse
 
 import torch
 
@@ -113,6 +115,8 @@ def _grammar_text(response_format) -> str | None:
         schema = _schema_of(response_format)
         try:
             return _json_grammar(llg, schema)
+        except InputError:
+            raise           # ours already name the schema (a second "response_format json_schema.schema:" stuttered)
         except (ValueError, TypeError) as e:
             raise InputError(f"response_format json_schema.schema: {e}") from None
     if kind == "regex":
@@ -326,39 +330,264 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def refuse_inexact_bounds(schema, where: str = "") -> None:
-    """An InputError for a number range llguidance (1.9) compiles too wide, at any level a subschema sits: an
-    exclusive bound that is a whole number, with the other bound inside the same unit (exclusiveMinimum 0 with
-    maximum 0.5, exclusiveMaximum -3 with minimum -3.5). Its regex lets the excluded bound itself through, written
-    as an integer ("0", "-3", "-0"): a sampled answer {"p": 0} under {"exclusiveMinimum": 0, "maximum": 0.5}, valid
-    JSON that breaks the schema. Refused, naming the keyword, rather than ignored; bounds a unit apart or more, and
-    inclusive ones, compile exactly. A bound only reached through allOf or $ref is not seen here."""
+# llguidance reads number bounds as 64-bit floats, which hold whole numbers exactly only up to 2^53 in magnitude
+EXACT_BOUND = 2 ** 53
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+# branches (anyOf/oneOf under allOf and $ref) past which the bounds a schema meets are checked all together, and
+# the work (branches formed) past which a schema is refused rather than checked
+_MAX_BRANCHES = 64
+_MAX_WORK = 1_000_000
+
+
+def _resolve(root, ref):
+    """The subschema a local $ref ("#", "#/$defs/x", any JSON pointer into the root schema) names, or None (an
+    anchor, another document, a pointer to nothing)."""
+    if not isinstance(ref, str) or not ref.startswith("#") or (len(ref) > 1 and ref[1] != "/"):
+        return None
+    node = root
+    for part in ref[2:].split("/") if len(ref) > 1 else ():
+        part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+class _Coarse(list):
+    """Every schema of more branches than _MAX_BRANCHES, checked as one: any exclusive bound against any other bound
+    (which may refuse bounds that never meet, never misses ones that do)."""
+
+
+class _Merges:
+    """The schemas llguidance intersects at each place of one schema, one list per branch: it merges allOf's members
+    and a $ref's target with the schema beside them, and distributes the merge over anyOf and oneOf, so a branch's
+    bounds are the tightest of every schema on its way. Each subschema's branches are worked out once (a $ref's
+    target is shared by every place naming it), and the work in all is bounded: a request's schema is user input."""
+
+    def __init__(self, root):
+        self.root, self.ways, self.work, self.checked = root, {}, 0, set()
+
+    def spend(self, n: int = 1):
+        self.work += n
+        if self.work > _MAX_WORK:
+            raise InputError(f"response_format json_schema.schema combines allOf, anyOf, oneOf and $ref in more "
+                             f"ways than its number bounds can be checked in (over {_MAX_WORK}); simplify it")
+
+    def product(self, ways: list, more: list) -> list:
+        self.spend(len(ways) * len(more) + sum(map(len, ways)) * len(more) + sum(map(len, more)) * len(ways))
+        out = [_Coarse(a + b) if isinstance(a, _Coarse) or isinstance(b, _Coarse) else a + b
+               for a in ways for b in more]
+        if len(out) > _MAX_BRANCHES:
+            out = [_Coarse({id(n): n for way in out for n in way}.values())]
+        return out
+
+    def of(self, node) -> list[list[dict]]:
+        if node is False:
+            return []
+        if not isinstance(node, dict):
+            return [[]]
+        if id(node) in self.ways:       # None: a cycle of allOf and $ref, which llguidance refuses itself
+            return [[]] if self.ways[id(node)] is None else self.ways[id(node)]
+        self.ways[id(node)] = None
+        own = [[node]]
+        if isinstance(node.get("allOf"), list):
+            own = self.product(own, self.all(node["allOf"]))
+        if (target := _resolve(self.root, node.get("$ref"))) is not None:
+            own = self.product(own, self.of(target))
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                own = self.product(own, [way for sub in node[key] for way in self.of(sub)])
+        self.ways[id(node)] = own
+        return own
+
+    def all(self, nodes) -> list[list[dict]]:
+        ways = [[]]
+        for node in nodes:
+            ways = self.product(ways, self.of(node))
+        return ways
+
+
+def _bound(node: dict, key: str):
+    value = node.get(key)
+    if value is True and key.startswith("exclusive"):    # draft 4's: the inclusive bound beside it, excluded
+        value = node.get(key[9].lower() + key[10:])
+    return value if _number(value) else None
+
+
+def _refuse_inexact_range(way: list[dict], where: str) -> None:
+    """An InputError for bounds that, merged as llguidance merges them, its number regex would hold too wide: an
+    exclusive whole-number bound with the other bound inside the same unit (see refuse_inexact_bounds)."""
+    at = f" at {where.lstrip('.')}" if where else ""
+    met = " (the bounds meet through allOf, $ref or anyOf)" if len(way) > 1 else ""
+    if isinstance(way, _Coarse):
+        def each(keys, pick):
+            return sorted(v for node in way
+                          if (v := pick((u for k in keys if (u := _bound(node, k)) is not None), default=None))
+                          is not None)
+        uppers, lowers = each(("maximum", "exclusiveMaximum"), min), each(("minimum", "exclusiveMinimum"), max)
+        for node in way:
+            lo, hi = _bound(node, "exclusiveMinimum"), _bound(node, "exclusiveMaximum")
+            if _whole(lo) and lo >= 0 and (i := bisect.bisect_right(uppers, lo)) < len(uppers) and uppers[i] < lo + 1:
+                _refuse_one_unit("exclusiveMinimum", lo, f"an upper bound of {uppers[i]!r}{at}{met}",
+                                 "minimum with the least")
+            if _whole(hi) and hi <= 0 and (i := bisect.bisect_left(lowers, hi)) > 0 and lowers[i - 1] > hi - 1:
+                _refuse_one_unit("exclusiveMaximum", hi, f"a lower bound of {lowers[i - 1]!r}{at}{met}",
+                                 "maximum with the greatest")
+        return
+    numeric = True
+    for node in way:
+        kind = node.get("type")
+        if isinstance(kind, str) and kind not in ("number", "integer") or \
+                isinstance(kind, list) and not {"number", "integer"} & {t for t in kind if isinstance(t, str)}:
+            numeric = False
+    if not numeric or any(node.get("type") == "integer" for node in way):
+        return      # no number here, or an integer range (llguidance names an empty one itself)
+    bounds = {key: [v for node in way if (v := _bound(node, key)) is not None] for key in _BOUNDS}
+    lo, hi = max(bounds["exclusiveMinimum"], default=None), min(bounds["exclusiveMaximum"], default=None)
+    upper, lower = min(bounds["maximum"] + bounds["exclusiveMaximum"], default=None), \
+        max(bounds["minimum"] + bounds["exclusiveMinimum"], default=None)
+    # the range must be the exclusive bound's (an inclusive one past it is exact) and hold a value (llguidance
+    # names an empty one)
+    if _whole(lo) and lo >= 0 and upper is not None and lo < upper < lo + 1 and \
+            max(bounds["minimum"], default=lo) <= lo:
+        _refuse_one_unit("exclusiveMinimum", lo, f"an upper bound of {upper!r}{at}{met}", "minimum with the least")
+    if _whole(hi) and hi <= 0 and lower is not None and hi - 1 < lower < hi and \
+            min(bounds["maximum"], default=hi) >= hi:
+        _refuse_one_unit("exclusiveMaximum", hi, f"a lower bound of {lower!r}{at}{met}", "maximum with the greatest")
+
+
+def _refuse_one_unit(keyword: str, bound, other: str, instead: str):
+    raise InputError(f"response_format json_schema.schema: {keyword} {bound!r} with {other} is not supported: the "
+                     f"grammar engine (llguidance) cannot exclude a whole-number bound when both bounds lie within one "
+                     f"unit (it would let {int(bound)} through); use {instead} value to allow, or bounds a unit apart "
+                     f"or more")
+
+
+def _shared_children(way: list[dict], where: str):
+    """The subschemas that the schemas of one branch each give for the same place (a property, the items, an array
+    position), which llguidance merges in turn: (list of them, path), for places two or more of them give."""
+    names = {name: None for node in way if isinstance(node.get("properties"), dict) for name in node["properties"]}
+    for name in names:
+        subs = [node["properties"][name] if name in node.get("properties", {}) else node.get("additionalProperties")
+                for node in way if isinstance(node.get("properties", {}), dict)]
+        yield [s for s in subs if isinstance(s, (dict, bool))], f"{where}.properties.{name}"
+    yield [node["additionalProperties"] for node in way if isinstance(node.get("additionalProperties"), dict)], \
+        f"{where}.additionalProperties"
+    yield [node["items"] for node in way if isinstance(node.get("items"), dict)], f"{where}.items"
+    prefixes = [node["prefixItems"] for node in way if isinstance(node.get("prefixItems"), list)]
+    for i in range(max(map(len, prefixes), default=0)):
+        subs = [node["prefixItems"][i] if i < len(node.get("prefixItems", ())) else node.get("items")
+                for node in way if isinstance(node.get("prefixItems", []), list)]
+        yield [s for s in subs if isinstance(s, (dict, bool))], f"{where}.prefixItems[{i}]"
+
+
+def _refuse_merged(nodes: list, merges: _Merges, where: str) -> None:
+    for way in merges.all(nodes):
+        if isinstance(way, _Coarse):
+            if id(way) in merges.checked:
+                continue
+            merges.checked.add(id(way))
+        _refuse_inexact_range(way, where)
+        if len(way) > 1:
+            for subs, at in _shared_children(way, where):
+                if len(subs) > 1 and (ids := tuple(sorted(map(id, subs)))) not in merges.checked:
+                    merges.checked.add(ids)
+                    _refuse_merged(subs, merges, at)
+
+
+def _past_exact(value):
+    """The first integer past 2^53 in magnitude in a JSON value (a const or enum), or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) > EXACT_BOUND else None
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        if (found := _past_exact(item)) is not None:
+            return found
+    return None
+
+
+def refuse_inexact_bounds(schema, where: str = "", merges: _Merges | None = None) -> None:
+    """An InputError for a number range llguidance (1.9) compiles inexactly, at any level a subschema sits.
+
+    An exclusive bound that is a whole number, with the other bound inside the same unit (exclusiveMinimum 0 with
+    maximum 0.5, exclusiveMaximum -3 with minimum -3.5): its regex lets the excluded bound itself through, written as
+    an integer ("0", "-3", "-0"): a sampled answer {"p": 0} under {"exclusiveMinimum": 0, "maximum": 0.5}, valid JSON
+    that breaks the schema. The bounds are seen as llguidance merges them: through allOf, a $ref and the schema
+    beside it, anyOf/oneOf branches, and the properties and items such merged objects and arrays share
+    ({"allOf": [{"exclusiveMinimum": 0}, {"maximum": 0.5}]} let 0 through as well). Bounds a unit apart or more,
+    and inclusive ones, compile exactly.
+
+    A bound past 2^53 in magnitude (EXACT_BOUND): llguidance reads bounds as 64-bit floats, so minimum
+    9007199254740993 let 9007199254740992 through (and 10**17 + 1 let 10**17), and integer bounds past 2^63 were
+    clamped to it; a const or enum integer past it too (const 9007199254740993 took 9007199254740992 only). Refused,
+    naming the keyword and where it is, rather than ignored."""
     if not isinstance(schema, dict):
         return
+    merges = _Merges(schema) if merges is None else merges
     at = f" at {where.lstrip('.')}" if where else ""
-    lo, hi = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
-    uppers = [v for v in (schema.get("maximum"), hi) if _number(v)]
-    lowers = [v for v in (schema.get("minimum"), lo) if _number(v)]
-    integral = schema.get("type") == "integer"     # llguidance names an empty integer range itself
-    if not integral and _whole(lo) and lo >= 0 and uppers and min(uppers) < lo + 1:
-        raise InputError(f"response_format json_schema: exclusiveMinimum {lo!r} with an upper bound of {min(uppers)!r}"
-                         f"{at} is not supported: the grammar engine (llguidance) cannot exclude a whole-number "
-                         f"bound when both bounds lie within one unit (it would let {int(lo)} through); use "
-                         f"minimum with the least value to allow, or bounds a unit apart or more")
-    if not integral and _whole(hi) and hi <= 0 and lowers and max(lowers) > hi - 1:
-        raise InputError(f"response_format json_schema: exclusiveMaximum {hi!r} with a lower bound of {max(lowers)!r}"
-                         f"{at} is not supported: the grammar engine (llguidance) cannot exclude a whole-number "
-                         f"bound when both bounds lie within one unit (it would let {int(hi)} through); use "
-                         f"maximum with the greatest value to allow, or bounds a unit apart or more")
+    for key in _BOUNDS:
+        if _number(value := schema.get(key)) and abs(value) > EXACT_BOUND:
+            raise InputError(f"response_format json_schema.schema: {key} {value!r}{at} is not supported: bounds "
+                             f"are held exactly only up to 2^53 = {EXACT_BOUND} in magnitude (the grammar engine, "
+                             f"llguidance, reads them as 64-bit floats: {EXACT_BOUND + 1} becomes {EXACT_BOUND}); "
+                             f"use a bound within -{EXACT_BOUND}..{EXACT_BOUND}")
+    for key in ("const", "enum"):
+        if key in schema and (value := _past_exact(schema[key])) is not None:
+            raise InputError(f"response_format json_schema.schema: {key}{at} holds the integer {value}, which is "
+                             f"not supported: the grammar engine (llguidance) reads numbers as 64-bit floats, exact "
+                             f"only up to 2^53 = {EXACT_BOUND} in magnitude ({EXACT_BOUND + 1} would be held as "
+                             f"{EXACT_BOUND})")
+    _refuse_merged([schema], merges, where)
     for key, value in schema.items():
         if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
             for name, sub in value.items():
-                refuse_inexact_bounds(sub, f"{where}.{key}.{name}")
+                refuse_inexact_bounds(sub, f"{where}.{key}.{name}", merges)
         elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
             for i, sub in enumerate(value):
-                refuse_inexact_bounds(sub, f"{where}.{key}[{i}]")
+                refuse_inexact_bounds(sub, f"{where}.{key}[{i}]", merges)
         elif key in _SUBSCHEMA:
-            refuse_inexact_bounds(value, f"{where}.{key}")
+            refuse_inexact_bounds(value, f"{where}.{key}", merges)
+
+
+# RFC 3339's full-date, leap years exact (Gregorian: every 4th year, not centuries but every 4th of them; year 0000
+# is one). llguidance's own "date" regex takes 02-29 in every year (2023-02-29 passed): a node with format "date" or
+# "date-time" is held to this as a pattern too (llguidance intersects a pattern with the format's regex)
+_DATE = (r"(?:[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+         r"|02-(?:0[1-9]|1[0-9]|2[0-8]))|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)"
+         r"-02-29)")
+_EXACT_DATES = {"date": f"^{_DATE}$", "date-time": f"^{_DATE}[tT]"}
+
+
+def _with_exact_dates(schema):
+    """A copy of a JSON schema whose "date" and "date-time" formats are also held to _DATE (as a pattern, or an
+    allOf member beside a pattern of its own), at every level a subschema sits; the caller's schema is not changed."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            value = {k: _with_exact_dates(v) for k, v in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            value = [_with_exact_dates(v) for v in value]
+        elif key in _SUBSCHEMA:
+            value = _with_exact_dates(value)
+        out[key] = value
+    fmt = out.get("format")
+    pattern = _EXACT_DATES.get(fmt) if isinstance(fmt, str) else None
+    if pattern is not None and "pattern" not in out:
+        out["pattern"] = pattern
+    elif pattern is not None and isinstance(out.get("allOf", []), list):
+        out["allOf"] = [*out.get("allOf", []), {"pattern": pattern}]
+    return out
+
+
+def _held(schema: dict) -> dict:
+    """The schema llguidance compiles for a JSON schema: refused where it would compile it too wide, less the no-op
+    keywords it refuses, its dates held exact."""
+    refuse_inexact_bounds(schema)
+    return _with_exact_dates(without_no_ops(schema))
 
 
 def _bounded_json_blocks(lark: str) -> str:
@@ -376,8 +605,11 @@ def _bounded_json_blocks(lark: str) -> str:
             continue
         if not isinstance(schema, dict):
             continue
-        refuse_inexact_bounds(schema)
-        schema = without_no_ops(schema)
+        try:
+            schema = _held(schema)
+        except InputError as e:     # said of a json_schema, which this request (a grammar, tools) did not send
+            raise InputError(f"response_format: a %json block's schema"
+                             f"{str(e).removeprefix('response_format json_schema.schema')}") from None
         own = schema.get("x-guidance")
         if not (isinstance(own, dict) and ("whitespace_flexible" in own or "whitespace_pattern" in own)):
             schema["x-guidance"] = {**(own if isinstance(own, dict) else {}), "whitespace_pattern": JSON_WHITESPACE}
@@ -387,8 +619,7 @@ def _bounded_json_blocks(lark: str) -> str:
 
 
 def _json_grammar(llg, schema: dict) -> str:
-    refuse_inexact_bounds(schema)
-    schema = without_no_ops(schema)
+    schema = _held(schema)
     own = schema.get("x-guidance")
     if isinstance(own, dict) and ("whitespace_flexible" in own or "whitespace_pattern" in own):
         defaults = None         # the client's own whitespace (a default pattern would override whitespace_flexible)
