@@ -81,7 +81,8 @@ class AmphistaHeads(DraftHeads):
         if self._rope is None or self._rope.shape[0] < n or self._rope.device != device:
             ff = self._bound[2] if self._bound is not None else None
             n = max(n, self._rope.shape[0] if self._rope is not None else 0)
-            self._rope = rope_table(self.sal_config, n, ff).to(device)
+            with torch.inference_mode(False):   # made while decoding, it must serve training too: autograd refuses
+                self._rope = rope_table(self.sal_config, n, ff).to(device)     # inference tensors
         return self._rope
 
     def _fuse(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
@@ -158,7 +159,8 @@ class AmphistaHeads(DraftHeads):
         """stages: [..., S, d] stage outputs at the drafting position(s) -> logits [..., K, V]; of the first `depth`
         heads where given (the block still attends over all K slots: each head sees the others)."""
         if self._stage_index is None or self._stage_index.device != stages.device:
-            self._stage_index = torch.tensor(self.config.stage_of_head, device=stages.device)
+            with torch.inference_mode(False):       # as _rope_rows' table: it serves training too
+                self._stage_index = torch.tensor(self.config.stage_of_head, device=stages.device)
         x = stages.index_select(-2, self._stage_index)              # [..., K, d]: head k's input
         return self.logits(self.mix(self.res(x))[..., :depth, :])
 

@@ -171,10 +171,18 @@ class HeadsConfig:
 
     def sal_model_config(self) -> ModelConfig:
         """The Llama config of the SAL decoder layers (vocab is unused: they take vectors, not tokens)."""
+        rs = self.rope_scaling
+        if rs and rs.get("rope_type", rs.get("type")) == "longrope":
+            # LongRoPE picks its factors by the table's length (model.rope_inv_freq): the SAL's table is as long as
+            # a training batch but as the cache when decoding, so a position rotated by the short factors in training
+            # and by the long ones in decoding (a cache past original_max_position_embeddings). Plain RoPE rotates
+            # a position the same whatever the table; its factor lists would also not fit whole-head rotation
+            # where the target rotates part of each head (Phi-4-mini: building the heads failed)
+            rs = None
         return ModelConfig(vocab_size=self.vocab_size, dim=self.dim, n_layers=self.n_stages * self.layers_per_stage,
                            n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
                            intermediate_size=self.sal_intermediate_size, head_dim=self.head_dim,
-                           norm_eps=self.norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+                           norm_eps=self.norm_eps, rope_theta=self.rope_theta, rope_scaling=rs,
                            max_position_embeddings=self.max_position_embeddings, name="amphista-sal")
 
     def to_dict(self) -> dict[str, Any]:

@@ -148,8 +148,9 @@ class DraftHeads(nn.Module):
         if sub is None or sub.device != device or sub.dtype != w.dtype:
             # Frozen target: gathered once per bind / vocabulary, not per step (a static tensor for CUDA graphs).
             rows = self.draft_vocab if self.config.draft_vocab_size else None
-            sub = self._w_sub = (head.float_rows(rows, w.dtype) if w.is_meta
-                                 else w.detach().index_select(0, rows.to(w.device)))
+            with torch.inference_mode(False):       # gathered while decoding, they must serve training too
+                sub = self._w_sub = (head.float_rows(rows, w.dtype) if w.is_meta
+                                     else w.detach().index_select(0, rows.to(w.device)))
         return sub
 
     def _target(self):
