@@ -210,6 +210,15 @@ class SpeculativeDecoder(PlainDecoder):
         self._ordered_verify = not (too_big and model.orders_decode(cache))
         # Heads with a draft vocabulary score token subsets; any drafter without one scores token ids directly.
         self._token_ids = getattr(heads, "token_ids", None)
+        draft_vocab = getattr(getattr(heads, "config", None), "draft_vocab_size", 0) or 0
+        if tree.static is None and 0 < draft_vocab < TOPK:
+            # a dynamic tree takes each head's top-min(TOPK, draft vocabulary): too few slots for its nodes was
+            # refused only at the first step, after the prefill, naming a "top-3" the user never chose
+            try:
+                dynamic_tree_depth(tree.max_depth, draft_vocab, tree.num_nodes)
+            except ConfigError as e:
+                raise ConfigError(f"tree {tree.name!r}: the heads' draft vocabulary holds {draft_vocab} tokens, so "
+                                  f"each head drafts its top {draft_vocab}: {e}") from None
         self._draft_ids = None          # the token of each draft slot, for penalties (set at prefill)
         # Drafts of the heads the tree reads only (a CPU pays each head's LM-head rows: mix-4's 2 of 4 heads saved
         # ~0.25 ms a step on SmolLM2's 4-bit heads), where the drafter takes a depth

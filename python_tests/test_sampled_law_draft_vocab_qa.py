@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from amphista_engine.errors import ConfigError
 from amphista_engine.generation import GenerationStats, PlainDecoder, run
 from amphista_engine.heads import random_heads
 from amphista_engine.kv_cache import KVCache
@@ -158,3 +159,14 @@ def test_greedy_with_draft_vocab_equals_plain_greedy(tiny8, kind, subset, tree, 
     plain = _decode(tiny8, params, prompts, 16)
     spec = _decode(tiny8, params, prompts, 16, drafter(tiny8, kind, subset), tree, acceptance)
     assert spec == plain
+
+
+def test_a_dynamic_tree_too_big_for_a_small_draft_vocabulary_is_refused_before_the_prefill(tiny8):
+    """Regression: heads of a 3-token draft vocabulary draft each head's top 3, too few for dynamic-64's nodes;
+    the tree was taken and refused only at the first step, after the prefill, naming a "top-3" never chosen."""
+    heads = drafter(tiny8, "amphista", [6, 3, 0])
+    cache = KVCache.for_model(tiny8.config, 1, 64, torch.float32, "cpu")
+    with pytest.raises(ConfigError, match=r"dynamic-64.*draft vocabulary holds 3 tokens"):
+        SpeculativeDecoder(tiny8, cache, heads, TreeSpec("dynamic-64", heads.num_heads, "cpu"), SamplingParams())
+    ok = SpeculativeDecoder(tiny8, cache, heads, TreeSpec("dynamic-8", heads.num_heads, "cpu"), SamplingParams())
+    assert ok.tree.num_nodes == 8
