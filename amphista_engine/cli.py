@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import functools
 import json
 import os
@@ -32,12 +33,24 @@ def _int(text: str) -> int:
     digits = text.strip().lstrip("+-").replace("_", "")
     if len(digits) > HUGE_INT_DIGITS and digits.isascii() and digits.isdigit():
         raise argparse.ArgumentTypeError(f"an integer of {len(digits)} digits: far out of range")
-    if not text.isascii():      # int() reads any script's digits: --logit-bias ٣=5 biased token 3, ３ was 3 tokens
+    return int(_ascii(text))
+
+
+def _ascii(text: str) -> str:
+    """The text of a number flag, refused (ValueError, as int() and float() refuse) where it is not ASCII: int() and
+    float() read any script's digits (--logit-bias ٣=5 biased token 3, ３ was 3 tokens, --temperature ٠٫٥ was 0.5)."""
+    if not text.isascii():
         raise ValueError(text)
-    return int(text)
+    return text
+
+
+def _float(text: str) -> float:
+    """argparse's type=float for the float flags, in ASCII digits only (_ascii)."""
+    return float(_ascii(text))
 
 
 _int.__name__ = "int"       # argparse's "invalid int value: 'x'" for what int() refuses, as before
+_float.__name__ = "float"
 
 
 def _add_quant_arg(p: argparse.ArgumentParser):
@@ -80,9 +93,9 @@ def _add_decoding_args(p: argparse.ArgumentParser):
 def add_template_arg(p: argparse.ArgumentParser):
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
                    help="the chat template in place of the model's own, as vLLM's --chat-template: a Jinja file, "
-                        "or the template itself where the value is no file and holds '{', '}' or a newline (also "
-                        "a built-in name: chatml, vicuna_v1.1). Its end-of-turn tokens end answers; tool calls are "
-                        "read in the format it writes")
+                        "or the template itself where the value is no file and holds '{', '}' or a newline (its "
+                        "escapes, such as \\n, decoded as vLLM does; also a built-in name: chatml, vicuna_v1.1). "
+                        "Its end-of-turn tokens end answers; tool calls are read in the format it writes")
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                    help='more variables for the model\'s chat template, as a JSON object, e.g. '
                         '\'{"enable_thinking": false}\' (Qwen3: answer without a <think> block)')
@@ -108,7 +121,9 @@ def _chat_template(args) -> str | None:
     elif any(c in value for c in "{}\n"):
         if bad := _not_utf8(value):      # its prompts were refused as "the prompt's text", after the load
             raise InputError(f"--chat-template is {bad}")
-        template, what = value, "--chat-template"
+        template, what = _unescaped(value), "--chat-template"
+        if bad := _not_utf8(template):   # an escape such as \ud800
+            raise InputError(f"--chat-template is {bad}, after its escapes are decoded")
     elif value in BUILTIN_TEMPLATES:
         return value
     else:
@@ -118,6 +133,33 @@ def _chat_template(args) -> str | None:
                          f"(text with {{% ... %}} or {{{{ ... }}}}), or a built-in name "
                          f"({', '.join(BUILTIN_TEMPLATES)})")
     return check_chat_template(template, what)
+
+
+# a backslash escape as Python's unicode_escape codec reads one; any other backslash is kept as it is
+_ESCAPE = re.compile(r"\\(?:U[0-9a-fA-F]{8}|u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|N\{[^}]*\}|[0-7]{1,3}|.)", re.S)
+_SIMPLE_ESCAPES = "\\'\"abfnrtv\n"
+
+
+def _unescaped(value: str) -> str:
+    """An inline --chat-template with its escapes decoded, as vLLM's load_chat_template does (codecs.decode(value,
+    "unicode_escape")): a shell passes `\\n` typed in quotes as two characters, which the template wanted as a line
+    break. Escape by escape, so that characters past ASCII are not garbled (the codec reads the text's UTF-8
+    bytes as Latin-1: '中' became three characters), and a backslash before another character is kept (the codec
+    warns of it)."""
+    def one(m: re.Match) -> str:
+        escape = m.group()
+        if escape[1] not in _SIMPLE_ESCAPES + "01234567UuxN":
+            return escape
+        try:
+            if escape[1] in "Uux" and len(escape) == 2:     # too few hex digits for the pattern
+                raise UnicodeDecodeError("unicode_escape", b"", 0, 1, "truncated escape")
+            return codecs.decode(escape, "unicode_escape")
+        except UnicodeDecodeError:
+            shown = value[m.start():m.start() + 12]
+            raise InputError(f"--chat-template has a bad escape at {shown!r}: an inline template's escapes are "
+                             f"decoded, as vLLM decodes them (\\x takes 2 hex digits, \\u 4, \\U 8, \\N{{name}}); "
+                             f"write \\\\ for a backslash") from None
+    return _ESCAPE.sub(one, value)
 
 
 def _readable_file(path: str) -> bool:
@@ -154,13 +196,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
                    help=f"the most tokens an answer gets (default {max_new_tokens})" if per_run else
                    f"max_tokens of requests that send none (default {max_new_tokens})")
     # None: unset, filled by serving.commands.sampling_defaults (the model's generation_config.json, else greedy)
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--temperature", type=_float, default=None,
                    help="0 = greedy (default, unless the model's generation_config.json samples)")
     p.add_argument("--top-k", type=_int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None,
+    p.add_argument("--top-p", type=_float, default=None)
+    p.add_argument("--min-p", type=_float, default=None,
                    help="min-p sampling: keep tokens at least MIN_P times as likely as the most likely one (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=_float, default=None)
     what = "requests that leave" if not per_run else "unset"
     p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
                    help=f"auto (default, as vLLM and transformers): {what} temperature, top_p, top_k, min_p or "
@@ -170,9 +212,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256, pe
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=_int, default=None)
     if per_run:
-        p.add_argument("--presence-penalty", type=float, default=0.0,
+        p.add_argument("--presence-penalty", type=_float, default=0.0,
                        help="OpenAI's, on the answer's tokens so far")
-        p.add_argument("--frequency-penalty", type=float, default=0.0,
+        p.add_argument("--frequency-penalty", type=_float, default=0.0,
                        help="OpenAI's, per repeat of a token in the answer")
         p.add_argument("--logit-bias", action="append", metavar="ID=VALUE",
                        help="add VALUE to token ID's logit at every step (repeatable; -100 bans it)")
@@ -207,9 +249,7 @@ def _logit_bias(args) -> dict | None:
     for item in getattr(args, "logit_bias", None) or ():
         tok, sep, value = item.partition("=")
         try:
-            if not value.isascii():     # float() reads any script's digits, as int() does (_int)
-                raise ValueError(value)
-            out[_int(tok)] = float(value)
+            out[_int(tok)] = _float(value)
         except ValueError:
             sep = ""
         except argparse.ArgumentTypeError as e:      # a token id of thousands of digits: not quoted back

@@ -48,6 +48,8 @@ def check_out_path(flag: str, path, folder: bool) -> Path:
     load, the timing or the training, with an OSError naming part of it ("File exists: afile") or, where
     safetensors wrote it, a traceback. A file where a folder is wanted, or the reverse, is left to the command,
     which names what it writes there."""
+    if os.fspath(path) == "":      # Path("") is ".": the working folder was taken as the file or folder named
+        raise InputError(f"{flag} is an empty path; give the {'folder' if folder else 'file'} to write")
     p = Path(user_path(path))
     from . import shipped_heads
     # distill's shard, eval-tau's and tree-search's JSON went into the shipped heads (or the package's data) as

@@ -247,7 +247,7 @@ def check_responses(url: str, body: dict, seed) -> dict:
             items[e["output_index"]]["text"] += e["delta"]
         elif kind == "response.output_item.done":
             items[e["output_index"]]["status"] = e["item"]["status"]
-        elif kind == "response.completed":
+        elif kind in ("response.completed", "response.incomplete"):
             final = e["response"]
     want = {i: {"type": it["type"], "status": it["status"], "name": it.get("name"),
                 "text": it["arguments"] if it["type"] == "function_call" else it["content"][0]["text"]}

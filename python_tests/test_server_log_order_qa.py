@@ -76,7 +76,7 @@ STREAMS = {
     "completions": ("/completions", {"prompt": "The fox", "max_tokens": 3, "stream": True,
                                      "stream_options": {"include_usage": True}}, "[DONE]"),
     "responses": ("/responses", {"instructions": "Be terse.", "input": "Hi", "max_output_tokens": 3, "stream": True},
-                  "response.completed"),
+                  "response.incomplete"),     # cut by max_output_tokens: OpenAI's last event then
     "messages": ("/messages", {"model": "tiny-llama", "system": "Be terse.", "messages": HI[1:], "max_tokens": 3,
                                "stream": True}, "message_stop"),
 }

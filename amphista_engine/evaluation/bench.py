@@ -187,6 +187,17 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     unknown = [m for m in methods if m not in ("medusa", "amphista")]
     if unknown:
         raise InputError(f"unknown method(s) {unknown}; bench times medusa and amphista steps")
+    from ..cli import _ascii        # int() reads any script's digits ("٣" as 3): ASCII ones only, as cli._int
+    from ..training.trainer import check_draft_vocab     # train's rule, checked before any load
+    try:
+        draft_vocabs = [int(_ascii(v) if isinstance(v, str) else v)
+                        for v in (draft_vocab.split(",") if isinstance(draft_vocab, str) else draft_vocab)]
+    except ValueError:
+        raise InputError(f"--draft-vocab must be a comma list of integers, got {draft_vocab!r}") from None
+    if not draft_vocabs:
+        raise InputError(f"--draft-vocab sizes must be >= 0 (0 = full vocabulary), got {draft_vocab!r}")
+    for v in draft_vocabs:
+        check_draft_vocab(v)
     if out is not None:
         if Path(out).exists() and not Path(out).is_dir():     # mkdir's own error says only "File exists"
             raise InputError(f"--out {out} is a file; give a folder for the bench's .json and .md")
@@ -200,12 +211,6 @@ def run_bench(model: str | None = "smollm2-135m", random_weights: bool = False, 
     if random_weights and not shape:      # load_target says so too, but after a "loading random None" line
         raise InputError("--random-weights needs --shape (one of the shapes listed in --help)")
     real = bench_heads(heads, methods, model, random_weights)
-    try:
-        draft_vocabs = [int(v) for v in (draft_vocab.split(",") if isinstance(draft_vocab, str) else draft_vocab)]
-    except ValueError:
-        raise InputError(f"--draft-vocab must be a comma list of integers, got {draft_vocab!r}") from None
-    if not draft_vocabs or any(v < 0 for v in draft_vocabs):
-        raise InputError(f"--draft-vocab sizes must be >= 0 (0 = full vocabulary), got {draft_vocab!r}")
     def head_count(m):
         return real[m][1].num_heads if m in real else num_heads
 

@@ -100,7 +100,7 @@ def _device_args(p):
 
 def register(sub) -> None:
     """Adds the eval and bench subcommands to an argparse subparsers object."""
-    from ..cli import _int      # type=int, naming a number far too long by its length
+    from ..cli import _float, _int      # ASCII digits only; a number far too long is named by its length
     from .bench import DEFAULT_TREES
     from .shapes import SHAPES
 
@@ -125,7 +125,7 @@ def register(sub) -> None:
     e.add_argument("--per-category", type=_int, default=None,
                    help="first N questions of each category (a balanced subset)")
     e.add_argument("--warmup", type=_int, default=1, help="untimed warm-up generations per method")
-    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; equality is checked)")
+    e.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy (default; equality is checked)")
     e.add_argument("--seed", type=_int, default=0, help="sampling seed (temperature > 0)")
     e.add_argument("--out", default="eval_results", help="output folder (answers.jsonl, summary.json, plots)")
     e.add_argument("--plot", action="store_true", help="write tau and speedup per category PNGs")

@@ -426,10 +426,11 @@ class Reply:
 
     def holds(self, name: str) -> bool:
         """Whether a call of the function `name` goes out only once it is whole (Stream.call). The openai client
-        parses a strict tool's calls in the final response (json.loads of the arguments, in responses.stream() and
-        parse()): a call that broke or was cut cannot be in it, so it is never announced, and the stream's
-        output_index values stay the final output's positions. Another call goes out as it decodes, and one that
-        breaks stays in the output as incomplete (the client parses no non-strict call)."""
+        parses a strict tool's calls in the final response (json.loads of the arguments, in responses.stream()'s
+        response.completed and parse()): a call that broke or was cut cannot be in it, so it is never announced, and
+        the stream's output_index values stay the final output's positions. Another call goes out as it decodes,
+        and one that breaks stays in the output as incomplete (the client parses no non-strict call). A stream under
+        the calls' grammar (Stream.hold_strict) sends a strict call as it decodes too."""
         return name in self._strict
 
     def response(self, status: str, output: list, results=None, thought: str | None = None, finish=None) -> dict:
@@ -485,11 +486,11 @@ def _output(reply: Reply, plan, job, result) -> tuple[list, str | None, str, str
 
 class Stream:
     """A response streamed as the Responses API's events: each output item added, its text (or a call's arguments)
-    as it decodes, then done, and the whole response last (response.completed). The answer is read as the chat
-    route's stream reads it (server._Handler._stream: the reasoning splitter, then ToolCallFilter), so the deltas
-    joined are the chat route's text and arguments; the non-streamed reply is this reading of the whole answer as
-    one delta (_output). The events are written by its hooks (begin, added, delta, closed, completed, fail), which
-    a stream of another API's events overrides (anthropic_messages._Events)."""
+    as it decodes, then done, and the whole response last (response.completed, or response.incomplete where cut).
+    The answer is read as the chat route's stream reads it (server._Handler._stream: the reasoning splitter, then
+    ToolCallFilter), so the deltas joined are the chat route's text and arguments; the non-streamed reply is this
+    reading of the whole answer as one delta (_output). The events are written by its hooks (begin, added, delta,
+    closed, completed, fail), which a stream of another API's events overrides (anthropic_messages._Events)."""
 
     def __init__(self, handler, reply: Reply, plan, job):
         """handler None: nothing is written (_output reads a whole answer so)."""
@@ -504,6 +505,11 @@ class Stream:
         self.ending = False                 # the answer's end is read: which calls are the reply's is not known yet
         self.splitter = reply.app.reasoning_splitter(job, plan)
         self.stops = bool(job.options.get("stop") or job.options.get("stop_token_ids"))
+        # Under the calls' grammar (tool_choice "required" or a named function) a call cannot break, only be cut by
+        # max_output_tokens, and such a stream ends with response.incomplete, which the openai client does not
+        # parse: there a strict call streams as it decodes (Reply.holds), and stays as incomplete where it was cut.
+        # The non-streamed reply still drops a cut one (parse() reads whatever response it gets).
+        self.hold_strict = handler is None or plan is None or not plan.calls_only
         self.filt = ToolCallFilter(plan.parallel, plan.fmt, v11=plan.v11, hidden=plan.hidden, parse=plan.parse,
                                    whole=self.stops, calls_only=plan.calls_only) \
             if plan is not None and (plan.parse or plan.shows) else None
@@ -563,9 +569,11 @@ class Stream:
         self.emit("response.output_item.done", output_index=index, item=item)
 
     def completed(self, response: dict):
-        """The stream's end: the whole answer's object (Reply.final)."""
+        """The stream's end: the whole answer's object (Reply.final), in response.incomplete where
+        max_output_tokens cut it (as OpenAI ends such a stream; its SDKs tell the two apart by the event's type)."""
         self.ended()
-        self.emit("response.completed", response=response)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        self.emit(kind, response=response)
 
     def fail(self, e: ApiError):
         """An error after the stream began: the Responses API's error event (its fields, and OpenAI's error object
@@ -623,7 +631,7 @@ class Stream:
                     if _json_object(self.held[k]["arguments"]):     # else finish() finds whether it is whole
                         self._send_held(k)
             item = _call_item(delta["id"], f.get("name", ""), "", "in_progress")
-            if self.reply.holds(item["name"]):
+            if self.hold_strict and self.reply.holds(item["name"]):
                 self.held[delta["index"]] = item
             else:
                 self.calls[delta["index"]] = self._add(item)

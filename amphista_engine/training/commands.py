@@ -180,7 +180,7 @@ def _model_args(p):
 
 def register(sub) -> None:
     """Adds the distill, train, tree-search and eval-tau subcommands to an argparse subparsers object."""
-    from ..cli import _int      # type=int, naming a number far too long by its length
+    from ..cli import _float, _int      # ASCII digits only; a number far too long is named by its length
     d = sub.add_parser("distill", help="generate self-distillation data (the target answers training prompts)")
     d.add_argument("--prompts", required=True, help="train_prompts.jsonl-style JSONL or ShareGPT JSON")
     d.add_argument("--out", required=True, help="JSONL shard to append to (resumable)")
@@ -196,8 +196,8 @@ def register(sub) -> None:
     d.add_argument("--sources", default=None, help="comma list: only prompts of these sources (after balancing)")
     d.add_argument("--samples", type=_int, default=1,
                    help="answers per prompt (> 1 needs --temperature; record ids ID#s0, ID#s1, ...)")
-    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy answers (the default)")
-    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--temperature", type=_float, default=0.0, help="0 = greedy answers (the default)")
+    d.add_argument("--top-p", type=_float, default=1.0)
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("train", help="train Amphista or Medusa heads on distilled data (target frozen)")
@@ -209,26 +209,26 @@ def register(sub) -> None:
     t.add_argument("--num-heads", type=_int, default=4)
     t.add_argument("--loss", default="kl", choices=["kl", "ce"], help="KL to the target's distribution or CE "
                    "on the data token")
-    t.add_argument("--lambda", dest="lam", type=float, default=0.8, help="head k (1-based) weight lambda^(k-1)")
+    t.add_argument("--lambda", dest="lam", type=_float, default=0.8, help="head k (1-based) weight lambda^(k-1)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_int, default=None)
-    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--epochs", type=_float, default=None)
     t.add_argument("--batch-tokens", type=_int, default=4096, help="tokens per optimizer step (whole sequences)")
     t.add_argument("--loss-positions", type=_int, default=0,
                    help="score at most this many random answer positions per step (0 = all); bounds the "
                         "LM-head cost, the SAL still runs over whole sequences")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--lr", type=_float, default=1e-3)
+    t.add_argument("--weight-decay", type=_float, default=0.0)
     t.add_argument("--warmup", type=_int, default=None, help="warmup steps (default: 5%% of the steps); at most "
                    "the run's steps: a longer warmup is refused, as the learning rate would never reach --lr")
-    t.add_argument("--clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
+    t.add_argument("--clip", type=_float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     t.add_argument("--train-dtype", dest="train_dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast matmuls (fp32 master weights)")
     t.add_argument("--save-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     t.add_argument("--seed", type=_int, default=0)
     t.add_argument("--cache-hidden", default=None, help="directory for cached target hidden states")
     t.add_argument("--eval-every", type=_int, default=0, help="steps between held-out evals (0 = at the end)")
-    t.add_argument("--eval-frac", type=float, default=0.05)
+    t.add_argument("--eval-frac", type=_float, default=0.05)
     t.add_argument("--eval-max-seqs", type=_int, default=64,
                    help="evaluate on at most this many held-out sequences (0 = no evaluation; the held-out "
                         "prompts are still never trained on)")
@@ -245,7 +245,7 @@ def register(sub) -> None:
     t.add_argument("--chunk", type=_int, default=256, help="positions per loss chunk (bounds [N, K, V] memory)")
     t.add_argument("--log", default=None, help="also append JSON lines (train/eval metrics) to this file")
     t.add_argument("--stage-of-head", default=None, help="Amphista: comma list, head k's SAL stage")
-    t.add_argument("--mse-weight", type=float, default=0.0,
+    t.add_argument("--mse-weight", type=_float, default=0.0,
                    help="add this weight x the full-vocabulary logit MSE to the teacher at every answer position "
                         "(exact and ~V/d times cheaper than KL: computed through the LM head's Gram matrix)")
     t.add_argument("--mse-positions", type=_int, default=0,
@@ -291,7 +291,7 @@ def register(sub) -> None:
     s.add_argument("--dynamic", default=None,
                    help="comma list of dynamic-N sizes to replay on the held-out split and record (default: "
                         "--nodes up to 64; '' for none): `--speculative auto` weighs the trees the heads record")
-    s.add_argument("--eval-frac", type=float, default=None,
+    s.add_argument("--eval-frac", type=_float, default=None,
                    help="the held-out share to fit on (default: the one the heads' `train` run recorded, else 0.05)")
     s.add_argument("--cache-hidden", default=None, help="the hidden-state cache of `train`, if any")
     s.add_argument("--max-seq-len", type=_int, default=1024)

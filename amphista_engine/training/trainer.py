@@ -68,6 +68,19 @@ def _flag(field_name: str) -> str:
     return "--" + {"lam": "lambda"}.get(field_name, field_name).replace("_", "-")
 
 
+def check_draft_vocab(size: int):
+    """A --draft-vocab size heads can draft with (train's, and each of bench's): 0 (the full vocabulary) or at
+    least 2."""
+    if size < 0:
+        raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
+    if size == 1:
+        # a softmax over one slot is 1 whatever the logits: KL (and CE) are 0 at every position, no gradient; so
+        # no trained heads have it, and bench timed heads that cannot exist
+        raise ConfigError("--draft-vocab 1: heads that draft from a single token always give it probability 1, "
+                          "so the loss is 0 everywhere and they learn nothing (no trained heads have it); pass "
+                          "--draft-vocab 0 (the full vocabulary) or at least 2 (e.g. 8192)")
+
+
 @dataclass
 class TrainConfig:
     data: list = field(default_factory=list)
@@ -188,13 +201,7 @@ class TrainConfig:
             raise ConfigError("--fill-cache needs --cache-hidden DIR")
         if self.fill_planned and not self.fill_cache:
             raise ConfigError("--fill-planned only applies to --fill-cache")
-        if self.draft_vocab < 0:
-            raise ConfigError("--draft-vocab must be >= 0 (0 = the full vocabulary)")
-        if self.draft_vocab == 1:
-            # a softmax over one slot is 1 whatever the logits: KL (and CE) are 0 at every position, no gradient
-            raise ConfigError("--draft-vocab 1: heads that draft from a single token always give it probability 1, "
-                              "so the loss is 0 everywhere and they learn nothing; pass --draft-vocab 0 (the full "
-                              "vocabulary) or at least 2 (e.g. 8192)")
+        check_draft_vocab(self.draft_vocab)
         if self.steps is not None and not self.fill_cache:       # --fill-cache trains nothing: no schedule
             check_warmup(self.warmup, self.steps)
         if not 0 <= self.eval_frac < 1 or self.lr <= 0 or not 0 < self.lam <= 1:
