@@ -4,30 +4,16 @@ cache_read_input_tokens those), as Anthropic's API splits it from the start. It 
 cache_read_input_tokens 0, on a turn whose answer then reported most of it as read from the cache."""
 from __future__ import annotations
 
-import contextlib
 import json
 import urllib.request
 
 import pytest
 
+from test_serve_cache_prompt import engine, server_factory  # noqa: F401 -- its fixtures: the tiny model, servers
+
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 SPLIT = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_hf_dir):
-    """The tiny model with room for a second chat turn (its byte-level vocabulary spells text out long)."""
-    from amphista_engine import Engine
-    return Engine.from_pretrained(str(tiny_hf_dir), device="cpu", max_seq_len=512)
-
-
-@pytest.fixture(scope="module")
-def server_factory(engine):
-    from conftest import serving
-    with contextlib.ExitStack() as servers:
-        yield lambda **options: servers.enter_context(serving(
-            engine, model_id="tiny-llama", quiet=True, defaults=dict(max_new_tokens=24), **options)).url
 
 
 def streamed(url: str, body: dict) -> list[dict]:
@@ -67,7 +53,7 @@ def split(usage: dict) -> dict:
 
 
 @pytest.mark.parametrize("how", ["flag", "field"])
-def test_message_start_splits_the_cached_prompt(server_factory, engine, how):
+def test_message_start_splits_the_cached_prompt(server_factory, engine, how):  # noqa: F811
     url = server_factory(cache_prompt=True) if how == "flag" else server_factory()
     fields = {} if how == "flag" else {"cache_prompt": True}
     engine.generate("x", max_new_tokens=1)      # a cache that keeps nothing of these turns
@@ -79,7 +65,7 @@ def test_message_start_splits_the_cached_prompt(server_factory, engine, how):
     assert start2["output_tokens"] == 0
 
 
-def test_without_the_cache_message_start_says_the_whole_prompt(server_factory):
+def test_without_the_cache_message_start_says_the_whole_prompt(server_factory):  # noqa: F811
     url = server_factory()
     for start, end in two_turns(url):
         assert start["cache_read_input_tokens"] == end["cache_read_input_tokens"] == 0

@@ -27,18 +27,11 @@ from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
 from amphista_engine.training.data import Sequence, ShardWriter
 from amphista_engine.training.hidden_cache import HiddenSource, pad_batch
 from amphista_engine.training.trainer import LossComputer, head_features, loss_rows, train_heads
+from test_speculative import _NoText
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 PROMPTS = [[3, 9, 27, 1, 5, 8], [40, 2, 2, 2, 17, 60, 11, 12, 13, 50, 7], [1, 2]]
-
-
-class _NoText:
-    def stream_decoder(self):
-        class S:
-            def push(self, tok): return ""
-            def flush(self): return ""
-        return S()
 
 
 def decode_drafts(model, heads, prompts, limits, tree):
