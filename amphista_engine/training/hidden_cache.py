@@ -86,6 +86,31 @@ def pad_batch(seqs: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor,
     return x.to(device), lengths.to(device), plen.to(device)
 
 
+_SKETCH_VALUES = 8      # per weight tensor
+
+
+def weights_sketch(target) -> list[float]:
+    """A few evenly spaced values of each of the target's weights (by name): what tells apart two models of one
+    LM head (which the cache's fingerprint hashes), compared within a tolerance so that fp32, bf16 and fp16 loads
+    of one checkpoint agree."""
+    out = []
+    for _, p in sorted(target.named_parameters()):
+        flat = p.detach().reshape(-1)
+        if not flat.is_floating_point() or not flat.numel():
+            continue
+        k = min(flat.numel(), _SKETCH_VALUES)
+        idx = torch.arange(k) * (flat.numel() - 1) // max(1, k - 1)     # integers: a float linspace overran 2^24
+        out += flat[idx.to(flat.device)].float().cpu().tolist()
+    return out
+
+
+def same_weights(a, b) -> bool:
+    """Sketches of one model's weights: equal up to a 16-bit rounding (fp16 subnormals included)."""
+    return (isinstance(a, list) and len(a) == len(b)
+            and all(isinstance(x, (int, float)) and abs(x - y) <= 2 ** -7 * max(abs(x), abs(y)) + 1e-6
+                    for x, y in zip(a, b)))
+
+
 _DTYPE_FLAG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -107,6 +132,7 @@ class HiddenSource:
             self.dir.mkdir(parents=True, exist_ok=True)
             meta = self.dir / "meta.json"
             info = {"fingerprint": fingerprint, "dtype": "bfloat16", "format": 1}
+            sketch = weights_sketch(target)
             if meta.exists():
                 try:
                     old = json.loads(meta.read_text())
@@ -121,11 +147,18 @@ class HiddenSource:
                                       f"wrote ({why:.160}); use another --cache-hidden directory")
                 # caches written before the key existed were all computed by an fp32 target
                 self.computed_in = old.pop("computed_in", "float32")
+                theirs = old.pop("weights", None)       # absent in caches written before 2026-12-07: unchecked
                 if old != info:
                     raise ConfigError(f"hidden-state cache {self.dir} was built for another target or format "
                                       f"({old}); use another --cache-hidden directory")
+                if theirs is not None and not same_weights(theirs, sketch):
+                    # the fingerprint is the LM head's alone: a fine-tune that kept its embeddings (a merged
+                    # LoRA) has the same one, and its run read the other model's hidden states
+                    raise ConfigError(f"hidden-state cache {self.dir} was built by another model with this one's LM "
+                                      f"head (fingerprint {fingerprint}; their transformer weights differ): its "
+                                      f"states are not this --model's; use another --cache-hidden directory")
             else:
-                meta.write_text(json.dumps({**info, "computed_in": self.own_dtype}))
+                meta.write_text(json.dumps({**info, "computed_in": self.own_dtype, "weights": sketch}))
                 self.computed_in = self.own_dtype
 
     @property

@@ -320,6 +320,7 @@ class LossComputer:
         nll = torch.zeros(K, device=dev)
         top1 = torch.zeros(K, device=dev)
         top5 = torch.zeros(K, device=dev)
+        per_sum = torch.zeros(K, device=dev)       # the loss's numerators: batches of a held-out set add up
         b, t = rows[:, 0], rows[:, 1]
         ks = torch.arange(K, device=dev)
         T = x.shape[1]
@@ -356,13 +357,17 @@ class LossComputer:
                 loss.backward()
             with torch.no_grad():
                 total += loss.detach()
+                per_sum += per.sum(0).detach()
                 nll += (-logq.gather(-1, data_tok[..., None]).squeeze(-1) * (vv & in_vocab)).sum(0).detach()
                 top = logits.topk(min(topk, logits.shape[-1]), -1).indices
                 hit = (top == data_tok[..., None]) & in_vocab[..., None]    # a token outside V' is a miss
                 top1 += (hit[..., 0] & vv).sum(0)
                 top5 += (hit.any(-1) & vv).sum(0)
-        stats = {"count": cnt, "nll": nll, "top1": top1, "top5": top5}
+        stats = {"count": cnt, "nll": nll, "top1": top1, "top5": top5, "loss_sum": per_sum}
         return total, leaf.grad if backward else None, stats
+
+
+SUMMED_STATS = ("count", "nll", "top1", "top5", "loss_sum", "mse_sum")     # held-out stats added over batches
 
 
 # ---- the trainer -------------------------------------------------------------------------------------------
@@ -682,6 +687,7 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
             mse = ((e @ gram) * e).sum(-1) * v_all                       # [N, K]
             extra = cfg.mse_weight * (mse.sum(0) * lam_w / v_all.sum(0).clamp_min(1)).sum()
             stats["mse"] = (mse.sum(0) / v_all.sum(0).clamp_min(1)).detach()
+            stats["mse_sum"] = mse.sum(0).detach()
         if backward:
             (extra + (kl_sel * g).sum()).backward() if gram is not None else kl_sel.backward(g)
         stats["tokens"] = int(lengths.sum())
@@ -691,24 +697,28 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
     @torch.no_grad()
     def evaluate() -> dict:
         heads.eval()
-        agg, n_loss, tot = None, 0, 0.0
+        agg = None
         bs = epoch_batches(held, cfg.batch_tokens, 0, 0)
         for bi in bs:
             r = run_batch([held[i] for i in bi], None, False)
             if r is None:
                 continue
-            loss, st = r
-            tot += float(loss)
-            n_loss += 1
-            agg = st if agg is None else {k: (agg[k] + st[k]) for k in ("count", "nll", "top1", "top5")}
+            st = r[1]
+            agg = st if agg is None else {k: (agg[k] + st[k]) for k in st if k in SUMMED_STATS}
         heads.train()
         if agg is None:
             return {}
+        # the training loss over every held-out position at once (per-head means, lambda^k-weighted): a mean of
+        # per-batch losses weighed a batch of 3 positions as one of 3000, and moved with --batch-tokens
+        n = agg["count"].clamp_min(1)
+        loss = float((lossf.w.to(n.device) * agg["loss_sum"] / n).sum())
+        if "mse_sum" in agg:
+            loss += cfg.mse_weight * float((lam_w * agg["mse_sum"] / n).sum())
         c = agg["count"].tolist()
 
         def mean(v):     # None for a head no held-out position reaches (answers shorter than its lookahead)
             return [a / n if n else None for a, n in zip(v.tolist(), c)]
-        return {"loss": tot / max(1, n_loss), "nll": mean(agg["nll"]), "top1": mean(agg["top1"]),
+        return {"loss": loss, "nll": mean(agg["nll"]), "top1": mean(agg["top1"]),
                 "top5": mean(agg["top5"]), "positions": int(c[0])}
 
     saved = [step]      # the step of the newest checkpoint in `out` (a fresh run's 0: none)
