@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from _bench import main_for
+from _bench import linear_bytes, main_for
 from amphista_engine.kernels import ops
 
 
@@ -55,7 +55,7 @@ def fused_rows(bench, shape: str, name: str, w: torch.Tensor) -> list[dict]:
     esize = w.element_size()
     return bench.compare("fused_linear", shape, case, {"torch": fused, "triton": fused, "cuda": fused,
                                                        "triton:unfused": unfused},
-                         esize * (n * k + x.numel() + 2 * n), flops=2 * n * k)
+                         linear_bytes(esize, n, k, x.numel(), 1, g is not None, residual), flops=2 * n * k)
 
 
 if __name__ == "__main__":

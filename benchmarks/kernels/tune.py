@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench import SHAPES, TINY, Bench, meta, parse_args, with_pdl  # noqa: E402
+from _bench import SHAPES, TINY, Bench, linear_bytes, meta, parse_args, with_pdl  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -237,7 +237,7 @@ def sweep_fused_linear(sw: Sweep, bench: Bench):
         ref = reference.fused_linear(x.float(), w.float(), None if g is None else g.float(), 1e-5,
                                      silu=prologue == "silu", residual=None if r is None else r.float())
         kw = dict(norm_weight=g, eps=1e-5, silu=prologue == "silu", residual=r)
-        nbytes = esize * (n * k + x.numel() + 2 * n * rows)
+        nbytes = linear_bytes(esize, n, k, x.numel(), rows, g is not None, residual)
         extra = "+norm" if prologue == "norm" else "+silu" if prologue else "bare"
         case = f"{sh.name} {layer} {extra}{'+residual' if residual else ''} {n}x{k} M={rows}"
         sw.time_variant("triton linear", case, "heuristic", lambda w=w: lin.linear(x, w, **kw), ref, nbytes,
