@@ -221,6 +221,9 @@ class ModelConfig:
         if model_type not in _MODEL_TYPES or archs[0] not in SUPPORTED_ARCHS:
             raise ConfigError(f"unsupported architecture {archs[0]!r} (model_type {cfg.get('model_type')!r}); "
                               f"amphista-engine runs Llama-family models: {', '.join(SUPPORTED_ARCHS)}")
+        # a key left out takes its family's transformers default, not Llama's: a Mixtral config.json without
+        # rope_theta ran RoPE base 10000 where transformers runs 1e6 (logits ~0.5 relative apart)
+        cfg = {**_HF_FAMILY_DEFAULTS.get(model_type, {}), **cfg}
         _check_hf_options(cfg, partial_ok=model_type == "phi3")
         # of the families here only transformers' Phi-3 honours partial_rotary_factor (the others' are refused above)
         partial = _hf_partial_rotary(cfg) if model_type == "phi3" else None
@@ -228,8 +231,10 @@ class ModelConfig:
         if scaling is not None and partial is not None:
             scaling["partial_rotary_factor"] = partial     # the lists' length, also for the heads that copy the dict
         # transformers' Qwen2 layers always carry q/k/v biases (no config key) and no o bias; attention_bias
-        # puts them on all four projections in Llama, Mistral and Qwen3.
-        attention_bias = bool(cfg.get("attention_bias", False))
+        # puts them on all four projections in Llama, Qwen3, SmolLM3 and Qwen3-MoE. Mistral, Mixtral and Phi-3 read
+        # no such key (a config with it set was refused for lacking biases transformers never loads).
+        attention_bias = bool(cfg.get("attention_bias", False)) and model_type in ("llama", "qwen3", "smollm3",
+                                                                                   "qwen3_moe")
         try:
             return cls(
                 vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
@@ -271,6 +276,20 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# transformers' <Family>Config defaults where they are not the ones from_hf falls back to (Llama's): what a
+# config.json that leaves the key out runs with there. max_position_embeddings sizes YaRN's and Llama-3's trained
+# length where the rope dict names none, and where dynamic NTK starts rescaling.
+_HF_FAMILY_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 131_072, "sliding_window": 4096},
+    "mixtral": {"max_position_embeddings": 131_072, "rope_theta": 1e6, "rms_norm_eps": 1e-5},
+    "qwen2": {"max_position_embeddings": 32_768},
+    "qwen3": {"max_position_embeddings": 32_768, "head_dim": 128},
+    "qwen3_moe": {"max_position_embeddings": 32_768},
+    "smollm3": {"max_position_embeddings": 32_768, "rope_theta": 2e6, "tie_word_embeddings": True},
+    "phi3": {"rms_norm_eps": 1e-5},
+}
 
 _GEMMA3_TEXT_DEFAULTS = {      # transformers' Gemma3TextConfig: Hub configs (4B+'s text_config) leave them out
     "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -399,6 +418,10 @@ def _gemma3_from_hf(cls, top: dict[str, Any], arch: str, model_type: str) -> "Mo
         full.update(cfg["rope_scaling"])
     theta = full.pop("rope_theta", cfg.get("rope_theta", 1_000_000.0))
     local_theta = local.get("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+    for rope in (full, local):
+        # a layer type's own partial_rotary_factor, refused as a top-level one is: it loaded, and the sliding layers
+        # rotated part of each head too (transformers' Gemma 3 rotates whole heads there)
+        _check_hf_options({"model_type": model_type, "rope_scaling": rope})
     if local.get("rope_type", local.get("type", "default")) != "default":
         raise ConfigError(f"Gemma 3 sliding layers' rope_parameters {local!r}: only unscaled RoPE is supported there")
     kind = full.get("rope_type", full.get("type", "default"))
@@ -440,18 +463,22 @@ def _hf_nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
 
 
 def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
-    """The window some layer attends over, as transformers reads it: Mistral applies `sliding_window` unless
-    `use_sliding_window` is false; Qwen2/Qwen3/SmolLM3 only where `use_sliding_window` is true (their default is
-    false), and then to the layers from `max_window_layers` on (none where that is past the last layer), or as
-    `layer_types` says where the config lists them."""
+    """The window some layer attends over, as transformers reads it: Mistral, Mixtral and Phi-3 apply
+    `sliding_window` to every layer (their classes read neither `use_sliding_window` nor `layer_types`: a config
+    whose use_sliding_window was false loaded uncapped, other logits than transformers' past the window);
+    Qwen2/Qwen3/SmolLM3/Qwen3-MoE only where `use_sliding_window` is true (their default is false), and then to the
+    layers from `max_window_layers` on (none where that is past the last layer; Qwen3-MoE has no such key and slides
+    every layer), or as `layer_types` says where the config lists them."""
     window = cfg.get("sliding_window")
+    if window is None or model_type in ("mistral", "mixtral", "phi3"):
+        return window
     opt_in = model_type in ("qwen2", "qwen3", "smollm3", "qwen3_moe")
-    if window is None or not cfg.get("use_sliding_window", not opt_in):
+    if not cfg.get("use_sliding_window", not opt_in):
         return None
     layer_types = cfg.get("layer_types")
     if isinstance(layer_types, list) and layer_types:
         return window if "sliding_attention" in layer_types else None
-    if opt_in and cfg.get("max_window_layers", 0) >= cfg.get("num_hidden_layers", 0):
+    if model_type in ("qwen2", "qwen3") and cfg.get("max_window_layers", 0) >= cfg.get("num_hidden_layers", 0):
         return None
     return window
 
