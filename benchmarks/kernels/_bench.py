@@ -1,9 +1,16 @@
 """Shared pieces of the kernel microbenchmarks: model shapes, timing, device ceilings, the command line.
 
-Timing on CUDA: `iters` calls are captured into one CUDA graph and the graph is replayed `reps` times
-between CUDA events; the median replay / iters is the kernel time without Python launch overhead (what a
-graph-captured decode step pays). `eager_us` is the median of single eager calls timed by events, Python
-dispatch and launch included (what an uncaptured step pays). On the CPU only wall clock is available.
+Timing on CUDA, cold L2 (the default since 2026-12-07, as triton.testing.do_bench): one call is captured into a
+CUDA graph; before each of `reps` replays a buffer of at least 4x the L2 (>= 256 MiB) is written, and each replay
+alone is timed by CUDA events; the median is the kernel time without Python launch overhead (what a
+graph-captured decode step pays: the flush keeps the GPU busy while the host queues the replay). In a decode step
+a layer's weights and K/V were evicted by the other layers' traffic, so inputs replayed back to back, which stay
+in L2 (H100 50 MB, H200 60 MB), overstated bandwidth: 144% of the copy ceiling for a same-bytes copy at prefix
+1024, 132% for the 7B `wo` linear. --warm-l2 restores that older timing, for comparison with the rows before
+2026-12-07: `iters` calls captured into one graph, replayed `reps` times, median replay / iters. Every row and
+the JSON meta record the mode ("l2"). `eager_us` is the median of single eager calls timed by events, Python
+dispatch and launch included (what an uncaptured step pays), after the same flush unless --warm-l2. On the CPU
+only wall clock is available and nothing is flushed (rows say "l2": "n/a").
 """
 from __future__ import annotations
 
@@ -82,6 +89,9 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
                          "torch and cpu; triton there only with TRITON_INTERPRET=1)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--reps", type=int, default=0, help="timed repeats (default 50 on GPU, 3 with --quick)")
+    ap.add_argument("--warm-l2", action="store_true",
+                    help="GPU: replay the inputs back to back without flushing L2 between calls (the timing before "
+                         "2026-12-07; inputs that fit in L2 overstate GB/s); no effect on a CPU")
     return ap.parse_args(argv)
 
 
@@ -115,6 +125,8 @@ class Bench:
         self.reps = args.reps or (3 if self.quick else 50)
         self.iters = 1 if self.quick else 20
         self.backends = self._backends(args.backends)
+        self.cold = self.cuda and not getattr(args, "warm_l2", False)
+        self._flush_buf = None
         self._ceiling = None
         self._served: dict[tuple[str, str], bool] = {}
         if not self.cuda:
@@ -159,10 +171,52 @@ class Bench:
                 return us, us
             return self._graph_us(fn), self._eager_us(fn)
 
+    @property
+    def l2_mode(self) -> str:
+        """What the rows' "l2" says: "cold" (flushed before each timed call), "warm" (--warm-l2), "n/a" (CPU)."""
+        return "n/a" if not self.cuda else "cold" if self.cold else "warm"
+
+    def flush_bytes(self) -> int:
+        """The flush buffer's size: 4x this GPU's L2 where torch reports it, 256 MiB at least (do_bench's)."""
+        l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) if self.cuda else 0
+        return max(256 * 2**20, 4 * l2)
+
+    def flush_l2(self) -> None:
+        """Evicts the inputs of the last call from L2 by writing a buffer several times its size."""
+        if self._flush_buf is None:
+            self._flush_buf = torch.empty(self.flush_bytes(), dtype=torch.uint8, device=self.device)
+        self._flush_buf.zero_()
+
+    # Seams the CPU tests replace with fakes (no CUDA there).
+    def _event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    def _sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def _cold_us(self, call, host_idle: bool = False) -> float:
+        """Median device time of `call`, L2 flushed before each call and each call timed alone. Without
+        host_idle the host queues the events and the call while the flush runs, so launch overhead stays out; with
+        it (eager timing) the device idles after the flush and the host's dispatch counts, as in _eager_us."""
+        pairs = []
+        for _ in range(self.reps):
+            self.flush_l2()
+            if host_idle:
+                self._sync()
+            start, end = self._event(), self._event()
+            start.record()
+            call()
+            end.record()
+            pairs.append((start, end))
+        self._sync()
+        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in pairs)
+
     def _eager_us(self, fn) -> float:
         for _ in range(3):
             fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if self.cold:
+            return self._cold_us(fn, host_idle=True)
+        start, end = self._event(), self._event()
         times = []
         for _ in range(self.reps):
             start.record()
@@ -172,23 +226,35 @@ class Bench:
             times.append(start.elapsed_time(end) * 1e3)
         return statistics.median(times)
 
-    def _graph_us(self, fn) -> float:
+    def _capture(self, fn, calls: int):
+        """A CUDA graph of `calls` calls of fn (warmed up, so Triton compiles off the capture), or None where the
+        capture fails (an op that syncs or allocates oddly)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):       # warm up (compiles Triton kernels) off the capture
+        with torch.cuda.stream(stream):
             for _ in range(3):
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                for _ in range(self.iters):
+                for _ in range(calls):
                     fn()
-        except Exception:                      # an op that syncs or allocates oddly: time eager loops
-            torch.cuda.synchronize()
+        except Exception:
+            self._sync()
+            return None
+        return graph
+
+    def _graph_us(self, fn) -> float:
+        # Cold: one call a graph, the flush between replays; a graph of several calls would time all but the
+        # first with their inputs in L2.
+        graph = self._capture(fn, 1 if self.cold else self.iters)
+        if graph is None:
             return self._loop_us(fn)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
+        if self.cold:
+            return self._cold_us(graph.replay)
+        start, end = self._event(), self._event()
         times = []
         for _ in range(self.reps):
             start.record()
@@ -198,8 +264,10 @@ class Bench:
             times.append(start.elapsed_time(end) * 1e3 / self.iters)
         return statistics.median(times)
 
-    def _loop_us(self, fn) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def _loop_us(self, fn, cold: bool | None = None) -> float:
+        if self.cold if cold is None else cold:
+            return self._cold_us(fn)
+        start, end = self._event(), self._event()
         times = []
         for _ in range(self.reps):
             start.record()
@@ -212,13 +280,16 @@ class Bench:
 
     # ---- ceilings ----------------------------------------------------------------------------------
     def copy_bandwidth_gbs(self) -> float:
-        """Measured device memory bandwidth: a large device-to-device copy (read + write bytes / time)."""
+        """Measured device memory bandwidth: a large device-to-device copy (read + write bytes / time).
+        On a GPU it needs no flush in either L2 mode: source and destination (1 GiB each; --quick: the flush size,
+        >= 4x L2) are far larger than L2, so back-to-back copies find none of their bytes there. --quick used
+        16 MiB before 2026-12-07, which fits in L2: a quick GPU run's ceiling was L2's, not DRAM's."""
         if self._ceiling is None:
-            n = (16 if self.quick or not self.cuda else 1024) * 2**20
+            n = (1024 * 2**20 if not self.quick else self.flush_bytes()) if self.cuda else 16 * 2**20
             src = torch.empty(n, dtype=torch.uint8, device=self.device)
             dst = torch.empty_like(src)
             fn = lambda: dst.copy_(src)
-            us = self._loop_us(fn) if self.cuda else self.time_us(fn, "torch")[0]
+            us = self._loop_us(fn, cold=False) if self.cuda else self.time_us(fn, "torch")[0]
             self._ceiling = 2 * n / (us * 1e-6) / 1e9
             del src, dst
         return self._ceiling
@@ -230,7 +301,7 @@ class Bench:
         gbs = bytes_moved / (us * 1e-6) / 1e9
         r = {"kernel": kernel, "shape": shape, "case": case, "backend": name, "ms": us / 1e3, "us": round(us, 2),
              "eager_us": round(eager, 2), "GB/s": round(gbs, 1),
-             "%bw": round(100 * gbs / self.copy_bandwidth_gbs(), 1)}
+             "%bw": round(100 * gbs / self.copy_bandwidth_gbs(), 1), "l2": self.l2_mode}
         if name.startswith("copy:"):          # a bandwidth yardstick: it does none of the kernel's math
             return r
         if flops:
@@ -292,11 +363,13 @@ def accept_cases(bench: "Bench", scale: float = 1.0):
             yield sh, f"B={B} N={N}", tokens, logits, tree.retrieve, B, N
 
 
+COLS = ["kernel", "shape", "case", "backend", "us", "eager_us", "GB/s", "%bw", "TFLOP/s", "speedup_vs_torch", "l2"]
+
+
 def emit(rows: list[dict], args: argparse.Namespace, title: str, bench: "Bench | None" = None,
          errors: list[str] | None = None) -> None:
     """Print a table; write the rows as JSON (with the device and its measured ceiling) if --json."""
-    cols = ["kernel", "shape", "case", "backend", "us", "eager_us", "GB/s", "%bw", "TFLOP/s", "speedup_vs_torch"]
-    cols = [c for c in cols if any(c in r for r in rows)]
+    cols = [c for c in COLS if any(c in r for r in rows)]
     print(f"## {title}")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -327,8 +400,15 @@ def meta(bench: "Bench | None") -> dict:
         m["dtype"] = str(bench.dtype).removeprefix("torch.")
         m["copy_bandwidth_GBs"] = round(bench.copy_bandwidth_gbs(), 1)
         m["quick"] = bench.quick
-        m["timing"] = ("CUDA graph of %d calls, median of %d replays" % (bench.iters, bench.reps)) if bench.cuda \
-            else "wall clock, median of %d" % bench.reps
+        m["l2"] = bench.l2_mode
+        if bench.cold:
+            m["timing"] = ("CUDA graph of 1 call, median of %d replays, each after writing %d MiB (cold L2)"
+                           % (bench.reps, bench.flush_bytes() // 2**20))
+        elif bench.cuda:
+            m["timing"] = "CUDA graph of %d calls, median of %d replays (warm L2: inputs replayed back to back)" \
+                % (bench.iters, bench.reps)
+        else:
+            m["timing"] = "wall clock, median of %d" % bench.reps
     return m
 
 

@@ -4,7 +4,8 @@
     python benchmarks/kernels/run_all.py --quick --json /tmp/k.json    # CPU smoke run (< 60 s)
 
 Every option of the single benchmarks applies (see _bench.parse_args). On a GPU without --quick the table
-is also recorded in benchmarks/results/ as kernels_<card>.{json,md} with card and date.
+is also recorded in benchmarks/results/ as kernels_<card>.{json,md} with card and date (kernels_<card>_warm-l2.*
+with --warm-l2, the timing before 2026-12-07, so that a comparison run leaves the cold-L2 table alone).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench import Bench, emit, meta, parse_args, write_json  # noqa: E402
+from _bench import COLS, Bench, emit, meta, parse_args, write_json  # noqa: E402
 
 KERNELS = ["tree_attention", "head_attention", "fused_sal_input", "rmsnorm", "rope", "silu_mul", "linear", "quant_linear",
            "qkv_rope_write", "kv_write", "kv_compact", "greedy_accept", "typical_accept"]
@@ -63,10 +64,10 @@ def main(argv=None) -> int:
         results = HERE.parent / "results"
         results.mkdir(exist_ok=True)
         card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+        card += "" if bench.cold else "_warm-l2"
         m = meta(bench)
         (results / f"kernels_{card}.json").write_text(json.dumps({"meta": m, "rows": rows}, indent=1))
-        cols = [c for c in ["kernel", "shape", "case", "backend", "us", "eager_us", "GB/s", "%bw", "TFLOP/s",
-                            "speedup_vs_torch"] if any(c in r for r in rows)]
+        cols = [c for c in COLS if any(c in r for r in rows)]
         lines = [f"# Kernel microbenchmarks, {m['device']}, {m['date']}", "",
                  *(f"- {k}: {v}" for k, v in m.items()), "",
                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -14,7 +14,8 @@ variant that is wrong or fails to compile is recorded as such, never as fast):
     warps, stages.
 The current heuristic's choice is always one of the variants ("default"), so the table says directly how
 far the best measured configuration is from what the engine runs today. Times are the median of CUDA-graph
-replays (see _bench.Bench). Writes tune.json and tune.md (best per case first) to --out.
+replays, L2 flushed before each (see _bench.Bench; --warm-l2: back to back, as before 2026-12-07). Writes
+tune.json and tune.md (best per case first) to --out.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class Sweep:
         self.rows: list[dict] = []
 
     def time_variant(self, op: str, case: str, variant: str, fn, ref, nbytes: float, default: bool = False):
-        row = {"op": op, "case": case, "variant": variant, "default": default}
+        row = {"op": op, "case": case, "variant": variant, "default": default, "l2": self.bench.l2_mode}
         if time.monotonic() > self.deadline:
             row["status"] = "skipped (budget)"
         else:
@@ -265,8 +266,10 @@ def main(argv=None) -> int:
                          "skipped")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warm-l2", action="store_true", help="GPU: no L2 flush between timed calls (see _bench)")
     args = ap.parse_args(argv)
-    bench = Bench(parse_args("tune", (["--quick"] if args.quick else []) + ["--reps", str(args.reps)]))
+    bench = Bench(parse_args("tune", (["--quick"] if args.quick else []) + ["--reps", str(args.reps)]
+                             + (["--warm-l2"] if args.warm_l2 else [])))
     from amphista_engine.kernels.backend import cuda_available, triton_runs_on
     if not triton_runs_on(bench.device.type) and not (bench.cuda and cuda_available()):
         print("tune: nothing to sweep here: the sweeps need Triton on a CUDA device or the CUDA extension "
