@@ -468,7 +468,9 @@ def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
     whose use_sliding_window was false loaded uncapped, other logits than transformers' past the window);
     Qwen2/Qwen3/SmolLM3/Qwen3-MoE only where `use_sliding_window` is true (their default is false), and then to the
     layers from `max_window_layers` on (none where that is past the last layer; Qwen3-MoE has no such key and slides
-    every layer), or as `layer_types` says where the config lists them."""
+    every layer), or as `layer_types` says where the config lists them. A Qwen2/Qwen3 config without
+    max_window_layers takes their classes' default, 28 (read as 0, a model of up to 28 layers had its cache capped
+    at a window none of its layers slides over in transformers)."""
     window = cfg.get("sliding_window")
     if window is None or model_type in ("mistral", "mixtral", "phi3"):
         return window
@@ -478,7 +480,7 @@ def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
     layer_types = cfg.get("layer_types")
     if isinstance(layer_types, list) and layer_types:
         return window if "sliding_attention" in layer_types else None
-    if model_type in ("qwen2", "qwen3") and cfg.get("max_window_layers", 0) >= cfg.get("num_hidden_layers", 0):
+    if model_type in ("qwen2", "qwen3") and cfg.get("max_window_layers", 28) >= cfg.get("num_hidden_layers", 0):
         return None
     return window
 

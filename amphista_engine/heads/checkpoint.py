@@ -211,11 +211,18 @@ def _init_from_target(heads: DraftHeads, target):
             heads.lm_heads.copy_(lm_head_rows(target, rows)[None].expand_as(heads.lm_heads))
 
 
-def new_heads(kind: str, target, num_heads: int = 4, dtype=None, **overrides) -> DraftHeads:
-    """Fresh heads for training: default init, identity ResBlocks (W = 0), bound to `target`."""
+def new_heads(kind: str, target, num_heads: int = 4, dtype=None, draft_vocab=None, **overrides) -> DraftHeads:
+    """Fresh heads for training: default init, identity ResBlocks (W = 0), bound to `target`. draft_vocab: the
+    token ids the heads draft over (draft_vocab_size is their count where not given), set before the per-head LM
+    heads are copied from the target: set later (set_draft_vocab), those heads kept the rows of tokens 0..n-1, the
+    placeholder vocabulary's, each slot scoring one token with another token's row."""
+    if draft_vocab is not None:
+        overrides.setdefault("draft_vocab_size", torch.as_tensor(draft_vocab).numel())
     cfg = HeadsConfig.for_target(target.config, kind=kind, num_heads=num_heads,
                                  target_fingerprint=lm_head_fingerprint(target), **overrides)
     heads = build_heads(cfg)
+    if draft_vocab is not None:
+        heads.set_draft_vocab(draft_vocab)
     if isinstance(heads, AmphistaHeads):
         torch.nn.init.normal_(heads.pos_emb, std=0.02)
     _init_from_target(heads, target)

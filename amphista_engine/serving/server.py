@@ -47,6 +47,9 @@ MAX_BODY = 32 << 20          # bytes: a request body past this is refused (413) 
 # socket timeout, which stays for a slow reader of a streamed reply: a client that sent less than its
 # Content-Length and waited held a handler thread that long
 BODY_TIMEOUT_S = 30.0
+# s: a request's line and headers, from their first byte, alike (a 408 and the connection closed). The wait for that
+# first byte stays the handler's 300 s: a keep-alive connection idle between its requests is not cut
+HEADER_TIMEOUT_S = 30.0
 MAX_BATCH = 8                # requests decoded together at most (`amphista serve --max-batch`)
 WAIT_POLL_S = 0.1            # a handler waiting for its run looks this often whether its client left
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -1372,6 +1375,54 @@ class OpenAIApp:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+class _HeadTimeout(Exception):
+    """A request's line or headers did not all come within HEADER_TIMEOUT_S (not a TimeoutError, which
+    http.server takes for a silent close: this one is answered with a 408)."""
+
+
+class _HeadReader:
+    """The connection's rfile while a request's line and headers are read (http.server reads both with readline,
+    under the handler's 300 s socket timeout per recv: a client that sent them a byte every few seconds, slowloris,
+    held a handler thread for hours). The wait for the request line's first byte keeps the handler's timeout (a
+    keep-alive connection idle between requests); from that byte on, every line must end by one deadline."""
+
+    def __init__(self, rfile, connection, idle_timeout):
+        self.rfile, self.connection, self.idle_timeout = rfile, connection, idle_timeout
+        self.deadline = None
+        self.lines = 0              # lines read whole (none: the request line is what did not come)
+
+    def __getattr__(self, name):
+        return getattr(self.rfile, name)
+
+    def readline(self, limit=-1):
+        if self.deadline is None:
+            if not self.rfile.peek(1):          # the idle wait, under the handler's own timeout; b"": closed
+                return b""
+            self.deadline = time.monotonic() + HEADER_TIMEOUT_S
+        out = bytearray()
+        try:
+            while limit < 0 or len(out) < limit:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)    # each wait cut to the time left: a trickle is held to it too
+                ahead = self.rfile.peek(1)          # what is buffered, or one read's worth
+                if not ahead:
+                    break
+                end = ahead.find(b"\n")
+                take = end + 1 if end >= 0 else len(ahead)
+                out += self.rfile.read(take if limit < 0 else min(take, limit - len(out)))
+                if out.endswith(b"\n"):
+                    break
+        except TimeoutError:
+            raise _HeadTimeout from None
+        finally:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.idle_timeout)
+        self.lines += 1
+        return bytes(out)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"      # keep-alive for JSON replies (Content-Length); SSE replies close instead
     timeout = 300                      # s: a client that stops reading must not hold the engine for ever
@@ -1416,10 +1467,27 @@ class _Handler(BaseHTTPRequestHandler):
         # A client that resets its keep-alive connection (closed with a reply unread, or SO_LINGER 0 as aborting
         # clients and proxies do) raised here, reading the next request line, outside _serve: socketserver
         # printed a traceback per such client on stderr, as if the server had a bug. It is a client leaving.
+        self.rfile = head = _HeadReader(self.rfile, self.connection, self.timeout)
         try:
             super().handle_one_request()
         except ConnectionError:       # reset, broken pipe, aborted (Windows' WSAECONNABORTED)
             self.close_connection = True
+        except _HeadTimeout:
+            self.close_connection = True      # the rest of its headers may still come: not a next request
+            if not head.lines:        # no request line: what an earlier request on this connection left is not its
+                self.command, self.path, self.request_version, self.requestline = None, "", "", ""
+            with contextlib.suppress(OSError):
+                self._json(408, ApiError(408, f"the request line and headers did not all come within "
+                                              f"{HEADER_TIMEOUT_S:g} s", code="request_timeout").body())
+        finally:
+            self.rfile = head.rfile
+
+    def parse_request(self):
+        try:
+            return super().parse_request()
+        finally:
+            if isinstance(self.rfile, _HeadReader):     # the headers are read: the body has its own deadline
+                self.rfile = self.rfile.rfile
 
     def _done(self, status: int, note: str = ""):
         self._logged = True
