@@ -97,9 +97,13 @@ def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]
     best_plain = min((t for t in (cublas, routed, unfused, unfused_pdl, step(rows, 'plain, pdl'))
                       if t is not None), default=None)
     pct = None if floor is None or best_plain is None else 100 * floor / best_plain
+    # a floor from a host-timed copy (runs before 2026-12-07) is ~2% high: its percentage is ~2% generous
+    host_timed = latency.get("meta", {}).get("copy_timing", "host clock") != "cuda events"
     out.append(("target: plain 7B step >= 85% of the bandwidth floor",
-                f"best plain step {fmt(best_plain)}, floor {fmt(floor)}",
-                "not measured" if pct is None else f"{pct:.1f}%: {'met' if pct >= 85 else 'not met'}"))
+                f"best plain step {fmt(best_plain)}, floor {fmt(floor)}"
+                + ("; the floor's copy was host-timed (~2% low ceiling): re-time" if host_timed and pct else ""),
+                "not measured" if pct is None
+                else f"{pct:.1f}%: {'not met' if pct < 85 else 'not shown' if host_timed else 'met'}"))
     ratio = None if amph is None or cublas is None else amph / cublas
     out.append(("target: 64-node step <= 1.35x plain", f"Amphista {fmt(amph)} vs plain {fmt(cublas)}",
                 "not measured" if ratio is None else f"{ratio:.2f}x: {'met' if ratio <= 1.35 else 'not met'}"))
@@ -117,10 +121,13 @@ def decisions(latency: dict, kernels: dict | None) -> list[tuple[str, str, str]]
             top = max(got.values())
             copy = next((r["%bw"] for r in kernels["rows"] if r["kernel"] == "tree_attention" and r["shape"] == SHAPE
                          and r["case"] == case and r["backend"] == "copy:same-bytes"), None)
+            # rows timed with a warm L2 (before 2026-12-07, or --warm-l2) overstate what fits in it: no verdict
+            warm = any(r.get("l2", "warm") == "warm" for r in ta if r["shape"] == SHAPE and r["case"] == case)
             out.append((f"target: tree attention >= 70% of copy bandwidth ({SHAPE} {case})",
                         ", ".join(f"{k} {v}%" for k, v in sorted(got.items()))
-                        + ("" if copy is None else f"; a copy moving the same bytes {copy}%"),
-                        f"{top}%: {'met' if top >= 70 else 'not met'}"))
+                        + ("" if copy is None else f"; a copy moving the same bytes {copy}%")
+                        + ("; timed with a warm L2: re-time cold" if warm else ""),
+                        f"{top}%: {'not met' if top < 70 else 'not shown' if warm else 'met'}"))
         out.append(fixed_cost_row(kernels["rows"], kernels.get("meta", {}).get("copy_bandwidth_GBs")))
     return out
 

@@ -218,7 +218,9 @@ def run(args, save=None) -> dict:
     prompt_len = args.prompt_tokens
     max_seq = prompt_len + args.steps * 8 + 256
     meta = {**environment(device), "dtype": args.dtype, "prompt_tokens": prompt_len, "steps": args.steps,
-            "copy_bandwidth_GBps": round(bw, 1)}
+            "copy_bandwidth_GBps": round(bw, 1),
+            # gpu_decide.py reads it: runs before 2026-12-07 timed the copy with host clocks (a ceiling ~2% low)
+            "copy_timing": "cuda events" if device.type == "cuda" else "host clock"}
     res = {"meta": meta, "targets": targets, "rows": rows, "notes": notes}
     if save is not None:        # the rows, targets and notes fill in place: an interrupted run saves them (main)
         save(res)
