@@ -98,7 +98,8 @@ class DraftHeads(nn.Module):
 
     def set_draft_vocab(self, token_ids) -> "DraftHeads":
         """Sets the draft vocabulary (config.draft_vocab_size distinct ids in [0, V)), e.g. the most frequent
-        tokens of the training data."""
+        tokens of the training data. Per-head LM heads (per_head_lm_head) keep their rows, which may be trained:
+        fresh ones start from the target's rows of the vocabulary given to new_heads(draft_vocab=...)."""
         ids = self.check_draft_vocab(token_ids)
         self.draft_vocab.copy_(ids.to(self.draft_vocab.device))
         self._w_sub = self._slot_map = self._codes_sub = None
