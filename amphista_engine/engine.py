@@ -760,8 +760,10 @@ class Engine:
             rows = (self._tree_spec(None, batch).name, batch) if tree is None else 1
         # settings that weigh alike, timed on the backend in force (without an engine backend, a use_backend block
         # or set_backend may pick another for a later call: it was served the first backend's verdict)
+        # and on the threads in force: the step times are (a verdict timed on one thread was served after
+        # torch.set_num_threads(8), where the cost file's key, which counts them, would have timed again)
         key = (_tree_key(tree), round(sampled_share(temperature, top_p, min_p) * penalty_share(*penalties), 3), rows,
-               get_backend(self.device))
+               get_backend(self.device), torch.get_num_threads())
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting

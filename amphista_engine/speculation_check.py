@@ -159,12 +159,22 @@ def _along(points, x: float) -> float:
     return max(0.0, hi[1] + (hi[1] - lo[1]) / (hi[0] - lo[0]) * (x - hi[0]))
 
 
+def _recorded_taus(heads_config, key: str) -> dict:
+    """The heads' `key` record's {tree: decoding tau}; {} where there is none, or it is no mapping (a config edited
+    by hand: "auto" then weighs the other record, or none, rather than failing every run with an AttributeError)."""
+    extra = getattr(heads_config, "extra", None)
+    record = extra.get(key) if isinstance(extra, dict) else None
+    taus = record.get("decoding_tau") if isinstance(record, dict) else None
+    return taus if isinstance(taus, dict) else {}
+
+
 def expected_tau(heads_config, tree: str) -> float | None:
     """The decoding tau `tree-search` replayed for `tree` on the heads' held-out split, if it was recorded."""
-    extra = getattr(heads_config, "extra", None) or {}
     for key in ("tree_search_mix", "tree_search"):
-        tau = (extra.get(key) or {}).get("decoding_tau", {}).get(tree)
-        if tau:
+        tau = _recorded_taus(heads_config, key).get(tree)
+        # a positive finite number only: "abc" or [2] raised from every "auto" run, NaN made the pick hang on the
+        # trees' order, inf (or a negative tau) decided the verdict by itself; such a tree counts as unrecorded
+        if is_real(tau) and tau > 0:
             return float(tau)
     return None
 
@@ -175,12 +185,11 @@ def candidate_trees(engine) -> list:
     draft, less those another tree beats on both counts (as many nodes or fewer, as high a tau or higher).
     A dynamic tree may beat a static one: on the CPU its per-step build is native and its step measured no
     dearer (dynamic-8 6% faster than mix-8 end to end, benchmarks/results/cpu_dynamic_tree_native)."""
-    extra = getattr(engine.heads.config, "extra", None) or {}
-    record = next((extra[k] for k in ("tree_search_mix", "tree_search") if (extra.get(k) or {}).get("decoding_tau")),
-                  None)
+    config = engine.heads.config
+    record = next((taus for k in ("tree_search_mix", "tree_search") if (taus := _recorded_taus(config, k))), {})
     from .kernels import cpu_exact, cpu_packed
     specs = []
-    for name in (record or {}).get("decoding_tau", {}):
+    for name in record:
         try:
             spec = engine._tree_spec(name)
         except AmphistaError:      # a recorded name this engine cannot build (deeper than the heads): skip it
