@@ -278,21 +278,26 @@ class _ControlSplitter:
     rstrip: the tokens that take the whitespace after them, as a Hugging Face added token with that flag does
     (Phi-3's `<|end|>` and `<|assistant|>`: the chat template's "\\n" after them is no token); lstrip: those that
     take the whitespace before them. whitespace: what they take, as `str.lstrip`'s argument (None: what `str.isspace`
-    calls whitespace, as transformers' Python tokenizers strip it).
+    calls whitespace, as transformers' Python tokenizers strip it). single_word: the tokens that count only between
+    spaces (_single_word).
     """
 
-    def __init__(self, pieces: dict[str, int], encode_stretch, rstrip=(), lstrip=(), whitespace=None):
+    def __init__(self, pieces: dict[str, int], encode_stretch, rstrip=(), lstrip=(), whitespace=None,
+                 single_word=()):
         ordered = sorted((p for p in pieces if p), key=len, reverse=True)
         self.pattern = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
         self.pieces = pieces
         self.encode_stretch = encode_stretch
         self.rstrip, self.lstrip = frozenset(rstrip), frozenset(lstrip)
         self.whitespace = whitespace
+        self.single_word = frozenset(single_word)
 
     def __call__(self, text: str) -> list[int]:
         if self.pattern is None:
             return list(self.encode_stretch(text)) if text else []
         parts = self.pattern.split(text)   # re.split puts the captured separators at odd positions
+        if self.single_word:
+            return self._single_word([p for p in parts if p])
         for k in range(1, len(parts), 2):
             if parts[k] in self.rstrip:
                 parts[k + 1] = parts[k + 1].lstrip(self.whitespace)
@@ -301,6 +306,36 @@ class _ControlSplitter:
         ids = []
         for k, part in enumerate(parts):
             if k % 2:
+                ids.append(self.pieces[part])
+            elif part:
+                ids.extend(self.encode_stretch(part))
+        return ids
+
+    def _single_word(self, parts: list[str]) -> list[int]:
+        """A text with single_word tokens, cut as transformers' Python tokenizer (PreTrainedTokenizer.tokenize) cuts
+        it: such a token counts only where the text before it ends in a space (or nothing is before it) and the text
+        after it starts with one, else it joins its neighbour, before or else after, as text. Its steps are followed
+        one by one, as a neighbour it joined may itself be a token whose flags then no longer act. Before, a
+        fine-tune's single_word `<think>` was cut out of "re<think>ing" too, ids its model never saw."""
+        for k, part in enumerate(parts):
+            if part not in self.pieces:
+                continue
+            left = parts[k - 1] if k else None
+            right = parts[k + 1] if k + 1 < len(parts) else None
+            if part in self.rstrip and right:
+                parts[k + 1] = right.lstrip(self.whitespace)
+            if part in self.lstrip and left:
+                parts[k - 1] = left.rstrip(self.whitespace)
+            if part in self.single_word:
+                if left and left[-1] != " ":
+                    parts[k - 1] += part
+                    parts[k] = ""
+                elif right and right[0] != " ":
+                    parts[k + 1] = part + parts[k + 1]
+                    parts[k] = ""
+        ids = []
+        for part in parts:
+            if part in self.pieces:
                 ids.append(self.pieces[part])
             elif part:
                 ids.extend(self.encode_stretch(part))
@@ -405,9 +440,9 @@ class _SentencePieceBackend:
         self.pieces = [sp.id_to_piece(i) for i in range(n)] + [""] * max(0, max(added, default=-1) + 1 - n)
         self.vocab_size = len(self.pieces)
         special = {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
-        for i, (text, is_special, _, _) in added.items():
-            self.pieces[i] = text
-            (special.add if is_special else special.discard)(i)
+        for i, a in added.items():
+            self.pieces[i] = a.text
+            (special.add if a.special else special.discard)(i)
         self.special_ids = frozenset(special)
         byte_values = {i: int(self.pieces[i][3:-1], 16) for i in range(n) if sp.is_byte(i) and i not in added}
         self.ids = {}
@@ -419,7 +454,8 @@ class _SentencePieceBackend:
         self.encode = _ControlSplitter({**{self.pieces[i]: i for i in self.special_ids},
                                         **{a.text: i for i, a in added.items()}}, sp.encode,
                                        rstrip={a.text for a in added.values() if a.rstrip},
-                                       lstrip={a.text for a in added.values() if a.lstrip})
+                                       lstrip={a.text for a in added.values() if a.lstrip},
+                                       single_word={a.text for a in added.values() if a.single_word})
         probe = sp.encode("a", out_type=str)
         # sentencepiece drops the space it put in front of the text when encoding.
         self.decode = _PieceDecoder(self.pieces, self.special_ids, byte_values,
@@ -488,8 +524,9 @@ _DEEPSEEK_LLM_SPLITS = ("[\r\n]", r"\s?[" + _DEEPSEEK_LLM_LETTERS + "]+",
 _LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
 
 # tokenizer.ggml.pre -> (regexes applied in turn, isolating each match). Names and regexes follow
-# llama.cpp's llama-vocab.cpp; "default" (no `pre` key, old conversions) uses the GPT-2 regex, as
-# transformers' GGUF converter does, since those vocabularies were learned with it.
+# llama.cpp's llama-vocab.cpp, but for "default" (also no `pre` key, old conversions): that uses the GPT-2 regex, as
+# transformers' GGUF converter does, since those vocabularies were learned with it. llama.cpp's DEFAULT type is not
+# GPT-2's split but its switch's fallback: punctuation runs, GPT-2's regex, digit runs, then digits in threes.
 _PRE_SPLITS = {
     **dict.fromkeys(("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "gigachat", "a.x-4.0", "mellum",
                      "exaone4", "trillion"), (_GPT2_SPLIT,)),
@@ -501,9 +538,10 @@ _PRE_SPLITS = {
     **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"), (_QWEN2_SPLIT,)),
     "tekken": (_TEKKEN_SPLIT,),
     "deepseek-coder": _DEEPSEEK_CODER_SPLITS,
-    # llama.cpp's GPT4O type (Phi-4-mini; its Llama 4 and other names are of architectures not run here), DEEPSEEK_LLM,
-    # DEEPSEEK3_LLM and QWEN35: none looks whole pre-tokens up before merging or adds BOS when the GGUF does not say.
-    "gpt-4o": (_GPT4O_SPLIT,),
+    # llama.cpp's GPT4O type (Phi-4-mini, Llama 4, and its kanana2, talkie), DEEPSEEK_LLM, DEEPSEEK3_LLM and QWEN35:
+    # none looks whole pre-tokens up before merging or adds BOS when the GGUF does not say. A Llama 4 GGUF was refused
+    # for its `llama4` name, though its vocabulary splits as o200k does (as transformers' GGUF converter reads it too).
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie"), (_GPT4O_SPLIT,)),
     "deepseek-llm": _DEEPSEEK_LLM_SPLITS,
     "deepseek-v3": _DEEPSEEK_V3_SPLITS,
     "qwen35": (_QWEN35_SPLIT,),
@@ -513,10 +551,11 @@ _PRE_SPLITS = {
 _IGNORE_MERGES = {*_LLAMA3_NAMES, "tekken"}
 # Vocabularies whose tokenizer adds BOS when the GGUF does not say (llama.cpp's defaults).
 _BOS_BY_DEFAULT = {*_LLAMA3_NAMES, "tekken"}
-# Vocabularies whose tokenizer.json normalizes text to NFC before splitting (Qwen2/2.5/3's `"normalizer": NFC`).
-# llama.cpp leaves this out, but the model was trained on NFC text: a decomposed "e" + U+0301 (macOS file names,
-# text pasted from some PDFs) must encode as the precomposed "é" the Hugging Face tokenizer gives.
-_NFC = {"qwen2"}
+# Vocabularies whose tokenizer.json normalizes text to NFC before splitting (Qwen2/2.5/3's `"normalizer": NFC`, and
+# Qwen3.5's, as transformers' Qwen3_5Tokenizer builds it). llama.cpp leaves this out, but the model was trained on NFC
+# text: a decomposed "e" + U+0301 (macOS file names, text pasted from some PDFs) must encode as the precomposed "é"
+# the Hugging Face tokenizer gives.
+_NFC = {"qwen2", "qwen35"}
 
 
 @lru_cache(maxsize=1)
@@ -818,11 +857,12 @@ class _AddedToken(NamedTuple):
     special: bool
     rstrip: bool = False
     lstrip: bool = False
+    single_word: bool = False
 
 
 def _declared_added_tokens(folder: Path, n_pieces: int) -> dict[int, _AddedToken]:
-    """id -> (text, special, rstrip, lstrip) of the tokens a tokenizer.model folder adds beyond sentencepiece's
-    pieces, as transformers reads them: tokenizer_config.json's added_tokens_decoder, then the legacy
+    """id -> (text, special, rstrip, lstrip, single_word) of the tokens a tokenizer.model folder adds beyond
+    sentencepiece's pieces, as transformers reads them: tokenizer_config.json's added_tokens_decoder, then the legacy
     added_tokens.json (special where special_tokens_map.json or the config names it; no strip flags). Without them
     a fine-tune's `<|im_start|>` and `<|im_end|>` (ids past the base vocabulary; OpenHermes-style Mistral and Llama 2
     chat fine-tunes) were cut into pieces and its eos_token fell back to `</s>`: chats that never ended at the turn
@@ -839,7 +879,7 @@ def _declared_added_tokens(folder: Path, n_pieces: int) -> dict[int, _AddedToken
                                      "token's content")
             flags = tok if isinstance(tok, dict) else {"special": True}
             out[int(key)] = _AddedToken(text, bool(flags.get("special", False)), bool(flags.get("rstrip", False)),
-                                        bool(flags.get("lstrip", False)))
+                                        bool(flags.get("lstrip", False)), bool(flags.get("single_word", False)))
     special_map = _read_json(folder / "special_tokens_map.json")
     named = [cfg.get(k, special_map.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
     named += [*(cfg.get("additional_special_tokens") or []), *(special_map.get("additional_special_tokens") or [])]

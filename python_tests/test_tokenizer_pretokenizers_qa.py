@@ -108,6 +108,11 @@ TEXTS = FAMILY_TEXTS + [
 ]
 
 
+def _normalized(pre, text):
+    """Qwen3.5's tokenizer.json puts text in NFC before its Split (llama.cpp leaves that out; ours keeps it)."""
+    return unicodedata.normalize("NFC", text) if pre == "qwen35" else text
+
+
 class ModelPreTokenizerBPE(LlamaCppBPE):
     """llama.cpp-style BPE (merges by rank, control and user-defined tokens cut out first) over the pieces of a
     model's own tokenizer.json pre_tokenizer, run by `tokenizers`."""
@@ -161,7 +166,7 @@ def test_gguf_splits_as_the_models_tokenizer_json(digits_meta, pre):
     ours, ref = relabelled(digits_meta, pre), ModelPreTokenizerBPE(digits_meta, MODEL_PRE_TOKENIZERS[pre])
     for text in TEXTS + HAND + fuzz_texts(80, seed=53):
         ids = ours.encode(text, add_bos=False)
-        assert ids == ref.encode(text), text
+        assert ids == ref.encode(_normalized(pre, text)), text
         assert ours.decode(ids) == ref.decode(ids), text
     digits = [ours.id_to_piece(i) for i in ours.encode("1234567", add_bos=False)]
     assert digits == (["123", "4", "5", "6", "7"] if pre in ("gpt-4o", "deepseek-v3") else list("1234567"))
@@ -181,7 +186,7 @@ def test_gguf_splits_as_llama_cpp_where_its_regexes_mean_the_same(pre):
     ours, ref = relabelled(meta, pre), LlamaCppBPE(meta, LLAMA_CPP[pre])
     texts = TEXTS + HAND + fuzz_texts(60, seed=59)
     for text in [t for t in texts if t.isascii()] if pre == "gpt-4o" else texts:
-        assert ours.encode(text, add_bos=False) == ref.encode(text), text
+        assert ours.encode(text, add_bos=False) == ref.encode(_normalized(pre, text)), text
 
 
 def test_gpt4o_keeps_a_word_after_a_non_ascii_capital_whole(tmp_path):
