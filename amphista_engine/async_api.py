@@ -8,14 +8,20 @@ call_soon_threadsafe: the loop never waits on a step. Async calls on one engine 
 (_Turns), where sync calls from two threads refuse each other; a sync call from another thread during an async run
 is still refused. A turn ends when the worker's run ends, not when the caller has read every item: a stream left
 open (a broken-out `async for` whose generator is still referenced) decodes on to its end into its queue instead of
-holding the engine. Cancelling the awaiting task (a second cancel too), closing the async generator or closing the
-loop stops the run before its next step (the sync stream closed in its own thread: a closed run leaves last_result
-None); the call waits for the worker.
+holding the engine. Cancelling the awaiting task (a second cancel too), closing the async generator, dropping it
+unclosed (a `break` out of `async for x in engine.astream(...)`: _Stream) or closing the loop stops the run before its
+next step (the sync stream closed in its own thread: a closed run leaves last_result None; one that finished before
+the stop reached it keeps its whole result there, though its caller was cancelled); the call waits for the worker.
+A sync call (of any thread) finding an async run stopped that way waits for its worker to end its step
+(wait_for_stopped_run); one finding an async run still going is refused, its error naming the async call and how to
+close it (busy_reason). speculative="auto"'s first timing (speculation_check.py; seconds on a CPU, once per machine
+and setup) stops at its next timed step too (stop_point), keeping no verdict.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import contextvars
 import inspect
 import os
@@ -31,6 +37,19 @@ _ITEM, _END, _ERROR = "item", "end", "error"
 class _Stopped(BaseException):
     """Ends a worker's sync call at a step boundary once its caller is gone. A BaseException: no `except Exception`
     of the sync code on the way out may take it for an error of the run."""
+
+
+# In a worker's context (_Run._work): its run's stopped(), for stop_point
+_STOPPED: contextvars.ContextVar = contextvars.ContextVar("amphista_async_stopped", default=None)
+
+
+def stop_point():
+    """Raises _Stopped in an async call's worker once its caller is gone (cancelled, closed, dropped), elsewhere (a
+    sync call, a server's thread) nothing: a step boundary for long work outside stream_batch's steps, which _until
+    cannot reach: speculative="auto"'s timing (speculation_check._time_steps) calls it before each timed step."""
+    stopped = _STOPPED.get()
+    if stopped is not None and stopped():
+        raise _Stopped
 
 
 def _until(steps, stopped):
@@ -79,6 +98,7 @@ class _Turns:
         self._lock = threading.Lock()
         self._busy = False
         self._waiting: collections.deque = collections.deque()    # (loop, future) of each waiting call
+        self.run: "_Run | None" = None      # the call holding the turn, once its worker started (sync calls ask)
 
     async def acquire(self):
         loop = asyncio.get_running_loop()
@@ -103,6 +123,7 @@ class _Turns:
 
     def release(self):
         with self._lock:
+            self.run = None
             while self._waiting:
                 loop, future = self._waiting.popleft()
                 try:
@@ -146,12 +167,13 @@ if hasattr(os, "register_at_fork"):
 class _Run:
     """One async call: its sync call in a worker thread, whose items, outcome and end reach the loop."""
 
-    def __init__(self, engine, method: str, args, kwargs, streams: bool):
+    def __init__(self, engine, method: str, args, kwargs, streams: bool, stop: threading.Event | None = None):
         self.loop = asyncio.get_running_loop()
         self.turns = _turns(engine)
         self.items: asyncio.Queue = asyncio.Queue()
         self.done = self.loop.create_future()
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()     # a stream's own (_Stream): set as its object is dropped
+        self.worker: threading.Thread | None = None
         view = _StoppableEngine(engine, self.stopped)
         if method != "stream_batch":
             # Engine's own code on the view: its calls to stream_batch get the stoppable steps
@@ -172,7 +194,9 @@ class _Run:
     async def start(self) -> "_Run":
         await self.turns.acquire()
         try:
-            threading.Thread(target=self._context.run, args=(self._work,), name="amphista-async").start()
+            self.worker = threading.Thread(target=self._context.run, args=(self._work,), name="amphista-async")
+            self.turns.run = self
+            self.worker.start()
         except BaseException:
             self.turns.release()
             raise
@@ -187,6 +211,7 @@ class _Run:
     def _work(self):
         call, args, kwargs, streams = self._call
         out = None
+        _STOPPED.set(self.stopped)      # this thread's own copy of the caller's context
         try:
             if torch.get_num_threads() != self._threads:
                 torch.set_num_threads(self._threads)
@@ -244,10 +269,48 @@ async def result(engine, method: str, args, kwargs):
         await run.finish()
 
 
-async def items(engine, method: str, args, kwargs) -> AsyncIterator:
+def items(engine, method: str, args, kwargs) -> AsyncIterator:
     """The items of engine.<method>(*args, **kwargs), a sync stream ("stream", "stream_batch"). Lazy as the sync
     stream is: the turn is taken and the call's arguments checked at the first step of `async for`."""
-    run = await _Run(engine, method, args, kwargs, streams=True).start()
+    stop = threading.Event()
+    return _Stream(_items(engine, method, args, kwargs, stop), stop)
+
+
+class _Stream(collections.abc.AsyncGenerator):
+    """An astream / astream_batch object: its async generator's, but dropped unclosed (`break` out of `async for x in
+    engine.astream(...)`, nothing else holding it) it stops its run at once. The generator's own close is only
+    scheduled on the loop then (asyncio's finalizer hook), which a sync call made right after the loop keeps
+    blocked: the run decoded on to its end and the sync call was refused. One still referenced is left open."""
+
+    def __init__(self, agen, stop: threading.Event):
+        self._agen, self._stop = agen, stop
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self._agen.__anext__()
+
+    def asend(self, value):
+        return self._agen.asend(value)
+
+    def athrow(self, *exc):
+        return self._agen.athrow(*exc)
+
+    def aclose(self):
+        return self._agen.aclose()
+
+    def __getattr__(self, name):        # ag_running, ag_frame...: the generator's
+        if name in ("_agen", "_stop"):
+            raise AttributeError(name)
+        return getattr(self._agen, name)
+
+    def __del__(self):
+        self._stop.set()
+
+
+async def _items(engine, method: str, args, kwargs, stop: threading.Event) -> AsyncIterator:
+    run = await _Run(engine, method, args, kwargs, streams=True, stop=stop).start()
     try:
         while True:
             kind, value = await run.next()
@@ -256,6 +319,35 @@ async def items(engine, method: str, args, kwargs) -> AsyncIterator:
             yield value
     finally:
         await run.finish()
+
+
+# How long a sync call waits for a stopped async run to leave the engine: one step, or a prefill, normally; past
+# it (a worker held in the caller's own admit(), or in speculative="auto"'s timing) the call is refused as before.
+STOPPING_WAIT_S = 60.0
+
+
+def wait_for_stopped_run(engine, me: int):
+    """Before a sync run of thread `me` (Engine._one_run): an async run of this engine that its caller has stopped
+    (a dropped or closed stream, a cancelled call, a closed loop) ends at its next step boundary; the sync call waits
+    for that rather than being refused ("decoding in another thread") while the worker finishes its step."""
+    with _turns_lock:
+        turns = _TURNS.get(engine)
+    run = None if turns is None else turns.run
+    if run is not None and run.worker is not None and run.worker.ident not in (None, me) and run.stopped():
+        run.worker.join(STOPPING_WAIT_S)
+
+
+def busy_reason(engine, owner: int) -> str | None:
+    """Engine._one_run's refusal where the run in the way is an async call's (owner: its thread), else None."""
+    with _turns_lock:
+        turns = _TURNS.get(engine)
+    run = None if turns is None else turns.run
+    if run is None or run.worker is None or run.worker.ident != owner:
+        return None
+    return ("this engine is decoding in another thread, an async call's worker (agenerate, astream, ...), and runs "
+            "cannot overlap: await that call before a sync one, or close a stream you broke out of and still hold "
+            "(`await agen.aclose()`, or `async with contextlib.aclosing(engine.astream(...)) as agen`): a stream "
+            "left open decodes on to its end; or use the async methods throughout")
 
 
 def mirror_signatures(cls):

@@ -1222,9 +1222,10 @@ class Engine:
         other. In one thread a newer run overtakes an older stream (_drive). overtakes=False: work that leaves the
         cache alone (prompt_logprobs) refuses other threads' runs but leaves an open stream of its own thread be."""
         me = threading.get_ident()
+        async_api.wait_for_stopped_run(self, me)    # an async run its caller stopped (a dropped astream) ends first
         with self._decoding_lock:
             if self._decoding is not None and self._decoding[0] != me:
-                raise InputError(self._BUSY)
+                raise InputError(async_api.busy_reason(self, self._decoding[0]) or self._BUSY)
             before = self._decoding
             if overtakes:
                 self._runs += 1

@@ -41,6 +41,7 @@ from types import SimpleNamespace
 import torch
 
 from . import timing_cache
+from .async_api import stop_point
 from .errors import AmphistaError, InputError
 from .evaluation.env import hardware
 from .values import is_real
@@ -390,6 +391,7 @@ def _time_steps(engine, specs: list, prompt_tokens: int, cache_len: int, repeats
         return own
 
     def step_ms(dec) -> float:
+        stop_point()        # an async call cancelled during the timing stops here, not after the whole timing
         sal = getattr(getattr(dec, "heads", None), "sal_cache", None)
         if sal is not None:
             # The timed trees share the heads and their SAL cache: each would add its accepted tokens to the one
