@@ -674,6 +674,12 @@ class Engine:
 
     def _cache_for(self, batch: int) -> KVCache:
         if self._cache is None or self._cache.batch < batch:
+            # Before the run's own busy check (_one_run): a batch from a second thread grew the cache under a run
+            # of another (both caches alive at once, the OOM check_fits is for, and the run's kept prefix dropped)
+            # before being refused
+            async_api.wait_for_stopped_run(self, threading.get_ident())
+            with self._decoding_lock:
+                self._refuse_other_threads()
             # Checked before the old buffers go, counting them as free (they are, once dropped): a batch refused for
             # memory keeps the old cache and a chat's kept prefix in it, rather than dropping both for nothing
             KVCache.check_fits(self.config, max(batch, self._cache_batch), self.max_seq_len, self.dtype, self.device,
@@ -1215,6 +1221,11 @@ class Engine:
             n += 1
         return max(n - 1, 0)
 
+    def _refuse_other_threads(self):
+        """InputError where another thread's run decodes on this engine (called under _decoding_lock)."""
+        if self._decoding is not None and self._decoding[0] != threading.get_ident():
+            raise InputError(async_api.busy_reason(self, self._decoding[0]) or self._BUSY)
+
     @contextlib.contextmanager
     def _one_run(self, clear_results: bool = False, overtakes: bool = True):
         """The block is a run (its number is yielded): another thread's run would step on this one's cache between
@@ -1224,8 +1235,7 @@ class Engine:
         me = threading.get_ident()
         async_api.wait_for_stopped_run(self, me)    # an async run its caller stopped (a dropped astream) ends first
         with self._decoding_lock:
-            if self._decoding is not None and self._decoding[0] != me:
-                raise InputError(async_api.busy_reason(self, self._decoding[0]) or self._BUSY)
+            self._refuse_other_threads()
             before = self._decoding
             if overtakes:
                 self._runs += 1

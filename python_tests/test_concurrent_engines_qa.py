@@ -202,3 +202,21 @@ def test_forked_child_not_stuck_on_a_decoding_lock_held_at_the_fork(engines, thr
         release.set()
         t.join(WAIT)
     assert got == want
+
+
+def test_a_batch_refused_while_another_thread_decodes_leaves_the_cache_alone(tiny_hf_dir, threads):
+    """Regression: a second thread's batch, larger than the cache's rows, grew the cache (_cache_for) before its run
+    was refused as busy: both caches alive at once (the memory check_fits guards) and the decoding thread's chat
+    prefix kept in the old one, so its next turn prefilled everything again."""
+    e = _engine(tiny_hf_dir, "cpu")
+    cache = e._cache_for(1)
+    assert cache.batch < 4
+    s = e.stream(PROMPTS[3], max_new_tokens=6, chat=False, reuse_prefix=True)
+    text = next(s)
+    (refused,) = _joined([start_thread(lambda: _answer(e, ("batch", PROMPTS[:4], {"max_new_tokens": 3})))])
+    assert refused[0] == "InputError" and "another thread" in refused[1]
+    assert e._cache is cache
+    text += "".join(s)
+    first = e.last_result
+    again = e.generate(first.prompt_token_ids + first.token_ids, max_new_tokens=4, chat=False, reuse_prefix=True)
+    assert again.stats.extra.get("prompt_tokens_reused", 0) > 0
