@@ -768,8 +768,10 @@ class Engine:
         # or set_backend may pick another for a later call: it was served the first backend's verdict)
         # and on the threads in force: the step times are (a verdict timed on one thread was served after
         # torch.set_num_threads(8), where the cost file's key, which counts them, would have timed again)
+        # and AMPHISTA_EXACT_GREEDY, read at each step (the cost file's key holds the ordered path it selects)
+        from .kernels import gpu_exact
         key = (_tree_key(tree), round(sampled_share(temperature, top_p, min_p) * penalty_share(*penalties), 3), rows,
-               get_backend(self.device), torch.get_num_threads())
+               get_backend(self.device), torch.get_num_threads(), gpu_exact.enabled())
 
         def check():
             # Its timed steps run the heads on their own cache (reset): a run it interrupts would go on drafting
