@@ -750,7 +750,7 @@ class Engine:
         answers accept fewer drafts, as do runs under repetition / presence / frequency penalties; and decoding `batch`
         rows at once (a batch's tree rows cost more than its
         plain rows: speculation_check.timed_batch)."""
-        from .speculation_check import check_speculation, penalty_share, sampled_share, timed_batch
+        from .speculation_check import BUSY_KEEP_S, check_speculation, penalty_share, sampled_share, timed_batch
         if self.heads is None:     # before the cache: a verdict for earlier heads says nothing now
             raise InputError('speculation_check needs drafting heads: engine.load_heads("default") for the shipped '
                              'ones, or engine.load_heads(DIR)')
@@ -780,6 +780,9 @@ class Engine:
             with self._one_run():
                 return check_speculation(self, tree, temperature=temperature, top_p=top_p, batch=batch, min_p=min_p,
                                          penalties=penalties)
+        kept = self._checks.get(key)
+        if kept is not None and kept.busy_since is not None and time.monotonic() - kept.busy_since > BUSY_KEEP_S:
+            del self._checks[key]       # timed while other processes held the CPUs: time again now
         return _recent(self._checks, key, check)
 
     def resolve_speculation(self, speculative, tree, temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,

@@ -100,6 +100,9 @@ ROUNDS = 3
 # Xeon the check timed a 4-bit plain step at 20.1 ms, 4.5 ms alone, and the file kept that). The share of the CPUs
 # this process may run on that other processes (and a VM's steal) used while the steps were timed, from /proc/stat.
 BUSY_SHARE = 0.25
+# s: an engine keeps a verdict timed on busy CPUs this long, then times again (a server's first check, taken while
+# another process ran, otherwise priced every request of its life)
+BUSY_KEEP_S = 600.0
 # Batches past this are timed at this size (module doc): bounds the timing's cost and the number of cached keys.
 MAX_TIMED_BATCH = 8
 
@@ -114,6 +117,7 @@ class SpeculationCheck:
     expected_tau: float | None = None
     measured_on: str | None = None      # the date the step times were measured, when they came from the cache
     compared: dict | None = None        # tree -> {"nodes", "step_ratio", "expected_tau", "speedup"}: the trees weighed
+    busy_since: float | None = None     # time.monotonic() of a verdict timed on busy CPUs (kept BUSY_KEEP_S)
 
     def to_dict(self) -> dict:
         return {"pays": self.pays, "tree": self.tree, "reason": self.reason, "plain_ms": self.plain_ms,
@@ -330,7 +334,8 @@ def check_speculation(engine, tree=None, prompt_tokens: int = 128, repeats: int 
                                                       "plain decoding"))
     compared = {c.name: {"nodes": c.num_nodes, "step_ratio": round(times[c.name][1] / times[c.name][0], 3),
                          "expected_tau": taus[c.name], "speedup": round(speedup(c), 3)} for c in candidates[:n]}
-    return SpeculationCheck(pays, best.name, reason, plain_ms, step_ms, tau, measured_on, compared)
+    return SpeculationCheck(pays, best.name, reason, plain_ms, step_ms, tau, measured_on, compared,
+                            time.monotonic() if busy else None)
 
 
 def _room_for(specs, settle: int, repeats: int, warmup: int) -> int:

@@ -404,3 +404,30 @@ def test_others_share_counts_what_other_processes_used():
     now = cpu_ticks()
     if now is not None:          # Linux: real readings, each count sane
         assert now[0] > 0 and now[1] >= now[2] >= 0 and now[3] >= 1
+
+
+def test_an_engine_times_again_once_its_busy_verdict_is_old(engine, tmp_path, monkeypatch):
+    """Regression: a verdict timed on busy CPUs was kept in the engine for its whole life (a server's first check,
+    taken while another process ran, priced every later request); it is kept BUSY_KEEP_S, then timed again. A
+    verdict timed on idle CPUs stays."""
+    import amphista_engine.speculation_check as sc
+    monkeypatch.setenv(sc.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(sc, "BUSY_SHARE", 0.25)
+    calls = []
+    monkeypatch.setattr(sc, "_time_steps", _synthetic_steps(calls))
+    share = [0.6]
+    monkeypatch.setattr(sc, "others_share", lambda before, after: share[0])
+    _record_tau(engine, "tree-16", 50.0)
+    engine._checks.clear()
+    try:
+        first = engine.speculation_check("tree-16")
+        assert first.busy_since is not None and len(calls) == 1
+        assert engine.speculation_check("tree-16") is first and len(calls) == 1     # fresh: kept
+        first.busy_since -= sc.BUSY_KEEP_S + 1
+        share[0] = 0.0
+        second = engine.speculation_check("tree-16")
+        assert second is not first and second.busy_since is None and len(calls) == 2
+        second_again = engine.speculation_check("tree-16")
+        assert second_again is second and len(calls) == 2
+    finally:
+        engine._checks.clear()
