@@ -307,16 +307,22 @@ def without_no_ops(schema):
     Property names and values (enum, const, default) are data, never read as keywords."""
     if not isinstance(schema, dict):
         return schema
+    return _subschemas_mapped(schema, without_no_ops, skip=_no_op)
+
+
+def _subschemas_mapped(schema: dict, fn, skip=lambda key, value: False) -> dict:
+    """A copy of a schema object with fn applied to every subschema it holds directly (each property's, items,
+    anyOf's members, ...), the keys skip(key, value) names left out."""
     out = {}
     for key, value in schema.items():
-        if _no_op(key, value):
+        if skip(key, value):
             continue
         if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            value = {k: without_no_ops(v) for k, v in value.items()}
+            value = {k: fn(v) for k, v in value.items()}
         elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            value = [without_no_ops(v) for v in value]
+            value = [fn(v) for v in value]
         elif key in _SUBSCHEMA:
-            value = without_no_ops(value)
+            value = fn(value)
         out[key] = value
     return out
 
@@ -565,15 +571,7 @@ def _with_exact_dates(schema):
     allOf member beside a pattern of its own), at every level a subschema sits; the caller's schema is not changed."""
     if not isinstance(schema, dict):
         return schema
-    out = {}
-    for key, value in schema.items():
-        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            value = {k: _with_exact_dates(v) for k, v in value.items()}
-        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            value = [_with_exact_dates(v) for v in value]
-        elif key in _SUBSCHEMA:
-            value = _with_exact_dates(value)
-        out[key] = value
+    out = _subschemas_mapped(schema, _with_exact_dates)
     fmt = out.get("format")
     pattern = _EXACT_DATES.get(fmt) if isinstance(fmt, str) else None
     if pattern is not None and "pattern" not in out:
