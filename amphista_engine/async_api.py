@@ -222,7 +222,7 @@ class _Run:
                 out = None
             self._post(_END, out)
         except _Stopped:
-            pass
+            self._post(_END)        # a reader still waiting (none, as a rule) ends rather than hanging
         except BaseException as e:      # AmphistaError and the rest reach the caller unchanged
             self._post(_ERROR, e)
         finally:
@@ -288,11 +288,14 @@ class _Stream(collections.abc.AsyncGenerator):
     def __aiter__(self):
         return self
 
-    def __anext__(self):
-        return self._agen.__anext__()
+    async def __anext__(self):
+        # a coroutine, not the generator's own awaitable: it holds this stream until the step it awaits is in, so
+        # `await anext(engine.astream(...))`, which keeps no other reference, gets its item (the stream, freed
+        # at once, stopped the run before its first step and the await hung)
+        return await self._agen.__anext__()
 
-    def asend(self, value):
-        return self._agen.asend(value)
+    async def asend(self, value):
+        return await self._agen.asend(value)
 
     def athrow(self, *exc):
         return self._agen.athrow(*exc)

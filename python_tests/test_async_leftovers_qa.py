@@ -199,6 +199,8 @@ def test_a_cancel_during_the_real_auto_timing_stops_at_its_next_step(eng, gate):
         task = asyncio.create_task(eng.agenerate(P, max_new_tokens=4, speculative="auto"))
         assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, WAIT)
         task.cancel()
+        for _ in range(10):             # the task takes its cancel (and stops the run) at the loop's next turns
+            await asyncio.sleep(0)
         held = state["calls"]
         released.set()
         with pytest.raises(asyncio.CancelledError):
@@ -212,3 +214,16 @@ def test_a_cancel_during_the_real_auto_timing_stops_at_its_next_step(eng, gate):
     assert state["calls"] - held <= 2, (held, state["calls"])     # the step it was in; the timing has dozens
     assert not eng._checks
     assert eng.generate(P, max_new_tokens=3).finish_reason == "length"
+
+
+def test_anext_of_a_fresh_astream_gets_its_first_chunk(eng):
+    """Regression: `await anext(engine.astream(...))` keeps no reference to the stream object, which stopped its
+    run as it was freed, before the first step: the await hung for good."""
+    want = eng.generate(P, max_new_tokens=5)
+
+    async def main():
+        return await asyncio.wait_for(anext(eng.astream(P, max_new_tokens=5)), WAIT)
+    first = asyncio.run(main())
+    join_workers()
+    assert first and want.text.startswith(first)
+    assert eng.generate(P, max_new_tokens=5).text == want.text       # the engine is free again
