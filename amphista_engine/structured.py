@@ -29,7 +29,7 @@ import urllib.parse
 
 import torch
 
-from .errors import ConfigError, InputError, read_json, refuse_huge_ints
+from .errors import ConfigError, InputError, int_digits, read_json, refuse_huge_ints
 
 FORMATS = ("text", "json_object", "json_schema", "regex", "grammar", "choice")
 # Blanks, one line break, an indentation: pretty-printed JSON fits (64 columns of indentation, 32 levels of 2), and a
@@ -504,6 +504,14 @@ def _refuse_merged(nodes: list, merges: _Merges, where: str) -> None:
                     _refuse_merged(subs, merges, at)
 
 
+def _shown(number) -> str:
+    """A bound as an error quotes it: an integer of more than 20 digits by its digit count (10**400 was quoted whole;
+    str() refuses one past 4300 digits)."""
+    if isinstance(number, int) and (digits := int_digits(number)) > 20:
+        return f"{'-' if number < 0 else ''}(an integer of {digits} digits)"
+    return repr(number)
+
+
 def _past_exact(value):
     """The first integer past 2^53 in magnitude in a JSON value (a const or enum), or None."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -514,7 +522,7 @@ def _past_exact(value):
     return None
 
 
-def refuse_inexact_bounds(schema, where: str = "", merges: _Merges | None = None) -> None:
+def refuse_inexact_bounds(schema) -> None:
     """An InputError for a number range llguidance (1.9) compiles inexactly, at any level a subschema sits.
 
     An exclusive bound that is a whole number, with the other bound inside the same unit (exclusiveMinimum 0 with
@@ -531,30 +539,45 @@ def refuse_inexact_bounds(schema, where: str = "", merges: _Merges | None = None
     naming the keyword and where it is, rather than ignored."""
     if not isinstance(schema, dict):
         return
-    merges = _Merges(schema) if merges is None else merges
+    nodes = list(_nodes(schema))
+    # every bound past 2^53 first: the merged checks' arithmetic on one (10**400 as a float) raised OverflowError
+    for node, where in nodes:
+        _refuse_past_exact(node, where)
+    merges = _Merges(schema)
+    for node, where in nodes:
+        _refuse_merged([node], merges, where)
+
+
+def _nodes(schema, where: str = ""):
+    """Every schema object a schema holds, itself first, with where it sits (as the refusals name it)."""
+    if not isinstance(schema, dict):
+        return
+    yield schema, where
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                yield from _nodes(sub, f"{where}.{key}.{name}")
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            for i, sub in enumerate(value):
+                yield from _nodes(sub, f"{where}.{key}[{i}]")
+        elif key in _SUBSCHEMA:
+            yield from _nodes(value, f"{where}.{key}")
+
+
+def _refuse_past_exact(schema: dict, where: str) -> None:
     at = f" at {where.lstrip('.')}" if where else ""
     for key in _BOUNDS:
         if _number(value := schema.get(key)) and abs(value) > EXACT_BOUND:
-            raise InputError(f"response_format json_schema.schema: {key} {value!r}{at} is not supported: bounds "
+            raise InputError(f"response_format json_schema.schema: {key} {_shown(value)}{at} is not supported: bounds "
                              f"are held exactly only up to 2^53 = {EXACT_BOUND} in magnitude (the grammar engine, "
                              f"llguidance, reads them as 64-bit floats: {EXACT_BOUND + 1} becomes {EXACT_BOUND}); "
                              f"use a bound within -{EXACT_BOUND}..{EXACT_BOUND}")
     for key in ("const", "enum"):
         if key in schema and (value := _past_exact(schema[key])) is not None:
-            raise InputError(f"response_format json_schema.schema: {key}{at} holds the integer {value}, which is "
-                             f"not supported: the grammar engine (llguidance) reads numbers as 64-bit floats, exact "
-                             f"only up to 2^53 = {EXACT_BOUND} in magnitude ({EXACT_BOUND + 1} would be held as "
-                             f"{EXACT_BOUND})")
-    _refuse_merged([schema], merges, where)
-    for key, value in schema.items():
-        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            for name, sub in value.items():
-                refuse_inexact_bounds(sub, f"{where}.{key}.{name}", merges)
-        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            for i, sub in enumerate(value):
-                refuse_inexact_bounds(sub, f"{where}.{key}[{i}]", merges)
-        elif key in _SUBSCHEMA:
-            refuse_inexact_bounds(value, f"{where}.{key}", merges)
+            raise InputError(f"response_format json_schema.schema: {key}{at} holds the integer {_shown(value)}, "
+                             f"which is not supported: the grammar engine (llguidance) reads numbers as 64-bit "
+                             f"floats, exact only up to 2^53 = {EXACT_BOUND} in magnitude ({EXACT_BOUND + 1} would "
+                             f"be held as {EXACT_BOUND})")
 
 
 # RFC 3339's full-date, leap years exact (Gregorian: every 4th year, not centuries but every 4th of them; year 0000

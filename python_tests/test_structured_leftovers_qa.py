@@ -276,3 +276,14 @@ def test_seeded_sweep_accepts_only_valid_instances():
     # the sweep reaches what it is for: grammars that compile and accept, and each refusal of ours
     assert compiled > 150 and accepted > 1000, (compiled, accepted)
     assert any("meet through" in e for e in refused) and any("2^53" in e for e in refused)
+
+
+@pytest.mark.parametrize("schema", [
+    {"allOf": [{"type": "number", "exclusiveMinimum": 10 ** 400}, {"maximum": 1e300}]},
+    {"anyOf": [{"exclusiveMinimum": -10 ** 5000}] * 70 + [{"maximum": 1e300}]},
+])
+def test_a_huge_bound_met_through_a_merge_is_refused_by_name(schema):
+    """Regression: a bound past 2^53 met only through allOf/anyOf reached the merged range check's float arithmetic
+    first (OverflowError: a server's 500); it is refused by name, its digits counted, not quoted."""
+    with pytest.raises(InputError, match=r"exclusiveMinimum -?\(an integer of \d+ digits\) at (allOf|anyOf)\[0\]"):
+        refuse_inexact_bounds(schema)
