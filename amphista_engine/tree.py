@@ -217,7 +217,7 @@ def dynamic_tree_nodes(values: torch.Tensor, num_nodes: int) -> tuple[torch.Tens
     dev = values.device
     # A NaN (overflowed fp16 heads) sorts above every score: its children outranked their kept-out parent, and the
     # tree lost its shape (a node's mask missing its parent). A NaN guess is worth nothing: score it so.
-    values = values.masked_fill(values.isnan(), float("-inf"))
+    values = values.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))     # one launch
     pows = torch.pow(k, torch.arange(d_max + 1, device=dev))           # k^0 .. k^d_max
     ranks = torch.arange(k, device=dev)
     # Beam expansion: the top-m nodes of depth d all have parents among the top-m of depth d-1.
