@@ -23,6 +23,9 @@ from model_helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
+# positions past the trained length on purpose (scaled RoPE kicks in there): the engine's warning of it is expected
+pytestmark = pytest.mark.filterwarnings("ignore:max_seq_len=.* is past the .* positions the model was trained on")
+
 VOCAB = TINY_HF["vocab_size"]       # write_tokenizer's vocabulary
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gemma3_text", "qwen3_moe", "mixtral")
 _CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "smollm3": "SmolLM3",
