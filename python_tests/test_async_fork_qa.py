@@ -3,12 +3,11 @@ call's turn taken at the fork (its worker thread decoding in the parent), or the
 then, stayed taken in the child, where no worker lives to release it: the child's first agenerate waited for good.
 Every wait has a timeout, so a hang fails instead of blocking."""
 import asyncio
-import threading
 import warnings
 
 from amphista_engine import Engine, async_api
 
-from thread_helpers import run_forked, start_thread
+from thread_helpers import run_forked, run_forked_holding
 
 WAIT = 60
 
@@ -38,18 +37,7 @@ def test_forked_child_async_call_not_stuck_on_a_turn_taken_at_the_fork(tiny_hf_d
 def test_forked_child_async_call_not_stuck_on_the_turns_lock_held_at_the_fork(tiny_hf_dir):
     e = _engine(tiny_hf_dir)
     want = e.generate("Hello", max_new_tokens=4, chat=False).token_ids
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with async_api._turns_lock:
-            held.set()
-            release.wait(WAIT)
-    t, _ = start_thread(hold)
-    assert held.wait(WAIT)
-    try:
-        got = run_forked(_child, e, "Hello", WAIT, "the child's agenerate waited for the parent thread's lock")
-    finally:
-        release.set()
-        t.join(WAIT)
+    got = run_forked_holding(async_api._turns_lock, _child, e, "Hello", WAIT,
+                             "the child's agenerate waited for the parent thread's lock")
     assert got == want
     assert asyncio.run(e.agenerate("Hello", max_new_tokens=4, chat=False)).token_ids == want   # the parent's too

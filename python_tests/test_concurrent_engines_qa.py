@@ -16,7 +16,7 @@ from amphista_engine.errors import AmphistaError
 from amphista_engine.heads import random_heads
 from amphista_engine.kernels import cpu_ops
 from conftest import write_tiny_hf
-from thread_helpers import run_forked, start_thread
+from thread_helpers import run_forked, run_forked_holding, start_thread
 
 ext = cpu_ops.load_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"CPU extension not built: {cpu_ops.extension_error()}")
@@ -188,19 +188,8 @@ def test_forked_child_not_stuck_on_a_decoding_lock_held_at_the_fork(engines, thr
     moment); the child's first call waited for it forever."""
     e = engines[2]
     want = e.generate(PROMPTS[1], max_new_tokens=8, chat=False).token_ids
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with e._decoding_lock:
-            held.set()
-            release.wait(WAIT)
-    t, _ = start_thread(hold)
-    assert held.wait(WAIT)
-    try:
-        got = run_forked(_child, e, PROMPTS[1], 30, "the child's call hung on the parent thread's lock")
-    finally:
-        release.set()
-        t.join(WAIT)
+    got = run_forked_holding(e._decoding_lock, _child, e, PROMPTS[1], 30,
+                             "the child's call hung on the parent thread's lock")
     assert got == want
 
 

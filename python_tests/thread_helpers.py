@@ -36,3 +36,20 @@ def run_forked(child, engine, arg, wait: float, hung: str):
         p.join()
         pytest.fail(hung)
     return q.get(timeout=wait)
+
+
+def run_forked_holding(lock, child, engine, arg, wait: float, hung: str):
+    """run_forked while another thread holds `lock` (as a thread between two steps holds it at a fork)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(wait)
+    t, _ = start_thread(hold)
+    assert held.wait(wait)
+    try:
+        return run_forked(child, engine, arg, wait, hung)
+    finally:
+        release.set()
+        t.join(wait)
