@@ -15,8 +15,10 @@ the reply, and the server goes on serving).
 from __future__ import annotations
 
 import contextlib
+import decimal
 import hmac
 import json
+import math
 import queue
 import re
 import secrets
@@ -47,9 +49,14 @@ MAX_BODY = 32 << 20          # bytes: a request body past this is refused (413) 
 # socket timeout, which stays for a slow reader of a streamed reply: a client that sent less than its
 # Content-Length and waited held a handler thread that long
 BODY_TIMEOUT_S = 30.0
-# s: a request's line and headers, from their first byte, alike (a 408 and the connection closed). The wait for that
-# first byte stays the handler's 300 s: a keep-alive connection idle between its requests is not cut
+# s: a request's line and headers, from their first byte, alike (a 408 and the connection closed)
 HEADER_TIMEOUT_S = 30.0
+# s: the wait for a request line's first byte. A new connection's is short: one that never sent a byte was held
+# 300 s, a handler thread each (nginx's client_header_timeout holds it 60 s, uvicorn 5 s). A keep-alive connection
+# idle between its requests keeps the longer wait (a client's pool reuses it). Either is closed quietly, as nginx
+# and uvicorn close them: no request came to answer
+FIRST_BYTE_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 300.0
 MAX_BATCH = 8                # requests decoded together at most (`amphista serve --max-batch`)
 WAIT_POLL_S = 0.1            # a handler waiting for its run looks this often whether its client left
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -224,6 +231,102 @@ def _long_int_field(data: bytes, error: Exception) -> ApiError | None:
     except (ValueError, RecursionError):
         pass
     return None
+
+
+# The JSON schema keywords whose numbers the grammar engine (llguidance) reads as 64-bit floats to bound an answer
+# (under const and enum: anywhere in the value)
+_SCHEMA_NUMBERS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+_SCHEMA_VALUES = ("const", "enum")
+# a decimal of at most 15 significant digits (DBL_DIG) is written back as itself by float's repr, unless it is
+# below a float's normal range (1e-400 is 0.0)
+_EXACT_TEXT = 16
+
+
+class _BodyNumbers:
+    """json.loads' hooks for a request body's non-integer numbers, and the refusals they call for.
+
+    Python's json took NaN, Infinity and -Infinity (not JSON: OpenAI's server refuses them) and read a number past
+    a float's range (1e400) as inf: a field then said "got inf" of a number the client never wrote, or took it
+    (a schema's const 1e400 was "Unsatisfiable schema: incompatible types"). Each is a 400 naming the field. A number
+    with more digits than a float holds (0.30000000000000001, 1e-400) is rounded, as every OpenAI server reads it,
+    except as a schema's bound, multipleOf, const or enum: the grammar engine takes those as 64-bit floats, so the
+    rounding silently changed the schema (a bound 9007199254740993.0 became 2^53, which passed the refusal of
+    bounds past it; multipleOf 1e-400 became 0). Refused there, as structured.py refuses integer bounds past 2^53.
+    Only a body that holds such a number is walked again to find where."""
+
+    def __init__(self):
+        self.odd: dict[int, tuple] = {}        # id(the float read) -> (the float, its text, what is wrong)
+
+    def number(self, text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            self.odd[id(value)] = (value, text, "overflow")
+        elif (len(text) > _EXACT_TEXT or abs(value) < sys.float_info.min) and _lost_digits(text, value):
+            self.odd[id(value)] = (value, text, "inexact")
+        return value
+
+    def constant(self, text: str) -> float:
+        value = float(text)
+        self.odd[id(value)] = (value, text, "constant")
+        return value
+
+    def check(self, body) -> None:
+        if not self.odd:
+            return
+        for steps, (_, text, what) in _floats_in(body, self.odd):
+            if what == "inexact" and not _in_schema_number(steps):
+                continue
+            where = _field_path(steps) if steps else "the request body"
+            if what == "constant":
+                message = f"{where} is {text}, which is not JSON (JSON has no NaN or Infinity): send a finite number"
+            elif what == "overflow":
+                message = (f"{where} is {text[:40]}, past the largest number a 64-bit float holds (about 1.8e308; "
+                           f"it would be read as infinity): send a finite number within it")
+            else:
+                message = (f"{where} is {text[:60]}, which the grammar engine (llguidance) cannot hold as written: "
+                           f"it reads a schema's numbers as 64-bit floats, so this one would be {float(text)!r}; give "
+                           f"one a float holds as written (at most 15 significant digits, magnitude from about "
+                           f"2.2e-308 to 1.8e308)")
+            raise ApiError(400, message, steps[0] if steps and isinstance(steps[0], str) else None)
+
+
+def _lost_digits(text: str, value: float) -> bool:
+    """Whether the decimal text differs from the float it was read as, written back (float's shortest repr)."""
+    try:
+        return decimal.Decimal(text) != decimal.Decimal(repr(value))
+    except decimal.InvalidOperation:
+        return False
+
+
+def _floats_in(body, odd: dict):
+    """(path steps, odd[id]) for each float of odd in body, in the body's order. A stack, not recursion: json.loads
+    reads bodies nested deeper than Python's recursion limit."""
+    stack = [((), body)]
+    while stack:
+        steps, value = stack.pop()
+        if isinstance(value, float):
+            hit = odd.get(id(value))
+            if hit is not None and hit[0] is value:
+                yield list(steps), hit
+        elif isinstance(value, dict):
+            stack.extend(((*steps, k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*steps, i), v) for i, v in reversed(list(enumerate(value))))
+
+
+def _in_schema_number(steps) -> bool:
+    if steps and steps[-1] in _SCHEMA_NUMBERS:
+        return True
+    # const/enum as a keyword, not as a property's name (properties.const is a subschema)
+    return any(s in _SCHEMA_VALUES and (i == 0 or steps[i - 1] != "properties") for i, s in enumerate(steps)
+               if isinstance(s, str))
+
+
+def _field_path(steps) -> str:
+    out, rest = (steps[0][:40], steps[1:]) if isinstance(steps[0], str) else ("the request body", steps)
+    for s in rest:
+        out += f"[{s}]" if isinstance(s, int) else f".{s[:40]}" if s.isidentifier() else f"[{s!r:.40}]"
+    return out
 
 
 def _json_type(value) -> str:
@@ -1383,11 +1486,12 @@ class _HeadTimeout(Exception):
 class _HeadReader:
     """The connection's rfile while a request's line and headers are read (http.server reads both with readline,
     under the handler's 300 s socket timeout per recv: a client that sent them a byte every few seconds, slowloris,
-    held a handler thread for hours). The wait for the request line's first byte keeps the handler's timeout (a
-    keep-alive connection idle between requests); from that byte on, every line must end by one deadline."""
+    held a handler thread for hours). The wait for the request line's first byte has its own limit (`wait`:
+    FIRST_BYTE_TIMEOUT_S on a new connection, IDLE_TIMEOUT_S between requests), past which the connection is closed
+    quietly; from that byte on, every line must end by one deadline."""
 
-    def __init__(self, rfile, connection, idle_timeout):
-        self.rfile, self.connection, self.idle_timeout = rfile, connection, idle_timeout
+    def __init__(self, rfile, connection, socket_timeout, wait):
+        self.rfile, self.connection, self.socket_timeout, self.wait = rfile, connection, socket_timeout, wait
         self.deadline = None
         self.lines = 0              # lines read whole (none: the request line is what did not come)
 
@@ -1396,8 +1500,15 @@ class _HeadReader:
 
     def readline(self, limit=-1):
         if self.deadline is None:
-            if not self.rfile.peek(1):          # the idle wait, under the handler's own timeout; b"": closed
-                return b""
+            try:
+                self.connection.settimeout(self.wait)
+                if not self.rfile.peek(1):      # b"": closed
+                    return b""
+            except TimeoutError:
+                return b""          # http.server closes on b"" with no reply and no log line (not "Request timed out")
+            finally:
+                with contextlib.suppress(OSError):
+                    self.connection.settimeout(self.socket_timeout)
             self.deadline = time.monotonic() + HEADER_TIMEOUT_S
         out = bytearray()
         try:
@@ -1418,7 +1529,7 @@ class _HeadReader:
             raise _HeadTimeout from None
         finally:
             with contextlib.suppress(OSError):
-                self.connection.settimeout(self.idle_timeout)
+                self.connection.settimeout(self.socket_timeout)
         self.lines += 1
         return bytes(out)
 
@@ -1467,7 +1578,9 @@ class _Handler(BaseHTTPRequestHandler):
         # A client that resets its keep-alive connection (closed with a reply unread, or SO_LINGER 0 as aborting
         # clients and proxies do) raised here, reading the next request line, outside _serve: socketserver
         # printed a traceback per such client on stderr, as if the server had a bug. It is a client leaving.
-        self.rfile = head = _HeadReader(self.rfile, self.connection, self.timeout)
+        wait = IDLE_TIMEOUT_S if getattr(self, "_kept_alive", False) else FIRST_BYTE_TIMEOUT_S
+        self._kept_alive = True        # this handler's next request line is one on a kept-alive connection
+        self.rfile = head = _HeadReader(self.rfile, self.connection, self.timeout, wait)
         try:
             super().handle_one_request()
         except ConnectionError:       # reset, broken pipe, aborted (Windows' WSAECONNABORTED)
@@ -1633,10 +1746,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = True
         if not data.strip():
             raise ApiError(400, "the request has no body: send a JSON object (Content-Type: application/json)")
+        numbers = _BodyNumbers()
         try:
-            return json.loads(data)
+            body = json.loads(data, parse_float=numbers.number, parse_constant=numbers.constant)
         except (ValueError, RecursionError) as e:       # UnicodeDecodeError is a ValueError
             raise _long_int_field(data, e) or ApiError(400, f"the request body is not valid JSON: {e}") from None
+        numbers.check(body)
+        return body
 
     def _take(self, n: int, line: bool = False) -> bytes:
         """Up to n bytes of the request body (up to its first b"\\n" where line), fewer where the client closed,
