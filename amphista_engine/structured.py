@@ -26,6 +26,7 @@ import math
 import re
 import sys
 import urllib.parse
+from decimal import Decimal
 
 import torch
 
@@ -604,11 +605,152 @@ def _with_exact_dates(schema):
     return out
 
 
+# keys that name where a schema sits or how it is read, kept on the outside when a number is wrapped in an anyOf
+_KEPT_OUTSIDE = ("$defs", "definitions", "x-guidance", "$schema", "$id", "$anchor")
+# significant digits of a fractional bound llguidance (1.9) reads exactly: past them it misplaced the bound (minimum
+# 9696370110.795141 let 9696370110.79514 through, maximum 63195626.871465564 took 63195626.871465565)
+_EXACT_DIGITS = 15
+# trailing-zero steps past an exclusive bound taken back (_with_bound_points)
+_LADDER = 4
+
+
+def _decimal(value) -> Decimal:
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+def _with_bound_points(schema):
+    """A copy of a JSON schema whose number bounds llguidance (1.9) reads exactly, and whose bounded numbers take
+    back the writings llguidance refuses inside the bounds, at every level a subschema sits; the caller's schema is
+    not changed.
+
+    A fractional bound of more than 15 significant digits is rounded inward to 15 (it was misread: see
+    _EXACT_DIGITS): a value within 1e-15 of it (relative) is refused, none outside let through; bounds that hold
+    no value once rounded are an InputError. A whole bound written as a float (3752768928017238.0) is passed as an
+    integer, which llguidance reads exactly up to 2^53.
+
+    llguidance writes a fractional bound's range digit by digit and drops the bound's digits cut short: under
+    maximum 0.25 it refused 0.2 (0.20, 0.21 and 0.25 passed), under minimum -0.25 it refused -0.2; and it never took
+    -0. Past an exclusive bound (and on the negative side of a range holding 0) its fraction had to end in a nonzero
+    digit: 0.50 was refused under exclusiveMinimum 0, -0.50 under minimum -1. Each is added back as an anyOf branch
+    llguidance writes exactly: a point (minimum = maximum, written as its shortest digits) for every truncation of a
+    bound's digits inside the bounds, the bound itself and -0 where they are inside; and the ranges of one digit
+    more past the exclusive bound ([0.1, 1), [0.01, 0.1), ... _LADDER of them), whose writings all pass.
+
+    So every value the bounds hold is taken in its shortest writing (no exponent, no trailing zero), and most
+    trailing zeros too. Still refused: an exponent (2e-1; llguidance writes none under bounds), and trailing zeros
+    right after a point or an inclusive fractional bound (0.250 under maximum 0.25, 0.10 under maximum 0.105),
+    after _LADDER zeros or more past an exclusive bound, and on -0 (-0.0). Only a number schema standing alone gets
+    branches: its bounds, type and annotations, no allOf, anyOf, oneOf, $ref, const, enum or multipleOf beside them
+    (whose values a branch might break)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = _subschemas_mapped(schema, _with_bound_points)
+    rounded = {}
+    for key in _BOUNDS:
+        value = out.get(key)
+        if isinstance(value, float) and _whole(value) and abs(value) <= EXACT_BOUND:
+            # as an integer: exclusiveMaximum 3752768928017238.0 took 3752768928017238 (3752768928017238 did not)
+            out[key] = int(value)
+        elif isinstance(value, float) and math.isfinite(value) and \
+                len(_decimal(value).as_tuple().digits) > _EXACT_DIGITS:
+            rounding = "ROUND_CEILING" if key.endswith("inimum") else "ROUND_FLOOR"
+            exact = _decimal(value)
+            places = _EXACT_DIGITS - exact.adjusted() - 1
+            out[key] = float(exact.quantize(Decimal(1).scaleb(-places), rounding=rounding))
+            rounded[key] = value
+    if rounded and _empty_range({**out, **rounded}):
+        out.update(rounded)         # empty as written: llguidance names it with the request's own numbers
+    elif rounded and _empty_range(out):
+        said = ", ".join(f"{k} {v!r}" for k, v in rounded.items())
+        raise InputError(f"response_format json_schema.schema: {said} {'are' if len(rounded) > 1 else 'is'} not "
+                         f"supported: the grammar engine "
+                         f"(llguidance) reads a bound to {_EXACT_DIGITS} significant digits (with more it let a value "
+                         f"just past the bound through), and rounded inward to them these bounds hold no value; use "
+                         f"bounds of at most {_EXACT_DIGITS} significant digits")
+    branches = _bound_branches(out)
+    if not branches:
+        return out
+    inner = {k: v for k, v in out.items() if k not in _KEPT_OUTSIDE}
+    return {**{k: v for k, v in out.items() if k in _KEPT_OUTSIDE}, "anyOf": [inner, *branches]}
+
+
+def _empty_range(node: dict) -> bool | None:
+    """Whether a schema's bounds hold no number (None where it has no lower and upper bound)."""
+    lows = [v for k in ("minimum", "exclusiveMinimum") if (v := _bound(node, k)) is not None]
+    highs = [v for k in ("maximum", "exclusiveMaximum") if (v := _bound(node, k)) is not None]
+    if not lows or not highs:
+        return None
+    return max(lows) > min(highs) or max(lows) == min(highs) and \
+        (_bound(node, "exclusiveMinimum") is not None or _bound(node, "exclusiveMaximum") is not None)
+
+
+def _read_exactly(value: Decimal) -> int | float | None:
+    """value as llguidance reads it exactly, or None: a whole number as an integer (up to 2^53: minimum = maximum =
+    -9006453926417580.0 took -9006453926417581), else a float of at most _EXACT_DIGITS significant digits."""
+    if value == value.to_integral_value():
+        return int(value) if abs(value) <= EXACT_BOUND else None
+    f = float(value)
+    return f if _decimal(f) == value and len(value.normalize().as_tuple().digits) <= _EXACT_DIGITS else None
+
+
+def _bound_branches(node: dict) -> list[dict]:
+    kind = node.get("type")
+    if not (kind == "number" or isinstance(kind, list) and "number" in kind) or \
+            any(k in node for k in ("allOf", "anyOf", "oneOf", "$ref", "const", "enum", "multipleOf", "not")):
+        return []
+    bounds = {k: _decimal(v) for k in _BOUNDS if (v := _bound(node, k)) is not None}
+    if not bounds or any(not v.is_finite() or abs(v) > EXACT_BOUND for v in bounds.values()):
+        return []
+    lows = [(v, k == "exclusiveMinimum") for k, v in bounds.items() if k.endswith("inimum")]
+    highs = [(v, k == "exclusiveMaximum") for k, v in bounds.items() if k.endswith("aximum")]
+    low = max(lows, default=None)                       # (value, exclusive): a tie is the exclusive one
+    high = min(highs, key=lambda h: (h[0], not h[1]), default=None)
+
+    def above(t: Decimal) -> bool:
+        return low is None or t > low[0] or t == low[0] and not low[1]
+
+    def below(t: Decimal) -> bool:
+        return high is None or t < high[0] or t == high[0] and not high[1]
+
+    def inside(t: Decimal) -> bool:
+        return above(t) and below(t)
+
+    values = set()
+    for bound in bounds.values():
+        places = -bound.as_tuple().exponent
+        values |= {bound.quantize(Decimal(1).scaleb(-p), rounding="ROUND_DOWN") for p in range(max(places, 0))}
+        values.add(bound)
+    branches = [{"type": "number", "minimum": f, "maximum": f} for t in sorted(values)
+                if inside(t) and (f := _read_exactly(t)) is not None]
+    if inside(Decimal(0)):
+        branches.append({"type": "number", "minimum": -0.0, "maximum": -0.0})       # written "-0"
+    # past an exclusive lower bound >= 0 (positive values), and an exclusive upper bound <= 0 or the 0 a range
+    # crosses (negative values, by magnitude)
+    ladders = []
+    if low is not None and low[1] and low[0] >= 0:
+        ladders.append((low[0], 1))
+    if high is not None and high[1] and high[0] <= 0:
+        ladders.append((-high[0], -1))
+    elif (low is None or low[0] < 0) and (high is None or high[0] >= 0):
+        ladders.append((Decimal(0), -1))
+    for base, sign in ladders:
+        places = max(-base.normalize().as_tuple().exponent, 0)       # 0.0 and 0 both start at 0.1
+        for k in range(1, _LADDER + 1):
+            a, b = base + Decimal(1).scaleb(-places - k), base + Decimal(1).scaleb(-places - k + 1)
+            if (fa := _read_exactly(a)) is None or (fb := _read_exactly(b)) is None:
+                break
+            if sign > 0 and above(a) and (high is None or b <= high[0]):          # [a, b)
+                branches.append({"type": "number", "minimum": fa, "exclusiveMaximum": fb})
+            elif sign < 0 and below(-a) and (low is None or -b >= low[0]):         # (-b, -a]
+                branches.append({"type": "number", "exclusiveMinimum": -fb, "maximum": -fa})
+    return branches
+
+
 def _held(schema: dict) -> dict:
     """The schema llguidance compiles for a JSON schema: refused where it would compile it too wide, less the no-op
-    keywords it refuses, its dates held exact."""
+    keywords it refuses, its dates held exact, its bounded numbers' refused values added (_with_bound_points)."""
     refuse_inexact_bounds(schema)
-    return _with_exact_dates(without_no_ops(schema))
+    return _with_bound_points(_with_exact_dates(without_no_ops(schema)))
 
 
 def _bounded_json_blocks(lark: str) -> str:
