@@ -67,8 +67,7 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weights and cache dtype (default: fp32 on cpu, bf16 on cuda)")
     p.add_argument("--max-seq-len", type=_int, default=None,
-                   help="static KV cache length: prompt + answer (default 2048, or the model's sliding window where "
-                        "shorter)")
+                   help="static KV cache length: prompt + answer (default 2048)")
     # its own action, not a second name of --max-seq-len's: argparse's errors name the flag that was typed
     p.add_argument("--max-model-len", type=_int, default=None, dest="max_seq_len", metavar="MAX_SEQ_LEN",
                    help="vLLM's name for --max-seq-len")

@@ -61,8 +61,8 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: list[int] = field(default_factory=lambda: [2])
     name: str = "llama"
-    # Mistral v0.1 attends over the last `sliding_window` positions only; the model here attends over all of
-    # them, which is the same math up to that many positions, so the engine caps its cache there.
+    # The window of the layers in `sliding_layers` (below): each of their tokens attends over the last
+    # `sliding_window` positions only (its own included). Without sliding layers no layer slides.
     sliding_window: int | None = None
     # The Llama layer's two variations that Qwen brought: biases on the q/k/v projections (Qwen2; Llama's and
     # Qwen3's attention_bias also on o), and an RMSNorm over each head of q and k before RoPE (Qwen3).
@@ -79,8 +79,9 @@ class ModelConfig:
     gemma: bool = False
     # Gemma 3: the attention scale is query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5)
     query_pre_attn_scalar: float | None = None
-    # Gemma 3: layers that really attend over the last `sliding_window` positions only (the others over all), with
-    # RoPE base rope_local_theta and no scaling. Unlike Mistral's window above, the engine implements this one.
+    # Layers that attend over the last `sliding_window` positions only (the others over all): every layer of
+    # Mistral, Mixtral, Phi-3 and Qwen3-MoE, Qwen2/Qwen3's from max_window_layers on, SmolLM3's NoPE layers, Gemma 3's
+    # local ones. Gemma 3's also rotate by RoPE base rope_local_theta, unscaled (None: the other layers' table).
     sliding_layers: tuple[int, ...] = ()
     rope_local_theta: float | None = None
     final_logit_softcapping: float | None = None    # logits = cap * tanh(logits / cap)
@@ -192,8 +193,7 @@ class ModelConfig:
 
     @property
     def real_window(self) -> int | None:
-        """The window the model's sliding layers attend over (Gemma 3), or None: no layer slides here (a Mistral-style
-        sliding_window only caps the engine's cache)."""
+        """The window the model's sliding layers attend over, or None: no layer slides."""
         return self.sliding_window if self.sliding_layers else None
 
     @classmethod
@@ -248,7 +248,7 @@ class ModelConfig:
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                 bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id") or [],
                 name=cfg.get("_name_or_path") or archs[0],
-                sliding_window=_hf_sliding_window(cfg, model_type),
+                **_hf_sliding(cfg, model_type),
                 qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
                 qk_norm=model_type in ("qwen3", "qwen3_moe"),
                 nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
@@ -462,27 +462,39 @@ def _hf_nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(i for i, f in enumerate(flags) if not f)
 
 
-def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
-    """The window some layer attends over, as transformers reads it: Mistral, Mixtral and Phi-3 apply
+def _hf_sliding(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """sliding_window and sliding_layers as transformers reads them: Mistral, Mixtral and Phi-3 apply
     `sliding_window` to every layer (their classes read neither `use_sliding_window` nor `layer_types`: a config
-    whose use_sliding_window was false loaded uncapped, other logits than transformers' past the window);
+    whose use_sliding_window was false loaded with no window, other logits than transformers' past it);
     Qwen2/Qwen3/SmolLM3/Qwen3-MoE only where `use_sliding_window` is true (their default is false), and then to the
-    layers from `max_window_layers` on (none where that is past the last layer; Qwen3-MoE has no such key and slides
-    every layer), or as `layer_types` says where the config lists them. A Qwen2/Qwen3 config without
-    max_window_layers takes their classes' default, 28 (read as 0, a model of up to 28 layers had its cache capped
-    at a window none of its layers slides over in transformers)."""
+    layers `layer_types` names where the config lists them, else Qwen2/Qwen3's from `max_window_layers` on (none
+    where that is past the last layer; without the key their classes' default, 28), SmolLM3's NoPE layers, every
+    layer of Qwen3-MoE (it has no such key). Llama's class reads no window at all."""
     window = cfg.get("sliding_window")
-    if window is None or model_type in ("mistral", "mixtral", "phi3"):
-        return window
-    opt_in = model_type in ("qwen2", "qwen3", "smollm3", "qwen3_moe")
-    if not cfg.get("use_sliding_window", not opt_in):
-        return None
-    layer_types = cfg.get("layer_types")
-    if isinstance(layer_types, list) and layer_types:
-        return window if "sliding_attention" in layer_types else None
-    if model_type in ("qwen2", "qwen3") and cfg.get("max_window_layers", 28) >= cfg.get("num_hidden_layers", 0):
-        return None
-    return window
+    n = cfg.get("num_hidden_layers", 0)
+    n = n if is_integral(n) and n > 0 else 0
+    if window is None or model_type == "llama":
+        return {"sliding_window": None, "sliding_layers": ()}
+    if model_type in ("mistral", "mixtral", "phi3"):
+        layers = tuple(range(n))
+    elif not cfg.get("use_sliding_window", False):
+        layers = ()
+    elif model_type == "qwen3_moe":
+        layers = tuple(range(n))
+    elif isinstance(cfg.get("layer_types"), list) and cfg["layer_types"]:
+        layer_types = cfg["layer_types"]
+        if len(layer_types) != n or any(t not in ("sliding_attention", "full_attention") for t in layer_types):
+            raise ConfigError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the {n} "
+                              f"layers, got {layer_types!r:.200}")
+        layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    elif model_type in ("qwen2", "qwen3"):
+        first = cfg.get("max_window_layers", 28)
+        if not is_integral(first) or first < 0:
+            raise ConfigError(f"max_window_layers must be a non-negative integer, got {first!r:.80}")
+        layers = tuple(range(first, n))
+    else:
+        layers = _hf_nope_layers(cfg)       # SmolLM3
+    return {"sliding_window": window if layers else None, "sliding_layers": layers}
 
 
 def _hf_rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:

@@ -308,9 +308,9 @@ class Engine:
     def __init__(self, loaded: LoadedModel, heads=None, max_seq_len: int | None = None, max_batch_size: int = 1,
                  cuda_graphs: bool = True, quant: str = "none", *, backend: str | None = None,
                  _owns_model: bool = False):
-        """max_seq_len None: DEFAULT_MAX_SEQ_LEN, or the model's sliding window where that is shorter (Phi-3-mini-4k's
-        2047: this engine attends over all positions, the same model up to the window). The model stays the caller's:
-        its float weights are kept (from_pretrained's own model keeps only oneDNN's packed copies on a CPU).
+        """max_seq_len None: DEFAULT_MAX_SEQ_LEN (a sliding window does not cap it: model.py attends over it). The
+        model stays the caller's: its float weights are kept (from_pretrained's own model keeps only oneDNN's packed
+        copies on a CPU).
         backend: the kernel backend of this engine's hot ops ("torch", "triton", "cuda", "cpu"; see from_pretrained)."""
         self._backend = None if backend is None else check_backend(backend, "Engine backend")
         with use_backend(self._backend):
@@ -321,15 +321,9 @@ class Engine:
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device = self.model.device
         self.dtype = self.model.tok_embeddings.weight.dtype
-        # Gemma 3's window is implemented (model.py: its sliding layers' masks), Mistral's and Phi-3's are not
-        window = None if self.config.real_window else self.config.sliding_window
         if max_seq_len is None:
-            max_seq_len = min(DEFAULT_MAX_SEQ_LEN, window or DEFAULT_MAX_SEQ_LEN)
+            max_seq_len = DEFAULT_MAX_SEQ_LEN
         max_seq_len, max_batch_size = check_engine_args(max_seq_len, max_batch_size, cuda_graphs)
-        if window is not None and max_seq_len > window:
-            raise InputError(f"max_seq_len={max_seq_len}, but {self.config.name} attends over a sliding window of "
-                             f"{window} positions, which this engine does not implement (it attends over all of "
-                             f"them: the same model up to {window}); use max_seq_len <= {window}")
         self.max_seq_len = max_seq_len
         # The cache holds max_batch_size rows from the first run on: named here, not at that run as a max_seq_len
         KVCache.check_fits(self.config, max_batch_size, max_seq_len, self.dtype, self.device)
@@ -391,7 +385,7 @@ class Engine:
                         max_batch_size: int = 1, cuda_graphs: bool = True, quant: str = "auto",
                         backend: str | None = None, chat_template: str | None = None) -> "Engine":
         """model: checkpoint directory, .gguf file or alias; heads: drafting heads (optional, see load_heads);
-        max_seq_len: the KV cache's length (None: 2048, or the model's sliding window where shorter);
+        max_seq_len: the KV cache's length (None: 2048);
         max_batch_size: the KV cache's rows, checked against free memory here and allocated at the first run; a
         larger batch is still taken (no cap): the cache grows to it, checked the same way before allocating, and
         keeps that size;

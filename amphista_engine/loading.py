@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from .config import MAX_LAYERS, ModelConfig
 from .errors import ConfigError, ModelLoadError
 from .heads.checkpoint import CHECKPOINT_FINGERPRINT, lm_head_fingerprint
 from .model import Transformer
@@ -904,11 +904,19 @@ def gguf_config(reader, path) -> ModelConfig:
             nope_layers=tuple(i for i in range(a("block_count") if isinstance(a("block_count"), int) else 0)
                               if arch in _NO_ROPE_LAYER_STEP and (i + 1) % _NO_ROPE_LAYER_STEP[arch] == 0),
             fused_checkpoint=arch in _FUSED_ARCHS, rotary_dim=rotary_dim,
-            **{"sliding_window": (a("attention.sliding_window") or None) if arch in _FUSED_ARCHS else None,
-               **(_gguf_gemma3(path, a) if arch == "gemma3" else {})})
+            **{**_gguf_phi3_window(a, arch), **(_gguf_gemma3(path, a) if arch == "gemma3" else {})})
     except ConfigError as e:
         raise ConfigError(f"{path}: GGUF metadata: {e}") from None
     return cfg
+
+
+def _gguf_phi3_window(a, arch: str) -> dict:
+    """Phi-3's phi3.attention.sliding_window slides every layer, as transformers' Phi-3 (of the same checkpoint's
+    config.json) does; llama.cpp reads the key but runs Phi-3 without the window. Other archs: no window here."""
+    window = (a("attention.sliding_window") or None) if arch in _FUSED_ARCHS else None
+    n = a("block_count")
+    layers = tuple(range(n)) if window is not None and isinstance(n, int) and 0 < n <= MAX_LAYERS else ()
+    return {"sliding_window": window if layers else None, "sliding_layers": layers}
 
 
 def _gguf_rotary_dim(path, arch: str, rot, width) -> int:

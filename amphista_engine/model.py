@@ -70,7 +70,7 @@ def causal_mask(T: int, device) -> torch.Tensor:
 # bits hold (64): causal attention over cache slots [0, T), where those tokens' own K/V were just written.
 CAUSAL_PREFILL = "causal-prefill"
 CAUSAL_PREFILL_FROM = 65
-GEMMA_PREFILL_CHUNK = 1024      # tokens per forward of a Gemma 3 prompt when the cache reaches past the window
+GEMMA_PREFILL_CHUNK = 1024      # tokens per forward of a prompt when the cache reaches past a sliding window
 
 
 def prefill_mask_args(spec: AttentionSpec, dtype):
@@ -123,10 +123,11 @@ def causal_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: in
 
 @dataclass
 class WindowMask:
-    """The mask argument of a Gemma 3 sliding layer in a forward whose keys reach past its window: bias [B, T, kv_len]
+    """The mask argument of a sliding layer in a forward whose keys reach past its window: bias [B, T, kv_len]
     (0 / -inf in the queries' dtype; [B, T, T] without a cache) that lets new token i see only the keys of positions
     > pos_i - window among what spec lets it see. Built once per forward, shared by the sliding layers, which then
-    take SDPA (the reference path): the kernels' tree attention and the C++ layer stack know no window."""
+    take SDPA (the reference path): the kernels' tree attention knows no window (the C++ layer stack windows its
+    own, csrc/cpu/tree_attention.h)."""
     bias: torch.Tensor
 
 
@@ -341,7 +342,7 @@ class Attention(nn.Module):
             self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps, math.sqrt(cfg.head_dim / qpas))
             self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.norm_eps)
         self.use_rope = layer_idx not in cfg.nope_layers       # SmolLM3's NoPE layers attend without it
-        self.sliding = layer_idx in cfg.sliding_layers          # Gemma 3's local layers
+        self.sliding = layer_idx in cfg.sliding_layers          # attends over the last cfg.sliding_window positions
 
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
@@ -356,7 +357,7 @@ class Attention(nn.Module):
             qkv = self.norm_qk(qkv)
         if not self.use_rope:
             rope = no_rotation(rope)
-        if cache is not None and isinstance(mask, WindowMask):          # a Gemma 3 sliding layer past its window
+        if cache is not None and isinstance(mask, WindowMask):          # a sliding layer past its window
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             kv = mask.bias.shape[-1]
             kc, vc = cache.k[self.layer_idx, :B, :, :kv], cache.v[self.layer_idx, :B, :, :kv]
@@ -651,7 +652,7 @@ class Transformer(nn.Module):
                                                                self):
             return cpu_ops.STACK_ROWS
         if self.config.real_window is not None and cache.max_seq_len > self.config.real_window:
-            # Gemma 3 past its window: a long prompt in chunks, so each sliding layer's dense window mask is
+            # A cache past a sliding window: a long prompt in chunks, so each sliding layer's dense window mask is
             # [B, chunk, kv_len] rather than [B, T, T] (a 32k prompt's fp32 mask alone would be 4 GiB)
             return max(GEMMA_PREFILL_CHUNK, CAUSAL_PREFILL_FROM)
         return None
@@ -720,7 +721,8 @@ class Transformer(nn.Module):
             if self.config.gemma:
                 return self._gemma_forward(tokens, positions, cache, spec, mask, return_hidden, logits_at, ordered)
             return self._layers_and_head(self.tok_embeddings(tokens), self.rope[positions], cache, spec, mask,
-                                         return_hidden, logits_at, fuse=not invariant)
+                                         return_hidden, logits_at, fuse=not invariant, positions=positions,
+                                         ordered=ordered)
 
     def _gemma_forward(self, tokens, positions, cache, spec, mask, return_hidden: bool, logits_at, ordered: bool):
         """Gemma 3: embeddings times sqrt(dim) (the normalizer rounded to the model's dtype, as transformers), the
@@ -729,7 +731,6 @@ class Transformer(nn.Module):
         table and, once a forward's keys reach past the window, their own mask (WindowMask, or on the CPU's ordered
         decode steps a windowed cpu_exact layout)."""
         cfg = self.config
-        B, T = tokens.shape
         x = self.tok_embeddings(tokens)
         x = x * torch.tensor(math.sqrt(cfg.dim), dtype=x.dtype, device=x.device)
         rope = self.rope[positions]
@@ -744,21 +745,7 @@ class Transformer(nn.Module):
                 hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
                 logits = self.logits(hl)
                 return (logits, h) if return_hidden else logits
-        W = cfg.real_window
-        local_mask = mask
-        if W is not None:
-            # kv_len (or T) <= W: no key can be W positions behind a query, the window changes nothing
-            past = (T if cache is None else spec.kv_len) > W
-            if ordered and cache is not None and not past and isinstance(mask, cpu_exact.OrderedLayout):
-                local_mask = mask                   # the full layers' layout: within the window, the same one
-            elif ordered and cache is not None:
-                # The CPU's exact decode steps: the sliding layers always sum in position order through
-                # cpu_exact's layout (windowed when it matters), also where the cpu backend orders the full layers'
-                # keys itself, so that a token's bits are the same in a plain step and in a tree step
-                local_mask = cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len,
-                                              cache.k.dtype, cfg.n_heads // cfg.n_kv_heads, window=W if past else None)
-            elif past:
-                local_mask = window_mask(spec, positions, W, T, x.dtype, cache is not None)
+        local_mask = self._sliding_mask(mask, cache, spec, positions, x.dtype, ordered)
         for layer in self.layers:
             sliding = layer.attention.sliding
             x = layer.forward_gemma(x, local if sliding else rope, cache, spec, local_mask if sliding else mask)
@@ -767,24 +754,58 @@ class Transformer(nn.Module):
         logits = self.logits(hl)
         return (logits, h) if return_hidden else logits
 
-    def _layers_and_head(self, x, rope, cache, spec, mask, return_hidden: bool, logits_at, fuse: bool):
-        # A 4-bit model on the cpu backend: the whole layer stack in one C++ call (csrc/cpu/decoder.h)
+    def _sliding_mask(self, mask, cache, spec, positions, dtype, ordered: bool):
+        """The sliding layers' mask argument in this forward (the other layers take `mask`): once its keys reach past
+        the window a WindowMask (the reference SDPA path), or on the CPU's ordered decode steps a windowed cpu_exact
+        layout; `mask` where no layer slides or no key can be a window behind a query."""
+        W = self.config.real_window
+        if W is None:
+            return mask
+        T = positions.shape[-1]
+        # kv_len (or T) <= W: no key can be W positions behind a query, the window changes nothing
+        past = (T if cache is None else spec.kv_len) > W
+        if ordered and cache is not None and (cache.max_seq_len <= W or (
+                not past and isinstance(mask, cpu_exact.OrderedLayout))):
+            # no step over this cache reaches past the window (plain and tree steps alike take the full layers'
+            # path), or the full layers' layout, which within the window is the same one
+            return mask
+        if ordered and cache is not None:
+            # The CPU's exact decode steps: the sliding layers always sum in position order through cpu_exact's
+            # layout (windowed when it matters), also where the cpu backend orders the full layers' keys itself, so
+            # that a token's bits are the same in a plain step and in a tree step (whose kv_len may be past W where
+            # the plain step's is not)
+            cfg = self.config
+            return cpu_exact.layout(spec.prefix_len, spec.new_mask, spec.kv_len, cache.max_seq_len, cache.k.dtype,
+                                    cfg.n_heads // cfg.n_kv_heads, window=W if past else None)
+        if past:
+            return window_mask(spec, positions, W, T, dtype, cache is not None)
+        return mask
+
+    def _layers_and_head(self, x, rope, cache, spec, mask, return_hidden: bool, logits_at, fuse: bool,
+                         positions=None, ordered: bool = False):
+        # A 4-bit model on the cpu backend: the whole layer stack in one C++ call (csrc/cpu/decoder.h; a sliding
+        # layer's window in its tree attention)
         native = (cpu_ops.decoder_layers(self.layers, self.norm, self.config, x, rope, cache.k, cache.v,
                                          spec.prefix_len, mask[0], self)
                   if cache is not None and isinstance(mask, tuple) and mask[1] is None else NotImplemented)
+        # Mistral, Mixtral and Phi-3 slide every layer; Qwen2/Qwen3, SmolLM3 some (config.sliding_layers)
+        local = mask if native is not NotImplemented or positions is None else self._sliding_mask(
+            mask, cache, spec, positions, x.dtype, ordered)
+        masks = [mask] * len(self.layers) if local is mask else [
+            local if layer.attention.sliding else mask for layer in self.layers]
         if native is not NotImplemented:
             h = native[1]
         elif fuse and self.fuses_layers(x):
-            for layer in self.layers:
-                x = layer.forward_fused(x, rope, cache, spec, mask)
+            for layer, m in zip(self.layers, masks):
+                x = layer.forward_fused(x, rope, cache, spec, m)
             xl = x if logits_at is None else torch.gather(x, 1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
             logits = ops.fused_linear(xl, self.output.weight, self.norm.weight, self.norm.eps)
             return (logits, self.norm(x)) if return_hidden else logits
         else:
             h = self.layers[0].attention_norm(x)
             next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
-            for layer, next_norm in zip(self.layers, next_norms):
-                x, h = layer(x, rope, cache, spec, mask, h, next_norm)
+            for layer, next_norm, m in zip(self.layers, next_norms, masks):
+                x, h = layer(x, rope, cache, spec, m, h, next_norm)
         hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         logits = self.output(hl)
         return (logits, h) if return_hidden else logits

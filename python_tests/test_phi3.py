@@ -77,15 +77,16 @@ def test_old_su_configs_and_a_sliding_window(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     m = load_model(d, max_seq_len=48).model
     assert m.config.rope_scaling["rope_type"] == "longrope" and m.config.sliding_window == 48
-    with pytest.raises(Exception, match="sliding window"):
-        Engine.from_pretrained(str(d), device="cpu", max_seq_len=128)
-    # without a max_seq_len, the window caps the default (Phi-3-mini-4k's 2047 against the default 2048 was refused)
+    assert m.config.sliding_layers == (0, 1)
+    # the window is implemented (python_tests/test_sliding_window_families_qa.py): a cache past it loads, and the
+    # default is not capped at it (it was: Phi-3-mini-4k's 2047)
+    assert Engine.from_pretrained(str(d), device="cpu", max_seq_len=128).max_seq_len == 128
     eng = Engine.from_pretrained(str(d), device="cpu")
-    assert eng.max_seq_len == 48
+    assert eng.max_seq_len == 2048
     assert eng.generate("The quick brown fox", chat=False, max_new_tokens=5).finish_reason in ("length", "eos")
 
 
-def test_cli_takes_the_window_as_its_default_cache(tmp_path, capsys):
+def test_cli_runs_a_windowed_model_with_its_default_cache(tmp_path, capsys):
     from amphista_engine.cli import main
     d = write_phi3(tmp_path / "w", sliding_window=96)
     rc = main(["generate", "The quick brown fox", "--no-chat", "--model", str(d), "--device", "cpu",
@@ -160,10 +161,8 @@ def test_phi3_gguf_matches_transformers(tmp_path):
         rs, original=64, attn_factor=math.sqrt(1 + math.log(8) / math.log(64))))
     for ids, max_len in ((IDS[:50], 64), (IDS[:130], 256)):      # the short factors, then the long ones
         assert rel_err(ours_logits(f, ids, max_len), hf_logits(d, ids)) < 1e-5
-    # Q4_0 layers through the engine (quant auto: the 4-bit CPU path), a sliding window capping the cache
+    # Q4_0 layers through the engine (quant auto: the 4-bit CPU path), a sliding window shorter than the cache
     q = write_phi3_gguf(write_phi3(tmp_path / "plain"), tmp_path / "q4.gguf", qtype="Q4_0", window=96)
-    eng = Engine.from_pretrained(str(q), device="cpu", max_seq_len=96)
-    assert eng.quant == "q4" and eng.config.sliding_window == 96
+    eng = Engine.from_pretrained(str(q), device="cpu", max_seq_len=128)
+    assert eng.quant == "q4" and eng.config.real_window == 96 and eng.config.sliding_layers == (0, 1)
     assert eng.generate("The quick brown fox", chat=False, max_new_tokens=6).finish_reason in ("length", "eos")
-    with pytest.raises(Exception, match="sliding window"):
-        Engine.from_pretrained(str(q), device="cpu", max_seq_len=128)

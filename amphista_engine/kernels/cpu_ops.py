@@ -408,9 +408,10 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
     Transformer.forward runs them) over x [B, T, d], in one call of csrc/cpu/decoder.h, in place: returns (x, h)
     with h = final_norm(x) (final_norm None: h is not wanted). k, v: these layers' cache buffers [L, B_max, H_kv,
     S, D]; bits: ancestor-or-self bits [B or 1, T] long (ops.tree_mask_args), T <= 64; owner: where the weights'
-    address table is cached (the model). Gemma 3: rope_local, its sliding layers' RoPE rows (the window and the
-    post-norms come from cfg and the layers). For 4-bit layers (cpu_quant with this extension) under the cpu backend;
-    NotImplemented otherwise (the caller runs its layer loop)."""
+    address table is cached (the model). The sliding layers' window comes from cfg (real_window) and the layers;
+    Gemma 3: rope_local, its sliding layers' RoPE rows (its post-norms come from cfg and the layers). For 4-bit
+    layers (cpu_quant with this extension) under the cpu backend; NotImplemented otherwise (the caller runs its
+    layer loop)."""
     from . import backend
     ext, code = load_extension(), _CODES.get(x.dtype)
     if ext is None or code is None or x.dim() != 3 or x.device.type != "cpu" or not x.is_contiguous():
@@ -461,5 +462,5 @@ def decoder_layers(layers, final_norm, cfg, x, rope_rows, k, v, prefix_len, bits
                        prefix_len.data_ptr(), bits.data_ptr(), T if bits.shape[0] > 1 else 0, L, B, T, d, cfg.n_heads,
                        H_kv, D, cfg.intermediate_size, B_max, S, norm.eps, code, kernel_threads(),
                        rope_local.data_ptr() if gemma and rope_local is not None else 0,
-                       (cfg.real_window or 0) if gemma else 0, gemma)
+                       getattr(cfg, "real_window", None) or 0, gemma)
     return x, h

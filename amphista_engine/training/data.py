@@ -300,17 +300,6 @@ class ShardData:
         return sum(len(s.ids) for s in self.sequences)
 
 
-def check_window(cfg, max_seq_len: int) -> None:
-    """`train` and `tree-search` run the target over whole sequences of up to --max-seq-len tokens: past a sliding
-    window (Mistral v0.1, Qwen2 with use_sliding_window) they attended over every position, which the model never
-    does, and learned from those hidden states without a word. Refused as the engine refuses such a cache."""
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and max_seq_len > window and not getattr(cfg, "real_window", None):    # Gemma 3's is real
-        raise InputError(f"--max-seq-len {max_seq_len}, but {cfg.name} attends over a sliding window of {window} "
-                         f"positions, which this engine does not implement (it attends over all of them: the same "
-                         f"model up to {window}); use --max-seq-len <= {window}")
-
-
 def load_shard(paths, vocab_size: int, max_len: int, min_answer: int = 2, fingerprint: str | None = None,
                prompt_text=None) -> ShardData:
     """Reads one or more shards for training. Bad records are skipped and counted by reason (never a crash

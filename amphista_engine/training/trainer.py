@@ -36,7 +36,7 @@ import torch
 from ..errors import ConfigError, InputError
 from ..text_files import user_path
 from ..values import is_real
-from .data import check_window, load_shard, prompt_text_decoder
+from .data import load_shard, prompt_text_decoder
 from .hidden_cache import HiddenSource, fill_hidden_cache, pad_batch
 from .plan import (BatchPlan, check_source_weights, epoch_batches, no_heldout_reason, parse_source_weights,
                    planned_sequences, source_mix, split_heldout)
@@ -514,7 +514,6 @@ def train_heads(cfg: TrainConfig, target=None, tokenizer=None) -> dict:
         if Path(loaded_as).expanduser().exists():    # a path as typed means nothing from another folder: absolute
             loaded_as = str(Path(loaded_as).expanduser().resolve())
     target.eval().requires_grad_(False)
-    check_window(target.config, cfg.max_seq_len)
     dev = target.tok_embeddings.weight.device
     V = target.config.vocab_size
     max_len = min(cfg.max_seq_len, target.rope_len)

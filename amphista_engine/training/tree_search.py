@@ -280,7 +280,7 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
     tokenizer: the target's (loaded with `model`; with a `target` given, optional): records without prompt text are
     decoded and checked against the evaluation questions, as `train` checks them."""
     from ..heads import lm_head_fingerprint, load_heads
-    from .data import check_window, load_shard, prompt_text_decoder
+    from .data import load_shard, prompt_text_decoder
     out, cache_hidden = user_path(out), user_path(cache_hidden)      # from Python, as a shell would expand them
     from .plan import check_source_weights, no_heldout_reason, parse_source_weights, split_heldout
     bad = [n for n in dynamic if not 2 <= n <= 64]
@@ -317,7 +317,6 @@ def tree_search(data, heads_dir, model: str = "smollm2-135m", nodes=(16, 32, 63)
         loaded = load_model(model, dtype=dt, device=dev, max_seq_len=max_seq_len)
         target, tokenizer, loaded_as = loaded.model, loaded.tokenizer, str(model)
     target.eval().requires_grad_(False)
-    check_window(target.config, max_seq_len)
     if heads is None:
         heads = load_heads(folder, target, dtype=torch.float32, target_name=loaded_as)
     # before the held-out pass: a size the heads cannot fill would otherwise be fitted (or replayed) smaller
