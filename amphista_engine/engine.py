@@ -624,14 +624,16 @@ class Engine:
 
     @one_thread_if_forked
     @_on_backend
-    def prompt_logprobs(self, ids, top_logprobs: int = 0):
+    def prompt_logprobs(self, ids, top_logprobs: int = 0, ranks: bool = False):
         """The target's log-probability of each token of a prompt given the tokens before it (what OpenAI's
         completions return with echo=True): one forward pass over the prompt, the logits at position i - 1 scoring
         token i (generation.sequence_scores, which `amphista perplexity` runs on each of its chunks too). ids: a
         prompt (a string, taken without the chat template, or token ids as given; encode_prompt(..., chat=False)).
         Returns (logprobs, top): logprobs has one float per token, None for the first (nothing comes before it);
         top (top_logprobs=N > 0) one list per token of N (token_id, logprob) pairs, best first (None for the first),
-        else None. A prompt longer than max_seq_len is refused as generation refuses it (CacheFullError)."""
+        else None. A prompt longer than max_seq_len is refused as generation refuses it (CacheFullError). ranks:
+        a third item, each token's rank in the vocabulary from the same forward (1 the likeliest, ties counted as
+        vLLM's prompt_logprobs counts them; None for the first)."""
         from .generation import sequence_scores
         refuse_huge_ints({"top_logprobs": top_logprobs})
         top_logprobs = check_top_logprobs(top_logprobs)
@@ -640,9 +642,9 @@ class Engine:
             raise CacheFullError(f"prompt is {len(ids)} tokens, longer than the cache (max_seq_len="
                                  f"{self.max_seq_len}): shorten it or raise max_seq_len")
         if len(ids) == 1:
-            return [None], ([None] if top_logprobs else None)
+            return ([None], [None] if top_logprobs else None) + (([None],) if ranks else ())
         with self._one_run(overtakes=False):    # no KV cache used, but no overlap with another thread's run
-            lp, values, tops = sequence_scores(self.model, ids, 1, top_logprobs)
+            lp, values, tops, *rank = sequence_scores(self.model, ids, 1, top_logprobs, ranks=ranks)
         # NaN only: a -inf logprob is a token the model rules out (a -inf logit, as flag_non_finite allows), not an
         # overflow (NaN or +inf logits make every logprob of their row NaN); the server writes it as -9999
         if torch.isnan(lp).any():
@@ -650,9 +652,8 @@ class Engine:
             raise NonFiniteError("the model's logits are not finite (NaN or inf) on this prompt: its activations "
                                  "overflowed (fp16 overflows where bf16 and fp32 do not)")
         logprobs = [None] + lp.tolist()
-        if not top_logprobs:
-            return logprobs, None
-        return logprobs, [None] + [list(zip(i, v)) for i, v in zip(tops.tolist(), values.tolist())]
+        top = None if not top_logprobs else [None] + [list(zip(i, v)) for i, v in zip(tops.tolist(), values.tolist())]
+        return (logprobs, top) + (([None] + rank[0].tolist(),) if ranks else ())
 
     @one_thread_if_forked
     def reserve_batch(self, rows: int) -> None:

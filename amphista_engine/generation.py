@@ -114,24 +114,27 @@ MAX_TOP_LOGPROBS = 20     # OpenAI's limit for top_logprobs
 LOGPROB_FLOOR = -9999.0   # vLLM's: a logprob of -inf (a token the model rules out) as a number JSON can carry
 
 
-def token_scores(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+def token_scores(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0, ranks: bool = False):
     """(token_logprobs(logits, tokens), top values [B, N, top], top ids [B, N, top]) from one log_softmax, so a
     greedy token's logprob is bit-equal to the first of its top list; the last two None where top is 0. The top
-    entries are sorted by log-probability, descending (the same distribution: before temperature and the rest)."""
+    entries are sorted by log-probability, descending (the same distribution: before temperature and the rest).
+    ranks: a fourth item, each token's rank in the vocabulary (vLLM's prompt_logprobs rank: the tokens at least as
+    likely as it, itself included, so 1 is the likeliest)."""
     lsm = torch.log_softmax(logits.float(), dim=-1)
     lp = lsm.gather(-1, tokens[..., None].clamp(min=0))[..., 0]
-    if not top:
-        return lp, None, None
-    values, ids = lsm.topk(min(top, lsm.shape[-1]), dim=-1)
+    values, ids = lsm.topk(min(top, lsm.shape[-1]), dim=-1) if top else (None, None)
+    if ranks:
+        return lp, values, ids, (lsm >= lp[..., None]).sum(-1)
     return lp, values, ids
 
 
-def sequence_scores(model, ids: list[int], start: int = 1, top: int = 0, block: int = 512):
+def sequence_scores(model, ids: list[int], start: int = 1, top: int = 0, block: int = 512, ranks: bool = False):
     """The log-probability of each token ids[start:] given the tokens before it, from one forward pass of `model`
     over ids (no KV cache: it attends causally within them), the logits at position i - 1 scoring token i. Returns
     (logprobs [n - start] fp64 on the CPU, top values [n - start, top] fp32 or None, top ids or None). The LM head
     runs on the scored positions only; their log_softmax is taken `block` rows at a time, so a long prompt holds one
-    block's fp32 copy of the logits at once. Shared by Engine.prompt_logprobs and evaluation.perplexity."""
+    block's fp32 copy of the logits at once. Shared by Engine.prompt_logprobs and evaluation.perplexity. ranks: a
+    fourth item, each token's rank in the vocabulary (token_scores; [n - start] int64 on the CPU)."""
     n = len(ids)
     if not 1 <= start < n:
         raise ValueError(f"start must be in [1, {n}), got {start}")
@@ -152,17 +155,17 @@ def sequence_scores(model, ids: list[int], start: int = 1, top: int = 0, block: 
         cache = _score_cache(model, n)
         if cache is not None:
             hidden = _chunked_hidden(model, tokens[:, :n], cache)[0, start - 1:n - 1]
-            parts = [token_scores(model.logits(hidden[s:s + block]), targets[s:s + block], top)
+            parts = [token_scores(model.logits(hidden[s:s + block]), targets[s:s + block], top, ranks)
                      for s in range(0, n - start, block)]
         else:
             logits = model(tokens, torch.arange(padded, device=device)[None],
                            logits_at=torch.arange(start - 1, n - 1, device=device)[None])[0]
-            parts = [token_scores(logits[s:s + block], targets[s:s + block], top)
+            parts = [token_scores(logits[s:s + block], targets[s:s + block], top, ranks)
                      for s in range(0, n - start, block)]
     lp = torch.cat([p[0] for p in parts]).double().cpu()
-    if not top:
-        return lp, None, None
-    return lp, torch.cat([p[1] for p in parts]).cpu(), torch.cat([p[2] for p in parts]).cpu()
+    out = (lp, None, None) if not top else (lp, torch.cat([p[1] for p in parts]).cpu(),
+                                            torch.cat([p[2] for p in parts]).cpu())
+    return out + (torch.cat([p[3] for p in parts]).cpu(),) if ranks else out
 
 
 def _score_cache(model, n: int) -> KVCache | None:

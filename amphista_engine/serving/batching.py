@@ -54,6 +54,8 @@ class Job:
         self.rows = 0                   # the rows of the run that decoded it (the log line names a batch)
         # echo with logprobs: Engine.prompt_logprobs of its prompt, set by the run that decodes it (the server's start)
         self.prompt_scores = None
+        # prompt_logprobs (vLLM's): its prompt's scores with their ranks, set alike (the server's ranked_prompt_scores)
+        self.prompt_ranked = None
         # the request's "cache_prompt" (None: the server's --cache-prompt), honoured where it runs alone
         self.cache_prompt = None
         # its prompt's leading tokens a reuse_prefix run took from the cache: set before its "start" (the server's

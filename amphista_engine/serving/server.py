@@ -466,6 +466,27 @@ def _logprob_options(body, chat: bool) -> dict:
     return {"logprobs": True, **({"top_logprobs": top} if top else {})}
 
 
+def _prompt_logprobs(body) -> int | None:
+    """vLLM's prompt_logprobs: N (0 to MAX_TOP_LOGPROBS), the most likely tokens listed beside each prompt token's
+    own logprob and rank; None: not asked for. As vLLM, N > 0 is refused with stream (its chunks have no place for
+    them) and 0 there asks for nothing."""
+    value = body.get("prompt_logprobs")
+    if value is None:
+        return None
+    if value == -1 and type(value) is int:
+        # vLLM's -1 is the whole vocabulary (there too only where its max_logprobs allows it): a list per token
+        raise ApiError(400, f"prompt_logprobs=-1 (every token of the vocabulary at each position) is not served: "
+                       f"send an integer from 0 to {MAX_TOP_LOGPROBS}", "prompt_logprobs")
+    _top_count(value, "prompt_logprobs", "the most likely tokens listed at each prompt position, beside the prompt "
+               "token's own")
+    if body.get("stream") is True:
+        if value:
+            raise ApiError(400, f"prompt_logprobs={value} is not available with \"stream\": true (as vLLM): send the "
+                           f"request without stream", "prompt_logprobs")
+        return None
+    return value
+
+
 def _openai_logit_options(body: dict) -> dict:
     """presence_penalty, frequency_penalty, logit_bias, and vLLM's ignore_eos, min_tokens and stop_token_ids as engine
     options (only those the request sets to something: the rest keep the engine's off), in OpenAI's ranges; the
@@ -546,7 +567,7 @@ SHARED_FIELDS = frozenset((
     "model", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "repetition_penalty", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
     "top_logprobs", "echo", "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
-    "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "response_format", *GUIDED,
+    "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "response_format", *GUIDED, "prompt_logprobs",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "speculative", "tree",
     "cache_prompt", "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
     *HINT_TEXTS, *HINT_VALUES, "store", "metadata", "prompt_cache_options", "prediction"))
@@ -1189,6 +1210,9 @@ class OpenAIApp:
             raise ApiError(400, f"echo must be true or false, got {_json_type(echo)}", "echo")
         if echo:
             kwargs["echo"] = True       # the server's own option (_start_run): part of the batch key
+        plp = _prompt_logprobs(body)
+        if plp is not None:
+            kwargs["prompt_logprobs"] = plp     # the server's own option too (_start_run), as echo
         for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop"):
             value = body.get(key)
             if key != "stop" and isinstance(value, (list, dict)):
@@ -1276,6 +1300,7 @@ class OpenAIApp:
         cut = [job.options.get("cut_to_room", False) for job in jobs]
         max_new = limits[0] if len(jobs) == 1 else limits       # one request: one limit for its rows
         echo = kwargs.pop("echo", False)
+        plp = kwargs.pop("prompt_logprobs", None)
         template = kwargs.get("chat_template")
         if template is not None or jobs[0].variables:
             # the run's prompts (joiners' too) render with the request's template and variables, passed, never set
@@ -1284,8 +1309,9 @@ class OpenAIApp:
         # reuse_prefix holds one prompt's K/V: a run of one row only (a batched run leaves nothing to reuse)
         if len(prompts) == 1 and (self.cache_prompt if jobs[0].cache_prompt is None else jobs[0].cache_prompt):
             kwargs["reuse_prefix"] = True
-        elif admit is not None and not echo and limits[0] != 0:
-            kwargs["admit"] = admit     # requests arriving mid-run join it (echo's prompt logprobs are taken at start)
+        elif admit is not None and not echo and plp is None and limits[0] != 0:
+            # requests arriving mid-run join it (echo's and prompt_logprobs' scores are taken at start)
+            kwargs["admit"] = admit
         try:
             steps = (self._prompts_only(prompts, kwargs) if limits[0] == 0 else
                      self._decode(prompts, max_new, cut[0], kwargs))
@@ -1303,14 +1329,47 @@ class OpenAIApp:
             # engine's, without "prompt 0: "), from the same checks on one row; they refuse it again
             self._decode(prompts[:1], max_new, cut[0], kwargs).close()
             raise
-        if echo and kwargs.get("logprobs"):
-            try:
-                for job in jobs:
+        try:
+            for job in jobs:
+                if echo and kwargs.get("logprobs"):
                     job.prompt_scores = self.engine.prompt_logprobs(job.prompt, kwargs.get("top_logprobs", 0))
-            except BaseException:
-                steps.close()
-                raise
+                if plp is not None:
+                    job.prompt_ranked = self.ranked_prompt_scores(job, plp)
+        except BaseException:
+            steps.close()
+            raise
         return steps
+
+    def ranked_prompt_scores(self, job: Job, top: int) -> tuple:
+        """vLLM's prompt_logprobs of a job's prompt as its run prefills it (a chat's rendered template, a
+        truncate_prompt_tokens request's last tokens): (ids, logprobs, top, ranks), Engine.prompt_logprobs' with
+        ranks (vLLM lists each token's rank in the vocabulary, which a top list cannot tell for a token outside it).
+        Run in the thread that owns the engine, after the run's checks."""
+        ids = list(self._encode(job))
+        cut = job.options.get("truncate_prompt_tokens")
+        if isinstance(cut, int) and not isinstance(cut, bool) and cut >= 1:
+            ids = ids[-cut:]                    # as the run keeps them (engine.check_truncate_prompt_tokens)
+        return (ids, *self.engine.prompt_logprobs(ids, top, ranks=True))
+
+    def prompt_logprobs(self, job: Job) -> list | None:
+        """vLLM's prompt_logprobs for a reply (a completion's choices, a chat completion's top level): one entry per
+        prompt token, null for the first, else {token id: {"logprob", "rank", "decoded_token"}} of the prompt's
+        token (first; its rank among the whole vocabulary, 1 the likeliest) and the request's N most likely there
+        (ranks 1 to N; the prompt's token among them keeps its place first). None where not asked for."""
+        ranked = getattr(job, "prompt_ranked", None)
+        if ranked is None:
+            return None
+        ids, lps, tops, ranks = ranked
+        tok = self.engine.tokenizer
+        out: list = [None]
+        for i in range(1, len(ids)):
+            entry = {str(ids[i]): {"logprob": _finite(lps[i]), "rank": ranks[i],
+                                   "decoded_token": _token_text(tok, ids, i)[0]}}
+            for rank, (alt, alt_lp) in enumerate(tops[i] if tops is not None else (), 1):
+                entry[str(alt)] = {"logprob": _finite(alt_lp), "rank": rank,
+                                   "decoded_token": _alt_text(tok, ids, i, alt)[0]}
+            out.append(entry)
+        return out
 
     def _telling_reuse(self, steps, job: Job):
         """A reuse_prefix run's steps, its job given the prompt tokens the cache held (job.prompt_tokens_reused)
@@ -2061,6 +2120,7 @@ class _Handler(BaseHTTPRequestHandler):
         note = note_of(results)
         choices, reasons = [], []
         for i, (one, rs) in enumerate(zip(jobs, results)):
+            plp = None if chat else app.prompt_logprobs(one)    # each prompt's own, alike for its n choices
             for c, r in enumerate(rs):      # OpenAI's order: prompt-major, index = prompt * n + choice
                 finish = FINISH.get(r.finish_reason, r.finish_reason)
                 if chat:
@@ -2096,10 +2156,14 @@ class _Handler(BaseHTTPRequestHandler):
                                     "text": (app.prompt_text(one) if one.options.get("echo") else "") + r.text,
                                     "logprobs": app.completion_logprobs(one, r), "finish_reason": finish,
                                     "stop_reason": r.stop_reason})
+                    if plp is not None:         # vLLM's, on each choice of a completion
+                        choices[-1]["prompt_logprobs"] = plp
         extra = app.extra(result)
         if len(everyone) > 1:               # each choice's own stats too, in the choices' order (the last's above)
             extra["choices"] = [app.extra(r) for r in everyone]
         reply = {**head, "choices": choices, "usage": app.usage_of(results), "amphista": extra}
+        if chat and (plp := app.prompt_logprobs(job)) is not None:
+            reply["prompt_logprobs"] = plp      # vLLM's, on a chat completion's top level (its one prompt)
         # before the reply goes out (a client that scrapes once it has its answer sees it); tool calls as
         # "tool_calls"; its e2e latency ends with its reply built
         app.metrics.answered(everyone, reasons, request_latency(jobs, results, time.perf_counter()))
