@@ -126,8 +126,8 @@ class WindowMask:
     """The mask argument of a sliding layer in a forward whose keys reach past its window: bias [B, T, kv_len]
     (0 / -inf in the queries' dtype; [B, T, T] without a cache) that lets new token i see only the keys of positions
     > pos_i - window among what spec lets it see. Built once per forward, shared by the sliding layers, which then
-    take SDPA (the reference path): the kernels' tree attention knows no window (the C++ layer stack windows its
-    own, csrc/cpu/tree_attention.h)."""
+    take SDPA (the reference path), where the kernels do not take the window (KernelWindow: the triton and cuda
+    backends' decode and tree steps; the C++ layer stack windows its own, csrc/cpu/tree_attention.h)."""
     bias: torch.Tensor
 
 
@@ -148,6 +148,36 @@ def window_mask(spec: AttentionSpec | None, positions: torch.Tensor, window: int
         key_pos = positions.expand(B, T)
     seen = seen & (key_pos[:, None, :] > positions.expand(B, T)[:, :, None] - window)
     return WindowMask(torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill_(~seen, float("-inf")))
+
+
+@dataclass
+class KernelWindow:
+    """The mask argument of a sliding layer past its window where the triton / cuda backend runs tree attention:
+    the forward's ancestor bits plus the window and the new tokens' positions, which the kernels apply themselves
+    (ops.tree_attention's `window`), so no dense WindowMask is built and no layer falls back to SDPA."""
+    bits: torch.Tensor          # [B or 1, N] int64 ancestor bits (ops.tree_mask_args, or the OrderedTree's)
+    window: int
+    positions: torch.Tensor     # [B or 1, N] int64
+    order: gpu_exact.OrderedTree | None = None     # the row-invariant decode steps' layout, windowed alike
+
+
+def kernel_window(mask, cache: KVCache | None, spec: AttentionSpec | None, positions, window: int | None,
+                  ordered: bool) -> KernelWindow | None:
+    """A KernelWindow for this forward's sliding layers where the kernels can take the window: a cached step past
+    it whose mask is the kernels' ancestor bits (ops.tree_mask_args gave no dense mask) or the GPU's row-invariant
+    layout (gpu_exact.OrderedTree), on the triton or cuda backend. None elsewhere: the CPU's ordered steps window
+    their own layout, the torch backend's dense mask and the cpu backend (whose kernel has no window) keep the
+    WindowMask built once per forward, and prefill chunks (CAUSAL_*) and uncached forwards keep it too."""
+    order = mask if isinstance(mask, gpu_exact.OrderedTree) else None
+    if (window is None or cache is None or ordered or positions is None or spec.kv_len <= window
+            or not (order is not None or isinstance(mask, tuple) and mask[1] is None
+                    and mask[0].dtype == torch.long)):
+        return None
+    from .kernels import backend
+    if backend.resolve("tree_attention", cache.k.device) not in ("triton", "cuda"):
+        return None
+    bits = order.bits if order is not None else mask[0]
+    return KernelWindow(bits, window, positions.reshape(-1, positions.shape[-1]), order)
 
 
 class RMSNorm(nn.Module):
@@ -347,7 +377,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
         """mask: [B, T, T] bool without a cache (None: causal, which lets SDPA skip the masked half); with a
         cache, ops.tree_mask_args(...), CAUSAL_PREFILL or CAUSAL_AFTER_PREFIX (prefill_mask_args), or the exact paths'
-        cpu_exact.OrderedLayout / gpu_exact.OrderedTree (each built once per forward)."""
+        cpu_exact.OrderedLayout / gpu_exact.OrderedTree; a sliding layer past its window a WindowMask or, on the
+        kernel backends, a KernelWindow (each built once per forward)."""
         return self.wo(self.core(self.wqkv(x), rope, cache, spec, mask))
 
     def core(self, qkv, rope, cache: KVCache | None, spec: AttentionSpec | None, mask):
@@ -369,6 +400,11 @@ class Attention(nn.Module):
         elif cache is not None and isinstance(mask, str) and mask == CAUSAL_AFTER_PREFIX:
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             out = causal_after_prefix(q, cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B], spec.kept_prefix)
+        elif cache is not None and isinstance(mask, KernelWindow):          # the same, windowed in the kernel
+            q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
+            kc, vc = cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B]
+            out = ops.tree_attention(q, kc, vc, spec.prefix_len, mask.bits, spec.kv_len, window=mask.window,
+                                     positions=mask.positions, order=mask.order)
         elif cache is not None and isinstance(mask, gpu_exact.OrderedTree):
             q = cache.write_qkv(self.layer_idx, spec.prefix_len, qkv, rope, self.n_heads).transpose(1, 2)
             kc, vc = cache.k[self.layer_idx, :B], cache.v[self.layer_idx, :B]
@@ -745,7 +781,8 @@ class Transformer(nn.Module):
                 hl = h if logits_at is None else torch.gather(h, 1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
                 logits = self.logits(hl)
                 return (logits, h) if return_hidden else logits
-        local_mask = self._sliding_mask(mask, cache, spec, positions, x.dtype, ordered)
+        local_mask = kernel_window(mask, cache, spec, positions, cfg.real_window, ordered) or self._sliding_mask(
+            mask, cache, spec, positions, x.dtype, ordered)
         for layer in self.layers:
             sliding = layer.attention.sliding
             x = layer.forward_gemma(x, local if sliding else rope, cache, spec, local_mask if sliding else mask)
@@ -789,7 +826,8 @@ class Transformer(nn.Module):
                                          spec.prefix_len, mask[0], self)
                   if cache is not None and isinstance(mask, tuple) and mask[1] is None else NotImplemented)
         # Mistral, Mixtral and Phi-3 slide every layer; Qwen2/Qwen3, SmolLM3 some (config.sliding_layers)
-        local = mask if native is not NotImplemented or positions is None else self._sliding_mask(
+        local = mask if native is not NotImplemented or positions is None else kernel_window(
+            mask, cache, spec, positions, self.config.real_window, ordered) or self._sliding_mask(
             mask, cache, spec, positions, x.dtype, ordered)
         masks = [mask] * len(self.layers) if local is mask else [
             local if layer.attention.sliding else mask for layer in self.layers]

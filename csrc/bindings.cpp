@@ -161,7 +161,8 @@ void tree_attention(py::object q_ptr, py::object k_ptr, py::object v_ptr, py::ob
                     py::object B_o, py::object H_o, py::object H_kv_o, py::object N_o, py::object D_o,
                     py::object kv_len_o, py::object S_o, py::object q_strides_o, py::object k_strides_o,
                     py::object v_strides_o, py::object bits_sb_o, py::object num_splits_o, py::object scale_o,
-                    py::object dtype_o, py::object stream_o) {
+                    py::object dtype_o, py::object stream_o, py::object positions_ptr, py::object pos_sb_o,
+                    py::object window_o) {
   const DType dtype = as_half_dtype(dtype_o);
   amphista::TreeAttentionParams p{};
   p.B = as_size(B_o, "B");
@@ -202,6 +203,16 @@ void tree_attention(py::object q_ptr, py::object k_ptr, py::object v_ptr, py::ob
     p.work_ml = static_cast<float*>(as_opt_ptr(work_ml_ptr, "work_ml_ptr", 4));
   }
   p.counters = static_cast<int*>(as_opt_ptr(counters_ptr, "counters_ptr", 4));  // used by num_splits > 1 only
+  // 0: no sliding window; the bound keeps window + N + 64 (the kernel's key span) far from overflow
+  p.window = as_int_in(window_o, "window", 0, int64_t(1) << 40);
+  if (p.window > 0) {
+    p.positions = static_cast<const int64_t*>(as_ptr(positions_ptr, "positions_ptr", 8));
+    p.pos_sb = as_int(pos_sb_o, "pos_sb");
+    require(p.pos_sb == 0 || p.pos_sb >= p.N, "pos_sb", "must be 0 (one set of positions for every row) or >= N");
+  } else {
+    p.positions = static_cast<const int64_t*>(as_opt_ptr(positions_ptr, "positions_ptr", 8));
+    p.pos_sb = 0;
+  }
   const cudaStream_t stream = as_stream(stream_o);
   launch("tree_attention kernel launch", [&] { return amphista::tree_attention(p, dtype, stream); });
 }
@@ -317,11 +328,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("D"),
         py::arg("kv_len"), py::arg("S"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
         py::arg("bits_sb"), py::arg("num_splits"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("positions_ptr") = 0, py::arg("pos_sb") = 0, py::arg("window") = 0,
         "Tree attention (fp16/bf16, D 64 or 128, N <= 64): q [B, H, N, D] over cache slots [0, prefix_len[b]) "
-        "plus new slot j where bit j of bits[b][n] is set; out [B, N, H, D]. num_splits > 1 needs fp32 "
-        "workspaces work_o [num_splits, B*N*H, D] and work_ml [2, num_splits, B*N*H]; counters_ptr: 0 (a second "
-        "kernel merges the splits) or zeroed int32 counters [B*H_kv*ceil(N*H/H_kv/64)], one per row tile, that "
-        "the last split to finish uses to merge in the same launch and leaves zeroed.");
+        "plus new slot j where bit j of bits[b][n] is set; out [B, N, H, D]. window > 0: node n sees only key "
+        "positions > positions[b][n] - window (int64 [B or 1, N], row stride pos_sb; slot s < prefix_len[b] holds "
+        "position s, new slot prefix_len[b] + j positions[b][j]); window 0 ignores positions_ptr (may be 0). "
+        "num_splits > 1 needs fp32 workspaces work_o [num_splits, B*N*H, D] and work_ml [2, num_splits, B*N*H]; "
+        "counters_ptr: 0 (a second kernel merges the splits) or zeroed int32 counters "
+        "[B*H_kv*ceil(N*H/H_kv/64)], one per row tile, that the last split to finish uses to merge in the same "
+        "launch and leaves zeroed.");
 
   m.def("head_attention", &head_attention, py::arg("qkv_ptr"), py::arg("out_ptr"), py::arg("rows"),
         py::arg("slots"), py::arg("n_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"),

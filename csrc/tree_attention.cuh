@@ -5,6 +5,10 @@
 //          [prefix_len[b], prefix_len[b] + N), where node n sees new slot j iff bit j of bits[b][n] is set
 //          (ancestor-or-self bitmask, one uint64 per node). V slots past prefix + N are never read (K slots up
 //          to the host's window kv_len may be: their scores are masked out).
+// Window:  optional (window > 0, a sliding layer past its window): node n sees only keys of position
+//          > positions[b][n] - window, where prefix slot s holds position s and new slot prefix + j positions[b][j].
+//          The splits then share the keys from the chunk of the block's lowest window start (at most its tree
+//          slots), about window + N keys, instead of [0, kv_len).
 // Output:  [B, N, H, D] contiguous (ops returns its [B, H, N, D] transposed view).
 //
 // Layout of the work (FlashAttention-2 style, tensor cores through mma.sync m16n8k16, fp32 accumulate):
@@ -43,6 +47,9 @@ struct TreeAttentionParams {
   int64_t k_sb, k_sh, k_ss;
   int64_t v_sb, v_sh, v_ss;
   int64_t bits_sb;
+  const int64_t* positions;  // [B or 1, N] new tokens' positions (row stride pos_sb, 0 = shared); window > 0 only
+  int64_t pos_sb;
+  int64_t window;            // sliding window in positions; 0: none
   int64_t num_splits;
   float scale;               // softmax scale (natural-log domain)
 };
@@ -149,14 +156,33 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
   // K chunk is in flight before that length arrives (one round trip off every block's critical path). K is
   // copied up to kv_len: keys past the row's own end are masked out of the scores, whatever they hold. V
   // waits for the length: it is zero-filled past the end, so stale or NaN slots cannot leak into 0 * NaN.
-  const int64_t per_split = ceil_div(ceil_div(p.kv_len, kChunk), p.num_splits);
-  const int64_t c_begin = split * per_split;
-  if (c_begin * kChunk < p.kv_len) stage(k_s, kb, p.k_ss, c_begin, p.kv_len);
-
   // The keys this request has: the prefix and its N tree slots, never past the host's window.
-  const int64_t prefix = max(p.prefix_len[b], int64_t(0));
-  const int64_t end = min(prefix + p.N, p.kv_len);
-  const int64_t c_end = min(c_begin + per_split, ceil_div(max(end, int64_t(0)), kChunk));
+  const bool slide = p.window > 0;
+  int64_t c_begin, c_end, prefix, end;
+  if (!slide) {
+    const int64_t per_split = ceil_div(ceil_div(p.kv_len, kChunk), p.num_splits);
+    c_begin = split * per_split;
+    if (c_begin * kChunk < p.kv_len) stage(k_s, kb, p.k_ss, c_begin, p.kv_len);
+    prefix = max(p.prefix_len[b], int64_t(0));
+    end = min(prefix + p.N, p.kv_len);
+    c_end = min(c_begin + per_split, ceil_div(max(end, int64_t(0)), kChunk));
+  } else {
+    // A sliding window: no key below the lowest window start of this block's rows is visible, so the splits
+    // start at its chunk (never past the tree slots, whose positions are their own) and share about window + N
+    // keys, the host's span; the last split runs to the row's end whatever the positions.
+    prefix = max(p.prefix_len[b], int64_t(0));
+    end = min(prefix + p.N, p.kv_len);
+    const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+    const int64_t n_last = (min(tile0 + kRowsPerBlock, rows) - 1) / G;
+    int64_t lo_min = prefix;
+    for (int64_t n = tile0 / G; n <= n_last; ++n) lo_min = min(lo_min, p.positions[b * p.pos_sb + n] - p.window + 1);
+    const int64_t span = min(p.kv_len, p.window + p.N + kChunk);
+    const int64_t per_split = ceil_div(ceil_div(span, kChunk), p.num_splits);
+    c_begin = max(lo_min, int64_t(0)) / kChunk + split * per_split;
+    if (c_begin * kChunk < p.kv_len) stage(k_s, kb, p.k_ss, c_begin, p.kv_len);
+    const int64_t c_row_end = ceil_div(max(end, int64_t(0)), kChunk);
+    c_end = split == p.num_splits - 1 ? c_row_end : min(c_begin + per_split, c_row_end);
+  }
 
   // This thread's two query rows: r0 = warp row g, r1 = g + 8.
   const int64_t warp_row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * 16;
@@ -164,6 +190,7 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
   int64_t row[2], node[2], head[2];
   bool valid[2];
   uint64_t bits[2];
+  int64_t lo[2];       // the row's lowest visible key position (a sliding window), else 0
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     row[i] = warp_row0 + g + 8 * i;
@@ -171,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
     node[i] = valid[i] ? row[i] / G : 0;
     head[i] = hk * G + (valid[i] ? row[i] % G : 0);
     bits[i] = valid[i] ? static_cast<uint64_t>(p.bits[b * p.bits_sb + node[i]]) : 0ull;
+    lo[i] = slide && valid[i] ? p.positions[b * p.pos_sb + node[i]] - p.window + 1 : 0;
   }
 
   // Q as A fragments for all k-steps, straight from global memory (read once; 32-bit loads, the binding
@@ -237,7 +265,8 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
           for (int j = 0; j < 2; ++j) {
             const int64_t key = key0 + nt * 8 + 2 * t + j;
             const int64_t rel = key - prefix;
-            const bool visible = key < end && (rel < 0 || ((bits[i] >> rel) & 1ull));
+            bool visible = key < end && (rel < 0 || ((bits[i] >> rel) & 1ull));
+            if (slide && visible) visible = (rel < 0 ? key : p.positions[b * p.pos_sb + rel]) >= lo[i];
             float& x = s[nt][2 * i + j];
             x = visible ? x * scale_log2 : -INFINITY;
             mx = fmaxf(mx, x);

@@ -119,6 +119,22 @@ def check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len, new_mask, dens
                       f"got new_mask {new_mask.dtype} {tuple(ms)}, dense_mask {sh(dense_mask)}")
 
 
+def check_tree_window(q, window, positions):
+    """tree_attention's sliding window: an int >= 1 with the new tokens' positions, int64 [B or 1, N] / [N] on
+    q's device. Returns positions as [B or 1, N]."""
+    op = "tree_attention"
+    B, N = q.shape[0], q.shape[2]
+    if not is_int(window) or window < 1:
+        raise InputError(f"{op}: window must be an int >= 1 (None: no sliding window); got {window!r}")
+    ps = positions.shape if isinstance(positions, torch.Tensor) else None
+    if (ps is None or positions.dtype != torch.long or positions.device != q.device
+            or not (ps == (N,) or len(ps) == 2 and ps[1] == N and ps[0] in (1, B))):
+        raise ConfigError(f"{op}: window needs positions, an int64 [B or 1, N] / [N] = [{B}, {N}] tensor on "
+                          f"{q.device}; got {sh(positions)}"
+                          + (f" {positions.dtype} on {positions.device}" if ps is not None else ""))
+    return positions.reshape(-1, N)
+
+
 def check_head_attention(z, pos_emb, norm_w, wqkv, n_heads):
     zs = z.shape
     if (len(zs) == 3 and norm_w.shape == zs[2:] and wqkv.shape == (3 * zs[2], zs[2]) and type(n_heads) is int

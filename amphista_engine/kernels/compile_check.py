@@ -103,6 +103,10 @@ def _launchers(dtypes, with_pdl: bool = True):
         # the opt-in window-bounded loads: the GPU suite's kernel benchmarks and the tune sweeps launch them
         tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2, merge="kernel", window=True)
         tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1, window=True)
+        # a sliding layer past its window (ops.tree_attention's `window`): the model's path on the kernel backends
+        pos = torch.zeros(B, N, dtype=torch.long)
+        tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=2, merge="kernel", sliding=64, positions=pos)
+        tree_attention.tree_attention(q, kc, kc, pl, bits, S, num_splits=1, sliding=64, positions=pos)
         tree_attention.tree_attention_ordered(q, kc, kc, torch.zeros(B, N, dtype=torch.int32),
                                               torch.zeros(B, N, 16, dtype=torch.int32), S, 128)
         x = torch.zeros(3, 4, 256, dtype=dt)

@@ -153,9 +153,10 @@ def _bits(new_mask, B: int, N: int):
     return bits, (N if bits.shape[0] > 1 else 0)
 
 
-def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale=None, dense_mask=None, order=None):
+def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale=None, dense_mask=None, order=None,
+                   window=None, positions=None):
     ext, code = load_extension(), _CODES.get(q.dtype)
-    if ext is None or code is None or order is not None or q.dim() != 4 or k_cache.dim() != 4:
+    if ext is None or code is None or order is not None or window is not None or q.dim() != 4 or k_cache.dim() != 4:
         return NotImplemented
     B, H, N, D = q.shape
     _, H_kv, S, _ = k_cache.shape

@@ -118,8 +118,10 @@ def _tree_bits(new_mask: torch.Tensor, B: int, N: int):
 
 
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask=None, splits: Optional[int] = None, order=None, merge: Optional[str] = None):
+                   dense_mask=None, splits: Optional[int] = None, order=None, merge: Optional[str] = None,
+                   window: Optional[int] = None, positions=None):
     """splits: the split-K factor (None = num_splits' heuristic; open for benchmarks/kernels/tune.py).
+    window, positions: ops.tree_attention's sliding window; the splits then share about window + N keys.
     order: the row-invariant path (kernels/gpu_exact.py) is Triton's only, so this declines it.
     merge: how splits merge, "auto" | "kernel" | "launch" (kernels/split_merge.py); None = its default."""
     dev = q.device
@@ -145,6 +147,14 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     if got is None:
         return NotImplemented
     bits, bits_sb = got
+    span = kv_len
+    pos, pos_sb = None, 0
+    if window is not None:
+        if positions.shape[0] not in (1, B) or not _on(dev, positions):
+            return NotImplemented
+        pos = positions.reshape(-1, N).to(torch.int64).contiguous()
+        pos_sb = N if pos.shape[0] > 1 else 0
+        span = min(kv_len, window + N + 64)        # the kernel's key span past the window's start chunk
     prefix = prefix_len if prefix_len.dtype == torch.int64 and prefix_len.is_contiguous() else \
         prefix_len.to(torch.int64).contiguous()
     scale = D ** -0.5 if scale is None else float(scale)
@@ -152,7 +162,7 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
         return NotImplemented
     G = H // Hkv
     if splits is None:
-        splits = num_splits(B * Hkv, -(-G * N // 64), kv_len, dev)
+        splits = num_splits(B * Hkv, -(-G * N // 64), span, dev)
     merge = split_merge.resolve(merge, G * N, splits=splits)
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev)
     rows = B * N * H
@@ -167,8 +177,8 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
                            out.data_ptr(), 0 if work_o is None else work_o.data_ptr(),
                            0 if work_ml is None else work_ml.data_ptr(),
                            0 if counters is None else counters.data_ptr(), B, H, Hkv, N, D, kv_len, S,
-                           qs, ks, vs, bits_sb, splits, scale,
-                           _code(q), stream)
+                           qs, ks, vs, bits_sb, splits, scale, _code(q), stream,
+                           0 if pos is None else pos.data_ptr(), pos_sb, 0 if window is None else int(window))
     return out.transpose(1, 2)
 
 

@@ -35,7 +35,8 @@ def _run(op: str, device, *args, **kwargs):
 # ---- attention -----------------------------------------------------------------------------------------
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
                    new_mask: torch.Tensor, kv_len: int, scale: Optional[float] = None,
-                   dense_mask: Optional[torch.Tensor] = None, order=None) -> torch.Tensor:
+                   dense_mask: Optional[torch.Tensor] = None, order=None, window: Optional[int] = None,
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of N new tokens over a static KV cache whose slots [prefix_len, prefix_len + N) already
     hold the new tokens' own K/V (write them with kv_write first).
 
@@ -54,12 +55,26 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     order:      optional gpu_exact.OrderedTree for this forward: the triton backend then takes its
                 row-invariant path (a token's result the same in a plain step and in any tree); the reference
                 computes the same attention unordered, the CUDA backend declines.
+    window:     optional sliding window W >= 1 (a sliding layer past its window): on top of the mask above,
+                new token i sees only keys of position > positions[b, i] - W, where cache slot s < prefix_len[b]
+                holds position s (compaction keeps slot == position) and new slot prefix_len[b] + j holds
+                new token j at positions[b, j]. Explicit positions, not depths read off the ancestor bits: they
+                are what the forward's RoPE rows used, whatever the tree's node order. The kernels start their
+                key loop at the block holding the lowest position any of their queries sees (a plain step reads
+                about W keys, not the whole prefix); with `order` the row-invariant path windows alike (skipped
+                tiles add exact zeros). None: no window, the same launch as before.
+    positions:  [B or 1, N] / [N] int64 on q's device, the new tokens' positions (the forward's `positions`);
+                required with `window`, ignored without.
     Returns [B, H, N, D] in q's dtype (kernels return a transposed view of a [B, N, H, D] buffer, so
     `out.transpose(1, 2).reshape(B, N, H * D)` is free).
     """
     checks.check_tree_attention(q, k_cache, v_cache, prefix_len, kv_len, new_mask, dense_mask)
+    if window is None:
+        return _run("tree_attention", q.device, q, k_cache, v_cache, prefix_len, new_mask, kv_len, scale,
+                    dense_mask, order=order)
+    positions = checks.check_tree_window(q, window, positions)
     return _run("tree_attention", q.device, q, k_cache, v_cache, prefix_len, new_mask, kv_len, scale,
-                dense_mask, order=order)
+                dense_mask, order=order, window=window, positions=positions)
 
 
 def tree_mask_args(prefix_len: torch.Tensor, new_mask: torch.Tensor, kv_len: int,

@@ -40,15 +40,33 @@ def _new_mask_bool(new_mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ---- attention -----------------------------------------------------------------------------------------
+def window_keep(prefix_len, positions, window: int, n: int, kv_len: int) -> torch.Tensor:
+    """[B, N, kv_len] bool: key slot s within the sliding window of new token i, i.e. key position > positions[b, i]
+    - window, where slot s < prefix_len[b] holds position s and slot prefix_len[b] + j new token j's positions[b, j]
+    (ops.tree_attention's `window`; model.window_mask's rule)."""
+    B = prefix_len.shape[0]
+    pos = positions.reshape(-1, n).expand(B, n)
+    slots = torch.arange(kv_len, device=prefix_len.device)
+    rel = slots[None, :] - prefix_len[:, None]                                   # [B, kv_len]
+    new_pos = torch.gather(pos, 1, rel.clamp(0, n - 1))
+    key_pos = torch.where((rel >= 0) & (rel < n), new_pos, slots[None, :])
+    return key_pos[:, None, :] > pos[:, :, None] - window
+
+
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask: Optional[torch.Tensor] = None, order=None):
-    """The model's cached attention: SDPA over cache slots [0, kv_len) with AttentionSpec.dense_mask().
-    `order` (gpu_exact.OrderedTree) asks the kernels for their row-invariant path; the reference result is
-    the same attention, so it has nothing to change."""
+                   dense_mask: Optional[torch.Tensor] = None, order=None, window: Optional[int] = None,
+                   positions: Optional[torch.Tensor] = None):
+    """The model's cached attention: SDPA over cache slots [0, kv_len) with AttentionSpec.dense_mask(), and
+    with `window` only the keys window_keep lets through. `order` (gpu_exact.OrderedTree) asks the kernels for
+    their row-invariant path; the reference result is the same attention, so it has nothing to change."""
     from ..model import AttentionSpec
+    n = q.shape[2]
     if dense_mask is None:
-        n = q.shape[2]
         dense_mask = AttentionSpec(prefix_len, _new_mask_bool(new_mask, n), kv_len).dense_mask()
+    if window is not None:
+        keep = window_keep(prefix_len, positions, window, n, kv_len)
+        dense_mask = dense_mask & keep if dense_mask.dtype == torch.bool else \
+            dense_mask.masked_fill(~keep, float("-inf"))
     B = q.shape[0]
     k, v = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]      # a cache may hold more rows than this batch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask[:, None], scale=scale, enable_gqa=True)

@@ -32,7 +32,7 @@ def _same_device(*ts) -> bool:
 
 # ---- attention -----------------------------------------------------------------------------------------
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale: Optional[float] = None,
-                   dense_mask=None, order=None):
+                   dense_mask=None, order=None, window: Optional[int] = None, positions=None):
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or q.dtype not in FLOATS:
         return NotImplemented
     B, H, N, D = q.shape
@@ -51,13 +51,18 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
         return NotImplemented
     if bits.shape[0] not in (1, B):
         return NotImplemented
+    slide = {}
+    if window is not None:
+        if positions.shape[0] not in (1, B) or not _same_device(q, positions):
+            return NotImplemented
+        slide = dict(sliding=int(window), positions=positions)
     if order is not None:
         from . import gpu_exact
         if order.split.shape != (B, N) or order.window.shape[:2] != (B, N) or not _same_device(q, order.window):
             return NotImplemented
         return _ta.tree_attention_ordered(q, k_cache, v_cache, order.split, order.window, int(kv_len),
-                                          gpu_exact.CHUNK, scale)
-    return _ta.tree_attention(q, k_cache, v_cache, prefix_len, bits, int(kv_len), scale)
+                                          gpu_exact.CHUNK, scale, **slide)
+    return _ta.tree_attention(q, k_cache, v_cache, prefix_len, bits, int(kv_len), scale, **slide)
 
 
 def head_attention(z, pos_emb, norm_w, eps: float, wqkv, n_heads: int, scale: Optional[float] = None):

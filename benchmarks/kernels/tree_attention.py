@@ -8,6 +8,10 @@ with programmatic dependent launch (AMPHISTA_PDL=1, Hopper and newer; elsewhere 
 timed chain of calls each one starts while the last drains, as after the step's RoPE + cache-write kernel.
 "triton:window" bounds the loads by the host's window kv_len instead of the prefix length (opt-in, see the
 launcher's `window`): no load waits for the length, the window's tail is read too.
+The "window" rows: a sliding layer past its window (Mistral-7B's shapes, window 4096 at prefix 8192; --quick: the
+tiny shape, window 64 at prefix 256), ops.tree_attention(..., window=W); "sdpa_window_mask" is what such a layer
+ran on every backend before the kernels took the window: SDPA over a prebuilt dense window mask. Bytes: the
+window's keys only.
 "copy:same-bytes" is a device-to-device copy that moves the kernel's bytes (half read, half written), timed the
 same way: what plain memory traffic of this size reaches, launch and ramp included (the 70% target is against a
 1 GiB copy, whose fixed costs vanish).
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from _bench import main_for, with_pdl
 from amphista_engine.kernels import ops, split_merge
+from amphista_engine.kernels.reference import window_keep
 from amphista_engine.model import AttentionSpec
 from amphista_engine.tree import build_tree
 
@@ -73,6 +78,45 @@ def run(bench):
                 dst = torch.empty_like(src)
                 flops = 4 * H * N * (P + N) * D
                 rows += bench.compare("tree_attention", sh.name, f"P={P} N={N}", fns, nbytes, flops)
+    return rows + window_rows(bench)
+
+
+MISTRAL_7B = (32, 8, 128)          # query heads, KV heads, head dim
+WINDOW_CASE = (4096, 8192)         # window, prefix
+
+
+def window_rows(bench):
+    """A sliding layer past its window: plain decoding and tree-16 with the window in the kernel."""
+    rows, dev, dt = [], bench.device, bench.dtype
+    esize = torch.tensor([], dtype=dt).element_size()
+    (H, Hkv, D), (W, P), name = ((bench.shapes[0].n_heads, bench.shapes[0].n_kv_heads, bench.shapes[0].head_dim),
+                                 (64, 256), "tiny") if bench.quick else (MISTRAL_7B, WINDOW_CASE, "mistral-7b")
+    for N in NODES[:2]:
+        tree = build_tree(TREES[N]).to(dev) if N > 1 else None
+        mask = tree.mask[None] if tree is not None else torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
+        bits = tree.ancestor_bits[None] if tree is not None else torch.ones(1, 1, dtype=torch.long, device=dev)
+        pos = (P + mask[0].sum(-1) - 1)[None]                           # position = prefix + depth
+        kv_len = -(-(P + N) // 128) * 128
+        q = torch.randn(1, N, H, D, device=dev, dtype=dt).transpose(1, 2)
+        k = torch.randn(1, Hkv, kv_len, D, device=dev, dtype=dt)
+        v = torch.randn(1, Hkv, kv_len, D, device=dev, dtype=dt)
+        prefix = torch.full((1,), P, device=dev)
+        dense = AttentionSpec(prefix, mask, kv_len).dense_mask() & window_keep(prefix, pos, W, N, kv_len)
+        bias = torch.zeros(dense.shape, dtype=dt, device=dev).masked_fill_(~dense, float("-inf"))
+        kernel = lambda: ops.tree_attention(q, k, v, prefix, bits, kv_len, window=W, positions=pos)
+        fns = {
+            "torch": lambda: ops.tree_attention(q, k, v, prefix, mask, kv_len, window=W, positions=pos),
+            "triton": kernel,
+            "cuda": kernel,
+            "sdpa_window_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None],
+                                                                       enable_gqa=True),
+            "copy:same-bytes": lambda: dst.copy_(src),
+        }
+        keys = min(P, W) + N
+        nbytes = esize * (2 * Hkv * keys * D + 2 * H * N * D)
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        rows += bench.compare("tree_attention", name, f"P={P} N={N} window={W}", fns, nbytes, 4 * H * N * keys * D)
     return rows
 
 

@@ -113,12 +113,14 @@ def _merge_if_last(OPart, LsePart, Counter, Out, stride_ob, stride_oh, stride_on
 def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
                stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr, ROW_BOUND: tl.constexpr = False,
-               load_hi=0, WINDOW: tl.constexpr = False):
+               load_hi=0, WINDOW: tl.constexpr = False, lo_row=0, pos_row=0, SLIDE: tl.constexpr = False):
     """One K/V tile [start, start + BLOCK_N) of the online softmax; returns the updated (acc, m_i, l_i).
     MASKED: keys past hi are out, and tree slots (from P on) need the row's ancestor bit; with ROW_BOUND
     instead, `bits` holds each row's own key bound (the ordered path's s(p)). WINDOW: the loads stop at
     load_hi (a host bound) instead of hi, and V is zeroed past hi in registers (so stale or NaN cache slots
-    cannot reach 0 * NaN); the scores there are masked like any key past hi."""
+    cannot reach 0 * NaN); the scores there are masked like any key past hi. SLIDE (a sliding window, MASKED
+    tiles): a key is seen only from position lo_row (per row) on; prefix slot j holds position j, tree slot t
+    the position at pos_row + t (the row's new-token positions)."""
     j = start + tl.arange(0, BLOCK_N)
     if WINDOW:
         ld_mask = (j < load_hi)[:, None] & d_ok[None, :]
@@ -135,12 +137,17 @@ def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
         k_ok = j < hi
         if ROW_BOUND:
             allowed = k_ok[None, :] & (j[None, :] < bits[:, None])
+            if SLIDE:                                      # prefix keys: slot j holds position j
+                allowed = allowed & (j[None, :] >= lo_row[:, None])
         else:
             rel = j - P                                    # tree slot index of key j (negative: prefix)
             in_tree = (rel >= 0) & k_ok
             shift = tl.where(in_tree, rel, 0).to(tl.int64)
             anc = ((bits[:, None] >> shift[None, :]) & 1) != 0
             allowed = k_ok[None, :] & ((j < P)[None, :] | (in_tree[None, :] & anc))
+            if SLIDE:
+                kpos = tl.where(in_tree, tl.load(pos_row + shift, mask=in_tree, other=0).to(tl.int32), j)
+                allowed = allowed & (kpos[None, :] >= lo_row[:, None])
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row may see no key of this tile (or split) at all: keep exp2 arguments finite then.
@@ -154,17 +161,17 @@ def _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
 
 @triton.jit
 def _tree_attn_fwd(
-    Q, K, V, Bits, PrefixLen, Out, OPart, LsePart, Counter,
+    Q, K, V, Bits, PrefixLen, Out, OPart, LsePart, Counter, Pos,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_bb, stride_bn,
     stride_ob, stride_oh, stride_on, stride_od,
-    H_KV, N, kv_len, chunk, splits, qk_scale,
+    H_KV, N, kv_len, chunk, splits, qk_scale, stride_pb, sliding,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
     MERGE_HERE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1, PDL: tl.constexpr = False,
-    WINDOW: tl.constexpr = False,
+    WINDOW: tl.constexpr = False, SLIDE: tl.constexpr = False,
 ):
     pdl_start(PDL)
     b64, kvh, pid_m, split, H = _program_ids(H_KV, G)
@@ -181,7 +188,33 @@ def _tree_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if WINDOW:
+    if SLIDE:
+        # A sliding window: row r sees positions >= lo_row[r]. The splits share the keys from the block holding
+        # the lowest such position (never past the tree slots, whose positions are their own) to the row's end,
+        # the last split taking whatever is left, so keys below every row's window are never loaded.
+        pos_row = Pos + b64 * stride_pb
+        lo_row = tl.load(pos_row + node, mask=row_ok, other=0).to(tl.int32) - sliding + 1
+        lo_min = tl.min(tl.where(row_ok, lo_row, 1 << 30), 0)
+        lo_max = tl.max(tl.where(row_ok, lo_row, -(1 << 30)), 0)
+        lo = tl.maximum(tl.minimum(lo_min, P), 0) // BLOCK_N * BLOCK_N + split * chunk
+        hi = tl.where(split == splits - 1, total, tl.minimum(lo + chunk, total))
+        end_full = lo + tl.maximum(tl.minimum(hi, P) - lo, 0) // BLOCK_N * BLOCK_N
+        # Tiles below some row's window start take the mask; from the first tile every row sees whole to the
+        # prefix's last whole tile, none does
+        mid = tl.minimum(lo + tl.cdiv(tl.maximum(lo_max - lo, 0), BLOCK_N) * BLOCK_N, end_full)
+        for start in range(lo, mid, BLOCK_N):
+            acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                       BLOCK_N, True, EXACT, lo_row=lo_row, pos_row=pos_row, SLIDE=True)
+        for start in range(mid, end_full, BLOCK_N):
+            acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                       BLOCK_N, False, EXACT)
+        for start in range(end_full, hi, BLOCK_N):
+            acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, P, bits, d, d_ok,
+                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                       BLOCK_N, True, EXACT, lo_row=lo_row, pos_row=pos_row, SLIDE=True)
+    elif WINDOW:
         # One masked loop over the split's share of the host's window [0, kv_len): no load waits for the
         # prefix length (only the mask does), at the price of reading the window's tail past the row's end.
         for start in range(lo, tl.minimum(lo + chunk, kv_len), BLOCK_N):
@@ -252,18 +285,20 @@ def _tree_attn_merge(OPart, LsePart, Out, stride_ob, stride_oh, stride_on, strid
 
 @triton.jit
 def _tree_attn_ordered_fwd(
-    Q, K, V, Split, Win, OPart, LsePart,
+    Q, K, V, Split, Win, OPart, LsePart, Pos,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_sb, stride_wb, stride_wn,
-    H_KV, N, splits, qk_scale,
+    H_KV, N, splits, qk_scale, stride_pb, sliding,
     G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr, WINDOW: tl.constexpr, EXACT: tl.constexpr,
+    CHUNK: tl.constexpr, WINDOW: tl.constexpr, EXACT: tl.constexpr, SLIDE: tl.constexpr = False,
 ):
     """Split 0: each row's window, positions s(p)..p one key at a time in position order. Split c >= 1:
     prefix keys [(c - 1) CHUNK, c CHUNK) below each row's s(p), in BLOCK_N tiles at fixed offsets. Whatever
-    else shares the program (other nodes, more splits, a longer kv_len) only adds exact zeros to a row."""
+    else shares the program (other nodes, more splits, a longer kv_len) only adds exact zeros to a row.
+    SLIDE (a sliding window): a row sees positions from lo_row = its position - sliding + 1 on; tiles below every
+    row's lo_row are skipped (they would add exact zeros), the rest keep their fixed offsets."""
     b64, kvh, pid_m, split, H = _program_ids(H_KV, G)
     row_ok, node, head, d, d_ok, q = _program_rows(Q, stride_qb, stride_qh, stride_qn, stride_qd, b64, kvh, pid_m, N,
                                                    G, HEAD_D, BLOCK_D, BLOCK_M)
@@ -274,12 +309,17 @@ def _tree_attn_ordered_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo_row = tl.zeros([BLOCK_M], tl.int32)
+    if SLIDE:
+        lo_row = tl.load(Pos + b64 * stride_pb + node, mask=row_ok, other=0).to(tl.int32) - sliding + 1
     if split == 0:
         qf = q.to(tl.float32)
         w_row = Win + b64 * stride_wb + node * stride_wn
         for w in range(0, WINDOW):
             slot = tl.load(w_row + w, mask=row_ok, other=-1)
             ok = slot >= 0
+            if SLIDE:
+                ok = ok & (s_row + w >= lo_row)           # window entry w holds position s(p) + w
             kv_mask = ok[:, None] & d_ok[None, :]
             slot64 = tl.where(ok, slot, 0).to(tl.int64)
             k = tl.load(k_base + slot64[:, None] * stride_ks + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -296,10 +336,13 @@ def _tree_attn_ordered_fwd(
     else:
         lo = (split - 1) * CHUNK
         hi = tl.minimum(lo + CHUNK, tl.max(s_row, 0))
+        if SLIDE:
+            first = tl.maximum(tl.min(tl.where(row_ok, lo_row, 1 << 30), 0), 0) // BLOCK_N * BLOCK_N
+            lo = tl.maximum(lo, first)
         for start in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, 0, s_row, d, d_ok,
                                        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                                       BLOCK_N, True, EXACT, True)
+                                       BLOCK_N, True, EXACT, True, lo_row=lo_row, SLIDE=SLIDE)
     _store_partial(OPart, LsePart, acc, m_i, l_i, row_ok, node, head, d, d_ok, b64, H, N, splits, split, HEAD_D)
 
 
@@ -308,10 +351,12 @@ ORDERED_STAGES = 2       # fixed too: one compiled kernel whatever the step
 
 
 def tree_attention_ordered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: torch.Tensor,
-                           window: torch.Tensor, kv_len: int, chunk: int, scale: float | None = None) -> torch.Tensor:
+                           window: torch.Tensor, kv_len: int, chunk: int, scale: float | None = None,
+                           sliding: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher of the row-invariant path (kernels/gpu_exact.py). q [B, H, N, D]; k_cache/v_cache
     [B, H_kv, S, D] with the new tokens' K/V written; split [B, N] int32 s(p); window [B, N, W] int32 slots
-    (-1: none). Returns [B, H, N, D]."""
+    (-1: none). sliding, positions: a sliding window W with the new tokens' positions [B or 1, N] int64 (as
+    tree_attention's). Returns [B, H, N, D]."""
     B, H, N, D = q.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -325,13 +370,16 @@ def tree_attention_ordered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lse_part = torch.empty(B, H, N, splits, dtype=torch.float32, device=q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     block_d = next_pow2(D)
+    slide = sliding is not None
+    pos = positions.reshape(-1, N).contiguous() if slide else split           # unused without a window
+    pos_sb = N if slide and pos.shape[0] > 1 else 0
     _tree_attn_ordered_fwd[(B * H_kv, cdiv(N * G, ORDERED_BLOCK_M), splits)](
-        q, k_cache, v_cache, split, window, o_part, lse_part,
+        q, k_cache, v_cache, split, window, o_part, lse_part, pos,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         split.stride(0), window.stride(0), window.stride(1),
-        H_kv, N, splits, scale * 1.4426950408889634,
+        H_kv, N, splits, scale * 1.4426950408889634, pos_sb, min(int(sliding), 1 << 30) if slide else 0,
         G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=ORDERED_BLOCK_M, BLOCK_N=BLOCK_N, CHUNK=chunk,
-        WINDOW=window.shape[-1], EXACT=exact_dot(q.dtype), num_warps=4, num_stages=ORDERED_STAGES,
+        WINDOW=window.shape[-1], EXACT=exact_dot(q.dtype), SLIDE=slide, num_warps=4, num_stages=ORDERED_STAGES,
     )
     n_rows = B * H * N
     _tree_attn_merge[(cdiv(n_rows, MERGE_ROWS),)](
@@ -354,7 +402,8 @@ def pick_splits(rows_programs: int, kv_len: int, rows_per_kv_head: int, device: 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_len: torch.Tensor,
                    bits: torch.Tensor, kv_len: int, scale: float | None = None, num_splits: int | None = None,
                    block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int | None = None,
-                   merge: str | None = None, window: bool = False) -> torch.Tensor:
+                   merge: str | None = None, window: bool = False, sliding: int | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher. q [B, H, N, D]; k_cache/v_cache [B, H_kv, S, D]; prefix_len [B]; bits int64 [Bm, N] with
     Bm in (1, B). Returns [B, H, N, D] (a view of a [B, N, H, D] buffer). num_splits: None = heuristic;
     it, block_n, num_warps and num_stages are open for benchmarks/kernels/tune.py. merge: "launch", "kernel"
@@ -362,7 +411,9 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     whose loads are bounded by kv_len, not by the prefix length (see _tree_attn_fwd): no load waits for that
     length, but the window's tail past the row's end is read too. Compiled for sm_90 (bf16, D = 128) it needs
     fewer registers and spills less: BLOCK_M 16, 174 registers vs 255 with 32 bytes spilled; 64 rows of one KV
-    head, 212 vs 255 with 256 bytes spilled. The GPU tune weighs that against the extra bytes."""
+    head, 212 vs 255 with 256 bytes spilled. The GPU tune weighs that against the extra bytes.
+    sliding: a sliding window W (ops.tree_attention's `window`) with positions [B or 1, N] int64, the new tokens'
+    positions: the splits then cover about W + N keys from the window's start, not kv_len (`window` is ignored)."""
     B, H, N, D = q.shape
     H_kv = k_cache.shape[1]
     G = H // H_kv
@@ -373,10 +424,18 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     rows = N * G
     block_m = min(64, max(16, next_pow2(rows)))
     m_blocks = cdiv(rows, block_m)
+    slide = sliding is not None
+    if slide:
+        sliding = min(int(sliding), 1 << 30)      # an i32 argument; a window that long sees every position anyway
+    # With a window the keys a program reads start within a block of its lowest window start (or at its tree
+    # slots), so W + N + block_n bounds them when positions run from prefix_len on (the model's); the last split
+    # still runs to the row's end whatever the positions.
+    span = min(kv_len, sliding + N + block_n) if slide else kv_len
+    window = window and not slide
     if num_splits is None:
-        num_splits = pick_splits(B * H_kv * m_blocks, kv_len, rows, q.device)
-    chunk = cdiv(cdiv(kv_len, max(num_splits, 1)), block_n) * block_n
-    splits = max(1, cdiv(kv_len, chunk))
+        num_splits = pick_splits(B * H_kv * m_blocks, span, rows, q.device)
+    chunk = cdiv(cdiv(span, max(num_splits, 1)), block_n) * block_n
+    splits = max(1, cdiv(span, chunk))
     single = splits == 1
     merge = resolve(merge, block_m, splits=splits)
     counters = None if single or merge == "launch" else arrival_counters(q.device, B * H_kv * m_blocks)
@@ -391,19 +450,21 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bits = bits.reshape(-1, N)
     prefix_len = prefix_len.contiguous()
+    pos = positions.reshape(-1, N).contiguous() if slide else prefix_len       # unused without a window
+    pos_sb = N if slide and pos.shape[0] > 1 else 0
     block_d = next_pow2(D)
     on = pdl(q.device)
 
     def launch(num_stages):
         _tree_attn_fwd[(B * H_kv, m_blocks, splits)](
-            q, k_cache, v_cache, bits, prefix_len, out, o_part, lse_part, counters,
+            q, k_cache, v_cache, bits, prefix_len, out, o_part, lse_part, counters, pos,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             bits.stride(0) if bits.shape[0] > 1 else 0, bits.stride(1),
             *out.stride(),
-            H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634,
+            H_kv, N, kv_len, chunk, splits, scale * 1.4426950408889634, pos_sb, sliding if slide else 0,
             G=G, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
             EXACT=exact_dot(q.dtype), MERGE_HERE=merge_here, BLOCK_S=next_pow2(splits) if merge_here else 1,
-            PDL=on, WINDOW=window, num_warps=num_warps, num_stages=num_stages, **pdl_launch(on),
+            PDL=on, WINDOW=window, SLIDE=slide, num_warps=num_warps, num_stages=num_stages, **pdl_launch(on),
         )
 
     if num_stages is not None:
@@ -415,7 +476,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         stages = [3, 2] if chunk // block_n >= 4 else [2]
         launch_first_fitting(launch, [dict(num_stages=st) for st in stages],
                              (q.device, q.dtype, G, D, block_m, block_n, single, merge_here, num_warps, stages[0],
-                              on, "tree_attention"))
+                              on, slide, "tree_attention"))
     if not single and not merge_here:
         n_rows = B * H * N
         block_r = min(MERGE_ROWS, next_pow2(n_rows))
