@@ -134,6 +134,8 @@ TESTS=(python_tests/test_cuda_*.py python_tests/test_engine.py python_tests/test
 TESTS+=(python_tests/test_acceptance.py::test_cuda_matches_cpu_without_host_sync python_tests/test_gpu_suite_qa.py)
 # (2026-12-05, session 48) per-row max_new_tokens through CUDA graphs: an ended row's cache length must stop there
 TESTS+=(python_tests/test_per_row_max_tokens.py::test_per_row_limits_under_cuda_graphs)
+# (2026-12-07, session 64) tree attention's sliding window on the CUDA kernel and a windowed model on the device
+TESTS+=(python_tests/test_tree_attention_window_qa.py)
 # The benchmarks' CPU smoke tests (*_on_cpu) are CI's: here they only take time from the latency stage.
 # Routed products pick the Triton GEMM or cuBLAS by timing both (kernels/linear_choice.py). Timed beside 7 other
 # test workers the choices are noise: the tests keep theirs in memory, and the benchmark stages after them
