@@ -284,9 +284,10 @@ _HF_FAMILY_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048},
     "mistral": {"max_position_embeddings": 131_072, "sliding_window": 4096},
     "mixtral": {"max_position_embeddings": 131_072, "rope_theta": 1e6, "rms_norm_eps": 1e-5},
-    "qwen2": {"max_position_embeddings": 32_768},
-    "qwen3": {"max_position_embeddings": 32_768, "head_dim": 128},
-    "qwen3_moe": {"max_position_embeddings": 32_768},
+    # their window where use_sliding_window is true (a config that left sliding_window out slid nothing here)
+    "qwen2": {"max_position_embeddings": 32_768, "sliding_window": 4096},
+    "qwen3": {"max_position_embeddings": 32_768, "head_dim": 128, "sliding_window": 4096},
+    "qwen3_moe": {"max_position_embeddings": 32_768, "sliding_window": 4096},
     "smollm3": {"max_position_embeddings": 32_768, "rope_theta": 2e6, "tie_word_embeddings": True},
     "phi3": {"rms_norm_eps": 1e-5},
 }
