@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .kernels import cpu_exact, cpu_ops, cpu_packed, gpu_exact, ops, routed_linear
+from .kernels import cpu_exact, cpu_ops, cpu_packed, gpu_exact, ops, reference, routed_linear
 from .kv_cache import KVCache
 
 
@@ -70,7 +70,7 @@ def causal_mask(T: int, device) -> torch.Tensor:
 # bits hold (64): causal attention over cache slots [0, T), where those tokens' own K/V were just written.
 CAUSAL_PREFILL = "causal-prefill"
 CAUSAL_PREFILL_FROM = 65
-GEMMA_PREFILL_CHUNK = 1024      # tokens per forward of a prompt when the cache reaches past a sliding window
+WINDOW_PREFILL_CHUNK = 1024      # tokens per forward of a prompt when the cache reaches past a sliding window
 
 
 def prefill_mask_args(spec: AttentionSpec, dtype):
@@ -138,15 +138,11 @@ def window_mask(spec: AttentionSpec | None, positions: torch.Tensor, window: int
     B = positions.shape[0]
     dev = positions.device
     if cached:
-        seen = spec.dense_mask()                                                  # [B, T, kv_len]
-        slots = torch.arange(spec.kv_len, device=dev)
-        rel = slots[None, :] - spec.prefix_len[:, None]                           # [B, S]
-        new_pos = torch.gather(positions.expand(B, T), 1, rel.clamp(0, T - 1))
-        key_pos = torch.where((rel >= 0) & (rel < T), new_pos, slots[None, :])
+        seen = spec.dense_mask() & reference.window_keep(spec.prefix_len, positions, window, T, spec.kv_len)
     else:
         seen = (spec.new_mask if spec is not None else causal_mask(T, dev)).expand(B, T, T)
         key_pos = positions.expand(B, T)
-    seen = seen & (key_pos[:, None, :] > positions.expand(B, T)[:, :, None] - window)
+        seen = seen & (key_pos[:, None, :] > key_pos[:, :, None] - window)
     return WindowMask(torch.zeros(seen.shape, dtype=dtype, device=dev).masked_fill_(~seen, float("-inf")))
 
 
@@ -690,7 +686,7 @@ class Transformer(nn.Module):
         if self.config.real_window is not None and cache.max_seq_len > self.config.real_window:
             # A cache past a sliding window: a long prompt in chunks, so each sliding layer's dense window mask is
             # [B, chunk, kv_len] rather than [B, T, T] (a 32k prompt's fp32 mask alone would be 4 GiB)
-            return max(GEMMA_PREFILL_CHUNK, CAUSAL_PREFILL_FROM)
+            return max(WINDOW_PREFILL_CHUNK, CAUSAL_PREFILL_FROM)
         return None
 
     def fuses_layers(self, x: torch.Tensor) -> bool:
@@ -764,8 +760,9 @@ class Transformer(nn.Module):
         """Gemma 3: embeddings times sqrt(dim) (the normalizer rounded to the model's dtype, as transformers), the
         layers in the C++ stack where they are 4-bit on the cpu backend (fp32), else one by one
         (Block.forward_gemma; no fused decode), sliding layers on the local RoPE
-        table and, once a forward's keys reach past the window, their own mask (WindowMask, or on the CPU's ordered
-        decode steps a windowed cpu_exact layout)."""
+        table and, once a forward's keys reach past the window, their own mask (the kernels' KernelWindow on the
+        triton and cuda backends, else a WindowMask, or on the CPU's ordered decode steps a windowed cpu_exact
+        layout)."""
         cfg = self.config
         x = self.tok_embeddings(tokens)
         x = x * torch.tensor(math.sqrt(cfg.dim), dtype=x.dtype, device=x.device)

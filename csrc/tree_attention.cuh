@@ -153,7 +153,8 @@ __global__ void __launch_bounds__(kThreads, 2) tree_attention_kernel(const TreeA
   };
 
   // The split ranges come from the host's window kv_len, not from the device's prefix length, so the first
-  // K chunk is in flight before that length arrives (one round trip off every block's critical path). K is
+  // K chunk is in flight before that length arrives (one round trip off every block's critical path; not with a
+  // sliding window, whose first chunk depends on the rows' positions). K is
   // copied up to kv_len: keys past the row's own end are masked out of the scores, whatever they hold. V
   // waits for the length: it is zero-filled past the end, so stale or NaN slots cannot leak into 0 * NaN.
   // The keys this request has: the prefix and its N tree slots, never past the host's window.

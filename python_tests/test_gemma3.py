@@ -161,7 +161,7 @@ def test_long_prompt_in_prefill_chunks_equals_transformers(windowed, monkeypatch
     """A prompt longer than a prefill chunk (Transformer.prefill_chunk: Gemma past its window prefills in chunks so
     the sliding layers' masks stay [chunk, kv_len]), chunks of 65 here; softcapped logits from _prefill_chunks."""
     import amphista_engine.model as model_mod
-    monkeypatch.setattr(model_mod, "GEMMA_PREFILL_CHUNK", 16)
+    monkeypatch.setattr(model_mod, "WINDOW_PREFILL_CHUNK", 16)
     eng = Engine.from_pretrained(str(windowed), device="cpu", dtype="fp32", max_seq_len=256)
     from amphista_engine.kv_cache import KVCache
     assert eng.model.prefill_chunk(KVCache.for_model(eng.config, 1, 256, torch.float32, "cpu")) == 65

@@ -265,7 +265,7 @@ def test_long_prompt_in_prefill_chunks_equals_transformers(family, model_dir, mo
     so the sliding layers' masks stay [chunk, kv_len]), chunks of 65 here."""
     import amphista_engine.model as model_mod
     from amphista_engine.kv_cache import KVCache
-    monkeypatch.setattr(model_mod, "GEMMA_PREFILL_CHUNK", 16)
+    monkeypatch.setattr(model_mod, "WINDOW_PREFILL_CHUNK", 16)
     d = model_dir(family)
     eng = Engine.from_pretrained(str(d), device="cpu", dtype="fp32", max_seq_len=256, quant="none")
     assert eng.model.prefill_chunk(KVCache.for_model(eng.config, 1, 256, torch.float32, "cpu")) == 65

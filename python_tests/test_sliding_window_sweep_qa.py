@@ -96,7 +96,7 @@ def _hf_greedy(hf, prompt, n):
 def test_reuse_prefix_turns_and_joiners_past_the_window(qwen2, monkeypatch):
     import amphista_engine.model as model_mod
     from amphista_engine.heads import random_heads
-    monkeypatch.setattr(model_mod, "GEMMA_PREFILL_CHUNK", 16)       # chunks of 65: the 70-token turn takes two
+    monkeypatch.setattr(model_mod, "WINDOW_PREFILL_CHUNK", 16)       # chunks of 65: the 70-token turn takes two
     path, hf = qwen2
     eng = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=256, quant="none",
                                  max_batch_size=2, backend="torch")
@@ -126,7 +126,7 @@ def test_scores_and_perplexity_past_the_window(qwen2, monkeypatch):
 
     import amphista_engine.model as model_mod
     from amphista_engine.evaluation.perplexity import perplexity
-    monkeypatch.setattr(model_mod, "GEMMA_PREFILL_CHUNK", 16)
+    monkeypatch.setattr(model_mod, "WINDOW_PREFILL_CHUNK", 16)
     path, hf = qwen2
     eng = Engine.from_pretrained(str(path), device="cpu", dtype="fp32", max_seq_len=256, quant="none")
     ids = IDS[:150]

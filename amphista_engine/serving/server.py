@@ -237,6 +237,11 @@ def _long_int_field(data: bytes, error: Exception) -> ApiError | None:
 # (under const and enum: anywhere in the value)
 _SCHEMA_NUMBERS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 _SCHEMA_VALUES = ("const", "enum")
+# the request fields that carry JSON schemas to the grammar engine (chat, completions, Responses' text.format, the
+# Messages API's tools[].input_schema); a number under a template variable or metadata is no schema's
+_SCHEMA_ROOTS = ("response_format", "guided_json", "structured_outputs", "tools", "text")
+# keywords whose values are data about a schema, not read as bounds (default: {"const": 0.30000000000000001})
+_SCHEMA_DATA = ("default", "examples")
 # a decimal of at most 15 significant digits (DBL_DIG) is written back as itself by float's repr, unless it is
 # below a float's normal range (1e-400 is 0.0)
 _EXACT_TEXT = 16
@@ -315,11 +320,17 @@ def _floats_in(body, odd: dict):
 
 
 def _in_schema_number(steps) -> bool:
-    if steps and steps[-1] in _SCHEMA_NUMBERS:
+    if not steps or steps[0] not in _SCHEMA_ROOTS:
+        return False
+
+    def keyword(i: int) -> bool:        # a keyword, not a property's name (properties.const is a subschema)
+        return isinstance(steps[i], str) and steps[i - 1] != "properties"
+
+    if any(steps[i] in _SCHEMA_DATA and keyword(i) for i in range(1, len(steps))):
+        return False
+    if steps[-1] in _SCHEMA_NUMBERS:
         return True
-    # const/enum as a keyword, not as a property's name (properties.const is a subschema)
-    return any(s in _SCHEMA_VALUES and (i == 0 or steps[i - 1] != "properties") for i, s in enumerate(steps)
-               if isinstance(s, str))
+    return any(steps[i] in _SCHEMA_VALUES and keyword(i) for i in range(1, len(steps)))
 
 
 def _field_path(steps) -> str:

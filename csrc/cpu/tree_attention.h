@@ -38,7 +38,7 @@ struct TreeAttentionArgs {
   int64_t B, H, H_kv, N, D, S;
   float scale;
   bool by_rows = false;        // work units are single query rows (B * H_kv * G * N of them), not (row, KV head)s
-  // > 0: a sliding-window layer (Gemma 3's): a token at position p sees only keys at positions > p - window. A new
+  // > 0: a sliding-window layer (Gemma 3's, Mistral's, ...): a token at position p sees only keys at positions > p - window. A new
   // token's position is prefix_len + its depth, and its depth is its ancestor bits' count - 1: the window's first
   // prefix slot, and which ancestors it still holds, need nothing more.
   int64_t window = 0;
