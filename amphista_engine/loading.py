@@ -965,8 +965,8 @@ def _gguf_moe(reader, path, arch: str, a) -> dict:
 
 def _gguf_gemma3(path, a) -> dict:
     """Gemma 3 as llama.cpp reads it (llama-model.cpp, LLM_ARCH_GEMMA3): sliding layers by
-    attention.sliding_window_pattern (a period, default 6: every 6th layer full; or one bool per layer, true =
-    sliding), their RoPE base rope.freq_base_swa (default 10000) and unscaled, and the attention scale
+    attention.sliding_window_pattern (a period, default 6: every 6th layer full, 0: none; or one bool per layer,
+    true = sliding), their RoPE base rope.freq_base_swa (default 10000) and unscaled, and the attention scale
     head_dim ** -0.5 except on the 62-layer 27B, hidden / heads (no key: transformers' query_pre_attn_scalar)."""
     n, window = a("block_count"), a("attention.sliding_window")
     pattern = a("attention.sliding_window_pattern", 6)
@@ -977,8 +977,9 @@ def _gguf_gemma3(path, a) -> dict:
             raise ConfigError(f"{path}: GGUF gemma3.attention.sliding_window_pattern lists {len(pattern)} layers, "
                               f"block_count says {n}")
         sliding = tuple(i for i, f in enumerate(pattern) if f)
-    elif is_integral(pattern) and pattern > 0:
-        sliding = tuple(i for i in range(n) if (i + 1) % pattern)
+    elif is_integral(pattern) and pattern >= 0:
+        # llama.cpp's set_swa_pattern: 0 slides every layer
+        sliding = tuple(i for i in range(n) if pattern == 0 or (i + 1) % pattern)
     else:
         raise ConfigError(f"{path}: GGUF gemma3.attention.sliding_window_pattern {pattern!r} is not a period or a "
                           "list of flags")

@@ -162,3 +162,21 @@ def test_training_hidden_states_are_the_windowed_models(qwen2):
         with torch.no_grad():
             ref = hf(torch.tensor([s.ids]), output_hidden_states=True).hidden_states[-1][0]
         assert rel_err(h[b, :len(s.ids)], ref) < 1e-5, b
+
+
+def test_a_gemma3_gguf_pattern_of_zero_slides_every_layer(tmp_path):
+    """llama.cpp's set_swa_pattern reads a sliding_window_pattern of 0 as every layer sliding; it was refused as
+    "not a period"."""
+    from test_gemma3 import IDS, hf_logits, ours_logits, write_gemma3, write_gemma3_gguf
+    from amphista_engine.loading import load_model
+    n = 3
+    d = write_gemma3(tmp_path / "hf", num_hidden_layers=n, sliding_window=8, sliding_window_pattern=None,
+                     layer_types=["sliding_attention"] * n,
+                     rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})
+    f = write_gemma3_gguf(d, tmp_path / "g.gguf", dict(num_hidden_layers=n, rope_theta=100000.0,
+                                                       rope_local_theta=1000.0, sliding_window=8, pattern=0))
+    cfg = load_model(f, max_seq_len=64).config
+    assert cfg.sliding_layers == tuple(range(n)) and cfg.real_window == 8
+    ids = IDS[:40]
+    assert rel_err(ours_logits(f, ids), hf_logits(d, ids)) < 1e-5
