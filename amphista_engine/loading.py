@@ -965,7 +965,7 @@ def _gguf_moe(reader, path, arch: str, a) -> dict:
 
 def _gguf_gemma3(path, a) -> dict:
     """Gemma 3 as llama.cpp reads it (llama-model.cpp, LLM_ARCH_GEMMA3): sliding layers by
-    attention.sliding_window_pattern (a period, default 6: every 6th layer full, 0: none; or one bool per layer,
+    attention.sliding_window_pattern (a period, default 6: every 6th layer full, 0: none full; or one bool per layer,
     true = sliding), their RoPE base rope.freq_base_swa (default 10000) and unscaled, and the attention scale
     head_dim ** -0.5 except on the 62-layer 27B, hidden / heads (no key: transformers' query_pre_attn_scalar)."""
     n, window = a("block_count"), a("attention.sliding_window")

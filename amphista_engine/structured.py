@@ -57,8 +57,29 @@ def grammar_source(response_format) -> str | None:
     if source is not None:
         error = _llguidance().LLMatcher.validate_grammar(source)
         if error:
-            raise InputError(f"response_format: {_said(error)}")
+            raise InputError(f"response_format: {_said(error)}{_rounding_note(error, response_format)}")
     return source
+
+
+def _rounding_note(error: str, response_format) -> str:
+    """Why bounds that hold values as written can meet as an empty range: _with_bound_points rounds each bound of
+    more than _EXACT_DIGITS significant digits inward on its own node, and bounds in different subschemas (allOf,
+    anyOf, $ref) meet only in llguidance, whose message then quotes rounded numbers the request never wrote."""
+    if "Unsatisfiable" not in error or "imum" not in error:
+        return ""
+    found, stack, seen = [], [response_format], 0
+    while stack and seen < 100_000 and len(found) < 4:
+        node, seen = stack.pop(), seen + 1
+        if isinstance(node, dict):
+            found += [f"{k} {v!r}" for k in _BOUNDS if isinstance(v := node.get(k), float) and math.isfinite(v)
+                      and not _whole(v) and len(_decimal(v).as_tuple().digits) > _EXACT_DIGITS]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    if not found:
+        return ""
+    return (f" (the grammar engine reads a bound to {_EXACT_DIGITS} significant digits, so each bound with more is "
+            f"rounded inward to them: {', '.join(found)}; use bounds of at most {_EXACT_DIGITS} significant digits)")
 
 
 def _said(error: str, limit: int = 600) -> str:
