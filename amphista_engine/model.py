@@ -126,8 +126,8 @@ class WindowMask:
     """The mask argument of a sliding layer in a forward whose keys reach past its window: bias [B, T, kv_len]
     (0 / -inf in the queries' dtype; [B, T, T] without a cache) that lets new token i see only the keys of positions
     > pos_i - window among what spec lets it see. Built once per forward, shared by the sliding layers, which then
-    take SDPA (the reference path), where the kernels do not take the window (KernelWindow: the triton and cuda
-    backends' decode and tree steps; the C++ layer stack windows its own, csrc/cpu/tree_attention.h)."""
+    take SDPA (the reference path), where the kernels do not take the window (KernelWindow: the triton, cuda and
+    cpu backends' decode and tree steps; the C++ layer stack windows its own, csrc/cpu/tree_attention.h)."""
     bias: torch.Tensor
 
 
@@ -148,9 +148,9 @@ def window_mask(spec: AttentionSpec | None, positions: torch.Tensor, window: int
 
 @dataclass
 class KernelWindow:
-    """The mask argument of a sliding layer past its window where the triton / cuda backend runs tree attention:
-    the forward's ancestor bits plus the window and the new tokens' positions, which the kernels apply themselves
-    (ops.tree_attention's `window`), so no dense WindowMask is built and no layer falls back to SDPA."""
+    """The mask argument of a sliding layer past its window where the triton / cuda / cpu backend runs tree
+    attention: the forward's ancestor bits plus the window and the new tokens' positions, which the kernels apply
+    themselves (ops.tree_attention's `window`), so no dense WindowMask is built and no layer falls back to SDPA."""
     bits: torch.Tensor          # [B or 1, N] int64 ancestor bits (ops.tree_mask_args, or the OrderedTree's)
     window: int
     positions: torch.Tensor     # [B or 1, N] int64
@@ -161,8 +161,9 @@ def kernel_window(mask, cache: KVCache | None, spec: AttentionSpec | None, posit
                   ordered: bool) -> KernelWindow | None:
     """A KernelWindow for this forward's sliding layers where the kernels can take the window: a cached step past
     it whose mask is the kernels' ancestor bits (ops.tree_mask_args gave no dense mask) or the GPU's row-invariant
-    layout (gpu_exact.OrderedTree), on the triton or cuda backend. None elsewhere: the CPU's ordered steps window
-    their own layout, the torch backend's dense mask and the cpu backend (whose kernel has no window) keep the
+    layout (gpu_exact.OrderedTree), on the triton or cuda backend, or on the cpu backend where its kernel takes the
+    window (fp32 / bf16, positions = prefix_len + depth: cpu_ops.takes_window). None elsewhere: the CPU's ordered
+    steps window their own layout, the torch backend's dense mask and what the cpu kernel declines keep the
     WindowMask built once per forward, and prefill chunks (CAUSAL_*) and uncached forwards keep it too."""
     order = mask if isinstance(mask, gpu_exact.OrderedTree) else None
     if (window is None or cache is None or ordered or positions is None or spec.kv_len <= window
@@ -170,10 +171,14 @@ def kernel_window(mask, cache: KVCache | None, spec: AttentionSpec | None, posit
                     and mask[0].dtype == torch.long)):
         return None
     from .kernels import backend
-    if backend.resolve("tree_attention", cache.k.device) not in ("triton", "cuda"):
-        return None
+    name = backend.resolve("tree_attention", cache.k.device)
     bits = order.bits if order is not None else mask[0]
-    return KernelWindow(bits, window, positions.reshape(-1, positions.shape[-1]), order)
+    positions = positions.reshape(-1, positions.shape[-1])
+    # where the cpu kernel would decline, the reference would rebuild the dense mask in every layer
+    if not (name in ("triton", "cuda") or name == "cpu" and order is None
+            and cpu_ops.takes_window(cache.k, spec.prefix_len, bits, positions)):
+        return None
+    return KernelWindow(bits, window, positions, order)
 
 
 class RMSNorm(nn.Module):
@@ -761,7 +766,7 @@ class Transformer(nn.Module):
         layers in the C++ stack where they are 4-bit on the cpu backend (fp32), else one by one
         (Block.forward_gemma; no fused decode), sliding layers on the local RoPE
         table and, once a forward's keys reach past the window, their own mask (the kernels' KernelWindow on the
-        triton and cuda backends, else a WindowMask, or on the CPU's ordered decode steps a windowed cpu_exact
+        triton, cuda and cpu backends, else a WindowMask, or on the CPU's ordered decode steps a windowed cpu_exact
         layout)."""
         cfg = self.config
         x = self.tok_embeddings(tokens)

@@ -1,5 +1,5 @@
 """ops.tree_attention's sliding window (`window`, `positions`): every backend the CPU runs (the torch reference, the
-cpu backend, which declines it to the reference, and Triton in its interpreter) against a dense-mask SDPA oracle
+cpu backend's C++ kernel, and Triton in its interpreter) against a dense-mask SDPA oracle
 built here from the rule itself (a query at position p sees key positions in (p - window, p] among what its tree
 mask lets it see; prefix slot s holds position s, new slot prefix_len + j holds positions[b, j]); the model's
 sliding layers past their window on the triton backend (KernelWindow, no WindowMask built) decoding as the torch

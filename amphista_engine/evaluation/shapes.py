@@ -37,8 +37,8 @@ SHAPES: dict[str, dict] = {
     "smollm3-3b": dict(vocab_size=128256, dim=2048, n_layers=36, n_heads=16, n_kv_heads=4, intermediate_size=11008,
                        norm_eps=1e-6, rope_theta=5000000.0, max_position_embeddings=65536, tie_word_embeddings=True,
                        nope_layers=tuple(range(3, 36, 4))),
-    # Gemma 3 (Gemma3ForCausalLM): 5 of every 6 layers slide over a 512-token window (past it they take the reference
-    # attention path), GELU MLPs, four (1 + w) norms a layer, q/k norms, a 262k vocabulary
+    # Gemma 3 (Gemma3ForCausalLM): 5 of every 6 layers slide over a 512-token window (past it the kernels take the
+    # window; the torch backend and long prefill chunks a dense mask), GELU MLPs, four (1 + w) norms a layer, q/k norms, a 262k vocabulary
     "gemma3-270m": dict(vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
                         intermediate_size=2048, norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
                         tie_word_embeddings=True, qk_norm=True, gemma=True, query_pre_attn_scalar=256,

@@ -153,10 +153,39 @@ def _bits(new_mask, B: int, N: int):
     return bits, (N if bits.shape[0] > 1 else 0)
 
 
+_BIT_INDEX = torch.arange(64)
+
+
+def _window_positions_fit(prefix_len, bits, positions, N: int) -> bool:
+    """Whether the new tokens' positions are prefix_len + depth, depth = ancestor bits' count - 1: the rule by which
+    the kernel places a token in its window (csrc/cpu/tree_attention.h). The engine's trees meet it; other
+    positions (left for the reference) would window the wrong keys."""
+    if positions.dtype != torch.long or positions.shape[-1] != N or positions.device.type != "cpu":
+        return False
+    B = prefix_len.shape[0]
+    if B * N <= 64:          # every layer of a step asks: a few list reads beat ~6 tensor ops (26 us a layer)
+        pos, starts, rows = positions.reshape(-1, N).tolist(), prefix_len.tolist(), bits.tolist()
+        return all(p == start + (x & 0xFFFFFFFFFFFFFFFF).bit_count() - 1
+                   for b, start in enumerate(starts)
+                   for p, x in zip(pos[b if len(pos) > 1 else 0], rows[b if len(rows) > 1 else 0]))
+    depth = ((bits[..., None] >> _BIT_INDEX) & 1).sum(-1) - 1            # the kernel's popcount of all 64 bits
+    return torch.equal((positions.reshape(-1, N) - depth).expand(B, N), prefix_len[:, None].expand(-1, N))
+
+
+def takes_window(k_cache, prefix_len, bits, positions) -> bool:
+    """Whether tree_attention with a window over this cache (the model's [L, B, H_kv, S, D] or a layer's) runs the
+    kernel for these int64 ancestor bits and positions, not the reference (model.kernel_window asks once a forward)."""
+    return (orders_keys(k_cache) and load_extension() is not None and k_cache.shape[-1] <= MAX_HEAD_DIM
+            and bits.dtype == torch.long and bits.shape[-1] <= 64
+            and _window_positions_fit(prefix_len, bits.reshape(-1, bits.shape[-1]), positions, bits.shape[-1]))
+
+
 def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale=None, dense_mask=None, order=None,
                    window=None, positions=None):
+    """window, positions: ops.tree_attention's sliding window, taken where the positions are what the kernel reads
+    off the ancestor bits (_window_positions_fit); it then reads only the window's keys."""
     ext, code = load_extension(), _CODES.get(q.dtype)
-    if ext is None or code is None or order is not None or window is not None or q.dim() != 4 or k_cache.dim() != 4:
+    if ext is None or code is None or order is not None or q.dim() != 4 or k_cache.dim() != 4:
         return NotImplemented
     B, H, N, D = q.shape
     _, H_kv, S, _ = k_cache.shape
@@ -171,11 +200,13 @@ def tree_attention(q, k_cache, v_cache, prefix_len, new_mask, kv_len: int, scale
     if mask is None:
         return NotImplemented
     bits, bits_sb = mask
+    if window is not None and not _window_positions_fit(prefix_len, bits, positions, N):
+        return NotImplemented
     out = torch.empty(B, N, H, D, dtype=q.dtype)
     ext.tree_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_cache.data_ptr(), v_cache.data_ptr(),
                        k_cache.stride(0), k_cache.stride(1), prefix_len.data_ptr(), bits.data_ptr(), bits_sb,
                        out.data_ptr(), B, H, H_kv, N, D, S, scale if scale is not None else D ** -0.5, code,
-                       kernel_threads())
+                       kernel_threads(), 0 if window is None else int(window))
     return out.transpose(1, 2)
 
 

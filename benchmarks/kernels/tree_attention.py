@@ -8,10 +8,11 @@ with programmatic dependent launch (AMPHISTA_PDL=1, Hopper and newer; elsewhere 
 timed chain of calls each one starts while the last drains, as after the step's RoPE + cache-write kernel.
 "triton:window" bounds the loads by the host's window kv_len instead of the prefix length (opt-in, see the
 launcher's `window`): no load waits for the length, the window's tail is read too.
-The "window" rows: a sliding layer past its window (Mistral-7B's shapes, window 4096 at prefix 8192; --quick: the
-tiny shape, window 64 at prefix 256), ops.tree_attention(..., window=W); "sdpa_window_mask" is what such a layer
-ran on every backend before the kernels took the window: SDPA over a prebuilt dense window mask. Bytes: the
-window's keys only.
+The "window" rows: a sliding layer past its window (Mistral-7B's shapes, window 4096 at prefix 8192, and
+Gemma-3-270M's, window 512 at prefix 2048; --quick: the tiny shape, window 64 at prefix 256),
+ops.tree_attention(..., window=W) on the triton, cuda and cpu backends; "sdpa_window_mask" is what such a layer
+ran on every backend before the kernels took the window (the cpu backend's before 2026-12-07): SDPA over a
+prebuilt dense window mask. Bytes: the window's keys only. `--prefixes ""` runs these rows alone.
 "copy:same-bytes" is a device-to-device copy that moves the kernel's bytes (half read, half written), timed the
 same way: what plain memory traffic of this size reaches, launch and ramp included (the 70% target is against a
 1 GiB copy, whose fixed costs vanish).
@@ -81,16 +82,21 @@ def run(bench):
     return rows + window_rows(bench)
 
 
-MISTRAL_7B = (32, 8, 128)          # query heads, KV heads, head dim
-WINDOW_CASE = (4096, 8192)         # window, prefix
+# (query heads, KV heads, head dim), (window, prefix), name
+WINDOW_CASES = [((32, 8, 128), (4096, 8192), "mistral-7b"), ((4, 1, 256), (512, 2048), "gemma3-270m")]
 
 
 def window_rows(bench):
     """A sliding layer past its window: plain decoding and tree-16 with the window in the kernel."""
+    tiny = bench.shapes[0]
+    cases = [((tiny.n_heads, tiny.n_kv_heads, tiny.head_dim), (64, 256), "tiny")] if bench.quick else WINDOW_CASES
+    return [row for case in cases for row in window_case_rows(bench, *case)]
+
+
+def window_case_rows(bench, heads, window_prefix, name):
     rows, dev, dt = [], bench.device, bench.dtype
     esize = torch.tensor([], dtype=dt).element_size()
-    (H, Hkv, D), (W, P), name = ((bench.shapes[0].n_heads, bench.shapes[0].n_kv_heads, bench.shapes[0].head_dim),
-                                 (64, 256), "tiny") if bench.quick else (MISTRAL_7B, WINDOW_CASE, "mistral-7b")
+    (H, Hkv, D), (W, P) = heads, window_prefix
     for N in NODES[:2]:
         tree = build_tree(TREES[N]).to(dev) if N > 1 else None
         mask = tree.mask[None] if tree is not None else torch.ones(1, 1, 1, dtype=torch.bool, device=dev)

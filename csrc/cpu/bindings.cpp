@@ -109,7 +109,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("tree_attention", [](int64_t q, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k, int64_t v,
                              int64_t kv_sb, int64_t kv_sh, int64_t prefix_len, int64_t bits, int64_t bits_sb,
                              int64_t out, int64_t B, int64_t H, int64_t H_kv, int64_t N, int64_t D, int64_t S,
-                             double scale, int64_t dtype, int64_t nthreads) {
+                             double scale, int64_t dtype, int64_t nthreads, int64_t window) {
     const DType dt = float_dtype(dtype, "dtype");
     TreeAttentionArgs a{ptr(q, "q"), stride(q_sb, "q_sb"), stride(q_sh, "q_sh"), stride(q_sn, "q_sn"), ptr(k, "k"),
                         ptr(v, "v"), stride(kv_sb, "kv_sb"), stride(kv_sh, "kv_sh"),
@@ -123,12 +123,16 @@ PYBIND11_MODULE(_cpu, m) {
     if (a.S < a.N) bad_arg("S", "is smaller than N");
     if (a.kv_sh < a.S * a.D) bad_arg("kv_sh", "is shorter than S * D");
     if (!(std::isfinite(scale) && scale > 0)) bad_arg("scale", "must be a finite number > 0");
+    if (window < 0) bad_arg("window", "must be >= 0 (0: no sliding window)");
+    a.window = window;
     py::gil_scoped_release unlocked;
     tree_attention(a, dt, threads(nthreads));
   }, py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("q_sn"), py::arg("k"), py::arg("v"), py::arg("kv_sb"),
      py::arg("kv_sh"), py::arg("prefix_len"), py::arg("bits"), py::arg("bits_sb"), py::arg("out"), py::arg("B"),
      py::arg("H"), py::arg("H_kv"), py::arg("N"), py::arg("D"), py::arg("S"), py::arg("scale"), py::arg("dtype"),
-     py::arg("threads"), "attention of N new tokens over the cache prefix and their ancestors, keys in position order");
+     py::arg("threads"), py::arg("window") = 0,
+     "attention of N new tokens over the cache prefix and their ancestors, keys in position order; window > 0: a "
+     "token at position prefix_len + depth sees only keys at positions > its own - window");
 
   m.def("kv_compact", [](int64_t k, int64_t v, int64_t src, int64_t dst_start, int64_t L, int64_t B_max,
                          int64_t H_kv, int64_t S, int64_t D, int64_t B, int64_t M, int64_t elem_size,

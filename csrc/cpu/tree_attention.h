@@ -123,20 +123,36 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
   const T* K = static_cast<const T*>(a.k) + b * a.kv_sb + hk * a.kv_sh;
   const T* V = static_cast<const T*>(a.v) + b * a.kv_sb + hk * a.kv_sh;
   const int64_t* bits = a.bits + b * a.bits_sb;
+  auto depth_of = [&](int64_t n) { return int64_t(__builtin_popcountll(uint64_t(bits[n]))) - 1; };
 
-  // fp32 views of q, K and V (bf16 is widened once here; fp32 is read in place)
+  // Each row's first visible prefix slot: 0, or past a window. The softmax and the value sum start there, so a token
+  // sums the same keys in the same lanes as a plain step at its position does (there its window starts as here).
+  // No row reads below the lowest of them, lo: its keys are neither widened nor scored (a plain step past the window
+  // touches about window keys, not the whole prefix).
+  std::vector<int64_t> first(size_t(R), 0);
+  int64_t lo = 0;
+  if (a.window > 0) {
+    lo = P;
+    for (int64_t r = 0; r < R; ++r) {
+      first[size_t(r)] = std::min(std::max<int64_t>(P + depth_of((r_lo + r) % a.N) - a.window + 1, 0), P);
+      lo = std::min(lo, first[size_t(r)]);
+    }
+  }
+
+  // fp32 views of q, K and V from slot lo on (bf16 is widened once here; fp32 is read in place)
   const bool widen = !std::is_same<T, float>::value;
-  buf.resize(size_t(R * D + R * keys + (widen ? 2 * keys * D : 0)));
+  const int64_t span = keys - lo;
+  buf.resize(size_t(R * D + R * keys + (widen ? 2 * span * D : 0)));
   float* qf = buf.data();
   float* score = qf + R * D;                  // [R, keys]: each row's visible keys packed in position order
-  const float* kf = reinterpret_cast<const float*>(K);
-  const float* vf = reinterpret_cast<const float*>(V);
+  const float* kf = reinterpret_cast<const float*>(K + lo * D);   // key slot j: kf + (j - lo) * D
+  const float* vf = reinterpret_cast<const float*>(V + lo * D);
   if (widen) {
     float* w = score + R * keys;
-    load_rows<L>(K, w, keys * D);
-    load_rows<L>(V, w + keys * D, keys * D);
+    load_rows<L>(K + lo * D, w, span * D);
+    load_rows<L>(V + lo * D, w + span * D, span * D);
     kf = w;
-    vf = w + keys * D;
+    vf = w + span * D;
   }
   for (int64_t r = 0; r < R; ++r) {            // row r_lo + r = g * N + n: query head hk * G + g, new token n
     const int64_t gn = r_lo + r;
@@ -144,19 +160,18 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
                  qf + r * D, D);
   }
 
-  // scores: every row sees the whole prefix, then the new tokens whose bit it has, in node (= depth) order
-  int64_t j0 = 0;
+  // scores: every row sees the prefix from lo, then the new tokens whose bit it has, in node (= depth) order
+  int64_t j0 = lo;
 #if AMPHISTA_X86
   if (isa() == Isa::kAvx512 && D % 16 == 0)
     for (; j0 + 16 <= P; j0 += 16)  // a 16-key tile of K serves every row
-      for (int64_t r = 0; r < R; ++r) dot16(qf + r * D, kf + j0 * D, D, a.scale, score + r * keys + j0);
+      for (int64_t r = 0; r < R; ++r) dot16(qf + r * D, kf + (j0 - lo) * D, D, a.scale, score + r * keys + j0);
   if (isa() == Isa::kAvx2 && D % 16 == 0)
     for (; j0 + 8 <= P; j0 += 8)
-      for (int64_t r = 0; r < R; ++r) dot8(qf + r * D, kf + j0 * D, D, a.scale, score + r * keys + j0);
+      for (int64_t r = 0; r < R; ++r) dot8(qf + r * D, kf + (j0 - lo) * D, D, a.scale, score + r * keys + j0);
 #endif
   for (int64_t j = j0; j < P; ++j)
-    for (int64_t r = 0; r < R; ++r) score[r * keys + j] = dot(qf + r * D, kf + j * D, D) * a.scale;
-  auto depth_of = [&](int64_t n) { return int64_t(__builtin_popcountll(uint64_t(bits[n]))) - 1; };
+    for (int64_t r = 0; r < R; ++r) score[r * keys + j] = dot(qf + r * D, kf + (j - lo) * D, D) * a.scale;
   auto sees = [&](int64_t r, int64_t j) {    // row r sees new token j: its ancestor (or itself), inside its window
     const int64_t n = (r_lo + r) % a.N;
     return ((uint64_t(bits[n]) >> j) & 1u) && (a.window <= 0 || depth_of(j) > depth_of(n) - a.window);
@@ -164,17 +179,8 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
   std::vector<int64_t> seen(size_t(R), P);
   for (int64_t j = 0; j < a.N; ++j)
     for (int64_t r = 0; r < R; ++r)
-      if (sees(r, j)) score[r * keys + seen[size_t(r)]++] = dot(qf + r * D, kf + (P + j) * D, D) * a.scale;
+      if (sees(r, j)) score[r * keys + seen[size_t(r)]++] = dot(qf + r * D, kf + (P + j - lo) * D, D) * a.scale;
 
-  // Each row's first visible prefix slot: 0, or past a window. The softmax and the value sum start there, so a token
-  // sums the same keys in the same lanes as a plain step at its position does (there its window starts as here).
-  std::vector<int64_t> first(size_t(R), 0);
-  bool windowed = false;
-  if (a.window > 0)
-    for (int64_t r = 0; r < R; ++r) {
-      first[size_t(r)] = std::min(std::max<int64_t>(P + depth_of((r_lo + r) % a.N) - a.window + 1, 0), P);
-      windowed |= first[size_t(r)] > 0;
-    }
   std::vector<float> inv_sum(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) {
     float* s = score + r * keys + first[size_t(r)];
@@ -209,9 +215,11 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
     float acc[RB][DC ? DC : kMaxDynamicD];  // local: the compiler keeps it in registers (it aliases nothing)
     for (int64_t rb = 0; rb < RB; ++rb)
       for (int64_t d = 0; d < D; ++d) acc[rb][d] = 0.f;
-    if (rb_n == RB && !windowed) {
-      for (int64_t i2 = 0; i2 < P; ++i2) {
-        const float* v = vf + i2 * D;
+    bool shared = rb_n == RB;                // the block's rows start at one slot (always without a window)
+    for (int64_t rb = 1; rb < rb_n; ++rb) shared &= first[size_t(r0 + rb)] == first[size_t(r0)];
+    if (shared) {
+      for (int64_t i2 = first[size_t(r0)]; i2 < P; ++i2) {
+        const float* v = vf + (i2 - lo) * D;
         for (int64_t rb = 0; rb < RB; ++rb) {
           const float w = score[(r0 + rb) * keys + i2];
           for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
@@ -221,7 +229,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       for (int64_t rb = 0; rb < rb_n; ++rb)
         for (int64_t i2 = first[size_t(r0 + rb)]; i2 < P; ++i2) {
           const float w = score[(r0 + rb) * keys + i2];
-          const float* v = vf + i2 * D;
+          const float* v = vf + (i2 - lo) * D;
           for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
         }
     }
@@ -232,7 +240,7 @@ AMPHISTA_INLINE void tree_attention_unit(const TreeAttentionArgs& a, int64_t b, 
       for (int64_t j = 0; j < a.N; ++j)
         if (sees(r, j)) {
           const float w = s[i3++];
-          const float* v = vf + (P + j) * D;
+          const float* v = vf + (P + j - lo) * D;
           for (int64_t d = 0; d < D; ++d) acc[rb][d] += w * v[d];
         }
       T* out = static_cast<T*>(a.out) + ((b * a.N + (r_lo + r) % a.N) * a.H + hk * G + (r_lo + r) / a.N) * D;
@@ -264,6 +272,7 @@ inline void tree_attention(const TreeAttentionArgs& a, DType dtype, int64_t thre
   const int64_t G = a.H / a.H_kv;
   int64_t longest = 0;
   for (int64_t b = 0; b < a.B; ++b) longest = std::max(longest, a.prefix_len[b]);
+  if (a.window > 0) longest = std::min(longest, a.window + a.N);   // a unit reads about this many prefix keys
   // Units (row, KV head) are independent: threads only change who computes one, never its result. Fewer of
   // them than a multiple of the threads (SmolLM2: 3 KV heads on 2 threads) leaves a thread idle for up to a
   // unit, so then the units are single query rows, handed out in contiguous runs: a (row, KV head) split between
