@@ -4,10 +4,22 @@ from __future__ import annotations
 import random
 import zlib
 
+import pytest
 import torch
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend():
+    """No process-wide backend and no cached choice before or after a test (imported: autouse in that module)."""
+    from amphista_engine.kernels import backend
+    backend.set_backend(None)
+    backend.clear_cache()
+    yield
+    backend.set_backend(None)
+    backend.clear_cache()
 
 
 def gen(*key) -> torch.Generator:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amphista_engine.kernels import backend, cpu_available, cpu_ops, ops, reference, set_backend, use_backend
+from amphista_engine.kernels import cpu_available, cpu_ops, ops, reference, use_backend
 
-from kernel_checks import gen, randn, rel_err, tree_bits
+from kernel_checks import fresh_backend, gen, randn, rel_err, tree_bits  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.skipif(not cpu_available(), reason="the CPU extension is not built")
 
@@ -24,13 +24,6 @@ CASES = [(2, 4, 4, 1, 64, "causal"), (2, 8, 2, 16, 128, "dynamic"), (1, 4, 1, 16
          (2, 4, 1, 16, 64, "static")]
 
 
-@pytest.fixture(autouse=True)
-def _clean_backend():
-    set_backend(None)
-    backend.clear_cache()
-    yield
-    set_backend(None)
-    backend.clear_cache()
 
 
 def _inputs(case, dtype, wname):

@@ -20,9 +20,9 @@ import pytest
 import torch.nn.functional as F
 
 from amphista_engine.errors import AmphistaError, ConfigError, InputError
-from amphista_engine.kernels import backend, cpu_available, ops, reference, set_backend, use_backend
+from amphista_engine.kernels import cpu_available, ops, reference, use_backend
 
-from kernel_checks import DEV, TOL, gen, randn, rel_err
+from kernel_checks import DEV, TOL, fresh_backend, gen, randn, rel_err  # noqa: F401  (autouse)
 from kernel_checks import tree_bits as _tree_bits
 from test_cuda_static_review_qa import stub_bindings  # noqa: F401  (the fixture: bindings.cpp on stub kernels)
 from test_kernels_triton import position_invariant_dot  # noqa: F401  (the fixture: an order-invariant tl.dot)
@@ -33,13 +33,6 @@ from amphista_engine.kernels import triton_ops  # noqa: E402  (imports triton)
 BLOCK_N = 64        # the Triton kernel's key tile: it loads nothing below the tile of its lowest window start
 
 
-@pytest.fixture(autouse=True)
-def _clean_backend():
-    set_backend(None)
-    backend.clear_cache()
-    yield
-    set_backend(None)
-    backend.clear_cache()
 
 
 def oracle(q, k, v, prefix, anc, pos, window, kv_len):
