@@ -86,3 +86,31 @@ def tiny_engine_and_hf(tiny_hf_dir):
     engine.load_heads(random_heads("amphista", engine.model, num_heads=3, seed=1))
     hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
     return engine, hf
+
+
+# A speculative step's tree: (token, parent) per node, 0 the root (the step's next token)
+TREE_NODES = [(42, -1), (7, 0), (99, 0), (5, 1), (250, 3), (64, 2)]
+
+
+def tree_step_logits(m, prefix: list[int], nodes=TREE_NODES, max_seq_len: int = 128):
+    """(logits [N, V] of one tree-verification step of `m` after prefilling `prefix` into a fresh fp32 cache, each
+    node's path of tokens from the root): the nodes in their slots, siblings beside them, positions by depth, so
+    node i's logits should be a plain forward's over prefix + paths[i]."""
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.model import AttentionSpec, causal_mask
+    P, N = len(prefix), len(nodes)
+    anc = torch.zeros(N, N, dtype=torch.bool)
+    paths = []
+    for i, (tok, parent) in enumerate(nodes):
+        anc[i, i] = True
+        if parent >= 0:
+            anc[i] |= anc[parent]
+        paths.append([nodes[j][0] for j in range(i + 1) if anc[i, j]])
+    depth = anc.sum(-1) - 1
+    cache = KVCache.for_model(m.config, 1, max_seq_len, torch.float32, "cpu")
+    with torch.no_grad():
+        spec = AttentionSpec(torch.zeros(1, dtype=torch.long), causal_mask(P, "cpu"), P, empty_prefix=True)
+        m(torch.tensor([prefix]), torch.arange(P)[None], cache, spec)
+        spec = AttentionSpec(torch.tensor([P]), anc[None], P + N, decode=True)
+        out = m(torch.tensor([[t for t, _ in nodes]]), (P + depth)[None], cache, spec)[0]
+    return out, paths

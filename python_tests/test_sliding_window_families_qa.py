@@ -16,7 +16,7 @@ from amphista_engine.kernels import cpu_available, use_backend
 from amphista_engine.loading import load_model
 
 from conftest import prefill_then_decode, write_tokenizer
-from model_helpers import hf_greedy, loaded_logits, plain_and_speculative, pretrained_logits, rel_err
+from model_helpers import hf_greedy, loaded_logits, plain_and_speculative, pretrained_logits, rel_err, tree_step_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -185,26 +185,10 @@ def test_tree_verification_past_the_window(family, exact, model_dir, monkeypatch
     """A speculative step's tree after a 30-token prefix: each node's logits are transformers' for the prefix plus
     the node's path (siblings in other slots, positions by depth)."""
     monkeypatch.setenv("AMPHISTA_EXACT_GREEDY", "1" if exact else "0")
-    from amphista_engine.kv_cache import KVCache
-    from amphista_engine.model import AttentionSpec, causal_mask
     d = model_dir(family)
     m = load_model(d, max_seq_len=128).model
-    prefix, P = IDS[:30], 30
-    nodes = [(42, -1), (7, 0), (99, 0), (5, 1), (250, 3), (64, 2)]       # (token, parent); 0 is the root
-    anc = torch.zeros(len(nodes), len(nodes), dtype=torch.bool)
-    paths = []
-    for i, (tok, parent) in enumerate(nodes):
-        anc[i, i] = True
-        if parent >= 0:
-            anc[i] |= anc[parent]
-        paths.append([nodes[j][0] for j in range(i + 1) if anc[i, j]])
-    depth = anc.sum(-1) - 1
-    cache = KVCache.for_model(m.config, 1, 128, torch.float32, "cpu")
-    with torch.no_grad():
-        spec = AttentionSpec(torch.zeros(1, dtype=torch.long), causal_mask(P, "cpu"), P, empty_prefix=True)
-        m(torch.tensor([prefix]), torch.arange(P)[None], cache, spec)
-        spec = AttentionSpec(torch.tensor([P]), anc[None], P + len(nodes), decode=True)
-        out = m(torch.tensor([[t for t, _ in nodes]]), (P + depth)[None], cache, spec)[0]
+    prefix = IDS[:30]
+    out, paths = tree_step_logits(m, prefix)
     hf = hf_model(d, family)
     for i, path in enumerate(paths):
         with torch.no_grad():
