@@ -255,7 +255,7 @@ def mistral_dir(tmp_path_factory):
 
 
 def test_triton_sliding_layers_decode_as_the_torch_backend(mistral_dir, monkeypatch):
-    """A Mistral-like model (window 8, every layer sliding, head dim 16) decoding 24 tokens past its window, plain and
+    """A Mistral-like model (window 8, every layer sliding, head dim 16) decoding 14 tokens past its window, plain and
     speculative (random Amphista heads, a dynamic-8 tree): on the triton backend the sliding layers window inside
     the kernel and no WindowMask is built; the tokens are the torch backend's (WindowMask + SDPA)."""
     from amphista_engine import model as model_mod
@@ -279,13 +279,13 @@ def test_triton_sliding_layers_decode_as_the_torch_backend(mistral_dir, monkeypa
         eng = Engine.from_pretrained(str(mistral_dir), device="cpu", dtype="fp32", max_seq_len=64, backend=name)
         eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
         built.clear(), windowed.clear()
-        answers[name] = plain_and_speculative(eng, IDS[:5], 24)
+        answers[name] = plain_and_speculative(eng, IDS[:5], 14)     # interpreted Triton: ~1 s a token
         if name == "torch":
             assert built and not windowed           # the reference path: one dense window mask a forward
         else:
             assert windowed and set(windowed) == {W} and not built
     plain, spec = answers["triton"]
-    assert len(plain) == 24 and spec == plain
+    assert len(plain) == 14 and spec == plain
     assert answers["triton"] == answers["torch"]
 
 
