@@ -23,6 +23,7 @@ from .generation import GenerationStats, PlainDecoder, run
 from .kernels.backend import check_backend, get_backend, scoped_backend, unmet_choice, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
 from .kv_cache import KVCache
+from .prompt_lookup import PromptLookup
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
 from .sampling import SamplingParams
 from .values import is_integral
@@ -336,6 +337,7 @@ class Engine:
             warnings.warn(f"max_seq_len={max_seq_len} is past the {trained} positions the model was trained on: "
                           "RoPE is extrapolated there, and text that long may degrade", stacklevel=3)
         self.heads = None           # loaded at the end (load_heads): a path or module is checked, not kept as given
+        self._lookup_drafter = None     # speculative="lookup"'s (made at its first run)
         self._cache: KVCache | None = None
         self._cache_batch = max_batch_size
         self.last_result: GenerationResult | None = None
@@ -816,6 +818,21 @@ class Engine:
         fits(0)
         return self.graphs.attach(PlainDecoder(self.model, self._cache_for(batch), params)), 0
 
+    def _lookup(self, tree):
+        """(the engine's prompt-lookup drafter, its chain's TreeSpec): both kept, so a kept prefix's drafter and a
+        captured graph's tree buffers are the next run's."""
+        from .prompt_lookup import chain_depth
+        from .speculative import TreeSpec
+        k = chain_depth(tree, self.device)
+        if self._lookup_drafter is None:
+            self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype)
+
+        def chain():
+            spec = TreeSpec([(0,) * d for d in range(1, k + 1)], k, self.device)
+            spec.name = f"chain-{k}"
+            return spec
+        return self._lookup_drafter, _recent(self._trees, ("lookup", k), chain)
+
     def _tree_spec(self, tree, batch: int = 1):
         """Static trees are built once per engine and kept on the device. tree None: the device's default for a
         batch of `batch` rows (speculative.default_tree)."""
@@ -846,7 +863,8 @@ class Engine:
                      add_generation_prompt: bool | None = None, include_stop_str_in_output: bool = False,
                      truncate_prompt_tokens: int | None = None, allowed_token_ids: Sequence[int] | None = None,
                      bad_words: Sequence[str] | None = None, chat_template: str | None = None,
-                     chat_template_kwargs: dict | None = None) -> Iterator[tuple[int, str]]:
+                     chat_template_kwargs: dict | None = None,
+                     prediction: str | None = None) -> Iterator[tuple[int, str]]:
         """Yields (row, text delta) for a batch of prompts; `self.last_results` holds the results after
         ([] where the run did not finish: closed early, or stopped by an error). row is the prompt's index; a row's
         deltas, joined, are its result's text, and stop once it ends. Deltas of rows come interleaved, step by
@@ -914,6 +932,14 @@ class Engine:
         finish_reason "stop", stop_reason None as for EOS (it is no stop string of the caller's); not under
         ignore_eos.
 
+        speculative="lookup": prompt lookup decoding, for any model, heads or none: each step drafts the tokens that
+        followed the latest earlier occurrence of the text's last 1-3 tokens (prompt and answer so far) as a chain
+        (tree "chain-K", K in 1..16; None: 7 on a GPU, 4 on a CPU), verified as the heads' trees are (greedy output
+        equal to plain decoding's, sampling lossless). It pays where the answer repeats what it has read: edits of
+        a given text, code, quotes. prediction: the answer's expected text (OpenAI's predicted outputs), searched
+        before the prompt, for every prompt of the call; it speeds up, never changes, the answer. A prediction
+        under speculative="auto" decodes by lookup; under None, "amphista" or "medusa" it is refused.
+
         admit: continuous batching (a server's requests that arrive mid-run). admit(free) is called between steps
         while the run has `free` rows to give (rows that ended, or rows up to max_batch_size) and returns a list of
         at most `free` (prompt, max_new_tokens) pairs to join the run, with this call's options. They become rows
@@ -969,6 +995,15 @@ class Engine:
                          frequency_penalty=frequency_penalty)
         if speculative == "none":         # the CLI's word for plain decoding (--speculative none)
             speculative = None
+        if prediction is not None:
+            if not isinstance(prediction, str):
+                raise InputError(f"prediction must be a string (the answer's expected text), got "
+                                 f"{type(prediction).__name__} {prediction!r:.60}")
+            if speculative == "auto":     # a prediction is the lookup's to draft from: the heads never read it
+                speculative = "lookup"
+            elif speculative != "lookup":
+                raise InputError(f"prediction drafts for prompt lookup decoding, but speculative={speculative!r} "
+                                 f"never reads it; pass speculative='lookup' (or 'auto') with it, or leave it out")
         if not isinstance(include_stop_str_in_output, bool):
             raise InputError(f"include_stop_str_in_output must be True or False, got "
                              f"{type(include_stop_str_in_output).__name__} {include_stop_str_in_output!r:.40}")
@@ -1018,7 +1053,7 @@ class Engine:
         if speculative is None and (tree is not None or acceptance != "auto"):     # not ignored without a word
             what = f"tree={tree!r}" if tree is not None else f"acceptance={acceptance!r}"
             raise InputError(f"{what} applies to speculative decoding, but speculative=None decodes plainly; pass "
-                             f"speculative='amphista', 'medusa' or 'auto' (with heads loaded)")
+                             f"speculative='amphista', 'medusa' or 'auto' (with heads loaded), or 'lookup'")
         stop = check_stop(stop)
         check_stop_unicode(stop)
         turn_stops = [] if ignore_eos or not all(self._templated(p, chat, template) for p in prompts) else \
@@ -1085,6 +1120,10 @@ class Engine:
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
                                        tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
+        if speculative == "lookup" and isinstance(getattr(decoder, "heads", None), PromptLookup):
+            # every lookup run says its own (none: an earlier run's prediction is not this one's)
+            decoder.heads.set_prediction(None if not prediction else [
+                self.tokenizer.encode(prediction, add_bos=False)] * len(ids))
         if grammar is not None:
             from .structured import Constraint
             decoder.constraint = Constraint(grammar, len(ids), self.device)

