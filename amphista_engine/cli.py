@@ -80,13 +80,17 @@ def _add_decoding_args(p: argparse.ArgumentParser):
     p.add_argument("--heads", default="default",
                    help="drafting-heads directory; 'default' = the heads shipped for the model if any (Amphista, "
                    "or those of --speculative); a shipped heads name (smollm2-135m-amphista, smollm2-135m-medusa); "
-                   "'none' = plain decoding")
-    p.add_argument("--speculative", default="auto", choices=["auto", "amphista", "medusa", "none"],
+                   "'none' = plain decoding. --speculative lookup loads none")
+    p.add_argument("--speculative", default="auto",
+                   choices=["auto", "amphista", "medusa", "lookup", "amphista+lookup", "medusa+lookup", "none"],
                    help="drafting method (auto: whatever --heads holds, if a quick timing on the CPU says it is "
-                        "faster than plain decoding there; none: plain decoding)")
+                        "faster than plain decoding there; lookup: prompt lookup decoding, drafts copied from the "
+                        "prompt and the answer so far, for any model and without heads; amphista+lookup: the heads' "
+                        "tree and the lookup's chain verified together; none: plain decoding)")
     p.add_argument("--tree", default=None, help="static tree name (e.g. mc_sim_7b_63, mix-8), dynamic-N, a JSON path "
                    "list, or auto: the fastest here of the trees the heads record a tau for (the default under "
-                   "--speculative auto)")
+                   "--speculative auto); --speculative lookup takes chain-K (K 1-16; default chain-7 on a GPU, "
+                   "chain-4 on a CPU); amphista+lookup takes the heads' tree, or TREE+chain-K to size the chain")
 
 
 def add_template_arg(p: argparse.ArgumentParser):
@@ -336,7 +340,18 @@ def _load(args, prompt=None):
         raise InputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the cache "
                          f"(--max-seq-len {args.max_seq_len or DEFAULT_MAX_SEQ_LEN}); raise --max-seq-len or lower "
                          f"--max-new-tokens")
-    from .shipped_heads import heads_dir
+    from .shipped_heads import check_lookup_heads, heads_dir
+    lookup = args.speculative == "lookup"
+    if lookup:      # before --heads is read, and the load: a lookup run loads no heads, and verifies a chain
+        check_lookup_heads(args.heads)
+        from .errors import ConfigError
+        from .prompt_lookup import MAX_DEPTH, chain_depth, default_depth
+        try:
+            chain_depth(args.tree, "cpu")
+        except ConfigError:
+            raise InputError(f"--tree {args.tree}: --speculative lookup drafts one token per depth, a chain: give "
+                             f"--tree chain-K with K in 1..{MAX_DEPTH}, or leave --tree out (chain-"
+                             f"{default_depth('cuda')} on a GPU, chain-{default_depth('cpu')} on a CPU)") from None
     if args.heads not in ("default", "none") or Path(args.heads).exists():
         # a typo'd shipped name or a missing directory is named before the load, as eval and bench name theirs
         args.heads = str(heads_dir(args.heads, args.model, "--heads"))
@@ -354,7 +369,15 @@ def _load(args, prompt=None):
         # measured on an AVX2 EPYC, 2 threads: 18-19 tokens/s in fp16, ~150-190 with the default fp32
         print("note: fp16 on a CPU runs torch's reference ops (the cpu backend's kernels take fp32 and bf16): "
               "several times slower than the default fp32 (--dtype fp32) or bf16", file=sys.stderr)
-    speculative = resolve_heads(engine, args.heads, args.speculative)
+    if lookup:      # no heads to load, nor a speculation check to time them: the drafts are the text's own
+        return engine, "lookup", args.tree, None
+    with_lookup = args.speculative.endswith("+lookup")
+    speculative = resolve_heads(engine, args.heads, args.speculative.removesuffix("+lookup"))
+    if with_lookup:         # the heads beside a lookup chain: the method asked for, no timing of the heads alone
+        if speculative is None:
+            raise InputError(f"--speculative {args.speculative} needs drafting heads, and none are shipped for "
+                             f"{args.model}: pass --heads DIR, or --speculative lookup (no heads)")
+        return engine, f"{speculative}+lookup", args.tree, None
     if speculative is None and args.tree is not None:     # no heads shipped for the model: plain, said above
         warnings.warn(f"--tree {args.tree} is not used: there are no drafting heads to draft with (--heads DIR)")
     check, tree = None, args.tree
@@ -380,8 +403,12 @@ def _load(args, prompt=None):
 
 
 def _method(engine, result) -> str | None:
-    """The drafting method a run used (speculative="auto" may have decoded plainly), or None."""
-    return engine.heads.config.kind if engine.heads is not None and "tree" in result.stats.extra else None
+    """The drafting method a run used (speculative="auto" may have decoded plainly), or None: its stats' own word
+    (a lookup run beside loaded heads is no run of theirs)."""
+    extra = result.stats.extra
+    if "tree" not in extra:
+        return None
+    return extra.get("method") or (engine.heads.config.kind if engine.heads is not None else None)
 
 
 def _decoding_kwargs(args, speculative, tree) -> dict:

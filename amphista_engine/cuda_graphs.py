@@ -115,8 +115,11 @@ def external_buffers(decoder) -> list[torch.Tensor]:
         # _w_sub: the LM head's draft-vocabulary rows, gathered lazily and dropped by set_draft_vocab; a graph that
         # kept reading the old rows scored the new vocabulary's slots with the old tokens' rows
         bufs += _tensors_of(heads, ("_rope", "_stage_index", "_w_sub", "draft_vocab"))
-        # prompt lookup's history and predictions (a run with a longer prediction reallocates them)
-        bufs += _tensors_of(heads, ("hist", "length", "found", "pred", "pred_len", "pred_at"))
+        # prompt lookup's history and predictions (a run with a longer prediction reallocates them), alone or
+        # beside the heads (HeadsWithLookup: its chain's tokens, its lookup's buffers)
+        bufs += _tensors_of(heads, ("chain",))
+        for lookup in (heads, getattr(heads, "lookup", None)):
+            bufs += _tensors_of(lookup, ("hist", "length", "found", "pred", "pred_len", "pred_at"))
     tree = getattr(getattr(decoder, "tree", None), "static", None)
     if tree is not None:
         bufs += _tensors_of(tree, ("depth", "parent", "rank", "ancestor_bits", "mask", "retrieve"))

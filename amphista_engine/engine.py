@@ -338,6 +338,7 @@ class Engine:
                           "RoPE is extrapolated there, and text that long may degrade", stacklevel=3)
         self.heads = None           # loaded at the end (load_heads): a path or module is checked, not kept as given
         self._lookup_drafter = None     # speculative="lookup"'s (made at its first run)
+        self._with_lookup = None        # ((heads id, chain), HeadsWithLookup): speculative="amphista+lookup"'s
         self._cache: KVCache | None = None
         self._cache_batch = max_batch_size
         self.last_result: GenerationResult | None = None
@@ -821,31 +822,39 @@ class Engine:
     def _lookup(self, tree):
         """(the engine's prompt-lookup drafter, its chain's TreeSpec): both kept, so a kept prefix's drafter and a
         captured graph's tree buffers are the next run's."""
-        from .prompt_lookup import chain_depth
-        from .speculative import TreeSpec
+        from .prompt_lookup import chain_depth, chain_spec
         k = chain_depth(tree, self.device)
         if self._lookup_drafter is None:
             self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype)
+        return self._lookup_drafter, _recent(self._trees, ("lookup", k), lambda: chain_spec(k, self.device))
 
-        def chain():
-            spec = TreeSpec([(0,) * d for d in range(1, k + 1)], k, self.device)
-            spec.name = f"chain-{k}"
-            return spec
-        return self._lookup_drafter, _recent(self._trees, ("lookup", k), chain)
+    def _heads_with_lookup(self, tree, batch: int):
+        """(the loaded heads with a prompt-lookup chain beside their tree, that TreeSpec). tree: the heads' tree
+        (None: the device's default), or "TREE+chain-K" for a chain of K (else the device's default chain)."""
+        from .prompt_lookup import HeadsWithLookup, chain_depth
+        heads_tree, _, chain = tree.rpartition("+") if isinstance(tree, str) and "+chain-" in tree else (tree, 0, None)
+        k = chain_depth(chain, self.device)
+        if self._lookup_drafter is None:
+            self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype)
+        key = (id(self.heads), k)
+        if self._with_lookup is None or self._with_lookup[0] != key:
+            self._with_lookup = (key, HeadsWithLookup(self.heads, self._lookup_drafter, k))
+        return self._with_lookup[1], self._tree_spec(None if heads_tree in (None, "auto") else heads_tree, batch,
+                                                     chain=k)
 
-    def _tree_spec(self, tree, batch: int = 1):
+    def _tree_spec(self, tree, batch: int = 1, chain: int = 0):
         """Static trees are built once per engine and kept on the device. tree None: the device's default for a
-        batch of `batch` rows (speculative.default_tree)."""
+        batch of `batch` rows (speculative.default_tree). chain: a prompt-lookup chain of that many nodes beside."""
         from .speculative import TreeSpec, default_tree
         if tree is None:
             tree = default_tree(self.heads.num_heads, self.device, self.heads.config.extra.get("trees"),
                                 self.quant == "q4", batch)
-        key = (_tree_key(tree), self.heads.num_heads)
+        key = (_tree_key(tree), self.heads.num_heads, chain)
         if isinstance(tree, str) and tree.endswith(".json") and os.path.isfile(tree):
             key += (os.stat(tree).st_mtime_ns,)      # a tree file edited since is read again, not served stale
         return _recent(self._trees, key, lambda: TreeSpec(tree, self.heads.num_heads, self.device,
                                                         self.heads.config.extra.get("trees"),
-                                                        four_bit=self.quant == "q4"))
+                                                        four_bit=self.quant == "q4", chain=chain))
 
     # ---- generation ------------------------------------------------------------------------------------
     @one_thread_if_forked
@@ -936,9 +945,12 @@ class Engine:
         followed the latest earlier occurrence of the text's last 1-3 tokens (prompt and answer so far) as a chain
         (tree "chain-K", K in 1..16; None: 7 on a GPU, 4 on a CPU), verified as the heads' trees are (greedy output
         equal to plain decoding's, sampling lossless). It pays where the answer repeats what it has read: edits of
-        a given text, code, quotes. prediction: the answer's expected text (OpenAI's predicted outputs), searched
-        before the prompt, for every prompt of the call; it speeds up, never changes, the answer. A prediction
-        under speculative="auto" decodes by lookup; under None, "amphista" or "medusa" it is refused.
+        a given text, code, quotes. speculative="amphista+lookup" (or "medusa+lookup"): the loaded heads' tree and
+        the lookup's chain off its root, verified in one forward (tree: the heads' tree, "TREE+chain-K" to size the
+        chain), so each step keeps the longer of the heads' guess and the copy. prediction: the answer's expected
+        text (OpenAI's predicted outputs), searched before the prompt, for every prompt of the call; it speeds up,
+        never changes, the answer. A prediction under speculative="auto" decodes by lookup (beside the loaded
+        heads, where there are some); under None, "amphista" or "medusa" it is refused.
 
         admit: continuous batching (a server's requests that arrive mid-run). admit(free) is called between steps
         while the run has `free` rows to give (rows that ended, or rows up to max_batch_size) and returns a list of
@@ -1000,10 +1012,11 @@ class Engine:
                 raise InputError(f"prediction must be a string (the answer's expected text), got "
                                  f"{type(prediction).__name__} {prediction!r:.60}")
             if speculative == "auto":     # a prediction is the lookup's to draft from: the heads never read it
-                speculative = "lookup"
-            elif speculative != "lookup":
+                speculative = "lookup" if self.heads is None else f"{self.heads.config.kind}+lookup"
+            elif not str(speculative).endswith("lookup"):
                 raise InputError(f"prediction drafts for prompt lookup decoding, but speculative={speculative!r} "
-                                 f"never reads it; pass speculative='lookup' (or 'auto') with it, or leave it out")
+                                 f"never reads it; pass speculative='lookup' (or 'auto', 'amphista+lookup') with "
+                                 f"it, or leave it out")
         if not isinstance(include_stop_str_in_output, bool):
             raise InputError(f"include_stop_str_in_output must be True or False, got "
                              f"{type(include_stop_str_in_output).__name__} {include_stop_str_in_output!r:.40}")
@@ -1120,7 +1133,7 @@ class Engine:
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,
                                        tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
-        if speculative == "lookup" and isinstance(getattr(decoder, "heads", None), PromptLookup):
+        if hasattr(getattr(decoder, "heads", None), "set_prediction"):
             # every lookup run says its own (none: an earlier run's prediction is not this one's)
             decoder.heads.set_prediction(None if not prediction else [
                 self.tokenizer.encode(prediction, add_bos=False)] * len(ids))

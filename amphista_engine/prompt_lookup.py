@@ -13,6 +13,8 @@ it: an answer tracks its prediction in order, where the history's latest match i
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .errors import ConfigError
@@ -41,6 +43,16 @@ def chain_depth(tree, device) -> int:
                           f"in 1..{MAX_DEPTH} (or None for the device's default, chain-{default_depth(device)}), "
                           f"got {tree!r}")
     return int(k)
+
+
+def chain_spec(k: int, device):
+    """The TreeSpec of a lookup alone: a chain of k nodes drafted at rank 0 (one-hot drafts), whose `bare` part is the
+    root alone (a step no row has a match for verifies it as a plain step)."""
+    from .speculative import TreeSpec
+    from .tree import build_tree
+    spec = TreeSpec([(0,) * d for d in range(1, k + 1)], k, device)
+    spec.name, spec.bare = f"chain-{k}", build_tree([], 1, device)
+    return spec
 
 
 def _match_starts(src: torch.Tensor, valid: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
@@ -103,16 +115,29 @@ class PromptLookup:
                 t[:n] = t[keep]
 
     def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int, depth: int = MAX_DEPTH):
-        self.length[rows] = 0
-        if self.pred is not None:       # a joiner brings no prediction (they are the run's prompts' own)
-            self.pred_len[rows] = 0
-            self.pred_at[rows] = 0
-        return self._write_and_draft(rows, next_tokens, count, depth)
+        return self._one_hot(self.join(rows, next_tokens, count, depth), self.found[rows])
 
     def step(self, hidden, next_tokens, count, kv_len: int, depth: int = MAX_DEPTH) -> torch.Tensor:
         """next_tokens [B, M] (count[b] of them real) go after row b's history -> drafts [B, depth, V], one-hot
         (all zeros for a row with no match)."""
+        tokens = self.advance(next_tokens, count, depth)
+        return self._one_hot(tokens, self.found[:tokens.shape[0]])
+
+    def _one_hot(self, tokens: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+        B, depth = tokens.shape
+        draft = torch.zeros(B, depth, self.vocab_size, dtype=self.dtype, device=tokens.device)
+        return draft.scatter_(2, tokens[..., None], (found.to(self.dtype) * HIT)[:, None, None].expand(B, depth, 1))
+
+    def advance(self, next_tokens, count, depth: int) -> torch.Tensor:
+        """As step, the drafted tokens [B, depth] (0 where found[b] is False)."""
         return self._write_and_draft(slice(0, next_tokens.shape[0]), next_tokens, count, depth)
+
+    def join(self, rows: torch.Tensor, next_tokens, count, depth: int) -> torch.Tensor:
+        """Rows `rows` start afresh with these prompts (a run's joiners): their drafted tokens [len(rows), depth]."""
+        self.length[rows] = 0
+        if self.pred is not None:       # a joiner shares the run's options, its prediction too: the first row's
+            self.pred[rows], self.pred_len[rows], self.pred_at[rows] = self._first_pred, self._first_pred_len, 0
+        return self._write_and_draft(rows, next_tokens, count, depth)
 
     # ---- predicted outputs -------------------------------------------------------------------------------
     def set_prediction(self, predictions: list[list[int]] | None):
@@ -135,6 +160,7 @@ class PromptLookup:
         for i, p in enumerate(self._predictions[:rows]):
             host[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         self.pred.copy_(host)
+        self._first_pred, self._first_pred_len = self.pred[0].clone(), len(self._predictions[0])
         self.pred_len.copy_(torch.tensor([len(p) for p in self._predictions[:rows]]
                                          + [0] * max(rows - len(self._predictions), 0)))
         self.pred_at.zero_()
@@ -152,9 +178,7 @@ class PromptLookup:
             self.hist[rows], self.length[rows] = hist, length
         tokens, found = self._draft_tokens(hist, length, rows, depth)
         self.found[rows] = found        # read by the decoder's host loop (a CPU verifies the root alone without one)
-        draft = torch.zeros(B, depth, self.vocab_size, dtype=self.dtype, device=hist.device)
-        hit = (found.to(self.dtype) * HIT)[:, None, None].expand(B, depth, 1)
-        return draft.scatter_(2, tokens[..., None], hit)
+        return tokens
 
     def _draft_tokens(self, hist, length, rows, depth: int):
         """([B, depth] drafted tokens, [B] bool: a match was found; tokens are 0 where none was)."""
@@ -199,3 +223,54 @@ class PromptLookup:
             # the next search starts where this copy did, less the n-gram that found it
             self.pred_at[rows] = torch.where(from_pred, (pred_src - self.max_ngram).clamp(min=0), pat)
         return torch.where(found[:, None], tokens, 0), found
+
+
+class HeadsWithLookup:
+    """Trained heads and prompt lookup drafting together (speculative="amphista+lookup"): the tree verifies the heads'
+    nodes and the lookup's chain off the root in one forward (TreeSpec's `chain`), so a step keeps the longer of the
+    heads' guess and a copy from the text. Everything else a decoder or a graph asks of the heads is the heads'."""
+
+    def __init__(self, heads, lookup: PromptLookup, depth: int):
+        self.heads, self.lookup, self.chain_depth = heads, lookup, depth
+        self.kind = f"{heads.config.kind}+lookup"
+        self._takes_depth = "depth" in inspect.signature(heads.step).parameters
+        self.chain = None             # [batch, depth]: the chain's tokens for the next step, written in place
+
+    def __getattr__(self, name):      # config, token_ids, sal_cache, keep_rows' absence... as the heads have them
+        return getattr(self.heads, name)
+
+    @property
+    def found(self):
+        return self.lookup.found
+
+    def reset_cache(self, batch: int, max_seq_len: int):
+        self.heads.reset_cache(batch, max_seq_len)
+        self.lookup.reset_cache(batch, max_seq_len)
+        if self.chain is None or self.chain.shape[0] < batch:
+            self.chain = torch.zeros(batch, self.chain_depth, dtype=torch.long, device=self.lookup.device)
+
+    def resume_cache(self, length: int):
+        self.heads.resume_cache(length)
+        self.lookup.resume_cache(length)
+
+    def cache_epoch(self):
+        return self.heads.cache_epoch(), self.lookup.cache_epoch()
+
+    def keep_rows(self, keep: torch.Tensor):
+        self.heads.keep_rows(keep)
+        self.lookup.keep_rows(keep)
+        self.chain[:len(keep)] = self.chain[keep]
+
+    def set_prediction(self, predictions):
+        self.lookup.set_prediction(predictions)
+
+    def prefill_rows(self, rows: torch.Tensor, hidden, next_tokens, count, kv_len: int, depth: int | None = None):
+        self.chain[rows] = self.lookup.join(rows, next_tokens, count, self.chain_depth)
+        return self.heads.prefill_rows(rows, hidden, next_tokens, count, kv_len, **self._depth(depth))
+
+    def step(self, hidden, next_tokens, count, kv_len: int, depth: int | None = None) -> torch.Tensor:
+        self.chain[:next_tokens.shape[0]].copy_(self.lookup.advance(next_tokens, count, self.chain_depth))
+        return self.heads.step(hidden, next_tokens, count, kv_len, **self._depth(depth))
+
+    def _depth(self, depth):
+        return {"depth": depth} if self._takes_depth and depth is not None else {}

@@ -192,8 +192,20 @@ def heads_dir(heads, model, flag: str, method: str = "amphista", none: str | Non
     raise _not_found(text, flag)
 
 
+def check_lookup_heads(heads) -> None:
+    """--heads beside --speculative lookup, which drafts from the text itself: only the default (nothing asked) is
+    taken; a heads directory or name would be loaded for nothing, and none asks for plain decoding."""
+    if heads != "default":
+        raise InputError(f"--heads {heads} does not go with --speculative lookup: prompt lookup drafts from the "
+                         f"prompt and answer themselves and loads no heads; drop --heads"
+                         + (" (or give --speculative none for plain decoding)" if heads == "none" else ""))
+
+
 def resolve_heads(engine, heads: str, speculative: str) -> str | None:
     """Load the heads the CLI flags ask for; returns the speculative method to run, or None for plain."""
+    if speculative == "lookup":
+        check_lookup_heads(heads)
+        return "lookup"
     if heads not in ("default", "none") or Path(heads).exists():     # a path wins over the words, as in heads_alias
         heads = str(heads_dir(heads, engine.loaded_name, "--heads"))
     if heads == "none" and speculative not in ("auto", "none"):

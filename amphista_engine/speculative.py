@@ -19,7 +19,8 @@ from .kernels import cpu_exact, cpu_packed, gpu_exact, ops
 from .kernels.cpu_threads import on_pool
 from .model import AttentionSpec
 from .sampling import SamplingParams, answer_penalties
-from .tree import TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, dynamic_tree_depth, static_tree_tokens
+from .tree import (TOPK, TREES, TreeBuffers, build_tree, dynamic_tree, dynamic_tree_depth, get_tree_choices,
+                   static_tree_tokens)
 
 DEFAULT_TREE = "mc_sim_7b_63"
 # On a GPU a static tree's step costs the same at any shape of 64 nodes (1.25x plain, 7B, H200), so the default is
@@ -62,6 +63,8 @@ def default_tree(num_heads: int, device, heads_trees: dict | None = None, four_b
 
 
 ACCEPTANCE = ("auto", "greedy", "typical", "rejection")
+# The drafting methods: trained heads, prompt lookup (prompt_lookup.py), or both in one tree.
+METHODS = ("amphista", "medusa", "lookup", "amphista+lookup", "medusa+lookup")
 
 
 def resolve_acceptance(acceptance: str, params: SamplingParams) -> str:
@@ -110,10 +113,13 @@ def _tree_file(path: str):
 class TreeSpec:
     """A static tree (built once, on the device) or a dynamic one of N nodes (built every step)."""
 
-    def __init__(self, tree, num_heads: int, device, heads_trees: dict | None = None, four_bit: bool = False):
+    def __init__(self, tree, num_heads: int, device, heads_trees: dict | None = None, four_bit: bool = False,
+                 chain: int = 0):
         """tree: a shipped name, dynamic-N, a name from heads_trees (trees fitted to the loaded heads by
         `amphista tree-search --save`, e.g. tuned-63), a JSON path list, or a .json file holding one; None: the
-        device's default (four_bit: a target with 4-bit CPU weights)."""
+        device's default (four_bit: a target with 4-bit CPU weights). chain: a prompt-lookup chain of that many
+        nodes off the root beside the heads' (HeadsWithLookup; static trees only): `bare` is then the heads' tree
+        alone, verified in a step where no row's lookup found a match."""
         if tree is None:
             tree = default_tree(num_heads, device, heads_trees, four_bit)
         self.name = tree if isinstance(tree, str) else "custom"
@@ -131,6 +137,10 @@ class TreeSpec:
                               f"(theirs: {', '.join(sorted(heads_trees or {})) or 'none'}); "
                               f"run `amphista tree-search --save` on them")
         self.static: TreeBuffers | None = None
+        self.bare: TreeBuffers | None = None
+        if chain and isinstance(tree, str) and tree.startswith("dynamic-"):
+            raise ConfigError(f"tree {tree!r}: a prompt-lookup chain joins a static tree only (the heads' nodes and "
+                              f"the chain's are laid out once); pick a static tree, e.g. 'tree-16' or 'mix-4'")
         if isinstance(tree, str) and tree.startswith("dynamic-"):
             n = tree.removeprefix("dynamic-")
             # int() would also take ' 8', '+8' and '1_6' (16): a name the heads' recorded taus never match
@@ -139,10 +149,11 @@ class TreeSpec:
             self.num_nodes = int(n)
             if not 2 <= self.num_nodes <= 512:
                 raise ConfigError(f"dynamic tree size must be in [2, 512], got {self.num_nodes}")
+            self.head_depth = None      # (set below)
             try:      # up front, as a static tree too deep for the heads: the first step would refuse it mid-run
                 # the depth the tree can reach (N - 1 nodes below the root, at most one per head): it sizes a
                 # step's tokens and cache room, and the CPU's exactness limit (dynamic-4 on 8 heads is 3 deep)
-                self.max_depth = dynamic_tree_depth(num_heads, TOPK, self.num_nodes)
+                self.max_depth = self.head_depth = dynamic_tree_depth(num_heads, TOPK, self.num_nodes)
             except ConfigError as e:
                 raise ConfigError(f"tree {tree!r}: {e}") from None
         else:
@@ -156,23 +167,41 @@ class TreeSpec:
             if self.num_nodes < 2:        # the root alone: every step would pay the heads for nothing
                 raise ConfigError(f"tree {self.name if self.name != 'custom' else tree!r} has no draft nodes; "
                                   f"give at least one path, e.g. [[0]]")
-            if self.max_depth > num_heads:
-                raise ConfigError(f"tree {self.name!r} is {self.max_depth} deep but the heads draft only "
+            self.head_depth = self.max_depth
+            if chain:
+                # the chain's nodes read a rank past the heads' top-k: the lookup's token at their depth (build)
+                self.bare = self.static
+                self.static = build_tree(get_tree_choices(tree) + [(TOPK,) * d for d in range(1, chain + 1)],
+                                         TOPK + 1, device)
+                self.num_nodes, self.max_depth = self.static.num_nodes, self.static.max_depth
+                self.name = f"{self.name}+chain-{chain}"
+            if self.head_depth > num_heads:
+                raise ConfigError(f"tree {self.name!r} is {self.head_depth} deep but the heads draft only "
                                   f"{num_heads} tokens; pick a tree at most {num_heads} deep")
 
-    def build(self, root: torch.Tensor, draft_logits: torch.Tensor, token_ids=None) -> TreeBuffers:
+    def build(self, root: torch.Tensor, draft_logits: torch.Tensor, token_ids=None, chain=None,
+              bare: bool = False) -> TreeBuffers:
         """Node tokens and layout for this step. draft_logits: [B, K, V']; token_ids maps a logit index to its
-        token (heads with a draft vocabulary), None = identity."""
+        token (heads with a draft vocabulary), None = identity. chain [B, L]: the prompt lookup's tokens for the
+        chain's nodes; bare: verify `bare` in place of the whole tree."""
+        if bare and self.bare.num_nodes == 1:         # a lookup alone with no match: the root (a plain step)
+            self.bare.tokens = root[:, None]
+            return self.bare
         if self.static is None:
             k = min(TOPK, draft_logits.shape[-1])
             values, slots = torch.log_softmax(draft_logits.float(), -1).topk(k, dim=-1)
             return dynamic_tree(root, (values, slots if token_ids is None else token_ids(slots)), self.num_nodes, k)
-        top = draft_logits[:, :self.max_depth].topk(min(TOPK, draft_logits.shape[-1]), dim=-1).indices
+        top = draft_logits[:, :self.head_depth].topk(min(TOPK, draft_logits.shape[-1]), dim=-1).indices
         if token_ids is not None:
             top = token_ids(top)
         if top.shape[-1] < TOPK:     # vocabularies smaller than top-k: repeat (acceptance skips duplicates)
             top = torch.cat([top, top[..., -1:].expand(*top.shape[:-1], TOPK - top.shape[-1])], -1)
-        tree = self.static
+        tree = self.bare if bare else self.static
+        if tree.topk > TOPK:         # rank TOPK at depth d: the chain's token there (depths past the heads' too)
+            grown = top.new_zeros(top.shape[0], self.max_depth, TOPK + 1)
+            grown[:, :top.shape[1], :TOPK] = top
+            grown[:, :chain.shape[1], TOPK] = chain[:top.shape[0]]     # (the rows this step runs)
+            top = grown
         tree.tokens = static_tree_tokens(tree, root, top)
         return tree
 
@@ -223,14 +252,14 @@ class SpeculativeDecoder(PlainDecoder):
         # Drafts of the heads the tree reads only (a CPU pays each head's LM-head rows: mix-4's 2 of 4 heads saved
         # ~0.25 ms a step on SmolLM2's 4-bit heads), where the drafter takes a depth
         takes = "depth" in inspect.signature(heads.step).parameters
-        self._depth = {"depth": tree.max_depth} if takes else {}
+        self._depth = {"depth": tree.head_depth} if takes else {}
         self.tokens_per_step = tree.max_depth + 1
         self.times = {"draft": 0.0, "verify": 0.0, "accept": 0.0, "commit": 0.0}
         self.admits = False     # set by the engine before prefill: rows may join between steps (add_rows)
         # A drafter that says where it has no guess (prompt lookup's `found`): a CPU, which pays a tree by the node,
-        # verifies the root alone in a step no row has one for (a plain step's cost); a GPU keeps the static tree
-        # its graphs replay (it verifies a chain at about a plain step's cost anyway)
-        self._root_only, self._root_tree = False, None
+        # verifies the tree's `bare` part in a step no row has one for (the heads' tree; the root alone, a plain
+        # step's cost, for a lookup alone); a GPU keeps the static tree its graphs replay (a chain costs it little)
+        self._bare = False
 
     def _tick(self, phase: str, t0: float) -> float:
         if self.profile:
@@ -317,8 +346,8 @@ class SpeculativeDecoder(PlainDecoder):
         self._advance_constraint()
         found = getattr(self.heads, "found", None)
         # (not under graphs: a replay runs the captured tree, whatever this step found)
-        self._root_only = (found is not None and self.device.type == "cpu" and "step_device" not in self.__dict__
-                           and not bool(found[:self.next.shape[0]].any()))
+        self._bare = (found is not None and self.tree.bare is not None and self.device.type == "cpu"
+                      and "step_device" not in self.__dict__ and not bool(found[:self.next.shape[0]].any()))
         # One window serves the verify forward (N new slots) and the SAL update (at most D + 1 slots).
         return self.step_device(kv_window(self.host_len + self.tree.num_nodes, self.cache.max_seq_len))
 
@@ -329,13 +358,7 @@ class SpeculativeDecoder(PlainDecoder):
         B, root, length = self.next.shape[0], self.next, self.cache.length[:self.next.shape[0]]
         draft = self.draft if self.constraint is None else self.constraint.first_head(self.draft, self._token_ids)
         draft = self._penalised_draft(draft)
-        if self._root_only:
-            if self._root_tree is None:
-                self._root_tree = build_tree([], TOPK, self.device)
-            tree = self._root_tree
-            tree.tokens = root[:, None]
-        else:
-            tree = self.tree.build(root, draft, self._token_ids)
+        tree = self.tree.build(root, draft, self._token_ids, getattr(self.heads, "chain", None), self._bare)
         t0 = self._tick("draft", t0)
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))
@@ -409,7 +432,7 @@ class SpeculativeDecoder(PlainDecoder):
         return answer_penalties(draft, seen, counts, self.params)
 
     def stats_extra(self) -> dict:
-        kind = getattr(getattr(self.heads, "config", None), "kind", None) or getattr(self.heads, "kind", None)
+        kind = getattr(self.heads, "kind", None) or getattr(getattr(self.heads, "config", None), "kind", None)
         return {"method": kind, "tree": self.tree.name, "tree_nodes": self.tree.num_nodes,
                 "acceptance": self.acceptance,
                 "time_ms": {k: round(v, 3) for k, v in self.times.items()}}
@@ -420,19 +443,23 @@ def make_speculative_decoder(engine, batch: int, params: SamplingParams, method:
     """Returns (decoder, extra cache room it needs beyond prompt + max_new_tokens). fits(extra): the engine's room
     checks, called before its cache is allocated or grown (a refused call paid for a larger cache); where it returns
     False nothing is made: (None, extra). tree_room=False: no step runs (max_new_tokens=1), so no room is taken."""
-    if method not in ("amphista", "medusa", "lookup"):
-        raise InputError(f"speculative must be 'amphista', 'medusa', 'lookup', 'auto' or None ('none'), got "
+    if method not in METHODS:
+        raise InputError(f"speculative must be one of {', '.join(map(repr, METHODS))}, 'auto' or None ('none'), got "
                          f"{method!r}")
     if method == "lookup":          # drafts from the text itself: no heads
         drafter, spec = engine._lookup(tree)
     else:
+        heads_kind = method.removesuffix("+lookup")
         if engine.heads is None:
             raise InputError(f"speculative={method!r} needs drafting heads: Engine.from_pretrained(..., "
                              f"heads=\"default\") for the shipped ones, heads=DIR for your own, or "
                              f"engine.load_heads(...); speculative='lookup' drafts without them")
-        if engine.heads.config.kind != method:
+        if engine.heads.config.kind != heads_kind:
             raise InputError(f"speculative={method!r} but the loaded heads are {engine.heads.config.kind} heads")
-        drafter, spec = engine.heads, engine._tree_spec(tree, batch)
+        if method.endswith("+lookup"):
+            drafter, spec = engine._heads_with_lookup(tree, batch)
+        else:
+            drafter, spec = engine.heads, engine._tree_spec(tree, batch)
     # A step writes the tree's nodes and accepts at most its depth + 1 tokens (a dynamic-N tree: at most N - 1 deep)
     extra = spec.num_nodes + spec.max_depth if tree_room else 0
     if fits is not None and not fits(extra):

@@ -42,7 +42,7 @@ def engine(tiny_amphista_engine):
     return tiny_amphista_engine
 
 
-@pytest.mark.parametrize("speculative", [None, "amphista"])
+@pytest.mark.parametrize("speculative", [None, "amphista", "lookup", "amphista+lookup"])
 @pytest.mark.parametrize("per_call", [1, None])
 def test_joined_prompts_answer_as_alone(engine, speculative, per_call):
     opts = dict(chat=False, speculative=speculative, logprobs=True, top_logprobs=2)

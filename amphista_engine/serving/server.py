@@ -60,7 +60,7 @@ IDLE_TIMEOUT_S = 300.0
 MAX_BATCH = 8                # requests decoded together at most (`amphista serve --max-batch`)
 WAIT_POLL_S = 0.1            # a handler waiting for its run looks this often whether its client left
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-SPECULATIVE = ("auto", "amphista", "medusa", "none")
+SPECULATIVE = ("auto", "amphista", "medusa", "lookup", "amphista+lookup", "medusa+lookup", "none")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # OpenAI fields this server does not implement: refused where they ask for something (a client sending the default
 # value, as many do, is served). name -> (the values that ask for nothing, what to say)
@@ -91,9 +91,10 @@ CHAT_ONLY = {"functions", "function_call", "audio", "modalities", "web_search_op
 COMPLETION_ONLY = {"best_of", "suffix", "tools", "tool_choice", "functions", "function_call", "web_search_options",
                    "moderation"}
 # OpenAI fields taken as hints and ignored (both endpoints): an end-user id, a cache key, its retention and options, a
-# service tier, a reasoning model's effort and verbosity, store (as vLLM: served, nothing kept), metadata (kept with
-# a stored completion) and a predicted output (a latency hint: the answer is the same). They change nothing an
-# answer holds here, but a malformed one is a 400 naming it (_hints), as OpenAI refuses it.
+# service tier, a reasoning model's effort and verbosity, store (as vLLM: served, nothing kept) and metadata (kept
+# with a stored completion). They change nothing an answer holds here, but a malformed one is a 400 naming it
+# (_hints), as OpenAI refuses it. A predicted output is checked there too, and drafted from (decoding(): prompt
+# lookup), which speeds an answer up and never changes it.
 SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast", "ultrafast")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 VERBOSITY = ("low", "medium", "high")
@@ -178,7 +179,7 @@ def _engine_error(e: AmphistaError, prompt_field: str = "messages", tree_given: 
             "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "max_tokens", "speculative",
             "tree", "acceptance", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
             "stop_token_ids", "response_format", "continue_final_message", "truncate_prompt_tokens",
-            "allowed_token_ids", "bad_words", "include_stop_str_in_output", "ignore_eos") else None
+            "allowed_token_ids", "bad_words", "include_stop_str_in_output", "ignore_eos", "prediction") else None
         if constraint is not None and message.startswith(constraint):
             param = constraint          # a vLLM constraint's name (structured_outputs.regex: more than one word)
         return ApiError(400, message, param)
@@ -766,7 +767,7 @@ def check_hint_values(body: dict, names) -> None:
 
 def _hints(body: dict):
     """The OpenAI hints a request sends (HINT_TEXTS, HINT_VALUES, store, metadata, prompt_cache_options,
-    prediction), checked; none of them changes the answer."""
+    prediction), checked; none of them changes the answer (a prediction is drafted from: _prediction)."""
     for name in HINT_TEXTS:
         if body.get(name) is not None:
             _text(body[name], name)
@@ -784,6 +785,18 @@ def _hints(body: dict):
                     for p in content))):
             raise ApiError(400, f"prediction must be {{\"type\": \"content\", \"content\": a string or text "
                            f"parts}}, got {_json_type(prediction)}", "prediction")
+
+
+def _prediction(body: dict) -> str | None:
+    """The text of a request's OpenAI predicted output (its parts joined; checked by _hints), or None where it sends
+    none or an empty one, which has nothing to draft from."""
+    prediction = body.get("prediction")
+    if not isinstance(prediction, dict):
+        return None
+    content = prediction.get("content")
+    text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content or ()
+                                                            if isinstance(p, dict))
+    return text or None
 
 
 def _template_ends(body: dict, chat: bool) -> dict:
@@ -947,7 +960,7 @@ class OpenAIApp:
         return hmac.compare_digest(given, self._api_key)
 
     def default_method(self) -> str:
-        """The server's default way of decoding, as /metrics names it: plain, amphista or medusa."""
+        """The server's default way of decoding, as /metrics names it: plain, amphista, medusa or lookup."""
         if self.speculative is None:
             return "plain"
         if self.speculative == "auto":      # the heads loaded decide; none: plain
@@ -1247,14 +1260,29 @@ class OpenAIApp:
             if isinstance(s, str) and _not_utf8(s):
                 raise ApiError(400, "a stop string is not valid Unicode (a lone surrogate escape)", "stop")
         speculative, tree = self.speculative, self.tree
+        prediction = _prediction(body)
         if body.get("speculative") is not None:
             speculative = body["speculative"]
             if speculative not in SPECULATIVE:
                 raise ApiError(400, f"speculative must be one of {', '.join(map(repr, SPECULATIVE))}, got "
                                f"{_json_type(speculative)}", "speculative")
+            if prediction is not None and speculative != "auto" and not speculative.endswith("lookup"):
+                # refused before the request waits (the engine would, at its run)
+                raise ApiError(400, f"prediction drafts for prompt lookup decoding, which speculative "
+                               f"{speculative!r} never reads; send speculative 'lookup' (or 'auto', "
+                               f"'amphista+lookup') with it, or leave one of them out", "prediction")
             speculative = None if speculative == "none" else speculative
             if speculative is None or body.get("tree") is None:
                 tree = None         # the server's --tree was meant for its own method, not this request's
+        elif prediction is not None and not str(speculative).endswith("lookup"):
+            # a prediction is the lookup's to draft from, whatever the server's own method (its heads never read it:
+            # beside them where the server decodes with its heads, alone where it decodes plainly)
+            heads = getattr(self.engine, "heads", None)
+            speculative = "lookup" if speculative is None or heads is None else f"{heads.config.kind}+lookup"
+            tree = None
+        if prediction is not None:
+            # batch-wide in the engine: in the options, so the batch key keeps other predictions out of this run
+            kwargs["prediction"] = prediction
         if body.get("tree") is not None:
             tree = body["tree"]
             # A request must not make the server open files of its choosing: tree files are the operator's
