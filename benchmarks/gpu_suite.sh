@@ -136,6 +136,8 @@ TESTS+=(python_tests/test_acceptance.py::test_cuda_matches_cpu_without_host_sync
 TESTS+=(python_tests/test_per_row_max_tokens.py::test_per_row_limits_under_cuda_graphs)
 # (2026-12-07, session 64) tree attention's sliding window on the CUDA kernel and a windowed model on the device
 TESTS+=(python_tests/test_tree_attention_window_qa.py)
+# (2026-12-07, session 65) prompt lookup (alone and beside the heads) captured in CUDA graphs
+TESTS+=(python_tests/test_prompt_lookup.py::test_lookup_under_cuda_graphs)
 # The benchmarks' CPU smoke tests (*_on_cpu) are CI's: here they only take time from the latency stage.
 # Routed products pick the Triton GEMM or cuBLAS by timing both (kernels/linear_choice.py). Timed beside 7 other
 # test workers the choices are noise: the tests keep theirs in memory, and the benchmark stages after them

@@ -251,27 +251,36 @@ def test_heads_with_lookup_bad_trees(heads_engine):
         heads_engine.generate("hi", 4, speculative="medusa+lookup")
 
 
+def _graph_answers(path, device: str, graphs):
+    """Answers of lookup and amphista+lookup runs with and without predictions of different lengths on an engine
+    whose graphs are `graphs` (None: eager); asserts the graphs replayed."""
+    from amphista_engine import Engine
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(path), device=device, dtype="fp32", max_seq_len=256,
+                                 cuda_graphs=graphs is not None)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1).to(device))
+    if graphs is not None and graphs != "cuda":
+        eng.graphs = graphs
+    got = []
+    for spec in ("lookup", "amphista+lookup"):
+        for pred in (None, "the the the the", "a b c " * 30, None):
+            r = eng.generate("a b c a b c a b", 24, chat=False, speculative=spec, prediction=pred, ignore_eos=True)
+            got.append((r.token_ids, r.stats.decode_steps))
+    if graphs is not None:
+        assert eng.graphs.stats.replays > 0 and eng.graphs.stats.failed_captures == 0, eng.graphs.stats
+    return got
+
+
 def test_graph_replays_follow_each_runs_prediction(tiny_hf_dir):
     """Under the CUDA-graph bookkeeping (graph_standin's CPU stand-in), runs with and without predictions of
     different lengths each draft from their own: replayed answers equal eager ones, and the graphs do replay."""
-    from amphista_engine import Engine
-    from amphista_engine.heads import random_heads
     from graph_standin import CPUGraphs
-    answers = {}
-    for graphs in (False, True):
-        eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256,
-                                     cuda_graphs=graphs)
-        eng.load_heads(random_heads("amphista", eng.model, num_heads=3, seed=1))
-        if graphs:
-            eng.graphs = CPUGraphs()
-        got = []
-        for spec in ("lookup", "amphista+lookup"):
-            for pred in (None, "the the the the", "a b c " * 30, None):
-                r = eng.generate("a b c a b c a b", 24, chat=False, speculative=spec, prediction=pred,
-                                 ignore_eos=True)
-                got.append((r.token_ids, r.stats.decode_steps))
-        answers[graphs] = got
-        if graphs:
-            assert eng.graphs.stats.replays > 0 and eng.graphs.stats.failed_captures == 0
-            assert not eng.graphs.built_in_capture
-    assert answers[True] == answers[False]
+    standin = CPUGraphs()
+    assert _graph_answers(tiny_hf_dir, "cpu", standin) == _graph_answers(tiny_hf_dir, "cpu", None)
+    assert not standin.built_in_capture
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lookup_under_cuda_graphs(tiny_hf_dir):
+    """On a GPU: the lookup's search and the chain's tokens are captured and replayed (no host sync in them)."""
+    assert _graph_answers(tiny_hf_dir, "cuda", "cuda") == _graph_answers(tiny_hf_dir, "cuda", None)
