@@ -832,10 +832,20 @@ class Engine:
         """(the loaded heads with a prompt-lookup chain beside their tree, that TreeSpec). tree: the heads' tree
         (None: the device's default), or "TREE+chain-K" for a chain of K (else the device's default chain)."""
         from .prompt_lookup import HeadsWithLookup, chain_depth
+        from .tree import TREES
         heads_tree, _, chain = tree.rpartition("+") if isinstance(tree, str) and "+chain-" in tree else (tree, 0, None)
         k = chain_depth(chain, self.device)
         if self._lookup_drafter is None:
             self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype)
+        if heads_tree in (None, "auto") and self.device.type != "cpu":
+            # The GPU kernels take trees of at most 64 nodes (a uint64 mask row; past it attention falls back to a
+            # dense mask): the default's 64 leave no room for the chain, so the largest of the heads' fitted trees
+            # that does (mix-32 + chain-7), else Medusa's tree cut to fit (its order: every prefix is a tree)
+            base = self._tree_spec(None, batch)
+            if base.static is not None and base.num_nodes + k > 64:
+                fitted = self.heads.config.extra.get("trees") or {}
+                sizes = [n for n in (32, 16, 8, 4) if f"mix-{n}" in fitted and n + k <= 64]
+                heads_tree = f"mix-{sizes[0]}" if sizes else [list(p) for p in TREES["mc_sim_7b_63"][:63 - k]]
         key = (id(self.heads), k)
         if self._with_lookup is None or self._with_lookup[0] != key:
             self._with_lookup = (key, HeadsWithLookup(self.heads, self._lookup_drafter, k))

@@ -284,3 +284,19 @@ def test_graph_replays_follow_each_runs_prediction(tiny_hf_dir):
 def test_lookup_under_cuda_graphs(tiny_hf_dir):
     """On a GPU: the lookup's search and the chain's tokens are captured and replayed (no host sync in them)."""
     assert _graph_answers(tiny_hf_dir, "cuda", "cuda") == _graph_answers(tiny_hf_dir, "cuda", None)
+
+
+@needs_smollm2
+def test_a_gpus_default_tree_leaves_room_for_the_chain(heads_engine):
+    """The GPU kernels take at most 64 nodes (uint64 masks): the GPU default (the heads' mix-64) plus a chain of 7
+    would fall back to dense masks, so amphista+lookup's GPU default is the heads' largest fitted tree with room."""
+    e = heads_engine
+    cpu = e.device
+    try:
+        e.device = torch.device("meta")     # a device other than the CPU, without a GPU: only the choice is made
+        _, spec = e._heads_with_lookup(None, 1)
+        assert (spec.name, spec.num_nodes) == ("mix-32+chain-7", 39)
+    finally:
+        e.device = cpu
+        e._trees.clear()
+        e._with_lookup = None
