@@ -316,7 +316,7 @@ def test_first_python_api_block_runs_as_written(one_thread, capsys):
             node.keywords = [k for k in node.keywords if k.arg != "max_new_tokens"]
             node.keywords.append(ast.keyword("max_new_tokens", ast.Constant(4)))
             calls += 1
-    assert calls == 3, "the README's Python block changed: review this test"
+    assert calls == 5, "the README's Python block changed: review this test"
     ns: dict = {}
     exec(compile(ast.fix_missing_locations(tree), "README.md", "exec"), ns)
     out = capsys.readouterr().out
@@ -326,6 +326,7 @@ def test_first_python_api_block_runs_as_written(one_thread, capsys):
     assert engine.last_result is not None and engine.last_result.token_ids   # the stream finished
     assert res.stats.extra["tree"] == "mc_sim_7b_63" and res.stats.tau >= 1
     assert set(res.stats.extra["time_ms"]) == {"draft", "verify", "accept", "commit"}   # "draft/verify/accept/commit"
+    assert ns["fix"].stats.extra["method"] == "lookup" and ns["edit"].stats.extra["method"] == "amphista+lookup"
 
 
 # ------------------------------------------------------------------------------------------ quoted results
