@@ -1144,9 +1144,10 @@ class Engine:
                                        tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
         if hasattr(getattr(decoder, "heads", None), "set_prediction"):
-            # every lookup run says its own (none: an earlier run's prediction is not this one's)
+            # every lookup run says its own (none: an earlier run's prediction is not this one's); no answer is
+            # longer than the cache, so neither is the part of a prediction worth searching
             decoder.heads.set_prediction(None if not prediction else [
-                self.tokenizer.encode(prediction, add_bos=False)] * len(ids))
+                self.tokenizer.encode(prediction, add_bos=False)[:self.max_seq_len]] * len(ids))
         if grammar is not None:
             from .structured import Constraint
             decoder.constraint = Constraint(grammar, len(ids), self.device)
