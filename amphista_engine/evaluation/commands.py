@@ -112,13 +112,18 @@ def register(sub) -> None:
                                    "ones are computed; answers from another configuration or to an edited question "
                                    "are refused, not mixed in.")
     e.add_argument("--questions", required=True, help="Spec-Bench-format JSONL: question_id, category, turns")
-    e.add_argument("--methods", default="ar,medusa,amphista", help="comma list of ar, medusa, amphista")
+    e.add_argument("--methods", default="ar,medusa,amphista", help="comma list of ar, medusa, amphista, lookup "
+                   "(prompt lookup: drafts copied from the text, no heads), amphista+lookup, medusa+lookup (the "
+                   "heads' tree and a lookup chain in one forward; X's heads)")
     e.add_argument("--model", default="smollm2-135m", help="checkpoint directory, .gguf file or alias")
     e.add_argument("--heads-amphista", default=None, help="Amphista heads: a directory, `default` (the heads "
                    "shipped for --model, also when unset) or a shipped heads name (smollm2-135m-amphista)")
     e.add_argument("--heads-medusa", default=None, help="the same for Medusa heads (smollm2-135m-medusa)")
-    e.add_argument("--tree", default=None, help="tree for both methods (default: the engine's per device: the heads' "
-                   "mix-64 (else mc_sim_7b_63) on GPUs, tree-16 on CPUs, mix-4 (or chain-3) with 4-bit CPU weights)")
+    e.add_argument("--tree", default=None, help="the heads' tree, for every heads method (default: the engine's per "
+                   "device: the heads' mix-64 (else mc_sim_7b_63) on GPUs, tree-16 on CPUs, mix-4 (or chain-3) with "
+                   "4-bit CPU weights); TREE+chain-K also sizes the lookup's chain (lookup runs chain-K, X+lookup "
+                   "TREE+chain-K; default chain: 4 on CPUs, 7 on GPUs); lookup runs a --tree chain-K as it is, "
+                   "any other tree with its default chain")
     e.add_argument("--max-new-tokens", type=_int, default=1024, help="per turn (Spec-Bench: 1024; less on CPU)")
     e.add_argument("--categories", default=None, help="comma list of categories to run (default: all)")
     e.add_argument("--limit", type=_int, default=None, help="first N questions (after --categories)")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..errors import InputError
 
-COLORS = {"ar": "#7f7f7f", "medusa": "#1f77b4", "amphista": "#d62728"}
+COLORS = {"ar": "#7f7f7f", "medusa": "#1f77b4", "amphista": "#d62728", "lookup": "#2ca02c",
+          "amphista+lookup": "#ff7f0e", "medusa+lookup": "#9467bd"}
 
 
 def _log(msg: str):
@@ -92,7 +93,7 @@ def plot_eval(summary: dict, out_dir, log=_log) -> list[Path]:
     so a plain-only run (--methods ar) gets neither: empty axes would read as a broken run."""
     spec = [m for m in summary["methods"] if m != "ar"]
     if not spec:
-        log("note: no plots: tau and speedup per category need a speculative method (medusa, amphista)")
+        log("note: no plots: tau and speedup per category need a speculative method (medusa, amphista, lookup, ...)")
         return []
     plt = _pyplot()
     out_dir = Path(out_dir)

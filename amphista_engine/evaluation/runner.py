@@ -17,14 +17,15 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import AmphistaError, InputError
 from ..text_files import read_utf8, user_path
 from ..values import is_int, is_real
 from .env import environment, now
 from .questions import question_digest, read_questions
 
-METHODS = ("ar", "medusa", "amphista")
-SPECULATIVE = ("medusa", "amphista")
+METHODS = ("ar", "medusa", "amphista", "lookup", "amphista+lookup", "medusa+lookup")
+SPECULATIVE = METHODS[1:]
+HEADS_KINDS = ("medusa", "amphista")
 _ALIASES = {"plain": "ar", "none": "ar"}
 WARMUP_TOKENS = 64          # enough to warm kernels and allocators without a full answer per warm-up
 ANSWERS, SUMMARY, SUMMARY_MD, RUN_CONFIG = "answers.jsonl", "summary.json", "summary.md", "run_config.json"
@@ -46,7 +47,9 @@ def parse_methods(methods, log=_log) -> list[str]:
             continue
         name = _ALIASES.get(name, name)
         if name not in METHODS:
-            raise InputError(f"unknown method {name!r}; known methods: ar (plain decoding), medusa, amphista")
+            raise InputError(f"unknown method {name!r}; known methods: ar (plain decoding), medusa, amphista, "
+                             "lookup (prompt lookup, no heads), amphista+lookup, medusa+lookup (the heads' tree "
+                             "and a lookup chain)")
         if name not in out:
             out.append(name)
     if not out:
@@ -56,19 +59,74 @@ def parse_methods(methods, log=_log) -> list[str]:
     return ["ar"] + [m for m in out if m != "ar"]
 
 
+def heads_kind(method: str) -> str | None:
+    """The heads a method drafts with: "amphista" for amphista and amphista+lookup; None for ar and lookup."""
+    kind = method.removesuffix("+lookup")
+    return kind if kind in HEADS_KINDS else None
+
+
 def resolve_heads_paths(methods, model, heads: dict | None) -> dict[str, str]:
-    """The heads directory for each speculative method, absolute: given explicitly (a directory, "default" or a
-    shipped heads name, as generate's --heads takes them), else the heads shipped for `model`."""
+    """The heads directory of each heads kind the methods draft with ({"medusa": DIR, "amphista": DIR}, X+lookup
+    taking X's), absolute: given explicitly (a directory, "default" or a shipped heads name, as generate's --heads
+    takes them), else the heads shipped for `model`. ar and lookup need none."""
     from ..shipped_heads import heads_dir
     heads = heads or {}
     paths = {}
+    for kind in dict.fromkeys(k for k in map(heads_kind, methods) if k):
+        given = heads.get(kind)
+        users = [m for m in methods if heads_kind(m) == kind]
+        which = ", ".join(users)
+        paths[kind] = str(heads_dir("default" if given is None else given, model, f"--heads-{kind}", method=kind,
+                                    none=f"eval runs {which} with drafting heads; leave {which} out of --methods "
+                                         f"to skip {'them' if len(users) > 1 else 'it'}"))
+    return paths
+
+
+def method_trees(methods, tree) -> dict:
+    """The `tree` each method's generate() gets, from eval's one --tree (checked before the model loads).
+
+    --tree is the heads' tree (medusa, amphista); "TREE+chain-K" adds the prompt lookup's chain: the heads methods
+    run TREE, X+lookup TREE+chain-K, lookup chain-K. Without a chain part X+lookup runs the heads' tree and the
+    device's default chain, and lookup, which verifies a chain only, runs --tree where it is one (chain-K), else
+    its default chain (run_eval says so). None: every method's default.
+    """
+    if tree is None or tree == "auto":
+        return {m: None for m in methods}
+    from ..prompt_lookup import MAX_DEPTH, chain_depth
+    lookups = [m for m in methods if m.endswith("lookup")]
+    chain, heads_tree = None, tree
+    suffixed = isinstance(tree, str) and "+chain-" in tree
+    if suffixed:
+        heads_tree, _, chain = tree.rpartition("+")
+        if not lookups:
+            raise InputError(f"--tree {tree}: its +{chain} is the prompt lookup's chain, but --methods runs no "
+                             f"lookup method (lookup, amphista+lookup, medusa+lookup); give the heads' tree alone: "
+                             f"--tree {heads_tree or 'mix-4'}")
+        if not heads_tree.strip() and any(map(heads_kind, methods)):
+            raise InputError(f"--tree {tree}: name the heads' tree before +{chain} (e.g. mix-4+{chain})")
+        if heads_tree == "auto":
+            raise InputError("eval compares the methods on one tree: name it (--tree mix-8, ...); --tree auto is "
+                             "for generate")
+    elif isinstance(tree, str) and tree.startswith("chain-"):
+        chain = tree
+    # a chain after "+" is the lookup's, whichever lookup method runs it; a bare chain-K also a heads' tree
+    if suffixed or chain is not None and "lookup" in methods:
+        try:
+            chain_depth(chain, "cpu")
+        except AmphistaError:
+            raise InputError(f"--tree {tree}: the prompt lookup's chain must be chain-K with K in 1..{MAX_DEPTH}, "
+                             f"got {chain}") from None
+    out = {}
     for m in methods:
         if m == "ar":
-            continue
-        given = heads.get(m)
-        paths[m] = str(heads_dir("default" if given is None else given, model, f"--heads-{m}", method=m,
-                                 none=f"eval runs {m} with drafting heads; leave {m} out of --methods to skip it"))
-    return paths
+            out[m] = None
+        elif m == "lookup":
+            out[m] = chain
+        elif m.endswith("+lookup"):
+            out[m] = tree
+        else:
+            out[m] = heads_tree
+    return out
 
 
 # ---- answers file ------------------------------------------------------------------------------------------
@@ -196,7 +254,8 @@ def _write_run_config(out: Path, config: dict):
 # ---- running -----------------------------------------------------------------------------------------------
 
 def _generate(engine, prompt, method: str, kwargs: dict):
-    """One method's answer: "ar" decodes plainly (no tree), the others speculate with their heads."""
+    """One method's answer: "ar" decodes plainly (no tree), the others speculate (kwargs' tree: the method's own,
+    method_trees)."""
     if method == "ar":
         return engine.generate(prompt, **{**kwargs, "tree": None}, speculative=None)
     return engine.generate(prompt, **kwargs, speculative=method)
@@ -237,11 +296,22 @@ def _answer(engine, question: dict, method: str, gen_kwargs: dict, room: int, ru
             "tstamp": time.time(), "run": run, "question_digest": question_digest(question)}
 
 
+def _method_tree(engine, method: str, tree):
+    """The TreeSpec `method` runs with `tree` (its heads loaded): an unknown tree, one deeper than the heads or a
+    chain a lookup cannot run is refused here, before any answer, not mid-run."""
+    if method == "lookup":
+        return engine._lookup(tree)[1]
+    if method.endswith("+lookup"):
+        return engine._heads_with_lookup(tree, 1)[1]
+    return engine._tree_spec(tree)
+
+
 def _warmup(engine, question: dict, methods, gen_kwargs: dict, runs: int):
-    """Untimed runs per method first: lazy allocations, kernel selection and caches settle outside the clock."""
-    kwargs = {**gen_kwargs, "max_new_tokens": min(gen_kwargs["max_new_tokens"], WARMUP_TOKENS)}
+    """Untimed runs per method first: lazy allocations, kernel selection and caches settle outside the clock.
+    gen_kwargs: each method's generate() options."""
     prompt = [{"role": "user", "content": question["turns"][0]}]
     for method, heads in methods.items():
+        kwargs = {**gen_kwargs[method], "max_new_tokens": min(gen_kwargs[method]["max_new_tokens"], WARMUP_TOKENS)}
         if heads is not None:
             engine.load_heads(heads)
         for _ in range(runs):
@@ -256,7 +326,8 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
              quant: str = "auto") -> dict:
     """Runs (or resumes) the evaluation and writes answers.jsonl, summary.json, summary.md (and plots).
 
-    heads: {"medusa": DIR, "amphista": DIR}; a method without one uses the heads shipped for `model`.
+    heads: {"medusa": DIR, "amphista": DIR}; a method without one uses the heads shipped for `model` (X+lookup: X's
+    heads; lookup: none). tree: the heads' tree, "TREE+chain-K" to size the lookup's chain (method_trees).
     engine: an already loaded Engine (tests, notebooks); `model`, `device`, `dtype`, `max_seq_len` are then
     ignored except `model` naming the shipped heads.
     """
@@ -277,6 +348,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     if tree == "auto":      # each method would time its own pick: the comparison needs one tree for all
         raise InputError("eval compares the methods on one tree: name it (--tree mix-8, ...); --tree auto is for "
                          "generate")
+    trees = method_trees(methods, tree)
     heads_paths = resolve_heads_paths(methods, model, heads)
     out = Path(out)
     if out.exists() and not out.is_dir():       # mkdir's own error says only "File exists", after the load
@@ -296,18 +368,27 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
         log(f"loading {model} ...")
         engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_seq_len=max_seq_len, quant=quant)
     greedy = temperature == 0
-    # Load every method's heads once; switching methods then just swaps the module on the engine.
-    loaded: dict[str, object] = {"ar": None}
+    # Load every kind of heads once; switching methods then just swaps the module on the engine.
+    loaded: dict[str, object] = {m: None for m in methods}
     room, trees_used, digests = 0, {}, {}
-    for m, path in heads_paths.items():
+    for kind, path in heads_paths.items():
         h = engine.load_heads(path)
-        if h.config.kind != m:
-            raise InputError(f"--heads-{m} {path} holds {h.config.kind} heads, not {m} heads")
-        spec = engine._tree_spec(tree)           # also rejects an unknown tree or one deeper than the heads
+        if h.config.kind != kind:
+            raise InputError(f"--heads-{kind} {path} holds {h.config.kind} heads, not {kind} heads")
+        digests[kind] = weights_digest(h)        # the weights, not the path: heads retrained in place differ
+        for m in (m for m in methods if heads_kind(m) == kind):
+            loaded[m] = h
+            spec = _method_tree(engine, m, trees[m])
+            room = max(room, spec.num_nodes + spec.max_depth)
+            trees_used[m] = spec.name            # what tree=None resolved to for these heads ("mix-4+chain-4")
+    if "lookup" in methods:
+        spec = _method_tree(engine, "lookup", trees["lookup"])
         room = max(room, spec.num_nodes + spec.max_depth)
-        loaded[m] = h
-        trees_used[m] = spec.name                # what tree=None resolved to for these heads
-        digests[m] = weights_digest(h)           # the weights, not the path: heads retrained in place differ
+        trees_used["lookup"] = spec.name
+        if tree is not None and trees["lookup"] is None:
+            # one --tree for all, but a lookup drafts one token per depth: a tree with siblings is no tree for it
+            log(f"note: --tree {tree} is the heads' tree; lookup verifies a chain, its default {spec.name} here "
+                f"(--tree {tree}+chain-K to choose it)")
 
     config = {"model": str(engine.loaded_name), "questions": Path(questions).name, "max_new_tokens": max_new_tokens,
               "tree": tree, "temperature": temperature, "seed": None if greedy else seed,
@@ -322,8 +403,8 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
     done = load_answers(answers_file, log)
     _check_questions_unchanged(qs, done, answers_file)
     todo = [(q, m) for q in qs for m in methods if (q["question_id"], m) not in done]
-    gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "tree": tree,
-                  "seed": None if greedy else seed}
+    gen_kwargs = {m: {"max_new_tokens": max_new_tokens, "temperature": temperature, "tree": trees[m],
+                      "seed": None if greedy else seed} for m in methods}
     if not todo:
         # a rerun into the same --out recomputed nothing and said nothing, as if it had measured the table afresh
         log(f"all {len(qs) * len(methods)} answers are already in {answers_file} (an earlier run's): nothing to "
@@ -348,7 +429,7 @@ def run_eval(questions, methods="ar,medusa,amphista", model: str = "smollm2-135m
                     bar.set_postfix_str(f"q {q['question_id']} {m}")
                     if loaded[m] is not None:
                         engine.load_heads(loaded[m])
-                    rec = _answer(engine, q, m, gen_kwargs, room, run)
+                    rec = _answer(engine, q, m, gen_kwargs[m], room, run)
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     done[(q["question_id"], m)] = rec
