@@ -834,7 +834,13 @@ class Engine:
         from .prompt_lookup import HeadsWithLookup, chain_depth
         from .tree import TREES
         heads_tree, _, chain = tree.rpartition("+") if isinstance(tree, str) and "+chain-" in tree else (tree, 0, None)
-        k = chain_depth(chain, self.device)
+        try:
+            k = chain_depth(chain, self.device)
+        except ConfigError:      # it named speculative='lookup' and a bare 'chain-K', not the tree given
+            from .prompt_lookup import MAX_DEPTH, default_depth
+            raise ConfigError(f"tree {tree!r}: the prompt-lookup chain beside the heads' tree is 'TREE+chain-K' with "
+                              f"K in 1..{MAX_DEPTH} (e.g. 'mix-4+chain-3'; TREE alone: "
+                              f"chain-{default_depth(self.device)})") from None
         if self._lookup_drafter is None:
             self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype)
         if heads_tree in (None, "auto") and self.device.type != "cpu":
@@ -1017,11 +1023,14 @@ class Engine:
                          frequency_penalty=frequency_penalty)
         if speculative == "none":         # the CLI's word for plain decoding (--speculative none)
             speculative = None
+        auto_lookup = False
         if prediction is not None:
             if not isinstance(prediction, str):
                 raise InputError(f"prediction must be a string (the answer's expected text), got "
                                  f"{type(prediction).__name__} {prediction!r:.60}")
             if speculative == "auto":     # a prediction is the lookup's to draft from: the heads never read it
+                # still "auto" for the room: where only the tree's does not fit, it decodes plainly (fits below)
+                auto_lookup = True
                 speculative = "lookup" if self.heads is None else f"{self.heads.config.kind}+lookup"
             elif not str(speculative).endswith("lookup"):
                 raise InputError(f"prediction drafts for prompt lookup decoding, but speculative={speculative!r} "
@@ -1107,7 +1116,7 @@ class Engine:
         if speculative == "auto" and max(limits) == 1 and tree in (None, "auto"):
             # the prefill gives the one token and no step runs: no tree to weigh (the check times for seconds)
             speculative, tree = None, None
-        auto, rows = speculative == "auto", range(len(ids))
+        auto, rows = speculative == "auto" or auto_lookup, range(len(ids))
 
         def fits(extra: int) -> bool:
             """The room checks, made before the cache is allocated or grown (_decoder): a refused call grew the
