@@ -822,16 +822,17 @@ class Engine:
     def _lookup(self, tree):
         """(the engine's prompt-lookup drafter, its chain's TreeSpec): both kept, so a kept prefix's drafter and a
         captured graph's tree buffers are the next run's."""
-        from .prompt_lookup import chain_depth, chain_spec
+        from .prompt_lookup import chain_depth, chain_spec, default_min_ngram
         k = chain_depth(tree, self.device)
         if self._lookup_drafter is None:
-            self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype)
+            self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype,
+                                                min_ngram=default_min_ngram(self.device))
         return self._lookup_drafter, _recent(self._trees, ("lookup", k), lambda: chain_spec(k, self.device))
 
     def _heads_with_lookup(self, tree, batch: int):
         """(the loaded heads with a prompt-lookup chain beside their tree, that TreeSpec). tree: the heads' tree
         (None: the device's default), or "TREE+chain-K" for a chain of K (else the device's default chain)."""
-        from .prompt_lookup import HeadsWithLookup, chain_depth
+        from .prompt_lookup import HeadsWithLookup, chain_depth, default_min_ngram
         from .tree import TREES
         heads_tree, _, chain = tree.rpartition("+") if isinstance(tree, str) and "+chain-" in tree else (tree, 0, None)
         try:
@@ -842,7 +843,8 @@ class Engine:
                               f"K in 1..{MAX_DEPTH} (e.g. 'mix-4+chain-3'; TREE alone: "
                               f"chain-{default_depth(self.device)})") from None
         if self._lookup_drafter is None:
-            self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype)
+            self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype,
+                                                min_ngram=default_min_ngram(self.device))
         if heads_tree in (None, "auto") and self.device.type != "cpu":
             # The GPU kernels take trees of at most 64 nodes (a uint64 mask row; past it attention falls back to a
             # dense mask): the default's 64 leave no room for the chain, so the largest of the heads' fitted trees

@@ -21,9 +21,18 @@ from .errors import ConfigError
 
 MAX_DEPTH = 16              # a chain of 17 nodes: past it a miss wastes more than the copy can win
 MAX_NGRAM, MIN_NGRAM = 3, 1
+# A CPU pays a chain by the node, and a step with no match verifies the root alone (a plain step's cost): a copy found
+# on one token's evidence is right too seldom to pay there (4-bit SmolLM2, code edits: floor 2 ran 1.54x plain against
+# floor 1's 1.45x; MT-Bench 0.74x against 0.65x; benchmarks/results/cpu_lookup_ab_q4.md). A GPU verifies the chain at
+# about a plain step's cost, so it drafts from any match.
+CPU_MIN_NGRAM = 2
 # The drafted token's score in the one-hot draft: far above the 0 of the others, so the answer's penalties
 # (presence 2, repetition's division) leave it first; logit_bias's -100 still puts a banned draft below them.
 HIT = 100.0
+
+
+def default_min_ngram(device) -> int:
+    return CPU_MIN_NGRAM if torch.device(device).type == "cpu" else MIN_NGRAM
 
 
 def default_depth(device) -> int:
