@@ -498,6 +498,7 @@ class Engine:
         self.graphs.clear()      # graphs captured with the old heads must not outlive them
         self._trees.clear()      # so do trees resolved by name (tuned-N comes from the heads' config)
         self._checks.clear()
+        self._with_lookup = None     # it holds the old heads
         self.heads = loaded
         if loaded is None:
             return None
@@ -822,17 +823,23 @@ class Engine:
     def _lookup(self, tree):
         """(the engine's prompt-lookup drafter, its chain's TreeSpec): both kept, so a kept prefix's drafter and a
         captured graph's tree buffers are the next run's."""
-        from .prompt_lookup import chain_depth, chain_spec, default_min_ngram
+        from .prompt_lookup import chain_depth, chain_spec
         k = chain_depth(tree, self.device)
+        return self._drafter(), _recent(self._trees, ("lookup", k), lambda: chain_spec(k, self.device))
+
+    def _drafter(self) -> PromptLookup:
+        """The engine's one prompt-lookup drafter (made at its first run), alone or beside the heads."""
+        from .prompt_lookup import default_min_ngram
         if self._lookup_drafter is None:
             self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype,
                                                 min_ngram=default_min_ngram(self.device))
-        return self._lookup_drafter, _recent(self._trees, ("lookup", k), lambda: chain_spec(k, self.device))
+        return self._lookup_drafter
 
     def _heads_with_lookup(self, tree, batch: int):
         """(the loaded heads with a prompt-lookup chain beside their tree, that TreeSpec). tree: the heads' tree
         (None: the device's default), or "TREE+chain-K" for a chain of K (else the device's default chain)."""
-        from .prompt_lookup import HeadsWithLookup, chain_depth, default_min_ngram
+        from .prompt_lookup import HeadsWithLookup, chain_depth
+        from .speculative import GPU_ROWS
         from .tree import TREES
         heads_tree, _, chain = tree.rpartition("+") if isinstance(tree, str) and "+chain-" in tree else (tree, 0, None)
         try:
@@ -842,21 +849,22 @@ class Engine:
             raise ConfigError(f"tree {tree!r}: the prompt-lookup chain beside the heads' tree is 'TREE+chain-K' with "
                               f"K in 1..{MAX_DEPTH} (e.g. 'mix-4+chain-3'; TREE alone: "
                               f"chain-{default_depth(self.device)})") from None
-        if self._lookup_drafter is None:
-            self._lookup_drafter = PromptLookup(self.config.vocab_size, self.device, self.dtype,
-                                                min_ngram=default_min_ngram(self.device))
         if heads_tree in (None, "auto") and self.device.type != "cpu":
             # The GPU kernels take trees of at most 64 nodes (a uint64 mask row; past it attention falls back to a
-            # dense mask): the default's 64 leave no room for the chain, so the largest of the heads' fitted trees
-            # that does (mix-32 + chain-7), else Medusa's tree cut to fit (its order: every prefix is a tree)
+            # dense mask), and a batch's default keeps B x N rows within GPU_ROWS (default_tree; past 4 rows of
+            # heads without fitted trees, a dynamic tree, which takes no chain): the default with the chain would
+            # pass them, so the largest of the heads' fitted trees that leaves the chain room (mix-32 + chain-7 for
+            # one row), else Medusa's tree cut to fit (its order: every prefix is a tree)
             base = self._tree_spec(None, batch)
-            if base.static is not None and base.num_nodes + k > 64:
+            budget = min(64, max(GPU_ROWS // batch, 2))
+            if base.static is None or base.num_nodes + k > budget:
                 fitted = self.heads.config.extra.get("trees") or {}
-                sizes = [n for n in (32, 16, 8, 4) if f"mix-{n}" in fitted and n + k <= 64]
-                heads_tree = f"mix-{sizes[0]}" if sizes else [list(p) for p in TREES["mc_sim_7b_63"][:63 - k]]
+                sizes = [n for n in (32, 16, 8, 4) if f"mix-{n}" in fitted and n + k <= budget]
+                heads_tree = f"mix-{sizes[0]}" if sizes else [list(p) for p in
+                                                              TREES["mc_sim_7b_63"][:max(budget - 1 - k, 1)]]
         key = (id(self.heads), k)
         if self._with_lookup is None or self._with_lookup[0] != key:
-            self._with_lookup = (key, HeadsWithLookup(self.heads, self._lookup_drafter, k))
+            self._with_lookup = (key, HeadsWithLookup(self.heads, self._drafter(), k))
         return self._with_lookup[1], self._tree_spec(None if heads_tree in (None, "auto") else heads_tree, batch,
                                                      chain=k)
 
@@ -1155,10 +1163,11 @@ class Engine:
                                        tree_room=max(limits) > 1)
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
         if hasattr(getattr(decoder, "heads", None), "set_prediction"):
-            # every lookup run says its own (none: an earlier run's prediction is not this one's); no answer is
-            # longer than the cache, so neither is the part of a prediction worth searching
-            decoder.heads.set_prediction(None if not prediction else [
-                self.tokenizer.encode(prediction, add_bos=False)[:self.max_seq_len]] * len(ids))
+            # every lookup run says its own (none: an earlier run's prediction is not this one's), at its prefill
+            # (a stream is lazy: another set up meanwhile shares the drafter); no answer is longer than the cache, so
+            # neither is the part of a prediction worth searching
+            decoder.prediction = None if not prediction else [
+                self.tokenizer.encode(prediction, add_bos=False)[:self.max_seq_len]] * len(ids)
         if grammar is not None:
             from .structured import Constraint
             decoder.constraint = Constraint(grammar, len(ids), self.device)

@@ -260,6 +260,7 @@ class SpeculativeDecoder(PlainDecoder):
         # verifies the tree's `bare` part in a step no row has one for (the heads' tree; the root alone, a plain
         # step's cost, for a lookup alone); a GPU keeps the static tree its graphs replay (a chain costs it little)
         self._bare = False
+        self.prediction = None  # each row's predicted output (token ids) for a drafter that reads one (prompt lookup)
 
     def _tick(self, phase: str, t0: float) -> float:
         if self.profile:
@@ -280,6 +281,8 @@ class SpeculativeDecoder(PlainDecoder):
         hidden = self._prefill_hidden
         tokens = self._prefill_tokens
         nxt = _next_tokens(tokens, count, self.next)      # root may carry NON_FINITE, next never
+        if hasattr(self.heads, "set_prediction"):
+            self.heads.set_prediction(self.prediction)      # placed by the reset or resume below
         if r:
             self.heads.resume_cache(r)
         else:

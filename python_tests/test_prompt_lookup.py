@@ -300,3 +300,32 @@ def test_a_gpus_default_tree_leaves_room_for_the_chain(heads_engine):
         e.device = cpu
         e._trees.clear()
         e._with_lookup = None
+
+
+def test_a_gpus_default_tree_for_heads_without_fitted_trees(tiny_hf_dir):
+    """Heads without fitted trees get Medusa's tree cut so that it and the chain keep a batch's rows within
+    GPU_ROWS: a batch of 8 was refused (its default, dynamic-32, takes no chain), naming a tree nobody chose."""
+    from amphista_engine import Engine
+    from amphista_engine.heads import random_heads
+    eng = Engine.from_pretrained(str(tiny_hf_dir), device="cpu", dtype="fp32", max_seq_len=256)
+    eng.load_heads(random_heads("amphista", eng.model, num_heads=4, seed=1))     # 4 heads: Medusa's tree on GPUs
+    eng.device = torch.device("meta")       # only the choice is made
+    _, one = eng._heads_with_lookup(None, 1)
+    _, eight = eng._heads_with_lookup(None, 8)
+    assert (one.num_nodes, eight.num_nodes) == (64, 32) and one.static is not None and eight.static is not None
+
+
+@needs_smollm2
+def test_each_stream_drafts_from_its_own_prediction(engine):
+    """Streams are lazy: one set up with a prediction, then another without, then the first run drafts from its own
+    prediction (it was set on the shared drafter at set-up, and the second's None replaced it)."""
+    prompt = "Write three short sentences about the sea."
+    plain = engine.generate(prompt, 40)
+    with_pred = engine.stream_batch([prompt], 40, speculative="lookup", prediction=plain.text)
+    without = engine.stream_batch([prompt], 40, speculative="lookup")
+    list(with_pred)
+    first = engine.last_results[0]
+    list(without)
+    second = engine.last_results[0]
+    assert first.token_ids == second.token_ids == plain.token_ids
+    assert first.stats.decode_steps <= 40 // 5 + 4 < second.stats.decode_steps, (first.stats, second.stats)
