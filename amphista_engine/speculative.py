@@ -361,7 +361,11 @@ class SpeculativeDecoder(PlainDecoder):
         B, root, length = self.next.shape[0], self.next, self.cache.length[:self.next.shape[0]]
         draft = self.draft if self.constraint is None else self.constraint.first_head(self.draft, self._token_ids)
         draft = self._penalised_draft(draft)
-        tree = self.tree.build(root, draft, self._token_ids, getattr(self.heads, "chain", None), self._bare)
+        # (the lookup's arguments only where there is a lookup: a TreeSpec.build of the heads' own signature, a
+        # test's spy too, serves every other drafter)
+        chain = getattr(self.heads, "chain", None)
+        lookup = {"chain": chain} if chain is not None else {}
+        tree = self.tree.build(root, draft, self._token_ids, **lookup, **({"bare": True} if self._bare else {}))
         t0 = self._tick("draft", t0)
 
         positions = length[:, None] + (tree.depth if tree.batched else tree.depth.expand(B, -1))
