@@ -23,7 +23,7 @@ from .generation import GenerationStats, PlainDecoder, run
 from .kernels.backend import check_backend, get_backend, scoped_backend, unmet_choice, use_backend
 from .kernels.cpu_threads import one_thread_if_forked
 from .kv_cache import KVCache
-from .prompt_lookup import PromptLookup
+from .prompt_lookup import PromptLookup, prediction_ids
 from .loading import LoadedModel, load_model, parse_device, parse_dtype
 from .sampling import SamplingParams
 from .values import is_integral
@@ -1164,10 +1164,9 @@ class Engine:
         decoder.logprobs, decoder.top_logprobs = logprobs, top_logprobs
         if hasattr(getattr(decoder, "heads", None), "set_prediction"):
             # every lookup run says its own (none: an earlier run's prediction is not this one's), at its prefill
-            # (a stream is lazy: another set up meanwhile shares the drafter); no answer is longer than the cache, so
-            # neither is the part of a prediction worth searching
+            # (a stream is lazy: another set up meanwhile shares the drafter); its ids as the server's usage counts them
             decoder.prediction = None if not prediction else [
-                self.tokenizer.encode(prediction, add_bos=False)[:self.max_seq_len]] * len(ids)
+                prediction_ids(self.tokenizer, prediction, self.max_seq_len)] * len(ids)
         if grammar is not None:
             from .structured import Constraint
             decoder.constraint = Constraint(grammar, len(ids), self.device)

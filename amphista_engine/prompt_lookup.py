@@ -31,6 +31,13 @@ CPU_MIN_NGRAM = 2
 HIT = 50.0
 
 
+def prediction_ids(tokenizer, prediction: str, max_seq_len: int) -> list[int]:
+    """A predicted output's token ids: what a lookup run drafts from (Engine.stream_batch) and the server's usage
+    counts accepted and rejected prediction tokens on, one encoding so the two never differ. No answer is longer than
+    the cache, so neither is the part of a prediction worth searching."""
+    return tokenizer.encode(prediction, add_bos=False)[:max_seq_len]
+
+
 def default_min_ngram(device) -> int:
     return CPU_MIN_NGRAM if torch.device(device).type == "cpu" else MIN_NGRAM
 

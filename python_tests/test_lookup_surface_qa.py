@@ -137,8 +137,10 @@ def test_a_completion_takes_a_prediction_in_text_parts(served):
     assert status == 200, reply
     assert reply["choices"][0]["text"] == text and reply["amphista"]["speculative"] == "amphista+lookup"
     assert reply["amphista"]["tau"] > 1
-    # no invented counts: the engine does not tell accepted prediction tokens apart
-    assert "accepted_prediction_tokens" not in json.dumps(reply["usage"])
+    # the prediction is the answer itself, split in parts: every token of it is accepted
+    details = reply["usage"]["completion_tokens_details"]
+    assert details["rejected_prediction_tokens"] == 0
+    assert details["accepted_prediction_tokens"] == reply["usage"]["completion_tokens"]
 
 
 @pytest.mark.parametrize("method", ["amphista", "medusa", "none"])
