@@ -838,10 +838,10 @@ class Engine:
     def _heads_with_lookup(self, tree, batch: int):
         """(the loaded heads with a prompt-lookup chain beside their tree, that TreeSpec). tree: the heads' tree
         (None: the device's default), or "TREE+chain-K" for a chain of K (else the device's default chain)."""
-        from .prompt_lookup import HeadsWithLookup, chain_depth
+        from .prompt_lookup import HeadsWithLookup, chain_depth, split_chain
         from .speculative import GPU_ROWS
         from .tree import TREES
-        heads_tree, _, chain = tree.rpartition("+") if isinstance(tree, str) and "+chain-" in tree else (tree, 0, None)
+        heads_tree, chain = split_chain(tree)
         try:
             k = chain_depth(chain, self.device)
         except ConfigError:      # it named speculative='lookup' and a bare 'chain-K', not the tree given

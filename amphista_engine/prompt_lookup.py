@@ -48,6 +48,15 @@ def default_depth(device) -> int:
     return 7 if torch.device(device).type != "cpu" else 4
 
 
+def split_chain(tree):
+    """(the heads' tree, the lookup's chain or None) of a heads+lookup run's tree: "TREE+chain-K" is the heads' TREE
+    and the chain beside it; anything else is the heads' tree alone (the chain then the device's default)."""
+    if isinstance(tree, str) and "+chain-" in tree:
+        heads_tree, _, chain = tree.rpartition("+")
+        return heads_tree, chain
+    return tree, None
+
+
 def chain_depth(tree, device) -> int:
     """The chain a lookup run verifies: tree None or "auto" (the device's default), or "chain-K". A lookup drafts
     one token per depth, so a tree with siblings would verify nodes it has no guess for."""

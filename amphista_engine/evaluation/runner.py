@@ -92,12 +92,11 @@ def method_trees(methods, tree) -> dict:
     """
     if tree is None or tree == "auto":
         return {m: None for m in methods}
-    from ..prompt_lookup import MAX_DEPTH, chain_depth
+    from ..prompt_lookup import MAX_DEPTH, chain_depth, split_chain
     lookups = [m for m in methods if m.endswith("lookup")]
-    chain, heads_tree = None, tree
-    suffixed = isinstance(tree, str) and "+chain-" in tree
+    heads_tree, chain = split_chain(tree)
+    suffixed = chain is not None
     if suffixed:
-        heads_tree, _, chain = tree.rpartition("+")
         if not lookups:
             raise InputError(f"--tree {tree}: its +{chain} is the prompt lookup's chain, but --methods runs no "
                              f"lookup method (lookup, amphista+lookup, medusa+lookup); give the heads' tree alone: "
