@@ -289,6 +289,40 @@ def _response_format(args) -> dict | None:
     return {"type": "json_schema", "json_schema": {"schema": value}}
 
 
+def _prediction(args) -> str | None:
+    """The text of --prediction or --prediction-file (None: neither given), read and checked before the load, as the
+    prompt is, and refused with a --speculative that never drafts from it."""
+    text, path = getattr(args, "prediction", None), getattr(args, "prediction_file", None)
+    if path is not None:
+        flag, path = f"--prediction-file {path!r}", user_path(path)
+        if not _readable_file(path):
+            kind = ("is a directory, not a file" if os.path.isdir(path) else "is not a file" if os.path.exists(path)
+                    else "no such file" + missing_note(path))
+            raise InputError(f"{flag}: {kind}; give a UTF-8 text file of the answer's expected text, or the text "
+                             f"itself with --prediction")
+        try:
+            text = read_utf8(Path(path))
+        except InputError as e:
+            raise InputError(f"--prediction-file {e}") from None
+        except OSError as e:        # unreadable (permissions, I/O): said of the flag, never a bare trace
+            raise InputError(f"{flag}: cannot read it ({e.strerror or e})") from None
+        text = text.removeprefix("\ufeff")     # a byte order mark (a file saved by Notepad) is no answer text
+    elif text is not None:
+        flag = "--prediction"
+        if bad := _not_utf8(text):
+            raise InputError(f"--prediction is {bad}")
+    else:
+        return None
+    if not text.strip():
+        # the engine drafts from nothing there: a run that silently ignores the flag (a wrong file, an empty $VAR)
+        raise InputError(f"{flag} is empty: give the answer's expected text (e.g. the file being edited)")
+    if args.speculative in ("none", "amphista", "medusa"):
+        raise InputError(f"{flag.split()[0]} drafts for prompt lookup decoding, which --speculative "
+                         f"{args.speculative} never uses: pass --speculative auto (the default), lookup, "
+                         f"amphista+lookup or medusa+lookup with it, or leave one of them out")
+    return text
+
+
 def _load(args, prompt=None):
     """The engine, and how it decodes: (engine, speculative method or None, tree, speculation check or None)."""
     from .engine import DEFAULT_MAX_SEQ_LEN, Engine, check_max_new_tokens, check_stop
@@ -554,8 +588,13 @@ def cmd_generate(args) -> int:
             raise InputError(f"{flag} applies to the chat template, which --no-chat turns off; drop one of them")
     _check_stdout()
     prompt = _generate_prompt(args)       # before the load: stdin and the flags fail fast
+    prediction = _prediction(args)
     engine, speculative, tree, check = _load(args, prompt)
-    kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat)
+    if prediction is not None and speculative is None:
+        # --speculative auto decoding plainly (--heads none, no heads shipped, heads slower here than plain steps):
+        # the prediction is the lookup's to draft from, as the server decodes a request with one
+        speculative, tree = "lookup", None
+    kwargs = dict(_decoding_kwargs(args, speculative, tree), chat=args.chat, prediction=prediction)
     # the engine's errors name its arguments: main says them as the flags (_in_flag_terms)
     if args.json:
         result = engine.generate(prompt, logprobs=args.logprobs, top_logprobs=args.top_logprobs, **kwargs)
@@ -570,6 +609,12 @@ def cmd_generate(args) -> int:
         out["kernels"] = resolve("tree_attention", engine.device)
         if check is not None:
             out["speculation_check"] = check.to_dict()
+        if prediction is not None:
+            # OpenAI's completion_tokens_details, counted on the ids the engine drafted from, as the server counts them
+            from .prompt_lookup import prediction_counts, prediction_ids
+            accepted, rejected = prediction_counts(prediction_ids(engine.tokenizer, prediction, engine.max_seq_len),
+                                                   result.token_ids)
+            out["stats"].update(accepted_prediction_tokens=accepted, rejected_prediction_tokens=rejected)
         _write(json.dumps(out) + "\n")
     else:
         _stream_answer(engine, prompt, **kwargs)
@@ -836,12 +881,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: when the model has one, or --chat-template is given)")
     add_template_arg(g)
+    predicted = g.add_mutually_exclusive_group()
+    predicted.add_argument("--prediction", metavar="TEXT",
+                           help="the answer's expected text (OpenAI's predicted outputs; e.g. the code being edited): "
+                                "prompt lookup drafts from it first, the same answer sooner where it follows it "
+                                "(--speculative auto, lookup, amphista+lookup or medusa+lookup)")
+    predicted.add_argument("--prediction-file", metavar="PATH",
+                           help="--prediction's text read from a UTF-8 file")
     # The keys a script reads are named here: they were documented nowhere
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (one line) instead of streaming text: text, token_ids, prompt_tokens, "
                         "finish_reason (eos, length or stop), stop_reason (the --stop string or --stop-token-id id "
                         "that ended it, where one did), stats (token counts, times in ms, tau, accept_hist; tree and "
-                        "tree_nodes when a tree ran), speculative (the method that ran, or null), weights (dtype, "
+                        "tree_nodes when a tree ran; accepted_prediction_tokens and rejected_prediction_tokens with "
+                        "--prediction), speculative (the method that ran, or null), weights (dtype, "
                         "quant, linears, bytes), kernels (the backend the hot ops ran on) and, where the CPU timed "
                         "the heads, speculation_check")
     g.add_argument("--logprobs", action="store_true",

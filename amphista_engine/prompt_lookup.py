@@ -38,6 +38,41 @@ def prediction_ids(tokenizer, prediction: str, max_seq_len: int) -> list[int]:
     return tokenizer.encode(prediction, add_bos=False)[:max_seq_len]
 
 
+def common_subsequence(a: list[int], b: list[int]) -> int:
+    """The length of the longest common subsequence of a and b: a's tokens that appear, in order, in b (OpenAI's
+    accepted prediction tokens, a the prediction and b an answer). Not difflib.SequenceMatcher's matching blocks,
+    which undercount (greedy blocks: ~180 of 8192 random tokens of 50 kinds where ~2000 match in order) and are
+    quadratic in Python on repetitive text (6 s for 8192 x 8192 copies of one token, 2 s for a 3-token cycle): a
+    bit-parallel LCS (Hyyrö's: one pass over b, a's positions as the bits of one int) is O(len(a) * len(b) / 30)
+    big-int digit work, ~10 ms for those, and the prefix and suffix the two share (any LCS may keep them) are taken
+    off first, so an answer that follows its prediction costs about nothing."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi and a[lo] == b[lo]:
+        lo += 1
+    end = 0
+    while end < hi - lo and a[-1 - end] == b[-1 - end]:
+        end += 1
+    a, b = a[lo:len(a) - end], b[lo:len(b) - end]
+    if not a or not b:
+        return lo + end
+    masks: dict[int, int] = {}          # each token: the bits of its positions in a
+    for i, t in enumerate(a):
+        masks[t] = masks.get(t, 0) | 1 << i
+    full = (1 << len(a)) - 1
+    v = full                            # a zero bit per a's token matched so far
+    for t in b:
+        u = v & masks.get(t, 0)
+        v = ((v + u) | (v - u)) & full
+    return lo + end + len(a) - v.bit_count()
+
+
+def prediction_counts(pred_ids: list[int], answer_ids: list[int]) -> tuple[int, int]:
+    """OpenAI's (accepted_prediction_tokens, rejected_prediction_tokens) of one answer: the prediction's tokens the
+    answer has in order (common_subsequence), and the rest. Both on prediction_ids' encoding, as the engine drafts."""
+    accepted = common_subsequence(pred_ids, answer_ids)
+    return accepted, len(pred_ids) - accepted
+
+
 def default_min_ngram(device) -> int:
     return CPU_MIN_NGRAM if torch.device(device).type == "cpu" else MIN_NGRAM
 

@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import (AmphistaError, CacheFullError, ConfigError, HUGE_INT_DIGITS, InputError, int_digits, read_json,
                       refuse_huge_ints)
 from ..generation import LOGPROB_FLOOR    # -inf logprobs as JSON can carry them (to_dict writes them alike)
-from ..prompt_lookup import prediction_ids
+from ..prompt_lookup import prediction_counts, prediction_ids
 from ..reasoning import ReasoningSplitter, check_reasoning_parser
 from ..structured import VLLM_KINDS, _lone_surrogate, closed_objects, grammar_source, json_whitespace, vllm_format
 from ..tools import (ToolCallFilter, ToolError, ToolPlan, check_tool_calls, openai_tool_calls, plan_for,
@@ -798,34 +798,6 @@ def _prediction(body: dict) -> str | None:
     text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content or ()
                                                             if isinstance(p, dict))
     return text or None
-
-
-def common_subsequence(a: list[int], b: list[int]) -> int:
-    """The length of the longest common subsequence of a and b: a's tokens that appear, in order, in b (OpenAI's
-    accepted prediction tokens, a the prediction and b an answer). Not difflib.SequenceMatcher's matching blocks,
-    which undercount (greedy blocks: ~180 of 8192 random tokens of 50 kinds where ~2000 match in order) and are
-    quadratic in Python on repetitive text (6 s for 8192 x 8192 copies of one token, 2 s for a 3-token cycle): a
-    bit-parallel LCS (Hyyrö's: one pass over b, a's positions as the bits of one int) is O(len(a) * len(b) / 30)
-    big-int digit work, ~10 ms for those, and the prefix and suffix the two share (any LCS may keep them) are taken
-    off first, so an answer that follows its prediction costs about nothing."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi and a[lo] == b[lo]:
-        lo += 1
-    end = 0
-    while end < hi - lo and a[-1 - end] == b[-1 - end]:
-        end += 1
-    a, b = a[lo:len(a) - end], b[lo:len(b) - end]
-    if not a or not b:
-        return lo + end
-    masks: dict[int, int] = {}          # each token: the bits of its positions in a
-    for i, t in enumerate(a):
-        masks[t] = masks.get(t, 0) | 1 << i
-    full = (1 << len(a)) - 1
-    v = full                            # a zero bit per a's token matched so far
-    for t in b:
-        u = v & masks.get(t, 0)
-        v = ((v + u) | (v - u)) & full
-    return lo + end + len(a) - v.bit_count()
 
 
 def _template_ends(body: dict, chat: bool) -> dict:
@@ -1606,11 +1578,10 @@ class OpenAIApp:
         c = sum(completion_tokens(r) for rs in results for r in rs)
         usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         if prediction:
-            answers = [r.token_ids for rs in results for r in rs]
-            accepted = sum(common_subsequence(prediction, ids) for ids in answers)
+            counts = [prediction_counts(prediction, r.token_ids) for rs in results for r in rs]
             usage["completion_tokens_details"] = {
-                "accepted_prediction_tokens": accepted,
-                "rejected_prediction_tokens": len(prediction) * len(answers) - accepted}
+                "accepted_prediction_tokens": sum(a for a, _ in counts),
+                "rejected_prediction_tokens": sum(rejected for _, rejected in counts)}
         return usage
 
     def predicted_ids(self, job) -> list[int] | None:
