@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 MESSAGES, COUNT, CHAT = "/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"
 SEED = int(os.environ.get("AMPHISTA_FUZZ_SEED", "4242"))
-CASES = int(os.environ.get("AMPHISTA_FUZZ_CASES", "150"))
+CASES = int(os.environ.get("AMPHISTA_FUZZ_CASES", "80"))
 TIMEOUT = 30                 # s: a reply that takes longer counts as a hang
 WEATHER = {"name": "get_weather", "description": "Weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -409,7 +409,7 @@ def test_stream_agrees_wherever_the_answer_is_cut(server, monkeypatch, name):
     text = SCRIPTS[name]
     scripted(server, monkeypatch, text)
     n = len(server.app.engine.tokenizer.encode(text, add_bos=False))
-    for cut in sorted({1, n // 4, n // 2, 3 * n // 4, n + 8}):
+    for cut in sorted({1, n // 3, 2 * n // 3, n + 8}):
         # without a "near" in the answer ["near", "zzz"] is an unmatched list as ["zzz"] is (and holds more back)
         for stops in ([], ["zzz"], ["near", "zzz"]) if "near" in text else ([], ["near", "zzz"]):
             body = {"messages": ASK, "tools": TOOLS, "max_tokens": cut, "stop_sequences": stops}
@@ -434,7 +434,8 @@ def test_tool_choices_agree(server, tool_choice):
     """The tool grammars (the tiny model writes its own arguments), parallel or not, whole and cut."""
     for parallel in (True, False):
         choice = {**tool_choice, "disable_parallel_tool_use": not parallel}
-        for cut in (8, 300):
+        # 100: past the 57 tokens of "any"'s whole call; the others' arguments run on to the limit (300 alike)
+        for cut in (8, 100):
             body = {"messages": ASK, "tools": TOOLS, "tool_choice": choice, "max_tokens": cut}
             reply, _ = agree(server.url, body)
             chat_choice = {"any": "required", "auto": "auto"}.get(choice["type"]) or \

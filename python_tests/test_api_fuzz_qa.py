@@ -160,7 +160,7 @@ def test_random_valid_option_combinations_keep_the_engines_promises(eng):
     backends = [None, "torch"] + (["cpu"] if cpu_available() else [])
     ran = refused = 0
     try:
-        for case in range(72):
+        for case in range(45):
             if case % 9 == 4:          # what the engine caches (graphs, trees, checks) must follow it
                 eng.backend = r.choice(backends)
             heads = medusa if case % 5 == 3 else amphista
@@ -210,7 +210,7 @@ def test_random_valid_option_combinations_keep_the_engines_promises(eng):
     finally:
         eng.backend = None
         eng.load_heads(amphista)
-    assert ran >= 50 and refused <= 16, (ran, refused)
+    assert ran >= 31 and refused <= 10, (ran, refused)         # of 45: 50 and 16 of 72
 
 
 # ---- one option mutated -------------------------------------------------------------------------------------------

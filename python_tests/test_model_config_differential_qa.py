@@ -227,7 +227,11 @@ def check_case(family: str, cfg: dict, prompt: int, steps: int, form: str | None
     return "ok"
 
 
-SEEDS = range(0, 162)       # 18 cases of each family
+# 50 of seeds 0..161 (18 per family), picked so that together they draw everything those 162 draw, per family: each
+# RoPE kind, config.json form, optional key (head_dim, biases, windows, max_window_layers), tied embeddings, a
+# refused activation / MLP bias / partial rotary / softcap
+SEEDS = (1, 2, 3, 5, 7, 8, 9, 10, 11, 12, 13, 16, 18, 19, 23, 28, 29, 31, 32, 35, 36, 39, 41, 42, 43, 48, 51, 53, 54,
+         57, 62, 73, 79, 80, 83, 84, 87, 90, 94, 101, 105, 108, 109, 116, 124, 127, 136, 139, 148, 159)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

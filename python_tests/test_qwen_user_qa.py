@@ -470,14 +470,14 @@ def test_saved_heads_batches_and_weights_decode_as_plain(qwen, tmp_path, dtype, 
     for model in (qwen.folder, qwen.gguf):
         engine = _engine(model, dtype=dtype, quant=quant, heads=str(heads), max_batch_size=4)
         assert engine.quant == quant
-        plain = [engine.generate(p, max_new_tokens=24, speculative="none") for p in PROMPTS]
-        spec = [engine.generate(p, max_new_tokens=24, speculative="amphista", tree="dynamic-8") for p in PROMPTS]
+        plain = [engine.generate(p, max_new_tokens=16, speculative="none") for p in PROMPTS]
+        spec = [engine.generate(p, max_new_tokens=16, speculative="amphista", tree="dynamic-8") for p in PROMPTS]
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
         assert [r.text for r in spec] == [r.text for r in plain]
-        batch = engine.generate_batch(PROMPTS, max_new_tokens=24, speculative="none")
+        batch = engine.generate_batch(PROMPTS, max_new_tokens=16, speculative="none")
         if quant == "q4":       # the 4-bit cpu stack (Qwen's biases and q/k norms in it): a batch's rows are alone's
             assert [r.token_ids for r in batch] == [r.token_ids for r in plain]
-        spec_batch = engine.generate_batch(PROMPTS, max_new_tokens=24, speculative="amphista", tree="chain-3")
+        spec_batch = engine.generate_batch(PROMPTS, max_new_tokens=16, speculative="amphista", tree="chain-3")
         assert [r.token_ids for r in spec_batch] == [r.token_ids for r in batch]
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 RESPONSES, CHAT = "/v1/responses", "/v1/chat/completions"
 SEED = int(os.environ.get("AMPHISTA_FUZZ_SEED", "1729"))
-CASES = int(os.environ.get("AMPHISTA_FUZZ_CASES", "200"))
+CASES = int(os.environ.get("AMPHISTA_FUZZ_CASES", "100"))
 TIMEOUT = 30                 # s: a reply that takes longer counts as a hang
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -447,7 +447,8 @@ def test_stream_agrees_wherever_the_answer_is_cut(server, monkeypatch, name):
     scripted(server, monkeypatch, text)
     n = len(server.app.engine.tokenizer.encode(text, add_bos=False))
     for cut in sorted({1, n // 4, n // 2, 3 * n // 4, n + 8}):
-        for extra in ({}, {"stop": ["zzz"]}):
+        # with stops a call goes out whole as its block closes: a cut anywhere inside a block is one case
+        for extra in ({}, {"stop": ["zzz"]}) if cut in (1, n // 2, n + 8) else ({},):
             body = {"input": "Weather?", "tools": TOOLS, "max_output_tokens": cut, **extra}
             reply, _ = agree(server.url, body)
             want, chat = chat_answer(server.url, [{"role": "user", "content": "Weather?"}], tools=CHAT_TOOLS,

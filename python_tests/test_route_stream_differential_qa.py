@@ -325,7 +325,7 @@ def check_across(url: str, eng, seed: int):
     assert strip(a["choices"]) == strip(b["choices"]) and a["usage"] == b["usage"], (seed, body)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_streamed_equals_whole_and_routes_agree(url, seed):
     base, eng = url
     check_chat(base, seed)

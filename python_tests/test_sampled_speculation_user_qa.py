@@ -153,7 +153,7 @@ def test_one_seeded_prompt_gives_plain_samplings_answer_under_min_tokens_ignore_
              dict(temperature=0.9, top_p=0.8, stop=[" the", "."], max_new_tokens=7)]
     ends, accepted = set(), 0
     for case in cases:
-        for seed in range(3):
+        for seed in range(2):
             kw = {**dict(max_new_tokens=10, chat=False, seed=seed), **case}
             want = smol.generate("The capital of France is", **kw)
             got = smol.generate("The capital of France is", speculative=kind, tree="tree-16", **kw)

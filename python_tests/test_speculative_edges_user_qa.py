@@ -129,13 +129,13 @@ def test_a_three_turn_chat_reusing_the_cache_with_heads_answers_as_fresh_runs(sm
         for t in turns:
             msgs.append({"role": "user", "content": t})
             kw = dict(speculative=spec, tree="dynamic-8") if spec else {}
-            r = smol.generate(msgs, max_new_tokens=24, reuse_prefix=True, **kw)
+            r = smol.generate(msgs, max_new_tokens=16, reuse_prefix=True, **kw)
             answers[spec].append((r.token_ids, r.stats.extra.get("prompt_tokens_reused", 0)))
             msgs.append({"role": "assistant", "content": r.text})
     assert [a for a, _ in answers[kind]] == [a for a, _ in answers[None]]
     assert answers[kind][0][1] == 0 and all(n > 40 for _, n in answers[kind][1:])
     for k, (ids, _) in enumerate(answers[kind]):
-        assert ids == smol.generate(msgs[:2 * k + 1], max_new_tokens=24).token_ids, k
+        assert ids == smol.generate(msgs[:2 * k + 1], max_new_tokens=16).token_ids, k
 
 
 @needs_smollm2
@@ -145,17 +145,17 @@ def test_rejection_sampling_with_a_one_token_nucleus_is_greedy_and_a_seed_repeat
     typical acceptance samples too."""
     smol.load_heads("default")
     p = "Write a short poem about the sea."
-    greedy = smol.generate(p, max_new_tokens=32)
+    greedy = smol.generate(p, max_new_tokens=20)
     for kw in (dict(top_p=1e-6), dict(top_k=1)):
-        res = smol.generate(p, max_new_tokens=32, temperature=0.8, seed=3, speculative="amphista", tree="dynamic-8",
+        res = smol.generate(p, max_new_tokens=20, temperature=0.8, seed=3, speculative="amphista", tree="dynamic-8",
                             **kw)
         assert res.token_ids == greedy.token_ids and res.stats.extra["acceptance"] == "rejection"
         assert res.stats.tau > 1.5
-    sampled = dict(max_new_tokens=32, temperature=0.8, top_p=0.9, seed=7, speculative="amphista", tree="mix-4")
+    sampled = dict(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=7, speculative="amphista", tree="mix-4")
     a, b = smol.generate(p, **sampled), smol.generate(p, **sampled)
     assert a.token_ids == b.token_ids and "".join(smol.stream(p, **sampled)) == a.text
     assert_stats_count_the_tokens(a)
-    typical = smol.generate(p, max_new_tokens=32, temperature=0.8, seed=7, speculative="amphista", tree="mix-4",
+    typical = smol.generate(p, max_new_tokens=20, temperature=0.8, seed=7, speculative="amphista", tree="mix-4",
                             acceptance="typical")
-    assert typical.stats.extra["acceptance"] == "typical" and len(typical.token_ids) == 32
+    assert typical.stats.extra["acceptance"] == "typical" and len(typical.token_ids) == 20
     assert_stats_count_the_tokens(typical)

@@ -202,7 +202,7 @@ def test_smollm2_seeded_sampling_gives_plain_samplings_answer_under_penalties(sm
     accepted = 0
     for case in cases:
         for p in SMOL_PROMPTS[:2]:
-            kw = dict(max_new_tokens=20, chat=False, seed=1, **case)
+            kw = dict(max_new_tokens=14, chat=False, seed=1, **case)
             want = smol.generate(p, **kw)
             got = smol.generate(p, speculative=kind, tree="tree-16", acceptance="rejection", **kw)
             assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason), (kind, case, p)
@@ -216,7 +216,7 @@ def test_smollm2_greedy_batches_joiners_and_logprobs_equal_plain(smol):
     row's tokens and logprobs are its plain answer's."""
     smol.load_heads("default")
     kw = dict(chat=False, repetition_penalty=1.3, frequency_penalty=0.4, logprobs=True, top_logprobs=2)
-    limits = [6, 24, 16]
+    limits = [6, 16, 12]
     alone = [smol.generate(p, n, **kw) for p, n in zip(SMOL_PROMPTS, limits)]
     batch = smol.generate_batch(SMOL_PROMPTS, limits, speculative="amphista", tree="mix-4", **kw)
     queue = list(zip(SMOL_PROMPTS[1:], limits[1:]))
@@ -245,7 +245,7 @@ def test_smollm2_reuse_prefix_chat_turns_equal_plain(smol):
         smol.generate("warm up", 2, chat=False)               # nothing kept from another chat
         msgs, ids = [{"role": "user", "content": "List three colours, then list them again."}], []
         for _ in range(2):
-            r = smol.generate(msgs, 24, repetition_penalty=1.4, presence_penalty=0.3, reuse_prefix=reuse,
+            r = smol.generate(msgs, 16, repetition_penalty=1.4, presence_penalty=0.3, reuse_prefix=reuse,
                               speculative=speculative)
             ids.append(r.token_ids)
             msgs = msgs + [{"role": "assistant", "content": r.text}, {"role": "user", "content": "Again."}]

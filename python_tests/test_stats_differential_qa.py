@@ -88,7 +88,7 @@ def _check_sums(s: GenerationStats, row):
     assert s.tau == (s.step_tokens / s.decode_steps if s.decode_steps else 0.0)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))      # each of random_tiny_model's seeds (seed % 3) once
 def test_stats_count_the_tokens_each_step_really_gave(seed):
     """Seeded sweep over trees and drafters (an oracle that guesses the greedy text, random Amphista and Medusa heads)
     with EOS, stop strings and max_new_tokens that cut a step's accepted path: the answer equals plain greedy's, and

@@ -306,7 +306,9 @@ def test_seeded_sweep_answers_that_end_validate(smol):
     bias = [tok.encode(t, add_bos=False)[0] for t in ['"', "1", "a", "[", ",", "-", "{"]]
     prompts = ["Give me a JSON record of a user.", "Describe a cat as JSON.", "Write a long JSON document."]
     ended = 0
-    for seed in range(11):              # json_object, logit_bias, each tree and temperature; 5 answers end here
+    # json_object, logit_bias, each tree and temperature; 5 answers end here. Of range(11) these are the seeds whose
+    # answers end (3, 4, 6, 7, 8 ran to max_new_tokens, so they checked nothing), and 5, the only dynamic-4 run
+    for seed in (0, 1, 2, 5, 9, 10):
         r = random.Random(seed)
         json_object = seed % 5 == 4
         schema = {"type": "object"} if json_object else random_schema(r)

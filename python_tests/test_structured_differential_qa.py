@@ -60,12 +60,11 @@ def smol():
 
 
 @needs_smollm2
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(5))      # each kind of constraint once
 def test_speculative_equals_plain_under_a_grammar(smol, seed):
     from amphista_engine.tools import generate_with_tools
     r = random.Random(seed)
-    kind = ["json_object", "json_schema", "tools_required", "tools_named", "batch", "json_schema", "tools_required",
-            "batch"][seed]
+    kind = ["json_object", "json_schema", "tools_required", "tools_named", "batch"][seed]
     mx, tree = r.randint(8, 40), r.choice(TREES)
     spec = {"speculative": "amphista", "tree": tree}
     q = [{"role": "user", "content": r.choice(PROMPTS)}]

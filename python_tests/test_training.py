@@ -458,14 +458,14 @@ def test_shipped_heads_keep_greedy_output(smollm2, kind):
     engine = Engine(smollm2, max_seq_len=1024)
     engine.load_heads(path)
     prompt = "Write a haiku about the sea."
-    plain = engine.generate(prompt, max_new_tokens=8)
-    spec = engine.generate(prompt, max_new_tokens=8, speculative=kind)
+    plain = engine.generate(prompt, max_new_tokens=4)
+    spec = engine.generate(prompt, max_new_tokens=4, speculative=kind)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.tau >= 1.0
     fitted = engine.heads.config.extra.get("trees", {})
     assert {"tuned-63", "mix-64"} <= set(fitted)
     for tree in fitted:
-        assert engine.generate(prompt, max_new_tokens=8, speculative=kind, tree=tree).token_ids == plain.token_ids, tree
+        assert engine.generate(prompt, max_new_tokens=4, speculative=kind, tree=tree).token_ids == plain.token_ids, tree
 
 
 def test_frequent_tokens_ranks_answer_tokens_only():
