@@ -976,7 +976,8 @@ class Engine:
         chain), so each step keeps the longer of the heads' guess and the copy. prediction: the answer's expected
         text (OpenAI's predicted outputs), searched before the prompt, for every prompt of the call; it speeds up,
         never changes, the answer. A prediction under speculative="auto" decodes by lookup (beside the loaded
-        heads, where there are some); under None, "amphista" or "medusa" it is refused.
+        heads where they pay: speculation_check; alone where they lose to plain steps or there are none); under
+        None, "amphista" or "medusa" it is refused.
 
         admit: continuous batching (a server's requests that arrive mid-run). admit(free) is called between steps
         while the run has `free` rows to give (rows that ended, or rows up to max_batch_size) and returns a list of
@@ -1157,6 +1158,14 @@ class Engine:
             # allocated before reserve_batch (a generate() before make_server) held a 1-row run at 1 row, so no
             # request could join it. The rows reserve_batch checked the memory for, allocated now.
             self._cache_for(max(self._cache_batch, len(ids)))
+        if auto_lookup and self.heads is not None and tree in (None, "auto") and max(limits) > 1 and not \
+                self.speculation_check(None, params.temperature, params.top_p, len(ids), params.min_p,
+                                       params.repetition_penalty, params.presence_penalty,
+                                       params.frequency_penalty).pays:
+            # "auto" with a prediction, where the heads lose to plain steps (a 4-bit CPU): beside the chain their tree
+            # costs as many nodes for as little, so the prediction drafts alone (measured on code edits, 4-bit
+            # SmolLM2: lookup 1.54x plain, amphista+lookup 1.25x; README). Always the heads on a GPU (the check pays)
+            speculative = "lookup"
         # max_new_tokens=1 (every row's): the prefill gives the one token and no step runs, so no tree slot is
         # ever written; one row with a larger limit runs steps, and every row's tree then needs its room
         decoder, extra = self._decoder(len(ids), params, speculative, tree, acceptance, fits,

@@ -35,8 +35,18 @@ def _generate(capsys, *flags):
     return json.loads(captured.out)
 
 
+_PLAIN = {}
+
+
+def _plain(capsys):
+    """The plain answer the lookup runs below compare with: one CLI run (an engine load) for both."""
+    if not _PLAIN:
+        _PLAIN.update(_generate(capsys, "--speculative", "none"))
+    return _PLAIN
+
+
 def test_generate_lookup_is_plain_greedy_text_without_heads(capsys, monkeypatch):
-    plain = _generate(capsys, "--speculative", "none")
+    plain = _plain(capsys)
     from amphista_engine import Engine
 
     def no_heads(self, *a, **k):
@@ -52,7 +62,7 @@ def test_generate_lookup_is_plain_greedy_text_without_heads(capsys, monkeypatch)
 
 def test_generate_heads_with_lookup(capsys, monkeypatch):
     """--speculative amphista+lookup: the shipped heads and a chain, no timing (the method is asked for)."""
-    plain = _generate(capsys, "--speculative", "none")
+    plain = _plain(capsys)
     from amphista_engine import Engine
 
     def no_check(self, *a, **k):
@@ -105,8 +115,13 @@ def _chat(url, **fields):
     return reply["choices"][0]["message"]["content"], reply["amphista"]
 
 
-def test_a_prediction_decodes_by_lookup_to_the_same_answer(served):
+def test_a_prediction_decodes_by_lookup_to_the_same_answer(served, monkeypatch):
     _, url, _ = served
+    from amphista_engine import Engine
+    from amphista_engine.speculation_check import SpeculationCheck
+    pays = [True]           # the heads' timing verdict, stubbed (a timed one depends on the machine)
+    monkeypatch.setattr(Engine, "speculation_check",
+                        lambda self, tree=None, *a, **k: SpeculationCheck(pays[0], tree or "mix-4", "stubbed"))
     plain, extra = _chat(url, speculative="none")
     assert extra["speculative"] is None
     own, extra = _chat(url)
@@ -119,6 +134,10 @@ def test_a_prediction_decodes_by_lookup_to_the_same_answer(served):
     assert extra["tau"] > lookup["tau"], (extra, lookup)
     text, extra = _chat(url, speculative="auto", prediction={"type": "content", "content": plain})
     assert (text, extra["speculative"]) == (plain, "amphista+lookup")
+    pays[0] = False         # heads that lose to plain steps here: under "auto" the prediction drafts alone
+    text, extra = _chat(url, speculative="auto", prediction={"type": "content", "content": plain})
+    assert (text, extra["speculative"]) == (plain, "lookup")
+    pays[0] = True
     text, extra = _chat(url, speculative="lookup", prediction={"type": "content", "content": plain})
     assert (text, extra["speculative"]) == (plain, "lookup")
     wrong, extra = _chat(url, prediction={"type": "content", "content": "Mountains are tall. " * 4})

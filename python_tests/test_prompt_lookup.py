@@ -166,33 +166,33 @@ def test_a_prediction_of_the_answer_is_accepted_whole(engine):
     """OpenAI's predicted outputs: the plain answer given back as the prediction is drafted chain after chain, and
     the answer stays the same; a wrong prediction changes nothing either."""
     prompt = "Write three short sentences about the sea."
-    plain = engine.generate(prompt, 60)
-    got = engine.generate(prompt, 60, speculative="lookup", prediction=plain.text)
+    plain = engine.generate(prompt, 40)
+    got = engine.generate(prompt, 40, speculative="lookup", prediction=plain.text)
     assert got.token_ids == plain.token_ids
-    assert got.stats.decode_steps <= 60 // 5 + 4, got.stats        # chain-4: 5 tokens a step, a few seams
-    wrong = engine.generate(prompt, 60, speculative="auto", prediction="Mountains are tall. " * 5)
+    assert got.stats.decode_steps <= 40 // 5 + 4, got.stats        # chain-4: 5 tokens a step, a few seams
+    wrong = engine.generate(prompt, 40, speculative="auto", prediction="Mountains are tall. " * 5)
     assert wrong.token_ids == plain.token_ids and wrong.stats.extra["method"] == "lookup"
     # an earlier run's prediction is not the next run's
-    again = engine.generate(prompt, 60, speculative="lookup")
+    again = engine.generate(prompt, 40, speculative="lookup")
     assert again.token_ids == plain.token_ids and again.stats.decode_steps > got.stats.decode_steps
 
 
 @needs_smollm2
 def test_batches_reuse_and_sampling(engine):
     prompts = [EDIT, "List the numbers from one to twelve in words, separated by commas."]
-    plain = engine.generate_batch(prompts, 40)
-    got = engine.generate_batch(prompts, 40, speculative="lookup")
+    plain = engine.generate_batch(prompts, 24)
+    got = engine.generate_batch(prompts, 24, speculative="lookup")
     assert [r.token_ids for r in got] == [r.token_ids for r in plain]
     # a chat's second turn from the kept prefix: the drafter keeps its history as the heads keep theirs
     turn = [{"role": "user", "content": "Count from 1 to 15."}]
     outs = {}
     for spec in (None, "lookup"):
-        a = engine.generate(turn, 30, speculative=spec, reuse_prefix=True)
+        a = engine.generate(turn, 20, speculative=spec, reuse_prefix=True)
         more = turn + [{"role": "assistant", "content": a.text}, {"role": "user", "content": "Again, please."}]
-        outs[spec] = (a.token_ids, engine.generate(more, 30, speculative=spec, reuse_prefix=True).token_ids)
+        outs[spec] = (a.token_ids, engine.generate(more, 20, speculative=spec, reuse_prefix=True).token_ids)
     assert outs[None] == outs["lookup"]
-    one = engine.generate(EDIT, 30, speculative="lookup", temperature=0.8, seed=7)
-    assert one.token_ids == engine.generate(EDIT, 30, speculative="lookup", temperature=0.8, seed=7).token_ids
+    one = engine.generate(EDIT, 20, speculative="lookup", temperature=0.8, seed=7)
+    assert one.token_ids == engine.generate(EDIT, 20, speculative="lookup", temperature=0.8, seed=7).token_ids
 
 
 @needs_smollm2
@@ -235,10 +235,32 @@ def test_heads_with_lookup_keep_the_longer_guess(heads_engine):
             assert both.stats.decode_steps <= 0.85 * heads.stats.decode_steps, (both.stats, heads.stats)
         else:
             assert both.stats.decode_steps <= heads.stats.decode_steps + 2, (both.stats, heads.stats)
-    sized = e.generate(EDIT, 30, speculative="amphista+lookup", tree="tree-16+chain-6")
+    sized = e.generate(EDIT, 16, speculative="amphista+lookup", tree="tree-16+chain-6")
     assert sized.stats.extra["tree"] == "tree-16+chain-6" and sized.stats.extra["tree_nodes"] == 16 + 6
-    auto = e.generate(EDIT, 30, speculative="auto", prediction=CODE)
-    assert auto.stats.extra["method"] == "amphista+lookup" and auto.token_ids == sized.token_ids
+
+
+@needs_smollm2
+@pytest.mark.parametrize("pays, method", [(True, "amphista+lookup"), (False, "lookup")])
+def test_auto_with_a_prediction_weighs_the_heads(heads_engine, monkeypatch, pays, method):
+    """speculative="auto" with a prediction: the chain beside the heads where their timing check says they pay, the
+    chain alone where they lose to plain steps (a 4-bit CPU: their tree costs as much beside the chain), the answer
+    plain decoding's either way. The verdict is stubbed: a timed one depends on the machine."""
+    from amphista_engine import Engine
+    from amphista_engine.speculation_check import SpeculationCheck
+    asked = []
+
+    def check(self, tree=None, *args, **kwargs):
+        asked.append(tree)
+        return SpeculationCheck(pays, tree or "mix-4", "stubbed")
+    monkeypatch.setattr(Engine, "speculation_check", check)
+    plain = heads_engine.generate(EDIT, 16)
+    auto = heads_engine.generate(EDIT, 16, speculative="auto", prediction=CODE)
+    assert auto.stats.extra["method"] == method and auto.token_ids == plain.token_ids
+    assert None in asked            # the heads' verdict for their own fastest tree
+    # a tree named beside the chain is the caller's choice: no verdict overrides it
+    asked.clear()
+    sized = heads_engine.generate(EDIT, 16, speculative="auto", prediction=CODE, tree="tree-16+chain-6")
+    assert sized.stats.extra["tree"] == "tree-16+chain-6" and sized.token_ids == plain.token_ids and not asked
 
 
 @needs_smollm2
