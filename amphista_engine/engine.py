@@ -1163,8 +1163,8 @@ class Engine:
                                        params.repetition_penalty, params.presence_penalty,
                                        params.frequency_penalty).pays:
             # "auto" with a prediction, where the heads lose to plain steps (a 4-bit CPU): beside the chain their tree
-            # costs as many nodes for as little, so the prediction drafts alone (measured on code edits, 4-bit
-            # SmolLM2: lookup 1.54x plain, amphista+lookup 1.25x; README). Always the heads on a GPU (the check pays)
+            # costs as many nodes for as little, so the prediction drafts alone (measured with predictions, 4-bit
+            # SmolLM2: lookup 2.50x plain, amphista+lookup 1.58x; README). Always the heads on a GPU (the check pays)
             speculative = "lookup"
         # max_new_tokens=1 (every row's): the prefill gives the one token and no step runs, so no tree slot is
         # ever written; one row with a larger limit runs steps, and every row's tree then needs its room

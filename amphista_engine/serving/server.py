@@ -1277,11 +1277,11 @@ class OpenAIApp:
                 tree = None         # the server's --tree was meant for its own method, not this request's
         elif prediction is not None and not str(speculative).endswith("lookup"):
             # a prediction is the lookup's to draft from, whatever the server's own method (its heads never read it:
-            # beside them where the server decodes with its heads, alone where it decodes plainly; under "auto" the
-            # engine weighs the heads as it does without one: beside the chain where they pay, else the chain alone)
+            # beside them where the server decodes with its heads, alone where it decodes plainly). Not "auto" for
+            # the server's own "auto": a request without max_tokens is cut to the cache's room, and the engine's
+            # "auto" decodes plainly where the tree's room is missing, where a named method is retried shorter
             heads = getattr(self.engine, "heads", None)
-            speculative = "auto" if speculative == "auto" else "lookup" if speculative is None or heads is None \
-                else f"{heads.config.kind}+lookup"
+            speculative = "lookup" if speculative is None or heads is None else f"{heads.config.kind}+lookup"
             tree = None
         if prediction is not None:
             # batch-wide in the engine: in the options, so the batch key keeps other predictions out of this run
