@@ -610,10 +610,9 @@ def cmd_generate(args) -> int:
         if check is not None:
             out["speculation_check"] = check.to_dict()
         if prediction is not None:
-            # OpenAI's completion_tokens_details, counted on the ids the engine drafted from, as the server counts them
+            # OpenAI's completion_tokens_details, counted on the whole prediction, as the server counts them
             from .prompt_lookup import prediction_counts, prediction_ids
-            accepted, rejected = prediction_counts(prediction_ids(engine.tokenizer, prediction, engine.max_seq_len),
-                                                   result.token_ids)
+            accepted, rejected = prediction_counts(prediction_ids(engine.tokenizer, prediction), result.token_ids)
             out["stats"].update(accepted_prediction_tokens=accepted, rejected_prediction_tokens=rejected)
         _write(json.dumps(out) + "\n")
     else:

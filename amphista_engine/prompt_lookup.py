@@ -31,11 +31,13 @@ CPU_MIN_NGRAM = 2
 HIT = 50.0
 
 
-def prediction_ids(tokenizer, prediction: str, max_seq_len: int) -> list[int]:
-    """A predicted output's token ids: what a lookup run drafts from (Engine.stream_batch) and the server's usage
-    counts accepted and rejected prediction tokens on, one encoding so the two never differ. No answer is longer than
-    the cache, so neither is the part of a prediction worth searching."""
-    return tokenizer.encode(prediction, add_bos=False)[:max_seq_len]
+def prediction_ids(tokenizer, prediction: str, max_seq_len: int | None = None) -> list[int]:
+    """A predicted output's token ids: what a lookup run drafts from (Engine.stream_batch: its first max_seq_len, as
+    no answer is longer than the cache, so neither is the part of a prediction worth searching) and, whole, what the
+    usage counts accepted and rejected prediction tokens on (OpenAI counts every token sent: a prediction longer than
+    the cache was counted short), one encoding so the two never differ."""
+    ids = tokenizer.encode(prediction, add_bos=False)
+    return ids if max_seq_len is None else ids[:max_seq_len]
 
 
 def common_subsequence(a: list[int], b: list[int]) -> int:
@@ -68,7 +70,7 @@ def common_subsequence(a: list[int], b: list[int]) -> int:
 
 def prediction_counts(pred_ids: list[int], answer_ids: list[int]) -> tuple[int, int]:
     """OpenAI's (accepted_prediction_tokens, rejected_prediction_tokens) of one answer: the prediction's tokens the
-    answer has in order (common_subsequence), and the rest. Both on prediction_ids' encoding, as the engine drafts."""
+    answer has in order (common_subsequence), and the rest. On the whole prediction's prediction_ids."""
     accepted = common_subsequence(pred_ids, answer_ids)
     return accepted, len(pred_ids) - accepted
 

@@ -156,3 +156,21 @@ def test_completions_count_each_prompts_choices(served, monkeypatch):
     plain = _post(url, "/v1/completions", {"prompt": PROMPTS, "max_tokens": 12, "temperature": 0})
     assert set(plain["usage"]) == PLAIN_USAGE
     assert {k: reply["usage"][k] for k in PLAIN_USAGE} == plain["usage"]
+
+
+def test_a_prediction_longer_than_the_cache_counts_every_token(served, monkeypatch):
+    """The engine drafts from a prediction's first max_seq_len tokens (no answer is longer), but every token sent
+    counts, as OpenAI's: before, the tokens past max_seq_len were neither accepted nor rejected."""
+    engine, url = served
+    spy = Answers(engine, monkeypatch)
+    body = {"messages": ASK, "max_tokens": 8, "temperature": 0}
+    text = _post(url, CHAT, body)["choices"][0]["message"]["content"]
+    [ids] = spy.take()
+    long = text + " the dog sat on the log" * 120
+    pred = engine.tokenizer.encode(long, add_bos=False)
+    assert len(pred) > engine.max_seq_len
+    reply = _post(url, CHAT, {**body, "prediction": _predicted(long)})
+    assert spy.take() == [ids]
+    details = reply["usage"]["completion_tokens_details"]
+    assert details == _details(pred, [ids]) and details["accepted_prediction_tokens"] >= len(ids) - 1
+    assert details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"] == len(pred)

@@ -1587,10 +1587,10 @@ class OpenAIApp:
         return usage
 
     def predicted_ids(self, job) -> list[int] | None:
-        """A request's prediction as the engine drafts from it (prediction_ids), for its usage; None where it sent
-        none (or an empty one: _prediction)."""
+        """A request's whole prediction's ids (prediction_ids), for its usage; None where it sent none (or an empty
+        one: _prediction)."""
         text = job.options.get("prediction")
-        return prediction_ids(self.engine.tokenizer, text, self.engine.max_seq_len) if text else None
+        return prediction_ids(self.engine.tokenizer, text) if text else None
 
 
 class _HeadTimeout(Exception):
