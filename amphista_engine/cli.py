@@ -114,12 +114,7 @@ def _chat_template(args) -> str | None:
         return None
     path = user_path(value)
     if _readable_file(path):
-        try:
-            template = read_utf8(Path(path))
-        except InputError as e:
-            raise InputError(f"--chat-template {e}") from None
-        except OSError as e:        # unreadable (permissions, I/O): said of the flag, never a bare trace
-            raise InputError(f"--chat-template {value!r}: cannot read it ({e.strerror or e})") from None
+        template = _read_flag_file("--chat-template", value, path)
         what = f"--chat-template {value!r} (the file's template)"
     elif any(c in value for c in "{}\n"):
         if bad := _not_utf8(value):      # its prompts were refused as "the prompt's text", after the load
@@ -289,23 +284,29 @@ def _response_format(args) -> dict | None:
     return {"type": "json_schema", "json_schema": {"schema": value}}
 
 
+def _read_flag_file(name: str, value: str, path) -> str:
+    """A flag's file (value as given, path resolved) read as UTF-8 text, its errors said of the flag."""
+    try:
+        return read_utf8(Path(path))
+    except InputError as e:
+        raise InputError(f"{name} {e}") from None
+    except OSError as e:        # unreadable (permissions, I/O): said of the flag, never a bare trace
+        raise InputError(f"{name} {value!r}: cannot read it ({e.strerror or e})") from None
+
+
 def _prediction(args) -> str | None:
     """The text of --prediction or --prediction-file (None: neither given), read and checked before the load, as the
     prompt is, and refused with a --speculative that never drafts from it."""
     text, path = getattr(args, "prediction", None), getattr(args, "prediction_file", None)
     if path is not None:
-        flag, path = f"--prediction-file {path!r}", user_path(path)
+        given, path = path, user_path(path)
+        flag = f"--prediction-file {given!r}"
         if not _readable_file(path):
             kind = ("is a directory, not a file" if os.path.isdir(path) else "is not a file" if os.path.exists(path)
                     else "no such file" + missing_note(path))
             raise InputError(f"{flag}: {kind}; give a UTF-8 text file of the answer's expected text, or the text "
                              f"itself with --prediction")
-        try:
-            text = read_utf8(Path(path))
-        except InputError as e:
-            raise InputError(f"--prediction-file {e}") from None
-        except OSError as e:        # unreadable (permissions, I/O): said of the flag, never a bare trace
-            raise InputError(f"{flag}: cannot read it ({e.strerror or e})") from None
+        text = _read_flag_file("--prediction-file", given, path)
         text = text.removeprefix("\ufeff")     # a byte order mark (a file saved by Notepad) is no answer text
     elif text is not None:
         flag = "--prediction"
