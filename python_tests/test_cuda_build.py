@@ -64,16 +64,17 @@ def built_so(cmake_build):
 
 def test_cuda_sources_compile_for_a100(tmp_path):
     """The build above is sm_90 only; `pip install .` builds 80;90 by default, so every source must also compile
-    for the A100 (sm_80: no cp.async.bulk, no griddepcontrol). Device code only, in parallel: ~10 s."""
+    for the A100 (sm_80: no cp.async.bulk, no griddepcontrol). Device code only, all sources in one translation
+    unit: nvcc's frontend dominates, so one pass over the CUDA headers costs ~half of six (each source alone
+    compiles in the sm_90 build above)."""
     if NVCC is None:
         pytest.skip("nvcc not found")
-    procs = {cu.name: subprocess.Popen([NVCC, "-std=c++17", "-O3", "-arch=sm_80", "-I", str(ROOT / "csrc"), "-c",
-                                        str(cu), "-o", str(tmp_path / f"{cu.stem}.o")],
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cu in sorted((ROOT / "csrc").glob("*.cu"))}
-    errors = {name: p.communicate(timeout=600)[0][-2000:] for name, p in procs.items()}
-    failed = {name: out for name, out in errors.items() if procs[name].returncode != 0}
-    assert len(procs) >= 6 and not failed, failed
+    sources = sorted((ROOT / "csrc").glob("*.cu"))
+    unity = tmp_path / "all_sources.cu"
+    unity.write_text("".join(f'#include "{cu}"\n' for cu in sources))
+    proc = subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_80", "-I", str(ROOT / "csrc"), "-c", str(unity),
+                           "-o", str(tmp_path / "all_sources.o")], capture_output=True, text=True, timeout=600)
+    assert len(sources) >= 6 and proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
 def test_build_compiles_every_cuda_source(cmake_build):

@@ -140,7 +140,9 @@ def _launchers(dtypes, with_pdl: bool = True):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="SM architecture, e.g. 80 (A100), 90 (H100/H200)")
-    ap.add_argument("--quick", action="store_true", help="bf16 variants only (fp32 ones compile slowly)")
+    ap.add_argument("--quick", action="store_true",
+                    help="bf16 variants only (fp32 ones compile slowly), and programmatic dependent launch on one "
+                         "variant of each kernel (its wait/launch code does not depend on the variant)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
@@ -148,8 +150,12 @@ def main(argv=None) -> int:
     import torch
     dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
     calls = capture(_launchers(dtypes, with_pdl=args.arch >= 90))
-    seen, failures = set(), 0
+    seen, pdl_done, failures = set(), set(), 0
     for fn, bound, opts in calls:
+        if args.quick and opts.get("launch_pdl"):
+            if fn.__name__ in pdl_done:
+                continue
+            pdl_done.add(fn.__name__)
         key = (fn.__name__, tuple((p.name, _sig(bound[p.name]) if not p.is_constexpr else repr(bound[p.name]))
                                   for p in fn.params), tuple(sorted(opts.items())))
         if key in seen:
