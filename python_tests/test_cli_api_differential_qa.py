@@ -136,7 +136,7 @@ def _draw(rng, model):
 def test_seeded_sweep_of_generate_flags_equals_the_api(tiny_hf_dir, tiny_engine, wired, one_thread):
     loads, runs = wired
     rng, compared = random.Random(20261212), 0
-    for case in range(250):
+    for case in range(120):        # every flag drawn in at least 9 of them (chat_template's 9 the fewest)
         argv, api, prompt = _draw(rng, str(tiny_hf_dir))
         loads.clear()
         runs.clear()
@@ -164,7 +164,7 @@ def test_seeded_sweep_of_generate_flags_equals_the_api(tiny_hf_dir, tiny_engine,
         else:
             assert out == res.text + "\n" and f"finish: {res.finish_reason}" in err, argv
         compared += 1
-    assert compared >= 150
+    assert compared >= 72
 
 
 def test_a_prompt_on_stdin_keeps_its_trailing_spaces(tiny_hf_dir, wired):

@@ -2,6 +2,7 @@
 ids unique across shards, and no MT-Bench question among the prompts (training on evaluation data is banned)."""
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from pathlib import Path
@@ -17,11 +18,19 @@ MT_BENCH = ROOT.parent / "shared/data/mt_bench.jsonl"
 VOCAB = json.loads((ROOT / "amphista_engine/data/heads/smollm2-135m-amphista/config.json").read_text())["vocab_size"]
 
 
-def records():
+@functools.cache
+def _records() -> tuple:
+    """Every shard decompressed and parsed once for the module's tests (none of them changes a record)."""
+    out = []
     for path in SHARDS:
         with gzip.open(path, "rt") as f:
             for line in f:
-                yield path.name, json.loads(line)
+                out.append((path.name, json.loads(line)))
+    return tuple(out)
+
+
+def records():
+    yield from _records()
 
 
 def test_committed_shards_load_whole():
@@ -42,8 +51,8 @@ def test_committed_prompts_are_not_mt_bench_questions():
     questions = {" ".join(t.split()) for line in MT_BENCH.read_text().splitlines() if line.strip()
                  for t in json.loads(line)["turns"]}
     assert len(questions) >= 80
-    leaked = [(name, r["id"]) for name, r in records()
-              if any(q in " ".join(r["prompt"].split()) for q in questions)]     # a question anywhere in a prompt
+    leaked = [(name, r["id"]) for name, r, prompt in ((n, r, " ".join(r["prompt"].split())) for n, r in records())
+              if any(q in prompt for q in questions)]     # a question anywhere in a prompt
     assert not leaked, leaked[:5]
 
 

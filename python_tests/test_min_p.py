@@ -80,8 +80,16 @@ def tiny8():
     return random_tiny_model(seed=11, vocab=V, dim=16, heads=2, kv_heads=1, inter=32)
 
 
+@pytest.fixture(scope="module")
+def min_p_laws(tiny8):
+    """{parity: (min-p's exact law, the answer count at T = 1.5 without min-p)}: both samplers' checks, made once."""
+    params, unfiltered = SamplingParams(1.5, seed=5, min_p=0.25), SamplingParams(1.5)
+    return {parity: (penalised_law(tiny8, prompt, 5, params), len(penalised_law(tiny8, prompt, 5, unfiltered)))
+            for parity, prompt in ((0, SHORT), (1, LONG))}
+
+
 @pytest.mark.parametrize("make", ["plain", "amphista"])
-def test_sampling_keeps_the_min_p_law(tiny8, make):
+def test_sampling_keeps_the_min_p_law(tiny8, min_p_laws, make):
     """Rows of two prompts, 5 tokens each: plain sampling, and rejection sampling over a 64-node tree (most tokens
     from accepted nodes), follow min-p's law; min-p cuts tokens that sampling at T = 1.5 would otherwise give."""
     n, limit = 1500, 5
@@ -96,9 +104,8 @@ def test_sampling_keeps_the_min_p_law(tiny8, make):
     if make != "plain":
         assert sum(sum(s.accept_hist[2:]) for s in stats) > n        # accepted paths gave most tokens
     for parity, prompt in ((0, SHORT), (1, LONG)):
-        law = penalised_law(tiny8, prompt, limit, params)       # no penalties: min-p's law, top_k / top_p off
-        unfiltered = penalised_law(tiny8, prompt, limit, SamplingParams(1.5))
-        assert len(law) < len(unfiltered)                             # min-p forbids answers: the check can fail
+        law, unfiltered = min_p_laws[parity]        # no penalties: min-p's law, top_k / top_p off
+        assert len(law) < unfiltered                                  # min-p forbids answers: the check can fail
         got = rows[parity::2]
         assert min(law_check(got, law, first3), law_check(got, law, tail)) > P_MIN
 
@@ -109,9 +116,15 @@ def smol():
     return Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=256)
 
 
+@pytest.fixture(scope="module")
+def smol_plain_samples():
+    """Plain sampling's answers by (case, prompt): they use no heads, so both heads' tests compare with these."""
+    return {}
+
+
 @needs_smollm2
 @pytest.mark.parametrize("heads", ["default", "smollm2-135m-medusa"])
-def test_smollm2_seeded_speculation_gives_plain_samplings_answer_under_min_p(smol, heads):
+def test_smollm2_seeded_speculation_gives_plain_samplings_answer_under_min_p(smol, heads, smol_plain_samples):
     """On a CPU one prompt's rejection sampling draws the numbers plain sampling draws: with min_p too (a min_p the
     drafts' distribution ignored would part from plain sampling's answer)."""
     smol.load_heads(heads)
@@ -120,7 +133,10 @@ def test_smollm2_seeded_speculation_gives_plain_samplings_answer_under_min_p(smo
     for case in (dict(temperature=1.5, min_p=0.1), dict(temperature=1.0, min_p=0.05, top_k=30, top_p=0.95)):
         for prompt in ("Write a list of fruits: apple, banana,", "The capital of France is"):
             kw = dict(max_new_tokens=12, chat=False, seed=2, **case)
-            want = smol.generate(prompt, **kw)
+            key = (tuple(sorted(case.items())), prompt)
+            if key not in smol_plain_samples:
+                smol_plain_samples[key] = smol.generate(prompt, **kw)
+            want = smol_plain_samples[key]
             got = smol.generate(prompt, speculative=kind, tree="tree-16", **kw)
             assert got.token_ids == want.token_ids, (kind, case, prompt)
             accepted += sum(got.stats.accept_hist[2:])

@@ -150,6 +150,15 @@ def engine():
     return Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=512)
 
 
+SEA = "Write three short sentences about the sea."
+
+
+@pytest.fixture(scope="module")
+def sea_plain(engine):
+    """Plain greedy decoding's 40 tokens for SEA (deterministic): the reference of two tests."""
+    return engine.generate(SEA, 40)
+
+
 @needs_smollm2
 def test_lookup_greedy_equals_plain_and_speculates(engine):
     plain = engine.generate(EDIT, 80)
@@ -162,11 +171,10 @@ def test_lookup_greedy_equals_plain_and_speculates(engine):
 
 
 @needs_smollm2
-def test_a_prediction_of_the_answer_is_accepted_whole(engine):
+def test_a_prediction_of_the_answer_is_accepted_whole(engine, sea_plain):
     """OpenAI's predicted outputs: the plain answer given back as the prediction is drafted chain after chain, and
     the answer stays the same; a wrong prediction changes nothing either."""
-    prompt = "Write three short sentences about the sea."
-    plain = engine.generate(prompt, 40)
+    prompt, plain = SEA, sea_plain
     got = engine.generate(prompt, 40, speculative="lookup", prediction=plain.text)
     assert got.token_ids == plain.token_ids
     assert got.stats.decode_steps <= 40 // 5 + 4, got.stats        # chain-4: 5 tokens a step, a few seams
@@ -239,9 +247,15 @@ def test_heads_with_lookup_keep_the_longer_guess(heads_engine):
     assert sized.stats.extra["tree"] == "tree-16+chain-6" and sized.stats.extra["tree_nodes"] == 16 + 6
 
 
+@pytest.fixture(scope="module")
+def edit_plain(heads_engine):
+    """Plain greedy decoding's 16 tokens for EDIT (no verdict is asked for it): both verdicts' reference."""
+    return heads_engine.generate(EDIT, 16)
+
+
 @needs_smollm2
 @pytest.mark.parametrize("pays, method", [(True, "amphista+lookup"), (False, "lookup")])
-def test_auto_with_a_prediction_weighs_the_heads(heads_engine, monkeypatch, pays, method):
+def test_auto_with_a_prediction_weighs_the_heads(heads_engine, edit_plain, monkeypatch, pays, method):
     """speculative="auto" with a prediction: the chain beside the heads where their timing check says they pay, the
     chain alone where they lose to plain steps (a 4-bit CPU: their tree costs as much beside the chain), the answer
     plain decoding's either way. The verdict is stubbed: a timed one depends on the machine."""
@@ -253,7 +267,7 @@ def test_auto_with_a_prediction_weighs_the_heads(heads_engine, monkeypatch, pays
         asked.append(tree)
         return SpeculationCheck(pays, tree or "mix-4", "stubbed")
     monkeypatch.setattr(Engine, "speculation_check", check)
-    plain = heads_engine.generate(EDIT, 16)
+    plain = edit_plain
     auto = heads_engine.generate(EDIT, 16, speculative="auto", prediction=CODE)
     assert auto.stats.extra["method"] == method and auto.token_ids == plain.token_ids
     assert None in asked            # the heads' verdict for their own fastest tree
@@ -338,11 +352,10 @@ def test_a_gpus_default_tree_for_heads_without_fitted_trees(tiny_hf_dir):
 
 
 @needs_smollm2
-def test_each_stream_drafts_from_its_own_prediction(engine):
+def test_each_stream_drafts_from_its_own_prediction(engine, sea_plain):
     """Streams are lazy: one set up with a prediction, then another without, then the first run drafts from its own
     prediction (it was set on the shared drafter at set-up, and the second's None replaced it)."""
-    prompt = "Write three short sentences about the sea."
-    plain = engine.generate(prompt, 40)
+    prompt, plain = SEA, sea_plain
     with_pred = engine.stream_batch([prompt], 40, speculative="lookup", prediction=plain.text)
     without = engine.stream_batch([prompt], 40, speculative="lookup")
     list(with_pred)

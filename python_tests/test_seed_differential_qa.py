@@ -130,9 +130,10 @@ def check_engine_case(eng, case: int) -> int:
 
 
 def test_seeded_engine_sweep(eng):
-    """5 cases, ~50 comparisons (the exploration behind it: 100 cases, ~1150 comparisons, none differed)."""
-    made = sum(check_engine_case(eng, case) for case in range(5))
-    assert made >= 45
+    """4 cases, ~40 comparisons (the exploration behind it: 100 cases, ~1150 comparisons, none differed). The four
+    hold chat and raw prompts, plain and chain-3 / dynamic-4 trees, numpy and edge seeds, logprobs, min_tokens."""
+    made = sum(check_engine_case(eng, case) for case in range(4))
+    assert made >= 36
 
 
 def test_edge_seeds_repeat_take_numpy_ints_and_count_every_bit(eng):

@@ -175,9 +175,9 @@ def test_real_model_seeded_runs_repeat_across_calls_engines_and_threads(quant):
         torch.set_num_threads(threads)
     first = engines[0]
     first.load_heads("default")
-    runs = [dict(speculative="amphista"), dict(speculative="amphista", tree="dynamic-8")]
-    if quant == "auto":       # the fp32 path's verification forwards cost ~4x: its Medusa run adds nothing there
-        runs.append(dict(speculative="medusa"))
+    runs = [dict(speculative="amphista")]
+    if quant == "auto":       # the fp32 path's verification forwards cost ~4x: its dynamic tree and Medusa runs
+        runs += [dict(speculative="amphista", tree="dynamic-8"), dict(speculative="medusa")]     # add nothing there
     for options in runs:
         if first.heads.config.kind != options["speculative"]:
             first.load_heads("smollm2-135m-medusa")

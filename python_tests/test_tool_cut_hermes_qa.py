@@ -33,6 +33,16 @@ MARKUP = (TOOL_CALL_START[:2], '{"name"')
 
 def test_a_hermes_answer_cut_in_a_block_reads_as_its_stream_sent_it():
     rnd = random.Random(5)
+    # The filter reads no tool_choice but calls_only ("required" and a named function alike): its stream of the same
+    # text, cuts and flags is run once and checked against each choice's reply (its ids aside, it is deterministic).
+    streams = {}
+
+    def stream_of(text, cut, parallel, hidden, calls_only):
+        key = (text, tuple(cut), parallel, hidden, calls_only)
+        if key not in streams:
+            f = ToolCallFilter(parallel, "hermes", hidden=hidden, calls_only=calls_only)
+            streams[key] = joined(text, cut, "hermes", parallel, f)
+        return streams[key]
     for head, block, lead, names in ANSWERS:
         name = json.loads(block[len(TOOL_CALL_START):-len(TOOL_CALL_END)])["name"]
         json_end = block.index("\n" + TOOL_CALL_END)
@@ -53,8 +63,7 @@ def test_a_hermes_answer_cut_in_a_block_reads_as_its_stream_sent_it():
                         assert content == (None if p.calls_only else text if own else lead), (text, choice, content)
                         for cut in ([], list(range(1, len(text))),
                                     sorted(rnd.sample(range(len(text) + 1), min(len(text), rnd.randint(2, 6))))):
-                            f = ToolCallFilter(parallel, "hermes", hidden=hidden, calls_only=p.calls_only)
-                            sent, streamed, whole, _ = joined(text, cut, "hermes", parallel, f)
+                            sent, streamed, whole, _ = stream_of(text, cut, parallel, hidden, p.calls_only)
                             done = [(c["name"], json.loads(c["arguments"])) for c in streamed[:len(want)]]
                             assert done == calls and sent == (content or ""), (text, cut, sent, streamed, calls)
                             # a call that went out begun (the cut block's) is not the reply's: never claimed whole
