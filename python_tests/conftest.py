@@ -153,6 +153,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def once():
+    """once(key, make) -> make(), made the first time the module asks for key: a reference its parametrized cases
+    share (plain answers that use no heads or tree, one prefix's scores), computed once instead of per case."""
+    made = {}
+
+    def get(key, make):
+        if key not in made:
+            made[key] = make()
+        return made[key]
+    return get
+
+
+@pytest.fixture(scope="module")
 def one_thread_module():
     """For a whole module: `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
     yield from _single_thread()

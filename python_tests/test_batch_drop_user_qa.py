@@ -103,15 +103,8 @@ def test_amphista_rows_moved_down_draft_from_their_own_sal_entries(engine, monke
                 assert torch.allclose(d, b[row], rtol=1e-4, atol=1e-4), (B, tree, t, row)
 
 
-@pytest.fixture(scope="module")
-def plain_batches():
-    """Plain batches by (rows, stop): they use no heads and no tree, so every kind and tree compares with one."""
-    return {}
-
-
 @pytest.mark.parametrize("kind", ["amphista", "medusa"])
-def test_greedy_rows_that_drop_equal_plain_rows_and_a_batch_that_keeps_them(engine, kind, monkeypatch,
-                                                                             plain_batches):
+def test_greedy_rows_that_drop_equal_plain_rows_and_a_batch_that_keeps_them(engine, kind, monkeypatch, once):
     """Batches of 2..9 rows ending by EOS, stop strings and max_new_tokens at different steps: every speculative
     row equals the batch's plain row token for token, and its steps and accept histogram equal those of the same
     batch run without dropping (dynamic-16 drafts from the SAL cache: a row whose SAL entries stayed behind drafts
@@ -122,10 +115,8 @@ def test_greedy_rows_that_drop_equal_plain_rows_and_a_batch_that_keeps_them(engi
         prompts = PROMPTS[:B]
         for tree, stop in ((None, None), ("dynamic-16", ["e "]), ("chain-3", None)):
             kw = dict(max_new_tokens=12 + 2 * B, chat=False, stop=stop)
-            key = (B, tuple(stop or ()))
-            if key not in plain_batches:
-                plain_batches[key] = engine.generate_batch(prompts, **kw)
-            plain = plain_batches[key]
+            # plain batches use no heads and no tree: every kind and tree compares with one
+            plain = once((B, tuple(stop or ())), lambda: engine.generate_batch(prompts, **kw))
             spec = engine.generate_batch(prompts, speculative=kind, tree=tree, **kw)
             assert _rows(spec) == _rows(plain), (B, tree)
             whole = _without_drops(monkeypatch, lambda: engine.generate_batch(prompts, speculative=kind, tree=tree,

@@ -51,8 +51,8 @@ def test_committed_prompts_are_not_mt_bench_questions():
     questions = {" ".join(t.split()) for line in MT_BENCH.read_text().splitlines() if line.strip()
                  for t in json.loads(line)["turns"]}
     assert len(questions) >= 80
-    leaked = [(name, r["id"]) for name, r, prompt in ((n, r, " ".join(r["prompt"].split())) for n, r in records())
-              if any(q in prompt for q in questions)]     # a question anywhere in a prompt
+    prompts = ((name, r["id"], " ".join(r["prompt"].split())) for name, r in records())
+    leaked = [(name, rid) for name, rid, prompt in prompts if any(q in prompt for q in questions)]  # anywhere in one
     assert not leaked, leaked[:5]
 
 

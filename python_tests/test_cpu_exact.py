@@ -178,19 +178,13 @@ def smollm2_engine(request):
                                   quant="none")   # the dequantized weights' exactness (4-bit: test_cpu_quant.py)
 
 
-@pytest.fixture(scope="module")
-def plain_answers():
-    """Plain greedy answers by (engine dtype, prompt): every tree's test compares with the same ones, made once."""
-    return {}
-
-
 SPEC_TREES = ["tree-16", "mc_sim_7b_63", "dynamic-24"]
 SPEC_PROMPTS = ("Explain how a hash table handles collisions.", "Write a short poem about autumn rain.")
 
 
 @needs_smollm2
 @pytest.mark.parametrize("tree", SPEC_TREES)
-def test_speculative_greedy_equals_plain_greedy(smollm2_engine, tree, plain_answers, monkeypatch):
+def test_speculative_greedy_equals_plain_greedy(smollm2_engine, tree, once, monkeypatch):
     engine = smollm2_engine
     if engine.dtype == torch.float32 and tree != "mc_sim_7b_63":
         pytest.skip("fp32 (opt-in): the 63-node tree alone, two 32-row pieces; all three cost CI ~70 s at 48 tokens")
@@ -198,10 +192,7 @@ def test_speculative_greedy_equals_plain_greedy(smollm2_engine, tree, plain_answ
     # 24 tokens: 8-14 verification steps per answer, most of them accepting drafts (tau 1.6-2.9). One prompt a
     # tree, the two prompts taking turns over the trees: bf16 decodes both, each tree verifies its own
     prompt = SPEC_PROMPTS[SPEC_TREES.index(tree) % 2]
-    key = (engine.dtype, prompt)
-    if key not in plain_answers:
-        plain_answers[key] = engine.generate(prompt, max_new_tokens=24)
-    plain = plain_answers[key]
+    plain = once((engine.dtype, prompt), lambda: engine.generate(prompt, max_new_tokens=24))   # every tree's
     spec = engine.generate(prompt, max_new_tokens=24, speculative="amphista", tree=tree)
     assert spec.token_ids == plain.token_ids, (prompt, tree)
     assert spec.stats.tau > 1.0

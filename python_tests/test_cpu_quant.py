@@ -186,21 +186,12 @@ def test_half_precision_loads_still_count_as_stored_4bit(smollm2, dtype):
     assert cpu_quant.requantization_error(torch.randn(96, 256).to(dtype)) > 3 * tol
 
 
-@pytest.fixture(scope="module")
-def q4_plain_answers():
-    """Plain greedy answers by (engine dtype, prompt): both trees' tests compare with the same ones, made once."""
-    return {}
-
-
 @needs_smollm2
 @pytest.mark.parametrize("tree", ["mix-8", "mc_sim_7b_63"])
-def test_q4_speculative_greedy_equals_plain_greedy(q4_engine, tree, q4_plain_answers):
+def test_q4_speculative_greedy_equals_plain_greedy(q4_engine, tree, once):
     # 16 tokens: several verification steps per answer, most of them accepting drafts (tau > 1.6)
     for prompt in ("Explain how a hash table handles collisions.", "Write a short poem about autumn rain."):
-        key = (q4_engine.dtype, prompt)
-        if key not in q4_plain_answers:
-            q4_plain_answers[key] = q4_engine.generate(prompt, max_new_tokens=16)
-        plain = q4_plain_answers[key]
+        plain = once((q4_engine.dtype, prompt), lambda: q4_engine.generate(prompt, max_new_tokens=16))  # both trees'
         spec = q4_engine.generate(prompt, max_new_tokens=16, speculative="amphista", tree=tree)
         assert spec.token_ids == plain.token_ids, (prompt, tree)
         assert spec.stats.tau > 1.0

@@ -116,15 +116,9 @@ def smol():
     return Engine.from_pretrained("smollm2-135m", device="cpu", max_seq_len=256)
 
 
-@pytest.fixture(scope="module")
-def smol_plain_samples():
-    """Plain sampling's answers by (case, prompt): they use no heads, so both heads' tests compare with these."""
-    return {}
-
-
 @needs_smollm2
 @pytest.mark.parametrize("heads", ["default", "smollm2-135m-medusa"])
-def test_smollm2_seeded_speculation_gives_plain_samplings_answer_under_min_p(smol, heads, smol_plain_samples):
+def test_smollm2_seeded_speculation_gives_plain_samplings_answer_under_min_p(smol, heads, once):
     """On a CPU one prompt's rejection sampling draws the numbers plain sampling draws: with min_p too (a min_p the
     drafts' distribution ignored would part from plain sampling's answer)."""
     smol.load_heads(heads)
@@ -133,10 +127,8 @@ def test_smollm2_seeded_speculation_gives_plain_samplings_answer_under_min_p(smo
     for case in (dict(temperature=1.5, min_p=0.1), dict(temperature=1.0, min_p=0.05, top_k=30, top_p=0.95)):
         for prompt in ("Write a list of fruits: apple, banana,", "The capital of France is"):
             kw = dict(max_new_tokens=12, chat=False, seed=2, **case)
-            key = (tuple(sorted(case.items())), prompt)
-            if key not in smol_plain_samples:
-                smol_plain_samples[key] = smol.generate(prompt, **kw)
-            want = smol_plain_samples[key]
+            # plain sampling uses no heads: both heads' runs compare with one
+            want = once((tuple(sorted(case.items())), prompt), lambda: smol.generate(prompt, **kw))
             got = smol.generate(prompt, speculative=kind, tree="tree-16", **kw)
             assert got.token_ids == want.token_ids, (kind, case, prompt)
             accepted += sum(got.stats.accept_hist[2:])

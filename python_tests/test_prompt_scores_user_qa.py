@@ -31,20 +31,6 @@ def _scores(model, ids):
     return sequence_scores(model, ids)[0]
 
 
-@pytest.fixture(scope="module")
-def prefix_scores(scored):
-    """n -> _scores of TEXT's first n tokens, each scored once: both thresholds' sweeps score the same short
-    prefixes, and a prefix's scores are one fixed result (the property the sweeps check is about the longer text)."""
-    model, ids = scored
-    memo = {}
-
-    def get(n):
-        if n not in memo:
-            memo[n] = _scores(model, ids[:n])
-        return memo[n]
-    return get
-
-
 def test_short_prefix_scores_equal_inside_longer_text(scored):
     """The QA case: a 30-token text and its first 10 tokens (before: 0.32 nats apart at a shared position)."""
     model, ids = scored
@@ -52,11 +38,15 @@ def test_short_prefix_scores_equal_inside_longer_text(scored):
 
 
 @pytest.mark.parametrize("long", [CAUSAL_PREFILL_FROM + 15, _q_split(192) + 192 - 1])
-def test_prefix_scores_length_independent_around_thresholds(scored, prefix_scores, long):
+def test_prefix_scores_length_independent_around_thresholds(scored, once, long):
     """Prefixes on both sides of each length that switches a path (SCORE_ALIGN multiples, the 64-row native stack /
     CAUSAL_PREFILL_FROM, flash attention's query split at 192 rows) score their positions as a longer text does."""
     model, ids = scored
     assert len(ids) >= long
+    # both thresholds' sweeps score the same short prefixes: each prefix scored once
+    def prefix_scores(n):
+        return once(n, lambda: _scores(model, ids[:n]))
+
     ref = prefix_scores(long)
     lengths = sorted({2, 3, 4, 5, 9, 10, SCORE_ALIGN - 1, SCORE_ALIGN, SCORE_ALIGN + 1, SCORE_ALIGN + 2,
                       2 * SCORE_ALIGN - 1, 2 * SCORE_ALIGN + 3, CAUSAL_PREFILL_FROM - 2, CAUSAL_PREFILL_FROM - 1,

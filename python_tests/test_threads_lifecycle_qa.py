@@ -64,20 +64,12 @@ def _calls(e):
     return out
 
 
-@pytest.fixture(scope="module")
-def alone_answers():
-    """{engine index: its _calls made alone}, each made once (the first time a pair asks, on 2 threads): every engine
-    is in two pairs; the second pair's threads then also meet answers from before the first pair's threads ran."""
-    return {}
-
-
 @pytest.mark.parametrize("pair", [(0, 1), (0, 2), (1, 3), (2, 3)], ids=["q4-q4", "q4-fp32", "plain-plain", "fp32"])
-def test_two_engines_in_two_threads_answer_as_alone(engines, threads, pair, alone_answers):
+def test_two_engines_in_two_threads_answer_as_alone(engines, threads, pair, once):
     torch.set_num_threads(2)
-    for k in pair:
-        if k not in alone_answers:
-            alone_answers[k] = _calls(engines[k])
-    alone = {k: alone_answers[k] for k in pair}
+    # each engine is in two pairs: its answers alone made once (on 2 threads), so the second pair's threads also
+    # meet answers from before the first pair's threads ran
+    alone = {k: once(k, lambda: _calls(engines[k])) for k in pair}
 
     def runs(k, n):
         torch.get_num_threads()             # its first op: a count set after it is this thread's own
